@@ -1,0 +1,335 @@
+/**
+ * Ledger throughput benchmark (REQUIREMENTS §7), with pgbench's TPC-B beside it in the same run.
+ *
+ *   npm run bench:ledger -- [--seconds 20] [--clients 64] [--accounts 10000] [--seed N]
+ *                           [--batch-size-max N] [--batches-in-flight N] [--linger-ms N]
+ *                           [--pool N] [--warmup 2] [--pgbench-scale N] [--no-pgbench] [--no-events]
+ *
+ * Phase 1: a fresh database, migrated; N accounts on ledger USD without balance constraints
+ * (so random transfers never fail); C concurrent clients, each in a closed loop calling
+ * `engine.createTransfers([oneTransfer])`. Durable commits, the server's default settings.
+ * Phase 2: pgbench's builtin tpcb-like script on a separate fresh database, same client count
+ * and duration. Both databases are dropped at the end, also on error or Ctrl-C.
+ *
+ * Progress goes to stderr; the last line on stdout is one JSON object with the figures.
+ */
+import { cpus, loadavg } from 'node:os';
+import { createHistogram } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { EventStore, migrateEvents } from '../packages/events/src/index.ts';
+import { LedgerEngine, migrateLedger, newId, type NewTransfer } from '../packages/ledger/src/index.ts';
+import { createTestDatabase, type TestDatabase } from '../packages/testing/src/index.ts';
+import {
+  abort,
+  abortOnSignals,
+  admin,
+  benchLog,
+  checkAborted,
+  defaultPgbenchScale,
+  exitWhenDone,
+  intArg,
+  prng,
+  runPgbenchTpcb,
+  seedArg,
+  sleep,
+  type PgbenchFigures,
+} from './common.ts';
+
+// Defaults chosen by measurement on the project's 2-core machine (see bench/README.md).
+const DEFAULTS = {
+  seconds: 20,
+  warmup: 2,
+  clients: 64,
+  accounts: 10_000,
+  batchSizeMax: 2000,
+  batchesInFlightMax: 2,
+  lingerMs: 0,
+};
+
+const { values: args } = parseArgs({
+  options: {
+    seconds: { type: 'string' },
+    warmup: { type: 'string' },
+    clients: { type: 'string' },
+    accounts: { type: 'string' },
+    seed: { type: 'string' },
+    'batch-size-max': { type: 'string' },
+    'batches-in-flight': { type: 'string' },
+    'linger-ms': { type: 'string' },
+    pool: { type: 'string' },
+    'pgbench-scale': { type: 'string' },
+    'no-pgbench': { type: 'boolean', default: false },
+    // The service appends a domain event per transfer in the batch transaction; so does the
+    // bench unless told otherwise, so that it measures what runs in production.
+    'no-events': { type: 'boolean', default: false },
+  },
+  strict: true,
+});
+
+const seconds = intArg('seconds', args.seconds, DEFAULTS.seconds, 1);
+const warmupSeconds = intArg('warmup', args.warmup, DEFAULTS.warmup, 0);
+const clients = Math.floor(intArg('clients', args.clients, DEFAULTS.clients, 1));
+const accountCount = Math.floor(intArg('accounts', args.accounts, DEFAULTS.accounts, 2));
+const batchSizeMax = Math.floor(intArg('batch-size-max', args['batch-size-max'], DEFAULTS.batchSizeMax, 1));
+const batchesInFlightMax = Math.floor(intArg('batches-in-flight', args['batches-in-flight'], DEFAULTS.batchesInFlightMax, 1));
+const lingerMs = intArg('linger-ms', args['linger-ms'], DEFAULTS.lingerMs, 0);
+const poolSize = Math.floor(intArg('pool', args.pool, batchesInFlightMax + 2, 1));
+const pgbenchScale = Math.floor(intArg('pgbench-scale', args['pgbench-scale'], defaultPgbenchScale(clients), 1));
+const runPgbench = !args['no-pgbench'];
+const withEvents = !args['no-events'];
+const seed = seedArg(args.seed);
+
+const log = benchLog('bench:ledger');
+
+abortOnSignals(log);
+
+// ------------------------------------------------------------------------------------------
+// Phase 1: the ledger
+
+interface LedgerFigures {
+  transfersPerS: number;
+  transfers: number;
+  measuredSeconds: number;
+  p50: number;
+  p99: number;
+  p999: number;
+  p9999: number;
+  max: number;
+  mean: number;
+  batchSizeMean: number;
+  batchesPerS: number;
+  errors: number;
+  errorKinds: Record<string, number>;
+  okTotal: number;
+  invariantsOk: boolean;
+  invariants: Record<string, unknown>;
+}
+
+async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
+  await migrateLedger(db.url);
+  await migrateEvents(db.url);
+  const pool = new pg.Pool({ connectionString: db.url, max: poolSize });
+  pool.on('error', (e) => log(`pool error: ${e.message}`));
+  const events = withEvents ? await EventStore.open(pool) : undefined;
+  const engine = new LedgerEngine({ pool, batchSizeMax, batchesInFlightMax, batchLingerMs: lingerMs, ...(events === undefined ? {} : { events }) });
+  let engineClosed = false;
+  try {
+    // Accounts, in chunks; no flags, so balances may go either way and no transfer fails.
+    const accountIds: string[] = [];
+    const chunk = Math.min(batchSizeMax, 1000);
+    const tAccounts = performance.now();
+    for (let i = 0; i < accountCount; i += chunk) {
+      checkAborted();
+      const batch = Array.from({ length: Math.min(chunk, accountCount - i) }, () => ({ id: newId(), ledger: 'USD', code: 1 }));
+      const results = await engine.createAccounts(batch);
+      for (const r of results) {
+        if (r.result !== 'ok') throw new Error(`createAccounts: ${r.id}: ${r.result}`);
+        accountIds.push(r.id);
+      }
+    }
+    log(`created ${accountIds.length} accounts in ${((performance.now() - tAccounts) / 1000).toFixed(1)} s`);
+    // As `pgbench -i` does for its tables: statistics for the planner, then a checkpoint, so
+    // that both phases start from the same state.
+    await pool.query('VACUUM ANALYZE ledger.accounts');
+    await admin('CHECKPOINT');
+    checkAborted();
+
+    const random = prng(seed);
+    const pick = (): string => accountIds[Math.floor(random() * accountIds.length)] as string;
+    const histogram = createHistogram({ lowest: 1, highest: 120e9, figures: 3 });
+    const errorKinds: Record<string, number> = {};
+    let errors = 0;
+    let okTotal = 0;
+    let okWindow = 0;
+    let measuring = false;
+    let stop = false;
+
+    const oneClient = async (): Promise<void> => {
+      while (!stop && !abort.signal.aborted) {
+        const debit = pick();
+        let credit = pick();
+        while (credit === debit) credit = pick();
+        const transfer: NewTransfer = {
+          id: newId(),
+          debitAccountId: debit,
+          creditAccountId: credit,
+          amount: BigInt(1 + Math.floor(random() * 1000)),
+          ledger: 'USD',
+          code: 1,
+        };
+        const t0 = performance.now();
+        try {
+          const [result] = await engine.createTransfers([transfer]);
+          const ns = Math.round((performance.now() - t0) * 1e6);
+          if (result?.result === 'ok') {
+            okTotal += 1;
+            if (measuring) {
+              okWindow += 1;
+              histogram.record(Math.min(Math.max(ns, 1), 120e9));
+            }
+          } else {
+            errors += 1;
+            const kind = result?.result ?? 'missing_result';
+            errorKinds[kind] = (errorKinds[kind] ?? 0) + 1;
+          }
+        } catch (error) {
+          errors += 1;
+          const kind = error instanceof Error ? error.name : 'throw';
+          errorKinds[kind] = (errorKinds[kind] ?? 0) + 1;
+          if (errors <= 5) log(`createTransfers threw: ${String(error)}`);
+          await sleep(10);
+        }
+      }
+    };
+
+    log(
+      `load: ${clients} clients, ${accountIds.length} accounts, seed ${seed}, batchSizeMax ${batchSizeMax}, ` +
+        `batchesInFlightMax ${batchesInFlightMax}, linger ${lingerMs} ms, pool ${poolSize}; ` +
+        `warm-up ${warmupSeconds} s, measure ${seconds} s`,
+    );
+    const running = Array.from({ length: clients }, () => oneClient());
+    await sleep(warmupSeconds * 1000);
+    const statsStart = engine.stats();
+    const tStart = performance.now();
+    measuring = true;
+    let lastOk = 0;
+    const progress = setInterval(() => {
+      log(`  ${((performance.now() - tStart) / 1000).toFixed(0)} s: ${okWindow - lastOk} transfers/s, queued ${engine.stats().queuedTransfers}`);
+      lastOk = okWindow;
+    }, 1000);
+    await sleep(seconds * 1000);
+    measuring = false;
+    const measuredSeconds = (performance.now() - tStart) / 1000;
+    const statsEnd = engine.stats();
+    const transfers = okWindow;
+    clearInterval(progress);
+    stop = true;
+    await Promise.all(running);
+    await engine.close();
+    engineClosed = true;
+
+    const dBatches = statsEnd.batches - statsStart.batches;
+    const dTransfers = statsEnd.transfers - statsStart.transfers;
+
+    // Invariants: double entry balances, and every ok result is exactly one row.
+    const r = await pool.query<{ dpo: string; cpo: string; dp: string; cp: string; rows: string; ok_rows: string; ok_sum: string }>(
+      `SELECT (SELECT coalesce(sum(debits_posted), 0)::text FROM ledger.accounts) AS dpo,
+              (SELECT coalesce(sum(credits_posted), 0)::text FROM ledger.accounts) AS cpo,
+              (SELECT coalesce(sum(debits_pending), 0)::text FROM ledger.accounts) AS dp,
+              (SELECT coalesce(sum(credits_pending), 0)::text FROM ledger.accounts) AS cp,
+              (SELECT count(*)::text FROM ledger.transfers) AS rows,
+              (SELECT count(*)::text FROM ledger.transfers WHERE result = 'ok') AS ok_rows,
+              (SELECT coalesce(sum(amount), 0)::text FROM ledger.transfers WHERE result = 'ok') AS ok_sum`,
+    );
+    const row = r.rows[0];
+    if (row === undefined) throw new Error('invariant query returned no row');
+    const invariants = {
+      debits_posted_total: row.dpo,
+      credits_posted_total: row.cpo,
+      pending_totals_zero: row.dp === '0' && row.cp === '0',
+      transfer_rows: Number(row.rows),
+      ok_results: okTotal,
+      ok_amount_sum: row.ok_sum,
+    };
+    const invariantsOk =
+      row.dpo === row.cpo &&
+      row.dpo === row.ok_sum &&
+      invariants.pending_totals_zero &&
+      Number(row.rows) === okTotal &&
+      Number(row.ok_rows) === okTotal;
+    await pool.end();
+
+    const ms = (ns: number): number => Math.round(ns / 1e4) / 100;
+    return {
+      transfersPerS: Math.round(transfers / measuredSeconds),
+      transfers,
+      measuredSeconds,
+      p50: ms(histogram.percentile(50)),
+      p99: ms(histogram.percentile(99)),
+      p999: ms(histogram.percentile(99.9)),
+      p9999: ms(histogram.percentile(99.99)),
+      max: ms(histogram.max),
+      mean: ms(histogram.mean),
+      batchSizeMean: dBatches === 0 ? 0 : Math.round((dTransfers / dBatches) * 10) / 10,
+      batchesPerS: Math.round(dBatches / measuredSeconds),
+      errors,
+      errorKinds,
+      okTotal,
+      invariantsOk,
+      invariants,
+    };
+  } finally {
+    if (!engineClosed) {
+      await Promise.race([engine.close(), new Promise((resolve) => setTimeout(resolve, 10_000))]);
+      await pool.end().catch(() => {});
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Phase 2: pgbench TPC-B (runPgbenchTpcb in ./common.ts)
+
+async function main(): Promise<void> {
+  const loadStart = loadavg()[0] ?? 0;
+  log(`seed ${seed} (replay with --seed ${seed}); cpus ${cpus().length}; loadavg ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+  const db = await createTestDatabase('ll_bench');
+  log(`database ${db.name}`);
+  let ledger: LedgerFigures;
+  try {
+    ledger = await runLedger(db);
+  } finally {
+    await db.drop();
+  }
+  log(
+    `ledger: ${ledger.transfersPerS} transfers/s, p50 ${ledger.p50} ms, p99 ${ledger.p99} ms, p99.9 ${ledger.p999} ms, ` +
+      `batch mean ${ledger.batchSizeMean}, errors ${ledger.errors}, invariants ${ledger.invariantsOk ? 'ok' : 'BROKEN'}`,
+  );
+  const loadMid = loadavg()[0] ?? 0;
+  let tpcb: PgbenchFigures | null = null;
+  if (runPgbench) {
+    checkAborted();
+    tpcb = await runPgbenchTpcb({ clients, seconds, scale: pgbenchScale, log });
+    log(`pgbench: ${tpcb.tps.toFixed(0)} tps (latency avg ${tpcb.latencyMsAvg} ms)`);
+  }
+  const summary = {
+    transfers_per_s: ledger.transfersPerS,
+    latency_ms_p50: ledger.p50,
+    latency_ms_p99: ledger.p99,
+    latency_ms_p999: ledger.p999,
+    latency_ms_p9999: ledger.p9999,
+    latency_ms_max: ledger.max,
+    latency_ms_mean: ledger.mean,
+    pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
+    ratio_vs_tpcb: tpcb === null ? null : Math.round((ledger.transfersPerS / tpcb.tps) * 100) / 100,
+    pgbench_latency_ms_avg: tpcb?.latencyMsAvg ?? null,
+    pgbench_scale: tpcb?.scale ?? null,
+    pgbench_init_s: tpcb === null ? null : Math.round(tpcb.initSeconds * 10) / 10,
+    clients,
+    accounts: accountCount,
+    seconds,
+    warmup_seconds: warmupSeconds,
+    transfers: ledger.transfers,
+    errors: ledger.errors,
+    error_kinds: ledger.errorKinds,
+    invariants_ok: ledger.invariantsOk,
+    invariants: ledger.invariants,
+    batch_size_mean: ledger.batchSizeMean,
+    batches_per_s: ledger.batchesPerS,
+    batch_size_max: batchSizeMax,
+    batches_in_flight_max: batchesInFlightMax,
+    events_appended: withEvents,
+    batch_linger_ms: lingerMs,
+    pool_size: poolSize,
+    seed,
+    cpu_count: cpus().length,
+    loadavg_1m_start: Math.round(loadStart * 100) / 100,
+    loadavg_1m_after_ledger: Math.round(loadMid * 100) / 100,
+    loadavg_1m_end: Math.round((loadavg()[0] ?? 0) * 100) / 100,
+    node: process.version,
+  };
+  process.stdout.write(`${JSON.stringify(summary)}\n`);
+  if (!ledger.invariantsOk || ledger.errors > 0) process.exitCode = 1;
+}
+
+exitWhenDone(main(), log);

@@ -1,0 +1,178 @@
+/**
+ * Operator commands for the event bus.
+ *
+ *   node packages/events/src/cli.ts reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json]
+ *                                             [--page-size N] [--issues-max N] [--start-margin-ms N]
+ *   node packages/events/src/cli.ts dlq list [--consumer NAME] [--pending] [--limit N] [--json]
+ *   node packages/events/src/cli.ts dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
+ *
+ * Connections come from DATABASE_URL, NATS_URL, EVENTS_STREAM and EVENTS_SUBJECT_PREFIX (the
+ * ledger service's variables and defaults), or from --database-url, --nats-url, --stream and
+ * --subject-prefix. Exit codes: 0 clean, 1 gaps found (reconcile) or an event not replayed
+ * (dlq replay), 2 a usage error or a failure.
+ */
+import { parseArgs } from 'node:util';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import pg from 'pg';
+import { listDeadLetters, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
+import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
+import { EventStore } from './store.ts';
+
+export interface CliIo {
+  env?: Record<string, string | undefined>;
+  stdout?: (text: string) => void;
+  stderr?: (text: string) => void;
+}
+
+const USAGE = `usage:
+  events reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json] [--page-size N] [--issues-max N] [--start-margin-ms N]
+  events dlq list [--consumer NAME] [--pending] [--limit N] [--json]
+  events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
+connections: DATABASE_URL, NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
+  (or --database-url, --nats-url, --stream, --subject-prefix)
+reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
+
+class UsageError extends Error {
+  override readonly name = 'UsageError';
+}
+
+const OPTIONS = {
+  from: { type: 'string' },
+  to: { type: 'string' },
+  consumer: { type: 'string', multiple: true },
+  event: { type: 'string', multiple: true },
+  json: { type: 'boolean', default: false },
+  pending: { type: 'boolean', default: false },
+  limit: { type: 'string' },
+  'page-size': { type: 'string' },
+  'issues-max': { type: 'string' },
+  'start-margin-ms': { type: 'string' },
+  'database-url': { type: 'string' },
+  'nats-url': { type: 'string' },
+  stream: { type: 'string' },
+  'subject-prefix': { type: 'string' },
+  help: { type: 'boolean', default: false },
+} as const;
+
+function intOption(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer`);
+  return n;
+}
+
+function dateOption(name: string, value: string | undefined): Date | undefined {
+  if (value === undefined) return undefined;
+  const d = new Date(value);
+  if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
+  return d;
+}
+
+/** Runs one command; returns the exit code. */
+export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
+  const env = io.env ?? process.env;
+  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
+  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  let parsed;
+  try {
+    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (error) {
+    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
+    return 2;
+  }
+  const { values: a, positionals } = parsed;
+  const command = positionals.join(' ');
+  if (a.help || !['reconcile', 'dlq list', 'dlq replay'].includes(command)) {
+    (a.help ? out : err)(USAGE);
+    return a.help ? 0 : 2;
+  }
+  const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+  const natsUrl = a['nats-url'] ?? env.NATS_URL ?? 'nats://127.0.0.1:4222';
+  const streamName = a.stream ?? env.EVENTS_STREAM ?? 'LEDGERLINE_EVENTS';
+  const subjectPrefix = a['subject-prefix'] ?? env.EVENTS_SUBJECT_PREFIX ?? 'ledgerline.events';
+  if (databaseUrl === undefined) {
+    err(`DATABASE_URL (or --database-url) is required\n${USAGE}`);
+    return 2;
+  }
+  let pool: pg.Pool | null = null;
+  let nats: NatsConnection | null = null;
+  try {
+    pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
+    pool.on('error', () => {});
+    await assertEventsSchema(pool);
+    if (command === 'dlq list') {
+      const rows = await listDeadLetters(pool, {
+        consumer: a.consumer?.[0],
+        pendingOnly: a.pending,
+        limit: intOption('limit', a.limit),
+      });
+      if (a.json) {
+        out(JSON.stringify(rows.map((r) => ({ ...r, position: r.position.toString() }))));
+      } else {
+        out(`${rows.length} dead letter(s)`);
+        for (const r of rows) {
+          const at = r.streamType === null ? '(not in the store)' : `${r.streamType}/${r.streamId} v${r.version} ${r.type}`;
+          const state = r.replayedAt === null ? 'PENDING' : `replayed ${r.replayedAt.toISOString()}`;
+          out(`  [${r.consumer}] ${r.eventId} pos ${r.position} ${at}: ${r.attempts} attempts, dead ${r.deadAt.toISOString()}, ${state}: ${r.error}`);
+        }
+      }
+      return 0;
+    }
+    nats = await connect({ servers: natsUrl, name: 'ledgerline-events-cli', timeout: 5000 });
+    if (command === 'dlq replay') {
+      const consumer = a.consumer?.[0];
+      if (consumer === undefined || (a.consumer?.length ?? 0) > 1) throw new UsageError('dlq replay needs exactly one --consumer');
+      const store = await EventStore.open(pool);
+      const outcomes = await replayDeadLetters({
+        pool,
+        nats,
+        store,
+        streamName,
+        subjectPrefix,
+        consumer,
+        eventIds: a.event,
+        limit: intOption('limit', a.limit),
+      });
+      if (a.json) out(JSON.stringify(outcomes));
+      else {
+        out(`${outcomes.length} dead letter(s) of ${consumer}`);
+        for (const o of outcomes) out(`  ${o.eventId}: ${o.status}${o.msgId === null ? '' : ` (${o.msgId}, seq ${o.seq})`}`);
+      }
+      const bad: ReplayOutcome['status'][] = ['event_missing', 'not_dead_lettered'];
+      return outcomes.some((o) => bad.includes(o.status)) ? 1 : 0;
+    }
+    // reconcile
+    const to = dateOption('to', a.to) ?? new Date();
+    const from = dateOption('from', a.from) ?? new Date(to.getTime() - 24 * 3600_000);
+    if (!(from.getTime() < to.getTime())) throw new UsageError('--from must be before --to');
+    const pageSize = intOption('page-size', a['page-size']);
+    const issuesMax = intOption('issues-max', a['issues-max']);
+    const marginMs = intOption('start-margin-ms', a['start-margin-ms']);
+    const report = await reconcile({
+      pool,
+      nats,
+      streamName,
+      subjectPrefix,
+      from,
+      to,
+      consumers: a.consumer,
+      pageSize,
+      issuesMax,
+      brokerStartMarginMs: marginMs,
+      onProgress: (m) => err(`[reconcile] ${m}`),
+    });
+    out(a.json ? JSON.stringify(report) : formatReconcileReport(report));
+    return report.ok ? 0 : 1;
+  } catch (error) {
+    if (error instanceof UsageError || error instanceof RangeError) err(`${error.message}\n${USAGE}`);
+    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    return 2;
+  } finally {
+    await nats?.close().catch(() => {});
+    await pool?.end().catch(() => {});
+  }
+}
+
+if (import.meta.main) {
+  process.exitCode = await runCli(process.argv.slice(2));
+}

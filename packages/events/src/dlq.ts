@@ -1,0 +1,233 @@
+/**
+ * Dead-letter tooling: list the events a consumer gave up on, and replay them.
+ *
+ * A replay reads the event from events.events (the source of truth, not the dead-letter
+ * stream's copy) and publishes it again as a single-event batch to its partition subject on
+ * the event stream. Every consumer of the stream receives it: the ones that handled it before
+ * drop it in their inbox, and the target consumer handles it through its inbox as usual, so
+ * it still takes effect at most once.
+ *
+ * The message id is `replay:<consumer>:<event id>:<n>`, where n is the dead letter's
+ * generation: its `dead_at` in epoch microseconds, which changes each time the event is
+ * dead-lettered again. Replaying the same dead letter twice (a tool that crashed before it
+ * marked `replayed_at`) therefore publishes the same id, and the broker drops the copy within
+ * its duplicate window; a later dead letter of the same event gets a new id.
+ *
+ * Order: a replayed event arrives after events of its stream that were handled meanwhile. A
+ * handler that depends on per-stream order must tolerate that, or the operator replays only
+ * once the cause is fixed and before more events of that stream matter.
+ */
+import { jetstream } from '@nats-io/jetstream';
+import { headers, type NatsConnection } from '@nats-io/transport-node';
+import type pg from 'pg';
+import type { EventMetadata, EventStore, StoredEvent } from './store.ts';
+import { encodeBatch } from './wire.ts';
+
+type Queryable = Pick<pg.ClientBase, 'query'>;
+
+export interface DeadLetter {
+  consumer: string;
+  eventId: string;
+  position: bigint;
+  attempts: number;
+  error: string;
+  deadAt: Date;
+  replayedAt: Date | null;
+  /** From events.events; null if the store does not have the event. */
+  streamType: string | null;
+  streamId: string | null;
+  version: number | null;
+  type: string | null;
+}
+
+export interface ListDeadLettersOptions {
+  consumer?: string;
+  /** Only those not replayed since they were dead-lettered. */
+  pendingOnly?: boolean;
+  /** At most this many, oldest first (default 1000). */
+  limit?: number;
+}
+
+/** Dead-letter lists and replays are bounded: an operator works through them in rounds. */
+export const DEAD_LETTERS_LIMIT_DEFAULT = 1000;
+const DEAD_LETTERS_LIMIT_MAX = 100_000;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function limitOf(limit: number | undefined): number {
+  const n = limit ?? DEAD_LETTERS_LIMIT_DEFAULT;
+  if (!Number.isInteger(n) || n < 1 || n > DEAD_LETTERS_LIMIT_MAX) throw new RangeError(`limit must be 1..${DEAD_LETTERS_LIMIT_MAX}`);
+  return n;
+}
+
+export async function listDeadLetters(db: Queryable, options: ListDeadLettersOptions = {}): Promise<DeadLetter[]> {
+  const r = await db.query<{
+    consumer: string;
+    event_id: string;
+    position: string;
+    attempts: number;
+    error: string;
+    dead_at: Date;
+    replayed_at: Date | null;
+    stream_type: string | null;
+    stream_id: string | null;
+    version: number | null;
+    type: string | null;
+  }>(
+    `SELECT d.consumer, d.event_id::text, d.position::text, d.attempts, d.error, d.dead_at, d.replayed_at,
+            e.stream_type, e.stream_id, e.version, e.type
+       FROM events.dead_letters d LEFT JOIN events.events e ON e.event_id = d.event_id
+      WHERE ($1::text IS NULL OR d.consumer = $1) AND (NOT $2 OR d.replayed_at IS NULL)
+      ORDER BY d.dead_at, d.consumer, d.position
+      LIMIT $3`,
+    [options.consumer ?? null, options.pendingOnly === true, limitOf(options.limit)],
+  );
+  return r.rows.map((x) => ({
+    consumer: x.consumer,
+    eventId: x.event_id,
+    position: BigInt(x.position),
+    attempts: x.attempts,
+    error: x.error,
+    deadAt: x.dead_at,
+    replayedAt: x.replayed_at,
+    streamType: x.stream_type,
+    streamId: x.stream_id,
+    version: x.version,
+    type: x.type,
+  }));
+}
+
+export interface ReplayDeadLettersOptions {
+  pool: pg.Pool;
+  nats: NatsConnection;
+  store: EventStore;
+  /** The event stream and its subject prefix (the relay's). */
+  streamName: string;
+  subjectPrefix: string;
+  consumer: string;
+  /** Only these events; every pending dead letter of the consumer (up to `limit`) by default. */
+  eventIds?: readonly string[];
+  limit?: number;
+  publishTimeoutMs?: number;
+}
+
+export type ReplayStatus =
+  /** Published; the broker stored it. */
+  | 'published'
+  /** Published with an id the broker had seen within its window: this dead letter was replayed before. */
+  | 'duplicate'
+  /** The consumer's inbox already has it: marked replayed, nothing published. */
+  | 'already_handled'
+  /** The store does not have the event: nothing published, not marked. */
+  | 'event_missing'
+  /** Named in `eventIds` but not a pending dead letter of the consumer. */
+  | 'not_dead_lettered';
+
+export interface ReplayOutcome {
+  eventId: string;
+  status: ReplayStatus;
+  msgId: string | null;
+  /** The stream sequence the broker stored it at. */
+  seq: number | null;
+}
+
+interface PendingRow {
+  event_id: string;
+  dead_at_text: string;
+  dead_at_us: string;
+  handled: boolean;
+  position: string | null;
+  transaction_id: string | null;
+  partition: number | null;
+  stream_type: string | null;
+  stream_id: string | null;
+  version: number | null;
+  type: string | null;
+  schema_version: number | null;
+  data: Record<string, unknown> | null;
+  metadata: EventMetadata | null;
+  recorded_at: Date | null;
+}
+
+/** Re-publishes a consumer's pending dead letters, oldest position first, and marks them replayed. */
+export async function replayDeadLetters(options: ReplayDeadLettersOptions): Promise<ReplayOutcome[]> {
+  const { pool, nats, store, streamName, subjectPrefix, consumer } = options;
+  const registered = await pool.query('SELECT 1 FROM events.consumers WHERE name = $1', [consumer]);
+  if (registered.rowCount === 0) throw new RangeError(`consumer ${consumer} is not registered in events.consumers`);
+  for (const id of options.eventIds ?? []) if (!UUID.test(id)) throw new RangeError(`${id} is not an event id (a UUID)`);
+  const r = await pool.query<PendingRow>(
+    `SELECT d.event_id::text, d.dead_at::text AS dead_at_text,
+            (extract(epoch FROM d.dead_at) * 1000000)::bigint::text AS dead_at_us,
+            EXISTS (SELECT 1 FROM events.inbox i WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS handled,
+            e.position::text, e.transaction_id::text, e.partition, e.stream_type, e.stream_id, e.version, e.type,
+            e.schema_version, e.data, e.metadata, e.recorded_at
+       FROM events.dead_letters d LEFT JOIN events.events e ON e.event_id = d.event_id
+      WHERE d.consumer = $1 AND d.replayed_at IS NULL AND ($2::uuid[] IS NULL OR d.event_id = ANY($2::uuid[]))
+      ORDER BY d.position
+      LIMIT $3`,
+    [
+      consumer,
+      options.eventIds === undefined ? null : [...options.eventIds],
+      limitOf(options.limit ?? Math.max(options.eventIds?.length ?? 0, DEAD_LETTERS_LIMIT_DEFAULT)),
+    ],
+  );
+  const js = jetstream(nats, { timeout: options.publishTimeoutMs ?? 5000 });
+  const outcomes: ReplayOutcome[] = [];
+  const markReplayed = async (eventId: string, deadAtText: string): Promise<void> => {
+    // Only this generation of the dead letter: if the consumer dead-lettered the event again
+    // meanwhile, that newer dead letter stays pending.
+    await pool.query(
+      `UPDATE events.dead_letters SET replayed_at = now()
+        WHERE consumer = $1 AND event_id = $2 AND dead_at = $3::timestamptz AND replayed_at IS NULL`,
+      [consumer, eventId, deadAtText],
+    );
+  };
+  for (const row of r.rows) {
+    if (row.handled) {
+      await markReplayed(row.event_id, row.dead_at_text);
+      outcomes.push({ eventId: row.event_id, status: 'already_handled', msgId: null, seq: null });
+      continue;
+    }
+    if (row.position === null || row.partition === null || row.stream_type === null || row.stream_id === null) {
+      outcomes.push({ eventId: row.event_id, status: 'event_missing', msgId: null, seq: null });
+      continue;
+    }
+    const event: StoredEvent = {
+      position: BigInt(row.position),
+      transactionId: BigInt(row.transaction_id ?? '0'),
+      partition: row.partition,
+      id: row.event_id,
+      streamType: row.stream_type,
+      streamId: row.stream_id,
+      version: row.version ?? 0,
+      type: row.type ?? '',
+      schemaVersion: row.schema_version ?? 1,
+      data: row.data ?? {},
+      metadata: row.metadata ?? {},
+      recordedAt: row.recorded_at ?? new Date(0),
+    };
+    // The partition is a pure function of the stream: a stored one that disagrees means the
+    // store's settings changed under it, and publishing would break per-stream order.
+    const expected = store.partitionOf(event.streamType, event.streamId);
+    if (expected !== event.partition) {
+      throw new Error(`event ${event.id} is stored in partition ${event.partition}, but its stream maps to ${expected}`);
+    }
+    const msgId = `replay:${consumer}:${event.id}:${row.dead_at_us}`;
+    const h = headers();
+    h.set('Ledgerline-Events', '1');
+    h.set('Ledgerline-Replay-For', consumer);
+    const ack = await js.publish(`${subjectPrefix}.p${event.partition}`, encodeBatch([event]), {
+      msgID: msgId,
+      headers: h,
+      expect: { streamName },
+    });
+    await markReplayed(event.id, row.dead_at_text);
+    outcomes.push({ eventId: event.id, status: ack.duplicate ? 'duplicate' : 'published', msgId, seq: ack.seq });
+  }
+  if (options.eventIds !== undefined) {
+    const found = new Set(r.rows.map((x) => x.event_id));
+    for (const id of options.eventIds) {
+      if (!found.has(id.toLowerCase())) outcomes.push({ eventId: id, status: 'not_dead_lettered', msgId: null, seq: null });
+    }
+  }
+  return outcomes;
+}

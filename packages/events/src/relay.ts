@@ -1,0 +1,261 @@
+/**
+ * The outbox relay: tails the event store in the global order and publishes to NATS
+ * JetStream, checkpointing only after the broker has acknowledged.
+ *
+ * - Many events travel in one broker message (a batch), because JetStream acknowledges
+ *   messages one at a time: batching is what gets the bus past tens of thousands of events
+ *   a second. The message id is `<partition>:<first position>-<last position>`, the same
+ *   for the same batch however often it is published, so the broker drops a republished
+ *   batch within its duplicate window. A batch that is cut differently after a restart gets
+ *   a new id and is delivered again; consumers' inboxes drop the events they already handled.
+ * - Each partition is published by one relay at a time: the holder of a PostgreSQL
+ *   session advisory lock. Within a partition, events leave in the global order, on one
+ *   connection, so every stream's events arrive in order.
+ * - The broker being down only stops the loop: it waits, retries, and resumes from the
+ *   checkpoint. Nothing is lost because nothing is checkpointed until acked.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import { headers, type NatsConnection } from '@nats-io/transport-node';
+import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
+import type pg from 'pg';
+import { CHECKPOINT_START, checkpointOf, type Checkpoint, type EventStore, type StoredEvent } from './store.ts';
+import { encodeBatch } from './wire.ts';
+
+export interface RelayOptions {
+  pool: pg.Pool;
+  store: EventStore;
+  nats: NatsConnection;
+  /** JetStream stream name; created with `ensureEventStream` if missing. */
+  streamName: string;
+  /** Messages go to `<subjectPrefix>.p<partition>`. */
+  subjectPrefix: string;
+  /** Events read from PostgreSQL per round. */
+  readBatchMax?: number;
+  /** Events per broker message; also bounded by `messageBytesMax`. */
+  eventsPerMessageMax?: number;
+  messageBytesMax?: number;
+  /** Wait when there is nothing to publish, or after a failure. */
+  idleWaitMs?: number;
+  failureWaitMsMax?: number;
+  publishTimeoutMs?: number;
+  /** Fault-injection hook for tests: runs after the broker acked, before the checkpoint. */
+  afterPublish?: (partition: number, events: number) => void | Promise<void>;
+  onError?: (error: unknown) => void;
+}
+
+/** How long the broker keeps published batches; longer than any consumer outage we plan for. */
+const STREAM_MAX_AGE_MS = 7 * 24 * 3600 * 1000;
+
+/** Distinguishes our advisory locks from any other user's in the same database. */
+const RELAY_LOCK_CLASS = 0x4c4c5231; // "LLR1"
+
+export interface RelayStats {
+  published: number;
+  messages: number;
+  partitionsHeld: number[];
+}
+
+export async function ensureEventStream(
+  nats: NatsConnection,
+  streamName: string,
+  subjectPrefix: string,
+  duplicateWindowMs = 120_000,
+): Promise<void> {
+  const jsm = await jetstreamManager(nats);
+  const config = {
+    name: streamName,
+    subjects: [`${subjectPrefix}.>`],
+    duplicate_window: duplicateWindowMs * 1_000_000,
+    // The bus is a transport, not the record: PostgreSQL keeps every event. Bound what the
+    // broker keeps so that a consumer that is gone for good cannot fill its disk.
+    max_age: STREAM_MAX_AGE_MS * 1_000_000,
+  };
+  try {
+    await jsm.streams.info(streamName);
+    await jsm.streams.update(streamName, config);
+  } catch (error) {
+    if (!/stream not found/i.test(String(error))) throw error;
+    await jsm.streams.add(config);
+  }
+}
+
+export class OutboxRelay {
+  readonly #o: Required<Omit<RelayOptions, 'afterPublish' | 'onError'>> & Pick<RelayOptions, 'afterPublish' | 'onError'>;
+  readonly #js: JetStreamClient;
+  #lockClient: pg.PoolClient | null = null;
+  readonly #held = new Set<number>();
+  #running = false;
+  #loop: Promise<void> | null = null;
+  #stats = { published: 0, messages: 0 };
+
+  constructor(options: RelayOptions) {
+    this.#o = {
+      readBatchMax: 5000,
+      eventsPerMessageMax: 500,
+      messageBytesMax: 512 * 1024,
+      idleWaitMs: 20,
+      failureWaitMsMax: 2000,
+      publishTimeoutMs: 5000,
+      ...options,
+    };
+    this.#js = jetstream(options.nats, { timeout: this.#o.publishTimeoutMs });
+  }
+
+  stats(): RelayStats {
+    return { ...this.#stats, partitionsHeld: [...this.#held].sort((a, b) => a - b) };
+  }
+
+  start(): void {
+    if (this.#running) return;
+    this.#running = true;
+    this.#loop = this.#run();
+  }
+
+  async stop(): Promise<void> {
+    this.#running = false;
+    await this.#loop;
+    await this.#releaseLocks();
+  }
+
+  async #run(): Promise<void> {
+    let failures = 0;
+    while (this.#running) {
+      try {
+        await this.#acquirePartitions();
+        let published = 0;
+        for (const partition of this.#held) published += await this.publishOnce(partition);
+        failures = 0;
+        if (published === 0) await sleep(this.#o.idleWaitMs);
+      } catch (error) {
+        this.#o.onError?.(error);
+        failures += 1;
+        // The broker or the database is down: wait, with a cap, and start again from the
+        // checkpoints. Anything read but not acked is simply read again.
+        await sleep(Math.min(this.#o.failureWaitMsMax, 50 * 2 ** Math.min(failures, 6)));
+        if (this.#lockClient === null) this.#held.clear();
+      }
+    }
+  }
+
+  async #acquirePartitions(): Promise<void> {
+    if (this.#held.size === this.#o.store.partitions) return;
+    if (this.#lockClient === null) {
+      const client = await this.#o.pool.connect();
+      // Losing this session loses the locks: stop publishing until they are taken again.
+      client.on('error', () => {
+        this.#held.clear();
+        this.#lockClient = null;
+      });
+      this.#lockClient = client;
+    }
+    for (let p = 0; p < this.#o.store.partitions; p += 1) {
+      if (this.#held.has(p)) continue;
+      const r = await this.#lockClient.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1, $2) AS ok', [RELAY_LOCK_CLASS, p]);
+      if (r.rows[0]?.ok === true) this.#held.add(p);
+    }
+  }
+
+  async #releaseLocks(): Promise<void> {
+    const client = this.#lockClient;
+    this.#lockClient = null;
+    this.#held.clear();
+    if (client === null) return;
+    try {
+      await client.query('SELECT pg_advisory_unlock_all()');
+      client.release();
+    } catch (error) {
+      client.release(true);
+      this.#o.onError?.(error);
+    }
+  }
+
+  /** Publishes the next batch of one partition. Returns how many events it published. */
+  async publishOnce(partition: number): Promise<number> {
+    const { pool, store } = this.#o;
+    const checkpoint = await readCheckpoint(pool, partition);
+    const events = await store.readAll(pool, { after: checkpoint, limit: this.#o.readBatchMax, partition });
+    if (events.length === 0) return 0;
+    const subject = `${this.#o.subjectPrefix}.p${partition}`;
+    const messages = this.#split(events);
+    // Published back to back on one connection, so the broker stores them in order; the
+    // checkpoint moves only once every one of them is acked.
+    const acks = messages.map((batch) => {
+      const first = batch[0] as StoredEvent;
+      const last = batch.at(-1) as StoredEvent;
+      const h = headers();
+      h.set('Ledgerline-Events', String(batch.length));
+      return this.#js.publish(subject, encodeBatch(batch), {
+        msgID: `${partition}:${first.position}-${last.position}`,
+        headers: h,
+        timeout: this.#o.publishTimeoutMs,
+      });
+    });
+    await Promise.all(acks);
+    await this.#o.afterPublish?.(partition, events.length);
+    await writeCheckpoint(pool, partition, checkpointOf(events.at(-1) as StoredEvent), events.length);
+    this.#stats.published += events.length;
+    this.#stats.messages += messages.length;
+    return events.length;
+  }
+
+  #split(events: StoredEvent[]): StoredEvent[][] {
+    const out: StoredEvent[][] = [];
+    let current: StoredEvent[] = [];
+    let bytes = 0;
+    for (const e of events) {
+      // A rough size: the JSON of the payload dominates. Keeps messages under the broker's limit.
+      const size = 256 + JSON.stringify(e.data).length + JSON.stringify(e.metadata).length;
+      if (current.length > 0 && (current.length >= this.#o.eventsPerMessageMax || bytes + size > this.#o.messageBytesMax)) {
+        out.push(current);
+        current = [];
+        bytes = 0;
+      }
+      current.push(e);
+      bytes += size;
+    }
+    if (current.length > 0) out.push(current);
+    return out;
+  }
+}
+
+export async function readCheckpoint(db: Pick<pg.ClientBase, 'query'>, partition: number): Promise<Checkpoint> {
+  const r = await db.query<{ transaction_id: string; position: string }>(
+    'SELECT transaction_id::text, position::text FROM events.relay_checkpoints WHERE partition = $1',
+    [partition],
+  );
+  const row = r.rows[0];
+  return row === undefined ? CHECKPOINT_START : { transactionId: BigInt(row.transaction_id), position: BigInt(row.position) };
+}
+
+/** Moves a checkpoint forward only: a relay that lost its lock cannot drag it back. */
+async function writeCheckpoint(db: Pick<pg.ClientBase, 'query'>, partition: number, to: Checkpoint, published: number): Promise<void> {
+  await db.query(
+    `INSERT INTO events.relay_checkpoints AS c (partition, transaction_id, position, published)
+     VALUES ($1, $2::text::xid8, $3, $4)
+     ON CONFLICT (partition) DO UPDATE
+        SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position,
+            published = c.published + EXCLUDED.published, updated_at = now()
+      WHERE (c.transaction_id, c.position) < (EXCLUDED.transaction_id, EXCLUDED.position)`,
+    [partition, to.transactionId.toString(), to.position.toString(), published],
+  );
+}
+
+/**
+ * Seconds since the oldest event not yet published was recorded (0 when the relay is caught
+ * up): the outbox lag, for a gauge. Reads one event per partition, past its checkpoint.
+ */
+export async function outboxLagSeconds(db: Pick<pg.ClientBase, 'query'>): Promise<number> {
+  const r = await db.query<{ lag: string | null }>(
+    `SELECT extract(epoch FROM now() - min(oldest.recorded_at))::text AS lag
+       FROM events.settings s
+      CROSS JOIN generate_series(0, s.partitions - 1) AS p(partition)
+       LEFT JOIN events.relay_checkpoints c ON c.partition = p.partition
+      CROSS JOIN LATERAL (
+        SELECT e.recorded_at FROM events.events e
+         WHERE e.partition = p.partition
+           AND (e.transaction_id, e.position) > (coalesce(c.transaction_id, '0'::xid8), coalesce(c.position, 0))
+         ORDER BY e.transaction_id, e.position LIMIT 1) AS oldest`,
+  );
+  const lag = r.rows[0]?.lag;
+  return lag === null || lag === undefined ? 0 : Math.max(0, Number(lag));
+}

@@ -1,0 +1,199 @@
+/**
+ * Dead-letter tooling on real PostgreSQL and NATS JetStream: a poisoned event is dead-lettered,
+ * the cause is fixed, and a replay makes it take effect exactly once at the consumer that gave
+ * up on it, while every other consumer's inbox drops the copy.
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import type pg from 'pg';
+import {
+  EventConsumer,
+  listDeadLetters,
+  OutboxRelay,
+  reconcile,
+  replayDeadLetters,
+  type StoredEvent,
+} from '../src/index.ts';
+import { runCli } from '../src/cli.ts';
+import { effectCounts as effectCountsOf, eventsTestEnv, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+
+let env: EventsTestEnv;
+let relay: OutboxRelay;
+let target: EventConsumer;
+let other: EventConsumer;
+/** While set, `target` fails on poisoned events (the bug an operator fixes before replaying). */
+let poisoned = true;
+
+const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+
+
+async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const code = await runCli(args, {
+    env: { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
+    stdout: (t) => (out += `${t}\n`),
+    stderr: (t) => (err += `${t}\n`),
+  });
+  return { code, out, err };
+}
+
+function consumerOf(name: string): EventConsumer {
+  return new EventConsumer({
+    pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+    dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [20],
+    handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+      if (name === 'target' && poisoned && e.data.poison === true) throw new Error('target: poisoned event');
+      await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
+    },
+  });
+}
+
+before(async () => {
+  env = await eventsTestEnv();
+  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+  target = consumerOf('target');
+  other = consumerOf('other');
+  await target.start();
+  await other.start();
+  relay = new OutboxRelay({ pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix });
+  relay.start();
+});
+
+after(async () => {
+  await relay.stop();
+  await target.stop();
+  await other.stop();
+  await env.close();
+});
+
+describe('dead letters', () => {
+  test('a poisoned event is dead-lettered; after the fix a replay applies it exactly once, and other consumers are unaffected', async () => {
+    const c = await env.pool.connect();
+    try {
+      await c.query('BEGIN');
+      await env.store.append(c, { type: 'order', id: 'o-1' }, [
+        { type: 'Placed', data: {} },
+        { type: 'Paid', data: { poison: true } },
+        { type: 'Shipped', data: {} },
+      ], { expectedVersion: 'no_stream' });
+      await c.query('COMMIT');
+    } finally {
+      c.release();
+    }
+    const ids = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_id = 'o-1' ORDER BY position")).rows.map((r) => r.id);
+    const poison = ids[1] as string;
+    await waitFor('the dead letter', async () => (await listDeadLetters(env.pool, { consumer: 'target' })).length === 1);
+    await waitFor('the other consumer', async () => (await effectCounts('other')).size === 3);
+
+    const [dl] = await listDeadLetters(env.pool, { pendingOnly: true });
+    assert.ok(dl !== undefined);
+    assert.deepEqual(
+      [dl.consumer, dl.eventId, dl.streamType, dl.streamId, dl.version, dl.type, dl.attempts, dl.replayedAt],
+      ['target', poison, 'order', 'o-1', 2, 'Paid', 2, null],
+    );
+    assert.match(dl.error, /poisoned event/);
+    assert.deepEqual(await listDeadLetters(env.pool, { consumer: 'other' }), []);
+    const listed = await cli(['dlq', 'list', '--consumer', 'target']);
+    assert.equal(listed.code, 0, listed.err);
+    assert.match(listed.out, new RegExp(`\\[target\\] ${poison} pos \\d+ order/o-1 v2 Paid: 2 attempts, .*PENDING: target: poisoned event`));
+    const listedJson = JSON.parse((await cli(['dlq', 'list', '--json'])).out) as Array<{ eventId: string }>;
+    assert.deepEqual(listedJson.map((x) => x.eventId), [poison]);
+    const targetBefore = await effectCounts('target');
+    assert.equal(targetBefore.has(poison), false);
+    assert.equal(targetBefore.size, 2);
+    const otherBefore = await effectCounts('other');
+
+    // The fix, then the replay.
+    poisoned = false;
+    const skippedBefore = other.stats().duplicatesSkipped;
+    const outcomes = await replayDeadLetters({
+      pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target',
+    });
+    assert.equal(outcomes.length, 1);
+    assert.equal(outcomes[0]?.status, 'published');
+    assert.match(outcomes[0]?.msgId ?? '', new RegExp(`^replay:target:${poison}:\\d+$`));
+    await waitFor('the replayed effect', async () => (await effectCounts('target')).get(poison) === 1);
+    await waitFor('the other consumer to drop the copy', () => Promise.resolve(other.stats().duplicatesSkipped > skippedBefore));
+    const after1 = await effectCounts('target');
+    assert.deepEqual([...after1.values()], [1, 1, 1], 'every event once at the target');
+    assert.deepEqual(await effectCounts('other'), otherBefore, "the other consumer's effects are unchanged");
+    const [replayed] = await listDeadLetters(env.pool, { consumer: 'target' });
+    assert.ok(replayed?.replayedAt instanceof Date, 'replayed_at is set');
+    assert.deepEqual(await listDeadLetters(env.pool, { pendingOnly: true }), []);
+
+    // A replay tool that crashed before marking runs again after the target handled the event.
+    await env.pool.query("UPDATE events.dead_letters SET replayed_at = NULL WHERE consumer = 'target'");
+    const again = await replayDeadLetters({
+      pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target',
+      eventIds: [poison],
+    });
+    // Its inbox has the event, so nothing is published; the dead letter is marked.
+    assert.deepEqual(again.map((o) => o.status), ['already_handled']);
+    assert.deepEqual(await effectCounts('target'), after1);
+
+    // Nothing pending: a named event is reported as not dead-lettered.
+    const none = await replayDeadLetters({
+      pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target',
+      eventIds: [poison],
+    });
+    assert.deepEqual(none.map((o) => o.status), ['not_dead_lettered']);
+
+    // The range reconciles: the dead letter was replayed and handled.
+    const range = await env.pool.query<{ lo: Date; hi: Date }>("SELECT min(recorded_at) AS lo, max(recorded_at) AS hi FROM events.events WHERE stream_id = 'o-1'");
+    const report = await reconcile({
+      pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      from: range.rows[0]?.lo as Date, to: new Date((range.rows[0]?.hi as Date).getTime() + 1),
+      effectCounts: (name) => effectCounts(name),
+    });
+    assert.equal(report.ok, true, JSON.stringify(report.issues));
+    assert.equal(report.broker.republished, 1, 'the replay is a republished copy');
+  });
+
+  test('the same dead letter replayed twice before it is handled: the broker drops the second copy', async () => {
+    // The target is stopped, so the first replay is not handled before the second.
+    await target.stop();
+    try {
+      const c = await env.pool.connect();
+      try {
+        await c.query('BEGIN');
+        await env.store.append(c, { type: 'order', id: 'o-2' }, [{ type: 'Paid', data: {} }], { expectedVersion: 'no_stream' });
+        await c.query('COMMIT');
+      } finally {
+        c.release();
+      }
+      const id = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_id = 'o-2'")).rows[0]?.id as string;
+      await waitFor('the other consumer', async () => (await effectCounts('other')).has(id));
+      // A dead letter as the target would have written it.
+      await env.pool.query("INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) SELECT 'target', event_id, position, 5, 'boom' FROM events.events WHERE event_id = $1", [id]);
+      const opts = { pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target' };
+      const first = await replayDeadLetters(opts);
+      assert.deepEqual(first.map((o) => o.status), ['published']);
+      await env.pool.query("UPDATE events.dead_letters SET replayed_at = NULL WHERE event_id = $1", [id]);
+      const second = await replayDeadLetters(opts);
+      assert.deepEqual(second.map((o) => [o.status, o.msgId]), [['duplicate', first[0]?.msgId]]);
+    } finally {
+      target = consumerOf('target');
+      await target.start();
+    }
+    await waitFor('the target catches up', async () => (await effectCounts('target')).size === 4);
+    assert.ok([...(await effectCounts('target')).values()].every((n) => n === 1));
+  });
+
+  test('replays that cannot publish: the event is not in the store; the CLI reports it and exits 1', async () => {
+    const ghost = randomUUID();
+    await env.pool.query("INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ('other', $1, 1, 5, 'lost')", [ghost]);
+    const r = await cli(['dlq', 'replay', '--consumer', 'other']);
+    assert.equal(r.code, 1, r.err);
+    assert.match(r.out, new RegExp(`${ghost}: event_missing`));
+    const listed = await cli(['dlq', 'list', '--pending']);
+    assert.match(listed.out, /\(not in the store\)/);
+    assert.equal((await cli(['dlq', 'replay'])).code, 2, 'a consumer is required');
+    assert.equal((await cli(['dlq', 'replay', '--consumer', 'nobody'])).code, 2);
+    assert.equal((await cli(['dlq', 'replay', '--consumer', 'other', '--event', 'not-a-uuid'])).code, 2);
+    const json = await cli(['dlq', 'replay', '--consumer', 'other', '--event', ghost, '--json']);
+    assert.deepEqual((JSON.parse(json.out) as Array<{ status: string }>).map((o) => o.status), ['event_missing']);
+    await assert.rejects(listDeadLetters(env.pool, { limit: 0 }), RangeError);
+  });
+});

@@ -1,0 +1,348 @@
+/**
+ * The event store, the relay and the consumer on real PostgreSQL and NATS JetStream.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type pg from 'pg';
+import { jetstream, jetstreamManager } from '@nats-io/jetstream';
+import {
+  ConcurrencyError,
+  CHECKPOINT_START,
+  checkpointOf,
+  encodeBatch,
+  EventConsumer,
+  OutboxRelay,
+  outboxLagSeconds,
+  runRelay,
+  StreamOrderConflictError,
+  type StoredEvent,
+} from '../src/index.ts';
+import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+
+let env: EventsTestEnv;
+before(async () => {
+  env = await eventsTestEnv();
+  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+});
+after(async () => {
+  await env.close();
+});
+
+const inTx = <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTxOn(env.pool, fn);
+const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+
+
+
+const recordEffect = (consumer: string) => async (e: StoredEvent, tx: pg.PoolClient): Promise<void> => {
+  await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, consumer]);
+};
+
+describe('the event store', () => {
+  test('appends check the expected version; a conflict is typed and leaves the transaction usable', async () => {
+    const stream = { type: 'order', id: 'o-1' };
+    await inTx((c) => env.store.append(c, stream, [{ type: 'Placed', data: { total: '100' } }], { expectedVersion: 'no_stream' }));
+    const r = await inTx((c) => env.store.append(c, stream, [{ type: 'Paid', data: {} }, { type: 'Shipped', data: {} }], { expectedVersion: 1 }));
+    assert.equal(r.version, 3);
+    await inTx(async (c) => {
+      await assert.rejects(env.store.append(c, stream, [{ type: 'Paid', data: {} }], { expectedVersion: 1 }), (e: unknown) => {
+        assert.ok(e instanceof ConcurrencyError);
+        assert.equal(e.actual, 3);
+        return true;
+      });
+      await assert.rejects(env.store.append(c, stream, [{ type: 'X', data: {} }], { expectedVersion: 'no_stream' }), ConcurrencyError);
+      // The transaction is still usable after a conflict.
+      await env.store.append(c, stream, [{ type: 'Delivered', data: {}, metadata: { correlationId: 'c-1', actor: 'svc:test' } }], { expectedVersion: 'any' });
+    });
+    await assert.rejects(inTx((c) => env.store.append(c, stream, [], { expectedVersion: 'any' })), RangeError);
+    const events = await env.store.readStream(env.pool, 'order', 'o-1');
+    assert.deepEqual(events.map((e) => [e.version, e.type]), [[1, 'Placed'], [2, 'Paid'], [3, 'Shipped'], [4, 'Delivered']]);
+    assert.deepEqual(events[3]?.metadata, { correlationId: 'c-1', actor: 'svc:test' });
+    assert.equal(await env.store.streamVersion(env.pool, 'order', 'o-missing'), 0);
+    assert.ok(events.every((e) => e.partition === env.store.partitionOf('order', 'o-1')));
+  });
+
+  test('two concurrent appends expecting the same version: exactly one wins', async () => {
+    const stream = { type: 'race', id: 'r-1' };
+    const attempt = () => inTx((c) => env.store.append(c, stream, [{ type: 'Won', data: {} }], { expectedVersion: 'no_stream' }));
+    const outcomes = await Promise.allSettled([attempt(), attempt(), attempt()]);
+    assert.equal(outcomes.filter((o) => o.status === 'fulfilled').length, 1);
+    assert.ok(outcomes.filter((o) => o.status === 'rejected').every((o) => o.reason instanceof ConcurrencyError));
+  });
+
+  test('appendMany refuses to continue a stream from an older transaction, so per-stream order holds', async () => {
+    const older = await env.pool.connect();
+    try {
+      await older.query('BEGIN');
+      await older.query('SELECT pg_current_xact_id()'); // the older transaction gets its id first
+      await inTx((c) => env.store.appendMany(c, [{ streamType: 'many', streamId: 'm-1', version: 1, event: { type: 'One', data: {} } }]));
+      await assert.rejects(
+        env.store.appendMany(older, [{ streamType: 'many', streamId: 'm-1', version: 2, event: { type: 'Two', data: {} } }]),
+        StreamOrderConflictError,
+      );
+      await older.query('ROLLBACK');
+    } finally {
+      older.release();
+    }
+    // Retried in a new transaction, it goes through.
+    await inTx((c) => env.store.appendMany(c, [{ streamType: 'many', streamId: 'm-1', version: 2, event: { type: 'Two', data: {} } }]));
+    assert.deepEqual((await env.store.readStream(env.pool, 'many', 'm-1')).map((e) => e.type), ['One', 'Two']);
+  });
+
+  test('the global order never skips a transaction that commits late', async () => {
+    const slow = await env.pool.connect();
+    try {
+      // Catch up with everything committed so far. (The horizon is cluster-wide: another
+      // database's open transaction may hold it back for a moment, so wait rather than stop
+      // at the first empty read.)
+      const { rows } = await env.pool.query<{ max: string }>('SELECT coalesce(max(position), 0)::text AS max FROM events.events');
+      const last = BigInt(rows[0]?.max ?? '0');
+      let cp = CHECKPOINT_START;
+      await waitFor('catch-up', async () => {
+        for (const e of await env.store.readAll(env.pool, { after: cp, limit: 1000 })) cp = checkpointOf(e);
+        return cp.position >= last;
+      });
+      // A slow transaction appends first and stays open; a fast one appends and commits.
+      await slow.query('BEGIN');
+      await env.store.append(slow, { type: 'slow', id: 's' }, [{ type: 'Slow', data: {} }], { expectedVersion: 'any' });
+      await inTx((c) => env.store.append(c, { type: 'fast', id: 'f' }, [{ type: 'Fast', data: {} }], { expectedVersion: 'any' }));
+      // The reader must not move past the open transaction: it sees nothing yet.
+      assert.deepEqual(await env.store.readAll(env.pool, { after: cp, limit: 10 }), []);
+      await slow.query('COMMIT');
+      // Both appear, in transaction order. (Other databases' transactions on the same server
+      // can hold the horizon for a moment, so read until both are there.)
+      let seen: StoredEvent[] = [];
+      await waitFor('both events', async () => {
+        seen = await env.store.readAll(env.pool, { after: cp, limit: 10 });
+        return seen.length >= 2;
+      });
+      assert.deepEqual(seen.map((e) => e.type), ['Slow', 'Fast']);
+    } finally {
+      slow.release();
+    }
+  });
+});
+
+describe('running a relay for a service', () => {
+  test('with the broker unreachable it waits without failing the service, and stops promptly', async () => {
+    const errors: unknown[] = [];
+    const relay = runRelay({
+      pool: env.pool, store: env.store, natsUrl: 'nats://127.0.0.1:1',
+      streamName: env.streamName, subjectPrefix: env.subjectPrefix, onError: (e) => errors.push(e),
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(relay.stats(), null, 'nothing is published while the broker is away');
+    const started = Date.now();
+    await relay.stop();
+    assert.ok(Date.now() - started < 2000, 'stop does not wait for a broker that never came');
+  });
+
+  test('with the broker up it publishes what the service appends', async () => {
+    const relay = runRelay({ pool: env.pool, store: env.store, natsUrl: NATS_URL, streamName: env.streamName, subjectPrefix: env.subjectPrefix });
+    try {
+      await inTx((c) => env.store.append(c, { type: 'svc', id: 's-1' }, [{ type: 'Hello', data: {} }], { expectedVersion: 'no_stream' }));
+      await waitFor('the relay to publish', () => Promise.resolve((relay.stats()?.published ?? 0) >= 1));
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
+describe('relay and consumer', () => {
+  test('every appended event reaches the consumer exactly once, per-stream order kept', async () => {
+    const consumerName = 'c-order';
+    const seenOrder: Array<[string, number]> = [];
+    const consumer = new EventConsumer({
+      pool: env.pool,
+      nats: env.nats,
+      name: consumerName,
+      streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`,
+      onError: (e) => console.error('consumer', e),
+      handler: async (e, tx) => {
+        seenOrder.push([e.streamId, e.version]);
+        await recordEffect(consumerName)(e, tx);
+      },
+    });
+    const relay = new OutboxRelay({
+      pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      eventsPerMessageMax: 50, onError: (e) => console.error('relay', e),
+    });
+    await consumer.start();
+    relay.start();
+    try {
+      const ids: string[] = [];
+      for (let tx = 0; tx < 20; tx += 1) {
+        await inTx(async (c) => {
+          for (let s = 0; s < 5; s += 1) {
+            const r = await env.store.append(c, { type: 'acct', id: `a-${s}` }, Array.from({ length: 10 }, (_, i) => ({ type: 'Moved', data: { i } })), { expectedVersion: 'any' });
+            assert.equal(r.positions.length, 10);
+          }
+        });
+      }
+      const all = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'acct'");
+      ids.push(...all.rows.map((r) => r.id));
+      assert.equal(ids.length, 1000);
+      await waitFor('all effects', async () => {
+        const counts = await effectCounts(consumerName);
+        return ids.every((id) => counts.has(id));
+      });
+      const counts = await effectCounts(consumerName);
+      assert.ok(ids.every((id) => counts.get(id) === 1), 'each event took effect exactly once');
+      for (let s = 0; s < 5; s += 1) {
+        const versions = seenOrder.filter(([id]) => id === `a-${s}`).map(([, v]) => v);
+        assert.deepEqual(versions, Array.from({ length: 200 }, (_, i) => i + 1), `stream a-${s} in order`);
+      }
+      assert.ok(relay.stats().messages >= 20, 'events travel in batches of at most 50');
+    } finally {
+      await relay.stop();
+      await consumer.stop();
+    }
+  });
+
+  test('two relays at once: each partition has one publisher; when one stops, the other takes over', async () => {
+    const consumerName = 'c-two-relays';
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`, handler: recordEffect(consumerName),
+    });
+    const relayOptions = { pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, eventsPerMessageMax: 20 };
+    const first = new OutboxRelay(relayOptions);
+    const second = new OutboxRelay(relayOptions);
+    await consumer.start();
+    first.start();
+    second.start();
+    try {
+      await waitFor('every partition held', () => Promise.resolve(first.stats().partitionsHeld.length + second.stats().partitionsHeld.length === env.store.partitions));
+      const held = [...first.stats().partitionsHeld, ...second.stats().partitionsHeld].sort((a, b) => a - b);
+      assert.deepEqual(held, Array.from({ length: env.store.partitions }, (_, i) => i), 'no partition has two publishers');
+      const append = async (round: number): Promise<void> => {
+        await inTx(async (c) => {
+          for (let s = 0; s < 8; s += 1) {
+            await env.store.append(c, { type: 'two', id: `r${round}-${s}` }, [{ type: 'E', data: { round } }], { expectedVersion: 'no_stream' });
+          }
+        });
+      };
+      for (let round = 0; round < 5; round += 1) await append(round);
+      await first.stop();
+      // The survivor takes the stopped relay's partitions and carries on.
+      await waitFor('takeover', () => Promise.resolve(second.stats().partitionsHeld.length === env.store.partitions));
+      for (let round = 5; round < 10; round += 1) await append(round);
+      const ids = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'two'")).rows.map((r) => r.id);
+      assert.equal(ids.length, 80);
+      await waitFor('all effects', async () => {
+        const counts = await effectCounts(consumerName);
+        return ids.every((id) => counts.has(id));
+      });
+      const counts = await effectCounts(consumerName);
+      assert.ok(ids.every((id) => counts.get(id) === 1), 'each event took effect exactly once');
+      await waitFor('the outbox to drain', async () => (await outboxLagSeconds(env.pool)) === 0);
+    } finally {
+      await first.stop();
+      await second.stop();
+      await consumer.stop();
+    }
+  });
+
+  test('the same batch published twice: the broker drops the copy; a re-cut batch is dropped by the inbox', async () => {
+    const consumerName = 'c-dup';
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`, handler: recordEffect(consumerName),
+    });
+    await consumer.start();
+    try {
+      const acct = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'acct'");
+      await waitFor('catch-up', async () => {
+        const counts = await effectCounts(consumerName);
+        return acct.rows.every((r) => counts.has(r.id));
+      });
+      const before = await effectCounts(consumerName);
+      const events = await env.store.readStream(env.pool, 'acct', 'a-0');
+      const js = jetstream(env.nats);
+      const subject = `${env.subjectPrefix}.p${events[0]?.partition}`;
+      const first = await js.publish(subject, encodeBatch(events.slice(0, 10)), { msgID: 'dup-test-1' });
+      const again = await js.publish(subject, encodeBatch(events.slice(0, 10)), { msgID: 'dup-test-1' });
+      assert.equal(first.duplicate, false);
+      assert.equal(again.duplicate, true, 'the broker drops a republished message id');
+      await js.publish(subject, encodeBatch(events.slice(5, 20)), { msgID: 'dup-test-2' });
+      await waitFor('the consumer to see the copies', () => Promise.resolve(consumer.stats().duplicatesSkipped >= 25));
+      const after = await effectCounts(consumerName);
+      assert.ok(acct.rows.every((r) => before.get(r.id) === 1 && after.get(r.id) === 1), 'no effect applied twice');
+    } finally {
+      await consumer.stop();
+    }
+  });
+
+  test('a batch handler gets every new event of a message at once, for set-based effects', async () => {
+    assert.throws(() => new EventConsumer({ pool: env.pool, nats: env.nats, name: 'c-none', streamName: env.streamName, filterSubject: 'x.>' }), TypeError);
+    const consumerName = 'c-batch';
+    const calls: number[] = [];
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`,
+      handleBatch: async (events, tx) => {
+        calls.push(events.length);
+        await tx.query('INSERT INTO effects (event_id, consumer) SELECT unnest($1::uuid[]), $2', [events.map((e) => e.id), consumerName]);
+      },
+    });
+    await consumer.start();
+    try {
+      const acct = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'acct'");
+      await waitFor('catch-up', async () => {
+        const counts = await effectCounts(consumerName);
+        return acct.rows.every((r) => counts.has(r.id));
+      });
+      const counts = await effectCounts(consumerName);
+      assert.ok([...counts.values()].every((n) => n === 1), 'each event took effect once');
+      assert.ok(calls.some((n) => n > 1), 'a call carries many events');
+    } finally {
+      await consumer.stop();
+    }
+  });
+
+  test('a poisoned event is retried with backoff, then dead-lettered; the rest of its batch commits', async () => {
+    const consumerName = 'c-dlq';
+    const poisoned = await inTx((c) => env.store.append(c, { type: 'dlq', id: 'd-1' }, [
+      { type: 'Fine', data: {} },
+      { type: 'Poison', data: {} },
+      { type: 'Fine', data: {} },
+    ], { expectedVersion: 'no_stream' }));
+    assert.equal(poisoned.version, 3);
+    let attempts = 0;
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`, maxDeliver: 3, backoffMs: [20, 40],
+      dlqSubjectPrefix: env.dlqSubjectPrefix,
+      handler: async (e, tx) => {
+        if (e.type === 'Poison') {
+          attempts += 1;
+          throw new Error('cannot handle Poison');
+        }
+        await recordEffect(consumerName)(e, tx);
+      },
+    });
+    const relay = new OutboxRelay({ pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix });
+    await consumer.start();
+    relay.start();
+    try {
+      await waitFor('the dead letter', async () => (await env.pool.query("SELECT 1 FROM events.dead_letters WHERE consumer = 'c-dlq'")).rowCount === 1);
+      const dl = await env.pool.query<{ attempts: number; error: string }>("SELECT attempts, error FROM events.dead_letters WHERE consumer = 'c-dlq'");
+      assert.equal(dl.rows[0]?.attempts, 3);
+      assert.match(dl.rows[0]?.error ?? '', /cannot handle Poison/);
+      assert.ok(attempts >= 3);
+      // The events after the poisoned one are applied after its dead letter is recorded (and
+      // published), so wait for them rather than count at once.
+      const fine = async (): Promise<number> => (await env.pool.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM effects f JOIN events.events e ON e.event_id = f.event_id WHERE f.consumer = 'c-dlq' AND e.stream_type = 'dlq'",
+      )).rows[0]?.n ?? 0;
+      await waitFor('the good events of the batch', async () => (await fine()) >= 2);
+      assert.equal(await fine(), 2, 'the two good events of the batch took effect');
+      const jsm = await jetstreamManager(env.nats);
+      const info = await jsm.streams.info(env.dlqStreamName);
+      assert.equal(info.state.messages, 1, 'the dead letter is on the dead-letter stream');
+    } finally {
+      await relay.stop();
+      await consumer.stop();
+    }
+  });
+});

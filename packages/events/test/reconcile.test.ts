@@ -1,0 +1,411 @@
+/**
+ * Reconciliation on real PostgreSQL and NATS JetStream: a clean range, and each kind of gap
+ * made for real (a relay that never ran, a consumer that skipped, a dead letter, a doubled
+ * effect, a stray inbox row, a message the broker lost).
+ */
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+import type pg from 'pg';
+import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from '@nats-io/jetstream';
+import { ADMIN_DATABASE_URL } from '@ledgerline/testing';
+import {
+  encodeBatch,
+  EventConsumer,
+  formatReconcileReport,
+  OutboxRelay,
+  reconcile,
+  registerConsumer,
+  scanEventStream,
+  type ReconcileOptions,
+  type ReconcileReport,
+  type StoredEvent,
+} from '../src/index.ts';
+import { runCli } from '../src/cli.ts';
+import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+
+let env: EventsTestEnv;
+let relay: OutboxRelay | null = null;
+const consumers: EventConsumer[] = [];
+const CONSUMERS = ['alpha', 'beta'] as const;
+
+const inTx = <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTxOn(env.pool, fn);
+const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+
+
+
+function startRelay(): void {
+  relay = new OutboxRelay({
+    pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+    eventsPerMessageMax: 20, onError: (e) => console.error('relay', e),
+  });
+  relay.start();
+}
+
+async function stopRelay(): Promise<void> {
+  await relay?.stop();
+  relay = null;
+}
+
+/** Appends `perStream` events to each of `streams` streams of type `tag`, one transaction per stream. */
+async function appendScenario(tag: string, streams: number, perStream: number, type = 'Happened'): Promise<string[]> {
+  for (let s = 0; s < streams; s += 1) {
+    await inTx((c) => env.store.append(c, { type: tag, id: `${tag}-${s}` }, Array.from({ length: perStream }, (_, i) => ({ type, data: { i } })), {
+      expectedVersion: 'no_stream',
+    }));
+  }
+  const r = await env.pool.query<{ id: string }>('SELECT event_id::text AS id FROM events.events WHERE stream_type = $1 ORDER BY position', [tag]);
+  return r.rows.map((x) => x.id);
+}
+
+/** The recorded-time range of one scenario's events, exactly: [min, max + 1 ms). */
+async function rangeOf(tag: string): Promise<{ from: Date; to: Date }> {
+  const r = await env.pool.query<{ lo: Date; hi: Date }>('SELECT min(recorded_at) AS lo, max(recorded_at) AS hi FROM events.events WHERE stream_type = $1', [tag]);
+  const row = r.rows[0];
+  assert.ok(row !== undefined);
+  return { from: row.lo, to: new Date(row.hi.getTime() + 1) };
+}
+
+async function waitConsumed(ids: string[], who: readonly string[] = CONSUMERS): Promise<void> {
+  await waitFor(`effects of ${who.join(', ')}`, async () => {
+    for (const c of who) {
+      const counts = await effectCounts(c);
+      if (!ids.every((id) => counts.has(id))) return false;
+    }
+    return true;
+  });
+  // The ack follows the commit: wait until the broker has it, so ack floors are current.
+  const jsm = await jetstreamManager(env.nats);
+  await waitFor('acks', async () => {
+    for (const c of who) {
+      const info = await jsm.consumers.info(env.streamName, c);
+      if (info.num_pending > 0 || info.num_ack_pending > 0) return false;
+    }
+    return true;
+  });
+}
+
+async function run(tag: string, withEffects = true, extra: Partial<ReconcileOptions> = {}): Promise<ReconcileReport> {
+  const { from, to } = await rangeOf(tag);
+  return reconcile({
+    pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, from, to,
+    pageSize: 7, // several pages even for small scenarios
+    ...(withEffects ? { effectCounts: (c: string) => effectCounts(c) } : {}),
+    ...extra,
+  });
+}
+
+async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const code = await runCli(args, {
+    env: { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
+    stdout: (t) => (out += `${t}\n`),
+    stderr: (t) => (err += `${t}\n`),
+  });
+  return { code, out, err };
+}
+
+before(async () => {
+  env = await eventsTestEnv();
+  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+  for (const name of CONSUMERS) {
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+      dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [20],
+      handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+        // alpha cannot handle Poison; beta handles everything.
+        if (name === 'alpha' && e.type === 'Poison') throw new Error('alpha cannot handle Poison');
+        await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
+      },
+    });
+    await consumer.start();
+    consumers.push(consumer);
+  }
+});
+
+after(async () => {
+  await stopRelay();
+  for (const c of consumers) await c.stop();
+  await env.close();
+});
+
+describe('reconciliation', () => {
+  test('a clean range: every event published and consumed once by each consumer; republished copies are counted, not errors', async () => {
+    startRelay();
+    try {
+      const ids = await appendScenario('clean', 3, 10);
+      await waitConsumed(ids);
+      // A re-cut batch (a new message id), as a relay that crashed before its checkpoint sends.
+      const events = await env.store.readStream(env.pool, 'clean', 'clean-0');
+      await jetstream(env.nats).publish(`${env.subjectPrefix}.p${events[0]?.partition}`, encodeBatch(events.slice(0, 5)), { msgID: 'recut-clean' });
+      const report = await run('clean');
+      assert.equal(report.ok, true, JSON.stringify(report.issues));
+      assert.equal(report.events, 30);
+      assert.equal(report.broker.eventsSeen, 30);
+      assert.equal(report.broker.republished, 5);
+      assert.equal(report.broker.republishedCopies, 5);
+      assert.equal(report.broker.complete, true);
+      assert.deepEqual(report.issues, []);
+      for (const c of report.consumers) {
+        assert.equal(c.consumed, 30, c.name);
+        assert.equal(c.effectsCounted, true);
+        assert.ok(c.durable !== null);
+      }
+      // Told that publishing lags at most "minus an hour", the scan checks at its first message
+      // whether every checkpointed event was seen; they were not, so it scans on to the end.
+      const notes: string[] = [];
+      const eager = await run('clean', true, { publishLagMaxMs: -3_600_000, onProgress: (m) => notes.push(m) });
+      assert.equal(eager.ok, true, JSON.stringify(eager.issues));
+      assert.equal(eager.broker.stoppedBecause, 'end_of_stream');
+      assert.ok(notes.some((n) => /scanning on to the end of the stream/.test(n)), notes.join('\n'));
+      const { from, to } = await rangeOf('clean');
+      const r = await cli(['reconcile', '--from', from.toISOString(), '--to', to.toISOString()]);
+      assert.equal(r.code, 0, r.err);
+      assert.match(r.out, /: OK/);
+      assert.match(r.out, /consumer alpha: 30 consumed/);
+      const json = await cli(['reconcile', '--from', from.toISOString(), '--to', to.toISOString(), '--json', '--consumer', 'beta']);
+      assert.equal(json.code, 0, json.err);
+      const parsed = JSON.parse(json.out) as ReconcileReport;
+      assert.deepEqual(parsed.consumers.map((c) => c.name), ['beta']);
+    } finally {
+      await stopRelay();
+    }
+  });
+
+  test('an event appended but never published is reported as unpublished, and not held against the consumers', async () => {
+    const ids = await appendScenario('unpub', 1, 3);
+    const report = await run('unpub');
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.unpublished, 3);
+    assert.equal(report.issueCounts.not_consumed, 0);
+    assert.equal(report.relay.beyondCheckpoint, 3);
+    assert.deepEqual(report.issues.map((i) => i.eventId), ids);
+    const first = report.issues[0];
+    assert.ok(first !== undefined);
+    assert.equal(first.kind, 'unpublished');
+    assert.equal(first.consumer, null);
+    assert.equal(first.streamType, 'unpub');
+    assert.equal(first.streamId, 'unpub-0');
+    assert.equal(first.version, 1);
+    assert.match(first.position ?? '', /^\d+$/);
+    assert.match(first.detail, /relay has not published it/);
+    // Nothing of the range is checkpointed, so a scan past the (lag-adjusted) range end stops at once.
+    const early = await run('unpub', true, { publishLagMaxMs: -3_600_000 });
+    assert.equal(early.broker.stoppedBecause, 'past_range_end');
+    assert.equal(early.broker.messages, 1);
+    assert.equal(early.issueCounts.unpublished, 3);
+    const { from, to } = await rangeOf('unpub');
+    const r = await cli(['reconcile', '--from', from.toISOString(), '--to', to.toISOString()]);
+    assert.equal(r.code, 1);
+    assert.match(r.out, /GAPS FOUND/);
+    assert.match(r.out, /unpublished 3/);
+    // Once the relay runs, the same range reconciles.
+    startRelay();
+    try {
+      await waitConsumed(ids);
+      const again = await run('unpub');
+      assert.equal(again.ok, true, JSON.stringify(again.issues));
+    } finally {
+      await stopRelay();
+    }
+  });
+
+  test('a consumer that skipped an event is reported as not having consumed it', async () => {
+    startRelay();
+    try {
+      const ids = await appendScenario('skip', 1, 4);
+      await waitConsumed(ids);
+    } finally {
+      await stopRelay();
+    }
+    const ids = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'skip' ORDER BY position")).rows.map((r) => r.id);
+    const [skipped, inboxLost] = ids;
+    assert.ok(skipped !== undefined && inboxLost !== undefined);
+    // Skipped outright: no inbox row, no effect. And an inbox row lost while the effect stayed.
+    await env.pool.query("DELETE FROM events.inbox WHERE consumer = 'alpha' AND event_id = ANY($1::uuid[])", [[skipped, inboxLost]]);
+    await env.pool.query("DELETE FROM effects WHERE consumer = 'alpha' AND event_id = $1", [skipped]);
+    const report = await run('skip');
+    assert.match(formatReconcileReport(report), new RegExp(`- not_consumed \\[alpha\\] event ${skipped} skip/skip-0 v1 pos \\d+ p\\d+: skipped`));
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.not_consumed, 2);
+    const byEvent = new Map(report.issues.map((i) => [i.eventId, i]));
+    const a = byEvent.get(skipped);
+    assert.ok(a !== undefined);
+    assert.equal(a.kind, 'not_consumed');
+    assert.equal(a.consumer, 'alpha');
+    assert.equal(a.streamId, 'skip-0');
+    assert.match(a.detail, /^skipped: the consumer acked stream sequence \d+/);
+    const b = byEvent.get(inboxLost);
+    assert.ok(b !== undefined);
+    assert.equal(b.consumer, 'alpha');
+    assert.equal(b.count, 1);
+    assert.match(b.detail, /effect was applied 1 time\(s\) without an inbox row/);
+    const alpha = report.consumers.find((c) => c.name === 'alpha');
+    const beta = report.consumers.find((c) => c.name === 'beta');
+    assert.deepEqual([alpha?.consumed, alpha?.notConsumed, alpha?.pending], [2, 2, 0]);
+    assert.deepEqual([beta?.consumed, beta?.notConsumed], [4, 0]);
+  });
+
+  test('a dead-lettered event is reported as dead-lettered, apart from missing ones', async () => {
+    startRelay();
+    try {
+      await inTx((c) => env.store.append(c, { type: 'dead', id: 'dead-0' }, [
+        { type: 'Fine', data: {} },
+        { type: 'Poison', data: {} },
+        { type: 'Fine', data: {} },
+      ], { expectedVersion: 'no_stream' }));
+      await waitFor('the dead letter', async () => (await env.pool.query("SELECT 1 FROM events.dead_letters WHERE consumer = 'alpha'")).rowCount === 1);
+      const ids = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'dead'")).rows.map((r) => r.id);
+      await waitConsumed(ids, ['beta']);
+    } finally {
+      await stopRelay();
+    }
+    const poison = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE type = 'Poison' AND stream_type = 'dead'")).rows[0]?.id;
+    const report = await run('dead');
+    assert.match(formatReconcileReport(report), /consumer alpha: 2 consumed, 0 not consumed \(0 pending\), 1 dead-lettered/);
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.dead_lettered, 1);
+    assert.equal(report.issueCounts.not_consumed, 0);
+    const issue = report.issues[0];
+    assert.ok(issue !== undefined);
+    assert.equal(issue.kind, 'dead_lettered');
+    assert.equal(issue.eventId, poison);
+    assert.equal(issue.consumer, 'alpha');
+    assert.equal(issue.version, 2);
+    assert.equal(issue.count, 2, 'attempts');
+    assert.match(issue.detail, /alpha cannot handle Poison/);
+    const alpha = report.consumers.find((c) => c.name === 'alpha');
+    assert.deepEqual([alpha?.consumed, alpha?.deadLettered, alpha?.notConsumed], [2, 1, 0]);
+  });
+
+  test('a side effect applied twice is reported as a duplicate; a stray inbox row as an unknown event', async () => {
+    startRelay();
+    let ids: string[];
+    try {
+      ids = await appendScenario('dup', 1, 3);
+      await waitConsumed(ids);
+    } finally {
+      await stopRelay();
+    }
+    const doubled = ids[2] as string;
+    await env.pool.query("INSERT INTO effects (event_id, consumer) VALUES ($1, 'beta')", [doubled]);
+    const stray = randomUUID();
+    await env.pool.query("INSERT INTO events.inbox (consumer, event_id, position) VALUES ('beta', $1, 987654321)", [stray]);
+    const report = await run('dup');
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.duplicate_effect, 1);
+    assert.equal(report.issueCounts.inbox_unknown_event, 1);
+    const dup = report.issues.find((i) => i.kind === 'duplicate_effect');
+    assert.ok(dup !== undefined);
+    assert.equal(dup.eventId, doubled);
+    assert.equal(dup.consumer, 'beta');
+    assert.equal(dup.count, 2);
+    assert.equal(dup.streamId, 'dup-0');
+    assert.equal(dup.version, 3);
+    const unknown = report.issues.find((i) => i.kind === 'inbox_unknown_event');
+    assert.equal(unknown?.eventId, stray);
+    assert.equal(unknown?.position, '987654321');
+    assert.equal(report.consumers.find((c) => c.name === 'beta')?.duplicateEffects, 1);
+    // Without an effect counter the inbox cannot show a double effect (its key forbids two rows).
+    const blind = await run('dup', false);
+    assert.equal(blind.issueCounts.duplicate_effect, 0);
+    assert.ok(blind.consumers.every((c) => !c.effectsCounted));
+    await env.pool.query('DELETE FROM events.inbox WHERE event_id = $1', [stray]);
+  });
+
+  test('an event the relay checkpointed but the broker no longer has is reported as missing from the broker', async () => {
+    startRelay();
+    let ids: string[];
+    try {
+      ids = await appendScenario('lost', 1, 2);
+      await waitConsumed(ids);
+    } finally {
+      await stopRelay();
+    }
+    // Find the messages that carry them, and delete them from the stream.
+    const seqs: number[] = [];
+    await scanEventStream({ nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, startTime: new Date(0) }, (m) => {
+      if (m.events?.some((e) => ids.includes(e.id)) === true) seqs.push(m.seq);
+      return undefined;
+    });
+    assert.ok(seqs.length >= 1);
+    const jsm = await jetstreamManager(env.nats);
+    for (const seq of seqs) await jsm.streams.deleteMessage(env.streamName, seq);
+    const report = await run('lost');
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.missing_from_broker, 2);
+    assert.equal(report.issueCounts.not_consumed, 0, 'both consumers have them in their inbox');
+    assert.match(report.issues[0]?.detail ?? '', /relay checkpoint of partition \d+ covers it/);
+  });
+
+  test('the broker scan counts malformed messages and stops when told to', async () => {
+    await jetstream(env.nats).publish(`${env.subjectPrefix}.p0`, 'not a batch', { msgID: 'garbage-1' });
+    let seen = 0;
+    const all = await scanEventStream({ nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, startTime: new Date(0) }, () => {
+      seen += 1;
+      return undefined;
+    });
+    assert.equal(all.malformed, 1);
+    assert.equal(all.stoppedBecause, 'end_of_stream');
+    assert.equal(seen, all.messages);
+    const two = await scanEventStream(
+      { nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, startTime: new Date(0), fetchMessagesMax: 1 },
+      (m) => m.seq >= (all.firstSeq ?? 0) + 1,
+    );
+    assert.deepEqual([two.messages, two.stoppedBecause], [2, 'past_range_end']);
+    const later = await scanEventStream({ nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, startTime: new Date(Date.now() + 3_600_000) }, () => undefined);
+    assert.deepEqual([later.messages, later.stoppedBecause], [0, 'empty']);
+    await assert.rejects(
+      reconcile({ pool: env.pool, nats: env.nats, streamName: 'NO_SUCH_STREAM', subjectPrefix: 'nope', from: new Date(0), to: new Date() }),
+      /stream not found/,
+    );
+    await assert.rejects(reconcile({ pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, from: new Date(1), to: new Date(0) }), RangeError);
+  });
+
+  test('a consumer with no durable on the broker, and one that has not got there yet', async () => {
+    await registerConsumer(env.pool, 'ghost');
+    await registerConsumer(env.pool, 'laggard');
+    const jsm = await jetstreamManager(env.nats);
+    // A durable that has received nothing: its ack floor is 0.
+    await jsm.consumers.add(env.streamName, { durable_name: 'laggard', ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All });
+    const report = await run('clean', false, { consumers: ['ghost', 'laggard'], issuesMax: 40 });
+    assert.equal(report.ok, false);
+    assert.equal(report.issueCounts.not_consumed, 60);
+    assert.equal(report.issues.length, 40);
+    assert.equal(report.issuesOmitted, 20);
+    const ghost = report.consumers.find((c) => c.name === 'ghost');
+    const laggard = report.consumers.find((c) => c.name === 'laggard');
+    assert.equal(ghost?.durable, null);
+    assert.deepEqual([laggard?.durable?.ackFloorSeq, laggard?.pending, laggard?.notConsumed], [0, 30, 30]);
+    assert.match(report.issues.find((i) => i.consumer === 'ghost')?.detail ?? '', /no durable consumer ghost/);
+    assert.match(report.issues.find((i) => i.consumer === 'laggard')?.detail ?? '', /^pending: at stream sequence \d+, beyond the consumer's ack floor 0/);
+    assert.match(formatReconcileReport(report), /and 20 more issues/);
+    await jsm.consumers.delete(env.streamName, 'laggard');
+  });
+
+  test('the CLI: usage errors exit 2', async () => {
+    assert.equal((await cli(['reconcile', '--page-size', '-1'])).code, 2);
+    assert.equal((await cli(['reconcile', '--page-size', '0'])).code, 2);
+    const noSchema = await runCli(['reconcile'], { env: { DATABASE_URL: ADMIN_DATABASE_URL }, stderr: () => {} });
+    assert.equal(noSchema, 2, 'a database without the events schema');
+    // The script as npm runs it, in a process of its own.
+    const child = spawnSync(process.execPath, [fileURLToPath(new URL('../src/cli.ts', import.meta.url)), '--help'], { encoding: 'utf8' });
+    assert.equal(child.status, 0, child.stderr);
+    assert.match(child.stdout, /usage:/);
+    assert.equal((await cli(['nonsense'])).code, 2);
+    assert.equal((await cli(['reconcile', '--from', 'yesterday-ish'])).code, 2);
+    assert.equal((await cli(['reconcile', '--from', '2030-01-02T00:00:00Z', '--to', '2030-01-01T00:00:00Z'])).code, 2);
+    assert.equal((await cli(['reconcile', '--consumer', 'nobody'])).code, 2);
+    assert.equal((await cli(['--bogus'])).code, 2);
+    const help = await cli(['--help']);
+    assert.equal(help.code, 0);
+    assert.match(help.out, /usage:/);
+    let err = '';
+    const code = await runCli(['reconcile'], { env: {}, stderr: (t) => (err += t) });
+    assert.equal(code, 2);
+    assert.match(err, /DATABASE_URL/);
+  });
+});

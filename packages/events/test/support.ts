@@ -1,0 +1,89 @@
+/** Test setup for the events package: a fresh database and a JetStream stream of its own. */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { ensureDeadLetterStream, ensureEventStream, EventStore, migrateEvents } from '../src/index.ts';
+
+export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
+
+export interface EventsTestEnv {
+  db: TestDatabase;
+  pool: pg.Pool;
+  store: EventStore;
+  nats: NatsConnection;
+  streamName: string;
+  subjectPrefix: string;
+  dlqStreamName: string;
+  dlqSubjectPrefix: string;
+  close(): Promise<void>;
+}
+
+export async function eventsTestEnv(natsUrl = NATS_URL): Promise<EventsTestEnv> {
+  const db = await createTestDatabase('ll_events');
+  await migrateEvents(db.url);
+  const pool = new pg.Pool({ connectionString: db.url, max: 8 });
+  pool.on('error', () => {});
+  const store = await EventStore.open(pool);
+  const nats = await connect({ servers: natsUrl, maxReconnectAttempts: -1, reconnectTimeWait: 100 });
+  const tag = randomBytes(4).toString('hex');
+  const env: EventsTestEnv = {
+    db,
+    pool,
+    store,
+    nats,
+    streamName: `T_EVENTS_${tag}`,
+    subjectPrefix: `t${tag}.events`,
+    dlqStreamName: `T_DLQ_${tag}`,
+    dlqSubjectPrefix: `t${tag}.dlq`,
+    close: async () => {
+      const jsm = await jetstreamManager(nats);
+      await jsm.streams.delete(env.streamName).catch(() => false);
+      await jsm.streams.delete(env.dlqStreamName).catch(() => false);
+      await nats.close();
+      await pool.end();
+      await db.drop();
+    },
+  };
+  await ensureEventStream(nats, env.streamName, env.subjectPrefix);
+  await ensureDeadLetterStream(nats, env.dlqStreamName, env.dlqSubjectPrefix);
+  return env;
+}
+
+/** Runs `fn` in a transaction of its own: commit on success, roll back on error. */
+export async function inTx<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+  const c = await pool.connect();
+  try {
+    await c.query('BEGIN');
+    const out = await fn(c);
+    await c.query('COMMIT');
+    return out;
+  } catch (error) {
+    await c.query('ROLLBACK').catch(() => {});
+    throw error;
+  } finally {
+    c.release();
+  }
+}
+
+/** Polls `check` until it holds; fails after `timeoutMs`. Returns the milliseconds it took. */
+export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 20_000): Promise<number> {
+  const started = Date.now();
+  while (!(await check())) {
+    assert.ok(Date.now() - started < timeoutMs, `timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(25);
+  }
+  return Date.now() - started;
+}
+
+/** How many effect rows each event left for a consumer (tests keep effects without a unique key). */
+export async function effectCounts(pool: pg.Pool, consumer: string): Promise<Map<string, number>> {
+  const r = await pool.query<{ id: string; n: number }>(
+    'SELECT event_id::text AS id, count(*)::int AS n FROM effects WHERE consumer = $1 GROUP BY event_id',
+    [consumer],
+  );
+  return new Map(r.rows.map((x) => [x.id, x.n]));
+}

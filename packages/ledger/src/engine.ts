@@ -1,0 +1,633 @@
+/**
+ * The ledger engine: a library over PostgreSQL, no HTTP.
+ *
+ * Concurrent `createTransfers` calls are coalesced into batches. A batch is one database
+ * transaction: lock the accounts it touches (ascending id), reserve timestamps from the
+ * clock row (held to commit, so the write phase is serial across every instance), read the
+ * transfers it references, decide every transfer in memory (decide.ts), and write the result
+ * with one set-based statement.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type pg from 'pg';
+import { StreamOrderConflictError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
+import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
+import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
+import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
+import {
+  insertAccounts,
+  lockAccounts,
+  reserveTimestamps,
+  selectAccounts,
+  selectAccountTransfers,
+  selectBalanceAt,
+  selectDuePending,
+  selectLedgerCodes,
+  selectTransfers,
+  writeBatch,
+} from './store.ts';
+import {
+  AccountFlag,
+  type Account,
+  type AccountBalance,
+  type CreateAccountResult,
+  type CreateAccountResultCode,
+  type CreateTransferResult,
+  type LedgerInfo,
+  type NewAccount,
+  type NewTransfer,
+  type Transfer,
+  type TransferPage,
+} from './types.ts';
+import { assertAccountShape, assertTransferShape, ID_INT_MAX, ID_ZERO, LedgerInputError, metadataValid } from './validate.ts';
+
+/**
+ * Nothing was decided, or the outcome is unknown: the database could not be reached or the
+ * batch could not commit within its retries. Retrying with the same ids is always safe.
+ */
+export class LedgerUnavailableError extends Error {
+  override readonly name = 'LedgerUnavailableError';
+  /** True when the connection was lost during COMMIT: the batch may or may not have applied. */
+  readonly outcomeUnknown: boolean;
+  constructor(message: string, options: { cause?: unknown; outcomeUnknown?: boolean } = {}) {
+    super(message, { cause: options.cause });
+    this.outcomeUnknown = options.outcomeUnknown ?? false;
+  }
+}
+
+/** The queue is full: back-pressure. Nothing was queued. */
+export class LedgerOverloadedError extends Error {
+  override readonly name = 'LedgerOverloadedError';
+}
+
+/** The engine is closing or closed. Nothing was queued. */
+export class LedgerClosedError extends Error {
+  override readonly name = 'LedgerClosedError';
+}
+
+export interface LedgerEngineOptions {
+  pool: pg.Pool;
+  /** Nanoseconds since the Unix epoch. Injected in tests. */
+  clock?: () => bigint;
+  /** Most transfers in one batch (one database transaction). */
+  batchSizeMax?: number;
+  /** How long a batch may wait for more calls before it starts; 0 starts on the next turn. */
+  batchLingerMs?: number;
+  /** Batches in flight at once; their lock phases overlap, their write phases are serial. */
+  batchesInFlightMax?: number;
+  /** Most transfers waiting in the queue; beyond it calls fail with LedgerOverloadedError. */
+  queueTransfersMax?: number;
+  /** Attempts per batch on a transient database error (serialization, lost connection). */
+  batchAttemptsMax?: number;
+  /** Interval of the background expiry of pending transfers; 0 disables it. */
+  expiryIntervalMs?: number;
+  /** Most pending transfers expired per sweep transaction. */
+  expiryBatchMax?: number;
+  /** Called when the background expiry fails (the next sweep retries). */
+  onExpiryError?: (error: unknown) => void;
+  /**
+   * The event store. When set, every batch appends its domain events (events.ts) in the same
+   * transaction as the balance changes, so an event exists exactly when its change does.
+   */
+  events?: EventStore;
+}
+
+interface QueuedCall {
+  transfers: NewTransfer[];
+  context: EventMetadata;
+  resolve: (results: CreateTransferResult[]) => void;
+  reject: (error: unknown) => void;
+}
+
+export interface LedgerEngineStats {
+  batches: number;
+  transfers: number;
+  batchAttempts: number;
+  /** Mean transfers per committed batch. */
+  batchSizeMean: number;
+  queuedTransfers: number;
+}
+
+function defaultClock(): bigint {
+  // Wall-clock nanoseconds; the clock row keeps them strictly increasing regardless.
+  return BigInt(Date.now()) * 1_000_000n;
+}
+
+/** Errors that leave nothing decided and merit another attempt of the whole batch. */
+function isTransient(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code;
+  if (typeof code === 'string') {
+    if (code === '40001' || code === '40P01' || code === '23505' || code === '55P03') return true;
+    if (code.startsWith('08') || code.startsWith('57P') || code === '53300') return true;
+    if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') return true;
+  }
+  // A batch whose transaction id is older than a stream's last writer would reorder that
+  // stream; the retry runs in a newer transaction.
+  if (error instanceof RetryBatch || error instanceof StreamOrderConflictError) return true;
+  const message = error instanceof Error ? error.message : '';
+  return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect/i.test(
+    message,
+  );
+}
+
+/** A pending transfer appeared after we locked accounts: lock again, with its accounts. */
+class RetryBatch extends Error {}
+
+function ignoreClientError(): void {}
+
+/**
+ * Every write transaction bounds its own waits, in the same round trip as BEGIN. A process
+ * that stalls while holding the clock lock is cut off after 5 s (the batch is retried
+ * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
+ */
+const BEGIN_WRITE =
+  "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '30s'";
+
+const ATTEMPT_BACKOFF_MS_BASE = 5;
+const ATTEMPT_BACKOFF_MS_MAX = 500;
+
+export class LedgerEngine {
+  readonly #pool: pg.Pool;
+  readonly #clock: () => bigint;
+  readonly #batchSizeMax: number;
+  readonly #batchLingerMs: number;
+  readonly #batchesInFlightMax: number;
+  readonly #queueTransfersMax: number;
+  readonly #batchAttemptsMax: number;
+  readonly #expiryBatchMax: number;
+  readonly #onExpiryError: (error: unknown) => void;
+  readonly #events: EventStore | null;
+  readonly #queue: QueuedCall[] = [];
+  #queuedTransfers = 0;
+  #inFlight = 0;
+  #scheduled = false;
+  #closing = false;
+  #drained: Array<() => void> = [];
+  #expiryTimer: NodeJS.Timeout | null = null;
+  #expiryRunning: Promise<unknown> | null = null;
+  #stats = { batches: 0, transfers: 0, batchAttempts: 0 };
+
+  constructor(options: LedgerEngineOptions) {
+    this.#pool = options.pool;
+    this.#clock = options.clock ?? defaultClock;
+    this.#batchSizeMax = options.batchSizeMax ?? 2000;
+    this.#batchLingerMs = options.batchLingerMs ?? 0;
+    this.#batchesInFlightMax = options.batchesInFlightMax ?? 2;
+    this.#queueTransfersMax = options.queueTransfersMax ?? 100_000;
+    this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
+    this.#expiryBatchMax = options.expiryBatchMax ?? 1000;
+    this.#onExpiryError = options.onExpiryError ?? (() => {});
+    this.#events = options.events ?? null;
+    if (!(this.#batchSizeMax >= 1 && this.#batchesInFlightMax >= 1 && this.#queueTransfersMax >= this.#batchSizeMax)) {
+      throw new RangeError('LedgerEngine: need batchSizeMax >= 1, batchesInFlightMax >= 1, queueTransfersMax >= batchSizeMax');
+    }
+    const expiryIntervalMs = options.expiryIntervalMs ?? 0;
+    if (expiryIntervalMs > 0) {
+      this.#expiryTimer = setInterval(() => {
+        if (this.#expiryRunning !== null) return;
+        this.#expiryRunning = this.expirePendingTransfers()
+          .catch((error: unknown) => this.#onExpiryError(error))
+          .finally(() => {
+            this.#expiryRunning = null;
+          });
+      }, expiryIntervalMs);
+      this.#expiryTimer.unref();
+    }
+  }
+
+  get batchSizeMax(): number {
+    return this.#batchSizeMax;
+  }
+
+  stats(): LedgerEngineStats {
+    const { batches, transfers, batchAttempts } = this.#stats;
+    return {
+      batches,
+      transfers,
+      batchAttempts,
+      batchSizeMean: batches === 0 ? 0 : transfers / batches,
+      queuedTransfers: this.#queuedTransfers,
+    };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Transfers
+
+  /**
+   * Creates transfers, in order, with one result each. A linked chain must lie within one
+   * call. Resolves with decided results (including rejections); rejects only when nothing was
+   * decided (LedgerUnavailableError, LedgerOverloadedError, LedgerClosedError) or the call
+   * breaks the API contract (LedgerInputError).
+   */
+  createTransfers(transfers: NewTransfer[], context: EventMetadata = {}): Promise<CreateTransferResult[]> {
+    if (this.#closing) return Promise.reject(new LedgerClosedError('ledger engine is closed'));
+    if (!Array.isArray(transfers)) return Promise.reject(new LedgerInputError('transfers', 'must be an array'));
+    if (transfers.length > this.#batchSizeMax) {
+      return Promise.reject(new LedgerInputError('transfers', `at most ${this.#batchSizeMax} per call`));
+    }
+    if (transfers.length === 0) return Promise.resolve([]);
+    try {
+      transfers.forEach(assertTransferShape);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (this.#queuedTransfers + transfers.length > this.#queueTransfersMax) {
+      return Promise.reject(new LedgerOverloadedError(`ledger queue is full (${this.#queueTransfersMax} transfers)`));
+    }
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ transfers, context, resolve, reject });
+      this.#queuedTransfers += transfers.length;
+      this.#schedule();
+    });
+  }
+
+  #schedule(): void {
+    if (this.#scheduled || this.#queue.length === 0 || this.#inFlight >= this.#batchesInFlightMax) return;
+    this.#scheduled = true;
+    const start = (): void => {
+      this.#scheduled = false;
+      this.#startBatches();
+    };
+    // Under load, calls pile up while a batch is in flight, so batches grow by themselves.
+    // When idle, a call waits only for the rest of this turn (or the linger) before it goes.
+    if (this.#batchLingerMs > 0 && this.#queuedTransfers < this.#batchSizeMax) {
+      setTimeout(start, this.#batchLingerMs);
+    } else {
+      setImmediate(start);
+    }
+  }
+
+  #startBatches(): void {
+    while (this.#queue.length > 0 && this.#inFlight < this.#batchesInFlightMax) {
+      const calls: QueuedCall[] = [];
+      let size = 0;
+      while (this.#queue.length > 0) {
+        const next = this.#queue[0] as QueuedCall;
+        if (calls.length > 0 && size + next.transfers.length > this.#batchSizeMax) break;
+        this.#queue.shift();
+        calls.push(next);
+        size += next.transfers.length;
+      }
+      this.#queuedTransfers -= size;
+      this.#inFlight += 1;
+      void this.#runBatch(calls).finally(() => {
+        this.#inFlight -= 1;
+        if (this.#inFlight === 0 && this.#queue.length === 0) {
+          for (const done of this.#drained.splice(0)) done();
+        }
+        this.#schedule();
+      });
+    }
+  }
+
+  async #runBatch(calls: QueuedCall[]): Promise<void> {
+    const segments = calls.map((c) => c.transfers);
+    let lastError: unknown;
+    for (let attempt = 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
+      this.#stats.batchAttempts += 1;
+      try {
+        const decision = await this.#attemptBatch(segments, calls.map((c) => c.context));
+        this.#stats.batches += 1;
+        this.#stats.transfers += segments.reduce((n, s) => n + s.length, 0);
+        calls.forEach((call, i) => call.resolve(decision.results[i] as CreateTransferResult[]));
+        return;
+      } catch (error) {
+        lastError = error;
+        if (!isTransient(error)) {
+          // Not the database's weather but something in this batch. Split it, so that a
+          // poisoned call fails alone and its neighbours still get their results.
+          if (calls.length > 1) {
+            const half = Math.ceil(calls.length / 2);
+            await this.#runBatch(calls.slice(0, half));
+            await this.#runBatch(calls.slice(half));
+            return;
+          }
+          break;
+        }
+        const capMs = Math.min(ATTEMPT_BACKOFF_MS_MAX, ATTEMPT_BACKOFF_MS_BASE * 2 ** attempt);
+        await sleep(Math.random() * capMs);
+      }
+    }
+    const outcomeUnknown = (lastError as { duringCommit?: boolean } | undefined)?.duringCommit === true;
+    const failure = isTransient(lastError)
+      ? new LedgerUnavailableError(
+          outcomeUnknown
+            ? 'the ledger lost its database connection while committing; retry with the same ids'
+            : 'the ledger could not reach its database; nothing was applied; retry with the same ids',
+          { cause: lastError, outcomeUnknown },
+        )
+      : lastError;
+    for (const call of calls) call.reject(failure);
+  }
+
+  async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[]): Promise<BatchDecision> {
+    const all = segments.flat();
+    const ids = new Set<string>();
+    const pendingIds = new Set<string>();
+    const accountIds = new Set<string>();
+    const usable = (id: string | undefined): id is string => id !== undefined && id !== ID_ZERO && id !== ID_INT_MAX;
+    for (const t of all) {
+      ids.add(t.id);
+      if (usable(t.debitAccountId)) accountIds.add(t.debitAccountId);
+      if (usable(t.creditAccountId)) accountIds.add(t.creditAccountId);
+      if (usable(t.pendingId) && t.flags !== undefined && (t.flags.postPendingTransfer || t.flags.voidPendingTransfer)) {
+        pendingIds.add(t.pendingId);
+      }
+    }
+    const client = await this.#connect();
+    let failed = false;
+    try {
+      await client.query(BEGIN_WRITE);
+      try {
+        // Pending transfers name the accounts that posting or voiding them will change.
+        for (const p of await selectTransfers(client, [...pendingIds])) {
+          if (p.debitAccountId !== null) accountIds.add(p.debitAccountId);
+          if (p.creditAccountId !== null) accountIds.add(p.creditAccountId);
+        }
+        const accounts = await lockAccounts(client, [...accountIds].sort());
+        const firstTimestamp = await reserveTimestamps(client, all.length, this.#clock());
+        // Read after the clock lock: every batch that committed before us is visible, and no
+        // other batch can insert until we commit, so the idempotency check is exact.
+        const transfers = await selectTransfers(client, [...ids, ...pendingIds]);
+        for (const p of transfers) {
+          if (!pendingIds.has(p.id)) continue;
+          for (const id of [p.debitAccountId, p.creditAccountId]) {
+            if (id !== null && !accountIds.has(id)) {
+              throw new RetryBatch(`pending transfer ${p.id} appeared concurrently`);
+            }
+          }
+        }
+        const state: BatchState = {
+          accounts: new Map(accounts.map((a) => [a.id, a])),
+          transfers: new Map(transfers.map((t) => [t.id, t])),
+        };
+        const decision = decideBatch(state, segments, firstTimestamp);
+        await this.#write(client, state, decision);
+        await this.#appendBatchEvents(client, decision, segments, contexts);
+        try {
+          await client.query('COMMIT');
+        } catch (error) {
+          Object.assign(error as object, { duringCommit: true });
+          throw error;
+        }
+        return decision;
+      } catch (error) {
+        failed = true;
+        await client.query('ROLLBACK').catch(() => {});
+        throw error;
+      }
+    } catch (error) {
+      failed = true;
+      throw error;
+    } finally {
+      // A client that saw an error may be broken; discard it rather than reuse it.
+      client.release(failed ? true : undefined);
+    }
+  }
+
+  async #appendBatchEvents(
+    client: pg.PoolClient,
+    decision: BatchDecision,
+    segments: NewTransfer[][],
+    contexts: EventMetadata[],
+  ): Promise<void> {
+    if (this.#events === null) return;
+    // A row belongs to the first call that named its id: that call's context describes it.
+    const contextOf = new Map<string, EventMetadata>();
+    segments.forEach((segment, i) => {
+      for (const t of segment) if (!contextOf.has(t.id)) contextOf.set(t.id, contexts[i] ?? {});
+    });
+    const entries: StreamEvent[] = decision.inserts.map((row) => transferEvent(row, contextOf.get(row.id) ?? {}));
+    for (const p of decision.resolvedPending) {
+      if (p.pendingStatus === 'expired') entries.push(expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR }));
+    }
+    await this.#events.appendMany(client, entries);
+  }
+
+  async #write(client: pg.PoolClient, state: BatchState, decision: BatchDecision): Promise<void> {
+    const accounts: AccountRow[] = [];
+    for (const id of decision.changedAccounts) accounts.push(state.accounts.get(id) as AccountRow);
+    await writeBatch(client, { accounts, inserts: decision.inserts, resolvedPending: decision.resolvedPending });
+  }
+
+  /**
+   * Expires pending transfers whose timeout has passed, releasing their reservations. The
+   * engine runs it every `expiryIntervalMs`; tests call it directly. Returns how many expired.
+   */
+  async expirePendingTransfers(): Promise<number> {
+    const client = await this.#connect();
+    let failed = false;
+    try {
+      await client.query(BEGIN_WRITE);
+      const now = this.#clock();
+      const due = await selectDuePending(client, now, this.#expiryBatchMax);
+      if (due.length === 0) {
+        await client.query('COMMIT');
+        return 0;
+      }
+      const accountIds = new Set<string>();
+      for (const p of due) {
+        accountIds.add(p.debitAccountId as string);
+        accountIds.add(p.creditAccountId as string);
+      }
+      const accounts = await lockAccounts(client, [...accountIds].sort());
+      const firstTimestamp = await reserveTimestamps(client, due.length, now);
+      // Re-read under the locks: a batch may have posted or voided some meanwhile.
+      const current = await selectTransfers(client, due.map((p) => p.id));
+      const state: BatchState = {
+        accounts: new Map(accounts.map((a) => [a.id, a])),
+        transfers: new Map(current.map((t) => [t.id, t])),
+      };
+      const decision = decideExpiry(state, current.sort((a, b) => (a.expiresAt as bigint) < (b.expiresAt as bigint) ? -1 : 1), firstTimestamp);
+      await this.#write(client, state, decision);
+      await this.#events?.appendMany(client, decision.resolvedPending.map((p) => expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR })));
+      await client.query('COMMIT');
+      return decision.resolvedPending.length;
+    } catch (error) {
+      failed = true;
+      await client.query('ROLLBACK').catch(() => {});
+      throw error;
+    } finally {
+      client.release(failed ? true : undefined);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Accounts
+
+  /**
+   * Creates accounts, one result each. Existing ids are compared field by field, so a retry
+   * returns `exists` and a conflicting reuse of an id says which field differs.
+   */
+  async createAccounts(accounts: NewAccount[], context: EventMetadata = {}): Promise<CreateAccountResult[]> {
+    if (this.#closing) throw new LedgerClosedError('ledger engine is closed');
+    if (!Array.isArray(accounts)) throw new LedgerInputError('accounts', 'must be an array');
+    if (accounts.length > this.#batchSizeMax) throw new LedgerInputError('accounts', `at most ${this.#batchSizeMax} per call`);
+    accounts.forEach(assertAccountShape);
+    if (accounts.length === 0) return [];
+    const results: CreateAccountResult[] = accounts.map((a) => ({ id: a.id, result: validateAccount(a), timestamp: null }));
+    const client = await this.#connect();
+    let failed = false;
+    try {
+      await client.query(BEGIN_WRITE);
+      const candidates = accounts.map((a, i) => ({ a, i })).filter(({ i }) => (results[i] as CreateAccountResult).result === 'ok');
+      const knownLedgers = await selectLedgerCodes(client, [...new Set(candidates.map(({ a }) => a.ledger))]);
+      const firstTimestamp = await reserveTimestamps(client, accounts.length, this.#clock());
+      const existing = new Map((await selectAccounts(client, candidates.map(({ a }) => a.id))).map((r) => [r.id, r]));
+      type AccountInsert = { id: string; ledger: string; code: number; flags: number; metadata: Record<string, string>; timestamp: bigint };
+      const toInsert: AccountInsert[] = [];
+      // Earlier accounts of this same call count as existing for the ones after them.
+      const inThisCall = new Map<string, AccountInsert>();
+      for (const { a, i } of candidates) {
+        const result = results[i] as CreateAccountResult;
+        const prior = existing.get(a.id);
+        const known = prior ?? inThisCall.get(a.id);
+        if (known !== undefined) {
+          result.result = compareAccount(a, known);
+          result.timestamp = prior?.timestamp ?? null;
+          continue;
+        }
+        if (!knownLedgers.has(a.ledger)) {
+          result.result = 'ledger_not_found';
+          continue;
+        }
+        const row: AccountInsert = {
+          id: a.id,
+          ledger: a.ledger,
+          code: a.code,
+          flags: accountFlagsToMask(a.flags) & SETTABLE_ACCOUNT_FLAGS,
+          metadata: a.metadata ?? {},
+          timestamp: firstTimestamp + BigInt(i),
+        };
+        inThisCall.set(a.id, row);
+        toInsert.push(row);
+        result.timestamp = row.timestamp;
+      }
+      const inserted = await insertAccounts(client, toInsert);
+      // Under the clock lock no other writer can insert meanwhile; assert it anyway.
+      if (inserted.size !== toInsert.length) throw new Error('invariant: account insert lost a row under the clock lock');
+      await this.#events?.appendMany(client, toInsert.map((row) => accountEvent(row, context)));
+      await client.query('COMMIT');
+      return results;
+    } catch (error) {
+      failed = true;
+      await client.query('ROLLBACK').catch(() => {});
+      if (isTransient(error)) {
+        throw new LedgerUnavailableError('the ledger could not reach its database; retry with the same ids', { cause: error });
+      }
+      throw error;
+    } finally {
+      client.release(failed ? true : undefined);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Queries
+
+  async getAccount(id: string): Promise<Account | null> {
+    const [row] = await this.#read((c) => selectAccounts(c, [id]));
+    return row === undefined ? null : accountFromRow(row);
+  }
+
+  async getAccounts(ids: string[]): Promise<Account[]> {
+    const rows = await this.#read((c) => selectAccounts(c, ids));
+    return rows.map(accountFromRow);
+  }
+
+  async getTransfer(id: string): Promise<Transfer | null> {
+    const [row] = await this.#read((c) => selectTransfers(c, [id]));
+    return row === undefined ? null : transferFromRow(row);
+  }
+
+  /** An account's applied transfers, by timestamp, with keyset pagination. */
+  async listAccountTransfers(
+    accountId: string,
+    options: { limit?: number; order?: 'asc' | 'desc'; after?: bigint | null } = {},
+  ): Promise<TransferPage> {
+    const limit = options.limit ?? 50;
+    if (!Number.isInteger(limit) || limit < 1 || limit > 1000) throw new LedgerInputError('limit', 'must be 1..1000');
+    const rows = await this.#read((c) =>
+      selectAccountTransfers(c, accountId, { limit, order: options.order ?? 'desc', after: options.after ?? null }),
+    );
+    const last = rows.at(-1);
+    return { transfers: rows.map(transferFromRow), nextCursor: rows.length === limit && last !== undefined ? last.timestamp : null };
+  }
+
+  /** An account's balances as they stood just after the given ledger timestamp. */
+  async getAccountBalanceAt(accountId: string, timestamp: bigint): Promise<AccountBalance | null> {
+    const account = await this.getAccount(accountId);
+    if (account === null || account.timestamp > timestamp) return null;
+    const b = await this.#read((c) => selectBalanceAt(c, accountId, timestamp));
+    return { accountId, timestamp, ...b };
+  }
+
+  async listLedgers(): Promise<LedgerInfo[]> {
+    return this.#read(async (c) => {
+      const r = await c.query<LedgerInfo>('SELECT code, scale, description FROM ledger.ledgers ORDER BY code');
+      return r.rows;
+    });
+  }
+
+  async #connect(): Promise<pg.PoolClient> {
+    let client: pg.PoolClient;
+    try {
+      client = await this.#pool.connect();
+    } catch (error) {
+      throw new LedgerUnavailableError('the ledger could not reach its database; nothing was applied', { cause: error });
+    }
+    // A backend that dies between two queries emits 'error' on the checked-out client; with
+    // no listener that event would crash the process. The next query fails and is handled.
+    if (client.listenerCount('error') === 0) client.on('error', ignoreClientError);
+    return client;
+  }
+
+  async #read<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    const client = await this.#connect();
+    let failed = false;
+    try {
+      return await fn(client);
+    } catch (error) {
+      failed = true;
+      if (isTransient(error)) throw new LedgerUnavailableError('the ledger lost its database connection', { cause: error });
+      throw error;
+    } finally {
+      client.release(failed ? true : undefined);
+    }
+  }
+
+  /** Stops accepting calls and waits until every queued and in-flight batch has finished. */
+  async close(): Promise<void> {
+    this.#closing = true;
+    if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer);
+    if (this.#expiryRunning !== null) await this.#expiryRunning;
+    if (this.#inFlight === 0 && this.#queue.length === 0) return;
+    await new Promise<void>((resolve) => this.#drained.push(resolve));
+  }
+}
+
+const SETTABLE_ACCOUNT_FLAGS = AccountFlag.debitsMustNotExceedCredits | AccountFlag.creditsMustNotExceedDebits;
+
+function validateAccount(a: NewAccount): CreateAccountResultCode {
+  if (a.id === ID_ZERO) return 'id_must_not_be_zero';
+  if (a.id === ID_INT_MAX) return 'id_must_not_be_int_max';
+  if (a.flags?.debitsMustNotExceedCredits === true && a.flags.creditsMustNotExceedDebits === true) {
+    return 'flags_are_mutually_exclusive';
+  }
+  if (a.ledger === undefined || a.ledger === '') return 'ledger_must_not_be_empty';
+  if (a.code === undefined || a.code === 0) return 'code_must_not_be_zero';
+  if (!metadataValid(a.metadata)) return 'metadata_invalid';
+  return 'ok';
+}
+
+function compareAccount(
+  a: NewAccount,
+  e: { ledger: string; code: number; flags: number; metadata: Record<string, string> },
+): CreateAccountResultCode {
+  // `closed` is state, not part of the request: compare only the flags a client can set.
+  if ((accountFlagsToMask(a.flags) & SETTABLE_ACCOUNT_FLAGS) !== (e.flags & SETTABLE_ACCOUNT_FLAGS)) return 'exists_with_different_flags';
+  if (a.ledger !== e.ledger) return 'exists_with_different_ledger';
+  if (a.code !== e.code) return 'exists_with_different_code';
+  if (!metadataEqual(a.metadata ?? {}, e.metadata)) return 'exists_with_different_metadata';
+  return 'exists';
+}
+
+

@@ -1,0 +1,315 @@
+/**
+ * The ledger's SQL. Every statement that touches many rows is set-based: one statement for
+ * the whole batch, with arrays unnested on the server.
+ */
+import type pg from 'pg';
+import type { AccountRow, TransferRow } from './rows.ts';
+import type { CreateTransferResultCode, Metadata, PendingStatus } from './types.ts';
+
+const ACCOUNT_COLUMNS = `id::text, ledger, code, flags, metadata,
+  debits_pending::text, debits_posted::text, credits_pending::text, credits_posted::text, timestamp::text`;
+
+const TRANSFER_COLUMNS = `id::text, debit_account_id::text, credit_account_id::text, amount::text,
+  amount_requested::text, pending_id::text, ledger, code, flags, timeout_seconds, metadata,
+  timestamp::text, result, pending_status, expires_at::text, resolved_at::text`;
+
+interface AccountRecord {
+  id: string;
+  ledger: string;
+  code: number;
+  flags: number;
+  metadata: Metadata;
+  debits_pending: string;
+  debits_posted: string;
+  credits_pending: string;
+  credits_posted: string;
+  timestamp: string;
+}
+
+interface TransferRecord {
+  id: string;
+  debit_account_id: string | null;
+  credit_account_id: string | null;
+  amount: string;
+  amount_requested: string | null;
+  pending_id: string | null;
+  ledger: string | null;
+  code: number | null;
+  flags: number;
+  timeout_seconds: number;
+  metadata: Metadata;
+  timestamp: string;
+  result: CreateTransferResultCode;
+  pending_status: PendingStatus | null;
+  expires_at: string | null;
+  resolved_at: string | null;
+}
+
+const big = (v: string): bigint => BigInt(v);
+const bigOrNull = (v: string | null): bigint | null => (v === null ? null : BigInt(v));
+const str = (v: bigint | null): string | null => (v === null ? null : v.toString());
+
+function toAccountRow(r: AccountRecord): AccountRow {
+  return {
+    id: r.id,
+    ledger: r.ledger,
+    code: r.code,
+    flags: r.flags,
+    metadata: r.metadata,
+    debitsPending: big(r.debits_pending),
+    debitsPosted: big(r.debits_posted),
+    creditsPending: big(r.credits_pending),
+    creditsPosted: big(r.credits_posted),
+    timestamp: big(r.timestamp),
+  };
+}
+
+function toTransferRow(r: TransferRecord): TransferRow {
+  return {
+    id: r.id,
+    debitAccountId: r.debit_account_id,
+    creditAccountId: r.credit_account_id,
+    amount: big(r.amount),
+    amountRequested: bigOrNull(r.amount_requested),
+    pendingId: r.pending_id,
+    ledger: r.ledger,
+    code: r.code,
+    flags: r.flags,
+    timeoutSeconds: r.timeout_seconds,
+    metadata: r.metadata,
+    timestamp: big(r.timestamp),
+    result: r.result,
+    pendingStatus: r.pending_status,
+    expiresAt: bigOrNull(r.expires_at),
+    resolvedAt: bigOrNull(r.resolved_at),
+  };
+}
+
+type Queryable = Pick<pg.ClientBase, 'query'>;
+
+export async function selectTransfers(db: Queryable, ids: string[]): Promise<TransferRow[]> {
+  if (ids.length === 0) return [];
+  const r = await db.query<TransferRecord>(
+    `SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers WHERE id = ANY($1::uuid[])`,
+    [ids],
+  );
+  return r.rows.map(toTransferRow);
+}
+
+/**
+ * Locks accounts in ascending id order. Every writer locks this way (and takes the clock
+ * last), so two batches can wait on each other but never deadlock.
+ */
+export async function lockAccounts(db: Queryable, ids: string[]): Promise<AccountRow[]> {
+  if (ids.length === 0) return [];
+  // ORDER BY the uuid column itself (index order), not its text rendering. The row's ctid is
+  // stable while we hold its lock, and lets the write find the row without an index probe.
+  const r = await db.query<AccountRecord & { ctid: string }>(
+    `SELECT a.ctid::text, a.id::text, a.ledger, a.code, a.flags, a.metadata, a.debits_pending::text,
+            a.debits_posted::text, a.credits_pending::text, a.credits_posted::text, a.timestamp::text
+       FROM ledger.accounts a WHERE a.id = ANY($1::uuid[]) ORDER BY a.id FOR UPDATE`,
+    [ids],
+  );
+  return r.rows.map((x) => ({ ...toAccountRow(x), ctid: x.ctid }));
+}
+
+export async function selectAccounts(db: Queryable, ids: string[]): Promise<AccountRow[]> {
+  if (ids.length === 0) return [];
+  const r = await db.query<AccountRecord>(
+    `SELECT ${ACCOUNT_COLUMNS} FROM ledger.accounts WHERE id = ANY($1::uuid[])`,
+    [ids],
+  );
+  return r.rows.map(toAccountRow);
+}
+
+/**
+ * Reserves `count` consecutive timestamps, at or after `nowNs`, after every timestamp issued
+ * before. The row lock is held until commit, which makes the write phase serial and the
+ * timestamps increase in commit order. Returns the first.
+ */
+export async function reserveTimestamps(db: Queryable, count: number, nowNs: bigint): Promise<bigint> {
+  const r = await db.query<{ last: string }>(
+    `UPDATE ledger.clock SET timestamp = greatest(timestamp + $1::bigint, $2::bigint + $1::bigint - 1)
+     WHERE singleton RETURNING timestamp::text AS last`,
+    [count, nowNs.toString()],
+  );
+  const row = r.rows[0];
+  if (row === undefined) throw new Error('invariant: ledger.clock has no row');
+  return BigInt(row.last) - BigInt(count) + 1n;
+}
+
+export interface WriteSet {
+  accounts: AccountRow[];
+  inserts: TransferRow[];
+  resolvedPending: TransferRow[];
+}
+
+/** Writes a decided batch in one statement and asserts that every row landed. */
+export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
+  const a = w.accounts;
+  const t = w.inserts;
+  const p = w.resolvedPending;
+  const r = await db.query<{ accounts: number; inserted: number; resolved: number }>(
+    `WITH acc AS (
+       UPDATE ledger.accounts AS a
+          SET debits_pending = u.dp, debits_posted = u.dpo,
+              credits_pending = u.cp, credits_posted = u.cpo, flags = u.flags
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])
+              AS u(id, dp, dpo, cp, cpo, flags)
+        WHERE a.ctid = ANY($26::tid[]) AND a.id = u.id
+        RETURNING 1
+     ), ins AS (
+       INSERT INTO ledger.transfers (id, debit_account_id, credit_account_id, amount,
+              amount_requested, pending_id, ledger, code, flags, timeout_seconds, metadata,
+              timestamp, result, pending_status, expires_at, resolved_at)
+       SELECT * FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::bigint[], $11::bigint[],
+              $12::uuid[], $13::text[], $14::int[], $15::int[], $16::int[], $17::jsonb[],
+              $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::bigint[])
+       RETURNING 1
+     ), pend AS (
+       UPDATE ledger.transfers AS t
+          SET pending_status = u.status, resolved_at = u.resolved_at
+         FROM unnest($23::uuid[], $24::text[], $25::bigint[]) AS u(id, status, resolved_at)
+        WHERE t.id = u.id AND t.pending_status = 'pending'
+        RETURNING 1
+     )
+     SELECT (SELECT count(*) FROM acc)::int AS accounts,
+            (SELECT count(*) FROM ins)::int AS inserted,
+            (SELECT count(*) FROM pend)::int AS resolved`,
+    [
+      a.map((x) => x.id),
+      a.map((x) => x.debitsPending.toString()),
+      a.map((x) => x.debitsPosted.toString()),
+      a.map((x) => x.creditsPending.toString()),
+      a.map((x) => x.creditsPosted.toString()),
+      a.map((x) => x.flags),
+      t.map((x) => x.id),
+      t.map((x) => x.debitAccountId),
+      t.map((x) => x.creditAccountId),
+      t.map((x) => x.amount.toString()),
+      t.map((x) => str(x.amountRequested)),
+      t.map((x) => x.pendingId),
+      t.map((x) => x.ledger),
+      t.map((x) => x.code),
+      t.map((x) => x.flags),
+      t.map((x) => x.timeoutSeconds),
+      t.map((x) => JSON.stringify(x.metadata)),
+      t.map((x) => x.timestamp.toString()),
+      t.map((x) => x.result),
+      t.map((x) => x.pendingStatus),
+      t.map((x) => str(x.expiresAt)),
+      t.map((x) => str(x.resolvedAt)),
+      p.map((x) => x.id),
+      p.map((x) => x.pendingStatus),
+      p.map((x) => str(x.resolvedAt)),
+      a.map((x) => x.ctid),
+    ],
+  );
+  const counts = r.rows[0];
+  // Check after writing: the rows we decided on are the rows that changed, or nothing commits.
+  if (
+    counts === undefined ||
+    counts.accounts !== a.length ||
+    counts.inserted !== t.length ||
+    counts.resolved !== p.length
+  ) {
+    throw new Error(
+      `invariant: batch write mismatch (accounts ${counts?.accounts}/${a.length}, ` +
+        `transfers ${counts?.inserted}/${t.length}, pending ${counts?.resolved}/${p.length})`,
+    );
+  }
+}
+
+export async function selectDuePending(db: Queryable, nowNs: bigint, limit: number): Promise<TransferRow[]> {
+  const r = await db.query<TransferRecord>(
+    `SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers t
+      WHERE t.pending_status = 'pending' AND t.expires_at IS NOT NULL AND t.expires_at <= $1::bigint
+      ORDER BY t.expires_at LIMIT $2`,
+    [nowNs.toString(), limit],
+  );
+  return r.rows.map(toTransferRow);
+}
+
+export interface InsertedAccount {
+  id: string;
+  timestamp: bigint;
+}
+
+export async function insertAccounts(
+  db: Queryable,
+  rows: Array<{ id: string; ledger: string; code: number; flags: number; metadata: Metadata; timestamp: bigint }>,
+): Promise<Set<string>> {
+  if (rows.length === 0) return new Set();
+  const r = await db.query<{ id: string }>(
+    `INSERT INTO ledger.accounts (id, ledger, code, flags, metadata, timestamp)
+     SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::jsonb[], $6::bigint[])
+     ON CONFLICT (id) DO NOTHING
+     RETURNING id::text`,
+    [
+      rows.map((x) => x.id),
+      rows.map((x) => x.ledger),
+      rows.map((x) => x.code),
+      rows.map((x) => x.flags),
+      rows.map((x) => JSON.stringify(x.metadata)),
+      rows.map((x) => x.timestamp.toString()),
+    ],
+  );
+  return new Set(r.rows.map((x) => x.id));
+}
+
+export async function selectLedgerCodes(db: Queryable, codes: string[]): Promise<Set<string>> {
+  if (codes.length === 0) return new Set();
+  const r = await db.query<{ code: string }>('SELECT code FROM ledger.ledgers WHERE code = ANY($1::text[])', [codes]);
+  return new Set(r.rows.map((x) => x.code));
+}
+
+export async function selectAccountTransfers(
+  db: Queryable,
+  accountId: string,
+  opts: { limit: number; order: 'asc' | 'desc'; after: bigint | null },
+): Promise<TransferRow[]> {
+  const desc = opts.order === 'desc';
+  const cmp = desc ? '<' : '>';
+  const dir = desc ? 'DESC' : 'ASC';
+  const after = opts.after === null ? null : opts.after.toString();
+  // Each side walks its own index in timestamp order; the union merges two short lists.
+  const r = await db.query<TransferRecord>(
+    // Each ORDER BY names the bigint column (t.timestamp or the ts sort key), never the
+    // text rendering that shares its name in the output.
+    `SELECT ${TRANSFER_COLUMNS} FROM (
+       (SELECT t.*, t.timestamp AS ts FROM ledger.transfers t
+         WHERE t.debit_account_id = $1 AND t.result = 'ok' AND ($2::bigint IS NULL OR t.timestamp ${cmp} $2::bigint)
+         ORDER BY t.timestamp ${dir} LIMIT $3)
+       UNION ALL
+       (SELECT t.*, t.timestamp AS ts FROM ledger.transfers t
+         WHERE t.credit_account_id = $1 AND t.result = 'ok' AND ($2::bigint IS NULL OR t.timestamp ${cmp} $2::bigint)
+         ORDER BY t.timestamp ${dir} LIMIT $3)
+     ) AS page
+     ORDER BY ts ${dir} LIMIT $3`,
+    [accountId, after, opts.limit],
+  );
+  return r.rows.map(toTransferRow);
+}
+
+export async function selectBalanceAt(
+  db: Queryable,
+  accountId: string,
+  atNs: bigint,
+): Promise<{ debitsPending: bigint; debitsPosted: bigint; creditsPending: bigint; creditsPosted: bigint }> {
+  // Posted: every posting transfer (plain or post_pending) up to the timestamp. Pending:
+  // every pending transfer made by then and not yet posted, voided or expired by then.
+  const r = await db.query<{ dp: string; dpo: string; cp: string; cpo: string }>(
+    `SELECT
+       coalesce(sum(amount) FILTER (WHERE debit_account_id = $1 AND flags & 2 <> 0
+                                    AND (resolved_at IS NULL OR resolved_at > $2)), 0)::text AS dp,
+       coalesce(sum(amount) FILTER (WHERE debit_account_id = $1 AND flags & 10 = 0), 0)::text AS dpo,
+       coalesce(sum(amount) FILTER (WHERE credit_account_id = $1 AND flags & 2 <> 0
+                                    AND (resolved_at IS NULL OR resolved_at > $2)), 0)::text AS cp,
+       coalesce(sum(amount) FILTER (WHERE credit_account_id = $1 AND flags & 10 = 0), 0)::text AS cpo
+     FROM ledger.transfers
+     WHERE (debit_account_id = $1 OR credit_account_id = $1) AND result = 'ok' AND timestamp <= $2`,
+    [accountId, atNs.toString()],
+  );
+  const row = r.rows[0] as { dp: string; dpo: string; cp: string; cpo: string };
+  return { debitsPending: big(row.dp), debitsPosted: big(row.dpo), creditsPending: big(row.cp), creditsPosted: big(row.cpo) };
+}

@@ -1,0 +1,177 @@
+/**
+ * Concurrency and faults with real processes and a real database:
+ * - two engine processes receive overlapping transfers, the same ids at the same moment;
+ * - database backends are terminated mid-batch while clients keep submitting.
+ * Each id must be applied exactly once and the books must balance.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { after, before, test } from 'node:test';
+import { terminateBackends } from '@ledgerline/testing';
+import { LedgerEngine, LedgerUnavailableError, newId, type NewTransfer } from '../src/index.ts';
+import { assertInvariants, ledgerTestDb, type LedgerTestDb } from './support.ts';
+
+const WORKER = fileURLToPath(new URL('./fixtures/engine-worker.ts', import.meta.url));
+
+let t: LedgerTestDb;
+before(async () => {
+  t = await ledgerTestDb();
+});
+after(async () => {
+  await t.close();
+});
+
+/** A seeded generator, so that a failing run can be reproduced. */
+function prng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let x = Math.imul(s ^ (s >>> 15), 1 | s);
+    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
+    return ((x ^ (x >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+async function openAccounts(engine: LedgerEngine, count: number): Promise<string[]> {
+  const ids = Array.from({ length: count }, () => newId());
+  const r = await engine.createAccounts(ids.map((id) => ({ id, ledger: 'USD', code: 1 })));
+  assert.ok(r.every((x) => x.result === 'ok'));
+  return ids;
+}
+
+function randomTransfers(random: () => number, accounts: string[], count: number): NewTransfer[] {
+  return Array.from({ length: count }, () => {
+    const d = Math.floor(random() * accounts.length);
+    const c = (d + 1 + Math.floor(random() * (accounts.length - 1))) % accounts.length;
+    return { id: newId(), debitAccountId: accounts[d], creditAccountId: accounts[c], amount: BigInt(1 + Math.floor(random() * 1000)), ledger: 'USD', code: 1 };
+  });
+}
+
+function runWorker(url: string, transfers: NewTransfer[]): Promise<Array<{ id: string; result: string }>> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [WORKER, url, '16'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      out += chunk.toString();
+    });
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      if (code !== 0) {
+        reject(new Error(`engine worker exited with ${String(code)}`));
+        return;
+      }
+      resolve(out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as { id: string; result: string }));
+    });
+    child.stdin.end(transfers.map((x) => JSON.stringify({ ...x, amount: String(x.amount) })).join('\n'));
+  });
+}
+
+/** What the balances must be if every distinct transfer was applied exactly once. */
+function expectedBalances(transfers: NewTransfer[]): Map<string, { debits: bigint; credits: bigint }> {
+  const out = new Map<string, { debits: bigint; credits: bigint }>();
+  const seen = new Set<string>();
+  for (const x of transfers) {
+    if (seen.has(x.id)) continue;
+    seen.add(x.id);
+    const d = out.get(x.debitAccountId as string) ?? { debits: 0n, credits: 0n };
+    d.debits += x.amount as bigint;
+    out.set(x.debitAccountId as string, d);
+    const c = out.get(x.creditAccountId as string) ?? { debits: 0n, credits: 0n };
+    c.credits += x.amount as bigint;
+    out.set(x.creditAccountId as string, c);
+  }
+  return out;
+}
+
+async function assertAppliedExactlyOnce(transfers: NewTransfer[], accounts: string[]): Promise<void> {
+  const distinct = [...new Set(transfers.map((x) => x.id))];
+  const { rows } = await t.pool.query<{ n: number }>(
+    "SELECT count(*)::int AS n FROM ledger.transfers WHERE id = ANY($1::uuid[]) AND result = 'ok'",
+    [distinct],
+  );
+  assert.equal(rows[0]?.n, distinct.length, 'every distinct transfer is applied once');
+  const want = expectedBalances(transfers);
+  const engine = new LedgerEngine({ pool: t.pool, events: t.events });
+  const got = await engine.getAccounts(accounts);
+  await engine.close();
+  for (const a of got) {
+    const w = want.get(a.id) ?? { debits: 0n, credits: 0n };
+    assert.deepEqual([a.debitsPosted, a.creditsPosted], [w.debits, w.credits], `balances of ${a.id}`);
+  }
+  await assertInvariants(t.pool, { events: true });
+}
+
+test('two engine processes, overlapping transfers and the same ids at the same moment', async () => {
+  const seed = Number(process.env.TEST_SEED ?? Date.now() % 2 ** 31);
+  console.log(`[concurrency] seed=${seed} (replay with TEST_SEED=${seed})`);
+  const random = prng(seed);
+  const engine = new LedgerEngine({ pool: t.pool, events: t.events });
+  const accounts = await openAccounts(engine, 20);
+  await engine.close();
+  const shared = randomTransfers(random, accounts, 1500);
+  const onlyA = randomTransfers(random, accounts, 500);
+  const onlyB = randomTransfers(random, accounts, 500);
+  // Both processes get every shared id, in the same order, so duplicates race head to head.
+  const [a, b] = await Promise.all([
+    runWorker(t.db.url, [...shared, ...onlyA]),
+    runWorker(t.db.url, [...shared, ...onlyB]),
+  ]);
+  const byId = new Map<string, string[]>();
+  for (const r of [...a, ...b]) byId.set(r.id, [...(byId.get(r.id) ?? []), r.result]);
+  for (const x of shared) {
+    assert.deepEqual((byId.get(x.id) ?? []).sort(), ['exists', 'ok'], `shared id ${x.id}: one ok, one exists`);
+  }
+  for (const x of [...onlyA, ...onlyB]) assert.deepEqual(byId.get(x.id), ['ok']);
+  await assertAppliedExactlyOnce([...shared, ...onlyA, ...onlyB], accounts);
+});
+
+test('backends terminated mid-batch: clients retry with the same ids, nothing is lost or doubled', async () => {
+  const seed = Number(process.env.TEST_SEED ?? (Date.now() + 1) % 2 ** 31);
+  console.log(`[terminate] seed=${seed} (replay with TEST_SEED=${seed})`);
+  const random = prng(seed);
+  const engine = new LedgerEngine({ pool: t.pool, batchAttemptsMax: 2, events: t.events });
+  const accounts = await openAccounts(engine, 30);
+  const transfers = randomTransfers(random, accounts, 8000);
+  let unavailable = 0;
+  let next = 0;
+  let done = false;
+  const killer = (async () => {
+    let kills = 0;
+    for (;;) {
+      await new Promise((r) => setTimeout(r, 15 + random() * 30));
+      if (done) break;
+      kills += await terminateBackends(t.db.name);
+    }
+    // Let the pool see the sockets of idle clients close before the checks below use it.
+    await new Promise((r) => setTimeout(r, 250));
+    return kills;
+  })();
+  const client = async (): Promise<void> => {
+    while (next < transfers.length) {
+      const x = transfers[next++] as NewTransfer;
+      for (let attempt = 1; ; attempt += 1) {
+        try {
+          const [r] = await engine.createTransfers([x]);
+          assert.ok(r?.result === 'ok' || r?.result === 'exists', `unexpected ${r?.result}`);
+          break;
+        } catch (error) {
+          assert.ok(error instanceof LedgerUnavailableError, String(error));
+          assert.ok(attempt < 200, 'a transfer never got through');
+          unavailable += 1;
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      }
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: 32 }, client));
+  } finally {
+    done = true;
+  }
+  const kills = await killer;
+  await engine.close();
+  console.log(`[terminate] backends terminated=${kills}, transient failures retried=${unavailable}, batch attempts=${engine.stats().batchAttempts}, batches=${engine.stats().batches}`);
+  assert.ok(kills > 0, 'the test must actually terminate backends');
+  await assertAppliedExactlyOnce(transfers, accounts);
+});

@@ -1,0 +1,605 @@
+/**
+ * Scenario tests of the engine on real PostgreSQL, written Given / When / Then.
+ */
+import assert from 'node:assert/strict';
+import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
+import pg from 'pg';
+import { ManualClock } from '@ledgerline/testing';
+import {
+  AMOUNT_MAX,
+  ID_INT_MAX,
+  ID_ZERO,
+  LedgerClosedError,
+  LedgerEngine,
+  LedgerInputError,
+  LedgerOverloadedError,
+  LedgerUnavailableError,
+  newId,
+  type NewTransfer,
+} from '../src/index.ts';
+import { assertInvariants, ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
+
+let t: LedgerTestDb;
+let clock: ManualClock;
+let engine: LedgerEngine;
+
+before(async () => {
+  t = await ledgerTestDb();
+});
+after(async () => {
+  await t.close();
+});
+beforeEach(async () => {
+  await resetLedger(t.pool);
+  clock = new ManualClock();
+  engine = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events });
+});
+afterEach(async () => {
+  await engine.close();
+  await assertInvariants(t.pool, { events: true });
+});
+
+async function accounts(...flags: Array<'debits' | 'credits' | undefined>): Promise<string[]> {
+  const list = flags.map((f) => ({
+    id: newId(),
+    ledger: 'USD',
+    code: 10,
+    flags: f === 'debits' ? { debitsMustNotExceedCredits: true } : f === 'credits' ? { creditsMustNotExceedDebits: true } : {},
+  }));
+  const results = await engine.createAccounts(list);
+  assert.deepEqual(results.map((r) => r.result), list.map(() => 'ok'));
+  return list.map((a) => a.id);
+}
+
+function transfer(debit: string, credit: string, amount: bigint, extra: Partial<NewTransfer> = {}): NewTransfer {
+  return { id: newId(), debitAccountId: debit, creditAccountId: credit, amount, ledger: 'USD', code: 1, ...extra };
+}
+
+async function results(list: NewTransfer[]): Promise<string[]> {
+  return (await engine.createTransfers(list)).map((r) => r.result);
+}
+
+async function balances(id: string): Promise<[bigint, bigint, bigint, bigint]> {
+  const a = await engine.getAccount(id);
+  assert.ok(a !== null);
+  return [a.debitsPending, a.debitsPosted, a.creditsPending, a.creditsPosted];
+}
+
+describe('accounts', () => {
+  test('create, retry, and conflicting reuse of an id', async () => {
+    const id = newId();
+    const a = { id, ledger: 'USD', code: 7, metadata: { owner: 'alice' } };
+    const [first] = await engine.createAccounts([a]);
+    assert.equal(first?.result, 'ok');
+    const again = await engine.createAccounts([
+      a,
+      { ...a, ledger: 'EUR' },
+      { ...a, code: 8 },
+      { ...a, metadata: { owner: 'bob' } },
+      { ...a, flags: { debitsMustNotExceedCredits: true } },
+    ]);
+    assert.deepEqual(again.map((r) => r.result), [
+      'exists',
+      'exists_with_different_ledger',
+      'exists_with_different_code',
+      'exists_with_different_metadata',
+      'exists_with_different_flags',
+    ]);
+    assert.equal(again[0]?.timestamp, first?.timestamp, 'a retry reports the original timestamp');
+  });
+
+  test('rejections: zero id, int-max id, both limits, unknown ledger, empty ledger, zero code, bad metadata, duplicate in one call', async () => {
+    const id = newId();
+    const r = await engine.createAccounts([
+      { id: ID_ZERO, ledger: 'USD', code: 1 },
+      { id: ID_INT_MAX, ledger: 'USD', code: 1 },
+      { id: newId(), ledger: 'USD', code: 1, flags: { debitsMustNotExceedCredits: true, creditsMustNotExceedDebits: true } },
+      { id: newId(), ledger: 'XXX', code: 1 },
+      { id: newId(), ledger: '', code: 1 },
+      { id: newId(), ledger: 'USD', code: 0 },
+      { id: newId(), ledger: 'USD', code: 1, metadata: { ['k'.repeat(65)]: 'v' } },
+      { id, ledger: 'USD', code: 1 },
+      { id, ledger: 'USD', code: 1 },
+    ]);
+    assert.deepEqual(r.map((x) => x.result), [
+      'id_must_not_be_zero',
+      'id_must_not_be_int_max',
+      'flags_are_mutually_exclusive',
+      'ledger_not_found',
+      'ledger_must_not_be_empty',
+      'code_must_not_be_zero',
+      'metadata_invalid',
+      'ok',
+      'exists',
+    ]);
+    assert.equal((await engine.getAccounts([id])).length, 1);
+  });
+
+  test('malformed input is a LedgerInputError and writes nothing', async () => {
+    await assert.rejects(engine.createAccounts([{ id: 'not-a-uuid', ledger: 'USD', code: 1 }]), LedgerInputError);
+    await assert.rejects(engine.createAccounts([{ id: newId(), ledger: 'usd', code: 1 }]), LedgerInputError);
+    await assert.rejects(engine.createAccounts([{ id: newId(), ledger: 'USD', code: 70000 }]), LedgerInputError);
+    await assert.rejects(engine.createAccounts('x' as never), LedgerInputError);
+    assert.deepEqual(await engine.createAccounts([]), []);
+    const { rows } = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM ledger.accounts');
+    assert.equal(rows[0]?.n, 0);
+  });
+
+  test('ledgers are listed with their scale', async () => {
+    const ledgers = await engine.listLedgers();
+    assert.deepEqual(ledgers.find((l) => l.code === 'JPY'), { code: 'JPY', scale: 0, description: 'Yen' });
+    assert.equal(ledgers.find((l) => l.code === 'KWD')?.scale, 3);
+  });
+});
+
+describe('transfers', () => {
+  test('a transfer moves money once; a retry reports exists with the original timestamp', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const tr = transfer(a, b, 250n, { metadata: { invoice: 'INV-1' } });
+    const [first] = await engine.createTransfers([tr]);
+    const [again] = await engine.createTransfers([tr]);
+    assert.equal(first?.result, 'ok');
+    assert.deepEqual(again, { id: tr.id, result: 'exists', timestamp: first?.timestamp, amount: 250n });
+    assert.deepEqual(await balances(a), [0n, 250n, 0n, 0n]);
+    assert.deepEqual(await balances(b), [0n, 0n, 0n, 250n]);
+    const stored = await engine.getTransfer(tr.id);
+    assert.equal(stored?.result, 'ok');
+    assert.deepEqual(stored?.metadata, { invoice: 'INV-1' });
+    assert.equal(await engine.getTransfer(newId()), null);
+  });
+
+  test('the same id with different fields says which field differs', async () => {
+    const [a, b, c] = (await accounts(undefined, undefined, undefined)) as [string, string, string];
+    const tr = transfer(a, b, 10n);
+    await engine.createTransfers([tr]);
+    assert.deepEqual(
+      await results([
+        { ...tr, amount: 11n },
+        { ...tr, debitAccountId: c },
+        { ...tr, creditAccountId: c },
+        { ...tr, code: 2 },
+        { ...tr, ledger: 'EUR' },
+        { ...tr, flags: { pending: true } },
+        { ...tr, metadata: { x: 'y' } },
+      ]),
+      [
+        'exists_with_different_amount',
+        'exists_with_different_debit_account_id',
+        'exists_with_different_credit_account_id',
+        'exists_with_different_code',
+        'exists_with_different_ledger',
+        'exists_with_different_flags',
+        'exists_with_different_metadata',
+      ],
+    );
+  });
+
+  test('an id that failed stays failed, even once the failure no longer applies', async () => {
+    const [funded, source, sink] = (await accounts('debits', undefined, undefined)) as [string, string, string];
+    const tr = transfer(funded, sink, 100n);
+    assert.deepEqual(await results([tr]), ['exceeds_credits']);
+    assert.deepEqual(await results([transfer(source, funded, 1000n)]), ['ok']);
+    assert.deepEqual(await results([tr]), ['exceeds_credits']);
+    assert.deepEqual(await results([{ ...tr, amount: 5n }]), ['exists_with_different_amount']);
+    assert.equal((await engine.getTransfer(tr.id))?.result, 'exceeds_credits');
+    assert.deepEqual(await balances(funded), [0n, 0n, 0n, 1000n]);
+  });
+
+  test('input validation, in order of precedence', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const id = newId();
+    assert.deepEqual(
+      await results([
+        transfer(a, b, 1n, { id: ID_ZERO }),
+        transfer(a, b, 1n, { id: ID_INT_MAX }),
+        transfer(a, b, 1n, { flags: { pending: true, postPendingTransfer: true } }),
+        transfer(a, b, 1n, { flags: { postPendingTransfer: true, balancingDebit: true }, pendingId: newId() }),
+        transfer(a, b, 1n, { pendingId: newId() }),
+        { id: newId(), flags: { postPendingTransfer: true } },
+        { id: newId(), flags: { voidPendingTransfer: true }, pendingId: ID_INT_MAX },
+        { id, flags: { voidPendingTransfer: true }, pendingId: id },
+        transfer(a, b, 1n, { timeoutSeconds: 5 }),
+        transfer(a, b, 1n, { flags: { closingDebit: true } }),
+        transfer(ID_ZERO, b, 1n),
+        transfer(ID_INT_MAX, b, 1n),
+        transfer(a, ID_ZERO, 1n),
+        transfer(a, ID_INT_MAX, 1n),
+        transfer(a, a, 1n),
+        transfer(a, b, 0n),
+        transfer(a, b, 1n, { ledger: '' }),
+        transfer(a, b, 1n, { code: 0 }),
+        transfer(a, b, 1n, { metadata: { k: 'v'.repeat(257) } }),
+        transfer(a, b, 1n, { metadata: { k: 'nul\u0000' } }),
+        transfer(a, b, 1n, { metadata: { k: '\ud800' } }),
+        { id: newId(), pendingId: newId(), flags: { postPendingTransfer: true }, debitAccountId: ID_ZERO },
+        { id: newId(), pendingId: newId(), flags: { postPendingTransfer: true }, creditAccountId: ID_ZERO },
+        { id: newId(), pendingId: newId(), flags: { postPendingTransfer: true }, amount: 0n },
+        { id: newId(), pendingId: newId(), flags: { postPendingTransfer: true }, code: 0 },
+      ]),
+      [
+        'id_must_not_be_zero',
+        'id_must_not_be_int_max',
+        'flags_are_mutually_exclusive',
+        'flags_are_mutually_exclusive',
+        'pending_id_must_be_zero',
+        'pending_id_must_not_be_zero',
+        'pending_id_must_not_be_int_max',
+        'pending_id_must_be_different',
+        'timeout_reserved_for_pending_transfer',
+        'closing_transfer_must_be_pending',
+        'debit_account_id_must_not_be_zero',
+        'debit_account_id_must_not_be_int_max',
+        'credit_account_id_must_not_be_zero',
+        'credit_account_id_must_not_be_int_max',
+        'accounts_must_be_different',
+        'amount_must_not_be_zero',
+        'ledger_must_not_be_empty',
+        'code_must_not_be_zero',
+        'metadata_invalid',
+        'metadata_invalid',
+        'metadata_invalid',
+        'debit_account_id_must_not_be_zero',
+        'credit_account_id_must_not_be_zero',
+        'amount_must_not_be_zero',
+        'code_must_not_be_zero',
+      ],
+    );
+    const { rows } = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM ledger.transfers');
+    assert.equal(rows[0]?.n, 0, 'input errors are never recorded');
+  });
+
+  test('state rejections: not found, ledger mismatch, closed, overflow, timeout overflow', async () => {
+    const [a, b, c, d] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
+    const eur = newId();
+    await engine.createAccounts([{ id: eur, ledger: 'EUR', code: 1 }]);
+    assert.deepEqual(
+      await results([
+        transfer(newId(), b, 1n),
+        transfer(a, newId(), 1n),
+        transfer(a, eur, 1n),
+        transfer(a, b, 1n, { ledger: 'EUR' }),
+        transfer(a, b, AMOUNT_MAX),
+        transfer(a, b, 1n),
+        transfer(b, a, AMOUNT_MAX, { flags: { pending: true } }),
+        transfer(b, a, 1n, { flags: { pending: true } }),
+        transfer(b, a, 1n),
+        transfer(c, d, 1n, { flags: { pending: true }, timeoutSeconds: 2 ** 31 - 1 }),
+      ]),
+      [
+        'debit_account_not_found',
+        'credit_account_not_found',
+        'ledger_mismatch',
+        'ledger_mismatch',
+        'ok',
+        'overflows_debits_posted',
+        'ok',
+        'overflows_debits_pending',
+        'overflows_debits',
+        'ok',
+      ],
+    );
+    // The ledger's clock is far from overflow in practice; near the end of time it refuses.
+    await t.pool.query('UPDATE ledger.clock SET timestamp = $1', [(AMOUNT_MAX - 10n ** 9n).toString()]);
+    assert.deepEqual(await results([transfer(c, d, 1n, { flags: { pending: true }, timeoutSeconds: 5 })]), ['overflows_timeout']);
+  });
+
+  test('credits overflow on the credit side, and both limit flags', async () => {
+    const [a, b, limitedDebit, limitedCredit] = (await accounts(undefined, undefined, 'debits', 'credits')) as [string, string, string, string];
+    assert.deepEqual(
+      await results([
+        transfer(a, b, AMOUNT_MAX),
+        transfer(newId(), b, 1n),
+        transfer(b, a, AMOUNT_MAX, { flags: { pending: true } }),
+        transfer(limitedDebit, limitedCredit, 1n),
+        transfer(limitedDebit, limitedCredit, 1n, { flags: { pending: true } }),
+        transfer(limitedCredit, limitedDebit, 5n),
+        transfer(limitedDebit, limitedCredit, 5n),
+        transfer(limitedDebit, limitedCredit, 1n),
+      ]),
+      ['ok', 'debit_account_not_found', 'ok', 'exceeds_credits', 'exceeds_credits', 'ok', 'ok', 'exceeds_credits'],
+    );
+    assert.deepEqual(await results([transfer(a, b, 1n)]), ['overflows_debits_posted']);
+    const [x] = (await accounts(undefined)) as [string];
+    assert.deepEqual(await results([transfer(x, b, 1n)]), ['overflows_credits_posted']);
+    assert.deepEqual(await results([transfer(x, a, 1n, { flags: { pending: true } })]), ['overflows_credits_pending']);
+    assert.deepEqual(await results([transfer(x, a, 1n)]), ['overflows_credits']);
+  });
+
+  test('balancing transfers move at most what is available', async () => {
+    const [bank, wallet, merchant] = (await accounts(undefined, 'debits', 'credits')) as [string, string, string];
+    await results([transfer(bank, wallet, 70n), transfer(merchant, bank, 40n)]);
+    const [drain] = await engine.createTransfers([transfer(wallet, bank, 100n, { flags: { balancingDebit: true } })]);
+    assert.equal(drain?.result, 'ok');
+    assert.equal(drain?.amount, 70n);
+    assert.deepEqual(await results([transfer(wallet, bank, 1n, { flags: { balancingDebit: true } })]), ['exceeds_credits']);
+    const [fill] = await engine.createTransfers([transfer(bank, merchant, 100n, { flags: { balancingCredit: true } })]);
+    assert.equal(fill?.amount, 40n);
+    assert.deepEqual(await results([transfer(bank, merchant, 1n, { flags: { balancingCredit: true } })]), ['exceeds_debits']);
+    assert.equal((await engine.getTransfer(drain?.id ?? ''))?.amount, 70n);
+  });
+});
+
+describe('linked chains', () => {
+  test('all or nothing: a failing member fails the chain, the rest report linked_event_failed', async () => {
+    const [a, b, limited] = (await accounts(undefined, undefined, 'debits')) as [string, string, string];
+    const chain = [
+      transfer(a, b, 10n, { flags: { linked: true } }),
+      transfer(a, limited, 5n, { flags: { linked: true } }),
+      transfer(limited, b, 6n),
+    ];
+    assert.deepEqual(await results([...chain, transfer(a, b, 1n)]), [
+      'linked_event_failed',
+      'linked_event_failed',
+      'exceeds_credits',
+      'ok',
+    ]);
+    assert.deepEqual(await balances(a), [0n, 1n, 0n, 0n]);
+    assert.deepEqual(await balances(limited), [0n, 0n, 0n, 0n]);
+    // The failing member's id is burned; the others were never recorded and can be reused.
+    assert.equal(await engine.getTransfer(chain[0]!.id), null);
+    const fixed = [chain[0]!, chain[1]!, { ...chain[2]!, id: newId(), amount: 5n }];
+    assert.deepEqual(await results(fixed), ['ok', 'ok', 'ok']);
+    assert.deepEqual(await results(fixed), ['exists', 'exists', 'exists']);
+    assert.deepEqual(await balances(limited), [0n, 5n, 0n, 5n]);
+  });
+
+  test('a chain left open at the end of a call applies nothing', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    assert.deepEqual(
+      await results([transfer(a, b, 1n), transfer(a, b, 2n, { flags: { linked: true } }), transfer(a, b, 3n, { flags: { linked: true } })]),
+      ['ok', 'linked_event_failed', 'linked_event_chain_open'],
+    );
+    assert.deepEqual(await balances(a), [0n, 1n, 0n, 0n]);
+  });
+
+  test('chains never cross call boundaries when calls are coalesced into one batch', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const [open, closed] = await Promise.all([
+      engine.createTransfers([transfer(a, b, 1n, { flags: { linked: true } })]),
+      engine.createTransfers([transfer(a, b, 2n)]),
+    ]);
+    assert.deepEqual(open?.map((r) => r.result), ['linked_event_chain_open']);
+    assert.deepEqual(closed?.map((r) => r.result), ['ok']);
+  });
+
+  test('a chain that creates a pending transfer and posts it', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const p = transfer(a, b, 9n, { flags: { pending: true, linked: true } });
+    assert.deepEqual(await results([p, { id: newId(), pendingId: p.id, flags: { postPendingTransfer: true } }]), ['ok', 'ok']);
+    assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'posted');
+    assert.deepEqual(await balances(a), [0n, 9n, 0n, 0n]);
+  });
+});
+
+describe('two-phase transfers', () => {
+  test('pending reserves, a partial post settles part and releases the rest', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const p = transfer(a, b, 100n, { flags: { pending: true } });
+    await results([p]);
+    assert.deepEqual(await balances(a), [100n, 0n, 0n, 0n]);
+    const post = { id: newId(), pendingId: p.id, amount: 60n, flags: { postPendingTransfer: true } };
+    assert.deepEqual(await results([post]), ['ok']);
+    assert.deepEqual(await balances(a), [0n, 60n, 0n, 0n]);
+    assert.deepEqual(await balances(b), [0n, 0n, 0n, 60n]);
+    const stored = await engine.getTransfer(p.id);
+    assert.equal(stored?.pendingStatus, 'posted');
+    assert.equal((await engine.getTransfer(post.id))?.amount, 60n);
+    assert.deepEqual(
+      await results([
+        { id: newId(), pendingId: p.id, flags: { postPendingTransfer: true } },
+        { id: newId(), pendingId: p.id, flags: { voidPendingTransfer: true } },
+        post,
+      ]),
+      ['pending_transfer_already_posted', 'pending_transfer_already_posted', 'exists'],
+    );
+  });
+
+  test('post and void checks, in order', async () => {
+    const [a, b, c] = (await accounts(undefined, undefined, undefined)) as [string, string, string];
+    const plain = transfer(a, b, 5n);
+    const p = transfer(a, b, 50n, { flags: { pending: true }, code: 3 });
+    await results([plain, p]);
+    const pv = (extra: Partial<NewTransfer>): NewTransfer => ({ id: newId(), pendingId: p.id, flags: { postPendingTransfer: true }, ...extra });
+    assert.deepEqual(
+      await results([
+        pv({ pendingId: newId() }),
+        pv({ pendingId: plain.id }),
+        pv({ debitAccountId: c }),
+        pv({ creditAccountId: c }),
+        pv({ ledger: 'EUR' }),
+        pv({ code: 4 }),
+        pv({ amount: 51n }),
+        { id: newId(), pendingId: p.id, flags: { voidPendingTransfer: true }, amount: 49n },
+        { id: newId(), pendingId: p.id, flags: { voidPendingTransfer: true }, amount: 50n, debitAccountId: a, creditAccountId: b, ledger: 'USD', code: 3 },
+        pv({}),
+      ]),
+      [
+        'pending_transfer_not_found',
+        'pending_transfer_not_pending',
+        'pending_transfer_has_different_debit_account_id',
+        'pending_transfer_has_different_credit_account_id',
+        'pending_transfer_has_different_ledger',
+        'pending_transfer_has_different_code',
+        'exceeds_pending_transfer_amount',
+        'pending_transfer_has_different_amount',
+        'ok',
+        'pending_transfer_already_voided',
+      ],
+    );
+    assert.deepEqual(await balances(a), [0n, 5n, 0n, 0n]);
+  });
+
+  test('a pending transfer expires after its timeout: the sweep releases it and posts fail', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const p1 = transfer(a, b, 30n, { flags: { pending: true }, timeoutSeconds: 10 });
+    const p2 = transfer(a, b, 40n, { flags: { pending: true }, timeoutSeconds: 10 });
+    const forever = transfer(a, b, 1n, { flags: { pending: true } });
+    await results([p1, p2, forever]);
+    clock.advanceSeconds(9);
+    assert.equal(await engine.expirePendingTransfers(), 0);
+    clock.advanceSeconds(2);
+    // p1 is posted after its deadline but before any sweep: it fails and is released at once.
+    assert.deepEqual(await results([{ id: newId(), pendingId: p1.id, flags: { postPendingTransfer: true } }]), ['pending_transfer_expired']);
+    assert.equal((await engine.getTransfer(p1.id))?.pendingStatus, 'expired');
+    assert.equal(await engine.expirePendingTransfers(), 1);
+    assert.equal((await engine.getTransfer(p2.id))?.pendingStatus, 'expired');
+    assert.deepEqual(await balances(a), [1n, 0n, 0n, 0n]);
+    assert.deepEqual(await results([{ id: newId(), pendingId: p2.id, flags: { voidPendingTransfer: true } }]), ['pending_transfer_expired']);
+  });
+
+  test('the background sweep runs on its own interval', async () => {
+    const sweeping = new LedgerEngine({ pool: t.pool, clock: clock.now, expiryIntervalMs: 20, events: t.events });
+    try {
+      const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+      const p = transfer(a, b, 30n, { flags: { pending: true }, timeoutSeconds: 1 });
+      await sweeping.createTransfers([p]);
+      clock.advanceSeconds(2);
+      const deadline = Date.now() + 5000;
+      while ((await engine.getTransfer(p.id))?.pendingStatus !== 'expired') {
+        assert.ok(Date.now() < deadline, 'the sweep did not expire the transfer within 5 s');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.deepEqual(await balances(a), [0n, 0n, 0n, 0n]);
+    } finally {
+      await sweeping.close();
+    }
+  });
+
+  test('closing transfers close an account; voiding or expiry reopens it', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const close = transfer(a, b, 1n, { flags: { pending: true, closingDebit: true } });
+    await results([close]);
+    assert.equal((await engine.getAccount(a))?.flags.closed, true);
+    assert.deepEqual(await results([transfer(a, b, 1n), transfer(b, a, 1n)]), ['debit_account_already_closed', 'credit_account_already_closed']);
+    await results([{ id: newId(), pendingId: close.id, flags: { voidPendingTransfer: true } }]);
+    assert.equal((await engine.getAccount(a))?.flags.closed, undefined);
+    const closeCredit = transfer(a, b, 1n, { flags: { pending: true, closingCredit: true }, timeoutSeconds: 1 });
+    await results([closeCredit]);
+    assert.equal((await engine.getAccount(b))?.flags.closed, true);
+    assert.deepEqual(
+      (await engine.createAccounts([{ id: b, ledger: 'USD', code: 10 }])).map((r) => r.result),
+      ['exists'],
+      'closed is state, not part of the account request',
+    );
+    clock.advanceSeconds(2);
+    assert.equal(await engine.expirePendingTransfers(), 1);
+    assert.equal((await engine.getAccount(b))?.flags.closed, undefined);
+  });
+});
+
+describe('queries', () => {
+  test('an account history pages by timestamp in both directions, and balances as of any timestamp', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const stamps: bigint[] = [];
+    for (let i = 1; i <= 5; i += 1) {
+      const [r] = await engine.createTransfers([transfer(i % 2 === 0 ? a : b, i % 2 === 0 ? b : a, BigInt(i))]);
+      stamps.push(r?.timestamp as bigint);
+    }
+    const p = transfer(a, b, 100n, { flags: { pending: true } });
+    const [pr] = await engine.createTransfers([p]);
+    const [post] = await engine.createTransfers([{ id: newId(), pendingId: p.id, amount: 40n, flags: { postPendingTransfer: true } }]);
+
+    const page1 = await engine.listAccountTransfers(a, { limit: 3, order: 'asc' });
+    const page2 = await engine.listAccountTransfers(a, { limit: 3, order: 'asc', after: page1.nextCursor });
+    const page3 = await engine.listAccountTransfers(a, { limit: 3, order: 'asc', after: page2.nextCursor });
+    const asc = [...page1.transfers, ...page2.transfers, ...page3.transfers].map((x) => x.timestamp);
+    assert.deepEqual(asc, [...stamps, pr?.timestamp, post?.timestamp]);
+    assert.equal(page3.nextCursor, null);
+    const desc = await engine.listAccountTransfers(a, { limit: 10 });
+    assert.deepEqual(desc.transfers.map((x) => x.timestamp), [...asc].reverse());
+    await assert.rejects(engine.listAccountTransfers(a, { limit: 0 }), LedgerInputError);
+
+    const account = await engine.getAccount(a);
+    assert.equal(await engine.getAccountBalanceAt(a, (account?.timestamp as bigint) - 1n), null);
+    assert.deepEqual(await engine.getAccountBalanceAt(a, stamps[1] as bigint), {
+      accountId: a, timestamp: stamps[1], debitsPending: 0n, debitsPosted: 2n, creditsPending: 0n, creditsPosted: 1n,
+    });
+    const beforePost = await engine.getAccountBalanceAt(a, pr?.timestamp as bigint);
+    assert.deepEqual([beforePost?.debitsPending, beforePost?.debitsPosted, beforePost?.creditsPosted], [100n, 6n, 9n]);
+    const afterPost = await engine.getAccountBalanceAt(a, post?.timestamp as bigint);
+    assert.deepEqual([afterPost?.debitsPending, afterPost?.debitsPosted], [0n, 46n]);
+    assert.deepEqual(await balances(a), [0n, 46n, 0n, 9n]);
+  });
+
+  test('timestamps increase strictly across batches and accounts', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const all = await Promise.all(Array.from({ length: 40 }, () => engine.createTransfers([transfer(a, b, 1n), transfer(b, a, 1n)])));
+    const stamps = all.flat().map((r) => r.timestamp as bigint).sort((x, y) => (x < y ? -1 : 1));
+    assert.equal(new Set(stamps).size, 80);
+    const account = await engine.getAccount(b);
+    assert.ok((account?.timestamp as bigint) < (stamps[0] as bigint));
+  });
+});
+
+describe('batching and limits', () => {
+  test('concurrent calls coalesce into batches; a failure does not fail its neighbours', async () => {
+    const [a, b, limited] = (await accounts(undefined, undefined, 'debits')) as [string, string, string];
+    const calls = Array.from({ length: 300 }, (_, i) =>
+      engine.createTransfers([i % 10 === 0 ? transfer(limited, b, 1n) : transfer(a, b, 1n)]),
+    );
+    const out = (await Promise.all(calls)).map((r) => r[0]?.result);
+    assert.equal(out.filter((r) => r === 'ok').length, 270);
+    assert.equal(out.filter((r) => r === 'exceeds_credits').length, 30);
+    const stats = engine.stats();
+    assert.ok(stats.batches < 300, `expected coalescing, got ${stats.batches} batches for 300 calls`);
+    assert.ok(stats.batchSizeMean > 1);
+  });
+
+  test('calls over the batch limit, a full queue, and a closed engine are refused up front', async () => {
+    const small = new LedgerEngine({ pool: t.pool, batchSizeMax: 4, queueTransfersMax: 8, batchLingerMs: 50, events: t.events });
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    await assert.rejects(small.createTransfers(Array.from({ length: 5 }, () => transfer(a, b, 1n))), LedgerInputError);
+    await assert.rejects(small.createTransfers([{ ...transfer(a, b, 1n), id: 'nope' }]), LedgerInputError);
+    await assert.rejects(small.createTransfers([transfer(a, b, -1n)]), LedgerInputError);
+    await assert.rejects(small.createTransfers([transfer(a, b, AMOUNT_MAX + 1n)]), LedgerInputError);
+    await assert.rejects(small.createTransfers([transfer(a, b, 1n, { timeoutSeconds: 1.5 })]), LedgerInputError);
+    await assert.rejects(small.createTransfers([transfer(a, b, 1n, { code: -1 })]), LedgerInputError);
+    await assert.rejects(small.createTransfers([null as never]), LedgerInputError);
+    await assert.rejects(small.createTransfers('x' as never), LedgerInputError);
+    assert.deepEqual(await small.createTransfers([]), []);
+    const queued = [small.createTransfers(Array.from({ length: 4 }, () => transfer(a, b, 1n))), small.createTransfers(Array.from({ length: 4 }, () => transfer(a, b, 1n)))];
+    await assert.rejects(small.createTransfers([transfer(a, b, 1n)]), LedgerOverloadedError);
+    const closing = small.close();
+    await assert.rejects(small.createTransfers([transfer(a, b, 1n)]), LedgerClosedError);
+    await assert.rejects(small.createAccounts([]), LedgerClosedError);
+    // close() waits for the queued batches: they complete.
+    assert.deepEqual((await Promise.all(queued)).flat().map((r) => r.result), Array(8).fill('ok'));
+    await closing;
+    assert.throws(() => new LedgerEngine({ pool: t.pool, batchSizeMax: 0 }), RangeError);
+  });
+
+  test('a call that makes the database fail is split off: its neighbours in the batch still commit', async () => {
+    // A trigger stands in for any permanent per-row database error the engine did not foresee.
+    await t.pool.query(`CREATE FUNCTION ledger.poison() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW; END $$`);
+    await t.pool.query('CREATE TRIGGER poison BEFORE INSERT ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.poison()');
+    try {
+      const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+      const calls = Array.from({ length: 9 }, (_, i) =>
+        engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata: { poison: 'yes' } } : {})]),
+      );
+      const settled = await Promise.allSettled(calls);
+      assert.equal(settled.filter((s) => s.status === 'fulfilled').length, 8);
+      const failed = settled[4];
+      assert.ok(failed?.status === 'rejected' && /poisoned row/.test(String(failed.reason)));
+      assert.deepEqual(await balances(a), [0n, 8n, 0n, 0n]);
+    } finally {
+      await t.pool.query('DROP TRIGGER poison ON ledger.transfers; DROP FUNCTION ledger.poison()');
+    }
+  });
+
+  test('an unreachable database is a LedgerUnavailableError, never a decided result', async () => {
+    const dead = new pg.Pool({ connectionString: 'postgres://postgres@127.0.0.1:1/none', connectionTimeoutMillis: 200 });
+    const offline = new LedgerEngine({ pool: dead, batchAttemptsMax: 2 });
+    try {
+      const error = await offline.createTransfers([transfer(newId(), newId(), 1n)]).catch((e: unknown) => e);
+      assert.ok(error instanceof LedgerUnavailableError);
+      assert.equal(error.outcomeUnknown, false);
+      await assert.rejects(offline.createAccounts([{ id: newId(), ledger: 'USD', code: 1 }]), LedgerUnavailableError);
+      await assert.rejects(offline.getAccount(newId()), LedgerUnavailableError);
+    } finally {
+      await offline.close();
+      await dead.end();
+    }
+  });
+});

@@ -1,0 +1,57 @@
+/**
+ * The errors a policy throws instead of calling the dependency. They extend cockatiel's, so
+ * code that already checks `isBrokenCircuitError(e)` or `instanceof BulkheadRejectedError`
+ * keeps working, and each names the dependency so logs and problem bodies can say which.
+ */
+import { BrokenCircuitError, BulkheadRejectedError, TaskCancelledError } from 'cockatiel';
+
+/** The breaker is open (or half-open with every trial slot taken): the call was not made. */
+export class CircuitOpenError extends BrokenCircuitError {
+  readonly dependency: string;
+  constructor(dependency: string) {
+    super(`${dependency}: circuit open, call not attempted`);
+    this.name = 'CircuitOpenError';
+    this.dependency = dependency;
+  }
+}
+
+/** Every concurrent slot was busy and the wait queue was full: the call was not made. */
+export class BulkheadFullError extends BulkheadRejectedError {
+  readonly dependency: string;
+  constructor(dependency: string, concurrencyMax: number, queueMax: number) {
+    super(concurrencyMax, queueMax);
+    this.message = `${dependency}: bulkhead full (${concurrencyMax} running, ${queueMax} queued)`;
+    this.name = 'BulkheadFullError';
+    this.dependency = dependency;
+  }
+}
+
+/**
+ * The deadline (or the attempt's timeout) passed. The call may still have taken effect
+ * downstream: only idempotent calls may be repeated after this.
+ */
+export class DeadlineExceededError extends TaskCancelledError {
+  readonly dependency: string;
+  readonly budgetMs: number;
+  constructor(dependency: string, budgetMs: number) {
+    super(`${dependency}: deadline exceeded after ${Math.round(budgetMs)} ms`);
+    this.name = 'DeadlineExceededError';
+    this.dependency = dependency;
+    this.budgetMs = budgetMs;
+  }
+}
+
+/** A downstream HTTP answer that counts as the dependency failing (5xx, or 429 when asked). */
+export class DependencyHttpError extends Error {
+  readonly dependency: string;
+  readonly status: number;
+  /** 502, 503 and 504 mean the request most likely did nothing; others are not retried. */
+  readonly retryable: boolean;
+  constructor(dependency: string, status: number) {
+    super(`${dependency}: HTTP ${status}`);
+    this.name = 'DependencyHttpError';
+    this.dependency = dependency;
+    this.status = status;
+    this.retryable = status === 502 || status === 503 || status === 504 || status === 429;
+  }
+}

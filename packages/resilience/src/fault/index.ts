@@ -1,0 +1,12 @@
+export { spawnFault } from './process.ts';
+export type { FaultControlPatch, FaultProcess } from './process.ts';
+export { FaultProxy } from './proxy.ts';
+export type { FaultProxyOptions, FaultProxyStats } from './proxy.ts';
+export { FAULT_CONTROL_PATH, FaultServer } from './server.ts';
+export type { FaultServerOptions, FaultServerStats } from './server.ts';
+export { FAULTS_NONE, mergeFaults } from './settings.ts';
+export type { FaultSettings } from './settings.ts';
+export { runOutageScenario } from './scenario.ts';
+export type { OutageScenarioOptions, OutageScenarioResult, PhaseFigures } from './scenario.ts';
+export { runOpenLoop } from './load.ts';
+export type { ClassFigures, LoadClass, OpenLoopOptions } from './load.ts';

@@ -1,0 +1,545 @@
+/**
+ * HTTP idempotency keys, Stripe-style: a POST carrying `Idempotency-Key` runs once; a retry with
+ * the same key and the same request gets the first response replayed. Records live in
+ * PostgreSQL (`runtime.idempotency_keys`, see ../migrations), so every instance of a service
+ * sees the same keys.
+ *
+ * Status codes (they follow draft-ietf-httpapi-idempotency-key-header, "Error Scenarios"):
+ * - 400 validation-error: the header is malformed, or missing where `required: true`.
+ * - 422 idempotency-key-mismatch: the key was used for a different request (method, route,
+ *   params, query or body). Not 409: 409 here means "wait and retry", and this is a client
+ *   bug that no retry fixes. Keeping the two apart lets a client retry every 409 blindly.
+ * - 409 idempotency-key-in-progress, with Retry-After: the first request with this key is
+ *   still running. Retrying later gets its response.
+ * - 503 idempotency-unavailable, with Retry-After: the key store could not be reached; nothing ran.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import type { FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
+import type pg from 'pg';
+import { Type } from 'typebox';
+import { problem, problemType, type HttpProblem } from './problem.ts';
+import { PROBLEM_TYPES } from './problem-handlers.ts';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /**
+     * `true`: this route honours Idempotency-Key whatever its method; `false`: it never does.
+     * Unset: the plugin's `methods` option decides (POST by default).
+     */
+    idempotent?: boolean;
+  }
+}
+
+export const IDEMPOTENCY_KEY_HEADER = 'idempotency-key';
+export const IDEMPOTENT_REPLAYED_HEADER = 'idempotent-replayed';
+/** Read by the default `clientId` until authentication (#6) supplies the principal. */
+export const CLIENT_ID_HEADER = 'x-client-id';
+export const ANONYMOUS_CLIENT_ID = 'anonymous';
+
+export const IDEMPOTENCY_TTL_MS_DEFAULT = 24 * 60 * 60 * 1000;
+export const IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT = 60_000;
+export const IDEMPOTENCY_RESPONSE_BYTES_MAX_DEFAULT = 1024 * 1024;
+/** The migration's CHECK on response_body; `responseBytesMax` may not exceed it. */
+export const IDEMPOTENCY_RESPONSE_BYTES_LIMIT = 16 * 1024 * 1024;
+export const IDEMPOTENCY_QUERY_TIMEOUT_MS_DEFAULT = 5000;
+export const IDEMPOTENCY_PRUNE_BATCH_SIZE_MAX_DEFAULT = 1000;
+export const IDEMPOTENCY_PRUNE_BATCHES_MAX_DEFAULT = 100;
+
+export const IDEMPOTENCY_PROBLEM_TYPES = {
+  inProgress: problemType('idempotency-key-in-progress'),
+  mismatch: problemType('idempotency-key-mismatch'),
+  unavailable: problemType('idempotency-unavailable'),
+} as const;
+
+/** Printable ASCII, 1..255 characters, as Stripe allows (UUIDs are the usual choice). */
+const IDEMPOTENCY_KEY_PATTERN = /^[\x20-\x7E]{1,255}$/;
+/** What the default `clientId` accepts from the `x-client-id` header. */
+const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
+/** What any `clientId` function may return: it is stored and must fit the column's CHECK. */
+const CLIENT_ID_STORABLE = /^[\x20-\x7E]{1,255}$/;
+/**
+ * Headers replayed with a stored response. Everything else (cookies, caching, rate-limit and
+ * trace headers) belonged to the first exchange only, or is regenerated per request.
+ */
+const REPLAYED_HEADERS = ['content-type', 'location'] as const;
+/**
+ * 4xx answers about the circumstances rather than the request: refused credentials, a timeout,
+ * too early, too many requests. Nothing ran, so they are released like 5xx, not stored.
+ */
+const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
+/** A claim races at most a prune or an expiry between its two statements; more is a bug. */
+const CLAIM_ATTEMPTS_MAX = 3;
+
+/** The service's configuration variables for idempotency; spread into a service config schema. */
+export const idempotencyConfigSchema = Type.Object({
+  // Stripe keeps keys 24 hours; REQUIREMENTS §1 asks for at least that. 30 days bounds the table.
+  IDEMPOTENCY_TTL_MS: Type.Integer({ minimum: 86_400_000, maximum: 30 * 86_400_000, default: IDEMPOTENCY_TTL_MS_DEFAULT }),
+  IDEMPOTENCY_LOCK_TIMEOUT_MS: Type.Integer({ minimum: 1000, maximum: 3_600_000, default: IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT }),
+  // 0 disables this instance's pruner (another instance, or a cron job, may prune instead).
+  IDEMPOTENCY_PRUNE_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 86_400_000, default: 60_000 }),
+});
+
+export interface IdempotencyOptions {
+  pool: pg.Pool;
+  /** Methods whose routes honour the header unless a route sets `config.idempotent`. Default `['POST']`. */
+  methods?: readonly string[];
+  /** Refuse (400) requests to idempotent routes that carry no key. Default false: they run as usual, unrecorded. */
+  required?: boolean;
+  /** How long a completed key is kept (from completion). Default 24 h. */
+  ttlMs?: number;
+  /**
+   * How long a request holds its key. A key still `in_progress` after this (its process
+   * crashed, or the handler hangs) can be claimed by a retry, which runs the request again.
+   * Default 60 s.
+   */
+  lockTimeoutMs?: number;
+  /** Larger response bodies are not stored: the key is released and a warning logged. Default 1 MiB. */
+  responseBytesMax?: number;
+  /** Deadline for each query to the key store. Default 5 s. */
+  queryTimeoutMs?: number;
+  /**
+   * Who owns a key: keys are unique per client. Default: the `x-client-id` header when it is
+   * 1..128 characters of `[A-Za-z0-9._:@-]`, else 'anonymous'. That header is not
+   * authenticated; #6 replaces this with the authenticated principal.
+   */
+  clientId?: (request: FastifyRequest) => string;
+  /** The clock, in milliseconds since the epoch (tests inject one). Default `Date.now`. */
+  now?: () => number;
+  /** Run `pruneIdempotencyKeys` this often; 0 (the default) runs no timer. Stopped on close. */
+  pruneIntervalMs?: number;
+  /** Retry-After on 409 in-progress and 503 answers. Default 1. */
+  retryAfterSeconds?: number;
+}
+
+interface Claim {
+  clientId: string;
+  key: string;
+  token: string;
+  settled: boolean;
+}
+
+type ClaimOutcome =
+  | { kind: 'claimed'; token: string; reclaimed: boolean }
+  | { kind: 'replay'; status: number; headers: Record<string, string>; body: Buffer }
+  | { kind: 'in_progress' }
+  | { kind: 'mismatch' };
+
+interface KeyRow {
+  request_fingerprint: Buffer;
+  state: 'in_progress' | 'completed';
+  response_status: number | null;
+  response_headers: Record<string, string> | null;
+  response_body: Buffer | null;
+  expires_at: Date;
+}
+
+// One statement takes the key: insert it, or take over a row nobody can still be using (expired,
+// or left in progress past its lock by a crashed process, for this same request).
+const CLAIM_SQL = `
+INSERT INTO runtime.idempotency_keys AS k
+       (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
+VALUES ($1, $2, $3, 'in_progress', $4, $5, $6, $7)
+ON CONFLICT (client_id, key) DO UPDATE
+   SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
+       response_status = NULL, response_headers = NULL, response_body = NULL,
+       created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
+ WHERE k.expires_at <= EXCLUDED.created_at
+    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+        AND k.request_fingerprint = EXCLUDED.request_fingerprint)
+RETURNING (xmax = 0) AS fresh`;
+
+const SELECT_SQL = `
+SELECT request_fingerprint, state, response_status, response_headers, response_body, expires_at
+  FROM runtime.idempotency_keys WHERE client_id = $1 AND key = $2`;
+
+// lock_token: a request whose lease expired and was taken over must not overwrite the new
+// holder's record (nor delete it).
+const COMPLETE_SQL = `
+UPDATE runtime.idempotency_keys
+   SET state = 'completed', response_status = $4, response_headers = $5, response_body = $6,
+       locked_until = $7, expires_at = $8
+ WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
+
+const RELEASE_SQL = `
+DELETE FROM runtime.idempotency_keys
+ WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
+
+// SKIP LOCKED: pruners on several instances share the work instead of queueing on each other,
+// and a row a request is taking over right now is left for the next round.
+const PRUNE_SQL = `
+WITH doomed AS (
+  SELECT client_id, key FROM runtime.idempotency_keys
+   WHERE expires_at <= $1 AND (state = 'completed' OR locked_until <= $1)
+   LIMIT $2
+   FOR UPDATE SKIP LOCKED)
+DELETE FROM runtime.idempotency_keys k USING doomed d
+ WHERE k.client_id = d.client_id AND k.key = d.key`;
+
+function assertInteger(name: string, value: number, min: number, max: number): void {
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new RangeError(`idempotency: ${name} must be an integer in ${min}..${max}, got ${value}`);
+  }
+}
+
+/** pg honours query_timeout per query at run time, though @types/pg's QueryConfig omits it. */
+function timed(text: string, values: unknown[], queryTimeoutMs: number): pg.QueryConfig & { query_timeout: number } {
+  return { text, values, query_timeout: queryTimeoutMs };
+}
+
+function defaultClientId(request: FastifyRequest): string {
+  const header = request.headers[CLIENT_ID_HEADER];
+  return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? header : ANONYMOUS_CLIENT_ID;
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !Buffer.isBuffer(value);
+}
+
+/** JSON with every object's keys sorted, so `{"a":1,"b":2}` and `{"b":2,"a":1}` are one request. */
+export function canonicalJson(value: unknown): string {
+  const text = JSON.stringify(value, (_key, v: unknown) =>
+    isPlainObject(v) ? Object.fromEntries(Object.entries(v).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) : v,
+  ) as string | undefined;
+  return text ?? '';
+}
+
+/**
+ * sha-256 over method, route pattern, params, query and body: what makes two requests "the
+ * same". Taken after validation, so defaults the schema fills in count as sent. Each part is
+ * length-prefixed so no two different requests can run together into the same bytes.
+ */
+export function requestFingerprint(request: FastifyRequest): Buffer {
+  const body: unknown = request.body;
+  const bodyBytes = Buffer.isBuffer(body)
+    ? body
+    : Buffer.from(typeof body === 'string' ? body : canonicalJson(body), 'utf8');
+  const hash = createHash('sha256');
+  const parts = [
+    Buffer.from(request.method, 'utf8'),
+    Buffer.from(request.routeOptions.url ?? '', 'utf8'),
+    Buffer.from(canonicalJson(request.params), 'utf8'),
+    Buffer.from(canonicalJson(request.query), 'utf8'),
+    bodyBytes,
+  ];
+  for (const part of parts) {
+    hash.update(`${part.length}:`);
+    hash.update(part);
+  }
+  return hash.digest();
+}
+
+function headerProblem(message: string): HttpProblem {
+  return problem(400, {
+    type: PROBLEM_TYPES.validationError,
+    title: 'Validation failed',
+    detail: 'The request headers do not match the schema.',
+    errors: [{ in: 'headers', path: `/${IDEMPOTENCY_KEY_HEADER}`, message }],
+  });
+}
+
+function payloadBytes(payload: unknown): Buffer | undefined {
+  if (payload === undefined || payload === null) return Buffer.alloc(0);
+  if (typeof payload === 'string') return Buffer.from(payload, 'utf8');
+  if (Buffer.isBuffer(payload)) return payload;
+  return undefined; // a stream: its bytes are not ours to buffer
+}
+
+/**
+ * The plugin. `await app.register(idempotency, { pool })` before adding routes; then every
+ * POST route honours Idempotency-Key (see `IdempotencyOptions.methods` and route
+ * `config: { idempotent }`). It adds hooks to the instance it is registered on, not to a
+ * child context, like fastify-plugin's skip-override.
+ */
+export const idempotency: FastifyPluginAsync<IdempotencyOptions> = (app, options) => {
+  // avvio lets a synchronous throw from a plugin escape as an uncaught exception; a rejection
+  // fails `register` (and `ready`) as it should.
+  try {
+    install(app, options);
+    return Promise.resolve();
+  } catch (error) {
+    return Promise.reject(error);
+  }
+};
+
+// What fastify-plugin does: the hooks apply to the instance `register` was called on.
+Object.assign(idempotency, {
+  [Symbol.for('skip-override')]: true,
+  [Symbol.for('fastify.display-name')]: 'ledgerline-idempotency',
+});
+
+function install(app: FastifyInstance, options: IdempotencyOptions): void {
+  const { pool } = options;
+  if (typeof pool?.query !== 'function') throw new TypeError('idempotency: options.pool must be a pg.Pool');
+  const methods = new Set((options.methods ?? ['POST']).map((m) => m.toUpperCase()));
+  const required = options.required ?? false;
+  const ttlMs = options.ttlMs ?? IDEMPOTENCY_TTL_MS_DEFAULT;
+  const lockTimeoutMs = options.lockTimeoutMs ?? IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT;
+  const responseBytesMax = options.responseBytesMax ?? IDEMPOTENCY_RESPONSE_BYTES_MAX_DEFAULT;
+  const queryTimeoutMs = options.queryTimeoutMs ?? IDEMPOTENCY_QUERY_TIMEOUT_MS_DEFAULT;
+  const clientIdOf = options.clientId ?? defaultClientId;
+  const now = options.now ?? Date.now;
+  const pruneIntervalMs = options.pruneIntervalMs ?? 0;
+  const retryAfterSeconds = options.retryAfterSeconds ?? 1;
+  assertInteger('lockTimeoutMs', lockTimeoutMs, 1, 24 * 3_600_000);
+  // An in-progress row expires at claim + ttl; it must not expire while its lock still holds.
+  assertInteger('ttlMs', ttlMs, lockTimeoutMs + 1, 365 * 86_400_000);
+  assertInteger('responseBytesMax', responseBytesMax, 0, IDEMPOTENCY_RESPONSE_BYTES_LIMIT);
+  assertInteger('queryTimeoutMs', queryTimeoutMs, 1, 600_000);
+  assertInteger('pruneIntervalMs', pruneIntervalMs, 0, 86_400_000);
+  assertInteger('retryAfterSeconds', retryAfterSeconds, 0, 3600);
+
+  const claims = new WeakMap<FastifyRequest, Claim>();
+
+  async function claimKey(clientId: string, key: string, fingerprint: Buffer): Promise<ClaimOutcome> {
+    for (let attempt = 1; attempt <= CLAIM_ATTEMPTS_MAX; attempt++) {
+      const nowMs = now();
+      const token = randomUUID();
+      const claimed = await pool.query<{ fresh: boolean }>(
+        timed(
+          CLAIM_SQL,
+          [clientId, key, fingerprint, token, new Date(nowMs), new Date(nowMs + lockTimeoutMs), new Date(nowMs + ttlMs)],
+          queryTimeoutMs,
+        ),
+      );
+      const inserted = claimed.rows[0];
+      if (inserted !== undefined) return { kind: 'claimed', token, reclaimed: !inserted.fresh };
+
+      const found = await pool.query<KeyRow>(timed(SELECT_SQL, [clientId, key], queryTimeoutMs));
+      const row = found.rows[0];
+      // Pruned, or expired, between the two statements: claim again.
+      if (row === undefined || row.expires_at.getTime() <= nowMs) continue;
+      if (!row.request_fingerprint.equals(fingerprint)) return { kind: 'mismatch' };
+      if (row.state === 'in_progress') return { kind: 'in_progress' };
+      if (row.response_status === null || row.response_headers === null || row.response_body === null) {
+        throw new Error(`invariant: completed idempotency key ${JSON.stringify(key)} has no stored response`);
+      }
+      return { kind: 'replay', status: row.response_status, headers: row.response_headers, body: row.response_body };
+    }
+    throw new Error(`invariant: idempotency key ${JSON.stringify(key)} not claimed in ${CLAIM_ATTEMPTS_MAX} attempts`);
+  }
+
+  function enabledFor(request: FastifyRequest): boolean {
+    if (request.is404) return false;
+    const flag = request.routeOptions.config.idempotent;
+    return flag ?? methods.has(request.method);
+  }
+
+  app.addHook('preHandler', async (request: FastifyRequest, reply: FastifyReply) => {
+    if (!enabledFor(request)) return;
+    const key = request.headers[IDEMPOTENCY_KEY_HEADER];
+    if (key === undefined) {
+      if (required) throw headerProblem('is required on this route');
+      return;
+    }
+    if (typeof key !== 'string' || !IDEMPOTENCY_KEY_PATTERN.test(key)) {
+      throw headerProblem('must be 1 to 255 printable ASCII characters');
+    }
+    const clientId = clientIdOf(request);
+    if (typeof clientId !== 'string' || !CLIENT_ID_STORABLE.test(clientId)) {
+      throw new Error(`invariant: clientId returned ${JSON.stringify(clientId)}, not 1..255 printable ASCII characters`);
+    }
+    const fingerprint = requestFingerprint(request);
+
+    let outcome: ClaimOutcome;
+    try {
+      outcome = await claimKey(clientId, key, fingerprint);
+    } catch (error) {
+      request.log.warn({ err: error, idempotency_key: key }, 'idempotency: key store unavailable');
+      reply.header('retry-after', String(retryAfterSeconds));
+      throw problem(503, {
+        type: IDEMPOTENCY_PROBLEM_TYPES.unavailable,
+        title: 'Idempotency store unavailable',
+        detail: 'The idempotency key could not be checked, so the request was not run. Retry with the same key.',
+      });
+    }
+
+    switch (outcome.kind) {
+      case 'claimed':
+        if (outcome.reclaimed) {
+          request.log.info({ idempotency_key: key, client_id: clientId }, 'idempotency: took over an expired or abandoned key');
+        }
+        claims.set(request, { clientId, key, token: outcome.token, settled: false });
+        return;
+      case 'replay':
+        reply.code(outcome.status);
+        for (const name of REPLAYED_HEADERS) {
+          const value = outcome.headers[name];
+          if (typeof value === 'string') reply.header(name, value);
+        }
+        reply.header(IDEMPOTENT_REPLAYED_HEADER, 'true');
+        return reply.send(outcome.body);
+      case 'in_progress':
+        reply.header('retry-after', String(retryAfterSeconds));
+        throw problem(409, {
+          type: IDEMPOTENCY_PROBLEM_TYPES.inProgress,
+          title: 'Request in progress',
+          detail: 'A request with this Idempotency-Key is still being processed. Retry later with the same key to get its result.',
+        });
+      case 'mismatch':
+        throw problem(422, {
+          type: IDEMPOTENCY_PROBLEM_TYPES.mismatch,
+          title: 'Idempotency-Key reused',
+          detail:
+            'This Idempotency-Key was already used for a different request (method, path or body). ' +
+            'Use a new key for a new request.',
+        });
+    }
+  });
+
+  async function release(claim: Claim, request: FastifyRequest): Promise<void> {
+    await pool.query(timed(RELEASE_SQL, [claim.clientId, claim.key, claim.token], queryTimeoutMs));
+    request.log.debug({ idempotency_key: claim.key }, 'idempotency: key released');
+  }
+
+  // Awaited before the response leaves: a client that has the response can count on its retry
+  // being a replay, never a 409 or a second run. This hook must not throw: Fastify would turn
+  // an error here into a 500 sent in place of the real (already effective) response.
+  app.addHook('onSend', async (request: FastifyRequest, reply: FastifyReply, payload: unknown) => {
+    const claim = claims.get(request);
+    if (claim === undefined || claim.settled) return payload;
+    claim.settled = true;
+    const status = reply.statusCode;
+    try {
+      if (status < 200 || status >= 500 || NOT_STORED_4XX.has(status)) {
+        // Not a final answer: free the key so the client can retry it.
+        await release(claim, request);
+        return payload;
+      }
+      const body = payloadBytes(payload);
+      if (body === undefined || body.length > responseBytesMax) {
+        request.log.warn(
+          { idempotency_key: claim.key, response_bytes: body?.length ?? 'stream', response_bytes_max: responseBytesMax },
+          'idempotency: response not storable; key released, a retry will run the request again',
+        );
+        await release(claim, request);
+        return payload;
+      }
+      const headers: Record<string, string> = {};
+      for (const name of REPLAYED_HEADERS) {
+        const value = reply.getHeader(name);
+        if (typeof value === 'string' || typeof value === 'number') headers[name] = String(value);
+      }
+      const nowMs = now();
+      const stored = await pool.query(
+        timed(
+          COMPLETE_SQL,
+          [claim.clientId, claim.key, claim.token, status, headers, body, new Date(nowMs), new Date(nowMs + ttlMs)],
+          queryTimeoutMs,
+        ),
+      );
+      if (stored.rowCount !== 1) {
+        request.log.warn(
+          { idempotency_key: claim.key, lock_timeout_ms: lockTimeoutMs },
+          'idempotency: key was taken over after its lock timed out; this response is not stored',
+        );
+      }
+    } catch (error) {
+      request.log.error(
+        { err: error, idempotency_key: claim.key },
+        'idempotency: could not record the response; the key stays in progress until its lock times out',
+      );
+    }
+    return payload;
+  });
+
+  // Safety net for a claimed request that never reached onSend (a hijacked reply). A handler
+  // that never answers is bounded by lockTimeoutMs instead.
+  app.addHook('onResponse', async (request: FastifyRequest) => {
+    const claim = claims.get(request);
+    if (claim === undefined || claim.settled) return;
+    claim.settled = true;
+    try {
+      await release(claim, request);
+    } catch (error) {
+      request.log.error({ err: error, idempotency_key: claim.key }, 'idempotency: could not release the key');
+    }
+  });
+
+  if (pruneIntervalMs > 0) {
+    const pruner = startIdempotencyPruner(pool, {
+      intervalMs: pruneIntervalMs,
+      now,
+      queryTimeoutMs,
+      onError: (error) => {
+        app.log.warn({ err: error }, 'idempotency: pruning failed; retrying next interval');
+      },
+    });
+    app.addHook('onClose', () => pruner.stop());
+  }
+}
+
+export interface PruneOptions {
+  /** Rows deleted per statement. Default 1000. */
+  batchSizeMax?: number;
+  /** Statements per call; what remains waits for the next call. Default 100. */
+  batchesMax?: number;
+  /** Deadline for each statement. Default 5 s. */
+  queryTimeoutMs?: number;
+}
+
+/**
+ * Deletes keys whose `expires_at` has passed (in-progress ones only once their lock has also
+ * expired), in batches of `batchSizeMax`, at most `batchesMax` batches. Returns the count.
+ */
+export async function pruneIdempotencyKeys(
+  pool: pg.Pool,
+  now: number | Date = Date.now(),
+  options: PruneOptions = {},
+): Promise<number> {
+  const batchSizeMax = options.batchSizeMax ?? IDEMPOTENCY_PRUNE_BATCH_SIZE_MAX_DEFAULT;
+  const batchesMax = options.batchesMax ?? IDEMPOTENCY_PRUNE_BATCHES_MAX_DEFAULT;
+  const queryTimeoutMs = options.queryTimeoutMs ?? IDEMPOTENCY_QUERY_TIMEOUT_MS_DEFAULT;
+  assertInteger('batchSizeMax', batchSizeMax, 1, 100_000);
+  assertInteger('batchesMax', batchesMax, 1, 100_000);
+  const at = new Date(now);
+  let deleted = 0;
+  for (let batch = 0; batch < batchesMax; batch++) {
+    const result = await pool.query(timed(PRUNE_SQL, [at, batchSizeMax], queryTimeoutMs));
+    const count = result.rowCount ?? 0;
+    deleted += count;
+    if (count < batchSizeMax) break;
+  }
+  return deleted;
+}
+
+export interface PrunerOptions extends PruneOptions {
+  intervalMs: number;
+  /** Milliseconds since the epoch. Default `Date.now`. */
+  now?: () => number;
+  onError?: (error: unknown) => void;
+}
+
+export interface IdempotencyPruner {
+  /** Stops the timer and waits for a prune in progress to finish. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Prunes every `intervalMs`. The timer is unref'd (it never keeps a process alive) and runs
+ * never overlap: a tick that finds the previous prune still running is skipped.
+ */
+export function startIdempotencyPruner(pool: pg.Pool, options: PrunerOptions): IdempotencyPruner {
+  const { intervalMs, now = Date.now, onError = () => {} } = options;
+  assertInteger('intervalMs', intervalMs, 1, 86_400_000);
+  let running: Promise<void> | undefined;
+  const timer = setInterval(() => {
+    if (running !== undefined) return;
+    running = pruneIdempotencyKeys(pool, now(), options)
+      .then(
+        () => {},
+        (error: unknown) => {
+          onError(error);
+        },
+      )
+      .finally(() => {
+        running = undefined;
+      });
+  }, intervalMs);
+  timer.unref();
+  return {
+    stop: async () => {
+      clearInterval(timer);
+      await running;
+    },
+  };
+}

@@ -1,0 +1,69 @@
+export { baseConfigSchema, ConfigError, loadConfig, LOG_LEVELS } from './config.ts';
+export type { BaseConfig, ConfigIssue } from './config.ts';
+export {
+  ANONYMOUS_CLIENT_ID,
+  canonicalJson,
+  CLIENT_ID_HEADER,
+  IDEMPOTENCY_KEY_HEADER,
+  IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT,
+  IDEMPOTENCY_PROBLEM_TYPES,
+  IDEMPOTENCY_RESPONSE_BYTES_MAX_DEFAULT,
+  IDEMPOTENCY_TTL_MS_DEFAULT,
+  IDEMPOTENT_REPLAYED_HEADER,
+  idempotency,
+  idempotencyConfigSchema,
+  pruneIdempotencyKeys,
+  requestFingerprint,
+  startIdempotencyPruner,
+} from './idempotency.ts';
+export type { IdempotencyOptions, IdempotencyPruner, PruneOptions, PrunerOptions } from './idempotency.ts';
+export { migrateRuntime } from './migrate.ts';
+export {
+  HttpProblem,
+  problem,
+  PROBLEM_CONTENT_TYPE,
+  PROBLEM_TYPE_BASE_URI,
+  problemType,
+  ProblemResponse,
+  ProblemSchema,
+  ValidationIssueSchema,
+} from './problem.ts';
+export type { Problem, ProblemInit, ValidationIssue } from './problem.ts';
+export { PROBLEM_TYPES, REQUEST_ID_HEADER } from './problem-handlers.ts';
+export { postgresReadinessCheck, READINESS_TIMEOUT_MS_DEFAULT } from './readiness.ts';
+export type { CheckOutcome, ReadinessCheck } from './readiness.ts';
+export { runService } from './run.ts';
+export type { OnCloseHook, RunOptions } from './run.ts';
+export { createService } from './service.ts';
+export type { Service, ServiceOptions } from './service.ts';
+export { VALIDATION_ISSUES_MAX } from './validation.ts';
+export { DegradationTracker, markStale } from './degradation.ts';
+export type { DegradationSnapshot } from './degradation.ts';
+export { ServiceMetrics, UNMATCHED_ROUTE } from './metrics.ts';
+export type { MetricsOptions, RequestOutcome } from './metrics.ts';
+export { installResilience } from './observability.ts';
+export type { InstalledResilience, ResilienceOptions } from './observability.ts';
+export {
+  DEADLINE_DEFAULT_MS,
+  defaultRateLimitClientId,
+  OPS_ROUTES,
+  OVERLOAD_PROBLEM_TYPES,
+  PRIORITY_DEFAULT,
+  QUEUE_TIMEOUT_MS_DEFAULT,
+  routePriority,
+} from './priority.ts';
+export type { LoadSheddingOptions, RateLimitingOptions } from './priority.ts';
+export { RateLimitUnavailableError, RedisTokenBucket, TOKEN_BUCKET_LUA } from './rate-limit.ts';
+export type { RateLimit, RedisTokenBucketOptions, TokenBucketResult } from './rate-limit.ts';
+export {
+  createTracing,
+  currentTraceIds,
+  extractTraceContext,
+  injectTraceHeaders,
+  installContextManager,
+  TRACE_HEADERS,
+  withSpan,
+} from './tracing.ts';
+export type { HeaderMap, Tracing, TracingOptions } from './tracing.ts';
+export { resilienceConfigSchema, resilienceFromConfig } from './resilience-config.ts';
+export type { ResilienceConfig, ResilienceFromConfig } from './resilience-config.ts';

@@ -1,0 +1,186 @@
+/**
+ * Wires metrics, tracing, deadlines, rate limiting, load shedding and the degradation level
+ * into a service: `createService` calls `installResilience` once, before any route exists,
+ * so every route (the runtime's and the service's) gets them.
+ */
+import type { FastifyRequest } from 'fastify';
+import { context, SpanKind, SpanStatusCode, trace, type Context, type Span } from '@opentelemetry/api';
+import { LoadShedder, type DependencyPolicy } from '@ledgerline/resilience';
+import { DegradationTracker, type DegradationSnapshot } from './degradation.ts';
+import { ServiceMetrics, UNMATCHED_ROUTE, type MetricsOptions, type RequestOutcome } from './metrics.ts';
+import {
+  applyDeadline,
+  applyLoadShedding,
+  applyRateLimit,
+  DEADLINE_DEFAULT_MS,
+  isOpsRoute,
+  QUEUE_TIMEOUT_MS_DEFAULT,
+  validateRateLimits,
+  type LoadSheddingOptions,
+  type RateLimitingOptions,
+} from './priority.ts';
+import type { Service } from './service.ts';
+import { createTracing, currentTraceIds, extractTraceContext, type Tracing, type TracingOptions } from './tracing.ts';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The service's metrics (undefined when disabled): register the service's own here. */
+    metrics: ServiceMetrics | undefined;
+    /** The current degradation level and its causes. */
+    degradation: () => DegradationSnapshot;
+  }
+}
+
+export interface ResilienceOptions {
+  /** Prometheus metrics at GET /metrics. Default on; pass a `ServiceMetrics` to share one. */
+  metrics?: ServiceMetrics | MetricsOptions | false;
+  /** OpenTelemetry tracing. Default on (spans made and propagated; exported only with an exporter). */
+  tracing?: Omit<TracingOptions, 'serviceName'> & { serviceName?: string } | false;
+  /** Priority load shedding. Default off. */
+  loadShedding?: LoadSheddingOptions | false;
+  /** Per-client, per-route rate limiting in Redis. Default off. */
+  rateLimit?: RateLimitingOptions | false;
+  /** Outbound dependencies: their breakers count towards the degradation level and show in /ready. */
+  dependencies?: readonly DependencyPolicy[];
+  /** The deadline of requests that carry none; default 30 s. */
+  deadlineDefaultMs?: number;
+}
+
+export interface InstalledResilience {
+  metrics: ServiceMetrics | undefined;
+  tracing: Tracing | undefined;
+  shedder: LoadShedder | undefined;
+  degradation: DegradationTracker;
+}
+
+interface RequestState {
+  span: Span | undefined;
+  ctx: Context | undefined;
+  outcome: RequestOutcome | undefined;
+}
+
+export function installResilience(app: Service, serviceName: string, options: ResilienceOptions = {}): InstalledResilience {
+  const metrics = options.metrics === false ? undefined : options.metrics instanceof ServiceMetrics ? options.metrics : new ServiceMetrics(options.metrics);
+  const tracing = options.tracing === false ? undefined : createTracing({ serviceName, ...options.tracing });
+  const deadlineDefaultMs = options.deadlineDefaultMs ?? DEADLINE_DEFAULT_MS;
+  const rateLimit = options.rateLimit === false ? undefined : options.rateLimit;
+  if (rateLimit !== undefined) validateRateLimits(rateLimit);
+  const sheddingOptions = options.loadShedding === false ? undefined : options.loadShedding;
+  const shedder = sheddingOptions === undefined ? undefined : new LoadShedder({
+    ...sheddingOptions,
+    queueTimeoutMs: sheddingOptions.queueTimeoutMs ?? QUEUE_TIMEOUT_MS_DEFAULT,
+    // Called only once requests flow, after `degradation` below exists.
+    onLevelChange: () => { degradation.refresh(); },
+    onShed: (e) => { metrics?.shed.inc({ priority: e.priority, reason: e.reason }); },
+  });
+  const degradation = new DegradationTracker({
+    shedder,
+    dependencies: options.dependencies ?? [],
+    log: app.log,
+    onLevel: (level) => { metrics?.degradationLevel.set(level); },
+  });
+  metrics?.degradationLevel.set(0);
+  for (const d of options.dependencies ?? []) {
+    if (d.breaker !== undefined) {
+      metrics?.setBreakerState(d.name, d.breaker.state);
+      const m = metrics;
+      if (m !== undefined) d.breaker.onStateChange((t) => { m.setBreakerState(t.name, t.to); m.breakerTransitions.inc({ dependency: t.name, from: t.from, to: t.to }); });
+    }
+  }
+
+  app.decorate('metrics', metrics);
+  app.decorate('degradation', () => degradation.refresh());
+  app.decorateRequest('deadline', null as never);
+
+  const state = new WeakMap<FastifyRequest, RequestState>();
+  const markOutcome = (request: FastifyRequest, outcome: RequestOutcome): void => {
+    const s = state.get(request);
+    if (s !== undefined) s.outcome = outcome;
+  };
+
+  app.addHook('onRequest', async (request, reply) => {
+    const s: RequestState = { span: undefined, ctx: undefined, outcome: undefined };
+    state.set(request, s);
+    if (tracing !== undefined) {
+      const parent = extractTraceContext(request.headers);
+      const route = request.routeOptions.url ?? UNMATCHED_ROUTE;
+      const span = tracing.tracer.startSpan(`${request.method} ${route}`, {
+        kind: SpanKind.SERVER,
+        attributes: { 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?', 1)[0] ?? '' },
+      }, parent);
+      s.span = span;
+      s.ctx = trace.setSpan(parent, span);
+      const ids = currentTraceIds(s.ctx);
+      if (ids !== undefined) {
+        // Every log line of this request carries the trace; reply.log is what Fastify's own
+        // "request completed" line uses.
+        request.log = request.log.child(ids);
+        reply.log = request.log;
+      }
+    }
+    if (!applyDeadline(request, reply, deadlineDefaultMs)) return reply;
+    if (isOpsRoute(request)) return;
+    if (rateLimit !== undefined) {
+      const passed = await applyRateLimit(request, reply, rateLimit,
+        (route) => { metrics?.rateLimited.inc({ route }); markOutcome(request, 'rate_limited'); },
+        (error) => {
+          metrics?.rateLimitErrors.inc();
+          request.log.warn({ err: error }, 'rate limit: store unavailable; request let through');
+        });
+      if (!passed) return reply;
+    }
+    if (shedder !== undefined) {
+      const admitted = await applyLoadShedding(request, reply, shedder);
+      if (!admitted) {
+        if (reply.statusCode === 503) markOutcome(request, 'shed');
+        return reply;
+      }
+    }
+    return;
+  });
+
+  if (tracing !== undefined) {
+    // Run the handler inside the request's span, so outbound calls and child spans made in
+    // it (and their `injectTraceHeaders`) see it as the active context.
+    app.addHook('preHandler', (request, _reply, done) => {
+      const ctx = state.get(request)?.ctx;
+      if (ctx === undefined) done();
+      else context.with(ctx, done);
+    });
+  }
+
+  app.addHook('onResponse', (request, reply, done) => {
+    const s = state.get(request);
+    const status = reply.statusCode;
+    const outcome: RequestOutcome = s?.outcome ?? (status >= 500 ? 'server_error' : status >= 400 ? 'client_error' : 'ok');
+    const route = request.routeOptions.url ?? UNMATCHED_ROUTE;
+    metrics?.observeRequest(request.method, route, outcome, reply.elapsedTime / 1000);
+    if (s?.span !== undefined) {
+      s.span.setAttribute('http.response.status_code', status);
+      if (status >= 500) s.span.setStatus({ code: SpanStatusCode.ERROR });
+      s.span.end();
+      s.span = undefined;
+    }
+    done();
+  });
+
+  app.addHook('onRequestAbort', (request, done) => {
+    const s = state.get(request);
+    if (s?.span !== undefined) {
+      s.span.setStatus({ code: SpanStatusCode.ERROR, message: 'client aborted' });
+      s.span.end();
+      s.span = undefined;
+    }
+    done();
+  });
+
+  if (metrics !== undefined) {
+    app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
+      degradation.refresh();
+      return reply.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+    });
+  }
+  if (tracing !== undefined) app.addHook('onClose', async () => { await tracing.shutdown(); });
+
+  return { metrics, tracing, shedder, degradation };
+}

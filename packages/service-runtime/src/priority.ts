@@ -1,0 +1,171 @@
+/**
+ * Route priority classes, inbound deadlines, load shedding and rate limiting: the request
+ * gates every service gets from `createService`. For each request, in this order:
+ *
+ * 1. Deadline: `x-deadline-remaining-ms` from the caller, else `deadlineDefaultMs`, becomes
+ *    `request.deadline`. Already expired → 504 at once; nothing runs.
+ * 2. Rate limit (when configured): per client and route; over the limit → 429 + Retry-After.
+ *    Checked before queueing, so a client over its limit cannot take queue slots.
+ * 3. Load shedding (when configured): the route's priority class
+ *    (`config: { priority: 'critical' | 'high' | 'normal' | 'low' }`, default normal) waits
+ *    for a slot; refused → 503 + Retry-After. If the deadline passed while it waited → 504:
+ *    the caller has given up, so the handler is not run.
+ *
+ * The runtime's own routes (/health, /ready, /metrics, /openapi.json) pass every gate:
+ * probes and scrapes must answer precisely when the service is overloaded.
+ */
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { Deadline, DEADLINE_HEADER, PRIORITIES, ShedError, type LoadShedder, type LoadShedderOptions, type Priority } from '@ledgerline/resilience';
+import { problemType } from './problem.ts';
+import { sendProblem } from './problem-handlers.ts';
+import { checkRateLimit, RateLimitUnavailableError, type RateLimit, type RedisTokenBucket } from './rate-limit.ts';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** The route's priority class for load shedding; default `normal`. */
+    priority?: Priority;
+    /** This route's rate limit, or `false` for none; default: the service's default limit. */
+    rateLimit?: RateLimit | false;
+  }
+  interface FastifyRequest {
+    /** When the caller stops waiting: pass it to outbound calls (`policy.execute(fn, { deadline })`). */
+    deadline: Deadline;
+  }
+}
+
+export const PRIORITY_DEFAULT: Priority = 'normal';
+export const OPS_ROUTES: ReadonlySet<string> = new Set(['/health', '/ready', '/metrics', '/openapi.json']);
+/** Used when neither the caller nor the service names a deadline. */
+export const DEADLINE_DEFAULT_MS = 30_000;
+
+export const OVERLOAD_PROBLEM_TYPES = {
+  overloaded: problemType('overloaded'),
+  rateLimited: problemType('rate-limited'),
+  deadlineExceeded: problemType('deadline-exceeded'),
+} as const;
+
+/** Load shedding settings; the class timeouts default to the values below. */
+export interface LoadSheddingOptions extends Omit<LoadShedderOptions, 'queueTimeoutMs' | 'onLevelChange' | 'onShed'> {
+  queueTimeoutMs?: LoadShedderOptions['queueTimeoutMs'];
+}
+
+/**
+ * How long each class may wait for a slot. Money movement waits longest: failing it costs
+ * the most. A report that waits a tenth of a second is better refused and retried later.
+ */
+export const QUEUE_TIMEOUT_MS_DEFAULT: Readonly<Record<Priority, number>> = { critical: 2000, high: 500, normal: 250, low: 100 };
+
+export interface RateLimitingOptions {
+  bucket: RedisTokenBucket;
+  /** Applied to routes that name no limit of their own. */
+  defaultLimit: RateLimit;
+  /** Who the client is; default: the `x-client-id` header when well-formed, else the IP. */
+  clientId?: (request: FastifyRequest) => string;
+}
+
+const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
+
+export function defaultRateLimitClientId(request: FastifyRequest): string {
+  const header = request.headers['x-client-id'];
+  return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? `c:${header}` : `ip:${request.ip}`;
+}
+
+export function routePriority(request: FastifyRequest): Priority {
+  const priority = request.routeOptions.config.priority ?? PRIORITY_DEFAULT;
+  if (!PRIORITIES.includes(priority)) throw new Error(`route ${request.routeOptions.url}: unknown priority ${JSON.stringify(priority)}`);
+  return priority;
+}
+
+export function isOpsRoute(request: FastifyRequest): boolean {
+  const url = request.routeOptions.url;
+  return url !== undefined && OPS_ROUTES.has(url);
+}
+
+/** Reads the inbound deadline; answers 504 and returns false when it has already passed. */
+export function applyDeadline(request: FastifyRequest, reply: FastifyReply, defaultMs: number): boolean {
+  request.deadline = Deadline.fromHeader(request.headers[DEADLINE_HEADER]) ?? Deadline.after(defaultMs);
+  if (!request.deadline.expired()) return true;
+  deadlineExceeded(request, reply);
+  return false;
+}
+
+export function deadlineExceeded(request: FastifyRequest, reply: FastifyReply): void {
+  sendProblem(request, reply, {
+    status: 504,
+    type: OVERLOAD_PROBLEM_TYPES.deadlineExceeded,
+    title: 'Deadline exceeded',
+    detail: 'The caller\'s deadline passed before this request could start; nothing was done.',
+  });
+}
+
+/** Answers 429 and returns false when the client is over its limit for this route. */
+export async function applyRateLimit(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  options: RateLimitingOptions,
+  onLimited: (route: string) => void,
+  onError: (error: unknown) => void,
+): Promise<boolean> {
+  const routeLimit = request.routeOptions.config.rateLimit;
+  if (routeLimit === false) return true;
+  const limit = routeLimit ?? options.defaultLimit;
+  const route = request.routeOptions.url ?? '';
+  const client = (options.clientId ?? defaultRateLimitClientId)(request);
+  let result;
+  try {
+    result = await options.bucket.take(`${request.method}:${route}:${client}`, limit);
+  } catch (error) {
+    if (!(error instanceof RateLimitUnavailableError)) throw error;
+    onError(error);
+    return true;
+  }
+  if (result === undefined || result.allowed) {
+    if (result !== undefined) reply.header('ratelimit-remaining', String(result.remaining));
+    return true;
+  }
+  onLimited(route);
+  reply.header('retry-after', String(Math.max(1, Math.ceil(result.retryAfterMs / 1000))));
+  sendProblem(request, reply, {
+    status: 429,
+    type: OVERLOAD_PROBLEM_TYPES.rateLimited,
+    title: 'Too many requests',
+    detail: `This client is over its limit of ${limit.ratePerSecond} requests per second (burst ${limit.burst}) on ${request.method} ${route}.`,
+  });
+  return false;
+}
+
+/**
+ * Waits for a slot for the route's priority class. Returns false after answering 503 (shed)
+ * or 504 (deadline passed while queued). On true, the slot is released when the response
+ * ends, however it ends.
+ */
+export async function applyLoadShedding(request: FastifyRequest, reply: FastifyReply, shedder: LoadShedder): Promise<boolean> {
+  const priority = routePriority(request);
+  try {
+    await shedder.acquire(priority);
+  } catch (error) {
+    if (!(error instanceof ShedError)) throw error;
+    reply.header('retry-after', String(Math.ceil(error.retryAfterMs / 1000)));
+    sendProblem(request, reply, {
+      status: 503,
+      type: OVERLOAD_PROBLEM_TYPES.overloaded,
+      title: 'Overloaded',
+      detail: `The service is shedding ${priority}-priority requests (${error.reason.replaceAll('_', ' ')}). Retry after the Retry-After delay.`,
+      extensions: { priority, reason: error.reason },
+    });
+    return false;
+  }
+  // 'close' fires once however the exchange ends (sent, failed, or the client went away).
+  reply.raw.once('close', () => { shedder.release(); });
+  if (request.deadline.expired()) {
+    deadlineExceeded(request, reply);
+    return false;
+  }
+  return true;
+}
+
+export function validateRateLimits(options: RateLimitingOptions): void {
+  checkRateLimit(options.defaultLimit, 'rate limit');
+}
+
+export { checkRateLimit };

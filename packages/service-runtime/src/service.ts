@@ -1,0 +1,178 @@
+/**
+ * `createService`: a Fastify instance with the conventions every Ledgerline HTTP service
+ * shares: request ids, problem+json errors, strict validation, health and readiness, and an
+ * OpenAPI document built from the route schemas.
+ */
+import { randomUUID } from 'node:crypto';
+import swagger from '@fastify/swagger';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import Fastify, { LogController } from 'fastify';
+import type {
+  FastifyBaseLogger,
+  FastifyInstance,
+  RawReplyDefaultExpression,
+  RawRequestDefaultExpression,
+  RawServerDefault,
+} from 'fastify';
+import { pino } from 'pino';
+import { Type } from 'typebox';
+import type { BaseConfig } from './config.ts';
+import { ProblemResponse } from './problem.ts';
+import {
+  errorHandler,
+  notFoundHandler,
+  PROBLEM_TYPES,
+  REQUEST_ID_HEADER,
+  sendProblem,
+} from './problem-handlers.ts';
+import { runReadinessChecks } from './readiness.ts';
+import type { ReadinessCheck } from './readiness.ts';
+import { validatorCompiler } from './validation.ts';
+import { installResilience, type ResilienceOptions } from './observability.ts';
+
+export type Service = FastifyInstance<
+  RawServerDefault,
+  RawRequestDefaultExpression,
+  RawReplyDefaultExpression,
+  FastifyBaseLogger,
+  TypeBoxTypeProvider
+>;
+
+/** Metrics, tracing, deadlines, load shedding, rate limiting and dependencies: see observability.ts. */
+export interface ServiceOptions extends ResilienceOptions {
+  config: Pick<BaseConfig, 'LOG_LEVEL' | 'BODY_LIMIT_BYTES'>;
+  openapi: { title: string; version: string; description?: string };
+  readinessChecks?: readonly ReadinessCheck[];
+  /** `false` disables logging (tests); a pino logger replaces the default one on stdout. */
+  logger?: false | FastifyBaseLogger;
+}
+
+/** Ids we accept from callers: short and safe to put in logs and headers unescaped. */
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
+
+/**
+ * Time allowed to receive a whole request. Fastify's default is no limit, which lets a slow
+ * client hold a connection forever when no proxy sits in front.
+ */
+const REQUEST_RECEIVE_TIMEOUT_MS = 30_000;
+
+const HealthSchema = Type.Object({ status: Type.Literal('ok') });
+const DegradationSchema = Type.Object({
+  level: Type.Integer({ minimum: 0, maximum: 3, description: '0 normal; 1 low shed or a dependency degraded; 2 low and normal shed; 3 only critical served' }),
+  shedding: Type.Array(Type.String()),
+  dependencies: Type.Record(Type.String(), Type.String()),
+});
+const ReadySchema = Type.Object({
+  status: Type.Literal('ready'),
+  checks: Type.Record(Type.String(), Type.Literal('ok')),
+  degradation: Type.Optional(DegradationSchema),
+});
+
+/**
+ * Async because @fastify/swagger must finish loading before any route is added, or those
+ * routes are missing from the OpenAPI document. Add routes after awaiting this.
+ */
+export async function createService(options: ServiceOptions): Promise<Service> {
+  const { config, openapi, readinessChecks = [] } = options;
+  assertUniqueNames(readinessChecks);
+
+  const loggerInstance =
+    options.logger === false
+      ? pino({ enabled: false })
+      : (options.logger ?? pino({ level: config.LOG_LEVEL }));
+
+  const app = Fastify({
+    loggerInstance,
+    bodyLimit: config.BODY_LIMIT_BYTES,
+    requestTimeout: REQUEST_RECEIVE_TIMEOUT_MS,
+    // The header is read by genReqId, which validates it; Fastify would trust it as is.
+    requestIdHeader: false,
+    logController: new LogController({ requestIdLogLabel: 'request_id' }),
+    genReqId: (req) => {
+      const incoming = req.headers[REQUEST_ID_HEADER];
+      return typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
+    },
+    frameworkErrors: errorHandler,
+  }).withTypeProvider<TypeBoxTypeProvider>();
+
+  app.setValidatorCompiler(validatorCompiler);
+  app.setErrorHandler(errorHandler);
+  app.setNotFoundHandler(notFoundHandler);
+
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header(REQUEST_ID_HEADER, request.id);
+    done();
+  });
+
+  // Requests in flight when shutdown began finish normally, but their keep-alive connections
+  // must not outlive them: Node's server.close() waits for every open connection. (Requests
+  // that arrive on such a connection after shutdown began get Fastify's built-in 503 before
+  // any hook or handler runs, so no work starts whose answer could be lost.)
+  let closing = false;
+  app.addHook('preClose', (done) => {
+    closing = true;
+    done();
+  });
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (closing) reply.header('connection', 'close');
+    done(null, payload);
+  });
+
+  // A response schema both documents the route and stops fast-json-stringify from
+  // serializing fields the schema does not name, so internals cannot leak by accident.
+  app.addHook('onRoute', (route) => {
+    if (route.schema?.hide !== true && route.schema?.response === undefined) {
+      throw new Error(`${String(route.method)} ${route.url}: a response schema is required`);
+    }
+  });
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: { title: openapi.title, version: openapi.version, description: openapi.description },
+    },
+  });
+
+  const resilience = installResilience(app, openapi.title, options);
+
+  app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+
+  app.get(
+    '/health',
+    { schema: { summary: 'Liveness: the process serves HTTP', response: { 200: HealthSchema } } },
+    () => ({ status: 'ok' as const }),
+  );
+
+  app.get(
+    '/ready',
+    {
+      schema: {
+        summary: 'Readiness: every dependency check passed',
+        response: { 200: ReadySchema, 503: ProblemResponse },
+      },
+    },
+    async (request, reply) => {
+      const checks = await runReadinessChecks(readinessChecks, request.log);
+      const failing = Object.entries(checks).filter(([, outcome]) => outcome !== 'ok');
+      // Degraded is still ready: taking a shedding instance out of rotation would push its
+      // load onto the others and spread the overload. Reported when there is something that
+      // can degrade (load shedding or dependencies configured).
+      const degradation = resilience.shedder !== undefined || (options.dependencies ?? []).length > 0 ? app.degradation() : undefined;
+      if (failing.length === 0) return { status: 'ready' as const, checks: checks as Record<string, 'ok'>, ...(degradation === undefined ? {} : { degradation }) };
+      return sendProblem(request, reply, {
+        status: 503,
+        type: PROBLEM_TYPES.notReady,
+        title: 'Not ready',
+        detail: `Readiness checks failing: ${failing.map(([name, outcome]) => `${name} (${outcome})`).join(', ')}.`,
+        extensions: { checks, ...(degradation === undefined ? {} : { degradation }) },
+      });
+    },
+  );
+
+  return app;
+}
+
+function assertUniqueNames(checks: readonly ReadinessCheck[]): void {
+  const names = new Set(checks.map((check) => check.name));
+  if (names.size !== checks.length) throw new Error('readiness check names must be unique');
+}

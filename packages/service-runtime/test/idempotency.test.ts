@@ -1,0 +1,707 @@
+/**
+ * The idempotency plugin against a real, freshly migrated PostgreSQL database: replay,
+ * mismatch, in-progress conflicts (with real concurrent requests on a listening server),
+ * crash recovery, lease takeover, per-client scoping, what is and is not stored, and pruning
+ * with an injected clock.
+ */
+import assert from 'node:assert/strict';
+import { Readable } from 'node:stream';
+import { after, before, beforeEach, describe, test } from 'node:test';
+import pg from 'pg';
+import { Type } from 'typebox';
+import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import {
+  baseConfigSchema,
+  canonicalJson,
+  createService,
+  IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT,
+  IDEMPOTENCY_TTL_MS_DEFAULT,
+  idempotency,
+  loadConfig,
+  migrateRuntime,
+  problem,
+  problemType,
+  ProblemResponse,
+  pruneIdempotencyKeys,
+  startIdempotencyPruner,
+  type IdempotencyOptions,
+  type Service,
+} from '../src/index.ts';
+
+type Response = Awaited<ReturnType<Service['inject']>>;
+
+const config = loadConfig(baseConfigSchema, {});
+const START_MS = Date.UTC(2026, 0, 1);
+const PROBLEMS = 'https://ledgerline.dev/problems/';
+
+let db: TestDatabase;
+let pool: pg.Pool;
+let nowMs = START_MS;
+const clock = (): number => nowMs;
+
+before(async () => {
+  db = await createTestDatabase('ll_runtime');
+  await migrateRuntime(db.url);
+  // Applying it again is a no-op, as every instance does at start.
+  await migrateRuntime(db.url);
+  pool = new pg.Pool({ connectionString: db.url, max: 8 });
+});
+
+after(async () => {
+  await pool.end();
+  await db.drop();
+});
+
+beforeEach(async () => {
+  nowMs = START_MS;
+  await pool.query('TRUNCATE runtime.idempotency_keys');
+});
+
+/** A promise the test opens by hand, and a signal that the handler reached it. */
+class Gate {
+  readonly #entered = Promise.withResolvers<true>();
+  readonly #opened = Promise.withResolvers<true>();
+  readonly entered = this.#entered.promise;
+  arrive(): Promise<true> {
+    this.#entered.resolve(true);
+    return this.#opened.promise;
+  }
+  open(): void {
+    this.#opened.resolve(true);
+  }
+}
+
+interface TestApp {
+  app: Service;
+  runs: Record<string, number>;
+  gates: Gate[];
+  /** Failures /flaky still has to produce before it succeeds. */
+  failures: { left: number };
+}
+
+const Thing = Type.Object({ n: Type.Integer(), name: Type.String() });
+const ThingBody = Type.Object({ name: Type.String(), amount: Type.Optional(Type.Integer()) }, { additionalProperties: false });
+const problems = { 400: ProblemResponse, 409: ProblemResponse, 422: ProblemResponse, 429: ProblemResponse, 500: ProblemResponse, 503: ProblemResponse };
+
+async function buildApp(options: Partial<IdempotencyOptions> = {}): Promise<TestApp> {
+  const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+  await app.register(idempotency, { pool, now: clock, ...options });
+  const runs: Record<string, number> = {};
+  const gates: Gate[] = [];
+  const failures = { left: 1 };
+  const ran = (name: string): number => (runs[name] = (runs[name] ?? 0) + 1);
+
+  app.post('/v1/things', { schema: { body: ThingBody, response: { 201: Thing, ...problems } } }, (request, reply) => {
+    const n = ran('things');
+    // Only content-type and location may be replayed; the others belong to this exchange.
+    reply.header('location', `/v1/things/${n}`).header('x-secret', 'first-only').header('set-cookie', 'session=abc');
+    reply.code(201);
+    return { n, name: request.body.name };
+  });
+  app.put(
+    '/v1/things/:id',
+    { config: { idempotent: true }, schema: { params: Type.Object({ id: Type.String() }), body: ThingBody, response: { 200: Thing, ...problems } } },
+    (request) => ({ n: ran('put'), name: `${request.params.id}:${request.body.name}` }),
+  );
+  app.get('/v1/things', { schema: { response: { 200: Thing } } }, () => ({ n: ran('get'), name: 'list' }));
+  app.post(
+    '/v1/unrecorded',
+    { config: { idempotent: false }, schema: { body: ThingBody, response: { 201: Thing } } },
+    (request, reply) => {
+      reply.code(201);
+      return { n: ran('unrecorded'), name: request.body.name };
+    },
+  );
+  app.post('/v1/reject', { schema: { body: ThingBody, response: problems } }, () => {
+    ran('reject');
+    throw problem(422, { type: problemType('thing-rejected'), title: 'Thing rejected', detail: 'Never.' });
+  });
+  app.post('/v1/flaky', { schema: { body: ThingBody, response: { 201: Thing, ...problems } } }, (request, reply) => {
+    const n = ran('flaky');
+    if (failures.left > 0) {
+      failures.left--;
+      throw new Error('boom');
+    }
+    reply.code(201);
+    return { n, name: request.body.name };
+  });
+  app.post('/v1/unavailable', { schema: { body: ThingBody, response: problems } }, (_request, reply) => {
+    ran('unavailable');
+    reply.header('retry-after', '1');
+    throw problem(503, { title: 'Unavailable', detail: 'Try again.' });
+  });
+  app.post('/v1/limited', { schema: { body: ThingBody, response: problems } }, () => {
+    ran('limited');
+    throw problem(429, { title: 'Too Many Requests', detail: 'Slow down.' });
+  });
+  app.post('/v1/slow', { schema: { body: ThingBody, response: { 201: Thing, ...problems } } }, async (request, reply) => {
+    const n = ran('slow');
+    const gate = gates.shift();
+    assert.ok(gate !== undefined, 'the test must queue a gate for every slow request');
+    await gate.arrive();
+    reply.code(201);
+    return { n, name: request.body.name };
+  });
+  app.post('/v1/big', { schema: { body: ThingBody, response: { 201: Thing } } }, (request, reply) => {
+    reply.code(201);
+    return { n: ran('big'), name: request.body.name.repeat(200) };
+  });
+  // Type.Unknown: these send raw bytes, which no serializer touches.
+  app.post('/v1/bytes', { schema: { body: ThingBody, response: { 200: Type.Unknown() } } }, (request, reply) => {
+    ran('bytes');
+    reply.type('application/octet-stream');
+    return reply.send(Buffer.from([0, 255, ran('bytes-n'), ...Buffer.from(request.body.name)]));
+  });
+  app.post('/v1/stream', { schema: { body: ThingBody, response: { 200: Type.Unknown() } } }, (request, reply) => {
+    ran('stream');
+    reply.type('text/plain');
+    return reply.send(Readable.from([request.body.name, '-streamed']));
+  });
+  app.post('/v1/hijack', { schema: { body: ThingBody, response: { 201: Thing } } }, (_request, reply) => {
+    ran('hijack');
+    reply.hijack();
+    reply.raw.writeHead(201, { 'content-type': 'application/json' });
+    reply.raw.end('{"n":0,"name":"raw"}');
+  });
+  return { app, runs, gates, failures };
+}
+
+function post(app: Service, url: string, payload: unknown, headers: Record<string, string> = {}): Promise<Response> {
+  return app.inject({ method: 'POST', url, payload: payload as Record<string, unknown>, headers });
+}
+
+async function keyRow(key: string, clientId = 'anonymous'): Promise<{ state: string; response_status: number | null } | undefined> {
+  const r = await pool.query<{ state: string; response_status: number | null }>(
+    'SELECT state, response_status FROM runtime.idempotency_keys WHERE client_id = $1 AND key = $2',
+    [clientId, key],
+  );
+  return r.rows[0];
+}
+
+async function keyCount(): Promise<number> {
+  const r = await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM runtime.idempotency_keys');
+  return r.rows[0]!.n;
+}
+
+function assertProblem(response: Response, status: number, slug: string): void {
+  assert.equal(response.statusCode, status, response.body);
+  assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+  const body = response.json<{ type: string; status: number; detail: string }>();
+  assert.equal(body.type, `${PROBLEMS}${slug}`);
+  assert.equal(body.status, status);
+  assert.ok(body.detail.length > 0);
+}
+
+describe('replay', () => {
+  test('the first request runs and is stored; a retry gets the same status, body and safe headers, marked replayed', async () => {
+    const { app, runs } = await buildApp();
+    const first = await post(app, '/v1/things', { name: 'a', amount: 5 }, { 'idempotency-key': 'k-1' });
+    assert.equal(first.statusCode, 201, first.body);
+    assert.equal(first.headers['idempotent-replayed'], undefined);
+    assert.deepEqual(await keyRow('k-1'), { state: 'completed', response_status: 201 });
+
+    // Same request with its keys in another order: canonically the same body.
+    const retry = await app.inject({
+      method: 'POST',
+      url: '/v1/things',
+      payload: '{"amount":5,"name":"a"}',
+      headers: { 'idempotency-key': 'k-1', 'content-type': 'application/json' },
+    });
+    assert.equal(retry.statusCode, 201);
+    assert.equal(retry.headers['idempotent-replayed'], 'true');
+    assert.equal(retry.body, first.body);
+    assert.equal(retry.headers['content-type'], first.headers['content-type']);
+    assert.equal(retry.headers.location, '/v1/things/1');
+    assert.equal(retry.headers['x-secret'], undefined);
+    assert.equal(retry.headers['set-cookie'], undefined);
+    assert.notEqual(retry.headers['x-request-id'], first.headers['x-request-id']);
+    assert.equal(runs.things, 1);
+
+    // A request without the key is not affected by it and runs each time, unrecorded.
+    const plain = await post(app, '/v1/things', { name: 'a', amount: 5 });
+    assert.equal(plain.statusCode, 201);
+    assert.equal(runs.things, 2);
+    assert.equal(await keyCount(), 1);
+    await app.close();
+  });
+
+  test('a 4xx from the handler is final: stored and replayed, the handler does not run again', async () => {
+    const { app, runs } = await buildApp();
+    const first = await post(app, '/v1/reject', { name: 'a' }, { 'idempotency-key': 'k-422' });
+    assertProblem(first, 422, 'thing-rejected');
+    const retry = await post(app, '/v1/reject', { name: 'a' }, { 'idempotency-key': 'k-422' });
+    assertProblem(retry, 422, 'thing-rejected');
+    assert.equal(retry.headers['idempotent-replayed'], 'true');
+    assert.equal(retry.body, first.body);
+    assert.equal(runs.reject, 1);
+    await app.close();
+  });
+
+  test('a request that fails validation is not recorded: the key is free for the corrected request', async () => {
+    const { app, runs } = await buildApp();
+    const bad = await post(app, '/v1/things', { name: 7 }, { 'idempotency-key': 'k-invalid' });
+    assertProblem(bad, 400, 'validation-error');
+    assert.equal(await keyCount(), 0);
+    const good = await post(app, '/v1/things', { name: 'fixed' }, { 'idempotency-key': 'k-invalid' });
+    assert.equal(good.statusCode, 201);
+    assert.equal(runs.things, 1);
+    await app.close();
+  });
+});
+
+describe('same key, different request', () => {
+  test('a different body, route or path parameter is 422 idempotency-key-mismatch and runs nothing', async () => {
+    const { app, runs } = await buildApp();
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-m' })).statusCode, 201);
+
+    assertProblem(await post(app, '/v1/things', { name: 'b' }, { 'idempotency-key': 'k-m' }), 422, 'idempotency-key-mismatch');
+    assertProblem(await post(app, '/v1/things', { name: 'a', amount: 1 }, { 'idempotency-key': 'k-m' }), 422, 'idempotency-key-mismatch');
+    assertProblem(await post(app, '/v1/reject', { name: 'a' }, { 'idempotency-key': 'k-m' }), 422, 'idempotency-key-mismatch');
+    assert.equal(runs.things, 1);
+    assert.equal(runs.reject, undefined);
+
+    const put = (id: string) =>
+      app.inject({ method: 'PUT', url: `/v1/things/${id}`, payload: { name: 'x' }, headers: { 'idempotency-key': 'k-put' } });
+    assert.equal((await put('one')).statusCode, 200);
+    assertProblem(await put('two'), 422, 'idempotency-key-mismatch');
+    assert.equal(runs.put, 1);
+
+    // The original still replays.
+    const replay = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-m' });
+    assert.equal(replay.statusCode, 201);
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    await app.close();
+  });
+});
+
+describe('the header', () => {
+  test('a malformed key is a 400 validation-error on the header, and nothing runs', async () => {
+    const { app, runs } = await buildApp();
+    for (const key of ['', 'x'.repeat(256), 'tab\there', 'caf\u00e9']) {
+      const r = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': key });
+      assertProblem(r, 400, 'validation-error');
+      assert.deepEqual(r.json<{ errors: unknown }>().errors, [
+        { in: 'headers', path: '/idempotency-key', message: 'must be 1 to 255 printable ASCII characters' },
+      ]);
+    }
+    assert.equal(runs.things, undefined);
+    assert.equal(await keyCount(), 0);
+    // The bounds themselves are fine.
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'x'.repeat(255) })).statusCode, 201);
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': ' !~' })).statusCode, 201);
+    await app.close();
+  });
+
+  test('required: true refuses a request without a key with 400', async () => {
+    const { app, runs } = await buildApp({ required: true });
+    const r = await post(app, '/v1/things', { name: 'a' });
+    assertProblem(r, 400, 'validation-error');
+    assert.deepEqual(r.json<{ errors: unknown }>().errors, [{ in: 'headers', path: '/idempotency-key', message: 'is required on this route' }]);
+    assert.equal(runs.things, undefined);
+    // Routes that are not idempotent are unaffected.
+    assert.equal((await app.inject({ method: 'GET', url: '/v1/things' })).statusCode, 200);
+    assert.equal((await post(app, '/v1/unrecorded', { name: 'a' })).statusCode, 201);
+    await app.close();
+  });
+
+  test('GET, routes with config.idempotent false and unknown routes ignore the header; PUT with config.idempotent true honours it', async () => {
+    const { app, runs } = await buildApp();
+    const headers = { 'idempotency-key': 'k-ignored' };
+    for (let i = 0; i < 2; i++) {
+      assert.equal((await app.inject({ method: 'GET', url: '/v1/things', headers })).statusCode, 200);
+      assert.equal((await post(app, '/v1/unrecorded', { name: 'a' }, headers)).statusCode, 201);
+      assert.equal((await post(app, '/v1/nowhere', { name: 'a' }, headers)).statusCode, 404);
+    }
+    assert.equal(runs.get, 2);
+    assert.equal(runs.unrecorded, 2);
+    assert.equal(await keyCount(), 0);
+    for (let i = 0; i < 2; i++) {
+      const r = await app.inject({ method: 'PUT', url: '/v1/things/7', payload: { name: 'p' }, headers });
+      assert.equal(r.statusCode, 200);
+    }
+    assert.equal(runs.put, 1);
+    await app.close();
+  });
+});
+
+describe('per-client scope', () => {
+  test('the same key from two clients is two keys: both run; an unusable client id counts as anonymous', async () => {
+    const { app, runs } = await buildApp();
+    const a = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'shared', 'x-client-id': 'client-a' });
+    const b = await post(app, '/v1/things', { name: 'b' }, { 'idempotency-key': 'shared', 'x-client-id': 'client-b' });
+    assert.equal(a.statusCode, 201);
+    assert.equal(b.statusCode, 201);
+    assert.equal(b.headers['idempotent-replayed'], undefined);
+    assert.equal(runs.things, 2);
+    assert.deepEqual(await keyRow('shared', 'client-a'), { state: 'completed', response_status: 201 });
+    assert.deepEqual(await keyRow('shared', 'client-b'), { state: 'completed', response_status: 201 });
+
+    const replayA = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'shared', 'x-client-id': 'client-a' });
+    assert.equal(replayA.headers['idempotent-replayed'], 'true');
+    assert.equal(replayA.body, a.body);
+
+    const odd = await post(app, '/v1/things', { name: 'c' }, { 'idempotency-key': 'shared', 'x-client-id': 'no spaces allowed' });
+    assert.equal(odd.statusCode, 201);
+    assert.deepEqual(await keyRow('shared', 'anonymous'), { state: 'completed', response_status: 201 });
+    assert.equal(runs.things, 3);
+    await app.close();
+  });
+
+  test('a custom clientId function scopes keys; one that returns garbage is a 500, not a stored key', async () => {
+    const tenant = await buildApp({ clientId: (request) => `tenant:${String(request.headers['x-tenant'])}` });
+    assert.equal((await post(tenant.app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k', 'x-tenant': 't1' })).statusCode, 201);
+    assert.deepEqual(await keyRow('k', 'tenant:t1'), { state: 'completed', response_status: 201 });
+    await tenant.app.close();
+
+    const broken = await buildApp({ clientId: () => '' });
+    assert.equal((await post(broken.app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k2' })).statusCode, 500);
+    assert.equal(await keyCount(), 1);
+    assert.equal(broken.runs.things, undefined);
+    await broken.app.close();
+  });
+});
+
+describe('what is not stored', () => {
+  test('a 5xx releases the key: the retry runs, succeeds and is then replayed', async () => {
+    const { app, runs } = await buildApp();
+    const failed = await post(app, '/v1/flaky', { name: 'a' }, { 'idempotency-key': 'k-5xx' });
+    assert.equal(failed.statusCode, 500);
+    assert.equal(await keyRow('k-5xx'), undefined);
+
+    const retried = await post(app, '/v1/flaky', { name: 'a' }, { 'idempotency-key': 'k-5xx' });
+    assert.equal(retried.statusCode, 201);
+    assert.equal(retried.headers['idempotent-replayed'], undefined);
+    const replay = await post(app, '/v1/flaky', { name: 'a' }, { 'idempotency-key': 'k-5xx' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    assert.equal(replay.body, retried.body);
+    assert.equal(runs.flaky, 2);
+    await app.close();
+  });
+
+  test('503 and 429 are not final either: each retry runs', async () => {
+    const { app, runs } = await buildApp();
+    for (let i = 0; i < 2; i++) {
+      const r = await post(app, '/v1/unavailable', { name: 'a' }, { 'idempotency-key': 'k-503' });
+      assert.equal(r.statusCode, 503);
+      assert.equal(r.headers['retry-after'], '1');
+      assert.equal(r.headers['idempotent-replayed'], undefined);
+      assert.equal((await post(app, '/v1/limited', { name: 'a' }, { 'idempotency-key': 'k-429' })).statusCode, 429);
+    }
+    assert.equal(runs.unavailable, 2);
+    assert.equal(runs.limited, 2);
+    assert.equal(await keyCount(), 0);
+    await app.close();
+  });
+
+  test('a response over responseBytesMax is delivered but not stored; the key is released', async () => {
+    const { app, runs } = await buildApp({ responseBytesMax: 256 });
+    const first = await post(app, '/v1/big', { name: 'ab' }, { 'idempotency-key': 'k-big' });
+    assert.equal(first.statusCode, 201);
+    assert.ok(first.body.length > 256);
+    assert.equal(await keyRow('k-big'), undefined);
+    const second = await post(app, '/v1/big', { name: 'ab' }, { 'idempotency-key': 'k-big' });
+    assert.equal(second.headers['idempotent-replayed'], undefined);
+    assert.equal(runs.big, 2);
+    await app.close();
+  });
+
+  test('a Buffer body is stored and replayed byte for byte; a streamed body is delivered but not stored', async () => {
+    const { app, runs } = await buildApp();
+    const first = await post(app, '/v1/bytes', { name: 'é' }, { 'idempotency-key': 'k-bytes' });
+    assert.equal(first.statusCode, 200);
+    const replay = await post(app, '/v1/bytes', { name: 'é' }, { 'idempotency-key': 'k-bytes' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    assert.equal(replay.headers['content-type'], 'application/octet-stream');
+    assert.deepEqual(replay.rawPayload, first.rawPayload);
+    assert.deepEqual([...first.rawPayload], [0, 255, 1, 0xc3, 0xa9]);
+    assert.equal(runs.bytes, 1);
+
+    for (let i = 0; i < 2; i++) {
+      const streamed = await post(app, '/v1/stream', { name: 's' }, { 'idempotency-key': 'k-stream' });
+      assert.equal(streamed.statusCode, 200);
+      assert.equal(streamed.body, 's-streamed');
+      assert.equal(streamed.headers['idempotent-replayed'], undefined);
+    }
+    assert.equal(runs.stream, 2);
+    assert.equal(await keyRow('k-stream'), undefined);
+    await app.close();
+  });
+
+  test('a hijacked reply never reaches onSend; onResponse releases its key', async () => {
+    const { app, runs } = await buildApp();
+    const r = await post(app, '/v1/hijack', { name: 'a' }, { 'idempotency-key': 'k-raw' });
+    assert.equal(r.statusCode, 201);
+    // onResponse runs after the response has gone, so the release lands a moment later.
+    for (let waitedMs = 0; (await keyRow('k-raw')) !== undefined; waitedMs += 10) {
+      assert.ok(waitedMs < 5000, 'the hijacked request kept its key');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    assert.equal(runs.hijack, 1);
+    await app.close();
+  });
+});
+
+describe('in progress', () => {
+  test('concurrent duplicates on a listening server: one runs, the others get 409 with Retry-After; then the result replays', async () => {
+    const { app, runs, gates } = await buildApp();
+    const gate = new Gate();
+    gates.push(gate);
+    const address = await app.listen({ port: 0, host: '127.0.0.1' });
+    const send = (body: unknown) =>
+      fetch(`${address}/v1/slow`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'idempotency-key': 'k-race' },
+        body: JSON.stringify(body),
+      });
+
+    const DUPLICATES = 10;
+    let settled = 0;
+    const responses = Array.from({ length: DUPLICATES }, () =>
+      send({ name: 'race' }).then(async (res) => {
+        settled++;
+        return { status: res.status, retryAfter: res.headers.get('retry-after'), body: await res.text() };
+      }),
+    );
+    // Exactly one request got the key and waits at the gate; the rest must be answered first.
+    await gate.entered;
+    for (let waitedMs = 0; settled < DUPLICATES - 1; waitedMs += 10) {
+      assert.ok(waitedMs < 10_000, `only ${settled} duplicates were answered while the first was in progress`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    const mismatch = await send({ name: 'other' });
+    assert.equal(mismatch.status, 422);
+    assert.deepEqual(await keyRow('k-race'), { state: 'in_progress', response_status: null });
+
+    gate.open();
+    const all = await Promise.all(responses);
+    const created = all.filter((r) => r.status === 201);
+    const conflicts = all.filter((r) => r.status === 409);
+    assert.equal(created.length, 1, JSON.stringify(all));
+    assert.equal(conflicts.length, DUPLICATES - 1, JSON.stringify(all));
+    for (const c of conflicts) {
+      assert.equal(c.retryAfter, '1');
+      assert.equal((JSON.parse(c.body) as { type: string }).type, `${PROBLEMS}idempotency-key-in-progress`);
+    }
+    assert.equal(runs.slow, 1);
+
+    const replay = await send({ name: 'race' });
+    assert.equal(replay.status, 201);
+    assert.equal(replay.headers.get('idempotent-replayed'), 'true');
+    assert.equal(await replay.text(), created[0]!.body);
+    assert.equal(runs.slow, 1);
+    await app.close();
+  });
+
+  test('a client that disconnects mid-request: the handler finishes, its response is stored, and the retry replays it', async () => {
+    const { app, runs, gates } = await buildApp();
+    const gate = new Gate();
+    gates.push(gate);
+    const address = await app.listen({ port: 0, host: '127.0.0.1' });
+    const send = (signal?: AbortSignal) =>
+      fetch(`${address}/v1/slow`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'idempotency-key': 'k-abort' },
+        body: JSON.stringify({ name: 'gone' }),
+        ...(signal === undefined ? {} : { signal }),
+      });
+    const controller = new AbortController();
+    const abandoned = send(controller.signal);
+    await gate.entered;
+    controller.abort();
+    await assert.rejects(abandoned);
+    gate.open();
+    for (let waitedMs = 0; (await keyRow('k-abort'))?.state !== 'completed'; waitedMs += 10) {
+      assert.ok(waitedMs < 5000, 'the abandoned request was not stored');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    const retry = await send();
+    assert.equal(retry.status, 201);
+    assert.equal(retry.headers.get('idempotent-replayed'), 'true');
+    assert.deepEqual(await retry.json(), { n: 1, name: 'gone' });
+    assert.equal(runs.slow, 1);
+    await app.close();
+  });
+
+  test('crash recovery: a key left in progress is 409 until its lock times out, then a retry takes it over and runs', async () => {
+    const { app, runs } = await buildApp();
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-crash' })).statusCode, 201);
+    // As a process that claimed the key and died before storing the response leaves it.
+    await pool.query(
+      `UPDATE runtime.idempotency_keys
+          SET state = 'in_progress', response_status = NULL, response_headers = NULL, response_body = NULL,
+              locked_until = $1
+        WHERE key = 'k-crash'`,
+      [new Date(nowMs + IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT)],
+    );
+    assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-crash' }), 409, 'idempotency-key-in-progress');
+    nowMs += IDEMPOTENCY_LOCK_TIMEOUT_MS_DEFAULT - 1;
+    assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-crash' }), 409, 'idempotency-key-in-progress');
+
+    nowMs += 1;
+    // A different request never takes over someone else's key, abandoned or not.
+    assertProblem(await post(app, '/v1/things', { name: 'b' }, { 'idempotency-key': 'k-crash' }), 422, 'idempotency-key-mismatch');
+    const recovered = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-crash' });
+    assert.equal(recovered.statusCode, 201);
+    assert.equal(recovered.headers['idempotent-replayed'], undefined);
+    assert.equal(runs.things, 2);
+    assert.deepEqual(await keyRow('k-crash'), { state: 'completed', response_status: 201 });
+    const replay = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-crash' });
+    assert.equal(replay.body, recovered.body);
+    await app.close();
+  });
+
+  test('a request that outlives its lock loses the key: the taker-over stores its response, the late one does not overwrite it', async () => {
+    const { app, runs, gates } = await buildApp({ lockTimeoutMs: 1000 });
+    const slow = new Gate();
+    const fast = new Gate();
+    gates.push(slow, fast);
+    const late = post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-lease' });
+    await slow.entered;
+    nowMs += 1000;
+    const takeover = post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-lease' });
+    await fast.entered;
+    fast.open();
+    const second = await takeover;
+    assert.equal(second.statusCode, 201);
+    assert.equal(second.json<{ n: number }>().n, 2);
+    slow.open();
+    const first = await late;
+    assert.equal(first.statusCode, 201);
+    assert.equal(first.json<{ n: number }>().n, 1);
+
+    const replay = await post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-lease' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    assert.equal(replay.body, second.body);
+    assert.equal(runs.slow, 2);
+    await app.close();
+  });
+});
+
+describe('key store failures', () => {
+  test('an unreachable store is a 503 with Retry-After, and the handler does not run', async () => {
+    const dead = new pg.Pool({ connectionString: 'postgres://postgres@127.0.0.1:1/nowhere', connectionTimeoutMillis: 1000 });
+    const { app, runs } = await buildApp({ pool: dead });
+    const r = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-dead' });
+    assertProblem(r, 503, 'idempotency-unavailable');
+    assert.equal(r.headers['retry-after'], '1');
+    assert.equal(runs.things, undefined);
+    await app.close();
+    await dead.end();
+  });
+
+  test('a failed store still delivers the response; the key stays in progress until its lock times out', async () => {
+    const failingStore = {
+      query: (query: pg.QueryConfig) =>
+        query.text.includes("SET state = 'completed'") ? Promise.reject(new Error('store failed')) : pool.query(query),
+    } as unknown as pg.Pool;
+    const { app, runs } = await buildApp({ pool: failingStore });
+    const first = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-store' });
+    assert.equal(first.statusCode, 201);
+    assert.deepEqual(await keyRow('k-store'), { state: 'in_progress', response_status: null });
+    assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-store' }), 409, 'idempotency-key-in-progress');
+    assert.equal(runs.things, 1);
+    await app.close();
+  });
+});
+
+describe('pruning', () => {
+  test('keys are kept for ttlMs after completion, then pruned; the key can then be used again', async () => {
+    const { app, runs } = await buildApp();
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-old' })).statusCode, 201);
+    nowMs += IDEMPOTENCY_TTL_MS_DEFAULT - 1;
+    assert.equal(await pruneIdempotencyKeys(pool, nowMs), 0);
+    const replay = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-old' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+
+    nowMs += 1;
+    assert.equal(await pruneIdempotencyKeys(pool, nowMs), 1);
+    assert.equal(await keyCount(), 0);
+    const again = await post(app, '/v1/things', { name: 'other' }, { 'idempotency-key': 'k-old' });
+    assert.equal(again.statusCode, 201);
+    assert.equal(again.headers['idempotent-replayed'], undefined);
+    assert.equal(runs.things, 2);
+    await app.close();
+  });
+
+  test('an expired key not yet pruned is treated as absent', async () => {
+    const { app, runs } = await buildApp();
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-exp' })).statusCode, 201);
+    nowMs += IDEMPOTENCY_TTL_MS_DEFAULT;
+    const r = await post(app, '/v1/things', { name: 'b' }, { 'idempotency-key': 'k-exp' });
+    assert.equal(r.statusCode, 201);
+    assert.equal(runs.things, 2);
+    await app.close();
+  });
+
+  test('deletes in bounded batches, and never a key whose lock is still held', async () => {
+    const values = Array.from({ length: 5 }, (_, i) => `('c', 'k${i}', decode(repeat('00', 32), 'hex'), 'completed', gen_random_uuid(), 201, '{}', '', $1, $1, $2)`);
+    await pool.query(
+      `INSERT INTO runtime.idempotency_keys
+         (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
+       VALUES ${values.join(', ')}`,
+      [new Date(nowMs - 2000), new Date(nowMs - 1000)],
+    );
+    // In progress, its ttl gone but its lock live: a request still owns it.
+    await pool.query(
+      `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
+       VALUES ('c', 'held', decode(repeat('00', 32), 'hex'), 'in_progress', gen_random_uuid(), $1, $2, $3)`,
+      [new Date(nowMs - 2000), new Date(nowMs + 1000), new Date(nowMs - 1000)],
+    );
+    assert.equal(await pruneIdempotencyKeys(pool, nowMs, { batchSizeMax: 2, batchesMax: 2 }), 4);
+    assert.equal(await pruneIdempotencyKeys(pool, nowMs, { batchSizeMax: 2, batchesMax: 2 }), 1);
+    assert.equal(await keyCount(), 1);
+    assert.equal(await pruneIdempotencyKeys(pool, nowMs + 1000), 1);
+    assert.equal(await keyCount(), 0);
+    await assert.rejects(pruneIdempotencyKeys(pool, nowMs, { batchSizeMax: 0 }), RangeError);
+  });
+
+  test('the pruner timer prunes on its interval, reports errors, and stops', async () => {
+    const { app } = await buildApp();
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-timer' })).statusCode, 201);
+    await app.close();
+    nowMs += IDEMPOTENCY_TTL_MS_DEFAULT;
+    const pruner = startIdempotencyPruner(pool, { intervalMs: 5, now: clock });
+    for (let waitedMs = 0; (await keyCount()) > 0; waitedMs += 10) {
+      assert.ok(waitedMs < 5000, 'the pruner did not prune within 5 s');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    await pruner.stop();
+
+    const ended = new pg.Pool({ connectionString: db.url });
+    await ended.end();
+    const errors: unknown[] = [];
+    const failing = startIdempotencyPruner(ended, { intervalMs: 5, onError: (error) => errors.push(error) });
+    for (let waitedMs = 0; errors.length === 0; waitedMs += 10) {
+      assert.ok(waitedMs < 5000, 'the pruner did not report its error');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    await failing.stop();
+  });
+
+  test('the plugin runs the pruner when pruneIntervalMs is set and stops it on close', async () => {
+    const { app } = await buildApp({ pruneIntervalMs: 5 });
+    assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-plugin' })).statusCode, 201);
+    nowMs += IDEMPOTENCY_TTL_MS_DEFAULT;
+    for (let waitedMs = 0; (await keyCount()) > 0; waitedMs += 10) {
+      assert.ok(waitedMs < 5000, 'the plugin pruner did not prune within 5 s');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    await app.close();
+  });
+});
+
+describe('options and helpers', () => {
+  test('bad options are refused at registration', async () => {
+    for (const bad of [{ ttlMs: 1000, lockTimeoutMs: 1000 }, { responseBytesMax: -1 }, { lockTimeoutMs: 0 }, { pruneIntervalMs: 1.5 }]) {
+      const app = await createService({ config, openapi: { title: 't', version: '0' }, logger: false });
+      await assert.rejects(async () => app.register(idempotency, { pool, ...bad }), RangeError);
+      await app.close().catch(() => {});
+    }
+  });
+
+  test('canonicalJson sorts object keys at every depth and keeps array order', () => {
+    assert.equal(canonicalJson({ b: 1, a: { d: [2, { f: 1, e: 0 }], c: null } }), '{"a":{"c":null,"d":[2,{"e":0,"f":1}]},"b":1}');
+    assert.equal(canonicalJson(undefined), '');
+    assert.equal(canonicalJson('s'), '"s"');
+  });
+});

@@ -1,0 +1,76 @@
+/**
+ * Test support: every test gets a database of its own, created from nothing and dropped at
+ * the end, so tests never depend on leftovers, on each other, or on their order.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+
+export const ADMIN_DATABASE_URL =
+  process.env.TEST_ADMIN_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+
+export interface TestDatabase {
+  name: string;
+  url: string;
+  /** Drops the database, terminating any connection still open to it. */
+  drop(): Promise<void>;
+}
+
+function withDatabase(url: string, name: string): string {
+  const parsed = new URL(url);
+  parsed.pathname = `/${name}`;
+  return parsed.toString();
+}
+
+async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+export async function createTestDatabase(prefix = 'll_test'): Promise<TestDatabase> {
+  const name = `${prefix}_${randomBytes(6).toString('hex')}`;
+  await admin((c) => c.query(`CREATE DATABASE ${name}`));
+  return {
+    name,
+    url: withDatabase(ADMIN_DATABASE_URL, name),
+    drop: () =>
+      admin(async (c) => {
+        await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      }),
+  };
+}
+
+/** Terminates every backend connected to a database (a real fault, not a mock). */
+export async function terminateBackends(databaseName: string): Promise<number> {
+  return admin(async (c) => {
+    const r = await c.query(
+      'SELECT count(pg_terminate_backend(pid))::int AS n FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()',
+      [databaseName],
+    );
+    return (r.rows[0] as { n: number }).n;
+  });
+}
+
+/** A deterministic clock for tests: nanoseconds since the epoch, advanced by hand. */
+export class ManualClock {
+  #nowNs: bigint;
+  constructor(startNs = 1_767_225_600_000_000_000n) {
+    this.#nowNs = startNs;
+  }
+  readonly now = (): bigint => this.#nowNs;
+  advanceSeconds(seconds: number): void {
+    this.#nowNs += BigInt(seconds) * 1_000_000_000n;
+  }
+}
+
+/** The fast-check seed for this run: FC_SEED replays a failure; otherwise a fresh one, printed. */
+export function propertySeed(label: string): number {
+  const fromEnv = process.env.FC_SEED;
+  const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
+  console.log(`[fast-check] ${label}: seed=${seed} (replay with FC_SEED=${seed})`);
+  return seed;
+}

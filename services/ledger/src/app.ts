@@ -1,0 +1,479 @@
+/**
+ * The ledger HTTP service: a thin composition of the ledger engine and the service runtime.
+ * Handlers translate JSON to engine calls and results back; the money rules live in the engine.
+ */
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
+import type { EventMetadata } from '@ledgerline/events';
+import type pg from 'pg';
+import {
+  AMOUNT_MAX,
+  LedgerClosedError,
+  LedgerOverloadedError,
+  LedgerUnavailableError,
+  type Account,
+  type CreateTransferResult,
+  type CreateTransferResultCode,
+  type LedgerEngine,
+  type NewAccount,
+  type NewTransfer,
+  type Transfer,
+} from '@ledgerline/ledger';
+import {
+  createService,
+  type HttpProblem,
+  idempotency,
+  type IdempotencyOptions,
+  postgresReadinessCheck,
+  problem,
+  problemType,
+  ProblemResponse,
+  type Service,
+  type ServiceOptions,
+} from '@ledgerline/service-runtime';
+import { registerLedgerMetrics } from './metrics.ts';
+import {
+  AccountBatchBody,
+  AccountBatchOut,
+  AccountOut,
+  AccountParams,
+  BalanceOut,
+  BalanceQuery,
+  BATCH_ITEMS_MAX,
+  LedgersOut,
+  NewAccountBody,
+  NewTransferBody,
+  TransferBatchBody,
+  TransferBatchOut,
+  TransferOut,
+  TransferPageOut,
+  TransferResultOut,
+  TransfersQuery,
+} from './schemas.ts';
+
+export interface LedgerServiceOptions {
+  engine: LedgerEngine;
+  pool: pg.Pool;
+  logLevel?: string;
+  bodyLimitBytes?: number;
+  logger?: false | FastifyBaseLogger;
+  /** Idempotency-Key handling (ttl, lock timeout, pruner, clock); every POST route honours the header. */
+  idempotency?: Omit<IdempotencyOptions, 'pool'>;
+  /** Metrics, tracing, load shedding, rate limiting, deadlines (see `resilienceFromConfig`). */
+  resilience?: Pick<ServiceOptions, 'metrics' | 'tracing' | 'loadShedding' | 'rateLimit' | 'dependencies' | 'deadlineDefaultMs'>;
+}
+
+const PROBLEMS = {
+  validation: problemType('validation-error'),
+  unknownLedger: problemType('unknown-ledger'),
+  rejected: problemType('transfer-rejected'),
+  accountRejected: problemType('account-rejected'),
+  idConflict: problemType('id-conflict'),
+  notFound: problemType('not-found'),
+  unavailable: problemType('ledger-unavailable'),
+} as const;
+
+/** Header values we copy into event metadata: printable, bounded. */
+const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,511}$/;
+
+/** Seconds a client should wait before retrying after a 503. */
+const RETRY_AFTER_SECONDS = 1;
+
+export async function buildLedgerService(options: LedgerServiceOptions): Promise<Service> {
+  const { engine, pool } = options;
+  const ledgers = new Map((await engine.listLedgers()).map((l) => [l.code, l]));
+
+  const app = await createService({
+    config: {
+      LOG_LEVEL: (options.logLevel ?? 'info') as 'info',
+      BODY_LIMIT_BYTES: options.bodyLimitBytes ?? 1_048_576,
+    },
+    openapi: {
+      title: 'Ledgerline ledger',
+      version: '0.1.0',
+      description:
+        'Double-entry accounts and transfers. Amounts are strings of digits in minor units; ' +
+        'timestamps are nanoseconds since the Unix epoch, as strings. Errors are RFC 9457 problem+json.',
+    },
+    readinessChecks: [postgresReadinessCheck(pool)],
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+    ...options.resilience,
+  });
+  if (app.metrics !== undefined) registerLedgerMetrics(app.metrics, engine, pool);
+  // Fastify parses text/plain bodies by default, so JSON sent as text/plain would fail
+  // validation with a puzzling "body must be object". This API speaks JSON only: answer 415.
+  app.removeContentTypeParser('text/plain');
+  // Every POST honours Idempotency-Key (replayed responses, 409 while in progress, 422 on reuse
+  // for a different request). Re-running a request whose key was abandoned by a crash is safe:
+  // the engine's transfer and account ids are idempotency keys of their own.
+  await app.register(idempotency, { ...options.idempotency, pool });
+
+  /**
+   * Who and why, carried into every event this request causes: the correlation id a caller
+   * sent (or this request's id), the request as the cause, the actor (authentication arrives
+   * with issue 6; until then the caller's x-client-id, or anonymous), and the W3C trace context.
+   */
+  function eventContext(request: FastifyRequest): EventMetadata {
+    const header = (name: string): string | undefined => {
+      const v = request.headers[name];
+      return typeof v === 'string' && SAFE_HEADER_VALUE.test(v) ? v : undefined;
+    };
+    const traceparent = header('traceparent');
+    const tracestate = header('tracestate');
+    return {
+      correlationId: header('x-correlation-id') ?? request.id,
+      causationId: request.id,
+      actor: header('x-client-id') ?? 'anonymous',
+      ...(traceparent === undefined ? {} : { traceparent }),
+      ...(tracestate === undefined ? {} : { tracestate }),
+    };
+  }
+
+  /** Turns the engine's "nothing decided" errors into 503s the client can safely retry. */
+  async function engineCall<T>(reply: FastifyReply, call: () => Promise<T>): Promise<T> {
+    try {
+      return await call();
+    } catch (error) {
+      if (error instanceof LedgerUnavailableError || error instanceof LedgerOverloadedError || error instanceof LedgerClosedError) {
+        reply.header('retry-after', String(RETRY_AFTER_SECONDS));
+        const outcomeUnknown = error instanceof LedgerUnavailableError && error.outcomeUnknown;
+        throw problem(503, {
+          type: PROBLEMS.unavailable,
+          title: 'Ledger unavailable',
+          detail: `${error.message}. Retrying with the same ids is safe: nothing is applied twice.`,
+          outcome_unknown: outcomeUnknown,
+        });
+      }
+      throw error;
+    }
+  }
+
+  /** A 400 in the runtime's validation-error shape, for checks a schema cannot express. */
+  function invalid(part: 'body' | 'querystring', path: string, message: string): HttpProblem {
+    return problem(400, {
+      type: PROBLEMS.validation,
+      title: 'Validation failed',
+      detail: `The request ${part} does not match the schema.`,
+      errors: [{ in: part, path, message }],
+    });
+  }
+
+  /** A string of digits (already checked by the schema) as a bigint within PostgreSQL's bigint. */
+  function int63(digits: string, part: 'body' | 'querystring', path: string): bigint {
+    const value = BigInt(digits);
+    if (value > AMOUNT_MAX) throw invalid(part, path, `must be at most ${AMOUNT_MAX}`);
+    return value;
+  }
+
+  /** The engine takes at most `batchSizeMax` items per call, which may be below BATCH_ITEMS_MAX. */
+  function checkBatchSize(count: number, path: string): void {
+    if (count > engine.batchSizeMax) throw invalid('body', path, `must not have more than ${engine.batchSizeMax} items`);
+  }
+
+  function checkLedger(code: string | undefined, path: string): void {
+    if (code !== undefined && !ledgers.has(code)) {
+      throw problem(422, {
+        type: PROBLEMS.unknownLedger,
+        title: 'Unknown ledger',
+        detail: `There is no ledger for ${code}. Known ledgers: ${[...ledgers.keys()].join(', ')}.`,
+        errors: [{ in: 'body', path, message: 'is not a known ledger' }],
+      });
+    }
+  }
+
+  function toTransfer(body: NewTransferBody, path: string): NewTransfer {
+    const amount = body.amount === undefined ? undefined : int63(body.amount, 'body', `${path}/amount`);
+    checkLedger(body.ledger, `${path}/ledger`);
+    const f = body.flags ?? {};
+    return {
+      id: body.id.toLowerCase(),
+      ...(body.debit_account_id === undefined ? {} : { debitAccountId: body.debit_account_id.toLowerCase() }),
+      ...(body.credit_account_id === undefined ? {} : { creditAccountId: body.credit_account_id.toLowerCase() }),
+      ...(amount === undefined ? {} : { amount }),
+      ...(body.pending_id === undefined ? {} : { pendingId: body.pending_id.toLowerCase() }),
+      ...(body.ledger === undefined ? {} : { ledger: body.ledger }),
+      ...(body.code === undefined ? {} : { code: body.code }),
+      ...(body.timeout_seconds === undefined ? {} : { timeoutSeconds: body.timeout_seconds }),
+      ...(body.metadata === undefined ? {} : { metadata: body.metadata }),
+      flags: {
+        linked: f.linked === true,
+        pending: f.pending === true,
+        postPendingTransfer: f.post_pending_transfer === true,
+        voidPendingTransfer: f.void_pending_transfer === true,
+        balancingDebit: f.balancing_debit === true,
+        balancingCredit: f.balancing_credit === true,
+        closingDebit: f.closing_debit === true,
+        closingCredit: f.closing_credit === true,
+      },
+    };
+  }
+
+  function toAccount(body: NewAccountBody, path: string): NewAccount {
+    checkLedger(body.ledger, `${path}/ledger`);
+    return {
+      id: body.id.toLowerCase(),
+      ledger: body.ledger,
+      code: body.code,
+      flags: {
+        debitsMustNotExceedCredits: body.flags?.debits_must_not_exceed_credits === true,
+        creditsMustNotExceedDebits: body.flags?.credits_must_not_exceed_debits === true,
+      },
+      ...(body.metadata === undefined ? {} : { metadata: body.metadata }),
+    };
+  }
+
+  function accountOut(a: Account) {
+    return {
+      id: a.id,
+      ledger: a.ledger,
+      scale: ledgers.get(a.ledger)?.scale ?? 0,
+      code: a.code,
+      flags: {
+        debits_must_not_exceed_credits: a.flags.debitsMustNotExceedCredits === true,
+        credits_must_not_exceed_debits: a.flags.creditsMustNotExceedDebits === true,
+        closed: a.flags.closed === true,
+      },
+      metadata: a.metadata,
+      debits_pending: a.debitsPending.toString(),
+      debits_posted: a.debitsPosted.toString(),
+      credits_pending: a.creditsPending.toString(),
+      credits_posted: a.creditsPosted.toString(),
+      timestamp: a.timestamp.toString(),
+    };
+  }
+
+  function transferOut(x: Transfer) {
+    const f = x.flags;
+    return {
+      id: x.id,
+      debit_account_id: x.debitAccountId,
+      credit_account_id: x.creditAccountId,
+      amount: x.amount.toString(),
+      pending_id: x.pendingId,
+      ledger: x.ledger,
+      code: x.code,
+      flags: {
+        linked: f.linked === true,
+        pending: f.pending === true,
+        post_pending_transfer: f.postPendingTransfer === true,
+        void_pending_transfer: f.voidPendingTransfer === true,
+        balancing_debit: f.balancingDebit === true,
+        balancing_credit: f.balancingCredit === true,
+        closing_debit: f.closingDebit === true,
+        closing_credit: f.closingCredit === true,
+      },
+      timeout_seconds: x.timeoutSeconds,
+      metadata: x.metadata,
+      timestamp: x.timestamp.toString(),
+      result: x.result,
+      pending_status: x.pendingStatus,
+      expires_at: x.expiresAt?.toString() ?? null,
+      resolved_at: x.resolvedAt?.toString() ?? null,
+    };
+  }
+
+  function resultOut(r: CreateTransferResult) {
+    return { id: r.id, result: r.result, timestamp: r.timestamp?.toString() ?? null, amount: r.amount?.toString() ?? null };
+  }
+
+  function notFound(what: string, id: string): HttpProblem {
+    return problem(404, { type: PROBLEMS.notFound, title: `${what} not found`, detail: `No ${what.toLowerCase()} has id ${id}.` });
+  }
+
+  function transferRejection(code: CreateTransferResultCode, id: string): HttpProblem {
+    if (code.startsWith('exists_with_different_')) {
+      const field = code.slice('exists_with_different_'.length);
+      return problem(409, {
+        type: PROBLEMS.idConflict,
+        title: 'Transfer id already used',
+        detail: `Transfer ${id} already exists with a different ${field.replaceAll('_', ' ')}. An id identifies one transfer; use a new id for a new transfer.`,
+        result: code,
+      });
+    }
+    return problem(422, {
+      type: PROBLEMS.rejected,
+      title: 'Transfer rejected',
+      detail: `Transfer ${id} was rejected: ${code.replaceAll('_', ' ')}.`,
+      result: code,
+    });
+  }
+
+  const problems = { 400: ProblemResponse, 409: ProblemResponse, 413: ProblemResponse, 415: ProblemResponse, 422: ProblemResponse, 503: ProblemResponse };
+
+  app.get('/v1/ledgers', { config: { priority: 'high' }, schema: { summary: 'The ledgers (currencies and assets) and their scales', tags: ['ledgers'], response: { 200: LedgersOut } } }, () => ({
+    ledgers: [...ledgers.values()],
+  }));
+
+  app.post(
+    '/v1/accounts',
+    {
+      config: { priority: 'high' },
+      schema: {
+        summary: 'Create an account',
+        description: 'Idempotent by id: repeating the same request returns 200 with the account; the same id with different fields is a 409.',
+        tags: ['accounts'],
+        body: NewAccountBody,
+        response: { 200: AccountOut, 201: AccountOut, ...problems },
+      },
+    },
+    async (request, reply) => {
+      const account = toAccount(request.body, '');
+      const [r] = await engineCall(reply, () => engine.createAccounts([account], eventContext(request)));
+      const result = r?.result;
+      if (result === 'ok' || result === 'exists') {
+        const stored = await engineCall(reply, () => engine.getAccount(account.id));
+        if (stored === null) throw new Error(`invariant: account ${account.id} reported ${result} but is missing`);
+        return reply.code(result === 'ok' ? 201 : 200).send(accountOut(stored));
+      }
+      if (result?.startsWith('exists_with_different_') === true) {
+        throw problem(409, {
+          type: PROBLEMS.idConflict,
+          title: 'Account id already used',
+          detail: `Account ${account.id} already exists with a different ${result.slice(22).replaceAll('_', ' ')}.`,
+          result,
+        });
+      }
+      throw problem(422, { type: PROBLEMS.accountRejected, title: 'Account rejected', detail: `Account ${account.id} was rejected: ${String(result).replaceAll('_', ' ')}.`, result });
+    },
+  );
+
+  app.post(
+    '/v1/accounts/batch',
+    {
+      config: { priority: 'high' },
+      schema: {
+        summary: `Create up to ${BATCH_ITEMS_MAX} accounts, with one result each`,
+        tags: ['accounts'],
+        body: AccountBatchBody,
+        response: { 200: AccountBatchOut, ...problems },
+      },
+    },
+    async (request, reply) => {
+      checkBatchSize(request.body.accounts.length, '/accounts');
+      const accounts = request.body.accounts.map((a, i) => toAccount(a, `/accounts/${i}`));
+      const results = await engineCall(reply, () => engine.createAccounts(accounts, eventContext(request)));
+      return { results: results.map((r) => ({ id: r.id, result: r.result, timestamp: r.timestamp?.toString() ?? null })) };
+    },
+  );
+
+  app.get(
+    '/v1/accounts/:id',
+    { config: { priority: 'high' }, schema: { summary: 'An account with its balances', tags: ['accounts'], params: AccountParams, response: { 200: AccountOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
+    async (request, reply) => {
+      const id = request.params.id.toLowerCase();
+      const account = await engineCall(reply, () => engine.getAccount(id));
+      if (account === null) throw notFound('Account', id);
+      return accountOut(account);
+    },
+  );
+
+  app.get(
+    '/v1/accounts/:id/balance',
+    {
+      config: { priority: 'high' },
+      schema: {
+        summary: "An account's balances as of a ledger timestamp",
+        tags: ['accounts'],
+        params: AccountParams,
+        querystring: BalanceQuery,
+        response: { 200: BalanceOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
+      },
+    },
+    async (request, reply) => {
+      const id = request.params.id.toLowerCase();
+      const at = int63(request.query.at, 'querystring', '/at');
+      const b = await engineCall(reply, () => engine.getAccountBalanceAt(id, at));
+      if (b === null) throw notFound('Account', id);
+      return {
+        account_id: b.accountId,
+        timestamp: b.timestamp.toString(),
+        debits_pending: b.debitsPending.toString(),
+        debits_posted: b.debitsPosted.toString(),
+        credits_pending: b.creditsPending.toString(),
+        credits_posted: b.creditsPosted.toString(),
+      };
+    },
+  );
+
+  app.get(
+    '/v1/accounts/:id/transfers',
+    {
+      config: { priority: 'normal' },
+      schema: {
+        summary: "An account's transfers, newest first by default, with keyset pagination",
+        tags: ['accounts'],
+        params: AccountParams,
+        querystring: TransfersQuery,
+        response: { 200: TransferPageOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
+      },
+    },
+    async (request, reply) => {
+      const id = request.params.id.toLowerCase();
+      const { limit, order, after } = request.query;
+      const afterTimestamp = after === undefined ? null : int63(after, 'querystring', '/after');
+      const account = await engineCall(reply, () => engine.getAccount(id));
+      if (account === null) throw notFound('Account', id);
+      const page = await engineCall(reply, () =>
+        engine.listAccountTransfers(id, { limit, order, after: afterTimestamp }),
+      );
+      return { transfers: page.transfers.map(transferOut), next_cursor: page.nextCursor?.toString() ?? null };
+    },
+  );
+
+  app.post(
+    '/v1/transfers',
+    {
+      config: { priority: 'critical' },
+      schema: {
+        summary: 'Create one transfer',
+        description:
+          '201 when applied; 200 with result `exists` when the same transfer was applied before (a safe retry); ' +
+          '409 when the id was used for a different transfer; 422 with the result code when the ledger rejects it. ' +
+          'A rejection is final for that id.',
+        tags: ['transfers'],
+        body: NewTransferBody,
+        response: { 200: TransferResultOut, 201: TransferResultOut, ...problems },
+      },
+    },
+    async (request, reply) => {
+      const transfer = toTransfer(request.body, '');
+      const [r] = await engineCall(reply, () => engine.createTransfers([transfer], eventContext(request)));
+      if (r === undefined) throw new Error('invariant: the engine returned no result');
+      if (r.result === 'ok') return reply.code(201).send(resultOut(r));
+      if (r.result === 'exists') return reply.code(200).send(resultOut(r));
+      throw transferRejection(r.result, transfer.id);
+    },
+  );
+
+  app.post(
+    '/v1/transfers/batch',
+    {
+      config: { priority: 'critical' },
+      schema: {
+        summary: `Create up to ${BATCH_ITEMS_MAX} transfers, in order, with one result each`,
+        description: 'Transfers are applied in order; a linked chain (flags.linked) is applied all or nothing and must end within the batch.',
+        tags: ['transfers'],
+        body: TransferBatchBody,
+        response: { 200: TransferBatchOut, ...problems },
+      },
+    },
+    async (request, reply) => {
+      checkBatchSize(request.body.transfers.length, '/transfers');
+      const transfers = request.body.transfers.map((x, i) => toTransfer(x, `/transfers/${i}`));
+      const results = await engineCall(reply, () => engine.createTransfers(transfers, eventContext(request)));
+      return { results: results.map(resultOut) };
+    },
+  );
+
+  app.get(
+    '/v1/transfers/:id',
+    { config: { priority: 'high' }, schema: { summary: 'A transfer, applied or rejected', tags: ['transfers'], params: AccountParams, response: { 200: TransferOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
+    async (request, reply) => {
+      const id = request.params.id.toLowerCase();
+      const transfer = await engineCall(reply, () => engine.getTransfer(id));
+      if (transfer === null) throw notFound('Transfer', id);
+      return transferOut(transfer);
+    },
+  );
+
+  return app;
+}
