@@ -39,9 +39,29 @@ export async function createTestDatabase(prefix = 'll_test'): Promise<TestDataba
     url: withDatabase(ADMIN_DATABASE_URL, name),
     drop: () =>
       admin(async (c) => {
+        await waitForDisconnects(c, name);
         await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
       }),
   };
+}
+
+/** How long `drop()` lets a database's clients finish disconnecting before it forces them. */
+const DISCONNECT_GRACE_MS = 2000;
+
+/**
+ * `pg.Pool#end()` resolves once it has asked its clients to end, not once their backends are
+ * gone. A forced drop in that gap terminates a backend whose client is still listening, and the
+ * client raises "terminating connection due to administrator command" as an uncaught error.
+ * So wait until the database has no backends (or the grace runs out: a test that leaks a
+ * connection, or a killed process's backend, is then terminated by the forced drop).
+ */
+async function waitForDisconnects(client: pg.Client, name: string): Promise<void> {
+  const deadline = Date.now() + DISCONNECT_GRACE_MS;
+  for (;;) {
+    const r = await client.query('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = $1', [name]);
+    if ((r.rows[0] as { n: number }).n === 0 || Date.now() >= deadline) return;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
 }
 
 /** Terminates every backend connected to a database (a real fault, not a mock). */
