@@ -1,6 +1,7 @@
 /** Shared test setup for the ledger: a fresh migrated database and the invariant checks. */
 import assert from 'node:assert/strict';
 import pg from 'pg';
+import { guardPool } from '@ledgerline/service-runtime';
 import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
 import { EventStore, migrateEvents } from '@ledgerline/events';
 import { migrateLedger } from '../src/index.ts';
@@ -17,9 +18,9 @@ export async function ledgerTestDb(poolMax = 6): Promise<LedgerTestDb> {
   await migrateLedger(db.url);
   await migrateEvents(db.url);
   const pool = new pg.Pool({ connectionString: db.url, max: poolMax });
-  // A terminated backend surfaces as an 'error' event on idle clients; the engine handles
-  // the failed query itself, so the event must not crash the test process.
-  pool.on('error', () => {});
+  // A terminated backend surfaces as an 'error' event on its client; the engine handles the
+  // failed query itself, so the event must not crash the test process (see guardPool).
+  guardPool(pool, () => {});
   return {
     db,
     pool,
