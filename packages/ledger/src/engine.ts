@@ -2,10 +2,12 @@
  * The ledger engine: a library over PostgreSQL, no HTTP.
  *
  * Concurrent `createTransfers` calls are coalesced into batches. A batch is one database
- * transaction: lock the accounts it touches (ascending id), reserve timestamps from the
- * clock row (held to commit, so the write phase is serial across every instance), read the
- * transfers it references, decide every transfer in memory (decide.ts), and write the result
- * with one set-based statement.
+ * transaction of four round trips: open it (lock the accounts it touches in ascending id
+ * order, reserve timestamps from the clock row, read the transfers it references: one
+ * round trip, see `openBatch`), decide every transfer in memory (decide.ts), write the result
+ * with one set-based statement, append its events, commit. The clock row is held from the
+ * open to the commit, so that part is serial across every instance; the next batch opens
+ * meanwhile and waits for the clock with its accounts locked.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
@@ -14,8 +16,10 @@ import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from '
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
 import {
+  BEGIN_WRITE,
   insertAccounts,
   lockAccounts,
+  openBatch,
   reserveTimestamps,
   selectAccounts,
   selectAccountTransfers,
@@ -27,6 +31,7 @@ import {
 } from './store.ts';
 import {
   AccountFlag,
+  TransferFlag,
   type Account,
   type AccountBalance,
   type CreateAccountResult,
@@ -72,7 +77,10 @@ export interface LedgerEngineOptions {
   batchSizeMax?: number;
   /** How long a batch may wait for more calls before it starts; 0 starts on the next turn. */
   batchLingerMs?: number;
-  /** Batches in flight at once; their lock phases overlap, their write phases are serial. */
+  /**
+   * Batches in flight at once. One opens at a time (see #mayStartBatch); its locking overlaps
+   * the write and commit of those before it, and their write phases are serial.
+   */
   batchesInFlightMax?: number;
   /** Most transfers waiting in the queue; beyond it calls fail with LedgerOverloadedError. */
   queueTransfersMax?: number;
@@ -134,14 +142,6 @@ class RetryBatch extends Error {}
 
 function ignoreClientError(): void {}
 
-/**
- * Every write transaction bounds its own waits, in the same round trip as BEGIN. A process
- * that stalls while holding the clock lock is cut off after 5 s (the batch is retried
- * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
- */
-const BEGIN_WRITE =
-  "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '30s'";
-
 const ATTEMPT_BACKOFF_MS_BASE = 5;
 const ATTEMPT_BACKOFF_MS_MAX = 500;
 
@@ -159,6 +159,8 @@ export class LedgerEngine {
   readonly #queue: QueuedCall[] = [];
   #queuedTransfers = 0;
   #inFlight = 0;
+  /** Batches in flight that have not yet opened (locked their accounts and the clock). */
+  #opening = 0;
   #scheduled = false;
   #closing = false;
   #drained: Array<() => void> = [];
@@ -240,12 +242,22 @@ export class LedgerEngine {
     });
   }
 
+  /**
+   * A batch may start while another is in flight, but not while another is still opening: a
+   * second batch opened at once would only queue on the clock lock behind the first, holding
+   * its few calls. Started once the first holds the clock, it has gathered every call that
+   * arrived meanwhile, and its locking overlaps the first one's write and commit.
+   */
+  #mayStartBatch(): boolean {
+    return this.#queue.length > 0 && this.#inFlight < this.#batchesInFlightMax && this.#opening === 0;
+  }
+
   #schedule(): void {
-    if (this.#scheduled || this.#queue.length === 0 || this.#inFlight >= this.#batchesInFlightMax) return;
+    if (this.#scheduled || !this.#mayStartBatch()) return;
     this.#scheduled = true;
     const start = (): void => {
       this.#scheduled = false;
-      this.#startBatches();
+      this.#startBatch();
     };
     // Under load, calls pile up while a batch is in flight, so batches grow by themselves.
     // When idle, a call waits only for the rest of this turn (or the linger) before it goes.
@@ -256,8 +268,8 @@ export class LedgerEngine {
     }
   }
 
-  #startBatches(): void {
-    while (this.#queue.length > 0 && this.#inFlight < this.#batchesInFlightMax) {
+  #startBatch(): void {
+    if (this.#mayStartBatch()) {
       const calls: QueuedCall[] = [];
       let size = 0;
       while (this.#queue.length > 0) {
@@ -269,7 +281,16 @@ export class LedgerEngine {
       }
       this.#queuedTransfers -= size;
       this.#inFlight += 1;
-      void this.#runBatch(calls).finally(() => {
+      this.#opening += 1;
+      let opened = false;
+      const onOpened = (): void => {
+        if (opened) return;
+        opened = true;
+        this.#opening -= 1;
+        this.#schedule();
+      };
+      void this.#runBatch(calls, onOpened).finally(() => {
+        onOpened();
         this.#inFlight -= 1;
         if (this.#inFlight === 0 && this.#queue.length === 0) {
           for (const done of this.#drained.splice(0)) done();
@@ -279,26 +300,28 @@ export class LedgerEngine {
     }
   }
 
-  async #runBatch(calls: QueuedCall[]): Promise<void> {
+  /** `onOpened` is called once the batch has opened, or once an attempt to open it failed. */
+  async #runBatch(calls: QueuedCall[], onOpened: () => void): Promise<void> {
     const segments = calls.map((c) => c.transfers);
     let lastError: unknown;
     for (let attempt = 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
       this.#stats.batchAttempts += 1;
       try {
-        const decision = await this.#attemptBatch(segments, calls.map((c) => c.context));
+        const decision = await this.#attemptBatch(segments, calls.map((c) => c.context), onOpened);
         this.#stats.batches += 1;
         this.#stats.transfers += segments.reduce((n, s) => n + s.length, 0);
         calls.forEach((call, i) => call.resolve(decision.results[i] as CreateTransferResult[]));
         return;
       } catch (error) {
+        onOpened();
         lastError = error;
         if (!isTransient(error)) {
           // Not the database's weather but something in this batch. Split it, so that a
           // poisoned call fails alone and its neighbours still get their results.
           if (calls.length > 1) {
             const half = Math.ceil(calls.length / 2);
-            await this.#runBatch(calls.slice(0, half));
-            await this.#runBatch(calls.slice(half));
+            await this.#runBatch(calls.slice(0, half), onOpened);
+            await this.#runBatch(calls.slice(half), onOpened);
             return;
           }
           break;
@@ -319,7 +342,7 @@ export class LedgerEngine {
     for (const call of calls) call.reject(failure);
   }
 
-  async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[]): Promise<BatchDecision> {
+  async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[], onOpened: () => void): Promise<BatchDecision> {
     const all = segments.flat();
     const ids = new Set<string>();
     const pendingIds = new Set<string>();
@@ -336,47 +359,42 @@ export class LedgerEngine {
     const client = await this.#connect();
     let failed = false;
     try {
-      await client.query(BEGIN_WRITE);
-      try {
-        // Pending transfers name the accounts that posting or voiding them will change.
-        for (const p of await selectTransfers(client, [...pendingIds])) {
-          if (p.debitAccountId !== null) accountIds.add(p.debitAccountId);
-          if (p.creditAccountId !== null) accountIds.add(p.creditAccountId);
-        }
-        const accounts = await lockAccounts(client, [...accountIds].sort());
-        const firstTimestamp = await reserveTimestamps(client, all.length, this.#clock());
-        // Read after the clock lock: every batch that committed before us is visible, and no
-        // other batch can insert until we commit, so the idempotency check is exact.
-        const transfers = await selectTransfers(client, [...ids, ...pendingIds]);
-        for (const p of transfers) {
-          if (!pendingIds.has(p.id)) continue;
-          for (const id of [p.debitAccountId, p.creditAccountId]) {
-            if (id !== null && !accountIds.has(id)) {
-              throw new RetryBatch(`pending transfer ${p.id} appeared concurrently`);
-            }
+      const { accounts, firstTimestamp, transfers } = await openBatch(client, {
+        accountIds: [...accountIds],
+        pendingIds: [...pendingIds],
+        transferIds: [...ids, ...pendingIds],
+        count: all.length,
+        nowNs: this.#clock(),
+      });
+      onOpened();
+      // The pending transfers' accounts were locked as of the locking statement; a pending
+      // transfer committed after it began may name others. Deciding needs them locked.
+      const locked = new Set(accounts.map((a) => a.id));
+      for (const p of transfers) {
+        if (!pendingIds.has(p.id) || p.result !== 'ok' || (p.flags & TransferFlag.pending) === 0) continue;
+        for (const id of [p.debitAccountId, p.creditAccountId]) {
+          if (id !== null && !locked.has(id)) {
+            throw new RetryBatch(`pending transfer ${p.id} appeared concurrently`);
           }
         }
-        const state: BatchState = {
-          accounts: new Map(accounts.map((a) => [a.id, a])),
-          transfers: new Map(transfers.map((t) => [t.id, t])),
-        };
-        const decision = decideBatch(state, segments, firstTimestamp);
-        await this.#write(client, state, decision);
-        await this.#appendBatchEvents(client, decision, segments, contexts);
-        try {
-          await client.query('COMMIT');
-        } catch (error) {
-          Object.assign(error as object, { duringCommit: true });
-          throw error;
-        }
-        return decision;
+      }
+      const state: BatchState = {
+        accounts: new Map(accounts.map((a) => [a.id, a])),
+        transfers: new Map(transfers.map((t) => [t.id, t])),
+      };
+      const decision = decideBatch(state, segments, firstTimestamp);
+      await this.#write(client, state, decision);
+      await this.#appendBatchEvents(client, decision, segments, contexts);
+      try {
+        await client.query('COMMIT');
       } catch (error) {
-        failed = true;
-        await client.query('ROLLBACK').catch(() => {});
+        Object.assign(error as object, { duringCommit: true });
         throw error;
       }
+      return decision;
     } catch (error) {
       failed = true;
+      await client.query('ROLLBACK').catch(() => {});
       throw error;
     } finally {
       // A client that saw an error may be broken; discard it rather than reuse it.

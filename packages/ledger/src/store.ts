@@ -5,9 +5,14 @@
 import type pg from 'pg';
 import type { AccountRow, TransferRow } from './rows.ts';
 import type { CreateTransferResultCode, Metadata, PendingStatus } from './types.ts';
+import { isId } from './validate.ts';
 
 const ACCOUNT_COLUMNS = `id::text, ledger, code, flags, metadata,
   debits_pending::text, debits_posted::text, credits_pending::text, credits_posted::text, timestamp::text`;
+
+/** An account row to lock (alias `a`), with its ctid for the write of the same transaction. */
+const LOCKED_ACCOUNT_COLUMNS = `a.ctid::text, a.id::text, a.ledger, a.code, a.flags, a.metadata, a.debits_pending::text,
+  a.debits_posted::text, a.credits_pending::text, a.credits_posted::text, a.timestamp::text`;
 
 const TRANSFER_COLUMNS = `id::text, debit_account_id::text, credit_account_id::text, amount::text,
   amount_requested::text, pending_id::text, ledger, code, flags, timeout_seconds, metadata,
@@ -105,9 +110,7 @@ export async function lockAccounts(db: Queryable, ids: string[]): Promise<Accoun
   // ORDER BY the uuid column itself (index order), not its text rendering. The row's ctid is
   // stable while we hold its lock, and lets the write find the row without an index probe.
   const r = await db.query<AccountRecord & { ctid: string }>(
-    `SELECT a.ctid::text, a.id::text, a.ledger, a.code, a.flags, a.metadata, a.debits_pending::text,
-            a.debits_posted::text, a.credits_pending::text, a.credits_posted::text, a.timestamp::text
-       FROM ledger.accounts a WHERE a.id = ANY($1::uuid[]) ORDER BY a.id FOR UPDATE`,
+    `SELECT ${LOCKED_ACCOUNT_COLUMNS} FROM ledger.accounts a WHERE a.id = ANY($1::uuid[]) ORDER BY a.id FOR UPDATE`,
     [ids],
   );
   return r.rows.map((x) => ({ ...toAccountRow(x), ctid: x.ctid }));
@@ -138,25 +141,114 @@ export async function reserveTimestamps(db: Queryable, count: number, nowNs: big
   return BigInt(row.last) - BigInt(count) + 1n;
 }
 
+/**
+ * Every write transaction bounds its own waits, in the same round trip as BEGIN. A process
+ * that stalls while holding the clock lock is cut off after 5 s (the batch is retried
+ * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
+ */
+export const BEGIN_WRITE =
+  "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '30s'; " +
+  // The rows a batch writes were just locked, so they are in memory: fetching one by its ctid
+  // costs nothing like the default random_page_cost of 4 (a disk seek). With the default the
+  // planner reads a small accounts table end to end (a seq scan over 10,000 rows) instead.
+  "SET LOCAL random_page_cost = 1.1";
+
+/**
+ * A uuid[] literal for the simple query protocol. Only canonical UUIDs pass (the engine
+ * validated them already), so nothing in it can need quoting; anything else is a bug here.
+ */
+function uuidArrayLiteral(ids: readonly string[]): string {
+  for (const id of ids) {
+    if (!isId(id)) throw new Error(`invariant: not a canonical UUID: ${JSON.stringify(id)}`);
+  }
+  return `'{${ids.join(',')}}'::uuid[]`;
+}
+
+export interface OpenBatchInput {
+  /** Accounts the transfers name (existing or not). */
+  accountIds: string[];
+  /** Pending transfers the batch posts or voids: their accounts are locked too. */
+  pendingIds: string[];
+  /** Every transfer id the batch must know about: its own ids and the pending ids. */
+  transferIds: string[];
+  /** Timestamps to reserve, one per transfer. */
+  count: number;
+  nowNs: bigint;
+}
+
+export interface OpenedBatch {
+  /** The existing accounts among `accountIds` and the pending transfers' accounts, locked. */
+  accounts: AccountRow[];
+  firstTimestamp: bigint;
+  /** The existing transfers among `transferIds`, read after the clock lock was granted. */
+  transfers: TransferRow[];
+}
+
+/**
+ * Opens a write batch in one round trip: BEGIN with its timeouts, lock the accounts (ascending
+ * id, as `lockAccounts`), reserve the timestamps (as `reserveTimestamps`), read the transfers.
+ * The statements travel as one simple-protocol query, so the values are inlined as literals:
+ * canonical UUIDs and integers only. Each statement still takes its own snapshot (READ
+ * COMMITTED), so the transfer read sees every batch that committed before the clock lock was
+ * granted, and no other batch can insert until this one commits: the idempotency check is
+ * exact. The pending transfers' accounts are found in the locking statement itself; one that
+ * commits after that statement began is caught by the caller, which compares the pending rows
+ * read last against the accounts locked.
+ */
+export async function openBatch(db: Queryable, input: OpenBatchInput): Promise<OpenedBatch> {
+  if (!Number.isSafeInteger(input.count) || input.count < 1) throw new RangeError('openBatch: count must be a positive integer');
+  const named = uuidArrayLiteral([...new Set(input.accountIds)].sort());
+  // ARRAY(subquery) is evaluated once, so the lock stays an index scan over the ids.
+  const accountIds =
+    input.pendingIds.length === 0
+      ? named
+      : `${named} || ARRAY(SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM ledger.transfers t
+                           WHERE t.id = ANY(${uuidArrayLiteral(input.pendingIds)}))`;
+  const text = `${BEGIN_WRITE};
+    SELECT ${LOCKED_ACCOUNT_COLUMNS} FROM ledger.accounts a WHERE a.id = ANY(${accountIds}) ORDER BY a.id FOR UPDATE;
+    UPDATE ledger.clock SET timestamp = greatest(timestamp + ${input.count}, ${input.nowNs.toString()} + ${input.count - 1})
+     WHERE singleton RETURNING timestamp::text AS last;
+    SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers WHERE id = ANY(${uuidArrayLiteral(input.transferIds)})`;
+  // A multi-statement simple query resolves with one result per statement.
+  const results = (await db.query(text)) as unknown as pg.QueryResult[];
+  const [locked, clock, read] = results.slice(-3) as [
+    pg.QueryResult<AccountRecord & { ctid: string }>,
+    pg.QueryResult<{ last: string }>,
+    pg.QueryResult<TransferRecord>,
+  ];
+  const last = clock.rows[0]?.last;
+  if (last === undefined) throw new Error('invariant: ledger.clock has no row');
+  return {
+    accounts: locked.rows.map((x) => ({ ...toAccountRow(x), ctid: x.ctid })),
+    firstTimestamp: BigInt(last) - BigInt(input.count) + 1n,
+    transfers: read.rows.map(toTransferRow),
+  };
+}
+
 export interface WriteSet {
   accounts: AccountRow[];
   inserts: TransferRow[];
   resolvedPending: TransferRow[];
 }
 
-/** Writes a decided batch in one statement and asserts that every row landed. */
+/**
+ * Writes a decided batch in one statement and asserts that every row landed. The accounts are
+ * found by the ctid their lock returned: one TID lookup each (see BEGIN_WRITE for why the
+ * planner takes it). The statement is named, so each connection plans it once, not per batch.
+ */
 export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
   const a = w.accounts;
   const t = w.inserts;
   const p = w.resolvedPending;
-  const r = await db.query<{ accounts: number; inserted: number; resolved: number }>(
-    `WITH acc AS (
+  const r = await db.query<{ accounts: number; inserted: number; resolved: number }>({
+    name: 'ledger.write_batch',
+    text: `WITH acc AS (
        UPDATE ledger.accounts AS a
           SET debits_pending = u.dp, debits_posted = u.dpo,
               credits_pending = u.cp, credits_posted = u.cpo, flags = u.flags
-         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])
-              AS u(id, dp, dpo, cp, cpo, flags)
-        WHERE a.ctid = ANY($26::tid[]) AND a.id = u.id
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $26::tid[])
+              AS u(id, dp, dpo, cp, cpo, flags, ctid)
+        WHERE a.ctid = u.ctid AND a.id = u.id
         RETURNING 1
      ), ins AS (
        INSERT INTO ledger.transfers (id, debit_account_id, credit_account_id, amount,
@@ -176,7 +268,7 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
      SELECT (SELECT count(*) FROM acc)::int AS accounts,
             (SELECT count(*) FROM ins)::int AS inserted,
             (SELECT count(*) FROM pend)::int AS resolved`,
-    [
+    values: [
       a.map((x) => x.id),
       a.map((x) => x.debitsPending.toString()),
       a.map((x) => x.debitsPosted.toString()),
@@ -204,7 +296,7 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
       p.map((x) => str(x.resolvedAt)),
       a.map((x) => x.ctid),
     ],
-  );
+  });
   const counts = r.rows[0];
   // Check after writing: the rows we decided on are the rows that changed, or nothing commits.
   if (

@@ -15,8 +15,10 @@ import {
   LedgerOverloadedError,
   LedgerUnavailableError,
   newId,
+  TransferFlag,
   type NewTransfer,
 } from '../src/index.ts';
+import { transferEvent } from '../src/events.ts';
 import { assertInvariants, ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
 
 let t: LedgerTestDb;
@@ -57,6 +59,17 @@ function transfer(debit: string, credit: string, amount: bigint, extra: Partial<
 
 async function results(list: NewTransfer[]): Promise<string[]> {
   return (await engine.createTransfers(list)).map((r) => r.result);
+}
+
+/** Returns once a backend of the test database waits for a lock (polls; asserts nothing). */
+async function waitUntilBlockedOnLock(): Promise<void> {
+  for (;;) {
+    const r = await t.pool.query<{ n: number }>(
+      "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    );
+    if ((r.rows[0]?.n ?? 0) > 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
 }
 
 async function balances(id: string): Promise<[bigint, bigint, bigint, bigint]> {
@@ -543,6 +556,68 @@ describe('batching and limits', () => {
     const stats = engine.stats();
     assert.ok(stats.batches < 300, `expected coalescing, got ${stats.batches} batches for 300 calls`);
     assert.ok(stats.batchSizeMean > 1);
+  });
+
+  test('calls that arrive while a batch is still opening gather into the next batch', async () => {
+    const [a, b, c, d] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
+    // Given another transaction holds account a, so the first batch cannot open yet.
+    const blocker = await t.pool.connect();
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query('SELECT 1 FROM ledger.accounts WHERE id = $1 FOR UPDATE', [a]);
+      const first = engine.createTransfers([transfer(a, b, 1n)]);
+      await waitUntilBlockedOnLock();
+      // When two calls on other accounts arrive in different turns while it waits,
+      const second = engine.createTransfers([transfer(c, d, 1n)]);
+      await new Promise(setImmediate);
+      const third = engine.createTransfers([transfer(c, d, 2n)]);
+      await blocker.query('COMMIT');
+      const [r1, r2, r3] = (await Promise.all([first, second, third])).map((r) => r[0]);
+      // Then they go together, in one batch after the first, instead of one batch each.
+      assert.deepEqual([r1?.result, r2?.result, r3?.result], ['ok', 'ok', 'ok']);
+      assert.equal(engine.stats().batches, 2);
+      assert.equal((r3?.timestamp ?? 0n) - (r2?.timestamp ?? 0n), 1n);
+      assert.ok((r2?.timestamp ?? 0n) > (r1?.timestamp ?? 0n));
+    } finally {
+      blocker.release();
+    }
+  });
+
+  test('a pending transfer committed while a batch waits for the clock: the batch retries with its accounts locked', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const p = newId();
+    // Given another writer holds the clock, about to commit a pending transfer p from a to b,
+    const writer = await t.pool.connect();
+    try {
+      await writer.query('BEGIN');
+      const clockRow = await writer.query<{ ts: string }>('UPDATE ledger.clock SET timestamp = timestamp + 1 RETURNING timestamp::text AS ts');
+      const ts = BigInt(clockRow.rows[0]?.ts ?? '0');
+      // when a batch that posts p opens while p is not yet visible (it locks no account for it)
+      // and waits for the clock,
+      const post = engine.createTransfers([{ id: newId(), pendingId: p, flags: { postPendingTransfer: true } }]);
+      await waitUntilBlockedOnLock();
+      const row = { id: p, debitAccountId: a, creditAccountId: b, amount: 5n, amountRequested: 5n, pendingId: null, ledger: 'USD', code: 1,
+        flags: TransferFlag.pending, timeoutSeconds: 0, metadata: {}, timestamp: ts, result: 'ok' as const, pendingStatus: 'pending' as const,
+        expiresAt: null, resolvedAt: null };
+      await writer.query(
+        `INSERT INTO ledger.transfers (id, debit_account_id, credit_account_id, amount, amount_requested, ledger, code, flags, timestamp, result, pending_status)
+         VALUES ($1, $2, $3, 5, 5, 'USD', 1, $4, $5, 'ok', 'pending')`,
+        [p, a, b, TransferFlag.pending, ts.toString()],
+      );
+      await writer.query('UPDATE ledger.accounts SET debits_pending = 5 WHERE id = $1', [a]);
+      await writer.query('UPDATE ledger.accounts SET credits_pending = 5 WHERE id = $1', [b]);
+      await t.events.appendMany(writer, [transferEvent(row, {})]);
+      await writer.query('COMMIT');
+      // then it finds p after the clock, with accounts it did not lock, and retries rather than
+      // deciding on unlocked balances: the post applies once.
+      const [result] = await post;
+      assert.equal(result?.result, 'ok');
+      assert.equal(engine.stats().batchAttempts, engine.stats().batches + 1);
+      assert.deepEqual(await balances(a), [0n, 5n, 0n, 0n]);
+      assert.deepEqual(await balances(b), [0n, 0n, 0n, 5n]);
+    } finally {
+      writer.release();
+    }
   });
 
   test('calls over the batch limit, a full queue, and a closed engine are refused up front', async () => {
