@@ -4,6 +4,8 @@
  * run beside the measurement, in the same benchmark run).
  */
 import { spawn } from 'node:child_process';
+import { cpus, loadavg } from 'node:os';
+import type { ParseArgsConfig } from 'node:util';
 import pg from 'pg';
 import { ADMIN_DATABASE_URL, createTestDatabase } from '../packages/testing/src/index.ts';
 
@@ -27,6 +29,128 @@ export function intArg(name: string, value: string | undefined, fallback: number
 /** The seed from `--seed`, or a fresh one (printed by the caller so the run can be replayed). */
 export function seedArg(value: string | undefined): number {
   return value !== undefined ? Number(value) >>> 0 : (Math.random() * 2 ** 32) >>> 0;
+}
+
+// ------------------------------------------------------------------------------------------
+// The ledger load: what bench:ledger and bench:http share
+
+/** Chosen by measurement on the project's 2-core machine (see bench/README.md). */
+export const LOAD_DEFAULTS = {
+  seconds: 20,
+  warmup: 2,
+  clients: 64,
+  accounts: 10_000,
+  batchSizeMax: 2000,
+  batchesInFlightMax: 2,
+  lingerMs: 0,
+} as const;
+
+/** The `parseArgs` options of the load, the engine and the reference run. */
+export const LOAD_OPTIONS = {
+  seconds: { type: 'string' },
+  warmup: { type: 'string' },
+  clients: { type: 'string' },
+  accounts: { type: 'string' },
+  seed: { type: 'string' },
+  'batch-size-max': { type: 'string' },
+  'batches-in-flight': { type: 'string' },
+  'linger-ms': { type: 'string' },
+  pool: { type: 'string' },
+  'pgbench-scale': { type: 'string' },
+  'no-pgbench': { type: 'boolean', default: false },
+} as const satisfies ParseArgsConfig['options'];
+
+export interface LoadSettings {
+  seconds: number;
+  warmupSeconds: number;
+  clients: number;
+  accountCount: number;
+  batchSizeMax: number;
+  batchesInFlightMax: number;
+  lingerMs: number;
+  /** Connections per engine: one per batch in flight, plus two for reads and the expiry sweep. */
+  poolSize: number;
+  /** `--pgbench-scale`; null: `defaultPgbenchScale` of the clients pgbench runs with. */
+  pgbenchScale: number | null;
+  runPgbench: boolean;
+  seed: number;
+}
+
+/** LOAD_OPTIONS as `parseArgs` returns them. */
+export interface LoadArgs {
+  seconds?: string;
+  warmup?: string;
+  clients?: string;
+  accounts?: string;
+  seed?: string;
+  'batch-size-max'?: string;
+  'batches-in-flight'?: string;
+  'linger-ms'?: string;
+  pool?: string;
+  'pgbench-scale'?: string;
+  'no-pgbench'?: boolean;
+}
+
+/** Reads LOAD_OPTIONS from parsed arguments; a RangeError names the first bad one. */
+export function loadSettings(args: LoadArgs): LoadSettings {
+  const count = (name: string, value: string | undefined, fallback: number, min: number): number =>
+    Math.floor(intArg(name, value, fallback, min));
+  const batchesInFlightMax = count('batches-in-flight', args['batches-in-flight'], LOAD_DEFAULTS.batchesInFlightMax, 1);
+  return {
+    seconds: intArg('seconds', args.seconds, LOAD_DEFAULTS.seconds, 1),
+    warmupSeconds: intArg('warmup', args.warmup, LOAD_DEFAULTS.warmup, 0),
+    clients: count('clients', args.clients, LOAD_DEFAULTS.clients, 1),
+    accountCount: count('accounts', args.accounts, LOAD_DEFAULTS.accounts, 2),
+    batchSizeMax: count('batch-size-max', args['batch-size-max'], LOAD_DEFAULTS.batchSizeMax, 1),
+    batchesInFlightMax,
+    lingerMs: count('linger-ms', args['linger-ms'], LOAD_DEFAULTS.lingerMs, 0),
+    poolSize: count('pool', args.pool, batchesInFlightMax + 2, 1),
+    pgbenchScale: args['pgbench-scale'] === undefined ? null : count('pgbench-scale', args['pgbench-scale'], 1, 1),
+    runPgbench: args['no-pgbench'] !== true,
+    seed: seedArg(args.seed),
+  };
+}
+
+/**
+ * One random transfer's accounts and amount: two distinct accounts and 1..1000 minor units,
+ * drawn in this order from the seeded PRNG, so that a seed replays the same load in either
+ * benchmark.
+ */
+export function randomTransferParts(random: () => number, accountIds: readonly string[]): { debit: string; credit: string; amount: number } {
+  const pick = (): string => accountIds[Math.floor(random() * accountIds.length)] as string;
+  const debit = pick();
+  let credit = pick();
+  while (credit === debit) credit = pick();
+  return { debit, credit, amount: 1 + Math.floor(random() * 1000) };
+}
+
+/** As `pgbench -i` does for its tables: planner statistics, then a checkpoint, so that the
+ * ledger phase and the reference start from the same state. */
+export async function settleAccounts(db: Pick<pg.ClientBase, 'query'>): Promise<void> {
+  await db.query('VACUUM ANALYZE ledger.accounts');
+  await admin('CHECKPOINT');
+}
+
+/** Nanoseconds (a histogram's unit) to milliseconds with two decimals. */
+export const nsToMs = (ns: number): number => Math.round(ns / 1e4) / 100;
+
+/** Logs the seed and the machine's state at the start; returns the 1-minute load average. */
+export function logStart(log: Log, seed: number): number {
+  log(`seed ${seed} (replay with --seed ${seed}); cpus ${cpus().length}; loadavg ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+  return loadavg()[0] ?? 0;
+}
+
+export const loadAverage1m = (): number => Math.round((loadavg()[0] ?? 0) * 100) / 100;
+
+/** The reference run's fields of a summary, beside the measured rate. */
+export function pgbenchSummary(tpcb: PgbenchFigures | null, transfersPerS: number): Record<string, number | null> {
+  return {
+    pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
+    ratio_vs_tpcb: tpcb === null ? null : Math.round((transfersPerS / tpcb.tps) * 100) / 100,
+    pgbench_latency_ms_avg: tpcb?.latencyMsAvg ?? null,
+    pgbench_scale: tpcb?.scale ?? null,
+    pgbench_init_s: tpcb === null ? null : Math.round(tpcb.initSeconds * 10) / 10,
+  };
 }
 
 /** TPC-B's rule is scale >= clients (one branch row per client, else pgbench measures row-lock

@@ -30,7 +30,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { cpus, loadavg } from 'node:os';
+import { cpus } from 'node:os';
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -43,53 +43,42 @@ import { ADMIN_DATABASE_URL, createTestDatabase } from '../packages/testing/src/
 import {
   abort,
   abortOnSignals,
-  admin,
   benchLog,
   checkAborted,
   defaultPgbenchScale,
   exitWhenDone,
   intArg,
+  loadAverage1m,
+  loadSettings,
+  LOAD_OPTIONS,
+  logStart,
+  nsToMs,
+  pgbenchSummary,
   prng,
+  randomTransferParts,
   runPgbenchTpcb,
-  seedArg,
+  settleAccounts,
   sleep,
   type PgbenchFigures,
 } from './common.ts';
 
-// The engine settings are bench:ledger's defaults (chosen by measurement there).
+// The load and engine settings (LOAD_OPTIONS) are bench:ledger's, chosen by measurement there.
 const DEFAULTS = {
-  seconds: 20,
-  warmup: 2,
-  clients: 64,
   batchClients: 8,
   batch: 100,
-  accounts: 10_000,
   timeout: 10,
   instances: 1,
-  batchSizeMax: 2000,
-  batchesInFlightMax: 2,
-  lingerMs: 0,
 };
 /** The service's limit on items per batch request (services/ledger/src/schemas.ts). */
 const BATCH_ITEMS_MAX = 1000;
 
 const { values: args } = parseArgs({
   options: {
-    seconds: { type: 'string' },
-    warmup: { type: 'string' },
-    clients: { type: 'string' },
+    ...LOAD_OPTIONS,
     'batch-clients': { type: 'string' },
     batch: { type: 'string' },
-    accounts: { type: 'string' },
-    seed: { type: 'string' },
     timeout: { type: 'string' },
-    'batch-size-max': { type: 'string' },
-    'batches-in-flight': { type: 'string' },
-    'linger-ms': { type: 'string' },
-    pool: { type: 'string' },
     'pgbench-clients': { type: 'string' },
-    'pgbench-scale': { type: 'string' },
-    'no-pgbench': { type: 'boolean', default: false },
     'no-batch': { type: 'boolean', default: false },
     instances: { type: 'string' },
     'no-relay': { type: 'boolean', default: false },
@@ -98,24 +87,17 @@ const { values: args } = parseArgs({
   strict: true,
 });
 
-const seconds = intArg('seconds', args.seconds, DEFAULTS.seconds, 1);
-const warmupSeconds = intArg('warmup', args.warmup, DEFAULTS.warmup, 0);
-const clients = Math.floor(intArg('clients', args.clients, DEFAULTS.clients, 1));
+const settings = loadSettings(args);
+const { seconds, warmupSeconds, clients, accountCount, batchSizeMax, batchesInFlightMax, lingerMs, poolSize, runPgbench, seed } = settings;
+const pgbenchScaleArg = settings.pgbenchScale;
 const batchClients = Math.floor(intArg('batch-clients', args['batch-clients'], DEFAULTS.batchClients, 1));
-const accountCount = Math.floor(intArg('accounts', args.accounts, DEFAULTS.accounts, 2));
 const timeoutSeconds = intArg('timeout', args.timeout, DEFAULTS.timeout, 1);
-const batchSizeMax = Math.floor(intArg('batch-size-max', args['batch-size-max'], DEFAULTS.batchSizeMax, 1));
-const batchesInFlightMax = Math.floor(intArg('batches-in-flight', args['batches-in-flight'], DEFAULTS.batchesInFlightMax, 1));
-const lingerMs = Math.floor(intArg('linger-ms', args['linger-ms'], DEFAULTS.lingerMs, 0));
-const poolSize = Math.floor(intArg('pool', args.pool, batchesInFlightMax + 2, 1));
 const batchRequestSize = Math.floor(intArg('batch', args.batch, DEFAULTS.batch, 1));
 if (batchRequestSize > Math.min(BATCH_ITEMS_MAX, batchSizeMax)) {
   throw new RangeError(`--batch must be at most ${Math.min(BATCH_ITEMS_MAX, batchSizeMax)} (the service's batch limit)`);
 }
 const pgbenchClientsArg = args['pgbench-clients'] === undefined ? null : Math.floor(intArg('pgbench-clients', args['pgbench-clients'], clients, 1));
-const pgbenchScaleArg = args['pgbench-scale'] === undefined ? null : Math.floor(intArg('pgbench-scale', args['pgbench-scale'], 1, 1));
 const instances = Math.floor(intArg('instances', args.instances, DEFAULTS.instances, 1));
-const runPgbench = !args['no-pgbench'];
 const runBatched = !args['no-batch'];
 const serviceCpuProfDir = args['service-cpu-prof'];
 const relayEnabled = !args['no-relay'];
@@ -124,7 +106,6 @@ const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
 const RUN_TAG = randomBytes(4).toString('hex');
 const EVENTS_STREAM = `LL_BENCH_${RUN_TAG}`;
 const EVENTS_SUBJECT_PREFIX = `llbench${RUN_TAG}.events`;
-const seed = seedArg(args.seed);
 
 const log = benchLog('bench:http');
 abortOnSignals(log);
@@ -164,6 +145,9 @@ async function startService(databaseUrl: string): Promise<ServiceProcess> {
     HOST: '127.0.0.1',
     DATABASE_URL: databaseUrl,
     LOG_LEVEL: 'warn',
+    // The ledger's own throughput, as before bearer tokens: the bench mints none (bench:authz
+    // measures the authorization check).
+    LEDGER_AUTH: 'disabled',
     DATABASE_POOL_MAX: String(poolSize),
     LEDGER_BATCH_SIZE_MAX: String(batchSizeMax),
     LEDGER_BATCHES_IN_FLIGHT_MAX: String(batchesInFlightMax),
@@ -511,7 +495,6 @@ interface LoadOptions {
   maxTimestamp: () => Promise<string>;
 }
 
-const ms = (ns: number): number => Math.round(ns / 1e4) / 100;
 
 function runLoad(options: LoadOptions): Promise<LoadFigures> {
   const { name, connections } = options;
@@ -582,12 +565,12 @@ function runLoad(options: LoadOptions): Promise<LoadFigures> {
               measuredSeconds,
               requestsPerS: Math.round(requests / measuredSeconds),
               transfersPerS: Math.round(transfers / measuredSeconds),
-              p50: ms(histogram.percentile(50)),
-              p99: ms(histogram.percentile(99)),
-              p999: ms(histogram.percentile(99.9)),
-              p9999: ms(histogram.percentile(99.99)),
-              max: ms(histogram.max),
-              mean: ms(histogram.mean),
+              p50: nsToMs(histogram.percentile(50)),
+              p99: nsToMs(histogram.percentile(99)),
+              p999: nsToMs(histogram.percentile(99.9)),
+              p9999: nsToMs(histogram.percentile(99.99)),
+              max: nsToMs(histogram.max),
+              mean: nsToMs(histogram.mean),
               errors: result.errors,
               timeouts: result.timeouts,
               inFlightAtStop: ledger.outstanding.size,
@@ -701,18 +684,12 @@ async function runHttp(databaseUrl: string, database: string): Promise<HttpRun> 
       }
     }
     log(`created ${accountIds.length} accounts in ${((performance.now() - tAccounts) / 1000).toFixed(1)} s`);
-    // As bench:ledger and `pgbench -i` do: planner statistics, then a checkpoint.
-    await db.query('VACUUM ANALYZE ledger.accounts');
-    await admin('CHECKPOINT');
+    await settleAccounts(db);
     checkAborted();
 
     const random = prng(seed);
-    const pick = (): string => accountIds[Math.floor(random() * accountIds.length)] as string;
     const transferJson = (): [string, number] => {
-      const debit = pick();
-      let credit = pick();
-      while (credit === debit) credit = pick();
-      const amount = 1 + Math.floor(random() * 1000);
+      const { debit, credit, amount } = randomTransferParts(random, accountIds);
       return [
         `{"id":"${newId()}","debit_account_id":"${debit}","credit_account_id":"${credit}","amount":"${amount}","ledger":"USD","code":1}`,
         amount,
@@ -869,8 +846,7 @@ async function usableConnections(): Promise<number> {
 }
 
 async function main(): Promise<void> {
-  const loadStart = loadavg()[0] ?? 0;
-  log(`seed ${seed} (replay with --seed ${seed}); cpus ${cpus().length}; loadavg ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+  const loadStart = logStart(log, seed);
   const db = await createTestDatabase('ll_bench');
   log(`database ${db.name}`);
   let http: HttpRun;
@@ -888,7 +864,7 @@ async function main(): Promise<void> {
     );
   }
   log(`invariants ${http.invariantsOk ? 'ok' : 'BROKEN'}: ${JSON.stringify(http.invariants)}`);
-  const loadMid = loadavg()[0] ?? 0;
+  const loadMid = loadAverage1m();
   let tpcb: PgbenchFigures | null = null;
   let pgbenchClients = pgbenchClientsArg ?? clients;
   let pgbenchCpu: CpuSplit | null = null;
@@ -936,12 +912,8 @@ async function main(): Promise<void> {
     latency_ms_p9999: single.p9999,
     latency_ms_max: single.max,
     latency_ms_mean: single.mean,
-    pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
-    ratio_vs_tpcb: tpcb === null ? null : Math.round((single.transfersPerS / tpcb.tps) * 100) / 100,
-    pgbench_latency_ms_avg: tpcb?.latencyMsAvg ?? null,
-    pgbench_scale: tpcb?.scale ?? null,
+    ...pgbenchSummary(tpcb, single.transfersPerS),
     pgbench_clients: tpcb === null ? null : pgbenchClients,
-    pgbench_init_s: tpcb === null ? null : Math.round(tpcb.initSeconds * 10) / 10,
     clients,
     instances,
     accounts: accountCount,
@@ -982,8 +954,8 @@ async function main(): Promise<void> {
     seed,
     cpu_count: cpus().length,
     loadavg_1m_start: Math.round(loadStart * 100) / 100,
-    loadavg_1m_after_http: Math.round(loadMid * 100) / 100,
-    loadavg_1m_end: Math.round((loadavg()[0] ?? 0) * 100) / 100,
+    loadavg_1m_after_http: loadMid,
+    loadavg_1m_end: loadAverage1m(),
     node: process.version,
   };
   process.stdout.write(`${JSON.stringify(summary)}\n`);

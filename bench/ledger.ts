@@ -13,7 +13,7 @@
  *
  * Progress goes to stderr; the last line on stdout is one JSON object with the figures.
  */
-import { cpus, loadavg } from 'node:os';
+import { cpus } from 'node:os';
 import { createHistogram } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
@@ -23,43 +23,27 @@ import { createTestDatabase, type TestDatabase } from '../packages/testing/src/i
 import {
   abort,
   abortOnSignals,
-  admin,
   benchLog,
   checkAborted,
   defaultPgbenchScale,
   exitWhenDone,
-  intArg,
+  loadAverage1m,
+  loadSettings,
+  LOAD_OPTIONS,
+  logStart,
+  nsToMs,
+  pgbenchSummary,
   prng,
+  randomTransferParts,
   runPgbenchTpcb,
-  seedArg,
+  settleAccounts,
   sleep,
   type PgbenchFigures,
 } from './common.ts';
 
-// Defaults chosen by measurement on the project's 2-core machine (see bench/README.md).
-const DEFAULTS = {
-  seconds: 20,
-  warmup: 2,
-  clients: 64,
-  accounts: 10_000,
-  batchSizeMax: 2000,
-  batchesInFlightMax: 2,
-  lingerMs: 0,
-};
-
 const { values: args } = parseArgs({
   options: {
-    seconds: { type: 'string' },
-    warmup: { type: 'string' },
-    clients: { type: 'string' },
-    accounts: { type: 'string' },
-    seed: { type: 'string' },
-    'batch-size-max': { type: 'string' },
-    'batches-in-flight': { type: 'string' },
-    'linger-ms': { type: 'string' },
-    pool: { type: 'string' },
-    'pgbench-scale': { type: 'string' },
-    'no-pgbench': { type: 'boolean', default: false },
+    ...LOAD_OPTIONS,
     // The service appends a domain event per transfer in the batch transaction; so does the
     // bench unless told otherwise, so that it measures what runs in production.
     'no-events': { type: 'boolean', default: false },
@@ -67,18 +51,10 @@ const { values: args } = parseArgs({
   strict: true,
 });
 
-const seconds = intArg('seconds', args.seconds, DEFAULTS.seconds, 1);
-const warmupSeconds = intArg('warmup', args.warmup, DEFAULTS.warmup, 0);
-const clients = Math.floor(intArg('clients', args.clients, DEFAULTS.clients, 1));
-const accountCount = Math.floor(intArg('accounts', args.accounts, DEFAULTS.accounts, 2));
-const batchSizeMax = Math.floor(intArg('batch-size-max', args['batch-size-max'], DEFAULTS.batchSizeMax, 1));
-const batchesInFlightMax = Math.floor(intArg('batches-in-flight', args['batches-in-flight'], DEFAULTS.batchesInFlightMax, 1));
-const lingerMs = intArg('linger-ms', args['linger-ms'], DEFAULTS.lingerMs, 0);
-const poolSize = Math.floor(intArg('pool', args.pool, batchesInFlightMax + 2, 1));
-const pgbenchScale = Math.floor(intArg('pgbench-scale', args['pgbench-scale'], defaultPgbenchScale(clients), 1));
-const runPgbench = !args['no-pgbench'];
+const settings = loadSettings(args);
+const { seconds, warmupSeconds, clients, accountCount, batchSizeMax, batchesInFlightMax, lingerMs, poolSize, runPgbench, seed } = settings;
+const pgbenchScale = settings.pgbenchScale ?? defaultPgbenchScale(clients);
 const withEvents = !args['no-events'];
-const seed = seedArg(args.seed);
 
 const log = benchLog('bench:ledger');
 
@@ -129,14 +105,10 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
       }
     }
     log(`created ${accountIds.length} accounts in ${((performance.now() - tAccounts) / 1000).toFixed(1)} s`);
-    // As `pgbench -i` does for its tables: statistics for the planner, then a checkpoint, so
-    // that both phases start from the same state.
-    await pool.query('VACUUM ANALYZE ledger.accounts');
-    await admin('CHECKPOINT');
+    await settleAccounts(pool);
     checkAborted();
 
     const random = prng(seed);
-    const pick = (): string => accountIds[Math.floor(random() * accountIds.length)] as string;
     const histogram = createHistogram({ lowest: 1, highest: 120e9, figures: 3 });
     const errorKinds: Record<string, number> = {};
     let errors = 0;
@@ -147,14 +119,12 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
 
     const oneClient = async (): Promise<void> => {
       while (!stop && !abort.signal.aborted) {
-        const debit = pick();
-        let credit = pick();
-        while (credit === debit) credit = pick();
+        const { debit, credit, amount } = randomTransferParts(random, accountIds);
         const transfer: NewTransfer = {
           id: newId(),
           debitAccountId: debit,
           creditAccountId: credit,
-          amount: BigInt(1 + Math.floor(random() * 1000)),
+          amount: BigInt(amount),
           ledger: 'USD',
           code: 1,
         };
@@ -240,17 +210,16 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
       Number(row.ok_rows) === okTotal;
     await pool.end();
 
-    const ms = (ns: number): number => Math.round(ns / 1e4) / 100;
     return {
       transfersPerS: Math.round(transfers / measuredSeconds),
       transfers,
       measuredSeconds,
-      p50: ms(histogram.percentile(50)),
-      p99: ms(histogram.percentile(99)),
-      p999: ms(histogram.percentile(99.9)),
-      p9999: ms(histogram.percentile(99.99)),
-      max: ms(histogram.max),
-      mean: ms(histogram.mean),
+      p50: nsToMs(histogram.percentile(50)),
+      p99: nsToMs(histogram.percentile(99)),
+      p999: nsToMs(histogram.percentile(99.9)),
+      p9999: nsToMs(histogram.percentile(99.99)),
+      max: nsToMs(histogram.max),
+      mean: nsToMs(histogram.mean),
       batchSizeMean: dBatches === 0 ? 0 : Math.round((dTransfers / dBatches) * 10) / 10,
       batchesPerS: Math.round(dBatches / measuredSeconds),
       errors,
@@ -271,8 +240,7 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
 // Phase 2: pgbench TPC-B (runPgbenchTpcb in ./common.ts)
 
 async function main(): Promise<void> {
-  const loadStart = loadavg()[0] ?? 0;
-  log(`seed ${seed} (replay with --seed ${seed}); cpus ${cpus().length}; loadavg ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
+  const loadStart = logStart(log, seed);
   const db = await createTestDatabase('ll_bench');
   log(`database ${db.name}`);
   let ledger: LedgerFigures;
@@ -285,7 +253,7 @@ async function main(): Promise<void> {
     `ledger: ${ledger.transfersPerS} transfers/s, p50 ${ledger.p50} ms, p99 ${ledger.p99} ms, p99.9 ${ledger.p999} ms, ` +
       `batch mean ${ledger.batchSizeMean}, errors ${ledger.errors}, invariants ${ledger.invariantsOk ? 'ok' : 'BROKEN'}`,
   );
-  const loadMid = loadavg()[0] ?? 0;
+  const loadMid = loadAverage1m();
   let tpcb: PgbenchFigures | null = null;
   if (runPgbench) {
     checkAborted();
@@ -300,11 +268,7 @@ async function main(): Promise<void> {
     latency_ms_p9999: ledger.p9999,
     latency_ms_max: ledger.max,
     latency_ms_mean: ledger.mean,
-    pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
-    ratio_vs_tpcb: tpcb === null ? null : Math.round((ledger.transfersPerS / tpcb.tps) * 100) / 100,
-    pgbench_latency_ms_avg: tpcb?.latencyMsAvg ?? null,
-    pgbench_scale: tpcb?.scale ?? null,
-    pgbench_init_s: tpcb === null ? null : Math.round(tpcb.initSeconds * 10) / 10,
+    ...pgbenchSummary(tpcb, ledger.transfersPerS),
     clients,
     accounts: accountCount,
     seconds,
@@ -324,8 +288,8 @@ async function main(): Promise<void> {
     seed,
     cpu_count: cpus().length,
     loadavg_1m_start: Math.round(loadStart * 100) / 100,
-    loadavg_1m_after_ledger: Math.round(loadMid * 100) / 100,
-    loadavg_1m_end: Math.round((loadavg()[0] ?? 0) * 100) / 100,
+    loadavg_1m_after_ledger: loadMid,
+    loadavg_1m_end: loadAverage1m(),
     node: process.version,
   };
   process.stdout.write(`${JSON.stringify(summary)}\n`);

@@ -1,1 +1,46 @@
 export * from './sink.ts';
+export { checkpointJson, verifyBundle, type CheckpointJson, type ConsistencyBundle, type InclusionBundle, type ProofBundle } from './bundle.ts';
+export {
+  checkpointBody,
+  checkpointSignatureValid,
+  keyIdOf,
+  loadSigningKey,
+  parsePublicKey,
+  publicKeyPem,
+  signCheckpoint,
+  SigningKeyError,
+  type Checkpoint,
+  type CheckpointSigner,
+} from './keys.ts';
+export {
+  consistencyRanges,
+  EMPTY_ROOT,
+  Frontier,
+  inclusionRanges,
+  leafHash,
+  nodeHash,
+  ProofError,
+  rootFromInclusionProof,
+  rootOf,
+  verifyConsistency,
+  verifyInclusion,
+} from './merkle.ts';
+export { AUDIT_WRITER_ROLE, migrateAudit } from './migrate.ts';
+export { canonicalJson, checkEntry, InvalidAuditEntryError, leafData, PAYLOAD_BYTES_MAX, type AuditRecordFields } from './record.ts';
+export { AuditSequencer, eventEntry, type RoundResult, type SequencerOptions } from './sequencer.ts';
+export {
+  AuditStore,
+  LegalHoldError,
+  SEARCH_LIMIT_MAX,
+  type AuditRecordView,
+  type LegalHold,
+  type Requester,
+  type SearchFilter,
+  type SearchPage,
+} from './store.ts';
+export { consistencyProof, inclusionProof, loadFrontier } from './tree.ts';
+export { verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } from './verify.ts';
+export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
+export { auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
+export { auditConfigSchema } from './config.ts';
+export { startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';

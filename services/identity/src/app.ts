@@ -1,1 +1,186 @@
-export {};
+/**
+ * The identity HTTP service: the OAuth2 token endpoint (password with TOTP, refresh-token
+ * rotation, client credentials with a secret or a signed assertion), revocation, the JWKS, and
+ * the few administrative routes, which need a token of this service's own audience.
+ */
+import type { FastifyBaseLogger } from 'fastify';
+import type pg from 'pg';
+import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
+import type { AuditActor, AuditSink } from '@ledgerline/audit';
+import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy } from '@ledgerline/authz';
+import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
+import { createService, postgresReadinessCheck, problem, problemType, ProblemResponse, type HttpProblem, type Service } from '@ledgerline/service-runtime';
+import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
+
+/** The audience of tokens for this service's own routes. */
+export const IDENTITY_AUDIENCE = 'identity';
+/** The audit action of every token request. */
+export const TOKEN_ACTION = 'identity.token';
+
+export interface IdentityServiceOptions {
+  identity: Identity;
+  pool: pg.Pool;
+  issuer: string;
+  audit: AuditSink;
+  policy?: Policy;
+  /** Milliseconds since the epoch, for token checks and policy decisions. */
+  clock?: () => number;
+  logLevel?: string;
+  logger?: false | FastifyBaseLogger;
+}
+
+const STATUS: Record<IdentityErrorCode, number> = {
+  invalid_request: 400,
+  invalid_grant: 400,
+  invalid_target: 400,
+  invalid_client: 401,
+  mfa_required: 401,
+  account_locked: 423,
+  conflict: 409,
+  not_found: 404,
+};
+
+/** An `IdentityError` as problem+json, carrying the OAuth2 `error` code clients switch on. */
+function identityProblem(error: IdentityError): HttpProblem {
+  return problem(STATUS[error.code], { type: problemType(error.code.replaceAll('_', '-')), title: error.code.replaceAll('_', ' '), detail: error.message, error: error.code });
+}
+
+/** Awaits an `Identity` call, turning its refusals into problems. */
+async function answer<T>(call: Promise<T>): Promise<T> {
+  try {
+    return await call;
+  } catch (error) {
+    throw error instanceof IdentityError ? identityProblem(error) : error;
+  }
+}
+
+function missing(grant: string, fields: string): HttpProblem {
+  return identityProblem(new IdentityError('invalid_request', `grant_type ${grant} needs ${fields}`));
+}
+
+export async function buildIdentityService(options: IdentityServiceOptions): Promise<Service> {
+  const { identity, pool, issuer } = options;
+  const clock = options.clock ?? Date.now;
+  const app = await createService({
+    config: { LOG_LEVEL: (options.logLevel ?? 'info') as 'info', BODY_LIMIT_BYTES: 65_536 },
+    openapi: { title: 'Ledgerline identity', version: '0.1.0', description: 'Users, two-factor authentication, service clients and tokens. Errors are RFC 9457 problem+json with an OAuth2 `error` member.' },
+    readinessChecks: [postgresReadinessCheck(pool)],
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+  });
+  // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string', bodyLimit: 65_536 }, (_request, body, done) => {
+    done(null, Object.fromEntries(new URLSearchParams(body as string)));
+  });
+
+  // This service verifies its own tokens against the keys it publishes, read fresh each time:
+  // administrative calls are rare, and a rotation is then seen at once.
+  const ownKeys: JWTVerifyGetKey = async (header, token) => createLocalJWKSet(await identity.jwks())(header, token);
+  const auth = installHttpAuth(app, {
+    verify: createTokenVerifier({ keys: ownKeys, issuer, audience: IDENTITY_AUDIENCE, clock, cacheEntriesMax: 0 }),
+    authorizer: new Authorizer({ policy: options.policy ?? REFERENCE_POLICY, audit: options.audit, clock }),
+    service: 'identity',
+  });
+
+  const problems = { 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 409: ProblemResponse, 415: ProblemResponse, 423: ProblemResponse };
+  const noStore = { 'cache-control': 'no-store' };
+
+  app.get('/.well-known/jwks.json', { schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut } } }, async (_request, reply) => {
+    // Verifiers cache the set; a minute keeps a rotation visible soon after it happens.
+    reply.header('cache-control', 'public, max-age=60');
+    return identity.jwks();
+  });
+
+  app.post(
+    '/oauth/token',
+    { schema: { summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials', tags: ['tokens'], body: TokenBody, response: { 200: TokenOut, ...problems } } },
+    async (request, reply): Promise<TokenResponse> => {
+      reply.headers(noStore);
+      const body = request.body;
+      /** Every grant attempt, granted or refused, is an authentication event in the audit trail (PCI DSS 10.2.4). */
+      const audited = async (actor: AuditActor, call: Promise<TokenResponse>): Promise<TokenResponse> => {
+        const entry = { recordClass: 'access', actor, action: TOKEN_ACTION, origin: { service: 'identity', ip: request.ip, requestId: request.id }, resource: { type: 'token', id: body.grant_type } };
+        try {
+          const tokens = await call;
+          options.audit.record({ ...entry, outcome: 'success', payload: { audience: body.audience ?? null } });
+          return tokens;
+        } catch (error) {
+          options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', payload: { audience: body.audience ?? null } });
+          throw error instanceof IdentityError ? identityProblem(error) : error;
+        }
+      };
+      switch (body.grant_type) {
+        case 'password': {
+          if (body.username === undefined || body.password === undefined || body.audience === undefined) throw missing('password', 'username, password and audience');
+          return audited({ type: 'user', id: body.username }, identity.login({
+            username: body.username,
+            password: body.password,
+            audience: body.audience,
+            ...(body.totp_code === undefined ? {} : { totpCode: body.totp_code }),
+            ...(body.recovery_code === undefined ? {} : { recoveryCode: body.recovery_code }),
+          }));
+        }
+        case 'refresh_token':
+          if (body.refresh_token === undefined) throw missing('refresh_token', 'refresh_token');
+          // The token's id (before the dot) names the session; its secret never reaches the trail.
+          return audited({ type: 'user', id: `refresh:${body.refresh_token.split('.')[0] ?? ''}` }, identity.refresh(body.refresh_token));
+        case 'client_credentials': {
+          if (body.audience === undefined) throw missing('client_credentials', 'audience');
+          if (body.client_assertion !== undefined && body.client_assertion_type === CLIENT_ASSERTION_TYPE) {
+            // The claimed client, as a failed login records the claimed username.
+            return audited({ type: 'service', id: assertionClientId(body.client_assertion) ?? 'unknown-client' }, identity.clientCredentials({ assertion: body.client_assertion }, body.audience));
+          }
+          if (body.client_id === undefined || body.client_secret === undefined) throw missing('client_credentials', 'client_id and client_secret, or a client_assertion');
+          return audited({ type: 'service', id: body.client_id }, identity.clientCredentials({ clientId: body.client_id, secret: body.client_secret }, body.audience));
+        }
+      }
+    },
+  );
+
+  app.post('/oauth/revoke', { schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], body: RevokeBody, response: { 200: { type: 'null' }, 400: ProblemResponse } } }, async (request, reply) => {
+    await identity.revoke(request.body.token);
+    return reply.code(200).send(null);
+  });
+
+  app.post(
+    '/v1/users',
+    { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...problems } } },
+    async (request, reply) => {
+      auth.authorize(request, { type: 'user', id: request.body.username });
+      const { id } = await answer(identity.createUser(request.body));
+      return reply.code(201).send({ id, username: request.body.username });
+    },
+  );
+
+  app.post(
+    '/v1/me/totp',
+    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Start two-factor enrolment: returns the TOTP secret once', tags: ['users'], response: { 200: TotpEnrolOut, ...problems } } },
+    async (request, reply) => {
+      const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
+      reply.headers(noStore);
+      return answer(identity.enrolTotp(me.id, 'Ledgerline'));
+    },
+  );
+
+  app.post(
+    '/v1/me/totp/confirm',
+    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Finish enrolment with a code; returns recovery codes once', tags: ['users'], body: TotpConfirmBody, response: { 200: TotpConfirmOut, ...problems } } },
+    async (request, reply) => {
+      const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
+      reply.headers(noStore);
+      const { recoveryCodes } = await answer(identity.confirmTotp(me.id, request.body.code));
+      return { recovery_codes: recoveryCodes };
+    },
+  );
+
+  app.post(
+    '/v1/keys/rotate',
+    { config: { permission: PERMISSIONS.keyRotate }, schema: { summary: 'Rotate the signing key: the new key is published now and signs from active_from; the old one stays published until its tokens expire', tags: ['tokens'], response: { 200: KeyOut, ...problems } } },
+    async (request) => {
+      auth.authorize(request, { type: 'signing-key', id: 'current' });
+      const { kid, activeFrom } = await identity.rotateKeys();
+      return { kid, active_from: activeFrom.toISOString() };
+    },
+  );
+
+  return app;
+}

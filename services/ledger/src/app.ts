@@ -2,7 +2,9 @@
  * The ledger HTTP service: a thin composition of the ledger engine and the service runtime.
  * Handlers translate JSON to engine calls and results back; the money rules live in the engine.
  */
+import type { KeyObject } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
+import { auditHttp, auditRoutes, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
 import type { EventMetadata } from '@ledgerline/events';
 import type pg from 'pg';
 import {
@@ -30,6 +32,8 @@ import {
   type Service,
   type ServiceOptions,
 } from '@ledgerline/service-runtime';
+import { PERMISSIONS } from '@ledgerline/authz';
+import { createLedgerGuard, OPEN_GUARD, type LedgerAuthOptions } from './auth.ts';
 import { registerLedgerMetrics } from './metrics.ts';
 import {
   AccountBatchBody,
@@ -60,7 +64,30 @@ export interface LedgerServiceOptions {
   idempotency?: Omit<IdempotencyOptions, 'pool'>;
   /** Metrics, tracing, load shedding, rate limiting, deadlines (see `resilienceFromConfig`). */
   resilience?: Pick<ServiceOptions, 'metrics' | 'tracing' | 'loadShedding' | 'rateLimit' | 'dependencies' | 'deadlineDefaultMs'>;
+  /**
+   * Bearer-token authentication and per-route authorization (see auth.ts). Absent, every
+   * request is allowed: only tests and an explicit LEDGER_AUTH=disabled run that way.
+   */
+  auth?: LedgerAuthOptions;
+  /**
+   * The audit trail (see docs/audit.md): every command and every read of account or transfer
+   * data is recorded through `sink` after the response; with `store`, /v1/audit/* serves
+   * search, checkpoints and proofs. Ledger events are audited by the sequencer, not here.
+   */
+  audit?: { sink: AuditSink & { readonly saturated?: boolean }; store?: { store: AuditStore; publicKey: KeyObject } };
 }
+
+/** What the HTTP layer audits. Commands are retained as `command`, reads of money data as `access`. */
+const AUDITED_ROUTES: Record<string, AuditRoute> = {
+  'POST /v1/accounts': { action: 'ledger.account.create', recordClass: 'command', resourceType: 'account' },
+  'POST /v1/accounts/batch': { action: 'ledger.account.create_batch', recordClass: 'command', resourceType: 'account-batch' },
+  'POST /v1/transfers': { action: 'ledger.transfer.create', recordClass: 'command', resourceType: 'transfer' },
+  'POST /v1/transfers/batch': { action: 'ledger.transfer.create_batch', recordClass: 'command', resourceType: 'transfer-batch' },
+  'GET /v1/accounts/:id': { action: 'ledger.account.read', recordClass: 'access', resourceType: 'account' },
+  'GET /v1/accounts/:id/balance': { action: 'ledger.account.balance.read', recordClass: 'access', resourceType: 'account' },
+  'GET /v1/accounts/:id/transfers': { action: 'ledger.account.transfers.read', recordClass: 'access', resourceType: 'account' },
+  'GET /v1/transfers/:id': { action: 'ledger.transfer.read', recordClass: 'access', resourceType: 'transfer' },
+};
 
 const PROBLEMS = {
   validation: problemType('validation-error'),
@@ -99,13 +126,47 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     ...options.resilience,
   });
   if (app.metrics !== undefined) registerLedgerMetrics(app.metrics, engine, pool);
+  // Authentication runs first (onRequest), so a request without a valid token never reaches
+  // validation, idempotency or a handler; each handler then authorizes its resource.
+  const guard = options.auth === undefined ? OPEN_GUARD : createLedgerGuard(app, engine, options.auth);
   // Fastify parses text/plain bodies by default, so JSON sent as text/plain would fail
   // validation with a puzzling "body must be object". This API speaks JSON only: answer 415.
   app.removeContentTypeParser('text/plain');
   // Every POST honours Idempotency-Key (replayed responses, 409 while in progress, 422 on reuse
   // for a different request). Re-running a request whose key was abandoned by a crash is safe:
   // the engine's transfer and account ids are idempotency keys of their own.
-  await app.register(idempotency, { ...options.idempotency, pool });
+  // With authentication, keys are scoped to the principal, so nobody can replay another's response.
+  await app.register(idempotency, {
+    ...options.idempotency,
+    pool,
+    ...(options.auth === undefined ? {} : { clientId: (request: FastifyRequest) => guard.clientId(request) ?? 'anonymous' }),
+  });
+  if (options.audit !== undefined) {
+    /** The authenticated principal (`kind:id`), or the x-client-id header when auth is off; a request refused before authentication is anonymous. */
+    const actorOf = (request: FastifyRequest): AuditActor => {
+      let principal: string | undefined;
+      try {
+        principal = guard.clientId(request);
+      } catch {
+        principal = undefined;
+      }
+      const client = principal ?? request.headers['x-client-id'];
+      if (typeof client !== 'string' || client.length === 0 || client.length > 200) return { type: 'anonymous', id: 'anonymous' };
+      return { type: client.startsWith('user:') ? 'user' : 'service', id: client };
+    };
+    await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf });
+    const reader = options.audit.store;
+    if (reader !== undefined) {
+      await app.register(auditRoutes, {
+        ...reader,
+        service: 'ledger',
+        actorOf,
+        routeConfig: { permission: PERMISSIONS.auditRead },
+        // Only the oversight roles hold audit:read; each read of the trail is a decision of its own.
+        authorize: (request) => guard.allow(request, { type: 'audit', id: request.url.split('?')[0] ?? request.url }),
+      });
+    }
+  }
 
   /**
    * Who and why, carried into every event this request causes: the correlation id a caller
@@ -122,7 +183,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     return {
       correlationId: header('x-correlation-id') ?? request.id,
       causationId: request.id,
-      actor: header('x-client-id') ?? 'anonymous',
+      actor: guard.clientId(request) ?? header('x-client-id') ?? 'anonymous',
       ...(traceparent === undefined ? {} : { traceparent }),
       ...(tracestate === undefined ? {} : { tracestate }),
     };
@@ -297,16 +358,21 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     });
   }
 
-  const problems = { 400: ProblemResponse, 409: ProblemResponse, 413: ProblemResponse, 415: ProblemResponse, 422: ProblemResponse, 503: ProblemResponse };
+  const problems = { 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 409: ProblemResponse, 413: ProblemResponse, 415: ProblemResponse, 422: ProblemResponse, 503: ProblemResponse };
 
-  app.get('/v1/ledgers', { config: { priority: 'high' }, schema: { summary: 'The ledgers (currencies and assets) and their scales', tags: ['ledgers'], response: { 200: LedgersOut } } }, () => ({
-    ledgers: [...ledgers.values()],
-  }));
+  app.get(
+    '/v1/ledgers',
+    { config: { priority: 'high', permission: PERMISSIONS.ledgerRead }, schema: { summary: 'The ledgers (currencies and assets) and their scales', tags: ['ledgers'], response: { 200: LedgersOut, 401: ProblemResponse, 403: ProblemResponse } } },
+    (request) => {
+      guard.allow(request, { type: 'ledger', id: '*' });
+      return { ledgers: [...ledgers.values()] };
+    },
+  );
 
   app.post(
     '/v1/accounts',
     {
-      config: { priority: 'high' },
+      config: { priority: 'high', permission: PERMISSIONS.accountCreate },
       schema: {
         summary: 'Create an account',
         description: 'Idempotent by id: repeating the same request returns 200 with the account; the same id with different fields is a 409.',
@@ -317,6 +383,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     async (request, reply) => {
       const account = toAccount(request.body, '');
+      guard.accounts(request, [account]);
       const [r] = await engineCall(reply, () => engine.createAccounts([account], eventContext(request)));
       const result = r?.result;
       if (result === 'ok' || result === 'exists') {
@@ -339,7 +406,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.post(
     '/v1/accounts/batch',
     {
-      config: { priority: 'high' },
+      config: { priority: 'high', permission: PERMISSIONS.accountCreate },
       schema: {
         summary: `Create up to ${BATCH_ITEMS_MAX} accounts, with one result each`,
         tags: ['accounts'],
@@ -350,6 +417,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     async (request, reply) => {
       checkBatchSize(request.body.accounts.length, '/accounts');
       const accounts = request.body.accounts.map((a, i) => toAccount(a, `/accounts/${i}`));
+      guard.accounts(request, accounts);
       const results = await engineCall(reply, () => engine.createAccounts(accounts, eventContext(request)));
       return { results: results.map((r) => ({ id: r.id, result: r.result, timestamp: r.timestamp?.toString() ?? null })) };
     },
@@ -357,9 +425,10 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
 
   app.get(
     '/v1/accounts/:id',
-    { config: { priority: 'high' }, schema: { summary: 'An account with its balances', tags: ['accounts'], params: AccountParams, response: { 200: AccountOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
+    { config: { priority: 'high', permission: PERMISSIONS.accountRead }, schema: { summary: 'An account with its balances', tags: ['accounts'], params: AccountParams, response: { 200: AccountOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
     async (request, reply) => {
       const id = request.params.id.toLowerCase();
+      await engineCall(reply, () => guard.account(request, id));
       const account = await engineCall(reply, () => engine.getAccount(id));
       if (account === null) throw notFound('Account', id);
       return accountOut(account);
@@ -369,17 +438,18 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.get(
     '/v1/accounts/:id/balance',
     {
-      config: { priority: 'high' },
+      config: { priority: 'high', permission: PERMISSIONS.accountRead },
       schema: {
         summary: "An account's balances as of a ledger timestamp",
         tags: ['accounts'],
         params: AccountParams,
         querystring: BalanceQuery,
-        response: { 200: BalanceOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
+        response: { 200: BalanceOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
       },
     },
     async (request, reply) => {
       const id = request.params.id.toLowerCase();
+      await engineCall(reply, () => guard.account(request, id));
       const at = int63(request.query.at, 'querystring', '/at');
       const b = await engineCall(reply, () => engine.getAccountBalanceAt(id, at));
       if (b === null) throw notFound('Account', id);
@@ -397,17 +467,18 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.get(
     '/v1/accounts/:id/transfers',
     {
-      config: { priority: 'normal' },
+      config: { priority: 'normal', permission: PERMISSIONS.accountRead },
       schema: {
         summary: "An account's transfers, newest first by default, with keyset pagination",
         tags: ['accounts'],
         params: AccountParams,
         querystring: TransfersQuery,
-        response: { 200: TransferPageOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
+        response: { 200: TransferPageOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
       },
     },
     async (request, reply) => {
       const id = request.params.id.toLowerCase();
+      await engineCall(reply, () => guard.account(request, id));
       const { limit, order, after } = request.query;
       const afterTimestamp = after === undefined ? null : int63(after, 'querystring', '/after');
       const account = await engineCall(reply, () => engine.getAccount(id));
@@ -422,7 +493,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.post(
     '/v1/transfers',
     {
-      config: { priority: 'critical' },
+      config: { priority: 'critical', permission: PERMISSIONS.transferCreate },
       schema: {
         summary: 'Create one transfer',
         description:
@@ -436,6 +507,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     async (request, reply) => {
       const transfer = toTransfer(request.body, '');
+      await engineCall(reply, () => guard.newTransfers(request, [transfer]));
       const [r] = await engineCall(reply, () => engine.createTransfers([transfer], eventContext(request)));
       if (r === undefined) throw new Error('invariant: the engine returned no result');
       if (r.result === 'ok') return reply.code(201).send(resultOut(r));
@@ -447,7 +519,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.post(
     '/v1/transfers/batch',
     {
-      config: { priority: 'critical' },
+      config: { priority: 'critical', permission: PERMISSIONS.transferCreate },
       schema: {
         summary: `Create up to ${BATCH_ITEMS_MAX} transfers, in order, with one result each`,
         description: 'Transfers are applied in order; a linked chain (flags.linked) is applied all or nothing and must end within the batch.',
@@ -459,6 +531,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     async (request, reply) => {
       checkBatchSize(request.body.transfers.length, '/transfers');
       const transfers = request.body.transfers.map((x, i) => toTransfer(x, `/transfers/${i}`));
+      await engineCall(reply, () => guard.newTransfers(request, transfers));
       const results = await engineCall(reply, () => engine.createTransfers(transfers, eventContext(request)));
       return { results: results.map(resultOut) };
     },
@@ -466,9 +539,10 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
 
   app.get(
     '/v1/transfers/:id',
-    { config: { priority: 'high' }, schema: { summary: 'A transfer, applied or rejected', tags: ['transfers'], params: AccountParams, response: { 200: TransferOut, 400: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
+    { config: { priority: 'high', permission: PERMISSIONS.transferRead }, schema: { summary: 'A transfer, applied or rejected', tags: ['transfers'], params: AccountParams, response: { 200: TransferOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse } } },
     async (request, reply) => {
       const id = request.params.id.toLowerCase();
+      await engineCall(reply, () => guard.transfer(request, id));
       const transfer = await engineCall(reply, () => engine.getTransfer(id));
       if (transfer === null) throw notFound('Transfer', id);
       return transferOut(transfer);

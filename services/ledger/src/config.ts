@@ -1,4 +1,5 @@
 import { Type, type Static } from 'typebox';
+import { auditConfigSchema } from '@ledgerline/audit';
 import { baseConfigSchema, idempotencyConfigSchema, resilienceConfigSchema } from '@ledgerline/service-runtime';
 
 /** The ledger service's environment: the runtime's variables plus the engine's tuning. */
@@ -6,6 +7,7 @@ export const ledgerConfigSchema = Type.Object({
   ...baseConfigSchema.properties,
   ...idempotencyConfigSchema.properties,
   ...resilienceConfigSchema.properties,
+  ...auditConfigSchema.properties,
   LEDGER_BATCH_SIZE_MAX: Type.Integer({ minimum: 1, maximum: 8190, default: 2000 }),
   LEDGER_BATCHES_IN_FLIGHT_MAX: Type.Integer({ minimum: 1, maximum: 16, default: 2 }),
   LEDGER_BATCH_LINGER_MS: Type.Integer({ minimum: 0, maximum: 100, default: 0 }),
@@ -15,6 +17,11 @@ export const ledgerConfigSchema = Type.Object({
   EVENTS_RELAY_ENABLED: Type.Boolean({ default: true }),
   EVENTS_STREAM: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$', default: 'LEDGERLINE_EVENTS' }),
   EVENTS_SUBJECT_PREFIX: Type.String({ pattern: '^[a-z0-9_-]+(\\.[a-z0-9_-]+)*$', default: 'ledgerline.events' }),
+  // Authentication is on unless this says `disabled`, which main.ts logs loudly at start.
+  LEDGER_AUTH: Type.Union([Type.Literal('required'), Type.Literal('disabled')], { default: 'required' }),
+  AUTH_JWKS_URL: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001/.well-known/jwks.json' }),
+  AUTH_ISSUER: Type.String({ minLength: 1, default: 'http://127.0.0.1:3001' }),
+  AUTH_AUDIENCE: Type.String({ minLength: 1, default: 'ledger' }),
 });
 
 export type LedgerConfig = Static<typeof ledgerConfigSchema>;

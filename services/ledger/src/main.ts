@@ -6,8 +6,12 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, runRelay } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { ConfigError, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
+import { AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, SigningKeyError, startSequencerWorker, type CheckpointSigner } from '@ledgerline/audit';
+import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
+import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
+import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
 import { buildLedgerService } from './app.ts';
+import type { LedgerAuthOptions } from './auth.ts';
 import { ledgerConfigSchema, type LedgerConfig } from './config.ts';
 
 let config: LedgerConfig;
@@ -21,13 +25,29 @@ try {
 
 const logger = pino({ level: config.LOG_LEVEL, base: { service: 'ledger' } });
 
+// The checkpoint signing key is checked before anything starts (docs/audit.md).
+let signer: CheckpointSigner | null = null;
+if (config.AUDIT_ENABLED) {
+  try {
+    signer = loadSigningKey(config.AUDIT_SIGNING_KEY, { production: process.env.NODE_ENV === 'production' });
+  } catch (error) {
+    if (!(error instanceof SigningKeyError)) throw error;
+    process.stderr.write(`ledger: Invalid configuration: AUDIT_SIGNING_KEY ${error.message}\n`);
+    process.exit(2);
+  }
+  if (signer.development) logger.warn('audit: AUDIT_SIGNING_KEY is unset: checkpoints are signed with the public DEVELOPMENT key, which anyone can forge with');
+} else {
+  logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: commands, reads and events are not audited');
+}
+
 await migrateLedger(config.DATABASE_URL);
 await migrateRuntime(config.DATABASE_URL);
 await migrateEvents(config.DATABASE_URL);
+if (signer !== null) await migrateAudit(config.DATABASE_URL);
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
 // Idle clients whose backend dies emit 'error'; the pool discards them and the next query
 // opens a new connection. Log it; it must not crash the process.
-pool.on('error', (err) => logger.warn({ err }, 'postgres: idle client error'));
+guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));
 
 const events = await EventStore.open(pool);
 const engine = new LedgerEngine({
@@ -54,6 +74,53 @@ const relay = config.EVENTS_RELAY_ENABLED
     })
   : null;
 
+// Commands and reads are buffered into audit.queue; the sequencer, in a worker thread so its
+// hashing stays off the request path, integrates them and tails the event store into the
+// Merkle log, signing checkpoints (docs/audit.md).
+const audit =
+  signer === null
+    ? null
+    : {
+        sink: new PostgresAuditSink({
+          pool,
+          flushIntervalMs: config.AUDIT_FLUSH_INTERVAL_MS,
+          bufferEntriesMax: config.AUDIT_BUFFER_ENTRIES_MAX,
+          onError: (err) => logger.error({ err }, 'audit: writing buffered entries failed; they stay buffered and are retried'),
+        }),
+        sequencer: config.AUDIT_SEQUENCER_ENABLED
+          ? await startSequencerWorker(
+              {
+                databaseUrl: config.DATABASE_URL,
+                signingKeyPem: config.AUDIT_SIGNING_KEY,
+                production: process.env.NODE_ENV === 'production',
+                origin: config.AUDIT_LOG_ORIGIN,
+                eventsService: 'ledger',
+                intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
+                checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
+              },
+              (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+            )
+          : null,
+        publicKey: signer.publicKey,
+      };
+
+// Tokens are verified here, against the identity service's JWKS (fetched lazily and cached),
+// so the ledger starts and serves whether or not the identity service is up yet.
+let auth: LedgerAuthOptions | undefined;
+if (config.LEDGER_AUTH === 'disabled') {
+  logger.warn(
+    { LEDGER_AUTH: config.LEDGER_AUTH },
+    'ledger: AUTHENTICATION AND AUTHORIZATION ARE DISABLED: every request is allowed and nothing is audited as an access decision. Use only for local benchmarks.',
+  );
+} else {
+  auth = {
+    verify: createTokenVerifier({ keys: remoteKeys(config.AUTH_JWKS_URL), issuer: config.AUTH_ISSUER, audience: config.AUTH_AUDIENCE }),
+    // Every decision goes to the audit trail (or to the log when the trail is disabled).
+    authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit: audit?.sink ?? new LogAuditSink(logger) }),
+  };
+  logger.info({ jwks: config.AUTH_JWKS_URL, issuer: config.AUTH_ISSUER, audience: config.AUTH_AUDIENCE, policy: REFERENCE_POLICY.version }, 'ledger: bearer tokens required');
+}
+
 // Route priorities, load shedding, rate limiting (off by default), metrics and tracing.
 const resilience = resilienceFromConfig(config, 'ledger');
 const app = await buildLedgerService({
@@ -61,6 +128,8 @@ const app = await buildLedgerService({
   pool,
   logger,
   resilience: resilience.options,
+  ...(auth === undefined ? {} : { auth }),
+  ...(audit === null ? {} : { audit: { sink: audit.sink, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger' }), publicKey: audit.publicKey } } }),
   // The pruner stops when the app closes, before the pool ends.
   idempotency: {
     ttlMs: config.IDEMPOTENCY_TTL_MS,
@@ -72,8 +141,9 @@ const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,
   shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
-  // Requests have drained; now the engine finishes its queued batches, the relay stops at a
-  // checkpoint, then the pool closes.
-  onClose: [() => engine.close(), () => relay?.stop(), () => pool.end(), () => resilience.close()],
+  // Requests have drained; now the audit sink writes what it buffered, the engine finishes its
+  // queued batches, the sequencer integrates what is left (events included) and signs a last
+  // checkpoint, the relay stops at a checkpoint, then the pool closes.
+  onClose: [() => audit?.sink.close(), () => engine.close(), () => audit?.sequencer?.close(), () => relay?.stop(), () => pool.end(), () => resilience.close()],
 });
 logger.info({ address }, 'ledger: listening');

@@ -44,7 +44,8 @@ function freePort(): Promise<number> {
 
 async function startService(port: number, extraEnv: Record<string, string> = {}): Promise<ChildProcess> {
   const child = spawn(process.execPath, [MAIN], {
-    env: { ...process.env, PORT: String(port), DATABASE_URL: t.db.url, LOG_LEVEL: 'warn', DATABASE_POOL_MAX: '6', ...EVENTS_ENV, ...extraEnv },
+    // Crash recovery is under test here, not tokens (services/ledger/test/auth*.test.ts cover those).
+    env: { ...process.env, PORT: String(port), DATABASE_URL: t.db.url, LOG_LEVEL: 'warn', DATABASE_POOL_MAX: '6', LEDGER_AUTH: 'disabled', ...EVENTS_ENV, ...extraEnv },
     stdio: ['ignore', extraEnv.LOG_LEVEL === undefined ? 'ignore' : 'pipe', 'inherit'],
   });
   const deadline = Date.now() + 15_000;

@@ -1,0 +1,319 @@
+/**
+ * Audit trail benchmark (issue 4), with pgbench's TPC-B beside it in the same run.
+ *
+ *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 8] [--rounds 2]
+ *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--only events|commands]
+ *
+ * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
+ * (records_per_s, from the first record() to the last one in the tree), then full
+ * verification (verify_records_per_s), then `proofs` inclusion proofs of random records,
+ * each generated from storage and verified (proof_ms_p99).
+ * Phase 2, the cost to the ledger: bench:ledger's workload (C clients, each in a closed loop
+ * of engine.createTransfers([one]) with its domain event) in segments that alternate auditing
+ * off and on, `rounds` of each, `seconds` each. "On" is what the service runs: the sequencer
+ * in a worker thread tailing the event store, and one command record per call through the
+ * sink (what the HTTP layer records). Between segments the sequencer drains the previous segment's backlog, so an
+ * "on" segment integrates its own events, not the "off" segment's. The load average is read
+ * at the start and end of every segment.
+ * Phase 3: pgbench TPC-B, same client count, `seconds` long.
+ *
+ * Progress goes to stderr; the last line on stdout is one JSON object.
+ */
+import { loadavg } from 'node:os';
+import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, startSequencerWorker, verifyBundle, verifyLog, type AuditEntry } from '../packages/audit/src/index.ts';
+import { EventStore, migrateEvents } from '../packages/events/src/index.ts';
+import { LedgerEngine, migrateLedger, newId } from '../packages/ledger/src/index.ts';
+import { createTestDatabase, type TestDatabase } from '../packages/testing/src/index.ts';
+import { abort, abortOnSignals, benchLog, checkAborted, defaultPgbenchScale, exitWhenDone, intArg, prng, runPgbenchTpcb, seedArg, sleep } from './common.ts';
+
+const { values: args } = parseArgs({
+  options: {
+    records: { type: 'string' },
+    proofs: { type: 'string' },
+    seconds: { type: 'string' },
+    rounds: { type: 'string' },
+    clients: { type: 'string' },
+    accounts: { type: 'string' },
+    seed: { type: 'string' },
+    'no-pgbench': { type: 'boolean', default: false },
+    // For finding where the cost is: audit only the events (the sequencer's tail) or only the
+    // command records (sink and queue) in the "on" segments.
+    only: { type: 'string' },
+  },
+  strict: true,
+});
+const recordCount = Math.floor(intArg('records', args.records, 50_000, 1));
+const proofCount = Math.floor(intArg('proofs', args.proofs, 1000, 1));
+const seconds = intArg('seconds', args.seconds, 8, 1);
+const rounds = Math.floor(intArg('rounds', args.rounds, 2, 1));
+const clients = Math.floor(intArg('clients', args.clients, 64, 1));
+const accountCount = Math.floor(intArg('accounts', args.accounts, 10_000, 2));
+const seed = seedArg(args.seed);
+const only = args.only;
+if (only !== undefined && only !== 'events' && only !== 'commands') throw new RangeError('--only must be events or commands');
+const log = benchLog('bench:audit');
+abortOnSignals(log);
+
+const load1m = (): number => Math.round((loadavg()[0] ?? 0) * 100) / 100;
+const nsToMs = (ns: number): number => Math.round(ns / 1e4) / 100;
+const signer = loadSigningKey(process.env.AUDIT_SIGNING_KEY, { production: false });
+
+function commandEntry(id: string, i: number): AuditEntry {
+  return {
+    recordClass: 'command',
+    actor: { type: 'service', id: `bench-client-${i % 64}` },
+    action: 'ledger.transfer.create',
+    outcome: 'success',
+    origin: { service: 'ledger', ip: '127.0.0.1', requestId: id },
+    resource: { type: 'transfer', id },
+    payload: { method: 'POST', route: '/v1/transfers', status: 201 },
+  };
+}
+
+async function migrated(prefix: string): Promise<TestDatabase> {
+  const db = await createTestDatabase(prefix);
+  await migrateLedger(db.url);
+  await migrateEvents(db.url);
+  await migrateAudit(db.url);
+  return db;
+}
+
+/** Rounds `drain` runs before it gives up (about two minutes of idle rounds): a long transaction elsewhere in the cluster holds the event tail back. */
+const DRAIN_ROUNDS_MAX = 24_000;
+
+/** Sequencer rounds until the queue is empty and the event tail has caught up (nothing skipped). */
+async function drain(sequencer: AuditSequencer, pool: pg.Pool): Promise<void> {
+  for (let round = 0; ; round += 1) {
+    if (round > DRAIN_ROUNDS_MAX) throw new Error('the audit tail did not catch up: is a long transaction running elsewhere in the cluster?');
+    checkAborted();
+    const { records } = await sequencer.round();
+    if (records > 0) continue;
+    const r = await pool.query<{ behind: boolean }>(
+      `SELECT EXISTS (SELECT 1 FROM audit.queue) OR EXISTS (SELECT 1 FROM events.events e, audit.sequencer_state s
+         WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position)) AS behind`,
+    );
+    if (r.rows[0]?.behind === false) return;
+    await sleep(5);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Phase 1: append and integrate, verify, prove
+
+interface LogFigures {
+  recordsPerS: number;
+  verifyRecordsPerS: number;
+  proofMsP50: number;
+  proofMsP99: number;
+  verifyOk: boolean;
+}
+
+async function runLog(): Promise<LogFigures> {
+  const db = await migrated('ll_bench_audit');
+  const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+  pool.on('error', (e) => log(`pool error: ${e.message}`));
+  try {
+    const sink = new PostgresAuditSink({ pool, bufferEntriesMax: recordCount + 1 });
+    const sequencer = new AuditSequencer({ pool, signer, origin: 'bench/audit' });
+    const store = new AuditStore({ pool, sink, service: 'bench' });
+    log(`log: ${recordCount} records through the sink and the sequencer`);
+    const t0 = performance.now();
+    for (let i = 0; i < recordCount; i += 1) sink.record(commandEntry(newId(), i));
+    sequencer.start();
+    await sink.flush();
+    await sequencer.close();
+    await drain(sequencer, pool);
+    const appendS = (performance.now() - t0) / 1000;
+    const recordsPerS = Math.round(recordCount / appendS);
+    log(`log: ${recordsPerS} records/s appended and integrated (${appendS.toFixed(1)} s)`);
+
+    const t1 = performance.now();
+    const report = await verifyLog(pool, { publicKey: signer.publicKey });
+    const verifyS = (performance.now() - t1) / 1000;
+    const verifyRecordsPerS = Math.round(report.records / verifyS);
+    log(`verify: ${report.ok ? 'OK' : 'FAILED'}, ${report.records} records, ${report.checkpoints} checkpoints, ${verifyRecordsPerS} records/s`);
+
+    const random = prng(seed);
+    const h: RecordableHistogram = createHistogram();
+    const treeSize = (await store.latestCheckpoint())?.treeSize ?? 0;
+    for (let i = 0; i < proofCount; i += 1) {
+      checkAborted();
+      const seq = Math.floor(random() * treeSize);
+      const t = performance.now();
+      const bundle = await store.inclusionBundle(seq);
+      if (bundle === null) throw new Error(`no proof for record ${seq}`);
+      verifyBundle(bundle, signer.publicKey);
+      h.record(Math.max(1, Math.round((performance.now() - t) * 1e6)));
+    }
+    log(`proofs: ${proofCount}, p50 ${nsToMs(h.percentile(50))} ms, p99 ${nsToMs(h.percentile(99))} ms (generate from storage + verify)`);
+    await sink.close();
+    return { recordsPerS, verifyRecordsPerS, proofMsP50: nsToMs(h.percentile(50)), proofMsP99: nsToMs(h.percentile(99)), verifyOk: report.ok };
+  } finally {
+    await pool.end();
+    await db.drop();
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Phase 2: the ledger workload with auditing off and on
+
+interface Segment {
+  mode: 'off' | 'on';
+  transfersPerS: number;
+  p99Ms: number;
+  load1mStart: number;
+  load1mEnd: number;
+}
+
+async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: number; p99: number }; on: { tps: number; p99: number }; verifyOk: boolean; auditedEvents: number }> {
+  const db = await migrated('ll_bench_audit_ledger');
+  // The engine's pool as in bench:ledger; the audit trail has its own, as a separate budget.
+  const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+  const auditPool = new pg.Pool({ connectionString: db.url, max: 2 });
+  pool.on('error', (e) => log(`pool error: ${e.message}`));
+  auditPool.on('error', (e) => log(`audit pool error: ${e.message}`));
+  const events = await EventStore.open(pool);
+  const engine = new LedgerEngine({ pool, batchSizeMax: 2000, batchesInFlightMax: 2, events });
+  const sink = new PostgresAuditSink({ pool: auditPool });
+  const sequencer = new AuditSequencer({ pool: auditPool, signer, origin: 'bench/ledger', events: { store: events, service: 'ledger' } });
+  let stop = false;
+  try {
+    const ids: string[] = [];
+    for (let i = 0; i < accountCount; i += 1000) {
+      const chunk = Array.from({ length: Math.min(1000, accountCount - i) }, () => ({ id: newId(), ledger: 'USD', code: 1 }));
+      await engine.createAccounts(chunk);
+      ids.push(...chunk.map((a) => a.id));
+    }
+    await drain(sequencer, auditPool);
+    const random = prng(seed ^ 0x5eed);
+    let auditing = false;
+    let histogram: RecordableHistogram | null = null;
+    let ok = 0;
+    let errors = 0;
+    let calls = 0;
+    const oneClient = async (): Promise<void> => {
+      while (!stop && !abort.signal.aborted) {
+        const debit = ids[Math.floor(random() * ids.length)] as string;
+        let credit = ids[Math.floor(random() * ids.length)] as string;
+        if (credit === debit) credit = ids[(ids.indexOf(debit) + 1) % ids.length] as string;
+        const id = newId();
+        const t0 = performance.now();
+        try {
+          const [r] = await engine.createTransfers([{ id, debitAccountId: debit, creditAccountId: credit, amount: BigInt(1 + Math.floor(random() * 1000)), ledger: 'USD', code: 1 }]);
+          if (auditing && only !== 'events') sink.record(commandEntry(id, (calls += 1)));
+          if (r?.result === 'ok') {
+            ok += 1;
+            histogram?.record(Math.max(1, Math.round((performance.now() - t0) * 1e6)));
+          } else errors += 1;
+        } catch (error) {
+          errors += 1;
+          if (errors <= 5) log(`createTransfers threw: ${String(error)}`);
+          await sleep(10);
+        }
+      }
+    };
+    const running = Array.from({ length: clients }, () => oneClient());
+    log(`ledger: ${clients} clients, ${ids.length} accounts, warm-up 2 s`);
+    await sleep(2000);
+    const segments: Segment[] = [];
+    const all = { off: createHistogram(), on: createHistogram() };
+    const totals = { off: { ok: 0, s: 0 }, on: { ok: 0, s: 0 } };
+    for (let round = 0; round < rounds; round += 1) {
+      for (const mode of ['off', 'on'] as const) {
+        checkAborted();
+        // Untimed: catch up on the previous segment's events, then switch.
+        await drain(sequencer, auditPool);
+        auditing = mode === 'on';
+        const worker = auditing
+          ? await startSequencerWorker({
+              databaseUrl: db.url,
+              signingKeyPem: process.env.AUDIT_SIGNING_KEY ?? '',
+              production: false,
+              origin: 'bench/ledger',
+              ...(only === 'commands' ? {} : { eventsService: 'ledger' }),
+            })
+          : null;
+        const h = createHistogram();
+        const load1mStart = load1m();
+        histogram = h;
+        const okStart = ok;
+        const t0 = performance.now();
+        await sleep(seconds * 1000);
+        histogram = null;
+        const s = (performance.now() - t0) / 1000;
+        const n = ok - okStart;
+        auditing = false;
+        await worker?.close();
+        await sink.flush();
+        all[mode].add(h);
+        totals[mode].ok += n;
+        totals[mode].s += s;
+        const seg = { mode, transfersPerS: Math.round(n / s), p99Ms: nsToMs(h.percentile(99)), load1mStart, load1mEnd: load1m() };
+        segments.push(seg);
+        log(`  round ${round + 1} audit ${mode}: ${seg.transfersPerS} transfers/s, p99 ${seg.p99Ms} ms, load ${seg.load1mStart} → ${seg.load1mEnd}`);
+      }
+    }
+    stop = true;
+    await Promise.all(running);
+    await engine.close();
+    await sink.close();
+    await drain(sequencer, auditPool);
+    const report = await verifyLog(auditPool, { publicKey: signer.publicKey });
+    const audited = await auditPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE record_class = 'financial'");
+    const eventsStored = await auditPool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.events');
+    log(`verify after the ledger run: ${report.ok ? 'OK' : 'FAILED'}; ${audited.rows[0]?.n} event records for ${eventsStored.rows[0]?.n} events; ${errors} errors`);
+    if (audited.rows[0]?.n !== eventsStored.rows[0]?.n) throw new Error('not every event was audited exactly once');
+    return {
+      segments,
+      off: { tps: Math.round(totals.off.ok / totals.off.s), p99: nsToMs(all.off.percentile(99)) },
+      on: { tps: Math.round(totals.on.ok / totals.on.s), p99: nsToMs(all.on.percentile(99)) },
+      verifyOk: report.ok,
+      auditedEvents: audited.rows[0]?.n ?? 0,
+    };
+  } finally {
+    stop = true;
+    await Promise.race([engine.close(), sleep(10_000)]);
+    await pool.end().catch(() => {});
+    await auditPool.end().catch(() => {});
+    await db.drop();
+  }
+}
+
+async function main(): Promise<void> {
+  log(`seed ${seed}, load ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  const loadStart = load1m();
+  const figures = await runLog();
+  const ledger = await runLedgerCost();
+  const tpcb = args['no-pgbench'] ? null : await runPgbenchTpcb({ clients, seconds, scale: defaultPgbenchScale(clients), log });
+  const cost = ledger.off.tps === 0 ? null : Math.round(((ledger.off.tps - ledger.on.tps) / ledger.off.tps) * 1000) / 10;
+  const summary = {
+    bench: 'audit',
+    seed,
+    only: only ?? 'all',
+    records: recordCount,
+    records_per_s: figures.recordsPerS,
+    verify_records_per_s: figures.verifyRecordsPerS,
+    proof_ms_p50: figures.proofMsP50,
+    proof_ms_p99: figures.proofMsP99,
+    ledger_tps_audit_off: ledger.off.tps,
+    ledger_tps_audit_on: ledger.on.tps,
+    ledger_throughput_cost_pct: cost,
+    ledger_p99_ms_audit_off: ledger.off.p99,
+    ledger_p99_ms_audit_on: ledger.on.p99,
+    added_latency_ms_p99: Math.round((ledger.on.p99 - ledger.off.p99) * 100) / 100,
+    segments: ledger.segments,
+    verify_ok: figures.verifyOk && ledger.verifyOk,
+    pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
+    clients,
+    segment_seconds: seconds,
+    rounds,
+    load1m_start: loadStart,
+    load1m_end: load1m(),
+  };
+  process.stdout.write(`${JSON.stringify(summary)}\n`);
+}
+
+exitWhenDone(main(), log);

@@ -1,0 +1,104 @@
+/**
+ * Proof bundles: self-contained JSON that a third party checks with nothing but the log's
+ * public key (`verifyBundle`, or `npm run audit -- verify-proof`). A bundle carries the signed
+ * checkpoint(s) and the proof; the verifier checks the signatures first and then every hash
+ * of the proof, and accepts nothing it has not checked.
+ */
+import type { KeyObject } from 'node:crypto';
+import { checkpointSignatureValid, type Checkpoint } from './keys.ts';
+import { leafHash, ProofError, verifyConsistency, verifyInclusion } from './merkle.ts';
+
+export interface CheckpointJson {
+  origin: string;
+  treeSize: number;
+  /** Base64. */
+  rootHash: string;
+  /** Milliseconds since the epoch, as signed. */
+  issuedAtMs: number;
+  keyId: string;
+  /** Base64 Ed25519 signature over the checkpoint body (see keys.ts `checkpointBody`). */
+  signature: string;
+}
+
+export interface InclusionBundle {
+  kind: 'inclusion';
+  checkpoint: CheckpointJson;
+  leafIndex: number;
+  /** Base64 of the exact bytes the leaf hashes (canonical JSON of the record's fields). */
+  leafData: string;
+  proof: string[];
+}
+
+export interface ConsistencyBundle {
+  kind: 'consistency';
+  from: CheckpointJson;
+  to: CheckpointJson;
+  proof: string[];
+}
+
+export type ProofBundle = InclusionBundle | ConsistencyBundle;
+
+export function checkpointJson(c: Checkpoint): CheckpointJson {
+  return {
+    origin: c.origin,
+    treeSize: c.treeSize,
+    rootHash: c.rootHash.toString('base64'),
+    issuedAtMs: c.issuedAt.getTime(),
+    keyId: c.keyId,
+    signature: c.signature.toString('base64'),
+  };
+}
+
+function fromJson(c: CheckpointJson, name: string): Checkpoint {
+  if (c === null || typeof c !== 'object' || typeof c.origin !== 'string' || !Number.isSafeInteger(c.treeSize) || c.treeSize < 1 || !Number.isSafeInteger(c.issuedAtMs)) {
+    throw new ProofError(`${name} is not a checkpoint`);
+  }
+  return { origin: c.origin, treeSize: c.treeSize, rootHash: b64(c.rootHash, `${name}.rootHash`), issuedAt: new Date(c.issuedAtMs), keyId: typeof c.keyId === 'string' ? c.keyId : '', signature: b64(c.signature, `${name}.signature`) };
+}
+
+/** Strict base64: a value that does not round-trip is rejected, not silently truncated. */
+function b64(text: unknown, name: string): Buffer {
+  if (typeof text !== 'string') throw new ProofError(`${name} must be base64`);
+  const bytes = Buffer.from(text, 'base64');
+  if (bytes.toString('base64') !== text) throw new ProofError(`${name} is not canonical base64`);
+  return bytes;
+}
+
+function proofHashes(proof: unknown): Buffer[] {
+  if (!Array.isArray(proof)) throw new ProofError('proof must be an array of base64 hashes');
+  return proof.map((h, i) => b64(h, `proof[${i}]`));
+}
+
+function checkSigned(publicKey: KeyObject, c: Checkpoint, name: string): void {
+  if (!checkpointSignatureValid(publicKey, c)) throw new ProofError(`${name}: the signature does not verify under the public key`);
+}
+
+/** Throws ProofError saying what failed; returns what was proven. */
+export function verifyBundle(bundle: ProofBundle, publicKey: KeyObject): string {
+  if (bundle?.kind === 'inclusion') {
+    const cp = fromJson(bundle.checkpoint, 'checkpoint');
+    checkSigned(publicKey, cp, 'checkpoint');
+    if (!Number.isSafeInteger(bundle.leafIndex)) throw new ProofError('leafIndex must be an integer');
+    const data = b64(bundle.leafData, 'leafData');
+    // The leaf names its own position; a proof for another index must not pass as this record's.
+    let seq: unknown;
+    try {
+      seq = (JSON.parse(data.toString('utf8')) as { seq?: unknown }).seq;
+    } catch {
+      throw new ProofError('leafData is not a record');
+    }
+    if (seq !== bundle.leafIndex) throw new ProofError(`leafData is record ${String(seq)}, not leaf ${bundle.leafIndex}`);
+    verifyInclusion(BigInt(bundle.leafIndex), BigInt(cp.treeSize), leafHash(data), proofHashes(bundle.proof), cp.rootHash);
+    return `record ${bundle.leafIndex} is included in ${cp.origin} at tree size ${cp.treeSize}`;
+  }
+  if (bundle?.kind === 'consistency') {
+    const from = fromJson(bundle.from, 'from');
+    const to = fromJson(bundle.to, 'to');
+    checkSigned(publicKey, from, 'from');
+    checkSigned(publicKey, to, 'to');
+    if (from.origin !== to.origin) throw new ProofError(`the checkpoints are of different logs (${from.origin}, ${to.origin})`);
+    verifyConsistency(BigInt(from.treeSize), BigInt(to.treeSize), proofHashes(bundle.proof), from.rootHash, to.rootHash);
+    return `${to.origin} at tree size ${to.treeSize} extends tree size ${from.treeSize}`;
+  }
+  throw new ProofError('a bundle must be of kind inclusion or consistency');
+}

@@ -1,0 +1,258 @@
+/**
+ * Operator and auditor commands for the audit trail.
+ *
+ *   npm run audit:verify [-- --public-key FILE] [--checkpoint FILE]... [--json]
+ *   npm run audit -- public-key
+ *   npm run audit -- search --as WHO [--actor ID] [--resource-type T] [--resource-id ID] [--action A]
+ *                           [--outcome success|failure] [--subject S] [--class C] [--from ISO] [--to ISO]
+ *                           [--limit N] [--order asc|desc] [--after SEQ]
+ *   npm run audit -- prove --seq N --as WHO [--tree-size N]   (an inclusion proof bundle, JSON)
+ *   npm run audit -- prove --from M --to N                (a consistency proof bundle, JSON)
+ *   npm run audit -- verify-proof --public-key FILE BUNDLE.json   (no database: the third party's check)
+ *   npm run audit -- erase --subject S --as WHO
+ *   npm run audit -- hold place (--subject S | --resource-type T --resource-id ID) --reason TEXT --as WHO
+ *   npm run audit -- hold release --id ID --as WHO
+ *   npm run audit -- hold list
+ *   npm run audit -- expire --as WHO [--as-of ISO]
+ *
+ * The database is DATABASE_URL (or --database-url); the key is AUDIT_SIGNING_KEY, or the
+ * development key when it is unset, unless --public-key names a PEM file. Every search,
+ * proof of a record, erasure, hold and expiry is itself recorded, with `--as` as the actor.
+ * Exit codes: 0 done (verified), 1 verification or proof failed, 2 usage error or failure.
+ */
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import type { KeyObject } from 'node:crypto';
+import pg from 'pg';
+import { verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
+import { loadSigningKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
+import { ProofError } from './merkle.ts';
+import { AuditStore, LegalHoldError, type Requester } from './store.ts';
+import { verifyLog } from './verify.ts';
+import { PostgresAuditSink } from './writer.ts';
+
+export interface CliIo {
+  env?: Record<string, string | undefined>;
+  stdout?: (text: string) => void;
+  stderr?: (text: string) => void;
+}
+
+const USAGE = `usage:
+  audit verify [--public-key FILE] [--checkpoint FILE]... [--json]
+  audit public-key
+  audit search --as WHO [--actor ID] [--resource-type T] [--resource-id ID] [--action A] [--outcome success|failure]
+               [--subject S] [--class C] [--from ISO] [--to ISO] [--limit N] [--order asc|desc] [--after SEQ]
+  audit prove --seq N --as WHO [--tree-size N] | audit prove --from M --to N
+  audit verify-proof --public-key FILE BUNDLE.json
+  audit erase --subject S --as WHO
+  audit hold place (--subject S | --resource-type T --resource-id ID) --reason TEXT --as WHO
+  audit hold release --id ID --as WHO | audit hold list
+  audit expire --as WHO [--as-of ISO]
+database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE)
+exit 0 done, 1 verification failed, 2 usage or failure`;
+
+class UsageError extends Error {
+  override readonly name = 'UsageError';
+}
+
+const OPTIONS = {
+  'public-key': { type: 'string' },
+  checkpoint: { type: 'string', multiple: true },
+  json: { type: 'boolean', default: false },
+  as: { type: 'string' },
+  actor: { type: 'string' },
+  'resource-type': { type: 'string' },
+  'resource-id': { type: 'string' },
+  action: { type: 'string' },
+  outcome: { type: 'string' },
+  subject: { type: 'string' },
+  class: { type: 'string' },
+  from: { type: 'string' },
+  to: { type: 'string' },
+  limit: { type: 'string' },
+  order: { type: 'string' },
+  after: { type: 'string' },
+  seq: { type: 'string' },
+  'tree-size': { type: 'string' },
+  reason: { type: 'string' },
+  id: { type: 'string' },
+  'as-of': { type: 'string' },
+  'database-url': { type: 'string' },
+  help: { type: 'boolean', default: false },
+} as const;
+
+const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire'];
+
+function intOption(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer`);
+  return n;
+}
+
+function dateOption(name: string, value: string | undefined): Date | undefined {
+  if (value === undefined) return undefined;
+  const d = new Date(value);
+  if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
+  return d;
+}
+
+function required(name: string, value: string | undefined): string {
+  if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
+  return value;
+}
+
+function checkpointFile(path: string): Checkpoint {
+  const c = JSON.parse(readFileSync(path, 'utf8')) as CheckpointJson;
+  if (typeof c?.treeSize !== 'number' || typeof c.rootHash !== 'string' || typeof c.signature !== 'string') throw new UsageError(`${path} is not a checkpoint (the JSON of /v1/audit/checkpoint)`);
+  return { origin: c.origin, treeSize: c.treeSize, rootHash: Buffer.from(c.rootHash, 'base64'), issuedAt: new Date(c.issuedAtMs), keyId: c.keyId, signature: Buffer.from(c.signature, 'base64') };
+}
+
+/** Runs one command; returns the exit code. */
+export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
+  const env = io.env ?? process.env;
+  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
+  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  let parsed;
+  try {
+    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (error) {
+    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
+    return 2;
+  }
+  const { values: a, positionals } = parsed;
+  const command = positionals[0] === 'verify-proof' ? 'verify-proof' : positionals.join(' ');
+  if (a.help || !COMMANDS.includes(command)) {
+    (a.help ? out : err)(USAGE);
+    return a.help ? 0 : 2;
+  }
+  let pool: pg.Pool | null = null;
+  let sink: PostgresAuditSink | null = null;
+  try {
+    const publicKey = (): KeyObject =>
+      a['public-key'] === undefined
+        ? loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' }).publicKey
+        : parsePublicKey(readFileSync(a['public-key'], 'utf8'));
+    if (command === 'public-key') {
+      out(publicKeyPem(publicKey()).trimEnd());
+      return 0;
+    }
+    if (command === 'verify-proof') {
+      const file = positionals[1];
+      if (file === undefined || positionals.length > 2 || a['public-key'] === undefined) throw new UsageError('verify-proof needs --public-key FILE and one bundle file');
+      try {
+        out(`OK: ${verifyBundle(JSON.parse(readFileSync(file, 'utf8')) as ProofBundle, publicKey())}`);
+        return 0;
+      } catch (error) {
+        if (!(error instanceof ProofError || error instanceof SyntaxError)) throw error;
+        out(`FAILED: ${error.message}`);
+        return 1;
+      }
+    }
+
+    const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+    if (databaseUrl === undefined) throw new UsageError('DATABASE_URL (or --database-url) is required');
+    pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
+    pool.on('error', () => {});
+    sink = new PostgresAuditSink({ pool });
+    const store = new AuditStore({ pool, sink, service: 'audit-cli' });
+    const by = (): Requester => ({ actor: { type: 'user', id: required('as', a.as) }, origin: { service: 'audit-cli' } });
+
+    switch (command) {
+      case 'verify': {
+        const report = await verifyLog(pool, {
+          publicKey: publicKey(),
+          trustedCheckpoints: (a.checkpoint ?? []).map(checkpointFile),
+          onProgress: (n) => err(`[verify] ${n} records`),
+        });
+        if (a.json) out(JSON.stringify(report));
+        else {
+          out(`${report.ok ? 'OK' : 'FAILED'}: ${report.records} records, ${report.checkpoints} checkpoints verified, ${report.unsignedRecords} records after the latest checkpoint`);
+          for (const i of report.issues) out(`  ${i.kind}${i.seq === null ? '' : ` at seq ${i.seq}`}${i.treeSize === null ? '' : ` (checkpoint ${i.treeSize})`}: ${i.detail}`);
+          if (report.issuesTruncated) out('  (more issues not shown)');
+        }
+        return report.ok ? 0 : 1;
+      }
+      case 'search': {
+        const outcome = a.outcome;
+        if (outcome !== undefined && outcome !== 'success' && outcome !== 'failure') throw new UsageError('--outcome must be success or failure');
+        const order = a.order;
+        if (order !== undefined && order !== 'asc' && order !== 'desc') throw new UsageError('--order must be asc or desc');
+        const from = dateOption('from', a.from);
+        const to = dateOption('to', a.to);
+        const limit = intOption('limit', a.limit);
+        const after = intOption('after', a.after);
+        const page = await store.search(
+          {
+            ...(a.actor === undefined ? {} : { actorId: a.actor }),
+            ...(a['resource-type'] === undefined ? {} : { resourceType: a['resource-type'] }),
+            ...(a['resource-id'] === undefined ? {} : { resourceId: a['resource-id'] }),
+            ...(a.action === undefined ? {} : { action: a.action }),
+            ...(outcome === undefined ? {} : { outcome }),
+            ...(a.subject === undefined ? {} : { subject: a.subject }),
+            ...(a.class === undefined ? {} : { recordClass: a.class }),
+            ...(from === undefined ? {} : { from }),
+            ...(to === undefined ? {} : { to }),
+          },
+          { ...(limit === undefined ? {} : { limit }), ...(order === undefined ? {} : { order }), ...(after === undefined ? {} : { after }) },
+          by(),
+        );
+        for (const r of page.records) out(JSON.stringify(r));
+        err(page.nextCursor === null ? '[search] last page' : `[search] more: --after ${page.nextCursor}`);
+        return 0;
+      }
+      case 'prove': {
+        const seq = intOption('seq', a.seq);
+        const [from, to] = [intOption('from', a.from), intOption('to', a.to)];
+        const bundle =
+          seq !== undefined
+            ? await store.inclusionBundle(seq, intOption('tree-size', a['tree-size']), by())
+            : from !== undefined && to !== undefined
+              ? await store.consistencyBundle(from, to)
+              : undefined;
+        if (bundle === undefined) throw new UsageError('prove needs --seq N, or --from M --to N');
+        if (bundle === null) throw new UsageError('no such record or checkpoint (a record is provable once a checkpoint covers it)');
+        out(JSON.stringify(bundle, null, 2));
+        return 0;
+      }
+      case 'erase': {
+        const subject = required('subject', a.subject);
+        const erased = await store.eraseSubject(subject, by());
+        out(erased ? `erased: the key of ${subject} is destroyed` : `nothing to erase: ${subject} has no key`);
+        return 0;
+      }
+      case 'hold place': {
+        const reason = required('reason', a.reason);
+        const target = a.subject !== undefined ? { subject: a.subject } : { resource: { type: required('resource-type', a['resource-type']), id: required('resource-id', a['resource-id']) } };
+        out(await store.placeHold(target, reason, by()));
+        return 0;
+      }
+      case 'hold release': {
+        const released = await store.releaseHold(required('id', a.id), by());
+        out(released ? 'released' : 'no active hold with this id');
+        return released ? 0 : 2;
+      }
+      case 'hold list': {
+        for (const h of await store.activeHolds()) out(JSON.stringify(h));
+        return 0;
+      }
+      default: {
+        // expire
+        const removed = await store.expirePayloads(dateOption('as-of', a['as-of']) ?? new Date(), by());
+        out(`${removed} payload(s) removed (their hashes stay in the tree)`);
+        return 0;
+      }
+    }
+  } catch (error) {
+    if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError) err(`${error.message}${error instanceof LegalHoldError ? '' : `\n${USAGE}`}`);
+    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    return 2;
+  } finally {
+    await sink?.close().catch((error: unknown) => err(`failed to record this command in the audit trail: ${String(error)}`));
+    await pool?.end().catch(() => {});
+  }
+}
+
+if (import.meta.main) {
+  process.exitCode = await runCli(process.argv.slice(2));
+}

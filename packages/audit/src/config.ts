@@ -1,0 +1,19 @@
+/**
+ * The audit trail's environment variables, for services to spread into their schema:
+ * `Type.Object({ ...baseConfigSchema.properties, ...auditConfigSchema.properties })`.
+ */
+import { Type } from 'typebox';
+
+export const auditConfigSchema = Type.Object({
+  AUDIT_ENABLED: Type.Boolean({ default: true }),
+  /** PKCS#8 PEM Ed25519 private key (literal `\n` accepted). Empty: the public development key, refused when NODE_ENV=production. */
+  AUDIT_SIGNING_KEY: Type.String({ default: '' }),
+  /** Names the log in every checkpoint. */
+  AUDIT_LOG_ORIGIN: Type.String({ pattern: '^[\\x21-\\x7e]{1,200}$', default: 'ledgerline/ledger' }),
+  AUDIT_FLUSH_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 1000, default: 5 }),
+  AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
+  /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */
+  AUDIT_SEQUENCER_ENABLED: Type.Boolean({ default: true }),
+  AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: 100 }),
+  AUDIT_CHECKPOINT_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
+});

@@ -1,0 +1,129 @@
+/**
+ * The keys of the audit trail: the Ed25519 key that signs checkpoints, and the per-subject
+ * AES-256-GCM keys that make personal data erasable.
+ */
+import { createCipheriv, createDecipheriv, createPrivateKey, createPublicKey, randomBytes, sign, verify, type KeyObject } from 'node:crypto';
+import { sha256 } from './record.ts';
+
+/**
+ * A fixed, public development key: with no AUDIT_SIGNING_KEY a local run still signs, and its
+ * checkpoints verify across restarts. Anyone can forge with it, so production refuses it
+ * (see `loadSigningKey`). The seed is the bytes 0..31.
+ */
+const DEV_SEED = Buffer.from(Array.from({ length: 32 }, (_, i) => i));
+/** PKCS#8 DER prefix for an Ed25519 private key; the 32-byte seed follows (RFC 8410 §7). */
+const ED25519_PKCS8_PREFIX = Buffer.from('302e020100300506032b657004220420', 'hex');
+
+export class SigningKeyError extends Error {
+  override readonly name = 'SigningKeyError';
+}
+
+export interface CheckpointSigner {
+  readonly privateKey: KeyObject;
+  readonly publicKey: KeyObject;
+  /** The first 8 bytes of SHA-256 over the public key's SPKI DER, hex: names the key in each checkpoint. */
+  readonly keyId: string;
+  /** True for the public development key. */
+  readonly development: boolean;
+}
+
+export function keyIdOf(publicKey: KeyObject): string {
+  return sha256(publicKey.export({ type: 'spki', format: 'der' })).subarray(0, 8).toString('hex');
+}
+
+function signerOf(privateKey: KeyObject, development: boolean): CheckpointSigner {
+  if (privateKey.asymmetricKeyType !== 'ed25519') {
+    throw new SigningKeyError(`must be an Ed25519 private key, got ${privateKey.asymmetricKeyType ?? 'a symmetric key'}`);
+  }
+  const publicKey = createPublicKey(privateKey);
+  return { privateKey, publicKey, keyId: keyIdOf(publicKey), development };
+}
+
+/**
+ * The checkpoint signer from configuration: a PKCS#8 PEM (literal `\n` accepted, for
+ * environment files), or nothing for the development key, which `production` refuses.
+ */
+export function loadSigningKey(pem: string | undefined, options: { production: boolean }): CheckpointSigner {
+  if (pem === undefined || pem.trim() === '') {
+    if (options.production) throw new SigningKeyError('is required in production (a PKCS#8 PEM Ed25519 private key)');
+    return signerOf(createPrivateKey({ key: Buffer.concat([ED25519_PKCS8_PREFIX, DEV_SEED]), format: 'der', type: 'pkcs8' }), true);
+  }
+  let key: KeyObject;
+  try {
+    key = createPrivateKey({ key: pem.replaceAll('\\n', '\n'), format: 'pem' });
+  } catch (error) {
+    throw new SigningKeyError(`is not a PEM private key: ${error instanceof Error ? error.message : String(error)}`);
+  }
+  return signerOf(key, false);
+}
+
+export function publicKeyPem(publicKey: KeyObject): string {
+  return publicKey.export({ type: 'spki', format: 'pem' }).toString();
+}
+
+export function parsePublicKey(pem: string): KeyObject {
+  const key = createPublicKey({ key: pem, format: 'pem' });
+  if (key.asymmetricKeyType !== 'ed25519') throw new SigningKeyError(`the public key must be Ed25519, got ${key.asymmetricKeyType}`);
+  return key;
+}
+
+/** A signed tree head. */
+export interface Checkpoint {
+  origin: string;
+  treeSize: number;
+  rootHash: Buffer;
+  issuedAt: Date;
+  keyId: string;
+  signature: Buffer;
+}
+
+/**
+ * The signed bytes: a versioned line-based note (after the transparency-dev checkpoint
+ * format), so a third party can reproduce them with no library at all.
+ */
+export function checkpointBody(c: Pick<Checkpoint, 'origin' | 'treeSize' | 'rootHash' | 'issuedAt'>): Buffer {
+  return Buffer.from(`ledgerline-audit-checkpoint/v1\n${c.origin}\n${c.treeSize}\n${c.rootHash.toString('base64')}\n${c.issuedAt.getTime()}\n`, 'utf8');
+}
+
+export function signCheckpoint(signer: CheckpointSigner, c: Pick<Checkpoint, 'origin' | 'treeSize' | 'rootHash' | 'issuedAt'>): Checkpoint {
+  if (c.origin.includes('\n')) throw new RangeError('a log origin must be one line');
+  return { ...c, keyId: signer.keyId, signature: sign(null, checkpointBody(c), signer.privateKey) };
+}
+
+export function checkpointSignatureValid(publicKey: KeyObject, c: Checkpoint): boolean {
+  return c.signature.length === 64 && verify(null, checkpointBody(c), publicKey, c.signature);
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-subject encryption (crypto-shredding)
+
+const IV_BYTES = 12;
+const TAG_BYTES = 16;
+export const SUBJECT_KEY_BYTES = 32;
+
+export const newSubjectKey = (): Buffer => randomBytes(SUBJECT_KEY_BYTES);
+
+/**
+ * AES-256-GCM, iv ‖ tag ‖ ciphertext. The record id is the associated data, so a ciphertext
+ * moved to another record does not decrypt.
+ */
+export function seal(key: Buffer, plaintext: string, recordId: string): Buffer {
+  const iv = randomBytes(IV_BYTES);
+  const cipher = createCipheriv('aes-256-gcm', key, iv);
+  cipher.setAAD(Buffer.from(recordId, 'utf8'));
+  const body = Buffer.concat([cipher.update(plaintext, 'utf8'), cipher.final()]);
+  return Buffer.concat([iv, cipher.getAuthTag(), body]);
+}
+
+/** The plaintext, or null when this key did not seal it (the subject's key was destroyed and a new one made). */
+export function open(key: Buffer, sealed: Buffer, recordId: string): string | null {
+  if (sealed.length < IV_BYTES + TAG_BYTES) return null;
+  const decipher = createDecipheriv('aes-256-gcm', key, sealed.subarray(0, IV_BYTES));
+  decipher.setAAD(Buffer.from(recordId, 'utf8'));
+  decipher.setAuthTag(sealed.subarray(IV_BYTES, IV_BYTES + TAG_BYTES));
+  try {
+    return Buffer.concat([decipher.update(sealed.subarray(IV_BYTES + TAG_BYTES)), decipher.final()]).toString('utf8');
+  } catch {
+    return null;
+  }
+}

@@ -1,0 +1,97 @@
+/**
+ * The sequencer in a worker thread: its hashing, encryption and row parsing (tens of
+ * microseconds per record) then run beside the service's event loop instead of on it, so
+ * integrating the trail adds no latency to requests. The worker opens its own small pool.
+ *
+ *   const worker = startSequencerWorker({ databaseUrl, signingKeyPem, origin, ... });
+ *   ...
+ *   await worker.close();   // integrates what is left, signs a last checkpoint, exits
+ */
+import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
+import pg from 'pg';
+import { EventStore } from '@ledgerline/events';
+import { loadSigningKey } from './keys.ts';
+import { AuditSequencer } from './sequencer.ts';
+
+export interface SequencerWorkerOptions {
+  databaseUrl: string;
+  /** PKCS#8 PEM; empty for the development key (refused when `production`). */
+  signingKeyPem: string;
+  production: boolean;
+  origin: string;
+  /** Tail the event store, recording events as from this service. */
+  eventsService?: string;
+  intervalMs?: number;
+  checkpointIntervalMs?: number;
+  batchRecordsMax?: number;
+}
+
+/** Marks the worker's data, so importing this module in any other worker starts nothing. */
+const WORKER_MARK = 'ledgerline.audit.sequencer-worker';
+
+type FromWorker = { kind: 'error'; message: string } | { kind: 'closed' } | { kind: 'started' };
+
+export interface SequencerWorker {
+  /** Stops the rounds, integrates what is left, signs a final checkpoint and ends the worker. */
+  close(): Promise<void>;
+}
+
+/** Starts the worker; resolves once its sequencer runs. `onError` gets each failed round (it retries). */
+export function startSequencerWorker(options: SequencerWorkerOptions, onError: (message: string) => void = () => {}): Promise<SequencerWorker> {
+  const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
+  let closed: (() => void) | null = null;
+  return new Promise((resolve, reject) => {
+    worker.on('message', (m: FromWorker) => {
+      if (m.kind === 'started') {
+        resolve({
+          close: () =>
+            new Promise<void>((done) => {
+              closed = done;
+              worker.postMessage('close');
+            }),
+        });
+      } else if (m.kind === 'closed') closed?.();
+      else onError(m.message);
+    });
+    worker.on('error', reject);
+    worker.on('exit', (code) => {
+      if (code !== 0) reject(new Error(`audit sequencer worker exited with ${code}`));
+      closed?.();
+    });
+  });
+}
+
+async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
+  const port = parentPort;
+  if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
+  const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2 });
+  pool.on('error', () => {});
+  const store = await EventStore.open(pool);
+  const sequencer = new AuditSequencer({
+    pool,
+    signer: loadSigningKey(o.signingKeyPem, { production: o.production }),
+    origin: o.origin,
+    ...(o.eventsService === undefined ? {} : { events: { store, service: o.eventsService } }),
+    ...(o.intervalMs === undefined ? {} : { intervalMs: o.intervalMs }),
+    ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
+    ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),
+    onError: (error) => port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error) } satisfies FromWorker),
+  });
+  sequencer.start();
+  port.on('message', (m: unknown) => {
+    if (m !== 'close') return;
+    sequencer
+      .close()
+      .catch((error: unknown) => port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error) } satisfies FromWorker))
+      .finally(() => {
+        void pool.end().finally(() => {
+          port.postMessage({ kind: 'closed' } satisfies FromWorker);
+          port.close();
+        });
+      });
+  });
+  port.postMessage({ kind: 'started' } satisfies FromWorker);
+}
+
+const mine = isMainThread ? undefined : (workerData as Record<string, SequencerWorkerOptions | undefined> | null)?.[WORKER_MARK];
+if (mine !== undefined) await runInWorker(mine);

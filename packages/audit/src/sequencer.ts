@@ -1,0 +1,405 @@
+/**
+ * The sequencer: the single writer of the tree. Each round, in one transaction, it takes
+ * queued entries and the next events of the event store, gives them consecutive sequence
+ * numbers, encrypts personal data under the subjects' keys, hashes the leaves, stores the
+ * records, payloads and completed subtrees, moves its event cursor, deletes the queue rows
+ * it integrated and (when due) signs a checkpoint. Everything commits together or not at all,
+ * so each queued entry and each event is recorded exactly once.
+ *
+ * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
+ * round finds the lock taken and does nothing, so instances may all run one.
+ */
+import type { Checkpoint as EventCheckpoint, EventStore, StoredEvent } from '@ledgerline/events';
+import { v5 as uuidv5 } from 'uuid';
+import { newSubjectKey, seal, signCheckpoint, type Checkpoint, type CheckpointSigner } from './keys.ts';
+import { leafHash, type Frontier, type Subtree } from './merkle.ts';
+import { AUDIT_WRITER_ROLE } from './migrate.ts';
+import { canonicalJson, checkEntry, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
+import type { AuditEntry } from './sink.ts';
+import { loadFrontier, STORED_LEVEL_MIN, type Queryable } from './tree.ts';
+import type { QueuedEntry } from './writer.ts';
+import type pg from 'pg';
+
+/** The advisory lock key that makes one sequencer per database (hashtextextended of this text). */
+const SEQUENCER_LOCK = 'ledgerline.audit.sequencer';
+export const BATCH_RECORDS_MAX_DEFAULT = 5000;
+export const INTERVAL_MS_DEFAULT = 100;
+export const CHECKPOINT_INTERVAL_MS_DEFAULT = 1000;
+/** Records prepared between yields to the event loop. */
+const YIELD_EVERY_RECORDS = 256;
+
+/**
+ * How an event becomes an audit record, unless the caller maps it: class `financial`, the
+ * actor from the event's metadata, the event type as the action, the stream as the resource;
+ * a `result` other than `ok` in the data (a rejected transfer) is a failure with that reason.
+ */
+export function eventEntry(event: StoredEvent, service: string): AuditEntry {
+  const actor = event.metadata.actor ?? 'unknown';
+  const result = event.data.result;
+  const failed = typeof result === 'string' && result !== 'ok';
+  const traceId = /^[0-9a-f]{2}-([0-9a-f]{32})-/.exec(event.metadata.traceparent ?? '')?.[1];
+  return {
+    recordClass: 'financial',
+    actor: actor === 'anonymous' ? { type: 'anonymous', id: actor } : { type: actor.startsWith('user:') ? 'user' : 'service', id: actor },
+    action: event.type,
+    outcome: failed ? 'failure' : 'success',
+    ...(failed ? { reason: result } : {}),
+    origin: {
+      service,
+      ...(event.metadata.causationId === undefined ? {} : { requestId: event.metadata.causationId }),
+      ...(traceId === undefined ? {} : { traceId }),
+    },
+    resource: { type: event.streamType, id: event.streamId },
+    occurredAt: event.recordedAt,
+    payload: {
+      eventId: event.id,
+      position: event.position.toString(),
+      version: event.version,
+      data: event.data,
+      ...(event.metadata.correlationId === undefined ? {} : { correlationId: event.metadata.correlationId }),
+    },
+  };
+}
+
+/** Audit record ids for events: derived from the event id, so a record names its event. */
+const EVENT_RECORD_NAMESPACE = '6f1c1c9e-4a57-5d0e-9d3f-2b8a4c1e7a10';
+
+export interface SequencerOptions {
+  pool: pg.Pool;
+  signer: CheckpointSigner;
+  /** Names the log in every checkpoint, e.g. `ledgerline/ledger`. */
+  origin: string;
+  /** Tail this event store into the log (same database). */
+  events?: { store: EventStore; service: string; toEntry?: (event: StoredEvent) => AuditEntry };
+  batchRecordsMax?: number;
+  /** Pause between rounds that found less than a full batch. */
+  intervalMs?: number;
+  /** A checkpoint is signed when records were added and this long has passed since the last (0: every round). */
+  checkpointIntervalMs?: number;
+  /** The clock of checkpoints. */
+  now?: () => Date;
+  onError?: (error: unknown) => void;
+}
+
+export interface RoundResult {
+  /** Records integrated this round (0 also when another instance holds the lock). */
+  records: number;
+  checkpoint: Checkpoint | null;
+}
+
+interface Prepared {
+  fields: AuditRecordFields;
+  payload: string | null;
+  personal: Buffer | null;
+}
+
+export class AuditSequencer {
+  readonly #o: Required<Omit<SequencerOptions, 'events'>> & Pick<SequencerOptions, 'events'>;
+  #frontier: Frontier | null = null;
+  #lastCheckpointMs = Number.NEGATIVE_INFINITY;
+  #running: Promise<void> | null = null;
+  #stopping = false;
+  #wake: (() => void) | null = null;
+
+  constructor(options: SequencerOptions) {
+    this.#o = {
+      batchRecordsMax: BATCH_RECORDS_MAX_DEFAULT,
+      intervalMs: INTERVAL_MS_DEFAULT,
+      checkpointIntervalMs: CHECKPOINT_INTERVAL_MS_DEFAULT,
+      now: () => new Date(),
+      onError: () => {},
+      ...options,
+    };
+    if (!(this.#o.batchRecordsMax >= 1 && this.#o.batchRecordsMax <= 50_000)) throw new RangeError('batchRecordsMax must be in 1..50000');
+  }
+
+  /** Runs rounds until `close()`: back to back while there is a backlog, else every `intervalMs`. */
+  start(): void {
+    if (this.#running !== null) return;
+    this.#stopping = false;
+    this.#running = (async () => {
+      while (!this.#stopping) {
+        let full = false;
+        try {
+          full = (await this.round()).records >= this.#o.batchRecordsMax;
+        } catch (error) {
+          this.#frontier = null;
+          this.#o.onError(error);
+        }
+        if (!full && !this.#stopping) {
+          await new Promise<void>((resolve) => {
+            const t = setTimeout(resolve, this.#o.intervalMs);
+            this.#wake = () => {
+              clearTimeout(t);
+              resolve();
+            };
+          });
+          this.#wake = null;
+        }
+      }
+    })();
+  }
+
+  /** Stops the loop, then integrates what is left and signs a final checkpoint. */
+  async close(): Promise<void> {
+    this.#stopping = true;
+    this.#wake?.();
+    await this.#running;
+    this.#running = null;
+    for (let r = await this.round({ forceCheckpoint: true }); r.records > 0; r = await this.round({ forceCheckpoint: true }));
+  }
+
+  /** One round; exported for tests and tools that drive the sequencer by hand. */
+  async round(options: { forceCheckpoint?: boolean } = {}): Promise<RoundResult> {
+    const client = await this.#o.pool.connect();
+    let broken: Error | undefined;
+    try {
+      await client.query('BEGIN');
+      const locked = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS ok', [SEQUENCER_LOCK]);
+      if (locked.rows[0]?.ok !== true) {
+        await client.query('ROLLBACK');
+        return { records: 0, checkpoint: null };
+      }
+      const result = await this.#roundLocked(client, options.forceCheckpoint === true);
+      await client.query('COMMIT');
+      return result;
+    } catch (error) {
+      // The frontier may hold this round's leaves: rebuild it from storage next time.
+      this.#frontier = null;
+      broken = error instanceof Error ? error : new Error(String(error));
+      await client.query('ROLLBACK').catch(() => {});
+      throw error;
+    } finally {
+      client.release(broken);
+    }
+  }
+
+  async #roundLocked(client: pg.PoolClient, forceCheckpoint: boolean): Promise<RoundResult> {
+    const size = await this.#treeSize(client);
+    if (this.#frontier?.size !== size) this.#frontier = await loadFrontier(client, size);
+    const frontier = this.#frontier.clone();
+
+    const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
+    const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
+    let cursor: EventCheckpoint | null = null;
+    const events = this.#o.events;
+    if (events !== undefined && entries.length < this.#o.batchRecordsMax) {
+      const state = await client.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
+      const row = state.rows[0];
+      if (row === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
+      const tail = await events.store.readAll(client, { after: { transactionId: BigInt(row.tx), position: BigInt(row.pos) }, limit: this.#o.batchRecordsMax - entries.length });
+      const toEntry = events.toEntry ?? ((e: StoredEvent) => eventEntry(e, events.service));
+      for (const e of tail) entries.push(eventPending(e, toEntry, this.#o.now));
+      const last = tail.at(-1);
+      if (last !== undefined) cursor = { transactionId: last.transactionId, position: last.position };
+    }
+    // Everything read from the event store is read; every write from here runs as the writer role.
+    await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+    if (entries.length === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
+    const keys = await this.#subjectKeys(client, entries);
+    const prepared: Prepared[] = [];
+    const leafHashes: Buffer[] = [];
+    const nodes: Subtree[] = [];
+    for (const [i, e] of entries.entries()) {
+      // A batch costs ~10-20 µs of CPU per record: let the process's other work (requests,
+      // when the sequencer shares their event loop) run between slices of it.
+      if (i > 0 && i % YIELD_EVERY_RECORDS === 0) await new Promise((resolve) => setImmediate(resolve));
+      const p = prepare(size + i, e, keys);
+      const h = leafHash(leafData(p.fields));
+      for (const n of frontier.append(h)) if (n.level >= STORED_LEVEL_MIN) nodes.push(n);
+      prepared.push(p);
+      leafHashes.push(h);
+    }
+    await insertRecords(client, prepared, leafHashes);
+    if (nodes.length > 0) {
+      await client.query('INSERT INTO audit.tree_nodes (level, idx, hash) SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])', [
+        nodes.map((n) => n.level),
+        nodes.map((n) => n.index),
+        nodes.map((n) => n.hash),
+      ]);
+    }
+    if (queued.rows.length > 0) await client.query('DELETE FROM audit.queue WHERE id = ANY($1::bigint[])', [queued.rows.map((r) => r.id)]);
+    if (cursor !== null) {
+      await client.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::text::xid8, event_position = $2', [cursor.transactionId.toString(), cursor.position.toString()]);
+    }
+    const checkpoint = await this.#checkpoint(client, frontier, forceCheckpoint);
+    // Only now is this round's tree the sequencer's; until COMMIT succeeds `round` discards it.
+    this.#frontier = frontier;
+    return { records: entries.length, checkpoint };
+  }
+
+  async #treeSize(db: Queryable): Promise<number> {
+    const r = await db.query<{ n: string }>('SELECT coalesce(max(seq) + 1, 0)::text AS n FROM audit.records');
+    return Number(r.rows[0]?.n ?? 0);
+  }
+
+  async #checkpoint(db: Queryable, frontier: Frontier, force: boolean): Promise<Checkpoint | null> {
+    if (frontier.size === 0) return null;
+    const now = this.#o.now();
+    if (!force && now.getTime() - this.#lastCheckpointMs < this.#o.checkpointIntervalMs) return null;
+    const latest = await db.query<{ n: string }>('SELECT coalesce(max(tree_size), 0)::text AS n FROM audit.checkpoints');
+    if (Number(latest.rows[0]?.n) >= frontier.size) return null;
+    const c = signCheckpoint(this.#o.signer, { origin: this.#o.origin, treeSize: frontier.size, rootHash: frontier.root(), issuedAt: now });
+    await db.query('INSERT INTO audit.checkpoints (tree_size, origin, root_hash, issued_at, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6)', [
+      c.treeSize,
+      c.origin,
+      c.rootHash,
+      c.issuedAt,
+      c.keyId,
+      c.signature,
+    ]);
+    this.#lastCheckpointMs = now.getTime();
+    return c;
+  }
+
+  /** The keys of every subject with personal data in the batch, created on first use. */
+  async #subjectKeys(db: Queryable, entries: Pending[]): Promise<Map<string, Buffer>> {
+    const subjects = [...new Set(entries.filter((e) => e.personal !== null).map((e) => e.entry.subject as string))];
+    if (subjects.length === 0) return new Map();
+    await db.query('INSERT INTO audit.subject_keys (subject, key) SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT (subject) DO NOTHING', [
+      subjects,
+      subjects.map(() => newSubjectKey()),
+    ]);
+    const r = await db.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE subject = ANY($1::text[])', [subjects]);
+    return new Map(r.rows.map((row) => [row.subject, row.key]));
+  }
+}
+
+/** An entry about to be sequenced, its payload and personal data as canonical JSON text. */
+interface Pending {
+  id: string;
+  entry: Omit<AuditEntry, 'payload' | 'personal'>;
+  payload: string | null;
+  personal: string | null;
+}
+
+/**
+ * A queue row as a Pending entry. The fields are checked again (the queue is only as trusted
+ * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
+ * neither stop the sequencer nor disappear unrecorded.
+ */
+function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
+  try {
+    const { payloadJson, personalJson, ...q } = JSON.parse(text) as QueuedEntry;
+    const entry = { ...q, occurredAt: new Date(q.occurredAt) };
+    checkFields(entry);
+    const payload = checkJsonText('payload', payloadJson);
+    const personal = checkJsonText('personal', personalJson);
+    if (personal !== null && entry.subject === undefined) throw new InvalidAuditEntryError('personal data without a subject');
+    if (typeof q.id !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(q.id)) throw new InvalidAuditEntryError('the queued id is not a UUID');
+    return { id: q.id, entry, payload, personal };
+  } catch (error) {
+    const reason = error instanceof Error ? error.message.slice(0, 400) : 'unreadable';
+    return {
+      id: uuidv5(`queue:${queueId}:${text}`, EVENT_RECORD_NAMESPACE),
+      entry: { recordClass: 'security', actor: { type: 'service', id: 'audit-sequencer' }, action: 'audit.entry.rejected', outcome: 'failure', reason, origin: { service: 'audit' }, resource: { type: 'audit.queue', id: queueId }, occurredAt: now() },
+      payload: canonicalJson({ queued: text.slice(0, 60_000) }),
+      personal: null,
+    };
+  }
+}
+
+/**
+ * An event as a Pending entry. An event the mapping cannot make a valid entry of (say a payload
+ * above PAYLOAD_BYTES_MAX) is still recorded, as `audit.event.unrecordable` naming the event
+ * and the reason, with the hash of its data: the tail never stops on it and never skips it.
+ */
+function eventPending(e: StoredEvent, toEntry: (event: StoredEvent) => AuditEntry, now: () => Date): Pending {
+  const id = uuidv5(e.id, EVENT_RECORD_NAMESPACE);
+  try {
+    const entry = toEntry(e);
+    return { id, entry, ...checkEntry(entry) };
+  } catch (error) {
+    return {
+      id,
+      entry: {
+        recordClass: 'security',
+        actor: { type: 'service', id: 'audit-sequencer' },
+        action: 'audit.event.unrecordable',
+        outcome: 'failure',
+        reason: error instanceof Error ? error.message.slice(0, 400) : 'unmappable',
+        origin: { service: 'audit' },
+        resource: { type: e.streamType, id: e.streamId },
+        occurredAt: now(),
+      },
+      payload: canonicalJson({ eventId: e.id, position: e.position.toString(), type: e.type, dataSha256: sha256(canonicalJson(e.data)).toString('hex') }),
+      personal: null,
+    };
+  }
+}
+
+/** A pending entry as a record at `seq`: personal data encrypted, payloads hashed. */
+function prepare(seq: number, p: Pending, keys: Map<string, Buffer>): Prepared {
+  const { id, entry: e, payload, personal } = p;
+  let sealed: Buffer | null = null;
+  if (personal !== null) {
+    const key = keys.get(e.subject as string);
+    if (key === undefined) throw new Error(`invariant: no key for subject ${e.subject}`);
+    sealed = seal(key, personal, id);
+  }
+  return {
+    fields: {
+      seq,
+      id,
+      occurredAt: e.occurredAt as Date,
+      recordClass: e.recordClass,
+      actorType: e.actor.type,
+      actorId: e.actor.id,
+      action: e.action,
+      outcome: e.outcome,
+      reason: e.reason ?? null,
+      originService: e.origin.service,
+      originIp: e.origin.ip ?? null,
+      originRequestId: e.origin.requestId ?? null,
+      originTraceId: e.origin.traceId ?? null,
+      resourceType: e.resource.type,
+      resourceId: e.resource.id,
+      subject: e.subject ?? null,
+      payloadHash: payload === null ? null : sha256(payload),
+      personalHash: sealed === null ? null : sha256(sealed),
+    },
+    payload,
+    personal: sealed,
+  };
+}
+
+async function insertRecords(db: Queryable, rows: Prepared[], leafHashes: Buffer[]): Promise<void> {
+  const col = <T>(f: (r: AuditRecordFields) => T): T[] => rows.map((r) => f(r.fields));
+  await db.query(
+    `INSERT INTO audit.records (seq, id, occurred_at, record_class, actor_type, actor_id, action, outcome, reason, origin_service,
+                                origin_ip, origin_request_id, origin_trace_id, resource_type, resource_id, subject, payload_hash,
+                                personal_hash, leaf_hash)
+     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                          $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+                          $17::bytea[], $18::bytea[], $19::bytea[])`,
+    [
+      col((r) => r.seq),
+      col((r) => r.id),
+      col((r) => r.occurredAt.toISOString()),
+      col((r) => r.recordClass),
+      col((r) => r.actorType),
+      col((r) => r.actorId),
+      col((r) => r.action),
+      col((r) => r.outcome),
+      col((r) => r.reason),
+      col((r) => r.originService),
+      col((r) => r.originIp),
+      col((r) => r.originRequestId),
+      col((r) => r.originTraceId),
+      col((r) => r.resourceType),
+      col((r) => r.resourceId),
+      col((r) => r.subject),
+      col((r) => r.payloadHash),
+      col((r) => r.personalHash),
+      leafHashes,
+    ],
+  );
+  const withPayload = rows.filter((r) => r.payload !== null || r.personal !== null);
+  if (withPayload.length > 0) {
+    await db.query('INSERT INTO audit.payloads (seq, payload, personal) SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])', [
+      withPayload.map((r) => r.fields.seq),
+      withPayload.map((r) => r.payload),
+      withPayload.map((r) => r.personal),
+    ]);
+  }
+}

@@ -1,0 +1,297 @@
+/**
+ * Reading and governing the audit trail: search for compliance reviews, checkpoints and
+ * proofs, legal holds, GDPR erasure and retention. Every operation that reads the trail or
+ * changes what it discloses is itself recorded through the sink, with who asked.
+ *
+ * Writes run as the writer role; erasure and expiry go through the SECURITY DEFINER functions
+ * of the migration, the only paths that remove data (payloads and keys, never records).
+ */
+import type pg from 'pg';
+import { v7 as uuidv7 } from 'uuid';
+import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
+import { open, type Checkpoint } from './keys.ts';
+import { AUDIT_WRITER_ROLE } from './migrate.ts';
+import { leafData } from './record.ts';
+import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
+import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
+import { consistencyProof, inclusionProof, type Queryable } from './tree.ts';
+
+export const SEARCH_LIMIT_MAX = 1000;
+export const SEARCH_LIMIT_DEFAULT = 100;
+
+/** Who is asking: recorded with every audited operation. */
+export interface Requester {
+  actor: AuditActor;
+  origin: AuditOrigin;
+}
+
+export interface SearchFilter {
+  actorId?: string;
+  resourceType?: string;
+  resourceId?: string;
+  action?: string;
+  outcome?: 'success' | 'failure';
+  subject?: string;
+  recordClass?: string;
+  /** Inclusive. */
+  from?: Date;
+  /** Exclusive. */
+  to?: Date;
+}
+
+export interface SearchPage {
+  limit?: number;
+  order?: 'asc' | 'desc';
+  /** The `nextCursor` of the previous page: the last sequence number it returned. */
+  after?: number;
+}
+
+/** A record as a reviewer sees it. */
+export interface AuditRecordView {
+  seq: number;
+  id: string;
+  occurredAt: Date;
+  recordClass: string;
+  actor: AuditActor;
+  action: string;
+  outcome: 'success' | 'failure';
+  reason: string | null;
+  origin: { service: string; ip: string | null; requestId: string | null; traceId: string | null };
+  resource: { type: string; id: string };
+  subject: string | null;
+  payload: Record<string, unknown> | null;
+  /** `expired`: retention removed it; the leaf still commits to its hash. */
+  payloadState: 'present' | 'expired' | 'none';
+  personal: Record<string, unknown> | null;
+  /** `erased`: the subject's key was destroyed. */
+  personalState: 'present' | 'erased' | 'expired' | 'none';
+}
+
+export class LegalHoldError extends Error {
+  override readonly name = 'LegalHoldError';
+}
+
+export interface LegalHold {
+  id: string;
+  subject: string | null;
+  resource: { type: string; id: string } | null;
+  reason: string;
+  placedBy: string;
+  placedAt: Date;
+}
+
+export class AuditStore {
+  readonly #pool: pg.Pool;
+  readonly #sink: AuditSink;
+  readonly #service: string;
+
+  constructor(options: { pool: pg.Pool; sink: AuditSink; service: string }) {
+    this.#pool = options.pool;
+    this.#sink = options.sink;
+    this.#service = options.service;
+  }
+
+  /** Reads (searches, proofs) are class `access`; holds, erasures and expiries class `governance` (no retention policy: kept). */
+  #audit(by: Requester, action: string, outcome: 'success' | 'failure', resource: { type: string; id: string }, payload: Record<string, unknown>, reason?: string): void {
+    this.#sink.record({
+      recordClass: action === 'audit.search' || action === 'audit.record.prove' ? 'access' : 'governance',
+      actor: by.actor,
+      action,
+      outcome,
+      ...(reason === undefined ? {} : { reason }),
+      origin: by.origin,
+      resource,
+      payload,
+    });
+  }
+
+  /** Keyset-paginated search; the search itself is recorded (action `audit.search`). */
+  async search(filter: SearchFilter, page: SearchPage, by: Requester): Promise<{ records: AuditRecordView[]; nextCursor: number | null }> {
+    const limit = page.limit ?? SEARCH_LIMIT_DEFAULT;
+    if (!(Number.isInteger(limit) && limit >= 1 && limit <= SEARCH_LIMIT_MAX)) throw new RangeError(`limit must be an integer in 1..${SEARCH_LIMIT_MAX}`);
+    const desc = page.order === 'desc';
+    const asked = { filter: { ...filter, from: filter.from?.toISOString(), to: filter.to?.toISOString() }, limit, order: desc ? 'desc' : 'asc', after: page.after ?? null };
+    try {
+      const r = await this.#pool.query<RecordRow>(
+        `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq
+          WHERE ($1::text IS NULL OR r.actor_id = $1) AND ($2::text IS NULL OR r.resource_type = $2)
+            AND ($3::text IS NULL OR r.resource_id = $3) AND ($4::text IS NULL OR r.action = $4)
+            AND ($5::text IS NULL OR r.outcome = $5) AND ($6::text IS NULL OR r.subject = $6)
+            AND ($7::timestamptz IS NULL OR r.occurred_at >= $7) AND ($8::timestamptz IS NULL OR r.occurred_at < $8)
+            AND ($9::bigint IS NULL OR ${desc ? 'r.seq < $9' : 'r.seq > $9'}) AND ($11::text IS NULL OR r.record_class = $11)
+          ORDER BY r.seq ${desc ? 'DESC' : 'ASC'} LIMIT $10`,
+        [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId ?? null, filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
+      );
+      const records = await this.#views(r.rows);
+      this.#audit(by, 'audit.search', 'success', { type: 'audit.log', id: this.#service }, { ...asked, returned: records.length });
+      return { records, nextCursor: records.length === limit ? (records.at(-1)?.seq ?? null) : null };
+    } catch (error) {
+      this.#audit(by, 'audit.search', 'failure', { type: 'audit.log', id: this.#service }, asked, error instanceof Error ? error.message.slice(0, 200) : 'failed');
+      throw error;
+    }
+  }
+
+  async #views(rows: RecordRow[]): Promise<AuditRecordView[]> {
+    const subjects = [...new Set(rows.filter((r) => r.personal !== null).map((r) => r.subject as string))];
+    const keys = new Map<string, Buffer>();
+    if (subjects.length > 0) {
+      const k = await this.#pool.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE subject = ANY($1::text[])', [subjects]);
+      for (const row of k.rows) keys.set(row.subject, row.key);
+    }
+    return rows.map((r) => {
+      const f = fieldsOf(r);
+      const key = r.subject === null ? undefined : keys.get(r.subject);
+      const clear = r.personal === null || key === undefined ? null : open(key, r.personal, f.id);
+      return {
+        seq: f.seq,
+        id: f.id,
+        occurredAt: f.occurredAt,
+        recordClass: f.recordClass,
+        actor: { type: f.actorType as AuditActor['type'], id: f.actorId },
+        action: f.action,
+        outcome: f.outcome,
+        reason: f.reason,
+        origin: { service: f.originService, ip: f.originIp, requestId: f.originRequestId, traceId: f.originTraceId },
+        resource: { type: f.resourceType, id: f.resourceId },
+        subject: f.subject,
+        payload: r.payload === null ? null : (JSON.parse(r.payload) as Record<string, unknown>),
+        payloadState: f.payloadHash === null ? 'none' : r.payload === null ? 'expired' : 'present',
+        personal: clear === null ? null : (JSON.parse(clear) as Record<string, unknown>),
+        personalState: f.personalHash === null ? 'none' : !r.has_payload_row || r.personal === null ? 'expired' : clear === null ? 'erased' : 'present',
+      };
+    });
+  }
+
+  async latestCheckpoint(db: Queryable = this.#pool): Promise<Checkpoint | null> {
+    const r = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1`);
+    const row = r.rows[0];
+    return row === undefined ? null : checkpointOf(row);
+  }
+
+  async checkpointAt(treeSize: number): Promise<Checkpoint | null> {
+    const r = await this.#pool.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints WHERE tree_size = $1`, [treeSize]);
+    const row = r.rows[0];
+    return row === undefined ? null : checkpointOf(row);
+  }
+
+  /**
+   * Proves record `seq` is in the log: against the checkpoint of `treeSize`, or the latest.
+   * Null when there is no such record or checkpoint, or the checkpoint does not cover it yet.
+   * The bundle discloses the record's fields, so with `by` the read is recorded
+   * (`audit.record.prove`); only tools measuring the store itself leave it out.
+   */
+  async inclusionBundle(seq: number, treeSize?: number, by?: Requester): Promise<InclusionBundle | null> {
+    const cp = treeSize === undefined ? await this.latestCheckpoint() : await this.checkpointAt(treeSize);
+    const r =
+      cp === null || !(Number.isSafeInteger(seq) && seq >= 0 && seq < cp.treeSize)
+        ? null
+        : await this.#pool.query<RecordRow>(`SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq = $1`, [seq]);
+    const row = r?.rows[0];
+    if (by !== undefined) this.#audit(by, 'audit.record.prove', row === undefined ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, row === undefined ? 'no checkpoint covers it' : undefined);
+    if (cp === null || row === undefined) return null;
+    const proof = await inclusionProof(this.#pool, seq, cp.treeSize);
+    return { kind: 'inclusion', checkpoint: checkpointJson(cp), leafIndex: seq, leafData: leafData(fieldsOf(row)).toString('base64'), proof: proof.map((h) => h.toString('base64')) };
+  }
+
+  /** Proves the checkpoint of `toSize` extends that of `fromSize`; null when either is missing. */
+  async consistencyBundle(fromSize: number, toSize: number): Promise<ConsistencyBundle | null> {
+    if (!(fromSize <= toSize)) return null;
+    const [from, to] = [await this.checkpointAt(fromSize), await this.checkpointAt(toSize)];
+    if (from === null || to === null) return null;
+    const proof = await consistencyProof(this.#pool, fromSize, toSize);
+    return { kind: 'consistency', from: checkpointJson(from), to: checkpointJson(to), proof: proof.map((h) => h.toString('base64')) };
+  }
+
+  async #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    const client = await this.#pool.connect();
+    let broken: Error | undefined;
+    try {
+      await client.query('BEGIN');
+      await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+      const result = await fn(client);
+      await client.query('COMMIT');
+      return result;
+    } catch (error) {
+      broken = error instanceof Error ? error : new Error(String(error));
+      await client.query('ROLLBACK').catch(() => {});
+      throw error;
+    } finally {
+      client.release(broken);
+    }
+  }
+
+  /** Places a legal hold on a subject or a resource; recorded as `audit.hold.place`. */
+  async placeHold(target: { subject: string } | { resource: { type: string; id: string } }, reason: string, by: Requester): Promise<string> {
+    const id = uuidv7();
+    const subject = 'subject' in target ? target.subject : null;
+    const resource = 'resource' in target ? target.resource : null;
+    await this.#asWriter((c) =>
+      c.query('INSERT INTO audit.legal_holds (id, subject, resource_type, resource_id, reason, placed_by) VALUES ($1, $2, $3, $4, $5, $6)', [
+        id,
+        subject,
+        resource?.type ?? null,
+        resource?.id ?? null,
+        reason,
+        by.actor.id,
+      ]),
+    );
+    this.#audit(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason });
+    return id;
+  }
+
+  /** Releases a hold; false when there was no active hold with that id. Recorded as `audit.hold.release`. */
+  async releaseHold(id: string, by: Requester): Promise<boolean> {
+    const r = await this.#asWriter((c) =>
+      c.query('UPDATE audit.legal_holds SET released_at = now(), released_by = $2 WHERE id = $1 AND released_at IS NULL', [id, by.actor.id]),
+    );
+    const released = r.rowCount === 1;
+    this.#audit(by, 'audit.hold.release', released ? 'success' : 'failure', { type: 'audit.legal_hold', id }, {}, released ? undefined : 'no active hold with this id');
+    return released;
+  }
+
+  async activeHolds(): Promise<LegalHold[]> {
+    const r = await this.#pool.query<{ id: string; subject: string | null; resource_type: string | null; resource_id: string | null; reason: string; placed_by: string; placed_at: Date }>(
+      'SELECT id::text, subject, resource_type, resource_id, reason, placed_by, placed_at FROM audit.legal_holds WHERE released_at IS NULL ORDER BY placed_at, id',
+    );
+    return r.rows.map((h) => ({
+      id: h.id,
+      subject: h.subject,
+      resource: h.resource_type === null || h.resource_id === null ? null : { type: h.resource_type, id: h.resource_id },
+      reason: h.reason,
+      placedBy: h.placed_by,
+      placedAt: h.placed_at,
+    }));
+  }
+
+  /**
+   * GDPR erasure: destroys the subject's key, so its personal data reads as erased while every
+   * hash stays. Throws LegalHoldError under a hold. Recorded as `audit.subject.erase` (the
+   * record names the subject, which is an identifier, not the erased data).
+   */
+  async eraseSubject(subject: string, by: Requester): Promise<boolean> {
+    try {
+      const r = await this.#asWriter((c) => c.query<{ erased: boolean }>('SELECT audit.erase_subject($1) AS erased', [subject]));
+      const erased = r.rows[0]?.erased === true;
+      this.#audit(by, 'audit.subject.erase', 'success', { type: 'audit.subject', id: subject }, { keyDestroyed: erased });
+      return erased;
+    } catch (error) {
+      if ((error as { code?: string }).code === '55006') {
+        this.#audit(by, 'audit.subject.erase', 'failure', { type: 'audit.subject', id: subject }, {}, 'legal hold');
+        throw new LegalHoldError(`subject ${subject} is under legal hold: erasure refused`);
+      }
+      throw error;
+    }
+  }
+
+  /**
+   * Removes the payloads whose class's retention has run out by `asOf` (never later than the
+   * database's clock) and that no hold covers; at most `limit` per call. Recorded as
+   * `audit.retention.expire` when it removed any.
+   */
+  async expirePayloads(asOf: Date, by: Requester, limit = 10_000): Promise<number> {
+    const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2) AS n', [asOf, limit]));
+    const n = r.rows[0]?.n ?? 0;
+    if (n > 0) this.#audit(by, 'audit.retention.expire', 'success', { type: 'audit.log', id: this.#service }, { asOf: asOf.toISOString(), removed: n });
+    return n;
+  }
+}

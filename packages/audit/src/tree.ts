@@ -1,0 +1,71 @@
+/**
+ * The Merkle tree as stored: leaf hashes on `audit.records`, completed subtrees of level
+ * STORED_LEVEL_MIN and above in `audit.tree_nodes`. Any subtree hash, and so any proof or a
+ * sequencer's frontier, costs O(log n) small reads.
+ */
+import type pg from 'pg';
+import { consistencyRanges, foldSubtrees, Frontier, inclusionRanges, perfectSubtrees, rootOf, type Range, type Subtree } from './merkle.ts';
+
+export type Queryable = Pick<pg.ClientBase, 'query'>;
+
+/** Subtrees below this level are hashed from at most 2^level - 1 stored leaf hashes. */
+export const STORED_LEVEL_MIN = 4;
+
+const key = (level: number, index: number): string => `${level}/${index}`;
+
+/** The hashes of perfect subtrees, in the order asked. Throws when storage lacks one. */
+export async function subtreeHashes(db: Queryable, wanted: readonly { level: number; index: number }[]): Promise<Buffer[]> {
+  const stored = wanted.filter((s) => s.level >= STORED_LEVEL_MIN);
+  const low = wanted.filter((s) => s.level < STORED_LEVEL_MIN);
+  const found = new Map<string, Buffer>();
+  if (stored.length > 0) {
+    const r = await db.query<{ level: number; idx: string; hash: Buffer }>(
+      `SELECT n.level, n.idx::text, n.hash FROM audit.tree_nodes n
+         JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) ON n.level = w.level AND n.idx = w.idx`,
+      [stored.map((s) => s.level), stored.map((s) => s.index)],
+    );
+    for (const row of r.rows) found.set(key(row.level, Number(row.idx)), row.hash);
+  }
+  if (low.length > 0) {
+    const seqs = low.flatMap((s) => Array.from({ length: 2 ** s.level }, (_, i) => s.index * 2 ** s.level + i));
+    const r = await db.query<{ seq: string; leaf_hash: Buffer }>('SELECT seq::text, leaf_hash FROM audit.records WHERE seq = ANY($1::bigint[])', [seqs]);
+    const leaves = new Map(r.rows.map((row) => [Number(row.seq), row.leaf_hash]));
+    for (const s of low) {
+      const hashes = Array.from({ length: 2 ** s.level }, (_, i) => leaves.get(s.index * 2 ** s.level + i));
+      if (hashes.every((h) => h !== undefined)) found.set(key(s.level, s.index), rootOf(hashes));
+    }
+  }
+  return wanted.map((s) => {
+    const h = found.get(key(s.level, s.index));
+    if (h === undefined) throw new Error(`audit tree: subtree level ${s.level} index ${s.index} is missing from storage`);
+    return h;
+  });
+}
+
+/** The hash of each range, MTH(D[lo:hi]), fetched in two queries at most. */
+async function rangeHashes(db: Queryable, ranges: readonly Range[]): Promise<Buffer[]> {
+  const parts = ranges.map((r) => perfectSubtrees(r.lo, r.hi));
+  const hashes = await subtreeHashes(db, parts.flat());
+  let at = 0;
+  return parts.map((p) => {
+    const slice = hashes.slice(at, at + p.length);
+    at += p.length;
+    return foldSubtrees(slice);
+  });
+}
+
+/** The frontier of the stored tree of `size` leaves: what a sequencer resumes from. */
+export async function loadFrontier(db: Queryable, size: number): Promise<Frontier> {
+  const parts = perfectSubtrees(0, size);
+  const hashes = await subtreeHashes(db, parts);
+  const nodes: Subtree[] = parts.map((p, i) => ({ ...p, hash: hashes[i] as Buffer }));
+  return new Frontier(size, nodes);
+}
+
+export async function inclusionProof(db: Queryable, index: number, treeSize: number): Promise<Buffer[]> {
+  return rangeHashes(db, inclusionRanges(index, treeSize));
+}
+
+export async function consistencyProof(db: Queryable, size1: number, size2: number): Promise<Buffer[]> {
+  return rangeHashes(db, consistencyRanges(size1, size2));
+}

@@ -1,0 +1,173 @@
+/**
+ * Full verification: recompute the tree from storage, record by record, and hold it against
+ * every signed checkpoint. It trusts nothing stored except through the public key: leaf
+ * hashes are recomputed from the record's columns, payloads are hashed again, and each root
+ * is compared with a checkpoint whose signature is checked first.
+ *
+ * Where a tampering is located:
+ * - a changed column: the record whose recomputed leaf differs from its stored leaf hash;
+ * - a changed payload or personal ciphertext: the record whose hash no longer matches;
+ * - a deleted record: the first missing sequence number;
+ * - two records swapped: the first of them (a leaf commits to its own sequence number);
+ * - a truncated tail: the first sequence number a checkpoint covers but storage lacks;
+ * - a forged or altered checkpoint: that checkpoint;
+ * - a rewrite that also recomputed the stored leaf hashes: the span between the last
+ *   checkpoint that still matches and the first that does not.
+ */
+import type { KeyObject } from 'node:crypto';
+import { checkpointSignatureValid, type Checkpoint } from './keys.ts';
+import { Frontier, leafHash } from './merkle.ts';
+import { leafData, sha256 } from './record.ts';
+import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
+import type { Queryable } from './tree.ts';
+
+export const VERIFY_PAGE_RECORDS = 5000;
+export const VERIFY_ISSUES_MAX_DEFAULT = 100;
+
+export type VerifyIssueKind =
+  | 'record_altered'
+  | 'payload_altered'
+  | 'personal_altered'
+  | 'record_missing'
+  | 'checkpoint_signature_invalid'
+  | 'checkpoint_root_mismatch'
+  | 'records_truncated';
+
+export interface VerifyIssue {
+  kind: VerifyIssueKind;
+  /** The first record concerned; for a root mismatch, the first record after the last good checkpoint. */
+  seq: number | null;
+  /** The checkpoint concerned, by its tree size. */
+  treeSize: number | null;
+  detail: string;
+}
+
+export interface VerifyReport {
+  ok: boolean;
+  records: number;
+  checkpoints: number;
+  /** Records after the latest checkpoint: stored, not yet signed. */
+  unsignedRecords: number;
+  firstDifference: VerifyIssue | null;
+  issues: VerifyIssue[];
+  issuesTruncated: boolean;
+}
+
+export interface VerifyOptions {
+  publicKey: KeyObject;
+  /**
+   * Checkpoints kept outside this database (by a third party, or from earlier proof bundles).
+   * Storage alone cannot reveal a superuser who removed the tail records together with the
+   * checkpoints that covered them; a checkpoint held elsewhere can.
+   */
+  trustedCheckpoints?: readonly Checkpoint[];
+  issuesMax?: number;
+  onProgress?: (records: number) => void;
+}
+
+/** Pages through checkpoints in tree-size order. */
+async function* checkpoints(db: Queryable): AsyncGenerator<Checkpoint, void> {
+  let after = 0;
+  for (;;) {
+    const r = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c WHERE c.tree_size > $1 ORDER BY c.tree_size LIMIT 1000`, [after]);
+    for (const row of r.rows) yield checkpointOf(row);
+    const last = r.rows.at(-1);
+    if (last === undefined) return;
+    after = Number(last.tree_size);
+  }
+}
+
+export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<VerifyReport> {
+  const issuesMax = options.issuesMax ?? VERIFY_ISSUES_MAX_DEFAULT;
+  const issues: VerifyIssue[] = [];
+  let issuesTruncated = false;
+  const report = (issue: VerifyIssue): void => {
+    if (issues.length < issuesMax) issues.push(issue);
+    else issuesTruncated = true;
+  };
+  const frontier = new Frontier();
+  const cps = checkpoints(db);
+  const trusted = [...(options.trustedCheckpoints ?? [])].sort((a, b) => a.treeSize - b.treeSize);
+  let stored: Checkpoint | null | undefined;
+  /** The next checkpoint by tree size, from storage or from the trusted ones. */
+  const nextCheckpoint = async (): Promise<Checkpoint | null> => {
+    if (stored === undefined) {
+      const r = await cps.next();
+      stored = r.done === true ? null : r.value;
+    }
+    const t = trusted[0];
+    if (t !== undefined && (stored === null || t.treeSize <= stored.treeSize)) return trusted.shift() ?? null;
+    const s = stored;
+    stored = undefined;
+    return s;
+  };
+  let next = await nextCheckpoint();
+  let checked = 0;
+  let lastGoodSize = 0;
+
+  /** Checks `cp` against the leaves recomputed so far (every stored record below its size). */
+  const checkCheckpoint = (cp: Checkpoint, storageEnded: boolean): void => {
+    checked += 1;
+    if (!checkpointSignatureValid(options.publicKey, cp)) {
+      report({ kind: 'checkpoint_signature_invalid', seq: null, treeSize: cp.treeSize, detail: `checkpoint at tree size ${cp.treeSize} (issued ${cp.issuedAt.toISOString()}, key ${cp.keyId}) has no valid signature under this public key` });
+      return;
+    }
+    if (storageEnded && frontier.size < cp.treeSize) {
+      report({ kind: 'records_truncated', seq: frontier.size, treeSize: cp.treeSize, detail: `checkpoint covers ${cp.treeSize} records but storage ends at seq ${frontier.size - 1}: seq ${frontier.size}..${cp.treeSize - 1} are gone` });
+      return;
+    }
+    if (frontier.size !== cp.treeSize || !frontier.root().equals(cp.rootHash)) {
+      report({ kind: 'checkpoint_root_mismatch', seq: lastGoodSize, treeSize: cp.treeSize, detail: `the tree recomputed from storage does not match the checkpoint at tree size ${cp.treeSize}: a record in seq ${lastGoodSize}..${cp.treeSize - 1} differs from what was signed` });
+      return;
+    }
+    lastGoodSize = cp.treeSize;
+  };
+
+  let expected = 0;
+  for (;;) {
+    const page = await db.query<RecordRow>(
+      `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq >= $1 ORDER BY r.seq LIMIT $2`,
+      [expected, VERIFY_PAGE_RECORDS],
+    );
+    for (const row of page.rows) {
+      const fields = fieldsOf(row);
+      const { seq } = fields;
+      // A checkpoint covers the records below its size: check every one this record passes.
+      while (next !== null && next.treeSize <= seq) {
+        checkCheckpoint(next, false);
+        next = await nextCheckpoint();
+      }
+      if (seq !== expected) report({ kind: 'record_missing', seq: expected, treeSize: null, detail: `seq ${expected}..${seq - 1} missing from storage` });
+      // Recompute at the position the tree expects, so a renumbered or moved record differs.
+      const recomputed = leafHash(leafData({ ...fields, seq: frontier.size }));
+      if (!recomputed.equals(row.leaf_hash)) report({ kind: 'record_altered', seq, treeSize: null, detail: `record ${seq} (${fields.id}) does not hash to its stored leaf hash: a column was changed or the record moved` });
+      checkPayload(row, seq, report);
+      frontier.append(recomputed);
+      expected = seq + 1;
+    }
+    options.onProgress?.(frontier.size);
+    if (page.rows.length < VERIFY_PAGE_RECORDS) break;
+  }
+  while (next !== null) {
+    checkCheckpoint(next, true);
+    next = await nextCheckpoint();
+  }
+  return {
+    ok: issues.length === 0,
+    records: frontier.size,
+    checkpoints: checked,
+    unsignedRecords: frontier.size - lastGoodSize,
+    firstDifference: issues[0] ?? null,
+    issues,
+    issuesTruncated,
+  };
+}
+
+/** A present payload must hash to what the leaf committed; an absent one is retention's doing. */
+function checkPayload(row: RecordRow, seq: number, report: (issue: VerifyIssue) => void): void {
+  if (!row.has_payload_row) return;
+  const payloadOk = row.payload === null ? true : row.payload_hash !== null && sha256(row.payload).equals(row.payload_hash);
+  if (!payloadOk) report({ kind: 'payload_altered', seq, treeSize: null, detail: `the payload of record ${seq} does not match the hash its leaf commits to` });
+  const personalOk = row.personal === null ? true : row.personal_hash !== null && sha256(row.personal).equals(row.personal_hash);
+  if (!personalOk) report({ kind: 'personal_altered', seq, treeSize: null, detail: `the encrypted personal data of record ${seq} does not match the hash its leaf commits to` });
+}

@@ -1,0 +1,117 @@
+/**
+ * The CLI: verify (clean, then after a committed tampering), public-key, prove and the
+ * standalone verify-proof, search, holds, erasure and expiry, and usage errors.
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { runCli } from '../src/cli.ts';
+import { auditTestEnv, entry, type AuditTestEnv } from './support.ts';
+
+let t: AuditTestEnv;
+const dir = mkdtempSync(join(tmpdir(), 'll-audit-cli-'));
+before(async () => {
+  t = await auditTestEnv({ withEvents: false });
+  for (let i = 0; i < 20; i += 1) t.sink.record(entry(i, i === 4 ? { subject: 'cust-4', personal: { name: 'Dora' } } : {}));
+  await t.settle();
+});
+after(async () => {
+  await t.close();
+});
+
+async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const code = await runCli(args, { env: { DATABASE_URL: t.db.url }, stdout: (s) => (out += `${s}\n`), stderr: (s) => (err += `${s}\n`) });
+  return { code, out, err };
+}
+
+test('public-key, prove and verify-proof: a third party checks bundles with the PEM alone', async () => {
+  const key = await cli('public-key');
+  assert.equal(key.code, 0);
+  assert.match(key.out, /^-----BEGIN PUBLIC KEY-----/);
+  const pem = join(dir, 'key.pem');
+  writeFileSync(pem, key.out);
+
+  assert.equal((await cli('prove', '--seq', '7')).code, 2, '--as is required: the bundle discloses the record');
+  const inclusion = await cli('prove', '--seq', '7', '--as', 'auditor:ann');
+  assert.equal(inclusion.code, 0, inclusion.err);
+  const bundle = join(dir, 'inclusion.json');
+  writeFileSync(bundle, inclusion.out);
+  const ok = await runCli(['verify-proof', '--public-key', pem, bundle], { env: {}, stdout: () => {}, stderr: () => {} });
+  assert.equal(ok, 0);
+
+  const tamperedBundle = JSON.parse(inclusion.out) as { leafData: string };
+  const data = Buffer.from(tamperedBundle.leafData, 'base64').toString('utf8').replace('svc-3', 'svc-0');
+  writeFileSync(join(dir, 'bad.json'), JSON.stringify({ ...tamperedBundle, leafData: Buffer.from(data).toString('base64') }));
+  const bad = await cli('verify-proof', '--public-key', pem, join(dir, 'bad.json'));
+  assert.deepEqual([bad.code, bad.out.trim()], [1, 'FAILED: the inclusion proof does not lead to the root']);
+
+  const consistency = await cli('prove', '--from', '20', '--to', '20');
+  assert.equal(consistency.code, 0);
+  assert.equal((await cli('prove', '--seq', '99', '--as', 'auditor:ann')).code, 2);
+  assert.equal((await cli('prove')).code, 2);
+  assert.equal((await cli('verify-proof', join(dir, 'bad.json'))).code, 2, 'the public key is required');
+});
+
+test('search prints records as JSON lines and is itself audited; holds, erasure and expiry', async () => {
+  const found = await cli('search', '--as', 'auditor:ann', '--actor', 'svc-1', '--order', 'asc', '--limit', '2');
+  assert.equal(found.code, 0, found.err);
+  const lines = found.out.trim().split('\n').map((l) => JSON.parse(l) as { actor: { id: string }; seq: number });
+  assert.deepEqual(lines.map((r) => r.actor.id), ['svc-1', 'svc-1']);
+  assert.match(found.err, /more: --after \d+/);
+  assert.equal((await cli('search', '--actor', 'svc-1')).code, 2, '--as is required');
+  assert.equal((await cli('search', '--as', 'x', '--outcome', 'maybe')).code, 2);
+  assert.equal((await cli('search', '--as', 'x', '--from', 'yesterday')).code, 2);
+
+  const hold = await cli('hold', 'place', '--subject', 'cust-4', '--reason', 'case 12', '--as', 'legal:lee');
+  assert.equal(hold.code, 0);
+  const holdId = hold.out.trim();
+  assert.match((await cli('hold', 'list')).out, /case 12/);
+  const refused = await cli('erase', '--subject', 'cust-4', '--as', 'dpo:dan');
+  assert.deepEqual([refused.code, refused.err.trim()], [2, 'subject cust-4 is under legal hold: erasure refused']);
+  assert.equal((await cli('hold', 'release', '--id', holdId, '--as', 'legal:lee')).code, 0);
+  assert.equal((await cli('hold', 'release', '--id', holdId, '--as', 'legal:lee')).code, 2);
+  assert.match((await cli('erase', '--subject', 'cust-4', '--as', 'dpo:dan')).out, /erased/);
+  assert.match((await cli('expire', '--as', 'ops:olu', '--as-of', '2020-01-01T00:00:00Z')).out, /^0 payload/);
+
+  await t.settle();
+  const audited = await cli('search', '--as', 'auditor:ann', '--resource-type', 'audit.subject');
+  const actions = audited.out.trim().split('\n').map((l) => JSON.parse(l) as { action: string; outcome: string; actor: { id: string } });
+  assert.deepEqual(actions.map((r) => [r.action, r.outcome, r.actor.id]).sort(), [['audit.subject.erase', 'failure', 'dpo:dan'], ['audit.subject.erase', 'success', 'dpo:dan']]);
+  await t.settle();
+  const searches = await cli('search', '--as', 'auditor:ann', '--action', 'audit.search', '--actor', 'auditor:ann');
+  assert.ok(searches.out.trim().split('\n').length >= 2);
+});
+
+test('verify: clean, then a committed tampering is reported with its location and exit 1', async () => {
+  await t.settle();
+  const clean = await cli('verify');
+  assert.equal(clean.code, 0, clean.out);
+  assert.match(clean.out, /^OK: \d+ records, \d+ checkpoints verified/);
+  const held = join(dir, 'checkpoint.json');
+  const cp = (await t.store.latestCheckpoint())!;
+  writeFileSync(held, JSON.stringify({ origin: cp.origin, treeSize: cp.treeSize, rootHash: cp.rootHash.toString('base64'), issuedAtMs: cp.issuedAt.getTime(), keyId: cp.keyId, signature: cp.signature.toString('base64') }));
+
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    await c.query("UPDATE audit.records SET outcome = 'success', reason = NULL WHERE seq = 10");
+    await c.query('COMMIT');
+  } finally {
+    c.release();
+  }
+  const report = await cli('verify', '--json', '--checkpoint', held);
+  assert.equal(report.code, 1);
+  const json = JSON.parse(report.out) as { firstDifference: { kind: string; seq: number } };
+  assert.deepEqual([json.firstDifference.kind, json.firstDifference.seq], ['record_altered', 10]);
+  const text = await cli('verify');
+  assert.match(text.out, /^FAILED: .*\n {2}record_altered at seq 10: /);
+  assert.equal((await cli('nonsense')).code, 2);
+  assert.equal((await cli('verify', '--bogus')).code, 2);
+  assert.equal((await cli('--help')).code, 0);
+  assert.equal((await runCli(['verify'], { env: {}, stdout: () => {}, stderr: () => {} })), 2, 'no DATABASE_URL');
+});

@@ -1,0 +1,171 @@
+/**
+ * Retention, legal hold and GDPR erasure with an injected clock, and the sequencer's tail of
+ * the event store. The tree must verify after every expiry and erasure.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { AuditSequencer, LegalHoldError, verifyLog, type AuditRecordView } from '../src/index.ts';
+import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
+
+const DAY_MS = 86_400_000;
+let nowMs = Date.parse('2019-01-01T00:00:00Z');
+const clock = (): Date => new Date(nowMs);
+
+let t: AuditTestEnv;
+before(async () => {
+  t = await auditTestEnv({ now: clock });
+});
+after(async () => {
+  await t.close();
+});
+
+async function verified(): Promise<void> {
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+}
+
+async function byResource(id: string): Promise<AuditRecordView[]> {
+  return (await t.store.search({ resourceId: id }, { limit: 100 }, REVIEWER)).records;
+}
+
+const base = { actor: { type: 'user' as const, id: 'user:teller-7' }, action: 'ledger.account.read', outcome: 'success' as const, origin: { service: 'ledger' } };
+
+test('retention expires payloads per class on the injected clock, except under a legal hold; the tree still verifies', async () => {
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-1' }, subject: 'cust-1', personal: { name: 'Ada' }, payload: { view: 'balance' } });
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-2' }, subject: 'cust-2', personal: { name: 'Bob' }, payload: { view: 'balance' } });
+  t.sink.record({ ...base, recordClass: 'financial', action: 'ledger.TransferPosted', resource: { type: 'transfer', id: 't-1' }, payload: { amount: '100' } });
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-3' }, payload: { view: 'statement' } });
+  await t.store.placeHold({ subject: 'cust-2' }, 'litigation 2019-17', REVIEWER);
+  const resourceHold = await t.store.placeHold({ resource: { type: 'account', id: 'acc-3' } }, 'regulator inquiry', REVIEWER);
+  await t.settle();
+  assert.equal((await t.store.activeHolds()).length, 2);
+  const [acc1] = await byResource('acc-1');
+  assert.deepEqual({ personal: acc1?.personal, state: acc1?.personalState, payload: acc1?.payloadState }, { personal: { name: 'Ada' }, state: 'present', payload: 'present' });
+  assert.equal(acc1?.occurredAt.toISOString(), '2019-01-01T00:00:00.000Z');
+
+  // Eleven months on, nothing is due (access: 366 days).
+  nowMs += 334 * DAY_MS;
+  assert.equal(await t.store.expirePayloads(clock(), REVIEWER), 0);
+  // Thirteen months on: the unheld access record loses its payload; the held ones and the
+  // financial one (7 years) keep theirs.
+  nowMs += 60 * DAY_MS;
+  assert.equal(await t.store.expirePayloads(clock(), REVIEWER), 1);
+  const [expired] = await byResource('acc-1');
+  assert.deepEqual({ payload: expired?.payload, state: expired?.payloadState, personal: expired?.personalState }, { payload: null, state: 'expired', personal: 'expired' });
+  assert.equal((await byResource('acc-2'))[0]?.payloadState, 'present');
+  assert.equal((await byResource('acc-3'))[0]?.payloadState, 'present');
+  assert.equal((await byResource('t-1'))[0]?.payloadState, 'present');
+  await verified();
+
+  // The database's clock bounds the caller's: a record from today is not due in 2100.
+  nowMs = Date.now() - DAY_MS;
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-today' }, payload: { view: 'balance' } });
+  await t.settle();
+  // Due by now(): the 2019 financial record (7 years) and the 2019-2020 search records (access).
+  assert.ok((await t.store.expirePayloads(new Date('2100-01-01T00:00:00Z'), REVIEWER)) >= 1);
+  assert.equal((await byResource('acc-today'))[0]?.payloadState, 'present');
+  assert.equal((await byResource('t-1'))[0]?.payloadState, 'expired');
+  assert.equal((await byResource('acc-3'))[0]?.payloadState, 'present', 'still held');
+
+  // Releasing the resource hold lets expiry proceed.
+  assert.equal(await t.store.releaseHold(resourceHold, REVIEWER), true);
+  assert.equal(await t.store.releaseHold(resourceHold, REVIEWER), false);
+  assert.equal(await t.store.expirePayloads(clock(), REVIEWER), 1);
+  assert.equal((await byResource('acc-3'))[0]?.payloadState, 'expired');
+  await verified();
+});
+
+test('erasure destroys the subject key: data reads as erased, a hold blocks it, the tree verifies, and it is audited', async () => {
+  t.sink.record({ ...base, recordClass: 'command', resource: { type: 'account', id: 'acc-9' }, subject: 'cust-9', personal: { name: 'Eve', iban: 'DE00' }, payload: { status: 201 } });
+  await t.settle();
+  assert.deepEqual((await byResource('acc-9'))[0]?.personal, { name: 'Eve', iban: 'DE00' });
+
+  assert.equal(await t.store.eraseSubject('cust-9', REVIEWER), true);
+  const [erased] = await byResource('acc-9');
+  assert.deepEqual({ personal: erased?.personal, state: erased?.personalState, payload: erased?.payload }, { personal: null, state: 'erased', payload: { status: 201 } });
+  assert.equal(await t.store.eraseSubject('cust-9', REVIEWER), false, 'no key left to destroy');
+
+  // cust-2 is under hold: refused, and the data stays readable.
+  await assert.rejects(t.store.eraseSubject('cust-2', REVIEWER), LegalHoldError);
+  assert.equal((await byResource('acc-2'))[0]?.personalState, 'present');
+  // A hold on a resource of the subject's records blocks erasure too.
+  t.sink.record({ ...base, recordClass: 'command', resource: { type: 'account', id: 'acc-10' }, subject: 'cust-10', personal: { name: 'Fay' } });
+  await t.settle();
+  const hold = await t.store.placeHold({ resource: { type: 'account', id: 'acc-10' } }, 'audit', REVIEWER);
+  await assert.rejects(t.store.eraseSubject('cust-10', REVIEWER), LegalHoldError);
+  await t.store.releaseHold(hold, REVIEWER);
+  assert.equal(await t.store.eraseSubject('cust-10', REVIEWER), true);
+
+  // After erasure, new data about the subject gets a new key; the old stays erased.
+  t.sink.record({ ...base, recordClass: 'command', resource: { type: 'account', id: 'acc-9' }, subject: 'cust-9', personal: { name: 'Eve (new consent)' } });
+  await t.settle();
+  const states = (await byResource('acc-9')).map((r) => [r.personalState, r.personal]);
+  assert.deepEqual(states, [['erased', null], ['present', { name: 'Eve (new consent)' }]]);
+  await verified();
+
+  const erasures = (await t.store.search({ action: 'audit.subject.erase' }, {}, REVIEWER)).records;
+  assert.deepEqual(
+    erasures.map((r) => [r.resource.id, r.outcome, r.reason, r.actor.id]),
+    [
+      ['cust-9', 'success', null, 'user:reviewer'],
+      ['cust-9', 'success', null, 'user:reviewer'],
+      ['cust-2', 'failure', 'legal hold', 'user:reviewer'],
+      ['cust-10', 'failure', 'legal hold', 'user:reviewer'],
+      ['cust-10', 'success', null, 'user:reviewer'],
+    ],
+  );
+  const holds = (await t.store.search({ resourceType: 'audit.legal_hold' }, { limit: 100 }, REVIEWER)).records.map((r) => `${r.action}:${r.outcome}`);
+  assert.deepEqual(holds.sort(), ['audit.hold.place:success', 'audit.hold.place:success', 'audit.hold.place:success', 'audit.hold.release:failure', 'audit.hold.release:success', 'audit.hold.release:success'].sort());
+});
+
+test('the sequencer tails the event store: every event once, rejections as failures with their reason', async () => {
+  const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+  const append = async (id: string, result: string): Promise<void> => {
+    const c = await t.pool.connect();
+    try {
+      await c.query('BEGIN');
+      await t.events.append(c, { type: 'ledger.transfer', id }, [{ type: result === 'ok' ? 'ledger.TransferPosted' : 'ledger.TransferRejected', data: { id, amount: '5', result }, metadata: { actor: 'svc-payments', causationId: `req-${id}`, correlationId: 'order-1', traceparent } }], { expectedVersion: 'no_stream' });
+      await c.query('COMMIT');
+    } finally {
+      c.release();
+    }
+  };
+  await append('x-1', 'ok');
+  await append('x-2', 'exceeds_credits');
+  // Two sequencers race: the lock lets one integrate; the cursor moves with the records.
+  const second = new AuditSequencer({ pool: t.pool, signer: t.signer, origin: 'ledgerline/test', events: { store: t.events, service: 'ledger' } });
+  const [a, b] = await Promise.all([t.sequencer.round(), second.round()]);
+  assert.equal(a.records + b.records >= 2, true);
+  await t.settle();
+  await second.round();
+  const records = (await t.store.search({ resourceType: 'ledger.transfer' }, {}, REVIEWER)).records;
+  assert.deepEqual(
+    records.map((r) => [r.resource.id, r.action, r.outcome, r.reason, r.actor, r.origin.requestId, r.origin.traceId, r.recordClass]),
+    [
+      ['x-1', 'ledger.TransferPosted', 'success', null, { type: 'service', id: 'svc-payments' }, 'req-x-1', '4bf92f3577b34da6a3ce929d0e0e4736', 'financial'],
+      ['x-2', 'ledger.TransferRejected', 'failure', 'exceeds_credits', { type: 'service', id: 'svc-payments' }, 'req-x-2', '4bf92f3577b34da6a3ce929d0e0e4736', 'financial'],
+    ],
+  );
+  assert.deepEqual((records[1]?.payload as { data: unknown }).data, { id: 'x-2', amount: '5', result: 'exceeds_credits' });
+  await append('x-3', 'ok');
+  await t.settle();
+  assert.equal((await t.store.search({ resourceType: 'ledger.transfer' }, {}, REVIEWER)).records.length, 3);
+  // An event whose record would be invalid (here, a payload above the bound) is recorded as
+  // unrecordable, with the hash of its data; the tail goes on.
+  const big = { id: 'x-4', blob: 'x'.repeat(70_000) };
+  const c = await t.pool.connect();
+  try {
+    await t.events.append(c, { type: 'ledger.transfer', id: 'x-4' }, [{ type: 'ledger.TransferPosted', data: big }], { expectedVersion: 'no_stream' });
+  } finally {
+    c.release();
+  }
+  await append('x-5', 'ok');
+  await t.settle();
+  const odd = (await t.store.search({ resourceType: 'ledger.transfer', resourceId: 'x-4' }, {}, REVIEWER)).records;
+  assert.deepEqual(odd.map((r) => [r.action, r.outcome, r.recordClass]), [['audit.event.unrecordable', 'failure', 'security']]);
+  assert.match(odd[0]?.reason ?? '', /exceeds 65536 bytes/);
+  assert.equal((await t.store.search({ resourceId: 'x-5' }, {}, REVIEWER)).records.length, 1);
+  const once = await t.pool.query<{ n: number; ids: number }>("SELECT count(*)::int AS n, count(DISTINCT id)::int AS ids FROM audit.records WHERE resource_type = 'ledger.transfer'");
+  assert.deepEqual(once.rows[0], { n: 5, ids: 5 }, 'each event exactly once');
+  await verified();
+});

@@ -1,0 +1,227 @@
+/**
+ * The audit log on PostgreSQL: sequencing, signed checkpoints, proofs a third party checks
+ * with the public key alone, search, and append-only storage enforced by the database.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import {
+  AuditBufferFullError,
+  AuditSequencer,
+  checkpointSignatureValid,
+  InvalidAuditEntryError,
+  parsePublicKey,
+  PostgresAuditSink,
+  ProofError,
+  startSequencerWorker,
+  publicKeyPem,
+  verifyBundle,
+  verifyLog,
+  type AuditEntry,
+} from '../src/index.ts';
+import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
+
+let t: AuditTestEnv;
+before(async () => {
+  t = await auditTestEnv({ withEvents: false });
+});
+after(async () => {
+  await t.close();
+});
+
+test('entries are sequenced in batches, signed, and verify; proofs check with the public key alone', async () => {
+  for (let i = 0; i < 40; i += 1) t.sink.record(entry(i));
+  assert.equal(await t.settle(), 40);
+  const first = await t.store.latestCheckpoint();
+  assert.equal(first?.treeSize, 40);
+  assert.ok(checkpointSignatureValid(t.signer.publicKey, first));
+  for (let i = 40; i < 77; i += 1) t.sink.record(entry(i));
+  assert.equal(await t.settle(), 37);
+  const latest = await t.store.latestCheckpoint();
+  assert.equal(latest?.treeSize, 77);
+
+  // The third party has the PEM and the bundles, nothing else.
+  const publicKey = parsePublicKey(publicKeyPem(t.signer.publicKey));
+  for (const seq of [0, 15, 16, 39, 40, 63, 64, 76]) {
+    const bundle = await t.store.inclusionBundle(seq);
+    assert.ok(bundle !== null);
+    assert.match(verifyBundle(JSON.parse(JSON.stringify(bundle)) as typeof bundle, publicKey), new RegExp(`record ${seq} is included`));
+    // The same proof claimed for a neighbouring leaf fails.
+    assert.throws(() => verifyBundle({ ...bundle, leafIndex: seq === 0 ? 1 : seq - 1 }, publicKey), ProofError);
+  }
+  const old = await t.store.inclusionBundle(5, 40);
+  assert.equal(old?.checkpoint.treeSize, 40);
+  assert.equal(await t.store.inclusionBundle(77), null, 'not yet covered by a checkpoint');
+  assert.equal(await t.store.inclusionBundle(5, 41), null, 'no checkpoint of that size');
+
+  const consistency = await t.store.consistencyBundle(40, 77);
+  assert.ok(consistency !== null);
+  assert.match(verifyBundle(consistency, publicKey), /extends tree size 40/);
+  assert.equal(await t.store.consistencyBundle(77, 40), null);
+  // A forged checkpoint inside an otherwise valid bundle is refused.
+  const forged = { ...consistency, to: { ...consistency.to, rootHash: consistency.from.rootHash } };
+  assert.throws(() => verifyBundle(forged, publicKey), /signature does not verify/);
+  const wrongProof = { ...consistency, proof: consistency.proof.slice(1) };
+  assert.throws(() => verifyBundle(wrongProof, publicKey), ProofError);
+
+  const report = await verifyLog(t.pool, { publicKey });
+  assert.deepEqual({ ok: report.ok, records: report.records, checkpoints: report.checkpoints, unsigned: report.unsignedRecords }, { ok: true, records: 77, checkpoints: 2, unsigned: 0 });
+});
+
+test('search filters by actor, resource, type, outcome and time, pages by keyset, and is itself audited', async () => {
+  const all = await t.store.search({}, { limit: 1000 }, REVIEWER);
+  const n = all.records.length;
+  assert.ok(n >= 77);
+  const byActor = await t.store.search({ actorId: 'svc-1' }, { limit: 1000 }, REVIEWER);
+  assert.ok(byActor.records.length > 0 && byActor.records.every((r) => r.actor.id === 'svc-1'));
+  const failures = await t.store.search({ outcome: 'failure', action: 'ledger.transfer.create' }, {}, REVIEWER);
+  assert.ok(failures.records.length > 0 && failures.records.every((r) => r.outcome === 'failure' && r.reason === 'exceeds_credits' && r.action === 'ledger.transfer.create'));
+  const byResource = await t.store.search({ resourceType: 'transfer', resourceId: 't-3' }, {}, REVIEWER);
+  assert.deepEqual(byResource.records.map((r) => r.resource.id), byResource.records.map(() => 't-3'));
+  assert.deepEqual(byResource.records[0]?.payload, { i: 3, amount: '300', nested: { a: [1, 2, 'x'], b: 1 } });
+  const none = await t.store.search({ from: new Date(Date.now() + 3600_000) }, {}, REVIEWER);
+  assert.equal(none.records.length, 0);
+  const window = await t.store.search({ from: new Date(Date.now() - 3600_000), to: new Date(Date.now() + 3600_000) }, { limit: 1000 }, REVIEWER);
+  assert.ok(window.records.length >= 77);
+
+  // Keyset pages, both orders: together exactly the records, no overlap.
+  for (const order of ['asc', 'desc'] as const) {
+    const seen: number[] = [];
+    let after: number | undefined;
+    for (;;) {
+      const page = await t.store.search({ actorId: 'svc-2' }, { limit: 4, order, ...(after === undefined ? {} : { after }) }, REVIEWER);
+      seen.push(...page.records.map((r) => r.seq));
+      if (page.nextCursor === null) break;
+      after = page.nextCursor;
+    }
+    const expected = (await t.store.search({ actorId: 'svc-2' }, { limit: 1000, order }, REVIEWER)).records.map((r) => r.seq);
+    assert.deepEqual(seen, expected);
+    assert.ok(expected.length > 4);
+  }
+  await assert.rejects(t.store.search({}, { limit: 0 }, REVIEWER), RangeError);
+
+  // Each search above left a record of itself, naming the reviewer and the filter.
+  await t.settle();
+  const searches = await t.store.search({ action: 'audit.search', actorId: 'user:reviewer' }, { limit: 1000 }, REVIEWER);
+  assert.ok(searches.records.length >= 10);
+  const bySvc1 = searches.records.find((r) => (r.payload?.filter as { actorId?: string }).actorId === 'svc-1');
+  assert.equal(bySvc1?.origin.ip, '10.0.0.9');
+  assert.equal(bySvc1?.recordClass, 'access');
+  assert.equal(bySvc1?.payload?.returned, byActor.records.length);
+});
+
+test('the writer role cannot update or delete; a trigger stops everyone else', async () => {
+  const c = await t.pool.connect();
+  try {
+    for (const sql of ['UPDATE audit.records SET actor_id = $$x$$ WHERE seq = 0', 'DELETE FROM audit.records WHERE seq = 0', 'DELETE FROM audit.checkpoints', 'TRUNCATE audit.records CASCADE', 'UPDATE audit.payloads SET payload = NULL', 'DELETE FROM audit.payloads', 'DELETE FROM audit.subject_keys']) {
+      await c.query('BEGIN');
+      await c.query('SET LOCAL ROLE ledgerline_audit_writer');
+      await assert.rejects(c.query(sql), /permission denied/, sql);
+      await c.query('ROLLBACK');
+    }
+    // The superuser holds every privilege; the trigger still refuses.
+    for (const sql of ['UPDATE audit.records SET actor_id = $$x$$ WHERE seq = 0', 'DELETE FROM audit.records WHERE seq = 0', 'TRUNCATE audit.records CASCADE', 'UPDATE audit.checkpoints SET signature = $$\\x00$$', 'DELETE FROM audit.tree_nodes', 'UPDATE audit.payloads SET payload = NULL']) {
+      await assert.rejects(c.query(sql), /append-only/, sql);
+    }
+  } finally {
+    c.release();
+  }
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true);
+});
+
+test('the sink checks entries at the call site, bounds its buffer, and a second sequencer waits its turn', async () => {
+  const bad: [string, unknown][] = [
+    ['recordClass', { ...entry(1), recordClass: 'Bad Class' }],
+    ['actor.type', { ...entry(1), actor: { type: 'robot', id: 'x' } }],
+    ['action', { ...entry(1), action: '' }],
+    ['outcome', { ...entry(1), outcome: 'maybe' }],
+    ['origin.service', { ...entry(1), origin: {} }],
+    ['resource.id', { ...entry(1), resource: { type: 't', id: 'x'.repeat(501) } }],
+    ['occurredAt', { ...entry(1), occurredAt: new Date(Number.NaN) }],
+    ['payload', { ...entry(1), payload: [1, 2] }],
+    ['payload', { ...entry(1), payload: { big: 'x'.repeat(70_000) } }],
+    ['payload', { ...entry(1), payload: { n: 10n } }],
+    ['subject', { ...entry(1), personal: { name: 'Ada' } }],
+    ['NUL', { ...entry(1), reason: 'a\u0000b' }],
+  ];
+  for (const [what, e] of bad) assert.throws(() => t.sink.record(e as AuditEntry), InvalidAuditEntryError, what);
+
+  const small = new PostgresAuditSink({ pool: t.pool, bufferEntriesMax: 10, flushIntervalMs: 60_000 });
+  for (let i = 0; i < 10; i += 1) small.record(entry(i));
+  assert.equal(small.saturated, true);
+  assert.throws(() => small.record(entry(11)), AuditBufferFullError);
+  await small.close();
+  assert.equal(small.buffered, 0);
+  assert.throws(() => small.record(entry(12)), /closed/);
+
+  // Two sequencers: only the lock holder integrates; the other's round is empty, and it
+  // resumes from storage (not its stale frontier) once it gets the lock.
+  const other = new AuditSequencer({ pool: t.pool, signer: t.signer, origin: 'ledgerline/test', checkpointIntervalMs: 0 });
+  const holder = await t.pool.connect();
+  try {
+    await holder.query('BEGIN');
+    await holder.query("SELECT pg_advisory_xact_lock(hashtextextended('ledgerline.audit.sequencer', 0))");
+    assert.deepEqual(await other.round(), { records: 0, checkpoint: null });
+    await holder.query('COMMIT');
+  } finally {
+    holder.release();
+  }
+  await t.sink.flush();
+  const queued = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+  const r = await other.round();
+  assert.equal(r.records, queued.rows[0]?.n);
+  assert.ok(r.records >= 10);
+  assert.equal(r.checkpoint?.treeSize, (await t.store.latestCheckpoint())?.treeSize);
+  // The first sequencer's frontier is stale now; its next round must notice.
+  t.sink.record(entry(99));
+  assert.equal(await t.settle(), 1);
+  other.start();
+  await other.close();
+
+  // A row the sink did not write (garbage, or fields that fail the checks) becomes a record of
+  // its own rejection: the sequencer neither stops nor drops it.
+  await t.pool.query(`INSERT INTO audit.queue (entry) VALUES ('not json'), ($1)`, [JSON.stringify({ ...entry(1), id: 'nope', occurredAt: new Date().toISOString(), payloadJson: null, personalJson: null })]);
+  assert.equal(await t.settle(), 2);
+  const rejected = await t.store.search({ action: 'audit.entry.rejected' }, {}, REVIEWER);
+  assert.deepEqual(rejected.records.map((r) => [r.outcome, r.recordClass, r.payload?.queued]), [
+    ['failure', 'security', 'not json'],
+    ['failure', 'security', rejected.records[1]?.payload?.queued],
+  ]);
+  assert.match(rejected.records[0]?.reason ?? '', /JSON/);
+  assert.match(rejected.records[1]?.reason ?? '', /not a UUID/);
+  const report2 = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report2.ok, true, JSON.stringify(report2.firstDifference));
+});
+
+test('a database that refuses: the sink keeps its entries, the sequencer reports and retries', async () => {
+  const gone = new pg.Pool({ connectionString: t.db.url, max: 1 });
+  await gone.end();
+  const sink = new PostgresAuditSink({ pool: gone, flushIntervalMs: 60_000 });
+  sink.record(entry(1));
+  await assert.rejects(sink.flush());
+  assert.equal(sink.buffered, 1, 'nothing is lost: the entry waits for the next flush');
+  const errors: unknown[] = [];
+  const sequencer = new AuditSequencer({ pool: gone, signer: t.signer, origin: 'ledgerline/test', intervalMs: 1, onError: (e) => errors.push(e) });
+  sequencer.start();
+  for (let attempt = 0; attempt < 1000 && errors.length < 2; attempt += 1) await new Promise((resolve) => setTimeout(resolve, 2));
+  assert.ok(errors.length >= 2, 'every failed round is reported, and the loop goes on');
+  await assert.rejects(sequencer.close());
+});
+
+test('the sequencer runs in a worker thread and signs a last checkpoint when closed', async () => {
+  const worker = await startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 5, checkpointIntervalMs: 60_000 });
+  for (let i = 0; i < 30; i += 1) t.sink.record(entry(i));
+  await t.sink.flush();
+  for (let attempt = 0; attempt < 2000; attempt += 1) {
+    const r = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+    if (r.rows[0]?.n === 0) break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  await worker.close();
+  const size = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records');
+  assert.equal((await t.store.latestCheckpoint())?.treeSize, size.rows[0]?.n, 'the final checkpoint covers every record');
+  await assert.rejects(startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: true, origin: 'x' }), /required in production/);
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+});

@@ -1,0 +1,65 @@
+/**
+ * `Authorizer`: a compiled policy, a clock and an audit sink. Every call to `check` is one
+ * decision and one audit entry, allow or deny, so no code path can decide without recording.
+ */
+import type { AuditEntry, AuditOrigin, AuditSink } from '@ledgerline/audit';
+import { compilePolicy, type CompiledPolicy, type Decision } from './engine.ts';
+import type { Permission, Policy, Principal, ResourceAttributes } from './policy.ts';
+
+export interface AuthorizerOptions {
+  policy: Policy;
+  audit: AuditSink;
+  /** Milliseconds since the epoch; business-hour rules read it. */
+  clock?: () => number;
+}
+
+/** A verifier's message is cut to this in the record: audit fields are bounded. */
+const AUTHN_FAILURE_CHARS_MAX = 200;
+
+/** The audit action of every access decision. */
+export const DECISION_ACTION = 'authz.decision';
+
+export class Authorizer {
+  readonly policy: CompiledPolicy;
+  readonly #audit: AuditSink;
+  readonly #clock: () => number;
+
+  constructor(options: AuthorizerOptions) {
+    this.policy = compilePolicy(options.policy);
+    this.#audit = options.audit;
+    this.#clock = options.clock ?? Date.now;
+  }
+
+  /**
+   * Decides and records. `principal` null means the request carried no valid credentials;
+   * `authnFailure` then says why (a missing token, an expired one), for the audit record.
+   */
+  check(principal: Principal | null, permission: Permission, resource: ResourceAttributes, origin: AuditOrigin, authnFailure?: string): Decision {
+    const decided = this.policy.decide(principal, permission, resource, this.#clock());
+    const decision = authnFailure === undefined ? decided : { ...decided, reason: `${decided.reason}: ${authnFailure.slice(0, AUTHN_FAILURE_CHARS_MAX)}` };
+    this.#audit.record(decisionEntry(decision, principal, resource, origin));
+    return decision;
+  }
+}
+
+/** The audit record of one decision (PCI DSS 10.2.2: who, what, when, outcome, origin, resource). */
+export function decisionEntry(decision: Decision, principal: Principal | null, resource: ResourceAttributes, origin: AuditOrigin): AuditEntry {
+  return {
+    recordClass: 'access',
+    actor: principal === null ? { type: 'anonymous', id: 'anonymous' } : { type: principal.kind === 'service' ? 'service' : 'user', id: principal.id },
+    action: DECISION_ACTION,
+    outcome: decision.allowed ? 'success' : 'failure',
+    reason: decision.reason,
+    origin,
+    resource: { type: resource.type, id: resource.id },
+    payload: {
+      decision: decision.allowed ? 'allow' : 'deny',
+      permission: decision.permission,
+      rule: decision.rule,
+      policyVersion: decision.policyVersion,
+      roles: principal === null ? [] : [...principal.roles],
+      ...(resource.amount === undefined ? {} : { amount: resource.amount.toString() }),
+      ...(resource.ledger === undefined ? {} : { ledger: resource.ledger }),
+    },
+  };
+}

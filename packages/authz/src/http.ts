@@ -1,0 +1,131 @@
+/**
+ * Authentication and authorization for a Fastify service built with `createService`.
+ *
+ * Every route under the protected prefix must declare `config: { permission }`, or the service
+ * fails at start. A request to such a route must carry `Authorization: Bearer <token>`: a
+ * missing or invalid token is 401 before anything else runs. The handler then calls
+ * `auth.authorize(request, resource)` with the attributes it has found (amount, ledger,
+ * owners); a deny is 403. Both are problem+json and both are audited. A response of 2xx/3xx
+ * from a protected route that never got an allow is a bug, and is turned into a 500 rather
+ * than served.
+ */
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
+import type { AuditOrigin } from '@ledgerline/audit';
+import type { Authorizer } from './authorizer.ts';
+import type { Permission, Principal, ResourceAttributes } from './policy.ts';
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** The permission this route needs (`resource:action`); required under the protected prefix. */
+    permission?: Permission;
+  }
+}
+
+export const AUTH_PROBLEM_TYPES = {
+  unauthenticated: problemType('unauthenticated'),
+  forbidden: problemType('forbidden'),
+} as const;
+
+/** The replay header of the service runtime's idempotency plugin: a replayed response was authorized when first made, for the same principal. */
+const REPLAYED_HEADER = 'idempotent-replayed';
+
+export interface HttpAuthOptions {
+  /** Verifies a bearer token, throwing on anything invalid. */
+  verify: (token: string) => Promise<Principal>;
+  authorizer: Authorizer;
+  /** This service's name, recorded as the origin of each decision. */
+  service: string;
+  /** Routes whose URL starts with this must declare a permission. Default `/v1/`. */
+  protectedPrefix?: string;
+}
+
+export interface HttpAuth {
+  /** The authenticated principal of a protected route's request. */
+  principal(request: FastifyRequest): Principal;
+  /** Decides the route's permission on `resource`, records it, and throws a 403 problem on deny. */
+  authorize(request: FastifyRequest, resource: ResourceAttributes): Principal;
+  /** Whether deciding this route's permission for this principal needs the resource's owners. */
+  needsOwners(request: FastifyRequest): boolean;
+}
+
+const BEARER = /^Bearer ([A-Za-z0-9._~+/-]+=*)$/;
+/** Audit fields are bounded (the durable trail refuses text over 500 characters); a URL is not. */
+const AUDITED_PATH_CHARS_MAX = 200;
+
+/** Installs the hooks on `app` itself (not a child context). Call before adding routes. */
+export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions): HttpAuth {
+  const { verify, authorizer, service } = options;
+  const prefix = options.protectedPrefix ?? '/v1/';
+  const principals = new WeakMap<FastifyRequest, Principal>();
+  const allowed = new WeakSet<FastifyRequest>();
+
+  const origin = (request: FastifyRequest): AuditOrigin => ({ service, ip: request.ip, requestId: request.id });
+  const permissionOf = (request: FastifyRequest): Permission | undefined => request.routeOptions.config.permission;
+
+  app.addHook('onRoute', (route) => {
+    const permission = route.config?.permission;
+    if (route.url.startsWith(prefix) && permission === undefined) {
+      throw new Error(`${String(route.method)} ${route.url}: a protected route must declare config.permission`);
+    }
+  });
+
+  app.addHook('onRequest', async (request, reply) => {
+    const permission = permissionOf(request);
+    if (permission === undefined) return;
+    const header = request.headers.authorization;
+    const token = typeof header === 'string' ? BEARER.exec(header)?.[1] : undefined;
+    const path = request.url.split('?')[0] ?? request.url;
+    const resource = { type: permission.slice(0, permission.indexOf(':')), id: path.slice(0, AUDITED_PATH_CHARS_MAX) };
+    if (token === undefined) throw unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), 'no bearer token').reason, false);
+    try {
+      principals.set(request, await verify(token));
+    } catch (error) {
+      const why = error instanceof Error ? error.message : 'invalid token';
+      throw unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), why).reason, true);
+    }
+  });
+
+  app.addHook('onSend', async (request, reply, payload) => {
+    if (permissionOf(request) === undefined || reply.statusCode >= 400) return payload;
+    if (allowed.has(request) || reply.getHeader(REPLAYED_HEADER) === 'true') return payload;
+    throw new Error(`invariant: ${request.method} ${request.url} answered ${reply.statusCode} without an authorization decision`);
+  });
+
+  function principal(request: FastifyRequest): Principal {
+    const p = principals.get(request);
+    if (p === undefined) throw new Error(`invariant: ${request.url} has no authenticated principal`);
+    return p;
+  }
+
+  return {
+    principal,
+    needsOwners: (request) => {
+      const permission = permissionOf(request);
+      return permission !== undefined && authorizer.policy.needsOwners(principal(request).roles, permission);
+    },
+    authorize: (request, resource) => {
+      const p = principal(request);
+      const permission = permissionOf(request);
+      if (permission === undefined) throw new Error(`invariant: ${request.url} declares no permission`);
+      const decision = authorizer.check(p, permission, resource, origin(request));
+      if (!decision.allowed) {
+        throw problem(403, {
+          type: AUTH_PROBLEM_TYPES.forbidden,
+          title: 'Forbidden',
+          detail: `${permission} on ${resource.type} ${resource.id} is not allowed: ${decision.reason}.`,
+          permission,
+          policy_version: decision.policyVersion,
+        });
+      }
+      allowed.add(request);
+      return p;
+    },
+  };
+}
+
+/** RFC 6750 §3: no error code when no credentials were sent, `invalid_token` when they were bad. */
+function unauthenticated(reply: FastifyReply, reason: string, tokenSent: boolean): HttpProblem {
+  reply.header('www-authenticate', tokenSent ? 'Bearer error="invalid_token"' : 'Bearer');
+  return problem(401, { type: AUTH_PROBLEM_TYPES.unauthenticated, title: 'Unauthenticated', detail: `A valid bearer token is required (${reason}).` });
+}

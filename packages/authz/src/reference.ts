@@ -1,0 +1,89 @@
+/**
+ * The least-privilege roles of the reference system. Each role holds only what its job needs:
+ * nobody but a money-moving role may create transfers, and nobody but the two oversight roles
+ * may read the audit trail. Reads that reveal other people's money are limited to staff.
+ */
+import type { Permission, Policy } from './policy.ts';
+
+export const ROLES = {
+  customer: 'customer',
+  teller: 'teller',
+  complianceOfficer: 'compliance_officer',
+  auditor: 'auditor',
+  admin: 'admin',
+} as const;
+
+/** One role per reference service, held by that service's client identity. */
+export const SERVICE_ROLES = {
+  gateway: 'svc:gateway',
+  identity: 'svc:identity',
+  ledger: 'svc:ledger',
+  payments: 'svc:payments',
+  risk: 'svc:risk',
+  fx: 'svc:fx',
+  notifications: 'svc:notifications',
+  audit: 'svc:audit',
+  reporting: 'svc:reporting',
+  settlement: 'svc:settlement',
+} as const;
+
+export const ALL_ROLES: readonly string[] = [...Object.values(ROLES), ...Object.values(SERVICE_ROLES)];
+
+/** The permissions the reference system's services check. */
+export const PERMISSIONS = {
+  ledgerRead: 'ledger:read',
+  accountCreate: 'account:create',
+  accountRead: 'account:read',
+  transferCreate: 'transfer:create',
+  transferRead: 'transfer:read',
+  auditRead: 'audit:read',
+  userCreate: 'user:create',
+  keyRotate: 'key:rotate',
+  /** Managing one's own credentials (two-factor enrolment). */
+  selfManage: 'self:manage',
+} as const satisfies Record<string, Permission>;
+
+/**
+ * Ledgers people may move money in by themselves: the seeded ledgers with two decimal places,
+ * so that one amount limit in minor units means the same value in each (10,000.00).
+ */
+export const PERSONAL_LEDGERS: readonly string[] = ['USD', 'EUR', 'GBP', 'CHF'];
+
+/** A customer moves at most 10,000.00 per transfer; a teller, on a customer's behalf, at most 50,000.00. */
+export const CUSTOMER_TRANSFER_MAX_MINOR = 1_000_000n;
+export const TELLER_TRANSFER_MAX_MINOR = 5_000_000n;
+
+/** Branch hours: Monday to Friday, 08:00 to 18:00 UTC. */
+const BRANCH_HOURS = { days: [1, 2, 3, 4, 5], startHour: 8, endHour: 18, utcOffsetMinutes: 0 };
+
+const P = PERMISSIONS;
+const R = ROLES;
+const S = SERVICE_ROLES;
+
+export const REFERENCE_POLICY: Policy = {
+  version: '2026-11-22.1',
+  rules: [
+    { id: 'everyone-reads-ledgers', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin, S.payments, S.reporting, S.settlement, S.risk, S.fx], permissions: [P.ledgerRead] },
+    { id: 'customer-reads-own', roles: [R.customer], permissions: [P.accountRead, P.transferRead], when: { ownAccount: true } },
+    {
+      id: 'customer-transfers-from-own',
+      roles: [R.customer],
+      permissions: [P.transferCreate],
+      when: { ownAccount: true, amountMax: CUSTOMER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS },
+    },
+    { id: 'staff-reads-accounts', roles: [R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.accountRead, P.transferRead] },
+    { id: 'account-opening', roles: [R.teller, R.admin], permissions: [P.accountCreate] },
+    {
+      id: 'teller-transfers-in-hours',
+      roles: [R.teller],
+      permissions: [P.transferCreate],
+      when: { amountMax: TELLER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS, businessHours: BRANCH_HOURS },
+    },
+    { id: 'oversight-reads-audit', roles: [R.complianceOfficer, R.auditor], permissions: [P.auditRead] },
+    { id: 'people-manage-own-credentials', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.selfManage], when: { ownAccount: true } },
+    { id: 'admin-manages-identity', roles: [R.admin], permissions: [P.userCreate, P.keyRotate] },
+    { id: 'services-move-money', roles: [S.payments, S.settlement], permissions: [P.transferCreate, P.transferRead, P.accountRead] },
+    { id: 'services-read-money', roles: [S.reporting, S.risk], permissions: [P.accountRead, P.transferRead] },
+    { id: 'audit-service-reads-audit', roles: [S.audit], permissions: [P.auditRead] },
+  ],
+};

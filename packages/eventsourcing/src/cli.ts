@@ -1,0 +1,245 @@
+/**
+ * Operator commands for projections, the ledger audit, time travel and exports.
+ *
+ *   npm run projections -- status [--json]
+ *   npm run projections -- run [--batch N]
+ *   npm run projections -- replay [--from-position N] [--to-position N] [--batch N] [--workers N] [--keep] [--json]
+ *   npm run projections -- rebuild [--in-place] [--batch N] [--workers N] [--json]
+ *   npm run projections -- reconcile-ledger [--page-size N] [--differences-max N] [--json]
+ *   npm run projections -- balance-at --account ID (--position N | --time ISO) [--json]
+ *   npm run projections -- export --to REGION --out FILE [--from-position N] [--to-position N]
+ *
+ * The projection is `ledger_balances` (--projection names it; it is the only one built in).
+ * DATABASE_URL (or --database-url) is the database. `export` reads the residency policy from
+ * EVENTS_RESIDENCY_POLICY (JSON: data region → allowed locations, e.g. {"eu":["eu-west-1"]})
+ * and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
+ * (reconcile-ledger) or the export refused, 2 a usage error or a failure.
+ */
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { EventStore, migrateEvents, ResidencyViolationError, type Checkpoint, type ResidencyPolicy } from '@ledgerline/events';
+import { exportEvents } from './export.ts';
+import { ledgerBalanceAt, ledgerBalancesProjection } from './ledger-balances.ts';
+import { createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, replayInto, type Projection } from './projection.ts';
+import { formatLedgerReconcileReport, reconcileLedger } from './reconcile-ledger.ts';
+import { ProjectionRunner } from './runner.ts';
+
+export interface CliIo {
+  env?: Record<string, string | undefined>;
+  stdout?: (text: string) => void;
+  stderr?: (text: string) => void;
+  /** Resolves when `run` should stop (default: SIGINT or SIGTERM). */
+  stopSignal?: Promise<void>;
+}
+
+const USAGE = `usage: projections <command> [options]
+  status [--json]
+  run [--batch N]                                   the live runner, until SIGINT/SIGTERM
+  replay [--from-position N] [--to-position N] [--batch N] [--workers N] [--keep] [--json]
+  rebuild [--in-place] [--batch N] [--workers N] [--json]   blue/green unless --in-place
+  reconcile-ledger [--page-size N] [--differences-max N] [--json]
+  balance-at --account ID (--position N | --time ISO) [--json]
+  export --to REGION --out FILE [--from-position N] [--to-position N]
+options: --projection NAME (default ledger_balances), --database-url URL (default DATABASE_URL)
+export: EVENTS_RESIDENCY_POLICY (JSON, data region -> allowed locations), EVENTS_REGION`;
+
+const PROJECTIONS: ReadonlyMap<string, Projection> = new Map([[ledgerBalancesProjection.name, ledgerBalancesProjection]]);
+
+class UsageError extends Error {
+  override readonly name = 'UsageError';
+}
+
+const OPTIONS = {
+  projection: { type: 'string', default: ledgerBalancesProjection.name },
+  batch: { type: 'string' },
+  workers: { type: 'string' },
+  'from-position': { type: 'string' },
+  'to-position': { type: 'string' },
+  'page-size': { type: 'string' },
+  'differences-max': { type: 'string' },
+  account: { type: 'string' },
+  position: { type: 'string' },
+  time: { type: 'string' },
+  to: { type: 'string' },
+  out: { type: 'string' },
+  keep: { type: 'boolean', default: false },
+  'in-place': { type: 'boolean', default: false },
+  json: { type: 'boolean', default: false },
+  'database-url': { type: 'string' },
+  help: { type: 'boolean', default: false },
+} as const;
+
+const COMMANDS = ['status', 'run', 'replay', 'rebuild', 'reconcile-ledger', 'balance-at', 'export'];
+
+function intOption(name: string, value: string | undefined, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got ${value}`);
+  return n;
+}
+
+/** EVENTS_RESIDENCY_POLICY, checked: an object of region → array of location strings. */
+export function parseResidencyPolicy(text: string | undefined): ResidencyPolicy {
+  if (text === undefined || text === '') throw new UsageError('EVENTS_RESIDENCY_POLICY is required for export');
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    throw new UsageError(`EVENTS_RESIDENCY_POLICY is not JSON: ${text}`);
+  }
+  const ok =
+    parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed) &&
+    Object.values(parsed).every((v) => Array.isArray(v) && v.every((x) => typeof x === 'string'));
+  if (!ok) throw new UsageError('EVENTS_RESIDENCY_POLICY must map each data region to an array of locations, e.g. {"eu":["eu-west-1"]}');
+  return { allowed: parsed as Record<string, string[]> };
+}
+
+function stopOnSignals(): Promise<void> {
+  return new Promise((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
+}
+
+const json = (value: unknown): string => JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v));
+
+/** Runs one command; returns the exit code. */
+export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
+  const env = io.env ?? process.env;
+  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
+  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  let parsed;
+  try {
+    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (error) {
+    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
+    return 2;
+  }
+  const { values: a, positionals } = parsed;
+  const command = positionals.join(' ');
+  if (a.help || !COMMANDS.includes(command)) {
+    (a.help ? out : err)(USAGE);
+    return a.help ? 0 : 2;
+  }
+  const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+  if (databaseUrl === undefined) {
+    err(`DATABASE_URL (or --database-url) is required\n${USAGE}`);
+    return 2;
+  }
+  const projection = PROJECTIONS.get(a.projection);
+  if (projection === undefined) {
+    err(`unknown projection ${a.projection}; known: ${[...PROJECTIONS.keys()].join(', ')}`);
+    return 2;
+  }
+  const pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
+  pool.on('error', () => {});
+  try {
+    const batchSize = intOption('batch', a.batch, 1) ?? 10_000;
+    // Worker threads that decode replay pages (0: decode in this thread).
+    const workerCount = intOption('workers', a.workers, 0) ?? 0;
+    const workers = workerCount > 0 ? { workers: { count: workerCount, databaseUrl } } : {};
+    await migrateEvents(databaseUrl);
+    const store = await EventStore.open(pool);
+    const at = async (name: string, value: string | undefined): Promise<Checkpoint | undefined> => {
+      const position = intOption(name, value, 1);
+      if (position === undefined) return undefined;
+      const cp = await store.checkpointAt(pool, BigInt(position));
+      if (cp === null) throw new UsageError(`--${name} ${position}: no event at that position`);
+      return cp;
+    };
+    if (command === 'reconcile-ledger') {
+      const report = await reconcileLedger(pool, {
+        pageSize: intOption('page-size', a['page-size'], 1),
+        differencesMax: intOption('differences-max', a['differences-max'], 0),
+      });
+      out(a.json ? json(report) : formatLedgerReconcileReport(report));
+      return report.ok ? 0 : 1;
+    }
+    if (command === 'balance-at') {
+      if (a.account === undefined) throw new UsageError('balance-at needs --account');
+      if ((a.position === undefined) === (a.time === undefined)) throw new UsageError('balance-at needs exactly one of --position and --time');
+      let asOf: { checkpoint: Checkpoint } | { time: Date };
+      if (a.time !== undefined) {
+        const time = new Date(a.time);
+        if (Number.isNaN(time.getTime())) throw new UsageError(`--time must be ISO 8601, got ${a.time}`);
+        asOf = { time };
+      } else {
+        asOf = { checkpoint: (await at('position', a.position)) as Checkpoint };
+      }
+      const balance = await ledgerBalanceAt(pool, a.account, asOf);
+      out(a.json ? json(balance) : balance === null ? `account ${a.account} did not exist then` :
+        `account ${balance.id} (${balance.ledger}): debits posted ${balance.debitsPosted} pending ${balance.debitsPending}, ` +
+        `credits posted ${balance.creditsPosted} pending ${balance.creditsPending}, flags ${balance.flags}`);
+      return 0;
+    }
+    if (command === 'export') {
+      if (a.to === undefined || a.out === undefined) throw new UsageError('export needs --to REGION and --out FILE');
+      const policy = parseResidencyPolicy(env.EVENTS_RESIDENCY_POLICY);
+      const location = env.EVENTS_REGION;
+      if (location === undefined || location === '') throw new UsageError('EVENTS_REGION is required for export');
+      const localStore = await EventStore.open(pool, { residency: { policy, location } });
+      const from = await at('from-position', a['from-position']);
+      const until = await at('to-position', a['to-position']);
+      try {
+        const report = await exportEvents(pool, localStore, {
+          policy,
+          targetLocation: a.to,
+          out: a.out,
+          ...(from === undefined ? {} : { after: { transactionId: from.transactionId, position: from.position - 1n } }),
+          ...(until === undefined ? {} : { until }),
+        });
+        out(json(report));
+        return 0;
+      } catch (error) {
+        if (!(error instanceof ResidencyViolationError)) throw error;
+        err(error.message);
+        return 1;
+      }
+    }
+    await ensureProjection(pool, projection);
+    if (command === 'status') {
+      const lag = await projectionLag(pool, projection.name);
+      out(a.json ? json(lag) : lag === null ? `${projection.name}: not set up` :
+        `${projection.name}: generation ${lag.generation}, ${lag.eventsApplied} events applied, ` +
+        `checkpoint ${lag.checkpoint.transactionId}/${lag.checkpoint.position}, ${lag.eventsBehind} behind, lag ${lag.seconds.toFixed(3)} s`);
+      return 0;
+    }
+    if (command === 'run') {
+      const runner = new ProjectionRunner({ pool, store, projection, batchSize, onError: (e) => err(`[projections] ${String(e)}`) });
+      runner.start();
+      await (io.stopSignal ?? stopOnSignals());
+      await runner.stop();
+      out(json(runner.stats()));
+      return 0;
+    }
+    if (command === 'replay') {
+      const from = await at('from-position', a['from-position']);
+      const until = await at('to-position', a['to-position']);
+      // Just before `from`: no event lies between (t, p - 1) and (t, p) in the global order.
+      const start = from === undefined ? undefined : { transactionId: from.transactionId, position: from.position - 1n };
+      const generation = await createGeneration(pool, projection, start);
+      const report = await replayInto(pool, store, projection, generation, { batchSize, ...workers, ...(until === undefined ? {} : { until }) });
+      if (!a.keep) await dropGeneration(pool, projection, generation);
+      out(a.json ? json({ ...report, kept: a.keep }) :
+        `replayed ${report.events} events into ${projection.name} generation ${generation} in ${report.seconds.toFixed(2)} s: ` +
+        `${Math.round(report.eventsPerSecond)} events/s${a.keep ? ' (kept, inactive)' : ' (dropped)'}`);
+      return 0;
+    }
+    // rebuild
+    const report = await rebuild(pool, store, projection, { mode: a['in-place'] ? 'in-place' : 'blue-green', batchSize, ...workers });
+    out(a.json ? json(report) :
+      `rebuilt ${projection.name} (${report.mode}) as generation ${report.generation}: ${report.events} events in ` +
+      `${report.rebuildSeconds.toFixed(2)} s, ${Math.round(report.eventsPerSecond)} events/s`);
+    return 0;
+  } catch (error) {
+    if (error instanceof UsageError) err(`${error.message}\n${USAGE}`);
+    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    return 2;
+  } finally {
+    await pool.end().catch(() => {});
+  }
+}
+
+if (import.meta.main) {
+  process.exitCode = await runCli(process.argv.slice(2));
+}

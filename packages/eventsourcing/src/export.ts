@@ -1,0 +1,71 @@
+/**
+ * Exporting events to another region, within the residency policy. The export is all or
+ * nothing: it writes NDJSON to `<out>.partial` and renames it only when every event passed
+ * the policy, so a refused export leaves no file behind.
+ */
+import { createWriteStream } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
+import { once } from 'node:events';
+import type pg from 'pg';
+import {
+  CHECKPOINT_START,
+  checkpointOf,
+  partitionByResidency,
+  type Checkpoint,
+  type EventStore,
+  type ResidencyPolicy,
+} from '@ledgerline/events';
+import { checkpointLess } from './projection.ts';
+
+export interface ExportOptions {
+  policy: ResidencyPolicy;
+  /** The region the export is going to. */
+  targetLocation: string;
+  /** The file to write (NDJSON, one event per line). */
+  out: string;
+  after?: Checkpoint;
+  /** Last event to include (inclusive); default: everything readable now. */
+  until?: Checkpoint;
+  pageSize?: number;
+}
+
+export interface ExportReport {
+  events: number;
+  file: string;
+  last: Checkpoint | null;
+}
+
+export async function exportEvents(pool: pg.Pool, store: EventStore, options: ExportOptions): Promise<ExportReport> {
+  const pageSize = options.pageSize ?? 10_000;
+  const partial = `${options.out}.partial`;
+  const file = createWriteStream(partial, { flags: 'w' });
+  let events = 0;
+  let last: Checkpoint | null = null;
+  let after = options.after ?? CHECKPOINT_START;
+  try {
+    for (;;) {
+      const read = await store.readAll(pool, { after, limit: pageSize });
+      const { until } = options;
+      const page = until === undefined ? read : read.filter((e) => !checkpointLess(until, e));
+      const { withheld } = await partitionByResidency(pool, options.policy, page, options.targetLocation, 'export');
+      const refused = withheld[0];
+      if (refused !== undefined) throw refused.error;
+      for (const e of page) {
+        const line = JSON.stringify({ ...e, position: e.position.toString(), transactionId: e.transactionId.toString() });
+        if (!file.write(`${line}\n`)) await once(file, 'drain');
+      }
+      events += page.length;
+      const tail = page.at(-1);
+      if (tail !== undefined) last = after = checkpointOf(tail);
+      if (page.length < pageSize) break;
+    }
+    file.end();
+    await once(file, 'close');
+    await rename(partial, options.out);
+    return { events, file: options.out, last };
+  } catch (error) {
+    file.destroy();
+    await rm(partial, { force: true });
+    throw error;
+  }
+}

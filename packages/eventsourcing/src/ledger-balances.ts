@@ -1,0 +1,473 @@
+/**
+ * The ledger's balances as a projection of its events (packages/ledger/src/events.ts).
+ *
+ * `applyLedgerEvent` is the one fold, pure and in memory: the asynchronous projection applies
+ * it to the accounts and reservations a batch touches, the audit (`reconcileLedger`) to every
+ * event in one snapshot, and time travel (`ledgerBalanceAt`) to one account's events up to a
+ * past point. What the events must carry, and do:
+ * - AccountOpened: ledger, code, flags;
+ * - TransferPosted (plain and balancing): the amount actually moved;
+ * - TransferPending: the amount reserved, its accounts and the closing flags;
+ * - PendingTransferPosted: pendingId and the amount posted (the reservation is released in
+ *   full, whatever was posted); PendingTransferVoided and PendingTransferExpired: the
+ *   reservation's id (a void or expiry of a closing transfer reopens the account);
+ * - TransferRejected: nothing moved.
+ */
+import type pg from 'pg';
+import { AccountFlag, ACCOUNT_STREAM, LedgerEventType, TransferFlag, TRANSFER_STREAM } from '@ledgerline/ledger';
+import type { AsOf, StoredEvent } from '@ledgerline/events';
+import { mergeLedgerPage, type LedgerPageSummary } from './ledger-replay.ts';
+import type { Projection, TableNames } from './projection.ts';
+
+type Queryable = Pick<pg.ClientBase, 'query'>;
+
+export interface AccountBalances {
+  id: string;
+  ledger: string;
+  code: number;
+  /** Account flag bit mask, as in ledger.accounts (closed = 32). */
+  flags: number;
+  debitsPending: bigint;
+  debitsPosted: bigint;
+  creditsPending: bigint;
+  creditsPosted: bigint;
+}
+
+export interface Reservation {
+  id: string;
+  debitAccountId: string;
+  creditAccountId: string;
+  amount: bigint;
+  /** Transfer flag bit mask of the pending transfer (for its closing flags). */
+  flags: number;
+}
+
+export interface LedgerFoldState {
+  accounts: Map<string, AccountBalances>;
+  pending: Map<string, Reservation>;
+}
+
+export const emptyLedgerState = (): LedgerFoldState => ({ accounts: new Map(), pending: new Map() });
+
+/** The events contradict themselves (or lack a field): the books cannot be rebuilt from them. */
+export class LedgerReplayError extends Error {
+  override readonly name = 'LedgerReplayError';
+}
+
+const AMOUNT_MAX = 9_223_372_036_854_775_807n;
+
+type EventLike = Pick<StoredEvent, 'type' | 'data'> & { position?: bigint };
+
+function where(e: EventLike): string {
+  return `${e.type}${e.position === undefined ? '' : ` at position ${e.position}`}`;
+}
+
+function str(e: EventLike, key: string): string {
+  const v = e.data[key];
+  if (typeof v !== 'string' || v === '') throw new LedgerReplayError(`${where(e)}: ${key} missing`);
+  return v;
+}
+
+function amount(e: EventLike): bigint {
+  const v = str(e, 'amount');
+  if (!/^[0-9]{1,19}$/.test(v) || BigInt(v) > AMOUNT_MAX) throw new LedgerReplayError(`${where(e)}: amount ${v} is not minor units`);
+  return BigInt(v);
+}
+
+/** Flags arrive as an object (whole events) or as its JSON text (lean reads). */
+function mask(table: Readonly<Record<string, number>>, value: unknown): number {
+  let m = 0;
+  const flags: unknown = typeof value === 'string' ? JSON.parse(value) : value;
+  if (flags === null || typeof flags !== 'object') return m;
+  for (const [name, bit] of Object.entries(table)) if ((flags as Record<string, unknown>)[name] === true) m |= bit;
+  return m;
+}
+
+function account(state: LedgerFoldState, e: EventLike, key: 'debitAccountId' | 'creditAccountId'): AccountBalances {
+  const id = str(e, key);
+  const a = state.accounts.get(id);
+  if (a === undefined) throw new LedgerReplayError(`${where(e)}: account ${id} was never opened`);
+  return a;
+}
+
+function add(e: EventLike, a: AccountBalances, field: 'debitsPending' | 'debitsPosted' | 'creditsPending' | 'creditsPosted', delta: bigint): void {
+  const next = a[field] + delta;
+  if (next < 0n || next > AMOUNT_MAX) throw new LedgerReplayError(`${where(e)}: ${field} of ${a.id} would become ${next}`);
+  a[field] = next;
+}
+
+function setClosed(a: AccountBalances, closed: boolean): void {
+  a.flags = closed ? a.flags | AccountFlag.closed : a.flags & ~AccountFlag.closed;
+}
+
+/** Releases a reservation (post, void or expiry): its full amount leaves both pending balances. */
+function release(state: LedgerFoldState, e: EventLike, pendingId: string, reopen: boolean): Reservation {
+  const p = state.pending.get(pendingId);
+  if (p === undefined) throw new LedgerReplayError(`${where(e)}: pending transfer ${pendingId} is not pending`);
+  state.pending.delete(pendingId);
+  const dr = state.accounts.get(p.debitAccountId);
+  const cr = state.accounts.get(p.creditAccountId);
+  if (dr === undefined || cr === undefined) throw new LedgerReplayError(`${where(e)}: accounts of ${pendingId} missing`);
+  add(e, dr, 'debitsPending', -p.amount);
+  add(e, cr, 'creditsPending', -p.amount);
+  if (reopen && (p.flags & TransferFlag.closingDebit) !== 0) setClosed(dr, false);
+  if (reopen && (p.flags & TransferFlag.closingCredit) !== 0) setClosed(cr, false);
+  return p;
+}
+
+/** Folds one ledger event into the state, in place. Other events are ignored. */
+export function applyLedgerEvent(state: LedgerFoldState, e: EventLike): void {
+  switch (e.type) {
+    case LedgerEventType.accountOpened: {
+      const id = str(e, 'id');
+      if (state.accounts.has(id)) throw new LedgerReplayError(`${where(e)}: account ${id} opened twice`);
+      // A number in whole events, its text in lean reads.
+      const code = typeof e.data.code === 'string' ? Number(e.data.code) : e.data.code;
+      if (typeof code !== 'number' || !Number.isInteger(code)) throw new LedgerReplayError(`${where(e)}: code missing`);
+      state.accounts.set(id, {
+        id,
+        ledger: str(e, 'ledger'),
+        code,
+        flags: mask(AccountFlag, e.data.flags),
+        debitsPending: 0n,
+        debitsPosted: 0n,
+        creditsPending: 0n,
+        creditsPosted: 0n,
+      });
+      return;
+    }
+    case LedgerEventType.transferPosted: {
+      const n = amount(e);
+      add(e, account(state, e, 'debitAccountId'), 'debitsPosted', n);
+      add(e, account(state, e, 'creditAccountId'), 'creditsPosted', n);
+      return;
+    }
+    case LedgerEventType.transferPending: {
+      const n = amount(e);
+      const flags = mask(TransferFlag, e.data.flags);
+      const dr = account(state, e, 'debitAccountId');
+      const cr = account(state, e, 'creditAccountId');
+      add(e, dr, 'debitsPending', n);
+      add(e, cr, 'creditsPending', n);
+      if ((flags & TransferFlag.closingDebit) !== 0) setClosed(dr, true);
+      if ((flags & TransferFlag.closingCredit) !== 0) setClosed(cr, true);
+      const id = str(e, 'id');
+      state.pending.set(id, { id, debitAccountId: dr.id, creditAccountId: cr.id, amount: n, flags });
+      return;
+    }
+    case LedgerEventType.pendingTransferPosted: {
+      const p = release(state, e, str(e, 'pendingId'), false);
+      const n = amount(e);
+      if (n > p.amount) throw new LedgerReplayError(`${where(e)}: posts ${n}, more than the ${p.amount} reserved`);
+      add(e, account(state, e, 'debitAccountId'), 'debitsPosted', n);
+      add(e, account(state, e, 'creditAccountId'), 'creditsPosted', n);
+      return;
+    }
+    case LedgerEventType.pendingTransferVoided:
+      release(state, e, str(e, 'pendingId'), true);
+      return;
+    case LedgerEventType.pendingTransferExpired:
+      release(state, e, str(e, 'id'), true);
+      return;
+    default:
+      return; // rejections, and every other stream's events, move nothing
+  }
+}
+
+export const LEDGER_STREAM_TYPES: readonly string[] = [ACCOUNT_STREAM, TRANSFER_STREAM];
+
+// ---------------------------------------------------------------------------------------------
+// The projection: one row per account, one per open reservation.
+
+interface BalanceRow {
+  account_id: string;
+  ledger: string;
+  code: number;
+  flags: number;
+  debits_pending: string;
+  debits_posted: string;
+  credits_pending: string;
+  credits_posted: string;
+}
+
+function fromRow(r: BalanceRow): AccountBalances {
+  return {
+    id: r.account_id,
+    ledger: r.ledger,
+    code: r.code,
+    flags: r.flags,
+    debitsPending: BigInt(r.debits_pending),
+    debitsPosted: BigInt(r.debits_posted),
+    creditsPending: BigInt(r.credits_pending),
+    creditsPosted: BigInt(r.credits_posted),
+  };
+}
+
+const BALANCE_COLUMNS = `account_id::text, ledger, code, flags, debits_pending::text, debits_posted::text,
+  credits_pending::text, credits_posted::text`;
+
+function touched(events: readonly StoredEvent[]): { accounts: string[]; pending: string[] } {
+  const accounts = new Set<string>();
+  const pending = new Set<string>();
+  for (const e of events) {
+    if (e.streamType !== ACCOUNT_STREAM && e.streamType !== TRANSFER_STREAM) continue;
+    const d = e.data;
+    if (typeof d.debitAccountId === 'string') accounts.add(d.debitAccountId);
+    if (typeof d.creditAccountId === 'string') accounts.add(d.creditAccountId);
+    if (e.type === LedgerEventType.accountOpened && typeof d.id === 'string') accounts.add(d.id);
+    if (typeof d.pendingId === 'string') pending.add(d.pendingId);
+    if (e.type === LedgerEventType.pendingTransferExpired && typeof d.id === 'string') pending.add(d.id);
+  }
+  return { accounts: [...accounts], pending: [...pending] };
+}
+
+/** The read model of every account's balances, rebuilt from the ledger's events. */
+export const ledgerBalancesProjection: Projection = {
+  name: 'ledger_balances',
+  schema: 'projections',
+  tables: ['ledger_balances', 'ledger_reservations'],
+  fields: ['id', 'debitAccountId', 'creditAccountId', 'amount', 'pendingId', 'ledger', 'code', 'flags'],
+  replaySql: replayLedgerSql,
+
+  async create(db, t) {
+    await db.query(`CREATE TABLE ${t.ledger_balances} (
+      account_id uuid PRIMARY KEY, ledger text NOT NULL, code integer NOT NULL, flags integer NOT NULL,
+      debits_pending bigint NOT NULL, debits_posted bigint NOT NULL, credits_pending bigint NOT NULL, credits_posted bigint NOT NULL)`);
+    await db.query(`CREATE TABLE ${t.ledger_reservations} (
+      transfer_id uuid PRIMARY KEY, debit_account_id uuid NOT NULL, credit_account_id uuid NOT NULL,
+      amount bigint NOT NULL, flags integer NOT NULL)`);
+  },
+
+  /**
+   * Three reads and three writes per batch, whatever its size: load the accounts and
+   * reservations the batch touches, fold in memory, write back what changed.
+   */
+  async apply(db, t: TableNames, events) {
+    const ids = touched(events);
+    if (ids.accounts.length === 0) return;
+    const state = emptyLedgerState();
+    const a = await db.query<BalanceRow>(`SELECT ${BALANCE_COLUMNS} FROM ${t.ledger_balances} WHERE account_id = ANY($1::uuid[])`, [ids.accounts]);
+    for (const r of a.rows) state.accounts.set(r.account_id, fromRow(r));
+    const persisted = ids.pending.length === 0 ? new Set<string>() : await loadReservations(db, t, state, ids.pending);
+    for (const e of events) applyLedgerEvent(state, e);
+    await writeAccounts(db, t, [...state.accounts.values()]);
+    await writeReservations(db, t, state, persisted);
+  },
+
+  /**
+   * Replays keep every account and open reservation of the generation in memory (bounded by
+   * REPLAY_ACCOUNTS_MAX) and write only the accounts that changed, at each flush.
+   */
+  async replay(db, t) {
+    const state = emptyLedgerState();
+    const n = await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${t.ledger_balances}`);
+    if ((n.rows[0]?.n ?? 0) > REPLAY_ACCOUNTS_MAX) {
+      throw new RangeError(`more than ${REPLAY_ACCOUNTS_MAX} accounts: replay batch by batch (a projection without replay)`);
+    }
+    const a = await db.query<BalanceRow>(`SELECT ${BALANCE_COLUMNS} FROM ${t.ledger_balances}`);
+    for (const r of a.rows) state.accounts.set(r.account_id, fromRow(r));
+    let persisted = await loadReservations(db, t, state, null);
+    const dirty = new Set<string>();
+    return {
+      fold(events) {
+        for (const e of events) {
+          applyLedgerEvent(state, e);
+          const d = e.data;
+          if (typeof d.debitAccountId === 'string') dirty.add(d.debitAccountId);
+          if (typeof d.creditAccountId === 'string') dirty.add(d.creditAccountId);
+          if (e.type === LedgerEventType.accountOpened && typeof d.id === 'string') dirty.add(d.id);
+        }
+        if (state.accounts.size > REPLAY_ACCOUNTS_MAX) throw new RangeError(`more than ${REPLAY_ACCOUNTS_MAX} accounts in memory`);
+      },
+      async flush(c, tables) {
+        const rows: AccountBalances[] = [];
+        for (const id of dirty) {
+          const row = state.accounts.get(id);
+          if (row !== undefined) rows.push(row);
+        }
+        await writeAccounts(c, tables, rows);
+        await writeReservations(c, tables, state, persisted);
+        persisted = new Set(state.pending.keys());
+        dirty.clear();
+      },
+      parallel: {
+        workerModule: new URL('./ledger-replay-worker.ts', import.meta.url),
+        merge(summary) {
+          const page = summary as LedgerPageSummary;
+          mergeLedgerPage(state, page, dirty);
+          if (state.accounts.size > REPLAY_ACCOUNTS_MAX) throw new RangeError(`more than ${REPLAY_ACCOUNTS_MAX} accounts in memory`);
+          return page.events;
+        },
+      },
+    };
+  },
+};
+
+/** SQL for a flag mask from a JSON flags object, as `mask` computes it in memory. */
+function sqlMask(table: Readonly<Record<string, number>>, json: string): string {
+  return `(${Object.entries(table).map(([name, bit]) => `CASE WHEN ${json}->>'${name}' = 'true' THEN ${bit} ELSE 0 END`).join(' | ')})`;
+}
+
+/**
+ * The same fold as `applyLedgerEvent`, set-based, for a rebuild from zero: four scans of the
+ * events up to `until` instead of decoding each one in this process. Open reservations are
+ * pending transfers that no post, void or expiry resolved; posted balances are sums; an
+ * account is closed while a closing reservation on it is open or was posted. It trusts the
+ * order the ledger wrote (the audit, reconcileLedger, uses the checking fold).
+ */
+async function replayLedgerSql(db: Queryable, t: TableNames, until: { transactionId: bigint; position: bigint }): Promise<void> {
+  const T = LedgerEventType;
+  const upTo = (e: string): string =>
+    `${e}.stream_type = ANY($3::text[]) AND (${e}.transaction_id, ${e}.position) <= ($1::text::xid8, $2::bigint)`;
+  const resolvedBy = (types: string): string =>
+    `e.data->>'id' NOT IN (SELECT coalesce(r.data->>'pendingId', r.data->>'id') FROM events.events r
+                            WHERE ${upTo('r')} AND r.type IN (${types}))`;
+  // NOT IN over a subquery runs as one hash lookup per row only when the hash fits in work_mem;
+  // otherwise PostgreSQL rescans the subquery per row. Ids are small: give this transaction room.
+  await db.query(`SET LOCAL work_mem = '256MB'`);
+  const args = [until.transactionId.toString(), until.position.toString(), LEDGER_STREAM_TYPES, T.transferPending, T.pendingTransferPosted, T.pendingTransferVoided, T.pendingTransferExpired, T.accountOpened, T.transferPosted];
+  await db.query(
+    `INSERT INTO ${t.ledger_reservations} (transfer_id, debit_account_id, credit_account_id, amount, flags)
+     SELECT (e.data->>'id')::uuid, (e.data->>'debitAccountId')::uuid, (e.data->>'creditAccountId')::uuid, (e.data->>'amount')::bigint,
+            ${sqlMask(TransferFlag, "e.data->'flags'")}
+       FROM events.events e WHERE ${upTo('e')} AND e.type = $4 AND ${resolvedBy('$5, $6, $7')}`,
+    args.slice(0, 7),
+  );
+  await db.query(
+    `INSERT INTO ${t.ledger_balances} (account_id, ledger, code, flags, debits_pending, debits_posted, credits_pending, credits_posted)
+     WITH opened AS (
+       SELECT e.data->>'id' AS id, e.data->>'ledger' AS ledger, (e.data->>'code')::int AS code, ${sqlMask(AccountFlag, "e.data->'flags'")} AS flags
+         FROM events.events e WHERE ${upTo('e')} AND e.type = $8),
+     posted AS (
+       SELECT v.acct, sum(v.d) AS dpo, sum(v.c) AS cpo FROM events.events e
+        CROSS JOIN LATERAL (VALUES (e.data->>'debitAccountId', (e.data->>'amount')::numeric, 0::numeric),
+                                   (e.data->>'creditAccountId', 0::numeric, (e.data->>'amount')::numeric)) v(acct, d, c)
+        WHERE ${upTo('e')} AND e.type IN ($9, $5) GROUP BY v.acct),
+     pending AS (
+       SELECT v.acct, sum(v.d) AS dp, sum(v.c) AS cp FROM ${t.ledger_reservations} p
+        CROSS JOIN LATERAL (VALUES (p.debit_account_id::text, p.amount::numeric, 0::numeric),
+                                   (p.credit_account_id::text, 0::numeric, p.amount::numeric)) v(acct, d, c)
+        GROUP BY v.acct),
+     closed AS (
+       SELECT DISTINCT v.acct FROM events.events e
+        CROSS JOIN LATERAL (VALUES (CASE WHEN e.data->'flags'->>'closingDebit' = 'true' THEN e.data->>'debitAccountId' END),
+                                   (CASE WHEN e.data->'flags'->>'closingCredit' = 'true' THEN e.data->>'creditAccountId' END)) v(acct)
+        WHERE ${upTo('e')} AND e.type = $4 AND v.acct IS NOT NULL AND ${resolvedBy('$6, $7')})
+     SELECT o.id::uuid, o.ledger, o.code, o.flags | CASE WHEN c.acct IS NULL THEN 0 ELSE ${AccountFlag.closed} END,
+            coalesce(pe.dp, 0), coalesce(po.dpo, 0), coalesce(pe.cp, 0), coalesce(po.cpo, 0)
+       FROM opened o LEFT JOIN posted po ON po.acct = o.id LEFT JOIN pending pe ON pe.acct = o.id LEFT JOIN closed c ON c.acct = o.id`,
+    args,
+  );
+  // Money that went to an account no event opened would vanish in the joins above: refuse.
+  const orphans = await db.query<{ acct: string }>(
+    `SELECT v.acct FROM events.events e
+      CROSS JOIN LATERAL (VALUES (e.data->>'debitAccountId'), (e.data->>'creditAccountId')) v(acct)
+      WHERE ${upTo('e')} AND e.type IN ($4, $5, $6)
+        AND NOT EXISTS (SELECT 1 FROM ${t.ledger_balances} b WHERE b.account_id = v.acct::uuid) LIMIT 1`,
+    [...args.slice(0, 3), T.transferPosted, T.pendingTransferPosted, T.transferPending],
+  );
+  const orphan = orphans.rows[0];
+  if (orphan !== undefined) throw new LedgerReplayError(`a transfer moved money on account ${orphan.acct}, which was never opened`);
+}
+
+/** Most accounts a replay holds in memory (about 200 bytes each). */
+export const REPLAY_ACCOUNTS_MAX = 5_000_000;
+/** Rows per write statement: bounds its parameter arrays. */
+const WRITE_ROWS_MAX = 20_000;
+
+/** Loads reservations (these ids, or all when null) into the state; returns the ids found. */
+async function loadReservations(db: Queryable, t: TableNames, state: LedgerFoldState, ids: string[] | null): Promise<Set<string>> {
+  const p = await db.query<{ id: string; dr: string; cr: string; amount: string; flags: number }>(
+    `SELECT transfer_id::text AS id, debit_account_id::text AS dr, credit_account_id::text AS cr, amount::text, flags
+       FROM ${t.ledger_reservations} WHERE $1::uuid[] IS NULL OR transfer_id = ANY($1::uuid[])`,
+    [ids],
+  );
+  const found = new Set<string>();
+  for (const r of p.rows) {
+    found.add(r.id);
+    state.pending.set(r.id, { id: r.id, debitAccountId: r.dr, creditAccountId: r.cr, amount: BigInt(r.amount), flags: r.flags });
+  }
+  return found;
+}
+
+async function writeAccounts(db: Queryable, t: TableNames, all: readonly AccountBalances[]): Promise<void> {
+  for (let i = 0; i < all.length; i += WRITE_ROWS_MAX) {
+    const rows = all.slice(i, i + WRITE_ROWS_MAX);
+    await db.query(
+      `INSERT INTO ${t.ledger_balances} (account_id, ledger, code, flags, debits_pending, debits_posted, credits_pending, credits_posted)
+       SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
+       ON CONFLICT (account_id) DO UPDATE SET flags = EXCLUDED.flags,
+         debits_pending = EXCLUDED.debits_pending, debits_posted = EXCLUDED.debits_posted,
+         credits_pending = EXCLUDED.credits_pending, credits_posted = EXCLUDED.credits_posted`,
+      [
+        rows.map((r) => r.id),
+        rows.map((r) => r.ledger),
+        rows.map((r) => r.code),
+        rows.map((r) => r.flags),
+        rows.map((r) => r.debitsPending.toString()),
+        rows.map((r) => r.debitsPosted.toString()),
+        rows.map((r) => r.creditsPending.toString()),
+        rows.map((r) => r.creditsPosted.toString()),
+      ],
+    );
+  }
+}
+
+/** Deletes the persisted reservations that were released and inserts the new ones. */
+async function writeReservations(db: Queryable, t: TableNames, state: LedgerFoldState, persisted: ReadonlySet<string>): Promise<void> {
+  const released = [...persisted].filter((id) => !state.pending.has(id));
+  for (let i = 0; i < released.length; i += WRITE_ROWS_MAX) {
+    await db.query(`DELETE FROM ${t.ledger_reservations} WHERE transfer_id = ANY($1::uuid[])`, [released.slice(i, i + WRITE_ROWS_MAX)]);
+  }
+  const reserved = [...state.pending.values()].filter((p) => !persisted.has(p.id));
+  for (let i = 0; i < reserved.length; i += WRITE_ROWS_MAX) {
+    const rows = reserved.slice(i, i + WRITE_ROWS_MAX);
+    await db.query(
+      `INSERT INTO ${t.ledger_reservations} (transfer_id, debit_account_id, credit_account_id, amount, flags)
+       SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::int[])`,
+      [rows.map((p) => p.id), rows.map((p) => p.debitAccountId), rows.map((p) => p.creditAccountId), rows.map((p) => p.amount.toString()), rows.map((p) => p.flags)],
+    );
+  }
+}
+
+/** Every account's balances as the read model holds them (through the active generation's view). */
+export async function readProjectedBalances(db: Queryable): Promise<Map<string, AccountBalances>> {
+  const r = await db.query<BalanceRow>(`SELECT ${BALANCE_COLUMNS} FROM projections.ledger_balances ORDER BY account_id`);
+  return new Map(r.rows.map((x) => [x.account_id, fromRow(x)]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time travel
+
+/**
+ * An account's balances as of a past checkpoint or time, folded from its own events (and the
+ * reservations they reference). Null when the account did not exist then. The events are found
+ * by the account ids inside them, which no index covers: this scans the ledger's events, a
+ * cost an audit pays and the money path never does.
+ */
+export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: AsOf): Promise<AccountBalances | null> {
+  const cp = 'checkpoint' in asOf ? asOf.checkpoint : null;
+  const time = 'time' in asOf ? asOf.time : null;
+  const r = await db.query<{ type: string; data: Record<string, unknown>; position: string }>(
+    `SELECT e.type, e.data, e.position::text FROM events.events e
+      WHERE e.stream_type = ANY($2::text[])
+        AND (e.stream_id = $1 OR e.data->>'debitAccountId' = $1 OR e.data->>'creditAccountId' = $1)
+        AND ($3::text IS NULL OR (e.transaction_id, e.position) <= ($3::text::xid8, $4::bigint))
+        AND ($5::timestamptz IS NULL OR e.recorded_at <= $5::timestamptz)
+      ORDER BY e.transaction_id, e.position`,
+    [accountId, LEDGER_STREAM_TYPES, cp?.transactionId.toString() ?? null, cp?.position.toString() ?? null, time],
+  );
+  const state = emptyLedgerState();
+  for (const row of r.rows) {
+    const e = { type: row.type, data: row.data, position: BigInt(row.position) };
+    // The other side of each transfer is not this account: give it a throwaway row to fold into.
+    for (const key of ['debitAccountId', 'creditAccountId'] as const) {
+      const other = row.data[key];
+      if (typeof other === 'string' && other !== accountId && !state.accounts.has(other)) {
+        state.accounts.set(other, { id: other, ledger: '', code: 0, flags: 0, debitsPending: 0n, debitsPosted: 0n, creditsPending: 0n, creditsPosted: 0n });
+      }
+    }
+    applyLedgerEvent(state, e);
+  }
+  return state.accounts.get(accountId) ?? null;
+}

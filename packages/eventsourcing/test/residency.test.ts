@@ -1,0 +1,182 @@
+/**
+ * Data residency and retention: the store refuses writes and reads that break the policy, an
+ * export to a region the policy forbids writes nothing, and retention honours legal holds.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  assertResidency,
+  CHECKPOINT_START,
+  EventStore,
+  partitionByResidency,
+  ResidencyViolationError,
+  StreamRegionMismatchError,
+  type ResidencyPolicy,
+} from '@ledgerline/events';
+import { AggregateStore, applyRetention, exportEvents, NO_LEGAL_HOLDS, paymentAggregate, type LegalHolds } from '../src/index.ts';
+import { runCli } from '../src/cli.ts';
+import { count, esTestEnv, inTx, waitFor, type EsTestEnv } from './support.ts';
+
+const policy: ResidencyPolicy = { allowed: { eu: ['eu-west-1', 'eu-central-1'], us: ['us-east-1'], global: ['eu-west-1', 'us-east-1'] } };
+
+let env: EsTestEnv;
+let dir: string;
+before(async () => {
+  env = await esTestEnv({ residency: { policy, location: 'eu-west-1' } });
+  dir = mkdtempSync(join(tmpdir(), 'll-export-'));
+});
+after(async () => {
+  rmSync(dir, { recursive: true, force: true });
+  await env.close();
+});
+
+const event = { type: 'note.Written', data: { text: 'hello' } };
+
+function violation(operation: string, stream: string, location: string): (e: unknown) => boolean {
+  return (e: unknown) => {
+    assert.ok(e instanceof ResidencyViolationError, String(e));
+    assert.equal(e.operation, operation);
+    assert.equal(`${e.streamType}/${e.streamId}`, stream);
+    assert.equal(e.location, location);
+    return true;
+  };
+}
+
+describe('residency', () => {
+  test('writes: a stream tagged with a region not allowed here is refused, with a clear message', async () => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'eu-1' }, [event], { expectedVersion: 'no_stream', region: 'eu' }));
+    await assert.rejects(
+      inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'us-1' }, [event], { expectedVersion: 'no_stream', region: 'us' })),
+      (e: unknown) => {
+        violation('write', 'note/us-1', 'eu-west-1')(e);
+        assert.equal(
+          (e as Error).message,
+          'residency: write of stream note/us-1 refused: its data is us-resident and may not go to eu-west-1; allowed: us-east-1',
+        );
+        return true;
+      },
+    );
+    await assert.rejects(
+      inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'mars-1' }, [event], { expectedVersion: 'no_stream', region: 'mars' })),
+      /allowed: nowhere \(the policy does not name this region\)/,
+    );
+    await assert.rejects(
+      inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'eu-1' }, [event], { expectedVersion: 1, region: 'global' })),
+      StreamRegionMismatchError,
+    );
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.events WHERE stream_id IN ('us-1', 'mars-1')`), 0);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.stream_regions`), 1);
+  });
+
+  test('a stream tagged elsewhere (data already here by mistake) can be neither appended to nor read', async () => {
+    await env.pool.query(`INSERT INTO events.stream_regions (stream_type, stream_id, region) VALUES ('note', 'us-2', 'us')`);
+    await assert.rejects(
+      inTx(env.pool, (c) => env.store.appendMany(c, [{ streamType: 'note', streamId: 'us-2', version: 1, event }])),
+      violation('write', 'note/us-2', 'eu-west-1'),
+    );
+    const open = await EventStore.open(env.pool); // no policy: nothing is checked
+    await inTx(env.pool, (c) => open.appendMany(c, [{ streamType: 'note', streamId: 'us-2', version: 1, event }]));
+    await assert.rejects(env.store.readStream(env.pool, 'note', 'us-2'), violation('read', 'note/us-2', 'eu-west-1'));
+    await waitFor('the horizon', async () => (await open.readAll(env.pool, { after: CHECKPOINT_START, limit: 10 })).length === 2);
+    await assert.rejects(env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 10 }), violation('read', 'note/us-2', 'eu-west-1'));
+    // A reader in the US may read the US stream, and not the EU one.
+    assert.equal((await env.store.readStream(env.pool, 'note', 'us-2', 1, { location: 'us-east-1' })).length, 1);
+    await assert.rejects(env.store.readStream(env.pool, 'note', 'eu-1', 1, { location: 'us-east-1' }), violation('read', 'note/eu-1', 'us-east-1'));
+    // Aggregates read through the same checks.
+    const payments = new AggregateStore(env.store, paymentAggregate());
+    await assert.rejects(
+      inTx(env.pool, (c) => payments.handle(c, 'p-us', { type: 'Initiate', amountMinor: 1n, currency: 'USD', payer: 'a', payee: 'b', channel: 'card' }, { region: 'us' })),
+      violation('write', 'payment/p-us', 'eu-west-1'),
+    );
+    await env.pool.query(`DELETE FROM events.events WHERE stream_id = 'us-2'`);
+    await env.pool.query(`DELETE FROM events.stream_regions WHERE stream_id = 'us-2'`);
+  });
+
+  test('replication: partitionByResidency withholds what may not go to the target', async () => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'g-1' }, [event], { expectedVersion: 'no_stream', region: 'global' }));
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'free-1' }, [event], { expectedVersion: 'no_stream' }));
+    const all = await env.store.readStream(env.pool, 'note', 'eu-1');
+    const more = [...all, ...(await env.store.readStream(env.pool, 'note', 'g-1')), ...(await env.store.readStream(env.pool, 'note', 'free-1'))];
+    const split = await partitionByResidency(env.pool, policy, more, 'us-east-1');
+    assert.deepEqual(split.allowed.map((e) => e.streamId), ['g-1', 'free-1']);
+    assert.deepEqual(split.withheld.map((w) => [w.event.streamId, w.error.operation, w.error.dataRegion]), [['eu-1', 'replicate', 'eu']]);
+    assert.doesNotThrow(() => assertResidency(policy, { streamType: 'x', streamId: 'y', region: null }, 'export', 'anywhere'));
+  });
+
+  test('export: all or nothing; a target the policy forbids for any stream gets no file', async () => {
+    await waitFor('the horizon', async () => (await env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 100 })).length === 3);
+    // eu-1 is eu (eu-west-1, eu-central-1), g-1 global (eu-west-1, us-east-1), free-1 untagged.
+    const refused = join(dir, 'central.ndjson');
+    await assert.rejects(
+      exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, pageSize: 2 }),
+      violation('export', 'note/g-1', 'eu-central-1'),
+    );
+    assert.deepEqual([existsSync(refused), existsSync(`${refused}.partial`)], [false, false]);
+    const west = join(dir, 'west.ndjson');
+    const ok = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-west-1', out: west, pageSize: 2 });
+    const lines = readFileSync(west, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { streamId: string; position: string });
+    assert.deepEqual({ events: ok.events, streams: lines.map((l) => l.streamId) }, { events: 3, streams: ['eu-1', 'g-1', 'free-1'] });
+    // A range that stops before g-1 may go to eu-central-1.
+    const first = await env.store.checkpointAt(env.pool, BigInt(lines[0]!.position));
+    const ranged = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, until: first! });
+    assert.equal(ranged.events, 1);
+  });
+
+  test('export through the CLI: refused with exit 1 and the reason; usage errors exit 2', async () => {
+    const out: string[] = [];
+    const err: string[] = [];
+    const io = (extra: Record<string, string>) => ({
+      env: { DATABASE_URL: env.db.url, EVENTS_REGION: 'eu-west-1', EVENTS_RESIDENCY_POLICY: JSON.stringify(policy.allowed), ...extra },
+      stdout: (t: string) => out.push(t),
+      stderr: (t: string) => err.push(t),
+    });
+    assert.equal(await runCli(['export', '--to', 'us-east-1', '--out', join(dir, 'us.ndjson')], io({})), 1);
+    assert.match(err.join('\n'), /residency: export of stream note\/eu-1 refused/);
+    assert.equal(existsSync(join(dir, 'us.ndjson')), false);
+    const g1 = (await env.store.readStream(env.pool, 'note', 'g-1'))[0]!.position;
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'cli.ndjson'), '--from-position', String(g1)], io({})), 0);
+    assert.equal((JSON.parse(out.at(-1)!) as { events: number }).events, 2);
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'x')], io({ EVENTS_RESIDENCY_POLICY: '{"eu":"eu-west-1"}' })), 2);
+    assert.match(err.at(-1)!, /must map each data region to an array/);
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'x')], io({ EVENTS_RESIDENCY_POLICY: 'nope' })), 2);
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'x')], io({ EVENTS_REGION: '' })), 2);
+    assert.equal(await runCli(['export', '--out', join(dir, 'x')], io({})), 2);
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'x'), '--from-position', '999999'], io({})), 2);
+    assert.match(err.at(-1)!, /no event at that position/);
+  });
+});
+
+describe('retention', () => {
+  test('archives and deletes streams by age, except those under a legal hold', async () => {
+    for (const id of ['old-a', 'old-b', 'held-c']) {
+      await inTx(env.pool, (c) => env.store.append(c, { type: 'ticket', id }, [event, event], { expectedVersion: 'no_stream' }));
+    }
+    await env.pool.query(`INSERT INTO events.snapshots (stream_type, stream_id, version, state_version, state) VALUES ('ticket', 'old-a', 2, 1, '{}')`);
+    const held = new Set(['held-c']);
+    const holds: LegalHolds = { isHeld: (_db, s) => Promise.resolve(held.has(s.streamId)) };
+    const now = new Date();
+    const day = 86_400_000;
+    // Nothing is due yet.
+    const early = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', archiveAfterDays: 30, deleteAfterDays: 365 }], holds, now });
+    assert.deepEqual([early.archived.length, early.deleted.length, early.held.length], [0, 0, 0]);
+    // 40 days on: archive every ticket stream except the held one.
+    const archived = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', archiveAfterDays: 30, deleteAfterDays: 365 }], holds, now: new Date(now.getTime() + 40 * day) });
+    assert.deepEqual(archived.archived.map((s) => s.streamId), ['old-a', 'old-b']);
+    assert.deepEqual(archived.held.map((s) => s.streamId), ['held-c']);
+    assert.equal(archived.eventsArchived, 4);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.events WHERE stream_type = 'ticket'`), 2);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.archived_events WHERE stream_type = 'ticket'`), 4);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.snapshots WHERE stream_type = 'ticket'`), 0);
+    // 400 days on: delete the archived ones; the hold still keeps held-c. Lifting it lets it go.
+    const deleted = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: 365 }], holds, now: new Date(now.getTime() + 400 * day), streamsMax: 10 });
+    assert.deepEqual({ deleted: deleted.deleted.map((s) => s.streamId), held: deleted.held.map((s) => s.streamId), events: deleted.eventsDeleted }, { deleted: ['old-a', 'old-b'], held: ['held-c'], events: 4 });
+    held.clear();
+    const lifted = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: 365 }], holds: NO_LEGAL_HOLDS, now: new Date(now.getTime() + 400 * day) });
+    assert.deepEqual(lifted.deleted.map((s) => s.streamId), ['held-c']);
+    assert.equal(await count(env.pool, `SELECT (SELECT count(*) FROM events.events WHERE stream_type = 'ticket') + (SELECT count(*) FROM events.archived_events)`), 0);
+    await assert.rejects(applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: -1 }], holds, now }), /deleteAfterDays must be >= 0/);
+  });
+});

@@ -1,0 +1,65 @@
+/** Test setup for event sourcing: a fresh database with the events (and ledger) schemas. */
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
+import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { EventStore, migrateEvents, type StoreResidency } from '@ledgerline/events';
+import { migrateLedger } from '@ledgerline/ledger';
+
+export interface EsTestEnv {
+  db: TestDatabase;
+  pool: pg.Pool;
+  store: EventStore;
+  close(): Promise<void>;
+}
+
+export async function esTestEnv(options: { ledger?: boolean; residency?: StoreResidency } = {}): Promise<EsTestEnv> {
+  const db = await createTestDatabase('ll_es');
+  await migrateEvents(db.url);
+  if (options.ledger === true) await migrateLedger(db.url);
+  const pool = new pg.Pool({ connectionString: db.url, max: 6 });
+  pool.on('error', () => {});
+  const store = await EventStore.open(pool, options.residency === undefined ? {} : { residency: options.residency });
+  return {
+    db,
+    pool,
+    store,
+    close: async () => {
+      await pool.end();
+      await db.drop();
+    },
+  };
+}
+
+/** Runs `fn` in a transaction of its own: commit on success, roll back on error. */
+export async function inTx<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+  const c = await pool.connect();
+  try {
+    await c.query('BEGIN');
+    const out = await fn(c);
+    await c.query('COMMIT');
+    return out;
+  } catch (error) {
+    await c.query('ROLLBACK').catch(() => {});
+    throw error;
+  } finally {
+    c.release();
+  }
+}
+
+/**
+ * Polls until `check` holds; fails after `timeoutMs`. The read horizon (pg_snapshot_xmin) is
+ * cluster-wide, so another test's open transaction can hold readers back for a while.
+ */
+export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const started = Date.now();
+  while (!(await check())) {
+    assert.ok(Date.now() - started < timeoutMs, `timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(25);
+  }
+}
+
+export async function count(pool: pg.Pool, sql: string, params: unknown[] = []): Promise<number> {
+  const r = await pool.query<{ n: number }>(`SELECT (${sql})::int AS n`, params);
+  return r.rows[0]?.n ?? 0;
+}

@@ -1,0 +1,528 @@
+/**
+ * `Identity`: users, service clients, signing keys and tokens on PostgreSQL (schema `identity`).
+ * It knows nothing of HTTP; the identity service maps its errors to problem+json.
+ *
+ * Every secret is stored as a hash (argon2id for passwords and client secrets, SHA-256 for
+ * 256-bit refresh-token secrets and 80-bit recovery codes), and every check that can fail on
+ * a guess counts toward lockout or is single-use.
+ */
+import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import { decodeJwt, importJWK, jwtVerify } from 'jose';
+import type { CryptoKey, JSONWebKeySet, JWK } from 'jose';
+import type pg from 'pg';
+import { afterFailure, AFTER_SUCCESS, isLocked, LOCKOUT_DEFAULT, type LockoutPolicy, type LoginCounters } from './lockout.ts';
+import { hashPassword, verifyPassword } from './passwords.ts';
+import { newTotpSecret, newRecoveryCodes, recoveryCodeHash, totpUri, verifyTotp } from './totp.ts';
+import { newSigningKey, signAccessToken, TOKEN_ALGORITHM } from './tokens.ts';
+
+export type IdentityErrorCode =
+  | 'invalid_request'
+  | 'invalid_grant'
+  | 'invalid_client'
+  | 'invalid_target'
+  | 'mfa_required'
+  | 'account_locked'
+  | 'conflict'
+  | 'not_found';
+
+/** A refusal the caller may see. Messages never say which of username or password was wrong. */
+export class IdentityError extends Error {
+  readonly code: IdentityErrorCode;
+  constructor(code: IdentityErrorCode, message: string) {
+    super(message);
+    this.name = 'IdentityError';
+    this.code = code;
+  }
+}
+
+export interface IdentityOptions {
+  pool: pg.Pool;
+  /** The `iss` of every token, and the audience client assertions must name. */
+  issuer: string;
+  /** Audiences users may ask tokens for (services users call directly). */
+  userAudiences: readonly string[];
+  /** Milliseconds since the epoch. */
+  clock?: () => number;
+  accessTokenTtlSeconds?: number;
+  /** The absolute lifetime of a login session; rotation does not extend it. */
+  refreshTokenTtlSeconds?: number;
+  lockout?: LockoutPolicy;
+}
+
+export interface TokenResponse {
+  access_token: string;
+  token_type: 'Bearer';
+  expires_in: number;
+  refresh_token?: string;
+}
+
+export interface NewUser {
+  username: string;
+  password: string;
+  roles: readonly string[];
+  tenant?: string;
+}
+
+export interface NewClient {
+  id: string;
+  secret?: string;
+  /** An Ed25519 public JWK for `private_key_jwt`. */
+  publicJwk?: JWK;
+  roles: readonly string[];
+  audiences: readonly string[];
+}
+
+export interface LoginRequest {
+  username: string;
+  password: string;
+  audience: string;
+  totpCode?: string;
+  recoveryCode?: string;
+}
+
+export type ClientAuthentication =
+  | { clientId: string; secret: string }
+  | { assertion: string };
+
+export const ACCESS_TOKEN_TTL_SECONDS_DEFAULT = 300;
+export const REFRESH_TOKEN_TTL_SECONDS_DEFAULT = 8 * 3600;
+/** Signing keys are re-read at most this often, so a rotation by another instance is picked up. */
+export const KEY_REFRESH_MS = 30_000;
+/**
+ * A rotated-in key is published this long before it signs. Verifiers refetch the JWKS when
+ * they meet an unknown `kid`, but at most every 30 s (`remoteKeys`' cooldown) and otherwise
+ * keep it for the JWKS response's max-age (60 s): after this lead, every verifier that could
+ * see a token from the new key has fetched a set that holds it.
+ */
+export const KEY_PUBLISH_LEAD_MS = 90_000;
+/** A client assertion older than this is refused even if its `exp` is later. */
+const ASSERTION_AGE_MAX_SECONDS = 300;
+export const CLIENT_ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+const ROLES_MAX = 32;
+const ROLE_PATTERN = /^[a-z][a-z0-9_:-]{0,63}$/;
+
+interface UserRow {
+  id: string;
+  password_hash: string;
+  roles: string[];
+  tenant: string | null;
+  failed_logins: number;
+  locked_until: Date | null;
+  totp_secret: string | null;
+  totp_confirmed: boolean;
+  totp_last_step: string | null;
+}
+
+interface KeyRow {
+  kid: string;
+  private_jwk: JWK;
+}
+
+export class Identity {
+  readonly #pool: pg.Pool;
+  readonly #issuer: string;
+  readonly #userAudiences: ReadonlySet<string>;
+  readonly #clock: () => number;
+  readonly #accessTtl: number;
+  readonly #refreshTtl: number;
+  readonly #lockout: LockoutPolicy;
+  #signer: { kid: string; privateKey: CryptoKey; loadedAtMs: number } | null = null;
+
+  constructor(options: IdentityOptions) {
+    this.#pool = options.pool;
+    this.#issuer = options.issuer;
+    this.#userAudiences = new Set(options.userAudiences);
+    this.#clock = options.clock ?? Date.now;
+    this.#accessTtl = options.accessTokenTtlSeconds ?? ACCESS_TOKEN_TTL_SECONDS_DEFAULT;
+    this.#refreshTtl = options.refreshTokenTtlSeconds ?? REFRESH_TOKEN_TTL_SECONDS_DEFAULT;
+    this.#lockout = options.lockout ?? LOCKOUT_DEFAULT;
+  }
+
+  // ---- users ------------------------------------------------------------------------------
+
+  async createUser(user: NewUser): Promise<{ id: string }> {
+    checkRoles(user.roles);
+    const username = user.username.toLowerCase();
+    if (!/^[a-z0-9._@-]{3,64}$/.test(username)) throw new IdentityError('invalid_request', 'username must be 3-64 of a-z 0-9 . _ @ -');
+    const passwordHash = await hashPassword(user.password).catch((error: unknown) => {
+      throw new IdentityError('invalid_request', error instanceof Error ? error.message : 'password rejected');
+    });
+    const id = randomUUID();
+    const r = await this.#pool.query(
+      `INSERT INTO identity.users (id, username, password_hash, roles, tenant, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING`,
+      [id, username, passwordHash, user.roles, user.tenant ?? null, this.#now()],
+    );
+    if (r.rowCount !== 1) throw new IdentityError('conflict', `username ${username} is taken`);
+    return { id };
+  }
+
+  async userIdByUsername(username: string): Promise<string | null> {
+    const r = await this.#pool.query<{ id: string }>('SELECT id FROM identity.users WHERE username = $1', [username.toLowerCase()]);
+    return r.rows[0]?.id ?? null;
+  }
+
+  /**
+   * The password grant, with the second factor when the user enrolled one. The user's row is
+   * locked for the whole check, so parallel guesses are counted one by one and cannot exceed
+   * the lockout limit between them.
+   */
+  async login(request: LoginRequest): Promise<TokenResponse> {
+    this.#checkUserAudience(request.audience);
+    const nowMs = this.#clock();
+    const refusal = new IdentityError('invalid_grant', 'invalid username, password or code');
+    return this.#transaction(async (client) => {
+      const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE username = $1 FOR UPDATE', [request.username.toLowerCase()]);
+      const user = r.rows[0];
+      const counters: LoginCounters | null = user === undefined ? null : { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
+      if (counters !== null && isLocked(counters, nowMs)) {
+        throw new IdentityError('account_locked', 'too many failed attempts; try again later');
+      }
+      const passwordOk = await verifyPassword(user?.password_hash ?? null, request.password);
+      if (user === undefined || counters === null) throw refusal;
+      if (!passwordOk) return this.#fail(client, user.id, counters, nowMs, refusal);
+      if (user.totp_confirmed && user.totp_secret !== null) {
+        const second = await this.#secondFactor(client, user, request, nowMs);
+        if (second === 'missing') throw new IdentityError('mfa_required', 'a TOTP code or a recovery code is required');
+        if (second === 'wrong') return this.#fail(client, user.id, counters, nowMs, refusal);
+      }
+      await this.#saveCounters(client, user.id, AFTER_SUCCESS);
+      return this.#issueUserTokens(client, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
+    });
+  }
+
+  /**
+   * Starts TOTP enrolment (again, while the last one is unconfirmed): returns the secret once;
+   * it takes effect when `confirmTotp` sees a code from it. Refused once two-factor is on.
+   */
+  async enrolTotp(userId: string, issuerName: string): Promise<{ secret: string; uri: string }> {
+    const secret = newTotpSecret();
+    const r = await this.#pool.query<{ username: string }>(
+      'UPDATE identity.users SET totp_secret = $2, totp_confirmed = false, totp_last_step = NULL WHERE id = $1 AND NOT totp_confirmed RETURNING username',
+      [userId, secret],
+    );
+    const username = r.rows[0]?.username;
+    if (username === undefined) throw new IdentityError('conflict', 'no such user, or two-factor authentication is already on');
+    return { secret, uri: totpUri(secret, issuerName, username) };
+  }
+
+  /** Turns TOTP on once the user shows a valid code, and returns fresh recovery codes (shown once). */
+  async confirmTotp(userId: string, code: string): Promise<{ recoveryCodes: string[] }> {
+    const nowMs = this.#clock();
+    return this.#transaction(async (client) => {
+      const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE id = $1 FOR UPDATE', [userId]);
+      const user = r.rows[0];
+      if (user === undefined || user.totp_secret === null || user.totp_confirmed) throw new IdentityError('conflict', 'no two-factor enrolment is pending');
+      const step = verifyTotp(user.totp_secret, code, nowMs, null);
+      if (step === null) throw new IdentityError('invalid_grant', 'the code is not valid');
+      await client.query('UPDATE identity.users SET totp_confirmed = true, totp_last_step = $2 WHERE id = $1', [userId, step.toString()]);
+      const recoveryCodes = newRecoveryCodes();
+      await client.query('DELETE FROM identity.recovery_codes WHERE user_id = $1', [userId]);
+      await client.query(
+        'INSERT INTO identity.recovery_codes (user_id, code_hash) SELECT $1, unnest($2::bytea[])',
+        [userId, recoveryCodes.map(recoveryCodeHash)],
+      );
+      return { recoveryCodes };
+    });
+  }
+
+  // ---- refresh tokens ---------------------------------------------------------------------
+
+  /**
+   * Rotation: the presented token is spent and a new one of the same family returned. A spent
+   * or revoked token presented again means two parties hold it, so the family is revoked and
+   * both must log in again.
+   */
+  async refresh(refreshToken: string): Promise<TokenResponse> {
+    const nowMs = this.#clock();
+    const parsed = parseRefreshToken(refreshToken);
+    const refusal = new IdentityError('invalid_grant', 'refresh token invalid, expired or revoked');
+    if (parsed === null) throw refusal;
+    return this.#transaction(async (client) => {
+      const r = await client.query<{ family_id: string; user_id: string; secret_hash: Buffer; audience: string; expires_at: Date; used_at: Date | null; revoked_at: Date | null }>(
+        'SELECT family_id, user_id, secret_hash, audience, expires_at, used_at, revoked_at FROM identity.refresh_tokens WHERE id = $1 FOR UPDATE',
+        [parsed.id],
+      );
+      const row = r.rows[0];
+      if (row === undefined || !timingSafeEqual(row.secret_hash, sha256(parsed.secret))) throw refusal;
+      if (row.used_at !== null || row.revoked_at !== null) {
+        await client.query('UPDATE identity.refresh_tokens SET revoked_at = $2 WHERE family_id = $1 AND revoked_at IS NULL', [row.family_id, new Date(nowMs)]);
+        throw new FailedAttempt(new IdentityError('invalid_grant', 'refresh token reused; every token of this session is revoked'));
+      }
+      if (row.expires_at.getTime() <= nowMs) throw refusal;
+      const u = await client.query<UserRow>('SELECT * FROM identity.users WHERE id = $1', [row.user_id]);
+      const user = u.rows[0];
+      if (user === undefined || isLocked({ failedLogins: user.failed_logins, lockedUntil: user.locked_until }, nowMs)) throw refusal;
+      await client.query('UPDATE identity.refresh_tokens SET used_at = $2 WHERE id = $1', [parsed.id, new Date(nowMs)]);
+      return this.#issueUserTokens(client, user, row.audience, row.family_id, row.expires_at, nowMs);
+    });
+  }
+
+  /** Revokes the session the refresh token belongs to (RFC 7009: an unknown token is not an error). */
+  async revoke(refreshToken: string): Promise<void> {
+    const parsed = parseRefreshToken(refreshToken);
+    if (parsed === null) return;
+    await this.#pool.query(
+      `UPDATE identity.refresh_tokens SET revoked_at = $3
+       WHERE family_id = (SELECT family_id FROM identity.refresh_tokens WHERE id = $1 AND secret_hash = $2) AND revoked_at IS NULL`,
+      [parsed.id, sha256(parsed.secret), this.#now()],
+    );
+  }
+
+  // ---- service clients --------------------------------------------------------------------
+
+  async createClient(client: NewClient): Promise<void> {
+    checkRoles(client.roles);
+    if (!/^[a-z0-9._-]{3,64}$/.test(client.id)) throw new IdentityError('invalid_request', 'client id must be 3-64 of a-z 0-9 . _ -');
+    if (client.secret === undefined && client.publicJwk === undefined) throw new IdentityError('invalid_request', 'a client needs a secret or a public key');
+    if (client.publicJwk !== undefined && (client.publicJwk.kty !== 'OKP' || client.publicJwk.crv !== 'Ed25519' || 'd' in client.publicJwk)) {
+      throw new IdentityError('invalid_request', 'a client key must be an Ed25519 public JWK');
+    }
+    if (client.audiences.length === 0) throw new IdentityError('invalid_request', 'a client needs at least one audience');
+    const secretHash = client.secret === undefined ? null : await hashPassword(client.secret).catch((error: unknown) => {
+      throw new IdentityError('invalid_request', error instanceof Error ? error.message : 'secret rejected');
+    });
+    const r = await this.#pool.query(
+      `INSERT INTO identity.clients (id, secret_hash, public_jwk, roles, audiences, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+       ON CONFLICT (id) DO NOTHING`,
+      [client.id, secretHash, client.publicJwk ?? null, client.roles, client.audiences, this.#now()],
+    );
+    if (r.rowCount !== 1) throw new IdentityError('conflict', `client ${client.id} exists`);
+  }
+
+  /** The client-credentials grant: a token for exactly one audience the client is registered for. */
+  async clientCredentials(auth: ClientAuthentication, audience: string): Promise<TokenResponse> {
+    const nowMs = this.#clock();
+    const refusal = new IdentityError('invalid_client', 'client authentication failed');
+    const clientId = 'assertion' in auth ? assertionClientId(auth.assertion) : auth.clientId;
+    const r = await this.#pool.query<{ secret_hash: string | null; public_jwk: JWK | null; roles: string[]; audiences: string[] }>(
+      'SELECT secret_hash, public_jwk, roles, audiences FROM identity.clients WHERE id = $1',
+      [clientId ?? ''],
+    );
+    const client = r.rows[0];
+    if ('assertion' in auth) {
+      if (client === undefined || client.public_jwk === null || clientId === null) throw refusal;
+      await this.#checkAssertion(auth.assertion, clientId, client.public_jwk, nowMs, refusal);
+    } else {
+      const ok = await verifyPassword(client?.secret_hash ?? null, auth.secret);
+      if (!ok || client === undefined) throw refusal;
+    }
+    if (!client.audiences.includes(audience)) throw new IdentityError('invalid_target', `client may not ask for audience ${audience}`);
+    const accessToken = await signAccessToken(await this.#signingKey(), { sub: clientId ?? '', kind: 'service', roles: client.roles, audience }, this.#signOptions(nowMs));
+    return { access_token: accessToken, token_type: 'Bearer', expires_in: this.#accessTtl };
+  }
+
+  // ---- signing keys -----------------------------------------------------------------------
+
+  /**
+   * Creates the first signing key, active at once, if there is no key at all; call at start.
+   * Instances starting together may each create one: the later `active_from` then signs, and
+   * both are published.
+   */
+  async ensureSigningKey(): Promise<void> {
+    const r = await this.#pool.query('SELECT 1 FROM identity.signing_keys LIMIT 1');
+    if (r.rowCount === 0) {
+      const nowMs = this.#clock();
+      await this.#insertKey(nowMs, nowMs);
+    }
+  }
+
+  /**
+   * Adds a key that starts signing `KEY_PUBLISH_LEAD_MS` from now. Until then it is only
+   * published; the current key keeps signing, then stays published until its tokens expired.
+   * So a rotation never makes a verifier reject a valid token.
+   */
+  async rotateKeys(): Promise<{ kid: string; activeFrom: Date }> {
+    const nowMs = this.#clock();
+    const activeFrom = nowMs + KEY_PUBLISH_LEAD_MS;
+    return { kid: await this.#insertKey(nowMs, activeFrom), activeFrom: new Date(activeFrom) };
+  }
+
+  /**
+   * The public keys verifiers need: keys not yet active, the signing key, and each superseded
+   * key until its last token has expired (the token lifetime, plus the time an instance may
+   * still sign with it before it rereads the keys).
+   */
+  async jwks(): Promise<JSONWebKeySet> {
+    const supersededAfter = new Date(this.#clock() - (this.#accessTtl * 1000 + KEY_REFRESH_MS));
+    const r = await this.#pool.query<{ public_jwk: JWK }>(
+      `SELECT public_jwk FROM (
+         SELECT public_jwk, active_from, lead(active_from) OVER (ORDER BY active_from) AS superseded_at FROM identity.signing_keys
+       ) k
+       WHERE superseded_at IS NULL OR superseded_at > $1 ORDER BY active_from DESC`,
+      [supersededAfter],
+    );
+    return { keys: r.rows.map((row) => row.public_jwk) };
+  }
+
+  async #insertKey(createdMs: number, activeFromMs: number): Promise<string> {
+    const key = await newSigningKey();
+    await this.#pool.query(
+      'INSERT INTO identity.signing_keys (kid, private_jwk, public_jwk, created_at, active_from) VALUES ($1, $2, $3, $4, $5)',
+      [key.kid, key.privateJwk, key.publicJwk, new Date(createdMs), new Date(activeFromMs)],
+    );
+    return key.kid;
+  }
+
+  // ---- internals --------------------------------------------------------------------------
+
+  #now(): Date {
+    return new Date(this.#clock());
+  }
+
+  #signOptions(nowMs: number) {
+    return { issuer: this.#issuer, ttlSeconds: this.#accessTtl, nowMs };
+  }
+
+  #checkUserAudience(audience: string): void {
+    if (!this.#userAudiences.has(audience)) throw new IdentityError('invalid_target', `tokens for audience ${audience} are not issued to users`);
+  }
+
+  async #signingKey(): Promise<{ kid: string; privateKey: CryptoKey }> {
+    const nowMs = this.#clock();
+    if (this.#signer !== null && nowMs - this.#signer.loadedAtMs < KEY_REFRESH_MS) return this.#signer;
+    const r = await this.#pool.query<KeyRow>('SELECT kid, private_jwk FROM identity.signing_keys WHERE active_from <= $1 ORDER BY active_from DESC LIMIT 1', [new Date(nowMs)]);
+    const row = r.rows[0];
+    if (row === undefined) throw new Error('identity: no signing key; call ensureSigningKey() at start');
+    if (this.#signer?.kid !== row.kid) {
+      const privateKey = await importJWK(row.private_jwk, TOKEN_ALGORITHM);
+      if (privateKey instanceof Uint8Array) throw new Error('invariant: an Ed25519 JWK imported as raw bytes');
+      this.#signer = { kid: row.kid, privateKey, loadedAtMs: nowMs };
+    } else {
+      this.#signer.loadedAtMs = nowMs;
+    }
+    return this.#signer;
+  }
+
+  async #issueUserTokens(client: pg.PoolClient, user: UserRow, audience: string, familyId: string, expiresAt: Date, nowMs: number): Promise<TokenResponse> {
+    const id = randomUUID();
+    const secret = randomBytes(32).toString('base64url');
+    await client.query(
+      `INSERT INTO identity.refresh_tokens (id, family_id, user_id, secret_hash, audience, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+      [id, familyId, user.id, sha256(secret), audience, new Date(nowMs), expiresAt],
+    );
+    const accessToken = await signAccessToken(
+      await this.#signingKey(),
+      { sub: user.id, kind: 'user', roles: user.roles, tenant: user.tenant, audience },
+      this.#signOptions(nowMs),
+    );
+    return { access_token: accessToken, token_type: 'Bearer', expires_in: this.#accessTtl, refresh_token: `${id}.${secret}` };
+  }
+
+  /** 'ok' when a fresh TOTP code or an unused recovery code was given; both are spent on use. */
+  async #secondFactor(client: pg.PoolClient, user: UserRow, request: LoginRequest, nowMs: number): Promise<'ok' | 'missing' | 'wrong'> {
+    if (request.totpCode !== undefined && user.totp_secret !== null) {
+      const lastStep = user.totp_last_step === null ? null : BigInt(user.totp_last_step);
+      const step = verifyTotp(user.totp_secret, request.totpCode, nowMs, lastStep);
+      if (step === null) return 'wrong';
+      await client.query('UPDATE identity.users SET totp_last_step = $2 WHERE id = $1', [user.id, step.toString()]);
+      return 'ok';
+    }
+    if (request.recoveryCode !== undefined) {
+      const r = await client.query(
+        'UPDATE identity.recovery_codes SET used_at = $3 WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL',
+        [user.id, recoveryCodeHash(request.recoveryCode), new Date(nowMs)],
+      );
+      return r.rowCount === 1 ? 'ok' : 'wrong';
+    }
+    return 'missing';
+  }
+
+  /** Counts a failure (and maybe locks), commits that, and refuses. */
+  async #fail(client: pg.PoolClient, userId: string, counters: LoginCounters, nowMs: number, refusal: IdentityError): Promise<never> {
+    const next = afterFailure(counters, this.#lockout, nowMs);
+    await this.#saveCounters(client, userId, next);
+    throw new FailedAttempt(next.lockedUntil !== null && isLocked(next, nowMs) ? new IdentityError('account_locked', 'too many failed attempts; try again later') : refusal);
+  }
+
+  async #saveCounters(client: pg.PoolClient, userId: string, counters: LoginCounters): Promise<void> {
+    await client.query('UPDATE identity.users SET failed_logins = $2, locked_until = $3 WHERE id = $1', [userId, counters.failedLogins, counters.lockedUntil]);
+  }
+
+  async #checkAssertion(assertion: string, clientId: string, jwk: JWK, nowMs: number, refusal: IdentityError): Promise<void> {
+    let jti: string;
+    let expSeconds: number;
+    try {
+      const key = await importJWK({ ...jwk, alg: TOKEN_ALGORITHM }, TOKEN_ALGORITHM);
+      const { payload } = await jwtVerify(assertion, key, {
+        algorithms: [TOKEN_ALGORITHM],
+        issuer: clientId,
+        subject: clientId,
+        audience: this.#issuer,
+        currentDate: new Date(nowMs),
+        maxTokenAge: ASSERTION_AGE_MAX_SECONDS,
+        requiredClaims: ['jti', 'exp', 'iat'],
+      });
+      if (typeof payload.jti !== 'string' || typeof payload.exp !== 'number') throw refusal;
+      jti = payload.jti;
+      expSeconds = payload.exp;
+    } catch {
+      throw refusal;
+    }
+    await this.#pool.query('DELETE FROM identity.used_assertions WHERE expires_at < $1', [new Date(nowMs)]);
+    const r = await this.#pool.query(
+      'INSERT INTO identity.used_assertions (client_id, jti, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING',
+      [clientId, jti, new Date(expSeconds * 1000)],
+    );
+    if (r.rowCount !== 1) throw refusal;
+  }
+
+  /**
+   * Runs `work` in a transaction. A `FailedAttempt` commits what was written before it (a
+   * failure counter, a revoked token family), then its refusal is thrown; any other error rolls back.
+   */
+  async #transaction<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    const client = await this.#pool.connect();
+    try {
+      await client.query('BEGIN');
+      try {
+        const result = await work(client);
+        await client.query('COMMIT');
+        return result;
+      } catch (error) {
+        if (error instanceof FailedAttempt) {
+          await client.query('COMMIT');
+          throw error.refusal;
+        }
+        await client.query('ROLLBACK');
+        throw error;
+      }
+    } finally {
+      client.release();
+    }
+  }
+}
+
+/** Carries a refusal out of a transaction whose writes must commit. */
+class FailedAttempt extends Error {
+  readonly refusal: IdentityError;
+  constructor(refusal: IdentityError) {
+    super(refusal.message);
+    this.refusal = refusal;
+  }
+}
+
+function sha256(value: string): Buffer {
+  return createHash('sha256').update(value).digest();
+}
+
+function parseRefreshToken(token: string): { id: string; secret: string } | null {
+  const match = /^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.([A-Za-z0-9_-]{43})$/.exec(token);
+  return match?.[1] === undefined || match[2] === undefined ? null : { id: match[1], secret: match[2] };
+}
+
+/** The client an assertion claims to come from (unverified: `clientCredentials` checks it against that client's key). */
+export function assertionClientId(assertion: string): string | null {
+  try {
+    const iss = decodeJwt(assertion).iss;
+    return typeof iss === 'string' && iss.length <= 64 ? iss : null;
+  } catch {
+    return null;
+  }
+}
+
+function checkRoles(roles: readonly string[]): void {
+  if (roles.length > ROLES_MAX || !roles.every((r) => ROLE_PATTERN.test(r))) {
+    throw new IdentityError('invalid_request', `roles must be at most ${ROLES_MAX} names matching ${ROLE_PATTERN.source}`);
+  }
+}

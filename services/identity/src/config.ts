@@ -1,0 +1,38 @@
+import { Type, type Static } from 'typebox';
+import { auditConfigSchema } from '@ledgerline/audit';
+import { baseConfigSchema } from '@ledgerline/service-runtime';
+
+const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
+
+/**
+ * The identity service's environment. The bootstrap variables create an admin user and a
+ * service client at start when they do not exist yet, so a fresh system can issue its first
+ * tokens; leave them unset in production once real accounts exist.
+ */
+export const identityConfigSchema = Type.Object({
+  ...baseConfigSchema.properties,
+  // Token requests and access decisions go to the audit queue; the sequencer of a service
+  // sharing the database (the ledger's, locally) gives them their place in the log.
+  AUDIT_ENABLED: auditConfigSchema.properties.AUDIT_ENABLED,
+  AUDIT_FLUSH_INTERVAL_MS: auditConfigSchema.properties.AUDIT_FLUSH_INTERVAL_MS,
+  AUDIT_BUFFER_ENTRIES_MAX: auditConfigSchema.properties.AUDIT_BUFFER_ENTRIES_MAX,
+  PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
+  IDENTITY_ISSUER: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001' }),
+  IDENTITY_USER_AUDIENCES: Type.String({ pattern: LIST, default: 'ledger,identity' }),
+  ACCESS_TOKEN_TTL_SECONDS: Type.Integer({ minimum: 30, maximum: 3600, default: 300 }),
+  REFRESH_TOKEN_TTL_SECONDS: Type.Integer({ minimum: 300, maximum: 30 * 86_400, default: 28_800 }),
+  LOCKOUT_FAILURES_MAX: Type.Integer({ minimum: 3, maximum: 100, default: 5 }),
+  LOCKOUT_MS: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 900_000 }),
+  IDENTITY_BOOTSTRAP_ADMIN_USERNAME: Type.Optional(Type.String({ pattern: '^[a-z0-9._@-]{3,64}$' })),
+  IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: Type.Optional(Type.String({ minLength: 12, maxLength: 256 })),
+  IDENTITY_BOOTSTRAP_CLIENT_ID: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]{3,64}$' })),
+  IDENTITY_BOOTSTRAP_CLIENT_SECRET: Type.Optional(Type.String({ minLength: 12, maxLength: 256 })),
+  IDENTITY_BOOTSTRAP_CLIENT_ROLES: Type.String({ pattern: LIST, default: 'svc:payments' }),
+  IDENTITY_BOOTSTRAP_CLIENT_AUDIENCES: Type.String({ pattern: LIST, default: 'ledger' }),
+});
+
+export type IdentityConfig = Static<typeof identityConfigSchema>;
+
+export function list(value: string): string[] {
+  return value.split(',');
+}

@@ -1,0 +1,66 @@
+/**
+ * The identity service process: configuration, migrations, the first signing key, the
+ * bootstrap accounts, HTTP, graceful shutdown. `npm run start:identity` runs this file.
+ */
+import pg from 'pg';
+import { pino } from 'pino';
+import { migrateAudit, PostgresAuditSink } from '@ledgerline/audit';
+import { LogAuditSink } from '@ledgerline/authz';
+import { Identity, migrateIdentity } from '@ledgerline/identity';
+import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
+import { buildIdentityService } from './app.ts';
+import { bootstrap } from './bootstrap.ts';
+import { identityConfigSchema, list, type IdentityConfig } from './config.ts';
+
+let config: IdentityConfig;
+try {
+  config = loadConfig(identityConfigSchema);
+} catch (error) {
+  if (!(error instanceof ConfigError)) throw error;
+  process.stderr.write(`identity: ${error.message}\n`);
+  process.exit(2);
+}
+
+const logger = pino({ level: config.LOG_LEVEL, base: { service: 'identity' } });
+
+await migrateIdentity(config.DATABASE_URL);
+if (config.AUDIT_ENABLED) await migrateAudit(config.DATABASE_URL);
+const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
+pool.on('error', (err) => logger.warn({ err }, 'postgres: idle client error'));
+
+const audit = config.AUDIT_ENABLED
+  ? new PostgresAuditSink({
+      pool,
+      flushIntervalMs: config.AUDIT_FLUSH_INTERVAL_MS,
+      bufferEntriesMax: config.AUDIT_BUFFER_ENTRIES_MAX,
+      onError: (err) => logger.error({ err }, 'audit: writing buffered entries failed; they stay buffered and are retried'),
+    })
+  : null;
+if (audit === null) logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: token requests and access decisions are only logged');
+
+const identity = new Identity({
+  pool,
+  issuer: config.IDENTITY_ISSUER,
+  userAudiences: list(config.IDENTITY_USER_AUDIENCES),
+  accessTokenTtlSeconds: config.ACCESS_TOKEN_TTL_SECONDS,
+  refreshTokenTtlSeconds: config.REFRESH_TOKEN_TTL_SECONDS,
+  lockout: { failuresMax: config.LOCKOUT_FAILURES_MAX, lockMs: config.LOCKOUT_MS },
+});
+await identity.ensureSigningKey();
+await bootstrap(identity, config, logger);
+
+const app = await buildIdentityService({
+  identity,
+  pool,
+  issuer: config.IDENTITY_ISSUER,
+  audit: audit ?? new LogAuditSink(logger),
+  logger,
+});
+const address = await runService(app, {
+  port: config.PORT,
+  host: config.HOST,
+  shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
+  // Requests have drained; the sink writes what it buffered, then the pool closes.
+  onClose: [() => audit?.close(), () => pool.end()],
+});
+logger.info({ address, issuer: config.IDENTITY_ISSUER }, 'identity: listening');

@@ -1,0 +1,220 @@
+/**
+ * The identity service over HTTP with a real PostgreSQL database and an injected clock: the
+ * token endpoint for each grant, refresh-token replay, lockout, two-factor enrolment, the
+ * administrative routes' 401/403, key rotation seen by a verifier that fetches the JWKS.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type { InjectOptions } from 'fastify';
+import { importJWK, SignJWT } from 'jose';
+import pg from 'pg';
+import { MemoryAuditSink } from '@ledgerline/audit';
+import { ROLES } from '@ledgerline/authz';
+import { createTokenVerifier, Identity, KEY_PUBLISH_LEAD_MS, migrateIdentity, newSigningKey, remoteKeys, totpCode } from '@ledgerline/identity';
+import { loadConfig, type Service } from '@ledgerline/service-runtime';
+import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { buildIdentityService } from '../src/app.ts';
+import { bootstrap } from '../src/bootstrap.ts';
+import { identityConfigSchema } from '../src/config.ts';
+
+const ISSUER = 'https://identity.test';
+const PASSWORD = 'correct horse battery staple';
+let now = Date.UTC(2026, 10, 23, 10, 0);
+let db: TestDatabase;
+let pool: pg.Pool;
+let app: Service;
+let identity: Identity;
+const audit = new MemoryAuditSink();
+
+before(async () => {
+  db = await createTestDatabase('ll_identity_http');
+  await migrateIdentity(db.url);
+  pool = new pg.Pool({ connectionString: db.url, max: 4 });
+  identity = new Identity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => now, lockout: { failuresMax: 3, lockMs: 60_000 } });
+  await identity.ensureSigningKey();
+  const config = loadConfig(identityConfigSchema, {
+    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
+    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
+    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+    IDENTITY_BOOTSTRAP_CLIENT_SECRET: 'payments-secret-1',
+  });
+  const logged: string[] = [];
+  const log = { info: (_o: object, message: string) => logged.push(message) };
+  await bootstrap(identity, config, log);
+  await bootstrap(identity, config, log); // a restart: nothing is created twice, nothing fails
+  assert.deepEqual(logged, ['identity: bootstrap admin user created', 'identity: bootstrap service client created']);
+  app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false });
+});
+
+after(async () => {
+  await app.close();
+  await pool.end();
+  await db.drop();
+});
+
+interface Problem {
+  type: string;
+  status: number;
+  error?: string;
+}
+
+const form = (fields: Record<string, string>): InjectOptions => ({
+  method: 'POST',
+  url: '/oauth/token',
+  headers: { 'content-type': 'application/x-www-form-urlencoded' },
+  payload: new URLSearchParams(fields).toString(),
+});
+
+async function token(fields: Record<string, string>) {
+  return app.inject(form(fields));
+}
+
+function assertOAuthProblem(response: Awaited<ReturnType<Service['inject']>>, status: number, error: string): void {
+  assert.equal(response.statusCode, status, response.body);
+  assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+  const body = response.json<Problem>();
+  assert.equal(body.error, error);
+  assert.equal(body.type, `https://ledgerline.dev/problems/${error.replaceAll('_', '-')}`);
+}
+
+async function login(username: string, audience = 'identity', extra: Record<string, string> = {}): Promise<{ access_token: string; refresh_token: string }> {
+  const r = await token({ grant_type: 'password', username, password: PASSWORD, audience, ...extra });
+  assert.equal(r.statusCode, 200, r.body);
+  assert.equal(r.headers['cache-control'], 'no-store');
+  return r.json();
+}
+
+const bearer = (accessToken: string) => ({ authorization: `Bearer ${accessToken}` });
+
+describe('the token endpoint', () => {
+  test('password grant as a form and as JSON; bad requests are 400 problems', async () => {
+    await login('root');
+    const json = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' } });
+    assert.equal(json.statusCode, 200, json.body);
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'root', audience: 'ledger' }), 400, 'invalid_request');
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'payments' }), 400, 'invalid_target');
+    const badGrant = await token({ grant_type: 'implicit' });
+    assert.equal(badGrant.statusCode, 400);
+    const unknownField = await token({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger', admin: 'true' });
+    assert.equal(unknownField.statusCode, 400);
+    assertOAuthProblem(await token({ grant_type: 'refresh_token' }), 400, 'invalid_request');
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'x' }), 400, 'invalid_request');
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', audience: 'ledger', client_id: 'payments' }), 400, 'invalid_request');
+  });
+
+  test('brute force over HTTP: the third wrong password locks the account (423), even for the right password', async () => {
+    const admin = await login('root');
+    const created = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username: 'erin', password: PASSWORD, roles: [ROLES.customer] } });
+    assert.equal(created.statusCode, 201, created.body);
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 1', audience: 'ledger' }), 400, 'invalid_grant');
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 2', audience: 'ledger' }), 400, 'invalid_grant');
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 3', audience: 'ledger' }), 423, 'account_locked');
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: PASSWORD, audience: 'ledger' }), 423, 'account_locked');
+    now += 60_000;
+    await login('erin', 'ledger');
+    // Each attempt is an authentication event in the audit trail, with why it failed.
+    const attempts = audit.entries.filter((e) => e.action === 'identity.token' && e.actor.id === 'erin');
+    assert.deepEqual(
+      attempts.map((e) => [e.outcome, e.reason ?? null]),
+      [['failure', 'invalid_grant'], ['failure', 'invalid_grant'], ['failure', 'account_locked'], ['failure', 'account_locked'], ['success', null]],
+    );
+    assert.deepEqual(attempts[0]?.resource, { type: 'token', id: 'password' });
+    assert.equal(JSON.stringify(attempts).includes(PASSWORD), false);
+  });
+
+  test('refresh rotation; a replayed refresh token is refused and kills the session; revocation', async () => {
+    const first = await login('root', 'ledger');
+    const second = await token({ grant_type: 'refresh_token', refresh_token: first.refresh_token });
+    assert.equal(second.statusCode, 200, second.body);
+    assertOAuthProblem(await token({ grant_type: 'refresh_token', refresh_token: first.refresh_token }), 400, 'invalid_grant');
+    assertOAuthProblem(await token({ grant_type: 'refresh_token', refresh_token: second.json<{ refresh_token: string }>().refresh_token }), 400, 'invalid_grant');
+    const third = await login('root', 'ledger');
+    const revoked = await app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: `token=${third.refresh_token}` });
+    assert.equal(revoked.statusCode, 200);
+    assertOAuthProblem(await token({ grant_type: 'refresh_token', refresh_token: third.refresh_token }), 400, 'invalid_grant');
+  });
+
+  test('client credentials with a secret and with a signed assertion; a wrong secret is 401', async () => {
+    const ok = await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'payments-secret-1', audience: 'ledger' });
+    assert.equal(ok.statusCode, 200, ok.body);
+    assert.equal(ok.json<{ refresh_token?: string }>().refresh_token, undefined);
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'payments-secret-2', audience: 'ledger' }), 401, 'invalid_client');
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'payments-secret-1', audience: 'identity' }), 400, 'invalid_target');
+    const key = await newSigningKey();
+    const { d: _d, ...publicJwk } = key.privateJwk;
+    await identity.createClient({ id: 'settlement', publicJwk, roles: ['svc:settlement'], audiences: ['ledger'] });
+    const privateKey = await importJWK(key.privateJwk, 'EdDSA');
+    const assertion = await new SignJWT({}).setProtectedHeader({ alg: 'EdDSA' }).setIssuer('settlement').setSubject('settlement').setAudience(ISSUER)
+      .setIssuedAt(now / 1000).setExpirationTime(now / 1000 + 60).setJti('once').sign(privateKey);
+    const fields = { grant_type: 'client_credentials', client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer', client_assertion: assertion, audience: 'ledger' };
+    assert.equal((await token(fields)).statusCode, 200);
+    assertOAuthProblem(await token(fields), 401, 'invalid_client');
+    assert.deepEqual(
+      audit.entries.filter((e) => e.action === 'identity.token' && e.actor.id === 'settlement').map((e) => [e.actor.type, e.outcome, e.reason ?? null]),
+      [['service', 'success', null], ['service', 'failure', 'invalid_client']],
+    );
+    assertOAuthProblem(await token({ ...fields, client_assertion: 'not-a-jwt' }), 401, 'invalid_client');
+    assert.equal(audit.entries.at(-1)?.actor.id, 'unknown-client');
+  });
+});
+
+describe('administrative routes and two-factor enrolment', () => {
+  test('creating users needs an admin token for this service: 401 without or with the wrong audience, 403 for others, all audited', async () => {
+    const payload = { username: 'frank', password: PASSWORD, roles: [ROLES.teller] };
+    const none = await app.inject({ method: 'POST', url: '/v1/users', payload });
+    assert.equal(none.statusCode, 401);
+    assert.equal(audit.entries.at(-1)?.outcome, 'failure');
+    const ledgerToken = await login('root', 'ledger');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(ledgerToken.access_token), payload })).statusCode, 401);
+    const customer = await login('erin');
+    const forbidden = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(customer.access_token), payload });
+    assert.equal(forbidden.statusCode, 403);
+    assert.equal(audit.entries.at(-1)?.payload?.permission, 'user:create');
+    const admin = await login('root');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload })).statusCode, 201);
+    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload }), 409, 'conflict');
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/keys/rotate', headers: bearer(customer.access_token) })).statusCode, 403);
+  });
+
+  test('TOTP enrolment over HTTP, then the password alone is not enough', async () => {
+    const frank = await login('frank');
+    const enrol = await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) });
+    assert.equal(enrol.statusCode, 200, enrol.body);
+    const { secret } = enrol.json<{ secret: string }>();
+    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now + 120_000) } }), 400, 'invalid_grant');
+    const confirmed = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now) } });
+    assert.equal(confirmed.statusCode, 200, confirmed.body);
+    assert.equal(confirmed.json<{ recovery_codes: string[] }>().recovery_codes.length, 10);
+    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) }), 409, 'conflict');
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'frank', password: PASSWORD, audience: 'ledger' }), 401, 'mfa_required');
+    now += 30_000;
+    await login('frank', 'ledger', { totp_code: totpCode(secret, now) });
+    assertOAuthProblem(await token({ grant_type: 'password', username: 'frank', password: PASSWORD, audience: 'ledger', totp_code: totpCode(secret, now) }), 400, 'invalid_grant');
+  });
+
+  test('key rotation, seen by verifiers that fetch the JWKS over HTTP: published before it signs; old tokens still verify', async () => {
+    const address = await app.listen({ port: 0, host: '127.0.0.1' });
+    const verifier = () => createTokenVerifier({ keys: remoteKeys(`${address}/.well-known/jwks.json`), issuer: ISSUER, audience: 'ledger', clock: () => now, cacheEntriesMax: 0 });
+    const kidOf = (accessToken: string) => (JSON.parse(Buffer.from(accessToken.split('.')[0] ?? '', 'base64url').toString()) as { kid: string }).kid;
+    const verifyEarly = verifier();
+    const before = await login('root', 'ledger');
+    assert.equal((await verifyEarly(before.access_token)).kind, 'user');
+    const jwks = await app.inject({ method: 'GET', url: '/.well-known/jwks.json' });
+    assert.equal(jwks.headers['cache-control'], 'public, max-age=60');
+    const admin = await login('root');
+    const rotated = await app.inject({ method: 'POST', url: '/v1/keys/rotate', headers: bearer(admin.access_token) });
+    assert.equal(rotated.statusCode, 200, rotated.body);
+    const { kid, active_from } = rotated.json<{ kid: string; active_from: string }>();
+    assert.equal(Date.parse(active_from), now + KEY_PUBLISH_LEAD_MS);
+    // A verifier that fetches now already holds the new key, before any token is signed with it.
+    const verifyLate = verifier();
+    assert.equal((await verifyLate(before.access_token)).kind, 'user');
+    assert.equal(kidOf((await login('root', 'ledger')).access_token), kidOf(before.access_token));
+    now += KEY_PUBLISH_LEAD_MS;
+    const afterRotation = await login('root', 'ledger');
+    assert.equal(kidOf(afterRotation.access_token), kid);
+    assert.equal((await verifyLate(afterRotation.access_token)).kind, 'user');
+    assert.equal((await verifyLate(before.access_token)).kind, 'user');
+    assert.equal((await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json<{ keys: unknown[] }>().keys.length, 2);
+  });
+});

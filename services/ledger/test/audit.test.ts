@@ -1,0 +1,194 @@
+/**
+ * The ledger service's audit trail, end to end on real PostgreSQL: every command (accepted or
+ * rejected, with the reason), every ledger event, every read of account or transfer data, and
+ * the audit routes (search, itself audited; checkpoints; proofs a third party can check).
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, parsePublicKey, PostgresAuditSink, verifyBundle, verifyLog, type AuditEntry, type InclusionBundle } from '@ledgerline/audit';
+import { LedgerEngine, newId } from '@ledgerline/ledger';
+import type { Service } from '@ledgerline/service-runtime';
+import { buildLedgerService } from '../src/app.ts';
+import { ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+
+interface RecordJson {
+  seq: number;
+  action: string;
+  outcome: string;
+  reason: string | null;
+  actor: { type: string; id: string };
+  resource: { type: string; id: string };
+  origin: { service: string; ip: string | null; request_id: string | null; trace_id: string | null };
+  payload: Record<string, unknown> | null;
+  record_class: string;
+}
+
+let t: LedgerTestDb;
+let engine: LedgerEngine;
+let sink: PostgresAuditSink;
+let sequencer: AuditSequencer;
+let app: Service;
+const signer = loadSigningKey(undefined, { production: false });
+
+before(async () => {
+  t = await ledgerTestDb();
+  await migrateAudit(t.db.url);
+  engine = new LedgerEngine({ pool: t.pool, events: t.events });
+  sink = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 1 });
+  sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, events: { store: t.events, service: 'ledger' } });
+  const store = new AuditStore({ pool: t.pool, sink, service: 'ledger' });
+  app = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink, store: { store, publicKey: signer.publicKey } } });
+});
+after(async () => {
+  await app.close();
+  await sink.close();
+  await engine.close();
+  await sequencer.close();
+  await t.close();
+});
+
+/** Flushes the sink and integrates until the queue is empty and the event tail has caught up. */
+async function settle(): Promise<void> {
+  // The event store's readers wait for every older transaction in the cluster (another
+  // test's long one included): be patient, but bounded (about a minute).
+  for (let attempt = 0; attempt < 6000; attempt += 1) {
+    await sink.flush();
+    const { records } = await sequencer.round();
+    const r = await t.pool.query<{ behind: boolean }>(
+      `SELECT EXISTS (SELECT 1 FROM audit.queue) OR EXISTS (SELECT 1 FROM events.events e, audit.sequencer_state s
+         WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position)) AS behind`,
+    );
+    if (records === 0 && r.rows[0]?.behind === false) return;
+    if (records === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  throw new Error('the sequencer did not catch up');
+}
+
+async function search(query: string): Promise<RecordJson[]> {
+  const res = await app.inject({ method: 'GET', url: `/v1/audit/records?order=asc&limit=1000&${query}`, headers: { 'x-client-id': 'auditor-1' } });
+  assert.equal(res.statusCode, 200, res.body);
+  return (res.json<{ records: RecordJson[] }>()).records;
+}
+
+test('commands accepted and rejected, ledger events and sensitive reads are all in the trail, with reasons', async () => {
+  const [a, b, strict] = [newId(), newId(), newId()];
+  const opened = await app.inject({
+    method: 'POST',
+    url: '/v1/accounts/batch',
+    headers: { 'x-client-id': 'svc-onboarding' },
+    payload: { accounts: [{ id: a, ledger: 'USD', code: 1 }, { id: b, ledger: 'USD', code: 1 }, { id: strict, ledger: 'USD', code: 1, flags: { debits_must_not_exceed_credits: true } }] },
+  });
+  assert.equal(opened.statusCode, 200);
+  const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+  const ok = newId();
+  const posted = await app.inject({ method: 'POST', url: '/v1/transfers', headers: { 'x-client-id': 'svc-payments', traceparent }, payload: { id: ok, debit_account_id: a, credit_account_id: b, amount: '700', ledger: 'USD', code: 1 } });
+  assert.equal(posted.statusCode, 201);
+  const refused = newId();
+  const rejected = await app.inject({ method: 'POST', url: '/v1/transfers', headers: { 'x-client-id': 'svc-payments' }, payload: { id: refused, debit_account_id: strict, credit_account_id: b, amount: '5', ledger: 'USD', code: 1 } });
+  assert.equal(rejected.statusCode, 422);
+  const invalid = await app.inject({ method: 'POST', url: '/v1/transfers', headers: { 'x-client-id': 'svc-payments' }, payload: { id: newId(), debit_account_id: a, credit_account_id: b, amount: '-1', ledger: 'USD', code: 1 } });
+  assert.equal(invalid.statusCode, 400);
+  assert.equal((await app.inject({ method: 'GET', url: `/v1/accounts/${a}`, headers: { 'x-client-id': 'user:teller-7' } })).statusCode, 200);
+  assert.equal((await app.inject({ method: 'GET', url: `/v1/transfers/${ok}` })).statusCode, 200);
+  const missing = newId();
+  assert.equal((await app.inject({ method: 'GET', url: `/v1/accounts/${missing}/balance?at=1` })).statusCode, 404);
+  await settle();
+
+  const commands = await search('action=ledger.transfer.create');
+  assert.deepEqual(
+    commands.map((r) => [r.resource.id, r.outcome, r.reason, r.actor.id, r.record_class, r.payload?.status]),
+    [
+      [ok, 'success', null, 'svc-payments', 'command', 201],
+      [refused, 'failure', 'exceeds_credits', 'svc-payments', 'command', 422],
+      [commands[2]?.resource.id, 'failure', 'validation-error', 'svc-payments', 'command', 400],
+    ],
+  );
+  assert.equal(commands[0]?.origin.trace_id, '4bf92f3577b34da6a3ce929d0e0e4736');
+  assert.equal(commands[0]?.origin.ip, '127.0.0.1');
+  assert.equal(commands[0]?.origin.request_id, posted.headers['x-request-id']);
+  const batch = await search('action=ledger.account.create_batch');
+  assert.deepEqual(batch.map((r) => [r.outcome, r.payload?.items, r.actor.id]), [['success', 3, 'svc-onboarding']]);
+
+  // The events: the same money movements, from the event store, each exactly once.
+  const events = await search('resource_type=ledger.transfer');
+  assert.deepEqual(
+    events.map((r) => [r.resource.id, r.action, r.outcome, r.reason, r.actor.id, r.record_class]),
+    [
+      [ok, 'ledger.TransferPosted', 'success', null, 'svc-payments', 'financial'],
+      [refused, 'ledger.TransferRejected', 'failure', 'exceeds_credits', 'svc-payments', 'financial'],
+    ],
+  );
+  assert.equal((await search('action=ledger.AccountOpened')).length, 3);
+
+  const reads = await search('record_class=access&outcome=success');
+  assert.deepEqual(
+    reads.filter((r) => r.action.startsWith('ledger.')).map((r) => [r.action, r.resource.id, r.actor]),
+    [
+      ['ledger.account.read', a, { type: 'user', id: 'user:teller-7' }],
+      ['ledger.transfer.read', ok, { type: 'anonymous', id: 'anonymous' }],
+    ],
+  );
+  const notFound = await search('action=ledger.account.balance.read');
+  assert.deepEqual(notFound.map((r) => [r.outcome, r.reason, r.resource.id]), [['failure', 'not-found', missing]]);
+
+  // Reading the trail was audited too, naming the auditor and the filter.
+  await settle();
+  const searches = await search('action=audit.search&actor=auditor-1');
+  assert.ok(searches.length >= 6);
+  assert.deepEqual((searches[0]?.payload?.filter as Record<string, unknown>).action, 'ledger.transfer.create');
+
+  const report = await verifyLog(t.pool, { publicKey: signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+});
+
+test('checkpoints and proofs over HTTP verify with the published public key alone', async () => {
+  await settle();
+  const key = await app.inject({ method: 'GET', url: '/v1/audit/public-key' });
+  const publicKey = parsePublicKey(key.json<{ public_key_pem: string }>().public_key_pem);
+  const cp = (await app.inject({ method: 'GET', url: '/v1/audit/checkpoint' })).json<{ treeSize: number }>();
+  assert.ok(cp.treeSize > 10);
+  const proof = await app.inject({ method: 'GET', url: '/v1/audit/records/3/proof' });
+  assert.equal(proof.statusCode, 200);
+  assert.match(verifyBundle(proof.json<InclusionBundle>(), publicKey), /record 3 is included/);
+  const earlier = (await t.pool.query<{ n: string }>('SELECT min(tree_size)::text AS n FROM audit.checkpoints')).rows[0]?.n;
+  const consistency = await app.inject({ method: 'GET', url: `/v1/audit/consistency?from=${earlier}&to=${cp.treeSize}` });
+  assert.equal(consistency.statusCode, 200);
+  assert.match(verifyBundle(consistency.json(), publicKey), /extends/);
+  assert.equal((await app.inject({ method: 'GET', url: `/v1/audit/records/${cp.treeSize + 5}/proof` })).statusCode, 404);
+  // Proofs disclose records: both reads were recorded, the second as a failure.
+  await settle();
+  const proofs = await search('action=audit.record.prove');
+  assert.deepEqual(proofs.map((r) => [r.resource.id, r.outcome]), [['3', 'success'], [String(cp.treeSize + 5), 'failure']]);
+  assert.equal((await app.inject({ method: 'GET', url: '/v1/audit/consistency?from=9999&to=10000' })).statusCode, 404);
+  const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, unknown> }>();
+  assert.ok('/v1/audit/records' in doc.paths && '/v1/audit/records/{seq}/proof' in doc.paths);
+});
+
+test('bad audit queries get a 4xx problem and write nothing', async () => {
+  await settle();
+  const before = (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n;
+  for (const url of ['/v1/audit/records?limit=0', '/v1/audit/records?outcome=maybe', '/v1/audit/records?from=yesterday', '/v1/audit/records?after=-1', '/v1/audit/records?color=red', '/v1/audit/records/abc/proof', '/v1/audit/consistency?from=1']) {
+    const res = await app.inject({ method: 'GET', url });
+    assert.equal(res.statusCode, 400, url);
+    assert.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8');
+  }
+  await settle();
+  assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n, before);
+});
+
+test('with the audit sink saturated, commands are refused with 503 before they run', async () => {
+  const full = { saturated: true, record: (_e: AuditEntry) => undefined, flush: () => Promise.resolve() };
+  const refusing = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink: full } });
+  try {
+    const id = newId();
+    const res = await refusing.inject({ method: 'POST', url: '/v1/accounts', payload: { id, ledger: 'USD', code: 1 } });
+    assert.equal(res.statusCode, 503);
+    assert.equal(res.headers['retry-after'], '1');
+    assert.equal(res.json<{ type: string }>().type, 'https://ledgerline.dev/problems/audit-unavailable');
+    assert.equal(await engine.getAccount(id), null, 'the command did not run');
+    // Unaudited routes still answer.
+    assert.equal((await refusing.inject({ method: 'GET', url: '/v1/ledgers' })).statusCode, 200);
+  } finally {
+    await refusing.close();
+  }
+});

@@ -1,0 +1,313 @@
+/**
+ * The ledger service with authentication and authorization on, against a real database:
+ * the authorization matrix (every role × every endpoint, from a table), 401 and 403 as
+ * problem+json and both audited, and the attacks: forged, unsigned, expired, wrong-audience
+ * and edited tokens, IDOR on another customer's accounts and transfers, limits, hours,
+ * and idempotency keys that must not cross principals.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type { InjectOptions } from 'fastify';
+import { importJWK } from 'jose';
+import { AuditStore, checkEntry, loadSigningKey, MemoryAuditSink, migrateAudit, type AuditEntry } from '@ledgerline/audit';
+import { ALL_ROLES, Authorizer, CUSTOMER_TRANSFER_MAX_MINOR, REFERENCE_POLICY, ROLES } from '@ledgerline/authz';
+import { createTokenVerifier, localKeys, newSigningKey, signAccessToken, type AccessClaims } from '@ledgerline/identity';
+import { LedgerEngine, newId } from '@ledgerline/ledger';
+import { migrateRuntime, type Service } from '@ledgerline/service-runtime';
+import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import { buildLedgerService } from '../src/app.ts';
+import { OWNER_METADATA_KEY } from '../src/auth.ts';
+
+const ISSUER = 'https://identity.test';
+/** A Monday, 10:00 UTC: inside the tellers' hours. */
+const MONDAY_10 = Date.UTC(2026, 10, 23, 10, 0);
+const SATURDAY_10 = Date.UTC(2026, 10, 28, 10, 0);
+
+let t: LedgerTestDb;
+let engine: LedgerEngine;
+let app: Service;
+let now = MONDAY_10;
+const audit = new MemoryAuditSink();
+let sign: (claims: Partial<AccessClaims> & { sub: string }, options?: { nowMs?: number; ttlSeconds?: number }) => Promise<string>;
+let foreignSign: typeof sign;
+
+/** The customer of the matrix and another customer, by principal id. */
+const CUSTOMER = 'cust-1';
+const OTHER = 'cust-2';
+/** CUSTOMER's account, OTHER's account, an account nobody owns, and a transfer from CUSTOMER's to OTHER's. */
+const OWN = newId();
+const THEIRS = newId();
+const UNOWNED = newId();
+const OWN_TRANSFER = newId();
+const THEIR_TRANSFER = newId();
+/** A ledger timestamp at which OWN has a balance (OWN_TRANSFER's). */
+let balanceAt = '';
+
+before(async () => {
+  t = await ledgerTestDb();
+  await migrateRuntime(t.db.url);
+  await migrateAudit(t.db.url);
+  engine = new LedgerEngine({ pool: t.pool });
+  const key = await newSigningKey();
+  const privateKey = await importJWK(key.privateJwk, 'EdDSA');
+  assert.ok(!(privateKey instanceof Uint8Array));
+  const foreign = await newSigningKey();
+  const foreignKey = await importJWK(foreign.privateJwk, 'EdDSA');
+  assert.ok(!(foreignKey instanceof Uint8Array));
+  const signWith = (k: { kid: string; privateKey: typeof privateKey }): typeof sign => (claims, options = {}) =>
+    signAccessToken(k, { kind: 'user', roles: [], audience: 'ledger', ...claims }, { issuer: ISSUER, ttlSeconds: options.ttlSeconds ?? 300, nowMs: options.nowMs ?? now });
+  sign = signWith({ kid: key.kid, privateKey });
+  foreignSign = signWith({ kid: key.kid, privateKey: foreignKey });
+  app = await buildLedgerService({
+    engine,
+    pool: t.pool,
+    logger: false,
+    auth: {
+      verify: createTokenVerifier({ keys: localKeys({ keys: [key.publicJwk] }), issuer: ISSUER, audience: 'ledger', clock: () => now }),
+      authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit, clock: () => now }),
+    },
+    // The audit trail's search routes are ledger endpoints too, and need audit:read.
+    audit: { sink: audit, store: { store: new AuditStore({ pool: t.pool, sink: audit, service: 'ledger' }), publicKey: loadSigningKey(undefined, { production: false }).publicKey } },
+  });
+  await engine.createAccounts([
+    { id: OWN, ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } },
+    { id: THEIRS, ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: OTHER } },
+    { id: UNOWNED, ledger: 'USD', code: 1 },
+  ]);
+  const results = await engine.createTransfers([
+    { id: OWN_TRANSFER, debitAccountId: OWN, creditAccountId: THEIRS, amount: 5n, ledger: 'USD', code: 1 },
+    { id: THEIR_TRANSFER, debitAccountId: THEIRS, creditAccountId: UNOWNED, amount: 5n, ledger: 'USD', code: 1 },
+  ]);
+  assert.deepEqual(results.map((r) => r.result), ['ok', 'ok']);
+  balanceAt = String(results[0]?.timestamp);
+});
+
+after(async () => {
+  // Every record made here must be one the durable audit trail accepts.
+  for (const entry of audit.entries) checkEntry(entry);
+  await app.close();
+  await engine.close();
+  await assertInvariants(t.pool);
+  await t.close();
+});
+
+/** Each role's principal for the matrix: a customer is CUSTOMER; staff and services have ids of their own. */
+function principalOf(role: string): { sub: string; kind: 'user' | 'service'; roles: string[] } {
+  if (role === ROLES.customer) return { sub: CUSTOMER, kind: 'user', roles: [role] };
+  return role.startsWith('svc:') ? { sub: role.slice(4), kind: 'service', roles: [role] } : { sub: `${role}-1`, kind: 'user', roles: [role] };
+}
+
+interface Endpoint {
+  name: string;
+  /** A fresh request each time (POSTs get new ids, so an allowed one is a 201 every time). */
+  request: () => InjectOptions;
+  allowed: readonly string[];
+}
+
+const transfer = (debit = OWN, amount = '100', ledger = 'USD') => ({ id: newId(), debit_account_id: debit, credit_account_id: THEIRS === debit ? OWN : THEIRS, amount, ledger, code: 1 });
+
+const ALL_PEOPLE = ['customer', 'teller', 'compliance_officer', 'auditor', 'admin'];
+const READERS = ['customer', 'teller', 'compliance_officer', 'auditor', 'admin', 'svc:payments', 'svc:settlement', 'svc:reporting', 'svc:risk'];
+const MONEY_MOVERS = ['customer', 'teller', 'svc:payments', 'svc:settlement'];
+const AUDIT_READERS = ['compliance_officer', 'auditor', 'svc:audit'];
+
+/** The matrix. A role not listed for an endpoint must get 403. */
+const ENDPOINTS: readonly Endpoint[] = [
+  { name: 'GET /v1/ledgers', request: () => ({ method: 'GET', url: '/v1/ledgers' }), allowed: [...ALL_PEOPLE, 'svc:payments', 'svc:reporting', 'svc:settlement', 'svc:risk', 'svc:fx'] },
+  { name: 'POST /v1/accounts', request: () => ({ method: 'POST', url: '/v1/accounts', payload: { id: newId(), ledger: 'USD', code: 1 } }), allowed: ['teller', 'admin'] },
+  { name: 'POST /v1/accounts/batch', request: () => ({ method: 'POST', url: '/v1/accounts/batch', payload: { accounts: [{ id: newId(), ledger: 'USD', code: 1 }] } }), allowed: ['teller', 'admin'] },
+  { name: 'GET /v1/accounts/:id', request: () => ({ method: 'GET', url: `/v1/accounts/${OWN}` }), allowed: READERS },
+  { name: 'GET /v1/accounts/:id/balance', request: () => ({ method: 'GET', url: `/v1/accounts/${OWN}/balance?at=${balanceAt}` }), allowed: READERS },
+  { name: 'GET /v1/accounts/:id/transfers', request: () => ({ method: 'GET', url: `/v1/accounts/${OWN}/transfers` }), allowed: READERS },
+  { name: 'POST /v1/transfers', request: () => ({ method: 'POST', url: '/v1/transfers', payload: transfer() }), allowed: MONEY_MOVERS },
+  { name: 'POST /v1/transfers/batch', request: () => ({ method: 'POST', url: '/v1/transfers/batch', payload: { transfers: [transfer(), transfer()] } }), allowed: MONEY_MOVERS },
+  { name: 'GET /v1/transfers/:id', request: () => ({ method: 'GET', url: `/v1/transfers/${OWN_TRANSFER}` }), allowed: READERS },
+  { name: 'GET /v1/audit/records', request: () => ({ method: 'GET', url: '/v1/audit/records?limit=1' }), allowed: AUDIT_READERS },
+  { name: 'GET /v1/audit/public-key', request: () => ({ method: 'GET', url: '/v1/audit/public-key' }), allowed: AUDIT_READERS },
+];
+
+async function call(request: InjectOptions, token?: string) {
+  return app.inject({ ...request, headers: { ...request.headers, ...(token === undefined ? {} : { authorization: `Bearer ${token}` }) } });
+}
+
+/** Access decisions only: with the audit trail on, commands and reads are recorded beside them. */
+const decisions = (): AuditEntry[] => audit.entries.filter((e) => e.action === 'authz.decision');
+
+function lastDecision(): AuditEntry {
+  const entry = decisions().at(-1);
+  assert.ok(entry !== undefined);
+  return entry;
+}
+
+async function rowCounts(): Promise<string> {
+  const r = await t.pool.query<{ n: string }>("SELECT (SELECT count(*) FROM ledger.accounts) || '/' || (SELECT count(*) FROM ledger.transfers) AS n");
+  return r.rows[0]?.n ?? '';
+}
+
+function assertProblem(response: Awaited<ReturnType<typeof call>>, status: number, slug: string): void {
+  assert.equal(response.statusCode, status, response.body);
+  assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+  const body = response.json<{ type: string; status: number }>();
+  assert.equal(body.type, `https://ledgerline.dev/problems/${slug}`);
+  assert.equal(body.status, status);
+}
+
+describe('the authorization matrix: every role × every endpoint', () => {
+  test('the table covers every role and every protected route', () => {
+    for (const e of ENDPOINTS) for (const role of e.allowed) assert.ok(ALL_ROLES.includes(role), `${e.name}: unknown role ${role}`);
+    for (const e of ENDPOINTS) {
+      const [method = '', url = ''] = e.name.split(' ');
+      assert.ok(app.hasRoute({ method, url }), e.name);
+    }
+  });
+
+  for (const endpoint of ENDPOINTS) {
+    test(endpoint.name, async () => {
+      for (const role of ALL_ROLES) {
+        const expected = endpoint.allowed.includes(role);
+        const principal = principalOf(role);
+        const before = decisions().length;
+        const response = await call(endpoint.request(), await sign(principal));
+        if (expected) assert.ok(response.statusCode === 200 || response.statusCode === 201, `${role} should be allowed ${endpoint.name}: ${response.statusCode} ${response.body}`);
+        else assertProblem(response, 403, 'forbidden');
+        // At least one decision per request (a batch has one per item), all by this principal, the last one deciding.
+        assert.ok(decisions().length > before, `${role} ${endpoint.name}: no decision audited`);
+        const entry = lastDecision();
+        assert.equal(entry.action, 'authz.decision');
+        assert.deepEqual(entry.actor, { type: principal.kind, id: principal.sub });
+        assert.equal(entry.outcome, expected ? 'success' : 'failure', `${role} ${endpoint.name}`);
+        assert.equal(entry.payload?.policyVersion, REFERENCE_POLICY.version);
+        assert.equal(entry.origin.service, 'ledger');
+      }
+    });
+  }
+
+  test('no token at all: 401 on every endpoint, with WWW-Authenticate, audited as anonymous', async () => {
+    for (const endpoint of ENDPOINTS) {
+      const counts = await rowCounts();
+      const response = await call(endpoint.request());
+      assertProblem(response, 401, 'unauthenticated');
+      assert.equal(response.headers['www-authenticate'], 'Bearer');
+      const entry = lastDecision();
+      assert.deepEqual([entry.actor.type, entry.outcome, entry.reason], ['anonymous', 'failure', 'unauthenticated: no bearer token']);
+      assert.equal(await rowCounts(), counts);
+    }
+  });
+
+  test('health, readiness and the OpenAPI document stay open; the document lists 401 and 403', async () => {
+    assert.equal((await call({ method: 'GET', url: '/health' })).statusCode, 200);
+    const doc = (await call({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, Record<string, { responses: Record<string, unknown> }>> }>();
+    assert.ok(doc.paths['/v1/transfers']?.post?.responses['403'] !== undefined);
+    assert.ok(doc.paths['/v1/accounts/{id}']?.get?.responses['401'] !== undefined);
+  });
+});
+
+describe('attacks', () => {
+  const customer = principalOf(ROLES.customer);
+
+  test('forged, unsigned, expired, not-yet-valid, wrong-audience and edited tokens are 401, audited, and write nothing', async () => {
+    const good = await sign(customer);
+    const [header = '', payload = '', signature = ''] = good.split('.');
+    const claims = JSON.parse(Buffer.from(payload, 'base64url').toString()) as Record<string, unknown>;
+    const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+    const attacks: [string, string][] = [
+      ['forged signature', await foreignSign(customer)],
+      ['alg none', `${b64({ alg: 'none', typ: 'at+jwt' })}.${payload}.`],
+      ['alg none with signature', `${b64({ alg: 'none', typ: 'at+jwt' })}.${payload}.${signature}`],
+      ['expired', await sign(customer, { nowMs: now - 400_000 })],
+      ['not yet valid', await sign(customer, { nowMs: now + 60_000 })],
+      ['wrong audience', await sign({ ...customer, audience: 'payments' })],
+      ['roles edited to admin', `${header}.${b64({ ...claims, roles: ['admin'] })}.${signature}`],
+      ['roles edited to a money-moving service', `${header}.${b64({ ...claims, kind: 'service', roles: ['svc:payments'] })}.${signature}`],
+      ['subject edited', `${header}.${b64({ ...claims, sub: OTHER })}.${signature}`],
+      ['not a JWT', 'abc'],
+    ];
+    for (const [label, token] of attacks) {
+      const counts = await rowCounts();
+      const response = await call({ method: 'POST', url: '/v1/transfers', payload: transfer(THEIRS) }, token);
+      assertProblem(response, 401, 'unauthenticated');
+      assert.equal(response.headers['www-authenticate'], 'Bearer error="invalid_token"', label);
+      const entry = lastDecision();
+      assert.deepEqual([entry.actor.type, entry.outcome], ['anonymous', 'failure'], label);
+      assert.match(entry.reason ?? '', /^unauthenticated: /, label);
+      assert.equal(await rowCounts(), counts, label);
+    }
+    // A bad token is refused before the body is even validated.
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: { nonsense: true } }, 'abc'), 401, 'unauthenticated');
+    assertProblem(await call({ method: 'GET', url: '/v1/ledgers', headers: { authorization: `Basic ${good}` } }), 401, 'unauthenticated');
+  });
+
+  test('IDOR: a customer cannot read or debit another customer\'s account, an unowned one, or one that does not exist', async () => {
+    const token = await sign(customer);
+    const counts = await rowCounts();
+    for (const account of [THEIRS, UNOWNED, newId()]) {
+      for (const url of [`/v1/accounts/${account}`, `/v1/accounts/${account}/balance?at=1`, `/v1/accounts/${account}/transfers`]) {
+        assertProblem(await call({ method: 'GET', url }, token), 403, 'forbidden');
+        assert.equal(lastDecision().reason, 'not own account');
+      }
+      assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: transfer(account) }, token), 403, 'forbidden');
+    }
+    assertProblem(await call({ method: 'GET', url: `/v1/transfers/${THEIR_TRANSFER}` }, token), 403, 'forbidden');
+    assertProblem(await call({ method: 'GET', url: `/v1/transfers/${newId()}` }, token), 403, 'forbidden');
+    // A batch with one stolen debit is refused whole: nothing applied.
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers/batch', payload: { transfers: [transfer(), transfer(THEIRS)] } }, token), 403, 'forbidden');
+    assert.equal(await rowCounts(), counts);
+    // The other customer's token sees their own account, not this one.
+    const other = await sign({ sub: OTHER, roles: [ROLES.customer] });
+    assert.equal((await call({ method: 'GET', url: `/v1/accounts/${THEIRS}` }, other)).statusCode, 200);
+    assertProblem(await call({ method: 'GET', url: `/v1/accounts/${OWN}` }, other), 403, 'forbidden');
+    // Staff get the truth: 404 for an account that does not exist.
+    assert.equal((await call({ method: 'GET', url: `/v1/accounts/${newId()}` }, await sign(principalOf(ROLES.teller)))).statusCode, 404);
+  });
+
+  test('IDOR through a pending transfer: posting or voiding another customer\'s pending debit is refused', async () => {
+    const pendingId = newId();
+    const teller = await sign(principalOf(ROLES.teller));
+    const created = await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(THEIRS), id: pendingId, flags: { pending: true } } }, teller);
+    assert.equal(created.statusCode, 201, created.body);
+    const token = await sign(customer);
+    for (const flag of ['post_pending_transfer', 'void_pending_transfer']) {
+      assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: pendingId, flags: { [flag]: true } } }, token), 403, 'forbidden');
+    }
+    // Their own pending transfer they may post; the amount limit applies to the inherited amount.
+    const own = newId();
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), id: own, flags: { pending: true } } }, token)).statusCode, 201);
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: own, flags: { post_pending_transfer: true } } }, token)).statusCode, 201);
+  });
+
+  test('limits, currencies and hours: the fine-grained conditions hold at the HTTP boundary', async () => {
+    const token = await sign(customer);
+    const limit = CUSTOMER_TRANSFER_MAX_MINOR.toString();
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: transfer(OWN, limit) }, token)).statusCode, 201);
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: transfer(OWN, (CUSTOMER_TRANSFER_MAX_MINOR + 1n).toString()) }, token), 403, 'forbidden');
+    assert.equal(lastDecision().reason, 'amount above limit');
+    const jpy = newId();
+    await engine.createAccounts([{ id: jpy, ledger: 'JPY', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } }]);
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(jpy, '1', 'JPY'), credit_account_id: jpy } }, token), 403, 'forbidden');
+    assert.equal(lastDecision().reason, 'ledger not allowed');
+    const teller = principalOf(ROLES.teller);
+    now = SATURDAY_10;
+    try {
+      assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: transfer() }, await sign(teller)), 403, 'forbidden');
+      assert.equal(lastDecision().reason, 'outside business hours');
+      assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: transfer() }, await sign(principalOf('svc:payments')))).statusCode, 201);
+    } finally {
+      now = MONDAY_10;
+    }
+  });
+
+  test('Idempotency-Key is scoped to the principal: the same key from another principal is not a replay', async () => {
+    const body = transfer();
+    const key = `key-${newId()}`;
+    const payments = await sign(principalOf('svc:payments'));
+    const settlement = await sign(principalOf('svc:settlement'));
+    const first = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, payments);
+    assert.equal(first.statusCode, 201);
+    const replay = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, payments);
+    assert.deepEqual([replay.statusCode, replay.headers['idempotent-replayed']], [201, 'true']);
+    const other = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, settlement);
+    assert.equal(other.statusCode, 200);
+    assert.equal(other.headers['idempotent-replayed'], undefined);
+    assert.equal(other.json<{ result: string }>().result, 'exists');
+  });
+});
