@@ -6,7 +6,7 @@
  *   npm run bench:events -- [--events 400000] [--writers 8] [--events-per-tx 200] [--streams-per-tx 20]
  *                           [--streams-per-writer 500] [--events-per-message 500] [--read-batch 5000]
  *                           [--prefetch 16] [--single-events 10000] [--pool N] [--rate 0] [--staged]
- *                           [--handler per-event|batch] [--consumer-concurrency 1]
+ *                           [--handler batch|per-event] [--consumer-concurrency 4] [--max-ack-pending N]
  *                           [--pgbench-seconds 10] [--no-pgbench] [--no-reconcile]
  *
  * Each phase has a fresh database (`ll_bench_events_*`, migrated) and JetStream streams of its
@@ -15,8 +15,10 @@
  * `--writers` concurrent writers append `--events` events in total: each writer transaction
  * appends `--events-per-tx` events with `store.appendMany` (`--streams-per-tx` streams of the
  * writer's own, the same number of events each, versions assigned by the writer), payload a
- * transfer-posted event of about 200 bytes. The consumer's handler inserts one effect row per
- * event (`INSERT INTO bench_effects ...`), in the consumer's transaction, through the inbox.
+ * transfer-posted event of about 200 bytes. The consumer (`EventConsumer`) inserts one effect
+ * row per event into `bench_effects`, in its inbox transaction: `--handler batch` (default) with
+ * `handleBatch` and one set-based statement per message, `--handler per-event` with `handler`
+ * and one statement per event.
  *
  * 1. batched: the relay's batching (`--events-per-message`, default the relay's 500).
  * 2. single: `--single-events` events, one event per broker message (eventsPerMessageMax 1),
@@ -25,10 +27,9 @@
  *
  * `--rate N` paces the writers to N events/s (for latency at a sustainable rate); `--staged`
  * runs append, relay and consumer one after the other, to measure each stage alone;
- * `--handler batch` uses bench/batch-consumer.ts, a PROTOTYPE of a proposed batch-handler API
- * (not the package's EventConsumer), and `--consumer-concurrency N` lets it handle N partitions
- * at once. The JSON also splits the CPU time per 1000 events by process (this process,
- * PostgreSQL backends, nats-server, the whole machine).
+ * `--consumer-concurrency N` is the consumer's `partitionConcurrency` (partitions handled at
+ * once), `--max-ack-pending` its `maxAckPending`. The JSON also splits the CPU time per 1000
+ * events by process (this process, PostgreSQL backends, nats-server, the whole machine).
  *
  * Figures: `events_per_s` = events / (first append start → last event's consumer commit);
  * `append_events_per_s` = events / append phase (the same run, with the relay and consumer
@@ -74,7 +75,6 @@ import {
   sleep,
   type PgbenchFigures,
 } from './common.ts';
-import { PrototypeBatchConsumer } from './batch-consumer.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -87,6 +87,7 @@ const { values: args } = parseArgs({
     'read-batch': { type: 'string' },
     prefetch: { type: 'string' },
     'consumer-concurrency': { type: 'string' },
+    'max-ack-pending': { type: 'string' },
     'single-events': { type: 'string' },
     handler: { type: 'string' },
     rate: { type: 'string' },
@@ -108,15 +109,15 @@ const streamsPerWriter = Math.max(int('streams-per-writer', args['streams-per-wr
 const eventsPerMessage = int('events-per-message', args['events-per-message'], 500, 1);
 const readBatch = int('read-batch', args['read-batch'], 5000, 1);
 const prefetch = int('prefetch', args.prefetch, 16, 1);
-const consumerConcurrency = int('consumer-concurrency', args['consumer-concurrency'], 1, 1);
+const consumerConcurrency = int('consumer-concurrency', args['consumer-concurrency'], 4, 1);
+const maxAckPending = args['max-ack-pending'] === undefined ? undefined : int('max-ack-pending', args['max-ack-pending'], 64, 1);
 const singleEvents = int('single-events', args['single-events'], 10_000, 0);
 const poolSize = int('pool', args.pool, writers + 4, 2);
 const pgbenchSeconds = int('pgbench-seconds', args['pgbench-seconds'], 10, 1);
 const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
-const handlerArg = args.handler ?? 'per-event';
+const handlerArg = args.handler ?? 'batch';
 if (handlerArg !== 'per-event' && handlerArg !== 'batch') throw new RangeError('--handler must be per-event or batch');
 const handlerKind: 'per-event' | 'batch' = handlerArg;
-if (consumerConcurrency > 1 && handlerKind !== 'batch') throw new RangeError('--consumer-concurrency needs --handler batch (the prototype)');
 /** Appended events per second across all writers; 0 appends as fast as the writers can. */
 const ratePerS = int('rate', args.rate, 0, 0);
 const staged = args.staged;
@@ -159,12 +160,6 @@ interface PhaseFigures {
   stages: { appendEventsPerS: number; publishEventsPerS: number; consumeEventsPerS: number } | null;
   /** CPU ms per 1000 events: the whole phase, and in staged mode each stage. */
   cpu: { total: CpuSplit; append?: CpuSplit; publish?: CpuSplit; consume?: CpuSplit };
-}
-
-interface Consumer {
-  start(): Promise<void>;
-  stop(): Promise<void>;
-  stats(): { duplicatesSkipped: number; redeliveries: number };
 }
 
 interface Percentiles {
@@ -297,7 +292,7 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
   const jsm = await jetstreamManager(nats);
   let pool: pg.Pool | null = null;
   let relay: OutboxRelay | null = null;
-  let consumer: Consumer | null = null;
+  let consumer: EventConsumer | null = null;
   log(`[${config.label}] database ${db.name}, stream ${streamName}`);
   try {
     await migrateEvents(db.url);
@@ -318,38 +313,32 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
       if (marks.consumedAt === null && committedAtMs.size >= config.events) marks.consumedAt = performance.now();
     };
     const activePool = pool;
-    consumer =
-      config.handler === 'per-event'
-        ? new EventConsumer({
-            pool: activePool,
-            nats,
-            name: 'bench',
-            streamName,
-            filterSubject: `${subjectPrefix}.>`,
-            prefetchMessages: prefetch,
-            onError: (e) => log(`consumer: ${String(e)}`),
-            afterCommit: onCommit,
-            handler: async (e, tx) => {
+    consumer = new EventConsumer({
+      pool: activePool,
+      nats,
+      name: 'bench',
+      streamName,
+      filterSubject: `${subjectPrefix}.>`,
+      prefetchMessages: prefetch,
+      partitionConcurrency: consumerConcurrency,
+      ...(maxAckPending === undefined ? {} : { maxAckPending }),
+      onError: (e) => log(`consumer: ${String(e)}`),
+      afterCommit: onCommit,
+      ...(config.handler === 'per-event'
+        ? {
+            handler: async (e: StoredEvent, tx: pg.PoolClient) => {
               await tx.query('INSERT INTO bench_effects (event_id, amount_minor) VALUES ($1, $2)', [e.id, e.data.amount]);
             },
-          })
-        : new PrototypeBatchConsumer({
-            pool: activePool,
-            nats,
-            name: 'bench',
-            streamName,
-            filterSubject: `${subjectPrefix}.>`,
-            prefetchMessages: prefetch,
-            concurrency: consumerConcurrency,
-            onError: (e) => log(`consumer: ${String(e)}`),
-            afterCommit: onCommit,
-            handleBatch: async (events, tx) => {
+          }
+        : {
+            handleBatch: async (events: StoredEvent[], tx: pg.PoolClient) => {
               await tx.query('INSERT INTO bench_effects (event_id, amount_minor) SELECT * FROM unnest($1::uuid[], $2::bigint[])', [
                 events.map((e) => e.id),
                 events.map((e) => e.data.amount),
               ]);
             },
-          });
+          }),
+    });
     relay = new OutboxRelay({
       pool: activePool,
       store,
@@ -651,7 +640,8 @@ async function main(): Promise<void> {
     events_per_message_max: eventsPerMessage,
     relay_read_batch: readBatch,
     consumer_prefetch: prefetch,
-    consumer_concurrency: handlerKind === 'batch' ? consumerConcurrency : 1,
+    consumer_concurrency: consumerConcurrency,
+    consumer_max_ack_pending: maxAckPending ?? prefetch * 4,
     pool_size: poolSize,
     pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
     pgbench_clients: tpcb === null ? null : writers,

@@ -6,10 +6,27 @@
  * Acknowledgement is a double ack (`ackAck`), sent only after the commit. If the process
  * dies between the two, the broker redelivers and the inbox drops the events.
  *
- * A failing batch is negatively acknowledged with a growing delay, up to `maxDeliver`
- * deliveries. On the last one each event is tried alone; those that still fail go to the
- * dead-letter stream (and `events.dead_letters`), the rest commit, and the message is acked.
+ * Order. Messages are handled in lanes, one per subject, and the relay publishes each
+ * partition on one subject (a stream lives in one partition). A lane handles its messages one
+ * at a time, in the order the broker delivered them; up to `partitionConcurrency` lanes work
+ * at once, so commit and ack round trips of different partitions overlap.
+ *
+ * Retries. A failing message is retried in place, with a growing delay, while its lane holds
+ * back every later message of that subject: a retry never lets a later event of the same
+ * partition (hence of the same stream) take effect first. The broker is not asked to
+ * redeliver (a nak'ed message can come back after later ones); the message is kept alive with
+ * `working()` instead. After `maxDeliver` attempts each event is tried alone; those that still
+ * fail go to the dead-letter stream (and `events.dead_letters`), the rest commit, and the
+ * message is acked. If even the dead letter cannot be recorded (the database is down), the
+ * lane keeps the message and tries again: it is never acked without its events being handled
+ * or dead-lettered.
+ *
+ * What order does not survive: a crash (the messages in hand come back after `ackWaitMs`,
+ * possibly after later ones a new instance has handled), and two instances of one durable
+ * (they share its messages). stop() gives unhandled messages back in order, so a clean
+ * restart keeps it.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
@@ -35,14 +52,24 @@ export interface ConsumerOptions {
    * the dead-letter path it is called with one event at a time.
    */
   handleBatch?: BatchEventHandler;
-  /** Deliveries of a message before its failing events are dead-lettered. */
+  /** Attempts at a message (deliveries plus retries in place) before its failing events are dead-lettered. */
   maxDeliver?: number;
-  /** Delay before the n-th redelivery (the last entry repeats). */
+  /** Delay before the n-th retry (the last entry repeats). */
   backoffMs?: readonly number[];
   /** How long the broker waits for an ack before redelivering. */
   ackWaitMs?: number;
   /** Messages pulled ahead of processing. */
   prefetchMessages?: number;
+  /**
+   * Lanes (subjects, i.e. partitions) handled at once, each holding one pool connection while
+   * it works. 1 handles one message at a time across all partitions.
+   */
+  partitionConcurrency?: number;
+  /**
+   * Messages the broker lets this consumer hold unacknowledged: the bound on what waits in the
+   * lanes (a lane held back by a retry keeps its messages). Default 4 × `prefetchMessages`.
+   */
+  maxAckPending?: number;
   /** Dead letters go to `<dlqSubjectPrefix>.<name>`; the stream must exist (ensureDeadLetterStream). */
   dlqSubjectPrefix?: string;
   /** Fault-injection hook for tests: runs after the commit, before the ack. */
@@ -54,7 +81,10 @@ export interface ConsumerStats {
   messages: number;
   handled: number;
   duplicatesSkipped: number;
+  /** Messages the broker delivered more than once (an ack that never arrived, a restart). */
   redeliveries: number;
+  /** Attempts repeated in place after a failure, holding the message's lane. */
+  retries: number;
   deadLettered: number;
 }
 
@@ -72,28 +102,82 @@ export async function registerConsumer(db: Pick<pg.ClientBase, 'query'>, name: s
   await db.query('INSERT INTO events.consumers (name) VALUES ($1) ON CONFLICT DO NOTHING', [name]);
 }
 
+/**
+ * How long a pull request waits at the broker. Short, because stop() waits for its own pull
+ * requests to expire before it gives messages back (see there); an idle consumer re-pulls this
+ * often, which costs nothing that matters.
+ */
+const PULL_EXPIRES_MS = 2000;
+/** The broker starts a pull's expiry when the request arrives, a little after it was sent. */
+const PULL_EXPIRY_MARGIN_MS = 250;
+
+/** The messages of one subject, handled one at a time in delivery order. */
+interface Lane {
+  queue: JsMsg[];
+  /** The message in hand, until it is acked or given back. */
+  current: JsMsg | null;
+}
+
+/** Counts the lanes inside a transaction, so that at most `limit` hold a connection. */
+class Slots {
+  readonly #limit: number;
+  #used = 0;
+  readonly #waiting: Array<() => void> = [];
+
+  constructor(limit: number) {
+    this.#limit = limit;
+  }
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.#used >= this.#limit) await new Promise<void>((resolve) => this.#waiting.push(resolve));
+    else this.#used += 1;
+    try {
+      return await fn();
+    } finally {
+      // Hand the slot straight to the next waiter, or free it.
+      const next = this.#waiting.shift();
+      if (next === undefined) this.#used -= 1;
+      else next();
+    }
+  }
+}
+
 export class EventConsumer {
-  readonly #o: Required<Omit<ConsumerOptions, 'afterCommit' | 'onError' | 'handler' | 'handleBatch'>> &
-    Pick<ConsumerOptions, 'afterCommit' | 'onError'>;
+  readonly #o: Required<Omit<ConsumerOptions, 'afterCommit' | 'onError' | 'handler' | 'handleBatch' | 'maxAckPending'>> &
+    Pick<ConsumerOptions, 'afterCommit' | 'onError'> & { maxAckPending: number };
   readonly #handleBatch: BatchEventHandler;
+  readonly #slots: Slots;
+  readonly #lanes = new Map<string, Lane>();
+  readonly #running = new Set<Promise<void>>();
+  /** Messages not handled because of stop(), in each lane's order; nak'ed once the pull is closed. */
+  readonly #handBack: JsMsg[] = [];
+  /** Aborted by stop(): ends retry waits, so that a held lane gives its messages back at once. */
+  #stopping = new AbortController();
   #messages: ConsumerMessages | null = null;
   #loop: Promise<void> | null = null;
-  #stats: ConsumerStats = { messages: 0, handled: 0, duplicatesSkipped: 0, redeliveries: 0, deadLettered: 0 };
+  #stats: ConsumerStats = { messages: 0, handled: 0, duplicatesSkipped: 0, redeliveries: 0, retries: 0, deadLettered: 0 };
 
   constructor(options: ConsumerOptions) {
+    const prefetchMessages = options.prefetchMessages ?? 16;
     this.#o = {
       maxDeliver: 5,
       backoffMs: [100, 500, 2000, 5000],
       ackWaitMs: 30_000,
-      prefetchMessages: 16,
+      partitionConcurrency: 4,
       dlqSubjectPrefix: 'ledgerline.dlq',
       ...options,
+      prefetchMessages,
+      maxAckPending: options.maxAckPending ?? prefetchMessages * 4,
     };
     if (!/^[a-z][a-z0-9_-]{0,62}$/.test(this.#o.name)) throw new RangeError(`consumer name ${this.#o.name} is not a valid durable name`);
     const { handler, handleBatch } = options;
     if ((handler === undefined) === (handleBatch === undefined)) {
       throw new TypeError('EventConsumer needs exactly one of handler and handleBatch');
     }
+    for (const [key, min] of [['maxDeliver', 1], ['partitionConcurrency', 1], ['prefetchMessages', 1], ['maxAckPending', 1]] as const) {
+      if (!Number.isInteger(this.#o[key]) || this.#o[key] < min) throw new RangeError(`${key} must be an integer >= ${min}`);
+    }
+    this.#slots = new Slots(this.#o.partitionConcurrency);
     this.#handleBatch =
       handleBatch ??
       (async (events, tx) => {
@@ -114,10 +198,11 @@ export class EventConsumer {
       deliver_policy: DeliverPolicy.All,
       filter_subject: this.#o.filterSubject,
       ack_wait: this.#o.ackWaitMs * 1_000_000,
-      // We count deliveries ourselves and dead-letter on the last one; the broker's own limit
-      // is one higher so that it never drops a message we have not dealt with.
+      // Retries happen in place, so the broker's count grows only when an ack never came (a
+      // crash, an expired ack wait). Its own limit is one higher than ours so that it never
+      // drops a message we have not dealt with.
       max_deliver: this.#o.maxDeliver + 1,
-      max_ack_pending: this.#o.prefetchMessages * 4,
+      max_ack_pending: this.#o.maxAckPending,
     };
     try {
       await jsm.consumers.info(this.#o.streamName, this.#o.name);
@@ -127,64 +212,173 @@ export class EventConsumer {
       await jsm.consumers.add(this.#o.streamName, config);
     }
     const consumer = await jetstream(this.#o.nats).consumers.get(this.#o.streamName, this.#o.name);
-    this.#messages = await consumer.consume({ max_messages: this.#o.prefetchMessages });
+    this.#stopping = new AbortController();
+    this.#messages = await consumer.consume({ max_messages: this.#o.prefetchMessages, expires: PULL_EXPIRES_MS });
     const messages = this.#messages;
     this.#loop = (async () => {
-      for await (const msg of messages) {
-        try {
-          await this.#handle(msg);
-        } catch (error) {
-          // The database or the broker failed mid-message: nothing was acked, so the broker
-          // redelivers after ack_wait, or sooner if the nak below gets through.
-          this.#o.onError?.(error);
-          try {
-            msg.nak(this.#delayFor(msg.info.deliveryCount));
-          } catch {
-            // the connection is gone; redelivery will happen after ack_wait
-          }
-        }
-      }
+      for await (const msg of messages) this.#enqueue(msg);
     })();
   }
 
-  /** Stops pulling and waits for the message in hand to finish. */
+  /**
+   * Stops pulling, waits for each lane's message in hand to commit (or its retry wait to end),
+   * and gives every message not handled back to the broker with a nak, in delivery order, so
+   * that it is redelivered at once and ahead of later messages.
+   */
   async stop(): Promise<void> {
     const messages = this.#messages;
     this.#messages = null;
+    this.#stopping.abort();
+    const closedAtMs = Date.now();
     if (messages !== null) await messages.close();
     await this.#loop;
+    while (this.#running.size > 0) await Promise.all(this.#running);
+    if (this.#handBack.length === 0) return;
+    // Closing the iterator does not withdraw our pull requests from the broker (nats-server
+    // 2.9 keeps them until they expire), and it would redeliver a nak'ed message into one of
+    // them at once, where nobody reads it: lost until its ack wait runs out, and then behind
+    // later messages. So nak only once they have expired.
+    await sleep(Math.max(0, closedAtMs + PULL_EXPIRES_MS + PULL_EXPIRY_MARGIN_MS - Date.now()));
+    for (const msg of this.#handBack.splice(0)) {
+      try {
+        msg.nak();
+      } catch {
+        // the connection is gone; redelivery will happen after ack_wait
+      }
+    }
   }
 
-  #delayFor(deliveryCount: number): number {
+  #enqueue(msg: JsMsg): void {
+    const lane = this.#lanes.get(msg.subject);
+    if (lane !== undefined) {
+      // Even when stopping: the lane gives its messages back in their order.
+      lane.queue.push(msg);
+      return;
+    }
+    if (this.#stopping.signal.aborted) {
+      this.#handBack.push(msg);
+      return;
+    }
+    const fresh: Lane = { queue: [msg], current: null };
+    this.#lanes.set(msg.subject, fresh);
+    const running = this.#runLane(msg.subject, fresh).finally(() => {
+      this.#running.delete(running);
+    });
+    this.#running.add(running);
+  }
+
+  /** Works through a lane until it is empty; the lane ends with it (a new one starts on demand). */
+  async #runLane(subject: string, lane: Lane): Promise<void> {
+    for (;;) {
+      const msg = lane.queue.shift();
+      if (msg === undefined) {
+        // In the same tick as the empty check, so that no message can join a finished lane.
+        this.#lanes.delete(subject);
+        return;
+      }
+      if (this.#stopping.signal.aborted) {
+        this.#handBack.push(msg);
+        continue;
+      }
+      lane.current = msg;
+      try {
+        await this.#handle(msg, lane);
+      } catch (error) {
+        // Only what follows the commit can fail here (the afterCommit hook, the ack): the
+        // effects stand. Ask for the message again at once rather than after its ack wait; the
+        // copy meets the inbox, which skips every event of it, and is acked. That it may come
+        // after later messages does not matter: none of it takes effect again.
+        this.#o.onError?.(error);
+        try {
+          msg.nak();
+        } catch {
+          // the connection is gone; redelivery will happen after ack_wait
+        }
+      }
+      lane.current = null;
+    }
+  }
+
+  #delayFor(attempt: number): number {
     const table = this.#o.backoffMs;
-    return table[Math.min(deliveryCount - 1, table.length - 1)] ?? 1000;
+    return table[Math.min(attempt - 1, table.length - 1)] ?? 1000;
   }
 
-  async #handle(msg: JsMsg): Promise<void> {
+  async #handle(msg: JsMsg, lane: Lane): Promise<void> {
     this.#stats.messages += 1;
     if (msg.info.deliveryCount > 1) this.#stats.redeliveries += 1;
     let events: StoredEvent[];
     try {
       events = decodeBatch(msg.data);
     } catch (error) {
-      if (!(error instanceof MalformedBatchError)) throw error;
-      // Not ours to retry: it will never parse. Keep it in the broker's logs and move on.
+      // Not ours to retry: decoding is deterministic, so it will never parse. Keep it in the
+      // broker's logs and move on.
       this.#o.onError?.(error);
-      msg.term(error.message);
+      msg.term(error instanceof MalformedBatchError ? error.message : 'undecodable');
       return;
     }
-    try {
-      await this.#apply(events);
-    } catch (error) {
-      if (msg.info.deliveryCount < this.#o.maxDeliver) {
+    // Attempts carry on from the broker's count, so that a message that keeps crashing the
+    // process still reaches the dead-letter path.
+    for (let attempt = msg.info.deliveryCount; ; attempt += 1) {
+      try {
+        await this.#slots.run(() => this.#apply(events));
+        break;
+      } catch (error) {
         this.#o.onError?.(error);
-        msg.nak(this.#delayFor(msg.info.deliveryCount));
+        if (attempt >= this.#o.maxDeliver) {
+          if (await this.#deadLetterPath(events, attempt, lane)) break;
+          this.#handBack.push(msg);
+          return;
+        }
+      }
+      this.#stats.retries += 1;
+      if (!(await this.#hold(this.#delayFor(attempt), lane))) {
+        this.#handBack.push(msg);
         return;
       }
-      await this.#applyOneByOne(events, msg.info.deliveryCount);
     }
     await this.#o.afterCommit?.(events);
     await msg.ackAck();
+  }
+
+  /**
+   * Each event alone; the failing ones are dead-lettered. Repeated while recording a dead
+   * letter fails (the inbox skips what already committed). False if stopped first.
+   */
+  async #deadLetterPath(events: StoredEvent[], attempts: number, lane: Lane): Promise<boolean> {
+    const delayMs = this.#delayFor(attempts);
+    for (;;) {
+      try {
+        await this.#slots.run(() => this.#applyOneByOne(events, attempts));
+        return true;
+      } catch (error) {
+        this.#o.onError?.(error);
+      }
+      if (!(await this.#hold(delayMs, lane))) return false;
+    }
+  }
+
+  /**
+   * Waits before a retry, keeping the lane's messages alive at the broker meanwhile (they are
+   * not acked, and must not be redelivered elsewhere ahead of the retry). False if stopped.
+   */
+  async #hold(delayMs: number, lane: Lane): Promise<boolean> {
+    const stepMs = Math.max(1, Math.floor(this.#o.ackWaitMs / 3));
+    for (let left = delayMs; left > 0; left -= stepMs) {
+      for (const m of [lane.current, ...lane.queue]) {
+        try {
+          m?.working();
+        } catch {
+          // the connection is gone; the broker redelivers after ack_wait, the inbox skips
+        }
+      }
+      try {
+        await sleep(Math.min(left, stepMs), undefined, { signal: this.#stopping.signal });
+      } catch {
+        return false;
+      }
+    }
+    return !this.#stopping.signal.aborted;
   }
 
   /** One transaction for the whole batch: inbox rows and the handler's effects. */
@@ -194,7 +388,7 @@ export class EventConsumer {
     try {
       await client.query('BEGIN');
       const fresh = await this.#claim(client, events);
-      const claimed = events.filter((e) => fresh.has(e.id));
+      const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.has(e.id));
       if (claimed.length > 0) await this.#handleBatch(claimed, client);
       await client.query('COMMIT');
       this.#stats.handled += fresh.size;
@@ -209,11 +403,13 @@ export class EventConsumer {
   }
 
   async #claim(client: pg.PoolClient, events: StoredEvent[]): Promise<Set<string>> {
+    // Ids and positions travel as comma-separated text: node-pg would quote and escape every
+    // element of an array parameter, which cost several times the join here.
     const r = await client.query<{ event_id: string }>(
       `INSERT INTO events.inbox (consumer, event_id, position)
-       SELECT $1, * FROM unnest($2::uuid[], $3::bigint[])
+       SELECT $1, * FROM unnest(string_to_array($2, ',')::uuid[], string_to_array($3, ',')::bigint[])
        ON CONFLICT DO NOTHING RETURNING event_id::text`,
-      [this.#o.name, events.map((e) => e.id), events.map((e) => e.position.toString())],
+      [this.#o.name, events.map((e) => e.id).join(','), events.map((e) => e.position.toString()).join(',')],
     );
     return new Set(r.rows.map((x) => x.event_id));
   }

@@ -1,11 +1,21 @@
 export {
+  allowedLocations,
   APPEND_EVENTS_MAX,
+  assertResidency,
   CHECKPOINT_START,
   checkpointOf,
   ConcurrencyError,
   EventStore,
+  ResidencyViolationError,
   StreamOrderConflictError,
+  StreamRegionMismatchError,
   migrateEvents,
+  partitionByResidency,
+  streamRegions,
+  type AsOf,
+  type ResidencyOperation,
+  type ResidencyPolicy,
+  type StoreResidency,
   type Checkpoint,
   type EventMetadata,
   type ExpectedVersion,
@@ -13,7 +23,15 @@ export {
   type StoredEvent,
   type StreamEvent,
 } from './store.ts';
-export { ensureEventStream, OutboxRelay, outboxLagSeconds, readCheckpoint, type RelayOptions, type RelayStats } from './relay.ts';
+export {
+  ensureEventStream,
+  OutboxRelay,
+  outboxLagSeconds,
+  readCheckpoint,
+  type OutboxEvent,
+  type RelayOptions,
+  type RelayStats,
+} from './relay.ts';
 export {
   ensureDeadLetterStream,
   EventConsumer,

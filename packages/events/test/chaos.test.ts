@@ -31,6 +31,10 @@ import { effectCounts, eventsTestEnv, inTx, NATS_URL, waitFor, type EventsTestEn
 const CONSUMER_FIXTURE = fileURLToPath(new URL('./fixtures/consumer.ts', import.meta.url));
 const RELAY_FIXTURE = fileURLToPath(new URL('./fixtures/relay.ts', import.meta.url));
 const NATS_SERVER_BIN = process.env.NATS_SERVER_BIN ?? '/usr/sbin/nats-server';
+/**
+ * Each test's budget. Per test, not per suite: on a loaded machine (load average 15) the five
+ * fault tests took 10–17 s each, and one budget for all of them ran out.
+ */
 const TEST_TIMEOUT_MS = 60_000;
 /** No unique constraint on event_id, on purpose: a double application must be visible. */
 const EFFECTS_DDL = 'CREATE TABLE effects (seq bigserial NOT NULL, consumer text NOT NULL, event_id uuid NOT NULL)';
@@ -438,8 +442,8 @@ async function brokerOutages(t: TestContext, env: EventsTestEnv, broker: { port:
 
 // ---------------------------------------------------------------------------------------------
 
-describe('chaos: exactly once with real processes', { timeout: TEST_TIMEOUT_MS }, () => {
-  test('a consumer SIGKILLed after its commit and before its ack: redelivered, the inbox skips, exactly once', async (t) => {
+describe('chaos: exactly once with real processes', () => {
+  test('a consumer SIGKILLed after its commit and before its ack: redelivered, the inbox skips, exactly once', { timeout: TEST_TIMEOUT_MS }, async (t) => {
     await withEnv(NATS_URL, async (env) => {
       const target = { env, natsUrl: NATS_URL };
       await appendEvents(env, 40, 15, 12);
@@ -499,7 +503,7 @@ describe('chaos: exactly once with real processes', { timeout: TEST_TIMEOUT_MS }
     { label: 'restarted with the same batching: the broker drops the republished messages', perMessage: '20', brokerDrops: true },
     { label: 'restarted with different batching: new message ids, the inbox drops the events', perMessage: '30', brokerDrops: false },
   ]) {
-    test(`the relay SIGKILLed after publishing, before checkpointing; ${variant.label}`, async (t) => {
+    test(`the relay SIGKILLed after publishing, before checkpointing; ${variant.label}`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
       await withEnv(NATS_URL, async (env) => {
         const target = { env, natsUrl: NATS_URL };
         await appendEvents(env, 60, 20, 16);
@@ -570,7 +574,7 @@ describe('chaos: exactly once with real processes', { timeout: TEST_TIMEOUT_MS }
     });
   }
 
-  test('nats-server SIGKILLed and SIGTERMed mid-stream, restarted: relay and consumer resume by themselves', { skip: !existsSync(NATS_SERVER_BIN) && `no nats-server at ${NATS_SERVER_BIN}` }, async (t) => {
+  test('nats-server SIGKILLed and SIGTERMed mid-stream, restarted: relay and consumer resume by themselves', { timeout: TEST_TIMEOUT_MS, skip: !existsSync(NATS_SERVER_BIN) && `no nats-server at ${NATS_SERVER_BIN}` }, async (t) => {
     // A broker of this test's own: the shared one on 4222 is never touched.
     const port = await freePort();
     const storeDir = mkdtempSync(join(tmpdir(), 'll-chaos-nats-'));
@@ -590,7 +594,7 @@ describe('chaos: exactly once with real processes', { timeout: TEST_TIMEOUT_MS }
     }
   });
 
-  test('the same events published twice: same message id (broker drops), new id (inbox drops), two consumer groups', async (t) => {
+  test('the same events published twice: same message id (broker drops), new id (inbox drops), two consumer groups', { timeout: TEST_TIMEOUT_MS }, async (t) => {
     await withEnv(NATS_URL, async (env) => {
       const target = { env, natsUrl: NATS_URL };
       await appendEvents(env, 30, 10, 10);
@@ -676,7 +680,7 @@ describe('chaos: exactly once with real processes', { timeout: TEST_TIMEOUT_MS }
   });
 });
 
-describe('the global order under slow concurrent transactions', { timeout: TEST_TIMEOUT_MS }, () => {
+describe('the global order under slow concurrent transactions', () => {
   /*
    * Properties checked, for a reader tailing `readAll` while writers commit out of order:
    * P1 every committed event is returned exactly once; no rolled-back event ever is;
@@ -688,7 +692,7 @@ describe('the global order under slow concurrent transactions', { timeout: TEST_
    * P4 through the relay and a consumer process: each event applied exactly once, in
    *    increasing key order within each partition, each stream's versions in order.
    */
-  test('no reader skips an event that committed late', async (t) => {
+  test('no reader skips an event that committed late', { timeout: TEST_TIMEOUT_MS }, async (t) => {
     await withEnv(NATS_URL, async (env) => {
       const target = { env, natsUrl: NATS_URL };
       const name = 'c-order';
@@ -850,7 +854,7 @@ describe('the global order under slow concurrent transactions', { timeout: TEST_
   // before appending can hold an older id than the one that appended the stream's previous
   // version; the store refuses that append (StreamOrderConflictError, retryable), so the global
   // order never delivers version 2 before version 1.
-  test('per-stream order holds when the appender got its transaction id before the stream lock', async (t) => {
+  test('per-stream order holds when the appender got its transaction id before the stream lock', { timeout: TEST_TIMEOUT_MS }, async (t) => {
     await withEnv(NATS_URL, async (env) => {
       const a = await env.pool.connect();
       const b = await env.pool.connect();
