@@ -1,0 +1,63 @@
+/**
+ * Retention of event streams honours the audit trail's legal holds (#4's holds plugged into
+ * #5's retention): a stream named by an active hold is neither archived nor deleted, a released
+ * hold lets it go, and a hold on a differently named resource applies through `resourceOf`.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { auditLegalHolds, migrateAudit } from '@ledgerline/audit';
+import { applyRetention } from '../src/index.ts';
+import { count, esTestEnv, inTx, type EsTestEnv } from './support.ts';
+
+let env: EsTestEnv;
+before(async () => {
+  env = await esTestEnv();
+  await migrateAudit(env.db.url);
+});
+after(async () => {
+  await env.close();
+});
+
+const DAY_MS = 86_400_000;
+const event = { type: 'case.Noted', data: { text: 'kept for the regulator' } };
+
+async function placeHold(resourceType: string, resourceId: string): Promise<string> {
+  const r = await env.pool.query<{ id: string }>(
+    `INSERT INTO audit.legal_holds (id, resource_type, resource_id, reason, placed_by)
+     VALUES (gen_random_uuid(), $1, $2, 'litigation', 'user:compliance') RETURNING id::text`,
+    [resourceType, resourceId],
+  );
+  return (r.rows[0] as { id: string }).id;
+}
+
+test('streams under an active audit legal hold are kept; released holds and other resources are not', async () => {
+  for (const id of ['c-free', 'c-held', 'c-released']) {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'case', id }, [event], { expectedVersion: 'no_stream' }));
+  }
+  await placeHold('case', 'c-held');
+  const released = await placeHold('case', 'c-released');
+  await env.pool.query(`UPDATE audit.legal_holds SET released_at = now(), released_by = 'user:compliance' WHERE id = $1`, [released]);
+  // A hold on a subject, or on another resource type with the same id, does not hold the stream.
+  await env.pool.query(`INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), 'c-free', 'x', 'user:compliance')`);
+  await placeHold('account', 'c-free');
+
+  const later = new Date(Date.now() + 400 * DAY_MS);
+  const report = await applyRetention(env.pool, { rules: [{ streamType: 'case', deleteAfterDays: 365 }], holds: auditLegalHolds(), now: later });
+  assert.deepEqual(report.deleted.map((s) => s.streamId).sort(), ['c-free', 'c-released']);
+  assert.deepEqual(report.held.map((s) => s.streamId), ['c-held']);
+  assert.equal(await count(env.pool, `SELECT count(*) FROM events.events WHERE stream_type = 'case'`), 1);
+});
+
+test('resourceOf maps a stream to the audit resource its hold names', async () => {
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'ledger.account', id: 'a-1' }, [event], { expectedVersion: 'no_stream' }));
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'ledger.account', id: 'a-2' }, [event], { expectedVersion: 'no_stream' }));
+  await placeHold('account', 'a-1');
+  const holds = auditLegalHolds((s) => ({ type: s.streamType.replace(/^ledger\./, ''), id: s.streamId }));
+  const later = new Date(Date.now() + 40 * DAY_MS);
+  const report = await applyRetention(env.pool, { rules: [{ streamType: 'ledger.account', archiveAfterDays: 30 }], holds, now: later });
+  assert.deepEqual(report.archived.map((s) => s.streamId), ['a-2']);
+  assert.deepEqual(report.held.map((s) => s.streamId), ['a-1']);
+  // Without the mapping, the hold on account a-1 does not name stream ledger.account/a-1.
+  const unmapped = await applyRetention(env.pool, { rules: [{ streamType: 'ledger.account', archiveAfterDays: 30 }], holds: auditLegalHolds(), now: later });
+  assert.deepEqual(unmapped.archived.map((s) => s.streamId), ['a-1']);
+});
