@@ -37,7 +37,7 @@ import type { AuditEntry, AuditSink } from '../packages/audit/src/index.ts';
 import { ALL_ROLES, Authorizer, compilePolicy, PERMISSIONS, REFERENCE_POLICY, type Permission, type Principal, type ResourceAttributes } from '../packages/authz/src/index.ts';
 import { createTokenVerifier, localKeys, newSigningKey, signAccessToken } from '../packages/identity/src/index.ts';
 import { newId } from '../packages/ledger/src/index.ts';
-import { createTestDatabase } from '../packages/testing/src/index.ts';
+import { createTestDatabase, freePort } from '../packages/testing/src/index.ts';
 import { benchLog, exitWhenDone, intArg, prng, seedArg } from './common.ts';
 
 const log = benchLog('authz');
@@ -182,13 +182,6 @@ function listen(server: Server): Promise<number> {
       resolve(typeof address === 'object' && address !== null ? address.port : 0);
     });
   });
-}
-
-async function freePort(): Promise<number> {
-  const server = createHttpServer();
-  const port = await listen(server);
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 /** Linux reports process CPU time in USER_HZ ticks, 100 per second. */

@@ -29,7 +29,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { cpus } from 'node:os';
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
@@ -39,7 +38,7 @@ import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
 import pg from 'pg';
 import { newId } from '../packages/ledger/src/index.ts';
-import { ADMIN_DATABASE_URL, createTestDatabase } from '../packages/testing/src/index.ts';
+import { ADMIN_DATABASE_URL, createTestDatabase, freePort } from '../packages/testing/src/index.ts';
 import {
   abort,
   abortOnSignals,
@@ -120,20 +119,6 @@ interface ServiceProcess {
   url: string;
   pid: number;
   stop(): Promise<void>;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => {
-        if (address === null || typeof address === 'string') reject(new Error('no port'));
-        else resolve(address.port);
-      });
-    });
-  });
 }
 
 async function startService(databaseUrl: string): Promise<ServiceProcess> {

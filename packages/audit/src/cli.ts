@@ -24,6 +24,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
+import { cliStreams, dateOption, intOption, UsageError, type CliIo } from '@ledgerline/events';
 import { verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
 import { loadSigningKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
@@ -31,11 +32,7 @@ import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
 
-export interface CliIo {
-  env?: Record<string, string | undefined>;
-  stdout?: (text: string) => void;
-  stderr?: (text: string) => void;
-}
+export type { CliIo };
 
 const USAGE = `usage:
   audit verify [--public-key FILE] [--checkpoint FILE]... [--json]
@@ -50,10 +47,6 @@ const USAGE = `usage:
   audit expire --as WHO [--as-of ISO]
 database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE)
 exit 0 done, 1 verification failed, 2 usage or failure`;
-
-class UsageError extends Error {
-  override readonly name = 'UsageError';
-}
 
 const OPTIONS = {
   'public-key': { type: 'string' },
@@ -83,20 +76,6 @@ const OPTIONS = {
 
 const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire'];
 
-function intOption(name: string, value: string | undefined): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer`);
-  return n;
-}
-
-function dateOption(name: string, value: string | undefined): Date | undefined {
-  if (value === undefined) return undefined;
-  const d = new Date(value);
-  if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
-  return d;
-}
-
 function required(name: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
   return value;
@@ -110,9 +89,7 @@ function checkpointFile(path: string): Checkpoint {
 
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
-  const env = io.env ?? process.env;
-  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
-  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  const { env, out, err } = cliStreams(io);
   let parsed;
   try {
     parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });

@@ -1,5 +1,7 @@
 import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
+import type pg from 'pg';
+import { inTransaction } from '@ledgerline/events';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
 
@@ -23,5 +25,13 @@ export async function migrateAudit(databaseUrl: string): Promise<void> {
     advisoryLockMode: 'wait',
     checkOrder: true,
     log: () => {},
+  });
+}
+
+/** Runs `fn` in a transaction as AUDIT_WRITER_ROLE, so the database's own grants bound what it can do. */
+export function asAuditWriter<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  return inTransaction(pool, async (client) => {
+    await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+    return fn(client);
   });
 }

@@ -10,7 +10,7 @@ import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
 import { open, type Checkpoint } from './keys.ts';
-import { AUDIT_WRITER_ROLE } from './migrate.ts';
+import { asAuditWriter } from './migrate.ts';
 import { leafData } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
@@ -202,22 +202,8 @@ export class AuditStore {
     return { kind: 'consistency', from: checkpointJson(from), to: checkpointJson(to), proof: proof.map((h) => h.toString('base64')) };
   }
 
-  async #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
-    const client = await this.#pool.connect();
-    let broken: Error | undefined;
-    try {
-      await client.query('BEGIN');
-      await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
-      const result = await fn(client);
-      await client.query('COMMIT');
-      return result;
-    } catch (error) {
-      broken = error instanceof Error ? error : new Error(String(error));
-      await client.query('ROLLBACK').catch(() => {});
-      throw error;
-    } finally {
-      client.release(broken);
-    }
+  #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+    return asAuditWriter(this.#pool, fn);
   }
 
   /** Places a legal hold on a subject or a resource; recorded as `audit.hold.place`. */

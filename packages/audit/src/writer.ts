@@ -10,7 +10,7 @@
  */
 import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
-import { AUDIT_WRITER_ROLE } from './migrate.ts';
+import { asAuditWriter } from './migrate.ts';
 import { checkEntry } from './record.ts';
 import type { AuditEntry, AuditSink } from './sink.ts';
 
@@ -111,21 +111,7 @@ export class PostgresAuditSink implements AuditSink {
   async #writeAll(): Promise<void> {
     while (this.#buffer.length > 0) {
       const chunk = this.#buffer.slice(0, FLUSH_ENTRIES_MAX);
-      const client = await this.#pool.connect();
-      let broken: Error | undefined;
-      try {
-        await client.query('BEGIN');
-        await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
-        await client.query('INSERT INTO audit.queue (entry) SELECT unnest($1::text[])', [chunk]);
-        await client.query('COMMIT');
-      } catch (error) {
-        // The connection may be the cause: the pool discards it rather than hand it out again.
-        broken = error instanceof Error ? error : new Error(String(error));
-        await client.query('ROLLBACK').catch(() => {});
-        throw error;
-      } finally {
-        client.release(broken);
-      }
+      await asAuditWriter(this.#pool, (client) => client.query('INSERT INTO audit.queue (entry) SELECT unnest($1::text[])', [chunk]));
       this.#buffer = this.#buffer.slice(chunk.length);
     }
   }

@@ -17,12 +17,9 @@ import pg from 'pg';
 import { listDeadLetters, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
 import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
 import { EventStore } from './store.ts';
+import { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
 
-export interface CliIo {
-  env?: Record<string, string | undefined>;
-  stdout?: (text: string) => void;
-  stderr?: (text: string) => void;
-}
+export type { CliIo } from './cli-kit.ts';
 
 const USAGE = `usage:
   events reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json] [--page-size N] [--issues-max N] [--start-margin-ms N]
@@ -31,10 +28,6 @@ const USAGE = `usage:
 connections: DATABASE_URL, NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
   (or --database-url, --nats-url, --stream, --subject-prefix)
 reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
-
-class UsageError extends Error {
-  override readonly name = 'UsageError';
-}
 
 const OPTIONS = {
   from: { type: 'string' },
@@ -54,25 +47,9 @@ const OPTIONS = {
   help: { type: 'boolean', default: false },
 } as const;
 
-function intOption(name: string, value: string | undefined): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer`);
-  return n;
-}
-
-function dateOption(name: string, value: string | undefined): Date | undefined {
-  if (value === undefined) return undefined;
-  const d = new Date(value);
-  if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
-  return d;
-}
-
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
-  const env = io.env ?? process.env;
-  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
-  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  const { env, out, err } = cliStreams(io);
   let parsed;
   try {
     parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });

@@ -1,3 +1,5 @@
+export { inTransaction } from './transaction.ts';
+export { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
 export {
   allowedLocations,
   APPEND_EVENTS_MAX,

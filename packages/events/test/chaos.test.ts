@@ -15,7 +15,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createConnection, createServer } from 'node:net';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -27,6 +27,7 @@ import { headers } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager, type StoredMsg } from '@nats-io/jetstream';
 import { CHECKPOINT_START, checkpointOf, decodeBatch, encodeBatch, OutboxRelay, StreamOrderConflictError, type StoredEvent } from '../src/index.ts';
 import { effectCounts, eventsTestEnv, inTx, NATS_URL, waitFor, type EventsTestEnv } from './support.ts';
+import { freePort } from '@ledgerline/testing';
 
 const CONSUMER_FIXTURE = fileURLToPath(new URL('./fixtures/consumer.ts', import.meta.url));
 const RELAY_FIXTURE = fileURLToPath(new URL('./fixtures/relay.ts', import.meta.url));
@@ -194,19 +195,6 @@ function sumStats(all: ConsumerStatsLine[]): ConsumerStatsLine {
     total.errors += s.errors;
   }
   return total;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => {
-        resolve(typeof address === 'object' && address !== null ? address.port : 0);
-      });
-    });
-  });
 }
 
 function portOpen(port: number): Promise<boolean> {

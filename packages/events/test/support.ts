@@ -54,20 +54,7 @@ export async function eventsTestEnv(natsUrl = NATS_URL): Promise<EventsTestEnv> 
 }
 
 /** Runs `fn` in a transaction of its own: commit on success, roll back on error. */
-export async function inTx<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('BEGIN');
-    const out = await fn(c);
-    await c.query('COMMIT');
-    return out;
-  } catch (error) {
-    await c.query('ROLLBACK').catch(() => {});
-    throw error;
-  } finally {
-    c.release();
-  }
-}
+export { inTransaction as inTx } from '@ledgerline/events';
 
 /** Polls `check` until it holds; fails after `timeoutMs`. Returns the milliseconds it took. */
 export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 20_000): Promise<number> {

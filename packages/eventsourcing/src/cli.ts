@@ -17,17 +17,24 @@
  */
 import { parseArgs } from 'node:util';
 import pg from 'pg';
-import { EventStore, migrateEvents, ResidencyViolationError, type Checkpoint, type ResidencyPolicy } from '@ledgerline/events';
+import {
+  cliStreams,
+  EventStore,
+  intOption,
+  migrateEvents,
+  ResidencyViolationError,
+  UsageError,
+  type Checkpoint,
+  type CliIo as BaseCliIo,
+  type ResidencyPolicy,
+} from '@ledgerline/events';
 import { exportEvents } from './export.ts';
 import { ledgerBalanceAt, ledgerBalancesProjection } from './ledger-balances.ts';
 import { createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, replayInto, type Projection } from './projection.ts';
 import { formatLedgerReconcileReport, reconcileLedger } from './reconcile-ledger.ts';
 import { ProjectionRunner } from './runner.ts';
 
-export interface CliIo {
-  env?: Record<string, string | undefined>;
-  stdout?: (text: string) => void;
-  stderr?: (text: string) => void;
+export interface CliIo extends BaseCliIo {
   /** Resolves when `run` should stop (default: SIGINT or SIGTERM). */
   stopSignal?: Promise<void>;
 }
@@ -44,10 +51,6 @@ options: --projection NAME (default ledger_balances), --database-url URL (defaul
 export: EVENTS_RESIDENCY_POLICY (JSON, data region -> allowed locations), EVENTS_REGION`;
 
 const PROJECTIONS: ReadonlyMap<string, Projection> = new Map([[ledgerBalancesProjection.name, ledgerBalancesProjection]]);
-
-class UsageError extends Error {
-  override readonly name = 'UsageError';
-}
 
 const OPTIONS = {
   projection: { type: 'string', default: ledgerBalancesProjection.name },
@@ -70,13 +73,6 @@ const OPTIONS = {
 } as const;
 
 const COMMANDS = ['status', 'run', 'replay', 'rebuild', 'reconcile-ledger', 'balance-at', 'export'];
-
-function intOption(name: string, value: string | undefined, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got ${value}`);
-  return n;
-}
 
 /** EVENTS_RESIDENCY_POLICY, checked: an object of region → array of location strings. */
 export function parseResidencyPolicy(text: string | undefined): ResidencyPolicy {
@@ -105,9 +101,7 @@ const json = (value: unknown): string => JSON.stringify(value, (_k, v: unknown) 
 
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
-  const env = io.env ?? process.env;
-  const out = io.stdout ?? ((t: string): void => void process.stdout.write(`${t}\n`));
-  const err = io.stderr ?? ((t: string): void => void process.stderr.write(`${t}\n`));
+  const { env, out, err } = cliStreams(io);
   let parsed;
   try {
     parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });

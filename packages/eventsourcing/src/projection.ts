@@ -13,7 +13,7 @@
  *   repoints the views in the same transaction: readers never see a half-built model.
  */
 import type pg from 'pg';
-import { CHECKPOINT_START, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
+import { CHECKPOINT_START, inTransaction, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -80,21 +80,6 @@ export function generationTables(p: Projection, generation: number): TableNames 
 
 export function viewName(p: Projection, table: string): string {
   return `${ident(p.schema)}.${ident(table)}`;
-}
-
-async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('BEGIN');
-    const out = await fn(c);
-    await c.query('COMMIT');
-    return out;
-  } catch (error) {
-    await c.query('ROLLBACK').catch(() => {});
-    throw error;
-  } finally {
-    c.release();
-  }
 }
 
 async function lockName(db: Queryable, name: string): Promise<void> {

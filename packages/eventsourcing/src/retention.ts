@@ -7,6 +7,7 @@
  * row (`SELECT ... FOR SHARE`) and a hold placed concurrently is either seen or waits.
  */
 import type pg from 'pg';
+import { inTransaction } from '@ledgerline/events';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -40,21 +41,6 @@ export interface RetentionReport {
 }
 
 const DAY_MS = 86_400_000;
-
-async function inTransaction<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('BEGIN');
-    const out = await fn(c);
-    await c.query('COMMIT');
-    return out;
-  } catch (error) {
-    await c.query('ROLLBACK').catch(() => {});
-    throw error;
-  } finally {
-    c.release();
-  }
-}
 
 /** Streams of a type whose last event is older than `cutoff`, in the hot table or the archive. */
 async function dueStreams(db: Queryable, streamType: string, cutoff: Date, includeArchive: boolean, limit: number): Promise<string[]> {

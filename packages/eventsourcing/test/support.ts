@@ -32,20 +32,7 @@ export async function esTestEnv(options: { ledger?: boolean; residency?: StoreRe
 }
 
 /** Runs `fn` in a transaction of its own: commit on success, roll back on error. */
-export async function inTx<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('BEGIN');
-    const out = await fn(c);
-    await c.query('COMMIT');
-    return out;
-  } catch (error) {
-    await c.query('ROLLBACK').catch(() => {});
-    throw error;
-  } finally {
-    c.release();
-  }
-}
+export { inTransaction as inTx } from '@ledgerline/events';
 
 /**
  * Polls until `check` holds; fails after `timeoutMs`. The read horizon (pg_snapshot_xmin) is

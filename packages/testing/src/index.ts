@@ -3,6 +3,7 @@
  * the end, so tests never depend on leftovers, on each other, or on their order.
  */
 import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
 import pg from 'pg';
 
 export const ADMIN_DATABASE_URL =
@@ -93,4 +94,19 @@ export function propertySeed(label: string): number {
   const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
   console.log(`[fast-check] ${label}: seed=${seed} (replay with FC_SEED=${seed})`);
   return seed;
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago, for a child process to listen on. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => {
+        if (address === null || typeof address === 'string') reject(new Error('freePort: the server has no TCP address'));
+        else resolve(address.port);
+      });
+    });
+  });
 }

@@ -7,12 +7,11 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
 
 const START = fileURLToPath(new URL('../../../tools/start.ts', import.meta.url));
 const TAG = randomBytes(4).toString('hex');
@@ -30,17 +29,6 @@ after(async () => {
   await nats.close();
   await db.drop();
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0));
-    });
-  });
-}
 
 async function waitForStatus(url: string, status: number, child: ChildProcess): Promise<void> {
   for (let waitedMs = 0; ; waitedMs += 100) {
