@@ -85,11 +85,13 @@ describe('aggregate store', () => {
       const bPid = (await b.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
       await payments.handle(a, id, { type: 'Authorize', authorizationCode: 'A' });
       // b loads the stream before a commits (it sees version 1), then waits for the stream lock.
-      const racing = payments.handle(b, id, { type: 'Fail', reason: 'declined' });
+      // The expectation is attached at once: b can fail while a's COMMIT is still being answered,
+      // and a rejection nobody handles yet would fail the test on its own.
+      const racing = assert.rejects(payments.handle(b, id, { type: 'Fail', reason: 'declined' }), ConcurrencyError);
       await waitFor('b to wait for the stream lock', async () =>
         (await count(env.pool, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'`, [bPid])) === 1);
       await a.query('COMMIT');
-      await assert.rejects(racing, ConcurrencyError);
+      await racing;
       await b.query('ROLLBACK');
     } finally {
       a.release();
