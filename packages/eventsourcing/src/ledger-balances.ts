@@ -309,65 +309,105 @@ function sqlMask(table: Readonly<Record<string, number>>, json: string): string 
 }
 
 /**
- * The same fold as `applyLedgerEvent`, set-based, for a rebuild from zero: four scans of the
- * events up to `until` instead of decoding each one in this process. Open reservations are
- * pending transfers that no post, void or expiry resolved; posted balances are sums; an
- * account is closed while a closing reservation on it is open or was posted. It trusts the
- * order the ledger wrote (the audit, reconcileLedger, uses the checking fold).
+ * GROUPING(opened, debit, credit, reservation) of each grouping set in `replayLedgerSql`: a set
+ * leaves the other three keys out, and each left-out key sets its bit.
+ */
+const SET_OPENED = 0b0111;
+const SET_DEBIT = 0b1011;
+const SET_CREDIT = 0b1101;
+const SET_RESERVATION = 0b1110;
+
+/**
+ * The same fold as `applyLedgerEvent`, set-based, for a rebuild from zero. One scan of the
+ * events up to `until` extracts each field once and aggregates four ways at once (grouping
+ * sets): opened accounts; posted amounts by debit account and by credit account; and, per
+ * reservation, the pending transfer and the posts, voids and expiries that released it. Every
+ * later step reads that aggregate (a few rows per account and per reservation), never the
+ * events again. Open reservations are those nothing released; posted balances are sums; an
+ * account is closed while a closing reservation on it is open or was posted.
+ *
+ * It checks what an aggregate can show: money moved on an account no event opened, an account
+ * opened twice, a release of a reservation that never existed or was already released, a post
+ * above the amount reserved. It trusts the order the ledger wrote (a release recorded before
+ * its reservation would pass); the audit, reconcileLedger, uses the checking fold.
  */
 async function replayLedgerSql(db: Queryable, t: TableNames, until: { transactionId: bigint; position: bigint }): Promise<void> {
   const T = LedgerEventType;
-  const upTo = (e: string): string =>
-    `${e}.stream_type = ANY($3::text[]) AND (${e}.transaction_id, ${e}.position) <= ($1::text::xid8, $2::bigint)`;
-  const resolvedBy = (types: string): string =>
-    `e.data->>'id' NOT IN (SELECT coalesce(r.data->>'pendingId', r.data->>'id') FROM events.events r
-                            WHERE ${upTo('r')} AND r.type IN (${types}))`;
-  // NOT IN over a subquery runs as one hash lookup per row only when the hash fits in work_mem;
-  // otherwise PostgreSQL rescans the subquery per row. Ids are small: give this transaction room.
-  await db.query(`SET LOCAL work_mem = '256MB'`);
-  const args = [until.transactionId.toString(), until.position.toString(), LEDGER_STREAM_TYPES, T.transferPending, T.pendingTransferPosted, T.pendingTransferVoided, T.pendingTransferExpired, T.accountOpened, T.transferPosted];
-  await db.query(
-    `INSERT INTO ${t.ledger_reservations} (transfer_id, debit_account_id, credit_account_id, amount, flags)
-     SELECT (e.data->>'id')::uuid, (e.data->>'debitAccountId')::uuid, (e.data->>'creditAccountId')::uuid, (e.data->>'amount')::bigint,
-            ${sqlMask(TransferFlag, "e.data->'flags'")}
-       FROM events.events e WHERE ${upTo('e')} AND e.type = $4 AND ${resolvedBy('$5, $6, $7')}`,
-    args.slice(0, 7),
-  );
-  await db.query(
-    `INSERT INTO ${t.ledger_balances} (account_id, ledger, code, flags, debits_pending, debits_posted, credits_pending, credits_posted)
-     WITH opened AS (
-       SELECT e.data->>'id' AS id, e.data->>'ledger' AS ledger, (e.data->>'code')::int AS code, ${sqlMask(AccountFlag, "e.data->'flags'")} AS flags
-         FROM events.events e WHERE ${upTo('e')} AND e.type = $8),
-     posted AS (
-       SELECT v.acct, sum(v.d) AS dpo, sum(v.c) AS cpo FROM events.events e
-        CROSS JOIN LATERAL (VALUES (e.data->>'debitAccountId', (e.data->>'amount')::numeric, 0::numeric),
-                                   (e.data->>'creditAccountId', 0::numeric, (e.data->>'amount')::numeric)) v(acct, d, c)
-        WHERE ${upTo('e')} AND e.type IN ($9, $5) GROUP BY v.acct),
+  // The hash tables hold a few rows per account and per reservation; give them room so the
+  // planner hashes instead of sorting a million rows of text. A budget, not an allocation: a
+  // larger history spills to disk and stays correct. JIT compiled this wide query for longer
+  // than it then ran (2.7 s of 10 s, measured), so it is off. The planner cannot estimate the
+  // size of an aggregate over grouping sets (it guessed 100 accounts for 10,000) and joined
+  // them in nested loops: 1.6 billion comparisons for the orphan check. Hash joins only.
+  await db.query(`SET LOCAL work_mem = '1GB'; SET LOCAL jit = off; SET LOCAL enable_nestloop = off`);
+  const posts = `e.type IN ($4, $5)`;
+  const r = await db.query<{ balances: number; orphan: string | null; twice: string | null; unknown: string | null; released: string | null; over: string | null }>(
+    `WITH agg AS MATERIALIZED (
+       SELECT GROUPING(x.opened, x.dr, x.cr, x.res) AS g, coalesce(x.opened, x.dr, x.cr, x.res) AS k,
+              sum(x.amt) AS amt, count(x.reserved) AS reserved_n, count(*) AS n, bool_or(x.reopens) AS reopened,
+              max(x.a) AS a, max(x.b) AS b, max(x.reserved) AS reserved, max(x.i) AS i, max(x.f) AS f
+         FROM events.events e CROSS JOIN LATERAL (
+           SELECT CASE WHEN e.type = $8 THEN e.data->>'id' END COLLATE "C" AS opened,
+                  CASE WHEN ${posts} THEN e.data->>'debitAccountId' END COLLATE "C" AS dr,
+                  CASE WHEN ${posts} THEN e.data->>'creditAccountId' END COLLATE "C" AS cr,
+                  CASE WHEN ${posts} THEN (e.data->>'amount')::bigint END AS amt,
+                  CASE e.type WHEN $6 THEN e.data->>'id' WHEN $5 THEN e.data->>'pendingId'
+                              WHEN $7 THEN e.data->>'pendingId' WHEN $9 THEN e.data->>'id' END COLLATE "C" AS res,
+                  CASE WHEN e.type = $6 THEN (e.data->>'amount')::bigint END AS reserved,
+                  CASE WHEN e.type IN ($7, $9) THEN true END AS reopens,
+                  CASE e.type WHEN $6 THEN e.data->>'debitAccountId' WHEN $8 THEN e.data->>'ledger' END COLLATE "C" AS a,
+                  CASE WHEN e.type = $6 THEN e.data->>'creditAccountId' END COLLATE "C" AS b,
+                  CASE WHEN e.type = $8 THEN (e.data->>'code')::int END AS i,
+                  CASE e.type WHEN $6 THEN ${sqlMask(TransferFlag, "e.data->'flags'")}
+                              WHEN $8 THEN ${sqlMask(AccountFlag, "e.data->'flags'")} END AS f) x
+        WHERE e.stream_type = ANY($3::text[]) AND (e.transaction_id, e.position) <= ($1::text::xid8, $2::bigint)
+        GROUP BY GROUPING SETS ((x.opened), (x.dr), (x.cr), (x.res))
+     ),
+     opened AS (SELECT k AS id, a AS ledger, i AS code, f AS flags, n FROM agg WHERE g = ${SET_OPENED} AND k IS NOT NULL),
+     debits AS (SELECT k AS id, amt FROM agg WHERE g = ${SET_DEBIT} AND k IS NOT NULL),
+     credits AS (SELECT k AS id, amt FROM agg WHERE g = ${SET_CREDIT} AND k IS NOT NULL),
+     -- n counts the reservation and its releases: 1 is still open, 2 released once.
+     reservations AS (SELECT k AS id, a AS dr, b AS cr, reserved AS amount, f AS flags, amt AS posted, reserved_n, n, coalesce(reopened, false) AS reopened
+                        FROM agg WHERE g = ${SET_RESERVATION} AND k IS NOT NULL),
+     open AS (SELECT * FROM reservations WHERE reserved_n = 1 AND n = 1),
+     reserved AS (
+       INSERT INTO ${t.ledger_reservations} (transfer_id, debit_account_id, credit_account_id, amount, flags)
+       SELECT id::uuid, dr::uuid, cr::uuid, amount, flags FROM open RETURNING 1),
      pending AS (
-       SELECT v.acct, sum(v.d) AS dp, sum(v.c) AS cp FROM ${t.ledger_reservations} p
-        CROSS JOIN LATERAL (VALUES (p.debit_account_id::text, p.amount::numeric, 0::numeric),
-                                   (p.credit_account_id::text, 0::numeric, p.amount::numeric)) v(acct, d, c)
-        GROUP BY v.acct),
+       SELECT v.id, sum(v.d) AS dp, sum(v.c) AS cp FROM open o
+        CROSS JOIN LATERAL (VALUES (o.dr, o.amount, 0::bigint), (o.cr, 0::bigint, o.amount)) v(id, d, c) GROUP BY v.id),
      closed AS (
-       SELECT DISTINCT v.acct FROM events.events e
-        CROSS JOIN LATERAL (VALUES (CASE WHEN e.data->'flags'->>'closingDebit' = 'true' THEN e.data->>'debitAccountId' END),
-                                   (CASE WHEN e.data->'flags'->>'closingCredit' = 'true' THEN e.data->>'creditAccountId' END)) v(acct)
-        WHERE ${upTo('e')} AND e.type = $4 AND v.acct IS NOT NULL AND ${resolvedBy('$6, $7')})
-     SELECT o.id::uuid, o.ledger, o.code, o.flags | CASE WHEN c.acct IS NULL THEN 0 ELSE ${AccountFlag.closed} END,
-            coalesce(pe.dp, 0), coalesce(po.dpo, 0), coalesce(pe.cp, 0), coalesce(po.cpo, 0)
-       FROM opened o LEFT JOIN posted po ON po.acct = o.id LEFT JOIN pending pe ON pe.acct = o.id LEFT JOIN closed c ON c.acct = o.id`,
-    args,
+       SELECT DISTINCT v.id FROM reservations r
+        CROSS JOIN LATERAL (VALUES (CASE WHEN r.flags & ${TransferFlag.closingDebit} <> 0 THEN r.dr END),
+                                   (CASE WHEN r.flags & ${TransferFlag.closingCredit} <> 0 THEN r.cr END)) v(id)
+        WHERE r.reserved_n = 1 AND NOT r.reopened AND v.id IS NOT NULL),
+     balances AS (
+       INSERT INTO ${t.ledger_balances} (account_id, ledger, code, flags, debits_pending, debits_posted, credits_pending, credits_posted)
+       SELECT o.id::uuid, o.ledger, o.code, o.flags | CASE WHEN c.id IS NULL THEN 0 ELSE ${AccountFlag.closed} END,
+              coalesce(pe.dp, 0), coalesce(dr.amt, 0), coalesce(pe.cp, 0), coalesce(cr.amt, 0)
+         FROM opened o LEFT JOIN debits dr ON dr.id = o.id LEFT JOIN credits cr ON cr.id = o.id
+         LEFT JOIN pending pe ON pe.id = o.id LEFT JOIN closed c ON c.id = o.id
+        WHERE o.n = 1
+       RETURNING 1)
+     SELECT (SELECT count(*) FROM balances)::int AS balances,
+            (SELECT u.id FROM (SELECT id FROM debits UNION ALL SELECT id FROM credits
+                               UNION ALL SELECT dr FROM reservations WHERE reserved_n = 1
+                               UNION ALL SELECT cr FROM reservations WHERE reserved_n = 1) u
+              WHERE NOT EXISTS (SELECT 1 FROM opened o WHERE o.id = u.id) LIMIT 1) AS orphan,
+            (SELECT id FROM opened WHERE n > 1 LIMIT 1) AS twice,
+            (SELECT id FROM reservations WHERE reserved_n = 0 LIMIT 1) AS unknown,
+            (SELECT id FROM reservations WHERE reserved_n = 1 AND n > 2 LIMIT 1) AS released,
+            (SELECT id FROM reservations WHERE posted > amount LIMIT 1) AS over`,
+    [until.transactionId.toString(), until.position.toString(), LEDGER_STREAM_TYPES, T.transferPosted, T.pendingTransferPosted, T.transferPending, T.pendingTransferVoided, T.accountOpened, T.pendingTransferExpired],
   );
-  // Money that went to an account no event opened would vanish in the joins above: refuse.
-  const orphans = await db.query<{ acct: string }>(
-    `SELECT v.acct FROM events.events e
-      CROSS JOIN LATERAL (VALUES (e.data->>'debitAccountId'), (e.data->>'creditAccountId')) v(acct)
-      WHERE ${upTo('e')} AND e.type IN ($4, $5, $6)
-        AND NOT EXISTS (SELECT 1 FROM ${t.ledger_balances} b WHERE b.account_id = v.acct::uuid) LIMIT 1`,
-    [...args.slice(0, 3), T.transferPosted, T.pendingTransferPosted, T.transferPending],
-  );
-  const orphan = orphans.rows[0];
-  if (orphan !== undefined) throw new LedgerReplayError(`a transfer moved money on account ${orphan.acct}, which was never opened`);
+  const row = r.rows[0];
+  if (row === undefined) throw new Error('invariant: the replay statement returned no row');
+  // Any of these rolls the caller's transaction back: nothing half-built is kept.
+  if (row.orphan !== null) throw new LedgerReplayError(`a transfer moved money on account ${row.orphan}, which was never opened`);
+  if (row.twice !== null) throw new LedgerReplayError(`account ${row.twice} opened twice`);
+  if (row.unknown !== null) throw new LedgerReplayError(`pending transfer ${row.unknown} is released but was never pending`);
+  if (row.released !== null) throw new LedgerReplayError(`pending transfer ${row.released} is released more than once`);
+  if (row.over !== null) throw new LedgerReplayError(`pending transfer ${row.over} is posted above the amount reserved`);
 }
 
 /** Most accounts a replay holds in memory (about 200 bytes each). */

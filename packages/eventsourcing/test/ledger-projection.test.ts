@@ -324,4 +324,47 @@ describe('ledger balances projection', () => {
     await assert.rejects(rebuild(env.pool, env.store, projection, { mode: 'blue-green', batchSize: 100 }), new RegExp(`account ${orphan}, which was never opened`));
     await assert.rejects(rebuild(env.pool, env.store, projection, { mode: 'blue-green', batchSize: 100, setBased: false }), new RegExp(`account ${orphan} was never opened`));
   });
+
+  test('the set-based replay refuses a history the fold refuses, and keeps nothing of it', async () => {
+    const T = LedgerEventType;
+    const [a, b] = [ACCOUNTS[0]!, ACCOUNTS[1]!];
+    const opened = (id: string, streamId = id) => ({ streamType: 'ledger.account', streamId, version: 1, event: { type: T.accountOpened, data: { id, ledger: 'USD', code: 1, flags: {} } } });
+    const transfer = (n: number, type: string, data: Record<string, unknown>) => ({
+      streamType: 'ledger.transfer', streamId: tid(n), version: 1,
+      event: { type, data: { id: tid(n), debitAccountId: a, creditAccountId: b, flags: {}, pendingId: null, ...data } },
+    });
+    const pending = transfer(1, T.transferPending, { amount: '10', flags: { pending: true } });
+    const cases: Array<{ name: string; events: Array<ReturnType<typeof opened>>; setBased: RegExp; fold: RegExp }> = [
+      { name: 'opened twice', events: [opened(a), opened(b), opened(a, `${a}-again`)], setBased: new RegExp(`account ${a} opened twice`), fold: /opened twice/ },
+      {
+        name: 'release of a reservation that never existed',
+        events: [opened(a), opened(b), transfer(2, T.pendingTransferVoided, { pendingId: tid(7), amount: '10' })],
+        setBased: new RegExp(`pending transfer ${tid(7)} is released but was never pending`),
+        fold: /is not pending/,
+      },
+      {
+        name: 'released twice',
+        events: [opened(a), opened(b), pending, transfer(2, T.pendingTransferVoided, { pendingId: tid(1), amount: '10' }), transfer(3, T.pendingTransferPosted, { pendingId: tid(1), amount: '10' })],
+        setBased: new RegExp(`pending transfer ${tid(1)} is released more than once`),
+        fold: /is not pending/,
+      },
+      {
+        name: 'posted above the reservation',
+        events: [opened(a), opened(b), pending, transfer(2, T.pendingTransferPosted, { pendingId: tid(1), amount: '11' })],
+        setBased: new RegExp(`pending transfer ${tid(1)} is posted above the amount reserved`),
+        fold: /posts 11, more than the 10 reserved/,
+      },
+    ];
+    for (const c of cases) {
+      await reset();
+      const before = await readProjectedBalances(env.pool);
+      await env.pool.query('BEGIN');
+      await env.store.appendMany(env.pool, c.events);
+      await env.pool.query('COMMIT');
+      await allEvents();
+      await assert.rejects(rebuild(env.pool, env.store, projection, { mode: 'blue-green', batchSize: 100 }), c.setBased, c.name);
+      await assert.rejects(rebuild(env.pool, env.store, projection, { mode: 'blue-green', batchSize: 100, setBased: false }), c.fold, c.name);
+      assert.deepEqual(await readProjectedBalances(env.pool), before, `${c.name}: the active read model is untouched`);
+    }
+  });
 });
