@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import { ManualClock, propertySeed } from '@ledgerline/testing';
-import { CHECKPOINT_START, checkpointOf, type Checkpoint, type StoredEvent } from '@ledgerline/events';
+import { CHECKPOINT_START, checkpointOf, type Checkpoint, type StoredEvent, type StreamEvent } from '@ledgerline/events';
 import { LedgerEngine, LedgerEventType, type NewAccount, type NewTransfer } from '@ledgerline/ledger';
 import {
   createGeneration,
@@ -328,13 +328,13 @@ describe('ledger balances projection', () => {
   test('the set-based replay refuses a history the fold refuses, and keeps nothing of it', async () => {
     const T = LedgerEventType;
     const [a, b] = [ACCOUNTS[0]!, ACCOUNTS[1]!];
-    const opened = (id: string, streamId = id) => ({ streamType: 'ledger.account', streamId, version: 1, event: { type: T.accountOpened, data: { id, ledger: 'USD', code: 1, flags: {} } } });
-    const transfer = (n: number, type: string, data: Record<string, unknown>) => ({
+    const opened = (id: string, streamId = id): StreamEvent => ({ streamType: 'ledger.account', streamId, version: 1, event: { type: T.accountOpened, data: { id, ledger: 'USD', code: 1, flags: {} } } });
+    const transfer = (n: number, type: string, data: Record<string, unknown>): StreamEvent => ({
       streamType: 'ledger.transfer', streamId: tid(n), version: 1,
       event: { type, data: { id: tid(n), debitAccountId: a, creditAccountId: b, flags: {}, pendingId: null, ...data } },
     });
     const pending = transfer(1, T.transferPending, { amount: '10', flags: { pending: true } });
-    const cases: Array<{ name: string; events: Array<ReturnType<typeof opened>>; setBased: RegExp; fold: RegExp }> = [
+    const cases: Array<{ name: string; events: StreamEvent[]; setBased: RegExp; fold: RegExp }> = [
       { name: 'opened twice', events: [opened(a), opened(b), opened(a, `${a}-again`)], setBased: new RegExp(`account ${a} opened twice`), fold: /opened twice/ },
       {
         name: 'release of a reservation that never existed',

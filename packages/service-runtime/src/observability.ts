@@ -120,15 +120,6 @@ export function installResilience(app: Service, serviceName: string, options: Re
     }
     if (!applyDeadline(request, reply, deadlineDefaultMs)) return reply;
     if (isOpsRoute(request)) return;
-    if (rateLimit !== undefined) {
-      const passed = await applyRateLimit(request, reply, rateLimit,
-        (route) => { metrics?.rateLimited.inc({ route }); markOutcome(request, 'rate_limited'); },
-        (error) => {
-          metrics?.rateLimitErrors.inc();
-          request.log.warn({ err: error }, 'rate limit: store unavailable; request let through');
-        });
-      if (!passed) return reply;
-    }
     if (shedder !== undefined) {
       const admitted = await applyLoadShedding(request, reply, shedder);
       if (!admitted) {
@@ -138,6 +129,24 @@ export function installResilience(app: Service, serviceName: string, options: Re
     }
     return;
   });
+
+  if (rateLimit !== undefined) {
+    // After every onRequest hook, authentication included, so that `clientId` may name the
+    // authenticated principal: keyed on a header the caller chooses, a limit is only a
+    // suggestion. The price is that a limited client's body is parsed (up to the body limit)
+    // before its 429; the load shedder, which protects the process, still acts first.
+    app.addHook('preValidation', async (request, reply) => {
+      if (isOpsRoute(request)) return;
+      const passed = await applyRateLimit(request, reply, rateLimit,
+        (route) => { metrics?.rateLimited.inc({ route }); markOutcome(request, 'rate_limited'); },
+        (error) => {
+          metrics?.rateLimitErrors.inc();
+          request.log.warn({ err: error }, 'rate limit: store unavailable; request let through');
+        });
+      if (!passed) return reply;
+      return;
+    });
+  }
 
   if (tracing !== undefined) {
     // Run the handler inside the request's span, so outbound calls and child spans made in

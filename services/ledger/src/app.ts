@@ -33,7 +33,7 @@ import {
   type ServiceOptions,
 } from '@ledgerline/service-runtime';
 import { PERMISSIONS } from '@ledgerline/authz';
-import { createLedgerGuard, OPEN_GUARD, type LedgerAuthOptions } from './auth.ts';
+import { createLedgerGuard, OPEN_GUARD, type LedgerAuthOptions, type LedgerGuard } from './auth.ts';
 import { registerLedgerMetrics } from './metrics.ts';
 import {
   AccountBatchBody,
@@ -108,6 +108,15 @@ const RETRY_AFTER_SECONDS = 1;
 export async function buildLedgerService(options: LedgerServiceOptions): Promise<Service> {
   const { engine, pool } = options;
   const ledgers = new Map((await engine.listLedgers()).map((l) => [l.code, l]));
+  // Set once the service exists (the guard hooks into it); read only while serving requests.
+  let guard: LedgerGuard = OPEN_GUARD;
+  const rateLimit = options.resilience?.rateLimit;
+  // Rate limiting runs after authentication, so with auth on the verified principal is the
+  // client, whatever x-client-id says; without auth the header is all there is.
+  const resilience = rateLimit === undefined || rateLimit === false || options.auth === undefined ? options.resilience : {
+    ...options.resilience,
+    rateLimit: { ...rateLimit, clientId: (request: FastifyRequest) => `p:${guard.clientId(request) ?? 'anonymous'}` },
+  };
 
   const app = await createService({
     config: {
@@ -123,12 +132,12 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     readinessChecks: [postgresReadinessCheck(pool)],
     ...(options.logger === undefined ? {} : { logger: options.logger }),
-    ...options.resilience,
+    ...resilience,
   });
   if (app.metrics !== undefined) registerLedgerMetrics(app.metrics, engine, pool);
   // Authentication runs first (onRequest), so a request without a valid token never reaches
   // validation, idempotency or a handler; each handler then authorizes its resource.
-  const guard = options.auth === undefined ? OPEN_GUARD : createLedgerGuard(app, engine, options.auth);
+  if (options.auth !== undefined) guard = createLedgerGuard(app, engine, options.auth);
   // Fastify parses text/plain bodies by default, so JSON sent as text/plain would fail
   // validation with a puzzling "body must be object". This API speaks JSON only: answer 415.
   app.removeContentTypeParser('text/plain');

@@ -1,0 +1,84 @@
+/**
+ * Rate limits with authentication on, over a real Redis: the bucket belongs to the verified
+ * principal. A caller that changes x-client-id between requests still drains one bucket, and
+ * another principal has its own. A request refused before authentication (401) takes no token.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import { importJWK } from 'jose';
+import { Redis } from 'ioredis';
+import { MemoryAuditSink } from '@ledgerline/audit';
+import { Authorizer, REFERENCE_POLICY, ROLES } from '@ledgerline/authz';
+import { createTokenVerifier, localKeys, newSigningKey, signAccessToken } from '@ledgerline/identity';
+import { LedgerEngine } from '@ledgerline/ledger';
+import { migrateRuntime, RedisTokenBucket, type Service } from '@ledgerline/service-runtime';
+import { ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import { buildLedgerService } from '../src/app.ts';
+
+const ISSUER = 'https://identity.test';
+const NOW = Date.UTC(2026, 10, 23, 10, 0);
+/** A burst of 2 that refills one token every 100 s: nothing refills during the test. */
+const LIMIT = { ratePerSecond: 0.01, burst: 2 };
+
+let t: LedgerTestDb;
+let engine: LedgerEngine;
+let app: Service;
+let redis: Redis;
+const prefix = `ll:test:rl:${randomBytes(6).toString('hex')}:`;
+let tokenOf: (sub: string) => Promise<string>;
+
+before(async () => {
+  t = await ledgerTestDb();
+  await migrateRuntime(t.db.url);
+  engine = new LedgerEngine({ pool: t.pool });
+  redis = new Redis('redis://127.0.0.1:6379', { lazyConnect: false, maxRetriesPerRequest: 1 });
+  const key = await newSigningKey();
+  const privateKey = await importJWK(key.privateJwk, 'EdDSA');
+  assert.ok(!(privateKey instanceof Uint8Array));
+  tokenOf = (sub) =>
+    signAccessToken({ kid: key.kid, privateKey }, { sub, kind: 'user', roles: [ROLES.auditor], audience: 'ledger' }, { issuer: ISSUER, ttlSeconds: 300, nowMs: NOW });
+  const audit = new MemoryAuditSink();
+  app = await buildLedgerService({
+    engine,
+    pool: t.pool,
+    logger: false,
+    auth: {
+      verify: createTokenVerifier({ keys: localKeys({ keys: [key.publicJwk] }), issuer: ISSUER, audience: 'ledger', clock: () => NOW }),
+      authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit, clock: () => NOW }),
+    },
+    resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: prefix }), defaultLimit: LIMIT } },
+  });
+});
+
+after(async () => {
+  await app.close();
+  await engine.close();
+  const keys = await redis.keys(`${prefix}*`);
+  if (keys.length > 0) await redis.del(...keys);
+  redis.disconnect();
+  await t.close();
+});
+
+describe('rate limits per authenticated principal', () => {
+  test('changing x-client-id does not buy a new bucket; another principal has its own', async () => {
+    const alice = await tokenOf('alice');
+    const bob = await tokenOf('bob');
+    const get = (token: string | undefined, clientId: string) =>
+      app.inject({ method: 'GET', url: '/v1/ledgers', headers: { 'x-client-id': clientId, ...(token === undefined ? {} : { authorization: `Bearer ${token}` }) } });
+
+    // Refused before authentication: no token is taken from anyone's bucket.
+    for (let i = 0; i < 3; i += 1) assert.equal((await get(undefined, 'alice')).statusCode, 401);
+
+    const statuses = [];
+    for (const clientId of ['one', 'two', 'three', 'four']) statuses.push((await get(alice, clientId)).statusCode);
+    assert.deepEqual(statuses, [200, 200, 429, 429], 'alice has a burst of 2 whatever header she sends');
+    const limited = await get(alice, 'five');
+    assert.equal(limited.headers['content-type'], 'application/problem+json; charset=utf-8');
+    assert.equal(limited.json<{ type: string }>().type, 'https://ledgerline.dev/problems/rate-limited');
+
+    assert.deepEqual([(await get(bob, 'one')).statusCode, (await get(bob, 'one')).statusCode, (await get(bob, 'one')).statusCode], [200, 200, 429]);
+    const keys = (await redis.keys(`${prefix}*`)).sort();
+    assert.deepEqual(keys, [`${prefix}GET:/v1/ledgers:p:user:alice`, `${prefix}GET:/v1/ledgers:p:user:bob`]);
+  });
+});
