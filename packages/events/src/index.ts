@@ -32,6 +32,7 @@ export {
   readCheckpoint,
   type OutboxEvent,
   type RelayOptions,
+  type RelayResidency,
   type RelayStats,
 } from './relay.ts';
 export {
@@ -44,6 +45,7 @@ export {
   type EventHandler,
 } from './consumer.ts';
 export { decodeBatch, encodeBatch, MalformedBatchError } from './wire.ts';
+export { parseLocation, parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
   formatReconcileReport,

@@ -23,6 +23,11 @@
  *    consumer that is merely behind (`pending`) from one that acked an event without an
  *    inbox row (`skipped`).
  *
+ * Events the relay withheld under the residency policy (events.relay_withheld) are expected
+ * nowhere: they are counted (`relay.withheld`), not reported as unpublished, and the early stop
+ * does not wait for them. One that is on the broker or reached a consumer (an inbox row or a
+ * dead letter) left for a location the policy forbids: a `residency_breach`.
+ *
  * The inbox primary key (consumer, event id) makes a second inbox row impossible, so a double
  * effect can only be seen in the effects themselves: callers whose consumers' effects are
  * countable pass `effectCounts`, and a count above one is a `duplicate_effect`. Inbox rows
@@ -87,7 +92,12 @@ export type ReconcileIssueKind =
   /** An inbox row names an event the store does not have. */
   | 'inbox_unknown_event'
   /** An inbox row names a known event with a different position. */
-  | 'inbox_position_mismatch';
+  | 'inbox_position_mismatch'
+  /**
+   * The relay withheld it (residency: its data may not be where the broker is), yet it is on
+   * the broker (consumer null) or a consumer received it (that consumer).
+   */
+  | 'residency_breach';
 
 export const ISSUE_KINDS: readonly ReconcileIssueKind[] = [
   'unpublished',
@@ -97,6 +107,7 @@ export const ISSUE_KINDS: readonly ReconcileIssueKind[] = [
   'duplicate_effect',
   'inbox_unknown_event',
   'inbox_position_mismatch',
+  'residency_breach',
 ];
 
 export interface ReconcileIssue {
@@ -112,7 +123,7 @@ export interface ReconcileIssue {
   partition: number | null;
   recordedAt: string | null;
   detail: string;
-  /** Effects counted (duplicate_effect, not_consumed), delivery attempts (dead_lettered). */
+  /** Effects counted (duplicate_effect, not_consumed), delivery attempts (dead_lettered), copies on the broker (residency_breach). */
   count?: number;
 }
 
@@ -166,6 +177,8 @@ export interface ReconcileReport {
     publishedAheadOfCheckpoint: number;
     /** Not seen by the scan, beyond the checkpoint, yet delivered to a consumer: published after the scan. */
     publishedAfterScan: number;
+    /** Withheld by the relay under the residency policy (events.relay_withheld): expected on neither the broker nor any inbox. */
+    withheld: number;
   };
   consumers: ConsumerReconciliation[];
   issueCounts: Record<ReconcileIssueKind, number>;
@@ -321,6 +334,9 @@ interface PageRow {
   copies: number;
   first_seq: string | null;
   in_range: boolean;
+  /** From events.relay_withheld; null unless the relay withheld the event. */
+  withheld_reason: string | null;
+  withheld_at: Date | null;
 }
 
 interface GapRow {
@@ -420,7 +436,8 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
                ON cp.partition = e.partition
             WHERE e.recorded_at >= $1 AND e.recorded_at < $2
               AND (e.transaction_id, e.position) <= (cp.transaction_id::xid8, cp.position)
-              AND NOT EXISTS (SELECT 1 FROM ll_reconcile_seen s WHERE s.event_id = e.event_id)) AS missing`,
+              AND NOT EXISTS (SELECT 1 FROM ll_reconcile_seen s WHERE s.event_id = e.event_id)
+              AND NOT EXISTS (SELECT 1 FROM events.relay_withheld w WHERE w.event_id = e.event_id)) AS missing`,
         [from, to, ...cpArgs],
       );
       return r.rows[0]?.missing === false;
@@ -513,6 +530,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     let beyondCheckpoint = 0;
     let publishedAheadOfCheckpoint = 0;
     let publishedAfterScan = 0;
+    let withheld = 0;
     let paged = 0;
     if (lo !== null && hi !== null) {
       const last = BigInt(hi);
@@ -526,9 +544,10 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
           // [lo, hi] can lie outside the time range (recorded_at is the transaction's start).
           `SELECT e.position::text, e.transaction_id::text, e.partition, e.event_id::text, e.stream_type, e.stream_id,
                   e.version, e.recorded_at, coalesce(s.copies, 0) AS copies, s.first_seq::text,
-                  (e.recorded_at >= $3 AND e.recorded_at < $4) AS in_range
+                  (e.recorded_at >= $3 AND e.recorded_at < $4) AS in_range, w.reason AS withheld_reason, w.withheld_at
              FROM events.events e
              LEFT JOIN LATERAL (SELECT x.copies, x.first_seq FROM ll_reconcile_seen x WHERE x.event_id = e.event_id LIMIT 1) s ON true
+             LEFT JOIN LATERAL (SELECT y.reason, y.withheld_at FROM events.relay_withheld y WHERE y.event_id = e.event_id LIMIT 1) w ON true
             WHERE e.position > $1 AND e.position <= $2
             ORDER BY e.position`,
           [after.toString(), upper.toString(), from, to],
@@ -577,6 +596,27 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
           if (!checkpointed) beyondCheckpoint += 1;
           // Delivered to some consumer: handled (an inbox row) or given up on (a dead letter).
           const delivered = eventGaps.length < consumers.length || eventGaps.some((g) => g.dead_at !== null);
+          if (r.withheld_at !== null) {
+            withheld += 1;
+            const why = `the relay withheld it at ${r.withheld_at.toISOString()} (${r.withheld_reason})`;
+            if (r.copies > 0) {
+              eventsSeen += 1;
+              addIssue({ ...where, kind: 'residency_breach', consumer: null, count: r.copies, detail: `${why}, yet the broker has it (stream sequence ${r.first_seq})` });
+            }
+            const missing = new Map(eventGaps.map((g) => [g.consumer, g]));
+            for (const c of consumers) {
+              const gap = missing.get(c);
+              if (gap !== undefined && gap.dead_at === null) continue;
+              addIssue({
+                ...where,
+                kind: 'residency_breach',
+                consumer: c,
+                detail: `${why}, yet the consumer received it (${gap === undefined ? 'an inbox row' : 'a dead letter'})`,
+              });
+            }
+            // Not expected on the broker nor in any inbox: the consumers are not held to it.
+            continue;
+          }
           if (r.copies > 0) {
             eventsSeen += 1;
             if (!checkpointed) publishedAheadOfCheckpoint += 1;
@@ -715,6 +755,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
         beyondCheckpoint,
         publishedAheadOfCheckpoint,
         publishedAfterScan,
+        withheld,
       },
       consumers: [...perConsumer.values()],
       issueCounts,
@@ -748,7 +789,7 @@ export function formatReconcileReport(report: ReconcileReport): string {
   );
   lines.push(
     `  relay: ${report.relay.beyondCheckpoint} events beyond the checkpoints, ${report.relay.publishedAheadOfCheckpoint} published ahead ` +
-      `of them, ${report.relay.publishedAfterScan} published after the scan`,
+      `of them, ${report.relay.publishedAfterScan} published after the scan, ${report.relay.withheld} withheld (residency)`,
   );
   for (const c of report.consumers) {
     const d = c.durable === null ? 'no durable on the broker' : `ack floor ${c.durable.ackFloorSeq}, ${c.durable.numPending} pending`;

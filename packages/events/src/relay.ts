@@ -4,10 +4,11 @@
  *
  * - Many events travel in one broker message (a batch), because JetStream acknowledges
  *   messages one at a time: batching is what gets the bus past tens of thousands of events
- *   a second. The message id is `<partition>:<first position>-<last position>`, the same
- *   for the same batch however often it is published, so the broker drops a republished
- *   batch within its duplicate window. A batch that is cut differently after a restart gets
- *   a new id and is delivered again; consumers' inboxes drop the events they already handled.
+ *   a second. The message id is `<partition>:<first position>-<last position>` (see
+ *   `messageId`), the same for the same batch however often it is published, so the broker
+ *   drops a republished batch within its duplicate window. A batch that is cut differently
+ *   after a restart gets a new id and is delivered again; consumers' inboxes drop the events
+ *   they already handled.
  * - Each partition is published by one relay at a time: the holder of a PostgreSQL
  *   session advisory lock. Within a partition, events leave in the global order, on one
  *   connection, so every stream's events arrive in order.
@@ -16,15 +17,33 @@
  * - The relay passes events on without parsing them: it reads PostgreSQL's text and splices
  *   each event's JSON into the message (see `readOutbox`), which cut its CPU per event by a
  *   third against parsing the jsonb and serialising it again.
+ * - With a residency policy (`residency`), events whose data region may not be at the broker's
+ *   location are withheld: not published, recorded in `events.relay_withheld` by the same
+ *   statement that moves the checkpoint past them, and counted. Which events are withheld is
+ *   a function of the stored region tags and the policy, so a re-read round withholds the same.
  */
+import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager, type JetStreamClient } from '@nats-io/jetstream';
 import pg from 'pg';
-import { CHECKPOINT_START, type Checkpoint, type EventStore } from './store.ts';
+import {
+  CHECKPOINT_START,
+  partitionByResidency,
+  type Checkpoint,
+  type EventStore,
+  type ResidencyPolicy,
+  type ResidencyViolationError,
+} from './store.ts';
 import { encodeEnvelopes, envelopeJson } from './wire.ts';
 
 const { types: pgTypes } = pg;
+
+/** The policy the relay enforces, and where its broker (the JetStream stream) lives, e.g. `us-east-1`. */
+export interface RelayResidency {
+  policy: ResidencyPolicy;
+  location: string;
+}
 
 export interface RelayOptions {
   pool: pg.Pool;
@@ -44,14 +63,21 @@ export interface RelayOptions {
   failureWaitMsMax?: number;
   publishTimeoutMs?: number;
   /**
-   * Runs before a partition's next events leave the database; throwing publishes nothing and
-   * checkpoints nothing, and the relay tries again with backoff, so an event that may not
-   * leave holds its partition back instead of being skipped. The seam for policy checks on
-   * what may go to the broker, such as data residency (`streamRegions` and
-   * `assertResidency(policy, stream, 'replicate', brokerLocation)` from the store).
+   * Data residency: each round's events are split with `partitionByResidency(..., location,
+   * 'replicate')`. Those the policy refuses at `location` are not published; they are recorded
+   * in `events.relay_withheld` with the reason, and the checkpoint moves past them. Untagged
+   * streams always go. Unset: everything is published.
+   */
+  residency?: RelayResidency;
+  /**
+   * Runs before a partition's next events leave the database (after residency has withheld
+   * what it must: these are the events about to be published, never none). Throwing publishes
+   * nothing and checkpoints nothing, and the relay tries again with backoff, so an event that
+   * may not leave holds its partition back instead of being skipped. The seam for other
+   * checks on what may go to the broker.
    */
   beforePublish?: (partition: number, events: readonly OutboxEvent[]) => void | Promise<void>;
-  /** Fault-injection hook for tests: runs after the broker acked, before the checkpoint. */
+  /** Fault-injection hook for tests: runs after the broker acked `events` events, before the checkpoint. */
   afterPublish?: (partition: number, events: number) => void | Promise<void>;
   onError?: (error: unknown) => void;
 }
@@ -65,6 +91,8 @@ const RELAY_LOCK_CLASS = 0x4c4c5231; // "LLR1"
 export interface RelayStats {
   published: number;
   messages: number;
+  /** Events not published because the residency policy forbids them at the broker (`events.relay_withheld`). */
+  withheld: number;
   partitionsHeld: number[];
 }
 
@@ -93,14 +121,14 @@ export async function ensureEventStream(
 }
 
 export class OutboxRelay {
-  readonly #o: Required<Omit<RelayOptions, 'beforePublish' | 'afterPublish' | 'onError'>> &
-    Pick<RelayOptions, 'beforePublish' | 'afterPublish' | 'onError'>;
+  readonly #o: Required<Omit<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>> &
+    Pick<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>;
   readonly #js: JetStreamClient;
   #lockClient: pg.PoolClient | null = null;
   readonly #held = new Set<number>();
   #running = false;
   #loop: Promise<void> | null = null;
-  #stats = { published: 0, messages: 0 };
+  #stats = { published: 0, messages: 0, withheld: 0 };
 
   constructor(options: RelayOptions) {
     this.#o = {
@@ -183,36 +211,69 @@ export class OutboxRelay {
     }
   }
 
-  /** Publishes the next batch of one partition. Returns how many events it published. */
+  /**
+   * Publishes the next batch of one partition. Returns how many events it got past (published
+   * or withheld), so that a round that only withheld does not wait before the next.
+   */
   async #publishOnce(partition: number): Promise<number> {
-    const { pool } = this.#o;
+    const { pool, residency } = this.#o;
     const checkpoint = await readCheckpoint(pool, partition);
     const events = await readOutbox(pool, partition, checkpoint, this.#o.readBatchMax);
     if (events.length === 0) return 0;
-    await this.#o.beforePublish?.(partition, events);
+    const { allowed, withheld } =
+      residency === undefined
+        ? { allowed: events, withheld: [] }
+        : await partitionByResidency(pool, residency.policy, events, residency.location, 'replicate');
+    // Every event read is either published or recorded as withheld; none is dropped.
+    if (allowed.length + withheld.length !== events.length) {
+      throw new Error(`relay: residency split ${events.length} events into ${allowed.length} + ${withheld.length}`);
+    }
+    if (allowed.length > 0) await this.#o.beforePublish?.(partition, allowed);
     const subject = `${this.#o.subjectPrefix}.p${partition}`;
-    const messages = splitMessages(events, this.#o.eventsPerMessageMax, this.#o.messageBytesMax);
-    // Published back to back on one connection, so the broker stores them in order; the
-    // checkpoint moves only once every one of them is acked.
-    const acks = messages.map((batch) => {
-      const first = batch[0] as OutboxEvent;
-      const last = batch.at(-1) as OutboxEvent;
+    const messages = splitMessages(allowed, this.#o.eventsPerMessageMax, this.#o.messageBytesMax);
+    const readIndex = withheld.length === 0 ? null : new Map(events.map((e, i) => [e, i]));
+    // One at a time: a message is published only once the broker has stored the one before.
+    // Sent back to back, a refused or lost message could be followed by a stored one, and the
+    // retry would then store the earlier events after the later ones: a stream's events out
+    // of order on the bus. Each ack is one round trip per message of up to
+    // `eventsPerMessageMax` events. The checkpoint moves only once every one is acked.
+    for (const batch of messages) {
       const h = headers();
       h.set('Ledgerline-Events', String(batch.length));
-      return this.#js.publish(subject, encodeEnvelopes(batch.map((e) => e.json)), {
-        msgID: `${partition}:${first.position}-${last.position}`,
+      await this.#js.publish(subject, encodeEnvelopes(batch.map((e) => e.json)), {
+        msgID: messageId(partition, batch, readIndex),
         headers: h,
         timeout: this.#o.publishTimeoutMs,
       });
-    });
-    await Promise.all(acks);
-    await this.#o.afterPublish?.(partition, events.length);
+    }
+    await this.#o.afterPublish?.(partition, allowed.length);
     const last = events.at(-1) as OutboxEvent;
-    await writeCheckpoint(pool, partition, { transactionId: last.transactionId, position: last.position }, events.length);
-    this.#stats.published += events.length;
+    await writeCheckpoint(pool, partition, { transactionId: last.transactionId, position: last.position }, allowed.length, withheld);
+    this.#stats.published += allowed.length;
+    this.#stats.withheld += withheld.length;
     this.#stats.messages += messages.length;
     return events.length;
   }
+}
+
+/**
+ * A message's id: `<partition>:<first position>-<last position>`, the same for the same batch
+ * on every publish, so that the broker drops a republished copy. When residency withheld
+ * events between its first and last (`readIndex` maps the round's events to their place in
+ * the read), the id also carries a digest of the positions in the message: the same batch
+ * still gets the same id, but a batch between the same two events with other events withheld
+ * (the policy or a tag changed between a publish and its checkpoint) gets a new one, where the
+ * broker would otherwise drop it as a copy and lose the events it adds.
+ */
+function messageId(partition: number, batch: readonly OutboxEvent[], readIndex: ReadonlyMap<OutboxEvent, number> | null): string {
+  const first = batch[0] as OutboxEvent;
+  const last = batch.at(-1) as OutboxEvent;
+  const id = `${partition}:${first.position}-${last.position}`;
+  if (readIndex === null) return id;
+  const span = (readIndex.get(last) as number) - (readIndex.get(first) as number) + 1;
+  if (span === batch.length) return id;
+  const digest = createHash('sha256').update(batch.map((e) => e.position).join(',')).digest('base64url').slice(0, 16);
+  return `${id}~${digest}`;
 }
 
 /** One event on its way out: its place in the global order, its stream, and its wire JSON. */
@@ -325,16 +386,43 @@ export async function readCheckpoint(db: Pick<pg.ClientBase, 'query'>, partition
   return row === undefined ? CHECKPOINT_START : { transactionId: BigInt(row.transaction_id), position: BigInt(row.position) };
 }
 
-/** Moves a checkpoint forward only: a relay that lost its lock cannot drag it back. */
-async function writeCheckpoint(db: Pick<pg.ClientBase, 'query'>, partition: number, to: Checkpoint, published: number): Promise<void> {
+/**
+ * Moves a checkpoint forward only (a relay that lost its lock cannot drag it back), and records
+ * the events withheld on the way. One statement, so one transaction: a withheld event is never
+ * passed without its record, nor recorded while still ahead of the checkpoint. Retrying it
+ * after a failure is harmless (`ON CONFLICT DO NOTHING`).
+ */
+async function writeCheckpoint(
+  db: Pick<pg.ClientBase, 'query'>,
+  partition: number,
+  to: Checkpoint,
+  published: number,
+  withheld: ReadonlyArray<{ event: OutboxEvent; error: ResidencyViolationError }>,
+): Promise<void> {
   await db.query(
-    `INSERT INTO events.relay_checkpoints AS c (partition, transaction_id, position, published)
+    `WITH withheld AS (
+       INSERT INTO events.relay_withheld (event_id, partition, position, transaction_id, stream_type, stream_id, region, location, reason)
+       SELECT w.event_id, $1, w.position, w.transaction_id::xid8, w.stream_type, w.stream_id, w.region, w.location, w.reason
+         FROM unnest($5::uuid[], $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+              AS w(event_id, position, transaction_id, stream_type, stream_id, region, location, reason)
+       ON CONFLICT (event_id) DO NOTHING)
+     INSERT INTO events.relay_checkpoints AS c (partition, transaction_id, position, published)
      VALUES ($1, $2::text::xid8, $3, $4)
      ON CONFLICT (partition) DO UPDATE
         SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position,
             published = c.published + EXCLUDED.published, updated_at = now()
       WHERE (c.transaction_id, c.position) < (EXCLUDED.transaction_id, EXCLUDED.position)`,
-    [partition, to.transactionId.toString(), to.position.toString(), published],
+    [
+      partition, to.transactionId.toString(), to.position.toString(), published,
+      withheld.map((w) => w.event.id),
+      withheld.map((w) => w.event.position.toString()),
+      withheld.map((w) => w.event.transactionId.toString()),
+      withheld.map((w) => w.event.streamType),
+      withheld.map((w) => w.event.streamId),
+      withheld.map((w) => w.error.dataRegion),
+      withheld.map((w) => w.error.location),
+      withheld.map((w) => w.error.message),
+    ],
   );
 }
 

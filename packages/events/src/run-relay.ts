@@ -6,7 +6,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import type pg from 'pg';
-import { ensureEventStream, OutboxRelay, type RelayStats } from './relay.ts';
+import { ensureEventStream, OutboxRelay, type RelayResidency, type RelayStats } from './relay.ts';
 import type { EventStore } from './store.ts';
 
 /** How long one attempt to reach the broker may take, and the wait between attempts. */
@@ -19,6 +19,8 @@ export interface RunRelayOptions {
   natsUrl: string;
   streamName: string;
   subjectPrefix: string;
+  /** Withhold what the residency policy forbids at the broker's location (see `RelayOptions`). */
+  residency?: RelayResidency;
   /** Called on every failure the relay recovers from by itself. */
   onError?: (error: unknown) => void;
   onConnected?: () => void;
@@ -78,6 +80,7 @@ export function runRelay(options: RunRelayOptions): RunningRelay {
       nats,
       streamName: options.streamName,
       subjectPrefix: options.subjectPrefix,
+      ...(options.residency === undefined ? {} : { residency: options.residency }),
       ...(options.onError === undefined ? {} : { onError: options.onError }),
     });
     relay.start();

@@ -479,7 +479,13 @@ describe('chaos: exactly once with real processes', () => {
         handled: total.handled,
         settleMs,
       });
-      assert.equal(total.handled, ids.length, 'each event handled once across all runs');
+      // assertExactlyOnce above is the exact check, on the database. The processes' own counts
+      // can only fall short, never exceed: the consumer works on several partitions at once, so
+      // another lane may have committed a message (its effects are in the database) and not yet
+      // counted it when this lane's afterCommit killed the process; that message's redelivery
+      // is then skipped by the inbox and counted by nobody (seen: 590 of 600 under load).
+      assert.ok(total.handled <= ids.length, `no event handled twice across all runs (${total.handled} of ${ids.length})`);
+      assert.ok(total.handled + total.duplicatesSkipped >= ids.length, 'every event handled or skipped as already handled');
       assert.ok(total.redeliveries >= KILLS, 'the broker redelivered the unacked messages');
       // Each killed message's events were committed, so their redelivery is skipped whole. (More
       // skips than that would only come from ack-wait expiries, which are harmless.)

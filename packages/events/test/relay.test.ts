@@ -123,4 +123,45 @@ describe('the relay', () => {
       await relay.stop();
     }
   });
+
+  test('a message the broker refuses is never overtaken: the next waits for it, so the bus keeps the order', async () => {
+    // A stream of its own that refuses messages over 1500 bytes: the first event's message is
+    // refused, the four after it would be stored. Published back to back, they were, and the
+    // retry stored the first after them (versions 2, 3, 4, 5, 1 on the bus).
+    const jsm = await jetstreamManager(env.nats);
+    const streamName = `${env.streamName}_ORDER`;
+    const subjectPrefix = `${env.subjectPrefix}order`;
+    await jsm.streams.add({ name: streamName, subjects: [`${subjectPrefix}.>`], max_msg_size: 1500, duplicate_window: 120_000_000_000 });
+    const errors: string[] = [];
+    const relay = new OutboxRelay({
+      pool: env.pool, store: env.store, nats: env.nats, streamName, subjectPrefix, eventsPerMessageMax: 1, failureWaitMsMax: 50,
+      onError: (e) => errors.push(String(e)),
+    });
+    try {
+      await inTx(env.pool, (c) => env.store.append(c, { type: 'order', id: 'o-1' }, [
+        { type: 'Big', data: { pad: 'x'.repeat(3000) } },
+        ...Array.from({ length: 4 }, (_, i) => ({ type: 'Small', data: { i } })),
+      ], { expectedVersion: 'no_stream' }));
+      const onBus = async (): Promise<number[]> => {
+        const info = await jsm.streams.info(streamName);
+        const versions: number[] = [];
+        for (let seq = info.state.first_seq; seq <= info.state.last_seq && info.state.messages > 0; seq += 1) {
+          const m = await jsm.streams.getMessage(streamName, { seq });
+          if (m !== null) versions.push(...decodeBatch(m.data).filter((e) => e.streamType === 'order').map((e) => e.version));
+        }
+        return versions;
+      };
+      relay.start();
+      await waitFor('the broker to refuse the big message a few times', () => Promise.resolve(errors.length >= 3));
+      assert.match(errors[0] ?? '', /maximum|size|exceed/i, 'refused for its size');
+      assert.deepEqual(await onBus(), [], 'nothing after the refused message was published');
+      const info = await jsm.streams.info(streamName);
+      await jsm.streams.update(streamName, { ...info.config, max_msg_size: -1 });
+      await waitFor('the relay to publish all five', async () => (await onBus()).length >= 5);
+      assert.deepEqual(await onBus(), [1, 2, 3, 4, 5], 'the stream\'s events are on the bus in order, once each');
+    } finally {
+      await relay.stop();
+      await jsm.streams.delete(streamName).catch(() => false);
+    }
+  });
 });

@@ -22,11 +22,12 @@ import {
   EventStore,
   intOption,
   migrateEvents,
+  parseResidencyPolicy,
+  ResidencyConfigError,
   ResidencyViolationError,
   UsageError,
   type Checkpoint,
   type CliIo as BaseCliIo,
-  type ResidencyPolicy,
 } from '@ledgerline/events';
 import { exportEvents } from './export.ts';
 import { ledgerBalanceAt, ledgerBalancesProjection } from './ledger-balances.ts';
@@ -73,22 +74,6 @@ const OPTIONS = {
 } as const;
 
 const COMMANDS = ['status', 'run', 'replay', 'rebuild', 'reconcile-ledger', 'balance-at', 'export'];
-
-/** EVENTS_RESIDENCY_POLICY, checked: an object of region → array of location strings. */
-export function parseResidencyPolicy(text: string | undefined): ResidencyPolicy {
-  if (text === undefined || text === '') throw new UsageError('EVENTS_RESIDENCY_POLICY is required for export');
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    throw new UsageError(`EVENTS_RESIDENCY_POLICY is not JSON: ${text}`);
-  }
-  const ok =
-    parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed) &&
-    Object.values(parsed).every((v) => Array.isArray(v) && v.every((x) => typeof x === 'string'));
-  if (!ok) throw new UsageError('EVENTS_RESIDENCY_POLICY must map each data region to an array of locations, e.g. {"eu":["eu-west-1"]}');
-  return { allowed: parsed as Record<string, string[]> };
-}
 
 function stopOnSignals(): Promise<void> {
   return new Promise((resolve) => {
@@ -168,7 +153,9 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     }
     if (command === 'export') {
       if (a.to === undefined || a.out === undefined) throw new UsageError('export needs --to REGION and --out FILE');
-      const policy = parseResidencyPolicy(env.EVENTS_RESIDENCY_POLICY);
+      const policyText = env.EVENTS_RESIDENCY_POLICY;
+      if (policyText === undefined || policyText === '') throw new UsageError('EVENTS_RESIDENCY_POLICY is required for export');
+      const policy = parseResidencyPolicy(policyText);
       const location = env.EVENTS_REGION;
       if (location === undefined || location === '') throw new UsageError('EVENTS_REGION is required for export');
       const localStore = await EventStore.open(pool, { residency: { policy, location } });
@@ -226,7 +213,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       `${report.rebuildSeconds.toFixed(2)} s, ${Math.round(report.eventsPerSecond)} events/s`);
     return 0;
   } catch (error) {
-    if (error instanceof UsageError) err(`${error.message}\n${USAGE}`);
+    if (error instanceof UsageError || error instanceof ResidencyConfigError) err(`${error.message}\n${USAGE}`);
     else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
     return 2;
   } finally {

@@ -17,6 +17,10 @@ export const ledgerConfigSchema = Type.Object({
   EVENTS_RELAY_ENABLED: Type.Boolean({ default: true }),
   EVENTS_STREAM: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$', default: 'LEDGERLINE_EVENTS' }),
   EVENTS_SUBJECT_PREFIX: Type.String({ pattern: '^[a-z0-9_-]+(\\.[a-z0-9_-]+)*$', default: 'ledgerline.events' }),
+  // Residency for the relay: both or neither (empty: no filtering). main.ts parses them with
+  // relayResidencyFromEnv, which names the variable when a value is bad.
+  EVENTS_BROKER_LOCATION: Type.String({ default: '' }),
+  EVENTS_RESIDENCY_POLICY: Type.String({ default: '' }),
   // Authentication is on unless this says `disabled`, which main.ts logs loudly at start.
   LEDGER_AUTH: Type.Union([Type.Literal('required'), Type.Literal('disabled')], { default: 'required' }),
   AUTH_JWKS_URL: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001/.well-known/jwks.json' }),

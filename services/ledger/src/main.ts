@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { EventStore, migrateEvents, runRelay } from '@ledgerline/events';
+import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
 import { AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, SigningKeyError, startSequencerWorker, type CheckpointSigner } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
@@ -20,6 +20,16 @@ try {
 } catch (error) {
   if (!(error instanceof ConfigError)) throw error;
   process.stderr.write(`ledger: ${error.message}\n`);
+  process.exit(2);
+}
+
+// The relay's residency policy is checked before anything starts, like the rest of the configuration.
+let relayResidency: RelayResidency | null;
+try {
+  relayResidency = relayResidencyFromEnv(config);
+} catch (error) {
+  if (!(error instanceof ResidencyConfigError)) throw error;
+  process.stderr.write(`ledger: Invalid configuration: ${error.message}\n`);
   process.exit(2);
 }
 
@@ -69,7 +79,8 @@ const relay = config.EVENTS_RELAY_ENABLED
       natsUrl: config.NATS_URL,
       streamName: config.EVENTS_STREAM,
       subjectPrefix: config.EVENTS_SUBJECT_PREFIX,
-      onConnected: () => logger.info({ nats: config.NATS_URL }, 'events: relay connected'),
+      ...(relayResidency === null ? {} : { residency: relayResidency }),
+      onConnected: () => logger.info({ nats: config.NATS_URL, brokerLocation: relayResidency?.location ?? null }, 'events: relay connected'),
       onError: (err) => logger.warn({ err }, 'events: relay failure; it retries from its checkpoint'),
     })
   : null;

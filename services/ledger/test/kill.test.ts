@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
+import { inTransaction } from '@ledgerline/events';
 import { newId } from '@ledgerline/ledger';
 import { freePort } from '@ledgerline/testing';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
@@ -231,4 +232,55 @@ test('a bad configuration stops the service at start with a message naming the v
   assert.match(stderr, /Invalid configuration/);
   assert.match(stderr, /PORT must be integer \(got "abc"\)/);
   assert.match(stderr, /LEDGER_BATCH_SIZE_MAX must be >= 1/);
+});
+
+test('a bad residency setting for the relay stops the service at start, naming the variable', async () => {
+  const start = async (extra: Record<string, string>): Promise<{ code: number | null; stderr: string }> => {
+    const child = spawn(process.execPath, [MAIN], { env: { ...process.env, DATABASE_URL: t.db.url, ...EVENTS_ENV, ...extra }, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr?.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString();
+    });
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    return { code, stderr };
+  };
+  const notJson = await start({ EVENTS_RESIDENCY_POLICY: '{eu: eu-west-1}', EVENTS_BROKER_LOCATION: 'us-east-1' });
+  assert.equal(notJson.code, 2);
+  assert.match(notJson.stderr, /^ledger: Invalid configuration: EVENTS_RESIDENCY_POLICY is not JSON \(got "\{eu: eu-west-1\}"\)$/m);
+  const half = await start({ EVENTS_RESIDENCY_POLICY: '{"eu":["eu-west-1"]}' });
+  assert.equal(half.code, 2);
+  assert.match(half.stderr, /^ledger: Invalid configuration: EVENTS_BROKER_LOCATION is required when EVENTS_RESIDENCY_POLICY is set/m);
+});
+
+test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withholds what may not go to its broker', async () => {
+  const port = await freePort();
+  const service = await startService(port, { EVENTS_RESIDENCY_POLICY: '{"eu":["eu-west-1"]}', EVENTS_BROKER_LOCATION: 'us-east-1' });
+  try {
+    const [resident, free] = [`resident-${TAG}`, `free-${TAG}`];
+    await inTransaction(t.pool, async (c) => {
+      await t.events.append(c, { type: 'note', id: resident }, [{ type: 'Noted', data: {} }], { expectedVersion: 'no_stream', region: 'eu' });
+      await t.events.append(c, { type: 'note', id: free }, [{ type: 'Noted', data: {} }], { expectedVersion: 'no_stream' });
+    });
+    const passed = async (id: string): Promise<boolean> => {
+      const r = await t.pool.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM events.events e JOIN events.relay_checkpoints c ON c.partition = e.partition
+          WHERE e.stream_id = $1 AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)`,
+        [id],
+      );
+      return r.rows[0]?.n === 1;
+    };
+    const deadline = Date.now() + 15_000;
+    while (!((await passed(resident)) && (await passed(free)))) {
+      assert.ok(Date.now() < deadline, 'the relay did not get past both events within 15 s');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const withheld = await t.pool.query<{ stream_id: string; region: string; location: string }>(
+      'SELECT stream_id, region, location FROM events.relay_withheld WHERE stream_id = ANY($1::text[])',
+      [[resident, free]],
+    );
+    assert.deepEqual(withheld.rows, [{ stream_id: resident, region: 'eu', location: 'us-east-1' }]);
+  } finally {
+    service.kill('SIGTERM');
+    await killed(service);
+  }
 });
