@@ -26,6 +26,9 @@ export type IdentityErrorCode =
   | 'not_found';
 
 /** A refusal the caller may see. Messages never say which of username or password was wrong. */
+/** What every refused login says, whatever the reason: naming it would tell usernames apart. */
+export const LOGIN_REFUSED = 'invalid username, password or code';
+
 export class IdentityError extends Error {
   readonly code: IdentityErrorCode;
   constructor(code: IdentityErrorCode, message: string) {
@@ -170,15 +173,17 @@ export class Identity {
   async login(request: LoginRequest): Promise<TokenResponse> {
     this.#checkUserAudience(request.audience);
     const nowMs = this.#clock();
-    const refusal = new IdentityError('invalid_grant', 'invalid username, password or code');
+    const refusal = new IdentityError('invalid_grant', LOGIN_REFUSED);
     return this.#transaction(async (client) => {
       const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE username = $1 FOR UPDATE', [request.username.toLowerCase()]);
       const user = r.rows[0];
       const counters: LoginCounters | null = user === undefined ? null : { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
+      // The password is hashed in every case, locked or unknown user included, so that how long
+      // a refusal takes says nothing about which refusal it is.
+      const passwordOk = await verifyPassword(user?.password_hash ?? null, request.password);
       if (counters !== null && isLocked(counters, nowMs)) {
         throw new IdentityError('account_locked', 'too many failed attempts; try again later');
       }
-      const passwordOk = await verifyPassword(user?.password_hash ?? null, request.password);
       if (user === undefined || counters === null) throw refusal;
       if (!passwordOk) return this.#fail(client, user.id, counters, nowMs, refusal);
       if (user.totp_confirmed && user.totp_secret !== null) {

@@ -8,7 +8,7 @@ import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy } from '@ledgerline/authz';
-import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
+import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
 import { createService, postgresReadinessCheck, problem, problemType, ProblemResponse, type HttpProblem, type Service } from '@ledgerline/service-runtime';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
@@ -81,7 +81,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     service: 'identity',
   });
 
-  const problems = { 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 409: ProblemResponse, 415: ProblemResponse, 423: ProblemResponse };
+  const problems = { 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 409: ProblemResponse, 415: ProblemResponse };
   const noStore = { 'cache-control': 'no-store' };
 
   app.get('/.well-known/jwks.json', { schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut } } }, async (_request, reply) => {
@@ -105,6 +105,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
           return tokens;
         } catch (error) {
           options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', payload: { audience: body.audience ?? null } });
+          // A locked account is refused as a wrong password is: a distinct answer (it was 423)
+          // told anyone probing that the username exists. The audit trail keeps the true reason.
+          if (error instanceof IdentityError && error.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
           throw error instanceof IdentityError ? identityProblem(error) : error;
         }
       };

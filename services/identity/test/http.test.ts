@@ -102,14 +102,19 @@ describe('the token endpoint', () => {
     assertOAuthProblem(await token({ grant_type: 'client_credentials', audience: 'ledger', client_id: 'payments' }), 400, 'invalid_request');
   });
 
-  test('brute force over HTTP: the third wrong password locks the account (423), even for the right password', async () => {
+  test('brute force over HTTP: the third wrong password locks the account, even for the right password, and a locked account answers as an unknown one', async () => {
     const admin = await login('root');
     const created = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username: 'erin', password: PASSWORD, roles: [ROLES.customer] } });
     assert.equal(created.statusCode, 201, created.body);
     assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 1', audience: 'ledger' }), 400, 'invalid_grant');
     assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 2', audience: 'ledger' }), 400, 'invalid_grant');
-    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: 'wrong password 3', audience: 'ledger' }), 423, 'account_locked');
-    assertOAuthProblem(await token({ grant_type: 'password', username: 'erin', password: PASSWORD, audience: 'ledger' }), 423, 'account_locked');
+    const third = await token({ grant_type: 'password', username: 'erin', password: 'wrong password 3', audience: 'ledger' });
+    const locked = await token({ grant_type: 'password', username: 'erin', password: PASSWORD, audience: 'ledger' });
+    const unknown = await token({ grant_type: 'password', username: 'nobody-by-this-name', password: PASSWORD, audience: 'ledger' });
+    for (const r of [third, locked, unknown]) assertOAuthProblem(r, 400, 'invalid_grant');
+    // Nothing in the answer tells a locked account from a username that does not exist.
+    const body = (r: typeof locked) => { const { instance: _instance, request_id: _requestId, ...rest } = r.json<Record<string, unknown>>(); return rest; };
+    assert.deepEqual(body(locked), body(unknown));
     now += 60_000;
     await login('erin', 'ledger');
     // Each attempt is an authentication event in the audit trail, with why it failed.
