@@ -1,4 +1,5 @@
 export { inTransaction } from './transaction.ts';
+export { readHorizon } from './horizon.ts';
 export { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
 export {
   allowedLocations,

@@ -35,6 +35,7 @@ import {
   type ResidencyPolicy,
   type ResidencyViolationError,
 } from './store.ts';
+import { readHorizon } from './horizon.ts';
 import { encodeEnvelopes, envelopeJson } from './wire.ts';
 
 const { types: pgTypes } = pg;
@@ -300,8 +301,7 @@ const parseTimestamptz = pgTypes.getTypeParser(pgTypes.builtins.TIMESTAMPTZ) as 
 
 /**
  * The next events of a partition after its checkpoint, as wire JSON: the order and horizon of
- * `EventStore.readAll` (by transaction id and position, only from transactions older than
- * every one still running), read as text so that the payload is spliced, never parsed.
+ * `EventStore.readAll` (by transaction id and position, below `readHorizon`), read as text so that the payload is spliced, never parsed.
  */
 export async function readOutbox(
   db: Pick<pg.ClientBase, 'query'>,
@@ -309,14 +309,15 @@ export async function readOutbox(
   after: Checkpoint,
   limit: number,
 ): Promise<OutboxEvent[]> {
+  const horizon = await readHorizon(db);
   const r = await db.query<Record<(typeof OUTBOX_COLUMNS)[number], string>>({
     text: `SELECT ${OUTBOX_COLUMNS.join(', ')} FROM events.events e
             WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
-              AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              AND e.transaction_id < $5::text::xid8
               AND e.partition = $3::smallint
             ORDER BY e.transaction_id, e.position
             LIMIT $4`,
-    values: [after.transactionId.toString(), after.position.toString(), partition, limit],
+    values: [after.transactionId.toString(), after.position.toString(), partition, limit, horizon.toString()],
     types: AS_TEXT,
   });
   // The events of one transaction share its start time: convert each distinct one once.

@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
+import { readHorizon } from './horizon.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -476,8 +477,9 @@ export class EventStore {
 
   /**
    * The next events in the global order after `after`: by (transaction id, position), and
-   * only from transactions older than every transaction still running. A transaction that
-   * commits late therefore appears after the reader has waited for it, never behind it.
+   * only from transactions older than every transaction of this database still running (see
+   * `readHorizon`). A transaction that commits late therefore appears after the reader has
+   * waited for it, never behind it.
    *
    * `fields` makes a lean read for replays: each event's `data` then holds only those
    * top-level keys, each as text (`data->>key`: strings as they are, numbers and objects as
@@ -492,15 +494,16 @@ export class EventStore {
   ): Promise<StoredEvent[]> {
     const { after, limit, partition, fields } = options;
     const columns = fields === undefined ? EVENT_COLUMNS : leanColumns(fields);
+    const horizon = await readHorizon(db);
     const r = await db.query<EventRecord & Record<string, unknown>>(
       // ORDER BY the table's columns (e.*), not the text renderings of the same name.
       `SELECT ${columns} FROM events.events e
         WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
-          AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          AND e.transaction_id < $5::text::xid8
           AND ($3::smallint IS NULL OR e.partition = $3::smallint)
         ORDER BY e.transaction_id, e.position
         LIMIT $4`,
-      [after.transactionId.toString(), after.position.toString(), partition ?? null, limit],
+      [after.transactionId.toString(), after.position.toString(), partition ?? null, limit, horizon.toString()],
     );
     const events = fields === undefined ? r.rows.map(toEvent) : r.rows.map((row) => toLeanEvent(row, fields));
     await this.#checkResidency(db, events, 'read', options.location);

@@ -7,9 +7,9 @@
  * counting those rows against the events committed in the store: every event exactly once,
  * none missing, none unknown.
  *
- * The horizon that readers and relays wait behind (pg_snapshot_xmin) is cluster-wide, so
- * other databases' transactions can hold it back for a while: every wait here is bounded and
- * polls; nothing assumes immediacy.
+ * Readers and relays wait behind the read horizon (src/horizon.ts), which an open transaction
+ * of this database holds back for a while: every wait here is bounded and polls; nothing
+ * assumes immediacy.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';

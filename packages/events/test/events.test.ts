@@ -91,9 +91,9 @@ describe('the event store', () => {
   test('the global order never skips a transaction that commits late', async () => {
     const slow = await env.pool.connect();
     try {
-      // Catch up with everything committed so far. (The horizon is cluster-wide: another
-      // database's open transaction may hold it back for a moment, so wait rather than stop
-      // at the first empty read.)
+      // Catch up with everything committed so far. (A transaction of this database still
+      // open, such as a pool connection's, may hold the horizon back for a moment, so wait
+      // rather than stop at the first empty read.)
       const { rows } = await env.pool.query<{ max: string }>('SELECT coalesce(max(position), 0)::text AS max FROM events.events');
       const last = BigInt(rows[0]?.max ?? '0');
       let cp = CHECKPOINT_START;

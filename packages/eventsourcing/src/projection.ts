@@ -13,7 +13,7 @@
  *   repoints the views in the same transaction: readers never see a half-built model.
  */
 import type pg from 'pg';
-import { CHECKPOINT_START, inTransaction, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
+import { CHECKPOINT_START, inTransaction, readHorizon, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -283,10 +283,12 @@ async function replaySetBased(pool: pg.Pool, p: Projection, replaySql: NonNullab
     if (row === undefined) throw new Error(`generation ${generation} of ${p.name} does not exist`);
     if (row.p !== '0') return 0;
     // Everything below the horizon is committed, and whatever commits later sorts after it.
+    const horizon = await readHorizon(c);
     const last = await c.query<{ t: string; p: string }>(
       `SELECT e.transaction_id::text AS t, e.position::text AS p FROM events.events e
-        WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+        WHERE e.transaction_id < $1::text::xid8
         ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1`,
+      [horizon.toString()],
     );
     const head = last.rows[0];
     if (head === undefined) return 0;
@@ -412,16 +414,17 @@ async function replayInMemory(
  * below the read horizon, in one index-only pass: pages that workers can read independently.
  */
 async function pageBoundaries(db: Queryable, after: Checkpoint, pageSize: number, until: Checkpoint | undefined): Promise<Checkpoint[]> {
+  const horizon = await readHorizon(db);
   const r = await db.query<{ t: string; p: string }>(
     `SELECT t, p FROM (
        SELECT e.transaction_id::text AS t, e.position::text AS p,
               row_number() OVER (ORDER BY e.transaction_id, e.position) AS rn, count(*) OVER () AS total
          FROM events.events e
         WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
-          AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+          AND e.transaction_id < $6::text::xid8
           AND ($4::text IS NULL OR (e.transaction_id, e.position) <= ($4::text::xid8, $5::bigint))) x
       WHERE rn % $3 = 0 OR rn = total ORDER BY rn`,
-    [after.transactionId.toString(), after.position.toString(), pageSize, until?.transactionId.toString() ?? null, until?.position.toString() ?? null],
+    [after.transactionId.toString(), after.position.toString(), pageSize, until?.transactionId.toString() ?? null, until?.position.toString() ?? null, horizon.toString()],
   );
   return r.rows.map((x) => ({ transactionId: BigInt(x.t), position: BigInt(x.p) }));
 }

@@ -49,7 +49,7 @@ async function reset(): Promise<void> {
   await rebuild(env.pool, env.store, projection, { mode: 'in-place', batchSize: 100 });
 }
 
-/** Every committed event, once the read horizon has passed them all (it is cluster-wide). */
+/** Every committed event, once the read horizon has passed them all. */
 async function allEvents(): Promise<StoredEvent[]> {
   const committed = Number((await env.pool.query<{ n: string }>('SELECT count(*) AS n FROM events.events')).rows[0]!.n);
   let all: StoredEvent[] = [];
@@ -132,6 +132,12 @@ describe('ledger balances projection', () => {
         try {
           await engine.createAccounts(openAccounts);
           await engine.createTransfers([{ id: tid(9), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[3]!, amount: 500n, ledger: 'USD', code: 1 }]);
+          // One reservation that expires, in every run: the random operations reach an expiry
+          // in most runs but not all (seed 362417265 reached none in 15), and the check of
+          // event types below must not depend on the seed.
+          await engine.createTransfers([{ id: tid(8), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[1]!, amount: 1n, ledger: 'USD', code: 1, flags: { pending: true }, timeoutSeconds: 1 }]);
+          clock.advanceSeconds(2);
+          await engine.expirePendingTransfers();
           for (const op of ops) {
             if (op.kind === 'transfers') await engine.createTransfers(op.list);
             else {

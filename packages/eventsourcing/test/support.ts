@@ -35,8 +35,8 @@ export async function esTestEnv(options: { ledger?: boolean; residency?: StoreRe
 export { inTransaction as inTx } from '@ledgerline/events';
 
 /**
- * Polls until `check` holds; fails after `timeoutMs`. The read horizon (pg_snapshot_xmin) is
- * cluster-wide, so another test's open transaction can hold readers back for a while.
+ * Polls until `check` holds; fails after `timeoutMs`. The read horizon (readHorizon) waits for
+ * this database's open transactions, so readers can be held back for a while.
  */
 export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const started = Date.now();
