@@ -92,6 +92,8 @@ export async function applyRetention(
             const hot = await c.query('DELETE FROM events.events WHERE stream_type = $1 AND stream_id = $2', args);
             const cold = await c.query('DELETE FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2', args);
             await c.query('DELETE FROM events.stream_regions WHERE stream_type = $1 AND stream_id = $2', args);
+            // The relay's record of events it withheld names the stream too: it goes with it.
+            await c.query('DELETE FROM events.relay_withheld WHERE stream_type = $1 AND stream_id = $2', args);
             report.eventsDeleted += (hot.rowCount ?? 0) + (cold.rowCount ?? 0);
             report.deleted.push(stream);
           }

@@ -155,6 +155,9 @@ describe('retention', () => {
       await inTx(env.pool, (c) => env.store.append(c, { type: 'ticket', id }, [event, event], { expectedVersion: 'no_stream' }));
     }
     await env.pool.query(`INSERT INTO events.snapshots (stream_type, stream_id, version, state_version, state) VALUES ('ticket', 'old-a', 2, 1, '{}')`);
+    // As the relay records events it withheld (residency): the record names the stream.
+    await env.pool.query(`INSERT INTO events.relay_withheld (event_id, partition, position, transaction_id, stream_type, stream_id, region, location, reason)
+      SELECT event_id, partition, position, transaction_id, stream_type, stream_id, 'eu', 'us-east-1', 'refused' FROM events.events WHERE stream_type = 'ticket'`);
     const held = new Set(['held-c']);
     const holds: LegalHolds = { isHeld: (_db, s) => Promise.resolve(held.has(s.streamId)) };
     const now = new Date();
@@ -173,10 +176,13 @@ describe('retention', () => {
     // 400 days on: delete the archived ones; the hold still keeps held-c. Lifting it lets it go.
     const deleted = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: 365 }], holds, now: new Date(now.getTime() + 400 * day), streamsMax: 10 });
     assert.deepEqual({ deleted: deleted.deleted.map((s) => s.streamId), held: deleted.held.map((s) => s.streamId), events: deleted.eventsDeleted }, { deleted: ['old-a', 'old-b'], held: ['held-c'], events: 4 });
+    const withheld = await env.pool.query<{ stream_id: string }>(`SELECT DISTINCT stream_id FROM events.relay_withheld WHERE stream_type = 'ticket'`);
+    assert.deepEqual(withheld.rows.map((r) => r.stream_id), ['held-c'], 'the relay\'s records go with the deleted streams, not the held one');
     held.clear();
     const lifted = await applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: 365 }], holds: NO_LEGAL_HOLDS, now: new Date(now.getTime() + 400 * day) });
     assert.deepEqual(lifted.deleted.map((s) => s.streamId), ['held-c']);
     assert.equal(await count(env.pool, `SELECT (SELECT count(*) FROM events.events WHERE stream_type = 'ticket') + (SELECT count(*) FROM events.archived_events)`), 0);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.relay_withheld WHERE stream_type = 'ticket'`), 0);
     await assert.rejects(applyRetention(env.pool, { rules: [{ streamType: 'ticket', deleteAfterDays: -1 }], holds, now }), /deleteAfterDays must be >= 0/);
   });
 });
