@@ -8,8 +8,9 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
-import { CHECKPOINT_START, readHorizon, type StoredEvent } from '../src/index.ts';
+import { createTestDatabase, propertySeed, type TestDatabase } from '@ledgerline/testing';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { CHECKPOINT_START, checkpointOf, readHorizon, type Checkpoint, type StoredEvent } from '../src/index.ts';
 import { readOutbox } from '../src/relay.ts';
 import { eventsTestEnv, inTx, type EventsTestEnv } from './support.ts';
 
@@ -123,5 +124,80 @@ describe('the read horizon', () => {
       await elsewhere.end();
       await env.pool.query(`DROP ROLE ${role}`);
     }
+  });
+
+  test('under concurrent writers that take their ids early and commit late, a tailing reader misses nothing and reads nothing twice', async () => {
+    // Writers like the ledger's batches: an id first (a write elsewhere), then the events,
+    // then a random wait, then COMMIT or ROLLBACK; all while another database holds a write
+    // transaction open, which the old horizon would have waited for to the end.
+    const seed = propertySeed('read horizon under concurrent writers');
+    let state = seed >>> 0;
+    const random = (): number => {
+      state = (state + 0x6d2b79f5) >>> 0;
+      let t = Math.imul(state ^ (state >>> 15), 1 | state);
+      t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+    const elsewhere = new pg.Client({ connectionString: other.url });
+    await elsewhere.connect();
+    await openWriteTransaction(elsewhere);
+    const committed: string[] = [];
+    let writing = true;
+    const writer = async (w: number): Promise<void> => {
+      for (let i = 0; i < 12; i += 1) {
+        const c = await env.pool.connect();
+        try {
+          await c.query('BEGIN');
+          if (random() < 0.5) await c.query('SELECT pg_current_xact_id()');
+          await sleep(Math.floor(random() * 30));
+          const streamId = `w${w}-${i}`;
+          const n = 1 + Math.floor(random() * 4);
+          await env.store.append(c, { type: 'stress', id: streamId }, Array.from({ length: n }, (_, k) => ({ type: 'Step', data: { k } })), { expectedVersion: 'no_stream' });
+          await sleep(Math.floor(random() * 30));
+          if (random() < 0.15) await c.query('ROLLBACK');
+          else {
+            await c.query('COMMIT');
+            for (let k = 0; k < n; k += 1) committed.push(`${streamId}#${k + 1}`);
+          }
+        } finally {
+          c.release();
+        }
+      }
+    };
+    const read: StoredEvent[] = [];
+    let readWhileWriting = 0;
+    const reader = async (): Promise<void> => {
+      let after: Checkpoint = CHECKPOINT_START;
+      for (;;) {
+        // Once every writer has ended, nothing of this database is running: the first empty
+        // page means the reader is at the end, and anything it passed is missing for good.
+        const done = !writing;
+        const page = await env.store.readAll(env.pool, { after, limit: 7 });
+        const last = page.at(-1);
+        if (last !== undefined) after = checkpointOf(last);
+        const mine = page.filter((e) => e.streamType === 'stress');
+        read.push(...mine);
+        if (writing) readWhileWriting += mine.length;
+        if (done && page.length === 0) return;
+        if (page.length === 0) await sleep(5);
+      }
+    };
+    try {
+      const readerDone = reader();
+      await Promise.all(Array.from({ length: 6 }, (_, w) => writer(w)));
+      writing = false;
+      await readerDone;
+    } finally {
+      await elsewhere.query('ROLLBACK').catch(() => {});
+      await elsewhere.end();
+    }
+    const ids = read.map((e) => `${e.streamId}#${e.version}`);
+    assert.equal(new Set(ids).size, ids.length, 'nothing read twice');
+    assert.deepEqual([...ids].sort(), [...committed].sort(), 'every committed event read, nothing rolled back');
+    for (let i = 1; i < read.length; i += 1) {
+      const [a, b] = [read[i - 1]!, read[i]!];
+      assert.ok(a.transactionId < b.transactionId || (a.transactionId === b.transactionId && a.position < b.position), 'in the global order');
+    }
+    assert.ok(readWhileWriting > 0, 'the reader moved on while the other database\'s transaction stayed open');
   });
 });
