@@ -20,9 +20,12 @@
  * one at or above S1's xmax, and the horizon is never above that. Prepared (two-phase)
  * transactions have no backend, so `pg_prepared_xacts` is read as well.
  *
- * Outside READ COMMITTED, S2 is S1, and a transaction that finished in between would be
- * invisible to the read while below the horizon: there the cluster-wide horizon is used, as
- * before. `backend_xid` is among the columns of `pg_stat_activity` that every role may read,
+ * Where that does not hold, the cluster-wide horizon is used, as before:
+ * - outside READ COMMITTED, S2 is S1, and a transaction that finished in between would be
+ *   invisible to the read while below the horizon;
+ * - on a hot standby, whose snapshots list the primary's running transactions while its
+ *   `pg_stat_activity` shows only its own sessions.
+ * `backend_xid` is among the columns of `pg_stat_activity` that every role may read,
  * whatever it may see of other roles' sessions (horizon.test.ts holds the server to that).
  *
  * `pg_stat_activity` is cached for the rest of a transaction once read; the cache is cleared
@@ -40,7 +43,7 @@ const HORIZON_SQL = `SELECT pg_stat_clear_snapshot();
     UNION ALL
     SELECT p.transaction::text::bigint FROM pg_prepared_xacts p WHERE p.database = current_database())
   SELECT (CASE
-    WHEN current_setting('transaction_isolation') <> 'read committed' THEN pg_snapshot_xmin(s.snap)
+    WHEN current_setting('transaction_isolation') <> 'read committed' OR pg_is_in_recovery() THEN pg_snapshot_xmin(s.snap)
     ELSE coalesce(
       -- A backend shows its 32-bit xid; the snapshot lists 64-bit ones. Every running id is
       -- within 2^31 of the next, so the low 32 bits name one of them.
