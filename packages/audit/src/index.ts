@@ -44,4 +44,5 @@ export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions 
 export { auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema } from './config.ts';
 export { startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
+export { serviceSigner } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

@@ -11,11 +11,18 @@ const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
  */
 export const identityConfigSchema = Type.Object({
   ...baseConfigSchema.properties,
-  // Token requests and access decisions go to the audit queue; the sequencer of a service
-  // sharing the database (the ledger's, locally) gives them their place in the log.
+  // Token requests and access decisions go to the audit queue, and this service runs a
+  // sequencer too, so they get their place in the log whether or not a ledger shares the
+  // database. Sharing one, both sequencers take turns (an advisory lock) on one log: give them
+  // the same AUDIT_LOG_ORIGIN and AUDIT_SIGNING_KEY.
   AUDIT_ENABLED: auditConfigSchema.properties.AUDIT_ENABLED,
   AUDIT_FLUSH_INTERVAL_MS: auditConfigSchema.properties.AUDIT_FLUSH_INTERVAL_MS,
   AUDIT_BUFFER_ENTRIES_MAX: auditConfigSchema.properties.AUDIT_BUFFER_ENTRIES_MAX,
+  AUDIT_SIGNING_KEY: auditConfigSchema.properties.AUDIT_SIGNING_KEY,
+  AUDIT_LOG_ORIGIN: auditConfigSchema.properties.AUDIT_LOG_ORIGIN,
+  AUDIT_SEQUENCER_ENABLED: auditConfigSchema.properties.AUDIT_SEQUENCER_ENABLED,
+  AUDIT_SEQUENCER_INTERVAL_MS: auditConfigSchema.properties.AUDIT_SEQUENCER_INTERVAL_MS,
+  AUDIT_CHECKPOINT_INTERVAL_MS: auditConfigSchema.properties.AUDIT_CHECKPOINT_INTERVAL_MS,
   PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
   IDENTITY_ISSUER: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001' }),
   IDENTITY_USER_AUDIENCES: Type.String({ pattern: LIST, default: 'ledger,identity' }),

@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { migrateAudit, PostgresAuditSink } from '@ledgerline/audit';
+import { migrateAudit, PostgresAuditSink, serviceSigner, startSequencerWorker } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, migrateIdentity } from '@ledgerline/identity';
 import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
@@ -23,6 +23,9 @@ try {
 
 const logger = pino({ level: config.LOG_LEVEL, base: { service: 'identity' } });
 
+// The checkpoint signing key is checked before anything starts, as the ledger does.
+const signer = config.AUDIT_ENABLED && config.AUDIT_SEQUENCER_ENABLED ? serviceSigner('identity', config.AUDIT_SIGNING_KEY, (message) => logger.warn(message)) : null;
+
 await migrateIdentity(config.DATABASE_URL);
 if (config.AUDIT_ENABLED) await migrateAudit(config.DATABASE_URL);
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
@@ -37,6 +40,22 @@ const audit = config.AUDIT_ENABLED
     })
   : null;
 if (audit === null) logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: token requests and access decisions are only logged');
+// Integrates the queue into the Merkle log in a worker thread and signs checkpoints. Without
+// it, a deployment whose identity database no ledger shares would queue its records forever.
+const sequencer =
+  signer === null
+    ? null
+    : await startSequencerWorker(
+        {
+          databaseUrl: config.DATABASE_URL,
+          signingKeyPem: config.AUDIT_SIGNING_KEY,
+          production: process.env.NODE_ENV === 'production',
+          origin: config.AUDIT_LOG_ORIGIN,
+          intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
+          checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
+        },
+        (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+      );
 
 const identity = new Identity({
   pool,
@@ -60,7 +79,8 @@ const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,
   shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
-  // Requests have drained; the sink writes what it buffered, then the pool closes.
-  onClose: [() => audit?.close(), () => pool.end()],
+  // Requests have drained; the sink writes what it buffered, the sequencer integrates it and
+  // signs a last checkpoint, then the pool closes.
+  onClose: [() => audit?.close(), () => sequencer?.close(), () => pool.end()],
 });
 logger.info({ address, issuer: config.IDENTITY_ISSUER }, 'identity: listening');

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, SigningKeyError, startSequencerWorker, type CheckpointSigner } from '@ledgerline/audit';
+import { AuditStore, migrateAudit, PostgresAuditSink, serviceSigner, startSequencerWorker, type CheckpointSigner } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
@@ -38,14 +38,7 @@ const logger = pino({ level: config.LOG_LEVEL, base: { service: 'ledger' } });
 // The checkpoint signing key is checked before anything starts (docs/audit.md).
 let signer: CheckpointSigner | null = null;
 if (config.AUDIT_ENABLED) {
-  try {
-    signer = loadSigningKey(config.AUDIT_SIGNING_KEY, { production: process.env.NODE_ENV === 'production' });
-  } catch (error) {
-    if (!(error instanceof SigningKeyError)) throw error;
-    process.stderr.write(`ledger: Invalid configuration: AUDIT_SIGNING_KEY ${error.message}\n`);
-    process.exit(2);
-  }
-  if (signer.development) logger.warn('audit: AUDIT_SIGNING_KEY is unset: checkpoints are signed with the public DEVELOPMENT key, which anyone can forge with');
+  signer = serviceSigner('ledger', config.AUDIT_SIGNING_KEY, (message) => logger.warn(message));
 } else {
   logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: commands, reads and events are not audited');
 }

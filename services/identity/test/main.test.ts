@@ -1,0 +1,71 @@
+/**
+ * The identity service as a process of its own, on a database no ledger shares: its audit
+ * records (token requests) are sequenced into the Merkle log by its own sequencer, a signed
+ * checkpoint covers them, the log verifies, and SIGTERM leaves nothing in the queue.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { loadSigningKey, verifyLog } from '@ledgerline/audit';
+import { createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
+
+const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
+const SECRET = 'identity-main-test-secret';
+
+let db: TestDatabase;
+let pool: pg.Pool;
+before(async () => {
+  db = await createTestDatabase('ll_identity_main');
+  pool = new pg.Pool({ connectionString: db.url, max: 2 });
+});
+after(async () => {
+  await pool.end();
+  await db.drop();
+});
+
+async function poll<T>(what: string, read: () => Promise<T | null>): Promise<T> {
+  for (let waitedMs = 0; ; waitedMs += 100) {
+    const value = await read();
+    if (value !== null) return value;
+    assert.ok(waitedMs < 30_000, `timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+test('alone on its database, the identity service sequences its own audit records and signs checkpoints', async () => {
+  const port = await freePort();
+  const child = spawn(process.execPath, [MAIN], {
+    env: { ...process.env, PORT: String(port), DATABASE_URL: db.url, LOG_LEVEL: 'warn', AUDIT_SIGNING_KEY: '', AUDIT_CHECKPOINT_INTERVAL_MS: '0', IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments', IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  try {
+    const base = `http://127.0.0.1:${port}`;
+    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
+    const token = (form: Record<string, string>) =>
+      fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
+    assert.equal((await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' })).status, 200);
+    assert.equal((await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'a wrong secret', audience: 'ledger' })).status, 401);
+
+    const records = await poll('both token requests in the log', async () => {
+      const r = await pool.query<{ seq: string; outcome: string; reason: string | null }>(
+        `SELECT seq::text, outcome, reason FROM audit.records WHERE action = 'identity.token' ORDER BY seq`,
+      );
+      return r.rows.length >= 2 ? r.rows : null;
+    });
+    assert.deepEqual(records.map((r) => [r.outcome, r.reason]), [['success', null], ['failure', 'invalid_client']]);
+    const last = BigInt(records.at(-1)!.seq);
+    await poll('a checkpoint over them', async () => {
+      const r = await pool.query<{ n: string }>('SELECT coalesce(max(tree_size), 0)::text AS n FROM audit.checkpoints');
+      return BigInt(r.rows[0]!.n) > last ? true : null;
+    });
+  } finally {
+    child.kill('SIGTERM');
+  }
+  assert.equal(await exited, 0, 'a clean stop');
+  assert.equal((await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue')).rows[0]!.n, 0, 'nothing left queued');
+  const report = await verifyLog(pool, { publicKey: loadSigningKey(undefined, { production: false }).publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
+});
