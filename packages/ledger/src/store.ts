@@ -235,18 +235,25 @@ export interface WriteSet {
  * Writes a decided batch in one statement and asserts that every row landed. The accounts are
  * found by the ctid their lock returned: one TID lookup each (see BEGIN_WRITE for why the
  * planner takes it). The statement is named, so each connection plans it once, not per batch.
+ *
+ * The pending transfers a batch resolves are updated by a second, unnamed statement, planned
+ * each time, and only when there are any. Inside the named statement its plan was made once,
+ * while the transfers table was nearly empty, and kept: a sequential scan of every transfer in
+ * every batch, resolutions or not (measured: 4 ms of the write at the start of a run, 18 ms
+ * forty seconds and 100,000 transfers later, throughput halving). Its plan depends on the
+ * table's size, so it is the part that must not be cached.
  */
 export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
   const a = w.accounts;
   const t = w.inserts;
   const p = w.resolvedPending;
-  const r = await db.query<{ accounts: number; inserted: number; resolved: number }>({
+  const r = await db.query<{ accounts: number; inserted: number }>({
     name: 'ledger.write_batch',
     text: `WITH acc AS (
        UPDATE ledger.accounts AS a
           SET debits_pending = u.dp, debits_posted = u.dpo,
               credits_pending = u.cp, credits_posted = u.cpo, flags = u.flags
-         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $26::tid[])
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[], $23::tid[])
               AS u(id, dp, dpo, cp, cpo, flags, ctid)
         WHERE a.ctid = u.ctid AND a.id = u.id
         RETURNING 1
@@ -258,16 +265,9 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
               $12::uuid[], $13::text[], $14::int[], $15::int[], $16::int[], $17::jsonb[],
               $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::bigint[])
        RETURNING 1
-     ), pend AS (
-       UPDATE ledger.transfers AS t
-          SET pending_status = u.status, resolved_at = u.resolved_at
-         FROM unnest($23::uuid[], $24::text[], $25::bigint[]) AS u(id, status, resolved_at)
-        WHERE t.id = u.id AND t.pending_status = 'pending'
-        RETURNING 1
      )
      SELECT (SELECT count(*) FROM acc)::int AS accounts,
-            (SELECT count(*) FROM ins)::int AS inserted,
-            (SELECT count(*) FROM pend)::int AS resolved`,
+            (SELECT count(*) FROM ins)::int AS inserted`,
     values: [
       a.map((x) => x.id),
       a.map((x) => x.debitsPending.toString()),
@@ -291,25 +291,35 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
       t.map((x) => x.pendingStatus),
       t.map((x) => str(x.expiresAt)),
       t.map((x) => str(x.resolvedAt)),
-      p.map((x) => x.id),
-      p.map((x) => x.pendingStatus),
-      p.map((x) => str(x.resolvedAt)),
       a.map((x) => x.ctid),
     ],
   });
+  const resolved = p.length === 0 ? 0 : await resolvePending(db, p);
   const counts = r.rows[0];
   // Check after writing: the rows we decided on are the rows that changed, or nothing commits.
   if (
     counts === undefined ||
     counts.accounts !== a.length ||
     counts.inserted !== t.length ||
-    counts.resolved !== p.length
+    resolved !== p.length
   ) {
     throw new Error(
       `invariant: batch write mismatch (accounts ${counts?.accounts}/${a.length}, ` +
-        `transfers ${counts?.inserted}/${t.length}, pending ${counts?.resolved}/${p.length})`,
+        `transfers ${counts?.inserted}/${t.length}, pending ${resolved}/${p.length})`,
     );
   }
+}
+
+/** Marks the pending transfers a batch resolved; returns how many rows changed. Unnamed: planned per call (see writeBatch). */
+async function resolvePending(db: Queryable, p: readonly TransferRow[]): Promise<number> {
+  const r = await db.query(
+    `UPDATE ledger.transfers AS t
+        SET pending_status = u.status, resolved_at = u.resolved_at
+       FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS u(id, status, resolved_at)
+      WHERE t.id = u.id AND t.pending_status = 'pending'`,
+    [p.map((x) => x.id), p.map((x) => x.pendingStatus), p.map((x) => str(x.resolvedAt))],
+  );
+  return r.rowCount ?? 0;
 }
 
 export async function selectDuePending(db: Queryable, nowNs: bigint, limit: number): Promise<TransferRow[]> {
