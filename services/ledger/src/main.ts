@@ -141,6 +141,12 @@ const app = await buildLedgerService({
     pruneIntervalMs: config.IDEMPOTENCY_PRUNE_INTERVAL_MS,
   },
 });
+if (relay !== null && app.metrics !== undefined) {
+  // What this process's relay got past since it started. A withheld event is one the residency
+  // policy kept from the broker: each is in events.relay_withheld, and a rise deserves a look.
+  app.metrics.registerGauge('events_relay_published', "Events this process's outbox relay published since it started.", () => relay.stats()?.published ?? 0);
+  app.metrics.registerGauge('events_relay_withheld', "Events this process's outbox relay withheld under the residency policy since it started (each is in events.relay_withheld).", () => relay.stats()?.withheld ?? 0);
+}
 const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,

@@ -279,6 +279,10 @@ test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withhold
       [[resident, free]],
     );
     assert.deepEqual(withheld.rows, [{ stream_id: resident, region: 'eu', location: 'us-east-1' }]);
+    // And the operator sees it counted.
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    assert.match(metrics, /^ledgerline_events_relay_withheld\{[^}]*\} 1$/m);
+    assert.match(metrics, /^ledgerline_events_relay_published\{[^}]*\} [1-9]\d*$/m);
   } finally {
     service.kill('SIGTERM');
     await killed(service);
