@@ -66,13 +66,13 @@ async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
   const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2 });
   pool.on('error', () => {});
-  // Only a sequencer that tails the event store needs it (the identity service's database may have none).
-  const store = o.eventsService === undefined ? null : await EventStore.open(pool);
+  // Only a sequencer that tails the event store opens it (the identity service's database may have none).
+  const events = o.eventsService === undefined ? null : { store: await EventStore.open(pool), service: o.eventsService };
   const sequencer = new AuditSequencer({
     pool,
     signer: loadSigningKey(o.signingKeyPem, { production: o.production }),
     origin: o.origin,
-    ...(o.eventsService === undefined || store === null ? {} : { events: { store, service: o.eventsService } }),
+    ...(events === null ? {} : { events }),
     ...(o.intervalMs === undefined ? {} : { intervalMs: o.intervalMs }),
     ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
     ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),

@@ -46,7 +46,7 @@ export {
   type EventHandler,
 } from './consumer.ts';
 export { decodeBatch, encodeBatch, MalformedBatchError } from './wire.ts';
-export { parseLocation, parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
+export { parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
   formatReconcileReport,
