@@ -6,7 +6,7 @@ import { defineConfig, globalIgnores } from 'eslint/config';
 import tseslint from 'typescript-eslint';
 
 export default defineConfig([
-  globalIgnores(['**/node_modules/', 'reports/', 'coverage/', '.tmp/']),
+  globalIgnores(['**/node_modules/', 'reports/', 'coverage/', '.tmp/', 'scratch/']),
 
   js.configs.recommended,
   tseslint.configs.strictTypeChecked,

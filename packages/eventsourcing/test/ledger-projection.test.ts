@@ -45,7 +45,7 @@ after(async () => {
 
 async function reset(): Promise<void> {
   await env.pool.query('TRUNCATE ledger.transfers, ledger.accounts, events.events');
-  await env.pool.query('UPDATE ledger.clock SET timestamp = 0');
+  await env.pool.query("SELECT setval('ledger.timestamps', 0)");
   await rebuild(env.pool, env.store, projection, { mode: 'in-place', batchSize: 100 });
 }
 

@@ -3,11 +3,13 @@
  *
  * Concurrent `createTransfers` calls are coalesced into batches. A batch is one database
  * transaction of four round trips: open it (lock the accounts it touches in ascending id
- * order, reserve timestamps from the clock row, read the transfers it references: one
- * round trip, see `openBatch`), decide every transfer in memory (decide.ts), write the result
- * with one set-based statement, append its events, commit. The clock row is held from the
- * open to the commit, so that part is serial across every instance; the next batch opens
- * meanwhile and waits for the clock with its accounts locked.
+ * order, reserve timestamps, read the transfers it references: one round trip, see
+ * `openBatch`), decide every transfer in memory (decide.ts), write the result with one
+ * set-based statement, append its events, commit.
+ *
+ * Several batches run at once, each on its own connection, and PostgreSQL runs them on as many
+ * cores. Two batches that touch the same account serialise on its row lock; this engine forms
+ * its batches so that they rarely do (see #takeCalls).
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
@@ -78,8 +80,8 @@ export interface LedgerEngineOptions {
   /** How long a batch may wait for more calls before it starts; 0 starts on the next turn. */
   batchLingerMs?: number;
   /**
-   * Batches in flight at once. One opens at a time (see #mayStartBatch); its locking overlaps
-   * the write and commit of those before it, and their write phases are serial.
+   * Batches in flight at once, each in its own transaction on its own connection. Calls that
+   * touch what an in-flight batch touches wait for a later batch (see #takeCalls).
    */
   batchesInFlightMax?: number;
   /** Most transfers waiting in the queue; beyond it calls fail with LedgerOverloadedError. */
@@ -101,6 +103,8 @@ export interface LedgerEngineOptions {
 
 interface QueuedCall {
   transfers: NewTransfer[];
+  /** The account and transfer ids the call names: two calls that share one are ordered. */
+  keys: string[];
   context: EventMetadata;
   resolve: (results: CreateTransferResult[]) => void;
   reject: (error: unknown) => void;
@@ -159,8 +163,8 @@ export class LedgerEngine {
   readonly #queue: QueuedCall[] = [];
   #queuedTransfers = 0;
   #inFlight = 0;
-  /** Batches in flight that have not yet opened (locked their accounts and the clock). */
-  #opening = 0;
+  /** The keys of the calls in flight, with how many in-flight calls name each. */
+  readonly #busy = new Map<string, number>();
   #scheduled = false;
   #closing = false;
   #drained: Array<() => void> = [];
@@ -236,20 +240,14 @@ export class LedgerEngine {
       return Promise.reject(new LedgerOverloadedError(`ledger queue is full (${this.#queueTransfersMax} transfers)`));
     }
     return new Promise((resolve, reject) => {
-      this.#queue.push({ transfers, context, resolve, reject });
+      this.#queue.push({ transfers, keys: callKeys(transfers), context, resolve, reject });
       this.#queuedTransfers += transfers.length;
       this.#schedule();
     });
   }
 
-  /**
-   * A batch may start while another is in flight, but not while another is still opening: a
-   * second batch opened at once would only queue on the clock lock behind the first, holding
-   * its few calls. Started once the first holds the clock, it has gathered every call that
-   * arrived meanwhile, and its locking overlaps the first one's write and commit.
-   */
   #mayStartBatch(): boolean {
-    return this.#queue.length > 0 && this.#inFlight < this.#batchesInFlightMax && this.#opening === 0;
+    return this.#queue.length > 0 && this.#inFlight < this.#batchesInFlightMax;
   }
 
   #schedule(): void {
@@ -259,7 +257,7 @@ export class LedgerEngine {
       this.#scheduled = false;
       this.#startBatch();
     };
-    // Under load, calls pile up while a batch is in flight, so batches grow by themselves.
+    // Under load, calls pile up while batches are in flight, so batches grow by themselves.
     // When idle, a call waits only for the rest of this turn (or the linger) before it goes.
     if (this.#batchLingerMs > 0 && this.#queuedTransfers < this.#batchSizeMax) {
       setTimeout(start, this.#batchLingerMs);
@@ -268,60 +266,87 @@ export class LedgerEngine {
     }
   }
 
-  #startBatch(): void {
-    if (this.#mayStartBatch()) {
-      const calls: QueuedCall[] = [];
-      let size = 0;
-      while (this.#queue.length > 0) {
-        const next = this.#queue[0] as QueuedCall;
-        if (calls.length > 0 && size + next.transfers.length > this.#batchSizeMax) break;
-        this.#queue.shift();
-        calls.push(next);
-        size += next.transfers.length;
+  /**
+   * Takes the calls for the next batch from the queue, in queue order, skipping each call that
+   * names an account or transfer id that a batch in flight names, or that a call skipped before
+   * it names. Such a call would only wait on that batch's row locks, holding up the rest of its
+   * batch; it goes in a later batch instead, and still after every earlier call it shares an id
+   * with. (A post or void whose pending transfer's accounts it does not name may still meet a
+   * lock: that costs a wait, never correctness.)
+   *
+   * The queue is shared out between the free batch slots, so that the batches in flight are
+   * of similar size and PostgreSQL works on all of them at once.
+   */
+  #takeCalls(): QueuedCall[] {
+    const freeSlots = this.#batchesInFlightMax - this.#inFlight;
+    const sizeMax = Math.min(this.#batchSizeMax, Math.ceil(this.#queuedTransfers / freeSlots));
+    const taken: QueuedCall[] = [];
+    const left: QueuedCall[] = [];
+    const skipped = new Set<string>();
+    let size = 0;
+    let i = 0;
+    for (; i < this.#queue.length; i += 1) {
+      const call = this.#queue[i] as QueuedCall;
+      if (taken.length > 0 && size + call.transfers.length > sizeMax) break;
+      if (call.keys.some((k) => this.#busy.has(k) || skipped.has(k))) {
+        for (const k of call.keys) skipped.add(k);
+        left.push(call);
+        continue;
       }
-      this.#queuedTransfers -= size;
-      this.#inFlight += 1;
-      this.#opening += 1;
-      let opened = false;
-      const onOpened = (): void => {
-        if (opened) return;
-        opened = true;
-        this.#opening -= 1;
-        this.#schedule();
-      };
-      void this.#runBatch(calls, onOpened).finally(() => {
-        onOpened();
-        this.#inFlight -= 1;
-        if (this.#inFlight === 0 && this.#queue.length === 0) {
-          for (const done of this.#drained.splice(0)) done();
-        }
-        this.#schedule();
-      });
+      taken.push(call);
+      size += call.transfers.length;
     }
+    if (taken.length > 0) this.#queue.splice(0, i, ...left);
+    return taken;
   }
 
-  /** `onOpened` is called once the batch has opened, or once an attempt to open it failed. */
-  async #runBatch(calls: QueuedCall[], onOpened: () => void): Promise<void> {
+  #startBatch(): void {
+    if (!this.#mayStartBatch()) return;
+    const calls = this.#takeCalls();
+    // Every queued call waits on a batch in flight; its end schedules the next.
+    if (calls.length === 0) return;
+    const size = calls.reduce((n, c) => n + c.transfers.length, 0);
+    this.#queuedTransfers -= size;
+    this.#inFlight += 1;
+    for (const call of calls) for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
+    void this.#runBatch(calls).finally(() => {
+      for (const call of calls) {
+        for (const k of call.keys) {
+          const n = (this.#busy.get(k) ?? 1) - 1;
+          if (n === 0) this.#busy.delete(k);
+          else this.#busy.set(k, n);
+        }
+      }
+      this.#inFlight -= 1;
+      if (this.#inFlight === 0 && this.#queue.length === 0) {
+        for (const done of this.#drained.splice(0)) done();
+      }
+      this.#schedule();
+    });
+    // Another slot may be free, and calls this batch skipped may fit in it.
+    this.#schedule();
+  }
+
+  async #runBatch(calls: QueuedCall[]): Promise<void> {
     const segments = calls.map((c) => c.transfers);
     let lastError: unknown;
     for (let attempt = 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
       this.#stats.batchAttempts += 1;
       try {
-        const decision = await this.#attemptBatch(segments, calls.map((c) => c.context), onOpened);
+        const decision = await this.#attemptBatch(segments, calls.map((c) => c.context));
         this.#stats.batches += 1;
         this.#stats.transfers += segments.reduce((n, s) => n + s.length, 0);
         calls.forEach((call, i) => call.resolve(decision.results[i] as CreateTransferResult[]));
         return;
       } catch (error) {
-        onOpened();
         lastError = error;
         if (!isTransient(error)) {
           // Not the database's weather but something in this batch. Split it, so that a
           // poisoned call fails alone and its neighbours still get their results.
           if (calls.length > 1) {
             const half = Math.ceil(calls.length / 2);
-            await this.#runBatch(calls.slice(0, half), onOpened);
-            await this.#runBatch(calls.slice(half), onOpened);
+            await this.#runBatch(calls.slice(0, half));
+            await this.#runBatch(calls.slice(half));
             return;
           }
           break;
@@ -342,7 +367,7 @@ export class LedgerEngine {
     for (const call of calls) call.reject(failure);
   }
 
-  async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[], onOpened: () => void): Promise<BatchDecision> {
+  async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[]): Promise<BatchDecision> {
     const all = segments.flat();
     const ids = new Set<string>();
     const pendingIds = new Set<string>();
@@ -366,7 +391,6 @@ export class LedgerEngine {
         count: all.length,
         nowNs: this.#clock(),
       });
-      onOpened();
       // The pending transfers' accounts were locked as of the locking statement; a pending
       // transfer committed after it began may name others. Deciding needs them locked.
       const locked = new Set(accounts.map((a) => a.id));
@@ -482,7 +506,26 @@ export class LedgerEngine {
     if (accounts.length > this.#batchSizeMax) throw new LedgerInputError('accounts', `at most ${this.#batchSizeMax} per call`);
     accounts.forEach(assertAccountShape);
     if (accounts.length === 0) return [];
-    const results: CreateAccountResult[] = accounts.map((a) => ({ id: a.id, result: validateAccount(a), timestamp: null }));
+    const validated = accounts.map(validateAccount);
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        return await this.#createAccountsOnce(accounts, validated, context);
+      } catch (error) {
+        if (!isTransient(error)) throw error;
+        if (attempt >= this.#batchAttemptsMax) {
+          throw new LedgerUnavailableError('the ledger could not reach its database; retry with the same ids', { cause: error });
+        }
+        await sleep(Math.random() * Math.min(ATTEMPT_BACKOFF_MS_MAX, ATTEMPT_BACKOFF_MS_BASE * 2 ** attempt));
+      }
+    }
+  }
+
+  async #createAccountsOnce(
+    accounts: NewAccount[],
+    validated: CreateAccountResultCode[],
+    context: EventMetadata,
+  ): Promise<CreateAccountResult[]> {
+    const results: CreateAccountResult[] = accounts.map((a, i) => ({ id: a.id, result: validated[i] as CreateAccountResultCode, timestamp: null }));
     const client = await this.#connect();
     let failed = false;
     try {
@@ -521,17 +564,14 @@ export class LedgerEngine {
         result.timestamp = row.timestamp;
       }
       const inserted = await insertAccounts(client, toInsert);
-      // Under the clock lock no other writer can insert meanwhile; assert it anyway.
-      if (inserted.size !== toInsert.length) throw new Error('invariant: account insert lost a row under the clock lock');
+      // Another call created one of these ids after our read: try again, and compare with it.
+      if (inserted.size !== toInsert.length) throw new RetryBatch('an account was created concurrently');
       await this.#events?.appendMany(client, toInsert.map((row) => accountEvent(row, context)));
       await client.query('COMMIT');
       return results;
     } catch (error) {
       failed = true;
       await client.query('ROLLBACK').catch(() => {});
-      if (isTransient(error)) {
-        throw new LedgerUnavailableError('the ledger could not reach its database; retry with the same ids', { cause: error });
-      }
       throw error;
     } finally {
       client.release(failed ? true : undefined);
@@ -620,6 +660,18 @@ export class LedgerEngine {
     if (this.#inFlight === 0 && this.#queue.length === 0) return;
     await new Promise<void>((resolve) => this.#drained.push(resolve));
   }
+}
+
+/** What a call names: its transfers' ids, their accounts and the pending transfers they resolve. */
+function callKeys(transfers: readonly NewTransfer[]): string[] {
+  const keys = new Set<string>();
+  for (const t of transfers) {
+    keys.add(t.id);
+    if (t.debitAccountId !== undefined) keys.add(t.debitAccountId);
+    if (t.creditAccountId !== undefined) keys.add(t.creditAccountId);
+    if (t.pendingId !== undefined) keys.add(t.pendingId);
+  }
+  return [...keys];
 }
 
 const SETTABLE_ACCOUNT_FLAGS = AccountFlag.debitsMustNotExceedCredits | AccountFlag.creditsMustNotExceedDebits;

@@ -102,8 +102,8 @@ export async function selectTransfers(db: Queryable, ids: string[]): Promise<Tra
 }
 
 /**
- * Locks accounts in ascending id order. Every writer locks this way (and takes the clock
- * last), so two batches can wait on each other but never deadlock.
+ * Locks accounts in ascending id order. Every writer locks this way, in one statement, so two
+ * batches can wait on each other but never deadlock.
  */
 export async function lockAccounts(db: Queryable, ids: string[]): Promise<AccountRow[]> {
   if (ids.length === 0) return [];
@@ -126,24 +126,22 @@ export async function selectAccounts(db: Queryable, ids: string[]): Promise<Acco
 }
 
 /**
- * Reserves `count` consecutive timestamps, at or after `nowNs`, after every timestamp issued
- * before. The row lock is held until commit, which makes the write phase serial and the
- * timestamps increase in commit order. Returns the first.
+ * Reserves `count` consecutive timestamps, at or after `nowNs`, after every timestamp reserved
+ * before, and returns the first (`ledger.reserve_timestamps`, migration 1732290000000). The
+ * reservation is atomic and holds nothing afterwards. A writer reserves only once it holds the
+ * lock of every account it will write, so each account's timestamps increase in the order its
+ * changes commit.
  */
 export async function reserveTimestamps(db: Queryable, count: number, nowNs: bigint): Promise<bigint> {
-  const r = await db.query<{ last: string }>(
-    `UPDATE ledger.clock SET timestamp = greatest(timestamp + $1::bigint, $2::bigint + $1::bigint - 1)
-     WHERE singleton RETURNING timestamp::text AS last`,
-    [count, nowNs.toString()],
-  );
-  const row = r.rows[0];
-  if (row === undefined) throw new Error('invariant: ledger.clock has no row');
-  return BigInt(row.last) - BigInt(count) + 1n;
+  const r = await db.query<{ first: string }>('SELECT ledger.reserve_timestamps($1, $2)::text AS first', [count, nowNs.toString()]);
+  const first = r.rows[0]?.first;
+  if (first === undefined) throw new Error('invariant: reserve_timestamps returned no row');
+  return BigInt(first);
 }
 
 /**
  * Every write transaction bounds its own waits, in the same round trip as BEGIN. A process
- * that stalls while holding the clock lock is cut off after 5 s (the batch is retried
+ * that stalls while holding account locks is cut off after 5 s (the batch is retried
  * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
  */
 export const BEGIN_WRITE =
@@ -180,7 +178,7 @@ export interface OpenedBatch {
   /** The existing accounts among `accountIds` and the pending transfers' accounts, locked. */
   accounts: AccountRow[];
   firstTimestamp: bigint;
-  /** The existing transfers among `transferIds`, read after the clock lock was granted. */
+  /** The existing transfers among `transferIds`, read after the account locks were granted. */
   transfers: TransferRow[];
 }
 
@@ -188,10 +186,16 @@ export interface OpenedBatch {
  * Opens a write batch in one round trip: BEGIN with its timeouts, lock the accounts (ascending
  * id, as `lockAccounts`), reserve the timestamps (as `reserveTimestamps`), read the transfers.
  * The statements travel as one simple-protocol query, so the values are inlined as literals:
- * canonical UUIDs and integers only. Each statement still takes its own snapshot (READ
- * COMMITTED), so the transfer read sees every batch that committed before the clock lock was
- * granted, and no other batch can insert until this one commits: the idempotency check is
- * exact. The pending transfers' accounts are found in the locking statement itself; one that
+ * canonical UUIDs and integers only. Each statement takes its own snapshot (READ COMMITTED),
+ * so the transfer read sees every batch that committed before our locks were granted.
+ *
+ * The idempotency check stays exact without a global lock. A transfer committed by another
+ * batch after our read either touches an account we hold, so it cannot commit before we do,
+ * or it has the same id as one of ours and no account in common: then one of the two inserts
+ * meets the other's row in the primary key, waits for it, and fails with a unique violation,
+ * and that batch retries and finds the row.
+ *
+ * The pending transfers' accounts are found in the locking statement itself; one that
  * commits after that statement began is caught by the caller, which compares the pending rows
  * read last against the accounts locked.
  */
@@ -206,21 +210,20 @@ export async function openBatch(db: Queryable, input: OpenBatchInput): Promise<O
                            WHERE t.id = ANY(${uuidArrayLiteral(input.pendingIds)}))`;
   const text = `${BEGIN_WRITE};
     SELECT ${LOCKED_ACCOUNT_COLUMNS} FROM ledger.accounts a WHERE a.id = ANY(${accountIds}) ORDER BY a.id FOR UPDATE;
-    UPDATE ledger.clock SET timestamp = greatest(timestamp + ${input.count}, ${input.nowNs.toString()} + ${input.count - 1})
-     WHERE singleton RETURNING timestamp::text AS last;
+    SELECT ledger.reserve_timestamps(${input.count}, ${input.nowNs.toString()})::text AS first;
     SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers WHERE id = ANY(${uuidArrayLiteral(input.transferIds)})`;
   // A multi-statement simple query resolves with one result per statement.
   const results = (await db.query(text)) as unknown as pg.QueryResult[];
   const [locked, clock, read] = results.slice(-3) as [
     pg.QueryResult<AccountRecord & { ctid: string }>,
-    pg.QueryResult<{ last: string }>,
+    pg.QueryResult<{ first: string }>,
     pg.QueryResult<TransferRecord>,
   ];
-  const last = clock.rows[0]?.last;
-  if (last === undefined) throw new Error('invariant: ledger.clock has no row');
+  const first = clock.rows[0]?.first;
+  if (first === undefined) throw new Error('invariant: reserve_timestamps returned no row');
   return {
     accounts: locked.rows.map((x) => ({ ...toAccountRow(x), ctid: x.ctid })),
-    firstTimestamp: BigInt(last) - BigInt(input.count) + 1n,
+    firstTimestamp: BigInt(first),
     transfers: read.rows.map(toTransferRow),
   };
 }

@@ -19,6 +19,7 @@ import {
   type NewTransfer,
 } from '../src/index.ts';
 import { transferEvent } from '../src/events.ts';
+import { reserveTimestamps } from '../src/store.ts';
 import { assertInvariants, ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
 
 let t: LedgerTestDb;
@@ -292,7 +293,7 @@ describe('transfers', () => {
       ],
     );
     // The ledger's clock is far from overflow in practice; near the end of time it refuses.
-    await t.pool.query('UPDATE ledger.clock SET timestamp = $1', [(AMOUNT_MAX - 10n ** 9n).toString()]);
+    await t.pool.query("SELECT setval('ledger.timestamps', $1)", [(AMOUNT_MAX - 10n ** 9n).toString()]);
     assert.deepEqual(await results([transfer(c, d, 1n, { flags: { pending: true }, timeoutSeconds: 5 })]), ['overflows_timeout']);
   });
 
@@ -558,43 +559,53 @@ describe('batching and limits', () => {
     assert.ok(stats.batchSizeMean > 1);
   });
 
-  test('calls that arrive while a batch is still opening gather into the next batch', async () => {
+  test('a batch that waits on a lock does not hold up calls on other accounts; calls on its accounts wait behind it, in order', async () => {
     const [a, b, c, d] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
-    // Given another transaction holds account a, so the first batch cannot open yet.
+    // Given another transaction holds account a, so a batch that moves money from a waits,
     const blocker = await t.pool.connect();
     try {
       await blocker.query('BEGIN');
       await blocker.query('SELECT 1 FROM ledger.accounts WHERE id = $1 FOR UPDATE', [a]);
       const first = engine.createTransfers([transfer(a, b, 1n)]);
       await waitUntilBlockedOnLock();
-      // When two calls on other accounts arrive in different turns while it waits,
-      const second = engine.createTransfers([transfer(c, d, 1n)]);
+      // when a call on other accounts arrives, it runs in a batch of its own meanwhile, and
+      // commits while the first is still waiting;
+      const [second] = await engine.createTransfers([transfer(c, d, 1n)]);
+      assert.equal(second?.result, 'ok');
+      // a call that shares account a with the waiting batch, and one after it that shares c
+      // with that call, both wait: the first for the batch, the second for the first.
+      const third = engine.createTransfers([transfer(c, a, 2n)]);
       await new Promise(setImmediate);
-      const third = engine.createTransfers([transfer(c, d, 2n)]);
+      const fourth = engine.createTransfers([transfer(d, c, 3n)]);
+      await new Promise(setImmediate);
+      assert.equal(engine.stats().batches, 1);
       await blocker.query('COMMIT');
-      const [r1, r2, r3] = (await Promise.all([first, second, third])).map((r) => r[0]);
-      // Then they go together, in one batch after the first, instead of one batch each.
-      assert.deepEqual([r1?.result, r2?.result, r3?.result], ['ok', 'ok', 'ok']);
-      assert.equal(engine.stats().batches, 2);
-      assert.equal((r3?.timestamp ?? 0n) - (r2?.timestamp ?? 0n), 1n);
-      assert.ok((r2?.timestamp ?? 0n) > (r1?.timestamp ?? 0n));
+      const [r1, r3, r4] = (await Promise.all([first, third, fourth])).map((r) => r[0]);
+      assert.deepEqual([r1?.result, r3?.result, r4?.result], ['ok', 'ok', 'ok']);
+      // Then each account's timestamps increase in the order its changes committed: the second
+      // committed first and has the smallest; the third and fourth come after the first.
+      assert.ok((second?.timestamp ?? 0n) < (r1?.timestamp ?? 0n));
+      assert.ok((r1?.timestamp ?? 0n) < (r3?.timestamp ?? 0n));
+      assert.ok((r3?.timestamp ?? 0n) < (r4?.timestamp ?? 0n));
+      assert.deepEqual(await balances(a), [0n, 1n, 0n, 2n]);
+      assert.deepEqual(await balances(c), [0n, 1n + 2n, 0n, 3n]);
     } finally {
       blocker.release();
     }
   });
 
-  test('a pending transfer committed while a batch waits for the clock: the batch retries with its accounts locked', async () => {
-    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+  test('a pending transfer committed while a batch waits for its locks: the batch retries with its accounts locked', async () => {
+    const [a, b, c, d] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
     const p = newId();
-    // Given another writer holds the clock, about to commit a pending transfer p from a to b,
+    // Given another writer holds account c, about to commit a pending transfer p from a to b,
     const writer = await t.pool.connect();
     try {
       await writer.query('BEGIN');
-      const clockRow = await writer.query<{ ts: string }>('UPDATE ledger.clock SET timestamp = timestamp + 1 RETURNING timestamp::text AS ts');
-      const ts = BigInt(clockRow.rows[0]?.ts ?? '0');
-      // when a batch that posts p opens while p is not yet visible (it locks no account for it)
-      // and waits for the clock,
-      const post = engine.createTransfers([{ id: newId(), pendingId: p, flags: { postPendingTransfer: true } }]);
+      await writer.query('SELECT 1 FROM ledger.accounts WHERE id = $1 FOR UPDATE', [c]);
+      const ts = await reserveTimestamps(writer, 1, 0n);
+      // when a batch that moves money from c and posts p opens while p is not yet visible (it
+      // locks no account for p) and waits for c,
+      const post = engine.createTransfers([transfer(c, d, 1n), { id: newId(), pendingId: p, flags: { postPendingTransfer: true } }]);
       await waitUntilBlockedOnLock();
       const row = { id: p, debitAccountId: a, creditAccountId: b, amount: 5n, amountRequested: 5n, pendingId: null, ledger: 'USD', code: 1,
         flags: TransferFlag.pending, timeoutSeconds: 0, metadata: {}, timestamp: ts, result: 'ok' as const, pendingStatus: 'pending' as const,
@@ -608,10 +619,10 @@ describe('batching and limits', () => {
       await writer.query('UPDATE ledger.accounts SET credits_pending = 5 WHERE id = $1', [b]);
       await t.events.appendMany(writer, [transferEvent(row, {})]);
       await writer.query('COMMIT');
-      // then it finds p after the clock, with accounts it did not lock, and retries rather than
+      // then it finds p once it holds c, with accounts it did not lock, and retries rather than
       // deciding on unlocked balances: the post applies once.
-      const [result] = await post;
-      assert.equal(result?.result, 'ok');
+      const results = await post;
+      assert.deepEqual(results.map((r) => r.result), ['ok', 'ok']);
       assert.equal(engine.stats().batchAttempts, engine.stats().batches + 1);
       assert.deepEqual(await balances(a), [0n, 5n, 0n, 0n]);
       assert.deepEqual(await balances(b), [0n, 0n, 0n, 5n]);

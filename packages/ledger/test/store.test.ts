@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { after, before, beforeEach, test } from 'node:test';
 import { ManualClock } from '@ledgerline/testing';
 import { LedgerEngine, newId } from '../src/index.ts';
-import { openBatch } from '../src/store.ts';
+import { openBatch, reserveTimestamps } from '../src/store.ts';
 import { ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
 
 let t: LedgerTestDb;
@@ -36,7 +36,7 @@ async function lockable(sql: string, values: unknown[]): Promise<boolean> {
   }
 }
 
-test("openBatch locks the named accounts and the pending transfers' accounts, reserves the clock, reads the transfers", async () => {
+test("openBatch locks the named accounts and the pending transfers' accounts, reserves timestamps, reads the transfers", async () => {
   // Given accounts a, b, c and a pending transfer p from a to b,
   const clock = new ManualClock();
   const engine = new LedgerEngine({ pool: t.pool, clock: clock.now });
@@ -48,7 +48,7 @@ test("openBatch locks the named accounts and the pending transfers' accounts, re
   ]);
   await engine.close();
   assert.equal(pending?.result, 'ok');
-  const before = await t.pool.query<{ ts: string }>('SELECT timestamp::text AS ts FROM ledger.clock');
+  const before = await t.pool.query<{ ts: string }>('SELECT last_value::text AS ts FROM ledger.timestamps');
   const last = BigInt(before.rows[0]?.ts ?? '0');
 
   // When a batch that names only c and posts p opens,
@@ -57,13 +57,14 @@ test("openBatch locks the named accounts and the pending transfers' accounts, re
     const unknown = newId();
     const opened = await openBatch(client, { accountIds: [c], pendingIds: [p], transferIds: [p, unknown], count: 3, nowNs: 0n });
 
-    // Then it holds a, b and c (in ascending id order) and the clock, until it ends,
+    // Then it holds a, b and c (in ascending id order) until it ends,
     assert.deepEqual(opened.accounts.map((x) => x.id), [a, b, c].sort());
     assert.ok(opened.accounts.every((x) => x.ctid !== undefined));
     for (const id of [a, b, c]) assert.equal(await lockable('SELECT 1 FROM ledger.accounts WHERE id = $1', [id]), false);
-    assert.equal(await lockable('SELECT 1 FROM ledger.clock', []), false);
-    // it reserved the three timestamps after the last one issued,
+    // it reserved the three timestamps after the last one issued, and holds nothing for them:
+    // another writer reserves the next ones at once, while this batch is still open,
     assert.equal(opened.firstTimestamp, last + 1n);
+    assert.equal(await reserveTimestamps(t.pool, 1, 0n), last + 4n);
     // and it read the transfers that exist among those asked for.
     assert.deepEqual(opened.transfers.map((x) => [x.id, x.pendingStatus]), [[p, 'pending']]);
   } finally {
@@ -103,5 +104,59 @@ test('openBatch inlines nothing but canonical UUIDs and integers', async () => {
     assert.equal(r.rows[0]?.n, '0');
   } finally {
     client.release();
+  }
+});
+
+test('reserve_timestamps: concurrent reservations never overlap, survive a rollback, and an error leaves no lock behind', async () => {
+  // Given eight sessions that each reserve ranges of 1..5 timestamps, forty times, at once,
+  // some of them inside a transaction that rolls back,
+  const ranges: Array<[bigint, bigint]> = [];
+  await Promise.all(
+    Array.from({ length: 8 }, async (_, s) => {
+      const c = await t.pool.connect();
+      try {
+        for (let i = 0; i < 40; i += 1) {
+          const count = 1 + ((s + i) % 5);
+          const rollback = i % 3 === 0;
+          if (rollback) await c.query('BEGIN');
+          const first = await reserveTimestamps(c, count, 0n);
+          if (rollback) await c.query('ROLLBACK');
+          ranges.push([first, first + BigInt(count) - 1n]);
+        }
+      } finally {
+        c.release();
+      }
+    }),
+  );
+  // then no two ranges share a timestamp, rolled back or not: a rollback leaves a gap, never
+  // a timestamp to be issued twice,
+  ranges.sort((x, y) => (x[0] < y[0] ? -1 : 1));
+  for (let i = 1; i < ranges.length; i += 1) {
+    assert.ok((ranges[i]?.[0] as bigint) > (ranges[i - 1]?.[1] as bigint), `ranges ${i - 1} and ${i} overlap`);
+  }
+  const last = (ranges.at(-1) as [bigint, bigint])[1];
+  // and the next reservation comes after all of them.
+  assert.equal(await reserveTimestamps(t.pool, 1, 0n), last + 1n);
+
+  // When a session's reservation fails inside the function (it would pass the largest
+  // bigint), or is refused for its arguments, and that session stays open,
+  const max = 2n ** 63n - 1n;
+  await t.pool.query("SELECT setval('ledger.timestamps', $1)", [(max - 1n).toString()]);
+  const failing = await t.pool.connect();
+  const other = await t.pool.connect();
+  try {
+    await assert.rejects(reserveTimestamps(failing, 5, 0n), /out of range/);
+    await assert.rejects(reserveTimestamps(failing, 0, 0n), /count must be positive/);
+    // then it holds no advisory lock, and another session reserves at once.
+    const pid = (await failing.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid;
+    const held = await other.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", [pid]);
+    assert.equal(held.rows[0]?.n, 0);
+    await t.pool.query("SELECT setval('ledger.timestamps', 10)");
+    await other.query("SET lock_timeout = '200ms'");
+    assert.equal(await reserveTimestamps(other, 1, 0n), 11n);
+    await other.query('RESET lock_timeout');
+  } finally {
+    failing.release();
+    other.release();
   }
 });

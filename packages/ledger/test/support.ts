@@ -34,7 +34,7 @@ export async function ledgerTestDb(poolMax = 6): Promise<LedgerTestDb> {
 
 export async function resetLedger(pool: pg.Pool): Promise<void> {
   await pool.query('TRUNCATE ledger.transfers, ledger.accounts, events.events');
-  await pool.query('UPDATE ledger.clock SET timestamp = 0');
+  await pool.query("SELECT setval('ledger.timestamps', 0)");
 }
 
 /**
