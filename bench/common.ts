@@ -57,6 +57,7 @@ export const LOAD_OPTIONS = {
   'linger-ms': { type: 'string' },
   pool: { type: 'string' },
   'pgbench-scale': { type: 'string' },
+  'pgbench-clients': { type: 'string' },
   'no-pgbench': { type: 'boolean', default: false },
 } as const satisfies ParseArgsConfig['options'];
 
@@ -72,6 +73,8 @@ export interface LoadSettings {
   poolSize: number;
   /** `--pgbench-scale`; null: `defaultPgbenchScale` of the clients pgbench runs with. */
   pgbenchScale: number | null;
+  /** `--pgbench-clients`; null: the load's clients, capped by `pgbenchClientsFor`. */
+  pgbenchClients: number | null;
   runPgbench: boolean;
   seed: number;
 }
@@ -88,6 +91,7 @@ export interface LoadArgs {
   'linger-ms'?: string;
   pool?: string;
   'pgbench-scale'?: string;
+  'pgbench-clients'?: string;
   'no-pgbench'?: boolean;
 }
 
@@ -106,6 +110,7 @@ export function loadSettings(args: LoadArgs): LoadSettings {
     lingerMs: count('linger-ms', args['linger-ms'], LOAD_DEFAULTS.lingerMs, 0),
     poolSize: count('pool', args.pool, batchesInFlightMax + 2, 1),
     pgbenchScale: args['pgbench-scale'] === undefined ? null : count('pgbench-scale', args['pgbench-scale'], 1, 1),
+    pgbenchClients: args['pgbench-clients'] === undefined ? null : count('pgbench-clients', args['pgbench-clients'], 1, 1),
     runPgbench: args['no-pgbench'] !== true,
     seed: seedArg(args.seed),
   };
@@ -151,6 +156,31 @@ export function pgbenchSummary(tpcb: PgbenchFigures | null, transfersPerS: numbe
     pgbench_scale: tpcb?.scale ?? null,
     pgbench_init_s: tpcb === null ? null : Math.round(tpcb.initSeconds * 10) / 10,
   };
+}
+
+/**
+ * The clients pgbench runs with: the load's own count, or `override`, but at most what the
+ * server has free now (max_connections less its superuser reserve, the sessions open and a
+ * margin). pgbench needs one connection per client; the engine multiplexes any number of
+ * clients over a few, which is the point of it. Logs when it caps.
+ */
+export async function pgbenchClientsFor(clients: number, override: number | null, log: Log): Promise<number> {
+  if (override !== null) return override;
+  const c = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
+  await c.connect();
+  let usable: number;
+  try {
+    const r = await c.query<{ n: number }>(
+      `SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+              - (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend') - 8 AS n`,
+    );
+    usable = Math.max(1, r.rows[0]?.n ?? 1);
+  } finally {
+    await c.end();
+  }
+  if (usable >= clients) return clients;
+  log(`pgbench: ${clients} clients exceed the server's usable connections; running ${usable} (--pgbench-clients overrides)`);
+  return usable;
 }
 
 /** TPC-B's rule is scale >= clients (one branch row per client, else pgbench measures row-lock

@@ -38,7 +38,7 @@ import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
 import pg from 'pg';
 import { newId } from '../packages/ledger/src/index.ts';
-import { ADMIN_DATABASE_URL, createTestDatabase, freePort } from '../packages/testing/src/index.ts';
+import { createTestDatabase, freePort } from '../packages/testing/src/index.ts';
 import {
   abort,
   abortOnSignals,
@@ -52,6 +52,7 @@ import {
   LOAD_OPTIONS,
   logStart,
   nsToMs,
+  pgbenchClientsFor,
   pgbenchSummary,
   prng,
   randomTransferParts,
@@ -77,7 +78,6 @@ const { values: args } = parseArgs({
     'batch-clients': { type: 'string' },
     batch: { type: 'string' },
     timeout: { type: 'string' },
-    'pgbench-clients': { type: 'string' },
     'no-batch': { type: 'boolean', default: false },
     instances: { type: 'string' },
     'no-relay': { type: 'boolean', default: false },
@@ -95,7 +95,6 @@ const batchRequestSize = Math.floor(intArg('batch', args.batch, DEFAULTS.batch, 
 if (batchRequestSize > Math.min(BATCH_ITEMS_MAX, batchSizeMax)) {
   throw new RangeError(`--batch must be at most ${Math.min(BATCH_ITEMS_MAX, batchSizeMax)} (the service's batch limit)`);
 }
-const pgbenchClientsArg = args['pgbench-clients'] === undefined ? null : Math.floor(intArg('pgbench-clients', args['pgbench-clients'], clients, 1));
 const instances = Math.floor(intArg('instances', args.instances, DEFAULTS.instances, 1));
 const runBatched = !args['no-batch'];
 const serviceCpuProfDir = args['service-cpu-prof'];
@@ -816,20 +815,6 @@ async function dropEventStream(): Promise<number | null> {
   }
 }
 
-async function usableConnections(): Promise<number> {
-  const c = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
-  await c.connect();
-  try {
-    const r = await c.query<{ n: number }>(
-      `SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
-              - (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend') - 8 AS n`,
-    );
-    return Math.max(1, r.rows[0]?.n ?? 1);
-  } finally {
-    await c.end();
-  }
-}
-
 async function main(): Promise<void> {
   const loadStart = logStart(log, seed);
   const db = await createTestDatabase('ll_bench');
@@ -851,19 +836,11 @@ async function main(): Promise<void> {
   log(`invariants ${http.invariantsOk ? 'ok' : 'BROKEN'}: ${JSON.stringify(http.invariants)}`);
   const loadMid = loadAverage1m();
   let tpcb: PgbenchFigures | null = null;
-  let pgbenchClients = pgbenchClientsArg ?? clients;
+  let pgbenchClients = settings.pgbenchClients ?? clients;
   let pgbenchCpu: CpuSplit | null = null;
   if (runPgbench) {
     checkAborted();
-    if (pgbenchClientsArg === null) {
-      // pgbench needs one connection per client: at most what the server has free now (less its
-      // superuser reserve and a margin for other sessions).
-      const usable = await usableConnections();
-      if (usable < clients) {
-        pgbenchClients = usable;
-        log(`pgbench: ${clients} clients exceed the server's usable connections; running ${usable} (--pgbench-clients overrides)`);
-      }
-    }
+    pgbenchClients = await pgbenchClientsFor(clients, settings.pgbenchClients, log);
     const scale = pgbenchScaleArg ?? defaultPgbenchScale(pgbenchClients);
     // The second snapshot is taken just before pgbench ends: its backends exit with it, and the
     // CPU time of a process that is gone can no longer be read.

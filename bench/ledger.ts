@@ -3,13 +3,15 @@
  *
  *   npm run bench:ledger -- [--seconds 20] [--clients 64] [--accounts 10000] [--seed N]
  *                           [--batch-size-max N] [--batches-in-flight N] [--linger-ms N]
- *                           [--pool N] [--warmup 2] [--pgbench-scale N] [--no-pgbench] [--no-events]
+ *                           [--pool N] [--warmup 2] [--pgbench-clients N] [--pgbench-scale N]
+ *                           [--no-pgbench] [--no-events]
  *
  * Phase 1: a fresh database, migrated; N accounts on ledger USD without balance constraints
  * (so random transfers never fail); C concurrent clients, each in a closed loop calling
  * `engine.createTransfers([oneTransfer])`. Durable commits, the server's default settings.
  * Phase 2: pgbench's builtin tpcb-like script on a separate fresh database, same client count
- * and duration. Both databases are dropped at the end, also on error or Ctrl-C.
+ * and duration; pgbench needs a connection per client, so where the server has fewer free it
+ * runs with as many as it has (`pgbench_clients` in the output; `--pgbench-clients` sets it). Both databases are dropped at the end, also on error or Ctrl-C.
  *
  * Progress goes to stderr; the last line on stdout is one JSON object with the figures.
  */
@@ -32,6 +34,7 @@ import {
   LOAD_OPTIONS,
   logStart,
   nsToMs,
+  pgbenchClientsFor,
   pgbenchSummary,
   prng,
   randomTransferParts,
@@ -53,7 +56,6 @@ const { values: args } = parseArgs({
 
 const settings = loadSettings(args);
 const { seconds, warmupSeconds, clients, accountCount, batchSizeMax, batchesInFlightMax, lingerMs, poolSize, runPgbench, seed } = settings;
-const pgbenchScale = settings.pgbenchScale ?? defaultPgbenchScale(clients);
 const withEvents = !args['no-events'];
 
 const log = benchLog('bench:ledger');
@@ -255,9 +257,12 @@ async function main(): Promise<void> {
   );
   const loadMid = loadAverage1m();
   let tpcb: PgbenchFigures | null = null;
+  let pgbenchClients: number | null = null;
   if (runPgbench) {
     checkAborted();
-    tpcb = await runPgbenchTpcb({ clients, seconds, scale: pgbenchScale, log });
+    pgbenchClients = await pgbenchClientsFor(clients, settings.pgbenchClients, log);
+    const scale = settings.pgbenchScale ?? defaultPgbenchScale(pgbenchClients);
+    tpcb = await runPgbenchTpcb({ clients: pgbenchClients, seconds, scale, log });
     log(`pgbench: ${tpcb.tps.toFixed(0)} tps (latency avg ${tpcb.latencyMsAvg} ms)`);
   }
   const summary = {
@@ -269,6 +274,7 @@ async function main(): Promise<void> {
     latency_ms_max: ledger.max,
     latency_ms_mean: ledger.mean,
     ...pgbenchSummary(tpcb, ledger.transfersPerS),
+    pgbench_clients: pgbenchClients,
     clients,
     accounts: accountCount,
     seconds,

@@ -1,5 +1,6 @@
 export { inTransaction } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
+export { sqlArrayLiteral } from './sql.ts';
 export { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
 export {
   allowedLocations,

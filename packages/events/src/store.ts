@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
+import { sqlArrayLiteral } from './sql.ts';
 import { readHorizon } from './horizon.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -402,22 +403,26 @@ export class EventStore {
         throw new StreamOrderConflictError(newer.stream_type, newer.stream_id, 'any', newer.version);
       }
     }
-    // The documents travel as one JSON array each, not as jsonb[]: one JSON.stringify instead
-    // of one per event, and no array-literal escaping of every quote (measured: +7% ledger
-    // throughput). ROWS FROM zips the arrays, in order.
+    // Integers travel as array literals, text and documents as one JSON array each: one
+    // JSON.stringify per column instead of pg's escaping of every element (measured: +7%
+    // ledger throughput for the documents alone). ROWS FROM zips them, in order.
     const r = await db.query<{ position: string }>(
       `INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata)
-       SELECT * FROM ROWS FROM (unnest($1::smallint[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::smallint[]),
-                                jsonb_array_elements($8::jsonb), jsonb_array_elements($9::jsonb))
+       SELECT u.partition, u.event_id::uuid, u.stream_type, u.stream_id, u.version, u.type, u.schema_version, u.data, u.metadata
+         FROM ROWS FROM (unnest($1::smallint[], $5::int[], $7::smallint[]),
+                         json_array_elements_text($2::json), json_array_elements_text($3::json),
+                         json_array_elements_text($4::json), json_array_elements_text($6::json),
+                         jsonb_array_elements($8::jsonb), jsonb_array_elements($9::jsonb))
+              AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)
        RETURNING position::text`,
       [
-        entries.map((e) => this.partitionOf(e.streamType, e.streamId)),
-        entries.map((e) => e.event.id ?? uuidv7()),
-        entries.map((e) => e.streamType),
-        entries.map((e) => e.streamId),
-        entries.map((e) => e.version),
-        entries.map((e) => e.event.type),
-        entries.map((e) => e.event.schemaVersion ?? 1),
+        sqlArrayLiteral(entries.map((e) => this.partitionOf(e.streamType, e.streamId))),
+        JSON.stringify(entries.map((e) => e.event.id ?? uuidv7())),
+        JSON.stringify(entries.map((e) => e.streamType)),
+        JSON.stringify(entries.map((e) => e.streamId)),
+        sqlArrayLiteral(entries.map((e) => e.version)),
+        JSON.stringify(entries.map((e) => e.event.type)),
+        sqlArrayLiteral(entries.map((e) => e.event.schemaVersion ?? 1)),
         JSON.stringify(entries.map((e) => e.event.data)),
         JSON.stringify(entries.map((e) => e.event.metadata ?? {})),
       ],

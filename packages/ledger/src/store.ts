@@ -3,6 +3,7 @@
  * the whole batch, with arrays unnested on the server.
  */
 import type pg from 'pg';
+import { sqlArrayLiteral } from '@ledgerline/events';
 import type { AccountRow, TransferRow } from './rows.ts';
 import type { CreateTransferResultCode, Metadata, PendingStatus } from './types.ts';
 import { isId } from './validate.ts';
@@ -264,37 +265,42 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
        INSERT INTO ledger.transfers (id, debit_account_id, credit_account_id, amount,
               amount_requested, pending_id, ledger, code, flags, timeout_seconds, metadata,
               timestamp, result, pending_status, expires_at, resolved_at)
-       SELECT * FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::bigint[], $11::bigint[],
-              $12::uuid[], $13::text[], $14::int[], $15::int[], $16::int[], $17::jsonb[],
-              $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::bigint[])
+       SELECT u.id, u.dr, u.cr, u.amount, u.requested, u.pending_id, u.ledger, u.code, u.flags,
+              u.timeout, u.metadata, u.ts, u.result, u.status, u.expires_at, u.resolved_at
+         FROM ROWS FROM (unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::bigint[], $11::bigint[],
+                                $12::uuid[], $13::text[], $14::int[], $15::int[], $16::int[],
+                                $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::bigint[]),
+                         jsonb_array_elements($17::jsonb))
+              AS u(id, dr, cr, amount, requested, pending_id, ledger, code, flags, timeout, ts, result, status,
+                   expires_at, resolved_at, metadata)
        RETURNING 1
      )
      SELECT (SELECT count(*) FROM acc)::int AS accounts,
             (SELECT count(*) FROM ins)::int AS inserted`,
     values: [
-      a.map((x) => x.id),
-      a.map((x) => x.debitsPending.toString()),
-      a.map((x) => x.debitsPosted.toString()),
-      a.map((x) => x.creditsPending.toString()),
-      a.map((x) => x.creditsPosted.toString()),
-      a.map((x) => x.flags),
-      t.map((x) => x.id),
-      t.map((x) => x.debitAccountId),
-      t.map((x) => x.creditAccountId),
-      t.map((x) => x.amount.toString()),
-      t.map((x) => str(x.amountRequested)),
-      t.map((x) => x.pendingId),
-      t.map((x) => x.ledger),
-      t.map((x) => x.code),
-      t.map((x) => x.flags),
-      t.map((x) => x.timeoutSeconds),
-      t.map((x) => JSON.stringify(x.metadata)),
-      t.map((x) => x.timestamp.toString()),
-      t.map((x) => x.result),
-      t.map((x) => x.pendingStatus),
-      t.map((x) => str(x.expiresAt)),
-      t.map((x) => str(x.resolvedAt)),
-      a.map((x) => x.ctid),
+      sqlArrayLiteral(a.map((x) => x.id)),
+      sqlArrayLiteral(a.map((x) => x.debitsPending.toString())),
+      sqlArrayLiteral(a.map((x) => x.debitsPosted.toString())),
+      sqlArrayLiteral(a.map((x) => x.creditsPending.toString())),
+      sqlArrayLiteral(a.map((x) => x.creditsPosted.toString())),
+      sqlArrayLiteral(a.map((x) => x.flags)),
+      sqlArrayLiteral(t.map((x) => x.id)),
+      sqlArrayLiteral(t.map((x) => x.debitAccountId)),
+      sqlArrayLiteral(t.map((x) => x.creditAccountId)),
+      sqlArrayLiteral(t.map((x) => x.amount.toString())),
+      sqlArrayLiteral(t.map((x) => str(x.amountRequested))),
+      sqlArrayLiteral(t.map((x) => x.pendingId)),
+      sqlArrayLiteral(t.map((x) => x.ledger), true),
+      sqlArrayLiteral(t.map((x) => x.code)),
+      sqlArrayLiteral(t.map((x) => x.flags)),
+      sqlArrayLiteral(t.map((x) => x.timeoutSeconds)),
+      JSON.stringify(t.map((x) => x.metadata)),
+      sqlArrayLiteral(t.map((x) => x.timestamp.toString())),
+      sqlArrayLiteral(t.map((x) => x.result), true),
+      sqlArrayLiteral(t.map((x) => x.pendingStatus), true),
+      sqlArrayLiteral(t.map((x) => str(x.expiresAt))),
+      sqlArrayLiteral(t.map((x) => str(x.resolvedAt))),
+      sqlArrayLiteral(a.map((x) => x.ctid ?? null), true),
     ],
   });
   const resolved = p.length === 0 ? 0 : await resolvePending(db, p);

@@ -1,0 +1,34 @@
+/**
+ * Parameters for set-based statements on the hot paths (the ledger's batch write, the event
+ * append).
+ */
+
+/** Elements that an array literal may carry unquoted: integers and canonical UUIDs. */
+const BARE_ELEMENT = /^(?:-?[0-9]+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$/;
+/** Elements that an array literal may carry in double quotes without escaping. */
+const QUOTABLE_ELEMENT = /^[A-Za-z0-9_(),.-]*$/;
+
+/**
+ * A PostgreSQL array literal of integers, UUIDs or short codes, built in one pass, to pass as
+ * one parameter: pg would otherwise quote and escape every element with two regular
+ * expressions (measured: a few percent of the ledger engine's CPU). Codes and tuple ids go in
+ * quotes, so that no code can read as the NULL keyword or split at its comma. The checks make
+ * anything else a loud bug; free text belongs in a JSON array parameter instead.
+ */
+export function sqlArrayLiteral(values: ReadonlyArray<string | number | null>, quoted = false): string {
+  let out = '{';
+  for (let i = 0; i < values.length; i += 1) {
+    const v = values[i];
+    if (i > 0) out += ',';
+    if (v === null || v === undefined) {
+      out += 'NULL';
+      continue;
+    }
+    const text = typeof v === 'number' ? String(v) : v;
+    if (quoted ? !QUOTABLE_ELEMENT.test(text) : !BARE_ELEMENT.test(text)) {
+      throw new Error(`invariant: not an array element here: ${JSON.stringify(text)}`);
+    }
+    out += quoted ? `"${text}"` : text;
+  }
+  return `${out}}`;
+}
