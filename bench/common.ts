@@ -38,10 +38,10 @@ export function seedArg(value: string | undefined): number {
 export const LOAD_DEFAULTS = {
   seconds: 20,
   warmup: 2,
-  clients: 64,
+  clients: 384,
   accounts: 10_000,
   batchSizeMax: 2000,
-  batchesInFlightMax: 2,
+  batchesInFlightMax: 3,
   lingerMs: 0,
 } as const;
 
@@ -96,18 +96,19 @@ export interface LoadArgs {
 }
 
 /** Reads LOAD_OPTIONS from parsed arguments; a RangeError names the first bad one. */
-export function loadSettings(args: LoadArgs): LoadSettings {
+export function loadSettings(args: LoadArgs, defaults: Partial<Record<keyof typeof LOAD_DEFAULTS, number>> = {}): LoadSettings {
+  const d = { ...LOAD_DEFAULTS, ...defaults };
   const count = (name: string, value: string | undefined, fallback: number, min: number): number =>
     Math.floor(intArg(name, value, fallback, min));
-  const batchesInFlightMax = count('batches-in-flight', args['batches-in-flight'], LOAD_DEFAULTS.batchesInFlightMax, 1);
+  const batchesInFlightMax = count('batches-in-flight', args['batches-in-flight'], d.batchesInFlightMax, 1);
   return {
-    seconds: intArg('seconds', args.seconds, LOAD_DEFAULTS.seconds, 1),
-    warmupSeconds: intArg('warmup', args.warmup, LOAD_DEFAULTS.warmup, 0),
-    clients: count('clients', args.clients, LOAD_DEFAULTS.clients, 1),
-    accountCount: count('accounts', args.accounts, LOAD_DEFAULTS.accounts, 2),
-    batchSizeMax: count('batch-size-max', args['batch-size-max'], LOAD_DEFAULTS.batchSizeMax, 1),
+    seconds: intArg('seconds', args.seconds, d.seconds, 1),
+    warmupSeconds: intArg('warmup', args.warmup, d.warmup, 0),
+    clients: count('clients', args.clients, d.clients, 1),
+    accountCount: count('accounts', args.accounts, d.accounts, 2),
+    batchSizeMax: count('batch-size-max', args['batch-size-max'], d.batchSizeMax, 1),
     batchesInFlightMax,
-    lingerMs: count('linger-ms', args['linger-ms'], LOAD_DEFAULTS.lingerMs, 0),
+    lingerMs: count('linger-ms', args['linger-ms'], d.lingerMs, 0),
     poolSize: count('pool', args.pool, batchesInFlightMax + 2, 1),
     pgbenchScale: args['pgbench-scale'] === undefined ? null : count('pgbench-scale', args['pgbench-scale'], 1, 1),
     pgbenchClients: args['pgbench-clients'] === undefined ? null : count('pgbench-clients', args['pgbench-clients'], 1, 1),

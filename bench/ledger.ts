@@ -1,7 +1,7 @@
 /**
  * Ledger throughput benchmark (REQUIREMENTS §7), with pgbench's TPC-B beside it in the same run.
  *
- *   npm run bench:ledger -- [--seconds 20] [--clients 64] [--accounts 10000] [--seed N]
+ *   npm run bench:ledger -- [--seconds 20] [--clients 384] [--accounts 10000] [--seed N]
  *                           [--batch-size-max N] [--batches-in-flight N] [--linger-ms N]
  *                           [--pool N] [--warmup 2] [--pgbench-clients N] [--pgbench-scale N]
  *                           [--no-pgbench] [--no-events]

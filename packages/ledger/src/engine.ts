@@ -177,7 +177,7 @@ export class LedgerEngine {
     this.#clock = options.clock ?? defaultClock;
     this.#batchSizeMax = options.batchSizeMax ?? 2000;
     this.#batchLingerMs = options.batchLingerMs ?? 0;
-    this.#batchesInFlightMax = options.batchesInFlightMax ?? 2;
+    this.#batchesInFlightMax = options.batchesInFlightMax ?? 3;
     this.#queueTransfersMax = options.queueTransfersMax ?? 100_000;
     this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
     this.#expiryBatchMax = options.expiryBatchMax ?? 1000;

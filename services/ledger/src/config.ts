@@ -9,7 +9,7 @@ export const ledgerConfigSchema = Type.Object({
   ...resilienceConfigSchema.properties,
   ...auditConfigSchema.properties,
   LEDGER_BATCH_SIZE_MAX: Type.Integer({ minimum: 1, maximum: 8190, default: 2000 }),
-  LEDGER_BATCHES_IN_FLIGHT_MAX: Type.Integer({ minimum: 1, maximum: 16, default: 2 }),
+  LEDGER_BATCHES_IN_FLIGHT_MAX: Type.Integer({ minimum: 1, maximum: 16, default: 3 }),
   LEDGER_BATCH_LINGER_MS: Type.Integer({ minimum: 0, maximum: 100, default: 0 }),
   LEDGER_QUEUE_TRANSFERS_MAX: Type.Integer({ minimum: 8190, maximum: 10_000_000, default: 100_000 }),
   LEDGER_EXPIRY_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
