@@ -120,7 +120,7 @@ export interface LedgerEngineStats {
 }
 
 function defaultClock(): bigint {
-  // Wall-clock nanoseconds; the clock row keeps them strictly increasing regardless.
+  // Wall-clock nanoseconds; ledger.reserve_timestamps keeps them strictly increasing regardless.
   return BigInt(Date.now()) * 1_000_000n;
 }
 

@@ -1,7 +1,8 @@
 /**
  * The ledger's data model. Amounts and balances are bigint minor units; ids are 128-bit
  * values written as canonical lowercase UUID strings; timestamps are bigint nanoseconds since
- * the Unix epoch, assigned by the ledger and strictly increasing in commit order.
+ * the Unix epoch, assigned by the ledger: unique, and increasing in commit order for each
+ * account (see the package README, "Batching and concurrency").
  */
 
 /** Largest amount or balance: PostgreSQL's bigint, 2^63 − 1. */
