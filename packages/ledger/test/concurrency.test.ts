@@ -49,9 +49,10 @@ function randomTransfers(random: () => number, accounts: string[], count: number
   });
 }
 
-function runWorker(url: string, transfers: NewTransfer[]): Promise<Array<{ id: string; result: string }>> {
+/** `startAt`: a wall-clock time (ms) at which the worker starts submitting; 0 starts at once. */
+function runWorker(url: string, transfers: NewTransfer[], startAt = 0): Promise<Array<{ id: string; result: string }>> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [WORKER, url, '16'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const child = spawn(process.execPath, [WORKER, url, '16', String(startAt)], { stdio: ['pipe', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.on('data', (chunk: Buffer) => {
       out += chunk.toString();
@@ -114,9 +115,10 @@ test('two engine processes, overlapping transfers and the same ids at the same m
   const onlyA = randomTransfers(random, accounts, 500);
   const onlyB = randomTransfers(random, accounts, 500);
   // Both processes get every shared id, in the same order, so duplicates race head to head.
+  const startAt = Date.now() + 2000;
   const [a, b] = await Promise.all([
-    runWorker(t.db.url, [...shared, ...onlyA]),
-    runWorker(t.db.url, [...shared, ...onlyB]),
+    runWorker(t.db.url, [...shared, ...onlyA], startAt),
+    runWorker(t.db.url, [...shared, ...onlyB], startAt),
   ]);
   const byId = new Map<string, string[]>();
   for (const r of [...a, ...b]) byId.set(r.id, [...(byId.get(r.id) ?? []), r.result]);
@@ -125,6 +127,87 @@ test('two engine processes, overlapping transfers and the same ids at the same m
   }
   for (const x of [...onlyA, ...onlyB]) assert.deepEqual(byId.get(x.id), ['ok']);
   await assertAppliedExactlyOnce([...shared, ...onlyA, ...onlyB], accounts);
+});
+
+/**
+ * Polls the accounts' applied transfers while writers run. Each poll checks that no transfer
+ * appeared with a timestamp at or below an account's largest timestamp seen by an earlier poll:
+ * each account's timestamps must increase in commit order. Returns the polls made.
+ */
+async function watchTimestampOrder(accounts: string[], running: Promise<unknown>): Promise<number> {
+  let done = false;
+  void running.finally(() => {
+    done = true;
+  });
+  const seen = new Map<string, { maxTs: bigint; ids: Set<string> }>();
+  let polls = 0;
+  while (!done) {
+    const { rows } = await t.pool.query<{ account: string; id: string; ts: string }>(
+      `SELECT a.account::text, x.id::text, x.timestamp::text AS ts
+         FROM unnest($1::uuid[]) AS a(account)
+         JOIN ledger.transfers x ON (x.debit_account_id = a.account OR x.credit_account_id = a.account) AND x.result = 'ok'`,
+      [accounts],
+    );
+    const now = new Map<string, Array<{ id: string; ts: bigint }>>();
+    for (const r of rows) now.set(r.account, [...(now.get(r.account) ?? []), { id: r.id, ts: BigInt(r.ts) }]);
+    for (const [account, list] of now) {
+      const before = seen.get(account);
+      if (before !== undefined) {
+        const late = list.filter((x) => x.ts <= before.maxTs && !before.ids.has(x.id));
+        assert.deepEqual(late, [], `account ${account}: committed behind a timestamp already read (${before.maxTs})`);
+      }
+      seen.set(account, { maxTs: list.reduce((m, x) => (x.ts > m ? x.ts : m), 0n), ids: new Set(list.map((x) => x.id)) });
+    }
+    polls += 1;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return polls;
+}
+
+test('two engine processes: the same id with different accounts applies once; each account sees its timestamps in commit order', async () => {
+  const seed = Number(process.env.TEST_SEED ?? Date.now() % 2 ** 31);
+  console.log(`[concurrency] seed=${seed} (replay with TEST_SEED=${seed})`);
+  const random = prng(seed);
+  const engine = new LedgerEngine({ pool: t.pool, events: t.events });
+  const accounts = await openAccounts(engine, 12);
+  await engine.close();
+  // Given ids that each process receives with its own, disjoint pair of accounts (so the two
+  // batches share no lock and meet only in the primary key),
+  const left = accounts.slice(0, 6);
+  const right = accounts.slice(6);
+  const contested = Array.from({ length: 300 }, () => newId());
+  const asA = contested.map((id, i) => ({ ...(randomTransfers(random, left, 1)[0] as NewTransfer), id, amount: BigInt(1 + i) }));
+  const asB = contested.map((id, i) => ({ ...(randomTransfers(random, right, 1)[0] as NewTransfer), id, amount: BigInt(1 + i) }));
+  const plain = randomTransfers(random, accounts, 600);
+  // when both run at once, with plain transfers across all accounts beside them, and a reader
+  // polls every account's history meanwhile,
+  const startAt = Date.now() + 2000;
+  const workers = Promise.all([
+    runWorker(t.db.url, [...asA, ...plain.slice(0, 300)], startAt),
+    runWorker(t.db.url, [...asB, ...plain.slice(300)], startAt),
+  ]);
+  const polls = await watchTimestampOrder(accounts, workers);
+  const [a, b] = await workers;
+  assert.ok(polls > 1, `the reader polled ${polls} times`);
+  // then each contested id applied exactly once, as one process's version, and the other
+  // process was told which field differs;
+  const results = new Map<string, string[]>();
+  for (const r of [...a, ...b]) results.set(r.id, [...(results.get(r.id) ?? []), r.result]);
+  const applied: NewTransfer[] = [...plain];
+  const { rows } = await t.pool.query<{ id: string; debit: string }>(
+    'SELECT id::text, debit_account_id::text AS debit FROM ledger.transfers WHERE id = ANY($1::uuid[])',
+    [contested],
+  );
+  const winner = new Map(rows.map((r) => [r.id, r.debit]));
+  contested.forEach((id, i) => {
+    const got = (results.get(id) ?? []).sort();
+    assert.equal(got.length, 2, `contested id ${id}: two results`);
+    assert.ok(got.includes('ok'), `contested id ${id}: one ok (${got.join(', ')})`);
+    assert.ok(got.some((r) => r.startsWith('exists_with_different_')), `contested id ${id}: one refused (${got.join(', ')})`);
+    applied.push(winner.get(id) === asA[i]?.debitAccountId ? (asA[i] as NewTransfer) : (asB[i] as NewTransfer));
+  });
+  // and the books hold exactly the applied transfers.
+  await assertAppliedExactlyOnce(applied, accounts);
 });
 
 test('backends terminated mid-batch: clients retry with the same ids, nothing is lost or doubled', async () => {
