@@ -123,11 +123,20 @@ export class ResidencyViolationError extends Error {
   }
 }
 
-/** A stream's region tag differs from the region an append asked for. Nothing was written. */
+/**
+ * A stream's region tag differs from the region an append asked for, or (`tagged` null) the
+ * stream already has events written without a tag: those may have been read or replicated
+ * anywhere, so a tag now would claim a residency the stream never had. Nothing was written.
+ */
 export class StreamRegionMismatchError extends Error {
   override readonly name = 'StreamRegionMismatchError';
-  constructor(streamType: string, streamId: string, tagged: string, requested: string) {
-    super(`residency: stream ${streamType}/${streamId} is tagged ${tagged}; an append may not re-tag it as ${requested}`);
+  constructor(streamType: string, streamId: string, tagged: string | null, requested: string) {
+    super(
+      tagged === null
+        ? `residency: stream ${streamType}/${streamId} already has events without a region; an append may not tag it as ${requested} ` +
+            '(its earlier events were not held to any region: move them to a new stream instead)'
+        : `residency: stream ${streamType}/${streamId} is tagged ${tagged}; an append may not re-tag it as ${requested}`,
+    );
   }
 }
 
@@ -319,22 +328,32 @@ export class EventStore {
 
   /**
    * Tags a stream with its data region (first time only) inside the caller's transaction.
-   * Refuses a different tag, and a region the policy does not allow at this store's location.
+   * Refuses a different tag, a stream that already has events without one (live or archived),
+   * and a region the policy does not allow at this store's location.
    */
   async tagStream(db: Queryable, streamType: string, streamId: string, region: string): Promise<void> {
     if (this.residency !== null) {
       assertResidency(this.residency.policy, { streamType, streamId, region }, 'write', this.residency.location);
     }
+    const tagged = async (): Promise<string | undefined> =>
+      (await db.query<{ region: string }>('SELECT region FROM events.stream_regions WHERE stream_type = $1 AND stream_id = $2', [streamType, streamId]))
+        .rows[0]?.region;
     const r = await db.query<{ region: string }>(
-      `WITH ins AS (
-         INSERT INTO events.stream_regions (stream_type, stream_id, region) VALUES ($1, $2, $3)
-         ON CONFLICT (stream_type, stream_id) DO NOTHING RETURNING region)
-       SELECT region FROM ins UNION ALL
-       SELECT region FROM events.stream_regions WHERE stream_type = $1 AND stream_id = $2`,
+      `WITH existing AS (SELECT region FROM events.stream_regions WHERE stream_type = $1 AND stream_id = $2),
+            ins AS (
+              INSERT INTO events.stream_regions (stream_type, stream_id, region)
+              SELECT $1, $2, $3
+               WHERE NOT EXISTS (SELECT 1 FROM existing)
+                 AND NOT EXISTS (SELECT 1 FROM events.events WHERE stream_type = $1 AND stream_id = $2)
+                 AND NOT EXISTS (SELECT 1 FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2)
+              ON CONFLICT (stream_type, stream_id) DO NOTHING RETURNING region)
+       SELECT region FROM ins UNION ALL SELECT region FROM existing`,
       [streamType, streamId, region],
     );
-    const tagged = r.rows[0]?.region ?? region;
-    if (tagged !== region) throw new StreamRegionMismatchError(streamType, streamId, tagged, region);
+    // Nothing back: either another transaction tagged the stream after our snapshot (the
+    // insert met its row), or the stream has untagged events.
+    const found = r.rows[0]?.region ?? (await tagged()) ?? null;
+    if (found !== region) throw new StreamRegionMismatchError(streamType, streamId, found, region);
   }
 
   /** Every event of a stream lands in one partition, so one relay publishes it in order. */

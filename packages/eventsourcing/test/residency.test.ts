@@ -71,6 +71,23 @@ describe('residency', () => {
     assert.equal(await count(env.pool, `SELECT count(*) FROM events.stream_regions`), 1);
   });
 
+  test('a stream with untagged events cannot be tagged later: its earlier events were held to no region', async () => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'late-1' }, [event], { expectedVersion: 'no_stream' }));
+    await assert.rejects(
+      inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'late-1' }, [event], { expectedVersion: 1, region: 'eu' })),
+      (e: unknown) => {
+        assert.ok(e instanceof StreamRegionMismatchError, String(e));
+        assert.match(e.message, /stream note\/late-1 already has events without a region; an append may not tag it as eu/);
+        return true;
+      },
+    );
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.stream_regions WHERE stream_id = 'late-1'`), 0);
+    assert.equal(await count(env.pool, `SELECT count(*) FROM events.events WHERE stream_id = 'late-1'`), 1);
+    // Without a region the stream goes on as before.
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'late-1' }, [event], { expectedVersion: 1 }));
+    await env.pool.query(`DELETE FROM events.events WHERE stream_id = 'late-1'`);
+  });
+
   test('a stream tagged elsewhere (data already here by mistake) can be neither appended to nor read', async () => {
     await env.pool.query(`INSERT INTO events.stream_regions (stream_type, stream_id, region) VALUES ('note', 'us-2', 'us')`);
     await assert.rejects(
