@@ -160,7 +160,7 @@ export class LedgerEngine {
   readonly #expiryBatchMax: number;
   readonly #onExpiryError: (error: unknown) => void;
   readonly #events: EventStore | null;
-  readonly #queue: QueuedCall[] = [];
+  #queue: QueuedCall[] = [];
   #queuedTransfers = 0;
   #inFlight = 0;
   /** The keys of the calls in flight, with how many in-flight calls name each. */
@@ -275,28 +275,38 @@ export class LedgerEngine {
    * lock: that costs a wait, never correctness.)
    *
    * The queue is shared out between the free batch slots, so that the batches in flight are
-   * of similar size and PostgreSQL works on all of them at once.
+   * of similar size and PostgreSQL works on all of them at once. Past its share, a batch still
+   * takes the calls that share an id with it (up to `batchSizeMax`): they could not run beside
+   * it anyway, and would only wait for it. So a hot account that every call names makes one
+   * large batch at a time, not many small ones.
    */
   #takeCalls(): QueuedCall[] {
     const freeSlots = this.#batchesInFlightMax - this.#inFlight;
-    const sizeMax = Math.min(this.#batchSizeMax, Math.ceil(this.#queuedTransfers / freeSlots));
+    const share = Math.min(this.#batchSizeMax, Math.ceil(this.#queuedTransfers / freeSlots));
+    // Enough to find the calls that share an id with the batch, without walking a long queue.
+    const scanMax = 4 * this.#batchSizeMax;
     const taken: QueuedCall[] = [];
     const left: QueuedCall[] = [];
+    const takenKeys = new Set<string>();
     const skipped = new Set<string>();
     let size = 0;
     let i = 0;
-    for (; i < this.#queue.length; i += 1) {
+    for (; i < this.#queue.length && i < scanMax && size < this.#batchSizeMax; i += 1) {
       const call = this.#queue[i] as QueuedCall;
-      if (taken.length > 0 && size + call.transfers.length > sizeMax) break;
-      if (call.keys.some((k) => this.#busy.has(k) || skipped.has(k))) {
+      const n = call.transfers.length;
+      const blocked = call.keys.some((k) => this.#busy.has(k) || skipped.has(k));
+      const fits =
+        taken.length === 0 || size + n <= share || (size + n <= this.#batchSizeMax && call.keys.some((k) => takenKeys.has(k)));
+      if (blocked || !fits) {
         for (const k of call.keys) skipped.add(k);
         left.push(call);
         continue;
       }
       taken.push(call);
-      size += call.transfers.length;
+      size += n;
+      for (const k of call.keys) takenKeys.add(k);
     }
-    if (taken.length > 0) this.#queue.splice(0, i, ...left);
+    if (taken.length > 0) this.#queue = i === this.#queue.length ? left : left.concat(this.#queue.slice(i));
     return taken;
   }
 

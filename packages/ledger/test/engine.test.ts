@@ -559,6 +559,25 @@ describe('batching and limits', () => {
     assert.ok(stats.batchSizeMean > 1);
   });
 
+  test('calls on disjoint accounts are shared out between parallel batches; calls that all name one hot account make one batch', async () => {
+    const ids = (await accounts(...Array.from({ length: 601 }, () => undefined))) as string[];
+    const [hot, ...others] = ids as [string, ...string[]];
+    // Given 300 calls arriving at once, each on its own pair of accounts,
+    const pairs = Array.from({ length: 300 }, (_, i) => engine.createTransfers([transfer(others[2 * i] as string, others[2 * i + 1] as string, 1n)]));
+    await Promise.all(pairs);
+    // then they are shared out between the three batch slots (those that share accounts with a
+    // batch in flight wait for a later one);
+    const shared = engine.stats().batches;
+    assert.ok(shared >= 3, `expected the calls shared out between batches, got ${shared} batch(es)`);
+    // and given 300 calls that all name the hot account, none of which could run beside another,
+    const hotCalls = Array.from({ length: 300 }, (_, i) => engine.createTransfers([transfer(hot, others[i % 20] as string, 1n)]));
+    const results = (await Promise.all(hotCalls)).map((r) => r[0]?.result);
+    // then they go as one batch, not as a few small ones one after another.
+    assert.deepEqual(new Set(results), new Set(['ok']));
+    assert.equal(engine.stats().batches - shared, 1);
+    assert.deepEqual(await balances(hot), [0n, 300n, 0n, 0n]);
+  });
+
   test('a batch that waits on a lock does not hold up calls on other accounts; calls on its accounts wait behind it, in order', async () => {
     const [a, b, c, d] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
     // Given another transaction holds account a, so a batch that moves money from a waits,
