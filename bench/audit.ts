@@ -171,12 +171,12 @@ interface Segment {
 async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: number; p99: number }; on: { tps: number; p99: number }; verifyOk: boolean; auditedEvents: number }> {
   const db = await migrated('ll_bench_audit_ledger');
   // The engine's pool as in bench:ledger; the audit trail has its own, as a separate budget.
-  const pool = new pg.Pool({ connectionString: db.url, max: 4 });
+  const pool = new pg.Pool({ connectionString: db.url, max: 5 });
   const auditPool = new pg.Pool({ connectionString: db.url, max: 2 });
   pool.on('error', (e) => log(`pool error: ${e.message}`));
   auditPool.on('error', (e) => log(`audit pool error: ${e.message}`));
   const events = await EventStore.open(pool);
-  const engine = new LedgerEngine({ pool, batchSizeMax: 2000, batchesInFlightMax: 2, events });
+  const engine = new LedgerEngine({ pool, batchSizeMax: 2000, batchesInFlightMax: 3, events });
   const sink = new PostgresAuditSink({ pool: auditPool });
   const sequencer = new AuditSequencer({ pool: auditPool, signer, origin: 'bench/ledger', events: { store: events, service: 'ledger' } });
   let stop = false;

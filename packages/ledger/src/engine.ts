@@ -283,21 +283,23 @@ export class LedgerEngine {
   #takeCalls(): QueuedCall[] {
     const freeSlots = this.#batchesInFlightMax - this.#inFlight;
     const share = Math.min(this.#batchSizeMax, Math.ceil(this.#queuedTransfers / freeSlots));
-    // Enough to find the calls that share an id with the batch, without walking a long queue.
-    const scanMax = 4 * this.#batchSizeMax;
     const taken: QueuedCall[] = [];
     const left: QueuedCall[] = [];
     const takenKeys = new Set<string>();
     const skipped = new Set<string>();
     let size = 0;
+    // Past the share, the scan goes on only while it keeps finding calls that share an id with
+    // the batch: a long queue of unrelated calls is not walked for nothing.
+    let missesPastShare = 0;
     let i = 0;
-    for (; i < this.#queue.length && i < scanMax && size < this.#batchSizeMax; i += 1) {
+    for (; i < this.#queue.length && size < this.#batchSizeMax && missesPastShare < share; i += 1) {
       const call = this.#queue[i] as QueuedCall;
       const n = call.transfers.length;
       const blocked = call.keys.some((k) => this.#busy.has(k) || skipped.has(k));
-      const fits =
-        taken.length === 0 || size + n <= share || (size + n <= this.#batchSizeMax && call.keys.some((k) => takenKeys.has(k)));
+      const pastShare = taken.length > 0 && size + n > share;
+      const fits = !pastShare || (size + n <= this.#batchSizeMax && call.keys.some((k) => takenKeys.has(k)));
       if (blocked || !fits) {
+        if (pastShare) missesPastShare += 1;
         for (const k of call.keys) skipped.add(k);
         left.push(call);
         continue;
