@@ -560,7 +560,7 @@ describe('batching and limits', () => {
   });
 
   test('calls on disjoint accounts are shared out between parallel batches; calls that all name one hot account make one batch', async () => {
-    const ids = (await accounts(...Array.from({ length: 601 }, () => undefined))) as string[];
+    const ids = await accounts(...Array.from({ length: 601 }, () => undefined));
     const [hot, ...others] = ids as [string, ...string[]];
     // Given 300 calls arriving at once, each on its own pair of accounts,
     const pairs = Array.from({ length: 300 }, (_, i) => engine.createTransfers([transfer(others[2 * i] as string, others[2 * i + 1] as string, 1n)]));
