@@ -9,7 +9,7 @@
  * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
  * round finds the lock taken and does nothing, so instances may all run one.
  */
-import type { Checkpoint as EventCheckpoint, EventStore, StoredEvent } from '@ledgerline/events';
+import { sqlArrayLiteral, type Checkpoint as EventCheckpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { newSubjectKey, seal, signCheckpoint, type Checkpoint, type CheckpointSigner } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
@@ -363,43 +363,64 @@ function prepare(seq: number, p: Pending, keys: Map<string, Buffer>): Prepared {
   };
 }
 
+/**
+ * Stores a round's records and payloads, two statements. Numbers and ids travel as array
+ * literals and text as one JSON array per column (hashes in hex), not as pg's per-element
+ * escaped arrays: a fifth of the sequencer's CPU went to that encoding (measured).
+ */
 async function insertRecords(db: Queryable, rows: Prepared[], leafHashes: Buffer[]): Promise<void> {
-  const col = <T>(f: (r: AuditRecordFields) => T): T[] => rows.map((r) => f(r.fields));
+  const json = (f: (r: AuditRecordFields) => string | null): string => JSON.stringify(rows.map((r) => f(r.fields)));
+  const hex = (h: Buffer | null): string | null => (h === null ? null : h.toString('hex'));
   await db.query(
     `INSERT INTO audit.records (seq, id, occurred_at, record_class, actor_type, actor_id, action, outcome, reason, origin_service,
                                 origin_ip, origin_request_id, origin_trace_id, resource_type, resource_id, subject, payload_hash,
                                 personal_hash, leaf_hash)
-     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                          $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
-                          $17::bytea[], $18::bytea[], $19::bytea[])`,
+     SELECT u.seq, u.id, u.occurred_at::timestamptz, u.record_class, u.actor_type, u.actor_id, u.action, u.outcome, u.reason,
+            u.origin_service, u.origin_ip, u.origin_request_id, u.origin_trace_id, u.resource_type, u.resource_id, u.subject,
+            decode(u.payload_hash, 'hex'), decode(u.personal_hash, 'hex'), decode(u.leaf_hash, 'hex')
+       FROM ROWS FROM (unnest($1::bigint[], $2::uuid[]),
+                       json_array_elements_text($3::json), json_array_elements_text($4::json), json_array_elements_text($5::json),
+                       json_array_elements_text($6::json), json_array_elements_text($7::json), json_array_elements_text($8::json),
+                       json_array_elements_text($9::json), json_array_elements_text($10::json), json_array_elements_text($11::json),
+                       json_array_elements_text($12::json), json_array_elements_text($13::json), json_array_elements_text($14::json),
+                       json_array_elements_text($15::json), json_array_elements_text($16::json), json_array_elements_text($17::json),
+                       json_array_elements_text($18::json), json_array_elements_text($19::json))
+            AS u(seq, id, occurred_at, record_class, actor_type, actor_id, action, outcome, reason, origin_service, origin_ip,
+                 origin_request_id, origin_trace_id, resource_type, resource_id, subject, payload_hash, personal_hash, leaf_hash)`,
     [
-      col((r) => r.seq),
-      col((r) => r.id),
-      col((r) => r.occurredAt.toISOString()),
-      col((r) => r.recordClass),
-      col((r) => r.actorType),
-      col((r) => r.actorId),
-      col((r) => r.action),
-      col((r) => r.outcome),
-      col((r) => r.reason),
-      col((r) => r.originService),
-      col((r) => r.originIp),
-      col((r) => r.originRequestId),
-      col((r) => r.originTraceId),
-      col((r) => r.resourceType),
-      col((r) => r.resourceId),
-      col((r) => r.subject),
-      col((r) => r.payloadHash),
-      col((r) => r.personalHash),
-      leafHashes,
+      sqlArrayLiteral(rows.map((r) => r.fields.seq)),
+      sqlArrayLiteral(rows.map((r) => r.fields.id)),
+      json((r) => r.occurredAt.toISOString()),
+      json((r) => r.recordClass),
+      json((r) => r.actorType),
+      json((r) => r.actorId),
+      json((r) => r.action),
+      json((r) => r.outcome),
+      json((r) => r.reason),
+      json((r) => r.originService),
+      json((r) => r.originIp),
+      json((r) => r.originRequestId),
+      json((r) => r.originTraceId),
+      json((r) => r.resourceType),
+      json((r) => r.resourceId),
+      json((r) => r.subject),
+      json((r) => hex(r.payloadHash)),
+      json((r) => hex(r.personalHash)),
+      JSON.stringify(leafHashes.map((h) => h.toString('hex'))),
     ],
   );
   const withPayload = rows.filter((r) => r.payload !== null || r.personal !== null);
   if (withPayload.length > 0) {
-    await db.query('INSERT INTO audit.payloads (seq, payload, personal) SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])', [
-      withPayload.map((r) => r.fields.seq),
-      withPayload.map((r) => r.payload),
-      withPayload.map((r) => r.personal),
-    ]);
+    await db.query(
+      `INSERT INTO audit.payloads (seq, payload, personal)
+       SELECT u.seq, u.payload, decode(u.personal, 'hex')
+         FROM ROWS FROM (unnest($1::bigint[]), json_array_elements_text($2::json), json_array_elements_text($3::json))
+              AS u(seq, payload, personal)`,
+      [
+        sqlArrayLiteral(withPayload.map((r) => r.fields.seq)),
+        JSON.stringify(withPayload.map((r) => r.payload)),
+        JSON.stringify(withPayload.map((r) => hex(r.personal))),
+      ],
+    );
   }
 }
