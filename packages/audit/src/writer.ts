@@ -111,7 +111,11 @@ export class PostgresAuditSink implements AuditSink {
   async #writeAll(): Promise<void> {
     while (this.#buffer.length > 0) {
       const chunk = this.#buffer.slice(0, FLUSH_ENTRIES_MAX);
-      await asAuditWriter(this.#pool, (client) => client.query('INSERT INTO audit.queue (entry) SELECT unnest($1::text[])', [chunk]));
+      // One JSON array of the entries' texts: JSON.stringify escapes them natively, where a
+      // text[] parameter has pg escape every quote of every entry.
+      await asAuditWriter(this.#pool, (client) =>
+        client.query('INSERT INTO audit.queue (entry) SELECT json_array_elements_text($1::json)', [JSON.stringify(chunk)]),
+      );
       this.#buffer = this.#buffer.slice(chunk.length);
     }
   }
