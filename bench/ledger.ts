@@ -4,7 +4,7 @@
  *   npm run bench:ledger -- [--seconds 20] [--clients 384] [--accounts 10000] [--seed N]
  *                           [--batch-size-max N] [--batches-in-flight N] [--linger-ms N]
  *                           [--pool N] [--warmup 2] [--pgbench-clients N] [--pgbench-scale N]
- *                           [--no-pgbench] [--no-events]
+ *                           [--no-pgbench] [--no-events] [--hot-share 0..1]
  *
  * Phase 1: a fresh database, migrated; N accounts on ledger USD without balance constraints
  * (so random transfers never fail); C concurrent clients, each in a closed loop calling
@@ -50,6 +50,9 @@ const { values: args } = parseArgs({
     // The service appends a domain event per transfer in the batch transaction; so does the
     // bench unless told otherwise, so that it measures what runs in production.
     'no-events': { type: 'boolean', default: false },
+    // The share of transfers (0..1) whose debit is one hot account, as with a fee or settlement
+    // account: every such transfer contends for that account's row lock.
+    'hot-share': { type: 'string' },
   },
   strict: true,
 });
@@ -57,6 +60,8 @@ const { values: args } = parseArgs({
 const settings = loadSettings(args);
 const { seconds, warmupSeconds, clients, accountCount, batchSizeMax, batchesInFlightMax, lingerMs, poolSize, runPgbench, seed } = settings;
 const withEvents = !args['no-events'];
+const hotShare = args['hot-share'] === undefined ? 0 : Number(args['hot-share']);
+if (!(hotShare >= 0 && hotShare <= 1)) throw new RangeError(`--hot-share must be a number from 0 to 1, got ${String(args['hot-share'])}`);
 
 const log = benchLog('bench:ledger');
 
@@ -121,7 +126,12 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
 
     const oneClient = async (): Promise<void> => {
       while (!stop && !abort.signal.aborted) {
-        const { debit, credit, amount } = randomTransferParts(random, accountIds);
+        const parts = randomTransferParts(random, accountIds);
+        // The hot account is the first; a transfer from it goes to any other.
+        const hot = hotShare > 0 && random() < hotShare;
+        const debit = hot ? (accountIds[0] as string) : parts.debit;
+        const credit = hot && parts.credit === debit ? parts.debit : parts.credit;
+        const { amount } = parts;
         const transfer: NewTransfer = {
           id: newId(),
           debitAccountId: debit,
@@ -289,6 +299,7 @@ async function main(): Promise<void> {
     batch_size_max: batchSizeMax,
     batches_in_flight_max: batchesInFlightMax,
     events_appended: withEvents,
+    hot_share: hotShare,
     batch_linger_ms: lingerMs,
     pool_size: poolSize,
     seed,
