@@ -14,6 +14,7 @@ import { afterFailure, AFTER_SUCCESS, isLocked, LOCKOUT_DEFAULT, type LockoutPol
 import { hashPassword, verifyPassword } from './passwords.ts';
 import { newTotpSecret, newRecoveryCodes, recoveryCodeHash, totpUri, verifyTotp } from './totp.ts';
 import { newSigningKey, signAccessToken, TOKEN_ALGORITHM } from './tokens.ts';
+import { KeyEncryptionKeyError, openPrivateJwk, sealedUnder, sealPrivateJwk, type KeyEncryptionKey } from './keys-at-rest.ts';
 
 export type IdentityErrorCode =
   | 'invalid_request'
@@ -50,6 +51,12 @@ export interface IdentityOptions {
   /** The absolute lifetime of a login session; rotation does not extend it. */
   refreshTokenTtlSeconds?: number;
   lockout?: LockoutPolicy;
+  /**
+   * Stores the private signing keys encrypted under this key (keys-at-rest.ts), and encrypts
+   * at `ensureSigningKey` any stored in clear before it was set. Without it they are stored in
+   * clear, and a store that holds encrypted keys refuses to start.
+   */
+  keyEncryptionKey?: KeyEncryptionKey;
 }
 
 export interface TokenResponse {
@@ -118,7 +125,8 @@ interface UserRow {
 
 interface KeyRow {
   kid: string;
-  private_jwk: JWK;
+  private_jwk: JWK | null;
+  private_jwe: string | null;
 }
 
 export class Identity {
@@ -129,6 +137,7 @@ export class Identity {
   readonly #accessTtl: number;
   readonly #refreshTtl: number;
   readonly #lockout: LockoutPolicy;
+  readonly #kek: KeyEncryptionKey | null;
   #signer: { kid: string; privateKey: CryptoKey; loadedAtMs: number } | null = null;
 
   constructor(options: IdentityOptions) {
@@ -139,6 +148,7 @@ export class Identity {
     this.#accessTtl = options.accessTokenTtlSeconds ?? ACCESS_TOKEN_TTL_SECONDS_DEFAULT;
     this.#refreshTtl = options.refreshTokenTtlSeconds ?? REFRESH_TOKEN_TTL_SECONDS_DEFAULT;
     this.#lockout = options.lockout ?? LOCKOUT_DEFAULT;
+    this.#kek = options.keyEncryptionKey ?? null;
   }
 
   // ---- users ------------------------------------------------------------------------------
@@ -320,13 +330,27 @@ export class Identity {
   // ---- signing keys -----------------------------------------------------------------------
 
   /**
-   * Creates the first signing key, active at once, if there is no key at all; call at start.
-   * Instances starting together may each create one: the later `active_from` then signs, and
-   * both are published.
+   * Call at start. Checks the stored keys against the key-encryption key: with one, it
+   * encrypts every key still stored in clear and refuses keys encrypted under another; without
+   * one, it refuses encrypted keys (KeyEncryptionKeyError, naming the reason). Then it creates
+   * the first signing key, active at once, if there is no key at all. Instances starting
+   * together may each create one: the later `active_from` then signs, and both are published.
    */
   async ensureSigningKey(): Promise<void> {
-    const r = await this.#pool.query('SELECT 1 FROM identity.signing_keys LIMIT 1');
-    if (r.rowCount === 0) {
+    const stored = await this.#pool.query<KeyRow>('SELECT kid, private_jwk, private_jwe FROM identity.signing_keys');
+    for (const row of stored.rows) {
+      if (row.private_jwe !== null) {
+        if (this.#kek === null) throw new KeyEncryptionKeyError(`signing key ${row.kid} is stored encrypted, and no key-encryption key is configured`);
+        const under = sealedUnder(row.private_jwe);
+        if (under !== this.#kek.id) {
+          throw new KeyEncryptionKeyError(`signing key ${row.kid} is encrypted under key-encryption key ${String(under)}, not the configured ${this.#kek.id}`);
+        }
+      } else if (this.#kek !== null && row.private_jwk !== null) {
+        const jwe = await sealPrivateJwk(row.private_jwk, row.kid, this.#kek);
+        await this.#pool.query('UPDATE identity.signing_keys SET private_jwe = $2, private_jwk = NULL WHERE kid = $1 AND private_jwe IS NULL', [row.kid, jwe]);
+      }
+    }
+    if (stored.rowCount === 0) {
       const nowMs = this.#clock();
       await this.#insertKey(nowMs, nowMs);
     }
@@ -362,11 +386,21 @@ export class Identity {
 
   async #insertKey(createdMs: number, activeFromMs: number): Promise<string> {
     const key = await newSigningKey();
+    const jwe = this.#kek === null ? null : await sealPrivateJwk(key.privateJwk, key.kid, this.#kek);
     await this.#pool.query(
-      'INSERT INTO identity.signing_keys (kid, private_jwk, public_jwk, created_at, active_from) VALUES ($1, $2, $3, $4, $5)',
-      [key.kid, key.privateJwk, key.publicJwk, new Date(createdMs), new Date(activeFromMs)],
+      'INSERT INTO identity.signing_keys (kid, private_jwk, private_jwe, public_jwk, created_at, active_from) VALUES ($1, $2, $3, $4, $5, $6)',
+      [key.kid, jwe === null ? key.privateJwk : null, jwe, key.publicJwk, new Date(createdMs), new Date(activeFromMs)],
     );
     return key.kid;
+  }
+
+  async #privateJwk(row: KeyRow): Promise<JWK> {
+    if (row.private_jwe !== null) {
+      if (this.#kek === null) throw new KeyEncryptionKeyError(`signing key ${row.kid} is stored encrypted, and no key-encryption key is configured`);
+      return openPrivateJwk(row.private_jwe, row.kid, this.#kek);
+    }
+    if (row.private_jwk === null) throw new Error(`invariant: signing key ${row.kid} has no private half`);
+    return row.private_jwk;
   }
 
   // ---- internals --------------------------------------------------------------------------
@@ -386,11 +420,14 @@ export class Identity {
   async #signingKey(): Promise<{ kid: string; privateKey: CryptoKey }> {
     const nowMs = this.#clock();
     if (this.#signer !== null && nowMs - this.#signer.loadedAtMs < KEY_REFRESH_MS) return this.#signer;
-    const r = await this.#pool.query<KeyRow>('SELECT kid, private_jwk FROM identity.signing_keys WHERE active_from <= $1 ORDER BY active_from DESC LIMIT 1', [new Date(nowMs)]);
+    const r = await this.#pool.query<KeyRow>(
+      'SELECT kid, private_jwk, private_jwe FROM identity.signing_keys WHERE active_from <= $1 ORDER BY active_from DESC LIMIT 1',
+      [new Date(nowMs)],
+    );
     const row = r.rows[0];
     if (row === undefined) throw new Error('identity: no signing key; call ensureSigningKey() at start');
     if (this.#signer?.kid !== row.kid) {
-      const privateKey = await importJWK(row.private_jwk, TOKEN_ALGORITHM);
+      const privateKey = await importJWK(await this.#privateJwk(row), TOKEN_ALGORITHM);
       if (privateKey instanceof Uint8Array) throw new Error('invariant: an Ed25519 JWK imported as raw bytes');
       this.#signer = { kid: row.kid, privateKey, loadedAtMs: nowMs };
     } else {

@@ -26,6 +26,9 @@ export const identityConfigSchema = Type.Object({
   PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
   IDENTITY_ISSUER: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001' }),
   IDENTITY_USER_AUDIENCES: Type.String({ pattern: LIST, default: 'ledger,identity' }),
+  // 32 random bytes (base64url) that encrypt the private signing keys at rest; required in
+  // production (NODE_ENV=production). Keep it outside the database, as in a secret store.
+  IDENTITY_KEY_ENCRYPTION_KEY: Type.String({ default: '' }),
   ACCESS_TOKEN_TTL_SECONDS: Type.Integer({ minimum: 30, maximum: 3600, default: 300 }),
   REFRESH_TOKEN_TTL_SECONDS: Type.Integer({ minimum: 300, maximum: 30 * 86_400, default: 28_800 }),
   LOCKOUT_FAILURES_MAX: Type.Integer({ minimum: 3, maximum: 100, default: 5 }),

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { migrateAudit, PostgresAuditSink, serviceSigner, startSequencerWorker } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
-import { Identity, migrateIdentity } from '@ledgerline/identity';
+import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
@@ -22,6 +22,28 @@ try {
 }
 
 const logger = pino({ level: config.LOG_LEVEL, base: { service: 'identity' } });
+
+/** Ends the process with status 2 and a message naming the variable, before anything starts. */
+function refuseConfig(variable: string, message: string): never {
+  process.stderr.write(`identity: Invalid configuration: ${variable} ${message}\n`);
+  process.exit(2);
+}
+
+// The key that encrypts the signing keys at rest: required in production, and checked (with
+// the stored keys, below) before the service listens.
+let keyEncryptionKey: KeyEncryptionKey | undefined;
+if (config.IDENTITY_KEY_ENCRYPTION_KEY !== '') {
+  try {
+    keyEncryptionKey = parseKeyEncryptionKey(config.IDENTITY_KEY_ENCRYPTION_KEY);
+  } catch (error) {
+    if (!(error instanceof KeyEncryptionKeyError)) throw error;
+    refuseConfig('IDENTITY_KEY_ENCRYPTION_KEY', error.message);
+  }
+} else if (process.env.NODE_ENV === 'production') {
+  refuseConfig('IDENTITY_KEY_ENCRYPTION_KEY', 'is required in production: the private signing keys would be stored in clear');
+} else {
+  logger.warn('identity: IDENTITY_KEY_ENCRYPTION_KEY is unset: the private signing keys are stored in clear in the database');
+}
 
 // The checkpoint signing key is checked before anything starts, as the ledger does.
 const signer = config.AUDIT_ENABLED && config.AUDIT_SEQUENCER_ENABLED ? serviceSigner('identity', config.AUDIT_SIGNING_KEY, (message) => logger.warn(message)) : null;
@@ -64,8 +86,14 @@ const identity = new Identity({
   accessTokenTtlSeconds: config.ACCESS_TOKEN_TTL_SECONDS,
   refreshTokenTtlSeconds: config.REFRESH_TOKEN_TTL_SECONDS,
   lockout: { failuresMax: config.LOCKOUT_FAILURES_MAX, lockMs: config.LOCKOUT_MS },
+  ...(keyEncryptionKey === undefined ? {} : { keyEncryptionKey }),
 });
-await identity.ensureSigningKey();
+try {
+  await identity.ensureSigningKey();
+} catch (error) {
+  if (!(error instanceof KeyEncryptionKeyError)) throw error;
+  refuseConfig('IDENTITY_KEY_ENCRYPTION_KEY', `does not open the stored signing keys: ${error.message}`);
+}
 await bootstrap(identity, config, logger);
 
 const app = await buildIdentityService({

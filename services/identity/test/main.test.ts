@@ -1,10 +1,13 @@
 /**
  * The identity service as a process of its own, on a database no ledger shares: its audit
  * records (token requests) are sequenced into the Merkle log by its own sequencer, a signed
- * checkpoint covers them, the log verifies, and SIGTERM leaves nothing in the queue.
+ * checkpoint covers them, the log verifies, and SIGTERM leaves nothing in the queue. Its
+ * signing keys are stored encrypted under IDENTITY_KEY_ENCRYPTION_KEY, which production
+ * requires.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
@@ -37,7 +40,17 @@ async function poll<T>(what: string, read: () => Promise<T | null>): Promise<T> 
 test('alone on its database, the identity service sequences its own audit records and signs checkpoints', async () => {
   const port = await freePort();
   const child = spawn(process.execPath, [MAIN], {
-    env: { ...process.env, PORT: String(port), DATABASE_URL: db.url, LOG_LEVEL: 'warn', AUDIT_SIGNING_KEY: '', AUDIT_CHECKPOINT_INTERVAL_MS: '0', IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments', IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET },
+    env: {
+      ...process.env,
+      PORT: String(port),
+      DATABASE_URL: db.url,
+      LOG_LEVEL: 'warn',
+      AUDIT_SIGNING_KEY: '',
+      AUDIT_CHECKPOINT_INTERVAL_MS: '0',
+      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
+      IDENTITY_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64url'),
+    },
     stdio: ['ignore', 'ignore', 'inherit'],
   });
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
@@ -65,7 +78,26 @@ test('alone on its database, the identity service sequences its own audit record
     child.kill('SIGTERM');
   }
   assert.equal(await exited, 0, 'a clean stop');
+  const keys = await pool.query<{ clear: number; sealed: number }>(
+    'SELECT count(*) FILTER (WHERE private_jwk IS NOT NULL)::int AS clear, count(*) FILTER (WHERE private_jwe IS NOT NULL)::int AS sealed FROM identity.signing_keys',
+  );
+  assert.deepEqual(keys.rows[0], { clear: 0, sealed: 1 }, 'the signing key is stored only encrypted');
   assert.equal((await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue')).rows[0]!.n, 0, 'nothing left queued');
   const report = await verifyLog(pool, { publicKey: loadSigningKey(undefined, { production: false }).publicKey });
   assert.equal(report.ok, true, JSON.stringify(report.issues));
+});
+
+test('in production the service refuses to start without a key-encryption key, or with a malformed one, naming the variable', () => {
+  for (const [value, message] of [
+    ['', /IDENTITY_KEY_ENCRYPTION_KEY is required in production/],
+    ['too-short', /IDENTITY_KEY_ENCRYPTION_KEY must be 32 bytes; got 6/],
+  ] as const) {
+    const r = spawnSync(process.execPath, [MAIN], {
+      env: { ...process.env, NODE_ENV: 'production', DATABASE_URL: db.url, LOG_LEVEL: 'warn', IDENTITY_KEY_ENCRYPTION_KEY: value },
+      encoding: 'utf8',
+      timeout: 30_000,
+    });
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, message);
+  }
 });

@@ -1,0 +1,72 @@
+/**
+ * Signing keys at rest. Whoever can read a private signing key can mint any token, so with a
+ * key-encryption key configured the private JWKs are stored only as JWEs (`alg: dir`,
+ * `enc: A256GCM`, RFC 7516): a database dump, a replica or a backup then holds no usable
+ * signing key without the key-encryption key, which lives outside the database.
+ *
+ * Each JWE's protected header (authenticated by the cipher) names the key-encryption key (its
+ * id, a hash of the key) and the signing key's `kid`, so that a wrong key-encryption key is
+ * reported as such, and a JWE moved to another row does not decrypt as that row's key.
+ */
+import { createHash } from 'node:crypto';
+import { compactDecrypt, CompactEncrypt, decodeProtectedHeader, type JWK } from 'jose';
+
+/** The protected-header parameter that binds a JWE to its signing key's `kid`. */
+const SIGNING_KID_PARAM = 'ledgerline.signing_kid';
+const KEK_BYTES = 32;
+
+export interface KeyEncryptionKey {
+  /** Names the key in each JWE it encrypts: the first 16 hex digits of its SHA-256. */
+  id: string;
+  key: Uint8Array;
+}
+
+/** The key-encryption key is missing, malformed, or not the one the stored keys need. */
+export class KeyEncryptionKeyError extends Error {
+  override readonly name = 'KeyEncryptionKeyError';
+}
+
+/** Reads a key-encryption key: 32 random bytes in base64url (or base64). */
+export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+  const trimmed = text.trim();
+  if (!/^[A-Za-z0-9_\-+/]+={0,2}$/.test(trimmed)) {
+    throw new KeyEncryptionKeyError(`must be ${KEK_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
+  }
+  const key = Buffer.from(trimmed.replaceAll('+', '-').replaceAll('/', '_').replace(/=+$/, ''), 'base64url');
+  if (key.length !== KEK_BYTES) throw new KeyEncryptionKeyError(`must be ${KEK_BYTES} bytes; got ${key.length}`);
+  return { id: createHash('sha256').update(key).digest('hex').slice(0, 16), key: new Uint8Array(key) };
+}
+
+/** Encrypts a signing key's private JWK under the key-encryption key. */
+export function sealPrivateJwk(jwk: JWK, signingKid: string, kek: KeyEncryptionKey): Promise<string> {
+  return new CompactEncrypt(new TextEncoder().encode(JSON.stringify(jwk)))
+    .setProtectedHeader({ alg: 'dir', enc: 'A256GCM', kid: kek.id, [SIGNING_KID_PARAM]: signingKid })
+    .encrypt(kek.key);
+}
+
+/** The id of the key-encryption key a stored JWE was encrypted under. */
+export function sealedUnder(jwe: string): string | undefined {
+  const kid = decodeProtectedHeader(jwe).kid;
+  return typeof kid === 'string' ? kid : undefined;
+}
+
+/**
+ * Decrypts a stored private JWK. Refuses, naming the reason, a JWE encrypted under another
+ * key-encryption key, one that fails authentication, and one bound to another signing key.
+ */
+export async function openPrivateJwk(jwe: string, signingKid: string, kek: KeyEncryptionKey): Promise<JWK> {
+  const under = sealedUnder(jwe);
+  if (under !== kek.id) {
+    throw new KeyEncryptionKeyError(`signing key ${signingKid} is encrypted under key-encryption key ${String(under)}, not the configured ${kek.id}`);
+  }
+  let opened: Awaited<ReturnType<typeof compactDecrypt>>;
+  try {
+    opened = await compactDecrypt(jwe, kek.key, { keyManagementAlgorithms: ['dir'], contentEncryptionAlgorithms: ['A256GCM'] });
+  } catch (error) {
+    throw new KeyEncryptionKeyError(`signing key ${signingKid} does not decrypt: ${error instanceof Error ? error.message : String(error)}`);
+  }
+  if (opened.protectedHeader[SIGNING_KID_PARAM] !== signingKid) {
+    throw new KeyEncryptionKeyError(`the encrypted key stored as ${signingKid} belongs to ${String(opened.protectedHeader[SIGNING_KID_PARAM])}`);
+  }
+  return JSON.parse(new TextDecoder().decode(opened.plaintext)) as JWK;
+}
