@@ -26,7 +26,7 @@ import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
 import { cliStreams, dateOption, intOption, UsageError, type CliIo } from '@ledgerline/events';
 import { verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
-import { loadSigningKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
+import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
@@ -45,7 +45,8 @@ const USAGE = `usage:
   audit hold place (--subject S | --resource-type T --resource-id ID) --reason TEXT --as WHO
   audit hold release --id ID --as WHO | audit hold list
   audit expire --as WHO [--as-of ISO]
-database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE)
+database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE);
+personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
 exit 0 done, 1 verification failed, 2 usage or failure`;
 
 const OPTIONS = {
@@ -132,7 +133,9 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});
     sink = new PostgresAuditSink({ pool });
-    const store = new AuditStore({ pool, sink, service: 'audit-cli' });
+    // Searches open personal data with the subject keys, wrapped at rest under this key when set.
+    const kekText = env.AUDIT_KEY_ENCRYPTION_KEY ?? '';
+    const store = new AuditStore({ pool, sink, service: 'audit-cli', ...(kekText === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(kekText) }) });
     const by = (): Requester => ({ actor: { type: 'user', id: required('as', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {

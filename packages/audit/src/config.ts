@@ -8,6 +8,8 @@ export const auditConfigSchema = Type.Object({
   AUDIT_ENABLED: Type.Boolean({ default: true }),
   /** PKCS#8 PEM Ed25519 private key (literal `\n` accepted). Empty: the public development key, refused when NODE_ENV=production. */
   AUDIT_SIGNING_KEY: Type.String({ default: '' }),
+  /** 32 random bytes (base64url) that wrap the subject keys at rest. Empty: stored in clear, refused when NODE_ENV=production. */
+  AUDIT_KEY_ENCRYPTION_KEY: Type.String({ default: '' }),
   /** Names the log in every checkpoint. */
   AUDIT_LOG_ORIGIN: Type.String({ pattern: '^[\\x21-\\x7e]{1,200}$', default: 'ledgerline/ledger' }),
   AUDIT_FLUSH_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 1000, default: 5 }),

@@ -3,14 +3,17 @@ export { checkpointJson, verifyBundle, type CheckpointJson, type ConsistencyBund
 export {
   checkpointBody,
   checkpointSignatureValid,
+  KeyEncryptionKeyError,
   keyIdOf,
   loadSigningKey,
+  parseKeyEncryptionKey,
   parsePublicKey,
   publicKeyPem,
   signCheckpoint,
   SigningKeyError,
   type Checkpoint,
   type CheckpointSigner,
+  type KeyEncryptionKey,
 } from './keys.ts';
 export {
   consistencyRanges,
@@ -44,5 +47,5 @@ export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions 
 export { auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema } from './config.ts';
 export { startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
-export { serviceSigner } from './startup.ts';
+export { serviceKeyEncryptionKey, serviceSigner } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

@@ -127,3 +127,48 @@ export function open(key: Buffer, sealed: Buffer, recordId: string): string | nu
     return null;
   }
 }
+
+/** The key-encryption key is malformed, missing, or not the one the stored subject keys need. */
+export class KeyEncryptionKeyError extends Error {
+  override readonly name = 'KeyEncryptionKeyError';
+}
+
+/** Wraps the subject keys at rest (`AUDIT_KEY_ENCRYPTION_KEY`). */
+export interface KeyEncryptionKey {
+  /** Names the key beside each key it wraps: the first 16 hex digits of its SHA-256. */
+  readonly id: string;
+  readonly key: Buffer;
+}
+
+/** Reads a key-encryption key: 32 random bytes in base64url (or base64). */
+export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+  const trimmed = text.trim();
+  if (!/^[A-Za-z0-9_\-+/]+={0,2}$/.test(trimmed)) {
+    throw new KeyEncryptionKeyError(`must be ${SUBJECT_KEY_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
+  }
+  const key = Buffer.from(trimmed.replaceAll('+', '-').replaceAll('/', '_').replace(/=+$/, ''), 'base64url');
+  if (key.length !== SUBJECT_KEY_BYTES) throw new KeyEncryptionKeyError(`must be ${SUBJECT_KEY_BYTES} bytes; got ${key.length}`);
+  return { id: sha256(key).toString('hex').slice(0, 16), key };
+}
+
+/** The associated data of a wrapped subject key: a wrapped key moved to another subject does not open. */
+const wrapAad = (subject: string): string => `audit.subject_key:${subject}`;
+
+/** A subject key as stored: in clear without a key-encryption key, else wrapped under it. */
+export function storedSubjectKey(kek: KeyEncryptionKey | null, subject: string, key: Buffer): { key: Buffer; kekId: string | null } {
+  return kek === null ? { key, kekId: null } : { key: seal(kek.key, key.toString('base64'), wrapAad(subject)), kekId: kek.id };
+}
+
+/**
+ * A stored subject key in clear. Refuses, naming the reason, a wrapped key with no or another
+ * key-encryption key, and one that does not open (changed, or moved from another subject).
+ */
+export function clearSubjectKey(kek: KeyEncryptionKey | null, subject: string, stored: Buffer, kekId: string | null): Buffer {
+  if (kekId === null) return stored;
+  if (kek === null) throw new KeyEncryptionKeyError(`the key of subject ${subject} is wrapped, and no key-encryption key is configured (AUDIT_KEY_ENCRYPTION_KEY)`);
+  if (kek.id !== kekId) throw new KeyEncryptionKeyError(`the key of subject ${subject} is wrapped under key-encryption key ${kekId}, not the configured ${kek.id}`);
+  const text = open(kek.key, stored, wrapAad(subject));
+  const key = text === null ? null : Buffer.from(text, 'base64');
+  if (key?.length !== SUBJECT_KEY_BYTES) throw new KeyEncryptionKeyError(`the wrapped key of subject ${subject} does not open: changed, or moved from another subject`);
+  return key;
+}

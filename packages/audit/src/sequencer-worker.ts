@@ -10,7 +10,7 @@
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
 import { EventStore } from '@ledgerline/events';
-import { loadSigningKey } from './keys.ts';
+import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
 import { AuditSequencer } from './sequencer.ts';
 
 export interface SequencerWorkerOptions {
@@ -24,6 +24,8 @@ export interface SequencerWorkerOptions {
   intervalMs?: number;
   checkpointIntervalMs?: number;
   batchRecordsMax?: number;
+  /** `AUDIT_KEY_ENCRYPTION_KEY`: wraps the subject keys at rest (see keys.ts); empty or absent: in clear. */
+  keyEncryptionKey?: string;
 }
 
 /** Marks the worker's data, so importing this module in any other worker starts nothing. */
@@ -76,6 +78,7 @@ async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
     ...(o.intervalMs === undefined ? {} : { intervalMs: o.intervalMs }),
     ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
     ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),
+    ...(o.keyEncryptionKey === undefined || o.keyEncryptionKey === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(o.keyEncryptionKey) }),
     onError: (error) => port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error) } satisfies FromWorker),
   });
   sequencer.start();

@@ -11,7 +11,7 @@
  */
 import { sqlArrayLiteral, type Checkpoint as EventCheckpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
-import { newSubjectKey, seal, signCheckpoint, type Checkpoint, type CheckpointSigner } from './keys.ts';
+import { clearSubjectKey, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
 import { canonicalJson, checkEntry, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
@@ -78,6 +78,12 @@ export interface SequencerOptions {
   checkpointIntervalMs?: number;
   /** The clock of checkpoints. */
   now?: () => Date;
+  /**
+   * Wraps the subject keys at rest (keys.ts): new keys are stored wrapped, and the keys still
+   * in clear are wrapped a batch per round. Without it keys are stored in clear, and a wrapped
+   * key stops the round that needs it (KeyEncryptionKeyError).
+   */
+  keyEncryptionKey?: KeyEncryptionKey;
   onError?: (error: unknown) => void;
 }
 
@@ -94,7 +100,11 @@ interface Prepared {
 }
 
 export class AuditSequencer {
-  readonly #o: Required<Omit<SequencerOptions, 'events'>> & Pick<SequencerOptions, 'events'>;
+  readonly #o: Required<Omit<SequencerOptions, 'events' | 'keyEncryptionKey'>> & Pick<SequencerOptions, 'events'>;
+  readonly #kek: KeyEncryptionKey | null;
+  /** Keys still in clear may remain (checked each round until a committed round found none left). */
+  #clearKeysLeft = true;
+  #clearKeysDoneThisRound = false;
   #frontier: Frontier | null = null;
   #lastCheckpointMs = Number.NEGATIVE_INFINITY;
   #running: Promise<void> | null = null;
@@ -110,6 +120,7 @@ export class AuditSequencer {
       onError: () => {},
       ...options,
     };
+    this.#kek = options.keyEncryptionKey ?? null;
     if (!(this.#o.batchRecordsMax >= 1 && this.#o.batchRecordsMax <= 50_000)) throw new RangeError('batchRecordsMax must be in 1..50000');
   }
 
@@ -160,8 +171,10 @@ export class AuditSequencer {
         await client.query('ROLLBACK');
         return { records: 0, checkpoint: null };
       }
+      this.#clearKeysDoneThisRound = false;
       const result = await this.#roundLocked(client, options.forceCheckpoint === true);
       await client.query('COMMIT');
+      if (this.#clearKeysDoneThisRound) this.#clearKeysLeft = false;
       return result;
     } catch (error) {
       // The frontier may hold this round's leaves: rebuild it from storage next time.
@@ -195,6 +208,7 @@ export class AuditSequencer {
     }
     // Everything read from the event store is read; every write from here runs as the writer role.
     await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+    if (this.#kek !== null && this.#clearKeysLeft) await this.#wrapClearKeys(client, this.#kek);
     if (entries.length === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
     const keys = await this.#subjectKeys(client, entries);
     const prepared: Prepared[] = [];
@@ -256,12 +270,32 @@ export class AuditSequencer {
   async #subjectKeys(db: Queryable, entries: Pending[]): Promise<Map<string, Buffer>> {
     const subjects = [...new Set(entries.filter((e) => e.personal !== null).map((e) => e.entry.subject as string))];
     if (subjects.length === 0) return new Map();
-    await db.query('INSERT INTO audit.subject_keys (subject, key) SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT (subject) DO NOTHING', [
-      subjects,
-      subjects.map(() => newSubjectKey()),
-    ]);
-    const r = await db.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE subject = ANY($1::text[])', [subjects]);
-    return new Map(r.rows.map((row) => [row.subject, row.key]));
+    const made = subjects.map((subject) => storedSubjectKey(this.#kek, subject, newSubjectKey()));
+    await db.query(
+      'INSERT INTO audit.subject_keys (subject, key, kek_id) SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[]) ON CONFLICT (subject) DO NOTHING',
+      [subjects, made.map((m) => m.key), made.map((m) => m.kekId)],
+    );
+    const r = await db.query<{ subject: string; key: Buffer; kek_id: string | null }>(
+      'SELECT subject, key, kek_id FROM audit.subject_keys WHERE subject = ANY($1::text[])',
+      [subjects],
+    );
+    return new Map(r.rows.map((row) => [row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id)]));
+  }
+
+  /** Wraps up to a thousand of the subject keys still stored in clear (written before the key-encryption key was set). */
+  async #wrapClearKeys(db: Queryable, kek: KeyEncryptionKey): Promise<void> {
+    const clear = await db.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE kek_id IS NULL LIMIT 1000');
+    if (clear.rows.length > 0) {
+      const wrapped = clear.rows.map((row) => storedSubjectKey(kek, row.subject, row.key));
+      await db.query(
+        `UPDATE audit.subject_keys k SET key = u.key, kek_id = u.kek_id
+           FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(subject, key, kek_id)
+          WHERE k.subject = u.subject AND k.kek_id IS NULL`,
+        [clear.rows.map((row) => row.subject), wrapped.map((w) => w.key), wrapped.map((w) => w.kekId)],
+      );
+    }
+    // Taken as done only once this round commits (see `round`): one that rolls back leaves them in clear.
+    if (clear.rows.length < 1000) this.#clearKeysDoneThisRound = true;
   }
 }
 

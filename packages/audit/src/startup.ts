@@ -2,7 +2,7 @@
  * What a service's `main` needs to start its part of the audit trail, shared so that every
  * service checks the signing key the same way (docs/audit.md).
  */
-import { loadSigningKey, SigningKeyError, type CheckpointSigner } from './keys.ts';
+import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, SigningKeyError, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 
 /**
  * The checkpoint signer from `AUDIT_SIGNING_KEY`. Unset outside production, the public
@@ -17,6 +17,30 @@ export function serviceSigner(service: string, pem: string, warn: (message: stri
   } catch (error) {
     if (!(error instanceof SigningKeyError)) throw error;
     process.stderr.write(`${service}: Invalid configuration: AUDIT_SIGNING_KEY ${error.message}\n`);
+    process.exit(2);
+  }
+}
+
+/**
+ * The key that wraps the subject keys at rest, from `AUDIT_KEY_ENCRYPTION_KEY` (keys.ts).
+ * Unset outside production: none, with a warning (the subject keys sit in clear beside the
+ * personal data they protect). A malformed key, or none in production, ends the process with
+ * status 2 and a message naming the variable, before anything starts.
+ */
+export function serviceKeyEncryptionKey(service: string, text: string, warn: (message: string) => void): KeyEncryptionKey | null {
+  if (text === '') {
+    if (process.env.NODE_ENV === 'production') {
+      process.stderr.write(`${service}: Invalid configuration: AUDIT_KEY_ENCRYPTION_KEY is required in production: the subject keys would be stored in clear beside the personal data they protect\n`);
+      process.exit(2);
+    }
+    warn('audit: AUDIT_KEY_ENCRYPTION_KEY is unset: the subject keys are stored in clear, so the database alone opens the personal data they protect');
+    return null;
+  }
+  try {
+    return parseKeyEncryptionKey(text);
+  } catch (error) {
+    if (!(error instanceof KeyEncryptionKeyError)) throw error;
+    process.stderr.write(`${service}: Invalid configuration: AUDIT_KEY_ENCRYPTION_KEY ${error.message}\n`);
     process.exit(2);
   }
 }

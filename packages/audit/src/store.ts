@@ -9,7 +9,7 @@
 import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
 import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
-import { open, type Checkpoint } from './keys.ts';
+import { clearSubjectKey, open, type Checkpoint, type KeyEncryptionKey } from './keys.ts';
 import { asAuditWriter } from './migrate.ts';
 import { leafData } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
@@ -84,11 +84,14 @@ export class AuditStore {
   readonly #pool: pg.Pool;
   readonly #sink: AuditSink;
   readonly #service: string;
+  readonly #kek: KeyEncryptionKey | null;
 
-  constructor(options: { pool: pg.Pool; sink: AuditSink; service: string }) {
+  /** `keyEncryptionKey` opens the subject keys wrapped at rest (keys.ts); without it, a wrapped key makes a read fail (KeyEncryptionKeyError). */
+  constructor(options: { pool: pg.Pool; sink: AuditSink; service: string; keyEncryptionKey?: KeyEncryptionKey }) {
     this.#pool = options.pool;
     this.#sink = options.sink;
     this.#service = options.service;
+    this.#kek = options.keyEncryptionKey ?? null;
   }
 
   /** Reads (searches, proofs) are class `access`; holds, erasures and expiries class `governance` (no retention policy: kept). */
@@ -135,8 +138,11 @@ export class AuditStore {
     const subjects = [...new Set(rows.filter((r) => r.personal !== null).map((r) => r.subject as string))];
     const keys = new Map<string, Buffer>();
     if (subjects.length > 0) {
-      const k = await this.#pool.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE subject = ANY($1::text[])', [subjects]);
-      for (const row of k.rows) keys.set(row.subject, row.key);
+      const k = await this.#pool.query<{ subject: string; key: Buffer; kek_id: string | null }>(
+        'SELECT subject, key, kek_id FROM audit.subject_keys WHERE subject = ANY($1::text[])',
+        [subjects],
+      );
+      for (const row of k.rows) keys.set(row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id));
     }
     return rows.map((r) => {
       const f = fieldsOf(r);

@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { migrateAudit, PostgresAuditSink, serviceSigner, startSequencerWorker } from '@ledgerline/audit';
+import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startSequencerWorker } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
@@ -47,6 +47,8 @@ if (config.IDENTITY_KEY_ENCRYPTION_KEY !== '') {
 
 // The checkpoint signing key is checked before anything starts, as the ledger does.
 const signer = config.AUDIT_ENABLED && config.AUDIT_SEQUENCER_ENABLED ? serviceSigner('identity', config.AUDIT_SIGNING_KEY, (message) => logger.warn(message)) : null;
+// The identity service reads no personal data back; its sequencer wraps the subject keys it makes.
+if (signer !== null) serviceKeyEncryptionKey('identity', config.AUDIT_KEY_ENCRYPTION_KEY, (message) => logger.warn(message));
 
 await migrateIdentity(config.DATABASE_URL);
 if (config.AUDIT_ENABLED) await migrateAudit(config.DATABASE_URL);
@@ -72,6 +74,7 @@ const sequencer =
           databaseUrl: config.DATABASE_URL,
           signingKeyPem: config.AUDIT_SIGNING_KEY,
           production: process.env.NODE_ENV === 'production',
+          keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
           origin: config.AUDIT_LOG_ORIGIN,
           intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
           checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, migrateAudit, PostgresAuditSink, serviceSigner, startSequencerWorker, type CheckpointSigner } from '@ledgerline/audit';
+import { AuditStore, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startSequencerWorker, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
@@ -37,8 +37,10 @@ const logger = pino({ level: config.LOG_LEVEL, base: { service: 'ledger' } });
 
 // The checkpoint signing key is checked before anything starts (docs/audit.md).
 let signer: CheckpointSigner | null = null;
+let subjectKek: KeyEncryptionKey | null = null;
 if (config.AUDIT_ENABLED) {
   signer = serviceSigner('ledger', config.AUDIT_SIGNING_KEY, (message) => logger.warn(message));
+  subjectKek = serviceKeyEncryptionKey('ledger', config.AUDIT_KEY_ENCRYPTION_KEY, (message) => logger.warn(message));
 } else {
   logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: commands, reads and events are not audited');
 }
@@ -99,6 +101,7 @@ const audit =
                 production: process.env.NODE_ENV === 'production',
                 origin: config.AUDIT_LOG_ORIGIN,
                 eventsService: 'ledger',
+                keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
                 intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
                 checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
               },
@@ -133,7 +136,7 @@ const app = await buildLedgerService({
   logger,
   resilience: resilience.options,
   ...(auth === undefined ? {} : { auth }),
-  ...(audit === null ? {} : { audit: { sink: audit.sink, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger' }), publicKey: audit.publicKey } } }),
+  ...(audit === null ? {} : { audit: { sink: audit.sink, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),
   // The pruner stops when the app closes, before the pool ends.
   idempotency: {
     ttlMs: config.IDEMPOTENCY_TTL_MS,
