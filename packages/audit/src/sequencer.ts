@@ -102,9 +102,6 @@ interface Prepared {
 export class AuditSequencer {
   readonly #o: Required<Omit<SequencerOptions, 'events' | 'keyEncryptionKey'>> & Pick<SequencerOptions, 'events'>;
   readonly #kek: KeyEncryptionKey | null;
-  /** Keys still in clear may remain (checked each round until a committed round found none left). */
-  #clearKeysLeft = true;
-  #clearKeysDoneThisRound = false;
   #frontier: Frontier | null = null;
   #lastCheckpointMs = Number.NEGATIVE_INFINITY;
   #running: Promise<void> | null = null;
@@ -171,10 +168,8 @@ export class AuditSequencer {
         await client.query('ROLLBACK');
         return { records: 0, checkpoint: null };
       }
-      this.#clearKeysDoneThisRound = false;
       const result = await this.#roundLocked(client, options.forceCheckpoint === true);
       await client.query('COMMIT');
-      if (this.#clearKeysDoneThisRound) this.#clearKeysLeft = false;
       return result;
     } catch (error) {
       // The frontier may hold this round's leaves: rebuild it from storage next time.
@@ -208,7 +203,7 @@ export class AuditSequencer {
     }
     // Everything read from the event store is read; every write from here runs as the writer role.
     await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
-    if (this.#kek !== null && this.#clearKeysLeft) await this.#wrapClearKeys(client, this.#kek);
+    if (this.#kek !== null) await this.#wrapClearKeys(client, this.#kek);
     if (entries.length === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
     const keys = await this.#subjectKeys(client, entries);
     const prepared: Prepared[] = [];
@@ -282,20 +277,21 @@ export class AuditSequencer {
     return new Map(r.rows.map((row) => [row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id)]));
   }
 
-  /** Wraps up to a thousand of the subject keys still stored in clear (written before the key-encryption key was set). */
+  /**
+   * Wraps up to a thousand of the subject keys still stored in clear (written before the
+   * key-encryption key was set). Every round asks: the partial index `subject_keys_clear_idx`
+   * holds only those keys, so once all are wrapped the question costs one empty index probe.
+   */
   async #wrapClearKeys(db: Queryable, kek: KeyEncryptionKey): Promise<void> {
     const clear = await db.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE kek_id IS NULL LIMIT 1000');
-    if (clear.rows.length > 0) {
-      const wrapped = clear.rows.map((row) => storedSubjectKey(kek, row.subject, row.key));
-      await db.query(
-        `UPDATE audit.subject_keys k SET key = u.key, kek_id = u.kek_id
-           FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(subject, key, kek_id)
-          WHERE k.subject = u.subject AND k.kek_id IS NULL`,
-        [clear.rows.map((row) => row.subject), wrapped.map((w) => w.key), wrapped.map((w) => w.kekId)],
-      );
-    }
-    // Taken as done only once this round commits (see `round`): one that rolls back leaves them in clear.
-    if (clear.rows.length < 1000) this.#clearKeysDoneThisRound = true;
+    if (clear.rows.length === 0) return;
+    const wrapped = clear.rows.map((row) => storedSubjectKey(kek, row.subject, row.key));
+    await db.query(
+      `UPDATE audit.subject_keys k SET key = u.key, kek_id = u.kek_id
+         FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(subject, key, kek_id)
+        WHERE k.subject = u.subject AND k.kek_id IS NULL`,
+      [clear.rows.map((row) => row.subject), wrapped.map((w) => w.key), wrapped.map((w) => w.kekId)],
+    );
   }
 }
 

@@ -14,7 +14,7 @@ import { afterFailure, AFTER_SUCCESS, isLocked, LOCKOUT_DEFAULT, type LockoutPol
 import { hashPassword, verifyPassword } from './passwords.ts';
 import { newTotpSecret, newRecoveryCodes, recoveryCodeHash, totpUri, verifyTotp } from './totp.ts';
 import { newSigningKey, signAccessToken, TOKEN_ALGORITHM } from './tokens.ts';
-import { KeyEncryptionKeyError, openPrivateJwk, sealedUnder, sealPrivateJwk, type KeyEncryptionKey } from './keys-at-rest.ts';
+import { keyFor, openPrivateJwk, sealPrivateJwk, type KeyEncryptionKey } from './keys-at-rest.ts';
 
 export type IdentityErrorCode =
   | 'invalid_request'
@@ -340,11 +340,7 @@ export class Identity {
     const stored = await this.#pool.query<KeyRow>('SELECT kid, private_jwk, private_jwe FROM identity.signing_keys');
     for (const row of stored.rows) {
       if (row.private_jwe !== null) {
-        if (this.#kek === null) throw new KeyEncryptionKeyError(`signing key ${row.kid} is stored encrypted, and no key-encryption key is configured`);
-        const under = sealedUnder(row.private_jwe);
-        if (under !== this.#kek.id) {
-          throw new KeyEncryptionKeyError(`signing key ${row.kid} is encrypted under key-encryption key ${String(under)}, not the configured ${this.#kek.id}`);
-        }
+        keyFor(row.private_jwe, row.kid, this.#kek);
       } else if (this.#kek !== null && row.private_jwk !== null) {
         const jwe = await sealPrivateJwk(row.private_jwk, row.kid, this.#kek);
         await this.#pool.query('UPDATE identity.signing_keys SET private_jwe = $2, private_jwk = NULL WHERE kid = $1 AND private_jwe IS NULL', [row.kid, jwe]);
@@ -395,10 +391,7 @@ export class Identity {
   }
 
   async #privateJwk(row: KeyRow): Promise<JWK> {
-    if (row.private_jwe !== null) {
-      if (this.#kek === null) throw new KeyEncryptionKeyError(`signing key ${row.kid} is stored encrypted, and no key-encryption key is configured`);
-      return openPrivateJwk(row.private_jwe, row.kid, this.#kek);
-    }
+    if (row.private_jwe !== null) return openPrivateJwk(row.private_jwe, row.kid, this.#kek);
     if (row.private_jwk === null) throw new Error(`invariant: signing key ${row.kid} has no private half`);
     return row.private_jwk;
   }

@@ -51,14 +51,25 @@ export function sealedUnder(jwe: string): string | undefined {
 }
 
 /**
- * Decrypts a stored private JWK. Refuses, naming the reason, a JWE encrypted under another
- * key-encryption key, one that fails authentication, and one bound to another signing key.
+ * The configured key-encryption key, if it is the one a stored JWE was encrypted under; else
+ * KeyEncryptionKeyError naming the reason (none configured, or another one).
  */
-export async function openPrivateJwk(jwe: string, signingKid: string, kek: KeyEncryptionKey): Promise<JWK> {
+export function keyFor(jwe: string, signingKid: string, kek: KeyEncryptionKey | null): KeyEncryptionKey {
+  if (kek === null) throw new KeyEncryptionKeyError(`signing key ${signingKid} is stored encrypted, and no key-encryption key is configured`);
   const under = sealedUnder(jwe);
   if (under !== kek.id) {
     throw new KeyEncryptionKeyError(`signing key ${signingKid} is encrypted under key-encryption key ${String(under)}, not the configured ${kek.id}`);
   }
+  return kek;
+}
+
+/**
+ * Decrypts a stored private JWK. Refuses, naming the reason, a JWE with no or another
+ * key-encryption key (`keyFor`), one that fails authentication, and one bound to another
+ * signing key.
+ */
+export async function openPrivateJwk(jwe: string, signingKid: string, configured: KeyEncryptionKey | null): Promise<JWK> {
+  const kek = keyFor(jwe, signingKid, configured);
   let opened: Awaited<ReturnType<typeof compactDecrypt>>;
   try {
     opened = await compactDecrypt(jwe, kek.key, { keyManagementAlgorithms: ['dir'], contentEncryptionAlgorithms: ['A256GCM'] });
