@@ -267,7 +267,7 @@ export class LedgerEngine {
   }
 
   /**
-   * Takes the calls for the next batch from the queue, in queue order, skipping each call that
+   * Takes the calls for the next batch off the queue (and its count), in queue order, skipping each call that
    * names an account or transfer id that a batch in flight names, or that a call skipped before
    * it names. Such a call would only wait on that batch's row locks, holding up the rest of its
    * batch; it goes in a later batch instead, and still after every earlier call it shares an id
@@ -309,6 +309,7 @@ export class LedgerEngine {
       for (const k of call.keys) takenKeys.add(k);
     }
     if (taken.length > 0) this.#queue = i === this.#queue.length ? left : left.concat(this.#queue.slice(i));
+    this.#queuedTransfers -= size;
     return taken;
   }
 
@@ -317,8 +318,6 @@ export class LedgerEngine {
     const calls = this.#takeCalls();
     // Every queued call waits on a batch in flight; its end schedules the next.
     if (calls.length === 0) return;
-    const size = calls.reduce((n, c) => n + c.transfers.length, 0);
-    this.#queuedTransfers -= size;
     this.#inFlight += 1;
     for (const call of calls) for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
     void this.#runBatch(calls).finally(() => {
