@@ -267,9 +267,9 @@ export class LedgerEngine {
   }
 
   /**
-   * Takes the calls for the next batch off the queue (and its count), in queue order, skipping each call that
-   * names an account or transfer id that a batch in flight names, or that a call skipped before
-   * it names. Such a call would only wait on that batch's row locks, holding up the rest of its
+   * Takes the calls for the next batch off the queue (and its count), in queue order,
+   * skipping each call that names an account or transfer id that a batch in flight names, or
+   * that a call skipped before it names. Such a call would only wait on that batch's row locks, holding up the rest of its
    * batch; it goes in a later batch instead, and still after every earlier call it shares an id
    * with. (A post or void whose pending transfer's accounts it does not name may still meet a
    * lock: that costs a wait, never correctness.)
