@@ -178,7 +178,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
   const events = await EventStore.open(pool);
   const engine = new LedgerEngine({ pool, batchSizeMax: 2000, batchesInFlightMax: 3, events });
   const sink = new PostgresAuditSink({ pool: auditPool });
-  const sequencer = new AuditSequencer({ pool: auditPool, signer, origin: 'bench/ledger', events: { store: events, service: 'ledger' } });
+  const sequencer = new AuditSequencer({ pool: auditPool, signer, origin: 'bench/ledger', tailEvents: true });
   let stop = false;
   try {
     const ids: string[] = [];
@@ -237,7 +237,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
               signingKeyPem: process.env.AUDIT_SIGNING_KEY ?? '',
               production: false,
               origin: 'bench/ledger',
-              ...(only === 'commands' ? {} : { eventsService: 'ledger' }),
+              ...(only === 'commands' ? {} : { tailEvents: true }),
             })
           : null;
         const h = createHistogram();

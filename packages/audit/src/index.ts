@@ -30,7 +30,8 @@ export {
 } from './merkle.ts';
 export { AUDIT_WRITER_ROLE, migrateAudit } from './migrate.ts';
 export { canonicalJson, checkEntry, InvalidAuditEntryError, leafData, PAYLOAD_BYTES_MAX, type AuditRecordFields } from './record.ts';
-export { AuditSequencer, eventEntry, type RoundResult, type SequencerOptions } from './sequencer.ts';
+export { AuditSequencer, type RoundResult, type SequencerOptions } from './sequencer.ts';
+export { eventEntry, eventLeafData, eventRecordId, EVENT_LEAF_VERSION } from './event-leaves.ts';
 export {
   AuditStore,
   LegalHoldError,

@@ -9,7 +9,6 @@
  */
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
-import { EventStore } from '@ledgerline/events';
 import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
 import { AuditSequencer } from './sequencer.ts';
 
@@ -19,8 +18,8 @@ export interface SequencerWorkerOptions {
   signingKeyPem: string;
   production: boolean;
   origin: string;
-  /** Tail the event store, recording events as from this service. */
-  eventsService?: string;
+  /** Integrate the events of this database's event store (the identity service's database has none). */
+  tailEvents?: boolean;
   intervalMs?: number;
   checkpointIntervalMs?: number;
   batchRecordsMax?: number;
@@ -68,13 +67,11 @@ async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
   const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2 });
   pool.on('error', () => {});
-  // Only a sequencer that tails the event store opens it (the identity service's database may have none).
-  const events = o.eventsService === undefined ? null : { store: await EventStore.open(pool), service: o.eventsService };
   const sequencer = new AuditSequencer({
     pool,
     signer: loadSigningKey(o.signingKeyPem, { production: o.production }),
     origin: o.origin,
-    ...(events === null ? {} : { events }),
+    tailEvents: o.tailEvents === true,
     ...(o.intervalMs === undefined ? {} : { intervalMs: o.intervalMs }),
     ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
     ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),

@@ -2,21 +2,22 @@
  * The sequencer: the single writer of the tree. Each round, in one transaction, it takes
  * queued entries and the next events of the event store, gives them consecutive sequence
  * numbers, encrypts personal data under the subjects' keys, hashes the leaves, stores the
- * records, payloads and completed subtrees, moves its event cursor, deletes the queue rows
- * it integrated and (when due) signs a checkpoint. Everything commits together or not at all,
+ * records, payloads, one tile of event leaves and the completed subtrees, moves its event
+ * cursor, deletes the queue rows it integrated and (when due) signs a checkpoint. Everything commits together or not at all,
  * so each queued entry and each event is recorded exactly once.
  *
  * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
  * round finds the lock taken and does nothing, so instances may all run one.
  */
-import { sqlArrayLiteral, type Checkpoint as EventCheckpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
+import { sqlArrayLiteral } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
+import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
-import { leafHash, type Frontier, type Subtree } from './merkle.ts';
+import { HASH_BYTES, leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
 import { canonicalJson, checkEntry, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
-import { loadFrontier, STORED_LEVEL_MIN, type Queryable } from './tree.ts';
+import { loadFrontier, STORED_LEVEL_MIN, storedTreeSize, type Queryable } from './tree.ts';
 import type { QueuedEntry } from './writer.ts';
 import type pg from 'pg';
 
@@ -28,49 +29,16 @@ export const CHECKPOINT_INTERVAL_MS_DEFAULT = 1000;
 /** Records prepared between yields to the event loop. */
 const YIELD_EVERY_RECORDS = 256;
 
-/**
- * How an event becomes an audit record, unless the caller maps it: class `financial`, the
- * actor from the event's metadata, the event type as the action, the stream as the resource;
- * a `result` other than `ok` in the data (a rejected transfer) is a failure with that reason.
- */
-export function eventEntry(event: StoredEvent, service: string): AuditEntry {
-  const actor = event.metadata.actor ?? 'unknown';
-  const result = event.data.result;
-  const failed = typeof result === 'string' && result !== 'ok';
-  const traceId = /^[0-9a-f]{2}-([0-9a-f]{32})-/.exec(event.metadata.traceparent ?? '')?.[1];
-  return {
-    recordClass: 'financial',
-    actor: actor === 'anonymous' ? { type: 'anonymous', id: actor } : { type: actor.startsWith('user:') ? 'user' : 'service', id: actor },
-    action: event.type,
-    outcome: failed ? 'failure' : 'success',
-    ...(failed ? { reason: result } : {}),
-    origin: {
-      service,
-      ...(event.metadata.causationId === undefined ? {} : { requestId: event.metadata.causationId }),
-      ...(traceId === undefined ? {} : { traceId }),
-    },
-    resource: { type: event.streamType, id: event.streamId },
-    occurredAt: event.recordedAt,
-    payload: {
-      eventId: event.id,
-      position: event.position.toString(),
-      version: event.version,
-      data: event.data,
-      ...(event.metadata.correlationId === undefined ? {} : { correlationId: event.metadata.correlationId }),
-    },
-  };
-}
-
-/** Audit record ids for events: derived from the event id, so a record names its event. */
-const EVENT_RECORD_NAMESPACE = '6f1c1c9e-4a57-5d0e-9d3f-2b8a4c1e7a10';
-
 export interface SequencerOptions {
   pool: pg.Pool;
   signer: CheckpointSigner;
   /** Names the log in every checkpoint, e.g. `ledgerline/ledger`. */
   origin: string;
-  /** Tail this event store into the log (same database). */
-  events?: { store: EventStore; service: string; toEntry?: (event: StoredEvent) => AuditEntry };
+  /**
+   * Integrate the events of this database's event store (`events.events`) as leaves, in its
+   * global order: hashed where they are and stored as tiles (event-leaves.ts), not copied.
+   */
+  tailEvents?: boolean;
   batchRecordsMax?: number;
   /** Pause between rounds that found less than a full batch. */
   intervalMs?: number;
@@ -100,7 +68,7 @@ interface Prepared {
 }
 
 export class AuditSequencer {
-  readonly #o: Required<Omit<SequencerOptions, 'events' | 'keyEncryptionKey'>> & Pick<SequencerOptions, 'events'>;
+  readonly #o: Required<Omit<SequencerOptions, 'keyEncryptionKey'>>;
   readonly #kek: KeyEncryptionKey | null;
   #frontier: Frontier | null = null;
   #lastCheckpointMs = Number.NEGATIVE_INFINITY;
@@ -115,6 +83,7 @@ export class AuditSequencer {
       checkpointIntervalMs: CHECKPOINT_INTERVAL_MS_DEFAULT,
       now: () => new Date(),
       onError: () => {},
+      tailEvents: false,
       ...options,
     };
     this.#kek = options.keyEncryptionKey ?? null;
@@ -183,43 +152,48 @@ export class AuditSequencer {
   }
 
   async #roundLocked(client: pg.PoolClient, forceCheckpoint: boolean): Promise<RoundResult> {
-    const size = await this.#treeSize(client);
+    const size = await storedTreeSize(client);
     if (this.#frontier?.size !== size) this.#frontier = await loadFrontier(client, size);
     const frontier = this.#frontier.clone();
 
     const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
     const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
-    let cursor: EventCheckpoint | null = null;
-    const events = this.#o.events;
-    if (events !== undefined && entries.length < this.#o.batchRecordsMax) {
-      const state = await client.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
-      const row = state.rows[0];
-      if (row === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
-      const tail = await events.store.readAll(client, { after: { transactionId: BigInt(row.tx), position: BigInt(row.pos) }, limit: this.#o.batchRecordsMax - entries.length });
-      const toEntry = events.toEntry ?? ((e: StoredEvent) => eventEntry(e, events.service));
-      for (const e of tail) entries.push(eventPending(e, toEntry, this.#o.now));
-      const last = tail.at(-1);
-      if (last !== undefined) cursor = { transactionId: last.transactionId, position: last.position };
-    }
+    const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await readEventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
     // Everything read from the event store is read; every write from here runs as the writer role.
     await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
     if (this.#kek !== null) await this.#wrapClearKeys(client, this.#kek);
-    if (entries.length === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
-    const keys = await this.#subjectKeys(client, entries);
-    const prepared: Prepared[] = [];
-    const leafHashes: Buffer[] = [];
+    const records = entries.length + (tile?.count ?? 0);
+    if (records === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
     const nodes: Subtree[] = [];
-    for (const [i, e] of entries.entries()) {
-      // A batch costs ~10-20 µs of CPU per record: let the process's other work (requests,
-      // when the sequencer shares their event loop) run between slices of it.
-      if (i > 0 && i % YIELD_EVERY_RECORDS === 0) await new Promise((resolve) => setImmediate(resolve));
-      const p = prepare(size + i, e, keys);
-      const h = leafHash(leafData(p.fields));
+    const append = (h: Buffer): void => {
       for (const n of frontier.append(h)) if (n.level >= STORED_LEVEL_MIN) nodes.push(n);
-      prepared.push(p);
-      leafHashes.push(h);
+    };
+    if (entries.length > 0) {
+      const keys = await this.#subjectKeys(client, entries);
+      const prepared: Prepared[] = [];
+      const leafHashes: Buffer[] = [];
+      for (const [i, e] of entries.entries()) {
+        // A batch costs ~10-20 µs of CPU per record: let the process's other work (requests,
+        // when the sequencer shares their event loop) run between slices of it.
+        if (i > 0 && i % YIELD_EVERY_RECORDS === 0) await new Promise((resolve) => setImmediate(resolve));
+        const p = prepare(size + i, e, keys);
+        const h = leafHash(leafData(p.fields));
+        append(h);
+        prepared.push(p);
+        leafHashes.push(h);
+      }
+      await insertRecords(client, prepared, leafHashes);
+      await client.query('DELETE FROM audit.queue WHERE id = ANY($1::bigint[])', [queued.rows.map((r) => r.id)]);
     }
-    await insertRecords(client, prepared, leafHashes);
+    if (tile !== null) {
+      for (let i = 0; i < tile.count; i += 1) append(tile.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES));
+      await client.query(
+        `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, last_recorded_at, positions, leaf_hashes)
+         VALUES ($1, $2, $3::text::xid8, $4, $5, $6::bigint[], $7)`,
+        [size + entries.length, tile.count, tile.first.transactionId.toString(), tile.first.position.toString(), tile.lastRecordedAt, tile.positions, tile.hashes],
+      );
+      await client.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::text::xid8, event_position = $2', [tile.last.transactionId.toString(), tile.last.position.toString()]);
+    }
     if (nodes.length > 0) {
       await client.query('INSERT INTO audit.tree_nodes (level, idx, hash) SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])', [
         nodes.map((n) => n.level),
@@ -227,19 +201,10 @@ export class AuditSequencer {
         nodes.map((n) => n.hash),
       ]);
     }
-    if (queued.rows.length > 0) await client.query('DELETE FROM audit.queue WHERE id = ANY($1::bigint[])', [queued.rows.map((r) => r.id)]);
-    if (cursor !== null) {
-      await client.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::text::xid8, event_position = $2', [cursor.transactionId.toString(), cursor.position.toString()]);
-    }
     const checkpoint = await this.#checkpoint(client, frontier, forceCheckpoint);
     // Only now is this round's tree the sequencer's; until COMMIT succeeds `round` discards it.
     this.#frontier = frontier;
-    return { records: entries.length, checkpoint };
-  }
-
-  async #treeSize(db: Queryable): Promise<number> {
-    const r = await db.query<{ n: string }>('SELECT coalesce(max(seq) + 1, 0)::text AS n FROM audit.records');
-    return Number(r.rows[0]?.n ?? 0);
+    return { records, checkpoint };
   }
 
   async #checkpoint(db: Queryable, frontier: Frontier, force: boolean): Promise<Checkpoint | null> {
@@ -324,35 +289,6 @@ function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
       id: uuidv5(`queue:${queueId}:${text}`, EVENT_RECORD_NAMESPACE),
       entry: { recordClass: 'security', actor: { type: 'service', id: 'audit-sequencer' }, action: 'audit.entry.rejected', outcome: 'failure', reason, origin: { service: 'audit' }, resource: { type: 'audit.queue', id: queueId }, occurredAt: now() },
       payload: canonicalJson({ queued: text.slice(0, 60_000) }),
-      personal: null,
-    };
-  }
-}
-
-/**
- * An event as a Pending entry. An event the mapping cannot make a valid entry of (say a payload
- * above PAYLOAD_BYTES_MAX) is still recorded, as `audit.event.unrecordable` naming the event
- * and the reason, with the hash of its data: the tail never stops on it and never skips it.
- */
-function eventPending(e: StoredEvent, toEntry: (event: StoredEvent) => AuditEntry, now: () => Date): Pending {
-  const id = uuidv5(e.id, EVENT_RECORD_NAMESPACE);
-  try {
-    const entry = toEntry(e);
-    return { id, entry, ...checkEntry(entry) };
-  } catch (error) {
-    return {
-      id,
-      entry: {
-        recordClass: 'security',
-        actor: { type: 'service', id: 'audit-sequencer' },
-        action: 'audit.event.unrecordable',
-        outcome: 'failure',
-        reason: error instanceof Error ? error.message.slice(0, 400) : 'unmappable',
-        origin: { service: 'audit' },
-        resource: { type: e.streamType, id: e.streamId },
-        occurredAt: now(),
-      },
-      payload: canonicalJson({ eventId: e.id, position: e.position.toString(), type: e.type, dataSha256: sha256(canonicalJson(e.data)).toString('hex') }),
       personal: null,
     };
   }

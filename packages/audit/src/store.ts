@@ -8,6 +8,8 @@
  */
 import type pg from 'pg';
 import { v7 as uuidv7 } from 'uuid';
+import type { StoredEvent } from '@ledgerline/events';
+import { eventEntry, eventLeafDataAt, eventRecordId, searchEventLeaves } from './event-leaves.ts';
 import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
 import { clearSubjectKey, open, type Checkpoint, type KeyEncryptionKey } from './keys.ts';
 import { asAuditWriter } from './migrate.ts';
@@ -125,7 +127,12 @@ export class AuditStore {
           ORDER BY r.seq ${desc ? 'DESC' : 'ASC'} LIMIT $10`,
         [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId ?? null, filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
       );
-      const records = await this.#views(r.rows);
+      // Event leaves are financial records with no subject: a search for a subject or another class finds none.
+      const withEvents = filter.subject === undefined && (filter.recordClass === undefined || filter.recordClass === 'financial');
+      const events = withEvents ? await searchEventLeaves(this.#pool, filter, { desc, after: page.after ?? null, limit }) : [];
+      const records = [...(await this.#views(r.rows)), ...events.map((e) => this.#eventView(e.seq, e.event))]
+        .sort((a, b) => (desc ? b.seq - a.seq : a.seq - b.seq))
+        .slice(0, limit);
       this.#audit(by, 'audit.search', 'success', { type: 'audit.log', id: this.#service }, { ...asked, returned: records.length });
       return { records, nextCursor: records.length === limit ? (records.at(-1)?.seq ?? null) : null };
     } catch (error) {
@@ -168,6 +175,28 @@ export class AuditStore {
     });
   }
 
+  /** An event leaf as a reviewer sees it: the record `eventEntry` makes of the event. */
+  #eventView(seq: number, event: StoredEvent): AuditRecordView {
+    const e = eventEntry(event, this.#service);
+    return {
+      seq,
+      id: eventRecordId(event.id),
+      occurredAt: event.recordedAt,
+      recordClass: e.recordClass,
+      actor: e.actor,
+      action: e.action,
+      outcome: e.outcome,
+      reason: e.reason ?? null,
+      origin: { service: e.origin.service, ip: null, requestId: e.origin.requestId ?? null, traceId: e.origin.traceId ?? null },
+      resource: e.resource,
+      subject: null,
+      payload: e.payload ?? null,
+      payloadState: 'present',
+      personal: null,
+      personalState: 'none',
+    };
+  }
+
   async latestCheckpoint(db: Queryable = this.#pool): Promise<Checkpoint | null> {
     const r = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1`);
     const row = r.rows[0];
@@ -193,10 +222,12 @@ export class AuditStore {
         ? null
         : await this.#pool.query<RecordRow>(`SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq = $1`, [seq]);
     const row = r?.rows[0];
-    if (by !== undefined) this.#audit(by, 'audit.record.prove', row === undefined ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, row === undefined ? 'no checkpoint covers it' : undefined);
-    if (cp === null || row === undefined) return null;
+    // Not a record row: an event leaf, whose bytes PostgreSQL renders from the event itself.
+    const data = cp === null || r === null ? null : row === undefined ? await eventLeafDataAt(this.#pool, seq) : leafData(fieldsOf(row));
+    if (by !== undefined) this.#audit(by, 'audit.record.prove', data === null ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, data === null ? 'no checkpoint covers it' : undefined);
+    if (cp === null || data === null) return null;
     const proof = await inclusionProof(this.#pool, seq, cp.treeSize);
-    return { kind: 'inclusion', checkpoint: checkpointJson(cp), leafIndex: seq, leafData: leafData(fieldsOf(row)).toString('base64'), proof: proof.map((h) => h.toString('base64')) };
+    return { kind: 'inclusion', checkpoint: checkpointJson(cp), leafIndex: seq, leafData: data.toString('base64'), proof: proof.map((h) => h.toString('base64')) };
   }
 
   /** Proves the checkpoint of `toSize` extends that of `fromSize`; null when either is missing. */

@@ -4,6 +4,7 @@
  * sequencer's frontier, costs O(log n) small reads.
  */
 import type pg from 'pg';
+import { sqlArrayLiteral } from '@ledgerline/events';
 import { consistencyRanges, foldSubtrees, Frontier, inclusionRanges, perfectSubtrees, rootOf, type Range, type Subtree } from './merkle.ts';
 
 export type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -12,6 +13,15 @@ export type Queryable = Pick<pg.ClientBase, 'query'>;
 export const STORED_LEVEL_MIN = 4;
 
 const key = (level: number, index: number): string => `${level}/${index}`;
+
+/** Leaves stored: the records and the event tiles, whichever reaches further. */
+export async function storedTreeSize(db: Queryable): Promise<number> {
+  const r = await db.query<{ n: string }>(
+    `SELECT greatest((SELECT coalesce(max(seq) + 1, 0) FROM audit.records),
+                     coalesce((SELECT first_seq + leaf_count FROM audit.event_leaves ORDER BY first_seq DESC LIMIT 1), 0))::text AS n`,
+  );
+  return Number(r.rows[0]?.n ?? 0);
+}
 
 /** The hashes of perfect subtrees, in the order asked. Throws when storage lacks one. */
 export async function subtreeHashes(db: Queryable, wanted: readonly { level: number; index: number }[]): Promise<Buffer[]> {
@@ -28,8 +38,7 @@ export async function subtreeHashes(db: Queryable, wanted: readonly { level: num
   }
   if (low.length > 0) {
     const seqs = low.flatMap((s) => Array.from({ length: 2 ** s.level }, (_, i) => s.index * 2 ** s.level + i));
-    const r = await db.query<{ seq: string; leaf_hash: Buffer }>('SELECT seq::text, leaf_hash FROM audit.records WHERE seq = ANY($1::bigint[])', [seqs]);
-    const leaves = new Map(r.rows.map((row) => [Number(row.seq), row.leaf_hash]));
+    const leaves = await storedLeafHashes(db, seqs);
     for (const s of low) {
       const hashes = Array.from({ length: 2 ** s.level }, (_, i) => leaves.get(s.index * 2 ** s.level + i));
       if (hashes.every((h) => h !== undefined)) found.set(key(s.level, s.index), rootOf(hashes));
@@ -40,6 +49,20 @@ export async function subtreeHashes(db: Queryable, wanted: readonly { level: num
     if (h === undefined) throw new Error(`audit tree: subtree level ${s.level} index ${s.index} is missing from storage`);
     return h;
   });
+}
+
+/** The stored leaf hashes of `seqs`, from the records and the event tiles; absent ones are left out. */
+export async function storedLeafHashes(db: Queryable, seqs: readonly number[]): Promise<Map<number, Buffer>> {
+  const r = await db.query<{ seq: string; leaf_hash: Buffer }>(
+    `SELECT r.seq::text, r.leaf_hash FROM audit.records r WHERE r.seq = ANY($1::bigint[])
+     UNION ALL
+     SELECT s.seq::text, substring(t.leaf_hashes FROM (s.seq - t.first_seq)::integer * 32 + 1 FOR 32)
+       FROM unnest($1::bigint[]) AS s(seq)
+       CROSS JOIN LATERAL (SELECT * FROM audit.event_leaves t WHERE t.first_seq <= s.seq ORDER BY t.first_seq DESC LIMIT 1) t
+      WHERE s.seq < t.first_seq + t.leaf_count`,
+    [sqlArrayLiteral(seqs)],
+  );
+  return new Map(r.rows.map((row) => [Number(row.seq), row.leaf_hash]));
 }
 
 /** The hash of each range, MTH(D[lo:hi]), fetched in two queries at most. */

@@ -6,6 +6,9 @@
  *
  * Where a tampering is located:
  * - a changed column: the record whose recomputed leaf differs from its stored leaf hash;
+ * - a changed, moved or renumbered event (events are leaves where they are, event-leaves.ts):
+ *   the leaf recomputed from the event store differs from the tile's stored hash;
+ * - a deleted event: its leaf, unless the financial class's retention has run out for it;
  * - a changed payload or personal ciphertext: the record whose hash no longer matches;
  * - a deleted record: the first missing sequence number;
  * - two records swapped: the first of them (a leaf commits to its own sequence number);
@@ -20,6 +23,7 @@ import { Frontier, leafHash } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { Queryable } from './tree.ts';
+import { checkTile, tileStarts } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -31,7 +35,8 @@ export type VerifyIssueKind =
   | 'record_missing'
   | 'checkpoint_signature_invalid'
   | 'checkpoint_root_mismatch'
-  | 'records_truncated';
+  | 'records_truncated'
+  | 'event_missing';
 
 export interface VerifyIssue {
   kind: VerifyIssueKind;
@@ -62,6 +67,8 @@ export interface VerifyOptions {
    */
   trustedCheckpoints?: readonly Checkpoint[];
   issuesMax?: number;
+  /** The clock retention is judged by (a missing event is expired, not deleted, once its class's retention has run out). */
+  now?: () => Date;
   onProgress?: (records: number) => void;
 }
 
@@ -123,21 +130,33 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     lastGoodSize = cp.treeSize;
   };
 
-  let expected = 0;
-  for (;;) {
+  /** Checks the checkpoints that cover only leaves before `seq`, then flags a gap before it. */
+  const reach = async (seq: number): Promise<void> => {
+    // A checkpoint covers the leaves below its size: check every one this leaf passes.
+    while (next !== null && next.treeSize <= seq) {
+      checkCheckpoint(next, false);
+      next = await nextCheckpoint();
+    }
+    if (seq !== frontier.size) report({ kind: 'record_missing', seq: frontier.size, treeSize: null, detail: `seq ${frontier.size}..${seq - 1} missing from storage` });
+  };
+  const financialRetention = await db.query<{ days: number }>("SELECT retain_days AS days FROM audit.retention_policies WHERE record_class = 'financial'");
+  const eventRetainMs = financialRetention.rows[0] === undefined ? null : financialRetention.rows[0].days * 86_400_000;
+  const now = (options.now ?? (() => new Date()))();
+
+  let tiles: { firstSeq: number; count: number; lastRecordedAt: Date }[] = [];
+  for (let expected = 0; ; ) {
+    if (tiles.length === 0 || (tiles[0] as { firstSeq: number }).firstSeq < expected) tiles = await tileStarts(db, expected, 100);
+    const tile = tiles[0];
+    // The records before the next tile (all that are left when there is none), a page at a time.
     const page = await db.query<RecordRow>(
-      `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq >= $1 ORDER BY r.seq LIMIT $2`,
-      [expected, VERIFY_PAGE_RECORDS],
+      `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq
+        WHERE r.seq >= $1 AND ($3::bigint IS NULL OR r.seq < $3) ORDER BY r.seq LIMIT $2`,
+      [expected, VERIFY_PAGE_RECORDS, tile?.firstSeq ?? null],
     );
     for (const row of page.rows) {
       const fields = fieldsOf(row);
       const { seq } = fields;
-      // A checkpoint covers the records below its size: check every one this record passes.
-      while (next !== null && next.treeSize <= seq) {
-        checkCheckpoint(next, false);
-        next = await nextCheckpoint();
-      }
-      if (seq !== expected) report({ kind: 'record_missing', seq: expected, treeSize: null, detail: `seq ${expected}..${seq - 1} missing from storage` });
+      await reach(seq);
       // Recompute at the position the tree expects, so a renumbered or moved record differs.
       const recomputed = leafHash(leafData({ ...fields, seq: frontier.size }));
       if (!recomputed.equals(row.leaf_hash)) report({ kind: 'record_altered', seq, treeSize: null, detail: `record ${seq} (${fields.id}) does not hash to its stored leaf hash: a column was changed or the record moved` });
@@ -146,7 +165,24 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       expected = seq + 1;
     }
     options.onProgress?.(frontier.size);
-    if (page.rows.length < VERIFY_PAGE_RECORDS) break;
+    if (page.rows.length === VERIFY_PAGE_RECORDS) continue;
+    if (tile === undefined) break;
+    tiles.shift();
+    await reach(tile.firstSeq);
+    const expired = eventRetainMs !== null && tile.lastRecordedAt.getTime() + eventRetainMs <= now.getTime();
+    for (const leaf of await checkTile(db, tile.firstSeq, frontier.size)) {
+      await reach(leaf.seq);
+      if (leaf.recomputed === null) {
+        // Retention may remove an event once the financial class's retention has run out for
+        // every event of its tile; before that, a missing event is a deletion.
+        if (!expired) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
+      } else if (!leaf.recomputed.equals(leaf.stored)) {
+        report({ kind: 'record_altered', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} (event position ${leaf.position}) does not hash to its stored leaf hash: the event was changed or moved` });
+      }
+      frontier.append(leaf.recomputed ?? leaf.stored);
+    }
+    expected = tile.firstSeq + tile.count;
+    options.onProgress?.(frontier.size);
   }
   while (next !== null) {
     checkCheckpoint(next, true);

@@ -33,7 +33,7 @@ export async function auditTestEnv(options: { now?: () => Date; withEvents?: boo
     signer,
     origin: 'ledgerline/test',
     checkpointIntervalMs: 0,
-    ...(options.withEvents === false ? {} : { events: { store: events, service: 'ledger' } }),
+    ...(options.withEvents === false ? {} : { tailEvents: true }),
     ...(options.now === undefined ? {} : { now: options.now }),
   });
   const store = new AuditStore({ pool, sink, service: 'test' });

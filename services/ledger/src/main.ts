@@ -100,7 +100,7 @@ const audit =
                 signingKeyPem: config.AUDIT_SIGNING_KEY,
                 production: process.env.NODE_ENV === 'production',
                 origin: config.AUDIT_LOG_ORIGIN,
-                eventsService: 'ledger',
+                tailEvents: true,
                 keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
                 intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
                 checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,

@@ -35,7 +35,7 @@ before(async () => {
   await migrateAudit(t.db.url);
   engine = new LedgerEngine({ pool: t.pool, events: t.events });
   sink = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 1 });
-  sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, events: { store: t.events, service: 'ledger' } });
+  sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, tailEvents: true });
   const store = new AuditStore({ pool: t.pool, sink, service: 'ledger' });
   app = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink, store: { store, publicKey: signer.publicKey } } });
 });

@@ -1,0 +1,305 @@
+/**
+ * Events as leaves of the tree (migration 1767500000000_event-leaves.sql). The event store
+ * already holds every event; the sequencer hashes the rows in PostgreSQL, where they are, and
+ * keeps per round one tile: the events' positions in sequence order and their leaf hashes.
+ * What a leaf commits to is `audit.event_leaf_data`, written out again here
+ * (`eventLeafData`) so that a test, or anyone holding an event, can recompute it.
+ */
+import { readHorizon, type Checkpoint as EventCheckpoint, type StoredEvent } from '@ledgerline/events';
+import { v5 as uuidv5 } from 'uuid';
+import { HASH_BYTES } from './merkle.ts';
+import type { AuditEntry } from './sink.ts';
+import type { Queryable } from './tree.ts';
+
+/** The leaf encoding of events, inside every event leaf. */
+export const EVENT_LEAF_VERSION = 'event/1';
+
+/** The columns of an event row that `audit.event_leaf_data` takes, after the sequence number. */
+const LEAF_ARGS = 'e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.type, e.schema_version, e.data, e.metadata, e.recorded_at';
+
+/** One round's events: what the sequencer appends to the tree and stores as a tile. */
+export interface EventTile {
+  count: number;
+  /** The positions as a PostgreSQL array literal, in sequence order. */
+  positions: string;
+  /** The leaf hashes, 32 bytes each, in sequence order. */
+  hashes: Buffer;
+  first: EventCheckpoint;
+  last: EventCheckpoint;
+  lastRecordedAt: Date;
+}
+
+/**
+ * The next events after the sequencer's cursor, up to `limit`, hashed as leaves from
+ * `firstSeq` on; null when there are none. The event store's reading rule applies (events
+ * below the read horizon only, in (transaction id, position) order), so an event that
+ * commits late is integrated when it commits, never skipped.
+ */
+export async function readEventTile(db: Queryable, firstSeq: number, limit: number): Promise<EventTile | null> {
+  const state = await db.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
+  const cursor = state.rows[0];
+  if (cursor === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
+  const horizon = await readHorizon(db);
+  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; first_pos: string; last_tx: string; last_pos: string; last_recorded_at: Date }>(
+    `WITH e AS MATERIALIZED (
+       SELECT e.*, $5::bigint + row_number() OVER (ORDER BY e.transaction_id, e.position) - 1 AS seq
+         FROM (SELECT * FROM events.events e
+                WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
+                ORDER BY e.transaction_id, e.position LIMIT $4) e),
+     t AS (
+       SELECT count(*)::integer AS n, min(e.seq) AS lo, max(e.seq) AS hi, max(e.recorded_at) AS last_recorded_at,
+              array_agg(e.position ORDER BY e.seq)::text AS positions,
+              string_agg(sha256('\\x00'::bytea || audit.event_leaf_data(e.seq, ${LEAF_ARGS})), ''::bytea ORDER BY e.seq) AS hashes
+         FROM e)
+     SELECT t.n, t.positions, t.hashes, t.last_recorded_at, f.transaction_id::text AS first_tx, f.position::text AS first_pos,
+            l.transaction_id::text AS last_tx, l.position::text AS last_pos
+       FROM t JOIN e f ON f.seq = t.lo JOIN e l ON l.seq = t.hi`,
+    [cursor.tx, cursor.pos, horizon.toString(), limit, firstSeq],
+  );
+  const row = r.rows[0];
+  if (row === undefined) return null;
+  if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
+  return {
+    count: row.n,
+    positions: row.positions,
+    hashes: row.hashes,
+    first: { transactionId: BigInt(row.first_tx), position: BigInt(row.first_pos) },
+    last: { transactionId: BigInt(row.last_tx), position: BigInt(row.last_pos) },
+    lastRecordedAt: row.last_recorded_at,
+  };
+}
+
+/** An event leaf as verification reads it back: the stored hash and, if the event is still kept, the recomputed one. */
+export interface EventLeafCheck {
+  seq: number;
+  position: bigint;
+  stored: Buffer;
+  /** Null when neither events.events nor events.archived_events holds the position any more. */
+  recomputed: Buffer | null;
+}
+
+/** The tiles that start at or after `fromSeq`, in sequence order, up to `limit`. */
+export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<{ firstSeq: number; count: number; lastRecordedAt: Date }[]> {
+  const r = await db.query<{ first_seq: string; leaf_count: number; last_recorded_at: Date }>(
+    'SELECT first_seq::text, leaf_count, last_recorded_at FROM audit.event_leaves WHERE first_seq >= $1 ORDER BY first_seq LIMIT $2',
+    [fromSeq, limit],
+  );
+  return r.rows.map((t) => ({ firstSeq: Number(t.first_seq), count: t.leaf_count, lastRecordedAt: t.last_recorded_at }));
+}
+
+/**
+ * Recomputes the leaves of the tile at `firstSeq` from the event store (the hot table or the
+ * archive), at the sequence numbers the tree expects from `expectedSeq` on: a tile stored at
+ * another place no longer matches.
+ */
+export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: number): Promise<EventLeafCheck[]> {
+  const r = await db.query<{ i: string; position: string; stored: Buffer; recomputed: Buffer | null }>(
+    `SELECT u.i::text, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored,
+            sha256('\\x00'::bytea || audit.event_leaf_data($2::bigint + u.i - 1, ${LEAF_ARGS})) AS recomputed
+       FROM audit.event_leaves t
+       CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
+       LEFT JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = u.position
+                          UNION ALL
+                          SELECT ${LEAF_ARGS} FROM events.archived_events e WHERE e.position = u.position
+                          LIMIT 1) e ON true
+      WHERE t.first_seq = $1
+      ORDER BY u.i`,
+    [firstSeq, expectedSeq],
+  );
+  return r.rows.map((row) => ({ seq: firstSeq + Number(row.i) - 1, position: BigInt(row.position), stored: row.stored, recomputed: row.recomputed }));
+}
+
+/** The leaf data of the event at `seq` (its exact bytes, from PostgreSQL), or null when `seq` is not an event leaf or its event is gone. */
+export async function eventLeafDataAt(db: Queryable, seq: number): Promise<Buffer | null> {
+  const r = await db.query<{ data: Buffer }>(
+    `SELECT audit.event_leaf_data($1::bigint, ${LEAF_ARGS}) AS data
+       FROM (SELECT * FROM audit.event_leaves t WHERE t.first_seq <= $1 ORDER BY t.first_seq DESC LIMIT 1) t
+       JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = t.positions[$1 - t.first_seq + 1]
+                     UNION ALL
+                     SELECT ${LEAF_ARGS} FROM events.archived_events e WHERE e.position = t.positions[$1 - t.first_seq + 1]
+                     LIMIT 1) e ON true
+      WHERE $1 < t.first_seq + t.leaf_count`,
+    [seq],
+  );
+  return r.rows[0]?.data ?? null;
+}
+
+/**
+ * The leaf data of an event, as `audit.event_leaf_data` builds it: for tests, and for anyone
+ * who holds an event and wants to check it against an inclusion proof. `dataText` and
+ * `metadataText` are the jsonb texts PostgreSQL renders (`data::text`), which is what the
+ * leaf commits to; `recordedAtUs` is the recorded time in microseconds.
+ */
+export function eventLeafData(seq: number, e: { position: bigint; id: string; streamType: string; streamId: string; version: number; type: string; schemaVersion: number; recordedAtUs: bigint }, dataText: string, metadataText: string, sha256Hex: (text: string) => string): Buffer {
+  const j = JSON.stringify;
+  return Buffer.from(
+    `{"v":${j(EVENT_LEAF_VERSION)},"seq":${seq},"position":${e.position},"id":"${e.id}","streamType":${j(e.streamType)},"streamId":${j(e.streamId)},` +
+      `"version":${e.version},"type":${j(e.type)},"schemaVersion":${e.schemaVersion},"recordedAtUs":${e.recordedAtUs},` +
+      `"dataHash":"${sha256Hex(dataText)}","metadata":${metadataText}}`,
+    'utf8',
+  );
+}
+
+/** Audit record ids for events: derived from the event id, so a record names its event. */
+export const EVENT_RECORD_NAMESPACE = '6f1c1c9e-4a57-5d0e-9d3f-2b8a4c1e7a10';
+
+/** The record id an event's leaf is known by. */
+export const eventRecordId = (eventId: string): string => uuidv5(eventId, EVENT_RECORD_NAMESPACE);
+
+/**
+ * How an event reads as an audit record: class `financial`, the actor from the event's
+ * metadata, the event type as the action, the stream as the resource; a `result` other than
+ * `ok` in the data (a rejected transfer) is a failure with that reason.
+ */
+export function eventEntry(event: StoredEvent, service: string): AuditEntry {
+  const actor = event.metadata.actor ?? 'unknown';
+  const result = event.data.result;
+  const failed = typeof result === 'string' && result !== 'ok';
+  const traceId = /^[0-9a-f]{2}-([0-9a-f]{32})-/.exec(event.metadata.traceparent ?? '')?.[1];
+  return {
+    recordClass: 'financial',
+    actor: actor === 'anonymous' ? { type: 'anonymous', id: actor } : { type: actor.startsWith('user:') ? 'user' : 'service', id: actor },
+    action: event.type,
+    outcome: failed ? 'failure' : 'success',
+    ...(failed ? { reason: result } : {}),
+    origin: {
+      service,
+      ...(event.metadata.causationId === undefined ? {} : { requestId: event.metadata.causationId }),
+      ...(traceId === undefined ? {} : { traceId }),
+    },
+    resource: { type: event.streamType, id: event.streamId },
+    occurredAt: event.recordedAt,
+    payload: {
+      eventId: event.id,
+      position: event.position.toString(),
+      version: event.version,
+      data: event.data,
+      ...(event.metadata.correlationId === undefined ? {} : { correlationId: event.metadata.correlationId }),
+    },
+  };
+}
+
+/** The search filters that apply to event leaves (store.ts SearchFilter, without subject and class). */
+export interface EventLeafFilter {
+  actorId?: string;
+  resourceType?: string;
+  resourceId?: string;
+  action?: string;
+  outcome?: 'success' | 'failure';
+  from?: Date;
+  to?: Date;
+}
+
+interface EventLeafRow {
+  seq: string;
+  position: string;
+  transaction_id: string;
+  partition: number;
+  event_id: string;
+  stream_type: string;
+  stream_id: string;
+  version: number;
+  type: string;
+  schema_version: number;
+  data: Record<string, unknown>;
+  metadata: StoredEvent['metadata'];
+  recorded_at: Date;
+}
+
+/** Tiles whose events one search query filters. */
+const SEARCH_TILES_PER_QUERY = 4;
+
+const EVENT_COLUMNS = 'e.position, e.transaction_id, e.partition, e.event_id, e.stream_type, e.stream_id, e.version, e.type, e.schema_version, e.data, e.metadata, e.recorded_at';
+
+/** `e` as an event row of the hot table or the archive, found by `position`. */
+const eventAt = (position: string): string =>
+  `(SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.position = ${position}
+    UNION ALL
+    SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.position = ${position}
+    LIMIT 1)`;
+
+/**
+ * Event leaves matching `filter`, in sequence order after `after`, at most `limit`. With a
+ * resource (a stream) named, the stream's events are found by the event store's stream index
+ * and each one's leaf by the tile index; otherwise the tiles are walked in sequence order
+ * (bounded by time when `from` is given) and their events filtered.
+ */
+export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, page: { desc: boolean; after: number | null; limit: number }): Promise<{ seq: number; event: StoredEvent }[]> {
+  const { desc, after, limit } = page;
+  const conditions = `($1::text IS NULL OR coalesce(e.metadata->>'actor', 'unknown') = $1) AND ($2::text IS NULL OR e.stream_type = $2)
+    AND ($3::text IS NULL OR e.stream_id = $3) AND ($4::text IS NULL OR e.type = $4)
+    AND ($5::text IS NULL OR (CASE WHEN jsonb_typeof(e.data->'result') = 'string' AND e.data->>'result' <> 'ok' THEN 'failure' ELSE 'success' END) = $5)
+    AND ($6::timestamptz IS NULL OR e.recorded_at >= $6) AND ($7::timestamptz IS NULL OR e.recorded_at < $7)`;
+  const keyset = `($8::bigint IS NULL OR seq ${desc ? '<' : '>'} $8)`;
+  const args = (afterSeq: number | null): unknown[] => [
+    filter.actorId ?? null,
+    filter.resourceType ?? null,
+    filter.resourceId ?? null,
+    filter.action ?? null,
+    filter.outcome ?? null,
+    filter.from ?? null,
+    filter.to ?? null,
+    afterSeq,
+  ];
+  const order = desc ? 'DESC' : 'ASC';
+  let rows: EventLeafRow[] = [];
+  if (filter.resourceType !== undefined && filter.resourceId !== undefined) {
+    const r = await db.query<EventLeafRow>(
+      `SELECT * FROM (
+         SELECT s.seq, ${EVENT_COLUMNS}
+           FROM (SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.stream_type = $2 AND e.stream_id = $3
+                 UNION ALL
+                 SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = $3) e
+           CROSS JOIN LATERAL (
+             SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM audit.event_leaves t
+              WHERE (t.first_transaction_id, t.first_position) <= (e.transaction_id, e.position)
+              ORDER BY t.first_transaction_id DESC, t.first_position DESC LIMIT 1) s
+          WHERE s.seq IS NOT NULL AND ${conditions}) x
+        WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,
+      [...args(after), limit],
+    );
+    rows = r.rows;
+  } else {
+    // A few tiles at a time, in sequence order, until the page is full or the tiles run out.
+    for (let from = after; rows.length < limit; ) {
+      const tiles = await db.query<{ first_seq: string; leaf_count: number }>(
+        `SELECT first_seq::text, leaf_count FROM audit.event_leaves t
+          WHERE ($1::bigint IS NULL OR ${desc ? 't.first_seq < $1' : 't.first_seq + t.leaf_count - 1 > $1'})
+            AND ($2::timestamptz IS NULL OR t.last_recorded_at >= $2)
+          ORDER BY t.first_seq ${order} LIMIT ${SEARCH_TILES_PER_QUERY}`,
+        [from, filter.from ?? null],
+      );
+      const last = tiles.rows.at(-1);
+      if (last === undefined) break;
+      const r = await db.query<EventLeafRow>(
+        `SELECT * FROM (
+           SELECT t.first_seq + u.i - 1 AS seq, e.*
+             FROM audit.event_leaves t
+             CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
+             CROSS JOIN LATERAL ${eventAt('u.position')} e
+            WHERE t.first_seq = ANY($10::bigint[]) AND ${conditions}) x
+          WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,
+        [...args(from), limit - rows.length, tiles.rows.map((t) => t.first_seq)],
+      );
+      rows = rows.concat(r.rows);
+      from = desc ? Number(last.first_seq) : Number(last.first_seq) + last.leaf_count - 1;
+    }
+  }
+  return rows.map((row) => ({
+    seq: Number(row.seq),
+    event: {
+      position: BigInt(row.position),
+      transactionId: BigInt(row.transaction_id),
+      partition: row.partition,
+      id: row.event_id,
+      streamType: row.stream_type,
+      streamId: row.stream_id,
+      version: row.version,
+      type: row.type,
+      schemaVersion: row.schema_version,
+      data: row.data,
+      metadata: row.metadata,
+      recordedAt: row.recorded_at,
+    },
+  }));
+}
