@@ -62,7 +62,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions, onError: (
   });
 }
 
-async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
+function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
   const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2 });
@@ -95,4 +95,4 @@ async function runInWorker(o: SequencerWorkerOptions): Promise<void> {
 }
 
 const mine = isMainThread ? undefined : (workerData as Record<string, SequencerWorkerOptions | undefined> | null)?.[WORKER_MARK];
-if (mine !== undefined) await runInWorker(mine);
+if (mine !== undefined) runInWorker(mine);

@@ -15,7 +15,7 @@ import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { HASH_BYTES, leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
-import { canonicalJson, checkEntry, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
+import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedTreeSize, type Queryable } from './tree.ts';
 import type { QueuedEntry } from './writer.ts';
