@@ -266,10 +266,11 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
     await sink.close();
     await drain(sequencer, auditPool);
     const report = await verifyLog(auditPool, { publicKey: signer.publicKey });
-    const audited = await auditPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE record_class = 'financial'");
+    // Each event once: as many leaves as events, and as many distinct positions.
+    const audited = await auditPool.query<{ n: number; positions: number }>('SELECT count(*)::int AS n, count(DISTINCT p)::int AS positions FROM audit.event_leaves t, unnest(t.positions) p');
     const eventsStored = await auditPool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.events');
-    log(`verify after the ledger run: ${report.ok ? 'OK' : 'FAILED'}; ${audited.rows[0]?.n} event records for ${eventsStored.rows[0]?.n} events; ${errors} errors`);
-    if (audited.rows[0]?.n !== eventsStored.rows[0]?.n) throw new Error('not every event was audited exactly once');
+    log(`verify after the ledger run: ${report.ok ? 'OK' : `FAILED (${JSON.stringify(report.firstDifference)})`}; ${audited.rows[0]?.n} event leaves (${audited.rows[0]?.positions} positions) for ${eventsStored.rows[0]?.n} events; ${errors} errors`);
+    if (audited.rows[0]?.n !== eventsStored.rows[0]?.n || audited.rows[0]?.positions !== eventsStored.rows[0]?.n) throw new Error('not every event was audited exactly once');
     return {
       segments,
       off: { tps: Math.round(totals.off.ok / totals.off.s), p99: nsToMs(all.off.percentile(99)) },

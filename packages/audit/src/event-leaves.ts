@@ -81,7 +81,7 @@ export interface EventLeafCheck {
 /** The tiles that start at or after `fromSeq`, in sequence order, up to `limit`. */
 export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<{ firstSeq: number; count: number; lastRecordedAt: Date }[]> {
   const r = await db.query<{ first_seq: string; leaf_count: number; last_recorded_at: Date }>(
-    'SELECT first_seq::text, leaf_count, last_recorded_at FROM audit.event_leaves WHERE first_seq >= $1 ORDER BY first_seq LIMIT $2',
+    'SELECT t.first_seq::text, t.leaf_count, t.last_recorded_at FROM audit.event_leaves t WHERE t.first_seq >= $1 ORDER BY t.first_seq LIMIT $2',
     [fromSeq, limit],
   );
   return r.rows.map((t) => ({ firstSeq: Number(t.first_seq), count: t.leaf_count, lastRecordedAt: t.last_recorded_at }));

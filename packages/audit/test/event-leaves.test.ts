@@ -1,0 +1,261 @@
+/**
+ * Events as leaves where they are (src/event-leaves.ts): what a leaf commits to, proofs,
+ * search across records and event leaves, and tampering with the event store found and
+ * located by full verification.
+ *
+ * The log: 8 steps, each 2 queued records and 4 events, integrated by a sequencer that takes
+ * at most 3 entries a round, so records and tiles interleave and tiles start at sequence
+ * numbers whose text order is not their numeric order (2, 11, 20, ...).
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import type pg from 'pg';
+import { AuditSequencer, eventLeafData, leafHash, verifyBundle, verifyLog, type VerifyIssueKind, type VerifyReport } from '../src/index.ts';
+import { eventLeafDataAt } from '../src/event-leaves.ts';
+import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
+
+const STEPS = 8;
+const RECORDS_PER_STEP = 2;
+const EVENTS_PER_STEP = 4;
+const LEAVES = STEPS * (RECORDS_PER_STEP + EVENTS_PER_STEP);
+/** A stream id that needs JSON escaping: the SQL leaf and eventLeafData must agree on it. */
+const ODD_STREAM = 'q"\\\n\u0001é/€';
+
+let t: AuditTestEnv;
+let sequencer: AuditSequencer;
+
+async function appendEvents(step: number): Promise<void> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    for (let j = 0; j < EVENTS_PER_STEP; j += 1) {
+      const id = step === 3 && j === 1 ? ODD_STREAM : `t-${step}-${j}`;
+      const rejected = j === 2;
+      await t.events.append(
+        c,
+        { type: 'ledger.transfer', id },
+        [{ type: rejected ? 'ledger.TransferRejected' : 'ledger.TransferPosted', data: { id, amount: String(100 * step + j), result: rejected ? 'exceeds_credits' : 'ok', note: 'ü\t"' }, metadata: { actor: `user:u-${j}`, causationId: `req-${step}-${j}` } }],
+        { expectedVersion: 'no_stream' },
+      );
+    }
+    await c.query('COMMIT');
+  } finally {
+    c.release();
+  }
+}
+
+async function integrate(): Promise<void> {
+  await t.sink.flush();
+  for (let i = 0; i < 1000; i += 1) {
+    const r = await sequencer.round();
+    if (r.records === 0) return;
+  }
+  throw new Error('the sequencer did not finish');
+}
+
+before(async () => {
+  t = await auditTestEnv();
+  sequencer = new AuditSequencer({ pool: t.pool, signer: t.signer, origin: 'ledgerline/test', tailEvents: true, batchRecordsMax: 3, checkpointIntervalMs: 0 });
+  for (let step = 0; step < STEPS; step += 1) {
+    for (let k = 0; k < RECORDS_PER_STEP; k += 1) t.sink.record(entry(step * RECORDS_PER_STEP + k));
+    await appendEvents(step);
+    await integrate();
+  }
+  const intact = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.deepEqual({ ok: intact.ok, records: intact.records, first: intact.firstDifference }, { ok: true, records: LEAVES, first: null });
+});
+after(async () => {
+  await t.close();
+});
+
+interface LeafRow {
+  seq: number;
+  position: string;
+  stored: Buffer;
+}
+
+async function eventLeaves(db: pg.ClientBase | pg.Pool = t.pool): Promise<LeafRow[]> {
+  const r = await db.query<{ seq: string; position: string; stored: Buffer }>(
+    `SELECT (t.first_seq + u.i - 1)::text AS seq, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored
+       FROM audit.event_leaves t, unnest(t.positions) WITH ORDINALITY AS u(position, i) ORDER BY t.first_seq, u.i`,
+  );
+  return r.rows.map((row) => ({ seq: Number(row.seq), position: row.position, stored: row.stored }));
+}
+
+test('every event is one leaf, and its leaf hashes exactly what eventLeafData spells out', async () => {
+  const leaves = await eventLeaves();
+  assert.equal(leaves.length, STEPS * EVENTS_PER_STEP);
+  assert.equal(new Set(leaves.map((l) => l.position)).size, leaves.length, 'no event twice');
+  const tiles = await t.pool.query<{ first_seq: string }>('SELECT first_seq::text FROM audit.event_leaves ORDER BY first_seq');
+  assert.ok(tiles.rows.length > 10, `${tiles.rows.length} tiles: records and tiles interleave`);
+  const sha256Hex = (text: string): string => createHash('sha256').update(text, 'utf8').digest('hex');
+  for (const leaf of leaves) {
+    const e = await t.pool.query<{ event_id: string; stream_type: string; stream_id: string; version: number; type: string; schema_version: number; data: string; metadata: string; us: string }>(
+      `SELECT event_id::text, stream_type, stream_id, version, type, schema_version, data::text AS data, metadata::text AS metadata,
+              (extract(epoch FROM recorded_at) * 1000000)::bigint::text AS us
+         FROM events.events WHERE position = $1`,
+      [leaf.position],
+    );
+    const row = e.rows[0];
+    assert.ok(row !== undefined);
+    const data = eventLeafData(
+      leaf.seq,
+      { position: BigInt(leaf.position), id: row.event_id, streamType: row.stream_type, streamId: row.stream_id, version: row.version, type: row.type, schemaVersion: row.schema_version, recordedAtUs: BigInt(row.us) },
+      row.data,
+      row.metadata,
+      sha256Hex,
+    );
+    assert.ok(leafHash(data).equals(leaf.stored), `leaf ${leaf.seq} (stream ${JSON.stringify(row.stream_id)})`);
+    assert.ok((await eventLeafDataAt(t.pool, leaf.seq))?.equals(data));
+    assert.equal((JSON.parse(data.toString('utf8')) as { seq: number }).seq, leaf.seq);
+  }
+  assert.ok(leaves.length > 0 && (await eventLeafDataAt(t.pool, LEAVES + 5)) === null);
+});
+
+test('inclusion proofs of event leaves and of records check with the public key alone', async () => {
+  const leaves = await eventLeaves();
+  const cp = await t.store.latestCheckpoint();
+  assert.equal(cp?.treeSize, LEAVES);
+  for (let seq = 0; seq < LEAVES; seq += 1) {
+    const bundle = await t.store.inclusionBundle(seq);
+    assert.ok(bundle !== null, `leaf ${seq}`);
+    assert.match(verifyBundle(bundle, t.signer.publicKey), new RegExp(`record ${seq} is included`));
+  }
+  // A bundle whose leaf data was altered, or claimed for another leaf, fails.
+  const some = leaves[5] as LeafRow;
+  const bundle = await t.store.inclusionBundle(some.seq);
+  assert.ok(bundle !== null);
+  const text = Buffer.from(bundle.leafData, 'base64').toString('utf8');
+  const altered = { ...bundle, leafData: Buffer.from(text.replace('"version":1', '"version":2'), 'utf8').toString('base64') };
+  assert.throws(() => verifyBundle(altered, t.signer.publicKey));
+  assert.throws(() => verifyBundle({ ...bundle, leafIndex: some.seq + 1 }, t.signer.publicKey));
+  const sizes = await t.pool.query<{ n: number }>('SELECT tree_size::int AS n FROM audit.checkpoints ORDER BY tree_size LIMIT 2');
+  assert.equal(sizes.rows.length, 2);
+  const consistency = await t.store.consistencyBundle(sizes.rows[0]?.n ?? 0, LEAVES);
+  assert.ok(consistency !== null);
+  verifyBundle(consistency, t.signer.publicKey);
+});
+
+test('search walks records and event leaves together in sequence order, both ways, page by page', async () => {
+  for (const order of ['asc', 'desc'] as const) {
+    const seen: number[] = [];
+    let after: number | undefined;
+    for (let pages = 0; pages < 100; pages += 1) {
+      const page = await t.store.search({}, { limit: 5, order, ...(after === undefined ? {} : { after }) }, REVIEWER);
+      seen.push(...page.records.map((r) => r.seq));
+      if (page.nextCursor === null) break;
+      after = page.nextCursor;
+    }
+    const expected = Array.from({ length: LEAVES }, (_, i) => (order === 'asc' ? i : LEAVES - 1 - i));
+    assert.deepEqual(seen, expected, order);
+  }
+  // A stream named: found through the event store's stream index, one leaf.
+  const odd = await t.store.search({ resourceType: 'ledger.transfer', resourceId: ODD_STREAM }, {}, REVIEWER);
+  assert.deepEqual(
+    odd.records.map((r) => [r.resource.id, r.action, r.actor, r.origin.requestId, r.recordClass, r.payloadState]),
+    [[ODD_STREAM, 'ledger.TransferPosted', { type: 'user', id: 'user:u-1' }, 'req-3-1', 'financial', 'present']],
+  );
+  const leaf = (await eventLeaves()).find((l) => l.seq === odd.records[0]?.seq);
+  assert.ok(leaf !== undefined, 'the stream search names the leaf by its sequence number');
+  // Rejections are failures with their result as the reason; records keep their own outcome.
+  const failures = await t.store.search({ outcome: 'failure', action: 'ledger.TransferRejected' }, { limit: 100 }, REVIEWER);
+  assert.equal(failures.records.length, STEPS);
+  assert.ok(failures.records.every((r) => r.reason === 'exceeds_credits' && r.outcome === 'failure'));
+  const byActor = await t.store.search({ actorId: 'user:u-3' }, { limit: 100, order: 'desc' }, REVIEWER);
+  assert.equal(byActor.records.length, STEPS);
+  // Event leaves have no subject and are of class financial only.
+  assert.equal((await t.store.search({ recordClass: 'command' }, { limit: 100 }, REVIEWER)).records.some((r) => r.recordClass !== 'command'), false);
+  const from = new Date(Date.now() + 3_600_000);
+  assert.equal((await t.store.search({ from }, {}, REVIEWER)).records.length, 0);
+});
+
+/** Tampers as a superuser with triggers off, verifies in that transaction, rolls back. */
+async function tampered(tamper: (c: pg.PoolClient) => Promise<unknown>, now?: Date): Promise<VerifyReport> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    await tamper(c);
+    return await verifyLog(c, { publicKey: t.signer.publicKey, ...(now === undefined ? {} : { now: () => now }) });
+  } finally {
+    await c.query('ROLLBACK');
+    c.release();
+  }
+}
+
+function located(report: VerifyReport, kind: VerifyIssueKind, seq: number): void {
+  assert.equal(report.ok, false);
+  assert.deepEqual({ kind: report.firstDifference?.kind, seq: report.firstDifference?.seq }, { kind, seq }, JSON.stringify(report.issues));
+}
+
+test('changing one byte of an event, in its data or its metadata, is located at its leaf', async () => {
+  const [a, b] = (await eventLeaves()).slice(9, 11) as [LeafRow, LeafRow];
+  located(await tampered((c) => c.query(`UPDATE events.events SET data = jsonb_set(data, '{amount}', '"9"') WHERE position = $1`, [a.position])), 'record_altered', a.seq);
+  located(await tampered((c) => c.query(`UPDATE events.events SET metadata = jsonb_set(metadata, '{actor}', '"user:x"') WHERE position = $1`, [b.position])), 'record_altered', b.seq);
+  const report = await tampered((c) => c.query('UPDATE events.events SET recorded_at = recorded_at + interval \'1 microsecond\' WHERE position = $1', [a.position]));
+  located(report, 'record_altered', a.seq);
+  assert.ok(report.issues.some((i) => i.kind === 'checkpoint_root_mismatch'), 'the signed roots disagree too');
+});
+
+test('deleting an event is located at its leaf, unless its retention has run out', async () => {
+  const leaf = (await eventLeaves())[17] as LeafRow;
+  const remove = (c: pg.PoolClient): Promise<unknown> => c.query('DELETE FROM events.events WHERE position = $1', [leaf.position]);
+  located(await tampered(remove), 'event_missing', leaf.seq);
+  // Seven years (class financial) and a day later, the event store may have let it go: the
+  // stored leaf hash stands in for it and every root still verifies.
+  const later = new Date(Date.now() + (2557 + 1) * 86_400_000);
+  const expired = await tampered(remove, later);
+  assert.deepEqual({ ok: expired.ok, records: expired.records }, { ok: true, records: LEAVES });
+  // Archived (retention moved it out of the hot table): still there, still verifies.
+  const archived = await tampered((c) =>
+    c.query(
+      `WITH moved AS (DELETE FROM events.events WHERE position = $1 RETURNING *)
+       INSERT INTO events.archived_events SELECT *, now() FROM moved`,
+      [leaf.position],
+    ),
+  );
+  assert.equal(archived.ok, true, JSON.stringify(archived.issues));
+});
+
+test('swapping the contents of two events, or the positions a tile names, is located at the first leaf moved', async () => {
+  const leaves = await eventLeaves();
+  const [a, b] = [leaves[4] as LeafRow, leaves[13] as LeafRow];
+  located(
+    await tampered((c) =>
+      c.query(
+        `UPDATE events.events e SET data = o.data, metadata = o.metadata
+           FROM events.events o WHERE e.position IN ($1, $2) AND o.position IN ($1, $2) AND o.position <> e.position`,
+        [a.position, b.position],
+      ),
+    ),
+    'record_altered',
+    a.seq,
+  );
+  const tile = await t.pool.query<{ first_seq: string }>('SELECT first_seq::text FROM audit.event_leaves WHERE leaf_count >= 2 ORDER BY first_seq LIMIT 1');
+  const first = Number(tile.rows[0]?.first_seq);
+  located(
+    await tampered((c) => c.query('UPDATE audit.event_leaves SET positions = array[positions[2], positions[1]] || positions[3:] WHERE first_seq = $1', [first])),
+    'record_altered',
+    first,
+  );
+});
+
+test('rewriting a stored leaf hash, or truncating the tiles, is found against the signed checkpoints', async () => {
+  const leaf = (await eventLeaves())[20] as LeafRow;
+  const rewritten = await tampered((c) =>
+    c.query(
+      `UPDATE audit.event_leaves t SET leaf_hashes = overlay(leaf_hashes PLACING '\\xff'::bytea FROM ($1::bigint - first_seq)::integer * 32 + 1)
+        WHERE first_seq = (SELECT max(first_seq) FROM audit.event_leaves WHERE first_seq <= $1)`,
+      [leaf.seq],
+    ),
+  );
+  located(rewritten, 'record_altered', leaf.seq);
+  const last = await t.pool.query<{ first_seq: string }>('SELECT max(first_seq)::text AS first_seq FROM audit.event_leaves');
+  const cut = Number(last.rows[0]?.first_seq);
+  const truncated = await tampered(async (c) => {
+    await c.query('DELETE FROM audit.event_leaves WHERE first_seq = $1', [cut]);
+  });
+  assert.equal(truncated.ok, false);
+  assert.ok(truncated.issues.some((i) => i.kind === 'records_truncated' && i.seq === cut), JSON.stringify(truncated.issues));
+});
