@@ -2,7 +2,7 @@
  * Audit trail benchmark (issue 4), with pgbench's TPC-B beside it in the same run.
  *
  *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 8] [--rounds 2]
- *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--only events|commands]
+ *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -11,8 +11,11 @@
  * Phase 2, the cost to the ledger: bench:ledger's workload (C clients, each in a closed loop
  * of engine.createTransfers([one]) with its domain event) in segments that alternate auditing
  * off and on (off-on, on-off, off-on, ...: a steady drift cancels), `rounds` of each, `seconds` each. "On" is what the service runs: the sequencer
- * in a worker thread tailing the event store, and one command record per call through the
- * sink (what the HTTP layer records). Between segments the sequencer drains the previous segment's backlog, so an
+ * in a worker thread tailing the event store (each event a leaf where it is), and a command
+ * record through the sink for each call the events do not record whole: any call whose
+ * transfer was not `ok` (services/ledger's auditedByEvents). `--command-records all` adds a
+ * command record for every call (`unrecorded`, the default, only for calls no event records), as the service did before its events recorded applied
+ * commands: the cost of that design, measured beside. Between segments the sequencer drains the previous segment's backlog, so an
  * "on" segment integrates its own events, not the "off" segment's. The load average is read
  * at the start and end of every segment.
  * Phase 3: pgbench TPC-B, same client count, `seconds` long.
@@ -39,9 +42,9 @@ const { values: args } = parseArgs({
     accounts: { type: 'string' },
     seed: { type: 'string' },
     'no-pgbench': { type: 'boolean', default: false },
-    // For finding where the cost is: audit only the events (the sequencer's tail) or only the
-    // command records (sink and queue) in the "on" segments.
-    only: { type: 'string' },
+    // `all`: a command record for every call, applied or not (the design before applied
+    // commands were recorded by their events), to measure it beside.
+    'command-records': { type: 'string', default: 'unrecorded' },
   },
   strict: true,
 });
@@ -52,8 +55,8 @@ const rounds = Math.floor(intArg('rounds', args.rounds, 2, 1));
 const clients = Math.floor(intArg('clients', args.clients, 64, 1));
 const accountCount = Math.floor(intArg('accounts', args.accounts, 10_000, 2));
 const seed = seedArg(args.seed);
-const only = args.only;
-if (only !== undefined && only !== 'events' && only !== 'commands') throw new RangeError('--only must be events or commands');
+const commandRecords = args['command-records'];
+if (commandRecords !== 'unrecorded' && commandRecords !== 'all') throw new RangeError('--command-records must be unrecorded or all');
 const log = benchLog('bench:audit');
 abortOnSignals(log);
 
@@ -194,7 +197,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
     let ok = 0;
     let errors = 0;
     let calls = 0;
-    const oneClient = async (): Promise<void> => {
+    const oneClient = async (client: number): Promise<void> => {
       while (!stop && !abort.signal.aborted) {
         const debit = ids[Math.floor(random() * ids.length)] as string;
         let credit = ids[Math.floor(random() * ids.length)] as string;
@@ -202,8 +205,10 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         const id = newId();
         const t0 = performance.now();
         try {
-          const [r] = await engine.createTransfers([{ id, debitAccountId: debit, creditAccountId: credit, amount: BigInt(1 + Math.floor(random() * 1000)), ledger: 'USD', code: 1 }]);
-          if (auditing && only !== 'events') sink.record(commandEntry(id, (calls += 1)));
+          // The metadata the service gives every event (its audit record: who, from where, which request).
+          const context = { correlationId: id, causationId: id, actor: `bench-client-${client}`, ip: '127.0.0.1' };
+          const [r] = await engine.createTransfers([{ id, debitAccountId: debit, creditAccountId: credit, amount: BigInt(1 + Math.floor(random() * 1000)), ledger: 'USD', code: 1 }], context);
+          if (auditing && (commandRecords === 'all' || r?.result !== 'ok')) sink.record(commandEntry(id, (calls += 1)));
           if (r?.result === 'ok') {
             ok += 1;
             histogram?.record(Math.max(1, Math.round((performance.now() - t0) * 1e6)));
@@ -215,7 +220,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         }
       }
     };
-    const running = Array.from({ length: clients }, () => oneClient());
+    const running = Array.from({ length: clients }, (_, client) => oneClient(client));
     log(`ledger: ${clients} clients, ${ids.length} accounts, warm-up 2 s`);
     await sleep(2000);
     const segments: Segment[] = [];
@@ -237,7 +242,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
               signingKeyPem: process.env.AUDIT_SIGNING_KEY ?? '',
               production: false,
               origin: 'bench/ledger',
-              ...(only === 'commands' ? {} : { tailEvents: true }),
+              tailEvents: true,
             })
           : null;
         const h = createHistogram();
@@ -297,7 +302,7 @@ async function main(): Promise<void> {
   const summary = {
     bench: 'audit',
     seed,
-    only: only ?? 'all',
+    command_records: commandRecords,
     records: recordCount,
     records_per_s: figures.recordsPerS,
     verify_records_per_s: figures.verifyRecordsPerS,

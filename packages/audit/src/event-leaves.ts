@@ -164,6 +164,7 @@ export function eventEntry(event: StoredEvent, service: string): AuditEntry {
     ...(failed ? { reason: result } : {}),
     origin: {
       service,
+      ...(typeof event.metadata.ip === 'string' ? { ip: event.metadata.ip } : {}),
       ...(event.metadata.causationId === undefined ? {} : { requestId: event.metadata.causationId }),
       ...(traceId === undefined ? {} : { traceId }),
     },

@@ -88,6 +88,18 @@ function itemsOf(body: unknown): number | undefined {
 }
 
 const auditReasons = new WeakMap<FastifyRequest, string>();
+const recordedByEvents = new WeakSet<FastifyRequest>();
+
+/**
+ * Says that this request's effect is recorded, whole, by the events it appended in its own
+ * transaction, and that those events are leaves of the audit trail (the sequencer tails the
+ * event store): the events carry who (actor), from where (ip, request id, trace) and what,
+ * with the outcome. A successful response to such a request adds no record of its own; a
+ * failed one still does. Call it only when every effect of the request has its event.
+ */
+export function auditedByEvents(request: FastifyRequest): void {
+  recordedByEvents.add(request);
+}
 
 function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void {
   const { sink, service, routes } = options;
@@ -113,6 +125,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     const route = routeOf(request);
     if (route === undefined) return;
     const failed = reply.statusCode >= 400;
+    if (!failed && recordedByEvents.has(request)) return;
     const items = itemsOf(request.body);
     const reason = auditReasons.get(request);
     try {

@@ -45,7 +45,7 @@ export {
 export { consistencyProof, inclusionProof, loadFrontier } from './tree.ts';
 export { verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } from './verify.ts';
 export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
-export { auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
+export { auditedByEvents, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema } from './config.ts';
 export { startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { serviceKeyEncryptionKey, serviceSigner } from './startup.ts';

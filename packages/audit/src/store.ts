@@ -187,7 +187,7 @@ export class AuditStore {
       action: e.action,
       outcome: e.outcome,
       reason: e.reason ?? null,
-      origin: { service: e.origin.service, ip: null, requestId: e.origin.requestId ?? null, traceId: e.origin.traceId ?? null },
+      origin: { service: e.origin.service, ip: e.origin.ip ?? null, requestId: e.origin.requestId ?? null, traceId: e.origin.traceId ?? null },
       resource: e.resource,
       subject: null,
       payload: e.payload ?? null,

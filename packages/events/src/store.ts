@@ -17,6 +17,12 @@ export interface EventMetadata {
   causationId?: string;
   /** The user or service on whose behalf the event happened. */
   actor?: string;
+  /**
+   * The network address the request that caused the event came from. With it the event is a
+   * complete audit record of that request (PCI DSS 10.2.2's origination), so a service need
+   * not record the request a second time.
+   */
+  ip?: string;
   /** W3C trace context of the operation that appended the event. */
   traceparent?: string;
   tracestate?: string;

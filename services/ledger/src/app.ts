@@ -4,7 +4,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
-import { auditHttp, auditRoutes, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
+import { auditedByEvents, auditHttp, auditRoutes, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
 import type { EventMetadata } from '@ledgerline/events';
 import type pg from 'pg';
 import {
@@ -74,7 +74,16 @@ export interface LedgerServiceOptions {
    * data is recorded through `sink` after the response; with `store`, /v1/audit/* serves
    * search, checkpoints and proofs. Ledger events are audited by the sequencer, not here.
    */
-  audit?: { sink: AuditSink & { readonly saturated?: boolean }; store?: { store: AuditStore; publicKey: KeyObject } };
+  audit?: {
+    sink: AuditSink & { readonly saturated?: boolean };
+    store?: { store: AuditStore; publicKey: KeyObject };
+    /**
+     * The trail's sequencer tails this engine's event store (the engine has one), so an event
+     * is itself the audit record of the request that caused it: a request whose every account
+     * or transfer was created (`ok`) is recorded by those events alone (auditedByEvents).
+     */
+    eventsAudited?: boolean;
+  };
 }
 
 /** What the HTTP layer audits. Commands are retained as `command`, reads of money data as `access`. */
@@ -193,9 +202,21 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       correlationId: header('x-correlation-id') ?? request.id,
       causationId: request.id,
       actor: guard.clientId(request) ?? header('x-client-id') ?? 'anonymous',
+      ip: request.ip,
       ...(traceparent === undefined ? {} : { traceparent }),
       ...(tracestate === undefined ? {} : { tracestate }),
     };
+  }
+
+  /**
+   * A create whose every result is `ok` appended one event per account or transfer in the
+   * same transaction, each naming the actor, the request, its address and trace: with the
+   * event tail in the trail, those events are the request's audit record. Anything else (a
+   * replay, a rejection, a partial batch) is recorded by auditHttp as well.
+   */
+  const eventsAudited = options.audit?.eventsAudited === true;
+  function whenAllCreated(request: FastifyRequest, results: readonly { result: string }[]): void {
+    if (eventsAudited && results.length > 0 && results.every((r) => r.result === 'ok')) auditedByEvents(request);
   }
 
   /** Turns the engine's "nothing decided" errors into 503s the client can safely retry. */
@@ -395,6 +416,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       guard.accounts(request, [account]);
       const [r] = await engineCall(reply, () => engine.createAccounts([account], eventContext(request)));
       const result = r?.result;
+      whenAllCreated(request, r === undefined ? [] : [r]);
       if (result === 'ok' || result === 'exists') {
         const stored = await engineCall(reply, () => engine.getAccount(account.id));
         if (stored === null) throw new Error(`invariant: account ${account.id} reported ${result} but is missing`);
@@ -428,6 +450,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       const accounts = request.body.accounts.map((a, i) => toAccount(a, `/accounts/${i}`));
       guard.accounts(request, accounts);
       const results = await engineCall(reply, () => engine.createAccounts(accounts, eventContext(request)));
+      whenAllCreated(request, results);
       return { results: results.map((r) => ({ id: r.id, result: r.result, timestamp: r.timestamp?.toString() ?? null })) };
     },
   );
@@ -519,6 +542,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       await engineCall(reply, () => guard.newTransfers(request, [transfer]));
       const [r] = await engineCall(reply, () => engine.createTransfers([transfer], eventContext(request)));
       if (r === undefined) throw new Error('invariant: the engine returned no result');
+      whenAllCreated(request, [r]);
       if (r.result === 'ok') return reply.code(201).send(resultOut(r));
       if (r.result === 'exists') return reply.code(200).send(resultOut(r));
       throw transferRejection(r.result, transfer.id);
@@ -542,6 +566,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       const transfers = request.body.transfers.map((x, i) => toTransfer(x, `/transfers/${i}`));
       await engineCall(reply, () => guard.newTransfers(request, transfers));
       const results = await engineCall(reply, () => engine.createTransfers(transfers, eventContext(request)));
+      whenAllCreated(request, results);
       return { results: results.map(resultOut) };
     },
   );

@@ -136,7 +136,7 @@ const app = await buildLedgerService({
   logger,
   resilience: resilience.options,
   ...(auth === undefined ? {} : { auth }),
-  ...(audit === null ? {} : { audit: { sink: audit.sink, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),
+  ...(audit === null ? {} : { audit: { sink: audit.sink, eventsAudited: true, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),
   // The pruner stops when the app closes, before the pool ends.
   idempotency: {
     ttlMs: config.IDEMPOTENCY_TTL_MS,
