@@ -23,6 +23,9 @@ CREATE TABLE audit.event_leaves (
   leaf_hashes          bytea NOT NULL CHECK (length(leaf_hashes) = 32 * leaf_count),
   integrated_at        timestamptz NOT NULL DEFAULT now()
 );
+-- Out of line and uncompressed: hashes do not compress, and pglz on the positions cost more
+-- than the rest of the insert (3 ms of 3.5 for 5000 leaves, measured) to save 4 bytes a leaf.
+ALTER TABLE audit.event_leaves ALTER COLUMN leaf_hashes SET STORAGE EXTERNAL, ALTER COLUMN positions SET STORAGE EXTERNAL;
 CREATE INDEX event_leaves_order_idx ON audit.event_leaves (first_transaction_id, first_position);
 
 CREATE TRIGGER event_leaves_append_only BEFORE UPDATE OR DELETE ON audit.event_leaves FOR EACH ROW EXECUTE FUNCTION audit.reject_change();
@@ -34,11 +37,11 @@ GRANT SELECT, INSERT ON audit.event_leaves TO ledgerline_audit_writer;
 --   {"v":"event/1","seq":<seq>,"position":<position>,"id":"<event id>",
 --    "streamType":"...","streamId":"...","version":<version>,"type":"...",
 --    "schemaVersion":<n>,"recordedAtUs":<microseconds since the epoch>,
---    "dataHash":"<hex sha256 of the data's jsonb text>","metadata":<metadata's jsonb text>}
+--    "metadata":<the metadata's jsonb text>,"data":<the data's jsonb text>}
 -- Strings are escaped by to_json(text) (JSON's escapes, control characters as \uXXXX), with
--- no spaces. The data is committed by its hash, so the event store may one day drop it while
--- the leaf still verifies; the metadata (actor, request, trace) is inline, so a proof shows
--- who did what without the event store. `seq` is inside, so a moved leaf no longer matches.
+-- no spaces outside the jsonb texts. The whole event is inside, so an inclusion proof shows a
+-- third party the event itself: who (metadata: actor, ip, request, trace), what and when.
+-- `seq` is inside, so a leaf moved to another place no longer matches.
 CREATE FUNCTION audit.event_leaf_data(
   p_seq bigint, p_position bigint, p_event_id uuid, p_stream_type text, p_stream_id text, p_version integer,
   p_type text, p_schema_version smallint, p_data jsonb, p_metadata jsonb, p_recorded_at timestamptz
@@ -49,8 +52,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     || '","streamType":' || to_json(p_stream_type)::text || ',"streamId":' || to_json(p_stream_id)::text
     || ',"version":' || p_version || ',"type":' || to_json(p_type)::text || ',"schemaVersion":' || p_schema_version
     || ',"recordedAtUs":' || (extract(epoch FROM p_recorded_at) * 1000000)::bigint
-    || ',"dataHash":"' || encode(sha256(convert_to(p_data::text, 'UTF8')), 'hex')
-    || '","metadata":' || p_metadata::text || '}',
+    || ',"metadata":' || p_metadata::text || ',"data":' || p_data::text || '}',
     'UTF8')
 $$;
 GRANT EXECUTE ON FUNCTION audit.event_leaf_data(bigint, bigint, uuid, text, text, integer, text, smallint, jsonb, jsonb, timestamptz) TO ledgerline_audit_writer;

@@ -15,7 +15,9 @@ import type { Queryable } from './tree.ts';
 export const EVENT_LEAF_VERSION = 'event/1';
 
 /** The columns of an event row that `audit.event_leaf_data` takes, after the sequence number. */
-const LEAF_ARGS = 'e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.type, e.schema_version, e.data, e.metadata, e.recorded_at';
+const leafArgs = (alias: string): string =>
+  ['position', 'event_id', 'stream_type', 'stream_id', 'version', 'type', 'schema_version', 'data', 'metadata', 'recorded_at'].map((c) => `${alias}.${c}`).join(', ');
+const LEAF_ARGS = leafArgs('e');
 
 /** One round's events: what the sequencer appends to the tree and stores as a tile. */
 export interface EventTile {
@@ -40,31 +42,31 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
   const cursor = state.rows[0];
   if (cursor === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
   const horizon = await readHorizon(db);
-  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; first_pos: string; last_tx: string; last_pos: string; last_recorded_at: Date }>(
-    `WITH e AS MATERIALIZED (
-       SELECT e.*, $5::bigint + row_number() OVER (ORDER BY e.transaction_id, e.position) - 1 AS seq
-         FROM (SELECT * FROM events.events e
-                WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
-                ORDER BY e.transaction_id, e.position LIMIT $4) e),
-     t AS (
-       SELECT count(*)::integer AS n, min(e.seq) AS lo, max(e.seq) AS hi, max(e.recorded_at) AS last_recorded_at,
-              array_agg(e.position ORDER BY e.seq)::text AS positions,
-              string_agg(sha256('\\x00'::bytea || audit.event_leaf_data(e.seq, ${LEAF_ARGS})), ''::bytea ORDER BY e.seq) AS hashes
-         FROM e)
-     SELECT t.n, t.positions, t.hashes, t.last_recorded_at, f.transaction_id::text AS first_tx, f.position::text AS first_pos,
-            l.transaction_id::text AS last_tx, l.position::text AS last_pos
-       FROM t JOIN e f ON f.seq = t.lo JOIN e l ON l.seq = t.hi`,
+  // One pass over the events in order: the window numbers rows already sorted by the index
+  // scan (no sort of its own), each row is hashed once, and the aggregates collect positions
+  // and hashes in that numbering. The first and last events are the first and last
+  // positions, with the least and greatest transaction id (the order is by transaction first).
+  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; last_tx: string; last_recorded_at: Date }>(
+    `SELECT count(*)::integer AS n, min(x.transaction_id)::text AS first_tx, max(x.transaction_id)::text AS last_tx,
+            max(x.recorded_at) AS last_recorded_at, array_agg(x.position ORDER BY x.i)::text AS positions,
+            string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea ORDER BY x.i) AS hashes
+       FROM (SELECT e.*, row_number() OVER (ORDER BY e.transaction_id, e.position) AS i
+               FROM (SELECT * FROM events.events e
+                      WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
+                      ORDER BY e.transaction_id, e.position LIMIT $4) e) x`,
     [cursor.tx, cursor.pos, horizon.toString(), limit, firstSeq],
   );
   const row = r.rows[0];
-  if (row === undefined) return null;
+  if (row === undefined || row.n === 0) return null;
   if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
+  const firstPosition = row.positions.slice(1, row.positions.indexOf(',') > 0 ? row.positions.indexOf(',') : -1);
+  const lastPosition = row.positions.slice(row.positions.lastIndexOf(',') > 0 ? row.positions.lastIndexOf(',') + 1 : 1, -1);
   return {
     count: row.n,
     positions: row.positions,
     hashes: row.hashes,
-    first: { transactionId: BigInt(row.first_tx), position: BigInt(row.first_pos) },
-    last: { transactionId: BigInt(row.last_tx), position: BigInt(row.last_pos) },
+    first: { transactionId: BigInt(row.first_tx), position: BigInt(firstPosition) },
+    last: { transactionId: BigInt(row.last_tx), position: BigInt(lastPosition) },
     lastRecordedAt: row.last_recorded_at,
   };
 }
@@ -128,14 +130,19 @@ export async function eventLeafDataAt(db: Queryable, seq: number): Promise<Buffe
  * The leaf data of an event, as `audit.event_leaf_data` builds it: for tests, and for anyone
  * who holds an event and wants to check it against an inclusion proof. `dataText` and
  * `metadataText` are the jsonb texts PostgreSQL renders (`data::text`), which is what the
- * leaf commits to; `recordedAtUs` is the recorded time in microseconds.
+ * leaf commits to; `recordedAtUs` is the recorded time in microseconds since the epoch.
  */
-export function eventLeafData(seq: number, e: { position: bigint; id: string; streamType: string; streamId: string; version: number; type: string; schemaVersion: number; recordedAtUs: bigint }, dataText: string, metadataText: string, sha256Hex: (text: string) => string): Buffer {
+export function eventLeafData(
+  seq: number,
+  e: { position: bigint; id: string; streamType: string; streamId: string; version: number; type: string; schemaVersion: number; recordedAtUs: bigint },
+  dataText: string,
+  metadataText: string,
+): Buffer {
   const j = JSON.stringify;
   return Buffer.from(
     `{"v":${j(EVENT_LEAF_VERSION)},"seq":${seq},"position":${e.position},"id":"${e.id}","streamType":${j(e.streamType)},"streamId":${j(e.streamId)},` +
       `"version":${e.version},"type":${j(e.type)},"schemaVersion":${e.schemaVersion},"recordedAtUs":${e.recordedAtUs},` +
-      `"dataHash":"${sha256Hex(dataText)}","metadata":${metadataText}}`,
+      `"metadata":${metadataText},"data":${dataText}}`,
     'utf8',
   );
 }

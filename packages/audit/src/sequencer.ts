@@ -195,11 +195,12 @@ export class AuditSequencer {
       await client.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::text::xid8, event_position = $2', [tile.last.transactionId.toString(), tile.last.position.toString()]);
     }
     if (nodes.length > 0) {
-      await client.query('INSERT INTO audit.tree_nodes (level, idx, hash) SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])', [
-        nodes.map((n) => n.level),
-        nodes.map((n) => n.index),
-        nodes.map((n) => n.hash),
-      ]);
+      // The hashes as one bytea, cut in SQL: pg's escaping of a bytea[] cost more than the insert.
+      await client.query(
+        `INSERT INTO audit.tree_nodes (level, idx, hash)
+         SELECT u.level, u.idx, substring($3::bytea FROM (u.n::integer - 1) * 32 + 1 FOR 32) FROM unnest($1::smallint[], $2::bigint[]) WITH ORDINALITY AS u(level, idx, n)`,
+        [sqlArrayLiteral(nodes.map((n) => n.level)), sqlArrayLiteral(nodes.map((n) => n.index)), Buffer.concat(nodes.map((n) => n.hash))],
+      );
     }
     const checkpoint = await this.#checkpoint(client, frontier, forceCheckpoint);
     // Only now is this round's tree the sequencer's; until COMMIT succeeds `round` discards it.
