@@ -2,7 +2,7 @@
  * Audit trail benchmark (issue 4), with pgbench's TPC-B beside it in the same run.
  *
  *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 8] [--rounds 2]
- *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all]
+ *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all] [--sequencer-interval-ms 250]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -45,6 +45,8 @@ const { values: args } = parseArgs({
     // `all`: a command record for every call, applied or not (the design before applied
     // commands were recorded by their events), to measure it beside.
     'command-records': { type: 'string', default: 'unrecorded' },
+    // The sequencer worker's pause between rounds that found no backlog (the service's AUDIT_SEQUENCER_INTERVAL_MS).
+    'sequencer-interval-ms': { type: 'string' },
   },
   strict: true,
 });
@@ -56,6 +58,7 @@ const clients = Math.floor(intArg('clients', args.clients, 64, 1));
 const accountCount = Math.floor(intArg('accounts', args.accounts, 10_000, 2));
 const seed = seedArg(args.seed);
 const commandRecords = args['command-records'];
+const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['sequencer-interval-ms'], 250, 1));
 if (commandRecords !== 'unrecorded' && commandRecords !== 'all') throw new RangeError('--command-records must be unrecorded or all');
 const log = benchLog('bench:audit');
 abortOnSignals(log);
@@ -243,6 +246,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
               production: false,
               origin: 'bench/ledger',
               tailEvents: true,
+              intervalMs: sequencerIntervalMs,
             })
           : null;
         const h = createHistogram();
@@ -303,6 +307,7 @@ async function main(): Promise<void> {
     bench: 'audit',
     seed,
     command_records: commandRecords,
+    sequencer_interval_ms: sequencerIntervalMs,
     records: recordCount,
     records_per_s: figures.recordsPerS,
     verify_records_per_s: figures.verifyRecordsPerS,

@@ -22,8 +22,14 @@ export function leafHash(data: Uint8Array): Buffer {
   return hash('sha256', Buffer.concat([LEAF_PREFIX, data]), 'buffer');
 }
 
+/** 0x01 ‖ left ‖ right, filled in place: crypto.hash is synchronous, so one buffer serves every call. */
+const NODE_INPUT = Buffer.alloc(1 + 2 * HASH_BYTES, 0x01);
+
 export function nodeHash(left: Uint8Array, right: Uint8Array): Buffer {
-  return hash('sha256', Buffer.concat([NODE_PREFIX, left, right]), 'buffer');
+  if (left.length !== HASH_BYTES || right.length !== HASH_BYTES) return hash('sha256', Buffer.concat([NODE_PREFIX, left, right]), 'buffer');
+  NODE_INPUT.set(left, 1);
+  NODE_INPUT.set(right, 1 + HASH_BYTES);
+  return hash('sha256', NODE_INPUT, 'buffer');
 }
 
 /** The root of the empty tree: SHA-256 of nothing (RFC 6962 §2.1). */

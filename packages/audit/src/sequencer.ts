@@ -24,7 +24,7 @@ import type pg from 'pg';
 /** The advisory lock key that makes one sequencer per database (hashtextextended of this text). */
 const SEQUENCER_LOCK = 'ledgerline.audit.sequencer';
 export const BATCH_RECORDS_MAX_DEFAULT = 5000;
-export const INTERVAL_MS_DEFAULT = 100;
+export const INTERVAL_MS_DEFAULT = 250;
 export const CHECKPOINT_INTERVAL_MS_DEFAULT = 1000;
 /** Records prepared between yields to the event loop. */
 const YIELD_EVERY_RECORDS = 256;
