@@ -15,7 +15,7 @@ after(async () => {
   await t.close();
 });
 
-test('a transfer request carries correlation, causation, actor and trace context into its events', async () => {
+test('a transfer request carries correlation, causation, actor, client address and trace context into its events', async () => {
   const engine = new LedgerEngine({ pool: t.pool, events: t.events });
   const app = await buildLedgerService({ engine, pool: t.pool, logger: false });
   try {
@@ -37,7 +37,7 @@ test('a transfer request carries correlation, causation, actor and trace context
     );
     assert.equal(rows.length, 1);
     assert.equal(rows[0]?.type, 'ledger.TransferPosted');
-    assert.deepEqual(rows[0]?.metadata, { correlationId: 'order-42', causationId: 'req-1', actor: 'svc-payments', traceparent });
+    assert.deepEqual(rows[0]?.metadata, { correlationId: 'order-42', causationId: 'req-1', actor: 'svc-payments', ip: '127.0.0.1', traceparent });
     assert.equal(rows[0]?.data.amount, '700');
     const accountEvents = await t.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM events.events WHERE stream_type = 'ledger.account'");
     assert.equal(accountEvents.rows[0]?.n, 2);
@@ -46,7 +46,7 @@ test('a transfer request carries correlation, causation, actor and trace context
     assert.equal(plain.statusCode, 201);
     const last = await t.pool.query<{ metadata: Record<string, string> }>('SELECT metadata FROM events.events ORDER BY position DESC LIMIT 1');
     const requestId = plain.headers['x-request-id'];
-    assert.deepEqual(last.rows[0]?.metadata, { correlationId: requestId, causationId: requestId, actor: 'anonymous' });
+    assert.deepEqual(last.rows[0]?.metadata, { correlationId: requestId, causationId: requestId, actor: 'anonymous', ip: '127.0.0.1' });
     await assertInvariants(t.pool, { events: true });
   } finally {
     await app.close();
