@@ -26,13 +26,14 @@ export interface HeldResource {
  * hold on resource type `ticket`, id `t-1`); `resourceOf` maps stream types whose audit
  * resources are named differently. The hold row is read FOR SHARE inside the caller's
  * transaction, so a release cannot commit while the stream is being kept or removed on the
- * strength of it.
+ * strength of it. Deletion (not archiving) is also held while the trail still retains any of
+ * the stream's events as leaves (below).
  */
 export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource = (s) => ({ type: s.streamType, id: s.streamId })): {
-  isHeld(db: Queryable, stream: HeldStream): Promise<boolean>;
+  isHeld(db: Queryable, stream: HeldStream, intent?: { action: 'archive' | 'delete'; now: Date }): Promise<boolean>;
 } {
   return {
-    async isHeld(db, stream) {
+    async isHeld(db, stream, intent) {
       const resource = resourceOf(stream);
       const r = await db.query(
         `SELECT 1 FROM audit.legal_holds
@@ -40,7 +41,37 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
           LIMIT 1 FOR SHARE`,
         [resource.type, resource.id],
       );
-      return r.rows.length > 0;
+      if (r.rows.length > 0) return true;
+      return intent?.action === 'delete' && (await leavesStillRetained(db, stream, intent.now));
     },
   };
+}
+
+/**
+ * Once the trail takes events as leaves (audit.event_leaves), an event is part of the audit
+ * record of class `financial`, and deleting it early would read as tampering (verification's
+ * `event_missing`) or, before the sequencer reached it, leave it out of the trail. So deletion
+ * waits until every event of the stream is a leaf of a tile whose events are all past that
+ * class's retention (the rule verification applies), by the earlier of `now` and the
+ * database's clock (a caller's clock may move retention back, never forward); a class kept for
+ * ever keeps its events for ever. Archiving is not held: archived events still verify.
+ */
+async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date): Promise<boolean> {
+  const r = await db.query<{ keep: boolean }>(
+    `WITH policy AS (SELECT make_interval(days => retain_days) AS retain FROM audit.retention_policies WHERE record_class = 'financial')
+     SELECT EXISTS (SELECT 1 FROM audit.event_leaves)
+        AND EXISTS (
+          SELECT 1 FROM (SELECT transaction_id, position FROM events.events WHERE stream_type = $1 AND stream_id = $2
+                         UNION ALL
+                         SELECT transaction_id, position FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e
+          LEFT JOIN LATERAL (
+            SELECT t.last_recorded_at, t.positions FROM audit.event_leaves t
+             WHERE (t.first_transaction_id, t.first_position) <= (e.transaction_id, e.position)
+             ORDER BY t.first_transaction_id DESC, t.first_position DESC LIMIT 1) t ON true
+           WHERE t.positions IS NULL OR array_position(t.positions, e.position) IS NULL
+              OR NOT EXISTS (SELECT 1 FROM policy)
+              OR t.last_recorded_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep`,
+    [stream.streamType, stream.streamId, now],
+  );
+  return r.rows[0]?.keep === true;
 }

@@ -17,8 +17,12 @@ export interface StreamRef {
 }
 
 export interface LegalHolds {
-  /** True when the stream must be kept as it is; runs in the retention transaction. */
-  isHeld(db: Queryable, stream: StreamRef): Promise<boolean>;
+  /**
+   * True when the stream must be kept as it is; runs in the retention transaction. `intent`
+   * says what retention would do and on what clock, for holds that keep a stream from deletion
+   * only (the audit trail keeps events it holds as leaves until its own retention ends).
+   */
+  isHeld(db: Queryable, stream: StreamRef, intent: { action: 'archive' | 'delete'; now: Date }): Promise<boolean>;
 }
 
 export const NO_LEGAL_HOLDS: LegalHolds = { isHeld: () => Promise.resolve(false) };
@@ -34,7 +38,7 @@ export interface RetentionRule {
 export interface RetentionReport {
   archived: StreamRef[];
   deleted: StreamRef[];
-  /** Streams due for archive or deletion but kept by a legal hold. */
+  /** Streams due for archive or deletion but kept by a legal hold (or, from deletion, by the audit trail's retention of their events). */
   held: StreamRef[];
   eventsArchived: number;
   eventsDeleted: number;
@@ -75,7 +79,7 @@ export async function applyRetention(
       for (const streamId of await dueStreams(pool, rule.streamType, cutoff, action === 'delete', streamsMax)) {
         const stream = { streamType: rule.streamType, streamId };
         await inTransaction(pool, async (c) => {
-          if (await options.holds.isHeld(c, stream)) {
+          if (await options.holds.isHeld(c, stream, { action, now: options.now })) {
             if (!report.held.some((h) => h.streamType === stream.streamType && h.streamId === streamId)) report.held.push(stream);
             return;
           }

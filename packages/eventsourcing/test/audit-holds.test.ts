@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { auditLegalHolds, migrateAudit } from '@ledgerline/audit';
+import { AuditSequencer, auditLegalHolds, loadSigningKey, migrateAudit, verifyLog } from '@ledgerline/audit';
 import { applyRetention } from '../src/index.ts';
 import { count, esTestEnv, inTx, type EsTestEnv } from './support.ts';
 
@@ -60,4 +60,46 @@ test('resourceOf maps a stream to the audit resource its hold names', async () =
   // Without the mapping, the hold on account a-1 does not name stream ledger.account/a-1.
   const unmapped = await applyRetention(env.pool, { rules: [{ streamType: 'ledger.account', archiveAfterDays: 30 }], holds: auditLegalHolds(), now: later });
   assert.deepEqual(unmapped.archived.map((s) => s.streamId), ['a-1']);
+});
+
+test('once events are leaves of the audit trail, deletion waits for the financial retention; archiving does not', async () => {
+  const signer = loadSigningKey(undefined, { production: false });
+  const sequencer = new AuditSequencer({ pool: env.pool, signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0 });
+  const integrate = async (): Promise<void> => {
+    for (let r = await sequencer.round(); r.records > 0; r = await sequencer.round());
+  };
+  await integrate();
+  // r-old: recorded eight years ago, alone in its tile (the trail judges retention per tile,
+  // as verification does). The time is set before the trail hashes it: the leaf commits to it.
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id: 'r-old' }, [event], { expectedVersion: 'no_stream' }));
+  await env.pool.query(`UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = 'receipt' AND stream_id = 'r-old'`);
+  await integrate();
+  for (const id of ['r-new', 'r-archived']) {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id }, [event], { expectedVersion: 'no_stream' }));
+  }
+  // r-late is not a leaf yet: deleting it would leave it out of the trail.
+  await integrate();
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id: 'r-late' }, [event], { expectedVersion: 'no_stream' }));
+  await env.pool.query(`UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = 'receipt' AND stream_id = 'r-late'`);
+  assert.ok(await count(env.pool, 'SELECT count(*) FROM audit.event_leaves') > 0);
+
+  // A year on: r-new is a year old, inside the seven years of class financial; r-old is not.
+  const later = new Date(Date.now() + 400 * DAY_MS);
+  const deleted = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', deleteAfterDays: 365 }], holds: auditLegalHolds(), now: later });
+  assert.deepEqual(deleted.deleted.map((s) => s.streamId), ['r-old']);
+  assert.deepEqual(deleted.held.map((s) => s.streamId).sort(), ['r-archived', 'r-late', 'r-new']);
+  await integrate();
+  // Archiving is not held (archived events still verify), and the trail verifies with r-old gone.
+  const archived = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', archiveAfterDays: 365 }], holds: auditLegalHolds(), now: later });
+  assert.deepEqual(archived.archived.map((s) => s.streamId).sort(), ['r-archived', 'r-late', 'r-new']);
+  const report = await verifyLog(env.pool, { publicKey: signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
+  // Now a leaf (of a tile past retention), r-late may go. A clock set further ahead does not
+  // move the database's own: r-new and r-archived are still held.
+  const far = new Date(Date.now() + 9 * 365 * DAY_MS);
+  const next = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', deleteAfterDays: 365 }], holds: auditLegalHolds(), now: far });
+  assert.deepEqual(next.deleted.map((s) => s.streamId), ['r-late']);
+  assert.deepEqual(next.held.map((s) => s.streamId).sort(), ['r-archived', 'r-new']);
+  assert.equal((await verifyLog(env.pool, { publicKey: signer.publicKey })).ok, true);
+  await sequencer.close();
 });
