@@ -142,6 +142,51 @@ test('commands accepted and rejected, ledger events and sensitive reads are all 
   assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
 });
 
+test('only a create whose every item was created is left to its events: replays and partial batches keep their command record', async () => {
+  const [a, b, strict] = [newId(), newId(), newId()];
+  const headers = { 'x-client-id': 'svc-treasury' };
+  const opened = await app.inject({ method: 'POST', url: '/v1/accounts/batch', headers, payload: { accounts: [{ id: a, ledger: 'USD', code: 1 }, { id: b, ledger: 'USD', code: 1 }, { id: strict, ledger: 'USD', code: 1, flags: { debits_must_not_exceed_credits: true } }] } });
+  assert.equal(opened.statusCode, 200);
+  const id = newId();
+  const transfer = { id, debit_account_id: a, credit_account_id: b, amount: '10', ledger: 'USD', code: 1 };
+  assert.equal((await app.inject({ method: 'POST', url: '/v1/transfers', headers, payload: transfer })).statusCode, 201);
+  // The same transfer again: answered `exists`, nothing new happened, no event: a command record.
+  const replay = await app.inject({ method: 'POST', url: '/v1/transfers', headers, payload: transfer });
+  assert.equal(replay.statusCode, 200);
+  // A batch with one item refused: the applied one has its event, the request its command record.
+  const partial = await app.inject({
+    method: 'POST',
+    url: '/v1/transfers/batch',
+    headers,
+    payload: { transfers: [{ ...transfer, id: newId() }, { id: newId(), debit_account_id: strict, credit_account_id: b, amount: '5', ledger: 'USD', code: 1 }] },
+  });
+  assert.equal(partial.statusCode, 200);
+  // A batch wholly applied: its events only.
+  const whole = await app.inject({ method: 'POST', url: '/v1/transfers/batch', headers, payload: { transfers: [{ ...transfer, id: newId() }, { ...transfer, id: newId() }] } });
+  assert.equal(whole.statusCode, 200);
+  await settle();
+  const commands = await search('actor=svc-treasury&record_class=command');
+  assert.deepEqual(
+    commands.map((r) => [r.action, r.outcome, r.origin.request_id]),
+    [
+      ['ledger.transfer.create', 'success', replay.headers['x-request-id']],
+      ['ledger.transfer.create_batch', 'success', partial.headers['x-request-id']],
+    ],
+  );
+  const events = await search('actor=svc-treasury&record_class=financial');
+  assert.equal(events.filter((r) => r.action === 'ledger.AccountOpened').length, 3);
+  assert.deepEqual(
+    events.filter((r) => r.resource.type === 'ledger.transfer').map((r) => [r.action, r.origin.request_id]),
+    [
+      ['ledger.TransferPosted', events.find((r) => r.resource.id === id)?.origin.request_id],
+      ['ledger.TransferPosted', partial.headers['x-request-id']],
+      ['ledger.TransferRejected', partial.headers['x-request-id']],
+      ['ledger.TransferPosted', whole.headers['x-request-id']],
+      ['ledger.TransferPosted', whole.headers['x-request-id']],
+    ],
+  );
+});
+
 test('checkpoints and proofs over HTTP verify with the published public key alone', async () => {
   await settle();
   const key = await app.inject({ method: 'GET', url: '/v1/audit/public-key' });
