@@ -11,14 +11,16 @@
 -- Leaf i of a tile is sequence number first_seq + i - 1 and commits to the event at
 -- positions[i]. (first_transaction_id, first_position) is the tile's first event in the
 -- event store's global order, which the sequencer follows: it locates an event's tile.
--- last_recorded_at is the latest time recorded among the tile's events: verification reads a
--- missing event as expired only once the retention of class `financial` has run out for it.
+-- first_recorded_at and last_recorded_at bound the times recorded among the tile's events:
+-- a search by time skips the tiles outside its range, and verification reads a missing event
+-- as expired only once the retention of class `financial` has run out for the whole tile.
 CREATE TABLE audit.event_leaves (
   first_seq            bigint PRIMARY KEY CHECK (first_seq >= 0),
   leaf_count           integer NOT NULL CHECK (leaf_count BETWEEN 1 AND 50000),
   first_transaction_id xid8 NOT NULL,
   first_position       bigint NOT NULL,
-  last_recorded_at     timestamptz NOT NULL,
+  first_recorded_at    timestamptz NOT NULL,
+  last_recorded_at     timestamptz NOT NULL CHECK (last_recorded_at >= first_recorded_at),
   positions            bigint[] NOT NULL CHECK (cardinality(positions) = leaf_count),
   leaf_hashes          bytea NOT NULL CHECK (length(leaf_hashes) = 32 * leaf_count),
   integrated_at        timestamptz NOT NULL DEFAULT now()

@@ -28,6 +28,7 @@ export interface EventTile {
   hashes: Buffer;
   first: EventCheckpoint;
   last: EventCheckpoint;
+  firstRecordedAt: Date;
   lastRecordedAt: Date;
 }
 
@@ -46,9 +47,9 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
   // scan (no sort of its own), each row is hashed once, and the aggregates collect positions
   // and hashes in that numbering. The first and last events are the first and last
   // positions, with the least and greatest transaction id (the order is by transaction first).
-  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; last_tx: string; last_recorded_at: Date }>(
+  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; last_tx: string; first_recorded_at: Date; last_recorded_at: Date }>(
     `SELECT count(*)::integer AS n, min(x.transaction_id)::text AS first_tx, max(x.transaction_id)::text AS last_tx,
-            max(x.recorded_at) AS last_recorded_at, array_agg(x.position ORDER BY x.i)::text AS positions,
+            min(x.recorded_at) AS first_recorded_at, max(x.recorded_at) AS last_recorded_at, array_agg(x.position ORDER BY x.i)::text AS positions,
             string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea ORDER BY x.i) AS hashes
        FROM (SELECT e.*, row_number() OVER (ORDER BY e.transaction_id, e.position) AS i
                FROM (SELECT * FROM events.events e
@@ -67,6 +68,7 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
     hashes: row.hashes,
     first: { transactionId: BigInt(row.first_tx), position: BigInt(firstPosition) },
     last: { transactionId: BigInt(row.last_tx), position: BigInt(lastPosition) },
+    firstRecordedAt: row.first_recorded_at,
     lastRecordedAt: row.last_recorded_at,
   };
 }
@@ -229,8 +231,8 @@ const eventAt = (position: string): string =>
 /**
  * Event leaves matching `filter`, in sequence order after `after`, at most `limit`. With a
  * resource (a stream) named, the stream's events are found by the event store's stream index
- * and each one's leaf by the tile index; otherwise the tiles are walked in sequence order
- * (bounded by time when `from` is given) and their events filtered.
+ * and each one's leaf by the tile index; otherwise the tiles are walked in sequence order,
+ * skipping those whose recorded times lie outside `from`..`to`, and their events filtered.
  */
 export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, page: { desc: boolean; after: number | null; limit: number }): Promise<{ seq: number; event: StoredEvent }[]> {
   const { desc, after, limit } = page;
@@ -273,9 +275,9 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
       const tiles = await db.query<{ first_seq: string; leaf_count: number }>(
         `SELECT first_seq::text, leaf_count FROM audit.event_leaves t
           WHERE ($1::bigint IS NULL OR ${desc ? 't.first_seq < $1' : 't.first_seq + t.leaf_count - 1 > $1'})
-            AND ($2::timestamptz IS NULL OR t.last_recorded_at >= $2)
+            AND ($2::timestamptz IS NULL OR t.last_recorded_at >= $2) AND ($3::timestamptz IS NULL OR t.first_recorded_at < $3)
           ORDER BY t.first_seq ${order} LIMIT ${SEARCH_TILES_PER_QUERY}`,
-        [from, filter.from ?? null],
+        [from, filter.from ?? null, filter.to ?? null],
       );
       const last = tiles.rows.at(-1);
       if (last === undefined) break;

@@ -164,8 +164,11 @@ test('search walks records and event leaves together in sequence order, both way
   assert.equal(byActor.records.length, STEPS);
   // Event leaves have no subject and are of class financial only.
   assert.equal((await t.store.search({ recordClass: 'command' }, { limit: 100 }, REVIEWER)).records.some((r) => r.recordClass !== 'command'), false);
-  const from = new Date(Date.now() + 3_600_000);
-  assert.equal((await t.store.search({ from }, {}, REVIEWER)).records.length, 0);
+  const hour = 3_600_000;
+  assert.equal((await t.store.search({ from: new Date(Date.now() + hour) }, {}, REVIEWER)).records.length, 0);
+  assert.equal((await t.store.search({ to: new Date(Date.now() - hour) }, {}, REVIEWER)).records.length, 0);
+  const window = await t.store.search({ from: new Date(Date.now() - hour), to: new Date(Date.now() + hour), recordClass: 'financial' }, { limit: 1000 }, REVIEWER);
+  assert.equal(window.records.length, STEPS * EVENTS_PER_STEP);
 });
 
 /** Tampers as a superuser with triggers off, verifies in that transaction, rolls back. */
