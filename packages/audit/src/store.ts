@@ -224,7 +224,9 @@ export class AuditStore {
     const row = r?.rows[0];
     // Not a record row: an event leaf, whose bytes PostgreSQL renders from the event itself.
     const data = cp === null || r === null ? null : row === undefined ? await eventLeafDataAt(this.#pool, seq) : leafData(fieldsOf(row));
-    if (by !== undefined) this.#audit(by, 'audit.record.prove', data === null ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, data === null ? 'no checkpoint covers it' : undefined);
+    // In range with no data: an event leaf whose event the event store no longer holds.
+    const reason = data !== null ? undefined : r === null ? 'no checkpoint covers it' : 'its event is no longer held (retention)';
+    if (by !== undefined) this.#audit(by, 'audit.record.prove', data === null ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, reason);
     if (cp === null || data === null) return null;
     const proof = await inclusionProof(this.#pool, seq, cp.treeSize);
     return { kind: 'inclusion', checkpoint: checkpointJson(cp), leafIndex: seq, leafData: data.toString('base64'), proof: proof.map((h) => h.toString('base64')) };
