@@ -5,7 +5,7 @@
  * What a leaf commits to is `audit.event_leaf_data`, written out again here
  * (`eventLeafData`) so that a test, or anyone holding an event, can recompute it.
  */
-import { readHorizon, type Checkpoint as EventCheckpoint, type StoredEvent } from '@ledgerline/events';
+import { readHorizon, toEvent, type Checkpoint as EventCheckpoint, type EventRecord, type StoredEvent } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { HASH_BYTES } from './merkle.ts';
 import type { AuditEntry } from './sink.ts';
@@ -200,21 +200,7 @@ export interface EventLeafFilter {
   to?: Date;
 }
 
-interface EventLeafRow {
-  seq: string;
-  position: string;
-  transaction_id: string;
-  partition: number;
-  event_id: string;
-  stream_type: string;
-  stream_id: string;
-  version: number;
-  type: string;
-  schema_version: number;
-  data: Record<string, unknown>;
-  metadata: StoredEvent['metadata'];
-  recorded_at: Date;
-}
+type EventLeafRow = EventRecord & { seq: string };
 
 /** Tiles whose events one search query filters. */
 const SEARCH_TILES_PER_QUERY = 4;
@@ -295,21 +281,5 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
       from = desc ? Number(last.first_seq) : Number(last.first_seq) + last.leaf_count - 1;
     }
   }
-  return rows.map((row) => ({
-    seq: Number(row.seq),
-    event: {
-      position: BigInt(row.position),
-      transactionId: BigInt(row.transaction_id),
-      partition: row.partition,
-      id: row.event_id,
-      streamType: row.stream_type,
-      streamId: row.stream_id,
-      version: row.version,
-      type: row.type,
-      schemaVersion: row.schema_version,
-      data: row.data,
-      metadata: row.metadata,
-      recordedAt: row.recorded_at,
-    },
-  }));
+  return rows.map((row) => ({ seq: Number(row.seq), event: toEvent(row) }));
 }

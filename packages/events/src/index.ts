@@ -16,6 +16,8 @@ export {
   migrateEvents,
   partitionByResidency,
   streamRegions,
+  toEvent,
+  type EventRecord,
   type AsOf,
   type ResidencyOperation,
   type ResidencyPolicy,

@@ -250,7 +250,8 @@ export async function migrateEvents(databaseUrl: string): Promise<void> {
 const EVENT_COLUMNS = `position::text, transaction_id::text, partition, event_id::text, stream_type, stream_id,
   version, type, schema_version, data, metadata, recorded_at`;
 
-interface EventRecord {
+/** An event row as node-postgres returns it (int8, xid8 and uuid as text). */
+export interface EventRecord {
   position: string;
   transaction_id: string;
   partition: number;
@@ -265,7 +266,8 @@ interface EventRecord {
   recorded_at: Date;
 }
 
-function toEvent(r: EventRecord): StoredEvent {
+/** An event row as a StoredEvent. */
+export function toEvent(r: EventRecord): StoredEvent {
   return {
     position: BigInt(r.position),
     transactionId: BigInt(r.transaction_id),
