@@ -45,8 +45,10 @@ const USAGE = `usage:
   audit hold place (--subject S | --resource-type T --resource-id ID) --reason TEXT --as WHO
   audit hold release --id ID --as WHO | audit hold list
   audit expire --as WHO [--as-of ISO]
+  audit kek-status
 database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
+(during a rotation, "new,old": kek-status says when no key is left under the old one)
 exit 0 done, 1 verification failed, 2 usage or failure`;
 
 const OPTIONS = {
@@ -75,7 +77,7 @@ const OPTIONS = {
   help: { type: 'boolean', default: false },
 } as const;
 
-const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire'];
+const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status'];
 
 function required(name: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
@@ -139,6 +141,11 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     const by = (): Requester => ({ actor: { type: 'user', id: required('as', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {
+      case 'kek-status': {
+        const status = await store.keyEncryptionStatus();
+        out(JSON.stringify(status));
+        return 0;
+      }
       case 'verify': {
         const report = await verifyLog(pool, {
           publicKey: publicKey(),

@@ -138,17 +138,36 @@ export interface KeyEncryptionKey {
   /** Names the key beside each key it wraps: the first 16 hex digits of its SHA-256. */
   readonly id: string;
   readonly key: Buffer;
+  /**
+   * Earlier key-encryption keys, by id, during a rotation: keys wrapped under them still open,
+   * and the sequencer wraps them again under this one (a thousand a round).
+   */
+  readonly previous: ReadonlyMap<string, Buffer>;
 }
 
-/** Reads a key-encryption key: 32 random bytes in base64url (or base64). */
-export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+/** One key: 32 random bytes in base64url (or base64). */
+function parseOneKey(text: string, where: string): { id: string; key: Buffer } {
   const trimmed = text.trim();
   if (!/^[A-Za-z0-9_\-+/]+={0,2}$/.test(trimmed)) {
-    throw new KeyEncryptionKeyError(`must be ${SUBJECT_KEY_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
+    throw new KeyEncryptionKeyError(`${where}must be ${SUBJECT_KEY_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
   }
   const key = Buffer.from(trimmed.replaceAll('+', '-').replaceAll('/', '_').replace(/=+$/, ''), 'base64url');
-  if (key.length !== SUBJECT_KEY_BYTES) throw new KeyEncryptionKeyError(`must be ${SUBJECT_KEY_BYTES} bytes; got ${key.length}`);
+  if (key.length !== SUBJECT_KEY_BYTES) throw new KeyEncryptionKeyError(`${where}must be ${SUBJECT_KEY_BYTES} bytes; got ${key.length}`);
   return { id: sha256(key).toString('hex').slice(0, 16), key };
+}
+
+/**
+ * Reads the key-encryption key: `current` or, during a rotation, `current,previous,...`
+ * (comma-separated). The first wraps; the others only open what they wrapped, until the
+ * sequencer has wrapped every key again under the first (`npm run audit -- kek-status`).
+ */
+export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+  const parts = text.split(',');
+  const keys = parts.map((part, i) => parseOneKey(part, parts.length === 1 ? '' : `(key ${i + 1} of ${parts.length}) `));
+  const [current, ...previous] = keys as [{ id: string; key: Buffer }, ...{ id: string; key: Buffer }[]];
+  const ids = new Set(keys.map((k) => k.id));
+  if (ids.size !== keys.length) throw new KeyEncryptionKeyError('names the same key twice');
+  return { id: current.id, key: current.key, previous: new Map(previous.map((k) => [k.id, k.key])) };
 }
 
 /** The associated data of a wrapped subject key: a wrapped key moved to another subject does not open. */
@@ -166,8 +185,12 @@ export function storedSubjectKey(kek: KeyEncryptionKey | null, subject: string, 
 export function clearSubjectKey(kek: KeyEncryptionKey | null, subject: string, stored: Buffer, kekId: string | null): Buffer {
   if (kekId === null) return stored;
   if (kek === null) throw new KeyEncryptionKeyError(`the key of subject ${subject} is wrapped, and no key-encryption key is configured (AUDIT_KEY_ENCRYPTION_KEY)`);
-  if (kek.id !== kekId) throw new KeyEncryptionKeyError(`the key of subject ${subject} is wrapped under key-encryption key ${kekId}, not the configured ${kek.id}`);
-  const text = open(kek.key, stored, wrapAad(subject));
+  const wrapping = kek.id === kekId ? kek.key : kek.previous.get(kekId);
+  if (wrapping === undefined) {
+    const also = kek.previous.size === 0 ? '' : ` or the previous ${[...kek.previous.keys()].join(', ')}`;
+    throw new KeyEncryptionKeyError(`the key of subject ${subject} is wrapped under key-encryption key ${kekId}, not the configured ${kek.id}${also}`);
+  }
+  const text = open(wrapping, stored, wrapAad(subject));
   const key = text === null ? null : Buffer.from(text, 'base64');
   if (key?.length !== SUBJECT_KEY_BYTES) throw new KeyEncryptionKeyError(`the wrapped key of subject ${subject} does not open: changed, or moved from another subject`);
   return key;

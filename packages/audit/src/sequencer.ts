@@ -12,7 +12,7 @@
 import { sqlArrayLiteral } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
-import { clearSubjectKey, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
+import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { HASH_BYTES, leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
 import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
@@ -161,7 +161,7 @@ export class AuditSequencer {
     const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await readEventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
     // Everything read from the event store is read; every write from here runs as the writer role.
     await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
-    if (this.#kek !== null) await this.#wrapClearKeys(client, this.#kek);
+    if (this.#kek !== null) await this.#rewrapKeys(client, this.#kek);
     const records = entries.length + (tile?.count ?? 0);
     if (records === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
     const nodes: Subtree[] = [];
@@ -244,19 +244,38 @@ export class AuditSequencer {
   }
 
   /**
-   * Wraps up to a thousand of the subject keys still stored in clear (written before the
-   * key-encryption key was set). Every round asks: the partial index `subject_keys_clear_idx`
-   * holds only those keys, so once all are wrapped the question costs one empty index probe.
+   * Wraps up to a thousand subject keys a round under the current key-encryption key: those
+   * still in clear (written before it was set) and those under a previous one (a rotation).
+   * Every round asks: the partial indexes `subject_keys_clear_idx` and `subject_keys_kek_idx`
+   * find them, so once none are left the question costs an empty index probe or two. A row
+   * changed meanwhile (erased, or wrapped by another instance) is left as it is.
    */
-  async #wrapClearKeys(db: Queryable, kek: KeyEncryptionKey): Promise<void> {
-    const clear = await db.query<{ subject: string; key: Buffer }>('SELECT subject, key FROM audit.subject_keys WHERE kek_id IS NULL LIMIT 1000');
-    if (clear.rows.length === 0) return;
-    const wrapped = clear.rows.map((row) => storedSubjectKey(kek, row.subject, row.key));
+  async #rewrapKeys(db: Queryable, kek: KeyEncryptionKey): Promise<void> {
+    const found = await db.query<{ subject: string; key: Buffer; kek_id: string | null }>(
+      'SELECT subject, key, kek_id FROM audit.subject_keys WHERE kek_id IS NULL OR kek_id = ANY($1::text[]) LIMIT 1000',
+      [[...kek.previous.keys()]],
+    );
+    // A key that does not open (changed in storage, or under a key no longer configured) is
+    // left as it is and reported: it must not stop the round, which records everything else.
+    const rows: typeof found.rows = [];
+    const wrapped: { key: Buffer; kekId: string | null }[] = [];
+    const refused: string[] = [];
+    for (const row of found.rows) {
+      try {
+        wrapped.push(storedSubjectKey(kek, row.subject, clearSubjectKey(kek, row.subject, row.key, row.kek_id)));
+        rows.push(row);
+      } catch (error) {
+        if (!(error instanceof KeyEncryptionKeyError)) throw error;
+        refused.push(row.subject);
+      }
+    }
+    if (refused.length > 0) this.#o.onError(new KeyEncryptionKeyError(`${refused.length} subject keys could not be opened to wrap again (first: ${refused.slice(0, 5).join(', ')}): they stay as they are`));
+    if (rows.length === 0) return;
     await db.query(
       `UPDATE audit.subject_keys k SET key = u.key, kek_id = u.kek_id
-         FROM unnest($1::text[], $2::bytea[], $3::text[]) AS u(subject, key, kek_id)
-        WHERE k.subject = u.subject AND k.kek_id IS NULL`,
-      [clear.rows.map((row) => row.subject), wrapped.map((w) => w.key), wrapped.map((w) => w.kekId)],
+         FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[]) AS u(subject, key, kek_id, was)
+        WHERE k.subject = u.subject AND k.kek_id IS NOT DISTINCT FROM u.was`,
+      [rows.map((row) => row.subject), wrapped.map((w) => w.key), wrapped.map((w) => w.kekId), rows.map((row) => row.kek_id)],
     );
   }
 }

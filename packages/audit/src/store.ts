@@ -197,6 +197,19 @@ export class AuditStore {
     };
   }
 
+  /**
+   * How the subject keys are stored: a count per key-encryption key (`clear` for none), and
+   * whether any is left for the sequencer to wrap under the configured current key. A
+   * rotation is done when `pending` is 0; the previous keys may then be dropped.
+   */
+  async keyEncryptionStatus(): Promise<{ current: string | null; previous: string[]; keys: Record<string, number>; pending: number }> {
+    const r = await this.#pool.query<{ kek_id: string | null; n: number }>('SELECT kek_id, count(*)::int AS n FROM audit.subject_keys GROUP BY kek_id ORDER BY kek_id NULLS FIRST');
+    const keys = Object.fromEntries(r.rows.map((row) => [row.kek_id ?? 'clear', row.n]));
+    const current = this.#kek?.id ?? null;
+    const pending = current === null ? 0 : r.rows.filter((row) => row.kek_id !== current).reduce((sum, row) => sum + row.n, 0);
+    return { current, previous: [...(this.#kek?.previous.keys() ?? [])], keys, pending };
+  }
+
   async latestCheckpoint(db: Queryable = this.#pool): Promise<Checkpoint | null> {
     const r = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1`);
     const row = r.rows[0];

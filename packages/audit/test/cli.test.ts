@@ -3,11 +3,13 @@
  * standalone verify-proof, search, holds, erasure and expiry, and usage errors.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runCli } from '../src/cli.ts';
+import { parseKeyEncryptionKey } from '../src/index.ts';
 import { auditTestEnv, entry, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
@@ -114,4 +116,17 @@ test('verify: clean, then a committed tampering is reported with its location an
   assert.equal((await cli('verify', '--bogus')).code, 2);
   assert.equal((await cli('--help')).code, 0);
   assert.equal((await runCli(['verify'], { env: {}, stdout: () => {}, stderr: () => {} })), 2, 'no DATABASE_URL');
+});
+
+test('kek-status counts the subject keys per key-encryption key and what is left to wrap', async () => {
+  t.sink.record({ recordClass: 'command', actor: { type: 'user', id: 'user:ops' }, action: 'ledger.account.read', outcome: 'success', origin: { service: 'ledger' }, resource: { type: 'account', id: 'acc-kek' }, subject: 'cust-kek', personal: { name: 'Gus' } });
+  await t.settle();
+  let out = '';
+  const kekText = randomBytes(32).toString('base64url');
+  const code = await runCli(['kek-status'], { env: { DATABASE_URL: t.db.url, AUDIT_KEY_ENCRYPTION_KEY: kekText }, stdout: (s) => (out += s), stderr: () => {} });
+  assert.equal(code, 0);
+  const status = JSON.parse(out) as { current: string; previous: string[]; keys: Record<string, number>; pending: number };
+  assert.equal(status.current, parseKeyEncryptionKey(kekText).id);
+  assert.deepEqual(status.previous, []);
+  assert.ok((status.keys.clear ?? 0) >= 1 && status.pending === status.keys.clear, out);
 });
