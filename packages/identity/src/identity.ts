@@ -331,8 +331,9 @@ export class Identity {
 
   /**
    * Call at start. Checks the stored keys against the key-encryption key: with one, it
-   * encrypts every key still stored in clear and refuses keys encrypted under another; without
-   * one, it refuses encrypted keys (KeyEncryptionKeyError, naming the reason). Then it creates
+   * encrypts every key still stored in clear, encrypts again under it every key encrypted
+   * under a previous one (a rotation: `new,old`), and refuses keys encrypted under any other;
+   * without one, it refuses encrypted keys (KeyEncryptionKeyError, naming the reason). Then it creates
    * the first signing key, active at once, if there is no key at all. Instances starting
    * together may each create one: the later `active_from` then signs, and both are published.
    */
@@ -340,7 +341,12 @@ export class Identity {
     const stored = await this.#pool.query<KeyRow>('SELECT kid, private_jwk, private_jwe FROM identity.signing_keys');
     for (const row of stored.rows) {
       if (row.private_jwe !== null) {
-        keyFor(row.private_jwe, row.kid, this.#kek);
+        const under = keyFor(row.private_jwe, row.kid, this.#kek);
+        if (this.#kek !== null && under.id !== this.#kek.id) {
+          const jwe = await sealPrivateJwk(await openPrivateJwk(row.private_jwe, row.kid, this.#kek), row.kid, this.#kek);
+          // Only if no other instance changed it meanwhile.
+          await this.#pool.query('UPDATE identity.signing_keys SET private_jwe = $2 WHERE kid = $1 AND private_jwe = $3', [row.kid, jwe, row.private_jwe]);
+        }
       } else if (this.#kek !== null && row.private_jwk !== null) {
         const jwe = await sealPrivateJwk(row.private_jwk, row.kid, this.#kek);
         await this.#pool.query('UPDATE identity.signing_keys SET private_jwe = $2, private_jwk = NULL WHERE kid = $1 AND private_jwe IS NULL', [row.kid, jwe]);

@@ -19,6 +19,11 @@ export interface KeyEncryptionKey {
   /** Names the key in each JWE it encrypts: the first 16 hex digits of its SHA-256. */
   id: string;
   key: Uint8Array;
+  /**
+   * Earlier key-encryption keys, by id, during a rotation: signing keys encrypted under them
+   * still open, and `Identity#ensureSigningKey` encrypts them again under this one.
+   */
+  previous: ReadonlyMap<string, Uint8Array>;
 }
 
 /** The key-encryption key is missing, malformed, or not the one the stored keys need. */
@@ -26,15 +31,27 @@ export class KeyEncryptionKeyError extends Error {
   override readonly name = 'KeyEncryptionKeyError';
 }
 
-/** Reads a key-encryption key: 32 random bytes in base64url (or base64). */
-export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+function parseOneKey(text: string, where: string): { id: string; key: Uint8Array } {
   const trimmed = text.trim();
   if (!/^[A-Za-z0-9_\-+/]+={0,2}$/.test(trimmed)) {
-    throw new KeyEncryptionKeyError(`must be ${KEK_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
+    throw new KeyEncryptionKeyError(`${where}must be ${KEK_BYTES} random bytes in base64url, for example the output of: openssl rand -base64 32`);
   }
   const key = Buffer.from(trimmed.replaceAll('+', '-').replaceAll('/', '_').replace(/=+$/, ''), 'base64url');
-  if (key.length !== KEK_BYTES) throw new KeyEncryptionKeyError(`must be ${KEK_BYTES} bytes; got ${key.length}`);
+  if (key.length !== KEK_BYTES) throw new KeyEncryptionKeyError(`${where}must be ${KEK_BYTES} bytes; got ${key.length}`);
   return { id: createHash('sha256').update(key).digest('hex').slice(0, 16), key: new Uint8Array(key) };
+}
+
+/**
+ * Reads the key-encryption key: 32 random bytes in base64url (or base64), or during a
+ * rotation `current,previous,...`: the first encrypts, the others only open what they
+ * encrypted until `ensureSigningKey` has encrypted it again under the first.
+ */
+export function parseKeyEncryptionKey(text: string): KeyEncryptionKey {
+  const parts = text.split(',');
+  const keys = parts.map((part, i) => parseOneKey(part, parts.length === 1 ? '' : `(key ${i + 1} of ${parts.length}) `));
+  const [current, ...previous] = keys as [{ id: string; key: Uint8Array }, ...{ id: string; key: Uint8Array }[]];
+  if (new Set(keys.map((k) => k.id)).size !== keys.length) throw new KeyEncryptionKeyError('names the same key twice');
+  return { id: current.id, key: current.key, previous: new Map(previous.map((k) => [k.id, k.key])) };
 }
 
 /** Encrypts a signing key's private JWK under the key-encryption key. */
@@ -57,10 +74,11 @@ export function sealedUnder(jwe: string): string | undefined {
 export function keyFor(jwe: string, signingKid: string, kek: KeyEncryptionKey | null): KeyEncryptionKey {
   if (kek === null) throw new KeyEncryptionKeyError(`signing key ${signingKid} is stored encrypted, and no key-encryption key is configured`);
   const under = sealedUnder(jwe);
-  if (under !== kek.id) {
-    throw new KeyEncryptionKeyError(`signing key ${signingKid} is encrypted under key-encryption key ${String(under)}, not the configured ${kek.id}`);
-  }
-  return kek;
+  if (under === kek.id) return kek;
+  const earlier = under === undefined ? undefined : kek.previous.get(under);
+  if (earlier !== undefined && under !== undefined) return { id: under, key: earlier, previous: new Map() };
+  const also = kek.previous.size === 0 ? '' : ` or the previous ${[...kek.previous.keys()].join(', ')}`;
+  throw new KeyEncryptionKeyError(`signing key ${signingKid} is encrypted under key-encryption key ${String(under)}, not the configured ${kek.id}${also}`);
 }
 
 /**

@@ -106,6 +106,29 @@ test('a store with encrypted keys refuses to start without the key, with another
   );
 });
 
+test('rotation: started with "new,old", the keys under old are encrypted again under new; then new alone serves and old alone is refused', async () => {
+  const oldText = randomBytes(32).toString('base64url');
+  const newText = randomBytes(32).toString('base64url');
+  const old = parseKeyEncryptionKey(oldText);
+  const before = identityWith(old);
+  await before.ensureSigningKey();
+  await before.rotateKeys();
+  await issuesVerifiableTokens(before, 'erin');
+  const kids = (await storedKeys()).map((k) => k.kid);
+  // Started with both keys, the store ends up wholly under the new one, the same signing keys.
+  const rotating = parseKeyEncryptionKey(`${newText},${oldText}`);
+  assert.deepEqual([...rotating.previous.keys()], [old.id]);
+  await identityWith(rotating).ensureSigningKey();
+  const stored = await storedKeys();
+  assert.deepEqual(stored.map((k) => k.kid), kids);
+  const under = stored.map((k) => JSON.parse(Buffer.from((k.jwe ?? '').split('.')[0] as string, 'base64url').toString()) as { kid: string });
+  assert.deepEqual(under.map((h) => h.kid), kids.map(() => rotating.id));
+  await issuesVerifiableTokens(identityWith(parseKeyEncryptionKey(newText)), 'frank');
+  await assert.rejects(identityWith(old).ensureSigningKey(), (e: unknown) => e instanceof KeyEncryptionKeyError && e.message.includes(`not the configured ${old.id}`));
+  assert.throws(() => parseKeyEncryptionKey(`${newText},${newText}`), /the same key twice/);
+  assert.throws(() => parseKeyEncryptionKey(`${newText},nope`), /key 2 of 2/);
+});
+
 test('a malformed key-encryption key is refused with what it must be', () => {
   assert.throws(() => parseKeyEncryptionKey('not base64!'), /must be 32 random bytes in base64url/);
   assert.throws(() => parseKeyEncryptionKey(randomBytes(16).toString('base64url')), /must be 32 bytes; got 16/);
