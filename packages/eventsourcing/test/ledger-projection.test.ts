@@ -138,6 +138,12 @@ describe('ledger balances projection', () => {
           await engine.createTransfers([{ id: tid(8), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[1]!, amount: 1n, ledger: 'USD', code: 1, flags: { pending: true }, timeoutSeconds: 1 }]);
           clock.advanceSeconds(2);
           await engine.expirePendingTransfers();
+          // And one voided and one posted, for the same reason (seed 1957038733 voided none in 15
+          // runs; posts were as rare).
+          await engine.createTransfers([{ id: tid(7), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[1]!, amount: 1n, ledger: 'USD', code: 1, flags: { pending: true } }]);
+          await engine.createTransfers([{ id: tid(6), pendingId: tid(7), flags: { voidPendingTransfer: true } }]);
+          await engine.createTransfers([{ id: tid(5), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[1]!, amount: 1n, ledger: 'USD', code: 1, flags: { pending: true } }]);
+          await engine.createTransfers([{ id: tid(4), pendingId: tid(5), flags: { postPendingTransfer: true } }]);
           for (const op of ops) {
             if (op.kind === 'transfers') await engine.createTransfers(op.list);
             else {
