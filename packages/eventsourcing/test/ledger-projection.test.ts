@@ -144,6 +144,9 @@ describe('ledger balances projection', () => {
           await engine.createTransfers([{ id: tid(6), pendingId: tid(7), flags: { voidPendingTransfer: true } }]);
           await engine.createTransfers([{ id: tid(5), debitAccountId: ACCOUNTS[0]!, creditAccountId: ACCOUNTS[1]!, amount: 1n, ledger: 'USD', code: 1, flags: { pending: true } }]);
           await engine.createTransfers([{ id: tid(4), pendingId: tid(5), flags: { postPendingTransfer: true } }]);
+          // And one rejected: account 3's debits may not exceed its 500 of credits.
+          const [rejected] = await engine.createTransfers([{ id: tid(3), debitAccountId: ACCOUNTS[3]!, creditAccountId: ACCOUNTS[1]!, amount: 100_000n, ledger: 'USD', code: 1 }]);
+          assert.equal(rejected?.result, 'exceeds_credits');
           for (const op of ops) {
             if (op.kind === 'transfers') await engine.createTransfers(op.list);
             else {
