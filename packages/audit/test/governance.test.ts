@@ -172,3 +172,38 @@ test('the sequencer tails the event store: every event once, rejections as failu
   assert.equal((await t.pool.query("SELECT 1 FROM audit.records WHERE resource_type = 'ledger.transfer'")).rows.length, 0, 'events are not copied into records');
   await verified();
 });
+
+test('an event that commits late is integrated when it commits, after those that committed before it, never skipped', async () => {
+  await t.settle();
+  const tiles = async (): Promise<string[]> => {
+    const r = await t.pool.query<{ stream_id: string }>(
+      `SELECT e.stream_id FROM audit.event_leaves t, unnest(t.positions) WITH ORDINALITY AS u(position, i)
+         JOIN events.events e ON e.position = u.position
+        WHERE e.stream_type = 'late' ORDER BY t.first_seq, u.i`,
+    );
+    return r.rows.map((row) => row.stream_id);
+  };
+  const slow = await t.pool.connect();
+  const quick = await t.pool.connect();
+  try {
+    // The slow transaction takes its transaction id first, then appends last.
+    await slow.query('BEGIN');
+    await slow.query('SELECT pg_current_xact_id()');
+    await quick.query('BEGIN');
+    await t.events.append(quick, { type: 'late', id: 'quick' }, [{ type: 'late.Noted', data: {} }], { expectedVersion: 'no_stream' });
+    await quick.query('COMMIT');
+    await t.events.append(slow, { type: 'late', id: 'slow' }, [{ type: 'late.Noted', data: {} }], { expectedVersion: 'no_stream' });
+    // While the slow one runs, the tail holds back everything after its transaction id.
+    await t.sequencer.round();
+    assert.deepEqual(await tiles(), []);
+    await slow.query('COMMIT');
+    await t.settle();
+    // In the global order (transaction id, then position): the slow one first.
+    assert.deepEqual(await tiles(), ['slow', 'quick']);
+  } finally {
+    await slow.query('ROLLBACK').catch(() => {});
+    slow.release();
+    quick.release();
+  }
+  await verified();
+});
