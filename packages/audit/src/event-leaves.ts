@@ -43,22 +43,28 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
   const cursor = state.rows[0];
   if (cursor === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
   const horizon = await readHorizon(db);
-  // One pass over the events in order: the window numbers rows already sorted by the index
-  // scan (no sort of its own), each row is hashed once, and the aggregates collect positions
-  // and hashes in that numbering. The first and last events are the first and last
+  // One pass over the events in the index's order: the window numbers them as they come (no
+  // sort), each is hashed once, and the aggregates collect positions and hashes in that same
+  // order, the scan's. PostgreSQL keeps a sorted subquery's order through a window and an
+  // aggregate over it, but does not promise it, so the window also checks it (`lag`) and the
+  // round refuses a tile out of order. The first and last events are the first and last
   // positions, with the least and greatest transaction id (the order is by transaction first).
-  const r = await db.query<{ n: number; positions: string; hashes: Buffer; first_tx: string; last_tx: string; first_recorded_at: Date; last_recorded_at: Date }>(
-    `SELECT count(*)::integer AS n, min(x.transaction_id)::text AS first_tx, max(x.transaction_id)::text AS last_tx,
-            min(x.recorded_at) AS first_recorded_at, max(x.recorded_at) AS last_recorded_at, array_agg(x.position ORDER BY x.i)::text AS positions,
-            string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea ORDER BY x.i) AS hashes
-       FROM (SELECT e.*, row_number() OVER (ORDER BY e.transaction_id, e.position) AS i
+  // (Ordered aggregates cost a sort each: about 0.7 µs an event, a tenth of this query.)
+  const r = await db.query<{ n: number; ordered: boolean; positions: string; hashes: Buffer; first_tx: string; last_tx: string; first_recorded_at: Date; last_recorded_at: Date }>(
+    `SELECT count(*)::integer AS n, bool_and(x.previous_tx IS NULL OR (x.transaction_id, x.position) > (x.previous_tx, x.previous_position)) AS ordered,
+            min(x.transaction_id)::text AS first_tx, max(x.transaction_id)::text AS last_tx,
+            min(x.recorded_at) AS first_recorded_at, max(x.recorded_at) AS last_recorded_at, array_agg(x.position)::text AS positions,
+            string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea) AS hashes
+       FROM (SELECT e.*, row_number() OVER w AS i, lag(e.transaction_id) OVER w AS previous_tx, lag(e.position) OVER w AS previous_position
                FROM (SELECT * FROM events.events e
                       WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
-                      ORDER BY e.transaction_id, e.position LIMIT $4) e) x`,
+                      ORDER BY e.transaction_id, e.position LIMIT $4) e
+             WINDOW w AS ()) x`,
     [cursor.tx, cursor.pos, horizon.toString(), limit, firstSeq],
   );
   const row = r.rows[0];
   if (row === undefined || row.n === 0) return null;
+  if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order; the round is refused and retried');
   if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
   const firstPosition = row.positions.slice(1, row.positions.indexOf(',') > 0 ? row.positions.indexOf(',') : -1);
   const lastPosition = row.positions.slice(row.positions.lastIndexOf(',') > 0 ? row.positions.lastIndexOf(',') + 1 : 1, -1);
