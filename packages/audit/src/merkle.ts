@@ -82,6 +82,30 @@ export class Frontier {
     return completed;
   }
 
+  /**
+   * Appends `count` leaf hashes, 32 bytes each, from `hashes`; returns the perfect subtrees
+   * of level `minLevel` or above (and above 0: never the leaves) that they completed. The same
+   * as `append` for each, without its arrays.
+   */
+  appendAll(hashes: Buffer, count: number, minLevel: number): Subtree[] {
+    const kept: Subtree[] = [];
+    for (let i = 0; i < count; i += 1) {
+      let level = 0;
+      let index = this.#size;
+      let hash = hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
+      for (let last = this.#nodes.at(-1); last !== undefined && last.level === level; last = this.#nodes.at(-1)) {
+        this.#nodes.pop();
+        hash = nodeHash(last.hash, hash);
+        level += 1;
+        index = last.index / 2;
+        if (level >= minLevel) kept.push({ level, index, hash });
+      }
+      this.#nodes.push({ level, index, hash });
+      this.#size += 1;
+    }
+    return kept;
+  }
+
   root(): Buffer {
     return foldSubtrees(this.#nodes.map((n) => n.hash));
   }

@@ -13,7 +13,7 @@ import { sqlArrayLiteral } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
-import { HASH_BYTES, leafHash, type Frontier, type Subtree } from './merkle.ts';
+import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
 import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
@@ -186,7 +186,7 @@ export class AuditSequencer {
       await client.query('DELETE FROM audit.queue WHERE id = ANY($1::bigint[])', [queued.rows.map((r) => r.id)]);
     }
     if (tile !== null) {
-      for (let i = 0; i < tile.count; i += 1) append(tile.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES));
+      nodes.push(...frontier.appendAll(tile.hashes, tile.count, STORED_LEVEL_MIN));
       await client.query(
         `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes)
          VALUES ($1, $2, $3::text::xid8, $4, $5, $6, $7::bigint[], $8)`,

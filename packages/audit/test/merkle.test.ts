@@ -189,3 +189,26 @@ test('property: generated proofs verify for any tree, and the frontier agrees wi
     { seed, numRuns: 200 },
   );
 });
+
+test('property: appending a run of leaf hashes at once equals appending them one by one', () => {
+  const seed = propertySeed('audit frontier appendAll');
+  fc.assert(
+    fc.property(fc.integer({ min: 0, max: 200 }), fc.integer({ min: 1, max: 300 }), fc.integer({ min: 0, max: 7 }), (start, count, minLevel) => {
+      const leaf = (i: number): Buffer => leafHash(Buffer.from(`leaf ${i}`));
+      const one = new Frontier();
+      const all = new Frontier();
+      for (let i = 0; i < start; i += 1) {
+        one.append(leaf(i));
+        all.append(leaf(i));
+      }
+      const expected = Array.from({ length: count }, (_, i) => one.append(leaf(start + i)))
+        .flat()
+        .filter((n) => n.level >= minLevel && n.level > 0);
+      const run = Buffer.concat(Array.from({ length: count }, (_, i) => leaf(start + i)));
+      const kept = all.appendAll(run, count, minLevel);
+      assert.deepEqual(kept.map((n) => [n.level, n.index, n.hash.toString('hex')]), expected.map((n) => [n.level, n.index, n.hash.toString('hex')]));
+      assert.deepEqual([all.size, all.root()], [one.size, one.root()]);
+    }),
+    { seed, numRuns: 200 },
+  );
+});
