@@ -3,8 +3,8 @@
  * queued entries and the next events of the event store, gives them consecutive sequence
  * numbers, encrypts personal data under the subjects' keys, hashes the leaves, stores the
  * records, payloads, one tile of event leaves and the completed subtrees, moves its event
- * cursor, deletes the queue rows it integrated and (when due) signs a checkpoint. Everything commits together or not at all,
- * so each queued entry and each event is recorded exactly once.
+ * cursor, deletes the queue rows it integrated and (when due) signs a checkpoint. Everything
+ * commits together or not at all, so each queued entry and each event is recorded exactly once.
  *
  * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
  * round finds the lock taken and does nothing, so instances may all run one.
