@@ -26,6 +26,8 @@ const SEQUENCER_LOCK = 'ledgerline.audit.sequencer';
 export const BATCH_RECORDS_MAX_DEFAULT = 5000;
 export const INTERVAL_MS_DEFAULT = 250;
 export const CHECKPOINT_INTERVAL_MS_DEFAULT = 1000;
+/** Subject keys wrapped again, at most, per round. */
+const REWRAP_KEYS_PER_ROUND = 1000;
 /** Records prepared between yields to the event loop. */
 const YIELD_EVERY_RECORDS = 256;
 
@@ -75,6 +77,8 @@ export class AuditSequencer {
   #running: Promise<void> | null = null;
   #stopping = false;
   #wake: (() => void) | null = null;
+  /** Where the wrapping pass over the subject keys stands (#rewrapKeys). */
+  #rewrapAfter = '';
 
   constructor(options: SequencerOptions) {
     this.#o = {
@@ -245,16 +249,21 @@ export class AuditSequencer {
 
   /**
    * Wraps up to a thousand subject keys a round under the current key-encryption key: those
-   * still in clear (written before it was set) and those under a previous one (a rotation).
+   * still in clear (written before it was set) and those under a previous one (a rotation),
+   * in subject order across rounds.
    * Every round asks: the partial indexes `subject_keys_clear_idx` and `subject_keys_kek_idx`
    * find them, so once none are left the question costs an empty index probe or two. A row
    * changed meanwhile (erased, or wrapped by another instance) is left as it is.
    */
   async #rewrapKeys(db: Queryable, kek: KeyEncryptionKey): Promise<void> {
+    // In subject order from where the last round stopped, so keys that do not open are passed
+    // over, not read again every round ahead of the rest; from the start again after the end.
     const found = await db.query<{ subject: string; key: Buffer; kek_id: string | null }>(
-      'SELECT subject, key, kek_id FROM audit.subject_keys WHERE kek_id IS NULL OR kek_id = ANY($1::text[]) LIMIT 1000',
-      [[...kek.previous.keys()]],
+      `SELECT subject, key, kek_id FROM audit.subject_keys
+        WHERE (kek_id IS NULL OR kek_id = ANY($1::text[])) AND subject > $2 ORDER BY subject LIMIT ${REWRAP_KEYS_PER_ROUND}`,
+      [[...kek.previous.keys()], this.#rewrapAfter],
     );
+    this.#rewrapAfter = found.rows.length < REWRAP_KEYS_PER_ROUND ? '' : (found.rows.at(-1)?.subject ?? '');
     // A key that does not open (changed in storage, or under a key no longer configured) is
     // left as it is and reported: it must not stop the round, which records everything else.
     const rows: typeof found.rows = [];
