@@ -4,8 +4,7 @@
  * checkpoint(s) and the proof; the verifier checks the signatures first and then every hash
  * of the proof, and accepts nothing it has not checked.
  */
-import type { KeyObject } from 'node:crypto';
-import { checkpointSignatureValid, type Checkpoint } from './keys.ts';
+import { checkpointSignatureValid, type Checkpoint, type TrustedKeys } from './keys.ts';
 import { leafHash, ProofError, verifyConsistency, verifyInclusion } from './merkle.ts';
 
 export interface CheckpointJson {
@@ -69,12 +68,13 @@ function proofHashes(proof: unknown): Buffer[] {
   return proof.map((h, i) => b64(h, `proof[${i}]`));
 }
 
-function checkSigned(publicKey: KeyObject, c: Checkpoint, name: string): void {
-  if (!checkpointSignatureValid(publicKey, c)) throw new ProofError(`${name}: the signature does not verify under the public key`);
+function checkSigned(keys: TrustedKeys, c: Checkpoint, name: string): void {
+  if (!checkpointSignatureValid(keys, c)) throw new ProofError(`${name}: the signature does not verify under the trusted public key${Array.isArray(keys) ? 's' : ''}`);
 }
 
 /** Throws ProofError saying what failed; returns what was proven. */
-export function verifyBundle(bundle: ProofBundle, publicKey: KeyObject): string {
+/** `publicKey`: the trusted key, or several when the signing key was rotated (a consistency proof may span the change). */
+export function verifyBundle(bundle: ProofBundle, publicKey: TrustedKeys): string {
   if (bundle?.kind === 'inclusion') {
     const cp = fromJson(bundle.checkpoint, 'checkpoint');
     checkSigned(publicKey, cp, 'checkpoint');

@@ -35,24 +35,25 @@ import { PostgresAuditSink } from './writer.ts';
 export type { CliIo };
 
 const USAGE = `usage:
-  audit verify [--public-key FILE] [--checkpoint FILE]... [--json]
+  audit verify [--public-key FILE]... [--checkpoint FILE]... [--json]
   audit public-key
   audit search --as WHO [--actor ID] [--resource-type T] [--resource-id ID] [--action A] [--outcome success|failure]
                [--subject S] [--class C] [--from ISO] [--to ISO] [--limit N] [--order asc|desc] [--after SEQ]
   audit prove --seq N --as WHO [--tree-size N] | audit prove --from M --to N
-  audit verify-proof --public-key FILE BUNDLE.json
+  audit verify-proof --public-key FILE... BUNDLE.json
   audit erase --subject S --as WHO
   audit hold place (--subject S | --resource-type T --resource-id ID) --reason TEXT --as WHO
   audit hold release --id ID --as WHO | audit hold list
   audit expire --as WHO [--as-of ISO]
   audit kek-status
-database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE);
+database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
+was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
 (during a rotation, "new,old": kek-status says when no key is left under the old one)
 exit 0 done, 1 verification failed, 2 usage or failure`;
 
 const OPTIONS = {
-  'public-key': { type: 'string' },
+  'public-key': { type: 'string', multiple: true },
   checkpoint: { type: 'string', multiple: true },
   json: { type: 'boolean', default: false },
   as: { type: 'string' },
@@ -109,12 +110,11 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
   let pool: pg.Pool | null = null;
   let sink: PostgresAuditSink | null = null;
   try {
-    const publicKey = (): KeyObject =>
-      a['public-key'] === undefined
-        ? loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' }).publicKey
-        : parsePublicKey(readFileSync(a['public-key'], 'utf8'));
+    const ownKey = (): KeyObject => loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' }).publicKey;
+    // The keys to trust: every --public-key given (several across a rotation), else the configured signing key's.
+    const publicKey = (): KeyObject[] => (a['public-key'] === undefined ? [ownKey()] : a['public-key'].map((f) => parsePublicKey(readFileSync(f, 'utf8'))));
     if (command === 'public-key') {
-      out(publicKeyPem(publicKey()).trimEnd());
+      out(publicKeyPem(ownKey()).trimEnd());
       return 0;
     }
     if (command === 'verify-proof') {

@@ -3,6 +3,7 @@ export { checkpointJson, verifyBundle, type CheckpointJson, type ConsistencyBund
 export {
   checkpointBody,
   checkpointSignatureValid,
+  type TrustedKeys,
   KeyEncryptionKeyError,
   keyIdOf,
   loadSigningKey,

@@ -90,8 +90,19 @@ export function signCheckpoint(signer: CheckpointSigner, c: Pick<Checkpoint, 'or
   return { ...c, keyId: signer.keyId, signature: sign(null, checkpointBody(c), signer.privateKey) };
 }
 
-export function checkpointSignatureValid(publicKey: KeyObject, c: Checkpoint): boolean {
-  return c.signature.length === 64 && verify(null, checkpointBody(c), publicKey, c.signature);
+/**
+ * The public keys a verifier trusts: one, or several for a log whose signing key was rotated
+ * (each checkpoint is signed by the key of its time). They come from the verifier, never from
+ * the log's own database, which a forger could add a key to.
+ */
+export type TrustedKeys = KeyObject | readonly KeyObject[];
+
+/** True when one of the trusted keys signed `c` (the checkpoint's key id only picks which to try first). */
+export function checkpointSignatureValid(keys: TrustedKeys, c: Checkpoint): boolean {
+  if (c.signature.length !== 64) return false;
+  const list = Array.isArray(keys) ? (keys as readonly KeyObject[]) : [keys as KeyObject];
+  const named = list.filter((k) => keyIdOf(k) === c.keyId);
+  return [...named, ...list.filter((k) => !named.includes(k))].some((k) => verify(null, checkpointBody(c), k, c.signature));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -17,8 +17,7 @@
  * - a rewrite that also recomputed the stored leaf hashes: the span between the last
  *   checkpoint that still matches and the first that does not.
  */
-import type { KeyObject } from 'node:crypto';
-import { checkpointSignatureValid, type Checkpoint } from './keys.ts';
+import { checkpointSignatureValid, type Checkpoint, type TrustedKeys } from './keys.ts';
 import { Frontier, leafHash } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
@@ -59,7 +58,8 @@ export interface VerifyReport {
 }
 
 export interface VerifyOptions {
-  publicKey: KeyObject;
+  /** The trusted public key, or several when the signing key was rotated (keys.ts `TrustedKeys`). */
+  publicKey: TrustedKeys;
   /**
    * Checkpoints kept outside this database (by a third party, or from earlier proof bundles).
    * Storage alone cannot reveal a superuser who removed the tail records together with the
@@ -116,7 +116,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   const checkCheckpoint = (cp: Checkpoint, storageEnded: boolean): void => {
     checked += 1;
     if (!checkpointSignatureValid(options.publicKey, cp)) {
-      report({ kind: 'checkpoint_signature_invalid', seq: null, treeSize: cp.treeSize, detail: `checkpoint at tree size ${cp.treeSize} (issued ${cp.issuedAt.toISOString()}, key ${cp.keyId}) has no valid signature under this public key` });
+      report({ kind: 'checkpoint_signature_invalid', seq: null, treeSize: cp.treeSize, detail: `checkpoint at tree size ${cp.treeSize} (issued ${cp.issuedAt.toISOString()}, key ${cp.keyId}) has no valid signature under the trusted public keys` });
       return;
     }
     if (storageEnded && frontier.size < cp.treeSize) {

@@ -3,13 +3,13 @@
  * standalone verify-proof, search, holds, erasure and expiry, and usage errors.
  */
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runCli } from '../src/cli.ts';
-import { parseKeyEncryptionKey } from '../src/index.ts';
+import { AuditSequencer, loadSigningKey, parseKeyEncryptionKey, publicKeyPem, verifyBundle } from '../src/index.ts';
 import { auditTestEnv, entry, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
@@ -129,4 +129,37 @@ test('kek-status counts the subject keys per key-encryption key and what is left
   assert.equal(status.current, parseKeyEncryptionKey(kekText).id);
   assert.deepEqual(status.previous, []);
   assert.ok((status.keys.clear ?? 0) >= 1 && status.pending === status.keys.clear, out);
+});
+
+test('a rotated signing key: the log verifies with every key it was signed with, and not with the new one alone', async () => {
+  await t.settle();
+  const before = (await t.store.latestCheckpoint())?.treeSize ?? 0;
+  // The service restarts with a new signing key; its next checkpoints are signed with it.
+  const { privateKey } = generateKeyPairSync('ed25519');
+  const newPem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+  const signer = loadSigningKey(newPem, { production: false });
+  const sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/test', checkpointIntervalMs: 0 });
+  for (let i = 0; i < 5; i += 1) t.sink.record(entry(100 + i));
+  await t.sink.flush();
+  await sequencer.round();
+  const after = (await t.store.latestCheckpoint())?.treeSize ?? 0;
+  assert.ok(after > before && before > 0);
+  const oldPem = join(dir, 'old.pem');
+  const rotatedPem = join(dir, 'new.pem');
+  writeFileSync(oldPem, publicKeyPem(t.signer.publicKey));
+  writeFileSync(rotatedPem, publicKeyPem(signer.publicKey));
+  // (The test before committed a tampering at seq 10: only the signatures are in question here.)
+  const both = await cli('verify', '--public-key', oldPem, '--public-key', rotatedPem);
+  assert.doesNotMatch(both.out, /checkpoint_signature_invalid/);
+  assert.match(both.out, /record_altered at seq 10/);
+  const onlyNew = await cli('verify', '--public-key', rotatedPem);
+  assert.equal(onlyNew.code, 1);
+  assert.match(onlyNew.out, new RegExp(`checkpoint_signature_invalid \\(checkpoint ${before}\\): .*no valid signature under the trusted public keys`));
+  assert.doesNotMatch(onlyNew.out, new RegExp(`checkpoint_signature_invalid \\(checkpoint ${after}\\)`));
+  // A consistency proof across the change checks with both keys, and with neither alone.
+  const bundle = await t.store.consistencyBundle(before, after);
+  assert.ok(bundle !== null);
+  assert.match(verifyBundle(bundle, [t.signer.publicKey, signer.publicKey]), new RegExp(`at tree size ${after} extends tree size ${before}`));
+  assert.throws(() => verifyBundle(bundle, t.signer.publicKey), /"?to"?: the signature does not verify/);
+  assert.throws(() => verifyBundle(bundle, signer.publicKey), /"?from"?: the signature does not verify/);
 });
