@@ -86,6 +86,23 @@ describe('the event store', () => {
     // Retried in a new transaction, it goes through.
     await inTx((c) => env.store.appendMany(c, [{ streamType: 'many', streamId: 'm-1', version: 2, event: { type: 'Two', data: {} } }]));
     assert.deepEqual((await env.store.readStream(env.pool, 'many', 'm-1')).map((e) => e.type), ['One', 'Two']);
+    // Further along a stream (the check reads its latest event only): an older transaction is
+    // refused after two newer ones, through appendMany and through append alike.
+    const oldest = await env.pool.connect();
+    try {
+      await oldest.query('BEGIN');
+      await oldest.query('SELECT pg_current_xact_id()');
+      await inTx((c) => env.store.appendMany(c, [{ streamType: 'many', streamId: 'm-1', version: 3, event: { type: 'Three', data: {} } }]));
+      await inTx((c) => env.store.appendMany(c, [{ streamType: 'many', streamId: 'm-1', version: 4, event: { type: 'Four', data: {} } }]));
+      await oldest.query('SAVEPOINT s');
+      await assert.rejects(env.store.appendMany(oldest, [{ streamType: 'many', streamId: 'm-1', version: 5, event: { type: 'Five', data: {} } }]), StreamOrderConflictError);
+      await oldest.query('ROLLBACK TO SAVEPOINT s');
+      await assert.rejects(env.store.append(oldest, { type: 'many', id: 'm-1' }, [{ type: 'Five', data: {} }], { expectedVersion: 4 }), StreamOrderConflictError);
+      await oldest.query('ROLLBACK');
+    } finally {
+      oldest.release();
+    }
+    assert.equal(await env.store.streamVersion(env.pool, 'many', 'm-1'), 4);
   });
 
   test('the global order never skips a transaction that commits late', async () => {
