@@ -2,7 +2,7 @@
  * Audit trail benchmark (issue 4), with pgbench's TPC-B beside it in the same run.
  *
  *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 8] [--rounds 2]
- *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all] [--sequencer-interval-ms 250]
+ *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all] [--sequencer-interval-ms 250] [--sequencer-batch 5000]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -47,6 +47,8 @@ const { values: args } = parseArgs({
     'command-records': { type: 'string', default: 'unrecorded' },
     // The sequencer worker's pause between rounds that found no backlog (the service's AUDIT_SEQUENCER_INTERVAL_MS).
     'sequencer-interval-ms': { type: 'string' },
+    // At most this many records a round (the service's AUDIT_SEQUENCER_BATCH_MAX); a full round is followed at once by the next.
+    'sequencer-batch': { type: 'string' },
   },
   strict: true,
 });
@@ -59,6 +61,7 @@ const accountCount = Math.floor(intArg('accounts', args.accounts, 10_000, 2));
 const seed = seedArg(args.seed);
 const commandRecords = args['command-records'];
 const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['sequencer-interval-ms'], 250, 1));
+const sequencerBatch = Math.floor(intArg('sequencer-batch', args['sequencer-batch'], 5000, 1));
 if (commandRecords !== 'unrecorded' && commandRecords !== 'all') throw new RangeError('--command-records must be unrecorded or all');
 const log = benchLog('bench:audit');
 abortOnSignals(log);
@@ -247,6 +250,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
               origin: 'bench/ledger',
               tailEvents: true,
               intervalMs: sequencerIntervalMs,
+              batchRecordsMax: sequencerBatch,
             })
           : null;
         const h = createHistogram();
@@ -308,6 +312,7 @@ async function main(): Promise<void> {
     seed,
     command_records: commandRecords,
     sequencer_interval_ms: sequencerIntervalMs,
+    sequencer_batch: sequencerBatch,
     records: recordCount,
     records_per_s: figures.recordsPerS,
     verify_records_per_s: figures.verifyRecordsPerS,
