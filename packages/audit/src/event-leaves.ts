@@ -19,6 +19,17 @@ const leafArgs = (alias: string): string =>
   ['position', 'event_id', 'stream_type', 'stream_id', 'version', 'type', 'schema_version', 'data', 'metadata', 'recorded_at'].map((c) => `${alias}.${c}`).join(', ');
 const LEAF_ARGS = leafArgs('e');
 
+/**
+ * The tile an event row `e` (with transaction_id and position) falls in, as a LATERAL
+ * subquery: tiles cover the global order in turn, so it is the last one starting at or before
+ * the event (`event_leaves_order_idx`). The event is a leaf of it only if its position is in
+ * the tile's positions; past the last tile, it is not integrated yet.
+ */
+export const tileOfEvent = (e: string): string =>
+  `(SELECT t.* FROM audit.event_leaves t
+     WHERE (t.first_transaction_id, t.first_position) <= (${e}.transaction_id, ${e}.position)
+     ORDER BY t.first_transaction_id DESC, t.first_position DESC LIMIT 1)`;
+
 /** One round's events: what the sequencer appends to the tree and stores as a tile. */
 export interface EventTile {
   count: number;
@@ -254,10 +265,7 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
            FROM (SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.stream_type = $2 AND e.stream_id = $3
                  UNION ALL
                  SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = $3) e
-           CROSS JOIN LATERAL (
-             SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM audit.event_leaves t
-              WHERE (t.first_transaction_id, t.first_position) <= (e.transaction_id, e.position)
-              ORDER BY t.first_transaction_id DESC, t.first_position DESC LIMIT 1) s
+           CROSS JOIN LATERAL (SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM ${tileOfEvent('e')} t) s
           WHERE s.seq IS NOT NULL AND ${conditions}) x
         WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,
       [...args(after), limit],

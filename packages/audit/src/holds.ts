@@ -5,6 +5,7 @@
  * before it archives or deletes an event stream.
  */
 import type pg from 'pg';
+import { tileOfEvent } from './event-leaves.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -64,10 +65,7 @@ async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date)
           SELECT 1 FROM (SELECT transaction_id, position FROM events.events WHERE stream_type = $1 AND stream_id = $2
                          UNION ALL
                          SELECT transaction_id, position FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e
-          LEFT JOIN LATERAL (
-            SELECT t.last_recorded_at, t.positions FROM audit.event_leaves t
-             WHERE (t.first_transaction_id, t.first_position) <= (e.transaction_id, e.position)
-             ORDER BY t.first_transaction_id DESC, t.first_position DESC LIMIT 1) t ON true
+          LEFT JOIN LATERAL ${tileOfEvent('e')} t ON true
            WHERE t.positions IS NULL OR array_position(t.positions, e.position) IS NULL
               OR NOT EXISTS (SELECT 1 FROM policy)
               OR t.last_recorded_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep`,

@@ -145,7 +145,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
 
   let tiles: { firstSeq: number; count: number; lastRecordedAt: Date }[] = [];
   for (let expected = 0; ; ) {
-    if (tiles.length === 0 || (tiles[0] as { firstSeq: number }).firstSeq < expected) tiles = await tileStarts(db, expected, 100);
+    if ((tiles[0]?.firstSeq ?? -1) < expected) tiles = await tileStarts(db, expected, 100);
     const tile = tiles[0];
     // The records before the next tile (all that are left when there is none), a page at a time.
     const page = await db.query<RecordRow>(
@@ -168,7 +168,6 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     if (page.rows.length === VERIFY_PAGE_RECORDS) continue;
     if (tile === undefined) break;
     tiles.shift();
-    await reach(tile.firstSeq);
     const expired = eventRetainMs !== null && tile.lastRecordedAt.getTime() + eventRetainMs <= now.getTime();
     for (const leaf of await checkTile(db, tile.firstSeq, frontier.size)) {
       await reach(leaf.seq);
