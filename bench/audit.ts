@@ -1,8 +1,9 @@
 /**
  * Audit trail benchmark (issue 4), with pgbench's TPC-B beside it in the same run.
  *
- *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 8] [--rounds 2]
- *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all] [--sequencer-interval-ms 250] [--sequencer-batch 5000]
+ *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 6] [--rounds 4]
+ *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all]
+ *                          [--sequencer-interval-ms 1000] [--sequencer-batch 20000] [--sequencer-nice 10] [--aa]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -15,9 +16,12 @@
  * record through the sink for each call the events do not record whole: any call whose
  * transfer was not `ok` (services/ledger's auditedByEvents). `--command-records all` adds a
  * command record for every call (`unrecorded`, the default, only for calls no event records), as the service did before its events recorded applied
- * commands: the cost of that design, measured beside. Between segments the sequencer drains the previous segment's backlog, so an
- * "on" segment integrates its own events, not the "off" segment's. The load average is read
- * at the start and end of every segment.
+ * commands: the cost of that design, measured beside. Between segments, untimed, the sequencer drains the previous segment's backlog, so an
+ * "on" segment integrates its own events, not the "off" segment's, and the database is
+ * vacuumed and checkpointed (settleSegment). Each segment reports the load average at its
+ * start and end, the machine's CPU per transfer, and in "on" segments the sequencer's own CPU
+ * per event (its thread, and its PostgreSQL backends by application_name). `--aa` runs the
+ * "on" segments without auditing: the cost it prints is the noise of the measurement.
  * Phase 3: pgbench TPC-B, same client count, `seconds` long.
  *
  * Progress goes to stderr; the last line on stdout is one JSON object.
@@ -26,11 +30,11 @@ import { loadavg } from 'node:os';
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
-import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, startSequencerWorker, verifyBundle, verifyLog, type AuditEntry } from '../packages/audit/src/index.ts';
+import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, startSequencerWorker, type SequencerWorker, verifyBundle, verifyLog, type AuditEntry } from '../packages/audit/src/index.ts';
 import { EventStore, migrateEvents } from '../packages/events/src/index.ts';
 import { LedgerEngine, migrateLedger, newId } from '../packages/ledger/src/index.ts';
 import { createTestDatabase, type TestDatabase } from '../packages/testing/src/index.ts';
-import { abort, abortOnSignals, benchLog, checkAborted, defaultPgbenchScale, exitWhenDone, intArg, prng, runPgbenchTpcb, seedArg, sleep } from './common.ts';
+import { abort, abortOnSignals, admin, machineCpuMs, procCpuMs, benchLog, checkAborted, defaultPgbenchScale, exitWhenDone, intArg, prng, runPgbenchTpcb, seedArg, sleep } from './common.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -49,19 +53,26 @@ const { values: args } = parseArgs({
     'sequencer-interval-ms': { type: 'string' },
     // At most this many records a round (the service's AUDIT_SEQUENCER_BATCH_MAX); a full round is followed at once by the next.
     'sequencer-batch': { type: 'string' },
+    // The sequencer thread's nice value (the service's AUDIT_SEQUENCER_NICE); 0: the process's priority.
+    'sequencer-nice': { type: 'string' },
+    // A/A calibration: "on" segments run without auditing, so the reported cost is the noise
+    // of the measurement itself on this machine today.
+    aa: { type: 'boolean', default: false },
   },
   strict: true,
 });
 const recordCount = Math.floor(intArg('records', args.records, 50_000, 1));
 const proofCount = Math.floor(intArg('proofs', args.proofs, 1000, 1));
-const seconds = intArg('seconds', args.seconds, 8, 1);
-const rounds = Math.floor(intArg('rounds', args.rounds, 2, 1));
+const seconds = intArg('seconds', args.seconds, 6, 1);
+const rounds = Math.floor(intArg('rounds', args.rounds, 4, 1));
 const clients = Math.floor(intArg('clients', args.clients, 64, 1));
 const accountCount = Math.floor(intArg('accounts', args.accounts, 10_000, 2));
 const seed = seedArg(args.seed);
 const commandRecords = args['command-records'];
-const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['sequencer-interval-ms'], 250, 1));
-const sequencerBatch = Math.floor(intArg('sequencer-batch', args['sequencer-batch'], 5000, 1));
+const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['sequencer-interval-ms'], INTERVAL_MS_DEFAULT, 1));
+const sequencerBatch = Math.floor(intArg('sequencer-batch', args['sequencer-batch'], BATCH_RECORDS_MAX_DEFAULT, 1));
+const sequencerNice = Math.floor(intArg('sequencer-nice', args['sequencer-nice'], SEQUENCER_NICE_DEFAULT, 0));
+const calibrate = args.aa;
 if (commandRecords !== 'unrecorded' && commandRecords !== 'all') throw new RangeError('--command-records must be unrecorded or all');
 const log = benchLog('bench:audit');
 abortOnSignals(log);
@@ -88,6 +99,33 @@ async function migrated(prefix: string): Promise<TestDatabase> {
   await migrateEvents(db.url);
   await migrateAudit(db.url);
   return db;
+}
+
+/**
+ * Between segments, untimed: vacuum the tables the ledger writes and take a checkpoint. With
+ * PostgreSQL's default max_wal_size this workload fills the WAL in about 30 s, and the
+ * checkpoint that follows (20 s of writes, then a full-page image for each page's first change
+ * after it) took one segment of a four-segment run from 11,000 to 9,000 transfers/s, whichever
+ * mode it fell in. Settled, every segment starts from the same state, as pgbench's run does
+ * after `pgbench -i`.
+ */
+async function settleSegment(pool: pg.Pool): Promise<void> {
+  await pool.query('VACUUM (ANALYZE) ledger.accounts, ledger.transfers, events.events');
+  await admin('CHECKPOINT');
+}
+
+/** The sequencer worker's CPU so far in ms: its thread, and its PostgreSQL backends (by application_name). */
+async function sequencerCpu(pool: pg.Pool, worker: SequencerWorker | null): Promise<{ workerMs: number; pgMs: number }> {
+  if (worker === null) return { workerMs: 0, pgMs: 0 };
+  const u = await worker.cpuUsage();
+  const r = await pool.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1', [SEQUENCER_APPLICATION_NAME]);
+  return { workerMs: (u.user + u.system) / 1000, pgMs: r.rows.reduce((sum, row) => sum + procCpuMs(row.pid), 0) };
+}
+
+/** Event leaves integrated so far (the sum of the tiles' counts). */
+async function eventCount(pool: pg.Pool): Promise<number> {
+  const r = await pool.query<{ n: number }>('SELECT coalesce(sum(leaf_count), 0)::integer AS n FROM audit.event_leaves');
+  return r.rows[0]?.n ?? 0;
 }
 
 /** Rounds `drain` runs before it gives up (about two minutes of idle rounds): a long transaction elsewhere in the cluster holds the event tail back. */
@@ -173,6 +211,14 @@ interface Segment {
   mode: 'off' | 'on';
   transfersPerS: number;
   p99Ms: number;
+  /** The machine's busy CPU (every process) per transfer, and its utilisation. */
+  machineCpuUsPerTransfer: number;
+  machineUtilisation: number;
+  /** This process's CPU in cores (the engine, its clients and the sequencer thread when on). */
+  processCores: number;
+  /** On: the sequencer's CPU per event integrated, its worker thread and its PostgreSQL backends. */
+  sequencerWorkerCpuUsPerEvent: number | null;
+  sequencerPgCpuUsPerEvent: number | null;
   load1mStart: number;
   load1mEnd: number;
 }
@@ -227,8 +273,11 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
       }
     };
     const running = Array.from({ length: clients }, (_, client) => oneClient(client));
-    log(`ledger: ${clients} clients, ${ids.length} accounts, warm-up 2 s`);
-    await sleep(2000);
+    // As long as a segment: the rate still climbs for several seconds after the start (the
+    // first "off" segment after a 2 s warm-up ran about 10 % below the rest, a bias in the
+    // audit's favour).
+    log(`ledger: ${clients} clients, ${ids.length} accounts, warm-up ${seconds} s`);
+    await sleep(seconds * 1000);
     const segments: Segment[] = [];
     const all = { off: createHistogram(), on: createHistogram() };
     const totals = { off: { ok: 0, s: 0 }, on: { ok: 0, s: 0 } };
@@ -239,9 +288,10 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
       // cancels out of the means.
       for (const mode of round % 2 === 0 ? (['off', 'on'] as const) : (['on', 'off'] as const)) {
         checkAborted();
-        // Untimed: catch up on the previous segment's events, then switch.
+        // Untimed: catch up on the previous segment's events, settle, then switch.
         await drain(sequencer, auditPool);
-        auditing = mode === 'on';
+        await settleSegment(pool);
+        auditing = mode === 'on' && !calibrate;
         const worker = auditing
           ? await startSequencerWorker({
               databaseUrl: db.url,
@@ -251,10 +301,15 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
               tailEvents: true,
               intervalMs: sequencerIntervalMs,
               batchRecordsMax: sequencerBatch,
+              nice: sequencerNice,
             })
           : null;
         const h = createHistogram();
         const load1mStart = load1m();
+        const cpu0 = await sequencerCpu(auditPool, worker);
+        const machine0 = machineCpuMs();
+        const process0 = process.cpuUsage();
+        const events0 = await eventCount(auditPool);
         histogram = h;
         const okStart = ok;
         const t0 = performance.now();
@@ -262,15 +317,35 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         histogram = null;
         const s = (performance.now() - t0) / 1000;
         const n = ok - okStart;
+        const machine1 = machineCpuMs();
+        const process1 = process.cpuUsage(process0);
+        const cpu1 = await sequencerCpu(auditPool, worker);
+        const integrated = (await eventCount(auditPool)) - events0;
         auditing = false;
         await worker?.close();
         await sink.flush();
         all[mode].add(h);
         totals[mode].ok += n;
         totals[mode].s += s;
-        const seg = { mode, transfersPerS: Math.round(n / s), p99Ms: nsToMs(h.percentile(99)), load1mStart, load1mEnd: load1m() };
+        const perEvent = (ms: number): number | null => (worker === null || integrated === 0 ? null : Math.round((ms * 10_000) / integrated) / 10);
+        const seg: Segment = {
+          mode,
+          transfersPerS: Math.round(n / s),
+          p99Ms: nsToMs(h.percentile(99)),
+          machineCpuUsPerTransfer: Math.round(((machine1.busy - machine0.busy) * 10_000) / Math.max(1, n)) / 10,
+          machineUtilisation: Math.round(((machine1.busy - machine0.busy) / Math.max(1, machine1.total - machine0.total)) * 100) / 100,
+          processCores: Math.round((process1.user + process1.system) / 1e4 / s) / 100,
+          sequencerWorkerCpuUsPerEvent: perEvent(cpu1.workerMs - cpu0.workerMs),
+          sequencerPgCpuUsPerEvent: perEvent(cpu1.pgMs - cpu0.pgMs),
+          load1mStart,
+          load1mEnd: load1m(),
+        };
         segments.push(seg);
-        log(`  round ${round + 1} audit ${mode}: ${seg.transfersPerS} transfers/s, p99 ${seg.p99Ms} ms, load ${seg.load1mStart} → ${seg.load1mEnd}`);
+        log(
+          `  round ${round + 1} audit ${mode}: ${seg.transfersPerS} transfers/s, p99 ${seg.p99Ms} ms, machine ${seg.machineCpuUsPerTransfer} µs/transfer (${seg.machineUtilisation} busy), this process ${seg.processCores} cores` +
+            (worker === null ? '' : `, sequencer ${seg.sequencerWorkerCpuUsPerEvent} µs/event in its thread + ${seg.sequencerPgCpuUsPerEvent} in PostgreSQL (${integrated} events)`) +
+            `, load ${seg.load1mStart} → ${seg.load1mEnd}`,
+        );
       }
     }
     stop = true;
@@ -300,6 +375,18 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
   }
 }
 
+/** Per round, the throughput cost of its "on" segment against its "off" one, in %. */
+function costByRound(segments: readonly Segment[]): number[] {
+  const costs: number[] = [];
+  for (let i = 0; i + 1 < segments.length; i += 2) {
+    const pair = [segments[i], segments[i + 1]];
+    const off = pair.find((x) => x?.mode === 'off')?.transfersPerS ?? 0;
+    const on = pair.find((x) => x?.mode === 'on')?.transfersPerS ?? 0;
+    costs.push(off === 0 ? 0 : Math.round(((off - on) / off) * 1000) / 10);
+  }
+  return costs;
+}
+
 async function main(): Promise<void> {
   log(`seed ${seed}, load ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   const loadStart = load1m();
@@ -313,6 +400,9 @@ async function main(): Promise<void> {
     command_records: commandRecords,
     sequencer_interval_ms: sequencerIntervalMs,
     sequencer_batch: sequencerBatch,
+    sequencer_nice: sequencerNice,
+    // True: an A/A run, "on" segments without auditing; the cost printed is the measurement's noise.
+    aa_calibration: calibrate,
     records: recordCount,
     records_per_s: figures.recordsPerS,
     verify_records_per_s: figures.verifyRecordsPerS,
@@ -324,6 +414,8 @@ async function main(): Promise<void> {
     ledger_p99_ms_audit_off: ledger.off.p99,
     ledger_p99_ms_audit_on: ledger.on.p99,
     added_latency_ms_p99: Math.round((ledger.on.p99 - ledger.off.p99) * 100) / 100,
+    // Each round's own pair (off against on), to show the spread behind the mean.
+    cost_pct_by_round: costByRound(ledger.segments),
     segments: ledger.segments,
     verify_ok: figures.verifyOk && ledger.verifyOk,
     pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),

@@ -4,6 +4,7 @@
  * run beside the measurement, in the same benchmark run).
  */
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import type { ParseArgsConfig } from 'node:util';
 import pg from 'pg';
@@ -330,4 +331,30 @@ export function exitWhenDone(main: Promise<void>, log: Log): void {
       setTimeout(() => process.exit(), 2000).unref();
     },
   );
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU accounting from /proc (Linux): clock ticks, 100 a second here.
+
+const CLOCK_TICKS_PER_S = 100;
+
+/** A process's CPU so far (utime + stime), in ms; 0 when it is gone or not ours to read. */
+export function procCpuMs(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // utime and stime: fields 14 and 15 of stat, 11 and 12 after the state field.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
+  } catch {
+    return 0;
+  }
+}
+
+/** The whole machine's CPU so far, every user's, in ms: busy (not idle or iowait) and total. */
+export function machineCpuMs(): { busy: number; total: number } {
+  const line = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0] ?? '';
+  const v = line.trim().split(/\s+/).slice(1).map(Number);
+  const total = v.reduce((a, b) => a + b, 0);
+  const idle = (v[3] ?? 0) + (v[4] ?? 0);
+  return { busy: ((total - idle) * 1000) / CLOCK_TICKS_PER_S, total: (total * 1000) / CLOCK_TICKS_PER_S };
 }

@@ -72,6 +72,8 @@ import {
   defaultPgbenchScale,
   exitWhenDone,
   intArg,
+  machineCpuMs,
+  procCpuMs,
   runPgbenchTpcb,
   sleep,
   type PgbenchFigures,
@@ -185,18 +187,6 @@ const round = (x: number, digits = 0): number => Math.round(x * 10 ** digits) / 
 // and nats-server (likewise shared); process.cpuUsage() for this process (writers, relay and
 // consumer all run here); /proc/stat for the whole machine (other users included).
 
-const CLOCK_TICKS_PER_S = 100;
-
-function procCpuMs(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
-  } catch {
-    return 0; // gone, or not ours to read
-  }
-}
-
 function natsServerPids(): number[] {
   const pids: number[] = [];
   for (const entry of readdirSync('/proc')) {
@@ -208,14 +198,6 @@ function natsServerPids(): number[] {
     }
   }
   return pids;
-}
-
-function machineCpuMs(): { busy: number; total: number } {
-  const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
-  const v = line.trim().split(/\s+/).slice(1).map(Number);
-  const total = v.reduce((a, b) => a + b, 0);
-  const idle = (v[3] ?? 0) + (v[4] ?? 0);
-  return { busy: ((total - idle) * 1000) / CLOCK_TICKS_PER_S, total: (total * 1000) / CLOCK_TICKS_PER_S };
 }
 
 interface CpuSnapshot {

@@ -16,6 +16,6 @@ export const auditConfigSchema = Type.Object({
   AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
   /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */
   AUDIT_SEQUENCER_ENABLED: Type.Boolean({ default: true }),
-  AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: 250 }),
+  AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: 1000 }),
   AUDIT_CHECKPOINT_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
 });

@@ -31,7 +31,7 @@ export {
 } from './merkle.ts';
 export { AUDIT_WRITER_ROLE, migrateAudit } from './migrate.ts';
 export { canonicalJson, checkEntry, InvalidAuditEntryError, leafData, PAYLOAD_BYTES_MAX, type AuditRecordFields } from './record.ts';
-export { AuditSequencer, type RoundResult, type SequencerOptions } from './sequencer.ts';
+export { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, type RoundResult, type SequencerOptions } from './sequencer.ts';
 export { eventEntry, eventLeafData, eventRecordId, EVENT_LEAF_VERSION } from './event-leaves.ts';
 export {
   AuditStore,
@@ -48,6 +48,6 @@ export { verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } 
 export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
 export { auditedByEvents, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema } from './config.ts';
-export { startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
+export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { serviceKeyEncryptionKey, serviceSigner } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

@@ -7,6 +7,8 @@
  *   ...
  *   await worker.close();   // integrates what is left, signs a last checkpoint, exits
  */
+import { readlinkSync } from 'node:fs';
+import { setPriority } from 'node:os';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
 import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
@@ -25,6 +27,34 @@ export interface SequencerWorkerOptions {
   batchRecordsMax?: number;
   /** `AUDIT_KEY_ENCRYPTION_KEY`: wraps the subject keys at rest (see keys.ts); empty or absent: in clear. */
   keyEncryptionKey?: string;
+  /**
+   * The worker thread's nice value (Linux; 0..19, default SEQUENCER_NICE_DEFAULT). Requests
+   * on the service's own threads then come first when the cores are busy, and the sequencer
+   * uses what they leave: at nice 10 the scheduler still gives it about a tenth of a core
+   * against a busy one, some ten times what it needs at the ledger's full rate, so it keeps up.
+   * 0 leaves it at the process's priority.
+   */
+  nice?: number;
+}
+
+/** See `SequencerWorkerOptions.nice`. */
+export const SEQUENCER_NICE_DEFAULT = 10;
+
+/**
+ * Lowers this thread's CPU priority, on Linux, where a nice value is a thread's own:
+ * `setpriority` given a thread id changes that thread only. Elsewhere (no /proc/thread-self),
+ * or when refused, it does nothing and says why.
+ */
+function lowerThreadPriority(nice: number): string | null {
+  if (nice === 0) return null;
+  try {
+    // "/proc/thread-self" links to "<pid>/task/<tid>".
+    const tid = Number(readlinkSync('/proc/thread-self').split('/').at(-1));
+    setPriority(tid, nice);
+    return null;
+  } catch (error) {
+    return `the sequencer thread keeps the process's priority: ${error instanceof Error ? error.message : String(error)}`;
+  }
 }
 
 /** Marks the worker's data, so importing this module in any other worker starts nothing. */
@@ -35,10 +65,17 @@ type FromWorker = { kind: 'error'; message: string } | { kind: 'closed' } | { ki
 export interface SequencerWorker {
   /** Stops the rounds, integrates what is left, signs a final checkpoint and ends the worker. */
   close(): Promise<void>;
+  /** The worker thread's own CPU time so far, in microseconds (its PostgreSQL backends, named by SEQUENCER_APPLICATION_NAME, are apart). */
+  cpuUsage(): Promise<{ user: number; system: number }>;
 }
+
+/** The sequencer worker's connections show this `application_name` in pg_stat_activity. */
+export const SEQUENCER_APPLICATION_NAME = 'ledgerline-audit-sequencer';
 
 /** Starts the worker; resolves once its sequencer runs. `onError` gets each failed round (it retries). */
 export function startSequencerWorker(options: SequencerWorkerOptions, onError: (message: string) => void = () => {}): Promise<SequencerWorker> {
+  const nice = options.nice ?? SEQUENCER_NICE_DEFAULT;
+  if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
   const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
   let closed: (() => void) | null = null;
   return new Promise((resolve, reject) => {
@@ -50,6 +87,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions, onError: (
               closed = done;
               worker.postMessage('close');
             }),
+          cpuUsage: () => worker.cpuUsage(),
         });
       } else if (m.kind === 'closed') closed?.();
       else onError(m.message);
@@ -65,7 +103,9 @@ export function startSequencerWorker(options: SequencerWorkerOptions, onError: (
 function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
-  const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2 });
+  const refused = lowerThreadPriority(o.nice ?? SEQUENCER_NICE_DEFAULT);
+  if (refused !== null) port.postMessage({ kind: 'error', message: refused } satisfies FromWorker);
+  const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
   pool.on('error', () => {});
   const sequencer = new AuditSequencer({
     pool,

@@ -3,6 +3,7 @@
  * with the public key alone, search, and append-only storage enforced by the database.
  */
 import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import {
@@ -13,6 +14,8 @@ import {
   parsePublicKey,
   PostgresAuditSink,
   ProofError,
+  SEQUENCER_APPLICATION_NAME,
+  SEQUENCER_NICE_DEFAULT,
   startSequencerWorker,
   publicKeyPem,
   verifyBundle,
@@ -209,6 +212,14 @@ test('a database that refuses: the sink keeps its entries, the sequencer reports
   await assert.rejects(sequencer.close());
 });
 
+/** The nice value of each thread of this process (Linux: field 19 of /proc/self/task/<tid>/stat). */
+function threadNiceValues(): number[] {
+  return readdirSync('/proc/self/task').map((tid) => {
+    const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+  });
+}
+
 test('the sequencer runs in a worker thread and signs a last checkpoint when closed', async () => {
   const worker = await startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 5, checkpointIntervalMs: 60_000 });
   for (let i = 0; i < 30; i += 1) t.sink.record(entry(i));
@@ -218,7 +229,14 @@ test('the sequencer runs in a worker thread and signs a last checkpoint when clo
     if (r.rows[0]?.n === 0) break;
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
+  // Below the service's priority, named in pg_stat_activity, and its CPU is its own.
+  const named = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1', [SEQUENCER_APPLICATION_NAME]);
+  assert.ok((named.rows[0]?.n ?? 0) >= 1, 'the worker connects under its application_name');
+  if (process.platform === 'linux') assert.ok(threadNiceValues().includes(SEQUENCER_NICE_DEFAULT), `a thread of this process runs at nice ${SEQUENCER_NICE_DEFAULT}`);
+  const cpu = await worker.cpuUsage();
+  assert.ok(cpu.user + cpu.system > 0, 'the worker reports its own CPU time');
   await worker.close();
+  await assert.rejects(startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'x', nice: 20 }), /nice must be an integer in 0..19/);
   const size = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records');
   assert.equal((await t.store.latestCheckpoint())?.treeSize, size.rows[0]?.n, 'the final checkpoint covers every record');
   await assert.rejects(startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: true, origin: 'x' }), /required in production/);
