@@ -21,10 +21,9 @@
  * Exit codes: 0 done (verified), 1 verification or proof failed, 2 usage error or failure.
  */
 import { readFileSync } from 'node:fs';
-import { parseArgs } from 'node:util';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
-import { cliStreams, dateOption, intOption, UsageError, type CliIo } from '@ledgerline/events';
+import { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
 import { verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
 import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
@@ -94,13 +93,8 @@ function checkpointFile(path: string): Checkpoint {
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
-  let parsed;
-  try {
-    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (error) {
-    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine(argv, OPTIONS, USAGE, err);
+  if (parsed === null) return 2;
   const { values: a, positionals } = parsed;
   const command = positionals[0] === 'verify-proof' ? 'verify-proof' : positionals.join(' ');
   if (a.help || !COMMANDS.includes(command)) {

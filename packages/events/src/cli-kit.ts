@@ -1,7 +1,8 @@
 /**
- * What every Ledgerline command line shares (events, audit, projections): injectable I/O for
- * tests, usage errors (exit 2), and the checked number and date options.
+ * What every Ledgerline command line shares (events, audit, projections): strict parsing,
+ * injectable I/O for tests, usage errors (exit 2), and the checked number and date options.
  */
+import { parseArgs, type ParseArgsOptionsConfig } from 'node:util';
 
 export interface CliIo {
   env?: Record<string, string | undefined>;
@@ -37,4 +38,21 @@ export function dateOption(name: string, value: string | undefined): Date | unde
   const d = new Date(value);
   if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
   return d;
+}
+
+/** The options and positionals of a command line, as `parseArgs` gives them for `options`. */
+export type ParsedCommandLine<O extends ParseArgsOptionsConfig> = ReturnType<typeof parseArgs<{ args: string[]; options: O; allowPositionals: true; strict: true }>>;
+
+/**
+ * Parses a command line strictly, with positionals (the command's words). A line it refuses
+ * (an unknown option, a missing value) is written to `err` with the usage: the caller then
+ * exits 2 on null.
+ */
+export function parseCommandLine<const O extends ParseArgsOptionsConfig>(argv: readonly string[], options: O, usage: string, err: (text: string) => void): ParsedCommandLine<O> | null {
+  try {
+    return parseArgs({ args: [...argv], options, allowPositionals: true, strict: true });
+  } catch (error) {
+    err(`${error instanceof Error ? error.message : String(error)}\n${usage}`);
+    return null;
+  }
 }

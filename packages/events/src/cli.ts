@@ -11,13 +11,12 @@
  * --subject-prefix. Exit codes: 0 clean, 1 gaps found (reconcile) or an event not replayed
  * (dlq replay), 2 a usage error or a failure.
  */
-import { parseArgs } from 'node:util';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import pg from 'pg';
 import { listDeadLetters, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
 import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
 import { EventStore } from './store.ts';
-import { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
+import { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
 
 export type { CliIo } from './cli-kit.ts';
 
@@ -50,13 +49,8 @@ const OPTIONS = {
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
-  let parsed;
-  try {
-    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (error) {
-    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine(argv, OPTIONS, USAGE, err);
+  if (parsed === null) return 2;
   const { values: a, positionals } = parsed;
   const command = positionals.join(' ');
   if (a.help || !['reconcile', 'dlq list', 'dlq replay'].includes(command)) {

@@ -1,7 +1,7 @@
 export { inTransaction } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { sqlArrayLiteral } from './sql.ts';
-export { cliStreams, dateOption, intOption, UsageError, type CliIo } from './cli-kit.ts';
+export { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
 export {
   allowedLocations,
   APPEND_EVENTS_MAX,

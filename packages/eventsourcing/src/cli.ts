@@ -15,13 +15,13 @@
  * and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
  * (reconcile-ledger) or the export refused, 2 a usage error or a failure.
  */
-import { parseArgs } from 'node:util';
 import pg from 'pg';
 import {
   cliStreams,
   EventStore,
   intOption,
   migrateEvents,
+  parseCommandLine,
   parseResidencyPolicy,
   ResidencyConfigError,
   ResidencyViolationError,
@@ -87,13 +87,8 @@ const json = (value: unknown): string => JSON.stringify(value, (_k, v: unknown) 
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
-  let parsed;
-  try {
-    parsed = parseArgs({ args: [...argv], options: OPTIONS, allowPositionals: true, strict: true });
-  } catch (error) {
-    err(`${error instanceof Error ? error.message : String(error)}\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandLine(argv, OPTIONS, USAGE, err);
+  if (parsed === null) return 2;
   const { values: a, positionals } = parsed;
   const command = positionals.join(' ');
   if (a.help || !COMMANDS.includes(command)) {
