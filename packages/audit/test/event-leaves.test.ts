@@ -9,9 +9,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import fc from 'fast-check';
 import type pg from 'pg';
 import { AuditSequencer, eventLeafData, leafHash, verifyBundle, verifyLog, type VerifyIssueKind, type VerifyReport } from '../src/index.ts';
 import { eventLeafDataAt } from '../src/event-leaves.ts';
+import { propertySeed } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 const STEPS = 8;
@@ -109,6 +111,48 @@ test('every event is one leaf, and its leaf hashes exactly what eventLeafData sp
     assert.deepEqual([parsed.seq, parsed.data, parsed.metadata], [leaf.seq, JSON.parse(row.data), JSON.parse(row.metadata)], 'the whole event is inside');
   }
   assert.ok(leaves.length > 0 && (await eventLeafDataAt(t.pool, LEAVES + 5)) === null);
+});
+
+/** Text as it reaches a stream id or type: JSON's escapes, controls, non-BMP and odd separators, and anything else. */
+const ODD_CHARS = ['"', '\\', '\n', '\r', '\t', '\b', '\f', '\u0001', '\u001f', '\u007f', '\u2028', '\u00e9', '\u20ac', '\u{1f600}', '/', '<'];
+const oddText = fc.string({ unit: fc.oneof(fc.constantFrom(...ODD_CHARS), fc.string({ unit: 'grapheme', minLength: 1, maxLength: 1 })), maxLength: 12 });
+
+test('property: the leaf PostgreSQL builds is the one eventLeafData spells out, over arbitrary text and JSON', async () => {
+  const seed = propertySeed('audit event leaf bytes, SQL against Node');
+  await fc.assert(
+    fc.asyncProperty(
+      fc.record({
+        seq: fc.nat({ max: 2 ** 40 }),
+        position: fc.bigInt({ min: 1n, max: 2n ** 62n }),
+        id: fc.uuid(),
+        streamType: oddText,
+        streamId: oddText,
+        version: fc.integer({ min: 1, max: 2 ** 31 - 1 }),
+        type: oddText,
+        schemaVersion: fc.integer({ min: 1, max: 32_767 }),
+        recordedAtUs: fc.bigInt({ min: 0n, max: 4_102_444_800_000_000n }),
+        data: fc.jsonValue(),
+        metadata: fc.dictionary(oddText, fc.oneof(oddText, fc.integer())),
+      }),
+      async (e) => {
+        const dataJson = JSON.stringify(e.data) ?? 'null';
+        // PostgreSQL's text cannot hold U+0000, so jsonb refuses it: such an event never exists.
+        fc.pre(!dataJson.includes('\\u0000') && !JSON.stringify(e.metadata).includes('\\u0000'));
+        const r = await t.pool.query<{ leaf: Buffer; data: string; metadata: string }>(
+          `SELECT audit.event_leaf_data($1::bigint, $2::bigint, $3::uuid, $4, $5, $6, $7, $8::smallint, $9::jsonb, $10::jsonb,
+                                        'epoch'::timestamptz + $11::bigint * interval '1 microsecond') AS leaf,
+                  $9::jsonb::text AS data, $10::jsonb::text AS metadata`,
+          [e.seq, e.position.toString(), e.id, e.streamType, e.streamId, e.version, e.type, e.schemaVersion, dataJson, JSON.stringify(e.metadata), e.recordedAtUs.toString()],
+        );
+        const row = r.rows[0];
+        assert.ok(row !== undefined);
+        const spelled = eventLeafData(e.seq, e, row.data, row.metadata);
+        assert.ok(spelled.equals(row.leaf), `SQL ${row.leaf.toString('utf8')}\nNode ${spelled.toString('utf8')}`);
+        assert.deepEqual(JSON.parse(spelled.toString('utf8')).streamId, e.streamId, 'the leaf is JSON that gives the stream id back');
+      },
+    ),
+    { seed, numRuns: 300 },
+  );
 });
 
 test('inclusion proofs of event leaves and of records check with the public key alone', async () => {
