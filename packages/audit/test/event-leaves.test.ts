@@ -148,7 +148,7 @@ test('property: the leaf PostgreSQL builds is the one eventLeafData spells out, 
         assert.ok(row !== undefined);
         const spelled = eventLeafData(e.seq, e, row.data, row.metadata);
         assert.ok(spelled.equals(row.leaf), `SQL ${row.leaf.toString('utf8')}\nNode ${spelled.toString('utf8')}`);
-        assert.deepEqual(JSON.parse(spelled.toString('utf8')).streamId, e.streamId, 'the leaf is JSON that gives the stream id back');
+        assert.deepEqual((JSON.parse(spelled.toString('utf8')) as { streamId: string }).streamId, e.streamId, 'the leaf is JSON that gives the stream id back');
       },
     ),
     { seed, numRuns: 300 },
