@@ -7,8 +7,7 @@
  * of the migration, the only paths that remove data (payloads and keys, never records).
  */
 import type pg from 'pg';
-import { v7 as uuidv7 } from 'uuid';
-import type { StoredEvent } from '@ledgerline/events';
+import { newUuidV7, type StoredEvent } from '@ledgerline/events';
 import { eventEntry, eventLeafDataAt, eventRecordId, searchEventLeaves } from './event-leaves.ts';
 import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
 import { clearSubjectKey, open, type Checkpoint, type KeyEncryptionKey } from './keys.ts';
@@ -260,7 +259,7 @@ export class AuditStore {
 
   /** Places a legal hold on a subject or a resource; recorded as `audit.hold.place`. */
   async placeHold(target: { subject: string } | { resource: { type: string; id: string } }, reason: string, by: Requester): Promise<string> {
-    const id = uuidv7();
+    const id = newUuidV7();
     const subject = 'subject' in target ? target.subject : null;
     const resource = 'resource' in target ? target.resource : null;
     await this.#asWriter((c) =>

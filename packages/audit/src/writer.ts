@@ -9,7 +9,7 @@
  * store (see sequencer.ts).
  */
 import type pg from 'pg';
-import { v7 as uuidv7 } from 'uuid';
+import { newUuidV7 } from '@ledgerline/events';
 import { asAuditWriter } from './migrate.ts';
 import { checkEntry } from './record.ts';
 import type { AuditEntry, AuditSink } from './sink.ts';
@@ -87,7 +87,7 @@ export class PostgresAuditSink implements AuditSink {
       throw new AuditBufferFullError(`audit buffer holds ${this.#buffer.length} entries, its bound; the audit store is not keeping up`);
     }
     const { payload: _p, personal: _q, ...fields } = entry;
-    const queued: QueuedEntry = { ...fields, id: uuidv7(), occurredAt: (entry.occurredAt ?? this.#now()).toISOString(), payloadJson: payload, personalJson: personal };
+    const queued: QueuedEntry = { ...fields, id: newUuidV7(), occurredAt: (entry.occurredAt ?? this.#now()).toISOString(), payloadJson: payload, personalJson: personal };
     this.#buffer.push(JSON.stringify(queued));
     this.#timer ??= setTimeout(() => {
       this.#timer = null;

@@ -5,7 +5,7 @@
 import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
-import { v7 as uuidv7 } from 'uuid';
+import { newUuidV7 } from './ids.ts';
 import { sqlArrayLiteral } from './sql.ts';
 import { readHorizon } from './horizon.ts';
 
@@ -453,7 +453,7 @@ export class EventStore {
        RETURNING position::text`,
       [
         sqlArrayLiteral(entries.map((e) => this.partitionOf(e.streamType, e.streamId))),
-        JSON.stringify(entries.map((e) => e.event.id ?? uuidv7())),
+        JSON.stringify(entries.map((e) => e.event.id ?? newUuidV7())),
         JSON.stringify(entries.map((e) => e.streamType)),
         JSON.stringify(entries.map((e) => e.streamId)),
         sqlArrayLiteral(entries.map((e) => e.version)),

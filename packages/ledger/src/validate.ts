@@ -1,4 +1,4 @@
-import { v7 as uuidv7 } from 'uuid';
+import { newUuidV7 } from '@ledgerline/events';
 import {
   AMOUNT_MAX,
   METADATA_KEY_LENGTH_MAX,
@@ -16,7 +16,7 @@ const LEDGER_PATTERN = /^[A-Z][A-Z0-9]{2,11}$/;
 
 /** A new 128-bit id, time-ordered (UUIDv7), for callers that do not choose their own. */
 export function newId(): string {
-  return uuidv7();
+  return newUuidV7();
 }
 
 /**
