@@ -4,7 +4,8 @@
  * checkpoint(s) and the proof; the verifier checks the signatures first and then every hash
  * of the proof, and accepts nothing it has not checked.
  */
-import { checkpointSignatureValid, type Checkpoint, type TrustedKeys } from './keys.ts';
+import { createPublicKey } from 'node:crypto';
+import { checkpointSignatureValid, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
 import { leafHash, ProofError, verifyConsistency, verifyInclusion } from './merkle.ts';
 
 export interface CheckpointJson {
@@ -19,9 +20,22 @@ export interface CheckpointJson {
   signature: string;
 }
 
+/** A signing-key transition as a bundle carries it (keys.ts `KeyTransition`). */
+export interface KeyTransitionJson {
+  origin: string;
+  fromKeyId: string;
+  /** Base64 SPKI DER of the incoming public key. */
+  toPublicKey: string;
+  issuedAtMs: number;
+  /** Base64 Ed25519 signature by the outgoing key over `keyTransitionBody`. */
+  signature: string;
+}
+
 export interface InclusionBundle {
   kind: 'inclusion';
   checkpoint: CheckpointJson;
+  /** The log's signing-key transitions, when it has any: a verifier who trusts an earlier key follows them (only those its keys signed). */
+  keyTransitions?: KeyTransitionJson[];
   leafIndex: number;
   /** Base64 of the exact bytes the leaf hashes (canonical JSON of the record's fields). */
   leafData: string;
@@ -32,6 +46,7 @@ export interface ConsistencyBundle {
   kind: 'consistency';
   from: CheckpointJson;
   to: CheckpointJson;
+  keyTransitions?: KeyTransitionJson[];
   proof: string[];
 }
 
@@ -46,6 +61,38 @@ export function checkpointJson(c: Checkpoint): CheckpointJson {
     keyId: c.keyId,
     signature: c.signature.toString('base64'),
   };
+}
+
+export function keyTransitionJson(t: KeyTransition): KeyTransitionJson {
+  return {
+    origin: t.origin,
+    fromKeyId: t.fromKeyId,
+    toPublicKey: t.toPublicKey.export({ type: 'spki', format: 'der' }).toString('base64'),
+    issuedAtMs: t.issuedAt.getTime(),
+    signature: t.signature.toString('base64'),
+  };
+}
+
+export function keyTransitionFromJson(t: KeyTransitionJson, name: string): KeyTransition {
+  if (t === null || typeof t !== 'object' || typeof t.origin !== 'string' || typeof t.fromKeyId !== 'string' || !Number.isSafeInteger(t.issuedAtMs)) {
+    throw new ProofError(`${name} is not a key transition`);
+  }
+  let toPublicKey;
+  try {
+    toPublicKey = createPublicKey({ key: b64(t.toPublicKey, `${name}.toPublicKey`), format: 'der', type: 'spki' });
+  } catch (error) {
+    if (error instanceof ProofError) throw error;
+    throw new ProofError(`${name}.toPublicKey is not a public key`);
+  }
+  return { origin: t.origin, fromKeyId: t.fromKeyId, toPublicKey, issuedAt: new Date(t.issuedAtMs), signature: b64(t.signature, `${name}.signature`) };
+}
+
+/** The verifier's keys, widened by the bundle's transitions that those keys signed. */
+function widened(keys: TrustedKeys, bundle: { keyTransitions?: KeyTransitionJson[] }, origin: string): TrustedKeys {
+  const carried = bundle.keyTransitions;
+  if (carried === undefined) return keys;
+  if (!Array.isArray(carried)) throw new ProofError('keyTransitions must be an array');
+  return trustThroughTransitions(keys, carried.map((t, i) => keyTransitionFromJson(t, `keyTransitions[${i}]`)), origin).keys;
 }
 
 function fromJson(c: CheckpointJson, name: string): Checkpoint {
@@ -72,12 +119,15 @@ function checkSigned(keys: TrustedKeys, c: Checkpoint, name: string): void {
   if (!checkpointSignatureValid(keys, c)) throw new ProofError(`${name}: the signature does not verify under the trusted public key${Array.isArray(keys) ? 's' : ''}`);
 }
 
-/** Throws ProofError saying what failed; returns what was proven. */
-/** `publicKey`: the trusted key, or several when the signing key was rotated (a consistency proof may span the change). */
+/**
+ * Throws ProofError saying what failed; returns what was proven. `publicKey`: the trusted key,
+ * or several when the signing key was rotated (a consistency proof may span the change); the
+ * bundle's key transitions add the keys that a trusted key vouched for, and no others.
+ */
 export function verifyBundle(bundle: ProofBundle, publicKey: TrustedKeys): string {
   if (bundle?.kind === 'inclusion') {
     const cp = fromJson(bundle.checkpoint, 'checkpoint');
-    checkSigned(publicKey, cp, 'checkpoint');
+    checkSigned(widened(publicKey, bundle, cp.origin), cp, 'checkpoint');
     if (!Number.isSafeInteger(bundle.leafIndex)) throw new ProofError('leafIndex must be an integer');
     const data = b64(bundle.leafData, 'leafData');
     // The leaf names its own position; a proof for another index must not pass as this record's.
@@ -94,8 +144,9 @@ export function verifyBundle(bundle: ProofBundle, publicKey: TrustedKeys): strin
   if (bundle?.kind === 'consistency') {
     const from = fromJson(bundle.from, 'from');
     const to = fromJson(bundle.to, 'to');
-    checkSigned(publicKey, from, 'from');
-    checkSigned(publicKey, to, 'to');
+    const keys = widened(publicKey, bundle, to.origin);
+    checkSigned(keys, from, 'from');
+    checkSigned(keys, to, 'to');
     if (from.origin !== to.origin) throw new ProofError(`the checkpoints are of different logs (${from.origin}, ${to.origin})`);
     verifyConsistency(BigInt(from.treeSize), BigInt(to.treeSize), proofHashes(bundle.proof), from.rootHash, to.rootHash);
     return `${to.origin} at tree size ${to.treeSize} extends tree size ${from.treeSize}`;

@@ -24,8 +24,9 @@ import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
 import { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
-import { verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
-import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, type Checkpoint } from './keys.ts';
+import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
+import { DEFAULT_LOG_ORIGIN } from './config.ts';
+import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
@@ -45,6 +46,7 @@ const USAGE = `usage:
   audit hold release --id ID --as WHO | audit hold list
   audit expire --as WHO [--as-of ISO]
   audit kek-status
+  audit key-transition --previous-key FILE --as WHO [--origin O]
 database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
@@ -73,11 +75,13 @@ const OPTIONS = {
   reason: { type: 'string' },
   id: { type: 'string' },
   'as-of': { type: 'string' },
+  'previous-key': { type: 'string' },
+  origin: { type: 'string' },
   'database-url': { type: 'string' },
   help: { type: 'boolean', default: false },
 } as const;
 
-const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status'];
+const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status', 'key-transition'];
 
 function required(name: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
@@ -135,7 +139,18 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     const by = (): Requester => ({ actor: { type: 'user', id: required('as', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {
-      case 'kek-status': {
+      case 'key-transition': {
+        // A rotation of the signing key: the outgoing key (its private PEM in a file) vouches
+        // for the incoming one, AUDIT_SIGNING_KEY, that the services now sign with.
+        const outgoing = loadSigningKey(readFileSync(required('previous-key', a['previous-key']), 'utf8'), { production: false });
+        const incoming = loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' });
+        const origin = a.origin ?? env.AUDIT_LOG_ORIGIN ?? DEFAULT_LOG_ORIGIN;
+        const transition = signKeyTransition(outgoing, origin, incoming.publicKey, new Date());
+        await store.recordKeyTransition(transition, outgoing.publicKey, by());
+        out(JSON.stringify(keyTransitionJson(transition)));
+        return 0;
+      }
+            case 'kek-status': {
         const status = await store.keyEncryptionStatus();
         out(JSON.stringify(status));
         return 0;

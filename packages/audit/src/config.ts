@@ -4,6 +4,9 @@
  */
 import { Type } from 'typebox';
 
+/** The ledger service's log name, in every checkpoint. */
+export const DEFAULT_LOG_ORIGIN = 'ledgerline/ledger';
+
 export const auditConfigSchema = Type.Object({
   AUDIT_ENABLED: Type.Boolean({ default: true }),
   /** PKCS#8 PEM Ed25519 private key (literal `\n` accepted). Empty: the public development key, refused when NODE_ENV=production. */
@@ -11,7 +14,7 @@ export const auditConfigSchema = Type.Object({
   /** 32 random bytes (base64url) that wrap the subject keys at rest. Empty: stored in clear, refused when NODE_ENV=production. */
   AUDIT_KEY_ENCRYPTION_KEY: Type.String({ default: '' }),
   /** Names the log in every checkpoint. */
-  AUDIT_LOG_ORIGIN: Type.String({ pattern: '^[\\x21-\\x7e]{1,200}$', default: 'ledgerline/ledger' }),
+  AUDIT_LOG_ORIGIN: Type.String({ pattern: '^[\\x21-\\x7e]{1,200}$', default: DEFAULT_LOG_ORIGIN }),
   AUDIT_FLUSH_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 1000, default: 5 }),
   AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
   /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */

@@ -169,8 +169,17 @@ const CheckpointOut = Type.Object({
   keyId: Type.String(),
   signature: Base64,
 });
-const InclusionOut = Type.Object({ kind: Type.Literal('inclusion'), checkpoint: CheckpointOut, leafIndex: Type.Integer(), leafData: Base64, proof: Type.Array(Base64) });
-const ConsistencyOut = Type.Object({ kind: Type.Literal('consistency'), from: CheckpointOut, to: CheckpointOut, proof: Type.Array(Base64) });
+/** A signing-key transition (keys.ts `KeyTransition`), present when the log's key was rotated. */
+const KeyTransitionOut = Type.Object({ origin: Type.String(), fromKeyId: Type.String(), toPublicKey: Base64, issuedAtMs: Type.Integer(), signature: Base64 });
+const InclusionOut = Type.Object({
+  kind: Type.Literal('inclusion'),
+  checkpoint: CheckpointOut,
+  keyTransitions: Type.Optional(Type.Array(KeyTransitionOut)),
+  leafIndex: Type.Integer(),
+  leafData: Base64,
+  proof: Type.Array(Base64),
+});
+const ConsistencyOut = Type.Object({ kind: Type.Literal('consistency'), from: CheckpointOut, to: CheckpointOut, keyTransitions: Type.Optional(Type.Array(KeyTransitionOut)), proof: Type.Array(Base64) });
 const Nullable = <T extends Parameters<typeof Type.Union>[0][number]>(t: T) => Type.Union([t, Type.Null()]);
 const RecordOut = Type.Object({
   seq: Type.Integer(),

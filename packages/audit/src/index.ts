@@ -1,18 +1,22 @@
 export * from './sink.ts';
-export { checkpointJson, verifyBundle, type CheckpointJson, type ConsistencyBundle, type InclusionBundle, type ProofBundle } from './bundle.ts';
+export { checkpointJson, keyTransitionJson, verifyBundle, type CheckpointJson, type ConsistencyBundle, type InclusionBundle, type KeyTransitionJson, type ProofBundle } from './bundle.ts';
 export {
   checkpointBody,
   checkpointSignatureValid,
   type TrustedKeys,
   KeyEncryptionKeyError,
   keyIdOf,
+  keyTransitionBody,
   loadSigningKey,
   parseKeyEncryptionKey,
   parsePublicKey,
   publicKeyPem,
   signCheckpoint,
+  signKeyTransition,
   SigningKeyError,
+  trustThroughTransitions,
   type Checkpoint,
+  type KeyTransition,
   type CheckpointSigner,
   type KeyEncryptionKey,
 } from './keys.ts';
@@ -44,10 +48,10 @@ export {
   type SearchPage,
 } from './store.ts';
 export { consistencyProof, inclusionProof, loadFrontier } from './tree.ts';
-export { verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } from './verify.ts';
+export { storedKeyTransitions, verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } from './verify.ts';
 export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
 export { auditedByEvents, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
-export { auditConfigSchema } from './config.ts';
+export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
 export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, startSequencerWorker, type SequencerWorker, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { serviceKeyEncryptionKey, serviceSigner } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

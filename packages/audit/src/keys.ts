@@ -93,7 +93,8 @@ export function signCheckpoint(signer: CheckpointSigner, c: Pick<Checkpoint, 'or
 /**
  * The public keys a verifier trusts: one, or several for a log whose signing key was rotated
  * (each checkpoint is signed by the key of its time). They come from the verifier, never from
- * the log's own database, which a forger could add a key to.
+ * the log's own database, which a forger could add a key to; a key the database names is
+ * trusted only through a transition signed by a key already trusted (`trustThroughTransitions`).
  */
 export type TrustedKeys = KeyObject | readonly KeyObject[];
 
@@ -103,6 +104,64 @@ export function checkpointSignatureValid(keys: TrustedKeys, c: Checkpoint): bool
   const list = Array.isArray(keys) ? (keys as readonly KeyObject[]) : [keys as KeyObject];
   const named = list.filter((k) => keyIdOf(k) === c.keyId);
   return [...named, ...list.filter((k) => !named.includes(k))].some((k) => verify(null, checkpointBody(c), k, c.signature));
+}
+
+// ------------------------------------------------------------------------------------------
+// Signing-key transitions
+
+/**
+ * A rotation of the signing key, vouched for by the outgoing key: it signs the incoming public
+ * key, so a party that trusts only the old key can follow the log across the change. The
+ * signed bytes are a note like a checkpoint's:
+ * `ledgerline-audit-key-transition/v1\n<origin>\n<outgoing key id>\n<incoming key id>\n<base64 SPKI DER of the incoming key>\n<issued at, ms>\n`.
+ */
+export interface KeyTransition {
+  origin: string;
+  fromKeyId: string;
+  toPublicKey: KeyObject;
+  issuedAt: Date;
+  /** Ed25519 by the outgoing key over `keyTransitionBody`. */
+  signature: Buffer;
+}
+
+export function keyTransitionBody(t: Omit<KeyTransition, 'signature'>): Buffer {
+  const der = t.toPublicKey.export({ type: 'spki', format: 'der' });
+  return Buffer.from(`ledgerline-audit-key-transition/v1\n${t.origin}\n${t.fromKeyId}\n${keyIdOf(t.toPublicKey)}\n${der.toString('base64')}\n${t.issuedAt.getTime()}\n`, 'utf8');
+}
+
+/** The outgoing signer's statement that `to` signs the log `origin` from now on. */
+export function signKeyTransition(from: CheckpointSigner, origin: string, to: KeyObject, issuedAt: Date): KeyTransition {
+  if (origin.includes('\n')) throw new RangeError('a log origin must be one line');
+  if (to.asymmetricKeyType !== 'ed25519') throw new SigningKeyError(`the incoming key must be Ed25519, got ${to.asymmetricKeyType ?? 'a symmetric key'}`);
+  if (keyIdOf(to) === from.keyId) throw new SigningKeyError('the incoming key is the outgoing key');
+  const t = { origin, fromKeyId: from.keyId, toPublicKey: to, issuedAt };
+  return { ...t, signature: sign(null, keyTransitionBody(t), from.privateKey) };
+}
+
+/**
+ * The trusted keys, widened by the transitions of the log `origin` that a trusted key signed,
+ * and by those the keys so added signed, in turn. A transition whose signature does not verify
+ * under a key already trusted adds nothing: whoever can write to the log's database cannot
+ * make a key trusted without an outgoing private key. Returns the keys and the transitions
+ * followed, in the order they were.
+ */
+export function trustThroughTransitions(keys: TrustedKeys, transitions: readonly KeyTransition[], origin: string): { keys: KeyObject[]; followed: KeyTransition[] } {
+  const trusted = Array.isArray(keys) ? [...(keys as readonly KeyObject[])] : [keys as KeyObject];
+  const ids = new Set(trusted.map(keyIdOf));
+  const followed: KeyTransition[] = [];
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const t of transitions) {
+      if (t.origin !== origin || followed.includes(t) || ids.has(keyIdOf(t.toPublicKey)) || t.toPublicKey.asymmetricKeyType !== 'ed25519') continue;
+      const signer = trusted.find((k) => keyIdOf(k) === t.fromKeyId);
+      if (signer === undefined || t.signature.length !== 64 || !verify(null, keyTransitionBody(t), signer, t.signature)) continue;
+      trusted.push(t.toPublicKey);
+      ids.add(keyIdOf(t.toPublicKey));
+      followed.push(t);
+      grew = true;
+    }
+  }
+  return { keys: trusted, followed };
 }
 
 // ------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@
 import type pg from 'pg';
 import { newUuidV7, type StoredEvent } from '@ledgerline/events';
 import { eventEntry, eventLeafDataAt, eventRecordId, searchEventLeaves } from './event-leaves.ts';
-import { checkpointJson, type ConsistencyBundle, type InclusionBundle } from './bundle.ts';
-import { clearSubjectKey, open, type Checkpoint, type KeyEncryptionKey } from './keys.ts';
+import type { KeyObject } from 'node:crypto';
+import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type InclusionBundle, type KeyTransitionJson } from './bundle.ts';
+import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransitions, type Checkpoint, type KeyEncryptionKey, type KeyTransition } from './keys.ts';
+import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
 import { leafData } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
@@ -241,7 +243,14 @@ export class AuditStore {
     if (by !== undefined) this.#audit(by, 'audit.record.prove', data === null ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, reason);
     if (cp === null || data === null) return null;
     const proof = await inclusionProof(this.#pool, seq, cp.treeSize);
-    return { kind: 'inclusion', checkpoint: checkpointJson(cp), leafIndex: seq, leafData: data.toString('base64'), proof: proof.map((h) => h.toString('base64')) };
+    return {
+      kind: 'inclusion',
+      checkpoint: checkpointJson(cp),
+      leafIndex: seq,
+      leafData: data.toString('base64'),
+      proof: proof.map((h) => h.toString('base64')),
+      ...(await this.#transitionsJson(cp.origin)),
+    };
   }
 
   /** Proves the checkpoint of `toSize` extends that of `fromSize`; null when either is missing. */
@@ -250,7 +259,34 @@ export class AuditStore {
     const [from, to] = [await this.checkpointAt(fromSize), await this.checkpointAt(toSize)];
     if (from === null || to === null) return null;
     const proof = await consistencyProof(this.#pool, fromSize, toSize);
-    return { kind: 'consistency', from: checkpointJson(from), to: checkpointJson(to), proof: proof.map((h) => h.toString('base64')) };
+    return { kind: 'consistency', from: checkpointJson(from), to: checkpointJson(to), proof: proof.map((h) => h.toString('base64')), ...(await this.#transitionsJson(to.origin)) };
+  }
+
+  /** The log's signing-key transitions, for a bundle: absent when there are none. */
+  async #transitionsJson(origin: string): Promise<{ keyTransitions?: KeyTransitionJson[] }> {
+    const transitions = (await storedKeyTransitions(this.#pool)).filter((t) => t.origin === origin);
+    return transitions.length === 0 ? {} : { keyTransitions: transitions.map(keyTransitionJson) };
+  }
+
+  /**
+   * Records a rotation of the signing key, signed by the outgoing key (keys.ts
+   * `signKeyTransition`), and audits it as `audit.key.transition`. Checked before it is
+   * stored: a transition whose signature does not verify under its own outgoing key is refused.
+   * Recording the same transition again changes nothing.
+   */
+  async recordKeyTransition(t: KeyTransition, outgoing: KeyObject, by: Requester): Promise<void> {
+    const toKeyId = keyIdOf(t.toPublicKey);
+    if (keyIdOf(outgoing) !== t.fromKeyId || trustThroughTransitions(outgoing, [t], t.origin).followed.length !== 1) {
+      throw new SigningKeyError(`the transition ${t.fromKeyId} -> ${toKeyId} is not signed by the outgoing key`);
+    }
+    await this.#asWriter((c) =>
+      c.query(
+        `INSERT INTO audit.key_transitions (from_key_id, to_key_id, origin, to_public_key, issued_at, signature)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (from_key_id, to_key_id) DO NOTHING`,
+        [t.fromKeyId, toKeyId, t.origin, t.toPublicKey.export({ type: 'spki', format: 'der' }), t.issuedAt, t.signature],
+      ),
+    );
+    this.#audit(by, 'audit.key.transition', 'success', { type: 'audit.signing_key', id: toKeyId }, { fromKeyId: t.fromKeyId, toKeyId, origin: t.origin, issuedAt: t.issuedAt.toISOString() });
   }
 
   #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {

@@ -17,7 +17,8 @@
  * - a rewrite that also recomputed the stored leaf hashes: the span between the last
  *   checkpoint that still matches and the first that does not.
  */
-import { checkpointSignatureValid, type Checkpoint, type TrustedKeys } from './keys.ts';
+import { createPublicKey, type KeyObject } from 'node:crypto';
+import { checkpointSignatureValid, keyIdOf, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
 import { Frontier, leafHash } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
@@ -52,6 +53,8 @@ export interface VerifyReport {
   checkpoints: number;
   /** Records after the latest checkpoint: stored, not yet signed. */
   unsignedRecords: number;
+  /** The stored signing-key transitions the trusted keys vouched for (in turn), which let checkpoints of later keys verify. */
+  keyTransitionsFollowed: { fromKeyId: string; toKeyId: string; issuedAt: Date }[];
   firstDifference: VerifyIssue | null;
   issues: VerifyIssue[];
   issuesTruncated: boolean;
@@ -70,6 +73,24 @@ export interface VerifyOptions {
   /** The clock retention is judged by (a missing event is expired, not deleted, once its class's retention has run out). */
   now?: () => Date;
   onProgress?: (records: number) => void;
+}
+
+/** The stored signing-key transitions (keys.ts `KeyTransition`), oldest first. */
+export async function storedKeyTransitions(db: Queryable): Promise<KeyTransition[]> {
+  const r = await db.query<{ origin: string; from_key_id: string; to_public_key: Buffer; issued_at: Date; signature: Buffer }>(
+    'SELECT origin, from_key_id, to_public_key, issued_at, signature FROM audit.key_transitions ORDER BY issued_at, from_key_id, to_key_id',
+  );
+  const transitions: KeyTransition[] = [];
+  for (const row of r.rows) {
+    let toPublicKey: KeyObject;
+    try {
+      toPublicKey = createPublicKey({ key: row.to_public_key, format: 'der', type: 'spki' });
+    } catch {
+      continue; // not a key: it vouches for nothing
+    }
+    transitions.push({ origin: row.origin, fromKeyId: row.from_key_id, toPublicKey, issuedAt: row.issued_at, signature: row.signature });
+  }
+  return transitions;
 }
 
 /** Pages through checkpoints in tree-size order. */
@@ -93,6 +114,20 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     else issuesTruncated = true;
   };
   const frontier = new Frontier();
+  // The verifier's keys, widened per log origin by the stored transitions they vouched for.
+  const transitions = await storedKeyTransitions(db);
+  const followed = new Set<KeyTransition>();
+  const keysByOrigin = new Map<string, TrustedKeys>();
+  const keysFor = (origin: string): TrustedKeys => {
+    let keys = keysByOrigin.get(origin);
+    if (keys === undefined) {
+      const widened = trustThroughTransitions(options.publicKey, transitions, origin);
+      for (const t of widened.followed) followed.add(t);
+      keys = widened.keys;
+      keysByOrigin.set(origin, keys);
+    }
+    return keys;
+  };
   const cps = checkpoints(db);
   const trusted = [...(options.trustedCheckpoints ?? [])].sort((a, b) => a.treeSize - b.treeSize);
   let stored: Checkpoint | null | undefined;
@@ -115,7 +150,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   /** Checks `cp` against the leaves recomputed so far (every stored record below its size). */
   const checkCheckpoint = (cp: Checkpoint, storageEnded: boolean): void => {
     checked += 1;
-    if (!checkpointSignatureValid(options.publicKey, cp)) {
+    if (!checkpointSignatureValid(keysFor(cp.origin), cp)) {
       report({ kind: 'checkpoint_signature_invalid', seq: null, treeSize: cp.treeSize, detail: `checkpoint at tree size ${cp.treeSize} (issued ${cp.issuedAt.toISOString()}, key ${cp.keyId}) has no valid signature under the trusted public keys` });
       return;
     }
@@ -192,6 +227,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     records: frontier.size,
     checkpoints: checked,
     unsignedRecords: frontier.size - lastGoodSize,
+    keyTransitionsFollowed: [...followed].map((t) => ({ fromKeyId: t.fromKeyId, toKeyId: keyIdOf(t.toPublicKey), issuedAt: t.issuedAt })),
     firstDifference: issues[0] ?? null,
     issues,
     issuesTruncated,

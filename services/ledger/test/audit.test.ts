@@ -4,8 +4,9 @@
  * the audit routes (search, itself audited; checkpoints; proofs a third party can check).
  */
 import assert from 'node:assert/strict';
+import { generateKeyPairSync } from 'node:crypto';
 import { after, before, test } from 'node:test';
-import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, parsePublicKey, PostgresAuditSink, verifyBundle, verifyLog, type AuditEntry, type InclusionBundle } from '@ledgerline/audit';
+import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, parsePublicKey, PostgresAuditSink, signKeyTransition, verifyBundle, verifyLog, type AuditEntry, type InclusionBundle } from '@ledgerline/audit';
 import { LedgerEngine, newId } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
 import { buildLedgerService } from '../src/app.ts';
@@ -208,6 +209,30 @@ test('checkpoints and proofs over HTTP verify with the published public key alon
   assert.equal((await app.inject({ method: 'GET', url: '/v1/audit/consistency?from=9999&to=10000' })).statusCode, 404);
   const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, unknown> }>();
   assert.ok('/v1/audit/records' in doc.paths && '/v1/audit/records/{seq}/proof' in doc.paths);
+});
+
+test('after a rotation of the signing key, proofs over HTTP carry the transition and verify with the old public key alone', async () => {
+  await settle();
+  const rotated = loadSigningKey(generateKeyPairSync('ed25519').privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), { production: false });
+  const store = new AuditStore({ pool: t.pool, sink, service: 'ledger' });
+  await store.recordKeyTransition(signKeyTransition(signer, 'ledgerline/ledger-test', rotated.publicKey, new Date()), signer.publicKey, {
+    actor: { type: 'user', id: 'ops:olga' },
+    origin: { service: 'audit-test' },
+  });
+  // One round under the new key: its checkpoint is the latest.
+  const newer = new AuditSequencer({ pool: t.pool, signer: rotated, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, tailEvents: true });
+  await sink.flush();
+  await newer.round({ forceCheckpoint: true });
+  const cp = (await app.inject({ method: 'GET', url: '/v1/audit/checkpoint' })).json<{ treeSize: number; keyId: string }>();
+  assert.equal(cp.keyId, rotated.keyId);
+  const proof = await app.inject({ method: 'GET', url: `/v1/audit/records/3/proof?tree_size=${cp.treeSize}` });
+  assert.equal(proof.statusCode, 200);
+  const bundle = proof.json<InclusionBundle>();
+  assert.equal(bundle.keyTransitions?.length, 1, 'the response schema keeps the transitions');
+  assert.match(verifyBundle(bundle, signer.publicKey), /record 3 is included/);
+  const report = await verifyLog(t.pool, { publicKey: signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+  assert.deepEqual(report.keyTransitionsFollowed.map((x) => x.toKeyId), [rotated.keyId]);
 });
 
 test('bad audit queries get a 4xx problem and write nothing', async () => {
