@@ -272,7 +272,8 @@ export class AuditStore {
    * Records a rotation of the signing key, signed by the outgoing key (keys.ts
    * `signKeyTransition`), and audits it as `audit.key.transition`. Checked before it is
    * stored: a transition whose signature does not verify under its own outgoing key is refused.
-   * Recording the same transition again changes nothing.
+   * A transition between the same two keys is stored once: the first stays (each call is
+   * audited).
    */
   async recordKeyTransition(t: KeyTransition, outgoing: KeyObject, by: Requester): Promise<void> {
     const toKeyId = keyIdOf(t.toPublicKey);
