@@ -3,6 +3,8 @@
  * `Type.Object({ ...baseConfigSchema.properties, ...auditConfigSchema.properties })`.
  */
 import { Type } from 'typebox';
+import { BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
+import { SEQUENCER_NICE_DEFAULT } from './sequencer-worker.ts';
 
 /** The ledger service's log name, in every checkpoint. */
 export const DEFAULT_LOG_ORIGIN = 'ledgerline/ledger';
@@ -19,6 +21,10 @@ export const auditConfigSchema = Type.Object({
   AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
   /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */
   AUDIT_SEQUENCER_ENABLED: Type.Boolean({ default: true }),
-  AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: 1000 }),
+  AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: INTERVAL_MS_DEFAULT }),
+  /** At most this many records a round; a full round is followed at once by the next (sequencer.ts). */
+  AUDIT_SEQUENCER_BATCH_MAX: Type.Integer({ minimum: 1, maximum: 50_000, default: BATCH_RECORDS_MAX_DEFAULT }),
+  /** The sequencer thread's nice value on Linux (sequencer-worker.ts); 0 leaves it at the process's priority. */
+  AUDIT_SEQUENCER_NICE: Type.Integer({ minimum: 0, maximum: 19, default: SEQUENCER_NICE_DEFAULT }),
   AUDIT_CHECKPOINT_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
 });

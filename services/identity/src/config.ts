@@ -23,6 +23,8 @@ export const identityConfigSchema = Type.Object({
   AUDIT_LOG_ORIGIN: auditConfigSchema.properties.AUDIT_LOG_ORIGIN,
   AUDIT_SEQUENCER_ENABLED: auditConfigSchema.properties.AUDIT_SEQUENCER_ENABLED,
   AUDIT_SEQUENCER_INTERVAL_MS: auditConfigSchema.properties.AUDIT_SEQUENCER_INTERVAL_MS,
+  AUDIT_SEQUENCER_BATCH_MAX: auditConfigSchema.properties.AUDIT_SEQUENCER_BATCH_MAX,
+  AUDIT_SEQUENCER_NICE: auditConfigSchema.properties.AUDIT_SEQUENCER_NICE,
   AUDIT_CHECKPOINT_INTERVAL_MS: auditConfigSchema.properties.AUDIT_CHECKPOINT_INTERVAL_MS,
   PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
   IDENTITY_ISSUER: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001' }),

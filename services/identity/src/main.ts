@@ -77,6 +77,8 @@ const sequencer =
           keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
           origin: config.AUDIT_LOG_ORIGIN,
           intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
+          batchRecordsMax: config.AUDIT_SEQUENCER_BATCH_MAX,
+          nice: config.AUDIT_SEQUENCER_NICE,
           checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
         },
         (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
