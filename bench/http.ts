@@ -42,6 +42,7 @@ import { createTestDatabase, freePort } from '../packages/testing/src/index.ts';
 import {
   abort,
   abortOnSignals,
+  admin,
   benchLog,
   checkAborted,
   defaultPgbenchScale,
@@ -716,6 +717,11 @@ async function runHttp(databaseUrl: string, database: string): Promise<HttpRun> 
     let batched: LoadFigures | null = null;
     let resentBatched = 0;
     if (runBatched) {
+      // Untimed, as before the single phase (settleAccounts) and before pgbench's run: a
+      // checkpoint, so the batched phase does not inherit the single phase's WAL and meet a
+      // WAL-triggered checkpoint (two fell in one batched phase, with their full-page writes).
+      await admin('CHECKPOINT');
+      checkAborted();
       log(`batched: ${batchClients} connections, POST /v1/transfers/batch with ${batchRequestSize} transfers; warm-up ${warmupSeconds} s, measure ${seconds} s`);
       batched = await runLoad({ name: 'batched', serviceUrls, servicePids, database, connections: batchClients, path: '/v1/transfers/batch', next: nextBatch, maxTimestamp });
       checkAborted();
