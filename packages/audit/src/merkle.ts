@@ -70,15 +70,8 @@ export class Frontier {
 
   /** Appends one leaf hash; returns every perfect subtree it completed (its own leaf first). */
   append(hash: Buffer): Subtree[] {
-    let node: Subtree = { level: 0, index: this.#size, hash };
-    const completed = [node];
-    for (let last = this.#nodes.at(-1); last !== undefined && last.level === node.level; last = this.#nodes.at(-1)) {
-      this.#nodes.pop();
-      node = { level: node.level + 1, index: last.index / 2, hash: nodeHash(last.hash, node.hash) };
-      completed.push(node);
-    }
-    this.#nodes.push(node);
-    this.#size += 1;
+    const completed: Subtree[] = [{ level: 0, index: this.#size, hash }];
+    this.#add(hash, 1, completed);
     return completed;
   }
 
@@ -89,21 +82,24 @@ export class Frontier {
    */
   appendAll(hashes: Buffer, count: number, minLevel: number): Subtree[] {
     const kept: Subtree[] = [];
-    for (let i = 0; i < count; i += 1) {
-      let level = 0;
-      let index = this.#size;
-      let hash = hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
-      for (let last = this.#nodes.at(-1); last !== undefined && last.level === level; last = this.#nodes.at(-1)) {
-        this.#nodes.pop();
-        hash = nodeHash(last.hash, hash);
-        level += 1;
-        index = last.index / 2;
-        if (level >= minLevel) kept.push({ level, index, hash });
-      }
-      this.#nodes.push({ level, index, hash });
-      this.#size += 1;
-    }
+    for (let i = 0; i < count; i += 1) this.#add(hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES), Math.max(1, minLevel), kept);
     return kept;
+  }
+
+  /** Adds one leaf, folding the subtrees it completes; pushes to `kept` those of level `minLevel` (≥ 1) or above. */
+  #add(leaf: Buffer, minLevel: number, kept: Subtree[]): void {
+    let level = 0;
+    let index = this.#size;
+    let hash = leaf;
+    for (let last = this.#nodes.at(-1); last !== undefined && last.level === level; last = this.#nodes.at(-1)) {
+      this.#nodes.pop();
+      hash = nodeHash(last.hash, hash);
+      level += 1;
+      index = last.index / 2;
+      if (level >= minLevel) kept.push({ level, index, hash });
+    }
+    this.#nodes.push({ level, index, hash });
+    this.#size += 1;
   }
 
   root(): Buffer {
