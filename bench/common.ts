@@ -264,7 +264,9 @@ export function run(cmd: string, argv: string[]): Promise<string> {
 
 function pgbenchConnArgs(dbName: string): string[] {
   const u = new URL(ADMIN_DATABASE_URL);
-  return ['-h', u.hostname, '-p', u.port || '5432', '-U', decodeURIComponent(u.username || 'postgres'), dbName];
+  // `?host=/dir` names a Unix socket directory (libpq's form, which node-postgres reads too).
+  const host = u.searchParams.get('host') ?? u.hostname;
+  return ['-h', host, '-p', u.port || '5432', '-U', decodeURIComponent(u.username || 'postgres'), dbName];
 }
 
 export interface PgbenchFigures {

@@ -41,7 +41,16 @@ export interface EventTile {
   last: EventCheckpoint;
   firstRecordedAt: Date;
   lastRecordedAt: Date;
+  /** The distinct actors of the tile's events, sorted, as a PostgreSQL array literal (search's summary). */
+  actors: string;
+  /** How many of the tile's events failed (search's summary). */
+  failures: number;
 }
+
+/** An event's actor as search matches it: `metadata.actor`, or `unknown`. */
+const ACTOR_OF = (e: string): string => `coalesce(${e}.metadata->>'actor', 'unknown')`;
+/** Whether an event's outcome is a failure as search matches it: a `result` other than "ok". */
+const FAILED = (e: string): string => `coalesce(jsonb_typeof(${e}.data->'result') = 'string' AND ${e}.data->>'result' <> 'ok', false)`;
 
 /**
  * The next events after the sequencer's cursor, up to `limit`, hashed as leaves from
@@ -60,19 +69,26 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
   // aggregate over it, but does not promise it, so the window also checks it (`lag`) and the
   // round refuses a tile out of order. The first and last events are the first and last
   // positions, with the least and greatest transaction id (the order is by transaction first).
-  // (Ordered aggregates cost a sort each: about 0.7 µs an event, a tenth of this query.)
-  const r = await db.query<{ n: number; ordered: boolean; positions: string; hashes: Buffer; first_tx: string; last_tx: string; first_recorded_at: Date; last_recorded_at: Date }>({
+  // (Ordered aggregates cost a sort each: about 0.7 µs an event, a tenth of this query. No
+  // aggregate here may have ORDER BY or DISTINCT: PostgreSQL 16 may sort the input for one,
+  // which would reorder the rows for every other. So search's summary collects every actor
+  // here, and an outer query keeps the distinct ones.)
+  const r = await db.query<{ n: number; ordered: boolean; positions: string; hashes: Buffer; first_tx: string; last_tx: string; first_recorded_at: Date; last_recorded_at: Date; actors: string; failures: number }>({
     // Named: planned once per connection, not every round.
     name: 'ledgerline.audit.event-tile',
-    text: `SELECT count(*)::integer AS n, bool_and(x.previous_tx IS NULL OR (x.transaction_id, x.position) > (x.previous_tx, x.previous_position)) AS ordered,
+    text: `SELECT t.n, t.ordered, t.first_tx, t.last_tx, t.first_recorded_at, t.last_recorded_at, t.positions, t.hashes, t.failures,
+            (SELECT array_agg(a ORDER BY a COLLATE "C") FROM (SELECT DISTINCT a FROM unnest(t.actors) a) d)::text AS actors
+       FROM (
+     SELECT count(*)::integer AS n, bool_and(x.previous_tx IS NULL OR (x.transaction_id, x.position) > (x.previous_tx, x.previous_position)) AS ordered,
             min(x.transaction_id)::text AS first_tx, max(x.transaction_id)::text AS last_tx,
             min(x.recorded_at) AS first_recorded_at, max(x.recorded_at) AS last_recorded_at, array_agg(x.position)::text AS positions,
-            string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea) AS hashes
+            string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea) AS hashes,
+            array_agg(${ACTOR_OF('x')}) AS actors, (count(*) FILTER (WHERE ${FAILED('x')}))::integer AS failures
        FROM (SELECT e.*, row_number() OVER w AS i, lag(e.transaction_id) OVER w AS previous_tx, lag(e.position) OVER w AS previous_position
                FROM (SELECT * FROM events.events e
                       WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
                       ORDER BY e.transaction_id, e.position LIMIT $4) e
-             WINDOW w AS ()) x`,
+             WINDOW w AS ()) x) t`,
     values: [cursor.tx, cursor.pos, horizon.toString(), limit, firstSeq],
   });
   const row = r.rows[0];
@@ -89,6 +105,8 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
     last: { transactionId: BigInt(row.last_tx), position: BigInt(lastPosition) },
     firstRecordedAt: row.first_recorded_at,
     lastRecordedAt: row.last_recorded_at,
+    actors: row.actors,
+    failures: row.failures,
   };
 }
 
@@ -99,15 +117,29 @@ export interface EventLeafCheck {
   stored: Buffer;
   /** Null when neither events.events nor events.archived_events holds the position any more. */
   recomputed: Buffer | null;
+  /** The event's actor and outcome as search matches them; null with the event. */
+  actor: string | null;
+  failed: boolean | null;
 }
 
-/** The tiles that start at or after `fromSeq`, in sequence order, up to `limit`. */
-export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<{ firstSeq: number; count: number; lastRecordedAt: Date }[]> {
-  const r = await db.query<{ first_seq: string; leaf_count: number; last_recorded_at: Date }>(
-    'SELECT t.first_seq::text, t.leaf_count, t.last_recorded_at FROM audit.event_leaves t WHERE t.first_seq >= $1 ORDER BY t.first_seq LIMIT $2',
+/** A tile's search summary (migration 1767800000000), null for a tile integrated before summaries. */
+export interface TileSummary {
+  actors: string[];
+  failures: number;
+}
+
+/** The tiles that start at or after `fromSeq`, in sequence order, up to `limit`, with their search summaries. */
+export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<{ firstSeq: number; count: number; lastRecordedAt: Date; summary: TileSummary | null }[]> {
+  const r = await db.query<{ first_seq: string; leaf_count: number; last_recorded_at: Date; actors: string[] | null; failures: number | null }>(
+    'SELECT t.first_seq::text, t.leaf_count, t.last_recorded_at, t.actors, t.failures FROM audit.event_leaves t WHERE t.first_seq >= $1 ORDER BY t.first_seq LIMIT $2',
     [fromSeq, limit],
   );
-  return r.rows.map((t) => ({ firstSeq: Number(t.first_seq), count: t.leaf_count, lastRecordedAt: t.last_recorded_at }));
+  return r.rows.map((t) => ({
+    firstSeq: Number(t.first_seq),
+    count: t.leaf_count,
+    lastRecordedAt: t.last_recorded_at,
+    summary: t.actors === null || t.failures === null ? null : { actors: t.actors, failures: t.failures },
+  }));
 }
 
 /**
@@ -116,9 +148,10 @@ export async function tileStarts(db: Queryable, fromSeq: number, limit: number):
  * another place no longer matches.
  */
 export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: number): Promise<EventLeafCheck[]> {
-  const r = await db.query<{ i: string; position: string; stored: Buffer; recomputed: Buffer | null }>(
+  const r = await db.query<{ i: string; position: string; stored: Buffer; recomputed: Buffer | null; actor: string | null; failed: boolean | null }>(
     `SELECT u.i::text, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored,
-            sha256('\\x00'::bytea || audit.event_leaf_data($2::bigint + u.i - 1, ${LEAF_ARGS})) AS recomputed
+            sha256('\\x00'::bytea || audit.event_leaf_data($2::bigint + u.i - 1, ${LEAF_ARGS})) AS recomputed,
+            CASE WHEN e.position IS NOT NULL THEN ${ACTOR_OF('e')} END AS actor, CASE WHEN e.position IS NOT NULL THEN ${FAILED('e')} END AS failed
        FROM audit.event_leaves t
        CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
        LEFT JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = u.position
@@ -129,7 +162,44 @@ export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: nu
       ORDER BY u.i`,
     [firstSeq, expectedSeq],
   );
-  return r.rows.map((row) => ({ seq: firstSeq + Number(row.i) - 1, position: BigInt(row.position), stored: row.stored, recomputed: row.recomputed }));
+  return r.rows.map((row) => ({
+    seq: firstSeq + Number(row.i) - 1,
+    position: BigInt(row.position),
+    stored: row.stored,
+    recomputed: row.recomputed,
+    actor: row.actor,
+    failed: row.failed,
+  }));
+}
+
+/**
+ * What is wrong with a tile's search summary, held to its leaves' events; null when nothing is.
+ * With every event still kept, the summary must be exactly theirs. Once retention has let some
+ * go, it must still cover those left: it may name more, never fewer, or search would pass over
+ * the tile.
+ */
+export function summaryMismatch(summary: TileSummary, leaves: readonly EventLeafCheck[]): string | null {
+  const listed = new Set(summary.actors);
+  const present = new Set<string>();
+  let failures = 0;
+  let missing = 0;
+  for (const leaf of leaves) {
+    if (leaf.actor === null) {
+      missing += 1;
+      continue;
+    }
+    present.add(leaf.actor);
+    if (leaf.failed === true) failures += 1;
+  }
+  const unlisted = [...present].filter((a) => !listed.has(a));
+  if (unlisted.length > 0) return `its summary leaves out actor(s) ${unlisted.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}${unlisted.length > 3 ? ', …' : ''}: search by actor would pass over the tile`;
+  if (summary.failures < failures) return `its summary counts ${summary.failures} failures, but its events hold ${failures}: search for failures would pass over the tile`;
+  if (missing === 0) {
+    const extra = summary.actors.filter((a) => !present.has(a));
+    if (extra.length > 0 || summary.actors.length !== listed.size) return `its summary names actor(s) no event of the tile has: ${extra.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}`;
+    if (summary.failures !== failures) return `its summary counts ${summary.failures} failures, but its events hold ${failures}`;
+  }
+  return null;
 }
 
 /** The leaf data of the event at `seq` (its exact bytes, from PostgreSQL), or null when `seq` is not an event leaf or its event is gone. */
@@ -241,9 +311,9 @@ const eventAt = (position: string): string =>
  */
 export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, page: { desc: boolean; after: number | null; limit: number }): Promise<{ seq: number; event: StoredEvent }[]> {
   const { desc, after, limit } = page;
-  const conditions = `($1::text IS NULL OR coalesce(e.metadata->>'actor', 'unknown') = $1) AND ($2::text IS NULL OR e.stream_type = $2)
+  const conditions = `($1::text IS NULL OR ${ACTOR_OF('e')} = $1) AND ($2::text IS NULL OR e.stream_type = $2)
     AND ($3::text IS NULL OR e.stream_id = $3) AND ($4::text IS NULL OR e.type = $4)
-    AND ($5::text IS NULL OR (CASE WHEN jsonb_typeof(e.data->'result') = 'string' AND e.data->>'result' <> 'ok' THEN 'failure' ELSE 'success' END) = $5)
+    AND ($5::text IS NULL OR (CASE WHEN ${FAILED('e')} THEN 'failure' ELSE 'success' END) = $5)
     AND ($6::timestamptz IS NULL OR e.recorded_at >= $6) AND ($7::timestamptz IS NULL OR e.recorded_at < $7)`;
   const keyset = `($8::bigint IS NULL OR seq ${desc ? '<' : '>'} $8)`;
   const args = (afterSeq: number | null): unknown[] => [
@@ -274,12 +344,17 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
   } else {
     // A few tiles at a time, in sequence order, until the page is full or the tiles run out.
     for (let from = after; rows.length < limit; ) {
+      // A tile's summary (actors, failures) rules it out without reading its events; a tile
+      // without one (integrated before summaries existed) is read.
       const tiles = await db.query<{ first_seq: string; leaf_count: number }>(
         `SELECT first_seq::text, leaf_count FROM audit.event_leaves t
           WHERE ($1::bigint IS NULL OR ${desc ? 't.first_seq < $1' : 't.first_seq + t.leaf_count - 1 > $1'})
             AND ($2::timestamptz IS NULL OR t.last_recorded_at >= $2) AND ($3::timestamptz IS NULL OR t.first_recorded_at < $3)
+            AND ($4::text IS NULL OR t.actors @> ARRAY[$4::text] OR t.actors IS NULL)
+            AND ($5::text IS NULL OR t.failures IS NULL
+                 OR ($5 = 'failure' AND t.failures > 0) OR ($5 = 'success' AND t.failures < t.leaf_count))
           ORDER BY t.first_seq ${order} LIMIT ${SEARCH_TILES_PER_QUERY}`,
-        [from, filter.from ?? null, filter.to ?? null],
+        [from, filter.from ?? null, filter.to ?? null, filter.actorId ?? null, filter.outcome ?? null],
       );
       const last = tiles.rows.at(-1);
       if (last === undefined) break;

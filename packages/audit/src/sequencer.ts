@@ -200,9 +200,9 @@ export class AuditSequencer {
     if (tile !== null) {
       nodes.push(...frontier.appendAll(tile.hashes, tile.count, STORED_LEVEL_MIN));
       await client.query(
-        `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes)
-         VALUES ($1, $2, $3::text::xid8, $4, $5, $6, $7::bigint[], $8)`,
-        [size + entries.length, tile.count, tile.first.transactionId.toString(), tile.first.position.toString(), tile.firstRecordedAt, tile.lastRecordedAt, tile.positions, tile.hashes],
+        `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes, actors, failures)
+         VALUES ($1, $2, $3::text::xid8, $4, $5, $6, $7::bigint[], $8, $9::text[], $10)`,
+        [size + entries.length, tile.count, tile.first.transactionId.toString(), tile.first.position.toString(), tile.firstRecordedAt, tile.lastRecordedAt, tile.positions, tile.hashes, tile.actors, tile.failures],
       );
       await client.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::text::xid8, event_position = $2', [tile.last.transactionId.toString(), tile.last.position.toString()]);
     }

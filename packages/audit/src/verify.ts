@@ -13,6 +13,8 @@
  * - a deleted record: the first missing sequence number;
  * - two records swapped: the first of them (a leaf commits to its own sequence number);
  * - a truncated tail: the first sequence number a checkpoint covers but storage lacks;
+ * - a tile's search summary that no longer matches its events (`search_summary_altered`):
+ *   the tile's first leaf. It is not evidence, but search trusts it to skip tiles;
  * - a forged or altered checkpoint: that checkpoint;
  * - a rewrite that also recomputed the stored leaf hashes: the span between the last
  *   checkpoint that still matches and the first that does not.
@@ -23,7 +25,7 @@ import { Frontier, leafHash } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { Queryable } from './tree.ts';
-import { checkTile, tileStarts } from './event-leaves.ts';
+import { checkTile, summaryMismatch, tileStarts } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -36,7 +38,8 @@ export type VerifyIssueKind =
   | 'checkpoint_signature_invalid'
   | 'checkpoint_root_mismatch'
   | 'records_truncated'
-  | 'event_missing';
+  | 'event_missing'
+  | 'search_summary_altered';
 
 export interface VerifyIssue {
   kind: VerifyIssueKind;
@@ -178,7 +181,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   const eventRetainMs = financialRetention.rows[0] === undefined ? null : financialRetention.rows[0].days * 86_400_000;
   const now = (options.now ?? (() => new Date()))();
 
-  let tiles: { firstSeq: number; count: number; lastRecordedAt: Date }[] = [];
+  let tiles: Awaited<ReturnType<typeof tileStarts>> = [];
   for (let expected = 0; ; ) {
     if ((tiles[0]?.firstSeq ?? -1) < expected) tiles = await tileStarts(db, expected, 100);
     const tile = tiles[0];
@@ -204,7 +207,8 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     if (tile === undefined) break;
     tiles.shift();
     const expired = eventRetainMs !== null && tile.lastRecordedAt.getTime() + eventRetainMs <= now.getTime();
-    for (const leaf of await checkTile(db, tile.firstSeq, frontier.size)) {
+    const leaves = await checkTile(db, tile.firstSeq, frontier.size);
+    for (const leaf of leaves) {
       await reach(leaf.seq);
       if (leaf.recomputed === null) {
         // Retention may remove an event once the financial class's retention has run out for
@@ -215,6 +219,9 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       }
       frontier.append(leaf.recomputed ?? leaf.stored);
     }
+    // Not evidence (nothing is signed over it), but search trusts it to skip tiles.
+    const mismatch = tile.summary === null ? null : summaryMismatch(tile.summary, leaves);
+    if (mismatch !== null) report({ kind: 'search_summary_altered', seq: tile.firstSeq, treeSize: null, detail: `the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: ${mismatch}` });
     expected = tile.firstSeq + tile.count;
     options.onProgress?.(frontier.size);
   }

@@ -12,7 +12,7 @@ import { after, before, test } from 'node:test';
 import fc from 'fast-check';
 import type pg from 'pg';
 import { AuditSequencer, eventLeafData, leafHash, verifyBundle, verifyLog, type VerifyIssueKind, type VerifyReport } from '../src/index.ts';
-import { eventLeafDataAt } from '../src/event-leaves.ts';
+import { eventLeafDataAt, searchEventLeaves } from '../src/event-leaves.ts';
 import { propertySeed } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
@@ -217,17 +217,77 @@ test('search walks records and event leaves together in sequence order, both way
 
 /** Tampers as a superuser with triggers off, verifies in that transaction, rolls back. */
 async function tampered(tamper: (c: pg.PoolClient) => Promise<unknown>, now?: Date): Promise<VerifyReport> {
+  return (await tamperedWith(tamper, () => Promise.resolve(undefined), now)).report;
+}
+
+/** As `tampered`, and runs `also` on the tampered state before the rollback. */
+async function tamperedWith<T>(tamper: (c: pg.PoolClient) => Promise<unknown>, also: (c: pg.PoolClient) => Promise<T>, now?: Date): Promise<{ report: VerifyReport; also: T }> {
   const c = await t.pool.connect();
   try {
     await c.query('BEGIN');
     await c.query('SET LOCAL session_replication_role = replica');
     await tamper(c);
-    return await verifyLog(c, { publicKey: t.signer.publicKey, ...(now === undefined ? {} : { now: () => now }) });
+    const report = await verifyLog(c, { publicKey: t.signer.publicKey, ...(now === undefined ? {} : { now: () => now }) });
+    return { report, also: await also(c) };
   } finally {
     await c.query('ROLLBACK');
     c.release();
   }
 }
+
+test('each tile summarises its events for search: the distinct actors and the failures, exactly', async () => {
+  const r = await t.pool.query<{ first_seq: string; actors: string[]; failures: number; expected_actors: string[]; expected_failures: number }>(
+    `SELECT t.first_seq::text, t.actors, t.failures,
+            (SELECT array_agg(DISTINCT coalesce(e.metadata->>'actor', 'unknown') ORDER BY coalesce(e.metadata->>'actor', 'unknown'))
+               FROM unnest(t.positions) p JOIN events.events e ON e.position = p) AS expected_actors,
+            (SELECT count(*)::integer FROM unnest(t.positions) p JOIN events.events e ON e.position = p WHERE e.data->>'result' <> 'ok') AS expected_failures
+       FROM audit.event_leaves t ORDER BY t.first_seq`,
+  );
+  assert.ok(r.rows.length > 10);
+  for (const row of r.rows) {
+    assert.deepEqual({ actors: row.actors, failures: row.failures }, { actors: row.expected_actors, failures: row.expected_failures }, `tile ${row.first_seq}`);
+  }
+  assert.ok(r.rows.some((row) => row.failures > 0) && r.rows.some((row) => row.failures === 0), 'tiles with and without failures');
+});
+
+test('search skips the tiles whose summary rules them out, reads those without one, and verification holds summaries to their events', async () => {
+  // The tile holding ODD_STREAM's event (actor user:u-1, a success).
+  const odd = await t.pool.query<{ first_seq: string; failures: number }>(
+    `SELECT t.first_seq::text, t.failures FROM audit.event_leaves t JOIN events.events e ON e.position = ANY(t.positions) WHERE e.stream_id = $1`,
+    [ODD_STREAM],
+  );
+  const tile = Number(odd.rows[0]?.first_seq);
+  const rejected = await t.pool.query<{ first_seq: string }>('SELECT first_seq::text FROM audit.event_leaves WHERE failures > 0 ORDER BY first_seq LIMIT 1');
+  const failingTile = Number(rejected.rows[0]?.first_seq);
+  const page = { desc: false, after: null, limit: 1000 };
+  const byActor = (c: pg.PoolClient): Promise<string[]> => searchEventLeaves(c, { actorId: 'user:u-1' }, page).then((rows) => rows.map((x) => x.event.streamId));
+  const failing = (c: pg.PoolClient): Promise<number> => searchEventLeaves(c, { outcome: 'failure' }, page).then((rows) => rows.length);
+
+  const intact = await tamperedWith(() => Promise.resolve(undefined), async (c) => ({ actor: await byActor(c), failures: await failing(c) }));
+  assert.equal(intact.also.actor.length, STEPS);
+  assert.ok(intact.also.actor.includes(ODD_STREAM));
+  assert.equal(intact.also.failures, STEPS);
+
+  // The actor taken out of the summary: search passes over the tile (so it does skip by it),
+  // and verification locates the tile.
+  const hidden = await tamperedWith((c) => c.query(`UPDATE audit.event_leaves SET actors = array_remove(actors, 'user:u-1') WHERE first_seq = $1`, [tile]), byActor);
+  assert.deepEqual({ found: hidden.also.length, odd: hidden.also.includes(ODD_STREAM) }, { found: STEPS - 1, odd: false });
+  located(hidden.report, 'search_summary_altered', tile);
+  assert.match(hidden.report.firstDifference?.detail ?? '', /leaves out actor\(s\) "user:u-1"/);
+
+  // Failures counted away: the same for a search by outcome.
+  const uncounted = await tamperedWith((c) => c.query('UPDATE audit.event_leaves SET failures = 0 WHERE first_seq = $1', [failingTile]), failing);
+  assert.ok(uncounted.also < STEPS);
+  located(uncounted.report, 'search_summary_altered', failingTile);
+
+  // An actor added: search reads one tile more for nothing, and verification says so.
+  located(await tampered((c) => c.query(`UPDATE audit.event_leaves SET actors = actors || '{user:nobody}' WHERE first_seq = $1`, [tile])), 'search_summary_altered', tile);
+
+  // No summary (a tile integrated before summaries existed): read as before, and nothing to verify.
+  const unsummarised = await tamperedWith((c) => c.query('UPDATE audit.event_leaves SET actors = NULL, failures = NULL'), async (c) => ({ actor: await byActor(c), failures: await failing(c) }));
+  assert.deepEqual(unsummarised.also, intact.also);
+  assert.equal(unsummarised.report.ok, true, JSON.stringify(unsummarised.report.issues));
+});
 
 function located(report: VerifyReport, kind: VerifyIssueKind, seq: number): void {
   assert.equal(report.ok, false);
