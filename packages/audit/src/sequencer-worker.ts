@@ -60,7 +60,13 @@ function lowerThreadPriority(nice: number): string | null {
 /** Marks the worker's data, so importing this module in any other worker starts nothing. */
 const WORKER_MARK = 'ledgerline.audit.sequencer-worker';
 
-type FromWorker = { kind: 'error'; message: string } | { kind: 'closed' } | { kind: 'started' };
+type FromWorker = { kind: 'error'; message: string } | { kind: 'warning'; message: string } | { kind: 'closed' } | { kind: 'started' };
+
+/** What the worker reports: a failed round (it retries from storage), or something that works on less well (e.g. a priority it could not lower). */
+export interface SequencerWorkerHandlers {
+  onError?: (message: string) => void;
+  onWarning?: (message: string) => void;
+}
 
 export interface SequencerWorker {
   /** Stops the rounds, integrates what is left, signs a final checkpoint and ends the worker. */
@@ -72,8 +78,8 @@ export interface SequencerWorker {
 /** The sequencer worker's connections show this `application_name` in pg_stat_activity. */
 export const SEQUENCER_APPLICATION_NAME = 'ledgerline-audit-sequencer';
 
-/** Starts the worker; resolves once its sequencer runs. `onError` gets each failed round (it retries). */
-export function startSequencerWorker(options: SequencerWorkerOptions, onError: (message: string) => void = () => {}): Promise<SequencerWorker> {
+/** Starts the worker; resolves once its sequencer runs. `onError` gets each failed round (it retries), `onWarning` the rest. */
+export function startSequencerWorker(options: SequencerWorkerOptions, handlers: SequencerWorkerHandlers = {}): Promise<SequencerWorker> {
   const nice = options.nice ?? SEQUENCER_NICE_DEFAULT;
   if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
   const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
@@ -90,7 +96,8 @@ export function startSequencerWorker(options: SequencerWorkerOptions, onError: (
           cpuUsage: () => worker.cpuUsage(),
         });
       } else if (m.kind === 'closed') closed?.();
-      else onError(m.message);
+      else if (m.kind === 'warning') handlers.onWarning?.(m.message);
+      else handlers.onError?.(m.message);
     });
     worker.on('error', reject);
     worker.on('exit', (code) => {
@@ -104,7 +111,7 @@ function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
   const refused = lowerThreadPriority(o.nice ?? SEQUENCER_NICE_DEFAULT);
-  if (refused !== null) port.postMessage({ kind: 'error', message: refused } satisfies FromWorker);
+  if (refused !== null) port.postMessage({ kind: 'warning', message: refused } satisfies FromWorker);
   const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
   pool.on('error', () => {});
   const sequencer = new AuditSequencer({

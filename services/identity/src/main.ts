@@ -81,7 +81,10 @@ const sequencer =
           nice: config.AUDIT_SEQUENCER_NICE,
           checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
         },
-        (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+        {
+          onError: (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+          onWarning: (message) => logger.warn(`audit: ${message}`),
+        },
       );
 
 const identity = new Identity({

@@ -107,7 +107,10 @@ const audit =
                 nice: config.AUDIT_SEQUENCER_NICE,
                 checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
               },
-              (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+              {
+                onError: (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+                onWarning: (message) => logger.warn(`audit: ${message}`),
+              },
             )
           : null,
         publicKey: signer.publicKey,
