@@ -110,6 +110,9 @@ const PROBLEMS = {
 
 /** Header values we copy into event metadata: printable, bounded. */
 const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,511}$/;
+/** An x-client-id that may name the actor when auth is off: printable, at most 200 characters. */
+const ACTOR_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,199}$/;
+const ANONYMOUS_ACTOR = 'anonymous';
 
 /** Seconds a client should wait before retrying after a 503. */
 const RETRY_AFTER_SECONDS = 1;
@@ -160,17 +163,9 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     ...(options.auth === undefined ? {} : { clientId: (request: FastifyRequest) => guard.clientId(request) ?? 'anonymous' }),
   });
   if (options.audit !== undefined) {
-    /** The authenticated principal (`kind:id`), or the x-client-id header when auth is off; a request refused before authentication is anonymous. */
     const actorOf = (request: FastifyRequest): AuditActor => {
-      let principal: string | undefined;
-      try {
-        principal = guard.clientId(request);
-      } catch {
-        principal = undefined;
-      }
-      const client = principal ?? request.headers['x-client-id'];
-      if (typeof client !== 'string' || client.length === 0 || client.length > 200) return { type: 'anonymous', id: 'anonymous' };
-      return { type: client.startsWith('user:') ? 'user' : 'service', id: client };
+      const id = actorName(request);
+      return id === ANONYMOUS_ACTOR ? { type: 'anonymous', id } : { type: id.startsWith('user:') ? 'user' : 'service', id };
     };
     await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf });
     const reader = options.audit.store;
@@ -187,9 +182,27 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   }
 
   /**
+   * Who acts, as both the events a request causes and its command records name it: the
+   * authenticated principal (`kind:id`); with auth off, the x-client-id header if it is
+   * printable and at most 200 characters; else (and for a request refused before
+   * authentication) anonymous.
+   */
+  function actorName(request: FastifyRequest): string {
+    let principal: string | undefined;
+    try {
+      principal = guard.clientId(request);
+    } catch {
+      principal = undefined;
+    }
+    if (principal !== undefined) return principal;
+    const header = request.headers['x-client-id'];
+    return typeof header === 'string' && ACTOR_HEADER_VALUE.test(header) ? header : ANONYMOUS_ACTOR;
+  }
+
+  /**
    * Who and why, carried into every event this request causes: the correlation id a caller
-   * sent (or this request's id), the request as the cause, the actor (authentication arrives
-   * with issue 6; until then the caller's x-client-id, or anonymous), and the W3C trace context.
+   * sent (or this request's id), the request as the cause, the actor (`actorName`), the
+   * client's address and the W3C trace context.
    */
   function eventContext(request: FastifyRequest): EventMetadata {
     const header = (name: string): string | undefined => {
@@ -201,7 +214,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     return {
       correlationId: header('x-correlation-id') ?? request.id,
       causationId: request.id,
-      actor: guard.clientId(request) ?? header('x-client-id') ?? 'anonymous',
+      actor: actorName(request),
       ip: request.ip,
       ...(traceparent === undefined ? {} : { traceparent }),
       ...(tracestate === undefined ? {} : { tracestate }),

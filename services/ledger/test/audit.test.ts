@@ -143,6 +143,39 @@ test('commands accepted and rejected, ledger events and sensitive reads are all 
   assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
 });
 
+test('with auth off, the event and the command record of one request name the same actor, even for an odd x-client-id', async () => {
+  const [a, strict] = [newId(), newId()];
+  const opened = await app.inject({ method: 'POST', url: '/v1/accounts/batch', payload: { accounts: [{ id: a, ledger: 'USD', code: 1 }, { id: strict, ledger: 'USD', code: 1, flags: { debits_must_not_exceed_credits: true } }] } });
+  assert.equal(opened.statusCode, 200);
+  // Printable but over 200 characters: not an actor name, so anonymous in both. (Before, the
+  // event named the header and the command record named nobody.)
+  const long = `svc-${'x'.repeat(250)}`;
+  // A batch with one refused item: its events name the actor, and so does its command record.
+  const [ok, refused] = [newId(), newId()];
+  const res = await app.inject({
+    method: 'POST',
+    url: '/v1/transfers/batch',
+    headers: { 'x-client-id': long },
+    payload: { transfers: [{ id: ok, debit_account_id: a, credit_account_id: strict, amount: '3', ledger: 'USD', code: 1 }, { id: refused, debit_account_id: strict, credit_account_id: a, amount: '9', ledger: 'USD', code: 1 }] },
+  });
+  assert.equal(res.statusCode, 200, res.body);
+  const fine = await app.inject({ method: 'POST', url: '/v1/transfers', headers: { 'x-client-id': 'svc-batch-7' }, payload: { id: newId(), debit_account_id: a, credit_account_id: strict, amount: '1', ledger: 'USD', code: 1 } });
+  assert.equal(fine.statusCode, 201);
+  await settle();
+  const requestId = res.headers['x-request-id'];
+  const trail = (await search('record_class=financial')).concat(await search('action=ledger.transfer.create_batch'));
+  const ofRequest = trail.filter((r) => r.origin.request_id === requestId);
+  assert.deepEqual(
+    ofRequest.map((r) => [r.action, r.actor]).sort(),
+    [
+      ['ledger.TransferPosted', { type: 'anonymous', id: 'anonymous' }],
+      ['ledger.TransferRejected', { type: 'anonymous', id: 'anonymous' }],
+      ['ledger.transfer.create_batch', { type: 'anonymous', id: 'anonymous' }],
+    ],
+  );
+  assert.ok(trail.some((r) => r.origin.request_id === fine.headers['x-request-id'] && r.actor.id === 'svc-batch-7'), 'a well-formed header names the actor');
+});
+
 test('only a create whose every item was created is left to its events: replays and partial batches keep their command record', async () => {
   const [a, b, strict] = [newId(), newId(), newId()];
   const headers = { 'x-client-id': 'svc-treasury' };
