@@ -194,6 +194,7 @@ export function summaryMismatch(summary: TileSummary, leaves: readonly EventLeaf
   const unlisted = [...present].filter((a) => !listed.has(a));
   if (unlisted.length > 0) return `its summary leaves out actor(s) ${unlisted.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}${unlisted.length > 3 ? ', …' : ''}: search by actor would pass over the tile`;
   if (summary.failures < failures) return `its summary counts ${summary.failures} failures, but its events hold ${failures}: search for failures would pass over the tile`;
+  if (summary.failures > failures + missing) return `its summary counts ${summary.failures} failures, more than its events can hold (${failures}, and ${missing} gone): search for successes would pass over the tile`;
   if (missing === 0) {
     const extra = summary.actors.filter((a) => !present.has(a));
     if (extra.length > 0 || summary.actors.length !== listed.size) return `its summary names actor(s) no event of the tile has: ${extra.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}`;

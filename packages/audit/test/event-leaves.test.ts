@@ -280,6 +280,18 @@ test('search skips the tiles whose summary rules them out, reads those without o
   assert.ok(uncounted.also < STEPS);
   located(uncounted.report, 'search_summary_altered', failingTile);
 
+  // Once retention has let an event go, the summary may name more than the events left, but
+  // not count more failures than they and the missing one can hold.
+  const later = new Date(Date.now() + (2557 + 1) * 86_400_000);
+  const expiredOne = (c: pg.PoolClient): Promise<unknown> => c.query('DELETE FROM events.events WHERE stream_id = $1', [ODD_STREAM]);
+  assert.equal((await tampered(expiredOne, later)).ok, true);
+  const inflated = await tampered(async (c) => {
+    await expiredOne(c);
+    await c.query('UPDATE audit.event_leaves SET failures = leaf_count WHERE first_seq = $1', [tile]);
+  }, later);
+  located(inflated, 'search_summary_altered', tile);
+  assert.match(inflated.firstDifference?.detail ?? '', /search for successes would pass over the tile/);
+
   // An actor added: search reads one tile more for nothing, and verification says so.
   located(await tampered((c) => c.query(`UPDATE audit.event_leaves SET actors = actors || '{user:nobody}' WHERE first_seq = $1`, [tile])), 'search_summary_altered', tile);
 
