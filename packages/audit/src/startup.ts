@@ -2,7 +2,10 @@
  * What a service's `main` needs to start its part of the audit trail, shared so that every
  * service checks the signing key the same way (docs/audit.md).
  */
+import type { Static } from 'typebox';
+import type { auditConfigSchema } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, SigningKeyError, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
+import { startSequencerWorker, type SequencerWorker } from './sequencer-worker.ts';
 
 /**
  * The checkpoint signer from `AUDIT_SIGNING_KEY`. Unset outside production, the public
@@ -43,4 +46,49 @@ export function serviceKeyEncryptionKey(service: string, text: string, warn: (me
     process.stderr.write(`${service}: Invalid configuration: AUDIT_KEY_ENCRYPTION_KEY ${error.message}\n`);
     process.exit(2);
   }
+}
+
+/** The part of a service's configuration the sequencer worker reads (config.ts). */
+export type ServiceSequencerConfig = Pick<
+  Static<typeof auditConfigSchema>,
+  | 'AUDIT_SIGNING_KEY'
+  | 'AUDIT_KEY_ENCRYPTION_KEY'
+  | 'AUDIT_LOG_ORIGIN'
+  | 'AUDIT_SEQUENCER_ENABLED'
+  | 'AUDIT_SEQUENCER_INTERVAL_MS'
+  | 'AUDIT_SEQUENCER_BATCH_MAX'
+  | 'AUDIT_SEQUENCER_NICE'
+  | 'AUDIT_CHECKPOINT_INTERVAL_MS'
+> & { DATABASE_URL: string };
+
+/**
+ * Starts the service's sequencer worker as configured, or none when AUDIT_SEQUENCER_ENABLED is
+ * false (another instance or process integrates the queue). Failed rounds (retried from
+ * storage) are logged as errors, the rest as warnings. `tailEvents`: the service's event store
+ * feeds the trail (the ledger's does; the identity service has none).
+ */
+export function startServiceSequencer(
+  config: ServiceSequencerConfig,
+  log: { error: (fields: { err: string }, message: string) => void; warn: (message: string) => void },
+  options: { tailEvents: boolean },
+): Promise<SequencerWorker | null> {
+  if (!config.AUDIT_SEQUENCER_ENABLED) return Promise.resolve(null);
+  return startSequencerWorker(
+    {
+      databaseUrl: config.DATABASE_URL,
+      signingKeyPem: config.AUDIT_SIGNING_KEY,
+      production: process.env.NODE_ENV === 'production',
+      origin: config.AUDIT_LOG_ORIGIN,
+      tailEvents: options.tailEvents,
+      keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
+      intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
+      batchRecordsMax: config.AUDIT_SEQUENCER_BATCH_MAX,
+      nice: config.AUDIT_SEQUENCER_NICE,
+      checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
+    },
+    {
+      onError: (message) => log.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+      onWarning: (message) => log.warn(`audit: ${message}`),
+    },
+  );
 }

@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startSequencerWorker } from '@ledgerline/audit';
+import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
@@ -69,23 +69,7 @@ if (audit === null) logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAI
 const sequencer =
   signer === null
     ? null
-    : await startSequencerWorker(
-        {
-          databaseUrl: config.DATABASE_URL,
-          signingKeyPem: config.AUDIT_SIGNING_KEY,
-          production: process.env.NODE_ENV === 'production',
-          keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
-          origin: config.AUDIT_LOG_ORIGIN,
-          intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
-          batchRecordsMax: config.AUDIT_SEQUENCER_BATCH_MAX,
-          nice: config.AUDIT_SEQUENCER_NICE,
-          checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
-        },
-        {
-          onError: (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
-          onWarning: (message) => logger.warn(`audit: ${message}`),
-        },
-      );
+    : await startServiceSequencer(config, logger, { tailEvents: false });
 
 const identity = new Identity({
   pool,

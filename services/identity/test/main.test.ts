@@ -87,6 +87,49 @@ test('alone on its database, the identity service sequences its own audit record
   assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
 
+test('with AUDIT_SEQUENCER_ENABLED=false the identity service queues its records and leaves them to another process', async () => {
+  const own = await createTestDatabase('ll_identity_noseq');
+  const ownPool = new pg.Pool({ connectionString: own.url, max: 2 });
+  const port = await freePort();
+  const child = spawn(process.execPath, [MAIN], {
+    env: {
+      ...process.env,
+      PORT: String(port),
+      DATABASE_URL: own.url,
+      LOG_LEVEL: 'warn',
+      AUDIT_SIGNING_KEY: '',
+      AUDIT_SEQUENCER_ENABLED: 'false',
+      AUDIT_SEQUENCER_INTERVAL_MS: '10',
+      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
+    },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  try {
+    const base = `http://127.0.0.1:${port}`;
+    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
+    const form = { grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' };
+    const res = await fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
+    assert.equal(res.status, 200);
+    await poll('the token request in the queue', async () => {
+      const r = await ownPool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+      return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
+    });
+    // A sequencer would integrate it within a round (10 ms apart); give it a hundred.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const sequencers = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'ledgerline-audit-sequencer'");
+    assert.equal(sequencers.rows[0]?.n, 0, 'no sequencer connection');
+    const integrated = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
+    assert.equal(integrated.rows[0]?.n, 0, 'nothing integrated');
+  } finally {
+    child.kill('SIGTERM');
+    await exited;
+    await ownPool.end();
+    await own.drop();
+  }
+});
+
 test('in production the service refuses to start without a key-encryption key, or with a malformed one, naming the variable', () => {
   for (const [value, message] of [
     ['', /IDENTITY_KEY_ENCRYPTION_KEY is required in production/],

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startSequencerWorker, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
@@ -93,26 +93,7 @@ const audit =
           bufferEntriesMax: config.AUDIT_BUFFER_ENTRIES_MAX,
           onError: (err) => logger.error({ err }, 'audit: writing buffered entries failed; they stay buffered and are retried'),
         }),
-        sequencer: config.AUDIT_SEQUENCER_ENABLED
-          ? await startSequencerWorker(
-              {
-                databaseUrl: config.DATABASE_URL,
-                signingKeyPem: config.AUDIT_SIGNING_KEY,
-                production: process.env.NODE_ENV === 'production',
-                origin: config.AUDIT_LOG_ORIGIN,
-                tailEvents: true,
-                keyEncryptionKey: config.AUDIT_KEY_ENCRYPTION_KEY,
-                intervalMs: config.AUDIT_SEQUENCER_INTERVAL_MS,
-                batchRecordsMax: config.AUDIT_SEQUENCER_BATCH_MAX,
-                nice: config.AUDIT_SEQUENCER_NICE,
-                checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
-              },
-              {
-                onError: (message) => logger.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
-                onWarning: (message) => logger.warn(`audit: ${message}`),
-              },
-            )
-          : null,
+        sequencer: await startServiceSequencer(config, logger, { tailEvents: true }),
         publicKey: signer.publicKey,
       };
 
