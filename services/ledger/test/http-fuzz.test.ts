@@ -1,0 +1,131 @@
+/**
+ * Property test (fast-check) of the ledger service's input handling: arbitrary bodies, and
+ * valid requests with one field removed, replaced by an arbitrary JSON value, or joined by an
+ * unknown one, sent to every write endpoint (and malformed JSON text beside them). The service
+ * must never answer 5xx; every error must be RFC 9457 problem+json naming its status; and a
+ * refusal of the request itself (400, 413, 415) must write nothing. A 422 is the ledger's
+ * decision on a well-formed transfer (a rejection is recorded, so that the id stays failed),
+ * and 2xx is a valid request that happened to be generated.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import fc from 'fast-check';
+import { LedgerEngine, newId } from '@ledgerline/ledger';
+import type { Service } from '@ledgerline/service-runtime';
+import { propertySeed } from '@ledgerline/testing';
+import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import { buildLedgerService } from '../src/app.ts';
+
+let t: LedgerTestDb;
+let engine: LedgerEngine;
+let app: Service;
+const A = newId();
+const B = newId();
+
+before(async () => {
+  t = await ledgerTestDb();
+  engine = new LedgerEngine({ pool: t.pool });
+  app = await buildLedgerService({ engine, pool: t.pool, logger: false });
+  for (const id of [A, B]) {
+    const r = await app.inject({ method: 'POST', url: '/v1/accounts', payload: { id, ledger: 'USD', code: 10 } });
+    assert.equal(r.statusCode, 201, r.body);
+  }
+});
+
+after(async () => {
+  await app.close();
+  await engine.close();
+  await assertInvariants(t.pool);
+  await t.close();
+});
+
+/** What a write leaves behind: accounts, transfers and events. */
+async function written(): Promise<string> {
+  const r = await t.pool.query<{ n: string }>(
+    `SELECT (SELECT count(*) FROM ledger.accounts) || '/' || (SELECT count(*) FROM ledger.transfers) || '/' ||
+            (SELECT coalesce(sum(debits_posted + debits_pending + credits_posted + credits_pending), 0) FROM ledger.accounts) AS n`,
+  );
+  return r.rows[0]?.n ?? '';
+}
+
+const validTransfer = (): Record<string, unknown> => ({ id: newId(), debit_account_id: A, credit_account_id: B, amount: '5', ledger: 'USD', code: 1 });
+const validAccount = (): Record<string, unknown> => ({ id: newId(), ledger: 'USD', code: 10 });
+
+/** A JSON value of any shape, with the awkward numbers and strings a client might send. */
+const anyJson = fc.oneof(
+  fc.jsonValue({ maxDepth: 3 }),
+  fc.constantFrom('-1', '0', '1.5', '1e3', '９', '9223372036854775808', '00012', ' 12', '', 'NaN', '0x10', newId(), 'not-a-uuid', '00000000-0000-0000-0000-000000000000'),
+  fc.constantFrom(-1, 0, 1.5, 2 ** 53, Number.MAX_SAFE_INTEGER, 1e308, true, null),
+);
+
+/** A valid body with one field removed, replaced, or an unknown one added (or, now and then, left valid). */
+function mutated(valid: () => Record<string, unknown>): fc.Arbitrary<unknown> {
+  const changed = fc.tuple(fc.nat(), fc.constantFrom('remove', 'replace', 'add'), anyJson, fc.string({ maxLength: 12 })).map(([i, how, value, name]) => {
+    const body = valid();
+    const keys = Object.keys(body);
+    const key = keys[i % keys.length] as string;
+    if (how === 'remove') delete body[key];
+    else if (how === 'replace') body[key] = value;
+    else body[name.length > 0 && !(name in body) ? name : `x_${name}`] = value;
+    return body;
+  });
+  return fc.oneof({ arbitrary: changed, weight: 9 }, { arbitrary: fc.constant(null).map(() => valid()), weight: 1 });
+}
+
+const requestArb = fc.oneof(
+  fc.record({ url: fc.constant('/v1/transfers'), body: fc.oneof(mutated(validTransfer), anyJson) }),
+  fc.record({ url: fc.constant('/v1/accounts'), body: fc.oneof(mutated(validAccount), anyJson) }),
+  fc.record({
+    url: fc.constant('/v1/transfers/batch'),
+    body: fc.oneof(
+      fc.array(mutated(validTransfer), { minLength: 1, maxLength: 3 }).map((transfers) => ({ transfers })),
+      mutated(() => ({ transfers: [validTransfer()] })),
+      anyJson,
+    ),
+  }),
+  fc.record({
+    url: fc.constant('/v1/accounts/batch'),
+    body: fc.oneof(fc.array(mutated(validAccount), { minLength: 1, maxLength: 3 }).map((accounts) => ({ accounts })), anyJson),
+  }),
+);
+
+/** Request bodies that are not JSON at all, or cut short. */
+const rawArb = fc.record({
+  url: fc.constantFrom('/v1/transfers', '/v1/accounts', '/v1/transfers/batch', '/v1/accounts/batch'),
+  text: fc.oneof(fc.string({ maxLength: 40 }), fc.jsonValue().map((v) => (JSON.stringify(v) ?? '').slice(0, -1))),
+});
+
+test('property: no input makes a 5xx; every error is problem+json; a refused request writes nothing', async () => {
+  const seed = propertySeed('ledger HTTP input fuzz');
+  const statuses = new Map<number, number>();
+  const check = async (url: string, payload: string, contentType: string): Promise<void> => {
+    const before = await written();
+    const res = await app.inject({ method: 'POST', url, headers: { 'content-type': contentType }, payload });
+    statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+    assert.ok(res.statusCode < 500, `${url} ${payload} → ${res.statusCode} ${res.body}`);
+    if (res.statusCode >= 400) {
+      assert.match(String(res.headers['content-type']), /^application\/problem\+json/, `${url} ${payload}`);
+      const problem = res.json<{ type: unknown; title: unknown; status: unknown }>();
+      assert.equal(problem.status, res.statusCode);
+      assert.equal(typeof problem.type, 'string');
+      assert.equal(typeof problem.title, 'string');
+    }
+    if ([400, 413, 415].includes(res.statusCode)) assert.equal(await written(), before, `${url} ${payload} → ${res.statusCode} wrote something`);
+  };
+  await fc.assert(
+    fc.asyncProperty(
+      fc.oneof(requestArb.map((r) => ({ url: r.url, text: JSON.stringify(r.body) ?? 'null' })), rawArb),
+      fc.oneof(
+        { arbitrary: fc.constant('application/json'), weight: 8 },
+        { arbitrary: fc.constantFrom('text/plain', 'application/x-www-form-urlencoded', 'application/json; charset=utf-8', 'application/xml'), weight: 1 },
+      ),
+      async ({ url, text }, contentType) => {
+        await check(url, text, contentType);
+      },
+    ),
+    { seed, numRuns: 800 },
+  );
+  // The generators reach both sides: refusals and, now and then, a valid request.
+  assert.ok((statuses.get(400) ?? 0) > 100 && (statuses.get(415) ?? 0) > 0, JSON.stringify([...statuses]));
+  assert.ok([...statuses.keys()].some((s) => s < 300), JSON.stringify([...statuses]));
+});
