@@ -64,10 +64,9 @@ function mutated(valid: () => Record<string, unknown>): fc.Arbitrary<unknown> {
     const body = valid();
     const keys = Object.keys(body);
     const key = keys[i % keys.length] as string;
-    if (how === 'remove') delete body[key];
-    else if (how === 'replace') body[key] = value;
-    else body[name.length > 0 && !(name in body) ? name : `x_${name}`] = value;
-    return body;
+    if (how === 'remove') return Object.fromEntries(Object.entries(body).filter(([k]) => k !== key));
+    if (how === 'replace') return { ...body, [key]: value };
+    return { ...body, [name.length > 0 && !(name in body) ? name : `x_${name}`]: value };
   });
   return fc.oneof({ arbitrary: changed, weight: 9 }, { arbitrary: fc.constant(null).map(() => valid()), weight: 1 });
 }
