@@ -5,7 +5,8 @@
  * must never answer 5xx; every error must be RFC 9457 problem+json naming its status; and a
  * refusal of the request itself (400, 413, 415) must write nothing. A 422 is the ledger's
  * decision on a well-formed transfer (a rejection is recorded, so that the id stays failed),
- * and 2xx is a valid request that happened to be generated.
+ * and 2xx is a valid request that happened to be generated. GET routes get arbitrary ids and
+ * query strings, with the same rule: never 5xx, every error problem+json.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -127,4 +128,35 @@ test('property: no input makes a 5xx; every error is problem+json; a refused req
   // The generators reach both sides: refusals and, now and then, a valid request.
   assert.ok((statuses.get(400) ?? 0) > 100 && (statuses.get(415) ?? 0) > 0, JSON.stringify([...statuses]));
   assert.ok([...statuses.keys()].some((s) => s < 300), JSON.stringify([...statuses]));
+});
+
+/** A path segment or query value a client might send: ids in and out of format, numbers at and past the edges, text needing escapes. */
+const anyParam = fc.oneof(
+  fc.constantFrom(A, newId(), 'not-a-uuid', '00000000-0000-0000-0000-000000000000', '0', '-1', '1.5', '9223372036854775807', '9223372036854775808', '99999999999999999999', '', 'asc', 'desc', 'ASC', '%00', '%ff', '..', '1e3'),
+  fc.string({ maxLength: 20 }).map(encodeURIComponent),
+);
+
+test('property: no path or query makes a GET answer 5xx; every error is problem+json', async () => {
+  const seed = propertySeed('ledger HTTP GET fuzz');
+  const statuses = new Map<number, number>();
+  await fc.assert(
+    fc.asyncProperty(
+      fc.constantFrom('/v1/accounts/{id}', '/v1/accounts/{id}/balance', '/v1/accounts/{id}/transfers', '/v1/transfers/{id}', '/v1/ledgers'),
+      anyParam,
+      fc.dictionary(fc.constantFrom('limit', 'order', 'after', 'at', 'x'), anyParam, { maxKeys: 3 }),
+      async (route, id, query) => {
+        const qs = Object.entries(query).map(([k, v]) => `${k}=${v}`).join('&');
+        const url = `${route.replace('{id}', id)}${qs === '' ? '' : `?${qs}`}`;
+        const res = await app.inject({ method: 'GET', url });
+        statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+        assert.ok(res.statusCode < 500, `GET ${url} → ${res.statusCode} ${res.body}`);
+        if (res.statusCode >= 400) {
+          assert.match(String(res.headers['content-type']), /^application\/problem\+json/, `GET ${url}`);
+          assert.equal(res.json<{ status: unknown }>().status, res.statusCode);
+        }
+      },
+    ),
+    { seed, numRuns: 600 },
+  );
+  assert.ok((statuses.get(200) ?? 0) > 0 && (statuses.get(400) ?? 0) > 0 && (statuses.get(404) ?? 0) > 0, JSON.stringify([...statuses]));
 });
