@@ -29,7 +29,7 @@ export {
   ValidationIssueSchema,
 } from './problem.ts';
 export type { Problem, ProblemInit, ValidationIssue } from './problem.ts';
-export { PROBLEM_TYPES, REQUEST_ID_HEADER } from './problem-handlers.ts';
+export { PROBLEM_TYPES, REQUEST_ID_HEADER, type ProblemAnswer } from './problem-handlers.ts';
 export { guardPool } from './pg-pool.ts';
 export { postgresReadinessCheck, READINESS_TIMEOUT_MS_DEFAULT } from './readiness.ts';
 export type { CheckOutcome, ReadinessCheck } from './readiness.ts';

@@ -12,6 +12,19 @@ import type { ValidationIssue } from './problem.ts';
 
 export const REQUEST_ID_HEADER = 'x-request-id';
 
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /**
+     * Members to add to the problems the runtime itself answers for this route's client errors
+     * (a body that fails its schema, malformed JSON, an unsupported media type), given the
+     * problem and the request (its body as parsed, if it was): for example OAuth2's `error`
+     * code, which a token endpoint's clients switch on (RFC 6749 §5.2). Problems a handler
+     * throws carry their own members, and no extension replaces a standard member.
+     */
+    clientProblemExtensions?: (answer: ProblemAnswer, request: FastifyRequest) => Readonly<Record<string, unknown>>;
+  }
+}
+
 export const PROBLEM_TYPES = {
   validationError: problemType('validation-error'),
   malformedJson: problemType('malformed-json'),
@@ -30,10 +43,11 @@ export function sendProblem(request: FastifyRequest, reply: FastifyReply, answer
   const { status, type, title, detail, extensions } = answer;
   // Set here as well as in onRequest: framework errors (a bad URL) are answered before hooks run.
   reply.header(REQUEST_ID_HEADER, request.id);
-  return reply
-    .code(status)
-    .type(PROBLEM_CONTENT_TYPE)
-    .send({ type, title, status, detail, instance: request.url, request_id: request.id, ...extensions });
+  // No prototype, so that any member name is just a name (even `__proto__`).
+  const members = Object.assign(Object.create(null) as Record<string, unknown>, { type, title, status, detail, instance: request.url, request_id: request.id });
+  // Extensions add members; they never replace the standard ones.
+  for (const [name, value] of Object.entries(extensions ?? {})) if (!Object.hasOwn(members, name)) members[name] = value;
+  return reply.code(status).type(PROBLEM_CONTENT_TYPE).send(members);
 }
 
 function plainStatus(status: number, detail: string): ProblemAnswer {
@@ -62,7 +76,10 @@ const FRAMEWORK_PROBLEMS: Readonly<Record<string, (request: FastifyRequest) => P
 
 /** Fastify's error handler, and its `frameworkErrors` hook for requests that fail before routing. */
 export function errorHandler(error: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
-  sendProblem(request, reply, problemFor(error, request));
+  const answer = problemFor(error, request);
+  // Before routing (a bad URL) there are no route options.
+  const extend = error instanceof HttpProblem || answer.status >= 500 ? undefined : (request.routeOptions as Partial<typeof request.routeOptions> | undefined)?.config?.clientProblemExtensions;
+  sendProblem(request, reply, extend === undefined ? answer : { ...answer, extensions: { ...extend(answer, request), ...answer.extensions } });
 }
 
 function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer {

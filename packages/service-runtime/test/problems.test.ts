@@ -63,6 +63,18 @@ before(async () => {
       });
     },
   );
+  // A route whose clients switch on an extra member (as OAuth2 clients switch on `error`).
+  app.post(
+    '/token',
+    {
+      config: { clientProblemExtensions: (answer) => ({ error: answer.status === 415 ? 'unsupported_media' : 'invalid_request', status: 999, errors: 'overridden?' }) },
+      schema: { body: Type.Object({ grant: Type.String() }, { additionalProperties: false }), response: { 200: Type.Object({}), 409: ProblemResponse } },
+    },
+    (request) => {
+      if (request.body.grant === 'taken') throw problem(409, { type: problemType('taken'), title: 'Taken', detail: 'Taken.', error: 'conflict' });
+      return {};
+    },
+  );
   app.get('/boom', { schema: { response: { 200: Type.Object({}) } } }, () => {
     throw new Error('connection string postgres://secret@db leaked');
   });
@@ -257,6 +269,24 @@ describe('problem+json errors', () => {
       instance: '/boom-not-an-error',
     });
     assert.doesNotMatch(response.body, /should know better/);
+  });
+});
+
+describe('a route\'s clientProblemExtensions', () => {
+  it('adds its members to the client errors the runtime answers, never over the problem\'s own, and leaves a handler\'s problems alone', async () => {
+    const invalid = await app.inject({ method: 'POST', url: '/token', payload: { grant: 1 } });
+    const body = assertProblem(invalid, { status: 400, type: 'https://ledgerline.dev/problems/validation-error', title: 'Validation failed', instance: '/token' });
+    assert.equal(body.error, 'invalid_request');
+    assert.ok(Array.isArray(body.errors), 'the validation issues stay');
+    const malformed = await app.inject({ method: 'POST', url: '/token', headers: { 'content-type': 'application/json' }, payload: '{"grant":' });
+    assert.equal(malformed.json<Record<string, unknown>>().error, 'invalid_request');
+    const media = await app.inject({ method: 'POST', url: '/token', headers: { 'content-type': 'application/xml' }, payload: '<grant/>' });
+    assert.deepEqual([media.statusCode, media.json<Record<string, unknown>>().error, media.json<Record<string, unknown>>().status], [415, 'unsupported_media', 415]);
+    const handled = await app.inject({ method: 'POST', url: '/token', payload: { grant: 'taken' } });
+    assert.equal(handled.json<Record<string, unknown>>().error, 'conflict');
+    // Other routes are untouched.
+    const other = await app.inject({ method: 'POST', url: '/transfers', payload: { amountMinor: 0, currency: 'EUR' } });
+    assert.equal(other.json<Record<string, unknown>>().error, undefined);
   });
 });
 

@@ -3,13 +3,13 @@
  * rotation, client credentials with a secret or a signed assertion), revocation, the JWKS, and
  * the few administrative routes, which need a token of this service's own audience.
  */
-import type { FastifyBaseLogger } from 'fastify';
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
-import { createService, postgresReadinessCheck, problem, problemType, ProblemResponse, type HttpProblem, type Service } from '@ledgerline/service-runtime';
+import { createService, postgresReadinessCheck, problem, problemType, ProblemResponse, type HttpProblem, type ProblemAnswer, type Service } from '@ledgerline/service-runtime';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
 /** The audience of tokens for this service's own routes. */
@@ -54,6 +54,20 @@ async function answer<T>(call: Promise<T>): Promise<T> {
   }
 }
 
+/** The grant types the token endpoint serves, as TokenBody lists them. */
+const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.anyOf.map((literal) => literal.const));
+
+/**
+ * The OAuth2 `error` of a token or revocation request refused before its handler ran (RFC 6749
+ * §5.2): `unsupported_grant_type` when it names a grant type this server does not serve, else
+ * `invalid_request` (a missing, repeated or malformed parameter, a body that is not a form).
+ */
+function oauthClientError(_answer: ProblemAnswer, request: FastifyRequest): Readonly<Record<string, unknown>> {
+  const body: unknown = request.body;
+  const grant = typeof body === 'object' && body !== null ? (body as Record<string, unknown>).grant_type : undefined;
+  return { error: typeof grant === 'string' && !GRANT_TYPES.has(grant) ? 'unsupported_grant_type' : 'invalid_request' };
+}
+
 function missing(grant: string, fields: string): HttpProblem {
   return identityProblem(new IdentityError('invalid_request', `grant_type ${grant} needs ${fields}`));
 }
@@ -92,7 +106,10 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
 
   app.post(
     '/oauth/token',
-    { schema: { summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials', tags: ['tokens'], body: TokenBody, response: { 200: TokenOut, ...problems } } },
+    {
+      config: { clientProblemExtensions: oauthClientError },
+      schema: { summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials', tags: ['tokens'], body: TokenBody, response: { 200: TokenOut, ...problems } },
+    },
     async (request, reply): Promise<TokenResponse> => {
       reply.headers(noStore);
       const body = request.body;
@@ -139,7 +156,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     },
   );
 
-  app.post('/oauth/revoke', { schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], body: RevokeBody, response: { 200: { type: 'null' }, 400: ProblemResponse } } }, async (request, reply) => {
+  app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], body: RevokeBody, response: { 200: { type: 'null' }, 400: ProblemResponse } } }, async (request, reply) => {
     await identity.revoke(request.body.token);
     return reply.code(200).send(null);
   });

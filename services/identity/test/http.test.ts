@@ -93,10 +93,17 @@ describe('the token endpoint', () => {
     assert.equal(json.statusCode, 200, json.body);
     assertOAuthProblem(await token({ grant_type: 'password', username: 'root', audience: 'ledger' }), 400, 'invalid_request');
     assertOAuthProblem(await token({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'payments' }), 400, 'invalid_target');
+    // Refused by the schema, before the handler: still an OAuth2 error code (RFC 6749 §5.2).
     const badGrant = await token({ grant_type: 'implicit' });
-    assert.equal(badGrant.statusCode, 400);
+    assert.deepEqual([badGrant.statusCode, badGrant.json<Problem>().error], [400, 'unsupported_grant_type']);
     const unknownField = await token({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger', admin: 'true' });
-    assert.equal(unknownField.statusCode, 400);
+    assert.deepEqual([unknownField.statusCode, unknownField.json<Problem>().error], [400, 'invalid_request']);
+    const noGrant = await token({ username: 'root' });
+    assert.deepEqual([noGrant.statusCode, noGrant.json<Problem>().error], [400, 'invalid_request']);
+    const notAForm = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/xml' }, payload: '<grant/>' });
+    assert.deepEqual([notAForm.statusCode, notAForm.json<Problem>().error], [415, 'invalid_request']);
+    const revokeNothing = await app.inject({ method: 'POST', url: '/oauth/revoke', payload: {} });
+    assert.deepEqual([revokeNothing.statusCode, revokeNothing.json<Problem>().error], [400, 'invalid_request']);
     assertOAuthProblem(await token({ grant_type: 'refresh_token' }), 400, 'invalid_request');
     assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'x' }), 400, 'invalid_request');
     assertOAuthProblem(await token({ grant_type: 'client_credentials', audience: 'ledger', client_id: 'payments' }), 400, 'invalid_request');
