@@ -9,10 +9,10 @@
  * (one per stream, 1,000 per transaction) whose actors cycle through `actors` users, except one
  * event by `user:rare`; one in 997 is a rejection (outcome failure). The sequencer integrates
  * them in tiles of up to `tile` events (the service's AUDIT_SEQUENCER_BATCH_MAX), timed with
- * its PostgreSQL CPU per event. Then the first page (`page` results, oldest first) of four
- * searches, each timed: an actor in no event, the rare actor, a busy actor, and
- * `outcome=failure`; then the summaries are cleared (as a superuser, triggers off) and the
- * same searches timed again.
+ * its PostgreSQL CPU per event. Then the first page (`page` results, oldest first) of five
+ * searches, each timed: an actor in no event, the rare actor, a busy actor,
+ * `outcome=failure`, and an action every event has; then the summaries are cleared (as a
+ * superuser, triggers off) and the same searches timed again.
  *
  * Progress goes to stderr; the last line on stdout is one JSON object.
  */
@@ -49,6 +49,8 @@ const SEARCHES: Record<string, EventLeafFilter> = {
   rare_actor: { actorId: 'user:rare' },
   busy_actor: { actorId: 'user:7' },
   failures: { outcome: 'failure' },
+  // Every event matches: a page fills from the first leaves it reads.
+  every_transfer: { action: 'ledger.TransferPosted' },
 };
 
 async function main(): Promise<void> {

@@ -292,8 +292,10 @@ export interface EventLeafFilter {
 
 type EventLeafRow = EventRecord & { seq: string };
 
-/** Tiles whose events one search query filters. */
+/** Tiles one search query finds (whose leaves are then read in runs). */
 const SEARCH_TILES_PER_QUERY = 4;
+/** The longest run of a tile's leaves one search query reads. */
+const SEARCH_RUN_MAX = 16_384;
 
 const EVENT_COLUMNS = 'e.position, e.transaction_id, e.partition, e.event_id, e.stream_type, e.stream_id, e.version, e.type, e.schema_version, e.data, e.metadata, e.recorded_at';
 
@@ -343,7 +345,12 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
     );
     rows = r.rows;
   } else {
-    // A few tiles at a time, in sequence order, until the page is full or the tiles run out.
+    // Tiles in sequence order, a few found at a time, and in each its leaves in runs, also in
+    // sequence order, until the page is full. The first run is as long as the page and each
+    // next one twice the last (up to SEARCH_RUN_MAX): a filter most events match fills the
+    // page from the first run, and a rare one soon reads long runs. (Reading four whole tiles
+    // for every page cost 170 ms for a page of 50 that the first 50 leaves filled.)
+    let run = Math.max(1, limit);
     for (let from = after; rows.length < limit; ) {
       // A tile's summary (actors, failures) rules it out without reading its events; a tile
       // without one (integrated before summaries existed) is read.
@@ -357,20 +364,31 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
           ORDER BY t.first_seq ${order} LIMIT ${SEARCH_TILES_PER_QUERY}`,
         [from, filter.from ?? null, filter.to ?? null, filter.actorId ?? null, filter.outcome ?? null],
       );
-      const last = tiles.rows.at(-1);
-      if (last === undefined) break;
-      const r = await db.query<EventLeafRow>(
-        `SELECT * FROM (
-           SELECT t.first_seq + u.i - 1 AS seq, e.*
-             FROM audit.event_leaves t
-             CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
-             CROSS JOIN LATERAL ${eventAt('u.position')} e
-            WHERE t.first_seq = ANY($10::bigint[]) AND ${conditions}) x
-          WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,
-        [...args(from), limit - rows.length, tiles.rows.map((t) => t.first_seq)],
-      );
-      rows = rows.concat(r.rows);
-      from = desc ? Number(last.first_seq) : Number(last.first_seq) + last.leaf_count - 1;
+      if (tiles.rows.length === 0) break;
+      for (const tile of tiles.rows) {
+        const first = Number(tile.first_seq);
+        // The tile's leaves past the keyset, as 1-based indices lo..hi.
+        let lo = !desc && from !== null ? Math.max(1, from - first + 2) : 1;
+        let hi = desc && from !== null ? Math.min(tile.leaf_count, from - first) : tile.leaf_count;
+        while (lo <= hi && rows.length < limit) {
+          const [a, b] = desc ? [Math.max(lo, hi - run + 1), hi] : [lo, Math.min(hi, lo + run - 1)];
+          const r = await db.query<EventLeafRow>(
+            `SELECT t.first_seq + $10::integer + u.k - 2 AS seq, e.*
+               FROM audit.event_leaves t
+               CROSS JOIN LATERAL unnest(t.positions[$10:$11]) WITH ORDINALITY AS u(position, k)
+               CROSS JOIN LATERAL ${eventAt('u.position')} e
+              WHERE t.first_seq = $9 AND ${conditions}
+              ORDER BY u.k ${order} LIMIT $8`,
+            [...args(null).slice(0, 7), limit - rows.length, first, a, b],
+          );
+          rows = rows.concat(r.rows);
+          if (desc) hi = a - 1;
+          else lo = b + 1;
+          run = Math.min(run * 2, SEARCH_RUN_MAX);
+        }
+        from = desc ? first : first + tile.leaf_count - 1;
+        if (rows.length >= limit) break;
+      }
     }
   }
   return rows.map((row) => ({ seq: Number(row.seq), event: toEvent(row) }));
