@@ -79,7 +79,14 @@ export function errorHandler(error: FastifyError, request: FastifyRequest, reply
   const answer = problemFor(error, request);
   // Before routing (a bad URL) there are no route options.
   const extend = error instanceof HttpProblem || answer.status >= 500 ? undefined : (request.routeOptions as Partial<typeof request.routeOptions> | undefined)?.config?.clientProblemExtensions;
-  sendProblem(request, reply, extend === undefined ? answer : { ...answer, extensions: { ...extend(answer, request), ...answer.extensions } });
+  let extra: Readonly<Record<string, unknown>> = {};
+  try {
+    if (extend !== undefined) extra = extend(answer, request);
+  } catch (extendError) {
+    // The error handler must answer whatever a route's function does: the problem goes out without its members.
+    request.log.error({ err: extendError }, 'clientProblemExtensions failed');
+  }
+  sendProblem(request, reply, { ...answer, extensions: { ...extra, ...answer.extensions } });
 }
 
 function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer {

@@ -75,6 +75,18 @@ before(async () => {
       return {};
     },
   );
+  app.post(
+    '/token-broken',
+    {
+      config: {
+        clientProblemExtensions: () => {
+          throw new Error('a bug in the route\'s function');
+        },
+      },
+      schema: { body: Type.Object({ grant: Type.String() }), response: { 200: Type.Object({}) } },
+    },
+    () => ({}),
+  );
   app.get('/boom', { schema: { response: { 200: Type.Object({}) } } }, () => {
     throw new Error('connection string postgres://secret@db leaked');
   });
@@ -284,6 +296,10 @@ describe('a route\'s clientProblemExtensions', () => {
     assert.deepEqual([media.statusCode, media.json<Record<string, unknown>>().error, media.json<Record<string, unknown>>().status], [415, 'unsupported_media', 415]);
     const handled = await app.inject({ method: 'POST', url: '/token', payload: { grant: 'taken' } });
     assert.equal(handled.json<Record<string, unknown>>().error, 'conflict');
+    // A function that throws costs its members, not the answer.
+    const broken = await app.inject({ method: 'POST', url: '/token-broken', payload: { grant: 1 } });
+    assertProblem(broken, { status: 400, type: 'https://ledgerline.dev/problems/validation-error', title: 'Validation failed', instance: '/token-broken' });
+    assert.ok(logLines.some((l) => l.msg === 'clientProblemExtensions failed'));
     // Other routes are untouched.
     const other = await app.inject({ method: 'POST', url: '/transfers', payload: { amountMinor: 0, currency: 'EUR' } });
     assert.equal(other.json<Record<string, unknown>>().error, undefined);
