@@ -70,6 +70,10 @@ function toIssues(errors: readonly TLocalizedValidationError[]): FastifySchemaVa
         if (error.schemaPath.endsWith('/additionalProperties')) break;
         add(error, error.instancePath, error.message);
         break;
+      case 'enum':
+        // Name the choices: "must be equal to one of the allowed values" leaves the client guessing.
+        add(error, error.instancePath, `must be one of ${(error.params.allowedValues as readonly unknown[]).map((v) => JSON.stringify(v)).join(', ')}`);
+        break;
       default:
         add(error, error.instancePath, error.message);
     }

@@ -30,3 +30,10 @@ test('defaults are filled where declared, converted in the querystring, and a sc
   assert.ok(body({ amount: 12 }).error !== undefined, 'a number where a string belongs is refused, not converted');
   assert.ok(body({ amount: '1', extra: true }).error !== undefined, 'an extra property is refused, not dropped');
 });
+
+test('a value outside an enum is one issue that names the choices', () => {
+  const query = compile(Type.Object({ order: Type.Enum(['asc', 'desc'], { default: 'desc' }) }), 'querystring');
+  assert.deepEqual(query({}).value, { order: 'desc' });
+  const issues = query({ order: 'ASC' }).error as Array<{ instancePath: string; message: string }>;
+  assert.deepEqual(issues.map((i) => [i.instancePath, i.message]), [['/order', 'must be one of "asc", "desc"']]);
+});

@@ -55,7 +55,7 @@ async function answer<T>(call: Promise<T>): Promise<T> {
 }
 
 /** The grant types the token endpoint serves, as TokenBody lists them. */
-const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.anyOf.map((literal) => literal.const));
+const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.enum);
 
 /**
  * The OAuth2 `error` of a token or revocation request refused before its handler ran (RFC 6749

@@ -8,7 +8,7 @@ const Text = (maxLength: number) => Type.String({ minLength: 1, maxLength });
  */
 export const TokenBody = Type.Object(
   {
-    grant_type: Type.Union([Type.Literal('password'), Type.Literal('refresh_token'), Type.Literal('client_credentials')]),
+    grant_type: Type.Enum(['password', 'refresh_token', 'client_credentials']),
     audience: Type.Optional(Text(64)),
     username: Type.Optional(Text(64)),
     password: Type.Optional(Text(256)),

@@ -191,7 +191,7 @@ export const AccountParams = Type.Object({ id: Id }, { additionalProperties: fal
 export const TransfersQuery = Type.Object(
   {
     limit: Type.Integer({ minimum: 1, maximum: 1000, default: 50 }),
-    order: Type.Union([Type.Literal('asc'), Type.Literal('desc')], { default: 'desc' }),
+    order: Type.Enum(['asc', 'desc'], { default: 'desc' }),
     after: Type.Optional(Digits),
   },
   { additionalProperties: false },
