@@ -12,7 +12,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
-import { problem, problemType, ProblemResponse } from '@ledgerline/service-runtime';
+import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
@@ -198,7 +198,8 @@ const RecordOut = Type.Object({
   personal: Nullable(Type.Record(Type.String(), Type.Unknown())),
   personal_state: Type.String({ description: 'present, erased (the subject key was destroyed), expired or none' }),
 });
-const Text = Type.String({ minLength: 1, maxLength: 500 });
+/** A search term: text PostgreSQL can compare (a NUL would fail the query as a 500). */
+const Text = Type.String({ minLength: 1, maxLength: 500, pattern: STORABLE_TEXT_PATTERN });
 const SearchQuery = Type.Object(
   {
     actor: Type.Optional(Text),
@@ -212,7 +213,7 @@ const SearchQuery = Type.Object(
     to: Type.Optional(Type.String({ format: 'date-time', description: 'Exclusive.' })),
     limit: Type.Integer({ minimum: 1, maximum: SEARCH_LIMIT_MAX, default: 100 }),
     order: Type.Enum(['asc', 'desc'], { default: 'desc' }),
-    after: Type.Optional(Type.Integer({ minimum: 0, description: 'The next_cursor of the previous page.' })),
+    after: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The next_cursor of the previous page.' })),
   },
   { additionalProperties: false },
 );

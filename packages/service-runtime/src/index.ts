@@ -37,7 +37,7 @@ export { runService } from './run.ts';
 export type { OnCloseHook, RunOptions } from './run.ts';
 export { createService } from './service.ts';
 export type { Service, ServiceOptions } from './service.ts';
-export { VALIDATION_ISSUES_MAX } from './validation.ts';
+export { STORABLE_TEXT_PATTERN, VALIDATION_ISSUES_MAX } from './validation.ts';
 export { DegradationTracker, markStale } from './degradation.ts';
 export type { DegradationSnapshot } from './degradation.ts';
 export { ServiceMetrics, UNMATCHED_ROUTE } from './metrics.ts';

@@ -17,6 +17,15 @@ import { Compile } from 'typebox/compile';
 import type { TLocalizedValidationError } from 'typebox/error';
 import { Value } from 'typebox/value';
 
+/**
+ * A `pattern` for text PostgreSQL can take: no NUL character (text refuses it) and no unpaired
+ * surrogate (jsonb refuses it, and UTF-8 cannot carry it). Without it, such a string in a
+ * request reaches the database and fails there as a 500. The pattern has no `u` flag, so it
+ * sees UTF-16 code units: anything but NUL or a surrogate, or a high surrogate followed by a
+ * low one.
+ */
+export const STORABLE_TEXT_PATTERN = '^(?:[^\\u0000\\uD800-\\uDFFF]|[\\uD800-\\uDBFF][\\uDC00-\\uDFFF])*$';
+
 /** Clients get at most this many issues per response; the first ones are enough to fix a request. */
 export const VALIDATION_ISSUES_MAX = 20;
 

@@ -1,6 +1,8 @@
 import { Type, type Static } from 'typebox';
+import { STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 
-const Text = (maxLength: number) => Type.String({ minLength: 1, maxLength });
+/** Text PostgreSQL can take (a NUL in a username would fail its query as a 500). */
+const Text = (maxLength: number) => Type.String({ minLength: 1, maxLength, pattern: STORABLE_TEXT_PATTERN });
 
 /**
  * The token endpoint's parameters (RFC 6749 §4.3, §4.4, §6; RFC 7523 client assertions), sent as

@@ -4,6 +4,7 @@
  * digits (minor units; nanoseconds since the epoch), never JSON numbers.
  */
 import { Type, type Static } from 'typebox';
+import { STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 import {
   METADATA_KEY_LENGTH_MAX,
   METADATA_KEYS_MAX,
@@ -38,12 +39,8 @@ export const LedgerCode = Type.String({
 
 export const Code = Type.Integer({ minimum: 1, maximum: 65535, description: 'A chart-of-accounts or reason code chosen by the user.' });
 
-/**
- * Text PostgreSQL's jsonb can store: no NUL character and no unpaired surrogate (jsonb rejects
- * both, which would fail the whole write). The pattern has no `u` flag, so it sees UTF-16 code
- * units: anything but NUL or a surrogate, or a high surrogate followed by a low one.
- */
-const STORABLE_TEXT = '^(?:[^\\u0000\\uD800-\\uDFFF]|[\\uD800-\\uDBFF][\\uDC00-\\uDFFF])*$';
+/** Text PostgreSQL can store (no NUL, no unpaired surrogate): a jsonb write would fail on it. */
+const STORABLE_TEXT = STORABLE_TEXT_PATTERN;
 
 // The key rules live in `propertyNames`: TypeBox's Record drops constraints on its key schema
 // (it emits `patternProperties: { "^.*$": ... }`), and `^.*$` does not match a key containing a

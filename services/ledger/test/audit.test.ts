@@ -6,9 +6,11 @@
 import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { after, before, test } from 'node:test';
+import fc from 'fast-check';
 import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, parsePublicKey, PostgresAuditSink, signKeyTransition, verifyBundle, verifyLog, type AuditEntry, type InclusionBundle } from '@ledgerline/audit';
 import { LedgerEngine, newId } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
+import { propertySeed } from '@ledgerline/testing';
 import { buildLedgerService } from '../src/app.ts';
 import { ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
 
@@ -294,5 +296,42 @@ test('with the audit sink saturated, commands are refused with 503 before they r
     assert.equal((await refusing.inject({ method: 'GET', url: '/v1/ledgers' })).statusCode, 200);
   } finally {
     await refusing.close();
+  }
+});
+
+/** A query value a reviewer's tool might send: numbers at and past the edges, odd dates, text. */
+const auditParam = fc.oneof(
+  { weight: 4, arbitrary: fc.constantFrom('0', '1', '-1', '1.5', '1e3', '1e30', '9007199254740991', '9007199254740992', '99999999999999999999', '', 'asc', 'DESC', 'failure', 'financial',
+    '2026-01-01T00:00:00Z', '2026-13-45T00:00:00Z', '2026-02-30T00:00:00Z', '0000-01-01T00:00:00Z', '275760-09-13T00:00:00Z', '2026-01-01', 'now', '%00', '%ff') },
+  { weight: 1, arbitrary: fc.string({ maxLength: 12 }).map(encodeURIComponent) },
+);
+
+test('property: no query makes the audit routes answer 5xx; every error is problem+json', async () => {
+  const seed = propertySeed('audit routes query fuzz');
+  const statuses = new Map<number, number>();
+  await fc.assert(
+    fc.asyncProperty(
+      fc.constantFrom('/v1/audit/records', '/v1/audit/records/{seq}/proof', '/v1/audit/consistency', '/v1/audit/checkpoint'),
+      auditParam,
+      fc.dictionary(fc.constantFrom('actor', 'outcome', 'record_class', 'from', 'to', 'limit', 'order', 'after', 'tree_size', 'x'), auditParam, { maxKeys: 4 }),
+      async (route, seq, query) => {
+        const qs = Object.entries(query).map(([k, v]) => `${k}=${v}`).join('&');
+        const url = `${route.replace('{seq}', seq)}${qs === '' ? '' : `?${qs}`}`;
+        const res = await app.inject({ method: 'GET', url, headers: { 'x-client-id': 'auditor-fuzz' } });
+        statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+        assert.ok(res.statusCode < 500, `GET ${url} → ${res.statusCode} ${res.body}`);
+        if (res.statusCode >= 400) {
+          assert.match(String(res.headers['content-type']), /^application\/problem\+json/, `GET ${url}`);
+          assert.equal(res.json<{ status: unknown }>().status, res.statusCode);
+        }
+      },
+    ),
+    { seed, numRuns: 1000 },
+  );
+  assert.ok((statuses.get(200) ?? 0) > 0 && (statuses.get(400) ?? 0) > 0, JSON.stringify([...statuses]));
+  // Found by this test: a cursor past 2^53 reached PostgreSQL as "1e+30" and answered 500.
+  for (const after of ['1e30', '99999999999999999999']) {
+    const res = await app.inject({ method: 'GET', url: `/v1/audit/records?after=${after}`, headers: { 'x-client-id': 'auditor-fuzz' } });
+    assert.equal(res.statusCode, 400, res.body);
   }
 });

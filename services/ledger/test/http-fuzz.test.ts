@@ -55,7 +55,7 @@ const validAccount = (): Record<string, unknown> => ({ id: newId(), ledger: 'USD
 /** A JSON value of any shape, with the awkward numbers and strings a client might send. */
 const anyJson = fc.oneof(
   fc.jsonValue({ maxDepth: 3 }),
-  fc.constantFrom('-1', '0', '1.5', '1e3', '９', '9223372036854775808', '00012', ' 12', '', 'NaN', '0x10', newId(), 'not-a-uuid', '00000000-0000-0000-0000-000000000000'),
+  fc.constantFrom('-1', '0', '1.5', '1e3', '９', '9223372036854775808', '00012', ' 12', '', 'NaN', '0x10', newId(), 'not-a-uuid', '00000000-0000-0000-0000-000000000000', 'US\u0000D', '\uD800', { k: 'v\u0000' }, { 'k\u0000': 'v' }),
   fc.constantFrom(-1, 0, 1.5, 2 ** 53, Number.MAX_SAFE_INTEGER, 1e308, true, null),
 );
 
