@@ -152,12 +152,25 @@ function describe(error: unknown): string {
   return typeof code === 'string' ? code : 'token verification failed';
 }
 
+/**
+ * A principal's id as every consumer can use it: printable ASCII without spaces, 1 to 255
+ * characters. It scopes idempotency keys, names the actor of audit records and event
+ * metadata, and is compared with account owners. This issuer's subjects (user UUIDs, client ids
+ * of `[a-z0-9._-]`) all fit; a token from a trusted key with any other subject is malformed,
+ * refused as 401 rather than failing later in the database.
+ */
+const SUBJECT_PATTERN = /^[\x21-\x7E]{1,255}$/;
+/** Claim text PostgreSQL can store, 1 to 255 characters: no NUL, no unpaired surrogate. */
+function storableClaim(value: unknown): value is string {
+  return typeof value === 'string' && value.length >= 1 && value.length <= CLAIM_CHARS_MAX && !value.includes('\u0000') && value.isWellFormed();
+}
+
 function toVerified(payload: JWTPayload, audience: string): VerifiedToken {
   const { sub, jti, exp, kind, roles, tenant } = payload as JWTPayload & { kind?: unknown; roles?: unknown; tenant?: unknown };
-  const rolesOk = Array.isArray(roles) && roles.length <= ROLES_MAX && roles.every((r) => typeof r === 'string' && r.length <= CLAIM_CHARS_MAX);
-  if (typeof sub !== 'string' || sub.length > CLAIM_CHARS_MAX || typeof jti !== 'string' || typeof exp !== 'number' || (kind !== 'user' && kind !== 'service') || !rolesOk) {
+  const rolesOk = Array.isArray(roles) && roles.length <= ROLES_MAX && roles.every(storableClaim);
+  if (typeof sub !== 'string' || !SUBJECT_PATTERN.test(sub) || typeof jti !== 'string' || typeof exp !== 'number' || (kind !== 'user' && kind !== 'service') || !rolesOk) {
     throw new InvalidTokenError('token claims malformed');
   }
-  if (tenant !== undefined && (typeof tenant !== 'string' || tenant.length > CLAIM_CHARS_MAX)) throw new InvalidTokenError('token claims malformed');
+  if (tenant !== undefined && !storableClaim(tenant)) throw new InvalidTokenError('token claims malformed');
   return { id: sub, kind, roles, ...(tenant === undefined ? {} : { tenant }), jti, audience, expiresAtMs: exp * 1000 };
 }

@@ -125,6 +125,18 @@ describe('access tokens: verification refuses every forgery', async () => {
       .setIssuer(ISSUER).setSubject('s'.repeat(256)).setAudience('ledger').setIssuedAt(NOW_MS / 1000).setNotBefore(NOW_MS / 1000).setExpirationTime(NOW_MS / 1000 + 60).setJti('j')
       .sign(key.privateKey);
     await refused(longSubject, 'token claims malformed');
+    // A subject every consumer can store and compare (idempotency scopes, audit actors): printable
+    // ASCII without spaces. This issuer's (user UUIDs, client ids) fit; others are refused here,
+    // where they once failed later in the database as a 500.
+    const withSubject = (subject: string, body: Record<string, unknown> = { kind: 'user', roles: [] }) =>
+      new SignJWT(body).setProtectedHeader({ alg: 'EdDSA', kid: pair.kid, typ: 'at+jwt' })
+        .setIssuer(ISSUER).setSubject(subject).setAudience('ledger').setIssuedAt(NOW_MS / 1000).setNotBefore(NOW_MS / 1000).setExpirationTime(NOW_MS / 1000 + 60).setJti('j')
+        .sign(key.privateKey);
+    for (const subject of ['', 'a b', 'a\u0000b', 'é', '\uD800', 'tab\t']) await refused(await withSubject(subject), 'token claims malformed');
+    for (const subject of ['0197a1b2-0000-7000-8000-000000000001', 'svc.payments-1']) assert.equal((await verify(await withSubject(subject))).id, subject);
+    await refused(await withSubject('alice', { kind: 'user', roles: [''] }), 'token claims malformed');
+    await refused(await withSubject('alice', { kind: 'user', roles: [], tenant: 't\u0000' }), 'token claims malformed');
+    assert.equal((await verify(await withSubject('alice', { kind: 'user', roles: [], tenant: 'Société' }))).tenant, 'Société');
     await refused('not-a-token', 'malformed token');
     await refused(`${good}${'A'.repeat(4096)}`, 'malformed token');
   });

@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import fc from 'fast-check';
 import type { InjectOptions } from 'fastify';
 import { importJWK } from 'jose';
 import { AuditStore, checkEntry, loadSigningKey, MemoryAuditSink, migrateAudit, type AuditEntry } from '@ledgerline/audit';
@@ -14,6 +15,7 @@ import { ALL_ROLES, Authorizer, CUSTOMER_TRANSFER_MAX_MINOR, REFERENCE_POLICY, R
 import { createTokenVerifier, localKeys, newSigningKey, signAccessToken, type AccessClaims } from '@ledgerline/identity';
 import { LedgerEngine, newId } from '@ledgerline/ledger';
 import { migrateRuntime, type Service } from '@ledgerline/service-runtime';
+import { propertySeed } from '@ledgerline/testing';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
 import { buildLedgerService } from '../src/app.ts';
 import { OWNER_METADATA_KEY } from '../src/auth.ts';
@@ -310,4 +312,45 @@ describe('attacks', () => {
     assert.equal(other.headers['idempotent-replayed'], undefined);
     assert.equal(other.json<{ result: string }>().result, 'exists');
   });
+});
+
+/** Text a token's claims or a header might carry, the odd kinds included. */
+const oddText = fc.oneof(
+  { weight: 3, arbitrary: fc.constantFrom('', ' ', 'cust-1', 'teller-1', 'a\u0000b', '\uD800', 'é😀', 'x'.repeat(300), 'user:x', 'svc:y', '../../etc', "'; DROP TABLE x; --") },
+  { weight: 1, arbitrary: fc.string({ maxLength: 16 }) },
+);
+
+test('property: no Authorization header or signed claims make an endpoint answer 5xx; refusals are problem+json', async () => {
+  const seed = propertySeed('ledger auth fuzz');
+  const statuses = new Map<number, number>();
+  const header = fc.oneof(
+    oddText,
+    oddText.map((t) => `Bearer ${t}`),
+    fc.tuple(oddText, oddText, oddText).map(([a, b, c]) => `Bearer ${Buffer.from(a).toString('base64url')}.${Buffer.from(b).toString('base64url')}.${Buffer.from(c).toString('base64url')}`),
+    // Tokens this issuer really signed, with claims of any shape.
+    fc.record({
+      sub: oddText,
+      kind: fc.constantFrom('user', 'service', 'robot' as 'user'),
+      roles: fc.array(fc.oneof(fc.constantFrom(...ALL_ROLES), oddText), { maxLength: 3 }),
+      audience: fc.constantFrom('ledger', 'identity', ''),
+    }).map((claims) => ({ claims })),
+  );
+  const endpoints = [
+    (): InjectOptions => ({ method: 'GET', url: `/v1/accounts/${OWN}` }),
+    (): InjectOptions => ({ method: 'POST', url: '/v1/transfers', payload: transfer(OWN, '1') }),
+    (): InjectOptions => ({ method: 'POST', url: '/v1/transfers', headers: { 'idempotency-key': newId() }, payload: transfer(OWN, '1') }),
+    (): InjectOptions => ({ method: 'GET', url: '/v1/audit/records?limit=1' }),
+  ];
+  await fc.assert(
+    fc.asyncProperty(header, fc.nat({ max: endpoints.length - 1 }), async (h, which) => {
+      const authorization = typeof h === 'string' ? h : `Bearer ${await sign({ ...h.claims })}`;
+      const request = (endpoints[which] as () => InjectOptions)();
+      const res = await app.inject({ ...request, headers: { ...(request.headers ?? {}), authorization } });
+      statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+      assert.ok(res.statusCode < 500, `${String(request.method)} ${JSON.stringify(request.url)} with ${JSON.stringify(h)} → ${res.statusCode} ${res.body}`);
+      if (res.statusCode >= 400) assert.match(String(res.headers['content-type']), /^application\/problem\+json/, res.body);
+    }),
+    { seed, numRuns: 400 },
+  );
+  assert.ok((statuses.get(401) ?? 0) > 0 && (statuses.get(403) ?? 0) > 0, JSON.stringify([...statuses]));
 });
