@@ -197,7 +197,8 @@ export function summaryMismatch(summary: TileSummary, leaves: readonly EventLeaf
   if (summary.failures > failures + missing) return `its summary counts ${summary.failures} failures, more than its events can hold (${failures}, and ${missing} gone): search for successes would pass over the tile`;
   if (missing === 0) {
     const extra = summary.actors.filter((a) => !present.has(a));
-    if (extra.length > 0 || summary.actors.length !== listed.size) return `its summary names actor(s) no event of the tile has: ${extra.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}`;
+    if (extra.length > 0) return `its summary names actor(s) no event of the tile has: ${extra.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}`;
+    if (summary.actors.length !== listed.size) return 'its summary names an actor twice';
     if (summary.failures !== failures) return `its summary counts ${summary.failures} failures, but its events hold ${failures}`;
   }
   return null;
@@ -319,7 +320,8 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
     AND ($5::text IS NULL OR (CASE WHEN ${FAILED('e')} THEN 'failure' ELSE 'success' END) = $5)
     AND ($6::timestamptz IS NULL OR e.recorded_at >= $6) AND ($7::timestamptz IS NULL OR e.recorded_at < $7)`;
   const keyset = `($8::bigint IS NULL OR seq ${desc ? '<' : '>'} $8)`;
-  const args = (afterSeq: number | null): unknown[] => [
+  /** $1..$7 of `conditions`. */
+  const filterArgs: unknown[] = [
     filter.actorId ?? null,
     filter.resourceType ?? null,
     filter.resourceId ?? null,
@@ -327,7 +329,6 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
     filter.outcome ?? null,
     filter.from ?? null,
     filter.to ?? null,
-    afterSeq,
   ];
   const order = desc ? 'DESC' : 'ASC';
   let rows: EventLeafRow[] = [];
@@ -341,7 +342,7 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
            CROSS JOIN LATERAL (SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM ${tileOfEvent('e')} t) s
           WHERE s.seq IS NOT NULL AND ${conditions}) x
         WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,
-      [...args(after), limit],
+      [...filterArgs, after, limit],
     );
     rows = r.rows;
   } else {
@@ -379,7 +380,7 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
                CROSS JOIN LATERAL ${eventAt('u.position')} e
               WHERE t.first_seq = $9 AND ${conditions}
               ORDER BY u.k ${order} LIMIT $8`,
-            [...args(null).slice(0, 7), limit - rows.length, first, a, b],
+            [...filterArgs, limit - rows.length, first, a, b],
           );
           rows = rows.concat(r.rows);
           if (desc) hi = a - 1;

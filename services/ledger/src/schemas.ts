@@ -39,18 +39,15 @@ export const LedgerCode = Type.String({
 
 export const Code = Type.Integer({ minimum: 1, maximum: 65535, description: 'A chart-of-accounts or reason code chosen by the user.' });
 
-/** Text PostgreSQL can store (no NUL, no unpaired surrogate): a jsonb write would fail on it. */
-const STORABLE_TEXT = STORABLE_TEXT_PATTERN;
-
 // The key rules live in `propertyNames`: TypeBox's Record drops constraints on its key schema
 // (it emits `patternProperties: { "^.*$": ... }`), and `^.*$` does not match a key containing a
 // line break, which would leave that key's value unchecked. `^[\s\S]*$` matches every key.
 export const Metadata = Type.Record(
   Type.String({ pattern: '^[\\s\\S]*$' }),
-  Type.String({ maxLength: METADATA_VALUE_LENGTH_MAX, pattern: STORABLE_TEXT }),
+  Type.String({ maxLength: METADATA_VALUE_LENGTH_MAX, pattern: STORABLE_TEXT_PATTERN }),
   {
     maxProperties: METADATA_KEYS_MAX,
-    propertyNames: Type.String({ minLength: 1, maxLength: METADATA_KEY_LENGTH_MAX, pattern: STORABLE_TEXT }),
+    propertyNames: Type.String({ minLength: 1, maxLength: METADATA_KEY_LENGTH_MAX, pattern: STORABLE_TEXT_PATTERN }),
     description: `Up to ${METADATA_KEYS_MAX} string keys (1..${METADATA_KEY_LENGTH_MAX} characters) and values (at most ${METADATA_VALUE_LENGTH_MAX}), without NUL characters.`,
   },
 );
