@@ -4,6 +4,8 @@
  */
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
 import pg from 'pg';
 
 export const ADMIN_DATABASE_URL =
@@ -109,4 +111,89 @@ export function freePort(): Promise<number> {
       });
     });
   });
+}
+
+/**
+ * Whether a row passes the CHECK constraint named `constraint`: runs `insert` in a savepoint of
+ * the client's open transaction and rolls it back either way, so nothing is kept. A violation of
+ * that constraint is `false`; any other error (another constraint, a typo in the statement) is
+ * thrown, so a test cannot pass on a row refused for the wrong reason.
+ */
+export async function passesCheck(client: pg.ClientBase, constraint: string, insert: { text: string; values: unknown[] }): Promise<boolean> {
+  await client.query('SAVEPOINT passes_check');
+  try {
+    await client.query(insert.text, insert.values);
+    return true;
+  } catch (error) {
+    const e = error as { code?: string; constraint?: string };
+    if (e.code === '23514' && e.constraint === constraint) return false;
+    throw error;
+  } finally {
+    await client.query('ROLLBACK TO SAVEPOINT passes_check');
+  }
+}
+
+/** A CHECK constraint rewritten from a regular expression, and the rule it replaced. */
+export interface RewrittenCheck {
+  constraint: string;
+  /** The old check's regular expression, evaluated by the same server as the reference. */
+  oldPattern: string;
+  /** The shortest and longest strings the old rule accepts. */
+  minLength: number;
+  maxLength: number;
+  /** A character the rule accepts anywhere, to build names of any length: `a` unless given. */
+  validUnit?: string;
+  /** A row that differs from a valid one only in the checked value. */
+  insert(value: string): { text: string; values: unknown[] };
+}
+
+/**
+ * Characters the name rules treat specially, and some every one refuses: upper case, space,
+ * `~`, DEL and another control, line breaks, non-ASCII and an astral character. (No NUL:
+ * PostgreSQL refuses it in text before any check runs.)
+ */
+const CHECK_UNITS = ['a', 'b', 'z', '0', '9', '_', '.', '-', '@', 'A', 'Z', ' ', '/', '~', '\x7f', '\x1f', 'é', '\n', '\u2028', '\t', '😀'];
+
+/**
+ * Holds a rewritten CHECK constraint to the rule it replaced: for strings at and around both
+ * length bounds, each character of CHECK_UNITS in each place, and `numRuns` random strings
+ * (fast-check, `seed`), the table's verdict (an insert, rolled back) must equal the old regular
+ * expression's. Runs inside the client's open transaction.
+ */
+export async function assertCheckKeepsRule(client: pg.ClientBase, rule: RewrittenCheck, options: { seed: number; numRuns: number }): Promise<void> {
+  const oldAccepts = async (value: string): Promise<boolean> =>
+    (await client.query<{ ok: boolean }>('SELECT $1::text ~ $2::text AS ok', [value, rule.oldPattern])).rows[0]?.ok === true;
+  const agrees = async (value: string): Promise<boolean> => {
+    const now = await passesCheck(client, rule.constraint, rule.insert(value));
+    assert.equal(now, await oldAccepts(value), `${rule.constraint}: ${JSON.stringify(value)}`);
+    return now;
+  };
+  const v = rule.validUnit ?? 'a';
+  const likely = [v, v === v.toLowerCase() ? 'z' : 'Z', '0', '9', '-', '_', '.'];
+  const cases: string[] = [];
+  for (const n of [0, 1, 2, rule.minLength - 1, rule.minLength, rule.maxLength - 1, rule.maxLength, rule.maxLength + 1, rule.maxLength + 2]) {
+    if (n < 0) continue;
+    for (const fill of likely) cases.push(`${v}${fill.repeat(Math.max(0, n - 1))}`.slice(0, n));
+  }
+  for (const unit of [...CHECK_UNITS, ...likely]) cases.push(unit, `${v}${unit}`, `${unit}${v.repeat(rule.minLength)}`, `${v.repeat(rule.minLength)}${unit}${v}`, `${v.repeat(rule.maxLength - 1)}${unit}`);
+  for (const value of cases) await agrees(value);
+  // The bounds themselves: the old rule's shortest and longest names pass, one shorter or longer does not.
+  assert.equal(await agrees(v.repeat(rule.minLength)), true, `${rule.constraint}: the shortest name`);
+  assert.equal(await agrees(v.repeat(rule.maxLength)), true, `${rule.constraint}: the longest name`);
+  assert.equal(await agrees(v.repeat(rule.maxLength + 1)), false, `${rule.constraint}: one character too long`);
+  if (rule.minLength > 0) assert.equal(await agrees(v.repeat(rule.minLength - 1)), false, `${rule.constraint}: one character too short`);
+  await fc.assert(
+    fc.asyncProperty(
+      fc.oneof(
+        fc.string({ unit: fc.constantFrom(...CHECK_UNITS), maxLength: rule.maxLength + 3 }),
+        // Mostly characters the rules accept, so strings near either bound are common.
+        fc.string({ unit: fc.constantFrom(...likely), minLength: Math.max(0, rule.minLength - 2), maxLength: rule.minLength + 2 }),
+        fc.string({ unit: fc.constantFrom(...likely), minLength: rule.maxLength - 3, maxLength: rule.maxLength + 3 }),
+      ),
+      async (value) => {
+        await agrees(value);
+      },
+    ),
+    { seed: options.seed, numRuns: options.numRuns },
+  );
 }
