@@ -6,7 +6,7 @@
  *                         [--accounts 10000] [--seed N] [--warmup 2] [--timeout 10]
  *                         [--batch-size-max N] [--batches-in-flight N] [--linger-ms N] [--pool N]
  *                         [--pgbench-clients N] [--pgbench-scale N] [--no-pgbench] [--no-batch]
- *                         [--instances 1] [--no-relay] [--service-cpu-prof DIR]
+ *                         [--instances 1] [--no-relay] [--service-cpu-prof DIR] [--idempotency-keys]
  *
  * A fresh database; the ledger service as a child process (`services/ledger/src/main.ts`, which
  * migrates it) with the engine settings bench:ledger uses (`--instances` > 1 starts several,
@@ -27,7 +27,7 @@
  * Progress goes to stderr; the last line on stdout is one JSON object with the figures.
  */
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
@@ -83,6 +83,9 @@ const { values: args } = parseArgs({
     instances: { type: 'string' },
     'no-relay': { type: 'boolean', default: false },
     'service-cpu-prof': { type: 'string' },
+    // Every request carries an Idempotency-Key (a fresh UUID; a re-send repeats it), as a
+    // client that retries safely sends it: the service then stores and completes a key per request.
+    'idempotency-keys': { type: 'boolean', default: false },
   },
   strict: true,
 });
@@ -113,6 +116,8 @@ abortOnSignals(log);
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const JSON_HEADERS = { 'content-type': 'application/json' };
+const keyed = args['idempotency-keys'];
+const headersFor = (sent: { key: string | null }): Record<string, string> => (sent.key === null ? JSON_HEADERS : { ...JSON_HEADERS, 'idempotency-key': sent.key });
 
 // ------------------------------------------------------------------------------------------
 // The service, as a child process
@@ -388,6 +393,8 @@ const formatSplit = (s: CpuSplit | null): string =>
 interface Sent {
   path: string;
   body: string;
+  /** The Idempotency-Key header it carries (`--idempotency-keys`), the same on a re-send. */
+  key: string | null;
   amounts: number[];
   batch: boolean;
 }
@@ -417,6 +424,8 @@ function settle(sent: Sent, status: number, body: string): number {
   ledger.statusCounts[status] = (ledger.statusCounts[status] ?? 0) + 1;
   if (status < 200 || status > 299) ledger.non2xx += 1;
   if (status >= 500) return 0;
+  // The key's first request is still running (a re-send while it was in flight): undecided yet.
+  if (status === 409 && sent.key !== null) return 0;
   ledger.outstanding.delete(sent);
   if (status >= 300) {
     // A decided rejection of the whole request (4xx): nothing applied.
@@ -506,6 +515,7 @@ function runLoad(options: LoadOptions): Promise<LoadFigures> {
       ledger.outstanding.add(sent);
       context.sent = sent;
       req.body = sent.body;
+      req.headers = headersFor(sent);
       return req;
     },
     // Called with the connection's context before its next request is built (pipelining 1),
@@ -611,7 +621,7 @@ async function resolveOutstanding(serviceUrl: string): Promise<number> {
     for (const sent of [...ledger.outstanding]) {
       checkAborted();
       try {
-        const r = await fetch(`${serviceUrl}${sent.path}`, { method: 'POST', headers: JSON_HEADERS, body: sent.body });
+        const r = await fetch(`${serviceUrl}${sent.path}`, { method: 'POST', headers: headersFor(sent), body: sent.body });
         settle(sent, r.status, await r.text());
       } catch (error) {
         log(`re-send failed (attempt ${attempt}): ${String(error)}`);
@@ -684,7 +694,7 @@ async function runHttp(databaseUrl: string, database: string): Promise<HttpRun> 
     };
     const nextSingle = (): Sent => {
       const [body, amount] = transferJson();
-      return { path: '/v1/transfers', body, amounts: [amount], batch: false };
+      return { path: '/v1/transfers', body, key: keyed ? randomUUID() : null, amounts: [amount], batch: false };
     };
     const nextBatch = (): Sent => {
       const parts: string[] = [];
@@ -694,7 +704,7 @@ async function runHttp(databaseUrl: string, database: string): Promise<HttpRun> 
         parts.push(json);
         amounts.push(amount);
       }
-      return { path: '/v1/transfers/batch', body: `{"transfers":[${parts.join(',')}]}`, amounts, batch: true };
+      return { path: '/v1/transfers/batch', body: `{"transfers":[${parts.join(',')}]}`, key: keyed ? randomUUID() : null, amounts, batch: true };
     };
     const maxTimestamp = async (): Promise<string> => {
       const r = await db.query<{ ts: string }>('SELECT coalesce(max(timestamp), 0)::text AS ts FROM ledger.transfers');
@@ -886,6 +896,7 @@ async function main(): Promise<void> {
     pgbench_clients: tpcb === null ? null : pgbenchClients,
     clients,
     instances,
+    idempotency_keys: keyed,
     accounts: accountCount,
     seconds,
     warmup_seconds: warmupSeconds,

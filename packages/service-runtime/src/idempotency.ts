@@ -17,6 +17,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { Type } from 'typebox';
+import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
 import { PROBLEM_TYPES } from './problem-handlers.ts';
 
@@ -69,6 +70,11 @@ const REPLAYED_HEADERS = ['content-type', 'location'] as const;
 const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
 /** A claim races at most a prune or an expiry between its two statements; more is a bug. */
 const CLAIM_ATTEMPTS_MAX = 3;
+/** The most keys one claim statement takes. */
+const CLAIM_BATCH_ITEMS_MAX = 500;
+/** The most responses one statement stores, and their bytes in all (one larger response goes alone). */
+const COMPLETE_BATCH_ITEMS_MAX = 500;
+const COMPLETE_BATCH_BYTES_MAX = 4 * 1024 * 1024;
 
 /** The service's configuration variables for idempotency; spread into a service config schema. */
 export const idempotencyConfigSchema = Type.Object({
@@ -118,6 +124,35 @@ interface Claim {
   settled: boolean;
 }
 
+/** A key to claim, in a batch. */
+interface ClaimItem {
+  clientId: string;
+  key: string;
+  fingerprint: Buffer;
+  token: string;
+}
+
+/** `fresh`: null when someone else holds the key; else whether the row is new (not taken over). `nowMs`: the batch's time. */
+interface ClaimResult {
+  nowMs: number;
+  fresh: boolean | null;
+}
+
+/** A response to store, in a batch. */
+interface CompleteItem {
+  clientId: string;
+  key: string;
+  token: string;
+  status: number;
+  headers: Record<string, string>;
+  body: Buffer;
+}
+
+function byClientAndKey(a: ClaimItem, b: ClaimItem): number {
+  if (a.clientId !== b.clientId) return a.clientId < b.clientId ? -1 : 1;
+  return a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
+}
+
 type ClaimOutcome =
   | { kind: 'claimed'; token: string; reclaimed: boolean }
   | { kind: 'replay'; status: number; headers: Record<string, string>; body: Buffer }
@@ -133,12 +168,17 @@ interface KeyRow {
   expires_at: Date;
 }
 
-// One statement takes the key: insert it, or take over a row nobody can still be using (expired,
-// or left in progress past its lock by a crashed process, for this same request).
+// One statement takes a batch of keys (see `Coalescer`): it inserts each, or takes over a row
+// nobody can still be using (expired, or left in progress past its lock by a crashed process,
+// for this same request). The rows come in the order the batch was sorted in, by client and
+// key, so two batches running at once lock their rows in the same order and cannot deadlock.
+// A key not returned is held by someone else: its row is then read on its own.
 const CLAIM_SQL = `
 INSERT INTO runtime.idempotency_keys AS k
        (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
-VALUES ($1, $2, $3, 'in_progress', $4, $5, $6, $7)
+SELECT u.client_id, u.key, u.fingerprint, 'in_progress', u.token, $5, $6, $7
+  FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(client_id, key, fingerprint, token, n)
+ ORDER BY u.n
 ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
        response_status = NULL, response_headers = NULL, response_body = NULL,
@@ -146,19 +186,22 @@ ON CONFLICT (client_id, key) DO UPDATE
  WHERE k.expires_at <= EXCLUDED.created_at
     OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
         AND k.request_fingerprint = EXCLUDED.request_fingerprint)
-RETURNING (xmax = 0) AS fresh`;
+RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh`;
 
 const SELECT_SQL = `
 SELECT request_fingerprint, state, response_status, response_headers, response_body, expires_at
   FROM runtime.idempotency_keys WHERE client_id = $1 AND key = $2`;
 
-// lock_token: a request whose lease expired and was taken over must not overwrite the new
-// holder's record (nor delete it).
+// A batch of responses, one statement. lock_token: a request whose lease expired and was taken
+// over must not overwrite the new holder's record (nor delete it). Tokens are unique, so no two
+// items of a batch can match one row.
 const COMPLETE_SQL = `
-UPDATE runtime.idempotency_keys
-   SET state = 'completed', response_status = $4, response_headers = $5, response_body = $6,
+UPDATE runtime.idempotency_keys k
+   SET state = 'completed', response_status = u.status, response_headers = u.headers::jsonb, response_body = u.body,
        locked_until = $7, expires_at = $8
- WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
+  FROM unnest($1::text[], $2::text[], $3::uuid[], $4::smallint[], $5::text[], $6::bytea[]) AS u(client_id, key, token, status, headers, body)
+ WHERE k.client_id = u.client_id AND k.key = u.key AND k.lock_token = u.token AND k.state = 'in_progress'
+RETURNING k.lock_token::text AS token`;
 
 const RELEASE_SQL = `
 DELETE FROM runtime.idempotency_keys
@@ -290,24 +333,75 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
 
   const claims = new WeakMap<FastifyRequest, Claim>();
 
-  async function claimKey(clientId: string, key: string, fingerprint: Buffer): Promise<ClaimOutcome> {
-    for (let attempt = 1; attempt <= CLAIM_ATTEMPTS_MAX; attempt++) {
+  // Concurrent requests claim their keys, and store their responses, one statement per batch
+  // (see Coalescer): a keyed request costs two statements of its own otherwise, each a round
+  // trip and a commit. One batch of each kind at a time, so the plugin holds at most two of
+  // the pool's connections (plus the rare read of a key someone else holds).
+  const claimBatches = new Coalescer<ClaimItem, ClaimResult>({
+    itemsMax: CLAIM_BATCH_ITEMS_MAX,
+    inFlightMax: 1,
+    // NUL cannot occur in either: both are printable ASCII.
+    keyOf: (item) => `${item.clientId}\u0000${item.key}`,
+    run: async (items) => {
+      const sorted = [...items].sort(byClientAndKey);
       const nowMs = now();
-      const token = randomUUID();
-      const claimed = await pool.query<{ fresh: boolean }>(
+      const r = await pool.query<{ token: string; fresh: boolean }>(
         timed(
           CLAIM_SQL,
-          [clientId, key, fingerprint, token, new Date(nowMs), new Date(nowMs + lockTimeoutMs), new Date(nowMs + ttlMs)],
+          [
+            sorted.map((i) => i.clientId),
+            sorted.map((i) => i.key),
+            sorted.map((i) => i.fingerprint),
+            sorted.map((i) => i.token),
+            new Date(nowMs),
+            new Date(nowMs + lockTimeoutMs),
+            new Date(nowMs + ttlMs),
+          ],
           queryTimeoutMs,
         ),
       );
-      const inserted = claimed.rows[0];
-      if (inserted !== undefined) return { kind: 'claimed', token, reclaimed: !inserted.fresh };
+      const fresh = new Map(r.rows.map((row) => [row.token, row.fresh]));
+      return items.map((i) => ({ nowMs, fresh: fresh.get(i.token) ?? null }));
+    },
+  });
+  const completeBatches = new Coalescer<CompleteItem, boolean>({
+    itemsMax: COMPLETE_BATCH_ITEMS_MAX,
+    inFlightMax: 1,
+    sizeOf: (item) => item.body.length,
+    sizeMax: COMPLETE_BATCH_BYTES_MAX,
+    run: async (items) => {
+      const nowMs = now();
+      const r = await pool.query<{ token: string }>(
+        timed(
+          COMPLETE_SQL,
+          [
+            items.map((i) => i.clientId),
+            items.map((i) => i.key),
+            items.map((i) => i.token),
+            items.map((i) => i.status),
+            items.map((i) => JSON.stringify(i.headers)),
+            items.map((i) => i.body),
+            new Date(nowMs),
+            new Date(nowMs + ttlMs),
+          ],
+          queryTimeoutMs,
+        ),
+      );
+      const stored = new Set(r.rows.map((row) => row.token));
+      return items.map((i) => stored.has(i.token));
+    },
+  });
+
+  async function claimKey(clientId: string, key: string, fingerprint: Buffer): Promise<ClaimOutcome> {
+    for (let attempt = 1; attempt <= CLAIM_ATTEMPTS_MAX; attempt++) {
+      const token = randomUUID();
+      const claimed = await claimBatches.submit({ clientId, key, fingerprint, token });
+      if (claimed.fresh !== null) return { kind: 'claimed', token, reclaimed: !claimed.fresh };
 
       const found = await pool.query<KeyRow>(timed(SELECT_SQL, [clientId, key], queryTimeoutMs));
       const row = found.rows[0];
       // Pruned, or expired, between the two statements: claim again.
-      if (row === undefined || row.expires_at.getTime() <= nowMs) continue;
+      if (row === undefined || row.expires_at.getTime() <= claimed.nowMs) continue;
       if (!row.request_fingerprint.equals(fingerprint)) return { kind: 'mismatch' };
       if (row.state === 'in_progress') return { kind: 'in_progress' };
       if (row.response_status === null || row.response_headers === null || row.response_body === null) {
@@ -419,15 +513,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
         const value = reply.getHeader(name);
         if (typeof value === 'string' || typeof value === 'number') headers[name] = String(value);
       }
-      const nowMs = now();
-      const stored = await pool.query(
-        timed(
-          COMPLETE_SQL,
-          [claim.clientId, claim.key, claim.token, status, headers, body, new Date(nowMs), new Date(nowMs + ttlMs)],
-          queryTimeoutMs,
-        ),
-      );
-      if (stored.rowCount !== 1) {
+      const stored = await completeBatches.submit({ clientId: claim.clientId, key: claim.key, token: claim.token, status, headers, body });
+      if (!stored) {
         request.log.warn(
           { idempotency_key: claim.key, lock_timeout_ms: lockTimeoutMs },
           'idempotency: key was taken over after its lock timed out; this response is not stored',

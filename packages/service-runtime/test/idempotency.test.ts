@@ -577,6 +577,152 @@ describe('in progress', () => {
   });
 });
 
+describe('batched statements', () => {
+  /**
+   * The pool, with every statement's text recorded: the store is real, only watched. The first
+   * claim statement waits until `release` is called, so the claims made meanwhile queue behind it.
+   */
+  function watchedPool(): { pool: pg.Pool; statements: string[]; firstClaim: Gate } {
+    const w = {
+      pool: {
+        query: async (query: pg.QueryConfig) => {
+          w.statements.push(query.text);
+          if (query.text.includes('INSERT INTO runtime.idempotency_keys') && claimsIn(w.statements) === 1) await w.firstClaim.arrive();
+          return pool.query(query);
+        },
+      } as unknown as pg.Pool,
+      statements: [] as string[],
+      firstClaim: new Gate(),
+    };
+    return w;
+  }
+  const claimsIn = (statements: string[]): number => statements.filter((t) => t.includes('INSERT INTO runtime.idempotency_keys')).length;
+  const completionsIn = (statements: string[]): number => statements.filter((t) => t.includes("SET state = 'completed'")).length;
+
+  test('requests that arrive while a claim runs share the next one, and each gets its own answer', async () => {
+    const watched = watchedPool();
+    const { app, runs, gates } = await buildApp({ pool: watched.pool });
+    let arrived = 0;
+    app.addHook('preValidation', (_request, _reply, done) => {
+      arrived += 1;
+      done();
+    });
+    const send = (path: string, key: string, body: unknown) => post(app, path, body, { 'idempotency-key': key });
+    // Before the burst: one key completed, one held by a request still running.
+    const gate = new Gate();
+    gates.push(gate);
+    const opener = send('/v1/things', 'k-done', { name: 'done' });
+    await watched.firstClaim.entered;
+    watched.firstClaim.open();
+    const done = await opener;
+    assert.equal(done.statusCode, 201);
+    const busy = send('/v1/slow', 'k-busy', { name: 'busy' });
+    await gate.entered;
+
+    // The burst: fresh keys, among them keys an array literal must quote (they travel in one
+    // text[] parameter), a replay, a mismatch and a key in progress.
+    const odd = ['NULL', 'a"b', 'c\\d', '{x,y}', ' spaced out ', "it's"];
+    const fresh = [...Array.from({ length: 24 }, (_, i) => `k-burst-${i}`), ...odd];
+    watched.statements.length = 0;
+    const held = new Gate();
+    watched.firstClaim = held;
+    arrived = 0;
+    const lead = send('/v1/things', 'k-lead', { name: 'lead' });
+    await held.entered;
+    // The lead's claim is held: everything below queues behind it.
+    // The keys nobody may claim come first, so an answer matched to the wrong item would show.
+    const pending = Promise.all([
+      send('/v1/things', 'k-done', { name: 'done' }),
+      send('/v1/things', 'k-done', { name: 'changed' }),
+      send('/v1/slow', 'k-busy', { name: 'busy' }),
+      ...fresh.map((key) => send('/v1/things', key, { name: key })),
+    ]);
+    for (let waitedMs = 0; arrived < fresh.length + 3; waitedMs += 5) {
+      assert.ok(waitedMs < 10_000, `only ${arrived} requests arrived`);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    // From preValidation to the claim is a few microtasks and no I/O; give it two turns.
+    for (let i = 0; i < 2; i++) await new Promise((resolve) => setImmediate(resolve));
+    held.open();
+    assert.equal((await lead).statusCode, 201);
+    const burst = await pending;
+    const [replay, mismatch, inProgress] = burst.slice(0, 3);
+    const answers = burst.slice(3);
+    for (const [i, a] of answers.entries()) {
+      assert.equal(a.statusCode, 201, a.body);
+      assert.equal(a.json<{ name: string }>().name, fresh[i]);
+    }
+    assert.equal(replay?.statusCode, 201);
+    assert.equal(replay?.headers['idempotent-replayed'], 'true');
+    assert.equal(replay?.body, done.body);
+    assertProblem(mismatch!, 422, 'idempotency-key-mismatch');
+    assertProblem(inProgress!, 409, 'idempotency-key-in-progress');
+    assert.equal(runs.things, 2 + fresh.length, 'each fresh key ran once; the replay and the mismatch ran nothing');
+
+    // The lead's claim; one for the 32 keys that queued behind it; one for the second request
+    // with k-done, which may not share a statement with the first.
+    assert.equal(claimsIn(watched.statements), 3);
+    assert.ok(completionsIn(watched.statements) <= 3, `completion statements for 31 responses: ${completionsIn(watched.statements)}`);
+    for (const key of fresh) assert.deepEqual(await keyRow(key), { state: 'completed', response_status: 201 }, key);
+
+    gate.open();
+    assert.equal((await busy).statusCode, 201);
+    // Each odd key replays its own response.
+    for (const key of odd) {
+      const again = await send('/v1/things', key, { name: key });
+      assert.equal(again.headers['idempotent-replayed'], 'true', key);
+      assert.equal(again.json<{ name: string }>().name, key);
+    }
+    assert.equal(runs.things, 2 + fresh.length);
+    await app.close();
+  });
+
+  test('duplicates that queue together are claimed in separate statements: one runs, the others are 409', async () => {
+    const watched = watchedPool();
+    const { app, runs, gates } = await buildApp({ pool: watched.pool });
+    const gate = new Gate();
+    gates.push(gate);
+    const DUPLICATES = 6;
+    let settled = 0;
+    const all = Promise.all(
+      Array.from({ length: DUPLICATES }, () =>
+        post(app, '/v1/slow', { name: 'dup' }, { 'idempotency-key': 'k-dup' }).then((r) => {
+          settled += 1;
+          return r;
+        }),
+      ),
+    );
+    await watched.firstClaim.entered;
+    // Let every duplicate queue behind the first claim before it goes on.
+    for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
+    watched.firstClaim.open();
+    await gate.entered;
+    for (let waitedMs = 0; settled < DUPLICATES - 1; waitedMs += 5) {
+      assert.ok(waitedMs < 10_000, `only ${settled} duplicates were answered while the first was in progress`);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    gate.open();
+    const answers = await all;
+    assert.deepEqual(answers.map((a) => a.statusCode).sort(), [201, ...Array<number>(DUPLICATES - 1).fill(409)]);
+    assert.equal(runs.slow, 1);
+    // A statement never holds one key twice (PostgreSQL would refuse it): one claim statement per duplicate.
+    assert.equal(claimsIn(watched.statements), DUPLICATES);
+    await app.close();
+  });
+
+  test('a claim statement that fails answers 503 to every request in it, and none of them runs', async () => {
+    const failing = {
+      query: (query: pg.QueryConfig) => (query.text.includes('INSERT INTO runtime.idempotency_keys') ? Promise.reject(new Error('connection lost')) : pool.query(query)),
+    } as unknown as pg.Pool;
+    const { app, runs } = await buildApp({ pool: failing });
+    const answers = await Promise.all(Array.from({ length: 8 }, (_, i) => post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': `k-fail-${i}` })));
+    for (const a of answers) assertProblem(a, 503, 'idempotency-unavailable');
+    assert.equal(runs.things, undefined);
+    assert.equal(await keyCount(), 0);
+    await app.close();
+  });
+});
+
 describe('key store failures', () => {
   test('an unreachable store is a 503 with Retry-After, and the handler does not run', async () => {
     const dead = new pg.Pool({ connectionString: 'postgres://postgres@127.0.0.1:1/nowhere', connectionTimeoutMillis: 1000 });
