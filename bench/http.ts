@@ -117,7 +117,9 @@ abortOnSignals(log);
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const JSON_HEADERS = { 'content-type': 'application/json' };
 const keyed = args['idempotency-keys'];
-const headersFor = (sent: { key: string | null }): Record<string, string> => (sent.key === null ? JSON_HEADERS : { ...JSON_HEADERS, 'idempotency-key': sent.key });
+/** A fresh object each time: autocannon adds content-length to the headers object it is given. */
+const headersFor = (sent: { key: string | null }): Record<string, string> =>
+  sent.key === null ? { ...JSON_HEADERS } : { ...JSON_HEADERS, 'idempotency-key': sent.key };
 
 // ------------------------------------------------------------------------------------------
 // The service, as a child process
@@ -515,7 +517,7 @@ function runLoad(options: LoadOptions): Promise<LoadFigures> {
       ledger.outstanding.add(sent);
       context.sent = sent;
       req.body = sent.body;
-      req.headers = headersFor(sent);
+      if (sent.key !== null) req.headers = headersFor(sent);
       return req;
     },
     // Called with the connection's context before its next request is built (pipelining 1),
