@@ -148,6 +148,7 @@ interface CompleteItem {
   body: Buffer;
 }
 
+/** Byte order for printable ASCII, as `COLLATE "C"` sorts: every statement locks keys in this order. */
 function byClientAndKey(a: ClaimItem, b: ClaimItem): number {
   if (a.clientId !== b.clientId) return a.clientId < b.clientId ? -1 : 1;
   return a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
@@ -194,13 +195,24 @@ SELECT request_fingerprint, state, response_status, response_headers, response_b
 
 // A batch of responses, one statement. lock_token: a request whose lease expired and was taken
 // over must not overwrite the new holder's record (nor delete it). Tokens are unique, so no two
-// items of a batch can match one row.
+// items of a batch can match one row. The rows are locked first, in the claims' order (client,
+// then key, byte-wise: what the claim statement's sort gives for printable ASCII), so a claim
+// statement taking over one of these keys and this statement cannot wait on each other in a
+// cycle.
 const COMPLETE_SQL = `
+WITH u AS (
+  SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::smallint[], $5::text[], $6::bytea[]) AS u(client_id, key, token, status, headers, body)
+), locked AS (
+  SELECT k.client_id, k.key FROM runtime.idempotency_keys k JOIN u ON k.client_id = u.client_id AND k.key = u.key AND k.lock_token = u.token
+   WHERE k.state = 'in_progress'
+   ORDER BY k.client_id COLLATE "C", k.key COLLATE "C"
+   FOR UPDATE OF k
+)
 UPDATE runtime.idempotency_keys k
    SET state = 'completed', response_status = u.status, response_headers = u.headers::jsonb, response_body = u.body,
        locked_until = $7, expires_at = $8
-  FROM unnest($1::text[], $2::text[], $3::uuid[], $4::smallint[], $5::text[], $6::bytea[]) AS u(client_id, key, token, status, headers, body)
- WHERE k.client_id = u.client_id AND k.key = u.key AND k.lock_token = u.token AND k.state = 'in_progress'
+  FROM locked l JOIN u ON u.client_id = l.client_id AND u.key = l.key
+ WHERE k.client_id = l.client_id AND k.key = l.key AND k.lock_token = u.token AND k.state = 'in_progress'
 RETURNING k.lock_token::text AS token`;
 
 const RELEASE_SQL = `
