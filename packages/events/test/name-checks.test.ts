@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import { runner } from 'node-pg-migrate';
 import pg from 'pg';
-import { assertCheckKeepsRule, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
+import { assertChecksKeepRules, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
 import { migrateEvents } from '../src/index.ts';
 
 let db: TestDatabase;
@@ -65,12 +65,7 @@ const RULES: RewrittenCheck[] = [
 
 test('each rewritten check accepts exactly what its old regular expression accepted', async () => {
   const seed = propertySeed('events name checks against the old rules');
-  await client.query('BEGIN');
-  try {
-    for (const rule of RULES) await assertCheckKeepsRule(client, rule, { seed, numRuns: 300 });
-  } finally {
-    await client.query('ROLLBACK');
-  }
+  await assertChecksKeepRules(client, RULES, { seed, numRuns: 300 });
 });
 
 test('events appended under the old checks validate under the new ones', async () => {

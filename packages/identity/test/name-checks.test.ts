@@ -8,7 +8,7 @@
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { assertCheckKeepsRule, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
+import { assertChecksKeepRules, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
 import { migrateIdentity } from '../src/index.ts';
 
 let db: TestDatabase;
@@ -51,10 +51,5 @@ const RULES: RewrittenCheck[] = [
 
 test('the username and client id checks accept exactly what the old regular expressions accepted', async () => {
   const seed = propertySeed('identity name checks against the old rules');
-  await client.query('BEGIN');
-  try {
-    for (const rule of RULES) await assertCheckKeepsRule(client, rule, { seed, numRuns: 300 });
-  } finally {
-    await client.query('ROLLBACK');
-  }
+  await assertChecksKeepRules(client, RULES, { seed, numRuns: 300 });
 });

@@ -155,12 +155,25 @@ export interface RewrittenCheck {
 const CHECK_UNITS = ['a', 'b', 'z', '0', '9', '_', '.', '-', '@', 'A', 'Z', ' ', '/', '~', '\x7f', '\x1f', 'é', '\n', '\u2028', '\t', '😀'];
 
 /**
+ * Holds rewritten CHECK constraints to the rules they replaced, in one transaction rolled back
+ * at the end: see `assertCheckKeepsRule`.
+ */
+export async function assertChecksKeepRules(client: pg.ClientBase, rules: readonly RewrittenCheck[], options: { seed: number; numRuns: number }): Promise<void> {
+  await client.query('BEGIN');
+  try {
+    for (const rule of rules) await assertCheckKeepsRule(client, rule, options);
+  } finally {
+    await client.query('ROLLBACK');
+  }
+}
+
+/**
  * Holds a rewritten CHECK constraint to the rule it replaced: for strings at and around both
  * length bounds, each character of CHECK_UNITS in each place, and `numRuns` random strings
  * (fast-check, `seed`), the table's verdict (an insert, rolled back) must equal the old regular
  * expression's. Runs inside the client's open transaction.
  */
-export async function assertCheckKeepsRule(client: pg.ClientBase, rule: RewrittenCheck, options: { seed: number; numRuns: number }): Promise<void> {
+async function assertCheckKeepsRule(client: pg.ClientBase, rule: RewrittenCheck, options: { seed: number; numRuns: number }): Promise<void> {
   const oldAccepts = async (value: string): Promise<boolean> =>
     (await client.query<{ ok: boolean }>('SELECT $1::text ~ $2::text AS ok', [value, rule.oldPattern])).rows[0]?.ok === true;
   const agrees = async (value: string): Promise<boolean> => {
