@@ -34,7 +34,7 @@ import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, PostgresAudit
 import { EventStore, migrateEvents } from '../packages/events/src/index.ts';
 import { LedgerEngine, migrateLedger, newId } from '../packages/ledger/src/index.ts';
 import { createTestDatabase, type TestDatabase } from '../packages/testing/src/index.ts';
-import { abort, abortOnSignals, admin, machineCpuMs, procCpuMs, benchLog, checkAborted, defaultPgbenchScale, exitWhenDone, intArg, prng, runPgbenchTpcb, seedArg, sleep } from './common.ts';
+import { abort, abortOnSignals, admin, machineCpuMs, procCpuMs, benchLog, checkAborted, defaultPgbenchScale, exitWhenDone, intArg, prng, quantile, runPgbenchTpcb, seedArg, sleep } from './common.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -380,16 +380,6 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
   }
 }
 
-/** The q-quantile of `values` (linear between the nearest ranks); null for none. */
-function quantile(values: readonly number[], q: number): number | null {
-  if (values.length === 0) return null;
-  const sorted = [...values].sort((a, b) => a - b);
-  const at = (sorted.length - 1) * q;
-  const lo = sorted[Math.floor(at)] as number;
-  const hi = sorted[Math.ceil(at)] as number;
-  return Math.round((lo + (hi - lo) * (at - Math.floor(at))) * 10) / 10;
-}
-
 /**
  * The sequencer's CPU per transfer (mean of the "on" segments) as a share of the machine's CPU
  * per transfer without it (mean of the "off" segments), in %: the throughput cost on a machine
@@ -422,6 +412,8 @@ async function main(): Promise<void> {
   const ledger = await runLedgerCost();
   const tpcb = args['no-pgbench'] ? null : await runPgbenchTpcb({ clients, seconds, scale: defaultPgbenchScale(clients), log });
   const byRound = costByRound(ledger.segments);
+  const byRoundSorted = [...byRound].sort((a, b) => a - b);
+  const roundQuantile = (q: number): number => Math.round(quantile(byRoundSorted, q) * 10) / 10;
   const cost = ledger.off.tps === 0 ? null : Math.round(((ledger.off.tps - ledger.on.tps) / ledger.off.tps) * 1000) / 10;
   const summary = {
     bench: 'audit',
@@ -445,8 +437,8 @@ async function main(): Promise<void> {
     added_latency_ms_p99: Math.round((ledger.on.p99 - ledger.off.p99) * 100) / 100,
     // Each round's own pair (off against on), to show the spread behind the mean.
     cost_pct_by_round: byRound,
-    cost_pct_round_median: quantile(byRound, 0.5),
-    cost_pct_round_quartiles: [quantile(byRound, 0.25), quantile(byRound, 0.75)],
+    cost_pct_round_median: roundQuantile(0.5),
+    cost_pct_round_quartiles: [roundQuantile(0.25), roundQuantile(0.75)],
     sequencer_cpu_share_pct: sequencerCpuSharePct(ledger.segments),
     segments: ledger.segments,
     verify_ok: figures.verifyOk && ledger.verifyOk,

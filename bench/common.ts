@@ -341,6 +341,15 @@ export function exitWhenDone(main: Promise<void>, log: Log): void {
 const CLOCK_TICKS_PER_S = 100;
 
 /** A process's CPU so far (utime + stime), in ms; 0 when it is gone or not ours to read. */
+/** The q-quantile of ascending `sorted`, linear between the nearest ranks; 0 for none. */
+export function quantile(sorted: ArrayLike<number>, q: number): number {
+  if (sorted.length === 0) return 0;
+  const at = (sorted.length - 1) * q;
+  const lo = sorted[Math.floor(at)] as number;
+  const hi = sorted[Math.ceil(at)] as number;
+  return lo + (hi - lo) * (at - Math.floor(at));
+}
+
 export function procCpuMs(pid: number): number {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');

@@ -26,7 +26,7 @@ import { parseArgs } from 'node:util';
 import { CircuitBreaker, DependencyPolicy, NOT_PERMITTED, seededRandom, type SlidingWindow } from '@ledgerline/resilience';
 import { runOpenLoop, runOutageScenario } from '@ledgerline/resilience/fault';
 import { OVERLOAD_MIX, spawnCapacityService } from '../packages/service-runtime/test/fixtures/spawn-capacity-service.ts';
-import { abortOnSignals, benchLog, exitWhenDone, intArg, seedArg } from './common.ts';
+import { abortOnSignals, benchLog, exitWhenDone, intArg, quantile, seedArg } from './common.ts';
 
 const log = benchLog('resilience');
 const { values } = parseArgs({
@@ -49,11 +49,6 @@ const capacitySlots = intArg('capacity-slots', values['capacity-slots'], 2, 1);
 const serviceTimeMs = intArg('service-time-ms', values['service-time-ms'], 10, 1);
 const overload = intArg('overload', values.overload, 5, 1);
 const seed = seedArg(values.seed);
-
-function quantile(sorted: Float64Array | number[], q: number): number {
-  if (sorted.length === 0) return 0;
-  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * q))] ?? 0;
-}
 
 const round = (x: number, digits = 1): number => Math.round(x * 10 ** digits) / 10 ** digits;
 

@@ -8,26 +8,11 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { runner } from 'node-pg-migrate';
 import pg from 'pg';
-import { assertChecksKeepRules, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
+import { assertChecksKeepRules, createTestDatabase, propertySeed, type RewrittenCheck } from '@ledgerline/testing';
 import { migrateEvents } from '../src/index.ts';
-
-let db: TestDatabase;
-let client: pg.Client;
-
-before(async () => {
-  db = await createTestDatabase('ll_test_name_checks');
-  await migrateEvents(db.url);
-  client = new pg.Client({ connectionString: db.url });
-  await client.connect();
-});
-
-after(async () => {
-  await client.end();
-  await db.drop();
-});
 
 const RULES: RewrittenCheck[] = [
   {
@@ -65,7 +50,7 @@ const RULES: RewrittenCheck[] = [
 
 test('each rewritten check accepts exactly what its old regular expression accepted', async () => {
   const seed = propertySeed('events name checks against the old rules');
-  await assertChecksKeepRules(client, RULES, { seed, numRuns: 300 });
+  await assertChecksKeepRules('ll_test_name_checks', [migrateEvents], RULES, { seed, numRuns: 300 });
 });
 
 test('events appended under the old checks validate under the new ones', async () => {

@@ -6,25 +6,9 @@
  * old regular expression evaluated by the same server.
  */
 import { randomUUID } from 'node:crypto';
-import { after, before, test } from 'node:test';
-import pg from 'pg';
-import { assertChecksKeepRules, createTestDatabase, propertySeed, type RewrittenCheck, type TestDatabase } from '@ledgerline/testing';
+import { test } from 'node:test';
+import { assertChecksKeepRules, propertySeed, type RewrittenCheck } from '@ledgerline/testing';
 import { migrateIdentity } from '../src/index.ts';
-
-let db: TestDatabase;
-let client: pg.Client;
-
-before(async () => {
-  db = await createTestDatabase('ll_test_identity_checks');
-  await migrateIdentity(db.url);
-  client = new pg.Client({ connectionString: db.url });
-  await client.connect();
-});
-
-after(async () => {
-  await client.end();
-  await db.drop();
-});
 
 const RULES: RewrittenCheck[] = [
   {
@@ -51,5 +35,5 @@ const RULES: RewrittenCheck[] = [
 
 test('the username and client id checks accept exactly what the old regular expressions accepted', async () => {
   const seed = propertySeed('identity name checks against the old rules');
-  await assertChecksKeepRules(client, RULES, { seed, numRuns: 300 });
+  await assertChecksKeepRules('ll_test_identity_checks', [migrateIdentity], RULES, { seed, numRuns: 300 });
 });

@@ -155,15 +155,27 @@ export interface RewrittenCheck {
 const CHECK_UNITS = ['a', 'b', 'z', '0', '9', '_', '.', '-', '@', 'A', 'Z', ' ', '/', '~', '\x7f', '\x1f', 'é', '\n', '\u2028', '\t', '😀'];
 
 /**
- * Holds rewritten CHECK constraints to the rules they replaced, in one transaction rolled back
- * at the end: see `assertCheckKeepsRule`.
+ * Holds rewritten CHECK constraints to the rules they replaced (see `assertCheckKeepsRule`), on
+ * a database of their own: created, brought up by `migrations`, and dropped at the end.
  */
-export async function assertChecksKeepRules(client: pg.ClientBase, rules: readonly RewrittenCheck[], options: { seed: number; numRuns: number }): Promise<void> {
-  await client.query('BEGIN');
+export async function assertChecksKeepRules(
+  prefix: string,
+  migrations: ReadonlyArray<(databaseUrl: string) => Promise<void>>,
+  rules: readonly RewrittenCheck[],
+  options: { seed: number; numRuns: number },
+): Promise<void> {
+  const db = await createTestDatabase(prefix);
+  const client = new pg.Client({ connectionString: db.url });
   try {
+    for (const migrate of migrations) await migrate(db.url);
+    await client.connect();
+    // One transaction: each row is tried in a savepoint and rolled back.
+    await client.query('BEGIN');
     for (const rule of rules) await assertCheckKeepsRule(client, rule, options);
-  } finally {
     await client.query('ROLLBACK');
+  } finally {
+    await client.end().catch(() => {});
+    await db.drop();
   }
 }
 
