@@ -98,6 +98,22 @@ export function propertySeed(label: string): number {
   return seed;
 }
 
+/**
+ * A fuzzed request's answer as every service promises it: never a 5xx, and an error is
+ * problem+json (RFC 9457) whose `status` is the answer's, with a `type` and a `title`. Counts
+ * the status in `statuses`, so a test can show that its inputs reached both sides.
+ */
+export function assertFuzzAnswer(res: { statusCode: number; headers: Record<string, unknown>; body: string }, label: string, statuses: Map<number, number>): void {
+  statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+  assert.ok(res.statusCode < 500, `${label} → ${res.statusCode} ${res.body}`);
+  if (res.statusCode < 400) return;
+  assert.match(String(res.headers['content-type']), /^application\/problem\+json/, `${label} → ${res.statusCode} ${res.body}`);
+  const problem = JSON.parse(res.body) as { status?: unknown; type?: unknown; title?: unknown };
+  assert.equal(problem.status, res.statusCode, `${label}: ${res.body}`);
+  assert.equal(typeof problem.type, 'string', `${label}: ${res.body}`);
+  assert.equal(typeof problem.title, 'string', `${label}: ${res.body}`);
+}
+
 /** A TCP port on 127.0.0.1 that was free a moment ago, for a child process to listen on. */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

@@ -9,8 +9,9 @@ import pg from 'pg';
 import { LedgerEngine, LedgerUnavailableError, newId } from '@ledgerline/ledger';
 import type { InjectOptions } from 'fastify';
 import type { Service } from '@ledgerline/service-runtime';
-import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import type { LedgerTestDb } from '../../../packages/ledger/test/support.ts';
 import { buildLedgerService } from '../src/app.ts';
+import { ledgerServiceWithAccounts, type LedgerServiceFixture } from './support.ts';
 
 type Response = Awaited<ReturnType<Service['inject']>>;
 
@@ -104,21 +105,15 @@ let app: Service;
 const A = newId();
 const B = newId();
 
+let fixture: LedgerServiceFixture;
+
 before(async () => {
-  t = await ledgerTestDb();
-  engine = new LedgerEngine({ pool: t.pool });
-  app = await buildLedgerService({ engine, pool: t.pool, logger: false });
-  for (const id of [A, B]) {
-    const r = await app.inject({ method: 'POST', url: '/v1/accounts', payload: { id, ledger: 'USD', code: 10 } });
-    assert.equal(r.statusCode, 201, r.body);
-  }
+  fixture = await ledgerServiceWithAccounts([A, B]);
+  ({ t, engine, app } = fixture);
 });
 
 after(async () => {
-  await app.close();
-  await engine.close();
-  await assertInvariants(t.pool);
-  await t.close();
+  await fixture.close();
 });
 
 // -------------------------------------------------------------------------------------------
