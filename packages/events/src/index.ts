@@ -1,7 +1,7 @@
 export { inTransaction } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
-export { sqlArrayLiteral } from './sql.ts';
+export { sqlArrayLiteral, sqlLiteral } from './sql.ts';
 export { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
 export {
   allowedLocations,

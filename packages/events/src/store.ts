@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
 import type pg from 'pg';
 import { newUuidV7 } from './ids.ts';
-import { sqlArrayLiteral } from './sql.ts';
+import { sqlArrayLiteral, sqlLiteral } from './sql.ts';
 import { readHorizon } from './horizon.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -294,6 +294,20 @@ function fnv1a(text: string): number {
   return h;
 }
 
+/**
+ * The append statement over its nine columns (`#appendColumns`), given as parameters or as
+ * constants: ROWS FROM zips the arrays, in order.
+ */
+function appendSql(v: string[]): string {
+  return `INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata)
+       SELECT u.partition, u.event_id::uuid, u.stream_type, u.stream_id, u.version, u.type, u.schema_version, u.data, u.metadata
+         FROM ROWS FROM (unnest(${v[0]}::smallint[], ${v[4]}::int[], ${v[6]}::smallint[]),
+                         json_array_elements_text(${v[1]}::json), json_array_elements_text(${v[2]}::json),
+                         json_array_elements_text(${v[3]}::json), json_array_elements_text(${v[5]}::json),
+                         jsonb_array_elements(${v[7]}::jsonb), jsonb_array_elements(${v[8]}::jsonb))
+              AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)`;
+}
+
 /** Most events in one append statement: bounds the statement and its parameter arrays. */
 export const APPEND_EVENTS_MAX = 10_000;
 
@@ -412,7 +426,27 @@ export class EventStore {
    * version: the loser's statement fails and its transaction rolls back.
    */
   async appendMany(db: Queryable, entries: StreamEvent[]): Promise<bigint[]> {
-    if (entries.length === 0) return [];
+    const columns = await this.#appendColumns(db, entries);
+    if (columns === null) return [];
+    const r = await db.query<{ position: string }>(`${appendSql(columns.map((_, i) => `$${i + 1}`))} RETURNING position::text`, columns);
+    return r.rows.map((x) => BigInt(x.position));
+  }
+
+  /**
+   * The append of `entries`, checked as `appendMany` checks it, as one statement with its values
+   * written in as constants: for a caller that sends it in a simple-protocol query with
+   * statements of its own, in the same round trip. The ledger sends its batch's write, this
+   * append and COMMIT together (see LedgerEngine). The statement returns nothing; its effect is
+   * the caller's transaction's, as with `appendMany`. Null when there is nothing to append.
+   */
+  async appendStatement(db: Queryable, entries: StreamEvent[]): Promise<string | null> {
+    const columns = await this.#appendColumns(db, entries);
+    return columns === null ? null : appendSql(columns.map(sqlLiteral));
+  }
+
+  /** Checks an append (size, residency, stream order) and encodes its nine columns, in `appendSql`'s order. */
+  async #appendColumns(db: Queryable, entries: StreamEvent[]): Promise<string[] | null> {
+    if (entries.length === 0) return null;
     if (entries.length > APPEND_EVENTS_MAX) throw new RangeError(`at most ${APPEND_EVENTS_MAX} events per append`);
     await this.#checkResidency(db, entries, 'write', undefined);
     // A stream that already has events must not receive one from an older transaction (see
@@ -441,29 +475,18 @@ export class EventStore {
     }
     // Integers travel as array literals, text and documents as one JSON array each: one
     // JSON.stringify per column instead of pg's escaping of every element (measured: +7%
-    // ledger throughput for the documents alone). ROWS FROM zips them, in order.
-    const r = await db.query<{ position: string }>(
-      `INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata)
-       SELECT u.partition, u.event_id::uuid, u.stream_type, u.stream_id, u.version, u.type, u.schema_version, u.data, u.metadata
-         FROM ROWS FROM (unnest($1::smallint[], $5::int[], $7::smallint[]),
-                         json_array_elements_text($2::json), json_array_elements_text($3::json),
-                         json_array_elements_text($4::json), json_array_elements_text($6::json),
-                         jsonb_array_elements($8::jsonb), jsonb_array_elements($9::jsonb))
-              AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)
-       RETURNING position::text`,
-      [
-        sqlArrayLiteral(entries.map((e) => this.partitionOf(e.streamType, e.streamId))),
-        JSON.stringify(entries.map((e) => e.event.id ?? newUuidV7())),
-        JSON.stringify(entries.map((e) => e.streamType)),
-        JSON.stringify(entries.map((e) => e.streamId)),
-        sqlArrayLiteral(entries.map((e) => e.version)),
-        JSON.stringify(entries.map((e) => e.event.type)),
-        sqlArrayLiteral(entries.map((e) => e.event.schemaVersion ?? 1)),
-        JSON.stringify(entries.map((e) => e.event.data)),
-        JSON.stringify(entries.map((e) => e.event.metadata ?? {})),
-      ],
-    );
-    return r.rows.map((x) => BigInt(x.position));
+    // ledger throughput for the documents alone).
+    return [
+      sqlArrayLiteral(entries.map((e) => this.partitionOf(e.streamType, e.streamId))),
+      JSON.stringify(entries.map((e) => e.event.id ?? newUuidV7())),
+      JSON.stringify(entries.map((e) => e.streamType)),
+      JSON.stringify(entries.map((e) => e.streamId)),
+      sqlArrayLiteral(entries.map((e) => e.version)),
+      JSON.stringify(entries.map((e) => e.event.type)),
+      sqlArrayLiteral(entries.map((e) => e.event.schemaVersion ?? 1)),
+      JSON.stringify(entries.map((e) => e.event.data)),
+      JSON.stringify(entries.map((e) => e.event.metadata ?? {})),
+    ];
   }
 
   async streamVersion(db: Queryable, streamType: string, streamId: string): Promise<number> {

@@ -105,6 +105,45 @@ describe('the event store', () => {
     assert.equal(await env.store.streamVersion(env.pool, 'many', 'm-1'), 4);
   });
 
+  test('appendStatement: the append as constants stores what appendMany stores, and checks the same', async () => {
+    // Text that a constant must carry whole: quotes, backslashes, escapes, dollar quotes, and
+    // characters outside ASCII, in every column that takes text.
+    const awkward = `it's \\ "q" \\u0041 $$ $q$ E'x' é 𝄞 \n`;
+    const entries = (id: string) => [1, 2].map((version) => ({
+      streamType: 'stmt',
+      streamId: `${id}-${awkward}`,
+      version,
+      event: { type: `T${version}`, schemaVersion: version, data: { note: awkward, n: version, nested: { list: [awkward, null, 1.5] } }, metadata: { actor: awkward, ip: '127.0.0.1' } },
+    }));
+    await inTx((c) => env.store.appendMany(c, entries('many')));
+    await inTx(async (c) => {
+      const text = await env.store.appendStatement(c, entries('stmt'));
+      assert.ok(text !== null);
+      // Sent with the simple protocol, as the ledger sends it with its own statements.
+      await c.query(text);
+    });
+    const read = async (id: string) =>
+      (await env.store.readStream(env.pool, 'stmt', `${id}-${awkward}`)).map((e) => [e.version, e.type, e.schemaVersion, e.data, e.metadata, e.partition]);
+    const many = await read('many');
+    assert.equal(many.length, 2);
+    assert.deepEqual(await read('stmt'), many.map((row) => [...row.slice(0, 5), env.store.partitionOf('stmt', `stmt-${awkward}`)]));
+    assert.equal(await env.store.appendStatement(env.pool, []), null);
+    // The same checks before any text is built: a stream continued from an older transaction.
+    const older = await env.pool.connect();
+    try {
+      await older.query('BEGIN');
+      await older.query('SELECT pg_current_xact_id()');
+      await inTx((c) => env.store.appendMany(c, [{ streamType: 'stmt', streamId: 'order', version: 1, event: { type: 'One', data: {} } }]));
+      await assert.rejects(
+        env.store.appendStatement(older, [{ streamType: 'stmt', streamId: 'order', version: 2, event: { type: 'Two', data: {} } }]),
+        StreamOrderConflictError,
+      );
+      await older.query('ROLLBACK');
+    } finally {
+      older.release();
+    }
+  });
+
   test('the global order never skips a transaction that commits late', async () => {
     const slow = await env.pool.connect();
     try {

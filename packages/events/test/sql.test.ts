@@ -1,13 +1,15 @@
 /**
  * sqlArrayLiteral (src/sql.ts): the literals it builds read back on a real server as the values
  * given, codes that look like keywords stay strings, and anything that would need escaping is
- * refused before it can reach a statement.
+ * refused before it can reach a statement. sqlLiteral: any text, written into a statement as a
+ * constant, reads back as itself, whichever way the server reads backslashes.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import fc from 'fast-check';
 import pg from 'pg';
-import { ADMIN_DATABASE_URL } from '@ledgerline/testing';
-import { sqlArrayLiteral } from '../src/index.ts';
+import { ADMIN_DATABASE_URL, propertySeed } from '@ledgerline/testing';
+import { sqlArrayLiteral, sqlLiteral } from '../src/index.ts';
 
 let client: pg.Client;
 
@@ -45,4 +47,23 @@ test('an element that would need escaping is refused, quoted or not', () => {
     assert.throws(() => sqlArrayLiteral([bad], true), /invariant: not an array element/, bad);
   }
   assert.throws(() => sqlArrayLiteral([1.5]), /invariant: not an array element/);
+});
+
+test('sqlLiteral: any text written in as a constant reads back as itself, with or without standard_conforming_strings', async () => {
+  const awkward = ["'", "''", '\\', "\\'", "'; DROP TABLE x; --", 'E\'x\'', '$$', '$q$ $q$', '\\x00', '{"a":"b\\"c"}', 'é ✓ 𝄞', '\n\r\t', ''];
+  const seed = propertySeed('sqlLiteral round trip');
+  const texts = [...awkward, ...fc.sample(fc.string({ unit: 'binary', maxLength: 40 }).filter((x) => !x.includes('\0')), { seed, numRuns: 300 })];
+  for (const conforming of ['on', 'off']) {
+    await client.query(`SET standard_conforming_strings = ${conforming}`);
+    // Sent with the simple protocol (no parameters): the constants are all the server sees.
+    const results = (await client.query(texts.map((x) => `SELECT ${sqlLiteral(x)} AS v`).join(';\n'))) as unknown as pg.QueryResult<{ v: string }>[];
+    // pg sends text as UTF-8: a lone surrogate goes as U+FFFD, whichever way it travels.
+    const sent = (x: string): string => Buffer.from(x, 'utf8').toString('utf8');
+    assert.deepEqual(results.map((r) => r.rows[0]?.v), texts.map(sent), `standard_conforming_strings = ${conforming}`);
+  }
+  await client.query('RESET standard_conforming_strings');
+});
+
+test('sqlLiteral refuses a NUL, which no constant can hold', () => {
+  assert.throws(() => sqlLiteral('a\0b'), /NUL character/);
 });

