@@ -93,6 +93,23 @@ export function installResilience(app: Service, serviceName: string, options: Re
   app.decorateRequest('deadline', null as never);
 
   const state = new WeakMap<FastifyRequest, RequestState>();
+  // The server span of each request is started where Fastify makes the request's logger, so
+  // that its ids are bound in that one child logger. Binding them afterwards took a second
+  // child of the request's own logger, made per request: V8 then turns each request's logger
+  // into a prototype, which cost about 15 µs of CPU a request (measured on a trivial route,
+  // a fifth of it), far more than the span.
+  const started = new WeakMap<object, { span: Span; ctx: Context }>();
+  if (tracing !== undefined) {
+    app.setChildLoggerFactory(function childLogger(logger, bindings, opts, rawReq) {
+      const parent = extractTraceContext(rawReq.headers);
+      // Named and given its attributes in onRequest, once the route is known.
+      const span = tracing.tracer.startSpan('HTTP', { kind: SpanKind.SERVER }, parent);
+      const ctx = trace.setSpan(parent, span);
+      started.set(rawReq, { span, ctx });
+      const ids = currentTraceIds(ctx);
+      return logger.child(ids === undefined ? bindings : { ...bindings, ...ids }, opts);
+    });
+  }
   const markOutcome = (request: FastifyRequest, outcome: RequestOutcome): void => {
     const s = state.get(request);
     if (s !== undefined) s.outcome = outcome;
@@ -102,20 +119,27 @@ export function installResilience(app: Service, serviceName: string, options: Re
     const s: RequestState = { span: undefined, ctx: undefined, outcome: undefined };
     state.set(request, s);
     if (tracing !== undefined) {
-      const parent = extractTraceContext(request.headers);
       const route = request.routeOptions.url ?? UNMATCHED_ROUTE;
-      const span = tracing.tracer.startSpan(`${request.method} ${route}`, {
-        kind: SpanKind.SERVER,
-        attributes: { 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?', 1)[0] ?? '' },
-      }, parent);
-      s.span = span;
-      s.ctx = trace.setSpan(parent, span);
-      const ids = currentTraceIds(s.ctx);
-      if (ids !== undefined) {
-        // Every log line of this request carries the trace; reply.log is what Fastify's own
-        // "request completed" line uses.
-        request.log = request.log.child(ids);
-        reply.log = request.log;
+      const attributes = { 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?', 1)[0] ?? '' };
+      const early = started.get(request.raw);
+      if (early !== undefined) {
+        early.span.updateName(`${request.method} ${route}`);
+        early.span.setAttributes(attributes);
+        s.span = early.span;
+        s.ctx = early.ctx;
+      } else {
+        // A route whose context Fastify made before the factory above was set (its 404
+        // handler): the span starts here, and its ids go in a child of the request's logger.
+        const parent = extractTraceContext(request.headers);
+        const span = tracing.tracer.startSpan(`${request.method} ${route}`, { kind: SpanKind.SERVER, attributes }, parent);
+        s.span = span;
+        s.ctx = trace.setSpan(parent, span);
+        const ids = currentTraceIds(s.ctx);
+        if (ids !== undefined) {
+          // reply.log is what Fastify's own "request completed" line uses.
+          request.log = request.log.child(ids);
+          reply.log = request.log;
+        }
       }
     }
     if (!applyDeadline(request, reply, deadlineDefaultMs)) return reply;

@@ -24,6 +24,7 @@ import {
   loadConfig,
   markStale,
   ServiceMetrics,
+  withSpan,
   type Service,
 } from '../src/index.ts';
 
@@ -192,6 +193,19 @@ describe('tracing', () => {
     assert.ok(spans.every((s) => s.parentSpanContext === undefined));
   });
 
+  it('a request no route matches is traced too, its log lines included', async () => {
+    exporter.reset();
+    lines.length = 0;
+    const response = await app.inject({ url: '/v1/nothing-here', headers: { traceparent: TRACEPARENT } });
+    assert.equal(response.statusCode, 404);
+    const [span] = exporter.getFinishedSpans();
+    assert.equal(span?.spanContext().traceId, '0af7651916cd43dd8448eb211c80319c');
+    assert.equal(span?.attributes['http.response.status_code'], 404);
+    const completed = lines.find((l) => l.msg === 'request completed');
+    assert.equal(completed?.trace_id, '0af7651916cd43dd8448eb211c80319c');
+    assert.equal(completed?.span_id, span?.spanContext().spanId);
+  });
+
   it('round-trips trace context through a plain headers map (the NATS message path)', async () => {
     const tracing = createTracing({ serviceName: 'events' });
     const span = tracing.tracer.startSpan('publish');
@@ -202,6 +216,60 @@ describe('tracing', () => {
     span.end();
     assert.deepEqual(injectTraceHeaders({}), {}, 'outside any span nothing is injected');
     assert.equal(currentTraceIds(extractTraceContext({})), undefined);
+    await tracing.shutdown();
+  });
+});
+
+describe('tracing without an exporter: spans carry the trace, nothing is recorded', () => {
+  let app: Service;
+  let seen: { outbound: string | undefined; recording: boolean | undefined; ids: ReturnType<typeof currentTraceIds> } | undefined;
+  const { logger, lines } = capturingLogger();
+
+  before(async () => {
+    app = await createService({ config, openapi: { title: 'propagation-test', version: '0' }, logger, tracing: {} });
+    app.get('/v1/work', { schema: { response: { 200: Type.Object({}) } } }, async (request) => {
+      await new Promise((r) => setTimeout(r, 1));
+      request.log.info('handler ran');
+      seen = { outbound: injectTraceHeaders({}).traceparent, recording: trace.getActiveSpan()?.isRecording(), ids: currentTraceIds() };
+      return {};
+    });
+  });
+  after(async () => { await app.close(); });
+
+  it("continues the caller's trace and flags with a span id of its own, in the handler, its logs and outbound calls", async () => {
+    for (const flags of ['01', '00']) {
+      lines.length = 0;
+      const response = await app.inject({ url: '/v1/work', headers: { traceparent: `00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-${flags}` } });
+      assert.equal(response.statusCode, 200);
+      assert.equal(seen?.recording, false, 'nothing is recorded');
+      assert.equal(seen?.ids?.trace_id, '0af7651916cd43dd8448eb211c80319c');
+      assert.match(seen?.ids?.span_id ?? '', /^[0-9a-f]{16}$/);
+      assert.notEqual(seen?.ids?.span_id, 'b7ad6b7169203331');
+      assert.equal(seen?.outbound, `00-0af7651916cd43dd8448eb211c80319c-${seen?.ids?.span_id}-${flags}`);
+      for (const msg of ['handler ran', 'request completed']) {
+        const line = lines.find((l) => l.msg === msg);
+        assert.deepEqual([line?.trace_id, line?.span_id], [seen?.ids?.trace_id, seen?.ids?.span_id], msg);
+      }
+    }
+  });
+
+  it('starts a sampled trace when the caller sends none; nested spans stay in it', async () => {
+    const a = await app.inject({ url: '/v1/work' });
+    assert.equal(a.statusCode, 200);
+    const first = seen;
+    await app.inject({ url: '/v1/work' });
+    assert.match(first?.outbound ?? '', /^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/);
+    assert.notEqual(first?.ids?.trace_id, seen?.ids?.trace_id, 'each request without a parent starts its own trace');
+
+    const tracing = createTracing({ serviceName: 'nested' });
+    assert.equal(tracing.recording, false);
+    const parent = extractTraceContext({ traceparent: TRACEPARENT });
+    const inner = await context.with(parent, () => withSpan(tracing.tracer, 'inner', (span) => Promise.resolve({ span: span.spanContext(), active: currentTraceIds() })));
+    assert.equal(inner.span.traceId, '0af7651916cd43dd8448eb211c80319c');
+    assert.equal(inner.active?.span_id, inner.span.spanId, 'the new span is the active one inside');
+    const explicit = tracing.tracer.startActiveSpan('explicit', {}, parent, (span) => span.spanContext());
+    assert.equal(explicit.traceId, '0af7651916cd43dd8448eb211c80319c');
+    assert.notEqual(explicit.spanId, inner.span.spanId);
     await tracing.shutdown();
   });
 });
