@@ -37,8 +37,10 @@ export function sqlArrayLiteral(values: ReadonlyArray<string | number | null>, q
  * Any text as a PostgreSQL string constant, for statements sent with the simple query
  * protocol, where values cannot travel as parameters. The escape-string form (`E'…'`) with
  * every backslash and quote doubled reads the same whatever `standard_conforming_strings` is,
- * so nothing in the text can end the constant early. A NUL cannot be written in a constant
- * (nor stored in text), so one is refused here instead of being cut off by the server.
+ * so nothing in the text can end the constant early. The connection's client_encoding is
+ * UTF8 (node-postgres sets it when it connects), in which no multibyte character can carry a
+ * quote or backslash byte. A NUL cannot be written in a constant (nor stored in text), so one
+ * is refused here instead of being cut off by the server.
  */
 export function sqlLiteral(text: string): string {
   if (text.includes('\0')) throw new Error('invariant: a NUL character cannot travel in an SQL constant');
