@@ -12,7 +12,7 @@
  * its batches so that they rarely do (see #takeCalls).
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import type pg from 'pg';
+import pg from 'pg';
 import { StreamOrderConflictError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
 import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
@@ -139,6 +139,20 @@ function isTransient(error: unknown): boolean {
   return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect/i.test(
     message,
   );
+}
+
+/**
+ * Whether a failure of the round trip that carried COMMIT leaves the outcome unknown. Only an
+ * error the server reported in a session that goes on says that the transaction did not
+ * commit (PostgreSQL stopped at it, or COMMIT itself failed and rolled back). Anything else
+ * may have come after the commit: the connection lost, or the session ended by the server
+ * (connection exceptions, class 08; operator intervention such as pg_terminate_backend, 57P;
+ * FATAL or PANIC). The codes are read as well as the severity, which a server may translate.
+ */
+function mayHaveCommitted(error: unknown): boolean {
+  if (!(error instanceof pg.DatabaseError)) return true;
+  const code = error.code ?? '';
+  return code.startsWith('08') || code.startsWith('57P') || error.severity === 'FATAL' || error.severity === 'PANIC';
 }
 
 /** A pending transfer appeared after we locked accounts: lock again, with its accounts. */
@@ -456,10 +470,10 @@ export class LedgerEngine {
    * PostgreSQL runs the statements in order and stops at the first error; the transaction is
    * then rolled back, and COMMIT never ran. Each write statement checks its own row counts
    * and raises on a mismatch (ledger.assert_rows), so a batch whose rows did not all land
-   * never commits. An error the server reports at severity ERROR therefore means nothing was
-   * committed. Any other failure (the connection lost, the backend terminated) may have come
-   * after COMMIT took effect: it is marked `duringCommit`, and the caller reports the outcome
-   * as unknown.
+   * never commits. An error the server reports in a session that goes on therefore means
+   * nothing was committed. Any other failure (the connection lost, the backend terminated) may
+   * have come after COMMIT took effect: it is marked `duringCommit` (mayHaveCommitted), and the
+   * caller reports the outcome as unknown.
    */
   async #writeAndCommit(client: pg.PoolClient, state: BatchState, decision: BatchDecision, events: StreamEvent[]): Promise<void> {
     // The append's checks may take a round trip of their own (a stream continued by an expiry).
@@ -475,7 +489,7 @@ export class LedgerEngine {
     try {
       await client.query(statements.join(';\n'));
     } catch (error) {
-      if ((error as { severity?: unknown }).severity !== 'ERROR') Object.assign(error as object, { duringCommit: true });
+      if (mayHaveCommitted(error)) Object.assign(error as object, { duringCommit: true });
       throw error;
     }
   }
