@@ -20,6 +20,7 @@ import { Type } from 'typebox';
 import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
 import { PROBLEM_TYPES } from './problem-handlers.ts';
+import { requestSlot } from './request-slot.ts';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -343,18 +344,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
   assertInteger('pruneIntervalMs', pruneIntervalMs, 0, 86_400_000);
   assertInteger('retryAfterSeconds', retryAfterSeconds, 0, 3600);
 
-  // A request's claim lives on the request (a decoration, set in Fastify's Request
-  // constructor), not in a WeakMap keyed by it: an entry per keyed request is an ephemeron for
-  // the garbage collector to trace (see observability.ts). The symbol is this install's own.
-  const CLAIM = Symbol('ledgerline.idempotency.claim');
-  app.decorateRequest(CLAIM, null);
-  type ClaimHolder = Record<typeof CLAIM, Claim | null>;
-  const claims = {
-    get: (request: FastifyRequest): Claim | undefined => (request as unknown as ClaimHolder)[CLAIM] ?? undefined,
-    set: (request: FastifyRequest, claim: Claim): void => {
-      (request as unknown as ClaimHolder)[CLAIM] = claim;
-    },
-  };
+  const claims = requestSlot<Claim>(app, 'ledgerline.idempotency.claim');
 
   // Concurrent requests claim their keys, and store their responses, one statement per batch
   // (see Coalescer): a keyed request costs two statements of its own otherwise, each a round

@@ -19,6 +19,7 @@ import {
   type LoadSheddingOptions,
   type RateLimitingOptions,
 } from './priority.ts';
+import { requestSlot } from './request-slot.ts';
 import type { Service } from './service.ts';
 import { createTracing, currentTraceIds, extractTraceContext, type Tracing, type TracingOptions } from './tracing.ts';
 
@@ -59,10 +60,11 @@ interface RequestState {
   outcome: RequestOutcome | undefined;
 }
 
-/** The request decoration that holds its RequestState. */
-const REQUEST_STATE = Symbol('ledgerline.observability.state');
-type StateHolder = { [REQUEST_STATE]: RequestState | null };
-/** Where the child logger factory leaves the server span, on the raw request, for onRequest. */
+/**
+ * Where the child logger factory leaves the server span, on the raw request, for onRequest
+ * (Fastify makes the request's logger before the request itself; see requestSlot for why not
+ * a WeakMap).
+ */
 const REQUEST_SPAN = Symbol('ledgerline.observability.span');
 type SpanHolder = { [REQUEST_SPAN]?: { span: Span; ctx: Context } };
 
@@ -99,17 +101,7 @@ export function installResilience(app: Service, serviceName: string, options: Re
   app.decorate('degradation', () => degradation.refresh());
   app.decorateRequest('deadline', null as never);
 
-  // Per-request state lives on the request, not in WeakMaps keyed by short-lived objects:
-  // each such entry is an ephemeron the garbage collector must trace, which cost about 6 µs of
-  // CPU a request (measured on a trivial route, with the span's map below). A request
-  // decoration is set in Fastify's Request constructor, so every request keeps one shape.
-  app.decorateRequest(REQUEST_STATE, null);
-  const state = {
-    get: (request: FastifyRequest): RequestState | undefined => (request as unknown as StateHolder)[REQUEST_STATE] ?? undefined,
-    set: (request: FastifyRequest, value: RequestState): void => {
-      (request as unknown as StateHolder)[REQUEST_STATE] = value;
-    },
-  };
+  const state = requestSlot<RequestState>(app, 'ledgerline.observability.state');
   // The server span of each request is started where Fastify makes the request's logger, so
   // that its ids are bound in that one child logger. Binding them afterwards took a second
   // child of the request's own logger, made per request: V8 then turns each request's logger
@@ -134,29 +126,15 @@ export function installResilience(app: Service, serviceName: string, options: Re
   app.addHook('onRequest', async (request, reply) => {
     const s: RequestState = { span: undefined, ctx: undefined, outcome: undefined };
     state.set(request, s);
-    if (tracing !== undefined) {
+    // Every route's context is made after the factory above is set (createService sets the
+    // 404 handler after this), so with tracing on each request arrives with its span started.
+    const started = (request.raw as SpanHolder)[REQUEST_SPAN];
+    if (started !== undefined) {
       const route = request.routeOptions.url ?? UNMATCHED_ROUTE;
-      const attributes = { 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?', 1)[0] ?? '' };
-      const early = (request.raw as SpanHolder)[REQUEST_SPAN];
-      if (early !== undefined) {
-        early.span.updateName(`${request.method} ${route}`);
-        early.span.setAttributes(attributes);
-        s.span = early.span;
-        s.ctx = early.ctx;
-      } else {
-        // A route whose context Fastify made before the factory above was set (its 404
-        // handler): the span starts here, and its ids go in a child of the request's logger.
-        const parent = extractTraceContext(request.headers);
-        const span = tracing.tracer.startSpan(`${request.method} ${route}`, { kind: SpanKind.SERVER, attributes }, parent);
-        s.span = span;
-        s.ctx = trace.setSpan(parent, span);
-        const ids = currentTraceIds(s.ctx);
-        if (ids !== undefined) {
-          // reply.log is what Fastify's own "request completed" line uses.
-          request.log = request.log.child(ids);
-          reply.log = request.log;
-        }
-      }
+      started.span.updateName(`${request.method} ${route}`);
+      started.span.setAttributes({ 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?', 1)[0] ?? '' });
+      s.span = started.span;
+      s.ctx = started.ctx;
     }
     if (!applyDeadline(request, reply, deadlineDefaultMs)) return reply;
     if (isOpsRoute(request)) return;

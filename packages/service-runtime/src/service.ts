@@ -97,7 +97,6 @@ export async function createService(options: ServiceOptions): Promise<Service> {
 
   app.setValidatorCompiler(validatorCompiler);
   app.setErrorHandler(errorHandler);
-  app.setNotFoundHandler(notFoundHandler);
 
   app.addHook('onRequest', (request, reply, done) => {
     reply.header(REQUEST_ID_HEADER, request.id);
@@ -134,6 +133,9 @@ export async function createService(options: ServiceOptions): Promise<Service> {
   });
 
   const resilience = installResilience(app, openapi.title, options);
+  // After installResilience: Fastify gives a route the child logger factory set when the route
+  // is made, and the tracing one must reach the 404 handler too (it starts the server span).
+  app.setNotFoundHandler(notFoundHandler);
 
   app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
 
