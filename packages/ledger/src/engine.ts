@@ -477,13 +477,10 @@ export class LedgerEngine {
    */
   async #writeAndCommit(client: pg.PoolClient, state: BatchState, decision: BatchDecision, events: StreamEvent[]): Promise<void> {
     // The append's checks may take a round trip of their own (a stream continued by an expiry).
-    // The write's statements are built after them, right before the query goes: building them
-    // marks the connection's write as prepared (writeBatchStatements), and only this query may
-    // fail after that. If it does, the connection is discarded (see the callers).
     const append = this.#events === null ? null : await this.#events.appendStatement(client, events);
     const accounts: AccountRow[] = [];
     for (const id of decision.changedAccounts) accounts.push(state.accounts.get(id) as AccountRow);
-    const statements = writeBatchStatements(client, { accounts, inserts: decision.inserts, resolvedPending: decision.resolvedPending });
+    const statements = writeBatchStatements({ accounts, inserts: decision.inserts, resolvedPending: decision.resolvedPending });
     if (append !== null) statements.push(append);
     statements.push('COMMIT');
     try {

@@ -236,12 +236,6 @@ export interface WriteSet {
 }
 
 /**
- * The prepared batch write's name; each connection prepares it once (`writeBatchStatements`).
- * Versioned: a changed statement must not meet a session's older one of the same name.
- */
-const WRITE_BATCH_STATEMENT = 'ledger_write_batch_v2';
-
-/**
  * The batch write: account balances by the ctid their lock returned (one TID lookup each; see
  * BEGIN_WRITE for why the planner takes it) and the new transfers, then a check of both row
  * counts against $24 and $25 that raises on a mismatch (ledger.assert_rows), so that the
@@ -272,8 +266,11 @@ const WRITE_BATCH_SQL = `WITH acc AS (
      SELECT ledger.assert_rows('accounts', (SELECT count(*) FROM acc), $24::bigint)
           + ledger.assert_rows('transfers', (SELECT count(*) FROM ins), $25::bigint) AS mismatches`;
 
-/** The sessions (pool clients) that have prepared WRITE_BATCH_STATEMENT: it lives as long as the connection. */
-const preparedWrites = new WeakSet<object>();
+/**
+ * WRITE_BATCH_SQL cut at its placeholders: text, a placeholder's number, text, and so on. The
+ * batch's constants are written in where the numbers are (`writeBatchStatements`).
+ */
+const WRITE_BATCH_PARTS = WRITE_BATCH_SQL.split(/\$(\d+)/);
 
 /**
  * The statements that write a decided batch, as text for one simple-protocol query: the
@@ -281,16 +278,16 @@ const preparedWrites = new WeakSet<object>();
  * events' append and COMMIT). Each statement checks its own row counts and raises when they
  * differ from the batch's, before anything after it runs.
  *
- * The write is a prepared statement, EXECUTEd with its arrays written in as constants, so each
- * connection plans it once: `db` is the connection the statements will run on, and its first
- * batch prepares it in the same query. The pending transfers a batch resolves are updated by a
- * second statement, planned each time, and only when there are any. Inside the prepared
- * statement its plan was made once, while the transfers table was nearly empty, and kept: a
- * sequential scan of every transfer in every batch, resolutions or not (measured: 4 ms of the
- * write at the start of a run, 18 ms forty seconds and 100,000 transfers later, throughput
- * halving). Its plan depends on the table's size, so it is the part that must not be cached.
+ * The values are written into the statements as constants, so the statements carry
+ * everything they need and leave nothing behind in the session: any connection runs them,
+ * including one a transaction-pooling proxy (PgBouncer in transaction mode) hands out for
+ * this transaction only. (The write was a statement each connection PREPAREd once and then
+ * EXECUTEd, which such a proxy breaks: the next transaction may meet a server session that
+ * never prepared it, or one that already has. Planning it in each batch instead measured the
+ * same: bench:ledger 22,541-26,172 transfers/s against 23,102-26,076, alternated.) The pending
+ * transfers a batch resolves are updated by a second statement, only when there are any.
  */
-export function writeBatchStatements(db: object, w: WriteSet): string[] {
+export function writeBatchStatements(w: WriteSet): string[] {
   const a = w.accounts;
   const t = w.inserts;
   const p = w.resolvedPending;
@@ -319,14 +316,14 @@ export function writeBatchStatements(db: object, w: WriteSet): string[] {
       sqlArrayLiteral(t.map((x) => str(x.resolvedAt))),
       sqlArrayLiteral(a.map((x) => x.ctid ?? null), true),
   ];
-  const statements: string[] = [];
-  if (!preparedWrites.has(db)) {
-    statements.push(`PREPARE ${WRITE_BATCH_STATEMENT} AS ${WRITE_BATCH_SQL}`);
-    // Marked before the query runs: a query that fails discards its connection (LedgerEngine),
-    // and one that succeeds has prepared it.
-    preparedWrites.add(db);
-  }
-  statements.push(`EXECUTE ${WRITE_BATCH_STATEMENT}(${values.map(sqlLiteral).join(', ')}, ${a.length}, ${t.length})`);
+  const constants = [...values.map(sqlLiteral), String(a.length), String(t.length)];
+  const write = WRITE_BATCH_PARTS.map((part, i) => {
+    if (i % 2 === 0) return part;
+    const constant = constants[Number(part) - 1];
+    if (constant === undefined) throw new Error(`invariant: the batch write has no value for $${part}`);
+    return constant;
+  });
+  const statements = [write.join('')];
   if (p.length > 0) {
     statements.push(`WITH resolved AS (
        UPDATE ledger.transfers AS t

@@ -694,6 +694,42 @@ describe('batching and limits', () => {
     }
   });
 
+  test('behind a transaction-pooling proxy: every batch commits on a session reset just before it', async () => {
+    // Given an engine whose every connection is reset when it is checked out (DISCARD ALL), as
+    // a proxy that pools transactions may hand any server session to any transaction: the
+    // batch's statements may count on nothing a session kept from an earlier transaction,
+    const pool = new pg.Pool({ connectionString: t.db.url, max: 2 });
+    const checkout = pool.connect.bind(pool) as () => Promise<pg.PoolClient>;
+    let resets = 0;
+    Object.assign(pool, {
+      connect: async () => {
+        const client = await checkout();
+        await client.query('DISCARD ALL');
+        resets += 1;
+        return client;
+      },
+    });
+    const proxied = new LedgerEngine({ pool, clock: clock.now, events: t.events });
+    try {
+      const [a, b, c] = (await accounts(undefined, undefined, undefined)) as [string, string, string];
+      // when batches follow one another on its two connections, and then run side by side,
+      const sequential: string[] = [];
+      for (let i = 0; i < 4; i += 1) sequential.push(...(await proxied.createTransfers([transfer(a, b, 1n)])).map((r) => r.result));
+      const concurrent = await Promise.all(
+        Array.from({ length: 12 }, (_, i) => proxied.createTransfers([i % 2 === 0 ? transfer(a, c, 2n) : transfer(b, c, 3n)])),
+      );
+      // then every one of them commits (and afterEach holds the books to their invariants).
+      assert.deepEqual(sequential, ['ok', 'ok', 'ok', 'ok']);
+      assert.deepEqual(concurrent.flat().map((r) => r.result), Array(12).fill('ok'));
+      assert.ok(resets >= 5, `the sessions were reset before the batches (${resets})`);
+      const account = await engine.getAccount(c);
+      assert.equal(account?.creditsPosted, 6n * 2n + 6n * 3n);
+    } finally {
+      await proxied.close();
+      await pool.end();
+    }
+  });
+
   test('a batch whose rows do not all land never commits: the write checks its own counts before COMMIT', async () => {
     // A trigger that silently drops a row stands in for any write that lands short: the engine
     // sends the write, the events and COMMIT in one round trip, so only the statement itself
@@ -742,7 +778,7 @@ describe('batching and limits', () => {
       let pid: number | undefined;
       while (pid === undefined) {
         const r = await t.pool.query<{ pid: number }>(
-          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE '%ledger_write_batch%'",
+          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE 'WITH acc AS (%UPDATE ledger.accounts AS a%'",
         );
         pid = r.rows[0]?.pid;
         if (pid === undefined) await new Promise((resolve) => setTimeout(resolve, 5));

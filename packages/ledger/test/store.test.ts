@@ -1,13 +1,14 @@
 /**
  * The batch's two round trips on real PostgreSQL: what the opening one (`openBatch`) locks,
  * reserves and reads, and what it refuses to inline; what the write's statements
- * (`writeBatchStatements`) refuse to commit, and how they are prepared.
+ * (`writeBatchStatements`) refuse to commit, and that they leave nothing in the session.
  */
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, test } from 'node:test';
-import pg from 'pg';
 import { ManualClock } from '@ledgerline/testing';
 import { LedgerEngine, newId } from '../src/index.ts';
+import { decideBatch } from '../src/decide.ts';
+import type { AccountRow } from '../src/rows.ts';
 import { openBatch, reserveTimestamps, selectTransfers, writeBatchStatements } from '../src/store.ts';
 import { ledgerTestDb, resetLedger, type LedgerTestDb } from './support.ts';
 
@@ -178,7 +179,7 @@ test('writeBatchStatements: a resolution that finds its pending transfer already
     await client.query('BEGIN');
     const [stale] = await selectTransfers(client, [p]);
     assert.ok(stale !== undefined);
-    const statements = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [{ ...stale, pendingStatus: 'voided', resolvedAt: 1n }] });
+    const statements = writeBatchStatements({ accounts: [], inserts: [], resolvedPending: [{ ...stale, pendingStatus: 'voided', resolvedAt: 1n }] });
     // then the statement that resolves it raises before COMMIT can run,
     await assert.rejects(client.query([...statements, 'COMMIT'].join(';\n')), (e: unknown) => {
       assert.match(String(e), /invariant: batch write mismatch \(resolved pending transfers 0\/1\)/);
@@ -194,22 +195,41 @@ test('writeBatchStatements: a resolution that finds its pending transfer already
   assert.equal(after?.pendingStatus, 'posted');
 });
 
-test('writeBatchStatements: each connection prepares the write once, then only executes it', async () => {
-  // A connection of its own: one from the pool may have prepared it for an engine already.
-  const client = new pg.Client({ connectionString: t.db.url });
-  await client.connect();
+test('writeBatchStatements: the statements carry their values and leave nothing in the session', async () => {
+  // Given a batch that moves 7 from a to b,
+  const engine = new LedgerEngine({ pool: t.pool });
+  const [a, b] = [newId(), newId()];
+  await engine.createAccounts([a, b].map((id) => ({ id, ledger: 'USD', code: 1 })));
+  await engine.close();
+  const client = await t.pool.connect();
   try {
-    const first = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [] });
-    const second = writeBatchStatements(client, { accounts: [], inserts: [], resolvedPending: [] });
-    assert.match(first[0] ?? '', /^PREPARE ledger_write_batch_v2 AS /);
-    assert.match(first[1] ?? '', /^EXECUTE ledger_write_batch_v2\(/);
-    assert.equal(second.length, 1);
-    assert.match(second[0] ?? '', /^EXECUTE ledger_write_batch_v2\(/);
-    // An empty write runs as it is: nothing changed, nothing expected.
-    await client.query(['BEGIN', ...first, ...second, 'COMMIT'].join(';\n'));
-    const r = await client.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_prepared_statements WHERE name = 'ledger_write_batch_v2'");
-    assert.equal(r.rows[0]?.n, 1);
+    // (on a session as a transaction-pooling proxy may hand it out: reset, nothing prepared)
+    await client.query('DISCARD ALL');
+    const transfer = { id: newId(), debitAccountId: a, creditAccountId: b, amount: 7n, ledger: 'USD', code: 1 };
+    const opened = await openBatch(client, { accountIds: [a, b].sort(), pendingIds: [], transferIds: [transfer.id], count: 1, nowNs: 0n });
+    const state = { accounts: new Map(opened.accounts.map((x) => [x.id, x])), transfers: new Map(opened.transfers.map((x) => [x.id, x])) };
+    const decision = decideBatch(state, [[transfer]], opened.firstTimestamp);
+    assert.equal(decision.results[0]?.[0]?.result, 'ok');
+    // when its statements are written out,
+    const statements = writeBatchStatements({
+      accounts: [...decision.changedAccounts].map((id) => state.accounts.get(id) as AccountRow),
+      inserts: decision.inserts,
+      resolvedPending: decision.resolvedPending,
+    });
+    // then they name no placeholder and no prepared statement: a connection that a
+    // transaction-pooling proxy hands out for one transaction runs them as they are,
+    for (const s of statements) assert.doesNotMatch(s, /\$\d|\bPREPARE\b|\bEXECUTE\b/);
+    await client.query([...statements, 'COMMIT'].join(';\n'));
+    // they did the write,
+    const balances = await t.pool.query<{ id: string; dpo: string; cpo: string }>(
+      'SELECT id::text, debits_posted::text AS dpo, credits_posted::text AS cpo FROM ledger.accounts WHERE id = ANY($1::uuid[])',
+      [[a, b]],
+    );
+    assert.deepEqual(new Map(balances.rows.map((r) => [r.id, [r.dpo, r.cpo]])), new Map([[a, ['7', '0']], [b, ['0', '7']]]));
+    // and the session holds nothing of them afterwards.
+    const prepared = await client.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_prepared_statements');
+    assert.equal(prepared.rows[0]?.n, 0);
   } finally {
-    await client.end();
+    client.release();
   }
 });
