@@ -70,8 +70,8 @@ export class ConcurrencyError extends Error {
   readonly streamId: string;
   readonly expected: ExpectedVersion;
   readonly actual: number;
-  constructor(streamType: string, streamId: string, expected: ExpectedVersion, actual: number) {
-    super(`stream ${streamType}/${streamId} is at version ${actual}, expected ${String(expected)}`);
+  constructor(streamType: string, streamId: string, expected: ExpectedVersion, actual: number, options?: ErrorOptions) {
+    super(`stream ${streamType}/${streamId} is at version ${actual}, expected ${String(expected)}`, options);
     this.streamType = streamType;
     this.streamId = streamId;
     this.expected = expected;
@@ -299,13 +299,35 @@ function fnv1a(text: string): number {
  * constants: ROWS FROM zips the arrays, in order.
  */
 function appendSql(v: string[]): string {
+  // v[9] and v[10]: the continuing streams' types and ids, when there are any (see #appendColumns).
+  const order = v.length > 9 ? `\n        WHERE events.assert_stream_order(${v[9]}::json, ${v[10]}::json)` : '';
   return `INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata)
        SELECT u.partition, u.event_id::uuid, u.stream_type, u.stream_id, u.version, u.type, u.schema_version, u.data, u.metadata
          FROM ROWS FROM (unnest(${v[0]}::smallint[], ${v[4]}::int[], ${v[6]}::smallint[]),
                          json_array_elements_text(${v[1]}::json), json_array_elements_text(${v[2]}::json),
                          json_array_elements_text(${v[3]}::json), json_array_elements_text(${v[5]}::json),
                          jsonb_array_elements(${v[7]}::jsonb), jsonb_array_elements(${v[8]}::jsonb))
-              AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)`;
+              AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)${order}`;
+}
+
+/** The SQLSTATE of an append refused by its stream-order check (migration 1768100000000). */
+export const STREAM_ORDER_CONFLICT_SQLSTATE = 'LL409';
+
+/**
+ * The StreamOrderConflictError that a database error stands for, or null: the check travels
+ * in the append statement (`appendStatement`), so a caller that sends that statement itself
+ * gets the refusal as the server's error and turns it back into the typed one here.
+ */
+export function streamOrderConflict(error: unknown): StreamOrderConflictError | null {
+  if ((error as { code?: unknown } | null)?.code !== STREAM_ORDER_CONFLICT_SQLSTATE) return null;
+  let stream: { streamType?: unknown; streamId?: unknown; version?: unknown } = {};
+  try {
+    stream = JSON.parse(String((error as { detail?: unknown }).detail)) as typeof stream;
+  } catch {
+    // The message (the cause) still says which stream; the fields stay unknown.
+  }
+  const text = (v: unknown): string => (typeof v === 'string' ? v : '?');
+  return new StreamOrderConflictError(text(stream.streamType), text(stream.streamId), 'any', typeof stream.version === 'number' ? stream.version : 0, { cause: error });
 }
 
 /** Most events in one append statement: bounds the statement and its parameter arrays. */
@@ -428,8 +450,12 @@ export class EventStore {
   async appendMany(db: Queryable, entries: StreamEvent[]): Promise<bigint[]> {
     const columns = await this.#appendColumns(db, entries);
     if (columns === null) return [];
-    const r = await db.query<{ position: string }>(`${appendSql(columns.map((_, i) => `$${i + 1}`))} RETURNING position::text`, columns);
-    return r.rows.map((x) => BigInt(x.position));
+    try {
+      const r = await db.query<{ position: string }>(`${appendSql(columns.map((_, i) => `$${i + 1}`))} RETURNING position::text`, columns);
+      return r.rows.map((x) => BigInt(x.position));
+    } catch (error) {
+      throw streamOrderConflict(error) ?? error;
+    }
   }
 
   /**
@@ -438,41 +464,33 @@ export class EventStore {
    * statements of its own, in the same round trip. The ledger sends its batch's write, this
    * append and COMMIT together (see LedgerEngine). The statement returns nothing; its effect is
    * the caller's transaction's, as with `appendMany`. Null when there is nothing to append.
+   * The stream-order check runs in the statement: a conflict is the server's error, SQLSTATE
+   * LL409, which `streamOrderConflict` turns into StreamOrderConflictError.
    */
   async appendStatement(db: Queryable, entries: StreamEvent[]): Promise<string | null> {
     const columns = await this.#appendColumns(db, entries);
     return columns === null ? null : appendSql(columns.map(sqlLiteral));
   }
 
-  /** Checks an append (size, residency, stream order) and encodes its nine columns, in `appendSql`'s order. */
+  /** Checks an append (size, residency) and encodes its nine columns, and the continuing streams for its stream-order check, in `appendSql`'s order. */
   async #appendColumns(db: Queryable, entries: StreamEvent[]): Promise<string[] | null> {
     if (entries.length === 0) return null;
     if (entries.length > APPEND_EVENTS_MAX) throw new RangeError(`at most ${APPEND_EVENTS_MAX} events per append`);
     await this.#checkResidency(db, entries, 'write', undefined);
     // A stream that already has events must not receive one from an older transaction (see
-    // StreamOrderConflictError). New streams (version 1) cannot have that problem. Only each
-    // stream's latest event is read: every append passes this check, and a version is taken
-    // only once (the unique constraint), so within a stream the transaction ids rise with the
-    // versions and the latest event is the newest. Reading every event of the stream instead
-    // cost a heap fetch per event of its history: about 5 µs per appended event in
-    // bench:events, a fifth of the append (measured).
+    // StreamOrderConflictError). New streams (version 1) cannot have that problem. The check of
+    // the continuing ones travels in the append statement (events.assert_stream_order, a
+    // one-time filter): it reads each stream's latest event, which is its newest, since every
+    // append passes the check and a version is taken only once. (Reading every event of the
+    // stream instead cost a heap fetch per event of its history: about 5 µs per appended event
+    // in bench:events, a fifth of the append. As a query of its own before the append, the
+    // check cost a statement, and the ledger a round trip; see the migration.)
     const continuing = new Map<string, StreamEvent>();
     for (const e of entries) if (e.version > 1) continuing.set(`${e.streamType}/${e.streamId}`, e);
-    if (continuing.size > 0) {
-      const streams = [...continuing.values()];
-      const r = await db.query<{ stream_type: string; stream_id: string; version: number }>(
-        `SELECT s.stream_type, s.stream_id, e.version FROM unnest($1::text[], $2::text[]) AS s(stream_type, stream_id)
-           CROSS JOIN LATERAL (SELECT e.version, e.transaction_id FROM events.events e
-                                WHERE e.stream_type = s.stream_type AND e.stream_id = s.stream_id
-                                ORDER BY e.version DESC LIMIT 1) e
-          WHERE e.transaction_id > pg_current_xact_id() LIMIT 1`,
-        [streams.map((e) => e.streamType), streams.map((e) => e.streamId)],
-      );
-      const newer = r.rows[0];
-      if (newer !== undefined) {
-        throw new StreamOrderConflictError(newer.stream_type, newer.stream_id, 'any', newer.version);
-      }
-    }
+    const order =
+      continuing.size === 0
+        ? []
+        : [JSON.stringify([...continuing.values()].map((e) => e.streamType)), JSON.stringify([...continuing.values()].map((e) => e.streamId))];
     // Integers travel as array literals, text and documents as one JSON array each: one
     // JSON.stringify per column instead of pg's escaping of every element (measured: +7%
     // ledger throughput for the documents alone).
@@ -486,6 +504,7 @@ export class EventStore {
       sqlArrayLiteral(entries.map((e) => e.event.schemaVersion ?? 1)),
       JSON.stringify(entries.map((e) => e.event.data)),
       JSON.stringify(entries.map((e) => e.event.metadata ?? {})),
+      ...order,
     ];
   }
 

@@ -14,7 +14,9 @@ import {
   OutboxRelay,
   outboxLagSeconds,
   runRelay,
+  STREAM_ORDER_CONFLICT_SQLSTATE,
   StreamOrderConflictError,
+  streamOrderConflict,
   type StoredEvent,
 } from '../src/index.ts';
 import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
@@ -128,20 +130,33 @@ describe('the event store', () => {
     assert.equal(many.length, 2);
     assert.deepEqual(await read('stmt'), many.map((row) => [...row.slice(0, 5), env.store.partitionOf('stmt', `stmt-${awkward}`)]));
     assert.equal(await env.store.appendStatement(env.pool, []), null);
-    // The same checks before any text is built: a stream continued from an older transaction.
+    // The same checks, in the statement: a stream continued from an older transaction is
+    // refused when the statement runs (SQLSTATE LL409, the stream in DETAIL), nothing is
+    // inserted, and streamOrderConflict turns the error back into the typed one.
     const older = await env.pool.connect();
     try {
       await older.query('BEGIN');
       await older.query('SELECT pg_current_xact_id()');
       await inTx((c) => env.store.appendMany(c, [{ streamType: 'stmt', streamId: 'order', version: 1, event: { type: 'One', data: {} } }]));
-      await assert.rejects(
-        env.store.appendStatement(older, [{ streamType: 'stmt', streamId: 'order', version: 2, event: { type: 'Two', data: {} } }]),
-        StreamOrderConflictError,
-      );
+      const text = await env.store.appendStatement(older, [
+        { streamType: 'stmt', streamId: 'order-new', version: 1, event: { type: 'New', data: {} } },
+        { streamType: 'stmt', streamId: 'order', version: 2, event: { type: 'Two', data: {} } },
+      ]);
+      assert.ok(text !== null);
+      const refused = await older.query(text).then(() => null, (error: unknown) => error);
+      assert.equal((refused as { code?: string } | null)?.code, STREAM_ORDER_CONFLICT_SQLSTATE);
+      const conflict = streamOrderConflict(refused);
+      assert.ok(conflict instanceof StreamOrderConflictError);
+      assert.deepEqual([conflict.streamType, conflict.streamId, conflict.actual], ['stmt', 'order', 1]);
       await older.query('ROLLBACK');
     } finally {
       older.release();
     }
+    assert.deepEqual((await env.store.readStream(env.pool, 'stmt', 'order')).map((e) => e.type), ['One']);
+    assert.equal(await env.store.streamVersion(env.pool, 'stmt', 'order-new'), 0);
+    // Not every error is one: anything else passes through as it is.
+    assert.equal(streamOrderConflict(new Error('other')), null);
+    assert.equal(streamOrderConflict(Object.assign(new Error('unique'), { code: '23505' })), null);
   });
 
   test('the global order never skips a transaction that commits late', async () => {

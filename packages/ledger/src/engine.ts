@@ -13,7 +13,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
-import { StreamOrderConflictError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
+import { StreamOrderConflictError, streamOrderConflict, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
 import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
@@ -476,7 +476,7 @@ export class LedgerEngine {
    * caller reports the outcome as unknown.
    */
   async #writeAndCommit(client: pg.PoolClient, state: BatchState, decision: BatchDecision, events: StreamEvent[]): Promise<void> {
-    // The append's checks may take a round trip of their own (a stream continued by an expiry).
+    // The append's residency check, when the store has a policy, takes a round trip of its own.
     const append = this.#events === null ? null : await this.#events.appendStatement(client, events);
     const accounts: AccountRow[] = [];
     for (const id of decision.changedAccounts) accounts.push(state.accounts.get(id) as AccountRow);
@@ -486,6 +486,10 @@ export class LedgerEngine {
     try {
       await client.query(statements.join(';\n'));
     } catch (error) {
+      // The append's stream-order check runs in its statement: a refusal is the server's error,
+      // reported in a session that goes on, so nothing committed; the batch is retried.
+      const conflict = streamOrderConflict(error);
+      if (conflict !== null) throw conflict;
       if (mayHaveCommitted(error)) Object.assign(error as object, { duringCommit: true });
       throw error;
     }

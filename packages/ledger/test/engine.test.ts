@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
+import { StreamOrderConflictError } from '@ledgerline/events';
 import { ManualClock } from '@ledgerline/testing';
 import {
   AMOUNT_MAX,
@@ -460,6 +461,48 @@ describe('two-phase transfers', () => {
     assert.equal((await engine.getTransfer(p2.id))?.pendingStatus, 'expired');
     assert.deepEqual(await balances(a), [1n, 0n, 0n, 0n]);
     assert.deepEqual(await results([{ id: newId(), pendingId: p2.id, flags: { voidPendingTransfer: true } }]), ['pending_transfer_expired']);
+  });
+
+  test('an expiry whose stream a newer transaction continued meanwhile: refused in the commit round trip, nothing applied', async () => {
+    // Given a pending transfer p past its timeout, and a trigger that holds the sweep while it
+    // marks p expired (after the sweep's transaction has its id, before its events' append),
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const p = transfer(a, b, 30n, { flags: { pending: true }, timeoutSeconds: 1, metadata: { hold: 'yes' } });
+    assert.deepEqual(await results([p]), ['ok']);
+    clock.advanceSeconds(2);
+    await t.pool.query(`CREATE FUNCTION ledger.hold() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.metadata ? 'hold' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$`);
+    await t.pool.query('CREATE TRIGGER hold BEFORE UPDATE ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.hold()');
+    const intruder = newId();
+    try {
+      // when a newer transaction appends version 2 to p's stream and commits while it is held,
+      const sweep = engine.expirePendingTransfers().catch((e: unknown) => e);
+      for (;;) {
+        const r = await t.pool.query("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'");
+        if (r.rows.length > 0) break;
+        await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      const c = await t.pool.connect();
+      try {
+        await c.query('BEGIN');
+        await t.events.appendMany(c, [{ streamType: TRANSFER_STREAM, streamId: p.id, version: 2, event: { id: intruder, type: 'Intruder', data: {} } }]);
+        await c.query('COMMIT');
+      } finally {
+        c.release();
+      }
+      // then the sweep's append is refused by its stream-order check, as the typed, retryable
+      // error (the statement carried the check: no round trip of its own), and p stays pending.
+      const error = await sweep;
+      assert.ok(error instanceof StreamOrderConflictError, String(error));
+      assert.deepEqual([error.streamType, error.streamId, error.actual], [TRANSFER_STREAM, p.id, 2]);
+      assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'pending');
+    } finally {
+      await t.pool.query('DROP TRIGGER hold ON ledger.transfers; DROP FUNCTION ledger.hold()');
+      await t.pool.query('DELETE FROM events.events WHERE event_id = $1', [intruder]);
+    }
+    // Once the stream is as the ledger left it, the next sweep expires p.
+    assert.equal(await engine.expirePendingTransfers(), 1);
+    assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'expired');
   });
 
   test('the background sweep runs on its own interval', async () => {
