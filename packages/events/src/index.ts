@@ -35,6 +35,7 @@ export {
 export {
   ensureEventStream,
   OutboxRelay,
+  RELAY_LOCK_CLASS,
   outboxLagSeconds,
   readCheckpoint,
   type OutboxEvent,

@@ -86,8 +86,12 @@ export interface RelayOptions {
 /** How long the broker keeps published batches; longer than any consumer outage we plan for. */
 const STREAM_MAX_AGE_MS = 7 * 24 * 3600 * 1000;
 
-/** Distinguishes our advisory locks from any other user's in the same database. */
-const RELAY_LOCK_CLASS = 0x4c4c5231; // "LLR1"
+/**
+ * Distinguishes our advisory locks from any other user's in the same database: the relay that
+ * publishes partition p holds the session lock (RELAY_LOCK_CLASS, p), which `pg_locks` shows
+ * as classid RELAY_LOCK_CLASS, objid p, objsubid 2.
+ */
+export const RELAY_LOCK_CLASS = 0x4c4c5231; // "LLR1"
 
 export interface RelayStats {
   published: number;

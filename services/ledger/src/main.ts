@@ -45,14 +45,22 @@ if (config.AUDIT_ENABLED) {
   logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAIL IS DISABLED: commands, reads and events are not audited');
 }
 
-await migrateLedger(config.DATABASE_URL);
-await migrateRuntime(config.DATABASE_URL);
-await migrateEvents(config.DATABASE_URL);
-if (signer !== null) await migrateAudit(config.DATABASE_URL);
+// The migrations' lock, the relay's partition locks and the audit sequencer keep state in their
+// session, so they use DATABASE_SESSION_URL when it is set: DATABASE_URL may then go through a
+// pooler that pools transactions, which the engine, the appends and the requests' queries allow.
+const sessionUrl = config.DATABASE_SESSION_URL === '' ? config.DATABASE_URL : config.DATABASE_SESSION_URL;
+await migrateLedger(sessionUrl);
+await migrateRuntime(sessionUrl);
+await migrateEvents(sessionUrl);
+if (signer !== null) await migrateAudit(sessionUrl);
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
 // Idle clients whose backend dies emit 'error'; the pool discards them and the next query
 // opens a new connection. Log it; it must not crash the process.
 guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));
+/** The relay's: its lock holder, and a connection for each partition it publishes at once. */
+const RELAY_POOL_MAX = 6;
+const sessionPool = sessionUrl === config.DATABASE_URL ? pool : new pg.Pool({ connectionString: sessionUrl, max: RELAY_POOL_MAX });
+if (sessionPool !== pool) guardPool(sessionPool, (err) => logger.warn({ err }, 'postgres: connection error (DATABASE_SESSION_URL)'));
 
 const events = await EventStore.open(pool);
 const engine = new LedgerEngine({
@@ -69,7 +77,7 @@ const engine = new LedgerEngine({
 
 const relay = config.EVENTS_RELAY_ENABLED
   ? runRelay({
-      pool,
+      pool: sessionPool,
       store: events,
       natsUrl: config.NATS_URL,
       streamName: config.EVENTS_STREAM,
@@ -93,7 +101,7 @@ const audit =
           bufferEntriesMax: config.AUDIT_BUFFER_ENTRIES_MAX,
           onError: (err) => logger.error({ err }, 'audit: writing buffered entries failed; they stay buffered and are retried'),
         }),
-        sequencer: await startServiceSequencer(config, logger, { tailEvents: true }),
+        sequencer: await startServiceSequencer({ ...config, DATABASE_URL: sessionUrl }, logger, { tailEvents: true }),
         publicKey: signer.publicKey,
       };
 
@@ -143,6 +151,14 @@ const address = await runService(app, {
   // Requests have drained; now the audit sink writes what it buffered, the engine finishes its
   // queued batches, the sequencer integrates what is left (events included) and signs a last
   // checkpoint, the relay stops at a checkpoint, then the pool closes.
-  onClose: [() => audit?.sink.close(), () => engine.close(), () => audit?.sequencer?.close(), () => relay?.stop(), () => pool.end(), () => resilience.close()],
+  onClose: [
+    () => audit?.sink.close(),
+    () => engine.close(),
+    () => audit?.sequencer?.close(),
+    () => relay?.stop(),
+    () => pool.end(),
+    () => (sessionPool === pool ? undefined : sessionPool.end()),
+    () => resilience.close(),
+  ],
 });
 logger.info({ address }, 'ledger: listening');

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
-import { inTransaction } from '@ledgerline/events';
+import { inTransaction, RELAY_LOCK_CLASS } from '@ledgerline/events';
 import { newId } from '@ledgerline/ledger';
 import { freePort } from '@ledgerline/testing';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
@@ -218,7 +218,7 @@ test('SIGTERM under load: requests in flight finish, queued batches commit, the 
 
 test('a bad configuration stops the service at start with a message naming the variable', async () => {
   const child = spawn(process.execPath, [MAIN], {
-    env: { ...process.env, PORT: 'abc', LEDGER_BATCH_SIZE_MAX: '0', DATABASE_URL: t.db.url },
+    env: { ...process.env, PORT: 'abc', LEDGER_BATCH_SIZE_MAX: '0', DATABASE_URL: t.db.url, DATABASE_SESSION_URL: 'mysql://127.0.0.1/test' },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let stderr = '';
@@ -232,6 +232,7 @@ test('a bad configuration stops the service at start with a message naming the v
   assert.match(stderr, /Invalid configuration/);
   assert.match(stderr, /PORT must be integer \(got "abc"\)/);
   assert.match(stderr, /LEDGER_BATCH_SIZE_MAX must be >= 1/);
+  assert.match(stderr, /DATABASE_SESSION_URL/);
 });
 
 test('a bad residency setting for the relay stops the service at start, naming the variable', async () => {
@@ -283,6 +284,46 @@ test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withhold
     const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     assert.match(metrics, /^ledgerline_events_relay_withheld\{[^}]*\} 1$/m);
     assert.match(metrics, /^ledgerline_events_relay_published\{[^}]*\} [1-9]\d*$/m);
+  } finally {
+    service.kill('SIGTERM');
+    await killed(service);
+  }
+});
+
+test('with DATABASE_SESSION_URL the session-bound work runs there and the rest on DATABASE_URL', async () => {
+  // Given the service with two URLs to one database, told apart by their application names (as a
+  // transaction pooler and a direct connection would be),
+  const named = (name: string): string => `${t.db.url}${t.db.url.includes('?') ? '&' : '?'}application_name=${name}`;
+  const port = await freePort();
+  const service = await startService(port, { DATABASE_URL: named('ll-pooled'), DATABASE_SESSION_URL: named('ll-session') });
+  try {
+    // when the relay holds its partitions and money moves,
+    const holders = async (): Promise<Map<string, number>> => {
+      const r = await t.pool.query<{ name: string; n: number }>(
+        `SELECT a.application_name AS name, count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objsubid = 2 AND l.granted AND a.datname = current_database() GROUP BY 1`,
+        [RELAY_LOCK_CLASS],
+      );
+      return new Map(r.rows.map((row) => [row.name, row.n]));
+    };
+    const partitions = t.events.partitions;
+    const deadline = Date.now() + 15_000;
+    while ((await holders()).get('ll-session') !== partitions) {
+      assert.ok(Date.now() < deadline, `the relay did not take its ${partitions} partition locks within 15 s`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const [a, b] = (await openAccounts(port, 2)) as [string, string];
+    const res = await fetch(`http://127.0.0.1:${port}/v1/transfers`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ id: newId(), debit_account_id: a, credit_account_id: b, amount: '5', ledger: 'USD', code: 1 }),
+    });
+    assert.equal(res.status, 201);
+    // then the relay's session locks are all held on DATABASE_SESSION_URL's connections, none
+    // on DATABASE_URL's, and the requests' work runs on DATABASE_URL's connections.
+    assert.deepEqual([...(await holders())], [['ll-session', partitions]]);
+    const engine = await t.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'll-pooled'");
+    assert.ok((engine.rows[0]?.n ?? 0) >= 1, 'the engine and the requests use DATABASE_URL');
   } finally {
     service.kill('SIGTERM');
     await killed(service);
