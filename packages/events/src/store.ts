@@ -487,10 +487,8 @@ export class EventStore {
     // check cost a statement, and the ledger a round trip; see the migration.)
     const continuing = new Map<string, StreamEvent>();
     for (const e of entries) if (e.version > 1) continuing.set(`${e.streamType}/${e.streamId}`, e);
-    const order =
-      continuing.size === 0
-        ? []
-        : [JSON.stringify([...continuing.values()].map((e) => e.streamType)), JSON.stringify([...continuing.values()].map((e) => e.streamId))];
+    const streams = [...continuing.values()];
+    const order = streams.length === 0 ? [] : [JSON.stringify(streams.map((e) => e.streamType)), JSON.stringify(streams.map((e) => e.streamId))];
     // Integers travel as array literals, text and documents as one JSON array each: one
     // JSON.stringify per column instead of pg's escaping of every element (measured: +7%
     // ledger throughput for the documents alone).

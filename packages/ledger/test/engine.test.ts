@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
-import { StreamOrderConflictError } from '@ledgerline/events';
+import { inTransaction, StreamOrderConflictError } from '@ledgerline/events';
 import { ManualClock } from '@ledgerline/testing';
 import {
   AMOUNT_MAX,
@@ -62,6 +62,41 @@ function transfer(debit: string, credit: string, amount: bigint, extra: Partial<
 
 async function results(list: NewTransfer[]): Promise<string[]> {
   return (await engine.createTransfers(list)).map((r) => r.result);
+}
+
+/**
+ * Runs `fn` with a row trigger on ledger.transfers whose plpgsql body is `body`: `when` is the
+ * trigger's timing and event, `deferred` makes it a constraint trigger that runs at COMMIT.
+ * The trigger and its function are dropped afterwards, whatever `fn` does.
+ */
+async function withTransfersTrigger(name: string, when: 'BEFORE INSERT' | 'BEFORE UPDATE' | 'AFTER INSERT', body: string, fn: () => Promise<void>, deferred = false): Promise<void> {
+  await t.pool.query(`CREATE FUNCTION ledger.${name}() RETURNS trigger LANGUAGE plpgsql AS $$ ${body} $$`);
+  await t.pool.query(
+    `CREATE ${deferred ? 'CONSTRAINT ' : ''}TRIGGER ${name} ${when} ON ledger.transfers ${deferred ? 'DEFERRABLE INITIALLY DEFERRED ' : ''}FOR EACH ROW EXECUTE FUNCTION ledger.${name}()`,
+  );
+  try {
+    await fn();
+  } finally {
+    await t.pool.query(`DROP TRIGGER ${name} ON ledger.transfers; DROP FUNCTION ledger.${name}()`);
+  }
+}
+
+/** The pid of a backend of this database sleeping in pg_sleep (held by a test's trigger), once there is one; `queryLike` narrows it by its query. */
+async function sleepingBackend(queryLike = '%'): Promise<number> {
+  for (;;) {
+    const r = await t.pool.query<{ pid: number }>(
+      "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE $1",
+      [queryLike],
+    );
+    const pid = r.rows[0]?.pid;
+    if (pid !== undefined) return pid;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/** Nine one-transfer calls from a to b, coalesced into batches; the fifth carries `metadata`. */
+function nineCallsFifthMarked(a: string, b: string, metadata: Record<string, string>): Promise<PromiseSettledResult<unknown>[]> {
+  return Promise.allSettled(Array.from({ length: 9 }, (_, i) => engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata } : {})])));
 }
 
 /** Returns once a backend of the test database waits for a lock (polls; asserts nothing). */
@@ -470,34 +505,24 @@ describe('two-phase transfers', () => {
     const p = transfer(a, b, 30n, { flags: { pending: true }, timeoutSeconds: 1, metadata: { hold: 'yes' } });
     assert.deepEqual(await results([p]), ['ok']);
     clock.advanceSeconds(2);
-    await t.pool.query(`CREATE FUNCTION ledger.hold() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN IF NEW.metadata ? 'hold' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$`);
-    await t.pool.query('CREATE TRIGGER hold BEFORE UPDATE ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.hold()');
     const intruder = newId();
+    const hold = "BEGIN IF NEW.metadata ? 'hold' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END";
     try {
-      // when a newer transaction appends version 2 to p's stream and commits while it is held,
-      const sweep = engine.expirePendingTransfers().catch((e: unknown) => e);
-      for (;;) {
-        const r = await t.pool.query("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'");
-        if (r.rows.length > 0) break;
-        await new Promise((resolve) => setTimeout(resolve, 5));
-      }
-      const c = await t.pool.connect();
-      try {
-        await c.query('BEGIN');
-        await t.events.appendMany(c, [{ streamType: TRANSFER_STREAM, streamId: p.id, version: 2, event: { id: intruder, type: 'Intruder', data: {} } }]);
-        await c.query('COMMIT');
-      } finally {
-        c.release();
-      }
-      // then the sweep's append is refused by its stream-order check, as the typed, retryable
-      // error (the statement carried the check: no round trip of its own), and p stays pending.
-      const error = await sweep;
-      assert.ok(error instanceof StreamOrderConflictError, String(error));
-      assert.deepEqual([error.streamType, error.streamId, error.actual], [TRANSFER_STREAM, p.id, 2]);
-      assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'pending');
+      await withTransfersTrigger('hold', 'BEFORE UPDATE', hold, async () => {
+        // when a newer transaction appends version 2 to p's stream and commits while it is held,
+        const sweep = engine.expirePendingTransfers().catch((e: unknown) => e);
+        await sleepingBackend();
+        await inTransaction(t.pool, (c) =>
+          t.events.appendMany(c, [{ streamType: TRANSFER_STREAM, streamId: p.id, version: 2, event: { id: intruder, type: 'Intruder', data: {} } }]),
+        );
+        // then the sweep's append is refused by its stream-order check, as the typed, retryable
+        // error (the statement carried the check: no round trip of its own), and p stays pending.
+        const error = await sweep;
+        assert.ok(error instanceof StreamOrderConflictError, String(error));
+        assert.deepEqual([error.streamType, error.streamId, error.actual], [TRANSFER_STREAM, p.id, 2]);
+        assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'pending');
+      });
     } finally {
-      await t.pool.query('DROP TRIGGER hold ON ledger.transfers; DROP FUNCTION ledger.hold()');
       await t.pool.query('DELETE FROM events.events WHERE event_id = $1', [intruder]);
     }
     // Once the stream is as the ledger left it, the next sweep expires p.
@@ -719,22 +744,15 @@ describe('batching and limits', () => {
 
   test('a call that makes the database fail is split off: its neighbours in the batch still commit', async () => {
     // A trigger stands in for any permanent per-row database error the engine did not foresee.
-    await t.pool.query(`CREATE FUNCTION ledger.poison() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW; END $$`);
-    await t.pool.query('CREATE TRIGGER poison BEFORE INSERT ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.poison()');
-    try {
+    const poison = "BEGIN IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned row'; END IF; RETURN NEW; END";
+    await withTransfersTrigger('poison', 'BEFORE INSERT', poison, async () => {
       const [a, b] = (await accounts(undefined, undefined)) as [string, string];
-      const calls = Array.from({ length: 9 }, (_, i) =>
-        engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata: { poison: 'yes' } } : {})]),
-      );
-      const settled = await Promise.allSettled(calls);
+      const settled = await nineCallsFifthMarked(a, b, { poison: 'yes' });
       assert.equal(settled.filter((s) => s.status === 'fulfilled').length, 8);
       const failed = settled[4];
       assert.ok(failed?.status === 'rejected' && /poisoned row/.test(String(failed.reason)));
       assert.deepEqual(await balances(a), [0n, 8n, 0n, 0n]);
-    } finally {
-      await t.pool.query('DROP TRIGGER poison ON ledger.transfers; DROP FUNCTION ledger.poison()');
-    }
+    });
   });
 
   test('behind a transaction-pooling proxy: every batch commits on a session reset just before it', async () => {
@@ -777,15 +795,10 @@ describe('batching and limits', () => {
     // A trigger that silently drops a row stands in for any write that lands short: the engine
     // sends the write, the events and COMMIT in one round trip, so only the statement itself
     // can stop the commit.
-    await t.pool.query(`CREATE FUNCTION ledger.vanish() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN IF NEW.metadata ? 'vanish' THEN RETURN NULL; END IF; RETURN NEW; END $$`);
-    await t.pool.query('CREATE TRIGGER vanish BEFORE INSERT ON ledger.transfers FOR EACH ROW EXECUTE FUNCTION ledger.vanish()');
-    try {
+    const vanish = "BEGIN IF NEW.metadata ? 'vanish' THEN RETURN NULL; END IF; RETURN NEW; END";
+    await withTransfersTrigger('vanish', 'BEFORE INSERT', vanish, async () => {
       const [a, b] = (await accounts(undefined, undefined)) as [string, string];
-      const calls = Array.from({ length: 9 }, (_, i) =>
-        engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata: { vanish: 'yes' } } : {})]),
-      );
-      const settled = await Promise.allSettled(calls);
+      const settled = await nineCallsFifthMarked(a, b, { vanish: 'yes' });
       assert.equal(settled.filter((s) => s.status === 'fulfilled').length, 8);
       const failed = settled[4];
       assert.ok(failed?.status === 'rejected', 'the call whose row vanished fails');
@@ -795,59 +808,48 @@ describe('batching and limits', () => {
       assert.deepEqual(await balances(a), [0n, 8n, 0n, 0n]);
       const events = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.events WHERE stream_type = $1', [TRANSFER_STREAM]);
       assert.equal(events.rows[0]?.n, 8);
-    } finally {
-      await t.pool.query('DROP TRIGGER vanish ON ledger.transfers; DROP FUNCTION ledger.vanish()');
-    }
+    });
   });
 
   test('the last round trip: a backend lost in it leaves the outcome unknown; an error the server reports there does not', async () => {
     // Deferred triggers run inside COMMIT: one sleeps, so the test can cut the backend off
     // mid-commit, and one refuses, as a failing deferred constraint would.
-    await t.pool.query(`CREATE FUNCTION ledger.at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-      BEGIN
+    const atCommit = `BEGIN
         IF NEW.metadata ? 'slow' THEN PERFORM pg_sleep(30); END IF;
         IF NEW.metadata ? 'refuse' THEN RAISE EXCEPTION 'refused at commit' USING ERRCODE = '40001'; END IF;
         RETURN NULL;
-      END $$`);
-    await t.pool.query(`CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON ledger.transfers
-      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger.at_commit()`);
-    const once = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events, batchAttemptsMax: 1 });
-    try {
-      const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+      END`;
+    await withTransfersTrigger('at_commit', 'AFTER INSERT', atCommit, async () => {
+      const once = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events, batchAttemptsMax: 1 });
+      try {
+        const [a, b] = (await accounts(undefined, undefined)) as [string, string];
 
-      // Given a batch whose COMMIT is under way, when its backend is terminated,
-      const slow = transfer(a, b, 1n, { metadata: { slow: 'yes' } });
-      const lost = once.createTransfers([slow]).catch((e: unknown) => e);
-      let pid: number | undefined;
-      while (pid === undefined) {
-        const r = await t.pool.query<{ pid: number }>(
-          "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep' AND query LIKE 'WITH acc AS (%UPDATE ledger.accounts AS a%'",
-        );
-        pid = r.rows[0]?.pid;
-        if (pid === undefined) await new Promise((resolve) => setTimeout(resolve, 5));
+        // Given a batch whose COMMIT is under way, when its backend is terminated,
+        const slow = transfer(a, b, 1n, { metadata: { slow: 'yes' } });
+        const lost = once.createTransfers([slow]).catch((e: unknown) => e);
+        const pid = await sleepingBackend('WITH acc AS (%UPDATE ledger.accounts AS a%');
+        await t.pool.query('SELECT pg_terminate_backend($1)', [pid]);
+        // then the call cannot tell whether it committed, and says so (here it did not).
+        const error = await lost;
+        assert.ok(error instanceof LedgerUnavailableError, String(error));
+        assert.equal(error.outcomeUnknown, true);
+        assert.equal((await once.getTransfer(slow.id)), null);
+
+        // Given a batch that the server refuses at COMMIT with an error it reports (a
+        // serialization failure, which is worth a retry),
+        const refused = await once.createTransfers([transfer(a, b, 1n, { metadata: { refuse: 'yes' } })]).catch((e: unknown) => e);
+        // then the call knows that nothing committed.
+        assert.ok(refused instanceof LedgerUnavailableError, String(refused));
+        assert.equal(refused.outcomeUnknown, false);
+        assert.match((refused.cause as Error).message, /refused at commit/);
+        assert.deepEqual(await balances(a), [0n, 0n, 0n, 0n]);
+
+        // And a plain batch still commits through the same engine.
+        assert.deepEqual((await once.createTransfers([transfer(a, b, 2n)])).map((r) => r.result), ['ok']);
+      } finally {
+        await once.close();
       }
-      await t.pool.query('SELECT pg_terminate_backend($1)', [pid]);
-      // then the call cannot tell whether it committed, and says so (here it did not).
-      const error = await lost;
-      assert.ok(error instanceof LedgerUnavailableError, String(error));
-      assert.equal(error.outcomeUnknown, true);
-      assert.equal((await once.getTransfer(slow.id)), null);
-
-      // Given a batch that the server refuses at COMMIT with an error it reports (a
-      // serialization failure, which is worth a retry),
-      const refused = await once.createTransfers([transfer(a, b, 1n, { metadata: { refuse: 'yes' } })]).catch((e: unknown) => e);
-      // then the call knows that nothing committed.
-      assert.ok(refused instanceof LedgerUnavailableError, String(refused));
-      assert.equal(refused.outcomeUnknown, false);
-      assert.match((refused.cause as Error).message, /refused at commit/);
-      assert.deepEqual(await balances(a), [0n, 0n, 0n, 0n]);
-
-      // And a plain batch still commits through the same engine.
-      assert.deepEqual((await once.createTransfers([transfer(a, b, 2n)])).map((r) => r.result), ['ok']);
-    } finally {
-      await once.close();
-      await t.pool.query('DROP TRIGGER at_commit ON ledger.transfers; DROP FUNCTION ledger.at_commit()');
-    }
+    }, true);
   });
 
   test('an unreachable database is a LedgerUnavailableError, never a decided result', async () => {
