@@ -11,6 +11,7 @@ import { readlinkSync } from 'node:fs';
 import { setPriority } from 'node:os';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
+import { parseIntoClientConfig } from 'pg-connection-string';
 import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
 import { AuditSequencer } from './sequencer.ts';
 
@@ -107,12 +108,22 @@ export function startSequencerWorker(options: SequencerWorkerOptions, handlers: 
   });
 }
 
+/**
+ * The pool's settings from the service's URL, with `application_name` set to `name`. Parsed
+ * here rather than passed as `connectionString`: pg lets a connection string's parameters win
+ * over the options beside it, so an operator's `?application_name=` in the URL would otherwise
+ * hide which connections are the sequencer's.
+ */
+export function namedConnection(url: string, name: string): pg.ClientConfig {
+  return { ...parseIntoClientConfig(url), application_name: name };
+}
+
 function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;
   if (port === null) throw new Error('invariant: no parent port in the sequencer worker');
   const refused = lowerThreadPriority(o.nice ?? SEQUENCER_NICE_DEFAULT);
   if (refused !== null) port.postMessage({ kind: 'warning', message: refused } satisfies FromWorker);
-  const pool = new pg.Pool({ connectionString: o.databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
+  const pool = new pg.Pool({ ...namedConnection(o.databaseUrl, SEQUENCER_APPLICATION_NAME), max: 2 });
   pool.on('error', () => {});
   const sequencer = new AuditSequencer({
     pool,

@@ -19,12 +19,22 @@ export const baseConfigSchema = Type.Object({
     default: 'postgres://postgres@127.0.0.1:5432/test',
   }),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
+  // A direct or session-pooled connection for what keeps state in its session (the migrations'
+  // lock, the relay's partition locks, the audit sequencer's named statement). Empty:
+  // DATABASE_URL, which may then go through a pooler that pools transactions (README, "Behind a
+  // connection pooler"). `sessionDatabaseUrl` picks the one to use.
+  DATABASE_SESSION_URL: Type.String({ pattern: '^(postgres(ql)?://.*)?$', default: '' }),
   // Kubernetes sends SIGKILL 30 s after SIGTERM by default; stay well inside that.
   SHUTDOWN_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 120_000, default: 10_000 }),
   BODY_LIMIT_BYTES: Type.Integer({ minimum: 1024, maximum: 64 * 1024 * 1024, default: 1_048_576 }),
 });
 
 export type BaseConfig = Static<typeof baseConfigSchema>;
+
+/** The URL for session-bound work: DATABASE_SESSION_URL when it is set, else DATABASE_URL. */
+export function sessionDatabaseUrl(config: Pick<BaseConfig, 'DATABASE_URL' | 'DATABASE_SESSION_URL'>): string {
+  return config.DATABASE_SESSION_URL === '' ? config.DATABASE_URL : config.DATABASE_SESSION_URL;
+}
 
 export interface ConfigIssue {
   variable: string;

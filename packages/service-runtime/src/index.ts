@@ -1,4 +1,4 @@
-export { baseConfigSchema, ConfigError, loadConfig, LOG_LEVELS } from './config.ts';
+export { baseConfigSchema, ConfigError, loadConfig, LOG_LEVELS, sessionDatabaseUrl } from './config.ts';
 export type { BaseConfig, ConfigIssue } from './config.ts';
 export {
   ANONYMOUS_CLIENT_ID,

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { Type } from 'typebox';
-import { baseConfigSchema, ConfigError, loadConfig } from '../src/index.ts';
+import { baseConfigSchema, ConfigError, loadConfig, sessionDatabaseUrl } from '../src/index.ts';
 
 function configError(fn: () => unknown): ConfigError {
   try {
@@ -21,9 +21,18 @@ describe('loadConfig', () => {
       LOG_LEVEL: 'info',
       DATABASE_URL: 'postgres://postgres@127.0.0.1:5432/test',
       DATABASE_POOL_MAX: 10,
+      DATABASE_SESSION_URL: '',
       SHUTDOWN_TIMEOUT_MS: 10_000,
       BODY_LIMIT_BYTES: 1_048_576,
     });
+  });
+
+  it('gives DATABASE_SESSION_URL for session-bound work when it is set, and DATABASE_URL when it is not', () => {
+    const pooled = 'postgres://app@pgbouncer:6432/ledger';
+    assert.equal(sessionDatabaseUrl(loadConfig(baseConfigSchema, { DATABASE_URL: pooled })), pooled);
+    const direct = 'postgres://app@db:5432/ledger';
+    assert.equal(sessionDatabaseUrl(loadConfig(baseConfigSchema, { DATABASE_URL: pooled, DATABASE_SESSION_URL: direct })), direct);
+    assert.throws(() => loadConfig(baseConfigSchema, { DATABASE_SESSION_URL: 'mysql://db/ledger' }), /DATABASE_SESSION_URL/);
   });
 
   it('coerces strings to the schema types, ignores unknown variables and freezes the result', () => {

@@ -24,6 +24,20 @@ function withDatabase(url: string, name: string): string {
   return parsed.toString();
 }
 
+/** The directory of PostgreSQL's local socket (Debian's, unless TEST_PG_SOCKET_DIR says otherwise). */
+export const PG_SOCKET_DIR = process.env.TEST_PG_SOCKET_DIR ?? '/var/run/postgresql';
+
+/**
+ * The same database and user as `url`, over PostgreSQL's local socket instead of TCP, with
+ * `application_name` set: a second way into one database that pg_stat_activity tells apart
+ * (client_addr is null), as a direct connection beside a pooler's would be.
+ */
+export function overLocalSocket(url: string, applicationName: string): string {
+  const parsed = new URL(url);
+  const socket = new URLSearchParams({ host: PG_SOCKET_DIR, application_name: applicationName });
+  return `postgresql://${parsed.username === '' ? '' : `${parsed.username}@`}${parsed.pathname}?${socket.toString()}`;
+}
+
 async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
   const client = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
   await client.connect();

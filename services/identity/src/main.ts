@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
-import { ConfigError, loadConfig, runService } from '@ledgerline/service-runtime';
+import { ConfigError, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
 import { identityConfigSchema, list, type IdentityConfig } from './config.ts';
@@ -50,8 +50,13 @@ const signer = config.AUDIT_ENABLED && config.AUDIT_SEQUENCER_ENABLED ? serviceS
 // The identity service reads no personal data back; its sequencer wraps the subject keys it makes.
 if (signer !== null) serviceKeyEncryptionKey('identity', config.AUDIT_KEY_ENCRYPTION_KEY, (message) => logger.warn(message));
 
-await migrateIdentity(config.DATABASE_URL);
-if (config.AUDIT_ENABLED) await migrateAudit(config.DATABASE_URL);
+// The migrations' lock and the audit sequencer's named statement keep state in their session,
+// so they use DATABASE_SESSION_URL when it is set; the requests' queries, the token issuing
+// and the audit sink's inserts keep none, so DATABASE_URL may go through a pooler that pools
+// transactions (README, "Behind a connection pooler").
+const sessionUrl = sessionDatabaseUrl(config);
+await migrateIdentity(sessionUrl);
+if (config.AUDIT_ENABLED) await migrateAudit(sessionUrl);
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
 pool.on('error', (err) => logger.warn({ err }, 'postgres: idle client error'));
 
@@ -69,7 +74,7 @@ if (audit === null) logger.warn({ AUDIT_ENABLED: false }, 'audit: THE AUDIT TRAI
 const sequencer =
   signer === null
     ? null
-    : await startServiceSequencer(config, logger, { tailEvents: false });
+    : await startServiceSequencer({ ...config, DATABASE_URL: sessionUrl }, logger, { tailEvents: false });
 
 const identity = new Identity({
   pool,

@@ -11,8 +11,8 @@ import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { loadSigningKey, verifyLog } from '@ledgerline/audit';
-import { createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
+import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
+import { createTestDatabase, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const SECRET = 'identity-main-test-secret';
@@ -125,6 +125,57 @@ test('with AUDIT_SEQUENCER_ENABLED=false the identity service queues its records
   } finally {
     child.kill('SIGTERM');
     await exited;
+    await ownPool.end();
+    await own.drop();
+  }
+});
+
+test('with DATABASE_SESSION_URL the migrations and the sequencer run there and the requests on DATABASE_URL', async () => {
+  // Given the service with two ways into one fresh database: DATABASE_URL over TCP, as a
+  // transaction pooler would be, and DATABASE_SESSION_URL over the local socket, as a direct
+  // connection would be,
+  const own = await createTestDatabase('ll_identity_session');
+  const ownPool = new pg.Pool({ connectionString: own.url, max: 2 });
+  const port = await freePort();
+  const child = spawn(process.execPath, [MAIN], {
+    env: {
+      ...process.env,
+      PORT: String(port),
+      DATABASE_URL: `${own.url}?application_name=ll-pooled`,
+      DATABASE_SESSION_URL: overLocalSocket(own.url, 'll-session'),
+      LOG_LEVEL: 'warn',
+      AUDIT_SIGNING_KEY: '',
+      AUDIT_CHECKPOINT_INTERVAL_MS: '0',
+      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
+    },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  try {
+    const base = `http://127.0.0.1:${port}`;
+    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
+    // when a token request is answered and sequenced,
+    const form = { grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' };
+    const res = await fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
+    assert.equal(res.status, 200);
+    await poll('the token request in the log', async () => {
+      const r = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
+      return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
+    });
+    // then the sequencer's connections came over the socket (DATABASE_SESSION_URL) under their
+    // own name, and the requests' over TCP (DATABASE_URL);
+    const connections = await ownPool.query<{ name: string; socket: boolean; n: number }>(
+      `SELECT application_name AS name, client_addr IS NULL AS socket, count(*)::int AS n FROM pg_stat_activity
+        WHERE datname = current_database() AND application_name IN ($1, 'll-pooled', 'll-session') GROUP BY 1, 2 ORDER BY 1, 2`,
+      [SEQUENCER_APPLICATION_NAME],
+    );
+    const seen = connections.rows.map((r) => [r.name, r.socket]);
+    assert.deepEqual(seen.filter(([name]) => name === SEQUENCER_APPLICATION_NAME), [[SEQUENCER_APPLICATION_NAME, true]], JSON.stringify(connections.rows));
+    assert.deepEqual(seen.filter(([name]) => name === 'll-pooled'), [['ll-pooled', false]], JSON.stringify(connections.rows));
+  } finally {
+    child.kill('SIGTERM');
+    assert.equal(await exited, 0, 'a clean stop');
     await ownPool.end();
     await own.drop();
   }

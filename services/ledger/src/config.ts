@@ -13,10 +13,6 @@ export const ledgerConfigSchema = Type.Object({
   LEDGER_BATCH_LINGER_MS: Type.Integer({ minimum: 0, maximum: 100, default: 0 }),
   LEDGER_QUEUE_TRANSFERS_MAX: Type.Integer({ minimum: 8190, maximum: 10_000_000, default: 100_000 }),
   LEDGER_EXPIRY_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
-  // A direct or session-pooled connection for what keeps state in its session: the
-  // migrations' lock, the relay's partition locks and the audit sequencer. Empty: DATABASE_URL,
-  // which may then go through a pooler that pools transactions (README, "Behind a connection pooler").
-  DATABASE_SESSION_URL: Type.String({ pattern: '^(postgres(ql)?://.*)?$', default: '' }),
   NATS_URL: Type.String({ pattern: '^(nats|tls)://', default: 'nats://127.0.0.1:4222' }),
   EVENTS_RELAY_ENABLED: Type.Boolean({ default: true }),
   EVENTS_STREAM: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$', default: 'LEDGERLINE_EVENTS' }),

@@ -9,7 +9,7 @@ import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
 import { AuditStore, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
-import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService } from '@ledgerline/service-runtime';
+import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildLedgerService } from './app.ts';
 import type { LedgerAuthOptions } from './auth.ts';
 import { ledgerConfigSchema, type LedgerConfig } from './config.ts';
@@ -48,7 +48,7 @@ if (config.AUDIT_ENABLED) {
 // The migrations' lock, the relay's partition locks and the audit sequencer keep state in their
 // session, so they use DATABASE_SESSION_URL when it is set: DATABASE_URL may then go through a
 // pooler that pools transactions, which the engine, the appends and the requests' queries allow.
-const sessionUrl = config.DATABASE_SESSION_URL === '' ? config.DATABASE_URL : config.DATABASE_SESSION_URL;
+const sessionUrl = sessionDatabaseUrl(config);
 await migrateLedger(sessionUrl);
 await migrateRuntime(sessionUrl);
 await migrateEvents(sessionUrl);

@@ -10,8 +10,9 @@ import { after, before, test } from 'node:test';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { inTransaction, RELAY_LOCK_CLASS } from '@ledgerline/events';
+import { SEQUENCER_APPLICATION_NAME } from '@ledgerline/audit';
 import { newId } from '@ledgerline/ledger';
-import { freePort } from '@ledgerline/testing';
+import { freePort, overLocalSocket } from '@ledgerline/testing';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
@@ -291,11 +292,11 @@ test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withhold
 });
 
 test('with DATABASE_SESSION_URL the session-bound work runs there and the rest on DATABASE_URL', async () => {
-  // Given the service with two URLs to one database, told apart by their application names (as a
-  // transaction pooler and a direct connection would be),
-  const named = (name: string): string => `${t.db.url}${t.db.url.includes('?') ? '&' : '?'}application_name=${name}`;
+  // Given the service with two ways into one database: DATABASE_URL over TCP, as a transaction
+  // pooler would be, and DATABASE_SESSION_URL over the local socket, as a direct connection
+  // would be, told apart by their application names and by client_addr (null on the socket),
   const port = await freePort();
-  const service = await startService(port, { DATABASE_URL: named('ll-pooled'), DATABASE_SESSION_URL: named('ll-session') });
+  const service = await startService(port, { DATABASE_URL: `${t.db.url}${t.db.url.includes('?') ? '&' : '?'}application_name=ll-pooled`, DATABASE_SESSION_URL: overLocalSocket(t.db.url, 'll-session') });
   try {
     // when the relay holds its partitions and money moves,
     const holders = async (): Promise<Map<string, number>> => {
@@ -324,6 +325,12 @@ test('with DATABASE_SESSION_URL the session-bound work runs there and the rest o
     assert.deepEqual([...(await holders())], [['ll-session', partitions]]);
     const engine = await t.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'll-pooled'");
     assert.ok((engine.rows[0]?.n ?? 0) >= 1, 'the engine and the requests use DATABASE_URL');
+    // The audit sequencer names its connections itself, and they come over the socket.
+    const sequencer = await t.pool.query<{ socket: boolean; n: number }>(
+      'SELECT client_addr IS NULL AS socket, count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1 GROUP BY 1',
+      [SEQUENCER_APPLICATION_NAME],
+    );
+    assert.deepEqual(sequencer.rows.map((r) => r.socket), [true], 'the audit sequencer uses DATABASE_SESSION_URL');
   } finally {
     service.kill('SIGTERM');
     await killed(service);
