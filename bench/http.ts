@@ -7,6 +7,7 @@
  *                         [--batch-size-max N] [--batches-in-flight N] [--linger-ms N] [--pool N]
  *                         [--pgbench-clients N] [--pgbench-scale N] [--no-pgbench] [--no-batch]
  *                         [--instances 1] [--no-relay] [--service-cpu-prof DIR] [--idempotency-keys]
+ *                         [--database-via HOST:PORT]
  *
  * A fresh database; the ledger service as a child process (`services/ledger/src/main.ts`, which
  * migrates it) with the engine settings bench:ledger uses (`--instances` > 1 starts several,
@@ -86,6 +87,10 @@ const { values: args } = parseArgs({
     // Every request carries an Idempotency-Key (a fresh UUID; a re-send repeats it), as a
     // client that retries safely sends it: the service then stores and completes a key per request.
     'idempotency-keys': { type: 'boolean', default: false },
+    // HOST:PORT of a connection pooler in front of this PostgreSQL (PgBouncer in transaction
+    // mode, say) that serves every database by its name: the service's DATABASE_URL goes through
+    // it, its DATABASE_SESSION_URL (migrations, relay, sequencer) stays direct.
+    'database-via': { type: 'string' },
   },
   strict: true,
 });
@@ -117,6 +122,16 @@ abortOnSignals(log);
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url));
 const JSON_HEADERS = { 'content-type': 'application/json' };
 const keyed = args['idempotency-keys'];
+const databaseVia = args['database-via'];
+if (databaseVia !== undefined && !/^[A-Za-z0-9.-]+:\d{1,5}$/.test(databaseVia)) throw new RangeError('--database-via must be HOST:PORT');
+
+/** The service's DATABASE_URL: the database itself, or the same database through --database-via. */
+function pooledUrl(databaseUrl: string): string {
+  if (databaseVia === undefined) return databaseUrl;
+  const url = new URL(databaseUrl);
+  url.host = databaseVia;
+  return url.toString();
+}
 /** A fresh object each time: autocannon adds content-length to the headers object it is given. */
 const headersFor = (sent: { key: string | null }): Record<string, string> =>
   sent.key === null ? { ...JSON_HEADERS } : { ...JSON_HEADERS, 'idempotency-key': sent.key };
@@ -137,7 +152,8 @@ async function startService(databaseUrl: string): Promise<ServiceProcess> {
     ...process.env,
     PORT: String(port),
     HOST: '127.0.0.1',
-    DATABASE_URL: databaseUrl,
+    DATABASE_URL: pooledUrl(databaseUrl),
+    ...(databaseVia === undefined ? {} : { DATABASE_SESSION_URL: databaseUrl }),
     LOG_LEVEL: 'warn',
     // The ledger's own throughput, as before bearer tokens: the bench mints none (bench:authz
     // measures the authorization check).
@@ -341,7 +357,7 @@ class CpuWindow {
     if (a === null || b === null) return null;
     const wall = (b.at - a.at) / 1000;
     if (wall <= 0) return null;
-    const roles: Record<string, number> = { service: 0, load_generator: 0, postgres: 0, nats: 0, pgbench: 0, kernel: 0 };
+    const roles: Record<string, number> = { service: 0, load_generator: 0, postgres: 0, nats: 0, pgbench: 0, pooler: 0, kernel: 0 };
     const others = new Map<string, number>();
     for (const [pid, p] of this.#procs) {
       const delta = p.to - p.from;
@@ -355,7 +371,9 @@ class CpuWindow {
               ? 'nats'
               : p.comm === 'pgbench'
                 ? 'pgbench'
-                : p.kernel
+                : p.comm === 'pgbouncer' && databaseVia !== undefined
+                  ? 'pooler'
+                  : p.kernel
                   ? 'kernel'
                   : null;
       if (role !== null) roles[role] = (roles[role] ?? 0) + delta;
@@ -368,7 +386,7 @@ class CpuWindow {
     const named = Object.values(roles).reduce((x, y) => x + y, 0);
     const cores = (ticks: number): number => Math.round((ticks / USER_HZ / wall) * 100) / 100;
     const split: CpuSplit = {};
-    for (const [role, ticks] of Object.entries(roles)) if (role !== 'pgbench' || ticks > 0) split[role] = cores(ticks);
+    for (const [role, ticks] of Object.entries(roles)) if ((role !== 'pgbench' && role !== 'pooler') || ticks > 0) split[role] = cores(ticks);
     // Process times are counted in whole ticks, so this difference is approximate.
     split.other = cores(Math.max(0, busy - named));
     split.irq = cores(b.irq - a.irq);
@@ -934,6 +952,7 @@ async function main(): Promise<void> {
     batches_in_flight_max: batchesInFlightMax,
     batch_linger_ms: lingerMs,
     pool_size: poolSize,
+    database_via: databaseVia ?? null,
     seed,
     cpu_count: cpus().length,
     loadavg_1m_start: Math.round(loadStart * 100) / 100,

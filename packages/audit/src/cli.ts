@@ -15,7 +15,7 @@
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *
- * The database is DATABASE_URL (or --database-url); the key is AUDIT_SIGNING_KEY, or the
+ * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is AUDIT_SIGNING_KEY, or the
  * development key when it is unset, unless --public-key names a PEM file. Every search,
  * proof of a record, erasure, hold and expiry is itself recorded, with `--as` as the actor.
  * Exit codes: 0 done (verified), 1 verification or proof failed, 2 usage error or failure.
@@ -23,7 +23,7 @@
 import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
-import { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
+import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
 import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
 import { DEFAULT_LOG_ORIGIN } from './config.ts';
 import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
@@ -47,7 +47,7 @@ const USAGE = `usage:
   audit expire --as WHO [--as-of ISO]
   audit kek-status
   audit key-transition --previous-key FILE --as WHO [--origin O]
-database: DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
+database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
 (during a rotation, "new,old": kek-status says when no key is left under the old one)
@@ -128,7 +128,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       }
     }
 
-    const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+    const databaseUrl = a['database-url'] ?? operatorDatabaseUrl(env);
     if (databaseUrl === undefined) throw new UsageError('DATABASE_URL (or --database-url) is required');
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});

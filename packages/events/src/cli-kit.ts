@@ -56,3 +56,14 @@ export function parseCommandLine<const O extends ParseArgsOptionsConfig>(argv: r
     return null;
   }
 }
+
+/**
+ * The database an operator command uses: DATABASE_SESSION_URL when it is set (a direct or
+ * session-pooled connection, README "Behind a connection pooler"), else DATABASE_URL. A
+ * command may keep state in its session (reconciliation's temporary table), and none is on a
+ * hot path, so the direct connection is the one to take.
+ */
+export function operatorDatabaseUrl(env: Record<string, string | undefined>): string | undefined {
+  const session = env.DATABASE_SESSION_URL;
+  return session !== undefined && session !== '' ? session : env.DATABASE_URL;
+}

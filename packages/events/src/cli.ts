@@ -6,9 +6,11 @@
  *   node packages/events/src/cli.ts dlq list [--consumer NAME] [--pending] [--limit N] [--json]
  *   node packages/events/src/cli.ts dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
  *
- * Connections come from DATABASE_URL, NATS_URL, EVENTS_STREAM and EVENTS_SUBJECT_PREFIX (the
- * ledger service's variables and defaults), or from --database-url, --nats-url, --stream and
- * --subject-prefix. Exit codes: 0 clean, 1 gaps found (reconcile) or an event not replayed
+ * Connections come from DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM and
+ * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
+ * --nats-url, --stream and --subject-prefix. Reconciliation keeps a temporary table in its
+ * session, so it needs a direct or session-pooled connection, never one through a pooler that
+ * pools transactions: that is what DATABASE_SESSION_URL is. Exit codes: 0 clean, 1 gaps found (reconcile) or an event not replayed
  * (dlq replay), 2 a usage error or a failure.
  */
 import { connect, type NatsConnection } from '@nats-io/transport-node';
@@ -16,7 +18,7 @@ import pg from 'pg';
 import { listDeadLetters, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
 import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
 import { EventStore } from './store.ts';
-import { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
+import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
 
 export type { CliIo } from './cli-kit.ts';
 
@@ -24,7 +26,7 @@ const USAGE = `usage:
   events reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json] [--page-size N] [--issues-max N] [--start-margin-ms N]
   events dlq list [--consumer NAME] [--pending] [--limit N] [--json]
   events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
-connections: DATABASE_URL, NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
+connections: DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
   (or --database-url, --nats-url, --stream, --subject-prefix)
 reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
 
@@ -57,7 +59,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     (a.help ? out : err)(USAGE);
     return a.help ? 0 : 2;
   }
-  const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+  const databaseUrl = a['database-url'] ?? operatorDatabaseUrl(env);
   const natsUrl = a['nats-url'] ?? env.NATS_URL ?? 'nats://127.0.0.1:4222';
   const streamName = a.stream ?? env.EVENTS_STREAM ?? 'LEDGERLINE_EVENTS';
   const subjectPrefix = a['subject-prefix'] ?? env.EVENTS_SUBJECT_PREFIX ?? 'ledgerline.events';

@@ -2,7 +2,7 @@ export { inTransaction } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral } from './sql.ts';
-export { cliStreams, dateOption, intOption, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
+export { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
 export {
   allowedLocations,
   APPEND_EVENTS_MAX,
@@ -59,6 +59,7 @@ export {
   formatReconcileReport,
   ISSUE_KINDS,
   reconcile,
+  ReconcileSessionError,
   scanEventStream,
   type BrokerScanOptions,
   type BrokerScanResult,

@@ -51,6 +51,11 @@ export type EffectCounter = (
 ) => Promise<ReadonlyMap<string, number> | null> | ReadonlyMap<string, number> | null;
 
 export interface ReconcileOptions {
+  /**
+   * Direct or session-pooled connections: the counts of what the broker holds go to a
+   * temporary table of one session, which a pooler that pools transactions would swap away
+   * between statements (ReconcileSessionError).
+   */
   pool: pg.Pool;
   nats: NatsConnection;
   /** The JetStream stream the relay publishes to, and its subject prefix. */
@@ -346,6 +351,26 @@ interface GapRow {
   error: string | null;
   dead_at: Date | null;
   replayed_at: Date | null;
+}
+
+/** The SQLSTATE of a missing table, and the temporary table reconciliation keeps in its session. */
+const UNDEFINED_TABLE = '42P01';
+const SEEN_TABLE = 'll_reconcile_seen';
+
+/**
+ * Reconciliation's temporary table vanished between two of its statements: the connection is
+ * not one session (a pooler that pools transactions, such as PgBouncer in transaction mode,
+ * sits in between). Nothing was concluded; run it on a direct or session-pooled connection.
+ */
+export class ReconcileSessionError extends Error {
+  override readonly name = 'ReconcileSessionError';
+  constructor(cause: unknown) {
+    super(
+      'reconciliation lost its temporary table between statements: its connection goes through a pooler that pools ' +
+        'transactions; give it a direct or session-pooled one (DATABASE_SESSION_URL, or --database-url)',
+      { cause },
+    );
+  }
 }
 
 export async function reconcile(options: ReconcileOptions): Promise<ReconcileReport> {
@@ -764,6 +789,10 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     };
   } catch (error) {
     sessionBroken = true;
+    // The table this function made is gone: its statements did not all reach one session.
+    if ((error as { code?: unknown }).code === UNDEFINED_TABLE && (error as Error).message.includes(SEEN_TABLE)) {
+      throw new ReconcileSessionError(error);
+    }
     throw error;
   } finally {
     if (!sessionBroken) await session.query('DROP TABLE IF EXISTS ll_reconcile_seen').catch(() => (sessionBroken = true));

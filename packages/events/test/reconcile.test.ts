@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
-import type pg from 'pg';
+import pg from 'pg';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { ADMIN_DATABASE_URL } from '@ledgerline/testing';
 import {
@@ -17,6 +17,7 @@ import {
   formatReconcileReport,
   OutboxRelay,
   reconcile,
+  ReconcileSessionError,
   registerConsumer,
   scanEventStream,
   type ReconcileOptions,
@@ -384,6 +385,55 @@ describe('reconciliation', () => {
     assert.match(report.issues.find((i) => i.consumer === 'laggard')?.detail ?? '', /^pending: at stream sequence \d+, beyond the consumer's ack floor 0/);
     assert.match(formatReconcileReport(report), /and 20 more issues/);
     await jsm.consumers.delete(env.streamName, 'laggard');
+  });
+
+  test('on connections that are not one session, as behind a transaction pooler, it refuses with ReconcileSessionError; the CLI takes DATABASE_SESSION_URL', async () => {
+    const ids = await appendScenario('pooled', 1, 3);
+    // Given a pool whose sessions are reset before every statement, as a pooler that pools
+    // transactions may give each statement (each its own transaction) another server session,
+    const pooled = new pg.Pool({ connectionString: env.db.url, max: 2 });
+    const checkout = pooled.connect.bind(pooled) as (callback?: unknown) => Promise<pg.PoolClient> | undefined;
+    let resets = 0;
+    Object.assign(pooled, {
+      // pool.query checks a client out with a callback, for one statement: left as it is.
+      connect: async (callback?: unknown) => {
+        if (callback !== undefined) return checkout(callback);
+        const client = (await checkout()) as pg.PoolClient;
+        const query = client.query.bind(client) as (...args: unknown[]) => Promise<unknown>;
+        Object.assign(client, {
+          query: async (...args: unknown[]) => {
+            await query('DISCARD ALL');
+            resets += 1;
+            return query(...args);
+          },
+        });
+        return client;
+      },
+    });
+    try {
+      // when reconciliation runs on it, then it stops, saying why, instead of reporting on a
+      // table it no longer has;
+      const { from, to } = await rangeOf('pooled');
+      await assert.rejects(
+        reconcile({ pool: pooled, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, from, to }),
+        (error: unknown) => error instanceof ReconcileSessionError && /pooler that pools transactions/.test(error.message),
+      );
+      assert.ok(resets >= 2, `the session was reset between statements (${resets})`);
+    } finally {
+      await pooled.end();
+    }
+    // and the CLI reconciles on DATABASE_SESSION_URL when it is set (DATABASE_URL here leads
+    // nowhere): the three events, never published, are reported as such.
+    const { from, to } = await rangeOf('pooled');
+    let out = '';
+    const code = await runCli(['reconcile', '--from', from.toISOString(), '--to', to.toISOString(), '--json'], {
+      env: { DATABASE_URL: 'postgres://nobody@127.0.0.1:1/nowhere', DATABASE_SESSION_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
+      stdout: (t) => (out += t),
+      stderr: () => {},
+    });
+    assert.equal(code, 1);
+    const report = JSON.parse(out) as ReconcileReport;
+    assert.deepEqual(report.issues.map((i) => [i.kind, i.eventId]).sort(), ids.map((id) => ['unpublished', id]).sort());
   });
 
   test('the CLI: usage errors exit 2', async () => {

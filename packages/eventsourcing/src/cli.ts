@@ -10,7 +10,7 @@
  *   npm run projections -- export --to REGION --out FILE [--from-position N] [--to-position N]
  *
  * The projection is `ledger_balances` (--projection names it; it is the only one built in).
- * DATABASE_URL (or --database-url) is the database. `export` reads the residency policy from
+ * DATABASE_SESSION_URL, else DATABASE_URL (or --database-url) is the database. `export` reads the residency policy from
  * EVENTS_RESIDENCY_POLICY (JSON: data region → allowed locations, e.g. {"eu":["eu-west-1"]})
  * and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
  * (reconcile-ledger) or the export refused, 2 a usage error or a failure.
@@ -21,6 +21,7 @@ import {
   EventStore,
   intOption,
   migrateEvents,
+  operatorDatabaseUrl,
   parseCommandLine,
   parseResidencyPolicy,
   ResidencyConfigError,
@@ -48,7 +49,7 @@ const USAGE = `usage: projections <command> [options]
   reconcile-ledger [--page-size N] [--differences-max N] [--json]
   balance-at --account ID (--position N | --time ISO) [--json]
   export --to REGION --out FILE [--from-position N] [--to-position N]
-options: --projection NAME (default ledger_balances), --database-url URL (default DATABASE_URL)
+options: --projection NAME (default ledger_balances), --database-url URL (default DATABASE_SESSION_URL, else DATABASE_URL)
 export: EVENTS_RESIDENCY_POLICY (JSON, data region -> allowed locations), EVENTS_REGION`;
 
 const PROJECTIONS: ReadonlyMap<string, Projection> = new Map([[ledgerBalancesProjection.name, ledgerBalancesProjection]]);
@@ -95,7 +96,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     (a.help ? out : err)(USAGE);
     return a.help ? 0 : 2;
   }
-  const databaseUrl = a['database-url'] ?? env.DATABASE_URL;
+  const databaseUrl = a['database-url'] ?? operatorDatabaseUrl(env);
   if (databaseUrl === undefined) {
     err(`DATABASE_URL (or --database-url) is required\n${USAGE}`);
     return 2;
