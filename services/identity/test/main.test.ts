@@ -37,30 +37,55 @@ async function poll<T>(what: string, read: () => Promise<T | null>): Promise<T> 
   }
 }
 
-test('alone on its database, the identity service sequences its own audit records and signs checkpoints', async () => {
+/**
+ * The service as a process of its own, with the common variables (the bootstrap client, the
+ * development signing key) under the test's own; resolves once it answers.
+ */
+async function startIdentity(env: Record<string, string>): Promise<{ base: string; stop: () => Promise<number | null> }> {
   const port = await freePort();
   const child = spawn(process.execPath, [MAIN], {
     env: {
       ...process.env,
       PORT: String(port),
-      DATABASE_URL: db.url,
       LOG_LEVEL: 'warn',
       AUDIT_SIGNING_KEY: '',
-      AUDIT_CHECKPOINT_INTERVAL_MS: '0',
       IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
       IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
-      IDENTITY_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64url'),
+      ...env,
     },
     stdio: ['ignore', 'ignore', 'inherit'],
   });
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const stop = (): Promise<number | null> => {
+    child.kill('SIGTERM');
+    return exited;
+  };
+  const base = `http://127.0.0.1:${port}`;
   try {
-    const base = `http://127.0.0.1:${port}`;
     await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
-    const token = (form: Record<string, string>) =>
-      fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
-    assert.equal((await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' })).status, 200);
-    assert.equal((await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'a wrong secret', audience: 'ledger' })).status, 401);
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  return { base, stop };
+}
+
+/** The bootstrap client's token request (client credentials), with `secret`. */
+function clientToken(base: string, secret = SECRET): Promise<Response> {
+  const form = { grant_type: 'client_credentials', client_id: 'payments', client_secret: secret, audience: 'ledger' };
+  return fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
+}
+
+test('alone on its database, the identity service sequences its own audit records and signs checkpoints', async () => {
+  const service = await startIdentity({
+    DATABASE_URL: db.url,
+    AUDIT_CHECKPOINT_INTERVAL_MS: '0',
+    IDENTITY_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64url'),
+  });
+  let code: number | null | undefined;
+  try {
+    assert.equal((await clientToken(service.base)).status, 200);
+    assert.equal((await clientToken(service.base, 'a wrong secret')).status, 401);
 
     const records = await poll('both token requests in the log', async () => {
       const r = await pool.query<{ seq: string; outcome: string; reason: string | null }>(
@@ -75,9 +100,9 @@ test('alone on its database, the identity service sequences its own audit record
       return BigInt(r.rows[0]!.n) > last ? true : null;
     });
   } finally {
-    child.kill('SIGTERM');
+    code = await service.stop();
   }
-  assert.equal(await exited, 0, 'a clean stop');
+  assert.equal(code, 0, 'a clean stop');
   const keys = await pool.query<{ clear: number; sealed: number }>(
     'SELECT count(*) FILTER (WHERE private_jwk IS NOT NULL)::int AS clear, count(*) FILTER (WHERE private_jwe IS NOT NULL)::int AS sealed FROM identity.signing_keys',
   );
@@ -90,41 +115,24 @@ test('alone on its database, the identity service sequences its own audit record
 test('with AUDIT_SEQUENCER_ENABLED=false the identity service queues its records and leaves them to another process', async () => {
   const own = await createTestDatabase('ll_identity_noseq');
   const ownPool = new pg.Pool({ connectionString: own.url, max: 2 });
-  const port = await freePort();
-  const child = spawn(process.execPath, [MAIN], {
-    env: {
-      ...process.env,
-      PORT: String(port),
-      DATABASE_URL: own.url,
-      LOG_LEVEL: 'warn',
-      AUDIT_SIGNING_KEY: '',
-      AUDIT_SEQUENCER_ENABLED: 'false',
-      AUDIT_SEQUENCER_INTERVAL_MS: '10',
-      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
-    },
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   try {
-    const base = `http://127.0.0.1:${port}`;
-    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
-    const form = { grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' };
-    const res = await fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
-    assert.equal(res.status, 200);
-    await poll('the token request in the queue', async () => {
-      const r = await ownPool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
-      return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
-    });
-    // A sequencer would integrate it within a round (10 ms apart); give it a hundred.
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    const sequencers = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'ledgerline-audit-sequencer'");
-    assert.equal(sequencers.rows[0]?.n, 0, 'no sequencer connection');
-    const integrated = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
-    assert.equal(integrated.rows[0]?.n, 0, 'nothing integrated');
+    const service = await startIdentity({ DATABASE_URL: own.url, AUDIT_SEQUENCER_ENABLED: 'false', AUDIT_SEQUENCER_INTERVAL_MS: '10' });
+    try {
+      assert.equal((await clientToken(service.base)).status, 200);
+      await poll('the token request in the queue', async () => {
+        const r = await ownPool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+        return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
+      });
+      // A sequencer would integrate it within a round (10 ms apart); give it a hundred.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const sequencers = await ownPool.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1', [SEQUENCER_APPLICATION_NAME]);
+      assert.equal(sequencers.rows[0]?.n, 0, 'no sequencer connection');
+      const integrated = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
+      assert.equal(integrated.rows[0]?.n, 0, 'nothing integrated');
+    } finally {
+      await service.stop();
+    }
   } finally {
-    child.kill('SIGTERM');
-    await exited;
     await ownPool.end();
     await own.drop();
   }
@@ -136,49 +144,38 @@ test('with DATABASE_SESSION_URL the migrations and the sequencer run there and t
   // connection would be,
   const own = await createTestDatabase('ll_identity_session');
   const ownPool = new pg.Pool({ connectionString: own.url, max: 2 });
-  const port = await freePort();
-  const child = spawn(process.execPath, [MAIN], {
-    env: {
-      ...process.env,
-      PORT: String(port),
+  let code: number | null | undefined;
+  try {
+    const service = await startIdentity({
       DATABASE_URL: `${own.url}?application_name=ll-pooled`,
       DATABASE_SESSION_URL: overLocalSocket(own.url, 'll-session'),
-      LOG_LEVEL: 'warn',
-      AUDIT_SIGNING_KEY: '',
       AUDIT_CHECKPOINT_INTERVAL_MS: '0',
-      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
-    },
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  try {
-    const base = `http://127.0.0.1:${port}`;
-    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
-    // when a token request is answered and sequenced,
-    const form = { grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger' };
-    const res = await fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(form).toString() });
-    assert.equal(res.status, 200);
-    await poll('the token request in the log', async () => {
-      const r = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
-      return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
     });
-    // then the sequencer's connections came over the socket (DATABASE_SESSION_URL) under their
-    // own name, and the requests' over TCP (DATABASE_URL);
-    const connections = await ownPool.query<{ name: string; socket: boolean; n: number }>(
-      `SELECT application_name AS name, client_addr IS NULL AS socket, count(*)::int AS n FROM pg_stat_activity
-        WHERE datname = current_database() AND application_name IN ($1, 'll-pooled', 'll-session') GROUP BY 1, 2 ORDER BY 1, 2`,
-      [SEQUENCER_APPLICATION_NAME],
-    );
-    const seen = connections.rows.map((r) => [r.name, r.socket]);
-    assert.deepEqual(seen.filter(([name]) => name === SEQUENCER_APPLICATION_NAME), [[SEQUENCER_APPLICATION_NAME, true]], JSON.stringify(connections.rows));
-    assert.deepEqual(seen.filter(([name]) => name === 'll-pooled'), [['ll-pooled', false]], JSON.stringify(connections.rows));
+    try {
+      // when a token request is answered and sequenced,
+      assert.equal((await clientToken(service.base)).status, 200);
+      await poll('the token request in the log', async () => {
+        const r = await ownPool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.records WHERE action = 'identity.token'");
+        return (r.rows[0]?.n ?? 0) >= 1 ? true : null;
+      });
+      // then the sequencer's connections came over the socket (DATABASE_SESSION_URL) under
+      // their own name, and the requests' over TCP (DATABASE_URL).
+      const connections = await ownPool.query<{ name: string; socket: boolean; n: number }>(
+        `SELECT application_name AS name, client_addr IS NULL AS socket, count(*)::int AS n FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name IN ($1, 'll-pooled', 'll-session') GROUP BY 1, 2 ORDER BY 1, 2`,
+        [SEQUENCER_APPLICATION_NAME],
+      );
+      const seen = connections.rows.map((r) => [r.name, r.socket]);
+      assert.deepEqual(seen.filter(([name]) => name === SEQUENCER_APPLICATION_NAME), [[SEQUENCER_APPLICATION_NAME, true]], JSON.stringify(connections.rows));
+      assert.deepEqual(seen.filter(([name]) => name === 'll-pooled'), [['ll-pooled', false]], JSON.stringify(connections.rows));
+    } finally {
+      code = await service.stop();
+    }
   } finally {
-    child.kill('SIGTERM');
-    assert.equal(await exited, 0, 'a clean stop');
     await ownPool.end();
     await own.drop();
   }
+  assert.equal(code, 0, 'a clean stop');
 });
 
 test('in production the service refuses to start without a key-encryption key, or with a malformed one, naming the variable', () => {
