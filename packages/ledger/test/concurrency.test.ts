@@ -1,7 +1,9 @@
 /**
  * Concurrency and faults with real processes and a real database:
  * - two engine processes receive overlapping transfers, the same ids at the same moment;
- * - database backends are terminated mid-batch while clients keep submitting.
+ * - database backends are terminated mid-batch while clients keep submitting;
+ * - the connections between the engine and the database are cut (a pooler or the network
+ *   failing) while the backends live on and may commit what their client never hears of.
  * Each id must be applied exactly once and the books must balance.
  */
 import assert from 'node:assert/strict';
@@ -9,6 +11,7 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
+import { FaultProxy } from '@ledgerline/resilience/fault';
 import { terminateBackends } from '@ledgerline/testing';
 import { LedgerEngine, LedgerUnavailableError, newId, type NewTransfer } from '../src/index.ts';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from './support.ts';
@@ -210,32 +213,38 @@ test('two engine processes: the same id with different accounts applies once; ea
   await assertAppliedExactlyOnce(applied, accounts);
 });
 
-test('backends terminated mid-batch: clients retry with the same ids, nothing is lost or doubled', async () => {
-  const seed = Number(process.env.TEST_SEED ?? (Date.now() + 1) % 2 ** 31);
-  console.log(`[terminate] seed=${seed} (replay with TEST_SEED=${seed})`);
-  const random = prng(seed);
-  const engine = new LedgerEngine({ pool: t.pool, batchAttemptsMax: 2, events: t.events });
-  const accounts = await openAccounts(engine, 30);
-  const transfers = randomTransfers(random, accounts, 8000);
+/**
+ * 32 clients submit `transfers` one per call while `fault` strikes every `pauseMs()`, each
+ * retrying a transient failure (LedgerUnavailableError, nothing decided) with the same id
+ * until it is answered `ok` or `exists`; any other answer or error fails the run, which then
+ * stops the other clients and the fault. Returns each id's answer, the transient failures
+ * retried and the fault's own count (what it struck).
+ */
+async function submitUnderFault(
+  engine: LedgerEngine,
+  transfers: NewTransfer[],
+  fault: { pauseMs: () => number; strike: () => Promise<number> | number },
+): Promise<{ answers: Map<string, string>; unavailable: number; struck: number }> {
+  const answers = new Map<string, string>();
   let unavailable = 0;
   let next = 0;
   let done = false;
-  const killer = (async () => {
-    let kills = 0;
+  const striker = (async () => {
+    let struck = 0;
     for (;;) {
-      await new Promise((r) => setTimeout(r, 15 + random() * 30));
-      if (done) break;
-      kills += await terminateBackends(t.db.name);
+      await new Promise((r) => setTimeout(r, fault.pauseMs()));
+      if (done) return struck;
+      struck += await fault.strike();
     }
-    return kills;
   })();
   const client = async (): Promise<void> => {
-    while (next < transfers.length) {
+    while (!done && next < transfers.length) {
       const x = transfers[next++] as NewTransfer;
-      for (let attempt = 1; ; attempt += 1) {
+      for (let attempt = 1; !done; attempt += 1) {
         try {
           const [r] = await engine.createTransfers([x]);
           assert.ok(r?.result === 'ok' || r?.result === 'exists', `unexpected ${r?.result}`);
+          answers.set(x.id, r.result);
           break;
         } catch (error) {
           assert.ok(error instanceof LedgerUnavailableError, String(error));
@@ -251,8 +260,23 @@ test('backends terminated mid-batch: clients retry with the same ids, nothing is
   } finally {
     done = true;
   }
-  const kills = await killer;
-  await engine.close();
+  return { answers, unavailable, struck: await striker };
+}
+
+test('backends terminated mid-batch: clients retry with the same ids, nothing is lost or doubled', async () => {
+  const seed = Number(process.env.TEST_SEED ?? (Date.now() + 1) % 2 ** 31);
+  console.log(`[terminate] seed=${seed} (replay with TEST_SEED=${seed})`);
+  const random = prng(seed);
+  const engine = new LedgerEngine({ pool: t.pool, batchAttemptsMax: 2, events: t.events });
+  const accounts = await openAccounts(engine, 30);
+  const transfers = randomTransfers(random, accounts, 8000);
+  let run: Awaited<ReturnType<typeof submitUnderFault>>;
+  try {
+    run = await submitUnderFault(engine, transfers, { pauseMs: () => 15 + random() * 30, strike: () => terminateBackends(t.db.name) });
+  } finally {
+    await engine.close();
+  }
+  const { unavailable, struck: kills } = run;
   console.log(`[terminate] backends terminated=${kills}, transient failures retried=${unavailable}, batch attempts=${engine.stats().batchAttempts}, batches=${engine.stats().batches}`);
   assert.ok(kills > 0, 'the test must actually terminate backends');
   // Check with connections opened after the last kill: an idle client of t.pool may not have
@@ -263,4 +287,40 @@ test('backends terminated mid-batch: clients retry with the same ids, nothing is
   } finally {
     await fresh.end();
   }
+});
+
+test('connections cut between the engine and PostgreSQL: a commit the engine never heard of answers exists on the retry; nothing is lost or doubled', async () => {
+  const seed = Number(process.env.TEST_SEED ?? (Date.now() + 2) % 2 ** 31);
+  console.log(`[cut] seed=${seed} (replay with TEST_SEED=${seed})`);
+  const random = prng(seed);
+  // Given an engine whose connections go through a TCP proxy that resets them all at once, as
+  // a pooler that restarts or a network that fails would: unlike a terminated backend, the
+  // backend behind a cut connection lives on, and a COMMIT it had received still commits,
+  const target = new URL(t.db.url);
+  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) }, seed });
+  const proxied = new URL(t.db.url);
+  proxied.host = `${proxy.host}:${proxy.port}`;
+  const pool = new pg.Pool({ connectionString: proxied.toString(), max: 5 });
+  pool.on('error', () => {});
+  const engine = new LedgerEngine({ pool, batchAttemptsMax: 2, events: t.events });
+  const accounts = await openAccounts(engine, 30);
+  const transfers = randomTransfers(random, accounts, 6000);
+  // when clients keep submitting and retry each transient failure with the same id while the
+  // connections are cut every few tens of milliseconds,
+  let run: Awaited<ReturnType<typeof submitUnderFault>>;
+  try {
+    run = await submitUnderFault(engine, transfers, { pauseMs: () => 20 + random() * 40, strike: () => proxy.dropConnections() });
+  } finally {
+    await engine.close();
+    await pool.end();
+    await proxy.close();
+  }
+  const { answers, unavailable, struck: cuts } = run;
+  const committedUnheard = [...answers.values()].filter((r) => r === 'exists').length;
+  console.log(`[cut] connections cut=${cuts}, transient failures retried=${unavailable}, answered exists on a retry=${committedUnheard}, batches=${engine.stats().batches}`);
+  assert.ok(cuts > 0 && unavailable > 0, 'the test must actually cut connections under load');
+  // then every transfer was answered (`ok`, or `exists` where an earlier attempt, the engine's
+  // or the client's, had applied it without hearing so), and the books hold each exactly once.
+  assert.equal(answers.size, transfers.length);
+  await assertAppliedExactlyOnce(transfers, accounts);
 });
