@@ -15,9 +15,10 @@
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *
- * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is AUDIT_SIGNING_KEY, or the
- * development key when it is unset, unless --public-key names a PEM file. Every search,
- * proof of a record, erasure, hold and expiry is itself recorded, with `--as` as the actor.
+ * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
+ * AUDIT_SIGNING_KEY, or the development key when it is unset, unless --public-key names a PEM
+ * file. Every search, proof of a record, erasure, hold and expiry is itself recorded, with
+ * `--as` as the actor.
  * Exit codes: 0 done (verified), 1 verification or proof failed, 2 usage error or failure.
  */
 import { readFileSync } from 'node:fs';

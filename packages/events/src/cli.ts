@@ -10,8 +10,8 @@
  * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
  * --nats-url, --stream and --subject-prefix. Reconciliation keeps a temporary table in its
  * session, so it needs a direct or session-pooled connection, never one through a pooler that
- * pools transactions: that is what DATABASE_SESSION_URL is. Exit codes: 0 clean, 1 gaps found (reconcile) or an event not replayed
- * (dlq replay), 2 a usage error or a failure.
+ * pools transactions: that is what DATABASE_SESSION_URL is. Exit codes: 0 clean, 1 gaps found
+ * (reconcile) or an event not replayed (dlq replay), 2 a usage error or a failure.
  */
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import pg from 'pg';

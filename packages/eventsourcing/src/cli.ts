@@ -10,9 +10,9 @@
  *   npm run projections -- export --to REGION --out FILE [--from-position N] [--to-position N]
  *
  * The projection is `ledger_balances` (--projection names it; it is the only one built in).
- * DATABASE_SESSION_URL, else DATABASE_URL (or --database-url) is the database. `export` reads the residency policy from
- * EVENTS_RESIDENCY_POLICY (JSON: data region → allowed locations, e.g. {"eu":["eu-west-1"]})
- * and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
+ * DATABASE_SESSION_URL, else DATABASE_URL (or --database-url) is the database. `export` reads
+ * the residency policy from EVENTS_RESIDENCY_POLICY (JSON: data region → allowed locations,
+ * e.g. {"eu":["eu-west-1"]}) and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
  * (reconcile-ledger) or the export refused, 2 a usage error or a failure.
  */
 import pg from 'pg';

@@ -28,14 +28,15 @@ function withDatabase(url: string, name: string): string {
 export const PG_SOCKET_DIR = process.env.TEST_PG_SOCKET_DIR ?? '/var/run/postgresql';
 
 /**
- * The same database and user as `url`, over PostgreSQL's local socket instead of TCP, with
- * `application_name` set: a second way into one database that pg_stat_activity tells apart
- * (client_addr is null), as a direct connection beside a pooler's would be.
+ * The same database and user (and password) as `url`, over PostgreSQL's local socket instead
+ * of TCP, with `application_name` set: a second way into one database that pg_stat_activity
+ * tells apart (client_addr is null), as a direct connection beside a pooler's would be.
  */
 export function overLocalSocket(url: string, applicationName: string): string {
   const parsed = new URL(url);
   const socket = new URLSearchParams({ host: PG_SOCKET_DIR, application_name: applicationName });
-  return `postgresql://${parsed.username === '' ? '' : `${parsed.username}@`}${parsed.pathname}?${socket.toString()}`;
+  const user = parsed.username === '' ? '' : `${parsed.username}${parsed.password === '' ? '' : `:${parsed.password}`}@`;
+  return `postgresql://${user}${parsed.pathname}?${socket.toString()}`;
 }
 
 async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
