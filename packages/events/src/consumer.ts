@@ -19,7 +19,11 @@
  * fail go to the dead-letter stream (and `events.dead_letters`), the rest commit, and the
  * message is acked. If even the dead letter cannot be recorded (the database is down), the
  * lane keeps the message and tries again: it is never acked without its events being handled
- * or dead-lettered.
+ * or dead-lettered. A failure that says nothing about the events (`transientDatabaseError`: a
+ * lost connection, the server going away, a deadlock) is retried the same way but does not
+ * count as an attempt, and an event tried alone that meets one is not dead-lettered: the pass
+ * is retried. Only the handler's own failures make an event dead (a connection error the
+ * handler meets on a service of its own counts as transient too: the lane waits for it).
  *
  * What order does not survive: a crash (the messages in hand come back after `ackWaitMs`,
  * possibly after later ones a new instance has handled), and two instances of one durable
@@ -31,6 +35,7 @@ import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
 import type { StoredEvent } from './store.ts';
+import { transientDatabaseError } from './transaction.ts';
 import { decodeBatch, MalformedBatchError } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -318,21 +323,26 @@ export class EventConsumer {
       return;
     }
     // Attempts carry on from the broker's count, so that a message that keeps crashing the
-    // process still reaches the dead-letter path.
-    for (let attempt = msg.info.deliveryCount; ; attempt += 1) {
+    // process still reaches the dead-letter path. A transient database failure is not an
+    // attempt (the events had no say in it), but it still backs off further each time.
+    let attempt = msg.info.deliveryCount;
+    for (let tries = 1; ; tries += 1) {
       try {
         await this.#slots.run(() => this.#apply(events));
         break;
       } catch (error) {
         this.#o.onError?.(error);
-        if (attempt >= this.#o.maxDeliver) {
-          if (await this.#deadLetterPath(events, attempt, lane)) break;
-          this.#handBack.push(msg);
-          return;
+        if (!transientDatabaseError(error)) {
+          if (attempt >= this.#o.maxDeliver) {
+            if (await this.#deadLetterPath(events, attempt, lane)) break;
+            this.#handBack.push(msg);
+            return;
+          }
+          attempt += 1;
         }
       }
       this.#stats.retries += 1;
-      if (!(await this.#hold(this.#delayFor(attempt), lane))) {
+      if (!(await this.#hold(this.#delayFor(msg.info.deliveryCount + tries - 1), lane))) {
         this.#handBack.push(msg);
         return;
       }
@@ -414,11 +424,13 @@ export class EventConsumer {
     return new Set(r.rows.map((x) => x.event_id));
   }
 
+  /** A transient database failure ends the pass (the caller retries it), dead-lettering nothing. */
   async #applyOneByOne(events: StoredEvent[], attempts: number): Promise<void> {
     for (const e of events) {
       try {
         await this.#apply([e]);
       } catch (error) {
+        if (transientDatabaseError(error)) throw error;
         await this.#deadLetter(e, attempts, error);
       }
     }

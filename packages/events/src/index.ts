@@ -1,4 +1,4 @@
-export { inTransaction } from './transaction.ts';
+export { inTransaction, transientDatabaseError } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral } from './sql.ts';

@@ -22,3 +22,23 @@ export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient
     client.release(broken);
   }
 }
+
+/**
+ * Whether a database error says nothing about the work that met it, so that the same work may
+ * succeed later: the connection or the server failed (SQLSTATE class 08; 57P, an administrator
+ * or a crash ending the session; 53300, too many connections; a socket reset or refused, or
+ * node-postgres finding its connection gone), or the transaction lost a serialization race or
+ * a deadlock (40001, 40P01). Such a failure must not count against the work itself: a
+ * consumer does not dead-letter an event for it, and the ledger answers "unavailable, nothing
+ * decided" rather than a rejection.
+ */
+export function transientDatabaseError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code === 'string') {
+    if (code === '40001' || code === '40P01' || code === '53300') return true;
+    if (code.startsWith('08') || code.startsWith('57P')) return true;
+    if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') return true;
+  }
+  const message = error instanceof Error ? error.message : '';
+  return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect/i.test(message);
+}

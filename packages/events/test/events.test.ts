@@ -3,7 +3,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import type pg from 'pg';
+import pg from 'pg';
+import { FaultProxy } from '@ledgerline/resilience/fault';
+import { guardPool } from '@ledgerline/service-runtime';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
   ConcurrencyError,
@@ -267,6 +269,78 @@ describe('relay and consumer', () => {
     } finally {
       await relay.stop();
       await consumer.stop();
+    }
+  });
+
+  test("the consumer's database connections cut again and again: every event takes effect once, none is dead-lettered for it", async () => {
+    // Given a consumer that gives an event up after two attempts, whose connections go through
+    // a proxy that resets them every few milliseconds (a flapping network or pooler),
+    const consumerName = 'c-cut';
+    const target = new URL(env.db.url);
+    const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
+    const proxied = new URL(env.db.url);
+    proxied.host = `${proxy.host}:${proxy.port}`;
+    // (Guarded as the services guard theirs: a client whose connection is cut between two
+    // queries emits 'error', which would otherwise end the process.)
+    const pool = guardPool(new pg.Pool({ connectionString: proxied.toString(), max: 4 }), () => {});
+    const errors: unknown[] = [];
+    const consumer = new EventConsumer({
+      pool, nats: env.nats, name: consumerName, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+      dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [5, 10, 20],
+      onError: (e) => errors.push(e), handler: recordEffect(consumerName),
+    });
+    const relay = new OutboxRelay({
+      pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      eventsPerMessageMax: 10, onError: (e) => console.error('relay', e),
+    });
+    // (The cuts start once the consumer has registered.)
+    await consumer.start();
+    relay.start();
+    let cutting = true;
+    let cuts = 0;
+    const cutter = (async () => {
+      while (cutting) {
+        await new Promise((r) => setTimeout(r, 10 + Math.random() * 15));
+        cuts += proxy.dropConnections();
+      }
+    })();
+    try {
+      // when events flow through it,
+      const ids: string[] = [];
+      for (let tx = 0; tx < 10; tx += 1) {
+        await inTx(async (c) => {
+          for (let s = 0; s < 4; s += 1) {
+            await env.store.append(c, { type: 'cut', id: `k-${s}` }, Array.from({ length: 10 }, (_, i) => ({ type: 'Moved', data: { i } })), { expectedVersion: 'any' });
+          }
+        });
+      }
+      const appended = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'cut'");
+      ids.push(...appended.rows.map((r) => r.id));
+      assert.equal(ids.length, 400);
+      // (A dead letter ends the wait at once: the assertions below then say what went wrong.)
+      await waitFor('all effects, or a dead letter', async () => {
+        if (consumer.stats().deadLettered > 0) return true;
+        const counts = await effectCounts(consumerName);
+        return ids.every((id) => counts.has(id));
+      }, 60_000);
+      cutting = false;
+      await cutter;
+      // then each took effect exactly once, though many attempts failed on a cut connection,
+      // and none was given up: a lost connection says nothing about an event.
+      console.log(`[cut] connections cut=${cuts}, consumer failures=${errors.length}, retries=${consumer.stats().retries}, dead-lettered=${consumer.stats().deadLettered}`);
+      assert.equal(consumer.stats().deadLettered, 0);
+      const counts = await effectCounts(consumerName);
+      assert.ok(ids.every((id) => counts.get(id) === 1), 'each event took effect exactly once');
+      assert.ok(cuts > 0 && errors.length > 0, 'connections were cut under the consumer');
+      const dead = await env.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.dead_letters WHERE consumer = $1', [consumerName]);
+      assert.equal(dead.rows[0]?.n, 0);
+    } finally {
+      cutting = false;
+      await cutter;
+      await relay.stop();
+      await consumer.stop();
+      await pool.end();
+      await proxy.close();
     }
   });
 

@@ -13,7 +13,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
-import { StreamOrderConflictError, streamOrderConflict, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
+import { StreamOrderConflictError, streamOrderConflict, transientDatabaseError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
 import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
@@ -126,19 +126,14 @@ function defaultClock(): bigint {
 
 /** Errors that leave nothing decided and merit another attempt of the whole batch. */
 function isTransient(error: unknown): boolean {
+  if (transientDatabaseError(error)) return true;
+  // A duplicate key: a concurrent batch (another instance) inserted one of this batch's ids
+  // first; the retry reads it and answers exists. A lock not available: the same, on a lock.
   const code = (error as { code?: unknown }).code;
-  if (typeof code === 'string') {
-    if (code === '40001' || code === '40P01' || code === '23505' || code === '55P03') return true;
-    if (code.startsWith('08') || code.startsWith('57P') || code === '53300') return true;
-    if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') return true;
-  }
+  if (code === '23505' || code === '55P03') return true;
   // A batch whose transaction id is older than a stream's last writer would reorder that
   // stream; the retry runs in a newer transaction.
-  if (error instanceof RetryBatch || error instanceof StreamOrderConflictError) return true;
-  const message = error instanceof Error ? error.message : '';
-  return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect/i.test(
-    message,
-  );
+  return error instanceof RetryBatch || error instanceof StreamOrderConflictError;
 }
 
 /**
