@@ -12,6 +12,8 @@ import { setPriority } from 'node:os';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
 import { parseIntoClientConfig } from 'pg-connection-string';
+// The module alone: the runtime's index would load Fastify and the rest into this thread.
+import { guardPool } from '@ledgerline/service-runtime/pg-pool';
 import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
 import { AuditSequencer } from './sequencer.ts';
 
@@ -85,24 +87,41 @@ export function startSequencerWorker(options: SequencerWorkerOptions, handlers: 
   if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
   const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
   let closed: (() => void) | null = null;
+  let exited = false;
   return new Promise((resolve, reject) => {
     worker.on('message', (m: FromWorker) => {
       if (m.kind === 'started') {
         resolve({
+          // A worker that already died has nothing to close.
           close: () =>
-            new Promise<void>((done) => {
-              closed = done;
-              worker.postMessage('close');
-            }),
+            exited
+              ? Promise.resolve()
+              : new Promise<void>((done) => {
+                  closed = done;
+                  worker.postMessage('close');
+                }),
           cpuUsage: () => worker.cpuUsage(),
         });
       } else if (m.kind === 'closed') closed?.();
       else if (m.kind === 'warning') handlers.onWarning?.(m.message);
       else handlers.onError?.(m.message);
     });
-    worker.on('error', reject);
+    // Before it starts, a failure rejects the start; after, it is reported, not swallowed:
+    // records then wait in the queue, unsequenced, until the process restarts.
+    let started = false;
+    worker.on('message', (m: FromWorker) => {
+      if (m.kind === 'started') started = true;
+    });
+    worker.on('error', (error: Error) => {
+      if (started) handlers.onError?.(`the sequencer worker failed, and no longer sequences: ${error.message}`);
+      else reject(error);
+    });
     worker.on('exit', (code) => {
-      if (code !== 0) reject(new Error(`audit sequencer worker exited with ${code}`));
+      exited = true;
+      if (code !== 0) {
+        if (started && closed === null) handlers.onError?.(`the sequencer worker exited with ${code}, and no longer sequences`);
+        else reject(new Error(`audit sequencer worker exited with ${code}`));
+      }
       closed?.();
     });
   });
@@ -124,7 +143,9 @@ function runInWorker(o: SequencerWorkerOptions): void {
   const refused = lowerThreadPriority(o.nice ?? SEQUENCER_NICE_DEFAULT);
   if (refused !== null) port.postMessage({ kind: 'warning', message: refused } satisfies FromWorker);
   const pool = new pg.Pool({ ...namedConnection(o.databaseUrl, SEQUENCER_APPLICATION_NAME), max: 2 });
-  pool.on('error', () => {});
+  // A connection lost under a checked-out client emits 'error' on it, which would end the
+  // thread unless something listens; the round it broke fails and is retried from storage.
+  guardPool(pool, () => {});
   const sequencer = new AuditSequencer({
     pool,
     signer: loadSigningKey(o.signingKeyPem, { production: o.production }),

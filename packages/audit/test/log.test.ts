@@ -22,6 +22,7 @@ import {
   verifyLog,
   type AuditEntry,
 } from '../src/index.ts';
+import { FaultProxy } from '@ledgerline/resilience/fault';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
@@ -219,6 +220,44 @@ function threadNiceValues(): number[] {
     return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
   });
 }
+
+test("the sequencer worker's connections cut again and again: it lives through it and sequences what waited", async () => {
+  // Given a worker whose connections go through a proxy that resets them every few milliseconds,
+  const target = new URL(t.db.url);
+  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
+  const proxied = new URL(t.db.url);
+  proxied.host = `${proxy.host}:${proxy.port}`;
+  const failures: string[] = [];
+  const worker = await startSequencerWorker(
+    { databaseUrl: proxied.toString(), signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 2, checkpointIntervalMs: 0 },
+    { onError: (message) => failures.push(message) },
+  );
+  try {
+    // when records arrive while the connections are cut for a second,
+    let cuts = 0;
+    const until = Date.now() + 1000;
+    for (let i = 0; Date.now() < until; i += 1) {
+      t.sink.record(entry(1000 + i));
+      await new Promise((resolve) => setTimeout(resolve, 2 + Math.random() * 6));
+      cuts += proxy.dropConnections();
+    }
+    await t.sink.flush();
+    // then its rounds failed and were retried, the thread lived, and it sequences the backlog.
+    for (let attempt = 0; attempt < 2000; attempt += 1) {
+      const r = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+      if (r.rows[0]?.n === 0) break;
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue')).rows[0]?.n, 0, 'the queue drained');
+    assert.ok(cuts > 0 && failures.length > 0, `connections were cut under the sequencer (${cuts} cuts, ${failures.length} failed rounds)`);
+    assert.deepEqual(failures.filter((m) => /no longer sequences/.test(m)), [], 'the worker thread lived');
+  } finally {
+    await worker.close();
+    await proxy.close();
+  }
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+});
 
 test('the sequencer runs in a worker thread and signs a last checkpoint when closed', async () => {
   const worker = await startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 5, checkpointIntervalMs: 60_000 });

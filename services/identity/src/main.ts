@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
-import { ConfigError, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
+import { ConfigError, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
 import { identityConfigSchema, list, type IdentityConfig } from './config.ts';
@@ -58,7 +58,9 @@ const sessionUrl = sessionDatabaseUrl(config);
 await migrateIdentity(sessionUrl);
 if (config.AUDIT_ENABLED) await migrateAudit(sessionUrl);
 const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
-pool.on('error', (err) => logger.warn({ err }, 'postgres: idle client error'));
+// A connection lost under a checked-out client emits 'error' on it, which would end the process
+// unless something listens (guardPool); the query it broke fails and its request answers 5xx.
+guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));
 
 const audit = config.AUDIT_ENABLED
   ? new PostgresAuditSink({

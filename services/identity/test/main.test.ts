@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
+import { FaultProxy } from '@ledgerline/resilience/fault';
 import { createTestDatabase, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
@@ -176,6 +177,53 @@ test('with DATABASE_SESSION_URL the migrations and the sequencer run there and t
     await own.drop();
   }
   assert.equal(code, 0, 'a clean stop');
+});
+
+test('its database connections cut under load: requests fail while they are, the process stays up and answers after', async () => {
+  // Given the service with DATABASE_URL through a proxy that resets every connection every few
+  // milliseconds (the sequencer and the migrations direct, on DATABASE_SESSION_URL),
+  const own = await createTestDatabase('ll_identity_cut');
+  const target = new URL(own.url);
+  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
+  const proxied = new URL(own.url);
+  proxied.host = `${proxy.host}:${proxy.port}`;
+  let code: number | null | undefined;
+  try {
+    const service = await startIdentity({ DATABASE_URL: proxied.toString(), DATABASE_SESSION_URL: own.url });
+    try {
+      // when token requests keep coming while the connections are cut,
+      let cutting = true;
+      let cuts = 0;
+      const cutter = (async () => {
+        while (cutting) {
+          await new Promise((resolve) => setTimeout(resolve, 5 + Math.random() * 10));
+          cuts += proxy.dropConnections();
+        }
+      })();
+      const statuses = new Map<number, number>();
+      try {
+        for (let i = 0; i < 150; i += 1) {
+          const res = await Promise.all(Array.from({ length: 4 }, () => clientToken(service.base)));
+          for (const r of res) statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
+        }
+      } finally {
+        cutting = false;
+        await cutter;
+      }
+      // then every request got an answer (tokens, or a 5xx while its connection was cut), the
+      // process lived through it, and with the connections left alone it issues tokens again.
+      assert.ok(cuts > 0, 'connections were cut');
+      assert.ok([...statuses.keys()].every((s) => s === 200 || s >= 500), JSON.stringify([...statuses]));
+      assert.ok((statuses.get(200) ?? 0) > 0, JSON.stringify([...statuses]));
+      await poll('a token after the cuts', async () => ((await clientToken(service.base)).status === 200 ? true : null));
+    } finally {
+      code = await service.stop();
+    }
+  } finally {
+    await proxy.close();
+    await own.drop();
+  }
+  assert.equal(code, 0, 'a clean stop, not a crash');
 });
 
 test('in production the service refuses to start without a key-encryption key, or with a malformed one, naming the variable', () => {
