@@ -22,7 +22,7 @@ import {
   verifyLog,
   type AuditEntry,
 } from '../src/index.ts';
-import { FaultProxy } from '@ledgerline/resilience/fault';
+import { behindFaultProxy } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
@@ -223,13 +223,10 @@ function threadNiceValues(): number[] {
 
 test("the sequencer worker's connections cut again and again: it lives through it and sequences what waited", async () => {
   // Given a worker whose connections go through a proxy that resets them every few milliseconds,
-  const target = new URL(t.db.url);
-  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
-  const proxied = new URL(t.db.url);
-  proxied.host = `${proxy.host}:${proxy.port}`;
+  const { proxy, url: proxied } = await behindFaultProxy(t.db.url);
   const failures: string[] = [];
   const worker = await startSequencerWorker(
-    { databaseUrl: proxied.toString(), signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 2, checkpointIntervalMs: 0 },
+    { databaseUrl: proxied, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 2, checkpointIntervalMs: 0 },
     { onError: (message) => failures.push(message) },
   );
   try {

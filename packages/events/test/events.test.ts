@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { FaultProxy } from '@ledgerline/resilience/fault';
+import { behindFaultProxy } from '@ledgerline/testing';
 import { guardPool } from '@ledgerline/service-runtime';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
@@ -276,13 +276,10 @@ describe('relay and consumer', () => {
     // Given a consumer that gives an event up after two attempts, whose connections go through
     // a proxy that resets them every few milliseconds (a flapping network or pooler),
     const consumerName = 'c-cut';
-    const target = new URL(env.db.url);
-    const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
-    const proxied = new URL(env.db.url);
-    proxied.host = `${proxy.host}:${proxy.port}`;
+    const { proxy, url } = await behindFaultProxy(env.db.url);
     // (Guarded as the services guard theirs: a client whose connection is cut between two
     // queries emits 'error', which would otherwise end the process.)
-    const pool = guardPool(new pg.Pool({ connectionString: proxied.toString(), max: 4 }), () => {});
+    const pool = guardPool(new pg.Pool({ connectionString: url, max: 4 }), () => {});
     const errors: unknown[] = [];
     const consumer = new EventConsumer({
       pool, nats: env.nats, name: consumerName, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,

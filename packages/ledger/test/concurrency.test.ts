@@ -11,8 +11,7 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
-import { FaultProxy } from '@ledgerline/resilience/fault';
-import { terminateBackends } from '@ledgerline/testing';
+import { behindFaultProxy, terminateBackends } from '@ledgerline/testing';
 import { LedgerEngine, LedgerUnavailableError, newId, type NewTransfer } from '../src/index.ts';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from './support.ts';
 
@@ -296,11 +295,8 @@ test('connections cut between the engine and PostgreSQL: a commit the engine nev
   // Given an engine whose connections go through a TCP proxy that resets them all at once, as
   // a pooler that restarts or a network that fails would: unlike a terminated backend, the
   // backend behind a cut connection lives on, and a COMMIT it had received still commits,
-  const target = new URL(t.db.url);
-  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) }, seed });
-  const proxied = new URL(t.db.url);
-  proxied.host = `${proxy.host}:${proxy.port}`;
-  const pool = new pg.Pool({ connectionString: proxied.toString(), max: 5 });
+  const { proxy, url } = await behindFaultProxy(t.db.url);
+  const pool = new pg.Pool({ connectionString: url, max: 5 });
   pool.on('error', () => {});
   const engine = new LedgerEngine({ pool, batchAttemptsMax: 2, events: t.events });
   const accounts = await openAccounts(engine, 30);

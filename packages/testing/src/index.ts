@@ -7,6 +7,7 @@ import { createServer } from 'node:net';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import pg from 'pg';
+import { FaultProxy } from '@ledgerline/resilience/fault';
 
 export const ADMIN_DATABASE_URL =
   process.env.TEST_ADMIN_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
@@ -37,6 +38,18 @@ export function overLocalSocket(url: string, applicationName: string): string {
   const socket = new URLSearchParams({ host: PG_SOCKET_DIR, application_name: applicationName });
   const user = parsed.username === '' ? '' : `${parsed.username}${parsed.password === '' ? '' : `:${parsed.password}`}@`;
   return `postgresql://${user}${parsed.pathname}?${socket.toString()}`;
+}
+
+/**
+ * A fault-injection TCP proxy in front of the server of `url`, and `url` through it: give the
+ * second to the code under test, then cut, delay or blackhole its connections with the first.
+ */
+export async function behindFaultProxy(url: string): Promise<{ proxy: FaultProxy; url: string }> {
+  const target = new URL(url);
+  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
+  const proxied = new URL(url);
+  proxied.host = `${proxy.host}:${proxy.port}`;
+  return { proxy, url: proxied.toString() };
 }
 
 async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {

@@ -12,8 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
-import { FaultProxy } from '@ledgerline/resilience/fault';
-import { createTestDatabase, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
+import { behindFaultProxy, createTestDatabase, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const SECRET = 'identity-main-test-secret';
@@ -183,13 +182,10 @@ test('its database connections cut under load: requests fail while they are, the
   // Given the service with DATABASE_URL through a proxy that resets every connection every few
   // milliseconds (the sequencer and the migrations direct, on DATABASE_SESSION_URL),
   const own = await createTestDatabase('ll_identity_cut');
-  const target = new URL(own.url);
-  const proxy = await FaultProxy.start({ target: { host: target.hostname, port: Number(target.port || 5432) } });
-  const proxied = new URL(own.url);
-  proxied.host = `${proxy.host}:${proxy.port}`;
+  const { proxy, url: proxied } = await behindFaultProxy(own.url);
   let code: number | null | undefined;
   try {
-    const service = await startIdentity({ DATABASE_URL: proxied.toString(), DATABASE_SESSION_URL: own.url });
+    const service = await startIdentity({ DATABASE_URL: proxied, DATABASE_SESSION_URL: own.url });
     try {
       // when token requests keep coming while the connections are cut,
       let cutting = true;
