@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { behindFaultProxy } from '@ledgerline/testing';
+import { behindFaultProxy, cutRepeatedly } from '@ledgerline/testing';
 import { guardPool } from '@ledgerline/service-runtime';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
@@ -293,14 +293,7 @@ describe('relay and consumer', () => {
     // (The cuts start once the consumer has registered.)
     await consumer.start();
     relay.start();
-    let cutting = true;
-    let cuts = 0;
-    const cutter = (async () => {
-      while (cutting) {
-        await new Promise((r) => setTimeout(r, 10 + Math.random() * 15));
-        cuts += proxy.dropConnections();
-      }
-    })();
+    const cutter = cutRepeatedly(proxy, 10, 15);
     try {
       // when events flow through it,
       const ids: string[] = [];
@@ -320,8 +313,7 @@ describe('relay and consumer', () => {
         const counts = await effectCounts(consumerName);
         return ids.every((id) => counts.has(id));
       }, 60_000);
-      cutting = false;
-      await cutter;
+      const cuts = await cutter.stop();
       // then each took effect exactly once, though many attempts failed on a cut connection,
       // and none was given up: a lost connection says nothing about an event.
       console.log(`[cut] connections cut=${cuts}, consumer failures=${errors.length}, retries=${consumer.stats().retries}, dead-lettered=${consumer.stats().deadLettered}`);
@@ -332,8 +324,7 @@ describe('relay and consumer', () => {
       const dead = await env.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.dead_letters WHERE consumer = $1', [consumerName]);
       assert.equal(dead.rows[0]?.n, 0);
     } finally {
-      cutting = false;
-      await cutter;
+      await cutter.stop();
       await relay.stop();
       await consumer.stop();
       await pool.end();

@@ -52,6 +52,28 @@ export async function behindFaultProxy(url: string): Promise<{ proxy: FaultProxy
   return { proxy, url: proxied.toString() };
 }
 
+/**
+ * Resets every connection through `proxy` again and again, `minMs` to `minMs + spreadMs` apart,
+ * until `stop()`, which resolves to how many connections it cut (stopping twice is harmless).
+ */
+export function cutRepeatedly(proxy: FaultProxy, minMs: number, spreadMs: number): { stop(): Promise<number> } {
+  let cutting = true;
+  const cutter = (async () => {
+    let cuts = 0;
+    while (cutting) {
+      await new Promise((resolve) => setTimeout(resolve, minMs + Math.random() * spreadMs));
+      cuts += proxy.dropConnections();
+    }
+    return cuts;
+  })();
+  return {
+    stop: () => {
+      cutting = false;
+      return cutter;
+    },
+  };
+}
+
 async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
   const client = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
   await client.connect();

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
-import { behindFaultProxy, createTestDatabase, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
+import { behindFaultProxy, createTestDatabase, cutRepeatedly, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const SECRET = 'identity-main-test-secret';
@@ -188,23 +188,16 @@ test('its database connections cut under load: requests fail while they are, the
     const service = await startIdentity({ DATABASE_URL: proxied, DATABASE_SESSION_URL: own.url });
     try {
       // when token requests keep coming while the connections are cut,
-      let cutting = true;
-      let cuts = 0;
-      const cutter = (async () => {
-        while (cutting) {
-          await new Promise((resolve) => setTimeout(resolve, 5 + Math.random() * 10));
-          cuts += proxy.dropConnections();
-        }
-      })();
+      const cutter = cutRepeatedly(proxy, 5, 10);
       const statuses = new Map<number, number>();
+      let cuts: number;
       try {
         for (let i = 0; i < 150; i += 1) {
           const res = await Promise.all(Array.from({ length: 4 }, () => clientToken(service.base)));
           for (const r of res) statuses.set(r.status, (statuses.get(r.status) ?? 0) + 1);
         }
       } finally {
-        cutting = false;
-        await cutter;
+        cuts = await cutter.stop();
       }
       // then every request got an answer (tokens, or a 5xx while its connection was cut), the
       // process lived through it, and with the connections left alone it issues tokens again.
