@@ -376,7 +376,35 @@ describe('relay and consumer', () => {
     }
   });
 
+  /**
+   * Appends `count` events to a stream of the calling test's own and publishes everything
+   * unpublished with a relay of its own, so that a test does not lean on events an earlier
+   * test left (each runs alone by name, too).
+   */
+  async function appendAndPublish(stream: { type: string; id: string }, count: number): Promise<StoredEvent[]> {
+    await inTx((c) => env.store.append(c, stream, Array.from({ length: count }, (_, i) => ({ type: 'Moved', data: { i } })), { expectedVersion: 'any' }));
+    const relay = new OutboxRelay({
+      pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      eventsPerMessageMax: 50, onError: (e) => console.error('relay', e),
+    });
+    relay.start();
+    try {
+      await waitFor('the outbox to drain', async () => (await outboxLagSeconds(env.pool)) === 0);
+    } finally {
+      await relay.stop();
+    }
+    return env.store.readStream(env.pool, stream.type, stream.id);
+  }
+
+  /** Resolves once `consumer` has acknowledged every message of the stream up to `seq`. */
+  async function consumedThrough(consumer: string, seq: number): Promise<void> {
+    const jsm = await jetstreamManager(env.nats);
+    await waitFor(`${consumer} to acknowledge through stream sequence ${seq}`, async () => (await jsm.consumers.info(env.streamName, consumer)).ack_floor.stream_seq >= seq);
+  }
+
   test('the same batch published twice: the broker drops the copy; a re-cut batch is dropped by the inbox', async () => {
+    const events = await appendAndPublish({ type: 'dup', id: 'd-0' }, 20);
+    assert.equal(events.length, 20);
     const consumerName = 'c-dup';
     const consumer = new EventConsumer({
       pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
@@ -384,23 +412,25 @@ describe('relay and consumer', () => {
     });
     await consumer.start();
     try {
-      const acct = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'acct'");
-      await waitFor('catch-up', async () => {
-        const counts = await effectCounts(consumerName);
-        return acct.rows.every((r) => counts.has(r.id));
-      });
-      const before = await effectCounts(consumerName);
-      const events = await env.store.readStream(env.pool, 'acct', 'a-0');
       const js = jetstream(env.nats);
       const subject = `${env.subjectPrefix}.p${events[0]?.partition}`;
+      // Everything the stream holds so far, these 20 events among it, taken in once.
+      const published = (await (await jetstreamManager(env.nats)).streams.info(env.streamName)).state.last_seq;
+      await consumedThrough(consumerName, published);
+      const ids = events.map((e) => e.id);
+      const before = await effectCounts(consumerName);
+      assert.ok(ids.every((id) => before.get(id) === 1), 'each event took effect once before the copies');
+      const skippedBefore = consumer.stats().duplicatesSkipped;
+
       const first = await js.publish(subject, encodeBatch(events.slice(0, 10)), { msgID: 'dup-test-1' });
       const again = await js.publish(subject, encodeBatch(events.slice(0, 10)), { msgID: 'dup-test-1' });
       assert.equal(first.duplicate, false);
       assert.equal(again.duplicate, true, 'the broker drops a republished message id');
-      await js.publish(subject, encodeBatch(events.slice(5, 20)), { msgID: 'dup-test-2' });
-      await waitFor('the consumer to see the copies', () => Promise.resolve(consumer.stats().duplicatesSkipped >= 25));
+      const recut = await js.publish(subject, encodeBatch(events.slice(5, 20)), { msgID: 'dup-test-2' });
+      await consumedThrough(consumerName, recut.seq);
+      assert.equal(consumer.stats().duplicatesSkipped - skippedBefore, 25, 'the inbox dropped the 10 + 15 copies');
       const after = await effectCounts(consumerName);
-      assert.ok(acct.rows.every((r) => before.get(r.id) === 1 && after.get(r.id) === 1), 'no effect applied twice');
+      assert.ok(ids.every((id) => after.get(id) === 1), 'no effect applied twice');
     } finally {
       await consumer.stop();
     }
@@ -408,24 +438,23 @@ describe('relay and consumer', () => {
 
   test('a batch handler gets every new event of a message at once, for set-based effects', async () => {
     assert.throws(() => new EventConsumer({ pool: env.pool, nats: env.nats, name: 'c-none', streamName: env.streamName, filterSubject: 'x.>' }), TypeError);
+    const events = await appendAndPublish({ type: 'set', id: 's-0' }, 40);
     const consumerName = 'c-batch';
     const calls: number[] = [];
     const consumer = new EventConsumer({
       pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
       filterSubject: `${env.subjectPrefix}.>`,
-      handleBatch: async (events, tx) => {
-        calls.push(events.length);
-        await tx.query('INSERT INTO effects (event_id, consumer) SELECT unnest($1::uuid[]), $2', [events.map((e) => e.id), consumerName]);
+      handleBatch: async (batch, tx) => {
+        calls.push(batch.length);
+        await tx.query('INSERT INTO effects (event_id, consumer) SELECT unnest($1::uuid[]), $2', [batch.map((e) => e.id), consumerName]);
       },
     });
     await consumer.start();
     try {
-      const acct = await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'acct'");
-      await waitFor('catch-up', async () => {
-        const counts = await effectCounts(consumerName);
-        return acct.rows.every((r) => counts.has(r.id));
-      });
+      const published = (await (await jetstreamManager(env.nats)).streams.info(env.streamName)).state.last_seq;
+      await consumedThrough(consumerName, published);
       const counts = await effectCounts(consumerName);
+      assert.ok(events.every((e) => counts.get(e.id) === 1), "this test's events took effect once each");
       assert.ok([...counts.values()].every((n) => n === 1), 'each event took effect once');
       assert.ok(calls.some((n) => n > 1), 'a call carries many events');
     } finally {
