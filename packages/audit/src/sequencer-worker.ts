@@ -11,6 +11,7 @@ import { readlinkSync } from 'node:fs';
 import { setPriority } from 'node:os';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
+import { ExponentialBackoff, type IBackoff } from 'cockatiel';
 import { parseIntoClientConfig } from 'pg-connection-string';
 // The module alone: the runtime's index would load Fastify and the rest into this thread.
 import { guardPool } from '@ledgerline/service-runtime/pg-pool';
@@ -65,65 +66,145 @@ const WORKER_MARK = 'ledgerline.audit.sequencer-worker';
 
 type FromWorker = { kind: 'error'; message: string } | { kind: 'warning'; message: string } | { kind: 'closed' } | { kind: 'started' };
 
-/** What the worker reports: a failed round (it retries from storage), or something that works on less well (e.g. a priority it could not lower). */
+/** What the worker reports: a failed round (it retries from storage), a worker that died (it is started again), or something that works on less well (e.g. a priority it could not lower). */
 export interface SequencerWorkerHandlers {
   onError?: (message: string) => void;
   onWarning?: (message: string) => void;
 }
 
 export interface SequencerWorker {
-  /** Stops the rounds, integrates what is left, signs a final checkpoint and ends the worker. */
+  /** Stops the rounds, integrates what is left, signs a final checkpoint and ends the worker; cancels a restart that is waiting. */
   close(): Promise<void>;
-  /** The worker thread's own CPU time so far, in microseconds (its PostgreSQL backends, named by SEQUENCER_APPLICATION_NAME, are apart). */
+  /** The running thread's own CPU time, in microseconds (zero while none runs; its PostgreSQL backends, named by SEQUENCER_APPLICATION_NAME, are apart). */
   cpuUsage(): Promise<{ user: number; system: number }>;
+  /** How many times a thread that died was replaced by a new one. */
+  restarts(): number;
+  /**
+   * The running thread, or null while a new one is awaited. For diagnostics: a thread ended
+   * other than by `close()` (`terminate()`, an uncaught error, running out of memory) counts
+   * as a death, and a new one is started.
+   */
+  thread(): Worker | null;
 }
 
 /** The sequencer worker's connections show this `application_name` in pg_stat_activity. */
 export const SEQUENCER_APPLICATION_NAME = 'ledgerline-audit-sequencer';
 
-/** Starts the worker; resolves once its sequencer runs. `onError` gets each failed round (it retries), `onWarning` the rest. */
-export function startSequencerWorker(options: SequencerWorkerOptions, handlers: SequencerWorkerHandlers = {}): Promise<SequencerWorker> {
-  const nice = options.nice ?? SEQUENCER_NICE_DEFAULT;
-  if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
+/** The first wait before a dead worker is started again, and the longest (the waits grow between them, with jitter). */
+export const SEQUENCER_RESTART_DELAY_MS_DEFAULT = 1000;
+export const SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT = 30_000;
+/** A thread that ran this long before it died starts the waits over from the first. */
+const SEQUENCER_HEALTHY_MS = 60_000;
+
+/** One worker thread: resolves once its sequencer runs; `died` is called at most once, when it ends other than by `close()`. */
+interface SequencerThread {
+  worker: Worker;
+  startedAt: number;
+  close(): Promise<void>;
+}
+
+function startThread(options: SequencerWorkerOptions, handlers: SequencerWorkerHandlers, died: (how: string) => void): Promise<SequencerThread> {
   const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
-  let closed: (() => void) | null = null;
+  let started = false;
+  let closing: (() => void) | null = null;
   let exited = false;
+  let failure: Error | null = null;
+  const close = (): Promise<void> =>
+    exited
+      ? Promise.resolve()
+      : new Promise<void>((done) => {
+          closing = done;
+          worker.postMessage('close');
+        });
   return new Promise((resolve, reject) => {
     worker.on('message', (m: FromWorker) => {
       if (m.kind === 'started') {
-        resolve({
-          // A worker that already died has nothing to close.
-          close: () =>
-            exited
-              ? Promise.resolve()
-              : new Promise<void>((done) => {
-                  closed = done;
-                  worker.postMessage('close');
-                }),
-          cpuUsage: () => worker.cpuUsage(),
-        });
-      } else if (m.kind === 'closed') closed?.();
+        started = true;
+        resolve({ worker, startedAt: Date.now(), close });
+      } else if (m.kind === 'closed') closing?.();
       else if (m.kind === 'warning') handlers.onWarning?.(m.message);
       else handlers.onError?.(m.message);
     });
-    // Before it starts, a failure rejects the start; after, it is reported, not swallowed:
-    // records then wait in the queue, unsequenced, until the process restarts.
-    let started = false;
-    worker.on('message', (m: FromWorker) => {
-      if (m.kind === 'started') started = true;
-    });
+    // 'exit' follows 'error'; the death is reported once, from 'exit', with the error's message.
     worker.on('error', (error: Error) => {
-      if (started) handlers.onError?.(`the sequencer worker failed, and no longer sequences: ${error.message}`);
-      else reject(error);
+      failure = error;
     });
     worker.on('exit', (code) => {
       exited = true;
-      if (code !== 0) {
-        if (started && closed === null) handlers.onError?.(`the sequencer worker exited with ${code}, and no longer sequences`);
-        else reject(new Error(`audit sequencer worker exited with ${code}`));
-      }
-      closed?.();
+      if (!started) reject(failure ?? new Error(`audit sequencer worker exited with ${code}`));
+      else if (closing === null) died(failure === null ? `exited with ${code}` : `failed (${failure.message})`);
+      closing?.();
     });
+  });
+}
+
+/**
+ * Starts the worker; resolves once its sequencer runs (a worker that cannot start rejects).
+ * After that it is supervised: a thread that dies is reported through `onError` and started
+ * again after a wait that grows from `restartDelayMs` to `restartDelayMaxMs` (cockatiel's
+ * exponential backoff with jitter), until `close()`. Nothing is lost meanwhile: records wait
+ * in the queue, and the new thread's first rounds integrate them. `onError` also gets each
+ * failed round (the sequencer retries from storage), `onWarning` the rest.
+ */
+export function startSequencerWorker(
+  options: SequencerWorkerOptions & { restartDelayMs?: number; restartDelayMaxMs?: number },
+  handlers: SequencerWorkerHandlers = {},
+): Promise<SequencerWorker> {
+  const nice = options.nice ?? SEQUENCER_NICE_DEFAULT;
+  if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
+  const { restartDelayMs = SEQUENCER_RESTART_DELAY_MS_DEFAULT, restartDelayMaxMs = SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, ...threadOptions } = options;
+  if (!(restartDelayMs > 0 && restartDelayMaxMs >= restartDelayMs)) return Promise.reject(new RangeError('restartDelayMs must be positive and at most restartDelayMaxMs'));
+  const backoffs = new ExponentialBackoff({ initialDelay: restartDelayMs, maxDelay: restartDelayMaxMs });
+
+  let current: SequencerThread | null = null;
+  let starting: Promise<void> | null = null;
+  let timer: NodeJS.Timeout | null = null;
+  let closed = false;
+  let restarts = 0;
+  let backoff: IBackoff<unknown> = backoffs.next();
+
+  const died = (how: string, ranFor: number): void => {
+    current = null;
+    if (closed) return;
+    if (ranFor >= SEQUENCER_HEALTHY_MS) backoff = backoffs.next();
+    const delay = Math.round(backoff.duration);
+    backoff = backoff.next(undefined);
+    handlers.onError?.(`the sequencer worker ${how}; a new one starts in ${delay} ms (records wait in the queue meanwhile)`);
+    timer = setTimeout(restart, delay);
+    timer.unref();
+  };
+  const restart = (): void => {
+    timer = null;
+    if (closed) return;
+    starting = startThread(threadOptions, handlers, (how) => died(how, Date.now() - (current?.startedAt ?? Date.now()))).then(
+      (thread) => {
+        starting = null;
+        restarts += 1;
+        current = thread;
+        handlers.onWarning?.(`audit sequencer worker started again (restart ${restarts})`);
+      },
+      (error: unknown) => {
+        starting = null;
+        died(`could not be started again (${error instanceof Error ? error.message : String(error)})`, 0);
+      },
+    );
+  };
+
+  return startThread(threadOptions, handlers, (how) => died(how, Date.now() - (current?.startedAt ?? Date.now()))).then((first) => {
+    current = first;
+    return {
+      close: async () => {
+        closed = true;
+        if (timer !== null) clearTimeout(timer);
+        timer = null;
+        // A thread being started finishes starting, and is then closed like any other.
+        await starting;
+        await current?.close();
+      },
+      cpuUsage: () => current?.worker.cpuUsage() ?? Promise.resolve({ user: 0, system: 0 }),
+      restarts: () => restarts,
+      thread: () => current?.worker ?? null,
+    };
   });
 }
 

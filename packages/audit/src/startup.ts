@@ -87,7 +87,8 @@ export function startServiceSequencer(
       checkpointIntervalMs: config.AUDIT_CHECKPOINT_INTERVAL_MS,
     },
     {
-      onError: (message) => log.error({ err: message }, 'audit: sequencer round failed; it retries from storage'),
+      // A failed round (retried from storage) or a worker that died (started again).
+      onError: (message) => log.error({ err: message }, 'audit: the sequencer failed; it tries again'),
       onWarning: (message) => log.warn(`audit: ${message}`),
     },
   );

@@ -256,6 +256,72 @@ test("the sequencer worker's connections cut again and again: it lives through i
   assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
 });
 
+/** Waits until the audit queue is empty (everything recorded has been sequenced). */
+async function queueDrained(): Promise<void> {
+  for (let attempt = 0; attempt < 2000; attempt += 1) {
+    const r = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+    if (r.rows[0]?.n === 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  assert.fail('the audit queue did not drain within 10 s');
+}
+
+test('a sequencer worker thread that dies is replaced, and the new one sequences what waited meanwhile', async () => {
+  const errors: string[] = [];
+  const warnings: string[] = [];
+  const worker = await startSequencerWorker(
+    { databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 2, checkpointIntervalMs: 0, restartDelayMs: 100, restartDelayMaxMs: 400 },
+    { onError: (message) => errors.push(message), onWarning: (message) => warnings.push(message) },
+  );
+  try {
+    for (let death = 1; death <= 2; death += 1) {
+      // Given a running thread that ends abruptly, as a crash would end it,
+      const thread = worker.thread();
+      assert.ok(thread !== null, 'a thread runs');
+      await thread.terminate();
+      // when records arrive while no thread runs,
+      assert.equal(worker.thread(), null, 'no thread runs until the new one has started');
+      for (let i = 0; i < 25; i += 1) t.sink.record(entry(3000 + death * 100 + i));
+      await t.sink.flush();
+      // then a new thread is started after a wait, and it sequences them.
+      for (let attempt = 0; attempt < 1000 && worker.restarts() < death; attempt += 1) await new Promise((resolve) => setTimeout(resolve, 5));
+      assert.equal(worker.restarts(), death, `restart ${death} happened`);
+      assert.ok(worker.thread() !== null && worker.thread() !== thread, 'a new thread runs');
+      await queueDrained();
+    }
+    const deaths = errors.filter((m) => /sequencer worker exited with 1; a new one starts in \d+ ms/.test(m));
+    assert.equal(deaths.length, 2, `each death is reported: ${JSON.stringify(errors)}`);
+    assert.deepEqual(warnings.filter((m) => /started again/.test(m)), ['audit sequencer worker started again (restart 1)', 'audit sequencer worker started again (restart 2)']);
+  } finally {
+    await worker.close();
+  }
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+});
+
+test('closing a worker whose thread died cancels the restart that was waiting', async () => {
+  const errors: string[] = [];
+  const worker = await startSequencerWorker(
+    { databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 5, restartDelayMs: 20, restartDelayMaxMs: 20 },
+    { onError: (message) => errors.push(message) },
+  );
+  await worker.thread()?.terminate();
+  assert.equal(errors.length, 1, 'the death is reported');
+  await worker.close();
+  // Long enough for a restart that was not cancelled to have started a thread (which takes
+  // some hundreds of milliseconds here); one that did is ended, so a failing run still ends.
+  await new Promise((resolve) => setTimeout(resolve, 2000));
+  const late = worker.thread();
+  await late?.terminate();
+  assert.equal(late, null, 'no new thread after close()');
+  assert.equal(worker.restarts(), 0);
+  assert.deepEqual(await worker.cpuUsage(), { user: 0, system: 0 }, 'no thread, no CPU');
+  await assert.rejects(
+    startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'x', restartDelayMs: 0 }),
+    /restartDelayMs must be positive/,
+  );
+});
+
 test('the sequencer runs in a worker thread and signs a last checkpoint when closed', async () => {
   const worker = await startSequencerWorker({ databaseUrl: t.db.url, signingKeyPem: '', production: false, origin: 'ledgerline/test', intervalMs: 5, checkpointIntervalMs: 60_000 });
   for (let i = 0; i < 30; i += 1) t.sink.record(entry(i));
