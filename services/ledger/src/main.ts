@@ -144,6 +144,11 @@ if (relay !== null && app.metrics !== undefined) {
   app.metrics.registerGauge('events_relay_published', "Events this process's outbox relay published since it started.", () => relay.stats()?.published ?? 0);
   app.metrics.registerGauge('events_relay_withheld', "Events this process's outbox relay withheld under the residency policy since it started (each is in events.relay_withheld).", () => relay.stats()?.withheld ?? 0);
 }
+const sequencer = audit?.sequencer ?? null;
+if (sequencer !== null && app.metrics !== undefined) {
+  // A dead sequencer thread is replaced (and logged); a rise here deserves an alert.
+  app.metrics.registerCounterFromTotal('audit_sequencer_restarts_total', 'Audit sequencer worker threads that died and were replaced since this process started.', () => sequencer.restarts());
+}
 const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,

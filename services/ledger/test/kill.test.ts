@@ -285,6 +285,7 @@ test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withhold
     const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
     assert.match(metrics, /^ledgerline_events_relay_withheld\{[^}]*\} 1$/m);
     assert.match(metrics, /^ledgerline_events_relay_published\{[^}]*\} [1-9]\d*$/m);
+    assert.match(metrics, /^ledgerline_audit_sequencer_restarts_total\{[^}]*\} 0$/m, 'the sequencer thread has not died');
   } finally {
     service.kill('SIGTERM');
     await killed(service);
