@@ -48,6 +48,22 @@ async function refusedWith(call: Promise<unknown>, code: IdentityErrorCode): Pro
   await assert.rejects(call, (error: unknown) => error instanceof IdentityError && error.code === code);
 }
 
+/**
+ * A username no other test uses: every test creates the users it needs under its own names, so it
+ * passes alone, in any order, and beside the others in one shared database.
+ */
+let usernames = 0;
+function uniqueUsername(label: string): string {
+  usernames += 1;
+  return `${label}-${usernames}`;
+}
+
+async function newUser(label: string, roles: string[] = ['customer']): Promise<string> {
+  const username = uniqueUsername(label);
+  await identity.createUser({ username, password: PASSWORD, roles });
+  return username;
+}
+
 async function verifierFor(audience: string) {
   return createTokenVerifier({ keys: localKeys(await identity.jwks()), issuer: ISSUER, audience, clock: () => now, cacheEntriesMax: 0 });
 }
@@ -66,11 +82,15 @@ describe('users and logins', () => {
   });
 
   test('bad users are refused before anything is stored', async () => {
-    await refusedWith(identity.createUser({ username: 'alice', password: PASSWORD, roles: [] }), 'conflict');
-    await refusedWith(identity.createUser({ username: 'bob', password: 'short', roles: [] }), 'invalid_request');
+    // The taken name is made here, in another case: usernames conflict case-insensitively.
+    const taken = uniqueUsername('taken');
+    await identity.createUser({ username: taken.toUpperCase(), password: PASSWORD, roles: [] });
+    await refusedWith(identity.createUser({ username: taken, password: PASSWORD, roles: [] }), 'conflict');
+    const bob = uniqueUsername('bob');
+    await refusedWith(identity.createUser({ username: bob, password: 'short', roles: [] }), 'invalid_request');
     await refusedWith(identity.createUser({ username: 'x', password: PASSWORD, roles: [] }), 'invalid_request');
-    await refusedWith(identity.createUser({ username: 'bob', password: PASSWORD, roles: ['Admin!'] }), 'invalid_request');
-    assert.equal(await identity.userIdByUsername('bob'), null);
+    await refusedWith(identity.createUser({ username: bob, password: PASSWORD, roles: ['Admin!'] }), 'invalid_request');
+    assert.equal(await identity.userIdByUsername(bob), null);
   });
 
   test('brute force: the third wrong password locks the user; the right one is refused until the lock ends', async () => {
@@ -145,7 +165,8 @@ describe('refresh tokens', () => {
   });
 
   test('revocation, expiry, forged and malformed tokens', async () => {
-    const a = await identity.login({ username: 'dave', password: PASSWORD, audience: 'ledger' });
+    const username = await newUser('revoked');
+    const a = await identity.login({ username, password: PASSWORD, audience: 'ledger' });
     const refresh = a.refresh_token ?? '';
     const [id = '', secret = ''] = refresh.split('.');
     await refusedWith(identity.refresh(`${id}.${secret.startsWith('A') ? 'B' : 'A'}${secret.slice(1)}`), 'invalid_grant');
@@ -153,7 +174,7 @@ describe('refresh tokens', () => {
     await identity.revoke('garbage');
     await identity.revoke(refresh);
     await refusedWith(identity.refresh(refresh), 'invalid_grant');
-    const b = await identity.login({ username: 'dave', password: PASSWORD, audience: 'ledger' });
+    const b = await identity.login({ username, password: PASSWORD, audience: 'ledger' });
     now += 8 * 3600 * 1000;
     await refusedWith(identity.refresh(b.refresh_token ?? ''), 'invalid_grant');
   });

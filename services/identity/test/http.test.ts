@@ -84,6 +84,23 @@ async function login(username: string, audience = 'identity', extra: Record<stri
   return r.json();
 }
 
+/**
+ * A user under a name no other test uses: every test creates the users it needs, so it passes alone,
+ * in any order, and beside the others in one shared database. Made directly, not over HTTP, so the
+ * audit trail holds only what the test itself sends.
+ */
+let usernames = 0;
+function uniqueUsername(label: string): string {
+  usernames += 1;
+  return `${label}-${usernames}`;
+}
+
+async function newUser(label: string, roles: string[]): Promise<string> {
+  const username = uniqueUsername(label);
+  await identity.createUser({ username, password: PASSWORD, roles });
+  return username;
+}
+
 const bearer = (accessToken: string) => ({ authorization: `Bearer ${accessToken}` });
 
 describe('the token endpoint', () => {
@@ -172,13 +189,13 @@ describe('the token endpoint', () => {
 
 describe('administrative routes and two-factor enrolment', () => {
   test('creating users needs an admin token for this service: 401 without or with the wrong audience, 403 for others, all audited', async () => {
-    const payload = { username: 'frank', password: PASSWORD, roles: [ROLES.teller] };
+    const payload = { username: uniqueUsername('created'), password: PASSWORD, roles: [ROLES.teller] };
     const none = await app.inject({ method: 'POST', url: '/v1/users', payload });
     assert.equal(none.statusCode, 401);
     assert.equal(audit.entries.at(-1)?.outcome, 'failure');
     const ledgerToken = await login('root', 'ledger');
     assert.equal((await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(ledgerToken.access_token), payload })).statusCode, 401);
-    const customer = await login('erin');
+    const customer = await login(await newUser('customer', [ROLES.customer]));
     const forbidden = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(customer.access_token), payload });
     assert.equal(forbidden.statusCode, 403);
     assert.equal(audit.entries.at(-1)?.payload?.permission, 'user:create');
@@ -189,7 +206,8 @@ describe('administrative routes and two-factor enrolment', () => {
   });
 
   test('TOTP enrolment over HTTP, then the password alone is not enough', async () => {
-    const frank = await login('frank');
+    const username = await newUser('frank', [ROLES.teller]);
+    const frank = await login(username);
     const enrol = await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) });
     assert.equal(enrol.statusCode, 200, enrol.body);
     const { secret } = enrol.json<{ secret: string }>();
@@ -198,10 +216,10 @@ describe('administrative routes and two-factor enrolment', () => {
     assert.equal(confirmed.statusCode, 200, confirmed.body);
     assert.equal(confirmed.json<{ recovery_codes: string[] }>().recovery_codes.length, 10);
     assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) }), 409, 'conflict');
-    assertOAuthProblem(await token({ grant_type: 'password', username: 'frank', password: PASSWORD, audience: 'ledger' }), 401, 'mfa_required');
+    assertOAuthProblem(await token({ grant_type: 'password', username, password: PASSWORD, audience: 'ledger' }), 401, 'mfa_required');
     now += 30_000;
-    await login('frank', 'ledger', { totp_code: totpCode(secret, now) });
-    assertOAuthProblem(await token({ grant_type: 'password', username: 'frank', password: PASSWORD, audience: 'ledger', totp_code: totpCode(secret, now) }), 400, 'invalid_grant');
+    await login(username, 'ledger', { totp_code: totpCode(secret, now) });
+    assertOAuthProblem(await token({ grant_type: 'password', username, password: PASSWORD, audience: 'ledger', totp_code: totpCode(secret, now) }), 400, 'invalid_grant');
   });
 
   test('key rotation, seen by verifiers that fetch the JWKS over HTTP: published before it signs; old tokens still verify', async () => {
