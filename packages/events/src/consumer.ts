@@ -91,6 +91,8 @@ export interface ConsumerStats {
   /** Attempts repeated in place after a failure, holding the message's lane. */
   retries: number;
   deadLettered: number;
+  /** Messages that did not decode as a batch, kept in the dead-letter stream and acknowledged. */
+  undecodable: number;
 }
 
 export async function ensureDeadLetterStream(nats: NatsConnection, streamName: string, subjectPrefix: string): Promise<void> {
@@ -160,7 +162,7 @@ export class EventConsumer {
   #stopping = new AbortController();
   #messages: ConsumerMessages | null = null;
   #loop: Promise<void> | null = null;
-  #stats: ConsumerStats = { messages: 0, handled: 0, duplicatesSkipped: 0, redeliveries: 0, retries: 0, deadLettered: 0 };
+  #stats: ConsumerStats = { messages: 0, handled: 0, duplicatesSkipped: 0, redeliveries: 0, retries: 0, deadLettered: 0, undecodable: 0 };
 
   constructor(options: ConsumerOptions) {
     const prefetchMessages = options.prefetchMessages ?? 16;
@@ -316,10 +318,9 @@ export class EventConsumer {
     try {
       events = decodeBatch(msg.data);
     } catch (error) {
-      // Not ours to retry: decoding is deterministic, so it will never parse. Keep it in the
-      // broker's logs and move on.
+      // Not ours to retry: decoding is deterministic, so it will never parse.
       this.#o.onError?.(error);
-      msg.term(error instanceof MalformedBatchError ? error.message : 'undecodable');
+      await this.#deadLetterUndecodable(msg, error);
       return;
     }
     // Attempts carry on from the broker's count, so that a message that keeps crashing the
@@ -434,6 +435,38 @@ export class EventConsumer {
         await this.#deadLetter(e, attempts, error);
       }
     }
+  }
+
+  /**
+   * A message that does not decode as a batch: its bytes go to the dead-letter stream as they
+   * came, with where they came from (`Ledgerline-Source-Subject`, `Ledgerline-Source-Sequence`)
+   * and why, and then it is acknowledged. It names no event, so events.dead_letters has no row
+   * for it and there is nothing to replay. Not `term()`: nats-server 2.9 keeps a terminated
+   * message among the consumer's pending acks for good, which pins the consumer's ack floor
+   * (reconciliation would then see it stuck before every later event) and holds one of its
+   * `max_ack_pending` slots. If the dead-letter stream cannot take it, the message is given
+   * back and comes again later.
+   */
+  async #deadLetterUndecodable(msg: JsMsg, error: unknown): Promise<void> {
+    const reason = `undecodable: ${error instanceof MalformedBatchError ? error.message : error instanceof Error ? error.message : String(error)}`;
+    const h = headers();
+    h.set('Ledgerline-Error', reason.slice(0, 500).replace(/[\r\n]/g, ' '));
+    h.set('Ledgerline-Source-Subject', msg.subject);
+    h.set('Ledgerline-Source-Sequence', String(msg.seq));
+    try {
+      // One id per source message: a redelivery before the ack stores no second copy.
+      await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, msg.data, { msgID: `${this.#o.name}:undecodable:${msg.seq}`, headers: h });
+    } catch (publishError) {
+      this.#o.onError?.(publishError);
+      try {
+        msg.nak(this.#delayFor(msg.info.deliveryCount));
+      } catch {
+        // the connection is gone; the broker redelivers after ack_wait
+      }
+      return;
+    }
+    this.#stats.undecodable += 1;
+    await msg.ackAck();
   }
 
   async #deadLetter(event: StoredEvent, attempts: number, error: unknown): Promise<void> {

@@ -12,6 +12,7 @@ import {
   CHECKPOINT_START,
   checkpointOf,
   encodeBatch,
+  ensureEventStream,
   EventConsumer,
   OutboxRelay,
   outboxLagSeconds,
@@ -436,6 +437,49 @@ describe('relay and consumer', () => {
     }
   });
 
+  test('a message that is not a batch goes to the dead-letter stream as it came, and is acknowledged', async () => {
+    // On an event stream of its own: every consumer reads its stream from the start, and
+    // garbage left on the shared one would reach the later tests' consumers too.
+    const streamName = `${env.streamName}_G`;
+    const subjectPrefix = `${env.subjectPrefix}g`;
+    await ensureEventStream(env.nats, streamName, subjectPrefix);
+    const jsm = await jetstreamManager(env.nats);
+    const consumerName = 'c-garbage';
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName,
+      filterSubject: `${subjectPrefix}.>`, dlqSubjectPrefix: env.dlqSubjectPrefix, handler: recordEffect(consumerName),
+    });
+    await consumer.start();
+    try {
+      // Given a message on an event subject that does not decode, and a good batch behind it,
+      const js = jetstream(env.nats);
+      const subject = `${subjectPrefix}.p0`;
+      const garbage = await js.publish(subject, 'not a batch', { msgID: 'garbage-consumer-1' });
+      const events = await inTx(async (c) => {
+        await env.store.append(c, { type: 'after-garbage', id: 'g-0' }, Array.from({ length: 5 }, (_, i) => ({ type: 'Moved', data: { i } })), { expectedVersion: 'no_stream' });
+        return env.store.readStream(c, 'after-garbage', 'g-0');
+      });
+      const good = await js.publish(subject, encodeBatch(events), { msgID: 'after-garbage-1' });
+      // then the consumer acknowledges both, the garbage included (its ack floor passes it),
+      const jsmInfo = async () => jsm.consumers.info(streamName, consumerName);
+      await waitFor('the ack floor to pass both', async () => (await jsmInfo()).ack_floor.stream_seq >= good.seq);
+      assert.equal((await jsmInfo()).num_ack_pending, 0, 'nothing left pending');
+      assert.equal(consumer.stats().undecodable, 1);
+      const counts = await effectCounts(consumerName);
+      assert.ok(events.every((e) => counts.get(e.id) === 1), 'the batch behind it took effect');
+      // and the dead-letter stream holds its bytes, where they came from and why.
+      const dead = await jsm.streams.getMessage(env.dlqStreamName, { last_by_subj: `${env.dlqSubjectPrefix}.${consumerName}` });
+      assert.ok(dead !== null);
+      assert.equal(dead.string(), 'not a batch');
+      assert.equal(dead.header.get('Ledgerline-Source-Subject'), subject);
+      assert.equal(dead.header.get('Ledgerline-Source-Sequence'), String(garbage.seq));
+      assert.match(dead.header.get('Ledgerline-Error'), /^undecodable: /);
+    } finally {
+      await consumer.stop();
+      await jsm.streams.delete(streamName).catch(() => false);
+    }
+  });
+
   test('a batch handler gets every new event of a message at once, for set-based effects', async () => {
     assert.throws(() => new EventConsumer({ pool: env.pool, nats: env.nats, name: 'c-none', streamName: env.streamName, filterSubject: 'x.>' }), TypeError);
     const events = await appendAndPublish({ type: 'set', id: 's-0' }, 40);
@@ -500,8 +544,10 @@ describe('relay and consumer', () => {
       await waitFor('the good events of the batch', async () => (await fine()) >= 2);
       assert.equal(await fine(), 2, 'the two good events of the batch took effect');
       const jsm = await jetstreamManager(env.nats);
-      const info = await jsm.streams.info(env.dlqStreamName);
-      assert.equal(info.state.messages, 1, 'the dead letter is on the dead-letter stream');
+      // This consumer's subject only: other tests dead-letter to the same stream.
+      const dlqSubject = `${env.dlqSubjectPrefix}.c-dlq`;
+      const info = await jsm.streams.info(env.dlqStreamName, { subjects_filter: dlqSubject });
+      assert.equal(info.state.subjects?.[dlqSubject], 1, 'the dead letter is on the dead-letter stream');
     } finally {
       await relay.stop();
       await consumer.stop();
