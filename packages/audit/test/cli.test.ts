@@ -30,6 +30,19 @@ async function cli(...args: string[]): Promise<{ code: number; out: string; err:
   return { code, out, err };
 }
 
+/** Commits a tampering with the record at `seq` (past the append-only trigger, as a superuser could). */
+async function tamper(seq: number): Promise<void> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    await c.query("UPDATE audit.records SET outcome = 'success', reason = NULL WHERE seq = $1", [seq]);
+    await c.query('COMMIT');
+  } finally {
+    c.release();
+  }
+}
+
 test('public-key, prove and verify-proof: a third party checks bundles with the PEM alone', async () => {
   const key = await cli('public-key');
   assert.equal(key.code, 0);
@@ -97,15 +110,7 @@ test('verify: clean, then a committed tampering is reported with its location an
   const cp = (await t.store.latestCheckpoint())!;
   writeFileSync(held, JSON.stringify({ origin: cp.origin, treeSize: cp.treeSize, rootHash: cp.rootHash.toString('base64'), issuedAtMs: cp.issuedAt.getTime(), keyId: cp.keyId, signature: cp.signature.toString('base64') }));
 
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
-    await c.query("UPDATE audit.records SET outcome = 'success', reason = NULL WHERE seq = 10");
-    await c.query('COMMIT');
-  } finally {
-    c.release();
-  }
+  await tamper(10);
   const report = await cli('verify', '--json', '--checkpoint', held);
   assert.equal(report.code, 1);
   const json = JSON.parse(report.out) as { firstDifference: { kind: string; seq: number } };
@@ -133,8 +138,10 @@ test('kek-status counts the subject keys per key-encryption key and what is left
 
 test('a rotated signing key: the log verifies with every key it was signed with, and not with the new one alone', async () => {
   await t.settle();
+  // Given a committed tampering at seq 10 (entry 10 of the fixture, a failure made a success),
+  await tamper(10);
   const before = (await t.store.latestCheckpoint())?.treeSize ?? 0;
-  // The service restarts with a new signing key; its next checkpoints are signed with it.
+  // when the service restarts with a new signing key (its next checkpoints are signed with it),
   const { privateKey } = generateKeyPairSync('ed25519');
   const newPem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
   const signer = loadSigningKey(newPem, { production: false });
@@ -148,7 +155,7 @@ test('a rotated signing key: the log verifies with every key it was signed with,
   const rotatedPem = join(dir, 'new.pem');
   writeFileSync(oldPem, publicKeyPem(t.signer.publicKey));
   writeFileSync(rotatedPem, publicKeyPem(signer.publicKey));
-  // (The test before committed a tampering at seq 10: only the signatures are in question here.)
+  // then, with every key, only the tampering is reported: the signatures are not in question.
   const both = await cli('verify', '--public-key', oldPem, '--public-key', rotatedPem);
   assert.doesNotMatch(both.out, /checkpoint_signature_invalid/);
   assert.match(both.out, /record_altered at seq 10/);

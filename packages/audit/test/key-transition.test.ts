@@ -9,7 +9,7 @@ import { generateKeyPairSync } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterEach, beforeEach, test } from 'node:test';
 import { runCli } from '../src/cli.ts';
 import {
   AuditSequencer,
@@ -45,12 +45,27 @@ async function signedBy(signer: CheckpointSigner, from: number, n: number): Prom
   return (await t.store.latestCheckpoint())?.treeSize ?? 0;
 }
 
-before(async () => {
+/**
+ * A rotation as an operator makes it: five records under a new key, then the old key vouching
+ * for it (through the store, as the CLI does), and the record of that sequenced by the test
+ * sequencer, under the old key. Returns the new key.
+ */
+async function vouchedRotation(): Promise<CheckpointSigner> {
+  const incoming = newSigner().signer;
+  assert.equal(await signedBy(incoming, 10, 5), 15);
+  await t.store.recordKeyTransition(signKeyTransition(t.signer, ORIGIN, incoming.publicKey, new Date()), t.signer.publicKey, REVIEWER);
+  await t.settle();
+  return incoming;
+}
+
+// Each test has a log of its own, ten records under the old key: a rotation (and whatever is
+// planted after it) is the test's own, so each runs alone as in the file.
+beforeEach(async () => {
   t = await auditTestEnv({ withEvents: false });
   for (let i = 0; i < 10; i += 1) t.sink.record(entry(i));
   await t.settle();
 });
-after(async () => {
+afterEach(async () => {
   await t.close();
 });
 
@@ -93,8 +108,10 @@ test('a rotation: the old key alone fails on the new checkpoints until the old k
 });
 
 test('a bundle carries the transitions: a third party with the old key alone checks a proof under the new key, and a forged or stripped transition fails', async () => {
+  // Given a rotation (records 10 to 14 under the new key, which the old key vouched for),
+  await vouchedRotation();
   const old = t.signer.publicKey;
-  // Against the checkpoint the new key signed (the later ones are the test sequencer's, old key).
+  // against the checkpoint the new key signed (the later ones are the test sequencer's, old key).
   const bundle = (await t.store.inclusionBundle(12, 15)) as InclusionBundle;
   assert.ok(bundle !== null && bundle.keyTransitions?.length === 1);
   assert.match(verifyBundle(bundle, old), /record 12 is included/);
@@ -114,6 +131,8 @@ test('a bundle carries the transitions: a third party with the old key alone che
 });
 
 test('a transition the trusted key did not sign adds nothing, even written straight into the database', async () => {
+  // Given a rotation the trusted key vouched for,
+  await vouchedRotation();
   const old = t.signer;
   const intruder = newSigner().signer;
   const planted = newSigner().signer;

@@ -6,15 +6,17 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { after, before, test } from 'node:test';
+import { afterEach, beforeEach, test } from 'node:test';
 import { AuditSequencer, AuditStore, KeyEncryptionKeyError, parseKeyEncryptionKey, verifyLog, type AuditRecordView } from '../src/index.ts';
 import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
 
+// Each test has a database of its own: the keys it wraps (or damages) are its own, so each
+// runs alone as in the file.
 let t: AuditTestEnv;
-before(async () => {
+beforeEach(async () => {
   t = await auditTestEnv({ withEvents: false });
 });
-after(async () => {
+afterEach(async () => {
   await t.close();
 });
 
@@ -95,6 +97,13 @@ test('wrapped keys refuse to open without the key, with another key, or moved to
 });
 
 test('rotation: with "new,old" keys under old still open, the sequencer wraps them under new, and then old can go', async () => {
+  // Given two subjects' keys wrapped under `kek`, cust-a's damaged (cust-b's wrapped key
+  // copied onto it, by a superuser),
+  t.sink.record({ ...base, resource: { type: 'account', id: 'acc-a' }, subject: 'cust-a', personal: { name: 'Cy' } });
+  t.sink.record({ ...base, resource: { type: 'account', id: 'acc-b' }, subject: 'cust-b', personal: { name: 'Di' } });
+  await settleWith(sequencerWith(kek));
+  await t.pool.query("UPDATE audit.subject_keys SET key = (SELECT key FROM audit.subject_keys WHERE subject = 'cust-b') WHERE subject = 'cust-a'");
+  // and a third subject's key wrapped under the key about to go, `before`,
   const old = randomBytes(32).toString('base64url');
   const next = randomBytes(32).toString('base64url');
   const before = parseKeyEncryptionKey(old);
@@ -102,7 +111,7 @@ test('rotation: with "new,old" keys under old still open, the sequencer wraps th
   await settleWith(sequencerWith(before));
   assert.deepEqual(await storedKey('cust-rot'), { length: 72, kekId: before.id });
 
-  // The earlier tests' keys are under `kek`: the rotation names every key still in use.
+  // The keys of cust-a and cust-b are under `kek`: the rotation names every key still in use.
   const rotating = parseKeyEncryptionKey(` ${next} , ${old},${kekText}`);
   assert.deepEqual([rotating.id, [...rotating.previous.keys()]], [parseKeyEncryptionKey(next).id, [before.id, kek.id]]);
   const store = new AuditStore({ pool: t.pool, sink: t.sink, service: 'test', keyEncryptionKey: rotating });
@@ -111,8 +120,8 @@ test('rotation: with "new,old" keys under old still open, the sequencer wraps th
   const pending = await store.keyEncryptionStatus();
   assert.equal(pending.current, rotating.id);
   assert.ok(pending.pending >= 1 && (pending.keys[before.id] ?? 0) >= 1, JSON.stringify(pending));
-  // One round wraps what is left under the new key, except cust-a's, which the test before
-  // damaged (another subject's wrapped key): it is reported, and the round records the rest.
+  // One round wraps what is left under the new key, except cust-a's, damaged above (another
+  // subject's wrapped key): it is reported, and the round records the rest.
   const errors: unknown[] = [];
   const rewrapping = new AuditSequencer({ pool: t.pool, signer: t.signer, origin: 'ledgerline/test', checkpointIntervalMs: 0, keyEncryptionKey: rotating, onError: (e) => errors.push(e) });
   t.sink.record({ ...base, resource: { type: 'account', id: 'acc-during' }, subject: 'cust-during', personal: { name: 'Fay' } });

@@ -22,6 +22,7 @@ import {
   verifyLog,
   type AuditEntry,
 } from '../src/index.ts';
+import { STORED_LEVEL_MIN } from '../src/tree.ts';
 import { behindFaultProxy } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
@@ -32,6 +33,21 @@ before(async () => {
 after(async () => {
   await t.close();
 });
+
+/**
+ * Records `entry(i)` for `from <= i < to` and sequences them (a checkpoint included); returns
+ * their seqs, in order. A test's own records, told apart from any other by their request ids.
+ */
+let sequencedCalls = 0;
+async function sequenced(from: number, to: number): Promise<number[]> {
+  sequencedCalls += 1;
+  const batch = `sequenced-${sequencedCalls}`;
+  for (let i = from; i < to; i += 1) t.sink.record(entry(i, { origin: { service: 'ledger', ip: '192.0.2.1', requestId: `${batch}-${i}` } }));
+  await t.settle();
+  const r = await t.pool.query<{ seq: number }>("SELECT seq::int AS seq FROM audit.records WHERE origin_request_id LIKE $1 || '-%' ORDER BY seq", [batch]);
+  assert.equal(r.rows.length, to - from);
+  return r.rows.map((row) => row.seq);
+}
 
 test('entries are sequenced in batches, signed, and verify; proofs check with the public key alone', async () => {
   for (let i = 0; i < 40; i += 1) t.sink.record(entry(i));
@@ -73,6 +89,8 @@ test('entries are sequenced in batches, signed, and verify; proofs check with th
 });
 
 test('search filters by actor, resource, type, outcome and time, pages by keyset, and is itself audited', async () => {
+  // Given 77 records of this test's own (every actor, outcome and resource of `entry`),
+  await sequenced(0, 77);
   const all = await t.store.search({}, { limit: 1000 }, REVIEWER);
   const n = all.records.length;
   assert.ok(n >= 77);
@@ -115,16 +133,20 @@ test('search filters by actor, resource, type, outcome and time, pages by keyset
 });
 
 test('the writer role cannot update or delete; a trigger stops everyone else', async () => {
+  // Given records of this test's own, with their payloads and a checkpoint, and enough of them
+  // for the tree to have a stored node (a subtree of the lowest stored level): the trigger is
+  // per row, and a statement that touches no row would pass it.
+  const [seq] = await sequenced(0, 2 ** STORED_LEVEL_MIN);
   const c = await t.pool.connect();
   try {
-    for (const sql of ['UPDATE audit.records SET actor_id = $$x$$ WHERE seq = 0', 'DELETE FROM audit.records WHERE seq = 0', 'DELETE FROM audit.checkpoints', 'TRUNCATE audit.records CASCADE', 'UPDATE audit.payloads SET payload = NULL', 'DELETE FROM audit.payloads', 'DELETE FROM audit.subject_keys']) {
+    for (const sql of [`UPDATE audit.records SET actor_id = $$x$$ WHERE seq = ${seq}`, `DELETE FROM audit.records WHERE seq = ${seq}`, 'DELETE FROM audit.checkpoints', 'TRUNCATE audit.records CASCADE', 'UPDATE audit.payloads SET payload = NULL', 'DELETE FROM audit.payloads', 'DELETE FROM audit.subject_keys']) {
       await c.query('BEGIN');
       await c.query('SET LOCAL ROLE ledgerline_audit_writer');
       await assert.rejects(c.query(sql), /permission denied/, sql);
       await c.query('ROLLBACK');
     }
     // The superuser holds every privilege; the trigger still refuses.
-    for (const sql of ['UPDATE audit.records SET actor_id = $$x$$ WHERE seq = 0', 'DELETE FROM audit.records WHERE seq = 0', 'TRUNCATE audit.records CASCADE', 'UPDATE audit.checkpoints SET signature = $$\\x00$$', 'DELETE FROM audit.tree_nodes', 'UPDATE audit.payloads SET payload = NULL']) {
+    for (const sql of [`UPDATE audit.records SET actor_id = $$x$$ WHERE seq = ${seq}`, `DELETE FROM audit.records WHERE seq = ${seq}`, 'TRUNCATE audit.records CASCADE', 'UPDATE audit.checkpoints SET signature = $$\\x00$$', 'DELETE FROM audit.tree_nodes', 'UPDATE audit.payloads SET payload = NULL']) {
       await assert.rejects(c.query(sql), /append-only/, sql);
     }
   } finally {

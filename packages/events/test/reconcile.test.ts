@@ -88,6 +88,21 @@ async function waitConsumed(ids: string[], who: readonly string[] = CONSUMERS): 
   });
 }
 
+/**
+ * Appends a scenario (as appendScenario) and has the relay publish it: a test's own messages
+ * on the broker, checkpointed (the relay stops only after its checkpoint) and consumed.
+ */
+async function publishedScenario(tag: string, streams: number, perStream: number): Promise<string[]> {
+  startRelay();
+  try {
+    const ids = await appendScenario(tag, streams, perStream);
+    await waitConsumed(ids);
+    return ids;
+  } finally {
+    await stopRelay();
+  }
+}
+
 async function run(tag: string, withEffects = true, extra: Partial<ReconcileOptions> = {}): Promise<ReconcileReport> {
   const { from, to } = await rangeOf(tag);
   return reconcile({
@@ -177,6 +192,8 @@ describe('reconciliation', () => {
   });
 
   test('an event appended but never published is reported as unpublished, and not held against the consumers', async () => {
+    // Given batches published before this range: the scan that stops early (below) stops at one.
+    await publishedScenario('unpub-before', 2, 2);
     const ids = await appendScenario('unpub', 1, 3);
     const report = await run('unpub');
     assert.equal(report.ok, false);
@@ -343,6 +360,8 @@ describe('reconciliation', () => {
   });
 
   test('the broker scan counts malformed messages and stops when told to', async () => {
+    // A well-formed batch ahead of the malformed message, so the stream holds at least two.
+    await publishedScenario('scan', 1, 2);
     await jetstream(env.nats).publish(`${env.subjectPrefix}.p0`, 'not a batch', { msgID: 'garbage-1' });
     let seen = 0;
     const all = await scanEventStream({ nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, startTime: new Date(0) }, () => {
@@ -367,12 +386,14 @@ describe('reconciliation', () => {
   });
 
   test('a consumer with no durable on the broker, and one that has not got there yet', async () => {
+    // 30 events published (and consumed by alpha and beta), none of them by either consumer here.
+    await publishedScenario('absent', 3, 10);
     await registerConsumer(env.pool, 'ghost');
     await registerConsumer(env.pool, 'laggard');
     const jsm = await jetstreamManager(env.nats);
     // A durable that has received nothing: its ack floor is 0.
     await jsm.consumers.add(env.streamName, { durable_name: 'laggard', ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All });
-    const report = await run('clean', false, { consumers: ['ghost', 'laggard'], issuesMax: 40 });
+    const report = await run('absent', false, { consumers: ['ghost', 'laggard'], issuesMax: 40 });
     assert.equal(report.ok, false);
     assert.equal(report.issueCounts.not_consumed, 60);
     assert.equal(report.issues.length, 40);

@@ -135,7 +135,9 @@ describe('aggregate store', () => {
     assert.deepEqual({ status: loaded.state.status, amount: loaded.state.amountMinor, currency: loaded.state.currency }, { status: 'authorized', amount: 900n, currency: 'USD' });
     const next = await inTx(env.pool, (c) => payments.handle(c, id, { type: 'Capture', amountMinor: 900n }));
     assert.equal(next.version, 3);
-    const stored = await env.store.readStream(env.pool, PAYMENT_STREAM, 'travel-1', 1);
+    // A payment initiated now, beside the old one.
+    await inTx(env.pool, (c) => payments.handle(c, 'new-1', initiate));
+    const stored = await env.store.readStream(env.pool, PAYMENT_STREAM, 'new-1', 1);
     assert.equal(stored[0]?.schemaVersion, 2, 'new Initiated events are written as version 2');
   });
 

@@ -119,6 +119,61 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
 
 const openAccounts: NewAccount[] = ACCOUNTS.map((id, i) => ({ id, ledger: 'USD', code: 1, ...(i === 3 ? { flags: { debitsMustNotExceedCredits: true } } : {}) }));
 
+/** One step of the known history: its label, the checkpoint after it, and the live balances then. */
+type HistoryStep = { label: string; at: Checkpoint; live: Map<string, AccountBalances> };
+
+/**
+ * The known history, on an emptied store and ledger: ten steps (13 events) of transfers plain,
+ * pending, posted in part, closing, voided, expired, balancing and rejected, recording after
+ * each the checkpoint and the live balances.
+ */
+async function knownHistory(): Promise<HistoryStep[]> {
+  await reset();
+  const clock = new ManualClock();
+  const engine = new LedgerEngine({ pool: env.pool, clock: clock.now, events: env.store });
+  const [a, b, c] = ACCOUNTS as [string, string, string];
+  const steps: Array<{ label: string; run: () => Promise<unknown> }> = [
+    { label: 'open', run: () => engine.createAccounts(openAccounts) },
+    { label: 'fund', run: () => engine.createTransfers([{ id: tid(1), debitAccountId: a, creditAccountId: b, amount: 1000n, ledger: 'USD', code: 1 }]) },
+    { label: 'reserve', run: () => engine.createTransfers([{ id: tid(2), debitAccountId: b, creditAccountId: c, amount: 300n, ledger: 'USD', code: 1, flags: { pending: true } }]) },
+    { label: 'post part', run: () => engine.createTransfers([{ id: tid(3), pendingId: tid(2), amount: 120n, flags: { postPendingTransfer: true } }]) },
+    { label: 'close c', run: () => engine.createTransfers([{ id: tid(4), debitAccountId: b, creditAccountId: c, amount: 5n, ledger: 'USD', code: 1, flags: { pending: true, closingCredit: true } }]) },
+    { label: 'reopen c', run: () => engine.createTransfers([{ id: tid(5), pendingId: tid(4), flags: { voidPendingTransfer: true } }]) },
+    { label: 'expiring', run: () => engine.createTransfers([{ id: tid(6), debitAccountId: a, creditAccountId: c, amount: 70n, ledger: 'USD', code: 1, flags: { pending: true }, timeoutSeconds: 1 }]) },
+    { label: 'expire', run: async () => { clock.advanceSeconds(2); return engine.expirePendingTransfers(); } },
+    { label: 'sweep b', run: () => engine.createTransfers([{ id: tid(7), debitAccountId: b, creditAccountId: a, amount: 10_000n, ledger: 'USD', code: 1, flags: { balancingDebit: true } }]) },
+    { label: 'rejected', run: () => engine.createTransfers([{ id: tid(8), debitAccountId: b, creditAccountId: a, amount: 1n, ledger: 'USD', code: 1, flags: { balancingDebit: true } }]) },
+  ];
+  const history: HistoryStep[] = [];
+  try {
+    for (const step of steps) {
+      await step.run();
+      const accounts = await engine.getAccounts(ACCOUNTS);
+      const live = new Map(accounts.map((x): [string, AccountBalances] => [x.id, {
+        id: x.id, ledger: x.ledger, code: x.code, flags: (x.flags.debitsMustNotExceedCredits === true ? 2 : 0) | (x.flags.closed === true ? 32 : 0),
+        debitsPending: x.debitsPending, debitsPosted: x.debitsPosted, creditsPending: x.creditsPending, creditsPosted: x.creditsPosted,
+      }]));
+      const last = await env.pool.query<{ p: string }>('SELECT max(position)::text AS p FROM events.events');
+      const at = await env.store.checkpointAt(env.pool, BigInt(last.rows[0]!.p));
+      history.push({ label: step.label, at: at!, live });
+    }
+  } finally {
+    await engine.close();
+  }
+  return history;
+}
+
+/**
+ * Tampers with the live books, so that reconciliation finds 4 differences: b's creditsPosted
+ * and flags, an account no event opened, and one opened by an event but deleted.
+ */
+async function tamper(): Promise<void> {
+  const [, b] = ACCOUNTS as [string, string];
+  await env.pool.query('UPDATE ledger.accounts SET credits_posted = credits_posted + 7, flags = flags | 32 WHERE id = $1', [b]);
+  await env.pool.query(`INSERT INTO ledger.accounts (id, ledger, code, flags, timestamp) VALUES ('00000000-0000-7000-8000-0000000000ff', 'USD', 1, 0, 999999)`);
+  await env.pool.query(`DELETE FROM ledger.accounts WHERE id = $1`, [ACCOUNTS[3]]);
+}
+
 describe('ledger balances projection', () => {
   test('property: the incrementally built projection equals the replayed one, and both the live books', async () => {
     const seed = propertySeed('ledger projection replay');
@@ -190,38 +245,8 @@ describe('ledger balances projection', () => {
   });
 
   test('reconciliation and time travel on a known history', async () => {
-    await reset();
-    const clock = new ManualClock();
-    const engine = new LedgerEngine({ pool: env.pool, clock: clock.now, events: env.store });
     const [a, b, c] = ACCOUNTS as [string, string, string];
-    const steps: Array<{ label: string; run: () => Promise<unknown> }> = [
-      { label: 'open', run: () => engine.createAccounts(openAccounts) },
-      { label: 'fund', run: () => engine.createTransfers([{ id: tid(1), debitAccountId: a, creditAccountId: b, amount: 1000n, ledger: 'USD', code: 1 }]) },
-      { label: 'reserve', run: () => engine.createTransfers([{ id: tid(2), debitAccountId: b, creditAccountId: c, amount: 300n, ledger: 'USD', code: 1, flags: { pending: true } }]) },
-      { label: 'post part', run: () => engine.createTransfers([{ id: tid(3), pendingId: tid(2), amount: 120n, flags: { postPendingTransfer: true } }]) },
-      { label: 'close c', run: () => engine.createTransfers([{ id: tid(4), debitAccountId: b, creditAccountId: c, amount: 5n, ledger: 'USD', code: 1, flags: { pending: true, closingCredit: true } }]) },
-      { label: 'reopen c', run: () => engine.createTransfers([{ id: tid(5), pendingId: tid(4), flags: { voidPendingTransfer: true } }]) },
-      { label: 'expiring', run: () => engine.createTransfers([{ id: tid(6), debitAccountId: a, creditAccountId: c, amount: 70n, ledger: 'USD', code: 1, flags: { pending: true }, timeoutSeconds: 1 }]) },
-      { label: 'expire', run: async () => { clock.advanceSeconds(2); return engine.expirePendingTransfers(); } },
-      { label: 'sweep b', run: () => engine.createTransfers([{ id: tid(7), debitAccountId: b, creditAccountId: a, amount: 10_000n, ledger: 'USD', code: 1, flags: { balancingDebit: true } }]) },
-      { label: 'rejected', run: () => engine.createTransfers([{ id: tid(8), debitAccountId: b, creditAccountId: a, amount: 1n, ledger: 'USD', code: 1, flags: { balancingDebit: true } }]) },
-    ];
-    const history: Array<{ label: string; at: Checkpoint; live: Map<string, AccountBalances> }> = [];
-    try {
-      for (const step of steps) {
-        await step.run();
-        const accounts = await engine.getAccounts(ACCOUNTS);
-        const live = new Map(accounts.map((x): [string, AccountBalances] => [x.id, {
-          id: x.id, ledger: x.ledger, code: x.code, flags: (x.flags.debitsMustNotExceedCredits === true ? 2 : 0) | (x.flags.closed === true ? 32 : 0),
-          debitsPending: x.debitsPending, debitsPosted: x.debitsPosted, creditsPending: x.creditsPending, creditsPosted: x.creditsPosted,
-        }]));
-        const last = await env.pool.query<{ p: string }>('SELECT max(position)::text AS p FROM events.events');
-        const at = await env.store.checkpointAt(env.pool, BigInt(last.rows[0]!.p));
-        history.push({ label: step.label, at: at!, live });
-      }
-    } finally {
-      await engine.close();
-    }
+    const history = await knownHistory();
     assert.equal(history.find((h) => h.label === 'close c')!.live.get(c)!.flags & 32, 32, 'the closing transfer closed c');
     for (const h of history) {
       for (const id of [a, b, c]) {
@@ -234,9 +259,7 @@ describe('ledger balances projection', () => {
     const clean = await reconcileLedger(env.pool);
     assert.deepEqual({ ok: clean.ok, events: clean.events, live: clean.liveAccounts, rebuilt: clean.rebuiltAccounts }, { ok: true, events: 13, live: 4, rebuilt: 4 });
     // Tamper with the live books: each difference is reported with both values and the gap.
-    await env.pool.query('UPDATE ledger.accounts SET credits_posted = credits_posted + 7, flags = flags | 32 WHERE id = $1', [b]);
-    await env.pool.query(`INSERT INTO ledger.accounts (id, ledger, code, flags, timestamp) VALUES ('00000000-0000-7000-8000-0000000000ff', 'USD', 1, 0, 999999)`);
-    await env.pool.query(`DELETE FROM ledger.accounts WHERE id = $1`, [ACCOUNTS[3]]);
+    await tamper();
     const bad = await reconcileLedger(env.pool, { differencesMax: 3 });
     assert.equal(bad.ok, false);
     assert.equal(bad.differencesTotal, 4);
@@ -267,6 +290,10 @@ describe('ledger balances projection', () => {
   });
 
   test('an in-memory replay resumes from its last flush, and refuses a checkpoint moved under it', async () => {
+    // Given the known history, and the live books tampered with (4 differences, which the replay
+    // below must leave as they are),
+    await knownHistory();
+    await tamper();
     const all = await allEvents();
     const g = await createGeneration(env.pool, projection);
     const half = await replayInto(env.pool, env.store, projection, g, { batchSize: 2, until: checkpointOf(all[5]!) });
@@ -290,7 +317,8 @@ describe('ledger balances projection', () => {
   });
 
   test('replay a range, rebuild in place and blue/green, and status, through the CLI', async () => {
-    // The history of the previous test is still there (13 events); the read model is rebuilt from it.
+    // The known history (13 events), built afresh; the read model is rebuilt from it.
+    await knownHistory();
     const out: string[] = [];
     const io = { env: { DATABASE_URL: env.db.url }, stdout: (t: string) => out.push(t), stderr: (t: string) => out.push(t) };
     const all = await allEvents();

@@ -10,11 +10,14 @@ import { after, before, describe, test } from 'node:test';
 import {
   assertResidency,
   CHECKPOINT_START,
+  checkpointOf,
   EventStore,
   partitionByResidency,
   ResidencyViolationError,
   StreamRegionMismatchError,
+  type Checkpoint,
   type ResidencyPolicy,
+  type StoredEvent,
 } from '@ledgerline/events';
 import { AggregateStore, applyRetention, exportEvents, NO_LEGAL_HOLDS, paymentAggregate, type LegalHolds } from '../src/index.ts';
 import { runCli } from '../src/cli.ts';
@@ -34,6 +37,25 @@ after(async () => {
 });
 
 const event = { type: 'note.Written', data: { text: 'hello' } };
+
+/**
+ * Three streams of one note each, written in this order for the calling test: `eu-<tag>`
+ * (eu-resident), `g-<tag>` (global) and `free-<tag>` (untagged); with the range that holds
+ * exactly them (`after` lies just before the first), so that an export of that range sees no
+ * other test's streams in the same store.
+ */
+async function threeStreams(tag: string): Promise<{ events: StoredEvent[]; after: Checkpoint; until: Checkpoint }> {
+  const [eu, g, free] = [`eu-${tag}`, `g-${tag}`, `free-${tag}`];
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: eu }, [event], { expectedVersion: 'no_stream', region: 'eu' }));
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: g }, [event], { expectedVersion: 'no_stream', region: 'global' }));
+  await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: free }, [event], { expectedVersion: 'no_stream' }));
+  const events: StoredEvent[] = [];
+  for (const id of [eu, g, free]) events.push(...(await env.store.readStream(env.pool, 'note', id)));
+  const first = events[0]!;
+  // No event lies between (t, p - 1) and (t, p) in the global order.
+  const after = { transactionId: first.transactionId, position: first.position - 1n };
+  return { events, after, until: checkpointOf(events.at(-1)!) };
+}
 
 function violation(operation: string, stream: string, location: string): (e: unknown) => boolean {
   return (e: unknown) => {
@@ -89,6 +111,8 @@ describe('residency', () => {
   });
 
   test('a stream tagged elsewhere (data already here by mistake) can be neither appended to nor read', async () => {
+    // An EU stream beside it, which a reader in the US may not read either.
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'eu-2' }, [event], { expectedVersion: 'no_stream', region: 'eu' }));
     await env.pool.query(`INSERT INTO events.stream_regions (stream_type, stream_id, region) VALUES ('note', 'us-2', 'us')`);
     await assert.rejects(
       inTx(env.pool, (c) => env.store.appendMany(c, [{ streamType: 'note', streamId: 'us-2', version: 1, event }])),
@@ -97,11 +121,12 @@ describe('residency', () => {
     const open = await EventStore.open(env.pool); // no policy: nothing is checked
     await inTx(env.pool, (c) => open.appendMany(c, [{ streamType: 'note', streamId: 'us-2', version: 1, event }]));
     await assert.rejects(env.store.readStream(env.pool, 'note', 'us-2'), violation('read', 'note/us-2', 'eu-west-1'));
-    await waitFor('the horizon', async () => (await open.readAll(env.pool, { after: CHECKPOINT_START, limit: 10 })).length === 2);
+    await waitFor('the horizon', async () =>
+      (await open.readAll(env.pool, { after: CHECKPOINT_START, limit: 10 })).filter((e) => e.streamId === 'eu-2' || e.streamId === 'us-2').length === 2);
     await assert.rejects(env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 10 }), violation('read', 'note/us-2', 'eu-west-1'));
     // A reader in the US may read the US stream, and not the EU one.
     assert.equal((await env.store.readStream(env.pool, 'note', 'us-2', 1, { location: 'us-east-1' })).length, 1);
-    await assert.rejects(env.store.readStream(env.pool, 'note', 'eu-1', 1, { location: 'us-east-1' }), violation('read', 'note/eu-1', 'us-east-1'));
+    await assert.rejects(env.store.readStream(env.pool, 'note', 'eu-2', 1, { location: 'us-east-1' }), violation('read', 'note/eu-2', 'us-east-1'));
     // Aggregates read through the same checks.
     const payments = new AggregateStore(env.store, paymentAggregate());
     await assert.rejects(
@@ -113,32 +138,31 @@ describe('residency', () => {
   });
 
   test('replication: partitionByResidency withholds what may not go to the target', async () => {
-    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'g-1' }, [event], { expectedVersion: 'no_stream', region: 'global' }));
-    await inTx(env.pool, (c) => env.store.append(c, { type: 'note', id: 'free-1' }, [event], { expectedVersion: 'no_stream' }));
-    const all = await env.store.readStream(env.pool, 'note', 'eu-1');
-    const more = [...all, ...(await env.store.readStream(env.pool, 'note', 'g-1')), ...(await env.store.readStream(env.pool, 'note', 'free-1'))];
-    const split = await partitionByResidency(env.pool, policy, more, 'us-east-1');
-    assert.deepEqual(split.allowed.map((e) => e.streamId), ['g-1', 'free-1']);
-    assert.deepEqual(split.withheld.map((w) => [w.event.streamId, w.error.operation, w.error.dataRegion]), [['eu-1', 'replicate', 'eu']]);
+    const { events } = await threeStreams('repl');
+    const split = await partitionByResidency(env.pool, policy, events, 'us-east-1');
+    assert.deepEqual(split.allowed.map((e) => e.streamId), ['g-repl', 'free-repl']);
+    assert.deepEqual(split.withheld.map((w) => [w.event.streamId, w.error.operation, w.error.dataRegion]), [['eu-repl', 'replicate', 'eu']]);
     assert.doesNotThrow(() => assertResidency(policy, { streamType: 'x', streamId: 'y', region: null }, 'export', 'anywhere'));
   });
 
   test('export: all or nothing; a target the policy forbids for any stream gets no file', async () => {
-    await waitFor('the horizon', async () => (await env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 100 })).length === 3);
-    // eu-1 is eu (eu-west-1, eu-central-1), g-1 global (eu-west-1, us-east-1), free-1 untagged.
+    // eu-export is eu (eu-west-1, eu-central-1), g-export global (eu-west-1, us-east-1),
+    // free-export untagged; the exports below are of their range alone.
+    const { after, until } = await threeStreams('export');
+    await waitFor('the horizon', async () => (await env.store.readAll(env.pool, { after, limit: 100 })).length === 3);
     const refused = join(dir, 'central.ndjson');
     await assert.rejects(
-      exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, pageSize: 2 }),
-      violation('export', 'note/g-1', 'eu-central-1'),
+      exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, pageSize: 2, after, until }),
+      violation('export', 'note/g-export', 'eu-central-1'),
     );
     assert.deepEqual([existsSync(refused), existsSync(`${refused}.partial`)], [false, false]);
     const west = join(dir, 'west.ndjson');
-    const ok = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-west-1', out: west, pageSize: 2 });
+    const ok = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-west-1', out: west, pageSize: 2, after, until });
     const lines = readFileSync(west, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { streamId: string; position: string });
-    assert.deepEqual({ events: ok.events, streams: lines.map((l) => l.streamId) }, { events: 3, streams: ['eu-1', 'g-1', 'free-1'] });
-    // A range that stops before g-1 may go to eu-central-1.
+    assert.deepEqual({ events: ok.events, streams: lines.map((l) => l.streamId) }, { events: 3, streams: ['eu-export', 'g-export', 'free-export'] });
+    // A range that stops before g-export may go to eu-central-1.
     const first = await env.store.checkpointAt(env.pool, BigInt(lines[0]!.position));
-    const ranged = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, until: first! });
+    const ranged = await exportEvents(env.pool, env.store, { policy, targetLocation: 'eu-central-1', out: refused, after, until: first! });
     assert.equal(ranged.events, 1);
   });
 
@@ -150,11 +174,13 @@ describe('residency', () => {
       stdout: (t: string) => out.push(t),
       stderr: (t: string) => err.push(t),
     });
-    assert.equal(await runCli(['export', '--to', 'us-east-1', '--out', join(dir, 'us.ndjson')], io({})), 1);
-    assert.match(err.join('\n'), /residency: export of stream note\/eu-1 refused/);
+    // This test's own streams, and the positions that bound them.
+    const [eu, g, free] = (await threeStreams('cli')).events.map((e) => String(e.position));
+    const range = ['--from-position', eu!, '--to-position', free!];
+    assert.equal(await runCli(['export', '--to', 'us-east-1', '--out', join(dir, 'us.ndjson'), ...range], io({})), 1);
+    assert.match(err.join('\n'), /residency: export of stream note\/eu-cli refused/);
     assert.equal(existsSync(join(dir, 'us.ndjson')), false);
-    const g1 = (await env.store.readStream(env.pool, 'note', 'g-1'))[0]!.position;
-    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'cli.ndjson'), '--from-position', String(g1)], io({})), 0);
+    assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'cli.ndjson'), '--from-position', g!, '--to-position', free!], io({})), 0);
     assert.equal((JSON.parse(out.at(-1)!) as { events: number }).events, 2);
     assert.equal(await runCli(['export', '--to', 'eu-west-1', '--out', join(dir, 'x')], io({ EVENTS_RESIDENCY_POLICY: '{"eu":"eu-west-1"}' })), 2);
     assert.match(err.at(-1)!, /must map each data region to an array/);

@@ -73,6 +73,20 @@ async function search(query: string): Promise<RecordJson[]> {
   return (res.json<{ records: RecordJson[] }>()).records;
 }
 
+/**
+ * Opens `n` accounts as `client` and integrates their events: records of the calling test's
+ * own, whatever ran before it. Returns their seqs, in order.
+ */
+async function accountsOpened(client: string, n: number): Promise<number[]> {
+  const accounts = Array.from({ length: n }, () => ({ id: newId(), ledger: 'USD', code: 1 }));
+  const res = await app.inject({ method: 'POST', url: '/v1/accounts/batch', headers: { 'x-client-id': client }, payload: { accounts } });
+  assert.equal(res.statusCode, 200, res.body);
+  await settle();
+  const seqs = (await search(`actor=${client}&action=ledger.AccountOpened`)).map((r) => r.seq);
+  assert.equal(seqs.length, n);
+  return seqs;
+}
+
 test('commands accepted and rejected, ledger events and sensitive reads are all in the trail, with reasons', async () => {
   const [a, b, strict] = [newId(), newId(), newId()];
   const opened = await app.inject({
@@ -224,14 +238,16 @@ test('only a create whose every item was created is left to its events: replays 
 });
 
 test('checkpoints and proofs over HTTP verify with the published public key alone', async () => {
+  // Given a trail of more than ten records of this test's own (on an empty trail, seqs 0 to 11),
+  const [, , , seq] = await accountsOpened('svc-proofs', 12);
   await settle();
   const key = await app.inject({ method: 'GET', url: '/v1/audit/public-key' });
   const publicKey = parsePublicKey(key.json<{ public_key_pem: string }>().public_key_pem);
   const cp = (await app.inject({ method: 'GET', url: '/v1/audit/checkpoint' })).json<{ treeSize: number }>();
   assert.ok(cp.treeSize > 10);
-  const proof = await app.inject({ method: 'GET', url: '/v1/audit/records/3/proof' });
+  const proof = await app.inject({ method: 'GET', url: `/v1/audit/records/${seq}/proof` });
   assert.equal(proof.statusCode, 200);
-  assert.match(verifyBundle(proof.json<InclusionBundle>(), publicKey), /record 3 is included/);
+  assert.match(verifyBundle(proof.json<InclusionBundle>(), publicKey), new RegExp(`record ${seq} is included`));
   const earlier = (await t.pool.query<{ n: string }>('SELECT min(tree_size)::text AS n FROM audit.checkpoints')).rows[0]?.n;
   const consistency = await app.inject({ method: 'GET', url: `/v1/audit/consistency?from=${earlier}&to=${cp.treeSize}` });
   assert.equal(consistency.statusCode, 200);
@@ -240,13 +256,15 @@ test('checkpoints and proofs over HTTP verify with the published public key alon
   // Proofs disclose records: both reads were recorded, the second as a failure.
   await settle();
   const proofs = await search('action=audit.record.prove');
-  assert.deepEqual(proofs.map((r) => [r.resource.id, r.outcome]), [['3', 'success'], [String(cp.treeSize + 5), 'failure']]);
+  assert.deepEqual(proofs.map((r) => [r.resource.id, r.outcome]), [[String(seq), 'success'], [String(cp.treeSize + 5), 'failure']]);
   assert.equal((await app.inject({ method: 'GET', url: '/v1/audit/consistency?from=9999&to=10000' })).statusCode, 404);
   const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, unknown> }>();
   assert.ok('/v1/audit/records' in doc.paths && '/v1/audit/records/{seq}/proof' in doc.paths);
 });
 
 test('after a rotation of the signing key, proofs over HTTP carry the transition and verify with the old public key alone', async () => {
+  // Given records of this test's own, signed under the old key (on an empty trail, seqs 0 to 3),
+  const [, , , seq] = await accountsOpened('svc-rotation', 4);
   await settle();
   const rotated = loadSigningKey(generateKeyPairSync('ed25519').privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), { production: false });
   const store = new AuditStore({ pool: t.pool, sink, service: 'ledger' });
@@ -260,11 +278,11 @@ test('after a rotation of the signing key, proofs over HTTP carry the transition
   await newer.round({ forceCheckpoint: true });
   const cp = (await app.inject({ method: 'GET', url: '/v1/audit/checkpoint' })).json<{ treeSize: number; keyId: string }>();
   assert.equal(cp.keyId, rotated.keyId);
-  const proof = await app.inject({ method: 'GET', url: `/v1/audit/records/3/proof?tree_size=${cp.treeSize}` });
+  const proof = await app.inject({ method: 'GET', url: `/v1/audit/records/${seq}/proof?tree_size=${cp.treeSize}` });
   assert.equal(proof.statusCode, 200);
   const bundle = proof.json<InclusionBundle>();
   assert.equal(bundle.keyTransitions?.length, 1, 'the response schema keeps the transitions');
-  assert.match(verifyBundle(bundle, signer.publicKey), /record 3 is included/);
+  assert.match(verifyBundle(bundle, signer.publicKey), new RegExp(`record ${seq} is included`));
   const report = await verifyLog(t.pool, { publicKey: signer.publicKey });
   assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
   assert.deepEqual(report.keyTransitionsFollowed.map((x) => x.toKeyId), [rotated.keyId]);
