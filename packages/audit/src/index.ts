@@ -53,5 +53,5 @@ export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions 
 export { auditedByEvents, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
 export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, startSequencerWorker, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';
-export { serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type ServiceSequencerConfig } from './startup.ts';
+export { exportSequencerRestarts, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type ServiceSequencerConfig } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

@@ -3,6 +3,7 @@
  * service checks the signing key the same way (docs/audit.md).
  */
 import type { Static } from 'typebox';
+import type { ServiceMetrics } from '@ledgerline/service-runtime';
 import type { auditConfigSchema } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, SigningKeyError, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { startSequencerWorker, type SequencerWorker } from './sequencer-worker.ts';
@@ -92,4 +93,14 @@ export function startServiceSequencer(
       onWarning: (message) => log.warn(`audit: ${message}`),
     },
   );
+}
+
+/**
+ * Counts the service's replaced sequencer threads on its /metrics as
+ * `ledgerline_audit_sequencer_restarts_total` (docs/audit.md): a rise deserves an alert, since
+ * each one was a thread that died. Nothing when metrics are off or no sequencer runs here.
+ */
+export function exportSequencerRestarts(metrics: Pick<ServiceMetrics, 'registerCounterFromTotal'> | undefined, sequencer: SequencerWorker | null): void {
+  if (metrics === undefined || sequencer === null) return;
+  metrics.registerCounterFromTotal('audit_sequencer_restarts_total', 'Audit sequencer worker threads that died and were replaced since this process started.', () => sequencer.restarts());
 }

@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
+import { exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -102,6 +102,7 @@ const app = await buildIdentityService({
   audit: audit ?? new LogAuditSink(logger),
   logger,
 });
+exportSequencerRestarts(app.metrics, sequencer);
 const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,

@@ -94,6 +94,9 @@ test('alone on its database, the identity service sequences its own audit record
       return r.rows.length >= 2 ? r.rows : null;
     });
     assert.deepEqual(records.map((r) => [r.outcome, r.reason]), [['success', null], ['failure', 'invalid_client']]);
+    // Its sequencer thread is counted on /metrics, where a replaced one would show.
+    const metrics = await (await fetch(`${service.base}/metrics`)).text();
+    assert.match(metrics, /^ledgerline_audit_sequencer_restarts_total(\{[^}]*\})? 0$/m);
     const last = BigInt(records.at(-1)!.seq);
     await poll('a checkpoint over them', async () => {
       const r = await pool.query<{ n: string }>('SELECT coalesce(max(tree_size), 0)::text AS n FROM audit.checkpoints');

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -144,11 +144,7 @@ if (relay !== null && app.metrics !== undefined) {
   app.metrics.registerGauge('events_relay_published', "Events this process's outbox relay published since it started.", () => relay.stats()?.published ?? 0);
   app.metrics.registerGauge('events_relay_withheld', "Events this process's outbox relay withheld under the residency policy since it started (each is in events.relay_withheld).", () => relay.stats()?.withheld ?? 0);
 }
-const sequencer = audit?.sequencer ?? null;
-if (sequencer !== null && app.metrics !== undefined) {
-  // A dead sequencer thread is replaced (and logged); a rise here deserves an alert.
-  app.metrics.registerCounterFromTotal('audit_sequencer_restarts_total', 'Audit sequencer worker threads that died and were replaced since this process started.', () => sequencer.restarts());
-}
+exportSequencerRestarts(app.metrics, audit?.sequencer ?? null);
 const address = await runService(app, {
   port: config.PORT,
   host: config.HOST,
