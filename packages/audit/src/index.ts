@@ -52,6 +52,6 @@ export { storedKeyTransitions, verifyLog, type VerifyIssue, type VerifyIssueKind
 export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
 export { auditedByEvents, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
 export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
-export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, startSequencerWorker, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';
+export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, SEQUENCER_RESTART_DELAY_MS_DEFAULT, startSequencerWorker, type SequencerSupervision, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { exportSequencerRestarts, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type ServiceSequencerConfig } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

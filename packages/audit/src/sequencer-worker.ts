@@ -96,6 +96,14 @@ export const SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT = 30_000;
 /** A thread that ran this long before it died starts the waits over from the first. */
 const SEQUENCER_HEALTHY_MS = 60_000;
 
+/** How a dead sequencer thread is replaced (the main thread's part; the worker never sees these). */
+export interface SequencerSupervision {
+  /** The first wait before a new thread starts, in ms (default SEQUENCER_RESTART_DELAY_MS_DEFAULT). */
+  restartDelayMs?: number;
+  /** The longest wait, in ms (default SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT). */
+  restartDelayMaxMs?: number;
+}
+
 /** One worker thread: resolves once its sequencer runs; `died` is called at most once, when it ends other than by `close()`. */
 interface SequencerThread {
   worker: Worker;
@@ -146,10 +154,7 @@ function startThread(options: SequencerWorkerOptions, handlers: SequencerWorkerH
  * in the queue, and the new thread's first rounds integrate them. `onError` also gets each
  * failed round (the sequencer retries from storage), `onWarning` the rest.
  */
-export function startSequencerWorker(
-  options: SequencerWorkerOptions & { restartDelayMs?: number; restartDelayMaxMs?: number },
-  handlers: SequencerWorkerHandlers = {},
-): Promise<SequencerWorker> {
+export function startSequencerWorker(options: SequencerWorkerOptions & SequencerSupervision, handlers: SequencerWorkerHandlers = {}): Promise<SequencerWorker> {
   const nice = options.nice ?? SEQUENCER_NICE_DEFAULT;
   if (!(Number.isInteger(nice) && nice >= 0 && nice <= 19)) return Promise.reject(new RangeError(`nice must be an integer in 0..19, not ${nice}`));
   const { restartDelayMs = SEQUENCER_RESTART_DELAY_MS_DEFAULT, restartDelayMaxMs = SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, ...threadOptions } = options;

@@ -36,7 +36,7 @@ import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMes
 import type pg from 'pg';
 import type { StoredEvent } from './store.ts';
 import { transientDatabaseError } from './transaction.ts';
-import { decodeBatch, MalformedBatchError } from './wire.ts';
+import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
 export type BatchEventHandler = (events: StoredEvent[], tx: pg.PoolClient) => Promise<void>;
@@ -448,7 +448,7 @@ export class EventConsumer {
    * back and comes again later.
    */
   async #deadLetterUndecodable(msg: JsMsg, error: unknown): Promise<void> {
-    const reason = `undecodable: ${error instanceof MalformedBatchError ? error.message : error instanceof Error ? error.message : String(error)}`;
+    const reason = `undecodable: ${error instanceof Error ? error.message : String(error)}`;
     const h = headers();
     h.set('Ledgerline-Error', reason.slice(0, 500).replace(/[\r\n]/g, ' '));
     h.set('Ledgerline-Source-Subject', msg.subject);
