@@ -5,6 +5,7 @@
  *                                             [--page-size N] [--issues-max N] [--start-margin-ms N]
  *   node packages/events/src/cli.ts dlq list [--consumer NAME] [--pending] [--limit N] [--json]
  *   node packages/events/src/cli.ts dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
+ *   node packages/events/src/cli.ts dlq undecodable [--consumer NAME] [--limit N] [--json]
  *
  * Connections come from DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM and
  * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
@@ -15,7 +16,7 @@
  */
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import pg from 'pg';
-import { listDeadLetters, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
+import { listDeadLetters, listUndecodableMessages, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
 import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
 import { EventStore } from './store.ts';
 import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
@@ -26,6 +27,7 @@ const USAGE = `usage:
   events reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json] [--page-size N] [--issues-max N] [--start-margin-ms N]
   events dlq list [--consumer NAME] [--pending] [--limit N] [--json]
   events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
+  events dlq undecodable [--consumer NAME] [--limit N] [--json]
 connections: DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
   (or --database-url, --nats-url, --stream, --subject-prefix)
 reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
@@ -55,7 +57,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
   if (parsed === null) return 2;
   const { values: a, positionals } = parsed;
   const command = positionals.join(' ');
-  if (a.help || !['reconcile', 'dlq list', 'dlq replay'].includes(command)) {
+  if (a.help || !['reconcile', 'dlq list', 'dlq replay', 'dlq undecodable'].includes(command)) {
     (a.help ? out : err)(USAGE);
     return a.help ? 0 : 2;
   }
@@ -87,6 +89,20 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
           const at = r.streamType === null ? '(not in the store)' : `${r.streamType}/${r.streamId} v${r.version} ${r.type}`;
           const state = r.replayedAt === null ? 'PENDING' : `replayed ${r.replayedAt.toISOString()}`;
           out(`  [${r.consumer}] ${r.eventId} pos ${r.position} ${at}: ${r.attempts} attempts, dead ${r.deadAt.toISOString()}, ${state}: ${r.error}`);
+        }
+      }
+      return 0;
+    }
+    if (command === 'dlq undecodable') {
+      const rows = await listUndecodableMessages(pool, { consumer: a.consumer?.[0], limit: intOption('limit', a.limit) });
+      if (a.json) {
+        out(JSON.stringify(rows.map((r) => ({ ...r, streamSequence: r.streamSequence.toString(), head: r.head.toString('base64') }))));
+      } else {
+        out(`${rows.length} undecodable message(s)`);
+        for (const r of rows) {
+          // What it starts with, as text where it is printable, for a first look.
+          const start = r.head.subarray(0, 60).toString('latin1').replace(/[^\x20-\x7e]/g, '.');
+          out(`  [${r.consumer}] seq ${r.streamSequence} on ${r.subject}, ${r.size} bytes, dead ${r.deadAt.toISOString()}: ${r.error}; starts "${start}"`);
         }
       }
       return 0;

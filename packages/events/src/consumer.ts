@@ -91,9 +91,12 @@ export interface ConsumerStats {
   /** Attempts repeated in place after a failure, holding the message's lane. */
   retries: number;
   deadLettered: number;
-  /** Messages that did not decode as a batch, kept in the dead-letter stream and acknowledged. */
+  /** Messages that did not decode as a batch: recorded (events.undecodable_messages, the dead-letter stream) and acknowledged. */
   undecodable: number;
 }
+
+/** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all). */
+const UNDECODABLE_HEAD_BYTES = 4096;
 
 export async function ensureDeadLetterStream(nats: NatsConnection, streamName: string, subjectPrefix: string): Promise<void> {
   const jsm = await jetstreamManager(nats);
@@ -438,14 +441,14 @@ export class EventConsumer {
   }
 
   /**
-   * A message that does not decode as a batch: its bytes go to the dead-letter stream as they
-   * came, with where they came from (`Ledgerline-Source-Subject`, `Ledgerline-Source-Sequence`)
-   * and why, and then it is acknowledged. It names no event, so events.dead_letters has no row
-   * for it and there is nothing to replay. Not `term()`: nats-server 2.9 keeps a terminated
-   * message among the consumer's pending acks for good, which pins the consumer's ack floor
-   * (reconciliation would then see it stuck before every later event) and holds one of its
-   * `max_ack_pending` slots. If the dead-letter stream cannot take it, the message is given
-   * back and comes again later.
+   * A message that does not decode as a batch is recorded in events.undecodable_messages, its
+   * bytes go to the dead-letter stream as they came, with where they came from
+   * (`Ledgerline-Source-Subject`, `Ledgerline-Source-Sequence`) and why, and then it is
+   * acknowledged. It names no event, so there is nothing to replay. Not `term()`: nats-server
+   * 2.9 keeps a terminated message among the consumer's pending acks for good, which pins the
+   * consumer's ack floor (reconciliation would then see it stuck before every later event) and
+   * holds one of its `max_ack_pending` slots. If either record fails, the message is given back
+   * and comes again later.
    */
   async #deadLetterUndecodable(msg: JsMsg, error: unknown): Promise<void> {
     const reason = `undecodable: ${error instanceof Error ? error.message : String(error)}`;
@@ -454,10 +457,15 @@ export class EventConsumer {
     h.set('Ledgerline-Source-Subject', msg.subject);
     h.set('Ledgerline-Source-Sequence', String(msg.seq));
     try {
-      // One id per source message: a redelivery before the ack stores no second copy.
+      // One row and one message id per source message: a redelivery before the ack adds neither.
+      await this.#o.pool.query(
+        `INSERT INTO events.undecodable_messages (consumer, stream_sequence, subject, error, size, head)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (consumer, stream_sequence) DO NOTHING`,
+        [this.#o.name, String(msg.seq), msg.subject, reason.slice(0, 2000), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
+      );
       await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, msg.data, { msgID: `${this.#o.name}:undecodable:${msg.seq}`, headers: h });
-    } catch (publishError) {
-      this.#o.onError?.(publishError);
+    } catch (recordError) {
+      this.#o.onError?.(recordError);
       try {
         msg.nak(this.#delayFor(msg.info.deliveryCount));
       } catch {

@@ -1,5 +1,6 @@
 /**
- * Dead-letter tooling: list the events a consumer gave up on, and replay them.
+ * Dead-letter tooling: list the events a consumer gave up on, and replay them; list the
+ * messages it could not decode (which name no event, so there is nothing to replay).
  *
  * A replay reads the event from events.events (the source of truth, not the dead-letter
  * stream's copy) and publishes it again as a single-event batch to its partition subject on
@@ -93,6 +94,40 @@ export async function listDeadLetters(db: Queryable, options: ListDeadLettersOpt
     streamId: x.stream_id,
     version: x.version,
     type: x.type,
+  }));
+}
+
+/** A message a consumer could not decode as a batch (events.undecodable_messages). */
+export interface UndecodableMessage {
+  consumer: string;
+  /** Its sequence in the event stream, and the subject it came on. */
+  streamSequence: bigint;
+  subject: string;
+  error: string;
+  /** Its size in bytes, and the first 4 KiB of it (the dead-letter stream holds all of it). */
+  size: number;
+  head: Buffer;
+  deadAt: Date;
+}
+
+/** The undecodable messages, oldest first, of one consumer or all. */
+export async function listUndecodableMessages(db: Queryable, options: { consumer?: string | undefined; limit?: number | undefined } = {}): Promise<UndecodableMessage[]> {
+  const r = await db.query<{ consumer: string; stream_sequence: string; subject: string; error: string; size: number; head: Buffer; dead_at: Date }>(
+    `SELECT consumer, stream_sequence::text, subject, error, size, head, dead_at
+       FROM events.undecodable_messages
+      WHERE $1::text IS NULL OR consumer = $1
+      ORDER BY dead_at, consumer, stream_sequence
+      LIMIT $2`,
+    [options.consumer ?? null, limitOf(options.limit)],
+  );
+  return r.rows.map((x) => ({
+    consumer: x.consumer,
+    streamSequence: BigInt(x.stream_sequence),
+    subject: x.subject,
+    error: x.error,
+    size: x.size,
+    head: x.head,
+    deadAt: x.dead_at,
   }));
 }
 

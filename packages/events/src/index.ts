@@ -74,10 +74,12 @@ export {
 export {
   DEAD_LETTERS_LIMIT_DEFAULT,
   listDeadLetters,
+  listUndecodableMessages,
   replayDeadLetters,
   type DeadLetter,
   type ListDeadLettersOptions,
   type ReplayDeadLettersOptions,
   type ReplayOutcome,
   type ReplayStatus,
+  type UndecodableMessage,
 } from './dlq.ts';

@@ -10,8 +10,10 @@ import type pg from 'pg';
 import {
   EventConsumer,
   listDeadLetters,
+  listUndecodableMessages,
   OutboxRelay,
   reconcile,
+  registerConsumer,
   replayDeadLetters,
   type StoredEvent,
 } from '../src/index.ts';
@@ -197,5 +199,27 @@ describe('dead letters', () => {
     const json = await cli(['dlq', 'replay', '--consumer', 'other', '--event', ghost, '--json']);
     assert.deepEqual((JSON.parse(json.out) as Array<{ status: string }>).map((o) => o.status), ['event_missing']);
     await assert.rejects(listDeadLetters(env.pool, { limit: 0 }), RangeError);
+  });
+
+  test('undecodable messages are listed by the CLI, with what they start with', async () => {
+    // Given a consumer's record of a message it could not decode (the consumer's own path is
+    // in events.test.ts), bytes that are partly not printable among them,
+    await registerConsumer(env.pool, 'sniffer');
+    const bytes = Buffer.concat([Buffer.from('{"v":9,"garbage'), Buffer.from([0, 1, 255]), Buffer.from(' tail')]);
+    await env.pool.query(
+      `INSERT INTO events.undecodable_messages (consumer, stream_sequence, subject, error, size, head) VALUES ('sniffer', 42, 'x.p3', 'undecodable: not a batch', $1, $2)`,
+      [bytes.length, bytes],
+    );
+    // then the CLI lists it, per consumer, as text and as JSON with its bytes in base64.
+    const text = await cli(['dlq', 'undecodable', '--consumer', 'sniffer']);
+    assert.equal(text.code, 0, text.err);
+    assert.match(text.out, /^1 undecodable message\(s\)$/m);
+    assert.match(text.out, /\[sniffer\] seq 42 on x\.p3, 23 bytes, dead \S+: undecodable: not a batch; starts "\{"v":9,"garbage\.\.\. tail"/);
+    const json = await cli(['dlq', 'undecodable', '--json']);
+    const rows = JSON.parse(json.out) as Array<{ consumer: string; streamSequence: string; size: number; head: string }>;
+    const mine = rows.filter((r) => r.consumer === 'sniffer');
+    assert.deepEqual(mine.map((r) => [r.streamSequence, r.size, Buffer.from(r.head, 'base64').equals(bytes)]), [['42', 23, true]]);
+    assert.match((await cli(['dlq', 'undecodable', '--consumer', 'nobody'])).out, /^0 undecodable message\(s\)$/m);
+    await assert.rejects(listUndecodableMessages(env.pool, { limit: 0 }), RangeError);
   });
 });

@@ -443,7 +443,7 @@ describe('relay and consumer', () => {
     }
   });
 
-  test('a message that is not a batch goes to the dead-letter stream as it came, and is acknowledged', async () => {
+  test('a message that is not a batch is recorded, goes to the dead-letter stream as it came, and is acknowledged', async () => {
     // On an event stream of its own: every consumer reads its stream from the start, and
     // garbage left on the shared one would reach the later tests' consumers too.
     const streamName = `${env.streamName}_G`;
@@ -480,6 +480,12 @@ describe('relay and consumer', () => {
       assert.equal(dead.header.get('Ledgerline-Source-Subject'), subject);
       assert.equal(dead.header.get('Ledgerline-Source-Sequence'), String(garbage.seq));
       assert.match(dead.header.get('Ledgerline-Error'), /^undecodable: /);
+      // and events.undecodable_messages records it where the operator looks (events:dlq).
+      const recorded = await env.pool.query<{ stream_sequence: string; subject: string; size: number; head: Buffer; error: string }>(
+        'SELECT stream_sequence::text, subject, size, head, error FROM events.undecodable_messages WHERE consumer = $1', [consumerName],
+      );
+      assert.deepEqual(recorded.rows.map((r) => [r.stream_sequence, r.subject, r.size, r.head.toString()]), [[String(garbage.seq), subject, 11, 'not a batch']]);
+      assert.match(recorded.rows[0]?.error ?? '', /^undecodable: /);
     } finally {
       await consumer.stop();
       await jsm.streams.delete(streamName).catch(() => false);
