@@ -168,7 +168,9 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
   let restarts = 0;
   let backoff: IBackoff<unknown> = backoffs.next();
 
-  const died = (how: string, ranFor: number): void => {
+  // `current` is the thread that died (or null, when a new one failed to start).
+  const died = (how: string): void => {
+    const ranFor = current === null ? 0 : Date.now() - current.startedAt;
     current = null;
     if (closed) return;
     if (ranFor >= SEQUENCER_HEALTHY_MS) backoff = backoffs.next();
@@ -181,7 +183,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
   const restart = (): void => {
     timer = null;
     if (closed) return;
-    starting = startThread(threadOptions, handlers, (how) => died(how, Date.now() - (current?.startedAt ?? Date.now()))).then(
+    starting = startThread(threadOptions, handlers, died).then(
       (thread) => {
         starting = null;
         restarts += 1;
@@ -190,12 +192,12 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
       },
       (error: unknown) => {
         starting = null;
-        died(`could not be started again (${error instanceof Error ? error.message : String(error)})`, 0);
+        died(`could not be started again (${error instanceof Error ? error.message : String(error)})`);
       },
     );
   };
 
-  return startThread(threadOptions, handlers, (how) => died(how, Date.now() - (current?.startedAt ?? Date.now()))).then((first) => {
+  return startThread(threadOptions, handlers, died).then((first) => {
     current = first;
     return {
       close: async () => {

@@ -452,10 +452,6 @@ export class EventConsumer {
    */
   async #deadLetterUndecodable(msg: JsMsg, error: unknown): Promise<void> {
     const reason = `undecodable: ${error instanceof Error ? error.message : String(error)}`;
-    const h = headers();
-    h.set('Ledgerline-Error', reason.slice(0, 500).replace(/[\r\n]/g, ' '));
-    h.set('Ledgerline-Source-Subject', msg.subject);
-    h.set('Ledgerline-Source-Sequence', String(msg.seq));
     try {
       // One row and one message id per source message: a redelivery before the ack adds neither.
       await this.#o.pool.query(
@@ -463,7 +459,10 @@ export class EventConsumer {
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (consumer, stream_sequence) DO NOTHING`,
         [this.#o.name, String(msg.seq), msg.subject, reason.slice(0, 2000), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
       );
-      await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, msg.data, { msgID: `${this.#o.name}:undecodable:${msg.seq}`, headers: h });
+      await this.#publishDeadLetter(msg.data, `${this.#o.name}:undecodable:${msg.seq}`, reason, {
+        'Ledgerline-Source-Subject': msg.subject,
+        'Ledgerline-Source-Sequence': String(msg.seq),
+      });
     } catch (recordError) {
       this.#o.onError?.(recordError);
       try {
@@ -484,13 +483,16 @@ export class EventConsumer {
        ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = EXCLUDED.attempts, error = EXCLUDED.error, dead_at = now(), replayed_at = NULL`,
       [this.#o.name, event.id, event.position.toString(), attempts, reason.slice(0, 2000)],
     );
+    await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
+    this.#stats.deadLettered += 1;
+  }
+
+  /** Puts a dead letter on this consumer's dead-letter subject, with the reason (and `more`) as headers. */
+  async #publishDeadLetter(data: string | Uint8Array, msgID: string, reason: string, more: Record<string, string> = {}): Promise<void> {
     const h = headers();
     h.set('Ledgerline-Error', reason.slice(0, 500).replace(/[\r\n]/g, ' '));
-    await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, JSON.stringify(eventToJson(event)), {
-      msgID: `${this.#o.name}:${event.id}:${attempts}`,
-      headers: h,
-    });
-    this.#stats.deadLettered += 1;
+    for (const [name, value] of Object.entries(more)) h.set(name, value);
+    await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, data, { msgID, headers: h });
   }
 }
 
