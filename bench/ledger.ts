@@ -5,13 +5,20 @@
  *                           [--batch-size-max N] [--batches-in-flight N] [--linger-ms N]
  *                           [--pool N] [--warmup 2] [--pgbench-clients N] [--pgbench-scale N]
  *                           [--no-pgbench] [--no-events] [--hot-share 0..1]
+ *                           [--no-reference] [--reference-connections N] [--reference-batch 500]
  *
  * Phase 1: a fresh database, migrated; N accounts on ledger USD without balance constraints
  * (so random transfers never fail); C concurrent clients, each in a closed loop calling
  * `engine.createTransfers([oneTransfer])`. Durable commits, the server's default settings.
  * Phase 2: pgbench's builtin tpcb-like script on a separate fresh database, same client count
  * and duration; pgbench needs a connection per client, so where the server has fewer free it
- * runs with as many as it has (`pgbench_clients` in the output; `--pgbench-clients` sets it). Both databases are dropped at the end, also on error or Ctrl-C.
+ * runs with as many as it has (`pgbench_clients` in the output; `--pgbench-clients` sets it).
+ * Between them, unless `--no-reference`: the hand-written references (./ledger-reference.ts),
+ * the same money movement on the same tables: as a transaction of set-based statements
+ * (`statements`) in batches of 500 and again in batches of the engine's mean size from phase 1,
+ * and as one statement a batch of 500 (`set`); each on a fresh database with the same accounts
+ * count and duration, as many connections as the engine has batches in flight.
+ * Every database is dropped at the end, also on error or Ctrl-C.
  *
  * Progress goes to stderr; the last line on stdout is one JSON object with the figures.
  */
@@ -22,6 +29,7 @@ import pg from 'pg';
 import { EventStore, migrateEvents } from '../packages/events/src/index.ts';
 import { LedgerEngine, migrateLedger, newId, type NewTransfer } from '../packages/ledger/src/index.ts';
 import { createTestDatabase, type TestDatabase } from '../packages/testing/src/index.ts';
+import { runHandWrittenReference, type ReferenceFigures, type ReferenceShape } from './ledger-reference.ts';
 import {
   abort,
   abortOnSignals,
@@ -29,6 +37,7 @@ import {
   checkAborted,
   defaultPgbenchScale,
   exitWhenDone,
+  intArg,
   loadAverage1m,
   loadSettings,
   LOAD_OPTIONS,
@@ -53,6 +62,9 @@ const { values: args } = parseArgs({
     // The share of transfers (0..1) whose debit is one hot account, as with a fee or settlement
     // account: every such transfer contends for that account's row lock.
     'hot-share': { type: 'string' },
+    'no-reference': { type: 'boolean', default: false },
+    'reference-connections': { type: 'string' },
+    'reference-batch': { type: 'string' },
   },
   strict: true,
 });
@@ -62,6 +74,9 @@ const { seconds, warmupSeconds, clients, accountCount, batchSizeMax, batchesInFl
 const withEvents = !args['no-events'];
 const hotShare = args['hot-share'] === undefined ? 0 : Number(args['hot-share']);
 if (!(hotShare >= 0 && hotShare <= 1)) throw new RangeError(`--hot-share must be a number from 0 to 1, got ${String(args['hot-share'])}`);
+const runReference = !args['no-reference'];
+const referenceConnections = Math.floor(intArg('reference-connections', args['reference-connections'], batchesInFlightMax, 1));
+const referenceBatch = Math.floor(intArg('reference-batch', args['reference-batch'], 500, 1));
 
 const log = benchLog('bench:ledger');
 
@@ -266,6 +281,55 @@ async function main(): Promise<void> {
       `batch mean ${ledger.batchSizeMean}, errors ${ledger.errors}, invariants ${ledger.invariantsOk ? 'ok' : 'BROKEN'}`,
   );
   const loadMid = loadAverage1m();
+  // The issue's reference (statements, 500 a batch), the same at the engine's own mean batch
+  // size from the run above (per transfer, like for like), and the leanest form (set, 500).
+  const referenceRuns: Array<{ key: string; shape: ReferenceShape; batchSize: number }> = runReference
+    ? [
+        { key: 'statements', shape: 'statements', batchSize: referenceBatch },
+        { key: 'statements_engine_batch', shape: 'statements', batchSize: Math.max(1, Math.round(ledger.batchSizeMean)) },
+        { key: 'set', shape: 'set', batchSize: referenceBatch },
+      ]
+    : [];
+  const references = new Map<string, ReferenceFigures & { batchSize: number }>();
+  for (const run of referenceRuns) {
+    checkAborted();
+    const refDb = await createTestDatabase('ll_bench_ref');
+    log(`reference (${run.shape}, ${run.batchSize} a batch) database ${refDb.name}`);
+    let figures: ReferenceFigures;
+    try {
+      figures = await runHandWrittenReference({
+        db: refDb,
+        shape: run.shape,
+        accounts: accountCount,
+        connections: referenceConnections,
+        batchSize: run.batchSize,
+        seconds,
+        warmupSeconds,
+        seed,
+        log,
+      });
+    } finally {
+      await refDb.drop();
+    }
+    references.set(run.key, { ...figures, batchSize: run.batchSize });
+    log(
+      `reference (${run.shape}, ${run.batchSize} a batch): ${figures.transfersPerS} transfers/s, batch p50 ${figures.batchMsP50} ms, ` +
+        `p99 ${figures.batchMsP99} ms, invariants ${figures.invariantsOk ? 'ok' : 'BROKEN'}`,
+    );
+  }
+  const referenceSummary: Record<string, number | boolean | null> = {};
+  for (const { key } of referenceRuns) {
+    const r = references.get(key);
+    if (r === undefined) continue;
+    Object.assign(referenceSummary, {
+      [`reference_${key}_transfers_per_s`]: r.transfersPerS,
+      [`ratio_vs_reference_${key}`]: r.transfersPerS === 0 ? null : Math.round((ledger.transfersPerS / r.transfersPerS) * 100) / 100,
+      [`reference_${key}_batch_size`]: r.batchSize,
+      [`reference_${key}_batch_ms_p50`]: r.batchMsP50,
+      [`reference_${key}_batch_ms_p99`]: r.batchMsP99,
+      [`reference_${key}_invariants_ok`]: r.invariantsOk,
+    });
+  }
   let tpcb: PgbenchFigures | null = null;
   let pgbenchClients: number | null = null;
   if (runPgbench) {
@@ -285,6 +349,8 @@ async function main(): Promise<void> {
     latency_ms_mean: ledger.mean,
     ...pgbenchSummary(tpcb, ledger.transfersPerS),
     pgbench_clients: pgbenchClients,
+    ...referenceSummary,
+    reference_connections: runReference ? referenceConnections : null,
     clients,
     accounts: accountCount,
     seconds,
@@ -310,7 +376,7 @@ async function main(): Promise<void> {
     node: process.version,
   };
   process.stdout.write(`${JSON.stringify(summary)}\n`);
-  if (!ledger.invariantsOk || ledger.errors > 0) process.exitCode = 1;
+  if (!ledger.invariantsOk || ledger.errors > 0 || [...references.values()].some((r) => !r.invariantsOk)) process.exitCode = 1;
 }
 
 exitWhenDone(main(), log);
