@@ -23,7 +23,7 @@ import {
   type AuditEntry,
 } from '../src/index.ts';
 import { STORED_LEVEL_MIN } from '../src/tree.ts';
-import { behindFaultProxy } from '@ledgerline/testing';
+import { behindFaultProxy, testRandom } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
@@ -253,11 +253,12 @@ test("the sequencer worker's connections cut again and again: it lives through i
   );
   try {
     // when records arrive while the connections are cut for a second,
+    const random = testRandom('sequencer worker connection cuts');
     let cuts = 0;
     const until = Date.now() + 1000;
     for (let i = 0; Date.now() < until; i += 1) {
       t.sink.record(entry(1000 + i));
-      await new Promise((resolve) => setTimeout(resolve, 2 + Math.random() * 6));
+      await new Promise((resolve) => setTimeout(resolve, 2 + random() * 6));
       cuts += proxy.dropConnections();
     }
     await t.sink.flush();

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { behindFaultProxy, cutRepeatedly } from '@ledgerline/testing';
+import { behindFaultProxy, cutRepeatedly, testRandom } from '@ledgerline/testing';
 import { guardPool } from '@ledgerline/service-runtime';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
@@ -300,7 +300,7 @@ describe('relay and consumer', () => {
     // (The cuts start once the consumer has registered.)
     await consumer.start();
     relay.start();
-    const cutter = cutRepeatedly(proxy, 10, 15);
+    const cutter = cutRepeatedly(proxy, 10, 15, testRandom('events consumer connection cuts'));
     try {
       // when events flow through it,
       const ids: string[] = [];

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import pg from 'pg';
 import { FaultProxy } from '@ledgerline/resilience/fault';
+import { seededRandom, type Random } from '@ledgerline/resilience';
 
 export const ADMIN_DATABASE_URL =
   process.env.TEST_ADMIN_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
@@ -53,15 +54,16 @@ export async function behindFaultProxy(url: string): Promise<{ proxy: FaultProxy
 }
 
 /**
- * Resets every connection through `proxy` again and again, `minMs` to `minMs + spreadMs` apart,
- * until `stop()`, which resolves to how many connections it cut (stopping twice is harmless).
+ * Resets every connection through `proxy` again and again, `minMs` to `minMs + spreadMs` apart
+ * (drawn from `random`: give it a `testRandom`, whose seed is printed), until `stop()`, which
+ * resolves to how many connections it cut (stopping twice is harmless).
  */
-export function cutRepeatedly(proxy: FaultProxy, minMs: number, spreadMs: number): { stop(): Promise<number> } {
+export function cutRepeatedly(proxy: FaultProxy, minMs: number, spreadMs: number, random: Random): { stop(): Promise<number> } {
   let cutting = true;
   const cutter = (async () => {
     let cuts = 0;
     while (cutting) {
-      await new Promise((resolve) => setTimeout(resolve, minMs + Math.random() * spreadMs));
+      await new Promise((resolve) => setTimeout(resolve, minMs + random() * spreadMs));
       cuts += proxy.dropConnections();
     }
     return cuts;
@@ -138,6 +140,17 @@ export class ManualClock {
   advanceSeconds(seconds: number): void {
     this.#nowNs += BigInt(seconds) * 1_000_000_000n;
   }
+}
+
+/**
+ * A seeded source of randomness for a test's timing and choices (fault intervals, say):
+ * TEST_SEED replays a run; otherwise a fresh seed, printed with the label.
+ */
+export function testRandom(label: string): Random {
+  const fromEnv = process.env.TEST_SEED;
+  const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
+  console.log(`[random] ${label}: seed=${seed} (replay with TEST_SEED=${seed})`);
+  return seededRandom(seed);
 }
 
 /** The fast-check seed for this run: FC_SEED replays a failure; otherwise a fresh one, printed. */

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
-import { behindFaultProxy, createTestDatabase, cutRepeatedly, freePort, overLocalSocket, type TestDatabase } from '@ledgerline/testing';
+import { behindFaultProxy, createTestDatabase, cutRepeatedly, freePort, overLocalSocket, testRandom, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const SECRET = 'identity-main-test-secret';
@@ -191,7 +191,7 @@ test('its database connections cut under load: requests fail while they are, the
     const service = await startIdentity({ DATABASE_URL: proxied, DATABASE_SESSION_URL: own.url });
     try {
       // when token requests keep coming while the connections are cut,
-      const cutter = cutRepeatedly(proxy, 5, 10);
+      const cutter = cutRepeatedly(proxy, 5, 10, testRandom('identity connection cuts'));
       const statuses = new Map<number, number>();
       let cuts: number;
       try {
