@@ -252,7 +252,7 @@ interface CpuSnapshot {
   irq: number;
   steal: number;
   idle: number;
-  byPid: Map<number, { comm: string; ticks: number; title: string; kernel: boolean }>;
+  byPid: Map<number, { comm: string; ticks: number; title: string; kernel: boolean; started: string }>;
 }
 
 function cpuSnapshot(): CpuSnapshot | null {
@@ -264,7 +264,7 @@ function cpuSnapshot(): CpuSnapshot | null {
     const busy = (f[0] ?? 0) + (f[1] ?? 0) + (f[2] ?? 0);
     const irq = (f[5] ?? 0) + (f[6] ?? 0);
     const steal = f[7] ?? 0;
-    const byPid = new Map<number, { comm: string; ticks: number; title: string; kernel: boolean }>();
+    const byPid = new Map<number, { comm: string; ticks: number; title: string; kernel: boolean; started: string }>();
     for (const name of readdirSync('/proc')) {
       if (!/^\d+$/.test(name)) continue;
       try {
@@ -278,7 +278,10 @@ function cpuSnapshot(): CpuSnapshot | null {
         // Fields 14 and 15 (utime, stime) are 11 and 12 after the state field; the parent (4) is 1.
         // Kernel threads (writeback, softirq, ...) are kthreadd's (pid 2) children.
         const kernel = name === '2' || rest[1] === '2';
-        byPid.set(Number(name), { comm, ticks: Number(rest[11]) + Number(rest[12]), title, kernel });
+        // Field 22, when it started (in ticks since boot): a process's identity across samples.
+        // Not its name: a kernel worker renames itself after each job ("kworker/0:1-events",
+        // then "-mm_percpu_wq"), and taking it for a new process counted its whole life.
+        byPid.set(Number(name), { comm, ticks: Number(rest[11]) + Number(rest[12]), title, kernel, started: rest[19] ?? '' });
       } catch {
         // the process ended meanwhile
       }
@@ -314,13 +317,13 @@ class CpuWindow {
   readonly #first: CpuSnapshot | null;
   #last: CpuSnapshot | null;
   /** Per process: its ticks when the window opened (0 if it started later) and when last seen. */
-  readonly #procs = new Map<number, { comm: string; title: string; kernel: boolean; from: number; to: number }>();
+  readonly #procs = new Map<number, { comm: string; title: string; kernel: boolean; started: string; from: number; to: number }>();
   readonly #timer: NodeJS.Timeout;
 
   constructor() {
     this.#first = cpuSnapshot();
     this.#last = this.#first;
-    for (const [pid, p] of this.#first?.byPid ?? []) this.#procs.set(pid, { comm: p.comm, title: p.title, kernel: p.kernel, from: p.ticks, to: p.ticks });
+    for (const [pid, p] of this.#first?.byPid ?? []) this.#procs.set(pid, { ...p, from: p.ticks, to: p.ticks });
     // Unreferenced: an aborted phase that never stops its window must not keep the process alive.
     this.#timer = setInterval(() => {
       this.#sample();
@@ -333,11 +336,12 @@ class CpuWindow {
     this.#last = s;
     for (const [pid, p] of s.byPid) {
       const known = this.#procs.get(pid);
-      if (known !== undefined && known.comm === p.comm) {
+      if (known !== undefined && known.started === p.started) {
         known.to = p.ticks;
+        known.comm = p.comm;
         if (p.title !== '') known.title = p.title;
       } else {
-        this.#procs.set(pid, { comm: p.comm, title: p.title, kernel: p.kernel, from: 0, to: p.ticks });
+        this.#procs.set(pid, { ...p, from: 0, to: p.ticks });
       }
     }
   }
