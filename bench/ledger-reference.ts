@@ -102,6 +102,9 @@ WITH input AS MATERIALIZED (
 SELECT (SELECT count(*) FROM balances)::int AS accounts, (SELECT count(*) FROM transfers)::int AS transfers,
        (SELECT count(*) FROM appended)::int AS events`;
 
+/** The wall clock in nanoseconds, as the engine's default clock reads it (to the millisecond). */
+const nowNs = (): string => (BigInt(Date.now()) * 1_000_000n).toString();
+
 /** Creates `accounts` accounts on USD directly (one statement per thousand), returns their ids. */
 async function createAccounts(client: pg.Client, count: number): Promise<string[]> {
   const ids: string[] = [];
@@ -113,7 +116,7 @@ async function createAccounts(client: pg.Client, count: number): Promise<string[
        SELECT u.id, 'USD', 1, 0, ts.first + u.n - 1
          FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, n),
               ledger.reserve_timestamps(cardinality($1::uuid[]), $2::bigint) AS ts(first)`,
-      [chunk, (BigInt(Date.now()) * 1_000_000n).toString()],
+      [chunk, nowNs()],
     );
     ids.push(...chunk);
   }
@@ -133,8 +136,6 @@ function randomBatch(random: () => number, ids: readonly string[], n: number): B
   }
   return batch;
 }
-
-const nowNs = (): string => (BigInt(Date.now()) * 1_000_000n).toString();
 
 async function writeSet(client: pg.Client, b: Batch): Promise<void> {
   const r = await client.query<{ accounts: number; transfers: number; events: number }>(BATCH_SQL, [
