@@ -323,7 +323,7 @@ class CpuWindow {
   constructor() {
     this.#first = cpuSnapshot();
     this.#last = this.#first;
-    for (const [pid, { ticks, ...process }] of this.#first?.byPid ?? []) this.#procs.set(pid, { ...process, from: ticks, to: ticks });
+    for (const [pid, { ticks, ...identity }] of this.#first?.byPid ?? []) this.#procs.set(pid, { ...identity, from: ticks, to: ticks });
     // Unreferenced: an aborted phase that never stops its window must not keep the process alive.
     this.#timer = setInterval(() => {
       this.#sample();
@@ -341,8 +341,8 @@ class CpuWindow {
         known.comm = p.comm;
         if (p.title !== '') known.title = p.title;
       } else {
-        const { ticks, ...process } = p;
-        this.#procs.set(pid, { ...process, from: 0, to: ticks });
+        const { ticks, ...identity } = p;
+        this.#procs.set(pid, { ...identity, from: 0, to: ticks });
       }
     }
   }

@@ -142,23 +142,25 @@ export class ManualClock {
   }
 }
 
+/** The seed `variable` names, to replay a run; otherwise a fresh one. Printed either way. */
+function printedSeed(variable: string, tag: string, label: string): number {
+  const fromEnv = process.env[variable];
+  const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
+  console.log(`[${tag}] ${label}: seed=${seed} (replay with ${variable}=${seed})`);
+  return seed;
+}
+
 /**
  * A seeded source of randomness for a test's timing and choices (fault intervals, say):
  * TEST_SEED replays a run; otherwise a fresh seed, printed with the label.
  */
 export function testRandom(label: string): Random {
-  const fromEnv = process.env.TEST_SEED;
-  const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
-  console.log(`[random] ${label}: seed=${seed} (replay with TEST_SEED=${seed})`);
-  return seededRandom(seed);
+  return seededRandom(printedSeed('TEST_SEED', 'random', label));
 }
 
 /** The fast-check seed for this run: FC_SEED replays a failure; otherwise a fresh one, printed. */
 export function propertySeed(label: string): number {
-  const fromEnv = process.env.FC_SEED;
-  const seed = fromEnv !== undefined ? Number(fromEnv) : Math.floor(Math.random() * 2 ** 31);
-  console.log(`[fast-check] ${label}: seed=${seed} (replay with FC_SEED=${seed})`);
-  return seed;
+  return printedSeed('FC_SEED', 'fast-check', label);
 }
 
 /**
