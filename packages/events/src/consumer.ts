@@ -17,7 +17,11 @@
  * redeliver (a nak'ed message can come back after later ones); the message is kept alive with
  * `working()` instead. After `maxDeliver` attempts each event is tried alone; those that still
  * fail go to the dead-letter stream (and `events.dead_letters`), the rest commit, and the
- * message is acked. If even the dead letter cannot be recorded (the database is down), the
+ * message is acked. A message delivered more than `maxDeliver` times (each delivery ended
+ * with no verdict: a crash in the handler, say) has its events tried one at a time, each
+ * recorded as a dead letter before it runs and un-recorded by its commit: an event whose
+ * handler kills the process is found recorded at the next delivery and stays dead, and the
+ * events after it are tried. If even the dead letter cannot be recorded (the database is down), the
  * lane keeps the message and tries again: it is never acked without its events being handled
  * or dead-lettered. A failure that says nothing about the events (`transientDatabaseError`: a
  * lost connection, the server going away, a deadlock) is retried the same way but does not
@@ -35,7 +39,7 @@ import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
 import type { StoredEvent } from './store.ts';
-import { transientDatabaseError } from './transaction.ts';
+import { commit, transientDatabaseError } from './transaction.ts';
 import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -95,6 +99,9 @@ export interface ConsumerStats {
   undecodable: number;
 }
 
+/** How a dead letter recorded before a try begins (#afterRepeatedDeliveries): the try has not finished. */
+const LAST_TRY = 'recorded before a last try, alone';
+
 /** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all). */
 const UNDECODABLE_HEAD_BYTES = 4096;
 
@@ -133,22 +140,52 @@ class Slots {
   readonly #limit: number;
   #used = 0;
   readonly #waiting: Array<() => void> = [];
+  /** Runs alone, one after another (runAlone). */
+  #alone: Promise<unknown> = Promise.resolve();
 
   constructor(limit: number) {
     this.#limit = limit;
   }
 
   async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.#used >= this.#limit) await new Promise<void>((resolve) => this.#waiting.push(resolve));
-    else this.#used += 1;
+    await this.#acquire();
     try {
       return await fn();
     } finally {
-      // Hand the slot straight to the next waiter, or free it.
-      const next = this.#waiting.shift();
-      if (next === undefined) this.#used -= 1;
-      else next();
+      this.#release();
     }
+  }
+
+  /**
+   * Runs `fn` holding every slot, so that no other lane handles an event meanwhile. Such runs
+   * queue among themselves first, so two never hold part of the slots each.
+   */
+  runAlone<T>(fn: () => Promise<T>): Promise<T> {
+    const turn = this.#alone.then(async () => {
+      for (let i = 0; i < this.#limit; i += 1) await this.#acquire();
+      try {
+        return await fn();
+      } finally {
+        for (let i = 0; i < this.#limit; i += 1) this.#release();
+      }
+    });
+    this.#alone = turn.catch(() => {});
+    return turn;
+  }
+
+  #acquire(): Promise<void> {
+    if (this.#used < this.#limit) {
+      this.#used += 1;
+      return Promise.resolve();
+    }
+    return new Promise<void>((resolve) => this.#waiting.push(resolve));
+  }
+
+  /** Hands the slot straight to the next waiter, or frees it. */
+  #release(): void {
+    const next = this.#waiting.shift();
+    if (next === undefined) this.#used -= 1;
+    else next();
   }
 }
 
@@ -209,9 +246,12 @@ export class EventConsumer {
       filter_subject: this.#o.filterSubject,
       ack_wait: this.#o.ackWaitMs * 1_000_000,
       // Retries happen in place, so the broker's count grows only when an ack never came (a
-      // crash, an expired ack wait). Its own limit is one higher than ours so that it never
-      // drops a message we have not dealt with.
-      max_deliver: this.#o.maxDeliver + 1,
+      // crash, an expired ack wait, a stop). The broker never gives up on a message: a limit
+      // there would drop, with the message whose handler kills the process, every message
+      // waiting behind it in the same lane, each of which also loses a delivery at each
+      // crash. Past `maxDeliver` deliveries the consumer itself settles the message
+      // (#afterRepeatedDeliveries).
+      max_deliver: -1,
       max_ack_pending: this.#o.maxAckPending,
     };
     try {
@@ -326,6 +366,18 @@ export class EventConsumer {
       await this.#deadLetterUndecodable(msg, error);
       return;
     }
+    if (msg.info.deliveryCount > this.#o.maxDeliver) {
+      // Every delivery before this one ended without a verdict: a crash, a stall past the ack
+      // wait, a stop that gave it back. If the handler is what kills the process, running the
+      // batch again would kill it again, for ever. So its events are tried one at a time, each
+      // recorded as a dead letter before it runs (#afterRepeatedDeliveries).
+      if (!(await this.#afterRepeatedDeliveries(events, msg.info.deliveryCount, lane))) {
+        this.#handBack.push(msg);
+        return;
+      }
+      await msg.ackAck();
+      return;
+    }
     // Attempts carry on from the broker's count, so that a message that keeps crashing the
     // process still reaches the dead-letter path. A transient database failure is not an
     // attempt (the events had no say in it), but it still backs off further each time.
@@ -373,6 +425,56 @@ export class EventConsumer {
   }
 
   /**
+   * A message delivered more than `maxDeliver` times (see #handle): its events not in the
+   * inbox are tried one at a time, each recorded as a dead letter first, in a row its own
+   * transaction removes when it commits, with no other lane handling events meanwhile. A record left by an earlier delivery means that try
+   * never finished (the process died or stalled in the handler): that event stays dead, and is
+   * not tried again. An event the handler refuses is dead-lettered as on the dead-letter path.
+   * Repeated while the database refuses; false if stopped first.
+   */
+  async #afterRepeatedDeliveries(events: StoredEvent[], deliveries: number, lane: Lane): Promise<boolean> {
+    for (;;) {
+      try {
+        const r = await this.#o.pool.query<{ event_id: string; handled: boolean; tried_at: number | null }>(
+          `SELECT e.id::text AS event_id, i.event_id IS NOT NULL AS handled,
+                  CASE WHEN d.error LIKE $3 || '%' THEN d.attempts END AS tried_at
+             FROM unnest(string_to_array($2, ',')::uuid[]) AS e(id)
+             LEFT JOIN events.inbox i ON i.consumer = $1 AND i.event_id = e.id
+             LEFT JOIN events.dead_letters d ON d.consumer = $1 AND d.event_id = e.id`,
+          [this.#o.name, events.map((e) => e.id).join(','), LAST_TRY],
+        );
+        const state = new Map(r.rows.map((x) => [x.event_id, x]));
+        for (const e of events) {
+          const s = state.get(e.id);
+          if (s === undefined || s.handled) continue;
+          if (s.tried_at !== null && s.tried_at < deliveries) {
+            await this.#deadLetter(e, deliveries, new Error(
+              `the handler never finished it: the process died or stalled in it at delivery ${s.tried_at} of this message, after earlier deliveries without a verdict`,
+            ));
+            continue;
+          }
+          try {
+            // Alone in the process, the record and the try: if the process dies before the
+            // record is removed, this event's handler is what was running.
+            await this.#slots.runAlone(async () => {
+              await this.#recordDeadLetter(e, deliveries, `${LAST_TRY} (delivery ${deliveries}; the earlier ones ended without a verdict)`);
+              await this.#apply([e], { settlesDeadLetter: true });
+            });
+          } catch (error) {
+            if (transientDatabaseError(error)) throw error;
+            this.#o.onError?.(error);
+            await this.#deadLetter(e, deliveries, error);
+          }
+        }
+        return true;
+      } catch (error) {
+        this.#o.onError?.(error);
+      }
+      if (!(await this.#hold(this.#delayFor(deliveries), lane))) return false;
+    }
+  }
+
+  /**
    * Waits before a retry, keeping the lane's messages alive at the broker meanwhile (they are
    * not acked, and must not be redelivered elsewhere ahead of the retry). False if stopped.
    */
@@ -395,8 +497,11 @@ export class EventConsumer {
     return !this.#stopping.signal.aborted;
   }
 
-  /** One transaction for the whole batch: inbox rows and the handler's effects. */
-  async #apply(events: StoredEvent[]): Promise<void> {
+  /**
+   * One transaction for the whole batch: inbox rows and the handler's effects, and with
+   * `settlesDeadLetter` the removal of the events' dead-letter records (#afterRepeatedDeliveries).
+   */
+  async #apply(events: StoredEvent[], options: { settlesDeadLetter?: boolean } = {}): Promise<void> {
     const client = await this.#o.pool.connect();
     let failed = false;
     try {
@@ -404,7 +509,13 @@ export class EventConsumer {
       const fresh = await this.#claim(client, events);
       const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.has(e.id));
       if (claimed.length > 0) await this.#handleBatch(claimed, client);
-      await client.query('COMMIT');
+      if (options.settlesDeadLetter === true) {
+        await client.query('DELETE FROM events.dead_letters WHERE consumer = $1 AND event_id = ANY(string_to_array($2, \',\')::uuid[])', [
+          this.#o.name,
+          events.map((e) => e.id).join(','),
+        ]);
+      }
+      await commit(client);
       this.#stats.handled += fresh.size;
       this.#stats.duplicatesSkipped += events.length - fresh.size;
     } catch (error) {
@@ -478,13 +589,18 @@ export class EventConsumer {
 
   async #deadLetter(event: StoredEvent, attempts: number, error: unknown): Promise<void> {
     const reason = error instanceof Error ? error.message : String(error);
+    await this.#recordDeadLetter(event, attempts, reason);
+    await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
+    this.#stats.deadLettered += 1;
+  }
+
+  /** The dead letter's row in events.dead_letters (the record events:dlq lists and replays from). */
+  async #recordDeadLetter(event: StoredEvent, attempts: number, reason: string): Promise<void> {
     await this.#o.pool.query(
       `INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ($1, $2, $3, $4, $5)
        ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = EXCLUDED.attempts, error = EXCLUDED.error, dead_at = now(), replayed_at = NULL`,
       [this.#o.name, event.id, event.position.toString(), attempts, reason.slice(0, 2000)],
     );
-    await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
-    this.#stats.deadLettered += 1;
   }
 
   /** Puts a dead letter on this consumer's dead-letter subject, with the reason (and `more`) as headers. */

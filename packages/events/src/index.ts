@@ -1,4 +1,4 @@
-export { inTransaction, transientDatabaseError } from './transaction.ts';
+export { commit, inTransaction, TransactionRolledBackError, transientDatabaseError } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral } from './sql.ts';
@@ -57,6 +57,7 @@ export { parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } fro
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
   formatReconcileReport,
+  settleTransactionsBefore,
   ISSUE_KINDS,
   reconcile,
   ReconcileSessionError,

@@ -76,6 +76,11 @@ export interface ReconcileOptions {
   /** Messages per broker fetch (see BrokerScanOptions), and how long a fetch may wait for the next one. */
   fetchMessagesMax?: number;
   scanIdleTimeoutMs?: number;
+  /**
+   * How long the run first waits for transactions that began before `to` to end (see
+   * `settleTransactionsBefore`); any still open then make the report incomplete.
+   */
+  settleTimeoutMs?: number;
   /** Issues kept in the report; the counts are always complete. */
   issuesMax?: number;
   /** Republished events listed in the report; the count is always complete. */
@@ -148,7 +153,16 @@ export interface ConsumerReconciliation {
 }
 
 export interface ReconcileReport {
+  /** No issue, a complete broker scan, and no transaction open that could still add events to the range. */
   ok: boolean;
+  /**
+   * Transactions of this database that began before the range's end and were still open when
+   * the run gave up waiting for them (`settleTimeoutMs`). An event's recorded time is its
+   * transaction's start, so such a transaction may still commit events into the range after
+   * the run counted it: the report cannot vouch for the range, and `ok` is false. Run it again
+   * once they have ended.
+   */
+  openTransactions: number;
   range: { from: string; to: string };
   startedAt: string;
   finishedAt: string;
@@ -203,6 +217,7 @@ const DEFAULTS = {
   publishLagMaxMs: 60_000,
   fetchMessagesMax: 32,
   scanIdleTimeoutMs: 5000,
+  settleTimeoutMs: 10_000,
   issuesMax: 1000,
   republishedSampleMax: 100,
 };
@@ -373,6 +388,32 @@ export class ReconcileSessionError extends Error {
   }
 }
 
+/**
+ * Waits until every transaction of this database (other than the caller's) that began before
+ * `to` with a transaction id, so that it may have appended events, has ended, and every
+ * prepared transaction seen at the start has been resolved (its start time is unknown, so each
+ * one counts). Returns how many were still open after `timeoutMs`. New transactions do not
+ * count: they begin after `to` when `to` is in the past; a range that ends in the future can
+ * always gain events.
+ */
+export async function settleTransactionsBefore(pool: pg.Pool, to: Date, timeoutMs: number): Promise<number> {
+  const startedAt = new Date();
+  const open = (): Promise<pg.QueryResult<{ n: number }>> =>
+    pool.query<{ n: number }>(
+      `SELECT ((SELECT count(*) FROM pg_stat_activity a
+                 WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
+                   AND a.pid <> pg_backend_pid() AND a.xact_start < $1)
+             + (SELECT count(*) FROM pg_prepared_xacts p WHERE p.database = current_database() AND p.prepared < $2))::int AS n`,
+      [to, startedAt],
+    );
+  const deadline = Date.now() + timeoutMs;
+  for (let waitMs = 5; ; waitMs = Math.min(waitMs * 2, 250)) {
+    const n = (await open()).rows[0]?.n ?? 0;
+    if (n === 0 || Date.now() >= deadline) return n;
+    await new Promise((resolve) => setTimeout(resolve, Math.min(waitMs, Math.max(1, deadline - Date.now()))));
+  }
+}
+
 export async function reconcile(options: ReconcileOptions): Promise<ReconcileReport> {
   // Field by field: an option passed as undefined takes the default.
   const o = {
@@ -382,6 +423,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     publishLagMaxMs: options.publishLagMaxMs ?? DEFAULTS.publishLagMaxMs,
     fetchMessagesMax: options.fetchMessagesMax ?? DEFAULTS.fetchMessagesMax,
     scanIdleTimeoutMs: options.scanIdleTimeoutMs ?? DEFAULTS.scanIdleTimeoutMs,
+    settleTimeoutMs: options.settleTimeoutMs ?? DEFAULTS.settleTimeoutMs,
     issuesMax: options.issuesMax ?? DEFAULTS.issuesMax,
     republishedSampleMax: options.republishedSampleMax ?? DEFAULTS.republishedSampleMax,
   };
@@ -391,6 +433,8 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
   const progress = o.onProgress ?? ((): void => {});
   const startedAt = new Date();
 
+  // Before anything is counted: every transaction that could still commit events into the range.
+  const openTransactions = await settleTransactionsBefore(pool, to, o.settleTimeoutMs);
   const registered = (await pool.query<{ name: string }>('SELECT name FROM events.consumers ORDER BY name')).rows.map((r) => r.name);
   const consumers = o.consumers === undefined ? registered : [...o.consumers];
   for (const c of consumers) if (!registered.includes(c)) throw new RangeError(`consumer ${c} is not registered in events.consumers`);
@@ -752,7 +796,8 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
 
     const issueTotal = ISSUE_KINDS.reduce((n, k) => n + issueCounts[k], 0);
     return {
-      ok: issueTotal === 0 && scanComplete,
+      ok: issueTotal === 0 && scanComplete && openTransactions === 0,
+      openTransactions,
       range: { from: from.toISOString(), to: to.toISOString() },
       startedAt: startedAt.toISOString(),
       finishedAt: new Date().toISOString(),
@@ -805,7 +850,18 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
 export function formatReconcileReport(report: ReconcileReport): string {
   const lines: string[] = [];
   const b = report.broker;
-  lines.push(`Reconciliation of [${report.range.from}, ${report.range.to}): ${report.ok ? 'OK' : 'GAPS FOUND'}`);
+  const unsettled = report.openTransactions > 0;
+  const issueTotal = ISSUE_KINDS.reduce((n, k) => n + report.issueCounts[k], 0);
+  lines.push(
+    `Reconciliation of [${report.range.from}, ${report.range.to}): ` +
+      (report.ok ? 'OK' : issueTotal === 0 && report.broker.complete && unsettled ? 'INCOMPLETE' : 'GAPS FOUND'),
+  );
+  if (unsettled) {
+    lines.push(
+      `  ${report.openTransactions} transactions that began before the range's end were still open after the wait: ` +
+        'they may still commit events into the range; run again once they have ended',
+    );
+  }
   lines.push(
     `  events recorded: ${report.events}` +
       (report.positions === null ? '' : ` (positions ${report.positions.first}..${report.positions.last})`),

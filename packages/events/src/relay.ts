@@ -64,6 +64,11 @@ export interface RelayOptions {
   failureWaitMsMax?: number;
   publishTimeoutMs?: number;
   /**
+   * How long the session holding the partition locks may take to answer the check before each
+   * round (a trivial statement) before the relay gives the partitions up and ends the session.
+   */
+  lockSessionTimeoutMs?: number;
+  /**
    * Data residency: each round's events are split with `partitionByResidency(..., location,
    * 'replicate')`. Those the policy refuses at `location` are not published; they are recorded
    * in `events.relay_withheld` with the reason, and the checkpoint moves past them. Untagged
@@ -125,6 +130,14 @@ export async function ensureEventStream(
   }
 }
 
+/** A statement that fails, and leaves its client to be destroyed, when no answer comes in time. */
+function withTimeout(text: string, ms: number): pg.QueryConfig {
+  // node-postgres reads query_timeout from a query's config as well as the client's; its types
+  // declare only the latter.
+  const config: pg.QueryConfig & { query_timeout: number } = { text, query_timeout: ms };
+  return config;
+}
+
 export class OutboxRelay {
   readonly #o: Required<Omit<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>> &
     Pick<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>;
@@ -143,6 +156,8 @@ export class OutboxRelay {
       idleWaitMs: 20,
       failureWaitMsMax: 2000,
       publishTimeoutMs: 5000,
+      // The statements are trivial: only a session that is gone, or a stalled server, takes this long.
+      lockSessionTimeoutMs: 5000,
       ...options,
     };
     this.#js = jetstream(options.nats, { timeout: this.#o.publishTimeoutMs });
@@ -185,14 +200,12 @@ export class OutboxRelay {
   }
 
   async #acquirePartitions(): Promise<void> {
+    if (this.#lockClient !== null) await this.#confirmLockSession(this.#lockClient);
     if (this.#held.size === this.#o.store.partitions) return;
     if (this.#lockClient === null) {
       const client = await this.#o.pool.connect();
       // Losing this session loses the locks: stop publishing until they are taken again.
-      client.on('error', () => {
-        this.#held.clear();
-        this.#lockClient = null;
-      });
+      client.on('error', (error) => this.#dropLockSession(client, error));
       this.#lockClient = client;
     }
     for (let p = 0; p < this.#o.store.partitions; p += 1) {
@@ -202,13 +215,39 @@ export class OutboxRelay {
     }
   }
 
+  /**
+   * Before each round, the session that holds the locks must answer. A session lock lasts as
+   * long as its session, so an answer means every lock taken on it is still held. Without the
+   * check, a session the server ended without the client hearing of it (a failover, a dropped
+   * connection, a backend terminated behind a dead network path) would leave this relay
+   * publishing and checkpointing beside the relay that took the locks next; and the socket's
+   * error may never come. No answer within `lockSessionTimeoutMs` ends the session here: the
+   * partitions are given up and taken again, on a new session, when they are free.
+   */
+  async #confirmLockSession(client: pg.PoolClient): Promise<void> {
+    try {
+      await client.query(withTimeout('SELECT 1', this.#o.lockSessionTimeoutMs));
+    } catch (error) {
+      this.#dropLockSession(client, error);
+      throw error;
+    }
+  }
+
+  /** Gives up the partitions and the session that held them; the pool destroys the client. */
+  #dropLockSession(client: pg.PoolClient, error: unknown): void {
+    if (this.#lockClient !== client) return;
+    this.#lockClient = null;
+    this.#held.clear();
+    client.release(error instanceof Error ? error : new Error(String(error)));
+  }
+
   async #releaseLocks(): Promise<void> {
     const client = this.#lockClient;
     this.#lockClient = null;
     this.#held.clear();
     if (client === null) return;
     try {
-      await client.query('SELECT pg_advisory_unlock_all()');
+      await client.query(withTimeout('SELECT pg_advisory_unlock_all()', this.#o.lockSessionTimeoutMs));
       client.release();
     } catch (error) {
       client.release(true);

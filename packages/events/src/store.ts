@@ -408,7 +408,8 @@ export class EventStore {
   /**
    * Appends to one stream inside the caller's transaction, checking the expected version.
    * Concurrent appends to the same stream are serialized by a transaction-scoped advisory
-   * lock, so a conflict is reported as ConcurrencyError and never aborts the transaction.
+   * lock, so a conflict is reported as ConcurrencyError and never aborts the transaction. The
+   * transaction must be READ COMMITTED, PostgreSQL's default (a RangeError otherwise).
    */
   async append(
     db: Queryable,
@@ -417,7 +418,18 @@ export class EventStore {
     options: { expectedVersion: ExpectedVersion; region?: string },
   ): Promise<{ version: number; positions: bigint[] }> {
     if (events.length === 0) throw new RangeError('append needs at least one event');
-    await db.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [`${stream.type}/${stream.id}`]);
+    const locked = await db.query<{ isolation: string }>(
+      "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)), current_setting('transaction_isolation') AS isolation",
+      [`${stream.type}/${stream.id}`],
+    );
+    // The version read below must see the append that held the lock before us. Under READ
+    // COMMITTED it does (each statement takes a new snapshot); under REPEATABLE READ or
+    // SERIALIZABLE the snapshot may predate the wait, and the conflict would surface as the
+    // stream key's unique violation, which aborts the transaction, instead of ConcurrencyError.
+    const isolation = locked.rows[0]?.isolation;
+    if (isolation !== 'read committed') {
+      throw new RangeError(`EventStore.append runs in READ COMMITTED transactions only (this one is ${String(isolation)}); appendMany takes versions as given`);
+    }
     if (options.region !== undefined) await this.tagStream(db, stream.type, stream.id, options.region);
     // The latest event is the newest (see appendMany): one index probe, not the whole stream.
     const { rows } = await db.query<{ version: number | null; newer: boolean | null }>(

@@ -11,7 +11,7 @@ export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient
   try {
     await client.query('BEGIN');
     const out = await fn(client);
-    await client.query('COMMIT');
+    await commit(client);
     return out;
   } catch (error) {
     await client.query('ROLLBACK').catch((rollbackError: unknown) => {
@@ -21,6 +21,29 @@ export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient
   } finally {
     client.release(broken);
   }
+}
+
+/**
+ * The transaction ended in a rollback where the caller asked for COMMIT: a statement in it had
+ * failed, and the code that ran it went on as if it had not.
+ */
+export class TransactionRolledBackError extends Error {
+  constructor() {
+    super('COMMIT rolled back: a statement of the transaction had failed, and the code that ran it carried on');
+    this.name = 'TransactionRolledBackError';
+  }
+}
+
+/**
+ * COMMIT, and throw TransactionRolledBackError when the server rolled back instead. In a
+ * transaction where a statement failed, PostgreSQL answers COMMIT with ROLLBACK, not with an
+ * error: a callback that caught the statement's error (`.catch(() => {})`) would otherwise
+ * have its work reported as committed while none of it was, and a consumer would ack events
+ * whose effects and inbox rows were rolled back.
+ */
+export async function commit(client: Pick<pg.ClientBase, 'query'>): Promise<void> {
+  const r = await client.query('COMMIT');
+  if (r.command !== 'COMMIT') throw new TransactionRolledBackError();
 }
 
 /**

@@ -73,6 +73,13 @@ export function encodeEnvelopes(envelopes: readonly string[]): Uint8Array {
   return encoder.encode(`{"events":[${envelopes.join(',')}]}`);
 }
 
+/** A UUID as PostgreSQL prints one (the relay sends the column's text). */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const DIGITS = /^(0|[1-9][0-9]{0,19})$/;
+/** events.position is a bigint; transaction ids are xid8, unsigned 64-bit. */
+const POSITION_MAX = 2n ** 63n - 1n;
+const TRANSACTION_ID_MAX = 2n ** 64n - 1n;
+
 export class MalformedBatchError extends Error {
   override readonly name = 'MalformedBatchError';
 }
@@ -96,13 +103,15 @@ export function decodeBatch(data: Uint8Array): StoredEvent[] {
       recordedText = w.recordedAt;
       recordedMs = Date.parse(recordedText);
     }
+    // What the inbox and the dead-letter table cast (uuid, bigint) is checked here, so that a
+    // foreign message fails as undecodable, once, instead of failing every attempt in the
+    // database and holding its partition's lane for good.
+    if (!UUID.test(w.id)) throw new MalformedBatchError('event batch holds an event id that is not a UUID');
+    if (!DIGITS.test(w.position) || !DIGITS.test(w.transactionId)) throw new MalformedBatchError('event batch holds a malformed position');
     const e = w as unknown as StoredEvent;
-    try {
-      e.position = BigInt(w.position);
-      e.transactionId = BigInt(w.transactionId);
-    } catch (error) {
-      throw new MalformedBatchError('event batch holds a malformed position', { cause: error });
-    }
+    e.position = BigInt(w.position);
+    e.transactionId = BigInt(w.transactionId);
+    if (e.position > POSITION_MAX || e.transactionId > TRANSACTION_ID_MAX) throw new MalformedBatchError('event batch holds a position out of range');
     if (Number.isNaN(recordedMs)) throw new MalformedBatchError('event batch holds a malformed recorded time');
     e.recordedAt = new Date(recordedMs);
   }

@@ -672,6 +672,64 @@ describe('chaos: exactly once with real processes', () => {
       assert.equal(soloStats.handled, ids.length);
     });
   });
+
+  test('a handler that kills the process: its event is dead-lettered, nothing is lost, nothing applied twice', { timeout: TEST_TIMEOUT_MS }, async (t) => {
+    await withEnv(NATS_URL, async (env) => {
+      const target = { env, natsUrl: NATS_URL };
+      // One stream, so one partition, and its three events at the head of one message.
+      await inTx(env.pool, (c) => env.store.append(c, { type: 'crash', id: 'c-1' }, [
+        { type: 'Moved', data: { i: 0 } },
+        { type: 'Poison', data: {} },
+        { type: 'Moved', data: { i: 2 } },
+      ], { expectedVersion: 'no_stream' }));
+      await appendEvents(env, 5, 4, 6);
+      const ids = await committedIds(env.pool);
+      await waitForHorizon(env, ids.length);
+      const relay = new OutboxRelay({
+        pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+        eventsPerMessageMax: 10,
+      });
+      relay.start();
+      try {
+        await waitFor('the relay to publish everything', () => checkpointsAtEnd(env.pool));
+      } finally {
+        await relay.stop();
+      }
+      const [before, poison, after] = (await env.store.readStream(env.pool, 'crash', 'c-1')).map((e) => e.id) as [string, string, string];
+      assert.ok(before !== undefined && after !== undefined);
+
+      const name = 'c-crash';
+      const settings = { ACK_WAIT_MS: '1000', MAX_DELIVER: '2', DLQ_SUBJECT_PREFIX: env.dlqSubjectPrefix, KILL_ON_EVENT_TYPE: 'Poison' };
+      // Deliveries 1 and 2 die in the message's transaction. Delivery 3 is past MAX_DELIVER:
+      // the events are tried one at a time, each recorded as a dead letter first; the first
+      // commits, the poisoned one kills the process once more.
+      for (let run = 1; run <= 3; run += 1) {
+        const c = await startConsumer(target, name, settings, `${name}#${run}`);
+        assert.equal(await c.ended(), 'SIGKILL', `run ${run} died in the handler`);
+        assert.equal(c.last('crashing')?.eventId, poison);
+      }
+      // Delivery 4 finds the poisoned event's record left by the try that never finished: it
+      // stays dead, and the event after it is tried and commits.
+      const last = await startConsumer(target, name, settings, `${name}#final`);
+      const others = ids.filter((id) => id !== poison);
+      await waitForEffects(env.pool, name, others.length);
+      await waitFor('every message acked', () => consumerSettled(env, name));
+      assert.ok(last.alive && last.last('crashing') === undefined, 'the final process never ran the poisoned event');
+      const final = consumerStats(await last.terminate());
+
+      const dead = await env.pool.query<{ event_id: string; attempts: number; error: string }>(
+        'SELECT event_id::text, attempts, error FROM events.dead_letters WHERE consumer = $1 ORDER BY position', [name],
+      );
+      report(t, { events: ids.length, deadLetters: dead.rows, finalHandled: final.handled, finalDeadLettered: final.deadLettered });
+      assert.deepEqual(dead.rows.map((r) => r.event_id), [poison], 'the poisoned event, and only it, is a dead letter');
+      assert.match(dead.rows[0]?.error ?? '', /never finished it: the process died or stalled in it at delivery 3/);
+      assert.equal(final.deadLettered, 1);
+      const counts = await effectCounts(env.pool, name);
+      assert.ok(!counts.has(poison), 'the poisoned event took no effect');
+      assert.ok(others.every((id) => counts.get(id) === 1), 'every other event took effect once, the ones beside it in its message too');
+      assert.equal(counts.size, others.length);
+    });
+  });
 });
 
 describe('the global order under slow concurrent transactions', () => {

@@ -20,6 +20,7 @@ import {
   STREAM_ORDER_CONFLICT_SQLSTATE,
   StreamOrderConflictError,
   streamOrderConflict,
+  TransactionRolledBackError,
   type StoredEvent,
 } from '../src/index.ts';
 import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
@@ -64,6 +65,34 @@ describe('the event store', () => {
     assert.deepEqual(events[3]?.metadata, { correlationId: 'c-1', actor: 'svc:test' });
     assert.equal(await env.store.streamVersion(env.pool, 'order', 'o-missing'), 0);
     assert.ok(events.every((e) => e.partition === env.store.partitionOf('order', 'o-1')));
+  });
+
+  test('append refuses a transaction other than READ COMMITTED, clearly, and leaves it usable', async () => {
+    const c = await env.pool.connect();
+    try {
+      await c.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await assert.rejects(
+        env.store.append(c, { type: 'rr', id: 'r-1' }, [{ type: 'E', data: {} }], { expectedVersion: 'no_stream' }),
+        (e: unknown) => e instanceof RangeError && /READ COMMITTED/.test(e.message) && /repeatable read/.test(e.message),
+      );
+      assert.equal((await c.query<{ one: number }>('SELECT 1 AS one')).rows[0]?.one, 1, 'the transaction goes on');
+      await c.query('ROLLBACK');
+    } finally {
+      c.release();
+    }
+    assert.equal(await env.store.streamVersion(env.pool, 'rr', 'r-1'), 0);
+  });
+
+  test('inTransaction: a statement that failed and was swallowed makes COMMIT a rollback, and it throws', async () => {
+    await env.pool.query('CREATE TABLE swallowed (n int)');
+    await assert.rejects(
+      inTx(async (c) => {
+        await c.query('INSERT INTO swallowed VALUES (1)');
+        await c.query('SELECT 1/0').catch(() => {});
+      }),
+      TransactionRolledBackError,
+    );
+    assert.equal((await env.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM swallowed')).rows[0]?.n, 0, 'nothing was committed');
   });
 
   test('two concurrent appends expecting the same version: exactly one wins', async () => {
@@ -492,6 +521,88 @@ describe('relay and consumer', () => {
     } finally {
       await consumer.stop();
       await jsm.streams.delete(streamName).catch(() => false);
+    }
+  });
+
+  /** A JetStream event stream of the test's own, so that what it publishes reaches no other test's consumer. */
+  async function ownStream(tag: string): Promise<{ streamName: string; subjectPrefix: string; drop: () => Promise<void> }> {
+    const streamName = `${env.streamName}_${tag.toUpperCase()}`;
+    const subjectPrefix = `${env.subjectPrefix}${tag}`;
+    await ensureEventStream(env.nats, streamName, subjectPrefix);
+    return { streamName, subjectPrefix, drop: async () => { await (await jetstreamManager(env.nats)).streams.delete(streamName).catch(() => false); } };
+  }
+
+  test('a batch whose event id is not a UUID is undecodable: recorded once, and the partition goes on', async () => {
+    const own = await ownStream('badid');
+    const consumerName = 'c-badid';
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: own.streamName, maxDeliver: 2, backoffMs: [10],
+      filterSubject: `${own.subjectPrefix}.>`, dlqSubjectPrefix: env.dlqSubjectPrefix, handler: recordEffect(consumerName),
+    });
+    await consumer.start();
+    try {
+      const events = await inTx(async (c) => {
+        await env.store.append(c, { type: 'badid', id: 'b-0' }, Array.from({ length: 3 }, (_, i) => ({ type: 'Moved', data: { i } })), { expectedVersion: 'no_stream' });
+        return env.store.readStream(c, 'badid', 'b-0');
+      });
+      const js = jetstream(env.nats);
+      const subject = `${own.subjectPrefix}.p0`;
+      const first = events[0] as StoredEvent;
+      await js.publish(subject, encodeBatch([{ ...first, id: 'not-a-uuid' }]), { msgID: 'badid-1' });
+      await js.publish(subject, encodeBatch([{ ...first, position: 2n ** 63n }]), { msgID: 'badid-2' });
+      const good = await js.publish(subject, encodeBatch(events), { msgID: 'badid-3' });
+      const jsm = await jetstreamManager(env.nats);
+      await waitFor('the ack floor to pass all three', async () => (await jsm.consumers.info(own.streamName, consumerName)).ack_floor.stream_seq >= good.seq);
+      assert.equal(consumer.stats().undecodable, 2);
+      const recorded = await env.pool.query<{ error: string }>('SELECT error FROM events.undecodable_messages WHERE consumer = $1 ORDER BY stream_sequence', [consumerName]);
+      assert.deepEqual(recorded.rows.map((r) => r.error), ['undecodable: event batch holds an event id that is not a UUID', 'undecodable: event batch holds a position out of range']);
+      const counts = await effectCounts(consumerName);
+      assert.ok(events.every((e) => counts.get(e.id) === 1), 'the good batch behind them took effect once');
+    } finally {
+      await consumer.stop();
+      await own.drop();
+    }
+  });
+
+  test('a handler that swallows a failed statement does not get its event acked as handled: it is retried, then dead-lettered', async () => {
+    const own = await ownStream('swallow');
+    const consumerName = 'c-swallow';
+    let tries = 0;
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: own.streamName, maxDeliver: 2, backoffMs: [10],
+      filterSubject: `${own.subjectPrefix}.>`, dlqSubjectPrefix: env.dlqSubjectPrefix,
+      handler: async (e, tx) => {
+        await recordEffect(consumerName)(e, tx);
+        if (e.type === 'Swallow') {
+          tries += 1;
+          // An optional side effect whose failure the handler means to tolerate: it aborts the transaction.
+          await tx.query('INSERT INTO no_such_table VALUES (1)').catch(() => {});
+        }
+      },
+    });
+    await consumer.start();
+    try {
+      const events = await inTx(async (c) => {
+        await env.store.append(c, { type: 'swallow', id: 's-0' }, [{ type: 'Fine', data: {} }, { type: 'Swallow', data: {} }, { type: 'Fine', data: {} }], { expectedVersion: 'no_stream' });
+        return env.store.readStream(c, 'swallow', 's-0');
+      });
+      const good = await jetstream(env.nats).publish(`${own.subjectPrefix}.p0`, encodeBatch(events), { msgID: 'swallow-1' });
+      const jsm = await jetstreamManager(env.nats);
+      await waitFor('the ack floor to pass the message', async () => (await jsm.consumers.info(own.streamName, consumerName)).ack_floor.stream_seq >= good.seq);
+      const dead = await env.pool.query<{ event_id: string; error: string }>('SELECT event_id::text, error FROM events.dead_letters WHERE consumer = $1', [consumerName]);
+      const swallowed = events[1] as StoredEvent;
+      assert.deepEqual(dead.rows.map((r) => r.event_id), [swallowed.id], 'the swallowing event is a dead letter');
+      assert.match(dead.rows[0]?.error ?? '', /COMMIT rolled back/);
+      assert.ok(tries >= 2, `tried ${tries} times`);
+      const counts = await effectCounts(consumerName);
+      assert.equal(counts.get(swallowed.id), undefined, 'its effect was rolled back, and nothing says otherwise');
+      assert.equal(counts.get((events[0] as StoredEvent).id), 1);
+      assert.equal(counts.get((events[2] as StoredEvent).id), 1);
+      const inbox = await env.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.inbox WHERE consumer = $1 AND event_id = $2', [consumerName, swallowed.id]);
+      assert.equal(inbox.rows[0]?.n, 0, 'not in the inbox: a replay will apply it');
+    } finally {
+      await consumer.stop();
+      await own.drop();
     }
   });
 

@@ -231,6 +231,43 @@ describe('reconciliation', () => {
     }
   });
 
+  test('a transaction that began before the range ends and is still open: the run waits for it, and reports the range incomplete if it does not end', async () => {
+    const ids = await publishedScenario('inflight-before', 1, 2);
+    const { from } = await rangeOf('inflight-before');
+    const late = await env.pool.connect();
+    try {
+      await late.query('BEGIN');
+      await env.store.append(late, { type: 'inflight', id: 'i-0' }, [{ type: 'Happened', data: {} }], { expectedVersion: 'no_stream' });
+      const to = new Date(Date.now() + 1);
+      const options = { pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, from, to };
+      // Given up waiting: the open transaction may still add to the range.
+      const open = await reconcile({ ...options, settleTimeoutMs: 200 });
+      assert.equal(open.openTransactions, 1);
+      assert.equal(open.ok, false, 'not vouched for while a transaction of the range is open');
+      assert.deepEqual(open.issues, [], 'and nothing else is wrong');
+      assert.match(formatReconcileReport(open), /INCOMPLETE/);
+      // Waited for: the transaction commits during the wait, and its event is counted.
+      const committing = new Promise((resolve) => setTimeout(resolve, 300)).then(() => late.query('COMMIT'));
+      const waited = await reconcile(options);
+      await committing;
+      assert.equal(waited.openTransactions, 0);
+      assert.equal(waited.events, ids.length + 1, 'the late event is in the count');
+      assert.equal(waited.issueCounts.unpublished, 1, 'and reported, as the relay has not published it');
+      assert.equal(waited.ok, false);
+    } finally {
+      await late.query('ROLLBACK').catch(() => {});
+      late.release();
+    }
+    startRelay();
+    try {
+      const [lateId] = (await env.store.readStream(env.pool, 'inflight', 'i-0')).map((e) => e.id);
+      assert.ok(lateId !== undefined);
+      await waitConsumed([lateId]);
+    } finally {
+      await stopRelay();
+    }
+  });
+
   test('a consumer that skipped an event is reported as not having consumed it', async () => {
     startRelay();
     try {

@@ -6,7 +6,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { jetstreamManager } from '@nats-io/jetstream';
-import { CHECKPOINT_START, decodeBatch, OutboxRelay, type OutboxEvent, type StoredEvent } from '../src/index.ts';
+import pg from 'pg';
+import { CHECKPOINT_START, decodeBatch, OutboxRelay, RELAY_LOCK_CLASS, type OutboxEvent, type StoredEvent } from '../src/index.ts';
 import { readOutbox, splitMessages } from '../src/relay.ts';
 import { eventsTestEnv, inTx, waitFor, type EventsTestEnv } from './support.ts';
 
@@ -162,6 +163,98 @@ describe('the relay', () => {
     } finally {
       await relay.stop();
       await jsm.streams.delete(streamName).catch(() => false);
+    }
+  });
+});
+
+/** The backends of this database that hold relay partition locks. */
+async function lockHolders(): Promise<number[]> {
+  const r = await env.pool.query<{ pid: number }>(
+    `SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+      WHERE l.locktype = 'advisory' AND l.classid = $1::bigint::oid AND l.granted AND d.datname = current_database()`,
+    [RELAY_LOCK_CLASS],
+  );
+  return r.rows.map((x) => x.pid);
+}
+
+/** Stops a relay, failing (not hanging) when that takes over `ms`. */
+async function stopWithin(relay: OutboxRelay, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`relay.stop() took over ${ms} ms`)), ms);
+  });
+  try {
+    await Promise.race([relay.stop(), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+describe('the relay\'s lock session', () => {
+  test('a lock session that stops answering is given up at once, and the partitions are taken again on a new one', async () => {
+    const errors: string[] = [];
+    const relay = new OutboxRelay({
+      pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      lockSessionTimeoutMs: 300,
+      onError: (e) => errors.push(String(e)),
+    });
+    relay.start();
+    let stopped: number | null = null;
+    try {
+      await waitFor('every partition held', () => Promise.resolve(relay.stats().partitionsHeld.length === env.store.partitions));
+      const [holder, ...others] = await lockHolders();
+      assert.ok(holder !== undefined && others.length === 0, 'one session holds the locks');
+      // The server stalls that session: it neither answers nor lets its locks go (a dead
+      // network path behaves the same for the relay: no answer, and no error either).
+      process.kill(holder, 'SIGSTOP');
+      stopped = holder;
+      await waitFor('the relay to give the partitions up', () => Promise.resolve(relay.stats().partitionsHeld.length === 0), 5000);
+      assert.ok(errors.some((e) => /timeout/i.test(e)), `the unanswered check was reported: ${errors.join('; ')}`);
+      // While the stalled session keeps its locks, no partition is taken again.
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      assert.deepEqual(relay.stats().partitionsHeld, [], 'nothing is published while the old session may still hold the locks');
+      process.kill(holder, 'SIGCONT');
+      stopped = null;
+      await waitFor('every partition held again', () => Promise.resolve(relay.stats().partitionsHeld.length === env.store.partitions));
+      const now = await lockHolders();
+      assert.equal(now.length, 1);
+      assert.notEqual(now[0], holder, 'taken on a new session');
+      const before = relay.stats().published;
+      await inTx(env.pool, (c) => env.store.append(c, { type: 'lock-stall', id: 's-1' }, [{ type: 'E', data: {} }], { expectedVersion: 'no_stream' }));
+      await waitFor('the relay to publish again', () => Promise.resolve(relay.stats().published > before));
+    } finally {
+      if (stopped !== null) process.kill(stopped, 'SIGCONT');
+      await stopWithin(relay, 3000);
+    }
+  });
+
+  test('a lost lock session gives its connection back, so losing it again and again never exhausts the pool', async () => {
+    const pool = new pg.Pool({ connectionString: env.db.url, max: 3 });
+    pool.on('error', () => {});
+    const errors: string[] = [];
+    const relay = new OutboxRelay({
+      pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+      onError: (e) => errors.push(String(e)),
+    });
+    relay.start();
+    try {
+      await waitFor('every partition held', () => Promise.resolve(relay.stats().partitionsHeld.length === env.store.partitions));
+      for (let loss = 1; loss <= 4; loss += 1) {
+        const [holder] = await lockHolders();
+        assert.ok(holder !== undefined);
+        await env.pool.query('SELECT pg_terminate_backend($1)', [holder]);
+        await waitFor(`the locks taken again after loss ${loss}`, async () => {
+          const now = await lockHolders();
+          return now.length === 1 && now[0] !== holder && relay.stats().partitionsHeld.length === env.store.partitions;
+        });
+      }
+      const before = relay.stats().published;
+      await inTx(env.pool, (c) => env.store.append(c, { type: 'lock-loss', id: 's-1' }, [{ type: 'E', data: {} }], { expectedVersion: 'no_stream' }));
+      await waitFor('the relay to publish after four losses', () => Promise.resolve(relay.stats().published > before));
+      assert.ok(pool.totalCount <= 3 && pool.waitingCount === 0, `the pool is not exhausted (total ${pool.totalCount}, waiting ${pool.waitingCount})`);
+    } finally {
+      await stopWithin(relay, 3000);
+      await pool.end();
     }
   });
 });
