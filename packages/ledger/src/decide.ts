@@ -242,6 +242,11 @@ function postOrVoid(ctx: Context, undo: Undo[], t: NewTransfer, flags: number, t
   }
   const dr = mustGetAccount(ctx, p.debitAccountId);
   const cr = mustGetAccount(ctx, p.creditAccountId);
+  // As in TigerBeetle, the only movement allowed in a closed account is voiding a pending
+  // transfer. So a closing transfer itself can never be posted: only voided (which reopens
+  // the account) or expired.
+  if (post && has(dr.flags, AccountFlag.closed)) return reject('debit_account_already_closed');
+  if (post && has(cr.flags, AccountFlag.closed)) return reject('credit_account_already_closed');
   if (post && dr.debitsPosted + amount > AMOUNT_MAX) return reject('overflows_debits_posted');
   if (post && cr.creditsPosted + amount > AMOUNT_MAX) return reject('overflows_credits_posted');
 
@@ -434,8 +439,12 @@ export function decideBatch(state: BatchState, segments: NewTransfer[][], firstT
         for (let k = i; k <= end; k += 1) {
           const id = (segment[k] as NewTransfer).id;
           if (k === failedAt) {
-            const r = record(outcomes[k - i] as Outcome);
-            out[k] = { id, result: r.result, timestamp: r.timestamp, amount: null };
+            const outcome = outcomes[k - i] as Outcome;
+            const r = record(outcome);
+            // An original that the undo took out of the state was created by this chain and
+            // never stored: there is no timestamp to report for it.
+            const undone = outcome.original !== undefined && state.transfers.get(outcome.original.id) !== outcome.original;
+            out[k] = { id, result: r.result, timestamp: undone ? null : r.timestamp, amount: null };
           } else {
             out[k] = { id, result: 'linked_event_failed', timestamp: null, amount: null };
           }

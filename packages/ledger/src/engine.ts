@@ -53,7 +53,10 @@ import { assertAccountShape, assertTransferShape, ID_INT_MAX, ID_ZERO, LedgerInp
  */
 export class LedgerUnavailableError extends Error {
   override readonly name = 'LedgerUnavailableError';
-  /** True when the connection was lost during COMMIT: the batch may or may not have applied. */
+  /**
+   * True when the connection was lost during COMMIT in any attempt of the batch: it may or may
+   * not have applied, whatever the later attempts met.
+   */
   readonly outcomeUnknown: boolean;
   constructor(message: string, options: { cause?: unknown; outcomeUnknown?: boolean } = {}) {
     super(message, { cause: options.cause });
@@ -131,6 +134,11 @@ function isTransient(error: unknown): boolean {
   // first; the retry reads it and answers exists. A lock not available: the same, on a lock.
   const code = (error as { code?: unknown }).code;
   if (code === '23505' || code === '55P03') return true;
+  // A cancelled statement (pg_cancel_backend, or the batch's own statement_timeout) and a
+  // server short of resources (class 53: memory, disk, connections) say nothing about the
+  // batch. The error is reported in a session that goes on, so the transaction did not commit
+  // (mayHaveCommitted); another attempt may well succeed.
+  if (code === '57014' || (typeof code === 'string' && code.startsWith('53'))) return true;
   // A batch whose transaction id is older than a stream's last writer would reorder that
   // stream; the retry runs in a newer transaction.
   return error instanceof RetryBatch || error instanceof StreamOrderConflictError;
@@ -347,9 +355,16 @@ export class LedgerEngine {
     this.#schedule();
   }
 
-  async #runBatch(calls: QueuedCall[]): Promise<void> {
+  /**
+   * Runs a batch, retrying it whole on transient errors. `appliedMaybe` is true when an
+   * earlier attempt of these calls (before a split) may have committed.
+   */
+  async #runBatch(calls: QueuedCall[], appliedMaybe = false): Promise<void> {
     const segments = calls.map((c) => c.transfers);
     let lastError: unknown;
+    // Sticky across attempts: once one attempt may have committed, a later attempt that fails
+    // before committing proves nothing about it, so the outcome stays unknown.
+    let outcomeUnknown = appliedMaybe;
     for (let attempt = 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
       this.#stats.batchAttempts += 1;
       try {
@@ -360,13 +375,16 @@ export class LedgerEngine {
         return;
       } catch (error) {
         lastError = error;
-        if (!isTransient(error)) {
+        if ((error as { duringCommit?: boolean }).duringCommit === true) outcomeUnknown = true;
+        // A connection the pool could not give (#connect wraps it) is the database's weather
+        // too: the README promises batchAttemptsMax attempts for it.
+        if (!isTransient(error) && !(error instanceof LedgerUnavailableError)) {
           // Not the database's weather but something in this batch. Split it, so that a
           // poisoned call fails alone and its neighbours still get their results.
           if (calls.length > 1) {
             const half = Math.ceil(calls.length / 2);
-            await this.#runBatch(calls.slice(0, half));
-            await this.#runBatch(calls.slice(half));
+            await this.#runBatch(calls.slice(0, half), outcomeUnknown);
+            await this.#runBatch(calls.slice(half), outcomeUnknown);
             return;
           }
           break;
@@ -375,15 +393,15 @@ export class LedgerEngine {
         await sleep(Math.random() * capMs);
       }
     }
-    const outcomeUnknown = (lastError as { duringCommit?: boolean } | undefined)?.duringCommit === true;
-    const failure = isTransient(lastError)
-      ? new LedgerUnavailableError(
-          outcomeUnknown
-            ? 'the ledger lost its database connection while committing; retry with the same ids'
-            : 'the ledger could not reach its database; nothing was applied; retry with the same ids',
-          { cause: lastError, outcomeUnknown },
-        )
-      : lastError;
+    // A call that may have committed must hear so whatever failed last, or its client may
+    // take "failed" for "nothing happened". Otherwise a transient failure means nothing was
+    // decided; any other error is this call's own, and is passed on as it is.
+    const cause = lastError instanceof LedgerUnavailableError ? lastError.cause : lastError;
+    const failure = outcomeUnknown
+      ? new LedgerUnavailableError('the ledger lost its database connection while committing; the batch may have been applied; retry with the same ids', { cause, outcomeUnknown })
+      : isTransient(lastError) || lastError instanceof LedgerUnavailableError
+        ? new LedgerUnavailableError('the ledger could not reach its database; nothing was applied; retry with the same ids', { cause })
+        : lastError;
     for (const call of calls) call.reject(failure);
   }
 

@@ -157,6 +157,8 @@ export const TRANSFER_RESULT_CODES = [
   'debit_account_not_found',
   'credit_account_not_found',
   'ledger_mismatch',
+  // Also for a post (never a void), after pending_transfer_expired: only a void may move money
+  // in a closed account, so a closing transfer is never posted.
   'debit_account_already_closed',
   'credit_account_already_closed',
   'overflows_debits_pending',

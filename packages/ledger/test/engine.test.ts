@@ -94,6 +94,26 @@ async function sleepingBackend(queryLike = '%'): Promise<number> {
   }
 }
 
+/**
+ * Cancels (pg_cancel_backend) each statement of the test database that sleeps in pg_sleep,
+ * until `call` settles; returns how many it cancelled. Polls; ends with the call, whatever it does.
+ */
+async function cancelSleepersUntil(call: Promise<unknown>): Promise<number> {
+  let settled = false;
+  void call.then(() => (settled = true), () => (settled = true));
+  // A cancelled backend may still show as sleeping for a moment: count each one once (an
+  // attempt that fails discards its connection, so the next attempt has another backend).
+  const cancelled = new Set<number>();
+  while (!settled) {
+    const r = await t.pool.query<{ pid: number; cancelled: boolean }>(
+      "SELECT pid, pg_cancel_backend(pid) AS cancelled FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'",
+    );
+    for (const row of r.rows) if (row.cancelled) cancelled.add(row.pid);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  return cancelled.size;
+}
+
 /** Nine one-transfer calls from a to b, coalesced into batches; the fifth carries `metadata`. */
 function nineCallsFifthMarked(a: string, b: string, metadata: Record<string, string>): Promise<PromiseSettledResult<unknown>[]> {
   return Promise.allSettled(Array.from({ length: 9 }, (_, i) => engine.createTransfers([transfer(a, b, 1n, i === 4 ? { metadata } : {})])));
@@ -420,6 +440,34 @@ describe('linked chains', () => {
     assert.equal((await engine.getTransfer(p.id))?.pendingStatus, 'posted');
     assert.deepEqual(await balances(a), [0n, 9n, 0n, 0n]);
   });
+
+  test('a member that reuses the id of an earlier member of its failed chain reports no timestamp: that member was never stored', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const stored = transfer(a, b, 1n);
+    const [original] = await engine.createTransfers([stored]);
+    // Given a chain whose second member reuses the first one's id with other fields,
+    const first = transfer(a, b, 5n, { flags: { linked: true } });
+    const [r1, r2] = await engine.createTransfers([first, { ...first, amount: 6n, flags: {} }]);
+    // then the chain fails on it, and neither reports a timestamp: the first was rolled back.
+    assert.deepEqual([r1?.result, r1?.timestamp], ['linked_event_failed', null]);
+    assert.deepEqual([r2?.result, r2?.timestamp], ['exists_with_different_flags', null]);
+    assert.equal(await engine.getTransfer(first.id), null);
+    // A clash with a transfer that is stored, before the batch or earlier in it outside the
+    // chain, still reports the stored transfer's timestamp.
+    const before = transfer(a, b, 2n);
+    const out = await engine.createTransfers([
+      before,
+      transfer(a, b, 3n, { flags: { linked: true } }),
+      { ...stored, amount: 9n },
+      transfer(a, b, 4n, { flags: { linked: true } }),
+      { ...before, amount: 8n },
+    ]);
+    assert.deepEqual(out.map((r) => r.result), ['ok', 'linked_event_failed', 'exists_with_different_amount', 'linked_event_failed', 'exists_with_different_amount']);
+    assert.equal(out[2]?.timestamp, original?.timestamp);
+    assert.equal(out[4]?.timestamp, out[0]?.timestamp);
+    assert.notEqual(out[0]?.timestamp, null);
+    assert.deepEqual(await balances(a), [0n, 1n + 2n, 0n, 0n]);
+  });
 });
 
 describe('two-phase transfers', () => {
@@ -567,6 +615,35 @@ describe('two-phase transfers', () => {
     clock.advanceSeconds(2);
     assert.equal(await engine.expirePendingTransfers(), 1);
     assert.equal((await engine.getAccount(b))?.flags.closed, undefined);
+  });
+
+  test('a closed account takes no post, only voids: the closing transfer itself is never posted', async () => {
+    const [x, y, z, w] = (await accounts(undefined, undefined, undefined, undefined)) as [string, string, string, string];
+    // Given pending transfers out of x and into x, one that expires, and then a closing
+    // transfer that closes x,
+    const out = transfer(x, y, 40n, { flags: { pending: true } });
+    const into = transfer(w, x, 10n, { flags: { pending: true } });
+    const expiring = transfer(x, y, 7n, { flags: { pending: true }, timeoutSeconds: 1 });
+    const closing = transfer(x, z, 1n, { flags: { pending: true, closingDebit: true } });
+    assert.deepEqual(await results([out, into, expiring, closing]), ['ok', 'ok', 'ok', 'ok']);
+    clock.advanceSeconds(2);
+    const post = (p: NewTransfer, extra: Partial<NewTransfer> = {}): NewTransfer => ({ id: newId(), pendingId: p.id, flags: { postPendingTransfer: true }, ...extra });
+    const voids = (p: NewTransfer): NewTransfer => ({ id: newId(), pendingId: p.id, flags: { voidPendingTransfer: true } });
+    // then posting any of them is refused on the closed side, after the pending transfer's
+    // own checks (amount, expiry), and moves nothing;
+    const refused = post(out);
+    assert.deepEqual(
+      await results([post(out, { amount: 41n }), post(expiring), refused, post(into), post(closing)]),
+      ['exceeds_pending_transfer_amount', 'pending_transfer_expired', 'debit_account_already_closed', 'credit_account_already_closed', 'debit_account_already_closed'],
+    );
+    assert.deepEqual(await balances(x), [41n, 0n, 10n, 0n]);
+    assert.equal((await engine.getAccount(x))?.flags.closed, true);
+    // a void is allowed, and voiding the closing transfer reopens x;
+    assert.deepEqual(await results([voids(out), voids(closing)]), ['ok', 'ok']);
+    assert.equal((await engine.getAccount(x))?.flags.closed, undefined);
+    // then the pending transfer into x posts, while the refused post's id stays failed.
+    assert.deepEqual(await results([post(into), refused]), ['ok', 'debit_account_already_closed']);
+    assert.deepEqual(await balances(x), [0n, 0n, 0n, 10n]);
   });
 });
 
@@ -859,11 +936,119 @@ describe('batching and limits', () => {
       const error = await offline.createTransfers([transfer(newId(), newId(), 1n)]).catch((e: unknown) => e);
       assert.ok(error instanceof LedgerUnavailableError);
       assert.equal(error.outcomeUnknown, false);
+      assert.match(error.message, /nothing was applied/);
+      // A refused connection is the database's weather: the batch is tried batchAttemptsMax times.
+      assert.equal(offline.stats().batchAttempts, 2);
+      assert.equal((error.cause as { code?: string }).code, 'ECONNREFUSED');
       await assert.rejects(offline.createAccounts([{ id: newId(), ledger: 'USD', code: 1 }]), LedgerUnavailableError);
       await assert.rejects(offline.getAccount(newId()), LedgerUnavailableError);
     } finally {
       await offline.close();
       await dead.end();
+    }
+  });
+
+  for (const later of ['refuse a connection', 'lose the connection before COMMIT'] as const) {
+    test(`a batch that may have committed in one attempt says so when later attempts ${later}`, async () => {
+      // Given an engine whose pool loses the reply to the first batch's commit round trip (the
+      // server commits), after which every attempt fails before it can commit,
+      const pool = new pg.Pool({ connectionString: t.db.url, max: 2 });
+      pool.on('error', () => {});
+      const checkout = pool.connect.bind(pool) as () => Promise<pg.PoolClient>;
+      let lostCommit = false;
+      Object.assign(pool, {
+        connect: async () => {
+          if (lostCommit && later === 'refuse a connection') {
+            throw Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' });
+          }
+          const client = await checkout();
+          const query = client.query.bind(client) as (...args: unknown[]) => Promise<unknown>;
+          Object.assign(client, {
+            query: async (...args: unknown[]) => {
+              const text = typeof args[0] === 'string' ? args[0] : '';
+              if (lostCommit && text.includes('reserve_timestamps')) throw new Error('Connection terminated unexpectedly');
+              if (!lostCommit && text.startsWith('WITH acc AS') && text.endsWith('COMMIT')) {
+                await query(...args);
+                lostCommit = true;
+                throw new Error('Connection terminated unexpectedly');
+              }
+              return query(...args);
+            },
+          });
+          return client;
+        },
+      });
+      const flaky = new LedgerEngine({ pool, clock: clock.now, events: t.events, batchAttemptsMax: 3 });
+      try {
+        const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+        const tr = transfer(a, b, 7n);
+        const error = await flaky.createTransfers([tr]).catch((e: unknown) => e);
+        // then every attempt is made, and the call hears that the outcome is unknown: the
+        // transfer did commit, in the first attempt.
+        assert.ok(error instanceof LedgerUnavailableError, String(error));
+        assert.equal(flaky.stats().batchAttempts, 3);
+        assert.equal(error.outcomeUnknown, true);
+        assert.doesNotMatch(error.message, /nothing was applied/);
+        assert.match(error.message, /may have been applied/);
+        assert.equal((await engine.getTransfer(tr.id))?.result, 'ok');
+        // A retry with the same id is safe: it finds the transfer.
+        assert.deepEqual(await results([tr]), ['exists']);
+        assert.deepEqual(await balances(a), [0n, 7n, 0n, 0n]);
+      } finally {
+        await flaky.close();
+        await pool.end();
+      }
+    });
+  }
+
+  test('a cancelled statement and a server short of resources are retried, then a LedgerUnavailableError, never a raw database error', async () => {
+    await t.pool.query('CREATE SEQUENCE ledger.test_slow_once');
+    const body = `BEGIN
+        IF NEW.metadata->>'slow' = 'always' OR (NEW.metadata->>'slow' = 'once' AND nextval('ledger.test_slow_once') = 1) THEN
+          PERFORM pg_sleep(30);
+        END IF;
+        IF NEW.metadata ? 'starved' THEN RAISE EXCEPTION 'out of memory' USING ERRCODE = '53200'; END IF;
+        RETURN NEW;
+      END`;
+    try {
+      await withTransfersTrigger('slow', 'BEFORE INSERT', body, async () => {
+        const twice = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events, batchAttemptsMax: 2 });
+        try {
+          const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+          // Given a batch whose write is cancelled once (pg_cancel_backend, as a statement
+          // timeout would), then it commits on the next attempt.
+          const once = twice.createTransfers([transfer(a, b, 1n, { metadata: { slow: 'once' } })]).catch((e: unknown) => e);
+          assert.equal(await cancelSleepersUntil(once), 1);
+          const settled = await once;
+          assert.ok(Array.isArray(settled), `a decided result, not ${String(settled)}`);
+          assert.deepEqual(settled.map((r: { result: string }) => r.result), ['ok']);
+          assert.equal(twice.stats().batchAttempts, 2);
+
+          // Given a batch whose write is cancelled in every attempt, then the call is told
+          // that nothing was applied, and nothing was.
+          const always = transfer(a, b, 2n, { metadata: { slow: 'always' } });
+          const cancelled = twice.createTransfers([always]).catch((e: unknown) => e);
+          assert.equal(await cancelSleepersUntil(cancelled), 2);
+          const error = await cancelled;
+          assert.ok(error instanceof LedgerUnavailableError, String(error));
+          assert.equal(error.outcomeUnknown, false);
+          assert.match(error.message, /nothing was applied/);
+          assert.equal((error.cause as { code?: string }).code, '57014');
+          assert.equal(await engine.getTransfer(always.id), null);
+
+          // Given a server that runs out of memory for the batch in every attempt, the same.
+          const starved = await twice.createTransfers([transfer(a, b, 4n, { metadata: { starved: 'yes' } })]).catch((e: unknown) => e);
+          assert.ok(starved instanceof LedgerUnavailableError, String(starved));
+          assert.equal(starved.outcomeUnknown, false);
+          assert.equal((starved.cause as { code?: string }).code, '53200');
+          assert.equal(twice.stats().batchAttempts, 2 + 2 + 2);
+          assert.deepEqual(await balances(a), [0n, 1n, 0n, 0n]);
+        } finally {
+          await twice.close();
+        }
+      });
+    } finally {
+      await t.pool.query('DROP SEQUENCE ledger.test_slow_once');
     }
   });
 });

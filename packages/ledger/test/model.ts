@@ -219,6 +219,9 @@ export class LedgerModel {
       }
       const dr = this.accounts.get(p.debit as string) as ModelAccount;
       const cr = this.accounts.get(p.credit as string) as ModelAccount;
+      // Only a void may move money in a closed account: a closing transfer is never posted.
+      if (post && dr.closed) return fail('debit_account_already_closed');
+      if (post && cr.closed) return fail('credit_account_already_closed');
       if (post && dr.dpo + amount > MAX) return fail('overflows_debits_posted');
       if (post && cr.cpo + amount > MAX) return fail('overflows_credits_posted');
       dr.dp -= p.amount;
@@ -327,8 +330,15 @@ export class LedgerModel {
         // Expiry is a consequence of time, not of the chain: it stays.
         for (const p of expired) this.#expire(this.transfers.get(p.req.id)!);
         for (let k = i; k <= end; k += 1) {
-          if (k === failed) out.push(this.#record(list[k]!, chain[k - i]!, ts(k)));
-          else out.push({ result: 'linked_event_failed', timestamp: null, amount: null });
+          if (k === failed) {
+            const r = chain[k - i]!;
+            // A clash with an earlier member of this chain: that member was rolled back with
+            // the chain, so there is no original timestamp to report.
+            const clashUndone = r.result.startsWith('exists_with_different_') && !this.transfers.has(list[k]!.id);
+            out.push(this.#record(list[k]!, clashUndone ? { ...r, timestamp: null } : r, ts(k)));
+          } else {
+            out.push({ result: 'linked_event_failed', timestamp: null, amount: null });
+          }
         }
       }
       i = end + 1;
