@@ -211,8 +211,9 @@ const SearchQuery = Type.Object(
     record_class: Type.Optional(Text),
     from: Type.Optional(Type.String({ format: 'date-time', description: 'Inclusive.' })),
     to: Type.Optional(Type.String({ format: 'date-time', description: 'Exclusive.' })),
-    limit: Type.Integer({ minimum: 1, maximum: SEARCH_LIMIT_MAX, default: 100 }),
-    order: Type.Enum(['asc', 'desc'], { default: 'desc' }),
+    // Optional for the client (the OpenAPI document says so); the default fills them in.
+    limit: Type.Optional(Type.Integer({ minimum: 1, maximum: SEARCH_LIMIT_MAX, default: 100 })),
+    order: Type.Optional(Type.Enum(['asc', 'desc'], { default: 'desc' })),
     after: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'The next_cursor of the previous page.' })),
   },
   { additionalProperties: false },

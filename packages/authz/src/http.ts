@@ -10,7 +10,7 @@
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
+import { BEARER_SECURITY_SCHEME, documentRoute, problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
 import type { AuditOrigin } from '@ledgerline/audit';
 import type { Authorizer } from './authorizer.ts';
 import type { Permission, Principal, ResourceAttributes } from './policy.ts';
@@ -49,7 +49,11 @@ export interface HttpAuth {
   needsOwners(request: FastifyRequest): boolean;
 }
 
-const BEARER = /^Bearer ([A-Za-z0-9._~+/-]+=*)$/;
+/**
+ * `Bearer <token68>`. The scheme is case-insensitive (RFC 7235 §2.1, RFC 6750 §2.1), so
+ * `bearer` and `BEARER` are the same scheme; one or more spaces may separate it from the token.
+ */
+const BEARER = /^Bearer +([A-Za-z0-9._~+/-]+=*)$/i;
 /** Audit fields are bounded (the durable trail refuses text over 500 characters); a URL is not. */
 const AUDITED_PATH_CHARS_MAX = 200;
 
@@ -68,6 +72,8 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     if (route.url.startsWith(prefix) && permission === undefined) {
       throw new Error(`${String(route.method)} ${route.url}: a protected route must declare config.permission`);
     }
+    // Every route with a permission answers 401 without a token: the OpenAPI document says so.
+    if (permission !== undefined) documentRoute(route, { security: [{ [BEARER_SECURITY_SCHEME]: [] }] });
   });
 
   app.addHook('onRequest', async (request, reply) => {

@@ -60,4 +60,35 @@ describe('installHttpAuth', () => {
     assert.equal(entry.resource.id.length, 200);
     checkEntry(entry);
   });
+
+  test('the scheme is case-insensitive (RFC 7235 §2.1): bearer and BEARER carry a token as Bearer does', async () => {
+    const { app, audit, auth } = await build();
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, (request) => {
+      auth.authorize(request, { type: 'account', id: '1' });
+      return { ok: true };
+    });
+    for (const header of ['Bearer good', 'bearer good', 'BEARER good', 'bEaReR good', 'Bearer  good']) {
+      const response = await app.inject({ method: 'GET', url: '/v1/checked', headers: { authorization: header } });
+      assert.equal(response.statusCode, 200, `${header}: ${response.body}`);
+    }
+    // A scheme that is not Bearer, or no token, is still no bearer token.
+    for (const header of ['Basic good', 'Bearergood', 'Bearer', 'good']) {
+      const response = await app.inject({ method: 'GET', url: '/v1/checked', headers: { authorization: header } });
+      assert.equal(response.statusCode, 401, header);
+      assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+      assert.match(response.json<{ detail: string }>().detail, /no bearer token/, header);
+      assert.equal(response.headers['www-authenticate'], 'Bearer');
+    }
+    assert.equal(audit.entries.filter((e) => e.outcome === 'success').length, 5);
+  });
+
+  test('the OpenAPI document says which routes need a bearer token', async () => {
+    const { app } = await build();
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, () => ({ ok: true }));
+    app.get('/internal/open', { schema: { response: Ok } }, () => ({ ok: true }));
+    const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, { get: { security?: unknown } }>; components: { securitySchemes: Record<string, { scheme: string }> } }>();
+    assert.deepEqual(doc.paths['/v1/checked']?.get.security, [{ bearerAuth: [] }]);
+    assert.equal(doc.paths['/internal/open']?.get.security, undefined);
+    assert.equal(doc.components.securitySchemes.bearerAuth?.scheme, 'bearer');
+  });
 });

@@ -21,6 +21,7 @@ import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
 import { PROBLEM_TYPES } from './problem-handlers.ts';
 import { requestSlot } from './request-slot.ts';
+import { documentRoute } from './route-docs.ts';
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -55,6 +56,16 @@ export const IDEMPOTENCY_PROBLEM_TYPES = {
 
 /** Printable ASCII, 1..255 characters, as Stripe allows (UUIDs are the usual choice). */
 const IDEMPOTENCY_KEY_PATTERN = /^[\x20-\x7E]{1,255}$/;
+
+/** The header as the OpenAPI document describes it on every route that honours it. */
+const IdempotencyKeyHeaderSchema = Type.String({
+  minLength: 1,
+  maxLength: 255,
+  pattern: '^[\\x20-\\x7E]+$',
+  description:
+    'Makes a retry safe: the first response to a key is stored and replayed (with Idempotent-Replayed: true) to a retry of the same request; ' +
+    'the same key with a different request is 422, and a retry while the first still runs is 409 with Retry-After. A UUID is a good key.',
+});
 /** What the default `clientId` accepts from the `x-client-id` header. */
 const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
 /** What any `clientId` function may return: it is stored and must fit the column's CHECK. */
@@ -345,6 +356,14 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
   assertInteger('retryAfterSeconds', retryAfterSeconds, 0, 3600);
 
   const claims = requestSlot<Claim>(app, 'ledgerline.idempotency.claim');
+
+  // The plugin reads the header itself, so no route schema names it: document it on every
+  // route that honours it, by the same rule as enabledFor (route-docs.ts).
+  app.addHook('onRoute', (route) => {
+    const routeMethods = Array.isArray(route.method) ? route.method : [route.method];
+    const honours = route.config?.idempotent ?? routeMethods.some((method) => methods.has(method));
+    if (honours) documentRoute(route, { headers: { [IDEMPOTENCY_KEY_HEADER]: { schema: IdempotencyKeyHeaderSchema, required } } });
+  });
 
   // Concurrent requests claim their keys, and store their responses, one statement per batch
   // (see Coalescer): a keyed request costs two statements of its own otherwise, each a round

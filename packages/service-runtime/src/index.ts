@@ -29,7 +29,11 @@ export {
   ValidationIssueSchema,
 } from './problem.ts';
 export type { Problem, ProblemInit, ValidationIssue } from './problem.ts';
-export { PROBLEM_TYPES, REQUEST_ID_HEADER, type ProblemAnswer } from './problem-handlers.ts';
+export { BodyRefusedError, DATABASE_RETRY_AFTER_SECONDS, databaseUnreachable, PROBLEM_TYPES, REQUEST_ID_HEADER, type ProblemAnswer } from './problem-handlers.ts';
+export { findDuplicateMember } from './json-body.ts';
+export type { DuplicateMember } from './json-body.ts';
+export { BEARER_SECURITY_SCHEME, documentRoute } from './route-docs.ts';
+export type { DocumentedHeader, RouteDocumentation } from './route-docs.ts';
 export { guardPool } from './pg-pool.ts';
 export { postgresReadinessCheck, READINESS_TIMEOUT_MS_DEFAULT } from './readiness.ts';
 export type { CheckOutcome, ReadinessCheck } from './readiness.ts';

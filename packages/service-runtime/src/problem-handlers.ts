@@ -1,7 +1,9 @@
 /**
  * Every error response, whatever its origin, leaves as problem+json through `sendProblem`.
  */
-import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import type { Socket } from 'node:net';
+import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { transientDatabaseError } from '@ledgerline/events';
 import {
   HttpProblem,
   PROBLEM_CONTENT_TYPE,
@@ -29,7 +31,11 @@ export const PROBLEM_TYPES = {
   validationError: problemType('validation-error'),
   malformedJson: problemType('malformed-json'),
   notReady: problemType('not-ready'),
+  databaseUnavailable: problemType('database-unavailable'),
 } as const;
+
+/** Seconds a client should wait before retrying after a 503 database-unavailable. */
+export const DATABASE_RETRY_AFTER_SECONDS = 1;
 
 export interface ProblemAnswer {
   status: number;
@@ -37,12 +43,34 @@ export interface ProblemAnswer {
   title: string;
   detail: string;
   extensions?: Readonly<Record<string, unknown>>;
+  /** Response headers that belong to the answer, e.g. Retry-After on a 503. */
+  headers?: Readonly<Record<string, string>>;
+}
+
+/**
+ * A request body refused before any handler ran, with the problem to answer: a content-type
+ * parser passes it to `done` (invalid UTF-8, a duplicate member name, a repeated form
+ * parameter). Unlike an `HttpProblem` a handler throws, it is a client error the runtime
+ * answers itself, so a route's `clientProblemExtensions` apply to it.
+ */
+export class BodyRefusedError extends Error {
+  readonly answer: ProblemAnswer;
+
+  constructor(answer: ProblemAnswer) {
+    super(answer.detail);
+    if (!Number.isInteger(answer.status) || answer.status < 400 || answer.status > 499) {
+      throw new RangeError(`a refused body is a client error (4xx), got ${answer.status}`);
+    }
+    this.name = 'BodyRefusedError';
+    this.answer = answer;
+  }
 }
 
 export function sendProblem(request: FastifyRequest, reply: FastifyReply, answer: ProblemAnswer): FastifyReply {
-  const { status, type, title, detail, extensions } = answer;
+  const { status, type, title, detail, extensions, headers } = answer;
   // Set here as well as in onRequest: framework errors (a bad URL) are answered before hooks run.
   reply.header(REQUEST_ID_HEADER, request.id);
+  for (const [name, value] of Object.entries(headers ?? {})) reply.header(name, value);
   // No prototype, so that any member name is just a name (even `__proto__`).
   const members = Object.assign(Object.create(null) as Record<string, unknown>, { type, title, status, detail, instance: request.url, request_id: request.id });
   // Extensions add members; they never replace the standard ones.
@@ -89,11 +117,35 @@ export function errorHandler(error: FastifyError, request: FastifyRequest, reply
   sendProblem(request, reply, { ...answer, extensions: { ...extra, ...answer.extensions } });
 }
 
+/** How far down a chain of `cause`s a database failure is looked for. */
+const CAUSE_DEPTH_MAX = 4;
+
+/**
+ * Whether an error a handler let through is its database failing rather than a bug: the same
+ * test the ledger engine applies before it answers "unavailable, retry" (`transientDatabaseError`:
+ * a connection refused, reset or lost, SQLSTATE class 08 or 57P, too many connections, a
+ * serialization failure or deadlock), plus any error PostgreSQL raised at FATAL or PANIC
+ * severity, which ends the session (a database that refuses connections, 55000, or is gone,
+ * 3D000, raises FATAL at connect). Errors that carry an HTTP status (a client that aborted its
+ * request has ECONNRESET too) are the HTTP layer's, not the database's.
+ */
+export function databaseUnreachable(error: unknown): boolean {
+  let e: unknown = error;
+  for (let depth = 0; typeof e === 'object' && e !== null && depth < CAUSE_DEPTH_MAX; depth += 1) {
+    const { statusCode, severity } = e as { statusCode?: unknown; severity?: unknown };
+    if (typeof statusCode === 'number') return false;
+    if (transientDatabaseError(e) || severity === 'FATAL' || severity === 'PANIC') return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer {
   if (error instanceof HttpProblem) {
     if (error.status >= 500) request.log.warn({ err: error }, 'answered with a server problem');
     return error;
   }
+  if (error instanceof BodyRefusedError) return error.answer;
   // Handlers can throw anything, so Fastify's fields are read without trusting the static type.
   const { validation, validationContext, code, statusCode, message }: Partial<FastifyError> =
     typeof error === 'object' && error !== null ? error : {};
@@ -120,6 +172,18 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
       return plainStatus(statusCode, message);
     }
   }
+  // Every service's handlers reach PostgreSQL; one that is down or restarting is not a bug, and
+  // the client may retry, as the ledger's own 503 says. Logged, without the details in the answer.
+  if (databaseUnreachable(error)) {
+    request.log.warn({ err: error }, 'database unavailable');
+    return {
+      status: 503,
+      type: PROBLEM_TYPES.databaseUnavailable,
+      title: 'Database unavailable',
+      detail: 'The service could not reach its database. Retry after the Retry-After delay.',
+      headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
+    };
+  }
   // Anything else is our bug: log everything, tell the client nothing but how to report it.
   request.log.error({ err: error }, 'unhandled error');
   return plainStatus(500, 'An unexpected error occurred. Quote the request_id when reporting it.');
@@ -139,4 +203,55 @@ export function notFoundHandler(request: FastifyRequest, reply: FastifyReply): v
   }
   reply.header('allow', allowed.join(', '));
   sendProblem(request, reply, plainStatus(405, `${request.method} is not allowed here; use ${allowed.join(', ')}.`));
+}
+
+/** How long a connection refused by Node's HTTP parser may stay half-closed before it is destroyed. */
+const CLIENT_ERROR_LINGER_MS = 1000;
+
+/** What Node's HTTP parser refused, in words a client can act on; by the parser's error code. */
+const CLIENT_ERROR_DETAILS: Readonly<Record<string, string>> = {
+  HPE_HEADER_OVERFLOW: 'The request line and headers exceed the server\'s limit.',
+  HPE_INVALID_METHOD: 'The request line is malformed: the method is not a valid token.',
+  HPE_INVALID_URL: 'The request line is malformed: the request target is not valid.',
+  HPE_INVALID_VERSION: 'The request line is malformed: the HTTP version is not valid.',
+  HPE_INVALID_CONSTANT: 'The request is not valid HTTP/1.1.',
+  HPE_INVALID_HEADER_TOKEN: 'A header name or value contains a character HTTP does not allow.',
+  HPE_INVALID_CONTENT_LENGTH: 'Content-Length is malformed.',
+  HPE_UNEXPECTED_CONTENT_LENGTH: 'Content-Length is repeated, or sent with Transfer-Encoding.',
+  HPE_INVALID_TRANSFER_ENCODING: 'Transfer-Encoding is not valid.',
+  HPE_INVALID_CHUNK_SIZE: 'A chunk size of the chunked body is not valid.',
+  HPE_CR_EXPECTED: 'A line of the request does not end with CRLF.',
+  HPE_LF_EXPECTED: 'A line of the request does not end with CRLF.',
+  ERR_HTTP_REQUEST_TIMEOUT: 'The request was not received in time.',
+};
+
+/**
+ * Fastify's `clientErrorHandler`: requests Node's HTTP parser refuses (headers too large, a
+ * malformed request line, a repeated Content-Length, a bad chunk size, a control character in
+ * a header) never become requests, so no hook or error handler sees them; Fastify's default
+ * answers them with its own JSON. This answers with problem+json like every other error, then
+ * closes the connection: after a parse error the rest of the stream cannot be framed.
+ */
+export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error & { code?: string }, socket: Socket) => void {
+  return (error, socket) => {
+    // A reset connection is gone: there is nobody to answer.
+    if (error.code === 'ECONNRESET' || socket.destroyed) return;
+    log.debug({ err: error }, 'client error refused by the HTTP parser');
+    const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+    // As Node itself does: raw bytes go out only when no response of this connection has begun,
+    // or they would corrupt it. (`_httpMessage` is the socket's response in progress.)
+    const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage;
+    if (socket.writable && (inFlight === undefined || inFlight === null || inFlight.headersSent !== true)) {
+      const title = statusTitle(status);
+      const detail = CLIENT_ERROR_DETAILS[error.code ?? ''] ?? 'The request is not valid HTTP/1.1.';
+      const body = JSON.stringify({ type: 'about:blank', title, status, detail });
+      // end(), not write() then destroy(): the response is flushed and the connection half-closed,
+      // so the client reads the answer rather than a reset.
+      socket.end(`HTTP/1.1 ${status} ${title}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+      // A client that never closes its side would keep the socket: a bound, as on everything.
+      setTimeout(() => socket.destroy(), CLIENT_ERROR_LINGER_MS).unref();
+      return;
+    }
+    socket.destroy();
+  };
 }

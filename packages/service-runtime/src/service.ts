@@ -17,14 +17,17 @@ import type {
 import { pino } from 'pino';
 import { Type } from 'typebox';
 import type { BaseConfig } from './config.ts';
+import { installJsonBodyParser } from './json-body.ts';
 import { ProblemResponse } from './problem.ts';
 import {
+  createClientErrorHandler,
   errorHandler,
   notFoundHandler,
   PROBLEM_TYPES,
   REQUEST_ID_HEADER,
   sendProblem,
 } from './problem-handlers.ts';
+import { BEARER_SECURITY_SCHEME, BEARER_SECURITY_SCHEME_OBJECT, documentedSchema } from './route-docs.ts';
 import { runReadinessChecks } from './readiness.ts';
 import type { ReadinessCheck } from './readiness.ts';
 import { validatorCompiler } from './validation.ts';
@@ -93,10 +96,19 @@ export async function createService(options: ServiceOptions): Promise<Service> {
       return typeof incoming === 'string' && REQUEST_ID_PATTERN.test(incoming) ? incoming : randomUUID();
     },
     frameworkErrors: errorHandler,
+    // What Node's HTTP parser refuses (headers too large, a malformed request line) is
+    // problem+json too, not Fastify's own JSON.
+    clientErrorHandler: createClientErrorHandler(loggerInstance),
   }).withTypeProvider<TypeBoxTypeProvider>();
 
   app.setValidatorCompiler(validatorCompiler);
   app.setErrorHandler(errorHandler);
+  // UTF-8 only, and no member named twice in one object (json-body.ts).
+  installJsonBodyParser(app);
+  // Fastify parses text/plain bodies by default, so JSON sent as text/plain would fail
+  // validation with a puzzling "body must be object". These APIs speak JSON (and a service adds
+  // a form parser where a protocol needs one): anything else is 415.
+  app.removeContentTypeParser('text/plain');
 
   app.addHook('onRequest', (request, reply, done) => {
     reply.header(REQUEST_ID_HEADER, request.id);
@@ -129,7 +141,11 @@ export async function createService(options: ServiceOptions): Promise<Service> {
     openapi: {
       openapi: '3.1.0',
       info: { title: openapi.title, version: openapi.version, description: openapi.description },
+      // Declared for every service; the routes that need a token say so (route-docs.ts).
+      components: { securitySchemes: { [BEARER_SECURITY_SCHEME]: BEARER_SECURITY_SCHEME_OBJECT } },
     },
+    // Adds what plugins recorded for a route (route-docs.ts): Idempotency-Key, bearer security.
+    transform: ({ schema, url, route }) => ({ schema: documentedSchema(route, schema), url }),
   });
 
   const resilience = installResilience(app, openapi.title, options);

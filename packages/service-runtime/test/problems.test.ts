@@ -1,11 +1,16 @@
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
+import fc from 'fast-check';
+import pg from 'pg';
 import { pino } from 'pino';
 import { Type } from 'typebox';
+import { propertySeed } from '@ledgerline/testing';
 import {
   baseConfigSchema,
   createService,
+  findDuplicateMember,
   HttpProblem,
   loadConfig,
   problem,
@@ -27,6 +32,13 @@ const logStream = new Writable({
 });
 
 let app: Service;
+/** Bodies the /echo handler received: a refused body must never get there. */
+let echoed = 0;
+/** Nothing listens on port 1: connecting is refused at once. */
+const refusedPool = new pg.Pool({ host: '127.0.0.1', port: 1, user: 'postgres', database: 'none', connectionTimeoutMillis: 500 });
+/** The server is there, the database is not: PostgreSQL refuses the session with FATAL 3D000. */
+const missingDatabasePool = new pg.Pool({ host: '127.0.0.1', port: 5432, user: 'postgres', database: 'll_no_such_database', max: 1 });
+for (const pool of [refusedPool, missingDatabasePool]) pool.on('error', () => {});
 
 before(async () => {
   app = await createService({
@@ -87,6 +99,33 @@ before(async () => {
     },
     () => ({}),
   );
+  app.post('/echo', { schema: { body: Type.Unknown(), response: { 200: Type.Object({ body: Type.Unknown() }) } } }, (request) => {
+    echoed += 1;
+    return { body: request.body };
+  });
+  app.get(
+    '/records/:seq',
+    {
+      schema: {
+        params: Type.Object({ seq: Type.Integer({ minimum: 0 }) }),
+        querystring: Type.Object({ rate: Type.Optional(Type.Number()), exact: Type.Optional(Type.Boolean()), order: Type.Optional(Type.Enum(['asc', 'desc', 1])) }),
+        response: { 200: Type.Object({ seq: Type.Integer(), rate: Type.Optional(Type.Number()), exact: Type.Optional(Type.Boolean()), order: Type.Optional(Type.Union([Type.String(), Type.Integer()])) }) },
+      },
+    },
+    (request) => ({ seq: request.params.seq, ...request.query }),
+  );
+  app.get('/db/refused', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    await refusedPool.query('SELECT 1');
+    return {};
+  });
+  app.get('/db/missing', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    await missingDatabasePool.query('SELECT 1');
+    return {};
+  });
+  app.get('/client-gone', { schema: { response: { 200: Type.Object({}) } } }, () => {
+    // What Node raises when a client aborts mid-request: ECONNRESET, but with an HTTP status.
+    throw Object.assign(new Error('aborted'), { code: 'ECONNRESET', statusCode: 400 });
+  });
   app.get('/boom', { schema: { response: { 200: Type.Object({}) } } }, () => {
     throw new Error('connection string postgres://secret@db leaked');
   });
@@ -96,7 +135,11 @@ before(async () => {
   });
 });
 
-after(() => app.close());
+after(async () => {
+  await app.close();
+  await refusedPool.end();
+  await missingDatabasePool.end();
+});
 
 function assertProblem(
   response: Awaited<ReturnType<Service['inject']>>,
@@ -345,5 +388,272 @@ describe('HttpProblem', () => {
     } finally {
       await bare.close();
     }
+  });
+});
+
+const MALFORMED_JSON = 'https://ledgerline.dev/problems/malformed-json';
+
+function postJson(url: string, payload: string | Buffer) {
+  return app.inject({ method: 'POST', url, headers: { 'content-type': 'application/json' }, payload });
+}
+
+describe('JSON bodies: UTF-8, one name per member, no prototype poisoning', () => {
+  it('refuses a member named twice, naming it by its JSON Pointer, before any handler runs', async () => {
+    const before = echoed;
+    const cases: Array<[string, string]> = [
+      ['{"amountMinor":1,"currency":"EUR","amountMinor":7}', '/amountMinor'],
+      // The same name however it is spelled: an escape decodes to the same string.
+      ['{"currency":"EUR","\\u0063urrency":"USD"}', '/currency'],
+      ['{"list":[{"a":1},{"x/y":1,"b":2,"x/y":2}]}', '/list/1/x~1y'],
+      ['{"m":{"~":{"k":"v","k":"w"}}}', '/m/~0/k'],
+    ];
+    for (const [payload, path] of cases) {
+      const response = await postJson('/echo', payload);
+      const body = assertProblem(response, { status: 400, type: MALFORMED_JSON, title: 'Malformed JSON', instance: '/echo' });
+      assert.deepEqual(body.errors, [{ in: 'body', path, message: 'is a duplicate member name' }], payload);
+      assert.match(String(body.detail), /more than once/);
+    }
+    assert.equal(echoed, before, 'no handler saw a refused body');
+    // On a route with a schema too: the parser answers before validation.
+    const transfer = await postJson('/transfers', '{"amountMinor":"abc","currency":"EUR","amountMinor":7}');
+    assert.deepEqual(transfer.json<Record<string, unknown>>().errors, [{ in: 'body', path: '/amountMinor', message: 'is a duplicate member name' }]);
+    // And a route's clientProblemExtensions apply, as to any client error the runtime answers.
+    const token = await postJson('/token', '{"grant":"a","grant":"b"}');
+    assert.deepEqual([token.statusCode, token.json<Record<string, unknown>>().error], [400, 'invalid_request']);
+  });
+
+  it('accepts the same name in different objects, and every other JSON value as before', async () => {
+    const payload = { a: { id: 1 }, b: [{ id: 2 }, { id: 3, a: { id: 4 } }], id: 'top', text: 'é \u2028 \ud83d\ude00', n: null };
+    const response = await postJson('/echo', JSON.stringify(payload));
+    assert.equal(response.statusCode, 200, response.body);
+    assert.deepEqual(response.json(), { body: payload });
+    for (const scalar of ['1', '"x"', 'true', 'null', '[]', '{}', ' [1, [2, {"a": {}}]] ']) {
+      assert.equal((await postJson('/echo', scalar)).statusCode, 200, scalar);
+    }
+  });
+
+  it('refuses bytes that are not UTF-8 instead of storing U+FFFD', async () => {
+    const before = echoed;
+    const json = (bytes: number[]) => Buffer.concat([Buffer.from('{"note":"a'), Buffer.from(bytes), Buffer.from('b"}')]);
+    // A stray byte, a truncated sequence, an overlong '/', an encoded surrogate, beyond U+10FFFF.
+    for (const bytes of [[0xff], [0xc3], [0xc0, 0xaf], [0xed, 0xa0, 0x80], [0xf4, 0x90, 0x80, 0x80]]) {
+      const response = await postJson('/echo', json(bytes));
+      const body = assertProblem(response, { status: 400, type: MALFORMED_JSON, title: 'Malformed JSON', instance: '/echo' });
+      assert.equal(body.detail, 'The request body is not valid UTF-8.', bytes.join(' '));
+    }
+    assert.equal(echoed, before);
+    const valid = await postJson('/echo', json([0xc3, 0xa9, 0xf0, 0x9f, 0x98, 0x80]));
+    assert.deepEqual(valid.json(), { body: { note: 'aé😀b' } });
+    // A leading byte-order mark is ignored, as Fastify's own parser ignored it.
+    assert.deepEqual((await postJson('/echo', Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from('{"a":1}')]))).json(), { body: { a: 1 } });
+  });
+
+  it('still refuses __proto__ members and constructor.prototype, however they are spelled', async () => {
+    for (const payload of ['{"__proto__":{"admin":true}}', '{"a":[{"\\u005f_proto__":{}}]}', '{"constructor":{"prototype":{"admin":true}}}']) {
+      const response = await postJson('/echo', payload);
+      assertProblem(response, { status: 400, type: MALFORMED_JSON, title: 'Malformed JSON', instance: '/echo' });
+    }
+  });
+
+  it('answers text/plain, which is no longer parsed, with 415', async () => {
+    const response = await app.inject({ method: 'POST', url: '/echo', headers: { 'content-type': 'text/plain' }, payload: '{"a":1}' });
+    assertProblem(response, { status: 415, type: 'about:blank', title: 'Unsupported Media Type', instance: '/echo' });
+  });
+});
+
+/** RFC 6901: one reference token. */
+const token = (name: string) => `/${name.replaceAll('~', '~0').replaceAll('/', '~1')}`;
+type Json = null | boolean | number | string | Json[] | { [name: string]: Json };
+type Spelling = 'plain' | 'escaped';
+
+/** A string literal: as JSON.stringify writes it, or with every code unit as \uXXXX. */
+function stringLiteral(s: string, spelling: Spelling): string {
+  if (spelling === 'plain') return JSON.stringify(s);
+  let out = '"';
+  for (let i = 0; i < s.length; i += 1) out += `\\u${s.charCodeAt(i).toString(16).padStart(4, '0')}`;
+  return `${out}"`;
+}
+
+interface Injection {
+  target: object;
+  name: string;
+  value: Json;
+  /** 1 when the target already has the name, else 2. */
+  copies: number;
+  positions: readonly number[];
+  spelling: Spelling;
+}
+
+/** JSON text for `value`, member names spelled as asked, with `injection`'s members added to its target. */
+function serialize(value: Json, spelling: Spelling, injection?: Injection): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map((item) => serialize(item, spelling, injection)).join(', ')}]`;
+  const members = Object.entries(value).map(([name, member]) => `${stringLiteral(name, spelling)}: ${serialize(member, spelling, injection)}`);
+  if (injection?.target === value) {
+    for (let copy = 0; copy < injection.copies; copy += 1) {
+      const at = (injection.positions[copy] ?? 0) % (members.length + 1);
+      members.splice(at, 0, `${stringLiteral(injection.name, injection.spelling)}:${serialize(injection.value, spelling)}`);
+    }
+  }
+  return `{${members.join(', ')}}`;
+}
+
+/** Every object in `value` with its JSON Pointer. */
+function objectsOf(value: Json, pointer = ''): Array<{ node: { [name: string]: Json }; pointer: string }> {
+  if (value === null || typeof value !== 'object') return [];
+  if (Array.isArray(value)) return value.flatMap((item, index) => objectsOf(item, `${pointer}/${index}`));
+  return [{ node: value, pointer }, ...Object.entries(value).flatMap(([name, member]) => objectsOf(member, `${pointer}${token(name)}`))];
+}
+
+describe('findDuplicateMember (property tests)', () => {
+  // Names with escapes, quotes, backslashes, line separators and lone surrogates as well as plain ones.
+  const jsonValue = fc.oneof(fc.jsonValue({ maxDepth: 4, stringUnit: 'binary' }), fc.jsonValue({ maxDepth: 4, stringUnit: 'binary-ascii' })) as fc.Arbitrary<Json>;
+  const name = fc.oneof(fc.string({ unit: 'binary', maxLength: 8 }), fc.constantFrom('', '"', '\\', '\\"', 'a\\u0062', '~1/', '__proto__', '\u2028', '\ud800'));
+
+  it('never reports a duplicate in JSON without one, however it is spelled', () => {
+    fc.assert(
+      fc.property(jsonValue, fc.constantFrom<Spelling>('plain', 'escaped'), (value, spelling) => {
+        for (const text of [JSON.stringify(value), JSON.stringify(value, null, 2), serialize(value, spelling)]) {
+          assert.deepEqual(JSON.parse(text), JSON.parse(JSON.stringify(value)));
+          assert.equal(findDuplicateMember(text), undefined, text);
+        }
+      }),
+      { seed: propertySeed('findDuplicateMember: no false positives'), numRuns: 500 },
+    );
+  });
+
+  it('always finds an injected duplicate, in the object it was put in', () => {
+    fc.assert(
+      fc.property(
+        jsonValue,
+        fc.nat(),
+        fc.option(fc.nat(), { nil: undefined }),
+        name,
+        jsonValue,
+        fc.tuple(fc.nat(), fc.nat()),
+        fc.constantFrom<Spelling>('plain', 'escaped'),
+        fc.constantFrom<Spelling>('plain', 'escaped'),
+        (inner, which, existing, fresh, value, positions, spelling, injectedSpelling) => {
+          // Wrapped, so that there is always an object to put the duplicate in.
+          const root: Json = { v: inner };
+          const objects = objectsOf(root);
+          const { node, pointer } = objects[which % objects.length]!;
+          const names = Object.keys(node);
+          const duplicated = existing !== undefined && names.length > 0 ? names[existing % names.length]! : fresh;
+          const copies = Object.hasOwn(node, duplicated) ? 1 : 2;
+          const text = serialize(root, spelling, { target: node, name: duplicated, value, copies, positions, spelling: injectedSpelling });
+          JSON.parse(text); // still JSON
+          assert.deepEqual(findDuplicateMember(text), { objectPointer: pointer, name: duplicated, pointer: `${pointer}${token(duplicated)}` }, text);
+        },
+      ),
+      { seed: propertySeed('findDuplicateMember: injected duplicates'), numRuns: 500 },
+    );
+  });
+});
+
+describe('text in the querystring and the path: only exact spellings are converted', () => {
+  it('converts an integer, a number and a boolean spelled exactly', async () => {
+    const ok = await app.inject({ method: 'GET', url: '/records/12?rate=-1.5e2&exact=false&order=1' });
+    assert.equal(ok.statusCode, 200, ok.body);
+    assert.deepEqual(ok.json(), { seq: 12, rate: -150, exact: false, order: 1 });
+    assert.deepEqual((await app.inject({ method: 'GET', url: '/records/9007199254740991?order=asc' })).json(), { seq: 9007199254740991, order: 'asc' });
+    const limit = await app.inject({ method: 'POST', url: '/transfers?limit=-3&dryRun=true', payload: { amountMinor: 1, currency: 'EUR' } });
+    assert.deepEqual(limit.json(), { amountMinor: 1, dryRun: true, limit: -3 });
+  });
+
+  it('leaves any other text as text, so that validation refuses it and names the field', async () => {
+    const cases: Array<[string, string, string, string]> = [
+      ...['1.9', 'true', '0x10', '1e2', '%2B5', '', '%205', '01', '-0', '1_000', '9007199254740992', 'Infinity'].map(
+        (limit): [string, string, string, string] => [`/transfers?limit=${limit}`, 'querystring', '/limit', 'must be integer'],
+      ),
+      ...['1', '0', 'TRUE', 'yes', ''].map((dryRun): [string, string, string, string] => [`/transfers?dryRun=${dryRun}`, 'querystring', '/dryRun', 'must be boolean']),
+      ['/records/1.5', 'params', '/seq', 'must be integer'],
+      ['/records/0x10', 'params', '/seq', 'must be integer'],
+      ['/records/1?rate=0x10', 'querystring', '/rate', 'must be number'],
+      ['/records/1?rate=%2B1', 'querystring', '/rate', 'must be number'],
+      ['/records/1?rate=1e999', 'querystring', '/rate', 'must be number'],
+      ['/records/1?rate=.5', 'querystring', '/rate', 'must be number'],
+    ];
+    for (const [url, part, path, message] of cases) {
+      const response = url.startsWith('/transfers')
+        ? await app.inject({ method: 'POST', url, payload: { amountMinor: 1, currency: 'EUR' } })
+        : await app.inject({ method: 'GET', url });
+      const body = assertProblem(response, { status: 400, type: 'https://ledgerline.dev/problems/validation-error', title: 'Validation failed', instance: url });
+      const issues = body.errors as Array<{ in: string; path: string; message: string }>;
+      assert.ok(issues.some((issue) => issue.in === part && issue.path === path && issue.message === message), `${url}: ${JSON.stringify(issues)}`);
+    }
+  });
+});
+
+describe('a database that cannot be reached', () => {
+  it('is a 503 with Retry-After, not a 500, whether the connection is refused or the server ends the session', async () => {
+    for (const url of ['/db/refused', '/db/missing']) {
+      logLines.length = 0;
+      const response = await app.inject({ method: 'GET', url });
+      const body = assertProblem(response, { status: 503, type: 'https://ledgerline.dev/problems/database-unavailable', title: 'Database unavailable', instance: url });
+      assert.equal(response.headers['retry-after'], '1', url);
+      assert.doesNotMatch(String(body.detail), /ECONNREFUSED|ll_no_such_database/, 'no internals in the answer');
+      assert.ok(!logLines.some((line) => line.msg === 'unhandled error'), 'not logged as a bug (it is a warning)');
+    }
+  });
+
+  it('leaves an error of the HTTP layer that carries ECONNRESET a 500', async () => {
+    const response = await app.inject({ method: 'GET', url: '/client-gone' });
+    assert.equal(response.statusCode, 500);
+  });
+});
+
+/** Raw bytes to the server; the answer as text once the server closes the connection. */
+function rawExchange(port: number, request: string): Promise<{ text: string; closed: boolean }> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ text: Buffer.concat(chunks).toString('latin1'), closed: false });
+    }, 5000);
+    socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+    socket.on('error', reject);
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve({ text: Buffer.concat(chunks).toString('latin1'), closed: true });
+    });
+    socket.write(request);
+  });
+}
+
+describe("requests Node's HTTP parser refuses", () => {
+  let port: number;
+  before(async () => {
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const address = app.server.address();
+    assert.ok(address !== null && typeof address === 'object');
+    port = address.port;
+  });
+
+  it('answer problem+json and close the connection', async () => {
+    const before = echoed;
+    const cases: Array<[string, string, number]> = [
+      ['headers over 16 KiB', `GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431],
+      ['a malformed request line', 'GARBAGE\r\n\r\n', 400],
+      ['two Content-Lengths', 'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}', 400],
+      ['a bad chunk size', 'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n', 400],
+      ['a control character in a header', 'GET /health HTTP/1.1\r\nHost: x\r\nIdempotency-Key: a\x01b\r\n\r\n', 400],
+    ];
+    for (const [what, request, status] of cases) {
+      const { text, closed } = await rawExchange(port, request);
+      assert.ok(closed, `${what}: the server closed the connection`);
+      const [head = '', body = ''] = text.split('\r\n\r\n');
+      assert.match(head, new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${text.slice(0, 200)}`);
+      assert.match(head, /\r\ncontent-type: application\/problem\+json\r\n/i, what);
+      assert.match(head, /\r\nconnection: close/i, what);
+      const problemBody = JSON.parse(body) as Record<string, unknown>;
+      assert.equal(problemBody.type, 'about:blank', what);
+      assert.equal(problemBody.status, status, what);
+      assert.equal(typeof problemBody.title, 'string', what);
+      assert.ok(typeof problemBody.detail === 'string' && problemBody.detail.length > 0, what);
+      assert.equal(Number(/\r\ncontent-length: (\d+)/i.exec(head)?.[1]), Buffer.byteLength(body), `${what}: the body is whole`);
+    }
+    assert.equal(echoed, before, 'nothing reached a handler');
   });
 });

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { Type, type TSchema } from 'typebox';
-import { declaresDefault, validatorCompiler } from '../src/validation.ts';
+import { declaresDefault, textConverter, validatorCompiler } from '../src/validation.ts';
 
 type Validate = (input: unknown) => { value?: unknown; error?: unknown };
 
@@ -36,4 +36,32 @@ test('a value outside an enum is one issue that names the choices', () => {
   assert.deepEqual(query({}).value, { order: 'desc' });
   const issues = query({ order: 'ASC' }).error as Array<{ instancePath: string; message: string }>;
   assert.deepEqual(issues.map((i) => [i.instancePath, i.message]), [['/order', 'must be one of "asc", "desc"']]);
+});
+
+test('text converts only where it spells exactly one value of the type; anything else stays text', () => {
+  const convert = textConverter(Type.Object({
+    n: Type.Integer(),
+    x: Type.Number(),
+    b: Type.Boolean(),
+    s: Type.String(),
+    ids: Type.Array(Type.Integer()),
+    either: Type.Union([Type.Integer(), Type.Literal('all')]),
+    size: Type.Enum([10, 20]),
+  }));
+  assert.deepEqual(
+    convert({ n: '-12', x: '2.5e-3', b: 'true', s: '7', ids: ['1', '2'], either: '3', size: '20' }),
+    { n: -12, x: 0.0025, b: true, s: '7', ids: [1, 2], either: 3, size: 20 },
+  );
+  const loose = { n: '1.9', x: '0x10', b: '1', s: 'x', ids: ['1e2', '+5'], either: 'none', size: '10.0' };
+  assert.deepEqual(convert(loose), loose, 'refused readings are left as sent, for validation to name');
+  assert.deepEqual(convert({ ids: '4', either: 'all' }), { ids: [4], either: 'all' }, 'a lone value is one item');
+  const sent = { s: 'x' };
+  assert.equal(convert(sent), sent, 'nothing to convert: the same object');
+  assert.equal(textConverter(Type.Object({ id: Type.String() }))(sent), sent);
+  // The whole validator: the querystring's text, refused with the schema's own message.
+  const query = compile(Type.Object({ limit: Type.Integer({ minimum: 1 }) }), 'querystring');
+  for (const limit of ['1.9', 'true', '0x10', '1e2', '+5', ' 5', '', '9007199254740993']) {
+    const issues = query({ limit }).error as Array<{ instancePath: string; message: string }>;
+    assert.deepEqual(issues.map((i) => [i.instancePath, i.message]), [['/limit', 'must be integer']], limit);
+  }
 });

@@ -9,13 +9,18 @@ import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
-import { createService, postgresReadinessCheck, problem, problemType, ProblemResponse, type HttpProblem, type ProblemAnswer, type Service } from '@ledgerline/service-runtime';
+import { BodyRefusedError, createService, postgresReadinessCheck, PROBLEM_TYPES, problem, problemType, ProblemResponse, type HttpProblem, type ProblemAnswer, type Service } from '@ledgerline/service-runtime';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
 /** The audience of tokens for this service's own routes. */
 export const IDENTITY_AUDIENCE = 'identity';
 /** The audit action of every token request. */
 export const TOKEN_ACTION = 'identity.token';
+/**
+ * The largest request body by default: a token request is a few hundred bytes, and a client
+ * assertion at most 4 KiB. BODY_LIMIT_BYTES changes it.
+ */
+export const IDENTITY_BODY_LIMIT_BYTES_DEFAULT = 65_536;
 
 export interface IdentityServiceOptions {
   identity: Identity;
@@ -26,6 +31,8 @@ export interface IdentityServiceOptions {
   /** Milliseconds since the epoch, for token checks and policy decisions. */
   clock?: () => number;
   logLevel?: string;
+  /** The largest request body, form or JSON (IDENTITY_BODY_LIMIT_BYTES_DEFAULT unless given). */
+  bodyLimitBytes?: number;
   logger?: false | FastifyBaseLogger;
 }
 
@@ -68,6 +75,53 @@ function oauthClientError(_answer: ProblemAnswer, request: FastifyRequest): Read
   return { error: typeof grant === 'string' && !GRANT_TYPES.has(grant) ? 'unsupported_grant_type' : 'invalid_request' };
 }
 
+/** A form body refused before the handler ran: 400 naming the parameter (the route adds OAuth2's `invalid_request`). */
+function formRefused(name: string, message: string, detail: string): BodyRefusedError {
+  const path = `/${name.replaceAll('~', '~0').replaceAll('/', '~1')}`;
+  return new BodyRefusedError({ status: 400, type: PROBLEM_TYPES.validationError, title: 'Validation failed', detail, extensions: { errors: [{ in: 'body', path, message }] } });
+}
+
+/** Fatal: a form's bytes that are not UTF-8 are refused, not turned into U+FFFD. */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+
+/**
+ * An application/x-www-form-urlencoded body as its parameters. Stricter than URLSearchParams,
+ * which keeps the last of a repeated parameter and turns what does not decode into U+FFFD:
+ * RFC 6749 §3.2 says parameters "MUST NOT be included more than once" (a repeated grant_type or
+ * audience would be a guess at which one the client meant), and a parameter whose bytes or
+ * percent-encoding are not UTF-8 is not the text the client meant either.
+ */
+export function parseForm(body: Buffer): Record<string, string> {
+  let text: string;
+  try {
+    text = UTF8.decode(body);
+  } catch {
+    throw new BodyRefusedError({ status: 400, type: PROBLEM_TYPES.validationError, title: 'Validation failed', detail: 'The request body is not valid UTF-8.' });
+  }
+  const params = new Map<string, string>();
+  for (const pair of text.split('&')) {
+    if (pair === '') continue;
+    const equals = pair.indexOf('=');
+    const rawName = equals === -1 ? pair : pair.slice(0, equals);
+    const rawValue = equals === -1 ? '' : pair.slice(equals + 1);
+    let name: string;
+    let value: string;
+    try {
+      name = decodeURIComponent(rawName.replaceAll('+', ' '));
+    } catch {
+      throw formRefused(rawName, 'is not valid percent-encoded UTF-8', 'A parameter name in the request body is not valid percent-encoded UTF-8.');
+    }
+    try {
+      value = decodeURIComponent(rawValue.replaceAll('+', ' '));
+    } catch {
+      throw formRefused(name, 'is not valid percent-encoded UTF-8', `The value of ${name} is not valid percent-encoded UTF-8.`);
+    }
+    if (params.has(name)) throw formRefused(name, 'must not be repeated', `The request body repeats ${name}; each parameter may appear once (RFC 6749 §3.2).`);
+    params.set(name, value);
+  }
+  return Object.fromEntries(params);
+}
+
 function missing(grant: string, fields: string): HttpProblem {
   return identityProblem(new IdentityError('invalid_request', `grant_type ${grant} needs ${fields}`));
 }
@@ -76,14 +130,22 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   const { identity, pool, issuer } = options;
   const clock = options.clock ?? Date.now;
   const app = await createService({
-    config: { LOG_LEVEL: (options.logLevel ?? 'info') as 'info', BODY_LIMIT_BYTES: 65_536 },
+    config: { LOG_LEVEL: (options.logLevel ?? 'info') as 'info', BODY_LIMIT_BYTES: options.bodyLimitBytes ?? IDENTITY_BODY_LIMIT_BYTES_DEFAULT },
     openapi: { title: 'Ledgerline identity', version: '0.1.0', description: 'Users, two-factor authentication, service clients and tokens. Errors are RFC 9457 problem+json with an OAuth2 `error` member.' },
     readinessChecks: [postgresReadinessCheck(pool)],
     ...(options.logger === undefined ? {} : { logger: options.logger }),
   });
   // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
-  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string', bodyLimit: 65_536 }, (_request, body, done) => {
-    done(null, Object.fromEntries(new URLSearchParams(body as string)));
+  // The body limit is the service's (BODY_LIMIT_BYTES).
+  app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'buffer' }, (_request, body, done) => {
+    let params: Record<string, string>;
+    try {
+      params = parseForm(body as Buffer);
+    } catch (error) {
+      done(error as Error, undefined);
+      return;
+    }
+    done(null, params);
   });
 
   // This service verifies its own tokens against the keys it publishes, read fresh each time:
@@ -95,10 +157,17 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     service: 'identity',
   });
 
-  const problems = { 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 409: ProblemResponse, 415: ProblemResponse };
+  // Each route documents the answers it can give. Every POST can get the runtime's own before
+  // its handler runs: 400 (a body that is malformed or fails the schema), 413 (over
+  // BODY_LIMIT_BYTES), 415 (neither JSON nor, where accepted, a form); and any route that reads
+  // the database 503 with Retry-After when it cannot be reached.
+  const bodyProblems = { 400: ProblemResponse, 413: ProblemResponse, 415: ProblemResponse, 503: ProblemResponse };
+  const guarded = { 401: ProblemResponse, 403: ProblemResponse };
+  // The OAuth2 endpoints take a form (RFC 6749 §3.2) or JSON.
+  const oauthBody = ['application/x-www-form-urlencoded', 'application/json'];
   const noStore = { 'cache-control': 'no-store' };
 
-  app.get('/.well-known/jwks.json', { schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut } } }, async (_request, reply) => {
+  app.get('/.well-known/jwks.json', { schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut, 503: ProblemResponse } } }, async (_request, reply) => {
     // Verifiers cache the set; a minute keeps a rotation visible soon after it happens.
     reply.header('cache-control', 'public, max-age=60');
     return identity.jwks();
@@ -108,7 +177,14 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     '/oauth/token',
     {
       config: { clientProblemExtensions: oauthClientError },
-      schema: { summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials', tags: ['tokens'], body: TokenBody, response: { 200: TokenOut, ...problems } },
+      schema: {
+        summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials',
+        description: '400 for a refused grant or request (OAuth2 `error`: invalid_request, invalid_grant, invalid_target, unsupported_grant_type), 401 for client authentication that failed (invalid_client) or a missing second factor (mfa_required).',
+        tags: ['tokens'],
+        consumes: oauthBody,
+        body: TokenBody,
+        response: { 200: TokenOut, ...bodyProblems, 401: ProblemResponse },
+      },
     },
     async (request, reply): Promise<TokenResponse> => {
       reply.headers(noStore);
@@ -156,14 +232,14 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     },
   );
 
-  app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], body: RevokeBody, response: { 200: { type: 'null' }, 400: ProblemResponse } } }, async (request, reply) => {
+  app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], consumes: oauthBody, body: RevokeBody, response: { 200: { type: 'null' }, ...bodyProblems } } }, async (request, reply) => {
     await identity.revoke(request.body.token);
     return reply.code(200).send(null);
   });
 
   app.post(
     '/v1/users',
-    { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...problems } } },
+    { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
       auth.authorize(request, { type: 'user', id: request.body.username });
       const { id } = await answer(identity.createUser(request.body));
@@ -173,7 +249,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
 
   app.post(
     '/v1/me/totp',
-    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Start two-factor enrolment: returns the TOTP secret once', tags: ['users'], response: { 200: TotpEnrolOut, ...problems } } },
+    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Start two-factor enrolment: returns the TOTP secret once', tags: ['users'], response: { 200: TotpEnrolOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
@@ -183,7 +259,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
 
   app.post(
     '/v1/me/totp/confirm',
-    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Finish enrolment with a code; returns recovery codes once', tags: ['users'], body: TotpConfirmBody, response: { 200: TotpConfirmOut, ...problems } } },
+    { config: { permission: PERMISSIONS.selfManage }, schema: { summary: 'Finish enrolment with a code; returns recovery codes once', tags: ['users'], body: TotpConfirmBody, response: { 200: TotpConfirmOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
@@ -194,7 +270,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
 
   app.post(
     '/v1/keys/rotate',
-    { config: { permission: PERMISSIONS.keyRotate }, schema: { summary: 'Rotate the signing key: the new key is published now and signs from active_from; the old one stays published until its tokens expire', tags: ['tokens'], response: { 200: KeyOut, ...problems } } },
+    { config: { permission: PERMISSIONS.keyRotate }, schema: { summary: 'Rotate the signing key: the new key is published now and signs from active_from; the old one stays published until its tokens expire', tags: ['tokens'], response: { 200: KeyOut, ...bodyProblems, ...guarded } } },
     async (request) => {
       auth.authorize(request, { type: 'signing-key', id: 'current' });
       const { kid, activeFrom } = await identity.rotateKeys();

@@ -27,6 +27,9 @@ export const identityConfigSchema = Type.Object({
   AUDIT_SEQUENCER_NICE: auditConfigSchema.properties.AUDIT_SEQUENCER_NICE,
   AUDIT_CHECKPOINT_INTERVAL_MS: auditConfigSchema.properties.AUDIT_CHECKPOINT_INTERVAL_MS,
   PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
+  // Token requests are small: the base default (1 MiB) would only let a client make the
+  // service buffer more. Kept equal to IDENTITY_BODY_LIMIT_BYTES_DEFAULT (app.ts).
+  BODY_LIMIT_BYTES: Type.Integer({ minimum: 1024, maximum: 64 * 1024 * 1024, default: 65_536 }),
   IDENTITY_ISSUER: Type.String({ pattern: '^https?://', default: 'http://127.0.0.1:3001' }),
   IDENTITY_USER_AUDIENCES: Type.String({ pattern: LIST, default: 'ledger,identity' }),
   // 32 random bytes (base64url) that encrypt the private signing keys at rest; required in

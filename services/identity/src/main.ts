@@ -100,6 +100,7 @@ const app = await buildIdentityService({
   pool,
   issuer: config.IDENTITY_ISSUER,
   audit: audit ?? new LogAuditSink(logger),
+  bodyLimitBytes: config.BODY_LIMIT_BYTES,
   logger,
 });
 exportSequencerRestarts(app.metrics, sequencer);

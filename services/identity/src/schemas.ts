@@ -52,7 +52,8 @@ export const JwksOut = Type.Object({
 export const NewUserBody = Type.Object(
   {
     username: Type.String({ pattern: '^[a-z0-9._@-]{3,64}$' }),
-    password: Type.String({ minLength: 12, maxLength: 256 }),
+    // As TokenBody's password: one with a NUL or a lone surrogate could be stored but never typed at login.
+    password: Type.String({ minLength: 12, maxLength: 256, pattern: STORABLE_TEXT_PATTERN }),
     roles: Type.Array(Type.String({ pattern: '^[a-z][a-z0-9_:-]{0,63}$' }), { maxItems: 32 }),
     tenant: Type.Optional(Text(64)),
   },

@@ -12,8 +12,8 @@ import { MemoryAuditSink } from '@ledgerline/audit';
 import { ROLES } from '@ledgerline/authz';
 import { createTokenVerifier, Identity, KEY_PUBLISH_LEAD_MS, migrateIdentity, newSigningKey, remoteKeys, totpCode } from '@ledgerline/identity';
 import { loadConfig, type Service } from '@ledgerline/service-runtime';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
-import { buildIdentityService } from '../src/app.ts';
+import { ADMIN_DATABASE_URL, createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { buildIdentityService, IDENTITY_BODY_LIMIT_BYTES_DEFAULT, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
 import { identityConfigSchema } from '../src/config.ts';
 
@@ -246,5 +246,169 @@ describe('administrative routes and two-factor enrolment', () => {
     assert.equal((await verifyLate(afterRotation.access_token)).kind, 'user');
     assert.equal((await verifyLate(before.access_token)).kind, 'user');
     assert.equal((await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json<{ keys: unknown[] }>().keys.length, 2);
+  });
+});
+
+/** Rows that a refused request must leave as they were. */
+async function identityRows(): Promise<string> {
+  const r = await pool.query<{ n: string }>(
+    "SELECT (SELECT count(*) FROM identity.users) || '/' || (SELECT count(*) FROM identity.refresh_tokens) || '/' || (SELECT count(*) FROM identity.clients) AS n",
+  );
+  return r.rows[0]?.n ?? '';
+}
+
+function assertValidationProblem(response: Awaited<ReturnType<Service['inject']>>, path: string, message: string): void {
+  assert.equal(response.statusCode, 400, response.body);
+  assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+  const body = response.json<Problem & { errors?: Array<{ in: string; path: string; message: string }> }>();
+  assert.deepEqual(body.errors, [{ in: 'body', path, message }]);
+}
+
+describe('bad input to the token endpoint and the user routes', () => {
+  test('a repeated form parameter is 400 invalid_request naming it (RFC 6749 §3.2), and nothing is issued', async () => {
+    const before = audit.entries.length;
+    const rows = await identityRows();
+    const base = 'grant_type=client_credentials&client_id=payments&client_secret=payments-secret-1&audience=ledger';
+    for (const [payload, name] of [
+      [`${base}&grant_type=client_credentials`, 'grant_type'],
+      [`grant_type=password&${base}`, 'grant_type'],
+      [`${base}&audience=identity`, 'audience'],
+      [`${base}&audience=ledger`, 'audience'],
+      [`${base}&client_secret=other`, 'client_secret'],
+    ] as const) {
+      const response = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload });
+      assertValidationProblem(response, `/${name}`, 'must not be repeated');
+      assert.equal(response.json<Problem>().error, 'invalid_request', payload);
+      assert.equal(response.headers['cache-control'], undefined, 'no token, nothing to keep from caches');
+    }
+    const revoke = await app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: 'token=a.b&token=c.d' });
+    assertValidationProblem(revoke, '/token', 'must not be repeated');
+    assert.equal(audit.entries.length, before, 'no handler ran: no token request was even attempted');
+    assert.equal(await identityRows(), rows);
+    // Percent-encoding that does not decode to UTF-8 is refused too, rather than read as U+FFFD.
+    const undecodable = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: base.replace('payments-secret-1', '%E0%A4%A') });
+    assertValidationProblem(undecodable, '/client_secret', 'is not valid percent-encoded UTF-8');
+    // The same form, each parameter once, is a token.
+    assert.equal((await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: base })).statusCode, 200);
+  });
+
+  test('text/plain is 415 (unsupported media type), not a puzzling "body must be object"', async () => {
+    const response = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'text/plain' }, payload: 'grant_type=client_credentials' });
+    assert.equal(response.statusCode, 415, response.body);
+    assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+    assert.equal(response.json<Problem>().error, 'invalid_request');
+  });
+
+  test('a password with a NUL or a lone surrogate is refused at creation, naming the field, and no user is made', async () => {
+    const admin = await login('root');
+    for (const password of [`${PASSWORD}\u0000`, `${PASSWORD}\ud800`, `\udc00${PASSWORD}`]) {
+      const username = uniqueUsername('unstorable');
+      const rows = await identityRows();
+      const response = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username, password, roles: [ROLES.teller] } });
+      assert.equal(response.statusCode, 400, response.body);
+      assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+      assert.ok(response.json<{ errors: Array<{ path: string }> }>().errors.some((e) => e.path === '/password'), response.body);
+      assert.equal(await identityRows(), rows);
+    }
+  });
+
+  test('the body limit is 64 KiB by default and bodyLimitBytes changes it, for forms and JSON alike', async () => {
+    assert.equal(IDENTITY_BODY_LIMIT_BYTES_DEFAULT, 65_536);
+    const oversized = `grant_type=client_credentials&scope=${'a'.repeat(IDENTITY_BODY_LIMIT_BYTES_DEFAULT)}`;
+    const big = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: oversized });
+    assert.equal(big.statusCode, 413);
+    assert.match(big.json<{ detail: string }>().detail, /limit of 65536 bytes/);
+    const small = await buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false, bodyLimitBytes: 2048 });
+    try {
+      const form = await small.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: `grant_type=client_credentials&scope=${'a'.repeat(3000)}` });
+      assert.equal(form.statusCode, 413);
+      assert.match(form.json<{ detail: string }>().detail, /limit of 2048 bytes/);
+      const json = await small.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'client_credentials', scope: 'a'.repeat(3000) } });
+      assert.equal(json.statusCode, 413);
+    } finally {
+      await small.close();
+    }
+  });
+});
+
+describe('the database out of reach', () => {
+  test('token requests, revocation and the JWKS answer 503 with Retry-After, not 500, whether connections are refused or the database refuses them', async () => {
+    // Nothing listens on port 1; and a real database that refuses connections (the reviewer's case:
+    // ALLOW_CONNECTIONS false makes PostgreSQL end each new session with FATAL 55000).
+    const closed = await createTestDatabase('ll_identity_closed');
+    await migrateIdentity(closed.url);
+    const admin = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
+    await admin.connect();
+    await admin.query(`ALTER DATABASE ${closed.name} ALLOW_CONNECTIONS false`);
+    // Well-formed, so that refreshing and revoking reach the database.
+    const { refresh_token: refreshToken } = await login('root', 'ledger');
+    const pools = [
+      new pg.Pool({ host: '127.0.0.1', port: 1, user: 'postgres', database: 'none', connectionTimeoutMillis: 500 }),
+      new pg.Pool({ connectionString: closed.url, max: 2 }),
+    ];
+    try {
+      for (const deadPool of pools) {
+        deadPool.on('error', () => {});
+        const offline = new Identity({ pool: deadPool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => now });
+        const service = await buildIdentityService({ identity: offline, pool: deadPool, issuer: ISSUER, audit, clock: () => now, logger: false });
+        try {
+          const requests: InjectOptions[] = [
+            form({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'payments-secret-1', audience: 'ledger' }),
+            form({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' }),
+            form({ grant_type: 'refresh_token', refresh_token: refreshToken }),
+            { method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: `token=${refreshToken}` },
+            { method: 'GET', url: '/.well-known/jwks.json' },
+          ];
+          for (const request of requests) {
+            const response = await service.inject(request);
+            assert.equal(response.statusCode, 503, `${String(request.method)} ${JSON.stringify(request.url)}: ${response.body}`);
+            assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+            assert.equal(response.json<Problem>().type, 'https://ledgerline.dev/problems/database-unavailable');
+            assert.equal(response.headers['retry-after'], '1');
+          }
+          // Each attempt is still an authentication event in the trail, failed for an error.
+          assert.deepEqual(audit.entries.slice(-3).map((e) => [e.action, e.outcome, e.reason]), Array.from({ length: 3 }, () => [TOKEN_ACTION, 'failure', 'error']));
+        } finally {
+          await service.close();
+        }
+      }
+    } finally {
+      for (const deadPool of pools) await deadPool.end();
+      await admin.query(`ALTER DATABASE ${closed.name} ALLOW_CONNECTIONS true`);
+      await admin.end();
+      await closed.drop();
+    }
+  });
+});
+
+describe('the OpenAPI document', () => {
+  interface Operation {
+    requestBody?: { content: Record<string, unknown> };
+    responses: Record<string, { content?: Record<string, unknown> }>;
+    security?: unknown;
+  }
+
+  test('each route documents the statuses it produces, and the token endpoints their form body', async () => {
+    const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, Record<string, Operation>> }>();
+    const statuses = (path: string, method: string) => Object.keys(doc.paths[path]?.[method]?.responses ?? {}).sort();
+    assert.deepEqual(statuses('/oauth/token', 'post'), ['200', '400', '401', '413', '415', '503']);
+    assert.deepEqual(statuses('/oauth/revoke', 'post'), ['200', '400', '413', '415', '503']);
+    assert.deepEqual(statuses('/v1/users', 'post'), ['201', '400', '401', '403', '409', '413', '415', '503']);
+    assert.deepEqual(statuses('/v1/me/totp', 'post'), ['200', '400', '401', '403', '409', '413', '415', '503']);
+    assert.deepEqual(statuses('/v1/me/totp/confirm', 'post'), ['200', '400', '401', '403', '409', '413', '415', '503']);
+    assert.deepEqual(statuses('/v1/keys/rotate', 'post'), ['200', '400', '401', '403', '413', '415', '503']);
+    assert.deepEqual(statuses('/.well-known/jwks.json', 'get'), ['200', '503']);
+    for (const path of ['/oauth/token', '/oauth/revoke']) {
+      assert.deepEqual(Object.keys(doc.paths[path]?.post?.requestBody?.content ?? {}).sort(), ['application/json', 'application/x-www-form-urlencoded'], path);
+      assert.equal(doc.paths[path]?.post?.security, undefined, `${path} takes client credentials in the body, not a bearer token`);
+    }
+    assert.deepEqual(doc.paths['/v1/users']?.post?.security, [{ bearerAuth: [] }]);
+    for (const [path, methods] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(methods)) {
+        for (const [status, response] of Object.entries(operation.responses)) {
+          if (Number(status) >= 400) assert.ok(response.content?.['application/problem+json'] !== undefined, `${method} ${path} ${status} is problem+json`);
+        }
+      }
+    }
   });
 });

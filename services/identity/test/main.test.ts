@@ -218,6 +218,26 @@ test('its database connections cut under load: requests fail while they are, the
   assert.equal(code, 0, 'a clean stop, not a crash');
 });
 
+test('BODY_LIMIT_BYTES from the environment bounds every request body (64 KiB unless set)', async () => {
+  // A database of its own: the first test's signing key is sealed under a key this one does not have.
+  const own = await createTestDatabase('ll_identity_body_limit');
+  try {
+    const service = await startIdentity({ DATABASE_URL: own.url, BODY_LIMIT_BYTES: '2048', AUDIT_ENABLED: 'false' });
+    try {
+      const form = (scope: number) => new URLSearchParams({ grant_type: 'client_credentials', client_id: 'payments', client_secret: SECRET, audience: 'ledger', scope: 'a'.repeat(scope) }).toString();
+      const over = await fetch(`${service.base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: form(3000) });
+      assert.equal(over.status, 413);
+      assert.match(String(over.headers.get('content-type')), /^application\/problem\+json/);
+      assert.match(((await over.json()) as { detail: string }).detail, /limit of 2048 bytes/);
+      assert.equal((await clientToken(service.base)).status, 200);
+    } finally {
+      await service.stop();
+    }
+  } finally {
+    await own.drop();
+  }
+});
+
 test('in production the service refuses to start without a key-encryption key, or with a malformed one, naming the variable', () => {
   for (const [value, message] of [
     ['', /IDENTITY_KEY_ENCRYPTION_KEY is required in production/],

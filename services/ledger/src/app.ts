@@ -31,6 +31,8 @@ import {
   ProblemResponse,
   type Service,
   type ServiceOptions,
+  type ValidationIssue,
+  VALIDATION_ISSUES_MAX,
 } from '@ledgerline/service-runtime';
 import { PERMISSIONS } from '@ledgerline/authz';
 import { createLedgerGuard, OPEN_GUARD, type LedgerAuthOptions, type LedgerGuard } from './auth.ts';
@@ -106,7 +108,14 @@ const PROBLEMS = {
   idConflict: problemType('id-conflict'),
   notFound: problemType('not-found'),
   unavailable: problemType('ledger-unavailable'),
+  beforeAccount: problemType('before-account-created'),
 } as const;
+
+/**
+ * The fields a transfer needs unless it posts or voids a pending transfer, which takes the
+ * omitted ones from the pending transfer (NewTransferBody's description).
+ */
+const TRANSFER_FIELDS_REQUIRED = ['debit_account_id', 'credit_account_id', 'amount', 'ledger', 'code'] as const;
 
 /** Header values we copy into event metadata: printable, bounded. */
 const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,511}$/;
@@ -150,9 +159,6 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   // Authentication runs first (onRequest), so a request without a valid token never reaches
   // validation, idempotency or a handler; each handler then authorizes its resource.
   if (options.auth !== undefined) guard = createLedgerGuard(app, engine, options.auth);
-  // Fastify parses text/plain bodies by default, so JSON sent as text/plain would fail
-  // validation with a puzzling "body must be object". This API speaks JSON only: answer 415.
-  app.removeContentTypeParser('text/plain');
   // Every POST honours Idempotency-Key (replayed responses, 409 while in progress, 422 on reuse
   // for a different request). Re-running a request whose key was abandoned by a crash is safe:
   // the engine's transfer and account ids are idempotency keys of their own.
@@ -253,12 +259,35 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
 
   /** A 400 in the runtime's validation-error shape, for checks a schema cannot express. */
   function invalid(part: 'body' | 'querystring', path: string, message: string): HttpProblem {
+    return invalidAll(part, [{ in: part, path, message }]);
+  }
+
+  function invalidAll(part: 'body' | 'querystring', errors: readonly ValidationIssue[]): HttpProblem {
     return problem(400, {
       type: PROBLEMS.validation,
       title: 'Validation failed',
       detail: `The request ${part} does not match the schema.`,
-      errors: [{ in: part, path, message }],
+      errors: errors.slice(0, VALIDATION_ISSUES_MAX),
     });
+  }
+
+  /**
+   * A 400 naming each field a transfer lacks (TRANSFER_FIELDS_REQUIRED), for every transfer of
+   * a request at once. The schema cannot require them, since posting or voiding a pending
+   * transfer may omit them; without this check the engine would reject such a transfer as
+   * "debit account id must not be zero" (422), about a field the client never sent, and
+   * record the rejection under its id.
+   */
+  function checkRequiredFields(bodies: readonly NewTransferBody[], pathOf: (index: number) => string): void {
+    const errors: ValidationIssue[] = [];
+    bodies.forEach((body, index) => {
+      const f = body.flags ?? {};
+      if (f.post_pending_transfer === true || f.void_pending_transfer === true) return;
+      for (const field of TRANSFER_FIELDS_REQUIRED) {
+        if (body[field] === undefined) errors.push({ in: 'body', path: `${pathOf(index)}/${field}`, message: 'is required' });
+      }
+    });
+    if (errors.length > 0) throw invalidAll('body', errors);
   }
 
   /** A string of digits (already checked by the schema) as a bigint within PostgreSQL's bigint. */
@@ -489,15 +518,33 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
         tags: ['accounts'],
         params: AccountParams,
         querystring: BalanceQuery,
-        response: { 200: BalanceOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 503: ProblemResponse },
+        description: '422 (before-account-created) when `at` is before the account existed, with its creation timestamp.',
+        response: { 200: BalanceOut, 400: ProblemResponse, 401: ProblemResponse, 403: ProblemResponse, 404: ProblemResponse, 422: ProblemResponse, 503: ProblemResponse },
       },
     },
     async (request, reply) => {
       const id = request.params.id.toLowerCase();
       await engineCall(reply, () => guard.account(request, id));
       const at = int63(request.query.at, 'querystring', '/at');
-      const b = await engineCall(reply, () => engine.getAccountBalanceAt(id, at));
-      if (b === null) throw notFound('Account', id);
+      let b = await engineCall(reply, () => engine.getAccountBalanceAt(id, at));
+      if (b === null) {
+        // The engine answers null both for no account and for `at` before the account existed;
+        // the second is not "no account has this id", and a client can fix its request.
+        const account = await engineCall(reply, () => engine.getAccount(id));
+        if (account === null) throw notFound('Account', id);
+        if (account.timestamp > at) {
+          throw problem(422, {
+            type: PROBLEMS.beforeAccount,
+            title: 'Timestamp before the account',
+            detail: `Account ${id} was created at ledger timestamp ${account.timestamp}, after at=${at}; ask for a timestamp at or after its creation.`,
+            errors: [{ in: 'querystring', path: '/at', message: `must not be before the account's creation timestamp ${account.timestamp}` }],
+            account_timestamp: account.timestamp.toString(),
+          });
+        }
+        // The account was created between the two reads, at or before `at`: read again.
+        b = await engineCall(reply, () => engine.getAccountBalanceAt(id, at));
+        if (b === null) throw new Error(`invariant: account ${id} exists since ${account.timestamp} but has no balance at ${at}`);
+      }
       return {
         account_id: b.accountId,
         timestamp: b.timestamp.toString(),
@@ -551,6 +598,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       },
     },
     async (request, reply) => {
+      checkRequiredFields([request.body], () => '');
       const transfer = toTransfer(request.body, '');
       await engineCall(reply, () => guard.newTransfers(request, [transfer]));
       const [r] = await engineCall(reply, () => engine.createTransfers([transfer], eventContext(request)));
@@ -576,6 +624,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     async (request, reply) => {
       checkBatchSize(request.body.transfers.length, '/transfers');
+      checkRequiredFields(request.body.transfers, (i) => `/transfers/${i}`);
       const transfers = request.body.transfers.map((x, i) => toTransfer(x, `/transfers/${i}`));
       await engineCall(reply, () => guard.newTransfers(request, transfers));
       const results = await engineCall(reply, () => engine.createTransfers(transfers, eventContext(request)));

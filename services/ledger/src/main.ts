@@ -128,6 +128,7 @@ const app = await buildLedgerService({
   engine,
   pool,
   logger,
+  bodyLimitBytes: config.BODY_LIMIT_BYTES,
   resilience: resilience.options,
   ...(auth === undefined ? {} : { auth }),
   ...(audit === null ? {} : { audit: { sink: audit.sink, eventsAudited: true, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),

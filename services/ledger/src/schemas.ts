@@ -184,8 +184,9 @@ export const AccountParams = Type.Object({ id: Id }, { additionalProperties: fal
 
 export const TransfersQuery = Type.Object(
   {
-    limit: Type.Integer({ minimum: 1, maximum: 1000, default: 50 }),
-    order: Type.Enum(['asc', 'desc'], { default: 'desc' }),
+    // Optional for the client (the OpenAPI document says so); the default fills them in.
+    limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 50 })),
+    order: Type.Optional(Type.Enum(['asc', 'desc'], { default: 'desc' })),
     after: Type.Optional(Digits),
   },
   { additionalProperties: false },

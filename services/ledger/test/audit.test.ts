@@ -258,8 +258,12 @@ test('checkpoints and proofs over HTTP verify with the published public key alon
   const proofs = await search('action=audit.record.prove');
   assert.deepEqual(proofs.map((r) => [r.resource.id, r.outcome]), [[String(seq), 'success'], [String(cp.treeSize + 5), 'failure']]);
   assert.equal((await app.inject({ method: 'GET', url: '/v1/audit/consistency?from=9999&to=10000' })).statusCode, 404);
-  const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, unknown> }>();
+  const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, { get?: { parameters?: Array<{ in: string; name: string; required?: boolean }> } }> }>();
   assert.ok('/v1/audit/records' in doc.paths && '/v1/audit/records/{seq}/proof' in doc.paths);
+  // limit and order have defaults: the document must not call them required (a search without them is 200).
+  const required = (doc.paths['/v1/audit/records']?.get?.parameters ?? []).filter((p) => p.in === 'query' && p.required === true).map((p) => p.name);
+  assert.deepEqual(required, []);
+  assert.equal((await app.inject({ method: 'GET', url: '/v1/audit/records' })).statusCode, 200);
 });
 
 test('after a rotation of the signing key, proofs over HTTP carry the transition and verify with the old public key alone', async () => {
@@ -295,6 +299,23 @@ test('bad audit queries get a 4xx problem and write nothing', async () => {
     const res = await app.inject({ method: 'GET', url });
     assert.equal(res.statusCode, 400, url);
     assert.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8');
+  }
+  // Numbers that are not spelled as integers are refused, not truncated or read as hex: record
+  // 1.5 is not record 1, and 0x10 is not 16.
+  for (const [url, part, path] of [
+    ['/v1/audit/records/1.5/proof', 'params', '/seq'],
+    ['/v1/audit/records/0x10/proof', 'params', '/seq'],
+    ['/v1/audit/records/1e1/proof', 'params', '/seq'],
+    ['/v1/audit/records/0/proof?tree_size=1.5', 'querystring', '/tree_size'],
+    ['/v1/audit/consistency?from=1.5&to=2', 'querystring', '/from'],
+    ['/v1/audit/consistency?from=1&to=true', 'querystring', '/to'],
+    ['/v1/audit/records?limit=1.9', 'querystring', '/limit'],
+    ['/v1/audit/records?after=%2B5', 'querystring', '/after'],
+  ] as const) {
+    const res = await app.inject({ method: 'GET', url });
+    assert.equal(res.statusCode, 400, `${url}: ${res.body}`);
+    assert.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8');
+    assert.deepEqual(res.json<{ errors: unknown }>().errors, [{ in: part, path, message: 'must be integer' }], url);
   }
   await settle();
   assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n, before);

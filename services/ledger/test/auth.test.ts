@@ -202,6 +202,34 @@ describe('the authorization matrix: every role × every endpoint', () => {
     assert.ok(doc.paths['/v1/transfers']?.post?.responses['403'] !== undefined);
     assert.ok(doc.paths['/v1/accounts/{id}']?.get?.responses['401'] !== undefined);
   });
+
+  test('the OpenAPI document declares the bearer scheme and requires it on every /v1/ operation, and only there', async () => {
+    type Operation = { security?: unknown; parameters?: Array<{ in: string; name: string }> };
+    const doc = (await call({ method: 'GET', url: '/openapi.json' })).json<{ components: { securitySchemes: Record<string, { type: string; scheme: string }> }; paths: Record<string, Record<string, Operation>> }>();
+    assert.deepEqual([doc.components.securitySchemes.bearerAuth?.type, doc.components.securitySchemes.bearerAuth?.scheme], ['http', 'bearer']);
+    let protectedOperations = 0;
+    for (const [path, operations] of Object.entries(doc.paths)) {
+      for (const [method, operation] of Object.entries(operations)) {
+        if (path.startsWith('/v1/')) {
+          protectedOperations += 1;
+          assert.deepEqual(operation.security, [{ bearerAuth: [] }], `${method} ${path}`);
+          // The token travels in the scheme, not as a parameter of its own.
+          assert.ok(!(operation.parameters ?? []).some((p) => p.in === 'header' && p.name === 'authorization'), `${method} ${path}`);
+        } else {
+          assert.equal(operation.security, undefined, `${method} ${path} is open`);
+        }
+      }
+    }
+    assert.ok(protectedOperations >= ENDPOINTS.length);
+  });
+
+  test('the scheme is case-insensitive: bearer and BEARER are Bearer', async () => {
+    const token = await sign(principalOf('teller'));
+    for (const scheme of ['bearer', 'BEARER', 'Bearer']) {
+      const response = await app.inject({ method: 'GET', url: '/v1/ledgers', headers: { authorization: `${scheme} ${token}` } });
+      assert.equal(response.statusCode, 200, `${scheme}: ${response.body}`);
+    }
+  });
 });
 
 describe('attacks', () => {

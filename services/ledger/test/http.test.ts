@@ -479,7 +479,7 @@ describe('POST /v1/transfers/batch', () => {
 });
 
 describe('GET /v1/accounts/:id/balance', () => {
-  test('answers balances as of a ledger timestamp, and 404 before the account existed', async () => {
+  test('answers balances as of a ledger timestamp; 422 naming `at` before the account existed; 404 for no account', async () => {
     const a = await createAccount();
     const b = await createAccount();
     const t1 = (await postTransfer(transfer(a.id, b.id, '100'))).json<ResultBody>();
@@ -509,8 +509,14 @@ describe('GET /v1/accounts/:id/balance', () => {
     const r = await balanceAt(b.id, ts2);
     assert.equal(r.json<BalanceBody>().credits_posted, '150');
 
-    assertProblem(await balanceAt(a.id, BigInt(a.timestamp) - 1n), 404, '/not-found');
-    assertProblem(await balanceAt(newId(), ts2), 404, '/not-found');
+    for (const at of [BigInt(a.timestamp) - 1n, 1n, 0n]) {
+      const early = assertProblem(await balanceAt(a.id, at), 422, '/before-account-created');
+      assert.deepEqual(early.errors, [{ in: 'querystring', path: '/at', message: `must not be before the account's creation timestamp ${a.timestamp}` }]);
+      assert.match(early.detail, new RegExp(`created at ledger timestamp ${a.timestamp}`));
+      assert.doesNotMatch(early.detail, /No account/);
+    }
+    const missing = assertProblem(await balanceAt(newId(), ts2), 404, '/not-found');
+    assert.match(missing.detail, /No account has id/);
   });
 });
 
@@ -587,7 +593,7 @@ interface BadCase {
   name: string;
   method?: 'GET' | 'POST' | 'PUT' | 'DELETE' | 'PATCH';
   url: string;
-  payload?: string | Record<string, unknown> | unknown[];
+  payload?: string | Buffer | Record<string, unknown> | unknown[];
   headers?: Record<string, string>;
   /** A service other than the main one: a 2 KiB body limit, or an engine taking 2 transfers per call. */
   on?: 'smallBodies' | 'smallBatches';
@@ -604,6 +610,13 @@ const withoutId = (): Record<string, unknown> => {
   return rest;
 };
 const batchOf = (n: number): Record<string, unknown> => ({ transfers: Array.from({ length: n }, () => valid()) });
+/** A valid transfer without `field`. */
+const without = (field: string): Record<string, unknown> => Object.fromEntries(Object.entries(valid()).filter(([name]) => name !== field));
+/** A valid transfer as JSON text, with `extra` members appended as written (a duplicate name, say). */
+const validText = (extra: string): string => `${JSON.stringify(valid()).slice(0, -1)},${extra}}`;
+/** A valid account whose metadata value holds these raw bytes. */
+const accountWithBytes = (bytes: number[]): Buffer =>
+  Buffer.concat([Buffer.from(`{"id":"${newId()}","ledger":"USD","code":10,"metadata":{"note":"a`), Buffer.from(bytes), Buffer.from('b"}}')]);
 const UUID_NO_DASHES = newId().replaceAll('-', '');
 const UUID_37 = `${newId()}a`;
 
@@ -705,6 +718,30 @@ const badCases: BadCase[] = [
   { name: 'transfers order unknown', method: 'GET', url: `/v1/accounts/${A}/transfers?order=random`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/order', expectIn: 'querystring' },
   { name: 'transfers after 2^63', method: 'GET', url: `/v1/accounts/${A}/transfers?after=${TWO_TO_63}`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/after', expectIn: 'querystring' },
   { name: 'transfers after of 20 digits', method: 'GET', url: `/v1/accounts/${A}/transfers?after=10000000000000000000`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/after', expectIn: 'querystring' },
+  // Duplicate member names and bytes that are not UTF-8 (JSON.parse kept the last, and U+FFFD)
+  { name: 'duplicate amount, the last one valid', url: '/v1/transfers', payload: validText('"amount":"abc","amount":"7"'), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json', expectPath: '/amount' },
+  { name: 'duplicate amount spelled with an escape', url: '/v1/transfers', payload: validText('"\\u0061mount":"7"'), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json', expectPath: '/amount' },
+  { name: 'duplicate ledger in an account', url: '/v1/accounts', payload: `{"id":"${newId()}","ledger":"EUR","code":10,"ledger":"USD"}`, headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json', expectPath: '/ledger' },
+  { name: 'duplicate flag in a batch item', url: '/v1/transfers/batch', payload: `{"transfers":[${JSON.stringify(valid())},${validText('"flags":{"pending":true,"pending":false}')}]}`, headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json', expectPath: '/transfers/1/flags/pending' },
+  { name: 'duplicate metadata key', url: '/v1/transfers', payload: validText('"metadata":{"k/~":"a","k/~":"b"}'), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json', expectPath: '/metadata/k~1~0' },
+  { name: 'invalid UTF-8 in account metadata', url: '/v1/accounts', payload: accountWithBytes([0xff, 0xfe]), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json' },
+  { name: 'an encoded surrogate in account metadata', url: '/v1/accounts', payload: accountWithBytes([0xed, 0xa0, 0x80]), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json' },
+  { name: 'an overlong encoding in transfer metadata', url: '/v1/transfers', payload: Buffer.concat([Buffer.from(validText('"metadata":{"k":"').slice(0, -1)), Buffer.from([0xc0, 0xaf]), Buffer.from('"}}')]), headers: { 'content-type': 'application/json' }, expectStatus: 400, expectTypeSuffix: '/malformed-json' },
+  // Fields a transfer needs unless it posts or voids a pending one (not a 422 "must not be zero")
+  { name: 'transfer without debit_account_id', url: '/v1/transfers', payload: without('debit_account_id'), expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/debit_account_id' },
+  { name: 'transfer without credit_account_id', url: '/v1/transfers', payload: without('credit_account_id'), expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/credit_account_id' },
+  { name: 'transfer without amount', url: '/v1/transfers', payload: without('amount'), expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/amount' },
+  { name: 'transfer without ledger', url: '/v1/transfers', payload: without('ledger'), expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/ledger' },
+  { name: 'transfer without code', url: '/v1/transfers', payload: without('code'), expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/code' },
+  { name: 'pending transfer without amount', url: '/v1/transfers', payload: { ...without('amount'), flags: { pending: true } }, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/amount' },
+  { name: 'batch item 3 without debit_account_id', url: '/v1/transfers/batch', payload: { transfers: [valid(), valid(), valid(), without('debit_account_id'), valid()] }, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/transfers/3/debit_account_id' },
+  // Integers in the query spelled any other way than as an integer (no truncation, hex, exponent or sign)
+  { name: 'transfers limit 1.9', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=1.9`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
+  { name: 'transfers limit true', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=true`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
+  { name: 'transfers limit 0x10', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=0x10`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
+  { name: 'transfers limit 1e2', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=1e2`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
+  { name: 'transfers limit +5', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=%2B5`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
+  { name: 'transfers limit empty', method: 'GET', url: `/v1/accounts/${A}/transfers?limit=`, expectStatus: 400, expectTypeSuffix: '/validation-error', expectPath: '/limit', expectIn: 'querystring' },
   // Content types, routes, methods
   { name: 'text/plain body', url: '/v1/transfers', payload: JSON.stringify(valid()), headers: { 'content-type': 'text/plain' }, expectStatus: 415, expectTypeSuffix: 'about:blank' },
   { name: 'application/xml body', url: '/v1/accounts', payload: '<account/>', headers: { 'content-type': 'application/xml' }, expectStatus: 415, expectTypeSuffix: 'about:blank' },
@@ -735,7 +772,7 @@ describe('bad input: a 4xx problem+json that writes nothing', () => {
     test(`${c.name} → ${c.expectStatus}`, async () => {
       const service = c.on === undefined ? app : services.get(c.on)!;
       const requestId = `bad-${c.name.replaceAll(/[^A-Za-z0-9]+/g, '-')}`.slice(0, 128);
-      const payload = c.payload === undefined || typeof c.payload === 'string' ? c.payload : JSON.stringify(c.payload);
+      const payload = c.payload === undefined || typeof c.payload === 'string' || Buffer.isBuffer(c.payload) ? c.payload : JSON.stringify(c.payload);
       const jsonByDefault = c.payload !== undefined && typeof c.payload !== 'string' ? { 'content-type': 'application/json' } : {};
       const options: InjectOptions = {
         method: c.method ?? 'POST',
@@ -762,6 +799,31 @@ describe('bad input: a 4xx problem+json that writes nothing', () => {
       assert.deepEqual(await rowCounts(), before, 'a rejected request must write nothing');
     });
   }
+
+  test('a transfer missing its required fields gets one issue per field, and its id stays unused', async () => {
+    const id = newId();
+    const before = await rowCounts();
+    const r = await postTransfer({ id, metadata: { note: 'no fields' } });
+    const problem = assertProblem(r, 400, '/validation-error');
+    assert.deepEqual(problem.errors, ['debit_account_id', 'credit_account_id', 'amount', 'ledger', 'code'].map((field) => ({ in: 'body', path: `/${field}`, message: 'is required' })));
+    assert.deepEqual(await rowCounts(), before);
+    // Not recorded as a rejection: the id is still free for the transfer the client meant.
+    assertProblem(await app.inject({ method: 'GET', url: `/v1/transfers/${id}` }), 404, '/not-found');
+    assert.equal((await postTransfer({ ...valid(), id })).statusCode, 201);
+    // Every item of a batch is checked before any is applied.
+    const batchBefore = await rowCounts();
+    const batch = await app.inject({ method: 'POST', url: '/v1/transfers/batch', payload: { transfers: [valid(), without('amount'), valid(), without('code')] } });
+    assert.deepEqual(assertProblem(batch, 400, '/validation-error').errors, [
+      { in: 'body', path: '/transfers/1/amount', message: 'is required' },
+      { in: 'body', path: '/transfers/3/code', message: 'is required' },
+    ]);
+    assert.deepEqual(await rowCounts(), batchBefore);
+    // Posting or voiding a pending transfer may still leave them out.
+    const pending = await postTransfer(valid({ flags: { pending: true }, timeout_seconds: 60 }));
+    assert.equal(pending.statusCode, 201, pending.body);
+    const voided = await postTransfer({ id: newId(), pending_id: pending.json<ResultBody>().id, flags: { void_pending_transfer: true } });
+    assert.equal(voided.statusCode, 201, voided.body);
+  });
 
   test('a bad transfer sent concurrently with good ones does not disturb them', async () => {
     const good = Array.from({ length: 4 }, () => valid({ amount: '3' }));
@@ -910,6 +972,11 @@ describe('GET /openapi.json', () => {
         for (const status of ['400', '409', '413', '415', '422', '503']) {
           assert.ok(op.responses[status] !== undefined, `${method} ${path} documents ${status}`);
         }
+        // Every POST honours Idempotency-Key, which the idempotency plugin reads: it says so.
+        const key = op.parameters?.find((p) => p.in === 'header' && p.name === 'idempotency-key');
+        assert.ok(key !== undefined && key.required !== true, `${method} ${path} documents Idempotency-Key as optional`);
+      } else {
+        assert.equal(op.parameters?.find((p) => p.name === 'idempotency-key'), undefined, `${method} ${path}`);
       }
     }
 
@@ -935,6 +1002,10 @@ describe('GET /openapi.json', () => {
     const query = (path: string) => (doc.paths[path]!.get!.parameters ?? []).filter((p) => p.in === 'query');
     assert.deepEqual(query('/v1/accounts/{id}/balance').map((p) => [p.name, p.required]), [['at', true]]);
     assert.deepEqual(query('/v1/accounts/{id}/transfers').map((p) => p.name).sort(), ['after', 'limit', 'order']);
+    // All three may be left out (the defaults fill limit and order in), and the document says so.
+    assert.deepEqual(query('/v1/accounts/{id}/transfers').filter((p) => p.required === true), []);
+    assert.equal((await app.inject({ method: 'GET', url: `/v1/accounts/${A}/transfers` })).statusCode, 200);
+    assert.ok(doc.paths['/v1/accounts/{id}/balance']!.get!.responses['422']?.content?.['application/problem+json'] !== undefined, 'the balance documents its 422');
   });
 });
 

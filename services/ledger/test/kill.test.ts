@@ -236,6 +236,27 @@ test('a bad configuration stops the service at start with a message naming the v
   assert.match(stderr, /DATABASE_SESSION_URL/);
 });
 
+test('BODY_LIMIT_BYTES from the environment bounds every request body, as the README says', async () => {
+  const port = await freePort();
+  const service = await startService(port, { BODY_LIMIT_BYTES: '4096', EVENTS_RELAY_ENABLED: 'false' });
+  try {
+    const account = (pad: number) => JSON.stringify({ id: newId(), ledger: 'USD', code: 1, metadata: { pad: 'x'.repeat(pad) } });
+    const before = (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM ledger.accounts')).rows[0]?.n;
+    const over = await fetch(`http://127.0.0.1:${port}/v1/accounts`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: account(5000) });
+    assert.equal(over.status, 413);
+    assert.match(String(over.headers.get('content-type')), /^application\/problem\+json/);
+    assert.match(((await over.json()) as { detail: string }).detail, /limit of 4096 bytes/);
+    assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM ledger.accounts')).rows[0]?.n, before, 'nothing written');
+    // Under the limit the same request is served (its metadata value is only over the ledger's own 256 characters).
+    const under = await fetch(`http://127.0.0.1:${port}/v1/accounts`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: account(3000) });
+    assert.equal(under.status, 400);
+    assert.deepEqual(((await under.json()) as { errors: Array<{ path: string }> }).errors.map((e) => e.path), ['/metadata/pad']);
+  } finally {
+    service.kill('SIGTERM');
+    await killed(service);
+  }
+});
+
 test('a bad residency setting for the relay stops the service at start, naming the variable', async () => {
   const start = async (extra: Record<string, string>): Promise<{ code: number | null; stderr: string }> => {
     const child = spawn(process.execPath, [MAIN], { env: { ...process.env, DATABASE_URL: t.db.url, ...EVENTS_ENV, ...extra }, stdio: ['ignore', 'ignore', 'pipe'] });
