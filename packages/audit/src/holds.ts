@@ -27,8 +27,12 @@ export interface HeldResource {
  * hold on resource type `ticket`, id `t-1`); `resourceOf` maps stream types whose audit
  * resources are named differently. The hold row is read FOR SHARE inside the caller's
  * transaction, so a release cannot commit while the stream is being kept or removed on the
- * strength of it. Deletion (not archiving) is also held while the trail still retains any of
- * the stream's events as leaves (below).
+ * strength of it. Before that, the check takes `audit.lock_legal_holds()` (SHARE on the holds
+ * table, to the end of the caller's transaction), as expiry and erasure do: a hold being
+ * placed is waited for and then seen, and one placed later waits until the stream is gone, so
+ * no hold can commit between the check and the removal. The caller must run under READ
+ * COMMITTED and be the schema owner or a member of the writer role. Deletion (not archiving)
+ * is also held while the trail still retains any of the stream's events as leaves (below).
  */
 export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource = (s) => ({ type: s.streamType, id: s.streamId })): {
   isHeld(db: Queryable, stream: HeldStream, intent?: { action: 'archive' | 'delete'; now: Date }): Promise<boolean>;
@@ -36,6 +40,7 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
   return {
     async isHeld(db, stream, intent) {
       const resource = resourceOf(stream);
+      await db.query('SELECT audit.lock_legal_holds()');
       const r = await db.query(
         `SELECT 1 FROM audit.legal_holds
           WHERE released_at IS NULL AND resource_type = $1 AND resource_id = $2

@@ -14,6 +14,7 @@ import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, Fastify
 import { Type, type Static } from 'typebox';
 import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
+import { storablePrefix, storableText } from './record.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 
@@ -77,7 +78,11 @@ function defaultResourceId(request: FastifyRequest): string {
   const params = request.params as Record<string, unknown> | undefined;
   const body = request.body as Record<string, unknown> | undefined;
   const id = params?.id ?? body?.id;
-  return typeof id === 'string' && id.length > 0 && id.length <= 200 ? id.toLowerCase() : request.id;
+  if (typeof id !== 'string' || id.length === 0 || id.length > 200) return request.id;
+  // A refused request's id can be anything its sender wrote, a lone surrogate or a NUL
+  // included, which the trail cannot store (checkEntry refuses it, and the failure would go
+  // unrecorded): such characters are recorded as U+FFFD.
+  return (storableText(id) ? id : storablePrefix(id, 200)).toLowerCase();
 }
 
 /** The number of items of a batch body (its first array), so a batch record says how big it was. */

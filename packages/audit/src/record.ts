@@ -97,12 +97,34 @@ export class InvalidAuditEntryError extends TypeError {
   override readonly name = 'InvalidAuditEntryError';
 }
 
+/**
+ * Text PostgreSQL stores as it is: well-formed UTF-16 (a lone surrogate has no UTF-8 form, and
+ * the sequencer's insert, which sends text as JSON, is refused outright) and no NUL (text and
+ * json cannot hold one). A string that fails either would stop every round at its row.
+ */
+export function storableText(v: string): boolean {
+  return v.isWellFormed() && !v.includes('\u0000');
+}
+
+/** `v` cut to at most `max` code units and made storable: a cut surrogate pair, a lone surrogate and NUL become U+FFFD. */
+export function storablePrefix(v: string, max: number): string {
+  return v.slice(0, max).toWellFormed().replaceAll('\u0000', '\ufffd');
+}
+
 function text(path: string, v: unknown, optional = false): void {
   if (optional && v === undefined) return;
-  if (typeof v !== 'string' || v.length === 0 || v.length > FIELD_CHARS_MAX || v.includes('\u0000')) {
-    throw new InvalidAuditEntryError(`audit entry ${path} must be a string of 1..${FIELD_CHARS_MAX} characters without NUL, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'string' || v.length === 0 || v.length > FIELD_CHARS_MAX || !storableText(v)) {
+    throw new InvalidAuditEntryError(`audit entry ${path} must be a string of 1..${FIELD_CHARS_MAX} characters, well-formed UTF-16 and without NUL, got ${JSON.stringify(v)}`);
   }
 }
+
+/**
+ * Years PostgreSQL reads back from the ISO text the sequencer sends: `toISOString` writes a
+ * year outside 0000..9999 with a sign and six digits ("+010000-..."), which PostgreSQL refuses
+ * ("time zone displacement out of range"), and it has no year 0.
+ */
+export const OCCURRED_YEAR_MIN = 1;
+export const OCCURRED_YEAR_MAX = 9999;
 
 function json(path: string, v: unknown): string | null {
   if (v === undefined) return null;
@@ -145,15 +167,23 @@ export function checkFields(e: Omit<AuditEntry, 'payload' | 'personal'>): void {
   text('origin.traceId', e.origin.traceId, true);
   text('resource.type', e.resource?.type);
   text('resource.id', e.resource.id);
-  if (e.occurredAt !== undefined && !(e.occurredAt instanceof Date && Number.isFinite(e.occurredAt.getTime()))) {
-    throw new InvalidAuditEntryError('audit entry occurredAt must be a valid Date');
+  if (e.occurredAt !== undefined) {
+    const year = e.occurredAt instanceof Date ? e.occurredAt.getUTCFullYear() : Number.NaN;
+    if (!(year >= OCCURRED_YEAR_MIN && year <= OCCURRED_YEAR_MAX)) {
+      throw new InvalidAuditEntryError(`audit entry occurredAt must be a valid Date in the years ${OCCURRED_YEAR_MIN}..${OCCURRED_YEAR_MAX} (UTC)`);
+    }
   }
   text('subject', e.subject, true);
 }
 
-/** A canonical JSON text carried from the sink through the queue: only its type and size are rechecked. */
+/**
+ * A canonical JSON text carried from the sink through the queue: its type and size are
+ * rechecked, and that PostgreSQL can store it (canonicalJson escapes NUL and lone surrogates,
+ * but another writer of the queue may not have).
+ */
 export function checkJsonText(path: string, v: unknown): string | null {
   if (v === undefined || v === null) return null;
   if (typeof v !== 'string' || Buffer.byteLength(v) > PAYLOAD_BYTES_MAX) throw new InvalidAuditEntryError(`audit entry ${path} must be JSON text of at most ${PAYLOAD_BYTES_MAX} bytes`);
+  if (!storableText(v)) throw new InvalidAuditEntryError(`audit entry ${path} must be well-formed UTF-16 without NUL`);
   return v;
 }

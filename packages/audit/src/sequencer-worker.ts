@@ -16,7 +16,7 @@ import { parseIntoClientConfig } from 'pg-connection-string';
 // The module alone: the runtime's index would load Fastify and the rest into this thread.
 import { guardPool } from '@ledgerline/service-runtime/pg-pool';
 import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
-import { AuditSequencer } from './sequencer.ts';
+import { AuditSequencer, AuditTreeMismatchError } from './sequencer.ts';
 
 export interface SequencerWorkerOptions {
   databaseUrl: string;
@@ -64,7 +64,7 @@ function lowerThreadPriority(nice: number): string | null {
 /** Marks the worker's data, so importing this module in any other worker starts nothing. */
 const WORKER_MARK = 'ledgerline.audit.sequencer-worker';
 
-type FromWorker = { kind: 'error'; message: string } | { kind: 'warning'; message: string } | { kind: 'closed' } | { kind: 'started' };
+type FromWorker = { kind: 'error'; message: string; treeMismatch?: boolean } | { kind: 'warning'; message: string } | { kind: 'closed' } | { kind: 'started' };
 
 /** What the worker reports: a failed round (it retries from storage), a worker that died (it is started again), or something that works on less well (e.g. a priority it could not lower). */
 export interface SequencerWorkerHandlers {
@@ -79,6 +79,12 @@ export interface SequencerWorker {
   cpuUsage(): Promise<{ user: number; system: number }>;
   /** How many times a thread that died was replaced by a new one. */
   restarts(): number;
+  /**
+   * Rounds refused because the stored tree no longer matches the latest checkpoint
+   * (AuditTreeMismatchError): nothing is signed or integrated until storage is repaired, so
+   * any rise deserves an alert.
+   */
+  treeMismatches(): number;
   /**
    * The running thread, or null while a new one is awaited. For diagnostics: a thread ended
    * other than by `close()` (`terminate()`, an uncaught error, running out of memory) counts
@@ -111,7 +117,7 @@ interface SequencerThread {
   close(): Promise<void>;
 }
 
-function startThread(options: SequencerWorkerOptions, handlers: SequencerWorkerHandlers, died: (how: string) => void): Promise<SequencerThread> {
+function startThread(options: SequencerWorkerOptions, handlers: SequencerWorkerHandlers, died: (how: string) => void, treeMismatch: () => void): Promise<SequencerThread> {
   const worker = new Worker(new URL(import.meta.url), { workerData: { [WORKER_MARK]: options } });
   let started = false;
   let closing: (() => void) | null = null;
@@ -131,7 +137,10 @@ function startThread(options: SequencerWorkerOptions, handlers: SequencerWorkerH
         resolve({ worker, startedAt: Date.now(), close });
       } else if (m.kind === 'closed') closing?.();
       else if (m.kind === 'warning') handlers.onWarning?.(m.message);
-      else handlers.onError?.(m.message);
+      else {
+        if (m.treeMismatch === true) treeMismatch();
+        handlers.onError?.(m.message);
+      }
     });
     // 'exit' follows 'error'; the death is reported once, from 'exit', with the error's message.
     worker.on('error', (error: Error) => {
@@ -166,6 +175,10 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
   let timer: NodeJS.Timeout | null = null;
   let closed = false;
   let restarts = 0;
+  let treeMismatches = 0;
+  const treeMismatch = (): void => {
+    treeMismatches += 1;
+  };
   let backoff: IBackoff<unknown> = backoffs.next();
 
   // `current` is the thread that died (or null, when a new one failed to start).
@@ -183,7 +196,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
   const restart = (): void => {
     timer = null;
     if (closed) return;
-    starting = startThread(threadOptions, handlers, died).then(
+    starting = startThread(threadOptions, handlers, died, treeMismatch).then(
       (thread) => {
         starting = null;
         restarts += 1;
@@ -197,7 +210,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
     );
   };
 
-  return startThread(threadOptions, handlers, died).then((first) => {
+  return startThread(threadOptions, handlers, died, treeMismatch).then((first) => {
     current = first;
     return {
       close: async () => {
@@ -210,6 +223,7 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
       },
       cpuUsage: () => current?.worker.cpuUsage() ?? Promise.resolve({ user: 0, system: 0 }),
       restarts: () => restarts,
+      treeMismatches: () => treeMismatches,
       thread: () => current?.worker ?? null,
     };
   });
@@ -243,7 +257,8 @@ function runInWorker(o: SequencerWorkerOptions): void {
     ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
     ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),
     ...(o.keyEncryptionKey === undefined || o.keyEncryptionKey === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(o.keyEncryptionKey) }),
-    onError: (error) => port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error) } satisfies FromWorker),
+    onError: (error) =>
+      port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error), treeMismatch: error instanceof AuditTreeMismatchError } satisfies FromWorker),
   });
   sequencer.start();
   port.on('message', (m: unknown) => {

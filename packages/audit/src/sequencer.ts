@@ -15,9 +15,9 @@ import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_WRITER_ROLE } from './migrate.ts';
-import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
+import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
-import { loadFrontier, STORED_LEVEL_MIN, storedTreeSize, type Queryable } from './tree.ts';
+import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
 import type { QueuedEntry } from './writer.ts';
 import type pg from 'pg';
 
@@ -38,6 +38,18 @@ export const CHECKPOINT_INTERVAL_MS_DEFAULT = 1000;
 const REWRAP_KEYS_PER_ROUND = 1000;
 /** Records prepared between yields to the event loop. */
 const YIELD_EVERY_RECORDS = 256;
+/** Leaf hashes read per query when the frontier is rebuilt past the latest checkpoint. */
+const FRONTIER_LEAVES_PER_READ = 20_000;
+
+/**
+ * The stored tree does not match what the latest checkpoint signed (a stored node or leaf
+ * hash was changed, or leaves were removed). The sequencer then signs nothing and integrates
+ * nothing: extending the tree would sign a root over the damage, and verification would blame
+ * the new, intact records. Every round reports it again until the storage is repaired.
+ */
+export class AuditTreeMismatchError extends Error {
+  override readonly name = 'AuditTreeMismatchError';
+}
 
 export interface SequencerOptions {
   pool: pg.Pool;
@@ -165,8 +177,9 @@ export class AuditSequencer {
 
   async #roundLocked(client: pg.PoolClient, forceCheckpoint: boolean): Promise<RoundResult> {
     const size = await storedTreeSize(client);
-    if (this.#frontier?.size !== size) this.#frontier = await loadFrontier(client, size);
-    const frontier = this.#frontier.clone();
+    if (this.#frontier?.size !== size) this.#frontier = await checkedFrontier(client, size);
+    const start = this.#frontier;
+    let frontier = start.clone();
 
     const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
     const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
@@ -176,7 +189,7 @@ export class AuditSequencer {
     if (this.#kek !== null) await this.#rewrapKeys(client, this.#kek);
     const records = entries.length + (tile?.count ?? 0);
     if (records === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };
-    const nodes: Subtree[] = [];
+    let nodes: Subtree[] = [];
     const append = (h: Buffer): void => {
       for (const n of frontier.append(h)) if (n.level >= STORED_LEVEL_MIN) nodes.push(n);
     };
@@ -194,7 +207,23 @@ export class AuditSequencer {
         prepared.push(p);
         leafHashes.push(h);
       }
-      await insertRecords(client, prepared, leafHashes);
+      // Under a savepoint (one statement more a round), so that a row PostgreSQL refuses
+      // despite the checks is found and recorded as rejected rather than failing every round.
+      await client.query('SAVEPOINT records');
+      try {
+        await insertRecords(client, prepared, leafHashes);
+        await client.query('RELEASE SAVEPOINT records');
+      } catch (error) {
+        if (!rowRefused(error)) throw error;
+        await client.query('ROLLBACK TO SAVEPOINT records; RELEASE SAVEPOINT records');
+        await insertSalvaging(client, prepared, leafHashes, (i, refusal) =>
+          prepare(size + i, rejectedEntry((entries[i] as Pending).source, `PostgreSQL refused the entry: ${refusal}`, this.#o.now), keys),
+        );
+        // Some leaves changed: the round's tree is built again from the leaves as stored.
+        frontier = start.clone();
+        nodes = [];
+        for (const h of leafHashes) append(h);
+      }
       await client.query('DELETE FROM audit.queue WHERE id = ANY($1::bigint[])', [queued.rows.map((r) => r.id)]);
     }
     if (tile !== null) {
@@ -303,6 +332,8 @@ interface Pending {
   entry: Omit<AuditEntry, 'payload' | 'personal'>;
   payload: string | null;
   personal: string | null;
+  /** The queue row it came from, kept for a rejection record should PostgreSQL refuse the entry. */
+  source: { queueId: string; text: string };
 }
 
 /**
@@ -319,16 +350,106 @@ function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
     const personal = checkJsonText('personal', personalJson);
     if (personal !== null && entry.subject === undefined) throw new InvalidAuditEntryError('personal data without a subject');
     if (typeof q.id !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(q.id)) throw new InvalidAuditEntryError('the queued id is not a UUID');
-    return { id: q.id, entry, payload, personal };
+    return { id: q.id, entry, payload, personal, source: { queueId, text } };
   } catch (error) {
-    const reason = error instanceof Error ? error.message.slice(0, 400) : 'unreadable';
-    return {
-      id: uuidv5(`queue:${queueId}:${text}`, EVENT_RECORD_NAMESPACE),
-      entry: { recordClass: 'security', actor: { type: 'service', id: 'audit-sequencer' }, action: 'audit.entry.rejected', outcome: 'failure', reason, origin: { service: 'audit' }, resource: { type: 'audit.queue', id: queueId }, occurredAt: now() },
-      payload: canonicalJson({ queued: text.slice(0, 60_000) }),
-      personal: null,
-    };
+    return rejectedEntry({ queueId, text }, error instanceof Error ? error.message : 'unreadable', now);
   }
+}
+
+/**
+ * The record of a queue row's rejection: what the row said, as an escaped JSON payload, and
+ * why. Everything in it is storable whatever the row held: the reason is cut and made
+ * well-formed (a message may quote the row, or be cut inside a surrogate pair), and
+ * canonicalJson escapes NUL and lone surrogates in the payload.
+ */
+function rejectedEntry(source: { queueId: string; text: string }, reason: string, now: () => Date): Pending {
+  const { queueId, text } = source;
+  return {
+    id: uuidv5(`queue:${queueId}:${text}`, EVENT_RECORD_NAMESPACE),
+    entry: { recordClass: 'security', actor: { type: 'service', id: 'audit-sequencer' }, action: 'audit.entry.rejected', outcome: 'failure', reason: storablePrefix(reason, 400), origin: { service: 'audit' }, resource: { type: 'audit.queue', id: queueId }, occurredAt: now() },
+    payload: canonicalJson({ queued: text.slice(0, 60_000) }),
+    personal: null,
+    source,
+  };
+}
+
+/**
+ * Whether PostgreSQL refused the rows' data (a data exception, class 22, or a constraint,
+ * class 23: a value it cannot store), rather than failing for a reason of its own (a lost
+ * connection, a timeout), after which the same rows must be tried again, not rejected.
+ */
+function rowRefused(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && (code.startsWith('22') || code.startsWith('23'));
+}
+
+/**
+ * Inserts `rows` after their batch insert was refused: by halves, in order, each under a
+ * savepoint, down to the single rows PostgreSQL refuses; each of those is replaced, at its
+ * sequence number, by `reject(i, why)` (its leaf hash in `leafHashes` too) and inserted before
+ * the rows after it, so sequence numbers stay consecutive. One bad row costs about 2·log2(n)
+ * statements.
+ */
+async function insertSalvaging(db: Queryable, rows: Prepared[], leafHashes: Buffer[], reject: (i: number, why: string) => Prepared): Promise<void> {
+  const attempt = async (lo: number, hi: number): Promise<void> => {
+    await db.query('SAVEPOINT records_part');
+    try {
+      await insertRecords(db, rows.slice(lo, hi), leafHashes.slice(lo, hi));
+      await db.query('RELEASE SAVEPOINT records_part');
+      return;
+    } catch (error) {
+      if (!rowRefused(error)) throw error;
+      await db.query('ROLLBACK TO SAVEPOINT records_part; RELEASE SAVEPOINT records_part');
+      if (hi - lo > 1) {
+        const mid = lo + Math.floor((hi - lo) / 2);
+        await attempt(lo, mid);
+        await attempt(mid, hi);
+        return;
+      }
+      const rejected = reject(lo, error instanceof Error ? error.message : String(error));
+      rows[lo] = rejected;
+      const h = leafHash(leafData(rejected.fields));
+      leafHashes[lo] = h;
+      // Not under a savepoint: a rejection record PostgreSQL also refused fails the round.
+      await insertRecords(db, [rejected], [h]);
+    }
+  };
+  await attempt(0, rows.length);
+}
+
+/**
+ * The frontier of the stored tree of `size` leaves, held to the latest checkpoint first: the
+ * stored subtrees up to its size must give the root it signed, and the leaves after it are
+ * folded in from their stored hashes rather than from stored subtrees nothing signed yet.
+ * Throws AuditTreeMismatchError when they do not match (a changed node in audit.tree_nodes,
+ * a changed leaf hash, removed leaves): a sequencer that went on would sign over the damage.
+ */
+async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
+  const latest = await db.query<{ n: string; root_hash: Buffer }>('SELECT c.tree_size::text AS n, c.root_hash FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1');
+  const cp = latest.rows[0];
+  if (cp === undefined) return loadFrontier(db, size);
+  const signed = Number(cp.n);
+  if (signed > size) throw new AuditTreeMismatchError(`audit tree: the latest checkpoint signed ${signed} leaves but storage holds ${size}; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
+  let frontier: Frontier;
+  try {
+    frontier = await loadFrontier(db, signed);
+  } catch (error) {
+    throw new AuditTreeMismatchError(`audit tree: the stored tree of the latest checkpoint (size ${signed}) cannot be read (${error instanceof Error ? error.message : String(error)}); refusing to sign or integrate anything until it is repaired (run audit:verify)`);
+  }
+  if (!frontier.root().equals(cp.root_hash)) {
+    throw new AuditTreeMismatchError(`audit tree: the stored tree of size ${signed} does not give the root its checkpoint signed (a node in audit.tree_nodes or a stored leaf hash was changed); refusing to sign or integrate anything until it is repaired (run audit:verify)`);
+  }
+  for (let from = signed; from < size; from += FRONTIER_LEAVES_PER_READ) {
+    const to = Math.min(size, from + FRONTIER_LEAVES_PER_READ);
+    const seqs = Array.from({ length: to - from }, (_, i) => from + i);
+    const hashes = await storedLeafHashes(db, seqs);
+    for (const seq of seqs) {
+      const h = hashes.get(seq);
+      if (h === undefined) throw new AuditTreeMismatchError(`audit tree: leaf ${seq} is missing from storage; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
+      frontier.append(h);
+    }
+  }
+  return frontier;
 }
 
 /** A pending entry as a record at `seq`: personal data encrypted, payloads hashed. */

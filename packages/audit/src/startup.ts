@@ -97,10 +97,18 @@ export function startServiceSequencer(
 
 /**
  * Counts the service's replaced sequencer threads on its /metrics as
- * `ledgerline_audit_sequencer_restarts_total` (docs/audit.md): a rise deserves an alert, since
- * each one was a thread that died. Nothing when metrics are off or no sequencer runs here.
+ * `ledgerline_audit_sequencer_restarts_total`, and its rounds refused because the stored tree
+ * no longer matches the latest checkpoint as `ledgerline_audit_tree_mismatches_total`
+ * (docs/audit.md): a rise in either deserves an alert, the first a thread that died, the
+ * second a trail that integrates nothing until its storage is repaired. Nothing when metrics
+ * are off or no sequencer runs here.
  */
 export function exportSequencerRestarts(metrics: Pick<ServiceMetrics, 'registerCounterFromTotal'> | undefined, sequencer: SequencerWorker | null): void {
   if (metrics === undefined || sequencer === null) return;
   metrics.registerCounterFromTotal('audit_sequencer_restarts_total', 'Audit sequencer worker threads that died and were replaced since this process started.', () => sequencer.restarts());
+  metrics.registerCounterFromTotal(
+    'audit_tree_mismatches_total',
+    'Audit sequencer rounds refused because the stored tree does not give the latest checkpoint\'s root; nothing is integrated or signed until storage is repaired.',
+    () => sequencer.treeMismatches(),
+  );
 }

@@ -17,7 +17,7 @@ import { asAuditWriter } from './migrate.ts';
 import { leafData } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
-import { consistencyProof, inclusionProof, type Queryable } from './tree.ts';
+import { consistencyProof, inclusionProof, recordInTile, type Queryable } from './tree.ts';
 
 export const SEARCH_LIMIT_MAX = 1000;
 export const SEARCH_LIMIT_DEFAULT = 100;
@@ -114,10 +114,11 @@ export class AuditStore {
   /** Keyset-paginated search; the search itself is recorded (action `audit.search`). */
   async search(filter: SearchFilter, page: SearchPage, by: Requester): Promise<{ records: AuditRecordView[]; nextCursor: number | null }> {
     const limit = page.limit ?? SEARCH_LIMIT_DEFAULT;
-    if (!(Number.isInteger(limit) && limit >= 1 && limit <= SEARCH_LIMIT_MAX)) throw new RangeError(`limit must be an integer in 1..${SEARCH_LIMIT_MAX}`);
     const desc = page.order === 'desc';
     const asked = { filter: { ...filter, from: filter.from?.toISOString(), to: filter.to?.toISOString() }, limit, order: desc ? 'desc' : 'asc', after: page.after ?? null };
     try {
+      // Inside: a refused search is audited too.
+      if (!(Number.isInteger(limit) && limit >= 1 && limit <= SEARCH_LIMIT_MAX)) throw new RangeError(`limit must be an integer in 1..${SEARCH_LIMIT_MAX}`);
       const r = await this.#pool.query<RecordRow>(
         `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq
           WHERE ($1::text IS NULL OR r.actor_id = $1) AND ($2::text IS NULL OR r.resource_type = $2)
@@ -125,6 +126,7 @@ export class AuditStore {
             AND ($5::text IS NULL OR r.outcome = $5) AND ($6::text IS NULL OR r.subject = $6)
             AND ($7::timestamptz IS NULL OR r.occurred_at >= $7) AND ($8::timestamptz IS NULL OR r.occurred_at < $8)
             AND ($9::bigint IS NULL OR ${desc ? 'r.seq < $9' : 'r.seq > $9'}) AND ($11::text IS NULL OR r.record_class = $11)
+            AND NOT ${recordInTile('r')}
           ORDER BY r.seq ${desc ? 'DESC' : 'ASC'} LIMIT $10`,
         [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId ?? null, filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
       );
@@ -234,7 +236,7 @@ export class AuditStore {
     const r =
       cp === null || !(Number.isSafeInteger(seq) && seq >= 0 && seq < cp.treeSize)
         ? null
-        : await this.#pool.query<RecordRow>(`SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq = $1`, [seq]);
+        : await this.#pool.query<RecordRow>(`SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq = $1 AND NOT ${recordInTile('r')}`, [seq]);
     const row = r?.rows[0];
     // Not a record row: an event leaf, whose bytes PostgreSQL renders from the event itself.
     const data = cp === null || r === null ? null : row === undefined ? await eventLeafDataAt(this.#pool, seq) : leafData(fieldsOf(row));

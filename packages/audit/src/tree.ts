@@ -19,6 +19,16 @@ export const STORED_LEVEL_MIN = 6;
 
 const key = (level: number, index: number): string => `${level}/${index}`;
 
+/**
+ * SQL: the record row `r` lies inside an event tile's range (the last tile starting at or
+ * before it, by the primary key). No record belongs there: the sequencer gives records and
+ * tiles disjoint ranges, so such a row is forged (migration 1769000000000 refuses new ones).
+ * Readers leave it out: the tree's leaf there is the tile's, and search must not show it.
+ */
+export const recordInTile = (r: string): string =>
+  `EXISTS (SELECT 1 FROM (SELECT t.first_seq, t.leaf_count FROM audit.event_leaves t WHERE t.first_seq <= ${r}.seq ORDER BY t.first_seq DESC LIMIT 1) t
+            WHERE ${r}.seq < t.first_seq + t.leaf_count)`;
+
 /** Leaves stored: the records and the event tiles, whichever reaches further. */
 export async function storedTreeSize(db: Queryable): Promise<number> {
   const r = await db.query<{ n: string }>(
@@ -59,7 +69,7 @@ export async function subtreeHashes(db: Queryable, wanted: readonly { level: num
 /** The stored leaf hashes of `seqs`, from the records and the event tiles; absent ones are left out. */
 export async function storedLeafHashes(db: Queryable, seqs: readonly number[]): Promise<Map<number, Buffer>> {
   const r = await db.query<{ seq: string; leaf_hash: Buffer }>(
-    `SELECT r.seq::text, r.leaf_hash FROM audit.records r WHERE r.seq = ANY($1::bigint[])
+    `SELECT r.seq::text, r.leaf_hash FROM audit.records r WHERE r.seq = ANY($1::bigint[]) AND NOT ${recordInTile('r')}
      UNION ALL
      SELECT s.seq::text, substring(t.leaf_hashes FROM (s.seq - t.first_seq)::integer * 32 + 1 FOR 32)
        FROM unnest($1::bigint[]) AS s(seq)

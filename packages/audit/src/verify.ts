@@ -15,20 +15,28 @@
  * - a truncated tail: the first sequence number a checkpoint covers but storage lacks;
  * - a tile's search summary that no longer matches its events (`search_summary_altered`):
  *   the tile's first leaf. It is not evidence, but search trusts it to skip tiles;
+ * - a record row inside an event tile's range (`record_in_tile`, a forgery: the tile's leaves
+ *   are its events, and such a row would show in search): that row's sequence number;
+ * - a changed, missing or extra stored subtree (`tree_node_altered`, `tree_node_missing`):
+ *   that node, by level and index. Proofs and a restarting sequencer read them, so a changed
+ *   one breaks proofs, or a checkpoint, without touching a leaf;
  * - a forged or altered checkpoint: that checkpoint;
  * - a rewrite that also recomputed the stored leaf hashes: the span between the last
  *   checkpoint that still matches and the first that does not.
  */
 import { createPublicKey, type KeyObject } from 'node:crypto';
+import { sqlArrayLiteral } from '@ledgerline/events';
 import { checkpointSignatureValid, keyIdOf, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
-import { Frontier, leafHash } from './merkle.ts';
+import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
-import type { Queryable } from './tree.ts';
+import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
 import { checkTile, summaryMismatch, tileStarts } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
+/** The lowest level audit.tree_nodes holds (logs written before STORED_LEVEL_MIN was 6 stored from 4). */
+const TREE_NODE_LEVEL_MIN = 4;
 
 export type VerifyIssueKind =
   | 'record_altered'
@@ -39,7 +47,10 @@ export type VerifyIssueKind =
   | 'checkpoint_root_mismatch'
   | 'records_truncated'
   | 'event_missing'
-  | 'search_summary_altered';
+  | 'search_summary_altered'
+  | 'record_in_tile'
+  | 'tree_node_altered'
+  | 'tree_node_missing';
 
 export interface VerifyIssue {
   kind: VerifyIssueKind;
@@ -47,6 +58,8 @@ export interface VerifyIssue {
   seq: number | null;
   /** The checkpoint concerned, by its tree size. */
   treeSize: number | null;
+  /** For a stored subtree (`tree_node_*`): its level and index; `seq` is then its first leaf. */
+  node?: { level: number; index: number };
   detail: string;
 }
 
@@ -117,6 +130,35 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     else issuesTruncated = true;
   };
   const frontier = new Frontier();
+  // The tree of the leaf hashes as stored, against which the stored subtrees are held: a
+  // changed record is its own issue (record_altered), not also one for each subtree above it.
+  const storedTree = new Frontier();
+  let completed: Subtree[] = [];
+  const appendStored = (h: Buffer): void => {
+    for (const n of storedTree.append(h)) if (n.level >= TREE_NODE_LEVEL_MIN) completed.push(n);
+  };
+  /** Holds the stored subtrees completed since the last call to the ones recomputed. */
+  const checkNodes = async (): Promise<void> => {
+    if (completed.length === 0) return;
+    const batch = completed;
+    completed = [];
+    const r = await db.query<{ hash: Buffer | null }>(
+      `SELECT n.hash FROM unnest($1::smallint[], $2::bigint[]) WITH ORDINALITY AS w(level, idx, i)
+         LEFT JOIN audit.tree_nodes n ON n.level = w.level AND n.idx = w.idx ORDER BY w.i`,
+      [sqlArrayLiteral(batch.map((n) => n.level)), sqlArrayLiteral(batch.map((n) => n.index))],
+    );
+    for (const [i, n] of batch.entries()) {
+      const stored = r.rows[i]?.hash ?? null;
+      const at = { seq: n.index * 2 ** n.level, treeSize: null, node: { level: n.level, index: n.index } };
+      const leaves = `leaves ${at.seq}..${at.seq + 2 ** n.level - 1}`;
+      // Every subtree of STORED_LEVEL_MIN or above is stored; below it, only in logs written before.
+      if (stored === null) {
+        if (n.level >= STORED_LEVEL_MIN) report({ kind: 'tree_node_missing', ...at, detail: `the stored subtree at level ${n.level}, index ${n.index} (${leaves}) is missing: proofs and a restarting sequencer need it` });
+      } else if (!stored.equals(n.hash)) {
+        report({ kind: 'tree_node_altered', ...at, detail: `the stored subtree at level ${n.level}, index ${n.index} (${leaves}) does not match the subtree recomputed from its leaves: proofs through it fail, and a sequencer resuming from it would sign a wrong root` });
+      }
+    }
+  };
   // The verifier's keys, widened per log origin by the stored transitions they vouched for.
   const transitions = await storedKeyTransitions(db);
   const followed = new Set<KeyTransition>();
@@ -200,8 +242,10 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       if (!recomputed.equals(row.leaf_hash)) report({ kind: 'record_altered', seq, treeSize: null, detail: `record ${seq} (${fields.id}) does not hash to its stored leaf hash: a column was changed or the record moved` });
       checkPayload(row, seq, report);
       frontier.append(recomputed);
+      appendStored(row.leaf_hash);
       expected = seq + 1;
     }
+    await checkNodes();
     options.onProgress?.(frontier.size);
     if (page.rows.length === VERIFY_PAGE_RECORDS) continue;
     if (tile === undefined) break;
@@ -218,6 +262,18 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
         report({ kind: 'record_altered', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} (event position ${leaf.position}) does not hash to its stored leaf hash: the event was changed or moved` });
       }
       frontier.append(leaf.recomputed ?? leaf.stored);
+      appendStored(leaf.stored);
+    }
+    await checkNodes();
+    // A tile's leaves are its events: a record row in its range is a forgery (the sequencer
+    // gives records and tiles disjoint ranges, and the database refuses such rows since
+    // migration 1769000000000). The walk above never reads one, and search would show it.
+    const inside = await db.query<{ seq: string }>(
+      'SELECT seq::text FROM audit.records WHERE seq >= $1 AND seq < $2 ORDER BY seq LIMIT $3',
+      [tile.firstSeq, tile.firstSeq + tile.count, issuesMax],
+    );
+    for (const row of inside.rows) {
+      report({ kind: 'record_in_tile', seq: Number(row.seq), treeSize: null, detail: `a record row at seq ${row.seq}, inside the tile of event leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: no record belongs there (forged), and it is not in the tree` });
     }
     // Not evidence (nothing is signed over it), but search trusts it to skip tiles.
     const mismatch = tile.summary === null ? null : summaryMismatch(tile.summary, leaves);
@@ -228,6 +284,16 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   while (next !== null) {
     checkCheckpoint(next, true);
     next = await nextCheckpoint();
+  }
+  // A stored subtree reaching past the tree stands in no proof yet, but the sequencer would
+  // fail to store the real one there, or a proof would use it once the tree grows.
+  const beyond = await db.query<{ level: number; idx: string }>(
+    'SELECT level, idx::text FROM audit.tree_nodes WHERE (idx + 1) * (1::bigint << level) > $1 ORDER BY level, idx LIMIT $2',
+    [storedTree.size, issuesMax],
+  );
+  for (const n of beyond.rows) {
+    const index = Number(n.idx);
+    report({ kind: 'tree_node_altered', seq: index * 2 ** n.level, treeSize: null, node: { level: n.level, index }, detail: `a stored subtree at level ${n.level}, index ${index} reaches past the ${storedTree.size} leaves stored: no such subtree exists yet` });
   }
   return {
     ok: issues.length === 0,

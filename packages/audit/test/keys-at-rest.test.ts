@@ -45,6 +45,23 @@ async function storedKey(subject: string): Promise<{ length: number; kekId: stri
   return row === undefined ? undefined : { length: row.length, kekId: row.kek_id };
 }
 
+/**
+ * Damages a subject key the way only a superuser still can: the database refuses a key changed
+ * under the same key-encryption key (migration 1769100000000), so the triggers are switched off
+ * for this transaction, as tamper.test.ts does.
+ */
+async function copyKeyAsSuperuser(from: string, to: string): Promise<void> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    await c.query('UPDATE audit.subject_keys SET key = (SELECT key FROM audit.subject_keys WHERE subject = $1) WHERE subject = $2', [from, to]);
+    await c.query('COMMIT');
+  } finally {
+    c.release();
+  }
+}
+
 async function byResource(store: AuditStore, id: string): Promise<AuditRecordView[]> {
   return (await store.search({ resourceId: id }, { limit: 10 }, REVIEWER)).records;
 }
@@ -90,7 +107,7 @@ test('wrapped keys refuse to open without the key, with another key, or moved to
   const otherStore = new AuditStore({ pool: t.pool, sink: t.sink, service: 'test', keyEncryptionKey: other });
   await assert.rejects(byResource(otherStore, 'acc-a'), (e: unknown) => e instanceof KeyEncryptionKeyError && e.message.includes(`under key-encryption key ${kek.id}, not the configured ${other.id}`));
   // and with cust-b's wrapped key copied onto cust-a (by a superuser), it does not open as cust-a's.
-  await t.pool.query("UPDATE audit.subject_keys SET key = (SELECT key FROM audit.subject_keys WHERE subject = 'cust-b') WHERE subject = 'cust-a'");
+  await copyKeyAsSuperuser('cust-b', 'cust-a');
   const store = new AuditStore({ pool: t.pool, sink: t.sink, service: 'test', keyEncryptionKey: kek });
   await assert.rejects(byResource(store, 'acc-a'), (e: unknown) => e instanceof KeyEncryptionKeyError && /wrapped key of subject cust-a does not open/.test(e.message));
   assert.deepEqual((await byResource(store, 'acc-b'))[0]?.personal, { name: 'Di' });
@@ -102,7 +119,7 @@ test('rotation: with "new,old" keys under old still open, the sequencer wraps th
   t.sink.record({ ...base, resource: { type: 'account', id: 'acc-a' }, subject: 'cust-a', personal: { name: 'Cy' } });
   t.sink.record({ ...base, resource: { type: 'account', id: 'acc-b' }, subject: 'cust-b', personal: { name: 'Di' } });
   await settleWith(sequencerWith(kek));
-  await t.pool.query("UPDATE audit.subject_keys SET key = (SELECT key FROM audit.subject_keys WHERE subject = 'cust-b') WHERE subject = 'cust-a'");
+  await copyKeyAsSuperuser('cust-b', 'cust-a');
   // and a third subject's key wrapped under the key about to go, `before`,
   const old = randomBytes(32).toString('base64url');
   const next = randomBytes(32).toString('base64url');

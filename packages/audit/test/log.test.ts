@@ -130,6 +130,9 @@ test('search filters by actor, resource, type, outcome and time, pages by keyset
   assert.equal(bySvc1?.origin.ip, '10.0.0.9');
   assert.equal(bySvc1?.recordClass, 'access');
   assert.equal(bySvc1?.payload?.returned, byActor.records.length);
+  // The refused one too, with why.
+  const refused = searches.records.filter((r) => r.outcome === 'failure');
+  assert.deepEqual(refused.map((r) => [r.payload?.limit, r.reason]), [[0, 'limit must be an integer in 1..1000']]);
 });
 
 test('the writer role cannot update or delete; a trigger stops everyone else', async () => {

@@ -292,6 +292,19 @@ test('after a rotation of the signing key, proofs over HTTP carry the transition
   assert.deepEqual(report.keyTransitionsFollowed.map((x) => x.toKeyId), [rotated.keyId]);
 });
 
+test('a refused request whose id the trail cannot store as sent (a lone surrogate) is still recorded, the character replaced', async () => {
+  const res = await app.inject({
+    method: 'POST', url: '/v1/accounts', headers: { 'x-client-id': 'svc-odd-id', 'content-type': 'application/json' },
+    payload: '{"id":"\\ud800x","ledger":"USD","code":1}',
+  });
+  assert.equal(res.statusCode, 400, res.body);
+  await settle();
+  const records = await search('actor=svc-odd-id');
+  assert.deepEqual(records.map((r) => [r.action, r.outcome, r.reason, r.resource.id]), [['ledger.account.create', 'failure', 'validation-error', '\ufffdx']]);
+  const stalled = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+  assert.equal(stalled.rows[0]?.n, 0, 'nothing is left in the queue');
+});
+
 test('bad audit queries get a 4xx problem and write nothing', async () => {
   await settle();
   const before = (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n;

@@ -307,6 +307,7 @@ test('with EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION the relay withhold
     assert.match(metrics, /^ledgerline_events_relay_withheld\{[^}]*\} 1$/m);
     assert.match(metrics, /^ledgerline_events_relay_published\{[^}]*\} [1-9]\d*$/m);
     assert.match(metrics, /^ledgerline_audit_sequencer_restarts_total\{[^}]*\} 0$/m, 'the sequencer thread has not died');
+    assert.match(metrics, /^ledgerline_audit_tree_mismatches_total\{[^}]*\} 0$/m, 'the stored tree matches its checkpoints');
   } finally {
     service.kill('SIGTERM');
     await killed(service);

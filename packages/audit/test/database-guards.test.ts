@@ -1,0 +1,357 @@
+/**
+ * The guards the database keeps on the trail whoever connects (migration
+ * 1769100000000_database-guards.sql): payloads removed only when due, retention never
+ * shortened under records still owed the longer one, subject keys only wrapped again, holds
+ * serialised with expiry and erasure, and the tree growing only at its end. Each attempt here
+ * is one the reviewer made succeed on the schema before the migration.
+ */
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, test } from 'node:test';
+import pg from 'pg';
+import { auditLegalHolds, verifyLog } from '../src/index.ts';
+import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
+
+const DAY_MS = 86_400_000;
+const WRITER = 'ledgerline_audit_writer';
+
+let t: AuditTestEnv;
+beforeEach(async () => {
+  t = await auditTestEnv();
+});
+afterEach(async () => {
+  await t.close();
+});
+
+/** Runs `sql` in its own transaction, as the schema owner (the test's login) or as the writer role. */
+async function run(sql: string, params: unknown[] = [], as: 'owner' | 'writer' = 'owner'): Promise<pg.QueryResult> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    if (as === 'writer') await c.query(`SET LOCAL ROLE ${WRITER}`);
+    const r = await c.query(sql, params);
+    await c.query('COMMIT');
+    return r;
+  } catch (error) {
+    await c.query('ROLLBACK');
+    throw error;
+  } finally {
+    c.release();
+  }
+}
+
+async function seqOf(resourceId: string): Promise<number> {
+  const r = await t.pool.query<{ seq: string }>('SELECT seq::text FROM audit.records WHERE resource_id = $1', [resourceId]);
+  assert.equal(r.rows.length, 1, `one record for ${resourceId}`);
+  return Number(r.rows[0]?.seq);
+}
+
+/** A client with a statement timeout, so a lock that is never released fails the test instead of hanging it. */
+async function client(): Promise<pg.Client> {
+  const c = new pg.Client({ connectionString: t.db.url, statement_timeout: 20_000 });
+  await c.connect();
+  return c;
+}
+
+/** Waits (at most `ms`) until backend `pid` waits on a lock; false if it never did. */
+async function waitsOnLock(pid: number, ms = 3000): Promise<boolean> {
+  for (const until = Date.now() + ms; Date.now() < until; ) {
+    const r = await t.pool.query<{ w: boolean }>("SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) AS w FROM pg_stat_activity WHERE pid = $1", [pid]);
+    if (r.rows[0]?.w === true) return true;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return false;
+}
+
+/** Waits (at most `ms`) until `settled()` or some backend waits to insert a hold. */
+async function holdSettledOrWaiting(settled: () => boolean, ms = 3000): Promise<void> {
+  for (const until = Date.now() + ms; Date.now() < until && !settled(); ) {
+    const r = await t.pool.query("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit.legal_holds%'");
+    if (r.rows.length > 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Whether an active hold matching `where` is committed (visible to a new statement). */
+async function holdCommitted(where: string): Promise<boolean> {
+  const r = await t.pool.query<{ n: number }>(`SELECT count(*)::int AS n FROM audit.legal_holds WHERE released_at IS NULL AND ${where}`);
+  return (r.rows[0]?.n ?? 0) > 0;
+}
+
+/** Which of these accounts' records still have their payload. */
+async function payloadsOf(ids: string[]): Promise<string[]> {
+  const r = await t.pool.query<{ resource_id: string }>('SELECT r.resource_id FROM audit.payloads p JOIN audit.records r USING (seq) WHERE r.resource_id = ANY($1) ORDER BY 1', [ids]);
+  return r.rows.map((x) => x.resource_id);
+}
+
+const old = (days: number): Date => new Date(Date.now() - days * DAY_MS);
+
+test('a payload within its retention, or under a legal hold, cannot be deleted, by the owner either; expiry still removes what is due', async () => {
+  t.sink.record(entry(1, { recordClass: 'command', resource: { type: 'account', id: 'fresh' }, subject: 'cust-1', personal: { name: 'Ada' } }));
+  t.sink.record(entry(2, { recordClass: 'access', resource: { type: 'account', id: 'held' }, occurredAt: old(400) }));
+  t.sink.record(entry(3, { recordClass: 'access', resource: { type: 'account', id: 'due' }, occurredAt: old(400) }));
+  t.sink.record(entry(4, { recordClass: 'security', resource: { type: 'account', id: 'forever' }, occurredAt: old(4000) }));
+  await t.settle();
+  await t.store.placeHold({ resource: { type: 'account', id: 'held' } }, 'litigation', REVIEWER);
+  await t.store.placeHold({ subject: 'cust-1' }, 'litigation', REVIEWER);
+
+  await assert.rejects(run('DELETE FROM audit.payloads WHERE seq = $1', [await seqOf('fresh')]), /within its retention/);
+  await assert.rejects(run('DELETE FROM audit.payloads WHERE seq = $1', [await seqOf('held')]), /legal hold/);
+  await assert.rejects(run('DELETE FROM audit.payloads WHERE seq = $1', [await seqOf('forever')]), /kept for ever/);
+  // The reviewer's statement: every payload of a held subject, in one DELETE.
+  await assert.rejects(run("DELETE FROM audit.payloads p USING audit.records r WHERE r.seq = p.seq AND r.subject = 'cust-1'"));
+
+  assert.equal(await t.store.expirePayloads(new Date(), REVIEWER), 1);
+  const left = await t.pool.query<{ resource_id: string }>('SELECT r.resource_id FROM audit.payloads p JOIN audit.records r USING (seq) WHERE r.resource_type = $1 ORDER BY 1', ['account']);
+  assert.deepEqual(
+    left.rows.map((r) => r.resource_id),
+    ['forever', 'fresh', 'held'],
+  );
+  await t.settle();
+  assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
+});
+
+test('retention is never shortened under records still owed the longer one; every change is kept and recorded in the trail', async () => {
+  t.sink.record(entry(1, { recordClass: 'financial', resource: { type: 'transfer', id: 't-1' } }));
+  t.sink.record(entry(2, { recordClass: 'security', resource: { type: 'key', id: 'k-1' } }));
+  t.sink.record(entry(3, { recordClass: 'access', resource: { type: 'account', id: 'a-1' }, occurredAt: old(500) }));
+  await t.settle();
+
+  // The reviewer's shortening, and a policy added to a class kept for ever.
+  await assert.rejects(run("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'"), /still owed the longer one/);
+  await assert.rejects(run("INSERT INTO audit.retention_policies (record_class, retain_days) VALUES ('security', 30)"), /still owed the longer one/);
+  await assert.rejects(run("UPDATE audit.retention_policies SET record_class = 'security' WHERE record_class = 'access'"), /still owed the longer one/);
+  await assert.rejects(run('TRUNCATE audit.retention_policies'), /append-only/);
+  // Ledger events are records of class financial before the sequencer reaches them too.
+  await run("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
+
+  // Lengthening is always allowed; shortening is, once nothing within the old retention is left
+  // (the one access record is 500 days old, past both 366 and 400 days).
+  await run("UPDATE audit.retention_policies SET retain_days = 400 WHERE record_class = 'access'");
+  await run("UPDATE audit.retention_policies SET retain_days = 366 WHERE record_class = 'access'");
+  await run("INSERT INTO audit.retention_policies (record_class, retain_days) VALUES ('telemetry', 30)");
+  await run("DELETE FROM audit.retention_policies WHERE record_class = 'telemetry'");
+
+  const history = await t.pool.query<{ record_class: string; retain_days_before: number | null; retain_days_after: number | null }>(
+    'SELECT record_class, retain_days_before, retain_days_after FROM audit.retention_policy_changes ORDER BY id',
+  );
+  assert.deepEqual(
+    history.rows.map((h) => [h.record_class, h.retain_days_before, h.retain_days_after]),
+    [
+      ['access', null, 366],
+      ['command', null, 2557],
+      ['financial', null, 2557],
+      ['financial', 2557, 3000],
+      ['access', 366, 400],
+      ['access', 400, 366],
+      ['telemetry', null, 30],
+      ['telemetry', 30, null],
+    ],
+  );
+  await assert.rejects(run('UPDATE audit.retention_policy_changes SET retain_days_after = 1'), /append-only/);
+  await assert.rejects(run('DELETE FROM audit.retention_policy_changes'), /append-only/);
+
+  await t.settle();
+  const me = (await t.pool.query<{ u: string }>('SELECT current_user AS u')).rows[0]?.u;
+  const changes = (await t.store.search({ action: 'audit.retention.change' }, { limit: 10, order: 'asc' }, REVIEWER)).records;
+  const change = (recordClass: string, before: number | null, after: number | null): unknown[] => [
+    'governance',
+    recordClass,
+    { changedAs: me, recordClass, retainDaysAfter: after, retainDaysBefore: before },
+  ];
+  assert.deepEqual(
+    changes.map((r) => [r.recordClass, r.resource.id, r.payload]),
+    [change('financial', 2557, 3000), change('access', 366, 400), change('access', 400, 366), change('telemetry', null, 30), change('telemetry', 30, null)],
+  );
+  assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
+});
+
+test('the writer role cannot destroy a subject key by UPDATE: only a re-wrapping under another key-encryption key passes', async () => {
+  t.sink.record(entry(1, { subject: 'cust-1', personal: { name: 'Alice' } }));
+  t.sink.record(entry(2, { subject: 'cust-2', personal: { name: 'Bob' } }));
+  await t.settle();
+  await t.store.placeHold({ subject: 'cust-1' }, 'litigation', REVIEWER);
+
+  // The reviewer's UPDATE (a new key in clear) under a hold, and the same with the key merely changed.
+  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256(random()::text::bytea), kek_id = NULL WHERE subject = 'cust-1'", [], 'writer'), /same key-encryption key/);
+  await assert.rejects(run("UPDATE audit.subject_keys SET subject = 'cust-9' WHERE subject = 'cust-1'", [], 'writer'));
+  const personal = (await t.store.search({ subject: 'cust-1' }, { limit: 10 }, REVIEWER)).records.map((r) => [r.personalState, r.personal]);
+  assert.deepEqual(personal, [['present', { name: 'Alice' }]]);
+
+  // A re-wrapping (here a stand-in of the right form: 72 bytes under a named key) passes, and
+  // then neither a changed key under that key nor a return to clear does.
+  const wrapped = "decode(repeat('ab', 72), 'hex')";
+  await run(`UPDATE audit.subject_keys SET key = ${wrapped}, kek_id = 'kek-a' WHERE subject = 'cust-2'`, [], 'writer');
+  await assert.rejects(run(`UPDATE audit.subject_keys SET key = decode(repeat('cd', 72), 'hex') WHERE subject = 'cust-2'`, [], 'writer'), /same key-encryption key/);
+  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256('x'::bytea), kek_id = NULL WHERE subject = 'cust-2'", [], 'writer'), /only be wrapped/);
+  await assert.rejects(run('TRUNCATE audit.subject_keys'), /append-only/);
+});
+
+/** Clients for a race: a statement timeout each, ended whatever happens. */
+async function withClients(n: number, fn: (clients: pg.Client[]) => Promise<void>): Promise<void> {
+  const clients: pg.Client[] = [];
+  try {
+    for (let i = 0; i < n; i += 1) clients.push(await client());
+    await fn(clients);
+  } finally {
+    await Promise.all(clients.map((c) => c.end()));
+  }
+}
+
+async function pidOf(c: pg.Client): Promise<number> {
+  return (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? 0;
+}
+
+/** Begins a transaction on `c` that inserts a hold and stays open. */
+async function holdUncommitted(c: pg.Client, target: string): Promise<void> {
+  await c.query('BEGIN');
+  await c.query(`SET LOCAL ROLE ${WRITER}`);
+  const [column, value] = target.split('=') as [string, string];
+  const sql =
+    column === 'subject'
+      ? "INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), $1, 'litigation', 'user:lee')"
+      : "INSERT INTO audit.legal_holds (id, resource_type, resource_id, reason, placed_by) VALUES (gen_random_uuid(), 'account', $1, 'litigation', 'user:lee')";
+  await c.query(sql, [value]);
+}
+
+/** The statement's result, or the error it failed with (a race's loser fails; the test then says how). */
+const settledAs = <R extends pg.QueryResultRow, T>(p: Promise<pg.QueryResult<R>>, pick: (r: pg.QueryResult<R>) => T): Promise<T | Error> =>
+  p.then(pick, (error: unknown) => (error instanceof Error ? error : new Error(String(error))));
+
+test('erase_subject waits for a hold being placed on the subject, and then refuses', async () => {
+  t.sink.record(entry(1, { subject: 'cust-1', personal: { name: 'Alice' } }));
+  await t.settle();
+  await withClients(2, async ([holder, eraser]) => {
+    if (holder === undefined || eraser === undefined) throw new Error('no clients');
+    await holdUncommitted(holder, 'subject=cust-1');
+    await eraser.query(`SET ROLE ${WRITER}`);
+    const eraserPid = await pidOf(eraser);
+    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-1') AS erased"), (r) => r.rows[0]?.erased);
+    await waitsOnLock(eraserPid, 1500);
+    await holder.query('COMMIT');
+    const outcome = await erasing;
+    assert.ok(outcome instanceof Error && /legal hold/.test(outcome.message), `erase_subject returned ${String(outcome)} under a hold committed before it checked`);
+  });
+});
+
+test('a hold placed while erase_subject waits on a row lock waits for the erasure (the reviewer\'s race)', async () => {
+  t.sink.record(entry(2, { subject: 'cust-2', personal: { name: 'Bob' } }));
+  await t.settle();
+  await withClients(2, async ([locker, eraser]) => {
+    if (locker === undefined || eraser === undefined) throw new Error('no clients');
+    await locker.query('BEGIN');
+    await locker.query("SELECT 1 FROM audit.subject_keys WHERE subject = 'cust-2' FOR UPDATE");
+    await eraser.query(`SET ROLE ${WRITER}`);
+    const eraserPid = await pidOf(eraser);
+    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-2') AS erased"), (r) => r.rows[0]?.erased);
+    assert.ok(await waitsOnLock(eraserPid), 'erase_subject waits on the row lock');
+    let settled = false;
+    const holding = t.store.placeHold({ subject: 'cust-2' }, 'litigation', REVIEWER).finally(() => {
+      settled = true;
+    });
+    await holdSettledOrWaiting(() => settled);
+    // Read on the server while the erasure still waits: the order in which the clients'
+    // callbacks run would not say which transaction committed first.
+    const heldFirst = await holdCommitted("subject = 'cust-2'");
+    await locker.query('COMMIT');
+    const [erased] = await Promise.all([erasing, holding]);
+    if (heldFirst) assert.ok(erased instanceof Error && /legal hold/.test(erased.message), `a hold committed while erase_subject waited, and it returned ${String(erased)}`);
+    else assert.equal(erased, true, 'the erasure came first, and the hold waited for it');
+    assert.equal(await holdCommitted("subject = 'cust-2'"), true);
+  });
+});
+
+test('expire_payloads waits for a hold being placed on a resource, and then keeps its payload', async () => {
+  t.sink.record(entry(1, { recordClass: 'access', resource: { type: 'account', id: 'due-1' }, occurredAt: old(400) }));
+  t.sink.record(entry(2, { recordClass: 'access', resource: { type: 'account', id: 'due-2' }, occurredAt: old(400) }));
+  await t.settle();
+  await withClients(2, async ([holder, expirer]) => {
+    if (holder === undefined || expirer === undefined) throw new Error('no clients');
+    await holdUncommitted(holder, 'resource=due-1');
+    await expirer.query(`SET ROLE ${WRITER}`);
+    const expirerPid = await pidOf(expirer);
+    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10) AS n'), (r) => r.rows[0]?.n);
+    await waitsOnLock(expirerPid, 1500);
+    await holder.query('COMMIT');
+    assert.equal(await expiring, 1);
+    assert.deepEqual(await payloadsOf(['due-1', 'due-2']), ['due-1'], 'due-1 was held before the expiry checked: kept');
+  });
+});
+
+test('a hold placed while expire_payloads waits on a row lock waits for the expiry', async () => {
+  t.sink.record(entry(2, { recordClass: 'access', resource: { type: 'account', id: 'due-2' }, occurredAt: old(400) }));
+  await t.settle();
+  await withClients(2, async ([locker, expirer]) => {
+    if (locker === undefined || expirer === undefined) throw new Error('no clients');
+    await locker.query('BEGIN');
+    await locker.query('SELECT 1 FROM audit.payloads WHERE seq = $1 FOR UPDATE', [await seqOf('due-2')]);
+    await expirer.query(`SET ROLE ${WRITER}`);
+    const expirerPid = await pidOf(expirer);
+    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10) AS n'), (r) => r.rows[0]?.n);
+    assert.ok(await waitsOnLock(expirerPid), 'expire_payloads waits on the row lock');
+    let settled = false;
+    const holding = t.store.placeHold({ resource: { type: 'account', id: 'due-2' } }, 'litigation', REVIEWER).finally(() => {
+      settled = true;
+    });
+    await holdSettledOrWaiting(() => settled);
+    const heldFirst = await holdCommitted("resource_id = 'due-2'");
+    await locker.query('COMMIT');
+    const [removed] = await Promise.all([expiring, holding]);
+    if (heldFirst) assert.deepEqual(await payloadsOf(['due-2']), ['due-2'], `a hold on due-2 committed while expire_payloads waited, and it returned ${String(removed)}`);
+    else assert.equal(removed, 1, 'the expiry came first, and the hold waited for it');
+  });
+});
+
+test("event-store retention's hold check waits for a hold being placed on the stream, and then keeps it", async () => {
+  const [holder, keeper] = [await client(), await client()];
+  try {
+    await holder.query('BEGIN');
+    await holder.query(`SET LOCAL ROLE ${WRITER}`);
+    await holder.query("INSERT INTO audit.legal_holds (id, resource_type, resource_id, reason, placed_by) VALUES (gen_random_uuid(), 'ticket', 't-1', 'litigation', 'user:lee')");
+    const keeperPid = (await keeper.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? 0;
+    await keeper.query('BEGIN');
+    await keeper.query(`SET LOCAL ROLE ${WRITER}`);
+    const checking = auditLegalHolds().isHeld(keeper, { streamType: 'ticket', streamId: 't-1' }, { action: 'archive', now: new Date() });
+    await waitsOnLock(keeperPid, 1500);
+    await holder.query('COMMIT');
+    assert.equal(await checking, true, 'a hold committed before the stream was removed holds it');
+    await keeper.query('ROLLBACK');
+  } finally {
+    await Promise.all([holder.end(), keeper.end()]);
+  }
+});
+
+test('the writer role cannot plant a checkpoint, tree node, record or tile ahead of the log; the sequencer goes on signing', async () => {
+  for (let i = 0; i < 10; i += 1) t.sink.record(entry(i));
+  await t.settle();
+  const size = Number((await t.pool.query<{ n: string }>('SELECT audit.leaf_count()::text AS n')).rows[0]?.n);
+  assert.equal(size, 10);
+
+  await assert.rejects(run("INSERT INTO audit.checkpoints VALUES (1000000000, 'x', sha256(''::bytea), now(), 'k', ''::bytea)", [], 'writer'), /not of the log's size/);
+  await assert.rejects(run("INSERT INTO audit.tree_nodes VALUES (6, 0, sha256(''::bytea))", [], 'writer'), /does not have yet/);
+  await assert.rejects(
+    run(
+      `INSERT INTO audit.records (seq, id, occurred_at, record_class, actor_type, actor_id, action, outcome, origin_service, resource_type, resource_id, leaf_hash)
+       SELECT 1000000, id, occurred_at, record_class, actor_type, actor_id, action, outcome, origin_service, resource_type, resource_id, leaf_hash FROM audit.records WHERE seq = 0`,
+      [],
+      'writer',
+    ),
+    /not the next leaves/,
+  );
+  await assert.rejects(
+    run(
+      `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes)
+       VALUES (1000000, 1, '1', 1, now(), now(), '{1}', sha256(''::bytea))`,
+      [],
+      'writer',
+    ),
+    /not at the end of the log/,
+  );
+
+  for (let i = 0; i < 80; i += 1) t.sink.record(entry(i));
+  await t.sink.flush();
+  const round = await t.sequencer.round({ forceCheckpoint: true });
+  assert.equal(round.records, 80);
+  assert.equal(round.checkpoint?.treeSize, 90);
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.firstDifference));
+});
