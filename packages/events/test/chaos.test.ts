@@ -345,6 +345,20 @@ function copiesInStream(messages: StoredMsg[]): Map<string, number> {
   return copies;
 }
 
+/** Has a relay (in this process, 10 events a message) publish every event committed so far, and stops it. */
+async function publishEverything(env: EventsTestEnv): Promise<void> {
+  const relay = new OutboxRelay({
+    pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
+    eventsPerMessageMax: 10,
+  });
+  relay.start();
+  try {
+    await waitFor('the relay to publish everything', () => checkpointsAtEnd(env.pool));
+  } finally {
+    await relay.stop();
+  }
+}
+
 function report(t: TestContext, figures: Record<string, unknown>): void {
   const text = JSON.stringify(figures, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v));
   t.diagnostic(text);
@@ -438,16 +452,7 @@ describe('chaos: exactly once with real processes', () => {
       const ids = await committedIds(env.pool);
       await waitForHorizon(env, ids.length);
       // Everything is published first, undisturbed: the only fault here is the consumer's.
-      const relay = new OutboxRelay({
-        pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
-        eventsPerMessageMax: 10,
-      });
-      relay.start();
-      try {
-        await waitFor('the relay to publish everything', () => checkpointsAtEnd(env.pool));
-      } finally {
-        await relay.stop();
-      }
+      await publishEverything(env);
 
       const name = 'c-kill';
       // A short ack wait so that the broker redelivers the unacked message soon after the kill.
@@ -598,16 +603,7 @@ describe('chaos: exactly once with real processes', () => {
       const group = [await startConsumer(target, 'c-group', {}, 'c-group#1'), await startConsumer(target, 'c-group', {}, 'c-group#2')];
       const solo = await startConsumer(target, 'c-solo');
 
-      const relay = new OutboxRelay({
-        pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
-        eventsPerMessageMax: 10,
-      });
-      relay.start();
-      try {
-        await waitFor('the relay to publish everything', () => checkpointsAtEnd(env.pool));
-      } finally {
-        await relay.stop();
-      }
+      await publishEverything(env);
       for (const name of ['c-group', 'c-solo']) {
         await waitForEffects(env.pool, name, ids.length);
         await waitFor(`${name} to ack everything`, () => consumerSettled(env, name));
@@ -685,16 +681,7 @@ describe('chaos: exactly once with real processes', () => {
       await appendEvents(env, 5, 4, 6);
       const ids = await committedIds(env.pool);
       await waitForHorizon(env, ids.length);
-      const relay = new OutboxRelay({
-        pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix,
-        eventsPerMessageMax: 10,
-      });
-      relay.start();
-      try {
-        await waitFor('the relay to publish everything', () => checkpointsAtEnd(env.pool));
-      } finally {
-        await relay.stop();
-      }
+      await publishEverything(env);
       const [before, poison, after] = (await env.store.readStream(env.pool, 'crash', 'c-1')).map((e) => e.id) as [string, string, string];
       assert.ok(before !== undefined && after !== undefined);
 
