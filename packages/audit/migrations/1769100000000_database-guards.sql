@@ -325,22 +325,28 @@ END
 $$;
 CREATE TRIGGER event_leaves_at_end BEFORE INSERT ON audit.event_leaves FOR EACH ROW EXECUTE FUNCTION audit.tile_at_end_guard();
 
+-- Once per statement, on the rows it added: a round stores hundreds of nodes in one statement,
+-- and counting the leaves once per node cost the sequencer about a tenth more CPU.
 CREATE FUNCTION audit.tree_node_guard() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, audit AS $$
 DECLARE
   n bigint;
+  bad record;
 BEGIN
-  IF audit.is_superuser() THEN RETURN NEW; END IF;
+  IF audit.is_superuser() THEN RETURN NULL; END IF;
   n := audit.leaf_count();
   -- Node (level, idx) covers leaves idx·2^level .. (idx+1)·2^level - 1 (numeric: no overflow).
-  IF (NEW.idx + 1)::numeric * power(2::numeric, NEW.level) > n THEN
-    RAISE EXCEPTION 'audit.tree_nodes: node (%, %) covers leaves the log does not have yet (%)', NEW.level, NEW.idx, n
+  SELECT a.level, a.idx INTO bad FROM added a
+   WHERE (a.idx + 1)::numeric * power(2::numeric, a.level) > n LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'audit.tree_nodes: node (%, %) covers leaves the log does not have yet (%)', bad.level, bad.idx, n
       USING ERRCODE = 'insufficient_privilege';
   END IF;
-  RETURN NEW;
+  RETURN NULL;
 END
 $$;
-CREATE TRIGGER tree_nodes_complete_only BEFORE INSERT ON audit.tree_nodes FOR EACH ROW EXECUTE FUNCTION audit.tree_node_guard();
+CREATE TRIGGER tree_nodes_complete_only AFTER INSERT ON audit.tree_nodes REFERENCING NEW TABLE AS added
+  FOR EACH STATEMENT EXECUTE FUNCTION audit.tree_node_guard();
 
 CREATE FUNCTION audit.checkpoint_guard() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, audit AS $$
