@@ -432,9 +432,19 @@ export class EventStore {
     }
     if (options.region !== undefined) await this.tagStream(db, stream.type, stream.id, options.region);
     // The latest event is the newest (see appendMany): one index probe, not the whole stream.
+    // A stream with no live event may have been archived (retention): it continues after its
+    // archived versions, so that it never starts again at 1 and an aggregate expecting
+    // 'no_stream' is refused. The archive is probed only then (a one-time filter), in the same
+    // statement.
     const { rows } = await db.query<{ version: number | null; newer: boolean | null }>(
-      `SELECT version, transaction_id > pg_current_xact_id() AS newer
-         FROM events.events WHERE stream_type = $1 AND stream_id = $2 ORDER BY version DESC LIMIT 1`,
+      `WITH live AS (SELECT version, transaction_id FROM events.events
+                      WHERE stream_type = $1 AND stream_id = $2 ORDER BY version DESC LIMIT 1)
+       SELECT version, transaction_id > pg_current_xact_id() AS newer FROM live
+       UNION ALL
+       SELECT version, transaction_id > pg_current_xact_id() FROM (
+         SELECT version, transaction_id FROM events.archived_events
+          WHERE stream_type = $1 AND stream_id = $2 AND NOT EXISTS (SELECT 1 FROM live)
+          ORDER BY version DESC LIMIT 1) archived`,
       [stream.type, stream.id],
     );
     const current = rows[0]?.version ?? 0;

@@ -71,11 +71,21 @@ export class AggregateStore<Command, Event extends DomainEvent, State> {
    * first event: a snapshot is of the present and cannot stand for the past).
    */
   async load(db: Queryable, id: string, options: { asOf?: AsOf; location?: string } = {}): Promise<LoadedAggregate<State>> {
-    const snap = options.asOf === undefined ? await this.#readSnapshot(db, id) : null;
-    const events = await this.#store.readStream(db, this.#def.streamType, id, (snap?.version ?? 0) + 1, {
-      ...(options.asOf === undefined ? {} : { asOf: options.asOf }),
+    const { asOf } = options;
+    const snap = asOf === undefined ? await this.#readSnapshot(db, id) : null;
+    const byTime = asOf !== undefined && 'time' in asOf;
+    // As of a time: recorded_at is the appending transaction's start, which need not follow
+    // version order (a transaction that began earlier can commit a later version), so a
+    // filter on it can return version 2 without version 1. The state as of `time` is the
+    // prefix of the stream cut at the first version recorded after it. `last` bounds the
+    // cut when nothing was recorded after `time`, so a version appended between the two
+    // reads is not taken.
+    const limit = byTime ? await this.#versionLimitAt(db, id, asOf.time) : null;
+    const read = await this.#store.readStream(db, this.#def.streamType, id, (snap?.version ?? 0) + 1, {
+      ...(asOf === undefined || byTime ? {} : { asOf }),
       ...(options.location === undefined ? {} : { location: options.location }),
     });
+    const events = limit === null ? read : read.filter((e) => e.version < limit);
     const start = snap?.state ?? this.#def.decider.initialState;
     const state = fold(this.#def.decider, start, events.map((e) => this.toDomain(e)));
     const last = events.at(-1);
@@ -113,6 +123,17 @@ export class AggregateStore<Command, Event extends DomainEvent, State> {
     const snapshotTaken = every !== undefined && Math.floor(appended.version / every) > Math.floor(loaded.version / every);
     if (snapshotTaken) await this.#writeSnapshot(db, id, appended.version, state);
     return { events, version: appended.version, state, snapshotTaken };
+  }
+
+  /** The first version not in the stream as of `time`: the first recorded after it, else one past the last. */
+  async #versionLimitAt(db: Queryable, id: string, time: Date): Promise<number> {
+    const r = await db.query<{ cut: number | null; last: number | null }>(
+      `SELECT min(version) FILTER (WHERE recorded_at > $3::timestamptz) AS cut, max(version) AS last
+         FROM events.events WHERE stream_type = $1 AND stream_id = $2`,
+      [this.#def.streamType, id, time],
+    );
+    const row = r.rows[0];
+    return row?.cut ?? (row?.last ?? 0) + 1;
   }
 
   async #readSnapshot(db: Queryable, id: string): Promise<{ version: number; state: State } | null> {

@@ -8,12 +8,22 @@
  *   npm run projections -- reconcile-ledger [--page-size N] [--differences-max N] [--json]
  *   npm run projections -- balance-at --account ID (--position N | --time ISO) [--json]
  *   npm run projections -- export --to REGION --out FILE [--from-position N] [--to-position N]
+ *   npm run projections -- drop-generation --generation N
  *
  * The projection is `ledger_balances` (--projection names it; it is the only one built in).
  * DATABASE_SESSION_URL, else DATABASE_URL (or --database-url) is the database. `export` reads
  * the residency policy from EVENTS_RESIDENCY_POLICY (JSON: data region → allowed locations,
  * e.g. {"eu":["eu-west-1"]}) and where this store runs from EVENTS_REGION. Exit codes: 0 done, 1 differences found
- * (reconcile-ledger) or the export refused, 2 a usage error or a failure.
+ * (reconcile-ledger), the export refused or the projection not set up (status), 2 a usage error or a failure.
+ *
+ * Only the commands that build a projection (run, replay, rebuild) migrate the events schema
+ * and create the projection. The others (status, reconcile-ledger, balance-at, export, and
+ * drop-generation, which only removes) set nothing up: pointed at a database without the
+ * schemas they need, they say so and fail, rather than set one up and report it healthy.
+ *
+ * The store this CLI opens for run, replay, rebuild and the audits has no residency policy:
+ * it reads every event wherever its stream's data must stay. Run it only where all of the
+ * store's data may be read (export alone takes EVENTS_RESIDENCY_POLICY).
  */
 import pg from 'pg';
 import {
@@ -32,7 +42,7 @@ import {
 } from '@ledgerline/events';
 import { exportEvents } from './export.ts';
 import { ledgerBalanceAt, ledgerBalancesProjection } from './ledger-balances.ts';
-import { createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, replayInto, type Projection } from './projection.ts';
+import { createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, rebuildFailureNote, replayInto, type Projection } from './projection.ts';
 import { formatLedgerReconcileReport, reconcileLedger } from './reconcile-ledger.ts';
 import { ProjectionRunner } from './runner.ts';
 
@@ -49,6 +59,7 @@ const USAGE = `usage: projections <command> [options]
   reconcile-ledger [--page-size N] [--differences-max N] [--json]
   balance-at --account ID (--position N | --time ISO) [--json]
   export --to REGION --out FILE [--from-position N] [--to-position N]
+  drop-generation --generation N                    drops an inactive generation and its tables
 options: --projection NAME (default ledger_balances), --database-url URL (default DATABASE_SESSION_URL, else DATABASE_URL)
 export: EVENTS_RESIDENCY_POLICY (JSON, data region -> allowed locations), EVENTS_REGION`;
 
@@ -64,6 +75,7 @@ const OPTIONS = {
   'differences-max': { type: 'string' },
   account: { type: 'string' },
   position: { type: 'string' },
+  generation: { type: 'string' },
   time: { type: 'string' },
   to: { type: 'string' },
   out: { type: 'string' },
@@ -74,7 +86,27 @@ const OPTIONS = {
   help: { type: 'boolean', default: false },
 } as const;
 
-const COMMANDS = ['status', 'run', 'replay', 'rebuild', 'reconcile-ledger', 'balance-at', 'export'];
+const COMMANDS = ['status', 'run', 'replay', 'rebuild', 'reconcile-ledger', 'balance-at', 'export', 'drop-generation'];
+/** The commands that build projections: only these may migrate a database and create the projection. */
+const WRITING = new Set(['run', 'replay', 'rebuild']);
+
+/** What each other command reads; a database without these is not the one meant. */
+const NEEDS: Readonly<Record<string, readonly string[]>> = {
+  'drop-generation': ['events.settings', 'events.projections'],
+  status: ['events.settings', 'events.events', 'events.projections'],
+  'reconcile-ledger': ['events.settings', 'events.events', 'ledger.accounts'],
+  'balance-at': ['events.settings', 'events.events'],
+  export: ['events.settings', 'events.events'],
+};
+
+/** The tables of `names` this database lacks. */
+async function missingTables(pool: pg.Pool, names: readonly string[]): Promise<string[]> {
+  const r = await pool.query<{ name: string }>('SELECT n AS name FROM unnest($1::text[]) n WHERE to_regclass(n) IS NULL', [names]);
+  return r.rows.map((x) => x.name);
+}
+
+/** How an operator drops a generation left behind. */
+const dropHint = (name: string, generation: number): string => `projections drop-generation --projection ${name} --generation ${generation}`;
 
 function stopOnSignals(): Promise<void> {
   return new Promise((resolve) => {
@@ -113,7 +145,20 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     // Worker threads that decode replay pages (0: decode in this thread).
     const workerCount = intOption('workers', a.workers, 0) ?? 0;
     const workers = workerCount > 0 ? { workers: { count: workerCount, databaseUrl } } : {};
-    await migrateEvents(databaseUrl);
+    if (WRITING.has(command)) {
+      await migrateEvents(databaseUrl);
+    } else {
+      const missing = await missingTables(pool, NEEDS[command] ?? []);
+      if (missing.length > 0) {
+        const what = `this database has no ${missing.join(', ')}: not set up for event sourcing (or not the database meant); nothing was changed`;
+        if (command === 'status') {
+          out(a.json ? json({ name: projection.name, setUp: false, missing }) : `${projection.name}: not set up (${what})`);
+          return 1;
+        }
+        err(`${command}: ${what}`);
+        return 2;
+      }
+    }
     const store = await EventStore.open(pool);
     const at = async (name: string, value: string | undefined): Promise<Checkpoint | undefined> => {
       const position = intOption(name, value, 1);
@@ -173,14 +218,27 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
         return 1;
       }
     }
-    await ensureProjection(pool, projection);
     if (command === 'status') {
+      // Read only: a projection nobody created is reported as such, not created here.
       const lag = await projectionLag(pool, projection.name);
-      out(a.json ? json(lag) : lag === null ? `${projection.name}: not set up` :
+      out(a.json ? json(lag ?? { name: projection.name, setUp: false }) : lag === null ? `${projection.name}: not set up` :
         `${projection.name}: generation ${lag.generation}, ${lag.eventsApplied} events applied, ` +
         `checkpoint ${lag.checkpoint.transactionId}/${lag.checkpoint.position}, ${lag.eventsBehind} behind, lag ${lag.seconds.toFixed(3)} s`);
+      return lag === null ? 1 : 0;
+    }
+    if (command === 'drop-generation') {
+      const generation = intOption('generation', a.generation, 1);
+      if (generation === undefined) throw new UsageError('drop-generation needs --generation N');
+      const exists = await pool.query('SELECT 1 FROM events.projections WHERE name = $1 AND generation = $2', [projection.name, generation]);
+      if (exists.rows.length === 0) {
+        err(`${projection.name} has no generation ${generation}`);
+        return 2;
+      }
+      await dropGeneration(pool, projection, generation);
+      out(`dropped generation ${generation} of ${projection.name}`);
       return 0;
     }
+    await ensureProjection(pool, projection);
     if (command === 'run') {
       const runner = new ProjectionRunner({ pool, store, projection, batchSize, onError: (e) => err(`[projections] ${String(e)}`) });
       runner.start();
@@ -195,25 +253,46 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       // Just before `from`: no event lies between (t, p - 1) and (t, p) in the global order.
       const start = from === undefined ? undefined : { transactionId: from.transactionId, position: from.position - 1n };
       const generation = await createGeneration(pool, projection, start);
-      const report = await replayInto(pool, store, projection, generation, { batchSize, ...workers, ...(until === undefined ? {} : { until }) });
+      let report: Awaited<ReturnType<typeof replayInto>>;
+      try {
+        report = await replayInto(pool, store, projection, generation, { batchSize, ...workers, ...(until === undefined ? {} : { until }) });
+      } catch (error) {
+        // A failed replay's generation is half filled and nothing reads it: drop it (even
+        // with --keep), and say what became of it, so no table is left behind unnoticed.
+        err(await dropFailed(pool, projection, generation));
+        throw error;
+      }
       if (!a.keep) await dropGeneration(pool, projection, generation);
       out(a.json ? json({ ...report, kept: a.keep }) :
         `replayed ${report.events} events into ${projection.name} generation ${generation} in ${report.seconds.toFixed(2)} s: ` +
         `${Math.round(report.eventsPerSecond)} events/s${a.keep ? ' (kept, inactive)' : ' (dropped)'}`);
       return 0;
     }
-    // rebuild
+    // rebuild (which drops its own generation when a blue/green rebuild fails)
     const report = await rebuild(pool, store, projection, { mode: a['in-place'] ? 'in-place' : 'blue-green', batchSize, ...workers });
     out(a.json ? json(report) :
       `rebuilt ${projection.name} (${report.mode}) as generation ${report.generation}: ${report.events} events in ` +
       `${report.rebuildSeconds.toFixed(2)} s, ${Math.round(report.eventsPerSecond)} events/s`);
     return 0;
   } catch (error) {
+    const note = rebuildFailureNote(error);
+    if (note !== undefined) err(note);
     if (error instanceof UsageError || error instanceof ResidencyConfigError) err(`${error.message}\n${USAGE}`);
     else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
     return 2;
   } finally {
     await pool.end().catch(() => {});
+  }
+}
+
+/** Drops the generation of a failed replay; returns what to tell the operator. */
+async function dropFailed(pool: pg.Pool, p: Projection, generation: number): Promise<string> {
+  try {
+    await dropGeneration(pool, p, generation);
+    return `replay failed: its generation ${generation} of ${p.name} was dropped`;
+  } catch (dropError) {
+    return `replay failed and its generation ${generation} of ${p.name} was KEPT (dropping it failed: ${String(dropError)}); ` +
+      `drop it with: ${dropHint(p.name, generation)}`;
   }
 }
 

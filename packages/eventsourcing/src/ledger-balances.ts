@@ -488,12 +488,20 @@ export async function readProjectedBalances(db: Queryable): Promise<Map<string, 
 export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: AsOf): Promise<AccountBalances | null> {
   const cp = 'checkpoint' in asOf ? asOf.checkpoint : null;
   const time = 'time' in asOf ? asOf.time : null;
+  // As of a time: recorded_at is each transaction's start, which need not follow the global
+  // order (a transaction that began earlier can commit later), so a filter on it is not a
+  // prefix of the ledger's history. Cut the ledger's events in the global order at the first
+  // one recorded after `time` instead: a prefix, as the fold needs.
   const r = await db.query<{ type: string; data: Record<string, unknown>; position: string }>(
-    `SELECT e.type, e.data, e.position::text FROM events.events e
+    `WITH cut AS (
+       SELECT c.transaction_id, c.position FROM events.events c
+        WHERE $5::timestamptz IS NOT NULL AND c.stream_type = ANY($2::text[]) AND c.recorded_at > $5::timestamptz
+        ORDER BY c.transaction_id, c.position LIMIT 1)
+     SELECT e.type, e.data, e.position::text FROM events.events e
       WHERE e.stream_type = ANY($2::text[])
         AND (e.stream_id = $1 OR e.data->>'debitAccountId' = $1 OR e.data->>'creditAccountId' = $1)
         AND ($3::text IS NULL OR (e.transaction_id, e.position) <= ($3::text::xid8, $4::bigint))
-        AND ($5::timestamptz IS NULL OR e.recorded_at <= $5::timestamptz)
+        AND (NOT EXISTS (SELECT 1 FROM cut) OR (e.transaction_id, e.position) < (SELECT cut.transaction_id, cut.position FROM cut))
       ORDER BY e.transaction_id, e.position`,
     [accountId, LEDGER_STREAM_TYPES, cp?.transactionId.toString() ?? null, cp?.position.toString() ?? null, time],
   );

@@ -244,6 +244,11 @@ export interface ReplayOptions {
   onBatch?: (r: BatchResult) => void;
 }
 
+/** A replay path that would bypass the store's residency read check was refused. Nothing was read. */
+export class ResidencyReplayError extends Error {
+  override readonly name = 'ResidencyReplayError';
+}
+
 /** A generation's checkpoint was moved by someone else during an in-memory replay. */
 export class ReplayConflictError extends Error {
   override readonly name = 'ReplayConflictError';
@@ -259,7 +264,16 @@ export class ReplayConflictError extends Error {
  */
 export async function replayInto(pool: pg.Pool, store: EventStore, p: Projection, generation: number, options: ReplayOptions): Promise<ReplayReport> {
   const started = performance.now();
-  const setBased = p.replaySql !== undefined && options.setBased !== false && options.until === undefined
+  // The set-based replay and the worker threads read events.events directly, past the store's
+  // residency read check (readAll's). With a policy, the set-based fill is skipped, so every
+  // event is read through readAll and a stream this location may not read is refused; workers,
+  // asked for explicitly, are refused outright rather than silently ignored.
+  const checked = store.residency !== null;
+  if (checked && options.workers !== undefined && options.workers.count >= 1) {
+    throw new ResidencyReplayError(`replay of ${p.name} with worker threads: the workers read events without the store's residency check; ` +
+      'replay without workers with this store (its reads are checked), or with a store without a policy where all data may be read');
+  }
+  const setBased = !checked && p.replaySql !== undefined && options.setBased !== false && options.until === undefined
     ? await replaySetBased(pool, p, p.replaySql, generation)
     : 0;
   const rest = await replayIncrementally(pool, store, p, generation, options);
@@ -577,9 +591,37 @@ export async function rebuild(
       return g;
     });
   }
-  const replay = await replayInto(pool, store, p, generation, options);
-  if (options.mode === 'blue-green') await swapGeneration(pool, store, p, generation, options);
+  let replay: ReplayReport;
+  try {
+    replay = await replayInto(pool, store, p, generation, options);
+    if (options.mode === 'blue-green') await swapGeneration(pool, store, p, generation, options);
+  } catch (error) {
+    // A blue/green rebuild that failed leaves a half-filled generation nothing reads, and the
+    // next rebuild starts a new one: drop it, so no tables pile up unnoticed. The caller gets
+    // the original error; what became of the generation is noted for it (rebuildFailureNote).
+    let note: string;
+    if (options.mode === 'blue-green') {
+      try {
+        await dropGeneration(pool, p, generation);
+        note = `rebuild failed: its generation ${generation} of ${p.name} was dropped`;
+      } catch (dropError) {
+        note = `rebuild failed and its generation ${generation} of ${p.name} was KEPT (dropping it failed: ${String(dropError)}); ` +
+          `drop it with dropGeneration or: projections drop-generation --projection ${p.name} --generation ${generation}`;
+      }
+    } else {
+      note = `in-place rebuild failed: the active generation ${generation} of ${p.name} is partly refilled until a rebuild succeeds`;
+    }
+    if (typeof error === 'object' && error !== null) failureNotes.set(error, note);
+    throw error;
+  }
   return { ...replay, mode: options.mode, rebuildSeconds: (performance.now() - started) / 1000 };
+}
+
+const failureNotes = new WeakMap<object, string>();
+
+/** What a failed `rebuild` did with its generation (dropped, kept or partly refilled), for the operator. */
+export function rebuildFailureNote(error: unknown): string | undefined {
+  return typeof error === 'object' && error !== null ? failureNotes.get(error) : undefined;
 }
 
 export interface ProjectionLag {

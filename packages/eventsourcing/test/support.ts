@@ -50,3 +50,18 @@ export async function count(pool: pg.Pool, sql: string, params: unknown[] = []):
   const r = await pool.query<{ n: number }>(`SELECT (${sql})::int AS n`, params);
   return r.rows[0]?.n ?? 0;
 }
+
+/**
+ * Moves the relay's checkpoint (every partition) and every active projection's past every
+ * event so far, as if they had caught up: retention removes only what every reader has passed.
+ */
+export async function passReaders(pool: pg.Pool): Promise<void> {
+  await pool.query(
+    `WITH last AS (SELECT transaction_id, position FROM events.events ORDER BY transaction_id DESC, position DESC LIMIT 1),
+          relay AS (
+            INSERT INTO events.relay_checkpoints (partition, transaction_id, position)
+            SELECT p, last.transaction_id, last.position FROM generate_series(0, (SELECT partitions - 1 FROM events.settings)) p, last
+            ON CONFLICT (partition) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position)
+     UPDATE events.projections g SET transaction_id = last.transaction_id, position = last.position FROM last WHERE g.active`,
+  );
+}

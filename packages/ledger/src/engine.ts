@@ -15,7 +15,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { StreamOrderConflictError, streamOrderConflict, transientDatabaseError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
 import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
-import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow } from './rows.ts';
+import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow, type TransferRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
 import {
   BEGIN_WRITE,
@@ -465,10 +465,25 @@ export class LedgerEngine {
     segments.forEach((segment, i) => {
       for (const t of segment) if (!contextOf.has(t.id)) contextOf.set(t.id, contexts[i] ?? {});
     });
-    const entries: StreamEvent[] = decision.inserts.map((row) => transferEvent(row, contextOf.get(row.id) ?? {}));
-    for (const p of decision.resolvedPending) {
-      if (p.pendingStatus === 'expired') entries.push(expiryEvent(p, { actor: LEDGER_SYSTEM_ACTOR }));
+    // A pending transfer expires at the point of the batch where a transfer meets it, with
+    // that transfer's timestamp (resolvedAt); the decision's later transfers see it expired
+    // (a closed account reopened, a reservation released). Its event must sit at that point
+    // too, just before the event of the transfer that expired it, or a reader folding the
+    // stream in position order would apply the expiry after them (and reopen an account a
+    // later transfer closed). Inserts come in decision order with rising timestamps, so a
+    // merge by timestamp places each expiry; a tie puts the expiry first. Same single append.
+    const at = (p: TransferRow): bigint => p.resolvedAt as bigint;
+    const expired = decision.resolvedPending.filter((p) => p.pendingStatus === 'expired');
+    expired.sort((a, b) => (at(a) < at(b) ? -1 : at(a) > at(b) ? 1 : 0));
+    const entries: StreamEvent[] = [];
+    let e = 0;
+    for (const row of decision.inserts) {
+      for (; e < expired.length && at(expired[e] as TransferRow) <= row.timestamp; e += 1) {
+        entries.push(expiryEvent(expired[e] as TransferRow, { actor: LEDGER_SYSTEM_ACTOR }));
+      }
+      entries.push(transferEvent(row, contextOf.get(row.id) ?? {}));
     }
+    for (; e < expired.length; e += 1) entries.push(expiryEvent(expired[e] as TransferRow, { actor: LEDGER_SYSTEM_ACTOR }));
     return entries;
   }
 
