@@ -27,6 +27,7 @@ type Check = (principal: Principal, resource: ResourceAttributes, nowMs: number)
 
 interface CompiledRule {
   id: string;
+  kind: Principal['kind'] | undefined;
   roles: ReadonlySet<string>;
   check: Check;
 }
@@ -55,8 +56,9 @@ export function compilePolicy(policy: Policy): CompiledPolicy {
     if (ids.has(rule.id)) throw new TypeError(`policy rule id ${rule.id} is not unique`);
     ids.add(rule.id);
     if (rule.roles.length === 0) throw new TypeError(`policy rule ${rule.id} names no role`);
-    const compiled: CompiledRule = { id: rule.id, roles: new Set(rule.roles), check: compileConditions(rule) };
-    if (rule.when?.ownAccount === true) ownerRules.add(rule.id);
+    if (rule.kind !== undefined && rule.kind !== 'user' && rule.kind !== 'service') throw new TypeError(`policy rule ${rule.id}: kind must be user or service`);
+    const compiled: CompiledRule = { id: rule.id, kind: rule.kind, roles: new Set(rule.roles), check: compileConditions(rule) };
+    if (rule.when?.ownAccount === true || rule.when?.ownCreditAccount === true) ownerRules.add(rule.id);
     for (const permission of rule.permissions) {
       if (!PERMISSION_PATTERN.test(permission)) throw new TypeError(`policy rule ${rule.id}: malformed permission ${permission}`);
       const list = byPermission.get(permission) ?? [];
@@ -71,7 +73,7 @@ export function compilePolicy(policy: Policy): CompiledPolicy {
     let failed: CompiledRule | null = null;
     let failure = '';
     for (const rule of byPermission.get(permission) ?? []) {
-      if (!holdsAnyRole(rule.roles, principal.roles)) continue;
+      if (!holdsAnyRole(rule.roles, principal.roles) || (rule.kind !== undefined && rule.kind !== principal.kind)) continue;
       const why = rule.check(principal, resource, nowMs);
       if (why === null) return { allowed: true, permission, rule: rule.id, reason: 'allowed', policyVersion: version };
       failed = rule;
@@ -120,6 +122,13 @@ function compileConditions(rule: Rule): Check {
   }
   if (when.ownAccount === true) {
     checks.push((p, r) => (r.owners !== undefined && r.owners.includes(p.id) ? null : 'not own account'));
+  }
+  if (when.ownCreditAccount === true) {
+    checks.push((p, r) => (r.creditOwners !== undefined && r.creditOwners.includes(p.id) ? null : 'not own credit account'));
+  }
+  if (when.flagsIn !== undefined) {
+    const allowed = new Set(when.flagsIn);
+    checks.push((_p, r) => (r.flags !== undefined && r.flags.every((f) => allowed.has(f)) ? null : 'flags not allowed'));
   }
   if (when.businessHours !== undefined) {
     const inHours = compileBusinessHours(rule.id, when.businessHours);

@@ -5,11 +5,13 @@ export { Authorizer, DECISION_ACTION, decisionEntry } from './authorizer.ts';
 export type { AuthorizerOptions } from './authorizer.ts';
 export {
   ALL_ROLES,
+  CUSTOMER_TRANSFER_FLAGS,
   CUSTOMER_TRANSFER_MAX_MINOR,
   PERMISSIONS,
   PERSONAL_LEDGERS,
   REFERENCE_POLICY,
   ROLES,
+  SERVICE_ROLE_PREFIX,
   SERVICE_ROLES,
   TELLER_TRANSFER_MAX_MINOR,
 } from './reference.ts';

@@ -30,6 +30,15 @@ export interface ResourceAttributes {
   ledger?: string;
   /** Owners of the accounts the request touches, as the ownership rule defines them. */
   owners?: readonly string[];
+  /**
+   * Owners of a transfer's credit account. `owners` holds only the debit side's for a transfer
+   * to create (paying anyone from one's own account is the point), so what acts on the credit
+   * account itself (closing it, balancing against it, posting or voiding a hold into it) is
+   * decided on this.
+   */
+  creditOwners?: readonly string[];
+  /** The flags a transfer to create sets (`pending`, `closing_credit`, ...); empty for none. */
+  flags?: readonly string[];
   tenant?: string;
 }
 
@@ -53,6 +62,10 @@ export interface Conditions {
   ledgerIn?: readonly string[];
   /** The principal's id is among the resource's owners (and there is at least one owner). */
   ownAccount?: true;
+  /** The principal's id is among the owners of the transfer's credit account. */
+  ownCreditAccount?: true;
+  /** The flags are present and each one is in this set (none set passes). */
+  flagsIn?: readonly string[];
   /** The decision's clock reads inside these hours. */
   businessHours?: BusinessHours;
   /** The principal and the resource carry the same tenant. */
@@ -62,6 +75,13 @@ export interface Conditions {
 export interface Rule {
   /** Unique within the policy; recorded with each decision it decides. */
   id: string;
+  /**
+   * The kind of principal the rule is for. Roles are only names in a token, so without this a
+   * user given a service's role (by mistake or by a rogue admin) would get the service's
+   * rights; with it, a service rule never applies to a user, nor a people rule to a service.
+   * Absent: any kind.
+   */
+  kind?: Principal['kind'];
   roles: readonly string[];
   permissions: readonly Permission[];
   when?: Conditions;

@@ -13,6 +13,9 @@ export const ROLES = {
   admin: 'admin',
 } as const;
 
+/** The prefix of every service role: only service clients hold such roles, and only they do (identity refuses the rest). */
+export const SERVICE_ROLE_PREFIX = 'svc:';
+
 /** One role per reference service, held by that service's client identity. */
 export const SERVICE_ROLES = {
   gateway: 'svc:gateway',
@@ -60,30 +63,52 @@ const P = PERMISSIONS;
 const R = ROLES;
 const S = SERVICE_ROLES;
 
+/**
+ * The flags a customer may set on a transfer from an own account to anyone's account. Left out:
+ * `closing_credit` and `balancing_credit`, which act on the credit account (close it, or size the
+ * amount by its balance), and `post_pending_transfer` / `void_pending_transfer`: the ledger does
+ * not record who created a pending transfer, so a hold a service or a teller placed on the
+ * customer's account must not be released or captured by the customer. The second customer
+ * rule allows every flag between two accounts the customer owns, where nobody else is affected.
+ */
+export const CUSTOMER_TRANSFER_FLAGS: readonly string[] = ['linked', 'pending', 'balancing_debit', 'closing_debit'];
+
 export const REFERENCE_POLICY: Policy = {
-  version: '2026-11-22.1',
+  version: '2026-12-06.1',
+  // Every rule names the kind of principal it is for: a service role in a user's token (or a
+  // person's role in a client's) grants nothing.
   rules: [
-    { id: 'everyone-reads-ledgers', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin, S.payments, S.reporting, S.settlement, S.risk, S.fx], permissions: [P.ledgerRead] },
-    { id: 'customer-reads-own', roles: [R.customer], permissions: [P.accountRead, P.transferRead], when: { ownAccount: true } },
+    { id: 'everyone-reads-ledgers', kind: 'user', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.ledgerRead] },
+    { id: 'services-read-ledgers', kind: 'service', roles: [S.payments, S.reporting, S.settlement, S.risk, S.fx], permissions: [P.ledgerRead] },
+    { id: 'customer-reads-own', kind: 'user', roles: [R.customer], permissions: [P.accountRead, P.transferRead], when: { ownAccount: true } },
     {
       id: 'customer-transfers-from-own',
+      kind: 'user',
       roles: [R.customer],
       permissions: [P.transferCreate],
-      when: { ownAccount: true, amountMax: CUSTOMER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS },
+      when: { ownAccount: true, amountMax: CUSTOMER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS, flagsIn: CUSTOMER_TRANSFER_FLAGS },
     },
-    { id: 'staff-reads-accounts', roles: [R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.accountRead, P.transferRead] },
-    { id: 'account-opening', roles: [R.teller, R.admin], permissions: [P.accountCreate] },
+    {
+      id: 'customer-transfers-between-own',
+      kind: 'user',
+      roles: [R.customer],
+      permissions: [P.transferCreate],
+      when: { ownAccount: true, ownCreditAccount: true, amountMax: CUSTOMER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS },
+    },
+    { id: 'staff-reads-accounts', kind: 'user', roles: [R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.accountRead, P.transferRead] },
+    { id: 'account-opening', kind: 'user', roles: [R.teller, R.admin], permissions: [P.accountCreate] },
     {
       id: 'teller-transfers-in-hours',
+      kind: 'user',
       roles: [R.teller],
       permissions: [P.transferCreate],
       when: { amountMax: TELLER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS, businessHours: BRANCH_HOURS },
     },
-    { id: 'oversight-reads-audit', roles: [R.complianceOfficer, R.auditor], permissions: [P.auditRead] },
-    { id: 'people-manage-own-credentials', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.selfManage], when: { ownAccount: true } },
-    { id: 'admin-manages-identity', roles: [R.admin], permissions: [P.userCreate, P.keyRotate] },
-    { id: 'services-move-money', roles: [S.payments, S.settlement], permissions: [P.transferCreate, P.transferRead, P.accountRead] },
-    { id: 'services-read-money', roles: [S.reporting, S.risk], permissions: [P.accountRead, P.transferRead] },
-    { id: 'audit-service-reads-audit', roles: [S.audit], permissions: [P.auditRead] },
+    { id: 'oversight-reads-audit', kind: 'user', roles: [R.complianceOfficer, R.auditor], permissions: [P.auditRead] },
+    { id: 'people-manage-own-credentials', kind: 'user', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.selfManage], when: { ownAccount: true } },
+    { id: 'admin-manages-identity', kind: 'user', roles: [R.admin], permissions: [P.userCreate, P.keyRotate] },
+    { id: 'services-move-money', kind: 'service', roles: [S.payments, S.settlement], permissions: [P.transferCreate, P.transferRead, P.accountRead] },
+    { id: 'services-read-money', kind: 'service', roles: [S.reporting, S.risk], permissions: [P.accountRead, P.transferRead] },
+    { id: 'audit-service-reads-audit', kind: 'service', roles: [S.audit], permissions: [P.auditRead] },
   ],
 };

@@ -12,9 +12,12 @@ import {
   Authorizer,
   LogAuditSink,
   compilePolicy,
+  CUSTOMER_TRANSFER_FLAGS,
   CUSTOMER_TRANSFER_MAX_MINOR,
   PERMISSIONS,
   REFERENCE_POLICY,
+  SERVICE_ROLE_PREFIX,
+  SERVICE_ROLES,
   type Policy,
   type Principal,
   type Rule,
@@ -79,6 +82,74 @@ describe('compilePolicy: decisions', () => {
     assert.equal(decide('report:read', {}).allowed, false);
     const { tenant: _t, ...noTenant } = alice;
     assert.equal(decide('report:read', { tenant: 't1' }, noTenant).allowed, false);
+  });
+
+  test('own credit account and allowed flags; an absent attribute fails', () => {
+    const p = compilePolicy(
+      policyOf(
+        { id: 'plain', roles: ['customer'], permissions: ['transfer:create'], when: { ownAccount: true, flagsIn: ['pending'] } },
+        { id: 'both', roles: ['customer'], permissions: ['transfer:create'], when: { ownAccount: true, ownCreditAccount: true } },
+      ),
+    );
+    const decide = (extra: object) => p.decide(alice, 'transfer:create', { type: 'transfer', id: '1', owners: ['alice'], ...extra }, MONDAY_10);
+    assert.equal(decide({ flags: [] }).rule, 'plain');
+    assert.equal(decide({ flags: ['pending'] }).rule, 'plain');
+    assert.deepEqual([decide({ flags: ['pending', 'closing_credit'], creditOwners: ['bob'] }).allowed, decide({ flags: ['closing_credit'], creditOwners: ['bob'] }).reason], [false, 'not own credit account']);
+    assert.equal(decide({ flags: ['closing_credit'], creditOwners: ['bob', 'alice'] }).rule, 'both');
+    // No flags attribute at all is not "no flags"; no credit owners is not "own".
+    assert.equal(decide({}).allowed, false);
+    assert.equal(decide({ flags: ['closing_credit'] }).allowed, false);
+    const flagsOnly = compilePolicy(policyOf({ id: 'f', roles: ['customer'], permissions: ['transfer:create'], when: { flagsIn: [] } }));
+    assert.equal(flagsOnly.decide(alice, 'transfer:create', { type: 't', id: '1', flags: ['linked'] }, 0).reason, 'flags not allowed');
+    assert.equal(p.needsOwners(['customer'], 'transfer:create'), true);
+    const creditOnly = compilePolicy(policyOf({ id: 'c', roles: ['customer'], permissions: ['transfer:create'], when: { ownCreditAccount: true } }));
+    assert.equal(creditOnly.needsOwners(['customer'], 'transfer:create'), true);
+  });
+
+  test('a rule bound to a kind of principal never applies to the other kind', () => {
+    const p = compilePolicy(
+      policyOf(
+        { id: 'svc', kind: 'service', roles: ['svc:payments'], permissions: ['transfer:create'] },
+        { id: 'people', kind: 'user', roles: ['teller'], permissions: ['account:read'] },
+        { id: 'any', roles: ['reader'], permissions: ['ledger:read'] },
+      ),
+    );
+    const r = { type: 't', id: '1' };
+    assert.equal(p.decide({ id: 'payments', kind: 'service', roles: ['svc:payments'] }, 'transfer:create', r, 0).rule, 'svc');
+    const user = p.decide({ id: 'mallory', kind: 'user', roles: ['svc:payments'] }, 'transfer:create', r, 0);
+    assert.deepEqual([user.allowed, user.rule], [false, null]);
+    assert.equal(p.decide({ id: 'robot', kind: 'service', roles: ['teller'] }, 'account:read', r, 0).allowed, false);
+    assert.equal(p.decide({ id: 'tina', kind: 'user', roles: ['teller'] }, 'account:read', r, 0).allowed, true);
+    for (const kind of ['user', 'service'] as const) assert.equal(p.decide({ id: 'x', kind, roles: ['reader'] }, 'ledger:read', r, 0).allowed, true);
+    assert.throws(() => compilePolicy(policyOf({ id: 'k', kind: 'robot' as 'user', roles: ['x'], permissions: ['a:b'] })), TypeError);
+  });
+
+  test('the reference policy: service roles only for services, people roles only for users', () => {
+    for (const rule of REFERENCE_POLICY.rules) {
+      const service = rule.roles.map((role) => role.startsWith(SERVICE_ROLE_PREFIX));
+      assert.ok(service.every((s) => s === service[0]), `${rule.id} mixes service and people roles`);
+      assert.equal(rule.kind, service[0] === true ? 'service' : 'user', rule.id);
+    }
+    // The reviewer's case: a human user holding svc:payments moves nothing, with no limit or otherwise.
+    const p = compilePolicy(REFERENCE_POLICY);
+    const mallory: Principal = { id: 'mallory', kind: 'user', roles: [SERVICE_ROLES.payments] };
+    const d = p.decide(mallory, PERMISSIONS.transferCreate, { type: 'transfer', id: 'x', amount: 10n ** 15n, ledger: 'JPY', owners: [], creditOwners: [], flags: [] }, MONDAY_10);
+    assert.equal(d.allowed, false);
+    for (const permission of Object.values(PERMISSIONS)) assert.equal(p.decide(mallory, permission, { type: 'x', id: '1' }, MONDAY_10).allowed, false, permission);
+  });
+
+  test('the reference policy: customer flags', () => {
+    const p = compilePolicy(REFERENCE_POLICY);
+    const transfer = (flags: string[], creditOwners: string[]) => ({ type: 'transfer', id: 't', amount: 1n, ledger: 'USD', owners: ['alice'], creditOwners, flags });
+    for (const flag of CUSTOMER_TRANSFER_FLAGS) assert.equal(p.decide(alice, PERMISSIONS.transferCreate, transfer([flag], ['bob']), MONDAY_10).allowed, true, flag);
+    for (const flag of ['closing_credit', 'balancing_credit', 'post_pending_transfer', 'void_pending_transfer']) {
+      assert.equal(p.decide(alice, PERMISSIONS.transferCreate, transfer([flag], ['bob']), MONDAY_10).allowed, false, flag);
+      assert.equal(p.decide(alice, PERMISSIONS.transferCreate, transfer([flag], ['alice']), MONDAY_10).rule, 'customer-transfers-between-own', flag);
+    }
+    // Staff and services are not limited by flags.
+    const teller: Principal = { id: 't', kind: 'user', roles: ['teller'] };
+    assert.equal(p.decide(teller, PERMISSIONS.transferCreate, transfer(['closing_credit'], ['bob']), MONDAY_10).allowed, true);
+    assert.equal(p.decide({ id: 'payments', kind: 'service', roles: [SERVICE_ROLES.payments] }, PERMISSIONS.transferCreate, transfer(['closing_credit'], ['bob']), MONDAY_10).allowed, true);
   });
 
   test('business hours read the injected clock: edges, weekends, and a fixed UTC offset', () => {
@@ -157,7 +228,7 @@ describe('compilePolicy: decisions', () => {
     const p = compilePolicy(REFERENCE_POLICY);
     fc.assert(
       fc.property(fc.bigInt({ min: 1n, max: 2n ** 63n - 1n }), (amount) => {
-        const d = p.decide(alice, PERMISSIONS.transferCreate, { type: 'transfer', id: '1', amount, ledger: 'USD', owners: ['alice'] }, MONDAY_10);
+        const d = p.decide(alice, PERMISSIONS.transferCreate, { type: 'transfer', id: '1', amount, ledger: 'USD', owners: ['alice'], flags: [] }, MONDAY_10);
         assert.equal(d.allowed, amount <= CUSTOMER_TRANSFER_MAX_MINOR);
       }),
       { seed: propertySeed('authz customer limit'), numRuns: 300 },
@@ -170,7 +241,7 @@ describe('Authorizer: every decision is audited', () => {
     const audit = new MemoryAuditSink();
     const authorizer = new Authorizer({ policy: REFERENCE_POLICY, audit, clock: () => MONDAY_10 });
     const origin = { service: 'ledger', ip: '127.0.0.1', requestId: 'r1' };
-    authorizer.check(alice, PERMISSIONS.transferCreate, { type: 'transfer', id: 't1', amount: 100n, ledger: 'USD', owners: ['alice'] }, origin);
+    authorizer.check(alice, PERMISSIONS.transferCreate, { type: 'transfer', id: 't1', amount: 100n, ledger: 'USD', owners: ['alice'], flags: [] }, origin);
     authorizer.check({ id: 'svc', kind: 'service', roles: ['svc:reporting'] }, PERMISSIONS.transferCreate, { type: 'transfer', id: 't2' }, origin);
     authorizer.check(null, PERMISSIONS.accountRead, { type: 'account', id: '/v1/accounts/x' }, origin, 'ERR_JWT_EXPIRED');
     assert.deepEqual(audit.entries, [

@@ -24,7 +24,9 @@ export type IdentityErrorCode =
   | 'mfa_required'
   | 'account_locked'
   | 'conflict'
-  | 'not_found';
+  | 'not_found'
+  /** The database did not answer in time (a lock or a statement timeout): retry. RFC 6749 §4.1.2.1's name. */
+  | 'temporarily_unavailable';
 
 /** A refusal the caller may see. Messages never say which of username or password was wrong. */
 /** What every refused login says, whatever the reason: naming it would tell usernames apart. */
@@ -32,8 +34,8 @@ export const LOGIN_REFUSED = 'invalid username, password or code';
 
 export class IdentityError extends Error {
   readonly code: IdentityErrorCode;
-  constructor(code: IdentityErrorCode, message: string) {
-    super(message);
+  constructor(code: IdentityErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = 'IdentityError';
     this.code = code;
   }
@@ -110,6 +112,31 @@ const ASSERTION_AGE_MAX_SECONDS = 300;
 export const CLIENT_ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const ROLES_MAX = 32;
 const ROLE_PATTERN = /^[a-z][a-z0-9_:-]{0,63}$/;
+/**
+ * Service roles (`svc:payments`, ...) are held by service clients only, and clients hold no
+ * other: a role is just a name in a token, so a user given a service's role would move money as
+ * that service does (with no limit). Kept equal to `@ledgerline/authz`'s SERVICE_ROLE_PREFIX,
+ * whose reference policy also binds each rule to its kind of principal.
+ */
+export const SERVICE_ROLE_PREFIX = 'svc:';
+
+/**
+ * Every identity transaction bounds its waits, as the ledger's writes do (BEGIN_WRITE): a row or
+ * family lock waited on past 5 s fails (answered 503, retry), a session that holds a transaction
+ * open and idle for 10 s (a stalled process holding a user's row lock) is cut off, and no
+ * statement runs past 15 s. The idle limit is above the slowest argon2id check, which runs
+ * inside the login transaction.
+ */
+const BEGIN_BOUNDED =
+  "BEGIN; SET LOCAL lock_timeout = '5s'; SET LOCAL idle_in_transaction_session_timeout = '10s'; SET LOCAL statement_timeout = '15s'";
+/** SQLSTATEs of a bounded wait running out: lock_not_available, query_canceled (statement_timeout). */
+const TIMED_OUT_CODES: ReadonlySet<string> = new Set(['55P03', '57014']);
+/**
+ * The class of the transaction-scoped advisory locks that serialise the rotations and the
+ * revocation of one refresh-token family (the second key is the family id's hash). The two-key
+ * space does not overlap the one-key locks of the audit sequencer or migrations.
+ */
+const REFRESH_FAMILY_LOCK_CLASS = 0x4c4c4946; // "LLIF"
 
 interface UserRow {
   id: string;
@@ -154,7 +181,7 @@ export class Identity {
   // ---- users ------------------------------------------------------------------------------
 
   async createUser(user: NewUser): Promise<{ id: string }> {
-    checkRoles(user.roles);
+    checkRoles(user.roles, 'user');
     const username = user.username.toLowerCase();
     if (!/^[a-z0-9._@-]{3,64}$/.test(username)) throw new IdentityError('invalid_request', 'username must be 3-64 of a-z 0-9 . _ @ -');
     const passwordHash = await hashPassword(user.password).catch((error: unknown) => {
@@ -184,6 +211,9 @@ export class Identity {
     this.#checkUserAudience(request.audience);
     const nowMs = this.#clock();
     const refusal = new IdentityError('invalid_grant', LOGIN_REFUSED);
+    // The signing key is read before the transaction: reading it (from the pool) while holding a
+    // connection and the user's row lock deadlocked the pool when every connection did so.
+    const signer = await this.#signingKey();
     return this.#transaction(async (client) => {
       const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE username = $1 FOR UPDATE', [request.username.toLowerCase()]);
       const user = r.rows[0];
@@ -202,7 +232,7 @@ export class Identity {
         if (second === 'wrong') return this.#fail(client, user.id, counters, nowMs, refusal);
       }
       await this.#saveCounters(client, user.id, AFTER_SUCCESS);
-      return this.#issueUserTokens(client, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
+      return this.#issueUserTokens(client, signer, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
     });
   }
 
@@ -253,7 +283,11 @@ export class Identity {
     const parsed = parseRefreshToken(refreshToken);
     const refusal = new IdentityError('invalid_grant', 'refresh token invalid, expired or revoked');
     if (parsed === null) throw refusal;
+    const signer = await this.#signingKey();
     return this.#transaction(async (client) => {
+      // The family's lock first, then the token's row: a revocation holds the family lock while
+      // it revokes every token of the family, so no rotation can commit a new token it misses.
+      if (!(await lockFamilyOf(client, parsed.id))) throw refusal;
       const r = await client.query<{ family_id: string; user_id: string; secret_hash: Buffer; audience: string; expires_at: Date; used_at: Date | null; revoked_at: Date | null }>(
         'SELECT family_id, user_id, secret_hash, audience, expires_at, used_at, revoked_at FROM identity.refresh_tokens WHERE id = $1 FOR UPDATE',
         [parsed.id],
@@ -269,7 +303,7 @@ export class Identity {
       const user = u.rows[0];
       if (user === undefined || isLocked({ failedLogins: user.failed_logins, lockedUntil: user.locked_until }, nowMs)) throw refusal;
       await client.query('UPDATE identity.refresh_tokens SET used_at = $2 WHERE id = $1', [parsed.id, new Date(nowMs)]);
-      return this.#issueUserTokens(client, user, row.audience, row.family_id, row.expires_at, nowMs);
+      return this.#issueUserTokens(client, signer, user, row.audience, row.family_id, row.expires_at, nowMs);
     });
   }
 
@@ -277,17 +311,21 @@ export class Identity {
   async revoke(refreshToken: string): Promise<void> {
     const parsed = parseRefreshToken(refreshToken);
     if (parsed === null) return;
-    await this.#pool.query(
-      `UPDATE identity.refresh_tokens SET revoked_at = $3
-       WHERE family_id = (SELECT family_id FROM identity.refresh_tokens WHERE id = $1 AND secret_hash = $2) AND revoked_at IS NULL`,
-      [parsed.id, sha256(parsed.secret), this.#now()],
-    );
+    await this.#transaction(async (client) => {
+      // Under the family's lock, as `refresh` revokes on reuse: a rotation in flight commits first.
+      if (!(await lockFamilyOf(client, parsed.id))) return;
+      await client.query(
+        `UPDATE identity.refresh_tokens SET revoked_at = $3
+         WHERE family_id = (SELECT family_id FROM identity.refresh_tokens WHERE id = $1 AND secret_hash = $2) AND revoked_at IS NULL`,
+        [parsed.id, sha256(parsed.secret), this.#now()],
+      );
+    });
   }
 
   // ---- service clients --------------------------------------------------------------------
 
   async createClient(client: NewClient): Promise<void> {
-    checkRoles(client.roles);
+    checkRoles(client.roles, 'client');
     if (!/^[a-z0-9._-]{3,64}$/.test(client.id)) throw new IdentityError('invalid_request', 'client id must be 3-64 of a-z 0-9 . _ -');
     if (client.secret === undefined && client.publicJwk === undefined) throw new IdentityError('invalid_request', 'a client needs a secret or a public key');
     if (client.publicJwk !== undefined && (client.publicJwk.kty !== 'OKP' || client.publicJwk.crv !== 'Ed25519' || 'd' in client.publicJwk)) {
@@ -435,7 +473,8 @@ export class Identity {
     return this.#signer;
   }
 
-  async #issueUserTokens(client: pg.PoolClient, user: UserRow, audience: string, familyId: string, expiresAt: Date, nowMs: number): Promise<TokenResponse> {
+  /** `signer` comes from `#signingKey()`, called before the transaction (see `login`). */
+  async #issueUserTokens(client: pg.PoolClient, signer: { kid: string; privateKey: CryptoKey }, user: UserRow, audience: string, familyId: string, expiresAt: Date, nowMs: number): Promise<TokenResponse> {
     const id = randomUUID();
     const secret = randomBytes(32).toString('base64url');
     await client.query(
@@ -443,7 +482,7 @@ export class Identity {
       [id, familyId, user.id, sha256(secret), audience, new Date(nowMs), expiresAt],
     );
     const accessToken = await signAccessToken(
-      await this.#signingKey(),
+      signer,
       { sub: user.id, kind: 'user', roles: user.roles, tenant: user.tenant, audience },
       this.#signOptions(nowMs),
     );
@@ -515,7 +554,7 @@ export class Identity {
   async #transaction<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
     const client = await this.#pool.connect();
     try {
-      await client.query('BEGIN');
+      await client.query(BEGIN_BOUNDED);
       try {
         const result = await work(client);
         await client.query('COMMIT');
@@ -526,6 +565,10 @@ export class Identity {
           throw error.refusal;
         }
         await client.query('ROLLBACK');
+        const code = (error as { code?: unknown } | null)?.code;
+        if (typeof code === 'string' && TIMED_OUT_CODES.has(code)) {
+          throw new IdentityError('temporarily_unavailable', 'the request waited too long for the database; retry', { cause: error });
+        }
         throw error;
       }
     } finally {
@@ -541,6 +584,19 @@ class FailedAttempt extends Error {
     super(refusal.message);
     this.refusal = refusal;
   }
+}
+
+/**
+ * Takes the advisory lock of the family the refresh token `id` belongs to, for the rest of the
+ * transaction; false when there is no such token. A family's id never changes, so reading it
+ * before the lock is safe.
+ */
+async function lockFamilyOf(client: pg.PoolClient, id: string): Promise<boolean> {
+  const r = await client.query<{ family_id: string }>('SELECT family_id FROM identity.refresh_tokens WHERE id = $1', [id]);
+  const familyId = r.rows[0]?.family_id;
+  if (familyId === undefined) return false;
+  await client.query('SELECT pg_advisory_xact_lock($1, hashtext($2))', [REFRESH_FAMILY_LOCK_CLASS, familyId]);
+  return true;
 }
 
 function sha256(value: string): Buffer {
@@ -562,8 +618,15 @@ export function assertionClientId(assertion: string): string | null {
   }
 }
 
-function checkRoles(roles: readonly string[]): void {
+function checkRoles(roles: readonly string[], holder: 'user' | 'client'): void {
   if (roles.length > ROLES_MAX || !roles.every((r) => ROLE_PATTERN.test(r))) {
     throw new IdentityError('invalid_request', `roles must be at most ${ROLES_MAX} names matching ${ROLE_PATTERN.source}`);
+  }
+  const wrong = roles.find((r) => r.startsWith(SERVICE_ROLE_PREFIX) !== (holder === 'client'));
+  if (wrong !== undefined) {
+    throw new IdentityError(
+      'invalid_request',
+      holder === 'user' ? `role ${wrong} is a service role: a user cannot hold it` : `role ${wrong} is not a service role (${SERVICE_ROLE_PREFIX}*): a service client cannot hold it`,
+    );
   }
 }

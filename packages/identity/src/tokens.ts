@@ -88,9 +88,16 @@ export interface TokenVerifierOptions {
   cacheEntriesMax?: number;
 }
 
-/** JWKS fetched from the issuer, cached for 10 minutes; an unknown `kid` refetches at most every 30 s. */
+/**
+ * How long a fetched JWKS is used before it is fetched again: the issuer's `max-age` (60 s).
+ * jose otherwise refetches only for an unknown `kid`, so this is also how long a key withdrawn
+ * from the set (a compromised one) still verifies new tokens; KEY_PUBLISH_LEAD_MS counts on it.
+ */
+export const JWKS_CACHE_MAX_AGE_MS = 60_000;
+
+/** JWKS fetched from the issuer, cached for JWKS_CACHE_MAX_AGE_MS; an unknown `kid` refetches at most every 30 s. */
 export function remoteKeys(url: string): JWTVerifyGetKey {
-  return createRemoteJWKSet(new URL(url), { cacheMaxAge: 600_000, cooldownDuration: 30_000, timeoutDuration: 5000 });
+  return createRemoteJWKSet(new URL(url), { cacheMaxAge: JWKS_CACHE_MAX_AGE_MS, cooldownDuration: 30_000, timeoutDuration: 5000 });
 }
 
 export function localKeys(jwks: JSONWebKeySet): JWTVerifyGetKey {

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { importJWK, SignJWT } from 'jose';
 import pg from 'pg';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { createTestDatabase, terminateBackends, type TestDatabase } from '@ledgerline/testing';
 import {
   CLIENT_ASSERTION_TYPE,
   createTokenVerifier,
@@ -117,6 +117,63 @@ describe('users and logins', () => {
     assert.deepEqual(codes, ['account_locked', 'account_locked', 'account_locked', 'account_locked', 'invalid_grant', 'invalid_grant']);
   });
 
+  test('users cannot hold service roles, nor service clients the roles of people; the refusal names the role', async () => {
+    const mallory = uniqueUsername('mallory');
+    await assert.rejects(identity.createUser({ username: mallory, password: PASSWORD, roles: ['customer', 'svc:payments'] }), (error: unknown) =>
+      error instanceof IdentityError && error.code === 'invalid_request' && error.message.includes('svc:payments'));
+    assert.equal(await identity.userIdByUsername(mallory), null);
+    await assert.rejects(identity.createClient({ id: 'rogue-client', secret: 'rogue-secret-123', roles: ['svc:payments', 'admin'], audiences: ['ledger'] }), (error: unknown) =>
+      error instanceof IdentityError && error.code === 'invalid_request' && error.message.includes('role admin'));
+    await refusedWith(identity.clientCredentials({ clientId: 'rogue-client', secret: 'rogue-secret-123' }, 'ledger'), 'invalid_client');
+  });
+
+  test('a stale signing key does not deadlock the pool: pool-size + 1 parallel logins all answer', async () => {
+    // The reviewer's case: every login held a connection and the user's row lock while reading
+    // the (stale) signing key through the same pool, so with the pool full none could finish.
+    const POOL_MAX = 4;
+    const small = new pg.Pool({ connectionString: db.url, max: POOL_MAX });
+    small.on('error', () => {});
+    small.on('connect', (c) => c.on('error', () => {}));
+    let clock = now;
+    const own = new Identity({ pool: small, issuer: ISSUER, userAudiences: ['ledger'], clock: () => clock });
+    const username = await newUser('stale-key');
+    const within = <T>(p: Promise<T>, ms: number) => Promise.race([p.then((v) => ({ done: true as const, v })), new Promise<{ done: false }>((r) => setTimeout(() => r({ done: false }), ms).unref())]);
+    try {
+      await own.login({ username, password: PASSWORD, audience: 'ledger' }); // the signer is loaded
+      clock += KEY_REFRESH_MS + 1000; // and now stale: the next token re-reads it
+      const burst = Promise.allSettled(Array.from({ length: POOL_MAX + 1 }, () => own.login({ username, password: PASSWORD, audience: 'ledger' })));
+      const r = await within(burst, 8000);
+      assert.ok(r.done, 'the logins did not answer within 8 s: the pool is deadlocked');
+      assert.deepEqual(r.v.map((x) => x.status), Array.from({ length: POOL_MAX + 1 }, () => 'fulfilled'));
+      const jwks = await within(own.jwks(), 3000);
+      assert.ok(jwks.done && jwks.v.keys.length > 0);
+    } finally {
+      // On failure the deadlocked backends are ended, so that the test ends too.
+      const stuck = await within(small.end(), 1000);
+      if (!stuck.done) await terminateBackends(db.name);
+    }
+  });
+
+  test('a login that waits on a held row lock gives up after the lock timeout, as temporarily_unavailable', async () => {
+    const username = await newUser('held');
+    const holder = await pool.connect();
+    try {
+      await holder.query('BEGIN');
+      await holder.query('SELECT 1 FROM identity.users WHERE username = $1 FOR UPDATE', [username]);
+      const started = performance.now();
+      // Bounded here too, so that a login that would wait forever fails the test instead of hanging it.
+      const timer = new Promise<'hung'>((r) => setTimeout(() => r('hung'), 9000).unref());
+      const outcome = await Promise.race([identity.login({ username, password: PASSWORD, audience: 'ledger' }).then(() => 'issued', (e: unknown) => (e instanceof IdentityError ? e.code : String(e))), timer]);
+      assert.equal(outcome, 'temporarily_unavailable');
+      const waited = performance.now() - started;
+      assert.ok(waited >= 4000, `waited ${waited} ms`);
+    } finally {
+      await holder.query('ROLLBACK');
+      holder.release();
+    }
+    assert.ok((await identity.login({ username, password: PASSWORD, audience: 'ledger' })).access_token.length > 0);
+  });
+
   test('an unknown username is refused like a wrong password', async () => {
     await refusedWith(identity.login({ username: 'nobody', password: PASSWORD, audience: 'ledger' }), 'invalid_grant');
   });
@@ -162,6 +219,44 @@ describe('refresh tokens', () => {
     // The attacker replays the first token: refused, and the live third one dies with it.
     await refusedWith(identity.refresh(first.refresh_token ?? ''), 'invalid_grant');
     await refusedWith(identity.refresh(third.refresh_token ?? ''), 'invalid_grant');
+  });
+
+  test('reuse detection wins a race with a concurrent rotation: the thief\'s session does not survive', async () => {
+    // The reviewer's race: the family was revoked by one UPDATE under READ COMMITTED, and a token
+    // a concurrent rotation inserted and committed while that UPDATE waited escaped it.
+    const username = await newUser('race');
+    const TRIALS = 20;
+    let escapes = 0;
+    for (let trial = 0; trial < TRIALS; trial++) {
+      const first = await identity.login({ username, password: PASSWORD, audience: 'ledger' });
+      const stolen = first.refresh_token ?? '';
+      // The thief rotates first (the victim's copy is now spent), then keeps rotating.
+      let current = (await identity.refresh(stolen)).refresh_token ?? '';
+      let stop = false;
+      const thief = (async () => {
+        while (!stop) {
+          try {
+            current = (await identity.refresh(current)).refresh_token ?? '';
+          } catch {
+            return false;
+          }
+        }
+        return true;
+      })();
+      await new Promise((r) => setTimeout(r, 5 + (trial % 5) * 4));
+      await refusedWith(identity.refresh(stolen), 'invalid_grant'); // the victim's spent copy: reuse
+      await new Promise((r) => setTimeout(r, 30));
+      stop = true;
+      if (await thief) {
+        try {
+          await identity.refresh(current);
+          escapes += 1;
+        } catch {
+          // revoked after all
+        }
+      }
+    }
+    assert.equal(escapes, 0, `the thief's session survived reuse detection in ${escapes} of ${TRIALS} trials`);
   });
 
   test('revocation, expiry, forged and malformed tokens', async () => {

@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHmac, generateKeyPairSync } from 'node:crypto';
+import { createServer } from 'node:http';
 import { describe, test } from 'node:test';
 import { exportJWK, importJWK, SignJWT, type CryptoKey } from 'jose';
 import { Secret } from 'otpauth';
@@ -13,11 +14,13 @@ import {
   createTokenVerifier,
   InvalidTokenError,
   isLocked,
+  JWKS_CACHE_MAX_AGE_MS,
   localKeys,
   newRecoveryCodes,
   newSigningKey,
   recoveryCodeHash,
   RECOVERY_CODES_COUNT,
+  remoteKeys,
   signAccessToken,
   totpCode,
   verifyTotp,
@@ -151,6 +154,37 @@ describe('access tokens: verification refuses every forgery', async () => {
     assert.equal((await cached(good)).id, 'alice');
     now = NOW_MS + 306_000;
     await assert.rejects(cached(good), InvalidTokenError);
+  });
+});
+
+describe('remote keys', () => {
+  test('a key withdrawn from the JWKS stops verifying new tokens once the cached set is older than its max-age (60 s)', async (t) => {
+    // The reviewer's case: with a 10-minute cache, a withdrawn (compromised) key kept verifying
+    // freshly minted tokens for 10 minutes, while the docs promised a minute.
+    assert.equal(JWKS_CACHE_MAX_AGE_MS, 60_000);
+    const compromised = await newSigningKey();
+    const good = await newSigningKey();
+    let keys = [compromised.publicJwk, good.publicJwk];
+    let fetches = 0;
+    const server = createServer((_request, response) => {
+      fetches += 1;
+      response.setHeader('content-type', 'application/json');
+      response.end(JSON.stringify({ keys }));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    t.after(() => server.close());
+    const { port } = server.address() as { port: number };
+    const verify = createTokenVerifier({ keys: remoteKeys(`http://127.0.0.1:${port}/jwks`), issuer: ISSUER, audience: 'ledger', cacheEntriesMax: 0 });
+    const key = await signer(compromised);
+    const mint = (sub: string) => signAccessToken(key, { sub, kind: 'service', roles: ['svc:payments'], audience: 'ledger' }, { issuer: ISSUER, ttlSeconds: 300, nowMs: Date.now() });
+    assert.equal((await verify(await mint('before'))).id, 'before');
+    const fresh = await mint('after-withdrawal');
+    keys = [good.publicJwk];
+    // jose reads Date.now for its cache's age; 70 s later the set is stale and fetched again.
+    const later = Date.now() + JWKS_CACHE_MAX_AGE_MS + 10_000;
+    t.mock.method(Date, 'now', () => later);
+    await assert.rejects(verify(fresh), InvalidTokenError);
+    assert.equal(fetches, 2);
   });
 });
 

@@ -3,7 +3,7 @@
  * rotation, client credentials with a secret or a signed assertion), revocation, the JWKS, and
  * the few administrative routes, which need a token of this service's own audience.
  */
-import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
@@ -45,20 +45,30 @@ const STATUS: Record<IdentityErrorCode, number> = {
   account_locked: 423,
   conflict: 409,
   not_found: 404,
+  temporarily_unavailable: 503,
 };
+
+/** Seconds a client should wait before retrying a request the database did not answer in time. */
+const RETRY_AFTER_SECONDS = 1;
 
 /** An `IdentityError` as problem+json, carrying the OAuth2 `error` code clients switch on. */
 function identityProblem(error: IdentityError): HttpProblem {
   return problem(STATUS[error.code], { type: problemType(error.code.replaceAll('_', '-')), title: error.code.replaceAll('_', ' '), detail: error.message, error: error.code });
 }
 
-/** Awaits an `Identity` call, turning its refusals into problems. */
-async function answer<T>(call: Promise<T>): Promise<T> {
+/** Awaits an `Identity` call, turning its refusals into problems (a 503 with Retry-After when the database was too slow). */
+async function answer<T>(reply: FastifyReply, call: Promise<T>): Promise<T> {
   try {
     return await call;
   } catch (error) {
-    throw error instanceof IdentityError ? identityProblem(error) : error;
+    throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
   }
+}
+
+/** Adds Retry-After to the answer of a request the database did not serve in time. */
+function retryLater(reply: FastifyReply, error: IdentityError): IdentityError {
+  if (error.code === 'temporarily_unavailable') reply.header('retry-after', String(RETRY_AFTER_SECONDS));
+  return error;
 }
 
 /** The grant types the token endpoint serves, as TokenBody lists them. */
@@ -201,7 +211,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
           // A locked account is refused as a wrong password is: a distinct answer (it was 423)
           // told anyone probing that the username exists. The audit trail keeps the true reason.
           if (error instanceof IdentityError && error.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
-          throw error instanceof IdentityError ? identityProblem(error) : error;
+          throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
         }
       };
       switch (body.grant_type) {
@@ -233,7 +243,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   );
 
   app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], consumes: oauthBody, body: RevokeBody, response: { 200: { type: 'null' }, ...bodyProblems } } }, async (request, reply) => {
-    await identity.revoke(request.body.token);
+    await answer(reply, identity.revoke(request.body.token));
     return reply.code(200).send(null);
   });
 
@@ -242,7 +252,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
       auth.authorize(request, { type: 'user', id: request.body.username });
-      const { id } = await answer(identity.createUser(request.body));
+      const { id } = await answer(reply, identity.createUser(request.body));
       return reply.code(201).send({ id, username: request.body.username });
     },
   );
@@ -253,7 +263,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
-      return answer(identity.enrolTotp(me.id, 'Ledgerline'));
+      return answer(reply, identity.enrolTotp(me.id, 'Ledgerline'));
     },
   );
 
@@ -263,7 +273,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
-      const { recoveryCodes } = await answer(identity.confirmTotp(me.id, request.body.code));
+      const { recoveryCodes } = await answer(reply, identity.confirmTotp(me.id, request.body.code));
       return { recovery_codes: recoveryCodes };
     },
   );

@@ -57,7 +57,11 @@ if (signer !== null) serviceKeyEncryptionKey('identity', config.AUDIT_KEY_ENCRYP
 const sessionUrl = sessionDatabaseUrl(config);
 await migrateIdentity(sessionUrl);
 if (config.AUDIT_ENABLED) await migrateAudit(sessionUrl);
-const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
+// A request waits at most this long for a connection, then answers 503 (the runtime knows pg's
+// "timeout exceeded when trying to connect" as the database being unavailable): without it, a
+// pool whose every connection is held waits forever, and so does every request behind it.
+const POOL_CONNECT_TIMEOUT_MS = 5000;
+const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX, connectionTimeoutMillis: POOL_CONNECT_TIMEOUT_MS });
 // A connection lost under a checked-out client emits 'error' on it, which would end the process
 // unless something listens (guardPool); the query it broke fails and its request answers 5xx.
 guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));

@@ -299,6 +299,20 @@ describe('bad input to the token endpoint and the user routes', () => {
     assert.equal(response.json<Problem>().error, 'invalid_request');
   });
 
+  test('an admin cannot give a user a service role: 400 naming the role, and no user is made', async () => {
+    const admin = await login('root');
+    for (const roles of [['svc:payments'], [ROLES.customer, 'svc:settlement']]) {
+      const username = uniqueUsername('mallory');
+      const rows = await identityRows();
+      const response = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username, password: PASSWORD, roles } });
+      assertOAuthProblem(response, 400, 'invalid_request');
+      assert.match(response.json<{ detail: string }>().detail, new RegExp(`role ${roles.at(-1) ?? ''} is a service role`));
+      assert.equal(await identityRows(), rows);
+      // And so nobody can log in as one to get a token carrying the role.
+      assertOAuthProblem(await token({ grant_type: 'password', username, password: PASSWORD, audience: 'ledger' }), 400, 'invalid_grant');
+    }
+  });
+
   test('a password with a NUL or a lone surrogate is refused at creation, naming the field, and no user is made', async () => {
     const admin = await login('root');
     for (const password of [`${PASSWORD}\u0000`, `${PASSWORD}\ud800`, `\udc00${PASSWORD}`]) {

@@ -8,8 +8,11 @@
  * metadata is `exists_with_different_metadata`), so ownership cannot be changed after the fact.
  * An account without an owner belongs to nobody, so "own account" rules never match it.
  * "Own account" is checked on every read of an account or a transfer (a transfer is the
- * customer's if either side is theirs) and on the debit side of every transfer created,
- * including the post or void of a pending transfer, whose debit side is the pending one's.
+ * customer's if either side is theirs) and on the debit side of every transfer created. A
+ * transfer to create also carries its flags and its credit side's owner: in the reference
+ * policy a customer may set the flags that act on the credit account (closing_credit,
+ * balancing_credit) or post or void a pending transfer only between two accounts of their own.
+ * A post or void takes both sides from the pending transfer it resolves.
  *
  * Owners are looked up only when a rule that could grant the permission to the principal's
  * roles reads them (customers, in the reference policy), so staff and services pay nothing.
@@ -18,6 +21,11 @@ import type { FastifyRequest } from 'fastify';
 import { installHttpAuth, type Authorizer, type Principal, type ResourceAttributes } from '@ledgerline/authz';
 import type { LedgerEngine, NewAccount, NewTransfer } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
+
+/** `closingCredit` as the HTTP API and the policy spell it: `closing_credit`. */
+function snakeCase(name: string): string {
+  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
 
 /** The account metadata key that holds the owner's principal id. */
 export const OWNER_METADATA_KEY = 'owner';
@@ -60,18 +68,27 @@ export function createLedgerGuard(app: Service, engine: LedgerEngine, options: L
 
   const owners = (...found: (string | undefined)[]): string[] => found.filter((o) => o !== undefined);
 
-  /** The attributes of a transfer to create; post and void inherit the pending transfer's debit side, amount and ledger. */
+  /**
+   * The attributes of a transfer to create: amount, ledger, flags, and (when a rule reads them)
+   * the owners of both sides. A post or void acts on its pending transfer, so its sides, and
+   * unless given its amount and ledger, are the pending one's (never the request's, which the
+   * engine would refuse if they differed anyway). The flags are the request's, snake_case as
+   * the HTTP API spells them, so that the policy can refuse those that act on the credit side.
+   */
   async function transferAttributes(request: FastifyRequest, transfer: NewTransfer): Promise<ResourceAttributes> {
     const pending = transfer.pendingId === undefined ? null : await engine.getTransfer(transfer.pendingId);
-    const debitAccountId = transfer.debitAccountId ?? pending?.debitAccountId;
+    const debitAccountId = pending?.debitAccountId ?? transfer.debitAccountId;
+    const creditAccountId = pending?.creditAccountId ?? transfer.creditAccountId;
     const amount = transfer.amount ?? pending?.amount;
     const ledger = transfer.ledger ?? pending?.ledger ?? undefined;
+    const flags = Object.entries(transfer.flags ?? {}).filter(([, on]) => on).map(([name]) => snakeCase(name));
     return {
       type: 'transfer',
       id: transfer.id,
       ...(amount === undefined ? {} : { amount }),
       ...(ledger === undefined ? {} : { ledger }),
-      ...(auth.needsOwners(request) ? { owners: owners(await ownerOf(debitAccountId)) } : {}),
+      flags,
+      ...(auth.needsOwners(request) ? { owners: owners(await ownerOf(debitAccountId)), creditOwners: owners(await ownerOf(creditAccountId)) } : {}),
     };
   }
 

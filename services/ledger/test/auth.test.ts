@@ -146,6 +146,12 @@ async function rowCounts(): Promise<string> {
   return r.rows[0]?.n ?? '';
 }
 
+/** `rowCounts()` with n more transfers. */
+function bumpTransfers(counts: string, n: number): string {
+  const [accounts = '', transfers = '0'] = counts.split('/');
+  return `${accounts}/${Number(transfers) + n}`;
+}
+
 function assertProblem(response: Awaited<ReturnType<typeof call>>, status: number, slug: string): void {
   assert.equal(response.statusCode, status, response.body);
   assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
@@ -299,10 +305,77 @@ describe('attacks', () => {
     for (const flag of ['post_pending_transfer', 'void_pending_transfer']) {
       assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: pendingId, flags: { [flag]: true } } }, token), 403, 'forbidden');
     }
-    // Their own pending transfer they may post; the amount limit applies to the inherited amount.
-    const own = newId();
-    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), id: own, flags: { pending: true } } }, token)).statusCode, 201);
-    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: own, flags: { post_pending_transfer: true } } }, token)).statusCode, 201);
+    // A pending transfer between two accounts of their own they may post or void; the amount
+    // limit applies to the inherited amount.
+    const second = newId();
+    await engine.createAccounts([{ id: second, ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } }]);
+    for (const flag of ['post_pending_transfer', 'void_pending_transfer']) {
+      const own = newId();
+      assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), id: own, credit_account_id: second, flags: { pending: true } } }, token)).statusCode, 201);
+      const resolved = await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: own, flags: { [flag]: true } } }, token);
+      assert.equal(resolved.statusCode, 201, `${flag}: ${resolved.body}`);
+    }
+  });
+
+  test('a customer cannot void or capture a hold a service placed on their account', async () => {
+    const payments = await sign(principalOf('svc:payments'));
+    const token = await sign(customer);
+    // svc:payments reserves 50.00 of the customer's money for OTHER (a card authorisation).
+    const hold = newId();
+    const placed = await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), id: hold, amount: '5000', flags: { pending: true } } }, payments);
+    assert.equal(placed.statusCode, 201, placed.body);
+    const counts = await rowCounts();
+    const requests = [
+      { id: newId(), pending_id: hold, flags: { void_pending_transfer: true } },
+      { id: newId(), pending_id: hold, amount: '1', flags: { post_pending_transfer: true } },
+      // Naming its own accounts as the sides changes nothing: a post or void is decided on the pending transfer's.
+      { id: newId(), pending_id: hold, debit_account_id: OWN, credit_account_id: OWN, flags: { void_pending_transfer: true } },
+    ];
+    for (const payload of requests) {
+      assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload }, token), 403, 'forbidden');
+      assert.equal(lastDecision().reason, 'not own credit account');
+    }
+    // Even a hold the customer placed on their own account toward someone else stays: the
+    // ledger does not record who created a pending transfer (docs/security.md).
+    const mine = newId();
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), id: mine, flags: { pending: true } } }, token)).statusCode, 201);
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: mine, flags: { void_pending_transfer: true } } }, token), 403, 'forbidden');
+    assert.equal(await rowCounts(), bumpTransfers(counts, 1));
+    const held = await engine.getTransfer(hold);
+    assert.equal(held?.pendingStatus, 'pending');
+    // The service that placed it still resolves it.
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { id: newId(), pending_id: hold, flags: { void_pending_transfer: true } } }, payments)).statusCode, 201);
+  });
+
+  test('a customer cannot close, or balance against, an account that is not theirs', async () => {
+    const token = await sign(customer);
+    const victim = newId();
+    const second = newId();
+    await engine.createAccounts([
+      { id: victim, ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: OTHER } },
+      { id: second, ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } },
+    ]);
+    const counts = await rowCounts();
+    for (const flags of [{ pending: true, closing_credit: true }, { closing_credit: true }, { balancing_credit: true }, { pending: true, closing_debit: true, closing_credit: true }]) {
+      const response = await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), credit_account_id: victim, amount: '1', flags } }, token);
+      assertProblem(response, 403, 'forbidden');
+      assert.equal(lastDecision().reason, 'not own credit account', JSON.stringify(flags));
+    }
+    // A batch that hides one among plain transfers is refused whole.
+    assertProblem(await call({ method: 'POST', url: '/v1/transfers/batch', payload: { transfers: [transfer(), { ...transfer(), credit_account_id: victim, flags: { pending: true, closing_credit: true } }] } }, token), 403, 'forbidden');
+    assert.equal(await rowCounts(), counts);
+    assert.equal((await engine.getAccount(victim))?.flags.closed ?? false, false);
+    // The victim's account still takes money.
+    assert.equal((await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), credit_account_id: victim, amount: '1' } }, token)).statusCode, 201);
+    // Their own second account they may close.
+    const closing = await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(), credit_account_id: second, amount: '1', flags: { pending: true, closing_credit: true } } }, token);
+    assert.equal(closing.statusCode, 201, closing.body);
+    assert.equal((await engine.getAccount(second))?.flags.closed, true);
+    // Services keep the flags: svc:payments closes the victim's account on the bank's behalf.
+    const payments = await sign(principalOf('svc:payments'));
+    const byService = await call({ method: 'POST', url: '/v1/transfers', payload: { ...transfer(UNOWNED), credit_account_id: victim, amount: '1', flags: { pending: true, closing_credit: true } } }, payments);
+    assert.equal(byService.statusCode, 201, byService.body);
+    assert.equal((await engine.getAccount(victim))?.flags.closed, true);
   });
 
   test('limits, currencies and hours: the fine-grained conditions hold at the HTTP boundary', async () => {
