@@ -3,17 +3,19 @@
  * ledger service as child processes, points the ledger's token verification at the identity
  * service's JWKS, forwards SIGINT/SIGTERM to both (and stops them if its own parent goes away),
  * and exits when either one exits (stopping the other first), with that child's exit code, so a
- * supervisor above sees the failure.
+ * supervisor above sees the failure. When it is signalled, it exits with the first non-zero
+ * exit code of its children (0 when both stopped cleanly): a failed drain is not hidden.
  *
  * Ports: the ledger uses PORT (3000), the identity service IDENTITY_PORT (3001). Every other
  * variable reaches both services unchanged (see docs/security.md for the identity ones).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { exitCodeOf, stopGraceMs } from './supervise.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-/** After this, a child that ignored SIGTERM is killed: longer than either service's graceful shutdown (SHUTDOWN_TIMEOUT_MS, 10 s). */
-const STOP_GRACE_MS = 15_000;
+/** After this, a child that has not stopped since SIGTERM is killed: its SHUTDOWN_TIMEOUT_MS plus a margin. */
+const STOP_GRACE_MS = stopGraceMs(process.env);
 /** How often the supervisor checks that its own parent (npm, a shell) is still there. */
 const PARENT_CHECK_MS = 1000;
 
@@ -47,11 +49,17 @@ for (const [name, env] of Object.entries(services)) {
   children.set(name, child);
   child.on('exit', (code, signal) => {
     children.delete(name);
+    const exitCode = exitCodeOf(code, signal);
     if (!stopping) {
       stopping = true;
       process.stderr.write(`start: ${name} exited (${signal ?? `code ${code}`}); stopping the others\n`);
-      process.exitCode = code ?? 1;
+      process.exitCode = exitCode;
       stopAll('SIGTERM');
+    } else if (exitCode !== 0 && (process.exitCode ?? 0) === 0) {
+      // Stopping (signalled, or after the first exit): a child that failed its drain, or was
+      // killed at the end of the grace period, decides the exit code unless one already did.
+      process.stderr.write(`start: ${name} exited (${signal ?? `code ${code}`}) while stopping\n`);
+      process.exitCode = exitCode;
     }
     if (children.size === 0) process.exit();
   });

@@ -51,7 +51,9 @@ export async function commit(client: Pick<pg.ClientBase, 'query'>): Promise<void
  * succeed later: the connection or the server failed (SQLSTATE class 08; 57P, an administrator
  * or a crash ending the session; 53300, too many connections; a socket reset or refused, or
  * node-postgres finding its connection gone), or the transaction lost a serialization race or
- * a deadlock (40001, 40P01). Such a failure must not count against the work itself: a
+ * a deadlock (40001, 40P01), or a client-side limit ran out (no connection within
+ * connectionTimeoutMillis; no answer within query_timeout, after which the pool destroys the
+ * connection: a server that stopped answering). Such a failure must not count against the work itself: a
  * consumer does not dead-letter an event for it, and the ledger answers "unavailable, nothing
  * decided" rather than a rejection.
  */
@@ -63,5 +65,5 @@ export function transientDatabaseError(error: unknown): boolean {
     if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') return true;
   }
   const message = error instanceof Error ? error.message : '';
-  return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect/i.test(message);
+  return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect|Query read timeout/i.test(message);
 }

@@ -71,6 +71,8 @@ interface Waiter {
   resolve: () => void;
   reject: (error: ShedError) => void;
   timer: TimerHandle;
+  /** Stops listening to the caller's signal once the waiter leaves the queue. */
+  detach: () => void;
 }
 
 const CONCURRENCY_MAX = 100_000;
@@ -126,9 +128,11 @@ export class LoadShedder {
   /**
    * Admits a request of `priority`: resolves when it may run (call `release` when it ends),
    * rejects with `ShedError` when it is refused. Returns synchronously-resolved work when a
-   * slot is free, so the uncontended path costs one comparison.
+   * slot is free, so the uncontended path costs one comparison. When `signal` aborts while
+   * the request waits (its client went away), the waiter leaves the queue and the promise
+   * rejects with the signal's reason: nobody would use the slot it would be given.
    */
-  acquire(priority: Priority): Promise<void> {
+  acquire(priority: Priority, signal?: AbortSignal): Promise<void> {
     const now = this.#clock.now();
     this.#evaluate(now);
     const rank = PRIORITY_RANK[priority];
@@ -142,18 +146,33 @@ export class LoadShedder {
     if (this.#queued >= this.options.queueMax && !this.#evictBelow(rank)) {
       return Promise.reject(this.#shed(priority, 'queue_full'));
     }
+    if (signal?.aborted === true) return Promise.reject(abortReason(signal));
     const queue = this.#queues[rank as 0 | 1 | 2 | 3];
     return new Promise<void>((resolve, reject) => {
-      const waiter: Waiter = { priority, enqueuedMs: now, resolve, reject, timer: undefined };
+      const waiter: Waiter = { priority, enqueuedMs: now, resolve, reject, timer: undefined, detach: () => {} };
       waiter.timer = this.#clock.setTimer(() => {
         const i = queue.indexOf(waiter);
         if (i < 0) return;
         queue.splice(i, 1);
         this.#queued -= 1;
+        waiter.detach();
         // A timeout is a wait at least this long: it counts towards the standing queue.
         this.#noteWait(this.#clock.now() - waiter.enqueuedMs);
         reject(this.#shed(priority, 'queue_timeout'));
       }, this.options.queueTimeoutMs[priority]);
+      if (signal !== undefined) {
+        const onAbort = (): void => {
+          const i = queue.indexOf(waiter);
+          if (i < 0) return;
+          queue.splice(i, 1);
+          this.#queued -= 1;
+          this.#clock.clearTimer(waiter.timer);
+          // Not a wait measurement: the client left, the queue did not make it wait that long.
+          reject(abortReason(signal));
+        };
+        signal.addEventListener('abort', onAbort, { once: true });
+        waiter.detach = () => { signal.removeEventListener('abort', onAbort); };
+      }
       queue.push(waiter);
       this.#queued += 1;
     });
@@ -169,6 +188,7 @@ export class LoadShedder {
       if (next === undefined) continue;
       this.#queued -= 1;
       this.#clock.clearTimer(next.timer);
+      next.detach();
       this.#noteWait(now - next.enqueuedMs);
       // The slot passes to the waiter: `running` is unchanged.
       next.resolve();
@@ -183,6 +203,7 @@ export class LoadShedder {
       if (victim === undefined) continue;
       this.#queued -= 1;
       this.#clock.clearTimer(victim.timer);
+      victim.detach();
       victim.reject(this.#shed(victim.priority, 'evicted'));
       return true;
     }
@@ -235,4 +256,9 @@ export class LoadShedder {
     this.options.onShed?.(error);
     return error;
   }
+}
+
+/** The signal's reason when it is an Error (AbortSignal's own default is a DOMException, which is one). */
+function abortReason(signal: AbortSignal): Error {
+  return signal.reason instanceof Error ? signal.reason : new Error('aborted', { cause: signal.reason });
 }

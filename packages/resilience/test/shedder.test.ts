@@ -165,6 +165,35 @@ describe('load shedder', () => {
     assert.equal(shedder.level, 0);
   });
 
+  it('a waiter whose signal aborts leaves the queue, and the slot goes to the next', async () => {
+    const { shedder, clock, start } = make({ concurrencyMax: 1 });
+    start('normal');
+    const gone = new AbortController();
+    let abandoned = 'waiting';
+    shedder.acquire('normal', gone.signal).then(
+      () => { abandoned = 'running'; },
+      (e: unknown) => { abandoned = e instanceof Error ? e.message : String(e); },
+    );
+    const next = start('normal');
+    await tick();
+    assert.equal(shedder.queued, 2);
+    gone.abort(new Error('client gone'));
+    await tick();
+    assert.equal(abandoned, 'client gone');
+    assert.equal(shedder.queued, 1);
+    shedder.release();
+    await tick();
+    assert.equal(next.state, 'running');
+    assert.equal(shedder.running, 1);
+    // Its queue timer was cleared: nothing fires for it later.
+    await clock.advance(10_000);
+    await tick();
+    assert.equal(abandoned, 'client gone');
+    // Already aborted: refused without queueing.
+    await assert.rejects(shedder.acquire('normal', gone.signal), /client gone/);
+    assert.equal(shedder.queued, 0);
+  });
+
   it('checks its bounds', () => {
     const base = { concurrencyMax: 1, queueMax: 1, queueTimeoutMs: { critical: 1, high: 1, normal: 1, low: 1 }, targetQueueMs: 1, intervalMs: 1 };
     assert.throws(() => new LoadShedder({ ...base, concurrencyMax: 0 }), RangeError);

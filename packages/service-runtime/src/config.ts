@@ -6,6 +6,7 @@
 import envSchema from 'env-schema';
 import { Type } from 'typebox';
 import type { Static, TObject } from 'typebox';
+import { DATABASE_CONNECT_TIMEOUT_MS_DEFAULT, DATABASE_QUERY_TIMEOUT_MS_DEFAULT } from './pg-pool.ts';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
 
@@ -19,6 +20,11 @@ export const baseConfigSchema = Type.Object({
     default: 'postgres://postgres@127.0.0.1:5432/test',
   }),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
+  // Client-side limits on waiting for a connection and for a query (databasePoolConfig): a
+  // server that stops answering must fail requests, not hang them. The query limit should stay
+  // above the engine's 30 s statement_timeout, so the server cancels slow statements first.
+  DATABASE_CONNECT_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 60_000, default: DATABASE_CONNECT_TIMEOUT_MS_DEFAULT }),
+  DATABASE_QUERY_TIMEOUT_MS: Type.Integer({ minimum: 1000, maximum: 600_000, default: DATABASE_QUERY_TIMEOUT_MS_DEFAULT }),
   // A direct or session-pooled connection for what keeps state in its session (the migrations'
   // lock, the relay's partition locks, the audit sequencer's named statement). Empty:
   // DATABASE_URL, which may then go through a pooler that pools transactions (README, "Behind a

@@ -253,6 +253,41 @@ function timed(text: string, values: unknown[], queryTimeoutMs: number): pg.Quer
   return { text, values, query_timeout: queryTimeoutMs };
 }
 
+/**
+ * One statement within `timeoutMs`, the wait for a pooled connection included. query_timeout
+ * alone starts counting once a connection is had, so a full pool, or one whose server stopped
+ * answering, would hold the request (and every claim batched with it) for as long as the
+ * pool's own limit, or for ever on a pool without one. A connection that arrives after the
+ * deadline goes straight back unused: the statement never runs late, so a key is never
+ * claimed for a request that was already answered 503.
+ */
+async function queryWithin<R extends pg.QueryResultRow>(pool: pg.Pool, text: string, values: unknown[], timeoutMs: number): Promise<pg.QueryResult<R>> {
+  const deadline = performance.now() + timeoutMs;
+  const connecting = pool.connect();
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => {
+      connecting.then((late) => { late.release(); }, () => {});
+      reject(new Error(`idempotency: no database connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+  });
+  let client: pg.PoolClient;
+  try {
+    client = await Promise.race([connecting, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+  try {
+    const result = await client.query<R>(timed(text, values, Math.max(1, Math.ceil(deadline - performance.now()))));
+    client.release();
+    return result;
+  } catch (error) {
+    // As pool.query does: a connection whose statement failed (or hung) is not reused.
+    client.release(error instanceof Error ? error : true);
+    throw error;
+  }
+}
+
 function defaultClientId(request: FastifyRequest): string {
   const header = request.headers[CLIENT_ID_HEADER];
   return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? header : ANONYMOUS_CLIENT_ID;
@@ -377,20 +412,19 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
       const nowMs = now();
-      const r = await pool.query<{ token: string; fresh: boolean }>(
-        timed(
-          CLAIM_SQL,
-          [
-            sorted.map((i) => i.clientId),
-            sorted.map((i) => i.key),
-            sorted.map((i) => i.fingerprint),
-            sorted.map((i) => i.token),
-            new Date(nowMs),
-            new Date(nowMs + lockTimeoutMs),
-            new Date(nowMs + ttlMs),
-          ],
-          queryTimeoutMs,
-        ),
+      const r = await queryWithin<{ token: string; fresh: boolean }>(
+        pool,
+        CLAIM_SQL,
+        [
+          sorted.map((i) => i.clientId),
+          sorted.map((i) => i.key),
+          sorted.map((i) => i.fingerprint),
+          sorted.map((i) => i.token),
+          new Date(nowMs),
+          new Date(nowMs + lockTimeoutMs),
+          new Date(nowMs + ttlMs),
+        ],
+        queryTimeoutMs,
       );
       const fresh = new Map(r.rows.map((row) => [row.token, row.fresh]));
       return items.map((i) => ({ nowMs, fresh: fresh.get(i.token) ?? null }));
@@ -403,21 +437,20 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     sizeMax: COMPLETE_BATCH_BYTES_MAX,
     run: async (items) => {
       const nowMs = now();
-      const r = await pool.query<{ token: string }>(
-        timed(
-          COMPLETE_SQL,
-          [
-            items.map((i) => i.clientId),
-            items.map((i) => i.key),
-            items.map((i) => i.token),
-            items.map((i) => i.status),
-            items.map((i) => JSON.stringify(i.headers)),
-            items.map((i) => i.body),
-            new Date(nowMs),
-            new Date(nowMs + ttlMs),
-          ],
-          queryTimeoutMs,
-        ),
+      const r = await queryWithin<{ token: string }>(
+        pool,
+        COMPLETE_SQL,
+        [
+          items.map((i) => i.clientId),
+          items.map((i) => i.key),
+          items.map((i) => i.token),
+          items.map((i) => i.status),
+          items.map((i) => JSON.stringify(i.headers)),
+          items.map((i) => i.body),
+          new Date(nowMs),
+          new Date(nowMs + ttlMs),
+        ],
+        queryTimeoutMs,
       );
       const stored = new Set(r.rows.map((row) => row.token));
       return items.map((i) => stored.has(i.token));
@@ -430,7 +463,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
       const claimed = await claimBatches.submit({ clientId, key, fingerprint, token });
       if (claimed.fresh !== null) return { kind: 'claimed', token, reclaimed: !claimed.fresh };
 
-      const found = await pool.query<KeyRow>(timed(SELECT_SQL, [clientId, key], queryTimeoutMs));
+      const found = await queryWithin<KeyRow>(pool, SELECT_SQL, [clientId, key], queryTimeoutMs);
       const row = found.rows[0];
       // Pruned, or expired, between the two statements: claim again.
       if (row === undefined || row.expires_at.getTime() <= claimed.nowMs) continue;
@@ -513,7 +546,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
   });
 
   async function release(claim: Claim, request: FastifyRequest): Promise<void> {
-    await pool.query(timed(RELEASE_SQL, [claim.clientId, claim.key, claim.token], queryTimeoutMs));
+    await queryWithin(pool, RELEASE_SQL, [claim.clientId, claim.key, claim.token], queryTimeoutMs);
     request.log.debug({ idempotency_key: claim.key }, 'idempotency: key released');
   }
 

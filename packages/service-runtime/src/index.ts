@@ -34,7 +34,7 @@ export { findDuplicateMember } from './json-body.ts';
 export type { DuplicateMember } from './json-body.ts';
 export { BEARER_SECURITY_SCHEME, documentRoute } from './route-docs.ts';
 export type { DocumentedHeader, RouteDocumentation } from './route-docs.ts';
-export { guardPool } from './pg-pool.ts';
+export { databasePoolConfig, DATABASE_CONNECT_TIMEOUT_MS_DEFAULT, DATABASE_QUERY_TIMEOUT_MS_DEFAULT, guardPool } from './pg-pool.ts';
 export { postgresReadinessCheck, READINESS_TIMEOUT_MS_DEFAULT } from './readiness.ts';
 export type { CheckOutcome, ReadinessCheck } from './readiness.ts';
 export { runService } from './run.ts';

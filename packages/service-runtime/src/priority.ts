@@ -4,12 +4,16 @@
  *
  * 1. Deadline: `x-deadline-remaining-ms` from the caller, else `deadlineDefaultMs`, becomes
  *    `request.deadline`. Already expired → 504 at once; nothing runs.
- * 2. Rate limit (when configured): per client and route; over the limit → 429 + Retry-After.
- *    Checked before queueing, so a client over its limit cannot take queue slots.
- * 3. Load shedding (when configured): the route's priority class
+ * 2. Load shedding (when configured, in onRequest): the route's priority class
  *    (`config: { priority: 'critical' | 'high' | 'normal' | 'low' }`, default normal) waits
  *    for a slot; refused → 503 + Retry-After. If the deadline passed while it waited → 504:
- *    the caller has given up, so the handler is not run.
+ *    the caller has given up, so the handler is not run. A client that hangs up while queued
+ *    leaves the queue, and its slot is never taken.
+ * 3. Rate limit (when configured, in preValidation, after authentication so that the client
+ *    can be the verified principal): per client and route; over the limit → 429 +
+ *    Retry-After. It runs after shedding, so a limited request has held a slot briefly; the
+ *    shedder, which protects the process, acts first. Unknown paths and methods are limited
+ *    by client address.
  *
  * The runtime's own routes (/health, /ready, /metrics, /openapi.json) pass every gate:
  * probes and scrapes must answer precisely when the service is overloaded.
@@ -59,7 +63,10 @@ export interface RateLimitingOptions {
   bucket: RedisTokenBucket;
   /** Applied to routes that name no limit of their own. */
   defaultLimit: RateLimit;
-  /** Who the client is; default: the `x-client-id` header when well-formed, else the IP. */
+  /**
+   * Who the client is; default: the `x-client-id` header when well-formed, else the IP. Not
+   * called for unknown paths and methods, which are limited by IP.
+   */
   clientId?: (request: FastifyRequest) => string;
 }
 
@@ -110,7 +117,10 @@ export async function applyRateLimit(
   if (routeLimit === false) return true;
   const limit = routeLimit ?? options.defaultLimit;
   const route = request.routeOptions.url ?? '';
-  const client = (options.clientId ?? defaultRateLimitClientId)(request);
+  // An unknown path or method (404, 405) matched no route, so no route's hooks, authentication
+  // included, ran for it: a clientId that names the principal has none to name. Such requests
+  // are limited by address instead, which a caller cannot choose.
+  const client = request.is404 ? `ip:${request.ip}` : (options.clientId ?? defaultRateLimitClientId)(request);
   let result;
   try {
     result = await options.bucket.take(`${request.method}:${route}:${client}`, limit);
@@ -141,9 +151,23 @@ export async function applyRateLimit(
  */
 export async function applyLoadShedding(request: FastifyRequest, reply: FastifyReply, shedder: LoadShedder): Promise<boolean> {
   const priority = routePriority(request);
+  // 'close' fires once however the exchange ends (sent, failed, or the client went away), so
+  // the listener goes on before waiting: a client that hangs up while queued would otherwise
+  // close before anyone listens, and its slot would never come back. While queued, the close
+  // withdraws the waiter; once admitted, it releases the slot.
+  const gone = new AbortController();
+  let admitted = false;
+  reply.raw.once('close', () => {
+    if (admitted) shedder.release();
+    else gone.abort(new Error('client closed the connection while queued'));
+  });
   try {
-    await shedder.acquire(priority);
+    await shedder.acquire(priority, gone.signal);
   } catch (error) {
+    if (gone.signal.aborted) {
+      clientGone(reply);
+      return false;
+    }
     if (!(error instanceof ShedError)) throw error;
     reply.header('retry-after', String(Math.ceil(error.retryAfterMs / 1000)));
     sendProblem(request, reply, {
@@ -155,13 +179,27 @@ export async function applyLoadShedding(request: FastifyRequest, reply: FastifyR
     });
     return false;
   }
-  // 'close' fires once however the exchange ends (sent, failed, or the client went away).
-  reply.raw.once('close', () => { shedder.release(); });
+  admitted = true;
+  // It closed between the slot being granted and this line running: give the slot back now.
+  if (gone.signal.aborted) {
+    shedder.release();
+    clientGone(reply);
+    return false;
+  }
   if (request.deadline.expired()) {
     deadlineExceeded(request, reply);
     return false;
   }
   return true;
+}
+
+/**
+ * Ends a request whose client left while it queued. Nobody reads the answer, but Fastify runs
+ * the handler unless a reply is sent; 499 (nginx's "client closed request") keeps it apart
+ * from the 503s of shedding in the metrics.
+ */
+function clientGone(reply: FastifyReply): void {
+  void reply.code(499).send();
 }
 
 export function validateRateLimits(options: RateLimitingOptions): void {

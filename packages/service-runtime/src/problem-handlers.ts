@@ -32,6 +32,7 @@ export const PROBLEM_TYPES = {
   malformedJson: problemType('malformed-json'),
   notReady: problemType('not-ready'),
   databaseUnavailable: problemType('database-unavailable'),
+  shuttingDown: problemType('shutting-down'),
 } as const;
 
 /** Seconds a client should wait before retrying after a 503 database-unavailable. */

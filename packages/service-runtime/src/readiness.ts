@@ -3,7 +3,8 @@
  * hung dependency makes the probe fail fast instead of hanging the prober.
  */
 import type { FastifyBaseLogger } from 'fastify';
-import type pg from 'pg';
+import pg from 'pg';
+import { guardPool } from './pg-pool.ts';
 
 export const READINESS_TIMEOUT_MS_DEFAULT = 1000;
 
@@ -13,6 +14,8 @@ export interface ReadinessCheck {
   /** Resolves when the dependency is usable. `signal` aborts when the deadline passes. */
   check: (signal: AbortSignal) => Promise<void>;
   timeoutMs?: number;
+  /** Frees what the check holds (a connection of its own); called when the service closes. */
+  close?: () => Promise<void>;
 }
 
 export type CheckOutcome = 'ok' | 'failed' | 'timed_out';
@@ -51,21 +54,50 @@ async function runCheck(check: ReadinessCheck, log: FastifyBaseLogger): Promise<
   }
 }
 
-/** `SELECT 1` through the pool: proves a connection can be had and the server answers. */
+/**
+ * `SELECT 1` on a connection of the probe's own, opened with the settings of `pool` (same
+ * server, user, TLS): proves that a connection can be had and the server answers. Not through
+ * `pool` itself: when every request connection is busy, the probe would wait in the pool's
+ * queue and time out, taking a loaded but healthy instance out of rotation, which only pushes
+ * its load onto the others. The probe's pool holds one connection, opened on the first probe
+ * and closed with the service; its connect and query limits are the check's deadline.
+ */
 export function postgresReadinessCheck(
   pool: pg.Pool,
   options: { name?: string; timeoutMs?: number } = {},
 ): ReadinessCheck {
   const timeoutMs = options.timeoutMs ?? READINESS_TIMEOUT_MS_DEFAULT;
-  // query_timeout makes pg fail the query itself at the deadline, and pool.query then
-  // discards that connection; without it a hung server would pin one pooled connection per
-  // probe. pg honours the field at run time, though @types/pg's QueryConfig omits it.
-  const query: pg.QueryConfig & { query_timeout: number } = { text: 'SELECT 1', query_timeout: timeoutMs };
+  let probe: pg.Pool | undefined;
   return {
     name: options.name ?? 'postgres',
     timeoutMs,
     check: async () => {
-      await pool.query(query);
+      // The database may answer while this instance cannot use it: its pool has been ended.
+      if (pool.ending || pool.ended) throw new Error('the request pool has been ended');
+      probe ??= probePool(pool, timeoutMs);
+      await probe.query('SELECT 1');
+    },
+    close: async () => {
+      const closing = probe;
+      probe = undefined;
+      await closing?.end();
     },
   };
+}
+
+function probePool(pool: pg.Pool, timeoutMs: number): pg.Pool {
+  const probe = new pg.Pool({
+    ...pool.options,
+    max: 1,
+    // Both limits at the deadline: a probe never leaves a connection hung behind it. On
+    // query_timeout the pool discards the connection, and the next probe opens a fresh one.
+    connectionTimeoutMillis: timeoutMs,
+    query_timeout: timeoutMs,
+    keepAlive: true,
+    // The probe's idle connection must not keep a process alive that is otherwise done.
+    allowExitOnIdle: true,
+  });
+  // A connection whose backend dies emits 'error', which would crash the process; the next
+  // probe reports the failure, so there is nothing more to do here.
+  return guardPool(probe, () => {});
 }

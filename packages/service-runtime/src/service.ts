@@ -58,6 +58,8 @@ const REQUEST_ID_PATTERN = /^[A-Za-z0-9._-]{1,128}$/;
  * client hold a connection forever when no proxy sits in front.
  */
 const REQUEST_RECEIVE_TIMEOUT_MS = 30_000;
+/** Retry-After on a request refused because the instance is shutting down: another will answer. */
+const SHUTDOWN_RETRY_AFTER_SECONDS = 1;
 
 const HealthSchema = Type.Object({ status: Type.Literal('ok') });
 const DegradationSchema = Type.Object({
@@ -88,6 +90,8 @@ export async function createService(options: ServiceOptions): Promise<Service> {
     loggerInstance,
     bodyLimit: config.BODY_LIMIT_BYTES,
     requestTimeout: REQUEST_RECEIVE_TIMEOUT_MS,
+    // The onRequest hook below answers requests that arrive while closing, as problem+json.
+    return503OnClosing: false,
     // The header is read by genReqId, which validates it; Fastify would trust it as is.
     requestIdHeader: false,
     logController: new LogController({ requestIdLogLabel: 'request_id' }),
@@ -116,13 +120,29 @@ export async function createService(options: ServiceOptions): Promise<Service> {
   });
 
   // Requests in flight when shutdown began finish normally, but their keep-alive connections
-  // must not outlive them: Node's server.close() waits for every open connection. (Requests
-  // that arrive on such a connection after shutdown began get Fastify's built-in 503 before
-  // any hook or handler runs, so no work starts whose answer could be lost.)
+  // must not outlive them: Node's server.close() waits for every open connection. Requests
+  // that arrive on such a connection after shutdown began are refused before any other hook or
+  // handler runs, so no work starts whose answer could be lost: a 503 problem with
+  // Retry-After, like every other refusal, in place of Fastify's built-in plain-JSON 503
+  // (return503OnClosing: false). The connection closes with it, so the retry reaches another
+  // instance.
   let closing = false;
   app.addHook('preClose', (done) => {
     closing = true;
     done();
+  });
+  app.addHook('onRequest', (request, reply, done) => {
+    if (!closing) {
+      done();
+      return;
+    }
+    reply.header('retry-after', String(SHUTDOWN_RETRY_AFTER_SECONDS));
+    sendProblem(request, reply, {
+      status: 503,
+      type: PROBLEM_TYPES.shuttingDown,
+      title: 'Shutting down',
+      detail: 'This instance is shutting down and takes no new requests; nothing was done. Retry after the Retry-After delay.',
+    });
   });
   app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close');
@@ -186,6 +206,11 @@ export async function createService(options: ServiceOptions): Promise<Service> {
       });
     },
   );
+
+  // After the requests have drained: a probe's own connection goes with the service.
+  app.addHook('onClose', async () => {
+    await Promise.all(readinessChecks.map(async (check) => { await check.close?.(); }));
+  });
 
   return app;
 }

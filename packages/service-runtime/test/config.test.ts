@@ -21,6 +21,8 @@ describe('loadConfig', () => {
       LOG_LEVEL: 'info',
       DATABASE_URL: 'postgres://postgres@127.0.0.1:5432/test',
       DATABASE_POOL_MAX: 10,
+      DATABASE_CONNECT_TIMEOUT_MS: 2000,
+      DATABASE_QUERY_TIMEOUT_MS: 35_000,
       DATABASE_SESSION_URL: '',
       SHUTDOWN_TIMEOUT_MS: 10_000,
       BODY_LIMIT_BYTES: 1_048_576,

@@ -98,3 +98,22 @@ describe('postgresReadinessCheck', () => {
     await app.close();
   });
 });
+
+describe('postgresReadinessCheck on a busy pool', () => {
+  it('measures the database, not the queue for the request pool', async () => {
+    const pool = new pg.Pool({ connectionString: DATABASE_URL, max: 2 });
+    const held = [await pool.connect(), await pool.connect()];
+    const app = await serviceWith([postgresReadinessCheck(pool, { timeoutMs: 300 })]);
+    try {
+      // Every request connection is busy; requests would wait for one, the probe must not.
+      const response = await app.inject({ method: 'GET', url: '/ready' });
+      assert.equal(response.statusCode, 200, response.body);
+      assert.deepEqual(response.json(), { status: 'ready', checks: { postgres: 'ok' } });
+      assert.equal(pool.waitingCount, 0, 'the probe did not queue on the request pool');
+    } finally {
+      for (const client of held) client.release();
+      await app.close();
+      await pool.end();
+    }
+  });
+});

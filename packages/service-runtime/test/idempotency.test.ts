@@ -57,6 +57,25 @@ beforeEach(async () => {
   await pool.query('TRUNCATE runtime.idempotency_keys');
 });
 
+type Run = (query: pg.QueryConfig) => Promise<pg.QueryResult>;
+
+/**
+ * The real pool, with every statement passed through `intercept` on its way to PostgreSQL,
+ * whether the plugin sends it through `pool.query` or through a client it checked out.
+ */
+function intercepted(intercept: (query: pg.QueryConfig, run: Run) => Promise<pg.QueryResult>): pg.Pool {
+  return {
+    query: (query: pg.QueryConfig) => intercept(query, (q) => pool.query(q)),
+    connect: async () => {
+      const client = await pool.connect();
+      return {
+        query: (query: pg.QueryConfig) => intercept(query, (q) => client.query(q)),
+        release: (error?: Error | boolean) => { client.release(error); },
+      };
+    },
+  } as unknown as pg.Pool;
+}
+
 /** A promise the test opens by hand, and a signal that the handler reached it. */
 class Gate {
   readonly #entered = Promise.withResolvers<true>();
@@ -584,13 +603,11 @@ describe('batched statements', () => {
    */
   function watchedPool(): { pool: pg.Pool; statements: string[]; firstClaim: Gate } {
     const w = {
-      pool: {
-        query: async (query: pg.QueryConfig) => {
-          w.statements.push(query.text);
-          if (query.text.includes('INSERT INTO runtime.idempotency_keys') && claimsIn(w.statements) === 1) await w.firstClaim.arrive();
-          return pool.query(query);
-        },
-      } as unknown as pg.Pool,
+      pool: intercepted(async (query, run) => {
+        w.statements.push(query.text);
+        if (query.text.includes('INSERT INTO runtime.idempotency_keys') && claimsIn(w.statements) === 1) await w.firstClaim.arrive();
+        return run(query);
+      }),
       statements: [] as string[],
       firstClaim: new Gate(),
     };
@@ -711,9 +728,7 @@ describe('batched statements', () => {
   });
 
   test('a claim statement that fails answers 503 to every request in it, and none of them runs', async () => {
-    const failing = {
-      query: (query: pg.QueryConfig) => (query.text.includes('INSERT INTO runtime.idempotency_keys') ? Promise.reject(new Error('connection lost')) : pool.query(query)),
-    } as unknown as pg.Pool;
+    const failing = intercepted((query, run) => (query.text.includes('INSERT INTO runtime.idempotency_keys') ? Promise.reject(new Error('connection lost')) : run(query)));
     const { app, runs } = await buildApp({ pool: failing });
     const answers = await Promise.all(Array.from({ length: 8 }, (_, i) => post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': `k-fail-${i}` })));
     for (const a of answers) assertProblem(a, 503, 'idempotency-unavailable');
@@ -735,11 +750,42 @@ describe('key store failures', () => {
     await dead.end();
   });
 
+  test('the query timeout covers the wait for a connection: a pool that never hands one out is a 503 in time', async () => {
+    // Every connection taken and no connectionTimeoutMillis: pool.query would wait for ever,
+    // and query_timeout only starts once a connection is had.
+    const full = new pg.Pool({ connectionString: db.url, max: 1 });
+    const held = await full.connect();
+    let heldReleased = false;
+    const releaseHeld = (): void => {
+      if (!heldReleased) held.release();
+      heldReleased = true;
+    };
+    const { app, runs } = await buildApp({ pool: full, queryTimeoutMs: 300 });
+    try {
+      const started = performance.now();
+      const r = await Promise.race([
+        post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-full' }),
+        new Promise<undefined>((resolve) => setTimeout(() => { resolve(undefined); }, 5000)),
+      ]);
+      assert.ok(r !== undefined, 'no answer within 5 s');
+      assert.ok(performance.now() - started < 2000, `answered after ${Math.round(performance.now() - started)} ms`);
+      assertProblem(r, 503, 'idempotency-unavailable');
+      assert.equal(runs.things, undefined);
+      // The connection that frees up later goes back unused: no key is claimed behind the 503.
+      releaseHeld();
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.equal(await keyCount(), 0);
+      assert.equal(full.idleCount, 1);
+    } finally {
+      // A failing run still ends: the request stuck waiting for the pool gets its connection.
+      releaseHeld();
+      await app.close();
+      await full.end();
+    }
+  });
+
   test('a failed store still delivers the response; the key stays in progress until its lock times out', async () => {
-    const failingStore = {
-      query: (query: pg.QueryConfig) =>
-        query.text.includes("SET state = 'completed'") ? Promise.reject(new Error('store failed')) : pool.query(query),
-    } as unknown as pg.Pool;
+    const failingStore = intercepted((query, run) => (query.text.includes("SET state = 'completed'") ? Promise.reject(new Error('store failed')) : run(query)));
     const { app, runs } = await buildApp({ pool: failingStore });
     const first = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-store' });
     assert.equal(first.statusCode, 201);

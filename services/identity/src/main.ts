@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
-import { ConfigError, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
+import { ConfigError, databasePoolConfig, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
 import { identityConfigSchema, list, type IdentityConfig } from './config.ts';
@@ -57,11 +57,12 @@ if (signer !== null) serviceKeyEncryptionKey('identity', config.AUDIT_KEY_ENCRYP
 const sessionUrl = sessionDatabaseUrl(config);
 await migrateIdentity(sessionUrl);
 if (config.AUDIT_ENABLED) await migrateAudit(sessionUrl);
-// A request waits at most this long for a connection, then answers 503 (the runtime knows pg's
-// "timeout exceeded when trying to connect" as the database being unavailable): without it, a
-// pool whose every connection is held waits forever, and so does every request behind it.
-const POOL_CONNECT_TIMEOUT_MS = 5000;
-const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX, connectionTimeoutMillis: POOL_CONNECT_TIMEOUT_MS });
+// Bounded waits (databasePoolConfig): a request waits at most DATABASE_CONNECT_TIMEOUT_MS for a
+// connection and DATABASE_QUERY_TIMEOUT_MS for an answer, then answers 503 (the runtime knows
+// both errors as the database being unavailable); TCP keepalive finds a dead path. Without
+// them, a pool whose every connection is held, or a server that stops answering, holds every
+// request behind it for ever.
+const pool = new pg.Pool(databasePoolConfig(config, { connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX }));
 // A connection lost under a checked-out client emits 'error' on it, which would end the process
 // unless something listens (guardPool); the query it broke fails and its request answers 5xx.
 guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));

@@ -155,7 +155,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     ...resilience,
   });
-  if (app.metrics !== undefined) registerLedgerMetrics(app.metrics, engine, pool);
+  if (app.metrics !== undefined) registerLedgerMetrics(app.metrics, engine, pool, { log: app.log });
   // Authentication runs first (onRequest), so a request without a valid token never reaches
   // validation, idempotency or a handler; each handler then authorizes its resource.
   if (options.auth !== undefined) guard = createLedgerGuard(app, engine, options.auth);

@@ -9,7 +9,7 @@ import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
 import { AuditStore, exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
-import { ConfigError, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
+import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildLedgerService } from './app.ts';
 import type { LedgerAuthOptions } from './auth.ts';
 import { ledgerConfigSchema, type LedgerConfig } from './config.ts';
@@ -53,13 +53,15 @@ await migrateLedger(sessionUrl);
 await migrateRuntime(sessionUrl);
 await migrateEvents(sessionUrl);
 if (signer !== null) await migrateAudit(sessionUrl);
-const pool = new pg.Pool({ connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX });
+// Every wait on PostgreSQL has a client-side limit (databasePoolConfig), so a server that stops
+// answering fails requests with 503s instead of hanging them and the pool's connections.
+const pool = new pg.Pool(databasePoolConfig(config, { connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX }));
 // Idle clients whose backend dies emit 'error'; the pool discards them and the next query
 // opens a new connection. Log it; it must not crash the process.
 guardPool(pool, (err) => logger.warn({ err }, 'postgres: connection error'));
 /** The relay's: its lock holder, and a connection for each partition it publishes at once. */
 const RELAY_POOL_MAX = 6;
-const sessionPool = sessionUrl === config.DATABASE_URL ? pool : new pg.Pool({ connectionString: sessionUrl, max: RELAY_POOL_MAX });
+const sessionPool = sessionUrl === config.DATABASE_URL ? pool : new pg.Pool(databasePoolConfig(config, { connectionString: sessionUrl, max: RELAY_POOL_MAX }));
 if (sessionPool !== pool) guardPool(sessionPool, (err) => logger.warn({ err }, 'postgres: connection error (DATABASE_SESSION_URL)'));
 
 const events = await EventStore.open(pool);

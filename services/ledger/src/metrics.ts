@@ -6,17 +6,59 @@
  * A batch-size histogram would need the engine to report each batch as it commits; its
  * `stats()` gives totals only, so the mean is exported instead.
  */
+import type { FastifyBaseLogger } from 'fastify';
 import type pg from 'pg';
 import { outboxLagSeconds } from '@ledgerline/events';
 import type { LedgerEngine } from '@ledgerline/ledger';
 import type { ServiceMetrics } from '@ledgerline/service-runtime';
 
-export function registerLedgerMetrics(metrics: ServiceMetrics, engine: LedgerEngine, pool: pg.Pool): void {
+/**
+ * The longest a scrape waits for the outbox lag, connection wait included. /metrics must answer
+ * while PostgreSQL hangs: that is when the other metrics matter most.
+ */
+export const OUTBOX_LAG_TIMEOUT_MS = 1000;
+
+export function registerLedgerMetrics(
+  metrics: ServiceMetrics,
+  engine: LedgerEngine,
+  pool: pg.Pool,
+  options: { log?: FastifyBaseLogger; outboxLagTimeoutMs?: number } = {},
+): void {
   metrics.observePool(pool);
   metrics.registerCounterFromTotal('ledger_transfers_total', 'Transfers decided in committed batches (applied or rejected).', () => engine.stats().transfers);
   metrics.registerCounterFromTotal('ledger_batches_total', 'Batches committed.', () => engine.stats().batches);
   metrics.registerCounterFromTotal('ledger_batch_attempts_total', 'Batch attempts, retries of transient database failures included.', () => engine.stats().batchAttempts);
   metrics.registerGauge('ledger_batch_size_mean', 'Mean transfers per committed batch since start.', () => engine.stats().batchSizeMean);
   metrics.registerGauge('ledger_queued_transfers', 'Transfers waiting for a batch.', () => engine.stats().queuedTransfers);
-  metrics.registerGauge('events_outbox_lag_seconds', 'Age of the oldest event the relay has not published yet (0 when caught up).', () => outboxLagSeconds(pool));
+  metrics.registerGauge('events_outbox_lag_seconds', 'Age of the oldest event the relay has not published yet (0 when caught up; NaN when it could not be read in time).', boundedOutboxLag(pool, options.outboxLagTimeoutMs ?? OUTBOX_LAG_TIMEOUT_MS, options.log));
+}
+
+/**
+ * Reads the outbox lag within `timeoutMs`, else (timed out or failed) reports NaN and logs:
+ * the lag is unknown, and a stale value would hide the outage. query_timeout ends a hung
+ * query; the race also bounds the wait for a pooled connection, which query_timeout does not
+ * cover. One read at a time: scrapes during a hang share it rather than piling more waiters
+ * onto the pool.
+ */
+function boundedOutboxLag(pool: pg.Pool, timeoutMs: number, log: FastifyBaseLogger | undefined): () => Promise<number> {
+  // pg honours query_timeout per query at run time, though @types/pg's QueryConfig omits it.
+  const query = (text: string) => pool.query({ text, query_timeout: timeoutMs } as pg.QueryConfig);
+  let inFlight: Promise<number> | undefined;
+  return async () => {
+    inFlight ??= outboxLagSeconds({ query } as Pick<pg.ClientBase, 'query'>).finally(() => { inFlight = undefined; });
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<'timed_out'>((resolve) => { timer = setTimeout(() => { resolve('timed_out'); }, timeoutMs); });
+    try {
+      const lag = await Promise.race([inFlight, timedOut]);
+      if (lag !== 'timed_out') return lag;
+      log?.warn({ timeoutMs }, 'metrics: outbox lag not read in time; reporting NaN');
+      return Number.NaN;
+    } catch (error) {
+      // query_timeout and the race end at about the same time; either way the lag is unknown.
+      log?.warn({ err: error }, 'metrics: reading the outbox lag failed; reporting NaN');
+      return Number.NaN;
+    } finally {
+      clearTimeout(timer);
+    }
+  };
 }

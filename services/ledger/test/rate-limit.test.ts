@@ -81,4 +81,19 @@ describe('rate limits per authenticated principal', () => {
     const keys = (await redis.keys(`${prefix}*`)).sort();
     assert.deepEqual(keys, [`${prefix}GET:/v1/ledgers:p:user:alice`, `${prefix}GET:/v1/ledgers:p:user:bob`]);
   });
+
+  test('unknown paths answer 404 and wrong methods 405, with or without a token, limited by address', async () => {
+    const alice = await tokenOf('alice');
+    const bearer = { authorization: `Bearer ${alice}` };
+    const unknown = await app.inject({ method: 'GET', url: '/no-such-path' });
+    assert.equal(unknown.statusCode, 404, unknown.body);
+    const unknownV1 = await app.inject({ method: 'GET', url: '/v1/no-such-path', headers: bearer });
+    assert.equal(unknownV1.statusCode, 404, unknownV1.body);
+    const wrongMethod = await app.inject({ method: 'DELETE', url: '/v1/ledgers', headers: bearer });
+    assert.equal(wrongMethod.statusCode, 405, wrongMethod.body);
+    assert.equal(wrongMethod.headers.allow, 'GET, HEAD');
+    // Keyed by address, which the caller cannot choose, not by x-client-id.
+    const keys = await redis.keys(`${prefix}*:ip:*`);
+    assert.deepEqual(keys.sort(), [`${prefix}DELETE::ip:127.0.0.1`, `${prefix}GET::ip:127.0.0.1`]);
+  });
 });

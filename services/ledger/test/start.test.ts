@@ -12,6 +12,7 @@ import { after, before, test } from 'node:test';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
 import { createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
+import { exitCodeOf, stopGraceMs } from '../../../tools/supervise.ts';
 
 const START = fileURLToPath(new URL('../../../tools/start.ts', import.meta.url));
 const TAG = randomBytes(4).toString('hex');
@@ -81,4 +82,16 @@ test('npm start: identity and ledger run together, tokens flow from one to the o
   for (const url of [`${ledger}/health`, `${identity}/.well-known/jwks.json`]) {
     assert.equal(await fetch(url).then((r) => r.status, () => 0), 0, `${url} no longer answers`);
   }
+});
+
+test('the supervisor waits out the services\' own shutdown limit, and reports how each child ended', () => {
+  // Never shorter than the drain the services accept (SHUTDOWN_TIMEOUT_MS up to 120 s).
+  assert.equal(stopGraceMs({}), 15_000);
+  assert.equal(stopGraceMs({ SHUTDOWN_TIMEOUT_MS: '60000' }), 65_000);
+  assert.equal(stopGraceMs({ SHUTDOWN_TIMEOUT_MS: '120000' }), 125_000);
+  assert.equal(stopGraceMs({ SHUTDOWN_TIMEOUT_MS: 'soon' }), 125_000);
+  assert.equal(exitCodeOf(0, null), 0);
+  assert.equal(exitCodeOf(1, null), 1);
+  assert.equal(exitCodeOf(null, 'SIGKILL'), 137);
+  assert.equal(exitCodeOf(null, 'SIGTERM'), 143);
 });
