@@ -169,6 +169,8 @@ class Slots {
         for (let i = 0; i < this.#limit; i += 1) this.#release();
       }
     });
+    // The chain only orders the runs: each caller gets its own run's outcome from `turn`, and a
+    // failed run must not stop the ones queued after it.
     this.#alone = turn.catch(() => {});
     return turn;
   }
