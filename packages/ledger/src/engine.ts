@@ -581,9 +581,12 @@ export class LedgerEngine {
       try {
         return await this.#createAccountsOnce(accounts, validated, context);
       } catch (error) {
-        if (!isTransient(error)) throw error;
+        // A connection the pool could not give (#connect wraps it) is the database's weather
+        // too, retried as the batches retry it.
+        const unavailable = error instanceof LedgerUnavailableError;
+        if (!isTransient(error) && !unavailable) throw error;
         if (attempt >= this.#batchAttemptsMax) {
-          throw new LedgerUnavailableError('the ledger could not reach its database; retry with the same ids', { cause: error });
+          throw new LedgerUnavailableError('the ledger could not reach its database; retry with the same ids', { cause: unavailable ? error.cause : error });
         }
         await sleep(Math.random() * Math.min(ATTEMPT_BACKOFF_MS_MAX, ATTEMPT_BACKOFF_MS_BASE * 2 ** attempt));
       }

@@ -940,7 +940,14 @@ describe('batching and limits', () => {
       // A refused connection is the database's weather: the batch is tried batchAttemptsMax times.
       assert.equal(offline.stats().batchAttempts, 2);
       assert.equal((error.cause as { code?: string }).code, 'ECONNREFUSED');
-      await assert.rejects(offline.createAccounts([{ id: newId(), ledger: 'USD', code: 1 }]), LedgerUnavailableError);
+      // Account creation too: tried batchAttemptsMax times, then unavailable, with the refusal as the cause.
+      let connects = 0;
+      const connect = dead.connect.bind(dead) as () => Promise<pg.PoolClient>;
+      Object.assign(dead, { connect: () => { connects += 1; return connect(); } });
+      const accountError = await offline.createAccounts([{ id: newId(), ledger: 'USD', code: 1 }]).catch((e: unknown) => e);
+      assert.ok(accountError instanceof LedgerUnavailableError);
+      assert.equal(connects, 2, 'two attempts');
+      assert.equal((accountError.cause as { code?: string }).code, 'ECONNREFUSED');
       await assert.rejects(offline.getAccount(newId()), LedgerUnavailableError);
     } finally {
       await offline.close();
