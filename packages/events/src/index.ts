@@ -1,4 +1,4 @@
-export { commit, inTransaction, TransactionRolledBackError, transientDatabaseError } from './transaction.ts';
+export { commit, inTransaction, queryWithin, TransactionRolledBackError, transientDatabaseError, withQueryTimeout } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral } from './sql.ts';

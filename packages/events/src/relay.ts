@@ -36,6 +36,7 @@ import {
   type ResidencyViolationError,
 } from './store.ts';
 import { readHorizon } from './horizon.ts';
+import { withQueryTimeout } from './transaction.ts';
 import { encodeEnvelopes, envelopeJson } from './wire.ts';
 
 const { types: pgTypes } = pg;
@@ -130,14 +131,6 @@ export async function ensureEventStream(
   }
 }
 
-/** A statement that fails, and leaves its client to be destroyed, when no answer comes in time. */
-function withTimeout(text: string, ms: number): pg.QueryConfig {
-  // node-postgres reads query_timeout from a query's config as well as the client's; its types
-  // declare only the latter.
-  const config: pg.QueryConfig & { query_timeout: number } = { text, query_timeout: ms };
-  return config;
-}
-
 export class OutboxRelay {
   readonly #o: Required<Omit<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>> &
     Pick<RelayOptions, 'residency' | 'beforePublish' | 'afterPublish' | 'onError'>;
@@ -226,7 +219,7 @@ export class OutboxRelay {
    */
   async #confirmLockSession(client: pg.PoolClient): Promise<void> {
     try {
-      await client.query(withTimeout('SELECT 1', this.#o.lockSessionTimeoutMs));
+      await client.query(withQueryTimeout('SELECT 1', [], this.#o.lockSessionTimeoutMs));
     } catch (error) {
       this.#dropLockSession(client, error);
       throw error;
@@ -247,7 +240,7 @@ export class OutboxRelay {
     this.#held.clear();
     if (client === null) return;
     try {
-      await client.query(withTimeout('SELECT pg_advisory_unlock_all()', this.#o.lockSessionTimeoutMs));
+      await client.query(withQueryTimeout('SELECT pg_advisory_unlock_all()', [], this.#o.lockSessionTimeoutMs));
       client.release();
     } catch (error) {
       client.release(true);

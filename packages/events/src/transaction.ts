@@ -24,6 +24,51 @@ export async function inTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient
 }
 
 /**
+ * A statement with a client-side deadline of its own: no answer within `timeoutMs`, and it
+ * fails and its connection is not reused. node-postgres reads query_timeout from a query's
+ * config as well as from the client's; @types/pg declares only the latter.
+ */
+export function withQueryTimeout(text: string, values: unknown[], timeoutMs: number): pg.QueryConfig {
+  const config: pg.QueryConfig & { query_timeout: number } = { text, values, query_timeout: timeoutMs };
+  return config;
+}
+
+/**
+ * One statement within `timeoutMs`, the wait for a pooled connection included. query_timeout
+ * alone starts counting once a connection is had, so a full pool, or one whose server stopped
+ * answering, would hold the caller for as long as the pool's own limit, or for ever on a pool
+ * without one. A connection that arrives after the deadline goes straight back unused: the
+ * statement never runs late (an idempotency key is never claimed for a request that was
+ * already answered 503).
+ */
+export async function queryWithin<R extends pg.QueryResultRow>(pool: pg.Pool, text: string, values: unknown[], timeoutMs: number): Promise<pg.QueryResult<R>> {
+  const deadline = performance.now() + timeoutMs;
+  const connecting = pool.connect();
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => {
+      connecting.then((late) => { late.release(); }, () => {});
+      reject(new Error(`no database connection within ${timeoutMs} ms`));
+    }, timeoutMs);
+  });
+  let client: pg.PoolClient;
+  try {
+    client = await Promise.race([connecting, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+  try {
+    const result = await client.query<R>(withQueryTimeout(text, values, Math.max(1, Math.ceil(deadline - performance.now()))));
+    client.release();
+    return result;
+  } catch (error) {
+    // As pool.query does: a connection whose statement failed (or hung) is not reused.
+    client.release(error instanceof Error ? error : true);
+    throw error;
+  }
+}
+
+/**
  * The transaction ended in a rollback where the caller asked for COMMIT: a statement in it had
  * failed, and the code that ran it went on as if it had not.
  */

@@ -17,6 +17,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { Type } from 'typebox';
+import { queryWithin, withQueryTimeout } from '@ledgerline/events';
 import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
 import { PROBLEM_TYPES } from './problem-handlers.ts';
@@ -245,46 +246,6 @@ DELETE FROM runtime.idempotency_keys k USING doomed d
 function assertInteger(name: string, value: number, min: number, max: number): void {
   if (!Number.isInteger(value) || value < min || value > max) {
     throw new RangeError(`idempotency: ${name} must be an integer in ${min}..${max}, got ${value}`);
-  }
-}
-
-/** pg honours query_timeout per query at run time, though @types/pg's QueryConfig omits it. */
-function timed(text: string, values: unknown[], queryTimeoutMs: number): pg.QueryConfig & { query_timeout: number } {
-  return { text, values, query_timeout: queryTimeoutMs };
-}
-
-/**
- * One statement within `timeoutMs`, the wait for a pooled connection included. query_timeout
- * alone starts counting once a connection is had, so a full pool, or one whose server stopped
- * answering, would hold the request (and every claim batched with it) for as long as the
- * pool's own limit, or for ever on a pool without one. A connection that arrives after the
- * deadline goes straight back unused: the statement never runs late, so a key is never
- * claimed for a request that was already answered 503.
- */
-async function queryWithin<R extends pg.QueryResultRow>(pool: pg.Pool, text: string, values: unknown[], timeoutMs: number): Promise<pg.QueryResult<R>> {
-  const deadline = performance.now() + timeoutMs;
-  const connecting = pool.connect();
-  let timer: NodeJS.Timeout | undefined;
-  const timedOut = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => {
-      connecting.then((late) => { late.release(); }, () => {});
-      reject(new Error(`idempotency: no database connection within ${timeoutMs} ms`));
-    }, timeoutMs);
-  });
-  let client: pg.PoolClient;
-  try {
-    client = await Promise.race([connecting, timedOut]);
-  } finally {
-    clearTimeout(timer);
-  }
-  try {
-    const result = await client.query<R>(timed(text, values, Math.max(1, Math.ceil(deadline - performance.now()))));
-    client.release();
-    return result;
-  } catch (error) {
-    // As pool.query does: a connection whose statement failed (or hung) is not reused.
-    client.release(error instanceof Error ? error : true);
-    throw error;
   }
 }
 
@@ -646,7 +607,7 @@ export async function pruneIdempotencyKeys(
   const at = new Date(now);
   let deleted = 0;
   for (let batch = 0; batch < batchesMax; batch++) {
-    const result = await pool.query(timed(PRUNE_SQL, [at, batchSizeMax], queryTimeoutMs));
+    const result = await pool.query(withQueryTimeout(PRUNE_SQL, [at, batchSizeMax], queryTimeoutMs));
     const count = result.rowCount ?? 0;
     deleted += count;
     if (count < batchSizeMax) break;

@@ -8,7 +8,7 @@
  */
 import type { FastifyBaseLogger } from 'fastify';
 import type pg from 'pg';
-import { outboxLagSeconds } from '@ledgerline/events';
+import { outboxLagSeconds, queryWithin } from '@ledgerline/events';
 import type { LedgerEngine } from '@ledgerline/ledger';
 import type { ServiceMetrics } from '@ledgerline/service-runtime';
 
@@ -34,31 +34,21 @@ export function registerLedgerMetrics(
 }
 
 /**
- * Reads the outbox lag within `timeoutMs`, else (timed out or failed) reports NaN and logs:
- * the lag is unknown, and a stale value would hide the outage. query_timeout ends a hung
- * query; the race also bounds the wait for a pooled connection, which query_timeout does not
- * cover. One read at a time: scrapes during a hang share it rather than piling more waiters
- * onto the pool.
+ * Reads the outbox lag within `timeoutMs` (queryWithin: the wait for a pooled connection
+ * included), else (timed out or failed) reports NaN and logs: the lag is unknown, and a stale
+ * value would hide the outage. One read at a time: scrapes during a hang share it rather than
+ * piling more waiters onto the pool.
  */
 function boundedOutboxLag(pool: pg.Pool, timeoutMs: number, log: FastifyBaseLogger | undefined): () => Promise<number> {
-  // pg honours query_timeout per query at run time, though @types/pg's QueryConfig omits it.
-  const query = (text: string) => pool.query({ text, query_timeout: timeoutMs } as pg.QueryConfig);
+  const db = { query: (text: string, values: unknown[] = []) => queryWithin(pool, text, values, timeoutMs) } as unknown as Pick<pg.ClientBase, 'query'>;
   let inFlight: Promise<number> | undefined;
   return async () => {
-    inFlight ??= outboxLagSeconds({ query } as Pick<pg.ClientBase, 'query'>).finally(() => { inFlight = undefined; });
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = new Promise<'timed_out'>((resolve) => { timer = setTimeout(() => { resolve('timed_out'); }, timeoutMs); });
+    inFlight ??= outboxLagSeconds(db).finally(() => { inFlight = undefined; });
     try {
-      const lag = await Promise.race([inFlight, timedOut]);
-      if (lag !== 'timed_out') return lag;
-      log?.warn({ timeoutMs }, 'metrics: outbox lag not read in time; reporting NaN');
-      return Number.NaN;
+      return await inFlight;
     } catch (error) {
-      // query_timeout and the race end at about the same time; either way the lag is unknown.
-      log?.warn({ err: error }, 'metrics: reading the outbox lag failed; reporting NaN');
+      log?.warn({ err: error, timeoutMs }, 'metrics: the outbox lag could not be read in time; reporting NaN');
       return Number.NaN;
-    } finally {
-      clearTimeout(timer);
     }
   };
 }
