@@ -14,7 +14,8 @@ import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, Fastify
 import { Type, type Static } from 'typebox';
 import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
-import { storablePrefix, storableText } from './record.ts';
+import { storableText } from '@ledgerline/events';
+import { storablePrefix } from './record.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 

@@ -7,6 +7,7 @@
  * root) stays the same.
  */
 import { hash } from 'node:crypto';
+import { storableText } from '@ledgerline/events';
 import type { AuditEntry } from './sink.ts';
 
 /** Largest canonical payload (or personal data) per record: bounds rows and batches. */
@@ -95,15 +96,6 @@ export function leafData(r: AuditRecordFields): Buffer {
 
 export class InvalidAuditEntryError extends TypeError {
   override readonly name = 'InvalidAuditEntryError';
-}
-
-/**
- * Text PostgreSQL stores as it is: well-formed UTF-16 (a lone surrogate has no UTF-8 form, and
- * the sequencer's insert, which sends text as JSON, is refused outright) and no NUL (text and
- * json cannot hold one). A string that fails either would stop every round at its row.
- */
-export function storableText(v: string): boolean {
-  return v.isWellFormed() && !v.includes('\u0000');
 }
 
 /** `v` cut to at most `max` code units and made storable: a cut surrogate pair, a lone surrogate and NUL become U+FFFD. */

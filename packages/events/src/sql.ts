@@ -46,3 +46,12 @@ export function sqlLiteral(text: string): string {
   if (text.includes('\0')) throw new Error('invariant: a NUL character cannot travel in an SQL constant');
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
 }
+
+/**
+ * Text PostgreSQL stores as it is: well-formed UTF-16 (a lone surrogate has no UTF-8 form) and
+ * no NUL (text, json and jsonb cannot hold one). Callers refuse anything else before it
+ * reaches the database, where it would fail the whole statement.
+ */
+export function storableText(text: string): boolean {
+  return text.isWellFormed() && !text.includes('\u0000');
+}

@@ -1,4 +1,4 @@
-import { newUuidV7 } from '@ledgerline/events';
+import { newUuidV7, storableText } from '@ledgerline/events';
 import {
   AMOUNT_MAX,
   METADATA_KEY_LENGTH_MAX,
@@ -121,7 +121,3 @@ function codePoints(text: string): number {
   return n;
 }
 
-/** PostgreSQL text and jsonb reject NUL and lone surrogates; refuse them before they reach it. */
-function storableText(text: string): boolean {
-  return text.isWellFormed() && !text.includes('\u0000');
-}
