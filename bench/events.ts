@@ -115,7 +115,7 @@ const prefetch = int('prefetch', args.prefetch, 16, 1);
 const consumerConcurrency = int('consumer-concurrency', args['consumer-concurrency'], 4, 1);
 const maxAckPending = args['max-ack-pending'] === undefined ? undefined : int('max-ack-pending', args['max-ack-pending'], 64, 1);
 const singleEvents = int('single-events', args['single-events'], 10_000, 0);
-const poolSize = int('pool', args.pool, writers + 4, 2);
+const poolSize = int('pool', args.pool, writers, 2);
 const pgbenchSeconds = int('pgbench-seconds', args['pgbench-seconds'], 10, 1);
 const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
 const handlerArg = args.handler ?? 'batch';
@@ -200,23 +200,28 @@ function natsServerPids(): number[] {
   return pids;
 }
 
+/** Each role's connections carry its name, so its backends' CPU can be told apart. */
+const ROLES = ['append', 'relay', 'consume'] as const;
+type Role = (typeof ROLES)[number];
+const appName = (role: Role): string => `bench-events-${role}`;
+
 interface CpuSnapshot {
   nodeMs: number;
-  backends: Map<number, number>;
+  backends: Map<number, { ms: number; role: Role | null }>;
   pgAuxMs: number;
   natsMs: number;
   machine: { busy: number; total: number };
 }
 
 async function cpuSnapshot(pool: pg.Pool, natsPids: number[]): Promise<CpuSnapshot> {
-  const r = await pool.query<{ pid: number; mine: boolean }>(
-    `SELECT pid, datname = current_database() AS mine FROM pg_stat_activity
+  const r = await pool.query<{ pid: number; mine: boolean; application_name: string }>(
+    `SELECT pid, datname = current_database() AS mine, application_name FROM pg_stat_activity
       WHERE datname = current_database() OR backend_type IN ('walwriter', 'checkpointer', 'background writer')`,
   );
   const u = process.cpuUsage();
   return {
     nodeMs: (u.user + u.system) / 1000,
-    backends: new Map(r.rows.filter((x) => x.mine).map((x) => [x.pid, procCpuMs(x.pid)])),
+    backends: new Map(r.rows.filter((x) => x.mine).map((x) => [x.pid, { ms: procCpuMs(x.pid), role: ROLES.find((role) => appName(role) === x.application_name) ?? null }])),
     pgAuxMs: r.rows.filter((x) => !x.mine).reduce((n, x) => n + procCpuMs(x.pid), 0),
     natsMs: natsPids.reduce((n, pid) => n + procCpuMs(pid), 0),
     machine: machineCpuMs(),
@@ -227,6 +232,8 @@ interface CpuSplit {
   /** CPU milliseconds per 1000 events, by component. */
   node: number;
   pgBackends: number;
+  /** The backends' share by the connection's role (the rest: the bench's own queries). */
+  pgByRole: Record<Role, number>;
   pgAux: number;
   nats: number;
   /** The whole machine's busy CPU (every user) per 1000 events, and its utilisation. */
@@ -236,11 +243,17 @@ interface CpuSplit {
 
 function cpuSplit(a: CpuSnapshot, b: CpuSnapshot, events: number): CpuSplit {
   let backends = 0;
-  for (const [pid, ms] of b.backends) backends += ms - (a.backends.get(pid) ?? 0);
+  const byRole: Record<Role, number> = { append: 0, relay: 0, consume: 0 };
+  for (const [pid, { ms, role }] of b.backends) {
+    const used = ms - (a.backends.get(pid)?.ms ?? 0);
+    backends += used;
+    if (role !== null) byRole[role] += used;
+  }
   const per1k = (ms: number): number => round((ms * 1000) / events, 1);
   return {
     node: per1k(b.nodeMs - a.nodeMs),
     pgBackends: per1k(backends),
+    pgByRole: { append: per1k(byRole.append), relay: per1k(byRole.relay), consume: per1k(byRole.consume) },
     pgAux: per1k(b.pgAuxMs - a.pgAuxMs),
     nats: per1k(b.natsMs - a.natsMs),
     machine: per1k(b.machine.busy - a.machine.busy),
@@ -274,14 +287,25 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
   const db = await createTestDatabase('ll_bench_events');
   const jsm = await jetstreamManager(nats);
   let pool: pg.Pool | null = null;
+  let relayPool: pg.Pool | null = null;
+  let consumerPool: pg.Pool | null = null;
   let relay: OutboxRelay | null = null;
   let consumer: EventConsumer | null = null;
   log(`[${config.label}] database ${db.name}, stream ${streamName}`);
   try {
     await migrateEvents(db.url);
     // Backends live for the whole phase, so their CPU time can be read at the end.
-    pool = new pg.Pool({ connectionString: db.url, max: poolSize, idleTimeoutMillis: 0 });
-    pool.on('error', (e) => log(`pool error: ${e.message}`));
+    // A pool for each role, as separate services would have: the writers' (which also runs
+    // the bench's own queries), the relay's (its lock session and its reads) and the
+    // consumer's (one transaction per partition lane).
+    const rolePool = (role: Role, max: number): pg.Pool => {
+      const p = new pg.Pool({ connectionString: db.url, max, idleTimeoutMillis: 0, application_name: appName(role) });
+      p.on('error', (e) => log(`${role} pool error: ${e.message}`));
+      return p;
+    };
+    pool = rolePool('append', poolSize);
+    relayPool = rolePool('relay', 3);
+    consumerPool = rolePool('consume', consumerConcurrency + 2);
     await pool.query('CREATE TABLE bench_effects (event_id uuid NOT NULL, amount_minor bigint NOT NULL)');
     const store = await EventStore.open(pool);
     await ensureEventStream(nats, streamName, subjectPrefix);
@@ -297,7 +321,7 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
     };
     const activePool = pool;
     consumer = new EventConsumer({
-      pool: activePool,
+      pool: consumerPool,
       nats,
       name: 'bench',
       streamName,
@@ -325,7 +349,7 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
           }),
     });
     relay = new OutboxRelay({
-      pool: activePool,
+      pool: relayPool,
       store,
       nats,
       streamName,
@@ -546,6 +570,8 @@ async function runPhase(nats: NatsConnection, config: PhaseConfig): Promise<Phas
     await relay?.stop().catch(() => {});
     await consumer?.stop().catch(() => {});
     await pool?.end().catch(() => {});
+    await relayPool?.end().catch(() => {});
+    await consumerPool?.end().catch(() => {});
     await jsm.streams.delete(streamName).catch(() => false);
     await db.drop();
   }
