@@ -5,9 +5,14 @@
 -- delete them. Roles are cluster-wide while each database migrates on its own, so creating
 -- the role tolerates a concurrent creator (duplicate_object, or unique_violation when two
 -- transactions race on pg_authid); the grants below are per database.
+-- A role that already exists is not created again: the owner that runs these migrations in
+-- production has no CREATEROLE (docs/audit.md, "Roles"), and PostgreSQL refuses CREATE ROLE
+-- to such a role before it looks for the name.
 DO $$
 BEGIN
-  CREATE ROLE ledgerline_audit_writer NOLOGIN;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ledgerline_audit_writer') THEN
+    CREATE ROLE ledgerline_audit_writer NOLOGIN;
+  END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN
   NULL;
 END

@@ -14,6 +14,7 @@
  *   npm run audit -- hold release --id ID --as WHO
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
+ *   npm run audit -- migrate   (as the schema's owner: a deploy job, with services on AUDIT_MIGRATIONS=check)
  *
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
  * AUDIT_SIGNING_KEY, or the development key when it is unset, unless --public-key names a PEM
@@ -29,6 +30,7 @@ import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle 
 import { DEFAULT_LOG_ORIGIN } from './config.ts';
 import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
+import { auditMigrationNames, migrateAudit } from './migrate.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
@@ -47,6 +49,7 @@ const USAGE = `usage:
   audit hold release --id ID --as WHO | audit hold list
   audit expire --as WHO [--as-of ISO]
   audit kek-status
+  audit migrate
   audit key-transition --previous-key FILE --as WHO [--origin O]
 database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
@@ -82,7 +85,7 @@ const OPTIONS = {
   help: { type: 'boolean', default: false },
 } as const;
 
-const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status', 'key-transition'];
+const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status', 'key-transition', 'migrate'];
 
 function required(name: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
@@ -131,6 +134,12 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
 
     const databaseUrl = a['database-url'] ?? operatorDatabaseUrl(env);
     if (databaseUrl === undefined) throw new UsageError('DATABASE_URL (or --database-url) is required');
+    if (command === 'migrate') {
+      // As whoever the URL names: in production the owner role that only deploy jobs use.
+      await migrateAudit(databaseUrl);
+      out(`audit schema up to date (${auditMigrationNames().length} migrations)`);
+      return 0;
+    }
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});
     sink = new PostgresAuditSink({ pool });

@@ -11,6 +11,13 @@ export const DEFAULT_LOG_ORIGIN = 'ledgerline/ledger';
 
 export const auditConfigSchema = Type.Object({
   AUDIT_ENABLED: Type.Boolean({ default: true }),
+  /**
+   * `apply`: the service brings the audit schema up to date at start, as its own login, which
+   * then owns the tables. `check`: it only checks that every migration is applied, and refuses
+   * to start otherwise; a deploy job applies them as an owner role the services never log in
+   * as (`npm run audit -- migrate`), so the service's login cannot alter the log (docs/audit.md, "Roles").
+   */
+  AUDIT_MIGRATIONS: Type.Enum(['apply', 'check'], { default: 'apply' }),
   /** PKCS#8 PEM Ed25519 private key (literal `\n` accepted). Empty: the public development key, refused when NODE_ENV=production. */
   AUDIT_SIGNING_KEY: Type.String({ default: '' }),
   /** 32 random bytes (base64url) that wrap the subject keys at rest. Empty: stored in clear, refused when NODE_ENV=production. */

@@ -1,6 +1,7 @@
+import { readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { runner } from 'node-pg-migrate';
-import type pg from 'pg';
+import pg from 'pg';
 import { inTransaction } from '@ledgerline/events';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
@@ -26,6 +27,69 @@ export async function migrateAudit(databaseUrl: string): Promise<void> {
     checkOrder: true,
     log: () => {},
   });
+}
+
+/** The audit migrations this code expects, by name (the file name without `.sql`), in order. */
+export function auditMigrationNames(): string[] {
+  return readdirSync(MIGRATIONS_DIR)
+    .filter((f) => f.endsWith('.sql'))
+    .map((f) => f.slice(0, -'.sql'.length))
+    .sort();
+}
+
+/** The audit schema is not what this code expects, and the service may not change it. */
+export class AuditSchemaBehindError extends Error {
+  override readonly name = 'AuditSchemaBehindError';
+  /** Migrations not applied, in order; empty when which ones could not be read. */
+  readonly pending: readonly string[];
+
+  constructor(message: string, pending: readonly string[], options?: ErrorOptions) {
+    super(message, options);
+    this.pending = pending;
+  }
+}
+
+/**
+ * For a service whose login may not change the audit schema (`AUDIT_MIGRATIONS=check`): a
+ * deploy job applies the migrations as the schema's owner (`npm run audit -- migrate`), and the
+ * service only checks, before it starts, that every migration its code expects is applied.
+ * Throws AuditSchemaBehindError, naming what is missing, otherwise. Needs no more than the
+ * writer role's privileges.
+ */
+export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
+  const expected = auditMigrationNames();
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  let applied: Set<string>;
+  try {
+    applied = new Set((await client.query<{ name: string }>('SELECT name FROM audit.migrations')).rows.map((r) => r.name));
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    if (code !== '42P01' && code !== '3F000' && code !== '42501') throw error;
+    throw new AuditSchemaBehindError(
+      code === '42501'
+        ? 'audit: this login may not read audit.migrations: the schema predates migration 1769200000000, or the login is not a member of ' +
+            `${AUDIT_WRITER_ROLE}; run \`npm run audit -- migrate\` as the schema's owner, and grant the role`
+        : 'audit: the database has no audit schema; run `npm run audit -- migrate` as its owner before the service starts',
+      code === '42501' ? [] : expected,
+      { cause: error },
+    );
+  } finally {
+    await client.end();
+  }
+  const pending = expected.filter((name) => !applied.has(name));
+  if (pending.length > 0) {
+    throw new AuditSchemaBehindError(
+      `audit: ${pending.length} migration(s) not applied (${pending.join(', ')}); run \`npm run audit -- migrate\` as the schema's owner before the service starts`,
+      pending,
+    );
+  }
+}
+
+/** What a service does with the audit schema at start (AUDIT_MIGRATIONS): apply the migrations, or only check them. */
+export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: string): Promise<void> {
+  if (mode === 'apply') await migrateAudit(databaseUrl);
+  else await checkAuditMigrations(databaseUrl);
 }
 
 /** Runs `fn` in a transaction as AUDIT_WRITER_ROLE, so the database's own grants bound what it can do. */

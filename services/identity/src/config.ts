@@ -16,6 +16,7 @@ export const identityConfigSchema = Type.Object({
   // database. Sharing one, both sequencers take turns (an advisory lock) on one log: give them
   // the same AUDIT_LOG_ORIGIN and AUDIT_SIGNING_KEY.
   AUDIT_ENABLED: auditConfigSchema.properties.AUDIT_ENABLED,
+  AUDIT_MIGRATIONS: auditConfigSchema.properties.AUDIT_MIGRATIONS,
   AUDIT_FLUSH_INTERVAL_MS: auditConfigSchema.properties.AUDIT_FLUSH_INTERVAL_MS,
   AUDIT_BUFFER_ENTRIES_MAX: auditConfigSchema.properties.AUDIT_BUFFER_ENTRIES_MAX,
   AUDIT_SIGNING_KEY: auditConfigSchema.properties.AUDIT_SIGNING_KEY,

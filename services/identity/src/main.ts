@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
+import { AuditSchemaBehindError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -56,7 +56,16 @@ if (signer !== null) serviceKeyEncryptionKey('identity', config.AUDIT_KEY_ENCRYP
 // transactions (README, "Behind a connection pooler").
 const sessionUrl = sessionDatabaseUrl(config);
 await migrateIdentity(sessionUrl);
-if (config.AUDIT_ENABLED) await migrateAudit(sessionUrl);
+if (config.AUDIT_ENABLED) {
+  // AUDIT_MIGRATIONS=check: the schema's owner migrated it; this login only checks (docs/audit.md, "Roles").
+  try {
+    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl);
+  } catch (error) {
+    if (!(error instanceof AuditSchemaBehindError)) throw error;
+    process.stderr.write(`identity: ${error.message}\n`);
+    process.exit(2);
+  }
+}
 // Bounded waits (databasePoolConfig): a request waits at most DATABASE_CONNECT_TIMEOUT_MS for a
 // connection and DATABASE_QUERY_TIMEOUT_MS for an answer, then answers 503 (the runtime knows
 // both errors as the database being unavailable); TCP keepalive finds a dead path. Without

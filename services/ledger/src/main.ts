@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, exportSequencerRestarts, migrateAudit, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, AuditSchemaBehindError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -52,7 +52,16 @@ const sessionUrl = sessionDatabaseUrl(config);
 await migrateLedger(sessionUrl);
 await migrateRuntime(sessionUrl);
 await migrateEvents(sessionUrl);
-if (signer !== null) await migrateAudit(sessionUrl);
+if (signer !== null) {
+  // AUDIT_MIGRATIONS=check: the schema's owner migrated it; this login only checks (docs/audit.md, "Roles").
+  try {
+    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl);
+  } catch (error) {
+    if (!(error instanceof AuditSchemaBehindError)) throw error;
+    process.stderr.write(`ledger: ${error.message}\n`);
+    process.exit(2);
+  }
+}
 // Every wait on PostgreSQL has a client-side limit (databasePoolConfig), so a server that stops
 // answering fails requests with 503s instead of hanging them and the pool's connections.
 const pool = new pg.Pool(databasePoolConfig(config, { connectionString: config.DATABASE_URL, max: config.DATABASE_POOL_MAX }));

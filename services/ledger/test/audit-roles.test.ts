@@ -1,0 +1,233 @@
+/**
+ * The deployment docs/audit.md ("Roles") describes, run for real: a deploy job migrates the
+ * audit schema as an owner role, and the ledger service logs in as a role that is only a member
+ * of the writer role (AUDIT_MIGRATIONS=check). The service works and its trail verifies, and its
+ * login can neither change nor delete what the log holds, nor switch off the triggers that
+ * guard it, nor give itself the right to: the database refuses every attempt.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { AUDIT_WRITER_ROLE, auditMigrationNames } from '@ledgerline/audit';
+import { runCli } from '../../../packages/audit/src/cli.ts';
+import { newId } from '@ledgerline/ledger';
+import { ADMIN_DATABASE_URL, createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
+
+const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
+const TAG = randomBytes(4).toString('hex');
+const OWNER = `ll_audit_owner_${TAG}`;
+const LOGIN = `ll_ledger_login_${TAG}`;
+
+let db: TestDatabase;
+let ownerUrl: string;
+let loginUrl: string;
+const children: ChildProcess[] = [];
+
+function as(role: string): string {
+  const url = new URL(db.url);
+  url.username = role;
+  url.password = '';
+  return url.toString();
+}
+
+/** `fn` on a connection of its own to `url` (by default the cluster's superuser, outside the test database). */
+async function connected<T>(fn: (c: pg.Client) => Promise<T>, url = ADMIN_DATABASE_URL): Promise<T> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    return await fn(c);
+  } finally {
+    await c.end();
+  }
+}
+
+before(async () => {
+  db = await createTestDatabase('ll_audit_roles');
+  ownerUrl = as(OWNER);
+  loginUrl = as(LOGIN);
+  // What a DBA does once (docs/audit.md): the writer role, an owner that is not a superuser
+  // and cannot create roles, and the service's login, a member of the writer role only.
+  await connected(async (c) => {
+    await c.query(`DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${AUDIT_WRITER_ROLE}') THEN CREATE ROLE ${AUDIT_WRITER_ROLE} NOLOGIN; END IF;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$`);
+    await c.query(`CREATE ROLE ${OWNER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB`);
+    await c.query(`CREATE ROLE ${LOGIN} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB IN ROLE ${AUDIT_WRITER_ROLE}`);
+    // Each creates its own schemas: the owner `audit`, the login the ledger's, the runtime's and the event store's.
+    await c.query(`GRANT CREATE ON DATABASE ${db.name} TO ${OWNER}, ${LOGIN}`);
+  });
+});
+
+after(async () => {
+  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  await db?.drop();
+  // The database held everything the two roles owned or were granted; its drop took that along.
+  await connected(async (c) => {
+    await c.query(`DROP ROLE IF EXISTS ${LOGIN}`);
+    await c.query(`DROP ROLE IF EXISTS ${OWNER}`);
+  });
+});
+
+interface Started {
+  child: ChildProcess;
+  port: number;
+  stderr: () => string;
+  exited: Promise<number | null>;
+}
+
+function startService(port: number): Started {
+  let stderr = '';
+  const child = spawn(process.execPath, [MAIN], {
+    env: {
+      ...process.env,
+      PORT: String(port),
+      DATABASE_URL: loginUrl,
+      DATABASE_SESSION_URL: '',
+      AUDIT_MIGRATIONS: 'check',
+      LEDGER_AUTH: 'disabled',
+      EVENTS_RELAY_ENABLED: 'false',
+      AUDIT_SEQUENCER_INTERVAL_MS: '50',
+      AUDIT_CHECKPOINT_INTERVAL_MS: '50',
+      LOG_LEVEL: 'warn',
+    },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  children.push(child);
+  child.stderr?.on('data', (d: Buffer) => {
+    stderr += d.toString();
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return { child, port, stderr: () => stderr, exited };
+}
+
+async function ready(s: Started): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    assert.equal(s.child.exitCode, null, `the service exited during start: ${s.stderr()}`);
+    try {
+      if ((await fetch(`http://127.0.0.1:${s.port}/ready`)).status === 200) return;
+    } catch {
+      // not listening yet
+    }
+    assert.ok(Date.now() < deadline, 'the service did not become ready within 20 s');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function post(port: number, path: string, body: unknown): Promise<number> {
+  const res = await fetch(`http://127.0.0.1:${port}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  await res.arrayBuffer();
+  return res.status;
+}
+
+/** The SQLSTATE a statement fails with, run as `role`; null if it succeeded (then rolled back). */
+async function refusal(url: string, sql: string): Promise<string | null> {
+  const c = new pg.Client({ connectionString: url });
+  await c.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query(sql);
+    return null;
+  } catch (error) {
+    return String((error as { code?: unknown }).code);
+  } finally {
+    await c.query('ROLLBACK').catch(() => {});
+    await c.end();
+  }
+}
+
+describe('the audit schema owned by a deploy role, the service on a writer login', () => {
+  test('before the owner migrated the schema, the service refuses to start and says what to run', async () => {
+    await connected((c) => c.query('DROP SCHEMA IF EXISTS audit CASCADE'), db.url);
+    const s = startService(await freePort());
+    const code = await s.exited;
+    assert.equal(code, 2, s.stderr());
+    assert.match(s.stderr(), /no audit schema; run `npm run audit -- migrate` as its owner/);
+  });
+
+  test('migrated by the owner, the service runs, audits, and its login cannot alter the log', async () => {
+    const lines: string[] = [];
+    const exit = await runCli(['migrate', '--database-url', ownerUrl], { stdout: (l) => lines.push(l), stderr: (l) => lines.push(l), env: {} });
+    assert.equal(exit, 0, lines.join('\n'));
+    const owners = await connected(
+      (c) => c.query<{ owner: string; n: string }>(`SELECT tableowner AS owner, count(*)::text AS n FROM pg_tables WHERE schemaname = 'audit' GROUP BY tableowner`),
+      db.url,
+    );
+    assert.deepEqual(owners.rows.map((r) => r.owner), [OWNER], 'every audit table belongs to the owner');
+
+    const s = startService(await freePort());
+    await ready(s);
+    const [a, b] = [newId(), newId()];
+    assert.equal(await post(s.port, '/v1/accounts', { id: a, ledger: 'USD', code: 1 }), 201);
+    assert.equal(await post(s.port, '/v1/accounts', { id: b, ledger: 'USD', code: 1 }), 201);
+    assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '125', ledger: 'USD', code: 1 }), 201);
+
+    // The sequencer, on the login, integrates the three events and signs a checkpoint over them.
+    const login = new pg.Client({ connectionString: loginUrl });
+    await login.connect();
+    try {
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const r = await login.query<{ leaves: string; size: string }>(
+          `SELECT (SELECT coalesce(sum(leaf_count), 0) FROM audit.event_leaves)::text AS leaves,
+                  (SELECT coalesce(max(tree_size), 0) FROM audit.checkpoints)::text AS size`,
+        );
+        const row = r.rows[0];
+        if (row !== undefined && Number(row.leaves) >= 3 && Number(row.size) >= Number(row.leaves)) break;
+        assert.ok(Date.now() < deadline, `the sequencer did not integrate the events: ${JSON.stringify(row)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const owned = await login.query<{ n: string }>(`SELECT count(*)::text AS n FROM pg_tables WHERE schemaname = 'audit' AND tableowner = current_user`);
+      assert.equal(owned.rows[0]?.n, '0', 'the login owns no audit table');
+    } finally {
+      await login.end();
+    }
+
+    // What the owner could do, the login may not: 42501, insufficient privilege, every time.
+    const attempts = [
+      'UPDATE audit.event_leaves SET integrated_at = integrated_at',
+      'DELETE FROM audit.checkpoints',
+      'DELETE FROM audit.tree_nodes',
+      'TRUNCATE audit.records',
+      'ALTER TABLE audit.event_leaves DISABLE TRIGGER ALL',
+      'DROP TRIGGER event_leaves_append_only ON audit.event_leaves',
+      'ALTER TABLE audit.checkpoints OWNER TO CURRENT_USER',
+      'DROP TABLE audit.checkpoints',
+      `CREATE OR REPLACE FUNCTION audit.reject_change() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$`,
+      `SET ROLE ${OWNER}`,
+    ];
+    for (const sql of attempts) assert.equal(await refusal(loginUrl, sql), '42501', `as the login: ${sql}`);
+    // GRANT by a role without grant options warns and grants nothing.
+    const granted = await connected(async (c) => {
+      await c.query(`GRANT UPDATE, DELETE ON audit.checkpoints TO ${LOGIN}`).catch(() => {});
+      return (await c.query<{ u: boolean; d: boolean }>(`SELECT has_table_privilege('audit.checkpoints', 'UPDATE') AS u, has_table_privilege('audit.checkpoints', 'DELETE') AS d`)).rows[0];
+    }, loginUrl);
+    assert.deepEqual(granted, { u: false, d: false });
+    // The premise: the owner could have switched the guard off (rolled back here).
+    assert.equal(await refusal(ownerUrl, 'ALTER TABLE audit.event_leaves DISABLE TRIGGER ALL'), null, 'the owner may');
+
+    // The trail the service wrote verifies, read with the login's rights.
+    const out: string[] = [];
+    const verified = await runCli(['verify', '--database-url', loginUrl], { stdout: (l) => out.push(l), stderr: (l) => out.push(l), env: {} });
+    assert.equal(verified, 0, out.join('\n'));
+    assert.match(out.join('\n'), /^OK: /m);
+
+    s.child.kill('SIGTERM');
+    assert.equal(await s.exited, 0, s.stderr());
+    assert.doesNotMatch(s.stderr(), /"level":50/);
+  });
+
+  test('a schema behind the code is named migration by migration', async () => {
+    // Played by the superuser: one migration's row is missing, as after a deploy that shipped
+    // new code before its migration ran.
+    assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
+    const last = auditMigrationNames().at(-1) as string;
+    await connected((c) => c.query('DELETE FROM audit.migrations WHERE name = $1', [last]), db.url);
+    const s = startService(await freePort());
+    assert.equal(await s.exited, 2, s.stderr());
+    assert.match(s.stderr(), new RegExp(`1 migration\\(s\\) not applied \\(${last}\\)`));
+  });
+});
