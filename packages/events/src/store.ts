@@ -310,6 +310,36 @@ function appendSql(v: string[]): string {
               AS u(partition, version, schema_version, event_id, stream_type, stream_id, type, data, metadata)${order}`;
 }
 
+/** An integer as SQL literal text; refuses anything else. */
+function integerLiteral(n: bigint | number): string {
+  if (typeof n === 'number' && !Number.isSafeInteger(n)) throw new TypeError(`not an integer: ${n}`);
+  return n.toString();
+}
+
+/**
+ * One partition's next events in the global order, after `after` and below `horizon`: the text
+ * of a simple-protocol query (`SET LOCAL`, then the read), which PostgreSQL runs as one implicit
+ * transaction, so the setting ends with it. Run it outside a transaction block.
+ *
+ * Sorting is ruled out because the planner, on a table it has not analyzed yet (new, restored,
+ * just upgraded) or whose statistics trail its tail, estimates a few hundred rows after the
+ * checkpoint, then picks a bitmap scan of every row past it, the other partitions' rows too,
+ * and a sort: a cost that grows with the backlog, on every read. Measured alone over 400,000
+ * events of 8 writers, unanalyzed: 22.7–23.9 µs of PostgreSQL CPU an event against 4.7 once
+ * analyzed, and 3.9 with this. Without the sort, the only plan left is the walk of the
+ * global-order index that stops after `limit` rows. Every value is an integer of ours, written
+ * as a literal (the simple protocol takes no parameters); `columns` is the caller's own text.
+ */
+export function partitionReadSql(columns: string, partition: number, after: Checkpoint, horizon: bigint, limit: number): string {
+  return `SET LOCAL enable_sort = off;
+    SELECT ${columns} FROM events.events e
+     WHERE (e.transaction_id, e.position) > ('${integerLiteral(after.transactionId)}'::xid8, ${integerLiteral(after.position)}::bigint)
+       AND e.transaction_id < '${integerLiteral(horizon)}'::xid8
+       AND e.partition = ${integerLiteral(partition)}::smallint
+     ORDER BY e.transaction_id, e.position
+     LIMIT ${integerLiteral(limit)}`;
+}
+
 /** The SQLSTATE of an append refused by its stream-order check (migration 1768100000000). */
 export const STREAM_ORDER_CONFLICT_SQLSTATE = 'LL409';
 
@@ -590,7 +620,9 @@ export class EventStore {
    * `fields` makes a lean read for replays: each event's `data` then holds only those
    * top-level keys, each as text (`data->>key`: strings as they are, numbers and objects as
    * their JSON text, null as null), `metadata` is empty and `recordedAt` is to the
-   * millisecond. Decoding whole rows costs the
+   * millisecond. With `partition`, the read is `partitionReadSql`'s (its planner setting
+   * lasts to the end of a transaction block it runs in: prefer to call it outside one).
+   * Decoding whole rows costs the
    * reader several times what PostgreSQL spends finding them; a projection that needs five
    * fields reads three to four times faster this way.
    */
@@ -601,16 +633,23 @@ export class EventStore {
     const { after, limit, partition, fields } = options;
     const columns = fields === undefined ? EVENT_COLUMNS : leanColumns(fields);
     const horizon = await readHorizon(db);
-    const r = await db.query<EventRecord & Record<string, unknown>>(
-      // ORDER BY the table's columns (e.*), not the text renderings of the same name.
-      `SELECT ${columns} FROM events.events e
-        WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
-          AND e.transaction_id < $5::text::xid8
-          AND ($3::smallint IS NULL OR e.partition = $3::smallint)
-        ORDER BY e.transaction_id, e.position
-        LIMIT $4`,
-      [after.transactionId.toString(), after.position.toString(), partition ?? null, limit, horizon.toString()],
-    );
+    type Row = EventRecord & Record<string, unknown>;
+    // One partition: the read that does not depend on the planner's statistics (partitionReadSql).
+    // All partitions: the planner's estimate covers every row past the checkpoint, and the
+    // index walk is its plan without help.
+    const r =
+      partition === undefined
+        ? await db.query<Row>(
+            // ORDER BY the table's columns (e.*), not the text renderings of the same name.
+            `SELECT ${columns} FROM events.events e
+              WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
+                AND e.transaction_id < $3::text::xid8
+              ORDER BY e.transaction_id, e.position
+              LIMIT $4`,
+            [after.transactionId.toString(), after.position.toString(), horizon.toString(), limit],
+          )
+        : ((await db.query(partitionReadSql(columns, partition, after, horizon, limit))) as unknown as Array<pg.QueryResult<Row>>).at(-1);
+    if (r === undefined) throw new Error('invariant: the read returned no result');
     const events = fields === undefined ? r.rows.map(toEvent) : r.rows.map((row) => toLeanEvent(row, fields));
     await this.#checkResidency(db, events, 'read', options.location);
     return events;

@@ -92,6 +92,21 @@ describe("the relay's read on a table the planner knows nothing about", () => {
     }
   });
 
+  test('EventStore.readAll of one partition reads the same way, parsed as readAll parses', async () => {
+    const store = await EventStore.open(pool);
+    const before0 = await rowsFetched();
+    const events = await store.readAll(reader, { after: CHECKPOINT_START, limit: LIMIT, partition: 2 });
+    const fetched = (await rowsFetched()) - before0;
+    assert.equal(events.length, LIMIT);
+    assert.ok(fetched <= LIMIT * 20, `${fetched} rows fetched for ${LIMIT}`);
+    assert.ok(events.every((e) => e.partition === 2 && typeof e.position === 'bigint' && e.recordedAt instanceof Date && typeof e.data.i === 'number'));
+    const all = await store.readAll(reader, { after: CHECKPOINT_START, limit: EVENTS });
+    assert.deepEqual(events, all.filter((e) => e.partition === 2).slice(0, LIMIT), 'the same events as a read of every partition, filtered');
+    const lean = await store.readAll(reader, { after: CHECKPOINT_START, limit: LIMIT, partition: 2, fields: ['t', 'i'] });
+    assert.deepEqual(lean.map((e) => [e.position, e.data.t, e.data.i]), events.map((e) => [e.position, String(e.data.t), String(e.data.i)]));
+    assert.deepEqual((await reader.query('SHOW enable_sort')).rows, [{ enable_sort: 'on' }]);
+  });
+
   test("the read's planner setting ends with it: the session's stays as it was", async () => {
     await readOutbox(reader, 1, CHECKPOINT_START, LIMIT);
     assert.deepEqual((await reader.query('SHOW enable_sort')).rows, [{ enable_sort: 'on' }]);
