@@ -76,14 +76,19 @@ export function cutRepeatedly(proxy: FaultProxy, minMs: number, spreadMs: number
   };
 }
 
-async function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: ADMIN_DATABASE_URL });
+/** `fn` on a connection of its own to `url`, closed afterwards however `fn` ends. */
+export async function withClient<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {
     return await fn(client);
   } finally {
     await client.end();
   }
+}
+
+function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  return withClient(ADMIN_DATABASE_URL, fn);
 }
 
 export async function createTestDatabase(prefix = 'll_test'): Promise<TestDatabase> {

@@ -14,7 +14,7 @@ import pg from 'pg';
 import { AUDIT_WRITER_ROLE, auditMigrationNames } from '@ledgerline/audit';
 import { runCli } from '../../../packages/audit/src/cli.ts';
 import { newId } from '@ledgerline/ledger';
-import { ADMIN_DATABASE_URL, createTestDatabase, freePort, type TestDatabase } from '@ledgerline/testing';
+import { ADMIN_DATABASE_URL, createTestDatabase, freePort, withClient, type TestDatabase } from '@ledgerline/testing';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const TAG = randomBytes(4).toString('hex');
@@ -33,15 +33,9 @@ function as(role: string): string {
   return url.toString();
 }
 
-/** `fn` on a connection of its own to `url` (by default the cluster's superuser, outside the test database). */
-async function connected<T>(fn: (c: pg.Client) => Promise<T>, url = ADMIN_DATABASE_URL): Promise<T> {
-  const c = new pg.Client({ connectionString: url });
-  await c.connect();
-  try {
-    return await fn(c);
-  } finally {
-    await c.end();
-  }
+/** `fn` on a connection of its own to `url`, by default the cluster's superuser's (outside the test database). */
+function connected<T>(fn: (c: pg.Client) => Promise<T>, url = ADMIN_DATABASE_URL): Promise<T> {
+  return withClient(url, fn);
 }
 
 before(async () => {
