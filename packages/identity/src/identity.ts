@@ -156,6 +156,12 @@ interface KeyRow {
   private_jwe: string | null;
 }
 
+/** The unique violation of identity.signing_keys.active_from: two keys made for the same instant. */
+function isActiveFromTaken(error: unknown): boolean {
+  const e = error as { code?: unknown; constraint?: unknown };
+  return e.code === '23505' && e.constraint === 'signing_keys_active_from_key';
+}
+
 export class Identity {
   readonly #pool: pg.Pool;
   readonly #issuer: string;
@@ -392,7 +398,10 @@ export class Identity {
     }
     if (stored.rowCount === 0) {
       const nowMs = this.#clock();
-      await this.#insertKey(nowMs, nowMs);
+      // Another instance starting in the same millisecond made the first key: it will do.
+      await this.#insertKey(nowMs, nowMs).catch((error: unknown) => {
+        if (!isActiveFromTaken(error)) throw error;
+      });
     }
   }
 
@@ -404,7 +413,14 @@ export class Identity {
   async rotateKeys(): Promise<{ kid: string; activeFrom: Date }> {
     const nowMs = this.#clock();
     const activeFrom = nowMs + KEY_PUBLISH_LEAD_MS;
-    return { kid: await this.#insertKey(nowMs, activeFrom), activeFrom: new Date(activeFrom) };
+    try {
+      return { kid: await this.#insertKey(nowMs, activeFrom), activeFrom: new Date(activeFrom) };
+    } catch (error) {
+      // Two rotations in the same millisecond: one key per instant (the later one signs), so
+      // the second is refused, and a retry a moment later makes another.
+      if (isActiveFromTaken(error)) throw new IdentityError('conflict', 'another rotation took this instant; retry');
+      throw error;
+    }
   }
 
   /**

@@ -348,4 +348,19 @@ describe('signing keys', () => {
     await identity.ensureSigningKey();
     assert.equal((await identity.jwks()).keys.length, 1);
   });
+
+  test('two rotations in the same millisecond: one key, the other a conflict (409), not a server error', async () => {
+    const keysBefore = (await identity.jwks()).keys.length;
+    const [a, b] = await Promise.allSettled([identity.rotateKeys(), identity.rotateKeys()]);
+    const outcomes = [a, b].map((r) => r.status);
+    assert.deepEqual(outcomes.sort(), ['fulfilled', 'rejected']);
+    const refused = [a, b].find((r) => r.status === 'rejected') as PromiseRejectedResult;
+    assert.ok(refused.reason instanceof IdentityError, String(refused.reason));
+    assert.equal(refused.reason.code, 'conflict');
+    assert.equal((await identity.jwks()).keys.length, keysBefore + 1);
+    // A moment later, a rotation goes through.
+    now += 1;
+    await identity.rotateKeys();
+    assert.equal((await identity.jwks()).keys.length, keysBefore + 2);
+  });
 });

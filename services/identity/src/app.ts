@@ -7,9 +7,22 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
-import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy } from '@ledgerline/authz';
+import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
-import { BodyRefusedError, createService, postgresReadinessCheck, PROBLEM_TYPES, problem, problemType, ProblemResponse, type HttpProblem, type ProblemAnswer, type Service } from '@ledgerline/service-runtime';
+import {
+  BodyRefusedError,
+  createService,
+  postgresReadinessCheck,
+  PROBLEM_TYPES,
+  problem,
+  problemType,
+  ProblemResponse,
+  type HttpProblem,
+  type ProblemAnswer,
+  type RateLimit,
+  type Service,
+  type ServiceOptions,
+} from '@ledgerline/service-runtime';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
 /** The audience of tokens for this service's own routes. */
@@ -21,6 +34,13 @@ export const TOKEN_ACTION = 'identity.token';
  * assertion at most 4 KiB. BODY_LIMIT_BYTES changes it.
  */
 export const IDENTITY_BODY_LIMIT_BYTES_DEFAULT = 65_536;
+/**
+ * The token endpoint's limit per client address when rate limiting is on: each password or
+ * client-secret check costs an argon2id hash, so a client gets far fewer attempts than the
+ * service default allows on the other routes. IDENTITY_TOKEN_RATE_PER_SECOND and
+ * IDENTITY_TOKEN_BURST change it (config.ts keeps the same defaults).
+ */
+export const IDENTITY_TOKEN_RATE_LIMIT_DEFAULT: Readonly<RateLimit> = { ratePerSecond: 5, burst: 20 };
 
 export interface IdentityServiceOptions {
   identity: Identity;
@@ -34,6 +54,13 @@ export interface IdentityServiceOptions {
   /** The largest request body, form or JSON (IDENTITY_BODY_LIMIT_BYTES_DEFAULT unless given). */
   bodyLimitBytes?: number;
   logger?: false | FastifyBaseLogger;
+  /**
+   * Metrics, tracing, load shedding, rate limiting, deadlines (see `resilienceFromConfig`).
+   * A `rateLimit.clientId` given here is replaced: see `rateLimitClient` below.
+   */
+  resilience?: Pick<ServiceOptions, 'metrics' | 'tracing' | 'loadShedding' | 'rateLimit' | 'dependencies' | 'deadlineDefaultMs'>;
+  /** POST /oauth/token's limit per client address when `resilience.rateLimit` is on (IDENTITY_TOKEN_RATE_LIMIT_DEFAULT unless given). */
+  tokenRateLimit?: RateLimit;
 }
 
 const STATUS: Record<IdentityErrorCode, number> = {
@@ -139,11 +166,37 @@ function missing(grant: string, fields: string): HttpProblem {
 export async function buildIdentityService(options: IdentityServiceOptions): Promise<Service> {
   const { identity, pool, issuer } = options;
   const clock = options.clock ?? Date.now;
+  const tokenRateLimit = options.tokenRateLimit ?? IDENTITY_TOKEN_RATE_LIMIT_DEFAULT;
+  if (!(tokenRateLimit.ratePerSecond > 0) || !Number.isInteger(tokenRateLimit.burst) || tokenRateLimit.burst < 1) {
+    throw new RangeError(`token rate limit: ratePerSecond must be above 0 and burst a positive integer (got ${JSON.stringify(tokenRateLimit)})`);
+  }
+  // The verified principal of a request, once authentication is installed (it hooks into the
+  // service, so it comes after); read only while serving requests.
+  let principalOf: (request: FastifyRequest) => Principal | undefined = () => undefined;
+  /**
+   * Whose bucket a request takes from. Never a header: the runtime's default is x-client-id,
+   * which the caller chooses, so a brute-forcer would name a fresh client on each request. A
+   * route with a permission is keyed by its verified principal (authentication runs in
+   * onRequest and refuses a request without one with 401, before the limiter runs in
+   * preValidation); every other route (the token endpoint, revocation, the JWKS) by address.
+   *
+   * `request.ip` is the TCP peer: the runtime leaves Fastify's trustProxy off, so
+   * X-Forwarded-For is ignored and no caller can pick its address. Behind a reverse proxy or
+   * load balancer every request then comes from the proxy's address, and all the clients behind
+   * it share one bucket per route: size IDENTITY_TOKEN_* for that, or limit per client at the proxy.
+   */
+  const rateLimitClient = (request: FastifyRequest): string => {
+    const principal = principalOf(request);
+    return principal === undefined ? `ip:${request.ip}` : `p:${principal.kind}:${principal.id}`;
+  };
+  const rateLimit = options.resilience?.rateLimit;
+  const resilience = rateLimit === undefined || rateLimit === false ? options.resilience : { ...options.resilience, rateLimit: { ...rateLimit, clientId: rateLimitClient } };
   const app = await createService({
     config: { LOG_LEVEL: (options.logLevel ?? 'info') as 'info', BODY_LIMIT_BYTES: options.bodyLimitBytes ?? IDENTITY_BODY_LIMIT_BYTES_DEFAULT },
     openapi: { title: 'Ledgerline identity', version: '0.1.0', description: 'Users, two-factor authentication, service clients and tokens. Errors are RFC 9457 problem+json with an OAuth2 `error` member.' },
     readinessChecks: [postgresReadinessCheck(pool)],
     ...(options.logger === undefined ? {} : { logger: options.logger }),
+    ...resilience,
   });
   // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
   // The body limit is the service's (BODY_LIMIT_BYTES).
@@ -166,6 +219,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     authorizer: new Authorizer({ policy: options.policy ?? REFERENCE_POLICY, audit: options.audit, clock }),
     service: 'identity',
   });
+  // A route with a permission has its principal by the time the limiter runs: a request
+  // without one was refused (401) in onRequest.
+  principalOf = (request) => (request.routeOptions.config.permission === undefined ? undefined : auth.principal(request));
 
   // Each route documents the answers it can give. Every POST can get the runtime's own before
   // its handler runs: 400 (a body that is malformed or fails the schema), 413 (over
@@ -177,7 +233,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   const oauthBody = ['application/x-www-form-urlencoded', 'application/json'];
   const noStore = { 'cache-control': 'no-store' };
 
-  app.get('/.well-known/jwks.json', { schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut, 503: ProblemResponse } } }, async (_request, reply) => {
+  // High priority under load shedding: every verifier of this issuer's tokens (each ledger
+  // instance) needs the set, and serving it is cheap.
+  app.get('/.well-known/jwks.json', { config: { priority: 'high' }, schema: { summary: 'The public keys that verify this issuer\'s tokens', tags: ['tokens'], response: { 200: JwksOut, 503: ProblemResponse } } }, async (_request, reply) => {
     // Verifiers cache the set; a minute keeps a rotation visible soon after it happens.
     reply.header('cache-control', 'public, max-age=60');
     return identity.jwks();
@@ -186,7 +244,15 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   app.post(
     '/oauth/token',
     {
-      config: { clientProblemExtensions: oauthClientError },
+      config: {
+        clientProblemExtensions: oauthClientError,
+        // The route that costs an argon2id hash per attempt (19 MiB, tens of ms of CPU on the
+        // libuv threads) takes no credential but the one it checks: under load it is shed first
+        // (low), so that the cheap routes and the probes keep their share of the process, and
+        // each client address gets a small limit of its own, refused (429) before any hash.
+        priority: 'low',
+        rateLimit: tokenRateLimit,
+      },
       schema: {
         summary: 'OAuth2 token endpoint: password (+TOTP), refresh_token, client_credentials',
         description: '400 for a refused grant or request (OAuth2 `error`: invalid_request, invalid_grant, invalid_target, unsupported_grant_type), 401 for client authentication that failed (invalid_client) or a missing second factor (mfa_required).',

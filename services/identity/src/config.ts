@@ -1,6 +1,6 @@
 import { Type, type Static } from 'typebox';
 import { auditConfigSchema } from '@ledgerline/audit';
-import { baseConfigSchema } from '@ledgerline/service-runtime';
+import { baseConfigSchema, resilienceConfigSchema } from '@ledgerline/service-runtime';
 
 const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
 
@@ -11,6 +11,10 @@ const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
  */
 export const identityConfigSchema = Type.Object({
   ...baseConfigSchema.properties,
+  // Metrics, tracing, deadlines, load shedding and rate limiting, as the ledger has them
+  // (resilienceFromConfig). RATE_LIMIT_PER_SECOND and RATE_LIMIT_BURST are the default limit
+  // of the administrative routes; the token endpoint has its own, below.
+  ...resilienceConfigSchema.properties,
   // Token requests and access decisions go to the audit queue, and this service runs a
   // sequencer too, so they get their place in the log whether or not a ledger shares the
   // database. Sharing one, both sequencers take turns (an advisory lock) on one log: give them
@@ -40,6 +44,11 @@ export const identityConfigSchema = Type.Object({
   REFRESH_TOKEN_TTL_SECONDS: Type.Integer({ minimum: 300, maximum: 30 * 86_400, default: 28_800 }),
   LOCKOUT_FAILURES_MAX: Type.Integer({ minimum: 3, maximum: 100, default: 5 }),
   LOCKOUT_MS: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 900_000 }),
+  // The token endpoint's own limit per client address, when RATE_LIMIT_ENABLED: each password
+  // or client-secret check costs an argon2id hash (19 MiB, tens of ms of CPU), so far fewer
+  // requests than the service default are allowed. Kept equal to IDENTITY_TOKEN_RATE_LIMIT_DEFAULT (app.ts).
+  IDENTITY_TOKEN_RATE_PER_SECOND: Type.Number({ exclusiveMinimum: 0, maximum: 1_000_000, default: 5 }),
+  IDENTITY_TOKEN_BURST: Type.Integer({ minimum: 1, maximum: 1_000_000, default: 20 }),
   IDENTITY_BOOTSTRAP_ADMIN_USERNAME: Type.Optional(Type.String({ pattern: '^[a-z0-9._@-]{3,64}$' })),
   IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: Type.Optional(Type.String({ minLength: 12, maxLength: 256 })),
   IDENTITY_BOOTSTRAP_CLIENT_ID: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]{3,64}$' })),

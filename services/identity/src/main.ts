@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { AuditSchemaBehindError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
-import { ConfigError, databasePoolConfig, guardPool, loadConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
+import { ConfigError, databasePoolConfig, guardPool, loadConfig, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
 import { identityConfigSchema, list, type IdentityConfig } from './config.ts';
@@ -109,6 +109,9 @@ try {
 }
 await bootstrap(identity, config, logger);
 
+// Route priorities, load shedding, rate limiting (off by default), metrics and tracing, as the
+// ledger has them; the token endpoint's limit per client address is its own (IDENTITY_TOKEN_*).
+const resilience = resilienceFromConfig(config, 'identity');
 const app = await buildIdentityService({
   identity,
   pool,
@@ -116,6 +119,8 @@ const app = await buildIdentityService({
   audit: audit ?? new LogAuditSink(logger),
   bodyLimitBytes: config.BODY_LIMIT_BYTES,
   logger,
+  resilience: resilience.options,
+  tokenRateLimit: { ratePerSecond: config.IDENTITY_TOKEN_RATE_PER_SECOND, burst: config.IDENTITY_TOKEN_BURST },
 });
 exportSequencerRestarts(app.metrics, sequencer);
 const address = await runService(app, {
@@ -123,7 +128,7 @@ const address = await runService(app, {
   host: config.HOST,
   shutdownTimeoutMs: config.SHUTDOWN_TIMEOUT_MS,
   // Requests have drained; the sink writes what it buffered, the sequencer integrates it and
-  // signs a last checkpoint, then the pool closes.
-  onClose: [() => audit?.close(), () => sequencer?.close(), () => pool.end()],
+  // signs a last checkpoint, then the pool closes, and the rate limiter's Redis client.
+  onClose: [() => audit?.close(), () => sequencer?.close(), () => pool.end(), () => resilience.close()],
 });
 logger.info({ address, issuer: config.IDENTITY_ISSUER }, 'identity: listening');

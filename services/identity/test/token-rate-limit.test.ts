@@ -1,0 +1,369 @@
+/**
+ * The token endpoint's own rate limit, over a real Redis and PostgreSQL. Each password or
+ * client-secret check costs an argon2id hash, so POST /oauth/token gets a small limit per
+ * client address: a burst of N wrong guesses is answered by the handler (401/400 as always),
+ * the next is refused with 429 problem+json and Retry-After before the identity layer is
+ * called at all, so no hash is computed and no attempt counter moves. Headers the caller
+ * chooses (x-client-id, x-forwarded-for) buy no new bucket; another address has its own; the
+ * administrative routes are limited per verified principal. With rate limiting off, nothing
+ * changes. Last, the process reads RATE_LIMIT_ENABLED and IDENTITY_TOKEN_* from its environment.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+import type { InjectOptions } from 'fastify';
+import { Redis } from 'ioredis';
+import pg from 'pg';
+import { MemoryAuditSink } from '@ledgerline/audit';
+import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type TokenResponse } from '@ledgerline/identity';
+import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
+import { createTestDatabase, freePort, testRandom, type TestDatabase } from '@ledgerline/testing';
+import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
+import { bootstrap } from '../src/bootstrap.ts';
+import { identityConfigSchema } from '../src/config.ts';
+
+const ISSUER = 'https://identity.test';
+const PASSWORD = 'correct horse battery staple';
+const CLIENT_SECRET = 'payments-secret-1';
+const NOW = Date.UTC(2026, 10, 23, 10, 0);
+const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
+/** The token limit's burst in these tests; one token comes back every 100 s, so none refills during a test. */
+const BURST = 3;
+const TOKEN_LIMIT: RateLimit = { ratePerSecond: 0.01, burst: BURST };
+const RATE_LIMITED = 'https://ledgerline.dev/problems/rate-limited';
+
+/**
+ * The identity layer with its grant calls counted. Each password or client-secret grant that
+ * reaches it verifies exactly one argon2id hash (a decoy one for an unknown user or client),
+ * so a call that is not counted computed none.
+ */
+class CountingIdentity extends Identity {
+  logins = 0;
+  clientChecks = 0;
+  /** While set, a client-credentials call waits on it once counted, after calling `entered`: a test holds a request in its handler. */
+  hold: { entered: () => void; until: Promise<void> } | undefined;
+
+  override login(request: LoginRequest): Promise<TokenResponse> {
+    this.logins += 1;
+    return super.login(request);
+  }
+
+  override clientCredentials(auth: ClientAuthentication, audience: string): Promise<TokenResponse> {
+    this.clientChecks += 1;
+    const hold = this.hold;
+    if (hold === undefined) return super.clientCredentials(auth, audience);
+    hold.entered();
+    return hold.until.then(() => super.clientCredentials(auth, audience));
+  }
+}
+
+// Keys unique to this run (and the seed printed), so parallel runs and earlier runs' keys never meet.
+const random = testRandom('identity token rate limit key prefix');
+const runPrefix = `ll:test:idrl:${process.pid}:${Math.floor(random() * 2 ** 32).toString(16)}:`;
+
+let db: TestDatabase;
+let pool: pg.Pool;
+let redis: Redis;
+let identity: CountingIdentity;
+const audit = new MemoryAuditSink();
+const apps: Service[] = [];
+
+before(async () => {
+  db = await createTestDatabase('ll_identity_rl');
+  await migrateIdentity(db.url);
+  pool = new pg.Pool({ connectionString: db.url, max: 4 });
+  // A lockout far away, so that every wrong password moves the failure counter and none locks.
+  identity = new CountingIdentity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => NOW, lockout: { failuresMax: 100, lockMs: 60_000 } });
+  await identity.ensureSigningKey();
+  const config = loadConfig(identityConfigSchema, {
+    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
+    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
+    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+    IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
+  });
+  await bootstrap(identity, config, { info: () => {} });
+  redis = new Redis('redis://127.0.0.1:6379', { maxRetriesPerRequest: 1 });
+});
+
+after(async () => {
+  for (const app of apps) await app.close();
+  const keys = await redis.keys(`${runPrefix}*`);
+  if (keys.length > 0) await redis.del(...keys);
+  redis.disconnect();
+  await pool.end();
+  await db.drop();
+});
+
+/** The service with rate limiting on in Redis under `prefix` (each test its own), or off. */
+async function serve(limits: { prefix: string; token: RateLimit; default: RateLimit } | null): Promise<Service> {
+  const app = await buildIdentityService({
+    identity,
+    pool,
+    issuer: ISSUER,
+    audit,
+    clock: () => NOW,
+    logger: false,
+    ...(limits === null
+      ? {}
+      : {
+          resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${runPrefix}${limits.prefix}` }), defaultLimit: limits.default } },
+          tokenRateLimit: limits.token,
+        }),
+  });
+  apps.push(app);
+  return app;
+}
+
+function tokenRequest(fields: Record<string, string>, extra: Partial<InjectOptions> = {}): InjectOptions {
+  return {
+    method: 'POST',
+    url: '/oauth/token',
+    ...extra,
+    headers: { 'content-type': 'application/x-www-form-urlencoded', ...extra.headers },
+    payload: new URLSearchParams(fields).toString(),
+  };
+}
+
+const wrongSecret = { grant_type: 'client_credentials', client_id: 'payments', client_secret: 'not-the-secret', audience: 'ledger' };
+
+function tokenAttempts(actorId: string): number {
+  return audit.entries.filter((e) => e.action === TOKEN_ACTION && e.actor.id === actorId).length;
+}
+
+async function failedLogins(username: string): Promise<number> {
+  const r = await pool.query<{ failed_logins: number }>('SELECT failed_logins FROM identity.users WHERE username = $1', [username]);
+  const row = r.rows[0];
+  assert.ok(row !== undefined, `no user ${username}`);
+  return row.failed_logins;
+}
+
+function assertRateLimited(response: Awaited<ReturnType<Service['inject']>>): void {
+  assert.equal(response.statusCode, 429, response.body);
+  assert.match(String(response.headers['content-type']), /^application\/problem\+json/);
+  assert.equal(response.json<{ type: string }>().type, RATE_LIMITED);
+  const retryAfter = Number(response.headers['retry-after']);
+  assert.ok(Number.isInteger(retryAfter) && retryAfter >= 1, `Retry-After: ${String(response.headers['retry-after'])}`);
+}
+
+describe('POST /oauth/token with rate limiting on', () => {
+  test('a burst of wrong client secrets from one address: the handler answers N, then 429 and no hash', async () => {
+    const app = await serve({ prefix: 'secrets:', token: TOKEN_LIMIT, default: { ratePerSecond: 1000, burst: 2000 } });
+    const checksBefore = identity.clientChecks;
+    const auditedBefore = tokenAttempts('payments');
+
+    // Each guess names a new x-client-id and a forged X-Forwarded-For: neither is the client.
+    const statuses: number[] = [];
+    for (let i = 0; i < BURST; i += 1) {
+      const response = await app.inject(tokenRequest(wrongSecret, { headers: { 'x-client-id': `guess-${i}`, 'x-forwarded-for': `198.51.100.${i}` } }));
+      assert.equal(response.json<{ error: string }>().error, 'invalid_client', response.body);
+      statuses.push(response.statusCode);
+    }
+    assert.deepEqual(statuses, Array(BURST).fill(401), 'the first N are answered by the handler, as without a limit');
+    assert.equal(identity.clientChecks - checksBefore, BURST, 'each of them checked the secret');
+
+    const refused = await app.inject(tokenRequest(wrongSecret, { headers: { 'x-client-id': 'guess-new', 'x-forwarded-for': '203.0.113.9' } }));
+    assertRateLimited(refused);
+    assert.equal(refused.headers['cache-control'], undefined, 'the handler did not run (it sets no-store)');
+    // The right secret is refused too: nothing is checked until the bucket refills.
+    assertRateLimited(await app.inject(tokenRequest({ ...wrongSecret, client_secret: CLIENT_SECRET })));
+    assert.equal(identity.clientChecks - checksBefore, BURST, 'the refused requests computed no hash');
+    assert.equal(tokenAttempts('payments') - auditedBefore, BURST, 'and reached no grant, so none was audited as an attempt');
+
+    // The bucket is the address's, whatever the headers said; another address has its own.
+    assert.deepEqual(await redis.keys(`${runPrefix}secrets:*`), [`${runPrefix}secrets:POST:/oauth/token:ip:127.0.0.1`]);
+    const elsewhere = await app.inject(tokenRequest(wrongSecret, { remoteAddress: '192.0.2.7' }));
+    assert.equal(elsewhere.statusCode, 401, elsewhere.body);
+    assert.equal(identity.clientChecks - checksBefore, BURST + 1);
+  });
+
+  test('a burst of wrong passwords: the failure counter moves N times, not on the 429', async () => {
+    const app = await serve({ prefix: 'passwords:', token: TOKEN_LIMIT, default: { ratePerSecond: 1000, burst: 2000 } });
+    await identity.createUser({ username: 'dana', password: PASSWORD, roles: [] });
+    const loginsBefore = identity.logins;
+    const wrongPassword = { grant_type: 'password', username: 'dana', password: 'not the password at all', audience: 'ledger' };
+
+    for (let i = 0; i < BURST; i += 1) {
+      const response = await app.inject(tokenRequest(wrongPassword));
+      assert.equal(response.statusCode, 400, response.body);
+      assert.equal(response.json<{ error: string }>().error, 'invalid_grant');
+    }
+    assert.equal(await failedLogins('dana'), BURST);
+
+    assertRateLimited(await app.inject(tokenRequest(wrongPassword)));
+    assertRateLimited(await app.inject(tokenRequest({ ...wrongPassword, password: PASSWORD })));
+    assert.equal(await failedLogins('dana'), BURST, 'no attempt was counted: no password was checked');
+    assert.equal(identity.logins - loginsBefore, BURST);
+  });
+
+  test('the administrative routes are limited per verified principal, never per header', async () => {
+    const app = await serve({ prefix: 'admin:', token: { ratePerSecond: 1000, burst: 2000 }, default: { ratePerSecond: 0.01, burst: 2 } });
+    const login = await app.inject(tokenRequest({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'identity' }));
+    assert.equal(login.statusCode, 200, login.body);
+    const bearer = `Bearer ${login.json<{ access_token: string }>().access_token}`;
+    const rootId = await identity.userIdByUsername('root');
+    assert.ok(rootId !== null);
+
+    const createUser = (clientId: string, headers: Record<string, string> = { authorization: bearer }) =>
+      app.inject({ method: 'POST', url: '/v1/users', headers: { ...headers, 'x-client-id': clientId }, payload: { username: `user-${clientId}`, password: PASSWORD, roles: [] } });
+    // Refused by authentication (401) before the limiter: takes nothing from anyone's bucket.
+    assert.equal((await createUser('root', {})).statusCode, 401);
+    const statuses = [];
+    for (const clientId of ['one', 'two', 'three']) statuses.push((await createUser(clientId)).statusCode);
+    assert.deepEqual(statuses, [201, 201, 429], 'a new x-client-id buys no new bucket');
+    assertRateLimited(await createUser('four'));
+    assert.equal(await identity.userIdByUsername('user-three'), null, 'the refused request did nothing');
+
+    assert.deepEqual((await redis.keys(`${runPrefix}admin:*`)).sort(), [
+      `${runPrefix}admin:POST:/oauth/token:ip:127.0.0.1`,
+      `${runPrefix}admin:POST:/v1/users:p:user:${rootId}`,
+    ]);
+  });
+});
+
+/**
+ * `promise`, or a failure naming `what` if it has not settled within 10 s: a wait that is
+ * never satisfied (a request never queued because nothing sheds) fails the test, not hangs it.
+ */
+async function within<T>(what: string, promise: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), 10_000);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+describe('POST /oauth/token under load shedding', () => {
+  test('is low priority: a queued token request is shed for a revocation (normal), before any hash, while the probes answer', async () => {
+    // One slot and room for one waiter; waits long enough that only eviction refuses here.
+    // The clock tells the test when a request joins the queue (the shedder sets its timer).
+    let joined: () => void = () => {};
+    const waitsSet = (): Promise<void> => new Promise((resolve) => { joined = resolve; });
+    const clock = {
+      now: () => performance.now(),
+      setTimer: (callback: () => void, delayMs: number): unknown => {
+        joined();
+        return setTimeout(callback, delayMs);
+      },
+      clearTimer: (handle: unknown) => { clearTimeout(handle as NodeJS.Timeout); },
+    };
+    const app = await buildIdentityService({
+      identity,
+      pool,
+      issuer: ISSUER,
+      audit,
+      clock: () => NOW,
+      logger: false,
+      resilience: { loadShedding: { concurrencyMax: 1, queueMax: 1, targetQueueMs: 50, intervalMs: 60_000, queueTimeoutMs: { critical: 10_000, high: 10_000, normal: 10_000, low: 10_000 }, clock } },
+    });
+    apps.push(app);
+    const checksBefore = identity.clientChecks;
+
+    // A token request holds the only slot, in its handler.
+    let release: () => void = () => {};
+    const entered = new Promise<void>((resolve) => {
+      identity.hold = { entered: resolve, until: new Promise<void>((r) => { release = r; }) };
+    });
+    const holding = app.inject(tokenRequest({ ...wrongSecret, client_secret: CLIENT_SECRET }));
+    try {
+      await within('the first token request to reach its handler', entered);
+      identity.hold = undefined;
+      assert.equal((await app.inject({ method: 'GET', url: '/health' })).statusCode, 200, 'the probes pass every gate');
+
+      // Another token request waits for the slot; a revocation, of the default class (normal),
+      // then finds the queue full and takes its place: only a waiter of a lower class is evicted.
+      let queued = waitsSet();
+      const waiting = app.inject(tokenRequest(wrongSecret));
+      await within('the second token request to queue for the slot', queued);
+      queued = waitsSet();
+      const revocation = app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: 'token=not-a-refresh-token' });
+      const shed = await waiting;
+      assert.equal(shed.statusCode, 503, shed.body);
+      assert.match(String(shed.headers['content-type']), /^application\/problem\+json/);
+      assert.deepEqual([shed.json<{ priority: string }>().priority, shed.json<{ reason: string }>().reason], ['low', 'evicted']);
+      assert.ok(shed.headers['retry-after'] !== undefined);
+      assert.equal(identity.clientChecks - checksBefore, 1, 'the shed request computed no hash');
+      await within('the revocation to queue for the slot', queued);
+
+      release();
+      assert.equal((await holding).statusCode, 200);
+      const revoked = await revocation;
+      assert.equal(revoked.statusCode, 200, revoked.body);
+    } finally {
+      identity.hold = undefined;
+      release();
+    }
+  });
+});
+
+describe('POST /oauth/token with rate limiting off', () => {
+  test('every guess is answered by the handler, as before, and nothing is kept in Redis', async () => {
+    const app = await serve(null);
+    const checksBefore = identity.clientChecks;
+    const statuses: number[] = [];
+    for (let i = 0; i < BURST + 3; i += 1) statuses.push((await app.inject(tokenRequest(wrongSecret))).statusCode);
+    assert.deepEqual(statuses, Array(BURST + 3).fill(401));
+    assert.equal(identity.clientChecks - checksBefore, BURST + 3);
+    const granted = await app.inject(tokenRequest({ ...wrongSecret, client_secret: CLIENT_SECRET }));
+    assert.equal(granted.statusCode, 200, granted.body);
+    assert.equal(granted.headers['ratelimit-remaining'], undefined);
+  });
+});
+
+test('the process takes RATE_LIMIT_ENABLED and IDENTITY_TOKEN_* from its environment', async () => {
+  const own = await createTestDatabase('ll_identity_rl_main');
+  try {
+    const port = await freePort();
+    const child = spawn(process.execPath, [MAIN], {
+      env: {
+        ...process.env,
+        PORT: String(port),
+        LOG_LEVEL: 'warn',
+        DATABASE_URL: own.url,
+        AUDIT_ENABLED: 'false',
+        IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
+        IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
+        RATE_LIMIT_ENABLED: 'true',
+        RATE_LIMIT_KEY_PREFIX: `${runPrefix}main:`,
+        IDENTITY_TOKEN_BURST: '2',
+        IDENTITY_TOKEN_RATE_PER_SECOND: '0.01',
+      },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    const base = `http://127.0.0.1:${port}`;
+    try {
+      for (let waitedMs = 0; ; waitedMs += 100) {
+        const up = await fetch(`${base}/health`).then((r) => r.status === 200, () => false);
+        if (up) break;
+        assert.ok(waitedMs < 30_000, 'timed out waiting for the service to answer');
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      const post = () => fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(wrongSecret).toString() });
+      const statuses: number[] = [];
+      let last: Response | undefined;
+      for (let i = 0; i < 3; i += 1) {
+        last = await post();
+        statuses.push(last.status);
+        await last.arrayBuffer();
+      }
+      assert.deepEqual(statuses, [401, 401, 429]);
+      assert.ok(last !== undefined);
+      assert.match(last.headers.get('content-type') ?? '', /^application\/problem\+json/);
+      assert.ok(Number(last.headers.get('retry-after')) >= 1);
+      // The service name prefixes the keys (resilienceFromConfig(config, 'identity')).
+      assert.deepEqual(await redis.keys(`${runPrefix}main:*`), [`${runPrefix}main:identity:POST:/oauth/token:ip:127.0.0.1`]);
+      const metrics = await (await fetch(`${base}/metrics`)).text();
+      assert.match(metrics, /requests_rate_limited_total\{[^}]*route="\/oauth\/token"[^}]*\} 1/);
+    } finally {
+      child.kill('SIGTERM');
+    }
+    assert.equal(await exited, 0, 'a graceful shutdown closes the rate limiter\'s Redis client too');
+  } finally {
+    await own.drop();
+  }
+});
