@@ -110,6 +110,18 @@ describe("the relay's read on a table the planner knows nothing about", () => {
   test("the read's planner setting ends with it: the session's stays as it was", async () => {
     await readOutbox(reader, 1, CHECKPOINT_START, LIMIT);
     assert.deepEqual((await reader.query('SHOW enable_sort')).rows, [{ enable_sort: 'on' }]);
-    assert.deepEqual((await reader.query('SHOW enable_sort')).rows, [{ enable_sort: 'on' }]);
+  });
+
+  test('values that are not integers never reach the statement, whatever the static types say', async () => {
+    await pool.query('CREATE TABLE public.canary (x int)');
+    const store = await EventStore.open(pool);
+    const injected = '10; DROP TABLE public.canary';
+    // As a caller in plain JavaScript, or a checkpoint read back from JSON, could pass them.
+    await assert.rejects(store.readAll(reader, { after: CHECKPOINT_START, limit: injected as unknown as number, partition: 0 }), TypeError);
+    await assert.rejects(readOutbox(reader, 0, { transactionId: "0'::xid8, 0) OR true --" as unknown as bigint, position: 0n }, LIMIT), TypeError);
+    await assert.rejects(readOutbox(reader, '0 OR true' as unknown as number, CHECKPOINT_START, LIMIT), TypeError);
+    await assert.rejects(readOutbox(reader, 0, { transactionId: -1n, position: 0n }, LIMIT), TypeError);
+    await assert.rejects(readOutbox(reader, 0, CHECKPOINT_START, 1.5), TypeError);
+    assert.equal((await pool.query<{ kept: boolean }>("SELECT to_regclass('public.canary') IS NOT NULL AS kept")).rows[0]?.kept, true, 'the table is still there');
   });
 });
