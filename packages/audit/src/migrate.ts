@@ -37,8 +37,13 @@ export function auditMigrationNames(): string[] {
     .sort();
 }
 
+/** AUDIT_MIGRATIONS=check refused the start: the schema or the login is not what check mode needs. */
+export class AuditSchemaCheckError extends Error {
+  override readonly name: string = 'AuditSchemaCheckError';
+}
+
 /** The audit schema is not what this code expects, and the service may not change it. */
-export class AuditSchemaBehindError extends Error {
+export class AuditSchemaBehindError extends AuditSchemaCheckError {
   override readonly name = 'AuditSchemaBehindError';
   /** Migrations not applied, in order; empty when which ones could not be read. */
   readonly pending: readonly string[];
@@ -50,11 +55,22 @@ export class AuditSchemaBehindError extends Error {
 }
 
 /**
+ * The login could alter the log: it is a superuser, or it owns (or may become, by membership)
+ * the owner of an audit table. Check mode exists so that the service's login cannot; a login
+ * that can would make it a promise the database does not keep.
+ */
+export class AuditLoginPrivilegedError extends AuditSchemaCheckError {
+  override readonly name = 'AuditLoginPrivilegedError';
+}
+
+/**
  * For a service whose login may not change the audit schema (`AUDIT_MIGRATIONS=check`): a
  * deploy job applies the migrations as the schema's owner (`npm run audit -- migrate`), and the
  * service only checks, before it starts, that every migration its code expects is applied.
  * Throws AuditSchemaBehindError, naming what is missing, otherwise. Needs no more than the
- * writer role's privileges.
+ * writer role's privileges. It also refuses a login that could alter the log anyway
+ * (AuditLoginPrivilegedError): a superuser, or the owner of an audit table or a member of it,
+ * as after a deployment that ran in `apply` mode with this login.
  */
 export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
   const expected = auditMigrationNames();
@@ -62,6 +78,19 @@ export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
   await client.connect();
   let applied: Set<string>;
   try {
+    const power = await client.query<{ login: string; superuser: boolean; owners: string | null }>(
+      `SELECT current_user AS login, r.rolsuper AS superuser,
+              (SELECT string_agg(DISTINCT t.tableowner, ', ' ORDER BY t.tableowner) FROM pg_tables t
+                WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) AS owners
+         FROM pg_roles r WHERE r.rolname = current_user`,
+    );
+    const me = power.rows[0];
+    if (me !== undefined && (me.superuser || me.owners !== null)) {
+      throw new AuditLoginPrivilegedError(
+        `audit: AUDIT_MIGRATIONS=check, but the login ${me.login} could alter the log (${me.superuser ? 'a superuser' : `the audit tables belong to ${me.owners}, which it is or may become`}); ` +
+          `log the service in as a role that is only a member of ${AUDIT_WRITER_ROLE} (docs/audit.md, "Roles"), or use AUDIT_MIGRATIONS=apply and rely on verification`,
+      );
+    }
     applied = new Set((await client.query<{ name: string }>('SELECT name FROM audit.migrations')).rows.map((r) => r.name));
   } catch (error) {
     const code = (error as { code?: unknown }).code;

@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { AuditSchemaBehindError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
+import { AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -61,7 +61,7 @@ if (config.AUDIT_ENABLED) {
   try {
     await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl);
   } catch (error) {
-    if (!(error instanceof AuditSchemaBehindError)) throw error;
+    if (!(error instanceof AuditSchemaCheckError)) throw error;
     process.stderr.write(`identity: ${error.message}\n`);
     process.exit(2);
   }

@@ -2,8 +2,9 @@
  * The deployment docs/audit.md ("Roles") describes, run for real: a deploy job migrates the
  * audit schema as an owner role, and the ledger service logs in as a role that is only a member
  * of the writer role (AUDIT_MIGRATIONS=check). The service works and its trail verifies, and its
- * login can neither change nor delete what the log holds, nor switch off the triggers that
- * guard it, nor give itself the right to: the database refuses every attempt.
+ * login can neither change nor delete the log's records, tiles, tree or checkpoints, nor switch
+ * off the triggers that guard them, nor give itself the right to: the database refuses every
+ * attempt. (What the writer role may still do is listed in docs/audit.md, "Roles".)
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -11,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { AUDIT_WRITER_ROLE, auditMigrationNames } from '@ledgerline/audit';
+import { AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, checkAuditMigrations } from '@ledgerline/audit';
 import { runCli } from '../../../packages/audit/src/cli.ts';
 import { newId } from '@ledgerline/ledger';
 import { ADMIN_DATABASE_URL, createTestDatabase, freePort, withClient, type TestDatabase } from '@ledgerline/testing';
@@ -57,12 +58,15 @@ before(async () => {
 
 after(async () => {
   for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-  await db?.drop();
-  // The database held everything the two roles owned or were granted; its drop took that along.
-  await connected(async (c) => {
-    await c.query(`DROP ROLE IF EXISTS ${LOGIN}`);
-    await c.query(`DROP ROLE IF EXISTS ${OWNER}`);
-  });
+  try {
+    await db?.drop();
+  } finally {
+    // The database held everything the two roles owned or were granted; its drop took that along.
+    await connected(async (c) => {
+      await c.query(`DROP ROLE IF EXISTS ${LOGIN}`);
+      await c.query(`DROP ROLE IF EXISTS ${OWNER}`);
+    });
+  }
 });
 
 interface Started {
@@ -72,13 +76,13 @@ interface Started {
   exited: Promise<number | null>;
 }
 
-function startService(port: number): Started {
+function startService(port: number, databaseUrl = loginUrl): Started {
   let stderr = '';
   const child = spawn(process.execPath, [MAIN], {
     env: {
       ...process.env,
       PORT: String(port),
-      DATABASE_URL: loginUrl,
+      DATABASE_URL: databaseUrl,
       DATABASE_SESSION_URL: '',
       AUDIT_MIGRATIONS: 'check',
       LEDGER_AUTH: 'disabled',
@@ -212,6 +216,33 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     s.child.kill('SIGTERM');
     assert.equal(await s.exited, 0, s.stderr());
     assert.doesNotMatch(s.stderr(), /"level":50/);
+  });
+
+  test('check mode refuses a login that could alter the log: the tables\' owner, or a superuser', async () => {
+    assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
+    // (The services catch AuditSchemaCheckError, of which this is one, and exit 2 with its message, as above.)
+    await assert.rejects(checkAuditMigrations(ownerUrl), (error: unknown) => {
+      assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
+      assert.match(error.message, new RegExp(`the login ${OWNER} could alter the log \\(the audit tables belong to ${OWNER}, which it is or may become\\)`));
+      return true;
+    });
+    await assert.rejects(checkAuditMigrations(db.url), (error: unknown) => {
+      assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
+      assert.match(error.message, /the login postgres could alter the log \(a superuser\)/);
+      return true;
+    });
+    // A member of the owner role may become it: refused as well.
+    const member = `ll_owner_member_${TAG}`;
+    await connected(async (c) => {
+      await c.query(`CREATE ROLE ${member} LOGIN NOINHERIT IN ROLE ${OWNER}, ${AUDIT_WRITER_ROLE}`);
+    });
+    try {
+      await assert.rejects(checkAuditMigrations(as(member)), AuditLoginPrivilegedError);
+    } finally {
+      await connected((c) => c.query(`DROP ROLE ${member}`));
+    }
+    // And the login that is only a writer passes.
+    await checkAuditMigrations(loginUrl);
   });
 
   test('a schema behind the code is named migration by migration', async () => {
