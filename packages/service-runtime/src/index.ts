@@ -49,6 +49,7 @@ export type { MetricsOptions, RequestOutcome } from './metrics.ts';
 export { installResilience } from './observability.ts';
 export type { InstalledResilience, ResilienceOptions } from './observability.ts';
 export {
+  addressKey,
   DEADLINE_DEFAULT_MS,
   defaultRateLimitClientId,
   OPS_ROUTES,

@@ -18,6 +18,7 @@
  * The runtime's own routes (/health, /ready, /metrics, /openapi.json) pass every gate:
  * probes and scrapes must answer precisely when the service is overloaded.
  */
+import { isIPv6 } from 'node:net';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { Deadline, DEADLINE_HEADER, PRIORITIES, ShedError, type LoadShedder, type LoadShedderOptions, type Priority } from '@ledgerline/resilience';
 import { problemType } from './problem.ts';
@@ -74,7 +75,7 @@ const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
 
 export function defaultRateLimitClientId(request: FastifyRequest): string {
   const header = request.headers['x-client-id'];
-  return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? `c:${header}` : `ip:${request.ip}`;
+  return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? `c:${header}` : addressKey(request.ip);
 }
 
 export function routePriority(request: FastifyRequest): Priority {
@@ -86,6 +87,26 @@ export function routePriority(request: FastifyRequest): Priority {
 export function isOpsRoute(request: FastifyRequest): boolean {
   const url = request.routeOptions.url;
   return url !== undefined && OPS_ROUTES.has(url);
+}
+
+/**
+ * The rate-limit key of a client address. An IPv4 address is its own key. An IPv6 address is
+ * keyed by its /64: one subscriber or host is routinely given a whole /64, so keying by the full
+ * address would hand a single client 2^64 buckets. An IPv4 address mapped into IPv6
+ * (`::ffff:a.b.c.d`, what a dual-stack listener reports) is keyed as the IPv4 address.
+ */
+export function addressKey(ip: string): string {
+  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip);
+  if (mapped !== null) return `ip:${mapped[1] ?? ''}`;
+  if (!isIPv6(ip.split('%')[0] ?? '')) return `ip:${ip}`;
+  const address = (ip.split('%')[0] ?? '').toLowerCase();
+  // Expand `::` to the missing groups; an embedded IPv4 tail counts as two groups.
+  const groupsOf = (part: string): string[] => (part === '' ? [] : part.split(':').flatMap((g) => (g.includes('.') ? ['x', 'x'] : [g])));
+  const [head = '', tail] = address.split('::');
+  const before = groupsOf(head);
+  const after = tail === undefined ? [] : groupsOf(tail);
+  const groups = [...before, ...Array<string>(8 - before.length - after.length).fill('0'), ...after];
+  return `ip6:${groups.slice(0, 4).map((g) => Number.parseInt(g, 16).toString(16)).join(':')}::/64`;
 }
 
 /** Reads the inbound deadline; answers 504 and returns false when it has already passed. */
@@ -120,7 +141,7 @@ export async function applyRateLimit(
   // An unknown path or method (404, 405) matched no route, so no route's hooks, authentication
   // included, ran for it: a clientId that names the principal has none to name. Such requests
   // are limited by address instead, which a caller cannot choose.
-  const client = request.is404 ? `ip:${request.ip}` : (options.clientId ?? defaultRateLimitClientId)(request);
+  const client = request.is404 ? addressKey(request.ip) : (options.clientId ?? defaultRateLimitClientId)(request);
   let result;
   try {
     result = await options.bucket.take(`${request.method}:${route}:${client}`, limit);

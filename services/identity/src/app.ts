@@ -10,6 +10,7 @@ import type { AuditActor, AuditSink } from '@ledgerline/audit';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
 import {
+  addressKey,
   BodyRefusedError,
   createService,
   postgresReadinessCheck,
@@ -184,10 +185,11 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * X-Forwarded-For is ignored and no caller can pick its address. Behind a reverse proxy or
    * load balancer every request then comes from the proxy's address, and all the clients behind
    * it share one bucket per route: size IDENTITY_TOKEN_* for that, or limit per client at the proxy.
+   * An IPv6 client is keyed by its /64 (addressKey), which one host commonly holds whole.
    */
   const rateLimitClient = (request: FastifyRequest): string => {
     const principal = principalOf(request);
-    return principal === undefined ? `ip:${request.ip}` : `p:${principal.kind}:${principal.id}`;
+    return principal === undefined ? addressKey(request.ip) : `p:${principal.kind}:${principal.id}`;
   };
   const rateLimit = options.resilience?.rateLimit;
   const resilience = rateLimit === undefined || rateLimit === false ? options.resilience : { ...options.resilience, rateLimit: { ...rateLimit, clientId: rateLimitClient } };

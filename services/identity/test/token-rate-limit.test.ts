@@ -175,6 +175,15 @@ describe('POST /oauth/token with rate limiting on', () => {
     const elsewhere = await app.inject(tokenRequest(wrongSecret, { remoteAddress: '192.0.2.7' }));
     assert.equal(elsewhere.statusCode, 401, elsewhere.body);
     assert.equal(identity.clientChecks - checksBefore, BURST + 1);
+
+    // An IPv6 host holds a whole /64: its addresses share one bucket, so a new address in it
+    // buys no new guesses; another /64 is another client.
+    const v6 = [];
+    for (let i = 1; i <= BURST + 2; i += 1) v6.push((await app.inject(tokenRequest(wrongSecret, { remoteAddress: `2001:db8:1:2::${i.toString(16)}` }))).statusCode);
+    assert.deepEqual(v6, [...Array<number>(BURST).fill(401), 429, 429]);
+    assert.equal((await app.inject(tokenRequest(wrongSecret, { remoteAddress: '2001:db8:1:3::1' }))).statusCode, 401);
+    assert.equal(identity.clientChecks - checksBefore, 2 * BURST + 2, 'the refused IPv6 requests computed no hash');
+    assert.ok((await redis.keys(`${runPrefix}secrets:*`)).includes(`${runPrefix}secrets:POST:/oauth/token:ip6:2001:db8:1:2::/64`));
   });
 
   test('a burst of wrong passwords: the failure counter moves N times, not on the 429', async () => {
