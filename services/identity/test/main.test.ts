@@ -6,16 +6,18 @@
  * requires.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { loadSigningKey, SEQUENCER_APPLICATION_NAME, verifyLog } from '@ledgerline/audit';
-import { behindFaultProxy, createTestDatabase, cutRepeatedly, freePort, overLocalSocket, testRandom, type TestDatabase } from '@ledgerline/testing';
+import { behindFaultProxy, createTestDatabase, cutRepeatedly, overLocalSocket, testRandom, type TestDatabase } from '@ledgerline/testing';
+import { poll, startIdentityProcess, type StartedIdentity } from './support.ts';
 
 const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const SECRET = 'identity-main-test-secret';
+const startIdentity = (env: Record<string, string>): Promise<StartedIdentity> => startIdentityProcess({ IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET, ...env });
 
 let db: TestDatabase;
 let pool: pg.Pool;
@@ -27,48 +29,6 @@ after(async () => {
   await pool.end();
   await db.drop();
 });
-
-async function poll<T>(what: string, read: () => Promise<T | null>): Promise<T> {
-  for (let waitedMs = 0; ; waitedMs += 100) {
-    const value = await read();
-    if (value !== null) return value;
-    assert.ok(waitedMs < 30_000, `timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
-
-/**
- * The service as a process of its own, with the common variables (the bootstrap client, the
- * development signing key) under the test's own; resolves once it answers.
- */
-async function startIdentity(env: Record<string, string>): Promise<{ base: string; stop: () => Promise<number | null> }> {
-  const port = await freePort();
-  const child = spawn(process.execPath, [MAIN], {
-    env: {
-      ...process.env,
-      PORT: String(port),
-      LOG_LEVEL: 'warn',
-      AUDIT_SIGNING_KEY: '',
-      IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-      IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
-      ...env,
-    },
-    stdio: ['ignore', 'ignore', 'inherit'],
-  });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const stop = (): Promise<number | null> => {
-    child.kill('SIGTERM');
-    return exited;
-  };
-  const base = `http://127.0.0.1:${port}`;
-  try {
-    await poll('the service to answer', () => fetch(`${base}/.well-known/jwks.json`).then((r) => (r.status === 200 ? true : null), () => null));
-  } catch (error) {
-    await stop();
-    throw error;
-  }
-  return { base, stop };
-}
 
 /** The bootstrap client's token request (client credentials), with `secret`. */
 function clientToken(base: string, secret = SECRET): Promise<Response> {

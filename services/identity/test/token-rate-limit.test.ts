@@ -9,8 +9,6 @@
  * changes. Last, the process reads RATE_LIMIT_ENABLED and IDENTITY_TOKEN_* from its environment.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import type { InjectOptions } from 'fastify';
 import { Redis } from 'ioredis';
@@ -18,16 +16,16 @@ import pg from 'pg';
 import { MemoryAuditSink } from '@ledgerline/audit';
 import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type TokenResponse } from '@ledgerline/identity';
 import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
-import { createTestDatabase, freePort, testRandom, type TestDatabase } from '@ledgerline/testing';
+import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
 import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
 import { identityConfigSchema } from '../src/config.ts';
+import { startIdentityProcess } from './support.ts';
 
 const ISSUER = 'https://identity.test';
 const PASSWORD = 'correct horse battery staple';
 const CLIENT_SECRET = 'payments-secret-1';
 const NOW = Date.UTC(2026, 10, 23, 10, 0);
-const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 /** The token limit's burst in these tests; one token comes back every 100 s, so none refills during a test. */
 const BURST = 3;
 const TOKEN_LIMIT: RateLimit = { ratePerSecond: 0.01, burst: BURST };
@@ -326,32 +324,18 @@ describe('POST /oauth/token with rate limiting off', () => {
 test('the process takes RATE_LIMIT_ENABLED and IDENTITY_TOKEN_* from its environment', async () => {
   const own = await createTestDatabase('ll_identity_rl_main');
   try {
-    const port = await freePort();
-    const child = spawn(process.execPath, [MAIN], {
-      env: {
-        ...process.env,
-        PORT: String(port),
-        LOG_LEVEL: 'warn',
-        DATABASE_URL: own.url,
-        AUDIT_ENABLED: 'false',
-        IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-        IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
-        RATE_LIMIT_ENABLED: 'true',
-        RATE_LIMIT_KEY_PREFIX: `${runPrefix}main:`,
-        IDENTITY_TOKEN_BURST: '2',
-        IDENTITY_TOKEN_RATE_PER_SECOND: '0.01',
-      },
-      stdio: ['ignore', 'ignore', 'inherit'],
+    const service = await startIdentityProcess({
+      DATABASE_URL: own.url,
+      AUDIT_ENABLED: 'false',
+      IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
+      RATE_LIMIT_ENABLED: 'true',
+      RATE_LIMIT_KEY_PREFIX: `${runPrefix}main:`,
+      IDENTITY_TOKEN_BURST: '2',
+      IDENTITY_TOKEN_RATE_PER_SECOND: '0.01',
     });
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    const base = `http://127.0.0.1:${port}`;
+    const { base } = service;
+    let code: number | null | undefined;
     try {
-      for (let waitedMs = 0; ; waitedMs += 100) {
-        const up = await fetch(`${base}/health`).then((r) => r.status === 200, () => false);
-        if (up) break;
-        assert.ok(waitedMs < 30_000, 'timed out waiting for the service to answer');
-        await new Promise((resolve) => setTimeout(resolve, 100));
-      }
       const post = () => fetch(`${base}/oauth/token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams(wrongSecret).toString() });
       const statuses: number[] = [];
       let last: Response | undefined;
@@ -369,9 +353,9 @@ test('the process takes RATE_LIMIT_ENABLED and IDENTITY_TOKEN_* from its environ
       const metrics = await (await fetch(`${base}/metrics`)).text();
       assert.match(metrics, /requests_rate_limited_total\{[^}]*route="\/oauth\/token"[^}]*\} 1/);
     } finally {
-      child.kill('SIGTERM');
+      code = await service.stop();
     }
-    assert.equal(await exited, 0, 'a graceful shutdown closes the rate limiter\'s Redis client too');
+    assert.equal(code, 0, 'a graceful shutdown closes the rate limiter\'s Redis client too');
   } finally {
     await own.drop();
   }

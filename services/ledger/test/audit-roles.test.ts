@@ -123,18 +123,17 @@ async function post(port: number, path: string, body: unknown): Promise<number> 
 
 /** The SQLSTATE a statement fails with, run as `role`; null if it succeeded (then rolled back). */
 async function refusal(url: string, sql: string): Promise<string | null> {
-  const c = new pg.Client({ connectionString: url });
-  await c.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query(sql);
-    return null;
-  } catch (error) {
-    return String((error as { code?: unknown }).code);
-  } finally {
-    await c.query('ROLLBACK').catch(() => {});
-    await c.end();
-  }
+  return withClient(url, async (c) => {
+    try {
+      await c.query('BEGIN');
+      await c.query(sql);
+      return null;
+    } catch (error) {
+      return String((error as { code?: unknown }).code);
+    } finally {
+      await c.query('ROLLBACK').catch(() => {});
+    }
+  });
 }
 
 describe('the audit schema owned by a deploy role, the service on a writer login', () => {
