@@ -30,13 +30,12 @@ import pg from 'pg';
 import {
   CHECKPOINT_START,
   partitionByResidency,
-  partitionReadSql,
+  readPartition,
   type Checkpoint,
   type EventStore,
   type ResidencyPolicy,
   type ResidencyViolationError,
 } from './store.ts';
-import { readHorizon } from './horizon.ts';
 import { withQueryTimeout } from './transaction.ts';
 import { encodeEnvelopes, envelopeJson } from './wire.ts';
 
@@ -348,17 +347,11 @@ export async function readOutbox(
   after: Checkpoint,
   limit: number,
 ): Promise<OutboxEvent[]> {
-  const horizon = await readHorizon(db);
-  const results = (await db.query({
-    text: partitionReadSql(OUTBOX_COLUMNS.join(', '), partition, after, horizon, limit),
-    types: AS_TEXT,
-  })) as unknown as Array<pg.QueryResult<Record<(typeof OUTBOX_COLUMNS)[number], string>>>;
-  const r = results.at(-1);
-  if (r === undefined) throw new Error('invariant: the outbox read returned no result');
+  const rows = await readPartition<Record<(typeof OUTBOX_COLUMNS)[number], string>>(db, OUTBOX_COLUMNS.join(', '), partition, after, limit, AS_TEXT);
   // The events of one transaction share its start time: convert each distinct one once.
   let recordedText = '';
   let recordedAt = '';
-  return r.rows.map((row) => {
+  return rows.map((row) => {
     if (row.recorded_at !== recordedText) {
       recordedText = row.recorded_at;
       recordedAt = parseTimestamptz(recordedText).toISOString();

@@ -322,27 +322,40 @@ function integerLiteral(n: unknown): string {
 }
 
 /**
- * One partition's next events in the global order, after `after` and below `horizon`: the text
- * of a simple-protocol query (`SET LOCAL`, then the read), which PostgreSQL runs as one implicit
- * transaction, so the setting ends with it. Run it outside a transaction block.
+ * One partition's next events in the global order after `after`, below the read horizon
+ * (`readHorizon`, computed first), as `columns`: one simple-protocol query (`SET LOCAL`, then
+ * the read), which PostgreSQL runs as one implicit transaction, so the setting ends with it.
+ * Run it outside a transaction block. `types` as node-pg takes them (the relay reads text).
  *
- * Sorting is ruled out because the planner, on a table it has not analyzed yet (new, restored,
- * just upgraded) or whose statistics trail its tail, estimates a few hundred rows after the
- * checkpoint, then picks a bitmap scan of every row past it, the other partitions' rows too,
- * and a sort: a cost that grows with the backlog, on every read. Measured alone over 400,000
- * events of 8 writers, unanalyzed: 22.7–23.9 µs of PostgreSQL CPU an event against 4.7 once
- * analyzed, and 3.9 with this. With sorting priced out, the plan is the walk of the
- * global-order index that stops after `limit` rows (the only plan that needs no sort). Every value is an integer of ours, written
- * as a literal (the simple protocol takes no parameters); `columns` is the caller's own text.
+ * Sorting is priced out because the planner, on a table it has not analyzed yet (new,
+ * restored, just upgraded) or whose statistics trail its tail, estimates a few hundred rows
+ * after the checkpoint, then picks a bitmap scan of every row past it, the other partitions'
+ * rows too, and a sort: a cost that grows with the backlog, on every read. Measured alone over
+ * 400,000 events of 8 writers, unanalyzed: 22.7–23.9 µs of PostgreSQL CPU an event against 4.7
+ * once analyzed, and 3.9 with this. Without a sort, the plan is the walk of the global-order
+ * index that stops after `limit` rows. Every value is an integer, checked and written as a
+ * literal (the simple protocol takes no parameters); `columns` is the caller's own text.
  */
-export function partitionReadSql(columns: string, partition: number, after: Checkpoint, horizon: bigint, limit: number): string {
-  return `SET LOCAL enable_sort = off;
+export async function readPartition<R extends pg.QueryResultRow>(
+  db: Queryable,
+  columns: string,
+  partition: number,
+  after: Checkpoint,
+  limit: number,
+  types?: pg.CustomTypesConfig,
+): Promise<R[]> {
+  const horizon = await readHorizon(db);
+  const text = `SET LOCAL enable_sort = off;
     SELECT ${columns} FROM events.events e
      WHERE (e.transaction_id, e.position) > ('${integerLiteral(after.transactionId)}'::xid8, ${integerLiteral(after.position)}::bigint)
        AND e.transaction_id < '${integerLiteral(horizon)}'::xid8
        AND e.partition = ${integerLiteral(partition)}::smallint
      ORDER BY e.transaction_id, e.position
      LIMIT ${integerLiteral(limit)}`;
+  const results = (await db.query(types === undefined ? text : { text, types })) as unknown as Array<pg.QueryResult<R>>;
+  const read = results.at(-1);
+  if (read === undefined) throw new Error('invariant: the partition read returned no result');
+  return read.rows;
 }
 
 /** The SQLSTATE of an append refused by its stream-order check (migration 1768100000000). */
@@ -625,7 +638,7 @@ export class EventStore {
    * `fields` makes a lean read for replays: each event's `data` then holds only those
    * top-level keys, each as text (`data->>key`: strings as they are, numbers and objects as
    * their JSON text, null as null), `metadata` is empty and `recordedAt` is to the
-   * millisecond. With `partition`, the read is `partitionReadSql`'s (its planner setting
+   * millisecond. With `partition`, the read is `readPartition`'s (its planner setting
    * lasts to the end of a transaction block it runs in: prefer to call it outside one).
    * Decoding whole rows costs the
    * reader several times what PostgreSQL spends finding them; a projection that needs five
@@ -637,25 +650,28 @@ export class EventStore {
   ): Promise<StoredEvent[]> {
     const { after, limit, partition, fields } = options;
     const columns = fields === undefined ? EVENT_COLUMNS : leanColumns(fields);
-    const horizon = await readHorizon(db);
     type Row = EventRecord & Record<string, unknown>;
-    // One partition: the read that does not depend on the planner's statistics (partitionReadSql).
+    // One partition: the read that does not depend on the planner's statistics (readPartition).
     // All partitions: the planner's estimate covers every row past the checkpoint, and the
     // index walk is its plan without help.
-    const r =
-      partition === undefined
-        ? await db.query<Row>(
-            // ORDER BY the table's columns (e.*), not the text renderings of the same name.
-            `SELECT ${columns} FROM events.events e
-              WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
-                AND e.transaction_id < $3::text::xid8
-              ORDER BY e.transaction_id, e.position
-              LIMIT $4`,
-            [after.transactionId.toString(), after.position.toString(), horizon.toString(), limit],
-          )
-        : ((await db.query(partitionReadSql(columns, partition, after, horizon, limit))) as unknown as Array<pg.QueryResult<Row>>).at(-1);
-    if (r === undefined) throw new Error('invariant: the read returned no result');
-    const events = fields === undefined ? r.rows.map(toEvent) : r.rows.map((row) => toLeanEvent(row, fields));
+    let rows: Row[];
+    if (partition === undefined) {
+      const horizon = await readHorizon(db);
+      rows = (
+        await db.query<Row>(
+          // ORDER BY the table's columns (e.*), not the text renderings of the same name.
+          `SELECT ${columns} FROM events.events e
+            WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
+              AND e.transaction_id < $3::text::xid8
+            ORDER BY e.transaction_id, e.position
+            LIMIT $4`,
+          [after.transactionId.toString(), after.position.toString(), horizon.toString(), limit],
+        )
+      ).rows;
+    } else {
+      rows = await readPartition<Row>(db, columns, partition, after, limit);
+    }
+    const events = fields === undefined ? rows.map(toEvent) : rows.map((row) => toLeanEvent(row, fields));
     await this.#checkResidency(db, events, 'read', options.location);
     return events;
   }

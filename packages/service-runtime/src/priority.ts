@@ -98,8 +98,8 @@ export function isOpsRoute(request: FastifyRequest): boolean {
 export function addressKey(ip: string): string {
   const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip);
   if (mapped !== null) return `ip:${mapped[1] ?? ''}`;
-  if (!isIPv6(ip.split('%')[0] ?? '')) return `ip:${ip}`;
   const address = (ip.split('%')[0] ?? '').toLowerCase();
+  if (!isIPv6(address)) return `ip:${ip}`;
   // Expand `::` to the missing groups; an embedded IPv4 tail counts as two groups.
   const groupsOf = (part: string): string[] => (part === '' ? [] : part.split(':').flatMap((g) => (g.includes('.') ? ['x', 'x'] : [g])));
   const [head = '', tail] = address.split('::');
