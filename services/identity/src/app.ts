@@ -24,6 +24,7 @@ import {
   type Service,
   type ServiceOptions,
 } from '@ledgerline/service-runtime';
+import { IDENTITY_TOKEN_RATE_LIMIT_DEFAULT } from './config.ts';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
 /** The audience of tokens for this service's own routes. */
@@ -35,13 +36,6 @@ export const TOKEN_ACTION = 'identity.token';
  * assertion at most 4 KiB. BODY_LIMIT_BYTES changes it.
  */
 export const IDENTITY_BODY_LIMIT_BYTES_DEFAULT = 65_536;
-/**
- * The token endpoint's limit per client address when rate limiting is on: each password or
- * client-secret check costs an argon2id hash, so a client gets far fewer attempts than the
- * service default allows on the other routes. IDENTITY_TOKEN_RATE_PER_SECOND and
- * IDENTITY_TOKEN_BURST change it (config.ts keeps the same defaults).
- */
-export const IDENTITY_TOKEN_RATE_LIMIT_DEFAULT: Readonly<RateLimit> = { ratePerSecond: 5, burst: 20 };
 
 export interface IdentityServiceOptions {
   identity: Identity;

@@ -1,6 +1,14 @@
 import { Type, type Static } from 'typebox';
 import { auditConfigSchema } from '@ledgerline/audit';
-import { baseConfigSchema, resilienceConfigSchema } from '@ledgerline/service-runtime';
+import { baseConfigSchema, resilienceConfigSchema, type RateLimit } from '@ledgerline/service-runtime';
+
+/**
+ * The token endpoint's limit per client address when rate limiting is on: each password or
+ * client-secret check costs an argon2id hash, so a client gets far fewer attempts than the
+ * service default allows on the other routes. IDENTITY_TOKEN_RATE_PER_SECOND and
+ * IDENTITY_TOKEN_BURST change it; their defaults are these.
+ */
+export const IDENTITY_TOKEN_RATE_LIMIT_DEFAULT: Readonly<RateLimit> = { ratePerSecond: 5, burst: 20 };
 
 const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
 
@@ -46,9 +54,9 @@ export const identityConfigSchema = Type.Object({
   LOCKOUT_MS: Type.Integer({ minimum: 1000, maximum: 86_400_000, default: 900_000 }),
   // The token endpoint's own limit per client address, when RATE_LIMIT_ENABLED: each password
   // or client-secret check costs an argon2id hash (19 MiB, tens of ms of CPU), so far fewer
-  // requests than the service default are allowed. Kept equal to IDENTITY_TOKEN_RATE_LIMIT_DEFAULT (app.ts).
-  IDENTITY_TOKEN_RATE_PER_SECOND: Type.Number({ exclusiveMinimum: 0, maximum: 1_000_000, default: 5 }),
-  IDENTITY_TOKEN_BURST: Type.Integer({ minimum: 1, maximum: 1_000_000, default: 20 }),
+  // requests than the service default are allowed (IDENTITY_TOKEN_RATE_LIMIT_DEFAULT).
+  IDENTITY_TOKEN_RATE_PER_SECOND: Type.Number({ exclusiveMinimum: 0, maximum: 1_000_000, default: IDENTITY_TOKEN_RATE_LIMIT_DEFAULT.ratePerSecond }),
+  IDENTITY_TOKEN_BURST: Type.Integer({ minimum: 1, maximum: 1_000_000, default: IDENTITY_TOKEN_RATE_LIMIT_DEFAULT.burst }),
   IDENTITY_BOOTSTRAP_ADMIN_USERNAME: Type.Optional(Type.String({ pattern: '^[a-z0-9._@-]{3,64}$' })),
   IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: Type.Optional(Type.String({ minLength: 12, maxLength: 256 })),
   IDENTITY_BOOTSTRAP_CLIENT_ID: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]{3,64}$' })),
