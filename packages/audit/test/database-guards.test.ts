@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, test } from 'node:test';
 import pg from 'pg';
+import { inTransaction } from '@ledgerline/events';
 import { auditLegalHolds, verifyLog } from '../src/index.ts';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
@@ -24,19 +25,10 @@ afterEach(async () => {
 
 /** Runs `sql` in its own transaction, as the schema owner (the test's login) or as the writer role. */
 async function run(sql: string, params: unknown[] = [], as: 'owner' | 'writer' = 'owner'): Promise<pg.QueryResult> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
+  return inTransaction(t.pool, async (c) => {
     if (as === 'writer') await c.query(`SET LOCAL ROLE ${WRITER}`);
-    const r = await c.query(sql, params);
-    await c.query('COMMIT');
-    return r;
-  } catch (error) {
-    await c.query('ROLLBACK');
-    throw error;
-  } finally {
-    c.release();
-  }
+    return c.query(sql, params);
+  });
 }
 
 async function seqOf(resourceId: string): Promise<number> {
