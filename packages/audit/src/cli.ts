@@ -15,6 +15,8 @@
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *   npm run audit -- migrate   (as the schema's owner: a deploy job, with services on AUDIT_MIGRATIONS=check)
+ *   npm run audit -- sequence [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+ *        (the sequencer as a process of its own, on AUDIT_SEQUENCER_DATABASE_URL, until SIGTERM or SIGINT)
  *
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
  * AUDIT_SIGNING_KEY, or the development key when it is unset, unless --public-key names a PEM
@@ -30,12 +32,17 @@ import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle 
 import { DEFAULT_LOG_ORIGIN } from './config.ts';
 import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
-import { auditMigrationNames, migrateAudit } from './migrate.ts';
+import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
+import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
+import { SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
 
-export type { CliIo };
+/** The commands' I/O; `stop`, for `sequence`: it runs until this settles (else SIGTERM or SIGINT). */
+export interface AuditCliIo extends CliIo {
+  stop?: Promise<unknown>;
+}
 
 const USAGE = `usage:
   audit verify [--public-key FILE]... [--checkpoint FILE]... [--json]
@@ -51,6 +58,9 @@ const USAGE = `usage:
   audit kek-status
   audit migrate
   audit key-transition --previous-key FILE --as WHO [--origin O]
+  audit sequence [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+       (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN; it tails the
+       database's event store when there is one; database: AUDIT_SEQUENCER_DATABASE_URL when set)
 database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
@@ -82,10 +92,13 @@ const OPTIONS = {
   'previous-key': { type: 'string' },
   origin: { type: 'string' },
   'database-url': { type: 'string' },
+  'interval-ms': { type: 'string' },
+  'batch-max': { type: 'string' },
+  'checkpoint-interval-ms': { type: 'string' },
   help: { type: 'boolean', default: false },
 } as const;
 
-const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status', 'key-transition', 'migrate'];
+const COMMANDS = ['verify', 'public-key', 'search', 'prove', 'verify-proof', 'erase', 'hold place', 'hold release', 'hold list', 'expire', 'kek-status', 'key-transition', 'migrate', 'sequence'];
 
 function required(name: string, value: string | undefined): string {
   if (value === undefined || value === '') throw new UsageError(`--${name} is required`);
@@ -99,7 +112,7 @@ function checkpointFile(path: string): Checkpoint {
 }
 
 /** Runs one command; returns the exit code. */
-export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
+export async function runCli(argv: readonly string[], io: AuditCliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
   const parsed = parseCommandLine(argv, OPTIONS, USAGE, err);
   if (parsed === null) return 2;
@@ -132,7 +145,8 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       }
     }
 
-    const databaseUrl = a['database-url'] ?? operatorDatabaseUrl(env);
+    const sequencerUrl = command === 'sequence' && env.AUDIT_SEQUENCER_DATABASE_URL !== '' ? env.AUDIT_SEQUENCER_DATABASE_URL : undefined;
+    const databaseUrl = a['database-url'] ?? sequencerUrl ?? operatorDatabaseUrl(env);
     if (databaseUrl === undefined) throw new UsageError('DATABASE_URL (or --database-url) is required');
     if (command === 'migrate') {
       // As whoever the URL names: in production the owner role that only deploy jobs use.
@@ -140,6 +154,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       out(`audit schema up to date (${auditMigrationNames().length} migrations)`);
       return 0;
     }
+    if (command === 'sequence') return await sequence(databaseUrl, a, env, io.stop ?? untilSignalled(), out, err);
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});
     sink = new PostgresAuditSink({ pool });
@@ -250,12 +265,75 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       }
     }
   } catch (error) {
-    if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError) err(`${error.message}${error instanceof LegalHoldError ? '' : `\n${USAGE}`}`);
-    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError || error instanceof AuditSchemaCheckError) {
+      err(`${error.message}${error instanceof UsageError || error instanceof RangeError ? `\n${USAGE}` : ''}`);
+    } else {
+      err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    }
     return 2;
   } finally {
     await sink?.close().catch((error: unknown) => err(`failed to record this command in the audit trail: ${String(error)}`));
     await pool?.end().catch(() => {});
+  }
+}
+
+/** Settles on the first SIGTERM or SIGINT. */
+function untilSignalled(): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      process.off('SIGTERM', done).off('SIGINT', done);
+      resolve();
+    };
+    process.once('SIGTERM', done).once('SIGINT', done);
+  });
+}
+
+/**
+ * The sequencer as a process of its own, for a deployment whose services run none
+ * (AUDIT_SEQUENCER_ENABLED=false): its login and the signing key are then in no process that
+ * serves requests. Runs until `stop`, then integrates what is left and signs a last checkpoint.
+ * With AUDIT_MIGRATIONS=check it first checks its login as a service does (a member of the
+ * sequencer's role, and no owner or superuser). A failed round is reported and retried.
+ */
+async function sequence(
+  databaseUrl: string,
+  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined },
+  env: Record<string, string | undefined>,
+  stop: Promise<unknown>,
+  out: (text: string) => void,
+  err: (text: string) => void,
+): Promise<number> {
+  const intervalMs = intOption('interval-ms', a['interval-ms'], 1) ?? INTERVAL_MS_DEFAULT;
+  const batchRecordsMax = intOption('batch-max', a['batch-max'], 1) ?? BATCH_RECORDS_MAX_DEFAULT;
+  const checkpointIntervalMs = intOption('checkpoint-interval-ms', a['checkpoint-interval-ms'], 0) ?? CHECKPOINT_INTERVAL_MS_DEFAULT;
+  const signer = loadSigningKey(env.AUDIT_SIGNING_KEY ?? '', { production: env.NODE_ENV === 'production' });
+  if (signer.development) err('audit: AUDIT_SIGNING_KEY is unset: checkpoints are signed with the public DEVELOPMENT key, which anyone can forge with');
+  const kekText = env.AUDIT_KEY_ENCRYPTION_KEY ?? '';
+  if (env.AUDIT_MIGRATIONS === 'check') await checkAuditMigrations(databaseUrl, 'sequencer');
+  const pool = new pg.Pool({ connectionString: databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
+  pool.on('error', () => {});
+  try {
+    const found = await pool.query<{ events: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AS events`);
+    const tailEvents = found.rows[0]?.events === true;
+    const sequencer = new AuditSequencer({
+      pool,
+      signer,
+      origin: env.AUDIT_LOG_ORIGIN ?? DEFAULT_LOG_ORIGIN,
+      tailEvents,
+      intervalMs,
+      batchRecordsMax,
+      checkpointIntervalMs,
+      ...(kekText === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(kekText) }),
+      onError: (error) => err(`audit: a sequencer round failed; it tries again: ${error instanceof Error ? error.message : String(error)}`),
+    });
+    sequencer.start();
+    out(`sequencing${tailEvents ? ' the queue and the event store' : ' the queue'} (key ${signer.keyId}); stop with SIGTERM or SIGINT`);
+    await stop;
+    await sequencer.close();
+    out('stopped: everything queued is integrated and a last checkpoint signed');
+    return 0;
+  } finally {
+    await pool.end().catch(() => {});
   }
 }
 

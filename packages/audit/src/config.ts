@@ -28,6 +28,12 @@ export const auditConfigSchema = Type.Object({
   AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
   /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */
   AUDIT_SEQUENCER_ENABLED: Type.Boolean({ default: true }),
+  /**
+   * The sequencer's own login, a member of `ledgerline_audit_sequencer` and of nothing that owns
+   * the log. Empty: the service's login (`apply` mode only; `check` mode refuses to start without
+   * it while the sequencer runs here, docs/audit.md "Roles").
+   */
+  AUDIT_SEQUENCER_DATABASE_URL: Type.String({ default: '' }),
   AUDIT_SEQUENCER_INTERVAL_MS: Type.Integer({ minimum: 1, maximum: 60_000, default: INTERVAL_MS_DEFAULT }),
   /** At most this many records a round; a full round is followed at once by the next (sequencer.ts). */
   AUDIT_SEQUENCER_BATCH_MAX: Type.Integer({ minimum: 1, maximum: 50_000, default: BATCH_RECORDS_MAX_DEFAULT }),

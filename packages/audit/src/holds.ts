@@ -26,8 +26,8 @@ export interface HeldResource {
  * hold names its resource. By default a stream is its own resource (`ticket`/`t-1` is held by a
  * hold on resource type `ticket`, id `t-1`); `resourceOf` maps stream types whose audit
  * resources are named differently. The hold row is read FOR SHARE inside the caller's
- * transaction, so a release cannot commit while the stream is being kept or removed on the
- * strength of it. Before that, the check takes `audit.lock_legal_holds()` (SHARE on the holds
+ * transaction (`audit.resource_held`), so a release cannot commit while the stream is being
+ * kept or removed on the strength of it. Before that, the check takes `audit.lock_legal_holds()` (SHARE on the holds
  * table, to the end of the caller's transaction), as expiry and erasure do: a hold being
  * placed is waited for and then seen, and one placed later waits until the stream is gone, so
  * no hold can commit between the check and the removal. The caller must run under READ
@@ -41,13 +41,8 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
     async isHeld(db, stream, intent) {
       const resource = resourceOf(stream);
       await db.query('SELECT audit.lock_legal_holds()');
-      const r = await db.query(
-        `SELECT 1 FROM audit.legal_holds
-          WHERE released_at IS NULL AND resource_type = $1 AND resource_id = $2
-          LIMIT 1 FOR SHARE`,
-        [resource.type, resource.id],
-      );
-      if (r.rows.length > 0) return true;
+      const r = await db.query<{ held: boolean }>('SELECT audit.resource_held($1, $2) AS held', [resource.type, resource.id]);
+      if (r.rows[0]?.held === true) return true;
       return intent?.action === 'delete' && (await leavesStillRetained(db, stream, intent.now));
     },
   };

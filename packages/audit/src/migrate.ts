@@ -6,8 +6,19 @@ import { inTransaction } from '@ledgerline/events';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations', import.meta.url));
 
-/** The role every audit write runs as: INSERT and SELECT on the log, no UPDATE or DELETE. */
+/**
+ * The application's role, which every service's audit writes run as: INSERT into the queue,
+ * SELECT on the log, placing holds; no UPDATE and no DELETE on any audit table (migration
+ * 1769300000000).
+ */
 export const AUDIT_WRITER_ROLE = 'ledgerline_audit_writer';
+
+/**
+ * The sequencer's role: it alone deletes integrated queue rows, moves the event cursor, appends
+ * records, tiles, tree nodes and checkpoints, and creates or re-wraps subject keys. Only the
+ * sequencer's login may be a member (docs/audit.md, "Roles").
+ */
+export const AUDIT_SEQUENCER_ROLE = 'ledgerline_audit_sequencer';
 
 /**
  * Brings the `audit` schema up to date. Safe to call from every instance at start: the runner
@@ -63,6 +74,9 @@ export class AuditLoginPrivilegedError extends AuditSchemaCheckError {
   override readonly name = 'AuditLoginPrivilegedError';
 }
 
+/** Which of the trail's logins a check holds to account: a service's, or its sequencer's. */
+export type AuditLogin = 'service' | 'sequencer';
+
 /**
  * For a service whose login may not change the audit schema (`AUDIT_MIGRATIONS=check`): a
  * deploy job applies the migrations as the schema's owner (`npm run audit -- migrate`), and the
@@ -71,25 +85,42 @@ export class AuditLoginPrivilegedError extends AuditSchemaCheckError {
  * writer role's privileges. It also refuses a login that could alter the log anyway
  * (AuditLoginPrivilegedError): a superuser, or the owner of an audit table or a member of it,
  * as after a deployment that ran in `apply` mode with this login.
+ *
+ * `login` says whose login this is. A service's (the default) may not be a member of
+ * AUDIT_SEQUENCER_ROLE either: it could then delete queued entries, move the event cursor and
+ * append at the log's end. The sequencer's must be one (AuditSchemaCheckError otherwise: its
+ * rounds would all fail).
  */
-export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
+export async function checkAuditMigrations(databaseUrl: string, login: AuditLogin = 'service'): Promise<void> {
   const expected = auditMigrationNames();
   const client = new pg.Client({ connectionString: databaseUrl });
   await client.connect();
   let applied: Set<string>;
   try {
-    const power = await client.query<{ login: string; superuser: boolean; owners: string | null }>(
+    const power = await client.query<{ login: string; superuser: boolean; owners: string | null; sequencer: boolean }>(
       `SELECT current_user AS login, r.rolsuper AS superuser,
               (SELECT string_agg(DISTINCT t.tableowner, ', ' ORDER BY t.tableowner) FROM pg_tables t
-                WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) AS owners
+                WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) AS owners,
+              EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolname = $1 AND pg_has_role(current_user, s.oid, 'MEMBER')) AS sequencer
          FROM pg_roles r WHERE r.rolname = current_user`,
+      [AUDIT_SEQUENCER_ROLE],
     );
     const me = power.rows[0];
+    const own = login === 'service' ? AUDIT_WRITER_ROLE : AUDIT_SEQUENCER_ROLE;
     if (me !== undefined && (me.superuser || me.owners !== null)) {
       throw new AuditLoginPrivilegedError(
-        `audit: AUDIT_MIGRATIONS=check, but the login ${me.login} could alter the log (${me.superuser ? 'a superuser' : `the audit tables belong to ${me.owners}, which it is or may become`}); ` +
-          `log the service in as a role that is only a member of ${AUDIT_WRITER_ROLE} (docs/audit.md, "Roles"), or use AUDIT_MIGRATIONS=apply and rely on verification`,
+        `audit: AUDIT_MIGRATIONS=check, but the ${login === 'service' ? '' : 'sequencer\'s '}login ${me.login} could alter the log (${me.superuser ? 'a superuser' : `the audit tables belong to ${me.owners}, which it is or may become`}); ` +
+          `log ${login === 'service' ? 'the service' : 'the sequencer'} in as a role that is only a member of ${own} (docs/audit.md, "Roles"), or use AUDIT_MIGRATIONS=apply and rely on verification`,
       );
+    }
+    if (me !== undefined && login === 'service' && me.sequencer) {
+      throw new AuditLoginPrivilegedError(
+        `audit: AUDIT_MIGRATIONS=check, but the service's login ${me.login} is a member of ${AUDIT_SEQUENCER_ROLE}, so it could delete queued entries, move the event cursor and append at the log's end; ` +
+          `give the sequencer a login of its own (AUDIT_SEQUENCER_DATABASE_URL, docs/audit.md, "Roles")`,
+      );
+    }
+    if (me !== undefined && login === 'sequencer' && !me.sequencer) {
+      throw new AuditSchemaCheckError(`audit: the sequencer's login ${me.login} is not a member of ${AUDIT_SEQUENCER_ROLE}, so every round would be refused; grant it that role (docs/audit.md, "Roles")`);
     }
     applied = new Set((await client.query<{ name: string }>('SELECT name FROM audit.migrations')).rows.map((r) => r.name));
   } catch (error) {
@@ -98,7 +129,7 @@ export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
     throw new AuditSchemaBehindError(
       code === '42501'
         ? 'audit: this login may not read audit.migrations: the schema predates migration 1769200000000, or the login is not a member of ' +
-            `${AUDIT_WRITER_ROLE}; run \`npm run audit -- migrate\` as the schema's owner, and grant the role`
+            `${login === 'service' ? AUDIT_WRITER_ROLE : AUDIT_SEQUENCER_ROLE}; run \`npm run audit -- migrate\` as the schema's owner, and grant the role`
         : 'audit: the database has no audit schema; run `npm run audit -- migrate` as its owner before the service starts',
       code === '42501' ? [] : expected,
       { cause: error },
@@ -115,10 +146,48 @@ export async function checkAuditMigrations(databaseUrl: string): Promise<void> {
   }
 }
 
-/** What a service does with the audit schema at start (AUDIT_MIGRATIONS): apply the migrations, or only check them. */
-export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: string): Promise<void> {
-  if (mode === 'apply') await migrateAudit(databaseUrl);
-  else await checkAuditMigrations(databaseUrl);
+/** Where a service's sequencer runs: in this process on its own login, or not here at all. */
+export interface SequencerPlacement {
+  /** AUDIT_SEQUENCER_ENABLED. */
+  enabled: boolean;
+  /** AUDIT_SEQUENCER_DATABASE_URL; empty: the service's own login. */
+  databaseUrl: string;
+}
+
+/**
+ * What a service does with the audit schema at start (AUDIT_MIGRATIONS): apply the migrations,
+ * or only check them. In `check` mode it also checks the sequencer's login when the sequencer
+ * runs in this process: it must be a login of its own (AUDIT_SEQUENCER_DATABASE_URL), a member
+ * of AUDIT_SEQUENCER_ROLE, and no more; the service's login may not be one.
+ */
+export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: string, sequencer: SequencerPlacement = { enabled: false, databaseUrl: '' }): Promise<void> {
+  if (mode === 'apply') {
+    await migrateAudit(databaseUrl);
+    return;
+  }
+  await checkAuditMigrations(databaseUrl, 'service');
+  if (!sequencer.enabled) return;
+  if (sequencer.databaseUrl === '') {
+    throw new AuditSchemaCheckError(
+      `audit: AUDIT_MIGRATIONS=check runs the sequencer on a login of its own, a member of ${AUDIT_SEQUENCER_ROLE}: set AUDIT_SEQUENCER_DATABASE_URL, ` +
+        'or set AUDIT_SEQUENCER_ENABLED=false and run `npm run audit -- sequence` elsewhere (docs/audit.md, "Roles")',
+    );
+  }
+  await checkAuditMigrations(sequencer.databaseUrl, 'sequencer');
+}
+
+/**
+ * Lets the sequencer's role read the event store it tails (`events.events`). Run by the service
+ * that owns the event store, after its migrations and the audit schema's (the role must exist).
+ */
+export async function grantEventTail(databaseUrl: string): Promise<void> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    await client.query(`GRANT USAGE ON SCHEMA events TO ${AUDIT_SEQUENCER_ROLE}; GRANT SELECT ON events.events TO ${AUDIT_SEQUENCER_ROLE}`);
+  } finally {
+    await client.end();
+  }
 }
 
 /** Runs `fn` in a transaction as AUDIT_WRITER_ROLE, so the database's own grants bound what it can do. */

@@ -14,7 +14,7 @@ import { v5 as uuidv5 } from 'uuid';
 import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
-import { AUDIT_WRITER_ROLE } from './migrate.ts';
+import { AUDIT_SEQUENCER_ROLE } from './migrate.ts';
 import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
@@ -184,8 +184,8 @@ export class AuditSequencer {
     const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
     const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
     const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await readEventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
-    // Everything read from the event store is read; every write from here runs as the writer role.
-    await client.query(`SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+    // Everything read from the event store is read; every write from here runs as the sequencer's role.
+    await client.query(`SET LOCAL ROLE ${AUDIT_SEQUENCER_ROLE}`);
     if (this.#kek !== null) await this.#rewrapKeys(client, this.#kek);
     const records = entries.length + (tile?.count ?? 0);
     if (records === 0) return { records: 0, checkpoint: forceCheckpoint ? await this.#checkpoint(client, frontier, true) : null };

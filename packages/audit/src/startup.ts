@@ -56,6 +56,7 @@ export type ServiceSequencerConfig = Pick<
   | 'AUDIT_KEY_ENCRYPTION_KEY'
   | 'AUDIT_LOG_ORIGIN'
   | 'AUDIT_SEQUENCER_ENABLED'
+  | 'AUDIT_SEQUENCER_DATABASE_URL'
   | 'AUDIT_SEQUENCER_INTERVAL_MS'
   | 'AUDIT_SEQUENCER_BATCH_MAX'
   | 'AUDIT_SEQUENCER_NICE'
@@ -64,9 +65,10 @@ export type ServiceSequencerConfig = Pick<
 
 /**
  * Starts the service's sequencer worker as configured, or none when AUDIT_SEQUENCER_ENABLED is
- * false (another instance or process integrates the queue). Failed rounds (retried from
- * storage) are logged as errors, the rest as warnings. `tailEvents`: the service's event store
- * feeds the trail (the ledger's does; the identity service has none).
+ * false (another instance or process integrates the queue). It logs in as
+ * AUDIT_SEQUENCER_DATABASE_URL, else as `DATABASE_URL`. Failed rounds (retried from storage)
+ * are logged as errors, the rest as warnings. `tailEvents`: the service's event store feeds the
+ * trail (the ledger's does; the identity service has none).
  */
 export function startServiceSequencer(
   config: ServiceSequencerConfig,
@@ -76,7 +78,7 @@ export function startServiceSequencer(
   if (!config.AUDIT_SEQUENCER_ENABLED) return Promise.resolve(null);
   return startSequencerWorker(
     {
-      databaseUrl: config.DATABASE_URL,
+      databaseUrl: config.AUDIT_SEQUENCER_DATABASE_URL === '' ? config.DATABASE_URL : config.AUDIT_SEQUENCER_DATABASE_URL,
       signingKeyPem: config.AUDIT_SIGNING_KEY,
       production: process.env.NODE_ENV === 'production',
       origin: config.AUDIT_LOG_ORIGIN,

@@ -315,13 +315,18 @@ export class AuditStore {
     return id;
   }
 
-  /** Releases a hold; false when there was no active hold with that id. Recorded as `audit.hold.release`. */
+  /**
+   * Releases a hold; false when there was no active hold with that id. Recorded as
+   * `audit.hold.release`: a release by `audit.release_hold`, which queues its record in the same
+   * transaction (with the database login that ran it), so that no caller can release a hold
+   * without a record; a refusal through the sink.
+   */
   async releaseHold(id: string, by: Requester): Promise<boolean> {
     const r = await this.#asWriter((c) =>
-      c.query('UPDATE audit.legal_holds SET released_at = now(), released_by = $2 WHERE id = $1 AND released_at IS NULL', [id, by.actor.id]),
+      c.query<{ released: boolean }>('SELECT audit.release_hold($1, $2::json) AS released', [id, JSON.stringify({ actor: by.actor, origin: by.origin })]),
     );
-    const released = r.rowCount === 1;
-    this.#audit(by, 'audit.hold.release', released ? 'success' : 'failure', { type: 'audit.legal_hold', id }, {}, released ? undefined : 'no active hold with this id');
+    const released = r.rows[0]?.released === true;
+    if (!released) this.#audit(by, 'audit.hold.release', 'failure', { type: 'audit.legal_hold', id }, {}, 'no active hold with this id');
     return released;
   }
 

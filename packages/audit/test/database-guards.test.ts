@@ -9,11 +9,12 @@ import assert from 'node:assert/strict';
 import { afterEach, beforeEach, test } from 'node:test';
 import pg from 'pg';
 import { inTransaction } from '@ledgerline/events';
-import { auditLegalHolds, verifyLog } from '../src/index.ts';
+import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, auditLegalHolds, verifyLog } from '../src/index.ts';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 const DAY_MS = 86_400_000;
-const WRITER = 'ledgerline_audit_writer';
+const WRITER = AUDIT_WRITER_ROLE;
+const SEQUENCER = AUDIT_SEQUENCER_ROLE;
 
 let t: AuditTestEnv;
 beforeEach(async () => {
@@ -23,10 +24,10 @@ afterEach(async () => {
   await t.close();
 });
 
-/** Runs `sql` in its own transaction, as the schema owner (the test's login) or as the writer role. */
-async function run(sql: string, params: unknown[] = [], as: 'owner' | 'writer' = 'owner'): Promise<pg.QueryResult> {
+/** Runs `sql` in its own transaction, as the schema owner (the test's login), the writer role or the sequencer's role. */
+async function run(sql: string, params: unknown[] = [], as: 'owner' | 'writer' | 'sequencer' = 'owner'): Promise<pg.QueryResult> {
   return inTransaction(t.pool, async (c) => {
-    if (as === 'writer') await c.query(`SET LOCAL ROLE ${WRITER}`);
+    if (as !== 'owner') await c.query(`SET LOCAL ROLE ${as === 'writer' ? WRITER : SEQUENCER}`);
     return c.query(sql, params);
   });
 }
@@ -157,25 +158,27 @@ test('retention is never shortened under records still owed the longer one; ever
   assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
 });
 
-test('the writer role cannot destroy a subject key by UPDATE: only a re-wrapping under another key-encryption key passes', async () => {
+test('the sequencer\'s role cannot destroy a subject key by UPDATE: only a re-wrapping under another key-encryption key passes; the writer role may not UPDATE at all', async () => {
   t.sink.record(entry(1, { subject: 'cust-1', personal: { name: 'Alice' } }));
   t.sink.record(entry(2, { subject: 'cust-2', personal: { name: 'Bob' } }));
   await t.settle();
   await t.store.placeHold({ subject: 'cust-1' }, 'litigation', REVIEWER);
 
   // The reviewer's UPDATE (a new key in clear) under a hold, and the same with the key merely changed.
-  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256(random()::text::bytea), kek_id = NULL WHERE subject = 'cust-1'", [], 'writer'), /same key-encryption key/);
-  await assert.rejects(run("UPDATE audit.subject_keys SET subject = 'cust-9' WHERE subject = 'cust-1'", [], 'writer'));
+  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256(random()::text::bytea), kek_id = NULL WHERE subject = 'cust-1'", [], 'sequencer'), /same key-encryption key/);
+  await assert.rejects(run("UPDATE audit.subject_keys SET subject = 'cust-9' WHERE subject = 'cust-1'", [], 'sequencer'));
   const personal = (await t.store.search({ subject: 'cust-1' }, { limit: 10 }, REVIEWER)).records.map((r) => [r.personalState, r.personal]);
   assert.deepEqual(personal, [['present', { name: 'Alice' }]]);
 
   // A re-wrapping (here a stand-in of the right form: 72 bytes under a named key) passes, and
   // then neither a changed key under that key nor a return to clear does.
   const wrapped = "decode(repeat('ab', 72), 'hex')";
-  await run(`UPDATE audit.subject_keys SET key = ${wrapped}, kek_id = 'kek-a' WHERE subject = 'cust-2'`, [], 'writer');
-  await assert.rejects(run(`UPDATE audit.subject_keys SET key = decode(repeat('cd', 72), 'hex') WHERE subject = 'cust-2'`, [], 'writer'), /same key-encryption key/);
-  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256('x'::bytea), kek_id = NULL WHERE subject = 'cust-2'", [], 'writer'), /only be wrapped/);
+  await run(`UPDATE audit.subject_keys SET key = ${wrapped}, kek_id = 'kek-a' WHERE subject = 'cust-2'`, [], 'sequencer');
+  await assert.rejects(run(`UPDATE audit.subject_keys SET key = decode(repeat('cd', 72), 'hex') WHERE subject = 'cust-2'`, [], 'sequencer'), /same key-encryption key/);
+  await assert.rejects(run("UPDATE audit.subject_keys SET key = sha256('x'::bytea), kek_id = NULL WHERE subject = 'cust-2'", [], 'sequencer'), /only be wrapped/);
   await assert.rejects(run('TRUNCATE audit.subject_keys'), /append-only/);
+  // The application's role holds no UPDATE since migration 1769300000000: not even a re-wrapping.
+  await assert.rejects(run(`UPDATE audit.subject_keys SET key = ${wrapped}, kek_id = 'kek-b' WHERE subject = 'cust-1'`, [], 'writer'), /permission denied for table subject_keys/);
 });
 
 /** Clients for a race: a statement timeout each, ended whatever happens. */
@@ -312,20 +315,28 @@ test("event-store retention's hold check waits for a hold being placed on the st
   }
 });
 
-test('the writer role cannot plant a checkpoint, tree node, record or tile ahead of the log; the sequencer goes on signing', async () => {
+test('the sequencer\'s role cannot plant a checkpoint, tree node, record or tile ahead of the log, the writer role none at all; the sequencer goes on signing', async () => {
   for (let i = 0; i < 10; i += 1) t.sink.record(entry(i));
   await t.settle();
   const size = Number((await t.pool.query<{ n: string }>('SELECT audit.leaf_count()::text AS n')).rows[0]?.n);
   assert.equal(size, 10);
 
-  await assert.rejects(run("INSERT INTO audit.checkpoints VALUES (1000000000, 'x', sha256(''::bytea), now(), 'k', ''::bytea)", [], 'writer'), /not of the log's size/);
-  await assert.rejects(run("INSERT INTO audit.tree_nodes VALUES (6, 0, sha256(''::bytea))", [], 'writer'), /does not have yet/);
+  const planted = [
+    "INSERT INTO audit.checkpoints VALUES (1000000000, 'x', sha256(''::bytea), now(), 'k', ''::bytea)",
+    "INSERT INTO audit.tree_nodes VALUES (6, 0, sha256(''::bytea))",
+    'INSERT INTO audit.records SELECT * FROM audit.records WHERE seq = 0',
+    'INSERT INTO audit.payloads SELECT * FROM audit.payloads LIMIT 1',
+    'INSERT INTO audit.event_leaves SELECT * FROM audit.event_leaves LIMIT 1',
+  ];
+  for (const sql of planted) await assert.rejects(run(sql, [], 'writer'), /permission denied for table/, sql);
+  await assert.rejects(run("INSERT INTO audit.checkpoints VALUES (1000000000, 'x', sha256(''::bytea), now(), 'k', ''::bytea)", [], 'sequencer'), /not of the log's size/);
+  await assert.rejects(run("INSERT INTO audit.tree_nodes VALUES (6, 0, sha256(''::bytea))", [], 'sequencer'), /does not have yet/);
   await assert.rejects(
     run(
       `INSERT INTO audit.records (seq, id, occurred_at, record_class, actor_type, actor_id, action, outcome, origin_service, resource_type, resource_id, leaf_hash)
        SELECT 1000000, id, occurred_at, record_class, actor_type, actor_id, action, outcome, origin_service, resource_type, resource_id, leaf_hash FROM audit.records WHERE seq = 0`,
       [],
-      'writer',
+      'sequencer',
     ),
     /not the next leaves/,
   );
@@ -334,7 +345,7 @@ test('the writer role cannot plant a checkpoint, tree node, record or tile ahead
       `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes)
        VALUES (1000000, 1, '1', 1, now(), now(), '{1}', sha256(''::bytea))`,
       [],
-      'writer',
+      'sequencer',
     ),
     /not at the end of the log/,
   );

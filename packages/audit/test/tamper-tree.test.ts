@@ -67,12 +67,12 @@ const insertForged = (c: pg.ClientBase, seq: number): Promise<unknown> => {
   );
 };
 
-/** Runs `fn` in a transaction, as the writer role or as a superuser with triggers off, and rolls it back unless `keep`. */
-async function inTx<T>(as: 'writer' | 'superuser', fn: (c: pg.PoolClient) => Promise<T>, keep = false): Promise<T> {
+/** Runs `fn` in a transaction, as the sequencer's role or as a superuser with triggers off, and rolls it back unless `keep`. */
+async function inTx<T>(as: 'sequencer' | 'superuser', fn: (c: pg.PoolClient) => Promise<T>, keep = false): Promise<T> {
   const c = await t.pool.connect();
   try {
     await c.query('BEGIN');
-    await c.query(as === 'writer' ? 'SET LOCAL ROLE ledgerline_audit_writer' : 'SET LOCAL session_replication_role = replica');
+    await c.query(as === 'sequencer' ? 'SET LOCAL ROLE ledgerline_audit_sequencer' : 'SET LOCAL session_replication_role = replica');
     const r = await fn(c);
     await c.query(keep ? 'COMMIT' : 'ROLLBACK');
     return r;
@@ -87,9 +87,10 @@ async function inTx<T>(as: 'writer' | 'superuser', fn: (c: pg.PoolClient) => Pro
 const verifyIn = (c: pg.PoolClient): Promise<VerifyReport> => verifyLog(c, { publicKey: t.signer.publicKey });
 
 test('the database refuses a record inside a tile, for every role with triggers on', async () => {
-  // The writer role (what the service runs as); migration 1769100000000 also binds its
-  // records to the next leaves, so either guard may speak first.
-  await assert.rejects(inTx('writer', (c) => insertForged(c, 50)), /audit\.records: /);
+  // The sequencer's role (the one role that inserts records, migration 1769300000000);
+  // migration 1769100000000 also binds its records to the next leaves, so either guard may
+  // speak first.
+  await assert.rejects(inTx('sequencer', (c) => insertForged(c, 50)), /audit\.records: /);
   // The schema owner, who passes the next-leaf guard, still meets this one.
   const c = await t.pool.connect();
   try {

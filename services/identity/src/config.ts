@@ -35,6 +35,7 @@ export const identityConfigSchema = Type.Object({
   AUDIT_KEY_ENCRYPTION_KEY: auditConfigSchema.properties.AUDIT_KEY_ENCRYPTION_KEY,
   AUDIT_LOG_ORIGIN: auditConfigSchema.properties.AUDIT_LOG_ORIGIN,
   AUDIT_SEQUENCER_ENABLED: auditConfigSchema.properties.AUDIT_SEQUENCER_ENABLED,
+  AUDIT_SEQUENCER_DATABASE_URL: auditConfigSchema.properties.AUDIT_SEQUENCER_DATABASE_URL,
   AUDIT_SEQUENCER_INTERVAL_MS: auditConfigSchema.properties.AUDIT_SEQUENCER_INTERVAL_MS,
   AUDIT_SEQUENCER_BATCH_MAX: auditConfigSchema.properties.AUDIT_SEQUENCER_BATCH_MAX,
   AUDIT_SEQUENCER_NICE: auditConfigSchema.properties.AUDIT_SEQUENCER_NICE,

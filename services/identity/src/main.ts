@@ -59,7 +59,7 @@ await migrateIdentity(sessionUrl);
 if (config.AUDIT_ENABLED) {
   // AUDIT_MIGRATIONS=check: the schema's owner migrated it; this login only checks (docs/audit.md, "Roles").
   try {
-    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl);
+    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl, { enabled: signer !== null, databaseUrl: config.AUDIT_SEQUENCER_DATABASE_URL });
   } catch (error) {
     if (!(error instanceof AuditSchemaCheckError)) throw error;
     process.stderr.write(`identity: ${error.message}\n`);

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, grantEventTail, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -55,12 +55,14 @@ await migrateEvents(sessionUrl);
 if (signer !== null) {
   // AUDIT_MIGRATIONS=check: the schema's owner migrated it; this login only checks (docs/audit.md, "Roles").
   try {
-    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl);
+    await prepareAuditSchema(config.AUDIT_MIGRATIONS, sessionUrl, { enabled: config.AUDIT_SEQUENCER_ENABLED, databaseUrl: config.AUDIT_SEQUENCER_DATABASE_URL });
   } catch (error) {
     if (!(error instanceof AuditSchemaCheckError)) throw error;
     process.stderr.write(`ledger: ${error.message}\n`);
     process.exit(2);
   }
+  // The sequencer tails this service's event store, on a login of its own in check mode.
+  await grantEventTail(sessionUrl);
 }
 // Every wait on PostgreSQL has a client-side limit (databasePoolConfig), so a server that stops
 // answering fails requests with 503s instead of hanging them and the pool's connections.

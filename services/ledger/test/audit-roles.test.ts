@@ -1,10 +1,12 @@
 /**
  * The deployment docs/audit.md ("Roles") describes, run for real: a deploy job migrates the
- * audit schema as an owner role, and the ledger service logs in as a role that is only a member
- * of the writer role (AUDIT_MIGRATIONS=check). The service works and its trail verifies, and its
- * login can neither change nor delete the log's records, tiles, tree or checkpoints, nor switch
- * off the triggers that guard them, nor give itself the right to: the database refuses every
- * attempt. (What the writer role may still do is listed in docs/audit.md, "Roles".)
+ * audit schema as an owner role, the ledger service logs in as a role that is only a member of
+ * the writer role (AUDIT_MIGRATIONS=check), and its sequencer as a login of its own, a member of
+ * the sequencer's role. The service works and its trail verifies, and the service's login can
+ * neither change nor delete the log's records, tiles, tree or checkpoints, nor switch off the
+ * triggers that guard them, nor give itself the right to; nor delete queued entries, move the
+ * sequencer's cursor, append at the log's end, or release a hold without a record: the database
+ * refuses every attempt.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -12,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, checkAuditMigrations } from '@ledgerline/audit';
+import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, AuditSchemaCheckError, checkAuditMigrations } from '@ledgerline/audit';
 import { runCli } from '../../../packages/audit/src/cli.ts';
 import { newId } from '@ledgerline/ledger';
 import { ADMIN_DATABASE_URL, createTestDatabase, freePort, withClient, type TestDatabase } from '@ledgerline/testing';
@@ -21,10 +23,12 @@ const MAIN = fileURLToPath(new URL('../src/main.ts', import.meta.url));
 const TAG = randomBytes(4).toString('hex');
 const OWNER = `ll_audit_owner_${TAG}`;
 const LOGIN = `ll_ledger_login_${TAG}`;
+const SEQUENCER = `ll_audit_seq_${TAG}`;
 
 let db: TestDatabase;
 let ownerUrl: string;
 let loginUrl: string;
+let sequencerUrl: string;
 const children: ChildProcess[] = [];
 
 function as(role: string): string {
@@ -43,14 +47,19 @@ before(async () => {
   db = await createTestDatabase('ll_audit_roles');
   ownerUrl = as(OWNER);
   loginUrl = as(LOGIN);
-  // What a DBA does once (docs/audit.md): the writer role, an owner that is not a superuser
-  // and cannot create roles, and the service's login, a member of the writer role only.
+  sequencerUrl = as(SEQUENCER);
+  // What a DBA does once (docs/audit.md): the writer and sequencer roles, an owner that is not
+  // a superuser and cannot create roles, the service's login, a member of the writer role only,
+  // and the sequencer's login, a member of the sequencer's role only.
   await connected(async (c) => {
-    await c.query(`DO $$ BEGIN
-      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${AUDIT_WRITER_ROLE}') THEN CREATE ROLE ${AUDIT_WRITER_ROLE} NOLOGIN; END IF;
-    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$`);
+    for (const role of [AUDIT_WRITER_ROLE, AUDIT_SEQUENCER_ROLE]) {
+      await c.query(`DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '${role}') THEN CREATE ROLE ${role} NOLOGIN; END IF;
+      EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$`);
+    }
     await c.query(`CREATE ROLE ${OWNER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB`);
     await c.query(`CREATE ROLE ${LOGIN} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB IN ROLE ${AUDIT_WRITER_ROLE}`);
+    await c.query(`CREATE ROLE ${SEQUENCER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB IN ROLE ${AUDIT_SEQUENCER_ROLE}`);
     // Each creates its own schemas: the owner `audit`, the login the ledger's, the runtime's and the event store's.
     await c.query(`GRANT CREATE ON DATABASE ${db.name} TO ${OWNER}, ${LOGIN}`);
   });
@@ -64,6 +73,7 @@ after(async () => {
     // The database held everything the two roles owned or were granted; its drop took that along.
     await connected(async (c) => {
       await c.query(`DROP ROLE IF EXISTS ${LOGIN}`);
+      await c.query(`DROP ROLE IF EXISTS ${SEQUENCER}`);
       await c.query(`DROP ROLE IF EXISTS ${OWNER}`);
     });
   }
@@ -76,20 +86,22 @@ interface Started {
   exited: Promise<number | null>;
 }
 
-function startService(port: number, databaseUrl = loginUrl): Started {
+function startService(port: number, env: Record<string, string> = {}): Started {
   let stderr = '';
   const child = spawn(process.execPath, [MAIN], {
     env: {
       ...process.env,
       PORT: String(port),
-      DATABASE_URL: databaseUrl,
+      DATABASE_URL: loginUrl,
       DATABASE_SESSION_URL: '',
       AUDIT_MIGRATIONS: 'check',
+      AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl,
       LEDGER_AUTH: 'disabled',
       EVENTS_RELAY_ENABLED: 'false',
       AUDIT_SEQUENCER_INTERVAL_MS: '50',
       AUDIT_CHECKPOINT_INTERVAL_MS: '50',
       LOG_LEVEL: 'warn',
+      ...env,
     },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -195,8 +207,54 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       'DROP TABLE audit.checkpoints',
       `CREATE OR REPLACE FUNCTION audit.reject_change() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$`,
       `SET ROLE ${OWNER}`,
+      // The sequencer's part (migration 1769300000000): none of it is the service's.
+      'DELETE FROM audit.queue',
+      'SELECT count(*) FROM audit.queue',
+      "UPDATE audit.sequencer_state SET event_position = event_position + 1000",
+      'INSERT INTO audit.event_leaves SELECT * FROM audit.event_leaves LIMIT 1',
+      'INSERT INTO audit.tree_nodes SELECT * FROM audit.tree_nodes LIMIT 1',
+      'INSERT INTO audit.checkpoints SELECT * FROM audit.checkpoints LIMIT 1',
+      "INSERT INTO audit.subject_keys (subject, key) VALUES ('s-1', sha256('k'::bytea))",
+      "UPDATE audit.legal_holds SET released_at = now(), released_by = 'x'",
+      `SET ROLE ${AUDIT_SEQUENCER_ROLE}`,
     ];
     for (const sql of attempts) assert.equal(await refusal(loginUrl, sql), '42501', `as the login: ${sql}`);
+    // Nor may the sequencer's login change what is stored, take the service's part, or switch a guard off.
+    const sequencerAttempts = [
+      'UPDATE audit.event_leaves SET integrated_at = integrated_at',
+      'DELETE FROM audit.checkpoints',
+      'TRUNCATE audit.records',
+      'ALTER TABLE audit.event_leaves DISABLE TRIGGER ALL',
+      "INSERT INTO audit.queue (entry) VALUES ('{}')",
+      'DELETE FROM events.events',
+      `SET ROLE ${AUDIT_WRITER_ROLE}`,
+    ];
+    for (const sql of sequencerAttempts) assert.equal(await refusal(sequencerUrl, sql), '42501', `as the sequencer's login: ${sql}`);
+
+    // A hold is released only through audit.release_hold, which records the release, naming the
+    // database login, in the same transaction: found in the trail once the sequencer ran.
+    const cli = async (...args: string[]): Promise<string[]> => {
+      const lines: string[] = [];
+      const code = await runCli([...args, '--database-url', loginUrl], { stdout: (l) => lines.push(l), stderr: () => {}, env: {} });
+      assert.equal(code, 0, `${args.join(' ')}: ${lines.join('\n')}`);
+      return lines;
+    };
+    const [holdId] = await cli('hold', 'place', '--resource-type', 'account', '--resource-id', a, '--reason', 'litigation', '--as', 'user:counsel');
+    assert.ok(holdId !== undefined);
+    assert.deepEqual(await cli('hold', 'release', '--id', holdId, '--as', 'user:counsel'), ['released']);
+    const deadline = Date.now() + 20_000;
+    let releases: Array<{ actor: { id: string }; outcome: string; resource: { id: string }; payload: unknown }> = [];
+    while (releases.length === 0) {
+      releases = (await cli('search', '--action', 'audit.hold.release', '--as', 'user:auditor')).map((l) => JSON.parse(l) as (typeof releases)[number]);
+      assert.ok(releases.length > 0 || Date.now() < deadline, 'the release was not integrated within 20 s');
+      if (releases.length === 0) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.deepEqual(
+      releases.map((r) => [r.actor.id, r.outcome, r.resource.id, r.payload]),
+      [['user:counsel', 'success', holdId, { databaseLogin: LOGIN }]],
+    );
+    const held = await connected((c) => c.query<{ by: string }>('SELECT released_by AS by FROM audit.legal_holds WHERE id = $1 AND released_at IS NOT NULL', [holdId]), db.url);
+    assert.deepEqual(held.rows, [{ by: 'user:counsel' }]);
     // GRANT by a role without grant options warns and grants nothing.
     const granted = await connected(async (c) => {
       await c.query(`GRANT UPDATE, DELETE ON audit.checkpoints TO ${LOGIN}`).catch(() => {});
@@ -242,6 +300,73 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     }
     // And the login that is only a writer passes.
     await checkAuditMigrations(loginUrl);
+
+    // A service login that is also the sequencer's could delete queued entries and move the cursor: refused.
+    const both = `ll_writer_sequencer_${TAG}`;
+    await connected((c) => c.query(`CREATE ROLE ${both} LOGIN IN ROLE ${AUDIT_WRITER_ROLE}, ${AUDIT_SEQUENCER_ROLE}`));
+    try {
+      await assert.rejects(checkAuditMigrations(as(both)), (error: unknown) => {
+        assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
+        assert.match(error.message, new RegExp(`the service's login ${both} is a member of ${AUDIT_SEQUENCER_ROLE}`));
+        return true;
+      });
+    } finally {
+      await connected((c) => c.query(`DROP ROLE ${both}`));
+    }
+    // The sequencer's login must be a member of its role, and no more than the service's may it own the log.
+    await assert.rejects(checkAuditMigrations(loginUrl, 'sequencer'), (error: unknown) => {
+      assert.ok(error instanceof AuditSchemaCheckError && !(error instanceof AuditLoginPrivilegedError), String(error));
+      assert.match(error.message, new RegExp(`the sequencer's login ${LOGIN} is not a member of ${AUDIT_SEQUENCER_ROLE}`));
+      return true;
+    });
+    await assert.rejects(checkAuditMigrations(ownerUrl, 'sequencer'), AuditLoginPrivilegedError);
+    await checkAuditMigrations(sequencerUrl, 'sequencer');
+  });
+
+  test('check mode runs no sequencer on the service\'s login; the sequencer runs on its own, here as `audit sequence`', async () => {
+    assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
+    // Without a login for it, the service refuses to start, and says what to set.
+    const refused = startService(await freePort(), { AUDIT_SEQUENCER_DATABASE_URL: '' });
+    assert.equal(await refused.exited, 2, refused.stderr());
+    assert.match(refused.stderr(), /runs the sequencer on a login of its own, a member of ledgerline_audit_sequencer: set AUDIT_SEQUENCER_DATABASE_URL/);
+
+    // With none in the service, the standalone sequencer on its own login integrates the service's events and signs.
+    const s = startService(await freePort(), { AUDIT_SEQUENCER_ENABLED: 'false', AUDIT_SEQUENCER_DATABASE_URL: '' });
+    await ready(s);
+    const [a, b] = [newId(), newId()];
+    assert.equal(await post(s.port, '/v1/accounts', { id: a, ledger: 'USD', code: 1 }), 201);
+    assert.equal(await post(s.port, '/v1/accounts', { id: b, ledger: 'USD', code: 1 }), 201);
+    const leaves = (): Promise<number> =>
+      connected(async (c) => Number((await c.query<{ n: string }>('SELECT coalesce(sum(leaf_count), 0)::text AS n FROM audit.event_leaves')).rows[0]?.n), db.url);
+    const before = await leaves();
+    let stop = (): void => {};
+    const lines: string[] = [];
+    const running = runCli(['sequence', '--interval-ms', '50', '--checkpoint-interval-ms', '0'], {
+      stdout: (l) => lines.push(l),
+      stderr: (l) => lines.push(l),
+      env: { AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, AUDIT_MIGRATIONS: 'check' },
+      stop: new Promise<void>((resolve) => {
+        stop = resolve;
+      }),
+    });
+    assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '7', ledger: 'USD', code: 1 }), 201);
+    const deadline = Date.now() + 20_000;
+    while ((await leaves()) < before + 3) {
+      assert.ok(Date.now() < deadline, `the standalone sequencer did not integrate the events: ${lines.join('\n')}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    stop();
+    assert.equal(await running, 0, lines.join('\n'));
+    assert.match(lines.join('\n'), /sequencing the queue and the event store/);
+    const signed = await connected(
+      async (c) => (await c.query<{ n: string; size: string }>('SELECT (SELECT max(tree_size) FROM audit.checkpoints)::text AS size, audit.leaf_count()::text AS n')).rows[0],
+      db.url,
+    );
+    assert.equal(signed?.size, signed?.n, 'the last checkpoint covers every leaf');
+    const out: string[] = [];
+    assert.equal(await runCli(['verify', '--database-url', loginUrl], { stdout: (l) => out.push(l), stderr: (l) => out.push(l), env: {} }), 0, out.join('\n'));
+    s.child.kill('SIGTERM');
+    assert.equal(await s.exited, 0, s.stderr());
   });
 
   test('a schema behind the code is named migration by migration', async () => {
