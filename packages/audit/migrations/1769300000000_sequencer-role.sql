@@ -59,46 +59,103 @@ REVOKE UPDATE (key, kek_id) ON audit.subject_keys FROM ledgerline_audit_writer;
 REVOKE UPDATE ON audit.sequencer_state FROM ledgerline_audit_writer;
 REVOKE UPDATE (released_by, released_at) ON audit.legal_holds FROM ledgerline_audit_writer;
 
--- Releasing a hold, and its audit record, in one transaction. `p_by` is the requester as the
--- service knows it, {"actor": {"type", "id"}, "origin": {"service", "ip"?, "requestId"?,
--- "traceId"?}}; the record also names the database login that ran the release, which the
--- caller cannot choose. A caller with EXECUTE cannot release a hold without leaving a record:
--- an entry the sequencer cannot read (a malformed `p_by`) is still recorded, as
--- `audit.entry.rejected` with the row's text. Serialised with erasure and expiry as placing a
--- hold is: the UPDATE's ROW EXCLUSIVE lock waits for their SHARE lock on the table. Returns
--- false, and records nothing, when no active hold has that id (the service records that
--- refusal itself).
-CREATE FUNCTION audit.release_hold(p_id uuid, p_by json) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
-DECLARE
-  v_by text := p_by -> 'actor' ->> 'id';
-BEGIN
-  IF v_by IS NULL OR v_by = '' THEN
-    RAISE EXCEPTION 'audit.release_hold: p_by must name the actor ({"actor": {"type": ..., "id": ...}, "origin": {...}})'
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  UPDATE audit.legal_holds SET released_at = now(), released_by = v_by
-   WHERE id = p_id AND released_at IS NULL;
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
-  -- The queued form of an entry (QueuedEntry in src/writer.ts); the payload is canonical JSON.
+-- The governance functions record themselves. Releasing a hold, erasing a subject and
+-- expiring payloads each queue their audit record in the transaction that does the work, so no
+-- caller with EXECUTE (the CLI, a service, a bare SQL session with the writer's rights) does
+-- any of them without a record; before, the service recorded them through its sink after the
+-- function returned, and a direct call left none. `p_by` is the requester as the service knows
+-- it, {"actor": {"type", "id"}, "origin": {"service", "ip"?, "requestId"?, "traceId"?}}; the
+-- payload also names the database login that ran the function, which the caller cannot choose.
+-- A requester the sequencer cannot read (malformed) is still recorded, as
+-- `audit.entry.rejected` with the row's text. A refusal (a legal hold) raises and rolls back,
+-- record included; the service records refusals itself.
+
+-- The queued form of an entry (QueuedEntry in src/writer.ts) of class `governance`, as the sink
+-- would write it; `p_payload` is canonical JSON text (keys sorted). Only the functions below
+-- call it (they run as the owner).
+CREATE FUNCTION audit.queue_governance_record(p_by json, p_action text, p_resource_type text, p_resource_id text, p_payload text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, audit AS $$
   INSERT INTO audit.queue (entry) VALUES (json_build_object(
     'id', gen_random_uuid()::text,
     'recordClass', 'governance',
     'actor', p_by -> 'actor',
-    'action', 'audit.hold.release',
+    'action', p_action,
     'outcome', 'success',
     'origin', p_by -> 'origin',
-    'resource', json_build_object('type', 'audit.legal_hold', 'id', p_id::text),
+    'resource', json_build_object('type', p_resource_type, 'id', p_resource_id),
     'occurredAt', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-    'payloadJson', '{"databaseLogin":' || to_json(session_user::text)::text || '}',
-    'personalJson', NULL)::text);
+    'payloadJson', p_payload,
+    'personalJson', NULL)::text)
+$$;
+REVOKE ALL ON FUNCTION audit.queue_governance_record(json, text, text, text, text) FROM PUBLIC;
+
+-- The requester's actor id; refuses a requester without one.
+CREATE FUNCTION audit.requester_id(p_by json) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog AS $$
+DECLARE
+  id text := p_by -> 'actor' ->> 'id';
+BEGIN
+  IF id IS NULL OR id = '' THEN
+    RAISE EXCEPTION 'the requester must name its actor ({"actor": {"type": ..., "id": ...}, "origin": {...}})'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN id;
+END
+$$;
+
+-- Releases an active hold (released_by from the requester, released_at now()). Serialised with
+-- erasure and expiry as placing a hold is: the UPDATE's ROW EXCLUSIVE lock waits for their
+-- SHARE lock on the table. False, and no record, when no active hold has that id.
+CREATE FUNCTION audit.release_hold(p_id uuid, p_by json) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+BEGIN
+  UPDATE audit.legal_holds SET released_at = now(), released_by = audit.requester_id(p_by)
+   WHERE id = p_id AND released_at IS NULL;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM audit.queue_governance_record(p_by, 'audit.hold.release', 'audit.legal_hold', p_id::text,
+    '{"databaseLogin":' || to_json(session_user::text)::text || '}');
   RETURN true;
 END
 $$;
-REVOKE ALL ON FUNCTION audit.release_hold(uuid, json) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION audit.release_hold(uuid, json) TO ledgerline_audit_writer;
+
+-- erase_subject(subject) with its record (`audit.subject.erase`, payload keyDestroyed).
+CREATE FUNCTION audit.erase_subject(p_subject text, p_by json) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+DECLARE
+  erased boolean;
+BEGIN
+  PERFORM audit.requester_id(p_by);
+  erased := audit.erase_subject(p_subject);
+  PERFORM audit.queue_governance_record(p_by, 'audit.subject.erase', 'audit.subject', p_subject,
+    '{"databaseLogin":' || to_json(session_user::text)::text || ',"keyDestroyed":' || erased::text || '}');
+  RETURN erased;
+END
+$$;
+
+-- expire_payloads(as_of, limit) with its record (`audit.retention.expire`, on the requester's
+-- service's log) when it removed any.
+CREATE FUNCTION audit.expire_payloads(p_as_of timestamptz, p_limit integer, p_by json) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+DECLARE
+  removed integer;
+BEGIN
+  PERFORM audit.requester_id(p_by);
+  removed := audit.expire_payloads(p_as_of, p_limit);
+  IF removed > 0 THEN
+    PERFORM audit.queue_governance_record(p_by, 'audit.retention.expire', 'audit.log', coalesce(p_by -> 'origin' ->> 'service', 'unknown'),
+      '{"asOf":' || to_json(to_char(p_as_of AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text
+      || ',"databaseLogin":' || to_json(session_user::text)::text || ',"removed":' || removed || '}');
+  END IF;
+  RETURN removed;
+END
+$$;
+
+REVOKE ALL ON FUNCTION audit.release_hold(uuid, json), audit.erase_subject(text, json), audit.expire_payloads(timestamptz, integer, json) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION audit.release_hold(uuid, json), audit.erase_subject(text, json), audit.expire_payloads(timestamptz, integer, json) TO ledgerline_audit_writer;
+-- The versions without a record are the owner's own now.
+REVOKE EXECUTE ON FUNCTION audit.erase_subject(text), audit.expire_payloads(timestamptz, integer) FROM ledgerline_audit_writer;
 
 -- Whether an active hold covers a resource, keeping one such hold FOR SHARE to the end of the
 -- caller's transaction, so that its release cannot commit while the caller acts on the strength
@@ -118,7 +175,9 @@ GRANT EXECUTE ON FUNCTION audit.resource_held(text, text) TO ledgerline_audit_wr
 
 -- Down Migration
 DROP FUNCTION audit.resource_held(text, text);
-DROP FUNCTION audit.release_hold(uuid, json);
+GRANT EXECUTE ON FUNCTION audit.erase_subject(text), audit.expire_payloads(timestamptz, integer) TO ledgerline_audit_writer;
+DROP FUNCTION audit.release_hold(uuid, json), audit.erase_subject(text, json), audit.expire_payloads(timestamptz, integer, json);
+DROP FUNCTION audit.requester_id(json), audit.queue_governance_record(json, text, text, text, text);
 GRANT UPDATE (released_by, released_at) ON audit.legal_holds TO ledgerline_audit_writer;
 GRANT UPDATE ON audit.sequencer_state TO ledgerline_audit_writer;
 GRANT UPDATE (key, kek_id) ON audit.subject_keys TO ledgerline_audit_writer;

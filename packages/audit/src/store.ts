@@ -83,6 +83,16 @@ export interface LegalHold {
   placedAt: Date;
 }
 
+/**
+ * The requester as the governance functions of migration 1769300000000 take it (`p_by`): they
+ * release a hold, erase a subject or expire payloads and queue the record of it in the same
+ * transaction, naming the requester and the database login, so that no caller with EXECUTE
+ * does any of it unrecorded. An expiry's record is on the log of the requester's service.
+ */
+function governanceRequester(by: Requester): string {
+  return JSON.stringify({ actor: by.actor, origin: by.origin });
+}
+
 export class AuditStore {
   readonly #pool: pg.Pool;
   readonly #sink: AuditSink;
@@ -317,14 +327,10 @@ export class AuditStore {
 
   /**
    * Releases a hold; false when there was no active hold with that id. Recorded as
-   * `audit.hold.release`: a release by `audit.release_hold`, which queues its record in the same
-   * transaction (with the database login that ran it), so that no caller can release a hold
-   * without a record; a refusal through the sink.
+   * `audit.hold.release`: a release by `audit.release_hold` itself, a refusal through the sink.
    */
   async releaseHold(id: string, by: Requester): Promise<boolean> {
-    const r = await this.#asWriter((c) =>
-      c.query<{ released: boolean }>('SELECT audit.release_hold($1, $2::json) AS released', [id, JSON.stringify({ actor: by.actor, origin: by.origin })]),
-    );
+    const r = await this.#asWriter((c) => c.query<{ released: boolean }>('SELECT audit.release_hold($1, $2::json) AS released', [id, governanceRequester(by)]));
     const released = r.rows[0]?.released === true;
     if (!released) this.#audit(by, 'audit.hold.release', 'failure', { type: 'audit.legal_hold', id }, {}, 'no active hold with this id');
     return released;
@@ -351,10 +357,9 @@ export class AuditStore {
    */
   async eraseSubject(subject: string, by: Requester): Promise<boolean> {
     try {
-      const r = await this.#asWriter((c) => c.query<{ erased: boolean }>('SELECT audit.erase_subject($1) AS erased', [subject]));
-      const erased = r.rows[0]?.erased === true;
-      this.#audit(by, 'audit.subject.erase', 'success', { type: 'audit.subject', id: subject }, { keyDestroyed: erased });
-      return erased;
+      // The function queues the success's record itself, in its transaction (governanceRequester).
+      const r = await this.#asWriter((c) => c.query<{ erased: boolean }>('SELECT audit.erase_subject($1, $2::json) AS erased', [subject, governanceRequester(by)]));
+      return r.rows[0]?.erased === true;
     } catch (error) {
       if ((error as { code?: string }).code === '55006') {
         this.#audit(by, 'audit.subject.erase', 'failure', { type: 'audit.subject', id: subject }, {}, 'legal hold');
@@ -370,9 +375,8 @@ export class AuditStore {
    * `audit.retention.expire` when it removed any.
    */
   async expirePayloads(asOf: Date, by: Requester, limit = 10_000): Promise<number> {
-    const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2) AS n', [asOf, limit]));
-    const n = r.rows[0]?.n ?? 0;
-    if (n > 0) this.#audit(by, 'audit.retention.expire', 'success', { type: 'audit.log', id: this.#service }, { asOf: asOf.toISOString(), removed: n });
-    return n;
+    // The function queues the record itself when it removed any (governanceRequester).
+    const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2, $3::json) AS n', [asOf, limit, governanceRequester(by)]));
+    return r.rows[0]?.n ?? 0;
   }
 }

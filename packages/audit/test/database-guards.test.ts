@@ -15,6 +15,8 @@ import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 const DAY_MS = 86_400_000;
 const WRITER = AUDIT_WRITER_ROLE;
 const SEQUENCER = AUDIT_SEQUENCER_ROLE;
+/** The requester the governance functions record (migration 1769300000000). */
+const BY = JSON.stringify({ actor: { type: 'user', id: 'user:dpo' }, origin: { service: 'guards-test' } });
 
 let t: AuditTestEnv;
 beforeEach(async () => {
@@ -220,7 +222,7 @@ test('erase_subject waits for a hold being placed on the subject, and then refus
     await holdUncommitted(holder, 'subject=cust-1');
     await eraser.query(`SET ROLE ${WRITER}`);
     const eraserPid = await pidOf(eraser);
-    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-1') AS erased"), (r) => r.rows[0]?.erased);
+    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-1', $1::json) AS erased", [BY]), (r) => r.rows[0]?.erased);
     await waitsOnLock(eraserPid, 1500);
     await holder.query('COMMIT');
     const outcome = await erasing;
@@ -237,7 +239,7 @@ test('a hold placed while erase_subject waits on a row lock waits for the erasur
     await locker.query("SELECT 1 FROM audit.subject_keys WHERE subject = 'cust-2' FOR UPDATE");
     await eraser.query(`SET ROLE ${WRITER}`);
     const eraserPid = await pidOf(eraser);
-    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-2') AS erased"), (r) => r.rows[0]?.erased);
+    const erasing = settledAs(eraser.query<{ erased: boolean }>("SELECT audit.erase_subject('cust-2', $1::json) AS erased", [BY]), (r) => r.rows[0]?.erased);
     assert.ok(await waitsOnLock(eraserPid), 'erase_subject waits on the row lock');
     let settled = false;
     const holding = t.store.placeHold({ subject: 'cust-2' }, 'litigation', REVIEWER).finally(() => {
@@ -264,7 +266,7 @@ test('expire_payloads waits for a hold being placed on a resource, and then keep
     await holdUncommitted(holder, 'resource=due-1');
     await expirer.query(`SET ROLE ${WRITER}`);
     const expirerPid = await pidOf(expirer);
-    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10) AS n'), (r) => r.rows[0]?.n);
+    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS n', [BY]), (r) => r.rows[0]?.n);
     await waitsOnLock(expirerPid, 1500);
     await holder.query('COMMIT');
     assert.equal(await expiring, 1);
@@ -281,7 +283,7 @@ test('a hold placed while expire_payloads waits on a row lock waits for the expi
     await locker.query('SELECT 1 FROM audit.payloads WHERE seq = $1 FOR UPDATE', [await seqOf('due-2')]);
     await expirer.query(`SET ROLE ${WRITER}`);
     const expirerPid = await pidOf(expirer);
-    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10) AS n'), (r) => r.rows[0]?.n);
+    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS n', [BY]), (r) => r.rows[0]?.n);
     assert.ok(await waitsOnLock(expirerPid), 'expire_payloads waits on the row lock');
     let settled = false;
     const holding = t.store.placeHold({ resource: { type: 'account', id: 'due-2' } }, 'litigation', REVIEWER).finally(() => {
@@ -294,6 +296,42 @@ test('a hold placed while expire_payloads waits on a row lock waits for the expi
     if (heldFirst) assert.deepEqual(await payloadsOf(['due-2']), ['due-2'], `a hold on due-2 committed while expire_payloads waited, and it returned ${String(removed)}`);
     else assert.equal(removed, 1, 'the expiry came first, and the hold waited for it');
   });
+});
+
+test('release, erasure and expiry record themselves, whoever calls them; the writer role has no way around the record', async () => {
+  t.sink.record(entry(1, { subject: 'cust-1', personal: { name: 'Alice' } }));
+  t.sink.record(entry(2, { recordClass: 'access', resource: { type: 'account', id: 'due-1' }, occurredAt: old(400) }));
+  await t.settle();
+  const hold = await t.store.placeHold({ subject: 'cust-9' }, 'litigation', REVIEWER);
+  // A bare SQL session with the writer's rights, not the store: each call queues its record.
+  const login = (await t.pool.query<{ u: string }>('SELECT session_user AS u')).rows[0]?.u;
+  assert.equal((await run('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY], 'writer')).rows[0]?.r, true);
+  assert.equal((await run('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY], 'writer')).rows[0]?.r, false, 'released once');
+  assert.equal((await run("SELECT audit.erase_subject('cust-1', $1::json) AS r", [BY], 'writer')).rows[0]?.r, true);
+  assert.equal((await run('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY], 'writer')).rows[0]?.r, 1);
+  assert.equal((await run('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY], 'writer')).rows[0]?.r, 0, 'nothing left to expire: no record');
+  // The versions without a record, the table, and a requester without an actor: refused, nothing done.
+  await assert.rejects(run("SELECT audit.erase_subject('cust-1')", [], 'writer'), /permission denied for function erase_subject/);
+  await assert.rejects(run('SELECT audit.expire_payloads(now(), 10)', [], 'writer'), /permission denied for function expire_payloads/);
+  await assert.rejects(run("UPDATE audit.legal_holds SET released_at = now(), released_by = 'x'", [], 'writer'), /permission denied for table legal_holds/);
+  const other = await t.store.placeHold({ subject: 'cust-8' }, 'litigation', REVIEWER);
+  await assert.rejects(run('SELECT audit.release_hold($1, $2::json)', [other, JSON.stringify({ origin: { service: 'x' } })], 'writer'), /must name its actor/);
+  assert.equal((await t.store.activeHolds()).some((h) => h.id === other), true, 'still held');
+
+  await t.settle();
+  const governance = (await t.store.search({ actorId: 'user:dpo' }, { limit: 10 }, REVIEWER)).records;
+  const expiry = governance[2]?.payload as { asOf?: string } | undefined;
+  assert.match(expiry?.asOf ?? '', /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+  assert.ok(Math.abs(Date.parse(expiry?.asOf ?? '') - Date.now()) < 60_000, `asOf ${expiry?.asOf} is the expiry's now()`);
+  assert.deepEqual(
+    governance.map((r) => [r.action, r.recordClass, r.outcome, r.resource.id, r.origin.service, r.payload]),
+    [
+      ['audit.hold.release', 'governance', 'success', hold, 'guards-test', { databaseLogin: login }],
+      ['audit.subject.erase', 'governance', 'success', 'cust-1', 'guards-test', { databaseLogin: login, keyDestroyed: true }],
+      ['audit.retention.expire', 'governance', 'success', 'guards-test', 'guards-test', { asOf: expiry?.asOf, databaseLogin: login, removed: 1 }],
+    ],
+  );
+  assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
 });
 
 test("event-store retention's hold check waits for a hold being placed on the stream, and then keeps it", async () => {
