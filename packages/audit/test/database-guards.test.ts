@@ -305,11 +305,12 @@ test('release, erasure and expiry record themselves, whoever calls them; the wri
   const hold = await t.store.placeHold({ subject: 'cust-9' }, 'litigation', REVIEWER);
   // A bare SQL session with the writer's rights, not the store: each call queues its record.
   const login = (await t.pool.query<{ u: string }>('SELECT session_user AS u')).rows[0]?.u;
-  assert.equal((await run('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY], 'writer')).rows[0]?.r, true);
-  assert.equal((await run('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY], 'writer')).rows[0]?.r, false, 'released once');
-  assert.equal((await run("SELECT audit.erase_subject('cust-1', $1::json) AS r", [BY], 'writer')).rows[0]?.r, true);
-  assert.equal((await run('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY], 'writer')).rows[0]?.r, 1);
-  assert.equal((await run('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY], 'writer')).rows[0]?.r, 0, 'nothing left to expire: no record');
+  const asWriter = async (sql: string, params: unknown[]): Promise<unknown> => ((await run(sql, params, 'writer')).rows[0] as { r: unknown } | undefined)?.r;
+  assert.equal(await asWriter('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY]), true);
+  assert.equal(await asWriter('SELECT audit.release_hold($1, $2::json) AS r', [hold, BY]), false, 'released once');
+  assert.equal(await asWriter("SELECT audit.erase_subject('cust-1', $1::json) AS r", [BY]), true);
+  assert.equal(await asWriter('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY]), 1);
+  assert.equal(await asWriter('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [BY]), 0, 'nothing left to expire: no record');
   // The versions without a record, the table, and a requester without an actor: refused, nothing done.
   await assert.rejects(run("SELECT audit.erase_subject('cust-1')", [], 'writer'), /permission denied for function erase_subject/);
   await assert.rejects(run('SELECT audit.expire_payloads(now(), 10)', [], 'writer'), /permission denied for function expire_payloads/);
