@@ -107,6 +107,18 @@ export function auditedByEvents(request: FastifyRequest): void {
   recordedByEvents.add(request);
 }
 
+const recordedInSummary = new WeakSet<FastifyRequest>();
+
+/**
+ * Says that this refused request is recorded in a summary of many, not on its own: the
+ * authentication guard's throttle (`@ledgerline/authz`) answers 429 to an address over its
+ * limit of authentication failures and records, per address and interval, how many it
+ * refused. Its response adds no record of its own.
+ */
+export function auditedInSummary(request: FastifyRequest): void {
+  recordedInSummary.add(request);
+}
+
 function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void {
   const { sink, service, routes } = options;
   const actorOf = options.actorOf ?? defaultActor;
@@ -131,7 +143,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     const route = routeOf(request);
     if (route === undefined) return;
     const failed = reply.statusCode >= 400;
-    if (!failed && recordedByEvents.has(request)) return;
+    if ((!failed && recordedByEvents.has(request)) || recordedInSummary.has(request)) return;
     const items = itemsOf(request.body);
     const reason = auditReasons.get(request);
     try {

@@ -3,6 +3,7 @@
  * decision and one audit entry, allow or deny, so no code path can decide without recording.
  */
 import type { AuditEntry, AuditOrigin, AuditSink } from '@ledgerline/audit';
+import type { AuthFailureLimit, ThrottleSummary } from './failure-throttle.ts';
 import { compilePolicy, type CompiledPolicy, type Decision } from './engine.ts';
 import type { Permission, Policy, Principal, ResourceAttributes } from './policy.ts';
 
@@ -40,7 +41,29 @@ export class Authorizer {
     this.#audit.record(decisionEntry(decision, principal, resource, origin));
     return decision;
   }
+
+  /**
+   * Records the requests refused together because their address was over its limit of
+   * authentication failures (failure-throttle.ts): one record for many, where each would
+   * otherwise have had its own decision.
+   */
+  recordThrottled(summary: ThrottleSummary, limit: AuthFailureLimit, service: string): void {
+    this.#audit.record({
+      recordClass: 'access',
+      actor: { type: 'anonymous', id: 'anonymous' },
+      action: THROTTLED_ACTION,
+      outcome: 'failure',
+      reason: `${summary.refused} request(s) without valid credentials refused (429): the address was over its limit of ${limit.ratePerSecond} authentication failures a second (burst ${limit.burst})`,
+      origin: { service },
+      resource: { type: 'client-address', id: summary.address },
+      occurredAt: summary.to,
+      payload: { refused: summary.refused, from: summary.from.toISOString(), to: summary.to.toISOString(), ratePerSecond: limit.ratePerSecond, burst: limit.burst },
+    });
+  }
 }
+
+/** The action of a record of requests refused over the authentication failure limit. */
+export const THROTTLED_ACTION = 'authz.authentication.throttled';
 
 /** The audit record of one decision (PCI DSS 10.2.2: who, what, when, outcome, origin, resource). */
 export function decisionEntry(decision: Decision, principal: Principal | null, resource: ResourceAttributes, origin: AuditOrigin): AuditEntry {

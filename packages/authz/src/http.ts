@@ -5,13 +5,16 @@
  * fails at start. A request to such a route must carry `Authorization: Bearer <token>`: a
  * missing or invalid token is 401 before anything else runs. The handler then calls
  * `auth.authorize(request, resource)` with the attributes it has found (amount, ledger,
- * owners); a deny is 403. Both are problem+json and both are audited. A response of 2xx/3xx
+ * owners); a deny is 403. Both are problem+json and both are audited. An address whose
+ * authentication failures exceed `failureLimit` gets 429 for the next ones, recorded together
+ * (failure-throttle.ts). A response of 2xx/3xx
  * from a protected route that never got an allow is a bug, and is turned into a 500 rather
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { BEARER_SECURITY_SCHEME, documentRoute, problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
-import type { AuditOrigin } from '@ledgerline/audit';
+import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
+import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
+import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import type { Authorizer } from './authorizer.ts';
 import type { Permission, Principal, ResourceAttributes } from './policy.ts';
 
@@ -38,7 +41,18 @@ export interface HttpAuthOptions {
   service: string;
   /** Routes whose URL starts with this must declare a permission. Default `/v1/`. */
   protectedPrefix?: string;
+  /**
+   * Authentication failures allowed per client address before they are answered 429 and
+   * recorded together (failure-throttle.ts). Default AUTH_FAILURE_LIMIT_DEFAULT; false: none.
+   */
+  failureLimit?: AuthFailureLimit | false;
+  /** How often the refusals over the limit are recorded, one record per address. Default 10 s. */
+  failureSummaryIntervalMs?: number;
+  /** The throttle's clock (tests). */
+  clock?: () => number;
 }
+
+export const FAILURE_SUMMARY_INTERVAL_MS_DEFAULT = 10_000;
 
 export interface HttpAuth {
   /** The authenticated principal of a protected route's request. */
@@ -67,6 +81,45 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   const origin = (request: FastifyRequest): AuditOrigin => ({ service, ip: request.ip, requestId: request.id });
   const permissionOf = (request: FastifyRequest): Permission | undefined => request.routeOptions.config.permission;
 
+  const limit = options.failureLimit ?? AUTH_FAILURE_LIMIT_DEFAULT;
+  const throttle = limit === false ? null : new AuthFailureThrottle(limit, options.clock);
+  const summarize = (): void => {
+    if (throttle === null || limit === false) return;
+    for (const summary of throttle.drain()) {
+      try {
+        authorizer.recordThrottled(summary, limit, service);
+      } catch (error) {
+        app.log.error({ err: error, audit: true, throttled: summary }, 'audit: refusals over the authentication failure limit could not be recorded');
+      }
+    }
+  };
+  if (throttle !== null) {
+    const timer = setInterval(summarize, options.failureSummaryIntervalMs ?? FAILURE_SUMMARY_INTERVAL_MS_DEFAULT);
+    timer.unref();
+    // The services close their audit sink after the app, so the last refusals are recorded too.
+    app.addHook('onClose', (_instance, done) => {
+      clearInterval(timer);
+      summarize();
+      done();
+    });
+  }
+
+  /**
+   * A request refused for want of valid credentials: 401 with its decision recorded, or, from an
+   * address over its failure limit, 429, counted for the address's summary record instead.
+   */
+  const refuse = (request: FastifyRequest, reply: FastifyReply, permission: Permission, resource: ResourceAttributes, why: string, tokenSent: boolean): HttpProblem => {
+    const address = addressKey(request.ip);
+    if (throttle === null || throttle.admit(address)) return unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), why).reason, tokenSent);
+    auditedInSummary(request);
+    reply.header('retry-after', String(Math.max(1, Math.ceil(throttle.retryAfterMs(address) / 1000))));
+    return problem(429, {
+      type: OVERLOAD_PROBLEM_TYPES.rateLimited,
+      title: 'Too many requests',
+      detail: `Too many requests without valid credentials from this address (over ${throttle.limit.ratePerSecond} a second, burst ${throttle.limit.burst}); retry after the Retry-After delay with a valid bearer token.`,
+    });
+  };
+
   app.addHook('onRoute', (route) => {
     const permission = route.config?.permission;
     if (route.url.startsWith(prefix) && permission === undefined) {
@@ -83,12 +136,11 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     const token = typeof header === 'string' ? BEARER.exec(header)?.[1] : undefined;
     const path = request.url.split('?')[0] ?? request.url;
     const resource = { type: permission.slice(0, permission.indexOf(':')), id: path.slice(0, AUDITED_PATH_CHARS_MAX) };
-    if (token === undefined) throw unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), 'no bearer token').reason, false);
+    if (token === undefined) throw refuse(request, reply, permission, resource, 'no bearer token', false);
     try {
       principals.set(request, await verify(token));
     } catch (error) {
-      const why = error instanceof Error ? error.message : 'invalid token';
-      throw unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), why).reason, true);
+      throw refuse(request, reply, permission, resource, error instanceof Error ? error.message : 'invalid token', true);
     }
   });
 

@@ -1,7 +1,7 @@
 export type { BusinessHours, Conditions, Permission, Policy, Principal, ResourceAttributes, Rule } from './policy.ts';
 export { compilePolicy } from './engine.ts';
 export type { CompiledPolicy, Decision } from './engine.ts';
-export { Authorizer, DECISION_ACTION, decisionEntry } from './authorizer.ts';
+export { Authorizer, DECISION_ACTION, decisionEntry, THROTTLED_ACTION } from './authorizer.ts';
 export type { AuthorizerOptions } from './authorizer.ts';
 export {
   ALL_ROLES,
@@ -15,7 +15,8 @@ export {
   SERVICE_ROLES,
   TELLER_TRANSFER_MAX_MINOR,
 } from './reference.ts';
-export { AUTH_PROBLEM_TYPES, installHttpAuth } from './http.ts';
+export { AUTH_PROBLEM_TYPES, FAILURE_SUMMARY_INTERVAL_MS_DEFAULT, installHttpAuth } from './http.ts';
+export { ADDRESSES_MAX, AUTH_FAILURE_LIMIT_DEFAULT, authFailureConfigSchema, authFailureLimitFromConfig, AuthFailureThrottle, type AuthFailureLimit, type ThrottleSummary } from './failure-throttle.ts';
 export type { HttpAuth, HttpAuthOptions } from './http.ts';
 export { LogAuditSink } from './log-sink.ts';
 export type { AuditLogger } from './log-sink.ts';

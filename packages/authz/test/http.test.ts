@@ -6,11 +6,11 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { Type } from 'typebox';
-import { checkEntry, MemoryAuditSink } from '@ledgerline/audit';
+import { auditHttp, checkEntry, MemoryAuditSink } from '@ledgerline/audit';
 import { createService } from '@ledgerline/service-runtime';
-import { Authorizer, installHttpAuth, REFERENCE_POLICY, type Principal } from '../src/index.ts';
+import { ADDRESSES_MAX, Authorizer, AuthFailureThrottle, installHttpAuth, REFERENCE_POLICY, THROTTLED_ACTION, type HttpAuthOptions, type Principal } from '../src/index.ts';
 
-async function build() {
+async function build(options: Pick<HttpAuthOptions, 'failureLimit' | 'clock'> = {}) {
   const app = await createService({ config: { LOG_LEVEL: 'fatal', BODY_LIMIT_BYTES: 1024 }, openapi: { title: 't', version: '1' }, logger: false });
   const audit = new MemoryAuditSink();
   const teller: Principal = { id: 'tina', kind: 'user', roles: ['teller'] };
@@ -18,6 +18,7 @@ async function build() {
     verify: (token) => (token === 'good' ? Promise.resolve(teller) : Promise.reject(new Error('bad token'))),
     authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit }),
     service: 'test',
+    ...options,
   });
   return { app, audit, auth };
 }
@@ -80,6 +81,96 @@ describe('installHttpAuth', () => {
       assert.equal(response.headers['www-authenticate'], 'Bearer');
     }
     assert.equal(audit.entries.filter((e) => e.outcome === 'success').length, 5);
+  });
+
+  test('an address over its limit of authentication failures gets 429, recorded once for all; a valid token from it still passes', async () => {
+    let now = Date.UTC(2026, 11, 6, 12, 0, 0);
+    const { app, audit, auth } = await build({ failureLimit: { ratePerSecond: 1, burst: 3 }, clock: () => now });
+    // The ledger's way: the command record of an audited route, beside the access decision.
+    await app.register(auditHttp, { sink: audit, service: 'test', routes: { 'GET /v1/checked': { action: 'test.read', recordClass: 'access', resourceType: 'thing' } } });
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, (request) => {
+      auth.authorize(request, { type: 'account', id: '1' });
+      return { ok: true };
+    });
+    const get = (authorization?: string, remoteAddress = '203.0.113.7') =>
+      app.inject({ method: 'GET', url: '/v1/checked', remoteAddress, headers: authorization === undefined ? {} : { authorization } });
+
+    // The burst: refused as usual, each with its decision and its command record.
+    for (let i = 0; i < 3; i += 1) assert.equal((await get('Bearer forged')).statusCode, 401);
+    assert.equal(audit.entries.length, 6);
+    // Over it: 429, with nothing recorded per request, bad token or none.
+    for (const authorization of ['Bearer forged', undefined, 'Bearer forged', 'Basic x', 'Bearer forged']) {
+      const r = await get(authorization);
+      assert.equal(r.statusCode, 429, r.body);
+      assert.equal(r.headers['retry-after'], '1');
+      assert.match(String(r.headers['content-type']), /^application\/problem\+json/);
+      assert.match(r.json<{ type: string; detail: string }>().detail, /without valid credentials from this address/);
+    }
+    assert.equal(audit.entries.length, 6, 'no record per throttled request');
+    // A client behind the same address with a valid token is neither counted nor refused.
+    assert.equal((await get('Bearer good')).statusCode, 200);
+    // Another address has a bucket of its own; an IPv6 one is keyed by its /64.
+    assert.equal((await get('Bearer forged', '198.51.100.1')).statusCode, 401);
+    // A second on, the address may fail once more.
+    now += 1000;
+    assert.equal((await get('Bearer forged')).statusCode, 401);
+    assert.equal((await get('Bearer forged')).statusCode, 429);
+    const perRequest = audit.entries.length;
+
+    // Closing records the refusals: one record for the six, which the durable trail accepts.
+    await app.close();
+    const summaries = audit.entries.slice(perRequest);
+    assert.equal(summaries.length, 1);
+    const summary = summaries[0];
+    assert.ok(summary !== undefined);
+    checkEntry(summary);
+    assert.deepEqual(
+      { action: summary.action, outcome: summary.outcome, actor: summary.actor, resource: summary.resource, payload: summary.payload },
+      {
+        action: THROTTLED_ACTION,
+        outcome: 'failure',
+        actor: { type: 'anonymous', id: 'anonymous' },
+        resource: { type: 'client-address', id: 'ip:203.0.113.7' },
+        payload: { refused: 6, from: '2026-12-06T12:00:00.000Z', to: '2026-12-06T12:00:01.000Z', ratePerSecond: 1, burst: 3 },
+      },
+    );
+    assert.match(summary.reason ?? '', /^6 request\(s\) without valid credentials refused \(429\)/);
+  });
+
+  test('an IPv6 client is throttled by its /64, whichever of its addresses it sends from', async () => {
+    const { app, audit } = await build({ failureLimit: { ratePerSecond: 1, burst: 1 }, clock: () => 0 });
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, () => ({ ok: true }));
+    const from = async (remoteAddress: string): Promise<number> => (await app.inject({ method: 'GET', url: '/v1/checked', remoteAddress })).statusCode;
+    assert.equal(await from('2001:db8:1:2::1'), 401);
+    assert.equal(await from('2001:db8:1:2:ffff::9'), 429);
+    assert.equal(await from('2001:db8:1:3::1'), 401, 'another /64');
+    await app.close();
+    assert.deepEqual(audit.entries.filter((e) => e.action === THROTTLED_ACTION).map((e) => [e.resource.id, e.payload?.refused]), [['ip6:2001:db8:1:2::/64', 1]]);
+  });
+
+  test('the failure throttle forgets idle addresses, and keeps the count of an evicted one', () => {
+    let now = 0;
+    const throttle = new AuthFailureThrottle({ ratePerSecond: 1, burst: 1 }, () => now);
+    assert.equal(throttle.admit('ip:192.0.2.1'), true);
+    assert.equal(throttle.admit('ip:192.0.2.1'), false);
+    assert.equal(throttle.retryAfterMs('ip:192.0.2.1'), 1000);
+    // The address refused once is drained; one never refused is forgotten once its bucket is full again.
+    assert.equal(throttle.admit('ip:192.0.2.2'), true);
+    now = 5000;
+    assert.deepEqual(throttle.drain().map((s) => [s.address, s.refused]), [['ip:192.0.2.1', 1]]);
+    assert.deepEqual(throttle.drain(), []);
+    // The table is bounded: the oldest address goes first, and its refusals still reach the summary.
+    assert.equal(throttle.admit('ip:192.0.2.1'), true);
+    assert.equal(throttle.admit('ip:192.0.2.1'), false);
+    for (let i = 0; i < ADDRESSES_MAX; i += 1) throttle.admit(`ip:10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`);
+    assert.deepEqual(throttle.drain().map((s) => [s.address, s.refused]), [['ip:192.0.2.1', 1]]);
+  });
+
+  test('the failure limit can be switched off: every failure is a 401 with its record', async () => {
+    const { app, audit } = await build({ failureLimit: false });
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, () => ({ ok: true }));
+    for (let i = 0; i < 150; i += 1) assert.equal((await app.inject({ method: 'GET', url: '/v1/checked' })).statusCode, 401);
+    assert.equal(audit.entries.length, 150);
   });
 
   test('the OpenAPI document says which routes need a bearer token', async () => {

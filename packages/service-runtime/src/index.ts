@@ -59,7 +59,7 @@ export {
   routePriority,
 } from './priority.ts';
 export type { LoadSheddingOptions, RateLimitingOptions } from './priority.ts';
-export { RateLimitUnavailableError, RedisTokenBucket, TOKEN_BUCKET_LUA } from './rate-limit.ts';
+export { checkRateLimit, RateLimitUnavailableError, RedisTokenBucket, TOKEN_BUCKET_LUA } from './rate-limit.ts';
 export type { RateLimit, RedisTokenBucketOptions, TokenBucketResult } from './rate-limit.ts';
 export {
   createTracing,

@@ -1,5 +1,6 @@
 import { Type, type Static } from 'typebox';
 import { auditConfigSchema } from '@ledgerline/audit';
+import { authFailureConfigSchema } from '@ledgerline/authz';
 import { baseConfigSchema, resilienceConfigSchema, type RateLimit } from '@ledgerline/service-runtime';
 
 /**
@@ -19,6 +20,8 @@ const LIST = '^[a-z][a-z0-9_:-]*(,[a-z][a-z0-9_:-]*)*$';
  */
 export const identityConfigSchema = Type.Object({
   ...baseConfigSchema.properties,
+  // Failed bearer tokens on the administrative routes, per client address (@ledgerline/authz).
+  ...authFailureConfigSchema.properties,
   // Metrics, tracing, deadlines, load shedding and rate limiting, as the ledger has them
   // (resilienceFromConfig). RATE_LIMIT_PER_SECOND and RATE_LIMIT_BURST are the default limit
   // of the administrative routes; the token endpoint has its own, below.

@@ -1,5 +1,6 @@
 import { Type, type Static } from 'typebox';
 import { auditConfigSchema } from '@ledgerline/audit';
+import { authFailureConfigSchema } from '@ledgerline/authz';
 import { baseConfigSchema, idempotencyConfigSchema, resilienceConfigSchema } from '@ledgerline/service-runtime';
 
 /** The ledger service's environment: the runtime's variables plus the engine's tuning. */
@@ -8,6 +9,7 @@ export const ledgerConfigSchema = Type.Object({
   ...idempotencyConfigSchema.properties,
   ...resilienceConfigSchema.properties,
   ...auditConfigSchema.properties,
+  ...authFailureConfigSchema.properties,
   LEDGER_BATCH_SIZE_MAX: Type.Integer({ minimum: 1, maximum: 8190, default: 2000 }),
   LEDGER_BATCHES_IN_FLIGHT_MAX: Type.Integer({ minimum: 1, maximum: 16, default: 3 }),
   LEDGER_BATCH_LINGER_MS: Type.Integer({ minimum: 0, maximum: 100, default: 0 }),
