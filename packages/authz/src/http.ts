@@ -12,7 +12,7 @@
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, problemType, type HttpProblem } from '@ledgerline/service-runtime';
+import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem } from '@ledgerline/service-runtime';
 import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import type { Authorizer } from './authorizer.ts';
@@ -125,8 +125,12 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     if (route.url.startsWith(prefix) && permission === undefined) {
       throw new Error(`${String(route.method)} ${route.url}: a protected route must declare config.permission`);
     }
-    // Every route with a permission answers 401 without a token: the OpenAPI document says so.
-    if (permission !== undefined) documentRoute(route, { security: [{ [BEARER_SECURITY_SCHEME]: [] }] });
+    // Every route with a permission answers 401 without a token, and 429 past the failure
+    // limit: the OpenAPI document says so.
+    if (permission !== undefined) {
+      const responses: Record<number, object> = throttle === null ? { 401: ProblemResponse } : { 401: ProblemResponse, 429: ProblemResponse };
+      documentRoute(route, { security: [{ [BEARER_SECURITY_SCHEME]: [] }], responses });
+    }
   });
 
   app.addHook('onRequest', async (request, reply) => {

@@ -177,9 +177,16 @@ describe('installHttpAuth', () => {
     const { app } = await build();
     app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, () => ({ ok: true }));
     app.get('/internal/open', { schema: { response: Ok } }, () => ({ ok: true }));
-    const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, { get: { security?: unknown } }>; components: { securitySchemes: Record<string, { scheme: string }> } }>();
+    const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{
+      paths: Record<string, { get: { security?: unknown; responses: Record<string, { content?: Record<string, unknown> }> } }>;
+      components: { securitySchemes: Record<string, { scheme: string }> };
+    }>();
     assert.deepEqual(doc.paths['/v1/checked']?.get.security, [{ bearerAuth: [] }]);
     assert.equal(doc.paths['/internal/open']?.get.security, undefined);
+    // The guard's own answers: 401 without a valid token, 429 past the failure limit, as problem+json.
+    assert.deepEqual(Object.keys(doc.paths['/v1/checked']?.get.responses ?? {}).sort(), ['200', '401', '429']);
+    assert.ok(doc.paths['/v1/checked']?.get.responses['429']?.content?.['application/problem+json'] !== undefined, JSON.stringify(doc.paths['/v1/checked']?.get.responses['429']));
+    assert.deepEqual(Object.keys(doc.paths['/internal/open']?.get.responses ?? {}), ['200']);
     assert.equal(doc.components.securitySchemes.bearerAuth?.scheme, 'bearer');
   });
 });

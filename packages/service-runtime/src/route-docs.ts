@@ -28,6 +28,8 @@ export interface RouteDocumentation {
   headers?: Readonly<Record<string, DocumentedHeader>>;
   /** The operation's security requirement, e.g. `[{ bearerAuth: [] }]`. */
   security?: ReadonlyArray<Readonly<Record<string, readonly string[]>>>;
+  /** Responses the guard answers itself, by status (e.g. 401, 429), added where the route's schema has none. */
+  responses?: Readonly<Record<number, object>>;
 }
 
 /** By the route options object Fastify hands to every onRoute hook, and @fastify/swagger keeps. */
@@ -37,8 +39,9 @@ const documented = new WeakMap<object, RouteDocumentation>();
 export function documentRoute(route: object, documentation: RouteDocumentation): void {
   const known = documented.get(route);
   const headers = { ...known?.headers, ...documentation.headers };
+  const responses = { ...known?.responses, ...documentation.responses };
   const security = documentation.security ?? known?.security;
-  documented.set(route, { headers, ...(security === undefined ? {} : { security }) });
+  documented.set(route, { headers, responses, ...(security === undefined ? {} : { security }) });
 }
 
 interface HeadersSchema {
@@ -65,5 +68,10 @@ export function documentedSchema<T extends object>(route: object, schema: T): T 
     };
   }
   if (extra.security !== undefined) out.security = extra.security;
+  const responses = Object.entries(extra.responses ?? {});
+  if (responses.length > 0) {
+    const own = (schema as { response?: Record<string, unknown> }).response ?? {};
+    out.response = { ...Object.fromEntries(responses.filter(([status]) => !(status in own))), ...own };
+  }
   return out as T;
 }
