@@ -184,9 +184,9 @@ describe('installHttpAuth', () => {
     assert.deepEqual(doc.paths['/v1/checked']?.get.security, [{ bearerAuth: [] }]);
     assert.equal(doc.paths['/internal/open']?.get.security, undefined);
     // The guard's own answers: 401 without a valid token, 429 past the failure limit, as problem+json.
-    assert.deepEqual(Object.keys(doc.paths['/v1/checked']?.get.responses ?? {}).sort(), ['200', '401', '429']);
+    assert.deepEqual(Object.keys(doc.paths['/v1/checked']?.get.responses ?? {}).sort(), ['200', '401', '429', '503', '504']);
     assert.ok(doc.paths['/v1/checked']?.get.responses['429']?.content?.['application/problem+json'] !== undefined, JSON.stringify(doc.paths['/v1/checked']?.get.responses['429']));
-    assert.deepEqual(Object.keys(doc.paths['/internal/open']?.get.responses ?? {}), ['200']);
+    assert.deepEqual(Object.keys(doc.paths['/internal/open']?.get.responses ?? {}).sort(), ['200', '503', '504']);
     assert.equal(doc.components.securitySchemes.bearerAuth?.scheme, 'bearer');
   });
 });

@@ -14,12 +14,15 @@ import {
   applyRateLimit,
   DEADLINE_DEFAULT_MS,
   isOpsRoute,
+  OPS_ROUTES,
   QUEUE_TIMEOUT_MS_DEFAULT,
   validateRateLimits,
   type LoadSheddingOptions,
   type RateLimitingOptions,
 } from './priority.ts';
+import { ProblemResponse } from './problem.ts';
 import { requestSlot } from './request-slot.ts';
+import { documentRoute } from './route-docs.ts';
 import type { Service } from './service.ts';
 import { createTracing, currentTraceIds, extractTraceContext, type Tracing, type TracingOptions } from './tracing.ts';
 
@@ -100,6 +103,15 @@ export function installResilience(app: Service, serviceName: string, options: Re
   app.decorate('metrics', metrics);
   app.decorate('degradation', () => degradation.refresh());
   app.decorateRequest('deadline', null as never);
+
+  // The runtime's own answers, in the OpenAPI document of each route they can reach: 503 (an
+  // instance shutting down, and load shedding), 504 (the caller's deadline passed before the
+  // request could start), and 429 where rate limiting applies. A route's own schema wins.
+  app.addHook('onRoute', (route) => {
+    const responses: Record<number, object> = { 503: ProblemResponse, 504: ProblemResponse };
+    if (rateLimit !== undefined && !OPS_ROUTES.has(route.url) && route.config?.rateLimit !== false) responses[429] = ProblemResponse;
+    documentRoute(route, { responses });
+  });
 
   const state = requestSlot<RequestState>(app, 'ledgerline.observability.state');
   // The server span of each request is started where Fastify makes the request's logger, so

@@ -57,7 +57,8 @@ describe('/openapi.json', () => {
       ['path:accountId', 'query:dryRun'],
     );
     assert.deepEqual(operation.requestBody?.content['application/json']?.schema.required, ['amountMinor']);
-    assert.deepEqual(Object.keys(operation.responses).sort(), ['201', '409']);
+    // The route's own two, and the runtime's: 503 (shutting down, shedding) and 504 (deadline passed).
+    assert.deepEqual(Object.keys(operation.responses).sort(), ['201', '409', '503', '504']);
     const conflict = operation.responses['409']?.content?.['application/problem+json'];
     assert.ok(conflict?.schema.properties?.request_id);
 

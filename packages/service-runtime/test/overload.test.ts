@@ -174,6 +174,15 @@ describe('rate limiting in Redis', () => {
       for (let i = 0; i < 5; i += 1) assert.equal((await get('/v1/free')).statusCode, 200);
       for (let i = 0; i < 5; i += 1) assert.equal((await get('/health')).statusCode, 200);
       assert.match((await app.inject('/metrics')).body, /ledgerline_requests_rate_limited_total\{route="\/v1\/a"\} 1/);
+      // The OpenAPI document says which routes can answer 429, and that every route can answer
+      // the runtime's 503 (shutting down, shedding) and 504 (deadline passed).
+      const doc = (await app.inject('/openapi.json')).json<{ paths: Record<string, { get: { responses: Record<string, { content?: Record<string, unknown> }> } }> }>();
+      const statuses = (path: string): string[] => Object.keys(doc.paths[path]?.get.responses ?? {}).sort();
+      assert.deepEqual(statuses('/v1/a'), ['200', '429', '503', '504']);
+      assert.deepEqual(statuses('/v1/b'), ['200', '429', '503', '504']);
+      assert.deepEqual(statuses('/v1/free'), ['200', '503', '504']);
+      assert.deepEqual(statuses('/health'), ['200', '503', '504']);
+      assert.ok(doc.paths['/v1/a']?.get.responses['429']?.content?.['application/problem+json'] !== undefined);
     } finally {
       await app.close();
     }

@@ -405,13 +405,15 @@ describe('the OpenAPI document', () => {
   test('each route documents the statuses it produces, and the token endpoints their form body', async () => {
     const doc = (await app.inject({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, Record<string, Operation>> }>();
     const statuses = (path: string, method: string) => Object.keys(doc.paths[path]?.[method]?.responses ?? {}).sort();
-    assert.deepEqual(statuses('/oauth/token', 'post'), ['200', '400', '401', '413', '415', '503']);
-    assert.deepEqual(statuses('/oauth/revoke', 'post'), ['200', '400', '413', '415', '503']);
-    assert.deepEqual(statuses('/v1/users', 'post'), ['201', '400', '401', '403', '409', '413', '415', '503']);
-    assert.deepEqual(statuses('/v1/me/totp', 'post'), ['200', '400', '401', '403', '409', '413', '415', '503']);
-    assert.deepEqual(statuses('/v1/me/totp/confirm', 'post'), ['200', '400', '401', '403', '409', '413', '415', '503']);
-    assert.deepEqual(statuses('/v1/keys/rotate', 'post'), ['200', '400', '401', '403', '413', '415', '503']);
-    assert.deepEqual(statuses('/.well-known/jwks.json', 'get'), ['200', '503']);
+    // 503 and 504 are the runtime's (shutting down or shedding; the caller's deadline passed),
+    // 429 on the administrative routes the bearer guard's (too many failed tokens from an address).
+    assert.deepEqual(statuses('/oauth/token', 'post'), ['200', '400', '401', '413', '415', '503', '504']);
+    assert.deepEqual(statuses('/oauth/revoke', 'post'), ['200', '400', '413', '415', '503', '504']);
+    assert.deepEqual(statuses('/v1/users', 'post'), ['201', '400', '401', '403', '409', '413', '415', '429', '503', '504']);
+    assert.deepEqual(statuses('/v1/me/totp', 'post'), ['200', '400', '401', '403', '409', '413', '415', '429', '503', '504']);
+    assert.deepEqual(statuses('/v1/me/totp/confirm', 'post'), ['200', '400', '401', '403', '409', '413', '415', '429', '503', '504']);
+    assert.deepEqual(statuses('/v1/keys/rotate', 'post'), ['200', '400', '401', '403', '413', '415', '429', '503', '504']);
+    assert.deepEqual(statuses('/.well-known/jwks.json', 'get'), ['200', '503', '504']);
     for (const path of ['/oauth/token', '/oauth/revoke']) {
       assert.deepEqual(Object.keys(doc.paths[path]?.post?.requestBody?.content ?? {}).sort(), ['application/json', 'application/x-www-form-urlencoded'], path);
       assert.equal(doc.paths[path]?.post?.security, undefined, `${path} takes client credentials in the body, not a bearer token`);
