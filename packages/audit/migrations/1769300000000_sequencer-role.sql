@@ -46,7 +46,7 @@ GRANT DELETE ON audit.queue TO ledgerline_audit_sequencer;
 GRANT INSERT ON audit.records, audit.payloads, audit.event_leaves, audit.tree_nodes, audit.checkpoints, audit.subject_keys
    TO ledgerline_audit_sequencer;
 GRANT UPDATE (key, kek_id) ON audit.subject_keys TO ledgerline_audit_sequencer;
-GRANT UPDATE ON audit.sequencer_state TO ledgerline_audit_sequencer;
+GRANT UPDATE (event_transaction_id, event_position) ON audit.sequencer_state TO ledgerline_audit_sequencer;
 GRANT EXECUTE ON FUNCTION audit.event_leaf_data(bigint, bigint, uuid, text, text, integer, text, smallint, jsonb, jsonb, timestamptz),
                           audit.leaf_count(), audit.is_superuser(), audit.is_held(text, text, text)
    TO ledgerline_audit_sequencer;
@@ -58,6 +58,14 @@ REVOKE INSERT ON audit.records, audit.payloads, audit.event_leaves, audit.tree_n
 REVOKE UPDATE (key, kek_id) ON audit.subject_keys FROM ledgerline_audit_writer;
 REVOKE UPDATE ON audit.sequencer_state FROM ledgerline_audit_writer;
 REVOKE UPDATE (released_by, released_at) ON audit.legal_holds FROM ledgerline_audit_writer;
+
+-- Every function here names pg_temp last in its search_path: left out, PostgreSQL searches the
+-- caller's temporary schema first for type names, and a caller could plant a domain named
+-- `text` there whose check runs its own function as the owner. The earlier SECURITY DEFINER
+-- functions name no type a caller could shadow so, but get the same setting.
+ALTER FUNCTION audit.erase_subject(text) SET search_path = pg_catalog, audit, pg_temp;
+ALTER FUNCTION audit.expire_payloads(timestamptz, integer) SET search_path = pg_catalog, audit, pg_temp;
+ALTER FUNCTION audit.lock_legal_holds() SET search_path = pg_catalog, audit, pg_temp;
 
 -- The governance functions record themselves. Releasing a hold, erasing a subject and
 -- expiring payloads each queue their audit record in the transaction that does the work, so no
@@ -74,7 +82,7 @@ REVOKE UPDATE (released_by, released_at) ON audit.legal_holds FROM ledgerline_au
 -- would write it; `p_payload` is canonical JSON text (keys sorted). Only the functions below
 -- call it (they run as the owner).
 CREATE FUNCTION audit.queue_governance_record(p_by json, p_action text, p_resource_type text, p_resource_id text, p_payload text) RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, audit AS $$
+LANGUAGE sql SET search_path = pg_catalog, audit, pg_temp AS $$
   INSERT INTO audit.queue (entry) VALUES (json_build_object(
     'id', gen_random_uuid()::text,
     'recordClass', 'governance',
@@ -91,7 +99,7 @@ REVOKE ALL ON FUNCTION audit.queue_governance_record(json, text, text, text, tex
 
 -- The requester's actor id; refuses a requester without one.
 CREATE FUNCTION audit.requester_id(p_by json) RETURNS text
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   id text := p_by -> 'actor' ->> 'id';
 BEGIN
@@ -107,8 +115,11 @@ $$;
 -- erasure and expiry as placing a hold is: the UPDATE's ROW EXCLUSIVE lock waits for their
 -- SHARE lock on the table. False, and no record, when no active hold has that id.
 CREATE FUNCTION audit.release_hold(p_id uuid, p_by json) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 BEGIN
+  IF p_id IS NULL THEN
+    RAISE EXCEPTION 'audit.release_hold: the hold id is required' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
   UPDATE audit.legal_holds SET released_at = now(), released_by = audit.requester_id(p_by)
    WHERE id = p_id AND released_at IS NULL;
   IF NOT FOUND THEN
@@ -122,11 +133,14 @@ $$;
 
 -- erase_subject(subject) with its record (`audit.subject.erase`, payload keyDestroyed).
 CREATE FUNCTION audit.erase_subject(p_subject text, p_by json) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 DECLARE
   erased boolean;
 BEGIN
   PERFORM audit.requester_id(p_by);
+  IF p_subject IS NULL THEN
+    RAISE EXCEPTION 'audit.erase_subject: the subject is required' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
   erased := audit.erase_subject(p_subject);
   PERFORM audit.queue_governance_record(p_by, 'audit.subject.erase', 'audit.subject', p_subject,
     '{"databaseLogin":' || to_json(session_user::text)::text || ',"keyDestroyed":' || erased::text || '}');
@@ -137,11 +151,14 @@ $$;
 -- expire_payloads(as_of, limit) with its record (`audit.retention.expire`, on the requester's
 -- service's log) when it removed any.
 CREATE FUNCTION audit.expire_payloads(p_as_of timestamptz, p_limit integer, p_by json) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 DECLARE
   removed integer;
 BEGIN
   PERFORM audit.requester_id(p_by);
+  IF p_as_of IS NULL OR p_limit IS NULL THEN
+    RAISE EXCEPTION 'audit.expire_payloads: as_of and limit are required' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
   removed := audit.expire_payloads(p_as_of, p_limit);
   IF removed > 0 THEN
     PERFORM audit.queue_governance_record(p_by, 'audit.retention.expire', 'audit.log', coalesce(p_by -> 'origin' ->> 'service', 'unknown'),
@@ -162,7 +179,7 @@ REVOKE EXECUTE ON FUNCTION audit.erase_subject(text), audit.expire_payloads(time
 -- of it (the event store's retention: @ledgerline/audit's auditLegalHolds). A plain
 -- `SELECT … FOR SHARE` needs UPDATE on the table, which the writer role no longer has.
 CREATE FUNCTION audit.resource_held(p_resource_type text, p_resource_id text) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 BEGIN
   PERFORM 1 FROM audit.legal_holds
     WHERE released_at IS NULL AND resource_type = p_resource_type AND resource_id = p_resource_id
@@ -174,6 +191,9 @@ REVOKE ALL ON FUNCTION audit.resource_held(text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION audit.resource_held(text, text) TO ledgerline_audit_writer;
 
 -- Down Migration
+ALTER FUNCTION audit.erase_subject(text) SET search_path = pg_catalog, audit;
+ALTER FUNCTION audit.expire_payloads(timestamptz, integer) SET search_path = pg_catalog, audit;
+ALTER FUNCTION audit.lock_legal_holds() SET search_path = pg_catalog, audit;
 DROP FUNCTION audit.resource_held(text, text);
 GRANT EXECUTE ON FUNCTION audit.erase_subject(text), audit.expire_payloads(timestamptz, integer) TO ledgerline_audit_writer;
 DROP FUNCTION audit.release_hold(uuid, json), audit.erase_subject(text, json), audit.expire_payloads(timestamptz, integer, json);

@@ -15,7 +15,7 @@
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *   npm run audit -- migrate   (as the schema's owner: a deploy job, with services on AUDIT_MIGRATIONS=check)
- *   npm run audit -- sequence [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+ *   npm run audit -- sequence [--events | --no-events] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
  *        (the sequencer as a process of its own, on AUDIT_SEQUENCER_DATABASE_URL, until SIGTERM or SIGINT)
  *
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
@@ -29,7 +29,7 @@ import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
 import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
 import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
-import { DEFAULT_LOG_ORIGIN } from './config.ts';
+import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
@@ -58,9 +58,9 @@ const USAGE = `usage:
   audit kek-status
   audit migrate
   audit key-transition --previous-key FILE --as WHO [--origin O]
-  audit sequence [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
-       (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN; it tails the
-       database's event store when there is one; database: AUDIT_SEQUENCER_DATABASE_URL when set)
+  audit sequence [--events | --no-events] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+       (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN; --events: tail the
+       event store, refused if it cannot; neither: tail it if there is one now; database: AUDIT_SEQUENCER_DATABASE_URL when set)
 database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
@@ -95,6 +95,8 @@ const OPTIONS = {
   'interval-ms': { type: 'string' },
   'batch-max': { type: 'string' },
   'checkpoint-interval-ms': { type: 'string' },
+  events: { type: 'boolean' },
+  'no-events': { type: 'boolean' },
   help: { type: 'boolean', default: false },
 } as const;
 
@@ -297,7 +299,7 @@ function untilSignalled(): Promise<void> {
  */
 async function sequence(
   databaseUrl: string,
-  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined },
+  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined; events?: boolean | undefined; 'no-events'?: boolean | undefined },
   env: Record<string, string | undefined>,
   stop: Promise<unknown>,
   out: (text: string) => void,
@@ -306,28 +308,52 @@ async function sequence(
   const intervalMs = intOption('interval-ms', a['interval-ms'], 1) ?? INTERVAL_MS_DEFAULT;
   const batchRecordsMax = intOption('batch-max', a['batch-max'], 1) ?? BATCH_RECORDS_MAX_DEFAULT;
   const checkpointIntervalMs = intOption('checkpoint-interval-ms', a['checkpoint-interval-ms'], 0) ?? CHECKPOINT_INTERVAL_MS_DEFAULT;
-  const signer = loadSigningKey(env.AUDIT_SIGNING_KEY ?? '', { production: env.NODE_ENV === 'production' });
+  if (a.events === true && a['no-events'] === true) throw new UsageError('--events and --no-events exclude each other');
+  const production = env.NODE_ENV === 'production';
+  // As strict as a service's start (startup.ts): the same variables, the same refusals.
+  const origin = env.AUDIT_LOG_ORIGIN === undefined || env.AUDIT_LOG_ORIGIN === '' ? DEFAULT_LOG_ORIGIN : env.AUDIT_LOG_ORIGIN;
+  if (!LOG_ORIGIN_PATTERN.test(origin)) throw new UsageError(`AUDIT_LOG_ORIGIN must be 1..200 printable ASCII characters without spaces, got ${JSON.stringify(origin)}`);
+  const signer = loadSigningKey(env.AUDIT_SIGNING_KEY ?? '', { production });
   if (signer.development) err('audit: AUDIT_SIGNING_KEY is unset: checkpoints are signed with the public DEVELOPMENT key, which anyone can forge with');
   const kekText = env.AUDIT_KEY_ENCRYPTION_KEY ?? '';
+  if (kekText === '' && production) throw new UsageError('AUDIT_KEY_ENCRYPTION_KEY is required in production: the subject keys would be stored in clear beside the personal data they protect');
+  if (kekText === '') err('audit: AUDIT_KEY_ENCRYPTION_KEY is unset: the subject keys are stored in clear, so the database alone opens the personal data they protect');
+  const keyEncryptionKey = kekText === '' ? null : parseKeyEncryptionKey(kekText);
   if (env.AUDIT_MIGRATIONS === 'check') await checkAuditMigrations(databaseUrl, 'sequencer');
   const pool = new pg.Pool({ connectionString: databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
   pool.on('error', () => {});
   try {
-    const found = await pool.query<{ events: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AS events`);
-    const tailEvents = found.rows[0]?.events === true;
+    // --events: the ledger's database, whose events must be integrated: refused at once if the
+    // event store is not there or not readable yet (the ledger grants the read at its start).
+    // Without either flag: tailed when it is there now, which a sequencer started before the
+    // ledger's first start would miss, hence the flag for deployments.
+    let tailEvents = a.events === true;
+    if (a['no-events'] !== true) {
+      let present: boolean;
+      try {
+        present = (await pool.query<{ ok: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AND has_table_privilege('events.events', 'SELECT') AS ok`)).rows[0]?.ok === true;
+      } catch (error) {
+        if ((error as { code?: unknown }).code !== '42501') throw error;
+        present = false;
+      }
+      if (a.events === true && !present) {
+        throw new UsageError('--events: this login cannot read events.events (not there yet, or not granted: the ledger grants it to ledgerline_audit_sequencer when it starts)');
+      }
+      tailEvents = present;
+    }
     const sequencer = new AuditSequencer({
       pool,
       signer,
-      origin: env.AUDIT_LOG_ORIGIN ?? DEFAULT_LOG_ORIGIN,
+      origin,
       tailEvents,
       intervalMs,
       batchRecordsMax,
       checkpointIntervalMs,
-      ...(kekText === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(kekText) }),
+      ...(keyEncryptionKey === null ? {} : { keyEncryptionKey }),
       onError: (error) => err(`audit: a sequencer round failed; it tries again: ${error instanceof Error ? error.message : String(error)}`),
     });
     sequencer.start();
-    out(`sequencing${tailEvents ? ' the queue and the event store' : ' the queue'} (key ${signer.keyId}); stop with SIGTERM or SIGINT`);
+    out(`sequencing ${tailEvents ? 'the queue and the event store' : 'the queue only (no event store)'} as ${origin} (key ${signer.keyId}); stop with SIGTERM or SIGINT`);
     await stop;
     await sequencer.close();
     out('stopped: everything queued is integrated and a last checkpoint signed');

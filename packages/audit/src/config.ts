@@ -8,6 +8,8 @@ import { SEQUENCER_NICE_DEFAULT } from './sequencer-worker.ts';
 
 /** The ledger service's log name, in every checkpoint. */
 export const DEFAULT_LOG_ORIGIN = 'ledgerline/ledger';
+/** What a log name may be: 1..200 printable ASCII characters, no spaces. */
+export const LOG_ORIGIN_PATTERN = /^[\x21-\x7e]{1,200}$/;
 
 export const auditConfigSchema = Type.Object({
   AUDIT_ENABLED: Type.Boolean({ default: true }),
@@ -23,7 +25,7 @@ export const auditConfigSchema = Type.Object({
   /** 32 random bytes (base64url) that wrap the subject keys at rest. Empty: stored in clear, refused when NODE_ENV=production. */
   AUDIT_KEY_ENCRYPTION_KEY: Type.String({ default: '' }),
   /** Names the log in every checkpoint. */
-  AUDIT_LOG_ORIGIN: Type.String({ pattern: '^[\\x21-\\x7e]{1,200}$', default: DEFAULT_LOG_ORIGIN }),
+  AUDIT_LOG_ORIGIN: Type.String({ pattern: LOG_ORIGIN_PATTERN.source, default: DEFAULT_LOG_ORIGIN }),
   AUDIT_FLUSH_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 1000, default: 5 }),
   AUDIT_BUFFER_ENTRIES_MAX: Type.Integer({ minimum: 1000, maximum: 10_000_000, default: 100_000 }),
   /** Run the sequencer in this process (any number of instances may: an advisory lock picks one per round). */

@@ -101,9 +101,12 @@ export async function checkAuditMigrations(databaseUrl: string, login: AuditLogi
       `SELECT current_user AS login, r.rolsuper AS superuser,
               (SELECT string_agg(DISTINCT t.tableowner, ', ' ORDER BY t.tableowner) FROM pg_tables t
                 WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) AS owners,
-              EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolname = $1 AND pg_has_role(current_user, s.oid, 'MEMBER')) AS sequencer
+              EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolname = $1 AND pg_has_role(current_user, s.oid, $2)) AS sequencer
          FROM pg_roles r WHERE r.rolname = current_user`,
-      [AUDIT_SEQUENCER_ROLE],
+      // A service's login may not even be able to become the sequencer's role (MEMBER); the
+      // sequencer's must hold its rights without SET ROLE (USAGE: an INHERIT member), since a
+      // round reads the queue and the tree before it switches.
+      [AUDIT_SEQUENCER_ROLE, login === 'service' ? 'MEMBER' : 'USAGE'],
     );
     const me = power.rows[0];
     const own = login === 'service' ? AUDIT_WRITER_ROLE : AUDIT_SEQUENCER_ROLE;
@@ -120,7 +123,9 @@ export async function checkAuditMigrations(databaseUrl: string, login: AuditLogi
       );
     }
     if (me !== undefined && login === 'sequencer' && !me.sequencer) {
-      throw new AuditSchemaCheckError(`audit: the sequencer's login ${me.login} is not a member of ${AUDIT_SEQUENCER_ROLE}, so every round would be refused; grant it that role (docs/audit.md, "Roles")`);
+      throw new AuditSchemaCheckError(
+        `audit: the sequencer's login ${me.login} is not a member of ${AUDIT_SEQUENCER_ROLE} that inherits its rights, so every round would be refused; grant it that role (docs/audit.md, "Roles")`,
+      );
     }
     applied = new Set((await client.query<{ name: string }>('SELECT name FROM audit.migrations')).rows.map((r) => r.name));
   } catch (error) {
@@ -163,6 +168,10 @@ export interface SequencerPlacement {
 export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: string, sequencer: SequencerPlacement = { enabled: false, databaseUrl: '' }): Promise<void> {
   if (mode === 'apply') {
     await migrateAudit(databaseUrl);
+    // The login writes as the writer role and, running the sequencer here, as the sequencer's:
+    // a login that may not is refused now, not in every flush and every round after.
+    await checkMayWriteAs(databaseUrl, AUDIT_WRITER_ROLE);
+    if (sequencer.enabled) await checkMayWriteAs(sequencer.databaseUrl === '' ? databaseUrl : sequencer.databaseUrl, AUDIT_SEQUENCER_ROLE);
     return;
   }
   await checkAuditMigrations(databaseUrl, 'service');
@@ -176,15 +185,39 @@ export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: s
   await checkAuditMigrations(sequencer.databaseUrl, 'sequencer');
 }
 
+/** AuditSchemaCheckError unless the login at `databaseUrl` may `SET ROLE` to `role` (a superuser may). */
+async function checkMayWriteAs(databaseUrl: string, role: string): Promise<void> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    const r = await client.query<{ login: string; may: boolean }>(`SELECT current_user AS login, pg_has_role(current_user, $1, 'MEMBER') AS may`, [role]);
+    const me = r.rows[0];
+    if (me !== undefined && !me.may) {
+      throw new AuditSchemaCheckError(`audit: the login ${me.login} may not act as ${role}, which its audit writes run as; grant it: GRANT ${role} TO ${me.login} (docs/audit.md, "Roles")`);
+    }
+  } finally {
+    await client.end();
+  }
+}
+
 /**
  * Lets the sequencer's role read the event store it tails (`events.events`). Run by the service
- * that owns the event store, after its migrations and the audit schema's (the role must exist).
+ * that owns the event store at each start, after its migrations and the audit schema's (the role
+ * must exist): nothing to do once granted, and instances starting together take turns (a GRANT
+ * racing another on the same table fails with "tuple concurrently updated").
  */
 export async function grantEventTail(databaseUrl: string): Promise<void> {
   const client = new pg.Client({ connectionString: databaseUrl });
   await client.connect();
   try {
-    await client.query(`GRANT USAGE ON SCHEMA events TO ${AUDIT_SEQUENCER_ROLE}; GRANT SELECT ON events.events TO ${AUDIT_SEQUENCER_ROLE}`);
+    const granted = async (): Promise<boolean> =>
+      (await client.query<{ ok: boolean }>(`SELECT has_schema_privilege($1, 'events', 'USAGE') AND has_table_privilege($1, 'events.events', 'SELECT') AS ok`, [AUDIT_SEQUENCER_ROLE])).rows[0]?.ok === true;
+    if (await granted()) return;
+    // One simple-protocol query; on an error the connection ends below, which rolls it back.
+    await client.query(
+      `BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('ledgerline.audit.grant-event-tail', 0));
+       GRANT USAGE ON SCHEMA events TO ${AUDIT_SEQUENCER_ROLE}; GRANT SELECT ON events.events TO ${AUDIT_SEQUENCER_ROLE}; COMMIT`,
+    );
   } finally {
     await client.end();
   }

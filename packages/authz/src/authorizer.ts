@@ -3,7 +3,7 @@
  * decision and one audit entry, allow or deny, so no code path can decide without recording.
  */
 import type { AuditEntry, AuditOrigin, AuditSink } from '@ledgerline/audit';
-import type { AuthFailureLimit, ThrottleSummary } from './failure-throttle.ts';
+import { SUMMARY_ADDRESSES_MAX, type AuthFailureLimit, type ThrottleSummary } from './failure-throttle.ts';
 import { compilePolicy, type CompiledPolicy, type Decision } from './engine.ts';
 import type { Permission, Policy, Principal, ResourceAttributes } from './policy.ts';
 
@@ -47,17 +47,30 @@ export class Authorizer {
    * authentication failures (failure-throttle.ts): one record for many, where each would
    * otherwise have had its own decision.
    */
-  recordThrottled(summary: ThrottleSummary, limit: AuthFailureLimit, service: string): void {
+  recordThrottled(summary: ThrottleSummary, limits: { limit: AuthFailureLimit; totalLimit: AuthFailureLimit }, service: string): void {
+    const { limit, totalLimit } = limits;
+    const who = summary.addresses === 1 ? 'the address' : `${summary.addresses} addresses (each below the ${SUMMARY_ADDRESSES_MAX} refused most, named in records of their own)`;
     this.#audit.record({
       recordClass: 'access',
       actor: { type: 'anonymous', id: 'anonymous' },
       action: THROTTLED_ACTION,
       outcome: 'failure',
-      reason: `${summary.refused} request(s) without valid credentials refused (429): the address was over its limit of ${limit.ratePerSecond} authentication failures a second (burst ${limit.burst})`,
+      reason:
+        `${summary.refused} request(s) without valid credentials refused (429) from ${who}: over ${limit.ratePerSecond} authentication failures a second ` +
+        `(burst ${limit.burst}) from one address, or ${totalLimit.ratePerSecond} (burst ${totalLimit.burst}) from all`,
       origin: { service },
       resource: { type: 'client-address', id: summary.address },
       occurredAt: summary.to,
-      payload: { refused: summary.refused, from: summary.from.toISOString(), to: summary.to.toISOString(), ratePerSecond: limit.ratePerSecond, burst: limit.burst },
+      payload: {
+        refused: summary.refused,
+        addresses: summary.addresses,
+        from: summary.from.toISOString(),
+        to: summary.to.toISOString(),
+        ratePerSecond: limit.ratePerSecond,
+        burst: limit.burst,
+        totalRatePerSecond: totalLimit.ratePerSecond,
+        totalBurst: totalLimit.burst,
+      },
     });
   }
 }

@@ -21,7 +21,7 @@
  * instance's trail and CPU, they must work while Redis is down, and they cost nothing unless
  * credentials fail. N instances let N times the limit through, which is still bounded.
  */
-import { Type } from 'typebox';
+import { Type, type Static } from 'typebox';
 import { checkRateLimit, type RateLimit } from '@ledgerline/service-runtime';
 
 /** Failures allowed per address: the sustained rate and the burst on top of it. */
@@ -29,28 +29,45 @@ export type AuthFailureLimit = RateLimit;
 
 export const AUTH_FAILURE_LIMIT_DEFAULT: AuthFailureLimit = { ratePerSecond: 10, burst: 100 };
 /**
+ * Failures recorded one by one across every address of an instance: many addresses, each
+ * within its own limit, still make a bounded trail. Past it every address's failures get 429,
+ * recorded in the summaries.
+ */
+export const AUTH_FAILURE_TOTAL_LIMIT_DEFAULT: AuthFailureLimit = { ratePerSecond: 200, burst: 2000 };
+/** Addresses named in one interval's summary records; the rest are counted in one more record. */
+export const SUMMARY_ADDRESSES_MAX = 100;
+/** The summary record's address for the addresses past SUMMARY_ADDRESSES_MAX. */
+export const OTHER_ADDRESSES = 'other-addresses';
+/**
  * The environment variables, for services to spread into their config schema.
  * AUTH_FAILURE_RATE_PER_SECOND 0 switches the limit off (every failure a 401 with its records).
  */
 export const authFailureConfigSchema = Type.Object({
   AUTH_FAILURE_RATE_PER_SECOND: Type.Number({ minimum: 0, maximum: 1_000_000, default: AUTH_FAILURE_LIMIT_DEFAULT.ratePerSecond }),
   AUTH_FAILURE_BURST: Type.Integer({ minimum: 1, maximum: 1_000_000, default: AUTH_FAILURE_LIMIT_DEFAULT.burst }),
+  AUTH_FAILURE_TOTAL_RATE_PER_SECOND: Type.Number({ exclusiveMinimum: 0, maximum: 1_000_000, default: AUTH_FAILURE_TOTAL_LIMIT_DEFAULT.ratePerSecond }),
+  AUTH_FAILURE_TOTAL_BURST: Type.Integer({ minimum: 1, maximum: 1_000_000, default: AUTH_FAILURE_TOTAL_LIMIT_DEFAULT.burst }),
 });
 
-/** The limit a service's configuration asks for; false when AUTH_FAILURE_RATE_PER_SECOND is 0. */
-export function authFailureLimitFromConfig(config: { AUTH_FAILURE_RATE_PER_SECOND: number; AUTH_FAILURE_BURST: number }): AuthFailureLimit | false {
-  return config.AUTH_FAILURE_RATE_PER_SECOND === 0 ? false : { ratePerSecond: config.AUTH_FAILURE_RATE_PER_SECOND, burst: config.AUTH_FAILURE_BURST };
+/** The limits a service's configuration asks for (`installHttpAuth`'s options); the per-address one false when AUTH_FAILURE_RATE_PER_SECOND is 0. */
+export function authFailureOptionsFromConfig(config: Static<typeof authFailureConfigSchema>): { failureLimit: AuthFailureLimit | false; failureTotalLimit: AuthFailureLimit } {
+  return {
+    failureLimit: config.AUTH_FAILURE_RATE_PER_SECOND === 0 ? false : { ratePerSecond: config.AUTH_FAILURE_RATE_PER_SECOND, burst: config.AUTH_FAILURE_BURST },
+    failureTotalLimit: { ratePerSecond: config.AUTH_FAILURE_TOTAL_RATE_PER_SECOND, burst: config.AUTH_FAILURE_TOTAL_BURST },
+  };
 }
 
 /** Addresses tracked at once; past it the oldest is forgotten (its count kept for the summary). */
 export const ADDRESSES_MAX = 100_000;
 
-/** One address's refusals since the last summary. */
+/** One address's refusals since the last summary (or, as OTHER_ADDRESSES, those of `addresses` addresses). */
 export interface ThrottleSummary {
   address: string;
   refused: number;
   from: Date;
   to: Date;
+  /** How many addresses the summary counts: 1, or more for OTHER_ADDRESSES. */
+  addresses: number;
 }
 
 interface Bucket {
@@ -63,27 +80,35 @@ interface Bucket {
 
 export class AuthFailureThrottle {
   readonly limit: AuthFailureLimit;
+  readonly totalLimit: AuthFailureLimit;
   readonly #clock: () => number;
   readonly #buckets = new Map<string, Bucket>();
+  readonly #total: Bucket;
   /** Counts of addresses forgotten before their summary. */
   #evicted: ThrottleSummary[] = [];
 
-  constructor(limit: AuthFailureLimit = AUTH_FAILURE_LIMIT_DEFAULT, clock: () => number = Date.now) {
+  /** `clock`: milliseconds since the epoch (the summaries' times); a step back refills nothing until it is made up. */
+  constructor(limit: AuthFailureLimit = AUTH_FAILURE_LIMIT_DEFAULT, clock: () => number = Date.now, totalLimit: AuthFailureLimit = AUTH_FAILURE_TOTAL_LIMIT_DEFAULT) {
     checkRateLimit(limit, 'authentication failure limit');
+    checkRateLimit(totalLimit, 'authentication failure total limit');
     this.limit = limit;
+    this.totalLimit = totalLimit;
     this.#clock = clock;
+    this.#total = newBucket(totalLimit, clock());
   }
 
   /**
-   * One failure of `address`: true when it is within the limit (answer 401 and record it as
-   * usual), false when the address is over it (answer 429; the failure is counted for the
-   * summary instead).
+   * One failure of `address`: true when it is within the address's limit and the instance's
+   * total (answer 401 and record it as usual), false otherwise (answer 429; the failure is
+   * counted for the address's summary instead).
    */
   admit(address: string): boolean {
     const now = this.#clock();
     const b = this.#refilled(address, now);
-    if (b.tokens >= 1) {
+    refill(this.#total, this.totalLimit, now);
+    if (b.tokens >= 1 && this.#total.tokens >= 1) {
       b.tokens -= 1;
+      this.#total.tokens -= 1;
       return true;
     }
     if (b.refused === 0) b.firstRefusedAt = now;
@@ -92,41 +117,53 @@ export class AuthFailureThrottle {
     return false;
   }
 
-  /** How long until `address` may fail once more. */
+  /** How long until `address` may fail once more (its own limit and the total's). */
   retryAfterMs(address: string): number {
-    const b = this.#buckets.get(address);
-    return b === undefined || b.tokens >= 1 ? 0 : Math.ceil(((1 - b.tokens) * 1000) / this.limit.ratePerSecond);
+    const wait = (b: Bucket | undefined, limit: AuthFailureLimit): number => (b === undefined || b.tokens >= 1 ? 0 : Math.ceil(((1 - b.tokens) * 1000) / limit.ratePerSecond));
+    return Math.max(wait(this.#buckets.get(address), this.limit), wait(this.#total, this.totalLimit));
   }
 
   /**
    * Every address refused since the last call, with how many and when; their counts start
-   * again. Addresses whose bucket has filled up again and that were not refused are forgotten.
+   * again. At most SUMMARY_ADDRESSES_MAX addresses, those refused most, are named; the rest
+   * come as one OTHER_ADDRESSES summary, so an interval's records are bounded however many
+   * addresses a flood comes from. Addresses whose bucket has filled up again and that were not
+   * refused are forgotten.
    */
   drain(): ThrottleSummary[] {
     const now = this.#clock();
-    const out = this.#evicted;
+    const all = this.#evicted;
     this.#evicted = [];
     for (const [address, b] of this.#buckets) {
       if (b.refused > 0) {
-        out.push(summaryOf(address, b));
+        all.push(summaryOf(address, b));
         b.refused = 0;
-      } else if (b.tokens + ((now - b.at) * this.limit.ratePerSecond) / 1000 >= this.limit.burst) {
+      } else if (b.tokens + (Math.max(0, now - b.at) * this.limit.ratePerSecond) / 1000 >= this.limit.burst) {
         this.#buckets.delete(address);
       }
     }
-    return out;
+    if (all.length <= SUMMARY_ADDRESSES_MAX) return all;
+    all.sort((x, y) => y.refused - x.refused);
+    const rest = all.slice(SUMMARY_ADDRESSES_MAX);
+    const others: ThrottleSummary = {
+      address: OTHER_ADDRESSES,
+      refused: rest.reduce((n, x) => n + x.refused, 0),
+      from: new Date(rest.reduce((t, x) => Math.min(t, x.from.getTime()), Number.POSITIVE_INFINITY)),
+      to: new Date(rest.reduce((t, x) => Math.max(t, x.to.getTime()), Number.NEGATIVE_INFINITY)),
+      addresses: rest.reduce((n, x) => n + x.addresses, 0),
+    };
+    return [...all.slice(0, SUMMARY_ADDRESSES_MAX), others];
   }
 
   #refilled(address: string, now: number): Bucket {
     let b = this.#buckets.get(address);
     if (b === undefined) {
       if (this.#buckets.size >= ADDRESSES_MAX) this.#evictOldest();
-      b = { tokens: this.limit.burst, at: now, refused: 0, firstRefusedAt: 0, lastRefusedAt: 0 };
+      b = newBucket(this.limit, now);
       this.#buckets.set(address, b);
       return b;
     }
-    b.tokens = Math.min(this.limit.burst, b.tokens + ((now - b.at) * this.limit.ratePerSecond) / 1000);
-    b.at = Math.max(b.at, now);
+    refill(b, this.limit, now);
     return b;
   }
 
@@ -139,6 +176,16 @@ export class AuthFailureThrottle {
   }
 }
 
+function newBucket(limit: AuthFailureLimit, now: number): Bucket {
+  return { tokens: limit.burst, at: now, refused: 0, firstRefusedAt: 0, lastRefusedAt: 0 };
+}
+
+/** Adds what the time since the bucket's last refill earned; a clock that stepped back earns nothing until it has made the step up. */
+function refill(b: Bucket, limit: AuthFailureLimit, now: number): void {
+  b.tokens = Math.min(limit.burst, b.tokens + (Math.max(0, now - b.at) * limit.ratePerSecond) / 1000);
+  b.at = Math.max(b.at, now);
+}
+
 function summaryOf(address: string, b: Bucket): ThrottleSummary {
-  return { address, refused: b.refused, from: new Date(b.firstRefusedAt), to: new Date(b.lastRefusedAt) };
+  return { address, refused: b.refused, from: new Date(b.firstRefusedAt), to: new Date(b.lastRefusedAt), addresses: 1 };
 }

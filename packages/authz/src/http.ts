@@ -46,6 +46,8 @@ export interface HttpAuthOptions {
    * recorded together (failure-throttle.ts). Default AUTH_FAILURE_LIMIT_DEFAULT; false: none.
    */
   failureLimit?: AuthFailureLimit | false;
+  /** Failures recorded one by one across all addresses; AUTH_FAILURE_TOTAL_LIMIT_DEFAULT unless given. */
+  failureTotalLimit?: AuthFailureLimit;
   /** How often the refusals over the limit are recorded, one record per address. Default 10 s. */
   failureSummaryIntervalMs?: number;
   /** The throttle's clock (tests). */
@@ -82,19 +84,21 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   const permissionOf = (request: FastifyRequest): Permission | undefined => request.routeOptions.config.permission;
 
   const limit = options.failureLimit ?? AUTH_FAILURE_LIMIT_DEFAULT;
-  const throttle = limit === false ? null : new AuthFailureThrottle(limit, options.clock);
+  const throttle = limit === false ? null : new AuthFailureThrottle(limit, options.clock, options.failureTotalLimit);
+  const summaryIntervalMs = options.failureSummaryIntervalMs ?? FAILURE_SUMMARY_INTERVAL_MS_DEFAULT;
+  if (!(Number.isInteger(summaryIntervalMs) && summaryIntervalMs >= 100)) throw new RangeError(`failureSummaryIntervalMs must be an integer of at least 100, not ${summaryIntervalMs}`);
   const summarize = (): void => {
-    if (throttle === null || limit === false) return;
+    if (throttle === null) return;
     for (const summary of throttle.drain()) {
       try {
-        authorizer.recordThrottled(summary, limit, service);
+        authorizer.recordThrottled(summary, throttle, service);
       } catch (error) {
         app.log.error({ err: error, audit: true, throttled: summary }, 'audit: refusals over the authentication failure limit could not be recorded');
       }
     }
   };
   if (throttle !== null) {
-    const timer = setInterval(summarize, options.failureSummaryIntervalMs ?? FAILURE_SUMMARY_INTERVAL_MS_DEFAULT);
+    const timer = setInterval(summarize, summaryIntervalMs);
     timer.unref();
     // The services close their audit sink after the app, so the last refusals are recorded too.
     app.addHook('onClose', (_instance, done) => {
@@ -116,7 +120,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     return problem(429, {
       type: OVERLOAD_PROBLEM_TYPES.rateLimited,
       title: 'Too many requests',
-      detail: `Too many requests without valid credentials from this address (over ${throttle.limit.ratePerSecond} a second, burst ${throttle.limit.burst}); retry after the Retry-After delay with a valid bearer token.`,
+      detail: `Too many requests without valid credentials (from this address over ${throttle.limit.ratePerSecond} a second, burst ${throttle.limit.burst}, or from all addresses over ${throttle.totalLimit.ratePerSecond}); retry after the Retry-After delay with a valid bearer token.`,
     });
   };
 

@@ -8,9 +8,9 @@ import { describe, test } from 'node:test';
 import { Type } from 'typebox';
 import { auditHttp, checkEntry, MemoryAuditSink } from '@ledgerline/audit';
 import { createService } from '@ledgerline/service-runtime';
-import { ADDRESSES_MAX, Authorizer, AuthFailureThrottle, installHttpAuth, REFERENCE_POLICY, THROTTLED_ACTION, type HttpAuthOptions, type Principal } from '../src/index.ts';
+import { ADDRESSES_MAX, Authorizer, AuthFailureThrottle, installHttpAuth, OTHER_ADDRESSES, REFERENCE_POLICY, THROTTLED_ACTION, type HttpAuthOptions, type Principal } from '../src/index.ts';
 
-async function build(options: Pick<HttpAuthOptions, 'failureLimit' | 'clock'> = {}) {
+async function build(options: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit' | 'clock'> = {}) {
   const app = await createService({ config: { LOG_LEVEL: 'fatal', BODY_LIMIT_BYTES: 1024 }, openapi: { title: 't', version: '1' }, logger: false });
   const audit = new MemoryAuditSink();
   const teller: Principal = { id: 'tina', kind: 'user', roles: ['teller'] };
@@ -104,7 +104,7 @@ describe('installHttpAuth', () => {
       assert.equal(r.statusCode, 429, r.body);
       assert.equal(r.headers['retry-after'], '1');
       assert.match(String(r.headers['content-type']), /^application\/problem\+json/);
-      assert.match(r.json<{ type: string; detail: string }>().detail, /without valid credentials from this address/);
+      assert.match(r.json<{ type: string; detail: string }>().detail, /without valid credentials \(from this address over 1 a second, burst 3/);
     }
     assert.equal(audit.entries.length, 6, 'no record per throttled request');
     // A client behind the same address with a valid token is neither counted nor refused.
@@ -131,10 +131,10 @@ describe('installHttpAuth', () => {
         outcome: 'failure',
         actor: { type: 'anonymous', id: 'anonymous' },
         resource: { type: 'client-address', id: 'ip:203.0.113.7' },
-        payload: { refused: 6, from: '2026-12-06T12:00:00.000Z', to: '2026-12-06T12:00:01.000Z', ratePerSecond: 1, burst: 3 },
+        payload: { refused: 6, addresses: 1, from: '2026-12-06T12:00:00.000Z', to: '2026-12-06T12:00:01.000Z', ratePerSecond: 1, burst: 3, totalRatePerSecond: 200, totalBurst: 2000 },
       },
     );
-    assert.match(summary.reason ?? '', /^6 request\(s\) without valid credentials refused \(429\)/);
+    assert.match(summary.reason ?? '', /^6 request\(s\) without valid credentials refused \(429\) from the address/);
   });
 
   test('an IPv6 client is throttled by its /64, whichever of its addresses it sends from', async () => {
@@ -148,9 +148,40 @@ describe('installHttpAuth', () => {
     assert.deepEqual(audit.entries.filter((e) => e.action === THROTTLED_ACTION).map((e) => [e.resource.id, e.payload?.refused]), [['ip6:2001:db8:1:2::/64', 1]]);
   });
 
+  test('many addresses each within its limit are held to a total; past it every one gets 429, and the summaries stay few', async () => {
+    const now = Date.UTC(2026, 11, 6, 12, 0, 0);
+    const { app, audit } = await build({ failureLimit: { ratePerSecond: 1, burst: 2 }, failureTotalLimit: { ratePerSecond: 1, burst: 10 }, clock: () => now });
+    app.get('/v1/checked', { config: { permission: 'account:read' }, schema: { response: Ok } }, () => ({ ok: true }));
+    const statuses: number[] = [];
+    // 150 addresses, one failure each: the first ten are recorded one by one, then the total is spent.
+    for (let i = 0; i < 150; i += 1) statuses.push((await app.inject({ method: 'GET', url: '/v1/checked', remoteAddress: `198.18.${i >> 8}.${i & 255}` })).statusCode);
+    assert.deepEqual([statuses.filter((c) => c === 401).length, statuses.filter((c) => c === 429).length], [10, 140]);
+    assert.deepEqual(statuses.slice(0, 10), Array<number>(10).fill(401));
+    assert.equal(audit.entries.length, 10);
+    await app.close();
+    // 140 refused addresses: the 100 named, the other 40 in one record.
+    const summaries = audit.entries.filter((e) => e.action === THROTTLED_ACTION);
+    assert.equal(summaries.length, 101);
+    const others = summaries.find((e) => e.resource.id === OTHER_ADDRESSES);
+    assert.deepEqual({ refused: others?.payload?.refused, addresses: others?.payload?.addresses }, { refused: 40, addresses: 40 });
+    assert.equal(summaries.reduce((n, e) => n + Number(e.payload?.refused), 0), 140, 'every refusal counted once');
+    for (const e of summaries) checkEntry(e);
+  });
+
+  test('a clock that steps back refills nothing until it has made the step up', () => {
+    let now = 10_000;
+    const throttle = new AuthFailureThrottle({ ratePerSecond: 1, burst: 1 }, () => now);
+    assert.equal(throttle.admit('ip:192.0.2.9'), true);
+    now -= 5000;
+    for (let i = 0; i < 1000; i += 1) assert.equal(throttle.admit('ip:192.0.2.9'), false);
+    assert.equal(throttle.retryAfterMs('ip:192.0.2.9'), 1000, 'one second, however many failures the step saw');
+    now = 11_000;
+    assert.equal(throttle.admit('ip:192.0.2.9'), true, 'a second past the last refill: one more');
+  });
+
   test('the failure throttle forgets idle addresses, and keeps the count of an evicted one', () => {
     let now = 0;
-    const throttle = new AuthFailureThrottle({ ratePerSecond: 1, burst: 1 }, () => now);
+    const throttle = new AuthFailureThrottle({ ratePerSecond: 1, burst: 1 }, () => now, { ratePerSecond: 1_000_000, burst: 1_000_000 });
     assert.equal(throttle.admit('ip:192.0.2.1'), true);
     assert.equal(throttle.admit('ip:192.0.2.1'), false);
     assert.equal(throttle.retryAfterMs('ip:192.0.2.1'), 1000);

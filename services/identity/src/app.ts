@@ -7,7 +7,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditSink } from '@ledgerline/audit';
-import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type AuthFailureLimit, type Policy, type Principal } from '@ledgerline/authz';
+import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
 import {
   addressKey,
@@ -56,8 +56,8 @@ export interface IdentityServiceOptions {
   resilience?: Pick<ServiceOptions, 'metrics' | 'tracing' | 'loadShedding' | 'rateLimit' | 'dependencies' | 'deadlineDefaultMs'>;
   /** POST /oauth/token's limit per client address when `resilience.rateLimit` is on (IDENTITY_TOKEN_RATE_LIMIT_DEFAULT unless given). */
   tokenRateLimit?: RateLimit;
-  /** Failed bearer tokens on the administrative routes per client address before 429s recorded together (`installHttpAuth`). */
-  authFailureLimit?: AuthFailureLimit | false;
+  /** Failed bearer tokens on the administrative routes allowed per client address and in all before 429s recorded together (`installHttpAuth`'s options). */
+  authFailures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit'>;
 }
 
 const STATUS: Record<IdentityErrorCode, number> = {
@@ -216,7 +216,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     verify: createTokenVerifier({ keys: ownKeys, issuer, audience: IDENTITY_AUDIENCE, clock, cacheEntriesMax: 0 }),
     authorizer: new Authorizer({ policy: options.policy ?? REFERENCE_POLICY, audit: options.audit, clock }),
     service: 'identity',
-    ...(options.authFailureLimit === undefined ? {} : { failureLimit: options.authFailureLimit }),
+    ...options.authFailures,
   });
   // A route with a permission has its principal by the time the limiter runs: a request
   // without one was refused (401) in onRequest.

@@ -5,7 +5,7 @@
 import pg from 'pg';
 import { pino } from 'pino';
 import { AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
-import { authFailureLimitFromConfig, LogAuditSink } from '@ledgerline/authz';
+import { authFailureOptionsFromConfig, LogAuditSink } from '@ledgerline/authz';
 import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
@@ -121,7 +121,7 @@ const app = await buildIdentityService({
   logger,
   resilience: resilience.options,
   tokenRateLimit: { ratePerSecond: config.IDENTITY_TOKEN_RATE_PER_SECOND, burst: config.IDENTITY_TOKEN_BURST },
-  authFailureLimit: authFailureLimitFromConfig(config),
+  authFailures: authFailureOptionsFromConfig(config),
 });
 exportSequencerRestarts(app.metrics, sequencer);
 const address = await runService(app, {

@@ -18,7 +18,7 @@
  * roles reads them (customers, in the reference policy), so staff and services pay nothing.
  */
 import type { FastifyRequest } from 'fastify';
-import { installHttpAuth, type AuthFailureLimit, type Authorizer, type Principal, type ResourceAttributes } from '@ledgerline/authz';
+import { installHttpAuth, type Authorizer, type HttpAuthOptions, type Principal, type ResourceAttributes } from '@ledgerline/authz';
 import type { LedgerEngine, NewAccount, NewTransfer } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
 
@@ -34,8 +34,8 @@ export interface LedgerAuthOptions {
   /** Verifies an access token whose audience is this service (see `createTokenVerifier`). */
   verify: (token: string) => Promise<Principal>;
   authorizer: Authorizer;
-  /** Authentication failures per client address before 429s recorded together (`installHttpAuth`); its default unless given. */
-  failureLimit?: AuthFailureLimit | false;
+  /** Authentication failures allowed per client address and in all before 429s recorded together (`installHttpAuth`'s options; its defaults unless given). */
+  failures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit'>;
 }
 
 /** Authorization calls for the ledger's routes; each throws a 403 problem on deny. */
@@ -64,7 +64,7 @@ export function createLedgerGuard(app: Service, engine: LedgerEngine, options: L
     verify: options.verify,
     authorizer: options.authorizer,
     service: 'ledger',
-    ...(options.failureLimit === undefined ? {} : { failureLimit: options.failureLimit }),
+    ...options.failures,
   });
 
   async function ownerOf(accountId: string | null | undefined): Promise<string | undefined> {

@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
 import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, grantEventTail, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
-import { authFailureLimitFromConfig, Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
+import { authFailureOptionsFromConfig, Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildLedgerService } from './app.ts';
@@ -131,7 +131,7 @@ if (config.LEDGER_AUTH === 'disabled') {
     verify: createTokenVerifier({ keys: remoteKeys(config.AUTH_JWKS_URL), issuer: config.AUTH_ISSUER, audience: config.AUTH_AUDIENCE }),
     // Every decision goes to the audit trail (or to the log when the trail is disabled).
     authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit: audit?.sink ?? new LogAuditSink(logger) }),
-    failureLimit: authFailureLimitFromConfig(config),
+    failures: authFailureOptionsFromConfig(config),
   };
   logger.info({ jwks: config.AUTH_JWKS_URL, issuer: config.AUTH_ISSUER, audience: config.AUTH_AUDIENCE, policy: REFERENCE_POLICY.version }, 'ledger: bearer tokens required');
 }

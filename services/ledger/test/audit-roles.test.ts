@@ -83,6 +83,8 @@ interface Started {
   child: ChildProcess;
   port: number;
   stderr: () => string;
+  /** The service's log (pino writes to stdout). */
+  log: () => string;
   exited: Promise<number | null>;
 }
 
@@ -103,14 +105,18 @@ function startService(port: number, env: Record<string, string> = {}): Started {
       LOG_LEVEL: 'warn',
       ...env,
     },
-    stdio: ['ignore', 'ignore', 'pipe'],
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
   children.push(child);
+  let log = '';
+  child.stdout?.on('data', (d: Buffer) => {
+    log += d.toString();
+  });
   child.stderr?.on('data', (d: Buffer) => {
     stderr += d.toString();
   });
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  return { child, port, stderr: () => stderr, exited };
+  return { child, port, stderr: () => stderr, log: () => log, exited };
 }
 
 async function ready(s: Started): Promise<void> {
@@ -365,6 +371,72 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     assert.equal(signed?.size, signed?.n, 'the last checkpoint covers every leaf');
     const out: string[] = [];
     assert.equal(await runCli(['verify', '--database-url', loginUrl], { stdout: (l) => out.push(l), stderr: (l) => out.push(l), env: {} }), 0, out.join('\n'));
+    s.child.kill('SIGTERM');
+    assert.equal(await s.exited, 0, s.stderr());
+  });
+
+  test('the service\'s login cannot make its code run as the owner or as the sequencer: not through a planted type, not through the event store\'s table', async () => {
+    assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
+    const s = startService(await freePort());
+    await ready(s);
+    const [a, b] = [newId(), newId()];
+    assert.equal(await post(s.port, '/v1/accounts', { id: a, ledger: 'USD', code: 1 }), 201);
+    assert.equal(await post(s.port, '/v1/accounts', { id: b, ledger: 'USD', code: 1 }), 201);
+
+    // A domain named `text` in the login's temporary schema, whose check raises if it ever runs
+    // as anyone but the login: the governance functions (SECURITY DEFINER, run as the owner)
+    // resolve their types past it.
+    const by = JSON.stringify({ actor: { type: 'user', id: 'user:counsel' }, origin: { service: 'roles-test' } });
+    await withClient(loginUrl, async (c) => {
+      await c.query(`CREATE FUNCTION pg_temp.same_login(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN IF current_user <> session_user THEN RAISE EXCEPTION 'ran as %', current_user; END IF; RETURN true; END $$`);
+      await c.query('CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (pg_temp.same_login(VALUE))');
+      const hold = (await c.query<{ id: string }>("INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), 'cust-x', 'r', 'user:counsel') RETURNING id::text")).rows[0]?.id;
+      assert.equal((await c.query<{ r: boolean }>('SELECT audit.release_hold($1, $2::json) AS r', [hold, by])).rows[0]?.r, true);
+      assert.equal((await c.query<{ r: boolean }>("SELECT audit.erase_subject('cust-x', $1::json) AS r", [by])).rows[0]?.r, false);
+      assert.equal((await c.query<{ r: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [by])).rows[0]?.r, 0);
+    });
+
+    // The login owns events.events, so it may put a row-level security policy on it, whose
+    // function would run as whoever reads the table: the sequencer's login, which may move the
+    // cursor. The sequencer refuses to read such a table instead.
+    const cursor = (): Promise<string | undefined> =>
+      connected(async (c) => (await c.query<{ p: string }>('SELECT event_position::text AS p FROM audit.sequencer_state')).rows[0]?.p, db.url);
+    const leaves = (): Promise<number> =>
+      connected(async (c) => Number((await c.query<{ n: string }>('SELECT coalesce(sum(leaf_count), 0)::text AS n FROM audit.event_leaves')).rows[0]?.n), db.url);
+    const settle = async (done: () => Promise<boolean>, what: string): Promise<void> => {
+      const deadline = Date.now() + 20_000;
+      while (!(await done())) {
+        assert.ok(Date.now() < deadline, what);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+    const events = (): Promise<number> => connected(async (c) => Number((await c.query<{ n: string }>('SELECT count(*)::text AS n FROM events.events')).rows[0]?.n), db.url);
+    await settle(async () => (await leaves()) === (await events()), 'the accounts\' events were not integrated');
+    const before = { cursor: await cursor(), leaves: await leaves() };
+    await withClient(loginUrl, async (c) => {
+      await c.query(`CREATE FUNCTION events.moved() RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN UPDATE audit.sequencer_state SET event_position = event_position + 1000000; RETURN true; END $$`);
+      await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY');
+      await c.query('CREATE POLICY everyone ON events.events USING (events.moved())');
+    });
+    assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '9', ledger: 'USD', code: 1 }), 201);
+    await settle(async () => /events\.events is not the table its migrations made \(row-level security is on\)/.test(s.log()), `the sequencer did not refuse the table: ${s.log()}`);
+    assert.deepEqual({ cursor: await cursor(), leaves: await leaves() }, before, 'nothing moved, nothing integrated');
+    // Put back, the sequencer integrates the transfer's event where the cursor stood.
+    await withClient(loginUrl, async (c) => {
+      await c.query('DROP POLICY everyone ON events.events');
+      await c.query('ALTER TABLE events.events DISABLE ROW LEVEL SECURITY');
+    });
+    await settle(async () => (await leaves()) >= before.leaves + 1, 'the transfer\'s event was not integrated once the table was put back');
+    assert.ok(BigInt((await cursor()) ?? '0') < 1_000_000n, 'the cursor never jumped');
+    const out: string[] = [];
+    assert.equal(await runCli(['verify', '--database-url', loginUrl], { stdout: (l) => out.push(l), stderr: (l) => out.push(l), env: {} }), 0, out.join('\n'));
+
+    // The standalone sequencer: --events with a login that cannot read the event store is refused at once.
+    const refused: string[] = [];
+    assert.equal(await runCli(['sequence', '--events', '--database-url', ownerUrl], { stdout: (l) => refused.push(l), stderr: (l) => refused.push(l), env: {}, stop: Promise.resolve() }), 2);
+    assert.match(refused.join('\n'), /--events: this login cannot read events\.events/);
     s.child.kill('SIGTERM');
     assert.equal(await s.exited, 0, s.stderr());
   });
