@@ -86,6 +86,7 @@ export class AuthFailureThrottle {
   readonly #total: Bucket;
   /** Counts of addresses forgotten before their summary. */
   #evicted: ThrottleSummary[] = [];
+  #refusedTotal = 0;
 
   /** `clock`: milliseconds since the epoch (the summaries' times); a step back refills nothing until it is made up. */
   constructor(limit: AuthFailureLimit = AUTH_FAILURE_LIMIT_DEFAULT, clock: () => number = Date.now, totalLimit: AuthFailureLimit = AUTH_FAILURE_TOTAL_LIMIT_DEFAULT) {
@@ -114,7 +115,13 @@ export class AuthFailureThrottle {
     if (b.refused === 0) b.firstRefusedAt = now;
     b.refused += 1;
     b.lastRefusedAt = now;
+    this.#refusedTotal += 1;
     return false;
+  }
+
+  /** Failures refused (429) since this throttle was made, for a metric. */
+  get refusedTotal(): number {
+    return this.#refusedTotal;
   }
 
   /** How long until `address` may fail once more (its own limit and the total's). */

@@ -12,7 +12,7 @@
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem } from '@ledgerline/service-runtime';
+import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
 import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import type { Authorizer } from './authorizer.ts';
@@ -98,6 +98,12 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     }
   };
   if (throttle !== null) {
+    // On the service's /metrics when it has one: the 429s are recorded in summaries only.
+    (app as { metrics?: ServiceMetrics }).metrics?.registerCounterFromTotal(
+      'auth_failures_throttled_total',
+      'Requests without valid credentials refused with 429 because their address (or all addresses) was over the authentication failure limit.',
+      () => throttle.refusedTotal,
+    );
     const timer = setInterval(summarize, summaryIntervalMs);
     timer.unref();
     // The services close their audit sink after the app, so the last refusals are recorded too.

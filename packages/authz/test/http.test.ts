@@ -116,6 +116,7 @@ describe('installHttpAuth', () => {
     assert.equal((await get('Bearer forged')).statusCode, 401);
     assert.equal((await get('Bearer forged')).statusCode, 429);
     const perRequest = audit.entries.length;
+    assert.match((await app.inject({ method: 'GET', url: '/metrics' })).body, /^ledgerline_auth_failures_throttled_total 6$/m);
 
     // Closing records the refusals: one record for the six, which the durable trail accepts.
     await app.close();
