@@ -181,6 +181,9 @@ REVOKE EXECUTE ON FUNCTION audit.erase_subject(text), audit.expire_payloads(time
 CREATE FUNCTION audit.resource_held(p_resource_type text, p_resource_id text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 BEGIN
+  IF p_resource_type IS NULL OR p_resource_id IS NULL THEN
+    RAISE EXCEPTION 'audit.resource_held: the resource type and id are required' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
   PERFORM 1 FROM audit.legal_holds
     WHERE released_at IS NULL AND resource_type = p_resource_type AND resource_id = p_resource_id
     LIMIT 1 FOR SHARE;

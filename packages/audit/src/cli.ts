@@ -15,7 +15,7 @@
  *   npm run audit -- hold list
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *   npm run audit -- migrate   (as the schema's owner: a deploy job, with services on AUDIT_MIGRATIONS=check)
- *   npm run audit -- sequence [--events | --no-events] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+ *   npm run audit -- sequence [--events | --no-events] [--events-database-url URL] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
  *        (the sequencer as a process of its own, on AUDIT_SEQUENCER_DATABASE_URL, until SIGTERM or SIGINT)
  *
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
@@ -34,7 +34,7 @@ import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, si
 import { ProofError } from './merkle.ts';
 import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
-import { SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
+import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
@@ -58,9 +58,10 @@ const USAGE = `usage:
   audit kek-status
   audit migrate
   audit key-transition --previous-key FILE --as WHO [--origin O]
-  audit sequence [--events | --no-events] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
-       (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN; --events: tail the
-       event store, refused if it cannot; neither: tail it if there is one now; database: AUDIT_SEQUENCER_DATABASE_URL when set)
+  audit sequence [--events | --no-events] [--events-database-url URL] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+       (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN, on AUDIT_SEQUENCER_DATABASE_URL
+       when set; it reads the event store as its owner's login, --events-database-url, else the database below; --events: tail
+       the event store, refused if it cannot; neither: tail it if there is one now)
 database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
@@ -97,6 +98,7 @@ const OPTIONS = {
   'checkpoint-interval-ms': { type: 'string' },
   events: { type: 'boolean' },
   'no-events': { type: 'boolean' },
+  'events-database-url': { type: 'string' },
   help: { type: 'boolean', default: false },
 } as const;
 
@@ -156,7 +158,11 @@ export async function runCli(argv: readonly string[], io: AuditCliIo = {}): Prom
       out(`audit schema up to date (${auditMigrationNames().length} migrations)`);
       return 0;
     }
-    if (command === 'sequence') return await sequence(databaseUrl, a, env, io.stop ?? untilSignalled(), out, err);
+    if (command === 'sequence') {
+      // The event store is read as the login that owns it (the service's): --events-database-url, else DATABASE_SESSION_URL or DATABASE_URL.
+      const eventsUrl = a['events-database-url'] ?? operatorDatabaseUrl(env) ?? databaseUrl;
+      return await sequence({ databaseUrl, eventsUrl }, a, env, io.stop ?? untilSignalled(), out, err);
+    }
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});
     sink = new PostgresAuditSink({ pool });
@@ -298,8 +304,8 @@ function untilSignalled(): Promise<void> {
  * sequencer's role, and no owner or superuser). A failed round is reported and retried.
  */
 async function sequence(
-  databaseUrl: string,
-  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined; events?: boolean | undefined; 'no-events'?: boolean | undefined },
+  urls: { databaseUrl: string; eventsUrl: string },
+  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined; events?: boolean | undefined; 'no-events'?: boolean | undefined; 'events-database-url'?: string | undefined },
   env: Record<string, string | undefined>,
   stop: Promise<unknown>,
   out: (text: string) => void,
@@ -319,30 +325,35 @@ async function sequence(
   if (kekText === '' && production) throw new UsageError('AUDIT_KEY_ENCRYPTION_KEY is required in production: the subject keys would be stored in clear beside the personal data they protect');
   if (kekText === '') err('audit: AUDIT_KEY_ENCRYPTION_KEY is unset: the subject keys are stored in clear, so the database alone opens the personal data they protect');
   const keyEncryptionKey = kekText === '' ? null : parseKeyEncryptionKey(kekText);
+  const { databaseUrl, eventsUrl } = urls;
   if (env.AUDIT_MIGRATIONS === 'check') await checkAuditMigrations(databaseUrl, 'sequencer');
-  const pool = new pg.Pool({ connectionString: databaseUrl, max: 2, application_name: SEQUENCER_APPLICATION_NAME });
+  const pool = new pg.Pool({ ...namedConnection(databaseUrl, SEQUENCER_APPLICATION_NAME), max: 2 });
+  const eventsPool = eventsUrl === databaseUrl ? null : new pg.Pool({ ...namedConnection(eventsUrl, SEQUENCER_APPLICATION_NAME), max: 1 });
   pool.on('error', () => {});
+  eventsPool?.on('error', () => {});
   try {
     // --events: the ledger's database, whose events must be integrated: refused at once if the
-    // event store is not there or not readable yet (the ledger grants the read at its start).
-    // Without either flag: tailed when it is there now, which a sequencer started before the
-    // ledger's first start would miss, hence the flag for deployments.
+    // event store is not there or not readable by its login. Without either flag: tailed when it
+    // is there now, which a sequencer started before the ledger's first start would miss, hence
+    // the flag for deployments.
     let tailEvents = a.events === true;
     if (a['no-events'] !== true) {
       let present: boolean;
       try {
-        present = (await pool.query<{ ok: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AND has_table_privilege('events.events', 'SELECT') AS ok`)).rows[0]?.ok === true;
+        present = (await (eventsPool ?? pool).query<{ ok: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AND has_table_privilege('events.events', 'SELECT') AS ok`)).rows[0]?.ok === true;
       } catch (error) {
         if ((error as { code?: unknown }).code !== '42501') throw error;
         present = false;
       }
       if (a.events === true && !present) {
-        throw new UsageError('--events: this login cannot read events.events (not there yet, or not granted: the ledger grants it to ledgerline_audit_sequencer when it starts)');
+        err('--events: the event store\'s login (--events-database-url, else DATABASE_SESSION_URL or DATABASE_URL) cannot read events.events: not there yet, or not its owner\'s');
+        return 2;
       }
       tailEvents = present;
     }
     const sequencer = new AuditSequencer({
       pool,
+      ...(eventsPool === null ? {} : { eventsPool }),
       signer,
       origin,
       tailEvents,
@@ -359,7 +370,7 @@ async function sequence(
     out('stopped: everything queued is integrated and a last checkpoint signed');
     return 0;
   } finally {
-    await pool.end().catch(() => {});
+    await Promise.allSettled([pool.end(), eventsPool?.end()]);
   }
 }
 

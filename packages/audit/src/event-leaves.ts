@@ -52,44 +52,12 @@ const ACTOR_OF = (e: string): string => `coalesce(${e}.metadata->>'actor', 'unkn
 /** Whether an event's outcome is a failure as search matches it: a `result` other than "ok". */
 const FAILED = (e: string): string => `coalesce(jsonb_typeof(${e}.data->'result') = 'string' AND ${e}.data->>'result' <> 'ok', false)`;
 
-/** The event store's table is not the plain table its migrations made: the sequencer will not read it. */
-export class EventStoreTamperedError extends Error {
-  override readonly name = 'EventStoreTamperedError';
-}
-
-/**
- * Refuses to read an event store whose table could run its owner's code in the reader's name.
- * The sequencer logs in as a role of its own (docs/audit.md, "Roles"), while `events.events`
- * belongs to the service's login. A table's owner decides what reading it runs: a row-level
- * security policy's functions, a view or rule in its place, a column of a type of its own with
- * its own functions, inherited tables. Any of them would run as the sequencer's login, with its
- * rights on the log, which the service's login is not to have. So, inside the round's
- * transaction, before the read: row-level security off (a policy then makes the read fail
- * rather than run), and the table must be a plain table without policies, rules or children
- * whose every column has a built-in type. One catalog query a round.
- */
-async function assertEventStoreInert(db: Queryable): Promise<void> {
-  await db.query('SET LOCAL row_security = off');
-  const r = await db.query<{ kind: string; rls: boolean; rules: boolean; children: boolean; foreign_types: string | null }>(
-    `SELECT c.relkind::text AS kind, c.relrowsecurity OR c.relforcerowsecurity AS rls, c.relhasrules AS rules, c.relhassubclass AS children,
-            (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
-               FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND t.typnamespace <> 'pg_catalog'::pg_catalog.regnamespace) AS foreign_types
-       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = 'events' AND c.relname = 'events'`,
-  );
-  const t = r.rows[0];
-  if (t === undefined) throw new EventStoreTamperedError('events.events does not exist: the sequencer has no event store to tail');
-  const wrong = [
-    t.kind === 'r' ? null : `it is not a plain table (relkind ${t.kind})`,
-    t.rls ? 'row-level security is on' : null,
-    t.rules ? 'it has rules' : null,
-    t.children ? 'it has inheriting tables' : null,
-    t.foreign_types === null ? null : `columns of types not built in: ${t.foreign_types}`,
-  ].filter((w) => w !== null);
-  if (wrong.length > 0) {
-    throw new EventStoreTamperedError(`events.events is not the table its migrations made (${wrong.join('; ')}): reading it could run its owner's code as the sequencer's login, so the round is refused`);
-  }
+/** Where the sequencer stands in the event store's global order (`audit.sequencer_state`). */
+export async function eventCursor(db: Queryable): Promise<EventCheckpoint> {
+  const state = await db.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
+  const cursor = state.rows[0];
+  if (cursor === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
+  return { transactionId: BigInt(cursor.tx), position: BigInt(cursor.pos) };
 }
 
 /**
@@ -98,11 +66,7 @@ async function assertEventStoreInert(db: Queryable): Promise<void> {
  * below the read horizon only, in (transaction id, position) order), so an event that
  * commits late is integrated when it commits, never skipped.
  */
-export async function readEventTile(db: Queryable, firstSeq: number, limit: number): Promise<EventTile | null> {
-  await assertEventStoreInert(db);
-  const state = await db.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
-  const cursor = state.rows[0];
-  if (cursor === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
+export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number): Promise<EventTile | null> {
   const horizon = await readHorizon(db);
   // One pass over the events in the index's order: the window numbers them as they come (no
   // sort), each is hashed once, and the aggregates collect positions and hashes in that same
@@ -130,7 +94,7 @@ export async function readEventTile(db: Queryable, firstSeq: number, limit: numb
                       WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
                       ORDER BY e.transaction_id, e.position LIMIT $4) e
              WINDOW w AS ()) x) t`,
-    values: [cursor.tx, cursor.pos, horizon.toString(), limit, firstSeq],
+    values: [cursor.transactionId.toString(), cursor.position.toString(), horizon.toString(), limit, firstSeq],
   });
   const row = r.rows[0];
   if (row === undefined || row.n === 0) return null;

@@ -170,8 +170,8 @@ export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: s
     await migrateAudit(databaseUrl);
     // The login writes as the writer role and, running the sequencer here, as the sequencer's:
     // a login that may not is refused now, not in every flush and every round after.
-    await checkMayWriteAs(databaseUrl, AUDIT_WRITER_ROLE);
-    if (sequencer.enabled) await checkMayWriteAs(sequencer.databaseUrl === '' ? databaseUrl : sequencer.databaseUrl, AUDIT_SEQUENCER_ROLE);
+    await checkMayWriteAs(databaseUrl, AUDIT_WRITER_ROLE, false);
+    if (sequencer.enabled) await checkMayWriteAs(sequencer.databaseUrl === '' ? databaseUrl : sequencer.databaseUrl, AUDIT_SEQUENCER_ROLE, true);
     return;
   }
   await checkAuditMigrations(databaseUrl, 'service');
@@ -185,39 +185,25 @@ export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: s
   await checkAuditMigrations(sequencer.databaseUrl, 'sequencer');
 }
 
-/** AuditSchemaCheckError unless the login at `databaseUrl` may `SET ROLE` to `role` (a superuser may). */
-async function checkMayWriteAs(databaseUrl: string, role: string): Promise<void> {
+/**
+ * AuditSchemaCheckError unless the login at `databaseUrl` may `SET ROLE` to `role` and, with
+ * `inherit`, holds its rights without it (the sequencer reads the queue and the tree first): a
+ * superuser may. On PostgreSQL 16 and later a membership may withhold SET, so that is asked too.
+ */
+async function checkMayWriteAs(databaseUrl: string, role: string, inherit: boolean): Promise<void> {
   const client = new pg.Client({ connectionString: databaseUrl });
   await client.connect();
   try {
-    const r = await client.query<{ login: string; may: boolean }>(`SELECT current_user AS login, pg_has_role(current_user, $1, 'MEMBER') AS may`, [role]);
+    const r = await client.query<{ login: string; may: boolean }>(
+      `SELECT current_user AS login,
+              pg_has_role(current_user, $1, $2)
+              AND CASE WHEN current_setting('server_version_num')::integer >= 160000 THEN pg_has_role(current_user, $1, 'SET') ELSE true END AS may`,
+      [role, inherit ? 'USAGE' : 'MEMBER'],
+    );
     const me = r.rows[0];
     if (me !== undefined && !me.may) {
       throw new AuditSchemaCheckError(`audit: the login ${me.login} may not act as ${role}, which its audit writes run as; grant it: GRANT ${role} TO ${me.login} (docs/audit.md, "Roles")`);
     }
-  } finally {
-    await client.end();
-  }
-}
-
-/**
- * Lets the sequencer's role read the event store it tails (`events.events`). Run by the service
- * that owns the event store at each start, after its migrations and the audit schema's (the role
- * must exist): nothing to do once granted, and instances starting together take turns (a GRANT
- * racing another on the same table fails with "tuple concurrently updated").
- */
-export async function grantEventTail(databaseUrl: string): Promise<void> {
-  const client = new pg.Client({ connectionString: databaseUrl });
-  await client.connect();
-  try {
-    const granted = async (): Promise<boolean> =>
-      (await client.query<{ ok: boolean }>(`SELECT has_schema_privilege($1, 'events', 'USAGE') AND has_table_privilege($1, 'events.events', 'SELECT') AS ok`, [AUDIT_SEQUENCER_ROLE])).rows[0]?.ok === true;
-    if (await granted()) return;
-    // One simple-protocol query; on an error the connection ends below, which rolls it back.
-    await client.query(
-      `BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('ledgerline.audit.grant-event-tail', 0));
-       GRANT USAGE ON SCHEMA events TO ${AUDIT_SEQUENCER_ROLE}; GRANT SELECT ON events.events TO ${AUDIT_SEQUENCER_ROLE}; COMMIT`,
-    );
   } finally {
     await client.end();
   }

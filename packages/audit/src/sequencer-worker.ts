@@ -19,7 +19,10 @@ import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
 import { AuditSequencer, AuditTreeMismatchError } from './sequencer.ts';
 
 export interface SequencerWorkerOptions {
+  /** The sequencer's login. */
   databaseUrl: string;
+  /** The event store's owner's login (the service's), when not `databaseUrl`'s: see SequencerOptions.eventsPool. */
+  eventsDatabaseUrl?: string;
   /** PKCS#8 PEM; empty for the development key (refused when `production`). */
   signingKeyPem: string;
   production: boolean;
@@ -230,14 +233,24 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
 }
 
 /**
- * The pool's settings from the service's URL, with `application_name` set to `name`. Parsed
- * here rather than passed as `connectionString`: pg lets a connection string's parameters win
- * over the options beside it, so an operator's `?application_name=` in the URL would otherwise
- * hide which connections are the sequencer's.
+ * The pool's settings from the service's URL, with `application_name` set to `name` and the
+ * search path pinned to `pg_catalog, pg_temp`. Parsed here rather than passed as
+ * `connectionString`: pg lets a connection string's parameters win over the options beside it,
+ * so an operator's `?application_name=` in the URL would otherwise hide which connections are
+ * the sequencer's. The search path: by default it starts with `"$user"`, a schema named after
+ * the login, which any login with CREATE on the database (a service's) may create, and put a
+ * function in it that matches a call's argument types more exactly than the built-in one
+ * (`hashtextextended(text, integer)` beats `(text, bigint)`): it would run as the sequencer.
+ * Every object the sequencer names is schema-qualified.
  */
 export function namedConnection(url: string, name: string): pg.ClientConfig {
-  return { ...parseIntoClientConfig(url), application_name: name };
+  const config = parseIntoClientConfig(url);
+  const options = [config.options, SEARCH_PATH_PINNED].filter((o) => o !== undefined && o !== '').join(' ');
+  return { ...config, application_name: name, options };
 }
+
+/** The connection option that pins the search path (`namedConnection`). */
+export const SEARCH_PATH_PINNED = '-c search_path=pg_catalog,pg_temp';
 
 function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;
@@ -245,14 +258,17 @@ function runInWorker(o: SequencerWorkerOptions): void {
   const refused = lowerThreadPriority(o.nice ?? SEQUENCER_NICE_DEFAULT);
   if (refused !== null) port.postMessage({ kind: 'warning', message: refused } satisfies FromWorker);
   const pool = new pg.Pool({ ...namedConnection(o.databaseUrl, SEQUENCER_APPLICATION_NAME), max: 2 });
+  const eventsPool = o.eventsDatabaseUrl === undefined || o.eventsDatabaseUrl === o.databaseUrl ? null : new pg.Pool({ ...namedConnection(o.eventsDatabaseUrl, SEQUENCER_APPLICATION_NAME), max: 1 });
   // A connection lost under a checked-out client emits 'error' on it, which would end the
   // thread unless something listens; the round it broke fails and is retried from storage.
   guardPool(pool, () => {});
+  if (eventsPool !== null) guardPool(eventsPool, () => {});
   const sequencer = new AuditSequencer({
     pool,
     signer: loadSigningKey(o.signingKeyPem, { production: o.production }),
     origin: o.origin,
     tailEvents: o.tailEvents === true,
+    ...(eventsPool === null ? {} : { eventsPool }),
     ...(o.intervalMs === undefined ? {} : { intervalMs: o.intervalMs }),
     ...(o.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: o.checkpointIntervalMs }),
     ...(o.batchRecordsMax === undefined ? {} : { batchRecordsMax: o.batchRecordsMax }),
@@ -267,7 +283,7 @@ function runInWorker(o: SequencerWorkerOptions): void {
       .close()
       .catch((error: unknown) => port.postMessage({ kind: 'error', message: error instanceof Error ? error.message : String(error) } satisfies FromWorker))
       .finally(() => {
-        void pool.end().finally(() => {
+        void Promise.allSettled([pool.end(), eventsPool?.end()]).finally(() => {
           port.postMessage({ kind: 'closed' } satisfies FromWorker);
           port.close();
         });

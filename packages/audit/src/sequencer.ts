@@ -11,7 +11,7 @@
  */
 import { sqlArrayLiteral } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
-import { EVENT_RECORD_NAMESPACE, readEventTile } from './event-leaves.ts';
+import { EVENT_RECORD_NAMESPACE, eventCursor, readEventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE } from './migrate.ts';
@@ -61,6 +61,15 @@ export interface SequencerOptions {
    * global order: hashed where they are and stored as tiles (event-leaves.ts), not copied.
    */
   tailEvents?: boolean;
+  /**
+   * Where the event store is read, when its table belongs to another login than `pool`'s: a
+   * pool of that login (the service's own). Reading a table runs whatever its owner attached to
+   * it (a row-level security policy's function, an index expression the planner folds, a view
+   * in its place), so the sequencer reads the service's table with the service's rights, never
+   * its own: planted code then runs as the service, which could do it anyway. Default `pool`
+   * (one login for both, as in `apply` mode).
+   */
+  eventsPool?: pg.Pool;
   batchRecordsMax?: number;
   /** Pause between rounds that found less than a full batch. */
   intervalMs?: number;
@@ -90,7 +99,8 @@ interface Prepared {
 }
 
 export class AuditSequencer {
-  readonly #o: Required<Omit<SequencerOptions, 'keyEncryptionKey'>>;
+  readonly #o: Required<Omit<SequencerOptions, 'keyEncryptionKey' | 'eventsPool'>>;
+  readonly #eventsPool: pg.Pool | null;
   readonly #kek: KeyEncryptionKey | null;
   #frontier: Frontier | null = null;
   #lastCheckpointMs = Number.NEGATIVE_INFINITY;
@@ -111,6 +121,7 @@ export class AuditSequencer {
       ...options,
     };
     this.#kek = options.keyEncryptionKey ?? null;
+    this.#eventsPool = options.eventsPool ?? null;
     if (!(this.#o.batchRecordsMax >= 1 && this.#o.batchRecordsMax <= 50_000)) throw new RangeError('batchRecordsMax must be in 1..50000');
   }
 
@@ -183,7 +194,12 @@ export class AuditSequencer {
 
     const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
     const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
-    const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await readEventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
+    // The cursor is this round's (the advisory lock keeps it ours); the events are below the
+    // read horizon, committed, the same whichever connection reads them.
+    const tile =
+      this.#o.tailEvents && entries.length < this.#o.batchRecordsMax
+        ? await readEventTile(this.#eventsPool ?? client, await eventCursor(client), size + entries.length, this.#o.batchRecordsMax - entries.length)
+        : null;
     // Everything read from the event store is read; every write from here runs as the sequencer's role.
     await client.query(`SET LOCAL ROLE ${AUDIT_SEQUENCER_ROLE}`);
     if (this.#kek !== null) await this.#rewrapKeys(client, this.#kek);

@@ -66,7 +66,8 @@ export type ServiceSequencerConfig = Pick<
 /**
  * Starts the service's sequencer worker as configured, or none when AUDIT_SEQUENCER_ENABLED is
  * false (another instance or process integrates the queue). It logs in as
- * AUDIT_SEQUENCER_DATABASE_URL, else as `DATABASE_URL`. Failed rounds (retried from storage)
+ * AUDIT_SEQUENCER_DATABASE_URL, else as `DATABASE_URL`, and reads the event store as
+ * `DATABASE_URL`. Failed rounds (retried from storage)
  * are logged as errors, the rest as warnings. `tailEvents`: the service's event store feeds the
  * trail (the ledger's does; the identity service has none).
  */
@@ -79,6 +80,8 @@ export function startServiceSequencer(
   return startSequencerWorker(
     {
       databaseUrl: config.AUDIT_SEQUENCER_DATABASE_URL === '' ? config.DATABASE_URL : config.AUDIT_SEQUENCER_DATABASE_URL,
+      // The event store is read as the service's login, which owns it (SequencerOptions.eventsPool).
+      eventsDatabaseUrl: config.DATABASE_URL,
       signingKeyPem: config.AUDIT_SIGNING_KEY,
       production: process.env.NODE_ENV === 'production',
       origin: config.AUDIT_LOG_ORIGIN,

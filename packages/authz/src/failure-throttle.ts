@@ -84,8 +84,8 @@ export class AuthFailureThrottle {
   readonly #clock: () => number;
   readonly #buckets = new Map<string, Bucket>();
   readonly #total: Bucket;
-  /** Counts of addresses forgotten before their summary. */
-  #evicted: ThrottleSummary[] = [];
+  /** The refusals of addresses forgotten before their summary, counted together: a flood from many addresses evicts one a request. */
+  #evicted: ThrottleSummary | null = null;
   #refusedTotal = 0;
 
   /** `clock`: milliseconds since the epoch (the summaries' times); a step back refills nothing until it is made up. */
@@ -114,7 +114,7 @@ export class AuthFailureThrottle {
     }
     if (b.refused === 0) b.firstRefusedAt = now;
     b.refused += 1;
-    b.lastRefusedAt = now;
+    b.lastRefusedAt = Math.max(now, b.firstRefusedAt);
     this.#refusedTotal += 1;
     return false;
   }
@@ -132,15 +132,16 @@ export class AuthFailureThrottle {
 
   /**
    * Every address refused since the last call, with how many and when; their counts start
-   * again. At most SUMMARY_ADDRESSES_MAX addresses, those refused most, are named; the rest
-   * come as one OTHER_ADDRESSES summary, so an interval's records are bounded however many
-   * addresses a flood comes from. Addresses whose bucket has filled up again and that were not
+   * again. At most SUMMARY_ADDRESSES_MAX addresses, those refused most, are named; the rest,
+   * and the addresses evicted meanwhile, come as one OTHER_ADDRESSES summary, so an interval's
+   * records are bounded however many addresses a flood comes from. Addresses whose bucket has filled up again and that were not
    * refused are forgotten.
    */
   drain(): ThrottleSummary[] {
     const now = this.#clock();
-    const all = this.#evicted;
-    this.#evicted = [];
+    const all: ThrottleSummary[] = [];
+    const evicted = this.#evicted;
+    this.#evicted = null;
     for (const [address, b] of this.#buckets) {
       if (b.refused > 0) {
         all.push(summaryOf(address, b));
@@ -149,17 +150,11 @@ export class AuthFailureThrottle {
         this.#buckets.delete(address);
       }
     }
-    if (all.length <= SUMMARY_ADDRESSES_MAX) return all;
+    if (all.length <= SUMMARY_ADDRESSES_MAX && evicted === null) return all;
     all.sort((x, y) => y.refused - x.refused);
     const rest = all.slice(SUMMARY_ADDRESSES_MAX);
-    const others: ThrottleSummary = {
-      address: OTHER_ADDRESSES,
-      refused: rest.reduce((n, x) => n + x.refused, 0),
-      from: new Date(rest.reduce((t, x) => Math.min(t, x.from.getTime()), Number.POSITIVE_INFINITY)),
-      to: new Date(rest.reduce((t, x) => Math.max(t, x.to.getTime()), Number.NEGATIVE_INFINITY)),
-      addresses: rest.reduce((n, x) => n + x.addresses, 0),
-    };
-    return [...all.slice(0, SUMMARY_ADDRESSES_MAX), others];
+    const others = rest.reduce<ThrottleSummary | null>(merged, evicted);
+    return others === null ? all : [...all.slice(0, SUMMARY_ADDRESSES_MAX), others];
   }
 
   #refilled(address: string, now: number): Bucket {
@@ -179,7 +174,7 @@ export class AuthFailureThrottle {
     if (oldest === undefined) return;
     const [address, b] = oldest;
     this.#buckets.delete(address);
-    if (b.refused > 0) this.#evicted.push(summaryOf(address, b));
+    if (b.refused > 0) this.#evicted = merged(this.#evicted, summaryOf(address, b));
   }
 }
 
@@ -191,6 +186,18 @@ function newBucket(limit: AuthFailureLimit, now: number): Bucket {
 function refill(b: Bucket, limit: AuthFailureLimit, now: number): void {
   b.tokens = Math.min(limit.burst, b.tokens + (Math.max(0, now - b.at) * limit.ratePerSecond) / 1000);
   b.at = Math.max(b.at, now);
+}
+
+/** Two summaries as one OTHER_ADDRESSES summary. */
+function merged(into: ThrottleSummary | null, x: ThrottleSummary): ThrottleSummary {
+  if (into === null) return { ...x, address: OTHER_ADDRESSES };
+  return {
+    address: OTHER_ADDRESSES,
+    refused: into.refused + x.refused,
+    from: x.from < into.from ? x.from : into.from,
+    to: x.to > into.to ? x.to : into.to,
+    addresses: into.addresses + x.addresses,
+  };
 }
 
 function summaryOf(address: string, b: Bucket): ThrottleSummary {

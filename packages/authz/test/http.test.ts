@@ -195,7 +195,8 @@ describe('installHttpAuth', () => {
     assert.equal(throttle.admit('ip:192.0.2.1'), true);
     assert.equal(throttle.admit('ip:192.0.2.1'), false);
     for (let i = 0; i < ADDRESSES_MAX; i += 1) throttle.admit(`ip:10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`);
-    assert.deepEqual(throttle.drain().map((s) => [s.address, s.refused]), [['ip:192.0.2.1', 1]]);
+    // Evicted addresses are counted together, however many a flood evicts.
+    assert.deepEqual(throttle.drain().map((s) => [s.address, s.refused, s.addresses]), [[OTHER_ADDRESSES, 1, 1]]);
   });
 
   test('the failure limit can be switched off: every failure is a 401 with its record', async () => {

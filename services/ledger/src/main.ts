@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, grantEventTail, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { authFailureOptionsFromConfig, Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -61,8 +61,6 @@ if (signer !== null) {
     process.stderr.write(`ledger: ${error.message}\n`);
     process.exit(2);
   }
-  // The sequencer tails this service's event store, on a login of its own in check mode.
-  await grantEventTail(sessionUrl);
 }
 // Every wait on PostgreSQL has a client-side limit (databasePoolConfig), so a server that stops
 // answering fails requests with 503s instead of hanging them and the pool's connections.

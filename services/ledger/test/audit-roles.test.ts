@@ -350,7 +350,8 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     const running = runCli(['sequence', '--interval-ms', '50', '--checkpoint-interval-ms', '0'], {
       stdout: (l) => lines.push(l),
       stderr: (l) => lines.push(l),
-      env: { AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, AUDIT_MIGRATIONS: 'check' },
+      // The sequencer's own login for the log; the event store read as its owner's, the service's.
+      env: { AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, DATABASE_URL: loginUrl, AUDIT_MIGRATIONS: 'check' },
       stop: new Promise<void>((resolve) => {
         stop = resolve;
       }),
@@ -375,7 +376,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     assert.equal(await s.exited, 0, s.stderr());
   });
 
-  test('the service\'s login cannot make its code run as the owner or as the sequencer: not through a planted type, not through the event store\'s table', async () => {
+  test('the service\'s login cannot make its code run as the owner or as the sequencer: not through a planted type, the event store\'s table, or a search path', async () => {
     assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
     const s = startService(await freePort());
     await ready(s);
@@ -397,13 +398,18 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       assert.equal((await c.query<{ r: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [by])).rows[0]?.r, 0);
     });
 
-    // The login owns events.events, so it may put a row-level security policy on it, whose
-    // function would run as whoever reads the table: the sequencer's login, which may move the
-    // cursor. The sequencer refuses to read such a table instead.
+    // The login owns events.events, so it may put a row-level security policy on it (forced, so
+    // that it binds its owner too), whose function runs as whoever reads the table. The
+    // sequencer reads it as the login, never as its own: the function runs as the login, whose
+    // rights it has anyway, and cannot move the sequencer's cursor. And the login may create a
+    // schema named after the sequencer's login, first in a default search path, with a function
+    // that matches a call the sequencer makes more exactly than the built-in one: the
+    // sequencer's connections pin their search path, so it never runs.
     const cursor = (): Promise<string | undefined> =>
       connected(async (c) => (await c.query<{ p: string }>('SELECT event_position::text AS p FROM audit.sequencer_state')).rows[0]?.p, db.url);
     const leaves = (): Promise<number> =>
       connected(async (c) => Number((await c.query<{ n: string }>('SELECT coalesce(sum(leaf_count), 0)::text AS n FROM audit.event_leaves')).rows[0]?.n), db.url);
+    const events = (): Promise<number> => connected(async (c) => Number((await c.query<{ n: string }>('SELECT count(*)::text AS n FROM events.events')).rows[0]?.n), db.url);
     const settle = async (done: () => Promise<boolean>, what: string): Promise<void> => {
       const deadline = Date.now() + 20_000;
       while (!(await done())) {
@@ -411,32 +417,38 @@ describe('the audit schema owned by a deploy role, the service on a writer login
         await new Promise((r) => setTimeout(r, 50));
       }
     };
-    const events = (): Promise<number> => connected(async (c) => Number((await c.query<{ n: string }>('SELECT count(*)::text AS n FROM events.events')).rows[0]?.n), db.url);
-    await settle(async () => (await leaves()) === (await events()), 'the accounts\' events were not integrated');
-    const before = { cursor: await cursor(), leaves: await leaves() };
     await withClient(loginUrl, async (c) => {
+      await c.query('CREATE TABLE events.ran_as (who text NOT NULL, what text NOT NULL)');
+      await c.query('GRANT INSERT ON events.ran_as TO PUBLIC');
       await c.query(`CREATE FUNCTION events.moved() RETURNS boolean LANGUAGE plpgsql AS $$
-        BEGIN UPDATE audit.sequencer_state SET event_position = event_position + 1000000; RETURN true; END $$`);
-      await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY');
+        BEGIN
+          INSERT INTO events.ran_as VALUES (current_user, 'policy');
+          BEGIN UPDATE audit.sequencer_state SET event_position = event_position + 1000000; EXCEPTION WHEN insufficient_privilege THEN NULL; END;
+          RETURN true;
+        END $$`);
+      await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY');
       await c.query('CREATE POLICY everyone ON events.events USING (events.moved())');
+      await c.query(`CREATE SCHEMA ${SEQUENCER}`);
+      await c.query(`GRANT USAGE ON SCHEMA ${SEQUENCER} TO PUBLIC`);
+      await c.query(`CREATE FUNCTION ${SEQUENCER}.hashtextextended(t text, seed integer) RETURNS bigint LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO events.ran_as VALUES (current_user, 'search path'); RETURN pg_catalog.hashtextextended(t, seed); END $$`);
     });
     assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '9', ledger: 'USD', code: 1 }), 201);
-    await settle(() => Promise.resolve(/events\.events is not the table its migrations made \(row-level security is on\)/.test(s.log())), 'the sequencer did not refuse the table');
-    assert.deepEqual({ cursor: await cursor(), leaves: await leaves() }, before, 'nothing moved, nothing integrated');
-    // Put back, the sequencer integrates the transfer's event where the cursor stood.
+    await settle(async () => (await leaves()) === (await events()), 'the transfer\'s event was not integrated under the policy');
+    const ran = await connected((c) => c.query<{ who: string; what: string }>('SELECT DISTINCT who, what FROM events.ran_as ORDER BY 1, 2'), db.url);
+    assert.deepEqual(ran.rows, [{ who: LOGIN, what: 'policy' }], 'the planted code ran as the service\'s login only, and only the policy');
+    assert.ok(BigInt((await cursor()) ?? '0') < 1_000_000n, 'the cursor never jumped');
     await withClient(loginUrl, async (c) => {
       await c.query('DROP POLICY everyone ON events.events');
-      await c.query('ALTER TABLE events.events DISABLE ROW LEVEL SECURITY');
+      await c.query('ALTER TABLE events.events NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY');
     });
-    await settle(async () => (await leaves()) >= before.leaves + 1, 'the transfer\'s event was not integrated once the table was put back');
-    assert.ok(BigInt((await cursor()) ?? '0') < 1_000_000n, 'the cursor never jumped');
     const out: string[] = [];
     assert.equal(await runCli(['verify', '--database-url', loginUrl], { stdout: (l) => out.push(l), stderr: (l) => out.push(l), env: {} }), 0, out.join('\n'));
 
     // The standalone sequencer: --events with a login that cannot read the event store is refused at once.
     const refused: string[] = [];
     assert.equal(await runCli(['sequence', '--events', '--database-url', ownerUrl], { stdout: (l) => refused.push(l), stderr: (l) => refused.push(l), env: {}, stop: Promise.resolve() }), 2);
-    assert.match(refused.join('\n'), /--events: this login cannot read events\.events/);
+    assert.match(refused.join('\n'), /--events: the event store's login .* cannot read events\.events/);
     s.child.kill('SIGTERM');
     assert.equal(await s.exited, 0, s.stderr());
   });
