@@ -326,6 +326,14 @@ async function sequence(
   if (kekText === '') err('audit: AUDIT_KEY_ENCRYPTION_KEY is unset: the subject keys are stored in clear, so the database alone opens the personal data they protect');
   const keyEncryptionKey = kekText === '' ? null : parseKeyEncryptionKey(kekText);
   const { databaseUrl, eventsUrl } = urls;
+  if (env.AUDIT_MIGRATIONS === 'check' && a['no-events'] !== true) {
+    // The event store is read as its owner's login, which must be no more than a service's:
+    // planted code on the table runs as whoever reads it (SequencerOptions.eventsPool).
+    if (eventsUrl === databaseUrl) {
+      throw new AuditSchemaCheckError('audit: AUDIT_MIGRATIONS=check reads the event store as the service\'s login, never the sequencer\'s: give --events-database-url, DATABASE_SESSION_URL or DATABASE_URL (or --no-events)');
+    }
+    await checkAuditMigrations(eventsUrl, 'service');
+  }
   if (env.AUDIT_MIGRATIONS === 'check') await checkAuditMigrations(databaseUrl, 'sequencer');
   const pool = new pg.Pool({ ...namedConnection(databaseUrl, SEQUENCER_APPLICATION_NAME), max: 2 });
   const eventsPool = eventsUrl === databaseUrl ? null : new pg.Pool({ ...namedConnection(eventsUrl, SEQUENCER_APPLICATION_NAME), max: 1 });

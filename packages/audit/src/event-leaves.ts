@@ -66,8 +66,8 @@ export async function eventCursor(db: Queryable): Promise<EventCheckpoint> {
  * below the read horizon only, in (transaction id, position) order), so an event that
  * commits late is integrated when it commits, never skipped.
  */
-export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number): Promise<EventTile | null> {
-  const horizon = await readHorizon(db);
+export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number, horizon?: bigint): Promise<EventTile | null> {
+  horizon ??= await readHorizon(db);
   // One pass over the events in the index's order: the window numbers them as they come (no
   // sort), each is hashed once, and the aggregates collect positions and hashes in that same
   // order, the scan's. PostgreSQL keeps a sorted subquery's order through a window and an
@@ -100,6 +100,8 @@ export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firs
   if (row === undefined || row.n === 0) return null;
   if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order; the round is refused and retried');
   if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
+  // The array's text as PostgreSQL writes a bigint[]: checked whole, since the tile row stores it.
+  if (!/^\{\d+(,\d+)*\}$/.test(row.positions) || row.positions.split(',').length !== row.n) throw new Error(`invariant: ${row.n} events but positions ${row.positions.slice(0, 80)}`);
   const firstPosition = row.positions.slice(1, row.positions.indexOf(',') > 0 ? row.positions.indexOf(',') : -1);
   const lastPosition = row.positions.slice(row.positions.lastIndexOf(',') > 0 ? row.positions.lastIndexOf(',') + 1 : 1, -1);
   return {

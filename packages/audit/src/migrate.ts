@@ -40,6 +40,30 @@ export async function migrateAudit(databaseUrl: string): Promise<void> {
   });
 }
 
+/**
+ * The search path of every connection of the sequencer's login: by default a path starts with
+ * `"$user"`, a schema named after the login, which any login with CREATE on the database (a
+ * service's) may create and fill with a function or aggregate that matches a call more
+ * exactly than the built-in one (`hashtextextended(text, integer)` beats `(text, bigint)`,
+ * `string_agg(name, text)` beats `(text, text)`): it would run with the login's rights. Set by
+ * statement (`SET`, `SET LOCAL`), not as a startup option, which a pooler may drop. Every
+ * object the sequencer names is schema-qualified.
+ */
+export const PINNED_SEARCH_PATH = 'pg_catalog, pg_temp';
+
+/** A client of `databaseUrl` with the search path pinned (PINNED_SEARCH_PATH): for checks of a login's rights. */
+async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    await client.query(`SET search_path = ${PINNED_SEARCH_PATH}`);
+  } catch (error) {
+    await client.end();
+    throw error;
+  }
+  return client;
+}
+
 /** The audit migrations this code expects, by name (the file name without `.sql`), in order. */
 export function auditMigrationNames(): string[] {
   return readdirSync(MIGRATIONS_DIR)
@@ -93,8 +117,7 @@ export type AuditLogin = 'service' | 'sequencer';
  */
 export async function checkAuditMigrations(databaseUrl: string, login: AuditLogin = 'service'): Promise<void> {
   const expected = auditMigrationNames();
-  const client = new pg.Client({ connectionString: databaseUrl });
-  await client.connect();
+  const client = await pinnedClient(databaseUrl);
   let applied: Set<string>;
   try {
     const power = await client.query<{ login: string; superuser: boolean; owners: string | null; sequencer: boolean }>(
@@ -191,8 +214,7 @@ export async function prepareAuditSchema(mode: 'apply' | 'check', databaseUrl: s
  * superuser may. On PostgreSQL 16 and later a membership may withhold SET, so that is asked too.
  */
 async function checkMayWriteAs(databaseUrl: string, role: string, inherit: boolean): Promise<void> {
-  const client = new pg.Client({ connectionString: databaseUrl });
-  await client.connect();
+  const client = await pinnedClient(databaseUrl);
   try {
     const r = await client.query<{ login: string; may: boolean }>(
       `SELECT current_user AS login,

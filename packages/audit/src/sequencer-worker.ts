@@ -233,24 +233,16 @@ export function startSequencerWorker(options: SequencerWorkerOptions & Sequencer
 }
 
 /**
- * The pool's settings from the service's URL, with `application_name` set to `name` and the
- * search path pinned to `pg_catalog, pg_temp`. Parsed here rather than passed as
- * `connectionString`: pg lets a connection string's parameters win over the options beside it,
- * so an operator's `?application_name=` in the URL would otherwise hide which connections are
- * the sequencer's. The search path: by default it starts with `"$user"`, a schema named after
- * the login, which any login with CREATE on the database (a service's) may create, and put a
- * function in it that matches a call's argument types more exactly than the built-in one
- * (`hashtextextended(text, integer)` beats `(text, bigint)`): it would run as the sequencer.
- * Every object the sequencer names is schema-qualified.
+ * The pool's settings from the service's URL, with `application_name` set to `name`. Parsed
+ * here rather than passed as `connectionString`: pg lets a connection string's parameters win
+ * over the options beside it, so an operator's `?application_name=` in the URL would otherwise
+ * hide which connections are the sequencer's. Bounded waits: a connection that cannot be made
+ * in 10 s, or a statement unanswered in 120 s, fails the round, which is tried again, rather
+ * than holding its transaction open for ever.
  */
 export function namedConnection(url: string, name: string): pg.ClientConfig {
-  const config = parseIntoClientConfig(url);
-  const options = [config.options, SEARCH_PATH_PINNED].filter((o) => o !== undefined && o !== '').join(' ');
-  return { ...config, application_name: name, options };
+  return { ...parseIntoClientConfig(url), application_name: name, connectionTimeoutMillis: 10_000, query_timeout: 120_000, keepAlive: true };
 }
-
-/** The connection option that pins the search path (`namedConnection`). */
-export const SEARCH_PATH_PINNED = '-c search_path=pg_catalog,pg_temp';
 
 function runInWorker(o: SequencerWorkerOptions): void {
   const port = parentPort;

@@ -9,12 +9,12 @@
  * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
  * round finds the lock taken and does nothing, so instances may all run one.
  */
-import { sqlArrayLiteral } from '@ledgerline/events';
+import { readHorizon, sqlArrayLiteral, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
-import { EVENT_RECORD_NAMESPACE, eventCursor, readEventTile } from './event-leaves.ts';
+import { EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type EventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
-import { AUDIT_SEQUENCER_ROLE } from './migrate.ts';
+import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
 import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
@@ -166,7 +166,8 @@ export class AuditSequencer {
     const client = await this.#o.pool.connect();
     let broken: Error | undefined;
     try {
-      await client.query('BEGIN');
+      // The search path pinned for the round (PINNED_SEARCH_PATH in migrate.ts), whatever the connection's.
+      await client.query(`BEGIN; SET LOCAL search_path = ${PINNED_SEARCH_PATH}`);
       const locked = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS ok', [SEQUENCER_LOCK]);
       if (locked.rows[0]?.ok !== true) {
         await client.query('ROLLBACK');
@@ -194,12 +195,7 @@ export class AuditSequencer {
 
     const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
     const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
-    // The cursor is this round's (the advisory lock keeps it ours); the events are below the
-    // read horizon, committed, the same whichever connection reads them.
-    const tile =
-      this.#o.tailEvents && entries.length < this.#o.batchRecordsMax
-        ? await readEventTile(this.#eventsPool ?? client, await eventCursor(client), size + entries.length, this.#o.batchRecordsMax - entries.length)
-        : null;
+    const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await this.#eventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
     // Everything read from the event store is read; every write from here runs as the sequencer's role.
     await client.query(`SET LOCAL ROLE ${AUDIT_SEQUENCER_ROLE}`);
     if (this.#kek !== null) await this.#rewrapKeys(client, this.#kek);
@@ -263,6 +259,40 @@ export class AuditSequencer {
     // Only now is this round's tree the sequencer's; until COMMIT succeeds `round` discards it.
     this.#frontier = frontier;
     return { records, checkpoint };
+  }
+
+  /**
+   * The round's events, read as the event store's owner's login when it has a pool of its own
+   * (SequencerOptions.eventsPool), and held to what the tile query promises before anything is
+   * written: after the cursor, below the read horizon (taken here, on the sequencer's own
+   * connection), in order, at most `limit`, their count in every column. The cursor is this
+   * round's (the advisory lock keeps it ours); the events below the horizon are committed, the
+   * same whichever connection reads them. A separate event store that cannot be read (down, or
+   * its owner's table refusing) leaves the round to the queue, reported, so that commands,
+   * reads and governance still get their place in the log.
+   */
+  async #eventTile(client: pg.PoolClient, firstSeq: number, limit: number): Promise<EventTile | null> {
+    const cursor = await eventCursor(client);
+    const horizon = await readHorizon(client);
+    let tile: EventTile | null;
+    try {
+      tile = await readEventTile(this.#eventsPool ?? client, cursor, firstSeq, limit, horizon);
+    } catch (error) {
+      if (this.#eventsPool === null) throw error;
+      this.#o.onError(new Error(`the event store could not be read, so this round integrates the queue only: ${error instanceof Error ? error.message : String(error)}`, { cause: error }));
+      return null;
+    }
+    if (tile === null) return null;
+    const after = (a: EventCheckpoint, b: EventCheckpoint): boolean => a.transactionId > b.transactionId || (a.transactionId === b.transactionId && a.position > b.position);
+    const problems = [
+      tile.count >= 1 && tile.count <= limit ? null : `${tile.count} events for a tile of at most ${limit}`,
+      after(tile.first, cursor) ? null : 'its first event is not after the cursor',
+      tile.first.transactionId === tile.last.transactionId && tile.first.position === tile.last.position ? (tile.count === 1 ? null : 'its first and last events are one') : after(tile.last, tile.first) ? null : 'its last event comes before its first',
+      tile.last.transactionId < horizon ? null : 'its last event is not below the read horizon',
+      tile.failures >= 0 && tile.failures <= tile.count ? null : `${tile.failures} failures among ${tile.count} events`,
+    ].filter((p) => p !== null);
+    if (problems.length > 0) throw new Error(`invariant: the event store returned a tile the sequencer will not integrate (${problems.join('; ')}); the round is refused`);
+    return tile;
   }
 
   async #checkpoint(db: Queryable, frontier: Frontier, force: boolean): Promise<Checkpoint | null> {

@@ -417,25 +417,32 @@ describe('the audit schema owned by a deploy role, the service on a writer login
         await new Promise((r) => setTimeout(r, 50));
       }
     };
+    const ranAs = `${SEQUENCER}.ran_as`;
     await withClient(loginUrl, async (c) => {
-      await c.query('CREATE TABLE events.ran_as (who text NOT NULL, what text NOT NULL)');
-      await c.query('GRANT INSERT ON events.ran_as TO PUBLIC');
+      await c.query(`CREATE SCHEMA ${SEQUENCER}`);
+      await c.query(`GRANT USAGE ON SCHEMA ${SEQUENCER} TO PUBLIC`);
+      await c.query(`CREATE TABLE ${ranAs} (who text NOT NULL, what text NOT NULL)`);
+      await c.query(`GRANT INSERT ON ${ranAs} TO PUBLIC`);
       await c.query(`CREATE FUNCTION events.moved() RETURNS boolean LANGUAGE plpgsql AS $$
         BEGIN
-          INSERT INTO events.ran_as VALUES (current_user, 'policy');
+          INSERT INTO ${ranAs} VALUES (current_user, 'policy');
           BEGIN UPDATE audit.sequencer_state SET event_position = event_position + 1000000; EXCEPTION WHEN insufficient_privilege THEN NULL; END;
           RETURN true;
         END $$`);
       await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY');
       await c.query('CREATE POLICY everyone ON events.events USING (events.moved())');
-      await c.query(`CREATE SCHEMA ${SEQUENCER}`);
-      await c.query(`GRANT USAGE ON SCHEMA ${SEQUENCER} TO PUBLIC`);
       await c.query(`CREATE FUNCTION ${SEQUENCER}.hashtextextended(t text, seed integer) RETURNS bigint LANGUAGE plpgsql AS $$
-        BEGIN INSERT INTO events.ran_as VALUES (current_user, 'search path'); RETURN pg_catalog.hashtextextended(t, seed); END $$`);
+        BEGIN INSERT INTO ${ranAs} VALUES (current_user, 'search path'); RETURN pg_catalog.hashtextextended(t, seed); END $$`);
+      // And an aggregate the start-up check's string_agg(name, text) would prefer to the built-in (text, text).
+      await c.query(`CREATE FUNCTION ${SEQUENCER}.agg_step(acc text, v name, sep text) RETURNS text LANGUAGE sql AS $$ SELECT coalesce(acc, '') || v $$`);
+      await c.query(`CREATE FUNCTION ${SEQUENCER}.agg_final(acc text) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO ${ranAs} VALUES (current_user, 'search path'); RETURN acc; END $$`);
+      await c.query(`CREATE AGGREGATE ${SEQUENCER}.string_agg(name, text) (SFUNC = ${SEQUENCER}.agg_step, STYPE = text, FINALFUNC = ${SEQUENCER}.agg_final)`);
     });
+    await checkAuditMigrations(sequencerUrl, 'sequencer');
     assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '9', ledger: 'USD', code: 1 }), 201);
     await settle(async () => (await leaves()) === (await events()), 'the transfer\'s event was not integrated under the policy');
-    const ran = await connected((c) => c.query<{ who: string; what: string }>('SELECT DISTINCT who, what FROM events.ran_as ORDER BY 1, 2'), db.url);
+    const ran = await connected((c) => c.query<{ who: string; what: string }>(`SELECT DISTINCT who, what FROM ${ranAs} ORDER BY 1, 2`), db.url);
     assert.deepEqual(ran.rows, [{ who: LOGIN, what: 'policy' }], 'the planted code ran as the service\'s login only, and only the policy');
     assert.ok(BigInt((await cursor()) ?? '0') < 1_000_000n, 'the cursor never jumped');
     await withClient(loginUrl, async (c) => {
