@@ -10,11 +10,11 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, AuditSchemaCheckError, checkAuditMigrations } from '@ledgerline/audit';
+import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, AuditSchemaCheckError, checkAuditMigrations, prepareAuditSchema } from '@ledgerline/audit';
 import { runCli } from '../../../packages/audit/src/cli.ts';
 import { newId } from '@ledgerline/ledger';
 import { ADMIN_DATABASE_URL, createTestDatabase, freePort, withClient, type TestDatabase } from '@ledgerline/testing';
@@ -458,6 +458,37 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     assert.match(refused.join('\n'), /--events: the event store's login .* cannot read events\.events/);
     s.child.kill('SIGTERM');
     assert.equal(await s.exited, 0, s.stderr());
+  });
+
+  test('refused before anything runs: apply mode on a login that may not act as the roles, and `audit sequence` misconfigured', async () => {
+    assert.equal(await runCli(['migrate', '--database-url', ownerUrl], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
+    // The owner migrates, but is a member of neither role: in apply mode every flush and every round would fail.
+    await assert.rejects(prepareAuditSchema('apply', ownerUrl), new RegExp(`the login ${OWNER} may not act as ${AUDIT_WRITER_ROLE}.*GRANT ${AUDIT_WRITER_ROLE} TO ${OWNER}`));
+    // Made a writer, it passes that check, and meets the next one when it runs the sequencer too.
+    await connected((c) => c.query(`GRANT ${AUDIT_WRITER_ROLE} TO ${OWNER}`));
+    try {
+      await prepareAuditSchema('apply', ownerUrl);
+      await assert.rejects(prepareAuditSchema('apply', ownerUrl, { enabled: true, databaseUrl: '' }), new RegExp(`the login ${OWNER} may not act as ${AUDIT_SEQUENCER_ROLE}`));
+    } finally {
+      await connected((c) => c.query(`REVOKE ${AUDIT_WRITER_ROLE} FROM ${OWNER}`));
+    }
+
+    const sequence = async (env: Record<string, string>): Promise<{ code: number; text: string }> => {
+      const lines: string[] = [];
+      const code = await runCli(['sequence', '--events'], { stdout: (l) => lines.push(l), stderr: (l) => lines.push(l), env, stop: Promise.resolve() });
+      return { code, text: lines.join('\n') };
+    };
+    const productionKey = generateKeyPairSync('ed25519').privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    const noKek = await sequence({ NODE_ENV: 'production', AUDIT_SIGNING_KEY: productionKey, AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, DATABASE_URL: loginUrl });
+    assert.deepEqual([noKek.code, /AUDIT_KEY_ENCRYPTION_KEY is required in production/.test(noKek.text)], [2, true], noKek.text);
+    const badOrigin = await sequence({ AUDIT_LOG_ORIGIN: 'a log', AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, DATABASE_URL: loginUrl });
+    assert.deepEqual([badOrigin.code, /AUDIT_LOG_ORIGIN must be 1\.\.200 printable ASCII characters without spaces/.test(badOrigin.text)], [2, true], badOrigin.text);
+    // In check mode the event store is never read as the sequencer's own login.
+    const ownLogin = await sequence({ AUDIT_MIGRATIONS: 'check', AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl });
+    assert.deepEqual([ownLogin.code, /reads the event store as the service's login, never the sequencer's/.test(ownLogin.text)], [2, true], ownLogin.text);
+    // Nor as a login that could alter the log.
+    const ownerReads = await sequence({ AUDIT_MIGRATIONS: 'check', AUDIT_SEQUENCER_DATABASE_URL: sequencerUrl, DATABASE_URL: ownerUrl });
+    assert.deepEqual([ownerReads.code, new RegExp(`the login ${OWNER} could alter the log`).test(ownerReads.text)], [2, true], ownerReads.text);
   });
 
   test('a schema behind the code is named migration by migration', async () => {
