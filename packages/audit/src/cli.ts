@@ -30,9 +30,10 @@ import pg from 'pg';
 import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
 import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
 import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
-import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, signKeyTransition, type Checkpoint } from './keys.ts';
+import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
+import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
 import { AuditStore, LegalHoldError, type Requester } from './store.ts';
@@ -319,12 +320,20 @@ async function sequence(
   // As strict as a service's start (startup.ts): the same variables, the same refusals.
   const origin = env.AUDIT_LOG_ORIGIN === undefined || env.AUDIT_LOG_ORIGIN === '' ? DEFAULT_LOG_ORIGIN : env.AUDIT_LOG_ORIGIN;
   if (!LOG_ORIGIN_PATTERN.test(origin)) throw new UsageError(`AUDIT_LOG_ORIGIN must be 1..200 printable ASCII characters without spaces, got ${JSON.stringify(origin)}`);
-  const signer = loadSigningKey(env.AUDIT_SIGNING_KEY ?? '', { production });
-  if (signer.development) err('audit: AUDIT_SIGNING_KEY is unset: checkpoints are signed with the public DEVELOPMENT key, which anyone can forge with');
-  const kekText = env.AUDIT_KEY_ENCRYPTION_KEY ?? '';
-  if (kekText === '' && production) throw new UsageError('AUDIT_KEY_ENCRYPTION_KEY is required in production: the subject keys would be stored in clear beside the personal data they protect');
-  if (kekText === '') err('audit: AUDIT_KEY_ENCRYPTION_KEY is unset: the subject keys are stored in clear, so the database alone opens the personal data they protect');
-  const keyEncryptionKey = kekText === '' ? null : parseKeyEncryptionKey(kekText);
+  let signer: CheckpointSigner;
+  let keyEncryptionKey: KeyEncryptionKey | null;
+  try {
+    signer = signerFromConfig(env.AUDIT_SIGNING_KEY ?? '', { production, warn: err });
+  } catch (error) {
+    if (!(error instanceof SigningKeyError)) throw error;
+    throw new UsageError(`AUDIT_SIGNING_KEY ${error.message}`);
+  }
+  try {
+    keyEncryptionKey = keyEncryptionKeyFromConfig(env.AUDIT_KEY_ENCRYPTION_KEY ?? '', { production, warn: err });
+  } catch (error) {
+    if (!(error instanceof KeyEncryptionKeyError)) throw error;
+    throw new UsageError(`AUDIT_KEY_ENCRYPTION_KEY ${error.message}`);
+  }
   const { databaseUrl, eventsUrl } = urls;
   if (env.AUDIT_MIGRATIONS === 'check' && a['no-events'] !== true) {
     // The event store is read as its owner's login, which must be no more than a service's:

@@ -5,7 +5,7 @@
  * What a leaf commits to is `audit.event_leaf_data`, written out again here
  * (`eventLeafData`) so that a test, or anyone holding an event, can recompute it.
  */
-import { readHorizon, toEvent, type Checkpoint as EventCheckpoint, type EventRecord, type StoredEvent } from '@ledgerline/events';
+import { toEvent, type Checkpoint as EventCheckpoint, type EventRecord, type StoredEvent } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { HASH_BYTES } from './merkle.ts';
 import type { AuditEntry } from './sink.ts';
@@ -63,11 +63,10 @@ export async function eventCursor(db: Queryable): Promise<EventCheckpoint> {
 /**
  * The next events after the sequencer's cursor, up to `limit`, hashed as leaves from
  * `firstSeq` on; null when there are none. The event store's reading rule applies (events
- * below the read horizon only, in (transaction id, position) order), so an event that
+ * below the read horizon, `readHorizon`'s, only, in (transaction id, position) order), so an event that
  * commits late is integrated when it commits, never skipped.
  */
-export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number, horizon?: bigint): Promise<EventTile | null> {
-  horizon ??= await readHorizon(db);
+export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number, horizon: bigint): Promise<EventTile | null> {
   // One pass over the events in the index's order: the window numbers them as they come (no
   // sort), each is hashed once, and the aggregates collect positions and hashes in that same
   // order, the scan's. PostgreSQL keeps a sorted subquery's order through a window and an

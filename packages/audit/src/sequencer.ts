@@ -287,7 +287,7 @@ export class AuditSequencer {
     const problems = [
       tile.count >= 1 && tile.count <= limit ? null : `${tile.count} events for a tile of at most ${limit}`,
       after(tile.first, cursor) ? null : 'its first event is not after the cursor',
-      tile.first.transactionId === tile.last.transactionId && tile.first.position === tile.last.position ? (tile.count === 1 ? null : 'its first and last events are one') : after(tile.last, tile.first) ? null : 'its last event comes before its first',
+      tile.count === 1 || after(tile.last, tile.first) ? null : 'its last event does not come after its first',
       tile.last.transactionId < horizon ? null : 'its last event is not below the read horizon',
       tile.failures >= 0 && tile.failures <= tile.count ? null : `${tile.failures} failures among ${tile.count} events`,
     ].filter((p) => p !== null);

@@ -17,7 +17,7 @@ import { MemoryAuditSink } from '@ledgerline/audit';
 import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type TokenResponse } from '@ledgerline/identity';
 import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
 import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
-import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
+import { buildIdentityService, TOKEN_ACTION, type IdentityServiceOptions } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
 import { identityConfigSchema } from '../src/config.ts';
 import { startIdentityProcess } from './support.ts';
@@ -93,15 +93,15 @@ after(async () => {
   await db.drop();
 });
 
+/** What every service in this file is built from: the shared identity, pool and audit sink, and the fixed clock. */
+function serviceBase(): Pick<IdentityServiceOptions, 'identity' | 'pool' | 'issuer' | 'audit' | 'clock' | 'logger'> {
+  return { identity, pool, issuer: ISSUER, audit, clock: () => NOW, logger: false };
+}
+
 /** The service with rate limiting on in Redis under `prefix` (each test its own), or off. */
 async function serve(limits: { prefix: string; token: RateLimit; default: RateLimit } | null): Promise<Service> {
   const app = await buildIdentityService({
-    identity,
-    pool,
-    issuer: ISSUER,
-    audit,
-    clock: () => NOW,
-    logger: false,
+    ...serviceBase(),
     ...(limits === null
       ? {}
       : {
@@ -259,12 +259,7 @@ describe('POST /oauth/token under load shedding', () => {
       clearTimer: (handle: unknown) => { clearTimeout(handle as NodeJS.Timeout); },
     };
     const app = await buildIdentityService({
-      identity,
-      pool,
-      issuer: ISSUER,
-      audit,
-      clock: () => NOW,
-      logger: false,
+      ...serviceBase(),
       resilience: { loadShedding: { concurrencyMax: 1, queueMax: 1, targetQueueMs: 50, intervalMs: 60_000, queueTimeoutMs: { critical: 10_000, high: 10_000, normal: 10_000, low: 10_000 }, clock } },
     });
     apps.push(app);
