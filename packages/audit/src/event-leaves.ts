@@ -126,6 +126,12 @@ export interface EventLeafCheck {
   /** The event's actor and outcome as search matches them; null with the event. */
   actor: string | null;
   failed: boolean | null;
+  /**
+   * The event's recorded time against the tile's stored bounds, which search by time trusts
+   * to skip the tile, to the millisecond (`MS`): within them, and whether it is the first or
+   * the last. Null with the event.
+   */
+  recorded: { within: boolean; first: boolean; last: boolean } | null;
 }
 
 /** A tile's search summary (migration 1767800000000), null for a tile integrated before summaries. */
@@ -134,19 +140,105 @@ export interface TileSummary {
   failures: number;
 }
 
+/** A tile as verification walks them: where it starts in the tree and in the event store's global order. */
+export interface TileStart {
+  firstSeq: number;
+  count: number;
+  /** Its first event's place in the global order (transaction id, position). */
+  start: EventCheckpoint;
+  summary: TileSummary | null;
+}
+
 /** The tiles that start at or after `fromSeq`, in sequence order, up to `limit`, with their search summaries. */
-export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<{ firstSeq: number; count: number; lastRecordedAt: Date; summary: TileSummary | null }[]> {
-  const r = await db.query<{ first_seq: string; leaf_count: number; last_recorded_at: Date; actors: string[] | null; failures: number | null }>(
-    'SELECT t.first_seq::text, t.leaf_count, t.last_recorded_at, t.actors, t.failures FROM audit.event_leaves t WHERE t.first_seq >= $1 ORDER BY t.first_seq LIMIT $2',
+export async function tileStarts(db: Queryable, fromSeq: number, limit: number): Promise<TileStart[]> {
+  const r = await db.query<{ first_seq: string; leaf_count: number; first_tx: string; first_position: string; actors: string[] | null; failures: number | null }>(
+    `SELECT t.first_seq::text, t.leaf_count, t.first_transaction_id::text AS first_tx, t.first_position::text, t.actors, t.failures
+       FROM audit.event_leaves t WHERE t.first_seq >= $1 ORDER BY t.first_seq LIMIT $2`,
     [fromSeq, limit],
   );
   return r.rows.map((t) => ({
     firstSeq: Number(t.first_seq),
     count: t.leaf_count,
-    lastRecordedAt: t.last_recorded_at,
+    start: { transactionId: BigInt(t.first_tx), position: BigInt(t.first_position) },
     summary: t.actors === null || t.failures === null ? null : { actors: t.actors, failures: t.failures },
   }));
 }
+
+/** The start of the event store's global order: before every event. */
+export const ORDER_ORIGIN: EventCheckpoint = { transactionId: 0n, position: 0n };
+
+/**
+ * Where the stretch of the global order that belongs to the tile at `firstSeq` ends
+ * (exclusive): at the next tile's first event or, past the last tile, just after the
+ * sequencer's cursor. The sequencer follows the global order and moves its cursor in the
+ * transaction that stores the tile, so the tiles' stretches cover it without gaps up to the
+ * cursor. One statement: a round committing meanwhile is seen whole, or not at all.
+ */
+export async function stretchEnd(db: Queryable, firstSeq: number): Promise<EventCheckpoint> {
+  const r = await db.query<{ tx: string; pos: string }>(
+    `SELECT coalesce(n.first_transaction_id, s.event_transaction_id)::text AS tx,
+            (CASE WHEN n.first_seq IS NULL THEN s.event_position + 1 ELSE n.first_position END)::text AS pos
+       FROM audit.sequencer_state s
+       LEFT JOIN LATERAL (SELECT t.first_seq, t.first_transaction_id, t.first_position FROM audit.event_leaves t
+                           WHERE t.first_seq > $1 ORDER BY t.first_seq LIMIT 1) n ON true`,
+    [firstSeq],
+  );
+  const row = r.rows[0];
+  if (row === undefined) throw new Error('audit.sequencer_state is empty: run migrateAudit');
+  return { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
+}
+
+/** What `checkStretch` found, by event position, each list in position order. */
+export interface StretchCheck {
+  /** Events kept in the stretch that are no leaf of its tile. */
+  skipped: bigint[];
+  /** Kept events of the tile that lie outside its stretch. */
+  misplaced: bigint[];
+}
+
+/**
+ * Completeness over one stretch of the event store's global order, [from, to): every event
+ * kept there (the hot table or the archive) must be a leaf of the tile at `firstSeq` (null: no
+ * tile, so none may be kept there), and every kept event of that tile must lie there. An event
+ * the sequencer passed by (its cursor moved past it), or one written into the order's past,
+ * is skipped; one integrated twice (the cursor moved back) or moved in the order (its
+ * transaction id changed) is misplaced. Events that retention removed are in neither list,
+ * nor are those it archived before the sequencer's first tile: the sequencer reads the hot
+ * table, and until its cursor first moves retention does not wait for it (retention.ts
+ * `readersSql`), so such events were never the trail's to miss.
+ * At most `limit` positions in all. The stretch is below the cursor, so every transaction in
+ * it has ended: what this reads cannot change under it.
+ */
+export async function checkStretch(db: Queryable, firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<StretchCheck> {
+  const inStretch = (alias: string): string =>
+    `(${alias}.transaction_id, ${alias}.position) >= ($1::text::xid8, $2::bigint) AND (${alias}.transaction_id, ${alias}.position) < ($3::text::xid8, $4::bigint)`;
+  const r = await db.query<{ kind: 'skipped' | 'misplaced'; position: string }>(
+    `WITH stretch AS MATERIALIZED (
+            SELECT e.position FROM events.events e WHERE ${inStretch('e')}
+            UNION ALL
+            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}
+               AND a.archived_at >= (SELECT t.integrated_at FROM audit.event_leaves t ORDER BY t.first_seq LIMIT 1)),
+          tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $5)
+     SELECT x.kind, x.position::text FROM (
+       SELECT 'skipped' AS kind, s.position FROM stretch s WHERE NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position)
+       UNION ALL
+       SELECT 'misplaced', l.position FROM tile l
+        WHERE NOT EXISTS (SELECT 1 FROM stretch s WHERE s.position = l.position)
+          AND (EXISTS (SELECT 1 FROM events.events e WHERE e.position = l.position)
+               OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = l.position))) x
+      ORDER BY x.kind DESC, x.position LIMIT $6`,
+    [from.transactionId.toString(), from.position.toString(), to.transactionId.toString(), to.position.toString(), firstSeq, limit],
+  );
+  const found: StretchCheck = { skipped: [], misplaced: [] };
+  for (const row of r.rows) found[row.kind].push(BigInt(row.position));
+  return found;
+}
+
+/**
+ * A time to the millisecond: the precision of the times search takes, and the one the
+ * sequencer stores a tile's recorded times with (they pass through a JavaScript Date).
+ */
+const MS = (time: string): string => `date_trunc('milliseconds', ${time})`;
 
 /**
  * Recomputes the leaves of the tile at `firstSeq` from the event store (the hot table or the
@@ -154,10 +246,22 @@ export async function tileStarts(db: Queryable, fromSeq: number, limit: number):
  * another place no longer matches.
  */
 export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: number): Promise<EventLeafCheck[]> {
-  const r = await db.query<{ i: string; position: string; stored: Buffer; recomputed: Buffer | null; actor: string | null; failed: boolean | null }>(
+  const r = await db.query<{
+    i: string;
+    position: string;
+    stored: Buffer;
+    recomputed: Buffer | null;
+    actor: string | null;
+    failed: boolean | null;
+    within: boolean | null;
+    at_first: boolean | null;
+    at_last: boolean | null;
+  }>(
     `SELECT u.i::text, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored,
             sha256('\\x00'::bytea || audit.event_leaf_data($2::bigint + u.i - 1, ${LEAF_ARGS})) AS recomputed,
-            CASE WHEN e.position IS NOT NULL THEN ${ACTOR_OF('e')} END AS actor, CASE WHEN e.position IS NOT NULL THEN ${FAILED('e')} END AS failed
+            CASE WHEN e.position IS NOT NULL THEN ${ACTOR_OF('e')} END AS actor, CASE WHEN e.position IS NOT NULL THEN ${FAILED('e')} END AS failed,
+            ${MS('e.recorded_at')} BETWEEN ${MS('t.first_recorded_at')} AND ${MS('t.last_recorded_at')} AS within,
+            ${MS('e.recorded_at')} = ${MS('t.first_recorded_at')} AS at_first, ${MS('e.recorded_at')} = ${MS('t.last_recorded_at')} AS at_last
        FROM audit.event_leaves t
        CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
        LEFT JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = u.position
@@ -175,6 +279,7 @@ export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: nu
     recomputed: row.recomputed,
     actor: row.actor,
     failed: row.failed,
+    recorded: row.within === null ? null : { within: row.within, first: row.at_first === true, last: row.at_last === true },
   }));
 }
 
@@ -206,6 +311,21 @@ export function summaryMismatch(summary: TileSummary, leaves: readonly EventLeaf
     if (extra.length > 0) return `its summary names actor(s) no event of the tile has: ${extra.slice(0, 3).map((a) => JSON.stringify(a)).join(', ')}`;
     if (summary.actors.length !== listed.size) return 'its summary names an actor twice';
     if (summary.failures !== failures) return `its summary counts ${summary.failures} failures, but its events hold ${failures}`;
+  }
+  return null;
+}
+
+/**
+ * What is wrong with a tile's stored recorded times, held to its leaves' events; null when
+ * nothing is. Every event kept must be recorded within them, or a search by time would pass
+ * over it; with every event kept, the first and the last must be some event's.
+ */
+export function recordedTimesMismatch(leaves: readonly EventLeafCheck[]): string | null {
+  const kept = leaves.flatMap((l) => (l.recorded === null ? [] : [{ seq: l.seq, ...l.recorded }]));
+  const outside = kept.find((l) => !l.within);
+  if (outside !== undefined) return `leaf ${outside.seq}'s event was recorded outside the tile's stored times: search by time would pass over it`;
+  if (kept.length === leaves.length && kept.length > 0 && (!kept.some((l) => l.first) || !kept.some((l) => l.last))) {
+    return 'its stored times are not its events\' first and last recorded times';
   }
   return null;
 }

@@ -52,10 +52,14 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
  * Once the trail takes events as leaves (audit.event_leaves), an event is part of the audit
  * record of class `financial`, and deleting it early would read as tampering (verification's
  * `event_missing`) or, before the sequencer reached it, leave it out of the trail. So deletion
- * waits until every event of the stream is a leaf of a tile whose events are all past that
- * class's retention (the rule verification applies), by the earlier of `now` and the
- * database's clock (a caller's clock may move retention back, never forward); a class kept for
- * ever keeps its events for ever. Archiving is not held: archived events still verify.
+ * waits until every event of the stream is a leaf of a tile that a checkpoint issued at least
+ * that class's retention ago covers whole: the signed time by which verification judges a
+ * missing event, and never earlier than the event's own recorded time allows (the event was
+ * recorded before the checkpoint that covers it was issued). An event recorded long before
+ * the trail took it (a store the trail began tailing late) is kept for the retention after
+ * that. Times are read by the earlier of `now` and the database's clock (a caller's clock
+ * may move retention back, never forward); a class kept for ever keeps its events for ever.
+ * Archiving is not held: archived events still verify.
  */
 async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date): Promise<boolean> {
   const r = await db.query<{ keep: boolean }>(
@@ -66,9 +70,12 @@ async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date)
                          UNION ALL
                          SELECT transaction_id, position FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e
           LEFT JOIN LATERAL ${tileOfEvent('e')} t ON true
+          LEFT JOIN LATERAL (SELECT c.issued_at FROM audit.checkpoints c WHERE c.tree_size >= t.first_seq + t.leaf_count
+                              ORDER BY c.tree_size LIMIT 1) covering ON true
            WHERE t.positions IS NULL OR array_position(t.positions, e.position) IS NULL
               OR NOT EXISTS (SELECT 1 FROM policy)
-              OR t.last_recorded_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep`,
+              OR covering.issued_at IS NULL
+              OR covering.issued_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep`,
     [stream.streamType, stream.streamId, now],
   );
   return r.rows[0]?.keep === true;

@@ -26,12 +26,13 @@
  */
 import { createPublicKey, type KeyObject } from 'node:crypto';
 import { sqlArrayLiteral } from '@ledgerline/events';
+import type { Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { checkpointSignatureValid, keyIdOf, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
 import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { checkTile, summaryMismatch, tileStarts } from './event-leaves.ts';
+import { checkStretch, checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -47,6 +48,8 @@ export type VerifyIssueKind =
   | 'checkpoint_root_mismatch'
   | 'records_truncated'
   | 'event_missing'
+  | 'event_not_integrated'
+  | 'event_misplaced'
   | 'search_summary_altered'
   | 'record_in_tile'
   | 'tree_node_altered'
@@ -222,8 +225,26 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   const financialRetention = await db.query<{ days: number }>("SELECT retain_days AS days FROM audit.retention_policies WHERE record_class = 'financial'");
   const eventRetainMs = financialRetention.rows[0] === undefined ? null : financialRetention.rows[0].days * 86_400_000;
   const now = (options.now ?? (() => new Date()))();
+  /**
+   * Whether retention may have removed the event of the leaf just reached: judged by the
+   * signed time of the first checkpoint that covers the leaf (`next`, once `reach` has passed
+   * every checkpoint below it), since its event was recorded before that checkpoint was issued.
+   * Nothing stored and unsigned (such as a tile's recorded times) can make a deletion pass for
+   * an expiry. A leaf no checkpoint covers yet is too recent to have expired.
+   */
+  const vouched = new Map<Checkpoint, boolean>();
+  const retentionRanOut = (): boolean => {
+    if (eventRetainMs === null || next === null || next.issuedAt.getTime() + eventRetainMs > now.getTime()) return false;
+    let valid = vouched.get(next);
+    if (valid === undefined) {
+      valid = checkpointSignatureValid(keysFor(next.origin), next);
+      vouched.set(next, valid);
+    }
+    return valid;
+  };
 
-  let tiles: Awaited<ReturnType<typeof tileStarts>> = [];
+  let tiles: TileStart[] = [];
+  let tilesWalked = 0;
   for (let expected = 0; ; ) {
     if ((tiles[0]?.firstSeq ?? -1) < expected) tiles = await tileStarts(db, expected, 100);
     const tile = tiles[0];
@@ -250,14 +271,13 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     if (page.rows.length === VERIFY_PAGE_RECORDS) continue;
     if (tile === undefined) break;
     tiles.shift();
-    const expired = eventRetainMs !== null && tile.lastRecordedAt.getTime() + eventRetainMs <= now.getTime();
     const leaves = await checkTile(db, tile.firstSeq, frontier.size);
     for (const leaf of leaves) {
       await reach(leaf.seq);
       if (leaf.recomputed === null) {
         // Retention may remove an event once the financial class's retention has run out for
-        // every event of its tile; before that, a missing event is a deletion.
-        if (!expired) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
+        // it; before that, a missing event is a deletion.
+        if (!retentionRanOut()) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
       } else if (!leaf.recomputed.equals(leaf.stored)) {
         report({ kind: 'record_altered', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} (event position ${leaf.position}) does not hash to its stored leaf hash: the event was changed or moved` });
       }
@@ -265,6 +285,10 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       appendStored(leaf.stored);
     }
     await checkNodes();
+    // Complete as well as unaltered: every event the sequencer passed is a leaf, in its place.
+    // The first tile's stretch begins at the start of the global order.
+    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, issuesMax, report);
+    tilesWalked += 1;
     // A tile's leaves are its events: a record row in its range is a forgery (the sequencer
     // gives records and tiles disjoint ranges, and the database refuses such rows since
     // migration 1769000000000). The walk above never reads one, and search would show it.
@@ -277,10 +301,15 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     }
     // Not evidence (nothing is signed over it), but search trusts it to skip tiles.
     const mismatch = tile.summary === null ? null : summaryMismatch(tile.summary, leaves);
-    if (mismatch !== null) report({ kind: 'search_summary_altered', seq: tile.firstSeq, treeSize: null, detail: `the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: ${mismatch}` });
+    const times = recordedTimesMismatch(leaves);
+    for (const wrong of [mismatch, times]) {
+      if (wrong !== null) report({ kind: 'search_summary_altered', seq: tile.firstSeq, treeSize: null, detail: `the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: ${wrong}` });
+    }
     expected = tile.firstSeq + tile.count;
     options.onProgress?.(frontier.size);
   }
+  // With no tile at all, no event may lie at or before the sequencer's cursor.
+  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, issuesMax, report);
   while (next !== null) {
     checkCheckpoint(next, true);
     next = await nextCheckpoint();
@@ -305,6 +334,42 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     issues,
     issuesTruncated,
   };
+}
+
+/**
+ * The events of `tile`'s stretch of the global order against its leaves (`checkStretch`); with
+ * `tile` null, the events before the sequencer's cursor when there are no tiles.
+ */
+async function checkCompleteness(
+  db: Queryable,
+  tile: TileStart | null,
+  leaves: readonly EventLeafCheck[],
+  from: EventCheckpoint,
+  limit: number,
+  report: (issue: VerifyIssue) => void,
+): Promise<void> {
+  const to = await stretchEnd(db, tile?.firstSeq ?? -1);
+  // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
+  if (tile === null && to.transactionId === ORDER_ORIGIN.transactionId && to.position === ORDER_ORIGIN.position + 1n) return;
+  const found = await checkStretch(db, tile?.firstSeq ?? null, from, to, limit);
+  const place = tile === null ? 'and there is no tile of events' : `in the stretch of the global order of the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}`;
+  for (const position of found.skipped) {
+    report({
+      kind: 'event_not_integrated',
+      seq: tile?.firstSeq ?? null,
+      treeSize: null,
+      detail: `event position ${position} lies before the sequencer's cursor ${place}, but is a leaf of none: the cursor was moved past it, or it was written into the event store's past`,
+    });
+  }
+  for (const position of found.misplaced) {
+    const seq = leaves.find((l) => l.position === position)?.seq ?? tile?.firstSeq ?? null;
+    report({
+      kind: 'event_misplaced',
+      seq,
+      treeSize: null,
+      detail: `leaf ${String(seq)} is event position ${position}, which lies outside its tile's stretch of the global order: the event was integrated twice (the sequencer's cursor moved back), or its transaction id was changed`,
+    });
+  }
 }
 
 /** A present payload must hash to what the leaf committed; an absent one is retention's doing. */

@@ -379,3 +379,104 @@ test('rewriting a stored leaf hash, or truncating the tiles, is found against th
   assert.equal(truncated.ok, false);
   assert.ok(truncated.issues.some((i) => i.kind === 'records_truncated' && i.seq === cut), JSON.stringify(truncated.issues));
 });
+
+/** The tiles' first sequence numbers and starts in the global order, in sequence order. */
+async function tiles(): Promise<{ firstSeq: number; count: number; tx: string; position: string }[]> {
+  const r = await t.pool.query<{ first_seq: string; leaf_count: number; tx: string; position: string }>(
+    'SELECT first_seq::text, leaf_count, first_transaction_id::text AS tx, first_position::text AS position FROM audit.event_leaves t ORDER BY t.first_seq',
+  );
+  return r.rows.map((row) => ({ firstSeq: Number(row.first_seq), count: row.leaf_count, tx: row.tx, position: row.position }));
+}
+
+/** A new event row written straight into the event store as the table's owner, at `tx` in the global order (default: now). */
+async function writeEvent(c: pg.PoolClient, streamId: string, tx?: string): Promise<string> {
+  const r = await c.query<{ position: string }>(
+    `INSERT INTO events.events (transaction_id, partition, event_id, stream_type, stream_id, version, type, data, metadata)
+     VALUES (coalesce($1::xid8, pg_current_xact_id()), 0, gen_random_uuid(), 'ledger.transfer', $2, 1, 'ledger.TransferPosted', '{"result":"ok"}', '{"actor":"user:x"}')
+     RETURNING position::text`,
+    [tx ?? null, streamId],
+  );
+  return r.rows[0]?.position ?? '';
+}
+
+function issuesOf(report: VerifyReport, kind: VerifyIssueKind): { seq: number | null; detail: string }[] {
+  return report.issues.filter((i) => i.kind === kind).map((i) => ({ seq: i.seq, detail: i.detail }));
+}
+
+test('an event the sequencer passed by, or one written into the past of the global order, is found: verification proves the log complete', async () => {
+  const all = await tiles();
+  const last = all.at(-1);
+  assert.ok(last !== undefined);
+  // The cursor moved past two new events: the sequencer will never integrate them.
+  let written: string[] = [];
+  const passed = await tampered(async (c) => {
+    written = [await writeEvent(c, 'passed-1'), await writeEvent(c, 'passed-2')];
+    await c.query('UPDATE audit.sequencer_state SET event_transaction_id = pg_current_xact_id(), event_position = $1', [written[1]]);
+  });
+  located(passed, 'event_not_integrated', last.firstSeq);
+  assert.deepEqual(
+    issuesOf(passed, 'event_not_integrated').map((i) => [i.seq, i.detail.split(' ')[2]]),
+    written.map((p) => [last.firstSeq, p]),
+  );
+  // Written behind the sequencer, before the first tile's first event in the global order.
+  let backdated = '';
+  const past = await tampered(async (c) => {
+    backdated = await writeEvent(c, 'backdated', '3');
+  });
+  located(past, 'event_not_integrated', (all[0] as { firstSeq: number }).firstSeq);
+  assert.match(past.firstDifference?.detail ?? '', new RegExp(`^event position ${backdated} `));
+  // Without any tile, every event before the cursor is reported, under no sequence number.
+  const untiled = await tampered((c) => c.query('DELETE FROM audit.event_leaves'));
+  assert.equal(issuesOf(untiled, 'event_not_integrated').length, STEPS * EVENTS_PER_STEP);
+  assert.ok(issuesOf(untiled, 'event_not_integrated').every((i) => i.seq === null));
+  // New events after the cursor are the sequencer's next round, not a gap.
+  const pending = await tampered((c) => writeEvent(c, 'next-round'));
+  assert.equal(pending.ok, true, JSON.stringify(pending.issues));
+});
+
+test('an event integrated twice, or moved in the global order, is found at its leaf', async () => {
+  const all = await tiles();
+  const last = all.at(-1);
+  assert.ok(last !== undefined && last.count >= 2);
+  // The cursor moved back before the last tile: its events lie after the cursor, so the next
+  // round would integrate them again.
+  const back = await tampered((c) =>
+    c.query('UPDATE audit.sequencer_state SET event_transaction_id = $1::xid8, event_position = $2::bigint - 1', [last.tx, last.position]),
+  );
+  located(back, 'event_misplaced', last.firstSeq);
+  assert.deepEqual(
+    issuesOf(back, 'event_misplaced').map((i) => i.seq),
+    Array.from({ length: last.count }, (_, k) => last.firstSeq + k),
+  );
+  // An event whose transaction id was changed moves to the start of the order: its own tile
+  // no longer covers it, and the first stretch holds an event no tile there has.
+  const leaf = (await eventLeaves()).find((l) => l.seq > (all[2] as { firstSeq: number }).firstSeq) as LeafRow;
+  const moved = await tampered((c) => c.query("UPDATE events.events SET transaction_id = '3' WHERE position = $1", [leaf.position]));
+  assert.deepEqual(issuesOf(moved, 'event_misplaced').map((i) => i.seq), [leaf.seq]);
+  assert.deepEqual(issuesOf(moved, 'event_not_integrated').map((i) => i.seq), [(all[0] as { firstSeq: number }).firstSeq]);
+});
+
+test('a tile\'s stored times are held to its events, and cannot make a deleted event pass for an expired one: retention is judged by the signed checkpoint', async () => {
+  const leaf = (await eventLeaves())[17] as LeafRow;
+  const backdated = await tampered(async (c) => {
+    await c.query(
+      `UPDATE audit.event_leaves SET first_recorded_at = now() - interval '8 years', last_recorded_at = now() - interval '8 years'
+        WHERE first_seq = (SELECT max(first_seq) FROM audit.event_leaves WHERE first_seq <= $1)`,
+      [leaf.seq],
+    );
+    await c.query('DELETE FROM events.events WHERE position = $1', [leaf.position]);
+  });
+  located(backdated, 'event_missing', leaf.seq);
+  // The stored times alone moved: a search by time would pass over the tile's events.
+  const tile = (await tiles()).filter((x) => x.firstSeq <= leaf.seq).at(-1) as { firstSeq: number };
+  const moveTimes = (bounds: string) => (c: pg.PoolClient): Promise<unknown> => c.query(`UPDATE audit.event_leaves SET ${bounds} WHERE first_seq = $1`, [tile.firstSeq]);
+  located(await tampered(moveTimes("first_recorded_at = now() - interval '8 years', last_recorded_at = now() - interval '8 years'")), 'search_summary_altered', tile.firstSeq);
+  located(await tampered(moveTimes("first_recorded_at = first_recorded_at - interval '1 microsecond'")), 'search_summary_altered', tile.firstSeq);
+  // A checkpoint whose time was moved back loses its signature, and with it its say on retention.
+  const forgedTime = await tampered(async (c) => {
+    await c.query("UPDATE audit.checkpoints SET issued_at = issued_at - interval '8 years'");
+    await c.query('DELETE FROM events.events WHERE position = $1', [leaf.position]);
+  });
+  assert.deepEqual(issuesOf(forgedTime, 'event_missing').map((i) => i.seq), [leaf.seq]);
+  assert.ok(forgedTime.issues.some((i) => i.kind === 'checkpoint_signature_invalid'));
+});

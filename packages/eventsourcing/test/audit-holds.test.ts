@@ -64,46 +64,57 @@ test('resourceOf maps a stream to the audit resource its hold names', async () =
   assert.deepEqual(unmapped.archived.map((s) => s.streamId), ['a-1']);
 });
 
-test('once events are leaves of the audit trail, deletion waits for the financial retention; archiving does not', async () => {
+test('once events are leaves of the audit trail, deletion waits until a checkpoint issued the financial retention ago covers them; archiving does not', async () => {
   const signer = loadSigningKey(undefined, { production: false });
-  const sequencer = new AuditSequencer({ pool: env.pool, signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0 });
+  // The sequencer's clock: eight years ago for its first rounds, then today. A checkpoint's
+  // signed time says when the trail had taken its leaves.
+  let clock = Date.now() - 8 * 365 * DAY_MS;
+  const sequencer = new AuditSequencer({ pool: env.pool, signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0, now: () => new Date(clock) });
   const integrate = async (): Promise<void> => {
     for (let r = await sequencer.round(); r.records > 0; r = await sequencer.round());
   };
+  const appendRecordedYearsAgo = async (id: string, years: number): Promise<void> => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id }, [event], { expectedVersion: 'no_stream' }));
+    await env.pool.query(`UPDATE events.events SET recorded_at = now() - make_interval(years => $2) WHERE stream_type = 'receipt' AND stream_id = $1`, [id, years]);
+  };
   await integrate();
-  // r-old: recorded eight years ago, alone in its tile (the trail judges retention per tile,
-  // as verification does). The time is set before the trail hashes it: the leaf commits to it.
-  await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id: 'r-old' }, [event], { expectedVersion: 'no_stream' }));
-  await env.pool.query(`UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = 'receipt' AND stream_id = 'r-old'`);
+  // r-old: recorded and taken by the trail eight years ago, alone in its tile.
+  await appendRecordedYearsAgo('r-old', 8);
   await integrate();
+  clock = Date.now();
+  // r-backdated: recorded eight years ago, but taken by the trail only today (a store the
+  // trail began tailing late): no checkpoint older than today vouches for it.
+  await appendRecordedYearsAgo('r-backdated', 8);
   for (const id of ['r-new', 'r-archived']) {
     await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id }, [event], { expectedVersion: 'no_stream' }));
   }
-  // r-late is not a leaf yet: deleting it would leave it out of the trail.
   await integrate();
-  await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id: 'r-late' }, [event], { expectedVersion: 'no_stream' }));
-  await env.pool.query(`UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = 'receipt' AND stream_id = 'r-late'`);
+  // r-late is not a leaf yet: deleting it would leave it out of the trail.
+  await appendRecordedYearsAgo('r-late', 8);
   assert.ok(await count(env.pool, 'SELECT count(*) FROM audit.event_leaves') > 0);
 
-  // A year on: r-new is a year old, inside the seven years of class financial; r-old is not.
+  // A year on: r-new is a year old, inside the seven years of class financial; r-old's
+  // checkpoint is eight years old; r-backdated's is today's.
   const later = new Date(Date.now() + 400 * DAY_MS);
   await passReaders(env.pool);
   const deleted = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', deleteAfterDays: 365 }], holds: auditLegalHolds(), now: later });
   // r-late is not even due: the sequencer, a reader of the events, has not reached it.
   assert.deepEqual(deleted.deleted.map((s) => s.streamId), ['r-old']);
-  assert.deepEqual(deleted.held.map((s) => s.streamId).sort(), ['r-archived', 'r-new']);
+  assert.deepEqual(deleted.held.map((s) => s.streamId).sort(), ['r-archived', 'r-backdated', 'r-new']);
   await integrate();
   // Archiving is not held (archived events still verify), and the trail verifies with r-old gone.
   const archived = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', archiveAfterDays: 365 }], holds: auditLegalHolds(), now: later });
-  assert.deepEqual(archived.archived.map((s) => s.streamId).sort(), ['r-archived', 'r-late', 'r-new']);
+  assert.deepEqual(archived.archived.map((s) => s.streamId).sort(), ['r-archived', 'r-backdated', 'r-late', 'r-new']);
   const report = await verifyLog(env.pool, { publicKey: signer.publicKey });
   assert.equal(report.ok, true, JSON.stringify(report.issues));
-  // Now a leaf (of a tile past retention), r-late may go. A clock set further ahead does not
-  // move the database's own: r-new and r-archived are still held.
+  // A clock set further ahead does not move the database's own: every checkpoint left is
+  // today's, so every stream left is held.
   const far = new Date(Date.now() + 9 * 365 * DAY_MS);
   const next = await applyRetention(env.pool, { rules: [{ streamType: 'receipt', deleteAfterDays: 365 }], holds: auditLegalHolds(), now: far });
-  assert.deepEqual(next.deleted.map((s) => s.streamId), ['r-late']);
-  assert.deepEqual(next.held.map((s) => s.streamId).sort(), ['r-archived', 'r-new']);
-  assert.equal((await verifyLog(env.pool, { publicKey: signer.publicKey })).ok, true);
+  assert.deepEqual(next.deleted, []);
+  assert.deepEqual(next.held.map((s) => s.streamId).sort(), ['r-archived', 'r-backdated', 'r-late', 'r-new']);
+  // Verification nine years on, by the same signed times, takes r-old's absence for expiry.
+  const farReport = await verifyLog(env.pool, { publicKey: signer.publicKey, now: () => far });
+  assert.equal(farReport.ok, true, JSON.stringify(farReport.issues));
   await sequencer.close();
 });
