@@ -3,7 +3,8 @@
  * the event store's owner's login, so that nothing the owner attaches to the table runs with
  * the sequencer's rights). When that pool cannot read, the round still integrates the queue,
  * and says why the events waited; once it reads again, the events are integrated where the
- * cursor stood, each once.
+ * cursor stood, each once. What that pool returns is held to the tile query's promises: a tile
+ * that breaks one (a lying store, or a proxy in front of it) is refused, and nothing is written.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -54,4 +55,73 @@ test('an event store that cannot be read leaves the round to the queue, reported
   const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
   assert.equal(report.ok, true, JSON.stringify(report.issues));
   assert.equal(report.records, 5);
+});
+
+/**
+ * A pool on the real database whose answers to the tile query are altered by `forge` before
+ * the sequencer sees them: the event store lying about what it holds.
+ */
+function lyingPool(url: string, forge: (row: Record<string, unknown>) => void): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max: 1 });
+  const query = pool.query.bind(pool) as (config: pg.QueryConfig) => Promise<pg.QueryResult>;
+  const lying = async (config: pg.QueryConfig): Promise<pg.QueryResult> => {
+    const result = await query(config);
+    const row = result.rows[0] as Record<string, unknown> | undefined;
+    if (config.name === 'ledgerline.audit.event-tile' && row !== undefined) forge(row);
+    return result;
+  };
+  pool.query = lying as typeof pool.query;
+  return pool;
+}
+
+test('a tile that breaks the tile query\'s promises is refused, and nothing is written', async () => {
+  const append = async (from: number, to: number): Promise<void> => {
+    for (let i = from; i < to; i += 1) {
+      await t.events.append(t.pool, { type: 'order', id: `o-${i}` }, [{ type: 'OrderPlaced', data: { i } }], { expectedVersion: 'no_stream' });
+    }
+  };
+  const state = async (): Promise<string> => {
+    const r = await t.pool.query<{ s: string }>(
+      `SELECT (SELECT event_transaction_id::text || '/' || event_position FROM audit.sequencer_state)
+              || ' ' || (SELECT count(*) FROM audit.event_leaves) || ' ' || (SELECT count(*) FROM audit.checkpoints) AS s`,
+    );
+    return r.rows[0]?.s ?? '';
+  };
+  const honest = new pg.Pool({ connectionString: t.db.url, max: 1 });
+  const sequencer = (eventsPool: pg.Pool): AuditSequencer =>
+    new AuditSequencer({ pool: t.pool, eventsPool, signer: t.signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0 });
+  try {
+    // Everything so far integrated, so the cursor stands after an event.
+    for (let r = await sequencer(honest).round(); r.records > 0; r = await sequencer(honest).round());
+    await append(0, 4);
+    const cursor = await t.pool.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
+    const at = cursor.rows[0] as { tx: string; pos: string };
+    const lies: [string, (row: Record<string, unknown>) => void, RegExp][] = [
+      ['an event at the cursor', (row) => Object.assign(row, { first_tx: at.tx, positions: String(row.positions).replace(/^\{\d+/, `{${at.pos}`) }), /its first event is not after the cursor/],
+      ['a last event not yet below the read horizon', (row) => Object.assign(row, { last_tx: '9223372036854775807' }), /its last event is not below the read horizon/],
+      ['a last event before the first', (row) => Object.assign(row, { last_tx: at.tx, first_tx: String(BigInt(at.tx) + 1n) }), /its last event does not come after its first/],
+      ['more failures than events', (row) => Object.assign(row, { failures: Number(row.n) + 1 }), /5 failures among 4 events/],
+    ];
+    const before = await state();
+    for (const [lie, forge, refusal] of lies) {
+      const pool = lyingPool(t.db.url, forge);
+      try {
+        await assert.rejects(sequencer(pool).round({ forceCheckpoint: true }), (e: Error) => {
+          assert.match(e.message, /the event store returned a tile the sequencer will not integrate/, lie);
+          assert.match(e.message, refusal, lie);
+          return true;
+        });
+      } finally {
+        await pool.end();
+      }
+      assert.equal(await state(), before, `${lie}: nothing written`);
+    }
+    // The honest store's four events, each once.
+    assert.equal((await sequencer(honest).round({ forceCheckpoint: true })).records, 4);
+    assert.equal((await sequencer(honest).round()).records, 0);
+  } finally {
+    await honest.end();
+  }
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
