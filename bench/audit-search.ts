@@ -12,7 +12,9 @@
  * its PostgreSQL CPU per event. Then the first page (`page` results, oldest first) of five
  * searches, each timed: an actor in no event, the rare actor, a busy actor,
  * `outcome=failure`, and an action every event has; then the summaries are cleared (as a
- * superuser, triggers off) and the same searches timed again.
+ * superuser, triggers off) and the same searches timed again. Before that, full verification
+ * of the log (`verifyLog`: every leaf recomputed, every tile's stretch of the global order held
+ * to its positions, every checkpoint) is timed once: `verify_events_per_s`.
  *
  * Progress goes to stderr; the last line on stdout is one JSON object.
  */
@@ -20,7 +22,7 @@ import { randomUUID } from 'node:crypto';
 import { loadavg } from 'node:os';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
-import { AuditSequencer, loadSigningKey, migrateAudit } from '../packages/audit/src/index.ts';
+import { AuditSequencer, loadSigningKey, migrateAudit, verifyLog } from '../packages/audit/src/index.ts';
 import { searchEventLeaves, type EventLeafFilter } from '../packages/audit/src/event-leaves.ts';
 import { EventStore, migrateEvents, type StreamEvent } from '../packages/events/src/index.ts';
 import { createTestDatabase } from '../packages/testing/src/index.ts';
@@ -81,7 +83,8 @@ async function main(): Promise<void> {
       await store.appendMany(pool, entries);
     }
 
-    const sequencer = new AuditSequencer({ pool, signer: loadSigningKey(undefined, { production: false }), origin: 'bench', tailEvents: true, batchRecordsMax: tile, checkpointIntervalMs: 0 });
+    const signer = loadSigningKey(undefined, { production: false });
+    const sequencer = new AuditSequencer({ pool, signer, origin: 'bench', tailEvents: true, batchRecordsMax: tile, checkpointIntervalMs: 0 });
     const backends = async (): Promise<number[]> =>
       (await pool.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE datname = current_database()')).rows.map((r) => r.pid);
     const pgCpu = async (): Promise<number> => (await backends()).reduce((ms, pid) => ms + procCpuMs(pid), 0);
@@ -95,6 +98,13 @@ async function main(): Promise<void> {
     const integrateS = (performance.now() - t0) / 1000;
     const integratePgMs = (await pgCpu()) - cpu0;
     const tiles = (await pool.query<{ n: number }>('SELECT count(*)::integer AS n FROM audit.event_leaves')).rows[0]?.n ?? 0;
+
+    log('verifying');
+    await pool.query('VACUUM ANALYZE');
+    const v0 = performance.now();
+    const verified = await verifyLog(pool, { publicKey: signer.publicKey });
+    const verifyS = (performance.now() - v0) / 1000;
+    if (!verified.ok || verified.records !== events) throw new Error(`verification failed: ${JSON.stringify(verified.issues.slice(0, 3))}`);
 
     const timeSearches = async (): Promise<Record<string, { ms: number; found: number }>> => {
       const out: Record<string, { ms: number; found: number }> = {};
@@ -125,6 +135,7 @@ async function main(): Promise<void> {
       page: pageSize,
       integrate_events_per_s: Math.round(events / integrateS),
       integrate_pg_us_per_event: Math.round((integratePgMs * 1000 * 100) / events) / 100,
+      verify_events_per_s: Math.round(events / verifyS),
       search_ms: Object.fromEntries(Object.entries(summarised).map(([k, v]) => [k, v.ms])),
       search_found: Object.fromEntries(Object.entries(summarised).map(([k, v]) => [k, v.found])),
       reference_without_summaries_ms: Object.fromEntries(Object.entries(unsummarised).map(([k, v]) => [k, v.ms])),

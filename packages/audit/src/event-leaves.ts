@@ -188,50 +188,72 @@ export async function stretchEnd(db: Queryable, firstSeq: number): Promise<Event
   return { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
 }
 
-/** What `checkStretch` found, by event position, each list in position order. */
+/** What `checkStretch` found. */
 export interface StretchCheck {
-  /** Events kept in the stretch that are no leaf of its tile. */
+  /** Events kept in the stretch that are no leaf of its tile, by position, at most the limit. */
   skipped: bigint[];
-  /** Kept events of the tile that lie outside its stretch. */
-  misplaced: bigint[];
+  /** Events kept in the stretch that are leaves of its tile. */
+  matched: number;
 }
+
+/** The events kept (hot or archived) in the stretch [$1/$2, $3/$4) of the global order, as CTE `stretch`, and the positions of the tile at $5 as CTE `tile`. */
+const STRETCH_AND_TILE = (() => {
+  const inStretch = (alias: string): string =>
+    `(${alias}.transaction_id, ${alias}.position) >= ($1::text::xid8, $2::bigint) AND (${alias}.transaction_id, ${alias}.position) < ($3::text::xid8, $4::bigint)`;
+  return `stretch AS MATERIALIZED (
+            SELECT e.position FROM events.events e WHERE ${inStretch('e')}
+            UNION ALL
+            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}
+               AND a.archived_at >= (SELECT t.integrated_at FROM audit.event_leaves t ORDER BY t.first_seq LIMIT 1)),
+          tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $5)`;
+})();
+
+const stretchValues = (firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint): unknown[] => [
+  from.transactionId.toString(),
+  from.position.toString(),
+  to.transactionId.toString(),
+  to.position.toString(),
+  firstSeq,
+];
 
 /**
  * Completeness over one stretch of the event store's global order, [from, to): every event
  * kept there (the hot table or the archive) must be a leaf of the tile at `firstSeq` (null: no
  * tile, so none may be kept there), and every kept event of that tile must lie there. An event
  * the sequencer passed by (its cursor moved past it), or one written into the order's past,
- * is skipped; one integrated twice (the cursor moved back) or moved in the order (its
- * transaction id changed) is misplaced. Events that retention removed are in neither list,
- * nor are those it archived before the sequencer's first tile: the sequencer reads the hot
- * table, and until its cursor first moves retention does not wait for it (retention.ts
- * `readersSql`), so such events were never the trail's to miss.
- * At most `limit` positions in all. The stretch is below the cursor, so every transaction in
- * it has ended: what this reads cannot change under it.
+ * is skipped. The caller compares `matched` with the tile's kept events: fewer means some lie
+ * outside the stretch (`misplacedEvents` names them), integrated twice (the cursor moved back)
+ * or moved in the order (their transaction id changed). Events that retention removed count
+ * nowhere, nor do those it archived before the sequencer's first tile: the sequencer reads the
+ * hot table, and until its cursor first moves retention does not wait for it (retention.ts
+ * `readersSql`), so such events were never the trail's to miss. The stretch is below the
+ * cursor, so every transaction in it has ended: what this reads cannot change under it.
  */
 export async function checkStretch(db: Queryable, firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<StretchCheck> {
-  const inStretch = (alias: string): string =>
-    `(${alias}.transaction_id, ${alias}.position) >= ($1::text::xid8, $2::bigint) AND (${alias}.transaction_id, ${alias}.position) < ($3::text::xid8, $4::bigint)`;
-  const r = await db.query<{ kind: 'skipped' | 'misplaced'; position: string }>(
-    `WITH stretch AS MATERIALIZED (
-            SELECT e.position FROM events.events e WHERE ${inStretch('e')}
-            UNION ALL
-            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}
-               AND a.archived_at >= (SELECT t.integrated_at FROM audit.event_leaves t ORDER BY t.first_seq LIMIT 1)),
-          tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $5)
-     SELECT x.kind, x.position::text FROM (
-       SELECT 'skipped' AS kind, s.position FROM stretch s WHERE NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position)
-       UNION ALL
-       SELECT 'misplaced', l.position FROM tile l
-        WHERE NOT EXISTS (SELECT 1 FROM stretch s WHERE s.position = l.position)
-          AND (EXISTS (SELECT 1 FROM events.events e WHERE e.position = l.position)
-               OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = l.position))) x
-      ORDER BY x.kind DESC, x.position LIMIT $6`,
-    [from.transactionId.toString(), from.position.toString(), to.transactionId.toString(), to.position.toString(), firstSeq, limit],
+  const r = await db.query<{ matched: string; skipped: string[] | null }>(
+    `WITH ${STRETCH_AND_TILE}
+     SELECT (SELECT count(*) FROM stretch s WHERE EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position))::text AS matched,
+            (SELECT array_agg(x.position::text ORDER BY x.position)
+               FROM (SELECT s.position FROM stretch s WHERE NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position)
+                      ORDER BY s.position LIMIT $6) x) AS skipped`,
+    [...stretchValues(firstSeq, from, to), limit],
   );
-  const found: StretchCheck = { skipped: [], misplaced: [] };
-  for (const row of r.rows) found[row.kind].push(BigInt(row.position));
-  return found;
+  const row = r.rows[0];
+  return { skipped: (row?.skipped ?? []).map((p) => BigInt(p)), matched: Number(row?.matched ?? 0) };
+}
+
+/** The kept events of the tile at `firstSeq` that lie outside its stretch [from, to), by position, at most `limit`. */
+export async function misplacedEvents(db: Queryable, firstSeq: number, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<bigint[]> {
+  const r = await db.query<{ position: string }>(
+    `WITH ${STRETCH_AND_TILE}
+     SELECT l.position::text FROM tile l
+      WHERE NOT EXISTS (SELECT 1 FROM stretch s WHERE s.position = l.position)
+        AND (EXISTS (SELECT 1 FROM events.events e WHERE e.position = l.position)
+             OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = l.position))
+      ORDER BY l.position LIMIT $6`,
+    [...stretchValues(firstSeq, from, to), limit],
+  );
+  return r.rows.map((row) => BigInt(row.position));
 }
 
 /**

@@ -32,7 +32,7 @@ import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { checkStretch, checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
+import { checkStretch, checkTile, misplacedEvents, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -361,7 +361,9 @@ async function checkCompleteness(
       detail: `event position ${position} lies before the sequencer's cursor ${place}, but is a leaf of none: the cursor was moved past it, or it was written into the event store's past`,
     });
   }
-  for (const position of found.misplaced) {
+  const kept = leaves.filter((l) => l.recomputed !== null).length;
+  const misplaced = tile === null || found.matched === kept ? [] : await misplacedEvents(db, tile.firstSeq, from, to, limit);
+  for (const position of misplaced) {
     const seq = leaves.find((l) => l.position === position)?.seq ?? tile?.firstSeq ?? null;
     report({
       kind: 'event_misplaced',
