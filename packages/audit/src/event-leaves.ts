@@ -60,11 +60,22 @@ export async function eventCursor(db: Queryable): Promise<EventCheckpoint> {
   return { transactionId: BigInt(cursor.tx), position: BigInt(cursor.pos) };
 }
 
+/** An event row's columns the tile query reads, alike in the hot table and the archive. */
+const TILE_COLUMNS = 'position, transaction_id, event_id, stream_type, stream_id, version, type, schema_version, data, metadata, recorded_at';
+
 /**
  * The next events after the sequencer's cursor, up to `limit`, hashed as leaves from
  * `firstSeq` on; null when there are none. The event store's reading rule applies (events
  * below the read horizon, `readHorizon`'s, only, in (transaction id, position) order), so an event that
- * commits late is integrated when it commits, never skipped.
+ * commits late is integrated when it commits, never skipped. The archive is read with the hot
+ * table: retention waits for the sequencer's cursor only once it has first moved (retention.ts
+ * `readersSql`), so an event archived before then is still in the global order, and its leaf
+ * is owed all the same; in one statement, an event being archived meanwhile is read from
+ * exactly one of the two. Run it with sorting priced out (`SET LOCAL enable_sort = off`): on
+ * tables PostgreSQL has not analyzed, the planner would otherwise read every row past the
+ * cursor and sort them, a cost that grows with the backlog, on every round (as the relay's
+ * read would, `readPartition`); without a sort, the plan merges the walks of the two tables'
+ * global-order indexes and stops after `limit` rows.
  */
 export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firstSeq: number, limit: number, horizon: bigint): Promise<EventTile | null> {
   // One pass over the events in the index's order: the window numbers them as they come (no
@@ -89,7 +100,7 @@ export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firs
             string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea) AS hashes,
             array_agg(${ACTOR_OF('x')}) AS actors, (count(*) FILTER (WHERE ${FAILED('x')}))::integer AS failures
        FROM (SELECT e.*, row_number() OVER w AS i, lag(e.transaction_id) OVER w AS previous_tx, lag(e.position) OVER w AS previous_position
-               FROM (SELECT * FROM events.events e
+               FROM (SELECT * FROM (SELECT ${TILE_COLUMNS} FROM events.events UNION ALL SELECT ${TILE_COLUMNS} FROM events.archived_events) e
                       WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
                       ORDER BY e.transaction_id, e.position LIMIT $4) e
              WINDOW w AS ()) x) t`,
@@ -192,7 +203,7 @@ export async function stretchEnd(db: Queryable, firstSeq: number): Promise<Event
 export interface StretchCheck {
   /** Events kept in the stretch that are no leaf of its tile, by position, at most the limit. */
   skipped: bigint[];
-  /** Events kept in the stretch that are leaves of its tile. */
+  /** The tile's positions that an event kept in the stretch has. */
   matched: number;
 }
 
@@ -203,8 +214,7 @@ const STRETCH_AND_TILE = (() => {
   return `stretch AS MATERIALIZED (
             SELECT e.position FROM events.events e WHERE ${inStretch('e')}
             UNION ALL
-            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}
-               AND a.archived_at >= (SELECT t.integrated_at FROM audit.event_leaves t ORDER BY t.first_seq LIMIT 1)),
+            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}),
           tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $5)`;
 })();
 
@@ -223,16 +233,16 @@ const stretchValues = (firstSeq: number | null, from: EventCheckpoint, to: Event
  * the sequencer passed by (its cursor moved past it), or one written into the order's past,
  * is skipped. The caller compares `matched` with the tile's kept events: fewer means some lie
  * outside the stretch (`misplacedEvents` names them), integrated twice (the cursor moved back)
- * or moved in the order (their transaction id changed). Events that retention removed count
- * nowhere, nor do those it archived before the sequencer's first tile: the sequencer reads the
- * hot table, and until its cursor first moves retention does not wait for it (retention.ts
- * `readersSql`), so such events were never the trail's to miss. The stretch is below the
- * cursor, so every transaction in it has ended: what this reads cannot change under it.
+ * or moved in the order (their transaction id changed). `matched` counts the tile's positions,
+ * not the stretch's rows, so a copy of an event planted in the archive beside the hot row
+ * cannot make up for a misplaced one. Events that retention removed count nowhere; archived
+ * ones count as kept (the sequencer reads the archive too, readEventTile). The stretch is below
+ * the cursor, so every transaction in it has ended: what this reads cannot change under it.
  */
 export async function checkStretch(db: Queryable, firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<StretchCheck> {
   const r = await db.query<{ matched: string; skipped: string[] | null }>(
     `WITH ${STRETCH_AND_TILE}
-     SELECT (SELECT count(*) FROM stretch s WHERE EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position))::text AS matched,
+     SELECT (SELECT count(*) FROM tile WHERE EXISTS (SELECT 1 FROM stretch s WHERE s.position = tile.position))::text AS matched,
             (SELECT array_agg(x.position::text ORDER BY x.position)
                FROM (SELECT s.position FROM stretch s WHERE NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position)
                       ORDER BY s.position LIMIT $6) x) AS skipped`,

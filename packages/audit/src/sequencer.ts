@@ -274,13 +274,20 @@ export class AuditSequencer {
   async #eventTile(client: pg.PoolClient, firstSeq: number, limit: number): Promise<EventTile | null> {
     const cursor = await eventCursor(client);
     const horizon = await readHorizon(client);
+    const read = (db: Queryable): Promise<EventTile | null> => readEventTile(db, cursor, firstSeq, limit, horizon);
     let tile: EventTile | null;
-    try {
-      tile = await readEventTile(this.#eventsPool ?? client, cursor, firstSeq, limit, horizon);
-    } catch (error) {
-      if (this.#eventsPool === null) throw error;
-      this.#o.onError(new Error(`the event store could not be read, so this round integrates the queue only: ${error instanceof Error ? error.message : String(error)}`, { cause: error }));
-      return null;
+    if (this.#eventsPool === null) {
+      // On the round's own connection, sorting priced out for this read only (readEventTile).
+      await client.query('SET LOCAL enable_sort = off');
+      tile = await read(client);
+      await client.query('SET LOCAL enable_sort TO DEFAULT');
+    } else {
+      try {
+        tile = await readApart(this.#eventsPool, read);
+      } catch (error) {
+        this.#o.onError(new Error(`the event store could not be read, so this round integrates the queue only: ${error instanceof Error ? error.message : String(error)}`, { cause: error }));
+        return null;
+      }
     }
     if (tile === null) return null;
     const after = (a: EventCheckpoint, b: EventCheckpoint): boolean => a.transactionId > b.transactionId || (a.transactionId === b.transactionId && a.position > b.position);
@@ -387,6 +394,28 @@ interface Pending {
  * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
  * neither stop the sequencer nor disappear unrecorded.
  */
+/**
+ * `read` in a transaction of its own on a connection of `pool`, sorting priced out
+ * (readEventTile) and the search path pinned. Not READ ONLY: whatever the event store's owner
+ * attaches to its tables runs as that owner, as it would for any reader, and may write.
+ */
+async function readApart<T>(pool: pg.Pool, read: (db: Queryable) => Promise<T>): Promise<T> {
+  const client = await pool.connect();
+  let broken: Error | undefined;
+  try {
+    await client.query(`BEGIN; SET LOCAL search_path = ${PINNED_SEARCH_PATH}; SET LOCAL enable_sort = off`);
+    const result = await read(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (error) {
+    broken = error instanceof Error ? error : new Error(String(error));
+    await client.query('ROLLBACK').catch(() => {});
+    throw error;
+  } finally {
+    client.release(broken);
+  }
+}
+
 function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
   try {
     const { payloadJson, personalJson, ...q } = JSON.parse(text) as QueuedEntry;

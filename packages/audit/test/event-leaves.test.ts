@@ -480,3 +480,50 @@ test('a tile\'s stored times are held to its events, and cannot make a deleted e
   assert.deepEqual(issuesOf(forgedTime, 'event_missing').map((i) => i.seq), [leaf.seq]);
   assert.ok(forgedTime.issues.some((i) => i.kind === 'checkpoint_signature_invalid'));
 });
+
+test('an event archived while a round reads it, or before, is integrated once, from the table that held it; an archived copy or a backdated archive time hides nothing', async () => {
+  const positionOf = async (streamId: string): Promise<string> =>
+    (await t.pool.query<{ p: string }>('SELECT position::text AS p FROM events.events WHERE stream_id = $1 UNION ALL SELECT position::text FROM events.archived_events WHERE stream_id = $1', [streamId])).rows[0]?.p ?? '';
+  const archive = (c: pg.ClientBase | pg.Pool, streamId: string): Promise<unknown> =>
+    c.query('WITH moved AS (DELETE FROM events.events WHERE stream_id = $1 RETURNING *) INSERT INTO events.archived_events SELECT *, now() FROM moved', [streamId]);
+  // Tampering first, on the log as it stands: an event the cursor passed, moved to the archive
+  // with an archive time long before the trail, is still an event the trail lacks.
+  const hidden = await tampered(async (c) => {
+    const position = await writeEvent(c, 'passed-then-archived');
+    await c.query('UPDATE audit.sequencer_state SET event_transaction_id = pg_current_xact_id(), event_position = $1', [position]);
+    await archive(c, 'passed-then-archived');
+    await c.query("UPDATE events.archived_events SET archived_at = '2000-01-01' WHERE stream_id = 'passed-then-archived'");
+  });
+  assert.deepEqual(issuesOf(hidden, 'event_not_integrated').length, 1, JSON.stringify(hidden.issues));
+  // An event whose transaction id changed is misplaced in its tile; a copy of another event of
+  // that tile planted in the archive does not make up for it.
+  const all = await tiles();
+  const tile = all.find((x) => x.count >= 2) as { firstSeq: number; count: number };
+  const [moved, other] = (await eventLeaves()).filter((l) => l.seq >= tile.firstSeq && l.seq < tile.firstSeq + tile.count) as [LeafRow, LeafRow];
+  const copied = await tampered(async (c) => {
+    await c.query("UPDATE events.events SET transaction_id = '3' WHERE position = $1", [moved.position]);
+    await c.query('INSERT INTO events.archived_events SELECT *, now() FROM events.events WHERE position = $1', [other.position]);
+  });
+  assert.deepEqual(issuesOf(copied, 'event_misplaced').map((i) => i.seq), [moved.seq]);
+
+  // Then for real: a-1 archived in a transaction still open while the round reads it (the round
+  // sees it in the hot table), a-2 archived before the round.
+  for (const id of ['a-1', 'a-2', 'a-3']) {
+    await t.events.append(t.pool, { type: 'ledger.transfer', id }, [{ type: 'ledger.TransferPosted', data: { id, result: 'ok' }, metadata: { actor: 'user:a' } }], { expectedVersion: 'no_stream' });
+  }
+  await archive(t.pool, 'a-2');
+  const open = await t.pool.connect();
+  try {
+    await open.query('BEGIN');
+    await archive(open, 'a-1');
+    await integrate();
+    await open.query('COMMIT');
+  } finally {
+    open.release();
+  }
+  const positions = await Promise.all(['a-1', 'a-2', 'a-3'].map(positionOf));
+  const leaves = (await eventLeaves()).map((l) => l.position);
+  for (const p of positions) assert.equal(leaves.filter((l) => l === p).length, 1, `position ${p} is one leaf`);
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
+});

@@ -63,14 +63,24 @@ test('an event store that cannot be read leaves the round to the queue, reported
  */
 function lyingPool(url: string, forge: (row: Record<string, unknown>) => void): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 1 });
-  const query = pool.query.bind(pool) as (config: pg.QueryConfig) => Promise<pg.QueryResult>;
-  const lying = async (config: pg.QueryConfig): Promise<pg.QueryResult> => {
-    const result = await query(config);
-    const row = result.rows[0] as Record<string, unknown> | undefined;
-    if (config.name === 'ledgerline.audit.event-tile' && row !== undefined) forge(row);
-    return result;
+  const lying = new WeakSet<pg.PoolClient>();
+  const connect = pool.connect.bind(pool) as () => Promise<pg.PoolClient>;
+  const connectLying = async (): Promise<pg.PoolClient> => {
+    const client = await connect();
+    if (!lying.has(client)) {
+      lying.add(client);
+      const query = client.query.bind(client) as (config: pg.QueryConfig | string) => Promise<pg.QueryResult>;
+      const forged = async (config: pg.QueryConfig | string): Promise<pg.QueryResult> => {
+        const result = await query(config);
+        const row = typeof config === 'string' || config.name !== 'ledgerline.audit.event-tile' ? undefined : (result.rows[0] as Record<string, unknown> | undefined);
+        if (row !== undefined) forge(row);
+        return result;
+      };
+      client.query = forged as typeof client.query;
+    }
+    return client;
   };
-  pool.query = lying as typeof pool.query;
+  pool.connect = connectLying as typeof pool.connect;
   return pool;
 }
 

@@ -6,10 +6,12 @@
  * inside the transaction that would archive or delete the stream, so a hold can lock its own
  * row (`SELECT ... FOR SHARE`) and a hold placed concurrently is either seen or waits.
  *
- * Readers of the global order (the outbox relay, asynchronous projections, the audit trail's
- * tail) never look at events.archived_events: an event that leaves the hot table before every
- * one of them has passed it is never published, applied or recorded. So a stream is due only
- * when each of its hot events is behind all of them (see `READERS`), besides being old enough.
+ * Readers of the global order (the outbox relay, asynchronous projections) never look at
+ * events.archived_events: an event that leaves the hot table before every one of them has
+ * passed it is never published or applied. So a stream is due only when each of its hot events
+ * is behind all of them (see `readersSql`), besides being old enough. The audit trail's tail
+ * reads the archive as well (an event archived before its cursor first moved is still owed a
+ * leaf), and counts as a reader once its cursor has moved, so that deletion waits for it.
  */
 import type pg from 'pg';
 import { inTransaction, readHorizon } from '@ledgerline/events';

@@ -85,6 +85,8 @@ test('once events are leaves of the audit trail, deletion waits until a checkpoi
   // r-backdated: recorded eight years ago, but taken by the trail only today (a store the
   // trail began tailing late): no checkpoint older than today vouches for it.
   await appendRecordedYearsAgo('r-backdated', 8);
+  // Alone in its tile: its tile's recorded times are all eight years old.
+  await integrate();
   for (const id of ['r-new', 'r-archived']) {
     await inTx(env.pool, (c) => env.store.append(c, { type: 'receipt', id }, [event], { expectedVersion: 'no_stream' }));
   }
