@@ -199,71 +199,29 @@ export async function stretchEnd(db: Queryable, firstSeq: number): Promise<Event
   return { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
 }
 
-/** What `checkStretch` found. */
-export interface StretchCheck {
-  /** Events kept in the stretch that are no leaf of its tile, by position, at most the limit. */
-  skipped: bigint[];
-  /** The tile's positions that an event kept in the stretch has. */
-  matched: number;
-}
-
-/** The events kept (hot or archived) in the stretch [$1/$2, $3/$4) of the global order, as CTE `stretch`, and the positions of the tile at $5 as CTE `tile`. */
-const STRETCH_AND_TILE = (() => {
+/**
+ * The positions of the events kept (hot or archived) in the stretch [from, to) of the event
+ * store's global order, as text, in no particular order; a position held by both tables (a
+ * planted copy) is there twice. Verification holds them to the tile of that stretch
+ * (verify.ts `checkCompleteness`). The stretch lies below the sequencer's cursor, so every
+ * transaction in it has ended: what this reads cannot change under it. One scan of each
+ * table's global-order index, and one array: about 10 ms for 20,000 events, where joining
+ * them with the tile's positions in SQL took 47.
+ */
+export async function stretchPositions(db: Queryable, from: EventCheckpoint, to: EventCheckpoint): Promise<string[]> {
   const inStretch = (alias: string): string =>
     `(${alias}.transaction_id, ${alias}.position) >= ($1::text::xid8, $2::bigint) AND (${alias}.transaction_id, ${alias}.position) < ($3::text::xid8, $4::bigint)`;
-  return `stretch AS MATERIALIZED (
-            SELECT e.position FROM events.events e WHERE ${inStretch('e')}
-            UNION ALL
-            SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}),
-          tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $5)`;
-})();
-
-const stretchValues = (firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint): unknown[] => [
-  from.transactionId.toString(),
-  from.position.toString(),
-  to.transactionId.toString(),
-  to.position.toString(),
-  firstSeq,
-];
-
-/**
- * Completeness over one stretch of the event store's global order, [from, to): every event
- * kept there (the hot table or the archive) must be a leaf of the tile at `firstSeq` (null: no
- * tile, so none may be kept there), and every kept event of that tile must lie there. An event
- * the sequencer passed by (its cursor moved past it), or one written into the order's past,
- * is skipped. The caller compares `matched` with the tile's kept events: fewer means some lie
- * outside the stretch (`misplacedEvents` names them), integrated twice (the cursor moved back)
- * or moved in the order (their transaction id changed). `matched` counts the tile's positions,
- * not the stretch's rows, so a copy of an event planted in the archive beside the hot row
- * cannot make up for a misplaced one. Events that retention removed count nowhere; archived
- * ones count as kept (the sequencer reads the archive too, readEventTile). The stretch is below
- * the cursor, so every transaction in it has ended: what this reads cannot change under it.
- */
-export async function checkStretch(db: Queryable, firstSeq: number | null, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<StretchCheck> {
-  const r = await db.query<{ matched: string; skipped: string[] | null }>(
-    `WITH ${STRETCH_AND_TILE}
-     SELECT (SELECT count(*) FROM tile WHERE EXISTS (SELECT 1 FROM stretch s WHERE s.position = tile.position))::text AS matched,
-            (SELECT array_agg(x.position::text ORDER BY x.position)
-               FROM (SELECT s.position FROM stretch s WHERE NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position)
-                      ORDER BY s.position LIMIT $6) x) AS skipped`,
-    [...stretchValues(firstSeq, from, to), limit],
+  const r = await db.query<{ positions: string | null }>(
+    `SELECT array_agg(s.position)::text AS positions FROM (
+       SELECT e.position FROM events.events e WHERE ${inStretch('e')}
+       UNION ALL
+       SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}) s`,
+    [from.transactionId.toString(), from.position.toString(), to.transactionId.toString(), to.position.toString()],
   );
-  const row = r.rows[0];
-  return { skipped: (row?.skipped ?? []).map((p) => BigInt(p)), matched: Number(row?.matched ?? 0) };
-}
-
-/** The kept events of the tile at `firstSeq` that lie outside its stretch [from, to), by position, at most `limit`. */
-export async function misplacedEvents(db: Queryable, firstSeq: number, from: EventCheckpoint, to: EventCheckpoint, limit: number): Promise<bigint[]> {
-  const r = await db.query<{ position: string }>(
-    `WITH ${STRETCH_AND_TILE}
-     SELECT l.position::text FROM tile l
-      WHERE NOT EXISTS (SELECT 1 FROM stretch s WHERE s.position = l.position)
-        AND (EXISTS (SELECT 1 FROM events.events e WHERE e.position = l.position)
-             OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = l.position))
-      ORDER BY l.position LIMIT $6`,
-    [...stretchValues(firstSeq, from, to), limit],
-  );
-  return r.rows.map((row) => BigInt(row.position));
+  const text = r.rows[0]?.positions ?? null;
+  if (text === null) return [];
+  if (!/^\{\d+(,\d+)*\}$/.test(text)) throw new Error(`invariant: positions read back as ${text.slice(0, 80)}`);
+  return text.slice(1, -1).split(',');
 }
 
 /**

@@ -32,7 +32,7 @@ import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { checkStretch, checkTile, misplacedEvents, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
+import { checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, stretchPositions, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -337,8 +337,13 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
 }
 
 /**
- * The events of `tile`'s stretch of the global order against its leaves (`checkStretch`); with
- * `tile` null, the events before the sequencer's cursor when there are no tiles.
+ * Completeness over `tile`'s stretch of the global order, [from, the next tile's first event
+ * or just past the cursor): every event kept there (hot or archived) must be a leaf of the
+ * tile, and every kept event of the tile must lie there. An event the sequencer passed by (its
+ * cursor moved past it), or one written into the order's past, is not integrated; one
+ * integrated twice (the cursor moved back) or moved in the order (its transaction id changed)
+ * is misplaced. Events that retention removed count nowhere. With `tile` null (no tile at
+ * all), no event may lie at or before the cursor.
  */
 async function checkCompleteness(
   db: Queryable,
@@ -351,9 +356,11 @@ async function checkCompleteness(
   const to = await stretchEnd(db, tile?.firstSeq ?? -1);
   // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
   if (tile === null && to.transactionId === ORDER_ORIGIN.transactionId && to.position === ORDER_ORIGIN.position + 1n) return;
-  const found = await checkStretch(db, tile?.firstSeq ?? null, from, to, limit);
+  const stretch = new Set(await stretchPositions(db, from, to));
+  const ofTile = new Set(leaves.map((l) => l.position.toString()));
+  const skipped = [...stretch].filter((p) => !ofTile.has(p)).map((p) => BigInt(p)).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
   const place = tile === null ? 'and there is no tile of events' : `in the stretch of the global order of the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}`;
-  for (const position of found.skipped) {
+  for (const position of skipped.slice(0, limit)) {
     report({
       kind: 'event_not_integrated',
       seq: tile?.firstSeq ?? null,
@@ -361,15 +368,13 @@ async function checkCompleteness(
       detail: `event position ${position} lies before the sequencer's cursor ${place}, but is a leaf of none: the cursor was moved past it, or it was written into the event store's past`,
     });
   }
-  const kept = leaves.filter((l) => l.recomputed !== null).length;
-  const misplaced = tile === null || found.matched === kept ? [] : await misplacedEvents(db, tile.firstSeq, from, to, limit);
-  for (const position of misplaced) {
-    const seq = leaves.find((l) => l.position === position)?.seq ?? tile?.firstSeq ?? null;
+  // A kept event (its leaf recomputed) outside the stretch; a position held twice counts once.
+  for (const leaf of leaves.filter((l) => l.recomputed !== null && !stretch.has(l.position.toString())).slice(0, limit)) {
     report({
       kind: 'event_misplaced',
-      seq,
+      seq: leaf.seq,
       treeSize: null,
-      detail: `leaf ${String(seq)} is event position ${position}, which lies outside its tile's stretch of the global order: the event was integrated twice (the sequencer's cursor moved back), or its transaction id was changed`,
+      detail: `leaf ${leaf.seq} is event position ${leaf.position}, which lies outside its tile's stretch of the global order: the event was integrated twice (the sequencer's cursor moved back), or its transaction id was changed`,
     });
   }
 }
