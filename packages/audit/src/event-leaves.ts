@@ -108,7 +108,7 @@ export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firs
   });
   const row = r.rows[0];
   if (row === undefined || row.n === 0) return null;
-  if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order; the round is refused and retried');
+  if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order, or one came twice (a position in both the hot table and the archive); the round is refused and retried');
   if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
   // The array's text as PostgreSQL writes a bigint[]: checked whole, since the tile row stores it.
   if (!/^\{\d+(,\d+)*\}$/.test(row.positions) || row.positions.split(',').length !== row.n) throw new Error(`invariant: ${row.n} events but positions ${row.positions.slice(0, 80)}`);

@@ -527,3 +527,18 @@ test('an event archived while a round reads it, or before, is integrated once, f
   const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
   assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
+
+test('a copy of an event planted in the archive before the sequencer reads it stops the rounds, loudly, until it is gone: no event is a leaf twice', async () => {
+  await t.events.append(t.pool, { type: 'ledger.transfer', id: 'planted' }, [{ type: 'ledger.TransferPosted', data: { id: 'planted', result: 'ok' }, metadata: { actor: 'user:a' } }], { expectedVersion: 'no_stream' });
+  await t.pool.query("INSERT INTO events.archived_events SELECT *, now() FROM events.events WHERE stream_id = 'planted'");
+  const size = async (): Promise<string> => (await t.pool.query<{ n: string }>('SELECT count(*)::text AS n FROM audit.event_leaves')).rows[0]?.n ?? '';
+  const before = await size();
+  await assert.rejects(sequencer.round(), /the events of a tile did not come in the global order, or one came twice/);
+  assert.equal(await size(), before);
+  await t.pool.query("DELETE FROM events.archived_events WHERE stream_id = 'planted'");
+  await integrate();
+  const position = (await t.pool.query<{ p: string }>("SELECT position::text AS p FROM events.events WHERE stream_id = 'planted'")).rows[0]?.p;
+  assert.equal((await eventLeaves()).filter((l) => l.position === position).length, 1);
+  const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
+});
