@@ -357,13 +357,19 @@ async function sequence(
     if (a['no-events'] !== true) {
       let present: boolean;
       try {
-        present = (await (eventsPool ?? pool).query<{ ok: boolean }>(`SELECT to_regclass('events.events') IS NOT NULL AND has_table_privilege('events.events', 'SELECT') AS ok`)).rows[0]?.ok === true;
+        // The archive too: the sequencer reads it with the hot table (readEventTile).
+        present = (
+          await (eventsPool ?? pool).query<{ ok: boolean }>(
+            `SELECT to_regclass('events.events') IS NOT NULL AND to_regclass('events.archived_events') IS NOT NULL
+                AND has_table_privilege('events.events', 'SELECT') AND has_table_privilege('events.archived_events', 'SELECT') AS ok`,
+          )
+        ).rows[0]?.ok === true;
       } catch (error) {
         if ((error as { code?: unknown }).code !== '42501') throw error;
         present = false;
       }
       if (a.events === true && !present) {
-        err('--events: the event store\'s login (--events-database-url, else DATABASE_SESSION_URL or DATABASE_URL) cannot read events.events: not there yet, or not its owner\'s');
+        err('--events: the event store\'s login (--events-database-url, else DATABASE_SESSION_URL or DATABASE_URL) cannot read events.events and events.archived_events: not there yet, or not its owner\'s');
         return 2;
       }
       tailEvents = present;

@@ -60,6 +60,17 @@ export async function eventCursor(db: Queryable): Promise<EventCheckpoint> {
   return { transactionId: BigInt(cursor.tx), position: BigInt(cursor.pos) };
 }
 
+/**
+ * An archive row of alias `a` that stands for its event: the hot table holds no row at its
+ * position. Retention moves an event in one statement, so the two never both hold it; a row in
+ * both is a copy someone planted, and everything that reads events as leaves (the tile query,
+ * verification, proofs, search) takes the hot one. Verification reports the copy
+ * (`event_duplicated`). One primary-key probe, made only for archived rows: a scalar
+ * subquery, which PostgreSQL never turns into a hash of the whole hot table (as it may an
+ * `EXISTS`, on estimates).
+ */
+const ARCHIVED_ALONE = (a: string): string => `(SELECT h.position FROM events.events h WHERE h.position = ${a}.position LIMIT 1) IS NULL`;
+
 /** An event row's columns the tile query reads, alike in the hot table and the archive. */
 const TILE_COLUMNS = 'position, transaction_id, event_id, stream_type, stream_id, version, type, schema_version, data, metadata, recorded_at';
 
@@ -71,7 +82,9 @@ const TILE_COLUMNS = 'position, transaction_id, event_id, stream_type, stream_id
  * table: retention waits for the sequencer's cursor only once it has first moved (retention.ts
  * `readersSql`), so an event archived before then is still in the global order, and its leaf
  * is owed all the same; in one statement, an event being archived meanwhile is read from
- * exactly one of the two. Run it with sorting priced out (`SET LOCAL enable_sort = off`): on
+ * exactly one of the two, and a copy planted in the archive is passed over (`ARCHIVED_ALONE`,
+ * applied after the merge: a subquery inside the union would keep PostgreSQL from merging the
+ * two index walks). Run it with sorting priced out (`SET LOCAL enable_sort = off`): on
  * tables PostgreSQL has not analyzed, the planner would otherwise read every row past the
  * cursor and sort them, a cost that grows with the backlog, on every round (as the relay's
  * read would, `readPartition`); without a sort, the plan merges the walks of the two tables'
@@ -100,15 +113,17 @@ export async function readEventTile(db: Queryable, cursor: EventCheckpoint, firs
             string_agg(sha256('\\x00'::bytea || audit.event_leaf_data($5::bigint + x.i - 1, ${leafArgs('x')})), ''::bytea) AS hashes,
             array_agg(${ACTOR_OF('x')}) AS actors, (count(*) FILTER (WHERE ${FAILED('x')}))::integer AS failures
        FROM (SELECT e.*, row_number() OVER w AS i, lag(e.transaction_id) OVER w AS previous_tx, lag(e.position) OVER w AS previous_position
-               FROM (SELECT * FROM (SELECT ${TILE_COLUMNS} FROM events.events UNION ALL SELECT ${TILE_COLUMNS} FROM events.archived_events) e
-                      WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
-                      ORDER BY e.transaction_id, e.position LIMIT $4) e
+               FROM (SELECT * FROM (SELECT * FROM (SELECT ${TILE_COLUMNS}, false AS archived FROM events.events
+                                                   UNION ALL SELECT ${TILE_COLUMNS}, true FROM events.archived_events) e
+                                     WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
+                                     ORDER BY e.transaction_id, e.position LIMIT $4) e
+                      WHERE CASE WHEN e.archived THEN ${ARCHIVED_ALONE('e')} ELSE true END) e
              WINDOW w AS ()) x) t`,
     values: [cursor.transactionId.toString(), cursor.position.toString(), horizon.toString(), limit, firstSeq],
   });
   const row = r.rows[0];
   if (row === undefined || row.n === 0) return null;
-  if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order, or one came twice (a position in both the hot table and the archive); the round is refused and retried');
+  if (!row.ordered) throw new Error('invariant: the events of a tile did not come in the global order; the round is refused and retried');
   if (row.hashes.length !== row.n * HASH_BYTES) throw new Error(`invariant: ${row.n} events hashed to ${row.hashes.length} bytes`);
   // The array's text as PostgreSQL writes a bigint[]: checked whole, since the tile row stores it.
   if (!/^\{\d+(,\d+)*\}$/.test(row.positions) || row.positions.split(',').length !== row.n) throw new Error(`invariant: ${row.n} events but positions ${row.positions.slice(0, 80)}`);
@@ -143,6 +158,8 @@ export interface EventLeafCheck {
    * the last. Null with the event.
    */
   recorded: { within: boolean; first: boolean; last: boolean } | null;
+  /** The event's transaction id, its place in the global order with its position; null with the event. */
+  transactionId: bigint | null;
 }
 
 /** A tile's search summary (migration 1767800000000), null for a tile integrated before summaries. */
@@ -199,29 +216,72 @@ export async function stretchEnd(db: Queryable, firstSeq: number): Promise<Event
   return { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
 }
 
+/** The stretch [$1/$2, $3/$4) of the global order, for a row of alias `e`. */
+const IN_STRETCH = (e: string): string =>
+  `(${e}.transaction_id, ${e}.position) >= ($1::text::xid8, $2::bigint) AND (${e}.transaction_id, ${e}.position) < ($3::text::xid8, $4::bigint)`;
+
+const stretchValues = (from: EventCheckpoint, to: EventCheckpoint): string[] => [from.transactionId.toString(), from.position.toString(), to.transactionId.toString(), to.position.toString()];
+
 /**
- * The positions of the events kept (hot or archived) in the stretch [from, to) of the event
- * store's global order, as text, in no particular order; a position held by both tables (a
- * planted copy) is there twice. Verification holds them to the tile of that stretch
- * (verify.ts `checkCompleteness`). The stretch lies below the sequencer's cursor, so every
- * transaction in it has ended: what this reads cannot change under it. One scan of each
- * table's global-order index, and one array: about 10 ms for 20,000 events, where joining
- * them with the tile's positions in SQL took 47.
+ * How many event rows the stretch [from, to) of the global order holds, in the hot table and
+ * the archive together (a planted copy counts twice): an index-only walk of each table's
+ * global-order index. Verification compares it with the tile's kept leaves in the stretch and
+ * asks `stretchDetail` only when they differ.
  */
-export async function stretchPositions(db: Queryable, from: EventCheckpoint, to: EventCheckpoint): Promise<string[]> {
-  const inStretch = (alias: string): string =>
-    `(${alias}.transaction_id, ${alias}.position) >= ($1::text::xid8, $2::bigint) AND (${alias}.transaction_id, ${alias}.position) < ($3::text::xid8, $4::bigint)`;
-  const r = await db.query<{ positions: string | null }>(
-    `SELECT array_agg(s.position)::text AS positions FROM (
-       SELECT e.position FROM events.events e WHERE ${inStretch('e')}
-       UNION ALL
-       SELECT a.position FROM events.archived_events a WHERE ${inStretch('a')}) s`,
-    [from.transactionId.toString(), from.position.toString(), to.transactionId.toString(), to.position.toString()],
+export async function stretchRows(db: Queryable, from: EventCheckpoint, to: EventCheckpoint): Promise<number> {
+  const r = await db.query<{ n: string }>(
+    `SELECT ((SELECT count(*) FROM events.events e WHERE ${IN_STRETCH('e')}) + (SELECT count(*) FROM events.archived_events a WHERE ${IN_STRETCH('a')}))::text AS n`,
+    stretchValues(from, to),
   );
-  const text = r.rows[0]?.positions ?? null;
-  if (text === null) return [];
-  if (!/^\{\d+(,\d+)*\}$/.test(text)) throw new Error(`invariant: positions read back as ${text.slice(0, 80)}`);
-  return text.slice(1, -1).split(',');
+  return Number(r.rows[0]?.n ?? 0);
+}
+
+/** What `stretchDetail` found, by position, each in position order. */
+export interface StretchDetail {
+  /** Events kept in the stretch that are no leaf of its tile. */
+  notIntegrated: bigint[];
+  /** Positions held by both the hot table and the archive. */
+  duplicated: bigint[];
+}
+
+/**
+ * The stretch [from, to) held to the positions of the tile at `firstSeq` (null: no tile), at
+ * most `limit` of each kind. Archived rows at or before `archiveExemptThrough` that are no
+ * leaf are passed over: a log sequenced before the sequencer read the archive never took
+ * events archived before its cursor first moved (migration 1769450000000).
+ */
+export async function stretchDetail(
+  db: Queryable,
+  firstSeq: number | null,
+  from: EventCheckpoint,
+  to: EventCheckpoint,
+  archiveExemptThrough: EventCheckpoint,
+  limit: number,
+): Promise<StretchDetail> {
+  const r = await db.query<{ kind: keyof StretchDetail; position: string }>(
+    `WITH stretch AS MATERIALIZED (
+            SELECT e.position, false AS exempt FROM events.events e WHERE ${IN_STRETCH('e')}
+            UNION ALL
+            SELECT a.position, (a.transaction_id, a.position) <= ($5::text::xid8, $6::bigint) FROM events.archived_events a WHERE ${IN_STRETCH('a')}),
+          tile AS MATERIALIZED (SELECT u.position FROM audit.event_leaves t, unnest(t.positions) AS u(position) WHERE t.first_seq = $7)
+     (SELECT 'notIntegrated' AS kind, s.position::text FROM stretch s
+       WHERE NOT s.exempt AND NOT EXISTS (SELECT 1 FROM tile WHERE tile.position = s.position) ORDER BY s.position LIMIT $8)
+     UNION ALL
+     (SELECT 'duplicated', s.position::text FROM stretch s GROUP BY s.position HAVING count(*) > 1 ORDER BY s.position LIMIT $8)`,
+    [...stretchValues(from, to), archiveExemptThrough.transactionId.toString(), archiveExemptThrough.position.toString(), firstSeq, limit],
+  );
+  const found: StretchDetail = { notIntegrated: [], duplicated: [] };
+  for (const row of r.rows) found[row.kind].push(BigInt(row.position));
+  return found;
+}
+
+/** Through where the archive's events may be missing from the trail: a log sequenced before the sequencer read the archive (migration 1769450000000). */
+export async function archiveExemptThrough(db: Queryable): Promise<EventCheckpoint> {
+  const r = await db.query<{ tx: string; pos: string }>(
+    'SELECT archive_exempt_transaction_id::text AS tx, archive_exempt_position::text AS pos FROM audit.sequencer_state',
+  );
+  const row = r.rows[0];
+  return row === undefined ? ORDER_ORIGIN : { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
 }
 
 /**
@@ -246,17 +306,19 @@ export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: nu
     within: boolean | null;
     at_first: boolean | null;
     at_last: boolean | null;
+    tx: string | null;
   }>(
     `SELECT u.i::text, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored,
             sha256('\\x00'::bytea || audit.event_leaf_data($2::bigint + u.i - 1, ${LEAF_ARGS})) AS recomputed,
             CASE WHEN e.position IS NOT NULL THEN ${ACTOR_OF('e')} END AS actor, CASE WHEN e.position IS NOT NULL THEN ${FAILED('e')} END AS failed,
             ${MS('e.recorded_at')} BETWEEN ${MS('t.first_recorded_at')} AND ${MS('t.last_recorded_at')} AS within,
-            ${MS('e.recorded_at')} = ${MS('t.first_recorded_at')} AS at_first, ${MS('e.recorded_at')} = ${MS('t.last_recorded_at')} AS at_last
+            ${MS('e.recorded_at')} = ${MS('t.first_recorded_at')} AS at_first, ${MS('e.recorded_at')} = ${MS('t.last_recorded_at')} AS at_last,
+            e.transaction_id::text AS tx
        FROM audit.event_leaves t
        CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
-       LEFT JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = u.position
+       LEFT JOIN LATERAL (SELECT ${LEAF_ARGS}, e.transaction_id FROM events.events e WHERE e.position = u.position
                           UNION ALL
-                          SELECT ${LEAF_ARGS} FROM events.archived_events e WHERE e.position = u.position
+                          SELECT ${LEAF_ARGS}, e.transaction_id FROM events.archived_events e WHERE e.position = u.position AND ${ARCHIVED_ALONE('e')}
                           LIMIT 1) e ON true
       WHERE t.first_seq = $1
       ORDER BY u.i`,
@@ -270,6 +332,7 @@ export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: nu
     actor: row.actor,
     failed: row.failed,
     recorded: row.within === null ? null : { within: row.within, first: row.at_first === true, last: row.at_last === true },
+    transactionId: row.tx === null ? null : BigInt(row.tx),
   }));
 }
 
@@ -327,7 +390,7 @@ export async function eventLeafDataAt(db: Queryable, seq: number): Promise<Buffe
        FROM (SELECT * FROM audit.event_leaves t WHERE t.first_seq <= $1 ORDER BY t.first_seq DESC LIMIT 1) t
        JOIN LATERAL (SELECT ${LEAF_ARGS} FROM events.events e WHERE e.position = t.positions[$1 - t.first_seq + 1]
                      UNION ALL
-                     SELECT ${LEAF_ARGS} FROM events.archived_events e WHERE e.position = t.positions[$1 - t.first_seq + 1]
+                     SELECT ${LEAF_ARGS} FROM events.archived_events e WHERE e.position = t.positions[$1 - t.first_seq + 1] AND ${ARCHIVED_ALONE('e')}
                      LIMIT 1) e ON true
       WHERE $1 < t.first_seq + t.leaf_count`,
     [seq],
@@ -420,7 +483,7 @@ const EVENT_COLUMNS = 'e.position, e.transaction_id, e.partition, e.event_id, e.
 const eventAt = (position: string): string =>
   `(SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.position = ${position}
     UNION ALL
-    SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.position = ${position}
+    SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.position = ${position} AND ${ARCHIVED_ALONE('e')}
     LIMIT 1)`;
 
 /**
@@ -454,7 +517,7 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
          SELECT s.seq, ${EVENT_COLUMNS}
            FROM (SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.stream_type = $2 AND e.stream_id = $3
                  UNION ALL
-                 SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = $3) e
+                 SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = $3 AND ${ARCHIVED_ALONE('e')}) e
            CROSS JOIN LATERAL (SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM ${tileOfEvent('e')} t) s
           WHERE s.seq IS NOT NULL AND ${conditions}) x
         WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,

@@ -390,11 +390,6 @@ interface Pending {
 }
 
 /**
- * A queue row as a Pending entry. The fields are checked again (the queue is only as trusted
- * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
- * neither stop the sequencer nor disappear unrecorded.
- */
-/**
  * `read` in a transaction of its own on a connection of `pool`, sorting priced out
  * (readEventTile) and the search path pinned. Not READ ONLY: whatever the event store's owner
  * attaches to its tables runs as that owner, as it would for any reader, and may write.
@@ -416,6 +411,11 @@ async function readApart<T>(pool: pg.Pool, read: (db: Queryable) => Promise<T>):
   }
 }
 
+/**
+ * A queue row as a Pending entry. The fields are checked again (the queue is only as trusted
+ * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
+ * neither stop the sequencer nor disappear unrecorded.
+ */
 function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
   try {
     const { payloadJson, personalJson, ...q } = JSON.parse(text) as QueuedEntry;

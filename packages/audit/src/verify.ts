@@ -32,7 +32,7 @@ import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchEnd, stretchPositions, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
+import { archiveExemptThrough, checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -50,6 +50,7 @@ export type VerifyIssueKind =
   | 'event_missing'
   | 'event_not_integrated'
   | 'event_misplaced'
+  | 'event_duplicated'
   | 'search_summary_altered'
   | 'record_in_tile'
   | 'tree_node_altered'
@@ -245,6 +246,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
 
   let tiles: TileStart[] = [];
   let tilesWalked = 0;
+  let exemptThrough: EventCheckpoint | undefined;
   for (let expected = 0; ; ) {
     if ((tiles[0]?.firstSeq ?? -1) < expected) tiles = await tileStarts(db, expected, 100);
     const tile = tiles[0];
@@ -287,7 +289,8 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     await checkNodes();
     // Complete as well as unaltered: every event the sequencer passed is a leaf, in its place.
     // The first tile's stretch begins at the start of the global order.
-    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, issuesMax, report);
+    exemptThrough ??= await archiveExemptThrough(db);
+    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, exemptThrough, issuesMax, report);
     tilesWalked += 1;
     // A tile's leaves are its events: a record row in its range is a forgery (the sequencer
     // gives records and tiles disjoint ranges, and the database refuses such rows since
@@ -309,7 +312,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     options.onProgress?.(frontier.size);
   }
   // With no tile at all, no event may lie at or before the sequencer's cursor.
-  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, issuesMax, report);
+  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, ORDER_ORIGIN, issuesMax, report);
   while (next !== null) {
     checkCheckpoint(next, true);
     next = await nextCheckpoint();
@@ -342,25 +345,49 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
  * tile, and every kept event of the tile must lie there. An event the sequencer passed by (its
  * cursor moved past it), or one written into the order's past, is not integrated; one
  * integrated twice (the cursor moved back) or moved in the order (its transaction id changed)
- * is misplaced. Events that retention removed count nowhere. With `tile` null (no tile at
- * all), no event may lie at or before the cursor.
+ * is misplaced; a position held by both the hot table and the archive is a planted copy. With
+ * `tile` null (no tile at all), no event may lie at or before the cursor.
+ *
+ * A leaf is placed by its own event's transaction id and position, read in the statement that
+ * recomputed it (`checkTile`), so an event that retention removes while this runs is neither
+ * placed nor counted wrongly. The stretch is counted (an index-only walk); only when the count
+ * differs from the tile's kept leaves in it is it read against the tile's positions
+ * (`stretchDetail`, in SQL, at most `limit` of each kind), so a stretch of millions of events
+ * is never held in memory. The stretch lies below the cursor, so every transaction in it has
+ * ended: nothing can commit into it meanwhile.
  */
 async function checkCompleteness(
   db: Queryable,
   tile: TileStart | null,
   leaves: readonly EventLeafCheck[],
   from: EventCheckpoint,
+  exemptThrough: EventCheckpoint,
   limit: number,
   report: (issue: VerifyIssue) => void,
 ): Promise<void> {
   const to = await stretchEnd(db, tile?.firstSeq ?? -1);
   // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
   if (tile === null && to.transactionId === ORDER_ORIGIN.transactionId && to.position === ORDER_ORIGIN.position + 1n) return;
-  const stretch = new Set(await stretchPositions(db, from, to));
-  const ofTile = new Set(leaves.map((l) => l.position.toString()));
-  const skipped = [...stretch].filter((p) => !ofTile.has(p)).map((p) => BigInt(p)).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  const before = (a: EventCheckpoint, b: EventCheckpoint): boolean => a.transactionId < b.transactionId || (a.transactionId === b.transactionId && a.position < b.position);
+  let placed = 0;
+  for (const leaf of leaves) {
+    if (leaf.transactionId === null) continue;
+    const at = { transactionId: leaf.transactionId, position: leaf.position };
+    if (!before(at, from) && before(at, to)) {
+      placed += 1;
+      continue;
+    }
+    report({
+      kind: 'event_misplaced',
+      seq: leaf.seq,
+      treeSize: null,
+      detail: `leaf ${leaf.seq} is event position ${leaf.position}, which lies outside its tile's stretch of the global order: the event was integrated twice (the sequencer's cursor moved back), or its transaction id was changed`,
+    });
+  }
+  if ((await stretchRows(db, from, to)) === placed) return;
+  const found = await stretchDetail(db, tile?.firstSeq ?? null, from, to, exemptThrough, limit);
   const place = tile === null ? 'and there is no tile of events' : `in the stretch of the global order of the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}`;
-  for (const position of skipped.slice(0, limit)) {
+  for (const position of found.notIntegrated) {
     report({
       kind: 'event_not_integrated',
       seq: tile?.firstSeq ?? null,
@@ -368,13 +395,12 @@ async function checkCompleteness(
       detail: `event position ${position} lies before the sequencer's cursor ${place}, but is a leaf of none: the cursor was moved past it, or it was written into the event store's past`,
     });
   }
-  // A kept event (its leaf recomputed) outside the stretch; a position held twice counts once.
-  for (const leaf of leaves.filter((l) => l.recomputed !== null && !stretch.has(l.position.toString())).slice(0, limit)) {
+  for (const position of found.duplicated) {
     report({
-      kind: 'event_misplaced',
-      seq: leaf.seq,
+      kind: 'event_duplicated',
+      seq: leaves.find((l) => l.position === position)?.seq ?? tile?.firstSeq ?? null,
       treeSize: null,
-      detail: `leaf ${leaf.seq} is event position ${leaf.position}, which lies outside its tile's stretch of the global order: the event was integrated twice (the sequencer's cursor moved back), or its transaction id was changed`,
+      detail: `event position ${position} is held by both the hot table and the archive: one is a planted copy (the trail, proofs and search take the hot row)`,
     });
   }
 }

@@ -11,7 +11,9 @@
  * passed it is never published or applied. So a stream is due only when each of its hot events
  * is behind all of them (see `readersSql`), besides being old enough. The audit trail's tail
  * reads the archive as well (an event archived before its cursor first moved is still owed a
- * leaf), and counts as a reader once its cursor has moved, so that deletion waits for it.
+ * leaf), and counts as a reader of hot events once its cursor has moved. Archived events are
+ * deleted by age alone, except that the audit trail's holds (`auditLegalHolds`) keep every
+ * event it has not yet taken as a leaf, hot or archived.
  */
 import type pg from 'pg';
 import { inTransaction, readHorizon } from '@ledgerline/events';
