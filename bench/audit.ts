@@ -133,19 +133,42 @@ async function eventCount(pool: pg.Pool): Promise<number> {
 /** Rounds `drain` runs before it gives up (about two minutes of idle rounds): a long transaction elsewhere in the cluster holds the event tail back. */
 const DRAIN_ROUNDS_MAX = 24_000;
 
-/** Sequencer rounds until the queue is empty and the event tail has caught up (nothing skipped). */
+/**
+ * Sequencer rounds until every queued entry and every event there was when it began is
+ * integrated (nothing skipped). The ledger's clients keep running between segments, so the
+ * target is fixed at the start: waiting for the tail to be empty would wait for a moment with
+ * no commit in flight, which under 64 clients may not come for minutes.
+ */
 async function drain(sequencer: AuditSequencer, pool: pg.Pool): Promise<void> {
+  // The last event in the global order, and the last queued entry, as it begins.
+  const target = await pool.query<{ tx: string; position: string; queued: string }>(
+    `SELECT coalesce(e.transaction_id, '0')::text AS tx, coalesce(e.position, 0)::text AS position, coalesce((SELECT max(id) FROM audit.queue), 0)::text AS queued
+       FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT transaction_id, position FROM events.events ORDER BY transaction_id DESC, position DESC LIMIT 1) e ON true`,
+  );
+  const { tx, position, queued } = target.rows[0] ?? { tx: '0', position: '0', queued: '0' };
   for (let round = 0; ; round += 1) {
-    if (round > DRAIN_ROUNDS_MAX) throw new Error('the audit tail did not catch up: is a long transaction running elsewhere in the cluster?');
+    if (round > DRAIN_ROUNDS_MAX) {
+      // What held it back: the first event past the cursor, the read horizon, and the oldest transactions in the cluster.
+      const why = await pool.query<{ why: string }>(
+        `SELECT json_build_object(
+           'cursor', (SELECT event_transaction_id::text || '/' || event_position FROM audit.sequencer_state),
+           'horizon', pg_snapshot_xmin(pg_current_snapshot())::text,
+           'next', (SELECT e.transaction_id::text || '/' || e.position FROM events.events e, audit.sequencer_state s
+                     WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position) ORDER BY e.transaction_id, e.position LIMIT 1),
+           'oldest', (SELECT json_agg(a) FROM (SELECT datname, application_name, state, backend_xid::text, backend_xmin::text, xact_start, left(query, 100) AS query
+                                                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL ORDER BY xact_start LIMIT 5) a))::text AS why`,
+      );
+      throw new Error(`the audit tail did not catch up: is a long transaction running elsewhere in the cluster? ${why.rows[0]?.why ?? ''}`);
+    }
     checkAborted();
     const { records } = await sequencer.round();
-    if (records > 0) continue;
     const r = await pool.query<{ behind: boolean }>(
-      `SELECT EXISTS (SELECT 1 FROM audit.queue) OR EXISTS (SELECT 1 FROM events.events e, audit.sequencer_state s
-         WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position)) AS behind`,
+      `SELECT EXISTS (SELECT 1 FROM audit.queue WHERE id <= $3::bigint)
+              OR (SELECT (s.event_transaction_id, s.event_position) < ($1::text::xid8, $2::bigint) FROM audit.sequencer_state s) AS behind`,
+      [tx, position, queued],
     );
     if (r.rows[0]?.behind === false) return;
-    await sleep(5);
+    if (records === 0) await sleep(5);
   }
 }
 
