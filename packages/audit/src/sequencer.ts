@@ -152,13 +152,53 @@ export class AuditSequencer {
     })();
   }
 
-  /** Stops the loop, then integrates what is left and signs a final checkpoint. */
+  /**
+   * Stops the loop, then integrates what there is as it is called (the queue's entries, and the
+   * events up to the last in the global order) and signs a final checkpoint over them. Bounded:
+   * other instances' writers may keep writing, and a close that waited for a round to find
+   * nothing would not return while they do. What they write after is the next sequencer's.
+   */
   async close(): Promise<void> {
     this.#stopping = true;
     this.#wake?.();
     await this.#running;
     this.#running = null;
-    for (let r = await this.round({ forceCheckpoint: true }); r.records > 0; r = await this.round({ forceCheckpoint: true }));
+    const target = await this.#closeTarget();
+    for (;;) {
+      const r = await this.round({ forceCheckpoint: true });
+      if (r.records === 0 || (await this.#reached(target))) return;
+    }
+  }
+
+  /** The last queued entry and the last event in the global order, now (no aggregate and no operator a search path could shadow). */
+  async #closeTarget(): Promise<{ queueId: bigint | null; event: EventCheckpoint | null }> {
+    const queued = await this.#o.pool.query<{ id: string }>('SELECT q.id::text AS id FROM audit.queue q ORDER BY q.id DESC LIMIT 1');
+    let event: EventCheckpoint | null = null;
+    if (this.#o.tailEvents) {
+      try {
+        const last = await (this.#eventsPool ?? this.#o.pool).query<{ tx: string; pos: string }>(
+          'SELECT e.transaction_id::text AS tx, e.position::text AS pos FROM events.events e ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1',
+        );
+        const row = last.rows[0];
+        if (row !== undefined) event = { transactionId: BigInt(row.tx), position: BigInt(row.pos) };
+      } catch {
+        // An event store that cannot be read: the rounds report it; close on the queue alone.
+      }
+    }
+    const id = queued.rows[0]?.id;
+    return { queueId: id === undefined ? null : BigInt(id), event };
+  }
+
+  /** Whether the queue holds nothing up to the target's entry and the cursor has reached its event. */
+  async #reached(target: { queueId: bigint | null; event: EventCheckpoint | null }): Promise<boolean> {
+    if (target.queueId !== null) {
+      const first = await this.#o.pool.query<{ id: string }>('SELECT q.id::text AS id FROM audit.queue q ORDER BY q.id LIMIT 1');
+      const id = first.rows[0]?.id;
+      if (id !== undefined && BigInt(id) <= target.queueId) return false;
+    }
+    if (target.event === null) return true;
+    const cursor = await eventCursor(this.#o.pool);
+    return cursor.transactionId > target.event.transactionId || (cursor.transactionId === target.event.transactionId && cursor.position >= target.event.position);
   }
 
   /** One round; exported for tests and tools that drive the sequencer by hand. */
