@@ -195,6 +195,12 @@ export async function tileStarts(db: Queryable, fromSeq: number, limit: number):
 /** The start of the event store's global order: before every event. */
 export const ORDER_ORIGIN: EventCheckpoint = { transactionId: 0n, position: 0n };
 
+/** Two places in the global order, compared: negative when `a` comes first, 0 when they are the same place. */
+export function compareOrder(a: EventCheckpoint, b: EventCheckpoint): number {
+  if (a.transactionId !== b.transactionId) return a.transactionId < b.transactionId ? -1 : 1;
+  return a.position === b.position ? 0 : a.position < b.position ? -1 : 1;
+}
+
 /**
  * Where the stretch of the global order that belongs to the tile at `firstSeq` ends
  * (exclusive): at the next tile's first event or, past the last tile, just after the

@@ -11,7 +11,7 @@
  */
 import { readHorizon, sqlArrayLiteral, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
-import { EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type EventTile } from './event-leaves.ts';
+import { compareOrder, EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type EventTile } from './event-leaves.ts';
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
@@ -198,7 +198,7 @@ export class AuditSequencer {
     }
     if (target.event === null) return true;
     const cursor = await eventCursor(this.#o.pool);
-    return cursor.transactionId > target.event.transactionId || (cursor.transactionId === target.event.transactionId && cursor.position >= target.event.position);
+    return compareOrder(cursor, target.event) >= 0;
   }
 
   /** One round; exported for tests and tools that drive the sequencer by hand. */
@@ -330,11 +330,10 @@ export class AuditSequencer {
       }
     }
     if (tile === null) return null;
-    const after = (a: EventCheckpoint, b: EventCheckpoint): boolean => a.transactionId > b.transactionId || (a.transactionId === b.transactionId && a.position > b.position);
     const problems = [
       tile.count >= 1 && tile.count <= limit ? null : `${tile.count} events for a tile of at most ${limit}`,
-      after(tile.first, cursor) ? null : 'its first event is not after the cursor',
-      tile.count === 1 || after(tile.last, tile.first) ? null : 'its last event does not come after its first',
+      compareOrder(tile.first, cursor) > 0 ? null : 'its first event is not after the cursor',
+      tile.count === 1 || compareOrder(tile.last, tile.first) > 0 ? null : 'its last event does not come after its first',
       tile.last.transactionId < horizon ? null : 'its last event is not below the read horizon',
       tile.failures >= 0 && tile.failures <= tile.count ? null : `${tile.failures} failures among ${tile.count} events`,
     ].filter((p) => p !== null);

@@ -32,7 +32,7 @@ import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { archiveExemptThrough, checkTile, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
+import { archiveExemptThrough, checkTile, compareOrder, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -367,13 +367,12 @@ async function checkCompleteness(
 ): Promise<void> {
   const to = await stretchEnd(db, tile?.firstSeq ?? -1);
   // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
-  if (tile === null && to.transactionId === ORDER_ORIGIN.transactionId && to.position === ORDER_ORIGIN.position + 1n) return;
-  const before = (a: EventCheckpoint, b: EventCheckpoint): boolean => a.transactionId < b.transactionId || (a.transactionId === b.transactionId && a.position < b.position);
+  if (tile === null && compareOrder(to, { ...ORDER_ORIGIN, position: ORDER_ORIGIN.position + 1n }) === 0) return;
   let placed = 0;
   for (const leaf of leaves) {
     if (leaf.transactionId === null) continue;
     const at = { transactionId: leaf.transactionId, position: leaf.position };
-    if (!before(at, from) && before(at, to)) {
+    if (compareOrder(at, from) >= 0 && compareOrder(at, to) < 0) {
       placed += 1;
       continue;
     }
