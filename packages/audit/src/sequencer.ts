@@ -305,7 +305,7 @@ export class AuditSequencer {
    * The round's events, read as the event store's owner's login when it has a pool of its own
    * (SequencerOptions.eventsPool), and held to what the tile query promises before anything is
    * written: after the cursor, below the read horizon (taken here, on the sequencer's own
-   * connection), in order, at most `limit`. The cursor is this
+   * connection), in order, at most `limit`, their count in every column. The cursor is this
    * round's (the advisory lock keeps it ours); the events below the horizon are committed, the
    * same whichever connection reads them. A separate event store that cannot be read (down, or
    * its owner's table refusing) leaves the round to the queue, reported, so that commands,
@@ -333,8 +333,9 @@ export class AuditSequencer {
     const problems = [
       tile.count >= 1 && tile.count <= limit ? null : `${tile.count} events for a tile of at most ${limit}`,
       compareOrder(tile.first, cursor) > 0 ? null : 'its first event is not after the cursor',
-      tile.ordered ? null : 'its events do not come in the global order',
+      tile.count === 1 || compareOrder(tile.last, tile.first) > 0 ? null : 'its last event does not come after its first',
       tile.last.transactionId < horizon ? null : 'its last event is not below the read horizon',
+      tile.failures >= 0 && tile.failures <= tile.count ? null : `${tile.failures} failures among ${tile.count} events`,
     ].filter((p) => p !== null);
     if (problems.length > 0) throw new Error(`invariant: the event store returned a tile the sequencer will not integrate (${problems.join('; ')}); the round is refused`);
     return tile;

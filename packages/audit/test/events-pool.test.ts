@@ -61,7 +61,7 @@ test('an event store that cannot be read leaves the round to the queue, reported
  * A pool on the real database whose answers to the tile query are altered by `forge` before
  * the sequencer sees them: the event store lying about what it holds.
  */
-function lyingPool(url: string, forge: (rows: string[][]) => void): pg.Pool {
+function lyingPool(url: string, forge: (row: Record<string, unknown>) => void): pg.Pool {
   const pool = new pg.Pool({ connectionString: url, max: 1 });
   const lying = new WeakSet<pg.PoolClient>();
   const connect = pool.connect.bind(pool) as () => Promise<pg.PoolClient>;
@@ -72,7 +72,8 @@ function lyingPool(url: string, forge: (rows: string[][]) => void): pg.Pool {
       const query = client.query.bind(client) as (config: pg.QueryConfig | string) => Promise<pg.QueryResult>;
       const forged = async (config: pg.QueryConfig | string): Promise<pg.QueryResult> => {
         const result = await query(config);
-        if (typeof config !== 'string' && config.name === 'ledgerline.audit.event-tile' && result.rows.length > 0) forge(result.rows as string[][]);
+        const row = typeof config === 'string' || config.name !== 'ledgerline.audit.event-tile' ? undefined : (result.rows[0] as Record<string, unknown> | undefined);
+        if (row !== undefined) forge(row);
         return result;
       };
       client.query = forged as typeof client.query;
@@ -98,25 +99,18 @@ test('a tile that breaks the tile query\'s promises is refused, and nothing is w
   };
   const honest = new pg.Pool({ connectionString: t.db.url, max: 1 });
   const sequencer = (eventsPool: pg.Pool): AuditSequencer =>
-    new AuditSequencer({ pool: t.pool, eventsPool, signer: t.signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0, batchRecordsMax: 4 });
+    new AuditSequencer({ pool: t.pool, eventsPool, signer: t.signer, origin: 'ledgerline/test', tailEvents: true, checkpointIntervalMs: 0 });
   try {
     // Everything so far integrated, so the cursor stands after an event.
     for (let r = await sequencer(honest).round(); r.records > 0; r = await sequencer(honest).round());
     await append(0, 4);
     const cursor = await t.pool.query<{ tx: string; pos: string }>('SELECT event_transaction_id::text AS tx, event_position::text AS pos FROM audit.sequencer_state');
     const at = cursor.rows[0] as { tx: string; pos: string };
-    // A tile row's columns by place: the position first, then the transaction id (readEventTile).
-    const first = (rows: string[][]): string[] => rows[0] as string[];
-    const last = (rows: string[][]): string[] => rows.at(-1) as string[];
-    const lies: [string, (rows: string[][]) => void, RegExp][] = [
-      ['an event at the cursor', (rows) => first(rows).splice(0, 2, at.pos, at.tx), /its first event is not after the cursor/],
-      ['a last event not yet below the read horizon', (rows) => last(rows).splice(1, 1, '9223372036854775807'), /its last event is not below the read horizon/],
-      ['two events out of the global order', (rows) => rows.push(rows.splice(1, 1)[0] as string[]), /its events do not come in the global order/],
-      ['an event read twice', (rows) => rows.push([...last(rows)]), /its events do not come in the global order/],
-      ['more events than the round asked for', (rows) => {
-        const [position, ...rest] = last(rows);
-        rows.push(...[1n, 2n, 3n, 4n].map((k) => [String(BigInt(position as string) + k), ...rest]));
-      }, /8 events for a tile of at most 4/],
+    const lies: [string, (row: Record<string, unknown>) => void, RegExp][] = [
+      ['an event at the cursor', (row) => Object.assign(row, { first_tx: at.tx, positions: String(row.positions).replace(/^\{\d+/, `{${at.pos}`) }), /its first event is not after the cursor/],
+      ['a last event not yet below the read horizon', (row) => Object.assign(row, { last_tx: '9223372036854775807' }), /its last event is not below the read horizon/],
+      ['a last event before the first', (row) => Object.assign(row, { last_tx: at.tx, first_tx: String(BigInt(at.tx) + 1n) }), /its last event does not come after its first/],
+      ['more failures than events', (row) => Object.assign(row, { failures: Number(row.n) + 1 }), /5 failures among 4 events/],
     ];
     const before = await state();
     for (const [lie, forge, refusal] of lies) {
