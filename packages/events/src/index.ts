@@ -13,6 +13,7 @@ export {
   EventStore,
   ResidencyViolationError,
   STREAM_ORDER_CONFLICT_SQLSTATE,
+  StreamCorruptError,
   StreamOrderConflictError,
   streamOrderConflict,
   StreamRegionMismatchError,

@@ -80,6 +80,25 @@ export class ConcurrencyError extends Error {
 }
 
 /**
+ * A stream holds one version twice: in the hot table and in the archive, which retention never
+ * does (it moves a stream in one statement). Read as it is, the stream would fold that event
+ * twice, so it is not read; the copy must be found and removed (`audit verify` reports a copy
+ * in the archive as `event_duplicated`).
+ */
+export class StreamCorruptError extends Error {
+  override readonly name: string = 'StreamCorruptError';
+  readonly streamType: string;
+  readonly streamId: string;
+  readonly version: number;
+  constructor(streamType: string, streamId: string, version: number) {
+    super(`stream ${streamType}/${streamId} holds version ${version} both in events.events and in events.archived_events; it is not read until the copy is removed`);
+    this.streamType = streamType;
+    this.streamId = streamId;
+    this.version = version;
+  }
+}
+
+/**
  * The appending transaction is older (has a smaller transaction id) than a transaction that
  * already committed events to the same stream. Appending would put the new version before the
  * old ones in the global order, so readers would see the stream out of order. Nothing was
@@ -576,9 +595,15 @@ export class EventStore {
     ];
   }
 
+  /**
+   * A stream's latest version, 0 for a stream that has none: its hot events', or, when
+   * retention has archived all of them, its archived events' (the archive is probed only
+   * then), as `append` continues it.
+   */
   async streamVersion(db: Queryable, streamType: string, streamId: string): Promise<number> {
     const r = await db.query<{ version: number | null }>(
-      'SELECT max(version) AS version FROM events.events WHERE stream_type = $1 AND stream_id = $2',
+      `SELECT coalesce((SELECT max(version) FROM events.events WHERE stream_type = $1 AND stream_id = $2),
+                       (SELECT max(version) FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2)) AS version`,
       [streamType, streamId],
     );
     return r.rows[0]?.version ?? 0;
@@ -587,6 +612,11 @@ export class EventStore {
   /**
    * A stream's events from `fromVersion`, in version order. `asOf` stops at a past checkpoint
    * or time (time travel); `location` is where the reader is (default: this store's own).
+   *
+   * Archived events are read with the hot ones: retention moves a stream whole, and `append`
+   * continues it after its archived versions, so a stream may live in both tables, its older
+   * versions in the archive. Each version is in exactly one of them; one found in both (a row
+   * copied by hand) would be folded twice, so it is refused (`StreamCorruptError`).
    */
   async readStream(
     db: Queryable,
@@ -599,14 +629,18 @@ export class EventStore {
     const { asOf } = options;
     const cp = asOf !== undefined && 'checkpoint' in asOf ? asOf.checkpoint : null;
     const time = asOf !== undefined && 'time' in asOf ? asOf.time : null;
-    const r = await db.query<EventRecord>(
-      `SELECT ${EVENT_COLUMNS} FROM events.events e
+    const within = (table: string): string => `SELECT ${EVENT_COLUMNS} FROM ${table} e
         WHERE stream_type = $1 AND stream_id = $2 AND version >= $3
           AND ($4::text IS NULL OR (e.transaction_id, e.position) <= ($4::text::xid8, $5::bigint))
-          AND ($6::timestamptz IS NULL OR e.recorded_at <= $6::timestamptz)
-        ORDER BY e.version`,
+          AND ($6::timestamptz IS NULL OR e.recorded_at <= $6::timestamptz)`;
+    const r = await db.query<EventRecord>(
+      `SELECT * FROM (${within('events.events')} UNION ALL ${within('events.archived_events')}) e ORDER BY e.version`,
       [streamType, streamId, fromVersion, cp?.transactionId.toString() ?? null, cp?.position.toString() ?? null, time],
     );
+    for (let i = 1; i < r.rows.length; i += 1) {
+      const version = (r.rows[i] as EventRecord).version;
+      if (version === (r.rows[i - 1] as EventRecord).version) throw new StreamCorruptError(streamType, streamId, version);
+    }
     return r.rows.map(toEvent);
   }
 

@@ -9,8 +9,8 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AuditSequencer, loadSigningKey, migrateAudit } from '@ledgerline/audit';
-import { ConcurrencyError } from '@ledgerline/events';
-import { AggregateStore, applyRetention, NO_LEGAL_HOLDS, paymentAggregate, type LegalHolds } from '../src/index.ts';
+import { ConcurrencyError, StreamCorruptError } from '@ledgerline/events';
+import { AggregateStore, applyRetention, DomainRejection, NO_LEGAL_HOLDS, paymentAggregate, type LegalHolds } from '../src/index.ts';
 import { count, esTestEnv, inTx, passReaders as passReadersOf, type EsTestEnv } from './support.ts';
 
 let env: EsTestEnv;
@@ -183,7 +183,13 @@ test('an archived stream continues at its next version; a new stream of the same
   const any = await inTx(env.pool, (c) => env.store.append(c, { type: 'ticket', id: 't-1' }, [event], { expectedVersion: 'any' }));
   assert.equal(any.version, 4);
 
-  // An aggregate whose stream was archived cannot be started again from nothing.
+  // The stream reads whole: its archived versions, then the hot one.
+  assert.deepEqual((await env.store.readStream(env.pool, 'ticket', 't-1')).map((e) => e.version), [1, 2, 3, 4]);
+  assert.deepEqual((await env.store.readStream(env.pool, 'ticket', 't-1', 2)).map((e) => e.version), [2, 3, 4]);
+  assert.equal(await env.store.streamVersion(env.pool, 'ticket', 't-1'), 4);
+
+  // An aggregate whose stream was archived (its snapshot dropped with it) loads from the
+  // archive: it is neither started again from nothing nor stuck.
   const payments = new AggregateStore(env.store, paymentAggregate({ snapshotEvery: 2 }));
   await inTx(env.pool, (c) => payments.handle(c, 'pay-1', { type: 'Initiate', amountMinor: 1000n, currency: 'EUR', payer: 'a', payee: 'b', channel: 'card' }));
   await inTx(env.pool, (c) => payments.handle(c, 'pay-1', { type: 'Authorize', authorizationCode: 'A1' }));
@@ -191,11 +197,24 @@ test('an archived stream continues at its next version; a new stream of the same
   await passReaders();
   const r = await applyRetention(env.pool, { rules: [{ streamType: 'payment', archiveAfterDays: 30 }], holds: NO_LEGAL_HOLDS, now: new Date(Date.now() + 31 * DAY_MS) });
   assert.equal(r.eventsArchived, 3);
+  assert.equal(await hot('payment'), 0);
+  const loaded = await payments.load(env.pool, 'pay-1');
+  assert.deepEqual([loaded.version, loaded.snapshotVersion, loaded.eventsFolded, loaded.state.status], [3, null, 3, 'captured']);
   await assert.rejects(
     inTx(env.pool, (c) => payments.handle(c, 'pay-1', { type: 'Initiate', amountMinor: 5n, currency: 'EUR', payer: 'x', payee: 'y', channel: 'card' })),
-    (e: unknown) => e instanceof ConcurrencyError && e.actual === 3,
+    (e: unknown) => e instanceof DomainRejection,
   );
-  assert.equal(await hot('payment'), 0);
+  const refunded = await inTx(env.pool, (c) => payments.handle(c, 'pay-1', { type: 'Refund', refundId: 'r-1', amountMinor: 400n }));
+  assert.deepEqual([refunded.version, refunded.state.status, refunded.state.refundedMinor], [4, 'captured', 400n]);
+  assert.equal(await hot('payment'), 1);
+  assert.equal((await payments.load(env.pool, 'pay-1')).state.refundedMinor, 400n);
+});
+
+test('a version held by both the hot table and the archive is refused, not folded twice', T, async () => {
+  await appendNew('copied', 'c-1', 2);
+  await env.pool.query("INSERT INTO events.archived_events SELECT *, now() FROM events.events WHERE stream_type = 'copied' AND version = 2");
+  await assert.rejects(env.store.readStream(env.pool, 'copied', 'c-1'), (e: unknown) => e instanceof StreamCorruptError && e.version === 2 && /holds version 2 both/.test(e.message));
+  assert.deepEqual((await env.store.readStream(env.pool, 'copied', 'c-1', 1, { asOf: { time: new Date(0) } })).length, 0, 'a read that stops before the copy is not refused');
 });
 
 test('held streams do not use up streamsMax: each run reaches the due streams after them', T, async () => {
