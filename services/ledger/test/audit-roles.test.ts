@@ -24,6 +24,14 @@ const TAG = randomBytes(4).toString('hex');
 const OWNER = `ll_audit_owner_${TAG}`;
 const LOGIN = `ll_ledger_login_${TAG}`;
 const SEQUENCER = `ll_audit_seq_${TAG}`;
+/**
+ * How long a test waits for the sequencer to integrate what it wrote. A round takes only events
+ * below the read horizon, the oldest transaction running anywhere in the cluster, so another
+ * test file's transactions (the global-order tests hold theirs open on purpose) hold
+ * it back: 20 s was once too short under the parallel suite. As long as the audit tests' own
+ * settle (packages/audit/test/support.ts).
+ */
+const SEQUENCER_WAIT_MS = 60_000;
 
 let db: TestDatabase;
 let ownerUrl: string;
@@ -184,7 +192,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     const login = new pg.Client({ connectionString: loginUrl });
     await login.connect();
     try {
-      const deadline = Date.now() + 20_000;
+      const deadline = Date.now() + SEQUENCER_WAIT_MS;
       for (;;) {
         const r = await login.query<{ leaves: string; size: string }>(
           `SELECT (SELECT coalesce(sum(leaf_count), 0) FROM audit.event_leaves)::text AS leaves,
@@ -248,11 +256,11 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     const [holdId] = await cli('hold', 'place', '--resource-type', 'account', '--resource-id', a, '--reason', 'litigation', '--as', 'user:counsel');
     assert.ok(holdId !== undefined);
     assert.deepEqual(await cli('hold', 'release', '--id', holdId, '--as', 'user:counsel'), ['released']);
-    const deadline = Date.now() + 20_000;
+    const deadline = Date.now() + SEQUENCER_WAIT_MS;
     let releases: Array<{ actor: { id: string }; outcome: string; resource: { id: string }; payload: unknown }> = [];
     while (releases.length === 0) {
       releases = (await cli('search', '--action', 'audit.hold.release', '--as', 'user:auditor')).map((l) => JSON.parse(l) as (typeof releases)[number]);
-      assert.ok(releases.length > 0 || Date.now() < deadline, 'the release was not integrated within 20 s');
+      assert.ok(releases.length > 0 || Date.now() < deadline, `the release was not integrated within ${SEQUENCER_WAIT_MS / 1000} s`);
       if (releases.length === 0) await new Promise((r) => setTimeout(r, 100));
     }
     assert.deepEqual(
@@ -357,7 +365,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       }),
     });
     assert.equal(await post(s.port, '/v1/transfers', { id: newId(), debit_account_id: a, credit_account_id: b, amount: '7', ledger: 'USD', code: 1 }), 201);
-    const deadline = Date.now() + 20_000;
+    const deadline = Date.now() + SEQUENCER_WAIT_MS;
     while ((await leaves()) < before + 3) {
       assert.ok(Date.now() < deadline, `the standalone sequencer did not integrate the events: ${lines.join('\n')}`);
       await new Promise((r) => setTimeout(r, 50));
@@ -411,7 +419,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       connected(async (c) => Number((await c.query<{ n: string }>('SELECT coalesce(sum(leaf_count), 0)::text AS n FROM audit.event_leaves')).rows[0]?.n), db.url);
     const events = (): Promise<number> => connected(async (c) => Number((await c.query<{ n: string }>('SELECT count(*)::text AS n FROM events.events')).rows[0]?.n), db.url);
     const settle = async (done: () => Promise<boolean>, what: string): Promise<void> => {
-      const deadline = Date.now() + 20_000;
+      const deadline = Date.now() + SEQUENCER_WAIT_MS;
       while (!(await done())) {
         assert.ok(Date.now() < deadline, what);
         await new Promise((r) => setTimeout(r, 50));
