@@ -25,11 +25,10 @@ const OWNER = `ll_audit_owner_${TAG}`;
 const LOGIN = `ll_ledger_login_${TAG}`;
 const SEQUENCER = `ll_audit_seq_${TAG}`;
 /**
- * How long a test waits for the sequencer to integrate what it wrote. A round takes only events
- * below the read horizon, the oldest transaction running anywhere in the cluster, so another
- * test file's transactions (the global-order tests hold theirs open on purpose) hold
- * it back: 20 s was once too short under the parallel suite. As long as the audit tests' own
- * settle (packages/audit/test/support.ts).
+ * How long a test waits for the sequencer to integrate what it wrote: the service's worker
+ * thread (at a lower priority) must start, take the events once they are below the read
+ * horizon, and sign. Under the parallel suite on two cores, beside the chaos tests' processes,
+ * 20 s was once too short. As long as the audit tests' own settle (packages/audit/test/support.ts).
  */
 const SEQUENCER_WAIT_MS = 60_000;
 
