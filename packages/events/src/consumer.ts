@@ -463,7 +463,15 @@ export class EventConsumer {
               await this.#apply([e], { settlesDeadLetter: true });
             });
           } catch (error) {
-            if (transientDatabaseError(error)) throw error;
+            if (transientDatabaseError(error)) {
+              // No verdict on the event: forget the record of this try, so that a later delivery
+              // (after a stop, say) tries it again instead of taking it for one its handler
+              // killed. Best effort: with the database still unreachable the record stays, and
+              // the next try of this delivery replaces it; only a stop before that try leaves
+              // it, and then the event is dead-lettered untried, to be replayed (events:dlq).
+              await this.#forgetLastTry(e, deliveries).catch(() => {});
+              throw error;
+            }
             this.#o.onError?.(error);
             await this.#deadLetter(e, deliveries, error);
           }
@@ -509,7 +517,9 @@ export class EventConsumer {
     try {
       await client.query('BEGIN');
       const fresh = await this.#claim(client, events);
-      const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.has(e.id));
+      // The claimed ones, each once: a message may carry an event twice (the relay never writes
+      // one, but any publisher on the subject could), and the inbox takes it once.
+      const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.delete(e.id));
       if (claimed.length > 0) await this.#handleBatch(claimed, client);
       if (options.settlesDeadLetter === true) {
         await client.query('DELETE FROM events.dead_letters WHERE consumer = $1 AND event_id = ANY(string_to_array($2, \',\')::uuid[])', [
@@ -594,6 +604,14 @@ export class EventConsumer {
     await this.#recordDeadLetter(event, attempts, reason);
     await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
     this.#stats.deadLettered += 1;
+  }
+
+  /** Removes the record `#afterRepeatedDeliveries` wrote before this delivery's try of `event`, if it is still that record. */
+  async #forgetLastTry(event: StoredEvent, deliveries: number): Promise<void> {
+    await this.#o.pool.query(
+      `DELETE FROM events.dead_letters WHERE consumer = $1 AND event_id = $2 AND attempts = $3 AND error LIKE $4 || '%' AND replayed_at IS NULL`,
+      [this.#o.name, event.id, deliveries, LAST_TRY],
+    );
   }
 
   /** The dead letter's row in events.dead_letters (the record events:dlq lists and replays from). */

@@ -2,8 +2,9 @@
  * Dead-letter tooling: list the events a consumer gave up on, and replay them; list the
  * messages it could not decode (which name no event, so there is nothing to replay).
  *
- * A replay reads the event from events.events (the source of truth, not the dead-letter
- * stream's copy) and publishes it again as a single-event batch to its partition subject on
+ * A replay reads the event from the event store (the source of truth, not the dead-letter
+ * stream's copy): from events.events, or from events.archived_events once retention has
+ * archived its stream (pending dead letters do not hold retention back), and publishes it again as a single-event batch to its partition subject on
  * the event stream. Every consumer of the stream receives it: the ones that handled it before
  * drop it in their inbox, and the target consumer handles it through its inbox as usual, so
  * it still takes effect at most once.
@@ -26,6 +27,18 @@ import { encodeBatch } from './wire.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
+/**
+ * The event a dead letter of alias `d` names, as a LATERAL subquery: from the hot table by its
+ * id, else from the archive at its position (the archive's key), if it holds that event.
+ */
+const STORED_EVENT = (d: string): string => `(
+  SELECT h.position, h.transaction_id, h.partition, h.stream_type, h.stream_id, h.version, h.type, h.schema_version, h.data, h.metadata, h.recorded_at
+    FROM events.events h WHERE h.event_id = ${d}.event_id
+  UNION ALL
+  SELECT a.position, a.transaction_id, a.partition, a.stream_type, a.stream_id, a.version, a.type, a.schema_version, a.data, a.metadata, a.recorded_at
+    FROM events.archived_events a WHERE a.position = ${d}.position AND a.event_id = ${d}.event_id
+  LIMIT 1)`;
+
 export interface DeadLetter {
   consumer: string;
   eventId: string;
@@ -34,7 +47,7 @@ export interface DeadLetter {
   error: string;
   deadAt: Date;
   replayedAt: Date | null;
-  /** From events.events; null if the store does not have the event. */
+  /** From the event store (the hot table or the archive); null if it no longer has the event (retention deleted it). */
   streamType: string | null;
   streamId: string | null;
   version: number | null;
@@ -76,7 +89,7 @@ export async function listDeadLetters(db: Queryable, options: ListDeadLettersOpt
   }>(
     `SELECT d.consumer, d.event_id::text, d.position::text, d.attempts, d.error, d.dead_at, d.replayed_at,
             e.stream_type, e.stream_id, e.version, e.type
-       FROM events.dead_letters d LEFT JOIN events.events e ON e.event_id = d.event_id
+       FROM events.dead_letters d LEFT JOIN LATERAL ${STORED_EVENT('d')} e ON true
       WHERE ($1::text IS NULL OR d.consumer = $1) AND (NOT $2 OR d.replayed_at IS NULL)
       ORDER BY d.dead_at, d.consumer, d.position
       LIMIT $3`,
@@ -195,7 +208,7 @@ export async function replayDeadLetters(options: ReplayDeadLettersOptions): Prom
             EXISTS (SELECT 1 FROM events.inbox i WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS handled,
             e.position::text, e.transaction_id::text, e.partition, e.stream_type, e.stream_id, e.version, e.type,
             e.schema_version, e.data, e.metadata, e.recorded_at
-       FROM events.dead_letters d LEFT JOIN events.events e ON e.event_id = d.event_id
+       FROM events.dead_letters d LEFT JOIN LATERAL ${STORED_EVENT('d')} e ON true
       WHERE d.consumer = $1 AND d.replayed_at IS NULL AND ($2::uuid[] IS NULL OR d.event_id = ANY($2::uuid[]))
       ORDER BY d.position
       LIMIT $3`,

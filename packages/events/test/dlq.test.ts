@@ -201,6 +201,35 @@ describe('dead letters', () => {
     await assert.rejects(listDeadLetters(env.pool, { limit: 0 }), RangeError);
   });
 
+  test('a dead letter whose stream retention archived is listed and replayed from the archive, and applied once', async () => {
+    const poisonedBefore = poisoned;
+    poisoned = true;
+    const c = await env.pool.connect();
+    try {
+      await c.query('BEGIN');
+      await env.store.append(c, { type: 'order', id: 'o-archived' }, [{ type: 'Paid', data: { poison: true } }], { expectedVersion: 'no_stream' });
+      await c.query('COMMIT');
+    } finally {
+      c.release();
+    }
+    const id = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_id = 'o-archived'")).rows[0]?.id as string;
+    // The target gives up on it; then retention moves the stream to the archive (as
+    // applyRetention's statement does): pending dead letters do not hold it back.
+    await waitFor('the target to dead-letter it', async () => (await listDeadLetters(env.pool, { consumer: 'target', pendingOnly: true })).some((d) => d.eventId === id));
+    await env.pool.query('WITH moved AS (DELETE FROM events.events WHERE event_id = $1 RETURNING *) INSERT INTO events.archived_events SELECT *, now() FROM moved', [id]);
+    const [listed] = (await listDeadLetters(env.pool, { consumer: 'target', pendingOnly: true })).filter((d) => d.eventId === id);
+    assert.deepEqual([listed?.streamType, listed?.streamId, listed?.type], ['order', 'o-archived', 'Paid'], 'listed with its event, from the archive');
+    poisoned = false;
+    try {
+      const outcomes = await replayDeadLetters({ pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target', eventIds: [id] });
+      assert.deepEqual(outcomes.map((o) => o.status), ['published']);
+      await waitFor('the replay to be applied', async () => (await effectCounts('target')).get(id) === 1);
+    } finally {
+      poisoned = poisonedBefore;
+    }
+    assert.equal((await effectCounts('other')).get(id), 1, 'the other consumer applied it once, the copy dropped by its inbox');
+  });
+
   test('undecodable messages are listed by the CLI, with what they start with', async () => {
     // Given a consumer's record of a message it could not decode (the consumer's own path is
     // in events.test.ts), bytes that are partly not printable among them,

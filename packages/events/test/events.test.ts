@@ -2,6 +2,7 @@
  * The event store, the relay and the consumer on real PostgreSQL and NATS JetStream.
  */
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { behindFaultProxy, cutRepeatedly, testRandom } from '@ledgerline/testing';
@@ -472,6 +473,79 @@ describe('relay and consumer', () => {
       assert.ok(ids.every((id) => after.get(id) === 1), 'no effect applied twice');
     } finally {
       await consumer.stop();
+    }
+  });
+
+  test('a message that carries one new event twice applies it once', async () => {
+    // The relay never writes such a message; any publisher on the subject could.
+    const consumerName = 'c-twice';
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName,
+      filterSubject: `${env.subjectPrefix}.>`, handler: recordEffect(consumerName),
+    });
+    await consumer.start();
+    try {
+      const event: StoredEvent = {
+        position: 9_000_000n, transactionId: 1n, partition: 0, id: randomUUID(), streamType: 'twice', streamId: 't-1', version: 1,
+        type: 'Happened', schemaVersion: 1, data: {}, metadata: {}, recordedAt: new Date(),
+      };
+      const copy: StoredEvent = { ...event };
+      const sent = await jetstream(env.nats).publish(`${env.subjectPrefix}.p0`, encodeBatch([event, copy, event]), { msgID: `twice-${event.id}` });
+      await consumedThrough(consumerName, sent.seq);
+      assert.equal((await effectCounts(consumerName)).get(event.id), 1, 'one effect, however often the message names the event');
+    } finally {
+      await consumer.stop();
+    }
+  });
+
+  test('past its deliveries, an event whose last try met only a database failure is tried again after a stop, not dead-lettered', async () => {
+    // Given a consumer that gives a message up after one delivery, whose handler's session is
+    // terminated (57P01, as in a failover) while `failing` is set, and that is stopped while it
+    // waits to retry: the broker's next delivery is past maxDeliver, where each event is
+    // recorded as a dead letter before its try, so that a handler that kills the process is
+    // found dead. A database failure is no such verdict.
+    const consumerName = 'c-last-try';
+    const pool = guardPool(new pg.Pool({ connectionString: env.db.url, max: 4 }), () => {});
+    let failing = true;
+    let tries = 0;
+    const consumerNow = (): EventConsumer =>
+      new EventConsumer({
+        pool, nats: env.nats, name: consumerName, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+        dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 1, backoffMs: [60_000], onError: () => {},
+        handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+          if (e.streamType !== 'last-try') return;
+          tries += 1;
+          if (failing) await tx.query('SELECT pg_terminate_backend(pg_backend_pid())');
+          await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, consumerName]);
+        },
+      });
+    const relay = new OutboxRelay({ pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix });
+    relay.start();
+    try {
+      await inTx((c) => env.store.append(c, { type: 'last-try', id: 'l-1' }, [{ type: 'Happened', data: {} }], { expectedVersion: 'no_stream' }));
+      const id = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'last-try'")).rows[0]?.id as string;
+      // Delivery 1 (the whole message) and delivery 2 (past maxDeliver: the event alone, its
+      // record first) each meet the failure; each time the consumer is stopped while it waits.
+      for (const delivery of [1, 2]) {
+        const consumer = consumerNow();
+        await consumer.start();
+        await waitFor(`try ${delivery}`, () => Promise.resolve(tries >= delivery));
+        await consumer.stop();
+      }
+      failing = false;
+      const consumer = consumerNow();
+      await consumer.start();
+      try {
+        await waitFor('the event to take effect', async () => (await effectCounts(consumerName)).get(id) === 1);
+        assert.equal(tries, 3, 'tried on the third delivery');
+        const dead = await env.pool.query('SELECT error FROM events.dead_letters WHERE consumer = $1', [consumerName]);
+        assert.deepEqual(dead.rows, [], 'nothing dead-lettered');
+      } finally {
+        await consumer.stop();
+      }
+    } finally {
+      await relay.stop();
+      await pool.end();
     }
   });
 
