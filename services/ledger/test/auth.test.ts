@@ -413,6 +413,22 @@ describe('attacks', () => {
     assert.equal(other.headers['idempotent-replayed'], undefined);
     assert.equal(other.json<{ result: string }>().result, 'exists');
   });
+
+  test('Idempotency-Key works for subjects as long as a token may carry, each its own scope', async () => {
+    // 255 characters, the verifier's limit: `user:` and the subject no longer fit the key
+    // store's 255, so the scope is the subject's hash; two subjects alike but for their last
+    // character are two scopes.
+    const [one, two] = [`${'c'.repeat(254)}1`, `${'c'.repeat(254)}2`];
+    const body = transfer(UNOWNED);
+    const key = `key-${newId()}`;
+    const teller = async (sub: string): Promise<string> => sign({ sub, kind: 'user', roles: [ROLES.teller] });
+    const first = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, await teller(one));
+    assert.equal(first.statusCode, 201, first.body);
+    const replay = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, await teller(one));
+    assert.deepEqual([replay.statusCode, replay.headers['idempotent-replayed'], replay.body], [201, 'true', first.body]);
+    const other = await call({ method: 'POST', url: '/v1/transfers', payload: body, headers: { 'idempotency-key': key } }, await teller(two));
+    assert.deepEqual([other.statusCode, other.headers['idempotent-replayed'], other.json<{ result: string }>().result], [200, undefined, 'exists']);
+  });
 });
 
 /** Text a token's claims or a header might carry, the odd kinds included. */
