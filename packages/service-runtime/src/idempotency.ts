@@ -258,6 +258,9 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && !Buffer.isBuffer(value);
 }
 
+/** The extra part of a raw body's fingerprint (`requestFingerprint`). */
+const RAW_BODY = Buffer.from('raw', 'utf8');
+
 /** JSON with every object's keys sorted, so `{"a":1,"b":2}` and `{"b":2,"a":1}` are one request. */
 export function canonicalJson(value: unknown): string {
   const text = JSON.stringify(value, (_key, v: unknown) =>
@@ -269,10 +272,14 @@ export function canonicalJson(value: unknown): string {
 /**
  * sha-256 over method, route pattern, params, query and body: what makes two requests "the
  * same". Taken after validation, so defaults the schema fills in count as sent. Each part is
- * length-prefixed so no two different requests can run together into the same bytes.
+ * length-prefixed so no two different requests can run together into the same bytes. A body
+ * the parser left as text or bytes (a JSON string, text/plain, a raw body) is hashed as it is,
+ * and marked so by one more part: the JSON string `"{\"n\":1}"` and the object `{"n":1}` are
+ * different requests, though the string's text is the object's canonical JSON.
  */
 export function requestFingerprint(request: FastifyRequest): Buffer {
   const body: unknown = request.body;
+  const raw = Buffer.isBuffer(body) || typeof body === 'string';
   const bodyBytes = Buffer.isBuffer(body)
     ? body
     : Buffer.from(typeof body === 'string' ? body : canonicalJson(body), 'utf8');
@@ -283,6 +290,7 @@ export function requestFingerprint(request: FastifyRequest): Buffer {
     Buffer.from(canonicalJson(request.params), 'utf8'),
     Buffer.from(canonicalJson(request.query), 'utf8'),
     bodyBytes,
+    ...(raw ? [RAW_BODY] : []),
   ];
   for (const part of parts) {
     hash.update(`${part.length}:`);
@@ -458,7 +466,20 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     if (typeof clientId !== 'string' || !CLIENT_ID_STORABLE.test(clientId)) {
       throw new Error(`invariant: clientId returned ${JSON.stringify(clientId)}, not 1..255 printable ASCII characters`);
     }
-    const fingerprint = requestFingerprint(request);
+    let fingerprint: Buffer;
+    try {
+      fingerprint = requestFingerprint(request);
+    } catch (error) {
+      // JSON.stringify recurses: a document nested some thousands deep, which a schema that
+      // admits any value lets through, overflows the stack. Not the server's fault.
+      if (!(error instanceof RangeError)) throw error;
+      throw problem(400, {
+        type: PROBLEM_TYPES.validationError,
+        title: 'Validation failed',
+        detail: 'The request is nested too deeply to be compared with an earlier one under the same Idempotency-Key.',
+        errors: [{ in: 'body', path: '', message: 'is nested too deeply' }],
+      });
+    }
 
     let outcome: ClaimOutcome;
     try {
@@ -487,6 +508,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
           if (typeof value === 'string') reply.header(name, value);
         }
         reply.header(IDEMPOTENT_REPLAYED_HEADER, 'true');
+        // An empty answer without a type (`reply.code(202).send()`) goes back as it came: sent
+        // as a Buffer, it would gain application/octet-stream.
+        if (outcome.body.length === 0 && outcome.headers['content-type'] === undefined) return reply.send();
         return reply.send(outcome.body);
       case 'in_progress':
         reply.header('retry-after', String(retryAfterSeconds));

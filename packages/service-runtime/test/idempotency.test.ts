@@ -182,6 +182,15 @@ async function buildApp(options: Partial<IdempotencyOptions> = {}): Promise<Test
     reply.raw.writeHead(201, { 'content-type': 'application/json' });
     reply.raw.end('{"n":0,"name":"raw"}');
   });
+  // Any JSON at all, a string or a deep document too (schemas that admit any value exist).
+  app.post('/v1/anything', { schema: { body: Type.Unknown(), response: { 201: Type.Object({ n: Type.Integer(), kind: Type.String() }), ...problems } } }, (request, reply) => {
+    reply.code(201);
+    return { n: ran('anything'), kind: typeof request.body };
+  });
+  app.post('/v1/accepted', { schema: { body: ThingBody, response: { 202: Type.Unknown() } } }, (_request, reply) => {
+    ran('accepted');
+    return reply.code(202).send();
+  });
   return { app, runs, gates, failures };
 }
 
@@ -289,6 +298,31 @@ describe('same key, different request', () => {
     const replay = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-m' });
     assert.equal(replay.statusCode, 201);
     assert.equal(replay.headers['idempotent-replayed'], 'true');
+    await app.close();
+  });
+});
+
+describe('bodies the schema leaves open', () => {
+  test('a JSON string whose text is an object\'s canonical JSON is not that object: 422, and nothing runs', async () => {
+    const { app, runs } = await buildApp();
+    const json = { 'content-type': 'application/json' };
+    const first = await app.inject({ method: 'POST', url: '/v1/anything', payload: '{"n":1}', headers: { ...json, 'idempotency-key': 'k-kind' } });
+    assert.deepEqual([first.statusCode, first.json<{ kind: string }>().kind], [201, 'object']);
+    assertProblem(await app.inject({ method: 'POST', url: '/v1/anything', payload: JSON.stringify('{"n":1}'), headers: { ...json, 'idempotency-key': 'k-kind' } }), 422, 'idempotency-key-mismatch');
+    assert.equal(runs.anything, 1);
+    await app.close();
+  });
+
+  test('a document nested too deeply to compare is a 400 problem on the body, and nothing runs or is kept', async () => {
+    const { app, runs } = await buildApp();
+    const deep = `${'['.repeat(20_000)}${']'.repeat(20_000)}`;
+    const json = { 'content-type': 'application/json' };
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/anything', payload: deep, headers: json })).statusCode, 201, 'without a key it runs');
+    const keyed = await app.inject({ method: 'POST', url: '/v1/anything', payload: deep, headers: { ...json, 'idempotency-key': 'k-deep' } });
+    assertProblem(keyed, 400, 'validation-error');
+    assert.deepEqual(keyed.json<{ errors: unknown }>().errors, [{ in: 'body', path: '', message: 'is nested too deeply' }]);
+    assert.equal(runs.anything, 1);
+    assert.equal(await keyRow('k-deep'), undefined);
     await app.close();
   });
 });
@@ -443,6 +477,16 @@ describe('what is not stored', () => {
     }
     assert.equal(runs.stream, 2);
     assert.equal(await keyRow('k-stream'), undefined);
+    await app.close();
+  });
+
+  test('an empty answer without a type replays empty and without a type', async () => {
+    const { app, runs } = await buildApp();
+    const first = await post(app, '/v1/accepted', { name: 'a' }, { 'idempotency-key': 'k-empty' });
+    const replay = await post(app, '/v1/accepted', { name: 'a' }, { 'idempotency-key': 'k-empty' });
+    assert.deepEqual([first.statusCode, first.headers['content-type'], first.body], [202, undefined, '']);
+    assert.deepEqual([replay.statusCode, replay.headers['content-type'], replay.body, replay.headers['idempotent-replayed']], [202, undefined, '', 'true']);
+    assert.equal(runs.accepted, 1);
     await app.close();
   });
 
