@@ -652,29 +652,37 @@ export interface IdempotencyPruner {
 }
 
 /**
- * Prunes every `intervalMs`. The timer is unref'd (it never keeps a process alive) and runs
+ * Prunes at once, then every `intervalMs`. A call that stopped at its bound (`batchesMax` full
+ * batches) is followed at once by another, until one finds less: at thousands of keyed
+ * requests a second the keys expire faster than one bounded call an interval deletes, and the
+ * table would grow for ever. The timer is unref'd (it never keeps a process alive) and runs
  * never overlap: a tick that finds the previous prune still running is skipped.
  */
 export function startIdempotencyPruner(pool: pg.Pool, options: PrunerOptions): IdempotencyPruner {
   const { intervalMs, now = Date.now, onError = () => {} } = options;
   assertInteger('intervalMs', intervalMs, 1, 86_400_000);
+  const bound = (options.batchSizeMax ?? IDEMPOTENCY_PRUNE_BATCH_SIZE_MAX_DEFAULT) * (options.batchesMax ?? IDEMPOTENCY_PRUNE_BATCHES_MAX_DEFAULT);
+  let stopped = false;
   let running: Promise<void> | undefined;
-  const timer = setInterval(() => {
+  const prune = async (): Promise<void> => {
+    try {
+      while (!stopped && (await pruneIdempotencyKeys(pool, now(), options)) >= bound);
+    } catch (error) {
+      onError(error);
+    }
+  };
+  const tick = (): void => {
     if (running !== undefined) return;
-    running = pruneIdempotencyKeys(pool, now(), options)
-      .then(
-        () => {},
-        (error: unknown) => {
-          onError(error);
-        },
-      )
-      .finally(() => {
-        running = undefined;
-      });
-  }, intervalMs);
+    running = prune().finally(() => {
+      running = undefined;
+    });
+  };
+  const timer = setInterval(tick, intervalMs);
   timer.unref();
+  tick();
   return {
     stop: async () => {
+      stopped = true;
       clearInterval(timer);
       await running;
     },

@@ -914,6 +914,24 @@ describe('pruning', () => {
     await failing.stop();
   });
 
+  test('a pruner that is behind prunes at once, and call after bounded call until it has caught up', async () => {
+    const { app } = await buildApp();
+    for (let i = 0; i < 7; i++) assert.equal((await post(app, '/v1/things', { name: `a${i}` }, { 'idempotency-key': `k-behind-${i}` })).statusCode, 201);
+    await app.close();
+    nowMs += IDEMPOTENCY_TTL_MS_DEFAULT;
+    assert.equal(await keyCount(), 7);
+    // Two keys a call, and the next interval a day away: only draining reaches all seven.
+    const pruner = startIdempotencyPruner(pool, { intervalMs: 86_400_000, now: clock, batchSizeMax: 2, batchesMax: 1 });
+    try {
+      for (let waitedMs = 0; (await keyCount()) > 0; waitedMs += 10) {
+        assert.ok(waitedMs < 5000, `${await keyCount()} keys left: the pruner stopped before it caught up`);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+    } finally {
+      await pruner.stop();
+    }
+  });
+
   test('the plugin runs the pruner when pruneIntervalMs is set and stops it on close', async () => {
     const { app } = await buildApp({ pruneIntervalMs: 5 });
     assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-plugin' })).statusCode, 201);
