@@ -207,7 +207,8 @@ export class LedgerEngine {
     if (expiryIntervalMs > 0) {
       this.#expiryTimer = setInterval(() => {
         if (this.#expiryRunning !== null) return;
-        this.#expiryRunning = this.expirePendingTransfers()
+        this.#expiryRunning = this.expireAllDuePendingTransfers()
+          .then(() => {})
           .catch((error: unknown) => this.#onExpiryError(error))
           .finally(() => {
             this.#expiryRunning = null;
@@ -524,8 +525,25 @@ export class LedgerEngine {
   }
 
   /**
-   * Expires pending transfers whose timeout has passed, releasing their reservations. The
-   * engine runs it every `expiryIntervalMs`; tests call it directly. Returns how many expired.
+   * Expires every pending transfer whose timeout has passed, sweep after sweep, each
+   * transaction at most `expiryBatchMax`, until one finds fewer (or the engine closes): what the
+   * engine runs every `expiryIntervalMs`. A hold past its deadline still counts against its
+   * accounts until a sweep (or a post or void of it) releases it, so a backlog must not outlive
+   * one interval: with more expiries an interval than one sweep takes, it would grow without
+   * end. Returns how many expired.
+   */
+  async expireAllDuePendingTransfers(): Promise<number> {
+    let expired = 0;
+    for (;;) {
+      const n = await this.expirePendingTransfers();
+      expired += n;
+      if (n < this.#expiryBatchMax || this.#closing) return expired;
+    }
+  }
+
+  /**
+   * Expires pending transfers whose timeout has passed, at most `expiryBatchMax`, in one
+   * transaction, releasing their reservations. Returns how many expired.
    */
   async expirePendingTransfers(): Promise<number> {
     const client = await this.#connect();

@@ -528,6 +528,23 @@ describe('two-phase transfers', () => {
     assert.deepEqual(await balances(a), [0n, 5n, 0n, 0n]);
   });
 
+  test('the sweep takes every due pending transfer, transaction after bounded transaction', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const holds = Array.from({ length: 7 }, () => transfer(a, b, 10n, { flags: { pending: true }, timeoutSeconds: 10 }));
+    await results(holds);
+    clock.advanceSeconds(11);
+    const sweeping = new LedgerEngine({ pool: t.pool, clock: clock.now, expiryBatchMax: 3, events: t.events });
+    try {
+      // One call: these seven (and any other test's holds now due) in transactions of three.
+      assert.ok((await sweeping.expireAllDuePendingTransfers()) >= 7);
+      assert.equal(await sweeping.expireAllDuePendingTransfers(), 0, 'nothing due is left');
+    } finally {
+      await sweeping.close();
+    }
+    for (const h of holds) assert.equal((await engine.getTransfer(h.id))?.pendingStatus, 'expired');
+    assert.deepEqual(await balances(a), [0n, 0n, 0n, 0n], 'every reservation released');
+  });
+
   test('a pending transfer expires after its timeout: the sweep releases it and posts fail', async () => {
     const [a, b] = (await accounts(undefined, undefined)) as [string, string];
     const p1 = transfer(a, b, 30n, { flags: { pending: true }, timeoutSeconds: 10 });
