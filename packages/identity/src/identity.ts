@@ -109,6 +109,8 @@ export const KEY_REFRESH_MS = 30_000;
 export const KEY_PUBLISH_LEAD_MS = 90_000;
 /** A client assertion older than this is refused even if its `exp` is later. */
 const ASSERTION_AGE_MAX_SECONDS = 300;
+/** A service client's id: 3 to 64 of a-z, 0-9, `.`, `_` and `-`. */
+const CLIENT_ID_PATTERN = /^[a-z0-9._-]{3,64}$/;
 export const CLIENT_ASSERTION_TYPE = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const ROLES_MAX = 32;
 const ROLE_PATTERN = /^[a-z][a-z0-9_:-]{0,63}$/;
@@ -332,7 +334,7 @@ export class Identity {
 
   async createClient(client: NewClient): Promise<void> {
     checkRoles(client.roles, 'client');
-    if (!/^[a-z0-9._-]{3,64}$/.test(client.id)) throw new IdentityError('invalid_request', 'client id must be 3-64 of a-z 0-9 . _ -');
+    if (!CLIENT_ID_PATTERN.test(client.id)) throw new IdentityError('invalid_request', 'client id must be 3-64 of a-z 0-9 . _ -');
     if (client.secret === undefined && client.publicJwk === undefined) throw new IdentityError('invalid_request', 'a client needs a secret or a public key');
     if (client.publicJwk !== undefined && (client.publicJwk.kty !== 'OKP' || client.publicJwk.crv !== 'Ed25519' || 'd' in client.publicJwk)) {
       throw new IdentityError('invalid_request', 'a client key must be an Ed25519 public JWK');
@@ -550,6 +552,9 @@ export class Identity {
         requiredClaims: ['jti', 'exp', 'iat'],
       });
       if (typeof payload.jti !== 'string' || typeof payload.exp !== 'number') throw refusal;
+      // An assertion lives minutes (RFC 7523 §3 lets the server refuse an `exp` unreasonably
+      // far ahead): its jti is kept until then, and a time past JavaScript's dates is no time.
+      if (payload.exp > nowMs / 1000 + ASSERTION_AGE_MAX_SECONDS) throw refusal;
       jti = payload.jti;
       expSeconds = payload.exp;
     } catch {
@@ -624,11 +629,16 @@ function parseRefreshToken(token: string): { id: string; secret: string } | null
   return match?.[1] === undefined || match[2] === undefined ? null : { id: match[1], secret: match[2] };
 }
 
-/** The client an assertion claims to come from (unverified: `clientCredentials` checks it against that client's key). */
+/**
+ * The client an assertion claims to come from (unverified: `clientCredentials` checks it
+ * against that client's key); null unless it is a client id as `createClient` takes them. The
+ * claim is anyone's to write, and it goes into a query and, as the actor, into the audit trail,
+ * which takes no empty, control or lone-surrogate text.
+ */
 export function assertionClientId(assertion: string): string | null {
   try {
     const iss = decodeJwt(assertion).iss;
-    return typeof iss === 'string' && iss.length <= 64 ? iss : null;
+    return typeof iss === 'string' && CLIENT_ID_PATTERN.test(iss) ? iss : null;
   } catch {
     return null;
   }

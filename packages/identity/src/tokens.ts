@@ -144,6 +144,8 @@ export function createTokenVerifier(options: TokenVerifierOptions): TokenVerifie
       throw new InvalidTokenError(describe(error), { cause: error });
     }
     const verified = toVerified(payload, options.audience);
+    // 0 keeps nothing: every token is verified against the keys as they are now.
+    if (cacheMax === 0) return verified;
     if (cache.size >= cacheMax) {
       const oldest = cache.keys().next();
       if (oldest.done !== true) cache.delete(oldest.value);

@@ -155,6 +155,21 @@ describe('access tokens: verification refuses every forgery', async () => {
     now = NOW_MS + 306_000;
     await assert.rejects(cached(good), InvalidTokenError);
   });
+
+  test('cacheEntriesMax 0 keeps nothing: a token whose key is withdrawn is refused at its next use', async () => {
+    let published = [pair.publicJwk];
+    let lookups = 0;
+    const keys: Parameters<typeof createTokenVerifier>[0]['keys'] = (header, token) => {
+      lookups += 1;
+      return localKeys({ keys: published })(header, token);
+    };
+    const fresh = createTokenVerifier({ keys, issuer: ISSUER, audience: 'ledger', clock: () => NOW_MS, cacheEntriesMax: 0 });
+    assert.equal((await fresh(good)).id, 'alice');
+    assert.equal((await fresh(good)).id, 'alice');
+    assert.equal(lookups, 2, 'each use looked its key up');
+    published = [];
+    await assert.rejects(fresh(good), InvalidTokenError);
+  });
 });
 
 describe('remote keys', () => {
