@@ -12,7 +12,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
-import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
+import { problem, PROBLEM_TYPES, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storableText } from '@ledgerline/events';
 import { storablePrefix } from './record.ts';
@@ -276,6 +276,24 @@ function recordOut(r: AuditRecordView) {
 
 const notFound = (detail: string) => problem(404, { type: problemType('not-found'), title: 'Not found', detail });
 
+/**
+ * A search bound as a Date. The schema's `date-time` admits what RFC 3339 and RFC 9557 allow
+ * and JavaScript cannot hold (a leap second `23:59:60`, a `[UTC]` suffix): refused like any
+ * other invalid query, not taken as an Invalid Date into the search.
+ */
+function searchTime(name: 'from' | 'to', text: string): Date {
+  const time = new Date(text);
+  if (Number.isNaN(time.getTime())) {
+    throw problem(400, {
+      type: PROBLEM_TYPES.validationError,
+      title: 'Validation failed',
+      detail: 'The query string does not match the schema.',
+      errors: [{ in: 'querystring', path: `/${name}`, message: 'must be a date-time JavaScript can represent (no leap second, no suffix)' }],
+    });
+  }
+  return time;
+}
+
 function installAuditRoutes(app: FastifyInstance, options: AuditRoutesOptions): void {
   const { store, service } = options;
   const actorOf = options.actorOf ?? defaultActor;
@@ -302,8 +320,8 @@ function installAuditRoutes(app: FastifyInstance, options: AuditRoutesOptions): 
     async (request) => {
       const by = await guard(request);
       const q = request.query;
-      const from = q.from === undefined ? undefined : new Date(q.from);
-      const to = q.to === undefined ? undefined : new Date(q.to);
+      const from = q.from === undefined ? undefined : searchTime('from', q.from);
+      const to = q.to === undefined ? undefined : searchTime('to', q.to);
       const page = await store.search(
         {
           ...(q.actor === undefined ? {} : { actorId: q.actor }),

@@ -14,9 +14,9 @@ import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type Inclusi
 import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransitions, type Checkpoint, type KeyEncryptionKey, type KeyTransition } from './keys.ts';
 import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
-import { leafData } from './record.ts';
+import { checkEntry, leafData } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
-import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
+import type { AuditActor, AuditEntry, AuditOrigin, AuditSink } from './sink.ts';
 import { consistencyProof, inclusionProof, recordInTile, type Queryable } from './tree.ts';
 
 export const SEARCH_LIMIT_MAX = 1000;
@@ -109,26 +109,21 @@ export class AuditStore {
 
   /** Reads (searches, proofs) are class `access`; holds, erasures and expiries class `governance` (no retention policy: kept). */
   #audit(by: Requester, action: string, outcome: 'success' | 'failure', resource: { type: string; id: string }, payload: Record<string, unknown>, reason?: string): void {
-    this.#sink.record({
-      recordClass: action === 'audit.search' || action === 'audit.record.prove' ? 'access' : 'governance',
-      actor: by.actor,
-      action,
-      outcome,
-      ...(reason === undefined ? {} : { reason }),
-      origin: by.origin,
-      resource,
-      payload,
-    });
+    this.#sink.record(auditEntryOf(by, action, outcome, resource, payload, reason));
   }
 
   /** Keyset-paginated search; the search itself is recorded (action `audit.search`). */
   async search(filter: SearchFilter, page: SearchPage, by: Requester): Promise<{ records: AuditRecordView[]; nextCursor: number | null }> {
     const limit = page.limit ?? SEARCH_LIMIT_DEFAULT;
     const desc = page.order === 'desc';
-    const asked = { filter: { ...filter, from: filter.from?.toISOString(), to: filter.to?.toISOString() }, limit, order: desc ? 'desc' : 'asc', after: page.after ?? null };
+    const iso = (time: Date | undefined): string | undefined => (time === undefined ? undefined : Number.isNaN(time.getTime()) ? 'Invalid Date' : time.toISOString());
+    const asked = { filter: { ...filter, from: iso(filter.from), to: iso(filter.to) }, limit, order: desc ? 'desc' : 'asc', after: page.after ?? null };
     try {
       // Inside: a refused search is audited too.
       if (!(Number.isInteger(limit) && limit >= 1 && limit <= SEARCH_LIMIT_MAX)) throw new RangeError(`limit must be an integer in 1..${SEARCH_LIMIT_MAX}`);
+      for (const [name, time] of [['from', filter.from], ['to', filter.to]] as const) {
+        if (time !== undefined && Number.isNaN(time.getTime())) throw new RangeError(`${name} is not a valid time`);
+      }
       const r = await this.#pool.query<RecordRow>(
         `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq
           WHERE ($1::text IS NULL OR r.actor_id = $1) AND ($2::text IS NULL OR r.resource_type = $2)
@@ -292,6 +287,8 @@ export class AuditStore {
     if (keyIdOf(outgoing) !== t.fromKeyId || trustThroughTransitions(outgoing, [t], t.origin).followed.length !== 1) {
       throw new SigningKeyError(`the transition ${t.fromKeyId} -> ${toKeyId} is not signed by the outgoing key`);
     }
+    const record = auditEntryOf(by, 'audit.key.transition', 'success', { type: 'audit.signing_key', id: toKeyId }, { fromKeyId: t.fromKeyId, toKeyId, origin: t.origin, issuedAt: t.issuedAt.toISOString() });
+    checkEntry(record);
     await this.#asWriter((c) =>
       c.query(
         `INSERT INTO audit.key_transitions (from_key_id, to_key_id, origin, to_public_key, issued_at, signature)
@@ -299,7 +296,7 @@ export class AuditStore {
         [t.fromKeyId, toKeyId, t.origin, t.toPublicKey.export({ type: 'spki', format: 'der' }), t.issuedAt, t.signature],
       ),
     );
-    this.#audit(by, 'audit.key.transition', 'success', { type: 'audit.signing_key', id: toKeyId }, { fromKeyId: t.fromKeyId, toKeyId, origin: t.origin, issuedAt: t.issuedAt.toISOString() });
+    this.#sink.record(record);
   }
 
   #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
@@ -311,6 +308,10 @@ export class AuditStore {
     const id = newUuidV7();
     const subject = 'subject' in target ? target.subject : null;
     const resource = 'resource' in target ? target.resource : null;
+    // Its record checked before the hold is placed: a hold in force that the trail cannot
+    // record (an over-long reason or actor) would block erasure with no record of why.
+    const record = auditEntryOf(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason });
+    checkEntry(record);
     await this.#asWriter((c) =>
       c.query('INSERT INTO audit.legal_holds (id, subject, resource_type, resource_id, reason, placed_by) VALUES ($1, $2, $3, $4, $5, $6)', [
         id,
@@ -321,7 +322,7 @@ export class AuditStore {
         by.actor.id,
       ]),
     );
-    this.#audit(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason });
+    this.#sink.record(record);
     return id;
   }
 
@@ -379,4 +380,18 @@ export class AuditStore {
     const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2, $3::json) AS n', [asOf, limit, governanceRequester(by)]));
     return r.rows[0]?.n ?? 0;
   }
+}
+
+/** What the store records of a requester's act: `access` for searches and proofs, `governance` for the rest. */
+function auditEntryOf(by: Requester, action: string, outcome: 'success' | 'failure', resource: { type: string; id: string }, payload: Record<string, unknown>, reason?: string): AuditEntry {
+  return {
+    recordClass: action === 'audit.search' || action === 'audit.record.prove' ? 'access' : 'governance',
+    actor: by.actor,
+    action,
+    outcome,
+    ...(reason === undefined ? {} : { reason }),
+    origin: by.origin,
+    resource,
+    payload,
+  };
 }

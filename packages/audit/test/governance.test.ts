@@ -133,6 +133,23 @@ test('erasure destroys the subject key: data reads as erased, a hold blocks it, 
   assert.deepEqual(holds.sort(), ['audit.hold.place:success', 'audit.hold.place:success', 'audit.hold.release:success'].sort());
 });
 
+test('a hold whose record the trail would refuse is not placed: no hold in force that nothing records', async () => {
+  // A reason over the payload limit, an actor id over the trail's: the record is checked first.
+  await assert.rejects(t.store.placeHold({ subject: 'cust-long-reason' }, 'x'.repeat(70_000), REVIEWER), /payload/i);
+  await assert.rejects(
+    t.store.placeHold({ subject: 'cust-long-actor' }, 'case 1', { ...REVIEWER, actor: { type: 'user', id: 'u'.repeat(501) } }),
+    /actor/i,
+  );
+  await t.settle();
+  assert.deepEqual(await t.store.activeHolds(), []);
+  // And one the trail takes is placed and recorded.
+  const id = await t.store.placeHold({ subject: 'cust-ok' }, 'case 2', REVIEWER);
+  await t.settle();
+  assert.deepEqual((await t.store.activeHolds()).map((h) => h.id), [id]);
+  const placed = await t.store.search({ action: 'audit.hold.place' }, { limit: 10 }, REVIEWER);
+  assert.deepEqual(placed.records.map((r) => r.resource.id), [id]);
+});
+
 test('the sequencer tails the event store: every event once, rejections as failures with their reason', async () => {
   const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
   const append = async (id: string, result: string): Promise<void> => {

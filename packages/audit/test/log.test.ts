@@ -23,6 +23,7 @@ import {
   type AuditEntry,
 } from '../src/index.ts';
 import { STORED_LEVEL_MIN } from '../src/tree.ts';
+import { SEARCH_LIMIT_DEFAULT } from '../src/store.ts';
 import { behindFaultProxy, testRandom } from '@ledgerline/testing';
 import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
@@ -121,6 +122,7 @@ test('search filters by actor, resource, type, outcome and time, pages by keyset
     assert.ok(expected.length > 4);
   }
   await assert.rejects(t.store.search({}, { limit: 0 }, REVIEWER), RangeError);
+  await assert.rejects(t.store.search({ from: new Date('2016-12-31T23:59:60Z') }, {}, REVIEWER), /from is not a valid time/);
 
   // Each search above left a record of itself, naming the reviewer and the filter.
   await t.settle();
@@ -132,7 +134,13 @@ test('search filters by actor, resource, type, outcome and time, pages by keyset
   assert.equal(bySvc1?.payload?.returned, byActor.records.length);
   // The refused one too, with why.
   const refused = searches.records.filter((r) => r.outcome === 'failure');
-  assert.deepEqual(refused.map((r) => [r.payload?.limit, r.reason]), [[0, 'limit must be an integer in 1..1000']]);
+  assert.deepEqual(
+    refused.map((r) => [r.payload?.limit, (r.payload?.filter as { from?: string }).from ?? null, r.reason]),
+    [
+      [0, null, 'limit must be an integer in 1..1000'],
+      [SEARCH_LIMIT_DEFAULT, 'Invalid Date', 'from is not a valid time'],
+    ],
+  );
 });
 
 test('the writer role cannot update or delete; a trigger stops everyone else', async () => {

@@ -330,6 +330,14 @@ test('bad audit queries get a 4xx problem and write nothing', async () => {
     assert.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8');
     assert.deepEqual(res.json<{ errors: unknown }>().errors, [{ in: part, path, message: 'must be integer' }], url);
   }
+  // Times the date-time format admits and a JavaScript Date cannot hold: a leap second, an
+  // RFC 9557 suffix. Refused as the schema refuses, where they were a 500.
+  for (const [name, value] of [['from', '2016-12-31T23:59:60Z'], ['to', '2026-01-01T00:00:00Z[UTC]']] as const) {
+    const res = await app.inject({ method: 'GET', url: `/v1/audit/records?${name}=${encodeURIComponent(value)}` });
+    assert.equal(res.statusCode, 400, `${name}=${value}: ${res.body}`);
+    assert.equal(res.headers['content-type'], 'application/problem+json; charset=utf-8');
+    assert.deepEqual(res.json<{ errors: Array<{ in: string; path: string }> }>().errors.map((e) => [e.in, e.path]), [['querystring', `/${name}`]]);
+  }
   await settle();
   assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n, before);
 });
