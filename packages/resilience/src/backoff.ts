@@ -33,7 +33,9 @@ export function backoffDelayMs(options: BackoffOptions, retry: number, previousM
     case 'full':
       return random() * Math.min(capMs, baseMs * 2 ** Math.min(retry - 1, EXPONENT_MAX));
     case 'decorrelated': {
-      const upper = Math.max(baseMs, previousMs * 3);
+      // Brooker's "decorrelated jitter": the first delay is drawn as if the one before were
+      // base, so clients that failed together do not all retry after exactly base.
+      const upper = Math.max(baseMs, previousMs) * 3;
       return Math.min(capMs, baseMs + random() * (upper - baseMs));
     }
   }

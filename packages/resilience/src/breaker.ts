@@ -258,7 +258,9 @@ export class CircuitBreaker implements IPolicy {
     this.#failures += failed;
     this.#slow += slow;
     const calls = this.#calls;
-    if (calls >= this.#minCalls && (this.#failures >= this.#failureRate * calls || this.#slow >= this.#slowRate * calls)) {
+    // Rates compared as rates: 55 of 100 is 0.55 exactly as the threshold 0.55 is (division
+    // rounds once, to the threshold's own double), while 0.55 × 100 rounds up to 55.000…01.
+    if (calls >= this.#minCalls && (this.#failures / calls >= this.#failureRate || this.#slow / calls >= this.#slowRate)) {
       this.#transition('open', calls, this.#failures / calls, this.#slow / calls);
     }
   }
@@ -295,7 +297,7 @@ export class CircuitBreaker implements IPolicy {
     const n = this.#trialsMax;
     // Reopen as soon as the outcome is certain: the rest of the trials cannot bring the
     // share back under the threshold, and each further trial would load a sick dependency.
-    if (this.#trialFailures >= this.#failureRate * n || this.#trialSlow >= this.#slowRate * n) {
+    if (this.#trialFailures / n >= this.#failureRate || this.#trialSlow / n >= this.#slowRate) {
       this.#transition('open', this.#trialsDone, this.#trialFailures / this.#trialsDone, this.#trialSlow / this.#trialsDone);
     } else if (this.#trialsDone >= n) {
       this.#transition('closed', this.#trialsDone, this.#trialFailures / n, this.#trialSlow / n);

@@ -92,6 +92,23 @@ for (const [label, window] of WINDOWS) {
       assert.equal(b.breaker.state, 'open');
     });
 
+    it('opens at exactly the threshold where threshold × calls rounds up (0.55 × 100 = 55.000…01)', () => {
+      for (const [rate, calls] of [[0.55, 100], [0.28, 25], [0.56, 25], [0.68, 50]] as const) {
+        const failed = Math.round(rate * calls);
+        const b = make(window.kind === 'count' ? { kind: 'count', calls } : window, { minimumCalls: calls, failureRateThreshold: rate, slowCallRateThreshold: 1 });
+        b.calls('f'.repeat(failed) + 's'.repeat(calls - failed));
+        assert.equal(b.breaker.state, 'open', `${failed}/${calls} at threshold ${rate}`);
+      }
+      // Half-open likewise: 14 failed trials of 25 at 0.56 reopen it, where it closed.
+      const h = make(window, { minimumCalls: 1, failureRateThreshold: 0.56, slowCallRateThreshold: 1, halfOpenPermittedCalls: 25 });
+      h.calls('f');
+      assert.equal(h.breaker.state, 'open');
+      h.clock.set(h.clock.now() + 1000);
+      h.calls('f'.repeat(14));
+      assert.equal(h.breaker.state, 'open', '14 of 25 trials failed');
+      assert.deepEqual(h.path(), ['closed>open', 'open>half_open', 'half_open>open']);
+    });
+
     it('closed → open on the slow-call rate with no failure at all', () => {
       const b = make(window);
       b.calls('sSsS');

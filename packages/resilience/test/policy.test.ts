@@ -180,7 +180,7 @@ describe('jitter', () => {
     }
   });
 
-  it(`decorrelated jitter stays in [base, min(cap, 3·previous)] and grows (seed ${SEED})`, () => {
+  it(`decorrelated jitter stays in [base, min(cap, 3·max(base, previous))], the first retry included, and grows (seed ${SEED})`, () => {
     const random = seededRandom(SEED + 1);
     const options = { baseMs: 50, capMs: 5000, jitter: 'decorrelated' as const };
     const firstSamples: number[] = [];
@@ -188,15 +188,18 @@ describe('jitter', () => {
       let previous = 0;
       for (let retry = 1; retry <= 10; retry += 1) {
         const d = backoffDelayMs(options, retry, previous, random);
-        const upper = Math.min(options.capMs, Math.max(options.baseMs, previous * 3));
+        const upper = Math.min(options.capMs, Math.max(options.baseMs, previous) * 3);
         assert.ok(d >= options.baseMs && d <= upper, `delay ${d} outside [${options.baseMs}, ${upper}]`);
-        if (retry === 2) firstSamples.push(d);
+        if (retry === 1) firstSamples.push(d);
         previous = d;
       }
     }
-    // Second retry: previous = base, so U(base, 3·base) with mean 2·base.
+    // The first retry, with no delay before it, is drawn as if the previous were base: U(base,
+    // 3·base), mean 2·base, and spread, so clients that failed together do not retry together.
     const mean = firstSamples.reduce((a, b) => a + b, 0) / firstSamples.length;
     assert.ok(Math.abs(mean - 100) < 3, `mean ${mean} vs 100`);
+    assert.ok(new Set(firstSamples).size > firstSamples.length / 2, 'first delays differ');
+    assert.ok(Math.max(...firstSamples) > 140 && Math.min(...firstSamples) < 60, 'and cover [base, 3·base)');
   });
 
   it('the seeded PRNG replays exactly', () => {
