@@ -248,7 +248,7 @@ export async function runCli(argv: readonly string[], io: AuditCliIo = {}): Prom
       case 'erase': {
         const subject = required('subject', a.subject);
         const erased = await store.eraseSubject(subject, by());
-        out(erased ? `erased: the key of ${subject} is destroyed` : `nothing to erase: ${subject} has no key`);
+        out(erased ? `erased: the key of ${subject} is destroyed` : `erased: ${subject} had no key yet; what was recorded about it before now reads as erased once integrated`);
         return 0;
       }
       case 'hold place': {

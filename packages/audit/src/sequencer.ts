@@ -233,8 +233,11 @@ export class AuditSequencer {
     const start = this.#frontier;
     let frontier = start.clone();
 
-    const queued = await client.query<{ id: string; entry: string }>('SELECT q.id::text AS id, q.entry FROM audit.queue q ORDER BY q.id LIMIT $1', [this.#o.batchRecordsMax]);
-    const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, this.#o.now));
+    const queued = await client.query<{ id: string; entry: string; enqueued_at: Date }>(
+      'SELECT q.id::text AS id, q.entry, q.enqueued_at FROM audit.queue q ORDER BY q.id LIMIT $1',
+      [this.#o.batchRecordsMax],
+    );
+    const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, r.enqueued_at, this.#o.now));
     const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await this.#eventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
     // Everything read from the event store is read; every write from here runs as the sequencer's role.
     await client.query(`SET LOCAL ROLE ${AUDIT_SEQUENCER_ROLE}`);
@@ -269,7 +272,7 @@ export class AuditSequencer {
         if (!rowRefused(error)) throw error;
         await client.query('ROLLBACK TO SAVEPOINT records; RELEASE SAVEPOINT records');
         await insertSalvaging(client, prepared, leafHashes, (i, refusal) =>
-          prepare(size + i, rejectedEntry((entries[i] as Pending).source, `PostgreSQL refused the entry: ${refusal}`, this.#o.now), keys),
+          prepare(size + i, rejectedEntry((entries[i] as Pending).source, `PostgreSQL refused the entry: ${refusal}`, (entries[i] as Pending).enqueuedAt, this.#o.now), keys),
         );
         // Some leaves changed: the round's tree is built again from the leaves as stored.
         frontier = start.clone();
@@ -360,20 +363,29 @@ export class AuditSequencer {
     return c;
   }
 
-  /** The keys of every subject with personal data in the batch, created on first use. */
-  async #subjectKeys(db: Queryable, entries: Pending[]): Promise<Map<string, Buffer>> {
+  /**
+   * The keys of every subject with personal data in the batch, created on first use, and when
+   * each of them was last erased. The erasures are read after the keys' INSERT: an erasure
+   * locks audit.subject_keys against it (migration 1769500000000), so one that committed while
+   * this round waited there is seen here.
+   */
+  async #subjectKeys(db: Queryable, entries: Pending[]): Promise<SubjectKeys> {
     const subjects = [...new Set(entries.filter((e) => e.personal !== null).map((e) => e.entry.subject as string))];
-    if (subjects.length === 0) return new Map();
+    if (subjects.length === 0) return { keys: new Map(), erasedAt: new Map() };
     const made = subjects.map((subject) => storedSubjectKey(this.#kek, subject, newSubjectKey()));
     await db.query(
       'INSERT INTO audit.subject_keys (subject, key, kek_id) SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[]) ON CONFLICT (subject) DO NOTHING',
       [subjects, made.map((m) => m.key), made.map((m) => m.kekId)],
     );
+    const erased = await db.query<{ subject: string; erased_at: Date }>('SELECT subject, erased_at FROM audit.erased_subjects WHERE subject = ANY($1::text[])', [subjects]);
     const r = await db.query<{ subject: string; key: Buffer; kek_id: string | null }>(
       'SELECT subject, key, kek_id FROM audit.subject_keys WHERE subject = ANY($1::text[])',
       [subjects],
     );
-    return new Map(r.rows.map((row) => [row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id)]));
+    return {
+      keys: new Map(r.rows.map((row) => [row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id)])),
+      erasedAt: new Map(erased.rows.map((row) => [row.subject, row.erased_at])),
+    };
   }
 
   /**
@@ -424,6 +436,8 @@ interface Pending {
   entry: Omit<AuditEntry, 'payload' | 'personal'>;
   payload: string | null;
   personal: string | null;
+  /** When it reached audit.queue, by the database's clock (an erasure's clock, `prepare`). */
+  enqueuedAt: Date;
   /** The queue row it came from, kept for a rejection record should PostgreSQL refuse the entry. */
   source: { queueId: string; text: string };
 }
@@ -455,7 +469,7 @@ async function readApart<T>(pool: pg.Pool, read: (db: Queryable) => Promise<T>):
  * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
  * neither stop the sequencer nor disappear unrecorded.
  */
-function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
+function queuedEntry(queueId: string, text: string, enqueuedAt: Date, now: () => Date): Pending {
   try {
     const { payloadJson, personalJson, ...q } = JSON.parse(text) as QueuedEntry;
     const entry = { ...q, occurredAt: new Date(q.occurredAt) };
@@ -464,9 +478,9 @@ function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
     const personal = checkJsonText('personal', personalJson);
     if (personal !== null && entry.subject === undefined) throw new InvalidAuditEntryError('personal data without a subject');
     if (typeof q.id !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(q.id)) throw new InvalidAuditEntryError('the queued id is not a UUID');
-    return { id: q.id, entry, payload, personal, source: { queueId, text } };
+    return { id: q.id, entry, payload, personal, enqueuedAt, source: { queueId, text } };
   } catch (error) {
-    return rejectedEntry({ queueId, text }, error instanceof Error ? error.message : 'unreadable', now);
+    return rejectedEntry({ queueId, text }, error instanceof Error ? error.message : 'unreadable', enqueuedAt, now);
   }
 }
 
@@ -476,15 +490,33 @@ function queuedEntry(queueId: string, text: string, now: () => Date): Pending {
  * well-formed (a message may quote the row, or be cut inside a surrogate pair), and
  * canonicalJson escapes NUL and lone surrogates in the payload.
  */
-function rejectedEntry(source: { queueId: string; text: string }, reason: string, now: () => Date): Pending {
+function rejectedEntry(source: { queueId: string; text: string }, reason: string, enqueuedAt: Date, now: () => Date): Pending {
   const { queueId, text } = source;
   return {
     id: uuidv5(`queue:${queueId}:${text}`, EVENT_RECORD_NAMESPACE),
     entry: { recordClass: 'security', actor: { type: 'service', id: 'audit-sequencer' }, action: 'audit.entry.rejected', outcome: 'failure', reason: storablePrefix(reason, 400), origin: { service: 'audit' }, resource: { type: 'audit.queue', id: queueId }, occurredAt: now() },
-    payload: canonicalJson({ queued: text.slice(0, 60_000) }),
+    payload: canonicalJson({ queued: withoutPersonalData(text).slice(0, 60_000) }),
     personal: null,
+    enqueuedAt,
     source,
   };
+}
+
+/**
+ * A rejected queue row as its record keeps it: the row's text, but not its personal data,
+ * which would otherwise sit in clear in a record no subject key covers and no erasure reaches.
+ * Its length is kept, so the record still says there was some.
+ */
+function withoutPersonalData(text: string): string {
+  let row: unknown;
+  try {
+    row = JSON.parse(text);
+  } catch {
+    return text;
+  }
+  if (typeof row !== 'object' || row === null || Array.isArray(row) || !('personalJson' in row)) return text;
+  const personal = (row).personalJson;
+  return JSON.stringify({ ...row, personalJson: personal === null ? null : { withheld: typeof personal === 'string' ? personal.length : true } });
 }
 
 /**
@@ -566,12 +598,26 @@ async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
   return frontier;
 }
 
-/** A pending entry as a record at `seq`: personal data encrypted, payloads hashed. */
-function prepare(seq: number, p: Pending, keys: Map<string, Buffer>): Prepared {
+/** The subjects' keys for a round, and when each subject was last erased (`#subjectKeys`). */
+interface SubjectKeys {
+  keys: Map<string, Buffer>;
+  erasedAt: Map<string, Date>;
+}
+
+/**
+ * A pending entry as a record at `seq`: personal data encrypted, payloads hashed. Personal data
+ * of an entry that reached the queue before its subject's erasure (it waited there while the
+ * erasure ran; both times are the database's) is sealed under a key nobody keeps: it reads as
+ * erased, as the data sealed before the erasure does. An entry still in a service's sink
+ * buffer at that moment (a flush interval, 5 ms by default) is queued after, and keeps its data
+ * under the subject's new key.
+ */
+function prepare(seq: number, p: Pending, { keys, erasedAt }: SubjectKeys): Prepared {
   const { id, entry: e, payload, personal } = p;
   let sealed: Buffer | null = null;
   if (personal !== null) {
-    const key = keys.get(e.subject as string);
+    const erased = erasedAt.get(e.subject as string);
+    const key = erased !== undefined && p.enqueuedAt.getTime() <= erased.getTime() ? newSubjectKey() : keys.get(e.subject as string);
     if (key === undefined) throw new Error(`invariant: no key for subject ${e.subject}`);
     sealed = seal(key, personal, id);
   }

@@ -150,6 +150,40 @@ test('a hold whose record the trail would refuse is not placed: no hold in force
   assert.deepEqual(placed.records.map((r) => r.resource.id), [id]);
 });
 
+test('erasure reaches what waits in the queue: recorded before, it reads as erased; recorded after, as present', async () => {
+  // Given a subject with a record integrated and one still queued when the erasure runs,
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-q1' }, subject: 'cust-q', personal: { iban: 'DE00 1' } });
+  await t.settle();
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-q2' }, subject: 'cust-q', personal: { iban: 'DE00 2' } });
+  await t.sink.flush();
+  // and a subject whose only record is queued, with no key yet,
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-q3' }, subject: 'cust-only-queued', personal: { name: 'Mallory' } });
+  await t.sink.flush();
+  assert.equal(await t.store.eraseSubject('cust-q', REVIEWER), true);
+  assert.equal(await t.store.eraseSubject('cust-only-queued', REVIEWER), false, 'no key yet');
+  await t.settle();
+  for (const id of ['acc-q1', 'acc-q2', 'acc-q3']) {
+    const [r] = await byResource(id);
+    assert.deepEqual([r?.personalState, r?.personal], ['erased', null], id);
+  }
+  // Data recorded after the erasure is the subject's anew, under a key of its own.
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-q4' }, subject: 'cust-q', personal: { iban: 'DE00 4' } });
+  await t.settle();
+  const [after] = await byResource('acc-q4');
+  assert.deepEqual([after?.personalState, after?.personal], ['present', { iban: 'DE00 4' }]);
+  assert.deepEqual([(await byResource('acc-q2'))[0]?.personalState], ['erased'], 'and the new key does not open the old data');
+  await verified();
+});
+
+test('a hold on the resource of a queued record of the subject refuses its erasure', async () => {
+  await t.store.placeHold({ resource: { type: 'account', id: 'acc-held-q' } }, 'case 7', REVIEWER);
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-held-q' }, subject: 'cust-hq', personal: { name: 'Hal' } });
+  await t.sink.flush();
+  await assert.rejects(t.store.eraseSubject('cust-hq', REVIEWER), LegalHoldError);
+  await t.settle();
+  assert.deepEqual((await byResource('acc-held-q'))[0]?.personal, { name: 'Hal' });
+});
+
 test('the sequencer tails the event store: every event once, rejections as failures with their reason', async () => {
   const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
   const append = async (id: string, result: string): Promise<void> => {

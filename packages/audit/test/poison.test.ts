@@ -90,6 +90,17 @@ test('poison queue rows become rejection records; what follows them is integrate
   assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
 
+test('a rejected row\'s record keeps its text but not its personal data, which no subject key would cover', async () => {
+  const start = (await t.store.latestCheckpoint())?.treeSize ?? 0;
+  const queueId = await enqueueRaw(entry(0, { actor: { type: 'user', id: 'u\u0000' }, subject: 'cust-7' }), { personalJson: '{"ssn":"123-45-6789"}' });
+  await t.settle();
+  const [r] = (await recordsFrom(start)).filter((x) => x.resource.id === queueId);
+  assert.equal(r?.action, 'audit.entry.rejected');
+  const kept = (await t.store.search({ resourceType: 'audit.queue', resourceId: queueId }, {}, REVIEWER)).records[0]?.payload as { queued: string };
+  assert.ok(!kept.queued.includes('123-45-6789'), kept.queued);
+  assert.deepEqual((JSON.parse(kept.queued) as { personalJson: unknown; subject: string }).personalJson, { withheld: 21 });
+});
+
 test('a row PostgreSQL still refuses is found in its batch and recorded as rejected; the rest of the batch is integrated', async () => {
   // Stands in for whatever the checks may yet miss: a value the table refuses.
   await t.pool.query("ALTER TABLE audit.records ADD CONSTRAINT test_refused CHECK (resource_id <> 'refused-by-postgres')");
