@@ -515,7 +515,7 @@ function withoutPersonalData(text: string): string {
     return text;
   }
   if (typeof row !== 'object' || row === null || Array.isArray(row) || !('personalJson' in row)) return text;
-  const personal = (row).personalJson;
+  const personal = row.personalJson;
   return JSON.stringify({ ...row, personalJson: personal === null ? null : { withheld: typeof personal === 'string' ? personal.length : true } });
 }
 
