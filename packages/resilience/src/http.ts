@@ -47,7 +47,7 @@ export async function httpCall(policy: DependencyPolicy, url: string | URL, opti
         await response.body?.cancel();
         throw new Error(`${policy.name}: response body of ${length} bytes exceeds ${HTTP_BODY_BYTES_MAX}`);
       }
-      const body = await response.text();
+      const body = await boundedText(response, policy.name);
       if (response.status >= 500 || response.status === 429) throw new DependencyHttpError(policy.name, response.status);
       return { status: response.status, headers: response.headers, body };
     },
@@ -58,4 +58,26 @@ export async function httpCall(policy: DependencyPolicy, url: string | URL, opti
       ...(options.fallback === undefined ? {} : { fallback: options.fallback }),
     },
   );
+}
+
+/**
+ * The body as text, read chunk by chunk and given up past HTTP_BODY_BYTES_MAX: a chunked
+ * answer, or one that understates its Content-Length, names no length to check beforehand.
+ */
+async function boundedText(response: Response, name: string): Promise<string> {
+  if (response.body === null) return '';
+  const chunks: Uint8Array[] = [];
+  let bytes = 0;
+  const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    bytes += value.byteLength;
+    if (bytes > HTTP_BODY_BYTES_MAX) {
+      await reader.cancel();
+      throw new Error(`${name}: response body exceeds ${HTTP_BODY_BYTES_MAX} bytes`);
+    }
+    chunks.push(value);
+  }
+  return new TextDecoder().decode(Buffer.concat(chunks));
 }

@@ -45,9 +45,19 @@ export class StaleCache<V> {
   }
 
   set(key: string, value: V): void {
+    this.#remember(key, value, this.#clock.now());
+  }
+
+  /**
+   * Remembers `value` as the answer of `atMs`, unless the entry holds a later one: of two loads
+   * in flight at once, the one that began last is the newer answer, whichever finished last.
+   */
+  #remember(key: string, value: V, atMs: number): void {
+    const held = this.#entries.get(key);
+    if (held !== undefined && held.atMs > atMs) return;
     // Re-inserting moves the key to the end: Map iteration order is the eviction order.
     this.#entries.delete(key);
-    this.#entries.set(key, { value, atMs: this.#clock.now() });
+    this.#entries.set(key, { value, atMs });
     if (this.#entries.size > this.#entriesMax) {
       const oldest = this.#entries.keys().next();
       if (oldest.done !== true) this.#entries.delete(oldest.value);
@@ -67,13 +77,16 @@ export class StaleCache<V> {
   }
 
   /**
-   * Loads `key` (through the caller's policy) and remembers the answer; when loading fails,
-   * answers with the remembered one, marked stale. Rethrows when there is none.
+   * Loads `key` (through the caller's policy) and remembers the answer as of the moment the load
+   * began (the dependency's state may be that old, so its age is never understated, and a
+   * slower load begun earlier never replaces it); when loading fails, answers with the
+   * remembered one, marked stale. Rethrows when there is none.
    */
   async read(key: string, load: () => Promise<V>): Promise<CacheRead<V>> {
+    const startedMs = this.#clock.now();
     try {
       const value = await load();
-      this.set(key, value);
+      this.#remember(key, value, startedMs);
       return { value, stale: false, ageMs: 0 };
     } catch (error) {
       const cached = this.get(key);

@@ -43,6 +43,21 @@ describe('stale reads', () => {
     await assert.rejects(rate(), CircuitOpenError);
   });
 
+  it('keeps the newest answer, not the one that finished last, and dates it from when its load began', async () => {
+    const clock = new ManualClock();
+    const cache = new StaleCache<string>({ entriesMax: 2, staleMaxMs: 60_000, clock });
+    const t0 = clock.now();
+    let answerSlow = (_value: string): void => {};
+    const slow = cache.read('EURUSD', () => new Promise<string>((resolve) => (answerSlow = resolve))); // asked at 0
+    clock.set(t0 + 1000);
+    assert.equal((await cache.read('EURUSD', () => Promise.resolve('1.09'))).value, '1.09'); // asked at 1000
+    clock.set(t0 + 2000);
+    answerSlow('1.08'); // the answer to the earlier question arrives last
+    assert.equal((await slow).value, '1.08', 'the slow caller gets its own answer');
+    clock.set(t0 + 3000);
+    assert.deepEqual(await cache.read('EURUSD', () => Promise.reject(new Error('down'))), { value: '1.09', stale: true, ageMs: 2000 });
+  });
+
   it('keeps at most entriesMax answers, dropping the least recently written', () => {
     const cache = new StaleCache<number>({ entriesMax: 2, staleMaxMs: 1000, clock: new ManualClock() });
     cache.set('a', 1);
