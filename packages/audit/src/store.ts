@@ -14,7 +14,7 @@ import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type Inclusi
 import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransitions, type Checkpoint, type KeyEncryptionKey, type KeyTransition } from './keys.ts';
 import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
-import { checkEntry, leafData } from './record.ts';
+import { checkEntry, leafData, storablePrefix } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditEntry, AuditOrigin, AuditSink } from './sink.ts';
 import { consistencyProof, inclusionProof, recordInTile, type Queryable } from './tree.ts';
@@ -331,6 +331,12 @@ export class AuditStore {
    * `audit.hold.release`: a release by `audit.release_hold` itself, a refusal through the sink.
    */
   async releaseHold(id: string, by: Requester): Promise<boolean> {
+    if (!HOLD_ID.test(id)) {
+      // No hold has such an id: refused and recorded like an unknown one, without asking
+      // PostgreSQL, which would answer a malformed uuid with an error.
+      this.#audit(by, 'audit.hold.release', 'failure', { type: 'audit.legal_hold', id: storablePrefix(id, 100) || '(empty)' }, {}, 'not a hold id');
+      return false;
+    }
     const r = await this.#asWriter((c) => c.query<{ released: boolean }>('SELECT audit.release_hold($1, $2::json) AS released', [id, governanceRequester(by)]));
     const released = r.rows[0]?.released === true;
     if (!released) this.#audit(by, 'audit.hold.release', 'failure', { type: 'audit.legal_hold', id }, {}, 'no active hold with this id');
@@ -381,6 +387,9 @@ export class AuditStore {
     return r.rows[0]?.n ?? 0;
   }
 }
+
+/** A legal hold's id: a UUID. */
+const HOLD_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** What the store records of a requester's act: `access` for searches and proofs, `governance` for the rest. */
 function auditEntryOf(by: Requester, action: string, outcome: 'success' | 'failure', resource: { type: string; id: string }, payload: Record<string, unknown>, reason?: string): AuditEntry {

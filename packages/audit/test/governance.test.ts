@@ -74,13 +74,15 @@ test('retention expires payloads per class on the injected clock, except under a
   // Releasing the resource hold lets expiry proceed.
   assert.equal(await t.store.releaseHold(resourceHold, REVIEWER), true);
   assert.equal(await t.store.releaseHold(resourceHold, REVIEWER), false);
+  // An id that is no hold id at all (a typo, a NUL) is refused the same way, not a database error.
+  assert.equal(await t.store.releaseHold('not-a-uuid\u0000', REVIEWER), false);
   assert.equal(await t.store.expirePayloads(clock(), REVIEWER), 1);
   assert.equal((await byResource('acc-3'))[0]?.payloadState, 'expired');
   await verified();
   // Every hold action is audited, the refused second release as a failure.
   await t.settle();
   const holds = (await t.store.search({ resourceType: 'audit.legal_hold' }, { limit: 100 }, REVIEWER)).records.map((r) => `${r.action}:${r.outcome}`);
-  assert.deepEqual(holds.sort(), ['audit.hold.place:success', 'audit.hold.place:success', 'audit.hold.release:failure', 'audit.hold.release:success'].sort());
+  assert.deepEqual(holds.sort(), ['audit.hold.place:success', 'audit.hold.place:success', 'audit.hold.release:failure', 'audit.hold.release:failure', 'audit.hold.release:success'].sort());
 });
 
 test('erasure destroys the subject key: data reads as erased, a hold blocks it, the tree verifies, and it is audited', async () => {
