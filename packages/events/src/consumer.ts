@@ -340,7 +340,7 @@ export class EventConsumer {
         // effects stand. Ask for the message again at once rather than after its ack wait; the
         // copy meets the inbox, which skips every event of it, and is acked. That it may come
         // after later messages does not matter: none of it takes effect again.
-        this.#o.onError?.(error);
+        this.#report(error);
         try {
           msg.nak();
         } catch {
@@ -364,7 +364,7 @@ export class EventConsumer {
       events = decodeBatch(msg.data);
     } catch (error) {
       // Not ours to retry: decoding is deterministic, so it will never parse.
-      this.#o.onError?.(error);
+      this.#report(error);
       await this.#deadLetterUndecodable(msg, error);
       return;
     }
@@ -389,7 +389,7 @@ export class EventConsumer {
         await this.#slots.run(() => this.#apply(events));
         break;
       } catch (error) {
-        this.#o.onError?.(error);
+        this.#report(error);
         if (!transientDatabaseError(error)) {
           if (attempt >= this.#o.maxDeliver) {
             if (await this.#deadLetterPath(events, attempt, lane)) break;
@@ -420,7 +420,7 @@ export class EventConsumer {
         await this.#slots.run(() => this.#applyOneByOne(events, attempts));
         return true;
       } catch (error) {
-        this.#o.onError?.(error);
+        this.#report(error);
       }
       if (!(await this.#hold(delayMs, lane))) return false;
     }
@@ -472,13 +472,13 @@ export class EventConsumer {
               await this.#forgetLastTry(e, deliveries).catch(() => {});
               throw error;
             }
-            this.#o.onError?.(error);
+            this.#report(error);
             await this.#deadLetter(e, deliveries, error);
           }
         }
         return true;
       } catch (error) {
-        this.#o.onError?.(error);
+        this.#report(error);
       }
       if (!(await this.#hold(this.#delayFor(deliveries), lane))) return false;
     }
@@ -587,7 +587,7 @@ export class EventConsumer {
         'Ledgerline-Source-Sequence': String(msg.seq),
       });
     } catch (recordError) {
-      this.#o.onError?.(recordError);
+      this.#report(recordError);
       try {
         msg.nak(this.#delayFor(msg.info.deliveryCount));
       } catch {
@@ -604,6 +604,18 @@ export class EventConsumer {
     await this.#recordDeadLetter(event, attempts, reason);
     await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
     this.#stats.deadLettered += 1;
+  }
+
+  /**
+   * Hands an error to `onError`. A hook that throws is the caller's bug, reported nowhere else;
+   * it must not change what the consumer does next (skip a dead letter, leave a lane stuck).
+   */
+  #report(error: unknown): void {
+    try {
+      this.#o.onError?.(error);
+    } catch {
+      // ignored: see above
+    }
   }
 
   /** Removes the record `#afterRepeatedDeliveries` wrote before this delivery's try of `event`, if it is still that record. */

@@ -549,6 +549,44 @@ describe('relay and consumer', () => {
     }
   });
 
+  test('an onError hook that throws changes nothing: the failed event is retried and applied once, and its lane goes on', async () => {
+    const consumerName = 'c-loud';
+    let failuresLeft = 1;
+    let reported = 0;
+    const consumer = new EventConsumer({
+      pool: env.pool, nats: env.nats, name: consumerName, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+      dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 3, backoffMs: [5],
+      onError: () => {
+        reported += 1;
+        throw new Error('the hook itself fails');
+      },
+      handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+        if (e.streamType === 'loud' && e.version === 1 && failuresLeft > 0) {
+          failuresLeft -= 1;
+          throw new Error('first try fails');
+        }
+        await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, consumerName]);
+      },
+    });
+    const relay = new OutboxRelay({ pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix });
+    relay.start();
+    await consumer.start();
+    try {
+      await inTx((c) => env.store.append(c, { type: 'loud', id: 'l-1' }, [{ type: 'Happened', data: {} }], { expectedVersion: 'no_stream' }));
+      await inTx((c) => env.store.append(c, { type: 'loud', id: 'l-1' }, [{ type: 'Happened', data: {} }], { expectedVersion: 1 }));
+      const ids = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_type = 'loud' ORDER BY version")).rows.map((r) => r.id);
+      await waitFor('both events to take effect', async () => {
+        const counts = await effectCounts(consumerName);
+        return ids.every((id) => counts.get(id) === 1);
+      });
+      assert.ok(reported >= 1, 'the failure was reported');
+      assert.deepEqual((await env.pool.query('SELECT 1 FROM events.dead_letters WHERE consumer = $1', [consumerName])).rows, []);
+    } finally {
+      await consumer.stop();
+      await relay.stop();
+    }
+  });
+
   test('a message that is not a batch is recorded, goes to the dead-letter stream as it came, and is acknowledged', async () => {
     // On an event stream of its own: every consumer reads its stream from the start, and
     // garbage left on the shared one would reach the later tests' consumers too.
