@@ -113,11 +113,21 @@ export async function storedKeyTransitions(db: Queryable): Promise<KeyTransition
   return transitions;
 }
 
-/** Pages through checkpoints in tree-size order. */
+/**
+ * Pages through checkpoints in tree-size order, up to the largest one when verification began.
+ * A later one may cover records signed after storage was read: on a log whose sequencer is
+ * running, it would read as the records being gone (records_truncated) when they were only new.
+ */
 async function* checkpoints(db: Queryable): AsyncGenerator<Checkpoint, void> {
+  const bound = await db.query<{ size: string | null }>('SELECT max(c.tree_size)::text AS size FROM audit.checkpoints c');
+  const through = bound.rows[0]?.size ?? null;
+  if (through === null) return;
   let after = 0;
   for (;;) {
-    const r = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c WHERE c.tree_size > $1 ORDER BY c.tree_size LIMIT 1000`, [after]);
+    const r = await db.query<CheckpointRow>(
+      `SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c WHERE c.tree_size > $1 AND c.tree_size <= $2 ORDER BY c.tree_size LIMIT 1000`,
+      [after, through],
+    );
     for (const row of r.rows) yield checkpointOf(row);
     const last = r.rows.at(-1);
     if (last === undefined) return;
