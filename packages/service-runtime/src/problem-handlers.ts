@@ -4,6 +4,7 @@
 import type { Socket } from 'node:net';
 import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { transientDatabaseError } from '@ledgerline/events';
+import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyHttpError } from '@ledgerline/resilience';
 import {
   HttpProblem,
   PROBLEM_CONTENT_TYPE,
@@ -32,8 +33,12 @@ export const PROBLEM_TYPES = {
   malformedJson: problemType('malformed-json'),
   notReady: problemType('not-ready'),
   databaseUnavailable: problemType('database-unavailable'),
+  dependencyUnavailable: problemType('dependency-unavailable'),
   shuttingDown: problemType('shutting-down'),
 } as const;
+
+/** Seconds a client should wait before retrying after a 503 dependency-unavailable. */
+export const DEPENDENCY_RETRY_AFTER_SECONDS = 1;
 
 /** Seconds a client should wait before retrying after a 503 database-unavailable. */
 export const DATABASE_RETRY_AFTER_SECONDS = 1;
@@ -185,6 +190,14 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
       headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
     };
   }
+  // A dependency that failed, or that its policy did not call (breaker open, bulkhead full,
+  // deadline passed), where the handler had no fallback: the neighbour's failure, not a bug
+  // here, answered as a gateway would. The dependency's name stays in the log.
+  const dependency = dependencyFailure(error);
+  if (dependency !== null) {
+    request.log.warn({ err: error }, 'dependency unavailable');
+    return dependency;
+  }
   // Anything else is our bug: log everything, tell the client nothing but how to report it.
   request.log.error({ err: error }, 'unhandled error');
   return plainStatus(500, 'An unexpected error occurred. Quote the request_id when reporting it.');
@@ -255,4 +268,31 @@ export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error 
     }
     socket.destroy();
   };
+}
+
+/**
+ * The answer for a `@ledgerline/resilience` policy's failure: 504 when the deadline passed (the
+ * call may have taken effect downstream), 503 with Retry-After when the call was not made
+ * (breaker open, bulkhead full) or the dependency answered 5xx or 429. Null for other errors.
+ */
+function dependencyFailure(error: unknown): ProblemAnswer | null {
+  const retryLater = { 'retry-after': String(DEPENDENCY_RETRY_AFTER_SECONDS) };
+  if (error instanceof DeadlineExceededError) {
+    return {
+      status: 504,
+      type: PROBLEM_TYPES.dependencyUnavailable,
+      title: 'Dependency timed out',
+      detail: 'A service this one depends on did not answer within the request\'s deadline. The request may have taken effect: retry only with the same Idempotency-Key.',
+    };
+  }
+  if (error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError) {
+    return {
+      status: 503,
+      type: PROBLEM_TYPES.dependencyUnavailable,
+      title: 'Dependency unavailable',
+      detail: 'A service this one depends on is failing or overloaded. Retry after the Retry-After delay.',
+      headers: retryLater,
+    };
+  }
+  return null;
 }

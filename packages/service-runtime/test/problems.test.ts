@@ -18,6 +18,7 @@ import {
   ProblemResponse,
 } from '../src/index.ts';
 import type { Service } from '../src/index.ts';
+import { DependencyHttpError, DependencyPolicy } from '@ledgerline/resilience';
 
 const config = loadConfig(baseConfigSchema, { BODY_LIMIT_BYTES: '2048' });
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -122,6 +123,18 @@ before(async () => {
     await missingDatabasePool.query('SELECT 1');
     return {};
   });
+  // Dependencies behind @ledgerline/resilience policies, with no fallback in the handler: one
+  // whose breaker is open, one slower than the deadline, one answering 503.
+  const tripped = new DependencyPolicy({ name: 'fx-rates', attemptTimeoutMs: 1000, callTimeoutMs: 1000, retry: false, bulkhead: false, breaker: { window: { kind: 'count', calls: 1 }, minimumCalls: 1, failureRateThreshold: 0.5, slowCallRateThreshold: 1, slowCallDurationMs: Infinity, openWaitMs: 3_600_000, halfOpenPermittedCalls: 1 } });
+  await tripped.execute(() => Promise.reject(new Error('down'))).catch(() => {});
+  app.get('/dep/open', { schema: { response: { 200: Type.Object({}) } } }, async () => tripped.execute(() => Promise.resolve({})));
+  const slow = new DependencyPolicy({ name: 'slow-ledger', attemptTimeoutMs: 20, callTimeoutMs: 20, retry: false, bulkhead: false, breaker: false });
+  app.get('/dep/slow', { schema: { response: { 200: Type.Object({}) } } }, async () => slow.execute(({ signal }) => new Promise((resolve) => {
+    const timer = setTimeout(() => resolve({}), 5000);
+    signal.addEventListener('abort', () => clearTimeout(timer));
+  })));
+  const failing = new DependencyPolicy({ name: 'bank-gateway', attemptTimeoutMs: 1000, callTimeoutMs: 1000, retry: false, bulkhead: false, breaker: false });
+  app.get('/dep/5xx', { schema: { response: { 200: Type.Object({}) } } }, async () => failing.execute(() => Promise.reject(new DependencyHttpError('bank-gateway', 503))));
   app.get('/client-gone', { schema: { response: { 200: Type.Object({}) } } }, () => {
     // What Node raises when a client aborts mid-request: ECONNRESET, but with an HTTP status.
     throw Object.assign(new Error('aborted'), { code: 'ECONNRESET', statusCode: 400 });
@@ -600,6 +613,19 @@ describe('a database that cannot be reached', () => {
   it('leaves an error of the HTTP layer that carries ECONNRESET a 500', async () => {
     const response = await app.inject({ method: 'GET', url: '/client-gone' });
     assert.equal(response.statusCode, 500);
+  });
+});
+
+describe('a dependency that fails, with no fallback', () => {
+  it('is a 503 with Retry-After when it was not called or answered 5xx, a 504 when the deadline passed; never a 500', async () => {
+    for (const [url, status] of [['/dep/open', 503], ['/dep/5xx', 503], ['/dep/slow', 504]] as const) {
+      logLines.length = 0;
+      const response = await app.inject({ method: 'GET', url });
+      const body = assertProblem(response, { status, type: 'https://ledgerline.dev/problems/dependency-unavailable', title: status === 504 ? 'Dependency timed out' : 'Dependency unavailable', instance: url });
+      assert.equal(response.headers['retry-after'], status === 503 ? '1' : undefined, url);
+      assert.doesNotMatch(String(body.detail), /fx-rates|slow-ledger|bank-gateway/, 'the dependency is named in the log, not in the answer');
+      assert.ok(!logLines.some((line) => line.msg === 'unhandled error'), `${url}: not logged as a bug`);
+    }
   });
 });
 
