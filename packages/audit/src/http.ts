@@ -12,7 +12,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
-import { problem, PROBLEM_TYPES, problemType, ProblemResponse, STORABLE_TEXT_PATTERN } from '@ledgerline/service-runtime';
+import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storableText } from '@ledgerline/events';
 import { storablePrefix } from './record.ts';
@@ -283,14 +283,7 @@ const notFound = (detail: string) => problem(404, { type: problemType('not-found
  */
 function searchTime(name: 'from' | 'to', text: string): Date {
   const time = new Date(text);
-  if (Number.isNaN(time.getTime())) {
-    throw problem(400, {
-      type: PROBLEM_TYPES.validationError,
-      title: 'Validation failed',
-      detail: 'The query string does not match the schema.',
-      errors: [{ in: 'querystring', path: `/${name}`, message: 'must be a date-time JavaScript can represent (no leap second, no suffix)' }],
-    });
-  }
+  if (Number.isNaN(time.getTime())) throw validationProblem('querystring', `/${name}`, 'must be a date-time JavaScript can represent (no leap second, no suffix)');
   return time;
 }
 

@@ -7,6 +7,7 @@
  * of the migration, the only paths that remove data (payloads and keys, never records).
  */
 import type pg from 'pg';
+import { validate as isUuid } from 'uuid';
 import { newUuidV7, type StoredEvent } from '@ledgerline/events';
 import { eventEntry, eventLeafDataAt, eventRecordId, searchEventLeaves } from './event-leaves.ts';
 import type { KeyObject } from 'node:crypto';
@@ -331,7 +332,7 @@ export class AuditStore {
    * `audit.hold.release`: a release by `audit.release_hold` itself, a refusal through the sink.
    */
   async releaseHold(id: string, by: Requester): Promise<boolean> {
-    if (!HOLD_ID.test(id)) {
+    if (!isUuid(id)) {
       // No hold has such an id: refused and recorded like an unknown one, without asking
       // PostgreSQL, which would answer a malformed uuid with an error.
       this.#audit(by, 'audit.hold.release', 'failure', { type: 'audit.legal_hold', id: storablePrefix(id, 100) || '(empty)' }, {}, 'not a hold id');
@@ -387,9 +388,6 @@ export class AuditStore {
     return r.rows[0]?.n ?? 0;
   }
 }
-
-/** A legal hold's id: a UUID. */
-const HOLD_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** What the store records of a requester's act: `access` for searches and proofs, `governance` for the rest. */
 function auditEntryOf(by: Requester, action: string, outcome: 'success' | 'failure', resource: { type: string; id: string }, payload: Record<string, unknown>, reason?: string): AuditEntry {

@@ -4,8 +4,8 @@
  *
  * A replay reads the event from the event store (the source of truth, not the dead-letter
  * stream's copy): from events.events, or from events.archived_events once retention has
- * archived its stream (pending dead letters do not hold retention back), and publishes it again as a single-event batch to its partition subject on
- * the event stream. Every consumer of the stream receives it: the ones that handled it before
+ * archived its stream (pending dead letters do not hold retention back). It publishes it
+ * again as a single-event batch to its partition subject on the event stream. Every consumer of the stream receives it: the ones that handled it before
  * drop it in their inbox, and the target consumer handles it through its inbox as usual, so
  * it still takes effect at most once.
  *
@@ -29,15 +29,17 @@ type Queryable = Pick<pg.ClientBase, 'query'>;
 
 /**
  * The event a dead letter of alias `d` names, as a LATERAL subquery: from the hot table by its
- * id, else from the archive at its position (the archive's key), if it holds that event.
+ * id, else from the archive at its position (the archive's key), if it holds that event; the
+ * hot row when both do (a planted copy), as every reader of leaves takes it.
  */
 const STORED_EVENT = (d: string): string => `(
-  SELECT h.position, h.transaction_id, h.partition, h.stream_type, h.stream_id, h.version, h.type, h.schema_version, h.data, h.metadata, h.recorded_at
-    FROM events.events h WHERE h.event_id = ${d}.event_id
-  UNION ALL
-  SELECT a.position, a.transaction_id, a.partition, a.stream_type, a.stream_id, a.version, a.type, a.schema_version, a.data, a.metadata, a.recorded_at
-    FROM events.archived_events a WHERE a.position = ${d}.position AND a.event_id = ${d}.event_id
-  LIMIT 1)`;
+  SELECT * FROM (
+    SELECT 0 AS archived, h.position, h.transaction_id, h.partition, h.stream_type, h.stream_id, h.version, h.type, h.schema_version, h.data, h.metadata, h.recorded_at
+      FROM events.events h WHERE h.event_id = ${d}.event_id
+    UNION ALL
+    SELECT 1, a.position, a.transaction_id, a.partition, a.stream_type, a.stream_id, a.version, a.type, a.schema_version, a.data, a.metadata, a.recorded_at
+      FROM events.archived_events a WHERE a.position = ${d}.position AND a.event_id = ${d}.event_id) s
+  ORDER BY s.archived LIMIT 1)`;
 
 export interface DeadLetter {
   consumer: string;

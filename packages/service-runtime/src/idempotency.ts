@@ -20,7 +20,7 @@ import { Type } from 'typebox';
 import { queryWithin, withQueryTimeout } from '@ledgerline/events';
 import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
-import { PROBLEM_TYPES } from './problem-handlers.ts';
+import { validationProblem } from './problem-handlers.ts';
 import { requestSlot } from './request-slot.ts';
 import { documentRoute } from './route-docs.ts';
 
@@ -71,6 +71,19 @@ const IdempotencyKeyHeaderSchema = Type.String({
 const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
 /** What any `clientId` function may return: it is stored and must fit the column's CHECK. */
 const CLIENT_ID_STORABLE = /^[\x20-\x7E]{1,255}$/;
+
+/**
+ * A client id as the key store holds it: as it is when it is 1..255 printable ASCII
+ * characters; else, if it is a non-empty string (a principal longer than that, or with other
+ * characters), `sha256:` and the hex digest of its UTF-8, one client still. Anything else is a
+ * broken `clientId` function: an error (500), and no key is taken.
+ */
+function storedClientId(clientId: unknown): string {
+  if (typeof clientId !== 'string' || clientId.length === 0) {
+    throw new Error(`invariant: clientId returned ${JSON.stringify(clientId)}, not a non-empty string`);
+  }
+  return CLIENT_ID_STORABLE.test(clientId) ? clientId : `sha256:${createHash('sha256').update(clientId, 'utf8').digest('hex')}`;
+}
 /**
  * Headers replayed with a stored response. Everything else (cookies, caching, rate-limit and
  * trace headers) belonged to the first exchange only, or is regenerated per request.
@@ -119,7 +132,8 @@ export interface IdempotencyOptions {
   /**
    * Who owns a key: keys are unique per client. Default: the `x-client-id` header when it is
    * 1..128 characters of `[A-Za-z0-9._:@-]`, else 'anonymous'. That header is not
-   * authenticated; #6 replaces this with the authenticated principal.
+   * authenticated; #6 replaces this with the authenticated principal. Any non-empty string
+   * will do: one that is not 1..255 printable ASCII characters is stored as its SHA-256.
    */
   clientId?: (request: FastifyRequest) => string;
   /** The clock, in milliseconds since the epoch (tests inject one). Default `Date.now`. */
@@ -300,12 +314,7 @@ export function requestFingerprint(request: FastifyRequest): Buffer {
 }
 
 function headerProblem(message: string): HttpProblem {
-  return problem(400, {
-    type: PROBLEM_TYPES.validationError,
-    title: 'Validation failed',
-    detail: 'The request headers do not match the schema.',
-    errors: [{ in: 'headers', path: `/${IDEMPOTENCY_KEY_HEADER}`, message }],
-  });
+  return validationProblem('headers', `/${IDEMPOTENCY_KEY_HEADER}`, message);
 }
 
 function payloadBytes(payload: unknown): Buffer | undefined {
@@ -462,10 +471,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     if (typeof key !== 'string' || !IDEMPOTENCY_KEY_PATTERN.test(key)) {
       throw headerProblem('must be 1 to 255 printable ASCII characters');
     }
-    const clientId = clientIdOf(request);
-    if (typeof clientId !== 'string' || !CLIENT_ID_STORABLE.test(clientId)) {
-      throw new Error(`invariant: clientId returned ${JSON.stringify(clientId)}, not 1..255 printable ASCII characters`);
-    }
+    const clientId = storedClientId(clientIdOf(request));
     let fingerprint: Buffer;
     try {
       fingerprint = requestFingerprint(request);
@@ -473,12 +479,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
       // JSON.stringify recurses: a document nested some thousands deep, which a schema that
       // admits any value lets through, overflows the stack. Not the server's fault.
       if (!(error instanceof RangeError)) throw error;
-      throw problem(400, {
-        type: PROBLEM_TYPES.validationError,
-        title: 'Validation failed',
-        detail: 'The request is nested too deeply to be compared with an earlier one under the same Idempotency-Key.',
-        errors: [{ in: 'body', path: '', message: 'is nested too deeply' }],
-      });
+      throw validationProblem('body', '', 'is nested too deeply');
     }
 
     let outcome: ClaimOutcome;

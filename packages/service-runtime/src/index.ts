@@ -29,7 +29,7 @@ export {
   ValidationIssueSchema,
 } from './problem.ts';
 export type { Problem, ProblemInit, ValidationIssue } from './problem.ts';
-export { BodyRefusedError, DATABASE_RETRY_AFTER_SECONDS, databaseUnreachable, PROBLEM_TYPES, REQUEST_ID_HEADER, type ProblemAnswer } from './problem-handlers.ts';
+export { BodyRefusedError, DATABASE_RETRY_AFTER_SECONDS, databaseUnreachable, DEPENDENCY_RETRY_AFTER_SECONDS, PROBLEM_TYPES, REQUEST_ID_HEADER, validationProblem, type ProblemAnswer } from './problem-handlers.ts';
 export { findDuplicateMember } from './json-body.ts';
 export type { DuplicateMember } from './json-body.ts';
 export { BEARER_SECURITY_SCHEME, documentRoute } from './route-docs.ts';

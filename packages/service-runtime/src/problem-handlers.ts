@@ -7,6 +7,7 @@ import { transientDatabaseError } from '@ledgerline/events';
 import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyHttpError } from '@ledgerline/resilience';
 import {
   HttpProblem,
+  problem,
   PROBLEM_CONTENT_TYPE,
   problemType,
   statusTitle,
@@ -36,6 +37,20 @@ export const PROBLEM_TYPES = {
   dependencyUnavailable: problemType('dependency-unavailable'),
   shuttingDown: problemType('shutting-down'),
 } as const;
+
+/**
+ * The 400 a handler or hook throws for one invalid part of the request that the schema let
+ * through (a header read by a plugin, a time JavaScript cannot hold, a document too deep to
+ * compare): the same problem a schema failure is answered with, naming the part and the path.
+ */
+export function validationProblem(part: 'body' | 'headers' | 'querystring' | 'params', path: string, message: string): HttpProblem {
+  return problem(400, {
+    type: PROBLEM_TYPES.validationError,
+    title: 'Validation failed',
+    detail: `The request ${part} does not match the schema.`,
+    errors: [{ in: part, path, message }],
+  });
+}
 
 /** Seconds a client should wait before retrying after a 503 dependency-unavailable. */
 export const DEPENDENCY_RETRY_AFTER_SECONDS = 1;

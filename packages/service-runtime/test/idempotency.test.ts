@@ -5,6 +5,7 @@
  * with an injected clock.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
@@ -411,6 +412,15 @@ describe('per-client scope', () => {
     assert.equal(await keyCount(), 1);
     assert.equal(broken.runs.things, undefined);
     await broken.app.close();
+
+    // One too long for the key store, or not ASCII: stored as its hash, still its own scope.
+    const long = await buildApp({ clientId: (request) => `tenant:${'é'.repeat(300)}${String(request.headers['x-tenant'])}` });
+    for (const t of ['t1', 't2']) assert.equal((await post(long.app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-long', 'x-tenant': t })).statusCode, 201, t);
+    const replay = await post(long.app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-long', 'x-tenant': 't1' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    assert.deepEqual(await keyRow('k-long', `sha256:${createHash('sha256').update(`tenant:${'é'.repeat(300)}t1`, 'utf8').digest('hex')}`), { state: 'completed', response_status: 201 });
+    assert.equal(long.runs.things, 2);
+    await long.app.close();
   });
 });
 

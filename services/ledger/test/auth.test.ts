@@ -416,7 +416,7 @@ describe('attacks', () => {
 
   test('Idempotency-Key works for subjects as long as a token may carry, each its own scope', async () => {
     // 255 characters, the verifier's limit: `user:` and the subject no longer fit the key
-    // store's 255, so the scope is the subject's hash; two subjects alike but for their last
+    // store's 255, so the plugin keeps the scope as its hash; two subjects alike but for their last
     // character are two scopes.
     const [one, two] = [`${'c'.repeat(254)}1`, `${'c'.repeat(254)}2`];
     const body = transfer(UNOWNED);
