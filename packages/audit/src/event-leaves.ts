@@ -8,6 +8,7 @@
 import { toEvent, type Checkpoint as EventCheckpoint, type EventRecord, type StoredEvent } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { HASH_BYTES } from './merkle.ts';
+import { resourceIdForms } from './record.ts';
 import type { AuditEntry } from './sink.ts';
 import type { Queryable } from './tree.ts';
 
@@ -501,7 +502,7 @@ const eventAt = (position: string): string =>
 export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, page: { desc: boolean; after: number | null; limit: number }): Promise<{ seq: number; event: StoredEvent }[]> {
   const { desc, after, limit } = page;
   const conditions = `($1::text IS NULL OR ${ACTOR_OF('e')} = $1) AND ($2::text IS NULL OR e.stream_type = $2)
-    AND ($3::text IS NULL OR e.stream_id = $3) AND ($4::text IS NULL OR e.type = $4)
+    AND ($3::text[] IS NULL OR e.stream_id = ANY ($3::text[])) AND ($4::text IS NULL OR e.type = $4)
     AND ($5::text IS NULL OR (CASE WHEN ${FAILED('e')} THEN 'failure' ELSE 'success' END) = $5)
     AND ($6::timestamptz IS NULL OR e.recorded_at >= $6) AND ($7::timestamptz IS NULL OR e.recorded_at < $7)`;
   const keyset = `($8::bigint IS NULL OR seq ${desc ? '<' : '>'} $8)`;
@@ -509,7 +510,7 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
   const filterArgs: unknown[] = [
     filter.actorId ?? null,
     filter.resourceType ?? null,
-    filter.resourceId ?? null,
+    filter.resourceId === undefined ? null : resourceIdForms(filter.resourceId),
     filter.action ?? null,
     filter.outcome ?? null,
     filter.from ?? null,
@@ -521,9 +522,9 @@ export async function searchEventLeaves(db: Queryable, filter: EventLeafFilter, 
     const r = await db.query<EventLeafRow>(
       `SELECT * FROM (
          SELECT s.seq, ${EVENT_COLUMNS}
-           FROM (SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.stream_type = $2 AND e.stream_id = $3
+           FROM (SELECT ${EVENT_COLUMNS} FROM events.events e WHERE e.stream_type = $2 AND e.stream_id = ANY ($3::text[])
                  UNION ALL
-                 SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = $3 AND ${ARCHIVED_ALONE('e')}) e
+                 SELECT ${EVENT_COLUMNS} FROM events.archived_events e WHERE e.stream_type = $2 AND e.stream_id = ANY ($3::text[]) AND ${ARCHIVED_ALONE('e')}) e
            CROSS JOIN LATERAL (SELECT t.first_seq + array_position(t.positions, e.position) - 1 AS seq FROM ${tileOfEvent('e')} t) s
           WHERE s.seq IS NOT NULL AND ${conditions}) x
         WHERE ${keyset} ORDER BY seq ${order} LIMIT $9`,

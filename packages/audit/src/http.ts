@@ -15,7 +15,7 @@ import { Type, type Static } from 'typebox';
 import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storableText } from '@ledgerline/events';
-import { storablePrefix } from './record.ts';
+import { canonicalResourceId, storablePrefix } from './record.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 
@@ -83,7 +83,7 @@ function defaultResourceId(request: FastifyRequest): string {
   // A refused request's id can be anything its sender wrote, a lone surrogate or a NUL
   // included, which the trail cannot store (checkEntry refuses it, and the failure would go
   // unrecorded): such characters are recorded as U+FFFD.
-  return (storableText(id) ? id : storablePrefix(id, 200)).toLowerCase();
+  return canonicalResourceId(storableText(id) ? id : storablePrefix(id, 200));
 }
 
 /** The number of items of a batch body (its first array), so a batch record says how big it was. */

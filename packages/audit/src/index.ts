@@ -34,7 +34,7 @@ export {
   verifyInclusion,
 } from './merkle.ts';
 export { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, AuditSchemaBehindError, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit, prepareAuditSchema, type AuditLogin, type SequencerPlacement } from './migrate.ts';
-export { canonicalJson, checkEntry, InvalidAuditEntryError, leafData, PAYLOAD_BYTES_MAX, type AuditRecordFields } from './record.ts';
+export { canonicalJson, canonicalResourceId, checkEntry, InvalidAuditEntryError, leafData, PAYLOAD_BYTES_MAX, resourceIdForms, type AuditRecordFields } from './record.ts';
 export { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, type RoundResult, type SequencerOptions } from './sequencer.ts';
 export { eventEntry, eventLeafData, eventRecordId, EVENT_LEAF_VERSION } from './event-leaves.ts';
 export {

@@ -98,6 +98,29 @@ export class InvalidAuditEntryError extends TypeError {
   override readonly name = 'InvalidAuditEntryError';
 }
 
+const UUID_SHAPE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/**
+ * A resource id as the trail stores, searches and holds it: a UUID in lower case, any other id
+ * as it came. A UUID names the same thing in either case (RFC 9562 §4, lower case its canonical
+ * text), so a ledger account read as `/v1/accounts/0F3A…` and held as `0f3a…` is one resource;
+ * other ids may be case-sensitive (`ACC-1` and `acc-1` two accounts), so their case is kept.
+ * `audit.canonical_resource_id` is the same rule in the database, where holds are matched.
+ */
+export function canonicalResourceId(id: string): string {
+  return UUID_SHAPE.test(id) ? id.toLowerCase() : id;
+}
+
+/**
+ * The ids a search for resource `id` matches: the id as given and its canonical form. A record
+ * stored before the trail canonicalised its ids, or an event whose stream id is a UUID in upper
+ * case, is found by either spelling.
+ */
+export function resourceIdForms(id: string): string[] {
+  const canonical = canonicalResourceId(id);
+  return canonical === id ? [id] : [id, canonical];
+}
+
 /** `v` cut to at most `max` code units and made storable: a cut surrogate pair, a lone surrogate and NUL become U+FFFD. */
 export function storablePrefix(v: string, max: number): string {
   return v.slice(0, max).toWellFormed().replaceAll('\u0000', '\ufffd');

@@ -15,7 +15,7 @@ import { compareOrder, EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type 
 import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
-import { canonicalJson, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
+import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
 import type { QueuedEntry } from './writer.ts';
@@ -637,7 +637,7 @@ function prepare(seq: number, p: Pending, { keys, erasedAt }: SubjectKeys): Prep
       originRequestId: e.origin.requestId ?? null,
       originTraceId: e.origin.traceId ?? null,
       resourceType: e.resource.type,
-      resourceId: e.resource.id,
+      resourceId: canonicalResourceId(e.resource.id),
       subject: e.subject ?? null,
       payloadHash: payload === null ? null : sha256(payload),
       personalHash: sealed === null ? null : sha256(sealed),

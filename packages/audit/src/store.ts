@@ -15,7 +15,7 @@ import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type Inclusi
 import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransitions, type Checkpoint, type KeyEncryptionKey, type KeyTransition } from './keys.ts';
 import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
-import { checkEntry, leafData, storablePrefix } from './record.ts';
+import { canonicalResourceId, checkEntry, leafData, resourceIdForms, storablePrefix } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditEntry, AuditOrigin, AuditSink } from './sink.ts';
 import { consistencyProof, inclusionProof, recordInTile, type Queryable } from './tree.ts';
@@ -128,13 +128,13 @@ export class AuditStore {
       const r = await this.#pool.query<RecordRow>(
         `SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq
           WHERE ($1::text IS NULL OR r.actor_id = $1) AND ($2::text IS NULL OR r.resource_type = $2)
-            AND ($3::text IS NULL OR r.resource_id = $3) AND ($4::text IS NULL OR r.action = $4)
+            AND ($3::text[] IS NULL OR r.resource_id = ANY ($3::text[])) AND ($4::text IS NULL OR r.action = $4)
             AND ($5::text IS NULL OR r.outcome = $5) AND ($6::text IS NULL OR r.subject = $6)
             AND ($7::timestamptz IS NULL OR r.occurred_at >= $7) AND ($8::timestamptz IS NULL OR r.occurred_at < $8)
             AND ($9::bigint IS NULL OR ${desc ? 'r.seq < $9' : 'r.seq > $9'}) AND ($11::text IS NULL OR r.record_class = $11)
             AND NOT ${recordInTile('r')}
           ORDER BY r.seq ${desc ? 'DESC' : 'ASC'} LIMIT $10`,
-        [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId ?? null, filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
+        [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId === undefined ? null : resourceIdForms(filter.resourceId), filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
       );
       // Event leaves are financial records with no subject: a search for a subject or another class finds none.
       const withEvents = filter.subject === undefined && (filter.recordClass === undefined || filter.recordClass === 'financial');
@@ -308,7 +308,8 @@ export class AuditStore {
   async placeHold(target: { subject: string } | { resource: { type: string; id: string } }, reason: string, by: Requester): Promise<string> {
     const id = newUuidV7();
     const subject = 'subject' in target ? target.subject : null;
-    const resource = 'resource' in target ? target.resource : null;
+    // The id as the trail stores it (a UUID in lower case), so that the hold reads as it matches.
+    const resource = 'resource' in target ? { type: target.resource.type, id: canonicalResourceId(target.resource.id) } : null;
     // Its record checked before the hold is placed: a hold in force that the trail cannot
     // record (an over-long reason or actor) would block erasure with no record of why.
     const record = auditEntryOf(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason });

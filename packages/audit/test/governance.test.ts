@@ -186,6 +186,44 @@ test('a hold on the resource of a queued record of the subject refuses its erasu
   assert.deepEqual((await byResource('acc-held-q'))[0]?.personal, { name: 'Hal' });
 });
 
+test('a hold on a UUID resource holds it in either case; another id keeps its case', async () => {
+  const u = '0f3a9c2e-7b1d-4e8a-9c3f-5d6e7f8a9b0c';
+  const v = '1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d';
+  // Recorded as the HTTP plugin and the ledger write them (lower case), and as a producer
+  // might hand one over (upper case, stored in lower case), and a case-sensitive id.
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: u }, subject: 'cust-u', personal: { name: 'Uma' }, payload: { view: 'balance' } });
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: v.toUpperCase() }, payload: { view: 'balance' } });
+  t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'ACC-Case' }, payload: { view: 'balance' } });
+  // Held as a statement prints the first id (upper case), the second in lower case, and a
+  // different account whose id differs from the third only in case.
+  await t.store.placeHold({ resource: { type: 'account', id: u.toUpperCase() } }, 'case 9', REVIEWER);
+  await t.store.placeHold({ resource: { type: 'account', id: v } }, 'case 10', REVIEWER);
+  await t.store.placeHold({ resource: { type: 'account', id: 'acc-case' } }, 'case 11', REVIEWER);
+  await t.settle();
+  assert.deepEqual((await t.store.activeHolds()).map((h) => h.resource?.id).sort(), [u, v, 'acc-case'].sort());
+  // Found by either spelling of a UUID; stored in lower case.
+  assert.deepEqual((await byResource(v.toUpperCase())).map((r) => r.resource.id), [v]);
+  assert.deepEqual((await byResource(v)).map((r) => r.resource.id), [v]);
+  assert.deepEqual((await byResource(u.toUpperCase())).map((r) => r.resource.id), [u]);
+  assert.deepEqual((await byResource('ACC-Case')).map((r) => r.resource.id), ['ACC-Case']);
+  assert.deepEqual(await byResource('acc-case'), []);
+  // The database matches holds the same way, so a hold or a record written before ids were
+  // canonical still matches: given in upper case, the lower-case hold is found.
+  const held = async (id: string): Promise<unknown> => (await t.pool.query<{ held: boolean }>("SELECT audit.is_held(NULL, 'account', $1) AS held", [id])).rows[0]?.held;
+  assert.deepEqual([await held(u.toUpperCase()), await held(v.toUpperCase()), await held('ACC-Case'), await held('acc-case')], [true, true, false, true]);
+
+  // Thirteen months on, only the unheld account's payload expires.
+  nowMs += 394 * DAY_MS;
+  assert.equal(await t.store.expirePayloads(clock(), REVIEWER), 1);
+  assert.equal((await byResource(u))[0]?.payloadState, 'present');
+  assert.equal((await byResource(v))[0]?.payloadState, 'present');
+  assert.equal((await byResource('ACC-Case'))[0]?.payloadState, 'expired');
+  // And the subject of the held UUID's record cannot be erased.
+  await assert.rejects(t.store.eraseSubject('cust-u', REVIEWER), LegalHoldError);
+  assert.deepEqual((await byResource(u))[0]?.personal, { name: 'Uma' });
+  await verified();
+});
+
 test('the sequencer tails the event store: every event once, rejections as failures with their reason', async () => {
   const traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
   const append = async (id: string, result: string): Promise<void> => {

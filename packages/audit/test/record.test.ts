@@ -9,6 +9,7 @@ import { propertySeed } from '@ledgerline/testing';
 import { generateKeyPairSync } from 'node:crypto';
 import {
   canonicalJson,
+  canonicalResourceId,
   checkpointSignatureValid,
   keyIdOf,
   leafData,
@@ -16,6 +17,7 @@ import {
   parsePublicKey,
   publicKeyPem,
   reasonOf,
+  resourceIdForms,
   signCheckpoint,
   SigningKeyError,
   type AuditRecordFields,
@@ -84,6 +86,18 @@ test('signing keys: a PKCS#8 PEM (with escaped newlines) signs verifiable checkp
   assert.throws(() => loadSigningKey('garbage', { production: false }), SigningKeyError);
   assert.throws(() => loadSigningKey(undefined, { production: true }), /required in production/);
   assert.throws(() => parsePublicKey(generateKeyPairSync('rsa', { modulusLength: 1024 }).publicKey.export({ type: 'spki', format: 'pem' }).toString()), /must be Ed25519/);
+});
+
+test('resource ids: a UUID in lower case, any other id as it came; a search matches both spellings', () => {
+  const u = '0F3A9C2E-7b1d-4E8A-9C3F-5D6E7F8A9B0C';
+  assert.equal(canonicalResourceId(u), u.toLowerCase());
+  assert.equal(canonicalResourceId('ACC-1'), 'ACC-1');
+  // Only the whole shape: a UUID inside a longer id, or hex of the wrong lengths, keeps its case.
+  assert.equal(canonicalResourceId(`${u}-X`), `${u}-X`);
+  assert.equal(canonicalResourceId('0F3A9C2E7B1D4E8A9C3F5D6E7F8A9B0C'), '0F3A9C2E7B1D4E8A9C3F5D6E7F8A9B0C');
+  assert.deepEqual(resourceIdForms(u), [u, u.toLowerCase()]);
+  assert.deepEqual(resourceIdForms(u.toLowerCase()), [u.toLowerCase()]);
+  assert.deepEqual(resourceIdForms('ACC-1'), ['ACC-1']);
 });
 
 test('the reason of a failed request: result code, else problem type, else title, else the status', () => {

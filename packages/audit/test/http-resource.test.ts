@@ -1,0 +1,27 @@
+/**
+ * The HTTP plugin's resource id: a UUID in lower case, any other id as the request named it
+ * (canonicalResourceId), so that a hold or a search on the id finds the record.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { Type } from 'typebox';
+import { createService } from '@ledgerline/service-runtime';
+import { auditHttp, MemoryAuditSink } from '../src/index.ts';
+
+test('the HTTP plugin records a UUID path id in lower case and keeps the case of any other id', async () => {
+  const app = await createService({ config: { LOG_LEVEL: 'fatal' }, openapi: { title: 't', version: '1' }, logger: false });
+  const sink = new MemoryAuditSink();
+  await app.register(auditHttp, { sink, service: 'test', routes: { 'GET /v1/things/:id': { action: 'test.read', recordClass: 'access', resourceType: 'thing' } } });
+  app.get('/v1/things/:id', { schema: { response: { 200: Type.Object({ ok: Type.Boolean() }) } } }, () => ({ ok: true }));
+  try {
+    for (const id of ['0F3A9C2E-7B1D-4E8A-9C3F-5D6E7F8A9B0C', 'ACC-Case', 'acc-case']) {
+      assert.equal((await app.inject({ method: 'GET', url: `/v1/things/${id}` })).statusCode, 200);
+    }
+    assert.deepEqual(
+      sink.entries.map((e) => e.resource.id),
+      ['0f3a9c2e-7b1d-4e8a-9c3f-5d6e7f8a9b0c', 'ACC-Case', 'acc-case'],
+    );
+  } finally {
+    await app.close();
+  }
+});
