@@ -9,7 +9,7 @@ import { createService } from '@ledgerline/service-runtime';
 import { auditHttp, MemoryAuditSink } from '../src/index.ts';
 
 test('the HTTP plugin records a UUID path id in lower case and keeps the case of any other id', async () => {
-  const app = await createService({ config: { LOG_LEVEL: 'fatal' }, openapi: { title: 't', version: '1' }, logger: false });
+  const app = await createService({ config: { LOG_LEVEL: 'fatal', BODY_LIMIT_BYTES: 1024 }, openapi: { title: 't', version: '1' }, logger: false });
   const sink = new MemoryAuditSink();
   await app.register(auditHttp, { sink, service: 'test', routes: { 'GET /v1/things/:id': { action: 'test.read', recordClass: 'access', resourceType: 'thing' } } });
   app.get('/v1/things/:id', { schema: { response: { 200: Type.Object({ ok: Type.Boolean() }) } } }, () => ({ ok: true }));
