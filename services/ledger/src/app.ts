@@ -37,6 +37,7 @@ import {
 import { PERMISSIONS } from '@ledgerline/authz';
 import { createLedgerGuard, OPEN_GUARD, type LedgerAuthOptions, type LedgerGuard } from './auth.ts';
 import { registerLedgerMetrics } from './metrics.ts';
+import { LedgerCatalog } from './ledgers.ts';
 import {
   AccountBatchBody,
   AccountBatchOut,
@@ -128,7 +129,7 @@ const RETRY_AFTER_SECONDS = 1;
 
 export async function buildLedgerService(options: LedgerServiceOptions): Promise<Service> {
   const { engine, pool } = options;
-  const ledgers = new Map((await engine.listLedgers()).map((l) => [l.code, l]));
+  const ledgers = await LedgerCatalog.load(() => engine.listLedgers());
   // Set once the service exists (the guard hooks into it); read only while serving requests.
   let guard: LedgerGuard = OPEN_GUARD;
   const rateLimit = options.resilience?.rateLimit;
@@ -302,12 +303,17 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     if (count > engine.batchSizeMax) throw invalid('body', path, `must not have more than ${engine.batchSizeMax} items`);
   }
 
+  /** Run before checkLedger: a ledger added since this instance loaded its list is looked up (LedgerCatalog). */
+  async function knowLedgers(reply: FastifyReply, codes: Iterable<string | undefined>): Promise<void> {
+    await engineCall(reply, () => ledgers.know(codes));
+  }
+
   function checkLedger(code: string | undefined, path: string): void {
     if (code !== undefined && !ledgers.has(code)) {
       throw problem(422, {
         type: PROBLEMS.unknownLedger,
         title: 'Unknown ledger',
-        detail: `There is no ledger for ${code}. Known ledgers: ${[...ledgers.keys()].join(', ')}.`,
+        detail: `There is no ledger for ${code}. Known ledgers: ${ledgers.codes().join(', ')}.`,
         errors: [{ in: 'body', path, message: 'is not a known ledger' }],
       });
     }
@@ -354,11 +360,13 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     };
   }
 
-  function accountOut(a: Account) {
+  /** An account as the API shows it, with its ledger's scale (looked up if this instance has not seen the ledger). */
+  async function accountOut(reply: FastifyReply, a: Account) {
+    const { scale } = await engineCall(reply, () => ledgers.require(a.ledger));
     return {
       id: a.id,
       ledger: a.ledger,
-      scale: ledgers.get(a.ledger)?.scale ?? 0,
+      scale,
       code: a.code,
       flags: {
         debits_must_not_exceed_credits: a.flags.debitsMustNotExceedCredits === true,
@@ -435,9 +443,12 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   app.get(
     '/v1/ledgers',
     { config: { priority: 'high', permission: PERMISSIONS.ledgerRead }, schema: { summary: 'The ledgers (currencies and assets) and their scales', tags: ['ledgers'], response: { 200: LedgersOut, 401: ProblemResponse, 403: ProblemResponse } } },
-    (request) => {
+    async (request) => {
       guard.allow(request, { type: 'ledger', id: '*' });
-      return { ledgers: [...ledgers.values()] };
+      // Fresh when the database answers; the list this instance holds when it does not (the
+      // ledgers rarely change, and the list needs no database to be served).
+      await ledgers.reload().catch((error: unknown) => request.log.warn({ err: error }, 'ledgers: could not reload the list; serving the one held'));
+      return { ledgers: ledgers.all() };
     },
   );
 
@@ -454,6 +465,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       },
     },
     async (request, reply) => {
+      await knowLedgers(reply, [request.body.ledger]);
       const account = toAccount(request.body, '');
       guard.accounts(request, [account]);
       const [r] = await engineCall(reply, () => engine.createAccounts([account], eventContext(request)));
@@ -462,7 +474,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       if (result === 'ok' || result === 'exists') {
         const stored = await engineCall(reply, () => engine.getAccount(account.id));
         if (stored === null) throw new Error(`invariant: account ${account.id} reported ${result} but is missing`);
-        return reply.code(result === 'ok' ? 201 : 200).send(accountOut(stored));
+        return reply.code(result === 'ok' ? 201 : 200).send(await accountOut(reply, stored));
       }
       if (result?.startsWith('exists_with_different_') === true) {
         throw problem(409, {
@@ -489,6 +501,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     async (request, reply) => {
       checkBatchSize(request.body.accounts.length, '/accounts');
+      await knowLedgers(reply, request.body.accounts.map((a) => a.ledger));
       const accounts = request.body.accounts.map((a, i) => toAccount(a, `/accounts/${i}`));
       guard.accounts(request, accounts);
       const results = await engineCall(reply, () => engine.createAccounts(accounts, eventContext(request)));
@@ -505,7 +518,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       await engineCall(reply, () => guard.account(request, id));
       const account = await engineCall(reply, () => engine.getAccount(id));
       if (account === null) throw notFound('Account', id);
-      return accountOut(account);
+      return accountOut(reply, account);
     },
   );
 
@@ -599,6 +612,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     },
     async (request, reply) => {
       checkRequiredFields([request.body], () => '');
+      await knowLedgers(reply, [request.body.ledger]);
       const transfer = toTransfer(request.body, '');
       await engineCall(reply, () => guard.newTransfers(request, [transfer]));
       const [r] = await engineCall(reply, () => engine.createTransfers([transfer], eventContext(request)));
@@ -625,6 +639,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
     async (request, reply) => {
       checkBatchSize(request.body.transfers.length, '/transfers');
       checkRequiredFields(request.body.transfers, (i) => `/transfers/${i}`);
+      await knowLedgers(reply, request.body.transfers.map((x) => x.ledger));
       const transfers = request.body.transfers.map((x, i) => toTransfer(x, `/transfers/${i}`));
       await engineCall(reply, () => guard.newTransfers(request, transfers));
       const results = await engineCall(reply, () => engine.createTransfers(transfers, eventContext(request)));
