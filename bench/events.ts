@@ -7,12 +7,13 @@
  *                           [--streams-per-writer 500] [--events-per-message 500] [--read-batch 5000]
  *                           [--prefetch 16] [--single-events 10000] [--pool N] [--rate 0] [--staged]
  *                           [--handler batch|per-event] [--consumer-concurrency 4] [--max-ack-pending N]
- *                           [--pgbench-seconds 10] [--no-pgbench] [--no-reconcile]
+ *                           [--pgbench-seconds 10] [--no-pgbench] [--no-reconcile] [--writers-inline]
  *
  * Each phase has a fresh database (`ll_bench_events_*`, migrated) and JetStream streams of its
  * own (`BENCH_EVENTS_<tag>`, subjects `bench<tag>.events.p<partition>`); both are removed at
  * the end, also on error or Ctrl-C. In a phase, one relay and one consumer run while
- * `--writers` concurrent writers append `--events` events in total: each writer transaction
+ * `--writers` concurrent writers (in a worker thread of their own, bench/events-writers.ts,
+ * unless `--writers-inline`) append `--events` events in total: each writer transaction
  * appends `--events-per-tx` events with `store.appendMany` (`--streams-per-tx` streams of the
  * writer's own, the same number of events each, versions assigned by the writer), payload a
  * transfer-posted event of about 200 bytes. The consumer (`EventConsumer`) inserts one effect
