@@ -269,6 +269,9 @@ export async function migrateEvents(databaseUrl: string): Promise<void> {
 const EVENT_COLUMNS = `position::text, transaction_id::text, partition, event_id::text, stream_type, stream_id,
   version, type, schema_version, data, metadata, recorded_at`;
 
+/** The columns of an event row, alike in `events.events` and `events.archived_events`, by name. */
+const GLOBAL_ORDER_COLUMNS = 'position, transaction_id, partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata, recorded_at';
+
 /** An event row as node-postgres returns it (int8, xid8 and uuid as text). */
 export interface EventRecord {
   position: string;
@@ -669,6 +672,14 @@ export class EventStore {
    * `readHorizon`). A transaction that commits late therefore appears after the reader has
    * waited for it, never behind it.
    *
+   * Every partition: the hot table and the archive together (retention moves whole streams
+   * into `events.archived_events`, and a projection rebuilt from the start must still see
+   * them), merged in one statement, so an event being archived meanwhile is read from exactly
+   * one of the two. An event found in both (a row copied by hand; retention moves a stream in
+   * one statement) is refused with `StreamCorruptError`, as `readStream` refuses it, rather
+   * than applied twice. One partition: the hot table only (`readPartition`, the relay's read:
+   * retention archives only what the relay has published).
+   *
    * `fields` makes a lean read for replays: each event's `data` then holds only those
    * top-level keys, each as text (`data->>key`: strings as they are, numbers and objects as
    * their JSON text, null as null), `metadata` is empty and `recordedAt` is to the
@@ -686,15 +697,22 @@ export class EventStore {
     const columns = fields === undefined ? EVENT_COLUMNS : leanColumns(fields);
     type Row = EventRecord & Record<string, unknown>;
     // One partition: the read that does not depend on the planner's statistics (readPartition).
-    // All partitions: the planner's estimate covers every row past the checkpoint, and the
-    // index walk is its plan without help.
+    // All partitions: the planner's estimate covers every row past the checkpoint, and its plan
+    // without help is the merge of the two tables' global-order index walks
+    // (events_global_order_idx, archived_events_global_order_idx), stopped after `limit` rows.
     let rows: Row[];
     if (partition === undefined) {
       const horizon = await readHorizon(db);
       rows = (
         await db.query<Row>(
-          // ORDER BY the table's columns (e.*), not the text renderings of the same name.
-          `SELECT ${columns} FROM events.events e
+          // ORDER BY the union's columns (e.*), not the text renderings of the same name. The
+          // copy check is a primary-key probe per archived row read, after the merge (a subquery
+          // inside the union would keep PostgreSQL from merging the two index walks).
+          `SELECT ${columns},
+                  CASE WHEN e.archived THEN (SELECT h.position FROM events.events h WHERE h.position = e.position LIMIT 1) IS NOT NULL
+                       ELSE false END AS copied
+             FROM (SELECT ${GLOBAL_ORDER_COLUMNS}, false AS archived FROM events.events
+                   UNION ALL SELECT ${GLOBAL_ORDER_COLUMNS}, true FROM events.archived_events) e
             WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
               AND e.transaction_id < $3::text::xid8
             ORDER BY e.transaction_id, e.position
@@ -702,6 +720,8 @@ export class EventStore {
           [after.transactionId.toString(), after.position.toString(), horizon.toString(), limit],
         )
       ).rows;
+      const copy = rows.find((r) => r.copied === true);
+      if (copy !== undefined) throw new StreamCorruptError(copy.stream_type, copy.stream_id, copy.version);
     } else {
       rows = await readPartition<Row>(db, columns, partition, after, limit);
     }

@@ -15,7 +15,8 @@
  */
 import type pg from 'pg';
 import { AccountFlag, ACCOUNT_STREAM, LedgerEventType, TransferFlag, TRANSFER_STREAM } from '@ledgerline/ledger';
-import type { AsOf, StoredEvent } from '@ledgerline/events';
+import { StreamCorruptError, type AsOf, type StoredEvent } from '@ledgerline/events';
+import { ALL_EVENTS, COPIED } from './global-order.ts';
 import { mergeLedgerPage, type LedgerPageSummary } from './ledger-replay.ts';
 import type { Projection, TableNames } from './projection.ts';
 
@@ -319,7 +320,8 @@ const SET_RESERVATION = 0b1110;
 
 /**
  * The same fold as `applyLedgerEvent`, set-based, for a rebuild from zero. One scan of the
- * events up to `until` extracts each field once and aggregates four ways at once (grouping
+ * events up to `until`, hot and archived (`ALL_EVENTS`; the caller, `replayInto`, has
+ * refused an archive holding a copy of a hot event), extracts each field once and aggregates four ways at once (grouping
  * sets): opened accounts; posted amounts by debit account and by credit account; and, per
  * reservation, the pending transfer and the posts, voids and expiries that released it. Every
  * later step reads that aggregate (a few rows per account and per reservation), never the
@@ -346,7 +348,7 @@ async function replayLedgerSql(db: Queryable, t: TableNames, until: { transactio
        SELECT GROUPING(x.opened, x.dr, x.cr, x.res) AS g, coalesce(x.opened, x.dr, x.cr, x.res) AS k,
               sum(x.amt) AS amt, count(x.reserved) AS reserved_n, count(*) AS n, bool_or(x.reopens) AS reopened,
               max(x.a) AS a, max(x.b) AS b, max(x.reserved) AS reserved, max(x.i) AS i, max(x.f) AS f
-         FROM events.events e CROSS JOIN LATERAL (
+         FROM ${ALL_EVENTS} e CROSS JOIN LATERAL (
            SELECT CASE WHEN e.type = $8 THEN e.data->>'id' END COLLATE "C" AS opened,
                   CASE WHEN ${posts} THEN e.data->>'debitAccountId' END COLLATE "C" AS dr,
                   CASE WHEN ${posts} THEN e.data->>'creditAccountId' END COLLATE "C" AS cr,
@@ -481,9 +483,10 @@ export async function readProjectedBalances(db: Queryable): Promise<Map<string, 
 
 /**
  * An account's balances as of a past checkpoint or time, folded from its own events (and the
- * reservations they reference). Null when the account did not exist then. The events are found
- * by the account ids inside them, which no index covers: this scans the ledger's events, a
- * cost an audit pays and the money path never does.
+ * reservations they reference), hot and archived. Null when the account did not exist then.
+ * The events are found by the account ids inside them, which no index covers: this scans the
+ * ledger's events, a cost an audit pays and the money path never does. An archived copy of a
+ * hot event is refused (`StreamCorruptError`), not folded twice.
  */
 export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: AsOf): Promise<AccountBalances | null> {
   const cp = 'checkpoint' in asOf ? asOf.checkpoint : null;
@@ -492,12 +495,12 @@ export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: As
   // order (a transaction that began earlier can commit later), so a filter on it is not a
   // prefix of the ledger's history. Cut the ledger's events in the global order at the first
   // one recorded after `time` instead: a prefix, as the fold needs.
-  const r = await db.query<{ type: string; data: Record<string, unknown>; position: string }>(
+  const r = await db.query<{ type: string; data: Record<string, unknown>; position: string; stream_type: string; stream_id: string; version: number; copied: boolean }>(
     `WITH cut AS (
-       SELECT c.transaction_id, c.position FROM events.events c
+       SELECT c.transaction_id, c.position FROM ${ALL_EVENTS} c
         WHERE $5::timestamptz IS NOT NULL AND c.stream_type = ANY($2::text[]) AND c.recorded_at > $5::timestamptz
         ORDER BY c.transaction_id, c.position LIMIT 1)
-     SELECT e.type, e.data, e.position::text FROM events.events e
+     SELECT e.type, e.data, e.position::text, e.stream_type, e.stream_id, e.version, ${COPIED('e')} AS copied FROM ${ALL_EVENTS} e
       WHERE e.stream_type = ANY($2::text[])
         AND (e.stream_id = $1 OR e.data->>'debitAccountId' = $1 OR e.data->>'creditAccountId' = $1)
         AND ($3::text IS NULL OR (e.transaction_id, e.position) <= ($3::text::xid8, $4::bigint))
@@ -507,6 +510,7 @@ export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: As
   );
   const state = emptyLedgerState();
   for (const row of r.rows) {
+    if (row.copied) throw new StreamCorruptError(row.stream_type, row.stream_id, row.version);
     const e = { type: row.type, data: row.data, position: BigInt(row.position) };
     // The other side of each transfer is not this account: give it a throwaway row to fold into.
     for (const key of ['debitAccountId', 'creditAccountId'] as const) {

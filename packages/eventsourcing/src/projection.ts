@@ -11,9 +11,14 @@
  *   readers use a view (`<schema>.<table>`) on the active one. A blue/green rebuild fills
  *   generation n + 1 beside the live one, closes the gap under both checkpoint locks, and
  *   repoints the views in the same transaction: readers never see a half-built model.
+ * - Retention: every path that reads the global order (readAll, the set-based replay, the
+ *   worker threads' pages) reads the archive with the hot table (global-order.ts), so a
+ *   generation rebuilt after retention archived streams still applies each of their events
+ *   once, in its place in the order.
  */
 import type pg from 'pg';
-import { CHECKPOINT_START, inTransaction, readHorizon, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
+import { CHECKPOINT_START, inTransaction, readHorizon, StreamCorruptError, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
+import { ALL_EVENTS, FIRST_COPY_SQL } from './global-order.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -41,8 +46,9 @@ export interface Projection {
   replay?: (db: Queryable, tables: TableNames) => Promise<ProjectionReplay>;
   /**
    * The fastest path of a rebuild from zero: a set-based fold inside PostgreSQL of every
-   * event up to `until` (inclusive) into this generation's empty tables, in the caller's
-   * transaction. Returns nothing; the tail after `until` goes through the other paths.
+   * event up to `until` (inclusive), hot and archived (`ALL_EVENTS` in global-order.ts), into
+   * this generation's empty tables, in the caller's transaction. Returns nothing; the tail
+   * after `until` goes through the other paths.
    */
   replaySql?: (db: Queryable, tables: TableNames, until: Checkpoint) => Promise<void>;
   /** Creates one generation's empty tables. */
@@ -264,7 +270,7 @@ export class ReplayConflictError extends Error {
  */
 export async function replayInto(pool: pg.Pool, store: EventStore, p: Projection, generation: number, options: ReplayOptions): Promise<ReplayReport> {
   const started = performance.now();
-  // The set-based replay and the worker threads read events.events directly, past the store's
+  // The set-based replay and the worker threads read the event tables directly, past the store's
   // residency read check (readAll's). With a policy, the set-based fill is skipped, so every
   // event is read through readAll and a stream this location may not read is refused; workers,
   // asked for explicitly, are refused outright rather than silently ignored.
@@ -284,8 +290,10 @@ export async function replayInto(pool: pg.Pool, store: EventStore, p: Projection
 
 /**
  * Replays a generation still at the start with `Projection.replaySql`, up to the last event
- * below the read horizon, in one transaction with the checkpoint. Returns the events it
- * covered (0 when the generation had already started or there is nothing to read).
+ * below the read horizon (hot or archived), in one transaction with the checkpoint. Returns
+ * the events it covered (0 when the generation had already started or there is nothing to
+ * read). An archived event that the hot table holds too is refused (`StreamCorruptError`)
+ * before anything is folded.
  */
 async function replaySetBased(pool: pg.Pool, p: Projection, replaySql: NonNullable<Projection['replaySql']>, generation: number): Promise<number> {
   return inTransaction(pool, async (c) => {
@@ -299,15 +307,18 @@ async function replaySetBased(pool: pg.Pool, p: Projection, replaySql: NonNullab
     // Everything below the horizon is committed, and whatever commits later sorts after it.
     const horizon = await readHorizon(c);
     const last = await c.query<{ t: string; p: string }>(
-      `SELECT e.transaction_id::text AS t, e.position::text AS p FROM events.events e
+      `SELECT e.transaction_id::text AS t, e.position::text AS p FROM ${ALL_EVENTS} e
         WHERE e.transaction_id < $1::text::xid8
         ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1`,
       [horizon.toString()],
     );
     const head = last.rows[0];
     if (head === undefined) return 0;
+    const copy = (await c.query<{ stream_type: string; stream_id: string; version: number }>(FIRST_COPY_SQL, [head.t, head.p])).rows[0];
+    if (copy !== undefined) throw new StreamCorruptError(copy.stream_type, copy.stream_id, copy.version);
     const n = await c.query<{ n: string }>(
-      'SELECT count(*)::text AS n FROM events.events e WHERE (e.transaction_id, e.position) <= ($1::text::xid8, $2::bigint)',
+      `SELECT ((SELECT count(*) FROM events.events e WHERE (e.transaction_id, e.position) <= ($1::text::xid8, $2::bigint))
+             + (SELECT count(*) FROM events.archived_events a WHERE (a.transaction_id, a.position) <= ($1::text::xid8, $2::bigint)))::text AS n`,
       [head.t, head.p],
     );
     await replaySql(c, generationTables(p, generation), { transactionId: BigInt(head.t), position: BigInt(head.p) });
@@ -425,7 +436,8 @@ async function replayInMemory(
 
 /**
  * The last checkpoint of each page of `pageSize` events after `after` (and up to `until`),
- * below the read horizon, in one index-only pass: pages that workers can read independently.
+ * below the read horizon, hot and archived (as the workers' `readAll` reads them), in one
+ * pass over the two global-order indexes: pages that workers can read independently.
  */
 async function pageBoundaries(db: Queryable, after: Checkpoint, pageSize: number, until: Checkpoint | undefined): Promise<Checkpoint[]> {
   const horizon = await readHorizon(db);
@@ -433,7 +445,7 @@ async function pageBoundaries(db: Queryable, after: Checkpoint, pageSize: number
     `SELECT t, p FROM (
        SELECT e.transaction_id::text AS t, e.position::text AS p,
               row_number() OVER (ORDER BY e.transaction_id, e.position) AS rn, count(*) OVER () AS total
-         FROM events.events e
+         FROM ${ALL_EVENTS} e
         WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint)
           AND e.transaction_id < $6::text::xid8
           AND ($4::text IS NULL OR (e.transaction_id, e.position) <= ($4::text::xid8, $5::bigint))) x
@@ -635,7 +647,13 @@ export interface ProjectionLag {
   eventsBehind: number;
 }
 
-/** How far the active generation is behind the store. Uses the database clock. */
+/**
+ * How far the active generation is behind the store. Uses the database clock. It counts hot
+ * events only: retention archives only what every active generation has passed, so only a
+ * projection created after streams were archived has archived events ahead of it (which its
+ * runner does apply, through `readAll`), and counting past its checkpoint in the archive would
+ * cost a scan of the archive on every call.
+ */
 export async function projectionLag(db: Queryable, name: string, countMax = 1_000_000): Promise<ProjectionLag | null> {
   const r = await db.query<CheckpointRow & { applied: string; seconds: number | null; behind: number }>(
     `SELECT pr.generation, pr.transaction_id::text AS t, pr.position::text AS p, pr.events_applied::text AS applied,

@@ -5,6 +5,8 @@
  * exactly, even while the ledger keeps taking transfers; any difference is a real one.
  */
 import type pg from 'pg';
+import { StreamCorruptError } from '@ledgerline/events';
+import { ALL_EVENTS, COPIED } from './global-order.ts';
 import { applyLedgerEvent, emptyLedgerState, LEDGER_STREAM_TYPES, type AccountBalances } from './ledger-balances.ts';
 
 export type BalanceField = 'ledger' | 'code' | 'flags' | 'debitsPending' | 'debitsPosted' | 'creditsPending' | 'creditsPosted';
@@ -58,14 +60,20 @@ export async function reconcileLedger(pool: pg.Pool, options: LedgerReconcileOpt
     let events = 0;
     let after = { t: '0', p: '0' };
     for (;;) {
-      // In one snapshot every visible event is committed, so no horizon is needed here.
-      const r = await c.query<{ type: string; data: Record<string, unknown>; t: string; p: string }>(
-        `SELECT e.type, e.data, e.transaction_id::text AS t, e.position::text AS p FROM events.events e
+      // In one snapshot every visible event is committed, so no horizon is needed here. The
+      // events of streams that retention archived are read with the hot ones, in their place
+      // in the global order (global-order.ts); an archived copy of a hot event is refused.
+      const r = await c.query<{ type: string; data: Record<string, unknown>; t: string; p: string; stream_type: string; stream_id: string; version: number; copied: boolean }>(
+        `SELECT e.type, e.data, e.transaction_id::text AS t, e.position::text AS p, e.stream_type, e.stream_id, e.version, ${COPIED('e')} AS copied
+           FROM ${ALL_EVENTS} e
           WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.stream_type = ANY($3::text[])
           ORDER BY e.transaction_id, e.position LIMIT $4`,
         [after.t, after.p, LEDGER_STREAM_TYPES, pageSize],
       );
-      for (const row of r.rows) applyLedgerEvent(state, { type: row.type, data: row.data, position: BigInt(row.p) });
+      for (const row of r.rows) {
+        if (row.copied) throw new StreamCorruptError(row.stream_type, row.stream_id, row.version);
+        applyLedgerEvent(state, { type: row.type, data: row.data, position: BigInt(row.p) });
+      }
       events += r.rows.length;
       const last = r.rows.at(-1);
       if (last === undefined || r.rows.length < pageSize) break;

@@ -6,12 +6,13 @@
  * inside the transaction that would archive or delete the stream, so a hold can lock its own
  * row (`SELECT ... FOR SHARE`) and a hold placed concurrently is either seen or waits.
  *
- * Readers of the global order (the outbox relay, asynchronous projections) never look at
- * events.archived_events: an event that leaves the hot table before every one of them has
- * passed it is never published or applied. So a stream is due only when each of its hot events
- * is behind all of them (see `readersSql`), besides being old enough. The audit trail's tail
- * reads the archive as well (an event archived before its cursor first moved is still owed a
- * leaf), and counts as a reader of hot events once its cursor has moved. Archived events are
+ * The outbox relay reads only the hot table (`readPartition`): an event that leaves it before
+ * the relay has passed it is never published. So a stream is due only when each of its hot
+ * events is behind every reader of the global order (see `readersSql`), besides being old
+ * enough. Active projections are among them, although rebuilds and replays, and their live
+ * runners, read the archive with the hot table (`EventStore.readAll`, global-order.ts). The
+ * audit trail's tail reads the archive as well (an event archived before its cursor first
+ * moved is still owed a leaf), and counts as a reader of hot events once its cursor has moved. Archived events are
  * deleted by age alone, except that the audit trail's holds (`auditLegalHolds`) keep every
  * event it has not yet taken as a leaf, hot or archived.
  */
@@ -101,7 +102,7 @@ async function hasAudit(db: Queryable): Promise<boolean> {
 /**
  * The next streams of a type after `after` (by id) whose last event is older than `cutoff`, in
  * the hot table or, for deletion, the archive, and whose hot events every reader has passed.
- * Archived events are out of every reader's reach already; they count for age only.
+ * Archived events are behind every reader already; they count for age only.
  */
 async function dueStreams(
   db: Queryable,
