@@ -11,6 +11,7 @@
  * Inside a process a deadline is an absolute point on a monotonic `Clock`.
  */
 import { systemClock, type Clock, type TimerHandle } from './clock.ts';
+import { DeadlineExceededError } from './errors.ts';
 
 export const DEADLINE_HEADER = 'x-deadline-remaining-ms';
 
@@ -79,7 +80,9 @@ export class Deadline {
       const controller = new AbortController();
       this.#controller = controller;
       const remaining = this.remainingMs();
-      const reason = (): Error => new Error('deadline exceeded');
+      // A DeadlineExceededError, so a policy given this signal reports its deadline passing as
+      // a timeout, and work it aborts fails as the runtime answers with 504, not as a bug.
+      const reason = (): Error => new DeadlineExceededError('deadline', remaining);
       if (remaining <= 0) controller.abort(reason());
       else if (remaining !== Infinity) this.#timer = this.clock.setTimer(() => { controller.abort(reason()); }, remaining);
     }

@@ -41,6 +41,25 @@ export class DeadlineExceededError extends TaskCancelledError {
   }
 }
 
+/**
+ * The connection to the dependency failed before a whole answer came back: refused, reset or
+ * closed (before or during the answer), the host name not resolved, the connect timed out, or
+ * the answer was not valid HTTP. `cause` is the client's own error (undici's
+ * `TypeError: fetch failed` or `terminated`) and `code` the network code found under it. A
+ * refused connection did nothing downstream; a reset one may have: only idempotent calls are
+ * retried, and only after the codes `isTransientError` lists (not ENOTFOUND, not a bad answer).
+ */
+export class DependencyConnectionError extends Error {
+  readonly dependency: string;
+  readonly code: string;
+  constructor(dependency: string, code: string, cause: unknown) {
+    super(`${dependency}: connection failed (${code})`, { cause });
+    this.name = 'DependencyConnectionError';
+    this.dependency = dependency;
+    this.code = code;
+  }
+}
+
 /** A downstream HTTP answer that counts as the dependency failing (5xx, or 429 when asked). */
 export class DependencyHttpError extends Error {
   readonly dependency: string;

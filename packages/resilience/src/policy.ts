@@ -169,7 +169,9 @@ export class DependencyPolicy {
       this.#observer.call?.(this.name, 'success', clock.now() - startMs);
       return value;
     } catch (error) {
-      if (options.fallback !== undefined && options.signal?.aborted !== true) {
+      // No fallback for a caller who has left; one whose time ran out (its deadline, whether
+      // given as `deadline` or through its signal) gets it, as after any timeout.
+      if (options.fallback !== undefined && (options.signal?.aborted !== true || error instanceof DeadlineExceededError)) {
         this.#observer.call?.(this.name, 'fallback', clock.now() - startMs);
         return await options.fallback(error);
       }
@@ -204,6 +206,9 @@ export class DependencyPolicy {
   async #attempt<T>(fn: (context: CallContext) => Promise<T> | T, deadline: Deadline, attempt: number, callerSignal: AbortSignal | undefined): Promise<T> {
     const clock = this.#clock;
     const observer = this.#observer;
+    // A caller that has already gone (or whose time is up) is failed without calling: no
+    // breaker trial slot, no bulkhead slot or queue place, and the dependency never sees it.
+    if (aborted(callerSignal)) throw this.#callerGone(callerSignal);
     const breaker = this.breaker;
     const permit = breaker === undefined ? 0 : breaker.tryAcquire();
     if (permit === NOT_PERMITTED) {
@@ -216,6 +221,7 @@ export class DependencyPolicy {
         await this.#waitForSlot(bulkhead, deadline, callerSignal);
       } catch (error) {
         breaker?.release(permit);
+        if (aborted(callerSignal) && error === callerSignal?.reason) throw this.#callerGone(callerSignal);
         const rejected = error instanceof BulkheadRejection;
         observer.attempt?.(this.name, rejected ? 'bulkhead_full' : 'timeout', 0);
         throw rejected ? new BulkheadFullError(this.name, bulkhead.concurrencyMax, bulkhead.queueMax) : error;
@@ -223,9 +229,11 @@ export class DependencyPolicy {
     }
     const timeoutMs = Math.min(this.#attemptTimeoutMs, deadline.remainingMs());
     const startMs = clock.now();
-    if (timeoutMs <= 0) {
+    if (timeoutMs <= 0 || aborted(callerSignal)) {
+      // The deadline passed, or the caller left, while the call waited for a bulkhead slot.
       bulkhead?.release();
       breaker?.release(permit);
+      if (aborted(callerSignal)) throw this.#callerGone(callerSignal);
       observer.attempt?.(this.name, 'timeout', 0);
       throw new DeadlineExceededError(this.name, 0);
     }
@@ -243,8 +251,7 @@ export class DependencyPolicy {
           controller.abort(callerSignal.reason);
           reject(callerSignal.reason as Error);
         };
-        if (callerSignal.aborted) onCallerAbort();
-        else callerSignal.addEventListener('abort', onCallerAbort, { once: true });
+        callerSignal.addEventListener('abort', onCallerAbort, { once: true });
       }
     });
     let call: Promise<T>;
@@ -265,19 +272,35 @@ export class DependencyPolicy {
       return value;
     } catch (error) {
       const durationMs = clock.now() - startMs;
-      if (callerSignal?.aborted === true) {
+      // The caller's signal aborting because its time ran out (a `Deadline`'s signal, or
+      // `AbortSignal.timeout`) is this attempt timing out: the dependency did not answer in
+      // time, whichever of the two timers fired first.
+      const callerTimeUp = aborted(callerSignal) && error === callerSignal?.reason && isTimeUp(error);
+      const timedOut = error instanceof DeadlineExceededError || callerTimeUp;
+      if (aborted(callerSignal) && !timedOut) {
         // The caller left; the dependency did nothing wrong.
         breaker?.release(permit);
-      } else {
-        const timedOut = error instanceof DeadlineExceededError;
-        breaker?.record(permit, timedOut || this.#isFailure(error), durationMs);
-        observer.attempt?.(this.name, timedOut ? 'timeout' : 'failure', durationMs);
+        throw error;
       }
-      throw error;
+      breaker?.record(permit, timedOut || this.#isFailure(error), durationMs);
+      observer.attempt?.(this.name, timedOut ? 'timeout' : 'failure', durationMs);
+      throw callerTimeUp ? new DeadlineExceededError(this.name, durationMs) : error;
     } finally {
       clock.clearTimer(timer);
       if (onCallerAbort !== undefined) callerSignal?.removeEventListener('abort', onCallerAbort);
     }
+  }
+
+  /**
+   * What a caller whose signal has aborted is failed with, before any call: the policy's
+   * timeout when its time ran out (reported as a timed-out attempt of no duration, as for an
+   * expired deadline), else the signal's reason.
+   */
+  #callerGone(callerSignal: AbortSignal | undefined): unknown {
+    const reason: unknown = callerSignal?.reason;
+    if (!isTimeUp(reason)) return reason;
+    this.#observer.attempt?.(this.name, 'timeout', 0);
+    return new DeadlineExceededError(this.name, 0);
   }
 
   /** Queue for a bulkhead slot, at most until the deadline (or until the caller gives up). */
@@ -295,6 +318,21 @@ export class DependencyPolicy {
       callerSignal?.removeEventListener('abort', onCallerAbort);
     }
   }
+}
+
+/** Read through a call, so that the check is not narrowed away after an earlier one: the signal may abort while we wait. */
+function aborted(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true;
+}
+
+/**
+ * Whether an abort reason says the caller's time ran out rather than that it left: a
+ * `DeadlineExceededError` (a `Deadline`'s signal aborts with one) or a `TimeoutError`
+ * (`AbortSignal.timeout`).
+ */
+function isTimeUp(reason: unknown): boolean {
+  return reason instanceof DeadlineExceededError
+    || (typeof reason === 'object' && reason !== null && (reason as { name?: unknown }).name === 'TimeoutError');
 }
 
 function outcomeOf(error: unknown): CallOutcome {

@@ -4,7 +4,7 @@
 import type { Socket } from 'node:net';
 import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { transientDatabaseError } from '@ledgerline/events';
-import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyHttpError } from '@ledgerline/resilience';
+import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError } from '@ledgerline/resilience';
 import {
   HttpProblem,
   problem,
@@ -193,6 +193,15 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
       return plainStatus(statusCode, message);
     }
   }
+  // A dependency that failed, or that its policy did not call (breaker open, bulkhead full,
+  // deadline passed), where the handler had no fallback: the neighbour's failure, not a bug
+  // here, answered as a gateway would. The dependency's name stays in the log. Before the
+  // database test: a refused HTTP connection carries ECONNREFUSED in its cause, as pg's does.
+  const dependency = dependencyFailure(error);
+  if (dependency !== null) {
+    request.log.warn({ err: error }, 'dependency unavailable');
+    return dependency;
+  }
   // Every service's handlers reach PostgreSQL; one that is down or restarting is not a bug, and
   // the client may retry, as the ledger's own 503 says. Logged, without the details in the answer.
   if (databaseUnreachable(error)) {
@@ -204,14 +213,6 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
       detail: 'The service could not reach its database. Retry after the Retry-After delay.',
       headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
     };
-  }
-  // A dependency that failed, or that its policy did not call (breaker open, bulkhead full,
-  // deadline passed), where the handler had no fallback: the neighbour's failure, not a bug
-  // here, answered as a gateway would. The dependency's name stays in the log.
-  const dependency = dependencyFailure(error);
-  if (dependency !== null) {
-    request.log.warn({ err: error }, 'dependency unavailable');
-    return dependency;
   }
   // Anything else is our bug: log everything, tell the client nothing but how to report it.
   request.log.error({ err: error }, 'unhandled error');
@@ -288,7 +289,9 @@ export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error 
 /**
  * The answer for a `@ledgerline/resilience` policy's failure: 504 when the deadline passed (the
  * call may have taken effect downstream), 503 with Retry-After when the call was not made
- * (breaker open, bulkhead full) or the dependency answered 5xx or 429. Null for other errors.
+ * (breaker open, bulkhead full), the connection failed (refused, reset, host not resolved:
+ * `httpCall`'s DependencyConnectionError) or the dependency answered 5xx or 429. Null for
+ * other errors.
  */
 function dependencyFailure(error: unknown): ProblemAnswer | null {
   const retryLater = { 'retry-after': String(DEPENDENCY_RETRY_AFTER_SECONDS) };
@@ -300,12 +303,12 @@ function dependencyFailure(error: unknown): ProblemAnswer | null {
       detail: 'A service this one depends on did not answer within the request\'s deadline. The request may have taken effect: retry only with the same Idempotency-Key.',
     };
   }
-  if (error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError) {
+  if (error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError || error instanceof DependencyConnectionError) {
     return {
       status: 503,
       type: PROBLEM_TYPES.dependencyUnavailable,
       title: 'Dependency unavailable',
-      detail: 'A service this one depends on is failing or overloaded. Retry after the Retry-After delay.',
+      detail: 'A service this one depends on is unreachable, failing or overloaded. Retry after the Retry-After delay.',
       headers: retryLater,
     };
   }

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
+import { once } from 'node:events';
+import { connect, createServer as createTcpServer, type AddressInfo } from 'node:net';
 import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
@@ -18,7 +19,7 @@ import {
   ProblemResponse,
 } from '../src/index.ts';
 import type { Service } from '../src/index.ts';
-import { DependencyHttpError, DependencyPolicy } from '@ledgerline/resilience';
+import { DependencyHttpError, DependencyPolicy, httpCall } from '@ledgerline/resilience';
 
 const config = loadConfig(baseConfigSchema, { BODY_LIMIT_BYTES: '2048' });
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -40,6 +41,8 @@ const refusedPool = new pg.Pool({ host: '127.0.0.1', port: 1, user: 'postgres', 
 /** The server is there, the database is not: PostgreSQL refuses the session with FATAL 3D000. */
 const missingDatabasePool = new pg.Pool({ host: '127.0.0.1', port: 5432, user: 'postgres', database: 'll_no_such_database', max: 1 });
 for (const pool of [refusedPool, missingDatabasePool]) pool.on('error', () => {});
+/** A dependency that accepts each connection and closes it before answering. */
+const resetServer = createTcpServer((socket) => { socket.destroy(); });
 
 before(async () => {
   app = await createService({
@@ -135,6 +138,23 @@ before(async () => {
   })));
   const failing = new DependencyPolicy({ name: 'bank-gateway', attemptTimeoutMs: 1000, callTimeoutMs: 1000, retry: false, bulkhead: false, breaker: false });
   app.get('/dep/5xx', { schema: { response: { 200: Type.Object({}) } } }, async () => failing.execute(() => Promise.reject(new DependencyHttpError('bank-gateway', 503))));
+  // Real sockets: a port bound then closed refuses; a server that resets each connection.
+  const gone = createTcpServer().listen(0, '127.0.0.1');
+  await once(gone, 'listening');
+  const refusedPort = (gone.address() as AddressInfo).port;
+  gone.close();
+  await once(gone, 'close');
+  resetServer.listen(0, '127.0.0.1');
+  await once(resetServer, 'listening');
+  const resetPort = (resetServer.address() as AddressInfo).port;
+  app.get('/dep/refused', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    await httpCall(failing, `http://127.0.0.1:${refusedPort}/rates`);
+    return {};
+  });
+  app.get('/dep/reset', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    await httpCall(failing, `http://127.0.0.1:${resetPort}/rates`);
+    return {};
+  });
   app.get('/client-gone', { schema: { response: { 200: Type.Object({}) } } }, () => {
     // What Node raises when a client aborts mid-request: ECONNRESET, but with an HTTP status.
     throw Object.assign(new Error('aborted'), { code: 'ECONNRESET', statusCode: 400 });
@@ -152,6 +172,7 @@ after(async () => {
   await app.close();
   await refusedPool.end();
   await missingDatabasePool.end();
+  resetServer.close();
 });
 
 function assertProblem(
@@ -617,13 +638,13 @@ describe('a database that cannot be reached', () => {
 });
 
 describe('a dependency that fails, with no fallback', () => {
-  it('is a 503 with Retry-After when it was not called or answered 5xx, a 504 when the deadline passed; never a 500', async () => {
-    for (const [url, status] of [['/dep/open', 503], ['/dep/5xx', 503], ['/dep/slow', 504]] as const) {
+  it('is a 503 with Retry-After when it was not called, answered 5xx or could not be connected to, a 504 when the deadline passed; never a 500', async () => {
+    for (const [url, status] of [['/dep/open', 503], ['/dep/5xx', 503], ['/dep/refused', 503], ['/dep/reset', 503], ['/dep/slow', 504]] as const) {
       logLines.length = 0;
       const response = await app.inject({ method: 'GET', url });
       const body = assertProblem(response, { status, type: 'https://ledgerline.dev/problems/dependency-unavailable', title: status === 504 ? 'Dependency timed out' : 'Dependency unavailable', instance: url });
       assert.equal(response.headers['retry-after'], status === 503 ? '1' : undefined, url);
-      assert.doesNotMatch(String(body.detail), /fx-rates|slow-ledger|bank-gateway/, 'the dependency is named in the log, not in the answer');
+      assert.doesNotMatch(String(body.detail), /fx-rates|slow-ledger|bank-gateway|ECONNREFUSED|UND_ERR/, 'the dependency is named in the log, not in the answer');
       assert.ok(!logLines.some((line) => line.msg === 'unhandled error'), `${url}: not logged as a bug`);
     }
   });
