@@ -60,6 +60,22 @@ export class DependencyConnectionError extends Error {
   }
 }
 
+/**
+ * A dependency's answer larger than `httpCall` reads (HTTP_BODY_BYTES_MAX): the dependency
+ * misbehaving, not a bug here. Not retried (the same request gets the same answer), but it
+ * counts against the breaker, and the runtime answers it 503 dependency-unavailable.
+ */
+export class DependencyResponseTooLargeError extends Error {
+  readonly dependency: string;
+  readonly bytesMax: number;
+  constructor(dependency: string, message: string, bytesMax: number) {
+    super(`${dependency}: ${message}`);
+    this.name = 'DependencyResponseTooLargeError';
+    this.dependency = dependency;
+    this.bytesMax = bytesMax;
+  }
+}
+
 /** A downstream HTTP answer that counts as the dependency failing (5xx, or 429 when asked). */
 export class DependencyHttpError extends Error {
   readonly dependency: string;

@@ -6,7 +6,7 @@
  */
 import { DEADLINE_HEADER } from './deadline.ts';
 import type { Deadline } from './deadline.ts';
-import { DependencyConnectionError, DependencyHttpError } from './errors.ts';
+import { DependencyConnectionError, DependencyHttpError, DependencyResponseTooLargeError } from './errors.ts';
 import type { DependencyPolicy } from './policy.ts';
 
 /** RFC 9110 §9.2.2: repeating these has the same effect as sending them once. */
@@ -47,7 +47,7 @@ export async function httpCall(policy: DependencyPolicy, url: string | URL, opti
       const length = Number(response.headers.get('content-length') ?? 0);
       if (length > HTTP_BODY_BYTES_MAX) {
         await response.body?.cancel();
-        throw new Error(`${policy.name}: response body of ${length} bytes exceeds ${HTTP_BODY_BYTES_MAX}`);
+        throw new DependencyResponseTooLargeError(policy.name, `response body of ${length} bytes exceeds ${HTTP_BODY_BYTES_MAX}`, HTTP_BODY_BYTES_MAX);
       }
       const body = await boundedText(response, policy.name, signal);
       if (response.status >= 500 || response.status === 429) throw new DependencyHttpError(policy.name, response.status);
@@ -77,7 +77,7 @@ async function boundedText(response: Response, name: string, signal: AbortSignal
     bytes += value.byteLength;
     if (bytes > HTTP_BODY_BYTES_MAX) {
       await reader.cancel();
-      throw new Error(`${name}: response body exceeds ${HTTP_BODY_BYTES_MAX} bytes`);
+      throw new DependencyResponseTooLargeError(name, `response body exceeds ${HTTP_BODY_BYTES_MAX} bytes`, HTTP_BODY_BYTES_MAX);
     }
     chunks.push(value);
   }

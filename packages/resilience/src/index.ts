@@ -7,7 +7,7 @@ export type { BulkheadOptions } from './bulkhead.ts';
 export { ManualClock, sleep, systemClock } from './clock.ts';
 export type { Clock, TimerHandle } from './clock.ts';
 export { Deadline, DEADLINE_BUDGET_MS_MAX, DEADLINE_HEADER } from './deadline.ts';
-export { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError } from './errors.ts';
+export { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError, DependencyResponseTooLargeError } from './errors.ts';
 export { HTTP_BODY_BYTES_MAX, httpCall } from './http.ts';
 export type { HttpCallOptions, HttpResult } from './http.ts';
 export { DependencyPolicy, isTransientError } from './policy.ts';

@@ -4,7 +4,7 @@
 import type { Socket } from 'node:net';
 import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { transientDatabaseError } from '@ledgerline/events';
-import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError } from '@ledgerline/resilience';
+import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError, DependencyResponseTooLargeError } from '@ledgerline/resilience';
 import {
   HttpProblem,
   problem,
@@ -290,8 +290,8 @@ export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error 
  * The answer for a `@ledgerline/resilience` policy's failure: 504 when the deadline passed (the
  * call may have taken effect downstream), 503 with Retry-After when the call was not made
  * (breaker open, bulkhead full), the connection failed (refused, reset, host not resolved:
- * `httpCall`'s DependencyConnectionError) or the dependency answered 5xx or 429. Null for
- * other errors.
+ * `httpCall`'s DependencyConnectionError), the dependency answered 5xx or 429, or its answer
+ * was larger than httpCall reads (DependencyResponseTooLargeError). Null for other errors.
  */
 function dependencyFailure(error: unknown): ProblemAnswer | null {
   const retryLater = { 'retry-after': String(DEPENDENCY_RETRY_AFTER_SECONDS) };
@@ -303,7 +303,10 @@ function dependencyFailure(error: unknown): ProblemAnswer | null {
       detail: 'A service this one depends on did not answer within the request\'s deadline. The request may have taken effect: retry only with the same Idempotency-Key.',
     };
   }
-  if (error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError || error instanceof DependencyConnectionError) {
+  if (
+    error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError ||
+    error instanceof DependencyConnectionError || error instanceof DependencyResponseTooLargeError
+  ) {
     return {
       status: 503,
       type: PROBLEM_TYPES.dependencyUnavailable,

@@ -19,7 +19,8 @@ import {
   ProblemResponse,
 } from '../src/index.ts';
 import type { Service } from '../src/index.ts';
-import { DependencyHttpError, DependencyPolicy, httpCall } from '@ledgerline/resilience';
+import { DependencyHttpError, DependencyPolicy, HTTP_BODY_BYTES_MAX, httpCall } from '@ledgerline/resilience';
+import { createServer as createHttpServer } from 'node:http';
 
 const config = loadConfig(baseConfigSchema, { BODY_LIMIT_BYTES: '2048' });
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -43,6 +44,10 @@ const missingDatabasePool = new pg.Pool({ host: '127.0.0.1', port: 5432, user: '
 for (const pool of [refusedPool, missingDatabasePool]) pool.on('error', () => {});
 /** A dependency that accepts each connection and closes it before answering. */
 const resetServer = createTcpServer((socket) => { socket.destroy(); });
+/** A dependency whose answer is larger than httpCall reads. */
+const hugeServer = createHttpServer((_request, response) => {
+  response.writeHead(200, { 'content-length': String(HTTP_BODY_BYTES_MAX + 1) }).end(Buffer.alloc(HTTP_BODY_BYTES_MAX + 1, 0x61));
+});
 
 before(async () => {
   app = await createService({
@@ -147,6 +152,13 @@ before(async () => {
   resetServer.listen(0, '127.0.0.1');
   await once(resetServer, 'listening');
   const resetPort = (resetServer.address() as AddressInfo).port;
+  hugeServer.listen(0, '127.0.0.1');
+  await once(hugeServer, 'listening');
+  const hugePort = (hugeServer.address() as AddressInfo).port;
+  app.get('/dep/too-large', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    await httpCall(failing, `http://127.0.0.1:${hugePort}/statement`);
+    return {};
+  });
   app.get('/dep/refused', { schema: { response: { 200: Type.Object({}) } } }, async () => {
     await httpCall(failing, `http://127.0.0.1:${refusedPort}/rates`);
     return {};
@@ -173,6 +185,7 @@ after(async () => {
   await refusedPool.end();
   await missingDatabasePool.end();
   resetServer.close();
+  hugeServer.close();
 });
 
 function assertProblem(
@@ -638,8 +651,8 @@ describe('a database that cannot be reached', () => {
 });
 
 describe('a dependency that fails, with no fallback', () => {
-  it('is a 503 with Retry-After when it was not called, answered 5xx or could not be connected to, a 504 when the deadline passed; never a 500', async () => {
-    for (const [url, status] of [['/dep/open', 503], ['/dep/5xx', 503], ['/dep/refused', 503], ['/dep/reset', 503], ['/dep/slow', 504]] as const) {
+  it('is a 503 with Retry-After when it was not called, answered 5xx or too much, or could not be connected to, a 504 when the deadline passed; never a 500', async () => {
+    for (const [url, status] of [['/dep/open', 503], ['/dep/5xx', 503], ['/dep/refused', 503], ['/dep/reset', 503], ['/dep/too-large', 503], ['/dep/slow', 504]] as const) {
       logLines.length = 0;
       const response = await app.inject({ method: 'GET', url });
       const body = assertProblem(response, { status, type: 'https://ledgerline.dev/problems/dependency-unavailable', title: status === 504 ? 'Dependency timed out' : 'Dependency unavailable', instance: url });
