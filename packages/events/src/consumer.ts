@@ -15,19 +15,23 @@
  * back every later message of that subject: a retry never lets a later event of the same
  * partition (hence of the same stream) take effect first. The broker is not asked to
  * redeliver (a nak'ed message can come back after later ones); the message is kept alive with
- * `working()` instead. After `maxDeliver` attempts each event is tried alone; those that still
- * fail go to the dead-letter stream (and `events.dead_letters`), the rest commit, and the
- * message is acked. A message delivered more than `maxDeliver` times (each delivery ended
- * with no verdict: a crash in the handler, say) has its events tried one at a time, each
- * recorded as a dead letter before it runs and un-recorded by its commit: an event whose
- * handler kills the process is found recorded at the next delivery and stays dead, and the
- * events after it are tried. If even the dead letter cannot be recorded (the database is down), the
- * lane keeps the message and tries again: it is never acked without its events being handled
- * or dead-lettered. A failure that says nothing about the events (`transientDatabaseError`: a
- * lost connection, the server going away, a deadlock) is retried the same way but does not
- * count as an attempt, and an event tried alone that meets one is not dead-lettered: the pass
- * is retried. Only the handler's own failures make an event dead (a connection error the
- * handler meets on a service of its own counts as transient too: the lane waits for it).
+ * `working()` instead. After `maxDeliver` attempts in this delivery each event is tried alone;
+ * those that still fail go to the dead-letter stream (and `events.dead_letters`), the rest
+ * commit, and the message is acked. Attempts count from 1 at each delivery, not from the
+ * broker's delivery count: that count also grows for every message stop() gave back untried,
+ * so carrying on from it let a few restarts dead-letter events tried fewer times than
+ * `maxDeliver` (or not at all). A message delivered more than `maxDeliver` times (each
+ * delivery ended with no verdict: a crash in the handler, a stop, say) has its events tried
+ * one at a time, each recorded as a dead letter before it runs and un-recorded by its commit:
+ * an event whose handler kills the process is found recorded at the next delivery and stays
+ * dead, and the events after it are tried, each up to `maxDeliver` times. If even the dead
+ * letter cannot be recorded (the database is down), the lane keeps the message and tries
+ * again: it is never acked without its events being handled or dead-lettered. A failure that
+ * says nothing about the events (`eventsNotAtFault`: a lost connection, the server going away,
+ * a deadlock, a lock timeout) is retried the same way but does not count as an attempt, and an
+ * event tried alone that meets one is not dead-lettered: the pass is retried. Only the
+ * handler's own failures make an event dead (a connection error the handler meets on a
+ * service of its own counts as transient too: the lane waits for it).
  *
  * What order does not survive: a crash (the messages in hand come back after `ackWaitMs`,
  * possibly after later ones a new instance has handled), and two instances of one durable
@@ -61,7 +65,13 @@ export interface ConsumerOptions {
    * the dead-letter path it is called with one event at a time.
    */
   handleBatch?: BatchEventHandler;
-  /** Attempts at a message (deliveries plus retries in place) before its failing events are dead-lettered. */
+  /**
+   * Tries of a message in one delivery (the first and its retries in place) before its
+   * failing events are tried alone and, failing again, dead-lettered. Past this many
+   * deliveries without a verdict (crashes, stops) the events are tried one at a time, each
+   * up to this many times. Failures that say nothing about the events (`eventsNotAtFault`)
+   * do not count.
+   */
   maxDeliver?: number;
   /** Delay before the n-th retry (the last entry repeats). */
   backoffMs?: readonly number[];
@@ -104,6 +114,35 @@ const LAST_TRY = 'recorded before a last try, alone';
 
 /** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all). */
 const UNDECODABLE_HEAD_BYTES = 4096;
+
+/**
+ * Whether a failure says nothing about the events that met it, so that it must not count
+ * against them (they are not dead-lettered for it; their lane waits and tries again):
+ *
+ * - `transientDatabaseError`: the connection or the server failed (SQLSTATE class 08, class
+ *   57P: an administrator, a crash or a shutdown ending the session, 53300 too many
+ *   connections, a socket refused or reset, a client-side connect or query timeout), or the
+ *   transaction lost a serialization race or a deadlock (40001, 40P01);
+ * - 55P03 lock_not_available: a `lock_timeout` (or `NOWAIT`) gave up waiting for a lock that
+ *   another session holds;
+ * - the rest of class 53, insufficient resources: the server's disk, memory or limits, not the
+ *   event (as the ledger engine classifies them);
+ * - any error PostgreSQL raised at FATAL or PANIC severity: the session is over (a database
+ *   that refuses connections, 55000; a role or password refused at connect, 28xxx; an
+ *   idle-in-transaction timeout, 25P03), as `databaseUnreachable` in service-runtime reads it.
+ *
+ * Deliberately not: 57014 query_canceled. A `statement_timeout` is as often the event's own
+ * cost (a handler's query that is slow for this event's data) as the server's load, and
+ * treating it as transient would hold that event's partition for ever; it counts as an
+ * attempt. A handler that waits for locks should bound the wait with `lock_timeout`.
+ */
+export function eventsNotAtFault(error: unknown): boolean {
+  if (transientDatabaseError(error)) return true;
+  if (typeof error !== 'object' || error === null) return false;
+  const { code, severity } = error as { code?: unknown; severity?: unknown };
+  if (code === '55P03' || (typeof code === 'string' && code.startsWith('53'))) return true;
+  return severity === 'FATAL' || severity === 'PANIC';
+}
 
 export async function ensureDeadLetterStream(nats: NatsConnection, streamName: string, subjectPrefix: string): Promise<void> {
   const jsm = await jetstreamManager(nats);
@@ -373,26 +412,30 @@ export class EventConsumer {
       // wait, a stop that gave it back. If the handler is what kills the process, running the
       // batch again would kill it again, for ever. So its events are tried one at a time, each
       // recorded as a dead letter before it runs (#afterRepeatedDeliveries).
-      if (!(await this.#afterRepeatedDeliveries(events, msg.info.deliveryCount, lane))) {
+      if (!(await this.#afterRepeatedDeliveries(events, msg.info.deliveryCount, msg.seq, lane))) {
         this.#handBack.push(msg);
         return;
       }
       await msg.ackAck();
       return;
     }
-    // Attempts carry on from the broker's count, so that a message that keeps crashing the
-    // process still reaches the dead-letter path. A transient database failure is not an
-    // attempt (the events had no say in it), but it still backs off further each time.
-    let attempt = msg.info.deliveryCount;
+    // Attempts count from 1 at each delivery. Not from the broker's count: that one also grows
+    // for each time stop() gave the message back, tried or not (a consumer restarted while a
+    // lane was held hands back every message waiting in it), and carrying on from it let a
+    // few restarts dead-letter events tried fewer than `maxDeliver` times, or never. A message
+    // that keeps crashing the process still reaches the dead-letter path: past `maxDeliver`
+    // deliveries, above. A failure that says nothing about the events is not an attempt, but
+    // it still backs off further each time; the delay grows with the deliveries too.
+    let attempt = 1;
     for (let tries = 1; ; tries += 1) {
       try {
         await this.#slots.run(() => this.#apply(events));
         break;
       } catch (error) {
         this.#report(error);
-        if (!transientDatabaseError(error)) {
+        if (!eventsNotAtFault(error)) {
           if (attempt >= this.#o.maxDeliver) {
-            if (await this.#deadLetterPath(events, attempt, lane)) break;
+            if (await this.#deadLetterPath(events, attempt, msg.seq, lane)) break;
             this.#handBack.push(msg);
             return;
           }
@@ -413,11 +456,11 @@ export class EventConsumer {
    * Each event alone; the failing ones are dead-lettered. Repeated while recording a dead
    * letter fails (the inbox skips what already committed). False if stopped first.
    */
-  async #deadLetterPath(events: StoredEvent[], attempts: number, lane: Lane): Promise<boolean> {
+  async #deadLetterPath(events: StoredEvent[], attempts: number, sourceSeq: number, lane: Lane): Promise<boolean> {
     const delayMs = this.#delayFor(attempts);
     for (;;) {
       try {
-        await this.#slots.run(() => this.#applyOneByOne(events, attempts));
+        await this.#slots.run(() => this.#applyOneByOne(events, attempts, sourceSeq));
         return true;
       } catch (error) {
         this.#report(error);
@@ -431,10 +474,13 @@ export class EventConsumer {
    * inbox are tried one at a time, each recorded as a dead letter first, in a row its own
    * transaction removes when it commits, with no other lane handling events meanwhile. A record left by an earlier delivery means that try
    * never finished (the process died or stalled in the handler): that event stays dead, and is
-   * not tried again. An event the handler refuses is dead-lettered as on the dead-letter path.
-   * Repeated while the database refuses; false if stopped first.
+   * not tried again. An event the handler refuses is tried again in place, up to `maxDeliver`
+   * tries (its record removed before each wait, so that a stop meanwhile does not leave it
+   * looking like a try that never finished), and then dead-lettered: the earlier deliveries
+   * may all have been stops that gave the message back untried. Repeated while the database
+   * refuses; false if stopped first.
    */
-  async #afterRepeatedDeliveries(events: StoredEvent[], deliveries: number, lane: Lane): Promise<boolean> {
+  async #afterRepeatedDeliveries(events: StoredEvent[], deliveries: number, sourceSeq: number, lane: Lane): Promise<boolean> {
     for (;;) {
       try {
         const r = await this.#o.pool.query<{ event_id: string; handled: boolean; tried_at: number | null }>(
@@ -450,30 +496,42 @@ export class EventConsumer {
           const s = state.get(e.id);
           if (s === undefined || s.handled) continue;
           if (s.tried_at !== null && s.tried_at < deliveries) {
-            await this.#deadLetter(e, deliveries, new Error(
+            await this.#deadLetter(e, deliveries, sourceSeq, new Error(
               `the handler never finished it: the process died or stalled in it at delivery ${s.tried_at} of this message, after earlier deliveries without a verdict`,
             ));
             continue;
           }
-          try {
-            // Alone in the process, the record and the try: if the process dies before the
-            // record is removed, this event's handler is what was running.
-            await this.#slots.runAlone(async () => {
-              await this.#recordDeadLetter(e, deliveries, `${LAST_TRY} (delivery ${deliveries}; the earlier ones ended without a verdict)`);
-              await this.#apply([e], { settlesDeadLetter: true });
-            });
-          } catch (error) {
-            if (transientDatabaseError(error)) {
-              // No verdict on the event: forget the record of this try, so that a later delivery
-              // (after a stop, say) tries it again instead of taking it for one its handler
-              // killed. Best effort: with the database still unreachable the record stays, and
-              // the next try of this delivery replaces it; only a stop before that try leaves
-              // it, and then the event is dead-lettered untried, to be replayed (events:dlq).
-              await this.#forgetLastTry(e, deliveries).catch(() => {});
-              throw error;
+          for (let tries = 1; ; tries += 1) {
+            try {
+              // Alone in the process, the record and the try: if the process dies before the
+              // record is removed, this event's handler is what was running.
+              await this.#slots.runAlone(async () => {
+                await this.#recordDeadLetter(e, deliveries, `${LAST_TRY} (delivery ${deliveries}; the earlier ones ended without a verdict)`);
+                await this.#apply([e], { settlesDeadLetter: true });
+              });
+              break;
+            } catch (error) {
+              if (eventsNotAtFault(error)) {
+                // No verdict on the event: forget the record of this try, so that a later delivery
+                // (after a stop, say) tries it again instead of taking it for one its handler
+                // killed. Best effort: with the database still unreachable the record stays, and
+                // the next try of this delivery replaces it; only a stop before that try leaves
+                // it, and then the event is dead-lettered untried, to be replayed (events:dlq).
+                await this.#forgetLastTry(e, deliveries).catch(() => {});
+                throw error;
+              }
+              this.#report(error);
+              if (tries >= this.#o.maxDeliver) {
+                await this.#deadLetter(e, deliveries, sourceSeq, error);
+                break;
+              }
+              // The handler finished, with a refusal: not a try that never finished. If this
+              // throws (the database is gone), the pass is repeated, and this delivery's record
+              // is no verdict to it (tried_at is not below `deliveries`).
+              await this.#forgetLastTry(e, deliveries);
             }
-            this.#report(error);
-            await this.#deadLetter(e, deliveries, error);
+            this.#stats.retries += 1;
+            if (!(await this.#hold(this.#delayFor(tries), lane))) return false;
           }
         }
         return true;
@@ -552,13 +610,13 @@ export class EventConsumer {
   }
 
   /** A transient database failure ends the pass (the caller retries it), dead-lettering nothing. */
-  async #applyOneByOne(events: StoredEvent[], attempts: number): Promise<void> {
+  async #applyOneByOne(events: StoredEvent[], attempts: number, sourceSeq: number): Promise<void> {
     for (const e of events) {
       try {
         await this.#apply([e]);
       } catch (error) {
-        if (transientDatabaseError(error)) throw error;
-        await this.#deadLetter(e, attempts, error);
+        if (eventsNotAtFault(error)) throw error;
+        await this.#deadLetter(e, attempts, sourceSeq, error);
       }
     }
   }
@@ -599,10 +657,21 @@ export class EventConsumer {
     await msg.ackAck();
   }
 
-  async #deadLetter(event: StoredEvent, attempts: number, error: unknown): Promise<void> {
+  /**
+   * Records and publishes a dead letter. Its message id names the stream sequence of the
+   * message the event came in (`<consumer>:<event id>:<source sequence>`): the same dead
+   * letter written again for the same copy (a pass repeated after a database failure, a
+   * redelivery after a lost ack) is dropped by the dead-letter stream's duplicate window, while
+   * the event dead-lettered again from another copy (a replay that fails again, a re-cut batch)
+   * is a new message. An id made of the attempts, as it was, was the same for both, so a
+   * replay that failed again within the window was dropped at the broker.
+   */
+  async #deadLetter(event: StoredEvent, attempts: number, sourceSeq: number, error: unknown): Promise<void> {
     const reason = error instanceof Error ? error.message : String(error);
     await this.#recordDeadLetter(event, attempts, reason);
-    await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${attempts}`, reason);
+    await this.#publishDeadLetter(JSON.stringify(eventToJson(event)), `${this.#o.name}:${event.id}:${sourceSeq}`, reason, {
+      'Ledgerline-Source-Sequence': String(sourceSeq),
+    });
     this.#stats.deadLettered += 1;
   }
 
