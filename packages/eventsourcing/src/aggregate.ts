@@ -128,8 +128,12 @@ export class AggregateStore<Command, Event extends DomainEvent, State> {
   /** The first version not in the stream as of `time`: the first recorded after it, else one past the last. */
   async #versionLimitAt(db: Queryable, id: string, time: Date): Promise<number> {
     const r = await db.query<{ cut: number | null; last: number | null }>(
+      // The hot table and the archive: retention moves a stream whole, and readStream reads
+      // its archived versions too (without the archive, an archived aggregate loaded empty).
       `SELECT min(version) FILTER (WHERE recorded_at > $3::timestamptz) AS cut, max(version) AS last
-         FROM events.events WHERE stream_type = $1 AND stream_id = $2`,
+         FROM (SELECT version, recorded_at FROM events.events WHERE stream_type = $1 AND stream_id = $2
+               UNION ALL
+               SELECT version, recorded_at FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e`,
       [this.#def.streamType, id, time],
     );
     const row = r.rows[0];

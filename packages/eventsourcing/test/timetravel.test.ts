@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, test } from 'node:test';
 import type pg from 'pg';
-import { AggregateStore, ledgerBalanceAt, paymentAggregate } from '../src/index.ts';
-import { esTestEnv, inTx, type EsTestEnv } from './support.ts';
+import { AggregateStore, applyRetention, ledgerBalanceAt, NO_LEGAL_HOLDS, paymentAggregate } from '../src/index.ts';
+import { esTestEnv, inTx, passReaders, type EsTestEnv } from './support.ts';
 
 const acct = (n: number): string => `00000000-0000-7000-8000-${String(n).padStart(12, '0')}`;
 const tid = (n: number): string => `20000000-0000-7000-8000-${String(n).padStart(12, '0')}`;
@@ -71,4 +71,28 @@ test('an account\'s balance as of such a time is cut in the global order, not fi
   assert.equal(between?.creditsPosted, 0n);
   const later = await ledgerBalanceAt(env.pool, b, { time: new Date(rows[0]!.recorded_at.getTime() + 1) });
   assert.equal(later?.creditsPosted, 12n);
+});
+
+test('an aggregate whose stream retention archived loads as of a time from the archive', async () => {
+  const payments = new AggregateStore(env.store, paymentAggregate());
+  const id = 'archived-p';
+  await inTx(env.pool, (c) => payments.handle(c, id, { type: 'Initiate', amountMinor: 900n, currency: 'EUR', payer: 'a', payee: 'b', channel: 'card' }));
+  await inTx(env.pool, (c) => payments.handle(c, id, { type: 'Authorize', authorizationCode: 'A' }));
+  const midTime = (await env.pool.query<{ t: Date }>('SELECT clock_timestamp() AS t')).rows[0]!.t;
+  await sleep(5);
+  await inTx(env.pool, (c) => payments.handle(c, id, { type: 'Capture', amountMinor: 900n }));
+  await passReaders(env.pool);
+  const report = await applyRetention(env.pool, {
+    rules: [{ streamType: 'payment', archiveAfterDays: 30 }],
+    holds: NO_LEGAL_HOLDS,
+    now: new Date(Date.now() + 40 * 86_400_000),
+  });
+  assert.ok(report.archived.some((s) => s.streamId === id), 'the stream is in the archive');
+  assert.equal((await env.pool.query(`SELECT 1 FROM events.events WHERE stream_id = $1`, [id])).rowCount, 0);
+  // As of now, as of the time between the second and third events, and before the first.
+  assert.deepEqual([(await payments.load(env.pool, id)).version, (await payments.load(env.pool, id)).state.status], [3, 'captured']);
+  const mid = await payments.load(env.pool, id, { asOf: { time: midTime } });
+  assert.deepEqual([mid.version, mid.state.status, mid.eventsFolded], [2, 'authorized', 2]);
+  const before = await payments.load(env.pool, id, { asOf: { time: new Date(0) } });
+  assert.deepEqual([before.version, before.eventsFolded], [0, 0]);
 });
