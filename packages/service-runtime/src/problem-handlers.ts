@@ -150,6 +150,24 @@ const CAUSE_DEPTH_MAX = 4;
  * 3D000, raises FATAL at connect). Errors that carry an HTTP status (a client that aborted its
  * request has ECONNRESET too) are the HTTP layer's, not the database's.
  */
+/**
+ * Whether an error a handler let through is its database too busy to do the work now: a lock
+ * it waited for past `lock_timeout` (55P03), a statement past `statement_timeout` or cancelled
+ * by an administrator (57014), or the server short of resources (class 53: disk full, out of
+ * memory, too many connections). The statement failed, so its transaction did nothing; the
+ * client may retry. Until 2026-12-07 these were answered 500, as bugs.
+ */
+export function databaseBusy(error: unknown): boolean {
+  let e: unknown = error;
+  for (let depth = 0; typeof e === 'object' && e !== null && depth < CAUSE_DEPTH_MAX; depth += 1) {
+    const { statusCode, code } = e as { statusCode?: unknown; code?: unknown };
+    if (typeof statusCode === 'number') return false;
+    if (code === '55P03' || code === '57014' || (typeof code === 'string' && /^53[0-9A-Z]{3}$/.test(code))) return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 export function databaseUnreachable(error: unknown): boolean {
   let e: unknown = error;
   for (let depth = 0; typeof e === 'object' && e !== null && depth < CAUSE_DEPTH_MAX; depth += 1) {
@@ -211,6 +229,16 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
       type: PROBLEM_TYPES.databaseUnavailable,
       title: 'Database unavailable',
       detail: 'The service could not reach its database. Retry after the Retry-After delay.',
+      headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
+    };
+  }
+  if (databaseBusy(error)) {
+    request.log.warn({ err: error }, 'database busy');
+    return {
+      status: 503,
+      type: PROBLEM_TYPES.databaseUnavailable,
+      title: 'Database busy',
+      detail: 'The database could not do this now (a lock or statement timeout, or it is short of resources); nothing was changed. Retry after the Retry-After delay.',
       headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
     };
   }

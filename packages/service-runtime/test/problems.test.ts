@@ -41,7 +41,11 @@ let echoed = 0;
 const refusedPool = new pg.Pool({ host: '127.0.0.1', port: 1, user: 'postgres', database: 'none', connectionTimeoutMillis: 500 });
 /** The server is there, the database is not: PostgreSQL refuses the session with FATAL 3D000. */
 const missingDatabasePool = new pg.Pool({ host: '127.0.0.1', port: 5432, user: 'postgres', database: 'll_no_such_database', max: 1 });
-for (const pool of [refusedPool, missingDatabasePool]) pool.on('error', () => {});
+/** A real database whose locks and statements time out; `holder` keeps the lock they wait for. */
+const busyPool = new pg.Pool({ host: '127.0.0.1', port: 5432, user: 'postgres', database: 'test', max: 2 });
+const BUSY_LOCK = 7_150_301;
+let holder: pg.PoolClient | null = null;
+for (const pool of [refusedPool, missingDatabasePool, busyPool]) pool.on('error', () => {});
 /** A dependency that accepts each connection and closes it before answering. */
 const resetServer = createTcpServer((socket) => { socket.destroy(); });
 /** A dependency whose answer is larger than httpCall reads. */
@@ -127,6 +131,30 @@ before(async () => {
     await refusedPool.query('SELECT 1');
     return {};
   });
+  holder = await busyPool.connect();
+  await holder.query('SELECT pg_advisory_lock($1)', [BUSY_LOCK]);
+  app.get('/db/lock-timeout', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    const c = await busyPool.connect();
+    try {
+      await c.query("SET lock_timeout = '20ms'");
+      await c.query('SELECT pg_advisory_lock($1)', [BUSY_LOCK]);
+      return {};
+    } finally {
+      await c.query('RESET lock_timeout').catch(() => {});
+      c.release();
+    }
+  });
+  app.get('/db/statement-timeout', { schema: { response: { 200: Type.Object({}) } } }, async () => {
+    const c = await busyPool.connect();
+    try {
+      await c.query("SET statement_timeout = '20ms'");
+      await c.query('SELECT pg_sleep(1)');
+      return {};
+    } finally {
+      await c.query('RESET statement_timeout').catch(() => {});
+      c.release();
+    }
+  });
   app.get('/db/missing', { schema: { response: { 200: Type.Object({}) } } }, async () => {
     await missingDatabasePool.query('SELECT 1');
     return {};
@@ -184,6 +212,8 @@ after(async () => {
   await app.close();
   await refusedPool.end();
   await missingDatabasePool.end();
+  holder?.release();
+  await busyPool.end();
   resetServer.close();
   hugeServer.close();
 });
@@ -641,6 +671,17 @@ describe('a database that cannot be reached', () => {
       assert.equal(response.headers['retry-after'], '1', url);
       assert.doesNotMatch(String(body.detail), /ECONNREFUSED|ll_no_such_database/, 'no internals in the answer');
       assert.ok(!logLines.some((line) => line.msg === 'unhandled error'), 'not logged as a bug (it is a warning)');
+    }
+  });
+
+  it('a lock or statement timeout is a 503 with Retry-After, database busy, not a 500', async () => {
+    for (const url of ['/db/lock-timeout', '/db/statement-timeout']) {
+      logLines.length = 0;
+      const response = await app.inject({ method: 'GET', url });
+      const body = assertProblem(response, { status: 503, type: 'https://ledgerline.dev/problems/database-unavailable', title: 'Database busy', instance: url });
+      assert.equal(response.headers['retry-after'], '1', url);
+      assert.doesNotMatch(String(body.detail), /advisory|pg_sleep|canceling/, 'no internals in the answer');
+      assert.ok(!logLines.some((line) => line.msg === 'unhandled error'), `${url}: not logged as a bug`);
     }
   });
 
