@@ -21,7 +21,9 @@
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
  * AUDIT_SIGNING_KEY, or the development key when it is unset, unless --public-key names a PEM
  * file. Every search, proof of a record, erasure, hold and expiry is itself recorded, with
- * `--as` as the actor.
+ * `--as` as the actor; a search or proof prints nothing unless its record is written, and a
+ * command whose record could not be written exits 2. `expire` removes everything due, in
+ * transactions of at most 10,000 payloads, and prints the total.
  * Exit codes: 0 done (verified), 1 verification or proof failed, 2 usage error or failure.
  */
 import { readFileSync } from 'node:fs';
@@ -36,7 +38,7 @@ import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migra
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
-import { AuditStore, LegalHoldError, type Requester } from './store.ts';
+import { AuditStore, AuditUnrecordedError, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
 
@@ -116,8 +118,19 @@ function checkpointFile(path: string): Checkpoint {
   return { origin: c.origin, treeSize: c.treeSize, rootHash: Buffer.from(c.rootHash, 'base64'), issuedAt: new Date(c.issuedAtMs), keyId: c.keyId, signature: Buffer.from(c.signature, 'base64') };
 }
 
-/** Runs one command; returns the exit code. */
+/**
+ * Runs one command; returns the exit code. A command whose own audit record could not be
+ * written when the CLI closes its sink fails (exit 2), whatever it printed: searches and
+ * proofs make theirs durable before they print anything (AuditStore), so for them this is
+ * never a disclosure without a record.
+ */
 export async function runCli(argv: readonly string[], io: AuditCliIo = {}): Promise<number> {
+  const closing = { recordLost: false };
+  const code = await runCommand(argv, io, closing);
+  return code === 0 && closing.recordLost ? 2 : code;
+}
+
+async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { recordLost: boolean }): Promise<number> {
   const { env, out, err } = cliStreams(io);
   const parsed = parseCommandLine(argv, OPTIONS, USAGE, err);
   if (parsed === null) return 2;
@@ -267,21 +280,24 @@ export async function runCli(argv: readonly string[], io: AuditCliIo = {}): Prom
         return 0;
       }
       default: {
-        // expire
+        // expire: everything due by the cut-off, in transactions of at most EXPIRE_BATCH_DEFAULT.
         const removed = await store.expirePayloads(dateOption('as-of', a['as-of']) ?? new Date(), by());
         out(`${removed} payload(s) removed (their hashes stay in the tree)`);
         return 0;
       }
     }
   } catch (error) {
-    if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError || error instanceof AuditSchemaCheckError) {
+    if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError || error instanceof AuditSchemaCheckError || error instanceof AuditUnrecordedError) {
       err(`${error.message}${error instanceof UsageError || error instanceof RangeError ? `\n${USAGE}` : ''}`);
     } else {
       err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
     }
     return 2;
   } finally {
-    await sink?.close().catch((error: unknown) => err(`failed to record this command in the audit trail: ${String(error)}`));
+    await sink?.close().catch((error: unknown) => {
+      closing.recordLost = true;
+      err(`failed to record this command in the audit trail: ${String(error)}`);
+    });
     await pool?.end().catch(() => {});
   }
 }

@@ -10,14 +10,14 @@
  *   Every search, and every proof (it discloses the record), is itself audited.
  */
 import type { KeyObject } from 'node:crypto';
-import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify';
+import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
 import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storableText } from '@ledgerline/events';
 import { canonicalResourceId, storablePrefix } from './record.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
-import { SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
+import { AuditUnrecordedError, SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 
 /** How one route is audited. */
 export interface AuditRoute {
@@ -277,6 +277,24 @@ function recordOut(r: AuditRecordView) {
 const notFound = (detail: string) => problem(404, { type: problemType('not-found'), title: 'Not found', detail });
 
 /**
+ * A read whose own record cannot be written (AuditUnrecordedError) answers 503
+ * audit-unavailable with Retry-After, its results withheld, not a 500.
+ */
+async function recordedRead<T>(reply: FastifyReply, read: () => Promise<T>): Promise<T> {
+  try {
+    return await read();
+  } catch (error) {
+    if (!(error instanceof AuditUnrecordedError)) throw error;
+    reply.header('retry-after', '1');
+    throw problem(503, {
+      type: problemType('audit-unavailable'),
+      title: 'Audit trail unavailable',
+      detail: 'This read could not be recorded in the audit trail, so its results are withheld. Retry after the Retry-After delay.',
+    });
+  }
+}
+
+/**
  * A search bound as a Date. The schema's `date-time` admits what RFC 3339 and RFC 9557 allow
  * and JavaScript cannot hold (a leap second `23:59:60`, a `[UTC]` suffix): refused like any
  * other invalid query, not taken as an Invalid Date into the search.
@@ -310,12 +328,12 @@ function installAuditRoutes(app: FastifyInstance, options: AuditRoutesOptions): 
         response: { 200: Type.Object({ records: Type.Array(RecordOut), next_cursor: Nullable(Type.Integer()) }), ...problems },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const by = await guard(request);
       const q = request.query;
       const from = q.from === undefined ? undefined : searchTime('from', q.from);
       const to = q.to === undefined ? undefined : searchTime('to', q.to);
-      const page = await store.search(
+      const page = await recordedRead(reply, () => store.search(
         {
           ...(q.actor === undefined ? {} : { actorId: q.actor }),
           ...(q.resource_type === undefined ? {} : { resourceType: q.resource_type }),
@@ -329,7 +347,7 @@ function installAuditRoutes(app: FastifyInstance, options: AuditRoutesOptions): 
         },
         { limit: q.limit, order: q.order, ...(q.after === undefined ? {} : { after: q.after }) },
         by,
-      );
+      ));
       return { records: page.records.map(recordOut), next_cursor: page.nextCursor };
     },
   );
@@ -351,9 +369,9 @@ function installAuditRoutes(app: FastifyInstance, options: AuditRoutesOptions): 
       config,
       schema: { summary: 'An inclusion proof bundle for one record, against the latest checkpoint or tree_size', tags, params: ProofParams, querystring: ProofQuery, response: { 200: InclusionOut, ...problems } },
     },
-    async (request) => {
+    async (request, reply) => {
       const by = await guard(request);
-      const bundle = await store.inclusionBundle(request.params.seq, request.query.tree_size, by);
+      const bundle = await recordedRead(reply, () => store.inclusionBundle(request.params.seq, request.query.tree_size, by));
       if (bundle === null) throw notFound(`No checkpoint${request.query.tree_size === undefined ? '' : ` of tree size ${request.query.tree_size}`} covers record ${request.params.seq}.`);
       return bundle;
     },

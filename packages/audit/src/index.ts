@@ -39,6 +39,9 @@ export { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, type Ro
 export { eventEntry, eventLeafData, eventRecordId, EVENT_LEAF_VERSION } from './event-leaves.ts';
 export {
   AuditStore,
+  AuditUnrecordedError,
+  EXPIRE_BATCH_DEFAULT,
+  EXPIRE_BATCH_MAX,
   LegalHoldError,
   SEARCH_LIMIT_MAX,
   type AuditRecordView,

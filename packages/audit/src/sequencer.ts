@@ -367,11 +367,13 @@ export class AuditSequencer {
    * The keys of every subject with personal data in the batch, created on first use, and when
    * each of them was last erased. The erasures are read after the keys' INSERT: an erasure
    * locks audit.subject_keys against it (migration 1769500000000), so one that committed while
-   * this round waited there is seen here.
+   * this round waited there is seen here. An entry that occurred before its subject's erasure
+   * but reached the queue after it (it waited in a producer's sink buffer) is kept readable only
+   * if a hold now covers its resource (`prepare`): the erasure could not see it to refuse.
    */
   async #subjectKeys(db: Queryable, entries: Pending[]): Promise<SubjectKeys> {
     const subjects = [...new Set(entries.filter((e) => e.personal !== null).map((e) => e.entry.subject as string))];
-    if (subjects.length === 0) return { keys: new Map(), erasedAt: new Map() };
+    if (subjects.length === 0) return { keys: new Map(), erasedAt: new Map(), heldLate: new Set() };
     const made = subjects.map((subject) => storedSubjectKey(this.#kek, subject, newSubjectKey()));
     await db.query(
       'INSERT INTO audit.subject_keys (subject, key, kek_id) SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[]) ON CONFLICT (subject) DO NOTHING',
@@ -382,9 +384,20 @@ export class AuditSequencer {
       'SELECT subject, key, kek_id FROM audit.subject_keys WHERE subject = ANY($1::text[])',
       [subjects],
     );
+    const erasedAt = new Map(erased.rows.map((row) => [row.subject, row.erased_at]));
+    const late = entries.filter((e) => e.personal !== null && predatesErasure(e, erasedAt.get(e.entry.subject as string)) === 'occurred');
+    const heldLate = new Set<Pending>();
+    if (late.length > 0) {
+      const held = await db.query<{ held: boolean }>(
+        'SELECT audit.is_held(NULL, u.type, u.id) AS held FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(type, id, n) ORDER BY u.n',
+        [late.map((e) => e.entry.resource.type), late.map((e) => e.entry.resource.id)],
+      );
+      for (const [i, row] of held.rows.entries()) if (row.held) heldLate.add(late[i] as Pending);
+    }
     return {
       keys: new Map(r.rows.map((row) => [row.subject, clearSubjectKey(this.#kek, row.subject, row.key, row.kek_id)])),
-      erasedAt: new Map(erased.rows.map((row) => [row.subject, row.erased_at])),
+      erasedAt,
+      heldLate,
     };
   }
 
@@ -598,26 +611,44 @@ async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
   return frontier;
 }
 
-/** The subjects' keys for a round, and when each subject was last erased (`#subjectKeys`). */
+/**
+ * The subjects' keys for a round, when each subject was last erased, and the entries that
+ * occurred before their subject's erasure, were queued after it, and whose resource a hold
+ * covers (`#subjectKeys`).
+ */
 interface SubjectKeys {
   keys: Map<string, Buffer>;
   erasedAt: Map<string, Date>;
+  heldLate: Set<Pending>;
+}
+
+/**
+ * Whether an entry's personal data predates its subject's last erasure, and how: `queued`, it
+ * reached audit.queue before it (both times the database's); `occurred`, it reached the queue
+ * after it but occurred before it (it waited in a producer's sink buffer while the erasure ran;
+ * `occurredAt` is the producer's clock, so a clock ahead of the database's by more than the
+ * entry waited lets it through). Null: it occurred after the erasure, or there was none.
+ */
+function predatesErasure(p: Pending, erased: Date | undefined): 'queued' | 'occurred' | null {
+  if (erased === undefined) return null;
+  if (p.enqueuedAt.getTime() <= erased.getTime()) return 'queued';
+  return (p.entry.occurredAt as Date).getTime() <= erased.getTime() ? 'occurred' : null;
 }
 
 /**
  * A pending entry as a record at `seq`: personal data encrypted, payloads hashed. Personal data
- * of an entry that reached the queue before its subject's erasure (it waited there while the
- * erasure ran; both times are the database's) is sealed under a key nobody keeps: it reads as
- * erased, as the data sealed before the erasure does. An entry still in a service's sink
- * buffer at that moment (a flush interval, 5 ms by default) is queued after, and keeps its data
- * under the subject's new key.
+ * that predates its subject's erasure (`predatesErasure`) is sealed under a key nobody keeps: it
+ * reads as erased, as the data sealed before the erasure does. The one exception is an entry
+ * that was still in a sink buffer during the erasure and whose resource a hold covers: had it
+ * been queued, the hold would have refused the erasure, so it keeps its data under the
+ * subject's new key. Data that occurred after the erasure is the subject's anew.
  */
-function prepare(seq: number, p: Pending, { keys, erasedAt }: SubjectKeys): Prepared {
+function prepare(seq: number, p: Pending, { keys, erasedAt, heldLate }: SubjectKeys): Prepared {
   const { id, entry: e, payload, personal } = p;
   let sealed: Buffer | null = null;
   if (personal !== null) {
-    const erased = erasedAt.get(e.subject as string);
-    const key = erased !== undefined && p.enqueuedAt.getTime() <= erased.getTime() ? newSubjectKey() : keys.get(e.subject as string);
+    const erasure = predatesErasure(p, erasedAt.get(e.subject as string));
+    const key = erasure === 'queued' || (erasure === 'occurred' && !heldLate.has(p)) ? newSubjectKey() : keys.get(e.subject as string);
     if (key === undefined) throw new Error(`invariant: no key for subject ${e.subject}`);
     sealed = seal(key, personal, id);
   }

@@ -75,6 +75,20 @@ export class LegalHoldError extends Error {
   override readonly name = 'LegalHoldError';
 }
 
+/**
+ * A read's own audit record could not be made durable (the sink's flush failed), so its
+ * results are withheld: a search or a proof is never disclosed without its record. The record
+ * may still reach the trail through a later flush of the same sink, so the trail can show a
+ * read whose results were withheld, never the reverse.
+ */
+export class AuditUnrecordedError extends Error {
+  override readonly name = 'AuditUnrecordedError';
+}
+
+/** Most payloads `expirePayloads` removes in one transaction: `audit.expire_payloads` takes no more a call. */
+export const EXPIRE_BATCH_MAX = 100_000;
+export const EXPIRE_BATCH_DEFAULT = 10_000;
+
 export interface LegalHold {
   id: string;
   subject: string | null;
@@ -113,12 +127,30 @@ export class AuditStore {
     this.#sink.record(auditEntryOf(by, action, outcome, resource, payload, reason));
   }
 
-  /** Keyset-paginated search; the search itself is recorded (action `audit.search`). */
+  /**
+   * Makes the record of a read durable before the read's results leave the store: the sink
+   * buffers (a few milliseconds, and a process killed meanwhile loses the buffer), and a
+   * reviewer's read must never be disclosed without its record. Flushes the whole sink.
+   */
+  async #durable(action: string): Promise<void> {
+    try {
+      await this.#sink.flush();
+    } catch (error) {
+      throw new AuditUnrecordedError(`${action}: its audit record could not be written, so its results are withheld: ${error instanceof Error ? error.message : String(error)}`, { cause: error });
+    }
+  }
+
+  /**
+   * Keyset-paginated search; the search itself is recorded (action `audit.search`), and the
+   * record is durable before the results are returned: if it cannot be written, the search
+   * throws AuditUnrecordedError and returns nothing.
+   */
   async search(filter: SearchFilter, page: SearchPage, by: Requester): Promise<{ records: AuditRecordView[]; nextCursor: number | null }> {
     const limit = page.limit ?? SEARCH_LIMIT_DEFAULT;
     const desc = page.order === 'desc';
     const iso = (time: Date | undefined): string | undefined => (time === undefined ? undefined : Number.isNaN(time.getTime()) ? 'Invalid Date' : time.toISOString());
     const asked = { filter: { ...filter, from: iso(filter.from), to: iso(filter.to) }, limit, order: desc ? 'desc' : 'asc', after: page.after ?? null };
+    let found: { records: AuditRecordView[]; nextCursor: number | null };
     try {
       // Inside: a refused search is audited too.
       if (!(Number.isInteger(limit) && limit >= 1 && limit <= SEARCH_LIMIT_MAX)) throw new RangeError(`limit must be an integer in 1..${SEARCH_LIMIT_MAX}`);
@@ -143,11 +175,13 @@ export class AuditStore {
         .sort((a, b) => (desc ? b.seq - a.seq : a.seq - b.seq))
         .slice(0, limit);
       this.#audit(by, 'audit.search', 'success', { type: 'audit.log', id: this.#service }, { ...asked, returned: records.length });
-      return { records, nextCursor: records.length === limit ? (records.at(-1)?.seq ?? null) : null };
+      found = { records, nextCursor: records.length === limit ? (records.at(-1)?.seq ?? null) : null };
     } catch (error) {
       this.#audit(by, 'audit.search', 'failure', { type: 'audit.log', id: this.#service }, asked, error instanceof Error ? error.message.slice(0, 200) : 'failed');
       throw error;
     }
+    await this.#durable('audit.search');
+    return found;
   }
 
   async #views(rows: RecordRow[]): Promise<AuditRecordView[]> {
@@ -235,7 +269,9 @@ export class AuditStore {
    * Proves record `seq` is in the log: against the checkpoint of `treeSize`, or the latest.
    * Null when there is no such record or checkpoint, or the checkpoint does not cover it yet.
    * The bundle discloses the record's fields, so with `by` the read is recorded
-   * (`audit.record.prove`); only tools measuring the store itself leave it out.
+   * (`audit.record.prove`) and the record is durable before the bundle is returned
+   * (AuditUnrecordedError if it cannot be written); only tools measuring the store itself
+   * leave it out.
    */
   async inclusionBundle(seq: number, treeSize?: number, by?: Requester): Promise<InclusionBundle | null> {
     const cp = treeSize === undefined ? await this.latestCheckpoint() : await this.checkpointAt(treeSize);
@@ -251,6 +287,7 @@ export class AuditStore {
     if (by !== undefined) this.#audit(by, 'audit.record.prove', data === null ? 'failure' : 'success', { type: 'audit.record', id: String(seq) }, { treeSize: treeSize ?? null }, reason);
     if (cp === null || data === null) return null;
     const proof = await inclusionProof(this.#pool, seq, cp.treeSize);
+    if (by !== undefined) await this.#durable('audit.record.prove');
     return {
       kind: 'inclusion',
       checkpoint: checkpointJson(cp),
@@ -379,14 +416,25 @@ export class AuditStore {
   }
 
   /**
-   * Removes the payloads whose class's retention has run out by `asOf` (never later than the
-   * database's clock) and that no hold covers; at most `limit` per call. Recorded as
-   * `audit.retention.expire` when it removed any.
+   * Removes every payload whose class's retention had run out by `asOf` (never later than the
+   * database's clock when the call begins: the cut-off is fixed then, so the call ends) and
+   * that no hold covers, in transactions of at most `batchMax` (1..EXPIRE_BATCH_MAX), one
+   * after another until one removes fewer, as the ledger's expiry sweep does: a hold waits
+   * for one transaction, never for the whole backlog. Returns the total. Each transaction
+   * that removed any is recorded as `audit.retention.expire` with its count.
    */
-  async expirePayloads(asOf: Date, by: Requester, limit = 10_000): Promise<number> {
-    // The function queues the record itself when it removed any (governanceRequester).
-    const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2, $3::json) AS n', [asOf, limit, governanceRequester(by)]));
-    return r.rows[0]?.n ?? 0;
+  async expirePayloads(asOf: Date, by: Requester, batchMax = EXPIRE_BATCH_DEFAULT): Promise<number> {
+    if (!(Number.isSafeInteger(batchMax) && batchMax >= 1 && batchMax <= EXPIRE_BATCH_MAX)) throw new RangeError(`batchMax must be an integer in 1..${EXPIRE_BATCH_MAX}`);
+    if (Number.isNaN(asOf.getTime())) throw new RangeError('asOf is not a valid time');
+    const cutoff = (await this.#pool.query<{ cutoff: Date }>('SELECT least($1::timestamptz, now()) AS cutoff', [asOf])).rows[0]?.cutoff ?? asOf;
+    let removed = 0;
+    for (;;) {
+      // The function queues the record itself when it removed any (governanceRequester).
+      const r = await this.#asWriter((c) => c.query<{ n: number }>('SELECT audit.expire_payloads($1, $2, $3::json) AS n', [cutoff, batchMax, governanceRequester(by)]));
+      const n = r.rows[0]?.n ?? 0;
+      removed += n;
+      if (n < batchMax) return removed;
+    }
   }
 }
 

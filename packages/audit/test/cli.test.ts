@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { runCli } from '../src/cli.ts';
 import { AuditSequencer, loadSigningKey, parseKeyEncryptionKey, publicKeyPem, verifyBundle } from '../src/index.ts';
-import { auditTestEnv, entry, type AuditTestEnv } from './support.ts';
+import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
 const dir = mkdtempSync(join(tmpdir(), 'll-audit-cli-'));
@@ -24,9 +24,13 @@ after(async () => {
 });
 
 async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  return cliOn(t.db.url, ...args);
+}
+
+async function cliOn(url: string, ...args: string[]): Promise<{ code: number; out: string; err: string }> {
   let out = '';
   let err = '';
-  const code = await runCli(args, { env: { DATABASE_URL: t.db.url }, stdout: (s) => (out += `${s}\n`), stderr: (s) => (err += `${s}\n`) });
+  const code = await runCli(args, { env: { DATABASE_URL: url }, stdout: (s) => (out += `${s}\n`), stderr: (s) => (err += `${s}\n`) });
   return { code, out, err };
 }
 
@@ -99,6 +103,72 @@ test('search prints records as JSON lines and is itself audited; holds, erasure 
   await t.settle();
   const searches = await cli('search', '--as', 'auditor:ann', '--action', 'audit.search', '--actor', 'auditor:ann');
   assert.ok(searches.out.trim().split('\n').length >= 2);
+});
+
+test('a search or a proof whose own audit record cannot be written prints nothing and fails', async () => {
+  await t.settle();
+  // Given a queue that refuses this auditor's entries (as a database refusing the sink's
+  // flush would: the search itself, a read, still succeeds),
+  await t.pool.query(`CREATE FUNCTION public.refuse_withheld() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.entry::jsonb -> 'actor' ->> 'id' = 'auditor:withheld' THEN RAISE EXCEPTION 'the queue refuses this entry'; END IF;
+      RETURN NEW;
+    END $$`);
+  await t.pool.query('CREATE TRIGGER refuse_withheld BEFORE INSERT ON audit.queue FOR EACH ROW EXECUTE FUNCTION public.refuse_withheld()');
+  try {
+    // a search finds records but discloses none of them: its record is not durable,
+    const search = await cli('search', '--as', 'auditor:withheld', '--actor', 'svc-1');
+    assert.deepEqual([search.code, search.out], [2, ''], search.err);
+    assert.match(search.err, /could not be written/);
+    // nor does a proof, whose bundle discloses the record;
+    const prove = await cli('prove', '--seq', '7', '--as', 'auditor:withheld');
+    assert.deepEqual([prove.code, prove.out], [2, ''], prove.err);
+    assert.match(prove.err, /could not be written/);
+    // A command that acts before it records (placing a hold) cannot take back what it did,
+    // but it does not report success when its record was not written.
+    const hold = await cli('hold', 'place', '--subject', 'cust-withheld', '--reason', 'case 13', '--as', 'auditor:withheld');
+    assert.equal(hold.code, 2, hold.out);
+    assert.match(hold.err, /failed to record this command in the audit trail/);
+    // another auditor's search, whose record is written, prints its records.
+    const found = await cli('search', '--as', 'auditor:ann', '--actor', 'svc-1', '--limit', '1');
+    assert.equal(found.code, 0, found.err);
+    assert.equal(found.out.trim().split('\n').length, 1);
+  } finally {
+    await t.pool.query('DROP TRIGGER refuse_withheld ON audit.queue');
+    await t.pool.query('DROP FUNCTION public.refuse_withheld()');
+  }
+  await t.settle();
+  assert.equal((await t.store.search({ actorId: 'auditor:withheld' }, {}, REVIEWER)).records.length, 0, 'nothing of the refused reads was queued');
+});
+
+test('expire removes every due payload, however many, in transactions of at most 10,000, and reports the total', async () => {
+  const e = await auditTestEnv({ withEvents: false });
+  try {
+    // Given more due payloads than one transaction removes (access: 366 days),
+    const due = 10_000 + 7;
+    const old = new Date('2019-01-01T00:00:00Z');
+    for (let i = 0; i < due; i += 1) e.sink.record({ ...entry(i), recordClass: 'access', occurredAt: old });
+    // one as old but held, and one not yet due,
+    e.sink.record({ ...entry(1), recordClass: 'access', resource: { type: 'account', id: 'acc-held' }, occurredAt: old });
+    await e.store.placeHold({ resource: { type: 'account', id: 'acc-held' } }, 'case 3', REVIEWER);
+    e.sink.record({ ...entry(2), recordClass: 'access' });
+    await e.settle();
+    // one run removes every due payload and says how many,
+    const run = await cliOn(e.db.url, 'expire', '--as', 'ops:olu');
+    assert.equal(run.code, 0, run.err);
+    assert.match(run.out, new RegExp(`^${due} payload\\(s\\) removed`));
+    const left = await e.pool.query<{ old: number; all: number }>(
+      "SELECT count(*) FILTER (WHERE r.occurred_at < '2020-01-01')::int AS old, count(*)::int AS all FROM audit.payloads p JOIN audit.records r ON r.seq = p.seq WHERE r.record_class = 'access'",
+    );
+    assert.deepEqual(left.rows[0], { old: 1, all: 2 }, 'only the held and the recent payloads stay');
+    // in bounded transactions, each recorded with what it removed.
+    await e.settle();
+    const expiries = (await e.store.search({ action: 'audit.retention.expire' }, { order: 'asc' }, REVIEWER)).records;
+    assert.deepEqual(expiries.map((r) => [(r.payload as { removed: number }).removed, r.actor.id]), [[10_000, 'ops:olu'], [7, 'ops:olu']]);
+    assert.match((await cliOn(e.db.url, 'expire', '--as', 'ops:olu')).out, /^0 payload/);
+  } finally {
+    await e.close();
+  }
 });
 
 test('verify: clean, then a committed tampering is reported with its location and exit 1', async () => {

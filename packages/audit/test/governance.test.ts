@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, test } from 'node:test';
-import { AuditSequencer, LegalHoldError, verifyLog, type AuditRecordView } from '../src/index.ts';
+import { AuditSequencer, LegalHoldError, PostgresAuditSink, verifyLog, type AuditRecordView } from '../src/index.ts';
 import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
 
 const DAY_MS = 86_400_000;
@@ -110,7 +110,9 @@ test('erasure destroys the subject key: data reads as erased, a hold blocks it, 
   await t.store.releaseHold(hold, REVIEWER);
   assert.equal(await t.store.eraseSubject('cust-10', REVIEWER), true);
 
-  // After erasure, new data about the subject gets a new key; the old stays erased.
+  // After erasure, new data about the subject gets a new key; the old stays erased. (It occurs
+  // after the erasure, whose time is the database's: the clock moves there from 2019.)
+  nowMs = Date.now() + 1;
   t.sink.record({ ...base, recordClass: 'command', resource: { type: 'account', id: 'acc-9' }, subject: 'cust-9', personal: { name: 'Eve (new consent)' } });
   await t.settle();
   const states = (await byResource('acc-9')).map((r) => [r.personalState, r.personal]);
@@ -168,13 +170,53 @@ test('erasure reaches what waits in the queue: recorded before, it reads as eras
     const [r] = await byResource(id);
     assert.deepEqual([r?.personalState, r?.personal], ['erased', null], id);
   }
-  // Data recorded after the erasure is the subject's anew, under a key of its own.
+  // Data that occurs after the erasure (the database's time: the clock moves there from 2019)
+  // is the subject's anew, under a key of its own.
+  nowMs = Date.now() + 1;
   t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-q4' }, subject: 'cust-q', personal: { iban: 'DE00 4' } });
   await t.settle();
   const [after] = await byResource('acc-q4');
   assert.deepEqual([after?.personalState, after?.personal], ['present', { iban: 'DE00 4' }]);
   assert.deepEqual([(await byResource('acc-q2'))[0]?.personalState], ['erased'], 'and the new key does not open the old data');
   await verified();
+});
+
+test('erasure reaches an entry still in a sink buffer: it occurred before the erasure, so it reads as erased though queued after', async () => {
+  // A producer's sink that holds its entries while the erasure runs (a service's, between two
+  // flushes), on the real clock: the erasure's time is the database's.
+  nowMs = Date.now();
+  const producer = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 60_000, now: clock });
+  try {
+    // Given a subject with a record integrated,
+    t.sink.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-b1' }, subject: 'cust-b', personal: { iban: 'DE00 1' } });
+    await t.settle();
+    // and, in the producer's buffer, one more about it and one about a resource under hold,
+    await t.store.placeHold({ resource: { type: 'account', id: 'acc-bh' } }, 'case 8', REVIEWER);
+    nowMs = Date.now();
+    producer.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-b2' }, subject: 'cust-b', personal: { iban: 'DE00 2' } });
+    producer.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-bh' }, subject: 'cust-b', personal: { iban: 'DE00 H' } });
+    assert.equal(producer.buffered, 2);
+    // when the subject is erased, and only then are the buffered entries queued,
+    assert.equal(await t.store.eraseSubject('cust-b', REVIEWER), true);
+    await producer.flush();
+    // and data about the subject that occurs after the erasure is recorded too,
+    nowMs = Date.now() + 1;
+    producer.record({ ...base, recordClass: 'access', resource: { type: 'account', id: 'acc-b3' }, subject: 'cust-b', personal: { iban: 'DE00 3' } });
+    await producer.flush();
+    await t.settle();
+    // then what occurred before the erasure reads as erased, wherever it waited,
+    for (const id of ['acc-b1', 'acc-b2']) {
+      const [r] = await byResource(id);
+      assert.deepEqual([r?.personalState, r?.personal], ['erased', null], id);
+    }
+    // except the entry the hold covers, which a queued entry's hold would have kept from erasure,
+    assert.deepEqual((await byResource('acc-bh'))[0]?.personal, { iban: 'DE00 H' });
+    // and what occurred after is the subject's anew.
+    assert.deepEqual((await byResource('acc-b3'))[0]?.personal, { iban: 'DE00 3' });
+    await verified();
+  } finally {
+    await producer.close();
+  }
 });
 
 test('a hold on the resource of a queued record of the subject refuses its erasure', async () => {

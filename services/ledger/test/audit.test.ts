@@ -301,7 +301,9 @@ test('a refused request whose id the trail cannot store as sent (a lone surrogat
   await settle();
   const records = await search('actor=svc-odd-id');
   assert.deepEqual(records.map((r) => [r.action, r.outcome, r.reason, r.resource.id]), [['ledger.account.create', 'failure', 'validation-error', '\ufffdx']]);
-  const stalled = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.queue');
+  // The search's own record is written before its results come back (AuditUnrecordedError
+  // otherwise), so it may wait in the queue; nothing else may.
+  const stalled = await t.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM audit.queue WHERE entry::jsonb ->> 'action' <> 'audit.search'");
   assert.equal(stalled.rows[0]?.n, 0, 'nothing is left in the queue');
 });
 
@@ -354,6 +356,28 @@ test('with the audit sink saturated, commands are refused with 503 before they r
     assert.equal(await engine.getAccount(id), null, 'the command did not run');
     // Unaudited routes still answer.
     assert.equal((await refusing.inject({ method: 'GET', url: '/v1/ledgers' })).statusCode, 200);
+  } finally {
+    await refusing.close();
+  }
+});
+
+test('a search or a proof whose own record cannot be written answers 503 audit-unavailable, its results withheld', async () => {
+  // The trail's sink refusing every write, as a database refusing the queue would.
+  const refusingSink = { record: (_e: AuditEntry) => undefined, flush: () => Promise.reject(new Error('the queue refused the entry')) };
+  const store = new AuditStore({ pool: t.pool, sink: refusingSink, service: 'ledger' });
+  const refusing = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink, eventsAudited: true, store: { store, publicKey: signer.publicKey } } });
+  try {
+    await settle();
+    const seq = (await t.pool.query<{ seq: number }>('SELECT min(seq)::int AS seq FROM audit.records')).rows[0]?.seq;
+    assert.notEqual(seq, undefined);
+    for (const url of ['/v1/audit/records?limit=5', `/v1/audit/records/${String(seq)}/proof`]) {
+      const res = await refusing.inject({ method: 'GET', url, headers: { 'x-client-id': 'auditor-1' } });
+      assert.equal(res.statusCode, 503, `${url}: ${res.body}`);
+      assert.equal(res.headers['retry-after'], '1');
+      const body = res.json<{ type: string; records?: unknown; proof?: unknown }>();
+      assert.equal(body.type, 'https://ledgerline.dev/problems/audit-unavailable');
+      assert.equal(body.records ?? body.proof, undefined, 'nothing of the read is in the answer');
+    }
   } finally {
     await refusing.close();
   }
