@@ -341,27 +341,21 @@ export class AuditStore {
     return asAuditWriter(this.#pool, fn);
   }
 
-  /** Places a legal hold on a subject or a resource; recorded as `audit.hold.place`. */
+  /**
+   * Places a legal hold on a subject or a resource, recorded as `audit.hold.place` in the same
+   * transaction (`audit.place_hold`): a hold is never in force without its record.
+   */
   async placeHold(target: { subject: string } | { resource: { type: string; id: string } }, reason: string, by: Requester): Promise<string> {
     const id = newUuidV7();
     const subject = 'subject' in target ? target.subject : null;
     // The id as the trail stores it (a UUID in lower case), so that the hold reads as it matches.
     const resource = 'resource' in target ? { type: target.resource.type, id: canonicalResourceId(target.resource.id) } : null;
-    // Its record checked before the hold is placed: a hold in force that the trail cannot
-    // record (an over-long reason or actor) would block erasure with no record of why.
-    const record = auditEntryOf(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason });
-    checkEntry(record);
+    // Its record checked before the hold is placed: a hold in force whose record the sequencer
+    // would refuse (an over-long reason or actor) would block erasure with no record of why.
+    checkEntry(auditEntryOf(by, 'audit.hold.place', 'success', { type: 'audit.legal_hold', id }, { subject, resource, reason }));
     await this.#asWriter((c) =>
-      c.query('INSERT INTO audit.legal_holds (id, subject, resource_type, resource_id, reason, placed_by) VALUES ($1, $2, $3, $4, $5, $6)', [
-        id,
-        subject,
-        resource?.type ?? null,
-        resource?.id ?? null,
-        reason,
-        by.actor.id,
-      ]),
+      c.query('SELECT audit.place_hold($1, $2, $3, $4, $5, $6::json)', [id, subject, resource?.type ?? null, resource?.id ?? null, reason, governanceRequester(by)]),
     );
-    this.#sink.record(record);
     return id;
   }
 

@@ -124,11 +124,13 @@ test('a search or a proof whose own audit record cannot be written prints nothin
     const prove = await cli('prove', '--seq', '7', '--as', 'auditor:withheld');
     assert.deepEqual([prove.code, prove.out], [2, ''], prove.err);
     assert.match(prove.err, /could not be written/);
-    // A command that acts before it records (placing a hold) cannot take back what it did,
-    // but it does not report success when its record was not written.
+    // A hold is placed with its record, in one transaction (audit.place_hold): a record the
+    // queue refuses means no hold, and the command fails.
     const hold = await cli('hold', 'place', '--subject', 'cust-withheld', '--reason', 'case 13', '--as', 'auditor:withheld');
     assert.equal(hold.code, 2, hold.out);
-    assert.match(hold.err, /failed to record this command in the audit trail/);
+    assert.equal(hold.out, '');
+    assert.match(hold.err, /the queue refuses this entry/);
+    assert.deepEqual((await t.store.activeHolds()).filter((h) => h.subject === 'cust-withheld'), [], 'no hold in force without its record');
     // another auditor's search, whose record is written, prints its records.
     const found = await cli('search', '--as', 'auditor:ann', '--actor', 'svc-1', '--limit', '1');
     assert.equal(found.code, 0, found.err);

@@ -60,7 +60,9 @@ async function waitsOnLock(pid: number, ms = 3000): Promise<boolean> {
 /** Waits (at most `ms`) until `settled()` or some backend waits to insert a hold. */
 async function holdSettledOrWaiting(settled: () => boolean, ms = 3000): Promise<void> {
   for (const until = Date.now() + ms; Date.now() < until && !settled(); ) {
-    const r = await t.pool.query("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit.legal_holds%'");
+    const r = await t.pool.query(
+      "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND (query LIKE 'INSERT INTO audit.legal_holds%' OR query LIKE 'SELECT audit.place_hold(%')",
+    );
     if (r.rows.length > 0) return;
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
@@ -203,11 +205,13 @@ async function holdUncommitted(c: pg.Client, target: string): Promise<void> {
   await c.query('BEGIN');
   await c.query(`SET LOCAL ROLE ${WRITER}`);
   const [column, value] = target.split('=') as [string, string];
+  // As the service places one: the writer role may only call audit.place_hold, which queues the
+  // hold's record in the same transaction.
   const sql =
     column === 'subject'
-      ? "INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), $1, 'litigation', 'user:lee')"
-      : "INSERT INTO audit.legal_holds (id, resource_type, resource_id, reason, placed_by) VALUES (gen_random_uuid(), 'account', $1, 'litigation', 'user:lee')";
-  await c.query(sql, [value]);
+      ? "SELECT audit.place_hold(gen_random_uuid(), $1, NULL, NULL, 'litigation', $2::json)"
+      : "SELECT audit.place_hold(gen_random_uuid(), NULL, 'account', $1, 'litigation', $2::json)";
+  await c.query(sql, [value, BY]);
 }
 
 /** The statement's result, or the error it failed with (a race's loser fails; the test then says how). */
@@ -340,7 +344,7 @@ test("event-store retention's hold check waits for a hold being placed on the st
   try {
     await holder.query('BEGIN');
     await holder.query(`SET LOCAL ROLE ${WRITER}`);
-    await holder.query("INSERT INTO audit.legal_holds (id, resource_type, resource_id, reason, placed_by) VALUES (gen_random_uuid(), 'ticket', 't-1', 'litigation', 'user:lee')");
+    await holder.query("SELECT audit.place_hold(gen_random_uuid(), NULL, 'ticket', 't-1', 'litigation', $1::json)", [BY]);
     const keeperPid = (await keeper.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid ?? 0;
     await keeper.query('BEGIN');
     await keeper.query(`SET LOCAL ROLE ${WRITER}`);
@@ -352,6 +356,28 @@ test("event-store retention's hold check waits for a hold being placed on the st
   } finally {
     await Promise.all([holder.end(), keeper.end()]);
   }
+});
+
+test('a hold is placed with its record: the writer role cannot insert one without it, and a refused record means no hold', async () => {
+  await withClients(1, async ([writer]) => {
+    if (writer === undefined) throw new Error('no client');
+    await writer.query(`SET ROLE ${WRITER}`);
+    await assert.rejects(
+      writer.query("INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), 'cust-direct', 'r', 'user:lee')"),
+      /permission denied/,
+    );
+    await writer.query("SELECT audit.place_hold(gen_random_uuid(), 'cust-fn', NULL, NULL, 'case 21', $1::json)", [BY]);
+  });
+  const queued = await t.pool.query<{ action: string; payload: string; resource: string }>(
+    "SELECT entry::jsonb ->> 'action' AS action, entry::jsonb ->> 'payloadJson' AS payload, entry::jsonb -> 'resource' ->> 'type' AS resource FROM audit.queue WHERE entry::jsonb ->> 'action' = 'audit.hold.place'",
+  );
+  assert.deepEqual(queued.rows.map((r): unknown[] => [r.action, r.resource, JSON.parse(r.payload) as unknown]), [
+    ['audit.hold.place', 'audit.legal_hold', { databaseLogin: 'postgres', reason: 'case 21', resource: null, subject: 'cust-fn' }],
+  ]);
+  await t.settle();
+  const [record] = (await t.store.search({ action: 'audit.hold.place' }, {}, REVIEWER)).records;
+  assert.deepEqual([record?.actor.id, record?.recordClass, record?.payload], ['user:dpo', 'governance', { databaseLogin: 'postgres', reason: 'case 21', resource: null, subject: 'cust-fn' }]);
+  assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
 });
 
 test('the sequencer\'s role cannot plant a checkpoint, tree node, record or tile ahead of the log, the writer role none at all; the sequencer goes on signing', async () => {

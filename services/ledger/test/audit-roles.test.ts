@@ -399,7 +399,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       await c.query(`CREATE FUNCTION pg_temp.same_login(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql AS $$
         BEGIN IF current_user <> session_user THEN RAISE EXCEPTION 'ran as %', current_user; END IF; RETURN true; END $$`);
       await c.query('CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (pg_temp.same_login(VALUE))');
-      const hold = (await c.query<{ id: string }>("INSERT INTO audit.legal_holds (id, subject, reason, placed_by) VALUES (gen_random_uuid(), 'cust-x', 'r', 'user:counsel') RETURNING id::text")).rows[0]?.id;
+      const hold = (await c.query<{ id: string }>("SELECT id::text FROM (SELECT gen_random_uuid() AS id) h, LATERAL audit.place_hold(h.id, 'cust-x', NULL, NULL, 'r', $1::json)", [by])).rows[0]?.id;
       assert.equal((await c.query<{ r: boolean }>('SELECT audit.release_hold($1, $2::json) AS r', [hold, by])).rows[0]?.r, true);
       assert.equal((await c.query<{ r: boolean }>("SELECT audit.erase_subject('cust-x', $1::json) AS r", [by])).rows[0]?.r, false);
       assert.equal((await c.query<{ r: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS r', [by])).rows[0]?.r, 0);
