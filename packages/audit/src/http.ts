@@ -122,7 +122,11 @@ export function auditedInSummary(request: FastifyRequest): void {
 function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void {
   const { sink, service, routes } = options;
   const actorOf = options.actorOf ?? defaultActor;
-  const routeOf = (request: FastifyRequest): AuditRoute | undefined => routes[`${request.method} ${request.routeOptions.url ?? ''}`];
+  // HEAD runs the GET route's handler (Fastify exposes a HEAD route for every GET) and tells
+  // as much as the GET does (whether the account exists, how large its answer is): it is
+  // audited as the GET is. Until 2026-12-07 it was not audited at all.
+  const routeOf = (request: FastifyRequest): AuditRoute | undefined =>
+    routes[`${request.method === 'HEAD' ? 'GET' : request.method} ${request.routeOptions.url ?? ''}`];
 
   app.addHook('onRequest', async (request, reply) => {
     if (sink.saturated !== true || routeOf(request) === undefined) return;

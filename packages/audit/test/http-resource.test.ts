@@ -25,3 +25,21 @@ test('the HTTP plugin records a UUID path id in lower case and keeps the case of
     await app.close();
   }
 });
+
+test('HEAD on an audited read route is recorded as the GET is: it tells whether the resource exists', async () => {
+  const app = await createService({ config: { LOG_LEVEL: 'fatal', BODY_LIMIT_BYTES: 1024 }, openapi: { title: 't', version: '1' }, logger: false });
+  const sink = new MemoryAuditSink();
+  await app.register(auditHttp, { sink, service: 'test', routes: { 'GET /v1/things/:id': { action: 'test.read', recordClass: 'access', resourceType: 'thing' } } });
+  app.get('/v1/things/:id', { schema: { response: { 200: Type.Object({ ok: Type.Boolean() }) } } }, () => ({ ok: true }));
+  try {
+    assert.equal((await app.inject({ method: 'GET', url: '/v1/things/t-1' })).statusCode, 200);
+    const head = await app.inject({ method: 'HEAD', url: '/v1/things/t-2' });
+    assert.equal(head.statusCode, 200);
+    assert.deepEqual(
+      sink.entries.map((e) => [e.action, e.resource.id, (e.payload as { method: string }).method]),
+      [['test.read', 't-1', 'GET'], ['test.read', 't-2', 'HEAD']],
+    );
+  } finally {
+    await app.close();
+  }
+});
