@@ -16,6 +16,14 @@ import { newTotpSecret, newRecoveryCodes, recoveryCodeHash, totpUri, verifyTotp 
 import { newSigningKey, signAccessToken, TOKEN_ALGORITHM } from './tokens.ts';
 import { keyFor, openPrivateJwk, sealPrivateJwk, type KeyEncryptionKey } from './keys-at-rest.ts';
 
+/** Longest client-assertion `jti` kept for replay detection (RFC 7519 sets none; UUIDs and random ids are far shorter). */
+const ASSERTION_JTI_LENGTH_MAX = 255;
+
+/** A jti identity.used_assertions can store and index: 1..ASSERTION_JTI_LENGTH_MAX characters, well-formed, no NUL. */
+function storableJti(jti: string): boolean {
+  return jti.length >= 1 && jti.length <= ASSERTION_JTI_LENGTH_MAX && jti.isWellFormed() && !jti.includes('\u0000');
+}
+
 export type IdentityErrorCode =
   | 'invalid_request'
   | 'invalid_grant'
@@ -552,6 +560,10 @@ export class Identity {
         requiredClaims: ['jti', 'exp', 'iat'],
       });
       if (typeof payload.jti !== 'string' || typeof payload.exp !== 'number') throw refusal;
+      // The jti is stored (and indexed) until the assertion expires: one the table cannot hold
+      // (a NUL, a lone surrogate, or one longer than any index entry) is refused like a bad
+      // signature. Until 2026-12-07 it reached the INSERT and was a 500.
+      if (!storableJti(payload.jti)) throw refusal;
       // An assertion lives minutes (RFC 7523 §3 lets the server refuse an `exp` unreasonably
       // far ahead): its jti is kept until then, and a time past JavaScript's dates is no time.
       if (payload.exp > nowMs / 1000 + ASSERTION_AGE_MAX_SECONDS) throw refusal;

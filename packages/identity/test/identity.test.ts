@@ -318,6 +318,14 @@ describe('service clients (client credentials)', () => {
     const stranger = await importJWK((await newSigningKey()).privateJwk, 'EdDSA');
     await refusedWith(identity.clientCredentials({ assertion: await assertion({}, stranger) }, 'ledger'), 'invalid_client');
     await refusedWith(identity.clientCredentials({ assertion: 'not.a.jwt' }, 'ledger'), 'invalid_client');
+    // Correctly signed, with a jti the replay table cannot store (a NUL) or index (2,800
+    // characters): refused as invalid_client, not a database error.
+    await refusedWith(identity.clientCredentials({ assertion: await assertion({ jti: 'abc\u0000def' }) }, 'ledger'), 'invalid_client');
+    await refusedWith(identity.clientCredentials({ assertion: await assertion({ jti: 'j'.repeat(2800) }) }, 'ledger'), 'invalid_client');
+    // At the limit it is kept, and works once.
+    const longest = await assertion({ jti: 'k'.repeat(255) });
+    await identity.clientCredentials({ assertion: longest }, 'ledger');
+    await refusedWith(identity.clientCredentials({ assertion: longest }, 'ledger'), 'invalid_client');
     assert.equal(CLIENT_ASSERTION_TYPE, 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer');
   });
 });
