@@ -32,12 +32,62 @@ export function intOption(name: string, value: string | undefined, min = 0): num
   return n;
 }
 
-/** `--name ISO`: a valid date-time, or undefined when absent. */
+/**
+ * The earliest time PostgreSQL's timestamptz holds (4714-11-24 00:00 UTC BC, year -4713 as ISO
+ * 8601 counts). Its latest (294276 AD) lies beyond every JavaScript date.
+ */
+const POSTGRES_TIMESTAMP_MIN_MS = Date.UTC(-4713, 10, 24);
+
+/**
+ * `--name ISO`: a valid date-time that PostgreSQL can hold, or undefined when absent. (A date
+ * before 4713 BC parsed, and the command then died on the database's "timestamp out of range".)
+ */
 export function dateOption(name: string, value: string | undefined): Date | undefined {
   if (value === undefined) return undefined;
   const d = new Date(value);
   if (Number.isNaN(d.getTime())) throw new UsageError(`--${name} must be a date-time (ISO 8601), got ${value}`);
+  if (d.getTime() < POSTGRES_TIMESTAMP_MIN_MS) {
+    throw new UsageError(`--${name} must be a date-time from 4713 BC on (PostgreSQL holds none earlier), got ${value}`);
+  }
   return d;
+}
+
+/** The names of the NATS client's errors that report the broker's state or answer, not a bug. */
+const NATS_FAILURES = new Set([
+  'ConnectionError',
+  'ClosedConnectionError',
+  'DrainingConnectionError',
+  'TimeoutError',
+  'NoRespondersError',
+  'RequestError',
+  'ProtocolError',
+  'AuthorizationError',
+  'UserAuthenticationExpiredError',
+  'PermissionViolationError',
+  'JetStreamNotEnabled',
+  'JetStreamApiError',
+  'StreamNotFoundError',
+  'ConsumerNotFoundError',
+]);
+
+/**
+ * What a command prints for an error that ended it, after "failed: ". A failure of what it
+ * talks to (PostgreSQL's error, a refused or lost connection, the broker's answer) is its
+ * message alone: the operator has the cause, and a stack trace would only bury it. Anything
+ * else is a bug, and its stack goes with it.
+ */
+export function describeFailure(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const e = error as Error & { code?: unknown; severity?: unknown; syscall?: unknown; detail?: unknown };
+  // PostgreSQL's error response: a SQLSTATE and a severity.
+  const fromPostgres = typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code) && typeof e.severity === 'string';
+  // A system call that failed: a refused connection, a name that does not resolve.
+  const fromSystem = typeof e.code === 'string' && typeof e.syscall === 'string';
+  if (fromPostgres) return `${e.message}${typeof e.detail === 'string' ? ` (${e.detail})` : ''} [SQLSTATE ${e.code as string}]`;
+  if (fromSystem || NATS_FAILURES.has(e.name)) return `${e.name}: ${e.message}`;
+  // A connection that ended while the driver waited on it (pg says so in plain errors).
+  if (e.name === 'Error' && /^Connection terminated|^connect ETIMEDOUT|timeout exceeded when trying to connect/i.test(e.message)) return e.message;
+  return e.stack ?? `${e.name}: ${e.message}`;
 }
 
 /** The options and positionals of a command line, as `parseArgs` gives them for `options`. */

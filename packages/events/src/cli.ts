@@ -3,31 +3,35 @@
  *
  *   node packages/events/src/cli.ts reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json]
  *                                             [--page-size N] [--issues-max N] [--start-margin-ms N]
- *   node packages/events/src/cli.ts dlq list [--consumer NAME] [--pending] [--limit N] [--json]
+ *   node packages/events/src/cli.ts dlq list [--consumer NAME]... [--pending] [--limit N] [--json]
  *   node packages/events/src/cli.ts dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
- *   node packages/events/src/cli.ts dlq undecodable [--consumer NAME] [--limit N] [--json]
+ *   node packages/events/src/cli.ts dlq undecodable [--consumer NAME]... [--limit N] [--json]
  *
  * Connections come from DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM and
  * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
  * --nats-url, --stream and --subject-prefix. Reconciliation keeps a temporary table in its
  * session, so it needs a direct or session-pooled connection, never one through a pooler that
  * pools transactions: that is what DATABASE_SESSION_URL is. Exit codes: 0 clean, 1 gaps found
- * (reconcile) or an event not replayed (dlq replay), 2 a usage error or a failure.
+ * (reconcile) or an event not replayed (dlq replay), 2 a usage error or a failure. A usage
+ * error (an option's value the command cannot use: a date PostgreSQL cannot hold, a stream the
+ * broker does not have) prints its message and the usage; a failure of the database or the
+ * broker its message; only a bug a stack trace.
  */
+import { jetstreamManager } from '@nats-io/jetstream';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import pg from 'pg';
 import { listDeadLetters, listUndecodableMessages, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
-import { assertEventsSchema, formatReconcileReport, reconcile } from './reconcile.ts';
+import { assertEventsSchema, formatReconcileReport, reconcile, ReconcileSessionError } from './reconcile.ts';
 import { EventStore } from './store.ts';
-import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
+import { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
 
 export type { CliIo } from './cli-kit.ts';
 
 const USAGE = `usage:
   events reconcile [--from ISO] [--to ISO] [--consumer NAME]... [--json] [--page-size N] [--issues-max N] [--start-margin-ms N]
-  events dlq list [--consumer NAME] [--pending] [--limit N] [--json]
+  events dlq list [--consumer NAME]... [--pending] [--limit N] [--json]
   events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
-  events dlq undecodable [--consumer NAME] [--limit N] [--json]
+  events dlq undecodable [--consumer NAME]... [--limit N] [--json]
 connections: DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
   (or --database-url, --nats-url, --stream, --subject-prefix)
 reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
@@ -50,6 +54,27 @@ const OPTIONS = {
   help: { type: 'boolean', default: false },
 } as const;
 
+/** A subject prefix: dot-separated tokens, none empty, with no space or wildcard. */
+const SUBJECT_PREFIX = /^[^\s.*>]+(?:\.[^\s.*>]+)*$/;
+
+/**
+ * Refuses, as a usage error, a stream the broker at `natsUrl` does not have or could not have
+ * (a name with a space, a dot, a wildcard): each command that names the stream would otherwise
+ * end on the NATS client's error, with a stack trace.
+ */
+async function checkStream(nats: NatsConnection, natsUrl: string, streamName: string): Promise<void> {
+  try {
+    await (await jetstreamManager(nats)).streams.info(streamName);
+  } catch (error) {
+    const name = (error as Error).name;
+    if (name === 'InvalidNameError') throw new UsageError(`--stream (or EVENTS_STREAM): not a stream name: ${(error as Error).message}`);
+    if (name === 'StreamNotFoundError') {
+      throw new UsageError(`--stream (or EVENTS_STREAM): the broker at ${natsUrl} has no stream ${streamName}`);
+    }
+    throw error;
+  }
+}
+
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
@@ -69,15 +94,26 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     err(`DATABASE_URL (or --database-url) is required\n${USAGE}`);
     return 2;
   }
+  if (!SUBJECT_PREFIX.test(subjectPrefix)) {
+    err(`--subject-prefix (or EVENTS_SUBJECT_PREFIX) must be dot-separated tokens without spaces or wildcards, got ${JSON.stringify(subjectPrefix)}\n${USAGE}`);
+    return 2;
+  }
   let pool: pg.Pool | null = null;
   let nats: NatsConnection | null = null;
   try {
     pool = new pg.Pool({ connectionString: databaseUrl, max: 3 });
     pool.on('error', () => {});
-    await assertEventsSchema(pool);
+    await assertEventsSchema(pool).catch((error: unknown) => {
+      // The query answered: the database named is not the event store's.
+      if (error instanceof Error && /has no events schema/.test(error.message)) {
+        throw new UsageError(`${error.message}: DATABASE_SESSION_URL, DATABASE_URL or --database-url names another database`);
+      }
+      throw error;
+    });
     if (command === 'dlq list') {
+      // Every --consumer named (each one's dead letters), or every consumer's.
       const rows = await listDeadLetters(pool, {
-        consumer: a.consumer?.[0],
+        consumer: a.consumer,
         pendingOnly: a.pending,
         limit: intOption('limit', a.limit),
       });
@@ -94,7 +130,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       return 0;
     }
     if (command === 'dlq undecodable') {
-      const rows = await listUndecodableMessages(pool, { consumer: a.consumer?.[0], limit: intOption('limit', a.limit) });
+      const rows = await listUndecodableMessages(pool, { consumer: a.consumer, limit: intOption('limit', a.limit) });
       if (a.json) {
         out(JSON.stringify(rows.map((r) => ({ ...r, streamSequence: r.streamSequence.toString(), head: r.head.toString('base64') }))));
       } else {
@@ -107,10 +143,17 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       }
       return 0;
     }
+    const consumer = a.consumer?.[0];
+    if (command === 'dlq replay' && (consumer === undefined || (a.consumer?.length ?? 0) > 1)) {
+      throw new UsageError('dlq replay needs exactly one --consumer');
+    }
+    // The dates before any connection: a usage error need not wait for the broker.
+    const to = dateOption('to', a.to) ?? new Date();
+    const from = dateOption('from', a.from) ?? new Date(to.getTime() - 24 * 3600_000);
+    if (command === 'reconcile' && !(from.getTime() < to.getTime())) throw new UsageError('--from must be before --to');
     nats = await connect({ servers: natsUrl, name: 'ledgerline-events-cli', timeout: 5000 });
-    if (command === 'dlq replay') {
-      const consumer = a.consumer?.[0];
-      if (consumer === undefined || (a.consumer?.length ?? 0) > 1) throw new UsageError('dlq replay needs exactly one --consumer');
+    await checkStream(nats, natsUrl, streamName);
+    if (command === 'dlq replay' && consumer !== undefined) {
       const store = await EventStore.open(pool);
       const outcomes = await replayDeadLetters({
         pool,
@@ -131,9 +174,6 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       return outcomes.some((o) => bad.includes(o.status)) ? 1 : 0;
     }
     // reconcile
-    const to = dateOption('to', a.to) ?? new Date();
-    const from = dateOption('from', a.from) ?? new Date(to.getTime() - 24 * 3600_000);
-    if (!(from.getTime() < to.getTime())) throw new UsageError('--from must be before --to');
     const pageSize = intOption('page-size', a['page-size']);
     const issuesMax = intOption('issues-max', a['issues-max']);
     const marginMs = intOption('start-margin-ms', a['start-margin-ms']);
@@ -154,7 +194,8 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     return report.ok ? 0 : 1;
   } catch (error) {
     if (error instanceof UsageError || error instanceof RangeError) err(`${error.message}\n${USAGE}`);
-    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    else if (error instanceof ReconcileSessionError) err(`failed: ${error.message}`);
+    else err(`failed: ${describeFailure(error)}`);
     return 2;
   } finally {
     await nats?.close().catch(() => {});

@@ -57,7 +57,8 @@ export interface DeadLetter {
 }
 
 export interface ListDeadLettersOptions {
-  consumer?: string;
+  /** One consumer's, or several consumers'; every consumer's by default. */
+  consumer?: string | readonly string[];
   /** Only those not replayed since they were dead-lettered. */
   pendingOnly?: boolean;
   /** At most this many, oldest first (default 1000). */
@@ -68,6 +69,12 @@ export interface ListDeadLettersOptions {
 export const DEAD_LETTERS_LIMIT_DEFAULT = 1000;
 const DEAD_LETTERS_LIMIT_MAX = 100_000;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+/** A consumer option as the array the queries take, or null for every consumer. */
+function consumersOf(consumer: string | readonly string[] | undefined): string[] | null {
+  if (consumer === undefined) return null;
+  return typeof consumer === 'string' ? [consumer] : [...consumer];
+}
 
 function limitOf(limit: number | undefined): number {
   const n = limit ?? DEAD_LETTERS_LIMIT_DEFAULT;
@@ -92,10 +99,10 @@ export async function listDeadLetters(db: Queryable, options: ListDeadLettersOpt
     `SELECT d.consumer, d.event_id::text, d.position::text, d.attempts, d.error, d.dead_at, d.replayed_at,
             e.stream_type, e.stream_id, e.version, e.type
        FROM events.dead_letters d LEFT JOIN LATERAL ${STORED_EVENT('d')} e ON true
-      WHERE ($1::text IS NULL OR d.consumer = $1) AND (NOT $2 OR d.replayed_at IS NULL)
+      WHERE ($1::text[] IS NULL OR d.consumer = ANY ($1::text[])) AND (NOT $2 OR d.replayed_at IS NULL)
       ORDER BY d.dead_at, d.consumer, d.position
       LIMIT $3`,
-    [options.consumer ?? null, options.pendingOnly === true, limitOf(options.limit)],
+    [consumersOf(options.consumer), options.pendingOnly === true, limitOf(options.limit)],
   );
   return r.rows.map((x) => ({
     consumer: x.consumer,
@@ -125,15 +132,18 @@ export interface UndecodableMessage {
   deadAt: Date;
 }
 
-/** The undecodable messages, oldest first, of one consumer or all. */
-export async function listUndecodableMessages(db: Queryable, options: { consumer?: string | undefined; limit?: number | undefined } = {}): Promise<UndecodableMessage[]> {
+/** The undecodable messages, oldest first, of one consumer, several, or all. */
+export async function listUndecodableMessages(
+  db: Queryable,
+  options: { consumer?: string | readonly string[] | undefined; limit?: number | undefined } = {},
+): Promise<UndecodableMessage[]> {
   const r = await db.query<{ consumer: string; stream_sequence: string; subject: string; error: string; size: number; head: Buffer; dead_at: Date }>(
     `SELECT consumer, stream_sequence::text, subject, error, size, head, dead_at
        FROM events.undecodable_messages
-      WHERE $1::text IS NULL OR consumer = $1
+      WHERE $1::text[] IS NULL OR consumer = ANY ($1::text[])
       ORDER BY dead_at, consumer, stream_sequence
       LIMIT $2`,
-    [options.consumer ?? null, limitOf(options.limit)],
+    [consumersOf(options.consumer), limitOf(options.limit)],
   );
   return r.rows.map((x) => ({
     consumer: x.consumer,

@@ -19,6 +19,9 @@
  *    large the range is.
  * 3. PostgreSQL: the events of the range, paged by position, joined with the seen counts, and
  *    per consumer with the inbox and the dead letters (set-based, one statement per page).
+ *    The events are those of events.events and events.archived_events together: retention
+ *    archives a stream once the relay has passed it, whether or not the consumers have. An
+ *    event in both tables is a copy made by hand (`stored_twice`), reconciled once.
  *    The JetStream consumers' ack floors, read after the scan and before the pages, tell a
  *    consumer that is merely behind (`pending`) from one that acked an event without an
  *    inbox row (`skipped`).
@@ -104,6 +107,11 @@ export type ReconcileIssueKind =
   /** An inbox row names a known event with a different position. */
   | 'inbox_position_mismatch'
   /**
+   * The event is both in events.events and in events.archived_events (a row copied by hand:
+   * retention moves a stream in one statement). Reconciled once, from the hot table.
+   */
+  | 'stored_twice'
+  /**
    * The relay withheld it (residency: its data may not be where the broker is), yet it is on
    * the broker (consumer null) or a consumer received it (that consumer).
    */
@@ -117,6 +125,7 @@ export const ISSUE_KINDS: readonly ReconcileIssueKind[] = [
   'duplicate_effect',
   'inbox_unknown_event',
   'inbox_position_mismatch',
+  'stored_twice',
   'residency_breach',
 ];
 
@@ -354,6 +363,10 @@ interface PageRow {
   copies: number;
   first_seq: string | null;
   in_range: boolean;
+  /** True for a row of events.archived_events. */
+  archived: boolean;
+  /** For an archived row: the position of the same event in events.events, if it is there too (a copy). */
+  hot_position: string | null;
   /** From events.relay_withheld; null unless the relay withheld the event. */
   withheld_reason: string | null;
   withheld_at: Date | null;
@@ -371,6 +384,7 @@ interface GapRow {
 /** The SQLSTATE of a missing table, and the temporary table reconciliation keeps in its session. */
 const UNDEFINED_TABLE = '42P01';
 const SEEN_TABLE = 'll_reconcile_seen';
+const STRAY_TABLE = 'll_reconcile_stray';
 
 /**
  * Reconciliation's temporary table vanished between two of its statements: the connection is
@@ -389,19 +403,26 @@ export class ReconcileSessionError extends Error {
 }
 
 /**
- * Waits until every transaction of this database (other than the caller's) that began before
- * `to` with a transaction id, so that it may have appended events, has ended, and every
- * prepared transaction seen at the start has been resolved (its start time is unknown, so each
- * one counts). Returns how many were still open after `timeoutMs`. New transactions do not
- * count: they begin after `to` when `to` is in the past; a range that ends in the future can
- * always gain events.
+ * Waits until every transaction of this database's client sessions (other than the one this
+ * asks on) that began before `to` has ended, and every prepared transaction seen at the start
+ * has been resolved (its start time is unknown, so each one counts). Returns how many were
+ * still open after `timeoutMs`.
+ *
+ * A transaction counts whether or not it has a transaction id yet: one that has only read so
+ * far takes an id at its first write, and the events it appends then are recorded at its
+ * start, inside the range (until 2026-12-07 only those with an id were waited for, and a range
+ * reported OK could gain events afterwards). So an idle-in-transaction session that began
+ * before `to` holds the range open, and a caller that reconciles while it holds a transaction
+ * of its own on another connection waits for itself. Background processes (autovacuum,
+ * replication) append no events and do not count. New transactions do not count: they begin
+ * after `to` when `to` is in the past; a range that ends in the future can always gain events.
  */
 export async function settleTransactionsBefore(pool: pg.Pool, to: Date, timeoutMs: number): Promise<number> {
   const startedAt = new Date();
   const open = (): Promise<pg.QueryResult<{ n: number }>> =>
     pool.query<{ n: number }>(
       `SELECT ((SELECT count(*) FROM pg_stat_activity a
-                 WHERE a.datname = current_database() AND a.backend_xid IS NOT NULL
+                 WHERE a.datname = current_database() AND a.backend_type = 'client backend'
                    AND a.pid <> pg_backend_pid() AND a.xact_start < $1)
              + (SELECT count(*) FROM pg_prepared_xacts p WHERE p.database = current_database() AND p.prepared < $2))::int AS n`,
       [to, startedAt],
@@ -436,14 +457,18 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
   // Before anything is counted: every transaction that could still commit events into the range.
   const openTransactions = await settleTransactionsBefore(pool, to, o.settleTimeoutMs);
   const registered = (await pool.query<{ name: string }>('SELECT name FROM events.consumers ORDER BY name')).rows.map((r) => r.name);
-  const consumers = o.consumers === undefined ? registered : [...o.consumers];
+  // Each consumer once: one named twice would have each of its issues counted twice.
+  const consumers = o.consumers === undefined ? registered : [...new Set(o.consumers)];
   for (const c of consumers) if (!registered.includes(c)) throw new RangeError(`consumer ${c} is not registered in events.consumers`);
 
   const issueCounts = emptyCounts();
   const issues: ReconcileIssue[] = [];
+  const listIssue = (issue: ReconcileIssue): void => {
+    if (issues.length < o.issuesMax) issues.push(issue);
+  };
   const addIssue = (issue: ReconcileIssue): void => {
     issueCounts[issue.kind] += 1;
-    if (issues.length < o.issuesMax) issues.push(issue);
+    listIssue(issue);
   };
 
   // 1. The relay checkpoints, before anything on the broker.
@@ -458,9 +483,19 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     return cp !== undefined && compareCp(at, cp) <= 0;
   };
 
+  // The hot table and the archive: retention moves a stream into events.archived_events once
+  // the relay has passed it, whether or not the consumers have. One statement, one snapshot,
+  // so a stream being archived meanwhile is counted in exactly one of them. The archive has no
+  // index on recorded_at: its part is one pass over it (the pages and probes below go by
+  // position, its key). An archived copy of a hot event is counted twice here; the pages
+  // count it once (`events`) and report it (stored_twice).
   const range = await pool.query<{ lo: string | null; hi: string | null; n: string }>(
-    `SELECT min(position)::text AS lo, max(position)::text AS hi, count(*)::text AS n
-       FROM events.events WHERE recorded_at >= $1 AND recorded_at < $2`,
+    `SELECT min(r.lo)::text AS lo, max(r.hi)::text AS hi, sum(r.n)::text AS n
+       FROM (SELECT min(position) AS lo, max(position) AS hi, count(*) AS n
+               FROM events.events WHERE recorded_at >= $1 AND recorded_at < $2
+             UNION ALL
+             SELECT min(position), max(position), count(*)
+               FROM events.archived_events WHERE recorded_at >= $1 AND recorded_at < $2) r`,
     [from, to],
   );
   const lo = range.rows[0]?.lo ?? null;
@@ -498,16 +533,22 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     /** True when every event of the range that the relay had checkpointed has been seen. */
     const allCheckpointedSeen = async (): Promise<boolean> => {
       await flush();
+      // Archived events too (retention archives only what the relay has checkpointed), by
+      // position within the range's bounds: the archive's key, not a pass over all of it.
       const r = await session.query<{ missing: boolean }>(
         `SELECT EXISTS (
-           SELECT 1 FROM events.events e
+           SELECT 1 FROM (SELECT x.partition, x.transaction_id, x.position, x.event_id FROM events.events x
+                           WHERE x.recorded_at >= $1 AND x.recorded_at < $2
+                          UNION ALL
+                          SELECT a.partition, a.transaction_id, a.position, a.event_id FROM events.archived_events a
+                           WHERE a.position >= $6::bigint AND a.position <= $7::bigint
+                             AND a.recorded_at >= $1 AND a.recorded_at < $2) e
              JOIN unnest($3::smallint[], $4::text[], $5::bigint[]) AS cp(partition, transaction_id, position)
                ON cp.partition = e.partition
-            WHERE e.recorded_at >= $1 AND e.recorded_at < $2
-              AND (e.transaction_id, e.position) <= (cp.transaction_id::xid8, cp.position)
+            WHERE (e.transaction_id, e.position) <= (cp.transaction_id::xid8, cp.position)
               AND NOT EXISTS (SELECT 1 FROM ll_reconcile_seen s WHERE s.event_id = e.event_id)
               AND NOT EXISTS (SELECT 1 FROM events.relay_withheld w WHERE w.event_id = e.event_id)) AS missing`,
-        [from, to, ...cpArgs],
+        [from, to, ...cpArgs, lo, hi],
       );
       return r.rows[0]?.missing === false;
     };
@@ -517,7 +558,9 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     const toMs = to.getTime() + WIRE_RANGE_SLACK_MS;
     const cutoffMs = to.getTime() + o.publishLagMaxMs;
     let cutoffChecked = false;
-    const scannedFrom = new Date(from.getTime() - o.brokerStartMarginMs);
+    // Not before 1970: the broker holds nothing older, and its API refuses a date before year 1
+    // (an operator's --from may reach back to PostgreSQL's 4713 BC).
+    const scannedFrom = new Date(Math.max(0, from.getTime() - o.brokerStartMarginMs));
     const scan = await scanEventStream(
       {
         nats,
@@ -611,18 +654,51 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
           // page costs at most pageSize rows whatever the planner's statistics say (fresh
           // appends often have none). The range test is a column, because a few positions in
           // [lo, hi] can lie outside the time range (recorded_at is the transaction's start).
+          // The hot table and the archive (both keyed by position) in one statement, so an event
+          // being archived meanwhile is read from exactly one; an archived row also in the hot
+          // table (by event id: the key everything below goes by) is a copy, one probe per
+          // archived row, after the union (as EventStore.readAll checks).
           `SELECT e.position::text, e.transaction_id::text, e.partition, e.event_id::text, e.stream_type, e.stream_id,
                   e.version, e.recorded_at, coalesce(s.copies, 0) AS copies, s.first_seq::text,
-                  (e.recorded_at >= $3 AND e.recorded_at < $4) AS in_range, w.reason AS withheld_reason, w.withheld_at
-             FROM events.events e
+                  (e.recorded_at >= $3 AND e.recorded_at < $4) AS in_range, w.reason AS withheld_reason, w.withheld_at,
+                  e.archived,
+                  CASE WHEN e.archived THEN (SELECT h.position::text FROM events.events h WHERE h.event_id = e.event_id LIMIT 1) END AS hot_position
+             FROM (SELECT x.position, x.transaction_id, x.partition, x.event_id, x.stream_type, x.stream_id, x.version, x.recorded_at,
+                          false AS archived
+                     FROM events.events x WHERE x.position > $1 AND x.position <= $2
+                   UNION ALL
+                   SELECT a.position, a.transaction_id, a.partition, a.event_id, a.stream_type, a.stream_id, a.version, a.recorded_at,
+                          true
+                     FROM events.archived_events a WHERE a.position > $1 AND a.position <= $2) e
              LEFT JOIN LATERAL (SELECT x.copies, x.first_seq FROM ll_reconcile_seen x WHERE x.event_id = e.event_id LIMIT 1) s ON true
              LEFT JOIN LATERAL (SELECT y.reason, y.withheld_at FROM events.relay_withheld y WHERE y.event_id = e.event_id LIMIT 1) w ON true
-            WHERE e.position > $1 AND e.position <= $2
             ORDER BY e.position`,
           [after.toString(), upper.toString(), from, to],
         );
         after = upper;
-        const rows = page.rows.filter((r) => r.in_range);
+        const rows: PageRow[] = [];
+        for (const r of page.rows) {
+          if (!r.in_range) continue;
+          if (r.hot_position === null) {
+            rows.push(r);
+            continue;
+          }
+          // In both tables: reconciled once, from the hot row (in this page or another).
+          addIssue({
+            kind: 'stored_twice',
+            eventId: r.event_id,
+            consumer: null,
+            streamType: r.stream_type,
+            streamId: r.stream_id,
+            version: r.version,
+            position: r.position,
+            partition: r.partition,
+            recordedAt: r.recorded_at.toISOString(),
+            detail:
+              `the event is both in events.events (position ${r.hot_position}) and in events.archived_events (position ${r.position}): ` +
+              'a copy, since retention moves a stream in one statement; reconciled once, from events.events',
+          });
+        }
         paged += rows.length;
         if (rows.length === 0) continue;
         const gaps =
@@ -766,18 +842,58 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
 
     // Inbox rows handled since the range began that name an unknown event or a wrong position.
     if (consumers.length > 0) {
-      const stray = await session.query<{ consumer: string; event_id: string; position: string; handled_at: Date; event_position: string | null }>(
-        // One pass over the inbox (it has no index on handled_at), one probe per row.
-        `SELECT i.consumer, i.event_id::text, i.position::text, i.handled_at, e.position::text AS event_position
-           FROM events.inbox i
-           LEFT JOIN LATERAL (SELECT x.position FROM events.events x WHERE x.event_id = i.event_id LIMIT 1) e ON true
-          WHERE i.consumer = ANY($1::text[]) AND i.handled_at >= $2 AND (e.position IS NULL OR e.position <> i.position)
-          ORDER BY i.handled_at LIMIT $3`,
-        [consumers, from, o.issuesMax + 1],
+      // Every one is counted; the first (by handling time) are listed, as far as issuesMax
+      // allows. They go to a temporary table of the session, counted there.
+      await session.query(
+        `CREATE TEMP TABLE ${STRAY_TABLE} (consumer text NOT NULL, event_id uuid NOT NULL, position bigint NOT NULL,
+                                          handled_at timestamptz NOT NULL, event_position bigint)`,
       );
+      // One pass over the inbox (it has no index on handled_at), and per row one probe of the hot
+      // table by event id and, when that misses, one of the archive by position (its key): an
+      // event whose stream retention archived is still the store's. A row that matches neither
+      // is stray.
+      await session.query(
+        `INSERT INTO ${STRAY_TABLE} (consumer, event_id, position, handled_at, event_position)
+         SELECT i.consumer, i.event_id, i.position, i.handled_at, h.position
+           FROM events.inbox i
+           LEFT JOIN LATERAL (SELECT x.position FROM events.events x WHERE x.event_id = i.event_id LIMIT 1) h ON true
+          WHERE i.consumer = ANY($1::text[]) AND i.handled_at >= $2 AND h.position IS DISTINCT FROM i.position
+            AND NOT EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = i.position AND a.event_id = i.event_id)`,
+        [consumers, from],
+      );
+      const unplaced = await session.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${STRAY_TABLE} WHERE event_position IS NULL`);
+      if ((unplaced.rows[0]?.n ?? 0) > 0) {
+        // Not in the hot table: the archive may have the event at another position. The archive
+        // has no index on event_id, so this is one pass over it, joined by hash with the stray
+        // rows (whose count ANALYZE gives the planner), and only when there are such rows.
+        await session.query(`ANALYZE ${STRAY_TABLE}`);
+        await session.query(
+          `UPDATE ${STRAY_TABLE} s SET event_position = a.position
+             FROM events.archived_events a WHERE s.event_position IS NULL AND a.event_id = s.event_id`,
+        );
+      }
+      const stray = await session.query<{
+        unknown: number;
+        mismatched: number;
+        consumer: string | null;
+        event_id: string | null;
+        position: string | null;
+        handled_at: Date | null;
+        event_position: string | null;
+      }>(
+        `SELECT c.unknown, c.mismatched, l.consumer, l.event_id::text, l.position::text, l.handled_at, l.event_position::text
+           FROM (SELECT (count(*) FILTER (WHERE event_position IS NULL))::int AS unknown,
+                        (count(*) FILTER (WHERE event_position IS NOT NULL))::int AS mismatched
+                   FROM ${STRAY_TABLE}) c
+           LEFT JOIN LATERAL (SELECT * FROM ${STRAY_TABLE} ORDER BY handled_at, consumer, event_id LIMIT $1) l ON true`,
+        [Math.max(0, o.issuesMax - issues.length)],
+      );
+      issueCounts.inbox_unknown_event += stray.rows[0]?.unknown ?? 0;
+      issueCounts.inbox_position_mismatch += stray.rows[0]?.mismatched ?? 0;
       for (const s of stray.rows) {
+        if (s.consumer === null || s.event_id === null || s.position === null || s.handled_at === null) continue;
         const known = s.event_position !== null;
-        addIssue({
+        listIssue({
           kind: known ? 'inbox_position_mismatch' : 'inbox_unknown_event',
           eventId: s.event_id,
           consumer: s.consumer,
@@ -835,12 +951,13 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
   } catch (error) {
     sessionBroken = true;
     // The table this function made is gone: its statements did not all reach one session.
-    if ((error as { code?: unknown }).code === UNDEFINED_TABLE && (error as Error).message.includes(SEEN_TABLE)) {
+    const message = (error as Error).message;
+    if ((error as { code?: unknown }).code === UNDEFINED_TABLE && (message.includes(SEEN_TABLE) || message.includes(STRAY_TABLE))) {
       throw new ReconcileSessionError(error);
     }
     throw error;
   } finally {
-    if (!sessionBroken) await session.query('DROP TABLE IF EXISTS ll_reconcile_seen').catch(() => (sessionBroken = true));
+    if (!sessionBroken) await session.query(`DROP TABLE IF EXISTS ${SEEN_TABLE}, ${STRAY_TABLE}`).catch(() => (sessionBroken = true));
     // A session that failed mid-way may still hold the temporary table: do not give it back.
     session.release(sessionBroken ? true : undefined);
   }

@@ -251,4 +251,29 @@ describe('dead letters', () => {
     assert.match((await cli(['dlq', 'undecodable', '--consumer', 'nobody'])).out, /^0 undecodable message\(s\)$/m);
     await assert.rejects(listUndecodableMessages(env.pool, { limit: 0 }), RangeError);
   });
+
+  test('several --consumer options list the dead letters and undecodable messages of each', async () => {
+    // Given two consumers with a dead letter and an undecodable message each, and a third's,
+    for (const name of ['left', 'right', 'third']) {
+      await registerConsumer(env.pool, name);
+      await env.pool.query("INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ($1, gen_random_uuid(), 1, 3, 'boom')", [name]);
+      await env.pool.query(
+        "INSERT INTO events.undecodable_messages (consumer, stream_sequence, subject, error, size, head) VALUES ($1, 7, 'x.p0', 'not a batch', 1, '\\x00')",
+        [name],
+      );
+    }
+    // then naming two lists both of theirs, and nobody else's (until 2026-12-07 only the first's).
+    const dead = await cli(['dlq', 'list', '--consumer', 'left', '--consumer', 'right', '--json']);
+    assert.equal(dead.code, 0, dead.err);
+    assert.deepEqual((JSON.parse(dead.out) as Array<{ consumer: string }>).map((r) => r.consumer).sort(), ['left', 'right']);
+    assert.match((await cli(['dlq', 'list', '--consumer', 'left', '--consumer', 'right'])).out, /^2 dead letter\(s\)$/m);
+    const undecodable = await cli(['dlq', 'undecodable', '--consumer', 'right', '--consumer', 'left', '--json']);
+    assert.equal(undecodable.code, 0, undecodable.err);
+    assert.deepEqual((JSON.parse(undecodable.out) as Array<{ consumer: string }>).map((r) => r.consumer).sort(), ['left', 'right']);
+    assert.deepEqual((await listDeadLetters(env.pool, { consumer: ['third'] })).map((d) => d.consumer), ['third']);
+    // A replay is of one consumer's dead letters: two are refused.
+    const replay = await cli(['dlq', 'replay', '--consumer', 'left', '--consumer', 'right']);
+    assert.equal(replay.code, 2);
+    assert.match(replay.err, /dlq replay needs exactly one --consumer/);
+  });
 });

@@ -517,3 +517,174 @@ describe('reconciliation', () => {
     assert.match(err, /DATABASE_URL/);
   });
 });
+
+/** Moves streams of type `tag` into the archive, as applyRetention's statement does. */
+async function archive(tag: string): Promise<number> {
+  const r = await env.pool.query('WITH moved AS (DELETE FROM events.events WHERE stream_type = $1 RETURNING *) INSERT INTO events.archived_events SELECT *, now() FROM moved', [tag]);
+  return r.rowCount ?? 0;
+}
+
+function runOver(range: { from: Date; to: Date }, extra: Partial<ReconcileOptions> = {}): Promise<ReconcileReport> {
+  return reconcile({ pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, ...range, pageSize: 7, ...extra });
+}
+
+describe('reconciliation: transactions not yet written, archived events, complete counts', () => {
+  test('a transaction that began before the range ends and has only read so far is waited for: it may still append into the range', async () => {
+    const reader = await env.pool.connect();
+    try {
+      // Given a transaction that has read (no transaction id yet) since before the range's end,
+      await reader.query('BEGIN');
+      const startedAt = (await reader.query<{ t: Date }>('SELECT now() AS t')).rows[0]?.t;
+      assert.ok(startedAt !== undefined);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const range = { from: startedAt, to: new Date() };
+      // when the range is reconciled while it is open, then the report cannot vouch for it;
+      const open = await runOver(range, { consumers: ['beta'], settleTimeoutMs: 200 });
+      assert.equal(open.openTransactions, 1);
+      assert.equal(open.ok, false);
+      assert.deepEqual(open.issues, []);
+      assert.match(formatReconcileReport(open), /INCOMPLETE/);
+      // and rightly so: it appends, and its event is recorded at its start, inside the range.
+      await env.store.append(reader, { type: 'reader', id: 'r-0' }, [{ type: 'Happened', data: {} }], { expectedVersion: 'no_stream' });
+      const committing = new Promise((resolve) => setTimeout(resolve, 200)).then(() => reader.query('COMMIT'));
+      // A run that waits sees it commit, and counts the event.
+      const waited = await runOver(range, { consumers: ['beta'] });
+      await committing;
+      assert.equal(waited.openTransactions, 0);
+      assert.equal(waited.events, 1);
+      assert.equal(waited.issueCounts.unpublished, 1);
+    } finally {
+      await reader.query('ROLLBACK').catch(() => {});
+      reader.release();
+    }
+    startRelay();
+    try {
+      const ids = (await env.store.readStream(env.pool, 'reader', 'r-0')).map((e) => e.id);
+      await waitConsumed(ids);
+    } finally {
+      await stopRelay();
+    }
+  });
+
+  test('events whose streams retention archived are still reconciled: consumed ones are clean, unconsumed ones are gaps', async () => {
+    // Given events published and consumed by alpha and beta, and a consumer that never ran,
+    const ids = await publishedScenario('archived', 2, 5);
+    await registerConsumer(env.pool, 'never-ran');
+    const range = await rangeOf('archived');
+    const before = await runOver(range, { consumers: ['alpha', 'beta', 'never-ran'] });
+    assert.equal(before.issueCounts.not_consumed, 10, 'never-ran has consumed none of them');
+    // when retention moves their streams into the archive,
+    assert.equal(await archive('archived'), 10);
+    const after = await runOver(range, { consumers: ['alpha', 'beta', 'never-ran'], effectCounts: (c) => effectCounts(c) });
+    // then they are still the range's events, consumed by alpha and beta (no inbox row taken
+    // for a stray), and still not consumed by never-ran.
+    assert.equal(after.events, 10);
+    assert.deepEqual(after.positions, before.positions);
+    assert.equal(after.broker.eventsSeen, 10);
+    assert.deepEqual(
+      after.consumers.map((c) => [c.name, c.consumed, c.notConsumed]),
+      [['alpha', 10, 0], ['beta', 10, 0], ['never-ran', 0, 10]],
+    );
+    assert.deepEqual(
+      Object.entries(after.issueCounts).filter(([, n]) => n > 0),
+      [['not_consumed', 10]],
+      JSON.stringify(after.issues.filter((i) => i.kind !== 'not_consumed')),
+    );
+    assert.deepEqual(after.issues.map((i) => i.eventId).sort(), [...ids].sort());
+    const clean = await runOver(range, { consumers: ['alpha', 'beta'] });
+    assert.equal(clean.ok, true, JSON.stringify(clean.issues));
+    // An archived event also half in the hot table (a row copied back by hand) is reported,
+    // and reconciled once.
+    const [copied] = ids;
+    await env.pool.query(
+      `INSERT INTO events.events (position, transaction_id, partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata, recorded_at)
+       OVERRIDING SYSTEM VALUE
+       SELECT position, transaction_id, partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata, recorded_at
+         FROM events.archived_events WHERE event_id = $1`,
+      [copied],
+    );
+    try {
+      const twice = await runOver(range, { consumers: ['alpha', 'beta'] });
+      assert.equal(twice.events, 10);
+      assert.deepEqual(Object.entries(twice.issueCounts).filter(([, n]) => n > 0), [['stored_twice', 1]]);
+      assert.equal(twice.issues[0]?.eventId, copied);
+      assert.match(twice.issues[0]?.detail ?? '', /both in events\.events .* and in events\.archived_events/);
+      assert.deepEqual(twice.consumers.map((c) => c.consumed), [10, 10]);
+    } finally {
+      await env.pool.query('DELETE FROM events.events WHERE event_id = $1', [copied]);
+    }
+    // An inbox row naming an archived event at the wrong position is a mismatch, not an unknown event.
+    const [, misplaced] = ids;
+    await env.pool.query("UPDATE events.inbox SET position = position + 1000000 WHERE consumer = 'beta' AND event_id = $1", [misplaced]);
+    try {
+      const wrong = await runOver(range, { consumers: ['beta'] });
+      assert.deepEqual(Object.entries(wrong.issueCounts).filter(([, n]) => n > 0), [['inbox_position_mismatch', 1]]);
+      assert.equal(wrong.issues[0]?.eventId, misplaced);
+      assert.match(wrong.issues[0]?.detail ?? '', /the store says \d+/);
+    } finally {
+      await env.pool.query("UPDATE events.inbox SET position = position - 1000000 WHERE consumer = 'beta' AND event_id = $1", [misplaced]);
+    }
+  });
+
+  test('stray inbox rows are all counted, however few issues are listed', async () => {
+    await registerConsumer(env.pool, 'strays');
+    // A range of a millisecond with no event in it; the inbox rows are handled after it began.
+    const from = new Date();
+    const range = { from, to: new Date(from.getTime() + 1) };
+    for (let i = 0; i < 5; i += 1) {
+      await env.pool.query("INSERT INTO events.inbox (consumer, event_id, position) VALUES ('strays', $1, $2)", [randomUUID(), 900_000_000 + i]);
+    }
+    try {
+      const none = await runOver(range, { consumers: ['strays'], issuesMax: 0, settleTimeoutMs: 200 });
+      assert.equal(none.issueCounts.inbox_unknown_event, 5);
+      assert.deepEqual([none.issues.length, none.issuesOmitted], [0, 5]);
+      const two = await runOver(range, { consumers: ['strays'], issuesMax: 2, settleTimeoutMs: 200 });
+      assert.equal(two.issueCounts.inbox_unknown_event, 5);
+      assert.deepEqual(two.issues.map((i) => i.position), ['900000000', '900000001']);
+      assert.equal(two.issuesOmitted, 3);
+    } finally {
+      await env.pool.query("DELETE FROM events.inbox WHERE consumer = 'strays'");
+    }
+  });
+
+  test('a consumer named twice is reconciled once', async () => {
+    await registerConsumer(env.pool, 'named-twice');
+    const ids = await publishedScenario('twice', 1, 3);
+    const range = await rangeOf('twice');
+    const once = await runOver(range, { consumers: ['named-twice'] });
+    const twice = await runOver(range, { consumers: ['named-twice', 'beta', 'named-twice'] });
+    assert.equal(once.issueCounts.not_consumed, ids.length);
+    assert.equal(twice.issueCounts.not_consumed, ids.length);
+    assert.deepEqual(twice.consumers.map((c) => [c.name, c.consumed, c.notConsumed]), [['named-twice', 0, 3], ['beta', 3, 0]]);
+  });
+
+  test('the CLI: a stream, a subject prefix or a date it cannot use is a usage error naming the option, without a stack trace', async () => {
+    const stackFrame = /^\s+at .+:\d+:\d+\)?$/m;
+    const cases: Array<[string[], RegExp]> = [
+      [['reconcile', '--stream', 'NO_SUCH_STREAM'], /--stream \(or EVENTS_STREAM\): the broker at \S+ has no stream NO_SUCH_STREAM/],
+      [['reconcile', '--stream', 'bad name'], /--stream \(or EVENTS_STREAM\): not a stream name/],
+      [['dlq', 'replay', '--consumer', 'alpha', '--stream', 'NO_SUCH_STREAM'], /has no stream NO_SUCH_STREAM/],
+      [['reconcile', '--subject-prefix', 'a b'], /--subject-prefix .* got "a b"/],
+      [['reconcile', '--from=-010000-01-01T00:00:00Z', '--to', '2020-01-01T00:00:00Z'], /--from must be a date-time from 4713 BC on/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await cli(args);
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.err}`);
+      assert.match(r.err, message, args.join(' '));
+      assert.match(r.err, /usage:/);
+      assert.doesNotMatch(r.err, stackFrame, `${args.join(' ')}:\n${r.err}`);
+    }
+    // The earliest date PostgreSQL holds is taken.
+    const earliest = await cli(['reconcile', '--from=-004713-11-24T00:00:00Z', '--to', '1970-01-01T00:00:00Z']);
+    assert.equal(earliest.code, 0, earliest.err);
+    // A failure of what the command talks to is reported, without a stack; only a bug has one.
+    const refused = await cli(['reconcile', '--nats-url', 'nats://127.0.0.1:1']);
+    assert.equal(refused.code, 2);
+    assert.match(refused.err, /^failed: ConnectionError: /m);
+    assert.doesNotMatch(refused.err, stackFrame, refused.err);
+    const noDatabase = await cli(['reconcile', '--database-url', `${env.db.url}_no_such_database`]);
+    assert.equal(noDatabase.code, 2);
+    assert.match(noDatabase.err, /^failed: .*does not exist \[SQLSTATE 3D000\]/m);
+    assert.doesNotMatch(noDatabase.err, stackFrame, noDatabase.err);
+  });
+});
