@@ -471,6 +471,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     if (typeof key !== 'string' || !IDEMPOTENCY_KEY_PATTERN.test(key)) {
       throw headerProblem('must be 1 to 255 printable ASCII characters');
     }
+    // Node joins a header sent twice into one value ("k1, k2"), which the pattern admits: a
+    // retry that sent only k1 would then run again. Sent twice is malformed.
+    if ((request.raw.headersDistinct?.[IDEMPOTENCY_KEY_HEADER]?.length ?? 1) > 1) throw headerProblem('must be sent once');
     const clientId = storedClientId(clientIdOf(request));
     let fingerprint: Buffer;
     try {

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { connect } from 'node:net';
 import { Readable } from 'node:stream';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
@@ -344,6 +345,33 @@ describe('the header', () => {
     assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'x'.repeat(255) })).statusCode, 201);
     assert.equal((await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': ' !~' })).statusCode, 201);
     await app.close();
+  });
+
+  test('a key sent twice is a 400 on a listening server, not the two joined into one key', async () => {
+    const { app, runs } = await buildApp();
+    const address = new URL(await app.listen({ port: 0, host: '127.0.0.1' }));
+    try {
+      const body = JSON.stringify({ name: 'twice' });
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = connect(Number(address.port), address.hostname, () => {
+          socket.end(
+            `POST /v1/things HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n` +
+              `Idempotency-Key: dup-k1\r\nIdempotency-Key: dup-k2\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+          );
+        });
+        const chunks: Buffer[] = [];
+        socket.on('data', (c: Buffer) => chunks.push(c));
+        socket.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+        socket.on('error', reject);
+      });
+      assert.match(answer, /^HTTP\/1\.1 400 /);
+      assert.match(answer, /content-type: application\/problem\+json/i);
+      assert.match(answer, /"path":"\/idempotency-key","message":"must be sent once"/);
+      assert.equal(runs.things, undefined);
+      assert.equal(await keyCount(), 0);
+    } finally {
+      await app.close();
+    }
   });
 
   test('required: true refuses a request without a key with 400', async () => {
