@@ -8,9 +8,13 @@
  * - a changed column: the record whose recomputed leaf differs from its stored leaf hash;
  * - a changed, moved or renumbered event (events are leaves where they are, event-leaves.ts):
  *   the leaf recomputed from the event store differs from the tile's stored hash;
- * - a deleted event: its leaf, unless the financial class's retention has run out for it;
+ * - a deleted event: its leaf, unless the financial class's retention, as the trail records
+ *   it (retention-in-force.ts), has run out for it;
  * - a changed payload or personal ciphertext: the record whose hash no longer matches;
- * - a deleted record: the first missing sequence number;
+ * - a deleted record: the first missing sequence number, once (each later leaf is still held
+ *   to its own hash);
+ * - an event no leaf has: where it would stand among its tile's leaves, or after the tile and
+ *   the records stored after it (a deleted tile's place);
  * - two records swapped: the first of them (a leaf commits to its own sequence number);
  * - a truncated tail: the first sequence number a checkpoint covers but storage lacks;
  * - a tile's search summary that no longer matches its events (`search_summary_altered`):
@@ -32,6 +36,7 @@ import { Frontier, leafHash, type Subtree } from './merkle.ts';
 import { leafData, sha256 } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
+import { financialRetentionChanges, retentionRanOut as financialRetentionRanOut, type RetentionChange } from './retention-in-force.ts';
 import { archiveExemptThrough, checkTile, compareOrder, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
@@ -151,11 +156,20 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   const appendStored = (h: Buffer): void => {
     for (const n of storedTree.append(h)) if (n.level >= TREE_NODE_LEVEL_MIN) completed.push(n);
   };
+  /**
+   * Leaves missing from storage so far (`record_missing`): the walk goes on at each stored
+   * seq, so the tree expects `frontier.size + missing` next and every later leaf is still
+   * held to its own hash, not reported again for having moved.
+   */
+  let missing = 0;
   /** Holds the stored subtrees completed since the last call to the ones recomputed. */
   const checkNodes = async (): Promise<void> => {
     if (completed.length === 0) return;
     const batch = completed;
     completed = [];
+    // Past a missing range the stored tree is short of leaves: its subtrees no longer line up
+    // with the stored ones, and the gap is already reported.
+    if (missing > 0) return;
     const r = await db.query<{ hash: Buffer | null }>(
       `SELECT n.hash FROM unnest($1::smallint[], $2::bigint[]) WITH ORDINALITY AS w(level, idx, i)
          LEFT JOIN audit.tree_nodes n ON n.level = w.level AND n.idx = w.idx ORDER BY w.i`,
@@ -213,8 +227,9 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       report({ kind: 'checkpoint_signature_invalid', seq: null, treeSize: cp.treeSize, detail: `checkpoint at tree size ${cp.treeSize} (issued ${cp.issuedAt.toISOString()}, key ${cp.keyId}) has no valid signature under the trusted public keys` });
       return;
     }
-    if (storageEnded && frontier.size < cp.treeSize) {
-      report({ kind: 'records_truncated', seq: frontier.size, treeSize: cp.treeSize, detail: `checkpoint covers ${cp.treeSize} records but storage ends at seq ${frontier.size - 1}: seq ${frontier.size}..${cp.treeSize - 1} are gone` });
+    const end = frontier.size + missing;
+    if (storageEnded && end < cp.treeSize) {
+      report({ kind: 'records_truncated', seq: end, treeSize: cp.treeSize, detail: `checkpoint covers ${cp.treeSize} records but storage ends at seq ${end - 1}: seq ${end}..${cp.treeSize - 1} are gone` });
       return;
     }
     if (frontier.size !== cp.treeSize || !frontier.root().equals(cp.rootHash)) {
@@ -224,34 +239,62 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     lastGoodSize = cp.treeSize;
   };
 
-  /** Checks the checkpoints that cover only leaves before `seq`, then flags a gap before it. */
-  const reach = async (seq: number): Promise<void> => {
-    // A checkpoint covers the leaves below its size: check every one this leaf passes.
+  /**
+   * Events a tile's stretch of the global order holds after the tile's last event, and no
+   * leaf has (`event_not_integrated`, seq still to be set): they belong after the tile and the
+   * records stored right after it, where the walk next finds a gap, the next tile, or the end
+   * of storage. They are reported there, after that place's own difference (the range of a
+   * deleted tile is `record_missing` or `records_truncated` at its first seq).
+   */
+  let unplaced: VerifyIssue[] = [];
+  const placeUnplaced = (at: number): void => {
+    for (const issue of unplaced) report({ ...issue, seq: at });
+    unplaced = [];
+  };
+  /**
+   * Checks the checkpoints that cover only leaves before `seq`, then flags a gap before it.
+   * At a gap, or at a tile's start (`boundary`), places the events left unplaced.
+   */
+  const reach = async (seq: number, boundary = false): Promise<void> => {
+    // A checkpoint covers the leaves below its size: check every one this leaf passes, those
+    // that end inside a gap after the gap (which is why they fail).
+    const at = frontier.size + missing;
+    while (next !== null && next.treeSize <= Math.min(seq, at)) {
+      checkCheckpoint(next, false);
+      next = await nextCheckpoint();
+    }
+    if (seq > at) {
+      report({ kind: 'record_missing', seq: at, treeSize: null, detail: `seq ${at}..${seq - 1} missing from storage` });
+      missing += seq - at;
+    }
     while (next !== null && next.treeSize <= seq) {
       checkCheckpoint(next, false);
       next = await nextCheckpoint();
     }
-    if (seq !== frontier.size) report({ kind: 'record_missing', seq: frontier.size, treeSize: null, detail: `seq ${frontier.size}..${seq - 1} missing from storage` });
+    if (unplaced.length > 0 && (seq !== at || boundary)) placeUnplaced(at);
   };
-  const financialRetention = await db.query<{ days: number }>("SELECT retain_days AS days FROM audit.retention_policies WHERE record_class = 'financial'");
-  const eventRetainMs = financialRetention.rows[0] === undefined ? null : financialRetention.rows[0].days * 86_400_000;
   const now = (options.now ?? (() => new Date()))();
   /**
    * Whether retention may have removed the event of the leaf just reached: judged by the
    * signed time of the first checkpoint that covers the leaf (`next`, once `reach` has passed
-   * every checkpoint below it), since its event was recorded before that checkpoint was issued.
-   * Nothing stored and unsigned (such as a tile's recorded times) can make a deletion pass for
-   * an expiry. A leaf no checkpoint covers yet is too recent to have expired.
+   * every checkpoint below it), since its event was recorded before that checkpoint was issued,
+   * and by the financial class's retention as the trail records it (retention-in-force.ts:
+   * the original policy and the `audit.retention.change` records, read once, when the first
+   * event is found missing). Nothing stored and unsigned (such as a tile's recorded times, or
+   * `audit.retention_policies`) can make a deletion pass for an expiry. A leaf no checkpoint
+   * covers yet is too recent to have expired.
    */
+  let retentionChanges: RetentionChange[] | undefined;
   const vouched = new Map<Checkpoint, boolean>();
-  const retentionRanOut = (): boolean => {
-    if (eventRetainMs === null || next === null || next.issuedAt.getTime() + eventRetainMs > now.getTime()) return false;
-    let valid = vouched.get(next);
-    if (valid === undefined) {
-      valid = checkpointSignatureValid(keysFor(next.origin), next);
-      vouched.set(next, valid);
+  const retentionRanOut = async (): Promise<boolean> => {
+    if (next === null) return false;
+    let ranOut = vouched.get(next);
+    if (ranOut === undefined) {
+      retentionChanges ??= await financialRetentionChanges(db, (cp) => checkpointSignatureValid(keysFor(cp.origin), cp));
+      ranOut = checkpointSignatureValid(keysFor(next.origin), next) && financialRetentionRanOut(retentionChanges, next.issuedAt, now);
+      vouched.set(next, ranOut);
     }
-    return valid;
+    return ranOut;
   };
 
   let tiles: TileStart[] = [];
@@ -270,8 +313,9 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       const fields = fieldsOf(row);
       const { seq } = fields;
       await reach(seq);
-      // Recompute at the position the tree expects, so a renumbered or moved record differs.
-      const recomputed = leafHash(leafData({ ...fields, seq: frontier.size }));
+      // Recompute at its own seq, which the leaf commits to: a renumbered or moved record
+      // differs (past a gap, `reach` has counted the missing seqs, so the tree expects this one).
+      const recomputed = leafHash(leafData({ ...fields, seq }));
       if (!recomputed.equals(row.leaf_hash)) report({ kind: 'record_altered', seq, treeSize: null, detail: `record ${seq} (${fields.id}) does not hash to its stored leaf hash: a column was changed or the record moved` });
       checkPayload(row, seq, report);
       frontier.append(recomputed);
@@ -283,13 +327,15 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     if (page.rows.length === VERIFY_PAGE_RECORDS) continue;
     if (tile === undefined) break;
     tiles.shift();
-    const leaves = await checkTile(db, tile.firstSeq, frontier.size);
+    await reach(tile.firstSeq, true);
+    // At its own place: a tile moved elsewhere no longer matches.
+    const leaves = await checkTile(db, tile.firstSeq, tile.firstSeq);
     for (const leaf of leaves) {
       await reach(leaf.seq);
       if (leaf.recomputed === null) {
         // Retention may remove an event once the financial class's retention has run out for
         // it; before that, a missing event is a deletion.
-        if (!retentionRanOut()) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
+        if (!(await retentionRanOut())) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
       } else if (!leaf.recomputed.equals(leaf.stored)) {
         report({ kind: 'record_altered', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} (event position ${leaf.position}) does not hash to its stored leaf hash: the event was changed or moved` });
       }
@@ -300,7 +346,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     // Complete as well as unaltered: every event the sequencer passed is a leaf, in its place.
     // The first tile's stretch begins at the start of the global order.
     exemptThrough ??= await archiveExemptThrough(db);
-    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, exemptThrough, issuesMax, report);
+    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, exemptThrough, issuesMax, report, (issue) => unplaced.push(issue));
     tilesWalked += 1;
     // A tile's leaves are its events: a record row in its range is a forgery (the sequencer
     // gives records and tiles disjoint ranges, and the database refuses such rows since
@@ -322,20 +368,21 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     options.onProgress?.(frontier.size);
   }
   // With no tile at all, no event may lie at or before the sequencer's cursor.
-  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, ORDER_ORIGIN, issuesMax, report);
+  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, ORDER_ORIGIN, issuesMax, report, report);
   while (next !== null) {
     checkCheckpoint(next, true);
     next = await nextCheckpoint();
   }
+  placeUnplaced(frontier.size + missing);
   // A stored subtree reaching past the tree stands in no proof yet, but the sequencer would
   // fail to store the real one there, or a proof would use it once the tree grows.
   const beyond = await db.query<{ level: number; idx: string }>(
     'SELECT level, idx::text FROM audit.tree_nodes WHERE (idx + 1) * (1::bigint << level) > $1 ORDER BY level, idx LIMIT $2',
-    [storedTree.size, issuesMax],
+    [frontier.size + missing, issuesMax],
   );
   for (const n of beyond.rows) {
     const index = Number(n.idx);
-    report({ kind: 'tree_node_altered', seq: index * 2 ** n.level, treeSize: null, node: { level: n.level, index }, detail: `a stored subtree at level ${n.level}, index ${index} reaches past the ${storedTree.size} leaves stored: no such subtree exists yet` });
+    report({ kind: 'tree_node_altered', seq: index * 2 ** n.level, treeSize: null, node: { level: n.level, index }, detail: `a stored subtree at level ${n.level}, index ${index} reaches past the ${frontier.size + missing} leaves stored: no such subtree exists yet` });
   }
   return {
     ok: issues.length === 0,
@@ -374,6 +421,7 @@ async function checkCompleteness(
   exemptThrough: EventCheckpoint,
   limit: number,
   report: (issue: VerifyIssue) => void,
+  reportAfterTile: (issue: VerifyIssue) => void,
 ): Promise<void> {
   const to = await stretchEnd(db, tile?.firstSeq ?? -1);
   // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
@@ -396,10 +444,29 @@ async function checkCompleteness(
   if ((await stretchRows(db, from, to)) === placed) return;
   const found = await stretchDetail(db, tile?.firstSeq ?? null, from, to, exemptThrough, limit);
   const place = tile === null ? 'and there is no tile of events' : `in the stretch of the global order of the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}`;
+  // Each event where it would stand among the tile's leaves: at the first kept leaf whose event
+  // follows it in the order, or after the tile (placed by the walk, `reportAfterTile`).
+  const orderOf = tile === null ? new Map<bigint, EventCheckpoint>() : await orderOfEvents(db, found.notIntegrated);
+  const inOrder = leaves.flatMap((l) => {
+    if (l.transactionId === null) return [];
+    const at = { transactionId: l.transactionId, position: l.position };
+    return compareOrder(at, from) >= 0 && compareOrder(at, to) < 0 ? [{ seq: l.seq, at }] : [];
+  });
   for (const position of found.notIntegrated) {
+    const at = orderOf.get(position);
+    const before = at === undefined ? undefined : inOrder.find((l) => compareOrder(l.at, at) > 0);
+    if (tile !== null && before === undefined) {
+      reportAfterTile({
+        kind: 'event_not_integrated',
+        seq: null,
+        treeSize: null,
+        detail: `event position ${position} lies before the sequencer's cursor ${place}, after its events, but is a leaf of none: the tile that held it was deleted, the cursor was moved past it, or it was written into the event store's past`,
+      });
+      continue;
+    }
     report({
       kind: 'event_not_integrated',
-      seq: tile?.firstSeq ?? null,
+      seq: before?.seq ?? null,
       treeSize: null,
       detail: `event position ${position} lies before the sequencer's cursor ${place}, but is a leaf of none: the cursor was moved past it, or it was written into the event store's past`,
     });
@@ -412,6 +479,19 @@ async function checkCompleteness(
       detail: `event position ${position} is held by both the hot table and the archive: one is a planted copy (the trail, proofs and search take the hot row)`,
     });
   }
+}
+
+/** The places in the global order of the events at `positions` (hot or archived), to locate the ones no leaf has. */
+async function orderOfEvents(db: Queryable, positions: readonly bigint[]): Promise<Map<bigint, EventCheckpoint>> {
+  const order = new Map<bigint, EventCheckpoint>();
+  if (positions.length === 0) return order;
+  const r = await db.query<{ position: string; tx: string }>(
+    `SELECT position::text, transaction_id::text AS tx FROM events.events WHERE position = ANY ($1::bigint[])
+     UNION ALL SELECT position::text, transaction_id::text FROM events.archived_events WHERE position = ANY ($1::bigint[])`,
+    [sqlArrayLiteral(positions.map(String))],
+  );
+  for (const row of r.rows) order.set(BigInt(row.position), { transactionId: BigInt(row.tx), position: BigInt(row.position) });
+  return order;
 }
 
 /** A present payload must hash to what the leaf committed; an absent one is retention's doing. */

@@ -371,13 +371,41 @@ test('rewriting a stored leaf hash, or truncating the tiles, is found against th
     ),
   );
   located(rewritten, 'record_altered', leaf.seq);
-  const last = await t.pool.query<{ first_seq: string }>('SELECT max(first_seq)::text AS first_seq FROM audit.event_leaves');
-  const cut = Number(last.rows[0]?.first_seq);
-  const truncated = await tampered(async (c) => {
-    await c.query('DELETE FROM audit.event_leaves WHERE first_seq = $1', [cut]);
+});
+
+test('deleting a tile is located at its first leaf, not at the intact tile before it (whose stretch of the global order its events then fall in), and reported once', async () => {
+  const all = await tiles();
+  const last = all.at(-1);
+  assert.ok(last !== undefined);
+  const deleteTile = (firstSeq: number) => (c: pg.PoolClient): Promise<unknown> => c.query('DELETE FROM audit.event_leaves WHERE first_seq = $1', [firstSeq]);
+  // The last tile ends the tree: the tail is truncated from its first leaf, and its events,
+  // which lie after the previous tile's in the global order, are reported there, after it.
+  assert.equal(last.firstSeq + last.count, LEAVES, 'the last tile ends the tree');
+  const truncated = await tampered(deleteTile(last.firstSeq));
+  located(truncated, 'records_truncated', last.firstSeq);
+  assert.deepEqual(
+    issuesOf(truncated, 'event_not_integrated').map((i) => i.seq),
+    Array.from({ length: last.count }, () => last.firstSeq),
+  );
+  // A tile in the middle, with records and tiles after it: a gap, reported once (each later
+  // leaf is held to its own hash, not reported again as moved).
+  const middle = all[Math.floor(all.length / 2)];
+  assert.ok(middle !== undefined && middle.firstSeq > (all[0] as { firstSeq: number }).firstSeq);
+  const inside = await tampered(deleteTile(middle.firstSeq));
+  located(inside, 'record_missing', middle.firstSeq);
+  assert.deepEqual(issuesOf(inside, 'event_not_integrated').map((i) => i.seq), Array.from({ length: middle.count }, () => middle.firstSeq));
+  assert.deepEqual(inside.issues.filter((i) => i.kind === 'record_missing' || i.kind === 'record_altered').map((i) => [i.kind, i.seq]), [['record_missing', middle.firstSeq]]);
+  // Nor are the stored subtrees past the gap, which no longer line up with the leaves read.
+  assert.deepEqual([...new Set(inside.issues.map((i) => i.kind))].sort(), ['checkpoint_root_mismatch', 'event_not_integrated', 'record_missing']);
+  // A deleted record, likewise, is the one difference among the records: those after it verify.
+  const record = await t.pool.query<{ seq: string }>('SELECT seq::text FROM audit.records WHERE seq > $1 ORDER BY seq LIMIT 1', [middle.firstSeq]);
+  const gone = Number(record.rows[0]?.seq);
+  const deleted = await tampered(async (c) => {
+    await c.query('DELETE FROM audit.payloads WHERE seq = $1', [gone]);
+    await c.query('DELETE FROM audit.records WHERE seq = $1', [gone]);
   });
-  assert.equal(truncated.ok, false);
-  assert.ok(truncated.issues.some((i) => i.kind === 'records_truncated' && i.seq === cut), JSON.stringify(truncated.issues));
+  located(deleted, 'record_missing', gone);
+  assert.deepEqual(deleted.issues.filter((i) => i.kind !== 'checkpoint_root_mismatch').map((i) => [i.kind, i.seq]), [['record_missing', gone]]);
 });
 
 /** The tiles' first sequence numbers and starts in the global order, in sequence order. */
@@ -413,10 +441,12 @@ test('an event the sequencer passed by, or one written into the past of the glob
     written = [await writeEvent(c, 'passed-1'), await writeEvent(c, 'passed-2')];
     await c.query('UPDATE audit.sequencer_state SET event_transaction_id = pg_current_xact_id(), event_position = $1', [written[1]]);
   });
-  located(passed, 'event_not_integrated', last.firstSeq);
+  // They lie after the last tile's events, so their place is after it and the records stored
+  // after it: the end of the tree.
+  located(passed, 'event_not_integrated', passed.records);
   assert.deepEqual(
     issuesOf(passed, 'event_not_integrated').map((i) => [i.seq, i.detail.split(' ')[2]]),
-    written.map((p) => [last.firstSeq, p]),
+    written.map((p) => [passed.records, p]),
   );
   // Written behind the sequencer, before the first tile's first event in the global order.
   let backdated = '';
