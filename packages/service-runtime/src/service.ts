@@ -4,6 +4,7 @@
  * OpenAPI document built from the route schemas.
  */
 import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { LogController } from 'fastify';
@@ -26,6 +27,7 @@ import {
   PROBLEM_TYPES,
   REQUEST_ID_HEADER,
   sendProblem,
+  validationProblem,
 } from './problem-handlers.ts';
 import { BEARER_SECURITY_SCHEME, BEARER_SECURITY_SCHEME_OBJECT, documentedSchema } from './route-docs.ts';
 import { runReadinessChecks } from './readiness.ts';
@@ -103,7 +105,22 @@ export async function createService(options: ServiceOptions): Promise<Service> {
     // What Node's HTTP parser refuses (headers too large, a malformed request line) is
     // problem+json too, not Fastify's own JSON.
     clientErrorHandler: createClientErrorHandler(loggerInstance),
+    // Node answers an HTTP/1.1 request without Host with a bare 400 of its own, before any
+    // handler; the hook below refuses it as problem+json instead.
+    http: { requireHostHeader: false },
   }).withTypeProvider<TypeBoxTypeProvider>();
+
+  // An Expect other than 100-continue: Node would answer a bare 417 with an empty body.
+  app.server.on('checkExpectation', (_req: IncomingMessage, res: ServerResponse) => {
+    const body = JSON.stringify({
+      type: 'about:blank',
+      title: 'Expectation Failed',
+      status: 417,
+      detail: 'The only expectation this service meets is Expect: 100-continue. Send the request without the Expect header.',
+    });
+    res.writeHead(417, { 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body), connection: 'close' });
+    res.end(body);
+  });
 
   app.setValidatorCompiler(validatorCompiler);
   app.setErrorHandler(errorHandler);
@@ -116,6 +133,11 @@ export async function createService(options: ServiceOptions): Promise<Service> {
 
   app.addHook('onRequest', (request, reply, done) => {
     reply.header(REQUEST_ID_HEADER, request.id);
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused (Node's own check is off, above).
+    if (request.raw.httpVersion === '1.1' && request.headers.host === undefined) {
+      done(validationProblem('headers', '/host', 'is required in HTTP/1.1 (RFC 9112, section 3.2)'));
+      return;
+    }
     done();
   });
 

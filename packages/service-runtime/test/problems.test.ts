@@ -757,4 +757,22 @@ describe("requests Node's HTTP parser refuses", () => {
     }
     assert.equal(echoed, before, 'nothing reached a handler');
   });
+
+  it('an HTTP/1.1 request without Host, or with an Expect it cannot meet, is refused as problem+json, and no handler runs', async () => {
+    const before = echoed;
+    const noHost = await rawExchange(port, 'POST /echo HTTP/1.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}');
+    const [noHostHead = '', noHostBody = ''] = noHost.text.split('\r\n\r\n');
+    assert.match(noHostHead, /^HTTP\/1\.1 400 /, noHost.text.slice(0, 200));
+    assert.match(noHostHead, /\r\ncontent-type: application\/problem\+json/i);
+    assert.deepEqual((JSON.parse(noHostBody) as { errors: unknown }).errors, [{ in: 'headers', path: '/host', message: 'is required in HTTP/1.1 (RFC 9112, section 3.2)' }]);
+    const expect = await rawExchange(port, 'POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}');
+    const [expectHead = '', expectBody = ''] = expect.text.split('\r\n\r\n');
+    assert.ok(expect.closed, 'the connection is closed');
+    assert.match(expectHead, /^HTTP\/1\.1 417 /, expect.text.slice(0, 200));
+    assert.match(expectHead, /\r\ncontent-type: application\/problem\+json/i);
+    assert.equal((JSON.parse(expectBody) as { status: number }).status, 417);
+    // HTTP/1.0 needs no Host; Expect: 100-continue is met.
+    assert.match((await rawExchange(port, 'GET /health HTTP/1.0\r\n\r\n')).text, /^HTTP\/1\.1 200 /);
+    assert.equal(echoed, before, 'nothing reached a handler');
+  });
 });
