@@ -8,6 +8,9 @@ import { createPublicKey } from 'node:crypto';
 import { checkpointSignatureValid, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
 import { leafHash, ProofError, verifyConsistency, verifyInclusion } from './merkle.ts';
 
+/** The largest time a Date holds, in ms either side of the epoch (ECMA-262 §21.4.1.22): beyond it a Date is invalid. */
+const DATE_MS_MAX = 8.64e15;
+
 export interface CheckpointJson {
   origin: string;
   treeSize: number;
@@ -74,7 +77,7 @@ export function keyTransitionJson(t: KeyTransition): KeyTransitionJson {
 }
 
 export function keyTransitionFromJson(t: KeyTransitionJson, name: string): KeyTransition {
-  if (t === null || typeof t !== 'object' || typeof t.origin !== 'string' || typeof t.fromKeyId !== 'string' || !Number.isSafeInteger(t.issuedAtMs)) {
+  if (t === null || typeof t !== 'object' || typeof t.origin !== 'string' || typeof t.fromKeyId !== 'string' || !Number.isSafeInteger(t.issuedAtMs) || Math.abs(t.issuedAtMs) > DATE_MS_MAX) {
     throw new ProofError(`${name} is not a key transition`);
   }
   let toPublicKey;
@@ -95,11 +98,19 @@ function widened(keys: TrustedKeys, bundle: { keyTransitions?: KeyTransitionJson
   return trustThroughTransitions(keys, carried.map((t, i) => keyTransitionFromJson(t, `keyTransitions[${i}]`)), origin).keys;
 }
 
-function fromJson(c: CheckpointJson, name: string): Checkpoint {
-  if (c === null || typeof c !== 'object' || typeof c.origin !== 'string' || !Number.isSafeInteger(c.treeSize) || c.treeSize < 1 || !Number.isSafeInteger(c.issuedAtMs)) {
-    throw new ProofError(`${name} is not a checkpoint`);
-  }
-  return { origin: c.origin, treeSize: c.treeSize, rootHash: b64(c.rootHash, `${name}.rootHash`), issuedAt: new Date(c.issuedAtMs), keyId: typeof c.keyId === 'string' ? c.keyId : '', signature: b64(c.signature, `${name}.signature`) };
+/**
+ * A checkpoint from its JSON (a bundle's, or one held outside the log: `audit verify
+ * --checkpoint`), strictly: a one-line origin, a positive safe-integer size, an issue time a
+ * Date holds, canonical base64. Throws ProofError naming `name` and what is wrong; the
+ * signature is not checked here.
+ */
+export function checkpointFromJson(c: unknown, name: string): Checkpoint {
+  if (c === null || typeof c !== 'object' || Array.isArray(c)) throw new ProofError(`${name} is not a checkpoint (a JSON object)`);
+  const { origin, treeSize, rootHash, issuedAtMs, keyId, signature } = c as Partial<Record<keyof CheckpointJson, unknown>>;
+  if (typeof origin !== 'string' || origin.includes('\n')) throw new ProofError(`${name}.origin must be a one-line string`);
+  if (typeof treeSize !== 'number' || !Number.isSafeInteger(treeSize) || treeSize < 1) throw new ProofError(`${name}.treeSize must be a positive integer`);
+  if (typeof issuedAtMs !== 'number' || !Number.isSafeInteger(issuedAtMs) || Math.abs(issuedAtMs) > DATE_MS_MAX) throw new ProofError(`${name}.issuedAtMs must be an integer time in milliseconds since the epoch`);
+  return { origin, treeSize, rootHash: b64(rootHash, `${name}.rootHash`), issuedAt: new Date(issuedAtMs), keyId: typeof keyId === 'string' ? keyId : '', signature: b64(signature, `${name}.signature`) };
 }
 
 /** Strict base64: a value that does not round-trip is rejected, not silently truncated. */
@@ -126,7 +137,7 @@ function checkSigned(keys: TrustedKeys, c: Checkpoint, name: string): void {
  */
 export function verifyBundle(bundle: ProofBundle, publicKey: TrustedKeys): string {
   if (bundle?.kind === 'inclusion') {
-    const cp = fromJson(bundle.checkpoint, 'checkpoint');
+    const cp = checkpointFromJson(bundle.checkpoint, 'checkpoint');
     checkSigned(widened(publicKey, bundle, cp.origin), cp, 'checkpoint');
     if (!Number.isSafeInteger(bundle.leafIndex)) throw new ProofError('leafIndex must be an integer');
     const data = b64(bundle.leafData, 'leafData');
@@ -142,8 +153,8 @@ export function verifyBundle(bundle: ProofBundle, publicKey: TrustedKeys): strin
     return `record ${bundle.leafIndex} is included in ${cp.origin} at tree size ${cp.treeSize}`;
   }
   if (bundle?.kind === 'consistency') {
-    const from = fromJson(bundle.from, 'from');
-    const to = fromJson(bundle.to, 'to');
+    const from = checkpointFromJson(bundle.from, 'from');
+    const to = checkpointFromJson(bundle.to, 'to');
     const keys = widened(publicKey, bundle, to.origin);
     checkSigned(keys, from, 'from');
     checkSigned(keys, to, 'to');

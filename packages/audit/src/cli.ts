@@ -16,7 +16,9 @@
  *   npm run audit -- expire --as WHO [--as-of ISO]
  *   npm run audit -- migrate   (as the schema's owner: a deploy job, with services on AUDIT_MIGRATIONS=check)
  *   npm run audit -- sequence [--events | --no-events] [--events-database-url URL] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
- *        (the sequencer as a process of its own, on AUDIT_SEQUENCER_DATABASE_URL, until SIGTERM or SIGINT)
+ *                             [--previous-public-key FILE]...
+ *        (the sequencer as a process of its own, on AUDIT_SEQUENCER_DATABASE_URL, until SIGTERM or SIGINT; --previous-public-key:
+ *        a key the log was signed with before AUDIT_SIGNING_KEY, whose checkpoint it may find latest after a rotation)
  *
  * The database is DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); the key is
  * AUDIT_SIGNING_KEY, or the development key when it is unset, unless --public-key names a PEM
@@ -30,7 +32,7 @@ import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
 import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
-import { keyTransitionJson, verifyBundle, type CheckpointJson, type ProofBundle } from './bundle.ts';
+import { checkpointFromJson, keyTransitionJson, verifyBundle, type ProofBundle } from './bundle.ts';
 import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
@@ -62,9 +64,11 @@ const USAGE = `usage:
   audit migrate
   audit key-transition --previous-key FILE --as WHO [--origin O]
   audit sequence [--events | --no-events] [--events-database-url URL] [--interval-ms N] [--batch-max N] [--checkpoint-interval-ms N]
+                 [--previous-public-key FILE]...
        (runs the sequencer until SIGTERM or SIGINT, signing with AUDIT_SIGNING_KEY as AUDIT_LOG_ORIGIN, on AUDIT_SEQUENCER_DATABASE_URL
        when set; it reads the event store as its owner's login, --events-database-url, else the database below; --events: tail
-       the event store, refused if it cannot; neither: tail it if there is one now)
+       the event store, refused if it cannot; neither: tail it if there is one now; --previous-public-key: a public key the log
+       was signed with before AUDIT_SIGNING_KEY, after a rotation: the latest checkpoint must verify before anything is signed)
 database: DATABASE_SESSION_URL, else DATABASE_URL (or --database-url); key: AUDIT_SIGNING_KEY (or --public-key FILE, repeated for every key the log
 was signed with across rotations);
 personal data in search results: opened with the subject keys, unwrapped with AUDIT_KEY_ENCRYPTION_KEY when they are wrapped
@@ -94,6 +98,7 @@ const OPTIONS = {
   id: { type: 'string' },
   'as-of': { type: 'string' },
   'previous-key': { type: 'string' },
+  'previous-public-key': { type: 'string', multiple: true },
   origin: { type: 'string' },
   'database-url': { type: 'string' },
   'interval-ms': { type: 'string' },
@@ -112,10 +117,57 @@ function required(name: string, value: string | undefined): string {
   return value;
 }
 
+/** A file the command was given, as text; one that cannot be read is a usage error naming it (`what` it should be). */
+function inputFile(path: string, what: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (error) {
+    const code = (error as { code?: unknown } | null)?.code;
+    throw new UsageError(`cannot read ${path} (${what}): ${typeof code === 'string' ? code : error instanceof Error ? error.message : String(error)}`);
+  }
+}
+
+/** A JSON file the command was given; one that is not JSON is a usage error naming it. */
+function jsonFile(path: string, what: string): unknown {
+  const text = inputFile(path, what);
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (error) {
+    throw new UsageError(`${path} is not JSON (${what}): ${error instanceof Error ? error.message : String(error)}`);
+  }
+}
+
+/** An Ed25519 public key from a PEM file (`--public-key`, `--previous-public-key`). */
+function publicKeyFile(path: string): KeyObject {
+  const pem = inputFile(path, 'the public key');
+  try {
+    return parsePublicKey(pem);
+  } catch (error) {
+    throw new UsageError(`${path} is not an Ed25519 public key in PEM: ${error instanceof Error ? error.message : String(error)}`);
+  }
+}
+
+/**
+ * A checkpoint held outside the log (`verify --checkpoint`), parsed as strictly as a bundle's
+ * (bundle.ts `checkpointFromJson`): a file that is not one is refused, naming the field, before
+ * anything is verified. Its signature is verification's to judge.
+ */
 function checkpointFile(path: string): Checkpoint {
-  const c = JSON.parse(readFileSync(path, 'utf8')) as CheckpointJson;
-  if (typeof c?.treeSize !== 'number' || typeof c.rootHash !== 'string' || typeof c.signature !== 'string') throw new UsageError(`${path} is not a checkpoint (the JSON of /v1/audit/checkpoint)`);
-  return { origin: c.origin, treeSize: c.treeSize, rootHash: Buffer.from(c.rootHash, 'base64'), issuedAt: new Date(c.issuedAtMs), keyId: c.keyId, signature: Buffer.from(c.signature, 'base64') };
+  const json = jsonFile(path, 'a checkpoint: the JSON of /v1/audit/checkpoint');
+  try {
+    return checkpointFromJson(json, 'checkpoint');
+  } catch (error) {
+    if (!(error instanceof ProofError)) throw error;
+    throw new UsageError(`${path} is not a checkpoint (the JSON of /v1/audit/checkpoint): ${error.message}`);
+  }
+}
+
+/**
+ * An error a command met that is no bug of its own: a system call or PostgreSQL refusing (both
+ * carry a `code`). It is reported by its message; anything else is a bug, and its stack shows.
+ */
+function operational(error: unknown): error is Error {
+  return error instanceof Error && typeof (error as { code?: unknown }).code === 'string';
 }
 
 /**
@@ -145,7 +197,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
   try {
     const ownKey = (): KeyObject => loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' }).publicKey;
     // The keys to trust: every --public-key given (several across a rotation), else the configured signing key's.
-    const publicKey = (): KeyObject[] => (a['public-key'] === undefined ? [ownKey()] : a['public-key'].map((f) => parsePublicKey(readFileSync(f, 'utf8'))));
+    const publicKey = (): KeyObject[] => (a['public-key'] === undefined ? [ownKey()] : a['public-key'].map(publicKeyFile));
     if (command === 'public-key') {
       out(publicKeyPem(ownKey()).trimEnd());
       return 0;
@@ -153,11 +205,13 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
     if (command === 'verify-proof') {
       const file = positionals[1];
       if (file === undefined || positionals.length > 2 || a['public-key'] === undefined) throw new UsageError('verify-proof needs --public-key FILE and one bundle file');
+      const bundle = jsonFile(file, 'a proof bundle') as ProofBundle;
+      const keys = publicKey();
       try {
-        out(`OK: ${verifyBundle(JSON.parse(readFileSync(file, 'utf8')) as ProofBundle, publicKey())}`);
+        out(`OK: ${verifyBundle(bundle, keys)}`);
         return 0;
       } catch (error) {
-        if (!(error instanceof ProofError || error instanceof SyntaxError)) throw error;
+        if (!(error instanceof ProofError)) throw error;
         out(`FAILED: ${error.message}`);
         return 1;
       }
@@ -189,7 +243,14 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
       case 'key-transition': {
         // A rotation of the signing key: the outgoing key (its private PEM in a file) vouches
         // for the incoming one, AUDIT_SIGNING_KEY, that the services now sign with.
-        const outgoing = loadSigningKey(readFileSync(required('previous-key', a['previous-key']), 'utf8'), { production: false });
+        const previousKey = required('previous-key', a['previous-key']);
+        let outgoing: CheckpointSigner;
+        try {
+          outgoing = loadSigningKey(inputFile(previousKey, 'the previous private key'), { production: false });
+        } catch (error) {
+          if (!(error instanceof SigningKeyError)) throw error;
+          throw new UsageError(`${previousKey} ${error.message}`);
+        }
         const incoming = loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' });
         const origin = a.origin ?? env.AUDIT_LOG_ORIGIN ?? DEFAULT_LOG_ORIGIN;
         const transition = signKeyTransition(outgoing, origin, incoming.publicKey, new Date());
@@ -290,7 +351,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
     if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError || error instanceof AuditSchemaCheckError || error instanceof AuditUnrecordedError) {
       err(`${error.message}${error instanceof UsageError || error instanceof RangeError ? `\n${USAGE}` : ''}`);
     } else {
-      err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+      err(`failed: ${operational(error) ? error.message : error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
     }
     return 2;
   } finally {
@@ -322,7 +383,15 @@ function untilSignalled(): Promise<void> {
  */
 async function sequence(
   urls: { databaseUrl: string; eventsUrl: string },
-  a: { 'interval-ms'?: string | undefined; 'batch-max'?: string | undefined; 'checkpoint-interval-ms'?: string | undefined; events?: boolean | undefined; 'no-events'?: boolean | undefined; 'events-database-url'?: string | undefined },
+  a: {
+    'interval-ms'?: string | undefined;
+    'batch-max'?: string | undefined;
+    'checkpoint-interval-ms'?: string | undefined;
+    events?: boolean | undefined;
+    'no-events'?: boolean | undefined;
+    'events-database-url'?: string | undefined;
+    'previous-public-key'?: string[] | undefined;
+  },
   env: Record<string, string | undefined>,
   stop: Promise<unknown>,
   out: (text: string) => void,
@@ -332,6 +401,7 @@ async function sequence(
   const batchRecordsMax = intOption('batch-max', a['batch-max'], 1) ?? BATCH_RECORDS_MAX_DEFAULT;
   const checkpointIntervalMs = intOption('checkpoint-interval-ms', a['checkpoint-interval-ms'], 0) ?? CHECKPOINT_INTERVAL_MS_DEFAULT;
   if (a.events === true && a['no-events'] === true) throw new UsageError('--events and --no-events exclude each other');
+  const previousKeys = (a['previous-public-key'] ?? []).map(publicKeyFile);
   const production = env.NODE_ENV === 'production';
   // As strict as a service's start (startup.ts): the same variables, the same refusals.
   const origin = env.AUDIT_LOG_ORIGIN === undefined || env.AUDIT_LOG_ORIGIN === '' ? DEFAULT_LOG_ORIGIN : env.AUDIT_LOG_ORIGIN;
@@ -394,6 +464,7 @@ async function sequence(
       pool,
       ...(eventsPool === null ? {} : { eventsPool }),
       signer,
+      previousKeys,
       origin,
       tailEvents,
       intervalMs,

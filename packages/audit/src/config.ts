@@ -22,6 +22,13 @@ export const auditConfigSchema = Type.Object({
   AUDIT_MIGRATIONS: Type.Enum(['apply', 'check'], { default: 'apply' }),
   /** PKCS#8 PEM Ed25519 private key (literal `\n` accepted). Empty: the public development key, refused when NODE_ENV=production. */
   AUDIT_SIGNING_KEY: Type.String({ default: '' }),
+  /**
+   * After a rotation of AUDIT_SIGNING_KEY: the earlier keys' public keys (SPKI PEM, one or more
+   * blocks, literal `\n` accepted), so that the sequencer can check the latest checkpoint an
+   * earlier key signed before it signs over it. Empty: only checkpoints of AUDIT_SIGNING_KEY,
+   * or of keys a trusted key led to through a signed transition, are trusted.
+   */
+  AUDIT_PREVIOUS_PUBLIC_KEYS: Type.String({ default: '' }),
   /** 32 random bytes (base64url) that wrap the subject keys at rest. Empty: stored in clear, refused when NODE_ENV=production. */
   AUDIT_KEY_ENCRYPTION_KEY: Type.String({ default: '' }),
   /** Names the log in every checkpoint. */

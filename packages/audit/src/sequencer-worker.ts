@@ -15,7 +15,7 @@ import { ExponentialBackoff, type IBackoff } from 'cockatiel';
 import { parseIntoClientConfig } from 'pg-connection-string';
 // The module alone: the runtime's index would load Fastify and the rest into this thread.
 import { guardPool } from '@ledgerline/service-runtime/pg-pool';
-import { loadSigningKey, parseKeyEncryptionKey } from './keys.ts';
+import { loadSigningKey, parseKeyEncryptionKey, parsePublicKey } from './keys.ts';
 import { AuditSequencer, AuditTreeMismatchError } from './sequencer.ts';
 
 export interface SequencerWorkerOptions {
@@ -26,6 +26,11 @@ export interface SequencerWorkerOptions {
   /** PKCS#8 PEM; empty for the development key (refused when `production`). */
   signingKeyPem: string;
   production: boolean;
+  /**
+   * PEMs of the public keys the log was signed with before this key (a rotation): a restarted
+   * sequencer trusts the latest checkpoint only under a key it knows (SequencerOptions.previousKeys).
+   */
+  previousPublicKeysPem?: readonly string[];
   origin: string;
   /** Integrate the events of this database's event store (the identity service's database has none). */
   tailEvents?: boolean;
@@ -258,6 +263,7 @@ function runInWorker(o: SequencerWorkerOptions): void {
   const sequencer = new AuditSequencer({
     pool,
     signer: loadSigningKey(o.signingKeyPem, { production: o.production }),
+    ...(o.previousPublicKeysPem === undefined ? {} : { previousKeys: o.previousPublicKeysPem.map(parsePublicKey) }),
     origin: o.origin,
     tailEvents: o.tailEvents === true,
     ...(eventsPool === null ? {} : { eventsPool }),

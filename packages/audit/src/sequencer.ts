@@ -12,13 +12,16 @@
 import { readHorizon, sqlArrayLiteral, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { compareOrder, EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type EventTile } from './event-leaves.ts';
-import { clearSubjectKey, KeyEncryptionKeyError, newSubjectKey, seal, signCheckpoint, storedSubjectKey, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
+import { checkpointSignatureValid, clearSubjectKey, KeyEncryptionKeyError, keyIdOf, newSubjectKey, seal, signCheckpoint, storedSubjectKey, trustThroughTransitions, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
 import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
+import { CHECKPOINT_COLUMNS, checkpointOf, type CheckpointRow } from './rows.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
+import { storedKeyTransitions } from './verify.ts';
 import type { QueuedEntry } from './writer.ts';
+import type { KeyObject } from 'node:crypto';
 import type pg from 'pg';
 
 /** The advisory lock key that makes one sequencer per database (hashtextextended of this text). */
@@ -43,9 +46,12 @@ const FRONTIER_LEAVES_PER_READ = 20_000;
 
 /**
  * The stored tree does not match what the latest checkpoint signed (a stored node or leaf
- * hash was changed, or leaves were removed). The sequencer then signs nothing and integrates
- * nothing: extending the tree would sign a root over the damage, and verification would blame
- * the new, intact records. Every round reports it again until the storage is repaired.
+ * hash was changed, or leaves were removed), or the latest checkpoint itself carries no
+ * signature the sequencer can trust (its root or time rewritten, or signed by a key it does
+ * not know). The sequencer then signs nothing and integrates nothing: extending the tree would
+ * sign a root over the damage, and verification would blame the new, intact records. Every
+ * round reports it again until the storage is repaired (or, after a rotation of the signing
+ * key, until the sequencer is given the earlier public key: `SequencerOptions.previousKeys`).
  */
 export class AuditTreeMismatchError extends Error {
   override readonly name = 'AuditTreeMismatchError';
@@ -54,6 +60,17 @@ export class AuditTreeMismatchError extends Error {
 export interface SequencerOptions {
   pool: pg.Pool;
   signer: CheckpointSigner;
+  /**
+   * Public keys the log was signed with before `signer`'s (a rotation of the signing key). A
+   * sequencer that loads its tree holds storage to the latest checkpoint only once that
+   * checkpoint's signature verifies: under the signer's key, one of these, or a key that their
+   * transitions stored in audit.key_transitions lead to (keys.ts `trustThroughTransitions`,
+   * each transition signed by a key already trusted). The database cannot vouch for an earlier
+   * key (a transition names only the key it leads to), so a sequencer restarted with a new key
+   * over a checkpoint of the old one needs the old public key here, until it has signed a
+   * checkpoint of its own. Default none.
+   */
+  previousKeys?: readonly KeyObject[];
   /** Names the log in every checkpoint, e.g. `ledgerline/ledger`. */
   origin: string;
   /**
@@ -99,7 +116,9 @@ interface Prepared {
 }
 
 export class AuditSequencer {
-  readonly #o: Required<Omit<SequencerOptions, 'keyEncryptionKey' | 'eventsPool'>>;
+  readonly #o: Required<Omit<SequencerOptions, 'keyEncryptionKey' | 'eventsPool' | 'previousKeys'>>;
+  /** The keys a stored checkpoint may be signed by, before transitions: the signer's and the earlier ones given. */
+  readonly #trusted: readonly KeyObject[];
   readonly #eventsPool: pg.Pool | null;
   readonly #kek: KeyEncryptionKey | null;
   #frontier: Frontier | null = null;
@@ -122,6 +141,7 @@ export class AuditSequencer {
     };
     this.#kek = options.keyEncryptionKey ?? null;
     this.#eventsPool = options.eventsPool ?? null;
+    this.#trusted = [options.signer.publicKey, ...(options.previousKeys ?? [])];
     if (!(this.#o.batchRecordsMax >= 1 && this.#o.batchRecordsMax <= 50_000)) throw new RangeError('batchRecordsMax must be in 1..50000');
   }
 
@@ -229,7 +249,7 @@ export class AuditSequencer {
 
   async #roundLocked(client: pg.PoolClient, forceCheckpoint: boolean): Promise<RoundResult> {
     const size = await storedTreeSize(client);
-    if (this.#frontier?.size !== size) this.#frontier = await checkedFrontier(client, size);
+    if (this.#frontier?.size !== size) this.#frontier = await checkedFrontier(client, size, this.#trusted);
     const start = this.#frontier;
     let frontier = start.clone();
 
@@ -577,17 +597,22 @@ async function insertSalvaging(db: Queryable, rows: Prepared[], leafHashes: Buff
 }
 
 /**
- * The frontier of the stored tree of `size` leaves, held to the latest checkpoint first: the
- * stored subtrees up to its size must give the root it signed, and the leaves after it are
- * folded in from their stored hashes rather than from stored subtrees nothing signed yet.
- * Throws AuditTreeMismatchError when they do not match (a changed node in audit.tree_nodes,
- * a changed leaf hash, removed leaves): a sequencer that went on would sign over the damage.
+ * The frontier of the stored tree of `size` leaves, held to the latest checkpoint first: its
+ * signature must verify under a trusted key (`trustedCheckpoint`), the stored subtrees up to
+ * its size must give the root it signed, and the leaves after it are folded in from their
+ * stored hashes rather than from stored subtrees nothing signed yet. Throws
+ * AuditTreeMismatchError when they do not (a rewritten checkpoint, a changed node in
+ * audit.tree_nodes, a changed leaf hash, removed leaves): a sequencer that went on would sign
+ * over the damage. Runs when the frontier is loaded (at start, after a failed round, or when
+ * another instance moved the tree on), never in a round that follows one of its own.
  */
-async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
-  const latest = await db.query<{ n: string; root_hash: Buffer }>('SELECT c.tree_size::text AS n, c.root_hash FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1');
-  const cp = latest.rows[0];
-  if (cp === undefined) return loadFrontier(db, size);
-  const signed = Number(cp.n);
+async function checkedFrontier(db: Queryable, size: number, trusted: readonly KeyObject[]): Promise<Frontier> {
+  const latest = await db.query<CheckpointRow>(`SELECT ${CHECKPOINT_COLUMNS} FROM audit.checkpoints c ORDER BY c.tree_size DESC LIMIT 1`);
+  const row = latest.rows[0];
+  if (row === undefined) return loadFrontier(db, size);
+  const cp = checkpointOf(row);
+  await trustedCheckpoint(db, cp, trusted);
+  const signed = cp.treeSize;
   if (signed > size) throw new AuditTreeMismatchError(`audit tree: the latest checkpoint signed ${signed} leaves but storage holds ${size}; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
   let frontier: Frontier;
   try {
@@ -595,7 +620,7 @@ async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
   } catch (error) {
     throw new AuditTreeMismatchError(`audit tree: the stored tree of the latest checkpoint (size ${signed}) cannot be read (${error instanceof Error ? error.message : String(error)}); refusing to sign or integrate anything until it is repaired (run audit:verify)`);
   }
-  if (!frontier.root().equals(cp.root_hash)) {
+  if (!frontier.root().equals(cp.rootHash)) {
     throw new AuditTreeMismatchError(`audit tree: the stored tree of size ${signed} does not give the root its checkpoint signed (a node in audit.tree_nodes or a stored leaf hash was changed); refusing to sign or integrate anything until it is repaired (run audit:verify)`);
   }
   for (let from = signed; from < size; from += FRONTIER_LEAVES_PER_READ) {
@@ -609,6 +634,25 @@ async function checkedFrontier(db: Queryable, size: number): Promise<Frontier> {
     }
   }
   return frontier;
+}
+
+/**
+ * Throws AuditTreeMismatchError unless `cp` (the latest stored checkpoint) is signed by one of
+ * the `trusted` keys, or by a key the stored transitions of its log lead to from them, each
+ * signed by a key already trusted (keys.ts `trustThroughTransitions`: a row written into
+ * audit.key_transitions adds no trust). Without it a superuser who rewrote a record, its
+ * leaf hash and the checkpoint's root would have the sequencer sign the next checkpoint,
+ * with the real key, over the forgery. The transitions are read only when the trusted keys
+ * alone do not verify it (after a rotation).
+ */
+async function trustedCheckpoint(db: Queryable, cp: Checkpoint, trusted: readonly KeyObject[]): Promise<void> {
+  if (checkpointSignatureValid(trusted, cp)) return;
+  const widened = trustThroughTransitions(trusted, await storedKeyTransitions(db), cp.origin).keys;
+  if (checkpointSignatureValid(widened, cp)) return;
+  const why = widened.some((k) => keyIdOf(k) === cp.keyId)
+    ? `its signature does not verify under key ${cp.keyId}, which it names: the checkpoint was rewritten (its root, size or time) or its signature forged`
+    : `it names key ${cp.keyId}, which is neither the signing key nor an earlier key the sequencer was given (previousKeys, --previous-public-key) nor one their signed key transitions lead to`;
+  throw new AuditTreeMismatchError(`audit tree: the latest checkpoint (tree size ${cp.treeSize}) has no signature the sequencer can trust: ${why}; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
 }
 
 /**

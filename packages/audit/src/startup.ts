@@ -5,7 +5,7 @@
 import type { Static } from 'typebox';
 import type { ServiceMetrics } from '@ledgerline/service-runtime';
 import type { auditConfigSchema } from './config.ts';
-import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, SigningKeyError, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
+import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, SigningKeyError, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { startSequencerWorker, type SequencerWorker } from './sequencer-worker.ts';
 
 /**
@@ -62,6 +62,7 @@ export function serviceKeyEncryptionKey(service: string, text: string, warn: (me
 export type ServiceSequencerConfig = Pick<
   Static<typeof auditConfigSchema>,
   | 'AUDIT_SIGNING_KEY'
+  | 'AUDIT_PREVIOUS_PUBLIC_KEYS'
   | 'AUDIT_KEY_ENCRYPTION_KEY'
   | 'AUDIT_LOG_ORIGIN'
   | 'AUDIT_SEQUENCER_ENABLED'
@@ -86,12 +87,16 @@ export function startServiceSequencer(
   options: { tailEvents: boolean },
 ): Promise<SequencerWorker | null> {
   if (!config.AUDIT_SEQUENCER_ENABLED) return Promise.resolve(null);
+  // Checked here, so that a key that does not parse stops the service at start, not its sequencer later.
+  const previousPublicKeysPem = previousPublicKeyPems(config.AUDIT_PREVIOUS_PUBLIC_KEYS);
+  for (const pem of previousPublicKeysPem) parsePublicKey(pem);
   return startSequencerWorker(
     {
       databaseUrl: config.AUDIT_SEQUENCER_DATABASE_URL === '' ? config.DATABASE_URL : config.AUDIT_SEQUENCER_DATABASE_URL,
       // The event store is read as the service's login, which owns it (SequencerOptions.eventsPool).
       eventsDatabaseUrl: config.DATABASE_URL,
       signingKeyPem: config.AUDIT_SIGNING_KEY,
+      ...(previousPublicKeysPem.length === 0 ? {} : { previousPublicKeysPem }),
       production: process.env.NODE_ENV === 'production',
       origin: config.AUDIT_LOG_ORIGIN,
       tailEvents: options.tailEvents,
@@ -125,4 +130,20 @@ export function exportSequencerRestarts(metrics: Pick<ServiceMetrics, 'registerC
     'Audit sequencer rounds refused because the stored tree does not give the latest checkpoint\'s root; nothing is integrated or signed until storage is repaired.',
     () => sequencer.treeMismatches(),
   );
+}
+
+const PUBLIC_KEY_PEM = /-----BEGIN PUBLIC KEY-----[^-]+-----END PUBLIC KEY-----/g;
+
+/**
+ * The PEM blocks of AUDIT_PREVIOUS_PUBLIC_KEYS (literal `\n` read as line breaks, as for the
+ * signing key). Text that holds no block, or anything beside its blocks, is refused.
+ */
+export function previousPublicKeyPems(value: string): string[] {
+  const text = value.replaceAll('\\n', '\n').trim();
+  if (text === '') return [];
+  const blocks = text.match(PUBLIC_KEY_PEM) ?? [];
+  if (blocks.length === 0 || text.replace(PUBLIC_KEY_PEM, '').trim() !== '') {
+    throw new SigningKeyError('AUDIT_PREVIOUS_PUBLIC_KEYS must be one or more SPKI PEM public keys (-----BEGIN PUBLIC KEY-----)');
+  }
+  return blocks;
 }

@@ -208,6 +208,86 @@ test('kek-status counts the subject keys per key-encryption key and what is left
   assert.ok((status.keys.clear ?? 0) >= 1 && status.pending === status.keys.clear, out);
 });
 
+/** A stack trace in what the CLI printed: only a bug of its own should show one. */
+const STACK = /\n\s+at /;
+
+test('files that cannot be read or parsed are usage errors naming the file, with no stack trace', async () => {
+  const pem = join(dir, 'input-key.pem');
+  writeFileSync(pem, (await cli('public-key')).out);
+  const notPem = join(dir, 'not-a-key.pem');
+  writeFileSync(notPem, 'hello\n');
+  const notJson = join(dir, 'not.json');
+  writeFileSync(notJson, '{ not json');
+  const missing = join(dir, 'missing.json');
+  const bundle = join(dir, 'input-bundle.json');
+  const proof = await cli('prove', '--seq', '3', '--as', 'auditor:ann');
+  assert.equal(proof.code, 0, proof.err);
+  writeFileSync(bundle, proof.out);
+  const cases: [string, string[], string][] = [
+    ['verify-proof, bundle missing', ['verify-proof', '--public-key', pem, missing], `cannot read ${missing} (a proof bundle): ENOENT`],
+    ['verify-proof, bundle not JSON', ['verify-proof', '--public-key', pem, notJson], `${notJson} is not JSON (a proof bundle)`],
+    ['verify-proof, key missing', ['verify-proof', '--public-key', join(dir, 'missing.pem'), bundle], `cannot read ${join(dir, 'missing.pem')} (the public key): ENOENT`],
+    ['verify-proof, key not a PEM', ['verify-proof', '--public-key', notPem, bundle], `${notPem} is not an Ed25519 public key in PEM`],
+    ['verify, key missing', ['verify', '--public-key', join(dir, 'missing.pem')], `cannot read ${join(dir, 'missing.pem')} (the public key): ENOENT`],
+    ['verify, key not a PEM', ['verify', '--public-key', notPem], `${notPem} is not an Ed25519 public key in PEM`],
+    ['verify, --checkpoint missing', ['verify', '--checkpoint', missing], `cannot read ${missing} (a checkpoint: the JSON of /v1/audit/checkpoint): ENOENT`],
+    ['verify, --checkpoint not JSON', ['verify', '--checkpoint', notJson], `${notJson} is not JSON (a checkpoint: the JSON of /v1/audit/checkpoint)`],
+    ['key-transition, previous key missing', ['key-transition', '--previous-key', missing, '--as', 'ops:olga'], `cannot read ${missing} (the previous private key): ENOENT`],
+    ['key-transition, previous key not a PEM', ['key-transition', '--previous-key', notPem, '--as', 'ops:olga'], `${notPem} is not a PEM private key`],
+    ['sequence, previous public key not a PEM', ['sequence', '--previous-public-key', notPem], `${notPem} is not an Ed25519 public key in PEM`],
+  ];
+  for (const [name, args, message] of cases) {
+    const r = await cli(...args);
+    assert.equal(r.code, 2, `${name}: ${r.out}${r.err}`);
+    assert.ok(r.err.includes(message), `${name}: ${r.err}`);
+    assert.doesNotMatch(r.err, STACK, name);
+    assert.equal(r.out, '', name);
+  }
+  // The well-formed bundle still verifies.
+  assert.equal((await cli('verify-proof', '--public-key', pem, bundle)).code, 0);
+  // A database that refuses the connection is no bug of the CLI's either: its message, no stack.
+  const down = await cliOn('postgres://postgres@127.0.0.1:1/none', 'verify');
+  assert.equal(down.code, 2);
+  assert.match(down.err, /^failed: connect ECONNREFUSED 127\.0\.0\.1:1\n$/);
+});
+
+test('verify refuses a held checkpoint with a field missing or malformed, naming it, and reports one whose signature fails', async () => {
+  await t.settle();
+  const cp = (await t.store.latestCheckpoint())!;
+  const json = { origin: cp.origin, treeSize: cp.treeSize, rootHash: cp.rootHash.toString('base64'), issuedAtMs: cp.issuedAt.getTime(), keyId: cp.keyId, signature: cp.signature.toString('base64') };
+  const held = join(dir, 'held.json');
+  const malformed: [string, unknown, RegExp][] = [
+    ['no issuedAtMs', { ...json, issuedAtMs: undefined }, /checkpoint\.issuedAtMs must be an integer time/],
+    ['issuedAtMs beyond a date', { ...json, issuedAtMs: Number.MAX_SAFE_INTEGER }, /checkpoint\.issuedAtMs must be an integer time/],
+    ['issuedAtMs as text', { ...json, issuedAtMs: String(json.issuedAtMs) }, /checkpoint\.issuedAtMs must be an integer time/],
+    ['no origin', { ...json, origin: undefined }, /checkpoint\.origin must be a one-line string/],
+    ['a fractional size', { ...json, treeSize: 1.5 }, /checkpoint\.treeSize must be a positive integer/],
+    ['a size of 0', { ...json, treeSize: 0 }, /checkpoint\.treeSize must be a positive integer/],
+    ['a root in loose base64', { ...json, rootHash: `${json.rootHash.slice(0, -1)}!` }, /checkpoint\.rootHash is not canonical base64/],
+    ['no signature', { ...json, signature: undefined }, /checkpoint\.signature must be base64/],
+    ['an array', [json], /checkpoint is not a checkpoint/],
+    ['null', null, /checkpoint is not a checkpoint/],
+  ];
+  for (const [name, value, message] of malformed) {
+    writeFileSync(held, JSON.stringify(value));
+    const r = await cli('verify', '--checkpoint', held);
+    assert.equal(r.code, 2, `${name}: ${r.out}${r.err}`);
+    assert.ok(r.err.startsWith(`${held} is not a checkpoint (the JSON of /v1/audit/checkpoint): `), `${name}: ${r.err}`);
+    assert.match(r.err, message, name);
+    assert.doesNotMatch(r.err, STACK, name);
+    assert.equal(r.out, '', `${name}: nothing verified`);
+  }
+  // Well-formed, but not what the key signed: a verification result, not a usage error.
+  const flipped = Buffer.from(cp.signature);
+  flipped[0] = (flipped[0] ?? 0) ^ 1;
+  writeFileSync(held, JSON.stringify({ ...json, signature: flipped.toString('base64') }));
+  const r = await cli('verify', '--json', '--checkpoint', held);
+  assert.equal(r.code, 1, r.err);
+  const report = JSON.parse(r.out) as { issues: { kind: string; treeSize: number | null }[] };
+  assert.deepEqual(report.issues.filter((i) => i.kind === 'checkpoint_signature_invalid').map((i) => i.treeSize), [cp.treeSize]);
+  assert.doesNotMatch(r.err, STACK);
+});
+
 test('a rotated signing key: the log verifies with every key it was signed with, and not with the new one alone', async () => {
   await t.settle();
   // Given a committed tampering at seq 10 (entry 10 of the fixture, a failure made a success),
@@ -217,7 +297,8 @@ test('a rotated signing key: the log verifies with every key it was signed with,
   const { privateKey } = generateKeyPairSync('ed25519');
   const newPem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
   const signer = loadSigningKey(newPem, { production: false });
-  const sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/test', checkpointIntervalMs: 0 });
+  // (given the old public key: the latest checkpoint is the old key's, and must verify before it signs),
+  const sequencer = new AuditSequencer({ pool: t.pool, signer, previousKeys: [t.signer.publicKey], origin: 'ledgerline/test', checkpointIntervalMs: 0 });
   for (let i = 0; i < 5; i += 1) t.sink.record(entry(100 + i));
   await t.sink.flush();
   await sequencer.round();

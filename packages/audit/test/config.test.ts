@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ConfigError, loadConfig } from '@ledgerline/service-runtime';
 import { Type } from 'typebox';
-import { auditConfigSchema, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, SEQUENCER_NICE_DEFAULT } from '../src/index.ts';
+import { generateKeyPairSync } from 'node:crypto';
+import { auditConfigSchema, BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT, parsePublicKey, previousPublicKeyPems, SEQUENCER_NICE_DEFAULT, SigningKeyError } from '../src/index.ts';
 
 const schema = Type.Object({ ...auditConfigSchema.properties });
 
@@ -24,5 +25,17 @@ test('the sequencer settings default to the measured values, and a bad one is re
       (error: unknown) => error instanceof ConfigError && error.issues.some((i) => i.variable === variable),
       `${variable}=${value}`,
     );
+  }
+});
+
+test('AUDIT_PREVIOUS_PUBLIC_KEYS: one or more SPKI PEM blocks, literal \\n accepted; anything else refused', () => {
+  const pem = (): string => generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }).toString();
+  const [a, b] = [pem(), pem()];
+  assert.deepEqual(previousPublicKeyPems(''), []);
+  assert.deepEqual(previousPublicKeyPems(`${a}${b}`).map((k) => parsePublicKey(k).export({ type: 'spki', format: 'pem' }).toString()), [a, b]);
+  // As an environment variable often carries it: one line, its breaks written as \n.
+  assert.equal(previousPublicKeyPems(a.replaceAll('\n', '\\n')).length, 1);
+  for (const bad of ['not a key', `${a}trailing text`, '-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----']) {
+    assert.throws(() => previousPublicKeyPems(bad), SigningKeyError, bad.slice(0, 30));
   }
 });

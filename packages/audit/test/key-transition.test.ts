@@ -36,9 +36,13 @@ function newSigner(): { signer: CheckpointSigner; pem: string } {
   return { signer: loadSigningKey(pem, { production: false }), pem };
 }
 
-/** Records `n` entries and integrates them under `signer`, which signs a checkpoint. */
+/**
+ * Records `n` entries and integrates them under `signer`, which signs a checkpoint. It is given
+ * the old public key, as a sequencer restarted with a new key must be: the latest checkpoint is
+ * then the old key's, which it holds storage to only once its signature verifies.
+ */
 async function signedBy(signer: CheckpointSigner, from: number, n: number): Promise<number> {
-  const sequencer = new AuditSequencer({ pool: t.pool, signer, origin: ORIGIN, checkpointIntervalMs: 0 });
+  const sequencer = new AuditSequencer({ pool: t.pool, signer, previousKeys: [t.signer.publicKey], origin: ORIGIN, checkpointIntervalMs: 0 });
   for (let i = 0; i < n; i += 1) t.sink.record(entry(from + i));
   await t.sink.flush();
   for (let r = await sequencer.round(); r.records > 0; r = await sequencer.round());

@@ -35,6 +35,7 @@ export const identityConfigSchema = Type.Object({
   AUDIT_FLUSH_INTERVAL_MS: auditConfigSchema.properties.AUDIT_FLUSH_INTERVAL_MS,
   AUDIT_BUFFER_ENTRIES_MAX: auditConfigSchema.properties.AUDIT_BUFFER_ENTRIES_MAX,
   AUDIT_SIGNING_KEY: auditConfigSchema.properties.AUDIT_SIGNING_KEY,
+  AUDIT_PREVIOUS_PUBLIC_KEYS: auditConfigSchema.properties.AUDIT_PREVIOUS_PUBLIC_KEYS,
   AUDIT_KEY_ENCRYPTION_KEY: auditConfigSchema.properties.AUDIT_KEY_ENCRYPTION_KEY,
   AUDIT_LOG_ORIGIN: auditConfigSchema.properties.AUDIT_LOG_ORIGIN,
   AUDIT_SEQUENCER_ENABLED: auditConfigSchema.properties.AUDIT_SEQUENCER_ENABLED,

@@ -277,7 +277,8 @@ test('after a rotation of the signing key, proofs over HTTP carry the transition
     origin: { service: 'audit-test' },
   });
   // One round under the new key: its checkpoint is the latest.
-  const newer = new AuditSequencer({ pool: t.pool, signer: rotated, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, tailEvents: true });
+  // Given the old public key (AUDIT_PREVIOUS_PUBLIC_KEYS), it checks the old key's latest checkpoint before signing over it.
+  const newer = new AuditSequencer({ pool: t.pool, signer: rotated, previousKeys: [signer.publicKey], origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, tailEvents: true });
   await sink.flush();
   await newer.round({ forceCheckpoint: true });
   const cp = (await app.inject({ method: 'GET', url: '/v1/audit/checkpoint' })).json<{ treeSize: number; keyId: string }>();
