@@ -6,6 +6,9 @@ export { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLin
 export {
   allowedLocations,
   APPEND_EVENTS_MAX,
+  EVENT_BYTES_MAX,
+  EVENT_MESSAGE_FIXED_BYTES,
+  EventTooLargeError,
   assertResidency,
   CHECKPOINT_START,
   checkpointOf,
@@ -35,6 +38,7 @@ export {
 } from './store.ts';
 export {
   ensureEventStream,
+  EventTooLargeForBrokerError,
   OutboxRelay,
   RELAY_LOCK_CLASS,
   outboxLagSeconds,

@@ -79,14 +79,71 @@ export interface RelayOptions {
   /**
    * Runs before a partition's next events leave the database (after residency has withheld
    * what it must: these are the events about to be published, never none). Throwing publishes
-   * nothing and checkpoints nothing, and the relay tries again with backoff, so an event that
-   * may not leave holds its partition back instead of being skipped. The seam for other
-   * checks on what may go to the broker.
+   * nothing and checkpoints nothing, and the relay tries that partition again with backoff
+   * (the others go on), so an event that may not leave holds its partition back instead of
+   * being skipped. The seam for other checks on what may go to the broker.
    */
   beforePublish?: (partition: number, events: readonly OutboxEvent[]) => void | Promise<void>;
   /** Fault-injection hook for tests: runs after the broker acked `events` events, before the checkpoint. */
   afterPublish?: (partition: number, events: number) => void | Promise<void>;
+  /**
+   * Every failure the relay recovers from by itself (it retries): a partition's failure comes
+   * once per try, except EventTooLargeForBrokerError, once a minute for the same event.
+   */
   onError?: (error: unknown) => void;
+}
+
+/**
+ * An event the broker cannot take: alone in a message, with the message's headers, it is
+ * larger than the connection's `max_payload`. The store refuses such events at append
+ * (`eventBytesMax`); one that got in anyway (a store opened with a larger `eventBytesMax`, a
+ * broker with a smaller `max_payload`, data full of numbers in exponent notation) holds its
+ * partition: the events before it are published and checkpointed, it and those after it
+ * are not, and the relay tries again with backoff, reporting this error once a minute. It is
+ * never skipped, which would lose it: raise the broker's `max_payload`, or move the partition's
+ * checkpoint past the event by hand (`events.relay_checkpoints`) and deliver it another way.
+ */
+export class EventTooLargeForBrokerError extends Error {
+  override readonly name = 'EventTooLargeForBrokerError';
+  readonly partition: number;
+  readonly eventId: string;
+  readonly position: bigint;
+  readonly streamType: string;
+  readonly streamId: string;
+  /** The message's bytes, headers included. */
+  readonly bytes: number;
+  readonly maxPayload: number;
+  constructor(partition: number, event: OutboxEvent, bytes: number, maxPayload: number) {
+    super(
+      `relay: event ${event.id} (stream ${event.streamType}/${event.streamId}, position ${event.position}) is ${bytes} bytes as a ` +
+        `broker message, more than the broker's max_payload of ${maxPayload}: partition ${partition} is held at it until max_payload ` +
+        'is raised or its checkpoint is moved past it by hand',
+    );
+    this.partition = partition;
+    this.eventId = event.id;
+    this.position = event.position;
+    this.streamType = event.streamType;
+    this.streamId = event.streamId;
+    this.bytes = bytes;
+    this.maxPayload = maxPayload;
+  }
+}
+
+/** `{"events":[` and `]}`: what a message adds to its envelopes, besides a comma between two. */
+const MESSAGE_FRAME_BYTES = 13;
+/**
+ * More than a message's headers take (`NATS/1.0`, `Ledgerline-Events`, `Nats-Msg-Id` of at most
+ * 62 characters: about 120 bytes). Messages are cut to `max_payload` less this.
+ */
+const MESSAGE_HEADERS_ROOM = 256;
+/** How often the same oversized event is reported (EventTooLargeForBrokerError). */
+const TOO_LARGE_REPORT_MS = 60_000;
+
+/** A partition whose last try failed: how many in a row, when it is tried next, what was last reported. */
+interface PartitionFailure {
+  failures: number;
+  retryAt: number;
+  tooLarge: { eventId: string; reportedAt: number } | null;
 }
 
 /** How long the broker keeps published batches; longer than any consumer outage we plan for. */
@@ -140,6 +197,8 @@ export class OutboxRelay {
   #running = false;
   #loop: Promise<void> | null = null;
   #stats = { published: 0, messages: 0, withheld: 0 };
+  /** The held partitions whose last try failed; the others are tried every round. */
+  readonly #failing = new Map<number, PartitionFailure>();
 
   constructor(options: RelayOptions) {
     this.#o = {
@@ -172,24 +231,75 @@ export class OutboxRelay {
     await this.#releaseLocks();
   }
 
+  #backoffMs(failures: number): number {
+    return Math.min(this.#o.failureWaitMsMax, 50 * 2 ** Math.min(failures, 6));
+  }
+
+  /**
+   * Rounds: each takes the free partitions, then publishes each held partition's next events.
+   * A partition fails alone (a refusal by `beforePublish`, the broker, the database): the
+   * failure is reported, and that partition waits with its own backoff while the others go on
+   * at their pace, before it in the round or after it. Until 2026-12-07 one try of the whole
+   * round held every partition: a partition that kept failing stopped every partition after it
+   * in the round, and slowed the rest with its backoff.
+   */
   async #run(): Promise<void> {
     let failures = 0;
     while (this.#running) {
       try {
         await this.#acquirePartitions();
-        let published = 0;
-        for (const partition of this.#held) published += await this.#publishOnce(partition);
         failures = 0;
-        if (published === 0) await sleep(this.#o.idleWaitMs);
       } catch (error) {
         this.#o.onError?.(error);
         failures += 1;
-        // The broker or the database is down: wait, with a cap, and start again from the
-        // checkpoints. Anything read but not acked is simply read again.
-        await sleep(Math.min(this.#o.failureWaitMsMax, 50 * 2 ** Math.min(failures, 6)));
+        // The database is down, or the locks' session: wait, with a cap, and start again from
+        // the checkpoints. Anything read but not acked is simply read again.
+        await sleep(this.#backoffMs(failures));
         if (this.#lockClient === null) this.#held.clear();
+        continue;
       }
+      let published = 0;
+      let healthy = false;
+      let retryAt = Infinity;
+      for (const partition of this.#held) {
+        if (!this.#running) break;
+        const failing = this.#failing.get(partition);
+        if (failing !== undefined && failing.retryAt > Date.now()) {
+          retryAt = Math.min(retryAt, failing.retryAt);
+          continue;
+        }
+        try {
+          published += await this.#publishOnce(partition);
+          this.#failing.delete(partition);
+          healthy = true;
+        } catch (error) {
+          const next = this.#partitionFailed(partition, failing, error);
+          retryAt = Math.min(retryAt, next.retryAt);
+        }
+      }
+      if (published > 0) continue;
+      // Nothing to publish: wait a moment, or, when every held partition is waiting out a
+      // failure, until the first of them is due.
+      await sleep(healthy || retryAt === Infinity ? this.#o.idleWaitMs : Math.max(this.#o.idleWaitMs, retryAt - Date.now()));
     }
+  }
+
+  /** Records and reports a partition's failed try; it is tried again after its backoff. */
+  #partitionFailed(partition: number, before: PartitionFailure | undefined, error: unknown): PartitionFailure {
+    const now = Date.now();
+    const failures = (before?.failures ?? 0) + 1;
+    let tooLarge = before?.tooLarge ?? null;
+    let report = true;
+    if (error instanceof EventTooLargeForBrokerError) {
+      // The same event, every try until someone acts: said once a minute, not at every try.
+      if (tooLarge?.eventId === error.eventId && now - tooLarge.reportedAt < TOO_LARGE_REPORT_MS) report = false;
+      else tooLarge = { eventId: error.eventId, reportedAt: now };
+    }
+    if (report) this.#o.onError?.(error);
+    const next: PartitionFailure = { failures, retryAt: now + this.#backoffMs(failures), tooLarge };
+    // A partition given up meanwhile (its session lost) starts afresh when it is taken again.
+    if (this.#held.has(partition)) this.#failing.set(partition, next);
+    return next;
   }
 
   async #acquirePartitions(): Promise<void> {
@@ -231,6 +341,7 @@ export class OutboxRelay {
     if (this.#lockClient !== client) return;
     this.#lockClient = null;
     this.#held.clear();
+    this.#failing.clear();
     client.release(error instanceof Error ? error : new Error(String(error)));
   }
 
@@ -238,6 +349,7 @@ export class OutboxRelay {
     const client = this.#lockClient;
     this.#lockClient = null;
     this.#held.clear();
+    this.#failing.clear();
     if (client === null) return;
     try {
       await client.query(withQueryTimeout('SELECT pg_advisory_unlock_all()', [], this.#o.lockSessionTimeoutMs));
@@ -267,14 +379,21 @@ export class OutboxRelay {
     }
     if (allowed.length > 0) await this.#o.beforePublish?.(partition, allowed);
     const subject = `${this.#o.subjectPrefix}.p${partition}`;
-    const messages = splitMessages(allowed, this.#o.eventsPerMessageMax, this.#o.messageBytesMax);
+    // The broker refuses a message larger than its max_payload (headers included), before it
+    // is sent: messages are cut below it, and only an event alone can be over it.
+    const payloadMax = this.#o.nats.info?.max_payload;
+    const bytesMax = payloadMax === undefined ? this.#o.messageBytesMax : Math.min(this.#o.messageBytesMax, payloadMax - MESSAGE_HEADERS_ROOM);
+    const messages = splitMessages(allowed, this.#o.eventsPerMessageMax, bytesMax);
     const readIndex = withheld.length === 0 ? null : new Map(events.map((e, i) => [e, i]));
+    const tooLarge = payloadMax === undefined ? null : tooLargeMessage(partition, messages, readIndex, payloadMax);
+    const sending = tooLarge === null ? messages : messages.slice(0, tooLarge.index);
     // One at a time: a message is published only once the broker has stored the one before.
     // Sent back to back, a refused or lost message could be followed by a stored one, and the
     // retry would then store the earlier events after the later ones: a stream's events out
     // of order on the bus. Each ack is one round trip per message of up to
     // `eventsPerMessageMax` events. The checkpoint moves only once every one is acked.
-    for (const batch of messages) {
+    let sent = 0;
+    for (const batch of sending) {
       const h = headers();
       h.set('Ledgerline-Events', String(batch.length));
       await this.#js.publish(subject, encodeEnvelopes(batch.map((e) => e.json)), {
@@ -282,15 +401,58 @@ export class OutboxRelay {
         headers: h,
         timeout: this.#o.publishTimeoutMs,
       });
+      sent += batch.length;
     }
-    await this.#o.afterPublish?.(partition, allowed.length);
-    const last = events.at(-1) as OutboxEvent;
-    await writeCheckpoint(pool, partition, { transactionId: last.transactionId, position: last.position }, allowed.length, withheld);
-    this.#stats.published += allowed.length;
-    this.#stats.withheld += withheld.length;
-    this.#stats.messages += messages.length;
-    return events.length;
+    await this.#o.afterPublish?.(partition, sent);
+    if (tooLarge === null) {
+      const last = events.at(-1) as OutboxEvent;
+      await writeCheckpoint(pool, partition, { transactionId: last.transactionId, position: last.position }, allowed.length, withheld);
+      this.#count(allowed.length, withheld.length, messages.length);
+      return events.length;
+    }
+    // Held at the event the broker cannot take: the checkpoint goes up to the event before it
+    // in the read (with the events withheld before it), so that it is the next one read, and
+    // the partition is tried again with backoff (see EventTooLargeForBrokerError).
+    const at = events.indexOf(tooLarge.event);
+    if (at > 0) {
+      const before = new Set(events.slice(0, at));
+      const withheldBefore = withheld.filter((w) => before.has(w.event));
+      const last = events[at - 1] as OutboxEvent;
+      await writeCheckpoint(pool, partition, { transactionId: last.transactionId, position: last.position }, sent, withheldBefore);
+      this.#count(sent, withheldBefore.length, sending.length);
+    }
+    throw tooLarge.error;
   }
+
+  #count(published: number, withheld: number, messages: number): void {
+    this.#stats.published += published;
+    this.#stats.withheld += withheld;
+    this.#stats.messages += messages;
+  }
+}
+
+/**
+ * The first message the broker would refuse, larger than `payloadMax` with its headers: only
+ * a lone event can be (`splitMessages` cuts below it), so only a lone event near the limit is
+ * measured exactly, as the NATS client counts: the payload and the encoded headers.
+ */
+function tooLargeMessage(
+  partition: number,
+  messages: readonly OutboxEvent[][],
+  readIndex: ReadonlyMap<OutboxEvent, number> | null,
+  payloadMax: number,
+): { index: number; event: OutboxEvent; error: EventTooLargeForBrokerError } | null {
+  for (let i = 0; i < messages.length; i += 1) {
+    const batch = messages[i] as OutboxEvent[];
+    const event = batch[0] as OutboxEvent;
+    if (batch.length !== 1 || event.bytes + MESSAGE_FRAME_BYTES + MESSAGE_HEADERS_ROOM <= payloadMax) continue;
+    // The headers as the client encodes them (`MsgHdrs.encode`) and counts them against
+    // max_payload: the ones the publish sets, and the message id the JetStream client adds.
+    const headerText = `NATS/1.0\r\nLedgerline-Events: 1\r\nNats-Msg-Id: ${messageId(partition, batch, readIndex)}\r\n\r\n`;
+    const bytes = event.bytes + MESSAGE_FRAME_BYTES + Buffer.byteLength(headerText);
+    if (bytes > payloadMax) return { index: i, event, error: new EventTooLargeForBrokerError(partition, event, bytes, payloadMax) };
+  }
+  return null;
 }
 
 /**
@@ -389,7 +551,7 @@ export async function readOutbox(
  */
 export function splitMessages(events: readonly OutboxEvent[], eventsMax: number, bytesMax: number): OutboxEvent[][] {
   /** `{"events":[` and `]}`, and a comma per event. */
-  const frameBytes = 13;
+  const frameBytes = MESSAGE_FRAME_BYTES;
   const out: OutboxEvent[][] = [];
   let current: OutboxEvent[] = [];
   let bytes = frameBytes;

@@ -8,6 +8,7 @@ import type pg from 'pg';
 import { newUuidV7 } from './ids.ts';
 import { sqlArrayLiteral, sqlLiteral } from './sql.ts';
 import { readHorizon } from './horizon.ts';
+import { encodeEnvelopes, envelopeJson } from './wire.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -403,22 +404,109 @@ export function streamOrderConflict(error: unknown): StreamOrderConflictError | 
 /** Most events in one append statement: bounds the statement and its parameter arrays. */
 export const APPEND_EVENTS_MAX = 10_000;
 
+/**
+ * The default of `eventBytesMax`: NATS's default `max_payload` (1 MiB), less 1 KiB for the
+ * message's headers (the relay's take about 120 bytes). A broker configured with a smaller
+ * `max_payload` needs a store opened with `eventBytesMax` at most that, less 1 KiB.
+ */
+export const EVENT_BYTES_MAX = 1024 * 1024 - 1024;
+
+/**
+ * The bytes of a one-event broker message that do not depend on the event's content: the
+ * envelope's keys and punctuation (`envelopeJson`), its numbers, id and time at their widest
+ * (a position of 19 digits, a transaction id of 20, a smallint partition, an int version, a
+ * smallint schema version, a six-digit year), the quotes of its three strings, and the
+ * message's frame (`encodeEnvelopes`). The rest is the strings' JSON and the documents' jsonb
+ * text.
+ */
+export const EVENT_MESSAGE_FIXED_BYTES =
+  Buffer.byteLength(
+    envelopeJson({
+      position: '9'.repeat(19),
+      transactionId: '9'.repeat(20),
+      partition: '32767',
+      id: '00000000-0000-0000-0000-000000000000',
+      streamType: '',
+      streamId: '',
+      version: '2147483647',
+      type: '',
+      schemaVersion: '-32768',
+      data: '',
+      metadata: '',
+      recordedAt: '+275760-09-13T00:00:00.000Z',
+    }),
+  ) + encodeEnvelopes(['']).length;
+
+/**
+ * An event too large to be published: alone in a broker message, with the relay's frame, it
+ * would take more than the store's `eventBytesMax`, and the broker would refuse it (NATS's
+ * `max_payload`), holding its partition back. Nothing was written; the caller's transaction is
+ * still usable (unless PostgreSQL had to measure the event and found its JSON invalid).
+ */
+export class EventTooLargeError extends RangeError {
+  override readonly name = 'EventTooLargeError';
+  readonly streamType: string;
+  readonly streamId: string;
+  readonly eventType: string;
+  /** The event's place in the append's events (0 for the first). */
+  readonly index: number;
+  /** The message's size (an upper bound on its numbers' width; or, when `atLeast`, a lower bound). */
+  readonly bytes: number;
+  readonly bytesMax: number;
+  constructor(event: { streamType: string; streamId: string; event: { type: string } }, index: number, bytes: number, bytesMax: number, atLeast: boolean) {
+    super(
+      `event ${index} of the append (${JSON.stringify(event.event.type)} on stream ${event.streamType}/${event.streamId}) would be ` +
+        `${atLeast ? 'at least ' : ''}${bytes} bytes on the broker, more than the ${bytesMax} the store allows (eventBytesMax): ` +
+        'the relay could not publish it',
+    );
+    this.streamType = event.streamType;
+    this.streamId = event.streamId;
+    this.eventType = event.event.type;
+    this.index = index;
+    this.bytes = bytes;
+    this.bytesMax = bytesMax;
+  }
+}
+
+/** Events whose documents are serialised in one JSON.stringify call, and sized together (see `#appendDocuments`). */
+const DOCUMENT_CHUNK = 32;
+
+/** What an append's size check reads of each event. */
+type SizedEvent = Pick<StreamEvent, 'streamType' | 'streamId' | 'event'>;
+
+/** The append's `data` and `metadata` columns: each a JSON array, one element an event. */
+interface AppendDocuments {
+  data: string;
+  metadata: string;
+}
+
 export class EventStore {
   readonly partitions: number;
   /** Null: no residency policy, nothing is checked (tags given to `append` are still kept). */
   readonly residency: StoreResidency | null;
+  /**
+   * The largest broker message one event may make (its envelope as the relay sends it, alone,
+   * in the message's frame; headers not counted): a larger event is refused at append with
+   * EventTooLargeError. Default `EVENT_BYTES_MAX`.
+   */
+  readonly eventBytesMax: number;
 
-  private constructor(partitions: number, residency: StoreResidency | null) {
+  private constructor(partitions: number, residency: StoreResidency | null, eventBytesMax: number) {
     this.partitions = partitions;
     this.residency = residency;
+    this.eventBytesMax = eventBytesMax;
   }
 
   /** Reads the store's fixed settings. Run `migrateEvents` first. */
-  static async open(db: Queryable, options: { residency?: StoreResidency } = {}): Promise<EventStore> {
+  static async open(db: Queryable, options: { residency?: StoreResidency; eventBytesMax?: number } = {}): Promise<EventStore> {
+    const eventBytesMax = options.eventBytesMax ?? EVENT_BYTES_MAX;
+    if (!Number.isSafeInteger(eventBytesMax) || eventBytesMax <= EVENT_MESSAGE_FIXED_BYTES) {
+      throw new RangeError(`eventBytesMax must be an integer above ${EVENT_MESSAGE_FIXED_BYTES} (an empty event's message)`);
+    }
     const r = await db.query<{ partitions: number }>('SELECT partitions FROM events.settings');
     const partitions = r.rows[0]?.partitions;
     if (partitions === undefined) throw new Error('events.settings is empty: run migrateEvents first');
-    return new EventStore(partitions, options.residency ?? null);
+    return new EventStore(partitions, options.residency ?? null, eventBytesMax);
   }
 
   /**
@@ -488,6 +576,10 @@ export class EventStore {
     options: { expectedVersion: ExpectedVersion; region?: string },
   ): Promise<{ version: number; positions: bigint[] }> {
     if (events.length === 0) throw new RangeError('append needs at least one event');
+    // Encoded and sized before anything is written (a first region tag, below); the versions
+    // are set once the stream's is known.
+    const entries: StreamEvent[] = events.map((event) => ({ streamType: stream.type, streamId: stream.id, version: 0, event }));
+    const documents = await this.#appendDocuments(db, entries);
     const locked = await db.query<{ isolation: string }>(
       "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)), current_setting('transaction_isolation') AS isolation",
       [`${stream.type}/${stream.id}`],
@@ -527,10 +619,10 @@ export class EventStore {
       (expectedVersion === 'no_stream' && current === 0) ||
       (typeof expectedVersion === 'number' && current === expectedVersion);
     if (!ok) throw new ConcurrencyError(stream.type, stream.id, expectedVersion, current);
-    const positions = await this.appendMany(
-      db,
-      events.map((event, i) => ({ streamType: stream.type, streamId: stream.id, version: current + i + 1, event })),
-    );
+    entries.forEach((e, i) => {
+      e.version = current + i + 1;
+    });
+    const positions = await this.#appendEntries(db, entries, documents);
     return { version: current + events.length, positions };
   }
 
@@ -540,7 +632,11 @@ export class EventStore {
    * version: the loser's statement fails and its transaction rolls back.
    */
   async appendMany(db: Queryable, entries: StreamEvent[]): Promise<bigint[]> {
-    const columns = await this.#appendColumns(db, entries);
+    return this.#appendEntries(db, entries, null);
+  }
+
+  async #appendEntries(db: Queryable, entries: StreamEvent[], documents: AppendDocuments | null): Promise<bigint[]> {
+    const columns = await this.#appendColumns(db, entries, documents);
     if (columns === null) return [];
     try {
       const r = await db.query<{ position: string }>(`${appendSql(columns.map((_, i) => `$${i + 1}`))} RETURNING position::text`, columns);
@@ -560,14 +656,19 @@ export class EventStore {
    * LL409, which `streamOrderConflict` turns into StreamOrderConflictError.
    */
   async appendStatement(db: Queryable, entries: StreamEvent[]): Promise<string | null> {
-    const columns = await this.#appendColumns(db, entries);
+    const columns = await this.#appendColumns(db, entries, null);
     return columns === null ? null : appendSql(columns.map(sqlLiteral));
   }
 
-  /** Checks an append (size, residency) and encodes its nine columns, and the continuing streams for its stream-order check, in `appendSql`'s order. */
-  async #appendColumns(db: Queryable, entries: StreamEvent[]): Promise<string[] | null> {
+  /**
+   * Checks an append (size, each event's size, residency) and encodes its nine columns, and the
+   * continuing streams for its stream-order check, in `appendSql`'s order. `documents`: the
+   * data and metadata columns, already encoded and sized by `#appendDocuments`.
+   */
+  async #appendColumns(db: Queryable, entries: StreamEvent[], documents: AppendDocuments | null): Promise<string[] | null> {
     if (entries.length === 0) return null;
     if (entries.length > APPEND_EVENTS_MAX) throw new RangeError(`at most ${APPEND_EVENTS_MAX} events per append`);
+    const { data, metadata } = documents ?? (await this.#appendDocuments(db, entries));
     await this.#checkResidency(db, entries, 'write', undefined);
     // A stream that already has events must not receive one from an older transaction (see
     // StreamOrderConflictError). New streams (version 1) cannot have that problem. The check of
@@ -592,10 +693,78 @@ export class EventStore {
       sqlArrayLiteral(entries.map((e) => e.version)),
       JSON.stringify(entries.map((e) => e.event.type)),
       sqlArrayLiteral(entries.map((e) => e.event.schemaVersion ?? 1)),
-      JSON.stringify(entries.map((e) => e.event.data)),
-      JSON.stringify(entries.map((e) => e.event.metadata ?? {})),
+      data,
+      metadata,
       ...order,
     ];
+  }
+
+  /**
+   * The append's `data` and `metadata` columns, as JSON arrays, and the check that no event is
+   * too large for a broker message (`eventBytesMax`, EventTooLargeError).
+   *
+   * The documents are serialised DOCUMENT_CHUNK events at a time, and a chunk's own texts bound
+   * the size of each of its events: an event's message is at most EVENT_MESSAGE_FIXED_BYTES,
+   * plus 6 bytes for each UTF-16 unit of its stream type, stream id and type (`\u001f` is the
+   * widest JSON escape), plus 4.5 for each unit of its documents' JSON (3 bytes of UTF-8, and
+   * PostgreSQL's jsonb text, which the relay sends, adds a space after each `:` and `,`: at most
+   * one for every two bytes). Under that bound, the usual case by far (32 events of 7 KiB), the
+   * append does what it did before the check: one JSON.stringify of each document, on slices of
+   * 32, and a join. A chunk over it is serialised again one event at a time (so is the rest of
+   * the append), and a single event over it is measured (`#measureEvent`).
+   *
+   * Not covered by the bound: numbers JSON.stringify writes with an exponent, which jsonb
+   * writes out (`1e+300` as 301 digits). An event made of thousands of them can pass here and
+   * then exceed the broker's max_payload; the relay then holds its partition and says so.
+   */
+  async #appendDocuments(db: Queryable, entries: readonly SizedEvent[]): Promise<AppendDocuments> {
+    const room = this.eventBytesMax - EVENT_MESSAGE_FIXED_BYTES;
+    const data: string[] = [];
+    const metadata: string[] = [];
+    let chunk = DOCUMENT_CHUNK;
+    for (let start = 0; start < entries.length; ) {
+      const end = Math.min(start + chunk, entries.length);
+      const d: unknown[] = [];
+      const m: unknown[] = [];
+      let names = 0;
+      for (let i = start; i < end; i += 1) {
+        const e = entries[i] as SizedEvent;
+        d.push(e.event.data);
+        m.push(e.event.metadata ?? {});
+        names = Math.max(names, e.streamType.length + e.streamId.length + e.event.type.length);
+      }
+      const dataText = JSON.stringify(d);
+      const metadataText = JSON.stringify(m);
+      if (6 * names + 4.5 * (dataText.length + metadataText.length) > room) {
+        if (end - start > 1) {
+          chunk = 1;
+          continue;
+        }
+        await this.#measureEvent(db, entries[start] as SizedEvent, start, dataText, metadataText);
+      }
+      if (start === 0 && end === entries.length) return { data: dataText, metadata: metadataText };
+      data.push(dataText.slice(1, -1));
+      metadata.push(metadataText.slice(1, -1));
+      start = end;
+    }
+    return { data: `[${data.join(',')}]`, metadata: `[${metadata.join(',')}]` };
+  }
+
+  /**
+   * Refuses an event (EventTooLargeError) whose message would exceed `eventBytesMax`: its size
+   * is EVENT_MESSAGE_FIXED_BYTES, its strings' JSON, and its documents as PostgreSQL renders
+   * them. `dataText` and `metadataText` are one-element JSON arrays. Its documents' JSON alone
+   * may already be too much (jsonb's text is never shorter: the same strings, keys and numbers,
+   * and spaces added); otherwise PostgreSQL renders them, once, to count the bytes exactly.
+   * Only for events too close to the limit for `#appendDocuments`' bound (a quarter of it).
+   */
+  async #measureEvent(db: Queryable, e: SizedEvent, index: number, dataText: string, metadataText: string): Promise<void> {
+    const names = Buffer.byteLength(JSON.stringify(e.streamType)) + Buffer.byteLength(JSON.stringify(e.streamId)) + Buffer.byteLength(JSON.stringify(e.event.type)) - 6;
+    const least = EVENT_MESSAGE_FIXED_BYTES + names + Buffer.byteLength(dataText) + Buffer.byteLength(metadataText) - 4;
+    if (least > this.eventBytesMax) throw new EventTooLargeError(e, index, least, this.eventBytesMax, true);
+    const r = await db.query<{ bytes: number }>('SELECT octet_length($1::jsonb::text) + octet_length($2::jsonb::text) - 4 AS bytes', [dataText, metadataText]);
+    const bytes = EVENT_MESSAGE_FIXED_BYTES + names + (r.rows[0]?.bytes ?? 0);
+    if (bytes > this.eventBytesMax) throw new EventTooLargeError(e, index, bytes, this.eventBytesMax, false);
   }
 
   /**
