@@ -220,25 +220,21 @@ function problemFor(error: FastifyError, request: FastifyRequest): ProblemAnswer
     request.log.warn({ err: error }, 'dependency unavailable');
     return dependency;
   }
-  // Every service's handlers reach PostgreSQL; one that is down or restarting is not a bug, and
-  // the client may retry, as the ledger's own 503 says. Logged, without the details in the answer.
-  if (databaseUnreachable(error)) {
-    request.log.warn({ err: error }, 'database unavailable');
+  // Every service's handlers reach PostgreSQL; one that is down, restarting or too busy to do the
+  // work now is not a bug, and the client may retry, as the ledger's own 503 says. Logged,
+  // without the details in the answer.
+  const database = databaseUnreachable(error)
+    ? { title: 'Database unavailable', detail: 'The service could not reach its database.' }
+    : databaseBusy(error)
+      ? { title: 'Database busy', detail: 'The database could not do this now (a lock or statement timeout, or it is short of resources); nothing was changed.' }
+      : null;
+  if (database !== null) {
+    request.log.warn({ err: error }, database.title.toLowerCase());
     return {
       status: 503,
       type: PROBLEM_TYPES.databaseUnavailable,
-      title: 'Database unavailable',
-      detail: 'The service could not reach its database. Retry after the Retry-After delay.',
-      headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
-    };
-  }
-  if (databaseBusy(error)) {
-    request.log.warn({ err: error }, 'database busy');
-    return {
-      status: 503,
-      type: PROBLEM_TYPES.databaseUnavailable,
-      title: 'Database busy',
-      detail: 'The database could not do this now (a lock or statement timeout, or it is short of resources); nothing was changed. Retry after the Retry-After delay.',
+      title: database.title,
+      detail: `${database.detail} Retry after the Retry-After delay.`,
       headers: { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) },
     };
   }
