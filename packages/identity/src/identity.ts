@@ -42,10 +42,18 @@ export const LOGIN_REFUSED = 'invalid username, password or code';
 
 export class IdentityError extends Error {
   readonly code: IdentityErrorCode;
-  constructor(code: IdentityErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+  /**
+   * The username or client id of the existing account a refused login or client authentication
+   * concerns; undefined when no account by the name given was found (or none was looked up).
+   * Never in an answer: the audit trail names the account with it, and names anything else a
+   * caller typed only by a keyed digest (what was typed as a username may be a password).
+   */
+  readonly account: string | undefined;
+  constructor(code: IdentityErrorCode, message: string, options?: { cause?: unknown; account?: string }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'IdentityError';
     this.code = code;
+    this.account = options?.account;
   }
 }
 
@@ -150,6 +158,7 @@ const REFRESH_FAMILY_LOCK_CLASS = 0x4c4c4946; // "LLIF"
 
 interface UserRow {
   id: string;
+  username: string;
   password_hash: string;
   roles: string[];
   tenant: string | null;
@@ -226,26 +235,35 @@ export class Identity {
   async login(request: LoginRequest): Promise<TokenResponse> {
     this.#checkUserAudience(request.audience);
     const nowMs = this.#clock();
-    const refusal = new IdentityError('invalid_grant', LOGIN_REFUSED);
     // The signing key is read before the transaction: reading it (from the pool) while holding a
     // connection and the user's row lock deadlocked the pool when every connection did so.
     const signer = await this.#signingKey();
     return this.#transaction(async (client) => {
       const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE username = $1 FOR UPDATE', [request.username.toLowerCase()]);
       const user = r.rows[0];
-      const counters: LoginCounters | null = user === undefined ? null : { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
       // The password is hashed in every case, locked or unknown user included, so that how long
       // a refusal takes says nothing about which refusal it is.
       const passwordOk = await verifyPassword(user?.password_hash ?? null, request.password);
-      if (counters !== null && isLocked(counters, nowMs)) {
-        throw new IdentityError('account_locked', 'too many failed attempts; try again later');
+      // And every refusal below does the same database work: one statement that writes, then
+      // COMMIT. A wrong password commits its count (a WAL flush); an unknown username rolled
+      // back and answered about 1.7 ms sooner (of 12), a locked account too, which told anyone
+      // timing the answers which usernames exist.
+      if (user === undefined) {
+        await client.query('SELECT pg_current_xact_id()');
+        throw new FailedAttempt(new IdentityError('invalid_grant', LOGIN_REFUSED));
       }
-      if (user === undefined || counters === null) throw refusal;
-      if (!passwordOk) return this.#fail(client, user.id, counters, nowMs, refusal);
+      const counters: LoginCounters = { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
+      const account = { account: user.username };
+      if (isLocked(counters, nowMs)) {
+        await this.#saveCounters(client, user.id, counters);
+        throw new FailedAttempt(new IdentityError('account_locked', 'too many failed attempts; try again later', account));
+      }
+      const refusal = new IdentityError('invalid_grant', LOGIN_REFUSED, account);
+      if (!passwordOk) return this.#fail(client, user, counters, nowMs, refusal);
       if (user.totp_confirmed && user.totp_secret !== null) {
         const second = await this.#secondFactor(client, user, request, nowMs);
-        if (second === 'missing') throw new IdentityError('mfa_required', 'a TOTP code or a recovery code is required');
-        if (second === 'wrong') return this.#fail(client, user.id, counters, nowMs, refusal);
+        if (second === 'missing') throw new IdentityError('mfa_required', 'a TOTP code or a recovery code is required', account);
+        if (second === 'wrong') return this.#fail(client, user, counters, nowMs, refusal);
       }
       await this.#saveCounters(client, user.id, AFTER_SUCCESS);
       return this.#issueUserTokens(client, signer, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
@@ -362,21 +380,23 @@ export class Identity {
   /** The client-credentials grant: a token for exactly one audience the client is registered for. */
   async clientCredentials(auth: ClientAuthentication, audience: string): Promise<TokenResponse> {
     const nowMs = this.#clock();
-    const refusal = new IdentityError('invalid_client', 'client authentication failed');
     const clientId = 'assertion' in auth ? assertionClientId(auth.assertion) : auth.clientId;
     const r = await this.#pool.query<{ secret_hash: string | null; public_jwk: JWK | null; roles: string[]; audiences: string[] }>(
       'SELECT secret_hash, public_jwk, roles, audiences FROM identity.clients WHERE id = $1',
       [clientId ?? ''],
     );
     const client = r.rows[0];
+    // A client that exists is named in the refusal (for the audit trail, not the answer).
+    const known = client === undefined || clientId === null ? undefined : { account: clientId };
+    const refused = new IdentityError('invalid_client', 'client authentication failed', known);
     if ('assertion' in auth) {
-      if (client === undefined || client.public_jwk === null || clientId === null) throw refusal;
-      await this.#checkAssertion(auth.assertion, clientId, client.public_jwk, nowMs, refusal);
+      if (client === undefined || client.public_jwk === null || clientId === null) throw refused;
+      await this.#checkAssertion(auth.assertion, clientId, client.public_jwk, nowMs, refused);
     } else {
       const ok = await verifyPassword(client?.secret_hash ?? null, auth.secret);
-      if (!ok || client === undefined) throw refusal;
+      if (!ok || client === undefined) throw refused;
     }
-    if (!client.audiences.includes(audience)) throw new IdentityError('invalid_target', `client may not ask for audience ${audience}`);
+    if (!client.audiences.includes(audience)) throw new IdentityError('invalid_target', `client may not ask for audience ${audience}`, known);
     const accessToken = await signAccessToken(await this.#signingKey(), { sub: clientId ?? '', kind: 'service', roles: client.roles, audience }, this.#signOptions(nowMs));
     return { access_token: accessToken, token_type: 'Bearer', expires_in: this.#accessTtl };
   }
@@ -535,10 +555,10 @@ export class Identity {
   }
 
   /** Counts a failure (and maybe locks), commits that, and refuses. */
-  async #fail(client: pg.PoolClient, userId: string, counters: LoginCounters, nowMs: number, refusal: IdentityError): Promise<never> {
+  async #fail(client: pg.PoolClient, user: UserRow, counters: LoginCounters, nowMs: number, refusal: IdentityError): Promise<never> {
     const next = afterFailure(counters, this.#lockout, nowMs);
-    await this.#saveCounters(client, userId, next);
-    throw new FailedAttempt(next.lockedUntil !== null && isLocked(next, nowMs) ? new IdentityError('account_locked', 'too many failed attempts; try again later') : refusal);
+    await this.#saveCounters(client, user.id, next);
+    throw new FailedAttempt(next.lockedUntil !== null && isLocked(next, nowMs) ? new IdentityError('account_locked', 'too many failed attempts; try again later', { account: user.username }) : refusal);
   }
 
   async #saveCounters(client: pg.PoolClient, userId: string, counters: LoginCounters): Promise<void> {

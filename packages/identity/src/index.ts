@@ -3,7 +3,7 @@ export type { ClientAuthentication, IdentityErrorCode, IdentityOptions, LoginReq
 export { afterFailure, AFTER_SUCCESS, isLocked, LOCKOUT_DEFAULT } from './lockout.ts';
 export type { LockoutPolicy, LoginCounters } from './lockout.ts';
 export { migrateIdentity } from './migrate.ts';
-export { KeyEncryptionKeyError, parseKeyEncryptionKey, type KeyEncryptionKey } from './keys-at-rest.ts';
+export { auditPseudonymKey, KeyEncryptionKeyError, parseKeyEncryptionKey, type KeyEncryptionKey } from './keys-at-rest.ts';
 export { checkPasswordStrength, hashPassword, PASSWORD_CHARS_MAX, PASSWORD_CHARS_MIN, verifyPassword, WeakPasswordError } from './passwords.ts';
 export { newRecoveryCodes, newTotpSecret, RECOVERY_CODES_COUNT, recoveryCodeHash, TOTP_DEFAULT, TOTP_WINDOW_STEPS, totpCode, totpUri, verifyTotp } from './totp.ts';
 export type { TotpParams } from './totp.ts';

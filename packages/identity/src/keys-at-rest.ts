@@ -8,7 +8,7 @@
  * id, a hash of the key) and the signing key's `kid`, so that a wrong key-encryption key is
  * reported as such, and a JWE moved to another row does not decrypt as that row's key.
  */
-import { createHash } from 'node:crypto';
+import { createHash, hkdfSync } from 'node:crypto';
 import { compactDecrypt, CompactEncrypt, decodeProtectedHeader, type JWK } from 'jose';
 
 /** The protected-header parameter that binds a JWE to its signing key's `kid`. */
@@ -98,4 +98,15 @@ export async function openPrivateJwk(jwe: string, signingKid: string, configured
     throw new KeyEncryptionKeyError(`the encrypted key stored as ${signingKid} belongs to ${String(opened.protectedHeader[SIGNING_KID_PARAM])}`);
   }
   return JSON.parse(new TextDecoder().decode(opened.plaintext)) as JWK;
+}
+
+/**
+ * The key of the digest that stands in the audit trail for a username or client id no account
+ * has (the identity service's `pseudonymKey`), derived from the current key-encryption key
+ * (HKDF-SHA256, its own label): a secret outside the database that every instance shares, so
+ * that they name the same text alike, and that a reader of the trail cannot use to test guesses.
+ * A new key-encryption key names the same text anew.
+ */
+export function auditPseudonymKey(kek: KeyEncryptionKey): Uint8Array {
+  return new Uint8Array(hkdfSync('sha256', kek.key, new Uint8Array(0), 'ledgerline identity: audit pseudonyms of unknown names', 32));
 }

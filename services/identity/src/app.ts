@@ -3,6 +3,7 @@
  * rotation, client credentials with a secret or a signed assertion), revocation, the JWKS, and
  * the few administrative routes, which need a token of this service's own audience.
  */
+import { createHmac, randomBytes } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
@@ -58,6 +59,14 @@ export interface IdentityServiceOptions {
   tokenRateLimit?: RateLimit;
   /** Failed bearer tokens on the administrative routes allowed per client address and in all before 429s recorded together (`installHttpAuth`'s options). */
   authFailures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit'>;
+  /**
+   * The key of the digest that names, in the audit trail, a username or client id no account
+   * has (`unknown-user:<digest>`): what was typed may be a password typed in the wrong field,
+   * and the trail can be neither changed nor erased. Instances that share it name the same
+   * text alike, so repeated attempts can be correlated. main.ts derives it from
+   * IDENTITY_KEY_ENCRYPTION_KEY (`auditPseudonymKey`); unset, each build makes a random one.
+   */
+  pseudonymKey?: Uint8Array;
 }
 
 const STATUS: Record<IdentityErrorCode, number> = {
@@ -94,6 +103,15 @@ function retryLater(reply: FastifyReply, error: IdentityError): IdentityError {
   if (error.code === 'temporarily_unavailable') reply.header('retry-after', String(RETRY_AFTER_SECONDS));
   return error;
 }
+
+/** Hex digits of the keyed digest that stands for a name no account has (64 bits: enough to tell attempts apart). */
+const PSEUDONYM_HEX_DIGITS = 16;
+
+/** A refresh token's id, the part before the dot: all of it the trail may name. */
+const REFRESH_TOKEN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** How a token request ended, for the actor of its audit record: granted, or refused naming the account found (if any). */
+type GrantOutcome = { granted: true } | { granted: false; account: string | undefined };
 
 /** The grant types the token endpoint serves, as TokenBody lists them. */
 const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.enum);
@@ -163,6 +181,13 @@ function missing(grant: string, fields: string): HttpProblem {
 export async function buildIdentityService(options: IdentityServiceOptions): Promise<Service> {
   const { identity, pool, issuer } = options;
   const clock = options.clock ?? Date.now;
+  const pseudonymKey = options.pseudonymKey ?? randomBytes(32);
+  /**
+   * How the trail names a username or client id that no account has: `unknown-user:` and a
+   * keyed digest of it (lower-cased, as logins match usernames), never the text itself.
+   */
+  const pseudonym = (kind: 'unknown-user' | 'unknown-client', typed: string): string =>
+    `${kind}:${createHmac('sha256', pseudonymKey).update(`${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS)}`;
   const tokenRateLimit = options.tokenRateLimit ?? IDENTITY_TOKEN_RATE_LIMIT_DEFAULT;
   if (!(tokenRateLimit.ratePerSecond > 0) || !Number.isInteger(tokenRateLimit.burst) || tokenRateLimit.burst < 1) {
     throw new RangeError(`token rate limit: ratePerSecond must be above 0 and burst a positive integer (got ${JSON.stringify(tokenRateLimit)})`);
@@ -264,15 +289,20 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply): Promise<TokenResponse> => {
       reply.headers(noStore);
       const body = request.body;
-      /** Every grant attempt, granted or refused, is an authentication event in the audit trail (PCI DSS 10.2.4). */
-      const audited = async (actor: AuditActor, call: Promise<TokenResponse>): Promise<TokenResponse> => {
-        const entry = { recordClass: 'access', actor, action: TOKEN_ACTION, origin: { service: 'identity', ip: request.ip, requestId: request.id }, resource: { type: 'token', id: body.grant_type } };
+      /**
+       * Every grant attempt, granted or refused, is an authentication event in the audit trail
+       * (PCI DSS 10.2.4), whose actor `actorOf` names from the outcome: `granted`, or the
+       * account a refusal names (undefined when none was found).
+       */
+      const audited = async (actorOf: (outcome: GrantOutcome) => AuditActor, call: Promise<TokenResponse>): Promise<TokenResponse> => {
+        const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: { service: 'identity', ip: request.ip, requestId: request.id }, resource: { type: 'token', id: body.grant_type } };
         try {
           const tokens = await call;
-          options.audit.record({ ...entry, outcome: 'success', payload: { audience: body.audience ?? null } });
+          options.audit.record({ ...entry, actor: actorOf({ granted: true }), outcome: 'success', payload: { audience: body.audience ?? null } });
           return tokens;
         } catch (error) {
-          options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', payload: { audience: body.audience ?? null } });
+          const account = error instanceof IdentityError ? error.account : undefined;
+          options.audit.record({ ...entry, actor: actorOf({ granted: false, account }), outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', payload: { audience: body.audience ?? null } });
           // A locked account is refused as a wrong password is: a distinct answer (it was 423)
           // told anyone probing that the username exists. The audit trail keeps the true reason.
           if (error instanceof IdentityError && error.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
@@ -282,7 +312,13 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
       switch (body.grant_type) {
         case 'password': {
           if (body.username === undefined || body.password === undefined || body.audience === undefined) throw missing('password', 'username, password and audience');
-          return audited({ type: 'user', id: body.username }, identity.login({
+          const username = body.username;
+          // A known user's attempts name the user (PCI DSS 10.2.1.4); a name no user has is only
+          // a digest: it may be a password typed in the wrong field. Granted, the name is the
+          // user's (logins match usernames lower-cased).
+          const actorOf = (outcome: GrantOutcome): AuditActor =>
+            ({ type: 'user', id: outcome.granted ? username.toLowerCase() : (outcome.account ?? pseudonym('unknown-user', username)) });
+          return audited(actorOf, identity.login({
             username: body.username,
             password: body.password,
             audience: body.audience,
@@ -290,18 +326,27 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
             ...(body.recovery_code === undefined ? {} : { recoveryCode: body.recovery_code }),
           }));
         }
-        case 'refresh_token':
+        case 'refresh_token': {
           if (body.refresh_token === undefined) throw missing('refresh_token', 'refresh_token');
           // The token's id (before the dot) names the session; its secret never reaches the trail.
-          return audited({ type: 'user', id: `refresh:${body.refresh_token.split('.')[0] ?? ''}` }, identity.refresh(body.refresh_token));
+          // Only a well-formed id: a malformed token (a password pasted in the field) is not named.
+          const tokenId = body.refresh_token.split('.')[0] ?? '';
+          const actor: AuditActor = { type: 'user', id: REFRESH_TOKEN_ID.test(tokenId) ? `refresh:${tokenId}` : 'refresh:malformed' };
+          return audited(() => actor, identity.refresh(body.refresh_token));
+        }
         case 'client_credentials': {
           if (body.audience === undefined) throw missing('client_credentials', 'audience');
           if (body.client_assertion !== undefined && body.client_assertion_type === CLIENT_ASSERTION_TYPE) {
             // The claimed client, as a failed login records the claimed username.
-            return audited({ type: 'service', id: assertionClientId(body.client_assertion) ?? 'unknown-client' }, identity.clientCredentials({ assertion: body.client_assertion }, body.audience));
+            const claimed: AuditActor = { type: 'service', id: assertionClientId(body.client_assertion) ?? 'unknown-client' };
+            return audited(() => claimed, identity.clientCredentials({ assertion: body.client_assertion }, body.audience));
           }
           if (body.client_id === undefined || body.client_secret === undefined) throw missing('client_credentials', 'client_id and client_secret, or a client_assertion');
-          return audited({ type: 'service', id: body.client_id }, identity.clientCredentials({ clientId: body.client_id, secret: body.client_secret }, body.audience));
+          // As a username: a client id no client has may be its secret, given in the wrong variable.
+          const clientId = body.client_id;
+          const actorOf = (outcome: GrantOutcome): AuditActor =>
+            ({ type: 'service', id: outcome.granted ? clientId : (outcome.account ?? pseudonym('unknown-client', clientId)) });
+          return audited(actorOf, identity.clientCredentials({ clientId, secret: body.client_secret }, body.audience));
         }
       }
     },

@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { authFailureOptionsFromConfig, LogAuditSink } from '@ledgerline/authz';
-import { Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
+import { auditPseudonymKey, Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
 import { buildIdentityService } from './app.ts';
 import { bootstrap } from './bootstrap.ts';
@@ -122,6 +122,9 @@ const app = await buildIdentityService({
   resilience: resilience.options,
   tokenRateLimit: { ratePerSecond: config.IDENTITY_TOKEN_RATE_PER_SECOND, burst: config.IDENTITY_TOKEN_BURST },
   authFailures: authFailureOptionsFromConfig(config),
+  // Unknown usernames are named in the trail by a digest under this key, the same on every
+  // instance; without a key-encryption key, by a key of this process's own.
+  ...(keyEncryptionKey === undefined ? {} : { pseudonymKey: auditPseudonymKey(keyEncryptionKey) }),
 });
 exportSequencerRestarts(app.metrics, sequencer);
 const address = await runService(app, {

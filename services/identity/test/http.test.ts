@@ -151,6 +151,59 @@ describe('the token endpoint', () => {
     assert.equal(JSON.stringify(attempts).includes(PASSWORD), false);
   });
 
+  test('a failed login names a known user, never what was typed as an unknown username: that is a keyed digest, the same for the same text', async () => {
+    const username = await newUser('grace', [ROLES.customer]);
+    // A password typed in the username field (the reviewer's case: it went verbatim into a trail nobody can erase).
+    const typed = 'Tr0ub4dor&3-staple';
+    const tokenActors = (from: number) => audit.entries.slice(from).filter((e) => e.action === TOKEN_ACTION).map((e) => [e.actor.type, e.actor.id, e.outcome]);
+    const from = audit.entries.length;
+    const wrong = await token({ grant_type: 'password', username: username.toUpperCase(), password: 'a wrong password', audience: 'ledger' });
+    const unknown = await token({ grant_type: 'password', username: typed, password: 'a wrong password', audience: 'ledger' });
+    const again = await token({ grant_type: 'password', username: typed, password: PASSWORD, audience: 'ledger' });
+    const other = await token({ grant_type: 'password', username: `${typed}x`, password: PASSWORD, audience: 'ledger' });
+    await login(username.toUpperCase(), 'ledger');
+    for (const r of [wrong, unknown, again, other]) assertOAuthProblem(r, 400, 'invalid_grant');
+    // The answers do not tell them apart.
+    const body = (r: typeof wrong) => { const { instance: _instance, request_id: _requestId, ...rest } = r.json<Record<string, unknown>>(); return rest; };
+    assert.deepEqual(body(unknown), body(wrong));
+    const actors = tokenActors(from);
+    const pseudonym = actors[1]?.[1] ?? '';
+    assert.match(pseudonym, /^unknown-user:[0-9a-f]{16}$/);
+    assert.deepEqual(actors, [
+      ['user', username, 'failure'],
+      ['user', pseudonym, 'failure'],
+      ['user', pseudonym, 'failure'],
+      ['user', actors[3]?.[1], 'failure'],
+      ['user', username, 'success'],
+    ]);
+    assert.notEqual(actors[3]?.[1], pseudonym);
+    assert.match(String(actors[3]?.[1]), /^unknown-user:[0-9a-f]{16}$/);
+    // The same for a client id no client has (a secret set as the id), and a malformed refresh token.
+    const secretAsId = 'payments-secret-1-as-id';
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: secretAsId, client_secret: 'payments', audience: 'ledger' }), 401, 'invalid_client');
+    assertOAuthProblem(await token({ grant_type: 'client_credentials', client_id: 'payments', client_secret: 'payments-secret-2', audience: 'ledger' }), 401, 'invalid_client');
+    assertOAuthProblem(await token({ grant_type: 'refresh_token', refresh_token: typed }), 400, 'invalid_grant');
+    const more = tokenActors(from + 5);
+    assert.match(String(more[0]?.[1]), /^unknown-client:[0-9a-f]{16}$/);
+    assert.deepEqual(more.slice(1), [['service', 'payments', 'failure'], ['user', 'refresh:malformed', 'failure']]);
+    const trail = JSON.stringify(audit.entries.slice(from));
+    for (const secret of [typed, typed.toLowerCase(), secretAsId]) assert.equal(trail.includes(secret), false, secret);
+    // Instances given the same key name the same text alike.
+    const pseudonymKey = new Uint8Array(32).fill(7);
+    const services = await Promise.all([0, 1].map(() => buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false, pseudonymKey })));
+    try {
+      const named: unknown[] = [];
+      for (const service of services) {
+        await service.inject(form({ grant_type: 'password', username: typed, password: PASSWORD, audience: 'ledger' }));
+        named.push(audit.entries.at(-1)?.actor.id);
+      }
+      assert.equal(named[0], named[1]);
+      assert.notEqual(named[0], pseudonym);
+    } finally {
+      await Promise.all(services.map((service) => service.close()));
+    }
+  });
+
   test('refresh rotation; a replayed refresh token is refused and kills the session; revocation', async () => {
     const first = await login('root', 'ledger');
     const second = await token({ grant_type: 'refresh_token', refresh_token: first.refresh_token });
