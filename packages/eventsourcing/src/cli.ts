@@ -28,6 +28,7 @@
 import pg from 'pg';
 import {
   cliStreams,
+  dateOption,
   EventStore,
   intOption,
   migrateEvents,
@@ -42,7 +43,7 @@ import {
 } from '@ledgerline/events';
 import { exportEvents } from './export.ts';
 import { ledgerBalanceAt, ledgerBalancesProjection } from './ledger-balances.ts';
-import { createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, rebuildFailureNote, replayInto, type Projection } from './projection.ts';
+import { checkpointLess, createGeneration, dropGeneration, ensureProjection, projectionLag, rebuild, rebuildFailureNote, replayInto, type Projection } from './projection.ts';
 import { formatLedgerReconcileReport, reconcileLedger } from './reconcile-ledger.ts';
 import { ProjectionRunner } from './runner.ts';
 
@@ -163,9 +164,21 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     const at = async (name: string, value: string | undefined): Promise<Checkpoint | undefined> => {
       const position = intOption(name, value, 1);
       if (position === undefined) return undefined;
-      const cp = await store.checkpointAt(pool, BigInt(position));
+      // Retention moves events into the archive with their place in the global order: a
+      // position found there is as good as a hot one (the archive has no index on position
+      // alone, so it is read only when the hot table has no such event).
+      const cp = (await store.checkpointAt(pool, BigInt(position))) ?? (await archivedCheckpointAt(pool, BigInt(position)));
       if (cp === null) throw new UsageError(`--${name} ${position}: no event at that position`);
       return cp;
+    };
+    /** The range --from-position .. --to-position, refused when it runs backwards. */
+    const range = async (): Promise<{ from: Checkpoint | undefined; until: Checkpoint | undefined }> => {
+      const from = await at('from-position', a['from-position']);
+      const until = await at('to-position', a['to-position']);
+      if (from !== undefined && until !== undefined && checkpointLess(until, from)) {
+        throw new UsageError(`--from-position ${a['from-position']} is after --to-position ${a['to-position']} in the global order: the range is empty`);
+      }
+      return { from, until };
     };
     if (command === 'reconcile-ledger') {
       const report = await reconcileLedger(pool, {
@@ -179,9 +192,8 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       if (a.account === undefined) throw new UsageError('balance-at needs --account');
       if ((a.position === undefined) === (a.time === undefined)) throw new UsageError('balance-at needs exactly one of --position and --time');
       let asOf: { checkpoint: Checkpoint } | { time: Date };
-      if (a.time !== undefined) {
-        const time = new Date(a.time);
-        if (Number.isNaN(time.getTime())) throw new UsageError(`--time must be ISO 8601, got ${a.time}`);
+      const time = dateOption('time', a.time);
+      if (time !== undefined) {
         asOf = { time };
       } else {
         asOf = { checkpoint: (await at('position', a.position)) as Checkpoint };
@@ -200,8 +212,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       const location = env.EVENTS_REGION;
       if (location === undefined || location === '') throw new UsageError('EVENTS_REGION is required for export');
       const localStore = await EventStore.open(pool, { residency: { policy, location } });
-      const from = await at('from-position', a['from-position']);
-      const until = await at('to-position', a['to-position']);
+      const { from, until } = await range();
       try {
         const report = await exportEvents(pool, localStore, {
           policy,
@@ -229,9 +240,14 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     if (command === 'drop-generation') {
       const generation = intOption('generation', a.generation, 1);
       if (generation === undefined) throw new UsageError('drop-generation needs --generation N');
-      const exists = await pool.query('SELECT 1 FROM events.projections WHERE name = $1 AND generation = $2', [projection.name, generation]);
+      const exists = await pool.query<{ active: boolean }>('SELECT active FROM events.projections WHERE name = $1 AND generation = $2', [projection.name, generation]);
       if (exists.rows.length === 0) {
         err(`${projection.name} has no generation ${generation}`);
+        return 2;
+      }
+      if (exists.rows[0]?.active === true) {
+        // dropGeneration refuses it too (in its transaction, should it become active meanwhile).
+        err(`generation ${generation} of ${projection.name} is active (readers use it): only an inactive generation is dropped; nothing was changed`);
         return 2;
       }
       await dropGeneration(pool, projection, generation);
@@ -248,8 +264,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       return 0;
     }
     if (command === 'replay') {
-      const from = await at('from-position', a['from-position']);
-      const until = await at('to-position', a['to-position']);
+      const { from, until } = await range();
       // Just before `from`: no event lies between (t, p - 1) and (t, p) in the global order.
       const start = from === undefined ? undefined : { transactionId: from.transactionId, position: from.position - 1n };
       const generation = await createGeneration(pool, projection, start);
@@ -278,11 +293,32 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     const note = rebuildFailureNote(error);
     if (note !== undefined) err(note);
     if (error instanceof UsageError || error instanceof ResidencyConfigError) err(`${error.message}\n${USAGE}`);
-    else err(`failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+    else err(`failed: ${failureText(error)}`);
     return 2;
   } finally {
     await pool.end().catch(() => {});
   }
+}
+
+/**
+ * What a command prints after "failed: ". PostgreSQL's answer (a SQLSTATE and a severity) is
+ * its message, detail and code: the operator has the cause, and the driver's stack would bury
+ * it. Anything else is a bug here, and keeps its stack.
+ */
+function failureText(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const e = error as Error & { code?: unknown; severity?: unknown; detail?: unknown };
+  if (typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code) && typeof e.severity === 'string') {
+    return `${e.message}${typeof e.detail === 'string' ? ` (${e.detail})` : ''} [SQLSTATE ${e.code}]`;
+  }
+  return e.stack ?? `${e.name}: ${e.message}`;
+}
+
+/** The checkpoint of the archived event at `position`, or null. */
+async function archivedCheckpointAt(pool: pg.Pool, position: bigint): Promise<Checkpoint | null> {
+  const r = await pool.query<{ t: string }>('SELECT transaction_id::text AS t FROM events.archived_events WHERE position = $1 LIMIT 1', [position.toString()]);
+  const t = r.rows[0]?.t;
+  return t === undefined ? null : { transactionId: BigInt(t), position };
 }
 
 /** Drops the generation of a failed replay; returns what to tell the operator. */

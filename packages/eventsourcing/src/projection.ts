@@ -649,18 +649,21 @@ export interface ProjectionLag {
 
 /**
  * How far the active generation is behind the store. Uses the database clock. It counts hot
- * events only: retention archives only what every active generation has passed, so only a
- * projection created after streams were archived has archived events ahead of it (which its
- * runner does apply, through `readAll`), and counting past its checkpoint in the archive would
- * cost a scan of the archive on every call.
+ * and archived events (`ALL_EVENTS`): a projection created after retention archived streams
+ * has their events ahead of its checkpoint, and its runner applies them (through `readAll`).
+ * Both reads walk the two tables' global-order indexes from the checkpoint
+ * (`events_global_order_idx`, `archived_events_global_order_idx`): the age is the first row
+ * of their merge, the count stops at `countMax` rows; the archive behind the checkpoint is
+ * never read, so the cost is that of the hot table's count alone when nothing archived is
+ * ahead (the usual case: retention archives only what every active generation has passed).
  */
 export async function projectionLag(db: Queryable, name: string, countMax = 1_000_000): Promise<ProjectionLag | null> {
   const r = await db.query<CheckpointRow & { applied: string; seconds: number | null; behind: number }>(
     `SELECT pr.generation, pr.transaction_id::text AS t, pr.position::text AS p, pr.events_applied::text AS applied,
-            (SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8 FROM events.events e
+            (SELECT extract(epoch FROM clock_timestamp() - e.recorded_at)::float8 FROM ${ALL_EVENTS} e
               WHERE (e.transaction_id, e.position) > (pr.transaction_id, pr.position)
               ORDER BY e.transaction_id, e.position LIMIT 1) AS seconds,
-            (SELECT count(*)::int FROM (SELECT 1 FROM events.events e
+            (SELECT count(*)::int FROM (SELECT 1 FROM ${ALL_EVENTS} e
               WHERE (e.transaction_id, e.position) > (pr.transaction_id, pr.position) LIMIT $2) x) AS behind
        FROM events.projections pr WHERE pr.name = $1 AND pr.active`,
     [name, countMax],

@@ -93,6 +93,20 @@ function passedSql(e: string, horizon: string): string {
     SELECT 1 FROM readers m WHERE m.partition = ${e}.partition AND (${e}.transaction_id, ${e}.position) <= (m.transaction_id, m.position)))`;
 }
 
+/**
+ * An event of alias `e` that every projection generation, active or not, has passed. Deletion
+ * needs it besides `passedSql`, for archived events too: a generation being rebuilt (or kept
+ * inactive) reads the archive from the start, and a stream deleted after it read some of the
+ * stream's events but before the others would leave it with part of the stream, a state no
+ * history had. (Archiving needs none of this: every reader of the global order reads the
+ * archive with the hot table, in one statement.) A generation created, or reset in place,
+ * after the check starts at the beginning; `removeStream` holds `events.projections` in SHARE
+ * mode across the check and the removal, so that cannot happen in between.
+ */
+function generationsPassedSql(e: string): string {
+  return `NOT EXISTS (SELECT 1 FROM events.projections g WHERE (${e}.transaction_id, ${e}.position) > (g.transaction_id, g.position))`;
+}
+
 /** Whether the audit trail's schema is in this database (it is optional). */
 async function hasAudit(db: Queryable): Promise<boolean> {
   const r = await db.query<{ present: boolean }>(`SELECT to_regclass('audit.sequencer_state') IS NOT NULL AS present`);
@@ -102,7 +116,8 @@ async function hasAudit(db: Queryable): Promise<boolean> {
 /**
  * The next streams of a type after `after` (by id) whose last event is older than `cutoff`, in
  * the hot table or, for deletion, the archive, and whose hot events every reader has passed.
- * Archived events are behind every reader already; they count for age only.
+ * Archived events are behind the relay and every active generation already; for deletion
+ * they (and the hot ones) must be behind every generation, active or not (generationsPassedSql).
  */
 async function dueStreams(
   db: Queryable,
@@ -112,11 +127,11 @@ async function dueStreams(
   const r = await db.query<{ stream_id: string }>(
     `WITH ${readersSql(q.audit)}
      SELECT stream_id FROM (
-       SELECT e.stream_id, e.recorded_at, ${passedSql('e', '$6')} AS passed
+       SELECT e.stream_id, e.recorded_at, ${passedSql('e', '$6')} AND (NOT $4 OR ${generationsPassedSql('e')}) AS passed
          FROM events.events e WHERE e.stream_type = $1 AND ($5::text IS NULL OR e.stream_id > $5)
        UNION ALL
-       SELECT stream_id, recorded_at, true FROM events.archived_events
-        WHERE $4 AND stream_type = $1 AND ($5::text IS NULL OR stream_id > $5)) s
+       SELECT a.stream_id, a.recorded_at, ${generationsPassedSql('a')} FROM events.archived_events a
+        WHERE $4 AND a.stream_type = $1 AND ($5::text IS NULL OR a.stream_id > $5)) s
       GROUP BY stream_id HAVING max(recorded_at) < $2 AND bool_and(passed) ORDER BY stream_id LIMIT $3`,
     [q.streamType, q.cutoff, q.limit, q.includeArchive, q.after, horizon.toString()],
   );
@@ -130,11 +145,14 @@ async function dueStreams(
  * a writer that does not take the stream's lock (`appendMany`) stops the removal.
  */
 function stillDueSql(includeArchive: boolean): string {
+  // Deletion: every generation, active or not, must have passed every event, hot or archived.
   const archived = includeArchive
-    ? 'AND NOT EXISTS (SELECT 1 FROM events.archived_events a WHERE a.stream_type = $1 AND a.stream_id = $2 AND a.recorded_at >= $3)'
+    ? `AND NOT EXISTS (SELECT 1 FROM events.archived_events a WHERE a.stream_type = $1 AND a.stream_id = $2
+                        AND (a.recorded_at >= $3 OR NOT ${generationsPassedSql('a')}))`
     : '';
+  const generations = includeArchive ? ` OR NOT ${generationsPassedSql('e')}` : '';
   return `NOT EXISTS (SELECT 1 FROM events.events e WHERE e.stream_type = $1 AND e.stream_id = $2
-                       AND (e.recorded_at >= $3 OR NOT ${passedSql('e', '$4')}))
+                       AND (e.recorded_at >= $3 OR NOT ${passedSql('e', '$4')}${generations}))
           ${archived}`;
 }
 
@@ -203,6 +221,11 @@ async function removeStream(
     // The key EventStore.append takes: an append to the stream waits for this transaction, and
     // one that went first has committed, and is seen by the check below (READ COMMITTED).
     await c.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [`${stream.streamType}/${stream.streamId}`]);
+    // Deletion: no generation's checkpoint moves, and none is created or reset to the start,
+    // between the check below and the removal's commit (a runner's batch in flight commits
+    // first, and its checkpoint is the one checked). SHARE mode conflicts with the row writes
+    // of runBatch, createGeneration and an in-place rebuild, not with readers or FOR SHARE.
+    if (includeArchive) await c.query('LOCK TABLE events.projections IN SHARE MODE');
     // Read before anything gives this transaction an id (a hold's FOR SHARE does), which would
     // hold the horizon back to it.
     const horizon = (await readHorizon(c)).toString();
