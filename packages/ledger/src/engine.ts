@@ -446,7 +446,7 @@ export class LedgerEngine {
         transfers: new Map(transfers.map((t) => [t.id, t])),
       };
       const decision = decideBatch(state, segments, firstTimestamp);
-      await this.#writeAndCommit(client, state, decision, this.#batchEvents(decision, segments, contexts));
+      await this.#writeAndCommit(client, state, decision, this.#batchEvents(decision, segments, contexts, firstTimestamp));
       return decision;
     } catch (error) {
       failed = true;
@@ -459,13 +459,22 @@ export class LedgerEngine {
   }
 
   /** The events of a decided batch: one per transfer row it inserts, and one per pending transfer it expired. */
-  #batchEvents(decision: BatchDecision, segments: NewTransfer[][], contexts: EventMetadata[]): StreamEvent[] {
+  #batchEvents(decision: BatchDecision, segments: NewTransfer[][], contexts: EventMetadata[], firstTimestamp: bigint): StreamEvent[] {
     if (this.#events === null) return [];
-    // A row belongs to the first call that named its id: that call's context describes it.
-    const contextOf = new Map<string, EventMetadata>();
-    segments.forEach((segment, i) => {
-      for (const t of segment) if (!contextOf.has(t.id)) contextOf.set(t.id, contexts[i] ?? {});
-    });
+    // A row belongs to the call whose transfer stored it, which is not always the first call
+    // that named its id: an earlier one may have named it and stored nothing (an input error,
+    // a failed chain). Transfer i of the batch has the timestamp firstTimestamp + i (decideBatch),
+    // and the rows come in that order, so a walk over the calls' extents finds each row's call.
+    let call = 0;
+    let callEnd = BigInt(segments[0]?.length ?? 0);
+    const contextOf = (row: TransferRow): EventMetadata => {
+      const ordinal = row.timestamp - firstTimestamp;
+      while (ordinal >= callEnd && call < segments.length - 1) {
+        call += 1;
+        callEnd += BigInt((segments[call] as NewTransfer[]).length);
+      }
+      return contexts[call] ?? {};
+    };
     // A pending transfer expires at the point of the batch where a transfer meets it, with
     // that transfer's timestamp (resolvedAt); the decision's later transfers see it expired
     // (a closed account reopened, a reservation released). Its event must sit at that point
@@ -482,7 +491,7 @@ export class LedgerEngine {
       for (; e < expired.length && at(expired[e] as TransferRow) <= row.timestamp; e += 1) {
         entries.push(expiryEvent(expired[e] as TransferRow, { actor: LEDGER_SYSTEM_ACTOR }));
       }
-      entries.push(transferEvent(row, contextOf.get(row.id) ?? {}));
+      entries.push(transferEvent(row, contextOf(row)));
     }
     for (; e < expired.length; e += 1) entries.push(expiryEvent(expired[e] as TransferRow, { actor: LEDGER_SYSTEM_ACTOR }));
     return entries;

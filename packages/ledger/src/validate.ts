@@ -55,6 +55,14 @@ function checkAmount(field: string, value: unknown): void {
   }
 }
 
+/** Flags are omitted or an object of booleans; null (a JSON body's) or another type would fail deep inside a batch. */
+function checkFlags(field: string, value: unknown): void {
+  if (value === undefined) return;
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    throw new LedgerInputError(field, 'must be an object of boolean flags');
+  }
+}
+
 function checkCode(field: string, value: unknown): void {
   if (value === undefined) return;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
@@ -82,6 +90,7 @@ export function assertTransferShape(transfer: NewTransfer, index: number): void 
   checkAmount(`${at}.amount`, transfer.amount);
   checkCode(`${at}.code`, transfer.code);
   checkLedgerCode(`${at}.ledger`, transfer.ledger);
+  checkFlags(`${at}.flags`, transfer.flags);
   const timeout = transfer.timeoutSeconds;
   if (
     timeout !== undefined &&
@@ -99,6 +108,7 @@ export function assertAccountShape(account: NewAccount, index: number): void {
   checkId(`${at}.id`, account.id);
   checkCode(`${at}.code`, account.code);
   checkLedgerCode(`${at}.ledger`, account.ledger);
+  checkFlags(`${at}.flags`, account.flags);
 }
 
 /** Whether metadata fits the documented bounds. */

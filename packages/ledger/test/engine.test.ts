@@ -191,6 +191,7 @@ describe('accounts', () => {
     await assert.rejects(engine.createAccounts([{ id: newId(), ledger: 'usd', code: 1 }]), LedgerInputError);
     await assert.rejects(engine.createAccounts([{ id: newId(), ledger: 'USD', code: 70000 }]), LedgerInputError);
     await assert.rejects(engine.createAccounts('x' as never), LedgerInputError);
+    await assert.rejects(engine.createAccounts([{ id: newId(), ledger: 'USD', code: 1, flags: null as never }]), LedgerInputError);
     assert.deepEqual(await engine.createAccounts([]), []);
     const { rows } = await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM ledger.accounts');
     assert.equal(rows[0]?.n, 0);
@@ -709,6 +710,33 @@ describe('queries', () => {
 });
 
 describe('batching and limits', () => {
+  test("calls coalesced into one batch: each stored transfer's event carries the context of the call that stored it", async () => {
+    const [a, b, limited] = (await accounts(undefined, undefined, 'debits')) as [string, string, string];
+    // Given four calls from four actors, coalesced into one batch (they share accounts), where
+    // alice names x but fails input validation, carol names z in a chain that fails, and bob
+    // and dave then store x and z,
+    const x = transfer(a, b, 3n);
+    const z = transfer(a, b, 4n, { flags: { linked: true } });
+    const before = engine.stats().batches;
+    const [alice, bob, carol, dave] = await Promise.all([
+      engine.createTransfers([{ ...x, amount: 0n }], { actor: 'alice' }),
+      engine.createTransfers([x], { actor: 'bob' }),
+      engine.createTransfers([z, transfer(limited, b, 1n)], { actor: 'carol' }),
+      engine.createTransfers([{ ...z, flags: {} }], { actor: 'dave' }),
+    ]);
+    assert.equal(engine.stats().batches - before, 1, 'the four calls must share one batch');
+    assert.deepEqual(
+      [alice, bob, carol, dave].map((r) => r.map((x) => x.result)),
+      [['amount_must_not_be_zero'], ['ok'], ['linked_event_failed', 'exceeds_credits'], ['ok']],
+    );
+    // then the events of x and z name bob and dave, whose calls stored them, not the calls that
+    // named those ids first and stored nothing.
+    const actorOf = async (id: string): Promise<unknown> =>
+      (await t.pool.query<{ actor: string | null }>("SELECT metadata->>'actor' AS actor FROM events.events WHERE stream_type = $1 AND stream_id = $2", [TRANSFER_STREAM, id])).rows.map((r) => r.actor);
+    assert.deepEqual(await actorOf(x.id), ['bob']);
+    assert.deepEqual(await actorOf(z.id), ['dave']);
+  });
+
   test('concurrent calls coalesce into batches; a failure does not fail its neighbours', async () => {
     const [a, b, limited] = (await accounts(undefined, undefined, 'debits')) as [string, string, string];
     const calls = Array.from({ length: 300 }, (_, i) =>
@@ -819,6 +847,8 @@ describe('batching and limits', () => {
     await assert.rejects(small.createTransfers(Array.from({ length: 5 }, () => transfer(a, b, 1n))), LedgerInputError);
     await assert.rejects(small.createTransfers([{ ...transfer(a, b, 1n), id: 'nope' }]), LedgerInputError);
     await assert.rejects(small.createTransfers([transfer(a, b, -1n)]), LedgerInputError);
+    // Flags that are not an object (null from a JSON body) are the caller's contract, not a TypeError from inside a batch.
+    await assert.rejects(small.createTransfers([{ ...transfer(a, b, 1n), flags: null as never }]), LedgerInputError);
     await assert.rejects(small.createTransfers([transfer(a, b, AMOUNT_MAX + 1n)]), LedgerInputError);
     await assert.rejects(small.createTransfers([transfer(a, b, 1n, { timeoutSeconds: 1.5 })]), LedgerInputError);
     await assert.rejects(small.createTransfers([transfer(a, b, 1n, { code: -1 })]), LedgerInputError);
