@@ -120,8 +120,10 @@ describe('the retry budget survives stops', () => {
       const consumer = consumerOn(own, name, { maxDeliver, backoffMs: [10], handler });
       await consumer.start();
       try {
+        // A row "recorded before a last try" is the one-at-a-time path's record of a try in
+        // progress (its commit removes it), not a verdict: only the effect or a real dead letter ends the wait.
         await waitFor('the flaky event to take effect or be dead-lettered', async () =>
-          (await effectCounts(name)).has(flaky.id) || (await deadLetterRows(name)).length > 0);
+          (await effectCounts(name)).has(flaky.id) || (await deadLetterRows(name)).some((r) => !r.error.startsWith('recorded before a last try')));
         assert.deepEqual(await deadLetterRows(name), [], 'nothing dead-lettered');
         assert.equal((await effectCounts(name)).get(flaky.id), 1, 'the flaky event took effect once');
         assert.equal(flakyTries, maxDeliver, `tried ${maxDeliver} times (maxDeliver), the hand-backs not counted`);
