@@ -828,11 +828,15 @@ export class EventStore {
 
   /** The global checkpoint of the event at `position` (for "as of position" reads). */
   async checkpointAt(db: Queryable, position: bigint): Promise<Checkpoint | null> {
-    const r = await db.query<{ t: string }>('SELECT transaction_id::text AS t FROM events.events WHERE position = $1', [
-      position.toString(),
-    ]);
+    // The hot table, else the archive: retention moves a stream whole, and a checkpoint at an
+    // archived event is still a place in the global order (replays read the archive too).
+    const r = await db.query<{ t: string | null }>(
+      `SELECT coalesce((SELECT transaction_id FROM events.events WHERE position = $1),
+                       (SELECT transaction_id FROM events.archived_events WHERE position = $1))::text AS t`,
+      [position.toString()],
+    );
     const t = r.rows[0]?.t;
-    return t === undefined ? null : { transactionId: BigInt(t), position };
+    return t === undefined || t === null ? null : { transactionId: BigInt(t), position };
   }
 
   /**

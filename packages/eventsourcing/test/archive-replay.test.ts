@@ -171,6 +171,17 @@ describe('replaying the global order after retention archived streams', () => {
     }
   });
 
+  test('the checkpoint at an archived event is its place in the global order, as at a hot one', T, async () => {
+    const r = await env.pool.query<{ position: string; t: string }>('SELECT position::text, transaction_id::text AS t FROM events.archived_events ORDER BY position LIMIT 1');
+    const row = r.rows[0];
+    assert.ok(row !== undefined, 'an archived event');
+    assert.deepEqual(await env.store.checkpointAt(env.pool, BigInt(row.position)), { transactionId: BigInt(row.t), position: BigInt(row.position) });
+    const hot = (await env.pool.query<{ position: string; t: string }>('SELECT position::text, transaction_id::text AS t FROM events.events ORDER BY position LIMIT 1')).rows[0];
+    assert.ok(hot !== undefined);
+    assert.deepEqual(await env.store.checkpointAt(env.pool, BigInt(hot.position)), { transactionId: BigInt(hot.t), position: BigInt(hot.position) });
+    assert.equal(await env.store.checkpointAt(env.pool, 10n ** 15n), null);
+  });
+
   test('an event held by both the hot table and the archive is refused, never applied twice', T, async () => {
     const hotTransfer = await env.pool.query<{ p: string }>(
       `SELECT position::text AS p FROM events.events WHERE stream_type = $1 AND type = 'ledger.TransferPosted' ORDER BY position LIMIT 1`,
