@@ -36,6 +36,7 @@ import { checkpointFromJson, keyTransitionJson, verifyBundle, type ProofBundle }
 import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
+import { checkFields, InvalidAuditEntryError } from './record.ts';
 import { AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
@@ -117,6 +118,43 @@ function required(name: string, value: string | undefined): string {
   return value;
 }
 
+/**
+ * `--name VALUE` as the field `field` of the record the command makes, checked by the trail's
+ * own rules (record.ts `checkFields`) before anything is done: a value the sink or the
+ * sequencer would refuse (over 500 characters, a NUL, an unpaired surrogate) is a usage error.
+ * Otherwise a hold would fail with a stack trace, and an erasure or an expiry (whose records the
+ * database functions queue themselves) would be done with a record the sequencer rejects.
+ */
+function recordable(name: string, field: 'actor.id' | 'resource.type' | 'resource.id' | 'subject', value: string | undefined): string {
+  const v = required(name, value);
+  const fields = {
+    recordClass: 'governance',
+    actor: { type: 'user' as const, id: field === 'actor.id' ? v : 'audit-cli' },
+    action: 'audit.cli',
+    outcome: 'success' as const,
+    origin: { service: 'audit-cli' },
+    resource: { type: field === 'resource.type' ? v : 'audit', id: field === 'resource.id' ? v : 'audit' },
+    ...(field === 'subject' ? { subject: v } : {}),
+  };
+  try {
+    checkFields(fields);
+  } catch (error) {
+    if (!(error instanceof InvalidAuditEntryError)) throw error;
+    throw new UsageError(`--${name} must be 1..500 characters, well-formed UTF-16 and without NUL (the audit trail records it)`);
+  }
+  return v;
+}
+
+/** The signing key AUDIT_SIGNING_KEY names (the development key when unset); one that is not a key is a usage error naming the variable. */
+function configuredSigningKey(env: Record<string, string | undefined>): CheckpointSigner {
+  try {
+    return loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' });
+  } catch (error) {
+    if (!(error instanceof SigningKeyError)) throw error;
+    throw new UsageError(`AUDIT_SIGNING_KEY ${error.message}`);
+  }
+}
+
 /** A file the command was given, as text; one that cannot be read is a usage error naming it (`what` it should be). */
 function inputFile(path: string, what: string): string {
   try {
@@ -195,7 +233,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
   let pool: pg.Pool | null = null;
   let sink: PostgresAuditSink | null = null;
   try {
-    const ownKey = (): KeyObject => loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' }).publicKey;
+    const ownKey = (): KeyObject => configuredSigningKey(env).publicKey;
     // The keys to trust: every --public-key given (several across a rotation), else the configured signing key's.
     const publicKey = (): KeyObject[] => (a['public-key'] === undefined ? [ownKey()] : a['public-key'].map(publicKeyFile));
     if (command === 'public-key') {
@@ -236,14 +274,26 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
     sink = new PostgresAuditSink({ pool });
     // Searches open personal data with the subject keys, wrapped at rest under this key when set.
     const kekText = env.AUDIT_KEY_ENCRYPTION_KEY ?? '';
-    const store = new AuditStore({ pool, sink, service: 'audit-cli', ...(kekText === '' ? {} : { keyEncryptionKey: parseKeyEncryptionKey(kekText) }) });
-    const by = (): Requester => ({ actor: { type: 'user', id: required('as', a.as) }, origin: { service: 'audit-cli' } });
+    let keyEncryptionKey: KeyEncryptionKey | undefined;
+    try {
+      keyEncryptionKey = kekText === '' ? undefined : parseKeyEncryptionKey(kekText);
+    } catch (error) {
+      if (!(error instanceof KeyEncryptionKeyError)) throw error;
+      throw new UsageError(`AUDIT_KEY_ENCRYPTION_KEY ${error.message}`);
+    }
+    const store = new AuditStore({ pool, sink, service: 'audit-cli', ...(keyEncryptionKey === undefined ? {} : { keyEncryptionKey }) });
+    const by = (): Requester => ({ actor: { type: 'user', id: recordable('as', 'actor.id', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {
       case 'key-transition': {
         // A rotation of the signing key: the outgoing key (its private PEM in a file) vouches
         // for the incoming one, AUDIT_SIGNING_KEY, that the services now sign with.
         const previousKey = required('previous-key', a['previous-key']);
+        const requester = by();
+        const origin = a.origin ?? (env.AUDIT_LOG_ORIGIN === undefined || env.AUDIT_LOG_ORIGIN === '' ? DEFAULT_LOG_ORIGIN : env.AUDIT_LOG_ORIGIN);
+        if (!LOG_ORIGIN_PATTERN.test(origin)) {
+          throw new UsageError(`${a.origin === undefined ? 'AUDIT_LOG_ORIGIN' : '--origin'} must be 1..200 printable ASCII characters without spaces (a log's origin), got ${JSON.stringify(origin)}`);
+        }
         let outgoing: CheckpointSigner;
         try {
           outgoing = loadSigningKey(inputFile(previousKey, 'the previous private key'), { production: false });
@@ -251,10 +301,10 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
           if (!(error instanceof SigningKeyError)) throw error;
           throw new UsageError(`${previousKey} ${error.message}`);
         }
-        const incoming = loadSigningKey(env.AUDIT_SIGNING_KEY, { production: env.NODE_ENV === 'production' });
-        const origin = a.origin ?? env.AUDIT_LOG_ORIGIN ?? DEFAULT_LOG_ORIGIN;
+        const incoming = configuredSigningKey(env);
+        if (incoming.keyId === outgoing.keyId) throw new UsageError(`${previousKey} is the key AUDIT_SIGNING_KEY names: a transition is from the previous key to a new one`);
         const transition = signKeyTransition(outgoing, origin, incoming.publicKey, new Date());
-        await store.recordKeyTransition(transition, outgoing.publicKey, by());
+        await store.recordKeyTransition(transition, outgoing.publicKey, requester);
         out(JSON.stringify(keyTransitionJson(transition)));
         return 0;
       }
@@ -320,14 +370,22 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
         return 0;
       }
       case 'erase': {
-        const subject = required('subject', a.subject);
+        // The erasure's record names the subject as its resource.
+        const subject = recordable('subject', 'resource.id', a.subject);
         const erased = await store.eraseSubject(subject, by());
         out(erased ? `erased: the key of ${subject} is destroyed` : `erased: ${subject} had no key yet; what was recorded about it before now reads as erased once integrated`);
         return 0;
       }
       case 'hold place': {
         const reason = required('reason', a.reason);
-        const target = a.subject !== undefined ? { subject: a.subject } : { resource: { type: required('resource-type', a['resource-type']), id: required('resource-id', a['resource-id']) } };
+        // Exactly one target: a hold on the subject alone when a resource was named too would
+        // leave the resource unheld while the operator believes it held.
+        const resourceNamed = a['resource-type'] !== undefined || a['resource-id'] !== undefined;
+        if ((a.subject !== undefined) === resourceNamed) throw new UsageError('hold place needs --subject S, or --resource-type T and --resource-id ID, not both');
+        const target =
+          a.subject !== undefined
+            ? { subject: recordable('subject', 'subject', a.subject) }
+            : { resource: { type: recordable('resource-type', 'resource.type', a['resource-type']), id: recordable('resource-id', 'resource.id', a['resource-id']) } };
         out(await store.placeHold(target, reason, by()));
         return 0;
       }

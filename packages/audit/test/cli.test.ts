@@ -323,3 +323,51 @@ test('a rotated signing key: the log verifies with every key it was signed with,
   assert.throws(() => verifyBundle(bundle, t.signer.publicKey), /"?to"?: the signature does not verify/);
   assert.throws(() => verifyBundle(bundle, signer.publicKey), /"?from"?: the signature does not verify/);
 });
+
+test('governance commands refuse bad input as usage errors before doing anything, with no stack trace', async () => {
+  const long = 'x'.repeat(501);
+  const held = async (): Promise<number> => (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.legal_holds WHERE released_at IS NULL')).rows[0]?.n ?? -1;
+  const erased = async (subject: string): Promise<boolean> => (await t.pool.query('SELECT 1 FROM audit.erased_subjects WHERE subject = $1', [subject])).rowCount === 1;
+  const transitions = async (): Promise<number> => (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.key_transitions')).rows[0]?.n ?? -1;
+  const holdId = (await cli('hold', 'place', '--subject', 'cust-bad-input', '--reason', 'case 13', '--as', 'legal:lee')).out.trim();
+  const holds = await held();
+  const currentPem = generateKeyPairSync('ed25519').privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+  const previous = join(dir, 'previous-private.pem');
+  writeFileSync(previous, generateKeyPairSync('ed25519').privateKey.export({ type: 'pkcs8', format: 'pem' }).toString());
+  const same = join(dir, 'same-private.pem');
+  writeFileSync(same, currentPem);
+  const stored = await transitions();
+  const cases: [string, Record<string, string>, string[], RegExp][] = [
+    ['hold place, an --as the trail cannot record', {}, ['hold', 'place', '--subject', 'cust-9', '--reason', 'r', '--as', long], /^--as must be 1\.\.500 characters/],
+    ['hold place, an empty --subject', {}, ['hold', 'place', '--subject', '', '--reason', 'r', '--as', 'legal:lee'], /^--subject is required/],
+    ['hold place, a subject and a resource', {}, ['hold', 'place', '--subject', 'cust-9', '--resource-type', 'account', '--resource-id', 'acc-9', '--reason', 'r', '--as', 'legal:lee'], /^hold place needs --subject S, or --resource-type T and --resource-id ID, not both/],
+    ['hold place, a resource id the trail cannot record', {}, ['hold', 'place', '--resource-type', 'account', '--resource-id', long, '--reason', 'r', '--as', 'legal:lee'], /^--resource-id must be 1\.\.500/],
+    ['hold release, an --as the trail cannot record', {}, ['hold', 'release', '--id', holdId, '--as', long], /^--as must be 1\.\.500/],
+    ['erase, an --as the trail cannot record', {}, ['erase', '--subject', 'cust-unrecorded', '--as', long], /^--as must be 1\.\.500/],
+    ['erase, a subject the trail cannot record', {}, ['erase', '--subject', long, '--as', 'dpo:dan'], /^--subject must be 1\.\.500/],
+    ['expire, an --as the trail cannot record', {}, ['expire', '--as', `nul\u0000actor`], /^--as must be 1\.\.500/],
+    ['kek-status, a malformed AUDIT_KEY_ENCRYPTION_KEY', { AUDIT_KEY_ENCRYPTION_KEY: 'not-a-key' }, ['kek-status'], /^AUDIT_KEY_ENCRYPTION_KEY must be 32 bytes/],
+    ['erase, a malformed AUDIT_KEY_ENCRYPTION_KEY', { AUDIT_KEY_ENCRYPTION_KEY: 'not-a-key' }, ['erase', '--subject', 'cust-unrecorded', '--as', 'dpo:dan'], /^AUDIT_KEY_ENCRYPTION_KEY must be 32 bytes/],
+    ['public-key, a malformed AUDIT_SIGNING_KEY', { AUDIT_SIGNING_KEY: 'not a key' }, ['public-key'], /^AUDIT_SIGNING_KEY is not a PEM private key/],
+    ['key-transition, a malformed AUDIT_SIGNING_KEY', { AUDIT_SIGNING_KEY: 'not a key' }, ['key-transition', '--previous-key', previous, '--as', 'ops:olga'], /^AUDIT_SIGNING_KEY is not a PEM private key/],
+    ['key-transition, from the current key to itself', { AUDIT_SIGNING_KEY: currentPem }, ['key-transition', '--previous-key', same, '--as', 'ops:olga'], /is the key AUDIT_SIGNING_KEY names/],
+    ['key-transition, an origin no log can have', { AUDIT_SIGNING_KEY: currentPem }, ['key-transition', '--previous-key', previous, '--origin', 'two words', '--as', 'ops:olga'], /^--origin must be 1\.\.200 printable ASCII/],
+    ['key-transition, an empty origin', { AUDIT_SIGNING_KEY: currentPem }, ['key-transition', '--previous-key', previous, '--origin', '', '--as', 'ops:olga'], /^--origin must be 1\.\.200 printable ASCII/],
+    ['key-transition, an --as the trail cannot record', { AUDIT_SIGNING_KEY: currentPem }, ['key-transition', '--previous-key', previous, '--as', long], /^--as must be 1\.\.500/],
+  ];
+  // Every case is run and the wrong answers reported together.
+  const wrong: string[] = [];
+  for (const [name, env, args, message] of cases) {
+    let out = '';
+    let err = '';
+    const code = await runCli(args, { env: { DATABASE_URL: t.db.url, ...env }, stdout: (s) => (out += `${s}\n`), stderr: (s) => (err += `${s}\n`) });
+    if (code !== 2 || !message.test(err) || STACK.test(err) || out !== '') wrong.push(`${name}: exit ${code}, ${JSON.stringify(`${out}${err}`.slice(0, 160))}`);
+  }
+  assert.deepEqual(wrong, []);
+  // and nothing was done: no hold placed or released, nothing erased, no transition stored.
+  assert.equal(await held(), holds);
+  assert.equal(await erased('cust-unrecorded'), false);
+  assert.equal(await erased(long), false);
+  assert.equal(await transitions(), stored);
+  assert.equal((await cli('hold', 'release', '--id', holdId, '--as', 'legal:lee')).code, 0);
+});
