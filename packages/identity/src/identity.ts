@@ -49,11 +49,18 @@ export class IdentityError extends Error {
    * caller typed only by a keyed digest (what was typed as a username may be a password).
    */
   readonly account: string | undefined;
-  constructor(code: IdentityErrorCode, message: string, options?: { cause?: unknown; account?: string }) {
+  /**
+   * Why, for the audit trail, when that is more precise than `code` (which is what the caller
+   * is answered): `refresh_token_reused` for a spent refresh token presented again. Never in an
+   * answer: a caller is answered `code` alike whatever this says.
+   */
+  readonly auditReason: string | undefined;
+  constructor(code: IdentityErrorCode, message: string, options?: { cause?: unknown; account?: string; auditReason?: string }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'IdentityError';
     this.code = code;
     this.account = options?.account;
+    this.auditReason = options?.auditReason;
   }
 }
 
@@ -106,6 +113,20 @@ export interface LoginRequest {
   audience: string;
   totpCode?: string;
   recoveryCode?: string;
+}
+
+/** The second factor a login was granted with: null when the user has none on. */
+export type SecondFactor = 'totp' | 'recovery_code' | null;
+
+/** What `revoke` did, for the audit trail (the caller is answered alike: RFC 7009). */
+export interface RevokeOutcome {
+  /** The token exists and its secret matched; false for an unknown, malformed or wrong one. */
+  found: boolean;
+  /** Tokens of the session revoked now (0: it was revoked already, or not found). */
+  revoked: number;
+  /** The session (token family) and its user, when found. */
+  familyId: string | null;
+  userId: string | null;
 }
 
 export type ClientAuthentication =
@@ -222,6 +243,18 @@ export class Identity {
     return { id };
   }
 
+  /**
+   * The stored name of the user (username, lower-cased) or client (id) by this name, or
+   * undefined: for the audit trail, which names an account that exists and only a digest of
+   * anything else typed. Never let an answer wait for it (its time says whether it found one).
+   */
+  async knownAccount(kind: 'user' | 'client', name: string): Promise<string | undefined> {
+    const r = kind === 'user'
+      ? await this.#pool.query<{ name: string }>('SELECT username AS name FROM identity.users WHERE username = $1', [name.toLowerCase()])
+      : await this.#pool.query<{ name: string }>('SELECT id AS name FROM identity.clients WHERE id = $1', [name]);
+    return r.rows[0]?.name;
+  }
+
   async userIdByUsername(username: string): Promise<string | null> {
     const r = await this.#pool.query<{ id: string }>('SELECT id FROM identity.users WHERE username = $1', [username.toLowerCase()]);
     return r.rows[0]?.id ?? null;
@@ -233,6 +266,11 @@ export class Identity {
    * the lockout limit between them.
    */
   async login(request: LoginRequest): Promise<TokenResponse> {
+    return (await this.authenticate(request)).tokens;
+  }
+
+  /** `login`, also saying which second factor it was granted with (for the audit trail: a recovery code spent is a credential used up). */
+  async authenticate(request: LoginRequest): Promise<{ tokens: TokenResponse; secondFactor: SecondFactor }> {
     this.#checkUserAudience(request.audience);
     const nowMs = this.#clock();
     // The signing key is read before the transaction: reading it (from the pool) while holding a
@@ -260,13 +298,16 @@ export class Identity {
       }
       const refusal = new IdentityError('invalid_grant', LOGIN_REFUSED, account);
       if (!passwordOk) return this.#fail(client, user, counters, nowMs, refusal);
+      let secondFactor: SecondFactor = null;
       if (user.totp_confirmed && user.totp_secret !== null) {
         const second = await this.#secondFactor(client, user, request, nowMs);
         if (second === 'missing') throw new IdentityError('mfa_required', 'a TOTP code or a recovery code is required', account);
         if (second === 'wrong') return this.#fail(client, user, counters, nowMs, refusal);
+        secondFactor = second;
       }
       await this.#saveCounters(client, user.id, AFTER_SUCCESS);
-      return this.#issueUserTokens(client, signer, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
+      const tokens = await this.#issueUserTokens(client, signer, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
+      return { tokens, secondFactor };
     });
   }
 
@@ -330,7 +371,10 @@ export class Identity {
       if (row === undefined || !timingSafeEqual(row.secret_hash, sha256(parsed.secret))) throw refusal;
       if (row.used_at !== null || row.revoked_at !== null) {
         await client.query('UPDATE identity.refresh_tokens SET revoked_at = $2 WHERE family_id = $1 AND revoked_at IS NULL', [row.family_id, new Date(nowMs)]);
-        throw new FailedAttempt(new IdentityError('invalid_grant', 'refresh token reused; every token of this session is revoked'));
+        // The caller is answered invalid_grant either way; the trail tells a spent token
+        // presented again (two parties hold it: a theft) from a revoked one presented.
+        const auditReason = row.used_at !== null ? 'refresh_token_reused' : 'refresh_token_revoked';
+        throw new FailedAttempt(new IdentityError('invalid_grant', 'refresh token reused; every token of this session is revoked', { auditReason }));
       }
       if (row.expires_at.getTime() <= nowMs) throw refusal;
       const u = await client.query<UserRow>('SELECT * FROM identity.users WHERE id = $1', [row.user_id]);
@@ -341,18 +385,25 @@ export class Identity {
     });
   }
 
-  /** Revokes the session the refresh token belongs to (RFC 7009: an unknown token is not an error). */
-  async revoke(refreshToken: string): Promise<void> {
+  /**
+   * Revokes the session the refresh token belongs to (RFC 7009: an unknown token is not an
+   * error), and says what it did, for the audit trail.
+   */
+  async revoke(refreshToken: string): Promise<RevokeOutcome> {
+    const notFound: RevokeOutcome = { found: false, revoked: 0, familyId: null, userId: null };
     const parsed = parseRefreshToken(refreshToken);
-    if (parsed === null) return;
-    await this.#transaction(async (client) => {
+    if (parsed === null) return notFound;
+    return this.#transaction(async (client) => {
       // Under the family's lock, as `refresh` revokes on reuse: a rotation in flight commits first.
-      if (!(await lockFamilyOf(client, parsed.id))) return;
-      await client.query(
-        `UPDATE identity.refresh_tokens SET revoked_at = $3
-         WHERE family_id = (SELECT family_id FROM identity.refresh_tokens WHERE id = $1 AND secret_hash = $2) AND revoked_at IS NULL`,
-        [parsed.id, sha256(parsed.secret), this.#now()],
+      if (!(await lockFamilyOf(client, parsed.id))) return notFound;
+      const r = await client.query<{ family_id: string; user_id: string; secret_hash: Buffer }>(
+        'SELECT family_id, user_id, secret_hash FROM identity.refresh_tokens WHERE id = $1',
+        [parsed.id],
       );
+      const row = r.rows[0];
+      if (row === undefined || !timingSafeEqual(row.secret_hash, sha256(parsed.secret))) return notFound;
+      const revoked = await client.query('UPDATE identity.refresh_tokens SET revoked_at = $2 WHERE family_id = $1 AND revoked_at IS NULL', [row.family_id, this.#now()]);
+      return { found: true, revoked: revoked.rowCount ?? 0, familyId: row.family_id, userId: row.user_id };
     });
   }
 
@@ -535,21 +586,21 @@ export class Identity {
     return { access_token: accessToken, token_type: 'Bearer', expires_in: this.#accessTtl, refresh_token: `${id}.${secret}` };
   }
 
-  /** 'ok' when a fresh TOTP code or an unused recovery code was given; both are spent on use. */
-  async #secondFactor(client: pg.PoolClient, user: UserRow, request: LoginRequest, nowMs: number): Promise<'ok' | 'missing' | 'wrong'> {
+  /** Which factor, when a fresh TOTP code or an unused recovery code was given; both are spent on use. */
+  async #secondFactor(client: pg.PoolClient, user: UserRow, request: LoginRequest, nowMs: number): Promise<'totp' | 'recovery_code' | 'missing' | 'wrong'> {
     if (request.totpCode !== undefined && user.totp_secret !== null) {
       const lastStep = user.totp_last_step === null ? null : BigInt(user.totp_last_step);
       const step = verifyTotp(user.totp_secret, request.totpCode, nowMs, lastStep);
       if (step === null) return 'wrong';
       await client.query('UPDATE identity.users SET totp_last_step = $2 WHERE id = $1', [user.id, step.toString()]);
-      return 'ok';
+      return 'totp';
     }
     if (request.recoveryCode !== undefined) {
       const r = await client.query(
         'UPDATE identity.recovery_codes SET used_at = $3 WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL',
         [user.id, recoveryCodeHash(request.recoveryCode), new Date(nowMs)],
       );
-      return r.rowCount === 1 ? 'ok' : 'wrong';
+      return r.rowCount === 1 ? 'recovery_code' : 'wrong';
     }
     return 'missing';
   }

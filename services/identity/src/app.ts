@@ -7,9 +7,9 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
-import type { AuditActor, AuditSink } from '@ledgerline/audit';
+import type { AuditActor, AuditEntry, AuditResource, AuditSink } from '@ledgerline/audit';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
-import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type TokenResponse } from '@ledgerline/identity';
+import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type RevokeOutcome, type TokenResponse } from '@ledgerline/identity';
 import {
   addressKey,
   BodyRefusedError,
@@ -32,6 +32,19 @@ import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConf
 export const IDENTITY_AUDIENCE = 'identity';
 /** The audit action of every token request. */
 export const TOKEN_ACTION = 'identity.token';
+/**
+ * The audit actions of the other authentication events and credential changes (PCI DSS
+ * 10.2.1.4, 10.2.1.5): a session revoked, a user or client created, two-factor enrolment
+ * started and confirmed, a signing key added.
+ */
+export const AUDIT_ACTIONS = {
+  revoke: 'identity.revoke',
+  userCreate: 'identity.user.create',
+  clientCreate: 'identity.client.create',
+  totpEnrol: 'identity.totp.enrol',
+  totpConfirm: 'identity.totp.confirm',
+  keyRotate: 'identity.key.rotate',
+} as const;
 /**
  * The largest request body by default: a token request is a few hundred bytes, and a client
  * assertion at most 4 KiB. BODY_LIMIT_BYTES changes it.
@@ -89,15 +102,6 @@ function identityProblem(error: IdentityError): HttpProblem {
   return problem(STATUS[error.code], { type: problemType(error.code.replaceAll('_', '-')), title: error.code.replaceAll('_', ' '), detail: error.message, error: error.code });
 }
 
-/** Awaits an `Identity` call, turning its refusals into problems (a 503 with Retry-After when the database was too slow). */
-async function answer<T>(reply: FastifyReply, call: Promise<T>): Promise<T> {
-  try {
-    return await call;
-  } catch (error) {
-    throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
-  }
-}
-
 /** Adds Retry-After to the answer of a request the database did not serve in time. */
 function retryLater(reply: FastifyReply, error: IdentityError): IdentityError {
   if (error.code === 'temporarily_unavailable') reply.header('retry-after', String(RETRY_AFTER_SECONDS));
@@ -110,8 +114,28 @@ const PSEUDONYM_HEX_DIGITS = 16;
 /** A refresh token's id, the part before the dot: all of it the trail may name. */
 const REFRESH_TOKEN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
-/** How a token request ended, for the actor of its audit record: granted, or refused naming the account found (if any). */
-type GrantOutcome = { granted: true } | { granted: false; account: string | undefined };
+/**
+ * How a token request ended, for the actor of its audit record: granted, or refused naming the
+ * account found (if any) and the refusal's code (undefined for an error that is not an IdentityError).
+ */
+type GrantOutcome = { granted: true } | { granted: false; account: string | undefined; code: IdentityErrorCode | undefined };
+
+/**
+ * The actor of a record: known now, or a name that was typed and refused before any account was
+ * looked up (an audience refused, a field missing). That one is looked up after the answer has
+ * gone, so that the answer's time says nothing of whether the account exists, and the record
+ * names the account if there is one and a digest of the text otherwise.
+ */
+type ActorSource = AuditActor | { type: 'user' | 'service'; lookup: 'user' | 'client'; typed: string };
+
+/** Refusals answered before the account was looked up: the record's actor is looked up afterwards. */
+const REFUSED_BEFORE_LOOKUP: ReadonlySet<IdentityErrorCode | undefined> = new Set(['invalid_target', 'invalid_request']);
+
+/** The actor of a refresh token's records: its id (before the dot), never its secret; malformed (or missing): `refresh:malformed`. */
+function refreshActor(token: string | undefined): AuditActor {
+  const tokenId = (token ?? '').split('.')[0] ?? '';
+  return { type: 'user', id: REFRESH_TOKEN_ID.test(tokenId) ? `refresh:${tokenId}` : 'refresh:malformed' };
+}
 
 /** The grant types the token endpoint serves, as TokenBody lists them. */
 const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.enum);
@@ -174,8 +198,9 @@ export function parseForm(body: Buffer): Record<string, string> {
   return Object.fromEntries(params);
 }
 
-function missing(grant: string, fields: string): HttpProblem {
-  return identityProblem(new IdentityError('invalid_request', `grant_type ${grant} needs ${fields}`));
+/** A token request without a field its grant needs (recorded, then answered 400 invalid_request). */
+function missing(grant: string, fields: string): Promise<never> {
+  return Promise.reject(new IdentityError('invalid_request', `grant_type ${grant} needs ${fields}`));
 }
 
 export async function buildIdentityService(options: IdentityServiceOptions): Promise<Service> {
@@ -188,6 +213,23 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    */
   const pseudonym = (kind: 'unknown-user' | 'unknown-client', typed: string): string =>
     `${kind}:${createHmac('sha256', pseudonymKey).update(`${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS)}`;
+  /** Records whose actor is being looked up (ActorSource); awaited when the service closes, before the sink is. */
+  const pending = new Set<Promise<void>>();
+  const record = (actor: ActorSource, entry: Omit<AuditEntry, 'actor'>): void => {
+    if (!('lookup' in actor)) {
+      options.audit.record({ ...entry, actor });
+      return;
+    }
+    const occurredAt = new Date(clock());
+    const unknown = actor.lookup === 'user' ? 'unknown-user' : 'unknown-client';
+    const done = identity.knownAccount(actor.lookup, actor.typed)
+      .catch(() => undefined)
+      .then((found) => options.audit.record({ ...entry, occurredAt, actor: { type: actor.type, id: found ?? pseudonym(unknown, actor.typed) } }))
+      .catch((error: unknown) => app.log.error({ err: error, action: entry.action }, 'audit: recording failed'))
+      .finally(() => pending.delete(done));
+    pending.add(done);
+  };
+  const originOf = (request: FastifyRequest) => ({ service: 'identity', ip: request.ip, requestId: request.id });
   const tokenRateLimit = options.tokenRateLimit ?? IDENTITY_TOKEN_RATE_LIMIT_DEFAULT;
   if (!(tokenRateLimit.ratePerSecond > 0) || !Number.isInteger(tokenRateLimit.burst) || tokenRateLimit.burst < 1) {
     throw new RangeError(`token rate limit: ratePerSecond must be above 0 and burst a positive integer (got ${JSON.stringify(tokenRateLimit)})`);
@@ -220,6 +262,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     readinessChecks: [postgresReadinessCheck(pool)],
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     ...resilience,
+  });
+  app.addHook('onClose', async () => {
+    while (pending.size > 0) await Promise.all(pending);
   });
   // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
   // The body limit is the service's (BODY_LIMIT_BYTES).
@@ -294,75 +339,125 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
        * (PCI DSS 10.2.4), whose actor `actorOf` names from the outcome: `granted`, or the
        * account a refusal names (undefined when none was found).
        */
-      const audited = async (actorOf: (outcome: GrantOutcome) => AuditActor, call: Promise<TokenResponse>): Promise<TokenResponse> => {
-        const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: { service: 'identity', ip: request.ip, requestId: request.id }, resource: { type: 'token', id: body.grant_type } };
+      const audited = async (actorOf: (outcome: GrantOutcome) => ActorSource, call: Promise<{ tokens: TokenResponse; payload?: Record<string, unknown> }>): Promise<TokenResponse> => {
+        const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: originOf(request), resource: { type: 'token', id: body.grant_type } };
+        const payload = { audience: body.audience ?? null };
         try {
-          const tokens = await call;
-          options.audit.record({ ...entry, actor: actorOf({ granted: true }), outcome: 'success', payload: { audience: body.audience ?? null } });
-          return tokens;
+          const granted = await call;
+          record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...granted.payload } });
+          return granted.tokens;
         } catch (error) {
-          const account = error instanceof IdentityError ? error.account : undefined;
-          options.audit.record({ ...entry, actor: actorOf({ granted: false, account }), outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', payload: { audience: body.audience ?? null } });
+          const refusal = error instanceof IdentityError ? error : undefined;
+          // The trail's reason may be finer than the answer's code (refresh_token_reused is answered invalid_grant).
+          record(actorOf({ granted: false, account: refusal?.account, code: refusal?.code }), { ...entry, outcome: 'failure', reason: refusal === undefined ? 'error' : (refusal.auditReason ?? refusal.code), payload });
           // A locked account is refused as a wrong password is: a distinct answer (it was 423)
           // told anyone probing that the username exists. The audit trail keeps the true reason.
-          if (error instanceof IdentityError && error.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
-          throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
+          if (refusal?.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
+          throw refusal === undefined ? error : identityProblem(retryLater(reply, refusal));
         }
       };
+      const tokensOnly = (call: Promise<TokenResponse>) => call.then((tokens) => ({ tokens }));
       switch (body.grant_type) {
         case 'password': {
-          if (body.username === undefined || body.password === undefined || body.audience === undefined) throw missing('password', 'username, password and audience');
           const username = body.username;
           // A known user's attempts name the user (PCI DSS 10.2.1.4); a name no user has is only
           // a digest: it may be a password typed in the wrong field. Granted, the name is the
-          // user's (logins match usernames lower-cased).
-          const actorOf = (outcome: GrantOutcome): AuditActor =>
-            ({ type: 'user', id: outcome.granted ? username.toLowerCase() : (outcome.account ?? pseudonym('unknown-user', username)) });
-          return audited(actorOf, identity.login({
-            username: body.username,
+          // user's (logins match usernames lower-cased). Refused before the user was looked up
+          // (an audience, a missing field), the user is looked up after the answer.
+          const actorOf = (outcome: GrantOutcome): ActorSource => {
+            if (username === undefined) return { type: 'user', id: 'unknown-user' };
+            if (outcome.granted) return { type: 'user', id: username.toLowerCase() };
+            if (outcome.account !== undefined) return { type: 'user', id: outcome.account };
+            if (REFUSED_BEFORE_LOOKUP.has(outcome.code)) return { type: 'user', lookup: 'user', typed: username };
+            return { type: 'user', id: pseudonym('unknown-user', username) };
+          };
+          if (username === undefined || body.password === undefined || body.audience === undefined) return audited(actorOf, missing('password', 'username, password and audience'));
+          const login = identity.authenticate({
+            username,
             password: body.password,
             audience: body.audience,
             ...(body.totp_code === undefined ? {} : { totpCode: body.totp_code }),
             ...(body.recovery_code === undefined ? {} : { recoveryCode: body.recovery_code }),
-          }));
+          });
+          // Which second factor granted it: a recovery code used is a credential spent (PCI DSS 10.2.1.5).
+          return audited(actorOf, login.then(({ tokens, secondFactor }) => ({ tokens, payload: { second_factor: secondFactor } })));
         }
         case 'refresh_token': {
-          if (body.refresh_token === undefined) throw missing('refresh_token', 'refresh_token');
           // The token's id (before the dot) names the session; its secret never reaches the trail.
           // Only a well-formed id: a malformed token (a password pasted in the field) is not named.
-          const tokenId = body.refresh_token.split('.')[0] ?? '';
-          const actor: AuditActor = { type: 'user', id: REFRESH_TOKEN_ID.test(tokenId) ? `refresh:${tokenId}` : 'refresh:malformed' };
-          return audited(() => actor, identity.refresh(body.refresh_token));
+          const actor = refreshActor(body.refresh_token);
+          if (body.refresh_token === undefined) return audited(() => actor, missing('refresh_token', 'refresh_token'));
+          return audited(() => actor, tokensOnly(identity.refresh(body.refresh_token)));
         }
         case 'client_credentials': {
-          if (body.audience === undefined) throw missing('client_credentials', 'audience');
           if (body.client_assertion !== undefined && body.client_assertion_type === CLIENT_ASSERTION_TYPE) {
             // The claimed client, as a failed login records the claimed username.
             const claimed: AuditActor = { type: 'service', id: assertionClientId(body.client_assertion) ?? 'unknown-client' };
-            return audited(() => claimed, identity.clientCredentials({ assertion: body.client_assertion }, body.audience));
+            if (body.audience === undefined) return audited(() => claimed, missing('client_credentials', 'audience'));
+            return audited(() => claimed, tokensOnly(identity.clientCredentials({ assertion: body.client_assertion }, body.audience)));
           }
-          if (body.client_id === undefined || body.client_secret === undefined) throw missing('client_credentials', 'client_id and client_secret, or a client_assertion');
           // As a username: a client id no client has may be its secret, given in the wrong variable.
           const clientId = body.client_id;
-          const actorOf = (outcome: GrantOutcome): AuditActor =>
-            ({ type: 'service', id: outcome.granted ? clientId : (outcome.account ?? pseudonym('unknown-client', clientId)) });
-          return audited(actorOf, identity.clientCredentials({ clientId, secret: body.client_secret }, body.audience));
+          const actorOf = (outcome: GrantOutcome): ActorSource => {
+            if (clientId === undefined) return { type: 'service', id: 'unknown-client' };
+            if (outcome.granted) return { type: 'service', id: clientId };
+            if (outcome.account !== undefined) return { type: 'service', id: outcome.account };
+            if (REFUSED_BEFORE_LOOKUP.has(outcome.code)) return { type: 'service', lookup: 'client', typed: clientId };
+            return { type: 'service', id: pseudonym('unknown-client', clientId) };
+          };
+          if (body.audience === undefined) return audited(actorOf, missing('client_credentials', 'audience'));
+          if (clientId === undefined || body.client_secret === undefined) return audited(actorOf, missing('client_credentials', 'client_id and client_secret, or a client_assertion'));
+          return audited(actorOf, tokensOnly(identity.clientCredentials({ clientId, secret: body.client_secret }, body.audience)));
         }
       }
     },
   );
 
   app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], consumes: oauthBody, body: RevokeBody, response: { 200: { type: 'null' }, ...bodyProblems } } }, async (request, reply) => {
-    await answer(reply, identity.revoke(request.body.token));
+    // Recorded as the refresh grant records the token: its id, never its secret. An unknown,
+    // malformed or wrong token is answered 200 (RFC 7009) and recorded as a failure.
+    const entry = { recordClass: 'access', action: AUDIT_ACTIONS.revoke, actor: refreshActor(request.body.token), origin: originOf(request) };
+    let outcome: RevokeOutcome;
+    try {
+      outcome = await identity.revoke(request.body.token);
+    } catch (error) {
+      options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error' });
+      throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
+    }
+    if (outcome.found) {
+      options.audit.record({ ...entry, resource: { type: 'session', id: outcome.familyId ?? 'unknown' }, outcome: 'success', payload: { revoked: outcome.revoked, user_id: outcome.userId } });
+    } else {
+      options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: 'invalid_grant' });
+    }
     return reply.code(200).send(null);
   });
+
+  /**
+   * A change an authenticated caller makes to credentials, recorded with its outcome (PCI DSS
+   * 10.2.1.5) beside the authorization decision that allowed it: the decision says it was
+   * allowed, this what came of it. `payloadOf` never returns a secret.
+   */
+  const changed = async <T>(request: FastifyRequest, reply: FastifyReply, action: string, resource: AuditResource, call: () => Promise<T>, payloadOf: (result: T) => Record<string, unknown>, refusedPayload?: Record<string, unknown>): Promise<T> => {
+    const principal = auth.principal(request);
+    const actor: AuditActor = { type: principal.kind === 'service' ? 'service' : 'user', id: principal.id };
+    const entry = { recordClass: 'access', action, actor, origin: originOf(request), resource };
+    try {
+      const result = await call();
+      options.audit.record({ ...entry, outcome: 'success', payload: payloadOf(result) });
+      return result;
+    } catch (error) {
+      options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', ...(refusedPayload === undefined ? {} : { payload: refusedPayload }) });
+      throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
+    }
+  };
 
   app.post(
     '/v1/users',
     { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
       auth.authorize(request, { type: 'user', id: request.body.username });
-      const { id } = await answer(reply, identity.createUser(request.body));
+      const roles = request.body.roles;
+      const { id } = await changed(request, reply, AUDIT_ACTIONS.userCreate, { type: 'user', id: request.body.username }, () => identity.createUser(request.body), (user) => ({ user_id: user.id, roles }), { roles });
       return reply.code(201).send({ id, username: request.body.username });
     },
   );
@@ -373,7 +468,8 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
-      return answer(reply, identity.enrolTotp(me.id, 'Ledgerline'));
+      // The secret and its URI are the answer, never the record.
+      return changed(request, reply, AUDIT_ACTIONS.totpEnrol, { type: 'user', id: me.id }, () => identity.enrolTotp(me.id, 'Ledgerline'), () => ({}));
     },
   );
 
@@ -383,7 +479,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
-      const { recoveryCodes } = await answer(reply, identity.confirmTotp(me.id, request.body.code));
+      const { recoveryCodes } = await changed(request, reply, AUDIT_ACTIONS.totpConfirm, { type: 'user', id: me.id }, () => identity.confirmTotp(me.id, request.body.code), (r) => ({ recovery_codes_issued: r.recoveryCodes.length }));
       return { recovery_codes: recoveryCodes };
     },
   );
@@ -391,9 +487,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   app.post(
     '/v1/keys/rotate',
     { config: { permission: PERMISSIONS.keyRotate }, schema: { summary: 'Rotate the signing key: the new key is published now and signs from active_from; the old one stays published until its tokens expire', tags: ['tokens'], response: { 200: KeyOut, ...bodyProblems, ...guarded } } },
-    async (request) => {
+    async (request, reply) => {
       auth.authorize(request, { type: 'signing-key', id: 'current' });
-      const { kid, activeFrom } = await identity.rotateKeys();
+      const { kid, activeFrom } = await changed(request, reply, AUDIT_ACTIONS.keyRotate, { type: 'signing-key', id: 'current' }, () => identity.rotateKeys(), (key) => ({ kid: key.kid, active_from: key.activeFrom.toISOString() }));
       return { kid, active_from: activeFrom.toISOString() };
     },
   );

@@ -107,7 +107,9 @@ try {
   if (!(error instanceof KeyEncryptionKeyError)) throw error;
   refuseConfig('IDENTITY_KEY_ENCRYPTION_KEY', `does not open the stored signing keys: ${error.message}`);
 }
-await bootstrap(identity, config, logger);
+// Where records go: the durable trail, or only the log when AUDIT_ENABLED=false.
+const auditSink = audit ?? new LogAuditSink(logger);
+await bootstrap(identity, config, logger, auditSink);
 
 // Route priorities, load shedding, rate limiting (off by default), metrics and tracing, as the
 // ledger has them; the token endpoint's limit per client address is its own (IDENTITY_TOKEN_*).
@@ -116,7 +118,7 @@ const app = await buildIdentityService({
   identity,
   pool,
   issuer: config.IDENTITY_ISSUER,
-  audit: audit ?? new LogAuditSink(logger),
+  audit: auditSink,
   bodyLimitBytes: config.BODY_LIMIT_BYTES,
   logger,
   resilience: resilience.options,

@@ -38,7 +38,7 @@ before(async () => {
     IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
     IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
   });
-  await bootstrap(identity, config, { info: () => {} });
+  await bootstrap(identity, config, { info: () => {} }, new MemoryAuditSink());
   app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit: new MemoryAuditSink(), logger: false });
 });
 

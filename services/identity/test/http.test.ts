@@ -13,7 +13,7 @@ import { ROLES } from '@ledgerline/authz';
 import { createTokenVerifier, Identity, KEY_PUBLISH_LEAD_MS, migrateIdentity, newSigningKey, remoteKeys, totpCode } from '@ledgerline/identity';
 import { loadConfig, type Service } from '@ledgerline/service-runtime';
 import { ADMIN_DATABASE_URL, createTestDatabase, type TestDatabase } from '@ledgerline/testing';
-import { buildIdentityService, IDENTITY_BODY_LIMIT_BYTES_DEFAULT, TOKEN_ACTION } from '../src/app.ts';
+import { AUDIT_ACTIONS, buildIdentityService, IDENTITY_BODY_LIMIT_BYTES_DEFAULT, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
 import { identityConfigSchema } from '../src/config.ts';
 
@@ -40,8 +40,8 @@ before(async () => {
   });
   const logged: string[] = [];
   const log = { info: (_o: object, message: string) => logged.push(message) };
-  await bootstrap(identity, config, log);
-  await bootstrap(identity, config, log); // a restart: nothing is created twice, nothing fails
+  await bootstrap(identity, config, log, audit);
+  await bootstrap(identity, config, log, audit); // a restart: nothing is created twice, nothing fails
   assert.deepEqual(logged, ['identity: bootstrap admin user created', 'identity: bootstrap service client created']);
   app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false });
 });
@@ -433,8 +433,11 @@ describe('the database out of reach', () => {
             assert.equal(response.json<Problem>().type, 'https://ledgerline.dev/problems/database-unavailable');
             assert.equal(response.headers['retry-after'], '1');
           }
-          // Each attempt is still an authentication event in the trail, failed for an error.
-          assert.deepEqual(audit.entries.slice(-3).map((e) => [e.action, e.outcome, e.reason]), Array.from({ length: 3 }, () => [TOKEN_ACTION, 'failure', 'error']));
+          // Each attempt is still an authentication event in the trail, failed for an error, the revocation too.
+          assert.deepEqual(
+            audit.entries.slice(-4).map((e) => [e.action, e.outcome, e.reason]),
+            [...Array.from({ length: 3 }, () => [TOKEN_ACTION, 'failure', 'error']), [AUDIT_ACTIONS.revoke, 'failure', 'error']],
+          );
         } finally {
           await service.close();
         }

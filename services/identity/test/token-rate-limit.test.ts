@@ -14,7 +14,7 @@ import type { InjectOptions } from 'fastify';
 import { Redis } from 'ioredis';
 import pg from 'pg';
 import { MemoryAuditSink } from '@ledgerline/audit';
-import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type TokenResponse } from '@ledgerline/identity';
+import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type SecondFactor, type TokenResponse } from '@ledgerline/identity';
 import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
 import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
 import { buildIdentityService, TOKEN_ACTION, type IdentityServiceOptions } from '../src/app.ts';
@@ -42,9 +42,10 @@ class CountingIdentity extends Identity {
   /** While set, a client-credentials call waits on it once counted, after calling `entered`: a test holds a request in its handler. */
   hold: { entered: () => void; until: Promise<void> } | undefined;
 
-  override login(request: LoginRequest): Promise<TokenResponse> {
+  /** The password grant (the service calls it; `login` is it too). */
+  override authenticate(request: LoginRequest): Promise<{ tokens: TokenResponse; secondFactor: SecondFactor }> {
     this.logins += 1;
-    return super.login(request);
+    return super.authenticate(request);
   }
 
   override clientCredentials(auth: ClientAuthentication, audience: string): Promise<TokenResponse> {
@@ -80,7 +81,7 @@ before(async () => {
     IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
     IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
   });
-  await bootstrap(identity, config, { info: () => {} });
+  await bootstrap(identity, config, { info: () => {} }, new MemoryAuditSink());
   redis = new Redis('redis://127.0.0.1:6379', { maxRetriesPerRequest: 1 });
 });
 
