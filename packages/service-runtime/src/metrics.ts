@@ -52,6 +52,8 @@ export class ServiceMetrics {
   readonly dependencyAttempts: Counter<'dependency' | 'outcome'>;
   readonly dependencyRetries: Counter<'dependency'>;
   readonly retryBudgetExhausted: Counter<'dependency'>;
+  readonly #pools = new Map<string, pg.Pool>();
+  #poolGauge: Gauge<'pool' | 'state'> | undefined;
 
   constructor(options: MetricsOptions = {}) {
     const prefix = options.prefix ?? 'ledgerline_';
@@ -101,19 +103,27 @@ export class ServiceMetrics {
     for (const s of BREAKER_STATES) this.breakerState.set({ dependency, state: s }, s === state ? 1 : 0);
   }
 
-  /** `pg_pool_connections{state}`: total, idle, waiting (clients queued for a connection) and max. */
+  /**
+   * `pg_pool_connections{pool,state}`: total, idle, waiting (clients queued for a connection)
+   * and max. Call once per pool, each under its own `name`; they share the one metric.
+   */
   observePool(pool: pg.Pool, name = 'default'): void {
-    const metric = `${this.prefix}pg_pool_connections`;
-    new Gauge({
-      name: metric,
+    if (this.#pools.has(name)) throw new Error(`pg pool ${JSON.stringify(name)} is already observed`);
+    this.#pools.set(name, pool);
+    if (this.#poolGauge !== undefined) return;
+    const pools = this.#pools;
+    this.#poolGauge = new Gauge({
+      name: `${this.prefix}pg_pool_connections`,
       help: 'PostgreSQL pool connections: total open, idle, clients waiting for one, and the configured max.',
       labelNames: ['pool', 'state'],
       registers: [this.registry],
       collect() {
-        this.set({ pool: name, state: 'total' }, pool.totalCount);
-        this.set({ pool: name, state: 'idle' }, pool.idleCount);
-        this.set({ pool: name, state: 'waiting' }, pool.waitingCount);
-        this.set({ pool: name, state: 'max' }, pool.options.max ?? 10);
+        for (const [poolName, p] of pools) {
+          this.set({ pool: poolName, state: 'total' }, p.totalCount);
+          this.set({ pool: poolName, state: 'idle' }, p.idleCount);
+          this.set({ pool: poolName, state: 'waiting' }, p.waitingCount);
+          this.set({ pool: poolName, state: 'max' }, p.options.max ?? 10);
+        }
       },
     });
   }

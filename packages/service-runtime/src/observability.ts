@@ -17,6 +17,7 @@ import {
   OPS_ROUTES,
   QUEUE_TIMEOUT_MS_DEFAULT,
   validateRateLimits,
+  validateRouteGates,
   type LoadSheddingOptions,
   type RateLimitingOptions,
 } from './priority.ts';
@@ -108,12 +109,28 @@ export function installResilience(app: Service, serviceName: string, options: Re
   // instance shutting down, and load shedding), 504 (the caller's deadline passed before the
   // request could start), and 429 where rate limiting applies. A route's own schema wins.
   app.addHook('onRoute', (route) => {
+    validateRouteGates(String(route.method), route.url, route.config);
     const responses: Record<number, object> = { 503: ProblemResponse, 504: ProblemResponse };
     if (rateLimit !== undefined && !OPS_ROUTES.has(route.url) && route.config?.rateLimit !== false) responses[429] = ProblemResponse;
     documentRoute(route, { responses });
+    // A shed slot is held until the work ends, even when the client has left (priority.ts):
+    // an async handler that settles without sending anything ends its work too.
+    if (shedder !== undefined && !OPS_ROUTES.has(route.url)) {
+      const handler = route.handler;
+      route.handler = function shedSlotHandler(this: unknown, request, reply) {
+        const result: unknown = handler.call(this as never, request, reply);
+        if (result instanceof Promise) {
+          const done = (): void => { shedWorkDone.get(request)?.(); };
+          result.then(done, done);
+        }
+        return result;
+      };
+    }
   });
 
   const state = requestSlot<RequestState>(app, 'ledgerline.observability.state');
+  // Called when an admitted request's work has ended (its reply is sent, or its handler settled).
+  const shedWorkDone = requestSlot<() => void>(app, 'ledgerline.shed.workDone');
   // The server span of each request is started where Fastify makes the request's logger, so
   // that its ids are bound in that one child logger. Binding them afterwards took a second
   // child of the request's own logger, made per request: V8 then turns each request's logger
@@ -151,7 +168,7 @@ export function installResilience(app: Service, serviceName: string, options: Re
     if (!applyDeadline(request, reply, deadlineDefaultMs)) return reply;
     if (isOpsRoute(request)) return;
     if (shedder !== undefined) {
-      const admitted = await applyLoadShedding(request, reply, shedder);
+      const admitted = await applyLoadShedding(request, reply, shedder, (workDone) => { shedWorkDone.set(request, workDone); });
       if (!admitted) {
         if (reply.statusCode === 503) markOutcome(request, 'shed');
         return reply;
@@ -175,6 +192,15 @@ export function installResilience(app: Service, serviceName: string, options: Re
         });
       if (!passed) return reply;
       return;
+    });
+  }
+
+  if (shedder !== undefined) {
+    // Every answer passes here, a handler's, an error's, a refusal's, even when its client has
+    // gone (Fastify still sends what a handler returns): the request's work is over.
+    app.addHook('onSend', (request, _reply, payload, done) => {
+      shedWorkDone.get(request)?.();
+      done(null, payload);
     });
   }
 

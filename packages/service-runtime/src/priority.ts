@@ -18,6 +18,7 @@
  * The runtime's own routes (/health, /ready, /metrics, /openapi.json) pass every gate:
  * probes and scrapes must answer precisely when the service is overloaded.
  */
+import { createHash } from 'node:crypto';
 import { isIPv6 } from 'node:net';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { Deadline, DEADLINE_HEADER, PRIORITIES, ShedError, type LoadShedder, type LoadShedderOptions, type Priority } from '@ledgerline/resilience';
@@ -126,6 +127,18 @@ export function deadlineExceeded(request: FastifyRequest, reply: FastifyReply): 
   });
 }
 
+/** Longest client id kept as it is in a bucket's key; Redis keys are bounded (rate-limit.ts). */
+const CLIENT_KEY_CHARS_MAX = 128;
+
+/**
+ * A `clientId` may come from what the client sent (a token's subject, a header): one too long
+ * for a Redis key is keyed by its sha256, as the idempotency plugin does, rather than failing
+ * each of the client's requests with a 500.
+ */
+function boundedClientKey(client: string): string {
+  return client.length <= CLIENT_KEY_CHARS_MAX && /^[\x21-\x7e]*$/.test(client) ? client : `sha256:${createHash('sha256').update(client).digest('hex')}`;
+}
+
 /** Answers 429 and returns false when the client is over its limit for this route. */
 export async function applyRateLimit(
   request: FastifyRequest,
@@ -141,10 +154,13 @@ export async function applyRateLimit(
   // An unknown path or method (404, 405) matched no route, so no route's hooks, authentication
   // included, ran for it: a clientId that names the principal has none to name. Such requests
   // are limited by address instead, which a caller cannot choose.
-  const client = request.is404 ? addressKey(request.ip) : (options.clientId ?? defaultRateLimitClientId)(request);
+  const client = request.is404 ? addressKey(request.ip) : boundedClientKey((options.clientId ?? defaultRateLimitClientId)(request));
+  // HEAD runs the GET route's handler (Fastify adds it to every GET route), so it takes from
+  // the GET bucket: two buckets would double the client's limit on that handler.
+  const method = request.method === 'HEAD' ? 'GET' : request.method;
   let result;
   try {
-    result = await options.bucket.take(`${request.method}:${route}:${client}`, limit);
+    result = await options.bucket.take(`${method}:${route}:${client}`, limit);
   } catch (error) {
     if (!(error instanceof RateLimitUnavailableError)) throw error;
     onError(error);
@@ -167,20 +183,42 @@ export async function applyRateLimit(
 
 /**
  * Waits for a slot for the route's priority class. Returns false after answering 503 (shed)
- * or 504 (deadline passed while queued). On true, the slot is released when the response
- * ends, however it ends.
+ * or 504 (deadline passed while queued). On true, `onAdmitted` gets the function to call when
+ * the request's work has ended (its reply is sent, or its handler has settled); the slot is
+ * released once that has happened and the response has ended, however it ended. A client that
+ * hangs up while its handler runs does not free the slot: the work goes on, and the slot bounds
+ * the work, so it comes back when the work ends.
  */
-export async function applyLoadShedding(request: FastifyRequest, reply: FastifyReply, shedder: LoadShedder): Promise<boolean> {
+export async function applyLoadShedding(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  shedder: LoadShedder,
+  onAdmitted?: (workDone: () => void) => void,
+): Promise<boolean> {
   const priority = routePriority(request);
   // 'close' fires once however the exchange ends (sent, failed, or the client went away), so
   // the listener goes on before waiting: a client that hangs up while queued would otherwise
   // close before anyone listens, and its slot would never come back. While queued, the close
-  // withdraws the waiter; once admitted, it releases the slot.
+  // withdraws the waiter; once admitted, it releases the slot if the work is over, else the
+  // end of the work does.
   const gone = new AbortController();
   let admitted = false;
+  let closed = false;
+  let done = false;
+  let released = false;
+  const release = (): void => {
+    if (released) return;
+    released = true;
+    shedder.release();
+  };
   reply.raw.once('close', () => {
-    if (admitted) shedder.release();
-    else gone.abort(new Error('client closed the connection while queued'));
+    if (!admitted) {
+      gone.abort(new Error('client closed the connection while queued'));
+      return;
+    }
+    closed = true;
+    // Answered (or hijacked and ended): nothing of the request runs any more.
+    if (done || reply.sent) release();
   });
   try {
     await shedder.acquire(priority, gone.signal);
@@ -203,10 +241,14 @@ export async function applyLoadShedding(request: FastifyRequest, reply: FastifyR
   admitted = true;
   // It closed between the slot being granted and this line running: give the slot back now.
   if (gone.signal.aborted) {
-    shedder.release();
+    release();
     clientGone(reply);
     return false;
   }
+  onAdmitted?.(() => {
+    done = true;
+    if (closed) release();
+  });
   if (request.deadline.expired()) {
     deadlineExceeded(request, reply);
     return false;
@@ -225,6 +267,21 @@ function clientGone(reply: FastifyReply): void {
 
 export function validateRateLimits(options: RateLimitingOptions): void {
   checkRateLimit(options.defaultLimit, 'rate limit');
+}
+
+/**
+ * A route's own `priority` and `rateLimit`, checked when the route is added: one the runtime
+ * cannot honour would otherwise fail each of the route's requests (an unknown priority, a 500)
+ * or each of its trips to Redis (a rate of 0 or a burst under 1).
+ */
+export function validateRouteGates(method: string, url: string, config: { priority?: unknown; rateLimit?: unknown } | undefined): void {
+  const where = `route ${method} ${url}`;
+  const priority = config?.priority;
+  if (priority !== undefined && !PRIORITIES.includes(priority as Priority)) throw new Error(`${where}: unknown priority ${JSON.stringify(priority)} (one of ${PRIORITIES.join(', ')})`);
+  const rateLimit = config?.rateLimit;
+  if (rateLimit === undefined || rateLimit === false) return;
+  if (typeof rateLimit !== 'object' || rateLimit === null) throw new TypeError(`${where}: rateLimit must be { ratePerSecond, burst } or false`);
+  checkRateLimit(rateLimit as RateLimit, `${where}: rateLimit`);
 }
 
 export { checkRateLimit };

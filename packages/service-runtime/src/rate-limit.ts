@@ -35,6 +35,15 @@ export interface TokenBucketResult {
 const RATE_PER_SECOND_MAX = 1_000_000;
 const BURST_MAX = 1_000_000;
 const KEY_BYTES_MAX = 512;
+/**
+ * The longest a bucket may take to refill from empty (burst / ratePerSecond): about 317 years.
+ * The script's key expiry is that time in ms, and Lua writes a number from 1e14 up in exponent
+ * notation, which PEXPIRE refuses: every take of such a limit would fail in Redis.
+ */
+const REFILL_SECONDS_MAX = 1e10;
+/** The wait for Redis when neither the bucket nor its client names one. */
+export const RATE_LIMIT_REDIS_TIMEOUT_MS_DEFAULT = 250;
+const REDIS_TIMEOUT_MS_MAX = 10_000;
 
 /**
  * KEYS[1] the bucket; ARGV rate per second, burst, cost. Returns {allowed, retry_after_ms, remaining}.
@@ -75,6 +84,12 @@ export interface RedisTokenBucketOptions {
   redis: Redis;
   /** Every key starts with this, e.g. `ll:rl:ledger:`. */
   keyPrefix: string;
+  /**
+   * The longest a take waits for Redis before the request is let through. Default: the
+   * client's own `commandTimeout` when it has one (no timer of ours then), else 250 ms, so that
+   * a client made without one cannot hold requests while Redis hangs.
+   */
+  timeoutMs?: number;
   /** The breaker around Redis; defaults open after 5 failures in 10 calls, for 5 s. */
   breaker?: Omit<CircuitBreakerOptions, 'name' | 'clock'>;
   clock?: Clock;
@@ -83,16 +98,25 @@ export interface RedisTokenBucketOptions {
 export function checkRateLimit(limit: RateLimit, where: string): void {
   if (!(limit.ratePerSecond > 0 && limit.ratePerSecond <= RATE_PER_SECOND_MAX)) throw new RangeError(`${where}: ratePerSecond must be in (0, ${RATE_PER_SECOND_MAX}]`);
   if (!(Number.isInteger(limit.burst) && limit.burst >= 1 && limit.burst <= BURST_MAX)) throw new RangeError(`${where}: burst must be an integer in 1..${BURST_MAX}`);
+  if (!(limit.burst / limit.ratePerSecond <= REFILL_SECONDS_MAX)) throw new RangeError(`${where}: burst / ratePerSecond (the seconds to refill an empty bucket) must be at most ${REFILL_SECONDS_MAX}`);
 }
 
 export class RedisTokenBucket {
   readonly breaker: CircuitBreaker;
   readonly #redis: Redis;
   readonly #prefix: string;
+  /** Undefined: the client's commandTimeout bounds every command already. */
+  readonly #timeoutMs: number | undefined;
 
   constructor(options: RedisTokenBucketOptions) {
     this.#redis = options.redis;
     this.#prefix = options.keyPrefix;
+    const { timeoutMs } = options;
+    if (timeoutMs !== undefined && !(Number.isInteger(timeoutMs) && timeoutMs >= 1 && timeoutMs <= REDIS_TIMEOUT_MS_MAX)) {
+      throw new RangeError(`rate limit: timeoutMs must be an integer in 1..${REDIS_TIMEOUT_MS_MAX}`);
+    }
+    const own = options.redis.options.commandTimeout;
+    this.#timeoutMs = timeoutMs ?? (own !== undefined && own > 0 ? undefined : RATE_LIMIT_REDIS_TIMEOUT_MS_DEFAULT);
     this.breaker = new CircuitBreaker({
       name: 'rate-limit-redis',
       window: { kind: 'count', calls: 10 },
@@ -115,11 +139,15 @@ export class RedisTokenBucket {
   async take(key: string, limit: RateLimit, cost = 1): Promise<TokenBucketResult | undefined> {
     const fullKey = `${this.#prefix}${key}`;
     if (Buffer.byteLength(fullKey) > KEY_BYTES_MAX) throw new RangeError(`rate-limit key longer than ${KEY_BYTES_MAX} bytes`);
+    // Checked here, not left to the script: a limit it cannot apply fails in Redis, and that
+    // failure would count against the breaker, which is shared by every route.
+    checkRateLimit(limit, 'rate limit');
+    if (!(Number.isInteger(cost) && cost >= 1)) throw new RangeError('rate limit: cost must be a positive integer');
     const permit = this.breaker.tryAcquire();
     if (permit === NOT_PERMITTED) return undefined;
     const startMs = performance.now();
     try {
-      const reply = await this.#run(fullKey, limit, cost);
+      const reply = await this.#bounded(this.#run(fullKey, limit, cost));
       this.breaker.record(permit, false, performance.now() - startMs);
       const [allowed, retryAfterMs, remaining] = reply;
       return { allowed: allowed === 1, retryAfterMs, remaining };
@@ -127,6 +155,19 @@ export class RedisTokenBucket {
       this.breaker.record(permit, true, performance.now() - startMs);
       throw new RateLimitUnavailableError(error);
     }
+  }
+
+  /** `work`, or a rejection once the wait for Redis has passed `timeoutMs`. */
+  #bounded<T>(work: Promise<T>): Promise<T> {
+    const timeoutMs = this.#timeoutMs;
+    if (timeoutMs === undefined) return work;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => { reject(new Error(`Redis did not answer within ${timeoutMs} ms`)); }, timeoutMs);
+      work.then(
+        (value) => { clearTimeout(timer); resolve(value); },
+        (error: unknown) => { clearTimeout(timer); reject(error instanceof Error ? error : new Error(String(error))); },
+      );
+    });
   }
 
   async #run(key: string, limit: RateLimit, cost: number): Promise<[number, number, number]> {
