@@ -15,6 +15,7 @@ import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type Inclusi
 import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransitions, type Checkpoint, type KeyEncryptionKey, type KeyTransition } from './keys.ts';
 import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
+import { queueEntryWith } from './writer.ts';
 import { canonicalResourceId, checkEntry, leafData, resourceIdForms, storablePrefix } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditEntry, AuditOrigin, AuditSink } from './sink.ts';
@@ -327,14 +328,16 @@ export class AuditStore {
     }
     const record = auditEntryOf(by, 'audit.key.transition', 'success', { type: 'audit.signing_key', id: toKeyId }, { fromKeyId: t.fromKeyId, toKeyId, origin: t.origin, issuedAt: t.issuedAt.toISOString() });
     checkEntry(record);
-    await this.#asWriter((c) =>
-      c.query(
+    // The transition and its record in one transaction: a transition the trail does not show
+    // (the record handed to the sink after the commit, and lost with the process) cannot be.
+    await this.#asWriter(async (c) => {
+      await c.query(
         `INSERT INTO audit.key_transitions (from_key_id, to_key_id, origin, to_public_key, issued_at, signature)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (from_key_id, to_key_id) DO NOTHING`,
         [t.fromKeyId, toKeyId, t.origin, t.toPublicKey.export({ type: 'spki', format: 'der' }), t.issuedAt, t.signature],
-      ),
-    );
-    this.#sink.record(record);
+      );
+      await queueEntryWith(c, record);
+    });
   }
 
   #asWriter<T>(fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {

@@ -86,9 +86,7 @@ export class PostgresAuditSink implements AuditSink {
     if (this.#buffer.length >= this.#bufferEntriesMax) {
       throw new AuditBufferFullError(`audit buffer holds ${this.#buffer.length} entries, its bound; the audit store is not keeping up`);
     }
-    const { payload: _p, personal: _q, ...fields } = entry;
-    const queued: QueuedEntry = { ...fields, id: newUuidV7(), occurredAt: (entry.occurredAt ?? this.#now()).toISOString(), payloadJson: payload, personalJson: personal };
-    this.#buffer.push(JSON.stringify(queued));
+    this.#buffer.push(queuedText(entry, payload, personal, this.#now));
     this.#timer ??= setTimeout(() => {
       this.#timer = null;
       this.flush().catch(this.#onError);
@@ -127,4 +125,20 @@ export class PostgresAuditSink implements AuditSink {
     this.#timer = null;
     await this.flush();
   }
+}
+
+/** An entry as audit.queue holds it (QueuedEntry), from the canonical payload and personal JSON `checkEntry` returned. */
+function queuedText(entry: AuditEntry, payload: string | null, personal: string | null, now: () => Date): string {
+  const { payload: _p, personal: _q, ...fields } = entry;
+  const queued: QueuedEntry = { ...fields, id: newUuidV7(), occurredAt: (entry.occurredAt ?? now()).toISOString(), payloadJson: payload, personalJson: personal };
+  return JSON.stringify(queued);
+}
+
+/**
+ * Queues an entry in the caller's transaction, as the sink would write it: for an action whose
+ * record must commit with it (a key transition). Checks the entry first (InvalidAuditEntryError).
+ */
+export async function queueEntryWith(db: Pick<pg.ClientBase, 'query'>, entry: AuditEntry, now: () => Date = () => new Date()): Promise<void> {
+  const { payload, personal } = checkEntry(entry);
+  await db.query('INSERT INTO audit.queue (entry) VALUES ($1)', [queuedText(entry, payload, personal, now)]);
 }

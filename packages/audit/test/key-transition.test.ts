@@ -187,3 +187,28 @@ test('keys: a transition is refused to the same key, and its signed note names b
   assert.deepEqual(widened.followed, [tr, next]);
   assert.deepEqual(widened.keys.map(keyIdOf), [a.keyId, b.keyId, c.keyId]);
 });
+
+test('a key transition is stored with its record, or not at all', async () => {
+  const incoming = newSigner().signer;
+  // The queue refusing the transition's record, as a database refusing the write would.
+  await t.pool.query(`CREATE FUNCTION public.refuse_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF NEW.entry::jsonb ->> 'action' = 'audit.key.transition' THEN RAISE EXCEPTION 'the queue refuses this entry'; END IF;
+      RETURN NEW;
+    END $$`);
+  await t.pool.query('CREATE TRIGGER refuse_transition BEFORE INSERT ON audit.queue FOR EACH ROW EXECUTE FUNCTION public.refuse_transition()');
+  const transitions = async (): Promise<number> => (await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.key_transitions')).rows[0]?.n ?? -1;
+  try {
+    await assert.rejects(t.store.recordKeyTransition(signKeyTransition(t.signer, ORIGIN, incoming.publicKey, new Date()), t.signer.publicKey, REVIEWER), /the queue refuses this entry/);
+    assert.equal(await transitions(), 0, 'no transition in force that the trail does not show');
+  } finally {
+    await t.pool.query('DROP TRIGGER refuse_transition ON audit.queue');
+    await t.pool.query('DROP FUNCTION public.refuse_transition()');
+  }
+  // Once the queue takes it, both are there: the transition and, integrated, its record.
+  await t.store.recordKeyTransition(signKeyTransition(t.signer, ORIGIN, incoming.publicKey, new Date()), t.signer.publicKey, REVIEWER);
+  assert.equal(await transitions(), 1);
+  await t.settle();
+  const [record] = (await t.store.search({ action: 'audit.key.transition' }, {}, REVIEWER)).records;
+  assert.deepEqual([record?.resource, record?.outcome], [{ type: 'audit.signing_key', id: keyIdOf(incoming.publicKey) }, 'success']);
+});
