@@ -31,7 +31,7 @@
 import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
-import { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
+import { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
 import { checkpointFromJson, keyTransitionJson, verifyBundle, type ProofBundle } from './bundle.ts';
 import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
@@ -198,14 +198,6 @@ function checkpointFile(path: string): Checkpoint {
     if (!(error instanceof ProofError)) throw error;
     throw new UsageError(`${path} is not a checkpoint (the JSON of /v1/audit/checkpoint): ${error.message}`);
   }
-}
-
-/**
- * An error a command met that is no bug of its own: a system call or PostgreSQL refusing (both
- * carry a `code`). It is reported by its message; anything else is a bug, and its stack shows.
- */
-function operational(error: unknown): error is Error {
-  return error instanceof Error && typeof (error as { code?: unknown }).code === 'string';
 }
 
 /**
@@ -409,7 +401,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
     if (error instanceof UsageError || error instanceof RangeError || error instanceof LegalHoldError || error instanceof AuditSchemaCheckError || error instanceof AuditUnrecordedError) {
       err(`${error.message}${error instanceof UsageError || error instanceof RangeError ? `\n${USAGE}` : ''}`);
     } else {
-      err(`failed: ${operational(error) ? error.message : error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
+      err(`failed: ${describeFailure(error)}`);
     }
     return 2;
   } finally {

@@ -84,7 +84,9 @@ export function describeFailure(error: unknown): string {
   // A system call that failed: a refused connection, a name that does not resolve.
   const fromSystem = typeof e.code === 'string' && typeof e.syscall === 'string';
   if (fromPostgres) return `${e.message}${typeof e.detail === 'string' ? ` (${e.detail})` : ''} [SQLSTATE ${e.code as string}]`;
-  if (fromSystem || NATS_FAILURES.has(e.name)) return `${e.name}: ${e.message}`;
+  // A system error's message names its call and code already ("connect ECONNREFUSED ..."); a plain "Error: " adds nothing.
+  if (fromSystem) return e.name === 'Error' ? e.message : `${e.name}: ${e.message}`;
+  if (NATS_FAILURES.has(e.name)) return `${e.name}: ${e.message}`;
   // A connection that ended while the driver waited on it (pg says so in plain errors).
   if (e.name === 'Error' && /^Connection terminated|^connect ETIMEDOUT|timeout exceeded when trying to connect/i.test(e.message)) return e.message;
   return e.stack ?? `${e.name}: ${e.message}`;

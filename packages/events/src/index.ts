@@ -2,7 +2,7 @@ export { commit, inTransaction, queryWithin, TransactionRolledBackError, transie
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral, storableText } from './sql.ts';
-export { cliStreams, dateOption, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
+export { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
 export {
   allowedLocations,
   APPEND_EVENTS_MAX,

@@ -29,6 +29,7 @@ import pg from 'pg';
 import {
   cliStreams,
   dateOption,
+  describeFailure,
   EventStore,
   intOption,
   migrateEvents,
@@ -167,7 +168,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       // Retention moves events into the archive with their place in the global order: a
       // position found there is as good as a hot one (the archive has no index on position
       // alone, so it is read only when the hot table has no such event).
-      const cp = (await store.checkpointAt(pool, BigInt(position))) ?? (await archivedCheckpointAt(pool, BigInt(position)));
+      const cp = await store.checkpointAt(pool, BigInt(position));
       if (cp === null) throw new UsageError(`--${name} ${position}: no event at that position`);
       return cp;
     };
@@ -293,32 +294,11 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     const note = rebuildFailureNote(error);
     if (note !== undefined) err(note);
     if (error instanceof UsageError || error instanceof ResidencyConfigError) err(`${error.message}\n${USAGE}`);
-    else err(`failed: ${failureText(error)}`);
+    else err(`failed: ${describeFailure(error)}`);
     return 2;
   } finally {
     await pool.end().catch(() => {});
   }
-}
-
-/**
- * What a command prints after "failed: ". PostgreSQL's answer (a SQLSTATE and a severity) is
- * its message, detail and code: the operator has the cause, and the driver's stack would bury
- * it. Anything else is a bug here, and keeps its stack.
- */
-function failureText(error: unknown): string {
-  if (!(error instanceof Error)) return String(error);
-  const e = error as Error & { code?: unknown; severity?: unknown; detail?: unknown };
-  if (typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code) && typeof e.severity === 'string') {
-    return `${e.message}${typeof e.detail === 'string' ? ` (${e.detail})` : ''} [SQLSTATE ${e.code}]`;
-  }
-  return e.stack ?? `${e.name}: ${e.message}`;
-}
-
-/** The checkpoint of the archived event at `position`, or null. */
-async function archivedCheckpointAt(pool: pg.Pool, position: bigint): Promise<Checkpoint | null> {
-  const r = await pool.query<{ t: string }>('SELECT transaction_id::text AS t FROM events.archived_events WHERE position = $1 LIMIT 1', [position.toString()]);
-  const t = r.rows[0]?.t;
-  return t === undefined ? null : { transactionId: BigInt(t), position };
 }
 
 /** Drops the generation of a failed replay; returns what to tell the operator. */
