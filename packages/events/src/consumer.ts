@@ -43,7 +43,7 @@ import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
 import type { StoredEvent } from './store.ts';
-import { commit, transientDatabaseError } from './transaction.ts';
+import { commit, databaseCannotNow, databaseSessionEnded, transientDatabaseError } from './transaction.ts';
 import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -137,11 +137,7 @@ const UNDECODABLE_HEAD_BYTES = 4096;
  * attempt. A handler that waits for locks should bound the wait with `lock_timeout`.
  */
 export function eventsNotAtFault(error: unknown): boolean {
-  if (transientDatabaseError(error)) return true;
-  if (typeof error !== 'object' || error === null) return false;
-  const { code, severity } = error as { code?: unknown; severity?: unknown };
-  if (code === '55P03' || (typeof code === 'string' && code.startsWith('53'))) return true;
-  return severity === 'FATAL' || severity === 'PANIC';
+  return transientDatabaseError(error) || databaseCannotNow(error) || databaseSessionEnded(error);
 }
 
 export async function ensureDeadLetterStream(nats: NatsConnection, streamName: string, subjectPrefix: string): Promise<void> {

@@ -1,4 +1,4 @@
-export { commit, inTransaction, queryWithin, TransactionRolledBackError, transientDatabaseError, withQueryTimeout } from './transaction.ts';
+export { commit, databaseCannotNow, databaseSessionEnded, inTransaction, queryWithin, TransactionRolledBackError, transientDatabaseError, withQueryTimeout } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
 export { sqlArrayLiteral, sqlLiteral, storableText } from './sql.ts';

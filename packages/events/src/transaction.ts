@@ -112,3 +112,23 @@ export function transientDatabaseError(error: unknown): boolean {
   const message = error instanceof Error ? error.message : '';
   return /Connection terminated|connection is closed|Client has encountered a connection error|timeout exceeded when trying to connect|Query read timeout/i.test(message);
 }
+
+/**
+ * Whether the server could not do the work now, which says nothing about the work: a lock it
+ * waited for past `lock_timeout` or asked for with NOWAIT (55P03), or the server short of
+ * resources (class 53: disk, memory, connections). Nothing was decided; the same work may
+ * succeed later. The consumer, the ledger engine and the service runtime read it alike.
+ */
+export function databaseCannotNow(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return code === '55P03' || (typeof code === 'string' && /^53[0-9A-Z]{3}$/.test(code));
+}
+
+/**
+ * Whether PostgreSQL ended the session (an error at FATAL or PANIC severity): a database that
+ * refuses connections, a role or password refused at connect, an idle-in-transaction timeout.
+ */
+export function databaseSessionEnded(error: unknown): boolean {
+  const severity = (error as { severity?: unknown } | null)?.severity;
+  return severity === 'FATAL' || severity === 'PANIC';
+}

@@ -13,7 +13,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
-import { StreamOrderConflictError, streamOrderConflict, transientDatabaseError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
+import { databaseCannotNow, StreamOrderConflictError, streamOrderConflict, transientDatabaseError, type EventMetadata, type EventStore, type StreamEvent } from '@ledgerline/events';
 import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from './decide.ts';
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow, type TransferRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
@@ -133,12 +133,12 @@ function isTransient(error: unknown): boolean {
   // A duplicate key: a concurrent batch (another instance) inserted one of this batch's ids
   // first; the retry reads it and answers exists. A lock not available: the same, on a lock.
   const code = (error as { code?: unknown }).code;
-  if (code === '23505' || code === '55P03') return true;
+  if (code === '23505' || databaseCannotNow(error)) return true;
   // A cancelled statement (pg_cancel_backend, or the batch's own statement_timeout) and a
   // server short of resources (class 53: memory, disk, connections) say nothing about the
   // batch. The error is reported in a session that goes on, so the transaction did not commit
   // (mayHaveCommitted); another attempt may well succeed.
-  if (code === '57014' || (typeof code === 'string' && code.startsWith('53'))) return true;
+  if (code === '57014') return true;
   // A batch whose transaction id is older than a stream's last writer would reorder that
   // stream; the retry runs in a newer transaction.
   return error instanceof RetryBatch || error instanceof StreamOrderConflictError;

@@ -3,7 +3,7 @@
  */
 import type { Socket } from 'node:net';
 import type { FastifyBaseLogger, FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { transientDatabaseError } from '@ledgerline/events';
+import { databaseCannotNow, databaseSessionEnded, transientDatabaseError } from '@ledgerline/events';
 import { BulkheadFullError, CircuitOpenError, DeadlineExceededError, DependencyConnectionError, DependencyHttpError, DependencyResponseTooLargeError } from '@ledgerline/resilience';
 import {
   HttpProblem,
@@ -142,6 +142,17 @@ export function errorHandler(error: FastifyError, request: FastifyRequest, reply
 const CAUSE_DEPTH_MAX = 4;
 
 /**
+ * Whether an error a handler let through is its database too busy to do the work now: a lock
+ * it waited for past `lock_timeout` (55P03), a statement past `statement_timeout` or cancelled
+ * by an administrator (57014), or the server short of resources (class 53: disk full, out of
+ * memory, too many connections). The statement failed, so its transaction did nothing; the
+ * client may retry. Until 2026-12-07 these were answered 500, as bugs.
+ */
+export function databaseBusy(error: unknown): boolean {
+  return someCause(error, (e) => databaseCannotNow(e) || (e as { code?: unknown }).code === '57014');
+}
+
+/**
  * Whether an error a handler let through is its database failing rather than a bug: the same
  * test the ledger engine applies before it answers "unavailable, retry" (`transientDatabaseError`:
  * a connection refused, reset or lost, SQLSTATE class 08 or 57P, too many connections, a
@@ -150,30 +161,20 @@ const CAUSE_DEPTH_MAX = 4;
  * 3D000, raises FATAL at connect). Errors that carry an HTTP status (a client that aborted its
  * request has ECONNRESET too) are the HTTP layer's, not the database's.
  */
-/**
- * Whether an error a handler let through is its database too busy to do the work now: a lock
- * it waited for past `lock_timeout` (55P03), a statement past `statement_timeout` or cancelled
- * by an administrator (57014), or the server short of resources (class 53: disk full, out of
- * memory, too many connections). The statement failed, so its transaction did nothing; the
- * client may retry. Until 2026-12-07 these were answered 500, as bugs.
- */
-export function databaseBusy(error: unknown): boolean {
-  let e: unknown = error;
-  for (let depth = 0; typeof e === 'object' && e !== null && depth < CAUSE_DEPTH_MAX; depth += 1) {
-    const { statusCode, code } = e as { statusCode?: unknown; code?: unknown };
-    if (typeof statusCode === 'number') return false;
-    if (code === '55P03' || code === '57014' || (typeof code === 'string' && /^53[0-9A-Z]{3}$/.test(code))) return true;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return false;
+export function databaseUnreachable(error: unknown): boolean {
+  return someCause(error, (e) => transientDatabaseError(e) || databaseSessionEnded(e));
 }
 
-export function databaseUnreachable(error: unknown): boolean {
+/**
+ * Whether `test` holds for the error or one of its `cause`s (CAUSE_DEPTH_MAX deep). An error
+ * that carries an HTTP status, at any depth, is the HTTP layer's (a client that aborted its
+ * request has ECONNRESET too), not the database's.
+ */
+function someCause(error: unknown, test: (e: object) => boolean): boolean {
   let e: unknown = error;
   for (let depth = 0; typeof e === 'object' && e !== null && depth < CAUSE_DEPTH_MAX; depth += 1) {
-    const { statusCode, severity } = e as { statusCode?: unknown; severity?: unknown };
-    if (typeof statusCode === 'number') return false;
-    if (transientDatabaseError(e) || severity === 'FATAL' || severity === 'PANIC') return true;
+    if (typeof (e as { statusCode?: unknown }).statusCode === 'number') return false;
+    if (test(e)) return true;
     e = (e as { cause?: unknown }).cause;
   }
   return false;
