@@ -11,7 +11,7 @@
 import { randomUUID } from 'node:crypto';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import pg from 'pg';
-import { EventStore, type StreamEvent } from '../packages/events/src/index.ts';
+import { EventStore, inTransaction, type StreamEvent } from '../packages/events/src/index.ts';
 import { sleep } from './common.ts';
 
 export interface WriterShape {
@@ -90,17 +90,7 @@ export function runWriters(shape: WriterShape, counters: WriterCounters): { writ
             },
           });
         }
-        const c = await pool.connect();
-        try {
-          await c.query('BEGIN');
-          await store.appendMany(c, entries);
-          await c.query('COMMIT');
-        } catch (error) {
-          await c.query('ROLLBACK').catch(() => {});
-          throw error;
-        } finally {
-          c.release();
-        }
+        await inTransaction(pool, (c) => store.appendMany(c, entries));
         Atomics.add(counters, APPENDED, n);
       }
     };
