@@ -130,12 +130,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
 
   app.addHook('onRequest', async (request, reply) => {
     if (sink.saturated !== true || routeOf(request) === undefined) return;
-    reply.header('retry-after', '1');
-    throw problem(503, {
-      type: problemType('audit-unavailable'),
-      title: 'Audit trail unavailable',
-      detail: 'The audit trail is not keeping up, so this request was not run. Retry after the Retry-After delay.',
-    });
+    throw auditUnavailable(reply, 'The audit trail is not keeping up, so this request was not run.');
   });
 
   app.addHook('onSend', async (request, reply, payload) => {
@@ -289,13 +284,14 @@ async function recordedRead<T>(reply: FastifyReply, read: () => Promise<T>): Pro
     return await read();
   } catch (error) {
     if (!(error instanceof AuditUnrecordedError)) throw error;
-    reply.header('retry-after', '1');
-    throw problem(503, {
-      type: problemType('audit-unavailable'),
-      title: 'Audit trail unavailable',
-      detail: 'This read could not be recorded in the audit trail, so its results are withheld. Retry after the Retry-After delay.',
-    });
+    throw auditUnavailable(reply, 'This read could not be recorded in the audit trail, so its results are withheld.');
   }
+}
+
+/** 503 audit-unavailable with Retry-After: the trail cannot take this request's record now. */
+function auditUnavailable(reply: FastifyReply, why: string): Error {
+  reply.header('retry-after', '1');
+  return problem(503, { type: problemType('audit-unavailable'), title: 'Audit trail unavailable', detail: `${why} Retry after the Retry-After delay.` });
 }
 
 /**
