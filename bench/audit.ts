@@ -4,6 +4,7 @@
  *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 6] [--rounds 12]
  *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all]
  *                          [--sequencer-interval-ms 1000] [--sequencer-batch 20000] [--sequencer-nice 10] [--aa]
+ *                          [--switch paused|running]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -16,9 +17,12 @@
  * record through the sink for each call the events do not record whole: any call whose
  * transfer was not `ok` (services/ledger's auditedByEvents). `--command-records all` adds a
  * command record for every call (`unrecorded`, the default, only for calls no event records), as the service did before its events recorded applied
- * commands: the cost of that design, measured beside. Between segments, untimed, the sequencer drains the previous segment's backlog, so an
- * "on" segment integrates its own events, not the "off" segment's, and the database is
- * vacuumed and checkpointed (settleSegment). Each segment reports the load average at its
+ * commands: the cost of that design, measured beside. Between segments, untimed, the clients
+ * wait (`--switch paused`), the sequencer drains the previous segment's backlog, and the
+ * database is vacuumed and checkpointed (settleSegment): each segment starts with nothing left
+ * to integrate, so an "on" segment integrates its own events, not the "off" segment's nor
+ * those of the change-over (`--switch running`, the shape before 2026-12-07, keeps the
+ * clients writing through it; each segment reports its `backlogAtStart`). Each segment reports the load average at its
  * start and end, the machine's CPU per transfer, and in "on" segments the sequencer's own CPU
  * per event (its thread, and its PostgreSQL backends by application_name). `--aa` runs the
  * "on" segments without auditing: the cost it prints is the noise of the measurement.
@@ -46,6 +50,11 @@ const { values: args } = parseArgs({
     accounts: { type: 'string' },
     seed: { type: 'string' },
     'no-pgbench': { type: 'boolean', default: false },
+    // How segments change over: `paused` (default) holds the clients while the sequencer
+    // catches up and the database settles, so that each segment starts with nothing left to
+    // integrate; `running` keeps them writing through the change-over (the shape before
+    // 2026-12-07), which leaves the events written meanwhile to the next "on" segment.
+    switch: { type: 'string', default: 'paused' },
     // `all`: a command record for every call, applied or not (the design before applied
     // commands were recorded by their events), to measure it beside.
     'command-records': { type: 'string', default: 'unrecorded' },
@@ -75,6 +84,8 @@ const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['seq
 const sequencerBatch = Math.floor(intArg('sequencer-batch', args['sequencer-batch'], BATCH_RECORDS_MAX_DEFAULT, 1));
 const sequencerNice = Math.floor(intArg('sequencer-nice', args['sequencer-nice'], SEQUENCER_NICE_DEFAULT, 0));
 const calibrate = args.aa;
+const switchMode = args.switch;
+if (switchMode !== 'paused' && switchMode !== 'running') throw new RangeError('--switch must be paused or running');
 if (commandRecords !== 'unrecorded' && commandRecords !== 'all') throw new RangeError('--command-records must be unrecorded or all');
 const log = benchLog('bench:audit');
 abortOnSignals(log);
@@ -130,6 +141,15 @@ async function eventCount(pool: pg.Pool): Promise<number> {
   return r.rows[0]?.n ?? 0;
 }
 
+/** Events past the sequencer's cursor: appended, not yet integrated. */
+async function eventsBehind(pool: pg.Pool): Promise<number> {
+  const r = await pool.query<{ n: number }>(
+    `SELECT count(*)::integer AS n FROM events.events e, audit.sequencer_state s
+      WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position)`,
+  );
+  return r.rows[0]?.n ?? 0;
+}
+
 /** Rounds `drain` runs before it gives up (about two minutes of idle rounds): a long transaction elsewhere in the cluster holds the event tail back. */
 const DRAIN_ROUNDS_MAX = 24_000;
 
@@ -167,7 +187,13 @@ async function drain(sequencer: AuditSequencer, pool: pg.Pool): Promise<void> {
               OR (SELECT (s.event_transaction_id, s.event_position) < ($1::text::xid8, $2::bigint) FROM audit.sequencer_state s) AS behind`,
       [tx, position, queued],
     );
-    if (r.rows[0]?.behind === false) return;
+    if (r.rows[0]?.behind === false) {
+      // A checkpoint over all of it, as a sequencer signs at close: a drain that ended between
+      // two signed checkpoints left the next sequencer to fold every leaf since the last one
+      // into its tree at start (checkedFrontier), up to a whole segment's, inside the segment.
+      await sequencer.round({ forceCheckpoint: true });
+      return;
+    }
     if (records === 0) await sleep(5);
   }
 }
@@ -246,6 +272,8 @@ interface Segment {
   sequencerPgCpuUsPerEvent: number | null;
   /** On: the sequencer's CPU (thread and backends) per transfer applied in the segment. */
   sequencerCpuUsPerTransfer: number | null;
+  /** Events not yet integrated when the segment began: work carried in from the change-over (0 when paused). */
+  backlogAtStart: number;
   load1mStart: number;
   load1mEnd: number;
 }
@@ -262,6 +290,23 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
   const sink = new PostgresAuditSink({ pool: auditPool });
   const sequencer = new AuditSequencer({ pool: auditPool, signer, origin: 'bench/ledger', tailEvents: true });
   let stop = false;
+  // The change-over gate (`--switch paused`): closed, the clients wait before their next call.
+  let gate: { opened: Promise<void>; open: () => void } | null = null;
+  let inFlight = 0;
+  const holdClients = async (): Promise<void> => {
+    if (switchMode !== 'paused' || gate !== null) return;
+    let open = (): void => {};
+    const opened = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    gate = { opened, open };
+    while (inFlight > 0) await sleep(1);
+  };
+  const releaseClients = (): void => {
+    const g = gate;
+    gate = null;
+    g?.open();
+  };
   try {
     const ids: string[] = [];
     for (let i = 0; i < accountCount; i += 1000) {
@@ -278,11 +323,16 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
     let calls = 0;
     const oneClient = async (client: number): Promise<void> => {
       while (!stop && !abort.signal.aborted) {
+        if (gate !== null) {
+          await gate.opened;
+          continue;
+        }
         const debit = ids[Math.floor(random() * ids.length)] as string;
         let credit = ids[Math.floor(random() * ids.length)] as string;
         if (credit === debit) credit = ids[(ids.indexOf(debit) + 1) % ids.length] as string;
         const id = newId();
         const t0 = performance.now();
+        inFlight += 1;
         try {
           // The metadata the service gives every event (its audit record: who, from where, which request).
           const context = { correlationId: id, causationId: id, actor: `bench-client-${client}`, ip: '127.0.0.1' };
@@ -296,6 +346,8 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
           errors += 1;
           if (errors <= 5) log(`createTransfers threw: ${String(error)}`);
           await sleep(10);
+        } finally {
+          inFlight -= 1;
         }
       }
     };
@@ -315,7 +367,10 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
       // cancels out of the means.
       for (const mode of round % 2 === 0 ? (['off', 'on'] as const) : (['on', 'off'] as const)) {
         checkAborted();
-        // Untimed: catch up on the previous segment's events, settle, then switch.
+        // Untimed: catch up on the previous segment's events, settle, then switch. Paused
+        // (the default), the clients wait meanwhile, so the catch-up is complete and no
+        // segment inherits events written during the change-over.
+        await holdClients();
         await drain(sequencer, auditPool);
         await settleSegment(pool);
         auditing = mode === 'on' && !calibrate;
@@ -337,6 +392,8 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         const machine0 = machineCpuMs();
         const process0 = process.cpuUsage();
         const events0 = await eventCount(auditPool);
+        const backlogAtStart = await eventsBehind(auditPool);
+        releaseClients();
         histogram = h;
         const okStart = ok;
         const t0 = performance.now();
@@ -348,6 +405,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         const process1 = process.cpuUsage(process0);
         const cpu1 = await sequencerCpu(auditPool, worker);
         const integrated = (await eventCount(auditPool)) - events0;
+        await holdClients();
         auditing = false;
         await worker?.close();
         await sink.flush();
@@ -365,6 +423,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
           sequencerWorkerCpuUsPerEvent: perEvent(cpu1.workerMs - cpu0.workerMs),
           sequencerPgCpuUsPerEvent: perEvent(cpu1.pgMs - cpu0.pgMs),
           sequencerCpuUsPerTransfer: worker === null ? null : Math.round(((cpu1.workerMs - cpu0.workerMs + cpu1.pgMs - cpu0.pgMs) * 10_000) / Math.max(1, n)) / 10,
+          backlogAtStart,
           load1mStart,
           load1mEnd: load1m(),
         };
@@ -372,11 +431,13 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         log(
           `  round ${round + 1} audit ${mode}: ${seg.transfersPerS} transfers/s, p99 ${seg.p99Ms} ms, machine ${seg.machineCpuUsPerTransfer} µs/transfer (${seg.machineUtilisation} busy), this process ${seg.processCores} cores` +
             (worker === null ? '' : `, sequencer ${seg.sequencerWorkerCpuUsPerEvent} µs/event in its thread + ${seg.sequencerPgCpuUsPerEvent} in PostgreSQL (${integrated} events)`) +
+            `, ${backlogAtStart} events behind at the start` +
             `, load ${seg.load1mStart} → ${seg.load1mEnd}`,
         );
       }
     }
     stop = true;
+    releaseClients();
     await Promise.all(running);
     await engine.close();
     await sink.close();
@@ -396,6 +457,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
     };
   } finally {
     stop = true;
+    releaseClients();
     await Promise.race([engine.close(), sleep(10_000)]);
     await pool.end().catch(() => {});
     await auditPool.end().catch(() => {});
