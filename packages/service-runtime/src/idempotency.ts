@@ -36,7 +36,7 @@ declare module 'fastify' {
 
 export const IDEMPOTENCY_KEY_HEADER = 'idempotency-key';
 export const IDEMPOTENT_REPLAYED_HEADER = 'idempotent-replayed';
-/** Read by the default `clientId` until authentication (#6) supplies the principal. */
+/** Read by the default `clientId`; not authenticated (see `IdempotencyOptions.clientId`). */
 export const CLIENT_ID_HEADER = 'x-client-id';
 export const ANONYMOUS_CLIENT_ID = 'anonymous';
 
@@ -132,8 +132,14 @@ export interface IdempotencyOptions {
   /**
    * Who owns a key: keys are unique per client. Default: the `x-client-id` header when it is
    * 1..128 characters of `[A-Za-z0-9._:@-]`, else 'anonymous'. That header is not
-   * authenticated; #6 replaces this with the authenticated principal. Any non-empty string
-   * will do: one that is not 1..255 printable ASCII characters is stored as its SHA-256.
+   * authenticated, so the default only keeps honest clients' keys apart: a caller that sends
+   * another client's id (or none, for the anonymous keys) and the same key can have that
+   * client's stored response replayed to it (for the same request), learn that the key is
+   * taken (422 for another request, 409 while it runs), or take a key first and so refuse the
+   * owner's request with it (422) until the key expires. A service with callers it does not
+   * trust passes the authenticated principal here (the ledger does when auth is on). Any
+   * non-empty string will do: one that is not 1..255 printable ASCII characters is stored as
+   * its SHA-256.
    */
   clientId?: (request: FastifyRequest) => string;
   /** The clock, in milliseconds since the epoch (tests inject one). Default `Date.now`. */

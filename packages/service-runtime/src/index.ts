@@ -57,6 +57,7 @@ export {
   PRIORITY_DEFAULT,
   QUEUE_TIMEOUT_MS_DEFAULT,
   routePriority,
+  trustedHeaderRateLimitClientId,
 } from './priority.ts';
 export type { LoadSheddingOptions, RateLimitingOptions } from './priority.ts';
 export { checkRateLimit, RateLimitUnavailableError, RedisTokenBucket, TOKEN_BUCKET_LUA } from './rate-limit.ts';

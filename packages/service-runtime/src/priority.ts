@@ -11,9 +11,11 @@
  *    leaves the queue, and its slot is never taken.
  * 3. Rate limit (when configured, in preValidation, after authentication so that the client
  *    can be the verified principal): per client and route; over the limit → 429 +
- *    Retry-After. It runs after shedding, so a limited request has held a slot briefly; the
- *    shedder, which protects the process, acts first. Unknown paths and methods are limited
- *    by client address.
+ *    Retry-After. The client is the service's `clientId(request)`, else the client address
+ *    (`addressKey`), never a header the caller picks unless the service trusts it
+ *    (`trustClientIdHeader`). It runs after shedding, so a limited request has held a slot
+ *    briefly; the shedder, which protects the process, acts first. Unknown paths and methods
+ *    are limited by client address.
  *
  * The runtime's own routes (/health, /ready, /metrics, /openapi.json) pass every gate:
  * probes and scrapes must answer precisely when the service is overloaded.
@@ -66,17 +68,50 @@ export interface RateLimitingOptions {
   /** Applied to routes that name no limit of their own. */
   defaultLimit: RateLimit;
   /**
-   * Who the client is; default: the `x-client-id` header when well-formed, else the IP. Not
-   * called for unknown paths and methods, which are limited by IP.
+   * Who the client is: whose bucket a request takes from. Give one that names the verified
+   * principal when the service authenticates (it runs after every onRequest hook). Default:
+   * `defaultRateLimitClientId`, the client address, or `trustedHeaderRateLimitClientId` with
+   * `trustClientIdHeader`. Not called for unknown paths and methods, which are limited by
+   * address.
    */
   clientId?: (request: FastifyRequest) => string;
+  /**
+   * Key the default `clientId` by the `x-client-id` header (when well-formed; else by address).
+   * Default false. Only for a service reachable solely through a gateway that authenticates
+   * each caller and sets the header itself, replacing whatever the caller sent: a header the
+   * caller chooses limits nothing (a fresh value is a fresh bucket) and lets it spend another
+   * client's budget by naming it. Ignored when `clientId` is given.
+   */
+  trustClientIdHeader?: boolean;
 }
 
+/** The header `trustClientIdHeader` keys by (the idempotency plugin's CLIENT_ID_HEADER). */
+const CLIENT_ID_HEADER = 'x-client-id';
 const CLIENT_ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
 
+/**
+ * The default rate-limit client: the client address (`addressKey`: an IPv6 client by its /64),
+ * which the caller cannot choose. Headers are ignored: `x-client-id` is whatever the caller
+ * sends. `request.ip` is the TCP peer (the runtime leaves Fastify's trustProxy off), so behind
+ * a proxy every client shares the proxy's buckets: key by an authenticated principal
+ * (`clientId`), or trust a header the proxy sets (`trustClientIdHeader`), or limit at the proxy.
+ */
 export function defaultRateLimitClientId(request: FastifyRequest): string {
-  const header = request.headers['x-client-id'];
+  return addressKey(request.ip);
+}
+
+/**
+ * The rate-limit client under `trustClientIdHeader`: the `x-client-id` header when it is 1..128
+ * characters of `[A-Za-z0-9._:@-]` (keyed `c:<header>`), else the client address.
+ */
+export function trustedHeaderRateLimitClientId(request: FastifyRequest): string {
+  const header = request.headers[CLIENT_ID_HEADER];
   return typeof header === 'string' && CLIENT_ID_PATTERN.test(header) ? `c:${header}` : addressKey(request.ip);
+}
+
+/** The `clientId` a rate limit uses: the service's own, else by address or, if trusted, the header. */
+function rateLimitClientOf(options: RateLimitingOptions): (request: FastifyRequest) => string {
+  return options.clientId ?? (options.trustClientIdHeader === true ? trustedHeaderRateLimitClientId : defaultRateLimitClientId);
 }
 
 export function routePriority(request: FastifyRequest): Priority {
@@ -154,7 +189,7 @@ export async function applyRateLimit(
   // An unknown path or method (404, 405) matched no route, so no route's hooks, authentication
   // included, ran for it: a clientId that names the principal has none to name. Such requests
   // are limited by address instead, which a caller cannot choose.
-  const client = request.is404 ? addressKey(request.ip) : boundedClientKey((options.clientId ?? defaultRateLimitClientId)(request));
+  const client = request.is404 ? addressKey(request.ip) : boundedClientKey(rateLimitClientOf(options)(request));
   // HEAD runs the GET route's handler (Fastify adds it to every GET route), so it takes from
   // the GET bucket: two buckets would double the client's limit on that handler.
   const method = request.method === 'HEAD' ? 'GET' : request.method;
@@ -267,6 +302,10 @@ function clientGone(reply: FastifyReply): void {
 
 export function validateRateLimits(options: RateLimitingOptions): void {
   checkRateLimit(options.defaultLimit, 'rate limit');
+  const trust: unknown = options.trustClientIdHeader;
+  if (trust !== undefined && typeof trust !== 'boolean') throw new TypeError(`rate limit: trustClientIdHeader must be a boolean, got ${JSON.stringify(trust)}`);
+  const clientId: unknown = options.clientId;
+  if (clientId !== undefined && typeof clientId !== 'function') throw new TypeError('rate limit: clientId must be a function of the request');
 }
 
 /**

@@ -51,6 +51,75 @@ describe('rate-limit keys and route limits', () => {
     }
   });
 
+  it('by default a client is its address: a new x-client-id on each request buys no new bucket', async () => {
+    const app = await createService({
+      config, openapi: { title: 'rl-rotate', version: '0' }, logger: false,
+      rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: prefix }), defaultLimit: { ratePerSecond: 0.01, burst: 2 } },
+    });
+    app.get('/v1/rotate', { schema: { response: ok } }, () => ({}));
+    try {
+      const send = (clientId: string, remoteAddress = '192.0.2.10') => app.inject({ url: '/v1/rotate', remoteAddress, headers: { 'x-client-id': clientId } });
+      const statuses = [];
+      for (const clientId of ['one', 'two', 'three', 'four']) statuses.push((await send(clientId)).statusCode);
+      assert.deepEqual(statuses, [200, 200, 429, 429], 'the caller chooses the header, so it names no bucket');
+      // Naming another client spends nothing of that client's budget: its address is its own.
+      assert.equal((await send('one', '192.0.2.11')).statusCode, 200, 'another address has its own bucket');
+      assert.equal((await send('victim', '2001:db8:1:2::1')).statusCode, 200);
+      assert.equal((await send('victim', '2001:db8:1:2::2')).statusCode, 200);
+      assert.equal((await send('victim', '2001:db8:1:2::3')).statusCode, 429, 'an IPv6 client is its /64');
+      const keys = (await redis.keys(`${prefix}GET:/v1/rotate:*`)).sort();
+      assert.deepEqual(keys, [`${prefix}GET:/v1/rotate:ip6:2001:db8:1:2::/64`, `${prefix}GET:/v1/rotate:ip:192.0.2.10`, `${prefix}GET:/v1/rotate:ip:192.0.2.11`]);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('with trustClientIdHeader, a well-formed x-client-id keys the bucket; a malformed one falls back to the address', async () => {
+    const app = await createService({
+      config, openapi: { title: 'rl-trusted', version: '0' }, logger: false,
+      rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: prefix }), defaultLimit: { ratePerSecond: 0.01, burst: 1 }, trustClientIdHeader: true },
+    });
+    app.get('/v1/trusted', { schema: { response: ok } }, () => ({}));
+    try {
+      const send = (headers: Record<string, string>, remoteAddress = '192.0.2.20') => app.inject({ url: '/v1/trusted', remoteAddress, headers });
+      assert.equal((await send({ 'x-client-id': 'svc-a' })).statusCode, 200);
+      assert.equal((await send({ 'x-client-id': 'svc-a' }, '192.0.2.21')).statusCode, 429, 'one client from any address: the gateway vouches for it');
+      assert.equal((await send({ 'x-client-id': 'svc-b' })).statusCode, 200, 'another client has its own bucket');
+      assert.equal((await send({ 'x-client-id': 'no spaces allowed' })).statusCode, 200, 'a malformed header is keyed by address');
+      assert.equal((await send({})).statusCode, 429, 'as is a request without one');
+      const keys = (await redis.keys(`${prefix}GET:/v1/trusted:*`)).sort();
+      assert.deepEqual(keys, [`${prefix}GET:/v1/trusted:c:svc-a`, `${prefix}GET:/v1/trusted:c:svc-b`, `${prefix}GET:/v1/trusted:ip:192.0.2.20`]);
+    } finally {
+      await app.close();
+    }
+    for (const trustClientIdHeader of ['true', 1]) {
+      await assert.rejects(createService({
+        config, openapi: { title: 'rl-trust-bad', version: '0' }, logger: false,
+        rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: prefix }), defaultLimit: { ratePerSecond: 1, burst: 1 }, trustClientIdHeader: trustClientIdHeader as never },
+      }), /trustClientIdHeader must be a boolean/);
+    }
+  });
+
+  it('a clientId function wins over trustClientIdHeader', async () => {
+    const app = await createService({
+      config, openapi: { title: 'rl-own', version: '0' }, logger: false,
+      rateLimit: {
+        bucket: new RedisTokenBucket({ redis, keyPrefix: prefix }),
+        defaultLimit: { ratePerSecond: 0.01, burst: 1 },
+        trustClientIdHeader: true,
+        clientId: (request) => `sub:${String(request.headers['x-subject'])}`,
+      },
+    });
+    app.get('/v1/own', { schema: { response: ok } }, () => ({}));
+    try {
+      const send = (clientId: string) => app.inject({ url: '/v1/own', headers: { 'x-subject': 'alice', 'x-client-id': clientId } });
+      assert.deepEqual([(await send('one')).statusCode, (await send('two')).statusCode], [200, 429]);
+      assert.deepEqual(await redis.keys(`${prefix}GET:/v1/own:*`), [`${prefix}GET:/v1/own:sub:alice`]);
+    } finally {
+      await app.close();
+    }
+  });
+
   it('a client id too long for a Redis key is keyed by its digest, not answered 500', async () => {
     const app = await createService({
       config, openapi: { title: 'rl-long', version: '0' }, logger: false,

@@ -134,7 +134,8 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   let guard: LedgerGuard = OPEN_GUARD;
   const rateLimit = options.resilience?.rateLimit;
   // Rate limiting runs after authentication, so with auth on the verified principal is the
-  // client, whatever x-client-id says; without auth the header is all there is.
+  // client, whatever x-client-id says; without auth the runtime's default keys by the client
+  // address (a caller-chosen header would limit nothing).
   const resilience = rateLimit === undefined || rateLimit === false || options.auth === undefined ? options.resilience : {
     ...options.resilience,
     rateLimit: { ...rateLimit, clientId: (request: FastifyRequest) => `p:${guard.clientId(request) ?? 'anonymous'}` },
