@@ -18,7 +18,7 @@ import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
 import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, type CheckpointRow } from './rows.ts';
 import type { AuditEntry } from './sink.ts';
-import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashes, storedTreeSize, type Queryable } from './tree.ts';
+import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashRange, storedTreeSize, type Queryable } from './tree.ts';
 import { storedKeyTransitions } from './verify.ts';
 import type { QueuedEntry } from './writer.ts';
 import type { KeyObject } from 'node:crypto';
@@ -623,15 +623,18 @@ async function checkedFrontier(db: Queryable, size: number, trusted: readonly Ke
   if (!frontier.root().equals(cp.rootHash)) {
     throw new AuditTreeMismatchError(`audit tree: the stored tree of size ${signed} does not give the root its checkpoint signed (a node in audit.tree_nodes or a stored leaf hash was changed); refusing to sign or integrate anything until it is repaired (run audit:verify)`);
   }
+  // Read as ranges (records and tiles alike), each checked whole before it is folded in: the
+  // same leaves, in the same order, as reading each seq (`storedLeafHashRange`), so the same
+  // frontier, and the same first missing leaf named.
   for (let from = signed; from < size; from += FRONTIER_LEAVES_PER_READ) {
     const to = Math.min(size, from + FRONTIER_LEAVES_PER_READ);
-    const seqs = Array.from({ length: to - from }, (_, i) => from + i);
-    const hashes = await storedLeafHashes(db, seqs);
-    for (const seq of seqs) {
-      const h = hashes.get(seq);
-      if (h === undefined) throw new AuditTreeMismatchError(`audit tree: leaf ${seq} is missing from storage; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
-      frontier.append(h);
+    const read = await storedLeafHashRange(db, from, to);
+    if (read.hashes === null) {
+      const what = read.malformed ? 'has a stored hash that is not 32 bytes' : 'is missing from storage';
+      throw new AuditTreeMismatchError(`audit tree: leaf ${read.missing} ${what}; refusing to sign or integrate anything until it is repaired (run audit:verify)`);
     }
+    // Only the frontier is wanted: the subtrees these leaves complete were stored by the rounds that integrated them.
+    frontier.appendAll(read.hashes, to - from, Number.POSITIVE_INFINITY);
   }
   return frontier;
 }
