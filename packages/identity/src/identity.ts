@@ -51,7 +51,9 @@ export class IdentityError extends Error {
   readonly account: string | undefined;
   /**
    * Why, for the audit trail, when that is more precise than `code` (which is what the caller
-   * is answered): `refresh_token_reused` for a spent refresh token presented again. Never in an
+   * is answered): `refresh_token_reused` for a spent refresh token presented again,
+   * `totp_refused` or `recovery_code_refused` for a right password with a wrong (or spent)
+   * second factor. Never in an
    * answer: a caller is answered `code` alike whatever this says.
    */
   readonly auditReason: string | undefined;
@@ -302,7 +304,8 @@ export class Identity {
       if (user.totp_confirmed && user.totp_secret !== null) {
         const second = await this.#secondFactor(client, user, request, nowMs);
         if (second === 'missing') throw new IdentityError('mfa_required', 'a TOTP code or a recovery code is required', account);
-        if (second === 'wrong') return this.#fail(client, user, counters, nowMs, refusal);
+        // Answered as any refused login; the trail says which factor was refused (PCI DSS 10.2.1.5).
+        if (second === 'wrong') return this.#fail(client, user, counters, nowMs, new IdentityError('invalid_grant', LOGIN_REFUSED, { ...account, auditReason: request.totpCode === undefined ? 'recovery_code_refused' : 'totp_refused' }));
         secondFactor = second;
       }
       await this.#saveCounters(client, user.id, AFTER_SUCCESS);

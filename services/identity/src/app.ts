@@ -19,6 +19,7 @@ import {
   problem,
   problemType,
   ProblemResponse,
+  STORABLE_TEXT_PATTERN,
   type HttpProblem,
   type ProblemAnswer,
   type RateLimit,
@@ -140,6 +141,74 @@ function refreshActor(token: string | undefined): AuditActor {
 /** The grant types the token endpoint serves, as TokenBody lists them. */
 const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.enum);
 
+/** The token endpoint's parameters, as TokenBody names them: the only names a record of a refused body repeats. */
+const TOKEN_PARAMETERS: ReadonlySet<string> = new Set(Object.keys(TokenBody.properties));
+/** A name or client id as the schema admits it (TokenBody's `Text(64)`): one that may name an account, and be looked up. */
+const STORABLE_TEXT = new RegExp(STORABLE_TEXT_PATTERN);
+const admissibleName = (text: string): boolean => text.length >= 1 && text.length <= 64 && STORABLE_TEXT.test(text);
+/** The actor of a record whose request named nobody it could read (a body refused before it was parsed, or without a name). */
+const NOBODY: AuditActor = { type: 'anonymous', id: 'anonymous' };
+/** Refused before any account was looked up: how a refusal the handler never saw is passed to a request's `actorOf`. */
+const REFUSED_UNREAD: GrantOutcome = { granted: false, account: undefined, code: 'invalid_request' };
+/** The same, named without a lookup (by its digest, as a name no account has): see EARLY_LOOKUPS_PENDING_MAX. */
+const REFUSED_UNLOOKED: GrantOutcome = { granted: false, account: undefined, code: undefined };
+/**
+ * Lookups of the actors of records that may be waiting at once before a request refused ahead of
+ * the handler (a 429 above all) is named without one. A refusal costs no hash and no query; a
+ * flood of them must not become a flood of queries that takes the pool from the requests served.
+ */
+const EARLY_LOOKUPS_PENDING_MAX = 64;
+
+/**
+ * The reason a token request answered before its handler ran is recorded with, by its answer:
+ * the OAuth2 `error` a 400 carries (invalid_request, unsupported_grant_type), else the
+ * problem's type (rate_limited, overloaded, deadline_exceeded, shutting_down), else its status.
+ */
+const REFUSAL_REASONS: Readonly<Record<number, string>> = { 413: 'request_too_large', 415: 'unsupported_media_type' };
+const OAUTH_CLIENT_ERRORS: ReadonlySet<unknown> = new Set(['invalid_request', 'unsupported_grant_type']);
+const PROBLEM_TYPE_SLUG = /\/problems\/([a-z0-9-]{1,64})$/;
+/** Bounds on what a refusal's record repeats of its answer's `errors`. */
+const RECORDED_ISSUES_MAX = 20;
+const RECORDED_MESSAGE_CHARS_MAX = 200;
+
+/** A refusal answered before the token endpoint's handler ran, read from its answer: why, and the non-secret details to record. */
+interface EarlyRefusal {
+  reason: string;
+  payload: Record<string, unknown>;
+}
+
+/**
+ * What the record of an early refusal says of its answer (a problem+json body): the reason, the
+ * status, the problem's type, and each validation issue by the parameter it names. A name that is
+ * not a token parameter is not repeated (whatever a client sent as a name may be a secret: the
+ * form `password&hunter2` names a parameter `hunter2`), nor is any value.
+ */
+function earlyRefusal(status: number, payload: unknown): EarlyRefusal {
+  let answer: Record<string, unknown> = {};
+  if (typeof payload === 'string' && payload.startsWith('{')) {
+    try {
+      const parsed: unknown = JSON.parse(payload);
+      if (typeof parsed === 'object' && parsed !== null) answer = parsed as Record<string, unknown>;
+    } catch {
+      // Not JSON after all: the status says what there is to say.
+    }
+  }
+  const slug = typeof answer.type === 'string' ? PROBLEM_TYPE_SLUG.exec(answer.type)?.[1] : undefined;
+  const reason = status === 400 && OAUTH_CLIENT_ERRORS.has(answer.error) ? String(answer.error) : slug?.replaceAll('-', '_') ?? REFUSAL_REASONS[status] ?? `http_${status}`;
+  const issues = Array.isArray(answer.errors) ? answer.errors.slice(0, RECORDED_ISSUES_MAX).map(recordedIssue) : undefined;
+  return { reason, payload: { status, ...(slug === undefined ? {} : { problem: slug }), ...(issues === undefined ? {} : { errors: issues }) } };
+}
+
+function recordedIssue(issue: unknown): { in: string; path: string; message: string } {
+  const { in: part, path, message } = typeof issue === 'object' && issue !== null ? (issue as Record<string, unknown>) : {};
+  const name = typeof path === 'string' ? /^\/([^/]*)/.exec(path)?.[1] : undefined;
+  return {
+    in: part === 'body' || part === 'querystring' || part === 'headers' || part === 'params' ? part : 'request',
+    path: path === '' ? '' : name !== undefined && TOKEN_PARAMETERS.has(name) ? `/${name}` : '(another parameter)',
+    message: typeof message === 'string' ? message.slice(0, RECORDED_MESSAGE_CHARS_MAX) : 'is invalid',
+  };
+}
+
 /**
  * The OAuth2 `error` of a token or revocation request refused before its handler ran (RFC 6749
  * §5.2): `unsupported_grant_type` when it names a grant type this server does not serve, else
@@ -230,6 +299,56 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     pending.add(done);
   };
   const originOf = (request: FastifyRequest) => ({ service: 'identity', ip: request.ip, requestId: request.id });
+  /**
+   * The actor of a record naming a user or client by what was typed: granted, the account; refused,
+   * the account the refusal found, else (refused before any lookup) the account looked up after the
+   * answer, else a digest. A name no account can have (beyond what the schema admits, in a body it
+   * refused) is a digest at once; a name not given, or not text, is `unknown-user` (`unknown-client`).
+   */
+  const typedActor = (kind: 'user' | 'client', typed: unknown) => (outcome: GrantOutcome): ActorSource => {
+    const type = kind === 'user' ? 'user' : 'service';
+    const unknown = kind === 'user' ? 'unknown-user' : 'unknown-client';
+    if (typeof typed !== 'string') return { type, id: unknown };
+    // Logins match usernames lower-cased; client ids as they are.
+    if (outcome.granted) return { type, id: kind === 'user' ? typed.toLowerCase() : typed };
+    if (outcome.account !== undefined) return { type, id: outcome.account };
+    if (REFUSED_BEFORE_LOOKUP.has(outcome.code) && admissibleName(typed)) return { type, lookup: kind, typed };
+    return { type, id: pseudonym(unknown, typed) };
+  };
+  /**
+   * Who a token request's records name, from its parameters as sent: validated (the handler's) or
+   * not (a request refused before the handler ran, whose parameters may be of any type). A grant
+   * type the endpoint does not serve, or none, is named by what the parameters name.
+   */
+  const tokenActor = (body: Readonly<Record<string, unknown>>): ((outcome: GrantOutcome) => ActorSource) => {
+    const grant = body.grant_type;
+    const assertion = typeof body.client_assertion === 'string' && body.client_assertion_type === CLIENT_ASSERTION_TYPE ? body.client_assertion : undefined;
+    const kind = GRANT_TYPES.has(grant)
+      ? grant === 'client_credentials' && assertion !== undefined ? 'assertion' : grant
+      : body.username !== undefined ? 'password' : assertion !== undefined ? 'assertion' : body.client_id !== undefined ? 'client_credentials' : body.refresh_token !== undefined ? 'refresh_token' : undefined;
+    switch (kind) {
+      // A known user's attempts name the user (PCI DSS 10.2.1.4); a name no user has is only a
+      // digest: it may be a password typed in the wrong field.
+      case 'password':
+        return typedActor('user', body.username);
+      // The token's id (before the dot) names the session; its secret never reaches the trail.
+      // Only a well-formed id: a malformed token (a password pasted in the field) is not named.
+      case 'refresh_token': {
+        const actor = refreshActor(typeof body.refresh_token === 'string' ? body.refresh_token : undefined);
+        return () => actor;
+      }
+      // The claimed client, as a failed login records the claimed username.
+      case 'assertion': {
+        const claimed: AuditActor = { type: 'service', id: (assertion === undefined ? null : assertionClientId(assertion)) ?? 'unknown-client' };
+        return () => claimed;
+      }
+      // As a username: a client id no client has may be its secret, given in the wrong variable.
+      case 'client_credentials':
+        return typedActor('client', body.client_id);
+      default:
+        return () => NOBODY;
+    }
+  };
   const tokenRateLimit = options.tokenRateLimit ?? IDENTITY_TOKEN_RATE_LIMIT_DEFAULT;
   if (!(tokenRateLimit.ratePerSecond > 0) || !Number.isInteger(tokenRateLimit.burst) || tokenRateLimit.burst < 1) {
     throw new RangeError(`token rate limit: ratePerSecond must be above 0 and burst a positive integer (got ${JSON.stringify(tokenRateLimit)})`);
@@ -238,9 +357,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   // service, so it comes after); read only while serving requests.
   let principalOf: (request: FastifyRequest) => Principal | undefined = () => undefined;
   /**
-   * Whose bucket a request takes from. Never a header: the runtime's default is x-client-id,
-   * which the caller chooses, so a brute-forcer would name a fresh client on each request. A
-   * route with a permission is keyed by its verified principal (authentication runs in
+   * Whose bucket a request takes from. Never a header (the caller chooses it, so a
+   * brute-forcer would name a fresh client on each request; the runtime's default keyed by
+   * x-client-id until 2026-12-07, and keys by address now unless told to trust it). A route with a permission is keyed by its verified principal (authentication runs in
    * onRequest and refuses a request without one with 401, before the limiter runs in
    * preValidation); every other route (the token endpoint, revocation, the JWKS) by address.
    *
@@ -292,6 +411,52 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   // without one was refused (401) in onRequest.
   principalOf = (request) => (request.routeOptions.config.permission === undefined ? undefined : auth.principal(request));
 
+  /**
+   * Token requests refused before the handler ran are access attempts too (PCI DSS 10.2.1.2):
+   * a body that fails the schema or cannot be parsed (400), is over the limit (413) or of another
+   * type (415), an address over its token limit (429), a request shed (503) or past its deadline
+   * (504). The handler records every request it sees (`recordedByHandler`); every other answer
+   * of the route is recorded here once it has gone: a failure with the reason its answer gives
+   * (earlyRefusal), naming whom its parameters name as the handler would (nobody when the body
+   * was never read), looked up after the answer as the handler's are (EARLY_LOOKUPS_PENDING_MAX
+   * bounds the lookups). The answer is not touched. Until 2026-12-07 these left no trace: a
+   * brute force sent as malformed or throttled attempts went unrecorded.
+   */
+  const recordedByHandler = new WeakSet<FastifyRequest>();
+  const earlyRefusals = new WeakMap<FastifyRequest, EarlyRefusal>();
+  const isTokenRoute = (request: FastifyRequest): boolean => request.method === 'POST' && request.routeOptions.url === '/oauth/token';
+  app.addHook('onSend', (request, reply, payload, done) => {
+    if (reply.statusCode >= 400 && isTokenRoute(request) && !recordedByHandler.has(request)) earlyRefusals.set(request, earlyRefusal(reply.statusCode, payload));
+    done(null, payload);
+  });
+  app.addHook('onResponse', (request, _reply, done) => {
+    const refusal = earlyRefusals.get(request);
+    if (refusal === undefined) {
+      done();
+      return;
+    }
+    const body: unknown = request.body;
+    const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
+    const grant = params?.grant_type;
+    const audience = params?.audience;
+    try {
+      const actor = params === undefined ? NOBODY : tokenActor(params)(pending.size < EARLY_LOOKUPS_PENDING_MAX ? REFUSED_UNREAD : REFUSED_UNLOOKED);
+      record(actor, {
+        recordClass: 'access',
+        action: TOKEN_ACTION,
+        origin: originOf(request),
+        resource: { type: 'token', id: GRANT_TYPES.has(grant) ? String(grant) : 'unknown' },
+        outcome: 'failure',
+        reason: refusal.reason,
+        payload: { audience: typeof audience === 'string' && admissibleName(audience) ? audience : null, ...refusal.payload },
+      });
+    } catch (error) {
+      // The answer has gone: say so loudly.
+      request.log.error({ err: error, audit: true, action: TOKEN_ACTION }, 'audit: a refused token request could not be recorded');
+    }
+    done();
+  });
+
   // Each route documents the answers it can give. Every POST can get the runtime's own before
   // its handler runs: 400 (a body that is malformed or fails the schema), 413 (over
   // BODY_LIMIT_BYTES), 415 (neither JSON nor, where accepted, a form); and any route that reads
@@ -340,6 +505,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
        * account a refusal names (undefined when none was found).
        */
       const audited = async (actorOf: (outcome: GrantOutcome) => ActorSource, call: Promise<{ tokens: TokenResponse; payload?: Record<string, unknown> }>): Promise<TokenResponse> => {
+        recordedByHandler.add(request);
         const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: originOf(request), resource: { type: 'token', id: body.grant_type } };
         const payload = { audience: body.audience ?? null };
         try {
@@ -357,20 +523,12 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         }
       };
       const tokensOnly = (call: Promise<TokenResponse>) => call.then((tokens) => ({ tokens }));
+      // Granted, a user is named as typed (lower-cased); refused before the user was looked up
+      // (an audience, a missing field), the user is looked up after the answer (tokenActor).
+      const actorOf = tokenActor(body);
       switch (body.grant_type) {
         case 'password': {
           const username = body.username;
-          // A known user's attempts name the user (PCI DSS 10.2.1.4); a name no user has is only
-          // a digest: it may be a password typed in the wrong field. Granted, the name is the
-          // user's (logins match usernames lower-cased). Refused before the user was looked up
-          // (an audience, a missing field), the user is looked up after the answer.
-          const actorOf = (outcome: GrantOutcome): ActorSource => {
-            if (username === undefined) return { type: 'user', id: 'unknown-user' };
-            if (outcome.granted) return { type: 'user', id: username.toLowerCase() };
-            if (outcome.account !== undefined) return { type: 'user', id: outcome.account };
-            if (REFUSED_BEFORE_LOOKUP.has(outcome.code)) return { type: 'user', lookup: 'user', typed: username };
-            return { type: 'user', id: pseudonym('unknown-user', username) };
-          };
           if (username === undefined || body.password === undefined || body.audience === undefined) return audited(actorOf, missing('password', 'username, password and audience'));
           const login = identity.authenticate({
             username,
@@ -383,28 +541,15 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
           return audited(actorOf, login.then(({ tokens, secondFactor }) => ({ tokens, payload: { second_factor: secondFactor } })));
         }
         case 'refresh_token': {
-          // The token's id (before the dot) names the session; its secret never reaches the trail.
-          // Only a well-formed id: a malformed token (a password pasted in the field) is not named.
-          const actor = refreshActor(body.refresh_token);
-          if (body.refresh_token === undefined) return audited(() => actor, missing('refresh_token', 'refresh_token'));
-          return audited(() => actor, tokensOnly(identity.refresh(body.refresh_token)));
+          if (body.refresh_token === undefined) return audited(actorOf, missing('refresh_token', 'refresh_token'));
+          return audited(actorOf, tokensOnly(identity.refresh(body.refresh_token)));
         }
         case 'client_credentials': {
           if (body.client_assertion !== undefined && body.client_assertion_type === CLIENT_ASSERTION_TYPE) {
-            // The claimed client, as a failed login records the claimed username.
-            const claimed: AuditActor = { type: 'service', id: assertionClientId(body.client_assertion) ?? 'unknown-client' };
-            if (body.audience === undefined) return audited(() => claimed, missing('client_credentials', 'audience'));
-            return audited(() => claimed, tokensOnly(identity.clientCredentials({ assertion: body.client_assertion }, body.audience)));
+            if (body.audience === undefined) return audited(actorOf, missing('client_credentials', 'audience'));
+            return audited(actorOf, tokensOnly(identity.clientCredentials({ assertion: body.client_assertion }, body.audience)));
           }
-          // As a username: a client id no client has may be its secret, given in the wrong variable.
           const clientId = body.client_id;
-          const actorOf = (outcome: GrantOutcome): ActorSource => {
-            if (clientId === undefined) return { type: 'service', id: 'unknown-client' };
-            if (outcome.granted) return { type: 'service', id: clientId };
-            if (outcome.account !== undefined) return { type: 'service', id: outcome.account };
-            if (REFUSED_BEFORE_LOOKUP.has(outcome.code)) return { type: 'service', lookup: 'client', typed: clientId };
-            return { type: 'service', id: pseudonym('unknown-client', clientId) };
-          };
           if (body.audience === undefined) return audited(actorOf, missing('client_credentials', 'audience'));
           if (clientId === undefined || body.client_secret === undefined) return audited(actorOf, missing('client_credentials', 'client_id and client_secret, or a client_assertion'));
           return audited(actorOf, tokensOnly(identity.clientCredentials({ clientId, secret: body.client_secret }, body.audience)));

@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import type { InjectOptions } from 'fastify';
 import { Redis } from 'ioredis';
 import pg from 'pg';
-import { MemoryAuditSink } from '@ledgerline/audit';
+import { MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
 import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type SecondFactor, type TokenResponse } from '@ledgerline/identity';
 import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
 import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
@@ -130,6 +130,15 @@ function tokenAttempts(actorId: string): number {
   return audit.entries.filter((e) => e.action === TOKEN_ACTION && e.actor.id === actorId).length;
 }
 
+/** The token requests of `actorId` refused for the rate limit, waiting (up to 5 s) until there are `count`: their actors are looked up after the answer. */
+async function rateLimitedAttempts(actorId: string, count: number): Promise<AuditEntry[]> {
+  for (let waitedMs = 0; ; waitedMs += 10) {
+    const found = audit.entries.filter((e) => e.action === TOKEN_ACTION && e.actor.id === actorId && e.reason === 'rate_limited');
+    if (found.length >= count || waitedMs >= 5000) return found;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 async function failedLogins(username: string): Promise<number> {
   const r = await pool.query<{ failed_logins: number }>('SELECT failed_logins FROM identity.users WHERE username = $1', [username]);
   const row = r.rows[0];
@@ -167,7 +176,12 @@ describe('POST /oauth/token with rate limiting on', () => {
     // The right secret is refused too: nothing is checked until the bucket refills.
     assertRateLimited(await app.inject(tokenRequest({ ...wrongSecret, client_secret: CLIENT_SECRET })));
     assert.equal(identity.clientChecks - checksBefore, BURST, 'the refused requests computed no hash');
-    assert.equal(tokenAttempts('payments') - auditedBefore, BURST, 'and reached no grant, so none was audited as an attempt');
+    // Each refusal is in the trail as an attempt refused for the limit, naming the client it
+    // tried (looked up after the answer), never as a grant attempt that was checked.
+    const limited = await rateLimitedAttempts('payments', 2);
+    assert.deepEqual(limited.map((e) => [e.outcome, e.reason, e.payload?.status]), [['failure', 'rate_limited', 429], ['failure', 'rate_limited', 429]]);
+    assert.equal(tokenAttempts('payments') - auditedBefore - limited.length, BURST, 'and reached no grant');
+    assert.equal(JSON.stringify(limited).includes(CLIENT_SECRET), false);
 
     // The bucket is the address's, whatever the headers said; another address has its own.
     assert.deepEqual(await redis.keys(`${runPrefix}secrets:*`), [`${runPrefix}secrets:POST:/oauth/token:ip:127.0.0.1`]);
