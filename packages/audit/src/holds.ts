@@ -6,6 +6,7 @@
  */
 import type pg from 'pg';
 import { tileOfEvent } from './event-leaves.ts';
+import { financialRetentionChanges, retentionRanOut } from './retention-in-force.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -60,23 +61,47 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
  * that. Times are read by the earlier of `now` and the database's clock (a caller's clock
  * may move retention back, never forward); a class kept for ever keeps its events for ever.
  * Archiving is not held: archived events still verify.
+ *
+ * The retention is the stricter of two, and an event goes only once both have run out:
+ * - the one verification judges by (retention-in-force.ts `retentionRanOut`: the migration's
+ *   2557 days and the trail's `audit.retention.change` records, a shortening reaching only
+ *   leaves signed after it), so nothing this lets go is later reported missing;
+ * - the stored `audit.retention_policies` row, which is unsigned and so never alone lets an
+ *   event go (a superuser or the tables' owner can lower it with the triggers off, leaving no
+ *   record), but which shows a lawful change at once, while its record is still queued for the
+ *   sequencer: a lengthening the trail does not show yet keeps the events it will reach.
+ * The row is checked first, in the query that finds the events' checkpoints; the trail's
+ * changes are read (one index walk, and a checkpoint read per change) only for a stream the
+ * row alone would let go, once per call, and judged at each distinct covering time. Stored
+ * checkpoints are taken as the sequencer wrote them, as for the covering time itself:
+ * verification checks their signatures, and a forged one fails it whatever this decides.
  */
 async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date): Promise<boolean> {
-  const r = await db.query<{ keep: boolean }>(
-    `WITH policy AS (SELECT make_interval(days => retain_days) AS retain FROM audit.retention_policies WHERE record_class = 'financial')
-     SELECT EXISTS (SELECT 1 FROM audit.event_leaves)
-        AND EXISTS (
-          SELECT 1 FROM (SELECT transaction_id, position FROM events.events WHERE stream_type = $1 AND stream_id = $2
-                         UNION ALL
-                         SELECT transaction_id, position FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e
-          LEFT JOIN LATERAL ${tileOfEvent('e')} t ON true
-          LEFT JOIN LATERAL (SELECT c.issued_at FROM audit.checkpoints c WHERE c.tree_size >= t.first_seq + t.leaf_count
-                              ORDER BY c.tree_size LIMIT 1) covering ON true
-           WHERE t.positions IS NULL OR array_position(t.positions, e.position) IS NULL
-              OR NOT EXISTS (SELECT 1 FROM policy)
-              OR covering.issued_at IS NULL
-              OR covering.issued_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep`,
+  const r = await db.query<{ trail: boolean; keep: boolean; covered: Date[] | null; as_of: Date }>(
+    `WITH policy AS (SELECT make_interval(days => retain_days) AS retain FROM audit.retention_policies WHERE record_class = 'financial'),
+     leaves AS MATERIALIZED (
+       SELECT t.positions IS NULL OR array_position(t.positions, e.position) IS NULL AS unplaced, covering.issued_at
+         FROM (SELECT transaction_id, position FROM events.events WHERE stream_type = $1 AND stream_id = $2
+               UNION ALL
+               SELECT transaction_id, position FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2) e
+         LEFT JOIN LATERAL ${tileOfEvent('e')} t ON true
+         LEFT JOIN LATERAL (SELECT c.issued_at FROM audit.checkpoints c WHERE c.tree_size >= t.first_seq + t.leaf_count
+                             ORDER BY c.tree_size LIMIT 1) covering ON true)
+     SELECT EXISTS (SELECT 1 FROM audit.event_leaves) AS trail,
+            EXISTS (SELECT 1 FROM leaves
+                     WHERE unplaced OR issued_at IS NULL
+                        OR NOT EXISTS (SELECT 1 FROM policy)
+                        OR issued_at + (SELECT retain FROM policy) > least($3::timestamptz, now())) AS keep,
+            (SELECT array_agg(DISTINCT issued_at) FROM leaves) AS covered,
+            least($3::timestamptz, now()) AS as_of`,
     [stream.streamType, stream.streamId, now],
   );
-  return r.rows[0]?.keep === true;
+  const row = r.rows[0];
+  if (row === undefined || !row.trail) return false;
+  if (row.keep) return true;
+  const covered = row.covered ?? [];
+  if (covered.length === 0) return false;
+  // The retention verification applies, from the trail's signed change records.
+  const changes = await financialRetentionChanges(db, () => true);
+  return covered.some((at) => !retentionRanOut(changes, at, row.as_of));
 }

@@ -1,0 +1,191 @@
+/**
+ * Event-store deletion (`auditLegalHolds().isHeld` with intent `delete`) waits for the
+ * retention verification judges by: the trail's signed `audit.retention.change` records
+ * (src/retention-in-force.ts), never the stored, unsigned `audit.retention_policies` row alone.
+ * An event it lets go must verify as expired; one it keeps is one verification would report
+ * as `event_missing` if it were gone.
+ *
+ * The sequencer's clock is injected and set in the past, so that checkpoints are old enough
+ * for retention to run out by the database's clock (deletion never looks past it). Each test
+ * has a database of its own.
+ */
+import assert from 'node:assert/strict';
+import { afterEach, beforeEach, test } from 'node:test';
+import { verifyLog, type VerifyReport } from '../src/index.ts';
+import { auditLegalHolds } from '../src/holds.ts';
+import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
+
+const DAY = 86_400_000;
+const TYPE = 'ledger.transfer';
+let nowMs = 0;
+const clock = (): Date => new Date(nowMs);
+/** `days` before the real time: the sequencer's clock when it signs. */
+const daysAgo = (days: number): number => Date.now() - days * DAY;
+
+let t: AuditTestEnv;
+beforeEach(async () => {
+  nowMs = daysAgo(3000);
+  t = await auditTestEnv({ now: clock });
+});
+afterEach(async () => {
+  await t.close();
+});
+
+async function transfer(id: string): Promise<void> {
+  await t.events.append(t.pool, { type: TYPE, id }, [{ type: 'ledger.TransferPosted', data: { id, result: 'ok' }, metadata: { actor: 'user:u' } }], { expectedVersion: 'no_stream' });
+}
+
+/** Whether event-store retention must keep the stream, on the real clock, as it asks in its transaction. */
+async function held(id: string, action: 'archive' | 'delete' = 'delete'): Promise<boolean> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    return await auditLegalHolds().isHeld(c, { streamType: TYPE, streamId: id }, { action, now: new Date() });
+  } finally {
+    await c.query('ROLLBACK');
+    c.release();
+  }
+}
+
+/** A superuser's statement with the triggers off: neither guarded nor recorded. */
+async function unrecorded(sql: string, args: unknown[] = []): Promise<void> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    await c.query(sql, args);
+    await c.query('COMMIT');
+  } finally {
+    c.release();
+  }
+}
+
+/** Verification, today, of the log with the stream's events deleted (rolled back after). */
+async function verifiedWithout(id: string): Promise<VerifyReport> {
+  const c = await t.pool.connect();
+  try {
+    await c.query('BEGIN');
+    await c.query('SET LOCAL session_replication_role = replica');
+    const r = await c.query('DELETE FROM events.events WHERE stream_type = $1 AND stream_id = $2', [TYPE, id]);
+    assert.ok((r.rowCount ?? 0) > 0);
+    return await verifyLog(c, { publicKey: t.signer.publicKey, now: () => new Date() });
+  } finally {
+    await c.query('ROLLBACK');
+    c.release();
+  }
+}
+
+function verifies(report: VerifyReport): void {
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
+}
+function missing(report: VerifyReport): void {
+  assert.equal(report.ok, false);
+  assert.equal(report.firstDifference?.kind, 'event_missing', JSON.stringify(report.issues));
+}
+
+const retentionChanges = async (): Promise<number> =>
+  Number(
+    (await t.pool.query<{ n: string }>(
+      `SELECT (SELECT count(*) FROM audit.records WHERE action = 'audit.retention.change')
+            + (SELECT count(*) FROM audit.queue WHERE entry::jsonb ->> 'action' = 'audit.retention.change') AS n`,
+    )).rows[0]?.n,
+  );
+
+test('a stored policy lowered without a record (a superuser, triggers off) does not make an event deletable early', async () => {
+  // x-old: signed 2600 days ago, past the original 2557; x-1: signed ten days ago.
+  nowMs = daysAgo(2600);
+  await transfer('x-old');
+  await t.settle();
+  nowMs = daysAgo(10);
+  await transfer('x-1');
+  await t.settle();
+  assert.equal(await held('x-1'), true);
+
+  await unrecorded("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
+  assert.equal(await retentionChanges(), 0, 'the trail has no record of the change');
+  // By the row, x-1 ran out nine days ago; verification still holds it to 2557 days.
+  assert.equal(await held('x-1'), true, 'a one-day row let x-1 go, which verification reports missing');
+  missing(await verifiedWithout('x-1'));
+  // Still so after the sequencer runs again: nothing was queued for it to sign.
+  await t.settle();
+  assert.equal(await held('x-1'), true);
+  // Where the trail's retention has run out too, the event goes, and its absence verifies.
+  assert.equal(await held('x-old'), false);
+  verifies(await verifiedWithout('x-old'));
+});
+
+test('a signed retention change takes effect, for the leaves signed after it; a shortening does not reach leaves signed before it', async () => {
+  // t-before: recorded in the event store eight years ago, but taken by the trail (and signed)
+  // only twenty days ago, as when the trail began tailing a store late. The guard judges a
+  // shortening by recorded times, so it lets the policy drop to one day.
+  nowMs = daysAgo(20);
+  await transfer('t-before');
+  await t.pool.query("UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = $1 AND stream_id = 't-before'", [TYPE]);
+  await t.settle();
+
+  await t.pool.query("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
+  assert.equal(await retentionChanges(), 1, 'a lawful change is recorded');
+  // Queued, not yet signed: the row says one day, the trail 2557 days.
+  assert.equal(await held('t-before'), true, 'a shortening not yet signed let t-before go');
+  nowMs = daysAgo(19);
+  await t.settle();
+  // Signed nineteen days ago: in force for t-after (signed eighteen days ago), so its day has
+  // run out; t-before was signed before it, and is owed 2557 days.
+  nowMs = daysAgo(18);
+  await transfer('t-after');
+  await t.settle();
+  assert.equal(await held('t-after'), false, 'the signed shortening applies to leaves signed after it');
+  verifies(await verifiedWithout('t-after'));
+  assert.equal(await held('t-before'), true, 'the shortening reached a leaf signed before it');
+  missing(await verifiedWithout('t-before'));
+});
+
+test('a lengthening still queued for the sequencer keeps what it will reach: the row, when stricter, is kept to', async () => {
+  // A lawful shortening to one day before any financial data, signed; q-1 signed under it.
+  await t.pool.query("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
+  nowMs = daysAgo(20);
+  await t.settle();
+  nowMs = daysAgo(18);
+  await transfer('q-1');
+  await t.settle();
+  assert.equal(await held('q-1'), false, "q-1's day has run out");
+  // A lengthening to 30 days, made (and queued) 17.5 days ago, before q-1's day ran out; the
+  // sequencer has not run since. The trail alone still says one day.
+  await t.pool.query("UPDATE audit.retention_policies SET retain_days = 30 WHERE record_class = 'financial'");
+  await unrecorded(
+    `UPDATE audit.queue SET entry = jsonb_set(entry::jsonb, '{occurredAt}', to_jsonb($1::text))::text WHERE entry::jsonb ->> 'action' = 'audit.retention.change'`,
+    [new Date(daysAgo(17.5)).toISOString()],
+  );
+  assert.equal(await held('q-1'), true, 'the queued lengthening did not keep q-1');
+  // Once signed, the lengthening reaches q-1: had it gone, verification would say so.
+  nowMs = daysAgo(1);
+  await t.settle();
+  assert.equal(await held('q-1'), true);
+  missing(await verifiedWithout('q-1'));
+});
+
+test('legal holds still block deletion and archiving; a released hold leaves the stream to the trail retention, not to a lowered row', async () => {
+  nowMs = daysAgo(2600);
+  await transfer('h-old');
+  await transfer('free');
+  await t.settle();
+  nowMs = daysAgo(10);
+  await transfer('h-new');
+  await t.settle();
+  const holds = [
+    await t.store.placeHold({ resource: { type: TYPE, id: 'h-old' } }, 'case 7', REVIEWER),
+    await t.store.placeHold({ resource: { type: TYPE, id: 'h-new' } }, 'case 7', REVIEWER),
+  ];
+  await unrecorded("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
+  // h-old's retention has run out by every measure, and the hold keeps it all the same.
+  assert.equal(await held('free'), false);
+  for (const id of ['h-old', 'h-new']) {
+    assert.equal(await held(id), true, `${id} deleted under a hold`);
+    assert.equal(await held(id, 'archive'), true, `${id} archived under a hold`);
+  }
+  for (const id of holds) assert.equal(await t.store.releaseHold(id, REVIEWER), true);
+  assert.equal(await held('h-old'), false);
+  assert.equal(await held('h-old', 'archive'), false);
+  assert.equal(await held('h-new', 'archive'), false);
+  assert.equal(await held('h-new'), true, 'released, h-new went by the lowered row');
+});
