@@ -6,8 +6,10 @@
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
+import type { Histogram } from 'node:perf_hooks';
 import type { ParseArgsConfig } from 'node:util';
 import pg from 'pg';
+import { seededRandom } from '@ledgerline/resilience';
 import { ADMIN_DATABASE_URL, createTestDatabase } from '../packages/testing/src/index.ts';
 
 export type Log = (message: string) => void;
@@ -141,6 +143,83 @@ export async function settleAccounts(db: Pick<pg.ClientBase, 'query'>): Promise<
 /** Nanoseconds (a histogram's unit) to milliseconds with two decimals. */
 export const nsToMs = (ns: number): number => Math.round(ns / 1e4) / 100;
 
+/** A latency histogram's figures, in milliseconds. */
+export interface LatencyFigures {
+  p50: number;
+  p99: number;
+  p999: number;
+  p9999: number;
+  max: number;
+  mean: number;
+}
+
+/** The figures of a histogram of latencies in nanoseconds. */
+export function latencyFigures(histogram: Histogram): LatencyFigures {
+  return {
+    p50: nsToMs(histogram.percentile(50)),
+    p99: nsToMs(histogram.percentile(99)),
+    p999: nsToMs(histogram.percentile(99.9)),
+    p9999: nsToMs(histogram.percentile(99.99)),
+    max: nsToMs(histogram.max),
+    mean: nsToMs(histogram.mean),
+  };
+}
+
+/** The latency fields of a summary. */
+export function latencySummary(f: LatencyFigures): Record<string, number> {
+  return {
+    latency_ms_p50: f.p50,
+    latency_ms_p99: f.p99,
+    latency_ms_p999: f.p999,
+    latency_ms_p9999: f.p9999,
+    latency_ms_max: f.max,
+    latency_ms_mean: f.mean,
+  };
+}
+
+/**
+ * The ledger's tables after a load: the accounts' totals and the transfer rows, amounts as text
+ * (the sums are numeric). `balanced`: debits posted = credits posted = the amount of the `ok`
+ * transfers, and nothing pending (the loads only post). Each benchmark compares the rows with
+ * what it was told was applied.
+ */
+export interface LedgerTotals {
+  debitsPosted: string;
+  creditsPosted: string;
+  pendingZero: boolean;
+  transferRows: number;
+  distinctIds: number;
+  okRows: number;
+  okSum: string;
+  balanced: boolean;
+}
+
+export async function ledgerTotals(db: Pick<pg.ClientBase, 'query'>): Promise<LedgerTotals> {
+  const r = await db.query<{ dpo: string; cpo: string; dp: string; cp: string; rows: string; ids: string; ok_rows: string; ok_sum: string }>(
+    `SELECT (SELECT coalesce(sum(debits_posted), 0)::text FROM ledger.accounts) AS dpo,
+            (SELECT coalesce(sum(credits_posted), 0)::text FROM ledger.accounts) AS cpo,
+            (SELECT coalesce(sum(debits_pending), 0)::text FROM ledger.accounts) AS dp,
+            (SELECT coalesce(sum(credits_pending), 0)::text FROM ledger.accounts) AS cp,
+            (SELECT count(*)::text FROM ledger.transfers) AS rows,
+            (SELECT count(DISTINCT id)::text FROM ledger.transfers) AS ids,
+            (SELECT count(*)::text FROM ledger.transfers WHERE result = 'ok') AS ok_rows,
+            (SELECT coalesce(sum(amount), 0)::text FROM ledger.transfers WHERE result = 'ok') AS ok_sum`,
+  );
+  const row = r.rows[0];
+  if (row === undefined) throw new Error('invariant query returned no row');
+  const pendingZero = row.dp === '0' && row.cp === '0';
+  return {
+    debitsPosted: row.dpo,
+    creditsPosted: row.cpo,
+    pendingZero,
+    transferRows: Number(row.rows),
+    distinctIds: Number(row.ids),
+    okRows: Number(row.ok_rows),
+    okSum: row.ok_sum,
+    balanced: row.dpo === row.cpo && row.dpo === row.ok_sum && pendingZero,
+  };
+}
+
 /** Logs the seed and the machine's state at the start; returns the 1-minute load average. */
 export function logStart(log: Log, seed: number): number {
   log(`seed ${seed} (replay with --seed ${seed}); cpus ${cpus().length}; loadavg ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
@@ -191,17 +270,8 @@ export function defaultPgbenchScale(clients: number): number {
   return Math.max(clients, 10);
 }
 
-/** mulberry32: a small, fast, seeded PRNG; returns floats in [0, 1). */
-export function prng(s: number): () => number {
-  let a = s >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded PRNG of the loads (mulberry32, the resilience package's); returns floats in [0, 1). */
+export const prng: (seed: number) => () => number = seededRandom;
 
 /** Aborted on the first SIGINT/SIGTERM (see `abortOnSignals`): stop the load, keep cleaning up. */
 export const abort = new AbortController();

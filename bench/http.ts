@@ -49,11 +49,13 @@ import {
   defaultPgbenchScale,
   exitWhenDone,
   intArg,
+  latencyFigures,
+  latencySummary,
+  ledgerTotals,
   loadAverage1m,
   loadSettings,
   LOAD_OPTIONS,
   logStart,
-  nsToMs,
   pgbenchClientsFor,
   pgbenchSummary,
   prng,
@@ -61,6 +63,7 @@ import {
   runPgbenchTpcb,
   settleAccounts,
   sleep,
+  type LatencyFigures,
   type PgbenchFigures,
 } from './common.ts';
 
@@ -484,19 +487,13 @@ function settle(sent: Sent, status: number, body: string): number {
 // ------------------------------------------------------------------------------------------
 // Load phases
 
-interface LoadFigures {
+interface LoadFigures extends LatencyFigures {
   requests: number;
   responses2xx: number;
   transfers: number;
   measuredSeconds: number;
   requestsPerS: number;
   transfersPerS: number;
-  p50: number;
-  p99: number;
-  p999: number;
-  p9999: number;
-  max: number;
-  mean: number;
   errors: number;
   timeouts: number;
   inFlightAtStop: number;
@@ -587,12 +584,7 @@ function runLoad(options: LoadOptions): Promise<LoadFigures> {
               measuredSeconds,
               requestsPerS: Math.round(requests / measuredSeconds),
               transfersPerS: Math.round(transfers / measuredSeconds),
-              p50: nsToMs(histogram.percentile(50)),
-              p99: nsToMs(histogram.percentile(99)),
-              p999: nsToMs(histogram.percentile(99.9)),
-              p9999: nsToMs(histogram.percentile(99.99)),
-              max: nsToMs(histogram.max),
-              mean: nsToMs(histogram.mean),
+              ...latencyFigures(histogram),
               errors: result.errors,
               timeouts: result.timeouts,
               inFlightAtStop: ledger.outstanding.size,
@@ -794,38 +786,25 @@ async function runHttp(databaseUrl: string, database: string): Promise<HttpRun> 
     };
 
     // Invariants: double entry balances, and every acknowledged transfer is exactly one row.
-    const r = await db.query<{ dpo: string; cpo: string; dp: string; cp: string; rows: string; ids: string; ok_rows: string; ok_sum: string }>(
-      `SELECT (SELECT coalesce(sum(debits_posted), 0)::text FROM ledger.accounts) AS dpo,
-              (SELECT coalesce(sum(credits_posted), 0)::text FROM ledger.accounts) AS cpo,
-              (SELECT coalesce(sum(debits_pending), 0)::text FROM ledger.accounts) AS dp,
-              (SELECT coalesce(sum(credits_pending), 0)::text FROM ledger.accounts) AS cp,
-              (SELECT count(*)::text FROM ledger.transfers) AS rows,
-              (SELECT count(DISTINCT id)::text FROM ledger.transfers) AS ids,
-              (SELECT count(*)::text FROM ledger.transfers WHERE result = 'ok') AS ok_rows,
-              (SELECT coalesce(sum(amount), 0)::text FROM ledger.transfers WHERE result = 'ok') AS ok_sum`,
-    );
-    const row = r.rows[0];
-    if (row === undefined) throw new Error('invariant query returned no row');
+    const totals = await ledgerTotals(db);
     const invariants = {
-      debits_posted_total: row.dpo,
-      credits_posted_total: row.cpo,
-      pending_totals_zero: row.dp === '0' && row.cp === '0',
-      transfer_rows: Number(row.rows),
-      distinct_ids: Number(row.ids),
-      ok_rows: Number(row.ok_rows),
+      debits_posted_total: totals.debitsPosted,
+      credits_posted_total: totals.creditsPosted,
+      pending_totals_zero: totals.pendingZero,
+      transfer_rows: totals.transferRows,
+      distinct_ids: totals.distinctIds,
+      ok_rows: totals.okRows,
       ok_acknowledged: ledger.okTransfers,
-      ok_amount_sum: row.ok_sum,
+      ok_amount_sum: totals.okSum,
       ok_amount_acknowledged: String(ledger.okAmount),
       rejected: ledger.rejected,
       undecided: ledger.outstanding.size,
     };
     const invariantsOk =
-      row.dpo === row.cpo &&
-      row.dpo === row.ok_sum &&
-      row.ok_sum === String(ledger.okAmount) &&
-      invariants.pending_totals_zero &&
-      row.rows === row.ids &&
-      Number(row.ok_rows) === ledger.okTransfers &&
+      totals.balanced &&
+      totals.okSum === String(ledger.okAmount) &&
+      totals.transferRows === totals.distinctIds &&
+      totals.okRows === ledger.okTransfers &&
       ledger.outstanding.size === 0;
     return { single, batched, resolved, batchSizeMean, batchSizeMeanBatched, invariantsOk, invariants, ...(await eventCounts()) };
   } finally {
@@ -911,12 +890,7 @@ async function main(): Promise<void> {
   const summary = {
     transfers_per_s: single.transfersPerS,
     requests_per_s: single.requestsPerS,
-    latency_ms_p50: single.p50,
-    latency_ms_p99: single.p99,
-    latency_ms_p999: single.p999,
-    latency_ms_p9999: single.p9999,
-    latency_ms_max: single.max,
-    latency_ms_mean: single.mean,
+    ...latencySummary(single),
     ...pgbenchSummary(tpcb, single.transfersPerS),
     pgbench_clients: tpcb === null ? null : pgbenchClients,
     clients,

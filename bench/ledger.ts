@@ -38,11 +38,13 @@ import {
   defaultPgbenchScale,
   exitWhenDone,
   intArg,
+  latencyFigures,
+  latencySummary,
+  ledgerTotals,
   loadAverage1m,
   loadSettings,
   LOAD_OPTIONS,
   logStart,
-  nsToMs,
   pgbenchClientsFor,
   pgbenchSummary,
   prng,
@@ -50,6 +52,7 @@ import {
   runPgbenchTpcb,
   settleAccounts,
   sleep,
+  type LatencyFigures,
   type PgbenchFigures,
 } from './common.ts';
 
@@ -85,16 +88,10 @@ abortOnSignals(log);
 // ------------------------------------------------------------------------------------------
 // Phase 1: the ledger
 
-interface LedgerFigures {
+interface LedgerFigures extends LatencyFigures {
   transfersPerS: number;
   transfers: number;
   measuredSeconds: number;
-  p50: number;
-  p99: number;
-  p999: number;
-  p9999: number;
-  max: number;
-  mean: number;
   batchSizeMean: number;
   batchesPerS: number;
   errors: number;
@@ -210,43 +207,23 @@ async function runLedger(db: TestDatabase): Promise<LedgerFigures> {
     const dTransfers = statsEnd.transfers - statsStart.transfers;
 
     // Invariants: double entry balances, and every ok result is exactly one row.
-    const r = await pool.query<{ dpo: string; cpo: string; dp: string; cp: string; rows: string; ok_rows: string; ok_sum: string }>(
-      `SELECT (SELECT coalesce(sum(debits_posted), 0)::text FROM ledger.accounts) AS dpo,
-              (SELECT coalesce(sum(credits_posted), 0)::text FROM ledger.accounts) AS cpo,
-              (SELECT coalesce(sum(debits_pending), 0)::text FROM ledger.accounts) AS dp,
-              (SELECT coalesce(sum(credits_pending), 0)::text FROM ledger.accounts) AS cp,
-              (SELECT count(*)::text FROM ledger.transfers) AS rows,
-              (SELECT count(*)::text FROM ledger.transfers WHERE result = 'ok') AS ok_rows,
-              (SELECT coalesce(sum(amount), 0)::text FROM ledger.transfers WHERE result = 'ok') AS ok_sum`,
-    );
-    const row = r.rows[0];
-    if (row === undefined) throw new Error('invariant query returned no row');
+    const totals = await ledgerTotals(pool);
     const invariants = {
-      debits_posted_total: row.dpo,
-      credits_posted_total: row.cpo,
-      pending_totals_zero: row.dp === '0' && row.cp === '0',
-      transfer_rows: Number(row.rows),
+      debits_posted_total: totals.debitsPosted,
+      credits_posted_total: totals.creditsPosted,
+      pending_totals_zero: totals.pendingZero,
+      transfer_rows: totals.transferRows,
       ok_results: okTotal,
-      ok_amount_sum: row.ok_sum,
+      ok_amount_sum: totals.okSum,
     };
-    const invariantsOk =
-      row.dpo === row.cpo &&
-      row.dpo === row.ok_sum &&
-      invariants.pending_totals_zero &&
-      Number(row.rows) === okTotal &&
-      Number(row.ok_rows) === okTotal;
+    const invariantsOk = totals.balanced && totals.transferRows === okTotal && totals.okRows === okTotal;
     await pool.end();
 
     return {
       transfersPerS: Math.round(transfers / measuredSeconds),
       transfers,
       measuredSeconds,
-      p50: nsToMs(histogram.percentile(50)),
-      p99: nsToMs(histogram.percentile(99)),
-      p999: nsToMs(histogram.percentile(99.9)),
-      p9999: nsToMs(histogram.percentile(99.99)),
-      max: nsToMs(histogram.max),
-      mean: nsToMs(histogram.mean),
+      ...latencyFigures(histogram),
       batchSizeMean: dBatches === 0 ? 0 : Math.round((dTransfers / dBatches) * 10) / 10,
       batchesPerS: Math.round(dBatches / measuredSeconds),
       errors,
@@ -341,12 +318,7 @@ async function main(): Promise<void> {
   }
   const summary = {
     transfers_per_s: ledger.transfersPerS,
-    latency_ms_p50: ledger.p50,
-    latency_ms_p99: ledger.p99,
-    latency_ms_p999: ledger.p999,
-    latency_ms_p9999: ledger.p9999,
-    latency_ms_max: ledger.max,
-    latency_ms_mean: ledger.mean,
+    ...latencySummary(ledger),
     ...pgbenchSummary(tpcb, ledger.transfersPerS),
     pgbench_clients: pgbenchClients,
     ...referenceSummary,

@@ -7,22 +7,14 @@
  * re-serialised, which halves the relay's cost per event. Both produce the same keys in the
  * same order, and `decodeBatch` reads either.
  */
-import type { EventMetadata, StoredEvent } from './store.ts';
+import type { StoredEvent } from './store.ts';
 
-interface WireEvent {
+/** A stored event as JSON carries it: the bigints as decimal strings, the time as ISO 8601. */
+type WireEvent = Omit<StoredEvent, 'position' | 'transactionId' | 'recordedAt'> & {
   position: string;
   transactionId: string;
-  partition: number;
-  id: string;
-  streamType: string;
-  streamId: string;
-  version: number;
-  type: string;
-  schemaVersion: number;
-  data: Record<string, unknown>;
-  metadata: EventMetadata;
   recordedAt: string;
-}
+};
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

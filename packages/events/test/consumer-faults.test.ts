@@ -13,24 +13,15 @@
  * its messages.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import pg from 'pg';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { encodeBatch, ensureEventStream, EventConsumer, replayDeadLetters, type ConsumerOptions, type StoredEvent } from '../src/index.ts';
 import { eventsNotAtFault } from '../src/consumer.ts';
-import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, type EventsTestEnv } from './support.ts';
+import { suiteWithEffects, waitFor, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
-before(async () => {
-  env = await eventsTestEnv();
-  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
-});
-after(async () => {
-  await env.close();
-});
-
-const inTx = <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTxOn(env.pool, fn);
-const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+const { inTx, effectCounts } = suiteWithEffects((made) => (env = made));
 
 interface OwnStream {
   streamName: string;

@@ -17,8 +17,7 @@ import {
   replayDeadLetters,
   type StoredEvent,
 } from '../src/index.ts';
-import { runCli } from '../src/cli.ts';
-import { effectCounts as effectCountsOf, eventsTestEnv, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type CliRun, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -27,19 +26,10 @@ let other: EventConsumer;
 /** While set, `target` fails on poisoned events (the bug an operator fixes before replaying). */
 let poisoned = true;
 
-const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+const { effectCounts } = poolHelpers(() => env.pool);
 
 
-async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await runCli(args, {
-    env: { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
-    stdout: (t) => (out += `${t}\n`),
-    stderr: (t) => (err += `${t}\n`),
-  });
-  return { code, out, err };
-}
+const cli = (args: string[]): Promise<CliRun> => runCliOn(env, args);
 
 function consumerOf(name: string): EventConsumer {
   return new EventConsumer({
@@ -53,8 +43,7 @@ function consumerOf(name: string): EventConsumer {
 }
 
 before(async () => {
-  env = await eventsTestEnv();
-  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+  env = await eventsTestEnvWithEffects();
   target = consumerOf('target');
   other = consumerOf('other');
   await target.start();

@@ -3,7 +3,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import pg from 'pg';
 import { behindFaultProxy, cutRepeatedly, testRandom } from '@ledgerline/testing';
 import { guardPool } from '@ledgerline/service-runtime';
@@ -24,19 +24,10 @@ import {
   TransactionRolledBackError,
   type StoredEvent,
 } from '../src/index.ts';
-import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+import { suiteWithEffects, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
-before(async () => {
-  env = await eventsTestEnv();
-  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
-});
-after(async () => {
-  await env.close();
-});
-
-const inTx = <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTxOn(env.pool, fn);
-const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+const { inTx, effectCounts } = suiteWithEffects((made) => (env = made));
 
 
 

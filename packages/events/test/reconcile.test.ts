@@ -25,15 +25,14 @@ import {
   type StoredEvent,
 } from '../src/index.ts';
 import { runCli } from '../src/cli.ts';
-import { effectCounts as effectCountsOf, eventsTestEnv, inTx as inTxOn, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
+import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, NATS_URL, type CliRun, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay | null = null;
 const consumers: EventConsumer[] = [];
 const CONSUMERS = ['alpha', 'beta'] as const;
 
-const inTx = <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTxOn(env.pool, fn);
-const effectCounts = (consumer: string): Promise<Map<string, number>> => effectCountsOf(env.pool, consumer);
+const { inTx, effectCounts } = poolHelpers(() => env.pool);
 
 
 
@@ -113,20 +112,10 @@ async function run(tag: string, withEffects = true, extra: Partial<ReconcileOpti
   });
 }
 
-async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const code = await runCli(args, {
-    env: { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
-    stdout: (t) => (out += `${t}\n`),
-    stderr: (t) => (err += `${t}\n`),
-  });
-  return { code, out, err };
-}
+const cli = (args: string[]): Promise<CliRun> => runCliOn(env, args);
 
 before(async () => {
-  env = await eventsTestEnv();
-  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+  env = await eventsTestEnvWithEffects();
   for (const name of CONSUMERS) {
     const consumer = new EventConsumer({
       pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,

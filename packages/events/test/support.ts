@@ -1,12 +1,14 @@
 /** Test setup for the events package: a fresh database and a JetStream stream of its own. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { after, before } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
-import { ensureDeadLetterStream, ensureEventStream, EventStore, migrateEvents } from '../src/index.ts';
+import { ensureDeadLetterStream, ensureEventStream, EventStore, inTransaction, migrateEvents } from '../src/index.ts';
+import { runCli } from '../src/cli.ts';
 
 export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
 
@@ -55,6 +57,63 @@ export async function eventsTestEnv(natsUrl = NATS_URL): Promise<EventsTestEnv> 
 
 /** Runs `fn` in a transaction of its own: commit on success, roll back on error. */
 export { inTransaction as inTx } from '@ledgerline/events';
+
+/** `eventsTestEnv` with an empty `effects` table: a row per event a consumer's handler applied (see `effectCounts`). */
+export async function eventsTestEnvWithEffects(natsUrl = NATS_URL): Promise<EventsTestEnv> {
+  const env = await eventsTestEnv(natsUrl);
+  await env.pool.query('CREATE TABLE effects (event_id uuid NOT NULL, consumer text NOT NULL)');
+  return env;
+}
+
+/** `inTx` and `effectCounts` on a suite's pool, which the suite makes later (in its `before`). */
+export interface PoolHelpers {
+  inTx: <T>(fn: (c: pg.PoolClient) => Promise<T>) => Promise<T>;
+  effectCounts: (consumer: string) => Promise<Map<string, number>>;
+}
+
+export function poolHelpers(pool: () => pg.Pool): PoolHelpers {
+  return {
+    inTx: <T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTransaction(pool(), fn),
+    effectCounts: (consumer: string): Promise<Map<string, number>> => effectCounts(pool(), consumer),
+  };
+}
+
+/**
+ * Registers the suite's `before` and `after`: an `eventsTestEnvWithEffects`, handed to `use` once
+ * made (the suite keeps it), and closed after the suite. The helpers returned work on its pool.
+ */
+export function suiteWithEffects(use: (env: EventsTestEnv) => void): PoolHelpers {
+  let env: EventsTestEnv | undefined;
+  before(async () => {
+    env = await eventsTestEnvWithEffects();
+    use(env);
+  });
+  after(async () => {
+    await env?.close();
+  });
+  return poolHelpers(() => {
+    assert.ok(env, 'the suite environment is made in before()');
+    return env.pool;
+  });
+}
+
+export interface CliRun {
+  code: number;
+  out: string;
+  err: string;
+}
+
+/** Runs the events CLI on `env`'s database and streams, capturing what it prints. */
+export async function runCliOn(env: EventsTestEnv, args: readonly string[]): Promise<CliRun> {
+  let out = '';
+  let err = '';
+  const code = await runCli(args, {
+    env: { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix },
+    stdout: (t) => (out += `${t}\n`),
+    stderr: (t) => (err += `${t}\n`),
+  });
+  return { code, out, err };
+}
 
 /** Polls `check` until it holds; fails after `timeoutMs`. Returns the milliseconds it took. */
 export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 20_000): Promise<number> {

@@ -5,29 +5,11 @@
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { test } from 'node:test';
-import { Type } from 'typebox';
-import { baseConfigSchema, createService, loadConfig } from '../src/index.ts';
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { ok, oneSlotService, sleep } from './shed-support.ts';
 
 test('a client that disconnects while queued gives its place back', { timeout: 20_000 }, async () => {
   let releaseSlow: () => void = () => {};
-  const app = await createService({
-    config: loadConfig(baseConfigSchema, {}),
-    openapi: { title: 'shed-leak', version: '0' },
-    logger: false,
-    metrics: false,
-    tracing: false,
-    loadShedding: {
-      concurrencyMax: 1,
-      queueMax: 10,
-      // No level escalation during the test: only the slot accounting is under test.
-      targetQueueMs: 60_000,
-      intervalMs: 60_000,
-      queueTimeoutMs: { critical: 3000, high: 3000, normal: 3000, low: 3000 },
-    },
-  });
-  const ok = { 200: Type.Object({ ok: Type.Boolean() }) };
+  const app = await oneSlotService('shed-leak');
   let fastRuns = 0;
   app.get('/slow', { schema: { response: ok } }, async () => {
     await new Promise<void>((r) => { releaseSlow = r; });

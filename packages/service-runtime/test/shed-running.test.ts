@@ -7,27 +7,10 @@
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { test } from 'node:test';
-import { Type } from 'typebox';
-import { baseConfigSchema, createService, loadConfig } from '../src/index.ts';
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { ok, oneSlotService, sleep } from './shed-support.ts';
 
 test('a client that hangs up while its handler runs keeps the slot taken until the handler ends', { timeout: 20_000 }, async () => {
-  const app = await createService({
-    config: loadConfig(baseConfigSchema, {}),
-    openapi: { title: 'shed-running', version: '0' },
-    logger: false,
-    metrics: false,
-    tracing: false,
-    loadShedding: {
-      concurrencyMax: 1,
-      queueMax: 10,
-      targetQueueMs: 60_000,
-      intervalMs: 60_000,
-      queueTimeoutMs: { critical: 3000, high: 3000, normal: 3000, low: 3000 },
-    },
-  });
-  const ok = { 200: Type.Object({ ok: Type.Boolean() }) };
+  const app = await oneSlotService('shed-running');
   let running = 0;
   let runningMax = 0;
   const gates: Array<() => void> = [];
