@@ -143,6 +143,8 @@ const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_typ
 
 /** The token endpoint's parameters, as TokenBody names them: the only names a record of a refused body repeats. */
 const TOKEN_PARAMETERS: ReadonlySet<string> = new Set(Object.keys(TokenBody.properties));
+/** The revocation endpoint's, as RevokeBody names them. */
+const REVOKE_PARAMETERS: ReadonlySet<string> = new Set(Object.keys(RevokeBody.properties));
 /** A name or client id as the schema admits it (TokenBody's `Text(64)`): one that may name an account, and be looked up. */
 const STORABLE_TEXT = new RegExp(STORABLE_TEXT_PATTERN);
 const admissibleName = (text: string): boolean => text.length >= 1 && text.length <= 64 && STORABLE_TEXT.test(text);
@@ -160,7 +162,7 @@ const REFUSED_UNLOOKED: GrantOutcome = { granted: false, account: undefined, cod
 const EARLY_LOOKUPS_PENDING_MAX = 64;
 
 /**
- * The reason a token request answered before its handler ran is recorded with, by its answer:
+ * The reason a request answered before its handler ran is recorded with, by its answer:
  * the OAuth2 `error` a 400 carries (invalid_request, unsupported_grant_type), else the
  * problem's type (rate_limited, overloaded, deadline_exceeded, shutting_down), else its status.
  */
@@ -171,19 +173,33 @@ const PROBLEM_TYPE_SLUG = /\/problems\/([a-z0-9-]{1,64})$/;
 const RECORDED_ISSUES_MAX = 20;
 const RECORDED_MESSAGE_CHARS_MAX = 200;
 
-/** A refusal answered before the token endpoint's handler ran, read from its answer: why, and the non-secret details to record. */
+/** A refusal answered before a route's handler ran, read from its answer: why, and the non-secret details to record. */
 interface EarlyRefusal {
   reason: string;
   payload: Record<string, unknown>;
 }
 
 /**
+ * How a route whose refusals before its handler are recorded (the token endpoint, revocation)
+ * records one: as its handler records a request. `describe` gives the record's actor, resource
+ * and the route's own payload from the parameters as sent (not validated: of any type), or
+ * undefined when the body was never read; `outcome` is what a handler's `actorOf` is given for
+ * a refusal it never saw (REFUSED_UNREAD, or REFUSED_UNLOOKED: see EARLY_LOOKUPS_PENDING_MAX).
+ */
+interface EarlyRecording {
+  action: string;
+  /** The route's parameters: the only names a record of a refused body repeats (earlyRefusal). */
+  parameters: ReadonlySet<string>;
+  describe: (params: Readonly<Record<string, unknown>> | undefined, outcome: GrantOutcome) => { actor: ActorSource; resource: AuditResource; payload: Record<string, unknown> };
+}
+
+/**
  * What the record of an early refusal says of its answer (a problem+json body): the reason, the
  * status, the problem's type, and each validation issue by the parameter it names. A name that is
- * not a token parameter is not repeated (whatever a client sent as a name may be a secret: the
- * form `password&hunter2` names a parameter `hunter2`), nor is any value.
+ * not one of the route's `parameters` is not repeated (whatever a client sent as a name may be a
+ * secret: the form `password&hunter2` names a parameter `hunter2`), nor is any value.
  */
-function earlyRefusal(status: number, payload: unknown): EarlyRefusal {
+function earlyRefusal(status: number, payload: unknown, parameters: ReadonlySet<string>): EarlyRefusal {
   let answer: Record<string, unknown> = {};
   if (typeof payload === 'string' && payload.startsWith('{')) {
     try {
@@ -195,16 +211,16 @@ function earlyRefusal(status: number, payload: unknown): EarlyRefusal {
   }
   const slug = typeof answer.type === 'string' ? PROBLEM_TYPE_SLUG.exec(answer.type)?.[1] : undefined;
   const reason = status === 400 && OAUTH_CLIENT_ERRORS.has(answer.error) ? String(answer.error) : slug?.replaceAll('-', '_') ?? REFUSAL_REASONS[status] ?? `http_${status}`;
-  const issues = Array.isArray(answer.errors) ? answer.errors.slice(0, RECORDED_ISSUES_MAX).map(recordedIssue) : undefined;
+  const issues = Array.isArray(answer.errors) ? answer.errors.slice(0, RECORDED_ISSUES_MAX).map((issue) => recordedIssue(issue, parameters)) : undefined;
   return { reason, payload: { status, ...(slug === undefined ? {} : { problem: slug }), ...(issues === undefined ? {} : { errors: issues }) } };
 }
 
-function recordedIssue(issue: unknown): { in: string; path: string; message: string } {
+function recordedIssue(issue: unknown, parameters: ReadonlySet<string>): { in: string; path: string; message: string } {
   const { in: part, path, message } = typeof issue === 'object' && issue !== null ? (issue as Record<string, unknown>) : {};
   const name = typeof path === 'string' ? /^\/([^/]*)/.exec(path)?.[1] : undefined;
   return {
     in: part === 'body' || part === 'querystring' || part === 'headers' || part === 'params' ? part : 'request',
-    path: path === '' ? '' : name !== undefined && TOKEN_PARAMETERS.has(name) ? `/${name}` : '(another parameter)',
+    path: path === '' ? '' : name !== undefined && parameters.has(name) ? `/${name}` : '(another parameter)',
     message: typeof message === 'string' ? message.slice(0, RECORDED_MESSAGE_CHARS_MAX) : 'is invalid',
   };
 }
@@ -412,47 +428,67 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   principalOf = (request) => (request.routeOptions.config.permission === undefined ? undefined : auth.principal(request));
 
   /**
-   * Token requests refused before the handler ran are access attempts too (PCI DSS 10.2.1.2):
-   * a body that fails the schema or cannot be parsed (400), is over the limit (413) or of another
-   * type (415), an address over its token limit (429), a request shed (503) or past its deadline
-   * (504). The handler records every request it sees (`recordedByHandler`); every other answer
-   * of the route is recorded here once it has gone: a failure with the reason its answer gives
-   * (earlyRefusal), naming whom its parameters name as the handler would (nobody when the body
-   * was never read), looked up after the answer as the handler's are (EARLY_LOOKUPS_PENDING_MAX
-   * bounds the lookups). The answer is not touched. Until 2026-12-07 these left no trace: a
-   * brute force sent as malformed or throttled attempts went unrecorded.
+   * Token and revocation requests refused before the handler ran are access attempts too (PCI
+   * DSS 10.2.1.2): a body that fails the schema or cannot be parsed (400), is over the limit (413)
+   * or of another type (415), an address over its limit (429), a request shed (503) or past its
+   * deadline (504). The handler records every request it sees (`recordedByHandler`); every other
+   * answer of these routes is recorded here once it has gone: a failure with the reason its
+   * answer gives (earlyRefusal), naming whom its parameters name as the handler would (nobody
+   * when the body was never read), looked up after the answer as the handler's are
+   * (EARLY_LOOKUPS_PENDING_MAX bounds the lookups). The answer is not touched. Until 2026-12-07
+   * these left no trace: a brute force sent as malformed or throttled attempts went unrecorded.
    */
+  const earlyRecordings: ReadonlyMap<string, EarlyRecording> = new Map([
+    [
+      '/oauth/token',
+      {
+        action: TOKEN_ACTION,
+        parameters: TOKEN_PARAMETERS,
+        describe: (params, outcome) => ({
+          actor: params === undefined ? NOBODY : tokenActor(params)(outcome),
+          resource: { type: 'token', id: GRANT_TYPES.has(params?.grant_type) ? String(params?.grant_type) : 'unknown' },
+          payload: { audience: typeof params?.audience === 'string' && admissibleName(params.audience) ? params.audience : null },
+        }),
+      },
+    ],
+    [
+      // As the handler records a token, by its id (before the dot), never its secret; which
+      // session it would end is known only once it is looked up, which a refusal never is.
+      '/oauth/revoke',
+      {
+        action: AUDIT_ACTIONS.revoke,
+        parameters: REVOKE_PARAMETERS,
+        describe: (params) => ({
+          actor: params === undefined ? NOBODY : refreshActor(typeof params.token === 'string' ? params.token : undefined),
+          resource: { type: 'session', id: 'unknown' },
+          payload: {},
+        }),
+      },
+    ],
+  ]);
   const recordedByHandler = new WeakSet<FastifyRequest>();
-  const earlyRefusals = new WeakMap<FastifyRequest, EarlyRefusal>();
-  const isTokenRoute = (request: FastifyRequest): boolean => request.method === 'POST' && request.routeOptions.url === '/oauth/token';
+  const earlyRefusals = new WeakMap<FastifyRequest, { recording: EarlyRecording; refusal: EarlyRefusal }>();
+  const earlyRecordingOf = (request: FastifyRequest): EarlyRecording | undefined => (request.method === 'POST' ? earlyRecordings.get(request.routeOptions.url ?? '') : undefined);
   app.addHook('onSend', (request, reply, payload, done) => {
-    if (reply.statusCode >= 400 && isTokenRoute(request) && !recordedByHandler.has(request)) earlyRefusals.set(request, earlyRefusal(reply.statusCode, payload));
+    const recording = reply.statusCode >= 400 && !recordedByHandler.has(request) ? earlyRecordingOf(request) : undefined;
+    if (recording !== undefined) earlyRefusals.set(request, { recording, refusal: earlyRefusal(reply.statusCode, payload, recording.parameters) });
     done(null, payload);
   });
   app.addHook('onResponse', (request, _reply, done) => {
-    const refusal = earlyRefusals.get(request);
-    if (refusal === undefined) {
+    const early = earlyRefusals.get(request);
+    if (early === undefined) {
       done();
       return;
     }
+    const { recording, refusal } = early;
     const body: unknown = request.body;
     const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
-    const grant = params?.grant_type;
-    const audience = params?.audience;
     try {
-      const actor = params === undefined ? NOBODY : tokenActor(params)(pending.size < EARLY_LOOKUPS_PENDING_MAX ? REFUSED_UNREAD : REFUSED_UNLOOKED);
-      record(actor, {
-        recordClass: 'access',
-        action: TOKEN_ACTION,
-        origin: originOf(request),
-        resource: { type: 'token', id: GRANT_TYPES.has(grant) ? String(grant) : 'unknown' },
-        outcome: 'failure',
-        reason: refusal.reason,
-        payload: { audience: typeof audience === 'string' && admissibleName(audience) ? audience : null, ...refusal.payload },
-      });
+      const { actor, resource, payload } = recording.describe(params, pending.size < EARLY_LOOKUPS_PENDING_MAX ? REFUSED_UNREAD : REFUSED_UNLOOKED);
+      record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...payload, ...refusal.payload } });
     } catch (error) {
       // The answer has gone: say so loudly.
-      request.log.error({ err: error, audit: true, action: TOKEN_ACTION }, 'audit: a refused token request could not be recorded');
+      request.log.error({ err: error, audit: true, action: recording.action }, 'audit: a request refused before its handler could not be recorded');
     }
     done();
   });
@@ -561,6 +597,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], consumes: oauthBody, body: RevokeBody, response: { 200: { type: 'null' }, ...bodyProblems } } }, async (request, reply) => {
     // Recorded as the refresh grant records the token: its id, never its secret. An unknown,
     // malformed or wrong token is answered 200 (RFC 7009) and recorded as a failure.
+    recordedByHandler.add(request);
     const entry = { recordClass: 'access', action: AUDIT_ACTIONS.revoke, actor: refreshActor(request.body.token), origin: originOf(request) };
     let outcome: RevokeOutcome;
     try {

@@ -8,18 +8,16 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { InjectOptions } from 'fastify';
-import pg from 'pg';
+import type pg from 'pg';
 import { MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
 import { ROLES } from '@ledgerline/authz';
-import { Identity, migrateIdentity, totpCode } from '@ledgerline/identity';
-import { loadConfig, type Service } from '@ledgerline/service-runtime';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { totpCode, type Identity } from '@ledgerline/identity';
+import type { Service } from '@ledgerline/service-runtime';
+import type { TestDatabase } from '@ledgerline/testing';
 import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
-import { identityConfigSchema } from '../src/config.ts';
+import { identityDatabase, ISSUER, PASSWORD } from './support.ts';
 
-const ISSUER = 'https://identity.test';
-const PASSWORD = 'correct horse battery staple';
 let now = Date.UTC(2026, 10, 23, 10, 0);
 let db: TestDatabase;
 let pool: pg.Pool;
@@ -28,19 +26,10 @@ let identity: Identity;
 const audit = new MemoryAuditSink();
 
 before(async () => {
-  db = await createTestDatabase('ll_identity_audit');
-  await migrateIdentity(db.url);
-  pool = new pg.Pool({ connectionString: db.url, max: 4 });
-  identity = new Identity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => now, lockout: { failuresMax: 3, lockMs: 60_000 } });
-  await identity.ensureSigningKey();
-  const config = loadConfig(identityConfigSchema, {
-    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
-    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
-    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-    IDENTITY_BOOTSTRAP_CLIENT_SECRET: 'payments-secret-1',
-  });
-  await bootstrap(identity, config, { info: () => {} }, audit);
-  await bootstrap(identity, config, { info: () => {} }, audit); // a restart creates nothing, records nothing
+  const database = await identityDatabase('ll_identity_audit', { clock: () => now, lockout: { failuresMax: 3, lockMs: 60_000 } });
+  ({ db, pool, identity } = database);
+  await bootstrap(identity, database.config, { info: () => {} }, audit);
+  await bootstrap(identity, database.config, { info: () => {} }, audit); // a restart creates nothing, records nothing
   app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false });
 });
 

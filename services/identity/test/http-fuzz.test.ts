@@ -9,35 +9,22 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import fc from 'fast-check';
-import pg from 'pg';
+import type pg from 'pg';
 import { MemoryAuditSink } from '@ledgerline/audit';
-import { Identity, migrateIdentity } from '@ledgerline/identity';
-import { loadConfig, type Service } from '@ledgerline/service-runtime';
-import { assertFuzzAnswer, createTestDatabase, propertySeed, type TestDatabase } from '@ledgerline/testing';
+import type { Service } from '@ledgerline/service-runtime';
+import { assertFuzzAnswer, propertySeed, type TestDatabase } from '@ledgerline/testing';
 import { buildIdentityService } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
-import { identityConfigSchema } from '../src/config.ts';
+import { CLIENT_SECRET, identityDatabase, ISSUER, PASSWORD } from './support.ts';
 
-const ISSUER = 'https://identity.test';
-const PASSWORD = 'correct horse battery staple';
-const SECRET = 'payments-secret-1';
 let db: TestDatabase;
 let pool: pg.Pool;
 let app: Service;
 
 before(async () => {
-  db = await createTestDatabase('ll_identity_fuzz');
-  await migrateIdentity(db.url);
-  pool = new pg.Pool({ connectionString: db.url, max: 4 });
   // Lockout high enough that wrong guesses never lock the bootstrap users out mid-run.
-  const identity = new Identity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], lockout: { failuresMax: 1_000_000, lockMs: 1 } });
-  await identity.ensureSigningKey();
-  const config = loadConfig(identityConfigSchema, {
-    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
-    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
-    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-    IDENTITY_BOOTSTRAP_CLIENT_SECRET: SECRET,
-  });
+  const { identity, config, ...database } = await identityDatabase('ll_identity_fuzz', { lockout: { failuresMax: 1_000_000, lockMs: 1 } });
+  ({ db, pool } = database);
   await bootstrap(identity, config, { info: () => {} }, new MemoryAuditSink());
   app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit: new MemoryAuditSink(), logger: false });
 });
@@ -49,7 +36,7 @@ after(async () => {
 });
 
 const value = fc.oneof(
-  fc.constantFrom('root', PASSWORD, 'payments', SECRET, 'ledger', 'identity', 'ledger:admin', '', ' ', '000000', '123456', 'x'.repeat(300), 'ro\u0000ot', '\uD800', 'é😀'),
+  fc.constantFrom('root', PASSWORD, 'payments', CLIENT_SECRET, 'ledger', 'identity', 'ledger:admin', '', ' ', '000000', '123456', 'x'.repeat(300), 'ro\u0000ot', '\uD800', 'é😀'),
   fc.string({ maxLength: 24 }),
 );
 const field = fc.constantFrom('grant_type', 'username', 'password', 'client_id', 'client_secret', 'audience', 'scope', 'refresh_token', 'totp', 'token', 'otp', 'extra');
@@ -95,7 +82,7 @@ test('property: no form makes the token or revocation endpoint answer 5xx; every
   // refuses it in text, and the endpoint answered 500.
   for (const pairs of [
     [['grant_type', 'password'], ['username', 'ro\u0000ot'], ['password', PASSWORD], ['audience', 'ledger']],
-    [['grant_type', 'client_credentials'], ['client_id', 'pay\u0000ments'], ['client_secret', SECRET], ['audience', 'ledger']],
+    [['grant_type', 'client_credentials'], ['client_id', 'pay\u0000ments'], ['client_secret', CLIENT_SECRET], ['audience', 'ledger']],
   ] as Array<Array<[string, string]>>) {
     const { payload, contentType } = encode(pairs, 'form');
     const res = await app.inject({ method: 'POST', url: '/oauth/token', headers: { 'content-type': contentType }, payload });

@@ -11,14 +11,12 @@ import pg from 'pg';
 import { MemoryAuditSink } from '@ledgerline/audit';
 import { ROLES } from '@ledgerline/authz';
 import { createTokenVerifier, Identity, KEY_PUBLISH_LEAD_MS, migrateIdentity, newSigningKey, remoteKeys, totpCode } from '@ledgerline/identity';
-import { loadConfig, type Service } from '@ledgerline/service-runtime';
+import type { Service } from '@ledgerline/service-runtime';
 import { ADMIN_DATABASE_URL, createTestDatabase, type TestDatabase } from '@ledgerline/testing';
 import { AUDIT_ACTIONS, buildIdentityService, IDENTITY_BODY_LIMIT_BYTES_DEFAULT, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
-import { identityConfigSchema } from '../src/config.ts';
+import { identityDatabase, ISSUER, PASSWORD } from './support.ts';
 
-const ISSUER = 'https://identity.test';
-const PASSWORD = 'correct horse battery staple';
 let now = Date.UTC(2026, 10, 23, 10, 0);
 let db: TestDatabase;
 let pool: pg.Pool;
@@ -27,21 +25,12 @@ let identity: Identity;
 const audit = new MemoryAuditSink();
 
 before(async () => {
-  db = await createTestDatabase('ll_identity_http');
-  await migrateIdentity(db.url);
-  pool = new pg.Pool({ connectionString: db.url, max: 4 });
-  identity = new Identity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => now, lockout: { failuresMax: 3, lockMs: 60_000 } });
-  await identity.ensureSigningKey();
-  const config = loadConfig(identityConfigSchema, {
-    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
-    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
-    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-    IDENTITY_BOOTSTRAP_CLIENT_SECRET: 'payments-secret-1',
-  });
+  const database = await identityDatabase('ll_identity_http', { clock: () => now, lockout: { failuresMax: 3, lockMs: 60_000 } });
+  ({ db, pool, identity } = database);
   const logged: string[] = [];
   const log = { info: (_o: object, message: string) => logged.push(message) };
-  await bootstrap(identity, config, log, audit);
-  await bootstrap(identity, config, log, audit); // a restart: nothing is created twice, nothing fails
+  await bootstrap(identity, database.config, log, audit);
+  await bootstrap(identity, database.config, log, audit); // a restart: nothing is created twice, nothing fails
   assert.deepEqual(logged, ['identity: bootstrap admin user created', 'identity: bootstrap service client created']);
   app = await buildIdentityService({ identity, pool, issuer: ISSUER, audit, clock: () => now, logger: false });
 });
@@ -336,13 +325,19 @@ describe('bad input to the token endpoint and the user routes', () => {
     }
     const revoke = await app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: 'token=a.b&token=c.d' });
     assertValidationProblem(revoke, '/token', 'must not be repeated');
-    // No handler ran, but each token request is an attempt refused in the trail (PCI DSS
-    // 10.2.1.2), recorded after its answer: invalid_request, naming nobody (the body was never
-    // read). Until 2026-12-07 none was recorded.
-    for (let waitedMs = 0; audit.entries.length < before + 5 && waitedMs < 2000; waitedMs += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+    // No handler ran, but each token request and the revocation is an attempt refused in the
+    // trail (PCI DSS 10.2.1.2), recorded after its answer: invalid_request, naming nobody (the
+    // body was never read). Until 2026-12-07 none was recorded.
+    for (let waitedMs = 0; audit.entries.length < before + 6 && waitedMs < 2000; waitedMs += 10) await new Promise((resolve) => setTimeout(resolve, 10));
     assert.deepEqual(
       audit.entries.slice(before).map((e) => [e.action, e.actor.id, e.outcome, e.reason, e.payload?.errors]),
-      ['grant_type', 'grant_type', 'audience', 'audience', 'client_secret'].map((name) => [TOKEN_ACTION, 'anonymous', 'failure', 'invalid_request', [{ in: 'body', path: `/${name}`, message: 'must not be repeated' }]]),
+      [...['grant_type', 'grant_type', 'audience', 'audience', 'client_secret'].map((name) => [TOKEN_ACTION, name]), [AUDIT_ACTIONS.revoke, 'token']].map(([action, name]) => [
+        action,
+        'anonymous',
+        'failure',
+        'invalid_request',
+        [{ in: 'body', path: `/${String(name)}`, message: 'must not be repeated' }],
+      ]),
     );
     assert.equal(await identityRows(), rows);
     // Percent-encoding that does not decode to UTF-8 is refused too, rather than read as U+FFFD.

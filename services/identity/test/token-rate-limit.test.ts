@@ -12,19 +12,15 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { InjectOptions } from 'fastify';
 import { Redis } from 'ioredis';
-import pg from 'pg';
+import type pg from 'pg';
 import { MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
-import { Identity, migrateIdentity, type ClientAuthentication, type LoginRequest, type SecondFactor, type TokenResponse } from '@ledgerline/identity';
-import { loadConfig, RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
+import { Identity, type ClientAuthentication, type LoginRequest, type SecondFactor, type TokenResponse } from '@ledgerline/identity';
+import { RedisTokenBucket, type RateLimit, type Service } from '@ledgerline/service-runtime';
 import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
 import { buildIdentityService, TOKEN_ACTION, type IdentityServiceOptions } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
-import { identityConfigSchema } from '../src/config.ts';
-import { startIdentityProcess } from './support.ts';
+import { CLIENT_SECRET, identityDatabase, ISSUER, PASSWORD, startIdentityProcess } from './support.ts';
 
-const ISSUER = 'https://identity.test';
-const PASSWORD = 'correct horse battery staple';
-const CLIENT_SECRET = 'payments-secret-1';
 const NOW = Date.UTC(2026, 10, 23, 10, 0);
 /** The token limit's burst in these tests; one token comes back every 100 s, so none refills during a test. */
 const BURST = 3;
@@ -69,19 +65,10 @@ const audit = new MemoryAuditSink();
 const apps: Service[] = [];
 
 before(async () => {
-  db = await createTestDatabase('ll_identity_rl');
-  await migrateIdentity(db.url);
-  pool = new pg.Pool({ connectionString: db.url, max: 4 });
   // A lockout far away, so that every wrong password moves the failure counter and none locks.
-  identity = new CountingIdentity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => NOW, lockout: { failuresMax: 100, lockMs: 60_000 } });
-  await identity.ensureSigningKey();
-  const config = loadConfig(identityConfigSchema, {
-    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
-    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
-    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-    IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
-  });
-  await bootstrap(identity, config, { info: () => {} }, new MemoryAuditSink());
+  const database = await identityDatabase('ll_identity_rl', { clock: () => NOW, lockout: { failuresMax: 100, lockMs: 60_000 } }, (options) => new CountingIdentity(options));
+  ({ db, pool, identity } = database);
+  await bootstrap(identity, database.config, { info: () => {} }, new MemoryAuditSink());
   redis = new Redis('redis://127.0.0.1:6379', { maxRetriesPerRequest: 1 });
 });
 

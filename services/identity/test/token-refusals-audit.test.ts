@@ -8,6 +8,11 @@
  * one (a known account, else a keyed digest, never the typed text); no password, secret,
  * assertion or code is ever recorded. The answers are the ones the client got before.
  *
+ * The same for POST /oauth/revoke (RFC 7009): its refusals before the handler (400, 413, 415,
+ * the default rate limit's 429, 503, 504) are recorded as `identity.revoke` failures naming
+ * the token as the handler does, by its id before the dot (`refresh:<id>`, `refresh:malformed`),
+ * never its secret.
+ *
  * Last, a login refused for its second factor says so in the trail (totp_refused,
  * recovery_code_refused), while its answer stays the generic invalid_grant.
  */
@@ -15,19 +20,16 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { InjectOptions } from 'fastify';
 import { Redis } from 'ioredis';
-import pg from 'pg';
+import type pg from 'pg';
 import { checkEntry, MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
 import { ROLES } from '@ledgerline/authz';
-import { Identity, migrateIdentity, totpCode, type ClientAuthentication, type TokenResponse } from '@ledgerline/identity';
-import { loadConfig, RedisTokenBucket, type Service } from '@ledgerline/service-runtime';
-import { createTestDatabase, testRandom, type TestDatabase } from '@ledgerline/testing';
-import { buildIdentityService, TOKEN_ACTION, type IdentityServiceOptions } from '../src/app.ts';
+import { totpCode, type ClientAuthentication, type Identity, type TokenResponse } from '@ledgerline/identity';
+import { RedisTokenBucket, type Service } from '@ledgerline/service-runtime';
+import { testRandom, type TestDatabase } from '@ledgerline/testing';
+import { AUDIT_ACTIONS, buildIdentityService, TOKEN_ACTION, type IdentityServiceOptions } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
-import { identityConfigSchema } from '../src/config.ts';
+import { CLIENT_SECRET, identityDatabase, ISSUER, PASSWORD } from './support.ts';
 
-const ISSUER = 'https://identity.test';
-const PASSWORD = 'correct horse battery staple';
-const CLIENT_SECRET = 'payments-secret-1';
 /** What a user might type in the username field: a password, which the trail must never hold. */
 const TYPED = 'Tr0ub4dor&3-staple';
 const NOW = Date.UTC(2026, 10, 23, 10, 0);
@@ -50,18 +52,9 @@ const random = testRandom('identity token refusal audit key prefix');
 const runPrefix = `ll:test:idra:${process.pid}:${Math.floor(random() * 2 ** 32).toString(16)}:`;
 
 before(async () => {
-  db = await createTestDatabase('ll_identity_refusals');
-  await migrateIdentity(db.url);
-  pool = new pg.Pool({ connectionString: db.url, max: 4 });
-  identity = new Identity({ pool, issuer: ISSUER, userAudiences: ['ledger', 'identity'], clock: () => NOW, lockout: { failuresMax: 100, lockMs: 60_000 } });
-  await identity.ensureSigningKey();
-  const config = loadConfig(identityConfigSchema, {
-    IDENTITY_BOOTSTRAP_ADMIN_USERNAME: 'root',
-    IDENTITY_BOOTSTRAP_ADMIN_PASSWORD: PASSWORD,
-    IDENTITY_BOOTSTRAP_CLIENT_ID: 'payments',
-    IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
-  });
-  await bootstrap(identity, config, { info: () => {} }, new MemoryAuditSink());
+  const database = await identityDatabase('ll_identity_refusals', { clock: () => NOW, lockout: { failuresMax: 100, lockMs: 60_000 } });
+  ({ db, pool, identity } = database);
+  await bootstrap(identity, database.config, { info: () => {} }, new MemoryAuditSink());
   redis = new Redis('redis://127.0.0.1:6379', { maxRetriesPerRequest: 1 });
   app = await serve();
 });
@@ -89,22 +82,22 @@ const form = (fields: Record<string, string>, extra: Partial<InjectOptions> = {}
   payload: new URLSearchParams(fields).toString(),
 });
 
-/** The token records from index `from` on, waiting (up to 5 s) until there are `count`: some actors are looked up after the answer. */
-async function records(from: number, count: number): Promise<AuditEntry[]> {
+/** The records of `action` (token requests unless told) from index `from` on, waiting (up to 5 s) until there are `count`: some actors are looked up after the answer. */
+async function records(from: number, count: number, action = TOKEN_ACTION): Promise<AuditEntry[]> {
   for (let waitedMs = 0; ; waitedMs += 10) {
-    const found = audit.entries.slice(from).filter((e) => e.action === TOKEN_ACTION);
+    const found = audit.entries.slice(from).filter((e) => e.action === action);
     if (found.length >= count || waitedMs >= 5000) return found;
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
 }
 
-/** The one token record of the request answered `r`, found by its request id. */
-async function recordOf(from: number, r: Awaited<ReturnType<Service['inject']>>): Promise<AuditEntry> {
+/** The one record of `action` (a token request's unless told) of the request answered `r`, found by its request id. */
+async function recordOf(from: number, r: Awaited<ReturnType<Service['inject']>>, action = TOKEN_ACTION): Promise<AuditEntry> {
   const requestId = String(r.headers['x-request-id']);
   for (let waitedMs = 0; ; waitedMs += 10) {
-    const found = audit.entries.slice(from).filter((e) => e.action === TOKEN_ACTION && e.origin.requestId === requestId);
+    const found = audit.entries.slice(from).filter((e) => e.action === action && e.origin.requestId === requestId);
     if (found.length > 0 || waitedMs >= 2000) {
-      assert.equal(found.length, 1, `one token record of ${r.statusCode} ${r.body}, found ${JSON.stringify(found)}`);
+      assert.equal(found.length, 1, `one ${action} record of ${r.statusCode} ${r.body}, found ${JSON.stringify(found)}`);
       return found[0] as AuditEntry;
     }
     await new Promise((resolve) => setTimeout(resolve, 10));
@@ -118,6 +111,13 @@ function assertNoSecret(entries: readonly AuditEntry[], extra: readonly string[]
   const trail = JSON.stringify(entries);
   for (const text of [PASSWORD, CLIENT_SECRET, TYPED, TYPED.toLowerCase(), ...extra]) assert.equal(trail.includes(text), false, `the trail holds ${text}`);
 }
+
+/** A well-formed refresh token: a revocation's record names it by the id before the dot, never by its secret. */
+const SESSION_ID = '00000000-0000-4000-8000-000000000000';
+const REFRESH_SECRET = 'R'.repeat(43);
+const REFRESH_TOKEN = `${SESSION_ID}.${REFRESH_SECRET}`;
+/** A revocation (RFC 7009) as a form. */
+const revocation = (fields: Record<string, string>, extra: Partial<InjectOptions> = {}): InjectOptions => form(fields, { url: '/oauth/revoke', ...extra });
 
 describe('POST /oauth/token refused before its handler is audited', () => {
   test('a body that fails the schema: invalid_request (or unsupported_grant_type) with the problem, the actor named as the handler names one', async () => {
@@ -254,7 +254,7 @@ describe('POST /oauth/token refused before its handler is audited', () => {
     assert.match(String(named.find((id) => id !== 'root')), /^unknown-user:[0-9a-f]{16}$/);
   });
 
-  test('shed under load (503) and a deadline already passed (504): recorded with their reasons', async () => {
+  test('shed under load (503) and a deadline already passed (504): recorded with their reasons, a revocation\'s too', async () => {
     const shedding = await serve({ resilience: { loadShedding: { concurrencyMax: 1, queueMax: 0, targetQueueMs: 50, intervalMs: 60_000, queueTimeoutMs: { critical: 1000, high: 1000, normal: 1000, low: 1000 } } } });
     // A token request holds the only slot, in its handler.
     const clientCredentials = identity.clientCredentials.bind(identity);
@@ -272,8 +272,11 @@ describe('POST /oauth/token refused before its handler is audited', () => {
       await inHandler;
       const from = audit.entries.length;
       const shed = await shedding.inject(form({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' }));
-      assert.equal(shed.statusCode, 503, shed.body);
-      assert.equal(shed.json<{ type: string }>().type, 'https://ledgerline.dev/problems/overloaded');
+      const shedRevocation = await shedding.inject(revocation({ token: REFRESH_TOKEN }));
+      for (const r of [shed, shedRevocation]) {
+        assert.equal(r.statusCode, 503, r.body);
+        assert.equal(r.json<{ type: string }>().type, 'https://ledgerline.dev/problems/overloaded');
+      }
       release();
       assert.equal((await holding).statusCode, 200);
       const record = await recordOf(from, shed);
@@ -281,15 +284,19 @@ describe('POST /oauth/token refused before its handler is audited', () => {
       assert.deepEqual(brief(record), ['anonymous', 'anonymous', 'failure', 'overloaded']);
       assert.deepEqual(record.resource, { type: 'token', id: 'unknown' });
       assert.equal(record.payload?.status, 503);
+      const revocationRecord = await recordOf(from, shedRevocation, AUDIT_ACTIONS.revoke);
+      assert.deepEqual([...brief(revocationRecord), revocationRecord.resource, revocationRecord.payload?.status], ['anonymous', 'anonymous', 'failure', 'overloaded', { type: 'session', id: 'unknown' }, 503]);
     } finally {
       release();
       delete (identity as Partial<Identity>).clientCredentials;
     }
     const from = audit.entries.length;
     const late = await app.inject(form({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' }, { headers: { 'x-deadline-remaining-ms': '0' } }));
-    assert.equal(late.statusCode, 504, late.body);
+    const lateRevocation = await app.inject(revocation({ token: REFRESH_TOKEN }, { headers: { 'x-deadline-remaining-ms': '0' } }));
+    assert.deepEqual([late.statusCode, lateRevocation.statusCode], [504, 504], late.body);
     assert.deepEqual(brief(await recordOf(from, late)), ['anonymous', 'anonymous', 'failure', 'deadline_exceeded']);
-    assertNoSecret(audit.entries.slice(from));
+    assert.deepEqual(brief(await recordOf(from, lateRevocation, AUDIT_ACTIONS.revoke)), ['anonymous', 'anonymous', 'failure', 'deadline_exceeded']);
+    assertNoSecret(audit.entries.slice(from), [REFRESH_SECRET]);
   });
 
   test('a request the handler answers is recorded once, by the handler', async () => {
@@ -304,6 +311,90 @@ describe('POST /oauth/token refused before its handler is audited', () => {
       ['service', 'payments', 'failure', 'invalid_client'],
       ['user', 'refresh:malformed', 'failure', 'invalid_request'],
     ]);
+  });
+});
+
+describe('POST /oauth/revoke refused before its handler is audited', () => {
+  test('a body the schema or the parser refuses, one that is not a form or JSON (415), one over the limit (413): named as the handler names a token, by its id', async () => {
+    const small = await serve({ bodyLimitBytes: 1024 });
+    const from = audit.entries.length;
+    const raw = (payload: string, contentType = 'application/x-www-form-urlencoded') => small.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': contentType }, payload });
+    const answers = {
+      // Over 128 characters: the id before the dot still names the session, as the handler would.
+      long: await raw(`token=${REFRESH_TOKEN}${'R'.repeat(100)}`),
+      // A parameter RFC 7009 does not have, whose name is what was typed (`token=…&Tr0ub4dor%263-staple`).
+      extra: await raw(`token=${REFRESH_TOKEN}&${encodeURIComponent(TYPED)}`),
+      // No token at all, and a token that is not text.
+      missing: await raw(JSON.stringify({ token_type_hint: 'refresh_token' }), 'application/json'),
+      notText: await raw(JSON.stringify({ token: 7 }), 'application/json'),
+      // Refused by the parser: the body was never read.
+      repeated: await raw(`token=${REFRESH_TOKEN}&token=${encodeURIComponent(TYPED)}`),
+      malformed: await raw(`{"token":"${REFRESH_TOKEN}"`, 'application/json'),
+      text: await raw(`token=${REFRESH_TOKEN}`, 'text/plain'),
+      big: await raw(`token=${REFRESH_TOKEN}&token_type_hint=${'a'.repeat(2000)}`),
+    };
+    assert.deepEqual(
+      Object.values(answers).map((r) => [r.statusCode, r.json<{ error: string }>().error]),
+      [[400, 'invalid_request'], [400, 'invalid_request'], [400, 'invalid_request'], [400, 'invalid_request'], [400, 'invalid_request'], [400, 'invalid_request'], [415, 'invalid_request'], [413, 'invalid_request']],
+    );
+    await records(from, 8, AUDIT_ACTIONS.revoke);
+    const long = await recordOf(from, answers.long, AUDIT_ACTIONS.revoke);
+    assert.deepEqual(brief(long), ['user', `refresh:${SESSION_ID}`, 'failure', 'invalid_request']);
+    assert.deepEqual([long.recordClass, long.resource], ['access', { type: 'session', id: 'unknown' }]);
+    assert.deepEqual(long.origin, { service: 'identity', ip: '127.0.0.1', requestId: String(answers.long.headers['x-request-id']) });
+    assert.deepEqual(long.payload, { status: 400, problem: 'validation-error', errors: [{ in: 'body', path: '/token', message: 'must not have more than 128 characters' }] });
+    const extra = await recordOf(from, answers.extra, AUDIT_ACTIONS.revoke);
+    assert.deepEqual(brief(extra), ['user', `refresh:${SESSION_ID}`, 'failure', 'invalid_request']);
+    assert.deepEqual((extra.payload?.errors as Array<{ path: string }>).map((e) => e.path), ['(another parameter)']);
+    assert.deepEqual(brief(await recordOf(from, answers.missing, AUDIT_ACTIONS.revoke)), ['user', 'refresh:malformed', 'failure', 'invalid_request']);
+    assert.deepEqual(brief(await recordOf(from, answers.notText, AUDIT_ACTIONS.revoke)), ['user', 'refresh:malformed', 'failure', 'invalid_request']);
+    const repeated = await recordOf(from, answers.repeated, AUDIT_ACTIONS.revoke);
+    assert.deepEqual(brief(repeated), ['anonymous', 'anonymous', 'failure', 'invalid_request']);
+    assert.deepEqual(repeated.payload?.errors, [{ in: 'body', path: '/token', message: 'must not be repeated' }]);
+    const malformed = await recordOf(from, answers.malformed, AUDIT_ACTIONS.revoke);
+    assert.deepEqual([...brief(malformed), malformed.payload?.problem], ['anonymous', 'anonymous', 'failure', 'invalid_request', 'malformed-json']);
+    assert.deepEqual(brief(await recordOf(from, answers.text, AUDIT_ACTIONS.revoke)), ['anonymous', 'anonymous', 'failure', 'unsupported_media_type']);
+    const big = await recordOf(from, answers.big, AUDIT_ACTIONS.revoke);
+    assert.deepEqual([...brief(big), big.resource, big.payload?.status], ['anonymous', 'anonymous', 'failure', 'request_too_large', { type: 'session', id: 'unknown' }, 413]);
+    // Revocations only: none of them is recorded as a token request.
+    assert.deepEqual(audit.entries.slice(from).filter((e) => e.action === TOKEN_ACTION), []);
+    assertNoSecret(audit.entries.slice(from), [REFRESH_SECRET]);
+  });
+
+  test('an address over its rate limit: 429 recorded as rate_limited, naming the token by its id', async () => {
+    const limited = await serve({ resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${runPrefix}revoke:` }), defaultLimit: { ratePerSecond: 0.01, burst: 1 } } } });
+    const first = await limited.inject(revocation({ token: REFRESH_TOKEN }));
+    assert.equal(first.statusCode, 200, first.body);
+    const from = audit.entries.length;
+    const refused = await limited.inject(revocation({ token: REFRESH_TOKEN, token_type_hint: 'refresh_token' }));
+    const typed = await limited.inject(revocation({ token: TYPED }));
+    for (const r of [refused, typed]) {
+      assert.equal(r.statusCode, 429, r.body);
+      assert.equal(r.json<{ type: string }>().type, 'https://ledgerline.dev/problems/rate-limited');
+    }
+    await records(from, 2, AUDIT_ACTIONS.revoke);
+    const record = await recordOf(from, refused, AUDIT_ACTIONS.revoke);
+    assert.deepEqual(brief(record), ['user', `refresh:${SESSION_ID}`, 'failure', 'rate_limited']);
+    assert.deepEqual([record.resource, record.payload], [{ type: 'session', id: 'unknown' }, { status: 429, problem: 'rate-limited' }]);
+    assert.deepEqual(record.origin, { service: 'identity', ip: '127.0.0.1', requestId: String(refused.headers['x-request-id']) });
+    assert.deepEqual(brief(await recordOf(from, typed, AUDIT_ACTIONS.revoke)), ['user', 'refresh:malformed', 'failure', 'rate_limited']);
+    assertNoSecret(audit.entries.slice(from), [REFRESH_SECRET]);
+  });
+
+  test('a revocation the handler answers is recorded once, by the handler', async () => {
+    const session = (await app.inject(form({ grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' }))).json<{ refresh_token: string }>();
+    const from = audit.entries.length;
+    const revoked = await app.inject(revocation({ token: session.refresh_token }));
+    const unknown = await app.inject(revocation({ token: REFRESH_TOKEN }));
+    const malformed = await app.inject(revocation({ token: TYPED }));
+    assert.deepEqual([revoked.statusCode, unknown.statusCode, malformed.statusCode], [200, 200, 200]);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.deepEqual((await records(from, 3, AUDIT_ACTIONS.revoke)).map(brief), [
+      ['user', `refresh:${session.refresh_token.split('.')[0]}`, 'success', null],
+      ['user', `refresh:${SESSION_ID}`, 'failure', 'invalid_grant'],
+      ['user', 'refresh:malformed', 'failure', 'invalid_grant'],
+    ]);
+    assertNoSecret(audit.entries.slice(from), [REFRESH_SECRET, String(session.refresh_token.split('.')[1])]);
   });
 });
 
