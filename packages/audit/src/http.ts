@@ -36,7 +36,11 @@ export interface AuditHttpOptions {
   service: string;
   /** Audited routes by `METHOD /route/pattern`, e.g. `POST /v1/transfers`. */
   routes: Readonly<Record<string, AuditRoute>>;
-  /** Who made the request; default: x-client-id as a service, else anonymous. */
+  /**
+   * Who made the request: give one that names the verified principal when the service
+   * authenticates (the ledger does). Default `defaultActor`: anonymous, with an `x-client-id`
+   * header kept only as the caller's claim.
+   */
   actorOf?: (request: FastifyRequest) => AuditActor;
 }
 
@@ -49,9 +53,15 @@ function header(request: FastifyRequest, name: string): string | undefined {
   return typeof v === 'string' && SAFE_HEADER_VALUE.test(v) ? v : undefined;
 }
 
+/**
+ * The actor of a request when the service names none: nobody authenticated, so `anonymous`.
+ * An `x-client-id` header is recorded as what it is, the caller's claim (id `claimed:<header>`),
+ * never as a service identity: any caller can send any value, and until 2026-12-07 such a
+ * header was recorded as `{ type: 'service', id: <header> }`, a forged identity in the trail.
+ */
 export function defaultActor(request: FastifyRequest): AuditActor {
   const client = header(request, 'x-client-id');
-  return client === undefined ? { type: 'anonymous', id: 'anonymous' } : { type: 'service', id: client };
+  return client === undefined ? { type: 'anonymous', id: 'anonymous' } : { type: 'anonymous', id: `claimed:${client}` };
 }
 
 export function originOf(request: FastifyRequest, service: string): AuditOrigin {
