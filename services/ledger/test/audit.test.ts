@@ -82,7 +82,7 @@ async function accountsOpened(client: string, n: number): Promise<number[]> {
   const res = await app.inject({ method: 'POST', url: '/v1/accounts/batch', headers: { 'x-client-id': client }, payload: { accounts } });
   assert.equal(res.statusCode, 200, res.body);
   await settle();
-  const seqs = (await search(`actor=${client}&action=ledger.AccountOpened`)).map((r) => r.seq);
+  const seqs = (await search(`actor=claimed:${client}&action=ledger.AccountOpened`)).map((r) => r.seq);
   assert.equal(seqs.length, n);
   return seqs;
 }
@@ -117,8 +117,8 @@ test('commands accepted and rejected, ledger events and sensitive reads are all 
   assert.deepEqual(
     commands.map((r) => [r.resource.id, r.outcome, r.reason, r.actor.id, r.record_class, r.payload?.status]),
     [
-      [refused, 'failure', 'exceeds_credits', 'svc-payments', 'command', 422],
-      [commands[1]?.resource.id, 'failure', 'validation-error', 'svc-payments', 'command', 400],
+      [refused, 'failure', 'exceeds_credits', 'claimed:svc-payments', 'command', 422],
+      [commands[1]?.resource.id, 'failure', 'validation-error', 'claimed:svc-payments', 'command', 400],
     ],
   );
   assert.deepEqual(await search('action=ledger.account.create_batch'), []);
@@ -129,20 +129,21 @@ test('commands accepted and rejected, ledger events and sensitive reads are all 
   assert.deepEqual(
     events.map((r) => [r.resource.id, r.action, r.outcome, r.reason, r.actor.id, r.record_class, r.origin.ip]),
     [
-      [ok, 'ledger.TransferPosted', 'success', null, 'svc-payments', 'financial', '127.0.0.1'],
-      [refused, 'ledger.TransferRejected', 'failure', 'exceeds_credits', 'svc-payments', 'financial', '127.0.0.1'],
+      [ok, 'ledger.TransferPosted', 'success', null, 'claimed:svc-payments', 'financial', '127.0.0.1'],
+      [refused, 'ledger.TransferRejected', 'failure', 'exceeds_credits', 'claimed:svc-payments', 'financial', '127.0.0.1'],
     ],
   );
   assert.equal(events[0]?.origin.trace_id, '4bf92f3577b34da6a3ce929d0e0e4736');
   assert.equal(events[0]?.origin.request_id, posted.headers['x-request-id']);
   const opened3 = await search('action=ledger.AccountOpened');
-  assert.deepEqual(opened3.map((r) => [r.actor.id, r.origin.ip, r.origin.request_id]), Array(3).fill(['svc-onboarding', '127.0.0.1', opened.headers['x-request-id']]));
+  assert.deepEqual(opened3.map((r) => [r.actor.id, r.origin.ip, r.origin.request_id]), Array(3).fill(['claimed:svc-onboarding', '127.0.0.1', opened.headers['x-request-id']]));
 
   const reads = await search('record_class=access&outcome=success');
   assert.deepEqual(
     reads.filter((r) => r.action.startsWith('ledger.')).map((r) => [r.action, r.resource.id, r.actor]),
     [
-      ['ledger.account.read', a, { type: 'user', id: 'user:teller-7' }],
+      // Auth is off here: a header is the caller's claim, never an identity, whatever it spells.
+      ['ledger.account.read', a, { type: 'anonymous', id: 'claimed:user:teller-7' }],
       ['ledger.transfer.read', ok, { type: 'anonymous', id: 'anonymous' }],
     ],
   );
@@ -151,7 +152,7 @@ test('commands accepted and rejected, ledger events and sensitive reads are all 
 
   // Reading the trail was audited too, naming the auditor and the filter.
   await settle();
-  const searches = await search('action=audit.search&actor=auditor-1');
+  const searches = await search('action=audit.search&actor=claimed:auditor-1');
   assert.ok(searches.length >= 6);
   assert.deepEqual((searches[0]?.payload?.filter as Record<string, unknown>).action, 'ledger.transfer.create');
 
@@ -189,7 +190,7 @@ test('with auth off, the event and the command record of one request name the sa
       ['ledger.transfer.create_batch', { type: 'anonymous', id: 'anonymous' }],
     ],
   );
-  assert.ok(trail.some((r) => r.origin.request_id === fine.headers['x-request-id'] && r.actor.id === 'svc-batch-7'), 'a well-formed header names the actor');
+  assert.ok(trail.some((r) => r.origin.request_id === fine.headers['x-request-id'] && r.actor.id === 'claimed:svc-batch-7'), 'a well-formed header is recorded as the claim it is');
 });
 
 test('only a create whose every item was created is left to its events: replays and partial batches keep their command record', async () => {
@@ -215,7 +216,7 @@ test('only a create whose every item was created is left to its events: replays 
   const whole = await app.inject({ method: 'POST', url: '/v1/transfers/batch', headers, payload: { transfers: [{ ...transfer, id: newId() }, { ...transfer, id: newId() }] } });
   assert.equal(whole.statusCode, 200);
   await settle();
-  const commands = await search('actor=svc-treasury&record_class=command');
+  const commands = await search('actor=claimed:svc-treasury&record_class=command');
   assert.deepEqual(
     commands.map((r) => [r.action, r.outcome, r.origin.request_id]),
     [
@@ -223,7 +224,7 @@ test('only a create whose every item was created is left to its events: replays 
       ['ledger.transfer.create_batch', 'success', partial.headers['x-request-id']],
     ],
   );
-  const events = await search('actor=svc-treasury&record_class=financial');
+  const events = await search('actor=claimed:svc-treasury&record_class=financial');
   assert.equal(events.filter((r) => r.action === 'ledger.AccountOpened').length, 3);
   assert.deepEqual(
     events.filter((r) => r.resource.type === 'ledger.transfer').map((r) => [r.action, r.origin.request_id]),
@@ -300,7 +301,7 @@ test('a refused request whose id the trail cannot store as sent (a lone surrogat
   });
   assert.equal(res.statusCode, 400, res.body);
   await settle();
-  const records = await search('actor=svc-odd-id');
+  const records = await search('actor=claimed:svc-odd-id');
   assert.deepEqual(records.map((r) => [r.action, r.outcome, r.reason, r.resource.id]), [['ledger.account.create', 'failure', 'validation-error', '\ufffdx']]);
   // The search's own record is written before its results come back (AuditUnrecordedError
   // otherwise), so it may wait in the queue; nothing else may.

@@ -202,6 +202,18 @@ describe('the authorization matrix: every role × every endpoint', () => {
     }
   });
 
+  test('a request refused 401 is recorded as anonymous, not as the service its x-client-id names', async () => {
+    const from = audit.entries.length;
+    const response = await call({ method: 'POST', url: '/v1/transfers', headers: { 'x-client-id': 'service:payments', authorization: 'Bearer not-a-token' }, payload: { id: newId(), debit_account_id: newId(), credit_account_id: newId(), amount: '1', ledger: 'USD', code: 1 } });
+    assertProblem(response, 401, 'unauthenticated');
+    await audit.flush();
+    const records = audit.entries.slice(from).filter((e) => e.origin.requestId === response.headers['x-request-id']);
+    assert.deepEqual(records.map((e) => [e.action, e.actor.type, e.actor.id, e.outcome]).sort(), [
+      ['authz.decision', 'anonymous', 'anonymous', 'failure'],
+      ['ledger.transfer.create', 'anonymous', 'anonymous', 'failure'],
+    ]);
+  });
+
   test('health, readiness and the OpenAPI document stay open; the document lists 401 and 403', async () => {
     assert.equal((await call({ method: 'GET', url: '/health' })).statusCode, 200);
     const doc = (await call({ method: 'GET', url: '/openapi.json' })).json<{ paths: Record<string, Record<string, { responses: Record<string, unknown> }>> }>();

@@ -37,7 +37,8 @@ test('a transfer request carries correlation, causation, actor, client address a
     );
     assert.equal(rows.length, 1);
     assert.equal(rows[0]?.type, 'ledger.TransferPosted');
-    assert.deepEqual(rows[0]?.metadata, { correlationId: 'order-42', causationId: 'req-1', actor: 'svc-payments', ip: '127.0.0.1', traceparent });
+    // Auth is off: the x-client-id is carried as the caller's claim, not as an identity.
+    assert.deepEqual(rows[0]?.metadata, { correlationId: 'order-42', causationId: 'req-1', actor: 'claimed:svc-payments', ip: '127.0.0.1', traceparent });
     assert.equal(rows[0]?.data.amount, '700');
     const accountEvents = await t.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM events.events WHERE stream_type = 'ledger.account'");
     assert.equal(accountEvents.rows[0]?.n, 2);
