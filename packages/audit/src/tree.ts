@@ -85,8 +85,9 @@ export async function storedLeafHashes(db: Queryable, seqs: readonly number[]): 
  * leaves `storedLeafHashes` gives for those sequence numbers, read as a range. One statement
  * (one snapshot): the records with seq in the range and the event tiles that overlap it (the
  * last one starting at or before `from`, and those starting inside), range scans of the two
- * primary keys, the tiles' hashes cut to the range in SQL (offsets bounded by the tile's count:
- * a tile ending long before `from` must not overflow an integer) and spread here. Read a leaf
+ * primary keys, the tiles' hashes cut to the range in SQL (offsets computed in bigint and bounded
+ * by the tile's count and its bytes: a tile ending long before `from`, or one whose count was
+ * forged past its CHECK, must not overflow an integer) and spread here. Read a leaf
  * at a time (a probe of each table per leaf, and a slice of the tile's out-of-line bytea),
  * 50,000 unsigned leaves took a restarted sequencer about 190 ms; as a range, 7 (measured).
  *
@@ -104,8 +105,8 @@ export async function storedLeafHashRange(
   if (!(Number.isSafeInteger(from) && Number.isSafeInteger(to) && from >= 0 && from <= to)) throw new RangeError(`no leaf range ${from}..${to}`);
   const r = await db.query<{ tile: boolean; seq: string; count: number; hashes: Buffer }>(
     `SELECT true AS tile, t.first_seq::text AS seq, t.leaf_count AS count,
-            substring(t.leaf_hashes FROM least(greatest(t.first_seq, $1::bigint) - t.first_seq, t.leaf_count)::integer * 32 + 1
-                                    FOR greatest(0, least(t.first_seq + t.leaf_count, $2::bigint) - greatest(t.first_seq, $1::bigint))::integer * 32) AS hashes
+            substring(t.leaf_hashes FROM least(least(greatest(t.first_seq, $1::bigint) - t.first_seq, t.leaf_count::bigint) * 32 + 1, octet_length(t.leaf_hashes)::bigint + 1)::integer
+                                    FOR least(greatest(0, least(t.first_seq + t.leaf_count, $2::bigint) - greatest(t.first_seq, $1::bigint)) * 32, octet_length(t.leaf_hashes)::bigint)::integer) AS hashes
        FROM ((SELECT t.first_seq, t.leaf_count, t.leaf_hashes FROM audit.event_leaves t WHERE t.first_seq <= $1::bigint ORDER BY t.first_seq DESC LIMIT 1)
              UNION ALL
              (SELECT t.first_seq, t.leaf_count, t.leaf_hashes FROM audit.event_leaves t WHERE t.first_seq > $1::bigint AND t.first_seq < $2::bigint)) t

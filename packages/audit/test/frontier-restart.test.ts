@@ -290,3 +290,31 @@ describe('a restarted sequencer over unsigned leaves some of which were removed'
     assert.equal(report.ok, true, JSON.stringify(report.issues));
   });
 });
+
+describe('a tile whose count was forged past its CHECK', () => {
+  let t: AuditTestEnv;
+  before(async () => {
+    t = await auditTestEnv();
+  });
+  after(async () => {
+    await t.close();
+  });
+
+  test('the range read names the first leaf it lacks, where offsets in int4 would overflow', async () => {
+    // A superuser drops the table's CHECKs and plants a tile claiming 2^31 - 1 leaves with the
+    // hashes of two: the read's offsets into it reach past 2^31 bytes.
+    await asSuperuser(t.pool, async (c) => {
+      const checks = await c.query<{ name: string }>(`SELECT conname AS name FROM pg_constraint WHERE conrelid = 'audit.event_leaves'::regclass AND contype = 'c'`);
+      for (const { name } of checks.rows) await c.query(`ALTER TABLE audit.event_leaves DROP CONSTRAINT ${JSON.stringify(name)}`);
+      await c.query(
+        `INSERT INTO audit.event_leaves (first_seq, leaf_count, first_transaction_id, first_position, first_recorded_at, last_recorded_at, positions, leaf_hashes, actors, failures)
+         VALUES (0, 2147483647, '1'::xid8, 1, now(), now(), '{1,2}', $1, '{}', 0)`,
+        [randomBytes(64)],
+      );
+    });
+    const from = 100_000_000;
+    assert.deepEqual(await storedLeafHashRange(t.pool, from, from + 2), { hashes: null, missing: from, malformed: true });
+    const start = await storedLeafHashRange(t.pool, 0, 3);
+    assert.deepEqual(start.hashes === null ? [start.missing, start.malformed] : 'no refusal', [2, true]);
+  });
+});
