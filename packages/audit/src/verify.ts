@@ -11,6 +11,10 @@
  * - a deleted event: its leaf, unless the financial class's retention, as the trail records
  *   it (retention-in-force.ts), has run out for it;
  * - a changed payload or personal ciphertext: the record whose hash no longer matches;
+ * - a payload removed early (`payload_missing`): its record, when the record's class's retention,
+ *   as the trail records it (retention-in-force.ts, counted from the record's occurred time as
+ *   `audit.expire_payloads` counts it), has not run out, or when a legal hold the trail records
+ *   (placed, signed, and no release recorded) covered the record before it ran out;
  * - a deleted record: the first missing sequence number, once (each later leaf is still held
  *   to its own hash);
  * - an event no leaf has: where it would stand among its tile's leaves, or after the tile and
@@ -33,10 +37,10 @@ import { sqlArrayLiteral } from '@ledgerline/events';
 import type { Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { checkpointSignatureValid, keyIdOf, trustThroughTransitions, type Checkpoint, type KeyTransition, type TrustedKeys } from './keys.ts';
 import { Frontier, leafHash, type Subtree } from './merkle.ts';
-import { leafData, sha256 } from './record.ts';
+import { canonicalResourceId, leafData, sha256, type AuditRecordFields } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
-import { financialRetentionChanges, retentionRanOut as financialRetentionRanOut, type RetentionChange } from './retention-in-force.ts';
+import { changesOf, financialRetentionChanges, recordedHolds, RETAIN_DAYS_ORIGINAL, retentionChanges, retentionRunsOut, type RecordedHold, type RetentionChange, type RetentionChanges, type RetentionRunOut } from './retention-in-force.ts';
 import { archiveExemptThrough, checkTile, compareOrder, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
@@ -47,6 +51,7 @@ const TREE_NODE_LEVEL_MIN = 4;
 export type VerifyIssueKind =
   | 'record_altered'
   | 'payload_altered'
+  | 'payload_missing'
   | 'personal_altered'
   | 'record_missing'
   | 'checkpoint_signature_invalid'
@@ -275,7 +280,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
   };
   const now = (options.now ?? (() => new Date()))();
   /**
-   * Whether retention may have removed the event of the leaf just reached: judged by the
+   * When retention may have removed the event of the leaf just reached: judged by the
    * signed time of the first checkpoint that covers the leaf (`next`, once `reach` has passed
    * every checkpoint below it), since its event was recorded before that checkpoint was issued,
    * and by the financial class's retention as the trail records it (retention-in-force.ts:
@@ -284,17 +289,56 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
    * `audit.retention_policies`) can make a deletion pass for an expiry. A leaf no checkpoint
    * covers yet is too recent to have expired.
    */
-  let retentionChanges: RetentionChange[] | undefined;
-  const vouched = new Map<Checkpoint, boolean>();
-  const retentionRanOut = async (): Promise<boolean> => {
-    if (next === null) return false;
-    let ranOut = vouched.get(next);
-    if (ranOut === undefined) {
-      retentionChanges ??= await financialRetentionChanges(db, (cp) => checkpointSignatureValid(keysFor(cp.origin), cp));
-      ranOut = checkpointSignatureValid(keysFor(next.origin), next) && financialRetentionRanOut(retentionChanges, next.issuedAt, now);
-      vouched.set(next, ranOut);
+  let financialChanges: RetentionChange[] | undefined;
+  const vouched = new Map<Checkpoint, RetentionRunOut>();
+  const forEver: RetentionRunOut = { at: Infinity, keptBy: null };
+  /** When the event of the leaf just reached may go (`at` past `now`: not yet), and the lengthening that kept it, if one did. */
+  const eventRunsOut = async (): Promise<RetentionRunOut> => {
+    if (next === null) return forEver;
+    let runOut = vouched.get(next);
+    if (runOut === undefined) {
+      financialChanges ??= await financialRetentionChanges(db, (cp) => checkpointSignatureValid(keysFor(cp.origin), cp));
+      runOut = checkpointSignatureValid(keysFor(next.origin), next) ? retentionRunsOut(financialChanges, next.issuedAt, now) : forEver;
+      vouched.set(next, runOut);
     }
-    return ranOut;
+    return runOut;
+  };
+  /**
+   * A record's payload row gone (expiry removes it, the hashes its leaf commits to stay; erasure
+   * destroys the subject's key and leaves the row): lawful only once the retention of the
+   * record's class, as the trail records it, has run out, counted from the record's occurred time
+   * as `audit.expire_payloads` counts it, with the changes in force when the leaf was signed
+   * (the first checkpoint covering it, as for an event; a leaf none covers yet: by `now`), and
+   * then only if no legal hold the trail records covered the record from before that time on.
+   * A hold counts from its signed placement (its stated time is the writer's word) until any
+   * recorded release: a payload can have gone lawfully after the release, and verification
+   * cannot tell when it went. A record with neither hash never had a row. The class changes and
+   * holds are read once, when the first payload is found gone.
+   */
+  let payloadRules: { changes: RetentionChanges; holds: RecordedHold[]; byClass: Map<string, RetentionChange[]> } | undefined;
+  const checkPayloadGone = async (row: RecordRow, fields: AuditRecordFields): Promise<void> => {
+    if (row.has_payload_row || (row.payload_hash === null && row.personal_hash === null)) return;
+    const valid = (cp: Checkpoint): boolean => checkpointSignatureValid(keysFor(cp.origin), cp);
+    payloadRules ??= { changes: await retentionChanges(db, valid), holds: await recordedHolds(db, valid), byClass: new Map() };
+    const { seq, recordClass } = fields;
+    let changes = payloadRules.byClass.get(recordClass);
+    if (changes === undefined) {
+      changes = changesOf(payloadRules.changes, recordClass);
+      payloadRules.byClass.set(recordClass, changes);
+    }
+    const original = Object.hasOwn(RETAIN_DAYS_ORIGINAL, recordClass) ? (RETAIN_DAYS_ORIGINAL[recordClass] ?? null) : null;
+    const runOut = next !== null && !valid(next)
+      ? forEver
+      : retentionRunsOut(changes, next?.issuedAt ?? now, now, { from: fields.occurredAt, originalDays: original });
+    if (runOut.at > now.getTime()) {
+      const until = runOut.at === Infinity ? 'is kept for ever' : `runs out at ${new Date(runOut.at).toISOString()}`;
+      report({ kind: 'payload_missing', seq, treeSize: null, detail: `the payload of record ${seq} (class ${recordClass}, occurred ${fields.occurredAt.toISOString()}) is gone, though its retention as the trail records it ${until}${keptByDetail(runOut.keptBy)}` });
+      return;
+    }
+    const hold = payloadRules.holds.find((h) => !h.released && h.signedAt !== null && h.signedAt.getTime() <= runOut.at && holdCovers(h, fields));
+    if (hold !== undefined) {
+      report({ kind: 'payload_missing', seq, treeSize: null, detail: `the payload of record ${seq} is gone, though legal hold ${hold.holdId} (placed by record ${hold.seq}, signed ${hold.signedAt?.toISOString()}, no release recorded) covered it before its retention ran out at ${new Date(runOut.at).toISOString()}` });
+    }
   };
 
   let tiles: TileStart[] = [];
@@ -318,6 +362,7 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       const recomputed = leafHash(leafData({ ...fields, seq }));
       if (!recomputed.equals(row.leaf_hash)) report({ kind: 'record_altered', seq, treeSize: null, detail: `record ${seq} (${fields.id}) does not hash to its stored leaf hash: a column was changed or the record moved` });
       checkPayload(row, seq, report);
+      await checkPayloadGone(row, fields);
       frontier.append(recomputed);
       appendStored(row.leaf_hash);
       expected = seq + 1;
@@ -335,7 +380,8 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       if (leaf.recomputed === null) {
         // Retention may remove an event once the financial class's retention has run out for
         // it; before that, a missing event is a deletion.
-        if (!(await retentionRanOut())) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out` });
+        const runOut = await eventRunsOut();
+        if (runOut.at > now.getTime()) report({ kind: 'event_missing', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} is event position ${leaf.position}, which the event store no longer holds, though its retention has not run out${keptByDetail(runOut.keptBy)}` });
       } else if (!leaf.recomputed.equals(leaf.stored)) {
         report({ kind: 'record_altered', seq: leaf.seq, treeSize: null, detail: `leaf ${leaf.seq} (event position ${leaf.position}) does not hash to its stored leaf hash: the event was changed or moved` });
       }
@@ -494,7 +540,24 @@ async function orderOfEvents(db: Queryable, positions: readonly bigint[]): Promi
   return order;
 }
 
-/** A present payload must hash to what the leaf committed; an absent one is retention's doing. */
+/**
+ * Names the lengthening that kept data past its earlier retention, with the time its record
+ * states and the time it was signed: a record dated before it was queued (retention-in-force.ts)
+ * makes data lawfully removed in between read as missing, and this is where a reader sees it.
+ */
+function keptByDetail(change: RetentionChange | null): string {
+  if (change === null) return '';
+  const signed = change.signedAt === null ? 'not yet signed' : `signed ${change.signedAt.toISOString()}`;
+  return ` (kept by the retention lengthening recorded at seq ${change.seq}, stated as made ${change.occurredAt.toISOString()}, ${signed})`;
+}
+
+/** Whether a hold the trail records covers a record, as `audit.is_held` matches: by subject, or by resource (a UUID id in either case). */
+function holdCovers(hold: RecordedHold, fields: AuditRecordFields): boolean {
+  if (hold.subject !== null && hold.subject === fields.subject) return true;
+  return hold.resource !== null && hold.resource.type === fields.resourceType && canonicalResourceId(hold.resource.id) === canonicalResourceId(fields.resourceId);
+}
+
+/** A present payload must hash to what the leaf committed; an absent one is judged by the walk (`checkPayloadGone`). */
 function checkPayload(row: RecordRow, seq: number, report: (issue: VerifyIssue) => void): void {
   if (!row.has_payload_row) return;
   const payloadOk = row.payload === null ? true : row.payload_hash !== null && sha256(row.payload).equals(row.payload_hash);
