@@ -70,6 +70,9 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
  *   event go (a superuser or the tables' owner can lower it with the triggers off, leaving no
  *   record), but which shows a lawful change at once, while its record is still queued for the
  *   sequencer: a lengthening the trail does not show yet keeps the events it will reach.
+ * A policy change in flight (its transaction open) is waited for first: retention takes SHARE
+ * on the table (`audit.lock_retention_policies`), and a change's record is dated by when its
+ * row changed, so one that waited behind retention is dated after the deletion it waited for.
  * The row is checked first, in the query that finds the events' checkpoints; the trail's
  * changes are read (one index walk, and a checkpoint read per change) only for a stream the
  * row alone would let go, once per call, and judged at each distinct covering time. Stored
@@ -77,6 +80,10 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
  * verification checks their signatures, and a forged one fails it whatever this decides.
  */
 async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date): Promise<boolean> {
+  // A policy change in flight is waited for, and then read (migration 1769900000000): unseen,
+  // a lengthening that reaches these events could be made before their deletion and signed
+  // after it, and verification would then report them missing.
+  await db.query('SELECT audit.lock_retention_policies()');
   const r = await db.query<{ trail: boolean; keep: boolean; covered: Date[] | null; as_of: Date }>(
     `WITH policy AS (SELECT make_interval(secs => retain_days * 86400) AS retain FROM audit.retention_policies WHERE record_class = 'financial'),
      leaves AS MATERIALIZED (

@@ -10,6 +10,7 @@
  * has a database of its own.
  */
 import assert from 'node:assert/strict';
+import type pg from 'pg';
 import { afterEach, beforeEach, test } from 'node:test';
 import { verifyLog, type VerifyReport } from '../src/index.ts';
 import { auditLegalHolds } from '../src/holds.ts';
@@ -188,4 +189,74 @@ test('legal holds still block deletion and archiving; a released hold leaves the
   assert.equal(await held('h-old', 'archive'), false);
   assert.equal(await held('h-new', 'archive'), false);
   assert.equal(await held('h-new'), true, 'released, h-new went by the lowered row');
+});
+
+/** Retention's own transaction: asks, and deletes the stream's events when it may. */
+async function retain(c: pg.PoolClient, id: string): Promise<boolean> {
+  await c.query('BEGIN');
+  const keep = await auditLegalHolds().isHeld(c, { streamType: TYPE, streamId: id }, { action: 'delete', now: new Date() });
+  if (!keep) {
+    await c.query('SET LOCAL session_replication_role = replica');
+    await c.query('DELETE FROM events.events WHERE stream_type = $1 AND stream_id = $2', [TYPE, id]);
+  }
+  return keep;
+}
+
+test('a lengthening still in flight (its transaction open) is waited for, and keeps what it reaches', async () => {
+  const change = await t.pool.connect();
+  const retention = await t.pool.connect();
+  try {
+    await change.query('BEGIN');
+    const began = (await change.query<{ t: Date }>('SELECT now() AS t')).rows[0]?.t.getTime() ?? 0;
+    // Signed so that seven years run out 300 ms after the change began.
+    nowMs = began + 300 - 2557 * DAY;
+    await transfer('race-1');
+    await t.settle();
+    await change.query("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    let answered = false;
+    const asked = retain(retention, 'race-1').finally(() => {
+      answered = true;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(answered, false, 'retention waits for the change in flight');
+    await change.query('COMMIT');
+    assert.equal(await asked, true, 'the lengthening, committed meanwhile, keeps the stream');
+    await retention.query('COMMIT');
+    nowMs = Date.now();
+    await t.settle();
+    const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey, now: () => new Date() });
+    assert.equal(report.ok, true, JSON.stringify(report.issues));
+  } finally {
+    change.release();
+    retention.release();
+  }
+});
+
+test('a lengthening that waited behind retention is dated after the deletion it waited for, which it does not reach', async () => {
+  const change = await t.pool.connect();
+  const retention = await t.pool.connect();
+  try {
+    // The change's transaction begins first, then retention decides and deletes, then the
+    // change's UPDATE (waiting for retention's lock) goes through.
+    await change.query('BEGIN');
+    const began = (await change.query<{ t: Date }>('SELECT now() AS t')).rows[0]?.t.getTime() ?? 0;
+    nowMs = began + 300 - 2557 * DAY;
+    await transfer('race-2');
+    await t.settle();
+    await new Promise((resolve) => setTimeout(resolve, 800));
+    assert.equal(await retain(retention, 'race-2'), false, 'run out by every rule in force: it may go');
+    const updated = change.query("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    await retention.query('COMMIT');
+    await updated;
+    await change.query('COMMIT');
+    nowMs = Date.now();
+    await t.settle();
+    const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey, now: () => new Date() });
+    assert.equal(report.ok, true, JSON.stringify(report.issues));
+  } finally {
+    change.release();
+    retention.release();
+  }
 });
