@@ -26,7 +26,7 @@ import {
   type Service,
   type ServiceOptions,
 } from '@ledgerline/service-runtime';
-import { IDENTITY_TOKEN_RATE_LIMIT_DEFAULT } from './config.ts';
+import { IDENTITY_TOKEN_RATE_LIMIT_DEFAULT, identityConfigSchema, list } from './config.ts';
 import { JwksOut, KeyOut, NewUserBody, RevokeBody, TokenBody, TokenOut, TotpConfirmBody, TotpConfirmOut, TotpEnrolOut, UserOut } from './schemas.ts';
 
 /** The audience of tokens for this service's own routes. */
@@ -75,13 +75,31 @@ export interface IdentityServiceOptions {
   authFailures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit'>;
   /**
    * The key of the digest that names, in the audit trail, a username or client id no account
-   * has (`unknown-user:<digest>`): what was typed may be a password typed in the wrong field,
+   * has (`unknown-user:<digest>`), or one never looked up (`unchecked-user:<digest>`, the same
+   * digest), and an audience not listed (`audiences`): what was typed may be a password typed in the wrong field,
    * and the trail can be neither changed nor erased. Instances that share it name the same
    * text alike, so repeated attempts can be correlated. main.ts derives it from
    * IDENTITY_KEY_ENCRYPTION_KEY (`auditPseudonymKey`); unset, each build makes a random one.
    */
   pseudonymKey?: Uint8Array;
+  /**
+   * The audiences a token request's record names as sent (`payload.audience`): those this
+   * service issues tokens for (IDENTITY_USER_AUDIENCES, and the clients' audiences). Any other
+   * text sent as `audience` is recorded as `unlisted-audience:<digest>` (the same keyed digest
+   * as the names above): it may be a password typed in that field. Unless given, the
+   * configuration's defaults (IDENTITY_USER_AUDIENCES, IDENTITY_BOOTSTRAP_CLIENT_AUDIENCES)
+   * and this service's own audience.
+   */
+  audiences?: readonly string[];
 }
+
+/** The audiences recorded as sent unless `audiences` is given: the configuration's defaults and this service's own. */
+const defaultOf = (schema: object): string => String((schema as { default?: unknown }).default);
+const RECORDED_AUDIENCES_DEFAULT: readonly string[] = [
+  ...list(defaultOf(identityConfigSchema.properties.IDENTITY_USER_AUDIENCES)),
+  ...list(defaultOf(identityConfigSchema.properties.IDENTITY_BOOTSTRAP_CLIENT_AUDIENCES)),
+  IDENTITY_AUDIENCE,
+];
 
 const STATUS: Record<IdentityErrorCode, number> = {
   invalid_request: 400,
@@ -118,8 +136,9 @@ const REFRESH_TOKEN_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 /**
  * How a token request ended, for the actor of its audit record: granted, or refused naming the
  * account found (if any) and the refusal's code (undefined for an error that is not an IdentityError).
+ * `unchecked`: refused to shed work (429, 503, 504), so the name typed is never looked up.
  */
-type GrantOutcome = { granted: true } | { granted: false; account: string | undefined; code: IdentityErrorCode | undefined };
+type GrantOutcome = { granted: true } | { granted: false; account: string | undefined; code: IdentityErrorCode | undefined; unchecked?: true };
 
 /**
  * The actor of a record: known now, or a name that was typed and refused before any account was
@@ -152,14 +171,30 @@ const admissibleName = (text: string): boolean => text.length >= 1 && text.lengt
 const NOBODY: AuditActor = { type: 'anonymous', id: 'anonymous' };
 /** Refused before any account was looked up: how a refusal the handler never saw is passed to a request's `actorOf`. */
 const REFUSED_UNREAD: GrantOutcome = { granted: false, account: undefined, code: 'invalid_request' };
-/** The same, named without a lookup (by its digest, as a name no account has): see EARLY_LOOKUPS_PENDING_MAX. */
-const REFUSED_UNLOOKED: GrantOutcome = { granted: false, account: undefined, code: undefined };
 /**
- * Lookups of the actors of records that may be waiting at once before a request refused ahead of
- * the handler (a 429 above all) is named without one. A refusal costs no hash and no query; a
- * flood of them must not become a flood of queries that takes the pool from the requests served.
+ * Refused to shed work (a 429, a 503 or a 504 answered before the handler): the name typed is
+ * never looked up, but named `unchecked-user:<digest>` (`unchecked-client:`), which says nothing
+ * of whether an account has it. A refusal that sheds load must not cost a query: a flood of
+ * 429s would otherwise become a flood of lookups taking the pool from the logins it serves.
  */
-const EARLY_LOOKUPS_PENDING_MAX = 64;
+const REFUSED_UNCHECKED: GrantOutcome = { granted: false, account: undefined, code: undefined, unchecked: true };
+/** The answers that shed work: their records never look an account up. */
+const SHEDDING_STATUSES: ReadonlySet<number> = new Set([429, 503, 504]);
+/**
+ * The share of the database pool the audit trail's lookups of actors (`record`) may hold at
+ * once, the handler's and the early refusals' together; the others wait their turn. Half: the
+ * requests being served keep the other half whatever is being refused.
+ */
+const ACTOR_LOOKUPS_POOL_SHARE = 0.5;
+/**
+ * Records whose actor's lookup may be running or waiting its turn; past it, an actor is named at
+ * once without one (`unchecked-user:<digest>`), so a flood of refusals costs neither queries nor
+ * memory without bound, and closing the service (which waits for them) is not held up long by a
+ * slow database. A lookup takes about a millisecond: a backlog of some tens of milliseconds.
+ */
+const ACTOR_LOOKUPS_PENDING_MAX = 64;
+/** pg.Pool's size when its options do not say. */
+const PG_POOL_MAX_DEFAULT = 10;
 
 /**
  * The reason a request answered before its handler ran is recorded with, by its answer:
@@ -184,7 +219,7 @@ interface EarlyRefusal {
  * records one: as its handler records a request. `describe` gives the record's actor, resource
  * and the route's own payload from the parameters as sent (not validated: of any type), or
  * undefined when the body was never read; `outcome` is what a handler's `actorOf` is given for
- * a refusal it never saw (REFUSED_UNREAD, or REFUSED_UNLOOKED: see EARLY_LOOKUPS_PENDING_MAX).
+ * a refusal it never saw (REFUSED_UNREAD, or REFUSED_UNCHECKED for one that sheds work).
  */
 interface EarlyRecording {
   action: string;
@@ -210,7 +245,10 @@ function earlyRefusal(status: number, payload: unknown, parameters: ReadonlySet<
     }
   }
   const slug = typeof answer.type === 'string' ? PROBLEM_TYPE_SLUG.exec(answer.type)?.[1] : undefined;
-  const reason = status === 400 && OAUTH_CLIENT_ERRORS.has(answer.error) ? String(answer.error) : slug?.replaceAll('-', '_') ?? REFUSAL_REASONS[status] ?? `http_${status}`;
+  // Every 400 of these routes is a request the server could not take as sent: OAuth2's
+  // invalid_request unless its answer says unsupported_grant_type (one refused before the route's
+  // clientProblemExtensions ran, the runtime's missing-Host check, carries no `error`).
+  const reason = status === 400 ? (OAUTH_CLIENT_ERRORS.has(answer.error) ? String(answer.error) : 'invalid_request') : slug?.replaceAll('-', '_') ?? REFUSAL_REASONS[status] ?? `http_${status}`;
   const issues = Array.isArray(answer.errors) ? answer.errors.slice(0, RECORDED_ISSUES_MAX).map((issue) => recordedIssue(issue, parameters)) : undefined;
   return { reason, payload: { status, ...(slug === undefined ? {} : { problem: slug }), ...(issues === undefined ? {} : { errors: issues }) } };
 }
@@ -293,11 +331,52 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   const clock = options.clock ?? Date.now;
   const pseudonymKey = options.pseudonymKey ?? randomBytes(32);
   /**
-   * How the trail names a username or client id that no account has: `unknown-user:` and a
-   * keyed digest of it (lower-cased, as logins match usernames), never the text itself.
+   * The keyed digest of a username or client id typed (lower-cased, as logins match usernames),
+   * never the text itself: `unknown-user:<digest>` names one no account has, and
+   * `unchecked-user:<digest>` (the same digest) one that was never looked up.
    */
-  const pseudonym = (kind: 'unknown-user' | 'unknown-client', typed: string): string =>
-    `${kind}:${createHmac('sha256', pseudonymKey).update(`${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS)}`;
+  const digestOf = (kind: 'user' | 'client', typed: string): string =>
+    createHmac('sha256', pseudonymKey).update(`unknown-${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS);
+  const pseudonym = (kind: 'user' | 'client', typed: string): string => `unknown-${kind}:${digestOf(kind, typed)}`;
+  const unchecked = (kind: 'user' | 'client', typed: string): string => `unchecked-${kind}:${digestOf(kind, typed)}`;
+  /** The audiences recorded as sent; any other text a digest (it may be a password typed in that field). */
+  const listedAudiences: ReadonlySet<string> = new Set(options.audiences ?? RECORDED_AUDIENCES_DEFAULT);
+  /** `audience` as a token request's record gives it, the handler's and the early refusals' alike: null when not text the schema admits. */
+  const recordedAudience = (audience: unknown): string | null => {
+    if (typeof audience !== 'string' || !admissibleName(audience)) return null;
+    if (listedAudiences.has(audience)) return audience;
+    return `unlisted-audience:${createHmac('sha256', pseudonymKey).update(`audience\u0000${audience}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS)}`;
+  };
+  /**
+   * Lookups of actors (ActorSource) that may run at once, the handler's and the early refusals'
+   * together: a share of the pool (ACTOR_LOOKUPS_POOL_SHARE), at least one; the others wait for
+   * a slot, up to ACTOR_LOOKUPS_PENDING_MAX records in all.
+   */
+  const poolMax = (pool as { options?: { max?: number } }).options?.max ?? PG_POOL_MAX_DEFAULT;
+  const actorLookupsMax = Math.max(1, Math.floor(poolMax * ACTOR_LOOKUPS_POOL_SHARE));
+  let lookupsRunning = 0;
+  const lookupsWaiting: Array<() => void> = [];
+  const lookupSlot = (): Promise<void> => {
+    if (lookupsRunning < actorLookupsMax) {
+      lookupsRunning += 1;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => lookupsWaiting.push(resolve));
+  };
+  const lookupEnded = (): void => {
+    const next = lookupsWaiting.shift();
+    // The slot passes to the next lookup waiting, if any.
+    if (next === undefined) lookupsRunning -= 1;
+    else next();
+  };
+  const lookUp = async (kind: 'user' | 'client', typed: string): Promise<string | undefined> => {
+    await lookupSlot();
+    try {
+      return await identity.knownAccount(kind, typed);
+    } finally {
+      lookupEnded();
+    }
+  };
   /** Records whose actor is being looked up (ActorSource); awaited when the service closes, before the sink is. */
   const pending = new Set<Promise<void>>();
   const record = (actor: ActorSource, entry: Omit<AuditEntry, 'actor'>): void => {
@@ -305,11 +384,16 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
       options.audit.record({ ...entry, actor });
       return;
     }
+    // Past the bound, named at once without a lookup (never as a name no account has).
+    if (pending.size >= ACTOR_LOOKUPS_PENDING_MAX) {
+      options.audit.record({ ...entry, actor: { type: actor.type, id: unchecked(actor.lookup, actor.typed) } });
+      return;
+    }
     const occurredAt = new Date(clock());
-    const unknown = actor.lookup === 'user' ? 'unknown-user' : 'unknown-client';
-    const done = identity.knownAccount(actor.lookup, actor.typed)
+    // Never awaited by the answer: its time says nothing of whether the account exists.
+    const done = lookUp(actor.lookup, actor.typed)
       .catch(() => undefined)
-      .then((found) => options.audit.record({ ...entry, occurredAt, actor: { type: actor.type, id: found ?? pseudonym(unknown, actor.typed) } }))
+      .then((found) => options.audit.record({ ...entry, occurredAt, actor: { type: actor.type, id: found ?? pseudonym(actor.lookup, actor.typed) } }))
       .catch((error: unknown) => app.log.error({ err: error, action: entry.action }, 'audit: recording failed'))
       .finally(() => pending.delete(done));
     pending.add(done);
@@ -320,16 +404,20 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * the account the refusal found, else (refused before any lookup) the account looked up after the
    * answer, else a digest. A name no account can have (beyond what the schema admits, in a body it
    * refused) is a digest at once; a name not given, or not text, is `unknown-user` (`unknown-client`).
+   * Refused to shed work (REFUSED_UNCHECKED), a name is never looked up: `unchecked-user:<digest>`.
    */
   const typedActor = (kind: 'user' | 'client', typed: unknown) => (outcome: GrantOutcome): ActorSource => {
     const type = kind === 'user' ? 'user' : 'service';
-    const unknown = kind === 'user' ? 'unknown-user' : 'unknown-client';
-    if (typeof typed !== 'string') return { type, id: unknown };
+    if (typeof typed !== 'string') return { type, id: `unknown-${kind}` };
     // Logins match usernames lower-cased; client ids as they are.
     if (outcome.granted) return { type, id: kind === 'user' ? typed.toLowerCase() : typed };
     if (outcome.account !== undefined) return { type, id: outcome.account };
-    if (REFUSED_BEFORE_LOOKUP.has(outcome.code) && admissibleName(typed)) return { type, lookup: kind, typed };
-    return { type, id: pseudonym(unknown, typed) };
+    if (!admissibleName(typed)) return { type, id: pseudonym(kind, typed) };
+    // Shed, or the database did not answer (temporarily_unavailable, an error): nobody knows
+    // whether an account has the name, and a lookup now would only add to the load.
+    if (outcome.unchecked === true || outcome.code === 'temporarily_unavailable' || outcome.code === undefined) return { type, id: unchecked(kind, typed) };
+    if (REFUSED_BEFORE_LOOKUP.has(outcome.code)) return { type, lookup: kind, typed };
+    return { type, id: pseudonym(kind, typed) };
   };
   /**
    * Who a token request's records name, from its parameters as sent: validated (the handler's) or
@@ -431,12 +519,14 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * Token and revocation requests refused before the handler ran are access attempts too (PCI
    * DSS 10.2.1.2): a body that fails the schema or cannot be parsed (400), is over the limit (413)
    * or of another type (415), an address over its limit (429), a request shed (503) or past its
-   * deadline (504). The handler records every request it sees (`recordedByHandler`); every other
-   * answer of these routes is recorded here once it has gone: a failure with the reason its
-   * answer gives (earlyRefusal), naming whom its parameters name as the handler would (nobody
-   * when the body was never read), looked up after the answer as the handler's are
-   * (EARLY_LOOKUPS_PENDING_MAX bounds the lookups). The answer is not touched. Until 2026-12-07
-   * these left no trace: a brute force sent as malformed or throttled attempts went unrecorded.
+   * deadline (504). The handler records every request it sees (`recordedAlready`, as this hook
+   * marks the one it records); every other answer of these routes is recorded here as it is
+   * sent, whether or not the client stays to read it: a failure with the reason its answer gives
+   * (earlyRefusal), naming whom its parameters name as the handler would (nobody when the body
+   * was never read). A 400, 413 or 415 looks the account up after the answer as the handler's
+   * refusals do (`record` bounds the lookups); a 429, 503 or 504 sheds work and looks nothing up
+   * (REFUSED_UNCHECKED). The answer is not touched. Until 2026-12-07 these left no trace: a brute force sent as malformed or
+   * throttled attempts went unrecorded.
    */
   const earlyRecordings: ReadonlyMap<string, EarlyRecording> = new Map([
     [
@@ -447,7 +537,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         describe: (params, outcome) => ({
           actor: params === undefined ? NOBODY : tokenActor(params)(outcome),
           resource: { type: 'token', id: GRANT_TYPES.has(params?.grant_type) ? String(params?.grant_type) : 'unknown' },
-          payload: { audience: typeof params?.audience === 'string' && admissibleName(params.audience) ? params.audience : null },
+          payload: { audience: recordedAudience(params?.audience) },
         }),
       },
     ],
@@ -466,31 +556,27 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
       },
     ],
   ]);
-  const recordedByHandler = new WeakSet<FastifyRequest>();
-  const earlyRefusals = new WeakMap<FastifyRequest, { recording: EarlyRecording; refusal: EarlyRefusal }>();
+  const recordedAlready = new WeakSet<FastifyRequest>();
   const earlyRecordingOf = (request: FastifyRequest): EarlyRecording | undefined => (request.method === 'POST' ? earlyRecordings.get(request.routeOptions.url ?? '') : undefined);
+  // Recorded as the answer is sent, not once it has gone (onResponse): a client that hangs up
+  // before reading its refusal was refused all the same, and onResponse never fires for it. The
+  // record is written now, or its actor's lookup scheduled (record): the answer waits for neither.
   app.addHook('onSend', (request, reply, payload, done) => {
-    const recording = reply.statusCode >= 400 && !recordedByHandler.has(request) ? earlyRecordingOf(request) : undefined;
-    if (recording !== undefined) earlyRefusals.set(request, { recording, refusal: earlyRefusal(reply.statusCode, payload, recording.parameters) });
+    const recording = reply.statusCode >= 400 && !recordedAlready.has(request) ? earlyRecordingOf(request) : undefined;
+    if (recording !== undefined) {
+      recordedAlready.add(request);
+      try {
+        const refusal = earlyRefusal(reply.statusCode, payload, recording.parameters);
+        const body: unknown = request.body;
+        const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
+        const { actor, resource, payload: described } = recording.describe(params, SHEDDING_STATUSES.has(reply.statusCode) ? REFUSED_UNCHECKED : REFUSED_UNREAD);
+        record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...described, ...refusal.payload } });
+      } catch (error) {
+        // The answer goes as it is: say so loudly.
+        request.log.error({ err: error, audit: true, action: recording.action }, 'audit: a request refused before its handler could not be recorded');
+      }
+    }
     done(null, payload);
-  });
-  app.addHook('onResponse', (request, _reply, done) => {
-    const early = earlyRefusals.get(request);
-    if (early === undefined) {
-      done();
-      return;
-    }
-    const { recording, refusal } = early;
-    const body: unknown = request.body;
-    const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
-    try {
-      const { actor, resource, payload } = recording.describe(params, pending.size < EARLY_LOOKUPS_PENDING_MAX ? REFUSED_UNREAD : REFUSED_UNLOOKED);
-      record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...payload, ...refusal.payload } });
-    } catch (error) {
-      // The answer has gone: say so loudly.
-      request.log.error({ err: error, audit: true, action: recording.action }, 'audit: a request refused before its handler could not be recorded');
-    }
-    done();
   });
 
   // Each route documents the answers it can give. Every POST can get the runtime's own before
@@ -541,9 +627,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
        * account a refusal names (undefined when none was found).
        */
       const audited = async (actorOf: (outcome: GrantOutcome) => ActorSource, call: Promise<{ tokens: TokenResponse; payload?: Record<string, unknown> }>): Promise<TokenResponse> => {
-        recordedByHandler.add(request);
+        recordedAlready.add(request);
         const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: originOf(request), resource: { type: 'token', id: body.grant_type } };
-        const payload = { audience: body.audience ?? null };
+        const payload = { audience: recordedAudience(body.audience) };
         try {
           const granted = await call;
           record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...granted.payload } });
@@ -597,7 +683,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   app.post('/oauth/revoke', { config: { clientProblemExtensions: oauthClientError }, schema: { summary: 'Revoke a refresh token and its whole session (RFC 7009)', tags: ['tokens'], consumes: oauthBody, body: RevokeBody, response: { 200: { type: 'null' }, ...bodyProblems } } }, async (request, reply) => {
     // Recorded as the refresh grant records the token: its id, never its secret. An unknown,
     // malformed or wrong token is answered 200 (RFC 7009) and recorded as a failure.
-    recordedByHandler.add(request);
+    recordedAlready.add(request);
     const entry = { recordClass: 'access', action: AUDIT_ACTIONS.revoke, actor: refreshActor(request.body.token), origin: originOf(request) };
     let outcome: RevokeOutcome;
     try {

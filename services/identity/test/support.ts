@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { Identity, migrateIdentity, type IdentityOptions } from '@ledgerline/identity';
@@ -51,6 +52,15 @@ export async function identityDatabase<I extends Identity = Identity>(
     IDENTITY_BOOTSTRAP_CLIENT_SECRET: CLIENT_SECRET,
   });
   return { db, pool, identity, config };
+}
+
+/**
+ * The keyed digest the audit trail names a typed username or client id by, under the service's
+ * `pseudonymKey` (`unknown-user:<digest>`, `unchecked-user:<digest>`; `-client` likewise): the
+ * first 16 hex digits of HMAC-SHA256 over the kind and the lower-cased text.
+ */
+export function nameDigest(key: Uint8Array, kind: 'user' | 'client', typed: string): string {
+  return createHmac('sha256', key).update(`unknown-${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, 16);
 }
 
 /** Polls `read` every 100 ms until it gives a value; fails after 30 s. */
