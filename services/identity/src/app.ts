@@ -127,6 +127,25 @@ function retryLater(reply: FastifyReply, error: IdentityError): IdentityError {
   return error;
 }
 
+/** The refusal of a request whose record the audit trail cannot take now (503, Retry-After). */
+function auditBehind(): IdentityError {
+  return new IdentityError('temporarily_unavailable', 'the audit trail is not keeping up; retry after the Retry-After delay');
+}
+
+/**
+ * Runs `write` (an audit record), and logs rather than throws when the trail refuses it (its
+ * buffer full, AuditBufferFullError): the caller decides what the answer is. False when refused.
+ */
+function recordOrLog(request: FastifyRequest, write: () => void): boolean {
+  try {
+    write();
+    return true;
+  } catch (error) {
+    request.log.error({ err: error, audit: true }, 'audit: a record could not be written');
+    return false;
+  }
+}
+
 /** Hex digits of the keyed digest that stands for a name no account has (64 bits: enough to tell attempts apart). */
 const PSEUDONYM_HEX_DIGITS = 16;
 
@@ -621,6 +640,14 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply): Promise<TokenResponse> => {
       reply.headers(noStore);
       const body = request.body;
+      // The trail cannot take this request's record now: refused before any work, so that no
+      // grant is made that the trail does not show, as the ledger's audit plugin answers 503.
+      // Its refusal is logged, not queued behind the records the trail is already behind on.
+      if ((options.audit as { readonly saturated?: boolean }).saturated === true) {
+        recordedAlready.add(request);
+        request.log.warn({ audit: true, action: TOKEN_ACTION }, 'audit: the trail is not keeping up; a token request was refused unrun');
+        throw identityProblem(retryLater(reply, auditBehind()));
+      }
       /**
        * Every grant attempt, granted or refused, is an authentication event in the audit trail
        * (PCI DSS 10.2.4), whose actor `actorOf` names from the outcome: `granted`, or the
@@ -630,19 +657,25 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         recordedAlready.add(request);
         const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: originOf(request), resource: { type: 'token', id: body.grant_type } };
         const payload = { audience: recordedAudience(body.audience) };
+        let granted: { tokens: TokenResponse; payload?: Record<string, unknown> };
         try {
-          const granted = await call;
-          record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...granted.payload } });
-          return granted.tokens;
+          granted = await call;
         } catch (error) {
           const refusal = error instanceof IdentityError ? error : undefined;
           // The trail's reason may be finer than the answer's code (refresh_token_reused is answered invalid_grant).
-          record(actorOf({ granted: false, account: refusal?.account, code: refusal?.code }), { ...entry, outcome: 'failure', reason: refusal === undefined ? 'error' : (refusal.auditReason ?? refusal.code), payload });
+          // A record the trail refuses (its buffer full) is logged; the refusal is answered as it is.
+          recordOrLog(request, () => record(actorOf({ granted: false, account: refusal?.account, code: refusal?.code }), { ...entry, outcome: 'failure', reason: refusal === undefined ? 'error' : (refusal.auditReason ?? refusal.code), payload }));
           // A locked account is refused as a wrong password is: a distinct answer (it was 423)
           // told anyone probing that the username exists. The audit trail keeps the true reason.
           if (refusal?.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
           throw refusal === undefined ? error : identityProblem(retryLater(reply, refusal));
         }
+        // A grant the trail cannot record is not handed out: 503 with Retry-After (the tokens
+        // are dropped unseen; the session they began is never used), never a 500.
+        if (!recordOrLog(request, () => record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...granted.payload } }))) {
+          throw identityProblem(retryLater(reply, auditBehind()));
+        }
+        return granted.tokens;
       };
       const tokensOnly = (call: Promise<TokenResponse>) => call.then((tokens) => ({ tokens }));
       // Granted, a user is named as typed (lower-cased); refused before the user was looked up
@@ -689,13 +722,15 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     try {
       outcome = await identity.revoke(request.body.token);
     } catch (error) {
-      options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error' });
+      recordOrLog(request, () => options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error' }));
       throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
     }
+    // A revocation is done whether or not the trail can take its record now (a full buffer is
+    // logged): withholding it would leave a token live that its holder asked to end.
     if (outcome.found) {
-      options.audit.record({ ...entry, resource: { type: 'session', id: outcome.familyId ?? 'unknown' }, outcome: 'success', payload: { revoked: outcome.revoked, user_id: outcome.userId } });
+      recordOrLog(request, () => options.audit.record({ ...entry, resource: { type: 'session', id: outcome.familyId ?? 'unknown' }, outcome: 'success', payload: { revoked: outcome.revoked, user_id: outcome.userId } }));
     } else {
-      options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: 'invalid_grant' });
+      recordOrLog(request, () => options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: 'invalid_grant' }));
     }
     return reply.code(200).send(null);
   });

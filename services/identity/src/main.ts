@@ -124,6 +124,9 @@ const app = await buildIdentityService({
   resilience: resilience.options,
   tokenRateLimit: { ratePerSecond: config.IDENTITY_TOKEN_RATE_PER_SECOND, burst: config.IDENTITY_TOKEN_BURST },
   authFailures: authFailureOptionsFromConfig(config),
+  // The audiences the trail names as sent; any other text a request gives as its audience is
+  // recorded by a digest (it may be a secret typed in the wrong field).
+  audiences: [...list(config.IDENTITY_USER_AUDIENCES), ...list(config.IDENTITY_BOOTSTRAP_CLIENT_AUDIENCES)],
   // Unknown usernames are named in the trail by a digest under this key, the same on every
   // instance; without a key-encryption key, by a key of this process's own.
   ...(keyEncryptionKey === undefined ? {} : { pseudonymKey: auditPseudonymKey(keyEncryptionKey) }),

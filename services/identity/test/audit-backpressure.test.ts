@@ -1,0 +1,86 @@
+/**
+ * The token endpoint when the audit trail is not keeping up: a grant the trail cannot record is
+ * not handed out, and nothing is answered 500. With the sink saturated (nine tenths of its
+ * buffer, as PostgresAuditSink reports it) a token request is refused 503 with Retry-After
+ * before any work; with its buffer full (record throws AuditBufferFullError) a grant already
+ * made is answered 503 the same way, its tokens dropped unseen. A revocation is done either way:
+ * withholding it would leave a token live that its holder asked to end.
+ */
+import assert from 'node:assert/strict';
+import { after, before, beforeEach, test } from 'node:test';
+import { AuditBufferFullError, MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
+import type { Service } from '@ledgerline/service-runtime';
+import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
+import { bootstrap } from '../src/bootstrap.ts';
+import { identityDatabase, ISSUER, PASSWORD } from './support.ts';
+
+const NOW = Date.UTC(2026, 10, 23, 10, 0);
+
+/** A sink whose store is behind: `saturated` and a throwing `record` set by the test. */
+class BehindSink extends MemoryAuditSink {
+  saturated = false;
+  full = false;
+  override record(entry: AuditEntry): void {
+    if (this.full) throw new AuditBufferFullError('audit buffer holds its bound; the audit store is not keeping up');
+    super.record(entry);
+  }
+}
+
+const audit = new BehindSink();
+let database: Awaited<ReturnType<typeof identityDatabase>>;
+let app: Service;
+before(async () => {
+  database = await identityDatabase('ll_identity_backpressure', { clock: () => NOW, lockout: { failuresMax: 1000, lockMs: 60_000 } });
+  await bootstrap(database.identity, database.config, { info: () => {} }, new MemoryAuditSink());
+  app = await buildIdentityService({ identity: database.identity, pool: database.pool, issuer: ISSUER, audit, clock: () => NOW, logger: false });
+});
+after(async () => {
+  await app.close();
+  await database.pool.end();
+  await database.db.drop();
+});
+beforeEach(() => {
+  audit.saturated = false;
+  audit.full = false;
+});
+
+const login = () => app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' } });
+const sessions = async (): Promise<number> => (await database.pool.query<{ n: number }>('SELECT count(*)::integer AS n FROM identity.refresh_tokens')).rows[0]?.n ?? 0;
+
+test('saturated: a token request is refused 503 with Retry-After before any work, and queues nothing', async () => {
+  audit.saturated = true;
+  const [records, before] = [audit.entries.length, await sessions()];
+  const res = await login();
+  assert.equal(res.statusCode, 503, res.body);
+  assert.equal(res.headers['retry-after'], '1');
+  assert.equal(res.json<{ error: string }>().error, 'temporarily_unavailable');
+  assert.equal(await sessions(), before, 'no session was begun');
+  assert.equal(audit.entries.length, records, 'the refusal is logged, not queued behind the records the trail is behind on');
+});
+
+test('full: a grant the trail cannot record is answered 503, never 500, and its tokens are not handed out', async () => {
+  audit.full = true;
+  const res = await login();
+  assert.equal(res.statusCode, 503, res.body);
+  assert.equal(res.headers['retry-after'], '1');
+  assert.equal(res.json<{ error: string; access_token?: string }>().access_token, undefined);
+  // A refusal is still answered as it is: only its record is lost (and logged).
+  const wrong = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'root', password: 'not the password', audience: 'ledger' } });
+  assert.equal(wrong.statusCode, 400, wrong.body);
+  audit.full = false;
+  const ok = await login();
+  assert.equal(ok.statusCode, 200, ok.body);
+  assert.ok(audit.entries.some((e) => e.action === TOKEN_ACTION && e.outcome === 'success'));
+});
+
+test('full: a revocation is done and answered 200, its record lost to the log', async () => {
+  const granted = await login();
+  assert.equal(granted.statusCode, 200, granted.body);
+  const { refresh_token: refreshToken } = granted.json<{ refresh_token: string }>();
+  audit.full = true;
+  const revoked = await app.inject({ method: 'POST', url: '/oauth/revoke', payload: { token: refreshToken } });
+  assert.equal(revoked.statusCode, 200, revoked.body);
+  audit.full = false;
+  const refreshed = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: refreshToken } });
+  assert.equal(refreshed.statusCode, 400, 'the revoked token no longer refreshes');
+});
