@@ -79,14 +79,36 @@ const ReadySchema = Type.Object({
  * Async because @fastify/swagger must finish loading before any route is added, or those
  * routes are missing from the OpenAPI document. Add routes after awaiting this.
  */
+/**
+ * A request as the log shows it (`req` in Fastify's request lines): as Fastify logs it, but its
+ * URL without the query string, of which only the presence is said. A query may carry what a
+ * client should never have put in a URL (a password or a token sent to the token endpoint as
+ * parameters) or personal data (an audit search's actor or subject), and a log is kept and
+ * shipped where the audit trail's protections do not reach.
+ */
+export function requestLogValue(req: { method?: string; url?: string; host?: string; ip?: string; socket?: { remotePort?: number } | null }): Record<string, unknown> {
+  const url = typeof req.url === 'string' ? req.url : '';
+  const at = url.indexOf('?');
+  return {
+    method: req.method,
+    url: at === -1 ? url : url.slice(0, at),
+    ...(at === -1 ? {} : { query: 'withheld' }),
+    host: req.host,
+    remoteAddress: req.ip,
+    remotePort: req.socket?.remotePort,
+  };
+}
+
 export async function createService(options: ServiceOptions): Promise<Service> {
   const { config, openapi, readinessChecks = [] } = options;
   assertUniqueNames(readinessChecks);
 
-  const loggerInstance =
+  const baseLogger =
     options.logger === false
       ? pino({ enabled: false })
       : (options.logger ?? pino({ level: config.LOG_LEVEL }));
+  // Fastify's request loggers take their serializers from this one's, ahead of its own.
+  const loggerInstance = baseLogger.child({}, { serializers: { req: requestLogValue } });
 
   const app = Fastify({
     loggerInstance,

@@ -316,3 +316,23 @@ describe('stale answers', () => {
     await app.close();
   });
 });
+
+describe('request log lines', () => {
+  it('log a request\'s path, never its query string, which may carry a password or a token', async () => {
+    const { logger, lines } = capturingLogger();
+    const app = await createService({ config, openapi: { title: 'log-test', version: '0' }, logger });
+    app.post('/oauth/token', { schema: { response: { 200: Type.Object({}) } } }, () => ({}));
+    try {
+      const res = await app.inject({ method: 'POST', url: '/oauth/token?grant_type=password&username=root&password=Qu3rySecret', payload: {} });
+      assert.equal(res.statusCode, 200);
+      await app.inject({ method: 'GET', url: '/v1/missing?token=T0kenSecret' });
+      const text = JSON.stringify(lines);
+      assert.ok(!text.includes('Qu3rySecret') && !text.includes('T0kenSecret'), text);
+      const incoming = lines.filter((l) => l.msg === 'incoming request').map((l) => l.req as Record<string, unknown>);
+      assert.deepEqual(incoming.map((r) => [r.method, r.url, r.query]), [['POST', '/oauth/token', 'withheld'], ['GET', '/v1/missing', 'withheld']]);
+      assert.ok(incoming.every((r) => r.remoteAddress === '127.0.0.1'));
+    } finally {
+      await app.close();
+    }
+  });
+});
