@@ -93,10 +93,12 @@ function admin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
 
 export async function createTestDatabase(prefix = 'll_test'): Promise<TestDatabase> {
   const name = `${prefix}_${randomBytes(6).toString('hex')}`;
+  // Before the database exists: an admin URL that cannot name it must not leave it behind.
+  const url = withDatabase(ADMIN_DATABASE_URL, name);
   await admin((c) => c.query(`CREATE DATABASE ${name}`));
   return {
     name,
-    url: withDatabase(ADMIN_DATABASE_URL, name),
+    url,
     drop: () =>
       admin(async (c) => {
         await waitForDisconnects(c, name);
