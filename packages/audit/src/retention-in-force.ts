@@ -114,15 +114,21 @@ export async function financialRetentionChanges(db: Queryable, checkpointValid: 
   return changesOf(await retentionChanges(db, checkpointValid), 'financial');
 }
 
-/** A change's class and days after it (null: for ever), or null for anything that does not parse as a change. */
-function changeOf(payload: string): { recordClass: string; days: number | null } | null {
+/** `text` parsed as JSON if that is an object (an array included), else null (not JSON, or a scalar or null). */
+function jsonObject(text: string): object | null {
   let parsed: unknown;
   try {
-    parsed = JSON.parse(payload);
+    parsed = JSON.parse(text);
   } catch {
     return null;
   }
-  if (typeof parsed !== 'object' || parsed === null) return null;
+  return typeof parsed === 'object' && parsed !== null ? parsed : null;
+}
+
+/** A change's class and days after it (null: for ever), or null for anything that does not parse as a change. */
+function changeOf(payload: string): { recordClass: string; days: number | null } | null {
+  const parsed = jsonObject(payload);
+  if (parsed === null) return null;
   const { recordClass, retainDaysAfter } = parsed as { recordClass?: unknown; retainDaysAfter?: unknown };
   if (typeof recordClass !== 'string') return null;
   return { recordClass, days: typeof retainDaysAfter === 'number' && Number.isInteger(retainDaysAfter) && retainDaysAfter >= 1 ? retainDaysAfter : null };
@@ -229,13 +235,8 @@ export async function recordedHolds(db: Queryable, checkpointValid: (cp: Checkpo
 
 /** The hold id a queued entry releases (a successful `audit.hold.release`), or null. */
 function queuedReleaseOf(entry: string): string | null {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(entry);
-  } catch {
-    return null;
-  }
-  if (typeof parsed !== 'object' || parsed === null) return null;
+  const parsed = jsonObject(entry);
+  if (parsed === null) return null;
   const { action, outcome, recordClass, resource } = parsed as { action?: unknown; outcome?: unknown; recordClass?: unknown; resource?: unknown };
   if (action !== 'audit.hold.release' || outcome !== 'success' || recordClass !== 'governance' || typeof resource !== 'object' || resource === null) return null;
   const { type, id } = resource as { type?: unknown; id?: unknown };
@@ -243,13 +244,8 @@ function queuedReleaseOf(entry: string): string | null {
 }
 
 function holdTargetOf(payload: string): { subject: string | null; resource: { type: string; id: string } | null } | null {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(payload);
-  } catch {
-    return null;
-  }
-  if (typeof parsed !== 'object' || parsed === null) return null;
+  const parsed = jsonObject(payload);
+  if (parsed === null) return null;
   const { subject, resource } = parsed as { subject?: unknown; resource?: unknown };
   const s = typeof subject === 'string' ? subject : null;
   let res: { type: string; id: string } | null = null;

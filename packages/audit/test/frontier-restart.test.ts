@@ -14,7 +14,7 @@ import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
 import { AuditSequencer, rootOf, signCheckpoint, verifyLog } from '../src/index.ts';
 import { storedLeafHashes, storedLeafHashRange } from '../src/tree.ts';
-import { auditTestEnv, entry, type AuditTestEnv } from './support.ts';
+import { auditTestEnv, drain, entry, inTransaction, type AuditTestEnv } from './support.ts';
 
 const ORIGIN = 'ledgerline/test';
 const SIGNED = 45;
@@ -25,26 +25,6 @@ interface Log {
   records: number[];
   size: number;
   events: number;
-}
-
-async function caughtUp(pool: pg.Pool): Promise<boolean> {
-  const r = await pool.query<{ behind: boolean }>(
-    `SELECT EXISTS (SELECT 1 FROM audit.queue) OR EXISTS (
-       SELECT 1 FROM events.events e, audit.sequencer_state s
-        WHERE (e.transaction_id, e.position) > (s.event_transaction_id, s.event_position)) AS behind`,
-  );
-  return r.rows[0]?.behind === false;
-}
-
-/** Rounds of `s` until the queue is empty and the tail has reached the end. */
-async function drain(t: AuditTestEnv, s: AuditSequencer): Promise<void> {
-  for (let attempt = 0; attempt < 6000; attempt += 1) {
-    await t.sink.flush();
-    const { records } = await s.round();
-    if (records === 0 && (await caughtUp(t.pool))) return;
-    if (records === 0) await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  throw new Error('the sequencer did not catch up');
 }
 
 /** `n` events of streams of their own, written in one statement (the store's checks are not what is tested here). */
@@ -100,21 +80,7 @@ async function allLeaves(pool: pg.Pool): Promise<Buffer[]> {
 }
 
 /** Runs `fn` in a committed transaction with triggers off, as a superuser could. */
-async function asSuperuser<T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
-  const c = await pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
-    const r = await fn(c);
-    await c.query('COMMIT');
-    return r;
-  } catch (error) {
-    await c.query('ROLLBACK');
-    throw error;
-  } finally {
-    c.release();
-  }
-}
+const asSuperuser = <T>(pool: pg.Pool, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> => inTransaction(pool, 'SET LOCAL session_replication_role = replica', fn, true);
 
 /** A record forged at `seq` (inside a tile: the database's guards are off). */
 const forgeRecord = (pool: pg.Pool, seq: number): Promise<unknown> =>

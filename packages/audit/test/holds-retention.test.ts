@@ -11,25 +11,17 @@
  */
 import assert from 'node:assert/strict';
 import type pg from 'pg';
-import { afterEach, beforeEach, test } from 'node:test';
+import { test } from 'node:test';
 import { verifyLog, type VerifyReport } from '../src/index.ts';
 import { auditLegalHolds } from '../src/holds.ts';
-import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
+import { auditTestEnvPerTest, DAY, daysAgo, REVIEWER, testClock, verifiedAfter, type AuditTestEnv } from './support.ts';
 
-const DAY = 86_400_000;
 const TYPE = 'ledger.transfer';
-let nowMs = 0;
-const clock = (): Date => new Date(nowMs);
-/** `days` before the real time: the sequencer's clock when it signs. */
-const daysAgo = (days: number): number => Date.now() - days * DAY;
 
+const clock = testClock();
 let t: AuditTestEnv;
-beforeEach(async () => {
-  nowMs = daysAgo(3000);
-  t = await auditTestEnv({ now: clock });
-});
-afterEach(async () => {
-  await t.close();
+auditTestEnvPerTest(clock, (env) => {
+  t = env;
 });
 
 async function transfer(id: string): Promise<void> {
@@ -62,19 +54,11 @@ async function unrecorded(sql: string, args: unknown[] = []): Promise<void> {
 }
 
 /** Verification, today, of the log with the stream's events deleted (rolled back after). */
-async function verifiedWithout(id: string): Promise<VerifyReport> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
+const verifiedWithout = (id: string): Promise<VerifyReport> =>
+  verifiedAfter(t, async (c) => {
     const r = await c.query('DELETE FROM events.events WHERE stream_type = $1 AND stream_id = $2', [TYPE, id]);
     assert.ok((r.rowCount ?? 0) > 0);
-    return await verifyLog(c, { publicKey: t.signer.publicKey, now: () => new Date() });
-  } finally {
-    await c.query('ROLLBACK');
-    c.release();
-  }
-}
+  });
 
 function verifies(report: VerifyReport): void {
   assert.equal(report.ok, true, JSON.stringify(report.issues));
@@ -94,10 +78,10 @@ const retentionChanges = async (): Promise<number> =>
 
 test('a stored policy lowered without a record (a superuser, triggers off) does not make an event deletable early', async () => {
   // x-old: signed 2600 days ago, past the original 2557; x-1: signed ten days ago.
-  nowMs = daysAgo(2600);
+  clock.ms = daysAgo(2600);
   await transfer('x-old');
   await t.settle();
-  nowMs = daysAgo(10);
+  clock.ms = daysAgo(10);
   await transfer('x-1');
   await t.settle();
   assert.equal(await held('x-1'), true);
@@ -119,7 +103,7 @@ test('a signed retention change takes effect, for the leaves signed after it; a 
   // t-before: recorded in the event store eight years ago, but taken by the trail (and signed)
   // only twenty days ago, as when the trail began tailing a store late. The guard judges a
   // shortening by recorded times, so it lets the policy drop to one day.
-  nowMs = daysAgo(20);
+  clock.ms = daysAgo(20);
   await transfer('t-before');
   await t.pool.query("UPDATE events.events SET recorded_at = now() - interval '8 years' WHERE stream_type = $1 AND stream_id = 't-before'", [TYPE]);
   await t.settle();
@@ -128,11 +112,11 @@ test('a signed retention change takes effect, for the leaves signed after it; a 
   assert.equal(await retentionChanges(), 1, 'a lawful change is recorded');
   // Queued, not yet signed: the row says one day, the trail 2557 days.
   assert.equal(await held('t-before'), true, 'a shortening not yet signed let t-before go');
-  nowMs = daysAgo(19);
+  clock.ms = daysAgo(19);
   await t.settle();
   // Signed nineteen days ago: in force for t-after (signed eighteen days ago), so its day has
   // run out; t-before was signed before it, and is owed 2557 days.
-  nowMs = daysAgo(18);
+  clock.ms = daysAgo(18);
   await transfer('t-after');
   await t.settle();
   assert.equal(await held('t-after'), false, 'the signed shortening applies to leaves signed after it');
@@ -144,9 +128,9 @@ test('a signed retention change takes effect, for the leaves signed after it; a 
 test('a lengthening still queued for the sequencer keeps what it will reach: the row, when stricter, is kept to', async () => {
   // A lawful shortening to one day before any financial data, signed; q-1 signed under it.
   await t.pool.query("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
-  nowMs = daysAgo(20);
+  clock.ms = daysAgo(20);
   await t.settle();
-  nowMs = daysAgo(18);
+  clock.ms = daysAgo(18);
   await transfer('q-1');
   await t.settle();
   assert.equal(await held('q-1'), false, "q-1's day has run out");
@@ -159,18 +143,18 @@ test('a lengthening still queued for the sequencer keeps what it will reach: the
   );
   assert.equal(await held('q-1'), true, 'the queued lengthening did not keep q-1');
   // Once signed, the lengthening reaches q-1: had it gone, verification would say so.
-  nowMs = daysAgo(1);
+  clock.ms = daysAgo(1);
   await t.settle();
   assert.equal(await held('q-1'), true);
   missing(await verifiedWithout('q-1'));
 });
 
 test('legal holds still block deletion and archiving; a released hold leaves the stream to the trail retention, not to a lowered row', async () => {
-  nowMs = daysAgo(2600);
+  clock.ms = daysAgo(2600);
   await transfer('h-old');
   await transfer('free');
   await t.settle();
-  nowMs = daysAgo(10);
+  clock.ms = daysAgo(10);
   await transfer('h-new');
   await t.settle();
   const holds = [
@@ -202,16 +186,34 @@ async function retain(c: pg.PoolClient, id: string): Promise<boolean> {
   return keep;
 }
 
-test('a lengthening still in flight (its transaction open) is waited for, and keeps what it reaches', async () => {
+/**
+ * A race between a change of the financial policy and retention, on connections of their own:
+ * the change's transaction begins, then stream `id` is written and signed so that seven years
+ * run out 300 ms after it began; `race` then runs, and ends both transactions. Returns
+ * verification, today, once the sequencer has run again.
+ */
+async function raced(id: string, race: (change: pg.PoolClient, retention: pg.PoolClient) => Promise<void>): Promise<VerifyReport> {
   const change = await t.pool.connect();
   const retention = await t.pool.connect();
   try {
     await change.query('BEGIN');
     const began = (await change.query<{ t: Date }>('SELECT now() AS t')).rows[0]?.t.getTime() ?? 0;
-    // Signed so that seven years run out 300 ms after the change began.
-    nowMs = began + 300 - 2557 * DAY;
-    await transfer('race-1');
+    clock.ms = began + 300 - 2557 * DAY;
+    await transfer(id);
     await t.settle();
+    await race(change, retention);
+    clock.ms = Date.now();
+    await t.settle();
+    return await verifyLog(t.pool, { publicKey: t.signer.publicKey, now: () => new Date() });
+  } finally {
+    change.release();
+    retention.release();
+  }
+}
+
+test('a lengthening still in flight (its transaction open) is waited for, and keeps what it reaches', async () => {
+  // Signed so that seven years run out 300 ms after the change began.
+  const report = await raced('race-1', async (change, retention) => {
     await change.query("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
     await new Promise((resolve) => setTimeout(resolve, 800));
     let answered = false;
@@ -223,27 +225,14 @@ test('a lengthening still in flight (its transaction open) is waited for, and ke
     await change.query('COMMIT');
     assert.equal(await asked, true, 'the lengthening, committed meanwhile, keeps the stream');
     await retention.query('COMMIT');
-    nowMs = Date.now();
-    await t.settle();
-    const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey, now: () => new Date() });
-    assert.equal(report.ok, true, JSON.stringify(report.issues));
-  } finally {
-    change.release();
-    retention.release();
-  }
+  });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
 
 test('a lengthening that waited behind retention is dated after the deletion it waited for, which it does not reach', async () => {
-  const change = await t.pool.connect();
-  const retention = await t.pool.connect();
-  try {
-    // The change's transaction begins first, then retention decides and deletes, then the
-    // change's UPDATE (waiting for retention's lock) goes through.
-    await change.query('BEGIN');
-    const began = (await change.query<{ t: Date }>('SELECT now() AS t')).rows[0]?.t.getTime() ?? 0;
-    nowMs = began + 300 - 2557 * DAY;
-    await transfer('race-2');
-    await t.settle();
+  // The change's transaction begins first, then retention decides and deletes, then the
+  // change's UPDATE (waiting for retention's lock) goes through.
+  const report = await raced('race-2', async (change, retention) => {
     await new Promise((resolve) => setTimeout(resolve, 800));
     assert.equal(await retain(retention, 'race-2'), false, 'run out by every rule in force: it may go');
     const updated = change.query("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
@@ -251,12 +240,6 @@ test('a lengthening that waited behind retention is dated after the deletion it 
     await retention.query('COMMIT');
     await updated;
     await change.query('COMMIT');
-    nowMs = Date.now();
-    await t.settle();
-    const report = await verifyLog(t.pool, { publicKey: t.signer.publicKey, now: () => new Date() });
-    assert.equal(report.ok, true, JSON.stringify(report.issues));
-  } finally {
-    change.release();
-    retention.release();
-  }
+  });
+  assert.equal(report.ok, true, JSON.stringify(report.issues));
 });

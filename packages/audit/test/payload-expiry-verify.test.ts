@@ -11,23 +11,15 @@
  * Each test has a database of its own. Early removals run as a superuser with triggers off.
  */
 import assert from 'node:assert/strict';
-import { afterEach, beforeEach, test } from 'node:test';
+import { test } from 'node:test';
 import type pg from 'pg';
 import { verifyLog, type VerifyReport } from '../src/index.ts';
-import { auditTestEnv, REVIEWER, type AuditTestEnv } from './support.ts';
+import { auditTestEnvPerTest, daysAgo, REVIEWER, testClock, verifiedAfter, type AuditTestEnv } from './support.ts';
 
-const DAY = 86_400_000;
-let nowMs = 0;
-const clock = (): Date => new Date(nowMs);
-const daysAgo = (days: number): number => Date.now() - days * DAY;
-
+const clock = testClock();
 let t: AuditTestEnv;
-beforeEach(async () => {
-  nowMs = daysAgo(3000);
-  t = await auditTestEnv({ now: clock });
-});
-afterEach(async () => {
-  await t.close();
+auditTestEnvPerTest(clock, (env) => {
+  t = env;
 });
 
 const base = { actor: { type: 'user' as const, id: 'user:teller-7' }, action: 'ledger.account.read', outcome: 'success' as const, origin: { service: 'ledger' } };
@@ -41,18 +33,7 @@ async function access(id: string, subject?: string): Promise<number> {
 }
 
 /** Verification today, after `tamper` ran as a superuser with triggers off (rolled back after). */
-async function tampered(tamper: (c: pg.PoolClient) => Promise<unknown>): Promise<VerifyReport> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
-    await tamper(c);
-    return await verifyLog(c, { publicKey: t.signer.publicKey, now: () => new Date() });
-  } finally {
-    await c.query('ROLLBACK');
-    c.release();
-  }
-}
+const tampered = (tamper: (c: pg.PoolClient) => Promise<unknown>): Promise<VerifyReport> => verifiedAfter(t, tamper);
 
 const dropPayload = (seq: number) => (c: pg.PoolClient): Promise<unknown> => c.query('DELETE FROM audit.payloads WHERE seq = $1', [seq]);
 
@@ -68,7 +49,7 @@ function payloadMissing(report: VerifyReport, seq: number, detail?: RegExp): voi
 }
 
 test('a payload expired early through a lowered, unrecorded policy row is reported at its record', async () => {
-  nowMs = daysAgo(100);
+  clock.ms = daysAgo(100);
   const seq = await access('acc-early');
   // 100 days into 366: expire_payloads keeps it.
   assert.equal(await t.store.expirePayloads(new Date(), REVIEWER), 0);
@@ -85,16 +66,16 @@ test('a payload expired early through a lowered, unrecorded policy row is report
 });
 
 test('payloads expired lawfully, by the original policy or a recorded shortening, and erased subjects verify clean', async () => {
-  nowMs = daysAgo(400);
+  clock.ms = daysAgo(400);
   const old = await access('acc-old', 'cust-1');
   // A lawful shortening of access to 30 days, signed 50 days ago: nothing was owed the 366
   // days then (the database refuses it otherwise). It reaches the records signed after it.
-  nowMs = daysAgo(50);
+  clock.ms = daysAgo(50);
   await t.pool.query("UPDATE audit.retention_policies SET retain_days = 30 WHERE record_class = 'access'");
   await t.settle();
-  nowMs = daysAgo(40);
+  clock.ms = daysAgo(40);
   const underShort = await access('acc-short', 'cust-2');
-  nowMs = daysAgo(10);
+  clock.ms = daysAgo(10);
   const recent = await access('acc-recent');
   assert.equal(await t.store.expirePayloads(new Date(), REVIEWER), 2);
   const gone = await t.pool.query<{ seq: string }>('SELECT r.seq::text FROM audit.records r WHERE NOT EXISTS (SELECT 1 FROM audit.payloads p WHERE p.seq = r.seq) AND r.payload_hash IS NOT NULL ORDER BY r.seq');
@@ -116,15 +97,15 @@ test('a payload kept for ever (no policy, such as governance records) is reporte
 });
 
 test('a payload removed while a legal hold the trail records covered it is reported; one that ran out before the hold, or after its release, is not', async () => {
-  nowMs = daysAgo(400);
+  clock.ms = daysAgo(400);
   const heldEarly = await access('acc-h1', 'cust-h');
   const beforeHold = await access('acc-h2');
   // acc-h1 runs out 34 days ago. The hold on cust-h is signed 100 days ago, before that; the
   // hold on acc-h2 only 10 days ago, after it had run out (it may have gone before).
-  nowMs = daysAgo(100);
+  clock.ms = daysAgo(100);
   await t.store.placeHold({ subject: 'cust-h' }, 'litigation 7', REVIEWER);
   await t.settle();
-  nowMs = daysAgo(10);
+  clock.ms = daysAgo(10);
   const late = await t.store.placeHold({ resource: { type: 'account', id: 'acc-h2' } }, 'inquiry 3', REVIEWER);
   await t.settle();
   // Expiry, as the database runs it, keeps both: held.

@@ -11,9 +11,9 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import type pg from 'pg';
-import { verifyLog, type VerifyReport } from '../src/index.ts';
+import type { VerifyReport } from '../src/index.ts';
 import { FINANCIAL_RETAIN_DAYS_ORIGINAL, retentionRanOut, type RetentionChange } from '../src/retention-in-force.ts';
-import { auditTestEnv, type AuditTestEnv } from './support.ts';
+import { auditTestEnv, transferTile, verifiedAfter, type AuditTestEnv } from './support.ts';
 
 const DAY = 86_400_000;
 let t: AuditTestEnv;
@@ -25,29 +25,7 @@ after(async () => {
   await t.close();
 });
 
-/** One tile of two events, integrated and signed; returns their positions. */
-async function tile(name: string): Promise<string[]> {
-  for (let j = 0; j < 2; j += 1) {
-    const id = `${name}-${j}`;
-    await t.events.append(t.pool, { type: 'ledger.transfer', id }, [{ type: 'ledger.TransferPosted', data: { id, result: 'ok' }, metadata: { actor: 'user:u' } }], { expectedVersion: 'no_stream' });
-  }
-  await t.settle();
-  const r = await t.pool.query<{ position: string }>("SELECT position::text FROM events.events WHERE stream_id LIKE $1 || '-%' ORDER BY position", [name]);
-  return r.rows.map((row) => row.position);
-}
-
-async function tampered(tamper: (c: pg.PoolClient) => Promise<unknown>, now: Date): Promise<VerifyReport> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
-    await tamper(c);
-    return await verifyLog(c, { publicKey: t.signer.publicKey, now: () => now });
-  } finally {
-    await c.query('ROLLBACK');
-    c.release();
-  }
-}
+const tampered = (tamper: (c: pg.PoolClient) => Promise<unknown>, now: Date): Promise<VerifyReport> => verifiedAfter(t, tamper, () => now);
 
 const deleteEvent = (position: string) => (c: pg.PoolClient): Promise<unknown> => c.query('DELETE FROM events.events WHERE position = $1', [position]);
 /** The superuser's UPDATE of the stored policy, with triggers off: unsigned and unrecorded. */
@@ -65,7 +43,7 @@ let b: string[] = [];
 
 test('a shortening the trail records applies to the leaves signed after it; with its payload gone, it counts as keeping the class for ever', async () => {
   await t.pool.query("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
-  a = await tile('a');
+  a = await transferTile(t, 'a');
   const changes = await t.pool.query<{ n: number }>("SELECT count(*)::integer AS n FROM audit.records WHERE action = 'audit.retention.change'");
   assert.equal(changes.rows[0]?.n, 1, 'the change is a record of the tree');
   const expired = await tampered(deleteEvent(a[0] ?? ''), inDays(2));
@@ -86,7 +64,7 @@ test('a shortening the trail records applies to the leaves signed after it; with
 
 test('the stored policy row, lowered by a superuser with triggers off, excuses no deletion: a lengthening the trail records reaches the leaves signed before it', async () => {
   await t.pool.query("UPDATE audit.retention_policies SET retain_days = $1 WHERE record_class = 'financial'", [FINANCIAL_RETAIN_DAYS_ORIGINAL]);
-  b = await tile('b');
+  b = await transferTile(t, 'b');
   // Signed under seven years, deleted, verified two days later: reported, with the row lowered
   // to one day or not.
   missingAt(await tampered(deleteEvent(b[0] ?? ''), inDays(2)), b[0] ?? '');
@@ -116,7 +94,7 @@ test('a later shortening does not reach the leaves signed before it, only those 
   } finally {
     c.release();
   }
-  const d = await tile('d');
+  const d = await transferTile(t, 'd');
   missingAt(await tampered(deleteEvent(b[1] ?? ''), inDays(2)), b[1] ?? '');
   const after = await tampered(deleteEvent(d[0] ?? ''), inDays(2));
   assert.equal(after.ok, true, JSON.stringify(after.issues));

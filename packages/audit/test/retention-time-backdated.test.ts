@@ -10,35 +10,16 @@
  * test has a database of its own; deletions run as a superuser with triggers off, rolled back.
  */
 import assert from 'node:assert/strict';
-import { afterEach, beforeEach, test } from 'node:test';
-import { verifyLog, type VerifyReport } from '../src/index.ts';
+import { test } from 'node:test';
+import type { VerifyReport } from '../src/index.ts';
 import { retentionRunsOut, type RetentionChange } from '../src/retention-in-force.ts';
-import { auditTestEnv, type AuditTestEnv } from './support.ts';
+import { auditTestEnvPerTest, DAY, daysAgo, testClock, transferTile, verifiedAfter, type AuditTestEnv } from './support.ts';
 
-const DAY = 86_400_000;
-let nowMs = 0;
-const clock = (): Date => new Date(nowMs);
-const daysAgo = (days: number): number => Date.now() - days * DAY;
-
+const clock = testClock();
 let t: AuditTestEnv;
-beforeEach(async () => {
-  nowMs = daysAgo(3000);
-  t = await auditTestEnv({ now: clock });
+auditTestEnvPerTest(clock, (env) => {
+  t = env;
 });
-afterEach(async () => {
-  await t.close();
-});
-
-/** One tile of two events, integrated and signed at the clock's time; returns their positions. */
-async function tile(name: string): Promise<string[]> {
-  for (let j = 0; j < 2; j += 1) {
-    const id = `${name}-${j}`;
-    await t.events.append(t.pool, { type: 'ledger.transfer', id }, [{ type: 'ledger.TransferPosted', data: { id, result: 'ok' }, metadata: { actor: 'user:u' } }], { expectedVersion: 'no_stream' });
-  }
-  await t.settle();
-  const r = await t.pool.query<{ position: string }>("SELECT position::text FROM events.events WHERE stream_id LIKE $1 || '-%' ORDER BY position", [name]);
-  return r.rows.map((row) => row.position);
-}
 
 /**
  * A financial retention change queued as the writer role, as the change trigger would write it
@@ -69,19 +50,11 @@ async function queuedChange(before: number, after: number, statedAt: number): Pr
 }
 
 /** Verification today with one event deleted (rolled back after). */
-async function verifiedWithout(position: string): Promise<VerifyReport> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query('SET LOCAL session_replication_role = replica');
+const verifiedWithout = (position: string): Promise<VerifyReport> =>
+  verifiedAfter(t, async (c) => {
     const r = await c.query('DELETE FROM events.events WHERE position = $1', [position]);
     assert.equal(r.rowCount, 1);
-    return await verifyLog(c, { publicKey: t.signer.publicKey, now: () => new Date() });
-  } finally {
-    await c.query('ROLLBACK');
-    c.release();
-  }
-}
+  });
 
 function verifies(report: VerifyReport): void {
   assert.equal(report.ok, true, JSON.stringify(report.issues));
@@ -89,23 +62,23 @@ function verifies(report: VerifyReport): void {
 
 /** A lawful shortening of financial to one day, before any financial data; signed 40 days ago. */
 async function shortenedToADay(): Promise<void> {
-  nowMs = daysAgo(40);
+  clock.ms = daysAgo(40);
   await t.pool.query("UPDATE audit.retention_policies SET retain_days = 1 WHERE record_class = 'financial'");
   await t.settle();
 }
 
 test('a lengthening dated back makes an event lawfully removed before it read as missing, and the finding names it with its stated and signed times', async () => {
   await shortenedToADay();
-  nowMs = daysAgo(30);
-  const [x] = await tile('x');
+  clock.ms = daysAgo(30);
+  const [x] = await transferTile(t, 'x');
   // x ran out 29 days ago (one day after it was signed) and may go. 20 days ago, a lengthening
   // to seven years is queued, stated as made 35 days ago, before x ran out.
-  nowMs = daysAgo(20);
+  clock.ms = daysAgo(20);
   const stated = daysAgo(35);
   const seq = await queuedChange(1, 2557, stated);
   const report = await verifiedWithout(x ?? '');
   assert.equal(report.firstDifference?.kind, 'event_missing', JSON.stringify(report.issues));
-  const signed = new Date(nowMs).toISOString();
+  const signed = new Date(clock.ms).toISOString();
   assert.match(
     report.firstDifference?.detail ?? '',
     new RegExp(`kept by the retention lengthening recorded at seq ${seq}, stated as made ${new Date(stated).toISOString()}, signed ${signed}`),
@@ -115,21 +88,21 @@ test('a lengthening dated back makes an event lawfully removed before it read as
 
 test('the same lengthening dated when it was queued leaves the lawful removal alone', async () => {
   await shortenedToADay();
-  nowMs = daysAgo(30);
-  const [x] = await tile('x');
-  nowMs = daysAgo(20);
-  await queuedChange(1, 2557, nowMs);
+  clock.ms = daysAgo(30);
+  const [x] = await transferTile(t, 'x');
+  clock.ms = daysAgo(20);
+  await queuedChange(1, 2557, clock.ms);
   verifies(await verifiedWithout(x ?? ''));
 });
 
 test('a shortening dated back reaches no leaf signed before its own signature, only the leaves signed after it', async () => {
-  nowMs = daysAgo(30);
-  const [y] = await tile('y');
+  clock.ms = daysAgo(30);
+  const [y] = await transferTile(t, 'y');
   // Queued 20 days ago, stated as made long before y: y stays under seven years.
-  nowMs = daysAgo(20);
+  clock.ms = daysAgo(20);
   await queuedChange(2557, 1, daysAgo(1000));
-  nowMs = daysAgo(10);
-  const [z] = await tile('z');
+  clock.ms = daysAgo(10);
+  const [z] = await transferTile(t, 'z');
   const report = await verifiedWithout(y ?? '');
   assert.equal(report.firstDifference?.kind, 'event_missing', JSON.stringify(report.issues));
   assert.match(report.firstDifference?.detail ?? '', new RegExp(`event position ${y},`));

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import type pg from 'pg';
 import { AuditSequencer, leafData, leafHash, verifyBundle, verifyLog, type AuditRecordFields, type VerifyReport } from '../src/index.ts';
-import { auditTestEnv, entry, REVIEWER, type AuditTestEnv } from './support.ts';
+import { auditTestEnv, entry, inTransaction, REVIEWER, type AuditTestEnv } from './support.ts';
 
 let t: AuditTestEnv;
 before(async () => {
@@ -68,21 +68,8 @@ const insertForged = (c: pg.ClientBase, seq: number): Promise<unknown> => {
 };
 
 /** Runs `fn` in a transaction, as the sequencer's role or as a superuser with triggers off, and rolls it back unless `keep`. */
-async function inTx<T>(as: 'sequencer' | 'superuser', fn: (c: pg.PoolClient) => Promise<T>, keep = false): Promise<T> {
-  const c = await t.pool.connect();
-  try {
-    await c.query('BEGIN');
-    await c.query(as === 'sequencer' ? 'SET LOCAL ROLE ledgerline_audit_sequencer' : 'SET LOCAL session_replication_role = replica');
-    const r = await fn(c);
-    await c.query(keep ? 'COMMIT' : 'ROLLBACK');
-    return r;
-  } catch (error) {
-    await c.query('ROLLBACK');
-    throw error;
-  } finally {
-    c.release();
-  }
-}
+const inTx = <T>(as: 'sequencer' | 'superuser', fn: (c: pg.PoolClient) => Promise<T>, keep = false): Promise<T> =>
+  inTransaction(t.pool, as === 'sequencer' ? 'SET LOCAL ROLE ledgerline_audit_sequencer' : 'SET LOCAL session_replication_role = replica', fn, keep);
 
 const verifyIn = (c: pg.PoolClient): Promise<VerifyReport> => verifyLog(c, { publicKey: t.signer.publicKey });
 
