@@ -272,7 +272,7 @@ export class Identity {
   }
 
   /** `login`, also saying which second factor it was granted with (for the audit trail: a recovery code spent is a credential used up). */
-  async authenticate(request: LoginRequest): Promise<{ tokens: TokenResponse; secondFactor: SecondFactor }> {
+  async authenticate(request: LoginRequest, options: GrantOptions<{ tokens: TokenResponse; secondFactor: SecondFactor }> = {}): Promise<{ tokens: TokenResponse; secondFactor: SecondFactor }> {
     this.#checkUserAudience(request.audience);
     const nowMs = this.#clock();
     // The signing key is read before the transaction: reading it (from the pool) while holding a
@@ -311,7 +311,7 @@ export class Identity {
       await this.#saveCounters(client, user.id, AFTER_SUCCESS);
       const tokens = await this.#issueUserTokens(client, signer, user, request.audience, randomUUID(), new Date(nowMs + this.#refreshTtl * 1000), nowMs);
       return { tokens, secondFactor };
-    });
+    }, options.beforeCommit);
   }
 
   /**
@@ -356,7 +356,7 @@ export class Identity {
    * or revoked token presented again means two parties hold it, so the family is revoked and
    * both must log in again.
    */
-  async refresh(refreshToken: string): Promise<TokenResponse> {
+  async refresh(refreshToken: string, options: GrantOptions<TokenResponse> = {}): Promise<TokenResponse> {
     const nowMs = this.#clock();
     const parsed = parseRefreshToken(refreshToken);
     const refusal = new IdentityError('invalid_grant', 'refresh token invalid, expired or revoked');
@@ -385,7 +385,7 @@ export class Identity {
       if (user === undefined || isLocked({ failedLogins: user.failed_logins, lockedUntil: user.locked_until }, nowMs)) throw refusal;
       await client.query('UPDATE identity.refresh_tokens SET used_at = $2 WHERE id = $1', [parsed.id, new Date(nowMs)]);
       return this.#issueUserTokens(client, signer, user, row.audience, row.family_id, row.expires_at, nowMs);
-    });
+    }, options.beforeCommit);
   }
 
   /**
@@ -658,12 +658,14 @@ export class Identity {
    * Runs `work` in a transaction. A `FailedAttempt` commits what was written before it (a
    * failure counter, a revoked token family), then its refusal is thrown; any other error rolls back.
    */
-  async #transaction<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  async #transaction<T>(work: (client: pg.PoolClient) => Promise<T>, beforeCommit?: (result: T) => void): Promise<T> {
     const client = await this.#pool.connect();
     try {
       await client.query(BEGIN_BOUNDED);
       try {
         const result = await work(client);
+        // A grant's caller may refuse it here (its audit record not taken): it then never happened.
+        beforeCommit?.(result);
         await client.query('COMMIT');
         return result;
       } catch (error) {
@@ -682,6 +684,17 @@ export class Identity {
       client.release();
     }
   }
+}
+
+/**
+ * How a caller takes part in a grant: `beforeCommit` runs with the grant once it is made and
+ * before its transaction commits (the session begun, the refresh token rotated, the recovery
+ * code spent); if it throws, the transaction rolls back and the error is the grant's. The
+ * identity service writes the grant's audit record there, so that a grant the trail cannot
+ * take is never made, and a retry finds everything as it was.
+ */
+export interface GrantOptions<T> {
+  beforeCommit?: (granted: T) => void;
 }
 
 /** Carries a refusal out of a transaction whose writes must commit. */

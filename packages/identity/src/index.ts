@@ -1,4 +1,4 @@
-export { ACCESS_TOKEN_TTL_SECONDS_DEFAULT, assertionClientId, CLIENT_ASSERTION_TYPE, Identity, IdentityError, KEY_PUBLISH_LEAD_MS, LOGIN_REFUSED, KEY_REFRESH_MS, REFRESH_TOKEN_TTL_SECONDS_DEFAULT, SERVICE_ROLE_PREFIX } from './identity.ts';
+export { ACCESS_TOKEN_TTL_SECONDS_DEFAULT, assertionClientId, CLIENT_ASSERTION_TYPE, Identity, IdentityError, KEY_PUBLISH_LEAD_MS, LOGIN_REFUSED, KEY_REFRESH_MS, REFRESH_TOKEN_TTL_SECONDS_DEFAULT, SERVICE_ROLE_PREFIX, type GrantOptions } from './identity.ts';
 export type { ClientAuthentication, IdentityErrorCode, IdentityOptions, LoginRequest, NewClient, NewUser, RevokeOutcome, SecondFactor, TokenResponse } from './identity.ts';
 export { afterFailure, AFTER_SUCCESS, isLocked, LOCKOUT_DEFAULT } from './lockout.ts';
 export type { LockoutPolicy, LoginCounters } from './lockout.ts';

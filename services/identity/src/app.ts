@@ -127,6 +127,19 @@ function retryLater(reply: FastifyReply, error: IdentityError): IdentityError {
   return error;
 }
 
+/** A token request's grant, with what its record adds to the payload. */
+type Grant = { tokens: TokenResponse; payload?: Record<string, unknown> };
+/** Writes a grant's success record; throws GrantUnrecordedError when the trail refuses it. */
+type RecordGrant = (payload?: Record<string, unknown>) => void;
+
+/** Thrown from a grant's beforeCommit when its record was refused: the grant rolls back. */
+class GrantUnrecordedError extends Error {
+  override readonly name = 'GrantUnrecordedError';
+  constructor() {
+    super('the audit trail refused the grant\'s record');
+  }
+}
+
 /** The refusal of a request whose record the audit trail cannot take now (503, Retry-After). */
 function auditBehind(): IdentityError {
   return new IdentityError('temporarily_unavailable', 'the audit trail is not keeping up; retry after the Retry-After delay');
@@ -653,14 +666,25 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
        * (PCI DSS 10.2.4), whose actor `actorOf` names from the outcome: `granted`, or the
        * account a refusal names (undefined when none was found).
        */
-      const audited = async (actorOf: (outcome: GrantOutcome) => ActorSource, call: Promise<{ tokens: TokenResponse; payload?: Record<string, unknown> }>): Promise<TokenResponse> => {
+      const audited = async (actorOf: (outcome: GrantOutcome) => ActorSource, call: Promise<Grant> | ((recordGrant: RecordGrant) => Promise<Grant>)): Promise<TokenResponse> => {
         recordedAlready.add(request);
         const entry = { recordClass: 'access', action: TOKEN_ACTION, origin: originOf(request), resource: { type: 'token', id: body.grant_type } };
         const payload = { audience: recordedAudience(body.audience) };
-        let granted: { tokens: TokenResponse; payload?: Record<string, unknown> };
+        // The grant's record, written before the grant commits where the grant takes part
+        // (Identity's beforeCommit: a session begun, a refresh token rotated, a recovery code
+        // spent), so that one the trail refuses (its buffer full) rolls back and never happened;
+        // a retry then finds everything as it was. Else (a client's token: nothing to undo) after.
+        let recorded = false;
+        const recordGrant: RecordGrant = (extra) => {
+          if (!recordOrLog(request, () => record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...extra } }))) throw new GrantUnrecordedError();
+          recorded = true;
+        };
+        let granted: Grant;
         try {
-          granted = await call;
+          granted = await (typeof call === 'function' ? call(recordGrant) : call);
         } catch (error) {
+          // Rolled back: no grant was made, and the trail that refused its record takes no other.
+          if (error instanceof GrantUnrecordedError) throw identityProblem(retryLater(reply, auditBehind()));
           const refusal = error instanceof IdentityError ? error : undefined;
           // The trail's reason may be finer than the answer's code (refresh_token_reused is answered invalid_grant).
           // A record the trail refuses (its buffer full) is logged; the refusal is answered as it is.
@@ -670,10 +694,13 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
           if (refusal?.code === 'account_locked') throw identityProblem(new IdentityError('invalid_grant', LOGIN_REFUSED));
           throw refusal === undefined ? error : identityProblem(retryLater(reply, refusal));
         }
-        // A grant the trail cannot record is not handed out: 503 with Retry-After (the tokens
-        // are dropped unseen; the session they began is never used), never a 500.
-        if (!recordOrLog(request, () => record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...granted.payload } }))) {
-          throw identityProblem(retryLater(reply, auditBehind()));
+        if (!recorded) {
+          // A client's token the trail cannot record is not handed out: 503, never a 500.
+          try {
+            recordGrant(granted.payload);
+          } catch {
+            throw identityProblem(retryLater(reply, auditBehind()));
+          }
         }
         return granted.tokens;
       };
@@ -685,19 +712,22 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         case 'password': {
           const username = body.username;
           if (username === undefined || body.password === undefined || body.audience === undefined) return audited(actorOf, missing('password', 'username, password and audience'));
-          const login = identity.authenticate({
+          const login = {
             username,
             password: body.password,
             audience: body.audience,
             ...(body.totp_code === undefined ? {} : { totpCode: body.totp_code }),
             ...(body.recovery_code === undefined ? {} : { recoveryCode: body.recovery_code }),
-          });
+          };
           // Which second factor granted it: a recovery code used is a credential spent (PCI DSS 10.2.1.5).
-          return audited(actorOf, login.then(({ tokens, secondFactor }) => ({ tokens, payload: { second_factor: secondFactor } })));
+          return audited(actorOf, (recordGrant) =>
+            identity.authenticate(login, { beforeCommit: ({ secondFactor }) => recordGrant({ second_factor: secondFactor }) }).then(({ tokens }) => ({ tokens })),
+          );
         }
         case 'refresh_token': {
           if (body.refresh_token === undefined) return audited(actorOf, missing('refresh_token', 'refresh_token'));
-          return audited(actorOf, tokensOnly(identity.refresh(body.refresh_token)));
+          const refreshToken = body.refresh_token;
+          return audited(actorOf, (recordGrant) => tokensOnly(identity.refresh(refreshToken, { beforeCommit: () => recordGrant() })));
         }
         case 'client_credentials': {
           if (body.client_assertion !== undefined && body.client_assertion_type === CLIENT_ASSERTION_TYPE) {

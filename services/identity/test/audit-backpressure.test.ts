@@ -2,8 +2,9 @@
  * The token endpoint when the audit trail is not keeping up: a grant the trail cannot record is
  * not handed out, and nothing is answered 500. With the sink saturated (nine tenths of its
  * buffer, as PostgresAuditSink reports it) a token request is refused 503 with Retry-After
- * before any work; with its buffer full (record throws AuditBufferFullError) a grant already
- * made is answered 503 the same way, its tokens dropped unseen. A revocation is done either way:
+ * before any work; with its buffer full (record throws AuditBufferFullError) the grant's record,
+ * written before the grant commits, is refused and the grant rolls back: answered 503 the same
+ * way, and a retry finds the refresh token unrotated. A revocation is done either way:
  * withholding it would leave a token live that its holder asked to end.
  */
 import assert from 'node:assert/strict';
@@ -58,9 +59,11 @@ test('saturated: a token request is refused 503 with Retry-After before any work
   assert.equal(audit.entries.length, records, 'the refusal is logged, not queued behind the records the trail is behind on');
 });
 
-test('full: a grant the trail cannot record is answered 503, never 500, and its tokens are not handed out', async () => {
+test('full: a grant the trail cannot record is answered 503, never 500, and never made: no session is begun', async () => {
   audit.full = true;
+  const before = await sessions();
   const res = await login();
+  assert.equal(await sessions(), before, 'the grant rolled back with its record');
   assert.equal(res.statusCode, 503, res.body);
   assert.equal(res.headers['retry-after'], '1');
   assert.equal(res.json<{ error: string; access_token?: string }>().access_token, undefined);
@@ -83,4 +86,19 @@ test('full: a revocation is done and answered 200, its record lost to the log', 
   audit.full = false;
   const refreshed = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: refreshToken } });
   assert.equal(refreshed.statusCode, 400, 'the revoked token no longer refreshes');
+});
+
+test('full: a refresh the trail cannot record rolls back, so the retry Retry-After invites succeeds with the same token', async () => {
+  const granted = await login();
+  assert.equal(granted.statusCode, 200, granted.body);
+  const { refresh_token: refreshToken } = granted.json<{ refresh_token: string }>();
+  const refresh = () => app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'refresh_token', refresh_token: refreshToken } });
+  audit.full = true;
+  const refused = await refresh();
+  assert.equal(refused.statusCode, 503, refused.body);
+  assert.equal(refused.headers['retry-after'], '1');
+  audit.full = false;
+  const retried = await refresh();
+  assert.equal(retried.statusCode, 200, `the token was not spent by the refused refresh: ${retried.body}`);
+  assert.ok(!audit.entries.some((e) => e.reason === 'refresh_token_reused'), 'no reuse was recorded');
 });
