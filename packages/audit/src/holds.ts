@@ -79,11 +79,41 @@ export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource
  * checkpoints are taken as the sequencer wrote them, as for the covering time itself:
  * verification checks their signatures, and a forged one fails it whatever this decides.
  */
+/** How long the deletion check waits for a policy change in flight before it keeps the stream for a later run. */
+export const RETENTION_POLICY_LOCK_WAIT_MS = 2000;
+
+/**
+ * SHARE on audit.retention_policies for the rest of the caller's transaction, waiting at most
+ * RETENTION_POLICY_LOCK_WAIT_MS: retention holds its stream's locks (and the legal holds'
+ * SHARE) meanwhile, and an idle transaction that changed a policy would otherwise stall it, and
+ * holds and projections behind it, for as long as it stays open; one that changed a policy and
+ * then places a hold would deadlock with it. False when the wait ran out or PostgreSQL broke a
+ * deadlock: the stream is kept, for a later run, and the caller's transaction goes on as it was
+ * (under a savepoint; the caller's lock_timeout is restored).
+ */
+async function lockedRetentionPolicies(db: Queryable): Promise<boolean> {
+  const previous = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t")).rows[0]?.t ?? '0';
+  await db.query('SAVEPOINT retention_policies_lock');
+  try {
+    await db.query("SELECT set_config('lock_timeout', $1, true)", [`${RETENTION_POLICY_LOCK_WAIT_MS}ms`]);
+    await db.query('SELECT audit.lock_retention_policies()');
+    await db.query('RELEASE SAVEPOINT retention_policies_lock');
+    return true;
+  } catch (error) {
+    const code = (error as { code?: unknown } | null)?.code;
+    if (code !== '55P03' && code !== '40P01') throw error;
+    await db.query('ROLLBACK TO SAVEPOINT retention_policies_lock; RELEASE SAVEPOINT retention_policies_lock');
+    return false;
+  } finally {
+    await db.query("SELECT set_config('lock_timeout', $1, true)", [previous]).catch(() => {});
+  }
+}
+
 async function leavesStillRetained(db: Queryable, stream: HeldStream, now: Date): Promise<boolean> {
   // A policy change in flight is waited for, and then read (migration 1769900000000): unseen,
   // a lengthening that reaches these events could be made before their deletion and signed
   // after it, and verification would then report them missing.
-  await db.query('SELECT audit.lock_retention_policies()');
+  if (!(await lockedRetentionPolicies(db))) return true;
   const r = await db.query<{ trail: boolean; keep: boolean; covered: Date[] | null; as_of: Date }>(
     `WITH policy AS (SELECT make_interval(secs => retain_days * 86400) AS retain FROM audit.retention_policies WHERE record_class = 'financial'),
      leaves AS MATERIALIZED (

@@ -243,3 +243,27 @@ test('a lengthening that waited behind retention is dated after the deletion it 
   });
   assert.equal(report.ok, true, JSON.stringify(report.issues));
 });
+
+test('a policy change left open keeps the stream for a later run after a bounded wait, and the caller\'s transaction goes on', async () => {
+  await transfer('idle-1');
+  await t.settle();
+  const change = await t.pool.connect();
+  const retention = await t.pool.connect();
+  try {
+    await change.query('BEGIN');
+    await change.query("UPDATE audit.retention_policies SET retain_days = 3000 WHERE record_class = 'financial'");
+    await retention.query('BEGIN');
+    await retention.query("SET LOCAL lock_timeout = '7s'");
+    const started = Date.now();
+    const keep = await auditLegalHolds().isHeld(retention, { streamType: TYPE, streamId: 'idle-1' }, { action: 'delete', now: new Date() });
+    assert.equal(keep, true, 'kept while the change is open');
+    assert.ok(Date.now() - started < 10_000, 'the wait is bounded');
+    // The caller's transaction is usable, with its own lock_timeout back.
+    assert.equal((await retention.query<{ lock_timeout: string }>('SHOW lock_timeout')).rows[0]?.lock_timeout, '7s');
+    await retention.query('COMMIT');
+    await change.query('ROLLBACK');
+  } finally {
+    change.release();
+    retention.release();
+  }
+});
