@@ -99,6 +99,22 @@ export function requestLogValue(req: { method?: string; url?: string; host?: str
   };
 }
 
+/**
+ * An error as the log shows it: pino's standard form, without what would carry a request's
+ * bytes or its query string into the log: Node's HTTP parser errors keep the raw request in
+ * `rawPacket` (its request line and headers, Authorization included), and some of Fastify's
+ * messages quote the request's URL ("Reply was already sent ... in "/path?query"").
+ */
+export function errorLogValue(err: unknown): unknown {
+  if (!(err instanceof Error)) return err;
+  const value = pino.stdSerializers.err(err) as Record<string, unknown>;
+  delete value.rawPacket;
+  const noQuery = (text: unknown): unknown => (typeof text === 'string' ? text.replace(/"(\/[^"?\s]*)\?[^"\s]*"/g, '"$1"') : text);
+  value.message = noQuery(value.message);
+  value.stack = noQuery(value.stack);
+  return value;
+}
+
 export async function createService(options: ServiceOptions): Promise<Service> {
   const { config, openapi, readinessChecks = [] } = options;
   assertUniqueNames(readinessChecks);
@@ -108,7 +124,7 @@ export async function createService(options: ServiceOptions): Promise<Service> {
       ? pino({ enabled: false })
       : (options.logger ?? pino({ level: config.LOG_LEVEL }));
   // Fastify's request loggers take their serializers from this one's, ahead of its own.
-  const loggerInstance = baseLogger.child({}, { serializers: { req: requestLogValue } });
+  const loggerInstance = baseLogger.child({}, { serializers: { req: requestLogValue, err: errorLogValue } });
 
   const app = Fastify({
     loggerInstance,

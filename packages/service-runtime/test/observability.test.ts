@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import net from 'node:net';
 import { Writable } from 'node:stream';
 import { context, trace } from '@opentelemetry/api';
 import { InMemorySpanExporter } from '@opentelemetry/sdk-trace-node';
@@ -318,6 +319,36 @@ describe('stale answers', () => {
 });
 
 describe('request log lines', () => {
+  it('log an error refused by the HTTP parser without its raw bytes (request line, query, Authorization)', async () => {
+    const lines: string[] = [];
+    const stream = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        lines.push(chunk.toString());
+        done();
+      },
+    });
+    const app = await createService({ config, openapi: { title: 'log-test', version: '0' }, logger: pino({ level: 'debug' }, stream) });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    try {
+      const { port } = app.server.address() as net.AddressInfo;
+      await new Promise<void>((resolve) => {
+        const socket = net.connect(port, '127.0.0.1', () =>
+          socket.write('POST /oauth/token?password=Qu3rySecret HTTP/1.1\r\nHost: x\r\nAuthorization: Basic cGF5bWVudHM6UXUzcnlTZWNyZXQ=\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab'),
+        );
+        socket.on('data', () => {});
+        socket.on('close', () => resolve());
+        socket.on('error', () => resolve());
+      });
+    } finally {
+      await app.close();
+    }
+    const refused = lines.map((l) => JSON.parse(l) as { msg?: string; err?: Record<string, unknown> }).find((l) => l.msg === 'client error refused by the HTTP parser');
+    assert.ok(refused?.err !== undefined, 'the parser error is logged');
+    assert.equal(refused.err.rawPacket, undefined);
+    assert.equal(refused.err.code, 'HPE_UNEXPECTED_CONTENT_LENGTH');
+    assert.ok(!lines.join('').includes('cGF5bWVudHM6UXUzcnlTZWNyZXQ') && !lines.join('').includes('Qu3rySecret'));
+  });
+
   it('log a request\'s path, never its query string, which may carry a password or a token', async () => {
     const { logger, lines } = capturingLogger();
     const app = await createService({ config, openapi: { title: 'log-test', version: '0' }, logger });

@@ -676,7 +676,10 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         // a retry then finds everything as it was. Else (a client's token: nothing to undo) after.
         let recorded = false;
         const recordGrant: RecordGrant = (extra) => {
-          if (!recordOrLog(request, () => record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, ...extra } }))) throw new GrantUnrecordedError();
+          // Granted, the audience is one the grant accepted (a client's registered audience
+          // included, which `audiences` may not list): recorded as sent.
+          const audience = typeof body.audience === 'string' ? body.audience : null;
+          if (!recordOrLog(request, () => record(actorOf({ granted: true }), { ...entry, outcome: 'success', payload: { ...payload, audience, ...extra } }))) throw new GrantUnrecordedError();
           recorded = true;
         };
         let granted: Grant;

@@ -102,3 +102,12 @@ test('full: a refresh the trail cannot record rolls back, so the retry Retry-Aft
   assert.equal(retried.statusCode, 200, `the token was not spent by the refused refresh: ${retried.body}`);
   assert.ok(!audit.entries.some((e) => e.reason === 'refresh_token_reused'), 'no reuse was recorded');
 });
+
+test('a grant names the audience it accepted as sent: a client\'s registered audience, listed or not', async () => {
+  await database.identity.createClient({ id: 'reports', secret: 'reports-secret-1', roles: [], audiences: ['reporting'] });
+  const from = audit.entries.length;
+  const res = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'client_credentials', client_id: 'reports', client_secret: 'reports-secret-1', audience: 'reporting' } });
+  assert.equal(res.statusCode, 200, res.body);
+  const granted = audit.entries.slice(from).find((e) => e.action === TOKEN_ACTION && e.outcome === 'success');
+  assert.deepEqual([granted?.actor, (granted?.payload as { audience?: string } | undefined)?.audience], [{ type: 'service', id: 'reports' }, 'reporting']);
+});
