@@ -5,6 +5,7 @@
  * before it archives or deletes an event stream.
  */
 import type pg from 'pg';
+import { databaseCannotNow } from '@ledgerline/events';
 import { tileOfEvent } from './event-leaves.ts';
 import { financialRetentionChanges, retentionRanOut } from './retention-in-force.ts';
 
@@ -100,8 +101,8 @@ async function lockedRetentionPolicies(db: Queryable): Promise<boolean> {
     await db.query('RELEASE SAVEPOINT retention_policies_lock');
     return true;
   } catch (error) {
-    const code = (error as { code?: unknown } | null)?.code;
-    if (code !== '55P03' && code !== '40P01') throw error;
+    // The wait ran out (55P03, databaseCannotNow's reading) or PostgreSQL broke a deadlock.
+    if (!databaseCannotNow(error) && (error as { code?: unknown } | null)?.code !== '40P01') throw error;
     await db.query('ROLLBACK TO SAVEPOINT retention_policies_lock; RELEASE SAVEPOINT retention_policies_lock');
     return false;
   } finally {

@@ -8,6 +8,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import type { AuditActor, AuditEntry, AuditResource, AuditSink } from '@ledgerline/audit';
+import { bulkhead } from 'cockatiel';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type RevokeOutcome, type TokenResponse } from '@ledgerline/identity';
 import {
@@ -367,8 +368,8 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * never the text itself: `unknown-user:<digest>` names one no account has, and
    * `unchecked-user:<digest>` (the same digest) one that was never looked up.
    */
-  const digestOf = (kind: 'user' | 'client', typed: string): string =>
-    createHmac('sha256', pseudonymKey).update(`unknown-${kind}\u0000${typed.toLowerCase()}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS);
+  const keyedDigest = (domain: string, text: string): string => createHmac('sha256', pseudonymKey).update(`${domain}\u0000${text}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS);
+  const digestOf = (kind: 'user' | 'client', typed: string): string => keyedDigest(`unknown-${kind}`, typed.toLowerCase());
   const pseudonym = (kind: 'user' | 'client', typed: string): string => `unknown-${kind}:${digestOf(kind, typed)}`;
   const unchecked = (kind: 'user' | 'client', typed: string): string => `unchecked-${kind}:${digestOf(kind, typed)}`;
   /** The audiences recorded as sent; any other text a digest (it may be a password typed in that field). */
@@ -377,38 +378,17 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   const recordedAudience = (audience: unknown): string | null => {
     if (typeof audience !== 'string' || !admissibleName(audience)) return null;
     if (listedAudiences.has(audience)) return audience;
-    return `unlisted-audience:${createHmac('sha256', pseudonymKey).update(`audience\u0000${audience}`).digest('hex').slice(0, PSEUDONYM_HEX_DIGITS)}`;
+    return `unlisted-audience:${keyedDigest('audience', audience)}`;
   };
   /**
    * Lookups of actors (ActorSource) that may run at once, the handler's and the early refusals'
    * together: a share of the pool (ACTOR_LOOKUPS_POOL_SHARE), at least one; the others wait for
    * a slot, up to ACTOR_LOOKUPS_PENDING_MAX records in all.
    */
-  const poolMax = (pool as { options?: { max?: number } }).options?.max ?? PG_POOL_MAX_DEFAULT;
-  const actorLookupsMax = Math.max(1, Math.floor(poolMax * ACTOR_LOOKUPS_POOL_SHARE));
-  let lookupsRunning = 0;
-  const lookupsWaiting: Array<() => void> = [];
-  const lookupSlot = (): Promise<void> => {
-    if (lookupsRunning < actorLookupsMax) {
-      lookupsRunning += 1;
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => lookupsWaiting.push(resolve));
-  };
-  const lookupEnded = (): void => {
-    const next = lookupsWaiting.shift();
-    // The slot passes to the next lookup waiting, if any.
-    if (next === undefined) lookupsRunning -= 1;
-    else next();
-  };
-  const lookUp = async (kind: 'user' | 'client', typed: string): Promise<string | undefined> => {
-    await lookupSlot();
-    try {
-      return await identity.knownAccount(kind, typed);
-    } finally {
-      lookupEnded();
-    }
-  };
+  const poolMax = pool.options.max ?? PG_POOL_MAX_DEFAULT;
+  // The queue is unbounded here: `pending` below bounds the records waiting on lookups.
+  const actorLookups = bulkhead(Math.max(1, Math.floor(poolMax * ACTOR_LOOKUPS_POOL_SHARE)), Number.POSITIVE_INFINITY);
+  const lookUp = (kind: 'user' | 'client', typed: string): Promise<string | undefined> => actorLookups.execute(() => identity.knownAccount(kind, typed));
   /** Records whose actor is being looked up (ActorSource); awaited when the service closes, before the sink is. */
   const pending = new Set<Promise<void>>();
   const record = (actor: ActorSource, entry: Omit<AuditEntry, 'actor'>): void => {

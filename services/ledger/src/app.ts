@@ -4,7 +4,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
-import { auditedByEvents, auditHttp, auditRoutes, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
+import { auditedByEvents, auditHttp, auditRoutes, defaultActor, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
 import type { EventMetadata } from '@ledgerline/events';
 import type pg from 'pg';
 import {
@@ -120,11 +120,7 @@ const TRANSFER_FIELDS_REQUIRED = ['debit_account_id', 'credit_account_id', 'amou
 
 /** Header values we copy into event metadata: printable, bounded. */
 const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,511}$/;
-/** An x-client-id that may be recorded as the caller's claim when auth is off: printable, at most 200 characters. */
-const ACTOR_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,199}$/;
 const ANONYMOUS_ACTOR = 'anonymous';
-/** An actor named only by the caller's own x-client-id, with auth off: a claim, not an identity. */
-const CLAIMED_ACTOR_PREFIX = 'claimed:';
 
 /** Seconds a client should wait before retrying after a 503. */
 const RETRY_AFTER_SECONDS = 1;
@@ -174,9 +170,9 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
   });
   if (options.audit !== undefined) {
     const actorOf = (request: FastifyRequest): AuditActor => {
+      if (options.auth === undefined) return defaultActor(request);
       const id = actorName(request);
-      if (id === ANONYMOUS_ACTOR || id.startsWith(CLAIMED_ACTOR_PREFIX)) return { type: 'anonymous', id };
-      return { type: id.startsWith('user:') ? 'user' : 'service', id };
+      return id === ANONYMOUS_ACTOR ? { type: 'anonymous', id } : { type: id.startsWith('user:') ? 'user' : 'service', id };
     };
     await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf });
     const reader = options.audit.store;
@@ -196,10 +192,10 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
    * Who acts, as both the events a request causes and its command records name it: with auth
    * on, the authenticated principal (`kind:id`), and anonymous for a request refused before
    * authentication, whatever its headers say. With auth off (tests, local benchmarks) nobody is
-   * verified: an x-client-id header that is printable and at most 200 characters is kept as the
-   * caller's claim, `claimed:<header>` (as the audit plugin's `defaultActor` keeps it), else
-   * anonymous. Until 2026-12-07 the header stood in for the principal whenever there was none,
-   * so a request refused 401 was recorded as the service it named.
+   * verified: the audit plugin's `defaultActor` names it, an x-client-id header that is printable
+   * and at most 200 characters kept as the caller's claim, `claimed:<header>`, else anonymous.
+   * Until 2026-12-07 the header stood in for the principal whenever there was none, so a
+   * request refused 401 was recorded as the service it named.
    */
   function actorName(request: FastifyRequest): string {
     if (options.auth !== undefined) {
@@ -209,8 +205,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
         return ANONYMOUS_ACTOR;
       }
     }
-    const header = request.headers['x-client-id'];
-    return typeof header === 'string' && ACTOR_HEADER_VALUE.test(header) ? `${CLAIMED_ACTOR_PREFIX}${header}` : ANONYMOUS_ACTOR;
+    return defaultActor(request).id;
   }
 
   /**
