@@ -278,6 +278,30 @@ test('expire_payloads waits for a hold being placed on a resource, and then keep
   });
 });
 
+test('expire_payloads waits for a retention change in flight, and keeps a payload the lengthening reaches', async () => {
+  // 400 days old, class access (366 days): due, until a lengthening to 800 days that is made
+  // while the expiry runs. Unseen, the payload went under the old policy, and the change's
+  // record, dated when its row changed, showed a policy decided before the removal it broke.
+  t.sink.record(entry(1, { recordClass: 'access', resource: { type: 'account', id: 'due-1' }, occurredAt: old(400) }));
+  await t.settle();
+  await withClients(2, async ([changer, expirer]) => {
+    if (changer === undefined || expirer === undefined) throw new Error('no clients');
+    await changer.query('BEGIN');
+    await changer.query("UPDATE audit.retention_policies SET retain_days = 800 WHERE record_class = 'access'");
+    await expirer.query(`SET ROLE ${WRITER}`);
+    const expirerPid = await pidOf(expirer);
+    const expiring = settledAs(expirer.query<{ n: number }>('SELECT audit.expire_payloads(now(), 10, $1::json) AS n', [BY]), (r) => r.rows[0]?.n);
+    const waited = await waitsOnLock(expirerPid);
+    await changer.query('COMMIT');
+    assert.equal(await expiring, 0, 'nothing removed: the lengthening, once committed, reaches the payload');
+    assert.ok(waited, 'expire_payloads waited for the change in flight');
+    assert.deepEqual(await payloadsOf(['due-1']), ['due-1']);
+  });
+  // A later expiry, through the store, reads the committed policy too.
+  assert.equal(await t.store.expirePayloads(new Date(), REVIEWER), 0);
+  assert.deepEqual(await payloadsOf(['due-1']), ['due-1']);
+});
+
 test('a hold placed while expire_payloads waits on a row lock waits for the expiry', async () => {
   t.sink.record(entry(2, { recordClass: 'access', resource: { type: 'account', id: 'due-2' }, occurredAt: old(400) }));
   await t.settle();
