@@ -278,6 +278,24 @@ test('expire_payloads waits for a hold being placed on a resource, and then keep
   });
 });
 
+test('a policy change is dated when its row changed, in its history row as in its record', async () => {
+  // The change transaction starts, waits (as one queued behind retention's lock would), then
+  // changes the row: both dates are of the change, not of the transaction's start.
+  const { started, history, queued } = await inTransaction(t.pool, async (c) => {
+    const at = (await c.query<{ now: Date }>('SELECT now()')).rows[0]?.now;
+    await c.query('SELECT pg_sleep(0.3)');
+    await c.query("UPDATE audit.retention_policies SET retain_days = 800 WHERE record_class = 'access'");
+    const h = await c.query<{ effective_from: Date; ms: string }>(
+      "SELECT effective_from, to_char(effective_from AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS ms FROM audit.retention_policy_changes ORDER BY id DESC LIMIT 1",
+    );
+    const q = await c.query<{ occurred: string }>("SELECT entry::json ->> 'occurredAt' AS occurred FROM audit.queue WHERE entry LIKE '%\"audit.retention.change\"%' ORDER BY id DESC LIMIT 1");
+    return { started: at, history: h.rows[0], queued: q.rows[0]?.occurred };
+  });
+  assert.ok(started !== undefined && history !== undefined && queued !== undefined);
+  assert.ok(history.effective_from.getTime() - started.getTime() >= 250, `effective_from ${history.effective_from.toISOString()} is the change, not the transaction's start ${started.toISOString()}`);
+  assert.equal(queued, history.ms, 'the record states the time the history row gives');
+});
+
 test('expire_payloads waits for a retention change in flight, and keeps a payload the lengthening reaches', async () => {
   // 400 days old, class access (366 days): due, until a lengthening to 800 days that is made
   // while the expiry runs. Unseen, the payload went under the old policy, and the change's
