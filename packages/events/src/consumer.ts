@@ -112,8 +112,30 @@ export interface ConsumerStats {
 /** How a dead letter recorded before a try begins (#afterRepeatedDeliveries): the try has not finished. */
 const LAST_TRY = 'recorded before a last try, alone';
 
-/** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all). */
+/** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all, or what fits). */
 const UNDECODABLE_HEAD_BYTES = 4096;
+
+/** Most characters of an error's text stored in events.dead_letters and events.undecodable_messages. */
+const ERROR_CHARS_MAX = 2000;
+/** Most bytes of an error's text in a dead letter's `Ledgerline-Error` header. */
+const ERROR_HEADER_BYTES_MAX = 256;
+
+const utf8 = new TextEncoder();
+
+/**
+ * An error's text as PostgreSQL text and a NATS header take it: at most ERROR_CHARS_MAX code
+ * units; NUL (which text refuses: a handler's message may quote the bytes it choked on), a cut
+ * surrogate pair and a lone surrogate become U+FFFD. Refused, the dead letter could never be
+ * recorded, and the lane retried it for ever.
+ */
+function storableText(text: string): string {
+  return text.slice(0, ERROR_CHARS_MAX).toWellFormed().replaceAll('\u0000', '\ufffd');
+}
+
+/** The longest prefix of well-formed `text` whose UTF-8 takes at most `maxBytes`; never a cut character. */
+function utf8Prefix(text: string, maxBytes: number): string {
+  return text.slice(0, utf8.encodeInto(text, new Uint8Array(maxBytes)).read);
+}
 
 /**
  * Whether a failure says nothing about the events that met it, so that it must not count
@@ -582,8 +604,9 @@ export class EventConsumer {
         ]);
       }
       await commit(client);
-      this.#stats.handled += fresh.size;
-      this.#stats.duplicatesSkipped += events.length - fresh.size;
+      // `claimed`, not `fresh`: the filter above empties `fresh` as it takes each event once.
+      this.#stats.handled += claimed.length;
+      this.#stats.duplicatesSkipped += events.length - claimed.length;
     } catch (error) {
       failed = true;
       await client.query('ROLLBACK').catch(() => {});
@@ -634,7 +657,7 @@ export class EventConsumer {
       await this.#o.pool.query(
         `INSERT INTO events.undecodable_messages (consumer, stream_sequence, subject, error, size, head)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (consumer, stream_sequence) DO NOTHING`,
-        [this.#o.name, String(msg.seq), msg.subject, reason.slice(0, 2000), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
+        [this.#o.name, String(msg.seq), msg.subject, storableText(reason), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
       );
       await this.#publishDeadLetter(msg.data, `${this.#o.name}:undecodable:${msg.seq}`, reason, {
         'Ledgerline-Source-Subject': msg.subject,
@@ -696,16 +719,37 @@ export class EventConsumer {
     await this.#o.pool.query(
       `INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ($1, $2, $3, $4, $5)
        ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = EXCLUDED.attempts, error = EXCLUDED.error, dead_at = now(), replayed_at = NULL`,
-      [this.#o.name, event.id, event.position.toString(), attempts, reason.slice(0, 2000)],
+      [this.#o.name, event.id, event.position.toString(), attempts, storableText(reason)],
     );
   }
 
-  /** Puts a dead letter on this consumer's dead-letter subject, with the reason (and `more`) as headers. */
+  /**
+   * Puts a dead letter on this consumer's dead-letter subject, with the reason (at most
+   * ERROR_HEADER_BYTES_MAX bytes of it) and `more` as headers. A body that would take the
+   * message past the broker's `max_payload` is cut to fit and marked `Ledgerline-Truncated-From`
+   * (its size): an event the store took near its size bound, or someone else's message near the
+   * broker's, leaves too little room for these headers, and a refused publish was retried for
+   * ever, holding the lane. The whole event stays in the event store, and events.dead_letters
+   * names it (`events:dlq` replays from there); an undecodable message's first bytes are in
+   * events.undecodable_messages.
+   */
   async #publishDeadLetter(data: string | Uint8Array, msgID: string, reason: string, more: Record<string, string> = {}): Promise<void> {
+    const fields: Array<[string, string]> = [['Ledgerline-Error', utf8Prefix(storableText(reason).replace(/[\r\n]/g, ' '), ERROR_HEADER_BYTES_MAX)], ...Object.entries(more)];
+    let body = typeof data === 'string' ? utf8.encode(data) : data;
+    const payloadMax = this.#o.nats.info?.max_payload;
+    if (payloadMax !== undefined) {
+      // The headers as the client counts them against max_payload, with the message id the
+      // JetStream client adds, and the mark itself at its widest.
+      const marked: Array<[string, string]> = [...fields, ['Nats-Msg-Id', msgID], ['Ledgerline-Truncated-From', String(Number.MAX_SAFE_INTEGER)]];
+      const headerBytes = Buffer.byteLength(`NATS/1.0\r\n${marked.map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`);
+      if (body.length + headerBytes > payloadMax) {
+        fields.push(['Ledgerline-Truncated-From', String(body.length)]);
+        body = body.subarray(0, Math.max(0, payloadMax - headerBytes));
+      }
+    }
     const h = headers();
-    h.set('Ledgerline-Error', reason.slice(0, 500).replace(/[\r\n]/g, ' '));
-    for (const [name, value] of Object.entries(more)) h.set(name, value);
-    await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, data, { msgID, headers: h });
+    for (const [name, value] of fields) h.set(name, value);
+    await jetstream(this.#o.nats).publish(`${this.#o.dlqSubjectPrefix}.${this.#o.name}`, body, { msgID, headers: h });
   }
 }
 

@@ -13,11 +13,14 @@
  * its messages.
  */
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { describe, test } from 'node:test';
 import pg from 'pg';
+import { headers } from '@nats-io/transport-node';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { encodeBatch, ensureEventStream, EventConsumer, replayDeadLetters, type ConsumerOptions, type StoredEvent } from '../src/index.ts';
 import { eventsNotAtFault } from '../src/consumer.ts';
+import { EVENT_BYTES_MAX, EVENT_MESSAGE_FIXED_BYTES } from '../src/store.ts';
 import { suiteWithEffects, waitFor, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
@@ -242,6 +245,130 @@ describe('dead letters, again', () => {
       });
       assert.equal(again?.status, 'published');
       assert.notEqual(again.msgId, replayed.msgId);
+    } finally {
+      await consumer.stop();
+      await own.drop();
+    }
+  });
+});
+
+describe('dead letters that would not fit on the dead-letter stream, or in PostgreSQL', () => {
+  /** The last message on this consumer's dead-letter subject. */
+  async function lastDeadLetter(name: string): Promise<{ size: number; headerBytes: number; error: string; truncatedFrom: string; body: Uint8Array }> {
+    const jsm = await jetstreamManager(env.nats);
+    const m = await jsm.streams.getMessage(env.dlqStreamName, { last_by_subj: `${env.dlqSubjectPrefix}.${name}` });
+    assert.ok(m !== null, 'a message on the dead-letter stream');
+    const headerBytes = m.header.keys().reduce((n, k) => n + Buffer.byteLength(`${k}: ${m.header.get(k)}\r\n`), Buffer.byteLength('NATS/1.0\r\n\r\n'));
+    return { size: m.data.length + headerBytes, headerBytes, error: m.header.get('Ledgerline-Error'), truncatedFrom: m.header.get('Ledgerline-Truncated-From'), body: m.data };
+  }
+
+  test('an event at the store\'s size bound, refused with a long non-ASCII error, is dead-lettered and its lane goes on', async () => {
+    // The header was cut to 500 UTF-16 units, up to 1,500 bytes of UTF-8 here, past the 1 KiB
+    // the store leaves below max_payload: the client refused the dead letter, and the lane
+    // retried it for ever, the next event never taking effect.
+    const own = await ownStream('wide');
+    const name = 'c-wide';
+    const json = (v: string): number => Buffer.byteLength(JSON.stringify(v)) - 2;
+    const pad = 'x'.repeat(EVENT_BYTES_MAX - (EVENT_MESSAGE_FIXED_BYTES + json('wide') + json('wide-1') + json('Poison') + Buffer.byteLength('{"pad": ""}') + 2));
+    const refusal = '残高不足: 振替を処理できません。'.repeat(40);
+    const consumer = consumerOn(own, name, {
+      maxDeliver: 1, backoffMs: [10],
+      handler: async (e, tx) => {
+        if (e.type === 'Poison') throw new Error(refusal);
+        await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
+      },
+    });
+    try {
+      const events = await inTx(async (c) => {
+        await env.store.append(c, { type: 'wide', id: 'wide-1' }, [{ type: 'Poison', data: { pad } }, { type: 'Fine', data: {} }], { expectedVersion: 'no_stream' });
+        return env.store.readStream(c, 'wide', 'wide-1');
+      });
+      const [poison, fine] = events as [StoredEvent, StoredEvent];
+      const js = jetstream(env.nats);
+      for (const e of events) await js.publish(`${own.subjectPrefix}.p${e.partition}`, encodeBatch([e]), { msgID: `wide:${e.id}` });
+      await consumer.start();
+      await waitFor('the event after the dead letter to take effect', async () => (await effectCounts(name)).get(fine.id) === 1);
+      assert.deepEqual((await deadLetterRows(name)).map((r) => [r.event_id, r.error]), [[poison.id, refusal.slice(0, 2000)]], 'the whole error is recorded');
+      const dl = await lastDeadLetter(name);
+      assert.ok(Buffer.byteLength(dl.error) <= 256 && refusal.startsWith(dl.error) && dl.error.length > 0, `the header is a prefix of the error of at most 256 bytes: ${Buffer.byteLength(dl.error)}`);
+      const maxPayload = env.nats.info?.max_payload ?? Infinity;
+      assert.ok(dl.size <= maxPayload, `${dl.size} bytes within max_payload ${maxPayload}`);
+      if (dl.truncatedFrom === '') assert.equal((JSON.parse(Buffer.from(dl.body).toString()) as { id: string }).id, poison.id);
+      assert.equal(consumer.stats().deadLettered, 1);
+    } finally {
+      await consumer.stop();
+      await own.drop();
+    }
+  });
+
+  test('a refusal whose text holds NUL is recorded with U+FFFD in its place, and its lane goes on', async () => {
+    // PostgreSQL text refuses NUL: the dead letter could never be recorded, and the lane retried
+    // it for ever, leaving no row at all.
+    const own = await ownStream('nul');
+    const name = 'c-nul';
+    const consumer = consumerOn(own, name, {
+      maxDeliver: 1, backoffMs: [10],
+      handler: async (e, tx) => {
+        if (e.type === 'Poison') throw new Error('unexpected byte \u0000 in field "memo"');
+        await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
+      },
+    });
+    try {
+      const [poison, fine] = await publishEachAlone(own, 'nul', ['Poison', 'Fine']) as [StoredEvent, StoredEvent];
+      await consumer.start();
+      await waitFor('the event after the dead letter to take effect', async () => (await effectCounts(name)).get(fine.id) === 1);
+      assert.deepEqual((await deadLetterRows(name)).map((r) => [r.event_id, r.error]), [[poison.id, 'unexpected byte \ufffd in field "memo"']]);
+      assert.equal((await lastDeadLetter(name)).error, 'unexpected byte \ufffd in field "memo"');
+    } finally {
+      await consumer.stop();
+      await own.drop();
+    }
+  });
+
+  test('an undecodable message at max_payload is recorded, put on the dead-letter stream cut to fit, and acknowledged once', async () => {
+    // Copied whole with the consumer's headers, it was over max_payload: refused, nak'ed, and
+    // delivered again for ever, holding one of the consumer's max_ack_pending slots.
+    const own = await ownStream('huge');
+    const name = 'c-huge';
+    const maxPayload = env.nats.info?.max_payload;
+    assert.ok(maxPayload !== undefined);
+    const h = headers();
+    h.set('X', '1');
+    const body = new Uint8Array(maxPayload - 64).fill(0x41);
+    await jetstream(env.nats).publish(`${own.subjectPrefix}.p0`, body, { headers: h });
+    const consumer = consumerOn(own, name, { maxDeliver: 2, backoffMs: [10], handler: async () => {} });
+    try {
+      await consumer.start();
+      await waitFor('the message to be settled', () => Promise.resolve(consumer.stats().undecodable === 1));
+      const dl = await lastDeadLetter(name);
+      assert.equal(dl.truncatedFrom, String(body.length), 'marked with the size it had');
+      assert.ok(dl.size <= maxPayload, `${dl.size} bytes within max_payload ${maxPayload}`);
+      assert.ok(dl.body.length > 0 && dl.body.every((b) => b === 0x41), 'its first bytes');
+      const row = await env.pool.query<{ size: number }>('SELECT size FROM events.undecodable_messages WHERE consumer = $1', [name]);
+      assert.deepEqual(row.rows, [{ size: body.length }]);
+      const info = await (await jetstreamManager(env.nats)).consumers.info(own.streamName, name);
+      assert.equal(info.num_ack_pending, 0, 'acknowledged');
+      assert.equal(consumer.stats().messages, 1, 'delivered once');
+    } finally {
+      await consumer.stop();
+      await own.drop();
+    }
+  });
+
+  test('a message that names one new event twice counts one event handled and one duplicate', async () => {
+    const own = await ownStream('stats');
+    const name = 'c-stats';
+    const consumer = consumerOn(own, name, { handler: async () => {} });
+    try {
+      await consumer.start();
+      const event: StoredEvent = {
+        position: 9_000_000n, transactionId: 1n, partition: 0, id: randomUUID(), streamType: 'twice', streamId: 't-1', version: 1,
+        type: 'Happened', schemaVersion: 1, data: {}, metadata: {}, recordedAt: new Date(),
+      };
+      await jetstream(env.nats).publish(`${own.subjectPrefix}.p0`, encodeBatch([event, { ...event }]), { msgID: `twice-${event.id}` });
+      await waitFor('the message to be acknowledged', async () => (await (await jetstreamManager(env.nats)).consumers.info(own.streamName, name)).ack_floor.stream_seq >= 1);
+      const { handled, duplicatesSkipped } = consumer.stats();
+      assert.deepEqual({ handled, duplicatesSkipped }, { handled: 1, duplicatesSkipped: 1 });
     } finally {
       await consumer.stop();
       await own.drop();
