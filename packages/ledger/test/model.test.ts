@@ -2,7 +2,9 @@
  * Model-based property test: random sequences of account creations, transfers of every kind
  * (duplicates, linked chains, pending, post, void, balancing, closing) and clock advances
  * with expiry run against the engine on real PostgreSQL and against the reference model.
- * Results, timestamps and balances must match exactly, and the invariants must hold.
+ * Results, timestamps and balances must match exactly, and the invariants must hold. Some
+ * steps submit several calls at once, which the engine takes into one batch (one transaction):
+ * their results must be those of the model applying the calls one after another, in order.
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -24,6 +26,8 @@ const plainIdArb = fc.oneof(
 type Op =
   | { kind: 'accounts'; list: NewAccount[] }
   | { kind: 'transfers'; list: NewTransfer[] }
+  /** Calls submitted at once, without awaiting one before the next. */
+  | { kind: 'together'; calls: NewTransfer[][] }
   | { kind: 'advance'; seconds: number }
   | { kind: 'sweep' }
   | { kind: 'retry'; pick: number };
@@ -120,6 +124,10 @@ const transferArb: fc.Arbitrary<NewTransfer> = fc
 const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.array(accountArb, { minLength: 1, maxLength: 3 }).map((list) => ({ kind: 'accounts' as const, list })) },
   { weight: 10, arbitrary: fc.array(transferArb, { minLength: 1, maxLength: 6 }).map((list) => ({ kind: 'transfers' as const, list })) },
+  {
+    weight: 3,
+    arbitrary: fc.array(fc.array(transferArb, { minLength: 1, maxLength: 4 }), { minLength: 2, maxLength: 5 }).map((calls) => ({ kind: 'together' as const, calls })),
+  },
   { weight: 2, arbitrary: fc.integer({ min: 1, max: 3 }).map((seconds) => ({ kind: 'advance' as const, seconds })) },
   { weight: 1, arbitrary: fc.constant({ kind: 'sweep' as const }) },
   { weight: 3, arbitrary: fc.nat().map((pick) => ({ kind: 'retry' as const, pick })) },
@@ -168,11 +176,16 @@ test('the engine matches the reference model on random operation sequences', asy
   const seed = propertySeed('ledger model');
   const numRuns = Number(process.env.FC_RUNS ?? 150);
   const seen = new Map<string, number>();
+  /** Calls submitted together, and the batches that committed them. */
+  let together = 0;
+  let togetherBatches = 0;
   await fc.assert(
     fc.asyncProperty(initialArb, fc.array(opArb, { minLength: 5, maxLength: 30 }), async (initial, ops) => {
       await resetLedger(t.pool);
       const clock = new ManualClock();
-      const engine = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events });
+      // One batch in flight: calls submitted together are queued in order and taken in order
+      // into the next batch, so the model's call-by-call order is the engine's.
+      const engine = new LedgerEngine({ pool: t.pool, clock: clock.now, events: t.events, batchesInFlightMax: 1 });
       const model = new LedgerModel();
       try {
         const all: Op[] = [{ kind: 'accounts', list: initial }, ...ops];
@@ -186,6 +199,7 @@ test('the engine matches the reference model on random operation sequences', asy
                 ? { kind: 'sweep' }
                 : generated;
           if (op.kind === 'transfers') submitted.push(op.list);
+          if (op.kind === 'together') submitted.push(...op.calls);
           const where = `step ${step} (${op.kind})`;
           if (op.kind === 'accounts') {
             const got = (await engine.createAccounts(op.list)).map((r) => r.result);
@@ -194,6 +208,18 @@ test('the engine matches the reference model on random operation sequences', asy
             const got = (await engine.createTransfers(op.list)).map(({ result, timestamp, amount }) => ({ result, timestamp, amount }));
             assert.deepEqual(got, model.createTransfers(op.list, clock.now()), where);
             for (const r of got) seen.set(r.result, (seen.get(r.result) ?? 0) + 1);
+          } else if (op.kind === 'together') {
+            const batchesBefore = engine.stats().batches;
+            const got = await Promise.all(op.calls.map((list) => engine.createTransfers(list)));
+            togetherBatches += engine.stats().batches - batchesBefore;
+            together += op.calls.length;
+            const now = clock.now();
+            assert.deepEqual(
+              got.map((results) => results.map(({ result, timestamp, amount }) => ({ result, timestamp, amount }))),
+              op.calls.map((list) => model.createTransfers(list, now)),
+              where,
+            );
+            for (const r of got.flat()) seen.set(r.result, (seen.get(r.result) ?? 0) + 1);
           } else if (op.kind === 'advance') {
             clock.advanceSeconds(op.seconds);
             assert.equal(await engine.expirePendingTransfers(), model.sweep(clock.now()), where);
@@ -218,6 +244,8 @@ test('the engine matches the reference model on random operation sequences', asy
   );
   // The sequences must reach the interesting outcomes, or the comparison proves little.
   console.log('[model] result codes seen:', JSON.stringify(Object.fromEntries([...seen].sort())));
+  console.log(`[model] ${together} calls submitted together, committed in ${togetherBatches} batches`);
+  assert.ok(together > 0 && togetherBatches < together, 'calls submitted together share batches');
   for (const code of ['ok', 'exists', 'linked_event_failed', 'exceeds_credits', 'pending_transfer_expired', 'pending_transfer_already_posted']) {
     assert.ok((seen.get(code) ?? 0) > 0, `no transfer ended with ${code}`);
   }
