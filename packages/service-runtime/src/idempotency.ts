@@ -20,7 +20,7 @@ import { Type } from 'typebox';
 import { queryWithin, withQueryTimeout } from '@ledgerline/events';
 import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
-import { validationProblem } from './problem-handlers.ts';
+import { answeredOutcomeUnknown, validationProblem } from './problem-handlers.ts';
 import { requestSlot } from './request-slot.ts';
 import { documentRoute } from './route-docs.ts';
 
@@ -554,7 +554,11 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     claim.settled = true;
     const status = reply.statusCode;
     try {
-      if (status < 200 || status >= 500 || NOT_STORED_4XX.has(status)) {
+      // A 5xx is stored only when it says the request may have taken effect (a dependency's
+      // call reached it, then failed or ran past the deadline): freed, the retry its answer
+      // invites would run the request, and the dependency's call, a second time.
+      const final = status >= 500 ? answeredOutcomeUnknown(request) : status >= 200 && !NOT_STORED_4XX.has(status);
+      if (!final) {
         // Not a final answer: free the key so the client can retry it.
         await release(claim, request);
         return payload;

@@ -66,6 +66,20 @@ export interface ProblemAnswer {
   extensions?: Readonly<Record<string, unknown>>;
   /** Response headers that belong to the answer, e.g. Retry-After on a 503. */
   headers?: Readonly<Record<string, string>>;
+  /**
+   * The request may have taken effect (a dependency's call reached it and then failed or ran
+   * past the deadline): the idempotency plugin stores this answer as the key's result, so a
+   * retry with the same key gets it again instead of running the request a second time.
+   */
+  outcomeUnknown?: boolean;
+}
+
+/** Requests answered with an `outcomeUnknown` problem (sendProblem). */
+const outcomeUnknownAnswers = new WeakSet<FastifyRequest>();
+
+/** Whether `request` was answered with a problem that says it may have taken effect (`ProblemAnswer.outcomeUnknown`). */
+export function answeredOutcomeUnknown(request: FastifyRequest): boolean {
+  return outcomeUnknownAnswers.has(request);
 }
 
 /**
@@ -89,6 +103,7 @@ export class BodyRefusedError extends Error {
 
 export function sendProblem(request: FastifyRequest, reply: FastifyReply, answer: ProblemAnswer): FastifyReply {
   const { status, type, title, detail, extensions, headers } = answer;
+  if (answer.outcomeUnknown === true) outcomeUnknownAnswers.add(request);
   // Set here as well as in onRequest: framework errors (a bad URL) are answered before hooks run.
   reply.header(REQUEST_ID_HEADER, request.id);
   for (const [name, value] of Object.entries(headers ?? {})) reply.header(name, value);
@@ -311,12 +326,23 @@ export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error 
   };
 }
 
+/** Connection failures that mean the request never reached the dependency: nothing can have taken effect there. */
+const NOT_SENT_CONNECTION_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
+
+/** What an answer that may have taken effect tells the client (`ProblemAnswer.outcomeUnknown`). */
+const OUTCOME_UNKNOWN_ADVICE =
+  'The request may have taken effect. Do not send it again blindly: a retry with the same Idempotency-Key gets this answer again and does not run it a second time; find out whether it took effect first.';
+
 /**
- * The answer for a `@ledgerline/resilience` policy's failure: 504 when the deadline passed (the
- * call may have taken effect downstream), 503 with Retry-After when the call was not made
- * (breaker open, bulkhead full), the connection failed (refused, reset, host not resolved:
- * `httpCall`'s DependencyConnectionError), the dependency answered 5xx or 429, or its answer
- * was larger than httpCall reads (DependencyResponseTooLargeError). Null for other errors.
+ * The answer for a `@ledgerline/resilience` policy's failure. When the call may have reached the
+ * dependency and taken effect there, the answer says so and is `outcomeUnknown` (the
+ * idempotency plugin stores it, so a retry with the same key never runs the request twice):
+ * 504 when the deadline passed during the call; 503 when the dependency failed after the
+ * request reached it (it answered 500 or another 5xx that is not "did nothing", it answered
+ * more than httpCall reads, the connection broke other than by being refused or not found).
+ * 503 with Retry-After when the call cannot have done anything: not made (breaker open,
+ * bulkhead full), the connection refused or the host not resolved, or the dependency answered
+ * 502, 503, 504 or 429. Null for other errors.
  */
 function dependencyFailure(error: unknown): ProblemAnswer | null {
   const retryLater = { 'retry-after': String(DEPENDENCY_RETRY_AFTER_SECONDS) };
@@ -325,12 +351,26 @@ function dependencyFailure(error: unknown): ProblemAnswer | null {
       status: 504,
       type: PROBLEM_TYPES.dependencyUnavailable,
       title: 'Dependency timed out',
-      detail: 'A service this one depends on did not answer within the request\'s deadline. The request may have taken effect: retry only with the same Idempotency-Key.',
+      detail: `A service this one depends on did not answer within the request's deadline. ${OUTCOME_UNKNOWN_ADVICE}`,
+      outcomeUnknown: true,
+    };
+  }
+  if (
+    (error instanceof DependencyHttpError && !error.retryable) ||
+    error instanceof DependencyResponseTooLargeError ||
+    (error instanceof DependencyConnectionError && !NOT_SENT_CONNECTION_CODES.has(error.code))
+  ) {
+    return {
+      status: 503,
+      type: PROBLEM_TYPES.dependencyUnavailable,
+      title: 'Dependency unavailable',
+      detail: `A service this one depends on failed after the request reached it. ${OUTCOME_UNKNOWN_ADVICE}`,
+      outcomeUnknown: true,
     };
   }
   if (
     error instanceof CircuitOpenError || error instanceof BulkheadFullError || error instanceof DependencyHttpError ||
-    error instanceof DependencyConnectionError || error instanceof DependencyResponseTooLargeError
+    error instanceof DependencyConnectionError
   ) {
     return {
       status: 503,

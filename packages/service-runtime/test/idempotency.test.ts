@@ -6,11 +6,13 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { connect } from 'node:net';
+import { createServer } from 'node:http';
+import { connect, type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
 import { Type } from 'typebox';
+import { DependencyConnectionError, DependencyHttpError, DependencyPolicy, httpCall } from '@ledgerline/resilience';
 import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
 import {
   baseConfigSchema,
@@ -995,5 +997,78 @@ describe('options and helpers', () => {
     assert.equal(canonicalJson({ b: 1, a: { d: [2, { f: 1, e: 0 }], c: null } }), '{"a":{"c":null,"d":[2,{"e":0,"f":1}]},"b":1}');
     assert.equal(canonicalJson(undefined), '');
     assert.equal(canonicalJson('s'), '"s"');
+  });
+});
+
+describe('a dependency that failed after the request reached it', () => {
+  test('a 504 past the deadline is stored: the retry its answer invites is a replay, and the provider is charged once', async () => {
+    // The payment provider takes each charge at once and answers after 300 ms; the request
+    // allows 150. Freed like any 5xx, the key let the retry charge a second time.
+    const charges: string[] = [];
+    const provider = createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk: Buffer) => {
+        body += chunk.toString();
+      });
+      req.on('end', () => {
+        charges.push(body);
+        setTimeout(() => res.writeHead(201, { 'content-type': 'application/json' }).end('{"ok":true}'), 300);
+      });
+    });
+    await new Promise<void>((resolve) => provider.listen(0, '127.0.0.1', resolve));
+    const url = `http://127.0.0.1:${(provider.address() as AddressInfo).port}/charges`;
+    const psp = new DependencyPolicy({ name: 'psp', attemptTimeoutMs: 5000, callTimeoutMs: 5000, retry: false, breaker: false, bulkhead: false });
+    const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+    await app.register(idempotency, { pool, now: clock });
+    app.post('/v1/payments', { schema: { body: ThingBody, response: { 201: Thing, 504: ProblemResponse } } }, async (request, reply) => {
+      await httpCall(psp, url, { method: 'POST', body: JSON.stringify(request.body), deadline: request.deadline });
+      reply.code(201);
+      return { n: 1, name: request.body.name };
+    });
+    try {
+      const send = (): Promise<Response> => post(app, '/v1/payments', { name: 'a' }, { 'idempotency-key': 'k-pay', 'x-deadline-remaining-ms': '150' });
+      const first = await send();
+      assertProblem(first, 504, 'dependency-unavailable');
+      assert.match(first.json<{ detail: string }>().detail, /may have taken effect.*same Idempotency-Key gets this answer again/);
+      assert.equal((await keyRow('k-pay'))?.response_status, 504);
+      const retry = await send();
+      assert.equal(retry.statusCode, 504);
+      assert.equal(retry.headers['idempotent-replayed'], 'true');
+      assert.equal(retry.body, first.body);
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      assert.equal(charges.length, 1, 'one charge for one key');
+    } finally {
+      await app.close();
+      await new Promise((resolve) => provider.close(resolve));
+    }
+  });
+
+  test('a dependency that answered 500, or whose connection broke, is stored; one that refused the connection is not, and the retry runs', async () => {
+    const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+    await app.register(idempotency, { pool, now: clock });
+    const runs: Record<string, number> = {};
+    const failures: Record<string, () => Error> = {
+      '500': () => new DependencyHttpError('psp', 500),
+      reset: () => new DependencyConnectionError('psp', 'ECONNRESET', new Error('socket hang up')),
+      refused: () => new DependencyConnectionError('psp', 'ECONNREFUSED', new Error('connect ECONNREFUSED')),
+      '503': () => new DependencyHttpError('psp', 503),
+    };
+    app.post('/v1/pay/:how', { schema: { params: Type.Object({ how: Type.String() }), body: ThingBody, response: { 503: ProblemResponse } } }, (request) => {
+      runs[request.params.how] = (runs[request.params.how] ?? 0) + 1;
+      throw (failures[request.params.how] as () => Error)();
+    });
+    try {
+      for (const how of Object.keys(failures)) {
+        const first = await post(app, `/v1/pay/${how}`, { name: 'a' }, { 'idempotency-key': `k-${how}` });
+        const retry = await post(app, `/v1/pay/${how}`, { name: 'a' }, { 'idempotency-key': `k-${how}` });
+        assertProblem(first, 503, 'dependency-unavailable');
+        const reached = how === '500' || how === 'reset';
+        assert.equal(first.headers['retry-after'], reached ? undefined : '1', how);
+        assert.equal(retry.headers['idempotent-replayed'], reached ? 'true' : undefined, how);
+        assert.equal(runs[how], reached ? 1 : 2, `${how}: ${reached ? 'stored, the retry replayed' : 'released, the retry ran'}`);
+      }
+    } finally {
+      await app.close();
+    }
   });
 });
