@@ -38,10 +38,17 @@ export function withQueryTimeout(text: string, values: unknown[], timeoutMs: num
  * alone starts counting once a connection is had, so a full pool, or one whose server stopped
  * answering, would hold the caller for as long as the pool's own limit, or for ever on a pool
  * without one. A connection that arrives after the deadline goes straight back unused: the
- * statement never runs late (an idempotency key is never claimed for a request that was
- * already answered 503).
+ * statement never starts late. One that started in time runs on in PostgreSQL after the
+ * client stops waiting, and may commit; a caller that must not leave its effect behind undoes
+ * it (the idempotency plugin removes the claims of a claim statement that failed).
  */
-export async function queryWithin<R extends pg.QueryResultRow>(pool: pg.Pool, text: string, values: unknown[], timeoutMs: number): Promise<pg.QueryResult<R>> {
+export async function queryWithin<R extends pg.QueryResultRow>(
+  pool: pg.Pool,
+  text: string,
+  /** The parameters, or a function of the milliseconds left when the statement is sent (for a statement that bounds itself by them). */
+  values: unknown[] | ((remainingMs: number) => unknown[]),
+  timeoutMs: number,
+): Promise<pg.QueryResult<R>> {
   const deadline = performance.now() + timeoutMs;
   const connecting = pool.connect();
   let timer: NodeJS.Timeout | undefined;
@@ -58,7 +65,8 @@ export async function queryWithin<R extends pg.QueryResultRow>(pool: pg.Pool, te
     clearTimeout(timer);
   }
   try {
-    const result = await client.query<R>(withQueryTimeout(text, values, Math.max(1, Math.ceil(deadline - performance.now()))));
+    const remainingMs = Math.max(1, Math.ceil(deadline - performance.now()));
+    const result = await client.query<R>(withQueryTimeout(text, typeof values === 'function' ? values(remainingMs) : values, remainingMs));
     client.release();
     return result;
   } catch (error) {

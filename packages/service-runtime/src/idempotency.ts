@@ -94,6 +94,8 @@ const REPLAYED_HEADERS = ['content-type', 'location'] as const;
  * too early, too many requests. Nothing ran, so they are released like 5xx, not stored.
  */
 const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
+/** How long the removal of a failed claim statement's claims may take (FORGET_CLAIMS_SQL). */
+const FORGET_CLAIMS_TIMEOUT_MS = 30_000;
 /** A claim races at most a prune or an expiry between its two statements; more is a bug. */
 const CLAIM_ATTEMPTS_MAX = 3;
 /** The most keys one claim statement takes. */
@@ -206,7 +208,10 @@ interface KeyRow {
 // nobody can still be using (expired, or left in progress past its lock by a crashed process,
 // for this same request). The rows come in the order the batch was sorted in, by client and
 // key, so two batches running at once lock their rows in the same order and cannot deadlock.
-// A key not returned is held by someone else: its row is then read on its own.
+// A key not returned is held by someone else: its row is then read on its own. A takeover that
+// waited on a row lock past the caller's deadline ($8: the milliseconds it had left when it sent
+// the statement) does nothing: the caller has answered 503 "not run, retry" by then, and a row
+// taken over late would answer that retry 409 until its lock ran out.
 const CLAIM_SQL = `
 INSERT INTO runtime.idempotency_keys AS k
        (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
@@ -217,10 +222,19 @@ ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
        response_status = NULL, response_headers = NULL, response_body = NULL,
        created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
- WHERE k.expires_at <= EXCLUDED.created_at
-    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
-        AND k.request_fingerprint = EXCLUDED.request_fingerprint)
+ WHERE (k.expires_at <= EXCLUDED.created_at
+        OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+            AND k.request_fingerprint = EXCLUDED.request_fingerprint))
+   AND clock_timestamp() < statement_timestamp() + make_interval(secs => $8::double precision / 1000)
 RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh`;
+
+// The claims of a batch whose statement failed (a timeout, a lost connection): each request was
+// answered 503 "not run", and PostgreSQL may still have committed the statement (it runs on
+// after the client stops waiting). By primary key and token, so only those claims go.
+const FORGET_CLAIMS_SQL = `
+DELETE FROM runtime.idempotency_keys k
+ USING unnest($1::text[], $2::text[], $3::uuid[]) AS u(client_id, key, token)
+ WHERE k.client_id = u.client_id AND k.key = u.key AND k.lock_token = u.token AND k.state = 'in_progress'`;
 
 const SELECT_SQL = `
 SELECT request_fingerprint, state, response_status, response_headers, response_body, expires_at
@@ -396,20 +410,34 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
       const nowMs = now();
-      const r = await queryWithin<{ token: string; fresh: boolean }>(
-        pool,
-        CLAIM_SQL,
-        [
-          sorted.map((i) => i.clientId),
-          sorted.map((i) => i.key),
-          sorted.map((i) => i.fingerprint),
-          sorted.map((i) => i.token),
-          new Date(nowMs),
-          new Date(nowMs + lockTimeoutMs),
-          new Date(nowMs + ttlMs),
-        ],
-        queryTimeoutMs,
-      );
+      let r: pg.QueryResult<{ token: string; fresh: boolean }>;
+      try {
+        r = await queryWithin<{ token: string; fresh: boolean }>(
+          pool,
+          CLAIM_SQL,
+          (remainingMs) => [
+            sorted.map((i) => i.clientId),
+            sorted.map((i) => i.key),
+            sorted.map((i) => i.fingerprint),
+            sorted.map((i) => i.token),
+            new Date(nowMs),
+            new Date(nowMs + lockTimeoutMs),
+            new Date(nowMs + ttlMs),
+            remainingMs,
+          ],
+          queryTimeoutMs,
+        );
+      } catch (error) {
+        // Not awaited: the requests are answered 503 now. Sent after the claim, so it removes a
+        // claim that committed before the client stopped waiting for its answer (a slow
+        // network); one still waiting on a row lock is stopped by the claim's own deadline.
+        queryWithin(pool, FORGET_CLAIMS_SQL, [sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.token)], FORGET_CLAIMS_TIMEOUT_MS).catch(
+          (forgetError: unknown) => {
+            app.log.warn({ err: forgetError, keys: sorted.length }, 'idempotency: could not remove the claims of a failed claim statement; a retry may get 409 until their locks run out');
+          },
+        );
+        throw error;
+      }
       const fresh = new Map(r.rows.map((row) => [row.token, row.fresh]));
       return items.map((i) => ({ nowMs, fresh: fresh.get(i.token) ?? null }));
     },

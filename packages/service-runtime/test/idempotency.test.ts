@@ -13,7 +13,7 @@ import { after, before, beforeEach, describe, test } from 'node:test';
 import pg from 'pg';
 import { Type } from 'typebox';
 import { DependencyConnectionError, DependencyHttpError, DependencyPolicy, httpCall } from '@ledgerline/resilience';
-import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
+import { behindFaultProxy, createTestDatabase, type TestDatabase } from '@ledgerline/testing';
 import {
   baseConfigSchema,
   canonicalJson,
@@ -1072,3 +1072,81 @@ describe('a dependency that failed after the request reached it', () => {
     }
   });
 });
+
+describe('a claim statement that outlives the query timeout', () => {
+  // Answered 503 "not run, retry with the same key", the statement ran on in PostgreSQL and
+  // committed: the key stayed in progress under a token nobody held, and the retry was 409
+  // until its lock ran out (60 s by default).
+  const things = async (pool: pg.Pool): Promise<{ app: Service; runs: () => number }> => {
+    const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+    await app.register(idempotency, { pool, queryTimeoutMs: 300 });
+    let runs = 0;
+    app.post('/v1/things', { schema: { body: ThingBody, response: { 201: Thing, 503: ProblemResponse } } }, (request, reply) => {
+      runs += 1;
+      reply.code(201);
+      return { n: runs, name: request.body.name };
+    });
+    return { app, runs: () => runs };
+  };
+
+  test('a takeover that waited on a row lock past it does nothing: the retry runs', async () => {
+    const { app, runs } = await things(pool);
+    // A day-old use of the key, not yet pruned, which the claim takes over; something holds its
+    // row for longer than the query timeout (a pruner's batch, a slow disk).
+    const old = new Date(Date.now() - 2 * 86_400_000);
+    await pool.query(
+      `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
+       VALUES ('anonymous', 'k-held', $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
+      [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000)],
+    );
+    const locker = await pool.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query("SELECT 1 FROM runtime.idempotency_keys WHERE key = 'k-held' FOR UPDATE");
+      assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-held' }), 503, 'idempotency-unavailable');
+      // Held on a while after the answer: the claim's deadline is the client's, give or take
+      // the time its statement took to reach PostgreSQL and start.
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      await locker.query('COMMIT');
+    } finally {
+      locker.release();
+    }
+    // The claim statement goes on once the lock is free: give it the time to.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal((await keyRow('k-held'))?.state, 'completed', 'the old use of the key, not taken over late');
+    const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-held' });
+    assert.equal(retry.statusCode, 201, retry.body);
+    assert.equal(runs(), 1);
+    await app.close();
+  });
+
+  test('a claim that committed while its answer was late is removed: the retry runs', async () => {
+    const { proxy, url } = await behindFaultProxy(db.url);
+    const slow = new pg.Pool({ connectionString: url, max: 2 });
+    try {
+      await slow.query('SELECT 1');
+      const { app, runs } = await things(slow);
+      // Each way: the statement lands after 250 ms and commits; its answer would come at 500.
+      proxy.set({ latencyMs: 250 });
+      assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' }), 503, 'idempotency-unavailable');
+      // The removal goes the same slow way.
+      await waitForValue(async () => (await keyRow('k-late')) === undefined, 5000);
+      proxy.heal();
+      const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' });
+      assert.equal(retry.statusCode, 201, retry.body);
+      assert.equal(runs(), 1);
+      await app.close();
+    } finally {
+      await slow.end();
+      await proxy.close();
+    }
+  });
+});
+
+/** Polls `check` every 25 ms until it is true; fails after `timeoutMs`. */
+async function waitForValue(check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
+  for (const until = Date.now() + timeoutMs; !(await check()); ) {
+    assert.ok(Date.now() < until, `not within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+}
