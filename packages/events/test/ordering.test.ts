@@ -82,14 +82,21 @@ describe('consumer order under retries', () => {
     const name = 'c-held';
     const calls: Array<{ stream: string; version: number; ok: boolean }> = [];
     let fastHandled = 0;
+    let releaseFast = (): void => {};
+    const slowHeld = new Promise<void>((resolve) => (releaseFast = resolve));
     const consumer = consumerOf(name, async (e, tx) => {
       if (e.streamType !== type) return;
       // The slow stream's third event fails until every event of the other partition has
       // been handled: it can only succeed if that partition went on while this one waited.
       if (e.streamId === slow && e.version === 3 && fastHandled < perStream) {
         calls.push({ stream: e.streamId, version: e.version, ok: false });
+        releaseFast();
         throw new Error('not yet');
       }
+      // The other partition starts once the slow one is held. Lanes run at their own pace: on a
+      // loaded machine the other partition's lane could handle all its events before the slow
+      // lane's first transaction got going, so the third event never failed and nothing was held.
+      if (e.streamId === fast) await slowHeld;
       await recordEffect(name, e, tx);
       calls.push({ stream: e.streamId, version: e.version, ok: true });
       if (e.streamId === fast) fastHandled += 1;
@@ -109,6 +116,8 @@ describe('consumer order under retries', () => {
       assert.equal(stats.redeliveries, 0, 'never handed back to the broker');
       assert.equal(stats.deadLettered, 0);
     } finally {
+      // A handler of the other partition still waiting (the test failed) would keep stop() waiting.
+      releaseFast();
       await consumer.stop();
     }
   });
