@@ -12,7 +12,7 @@
 -- behind an open policy change. Both locks last until the caller's transaction ends; the store
 -- runs each batch in a transaction of its own (store.ts expirePayloads).
 CREATE OR REPLACE FUNCTION audit.expire_payloads(p_as_of timestamptz, p_limit integer) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 DECLARE
   removed integer;
 BEGIN
@@ -40,7 +40,7 @@ $$;
 
 -- Down Migration
 CREATE OR REPLACE FUNCTION audit.expire_payloads(p_as_of timestamptz, p_limit integer) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, audit, pg_temp AS $$
 DECLARE
   removed integer;
 BEGIN

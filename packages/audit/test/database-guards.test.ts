@@ -278,6 +278,19 @@ test('expire_payloads waits for a hold being placed on a resource, and then keep
   });
 });
 
+test('every SECURITY DEFINER function of the audit schema names pg_temp last in its search_path', async () => {
+  // Else PostgreSQL looks in the caller's temporary schema first for type names, where a domain
+  // named like a type could run the caller's code as the owner (docs/audit.md, Append-only).
+  // Migration 1770000000000 first redefined expire_payloads without it.
+  const r = await t.pool.query<{ fn: string; config: string[] | null }>(
+    `SELECT p.oid::regprocedure::text AS fn, p.proconfig AS config FROM pg_proc p
+      WHERE p.pronamespace = 'audit'::regnamespace AND p.prosecdef ORDER BY 1`,
+  );
+  assert.ok(r.rows.length >= 9, `the audit schema's SECURITY DEFINER functions: ${r.rows.length}`);
+  const unsafe = r.rows.filter((row) => !(row.config ?? []).some((c) => /^search_path=.*, pg_temp$/.test(c)));
+  assert.deepEqual(unsafe.map((row) => `${row.fn}: ${JSON.stringify(row.config)}`), []);
+});
+
 test('a policy change is dated when its row changed, in its history row as in its record', async () => {
   // The change transaction starts, waits (as one queued behind retention's lock would), then
   // changes the row: both dates are of the change, not of the transaction's start.
