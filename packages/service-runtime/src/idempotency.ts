@@ -208,11 +208,13 @@ interface KeyRow {
 // nobody can still be using (expired, or left in progress past its lock by a crashed process,
 // for this same request). The rows come in the order the batch was sorted in, by client and
 // key, so two batches running at once lock their rows in the same order and cannot deadlock.
-// A key not returned is held by someone else: its row is then read on its own. A takeover that
-// waited on a row lock past the caller's deadline ($8: the milliseconds it had left when it sent
-// the statement) does nothing: the caller has answered 503 "not run, retry" by then, and a row
-// taken over late would answer that retry 409 until its lock ran out.
+// A key not returned is held by someone else: its row is then read on its own. A statement that
+// would finish after the caller's deadline ($8: the milliseconds it had left when it sent the
+// statement) fails after its last row (runtime.claim_in_time, evaluated once the aggregate has
+// taken every row), so none of it commits: the caller has answered 503 "not run, retry" by then,
+// and a key claimed late would answer that retry 409 until its lock ran out.
 const CLAIM_SQL = `
+WITH claimed AS (
 INSERT INTO runtime.idempotency_keys AS k
        (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
 SELECT u.client_id, u.key, u.fingerprint, 'in_progress', u.token, $5, $6, $7
@@ -222,11 +224,13 @@ ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
        response_status = NULL, response_headers = NULL, response_body = NULL,
        created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
- WHERE (k.expires_at <= EXCLUDED.created_at
-        OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
-            AND k.request_fingerprint = EXCLUDED.request_fingerprint))
-   AND clock_timestamp() < statement_timestamp() + make_interval(secs => $8::double precision / 1000)
-RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh`;
+ WHERE k.expires_at <= EXCLUDED.created_at
+    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+        AND k.request_fingerprint = EXCLUDED.request_fingerprint)
+RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh)
+SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{}') AS fresh,
+       runtime.claim_in_time($8::double precision) AS in_time
+  FROM claimed`;
 
 // The claims of a batch whose statement failed (a timeout, a lost connection): each request was
 // answered 503 "not run", and PostgreSQL may still have committed the statement (it runs on
@@ -410,9 +414,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
       const nowMs = now();
-      let r: pg.QueryResult<{ token: string; fresh: boolean }>;
+      let r: pg.QueryResult<{ tokens: string[]; fresh: boolean[] }>;
       try {
-        r = await queryWithin<{ token: string; fresh: boolean }>(
+        r = await queryWithin<{ tokens: string[]; fresh: boolean[] }>(
           pool,
           CLAIM_SQL,
           (remainingMs) => [
@@ -430,7 +434,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
       } catch (error) {
         // Not awaited: the requests are answered 503 now. Sent after the claim, so it removes a
         // claim that committed before the client stopped waiting for its answer (a slow
-        // network); one still waiting on a row lock is stopped by the claim's own deadline.
+        // network); one still running fails at its own deadline (runtime.claim_in_time).
         queryWithin(pool, FORGET_CLAIMS_SQL, [sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.token)], FORGET_CLAIMS_TIMEOUT_MS).catch(
           (forgetError: unknown) => {
             app.log.warn({ err: forgetError, keys: sorted.length }, 'idempotency: could not remove the claims of a failed claim statement; a retry may get 409 until their locks run out');
@@ -438,7 +442,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
         );
         throw error;
       }
-      const fresh = new Map(r.rows.map((row) => [row.token, row.fresh]));
+      const { tokens = [], fresh: freshness = [] } = r.rows[0] ?? {};
+      const fresh = new Map(tokens.map((token, i) => [token, freshness[i] === true]));
       return items.map((i) => ({ nowMs, fresh: fresh.get(i.token) ?? null }));
     },
   });

@@ -1128,34 +1128,44 @@ describe('a claim statement that outlives the query timeout', () => {
     return { app, runs: () => runs };
   };
 
-  test('a takeover that waited on a row lock past it does nothing: the retry runs', async () => {
+  test('a batch that waited on a row lock past it commits nothing, neither the keys it inserted before the wait nor the takeover after', async () => {
     const { app, runs } = await things(pool);
-    // A day-old use of the key, not yet pruned, which the claim takes over; something holds its
-    // row for longer than the query timeout (a pruner's batch, a slow disk).
+    // Day-old uses of k-0 and k-b, not yet pruned, which claims take over; something holds their
+    // rows for longer than the query timeout (a pruner's batch, a slow disk).
     const old = new Date(Date.now() - 2 * 86_400_000);
-    await pool.query(
-      `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
-       VALUES ('anonymous', 'k-held', $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
-      [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000)],
-    );
+    for (const key of ['k-0', 'k-b']) {
+      await pool.query(
+        `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
+         VALUES ('anonymous', $4, $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
+        [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000), key],
+      );
+    }
     const locker = await pool.connect();
     try {
       await locker.query('BEGIN');
-      await locker.query("SELECT 1 FROM runtime.idempotency_keys WHERE key = 'k-held' FOR UPDATE");
-      assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-held' }), 503, 'idempotency-unavailable');
-      // Held on a while after the answer: the claim's deadline is the client's, give or take
-      // the time its statement took to reach PostgreSQL and start.
+      await locker.query("SELECT 1 FROM runtime.idempotency_keys WHERE key IN ('k-0', 'k-b') FOR UPDATE");
+      // k-0's statement waits on the lock; k-a and k-b queue behind it and go together in the
+      // next: k-a (new) is inserted, then the statement waits on k-b's row.
+      const blocked = post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-0' });
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      const answers = await Promise.all([blocked, post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-a' }), post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-b' })]);
+      for (const answer of answers) assertProblem(answer, 503, 'idempotency-unavailable');
+      // Held on a while after the answers: a statement's deadline is its client's, give or take
+      // the time it took to reach PostgreSQL and start.
       await new Promise((resolve) => setTimeout(resolve, 100));
       await locker.query('COMMIT');
     } finally {
       locker.release();
     }
-    // The claim statement goes on once the lock is free: give it the time to.
+    // The statements go on once the lock is free: give them the time to.
     await new Promise((resolve) => setTimeout(resolve, 300));
-    assert.equal((await keyRow('k-held'))?.state, 'completed', 'the old use of the key, not taken over late');
-    const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-held' });
-    assert.equal(retry.statusCode, 201, retry.body);
-    assert.equal(runs(), 1);
+    assert.equal(await keyRow('k-a'), undefined, 'k-a, inserted before the wait, is not left claimed');
+    assert.equal((await keyRow('k-b'))?.state, 'completed', 'the old use of k-b, not taken over late');
+    for (const key of ['k-a', 'k-b']) {
+      const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': key });
+      assert.equal(retry.statusCode, 201, `${key}: ${retry.body}`);
+    }
+    assert.equal(runs(), 2);
     await app.close();
   });
 
