@@ -126,7 +126,7 @@ export interface UndecodableMessage {
   streamSequence: bigint;
   subject: string;
   error: string;
-  /** Its size in bytes, and the first 4 KiB of it (the dead-letter stream holds all of it). */
+  /** Its size in bytes, and the first 4 KiB of it (the dead-letter stream holds all of it, or as much as fits under the broker's max_payload). */
   size: number;
   head: Buffer;
   deadAt: Date;
