@@ -436,6 +436,8 @@ const ledger = {
   resultKinds: {} as Record<string, number>,
   statusCounts: {} as Record<string, number>,
   non2xx: 0,
+  /** 409s to a keyed re-send whose first request was still running: expected, and re-sent again. */
+  inProgress409: 0,
   /** Sent and not yet answered with a decision: in flight, timed out, or answered 5xx. */
   outstanding: new Set<Sent>(),
 };
@@ -450,10 +452,14 @@ function countKind(kind: string): void {
  */
 function settle(sent: Sent, status: number, body: string): number {
   ledger.statusCounts[status] = (ledger.statusCounts[status] ?? 0) + 1;
+  // The key's first request is still running (a re-send while it was in flight): undecided yet,
+  // and not a failure: the idempotency plugin answers so by design.
+  if (status === 409 && sent.key !== null) {
+    ledger.inProgress409 += 1;
+    return 0;
+  }
   if (status < 200 || status > 299) ledger.non2xx += 1;
   if (status >= 500) return 0;
-  // The key's first request is still running (a re-send while it was in flight): undecided yet.
-  if (status === 409 && sent.key !== null) return 0;
   ledger.outstanding.delete(sent);
   if (status >= 300) {
     // A decided rejection of the whole request (4xx): nothing applied.
@@ -914,6 +920,7 @@ async function main(): Promise<void> {
     errors,
     timeouts: single.timeouts + (batched?.timeouts ?? 0),
     non_2xx: ledger.non2xx,
+    in_progress_409: ledger.inProgress409,
     status_counts: ledger.statusCounts,
     result_kinds: ledger.resultKinds,
     in_flight_at_stop: single.inFlightAtStop + (batched?.inFlightAtStop ?? 0),
