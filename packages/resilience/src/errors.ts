@@ -33,19 +33,11 @@ export class BulkheadFullError extends BulkheadRejectedError {
 export class DeadlineExceededError extends TaskCancelledError {
   readonly dependency: string;
   readonly budgetMs: number;
-  /**
-   * Whether the work it stopped may have taken effect. False only when a policy knows that no
-   * call was made (the deadline passed before the attempt began: while it waited for a bulkhead
-   * slot, or before it was called); true otherwise, including a `Deadline`'s signal aborting
-   * work nobody can tell about.
-   */
-  readonly mayHaveTakenEffect: boolean;
-  constructor(dependency: string, budgetMs: number, options: { mayHaveTakenEffect?: boolean } = {}) {
+  constructor(dependency: string, budgetMs: number) {
     super(`${dependency}: deadline exceeded after ${Math.round(budgetMs)} ms`);
     this.name = 'DeadlineExceededError';
     this.dependency = dependency;
     this.budgetMs = budgetMs;
-    this.mayHaveTakenEffect = options.mayHaveTakenEffect ?? true;
   }
 }
 

@@ -88,8 +88,6 @@ export interface CallOptions<T> {
   fallback?: (error: unknown) => T | Promise<T>;
 }
 
-/** A DeadlineExceededError's options when the deadline passed before the attempt called anything. */
-const NOT_CALLED = { mayHaveTakenEffect: false } as const;
 const ATTEMPTS_MAX = 10;
 const TIMEOUT_MS_MAX = 300_000;
 
@@ -237,7 +235,7 @@ export class DependencyPolicy {
       breaker?.release(permit);
       if (aborted(callerSignal)) throw this.#callerGone(callerSignal);
       observer.attempt?.(this.name, 'timeout', 0);
-      throw new DeadlineExceededError(this.name, 0, NOT_CALLED);
+      throw new DeadlineExceededError(this.name, 0);
     }
     const controller = new AbortController();
     let timer: TimerHandle = undefined;
@@ -302,7 +300,7 @@ export class DependencyPolicy {
     const reason: unknown = callerSignal?.reason;
     if (!isTimeUp(reason)) return reason;
     this.#observer.attempt?.(this.name, 'timeout', 0);
-    return new DeadlineExceededError(this.name, 0, NOT_CALLED);
+    return new DeadlineExceededError(this.name, 0);
   }
 
   /** Queue for a bulkhead slot, at most until the deadline (or until the caller gives up). */
@@ -310,7 +308,7 @@ export class DependencyPolicy {
     const remaining = deadline.remainingMs();
     const controller = new AbortController();
     const timer = remaining === Infinity ? undefined
-      : this.#clock.setTimer(() => { controller.abort(new DeadlineExceededError(this.name, remaining, NOT_CALLED)); }, remaining);
+      : this.#clock.setTimer(() => { controller.abort(new DeadlineExceededError(this.name, remaining)); }, remaining);
     const onCallerAbort = (): void => { controller.abort(callerSignal?.reason); };
     callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
     try {

@@ -337,34 +337,23 @@ const OUTCOME_UNKNOWN_ADVICE =
  * The answer for a `@ledgerline/resilience` policy's failure. When the call may have reached the
  * dependency and taken effect there, the answer says so and is `outcomeUnknown` (the
  * idempotency plugin stores it, so a retry with the same key never runs the request twice):
- * 504 when the deadline passed during the call (or while work that a `Deadline`'s signal
- * aborted, which nobody can tell about, ran); 503 when the dependency failed after the
+ * 504 when the deadline passed during the call; 503 when the dependency failed after the
  * request reached it (it answered 500 or another 5xx that is not "did nothing", it answered
  * more than httpCall reads, the connection broke other than by being refused or not found).
  * 503 with Retry-After when the call cannot have done anything: not made (breaker open,
  * bulkhead full), the connection refused or the host not resolved, or the dependency answered
- * 502, 503, 504 or 429; 504 with Retry-After when the deadline passed before the policy's
- * attempt began (`mayHaveTakenEffect` false). Null for other errors.
+ * 502, 503, 504 or 429. Null for other errors.
  */
 function dependencyFailure(error: unknown): ProblemAnswer | null {
   const retryLater = { 'retry-after': String(DEPENDENCY_RETRY_AFTER_SECONDS) };
   if (error instanceof DeadlineExceededError) {
-    return error.mayHaveTakenEffect
-      ? {
-          status: 504,
-          type: PROBLEM_TYPES.dependencyUnavailable,
-          title: 'Dependency timed out',
-          detail: `A service this one depends on did not answer within the request's deadline. ${OUTCOME_UNKNOWN_ADVICE}`,
-          outcomeUnknown: true,
-        }
-      : {
-          // The policy knows it called nothing: the deadline passed before the attempt began.
-          status: 504,
-          type: PROBLEM_TYPES.dependencyUnavailable,
-          title: 'Dependency timed out',
-          detail: 'The request\'s deadline passed before a service this one depends on could be called; nothing was sent to it. Retry with a longer deadline, or after the Retry-After delay.',
-          headers: retryLater,
-        };
+    return {
+      status: 504,
+      type: PROBLEM_TYPES.dependencyUnavailable,
+      title: 'Dependency timed out',
+      detail: `A service this one depends on did not answer within the request's deadline. ${OUTCOME_UNKNOWN_ADVICE}`,
+      outcomeUnknown: true,
+    };
   }
   if (
     (error instanceof DependencyHttpError && !error.retryable) ||

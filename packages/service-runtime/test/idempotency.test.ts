@@ -1043,45 +1043,6 @@ describe('a dependency that failed after the request reached it', () => {
     }
   });
 
-  test('a deadline that passed before the policy called anything is a 504 that is not stored: the retry runs', async () => {
-    // Local work first (a slow query, say) uses up the deadline; the policy then calls nothing.
-    // Stored like a 504 past a call, it blocked every retry of the key for its 24 hours.
-    const charges: string[] = [];
-    const provider = createServer((req, res) => {
-      charges.push(req.url ?? '');
-      req.resume();
-      req.on('end', () => res.writeHead(201, { 'content-type': 'application/json' }).end('{}'));
-    });
-    await new Promise<void>((resolve) => provider.listen(0, '127.0.0.1', resolve));
-    const url = `http://127.0.0.1:${(provider.address() as AddressInfo).port}/charges`;
-    const psp = new DependencyPolicy({ name: 'psp', attemptTimeoutMs: 5000, callTimeoutMs: 5000, retry: false, breaker: false, bulkhead: false });
-    const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
-    await app.register(idempotency, { pool, now: clock });
-    let slow = true;
-    app.post('/v1/payments', { schema: { body: ThingBody, response: { 201: Thing, 504: ProblemResponse } } }, async (request, reply) => {
-      if (slow) await new Promise((resolve) => setTimeout(resolve, 200));
-      await httpCall(psp, url, { method: 'POST', body: '{}', deadline: request.deadline });
-      reply.code(201);
-      return { n: 1, name: request.body.name };
-    });
-    try {
-      const send = (): Promise<Response> => post(app, '/v1/payments', { name: 'a' }, { 'idempotency-key': 'k-late', 'x-deadline-remaining-ms': '150' });
-      const first = await send();
-      assertProblem(first, 504, 'dependency-unavailable');
-      assert.match(first.json<{ detail: string }>().detail, /nothing was sent/);
-      assert.equal(first.headers['retry-after'], '1');
-      assert.equal(charges.length, 0, 'the dependency was never called');
-      assert.equal(await keyRow('k-late'), undefined, 'released');
-      slow = false;
-      const retry = await send();
-      assert.equal(retry.statusCode, 201, retry.body);
-      assert.equal(charges.length, 1);
-    } finally {
-      await app.close();
-      await new Promise((resolve) => provider.close(resolve));
-    }
-  });
-
   test('a dependency that answered 500, or whose connection broke, is stored; one that refused the connection is not, and the retry runs', async () => {
     const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
     await app.register(idempotency, { pool, now: clock });
