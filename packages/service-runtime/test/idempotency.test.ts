@@ -1130,6 +1130,43 @@ describe('a claim statement that outlives the query timeout', () => {
     await app.close();
   });
 
+  test('a claim whose Parse waited on a table lock past it commits nothing either', async () => {
+    // PostgreSQL sets statement_timestamp() again at Execute, after such a wait: counted from
+    // it, the claim had its whole time again, took the old row over and committed, and the
+    // retry the 503 invited was 409. It counts from the transaction's start, at Parse.
+    const { app, runs } = await things(pool);
+    const old = new Date(Date.now() - 2 * 86_400_000);
+    await pool.query(
+      `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
+       VALUES ('anonymous', 'k-parse', $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
+      [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000)],
+    );
+    const rowLocker = await pool.connect();
+    const tableLocker = await pool.connect();
+    try {
+      // Something holds the row a while (a pruner's batch), and something holds the table in a
+      // mode that queues writers (CREATE INDEX, or a migration's ALTER TABLE in the lock queue).
+      await rowLocker.query('BEGIN');
+      await rowLocker.query("SELECT 1 FROM runtime.idempotency_keys WHERE key = 'k-parse' FOR UPDATE");
+      await tableLocker.query('BEGIN');
+      await tableLocker.query('LOCK TABLE runtime.idempotency_keys IN SHARE MODE');
+      assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-parse' }), 503, 'idempotency-unavailable');
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await tableLocker.query('COMMIT');
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      await rowLocker.query('COMMIT');
+    } finally {
+      rowLocker.release();
+      tableLocker.release();
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal((await keyRow('k-parse'))?.state, 'completed', 'the old use of the key, not taken over late');
+    const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-parse' });
+    assert.equal(retry.statusCode, 201, retry.body);
+    assert.equal(runs(), 1);
+    await app.close();
+  });
+
   test('a claim that committed while its answer was late is removed: the retry runs', async () => {
     const { proxy, url } = await behindFaultProxy(db.url);
     const slow = new pg.Pool({ connectionString: url, max: 2 });
