@@ -337,7 +337,8 @@ const OUTCOME_UNKNOWN_ADVICE =
  * The answer for a `@ledgerline/resilience` policy's failure. When the call may have reached the
  * dependency and taken effect there, the answer says so and is `outcomeUnknown` (the
  * idempotency plugin stores it, so a retry with the same key never runs the request twice):
- * 504 when the deadline passed during the call; 503 when the dependency failed after the
+ * 504 when the deadline passed (during the call, or before it began: stored either way, since
+ * what the request did before the call is not known here); 503 when the dependency failed after the
  * request reached it (it answered 500 or another 5xx that is not "did nothing", it answered
  * more than httpCall reads, the connection broke other than by being refused or not found).
  * 503 with Retry-After when the call cannot have done anything: not made (breaker open,
