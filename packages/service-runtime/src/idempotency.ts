@@ -144,7 +144,13 @@ export interface IdempotencyOptions {
    * its SHA-256.
    */
   clientId?: (request: FastifyRequest) => string;
-  /** The clock, in milliseconds since the epoch (tests inject one). Default `Date.now`. */
+  /**
+   * A clock, in milliseconds since the epoch, for tests. By default every time the plugin
+   * writes or compares (a claim's time, its lock's end, its expiry, the pruner's cut-off) is
+   * PostgreSQL's `now()`, one clock for every instance: with each instance's own, one whose
+   * clock ran ahead of another's by a lock's length took over a key the other was still
+   * running (the handler ran twice), and a pruner ahead by an hour removed keys an hour early.
+   */
   now?: () => number;
   /** Run `pruneIdempotencyKeys` this often; 0 (the default) runs no timer. Stopped on close. */
   pruneIntervalMs?: number;
@@ -213,12 +219,17 @@ interface KeyRow {
 // statement) fails after its last row (runtime.claim_in_time, evaluated once the aggregate has
 // taken every row), so none of it commits: the caller has answered 503 "not run, retry" by then,
 // and a key claimed late would answer that retry 409 until its lock ran out.
+// $5: the time, or NULL for the database's (IdempotencyOptions.now); $6 and $7: the lock and
+// the expiry after it, in milliseconds.
 const CLAIM_SQL = `
-WITH claimed AS (
+WITH t AS (SELECT coalesce($5::timestamptz, now()) AS at),
+claimed AS (
 INSERT INTO runtime.idempotency_keys AS k
        (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
-SELECT u.client_id, u.key, u.fingerprint, 'in_progress', u.token, $5, $6, $7
+SELECT u.client_id, u.key, u.fingerprint, 'in_progress', u.token, t.at,
+       t.at + make_interval(secs => $6::double precision / 1000), t.at + make_interval(secs => $7::double precision / 1000)
   FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(client_id, key, fingerprint, token, n)
+ CROSS JOIN t
  ORDER BY u.n
 ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
@@ -229,7 +240,7 @@ ON CONFLICT (client_id, key) DO UPDATE
         AND k.request_fingerprint = EXCLUDED.request_fingerprint)
 RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh)
 SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{}') AS fresh,
-       runtime.claim_in_time($8::double precision) AS in_time
+       (SELECT at FROM t) AS at, runtime.claim_in_time($8::double precision) AS in_time
   FROM claimed`;
 
 // The claims of a batch whose statement failed (a timeout, a lost connection): each request was
@@ -261,7 +272,7 @@ WITH u AS (
 )
 UPDATE runtime.idempotency_keys k
    SET state = 'completed', response_status = u.status, response_headers = u.headers::jsonb, response_body = u.body,
-       locked_until = $7, expires_at = $8
+       locked_until = coalesce($7::timestamptz, now()), expires_at = coalesce($7::timestamptz, now()) + make_interval(secs => $8::double precision / 1000)
   FROM locked l JOIN u ON u.client_id = l.client_id AND u.key = l.key
  WHERE k.client_id = l.client_id AND k.key = l.key AND k.lock_token = u.token AND k.state = 'in_progress'
 RETURNING k.lock_token::text AS token`;
@@ -271,11 +282,12 @@ DELETE FROM runtime.idempotency_keys
  WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
 
 // SKIP LOCKED: pruners on several instances share the work instead of queueing on each other,
-// and a row a request is taking over right now is left for the next round.
+// and a row a request is taking over right now is left for the next round. $1: the cut-off, or
+// NULL for the database's clock.
 const PRUNE_SQL = `
 WITH doomed AS (
   SELECT client_id, key FROM runtime.idempotency_keys
-   WHERE expires_at <= $1 AND (state = 'completed' OR locked_until <= $1)
+   WHERE expires_at <= coalesce($1::timestamptz, now()) AND (state = 'completed' OR locked_until <= coalesce($1::timestamptz, now()))
    LIMIT $2
    FOR UPDATE SKIP LOCKED)
 DELETE FROM runtime.idempotency_keys k USING doomed d
@@ -381,7 +393,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
   const responseBytesMax = options.responseBytesMax ?? IDEMPOTENCY_RESPONSE_BYTES_MAX_DEFAULT;
   const queryTimeoutMs = options.queryTimeoutMs ?? IDEMPOTENCY_QUERY_TIMEOUT_MS_DEFAULT;
   const clientIdOf = options.clientId ?? defaultClientId;
-  const now = options.now ?? Date.now;
+  const clock = options.now;
+  /** The time to write, or null for the database's own (`now()` in the statement). */
+  const at = (): Date | null => (clock === undefined ? null : new Date(clock()));
   const pruneIntervalMs = options.pruneIntervalMs ?? 0;
   const retryAfterSeconds = options.retryAfterSeconds ?? 1;
   assertInteger('lockTimeoutMs', lockTimeoutMs, 1, 24 * 3_600_000);
@@ -413,10 +427,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     keyOf: (item) => `${item.clientId}\u0000${item.key}`,
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
-      const nowMs = now();
-      let r: pg.QueryResult<{ tokens: string[]; fresh: boolean[] }>;
+      let r: pg.QueryResult<{ tokens: string[]; fresh: boolean[]; at: Date }>;
       try {
-        r = await queryWithin<{ tokens: string[]; fresh: boolean[] }>(
+        r = await queryWithin<{ tokens: string[]; fresh: boolean[]; at: Date }>(
           pool,
           CLAIM_SQL,
           (remainingMs) => [
@@ -424,9 +437,9 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
             sorted.map((i) => i.key),
             sorted.map((i) => i.fingerprint),
             sorted.map((i) => i.token),
-            new Date(nowMs),
-            new Date(nowMs + lockTimeoutMs),
-            new Date(nowMs + ttlMs),
+            at(),
+            lockTimeoutMs,
+            ttlMs,
             remainingMs,
           ],
           queryTimeoutMs,
@@ -442,8 +455,10 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
         );
         throw error;
       }
-      const { tokens = [], fresh: freshness = [] } = r.rows[0] ?? {};
-      const fresh = new Map(tokens.map((token, i) => [token, freshness[i] === true]));
+      const row = r.rows[0];
+      if (row === undefined) throw new Error('invariant: the claim statement returned no row');
+      const fresh = new Map(row.tokens.map((token, i) => [token, row.fresh[i] === true]));
+      const nowMs = row.at.getTime();
       return items.map((i) => ({ nowMs, fresh: fresh.get(i.token) ?? null }));
     },
   });
@@ -453,7 +468,6 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     sizeOf: (item) => item.body.length,
     sizeMax: COMPLETE_BATCH_BYTES_MAX,
     run: async (items) => {
-      const nowMs = now();
       const r = await queryWithin<{ token: string }>(
         pool,
         COMPLETE_SQL,
@@ -464,8 +478,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
           items.map((i) => i.status),
           items.map((i) => JSON.stringify(i.headers)),
           items.map((i) => i.body),
-          new Date(nowMs),
-          new Date(nowMs + ttlMs),
+          at(),
+          ttlMs,
         ],
         queryTimeoutMs,
       );
@@ -642,7 +656,7 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
   if (pruneIntervalMs > 0) {
     const pruner = startIdempotencyPruner(pool, {
       intervalMs: pruneIntervalMs,
-      now,
+      ...(clock === undefined ? {} : { now: clock }),
       queryTimeoutMs,
       onError: (error) => {
         app.log.warn({ err: error }, 'idempotency: pruning failed; retrying next interval');
@@ -662,12 +676,13 @@ export interface PruneOptions {
 }
 
 /**
- * Deletes keys whose `expires_at` has passed (in-progress ones only once their lock has also
- * expired), in batches of `batchSizeMax`, at most `batchesMax` batches. Returns the count.
+ * Deletes keys whose `expires_at` has passed by `now` (default: the database's clock), in-progress
+ * ones only once their lock has also expired, in batches of `batchSizeMax`, at most
+ * `batchesMax` batches. Returns the count.
  */
 export async function pruneIdempotencyKeys(
   pool: pg.Pool,
-  now: number | Date = Date.now(),
+  now?: number | Date,
   options: PruneOptions = {},
 ): Promise<number> {
   const batchSizeMax = options.batchSizeMax ?? IDEMPOTENCY_PRUNE_BATCH_SIZE_MAX_DEFAULT;
@@ -675,7 +690,7 @@ export async function pruneIdempotencyKeys(
   const queryTimeoutMs = options.queryTimeoutMs ?? IDEMPOTENCY_QUERY_TIMEOUT_MS_DEFAULT;
   assertInteger('batchSizeMax', batchSizeMax, 1, 100_000);
   assertInteger('batchesMax', batchesMax, 1, 100_000);
-  const at = new Date(now);
+  const at = now === undefined ? null : new Date(now);
   let deleted = 0;
   for (let batch = 0; batch < batchesMax; batch++) {
     const result = await pool.query(withQueryTimeout(PRUNE_SQL, [at, batchSizeMax], queryTimeoutMs));
@@ -688,7 +703,7 @@ export async function pruneIdempotencyKeys(
 
 export interface PrunerOptions extends PruneOptions {
   intervalMs: number;
-  /** Milliseconds since the epoch. Default `Date.now`. */
+  /** Milliseconds since the epoch, for tests. Default: the database's clock. */
   now?: () => number;
   onError?: (error: unknown) => void;
 }
@@ -706,14 +721,14 @@ export interface IdempotencyPruner {
  * never overlap: a tick that finds the previous prune still running is skipped.
  */
 export function startIdempotencyPruner(pool: pg.Pool, options: PrunerOptions): IdempotencyPruner {
-  const { intervalMs, now = Date.now, onError = () => {} } = options;
+  const { intervalMs, now, onError = () => {} } = options;
   assertInteger('intervalMs', intervalMs, 1, 86_400_000);
   const bound = (options.batchSizeMax ?? IDEMPOTENCY_PRUNE_BATCH_SIZE_MAX_DEFAULT) * (options.batchesMax ?? IDEMPOTENCY_PRUNE_BATCHES_MAX_DEFAULT);
   let stopped = false;
   let running: Promise<void> | undefined;
   const prune = async (): Promise<void> => {
     try {
-      while (!stopped && (await pruneIdempotencyKeys(pool, now(), options)) >= bound);
+      while (!stopped && (await pruneIdempotencyKeys(pool, now?.(), options)) >= bound);
     } catch (error) {
       onError(error);
     }

@@ -1197,3 +1197,47 @@ async function waitForValue(check: () => Promise<boolean>, timeoutMs: number): P
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
 }
+
+describe('instances whose clocks disagree', () => {
+  // Each instance wrote its own clock into claims, locks and expiries: one ahead of another by a
+  // lock's length took over a key the other was still running, and ran the handler twice; a
+  // pruner ahead by a day removed keys a day early. They now read PostgreSQL's clock.
+  test('an instance whose clock is hours ahead neither takes over a running key nor prunes it early', async (t) => {
+    const gate = new Gate();
+    let runs = 0;
+    const instance = async (): Promise<Service> => {
+      const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+      await app.register(idempotency, { pool });
+      app.post('/v1/slow', { schema: { body: ThingBody, response: { 201: Thing } } }, async (request, reply) => {
+        runs += 1;
+        if (runs === 1) await gate.arrive();
+        reply.code(201);
+        return { n: runs, name: request.body.name };
+      });
+      return app;
+    };
+    const [a, b] = [await instance(), await instance()];
+    try {
+      const first = post(a, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-skew' });
+      await gate.entered;
+      // From here on this process's clock (the other instance's, say) is two hours ahead.
+      t.mock.timers.enable({ apis: ['Date'], now: Date.now() + 2 * 3_600_000 });
+      const second = await post(b, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-skew' });
+      assertProblem(second, 409, 'idempotency-key-in-progress');
+      assert.equal(runs, 1, 'the running request was not taken over');
+      gate.open();
+      assert.equal((await first).statusCode, 201);
+      // A day and a bit ahead: the key, completed a moment ago by the database's clock, stays.
+      t.mock.timers.setTime(Date.now() + 25 * 3_600_000);
+      assert.equal(await pruneIdempotencyKeys(pool), 0);
+      assert.equal((await keyRow('k-skew'))?.state, 'completed');
+      const replay = await post(b, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-skew' });
+      assert.equal(replay.headers['idempotent-replayed'], 'true');
+      assert.equal(runs, 1);
+    } finally {
+      gate.open();
+      await a.close();
+      await b.close();
+    }
+  });
+});
