@@ -218,7 +218,10 @@ interface KeyRow {
 // would finish after the caller's deadline ($8: the milliseconds it had left when it sent the
 // statement) fails after its last row (runtime.claim_in_time, evaluated once the aggregate has
 // taken every row), so none of it commits: the caller has answered 503 "not run, retry" by then,
-// and a key claimed late would answer that retry 409 until its lock ran out.
+// and a key claimed late would answer that retry 409 until its lock ran out. So does one that
+// took more than half the lock ($6): the lease counts from the transaction's start, before any
+// wait, and a claim that waited longer than its lock (a 1 s lock, a 5 s query timeout) committed
+// a lease already run out, which the next request with the key took over while the first ran.
 // $5: the time, or NULL for the database's (IdempotencyOptions.now); $6 and $7: the lock and
 // the expiry after it, in milliseconds.
 const CLAIM_SQL = `
@@ -240,7 +243,7 @@ ON CONFLICT (client_id, key) DO UPDATE
         AND k.request_fingerprint = EXCLUDED.request_fingerprint)
 RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh)
 SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{}') AS fresh,
-       (SELECT at FROM t) AS at, runtime.claim_in_time($8::double precision) AS in_time
+       (SELECT at FROM t) AS at, runtime.claim_in_time(least($8::double precision, $6::double precision / 2)) AS in_time
   FROM claimed`;
 
 // The claims of a batch whose statement failed (a timeout, a lost connection): each request was

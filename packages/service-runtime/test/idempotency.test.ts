@@ -1241,3 +1241,66 @@ describe('instances whose clocks disagree', () => {
     }
   });
 });
+
+describe('a claim that waited on a lock', () => {
+  // The lease counts from the claim's transaction start, before any wait. A claim that waited
+  // longer than its lock (a 1 s lock, the default 5 s query timeout) committed a lease already
+  // run out: the next request with the key took it over while the first still ran.
+  const instance = async (gate?: Gate): Promise<{ app: Service; runs: () => number }> => {
+    const app = await createService({ config, openapi: { title: 'idempotency test', version: '0.0.0' }, logger: false });
+    await app.register(idempotency, { pool, lockTimeoutMs: 1000 });
+    let runs = 0;
+    app.post('/v1/slow', { schema: { body: ThingBody, response: { 201: Thing, 409: ProblemResponse, 503: ProblemResponse } } }, async (request, reply) => {
+      runs += 1;
+      if (gate !== undefined) await gate.arrive();
+      reply.code(201);
+      return { n: runs, name: request.body.name };
+    });
+    return { app, runs: () => runs };
+  };
+  const holdingTheTable = async <T>(ms: number, during: () => Promise<T>): Promise<T> => {
+    const locker = await pool.connect();
+    try {
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE runtime.idempotency_keys IN SHARE MODE');
+      const result = during();
+      await new Promise((resolve) => setTimeout(resolve, ms));
+      await locker.query('COMMIT');
+      return await result;
+    } finally {
+      locker.release();
+    }
+  };
+
+  test('one that took more than half its lock commits nothing: 503 "not run", and the retry runs once', async () => {
+    const { app, runs } = await instance();
+    try {
+      const first = await holdingTheTable(700, () => post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-waited' }));
+      assertProblem(first, 503, 'idempotency-unavailable');
+      assert.equal(runs(), 0);
+      assert.equal(await keyRow('k-waited'), undefined);
+      assert.equal((await post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-waited' })).statusCode, 201);
+      assert.equal(runs(), 1);
+    } finally {
+      await app.close();
+    }
+  });
+
+  test('one that took less keeps at least half its lock: a second request meanwhile is 409', async () => {
+    const gate = new Gate();
+    const a = await instance(gate);
+    const b = await instance();
+    let first: Promise<Response> | undefined;
+    try {
+      first = holdingTheTable(300, () => post(a.app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-short' }));
+      await gate.entered;
+      assertProblem(await post(b.app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-short' }), 409, 'idempotency-key-in-progress');
+      assert.equal(a.runs() + b.runs(), 1);
+    } finally {
+      gate.open();
+      await first;
+      await a.app.close();
+      await b.app.close();
+    }
+  });
+});
