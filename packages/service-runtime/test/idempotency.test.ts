@@ -1073,6 +1073,16 @@ describe('a dependency that failed after the request reached it', () => {
   });
 });
 
+/** A completed use of `key` that expired a day ago and was not pruned yet, which a claim takes over. */
+async function expiredUseOf(key: string): Promise<void> {
+  const old = new Date(Date.now() - 2 * 86_400_000);
+  await pool.query(
+    `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
+     VALUES ('anonymous', $1, $2, 'completed', gen_random_uuid(), 201, '{}', '\\x', $3, $3, $4)`,
+    [key, createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000)],
+  );
+}
+
 describe('a claim statement that outlives the query timeout', () => {
   // Answered 503 "not run, retry with the same key", the statement ran on in PostgreSQL and
   // committed: the key stayed in progress under a token nobody held, and the retry was 409
@@ -1091,16 +1101,9 @@ describe('a claim statement that outlives the query timeout', () => {
 
   test('a batch that waited on a row lock past it commits nothing, neither the keys it inserted before the wait nor the takeover after', async () => {
     const { app, runs } = await things(pool);
-    // Day-old uses of k-0 and k-b, not yet pruned, which claims take over; something holds their
-    // rows for longer than the query timeout (a pruner's batch, a slow disk).
-    const old = new Date(Date.now() - 2 * 86_400_000);
-    for (const key of ['k-0', 'k-b']) {
-      await pool.query(
-        `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
-         VALUES ('anonymous', $4, $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
-        [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000), key],
-      );
-    }
+    // Day-old uses of k-0 and k-b, which claims take over; something holds their rows for longer
+    // than the query timeout (a pruner's batch, a slow disk).
+    for (const key of ['k-0', 'k-b']) await expiredUseOf(key);
     const locker = await pool.connect();
     try {
       await locker.query('BEGIN');
@@ -1135,12 +1138,7 @@ describe('a claim statement that outlives the query timeout', () => {
     // it, the claim had its whole time again, took the old row over and committed, and the
     // retry the 503 invited was 409. It counts from the transaction's start, at Parse.
     const { app, runs } = await things(pool);
-    const old = new Date(Date.now() - 2 * 86_400_000);
-    await pool.query(
-      `INSERT INTO runtime.idempotency_keys (client_id, key, request_fingerprint, state, lock_token, response_status, response_headers, response_body, created_at, locked_until, expires_at)
-       VALUES ('anonymous', 'k-parse', $1, 'completed', gen_random_uuid(), 201, '{}', '\\x', $2, $2, $3)`,
-      [createHash('sha256').update('x').digest(), old, new Date(old.getTime() + 86_400_000)],
-    );
+    await expiredUseOf('k-parse');
     const rowLocker = await pool.connect();
     const tableLocker = await pool.connect();
     try {
