@@ -14,8 +14,8 @@ import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, Fastify
 import { Type, type Static } from 'typebox';
 import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
-import { storableText } from '@ledgerline/events';
-import { canonicalResourceId, storablePrefix } from './record.ts';
+import { storablePrefix, storableText } from '@ledgerline/events';
+import { canonicalResourceId } from './record.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { AuditUnrecordedError, SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 

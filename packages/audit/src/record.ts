@@ -121,10 +121,6 @@ export function resourceIdForms(id: string): string[] {
   return canonical === id ? [id] : [id, canonical];
 }
 
-/** `v` cut to at most `max` code units and made storable: a cut surrogate pair, a lone surrogate and NUL become U+FFFD. */
-export function storablePrefix(v: string, max: number): string {
-  return v.slice(0, max).toWellFormed().replaceAll('\u0000', '\ufffd');
-}
 
 function text(path: string, v: unknown, optional = false): void {
   if (optional && v === undefined) return;

@@ -9,13 +9,13 @@
  * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
  * round finds the lock taken and does nothing, so instances may all run one.
  */
-import { readHorizon, sqlArrayLiteral, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
+import { readHorizon, sqlArrayLiteral, storablePrefix, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
 import { compareOrder, EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type EventTile } from './event-leaves.ts';
 import { checkpointSignatureValid, clearSubjectKey, KeyEncryptionKeyError, keyIdOf, newSubjectKey, seal, signCheckpoint, storedSubjectKey, trustThroughTransitions, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
-import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, storablePrefix, type AuditRecordFields } from './record.ts';
+import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, type CheckpointRow } from './rows.ts';
 import type { AuditEntry } from './sink.ts';
 import { loadFrontier, STORED_LEVEL_MIN, storedLeafHashRange, storedTreeSize, type Queryable } from './tree.ts';

@@ -8,7 +8,7 @@
  */
 import type pg from 'pg';
 import { validate as isUuid } from 'uuid';
-import { newUuidV7, type StoredEvent } from '@ledgerline/events';
+import { newUuidV7, storablePrefix, type StoredEvent } from '@ledgerline/events';
 import { eventEntry, eventLeafDataAt, eventRecordId, searchEventLeaves } from './event-leaves.ts';
 import type { KeyObject } from 'node:crypto';
 import { checkpointJson, keyTransitionJson, type ConsistencyBundle, type InclusionBundle, type KeyTransitionJson } from './bundle.ts';
@@ -16,7 +16,7 @@ import { clearSubjectKey, keyIdOf, open, SigningKeyError, trustThroughTransition
 import { storedKeyTransitions } from './verify.ts';
 import { asAuditWriter } from './migrate.ts';
 import { queueEntryWith } from './writer.ts';
-import { canonicalResourceId, checkEntry, leafData, resourceIdForms, storablePrefix } from './record.ts';
+import { canonicalResourceId, checkEntry, leafData, resourceIdForms } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import type { AuditActor, AuditEntry, AuditOrigin, AuditSink } from './sink.ts';
 import { consistencyProof, inclusionProof, recordInTile, type Queryable } from './tree.ts';

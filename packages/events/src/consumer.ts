@@ -44,6 +44,7 @@ import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMes
 import type pg from 'pg';
 import type { StoredEvent } from './store.ts';
 import { commit, databaseCannotNow, databaseSessionEnded, transientDatabaseError } from './transaction.ts';
+import { storablePrefix } from './sql.ts';
 import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -115,22 +116,17 @@ const LAST_TRY = 'recorded before a last try, alone';
 /** How much of an undecodable message events.undecodable_messages keeps (the dead-letter stream keeps it all, or what fits). */
 const UNDECODABLE_HEAD_BYTES = 4096;
 
-/** Most characters of an error's text stored in events.dead_letters and events.undecodable_messages. */
+/**
+ * Most characters of an error's text stored in events.dead_letters and events.undecodable_messages,
+ * as storablePrefix makes it: NUL (a handler's message may quote the bytes it choked on) and lone
+ * surrogates, which PostgreSQL text refuses, become U+FFFD. Refused, the dead letter could never
+ * be recorded, and the lane retried it for ever.
+ */
 const ERROR_CHARS_MAX = 2000;
 /** Most bytes of an error's text in a dead letter's `Ledgerline-Error` header. */
 const ERROR_HEADER_BYTES_MAX = 256;
 
 const utf8 = new TextEncoder();
-
-/**
- * An error's text as PostgreSQL text and a NATS header take it: at most ERROR_CHARS_MAX code
- * units; NUL (which text refuses: a handler's message may quote the bytes it choked on), a cut
- * surrogate pair and a lone surrogate become U+FFFD. Refused, the dead letter could never be
- * recorded, and the lane retried it for ever.
- */
-function storableText(text: string): string {
-  return text.slice(0, ERROR_CHARS_MAX).toWellFormed().replaceAll('\u0000', '\ufffd');
-}
 
 /** The longest prefix of well-formed `text` whose UTF-8 takes at most `maxBytes`; never a cut character. */
 function utf8Prefix(text: string, maxBytes: number): string {
@@ -657,7 +653,7 @@ export class EventConsumer {
       await this.#o.pool.query(
         `INSERT INTO events.undecodable_messages (consumer, stream_sequence, subject, error, size, head)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (consumer, stream_sequence) DO NOTHING`,
-        [this.#o.name, String(msg.seq), msg.subject, storableText(reason), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
+        [this.#o.name, String(msg.seq), msg.subject, storablePrefix(reason, ERROR_CHARS_MAX), msg.data.length, Buffer.from(msg.data.subarray(0, UNDECODABLE_HEAD_BYTES))],
       );
       await this.#publishDeadLetter(msg.data, `${this.#o.name}:undecodable:${msg.seq}`, reason, {
         'Ledgerline-Source-Subject': msg.subject,
@@ -719,7 +715,7 @@ export class EventConsumer {
     await this.#o.pool.query(
       `INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ($1, $2, $3, $4, $5)
        ON CONFLICT (consumer, event_id) DO UPDATE SET attempts = EXCLUDED.attempts, error = EXCLUDED.error, dead_at = now(), replayed_at = NULL`,
-      [this.#o.name, event.id, event.position.toString(), attempts, storableText(reason)],
+      [this.#o.name, event.id, event.position.toString(), attempts, storablePrefix(reason, ERROR_CHARS_MAX)],
     );
   }
 
@@ -734,7 +730,7 @@ export class EventConsumer {
    * events.undecodable_messages.
    */
   async #publishDeadLetter(data: string | Uint8Array, msgID: string, reason: string, more: Record<string, string> = {}): Promise<void> {
-    const fields: Array<[string, string]> = [['Ledgerline-Error', utf8Prefix(storableText(reason).replace(/[\r\n]/g, ' '), ERROR_HEADER_BYTES_MAX)], ...Object.entries(more)];
+    const fields: Array<[string, string]> = [['Ledgerline-Error', utf8Prefix(storablePrefix(reason, ERROR_CHARS_MAX).replace(/[\r\n]/g, ' '), ERROR_HEADER_BYTES_MAX)], ...Object.entries(more)];
     let body = typeof data === 'string' ? utf8.encode(data) : data;
     const payloadMax = this.#o.nats.info?.max_payload;
     if (payloadMax !== undefined) {

@@ -1,7 +1,7 @@
 export { commit, databaseCannotNow, databaseSessionEnded, inTransaction, queryWithin, TransactionRolledBackError, transientDatabaseError, withQueryTimeout } from './transaction.ts';
 export { readHorizon } from './horizon.ts';
 export { newUuidV7 } from './ids.ts';
-export { sqlArrayLiteral, sqlLiteral, storableText } from './sql.ts';
+export { sqlArrayLiteral, sqlLiteral, storablePrefix, storableText } from './sql.ts';
 export { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo, type ParsedCommandLine } from './cli-kit.ts';
 export {
   allowedLocations,

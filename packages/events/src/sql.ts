@@ -55,3 +55,8 @@ export function sqlLiteral(text: string): string {
 export function storableText(text: string): boolean {
   return text.isWellFormed() && !text.includes('\u0000');
 }
+
+/** `text` cut to at most `max` code units and made storable (storableText): a cut surrogate pair, a lone surrogate and NUL become U+FFFD. */
+export function storablePrefix(text: string, max: number): string {
+  return text.slice(0, max).toWellFormed().replaceAll('\u0000', '\ufffd');
+}

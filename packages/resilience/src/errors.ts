@@ -41,6 +41,9 @@ export class DeadlineExceededError extends TaskCancelledError {
   }
 }
 
+/** Connection failures after which no connection to the dependency was made. */
+const NOT_CONNECTED_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
+
 /**
  * The connection to the dependency failed before a whole answer came back: refused, reset or
  * closed (before or during the answer), the host name not resolved, the connect timed out, or
@@ -52,6 +55,14 @@ export class DeadlineExceededError extends TaskCancelledError {
 export class DependencyConnectionError extends Error {
   readonly dependency: string;
   readonly code: string;
+  /**
+   * Whether the request may have reached the dependency, and so taken effect there: false only
+   * when the code says no connection was made (refused, host not resolved or unreachable, the
+   * connect timed out); a connection that broke once made may have carried the request.
+   */
+  get mayHaveArrived(): boolean {
+    return !NOT_CONNECTED_CODES.has(this.code);
+  }
   constructor(dependency: string, code: string, cause: unknown) {
     super(`${dependency}: connection failed (${code})`, { cause });
     this.name = 'DependencyConnectionError';

@@ -326,9 +326,6 @@ export function createClientErrorHandler(log: FastifyBaseLogger): (error: Error 
   };
 }
 
-/** Connection failures that mean the request never reached the dependency: nothing can have taken effect there. */
-const NOT_SENT_CONNECTION_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT']);
-
 /** What an answer that may have taken effect tells the client (`ProblemAnswer.outcomeUnknown`). */
 const OUTCOME_UNKNOWN_ADVICE =
   'The request may have taken effect. Do not send it again blindly: a retry with the same Idempotency-Key gets this answer again and does not run it a second time; find out whether it took effect first.';
@@ -359,7 +356,7 @@ function dependencyFailure(error: unknown): ProblemAnswer | null {
   if (
     (error instanceof DependencyHttpError && !error.retryable) ||
     error instanceof DependencyResponseTooLargeError ||
-    (error instanceof DependencyConnectionError && !NOT_SENT_CONNECTION_CODES.has(error.code))
+    (error instanceof DependencyConnectionError && error.mayHaveArrived)
   ) {
     return {
       status: 503,
