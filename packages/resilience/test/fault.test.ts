@@ -161,6 +161,46 @@ describe('FaultProxy', () => {
       await new Promise<void>((resolve) => echo.close(() => { resolve(); }));
     }
   });
+  it('delivers what a side sent before it closed, then the close, as TCP does; a reset is still a reset', async () => {
+    // A client that sends a statement, gives up waiting and closes still has the statement
+    // reach the server: the server reads it before the end of the stream.
+    const received: Array<{ data: string; ended: boolean }> = [];
+    const sink = createServer({ allowHalfOpen: true }, (s) => {
+      const entry = { data: '', ended: false };
+      received.push(entry);
+      s.setEncoding('utf8');
+      s.on('data', (d: string) => { entry.data += d; });
+      s.on('end', () => { entry.ended = true; s.end(); });
+      s.on('error', () => {});
+    });
+    await new Promise<void>((resolve) => sink.listen(0, '127.0.0.1', () => { resolve(); }));
+    const proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port: (sink.address() as AddressInfo).port } });
+    try {
+      proxy.set({ latencyMs: 150 });
+      const graceful: Socket = connect(proxy.port, '127.0.0.1');
+      await once(graceful, 'connect');
+      graceful.end('statement;');
+      await once(graceful, 'close');
+      const deadline = Date.now() + 5000;
+      while (received[0]?.ended !== true && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      assert.deepEqual(received[0], { data: 'statement;', ended: true }, 'the bytes, then the end');
+      const waitOpen = Date.now() + 5000;
+      while (proxy.stats.open > 0 && Date.now() < waitOpen) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(proxy.stats.open, 0, 'the pair is gone once both sides closed');
+
+      const reset: Socket = connect(proxy.port, '127.0.0.1');
+      reset.on('error', () => {});
+      await once(reset, 'connect');
+      while (received.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      reset.write('lost;');
+      reset.resetAndDestroy();
+      await new Promise((r) => setTimeout(r, 400));
+      assert.equal(received[1]?.data, '', 'a reset drops what was still in flight');
+    } finally {
+      await proxy.close();
+      await new Promise<void>((resolve) => sink.close(() => { resolve(); }));
+    }
+  });
 });
 
 describe('fault doubles as child processes', () => {

@@ -94,8 +94,8 @@ const REPLAYED_HEADERS = ['content-type', 'location'] as const;
  * too early, too many requests. Nothing ran, so they are released like 5xx, not stored.
  */
 const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
-/** How long the removal of a failed claim statement's claims may take (FORGET_CLAIMS_SQL). */
-const FORGET_CLAIMS_TIMEOUT_MS = 30_000;
+/** How long the withdrawal of a failed claim statement's claims may take (WITHDRAW_CLAIMS_SQL). */
+const WITHDRAW_CLAIMS_TIMEOUT_MS = 30_000;
 /** A claim races at most a prune or an expiry between its two statements; more is a bug. */
 const CLAIM_ATTEMPTS_MAX = 3;
 /** The most keys one claim statement takes. */
@@ -203,7 +203,8 @@ type ClaimOutcome =
 
 interface KeyRow {
   request_fingerprint: Buffer;
-  state: 'in_progress' | 'completed';
+  /** 'withdrawn': a claim whose statement failed (WITHDRAW_CLAIMS_SQL); any other claim takes it. */
+  state: 'in_progress' | 'completed' | 'withdrawn';
   response_status: number | null;
   response_headers: Record<string, string> | null;
   response_body: Buffer | null;
@@ -222,6 +223,7 @@ interface KeyRow {
 // took more than half the lock ($6): the lease counts from the transaction's start, before any
 // wait, and a claim that waited longer than its lock (a 1 s lock, a 5 s query timeout) committed
 // a lease already run out, which the next request with the key took over while the first ran.
+// A withdrawn key (WITHDRAW_CLAIMS_SQL) is taken over by any claim but the one withdrawn.
 // $5: the time, or NULL for the database's (IdempotencyOptions.now); $6 and $7: the lock and
 // the expiry after it, in milliseconds.
 const CLAIM_SQL = `
@@ -238,21 +240,43 @@ ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
        response_status = NULL, response_headers = NULL, response_body = NULL,
        created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
- WHERE k.expires_at <= EXCLUDED.created_at
-    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
-        AND k.request_fingerprint = EXCLUDED.request_fingerprint)
+ WHERE k.lock_token <> EXCLUDED.lock_token
+   AND (k.state = 'withdrawn' OR k.expires_at <= EXCLUDED.created_at
+        OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+            AND k.request_fingerprint = EXCLUDED.request_fingerprint))
 RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh)
 SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{}') AS fresh,
        (SELECT at FROM t) AS at, runtime.claim_in_time(least($8::double precision, $6::double precision / 2)) AS in_time
   FROM claimed`;
 
 // The claims of a batch whose statement failed (a timeout, a lost connection): each request was
-// answered 503 "not run", and PostgreSQL may still have committed the statement (it runs on
-// after the client stops waiting). By primary key and token, so only those claims go.
-const FORGET_CLAIMS_SQL = `
-DELETE FROM runtime.idempotency_keys k
- USING unnest($1::text[], $2::text[], $3::uuid[]) AS u(client_id, key, token)
- WHERE k.client_id = u.client_id AND k.key = u.key AND k.lock_token = u.token AND k.state = 'in_progress'`;
+// answered 503 "not run", and PostgreSQL may still run the statement: it goes on after the
+// client stops waiting, and one that reached the server late (a packet held up on its
+// connection) starts only then, with its deadline (claim_in_time) counted from then. So each
+// claim is withdrawn by a row on its key, not deleted: where the claim committed (same token,
+// in progress) the row becomes 'withdrawn'; where the claim could still take the key (absent,
+// expired, withdrawn, or left in progress past its lock by the same request), the withdrawal
+// takes it first. Claim and withdrawal both insert on the key's unique index, so whichever
+// comes second meets the other's row, after it commits; a claim never takes over its own
+// withdrawal (CLAIM_SQL), and every other claim does. A key held by another request, or
+// completed, is left alone. Locked in the claims' order, like them. $5, $6: as in CLAIM_SQL
+// (the time; the expiry, which keeps the row past any late arrival and lets the pruner take it).
+const WITHDRAW_CLAIMS_SQL = `
+WITH t AS (SELECT coalesce($5::timestamptz, now()) AS at)
+INSERT INTO runtime.idempotency_keys AS k
+       (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
+SELECT u.client_id, u.key, u.fingerprint, 'withdrawn', u.token, t.at, t.at, t.at + make_interval(secs => $6::double precision / 1000)
+  FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(client_id, key, fingerprint, token, n)
+ CROSS JOIN t
+ ORDER BY u.n
+ON CONFLICT (client_id, key) DO UPDATE
+   SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'withdrawn', lock_token = EXCLUDED.lock_token,
+       response_status = NULL, response_headers = NULL, response_body = NULL,
+       created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
+ WHERE (k.lock_token = EXCLUDED.lock_token AND k.state = 'in_progress')
+    OR k.state = 'withdrawn' OR k.expires_at <= EXCLUDED.created_at
+    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+        AND k.request_fingerprint = EXCLUDED.request_fingerprint)`;
 
 const SELECT_SQL = `
 SELECT request_fingerprint, state, response_status, response_headers, response_body, expires_at
@@ -431,31 +455,41 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
       let r: pg.QueryResult<{ tokens: string[]; fresh: boolean[]; at: Date }>;
+      /** The statement went out: it had a connection (queryWithin asks for its values then). */
+      let sent = false;
       try {
         r = await queryWithin<{ tokens: string[]; fresh: boolean[]; at: Date }>(
           pool,
           CLAIM_SQL,
-          (remainingMs) => [
-            sorted.map((i) => i.clientId),
-            sorted.map((i) => i.key),
-            sorted.map((i) => i.fingerprint),
-            sorted.map((i) => i.token),
-            at(),
-            lockTimeoutMs,
-            ttlMs,
-            remainingMs,
-          ],
+          (remainingMs) => {
+            sent = true;
+            return [
+              sorted.map((i) => i.clientId),
+              sorted.map((i) => i.key),
+              sorted.map((i) => i.fingerprint),
+              sorted.map((i) => i.token),
+              at(),
+              lockTimeoutMs,
+              ttlMs,
+              remainingMs,
+            ];
+          },
           queryTimeoutMs,
         );
       } catch (error) {
-        // Not awaited: the requests are answered 503 now. Sent after the claim, so it removes a
-        // claim that committed before the client stopped waiting for its answer (a slow
-        // network); one still running fails at its own deadline (runtime.claim_in_time).
-        queryWithin(pool, FORGET_CLAIMS_SQL, [sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.token)], FORGET_CLAIMS_TIMEOUT_MS).catch(
-          (forgetError: unknown) => {
-            app.log.warn({ err: forgetError, keys: sorted.length }, 'idempotency: could not remove the claims of a failed claim statement; a retry may get 409 until their locks run out');
-          },
-        );
+        if (!sent) throw error;
+        // Not awaited: the requests are answered 503 now. Withdraws each claim, whether the
+        // statement committed before the client stopped waiting (a slow answer), is still
+        // running (it then fails at its own deadline, runtime.claim_in_time), or has not
+        // reached PostgreSQL yet (WITHDRAW_CLAIMS_SQL).
+        queryWithin(
+          pool,
+          WITHDRAW_CLAIMS_SQL,
+          [sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.fingerprint), sorted.map((i) => i.token), at(), ttlMs],
+          WITHDRAW_CLAIMS_TIMEOUT_MS,
+        ).catch((withdrawError: unknown) => {
+          app.log.warn({ err: withdrawError, keys: sorted.length }, 'idempotency: could not withdraw the claims of a failed claim statement; a retry may get 409 until their locks run out');
+        });
         throw error;
       }
       const row = r.rows[0];
@@ -499,8 +533,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
 
       const found = await queryWithin<KeyRow>(pool, SELECT_SQL, [clientId, key], queryTimeoutMs);
       const row = found.rows[0];
-      // Pruned, or expired, between the two statements: claim again.
-      if (row === undefined || row.expires_at.getTime() <= claimed.nowMs) continue;
+      // Pruned, expired or withdrawn between the two statements: claim again.
+      if (row === undefined || row.expires_at.getTime() <= claimed.nowMs || row.state === 'withdrawn') continue;
       if (!row.request_fingerprint.equals(fingerprint)) return { kind: 'mismatch' };
       if (row.state === 'in_progress') return { kind: 'in_progress' };
       if (row.response_status === null || row.response_headers === null || row.response_body === null) {

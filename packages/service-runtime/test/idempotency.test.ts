@@ -1123,8 +1123,10 @@ describe('a claim statement that outlives the query timeout', () => {
     }
     // The statements go on once the lock is free: give them the time to.
     await new Promise((resolve) => setTimeout(resolve, 300));
-    assert.equal(await keyRow('k-a'), undefined, 'k-a, inserted before the wait, is not left claimed');
-    assert.equal((await keyRow('k-b'))?.state, 'completed', 'the old use of k-b, not taken over late');
+    // Withdrawn, once the statements had failed: neither is left claimed (k-a was inserted
+    // before the wait, k-b taken over after it).
+    assert.equal((await keyRow('k-a'))?.state, 'withdrawn', 'k-a, inserted before the wait, is not left claimed');
+    assert.equal((await keyRow('k-b'))?.state, 'withdrawn', 'the old use of k-b, not taken over late');
     for (const key of ['k-a', 'k-b']) {
       const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': key });
       assert.equal(retry.statusCode, 201, `${key}: ${retry.body}`);
@@ -1158,14 +1160,14 @@ describe('a claim statement that outlives the query timeout', () => {
       tableLocker.release();
     }
     await new Promise((resolve) => setTimeout(resolve, 300));
-    assert.equal((await keyRow('k-parse'))?.state, 'completed', 'the old use of the key, not taken over late');
+    assert.equal((await keyRow('k-parse'))?.state, 'withdrawn', 'the old use of the key, not taken over late');
     const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-parse' });
     assert.equal(retry.statusCode, 201, retry.body);
     assert.equal(runs(), 1);
     await app.close();
   });
 
-  test('a claim that committed while its answer was late is removed: the retry runs', async () => {
+  test('a claim that committed while its answer was late is withdrawn: the retry runs', async () => {
     const { proxy, url } = await behindFaultProxy(db.url);
     const slow = new pg.Pool({ connectionString: url, max: 2 });
     try {
@@ -1174,12 +1176,46 @@ describe('a claim statement that outlives the query timeout', () => {
       // Each way: the statement lands after 250 ms and commits; its answer would come at 500.
       proxy.set({ latencyMs: 250 });
       assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' }), 503, 'idempotency-unavailable');
-      // The removal goes the same slow way.
-      await waitForValue(async () => (await keyRow('k-late')) === undefined, 5000);
+      // The withdrawal goes the same slow way.
+      await waitForValue(async () => (await keyRow('k-late'))?.state === 'withdrawn', 5000);
       proxy.heal();
       const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' });
       assert.equal(retry.statusCode, 201, retry.body);
       assert.equal(runs(), 1);
+      await app.close();
+    } finally {
+      await slow.end();
+      await proxy.close();
+    }
+  });
+
+  test('a claim that reaches PostgreSQL after its withdrawal takes nothing: the retry runs', async () => {
+    // The client gives up at 300 ms and withdraws the claim over a new connection, which is
+    // quick; the claim's own bytes are held up on theirs and reach the server at 700 ms, after
+    // the withdrawal, with the whole of their 300 ms still to run (their deadline counts from
+    // their arrival). Deleted rather than withdrawn, the claim found no row, inserted its own,
+    // committed, and the retry was 409 until the lock ran out.
+    const { proxy, url } = await behindFaultProxy(db.url);
+    const slow = new pg.Pool({ connectionString: url, max: 2 });
+    try {
+      await slow.query('SELECT 1');
+      const { app, runs } = await things(slow);
+      proxy.set({ latencyMs: 700 });
+      const answer = post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-later' });
+      await new Promise((resolve) => setTimeout(resolve, 150));
+      proxy.heal();
+      assertProblem(await answer, 503, 'idempotency-unavailable');
+      // The claim's connection closes once the server has read everything sent on it, the
+      // claim and then the client's Terminate: then the claim has run. The withdrawal's, the
+      // second, stays open in the pool.
+      await waitForValue(() => Promise.resolve(proxy.stats.connections >= 2 && proxy.stats.open <= 1), 5000);
+      const row = await keyRow('k-later');
+      // Not in progress: the late claim took nothing.
+      const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-later' });
+      assert.equal(retry.statusCode, 201, `${retry.body} (the key was ${JSON.stringify(row)})`);
+      assert.equal(row?.state, 'withdrawn');
+      assert.equal(runs(), 1);
+      assert.equal((await keyRow('k-later'))?.state, 'completed');
       await app.close();
     } finally {
       await slow.end();

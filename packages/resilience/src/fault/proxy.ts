@@ -130,18 +130,40 @@ export class FaultProxy {
     };
     client.on('error', end);
     upstream.on('error', end);
-    client.on('close', end);
-    upstream.on('close', end);
-    this.#pipe(client, upstream, (n) => { this.#stats.bytesUp += n; });
-    this.#pipe(upstream, client, (n) => { this.#stats.bytesDown += n; });
+    // A side that closes gracefully (FIN) has its bytes still in the proxy delivered first, and
+    // then the close, as TCP delivers a FIN after the data sent before it: a client that sends
+    // a statement and then gives up and closes still has the statement reach the server. The
+    // pair ends when both sides have closed; an error (a reset) ends it at once.
+    const up = this.#pipe(client, upstream, (n) => { this.#stats.bytesUp += n; });
+    const down = this.#pipe(upstream, client, (n) => { this.#stats.bytesDown += n; });
+    let open = 2;
+    const closed = (hadError: boolean, pipe: { finish(): void }): void => {
+      if (hadError) {
+        end();
+        return;
+      }
+      pipe.finish();
+      open -= 1;
+      if (open === 0) end();
+    };
+    client.on('close', (hadError) => { closed(hadError, up); });
+    upstream.on('close', (hadError) => { closed(hadError, down); });
   }
 
-  /** Forwards `from` → `to`, each chunk after the latency in force when it arrived, in order. */
-  #pipe(from: Socket, to: Socket, count: (bytes: number) => void): void {
+  /**
+   * Forwards `from` → `to`, each chunk after the latency in force when it arrived, in order.
+   * `finish()`: `from` has closed; once the chunks still queued are written (none, if
+   * blackholed), `to` is ended.
+   */
+  #pipe(from: Socket, to: Socket, count: (bytes: number) => void): { finish(): void } {
     const queue: Array<{ atMs: number; chunk: Buffer }> = [];
     let queuedBytes = 0;
     let timer: NodeJS.Timeout | undefined;
     let lastAtMs = 0;
+    let finishing = false;
+    const close = (): void => {
+      if (!to.destroyed) to.end();
+    };
     const pump = (): void => {
       timer = undefined;
       const now = performance.now();
@@ -155,6 +177,7 @@ export class FaultProxy {
       if (queuedBytes < BUFFER_BYTES_MAX && from.isPaused()) from.resume();
       const head = queue[0];
       if (head !== undefined) timer = setTimeout(pump, head.atMs - now);
+      else if (finishing) close();
     };
     from.on('data', (chunk: Buffer) => {
       const s = this.#settings;
@@ -174,8 +197,14 @@ export class FaultProxy {
       if (queuedBytes >= BUFFER_BYTES_MAX) from.pause();
       if (timer === undefined) timer = setTimeout(pump, atMs - now);
     });
-    from.on('close', () => {
+    to.on('close', () => {
       if (timer !== undefined) clearTimeout(timer);
     });
+    return {
+      finish: () => {
+        if (this.#settings.blackhole || queue.length === 0) close();
+        else finishing = true;
+      },
+    };
   }
 }
