@@ -471,6 +471,34 @@ export class EventTooLargeError extends RangeError {
 /** Events whose documents are serialised in one JSON.stringify call, and sized together (see `#appendDocuments`). */
 const DOCUMENT_CHUNK = 32;
 
+/**
+ * A number as JSON.stringify writes one with an exponent (`1e+300`, `-1.5e-7`). jsonb writes it
+ * out in full (`1e+300` as 301 digits), so its text can be far longer than the JSON's. Matched
+ * anywhere in a document's JSON, strings included: a match inside a string only makes the bound
+ * larger than it need be.
+ */
+const EXPONENT_NUMBER = /(-?)([0-9]+)(?:\.([0-9]+))?[eE][+-]?([0-9]+)/g;
+/**
+ * The most bytes of jsonb text one character of such a number can become: `5e-324` (6
+ * characters, the least double JSON.stringify writes) is `0.` and 324 digits; `1e+308`, 309
+ * digits. A text this many times its length fits under a limit needs no search for them.
+ */
+const EXPONENT_BYTES_PER_CHAR_MAX = 55;
+
+/**
+ * How many more bytes than their JSON the numbers with an exponent in `text` can take as jsonb
+ * text: for each, at most its sign, its digits, the exponent's value in zeros, and `0.`
+ * (PostgreSQL's numeric keeps the input's scale and writes no exponent).
+ */
+function exponentExpansion(text: string): number {
+  let extra = 0;
+  for (const m of text.matchAll(EXPONENT_NUMBER)) {
+    const [literal, sign = '', whole = '', fraction = '', exponent = ''] = m;
+    extra += Math.max(0, sign.length + whole.length + fraction.length + Number(exponent) + 2 - literal.length);
+  }
+  return extra;
+}
+
 /** What an append's size check reads of each event. */
 type SizedEvent = Pick<StreamEvent, 'streamType' | 'streamId' | 'event'>;
 
@@ -713,9 +741,12 @@ export class EventStore {
    * 32, and a join. A chunk over it is serialised again one event at a time (so is the rest of
    * the append), and a single event over it is measured (`#measureEvent`).
    *
-   * Not covered by the bound: numbers JSON.stringify writes with an exponent, which jsonb
-   * writes out (`1e+300` as 301 digits). An event made of thousands of them can pass here and
-   * then exceed the broker's max_payload; the relay then holds its partition and says so.
+   * Numbers JSON.stringify writes with an exponent, which jsonb writes out (`1e+300` as 301
+   * digits), are counted at their widest (`exponentExpansion`), searched for only in a chunk
+   * whose text could exceed the limit if it were all such numbers (EXPONENT_BYTES_PER_CHAR_MAX
+   * times its length), so the usual append never searches. Until 2026-12-07 they were not
+   * counted: an event of a few thousand bytes of them passed here, its message exceeded the
+   * broker's max_payload, and the relay held its partition.
    */
   async #appendDocuments(db: Queryable, entries: readonly SizedEvent[]): Promise<AppendDocuments> {
     const room = this.eventBytesMax - EVENT_MESSAGE_FIXED_BYTES;
@@ -735,7 +766,10 @@ export class EventStore {
       }
       const dataText = JSON.stringify(d);
       const metadataText = JSON.stringify(m);
-      if (6 * names + 4.5 * (dataText.length + metadataText.length) > room) {
+      const units = dataText.length + metadataText.length;
+      let bound = 6 * names + 4.5 * units;
+      if (6 * names + EXPONENT_BYTES_PER_CHAR_MAX * units > room) bound += exponentExpansion(dataText) + exponentExpansion(metadataText);
+      if (bound > room) {
         if (end - start > 1) {
           chunk = 1;
           continue;

@@ -110,6 +110,37 @@ describe('the size of an event', () => {
     assert.ok(message <= bytesMax && message > bytesMax - 64, `a message of ${message} bytes`);
   });
 
+  test('numbers written with an exponent count at the width jsonb gives them: a small event of them that would be too large is refused', async () => {
+    // `1e+300` is 6 characters of JSON and 301 digits of jsonb text. 100 of them are about 700
+    // bytes of JSON and 30 KB on the broker: the bound by characters took them, and the relay
+    // could not publish the event.
+    const bytesMax = 20_000;
+    const store = await EventStore.open(env.pool, { eventBytesMax: bytesMax });
+    const type = 'exponent';
+    const many = { type: 'Huge', data: { n: Array.from({ length: 100 }, () => 1e300) } };
+    const few = { type: 'Huge', data: { n: Array.from({ length: 20 }, () => -1.5e-300), m: 1e21 } };
+    await inTx(env.pool, async (c) => {
+      const refused = await store.append(c, { type, id: 'x-1' }, [many], { expectedVersion: 'no_stream' }).catch((e: unknown) => e);
+      assert.ok(refused instanceof EventTooLargeError, String(refused));
+      assert.ok(refused.bytes > bytesMax, refused.message);
+      await assert.rejects(store.appendMany(c, [{ streamType: type, streamId: 'x-2', version: 1, event: many }]), EventTooLargeError);
+      // Among many small events, in a chunk sized together.
+      const small = Array.from({ length: 40 }, (_, i) => ({ streamType: type, streamId: `s-${i}`, version: 1, event: { type: 'Small', data: { i } } }));
+      const refusedAmong = await store.appendMany(c, [...small.slice(0, 10), { streamType: type, streamId: 'x-3', version: 1, event: many }, ...small.slice(10)]).catch((e: unknown) => e);
+      assert.ok(refusedAmong instanceof EventTooLargeError, String(refusedAmong));
+      assert.equal(refusedAmong.index, 10);
+      // 20 of them (about 6 KB on the broker) are taken, and published whole.
+      await store.append(c, { type, id: 'x-4' }, [few], { expectedVersion: 'no_stream' });
+    });
+    assert.equal(await count(type), 1);
+    const partition = store.partitionOf(type, 'x-4');
+    const [event] = (await readOutbox(env.pool, partition, CHECKPOINT_START, 10_000)).filter((e) => e.streamType === type);
+    assert.ok(event !== undefined);
+    const message = event.bytes + Buffer.byteLength('{"events":[]}');
+    assert.ok(message > 6000 && message <= bytesMax, `a message of ${message} bytes`);
+    assert.deepEqual((JSON.parse(event.json) as { data: unknown }).data, few.data);
+  });
+
   test('a many-event append is sized event by event and written whole: one event over the limit is found wherever it is', async () => {
     const store = await EventStore.open(env.pool, { eventBytesMax: 8192 });
     const type = 'many';
