@@ -201,6 +201,32 @@ describe('FaultProxy', () => {
       await new Promise<void>((resolve) => sink.close(() => { resolve(); }));
     }
   });
+
+  it('ends a pair whose other side never closes, closeLingerMs after the first side\'s close', async () => {
+    const held: Socket[] = [];
+    const sink = createServer({ allowHalfOpen: true }, (s) => {
+      held.push(s);
+      s.on('error', () => {});
+      s.resume();
+    });
+    await new Promise<void>((resolve) => sink.listen(0, '127.0.0.1', () => { resolve(); }));
+    const proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port: (sink.address() as AddressInfo).port }, closeLingerMs: 200 });
+    try {
+      const socket = connect(proxy.port, '127.0.0.1');
+      await once(socket, 'connect');
+      socket.resume();
+      socket.end('x');
+      await once(socket, 'close');
+      assert.equal(proxy.stats.open, 1, 'held while the server may still answer');
+      const deadline = Date.now() + 5000;
+      while (proxy.stats.open > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(proxy.stats.open, 0);
+    } finally {
+      await proxy.close();
+      for (const s of held) s.destroy();
+      await new Promise<void>((resolve) => sink.close(() => { resolve(); }));
+    }
+  });
 });
 
 describe('fault doubles as child processes', () => {

@@ -94,7 +94,7 @@ const REPLAYED_HEADERS = ['content-type', 'location'] as const;
  * too early, too many requests. Nothing ran, so they are released like 5xx, not stored.
  */
 const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
-/** How long the withdrawal of a failed claim statement's claims may take (WITHDRAW_CLAIMS_SQL). */
+/** How long the withdrawal of a failed claim statement may take (WITHDRAW_CLAIMS_SQL). */
 const WITHDRAW_CLAIMS_TIMEOUT_MS = 30_000;
 /** A claim races at most a prune or an expiry between its two statements; more is a bug. */
 const CLAIM_ATTEMPTS_MAX = 3;
@@ -203,8 +203,7 @@ type ClaimOutcome =
 
 interface KeyRow {
   request_fingerprint: Buffer;
-  /** 'withdrawn': a claim whose statement failed (WITHDRAW_CLAIMS_SQL); any other claim takes it. */
-  state: 'in_progress' | 'completed' | 'withdrawn';
+  state: 'in_progress' | 'completed';
   response_status: number | null;
   response_headers: Record<string, string> | null;
   response_body: Buffer | null;
@@ -223,60 +222,46 @@ interface KeyRow {
 // took more than half the lock ($6): the lease counts from the transaction's start, before any
 // wait, and a claim that waited longer than its lock (a 1 s lock, a 5 s query timeout) committed
 // a lease already run out, which the next request with the key took over while the first ran.
-// A withdrawn key (WITHDRAW_CLAIMS_SQL) is taken over by any claim but the one withdrawn.
+// Before it takes any row it checks that its client has not withdrawn it ($9, the batch id;
+// WITHDRAW_CLAIMS_SQL): the CTE is materialised and joined to every row, so it runs once, first.
 // $5: the time, or NULL for the database's (IdempotencyOptions.now); $6 and $7: the lock and
 // the expiry after it, in milliseconds.
 const CLAIM_SQL = `
-WITH t AS (SELECT coalesce($5::timestamptz, now()) AS at),
+WITH fence AS MATERIALIZED (SELECT runtime.claim_not_withdrawn($9::uuid) AS ok),
+t AS (SELECT coalesce($5::timestamptz, now()) AS at),
 claimed AS (
 INSERT INTO runtime.idempotency_keys AS k
        (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
 SELECT u.client_id, u.key, u.fingerprint, 'in_progress', u.token, t.at,
        t.at + make_interval(secs => $6::double precision / 1000), t.at + make_interval(secs => $7::double precision / 1000)
   FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(client_id, key, fingerprint, token, n)
- CROSS JOIN t
+ CROSS JOIN t CROSS JOIN fence f
+ WHERE f.ok
  ORDER BY u.n
 ON CONFLICT (client_id, key) DO UPDATE
    SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'in_progress', lock_token = EXCLUDED.lock_token,
        response_status = NULL, response_headers = NULL, response_body = NULL,
        created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
- WHERE k.lock_token <> EXCLUDED.lock_token
-   AND (k.state = 'withdrawn' OR k.expires_at <= EXCLUDED.created_at
-        OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
-            AND k.request_fingerprint = EXCLUDED.request_fingerprint))
+ WHERE k.expires_at <= EXCLUDED.created_at
+    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
+        AND k.request_fingerprint = EXCLUDED.request_fingerprint)
 RETURNING k.lock_token::text AS token, (xmax = 0) AS fresh)
 SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{}') AS fresh,
        (SELECT at FROM t) AS at, runtime.claim_in_time(least($8::double precision, $6::double precision / 2)) AS in_time
   FROM claimed`;
 
-// The claims of a batch whose statement failed (a timeout, a lost connection): each request was
-// answered 503 "not run", and PostgreSQL may still run the statement: it goes on after the
-// client stops waiting, and one that reached the server late (a packet held up on its
-// connection) starts only then, with its deadline (claim_in_time) counted from then. So each
-// claim is withdrawn by a row on its key, not deleted: where the claim committed (same token,
-// in progress) the row becomes 'withdrawn'; where the claim could still take the key (absent,
-// expired, withdrawn, or left in progress past its lock by the same request), the withdrawal
-// takes it first. Claim and withdrawal both insert on the key's unique index, so whichever
-// comes second meets the other's row, after it commits; a claim never takes over its own
-// withdrawal (CLAIM_SQL), and every other claim does. A key held by another request, or
-// completed, is left alone. Locked in the claims' order, like them. $5, $6: as in CLAIM_SQL
-// (the time; the expiry, which keeps the row past any late arrival and lets the pruner take it).
+// The withdrawal of a claim statement that failed at its client (a timeout, a lost
+// connection): its requests were answered 503 "not run", and PostgreSQL may still run the
+// statement. It goes on after the client stops waiting, and one that reached the server late (a
+// packet held up on its connection) starts only then, its deadline (claim_in_time) counted from
+// then. runtime.withdraw_claims (migration 1768000000003) records the batch, which the
+// statement refuses if it comes later (runtime.claim_not_withdrawn), and deletes whatever of its
+// claims committed, waiting for it if it is running; only rows that still carry the batch's
+// tokens. $1: the batch id the statement was sent with; $5: the time, or NULL for the
+// database's; $6: how long the record is kept (ttlMs).
 const WITHDRAW_CLAIMS_SQL = `
-WITH t AS (SELECT coalesce($5::timestamptz, now()) AS at)
-INSERT INTO runtime.idempotency_keys AS k
-       (client_id, key, request_fingerprint, state, lock_token, created_at, locked_until, expires_at)
-SELECT u.client_id, u.key, u.fingerprint, 'withdrawn', u.token, t.at, t.at, t.at + make_interval(secs => $6::double precision / 1000)
-  FROM unnest($1::text[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY AS u(client_id, key, fingerprint, token, n)
- CROSS JOIN t
- ORDER BY u.n
-ON CONFLICT (client_id, key) DO UPDATE
-   SET request_fingerprint = EXCLUDED.request_fingerprint, state = 'withdrawn', lock_token = EXCLUDED.lock_token,
-       response_status = NULL, response_headers = NULL, response_body = NULL,
-       created_at = EXCLUDED.created_at, locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at
- WHERE (k.lock_token = EXCLUDED.lock_token AND k.state = 'in_progress')
-    OR k.state = 'withdrawn' OR k.expires_at <= EXCLUDED.created_at
-    OR (k.state = 'in_progress' AND k.locked_until <= EXCLUDED.created_at
-        AND k.request_fingerprint = EXCLUDED.request_fingerprint)`;
+SELECT runtime.withdraw_claims($1::uuid, $2::text[], $3::text[], $4::uuid[], coalesce($5::timestamptz, now()),
+                               coalesce($5::timestamptz, now()) + make_interval(secs => $6::double precision / 1000)) AS deleted`;
 
 const SELECT_SQL = `
 SELECT request_fingerprint, state, response_status, response_headers, response_body, expires_at
@@ -308,6 +293,11 @@ const RELEASE_SQL = `
 DELETE FROM runtime.idempotency_keys
  WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
 
+// Withdrawn claim statements, once kept as long as keys are. $1: the cut-off; $2: the most a call removes.
+const PRUNE_WITHDRAWN_SQL = `
+DELETE FROM runtime.idempotency_withdrawn_claims
+ WHERE batch IN (SELECT batch FROM runtime.idempotency_withdrawn_claims WHERE expires_at <= coalesce($1::timestamptz, now()) LIMIT $2)`;
+
 // SKIP LOCKED: pruners on several instances share the work instead of queueing on each other,
 // and a row a request is taking over right now is left for the next round. $1: the cut-off, or
 // NULL for the database's clock.
@@ -319,6 +309,18 @@ WITH doomed AS (
    FOR UPDATE SKIP LOCKED)
 DELETE FROM runtime.idempotency_keys k USING doomed d
  WHERE k.client_id = d.client_id AND k.key = d.key`;
+
+/**
+ * The plugin's statements, for tests that run them in orders no timing can force (a claim
+ * statement that arrives after its withdrawal, with other requests' statements in between).
+ * Not part of the package's API.
+ */
+export const IDEMPOTENCY_STATEMENTS_FOR_TESTS = {
+  claim: CLAIM_SQL,
+  withdraw: WITHDRAW_CLAIMS_SQL,
+  complete: COMPLETE_SQL,
+  release: RELEASE_SQL,
+} as const;
 
 function assertInteger(name: string, value: number, min: number, max: number): void {
   if (!Number.isInteger(value) || value < min || value > max) {
@@ -454,6 +456,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
     keyOf: (item) => `${item.clientId}\u0000${item.key}`,
     run: async (items) => {
       const sorted = [...items].sort(byClientAndKey);
+      /** Names this statement, so that it can be withdrawn if it fails (WITHDRAW_CLAIMS_SQL). */
+      const batch = randomUUID();
       let r: pg.QueryResult<{ tokens: string[]; fresh: boolean[]; at: Date }>;
       /** The statement went out: it had a connection (queryWithin asks for its values then). */
       let sent = false;
@@ -472,23 +476,24 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
               lockTimeoutMs,
               ttlMs,
               remainingMs,
+              batch,
             ];
           },
           queryTimeoutMs,
         );
       } catch (error) {
         if (!sent) throw error;
-        // Not awaited: the requests are answered 503 now. Withdraws each claim, whether the
-        // statement committed before the client stopped waiting (a slow answer), is still
-        // running (it then fails at its own deadline, runtime.claim_in_time), or has not
-        // reached PostgreSQL yet (WITHDRAW_CLAIMS_SQL).
+        // Not awaited: the requests are answered 503 now. The statement may have committed
+        // before the client stopped waiting (a slow answer), may still be running (it then
+        // fails at its own deadline, runtime.claim_in_time), or may not have reached
+        // PostgreSQL yet: the withdrawal covers all three.
         queryWithin(
           pool,
           WITHDRAW_CLAIMS_SQL,
-          [sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.fingerprint), sorted.map((i) => i.token), at(), ttlMs],
+          [batch, sorted.map((i) => i.clientId), sorted.map((i) => i.key), sorted.map((i) => i.token), at(), ttlMs],
           WITHDRAW_CLAIMS_TIMEOUT_MS,
         ).catch((withdrawError: unknown) => {
-          app.log.warn({ err: withdrawError, keys: sorted.length }, 'idempotency: could not withdraw the claims of a failed claim statement; a retry may get 409 until their locks run out');
+          app.log.warn({ err: withdrawError, keys: sorted.length }, 'idempotency: could not withdraw a failed claim statement; a retry may get 409 until its locks run out');
         });
         throw error;
       }
@@ -533,8 +538,8 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
 
       const found = await queryWithin<KeyRow>(pool, SELECT_SQL, [clientId, key], queryTimeoutMs);
       const row = found.rows[0];
-      // Pruned, expired or withdrawn between the two statements: claim again.
-      if (row === undefined || row.expires_at.getTime() <= claimed.nowMs || row.state === 'withdrawn') continue;
+      // Pruned, or expired, between the two statements: claim again.
+      if (row === undefined || row.expires_at.getTime() <= claimed.nowMs) continue;
       if (!row.request_fingerprint.equals(fingerprint)) return { kind: 'mismatch' };
       if (row.state === 'in_progress') return { kind: 'in_progress' };
       if (row.response_status === null || row.response_headers === null || row.response_body === null) {
@@ -715,7 +720,8 @@ export interface PruneOptions {
 /**
  * Deletes keys whose `expires_at` has passed by `now` (default: the database's clock), in-progress
  * ones only once their lock has also expired, in batches of `batchSizeMax`, at most
- * `batchesMax` batches. Returns the count.
+ * `batchesMax` batches. Returns the count. Then up to `batchSizeMax` expired records of
+ * withdrawn claim statements (WITHDRAW_CLAIMS_SQL), which the count leaves out.
  */
 export async function pruneIdempotencyKeys(
   pool: pg.Pool,
@@ -735,6 +741,8 @@ export async function pruneIdempotencyKeys(
     deleted += count;
     if (count < batchSizeMax) break;
   }
+  // Few: one for each claim statement that failed at its client.
+  await pool.query(withQueryTimeout(PRUNE_WITHDRAWN_SQL, [at, batchSizeMax], queryTimeoutMs));
   return deleted;
 }
 

@@ -5,7 +5,7 @@
  * with an injected clock.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
@@ -31,6 +31,7 @@ import {
   type IdempotencyOptions,
   type Service,
 } from '../src/index.ts';
+import { IDEMPOTENCY_STATEMENTS_FOR_TESTS as STATEMENTS } from '../src/idempotency.ts';
 
 type Response = Awaited<ReturnType<Service['inject']>>;
 
@@ -1123,10 +1124,8 @@ describe('a claim statement that outlives the query timeout', () => {
     }
     // The statements go on once the lock is free: give them the time to.
     await new Promise((resolve) => setTimeout(resolve, 300));
-    // Withdrawn, once the statements had failed: neither is left claimed (k-a was inserted
-    // before the wait, k-b taken over after it).
-    assert.equal((await keyRow('k-a'))?.state, 'withdrawn', 'k-a, inserted before the wait, is not left claimed');
-    assert.equal((await keyRow('k-b'))?.state, 'withdrawn', 'the old use of k-b, not taken over late');
+    assert.equal(await keyRow('k-a'), undefined, 'k-a, inserted before the wait, is not left claimed');
+    assert.equal((await keyRow('k-b'))?.state, 'completed', 'the old use of k-b, not taken over late');
     for (const key of ['k-a', 'k-b']) {
       const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': key });
       assert.equal(retry.statusCode, 201, `${key}: ${retry.body}`);
@@ -1160,14 +1159,14 @@ describe('a claim statement that outlives the query timeout', () => {
       tableLocker.release();
     }
     await new Promise((resolve) => setTimeout(resolve, 300));
-    assert.equal((await keyRow('k-parse'))?.state, 'withdrawn', 'the old use of the key, not taken over late');
+    assert.equal((await keyRow('k-parse'))?.state, 'completed', 'the old use of the key, not taken over late');
     const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-parse' });
     assert.equal(retry.statusCode, 201, retry.body);
     assert.equal(runs(), 1);
     await app.close();
   });
 
-  test('a claim that committed while its answer was late is withdrawn: the retry runs', async () => {
+  test('a claim that committed while its answer was late is removed: the retry runs', async () => {
     const { proxy, url } = await behindFaultProxy(db.url);
     const slow = new pg.Pool({ connectionString: url, max: 2 });
     try {
@@ -1176,8 +1175,8 @@ describe('a claim statement that outlives the query timeout', () => {
       // Each way: the statement lands after 250 ms and commits; its answer would come at 500.
       proxy.set({ latencyMs: 250 });
       assertProblem(await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' }), 503, 'idempotency-unavailable');
-      // The withdrawal goes the same slow way.
-      await waitForValue(async () => (await keyRow('k-late'))?.state === 'withdrawn', 5000);
+      // The removal goes the same slow way.
+      await waitForValue(async () => (await keyRow('k-late')) === undefined, 5000);
       proxy.heal();
       const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-late' });
       assert.equal(retry.statusCode, 201, retry.body);
@@ -1190,11 +1189,12 @@ describe('a claim statement that outlives the query timeout', () => {
   });
 
   test('a claim that reaches PostgreSQL after its withdrawal takes nothing: the retry runs', async () => {
-    // The client gives up at 300 ms and withdraws the claim over a new connection, which is
-    // quick; the claim's own bytes are held up on theirs and reach the server at 700 ms, after
-    // the withdrawal, with the whole of their 300 ms still to run (their deadline counts from
-    // their arrival). Deleted rather than withdrawn, the claim found no row, inserted its own,
-    // committed, and the retry was 409 until the lock ran out.
+    // The client gives up at 300 ms and withdraws the statement over a new connection, which is
+    // quick; the statement's own bytes are held up on theirs and reach the server at 700 ms,
+    // after the withdrawal, with the whole of their 300 ms still to run (their deadline counts
+    // from their arrival). The removal by key and token that the withdrawal replaced found no
+    // row then; the claim inserted its own and committed, and the retry was 409 until the lock
+    // ran out.
     const { proxy, url } = await behindFaultProxy(db.url);
     const slow = new pg.Pool({ connectionString: url, max: 2 });
     try {
@@ -1210,12 +1210,10 @@ describe('a claim statement that outlives the query timeout', () => {
       // second, stays open in the pool.
       await waitForValue(() => Promise.resolve(proxy.stats.connections >= 2 && proxy.stats.open <= 1), 5000);
       const row = await keyRow('k-later');
-      // Not in progress: the late claim took nothing.
       const retry = await post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-later' });
       assert.equal(retry.statusCode, 201, `${retry.body} (the key was ${JSON.stringify(row)})`);
-      assert.equal(row?.state, 'withdrawn');
+      assert.equal(row, undefined, 'the late claim took nothing');
       assert.equal(runs(), 1);
-      assert.equal((await keyRow('k-later'))?.state, 'completed');
       await app.close();
     } finally {
       await slow.end();
@@ -1336,5 +1334,89 @@ describe('a claim that waited on a lock', () => {
       await a.app.close();
       await b.app.close();
     }
+  });
+});
+
+describe('a withdrawn claim statement, its statements run in a forced order', () => {
+  // Each claim statement carries a batch id; a client that gives up on one withdraws that batch.
+  // The fence is the batch, not the key's row: a first design that left a 'withdrawn' row on the
+  // key as the fence was lifted by whatever the key went through meanwhile, and a late claim
+  // then took the key (found by a review).
+  const LOCK_MS = 60_000;
+  const fingerprint = createHash('sha256').update('the request').digest();
+  const claim = async (batch: string, token: string, key: string, at: Date | null = null): Promise<string[]> => {
+    const r = await pool.query<{ tokens: string[] }>(STATEMENTS.claim, [['anonymous'], [key], [fingerprint], [token], at, LOCK_MS, IDEMPOTENCY_TTL_MS_DEFAULT, 5000, batch]);
+    return r.rows[0]?.tokens ?? [];
+  };
+  const withdraw = async (db: pg.Pool | pg.PoolClient, batch: string, token: string, key: string): Promise<number> => {
+    const r = await db.query<{ deleted: number }>(STATEMENTS.withdraw, [batch, ['anonymous'], [key], [token], null, IDEMPOTENCY_TTL_MS_DEFAULT]);
+    return r.rows[0]?.deleted ?? -1;
+  };
+  const withdrawnRefusal = (error: unknown): boolean => error instanceof Error && (error as { code?: string }).code === '57014' && /withdrawn/.test(error.message);
+  const tokenOf = async (key: string): Promise<string | undefined> =>
+    (await pool.query<{ token: string }>("SELECT lock_token::text AS token FROM runtime.idempotency_keys WHERE client_id = 'anonymous' AND key = $1", [key])).rows[0]?.token;
+
+  test('one that arrives after its withdrawal takes nothing, whatever the key went through meanwhile', async () => {
+    // A retry took the key, then released it (its handler's answer was not final).
+    const [a1, b2] = [randomUUID(), randomUUID()];
+    const [t1, t2] = [randomUUID(), randomUUID()];
+    assert.equal(await withdraw(pool, a1, t1, 'w-released'), 0);
+    assert.deepEqual(await claim(b2, t2, 'w-released'), [t2]);
+    assert.equal((await pool.query(STATEMENTS.release, ['anonymous', 'w-released', t2])).rowCount, 1);
+    await assert.rejects(claim(a1, t1, 'w-released'), withdrawnRefusal);
+    assert.equal(await keyRow('w-released'), undefined);
+    const t3 = randomUUID();
+    assert.deepEqual(await claim(randomUUID(), t3, 'w-released'), [t3], 'the next claim takes the key');
+
+    // The retry's statement failed as well, and was withdrawn in turn; both arrive late.
+    const [c1, c2] = [randomUUID(), randomUUID()];
+    const [u1, u2] = [randomUUID(), randomUUID()];
+    await withdraw(pool, c1, u1, 'w-twice');
+    await withdraw(pool, c2, u2, 'w-twice');
+    await assert.rejects(claim(c1, u1, 'w-twice'), withdrawnRefusal);
+    await assert.rejects(claim(c2, u2, 'w-twice'), withdrawnRefusal);
+    assert.equal(await keyRow('w-twice'), undefined);
+  });
+
+  test('one still running is waited for, and what it committed is removed', async () => {
+    const [batch, token] = [randomUUID(), randomUUID()];
+    const running = await pool.connect();
+    try {
+      await running.query('BEGIN');
+      assert.deepEqual((await running.query<{ tokens: string[] }>(STATEMENTS.claim, [['anonymous'], ['w-running'], [fingerprint], [token], null, LOCK_MS, IDEMPOTENCY_TTL_MS_DEFAULT, 5000, batch])).rows[0]?.tokens, [token]);
+      let withdrawn: number | undefined;
+      const withdrawal = withdraw(pool, batch, token, 'w-running').then((n) => {
+        withdrawn = n;
+      });
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      assert.equal(withdrawn, undefined, 'the withdrawal waits for the claim');
+      await running.query('COMMIT');
+      await withdrawal;
+      assert.equal(withdrawn, 1);
+    } finally {
+      running.release();
+    }
+    assert.equal(await keyRow('w-running'), undefined);
+  });
+
+  test('a withdrawal removes only its own claims: another request past its lock still stores its response', async () => {
+    // A claimed 61 s ago with a 60 s lock and is still running; B, a retry of the same request,
+    // sent a claim that failed, and withdraws it. A's row is not B's to take.
+    const [ta, tb] = [randomUUID(), randomUUID()];
+    assert.deepEqual(await claim(randomUUID(), ta, 'w-other', new Date(Date.now() - 61_000)), [ta]);
+    assert.equal(await withdraw(pool, randomUUID(), tb, 'w-other'), 0);
+    assert.equal(await tokenOf('w-other'), ta);
+    const stored = await pool.query(STATEMENTS.complete, [['anonymous'], ['w-other'], [ta], [201], ['{}'], [Buffer.from('ok')], null, IDEMPOTENCY_TTL_MS_DEFAULT]);
+    assert.equal(stored.rowCount, 1, "A's response is stored");
+  });
+
+  test('the pruner removes withdrawals once they expire', async () => {
+    const batch = randomUUID();
+    await withdraw(pool, batch, randomUUID(), 'w-pruned');
+    const count = async (): Promise<number> => (await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM runtime.idempotency_withdrawn_claims WHERE batch = $1', [batch])).rows[0]?.n ?? -1;
+    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT - 60_000);
+    assert.equal(await count(), 1, 'kept for the keys\' lifetime');
+    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT + 60_000);
+    assert.equal(await count(), 0);
   });
 });

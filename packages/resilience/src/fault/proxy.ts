@@ -11,6 +11,12 @@ import { createServer, connect, type AddressInfo, type Server, type Socket } fro
 import { seededRandom, type Random } from '../random.ts';
 import { FAULTS_NONE, mergeFaults, type FaultSettings } from './settings.ts';
 
+/**
+ * After one side's graceful close, how long the other may keep the pair open before it is
+ * ended (FaultProxyOptions.closeLingerMs): a peer that never closes its side holds nothing of
+ * the proxy's for longer.
+ */
+const CLOSE_LINGER_MS_DEFAULT = 5000;
 /** Per direction: past this many delayed bytes the source is paused until they are sent. */
 const BUFFER_BYTES_MAX = 1024 * 1024;
 
@@ -20,6 +26,8 @@ export interface FaultProxyOptions {
   host?: string;
   settings?: Partial<Pick<FaultSettings, 'latencyMs' | 'latencyJitterMs' | 'dropRate' | 'blackhole'>>;
   seed?: number;
+  /** After one side closes and its bytes are delivered, how long the other may stay open. Default 5 s. */
+  closeLingerMs?: number;
 }
 
 export interface FaultProxyStats {
@@ -33,6 +41,7 @@ export interface FaultProxyStats {
 export class FaultProxy {
   readonly target: { host: string; port: number };
   readonly seed: number;
+  readonly #closeLingerMs: number;
   #settings: FaultSettings;
   readonly #server: Server;
   readonly #random: Random;
@@ -44,6 +53,7 @@ export class FaultProxy {
   private constructor(options: FaultProxyOptions) {
     this.target = options.target;
     this.seed = options.seed ?? 1;
+    this.#closeLingerMs = options.closeLingerMs ?? CLOSE_LINGER_MS_DEFAULT;
     this.#random = seededRandom(this.seed);
     this.#settings = mergeFaults(FAULTS_NONE, options.settings ?? {});
     this.#server = createServer((client) => { this.#accept(client); });
@@ -133,18 +143,23 @@ export class FaultProxy {
     // A side that closes gracefully (FIN) has its bytes still in the proxy delivered first, and
     // then the close, as TCP delivers a FIN after the data sent before it: a client that sends
     // a statement and then gives up and closes still has the statement reach the server. The
-    // pair ends when both sides have closed; an error (a reset) ends it at once.
+    // pair ends when both sides have closed (or closeLingerMs after the first one's bytes
+    // were delivered, if the other keeps its side open); an error (a reset) ends it at once. Half-open connections are not
+    // kept: a side that closes its sending half is closed whole (the sockets are not
+    // allowHalfOpen), so it gets nothing the other side sends after that.
     const up = this.#pipe(client, upstream, (n) => { this.#stats.bytesUp += n; });
     const down = this.#pipe(upstream, client, (n) => { this.#stats.bytesDown += n; });
     let open = 2;
-    const closed = (hadError: boolean, pipe: { finish(): void }): void => {
+    const closed = (hadError: boolean, pipe: { finish(flushed: () => void): void }): void => {
       if (hadError) {
         end();
         return;
       }
-      pipe.finish();
       open -= 1;
-      if (open === 0) end();
+      pipe.finish(() => {
+        if (open === 0) end();
+        else setTimeout(end, this.#closeLingerMs).unref();
+      });
     };
     client.on('close', (hadError) => { closed(hadError, up); });
     upstream.on('close', (hadError) => { closed(hadError, down); });
@@ -152,17 +167,18 @@ export class FaultProxy {
 
   /**
    * Forwards `from` → `to`, each chunk after the latency in force when it arrived, in order.
-   * `finish()`: `from` has closed; once the chunks still queued are written (none, if
-   * blackholed), `to` is ended.
+   * `finish(flushed)`: `from` has closed; once the chunks still queued are written (none, if
+   * blackholed), `to` is ended and `flushed` called.
    */
-  #pipe(from: Socket, to: Socket, count: (bytes: number) => void): { finish(): void } {
+  #pipe(from: Socket, to: Socket, count: (bytes: number) => void): { finish(flushed: () => void): void } {
     const queue: Array<{ atMs: number; chunk: Buffer }> = [];
     let queuedBytes = 0;
     let timer: NodeJS.Timeout | undefined;
     let lastAtMs = 0;
-    let finishing = false;
-    const close = (): void => {
+    let flushed: (() => void) | undefined;
+    const close = (done: () => void): void => {
       if (!to.destroyed) to.end();
+      done();
     };
     const pump = (): void => {
       timer = undefined;
@@ -177,7 +193,7 @@ export class FaultProxy {
       if (queuedBytes < BUFFER_BYTES_MAX && from.isPaused()) from.resume();
       const head = queue[0];
       if (head !== undefined) timer = setTimeout(pump, head.atMs - now);
-      else if (finishing) close();
+      else if (flushed !== undefined) close(flushed);
     };
     from.on('data', (chunk: Buffer) => {
       const s = this.#settings;
@@ -201,9 +217,9 @@ export class FaultProxy {
       if (timer !== undefined) clearTimeout(timer);
     });
     return {
-      finish: () => {
-        if (this.#settings.blackhole || queue.length === 0) close();
-        else finishing = true;
+      finish: (done) => {
+        if (this.#settings.blackhole || queue.length === 0) close(done);
+        else flushed = done;
       },
     };
   }
