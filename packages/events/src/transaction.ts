@@ -40,7 +40,7 @@ export function withQueryTimeout(text: string, values: unknown[], timeoutMs: num
  * without one. A connection that arrives after the deadline goes straight back unused: the
  * statement never starts late. One that started in time runs on in PostgreSQL after the
  * client stops waiting, and may commit; a caller that must not leave its effect behind undoes
- * it (the idempotency plugin removes the claims of a claim statement that failed).
+ * it (the idempotency plugin withdraws a claim statement that failed).
  */
 export async function queryWithin<R extends pg.QueryResultRow>(
   pool: pg.Pool,

@@ -15,9 +15,9 @@
  */
 import { createHash, randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
-import type pg from 'pg';
+import pg from 'pg';
 import { Type } from 'typebox';
-import { queryWithin, withQueryTimeout } from '@ledgerline/events';
+import { databaseSessionEnded, queryWithin, withQueryTimeout } from '@ledgerline/events';
 import { Coalescer } from './coalescer.ts';
 import { problem, problemType, type HttpProblem } from './problem.ts';
 import { answeredOutcomeUnknown, validationProblem } from './problem-handlers.ts';
@@ -254,7 +254,7 @@ SELECT coalesce(array_agg(token), '{}') AS tokens, coalesce(array_agg(fresh), '{
 // connection): its requests were answered 503 "not run", and PostgreSQL may still run the
 // statement. It goes on after the client stops waiting, and one that reached the server late (a
 // packet held up on its connection) starts only then, its deadline (claim_in_time) counted from
-// then. runtime.withdraw_claims (migration 1768000000003) records the batch, which the
+// then. runtime.withdraw_claims (migration 1768000000005) records the batch, which the
 // statement refuses if it comes later (runtime.claim_not_withdrawn), and deletes whatever of its
 // claims committed, waiting for it if it is running; only rows that still carry the batch's
 // tokens. $1: the batch id the statement was sent with; $5: the time, or NULL for the
@@ -482,7 +482,10 @@ function install(app: FastifyInstance, options: IdempotencyOptions): void {
           queryTimeoutMs,
         );
       } catch (error) {
-        if (!sent) throw error;
+        // Never sent, or answered with an error: PostgreSQL ran none of it, or rolled it back.
+        // Not an error that ended the session (a backend terminated): that may come after the
+        // commit, before the answer.
+        if (!sent || (error instanceof pg.DatabaseError && !databaseSessionEnded(error))) throw error;
         // Not awaited: the requests are answered 503 now. The statement may have committed
         // before the client stopped waiting (a slow answer), may still be running (it then
         // fails at its own deadline, runtime.claim_in_time), or may not have reached
@@ -720,8 +723,8 @@ export interface PruneOptions {
 /**
  * Deletes keys whose `expires_at` has passed by `now` (default: the database's clock), in-progress
  * ones only once their lock has also expired, in batches of `batchSizeMax`, at most
- * `batchesMax` batches. Returns the count. Then up to `batchSizeMax` expired records of
- * withdrawn claim statements (WITHDRAW_CLAIMS_SQL), which the count leaves out.
+ * `batchesMax` batches. Returns the count. Then the expired records of withdrawn claim
+ * statements (WITHDRAW_CLAIMS_SQL), in the same batches, which the count leaves out.
  */
 export async function pruneIdempotencyKeys(
   pool: pg.Pool,
@@ -741,8 +744,12 @@ export async function pruneIdempotencyKeys(
     deleted += count;
     if (count < batchSizeMax) break;
   }
-  // Few: one for each claim statement that failed at its client.
-  await pool.query(withQueryTimeout(PRUNE_WITHDRAWN_SQL, [at, batchSizeMax], queryTimeoutMs));
+  // One for each claim statement that failed at its client: few, but an outage can leave
+  // thousands, so as many statements as for the keys.
+  for (let batch = 0; batch < batchesMax; batch++) {
+    const result = await pool.query(withQueryTimeout(PRUNE_WITHDRAWN_SQL, [at, batchSizeMax], queryTimeoutMs));
+    if ((result.rowCount ?? 0) < batchSizeMax) break;
+  }
   return deleted;
 }
 

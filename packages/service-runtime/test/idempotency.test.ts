@@ -59,7 +59,7 @@ after(async () => {
 
 beforeEach(async () => {
   nowMs = START_MS;
-  await pool.query('TRUNCATE runtime.idempotency_keys');
+  await pool.query('TRUNCATE runtime.idempotency_keys, runtime.idempotency_withdrawn_claims');
 });
 
 type Run = (query: pg.QueryConfig) => Promise<pg.QueryResult>;
@@ -1311,6 +1311,8 @@ describe('a claim that waited on a lock', () => {
       assertProblem(first, 503, 'idempotency-unavailable');
       assert.equal(runs(), 0);
       assert.equal(await keyRow('k-waited'), undefined);
+      // PostgreSQL answered with the error and rolled the statement back: nothing to withdraw.
+      assert.equal((await pool.query('SELECT 1 FROM runtime.idempotency_withdrawn_claims')).rowCount, 0);
       assert.equal((await post(app, '/v1/slow', { name: 'a' }, { 'idempotency-key': 'k-waited' })).statusCode, 201);
       assert.equal(runs(), 1);
     } finally {
@@ -1410,13 +1412,33 @@ describe('a withdrawn claim statement, its statements run in a forced order', ()
     assert.equal(stored.rowCount, 1, "A's response is stored");
   });
 
-  test('the pruner removes withdrawals once they expire', async () => {
-    const batch = randomUUID();
-    await withdraw(pool, batch, randomUUID(), 'w-pruned');
-    const count = async (): Promise<number> => (await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM runtime.idempotency_withdrawn_claims WHERE batch = $1', [batch])).rows[0]?.n ?? -1;
-    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT - 60_000);
-    assert.equal(await count(), 1, 'kept for the keys\' lifetime');
-    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT + 60_000);
+  test('the pruner removes withdrawals once they expire, in as many batches as it takes', async () => {
+    const batches = Array.from({ length: 7 }, () => randomUUID());
+    for (const batch of batches) await withdraw(pool, batch, randomUUID(), 'w-pruned');
+    const count = async (): Promise<number> =>
+      (await pool.query<{ n: number }>('SELECT count(*)::int AS n FROM runtime.idempotency_withdrawn_claims WHERE batch = ANY($1::uuid[])', [batches])).rows[0]?.n ?? -1;
+    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT - 60_000, { batchSizeMax: 2 });
+    assert.equal(await count(), 7, 'kept for the keys\' lifetime');
+    await pruneIdempotencyKeys(pool, Date.now() + IDEMPOTENCY_TTL_MS_DEFAULT + 60_000, { batchSizeMax: 2 });
     assert.equal(await count(), 0);
+  });
+
+  test('under another isolation level than READ COMMITTED both refuse to run: their snapshot would predate the batch\'s lock', async () => {
+    for (const level of ['REPEATABLE READ', 'SERIALIZABLE']) {
+      const c = await pool.connect();
+      try {
+        for (const run of [
+          () => c.query(STATEMENTS.claim, [['anonymous'], ['w-isolation'], [fingerprint], [randomUUID()], null, LOCK_MS, IDEMPOTENCY_TTL_MS_DEFAULT, 5000, randomUUID()]),
+          () => withdraw(c, randomUUID(), randomUUID(), 'w-isolation'),
+        ]) {
+          await c.query(`BEGIN ISOLATION LEVEL ${level}`);
+          await assert.rejects(run(), (e: unknown) => (e as { code?: string }).code === '25000' && /READ COMMITTED only/.test(String(e)), level);
+          await c.query('ROLLBACK');
+        }
+      } finally {
+        c.release();
+      }
+    }
+    assert.equal(await keyRow('w-isolation'), undefined);
   });
 });
