@@ -41,14 +41,24 @@ CREATE TABLE runtime.idempotency_withdrawn_claims (
 );
 CREATE INDEX idempotency_withdrawn_claims_expires_at ON runtime.idempotency_withdrawn_claims (expires_at);
 
-CREATE FUNCTION runtime.claim_not_withdrawn(p_batch uuid) RETURNS boolean
+-- The batch's advisory lock, which its claim statement and its withdrawal both take before
+-- they read; refused outside READ COMMITTED (see above). `p_caller` names the function in the
+-- refusal.
+CREATE FUNCTION runtime.lock_claim_batch(p_batch uuid, p_caller text) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF current_setting('transaction_isolation') <> 'read committed' THEN
-    RAISE EXCEPTION '%: idempotency claims and their withdrawals run under READ COMMITTED only (this transaction is %), so that each sees the other', 'runtime.claim_not_withdrawn', current_setting('transaction_isolation')
+    RAISE EXCEPTION '%: idempotency claims and their withdrawals run under READ COMMITTED only (this transaction is %), so that each sees the other', p_caller, current_setting('transaction_isolation')
       USING ERRCODE = 'invalid_transaction_state';
   END IF;
   PERFORM pg_advisory_xact_lock(hashtextextended('ledgerline.idempotency.claim-batch:' || p_batch::text, 0));
+END
+$$;
+
+CREATE FUNCTION runtime.claim_not_withdrawn(p_batch uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM runtime.lock_claim_batch(p_batch, 'runtime.claim_not_withdrawn');
   IF EXISTS (SELECT 1 FROM runtime.idempotency_withdrawn_claims WHERE batch = p_batch) THEN
     RAISE EXCEPTION 'idempotency claim batch % was withdrawn by its client before it arrived: rolled back', p_batch
       USING ERRCODE = 'query_canceled';
@@ -66,11 +76,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   deleted integer;
 BEGIN
-  IF current_setting('transaction_isolation') <> 'read committed' THEN
-    RAISE EXCEPTION '%: idempotency claims and their withdrawals run under READ COMMITTED only (this transaction is %), so that each sees the other', 'runtime.withdraw_claims', current_setting('transaction_isolation')
-      USING ERRCODE = 'invalid_transaction_state';
-  END IF;
-  PERFORM pg_advisory_xact_lock(hashtextextended('ledgerline.idempotency.claim-batch:' || p_batch::text, 0));
+  PERFORM runtime.lock_claim_batch(p_batch, 'runtime.withdraw_claims');
   INSERT INTO runtime.idempotency_withdrawn_claims (batch, withdrawn_at, expires_at)
   VALUES (p_batch, p_at, p_expires_at) ON CONFLICT (batch) DO NOTHING;
   PERFORM 1 FROM runtime.idempotency_keys k
@@ -90,6 +96,7 @@ $$;
 -- Down Migration
 DROP FUNCTION runtime.withdraw_claims(uuid, text[], text[], uuid[], timestamptz, timestamptz);
 DROP FUNCTION runtime.claim_not_withdrawn(uuid);
+DROP FUNCTION runtime.lock_claim_batch(uuid, text);
 DROP TABLE runtime.idempotency_withdrawn_claims;
 ALTER TABLE runtime.idempotency_keys
   DROP CONSTRAINT idempotency_keys_state_check,
