@@ -293,7 +293,8 @@ const RELEASE_SQL = `
 DELETE FROM runtime.idempotency_keys
  WHERE client_id = $1 AND key = $2 AND lock_token = $3 AND state = 'in_progress'`;
 
-// Withdrawn claim statements, once kept as long as keys are. $1: the cut-off; $2: the most a call removes.
+// The records of withdrawn claim statements, once expired (they are kept as long as keys are).
+// $1: the cut-off, or NULL for the database's clock; $2: the most one statement removes.
 const PRUNE_WITHDRAWN_SQL = `
 DELETE FROM runtime.idempotency_withdrawn_claims
  WHERE batch IN (SELECT batch FROM runtime.idempotency_withdrawn_claims WHERE expires_at <= coalesce($1::timestamptz, now()) LIMIT $2)`;
@@ -737,19 +738,21 @@ export async function pruneIdempotencyKeys(
   assertInteger('batchSizeMax', batchSizeMax, 1, 100_000);
   assertInteger('batchesMax', batchesMax, 1, 100_000);
   const at = now === undefined ? null : new Date(now);
-  let deleted = 0;
-  for (let batch = 0; batch < batchesMax; batch++) {
-    const result = await pool.query(withQueryTimeout(PRUNE_SQL, [at, batchSizeMax], queryTimeoutMs));
-    const count = result.rowCount ?? 0;
-    deleted += count;
-    if (count < batchSizeMax) break;
-  }
+  /** `sql` until a statement deletes less than a full batch, or `batchesMax` statements; how many it deleted. */
+  const inBatches = async (sql: string): Promise<number> => {
+    let deleted = 0;
+    for (let batch = 0; batch < batchesMax; batch++) {
+      const result = await pool.query(withQueryTimeout(sql, [at, batchSizeMax], queryTimeoutMs));
+      const count = result.rowCount ?? 0;
+      deleted += count;
+      if (count < batchSizeMax) break;
+    }
+    return deleted;
+  };
+  const deleted = await inBatches(PRUNE_SQL);
   // One for each claim statement that failed at its client: few, but an outage can leave
-  // thousands, so as many statements as for the keys.
-  for (let batch = 0; batch < batchesMax; batch++) {
-    const result = await pool.query(withQueryTimeout(PRUNE_WITHDRAWN_SQL, [at, batchSizeMax], queryTimeoutMs));
-    if ((result.rowCount ?? 0) < batchSizeMax) break;
-  }
+  // thousands.
+  await inBatches(PRUNE_WITHDRAWN_SQL);
   return deleted;
 }
 

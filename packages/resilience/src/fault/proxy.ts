@@ -143,10 +143,10 @@ export class FaultProxy {
     // A side that closes gracefully (FIN) has its bytes still in the proxy delivered first, and
     // then the close, as TCP delivers a FIN after the data sent before it: a client that sends
     // a statement and then gives up and closes still has the statement reach the server. The
-    // pair ends when both sides have closed (or closeLingerMs after the first one's bytes
-    // were delivered, if the other keeps its side open); an error (a reset) ends it at once. Half-open connections are not
-    // kept: a side that closes its sending half is closed whole (the sockets are not
-    // allowHalfOpen), so it gets nothing the other side sends after that.
+    // pair ends when both sides have closed (or closeLingerMs after the first one's bytes were
+    // delivered, if the other keeps its side open); an error (a reset) ends it at once.
+    // Half-open connections are not kept: a side that closes its sending half is closed whole
+    // (the sockets are not allowHalfOpen), so it gets nothing the other side sends after that.
     const up = this.#pipe(client, upstream, (n) => { this.#stats.bytesUp += n; });
     const down = this.#pipe(upstream, client, (n) => { this.#stats.bytesDown += n; });
     let open = 2;
