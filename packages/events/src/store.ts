@@ -745,7 +745,7 @@ export class EventStore {
    * digits), are counted at their widest (`exponentExpansion`), searched for only in a chunk
    * whose text could exceed the limit if it were all such numbers (EXPONENT_BYTES_PER_CHAR_MAX
    * times its length), so the usual append never searches. Until 2026-12-07 they were not
-   * counted: an event of some 21 KB of them (3,500 × `1e+300`, a megabyte as jsonb) passed
+   * counted: an event of some 25 KB of them (3,500 × `1e+300`, a megabyte as jsonb) passed
    * here, its message exceeded the broker's max_payload, and the relay held its partition.
    */
   async #appendDocuments(db: Queryable, entries: readonly SizedEvent[]): Promise<AppendDocuments> {
