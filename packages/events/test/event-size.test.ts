@@ -134,6 +134,7 @@ describe('the size of an event', () => {
     });
     assert.equal(await count(type), 1);
     const partition = store.partitionOf(type, 'x-4');
+    await waitFor('the relay\'s read', async () => (await readOutbox(env.pool, partition, CHECKPOINT_START, 10_000)).some((e) => e.streamType === type));
     const [event] = (await readOutbox(env.pool, partition, CHECKPOINT_START, 10_000)).filter((e) => e.streamType === type);
     assert.ok(event !== undefined);
     const message = event.bytes + Buffer.byteLength('{"events":[]}');

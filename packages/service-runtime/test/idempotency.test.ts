@@ -1190,7 +1190,7 @@ describe('a claim statement that outlives the query timeout', () => {
 
   test('a claim that reaches PostgreSQL after its withdrawal takes nothing: the retry runs', async () => {
     // The client gives up at 300 ms and withdraws the statement over a new connection, which is
-    // quick; the statement's own bytes are held up on theirs and reach the server at 700 ms,
+    // quick; the statement's own bytes are held up on theirs and reach the server at 2 s,
     // after the withdrawal, with the whole of their 300 ms still to run (their deadline counts
     // from their arrival). The removal by key and token that the withdrawal replaced found no
     // row then; the claim inserted its own and committed, and the retry was 409 until the lock
@@ -1200,11 +1200,15 @@ describe('a claim statement that outlives the query timeout', () => {
     try {
       await slow.query('SELECT 1');
       const { app, runs } = await things(slow);
-      proxy.set({ latencyMs: 700 });
+      // The claim lands at 2 s; the withdrawal (a new connection, some 20 ms after the 503 even
+      // on a loaded 2-core machine) gets there first, which the test checks.
+      proxy.set({ latencyMs: 2000 });
       const answer = post(app, '/v1/things', { name: 'a' }, { 'idempotency-key': 'k-later' });
       await new Promise((resolve) => setTimeout(resolve, 150));
       proxy.heal();
       assertProblem(await answer, 503, 'idempotency-unavailable');
+      await waitForValue(async () => ((await pool.query('SELECT 1 FROM runtime.idempotency_withdrawn_claims')).rowCount ?? 0) > 0, 1500);
+      assert.equal(proxy.stats.open, 2, 'the withdrawal was recorded while the claim was still on its way');
       // The claim's connection closes once the server has read everything sent on it, the
       // claim and then the client's Terminate: then the claim has run. The withdrawal's, the
       // second, stays open in the pool.
