@@ -12,7 +12,7 @@
 import type { KeyObject } from 'node:crypto';
 import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
-import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem } from '@ledgerline/service-runtime';
+import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storablePrefix, storableText } from '@ledgerline/events';
 import { canonicalResourceId } from './record.ts';
@@ -31,7 +31,8 @@ export interface AuditRoute {
 }
 
 export interface AuditHttpOptions {
-  sink: AuditSink & { readonly saturated?: boolean };
+  /** `saturated`: refuse audited requests while it holds; `buffered`: entries not yet written (PostgresAuditSink has both). */
+  sink: AuditSink & { readonly saturated?: boolean; readonly buffered?: number };
   /** The service name recorded as the origin. */
   service: string;
   /** Audited routes by `METHOD /route/pattern`, e.g. `POST /v1/transfers`. */
@@ -42,6 +43,14 @@ export interface AuditHttpOptions {
    * header kept only as the caller's claim.
    */
   actorOf?: (request: FastifyRequest) => AuditActor;
+  /**
+   * The service's metrics (`app.metrics`): the plugin then exports on /metrics the requests it
+   * refused because the sink was saturated (`audit_requests_refused_total`), those that ran and
+   * whose record the sink could not take (`audit_requests_unrecorded_total`), and the entries
+   * the sink holds unwritten (`audit_sink_buffered`, when the sink says). A rise in either
+   * counter deserves an alert: the first is the service refusing work, the second records lost.
+   */
+  metrics?: Pick<ServiceMetrics, 'registerCounterFromTotal' | 'registerGauge'>;
 }
 
 const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,199}$/;
@@ -130,8 +139,17 @@ export function auditedInSummary(request: FastifyRequest): void {
 }
 
 function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void {
-  const { sink, service, routes } = options;
+  const { sink, service, routes, metrics } = options;
   const actorOf = options.actorOf ?? defaultActor;
+  let refused = 0;
+  let unrecorded = 0;
+  if (metrics !== undefined) {
+    metrics.registerCounterFromTotal('audit_requests_refused_total', 'Audited requests refused (503 audit-unavailable) before they ran, because the audit sink was saturated.', () => refused);
+    metrics.registerCounterFromTotal('audit_requests_unrecorded_total', 'Audited requests that ran and whose audit record the sink could not take (logged at error level).', () => unrecorded);
+    if (typeof sink.buffered === 'number') {
+      metrics.registerGauge('audit_sink_buffered', 'Audit entries this process holds, not yet written to the audit queue.', () => sink.buffered ?? 0);
+    }
+  }
   // HEAD runs the GET route's handler (Fastify exposes a HEAD route for every GET) and tells
   // as much as the GET does (whether the account exists, how large its answer is): it is
   // audited as the GET is. Until 2026-12-07 it was not audited at all.
@@ -140,6 +158,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
 
   app.addHook('onRequest', async (request, reply) => {
     if (sink.saturated !== true || routeOf(request) === undefined) return;
+    refused += 1;
     throw auditUnavailable(reply, 'The audit trail is not keeping up, so this request was not run.');
   });
 
@@ -168,6 +187,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
       });
     } catch (error) {
       // The response is already sent; the onRequest check keeps this rare. Say so loudly.
+      unrecorded += 1;
       request.log.error({ err: error, audit: true }, 'audit: a request could not be recorded');
     }
   });

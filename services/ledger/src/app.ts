@@ -78,7 +78,7 @@ export interface LedgerServiceOptions {
    * search, checkpoints and proofs. Ledger events are audited by the sequencer, not here.
    */
   audit?: {
-    sink: AuditSink & { readonly saturated?: boolean };
+    sink: AuditSink & { readonly saturated?: boolean; readonly buffered?: number };
     store?: { store: AuditStore; publicKey: KeyObject };
     /**
      * The trail's sequencer tails this engine's event store (the engine has one), so an event
@@ -174,7 +174,7 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       const id = actorName(request);
       return id === ANONYMOUS_ACTOR ? { type: 'anonymous', id } : { type: id.startsWith('user:') ? 'user' : 'service', id };
     };
-    await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf });
+    await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf, ...(app.metrics === undefined ? {} : { metrics: app.metrics }) });
     const reader = options.audit.store;
     if (reader !== undefined) {
       await app.register(auditRoutes, {

@@ -346,9 +346,15 @@ test('bad audit queries get a 4xx problem and write nothing', async () => {
   assert.equal((await t.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM audit.records')).rows[0]?.n, before);
 });
 
-test('with the audit sink saturated, commands are refused with 503 before they run', async () => {
-  const full = { saturated: true, record: (_e: AuditEntry) => undefined, flush: () => Promise.resolve() };
-  const refusing = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink: full } });
+/** One sample's value from a /metrics text, or undefined. */
+function metricValue(text: string, name: string): number | undefined {
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line === undefined ? undefined : Number(line.slice(name.length + 1));
+}
+
+test('with the audit sink saturated, commands are refused with 503 before they run, and /metrics counts them', async () => {
+  const full = { saturated: true, buffered: 9_000, record: (_e: AuditEntry) => undefined, flush: () => Promise.resolve() };
+  const refusing = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink: full }, resilience: { metrics: { processMetrics: false } } });
   try {
     const id = newId();
     const res = await refusing.inject({ method: 'POST', url: '/v1/accounts', payload: { id, ledger: 'USD', code: 1 } });
@@ -358,8 +364,28 @@ test('with the audit sink saturated, commands are refused with 503 before they r
     assert.equal(await engine.getAccount(id), null, 'the command did not run');
     // Unaudited routes still answer.
     assert.equal((await refusing.inject({ method: 'GET', url: '/v1/ledgers' })).statusCode, 200);
+    const metrics = (await refusing.inject({ method: 'GET', url: '/metrics' })).body;
+    assert.equal(metricValue(metrics, 'ledgerline_audit_requests_refused_total'), 1);
+    assert.equal(metricValue(metrics, 'ledgerline_audit_requests_unrecorded_total'), 0);
+    assert.equal(metricValue(metrics, 'ledgerline_audit_sink_buffered'), 9_000);
   } finally {
     await refusing.close();
+  }
+});
+
+test('a request that ran and whose record the sink could not take is counted on /metrics', async () => {
+  const refusingSink = { record: (_e: AuditEntry): void => { throw new Error('audit buffer full'); }, flush: () => Promise.resolve() };
+  const app = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink: refusingSink }, resilience: { metrics: { processMetrics: false } } });
+  try {
+    const id = newId();
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/accounts', payload: { id, ledger: 'USD', code: 1 } })).statusCode, 201);
+    assert.notEqual(await engine.getAccount(id), null, 'the command ran');
+    const metrics = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    assert.equal(metricValue(metrics, 'ledgerline_audit_requests_unrecorded_total'), 1);
+    assert.equal(metricValue(metrics, 'ledgerline_audit_requests_refused_total'), 0);
+    assert.equal(metricValue(metrics, 'ledgerline_audit_sink_buffered'), undefined, 'a sink that does not say what it holds has no gauge');
+  } finally {
+    await app.close();
   }
 });
 
