@@ -1166,11 +1166,21 @@ describe('a claim statement that outlives the query timeout', () => {
     await app.close();
   });
 
-  test('a claim that committed while its answer was late is removed: the retry runs', async () => {
+  /** A pool of two connections through a fault proxy, one of them open, for `run`; both closed after. */
+  const behindProxy = async (run: (slow: pg.Pool, proxy: Awaited<ReturnType<typeof behindFaultProxy>>['proxy']) => Promise<void>): Promise<void> => {
     const { proxy, url } = await behindFaultProxy(db.url);
     const slow = new pg.Pool({ connectionString: url, max: 2 });
     try {
       await slow.query('SELECT 1');
+      await run(slow, proxy);
+    } finally {
+      await slow.end();
+      await proxy.close();
+    }
+  };
+
+  test('a claim that committed while its answer was late is removed: the retry runs', async () => {
+    await behindProxy(async (slow, proxy) => {
       const { app, runs } = await things(slow);
       // Each way: the statement lands after 250 ms and commits; its answer would come at 500.
       proxy.set({ latencyMs: 250 });
@@ -1182,10 +1192,7 @@ describe('a claim statement that outlives the query timeout', () => {
       assert.equal(retry.statusCode, 201, retry.body);
       assert.equal(runs(), 1);
       await app.close();
-    } finally {
-      await slow.end();
-      await proxy.close();
-    }
+    });
   });
 
   test('a claim that reaches PostgreSQL after its withdrawal takes nothing: the retry runs', async () => {
@@ -1195,10 +1202,7 @@ describe('a claim statement that outlives the query timeout', () => {
     // from their arrival). The removal by key and token that the withdrawal replaced found no
     // row then; the claim inserted its own and committed, and the retry was 409 until the lock
     // ran out.
-    const { proxy, url } = await behindFaultProxy(db.url);
-    const slow = new pg.Pool({ connectionString: url, max: 2 });
-    try {
-      await slow.query('SELECT 1');
+    await behindProxy(async (slow, proxy) => {
       const { app, runs } = await things(slow);
       // The claim lands at 2 s; the withdrawal (a new connection, some 20 ms after the 503 even
       // on a loaded 2-core machine) gets there first, which the test checks.
@@ -1219,10 +1223,7 @@ describe('a claim statement that outlives the query timeout', () => {
       assert.equal(row, undefined, 'the late claim took nothing');
       assert.equal(runs(), 1);
       await app.close();
-    } finally {
-      await slow.end();
-      await proxy.close();
-    }
+    });
   });
 });
 
