@@ -12,10 +12,11 @@
 import type { KeyObject } from 'node:crypto';
 import type { FastifyContextConfig, FastifyInstance, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import { Type, type Static } from 'typebox';
-import { problem, problemType, ProblemResponse, STORABLE_TEXT_PATTERN, validationProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
+import { problem, problemType, ProblemResponse, rateLimitRefusal, STORABLE_TEXT_PATTERN, validationProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storablePrefix, storableText } from '@ledgerline/events';
 import { canonicalResourceId } from './record.ts';
+import { RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT, RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT, RateLimitedSummaries } from './rate-limited.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { AuditUnrecordedError, SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 
@@ -51,6 +52,15 @@ export interface AuditHttpOptions {
    * counter deserves an alert: the first is the service refusing work, the second records lost.
    */
   metrics?: Pick<ServiceMetrics, 'registerCounterFromTotal' | 'registerGauge'>;
+  /**
+   * Requests the runtime's rate limiter refused (429) are recorded in summaries, one per actor,
+   * client address, route and resource each `intervalMs` (default 10 s), at most `keysMax`
+   * (default 1000) before the rest of the interval's go into one overflow summary
+   * (rate-limited.ts). The last summaries are written when the app closes.
+   */
+  rateLimitedSummary?: { intervalMs?: number; keysMax?: number };
+  /** The clock of the summaries' times, in ms (default `Date.now`). */
+  clock?: () => number;
 }
 
 const SAFE_HEADER_VALUE = /^[\x21-\x7e][\x20-\x7e]{0,199}$/;
@@ -150,6 +160,28 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
       metrics.registerGauge('audit_sink_buffered', 'Audit entries this process holds, not yet written to the audit queue.', () => sink.buffered ?? 0);
     }
   }
+  const clock = options.clock ?? Date.now;
+  const summaryIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
+  if (!(Number.isInteger(summaryIntervalMs) && summaryIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${summaryIntervalMs}`);
+  const summaries = new RateLimitedSummaries(options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT);
+  const writeSummaries = (): void => {
+    for (const { entry, refused: n } of summaries.drain(service)) {
+      try {
+        sink.record(entry);
+      } catch (error) {
+        unrecorded += n;
+        app.log.error({ err: error, audit: true, action: entry.action, refused: n }, 'audit: a summary of rate-limited requests could not be recorded');
+      }
+    }
+  };
+  const summaryTimer = setInterval(writeSummaries, summaryIntervalMs);
+  summaryTimer.unref();
+  // The services close their audit sink after the app, so the last summaries are written too.
+  app.addHook('onClose', (_instance, done) => {
+    clearInterval(summaryTimer);
+    writeSummaries();
+    done();
+  });
   // HEAD runs the GET route's handler (Fastify exposes a HEAD route for every GET) and tells
   // as much as the GET does (whether the account exists, how large its answer is): it is
   // audited as the GET is. Until 2026-12-07 it was not audited at all.
@@ -172,6 +204,22 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     if (route === undefined) return;
     const failed = reply.statusCode >= 400;
     if ((!failed && recordedByEvents.has(request)) || recordedInSummary.has(request)) return;
+    const limit = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
+    if (limit !== undefined) {
+      summaries.add({
+        recordClass: route.recordClass,
+        action: route.action,
+        actor: actorOf(request),
+        ip: request.ip,
+        resource: { type: route.resourceType, id: (route.resourceId ?? defaultResourceId)(request) },
+        method: request.method,
+        route: request.routeOptions.url ?? request.url,
+        requestId: request.id,
+        limit,
+        at: clock(),
+      });
+      return;
+    }
     const items = itemsOf(request.body);
     const reason = auditReasons.get(request);
     try {

@@ -54,6 +54,13 @@ export { consistencyProof, inclusionProof, loadFrontier } from './tree.ts';
 export { storedKeyTransitions, verifyLog, type VerifyIssue, type VerifyIssueKind, type VerifyReport } from './verify.ts';
 export { AuditBufferFullError, PostgresAuditSink, type PostgresAuditSinkOptions } from './writer.ts';
 export { auditedByEvents, auditedInSummary, auditHttp, auditRoutes, defaultActor, originOf, reasonOf, type AuditHttpOptions, type AuditRoute, type AuditRoutesOptions } from './http.ts';
+export {
+  RATE_LIMITED_OVERFLOW_ACTION,
+  RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT,
+  RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT,
+  RateLimitedSummaries,
+  type RateLimitedRefusal,
+} from './rate-limited.ts';
 export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
 export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, SEQUENCER_RESTART_DELAY_MS_DEFAULT, startSequencerWorker, type SequencerSupervision, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { exportSequencerRestarts, serviceKeyEncryptionKey, previousPublicKeyPems, serviceSigner, startServiceSequencer, type ServiceSequencerConfig } from './startup.ts';

@@ -56,6 +56,7 @@ export {
   OVERLOAD_PROBLEM_TYPES,
   PRIORITY_DEFAULT,
   QUEUE_TIMEOUT_MS_DEFAULT,
+  rateLimitRefusal,
   routePriority,
   trustedHeaderRateLimitClientId,
 } from './priority.ts';

@@ -174,6 +174,17 @@ function boundedClientKey(client: string): string {
   return client.length <= CLIENT_KEY_CHARS_MAX && /^[\x21-\x7e]*$/.test(client) ? client : `sha256:${createHash('sha256').update(client).digest('hex')}`;
 }
 
+const rateLimitRefusals = new WeakMap<FastifyRequest, RateLimit>();
+
+/**
+ * The limit this request was over, when the rate limiter refused it (429): for a plugin that
+ * records refusals (the audit trail summarises them rather than writing one record each).
+ * Undefined for every other request, a 429 of any other origin included.
+ */
+export function rateLimitRefusal(request: FastifyRequest): Readonly<RateLimit> | undefined {
+  return rateLimitRefusals.get(request);
+}
+
 /** Answers 429 and returns false when the client is over its limit for this route. */
 export async function applyRateLimit(
   request: FastifyRequest,
@@ -206,6 +217,7 @@ export async function applyRateLimit(
     return true;
   }
   onLimited(route);
+  rateLimitRefusals.set(request, limit);
   reply.header('retry-after', String(Math.max(1, Math.ceil(result.retryAfterMs / 1000))));
   sendProblem(request, reply, {
     status: 429,

@@ -27,6 +27,7 @@ let app: Service;
 let redis: Redis;
 const prefix = `ll:test:rl:${randomBytes(6).toString('hex')}:`;
 let tokenOf: (sub: string) => Promise<string>;
+let signingKey: Awaited<ReturnType<typeof newSigningKey>>;
 
 before(async () => {
   t = await ledgerTestDb();
@@ -34,6 +35,7 @@ before(async () => {
   engine = new LedgerEngine({ pool: t.pool });
   redis = new Redis('redis://127.0.0.1:6379', { lazyConnect: false, maxRetriesPerRequest: 1 });
   const key = await newSigningKey();
+  signingKey = key;
   const privateKey = await importJWK(key.privateJwk, 'EdDSA');
   assert.ok(!(privateKey instanceof Uint8Array));
   tokenOf = (sub) =>
@@ -95,5 +97,37 @@ describe('rate limits per authenticated principal', () => {
     // Keyed by address, which the caller cannot choose, not by x-client-id.
     const keys = await redis.keys(`${prefix}*:ip:*`);
     assert.deepEqual(keys.sort(), [`${prefix}DELETE::ip:127.0.0.1`, `${prefix}GET::ip:127.0.0.1`]);
+  });
+
+  test('on audited routes the refusals are recorded in a summary that names the principal, not one record each', async () => {
+    const trail = new MemoryAuditSink();
+    const own = await buildLedgerService({
+      engine,
+      pool: t.pool,
+      logger: false,
+      auth: {
+        verify: createTokenVerifier({ keys: localKeys({ keys: [signingKey.publicJwk] }), issuer: ISSUER, audience: 'ledger', clock: () => NOW }),
+        authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit: new MemoryAuditSink(), clock: () => NOW }),
+      },
+      resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${prefix}summary:` }), defaultLimit: LIMIT } },
+      audit: { sink: trail },
+    });
+    const carol = await tokenOf('carol');
+    const account = '0193a1c2-0000-7000-8000-00000000c0de';
+    const statuses: number[] = [];
+    try {
+      for (let i = 0; i < 12; i += 1) {
+        statuses.push((await own.inject({ method: 'GET', url: `/v1/accounts/${account}`, headers: { authorization: `Bearer ${carol}` } })).statusCode);
+      }
+      assert.deepEqual(statuses.slice(2), Array(10).fill(429));
+      assert.equal(trail.entries.length, 2, 'the two admitted reads are recorded; the ten refusals wait for their summary');
+    } finally {
+      await own.close();
+    }
+    const summaries = trail.entries.slice(2);
+    assert.deepEqual(
+      summaries.map((e) => [e.action, e.actor, e.resource, e.outcome, e.reason, (e.payload as { refused: number }).refused]),
+      [['ledger.account.read', { type: 'user', id: 'user:carol' }, { type: 'account', id: account }, 'failure', 'rate-limited', 10]],
+    );
   });
 });

@@ -1,0 +1,173 @@
+/**
+ * Requests the rate limiter refuses on audited routes are recorded in summaries, not one
+ * record each: a client over its limit cannot grow the trail (and fill the sink, which then
+ * refuses everyone's audited requests) at the rate it sends. Over a real Redis bucket.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import { Redis } from 'ioredis';
+import { Type } from 'typebox';
+import { createService, problem, RedisTokenBucket } from '@ledgerline/service-runtime';
+import { auditHttp, MemoryAuditSink, RATE_LIMITED_OVERFLOW_ACTION, RateLimitedSummaries, type AuditEntry, type RateLimitedRefusal } from '../src/index.ts';
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+/** A burst of 2 that refills one token every 100 s: nothing refills during a test. */
+const LIMIT = { ratePerSecond: 0.01, burst: 2 };
+const T0 = Date.UTC(2026, 11, 7, 10, 0);
+
+let redis: Redis;
+const prefix = `ll:test:audit-rl:${randomBytes(6).toString('hex')}:`;
+
+before(() => {
+  redis = new Redis(REDIS_URL, { lazyConnect: false, maxRetriesPerRequest: 1 });
+});
+
+after(async () => {
+  const keys = await redis.keys(`${prefix}*`);
+  if (keys.length > 0) await redis.del(...keys);
+  redis.disconnect();
+});
+
+async function limitedService(sink: MemoryAuditSink, clock: () => number, rateLimitedSummary?: { intervalMs?: number; keysMax?: number }) {
+  const app = await createService({
+    config: { LOG_LEVEL: 'fatal', BODY_LIMIT_BYTES: 1024 },
+    openapi: { title: 'audit-rl', version: '0' },
+    logger: false,
+    rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${prefix}${randomBytes(4).toString('hex')}:` }), defaultLimit: LIMIT },
+  });
+  await app.register(auditHttp, {
+    sink,
+    service: 'test',
+    clock,
+    ...(rateLimitedSummary === undefined ? {} : { rateLimitedSummary }),
+    routes: {
+      'GET /v1/things/:id': { action: 'test.read', recordClass: 'access', resourceType: 'thing' },
+      'POST /v1/busy': { action: 'test.busy', recordClass: 'command', resourceType: 'busy' },
+    },
+  });
+  app.get('/v1/things/:id', { schema: { response: { 200: Type.Object({ ok: Type.Boolean() }) } } }, () => ({ ok: true }));
+  // A 429 of the handler's own (not the rate limiter's) stays a record of its own.
+  app.post('/v1/busy', { config: { rateLimit: false }, schema: { response: { 200: Type.Object({ ok: Type.Boolean() }) } } }, () => {
+    throw problem(429, { type: 'https://ledgerline.dev/problems/busy', title: 'Busy', detail: 'Busy: try again later.' });
+  });
+  return app;
+}
+
+const summariesOf = (entries: AuditEntry[]) => entries.filter((e) => e.reason === 'rate-limited');
+
+describe('rate-limited requests on audited routes', () => {
+  test('are written as one summary per actor, address, route and resource, with the count and span', async () => {
+    const sink = new MemoryAuditSink();
+    let now = T0;
+    const app = await limitedService(sink, () => now);
+    try {
+      const get = (id: string, client: string) => app.inject({ method: 'GET', url: `/v1/things/${id}`, headers: { 'x-client-id': client } });
+      const statuses: number[] = [];
+      // The default limiter keys by address, so both "clients" share one bucket; the trail
+      // records each header as the caller's claim, so they are two actors.
+      for (let i = 0; i < 40; i += 1) {
+        now = T0 + i * 10;
+        statuses.push((await get(i < 30 ? 'thing-a' : 'thing-b', i % 2 === 0 ? 'even' : 'odd')).statusCode);
+      }
+      assert.deepEqual(statuses.slice(0, 3), [200, 200, 429]);
+      assert.equal(statuses.filter((s) => s === 429).length, 38);
+      // The two admitted reads are recorded at once, each on its own; no refusal is, yet.
+      assert.deepEqual(sink.entries.map((e) => [e.outcome, e.resource.id]), [['success', 'thing-a'], ['success', 'thing-a']]);
+      // A 429 the handler answered itself is not the rate limiter's: recorded on its own.
+      assert.equal((await app.inject({ method: 'POST', url: '/v1/busy', payload: {} })).statusCode, 429);
+      assert.deepEqual(sink.entries.slice(2).map((e) => [e.action, e.reason]), [['test.busy', 'busy']]);
+    } finally {
+      // Closing writes the interval's summaries.
+      await app.close();
+    }
+    const summaries = summariesOf(sink.entries);
+    const byKey = new Map(summaries.map((e) => [`${e.actor.id} ${e.resource.id}`, e]));
+    assert.deepEqual([...byKey.keys()].sort(), ['claimed:even thing-a', 'claimed:even thing-b', 'claimed:odd thing-a', 'claimed:odd thing-b']);
+    // Refused: requests 2..29 on thing-a (14 even, 14 odd), 30..39 on thing-b (5 and 5).
+    assert.deepEqual(summaries.map((e) => (e.payload as { refused: number }).refused).reduce((a, b) => a + b, 0), 38);
+    const evenA = byKey.get('claimed:even thing-a');
+    assert.ok(evenA !== undefined);
+    assert.deepEqual(
+      { ...evenA, origin: { ...evenA.origin, requestId: typeof evenA.origin.requestId } },
+      {
+        recordClass: 'access',
+        actor: { type: 'anonymous', id: 'claimed:even' },
+        action: 'test.read',
+        outcome: 'failure',
+        reason: 'rate-limited',
+        origin: { service: 'test', ip: '127.0.0.1', requestId: 'string' },
+        resource: { type: 'thing', id: 'thing-a' },
+        occurredAt: new Date(T0 + 280),
+        payload: {
+          method: 'GET',
+          route: '/v1/things/:id',
+          status: 429,
+          refused: 14,
+          from: new Date(T0 + 20).toISOString(),
+          to: new Date(T0 + 280).toISOString(),
+          firstRequestId: evenA.origin.requestId,
+          lastRequestId: (evenA.payload as { lastRequestId: string }).lastRequestId,
+          ratePerSecond: LIMIT.ratePerSecond,
+          burst: LIMIT.burst,
+        },
+      },
+    );
+    assert.notEqual((evenA.payload as { lastRequestId: string }).lastRequestId, evenA.origin.requestId);
+    assert.equal((byKey.get('claimed:odd thing-b')?.payload as { refused: number }).refused, 5);
+  });
+
+  test('are written every interval while the service runs', async () => {
+    const sink = new MemoryAuditSink();
+    const app = await limitedService(sink, Date.now, { intervalMs: 100 });
+    try {
+      for (let i = 0; i < 6; i += 1) await app.inject({ method: 'GET', url: '/v1/things/t' });
+      const deadline = Date.now() + 5000;
+      while (summariesOf(sink.entries).length === 0) {
+        assert.ok(Date.now() < deadline, 'no summary was written within 5 s of a 100 ms interval');
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.deepEqual(summariesOf(sink.entries).map((e) => (e.payload as { refused: number }).refused), [4]);
+    } finally {
+      await app.close();
+    }
+    assert.equal(summariesOf(sink.entries).length, 1, 'closing with nothing counted since writes nothing more');
+  });
+
+  test('the table is bounded: refusals under keys it has no room for go to one overflow summary naming the heaviest actors', () => {
+    const summaries = new RateLimitedSummaries(2);
+    const refusal = (actor: string, resource: string, at: number): RateLimitedRefusal => ({
+      recordClass: 'access', action: 'test.read', actor: { type: 'user', id: actor }, ip: '10.0.0.1',
+      resource: { type: 'thing', id: resource }, method: 'GET', route: '/v1/things/:id', requestId: `req-${at}`, limit: LIMIT, at: T0 + at,
+    });
+    summaries.add(refusal('alice', 'a', 1));
+    summaries.add(refusal('alice', 'b', 2));
+    // The table is full: new keys overflow; known keys still count in their own summary.
+    summaries.add(refusal('bob', 'c', 3));
+    summaries.add(refusal('carol', 'd', 4));
+    summaries.add(refusal('bob', 'e', 5));
+    summaries.add(refusal('alice', 'a', 6));
+    summaries.add(refusal('dave', 'f', 7));
+    assert.equal(summaries.pending, 7);
+    const out = summaries.drain('test');
+    assert.deepEqual(out.map((o) => [o.entry.action, o.entry.resource.id, o.refused]), [
+      ['test.read', 'a', 2],
+      ['test.read', 'b', 1],
+      [RATE_LIMITED_OVERFLOW_ACTION, 'test', 4],
+    ]);
+    const overflow = out[2]?.entry;
+    assert.deepEqual(overflow?.payload, {
+      status: 429,
+      refused: 4,
+      from: new Date(T0 + 3).toISOString(),
+      to: new Date(T0 + 7).toISOString(),
+      // bob first (2); carol is named, dave found the actor table full too (at most keysMax).
+      actors: [{ actor: 'user:bob', refused: 2 }, { actor: 'user:carol', refused: 1 }],
+      refusedByUnlistedActors: 1,
+    });
+    assert.equal(overflow?.outcome, 'failure');
+    assert.equal(summaries.pending, 0);
+    assert.deepEqual(summaries.drain('test'), [], 'a drain empties the table');
+    assert.throws(() => new RateLimitedSummaries(0), /keysMax must be a positive integer/);
+  });
+});
