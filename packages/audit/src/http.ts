@@ -163,7 +163,7 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
   const clock = options.clock ?? Date.now;
   const summaryIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
   if (!(Number.isInteger(summaryIntervalMs) && summaryIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${summaryIntervalMs}`);
-  const summaries = new RateLimitedSummaries(options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT);
+  const summaries = new RateLimitedSummaries({ keysMax: options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT });
   const writeSummaries = (): void => {
     for (const { entry, refused: n } of summaries.drain(service)) {
       try {

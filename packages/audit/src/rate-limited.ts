@@ -5,7 +5,8 @@
  * could fill the sink's buffer, after which every client's audited requests were refused 503
  * (the sink's back-pressure): one client's flood became everyone's outage.
  *
- * One summary per actor, client address, route and resource for each interval: how many were
+ * One summary per actor, client address, route and resource (and whatever else a single
+ * refusal's record would say: `details`) for each interval: how many were
  * refused, from when to when, the first and last request ids and the limit they were over. A
  * search by actor, resource, action or time still finds them. The table is bounded
  * (`keysMax`): refusals under a key it has no room for go into one overflow summary for the
@@ -37,6 +38,11 @@ export interface RateLimitedRefusal {
   limit: Readonly<RateLimit>;
   /** When it was refused, in ms since the epoch. */
   at: number;
+  /**
+   * What else a single refusal's record would say in its payload (the identity service: the
+   * audience asked for): part of the key, so a summary stands only for refusals alike in it.
+   */
+  details?: Readonly<Record<string, unknown>>;
 }
 
 interface Summary {
@@ -56,14 +62,28 @@ interface Overflow {
   unnamed: number;
 }
 
+export interface RateLimitedSummariesOptions {
+  /** Summaries held at once (default RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT). */
+  keysMax?: number;
+  /**
+   * The reason each summary is recorded with: the one a single refusal was recorded with, so
+   * that a summary reads as the records it stands for (default `rate-limited`, the problem
+   * type's slug, as auditHttp records it; the identity service writes its slugs `rate_limited`).
+   */
+  reason?: string;
+}
+
 export class RateLimitedSummaries {
   readonly #keysMax: number;
+  readonly #reason: string;
   #summaries = new Map<string, Summary>();
   #overflow: Overflow | null = null;
 
-  constructor(keysMax: number = RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT) {
+  constructor(options: RateLimitedSummariesOptions = {}) {
+    const { keysMax = RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT, reason = 'rate-limited' } = options;
     if (!(Number.isInteger(keysMax) && keysMax >= 1)) throw new RangeError(`keysMax must be a positive integer, not ${keysMax}`);
     this.#keysMax = keysMax;
+    this.#reason = reason;
   }
 
   /** Refusals counted and not yet drained. */
@@ -76,7 +96,7 @@ export class RateLimitedSummaries {
   add(r: RateLimitedRefusal): void {
     // NUL cannot occur in any part: the actor, address and resource are checked storable text
     // before they are recorded, and routes and methods come from the route table.
-    const key = [r.recordClass, r.action, r.actor.type, r.actor.id, r.ip, r.method, r.route, r.resource.type, r.resource.id].join('\u0000');
+    const key = [r.recordClass, r.action, r.actor.type, r.actor.id, r.ip, r.method, r.route, r.resource.type, r.resource.id, JSON.stringify(r.details ?? {})].join('\u0000');
     const held = this.#summaries.get(key);
     if (held !== undefined) {
       held.refused += 1;
@@ -111,13 +131,13 @@ export class RateLimitedSummaries {
           actor: first.actor,
           action: first.action,
           outcome: 'failure',
-          // The reason a single refusal was recorded with (the problem type's slug), so that
-          // a summary reads as the records it stands for; the count and span are its payload.
-          reason: 'rate-limited',
+          // The count and span are in the payload.
+          reason: this.#reason,
           origin: { service, ip: first.ip, requestId: first.requestId },
           resource: first.resource,
           occurredAt: new Date(s.to),
           payload: {
+            ...first.details,
             method: first.method,
             route: first.route,
             status: 429,

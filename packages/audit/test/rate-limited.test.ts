@@ -135,7 +135,7 @@ describe('rate-limited requests on audited routes', () => {
   });
 
   test('the table is bounded: refusals under keys it has no room for go to one overflow summary naming the heaviest actors', () => {
-    const summaries = new RateLimitedSummaries(2);
+    const summaries = new RateLimitedSummaries({ keysMax: 2 });
     const refusal = (actor: string, resource: string, at: number): RateLimitedRefusal => ({
       recordClass: 'access', action: 'test.read', actor: { type: 'user', id: actor }, ip: '10.0.0.1',
       resource: { type: 'thing', id: resource }, method: 'GET', route: '/v1/things/:id', requestId: `req-${at}`, limit: LIMIT, at: T0 + at,
@@ -168,6 +168,6 @@ describe('rate-limited requests on audited routes', () => {
     assert.equal(overflow?.outcome, 'failure');
     assert.equal(summaries.pending, 0);
     assert.deepEqual(summaries.drain('test'), [], 'a drain empties the table');
-    assert.throws(() => new RateLimitedSummaries(0), /keysMax must be a positive integer/);
+    assert.throws(() => new RateLimitedSummaries({ keysMax: 0 }), /keysMax must be a positive integer/);
   });
 });

@@ -7,7 +7,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
-import type { AuditActor, AuditEntry, AuditResource, AuditSink } from '@ledgerline/audit';
+import { RateLimitedSummaries, RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT, type AuditActor, type AuditEntry, type AuditResource, type AuditSink } from '@ledgerline/audit';
 import { bulkhead } from 'cockatiel';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type RevokeOutcome, type TokenResponse } from '@ledgerline/identity';
@@ -20,6 +20,7 @@ import {
   problem,
   problemType,
   ProblemResponse,
+  rateLimitRefusal,
   STORABLE_TEXT_PATTERN,
   type HttpProblem,
   type ProblemAnswer,
@@ -61,6 +62,13 @@ export interface IdentityServiceOptions {
   policy?: Policy;
   /** Milliseconds since the epoch, for token checks and policy decisions. */
   clock?: () => number;
+  /**
+   * Token and revocation requests over the rate limit (429) are recorded in summaries, one per
+   * actor, address, route, resource and audience every `intervalMs` (default 10 s), at most
+   * `keysMax` (default 1000) an interval before the rest go into one overflow record, as the
+   * audit trail's HTTP plugin does (@ledgerline/audit `rateLimitedSummary`).
+   */
+  rateLimitedSummary?: { intervalMs?: number; keysMax?: number };
   logLevel?: string;
   /** The largest request body, form or JSON (IDENTITY_BODY_LIMIT_BYTES_DEFAULT unless given). */
   bodyLimitBytes?: number;
@@ -498,7 +506,30 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     ...resilience,
   });
+  /**
+   * Token and revocation requests over the route's rate limit (429), as the audit trail's HTTP
+   * plugin records them on other services: one summary per actor, address, route and resource
+   * each interval (@ledgerline/audit, rate-limited.ts), not a record each, so an address
+   * hammering the endpoint cannot grow the trail at its request rate. The actor is named as a
+   * single refusal's would be (`unchecked-user:<digest>`, never looked up).
+   */
+  const rateLimited = new RateLimitedSummaries({ reason: 'rate_limited', ...(options.rateLimitedSummary?.keysMax === undefined ? {} : { keysMax: options.rateLimitedSummary.keysMax }) });
+  const writeRateLimited = (): void => {
+    for (const { entry, refused } of rateLimited.drain('identity')) {
+      try {
+        options.audit.record(entry);
+      } catch (error) {
+        app.log.error({ err: error, audit: true, action: entry.action, refused }, 'audit: a summary of rate-limited requests could not be recorded');
+      }
+    }
+  };
+  const rateLimitedIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
+  if (!(Number.isInteger(rateLimitedIntervalMs) && rateLimitedIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${rateLimitedIntervalMs}`);
+  const rateLimitedTimer = setInterval(writeRateLimited, rateLimitedIntervalMs);
+  rateLimitedTimer.unref();
   app.addHook('onClose', async () => {
+    clearInterval(rateLimitedTimer);
+    writeRateLimited();
     while (pending.size > 0) await Promise.all(pending);
   });
   // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
@@ -582,7 +613,12 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         const body: unknown = request.body;
         const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
         const { actor, resource, payload: described } = recording.describe(params, SHEDDING_STATUSES.has(reply.statusCode) ? REFUSED_UNCHECKED : REFUSED_UNREAD);
-        record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...described, ...refusal.payload } });
+        const limit = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
+        if (limit !== undefined && !('lookup' in actor)) {
+          rateLimited.add({ recordClass: 'access', action: recording.action, actor, ip: request.ip, resource, method: request.method, route: request.routeOptions.url ?? request.url, requestId: request.id, limit, at: clock(), details: { ...described, ...refusal.payload } });
+        } else {
+          record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...described, ...refusal.payload } });
+        }
       } catch (error) {
         // The answer goes as it is: say so loudly.
         request.log.error({ err: error, audit: true, action: recording.action }, 'audit: a request refused before its handler could not be recorded');
