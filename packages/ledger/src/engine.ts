@@ -18,8 +18,10 @@ import { decideBatch, decideExpiry, type BatchDecision, type BatchState } from '
 import { accountFlagsToMask, accountFromRow, metadataEqual, transferFromRow, type AccountRow, type TransferRow } from './rows.ts';
 import { accountEvent, expiryEvent, LEDGER_SYSTEM_ACTOR, transferEvent } from './events.ts';
 import {
+  accountsLockedElsewhere,
   BEGIN_WRITE,
   insertAccounts,
+  LOCK_TIMEOUT_MS_DEFAULT,
   lockAccounts,
   openBatch,
   reserveTimestamps,
@@ -45,7 +47,7 @@ import {
   type Transfer,
   type TransferPage,
 } from './types.ts';
-import { assertAccountShape, assertTransferShape, ID_INT_MAX, ID_ZERO, LedgerInputError, metadataValid } from './validate.ts';
+import { assertAccountShape, assertTransferShape, ID_INT_MAX, ID_ZERO, isId, LedgerInputError, metadataValid } from './validate.ts';
 
 /**
  * Nothing was decided, or the outcome is unknown: the database could not be reached or the
@@ -91,6 +93,12 @@ export interface LedgerEngineOptions {
   queueTransfersMax?: number;
   /** Attempts per batch on a transient database error (serialization, lost connection). */
   batchAttemptsMax?: number;
+  /**
+   * How long a batch waits for its account locks (default LOCK_TIMEOUT_MS_DEFAULT, 10 s). A
+   * batch whose wait runs out looks for the accounts another transaction holds, and runs the
+   * calls that do not need them apart from those that do (see #runBatch).
+   */
+  lockTimeoutMs?: number;
   /** Interval of the background expiry of pending transfers; 0 disables it. */
   expiryIntervalMs?: number;
   /** Most pending transfers expired per sweep transaction. */
@@ -126,6 +134,9 @@ function defaultClock(): bigint {
   // Wall-clock nanoseconds; ledger.reserve_timestamps keeps them strictly increasing regardless.
   return BigInt(Date.now()) * 1_000_000n;
 }
+
+/** SQLSTATE lock_not_available: a lock wait ran past lock_timeout (or NOWAIT found it held). */
+const LOCK_NOT_AVAILABLE = '55P03';
 
 /** Errors that leave nothing decided and merit another attempt of the whole batch. */
 function isTransient(error: unknown): boolean {
@@ -174,6 +185,7 @@ export class LedgerEngine {
   readonly #batchesInFlightMax: number;
   readonly #queueTransfersMax: number;
   readonly #batchAttemptsMax: number;
+  readonly #lockTimeoutMs: number;
   readonly #expiryBatchMax: number;
   readonly #onExpiryError: (error: unknown) => void;
   readonly #events: EventStore | null;
@@ -197,6 +209,8 @@ export class LedgerEngine {
     this.#batchesInFlightMax = options.batchesInFlightMax ?? 3;
     this.#queueTransfersMax = options.queueTransfersMax ?? 100_000;
     this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
+    this.#lockTimeoutMs = options.lockTimeoutMs ?? LOCK_TIMEOUT_MS_DEFAULT;
+    if (!(Number.isSafeInteger(this.#lockTimeoutMs) && this.#lockTimeoutMs >= 1)) throw new RangeError(`LedgerEngine: lockTimeoutMs must be a positive integer, not ${this.#lockTimeoutMs}`);
     this.#expiryBatchMax = options.expiryBatchMax ?? 1000;
     this.#onExpiryError = options.onExpiryError ?? (() => {});
     this.#events = options.events ?? null;
@@ -337,15 +351,34 @@ export class LedgerEngine {
     // Every queued call waits on a batch in flight; its end schedules the next.
     if (calls.length === 0) return;
     this.#inFlight += 1;
-    for (const call of calls) for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
-    void this.#runBatch(calls).finally(() => {
-      for (const call of calls) {
+    // Each call's ids are busy until that call is answered, not until the whole batch is: a
+    // batch split apart (#runBatch) answers some calls long before others, and a later call
+    // naming only their ids need not wait for the rest. An id another unanswered call names
+    // stays busy (the count).
+    for (const call of calls) {
+      for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
+      let released = false;
+      const release = (): void => {
+        if (released) return;
+        released = true;
         for (const k of call.keys) {
           const n = (this.#busy.get(k) ?? 1) - 1;
           if (n === 0) this.#busy.delete(k);
           else this.#busy.set(k, n);
         }
-      }
+        this.#schedule();
+      };
+      const { resolve, reject } = call;
+      call.resolve = (results) => {
+        release();
+        resolve(results);
+      };
+      call.reject = (error) => {
+        release();
+        reject(error);
+      };
+    }
+    void this.#runBatch(calls).finally(() => {
       this.#inFlight -= 1;
       if (this.#inFlight === 0 && this.#queue.length === 0) {
         for (const done of this.#drained.splice(0)) done();
@@ -358,15 +391,27 @@ export class LedgerEngine {
 
   /**
    * Runs a batch, retrying it whole on transient errors. `appliedMaybe` is true when an
-   * earlier attempt of these calls (before a split) may have committed.
+   * earlier attempt of these calls (before a split) may have committed; `attemptsMade`, how
+   * many attempts these calls have had already (a part split off after a lock wait goes on
+   * with the attempts left).
+   *
+   * A lock wait that runs out (lock_not_available) means another transaction holds one of the
+   * batch's accounts: another ledger instance briefly, or something outside the engine (an
+   * operator's open transaction, a report locking rows) for as long as it likes. Retried
+   * whole, every call of the batch failed with the one that needed that account. Instead the
+   * batch asks which accounts are held (`accountsLockedElsewhere`, which never waits), runs the
+   * calls that need none of them at once, as a batch of their own, and then retries the others
+   * with the attempts they have left.
    */
-  async #runBatch(calls: QueuedCall[], appliedMaybe = false): Promise<void> {
+  async #runBatch(calls: QueuedCall[], appliedMaybe = false, attemptsMade = 0, errorBefore?: unknown): Promise<void> {
     const segments = calls.map((c) => c.transfers);
-    let lastError: unknown;
+    // What the calls are failed with when they have no attempt left (a part split off after its
+    // last attempt's lock wait ran out).
+    let lastError: unknown = errorBefore;
     // Sticky across attempts: once one attempt may have committed, a later attempt that fails
     // before committing proves nothing about it, so the outcome stays unknown.
     let outcomeUnknown = appliedMaybe;
-    for (let attempt = 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
+    for (let attempt = attemptsMade + 1; attempt <= this.#batchAttemptsMax; attempt += 1) {
       this.#stats.batchAttempts += 1;
       try {
         const decision = await this.#attemptBatch(segments, calls.map((c) => c.context));
@@ -390,6 +435,16 @@ export class LedgerEngine {
           }
           break;
         }
+        if (calls.length > 1 && (error as { code?: unknown }).code === LOCK_NOT_AVAILABLE) {
+          const parted = await this.#partByLocksHeldElsewhere(calls);
+          if (parted !== null) {
+            // Apart, in turn: a call held up may share an account the lock does not cover with
+            // a free one, and run beside it, would hold that account while it waits.
+            await this.#runBatch(parted.free, outcomeUnknown);
+            await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
+            return;
+          }
+        }
         const capMs = Math.min(ATTEMPT_BACKOFF_MS_MAX, ATTEMPT_BACKOFF_MS_BASE * 2 ** attempt);
         await sleep(Math.random() * capMs);
       }
@@ -404,6 +459,40 @@ export class LedgerEngine {
         ? new LedgerUnavailableError('the ledger could not reach its database; nothing was applied; retry with the same ids', { cause })
         : lastError;
     for (const call of calls) call.reject(failure);
+  }
+
+  /**
+   * The calls that need an account another transaction holds now (`held`), and the rest
+   * (`free`); null when that cannot be told (no account is held any more, every call or none
+   * needs one, or the probe failed), and the batch is retried whole as before.
+   */
+  async #partByLocksHeldElsewhere(calls: QueuedCall[]): Promise<{ free: QueuedCall[]; held: QueuedCall[] } | null> {
+    const accountIds = new Set<string>();
+    const pendingIds = new Set<string>();
+    for (const t of calls.flatMap((c) => c.transfers)) {
+      for (const id of [t.debitAccountId, t.creditAccountId]) if (id !== undefined && isId(id)) accountIds.add(id);
+      if (t.pendingId !== undefined && isId(t.pendingId)) pendingIds.add(t.pendingId);
+    }
+    let probe: Awaited<ReturnType<typeof accountsLockedElsewhere>>;
+    let client: pg.PoolClient | null = null;
+    let failed = false;
+    try {
+      client = await this.#connect();
+      probe = await accountsLockedElsewhere(client, [...accountIds], [...pendingIds]);
+    } catch {
+      failed = true;
+      return null;
+    } finally {
+      client?.release(failed ? true : undefined);
+    }
+    if (probe.locked.size === 0) return null;
+    const needsHeld = (call: QueuedCall): boolean =>
+      call.transfers.some((t) =>
+        [t.debitAccountId, t.creditAccountId, ...(t.pendingId === undefined ? [] : (probe.pendingAccounts.get(t.pendingId) ?? []))].some((id) => id !== undefined && probe.locked.has(id)),
+      );
+    const held = calls.filter(needsHeld);
+    if (held.length === 0 || held.length === calls.length) return null;
+    return { free: calls.filter((c) => !held.includes(c)), held };
   }
 
   async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[]): Promise<BatchDecision> {
@@ -429,6 +518,7 @@ export class LedgerEngine {
         transferIds: [...ids, ...pendingIds],
         count: all.length,
         nowNs: this.#clock(),
+        lockTimeoutMs: this.#lockTimeoutMs,
       });
       // The pending transfers' accounts were locked as of the locking statement; a pending
       // transfer committed after it began may name others. Deciding needs them locked.

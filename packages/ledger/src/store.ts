@@ -145,12 +145,21 @@ export async function reserveTimestamps(db: Queryable, count: number, nowNs: big
  * that stalls while holding account locks is cut off after 5 s (the batch is retried
  * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
  */
-export const BEGIN_WRITE =
-  "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '30s'; " +
-  // The rows a batch writes were just locked, so they are in memory: fetching one by its ctid
-  // costs nothing like the default random_page_cost of 4 (a disk seek). With the default the
-  // planner reads a small accounts table end to end (a seq scan over 10,000 rows) instead.
-  "SET LOCAL random_page_cost = 1.1";
+export function beginWrite(lockTimeoutMs: number = LOCK_TIMEOUT_MS_DEFAULT): string {
+  if (!(Number.isSafeInteger(lockTimeoutMs) && lockTimeoutMs >= 1)) throw new RangeError(`lockTimeoutMs must be a positive integer, not ${lockTimeoutMs}`);
+  return (
+    `BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '${lockTimeoutMs}ms'; SET LOCAL statement_timeout = '30s'; ` +
+    // The rows a batch writes were just locked, so they are in memory: fetching one by its ctid
+    // costs nothing like the default random_page_cost of 4 (a disk seek). With the default the
+    // planner reads a small accounts table end to end (a seq scan over 10,000 rows) instead.
+    'SET LOCAL random_page_cost = 1.1'
+  );
+}
+
+/** How long a write waits for a row lock before it fails as transient (`beginWrite`). */
+export const LOCK_TIMEOUT_MS_DEFAULT = 10_000;
+
+export const BEGIN_WRITE = beginWrite();
 
 /**
  * A uuid[] literal for the simple query protocol. Only canonical UUIDs pass (the engine
@@ -173,6 +182,8 @@ export interface OpenBatchInput {
   /** Timestamps to reserve, one per transfer. */
   count: number;
   nowNs: bigint;
+  /** How long to wait for the account locks (LOCK_TIMEOUT_MS_DEFAULT unless given). */
+  lockTimeoutMs?: number;
 }
 
 export interface OpenedBatch {
@@ -209,7 +220,7 @@ export async function openBatch(db: Queryable, input: OpenBatchInput): Promise<O
       ? named
       : `${named} || ARRAY(SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM ledger.transfers t
                            WHERE t.id = ANY(${uuidArrayLiteral(input.pendingIds)}))`;
-  const text = `${BEGIN_WRITE};
+  const text = `${input.lockTimeoutMs === undefined ? BEGIN_WRITE : beginWrite(input.lockTimeoutMs)};
     SELECT ${LOCKED_ACCOUNT_COLUMNS} FROM ledger.accounts a WHERE a.id = ANY(${accountIds}) ORDER BY a.id FOR UPDATE;
     SELECT ledger.reserve_timestamps(${input.count}, ${input.nowNs.toString()})::text AS first;
     SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers WHERE id = ANY(${uuidArrayLiteral(input.transferIds)})`;
@@ -227,6 +238,38 @@ export async function openBatch(db: Queryable, input: OpenBatchInput): Promise<O
     firstTimestamp: BigInt(first),
     transfers: read.rows.map(toTransferRow),
   };
+}
+
+/**
+ * Which of these accounts, and of the accounts of these pending transfers, another transaction
+ * holds locked right now: a probe that never waits (FOR UPDATE SKIP LOCKED skips a locked row
+ * where a lock would wait), in a transaction of its own that it rolls back, so it keeps
+ * nothing. Run after a batch's lock wait ran out, to tell the calls that lock holds up from
+ * the rest. Also returns the pending transfers' accounts, by pending id.
+ */
+export async function accountsLockedElsewhere(
+  client: pg.PoolClient,
+  accountIds: readonly string[],
+  pendingIds: readonly string[],
+): Promise<{ locked: Set<string>; pendingAccounts: Map<string, string[]> }> {
+  await client.query("BEGIN; SET LOCAL statement_timeout = '5s'");
+  try {
+    const pendingAccounts = new Map<string, string[]>();
+    if (pendingIds.length > 0) {
+      const r = await client.query<{ id: string; debit: string | null; credit: string | null }>(
+        'SELECT id::text, debit_account_id::text AS debit, credit_account_id::text AS credit FROM ledger.transfers WHERE id = ANY($1::uuid[])',
+        [pendingIds],
+      );
+      for (const row of r.rows) pendingAccounts.set(row.id, [row.debit, row.credit].filter((id): id is string => id !== null));
+    }
+    const ids = [...new Set([...accountIds, ...[...pendingAccounts.values()].flat()])].sort();
+    const free = await client.query<{ id: string }>('SELECT id::text FROM ledger.accounts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE SKIP LOCKED', [ids]);
+    const existing = await client.query<{ id: string }>('SELECT id::text FROM ledger.accounts WHERE id = ANY($1::uuid[])', [ids]);
+    const taken = new Set(free.rows.map((r) => r.id));
+    return { locked: new Set(existing.rows.map((r) => r.id).filter((id) => !taken.has(id))), pendingAccounts };
+  } finally {
+    await client.query('ROLLBACK');
+  }
 }
 
 export interface WriteSet {
