@@ -53,12 +53,13 @@ export interface AuditHttpOptions {
    */
   metrics?: Pick<ServiceMetrics, 'registerCounterFromTotal' | 'registerGauge'>;
   /**
-   * Requests the runtime's rate limiter refused (429) are recorded in summaries, one per actor,
-   * client address, route and resource each `intervalMs` (default 10 s), at most `keysMax`
-   * (default 1000) before the rest of the interval's go into one overflow summary
-   * (rate-limited.ts). The last summaries are written when the app closes.
+   * Requests the runtime's rate limiter refused (429) are recorded in summaries each
+   * `intervalMs` (default 10 s): per limiter bucket and route, one per actor, address and
+   * resource up to `perClientMax` (10), then one catch-all; at most `keysMax` (1000) in all,
+   * past which an overflow summary per record class counts the rest (rate-limited.ts). The
+   * last summaries are written when the app closes.
    */
-  rateLimitedSummary?: { intervalMs?: number; keysMax?: number };
+  rateLimitedSummary?: { intervalMs?: number; keysMax?: number; perClientMax?: number };
   /** The clock of the summaries' times, in ms (default `Date.now`). */
   clock?: () => number;
 }
@@ -163,15 +164,18 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
   const clock = options.clock ?? Date.now;
   const summaryIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
   if (!(Number.isInteger(summaryIntervalMs) && summaryIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${summaryIntervalMs}`);
-  const summaries = new RateLimitedSummaries({ keysMax: options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT });
+  const summaries = new RateLimitedSummaries({
+    keysMax: options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT,
+    ...(options.rateLimitedSummary?.perClientMax === undefined ? {} : { perClientMax: options.rateLimitedSummary.perClientMax }),
+  });
   const writeSummaries = (): void => {
-    for (const { entry, refused: n } of summaries.drain(service)) {
-      try {
-        sink.record(entry);
-      } catch (error) {
-        unrecorded += n;
-        app.log.error({ err: error, audit: true, action: entry.action, refused: n }, 'audit: a summary of rate-limited requests could not be recorded');
-      }
+    // What the sink refuses (its buffer full) is offered again next time; only what is
+    // dropped past the table's bound is lost, and counted.
+    const { lost, error } = summaries.writeTo(sink, service);
+    if (error !== null) app.log.warn({ err: error, audit: true, pending: summaries.pending }, 'audit: the sink refused summaries of rate-limited requests; they are offered again at the next interval');
+    if (lost > 0) {
+      unrecorded += lost;
+      app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
     }
   };
   const summaryTimer = setInterval(writeSummaries, summaryIntervalMs);
@@ -204,20 +208,26 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     if (route === undefined) return;
     const failed = reply.statusCode >= 400;
     if ((!failed && recordedByEvents.has(request)) || recordedInSummary.has(request)) return;
-    const limit = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
-    if (limit !== undefined) {
-      summaries.add({
-        recordClass: route.recordClass,
-        action: route.action,
-        actor: actorOf(request),
-        ip: request.ip,
-        resource: { type: route.resourceType, id: (route.resourceId ?? defaultResourceId)(request) },
-        method: request.method,
-        route: request.routeOptions.url ?? request.url,
-        requestId: request.id,
-        limit,
-        at: clock(),
-      });
+    const limited = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
+    if (limited !== undefined) {
+      try {
+        summaries.add({
+          recordClass: route.recordClass,
+          action: route.action,
+          actor: actorOf(request),
+          ip: request.ip,
+          resource: { type: route.resourceType, id: (route.resourceId ?? defaultResourceId)(request) },
+          method: request.method,
+          route: request.routeOptions.url ?? request.url,
+          requestId: request.id,
+          limit: limited.limit,
+          client: limited.client,
+          at: clock(),
+        });
+      } catch (error) {
+        unrecorded += 1;
+        request.log.error({ err: error, audit: true }, 'audit: a rate-limited request could not be counted');
+      }
       return;
     }
     const items = itemsOf(request.body);

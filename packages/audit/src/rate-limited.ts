@@ -5,25 +5,32 @@
  * could fill the sink's buffer, after which every client's audited requests were refused 503
  * (the sink's back-pressure): one client's flood became everyone's outage.
  *
- * One summary per actor, client address, route and resource (and whatever else a single
- * refusal's record would say: `details`) for each interval: how many were
- * refused, from when to when, the first and last request ids and the limit they were over. A
- * search by actor, resource, action or time still finds them. The table is bounded
- * (`keysMax`): refusals under a key it has no room for go into one overflow summary for the
- * interval, which counts them and names the actors that sent the most. Nothing refused is
- * left out of every record.
+ * Each interval, per limiter bucket (the client the limiter counted: the principal, or the
+ * address) and route, one summary per actor, address, resource and `details` the bucket's
+ * refusals named, up to `perClientMax` of them; the bucket's refusals past those go into one
+ * summary of their own that counts them and samples what they named (actors, addresses,
+ * resources). A client can vary what it sends (a new resource id, a new username every time),
+ * but not which bucket it draws on, so it cannot use up the table: it takes at most
+ * `perClientMax` + 1 of its `keysMax` entries. Refusals of buckets the table has no room for
+ * go into one overflow summary per record class, which counts them and names the buckets
+ * refused most. A summary the sink refuses (its buffer full) is kept and offered again with
+ * the next interval's, up to `keysMax` of them; only past that is a summary dropped, and the
+ * caller told how many refusals it stood for.
  */
 import type { RateLimit } from '@ledgerline/service-runtime';
-import type { AuditActor, AuditEntry, AuditResource } from './sink.ts';
+import type { AuditActor, AuditEntry, AuditResource, AuditSink } from './sink.ts';
 
 /** How often the summaries are written (AuditHttpOptions.rateLimitedSummary). */
 export const RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT = 10_000;
-/** Summaries held at once before refusals under new keys go to the overflow summary. */
+/** Summaries held at once before refusals of new buckets go to the overflow summary. */
 export const RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT = 1000;
-/** The action of the overflow summary: refusals under keys the table had no room for. */
+/** Summaries of one bucket and route before its further refusals go into its catch-all summary. */
+export const RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT = 10;
+/** The action of the overflow summary: refusals of buckets the table had no room for. */
 export const RATE_LIMITED_OVERFLOW_ACTION = 'audit.rate_limited.overflow';
-/** The overflow summary names at most this many actors, those that sent the most. */
-const OVERFLOW_ACTORS_NAMED_MAX = 20;
+/** What a catch-all or overflow summary names of each kind: at most this many. */
+const SAMPLES_MAX = 20;
+const NUL = '\u0000';
 
 /** One refused request, as the audit plugin saw it. */
 export interface RateLimitedRefusal {
@@ -36,6 +43,8 @@ export interface RateLimitedRefusal {
   route: string;
   requestId: string;
   limit: Readonly<RateLimit>;
+  /** Whose bucket the limiter drew on (`rateLimitRefusal(request).client`). */
+  client: string;
   /** When it was refused, in ms since the epoch. */
   at: number;
   /**
@@ -45,26 +54,44 @@ export interface RateLimitedRefusal {
   details?: Readonly<Record<string, unknown>>;
 }
 
+/** What a bucket's catch-all summary samples of the refusals it counts. */
+interface Samples {
+  actors: Set<string>;
+  addresses: Set<string>;
+  resources: Set<string>;
+  /** Refusals that named an actor, address or resource past the samples. */
+  unsampled: number;
+}
+
 interface Summary {
   first: RateLimitedRefusal;
   refused: number;
   to: number;
   lastRequestId: string;
+  /** A bucket's catch-all: what its refusals named. */
+  samples: Samples | null;
+}
+
+interface Bucket {
+  summaries: Map<string, Summary>;
+  rest: Summary | null;
 }
 
 interface Overflow {
   refused: number;
   from: number;
   to: number;
-  /** Refusals per actor (`type:id`), for as many actors as the table holds keys. */
-  byActor: Map<string, number>;
-  /** Refusals of actors the map above had no room for. */
+  /** Refusals per bucket, for at most `keysMax` buckets, and those of the rest. */
+  byClient: Map<string, number>;
   unnamed: number;
+  actions: Set<string>;
 }
 
 export interface RateLimitedSummariesOptions {
   /** Summaries held at once (default RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT). */
   keysMax?: number;
+  /** Summaries of one bucket and route (default RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT). */
+  perClientMax?: number;
   /**
    * The reason each summary is recorded with: the one a single refusal was recorded with, so
    * that a summary reads as the records it stands for (default `rate-limited`, the problem
@@ -73,114 +100,209 @@ export interface RateLimitedSummariesOptions {
   reason?: string;
 }
 
+const positiveInteger = (name: string, n: number): number => {
+  if (!(Number.isInteger(n) && n >= 1)) throw new RangeError(`${name} must be a positive integer, not ${n}`);
+  return n;
+};
+const iso = (ms: number): string => new Date(ms).toISOString();
+
 export class RateLimitedSummaries {
   readonly #keysMax: number;
+  readonly #perClientMax: number;
   readonly #reason: string;
-  #summaries = new Map<string, Summary>();
-  #overflow: Overflow | null = null;
+  #buckets = new Map<string, Bucket>();
+  /** Summaries held in #buckets (each bucket's own and its catch-all). */
+  #held = 0;
+  #overflow = new Map<string, Overflow>();
+  /** Entries a sink refused, offered again first at the next write. */
+  #unwritten: { entry: AuditEntry; refused: number }[] = [];
 
   constructor(options: RateLimitedSummariesOptions = {}) {
-    const { keysMax = RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT, reason = 'rate-limited' } = options;
-    if (!(Number.isInteger(keysMax) && keysMax >= 1)) throw new RangeError(`keysMax must be a positive integer, not ${keysMax}`);
-    this.#keysMax = keysMax;
-    this.#reason = reason;
+    this.#keysMax = positiveInteger('keysMax', options.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT);
+    this.#perClientMax = positiveInteger('perClientMax', options.perClientMax ?? RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT);
+    this.#reason = options.reason ?? 'rate-limited';
   }
 
-  /** Refusals counted and not yet drained. */
+  /** Refusals counted and not yet written (those of summaries a sink refused included). */
   get pending(): number {
-    let n = this.#overflow?.refused ?? 0;
-    for (const s of this.#summaries.values()) n += s.refused;
+    let n = this.#unwritten.reduce((sum, u) => sum + u.refused, 0);
+    for (const o of this.#overflow.values()) n += o.refused;
+    for (const b of this.#buckets.values()) {
+      n += b.rest?.refused ?? 0;
+      for (const s of b.summaries.values()) n += s.refused;
+    }
     return n;
   }
 
-  add(r: RateLimitedRefusal): void {
-    // NUL cannot occur in any part: the actor, address and resource are checked storable text
-    // before they are recorded, and routes and methods come from the route table.
-    const key = [r.recordClass, r.action, r.actor.type, r.actor.id, r.ip, r.method, r.route, r.resource.type, r.resource.id, JSON.stringify(r.details ?? {})].join('\u0000');
-    const held = this.#summaries.get(key);
+  add(refusal: RateLimitedRefusal): void {
+    // A time no Date can hold (an injected clock gone wrong) would fail the drain for good.
+    const r = Number.isFinite(refusal.at) && Math.abs(refusal.at) <= 8.64e15 ? refusal : { ...refusal, at: Date.now() };
+    // NUL cannot occur in any part: actors, addresses and resources are storable text, and
+    // routes and methods come from the route table.
+    const bucketKey = [r.client, r.method, r.route, r.recordClass, r.action].join(NUL);
+    const key = [r.actor.type, r.actor.id, r.ip, r.resource.type, r.resource.id, JSON.stringify(r.details ?? {})].join(NUL);
+    let bucket = this.#buckets.get(bucketKey);
+    const held = bucket?.summaries.get(key);
     if (held !== undefined) {
-      held.refused += 1;
-      held.to = Math.max(held.to, r.at);
-      held.lastRequestId = r.requestId;
+      count(held, r);
       return;
     }
-    if (this.#summaries.size < this.#keysMax) {
-      this.#summaries.set(key, { first: r, refused: 1, to: r.at, lastRequestId: r.requestId });
+    if (bucket === undefined) {
+      if (this.#held >= this.#keysMax) {
+        this.#overflowed(r);
+        return;
+      }
+      bucket = { summaries: new Map(), rest: null };
+      this.#buckets.set(bucketKey, bucket);
+    }
+    if (bucket.rest !== null) {
+      count(bucket.rest, r);
       return;
     }
-    const o = (this.#overflow ??= { refused: 0, from: r.at, to: r.at, byActor: new Map<string, number>(), unnamed: 0 });
+    if (this.#held >= this.#keysMax) {
+      this.#overflowed(r);
+      return;
+    }
+    this.#held += 1;
+    if (bucket.summaries.size < this.#perClientMax) bucket.summaries.set(key, { first: r, refused: 1, to: r.at, lastRequestId: r.requestId, samples: null });
+    else bucket.rest = { first: r, refused: 1, to: r.at, lastRequestId: r.requestId, samples: { actors: new Set([actorText(r.actor)]), addresses: new Set([r.ip]), resources: new Set([resourceText(r.resource)]), unsampled: 0 } };
+  }
+
+  #overflowed(r: RateLimitedRefusal): void {
+    let o = this.#overflow.get(r.recordClass);
+    if (o === undefined) {
+      o = { refused: 0, from: r.at, to: r.at, byClient: new Map(), unnamed: 0, actions: new Set() };
+      this.#overflow.set(r.recordClass, o);
+    }
     o.refused += 1;
     o.from = Math.min(o.from, r.at);
     o.to = Math.max(o.to, r.at);
-    const actor = `${r.actor.type}:${r.actor.id}`;
-    const count = o.byActor.get(actor);
-    if (count !== undefined) o.byActor.set(actor, count + 1);
-    else if (o.byActor.size < this.#keysMax) o.byActor.set(actor, 1);
+    if (o.actions.size < SAMPLES_MAX) o.actions.add(r.action);
+    const n = o.byClient.get(r.client);
+    if (n !== undefined) o.byClient.set(r.client, n + 1);
+    else if (o.byClient.size < this.#keysMax) o.byClient.set(r.client, 1);
     else o.unnamed += 1;
   }
 
   /** The records of everything counted since the last drain, and an empty table. */
   drain(service: string): { entry: AuditEntry; refused: number }[] {
     const out: { entry: AuditEntry; refused: number }[] = [];
-    for (const s of this.#summaries.values()) {
-      const { first } = s;
-      out.push({
-        refused: s.refused,
-        entry: {
-          recordClass: first.recordClass,
-          actor: first.actor,
-          action: first.action,
-          outcome: 'failure',
-          // The count and span are in the payload.
-          reason: this.#reason,
-          origin: { service, ip: first.ip, requestId: first.requestId },
-          resource: first.resource,
-          occurredAt: new Date(s.to),
-          payload: {
-            ...first.details,
-            method: first.method,
-            route: first.route,
-            status: 429,
-            refused: s.refused,
-            from: new Date(first.at).toISOString(),
-            to: new Date(s.to).toISOString(),
-            firstRequestId: first.requestId,
-            lastRequestId: s.lastRequestId,
-            ratePerSecond: first.limit.ratePerSecond,
-            burst: first.limit.burst,
-          },
-        },
-      });
+    for (const bucket of this.#buckets.values()) {
+      for (const s of bucket.summaries.values()) out.push({ refused: s.refused, entry: this.#entry(s, service) });
+      if (bucket.rest !== null) out.push({ refused: bucket.rest.refused, entry: this.#entry(bucket.rest, service) });
     }
-    const o = this.#overflow;
-    if (o !== null) {
-      const named = [...o.byActor].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
-      const listed = named.slice(0, OVERFLOW_ACTORS_NAMED_MAX);
-      const unlisted = o.unnamed + named.slice(OVERFLOW_ACTORS_NAMED_MAX).reduce((n, [, c]) => n + c, 0);
+    for (const [recordClass, o] of this.#overflow) {
+      const named = [...o.byClient].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1));
+      const listed = named.slice(0, SAMPLES_MAX);
+      const unlisted = o.unnamed + named.slice(SAMPLES_MAX).reduce((n, [, c]) => n + c, 0);
       out.push({
         refused: o.refused,
         entry: {
-          recordClass: 'access',
+          recordClass,
           actor: { type: 'anonymous', id: 'anonymous' },
           action: RATE_LIMITED_OVERFLOW_ACTION,
           outcome: 'failure',
-          reason: `${o.refused} request(s) refused (429) by the rate limiter under more (actor, address, route, resource) keys than the ${this.#keysMax} summarised one by one in this interval`,
+          reason: `${o.refused} request(s) refused (429) by the rate limiter from more clients than the ${this.#keysMax} summaries of this interval hold`,
           origin: { service },
           resource: { type: 'service', id: service },
           occurredAt: new Date(o.to),
           payload: {
             status: 429,
             refused: o.refused,
-            from: new Date(o.from).toISOString(),
-            to: new Date(o.to).toISOString(),
-            actors: listed.map(([actor, refused]) => ({ actor, refused })),
-            refusedByUnlistedActors: unlisted,
+            from: iso(o.from),
+            to: iso(o.to),
+            actions: [...o.actions],
+            clients: listed.map(([client, refused]) => ({ client, refused })),
+            refusedByUnlistedClients: unlisted,
           },
         },
       });
     }
-    this.#summaries = new Map();
-    this.#overflow = null;
+    this.#buckets = new Map();
+    this.#held = 0;
+    this.#overflow = new Map();
     return out;
   }
+
+  /**
+   * Writes the summaries a sink refused before, then everything counted since, to `sink`. What
+   * it refuses now is kept for the next write, up to `keysMax` entries; returns how many
+   * refusals were in the entries dropped past that (0 unless the sink kept refusing), and the
+   * sink's error.
+   */
+  writeTo(sink: Pick<AuditSink, 'record'>, service: string): { lost: number; error: unknown } {
+    const entries = [...this.#unwritten, ...this.drain(service)];
+    this.#unwritten = [];
+    let error: unknown = null;
+    for (const e of entries) {
+      try {
+        sink.record(e.entry);
+      } catch (refused) {
+        error = refused;
+        this.#unwritten.push(e);
+      }
+    }
+    const dropped = this.#unwritten.splice(0, Math.max(0, this.#unwritten.length - this.#keysMax));
+    return { lost: dropped.reduce((n, d) => n + d.refused, 0), error };
+  }
+
+  #entry(s: Summary, service: string): AuditEntry {
+    const { first } = s;
+    return {
+      recordClass: first.recordClass,
+      actor: first.actor,
+      action: first.action,
+      outcome: 'failure',
+      reason: this.#reason,
+      origin: { service, ip: first.ip, requestId: first.requestId },
+      resource: first.resource,
+      // Dated by its last refusal; the span is in the payload.
+      occurredAt: new Date(s.to),
+      payload: {
+        ...(s.samples === null ? first.details : {}),
+        method: first.method,
+        route: first.route,
+        status: 429,
+        refused: s.refused,
+        from: iso(first.at),
+        to: iso(s.to),
+        firstRequestId: first.requestId,
+        lastRequestId: s.lastRequestId,
+        ratePerSecond: first.limit.ratePerSecond,
+        burst: first.limit.burst,
+        ...(s.samples === null
+          ? {}
+          : {
+              // The bucket's refusals past its own summaries: what they named, sampled.
+              bucket: first.client,
+              actors: [...s.samples.actors],
+              addresses: [...s.samples.addresses],
+              resources: [...s.samples.resources],
+              unsampled: s.samples.unsampled,
+            }),
+      },
+    };
+  }
+}
+
+const actorText = (a: AuditActor): string => `${a.type}:${a.id}`;
+const resourceText = (r: AuditResource): string => `${r.type}:${r.id}`;
+
+function count(s: Summary, r: RateLimitedRefusal): void {
+  s.refused += 1;
+  s.to = Math.max(s.to, r.at);
+  s.lastRequestId = r.requestId;
+  const samples = s.samples;
+  if (samples === null) return;
+  let sampled = true;
+  for (const [set, value] of [
+    [samples.actors, actorText(r.actor)],
+    [samples.addresses, r.ip],
+    [samples.resources, resourceText(r.resource)],
+  ] as const) {
+    if (set.has(value)) continue;
+    if (set.size < SAMPLES_MAX) set.add(value);
+    else sampled = false;
+  }
+  if (!sampled) samples.unsampled += 1;
 }

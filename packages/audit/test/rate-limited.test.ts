@@ -134,40 +134,90 @@ describe('rate-limited requests on audited routes', () => {
     assert.equal(summariesOf(sink.entries).length, 1, 'closing with nothing counted since writes nothing more');
   });
 
-  test('the table is bounded: refusals under keys it has no room for go to one overflow summary naming the heaviest actors', () => {
-    const summaries = new RateLimitedSummaries({ keysMax: 2 });
-    const refusal = (actor: string, resource: string, at: number): RateLimitedRefusal => ({
-      recordClass: 'access', action: 'test.read', actor: { type: 'user', id: actor }, ip: '10.0.0.1',
-      resource: { type: 'thing', id: resource }, method: 'GET', route: '/v1/things/:id', requestId: `req-${at}`, limit: LIMIT, at: T0 + at,
-    });
-    summaries.add(refusal('alice', 'a', 1));
-    summaries.add(refusal('alice', 'b', 2));
-    // The table is full: new keys overflow; known keys still count in their own summary.
-    summaries.add(refusal('bob', 'c', 3));
-    summaries.add(refusal('carol', 'd', 4));
-    summaries.add(refusal('bob', 'e', 5));
-    summaries.add(refusal('alice', 'a', 6));
-    summaries.add(refusal('dave', 'f', 7));
-    assert.equal(summaries.pending, 7);
+  const refusal = (client: string, actor: string, resource: string, at: number, recordClass = 'access', ip = '10.0.0.1'): RateLimitedRefusal => ({
+    recordClass, action: 'test.read', actor: { type: 'user', id: actor }, ip,
+    resource: { type: 'thing', id: resource }, method: 'GET', route: '/v1/things/:id', requestId: `req-${at}`, limit: LIMIT, client, at: T0 + at,
+  });
+
+  test('one client cannot crowd the others out: past its own summaries, its refusals go into one catch-all that samples what they named', () => {
+    const summaries = new RateLimitedSummaries({ keysMax: 6, perClientMax: 3 });
+    // mallory varies the resource (and the address) every time: 3 summaries, then its catch-all.
+    for (let i = 1; i <= 30; i += 1) summaries.add(refusal('p:mallory', 'mallory', `r-${i}`, i, 'access', `10.0.${i}.1`));
+    // victim comes after, and still has a summary of its own, found by its actor and resource.
+    summaries.add(refusal('p:victim', 'victim', 'thing-42', 31));
+    summaries.add(refusal('p:victim', 'victim', 'thing-42', 32));
+    // The table holds 6: mallory's 4 and victim's 1 leave one, which carol's summary takes;
+    // dave's bucket finds it full and goes to the overflow of its class.
+    summaries.add(refusal('p:carol', 'carol', 'c', 33));
+    summaries.add(refusal('p:dave', 'dave', 'd', 34));
+    summaries.add(refusal('p:dave', 'dave', 'd', 35));
+    summaries.add(refusal('p:erin', 'erin', 'e', 36, 'command'));
+    assert.equal(summaries.pending, 36);
     const out = summaries.drain('test');
-    assert.deepEqual(out.map((o) => [o.entry.action, o.entry.resource.id, o.refused]), [
-      ['test.read', 'a', 2],
-      ['test.read', 'b', 1],
-      [RATE_LIMITED_OVERFLOW_ACTION, 'test', 4],
+    assert.deepEqual(out.map((o) => [o.entry.action, o.entry.recordClass, o.entry.actor.id, o.entry.resource.id, o.refused]), [
+      ['test.read', 'access', 'mallory', 'r-1', 1],
+      ['test.read', 'access', 'mallory', 'r-2', 1],
+      ['test.read', 'access', 'mallory', 'r-3', 1],
+      ['test.read', 'access', 'mallory', 'r-4', 27],
+      ['test.read', 'access', 'victim', 'thing-42', 2],
+      ['test.read', 'access', 'carol', 'c', 1],
+      [RATE_LIMITED_OVERFLOW_ACTION, 'access', 'anonymous', 'test', 2],
+      [RATE_LIMITED_OVERFLOW_ACTION, 'command', 'anonymous', 'test', 1],
     ]);
-    const overflow = out[2]?.entry;
-    assert.deepEqual(overflow?.payload, {
+    const rest = out[3]?.entry.payload as Record<string, unknown>;
+    assert.deepEqual(
+      { bucket: rest.bucket, actors: rest.actors, resources: (rest.resources as string[]).length, addresses: (rest.addresses as string[]).length, unsampled: rest.unsampled, from: rest.from, to: rest.to },
+      // 27 refusals, each a new resource and address: 20 of each sampled, 7 past the samples.
+      { bucket: 'p:mallory', actors: ['user:mallory'], resources: 20, addresses: 20, unsampled: 7, from: new Date(T0 + 4).toISOString(), to: new Date(T0 + 30).toISOString() },
+    );
+    assert.deepEqual(out[6]?.entry.payload, {
       status: 429,
-      refused: 4,
-      from: new Date(T0 + 3).toISOString(),
-      to: new Date(T0 + 7).toISOString(),
-      // bob first (2); carol is named, dave found the actor table full too (at most keysMax).
-      actors: [{ actor: 'user:bob', refused: 2 }, { actor: 'user:carol', refused: 1 }],
-      refusedByUnlistedActors: 1,
+      refused: 2,
+      from: new Date(T0 + 34).toISOString(),
+      to: new Date(T0 + 35).toISOString(),
+      actions: ['test.read'],
+      clients: [{ client: 'p:dave', refused: 2 }],
+      refusedByUnlistedClients: 0,
     });
-    assert.equal(overflow?.outcome, 'failure');
     assert.equal(summaries.pending, 0);
     assert.deepEqual(summaries.drain('test'), [], 'a drain empties the table');
     assert.throws(() => new RateLimitedSummaries({ keysMax: 0 }), /keysMax must be a positive integer/);
+    assert.throws(() => new RateLimitedSummaries({ perClientMax: 1.5 }), /perClientMax must be a positive integer/);
+  });
+
+  test('a summary the sink refuses is offered again at the next write; only past the bound is one dropped, and its refusals counted', () => {
+    const summaries = new RateLimitedSummaries({ keysMax: 2 });
+    const written: AuditEntry[] = [];
+    let refuse = true;
+    const sink = {
+      record: (entry: AuditEntry) => {
+        if (refuse) throw new Error('buffer full');
+        written.push(entry);
+      },
+    };
+    summaries.add(refusal('p:a', 'a', 'x', 1));
+    summaries.add(refusal('p:a', 'a', 'x', 2));
+    const first = summaries.writeTo(sink, 'test');
+    assert.deepEqual([first.lost, String(first.error), written.length, summaries.pending], [0, 'Error: buffer full', 0, 2]);
+    summaries.add(refusal('p:b', 'b', 'y', 3));
+    refuse = false;
+    assert.deepEqual(summaries.writeTo(sink, 'test'), { lost: 0, error: null });
+    assert.deepEqual(written.map((e) => [e.actor.id, (e.payload as { refused: number }).refused]), [['a', 2], ['b', 1]]);
+    // Refused every time: kept up to keysMax entries; the oldest past that are dropped.
+    refuse = true;
+    for (let round = 0; round < 3; round += 1) {
+      summaries.add(refusal(`p:c${round}`, 'c', 'z', 10 + round));
+      summaries.add(refusal(`p:c${round}`, 'c', 'z', 20 + round));
+      const r = summaries.writeTo(sink, 'test');
+      assert.equal(r.lost, round === 2 ? 2 : 0);
+    }
+    assert.equal(summaries.pending, 4);
+  });
+
+  test('a time no Date can hold is taken as now, so the table still drains', () => {
+    const summaries = new RateLimitedSummaries();
+    summaries.add({ ...refusal('p:a', 'a', 'x', 1), at: Number.NaN });
+    const [only] = summaries.drain('test');
+    assert.ok(only !== undefined && Number.isFinite(only.entry.occurredAt?.getTime()));
   });
 });

@@ -60,7 +60,7 @@ export {
   routePriority,
   trustedHeaderRateLimitClientId,
 } from './priority.ts';
-export type { LoadSheddingOptions, RateLimitingOptions } from './priority.ts';
+export type { LoadSheddingOptions, RateLimitingOptions, RateLimitRefusal } from './priority.ts';
 export { checkRateLimit, RateLimitUnavailableError, RedisTokenBucket, TOKEN_BUCKET_LUA } from './rate-limit.ts';
 export type { RateLimit, RedisTokenBucketOptions, TokenBucketResult } from './rate-limit.ts';
 export {

@@ -174,14 +174,22 @@ function boundedClientKey(client: string): string {
   return client.length <= CLIENT_KEY_CHARS_MAX && /^[\x21-\x7e]*$/.test(client) ? client : `sha256:${createHash('sha256').update(client).digest('hex')}`;
 }
 
-const rateLimitRefusals = new WeakMap<FastifyRequest, RateLimit>();
+/** A request the rate limiter refused: the limit it was over, and whose bucket it drew on. */
+export interface RateLimitRefusal {
+  limit: Readonly<RateLimit>;
+  /** The bucket's client: the `clientId` (bounded), or the address for an unknown route. */
+  client: string;
+}
+
+const rateLimitRefusals = new WeakMap<FastifyRequest, RateLimitRefusal>();
 
 /**
- * The limit this request was over, when the rate limiter refused it (429): for a plugin that
- * records refusals (the audit trail summarises them rather than writing one record each).
- * Undefined for every other request, a 429 of any other origin included.
+ * The limit this request was over and whose bucket it was, when the rate limiter refused it
+ * (429): for a plugin that records refusals (the audit trail summarises them, per bucket,
+ * rather than writing one record each). Undefined for every other request, a 429 of any other
+ * origin included.
  */
-export function rateLimitRefusal(request: FastifyRequest): Readonly<RateLimit> | undefined {
+export function rateLimitRefusal(request: FastifyRequest): Readonly<RateLimitRefusal> | undefined {
   return rateLimitRefusals.get(request);
 }
 
@@ -217,7 +225,7 @@ export async function applyRateLimit(
     return true;
   }
   onLimited(route);
-  rateLimitRefusals.set(request, limit);
+  rateLimitRefusals.set(request, { limit, client });
   reply.header('retry-after', String(Math.max(1, Math.ceil(result.retryAfterMs / 1000))));
   sendProblem(request, reply, {
     status: 429,

@@ -63,12 +63,13 @@ export interface IdentityServiceOptions {
   /** Milliseconds since the epoch, for token checks and policy decisions. */
   clock?: () => number;
   /**
-   * Token and revocation requests over the rate limit (429) are recorded in summaries, one per
-   * actor, address, route, resource and audience every `intervalMs` (default 10 s), at most
-   * `keysMax` (default 1000) an interval before the rest go into one overflow record, as the
-   * audit trail's HTTP plugin does (@ledgerline/audit `rateLimitedSummary`).
+   * Token and revocation requests over the rate limit (429) are recorded in summaries every
+   * `intervalMs` (default 10 s): per address (the limiter's bucket) and route, one per actor,
+   * resource and audience up to `perClientMax` (10), then one catch-all; at most `keysMax`
+   * (1000) in all, as the audit trail's HTTP plugin does (@ledgerline/audit
+   * `rateLimitedSummary`, rate-limited.ts).
    */
-  rateLimitedSummary?: { intervalMs?: number; keysMax?: number };
+  rateLimitedSummary?: { intervalMs?: number; keysMax?: number; perClientMax?: number };
   logLevel?: string;
   /** The largest request body, form or JSON (IDENTITY_BODY_LIMIT_BYTES_DEFAULT unless given). */
   bodyLimitBytes?: number;
@@ -513,15 +514,17 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * hammering the endpoint cannot grow the trail at its request rate. The actor is named as a
    * single refusal's would be (`unchecked-user:<digest>`, never looked up).
    */
-  const rateLimited = new RateLimitedSummaries({ reason: 'rate_limited', ...(options.rateLimitedSummary?.keysMax === undefined ? {} : { keysMax: options.rateLimitedSummary.keysMax }) });
+  const rateLimited = new RateLimitedSummaries({
+    reason: 'rate_limited',
+    ...(options.rateLimitedSummary?.keysMax === undefined ? {} : { keysMax: options.rateLimitedSummary.keysMax }),
+    ...(options.rateLimitedSummary?.perClientMax === undefined ? {} : { perClientMax: options.rateLimitedSummary.perClientMax }),
+  });
   const writeRateLimited = (): void => {
-    for (const { entry, refused } of rateLimited.drain('identity')) {
-      try {
-        options.audit.record(entry);
-      } catch (error) {
-        app.log.error({ err: error, audit: true, action: entry.action, refused }, 'audit: a summary of rate-limited requests could not be recorded');
-      }
-    }
+    // What the sink refuses is offered again at the next interval; only what is dropped past
+    // the table's bound is lost.
+    const { lost, error } = rateLimited.writeTo(options.audit, 'identity');
+    if (error !== null) app.log.warn({ err: error, audit: true, pending: rateLimited.pending }, 'audit: the sink refused summaries of rate-limited requests; they are offered again at the next interval');
+    if (lost > 0) app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
   };
   const rateLimitedIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
   if (!(Number.isInteger(rateLimitedIntervalMs) && rateLimitedIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${rateLimitedIntervalMs}`);
@@ -613,9 +616,12 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         const body: unknown = request.body;
         const params = typeof body === 'object' && body !== null && !Array.isArray(body) ? (body as Record<string, unknown>) : undefined;
         const { actor, resource, payload: described } = recording.describe(params, SHEDDING_STATUSES.has(reply.statusCode) ? REFUSED_UNCHECKED : REFUSED_UNREAD);
-        const limit = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
-        if (limit !== undefined && !('lookup' in actor)) {
-          rateLimited.add({ recordClass: 'access', action: recording.action, actor, ip: request.ip, resource, method: request.method, route: request.routeOptions.url ?? request.url, requestId: request.id, limit, at: clock(), details: { ...described, ...refusal.payload } });
+        const limited = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
+        if (limited !== undefined && !('lookup' in actor)) {
+          rateLimited.add({
+            recordClass: 'access', action: recording.action, actor, ip: request.ip, resource, method: request.method, route: request.routeOptions.url ?? request.url,
+            requestId: request.id, limit: limited.limit, client: limited.client, at: clock(), details: { ...described, ...refusal.payload },
+          });
         } else {
           record(actor, { recordClass: 'access', action: recording.action, origin: originOf(request), resource, outcome: 'failure', reason: refusal.reason, payload: { ...described, ...refusal.payload } });
         }
