@@ -209,6 +209,7 @@ export class LedgerEngine {
     this.#batchesInFlightMax = options.batchesInFlightMax ?? 3;
     this.#queueTransfersMax = options.queueTransfersMax ?? 100_000;
     this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
+    if (!(Number.isSafeInteger(this.#batchAttemptsMax) && this.#batchAttemptsMax >= 1)) throw new RangeError(`LedgerEngine: batchAttemptsMax must be a positive integer, not ${this.#batchAttemptsMax}`);
     this.#lockTimeoutMs = options.lockTimeoutMs ?? LOCK_TIMEOUT_MS_DEFAULT;
     if (!(Number.isSafeInteger(this.#lockTimeoutMs) && this.#lockTimeoutMs >= 1)) throw new RangeError(`LedgerEngine: lockTimeoutMs must be a positive integer, not ${this.#lockTimeoutMs}`);
     this.#expiryBatchMax = options.expiryBatchMax ?? 1000;
@@ -355,30 +356,34 @@ export class LedgerEngine {
     // batch split apart (#runBatch) answers some calls long before others, and a later call
     // naming only their ids need not wait for the rest. An id another unanswered call names
     // stays busy (the count).
+    // Each call is answered once; one the batch ends without answering (a bug) is answered
+    // "outcome unknown" rather than left waiting with its ids busy for good.
+    const unanswered = new Set<QueuedCall>(calls);
     for (const call of calls) {
       for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
-      let released = false;
-      const release = (): void => {
-        if (released) return;
-        released = true;
+      // call.keys is read when the call is answered: ids added meanwhile (#holdIds) go too.
+      const release = (): boolean => {
+        if (!unanswered.delete(call)) return false;
         for (const k of call.keys) {
           const n = (this.#busy.get(k) ?? 1) - 1;
           if (n === 0) this.#busy.delete(k);
           else this.#busy.set(k, n);
         }
         this.#schedule();
+        return true;
       };
       const { resolve, reject } = call;
       call.resolve = (results) => {
-        release();
-        resolve(results);
+        if (release()) resolve(results);
       };
       call.reject = (error) => {
-        release();
-        reject(error);
+        if (release()) reject(error);
       };
     }
     void this.#runBatch(calls).finally(() => {
+      for (const call of [...unanswered]) {
+        call.reject(new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { outcomeUnknown: true }));
+      }
       this.#inFlight -= 1;
       if (this.#inFlight === 0 && this.#queue.length === 0) {
         for (const done of this.#drained.splice(0)) done();
@@ -438,10 +443,17 @@ export class LedgerEngine {
         if (calls.length > 1 && (error as { code?: unknown }).code === LOCK_NOT_AVAILABLE) {
           const parted = await this.#partByLocksHeldElsewhere(calls);
           if (parted !== null) {
-            // Apart, in turn: a call held up may share an account the lock does not cover with
-            // a free one, and run beside it, would hold that account while it waits.
-            await this.#runBatch(parted.free, outcomeUnknown);
-            await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
+            // Apart, in turn (run beside the free part, a held call would hold the accounts it
+            // shares with it while it waits). The free part, which the lock did not hold up,
+            // keeps at least one attempt; held calls with none left are answered first.
+            const freeAttemptsMade = Math.min(attempt, this.#batchAttemptsMax - 1);
+            if (attempt >= this.#batchAttemptsMax) {
+              await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
+              await this.#runBatch(parted.free, outcomeUnknown, freeAttemptsMade);
+            } else {
+              await this.#runBatch(parted.free, outcomeUnknown, freeAttemptsMade);
+              await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
+            }
             return;
           }
         }
@@ -462,9 +474,15 @@ export class LedgerEngine {
   }
 
   /**
-   * The calls that need an account another transaction holds now (`held`), and the rest
-   * (`free`); null when that cannot be told (no account is held any more, every call or none
-   * needs one, or the probe failed), and the batch is retried whole as before.
+   * The calls that need an account another transaction holds now, or come after such a call in
+   * the queue and share an id with it (`held`: an account, a transfer or pending id, or a
+   * pending transfer's account), and the rest (`free`), each in queue order; null when that
+   * cannot be told (no account is held any more, every call or none is held, or the probe
+   * failed), and the batch is retried whole as before. Calls that share an id keep their order:
+   * a free call shares none with an earlier held one, so running the free part first decides
+   * no call before an earlier one it shares an id with. The held calls' pending transfers'
+   * accounts, which their ids do not name, are marked busy until they are answered, so that a
+   * later call on one waits in the queue, not on this engine's own row lock in a retry.
    */
   async #partByLocksHeldElsewhere(calls: QueuedCall[]): Promise<{ free: QueuedCall[]; held: QueuedCall[] } | null> {
     const accountIds = new Set<string>();
@@ -486,13 +504,35 @@ export class LedgerEngine {
       client?.release(failed ? true : undefined);
     }
     if (probe.locked.size === 0) return null;
-    const needsHeld = (call: QueuedCall): boolean =>
-      call.transfers.some((t) =>
-        [t.debitAccountId, t.creditAccountId, ...(t.pendingId === undefined ? [] : (probe.pendingAccounts.get(t.pendingId) ?? []))].some((id) => id !== undefined && probe.locked.has(id)),
-      );
-    const held = calls.filter(needsHeld);
-    if (held.length === 0 || held.length === calls.length) return null;
-    return { free: calls.filter((c) => !held.includes(c)), held };
+    // A call's ids (account, transfer and pending ids) and its pending transfers' accounts.
+    const idsOf = (call: QueuedCall): string[] => [
+      ...call.keys,
+      ...call.transfers.flatMap((t) => (t.pendingId === undefined ? [] : (probe.pendingAccounts.get(t.pendingId) ?? []))),
+    ];
+    const held: QueuedCall[] = [];
+    const free: QueuedCall[] = [];
+    const heldIds = new Set<string>();
+    for (const call of calls) {
+      const ids = idsOf(call);
+      if (ids.some((id) => probe.locked.has(id) || heldIds.has(id))) {
+        held.push(call);
+        for (const id of ids) heldIds.add(id);
+      } else {
+        free.push(call);
+      }
+    }
+    if (held.length === 0 || free.length === 0) return null;
+    for (const call of held) this.#holdIds(call, idsOf(call));
+    return { free, held };
+  }
+
+  /** Marks `ids` busy for `call` until it is answered (its release reads call.keys then). */
+  #holdIds(call: QueuedCall, ids: readonly string[]): void {
+    for (const id of ids) {
+      if (call.keys.includes(id)) continue;
+      call.keys.push(id);
+      this.#busy.set(id, (this.#busy.get(id) ?? 0) + 1);
+    }
   }
 
   async #attemptBatch(segments: NewTransfer[][], contexts: EventMetadata[]): Promise<BatchDecision> {
