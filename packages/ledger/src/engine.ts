@@ -380,7 +380,8 @@ export class LedgerEngine {
         if (release()) reject(error);
       };
     }
-    void this.#runBatch(calls).finally(() => {
+    // #runBatch answers every call and does not throw; were it to, the calls are answered below.
+    void this.#runBatch(calls).catch(() => {}).finally(() => {
       for (const call of [...unanswered]) {
         call.reject(new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { outcomeUnknown: true }));
       }
@@ -504,11 +505,16 @@ export class LedgerEngine {
       client?.release(failed ? true : undefined);
     }
     if (probe.locked.size === 0) return null;
+    // A pending transfer's accounts: stored (the probe read them), or named by the call in this
+    // batch that creates it, which the probe cannot see.
+    const madeHere = new Map<string, string[]>();
+    for (const t of calls.flatMap((c) => c.transfers)) {
+      const accounts = [t.debitAccountId, t.creditAccountId].filter((id): id is string => id !== undefined);
+      if (accounts.length > 0) madeHere.set(t.id, accounts);
+    }
+    const accountsOfPending = (id: string): string[] => [...(probe.pendingAccounts.get(id) ?? []), ...(madeHere.get(id) ?? [])];
     // A call's ids (account, transfer and pending ids) and its pending transfers' accounts.
-    const idsOf = (call: QueuedCall): string[] => [
-      ...call.keys,
-      ...call.transfers.flatMap((t) => (t.pendingId === undefined ? [] : (probe.pendingAccounts.get(t.pendingId) ?? []))),
-    ];
+    const idsOf = (call: QueuedCall): string[] => [...call.keys, ...call.transfers.flatMap((t) => (t.pendingId === undefined ? [] : accountsOfPending(t.pendingId)))];
     const held: QueuedCall[] = [];
     const free: QueuedCall[] = [];
     const heldIds = new Set<string>();

@@ -173,6 +173,32 @@ describe('calls that share an id with a held call keep their order (each an earl
     }
   });
 
+  test('a pending transfer made earlier in the batch, voided by a held call: a later call on its limited account sees the void', async () => {
+    const engine = oneBatchEngine();
+    try {
+      const [a, b, d, x, funder] = (await openAccounts(engine, 5)) as [string, string, string, string, string];
+      const [c] = (await openAccounts(engine, 1, { debitsMustNotExceedCredits: true })) as [string];
+      assert.deepEqual(results(await engine.createTransfers([transfer(funder, c, 5n)])), ['ok']);
+      const p = newId();
+      const lock = await holdAccount(a);
+      // In queue order: the pending transfer (free: it needs no held account), the void (held:
+      // its call also needs a), then a call that spends what the void gives back.
+      const create = engine.createTransfers([transfer(c, d, 5n, { id: p, flags: { pending: true } })]);
+      const voided = engine.createTransfers([transfer(a, b, 1n), { id: newId(), pendingId: p, flags: { voidPendingTransfer: true } }]);
+      const spend = engine.createTransfers([transfer(c, x, 5n)]);
+      const timer = setTimeout(() => void lock.release(), 500);
+      try {
+        assert.deepEqual([results(await create), results(await voided), results(await spend)], [['ok'], ['ok', 'ok'], ['ok']]);
+      } finally {
+        clearTimeout(timer);
+        await lock.release().catch(() => {});
+      }
+      await assertInvariants(t.pool);
+    } finally {
+      await engine.close();
+    }
+  });
+
   test('a limited account: the earlier call gets the funds', async () => {
     const engine = oneBatchEngine();
     try {
