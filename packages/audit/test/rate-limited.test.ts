@@ -120,18 +120,24 @@ describe('rate-limited requests on audited routes', () => {
   test('are written every interval while the service runs', async () => {
     const sink = new MemoryAuditSink();
     const app = await limitedService(sink, Date.now, { intervalMs: 100 });
+    const refused = (): number => summariesOf(sink.entries).reduce((n, e) => n + (e.payload as { refused: number }).refused, 0);
+    let written: number;
     try {
       for (let i = 0; i < 6; i += 1) await app.inject({ method: 'GET', url: '/v1/things/t' });
       const deadline = Date.now() + 5000;
-      while (summariesOf(sink.entries).length === 0) {
-        assert.ok(Date.now() < deadline, 'no summary was written within 5 s of a 100 ms interval');
+      // All four refusals written while the service runs (in one summary, or more if an interval
+      // ended between the requests).
+      while (refused() < 4) {
+        assert.ok(Date.now() < deadline, `${refused()} of 4 refusals written within 5 s of a 100 ms interval`);
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
-      assert.deepEqual(summariesOf(sink.entries).map((e) => (e.payload as { refused: number }).refused), [4]);
+      written = summariesOf(sink.entries).length;
+      assert.ok(written >= 1 && written <= 4);
     } finally {
       await app.close();
     }
-    assert.equal(summariesOf(sink.entries).length, 1, 'closing with nothing counted since writes nothing more');
+    assert.equal(summariesOf(sink.entries).length, written, 'closing with nothing counted since writes nothing more');
+    assert.equal(refused(), 4);
   });
 
   const refusal = (client: string, actor: string, resource: string, at: number, recordClass = 'access', ip = '10.0.0.1'): RateLimitedRefusal => ({
