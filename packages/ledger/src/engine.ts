@@ -119,6 +119,8 @@ interface QueuedCall {
   context: EventMetadata;
   resolve: (results: CreateTransferResult[]) => void;
   reject: (error: unknown) => void;
+  /** Its keys are no longer busy (#releaseIds): answered, in a part of a split batch. */
+  released: boolean;
 }
 
 export interface LedgerEngineStats {
@@ -273,7 +275,7 @@ export class LedgerEngine {
       return Promise.reject(new LedgerOverloadedError(`ledger queue is full (${this.#queueTransfersMax} transfers)`));
     }
     return new Promise((resolve, reject) => {
-      this.#queue.push({ transfers, keys: callKeys(transfers), context, resolve, reject });
+      this.#queue.push({ transfers, keys: callKeys(transfers), context, resolve, reject, released: false });
       this.#queuedTransfers += transfers.length;
       this.#schedule();
     });
@@ -352,47 +354,42 @@ export class LedgerEngine {
     // Every queued call waits on a batch in flight; its end schedules the next.
     if (calls.length === 0) return;
     this.#inFlight += 1;
-    // Each call's ids are busy until that call is answered, not until the whole batch is: a
-    // batch split apart (#runBatch) answers some calls long before others, and a later call
-    // naming only their ids need not wait for the rest. An id another unanswered call names
-    // stays busy (the count).
-    // Each call is answered once; one the batch ends without answering (a bug) is answered
-    // "outcome unknown" rather than left waiting with its ids busy for good.
-    const unanswered = new Set<QueuedCall>(calls);
-    for (const call of calls) {
-      for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
-      // call.keys is read when the call is answered: ids added meanwhile (#holdIds) go too.
-      const release = (): boolean => {
-        if (!unanswered.delete(call)) return false;
-        for (const k of call.keys) {
-          const n = (this.#busy.get(k) ?? 1) - 1;
-          if (n === 0) this.#busy.delete(k);
-          else this.#busy.set(k, n);
+    for (const call of calls) for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
+    void this.#runBatch(calls)
+      // #runBatch answers every call and does not throw. Were it to, a call it had not answered
+      // is answered "outcome unknown" here (answering an answered call does nothing), rather
+      // than left waiting.
+      .catch((error: unknown) => {
+        for (const call of calls) call.reject(new LedgerUnavailableError('invariant: the batch failed without answering this call; it may have been applied; retry with the same ids', { cause: error, outcomeUnknown: true }));
+      })
+      .finally(() => {
+        this.#releaseIds(calls);
+        this.#inFlight -= 1;
+        if (this.#inFlight === 0 && this.#queue.length === 0) {
+          for (const done of this.#drained.splice(0)) done();
         }
         this.#schedule();
-        return true;
-      };
-      const { resolve, reject } = call;
-      call.resolve = (results) => {
-        if (release()) resolve(results);
-      };
-      call.reject = (error) => {
-        if (release()) reject(error);
-      };
-    }
-    // #runBatch answers every call and does not throw; were it to, the calls are answered below.
-    void this.#runBatch(calls).catch(() => {}).finally(() => {
-      for (const call of [...unanswered]) {
-        call.reject(new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { outcomeUnknown: true }));
-      }
-      this.#inFlight -= 1;
-      if (this.#inFlight === 0 && this.#queue.length === 0) {
-        for (const done of this.#drained.splice(0)) done();
-      }
-      this.#schedule();
-    });
+      });
     // Another slot may be free, and calls this batch skipped may fit in it.
     this.#schedule();
+  }
+
+  /**
+   * Frees the ids of these calls (each once): when their batch ends, or earlier, once they
+   * are answered, for the free part of a batch split apart (#runBatch), so that a later call
+   * naming only their ids need not wait for the held part's retries. An id another
+   * unanswered call names stays busy (the count).
+   */
+  #releaseIds(calls: readonly QueuedCall[]): void {
+    for (const call of calls) {
+      if (call.released) continue;
+      call.released = true;
+      for (const k of call.keys) {
+        const n = (this.#busy.get(k) ?? 1) - 1;
+        if (n === 0) this.#busy.delete(k);
+        else this.#busy.set(k, n);
+      }
+    }
   }
 
   /**
@@ -447,13 +444,14 @@ export class LedgerEngine {
             // Apart, in turn (run beside the free part, a held call would hold the accounts it
             // shares with it while it waits). The free part, which the lock did not hold up,
             // keeps at least one attempt; held calls with none left are answered first.
+            // Each part's ids are free once it is answered.
             const freeAttemptsMade = Math.min(attempt, this.#batchAttemptsMax - 1);
-            if (attempt >= this.#batchAttemptsMax) {
-              await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
-              await this.#runBatch(parted.free, outcomeUnknown, freeAttemptsMade);
-            } else {
-              await this.#runBatch(parted.free, outcomeUnknown, freeAttemptsMade);
-              await this.#runBatch(parted.held, outcomeUnknown, attempt, error);
+            for (const [part, made, before] of attempt >= this.#batchAttemptsMax
+              ? ([[parted.held, attempt, error], [parted.free, freeAttemptsMade, undefined]] as const)
+              : ([[parted.free, freeAttemptsMade, undefined], [parted.held, attempt, error]] as const)) {
+              await this.#runBatch(part, outcomeUnknown, made, before);
+              this.#releaseIds(part);
+              this.#schedule();
             }
             return;
           }
@@ -532,7 +530,7 @@ export class LedgerEngine {
     return { free, held };
   }
 
-  /** Marks `ids` busy for `call` until it is answered (its release reads call.keys then). */
+  /** Marks `ids` busy for `call` until its ids are released (#releaseIds reads call.keys then). */
   #holdIds(call: QueuedCall, ids: readonly string[]): void {
     for (const id of ids) {
       if (call.keys.includes(id)) continue;
