@@ -119,7 +119,9 @@ interface QueuedCall {
   context: EventMetadata;
   resolve: (results: CreateTransferResult[]) => void;
   reject: (error: unknown) => void;
-  /** Its keys are no longer busy (#releaseIds): answered, in a part of a split batch. */
+  /** Resolved or rejected (#runBatch sets it where it answers). */
+  answered: boolean;
+  /** Its keys are no longer busy (#releaseIds): at its batch's end, or its part's in a split batch. */
   released: boolean;
 }
 
@@ -275,7 +277,7 @@ export class LedgerEngine {
       return Promise.reject(new LedgerOverloadedError(`ledger queue is full (${this.#queueTransfersMax} transfers)`));
     }
     return new Promise((resolve, reject) => {
-      this.#queue.push({ transfers, keys: callKeys(transfers), context, resolve, reject, released: false });
+      this.#queue.push({ transfers, keys: callKeys(transfers), context, resolve, reject, answered: false, released: false });
       this.#queuedTransfers += transfers.length;
       this.#schedule();
     });
@@ -355,13 +357,11 @@ export class LedgerEngine {
     if (calls.length === 0) return;
     this.#inFlight += 1;
     for (const call of calls) for (const k of call.keys) this.#busy.set(k, (this.#busy.get(k) ?? 0) + 1);
+    // #runBatch answers every call and does not throw; were it to throw, or to end without
+    // answering a call, #releaseIds answers that call "outcome unknown" rather than leave it
+    // waiting.
     void this.#runBatch(calls)
-      // #runBatch answers every call and does not throw. Were it to, a call it had not answered
-      // is answered "outcome unknown" here (answering an answered call does nothing), rather
-      // than left waiting.
-      .catch((error: unknown) => {
-        for (const call of calls) call.reject(new LedgerUnavailableError('invariant: the batch failed without answering this call; it may have been applied; retry with the same ids', { cause: error, outcomeUnknown: true }));
-      })
+      .catch(() => {})
       .finally(() => {
         this.#releaseIds(calls);
         this.#inFlight -= 1;
@@ -375,15 +375,21 @@ export class LedgerEngine {
   }
 
   /**
-   * Frees the ids of these calls (each once): when their batch ends, or earlier, once they
-   * are answered, for the free part of a batch split apart (#runBatch), so that a later call
-   * naming only their ids need not wait for the held part's retries. An id another
-   * unanswered call names stays busy (the count).
+   * Frees the ids of these calls (each once): when their batch ends, or earlier, when their part
+   * of a batch split apart (#runBatch) has been answered, so that a later call naming only
+   * their ids need not wait for the held part's retries. An id another unanswered call names
+   * stays busy (the count). A call not answered by then (a bug) is answered outcome-unknown.
    */
   #releaseIds(calls: readonly QueuedCall[]): void {
+    let unanswered: LedgerUnavailableError | null = null;
     for (const call of calls) {
       if (call.released) continue;
       call.released = true;
+      if (!call.answered) {
+        unanswered ??= new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { outcomeUnknown: true });
+        call.answered = true;
+        call.reject(unanswered);
+      }
       for (const k of call.keys) {
         const n = (this.#busy.get(k) ?? 1) - 1;
         if (n === 0) this.#busy.delete(k);
@@ -420,7 +426,10 @@ export class LedgerEngine {
         const decision = await this.#attemptBatch(segments, calls.map((c) => c.context));
         this.#stats.batches += 1;
         this.#stats.transfers += segments.reduce((n, s) => n + s.length, 0);
-        calls.forEach((call, i) => call.resolve(decision.results[i] as CreateTransferResult[]));
+        calls.forEach((call, i) => {
+          call.answered = true;
+          call.resolve(decision.results[i] as CreateTransferResult[]);
+        });
         return;
       } catch (error) {
         lastError = error;
@@ -469,7 +478,10 @@ export class LedgerEngine {
       : isTransient(lastError) || lastError instanceof LedgerUnavailableError
         ? new LedgerUnavailableError('the ledger could not reach its database; nothing was applied; retry with the same ids', { cause })
         : lastError;
-    for (const call of calls) call.reject(failure);
+    for (const call of calls) {
+      call.answered = true;
+      call.reject(failure);
+    }
   }
 
   /**
@@ -480,7 +492,7 @@ export class LedgerEngine {
    * failed), and the batch is retried whole as before. Calls that share an id keep their order:
    * a free call shares none with an earlier held one, so running the free part first decides
    * no call before an earlier one it shares an id with. The held calls' pending transfers'
-   * accounts, which their ids do not name, are marked busy until they are answered, so that a
+   * accounts, which their ids do not name, are marked busy until their ids are released, so that a
    * later call on one waits in the queue, not on this engine's own row lock in a retry.
    */
   async #partByLocksHeldElsewhere(calls: QueuedCall[]): Promise<{ free: QueuedCall[]; held: QueuedCall[] } | null> {
