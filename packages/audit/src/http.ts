@@ -211,10 +211,12 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     const limited = reply.statusCode === 429 ? rateLimitRefusal(request) : undefined;
     if (limited !== undefined) {
       try {
+        const { traceId } = originOf(request, service);
         summaries.add({
           recordClass: route.recordClass,
           action: route.action,
           actor: actorOf(request),
+          ...(traceId === undefined ? {} : { traceId }),
           ip: request.ip,
           resource: { type: route.resourceType, id: (route.resourceId ?? defaultResourceId)(request) },
           method: request.method,

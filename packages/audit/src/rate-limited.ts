@@ -42,6 +42,8 @@ export interface RateLimitedRefusal {
   method: string;
   route: string;
   requestId: string;
+  /** The request's trace id, when it came with one (the first refusal's is recorded). */
+  traceId?: string;
   limit: Readonly<RateLimit>;
   /** Whose bucket the limiter drew on (`rateLimitRefusal(request).client`). */
   client: string;
@@ -254,7 +256,7 @@ export class RateLimitedSummaries {
       action: first.action,
       outcome: 'failure',
       reason: this.#reason,
-      origin: { service, ip: first.ip, requestId: first.requestId },
+      origin: { service, ip: first.ip, requestId: first.requestId, ...(first.traceId === undefined ? {} : { traceId: first.traceId }) },
       resource: first.resource,
       // Dated by its last refusal; the span is in the payload.
       occurredAt: new Date(s.to),

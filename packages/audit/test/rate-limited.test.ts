@@ -62,7 +62,8 @@ describe('rate-limited requests on audited routes', () => {
     let now = T0;
     const app = await limitedService(sink, () => now);
     try {
-      const get = (id: string, client: string) => app.inject({ method: 'GET', url: `/v1/things/${id}`, headers: { 'x-client-id': client } });
+      const get = (id: string, client: string) =>
+        app.inject({ method: 'GET', url: `/v1/things/${id}`, headers: { 'x-client-id': client, traceparent: `00-${'ab'.repeat(16)}-${'cd'.repeat(8)}-01` } });
       const statuses: number[] = [];
       // The default limiter keys by address, so both "clients" share one bucket; the trail
       // records each header as the caller's claim, so they are two actors.
@@ -96,7 +97,8 @@ describe('rate-limited requests on audited routes', () => {
         action: 'test.read',
         outcome: 'failure',
         reason: 'rate-limited',
-        origin: { service: 'test', ip: '127.0.0.1', requestId: 'string' },
+        // The first refusal's request id and trace, as a single record's origin.
+        origin: { service: 'test', ip: '127.0.0.1', requestId: 'string', traceId: 'ab'.repeat(16) },
         resource: { type: 'thing', id: 'thing-a' },
         occurredAt: new Date(T0 + 280),
         payload: {
