@@ -13,12 +13,19 @@
  * but not which bucket it draws on, so it cannot use up the table: it takes at most
  * `perClientMax` + 1 of its `keysMax` entries. Refusals of buckets the table has no room for
  * go into one overflow summary per record class, which counts them and names the buckets
- * refused most. A summary the sink refuses (its buffer full) is kept and offered again with
- * the next interval's, up to `keysMax` of them; only past that is a summary dropped, and the
- * caller told how many refusals it stood for.
+ * refused most. A summary the sink refuses because its buffer is full is kept and offered again
+ * with the next interval's, up to `keysMax` of them; one it refuses for any other reason (a
+ * closed sink, an entry it finds invalid) is dropped at once. The caller is told how many
+ * refusals the dropped summaries stood for.
+ *
+ * A catch-all summary names an actor and a resource only when its refusals all named the same
+ * one (the verified principal of a bucket keyed by principal); otherwise its actor is
+ * `anonymous` and its resource id `several`, and the samples in its payload say whom and what
+ * they named, so that no one is credited with refusals that were not theirs.
  */
 import type { RateLimit } from '@ledgerline/service-runtime';
 import type { AuditActor, AuditEntry, AuditResource, AuditSink } from './sink.ts';
+import { AuditBufferFullError } from './writer.ts';
 
 /** How often the summaries are written (AuditHttpOptions.rateLimitedSummary). */
 export const RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT = 10_000;
@@ -30,6 +37,9 @@ export const RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT = 10;
 export const RATE_LIMITED_OVERFLOW_ACTION = 'audit.rate_limited.overflow';
 /** What a catch-all or overflow summary names of each kind: at most this many. */
 const SAMPLES_MAX = 20;
+/** The times an audit entry may carry (years 0001..9999 UTC, as checkEntry holds it to). */
+const TIME_MS_MIN = Date.parse('0001-01-01T00:00:00.000Z');
+const TIME_MS_MAX = Date.parse('9999-12-31T23:59:59.999Z');
 const NUL = '\u0000';
 
 /** One refused request, as the audit plugin saw it. */
@@ -137,8 +147,9 @@ export class RateLimitedSummaries {
   }
 
   add(refusal: RateLimitedRefusal): void {
-    // A time no Date can hold (an injected clock gone wrong) would fail the drain for good.
-    const r = Number.isFinite(refusal.at) && Math.abs(refusal.at) <= 8.64e15 ? refusal : { ...refusal, at: Date.now() };
+    // A time no entry may carry (an injected clock gone wrong) would fail every write of the
+    // summary; it is taken as now.
+    const r = Number.isFinite(refusal.at) && refusal.at >= TIME_MS_MIN && refusal.at <= TIME_MS_MAX ? refusal : { ...refusal, at: Date.now() };
     // NUL cannot occur in any part: actors, addresses and resources are storable text, and
     // routes and methods come from the route table.
     const bucketKey = [r.client, r.method, r.route, r.recordClass, r.action].join(NUL);
@@ -228,36 +239,40 @@ export class RateLimitedSummaries {
 
   /**
    * Writes the summaries a sink refused before, then everything counted since, to `sink`. What
-   * it refuses now is kept for the next write, up to `keysMax` entries; returns how many
-   * refusals were in the entries dropped past that (0 unless the sink kept refusing), and the
-   * sink's error.
+   * it refuses because its buffer is full (AuditBufferFullError) is kept for the next write, up
+   * to `keysMax` entries; what it refuses otherwise is dropped. Returns how many refusals the
+   * dropped entries stood for, and the sink's last error (null when it took everything).
    */
   writeTo(sink: Pick<AuditSink, 'record'>, service: string): { lost: number; error: unknown } {
     const entries = [...this.#unwritten, ...this.drain(service)];
     this.#unwritten = [];
     let error: unknown = null;
+    let lost = 0;
     for (const e of entries) {
       try {
         sink.record(e.entry);
       } catch (refused) {
         error = refused;
-        this.#unwritten.push(e);
+        if (refused instanceof AuditBufferFullError) this.#unwritten.push(e);
+        else lost += e.refused;
       }
     }
     const dropped = this.#unwritten.splice(0, Math.max(0, this.#unwritten.length - this.#keysMax));
-    return { lost: dropped.reduce((n, d) => n + d.refused, 0), error };
+    return { lost: lost + dropped.reduce((n, d) => n + d.refused, 0), error };
   }
 
   #entry(s: Summary, service: string): AuditEntry {
-    const { first } = s;
+    const { first, samples } = s;
+    // A catch-all names an actor (a resource) only when every refusal it counts named that one.
+    const one = (set: Set<string> | undefined): boolean => samples === null || (set?.size === 1 && samples.unsampled === 0);
     return {
       recordClass: first.recordClass,
-      actor: first.actor,
+      actor: one(samples?.actors) ? first.actor : { type: 'anonymous', id: 'anonymous' },
       action: first.action,
       outcome: 'failure',
       reason: this.#reason,
       origin: { service, ip: first.ip, requestId: first.requestId, ...(first.traceId === undefined ? {} : { traceId: first.traceId }) },
-      resource: first.resource,
+      resource: one(samples?.resources) ? first.resource : { type: first.resource.type, id: 'several' },
       // Dated by its last refusal; the span is in the payload.
       occurredAt: new Date(s.to),
       payload: {

@@ -22,6 +22,7 @@ import {
   BEGIN_WRITE,
   insertAccounts,
   LOCK_TIMEOUT_MS_DEFAULT,
+  STATEMENT_TIMEOUT_MS,
   lockAccounts,
   openBatch,
   reserveTimestamps,
@@ -94,9 +95,10 @@ export interface LedgerEngineOptions {
   /** Attempts per batch on a transient database error (serialization, lost connection). */
   batchAttemptsMax?: number;
   /**
-   * How long a batch waits for its account locks (default LOCK_TIMEOUT_MS_DEFAULT, 10 s). A
-   * batch whose wait runs out looks for the accounts another transaction holds, and runs the
-   * calls that do not need them apart from those that do (see #runBatch).
+   * How long a batch of transfers waits for its account locks (default LOCK_TIMEOUT_MS_DEFAULT,
+   * 10 s; below STATEMENT_TIMEOUT_MS, 30 s). A batch whose wait runs out looks for the accounts
+   * another transaction holds, and runs the calls that do not need them apart from those that
+   * do (see #runBatch). Account creation and the expiry sweep wait 10 s.
    */
   lockTimeoutMs?: number;
   /** Interval of the background expiry of pending transfers; 0 disables it. */
@@ -215,7 +217,10 @@ export class LedgerEngine {
     this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
     if (!(Number.isSafeInteger(this.#batchAttemptsMax) && this.#batchAttemptsMax >= 1)) throw new RangeError(`LedgerEngine: batchAttemptsMax must be a positive integer, not ${this.#batchAttemptsMax}`);
     this.#lockTimeoutMs = options.lockTimeoutMs ?? LOCK_TIMEOUT_MS_DEFAULT;
-    if (!(Number.isSafeInteger(this.#lockTimeoutMs) && this.#lockTimeoutMs >= 1)) throw new RangeError(`LedgerEngine: lockTimeoutMs must be a positive integer, not ${this.#lockTimeoutMs}`);
+    // Below the batch's statement timeout, or that fires first and no lock wait is ever told apart.
+    if (!(Number.isSafeInteger(this.#lockTimeoutMs) && this.#lockTimeoutMs >= 1 && this.#lockTimeoutMs < STATEMENT_TIMEOUT_MS)) {
+      throw new RangeError(`LedgerEngine: lockTimeoutMs must be an integer from 1 to ${STATEMENT_TIMEOUT_MS - 1}, not ${this.#lockTimeoutMs}`);
+    }
     this.#expiryBatchMax = options.expiryBatchMax ?? 1000;
     this.#onExpiryError = options.onExpiryError ?? (() => {});
     this.#events = options.events ?? null;
@@ -360,10 +365,13 @@ export class LedgerEngine {
     // #runBatch answers every call and does not throw; were it to throw, or to end without
     // answering a call, #releaseIds answers that call "outcome unknown" rather than leave it
     // waiting.
+    let thrown: unknown;
     void this.#runBatch(calls)
-      .catch(() => {})
+      .catch((error: unknown) => {
+        thrown = error;
+      })
       .finally(() => {
-        this.#releaseIds(calls);
+        this.#releaseIds(calls, thrown);
         this.#inFlight -= 1;
         if (this.#inFlight === 0 && this.#queue.length === 0) {
           for (const done of this.#drained.splice(0)) done();
@@ -380,13 +388,13 @@ export class LedgerEngine {
    * their ids need not wait for the held part's retries. An id another unanswered call names
    * stays busy (the count). A call not answered by then (a bug) is answered outcome-unknown.
    */
-  #releaseIds(calls: readonly QueuedCall[]): void {
+  #releaseIds(calls: readonly QueuedCall[], cause?: unknown): void {
     let unanswered: LedgerUnavailableError | null = null;
     for (const call of calls) {
       if (call.released) continue;
       call.released = true;
       if (!call.answered) {
-        unanswered ??= new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { outcomeUnknown: true });
+        unanswered ??= new LedgerUnavailableError('invariant: the batch ended without answering this call; it may have been applied; retry with the same ids', { cause, outcomeUnknown: true });
         call.answered = true;
         call.reject(unanswered);
       }

@@ -146,9 +146,11 @@ export async function reserveTimestamps(db: Queryable, count: number, nowNs: big
  * elsewhere); a lock wait or a statement that runs far past normal fails as transient.
  */
 export function beginWrite(lockTimeoutMs: number = LOCK_TIMEOUT_MS_DEFAULT): string {
-  if (!(Number.isSafeInteger(lockTimeoutMs) && lockTimeoutMs >= 1)) throw new RangeError(`lockTimeoutMs must be a positive integer, not ${lockTimeoutMs}`);
+  if (!(Number.isSafeInteger(lockTimeoutMs) && lockTimeoutMs >= 1 && lockTimeoutMs < STATEMENT_TIMEOUT_MS)) {
+    throw new RangeError(`lockTimeoutMs must be an integer from 1 to ${STATEMENT_TIMEOUT_MS - 1}, not ${lockTimeoutMs}`);
+  }
   return (
-    `BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '${lockTimeoutMs}ms'; SET LOCAL statement_timeout = '30s'; ` +
+    `BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; SET LOCAL lock_timeout = '${lockTimeoutMs}ms'; SET LOCAL statement_timeout = '${STATEMENT_TIMEOUT_MS}ms'; ` +
     // The rows a batch writes were just locked, so they are in memory: fetching one by its ctid
     // costs nothing like the default random_page_cost of 4 (a disk seek). With the default the
     // planner reads a small accounts table end to end (a seq scan over 10,000 rows) instead.
@@ -158,6 +160,8 @@ export function beginWrite(lockTimeoutMs: number = LOCK_TIMEOUT_MS_DEFAULT): str
 
 /** How long a write waits for a row lock before it fails as transient (`beginWrite`). */
 export const LOCK_TIMEOUT_MS_DEFAULT = 10_000;
+/** How long any statement of a write may run (`beginWrite`); a lock wait must be shorter. */
+export const STATEMENT_TIMEOUT_MS = 30_000;
 
 export const BEGIN_WRITE = beginWrite();
 

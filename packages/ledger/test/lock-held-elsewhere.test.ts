@@ -113,6 +113,12 @@ test('the calls that need a held account wait and fail; those batched with them 
   }
 });
 
+test('the lock wait is shorter than the statement timeout, or a lock wait would never be told apart', () => {
+  assert.throws(() => new LedgerEngine({ pool: t.pool, lockTimeoutMs: 30_000 }), /lockTimeoutMs must be an integer from 1 to 29999/);
+  assert.throws(() => new LedgerEngine({ pool: t.pool, lockTimeoutMs: 0 }), /lockTimeoutMs/);
+  assert.throws(() => new LedgerEngine({ pool: t.pool, batchAttemptsMax: 0 }), /batchAttemptsMax must be a positive integer/);
+});
+
 test('a held call is applied once the lock is let go within its attempts', async () => {
   const engine = oneBatchEngine();
   try {
@@ -135,7 +141,7 @@ describe('calls that share an id with a held call keep their order (each an earl
     const lock = await holdAccount(held);
     const one = engine.createTransfers(first);
     const two = engine.createTransfers(second);
-    const timer = setTimeout(() => void lock.release(), 500);
+    const timer = setTimeout(() => void lock.release().catch(() => {}), 500);
     try {
       return [results(await one), results(await two)];
     } finally {
@@ -186,7 +192,7 @@ describe('calls that share an id with a held call keep their order (each an earl
       const create = engine.createTransfers([transfer(c, d, 5n, { id: p, flags: { pending: true } })]);
       const voided = engine.createTransfers([transfer(a, b, 1n), { id: newId(), pendingId: p, flags: { voidPendingTransfer: true } }]);
       const spend = engine.createTransfers([transfer(c, x, 5n)]);
-      const timer = setTimeout(() => void lock.release(), 500);
+      const timer = setTimeout(() => void lock.release().catch(() => {}), 500);
       try {
         assert.deepEqual([results(await create), results(await voided), results(await spend)], [['ok'], ['ok', 'ok'], ['ok']]);
       } finally {
