@@ -416,7 +416,7 @@ export class LedgerEngine {
    * batch's accounts: another ledger instance briefly, or something outside the engine (an
    * operator's open transaction, a report locking rows) for as long as it likes. Retried
    * whole, every call of the batch failed with the one that needed that account. Instead the
-   * batch asks which accounts are held (`accountsLockedElsewhere`, which never waits), runs the
+   * batch asks which accounts are held (`accountsLockedElsewhere`: it never waits for a row), runs the
    * calls that need none of them at once, as a batch of their own, and then retries the others
    * with the attempts they have left.
    */
