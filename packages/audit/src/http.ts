@@ -16,7 +16,7 @@ import { problem, problemType, ProblemResponse, rateLimitRefusal, STORABLE_TEXT_
 import { keyIdOf, publicKeyPem } from './keys.ts';
 import { storablePrefix, storableText } from '@ledgerline/events';
 import { canonicalResourceId } from './record.ts';
-import { RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT, RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT, RateLimitedSummaries } from './rate-limited.ts';
+import { writeRateLimitedSummaries, type RateLimitedSummarySettings } from './rate-limited.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { AuditUnrecordedError, SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
 
@@ -59,7 +59,7 @@ export interface AuditHttpOptions {
    * past which an overflow summary per record class counts the rest (rate-limited.ts). The
    * last summaries are written when the app closes.
    */
-  rateLimitedSummary?: { intervalMs?: number; keysMax?: number; perClientMax?: number };
+  rateLimitedSummary?: RateLimitedSummarySettings;
   /** The clock of the summaries' times, in ms (default `Date.now`). */
   clock?: () => number;
 }
@@ -162,29 +162,13 @@ function installAuditHttp(app: FastifyInstance, options: AuditHttpOptions): void
     }
   }
   const clock = options.clock ?? Date.now;
-  const summaryIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
-  if (!(Number.isInteger(summaryIntervalMs) && summaryIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${summaryIntervalMs}`);
-  const summaries = new RateLimitedSummaries({
-    keysMax: options.rateLimitedSummary?.keysMax ?? RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT,
-    ...(options.rateLimitedSummary?.perClientMax === undefined ? {} : { perClientMax: options.rateLimitedSummary.perClientMax }),
-  });
-  const writeSummaries = (): void => {
-    // What the sink refuses (its buffer full) is offered again next time; only what is
-    // dropped past the table's bound is lost, and counted.
-    const { lost, error } = summaries.writeTo(sink, service);
-    if (error !== null) app.log.warn({ err: error, audit: true, pending: summaries.pending }, 'audit: the sink refused summaries of rate-limited requests; they are offered again at the next interval');
-    if (lost > 0) {
-      unrecorded += lost;
-      app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
-    }
-  };
-  const summaryTimer = setInterval(writeSummaries, summaryIntervalMs);
-  summaryTimer.unref();
-  // The services close their audit sink after the app, so the last summaries are written too.
-  app.addHook('onClose', (_instance, done) => {
-    clearInterval(summaryTimer);
-    writeSummaries();
-    done();
+  const summaries = writeRateLimitedSummaries(app, {
+    sink,
+    service,
+    ...(options.rateLimitedSummary === undefined ? {} : { settings: options.rateLimitedSummary }),
+    onLost: (n) => {
+      unrecorded += n;
+    },
   });
   // HEAD runs the GET route's handler (Fastify exposes a HEAD route for every GET) and tells
   // as much as the GET does (whether the account exists, how large its answer is): it is

@@ -59,8 +59,10 @@ export {
   RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT,
   RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT,
   RateLimitedSummaries,
+  writeRateLimitedSummaries,
   type RateLimitedRefusal,
   type RateLimitedSummariesOptions,
+  type RateLimitedSummarySettings,
 } from './rate-limited.ts';
 export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
 export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, SEQUENCER_RESTART_DELAY_MS_DEFAULT, startSequencerWorker, type SequencerSupervision, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';

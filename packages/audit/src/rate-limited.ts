@@ -23,6 +23,7 @@
  * `anonymous` and its resource id `several`, and the samples in its payload say whom and what
  * they named, so that no one is credited with refusals that were not theirs.
  */
+import type { FastifyInstance } from 'fastify';
 import type { RateLimit } from '@ledgerline/service-runtime';
 import type { AuditActor, AuditEntry, AuditResource, AuditSink } from './sink.ts';
 import { AuditBufferFullError } from './writer.ts';
@@ -110,6 +111,49 @@ export interface RateLimitedSummariesOptions {
    * type's slug, as auditHttp records it; the identity service writes its slugs `rate_limited`).
    */
   reason?: string;
+}
+
+/** How often the summaries are written, and how many are held (AuditHttpOptions.rateLimitedSummary). */
+export interface RateLimitedSummarySettings {
+  intervalMs?: number;
+  keysMax?: number;
+  perClientMax?: number;
+}
+
+/**
+ * The summaries of a service's rate-limited requests, written to `sink` every `intervalMs`
+ * (default 10 s) and once more when `app` closes (services close their audit sink after the
+ * app, so the last ones are written too). A write the sink refuses is logged; `onLost` gets
+ * the refusals of summaries dropped for good (RateLimitedSummaries.writeTo). `add` to count.
+ */
+export function writeRateLimitedSummaries(
+  app: FastifyInstance,
+  options: { sink: Pick<AuditSink, 'record'>; service: string; reason?: string; settings?: RateLimitedSummarySettings; onLost?: (refused: number) => void },
+): RateLimitedSummaries {
+  const { sink, service, settings = {} } = options;
+  const intervalMs = settings.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
+  if (!(Number.isInteger(intervalMs) && intervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${intervalMs}`);
+  const summaries = new RateLimitedSummaries({
+    ...(settings.keysMax === undefined ? {} : { keysMax: settings.keysMax }),
+    ...(settings.perClientMax === undefined ? {} : { perClientMax: settings.perClientMax }),
+    ...(options.reason === undefined ? {} : { reason: options.reason }),
+  });
+  const write = (): void => {
+    const { lost, error } = summaries.writeTo(sink, service);
+    if (error !== null) app.log.warn({ err: error, audit: true, pending: summaries.pending }, 'audit: the sink refused summaries of rate-limited requests; those refused for a full buffer are offered again at the next interval');
+    if (lost > 0) {
+      options.onLost?.(lost);
+      app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
+    }
+  };
+  const timer = setInterval(write, intervalMs);
+  timer.unref();
+  app.addHook('onClose', (_instance, done) => {
+    clearInterval(timer);
+    write();
+    done();
+  });
+  return summaries;
 }
 
 const positiveInteger = (name: string, n: number): number => {

@@ -21,8 +21,7 @@ import {
   accountsLockedElsewhere,
   BEGIN_WRITE,
   insertAccounts,
-  LOCK_TIMEOUT_MS_DEFAULT,
-  STATEMENT_TIMEOUT_MS,
+  beginWrite,
   lockAccounts,
   openBatch,
   reserveTimestamps,
@@ -191,7 +190,8 @@ export class LedgerEngine {
   readonly #batchesInFlightMax: number;
   readonly #queueTransfersMax: number;
   readonly #batchAttemptsMax: number;
-  readonly #lockTimeoutMs: number;
+  /** A batch's BEGIN with its timeouts, the lock wait lockTimeoutMs (beginWrite). */
+  readonly #beginBatch: string;
   readonly #expiryBatchMax: number;
   readonly #onExpiryError: (error: unknown) => void;
   readonly #events: EventStore | null;
@@ -216,11 +216,8 @@ export class LedgerEngine {
     this.#queueTransfersMax = options.queueTransfersMax ?? 100_000;
     this.#batchAttemptsMax = options.batchAttemptsMax ?? 8;
     if (!(Number.isSafeInteger(this.#batchAttemptsMax) && this.#batchAttemptsMax >= 1)) throw new RangeError(`LedgerEngine: batchAttemptsMax must be a positive integer, not ${this.#batchAttemptsMax}`);
-    this.#lockTimeoutMs = options.lockTimeoutMs ?? LOCK_TIMEOUT_MS_DEFAULT;
-    // Below the batch's statement timeout, or that fires first and no lock wait is ever told apart.
-    if (!(Number.isSafeInteger(this.#lockTimeoutMs) && this.#lockTimeoutMs >= 1 && this.#lockTimeoutMs < STATEMENT_TIMEOUT_MS)) {
-      throw new RangeError(`LedgerEngine: lockTimeoutMs must be an integer from 1 to ${STATEMENT_TIMEOUT_MS - 1}, not ${this.#lockTimeoutMs}`);
-    }
+    // Checked there: below the statement timeout, or that fires first and no lock wait is ever told apart.
+    this.#beginBatch = beginWrite(options.lockTimeoutMs);
     this.#expiryBatchMax = options.expiryBatchMax ?? 1000;
     this.#onExpiryError = options.onExpiryError ?? (() => {});
     this.#events = options.events ?? null;
@@ -582,7 +579,7 @@ export class LedgerEngine {
         transferIds: [...ids, ...pendingIds],
         count: all.length,
         nowNs: this.#clock(),
-        lockTimeoutMs: this.#lockTimeoutMs,
+        begin: this.#beginBatch,
       });
       // The pending transfers' accounts were locked as of the locking statement; a pending
       // transfer committed after it began may name others. Deciding needs them locked.

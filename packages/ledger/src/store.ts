@@ -186,8 +186,8 @@ export interface OpenBatchInput {
   /** Timestamps to reserve, one per transfer. */
   count: number;
   nowNs: bigint;
-  /** How long to wait for the account locks (LOCK_TIMEOUT_MS_DEFAULT unless given). */
-  lockTimeoutMs?: number;
+  /** The BEGIN with its timeouts (`beginWrite(lockTimeoutMs)`, made once by the caller); BEGIN_WRITE unless given. */
+  begin?: string;
 }
 
 export interface OpenedBatch {
@@ -224,7 +224,7 @@ export async function openBatch(db: Queryable, input: OpenBatchInput): Promise<O
       ? named
       : `${named} || ARRAY(SELECT unnest(ARRAY[t.debit_account_id, t.credit_account_id]) FROM ledger.transfers t
                            WHERE t.id = ANY(${uuidArrayLiteral(input.pendingIds)}))`;
-  const text = `${input.lockTimeoutMs === undefined ? BEGIN_WRITE : beginWrite(input.lockTimeoutMs)};
+  const text = `${input.begin ?? BEGIN_WRITE};
     SELECT ${LOCKED_ACCOUNT_COLUMNS} FROM ledger.accounts a WHERE a.id = ANY(${accountIds}) ORDER BY a.id FOR UPDATE;
     SELECT ledger.reserve_timestamps(${input.count}, ${input.nowNs.toString()})::text AS first;
     SELECT ${TRANSFER_COLUMNS} FROM ledger.transfers WHERE id = ANY(${uuidArrayLiteral(input.transferIds)})`;

@@ -7,7 +7,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
-import { RateLimitedSummaries, RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT, type AuditActor, type AuditEntry, type AuditResource, type AuditSink } from '@ledgerline/audit';
+import { writeRateLimitedSummaries, type AuditActor, type RateLimitedSummarySettings, type AuditEntry, type AuditResource, type AuditSink } from '@ledgerline/audit';
 import { bulkhead } from 'cockatiel';
 import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type RevokeOutcome, type TokenResponse } from '@ledgerline/identity';
@@ -69,7 +69,7 @@ export interface IdentityServiceOptions {
    * (1000) in all, as the audit trail's HTTP plugin does (@ledgerline/audit
    * `rateLimitedSummary`, rate-limited.ts).
    */
-  rateLimitedSummary?: { intervalMs?: number; keysMax?: number; perClientMax?: number };
+  rateLimitedSummary?: RateLimitedSummarySettings;
   logLevel?: string;
   /** The largest request body, form or JSON (IDENTITY_BODY_LIMIT_BYTES_DEFAULT unless given). */
   bodyLimitBytes?: number;
@@ -514,25 +514,13 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * hammering the endpoint cannot grow the trail at its request rate. The actor is named as a
    * single refusal's would be (`unchecked-user:<digest>`, never looked up).
    */
-  const rateLimited = new RateLimitedSummaries({
+  const rateLimited = writeRateLimitedSummaries(app, {
+    sink: options.audit,
+    service: 'identity',
     reason: 'rate_limited',
-    ...(options.rateLimitedSummary?.keysMax === undefined ? {} : { keysMax: options.rateLimitedSummary.keysMax }),
-    ...(options.rateLimitedSummary?.perClientMax === undefined ? {} : { perClientMax: options.rateLimitedSummary.perClientMax }),
+    ...(options.rateLimitedSummary === undefined ? {} : { settings: options.rateLimitedSummary }),
   });
-  const writeRateLimited = (): void => {
-    // What the sink refuses is offered again at the next interval; only what is dropped past
-    // the table's bound is lost.
-    const { lost, error } = rateLimited.writeTo(options.audit, 'identity');
-    if (error !== null) app.log.warn({ err: error, audit: true, pending: rateLimited.pending }, 'audit: the sink refused summaries of rate-limited requests; they are offered again at the next interval');
-    if (lost > 0) app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
-  };
-  const rateLimitedIntervalMs = options.rateLimitedSummary?.intervalMs ?? RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT;
-  if (!(Number.isInteger(rateLimitedIntervalMs) && rateLimitedIntervalMs >= 100)) throw new RangeError(`rateLimitedSummary.intervalMs must be an integer of at least 100, not ${rateLimitedIntervalMs}`);
-  const rateLimitedTimer = setInterval(writeRateLimited, rateLimitedIntervalMs);
-  rateLimitedTimer.unref();
   app.addHook('onClose', async () => {
-    clearInterval(rateLimitedTimer);
-    writeRateLimited();
     while (pending.size > 0) await Promise.all(pending);
   });
   // OAuth2 clients send the token endpoint a form (RFC 6749 §4.1.3); JSON is accepted too.
