@@ -3,8 +3,8 @@
  *
  *   npm run bench:audit -- [--records 50000] [--proofs 1000] [--seconds 6] [--rounds 12]
  *                          [--clients 64] [--accounts 10000] [--seed N] [--no-pgbench] [--command-records unrecorded|all]
- *                          [--sequencer-interval-ms 1000] [--sequencer-batch 20000] [--sequencer-nice 10] [--aa]
- *                          [--switch paused|running]
+ *                          [--sequencer-interval-ms 1000] [--sequencer-batch 20000] [--sequencer-nice 10]
+ *                          [--lead-in 3] [--aa] [--switch paused|running]
  *
  * Phase 1, the log: `records` entries through the batched sink, integrated by the sequencer
  * (records_per_s, from the first record() to the last one in the tree), then full
@@ -22,7 +22,12 @@
  * database is vacuumed and checkpointed (settleSegment): each segment starts with nothing left
  * to integrate, so an "on" segment integrates its own events, not the "off" segment's nor
  * those of the change-over (`--switch running`, the shape before 2026-12-07, keeps the
- * clients writing through it; each segment reports its `backlogAtStart`). Each segment reports the load average at its
+ * clients writing through it). Each segment then runs `lead-in` seconds untimed before its
+ * timed window, so that the window holds the sequencer's steady state: without it, an "on"
+ * window opened on an idle sequencer and closed with its last second or more of events not yet
+ * integrated, work the untimed catch-up after it did uncounted (until 2026-12-07, 13:00 UTC).
+ * Each segment reports the events not yet integrated at the window's start and end
+ * (`backlogAtStart`, `backlogAtEnd`: the sequencer's lag). Each segment reports the load average at its
  * start and end, the machine's CPU per transfer, and in "on" segments the sequencer's own CPU
  * per event (its thread, and its PostgreSQL backends by application_name). `--aa` runs the
  * "on" segments without auditing: the cost it prints is the noise of the measurement.
@@ -64,6 +69,8 @@ const { values: args } = parseArgs({
     'sequencer-batch': { type: 'string' },
     // The sequencer thread's nice value (the service's AUDIT_SEQUENCER_NICE); 0: the process's priority.
     'sequencer-nice': { type: 'string' },
+    // Seconds of each segment run before its timed window, untimed (see runLedgerCost).
+    'lead-in': { type: 'string' },
     // A/A calibration: "on" segments run without auditing, so the reported cost is the noise
     // of the measurement itself on this machine today.
     aa: { type: 'boolean', default: false },
@@ -83,6 +90,7 @@ const commandRecords = args['command-records'];
 const sequencerIntervalMs = Math.floor(intArg('sequencer-interval-ms', args['sequencer-interval-ms'], INTERVAL_MS_DEFAULT, 1));
 const sequencerBatch = Math.floor(intArg('sequencer-batch', args['sequencer-batch'], BATCH_RECORDS_MAX_DEFAULT, 1));
 const sequencerNice = Math.floor(intArg('sequencer-nice', args['sequencer-nice'], SEQUENCER_NICE_DEFAULT, 0));
+const leadInSeconds = intArg('lead-in', args['lead-in'], 3, 0);
 const calibrate = args.aa;
 const switchMode = args.switch;
 if (switchMode !== 'paused' && switchMode !== 'running') throw new RangeError('--switch must be paused or running');
@@ -272,8 +280,12 @@ interface Segment {
   sequencerPgCpuUsPerEvent: number | null;
   /** On: the sequencer's CPU (thread and backends) per transfer applied in the segment. */
   sequencerCpuUsPerTransfer: number | null;
-  /** Events not yet integrated when the segment began: work carried in from the change-over (0 when paused). */
+  /**
+   * Events not yet integrated when the timed window began and when it ended (on: the
+   * sequencer's lag; alike at both ends when it integrated as many events as the window wrote).
+   */
   backlogAtStart: number;
+  backlogAtEnd: number;
   load1mStart: number;
   load1mEnd: number;
 }
@@ -388,12 +400,18 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
           : null;
         const h = createHistogram();
         const load1mStart = load1m();
+        // The lead-in, untimed: the clients run (and, on, the sequencer integrates behind them)
+        // until both are in their steady state, so that the timed window holds as much of the
+        // sequencer's work as of the ledger's. Without it, an "on" window opened on an idle
+        // sequencer and closed with the events of its last second or more not yet integrated:
+        // that work fell to the untimed catch-up after it, uncounted.
+        releaseClients();
+        if (leadInSeconds > 0) await sleep(leadInSeconds * 1000);
         const cpu0 = await sequencerCpu(auditPool, worker);
         const machine0 = machineCpuMs();
         const process0 = process.cpuUsage();
         const events0 = await eventCount(auditPool);
         const backlogAtStart = await eventsBehind(auditPool);
-        releaseClients();
         histogram = h;
         const okStart = ok;
         const t0 = performance.now();
@@ -405,6 +423,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         const process1 = process.cpuUsage(process0);
         const cpu1 = await sequencerCpu(auditPool, worker);
         const integrated = (await eventCount(auditPool)) - events0;
+        const backlogAtEnd = await eventsBehind(auditPool);
         await holdClients();
         auditing = false;
         await worker?.close();
@@ -424,6 +443,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
           sequencerPgCpuUsPerEvent: perEvent(cpu1.pgMs - cpu0.pgMs),
           sequencerCpuUsPerTransfer: worker === null ? null : Math.round(((cpu1.workerMs - cpu0.workerMs + cpu1.pgMs - cpu0.pgMs) * 10_000) / Math.max(1, n)) / 10,
           backlogAtStart,
+          backlogAtEnd,
           load1mStart,
           load1mEnd: load1m(),
         };
@@ -431,7 +451,7 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         log(
           `  round ${round + 1} audit ${mode}: ${seg.transfersPerS} transfers/s, p99 ${seg.p99Ms} ms, machine ${seg.machineCpuUsPerTransfer} µs/transfer (${seg.machineUtilisation} busy), this process ${seg.processCores} cores` +
             (worker === null ? '' : `, sequencer ${seg.sequencerWorkerCpuUsPerEvent} µs/event in its thread + ${seg.sequencerPgCpuUsPerEvent} in PostgreSQL (${integrated} events)`) +
-            `, ${backlogAtStart} events behind at the start` +
+            `, ${backlogAtStart} events behind at the start, ${backlogAtEnd} at the end` +
             `, load ${seg.load1mStart} → ${seg.load1mEnd}`,
         );
       }
@@ -530,6 +550,7 @@ async function main(): Promise<void> {
     pgbench_tpcb_tps: tpcb === null ? null : Math.round(tpcb.tps),
     clients,
     segment_seconds: seconds,
+    lead_in_seconds: leadInSeconds,
     rounds,
     load1m_start: loadStart,
     load1m_end: load1m(),
