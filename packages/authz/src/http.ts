@@ -13,7 +13,7 @@
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
-import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
+import { AuditBufferFullError, auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import type { Authorizer } from './authorizer.ts';
 import type { Permission, Principal, ResourceAttributes } from './policy.ts';
@@ -115,12 +115,35 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   }
 
   /**
+   * The authorizer's decision, recorded. A decision the trail cannot take (its buffer full,
+   * AuditBufferFullError) refuses the request 503 audit-unavailable with Retry-After, and nothing
+   * runs: an access the trail does not show is not granted. Until 2026-12-07 the error reached
+   * the client as a 500.
+   */
+  const unrecordedDecisions = new WeakSet<FastifyRequest>();
+  const decide = (request: FastifyRequest, ...args: Parameters<Authorizer['check']>): ReturnType<Authorizer['check']> => {
+    try {
+      return authorizer.check(...args);
+    } catch (error) {
+      if (!(error instanceof AuditBufferFullError)) throw error;
+      request.log.error({ err: error, audit: true }, 'audit: an authorization decision could not be recorded; the request was refused unrun');
+      // Retry-After is set as the answer is sent (onSend): `authorize` has no reply to set it on.
+      unrecordedDecisions.add(request);
+      throw problem(503, {
+        type: problemType('audit-unavailable'),
+        title: 'Audit trail unavailable',
+        detail: 'The authorization decision could not be recorded in the audit trail, so this request was not run. Retry after the Retry-After delay.',
+      });
+    }
+  };
+
+  /**
    * A request refused for want of valid credentials: 401 with its decision recorded, or, from an
    * address over its failure limit, 429, counted for the address's summary record instead.
    */
   const refuse = (request: FastifyRequest, reply: FastifyReply, permission: Permission, resource: ResourceAttributes, why: string, tokenSent: boolean): HttpProblem => {
     const address = addressKey(request.ip);
-    if (throttle === null || throttle.admit(address)) return unauthenticated(reply, authorizer.check(null, permission, resource, origin(request), why).reason, tokenSent);
+    if (throttle === null || throttle.admit(address)) return unauthenticated(reply, decide(request, null, permission, resource, origin(request), why).reason, tokenSent);
     auditedInSummary(request);
     reply.header('retry-after', String(Math.max(1, Math.ceil(throttle.retryAfterMs(address) / 1000))));
     return problem(429, {
@@ -135,10 +158,10 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     if (route.url.startsWith(prefix) && permission === undefined) {
       throw new Error(`${String(route.method)} ${route.url}: a protected route must declare config.permission`);
     }
-    // Every route with a permission answers 401 without a token, and 429 past the failure
-    // limit: the OpenAPI document says so.
+    // Every route with a permission answers 401 without a token, 429 past the failure limit, and
+    // 503 when the trail cannot take its decision (decide): the OpenAPI document says so.
     if (permission !== undefined) {
-      const responses: Record<number, object> = throttle === null ? { 401: ProblemResponse } : { 401: ProblemResponse, 429: ProblemResponse };
+      const responses: Record<number, object> = throttle === null ? { 401: ProblemResponse, 503: ProblemResponse } : { 401: ProblemResponse, 429: ProblemResponse, 503: ProblemResponse };
       documentRoute(route, { security: [{ [BEARER_SECURITY_SCHEME]: [] }], responses });
     }
   });
@@ -159,6 +182,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   });
 
   app.addHook('onSend', async (request, reply, payload) => {
+    if (unrecordedDecisions.has(request)) reply.header('retry-after', '1');
     if (permissionOf(request) === undefined || reply.statusCode >= 400) return payload;
     if (allowed.has(request) || reply.getHeader(REPLAYED_HEADER) === 'true') return payload;
     throw new Error(`invariant: ${request.method} ${request.url} answered ${reply.statusCode} without an authorization decision`);
@@ -180,7 +204,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
       const p = principal(request);
       const permission = permissionOf(request);
       if (permission === undefined) throw new Error(`invariant: ${request.url} declares no permission`);
-      const decision = authorizer.check(p, permission, resource, origin(request));
+      const decision = decide(request, p, permission, resource, origin(request));
       if (!decision.allowed) {
         throw problem(403, {
           type: AUTH_PROBLEM_TYPES.forbidden,

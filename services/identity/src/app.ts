@@ -155,20 +155,6 @@ function auditBehind(): IdentityError {
   return new IdentityError('temporarily_unavailable', 'the audit trail is not keeping up; retry after the Retry-After delay');
 }
 
-/**
- * Runs `write` (an audit record), and logs rather than throws when the trail refuses it (its
- * buffer full, AuditBufferFullError): the caller decides what the answer is. False when refused.
- */
-function recordOrLog(request: FastifyRequest, write: () => void): boolean {
-  try {
-    write();
-    return true;
-  } catch (error) {
-    request.log.error({ err: error, audit: true }, 'audit: a record could not be written');
-    return false;
-  }
-}
-
 /** Hex digits of the keyed digest that stands for a name no account has (64 bits: enough to tell attempts apart). */
 const PSEUDONYM_HEX_DIGITS = 16;
 
@@ -398,6 +384,26 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
   // The queue is unbounded here: `pending` below bounds the records waiting on lookups.
   const actorLookups = bulkhead(Math.max(1, Math.floor(poolMax * ACTOR_LOOKUPS_POOL_SHARE)), Number.POSITIVE_INFINITY);
   const lookUp = (kind: 'user' | 'client', typed: string): Promise<string | undefined> => actorLookups.execute(() => identity.knownAccount(kind, typed));
+  /**
+   * Records the trail could not take (its buffer full, or a lookup's record that failed), each
+   * logged at error level: `audit_requests_unrecorded_total`, as the ledger's audit plugin
+   * counts its own.
+   */
+  let unrecorded = 0;
+  /**
+   * Runs `write` (an audit record), and logs and counts rather than throws when the trail
+   * refuses it (AuditBufferFullError): the caller decides what the answer is. False when refused.
+   */
+  const recordOrLog = (request: FastifyRequest, write: () => void): boolean => {
+    try {
+      write();
+      return true;
+    } catch (error) {
+      unrecorded += 1;
+      request.log.error({ err: error, audit: true }, 'audit: a record could not be written');
+      return false;
+    }
+  };
   /** Records whose actor is being looked up (ActorSource); awaited when the service closes, before the sink is. */
   const pending = new Set<Promise<void>>();
   const record = (actor: ActorSource, entry: Omit<AuditEntry, 'actor'>): void => {
@@ -415,7 +421,10 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     const done = lookUp(actor.lookup, actor.typed)
       .catch(() => undefined)
       .then((found) => options.audit.record({ ...entry, occurredAt, actor: { type: actor.type, id: found ?? pseudonym(actor.lookup, actor.typed) } }))
-      .catch((error: unknown) => app.log.error({ err: error, action: entry.action }, 'audit: recording failed'))
+      .catch((error: unknown) => {
+        unrecorded += 1;
+        app.log.error({ err: error, action: entry.action }, 'audit: recording failed');
+      })
       .finally(() => pending.delete(done));
     pending.add(done);
   };
@@ -507,6 +516,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     ...resilience,
   });
+  app.metrics?.registerCounterFromTotal('audit_requests_unrecorded_total', 'Audited requests whose audit record the trail could not take (logged at error level).', () => unrecorded);
   /**
    * Token and revocation requests over the route's rate limit (429), as the audit trail's HTTP
    * plugin records them on other services: one summary per actor, address, route and resource
@@ -519,6 +529,9 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     service: 'identity',
     reason: 'rate_limited',
     ...(options.rateLimitedSummary === undefined ? {} : { settings: options.rateLimitedSummary }),
+    onLost: (n) => {
+      unrecorded += n;
+    },
   });
   app.addHook('onClose', async () => {
     while (pending.size > 0) await Promise.all(pending);
@@ -615,6 +628,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
         }
       } catch (error) {
         // The answer goes as it is: say so loudly.
+        unrecorded += 1;
         request.log.error({ err: error, audit: true, action: recording.action }, 'audit: a request refused before its handler could not be recorded');
       }
     }
@@ -782,19 +796,29 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * A change an authenticated caller makes to credentials, recorded with its outcome (PCI DSS
    * 10.2.1.5) beside the authorization decision that allowed it: the decision says it was
    * allowed, this what came of it. `payloadOf` never returns a secret.
+   * With the trail behind (its sink saturated) the change is refused 503 with Retry-After before
+   * any work, as a token request is, so that no change is made that the trail does not show.
+   * A record the trail refuses after all (its buffer filled in between) is logged and counted,
+   * and the answer is the change's own: until 2026-12-07 the refusal was thrown after the change
+   * had committed, and the caller got a 500 for a change that was made, and might make it again.
    */
   const changed = async <T>(request: FastifyRequest, reply: FastifyReply, action: string, resource: AuditResource, call: () => Promise<T>, payloadOf: (result: T) => Record<string, unknown>, refusedPayload?: Record<string, unknown>): Promise<T> => {
+    if ((options.audit as { readonly saturated?: boolean }).saturated === true) {
+      request.log.warn({ audit: true, action }, 'audit: the trail is not keeping up; a change to credentials was refused unrun');
+      throw identityProblem(retryLater(reply, auditBehind()));
+    }
     const principal = auth.principal(request);
     const actor: AuditActor = { type: principal.kind === 'service' ? 'service' : 'user', id: principal.id };
     const entry = { recordClass: 'access', action, actor, origin: originOf(request), resource };
+    let result: T;
     try {
-      const result = await call();
-      options.audit.record({ ...entry, outcome: 'success', payload: payloadOf(result) });
-      return result;
+      result = await call();
     } catch (error) {
-      options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', ...(refusedPayload === undefined ? {} : { payload: refusedPayload }) });
+      recordOrLog(request, () => options.audit.record({ ...entry, outcome: 'failure', reason: error instanceof IdentityError ? error.code : 'error', ...(refusedPayload === undefined ? {} : { payload: refusedPayload }) }));
       throw error instanceof IdentityError ? identityProblem(retryLater(reply, error)) : error;
     }
+    recordOrLog(request, () => options.audit.record({ ...entry, outcome: 'success', payload: payloadOf(result) }));
+    return result;
   };
 
   app.post(

@@ -5,11 +5,15 @@
  * before any work; with its buffer full (record throws AuditBufferFullError) the grant's record,
  * written before the grant commits, is refused and the grant rolls back: answered 503 the same
  * way, and a retry finds the refresh token unrotated. A revocation is done either way:
- * withholding it would leave a token live that its holder asked to end.
+ * withholding it would leave a token live that its holder asked to end. A change to
+ * credentials (a user created, two-factor enrolment, a key rotated) is refused the same way
+ * while the trail is saturated; one whose record is refused after it was made is answered as
+ * made, never 500, and every lost record is counted on /metrics.
  */
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, test } from 'node:test';
 import { AuditBufferFullError, MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
+import { ROLES } from '@ledgerline/authz';
 import type { Service } from '@ledgerline/service-runtime';
 import { buildIdentityService, TOKEN_ACTION } from '../src/app.ts';
 import { bootstrap } from '../src/bootstrap.ts';
@@ -17,12 +21,13 @@ import { identityDatabase, ISSUER, PASSWORD } from './support.ts';
 
 const NOW = Date.UTC(2026, 10, 23, 10, 0);
 
-/** A sink whose store is behind: `saturated` and a throwing `record` set by the test. */
+/** A sink whose store is behind: `saturated` and a throwing `record` (for every entry, or those `refuses` picks) set by the test. */
 class BehindSink extends MemoryAuditSink {
   saturated = false;
   full = false;
+  refuses: ((entry: AuditEntry) => boolean) | null = null;
   override record(entry: AuditEntry): void {
-    if (this.full) throw new AuditBufferFullError('audit buffer holds its bound; the audit store is not keeping up');
+    if (this.full || this.refuses?.(entry) === true) throw new AuditBufferFullError('audit buffer holds its bound; the audit store is not keeping up');
     super.record(entry);
   }
 }
@@ -33,7 +38,15 @@ let app: Service;
 before(async () => {
   database = await identityDatabase('ll_identity_backpressure', { clock: () => NOW, lockout: { failuresMax: 1000, lockMs: 60_000 } });
   await bootstrap(database.identity, database.config, { info: () => {} }, new MemoryAuditSink());
-  app = await buildIdentityService({ identity: database.identity, pool: database.pool, issuer: ISSUER, audit, clock: () => NOW, logger: false });
+  app = await buildIdentityService({
+    identity: database.identity,
+    pool: database.pool,
+    issuer: ISSUER,
+    audit,
+    clock: () => NOW,
+    logger: false,
+    resilience: { metrics: { processMetrics: false } },
+  });
 });
 after(async () => {
   await app.close();
@@ -43,6 +56,7 @@ after(async () => {
 beforeEach(() => {
   audit.saturated = false;
   audit.full = false;
+  audit.refuses = null;
 });
 
 const login = () => app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'root', password: PASSWORD, audience: 'ledger' } });
@@ -110,4 +124,66 @@ test('a grant names the audience it accepted as sent: a client\'s registered aud
   assert.equal(res.statusCode, 200, res.body);
   const granted = audit.entries.slice(from).find((e) => e.action === TOKEN_ACTION && e.outcome === 'success');
   assert.deepEqual([granted?.actor, (granted?.payload as { audience?: string } | undefined)?.audience], [{ type: 'service', id: 'reports' }, 'reporting']);
+});
+
+/** Root's bearer header for the identity API itself (taken before the trail is made to fall behind). */
+async function rootBearer(): Promise<{ authorization: string }> {
+  const res = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'root', password: PASSWORD, audience: 'identity' } });
+  assert.equal(res.statusCode, 200, res.body);
+  return { authorization: `Bearer ${res.json<{ access_token: string }>().access_token}` };
+}
+const usersNamed = async (username: string): Promise<number> =>
+  (await database.pool.query<{ n: number }>('SELECT count(*)::integer AS n FROM identity.users WHERE username = $1', [username])).rows[0]?.n ?? -1;
+async function unrecordedTotal(): Promise<number | undefined> {
+  const text = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+  const line = text.split('\n').find((l) => l.startsWith('ledgerline_audit_requests_unrecorded_total '));
+  return line === undefined ? undefined : Number(line.split(' ')[1]);
+}
+const newUser = (headers: { authorization: string }, username: string) =>
+  app.inject({ method: 'POST', url: '/v1/users', headers, payload: { username, password: PASSWORD, roles: [ROLES.customer] } });
+
+test('saturated: a change to credentials is refused 503 with Retry-After before any work, and no change is recorded', async () => {
+  const headers = await rootBearer();
+  const from = audit.entries.length;
+  audit.saturated = true;
+  const res = await newUser(headers, 'made-while-saturated');
+  assert.equal(res.statusCode, 503, res.body);
+  assert.equal(res.headers['retry-after'], '1');
+  assert.match(String(res.headers['content-type']), /^application\/problem\+json/);
+  assert.equal(await usersNamed('made-while-saturated'), 0, 'no user was made');
+  assert.deepEqual(audit.entries.slice(from).filter((e) => e.action === 'identity.user.create'), [], 'nothing was done, so no change is recorded');
+  const rotated = await app.inject({ method: 'POST', url: '/v1/keys/rotate', headers });
+  assert.equal(rotated.statusCode, 503, rotated.body);
+});
+
+test('full: a change whose record the trail refuses after it was made is answered as made, never 500, and the lost record is counted', async () => {
+  const headers = await rootBearer();
+  const before = (await unrecordedTotal()) ?? Number.NaN;
+  assert.ok(Number.isFinite(before), '/metrics shows the counter');
+  // The buffer fills between the authorization decision (recorded) and the change's record.
+  audit.refuses = (e) => e.action === 'identity.user.create';
+  const res = await newUser(headers, 'made-while-full');
+  audit.refuses = null;
+  assert.equal(res.statusCode, 201, res.body);
+  assert.equal(await usersNamed('made-while-full'), 1, 'the user was made');
+  assert.equal(await unrecordedTotal(), before + 1, 'its lost record is counted');
+  // The same user again is refused as before (409), and recorded once the trail takes records again.
+  const again = await newUser(headers, 'made-while-full');
+  assert.equal(again.statusCode, 409, again.body);
+  assert.ok(audit.entries.some((e) => e.action === 'identity.user.create' && e.outcome === 'failure' && e.reason === 'conflict'));
+});
+
+test('full: a request whose authorization decision the trail cannot take is refused 503 with Retry-After, never 500, and not run', async () => {
+  const headers = await rootBearer();
+  audit.full = true;
+  const res = await newUser(headers, 'decided-while-full');
+  const anonymous = await app.inject({ method: 'POST', url: '/v1/keys/rotate' });
+  audit.full = false;
+  assert.equal(res.statusCode, 503, res.body);
+  assert.equal(res.headers['retry-after'], '1');
+  assert.match(res.json<{ type: string }>().type, /audit-unavailable$/);
+  assert.equal(await usersNamed('decided-while-full'), 0, 'the handler did not run');
+  // A request without credentials is refused all the same: 503 while its 401 cannot be recorded.
+  assert.equal(anonymous.statusCode, 503, anonymous.body);
+  assert.equal(anonymous.headers['retry-after'], '1');
 });
