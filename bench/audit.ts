@@ -399,7 +399,6 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
             })
           : null;
         const h = createHistogram();
-        const load1mStart = load1m();
         // The lead-in, untimed: the clients run (and, on, the sequencer integrates behind them)
         // until both are in their steady state, so that the timed window holds as much of the
         // sequencer's work as of the ledger's. Without it, an "on" window opened on an idle
@@ -407,11 +406,13 @@ async function runLedgerCost(): Promise<{ segments: Segment[]; off: { tps: numbe
         // that work fell to the untimed catch-up after it, uncounted.
         releaseClients();
         if (leadInSeconds > 0) await sleep(leadInSeconds * 1000);
+        // The queries first, then the window's clocks back to back: the clients run meanwhile.
+        const load1mStart = load1m();
+        const backlogAtStart = await eventsBehind(auditPool);
+        const events0 = await eventCount(auditPool);
         const cpu0 = await sequencerCpu(auditPool, worker);
         const machine0 = machineCpuMs();
         const process0 = process.cpuUsage();
-        const events0 = await eventCount(auditPool);
-        const backlogAtStart = await eventsBehind(auditPool);
         histogram = h;
         const okStart = ok;
         const t0 = performance.now();

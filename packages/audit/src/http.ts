@@ -19,6 +19,7 @@ import { canonicalResourceId } from './record.ts';
 import { writeRateLimitedSummaries, type RateLimitedSummarySettings } from './rate-limited.ts';
 import type { AuditActor, AuditOrigin, AuditSink } from './sink.ts';
 import { AuditUnrecordedError, SEARCH_LIMIT_MAX, type AuditRecordView, type AuditStore, type Requester } from './store.ts';
+import { AuditBufferFullError } from './writer.ts';
 
 /** How one route is audited. */
 export interface AuditRoute {
@@ -350,14 +351,16 @@ function recordOut(r: AuditRecordView) {
 const notFound = (detail: string) => problem(404, { type: problemType('not-found'), title: 'Not found', detail });
 
 /**
- * A read whose own record cannot be written (AuditUnrecordedError) answers 503
+ * A read whose own record cannot be written (AuditUnrecordedError, AuditBufferFullError) answers 503
  * audit-unavailable with Retry-After, its results withheld, not a 500.
  */
 async function recordedRead<T>(reply: FastifyReply, read: () => Promise<T>): Promise<T> {
   try {
     return await read();
   } catch (error) {
-    if (!(error instanceof AuditUnrecordedError)) throw error;
+    // The buffer full when the read's record was offered (AuditBufferFullError), or the record not
+    // made durable (AuditUnrecordedError): until 2026-12-07 the first was a 500.
+    if (!(error instanceof AuditUnrecordedError || error instanceof AuditBufferFullError)) throw error;
     throw auditUnavailable(reply, 'This read could not be recorded in the audit trail, so its results are withheld.');
   }
 }

@@ -36,10 +36,18 @@ export class Authorizer {
    * `authnFailure` then says why (a missing token, an expired one), for the audit record.
    */
   check(principal: Principal | null, permission: Permission, resource: ResourceAttributes, origin: AuditOrigin, authnFailure?: string): Decision {
-    const decided = this.policy.decide(principal, permission, resource, this.#clock());
-    const decision = authnFailure === undefined ? decided : { ...decided, reason: `${decided.reason}: ${authnFailure.slice(0, AUTHN_FAILURE_CHARS_MAX)}` };
+    const decision = this.decideUnrecorded(principal, permission, resource, authnFailure);
     this.#audit.record(decisionEntry(decision, principal, resource, origin));
     return decision;
+  }
+
+  /**
+   * The decision `check` makes, without its record: only for a caller whose record the trail
+   * refused (installHttpAuth answers a deny as a deny, and refuses an allow 503).
+   */
+  decideUnrecorded(principal: Principal | null, permission: Permission, resource: ResourceAttributes, authnFailure?: string): Decision {
+    const decided = this.policy.decide(principal, permission, resource, this.#clock());
+    return authnFailure === undefined ? decided : { ...decided, reason: `${decided.reason}: ${authnFailure.slice(0, AUTHN_FAILURE_CHARS_MAX)}` };
   }
 
   /**

@@ -93,10 +93,18 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
       try {
         authorizer.recordThrottled(summary, throttle, service);
       } catch (error) {
+        unrecorded += 1;
         app.log.error({ err: error, audit: true, throttled: summary }, 'audit: refusals over the authentication failure limit could not be recorded');
       }
     }
   };
+  /** Decision records and throttle summaries the trail could not take (`audit_decisions_unrecorded_total`). */
+  let unrecorded = 0;
+  (app as { metrics?: ServiceMetrics }).metrics?.registerCounterFromTotal(
+    'audit_decisions_unrecorded_total',
+    'Authorization decisions (and summaries of throttled requests) whose audit record the trail could not take, each logged at error level; an allow among them was refused 503.',
+    () => unrecorded,
+  );
   if (throttle !== null) {
     // On the service's /metrics when it has one: the 429s are recorded in summaries only.
     (app as { metrics?: ServiceMetrics }).metrics?.registerCounterFromTotal(
@@ -115,20 +123,26 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   }
 
   /**
-   * The authorizer's decision, recorded. A decision the trail cannot take (its buffer full,
-   * AuditBufferFullError) refuses the request 503 audit-unavailable with Retry-After, and nothing
-   * runs: an access the trail does not show is not granted. Until 2026-12-07 the error reached
-   * the client as a 500.
+   * The authorizer's decision, recorded. When the trail cannot take the record (its buffer at
+   * its bound, AuditBufferFullError) the loss is logged and counted, and the decision is made
+   * again without a record (the policy is a pure function of its inputs): an allow refuses the
+   * request 503 audit-unavailable with Retry-After, and nothing runs, since an access the trail
+   * does not show is not granted; a deny is answered as a deny (401, 403), which grants nothing.
+   * Until 2026-12-07 the error reached the client as a 500.
    */
-  const unrecordedDecisions = new WeakSet<FastifyRequest>();
+  const unrecordedAllows = new WeakSet<FastifyRequest>();
   const decide = (request: FastifyRequest, ...args: Parameters<Authorizer['check']>): ReturnType<Authorizer['check']> => {
     try {
       return authorizer.check(...args);
     } catch (error) {
       if (!(error instanceof AuditBufferFullError)) throw error;
-      request.log.error({ err: error, audit: true }, 'audit: an authorization decision could not be recorded; the request was refused unrun');
+      unrecorded += 1;
+      const [principal, permission, resource, , authnFailure] = args;
+      const decision = authorizer.decideUnrecorded(principal, permission, resource, authnFailure);
+      request.log.error({ err: error, audit: true, allowed: decision.allowed }, 'audit: an authorization decision could not be recorded');
+      if (!decision.allowed) return decision;
       // Retry-After is set as the answer is sent (onSend): `authorize` has no reply to set it on.
-      unrecordedDecisions.add(request);
+      unrecordedAllows.add(request);
       throw problem(503, {
         type: problemType('audit-unavailable'),
         title: 'Audit trail unavailable',
@@ -159,7 +173,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
       throw new Error(`${String(route.method)} ${route.url}: a protected route must declare config.permission`);
     }
     // Every route with a permission answers 401 without a token, 429 past the failure limit, and
-    // 503 when the trail cannot take its decision (decide): the OpenAPI document says so.
+    // 503 when the trail cannot take an allow (decide): the OpenAPI document says so.
     if (permission !== undefined) {
       const responses: Record<number, object> = throttle === null ? { 401: ProblemResponse, 503: ProblemResponse } : { 401: ProblemResponse, 429: ProblemResponse, 503: ProblemResponse };
       documentRoute(route, { security: [{ [BEARER_SECURITY_SCHEME]: [] }], responses });
@@ -182,7 +196,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
   });
 
   app.addHook('onSend', async (request, reply, payload) => {
-    if (unrecordedDecisions.has(request)) reply.header('retry-after', '1');
+    if (unrecordedAllows.has(request)) reply.header('retry-after', '1');
     if (permissionOf(request) === undefined || reply.statusCode >= 400) return payload;
     if (allowed.has(request) || reply.getHeader(REPLAYED_HEADER) === 'true') return payload;
     throw new Error(`invariant: ${request.method} ${request.url} answered ${reply.statusCode} without an authorization decision`);

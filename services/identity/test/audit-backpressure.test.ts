@@ -173,17 +173,31 @@ test('full: a change whose record the trail refuses after it was made is answere
   assert.ok(audit.entries.some((e) => e.action === 'identity.user.create' && e.outcome === 'failure' && e.reason === 'conflict'));
 });
 
-test('full: a request whose authorization decision the trail cannot take is refused 503 with Retry-After, never 500, and not run', async () => {
+test('full: an allow the trail cannot record is refused 503 with Retry-After, never 500, and not run; a deny is answered as a deny; each lost decision is counted', async () => {
   const headers = await rootBearer();
+  await database.identity.createUser({ username: 'cora-customer', password: PASSWORD, roles: [ROLES.customer] });
+  const customer = await app.inject({ method: 'POST', url: '/oauth/token', payload: { grant_type: 'password', username: 'cora-customer', password: PASSWORD, audience: 'identity' } });
+  assert.equal(customer.statusCode, 200, customer.body);
+  const customerHeaders = { authorization: `Bearer ${customer.json<{ access_token: string }>().access_token}` };
+  const decisionsLost = async (): Promise<number> => {
+    const line = (await app.inject({ method: 'GET', url: '/metrics' })).body.split('\n').find((l) => l.startsWith('ledgerline_audit_decisions_unrecorded_total '));
+    return Number(line?.split(' ')[1]);
+  };
+  const before = await decisionsLost();
+  assert.ok(Number.isFinite(before), '/metrics shows the counter');
   audit.full = true;
-  const res = await newUser(headers, 'decided-while-full');
+  const allowed = await newUser(headers, 'decided-while-full');
+  const forbidden = await newUser(customerHeaders, 'decided-by-a-customer');
   const anonymous = await app.inject({ method: 'POST', url: '/v1/keys/rotate' });
   audit.full = false;
-  assert.equal(res.statusCode, 503, res.body);
-  assert.equal(res.headers['retry-after'], '1');
-  assert.match(res.json<{ type: string }>().type, /audit-unavailable$/);
+  assert.equal(allowed.statusCode, 503, allowed.body);
+  assert.equal(allowed.headers['retry-after'], '1');
+  assert.match(allowed.json<{ type: string }>().type, /audit-unavailable$/);
   assert.equal(await usersNamed('decided-while-full'), 0, 'the handler did not run');
-  // A request without credentials is refused all the same: 503 while its 401 cannot be recorded.
-  assert.equal(anonymous.statusCode, 503, anonymous.body);
-  assert.equal(anonymous.headers['retry-after'], '1');
+  // A deny grants nothing: it is answered as it would be, its lost record logged and counted.
+  assert.equal(forbidden.statusCode, 403, forbidden.body);
+  assert.equal(await usersNamed('decided-by-a-customer'), 0);
+  assert.equal(anonymous.statusCode, 401, anonymous.body);
+  assert.equal(anonymous.headers['retry-after'], undefined);
+  assert.equal(await decisionsLost(), before + 3, 'the three lost decisions are counted');
 });
