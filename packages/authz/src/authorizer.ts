@@ -1,8 +1,10 @@
 /**
  * `Authorizer`: a compiled policy, a clock and an audit sink. Every call to `check` is one
- * decision and one audit entry, allow or deny, so no code path can decide without recording.
+ * decision and one audit entry, allow or deny, so no code path can decide without recording:
+ * when the trail refuses the entry (its buffer at its bound), `check` throws
+ * `DecisionUnrecordedError` carrying the decision, never the decision alone.
  */
-import type { AuditEntry, AuditOrigin, AuditSink } from '@ledgerline/audit';
+import { AuditBufferFullError, type AuditEntry, type AuditOrigin, type AuditSink } from '@ledgerline/audit';
 import { SUMMARY_ADDRESSES_MAX, type AuthFailureLimit, type ThrottleSummary } from './failure-throttle.ts';
 import { compilePolicy, type CompiledPolicy, type Decision } from './engine.ts';
 import type { Permission, Policy, Principal, ResourceAttributes } from './policy.ts';
@@ -16,6 +18,21 @@ export interface AuthorizerOptions {
 
 /** A verifier's message is cut to this in the record: audit fields are bounded. */
 const AUTHN_FAILURE_CHARS_MAX = 200;
+
+/**
+ * The trail refused a decision's record (AuditBufferFullError, its cause). It carries the
+ * decision that was made, so the caller answers that one (installHttpAuth: a deny as a deny, an
+ * allow refused 503) and never decides again without a record.
+ */
+export class DecisionUnrecordedError extends Error {
+  override readonly name = 'DecisionUnrecordedError';
+  readonly decision: Decision;
+
+  constructor(decision: Decision, cause: AuditBufferFullError) {
+    super(`the audit trail refused the record of a decision (${decision.allowed ? 'allow' : 'deny'}): ${cause.message}`, { cause });
+    this.decision = decision;
+  }
+}
 
 /** The audit action of every access decision. */
 export const DECISION_ACTION = 'authz.decision';
@@ -36,18 +53,15 @@ export class Authorizer {
    * `authnFailure` then says why (a missing token, an expired one), for the audit record.
    */
   check(principal: Principal | null, permission: Permission, resource: ResourceAttributes, origin: AuditOrigin, authnFailure?: string): Decision {
-    const decision = this.decideUnrecorded(principal, permission, resource, authnFailure);
-    this.#audit.record(decisionEntry(decision, principal, resource, origin));
-    return decision;
-  }
-
-  /**
-   * The decision `check` makes, without its record: only for a caller whose record the trail
-   * refused (installHttpAuth answers a deny as a deny, and refuses an allow 503).
-   */
-  decideUnrecorded(principal: Principal | null, permission: Permission, resource: ResourceAttributes, authnFailure?: string): Decision {
     const decided = this.policy.decide(principal, permission, resource, this.#clock());
-    return authnFailure === undefined ? decided : { ...decided, reason: `${decided.reason}: ${authnFailure.slice(0, AUTHN_FAILURE_CHARS_MAX)}` };
+    const decision = authnFailure === undefined ? decided : { ...decided, reason: `${decided.reason}: ${authnFailure.slice(0, AUTHN_FAILURE_CHARS_MAX)}` };
+    try {
+      this.#audit.record(decisionEntry(decision, principal, resource, origin));
+    } catch (error) {
+      if (error instanceof AuditBufferFullError) throw new DecisionUnrecordedError(decision, error);
+      throw error;
+    }
+    return decision;
   }
 
   /**

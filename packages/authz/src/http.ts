@@ -13,9 +13,9 @@
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
-import { AuditBufferFullError, auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
+import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
-import type { Authorizer } from './authorizer.ts';
+import { DecisionUnrecordedError, type Authorizer } from './authorizer.ts';
 import type { Permission, Principal, ResourceAttributes } from './policy.ts';
 
 declare module 'fastify' {
@@ -124,21 +124,19 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
 
   /**
    * The authorizer's decision, recorded. When the trail cannot take the record (its buffer at
-   * its bound, AuditBufferFullError) the loss is logged and counted, and the decision is made
-   * again without a record (the policy is a pure function of its inputs): an allow refuses the
-   * request 503 audit-unavailable with Retry-After, and nothing runs, since an access the trail
-   * does not show is not granted; a deny is answered as a deny (401, 403), which grants nothing.
-   * Until 2026-12-07 the error reached the client as a 500.
+   * its bound: DecisionUnrecordedError, carrying the decision) the loss is logged and counted:
+   * an allow refuses the request 503 audit-unavailable with Retry-After, and nothing runs, since
+   * an access the trail does not show is not granted; a deny is answered as a deny (401, 403),
+   * which grants nothing. Until 2026-12-07 the error reached the client as a 500.
    */
   const unrecordedAllows = new WeakSet<FastifyRequest>();
   const decide = (request: FastifyRequest, ...args: Parameters<Authorizer['check']>): ReturnType<Authorizer['check']> => {
     try {
       return authorizer.check(...args);
     } catch (error) {
-      if (!(error instanceof AuditBufferFullError)) throw error;
+      if (!(error instanceof DecisionUnrecordedError)) throw error;
       unrecorded += 1;
-      const [principal, permission, resource, , authnFailure] = args;
-      const decision = authorizer.decideUnrecorded(principal, permission, resource, authnFailure);
+      const { decision } = error;
       request.log.error({ err: error, audit: true, allowed: decision.allowed }, 'audit: an authorization decision could not be recorded');
       if (!decision.allowed) return decision;
       // Retry-After is set as the answer is sent (onSend): `authorize` has no reply to set it on.

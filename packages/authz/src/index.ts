@@ -1,7 +1,7 @@
 export type { BusinessHours, Conditions, Permission, Policy, Principal, ResourceAttributes, Rule } from './policy.ts';
 export { compilePolicy } from './engine.ts';
 export type { CompiledPolicy, Decision } from './engine.ts';
-export { Authorizer, DECISION_ACTION, decisionEntry, THROTTLED_ACTION } from './authorizer.ts';
+export { Authorizer, DECISION_ACTION, decisionEntry, DecisionUnrecordedError, THROTTLED_ACTION } from './authorizer.ts';
 export type { AuthorizerOptions } from './authorizer.ts';
 export {
   ALL_ROLES,

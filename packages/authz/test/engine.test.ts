@@ -5,11 +5,12 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
-import { MemoryAuditSink } from '@ledgerline/audit';
+import { AuditBufferFullError, MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
 import { propertySeed } from '@ledgerline/testing';
 import {
   ALL_ROLES,
   Authorizer,
+  DecisionUnrecordedError,
   LogAuditSink,
   compilePolicy,
   CUSTOMER_TRANSFER_FLAGS,
@@ -237,6 +238,31 @@ describe('compilePolicy: decisions', () => {
 });
 
 describe('Authorizer: every decision is audited', () => {
+  test('a decision whose record the full trail refuses is thrown with the error, never returned alone', () => {
+    let refusal: Error = new AuditBufferFullError('audit buffer holds its bound');
+    const full = { record: (_e: AuditEntry): void => { throw refusal; }, flush: () => Promise.resolve() };
+    const authorizer = new Authorizer({ policy: REFERENCE_POLICY, audit: full, clock: () => MONDAY_10 });
+    const origin = { service: 'ledger', ip: '127.0.0.1', requestId: 'r1' };
+    const thrown = (f: () => unknown): unknown => {
+      try {
+        f();
+      } catch (error) {
+        return error;
+      }
+      return undefined;
+    };
+    const allow = thrown(() => authorizer.check(alice, PERMISSIONS.transferCreate, { type: 'transfer', id: 't1', amount: 100n, ledger: 'USD', owners: ['alice'], flags: [] }, origin));
+    assert.ok(allow instanceof DecisionUnrecordedError);
+    assert.deepEqual([allow.decision.allowed, allow.cause === refusal], [true, true]);
+    const deny = thrown(() => authorizer.check(null, PERMISSIONS.accountRead, { type: 'account', id: '/v1/accounts/x' }, origin, 'ERR_JWT_EXPIRED'));
+    assert.ok(deny instanceof DecisionUnrecordedError);
+    assert.equal(deny.decision.allowed, false);
+    assert.match(deny.decision.reason, /ERR_JWT_EXPIRED$/);
+    // Any other failure of the sink is its own error, not a decision to answer.
+    refusal = new TypeError('a bug in the sink');
+    assert.equal(thrown(() => authorizer.check(alice, PERMISSIONS.accountRead, { type: 'account', id: 'a', owners: ['alice'] }, origin)), refusal);
+  });
+
   test('allow, deny and unauthenticated each record who, what, the rule and the policy version', () => {
     const audit = new MemoryAuditSink();
     const authorizer = new Authorizer({ policy: REFERENCE_POLICY, audit, clock: () => MONDAY_10 });
