@@ -404,6 +404,18 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
       return false;
     }
   };
+  /**
+   * With the trail behind (its sink saturated), refuses the request 503 with Retry-After before
+   * any work, so that nothing is done the trail would not show (as the ledger's audit plugin
+   * answers 503). The refusal is logged, not queued behind the records the trail is behind on.
+   * `onRefused` runs first (the token route marks the request as recorded).
+   */
+  const refuseWhileTrailBehind = (request: FastifyRequest, reply: FastifyReply, action: string, onRefused?: () => void): void => {
+    if ((options.audit as { readonly saturated?: boolean }).saturated !== true) return;
+    onRefused?.();
+    request.log.warn({ audit: true, action }, 'audit: the trail is not keeping up; a request was refused unrun');
+    throw identityProblem(retryLater(reply, auditBehind()));
+  };
   /** Records whose actor is being looked up (ActorSource); awaited when the service closes, before the sink is. */
   const pending = new Set<Promise<void>>();
   const record = (actor: ActorSource, entry: Omit<AuditEntry, 'actor'>): void => {
@@ -680,11 +692,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
       // The trail cannot take this request's record now: refused before any work, so that no
       // grant is made that the trail does not show, as the ledger's audit plugin answers 503.
       // Its refusal is logged, not queued behind the records the trail is already behind on.
-      if ((options.audit as { readonly saturated?: boolean }).saturated === true) {
-        recordedAlready.add(request);
-        request.log.warn({ audit: true, action: TOKEN_ACTION }, 'audit: the trail is not keeping up; a token request was refused unrun');
-        throw identityProblem(retryLater(reply, auditBehind()));
-      }
+      refuseWhileTrailBehind(request, reply, TOKEN_ACTION, () => recordedAlready.add(request));
       /**
        * Every grant attempt, granted or refused, is an authentication event in the audit trail
        * (PCI DSS 10.2.4), whose actor `actorOf` names from the outcome: `granted`, or the
@@ -803,10 +811,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
    * had committed, and the caller got a 500 for a change that was made, and might make it again.
    */
   const changed = async <T>(request: FastifyRequest, reply: FastifyReply, action: string, resource: AuditResource, call: () => Promise<T>, payloadOf: (result: T) => Record<string, unknown>, refusedPayload?: Record<string, unknown>): Promise<T> => {
-    if ((options.audit as { readonly saturated?: boolean }).saturated === true) {
-      request.log.warn({ audit: true, action }, 'audit: the trail is not keeping up; a change to credentials was refused unrun');
-      throw identityProblem(retryLater(reply, auditBehind()));
-    }
+    refuseWhileTrailBehind(request, reply, action);
     const principal = auth.principal(request);
     const actor: AuditActor = { type: principal.kind === 'service' ? 'service' : 'user', id: principal.id };
     const entry = { recordClass: 'access', action, actor, origin: originOf(request), resource };
