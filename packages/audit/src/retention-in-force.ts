@@ -36,6 +36,7 @@
  */
 import type { Checkpoint } from './keys.ts';
 import { sha256 } from './record.ts';
+import { QUEUED_BY_DATABASE } from './provenance.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, type CheckpointRow } from './rows.ts';
 import type { Queryable } from './tree.ts';
 
@@ -198,10 +199,10 @@ export interface RecordedHold {
  *
  * A release counts from the moment `audit.release_hold` queues its record, in the release's own
  * transaction: expiry may run right after it, before the sequencer has integrated the record,
- * so a release still in `audit.queue` counts too. The queue is unsigned, but what waits there is
- * integrated into the trail next (a release put there is in the trail for every later reader to
- * see), and a release the writer role queues itself passes the same way: the trail, not this,
- * is where a release made up to excuse a removal shows.
+ * so a release still in `audit.queue` counts too, when the database queued it
+ * (`audit.queued_by_database`): one the writer role queues itself is never integrated as a
+ * release (the sequencer records it as `audit.entry.rejected`, provenance.ts), so it counts
+ * neither here nor in the trail.
  */
 export async function recordedHolds(db: Queryable, checkpointValid: (cp: Checkpoint) => boolean): Promise<RecordedHold[]> {
   const r = await db.query<{ seq: string; action: string; outcome: string; resource_id: string; payload_hash: Buffer | null; payload: string | null }>(
@@ -215,7 +216,7 @@ export async function recordedHolds(db: Queryable, checkpointValid: (cp: Checkpo
   // sees only the releases in the tree.
   const readable = await db.query<{ ok: boolean }>("SELECT has_table_privilege('audit.queue', 'SELECT') AS ok");
   const queued = readable.rows[0]?.ok === true
-    ? (await db.query<{ entry: string }>("SELECT entry FROM audit.queue WHERE strpos(entry, 'audit.hold.release') > 0 ORDER BY id")).rows
+    ? (await db.query<{ entry: string }>(`SELECT q.entry FROM audit.queue q WHERE strpos(q.entry, 'audit.hold.release') > 0 AND ${QUEUED_BY_DATABASE('q')} ORDER BY q.id`)).rows
     : [];
   for (const { entry } of queued) {
     const id = queuedReleaseOf(entry);

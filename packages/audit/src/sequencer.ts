@@ -15,6 +15,7 @@ import { compareOrder, EVENT_RECORD_NAMESPACE, eventCursor, readEventTile, type 
 import { checkpointSignatureValid, clearSubjectKey, KeyEncryptionKeyError, keyIdOf, newSubjectKey, seal, signCheckpoint, storedSubjectKey, trustThroughTransitions, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { leafHash, type Frontier, type Subtree } from './merkle.ts';
 import { AUDIT_SEQUENCER_ROLE, PINNED_SEARCH_PATH } from './migrate.ts';
+import { onlyTheDatabaseQueues, QUEUED_BY_DATABASE } from './provenance.ts';
 import { canonicalJson, canonicalResourceId, checkFields, checkJsonText, InvalidAuditEntryError, leafData, sha256, type AuditRecordFields } from './record.ts';
 import { CHECKPOINT_COLUMNS, checkpointOf, type CheckpointRow } from './rows.ts';
 import type { AuditEntry } from './sink.ts';
@@ -253,11 +254,11 @@ export class AuditSequencer {
     const start = this.#frontier;
     let frontier = start.clone();
 
-    const queued = await client.query<{ id: string; entry: string; enqueued_at: Date }>(
-      'SELECT q.id::text AS id, q.entry, q.enqueued_at FROM audit.queue q ORDER BY q.id LIMIT $1',
+    const queued = await client.query<{ id: string; entry: string; enqueued_at: Date; queued_by: string | null; by_database: boolean }>(
+      `SELECT q.id::text AS id, q.entry, q.enqueued_at, q.queued_by::text, ${QUEUED_BY_DATABASE('q')} AS by_database FROM audit.queue q ORDER BY q.id LIMIT $1`,
       [this.#o.batchRecordsMax],
     );
-    const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, r.enqueued_at, this.#o.now));
+    const entries: Pending[] = queued.rows.map((r) => queuedEntry(r.id, r.entry, r.enqueued_at, { role: r.queued_by, database: r.by_database }, this.#o.now));
     const tile = this.#o.tailEvents && entries.length < this.#o.batchRecordsMax ? await this.#eventTile(client, size + entries.length, this.#o.batchRecordsMax - entries.length) : null;
     // Everything read from the event store is read; every write from here runs as the sequencer's role.
     await client.query(`SET LOCAL ROLE ${AUDIT_SEQUENCER_ROLE}`);
@@ -499,10 +500,11 @@ async function readApart<T>(pool: pg.Pool, read: (db: Queryable) => Promise<T>):
 
 /**
  * A queue row as a Pending entry. The fields are checked again (the queue is only as trusted
- * as its writers); a row that fails becomes a record of its own rejection, so one bad row can
+ * as its writers), and a record only the database makes must have been queued by it
+ * (provenance.ts); a row that fails becomes a record of its own rejection, so one bad row can
  * neither stop the sequencer nor disappear unrecorded.
  */
-function queuedEntry(queueId: string, text: string, enqueuedAt: Date, now: () => Date): Pending {
+function queuedEntry(queueId: string, text: string, enqueuedAt: Date, queuedBy: { role: string | null; database: boolean }, now: () => Date): Pending {
   try {
     const { payloadJson, personalJson, ...q } = JSON.parse(text) as QueuedEntry;
     const entry = { ...q, occurredAt: new Date(q.occurredAt) };
@@ -511,6 +513,10 @@ function queuedEntry(queueId: string, text: string, enqueuedAt: Date, now: () =>
     const personal = checkJsonText('personal', personalJson);
     if (personal !== null && entry.subject === undefined) throw new InvalidAuditEntryError('personal data without a subject');
     if (typeof q.id !== 'string' || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(q.id)) throw new InvalidAuditEntryError('the queued id is not a UUID');
+    if (onlyTheDatabaseQueues(entry) && !queuedBy.database) {
+      const by = queuedBy.role === null ? 'a role not recorded (queued before migration 1770200000000)' : `role ${JSON.stringify(queuedBy.role)}`;
+      throw new InvalidAuditEntryError(`${entry.action} ${entry.outcome} is a record only the database's own code queues, and this one was queued by ${by}`);
+    }
     return { id: q.id, entry, payload, personal, enqueuedAt, source: { queueId, text } };
   } catch (error) {
     return rejectedEntry({ queueId, text }, error instanceof Error ? error.message : 'unreadable', enqueuedAt, now);

@@ -1,7 +1,8 @@
 /**
  * When a retention change takes effect, for verification, whatever time its record states
- * (src/retention-in-force.ts): a holder of the writer role can queue an `audit.retention.change`
- * record of its own, dated as it likes. A shortening counts from its signature alone, so dating
+ * (src/retention-in-force.ts): the schema's owner (or a superuser) can queue an
+ * `audit.retention.change` record of its own, dated as it likes (the writer role cannot since
+ * migration 1770200000000: queue-provenance.test.ts). A shortening counts from its signature alone, so dating
  * one back reaches no leaf signed before it; a lengthening counts from the earlier of its stated
  * and signed times, so dating one back can only make lawfully removed data read as missing (a
  * false alarm, never a hidden removal), and the finding names the lengthening with both times.
@@ -22,15 +23,15 @@ auditTestEnvPerTest(clock, (env) => {
 });
 
 /**
- * A financial retention change queued as the writer role, as the change trigger would write it
- * but dated `statedAt`, with no change of the stored policy; signed at the clock's time.
+ * A financial retention change queued as the owner (the tests' superuser login), as the change
+ * trigger would write it but dated `statedAt`, with no change of the stored policy; signed at
+ * the clock's time.
  * Returns its record's seq.
  */
 async function queuedChange(before: number, after: number, statedAt: number): Promise<number> {
   const c = await t.pool.connect();
   try {
     await c.query('BEGIN');
-    await c.query('SET LOCAL ROLE ledgerline_audit_writer');
     await c.query(
       `INSERT INTO audit.queue (entry) VALUES (json_build_object(
          'id', gen_random_uuid()::text, 'occurredAt', $1::text, 'recordClass', 'governance',
