@@ -24,7 +24,7 @@
  * they named, so that no one is credited with refusals that were not theirs.
  */
 import type { FastifyInstance } from 'fastify';
-import type { RateLimit } from '@ledgerline/service-runtime';
+import { flushEveryInterval, type RateLimit } from '@ledgerline/service-runtime';
 import type { AuditActor, AuditEntry, AuditResource, AuditSink } from './sink.ts';
 import { AuditBufferFullError } from './writer.ts';
 
@@ -146,13 +146,7 @@ export function writeRateLimitedSummaries(
       app.log.error({ err: error, audit: true, refused: lost }, 'audit: summaries of rate-limited requests could not be recorded');
     }
   };
-  const timer = setInterval(write, intervalMs);
-  timer.unref();
-  app.addHook('onClose', (_instance, done) => {
-    clearInterval(timer);
-    write();
-    done();
-  });
+  flushEveryInterval(app, intervalMs, write);
   return summaries;
 }
 

@@ -12,7 +12,7 @@
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
+import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, flushEveryInterval, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
 import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import { DecisionUnrecordedError, type Authorizer } from './authorizer.ts';
@@ -112,14 +112,7 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
       'Requests without valid credentials refused with 429 because their address (or all addresses) was over the authentication failure limit.',
       () => throttle.refusedTotal,
     );
-    const timer = setInterval(summarize, summaryIntervalMs);
-    timer.unref();
-    // The services close their audit sink after the app, so the last refusals are recorded too.
-    app.addHook('onClose', (_instance, done) => {
-      clearInterval(timer);
-      summarize();
-      done();
-    });
+    flushEveryInterval(app, summaryIntervalMs, summarize);
   }
 
   /**

@@ -37,6 +37,7 @@ export type { DocumentedHeader, RouteDocumentation } from './route-docs.ts';
 export { databasePoolConfig, DATABASE_CONNECT_TIMEOUT_MS_DEFAULT, DATABASE_QUERY_TIMEOUT_MS_DEFAULT, guardPool } from './pg-pool.ts';
 export { postgresReadinessCheck, READINESS_TIMEOUT_MS_DEFAULT } from './readiness.ts';
 export type { CheckOutcome, ReadinessCheck } from './readiness.ts';
+export { flushEveryInterval } from './periodic.ts';
 export { runService } from './run.ts';
 export type { OnCloseHook, RunOptions } from './run.ts';
 export { createService } from './service.ts';
