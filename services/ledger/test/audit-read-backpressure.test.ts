@@ -6,25 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { AuditBufferFullError, AuditStore, loadSigningKey, migrateAudit, PostgresAuditSink, type AuditEntry } from '@ledgerline/audit';
-import { LedgerEngine } from '@ledgerline/ledger';
+import { AuditBufferFullError, AuditStore, type AuditEntry } from '@ledgerline/audit';
 import { buildLedgerService } from '../src/app.ts';
-import { ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import { auditedLedgerTestDb, type AuditedLedgerFixture } from './support.ts';
 
-let t: LedgerTestDb;
-let engine: LedgerEngine;
-let sink: PostgresAuditSink;
-const signer = loadSigningKey(undefined, { production: false });
+let fx: AuditedLedgerFixture;
 before(async () => {
-  t = await ledgerTestDb();
-  await migrateAudit(t.db.url);
-  engine = new LedgerEngine({ pool: t.pool, events: t.events });
-  sink = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 1 });
+  fx = await auditedLedgerTestDb();
 });
 after(async () => {
-  await sink.close();
-  await engine.close();
-  await t.close();
+  await fx.close();
 });
 
 test('a search or a proof whose record the full buffer refuses is answered 503 with Retry-After, results withheld', async () => {
@@ -37,8 +28,8 @@ test('a search or a proof whose record the full buffer refuses is answered 503 w
     },
     flush: () => Promise.resolve(),
   };
-  const store = new AuditStore({ pool: t.pool, sink: full, service: 'ledger' });
-  const app = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink, eventsAudited: true, store: { store, publicKey: signer.publicKey } } });
+  const store = new AuditStore({ pool: fx.t.pool, sink: full, service: 'ledger' });
+  const app = await buildLedgerService({ engine: fx.engine, pool: fx.t.pool, logger: false, audit: { sink: fx.sink, eventsAudited: true, store: { store, publicKey: fx.signer.publicKey } } });
   try {
     for (const url of ['/v1/audit/records?limit=5', '/v1/audit/records/0/proof']) {
       const res = await app.inject({ method: 'GET', url });

@@ -7,12 +7,13 @@ import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
 import { after, before, test } from 'node:test';
 import fc from 'fast-check';
-import { AuditSequencer, AuditStore, loadSigningKey, migrateAudit, parsePublicKey, PostgresAuditSink, signKeyTransition, verifyBundle, verifyLog, type AuditEntry, type InclusionBundle } from '@ledgerline/audit';
-import { LedgerEngine, newId } from '@ledgerline/ledger';
+import { AuditSequencer, AuditStore, loadSigningKey, parsePublicKey, signKeyTransition, verifyBundle, verifyLog, type AuditEntry, type CheckpointSigner, type InclusionBundle, type PostgresAuditSink } from '@ledgerline/audit';
+import { newId, type LedgerEngine } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
 import { assertFuzzAnswer, propertySeed } from '@ledgerline/testing';
 import { buildLedgerService } from '../src/app.ts';
-import { ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import type { LedgerTestDb } from '../../../packages/ledger/test/support.ts';
+import { auditedLedgerTestDb, type AuditedLedgerFixture } from './support.ts';
 
 interface RecordJson {
   seq: number;
@@ -31,23 +32,21 @@ let engine: LedgerEngine;
 let sink: PostgresAuditSink;
 let sequencer: AuditSequencer;
 let app: Service;
-const signer = loadSigningKey(undefined, { production: false });
+let signer: CheckpointSigner;
+
+let fx: AuditedLedgerFixture;
 
 before(async () => {
-  t = await ledgerTestDb();
-  await migrateAudit(t.db.url);
-  engine = new LedgerEngine({ pool: t.pool, events: t.events });
-  sink = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 1 });
+  fx = await auditedLedgerTestDb();
+  ({ t, engine, sink, signer } = fx);
   sequencer = new AuditSequencer({ pool: t.pool, signer, origin: 'ledgerline/ledger-test', checkpointIntervalMs: 0, tailEvents: true });
   const store = new AuditStore({ pool: t.pool, sink, service: 'ledger' });
   app = await buildLedgerService({ engine, pool: t.pool, logger: false, audit: { sink, eventsAudited: true, store: { store, publicKey: signer.publicKey } } });
 });
 after(async () => {
   await app.close();
-  await sink.close();
-  await engine.close();
   await sequencer.close();
-  await t.close();
+  await fx.close();
 });
 
 /** Flushes the sink and integrates until the queue is empty and the event tail has caught up. */

@@ -3,6 +3,7 @@
  * requests must leave untouched.
  */
 import assert from 'node:assert/strict';
+import { loadSigningKey, migrateAudit, PostgresAuditSink, type CheckpointSigner } from '@ledgerline/audit';
 import { LedgerEngine } from '@ledgerline/ledger';
 import type { Service } from '@ledgerline/service-runtime';
 import { assertInvariants, ledgerTestDb, type LedgerTestDb } from '../../../packages/ledger/test/support.ts';
@@ -33,6 +34,37 @@ export async function ledgerServiceWithAccounts(accountIds: readonly string[]): 
       await app.close();
       await engine.close();
       await assertInvariants(t.pool);
+      await t.close();
+    },
+  };
+}
+
+export interface AuditedLedgerFixture {
+  t: LedgerTestDb;
+  /** The engine, appending its events to the event store (the trail's event leaves). */
+  engine: LedgerEngine;
+  /** A sink that flushes every millisecond. */
+  sink: PostgresAuditSink;
+  /** A development signing key, for a sequencer and the service's proofs. */
+  signer: CheckpointSigner;
+  /** Closes the sink and the engine and drops the database. */
+  close(): Promise<void>;
+}
+
+/** A fresh database with the event store and the audit schema, for the ledger service with its trail. */
+export async function auditedLedgerTestDb(): Promise<AuditedLedgerFixture> {
+  const t = await ledgerTestDb();
+  await migrateAudit(t.db.url);
+  const engine = new LedgerEngine({ pool: t.pool, events: t.events });
+  const sink = new PostgresAuditSink({ pool: t.pool, flushIntervalMs: 1 });
+  return {
+    t,
+    engine,
+    sink,
+    signer: loadSigningKey(undefined, { production: false }),
+    close: async () => {
+      await sink.close();
+      await engine.close();
       await t.close();
     },
   };
