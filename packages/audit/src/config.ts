@@ -3,6 +3,7 @@
  * `Type.Object({ ...baseConfigSchema.properties, ...auditConfigSchema.properties })`.
  */
 import { Type } from 'typebox';
+import { RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT, RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT, RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT, type RateLimitedSummarySettings } from './rate-limited.ts';
 import { BATCH_RECORDS_MAX_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { SEQUENCER_NICE_DEFAULT } from './sequencer-worker.ts';
 
@@ -49,4 +50,26 @@ export const auditConfigSchema = Type.Object({
   /** The sequencer thread's nice value on Linux (sequencer-worker.ts); 0 leaves it at the process's priority. */
   AUDIT_SEQUENCER_NICE: Type.Integer({ minimum: 0, maximum: 19, default: SEQUENCER_NICE_DEFAULT }),
   AUDIT_CHECKPOINT_INTERVAL_MS: Type.Integer({ minimum: 0, maximum: 3_600_000, default: 1000 }),
+  /**
+   * The summaries of rate-limited requests (rate-limited.ts, docs/audit.md "Rate-limited
+   * requests are summarised"): how often they are written (the refusals of the last interval
+   * are lost if the process is killed), how many are held at once before the overflow record,
+   * and how many one bucket and route get before its catch-all.
+   */
+  AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS: Type.Integer({ minimum: 100, maximum: 3_600_000, default: RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT }),
+  AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX: Type.Integer({ minimum: 1, maximum: 1_000_000, default: RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT }),
+  AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX: Type.Integer({ minimum: 1, maximum: 10_000, default: RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT }),
 });
+
+/** The rate-limited summaries' settings (`auditHttp`'s and the identity service's `rateLimitedSummary`) from a service's configuration. */
+export function rateLimitedSummaryFromConfig(config: {
+  AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS: number;
+  AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX: number;
+  AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX: number;
+}): RateLimitedSummarySettings {
+  return {
+    intervalMs: config.AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS,
+    keysMax: config.AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX,
+    perClientMax: config.AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX,
+  };
+}

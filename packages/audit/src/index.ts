@@ -64,7 +64,7 @@ export {
   type RateLimitedSummariesOptions,
   type RateLimitedSummarySettings,
 } from './rate-limited.ts';
-export { auditConfigSchema, DEFAULT_LOG_ORIGIN } from './config.ts';
+export { auditConfigSchema, DEFAULT_LOG_ORIGIN, rateLimitedSummaryFromConfig } from './config.ts';
 export { SEQUENCER_APPLICATION_NAME, SEQUENCER_NICE_DEFAULT, SEQUENCER_RESTART_DELAY_MAX_MS_DEFAULT, SEQUENCER_RESTART_DELAY_MS_DEFAULT, startSequencerWorker, type SequencerSupervision, type SequencerWorker, type SequencerWorkerHandlers, type SequencerWorkerOptions } from './sequencer-worker.ts';
 export { exportSequencerRestarts, serviceKeyEncryptionKey, previousPublicKeyPems, serviceSigner, startServiceSequencer, type ServiceSequencerConfig } from './startup.ts';
 export { auditLegalHolds, type HeldResource, type HeldStream } from './holds.ts';

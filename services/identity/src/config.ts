@@ -44,6 +44,9 @@ export const identityConfigSchema = Type.Object({
   AUDIT_SEQUENCER_BATCH_MAX: auditConfigSchema.properties.AUDIT_SEQUENCER_BATCH_MAX,
   AUDIT_SEQUENCER_NICE: auditConfigSchema.properties.AUDIT_SEQUENCER_NICE,
   AUDIT_CHECKPOINT_INTERVAL_MS: auditConfigSchema.properties.AUDIT_CHECKPOINT_INTERVAL_MS,
+  AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS: auditConfigSchema.properties.AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS,
+  AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX: auditConfigSchema.properties.AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX,
+  AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX: auditConfigSchema.properties.AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX,
   PORT: Type.Integer({ minimum: 1, maximum: 65_535, default: 3001 }),
   // Token requests are small: the base default (1 MiB) would only let a client make the
   // service buffer more. Kept equal to IDENTITY_BODY_LIMIT_BYTES_DEFAULT (app.ts).

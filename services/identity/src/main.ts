@@ -4,7 +4,7 @@
  */
 import pg from 'pg';
 import { pino } from 'pino';
-import { AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
+import { AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, rateLimitedSummaryFromConfig, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer } from '@ledgerline/audit';
 import { authFailureOptionsFromConfig, LogAuditSink } from '@ledgerline/authz';
 import { auditPseudonymKey, Identity, KeyEncryptionKeyError, migrateIdentity, parseKeyEncryptionKey, type KeyEncryptionKey } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -123,6 +123,7 @@ const app = await buildIdentityService({
   logger,
   resilience: resilience.options,
   tokenRateLimit: { ratePerSecond: config.IDENTITY_TOKEN_RATE_PER_SECOND, burst: config.IDENTITY_TOKEN_BURST },
+  rateLimitedSummary: rateLimitedSummaryFromConfig(config),
   authFailures: authFailureOptionsFromConfig(config),
   // The audiences the trail names as sent; any other text a request gives as its audience is
   // recorded by a digest (it may be a secret typed in the wrong field).

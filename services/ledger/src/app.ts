@@ -4,7 +4,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify';
-import { auditedByEvents, auditHttp, auditRoutes, defaultActor, type AuditActor, type AuditRoute, type AuditSink, type AuditStore } from '@ledgerline/audit';
+import { auditedByEvents, auditHttp, auditRoutes, defaultActor, type AuditActor, type AuditRoute, type AuditSink, type AuditStore, type RateLimitedSummarySettings } from '@ledgerline/audit';
 import type { EventMetadata } from '@ledgerline/events';
 import type pg from 'pg';
 import {
@@ -86,6 +86,8 @@ export interface LedgerServiceOptions {
      * or transfer was created (`ok`) is recorded by those events alone (auditedByEvents).
      */
     eventsAudited?: boolean;
+    /** The summaries of rate-limited requests (`auditHttp`'s `rateLimitedSummary`; AUDIT_RATE_LIMITED_SUMMARY_* in main.ts). */
+    rateLimitedSummary?: RateLimitedSummarySettings;
   };
 }
 
@@ -174,7 +176,14 @@ export async function buildLedgerService(options: LedgerServiceOptions): Promise
       const id = actorName(request);
       return id === ANONYMOUS_ACTOR ? { type: 'anonymous', id } : { type: id.startsWith('user:') ? 'user' : 'service', id };
     };
-    await app.register(auditHttp, { sink: options.audit.sink, service: 'ledger', routes: AUDITED_ROUTES, actorOf, ...(app.metrics === undefined ? {} : { metrics: app.metrics }) });
+    await app.register(auditHttp, {
+      sink: options.audit.sink,
+      service: 'ledger',
+      routes: AUDITED_ROUTES,
+      actorOf,
+      ...(app.metrics === undefined ? {} : { metrics: app.metrics }),
+      ...(options.audit.rateLimitedSummary === undefined ? {} : { rateLimitedSummary: options.audit.rateLimitedSummary }),
+    });
     const reader = options.audit.store;
     if (reader !== undefined) {
       await app.register(auditRoutes, {

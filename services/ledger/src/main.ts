@@ -6,7 +6,7 @@ import pg from 'pg';
 import { pino } from 'pino';
 import { EventStore, migrateEvents, relayResidencyFromEnv, ResidencyConfigError, runRelay, type RelayResidency } from '@ledgerline/events';
 import { LedgerEngine, migrateLedger } from '@ledgerline/ledger';
-import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
+import { AuditStore, AuditSchemaCheckError, exportSequencerRestarts, prepareAuditSchema, PostgresAuditSink, rateLimitedSummaryFromConfig, serviceKeyEncryptionKey, serviceSigner, startServiceSequencer, type CheckpointSigner, type KeyEncryptionKey } from '@ledgerline/audit';
 import { authFailureOptionsFromConfig, Authorizer, LogAuditSink, REFERENCE_POLICY } from '@ledgerline/authz';
 import { createTokenVerifier, remoteKeys } from '@ledgerline/identity';
 import { ConfigError, databasePoolConfig, guardPool, loadConfig, migrateRuntime, resilienceFromConfig, runService, sessionDatabaseUrl } from '@ledgerline/service-runtime';
@@ -143,7 +143,7 @@ const app = await buildLedgerService({
   bodyLimitBytes: config.BODY_LIMIT_BYTES,
   resilience: resilience.options,
   ...(auth === undefined ? {} : { auth }),
-  ...(audit === null ? {} : { audit: { sink: audit.sink, eventsAudited: true, store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),
+  ...(audit === null ? {} : { audit: { sink: audit.sink, eventsAudited: true, rateLimitedSummary: rateLimitedSummaryFromConfig(config), store: { store: new AuditStore({ pool, sink: audit.sink, service: 'ledger', ...(subjectKek === null ? {} : { keyEncryptionKey: subjectKek }) }), publicKey: audit.publicKey } } }),
   // The pruner stops when the app closes, before the pool ends.
   idempotency: {
     ttlMs: config.IDEMPOTENCY_TTL_MS,

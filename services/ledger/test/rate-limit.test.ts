@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { importJWK } from 'jose';
 import { Redis } from 'ioredis';
-import { MemoryAuditSink } from '@ledgerline/audit';
+import { MemoryAuditSink, type AuditEntry } from '@ledgerline/audit';
 import { Authorizer, REFERENCE_POLICY, ROLES } from '@ledgerline/authz';
 import { createTokenVerifier, localKeys, newSigningKey, signAccessToken } from '@ledgerline/identity';
 import { LedgerEngine } from '@ledgerline/ledger';
@@ -99,9 +99,9 @@ describe('rate limits per authenticated principal', () => {
     assert.deepEqual(keys.sort(), [`${prefix}DELETE::ip:127.0.0.1`, `${prefix}GET::ip:127.0.0.1`]);
   });
 
-  test('on audited routes the refusals are recorded in a summary that names the principal, not one record each', async () => {
-    const trail = new MemoryAuditSink();
-    const own = await buildLedgerService({
+  /** The service auditing into `trail`, its rate limit on a bucket of its own. */
+  const audited = (trail: MemoryAuditSink, bucket: string, rateLimitedSummary?: { intervalMs: number }) =>
+    buildLedgerService({
       engine,
       pool: t.pool,
       logger: false,
@@ -109,25 +109,45 @@ describe('rate limits per authenticated principal', () => {
         verify: createTokenVerifier({ keys: localKeys({ keys: [signingKey.publicJwk] }), issuer: ISSUER, audience: 'ledger', clock: () => NOW }),
         authorizer: new Authorizer({ policy: REFERENCE_POLICY, audit: new MemoryAuditSink(), clock: () => NOW }),
       },
-      resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${prefix}summary:` }), defaultLimit: LIMIT } },
-      audit: { sink: trail },
+      resilience: { rateLimit: { bucket: new RedisTokenBucket({ redis, keyPrefix: `${prefix}${bucket}:` }), defaultLimit: LIMIT } },
+      audit: { sink: trail, ...(rateLimitedSummary === undefined ? {} : { rateLimitedSummary }) },
     });
+  const account = '0193a1c2-0000-7000-8000-00000000c0de';
+  /** Twelve reads of one account as carol: two admitted, ten refused. */
+  const twelveReads = async (app: Service): Promise<void> => {
     const carol = await tokenOf('carol');
-    const account = '0193a1c2-0000-7000-8000-00000000c0de';
     const statuses: number[] = [];
+    for (let i = 0; i < 12; i += 1) {
+      statuses.push((await app.inject({ method: 'GET', url: `/v1/accounts/${account}`, headers: { authorization: `Bearer ${carol}` } })).statusCode);
+    }
+    assert.deepEqual(statuses.slice(2), Array(10).fill(429));
+  };
+  const summaryOf = (e: AuditEntry | undefined) => [e?.action, e?.actor, e?.resource, e?.outcome, e?.reason, (e?.payload as { refused: number } | undefined)?.refused];
+  const carolsSummary = ['ledger.account.read', { type: 'user', id: 'user:carol' }, { type: 'account', id: account }, 'failure', 'rate-limited', 10];
+
+  test('on audited routes the refusals are recorded in a summary that names the principal, not one record each', async () => {
+    const trail = new MemoryAuditSink();
+    const own = await audited(trail, 'summary');
     try {
-      for (let i = 0; i < 12; i += 1) {
-        statuses.push((await own.inject({ method: 'GET', url: `/v1/accounts/${account}`, headers: { authorization: `Bearer ${carol}` } })).statusCode);
-      }
-      assert.deepEqual(statuses.slice(2), Array(10).fill(429));
+      await twelveReads(own);
       assert.equal(trail.entries.length, 2, 'the two admitted reads are recorded; the ten refusals wait for their summary');
     } finally {
       await own.close();
     }
-    const summaries = trail.entries.slice(2);
-    assert.deepEqual(
-      summaries.map((e) => [e.action, e.actor, e.resource, e.outcome, e.reason, (e.payload as { refused: number }).refused]),
-      [['ledger.account.read', { type: 'user', id: 'user:carol' }, { type: 'account', id: account }, 'failure', 'rate-limited', 10]],
-    );
+    assert.deepEqual(trail.entries.slice(2).map(summaryOf), [carolsSummary]);
+  });
+
+  test("the service's rateLimitedSummary setting (AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS) sets how often summaries are written", async () => {
+    const trail = new MemoryAuditSink();
+    const own = await audited(trail, 'interval', { intervalMs: 100 });
+    try {
+      await twelveReads(own);
+      // Written by the 100 ms timer, while the service runs (the default waits 10 s or the close).
+      const deadline = Date.now() + 5000;
+      while (trail.entries.length < 3 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+      assert.deepEqual(trail.entries.slice(2).map(summaryOf), [carolsSummary]);
+    } finally {
+      await own.close();
+    }
   });
 });
