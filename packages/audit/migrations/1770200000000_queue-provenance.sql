@@ -16,7 +16,9 @@
 -- name another. The sequencer integrates such a governance record only when the database made
 -- it (`audit.queued_by_database`); otherwise it records the row as `audit.entry.rejected`, its
 -- text kept (src/provenance.ts). Rows queued before this migration have no `queued_by` (NULL):
--- no one can tell who queued them, and they are taken as the writer's.
+-- no one can tell who queued them, and they are judged as they were before it (taken as they
+-- are), so that an upgrade turns no lawful release or change still in the queue into a
+-- rejection, which the append-only log would keep for good.
 ALTER TABLE audit.queue ADD COLUMN queued_by name;
 ALTER TABLE audit.queue ALTER COLUMN queued_by SET DEFAULT current_user;
 REVOKE INSERT ON audit.queue FROM ledgerline_audit_writer;
@@ -24,8 +26,9 @@ GRANT INSERT (entry) ON audit.queue TO ledgerline_audit_writer;
 
 -- Whether role `p_role` could have made a record the database makes: the owner of audit.queue
 -- (the schema's owner, whose SECURITY DEFINER functions queue them), a member of it (who may
--- act as it), or a superuser. NULL or a role dropped since: no. By oid, so that a role name
--- no longer in pg_roles is an answer, not an error.
+-- act as it; on PostgreSQL 16 a membership granted WITH SET FALSE counts too), or a
+-- superuser. NULL or a role dropped since: no. By oid, so that a role name no longer in
+-- pg_roles is an answer, not an error.
 CREATE FUNCTION audit.queued_by_database(p_role name) RETURNS boolean
 LANGUAGE sql STABLE AS $$
   SELECT EXISTS (

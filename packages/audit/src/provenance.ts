@@ -8,7 +8,9 @@
  * says it succeeded, or any retention change, is integrated only when the role that queued it
  * could have been the database's code (`audit.queued_by_database`): otherwise it would be the
  * application's login claiming what only the database may say, and the sequencer records the
- * row as `audit.entry.rejected`, its text kept.
+ * row as `audit.entry.rejected`, its text kept. (The application's login may still release a
+ * hold through `audit.release_hold`, naming the requester it likes: that release is real, the
+ * hold's row released too, and its record names the database login that ran it.)
  */
 
 /** The actions whose successful governance records the database's own code queues, and nothing else. */

@@ -137,3 +137,19 @@ test('the writer role may not say who queued an entry; the queue names the role 
   );
   assert.deepEqual(owner.rows[0], { database: true, unknown: false, missing: false });
 });
+
+test('a row queued before roles were recorded is judged as before; one that spells its class with escapes is still the writer\'s', async () => {
+  clock.ms = daysAgo(5);
+  const hold = await t.store.placeHold({ subject: 'subject-1' }, 'litigation', REVIEWER);
+  await t.settle();
+  const release = (id: string, recordClass: string): string =>
+    `{"id":"${crypto.randomUUID()}","occurredAt":"${new Date(clock.ms).toISOString()}","recordClass":"${recordClass}","actor":{"type":"user","id":"db:postgres"},` +
+    `"action":"audit.hold.release","outcome":"success","origin":{"service":"postgresql"},"resource":{"type":"audit.legal_hold","id":"${id}"},"payloadJson":"{}","personalJson":null}`;
+  // As an upgrade finds it: the migration left queued_by empty on the rows already there.
+  await t.pool.query('INSERT INTO audit.queue (entry, queued_by) VALUES ($1, NULL)', [release(hold, 'governance')]);
+  // The writer, naming the class as JSON may (\u0065 is "e"): the lookup skips the row, which then counts as the writer's.
+  await inTransaction(t.pool, AS_WRITER, (c) => c.query('INSERT INTO audit.queue (entry) VALUES ($1)', [release(hold, 'gov\\u0065rnance')]), true);
+  await t.settle();
+  assert.deepEqual(await records('audit.hold.release'), [{ outcome: 'success', reason: null, resource_id: hold }]);
+  assert.match((await records('audit.entry.rejected'))[0]?.reason ?? '', /audit\.hold\.release success is a record only the database's own code queues, and this one was queued by role "ledgerline_audit_writer"/);
+});
