@@ -200,7 +200,8 @@ export interface RecordedHold {
  * A release counts from the moment `audit.release_hold` queues its record, in the release's own
  * transaction: expiry may run right after it, before the sequencer has integrated the record,
  * so a release still in `audit.queue` counts too, when the database queued it
- * (`audit.queued_by_database`): one the writer role queues itself is never integrated as a
+ * (`audit.queued_by_database`, or queued before roles were recorded, as the sequencer judges
+ * it): one the writer role queues itself is never integrated as a
  * release (the sequencer records it as `audit.entry.rejected`, provenance.ts), so it counts
  * neither here nor in the trail.
  */
@@ -216,7 +217,7 @@ export async function recordedHolds(db: Queryable, checkpointValid: (cp: Checkpo
   // sees only the releases in the tree.
   const readable = await db.query<{ ok: boolean }>("SELECT has_table_privilege('audit.queue', 'SELECT') AS ok");
   const queued = readable.rows[0]?.ok === true
-    ? (await db.query<{ entry: string }>(`SELECT q.entry FROM audit.queue q WHERE strpos(q.entry, 'audit.hold.release') > 0 AND ${QUEUED_BY_DATABASE('q')} ORDER BY q.id`)).rows
+    ? (await db.query<{ entry: string }>(`SELECT q.entry FROM audit.queue q WHERE strpos(q.entry, 'audit.hold.release') > 0 AND (q.queued_by IS NULL OR ${QUEUED_BY_DATABASE('q')}) ORDER BY q.id`)).rows
     : [];
   for (const { entry } of queued) {
     const id = queuedReleaseOf(entry);
