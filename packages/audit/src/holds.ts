@@ -33,7 +33,9 @@ export interface HeldResource {
  * table, to the end of the caller's transaction), as expiry and erasure do: a hold being
  * placed is waited for and then seen, and one placed later waits until the stream is gone, so
  * no hold can commit between the check and the removal. The caller must run under READ
- * COMMITTED and be the schema owner or a member of the writer role. Deletion (not archiving)
+ * COMMITTED and be a member of the writer role, or the schema's owner where that login owns the
+ * event store too (apply mode): this reads the event store's tables in the caller's session, so
+ * never as an audit owner the event store's owner is not (docs/audit.md, "Roles"). Deletion (not archiving)
  * is also held while the trail still retains any of the stream's events as leaves (below).
  */
 export function auditLegalHolds(resourceOf: (stream: HeldStream) => HeldResource = (s) => ({ type: s.streamType, id: s.streamId })): {

@@ -15,15 +15,18 @@
  *   checkpoint issued at or before `coveredAt` covers;
  * - a later change only lengthens it: a shortening applies to leaves signed after it, never to
  *   earlier ones (the database refuses a shortening while anything is still owed the longer
- *   policy, so a lawful one only follows leaves that had run out already, below);
+ *   policy, events not yet integrated included, so a lawful one only follows leaves that had
+ *   run out already, below, but for events of the moment of the change: migration
+ *   1770300000000);
  * - the leaf has run out once `from` plus that policy is passed, either before a later
  *   lengthening (data the database could let go before the policy grew) or by `now`.
  * A change whose payload is gone, does not match its hash, or does not parse counts as keeping
  * every class for ever from then on: it might have been a lengthening of any.
  *
  * When a change took effect. A change's record states the time it was made (`occurredAt`: the
- * trigger's `now()`, but any holder of the writer role can queue a change record of its own,
- * dated as it likes); the trail proves only that it existed once a checkpoint covered it
+ * trigger's `now()`, but the schema's owner or a superuser can queue a change record of its
+ * own, dated as it likes: since migration 1770200000000 not the writer role, whose change
+ * records the sequencer rejects); the trail proves only that it existed once a checkpoint covered it
  * (`signedAt`). So each kind of change is taken at the time that can never hide a deletion:
  * - a shortening from its signature alone (its stated time is not read): dating one back
  *   reaches no leaf signed before it;

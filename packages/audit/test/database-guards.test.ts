@@ -107,6 +107,27 @@ test('a payload within its retention, or under a legal hold, cannot be deleted, 
   assert.equal((await verifyLog(t.pool, { publicKey: t.signer.publicKey })).ok, true);
 });
 
+test('a financial shortening waits until the sequencer has integrated every event the store has numbered (the guard reads no event table)', async () => {
+  // An event recorded long ago, past any retention: only its not being integrated refuses.
+  const oldEvent = (id: string): Promise<pg.QueryResult> =>
+    run(`INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, data, metadata, recorded_at)
+         VALUES (0, gen_random_uuid(), 'ledger.transfer', $1, 1, 'ledger.TransferPosted', '{}', '{}', now() - interval '3000 days')`, [id]);
+  const shorten = (days: number): Promise<pg.QueryResult> => run(`UPDATE audit.retention_policies SET retain_days = ${days} WHERE record_class = 'financial'`);
+  await oldEvent('old-1');
+  await assert.rejects(shorten(10), /still owed the longer one/);
+  await t.settle();
+  await shorten(2000);
+  // A number a rolled-back insert used errs towards refusing, until the next event is integrated.
+  await assert.rejects(inTransaction(t.pool, async (c) => {
+    await c.query("INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, data, metadata) VALUES (0, gen_random_uuid(), 'ledger.transfer', 'gone', 1, 'x', '{}', '{}')");
+    throw new Error('rolled back');
+  }), /rolled back/);
+  await assert.rejects(shorten(1000), /still owed the longer one/);
+  await oldEvent('old-2');
+  await t.settle();
+  await shorten(1000);
+});
+
 test('retention is never shortened under records still owed the longer one; every change is kept and recorded in the trail', async () => {
   t.sink.record(entry(1, { recordClass: 'financial', resource: { type: 'transfer', id: 't-1' } }));
   t.sink.record(entry(2, { recordClass: 'security', resource: { type: 'key', id: 'k-1' } }));

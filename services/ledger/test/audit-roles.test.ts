@@ -468,7 +468,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     assert.equal(await s.exited, 0, s.stderr());
   });
 
-  test("the owner's retention change runs none of the login's code, and the record it queues is the database's; the login's is not", async () => {
+  test("the owner's retention change runs none of the login's code and waits for the sequencer; the record it queues is the database's, the login's is not", async () => {
     // A database of its own, where nothing in the trail refuses a financial shortening: until
     // 2026-12-07 the guard then read the event store, as the owner.
     const fresh = await createTestDatabase('ll_audit_guard');
@@ -494,6 +494,8 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       await withClient(asIn(LOGIN), async (c) => {
         await c.query(`GRANT USAGE ON SCHEMA events TO ${OWNER}`);
         await c.query(`GRANT SELECT ON events.events, events.archived_events TO ${OWNER}`);
+        // What the guard reads instead: how far the store has numbered its events.
+        await c.query(`GRANT SELECT ON SEQUENCE events.events_position_seq TO ${OWNER}`);
         await c.query("INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, data, metadata) VALUES (0, gen_random_uuid(), 'ledger.transfer', 't-1', 1, 'ledger.TransferPosted', '{}', '{}')");
         await c.query('CREATE TABLE events.trap_ran (who text NOT NULL, what text NOT NULL)');
         await c.query('GRANT INSERT ON events.trap_ran TO PUBLIC');
@@ -506,27 +508,38 @@ describe('the audit schema owned by a deploy role, the service on a writer login
           END $$`);
         await c.query(`CREATE FUNCTION events.folded(what text) RETURNS integer LANGUAGE plpgsql IMMUTABLE AS $$
           BEGIN PERFORM events.trap(what); RETURN 0; END $$`);
-        await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY');
+        // Forced, so that it binds the login too (the liveness check below).
+        await c.query('ALTER TABLE events.events ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY');
         await c.query("CREATE POLICY trap ON events.events USING (events.trap('policy'))");
         await c.query("CREATE STATISTICS events.trap_stats ON ((position + events.folded('statistics'))) FROM events.events");
         await c.query("CREATE INDEX events_trap_idx ON events.events (position) WHERE events.folded('index') = 0");
         await c.query('ANALYZE events.events');
+        // The traps are live: a read by the login runs them (as the login).
+        await c.query('SELECT count(*) FROM events.events');
+        const live = await c.query<{ what: string }>('SELECT DISTINCT what FROM events.trap_ran ORDER BY 1');
+        assert.deepEqual(live.rows.map((r) => r.what), ['index', 'policy', 'statistics']);
         await c.query('DELETE FROM events.trap_ran');
       });
-      await withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = 2000 WHERE record_class = 'financial'"));
+      // The event is numbered but not integrated (no sequencer ran here): the shortening waits
+      // for it. The lengthening of another class goes through.
+      await assert.rejects(
+        withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = 2000 WHERE record_class = 'financial'")),
+        /financial retention cannot become 2000 days \(was 2557\): records of that class are still owed the longer one/,
+      );
+      await withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = retain_days + 1 WHERE record_class = 'access'"));
       await withClient(asIn(LOGIN), (c) => c.query('INSERT INTO audit.queue (entry) VALUES ($1)', [forged]));
       await withClient(fresh.url, async (c) => {
         const ran = await c.query<{ who: string; what: string }>('SELECT DISTINCT who, what FROM events.trap_ran ORDER BY 1, 2');
         assert.deepEqual(ran.rows, [], "the login's code ran during the owner's change");
-        const queued = await c.query<{ by: string; database: boolean; after: number }>(
+        const queued = await c.query<{ by: string; database: boolean; class: string; after: number }>(
           `SELECT queued_by::text AS by, audit.queued_by_database(queued_by) AS database,
-                  ((entry::json->>'payloadJson')::json->>'retainDaysAfter')::int AS after
+                  (entry::json->>'payloadJson')::json->>'recordClass' AS class, ((entry::json->>'payloadJson')::json->>'retainDaysAfter')::int AS after
              FROM audit.queue ORDER BY id`,
         );
         // The change trigger's record, queued as the owner, then the login's forgery.
         assert.deepEqual(queued.rows, [
-          { by: OWNER, database: true, after: 2000 },
-          { by: LOGIN, database: false, after: 1 },
+          { by: OWNER, database: true, class: 'access', after: 367 },
+          { by: LOGIN, database: false, class: 'financial', after: 1 },
         ]);
       });
     } finally {
