@@ -17,23 +17,31 @@
 -- (audit.event_leaves, their recorded times), and how far the event store has numbered its
 -- events against how far the sequencer has integrated them. The last is two numbers, read
 -- without reading a table: the last value of the identity sequence that numbers
--- events.events.position (a sequence runs no code) and the sequencer's cursor
+-- events.events.position (a sequence runs no code), found through the catalog (pg_depend:
+-- no USAGE on the event store's schema is needed), and the sequencer's cursor
 -- (audit.sequencer_state). A shortening is refused while the store has numbered an event past
--- the cursor: an event not yet integrated may be within the old retention, and its leaf, signed
--- after the change, would be judged by the new one. The comparison errs towards refusing (a
--- number a rolled-back insert used, or an event of an earlier transaction integrated with a
--- higher number than the cursor's, refuses until the next event is integrated); it misses only
--- an event whose transaction has not committed yet, or one numbered below the cursor that a
--- transaction begun before the cursor's commits afterwards: events of that moment, which the
--- next round integrates. The owner needs SELECT on that sequence (granted by the event store's
--- owner); without it, a shortening of `financial` is refused, saying so.
+-- the cursor's position: an event not yet integrated may be within the old retention, and its
+-- leaf, signed after the change, would be judged by the new one. The owner needs SELECT on that
+-- sequence (granted by the event store's owner); without it a shortening of `financial` is
+-- refused, saying so.
+--
+-- The comparison errs towards refusing: a number used by no committed event (a rolled-back
+-- insert, an append refused for its expected version) refuses until the next event is
+-- integrated, which in a class idle for its whole retention restarts that retention. And it
+-- misses an event numbered at or below the cursor's position whose transaction commits after
+-- the cursor passed that number (the global order is by transaction id first): such an event
+-- waits for the read horizon, which a transaction held open keeps back for as long as it stays
+-- open, and is integrated after the change, under the new policy. The event store's owner can
+-- also make the guard see nothing (restart the sequence, move the table); it can delete events
+-- the sequencer has not integrated in any case.
 CREATE OR REPLACE FUNCTION audit.retention_still_owed(p_class text, p_days integer) RETURNS boolean
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, audit AS $$
 DECLARE
   -- Records that occurred after this are still owed the old retention (NULL: for ever, all).
   cutoff timestamptz := CASE WHEN p_days IS NULL THEN '-infinity'::timestamptz ELSE now() - make_interval(days => p_days) END;
-  numbering regclass;
+  numbering oid;
   numbered bigint;
+  cursor_position bigint;
 BEGIN
   IF EXISTS (SELECT 1 FROM audit.records WHERE record_class = p_class AND occurred_at > cutoff) THEN RETURN true; END IF;
   -- Queued entries get their class's policy once integrated; the text test over-matches
@@ -43,18 +51,32 @@ BEGIN
   -- Integrated events are leaves of class financial; archived ones still verify, and their
   -- tiles stay.
   IF EXISTS (SELECT 1 FROM audit.event_leaves WHERE last_recorded_at > cutoff) THEN RETURN true; END IF;
-  -- Events the sequencer has not integrated yet (see above). The event store's tables are not
-  -- read: only the catalog and the sequence's last value.
-  IF to_regclass('events.events') IS NULL THEN RETURN false; END IF;
-  numbering := pg_get_serial_sequence('events.events', 'position')::regclass;
+  -- Events the sequencer has not integrated yet (see above): the event store's tables are not
+  -- read, only the catalog and the sequence. No event store in this database: nothing to wait for.
+  IF NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'events' AND c.relname = 'events') THEN
+    RETURN false;
+  END IF;
+  SELECT d.objid INTO numbering
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'position' AND NOT a.attisdropped
+    JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid AND d.refobjsubid = a.attnum
+                    AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+    JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+   WHERE n.nspname = 'events' AND c.relname = 'events';
   IF numbering IS NULL OR NOT has_sequence_privilege(numbering, 'SELECT') THEN
     RAISE EXCEPTION 'audit.retention_policies: financial retention cannot be shortened: this role cannot see how far the event store has numbered its events (%), so whether the sequencer has integrated them all',
-      coalesce(numbering::text, 'events.events has no identity sequence')
+      coalesce(numbering::regclass::text, 'events.events.position has no sequence')
       USING ERRCODE = 'insufficient_privilege',
             HINT = 'The event store''s owner grants SELECT on its position sequence to the role that changes policies.';
   END IF;
-  numbered := pg_sequence_last_value(numbering);
-  RETURN numbered IS NOT NULL AND numbered > (SELECT s.event_position FROM audit.sequencer_state s);
+  numbered := pg_sequence_last_value(numbering::regclass);
+  SELECT s.event_position INTO cursor_position FROM audit.sequencer_state s;
+  IF numbered IS NOT NULL AND numbered > cursor_position THEN
+    RAISE EXCEPTION 'audit.retention_policies: financial retention cannot be shortened yet: the event store has numbered events up to % and the sequencer has integrated up to %; events not yet integrated may be owed the longer retention', numbered, cursor_position
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Try again once the sequencer has caught up. A number no committed event took (a rolled-back append) holds until the next event is integrated.';
+  END IF;
+  RETURN false;
 END
 $$;
 

@@ -16,8 +16,7 @@
  * - a later change only lengthens it: a shortening applies to leaves signed after it, never to
  *   earlier ones (the database refuses a shortening while anything is still owed the longer
  *   policy, events not yet integrated included, so a lawful one only follows leaves that had
- *   run out already, below, but for events of the moment of the change: migration
- *   1770300000000);
+ *   run out already, below, with the exceptions migration 1770300000000 names);
  * - the leaf has run out once `from` plus that policy is passed, either before a later
  *   lengthening (data the database could let go before the policy grew) or by `now`.
  * A change whose payload is gone, does not match its hash, or does not parse counts as keeping

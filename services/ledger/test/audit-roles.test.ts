@@ -482,21 +482,19 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       await connected((c) => c.query(`GRANT CREATE ON DATABASE ${fresh.name} TO ${OWNER}, ${LOGIN}`));
       await migrateEvents(asIn(LOGIN));
       assert.equal(await runCli(['migrate', '--database-url', asIn(OWNER)], { stdout: () => {}, stderr: () => {}, env: {} }), 0);
-      // The login owns the event store. It lets the owner read it, records an event now, and
+      // The login owns the event store. It grants the owner what docs/audit.md says (SELECT on
+      // the position sequence, nothing else), records an event long past any retention, and
       // attaches code that runs as whoever reads the table: a row-level security policy, an
       // extended statistics expression and an index predicate, each with a function that notes
-      // who ran it and, as the owner, queues a forged financial shortening.
+      // who ran it and, as anyone but the login, queues a forged financial shortening.
       const forged = JSON.stringify({
         id: '0190a0a0-0000-7000-8000-00000000f0f0', occurredAt: new Date().toISOString(), recordClass: 'governance', actor: { type: 'user', id: 'db:owner' },
         action: 'audit.retention.change', outcome: 'success', origin: { service: 'postgresql' }, resource: { type: 'audit.retention_policy', id: 'financial' },
         payloadJson: '{"changedAs":"owner","recordClass":"financial","retainDaysAfter":1,"retainDaysBefore":2557}', personalJson: null,
       });
       await withClient(asIn(LOGIN), async (c) => {
-        await c.query(`GRANT USAGE ON SCHEMA events TO ${OWNER}`);
-        await c.query(`GRANT SELECT ON events.events, events.archived_events TO ${OWNER}`);
-        // What the guard reads instead: how far the store has numbered its events.
-        await c.query(`GRANT SELECT ON SEQUENCE events.events_position_seq TO ${OWNER}`);
-        await c.query("INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, data, metadata) VALUES (0, gen_random_uuid(), 'ledger.transfer', 't-1', 1, 'ledger.TransferPosted', '{}', '{}')");
+        await c.query(`INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, data, metadata, recorded_at)
+                       VALUES (0, gen_random_uuid(), 'ledger.transfer', 't-1', 1, 'ledger.TransferPosted', '{}', '{}', now() - interval '3000 days')`);
         await c.query('CREATE TABLE events.trap_ran (who text NOT NULL, what text NOT NULL)');
         await c.query('GRANT INSERT ON events.trap_ran TO PUBLIC');
         await c.query(`CREATE FUNCTION events.trap(what text) RETURNS boolean LANGUAGE plpgsql AS $$
@@ -520,26 +518,43 @@ describe('the audit schema owned by a deploy role, the service on a writer login
         assert.deepEqual(live.rows.map((r) => r.what), ['index', 'policy', 'statistics']);
         await c.query('DELETE FROM events.trap_ran');
       });
-      // The event is numbered but not integrated (no sequencer ran here): the shortening waits
-      // for it. The lengthening of another class goes through.
-      await assert.rejects(
-        withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = 2000 WHERE record_class = 'financial'")),
-        /financial retention cannot become 2000 days \(was 2557\): records of that class are still owed the longer one/,
-      );
-      await withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = retain_days + 1 WHERE record_class = 'access'"));
+      // Without the grant the guard cannot tell, and refuses saying so.
+      const shorten = (): Promise<unknown> => withClient(asIn(OWNER), (c) => c.query("UPDATE audit.retention_policies SET retain_days = 2000 WHERE record_class = 'financial'"));
+      await assert.rejects(shorten(), /this role cannot see how far the event store has numbered its events \(events\.events_position_seq\)/);
+      await withClient(asIn(LOGIN), (c) => c.query(`GRANT SELECT ON SEQUENCE events.events_position_seq TO ${OWNER}`));
+      // The event is numbered but not integrated: the shortening waits for the sequencer.
+      await assert.rejects(shorten(), /financial retention cannot be shortened yet: the event store has numbered events up to 1 and the sequencer has integrated up to 0/);
+      // A round of the standalone sequencer (its own login; the event store read as the login's)
+      // integrates it; the event is 3000 days old, so the shortening then goes through.
+      const lines: string[] = [];
+      const round = runCli(['sequence', '--interval-ms', '50', '--checkpoint-interval-ms', '0'], {
+        stdout: (l) => lines.push(l),
+        stderr: (l) => lines.push(l),
+        env: { AUDIT_SEQUENCER_DATABASE_URL: asIn(SEQUENCER), DATABASE_URL: asIn(LOGIN), AUDIT_MIGRATIONS: 'check' },
+        stop: (async () => {
+          const deadline = Date.now() + SEQUENCER_WAIT_MS;
+          for (;;) {
+            const n = await withClient(fresh.url, async (c) => Number((await c.query<{ p: string }>('SELECT event_position::text AS p FROM audit.sequencer_state')).rows[0]?.p));
+            if (n >= 1) return;
+            assert.ok(Date.now() < deadline, `the sequencer did not integrate the event: ${lines.join('\n')}`);
+            await new Promise((r) => setTimeout(r, 50));
+          }
+        })(),
+      });
+      assert.equal(await round, 0, lines.join('\n'));
+      await shorten();
       await withClient(asIn(LOGIN), (c) => c.query('INSERT INTO audit.queue (entry) VALUES ($1)', [forged]));
       await withClient(fresh.url, async (c) => {
-        const ran = await c.query<{ who: string; what: string }>('SELECT DISTINCT who, what FROM events.trap_ran ORDER BY 1, 2');
-        assert.deepEqual(ran.rows, [], "the login's code ran during the owner's change");
-        const queued = await c.query<{ by: string; database: boolean; class: string; after: number }>(
-          `SELECT queued_by::text AS by, audit.queued_by_database(queued_by) AS database,
-                  (entry::json->>'payloadJson')::json->>'recordClass' AS class, ((entry::json->>'payloadJson')::json->>'retainDaysAfter')::int AS after
+        const ran = await c.query<{ who: string; what: string }>('SELECT DISTINCT who, what FROM events.trap_ran WHERE who <> $1 ORDER BY 1, 2', [LOGIN]);
+        assert.deepEqual(ran.rows, [], "the login's code ran as another role (the owner's change, or the sequencer)");
+        const queued = await c.query<{ by: string; database: boolean; after: number }>(
+          `SELECT queued_by::text AS by, audit.queued_by_database(queued_by) AS database, ((entry::json->>'payloadJson')::json->>'retainDaysAfter')::int AS after
              FROM audit.queue ORDER BY id`,
         );
         // The change trigger's record, queued as the owner, then the login's forgery.
         assert.deepEqual(queued.rows, [
-          { by: OWNER, database: true, class: 'access', after: 367 },
-          { by: LOGIN, database: false, class: 'financial', after: 1 },
+          { by: OWNER, database: true, after: 2000 },
+          { by: LOGIN, database: false, after: 1 },
         ]);
       });
     } finally {
