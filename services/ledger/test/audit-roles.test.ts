@@ -468,7 +468,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     assert.equal(await s.exited, 0, s.stderr());
   });
 
-  test("the owner's retention change runs none of the login's code and waits for the sequencer; the record it queues is the database's, the login's is not", async () => {
+  test("the owner's retention change runs none of the login's code and waits for the sequencer; the record it queues is the database's, the login's is not; the CLI reads the event store only as its owner", async () => {
     // A database of its own, where nothing in the trail refuses a financial shortening: until
     // 2026-12-07 the guard then read the event store, as the owner.
     const fresh = await createTestDatabase('ll_audit_guard');
@@ -557,6 +557,22 @@ describe('the audit schema owned by a deploy role, the service on a writer login
           { by: LOGIN, database: false, after: 1 },
         ]);
       });
+      // The CLI reads the event store (verify, search, prove) only as a login that either owns
+      // it or could not alter the log: as the owner, even one the login let read its tables, it
+      // refuses before reading; as the login, whose own traps then run as itself, it verifies.
+      await withClient(asIn(LOGIN), async (c) => {
+        await c.query(`GRANT USAGE ON SCHEMA events TO ${OWNER}`);
+        await c.query(`GRANT SELECT ON events.events, events.archived_events TO ${OWNER}`);
+      });
+      for (const args of [['verify'], ['search', '--as', 'user:auditor']]) {
+        const said: string[] = [];
+        assert.equal(await runCli([...args, '--database-url', asIn(OWNER)], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, args[0]);
+        assert.match(said.join('\n'), new RegExp(`names ${OWNER}, the audit tables' owner or a member of it, but the event store belongs to ${LOGIN}`), args[0]);
+      }
+      const verified: string[] = [];
+      assert.equal(await runCli(['verify', '--database-url', asIn(LOGIN)], { stdout: (l) => verified.push(l), stderr: (l) => verified.push(l), env: {} }), 0, verified.join('\n'));
+      const ran = await withClient(fresh.url, (c) => c.query<{ who: string }>('SELECT DISTINCT who FROM events.trap_ran ORDER BY 1'));
+      assert.deepEqual(ran.rows.map((r) => r.who), [LOGIN], 'the traps ran as the login only');
     } finally {
       await fresh.drop();
     }
