@@ -53,10 +53,11 @@ export const auditConfigSchema = Type.Object({
   /**
    * The summaries of rate-limited requests (rate-limited.ts, docs/audit.md "Rate-limited
    * requests are summarised"): how often they are written (the refusals of the last interval
-   * are lost if the process is killed), how many are held at once before the overflow record,
-   * and how many one bucket and route get before its catch-all.
+   * are lost if the process is killed, and a summary, dated by its last refusal, spans up to an
+   * interval: at most a minute), how many are held at once before the overflow record, and how
+   * many one bucket and route get before its catch-all.
    */
-  AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS: Type.Integer({ minimum: 100, maximum: 3_600_000, default: RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT }),
+  AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS: Type.Integer({ minimum: 100, maximum: 60_000, default: RATE_LIMITED_SUMMARY_INTERVAL_MS_DEFAULT }),
   AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX: Type.Integer({ minimum: 1, maximum: 1_000_000, default: RATE_LIMITED_SUMMARY_KEYS_MAX_DEFAULT }),
   AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX: Type.Integer({ minimum: 1, maximum: 10_000, default: RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX_DEFAULT }),
 });

@@ -34,6 +34,7 @@ test('the summaries of rate-limited requests: the documented defaults, set from 
   assert.deepEqual(rateLimitedSummaryFromConfig(set), { intervalMs: 2500, keysMax: 50, perClientMax: 3 });
   for (const [variable, value] of [
     ['AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS', '99'],
+    ['AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS', '60001'],
     ['AUDIT_RATE_LIMITED_SUMMARY_INTERVAL_MS', '1.5'],
     ['AUDIT_RATE_LIMITED_SUMMARY_KEYS_MAX', '0'],
     ['AUDIT_RATE_LIMITED_SUMMARIES_PER_CLIENT_MAX', '10001'],
