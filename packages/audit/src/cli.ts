@@ -37,7 +37,7 @@ import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { checkFields, InvalidAuditEntryError } from './record.ts';
-import { AUDIT_SEQUENCER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit } from './migrate.ts';
+import { AUDIT_SEQUENCER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit, PINNED_SEARCH_PATH } from './migrate.ts';
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
@@ -275,7 +275,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
     }
     const store = new AuditStore({ pool, sink, service: 'audit-cli', ...(keyEncryptionKey === undefined ? {} : { keyEncryptionKey }) });
     // These read the event store (events are leaves), as whoever runs the command.
-    if (command === 'verify' || command === 'search' || command === 'prove') await checkEventStoreReader(pool, '--database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
+    if (command === 'verify' || command === 'search' || command === 'prove') await checkEventStoreReader(databaseUrl, '--database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
     const by = (): Requester => ({ actor: { type: 'user', id: recordable('as', 'actor.id', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {
@@ -427,40 +427,58 @@ function untilSignalled(): Promise<void> {
 }
 
 /**
+ * Refuses to read the event store as a login that could alter the log (a superuser, a role that
+ * may create roles, the audit tables' owner or a member of it, a member of the sequencer's
+ * role) unless that login owns the event store's tables itself. A table's owner decides what
+ * reading it runs (a row-level security policy's function, an immutable function the planner
+ * folds from an index or a statistics expression), and that code runs with the reader's
+ * rights: read as the audit owner, the service's login could make its code do what the owner
+ * may. Reading as the event store's owner runs only that owner's own code. Judged by the login
+ * (`session_user`), not the role in effect: planted code may SET ROLE back to the login, so a
+ * privileged login set to a read-only role (`options=-c role=...`) is refused too. Asked on a
+ * connection of its own with the search path pinned (PINNED_SEARCH_PATH), so that nothing the
+ * question calls can be shadowed by a function or aggregate someone planted in a schema the
+ * login's default path names. No event store here: nothing to refuse.
+ */
+async function checkEventStoreReader(databaseUrl: string, which: string): Promise<void> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    await client.query(`SET search_path = ${PINNED_SEARCH_PATH}`);
+    const r = await client.query<{ login: string; owner: string | null; privileged: string | null }>(
+      `SELECT me.rolname::text AS login,
+              (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(c.relowner)::text, ', ')
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'events' AND c.relname IN ('events', 'archived_events') AND c.relowner <> me.oid) AS owner,
+              CASE WHEN me.rolsuper THEN 'a superuser'
+                   WHEN me.rolcreaterole THEN 'a role that may create roles (and so grant itself the log''s)'
+                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+                                 WHERE n.nspname = 'audit' AND t.relkind = 'r' AND pg_catalog.pg_has_role(me.oid, t.relowner, 'MEMBER'))
+                        THEN 'the audit tables'' owner or a member of it'
+                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles s WHERE s.rolname = $1 AND pg_catalog.pg_has_role(me.oid, s.oid, 'MEMBER'))
+                        THEN 'a member of ${AUDIT_SEQUENCER_ROLE}'
+              END AS privileged
+         FROM pg_catalog.pg_roles me WHERE me.rolname = session_user`,
+      [AUDIT_SEQUENCER_ROLE],
+    );
+    const me = r.rows[0];
+    if (me === undefined || me.owner === null || me.privileged === null) return;
+    throw new UsageError(
+      `${which} logs in as ${me.login}, ${me.privileged}, but the event store belongs to ${me.owner}: code that owner attached to its tables would run with ${me.login}'s rights when they are read. ` +
+        'Read the event store as its owner (the service\'s login) or as a login that may only read (docs/audit.md, "Roles")',
+    );
+  } finally {
+    await client.end();
+  }
+}
+
+/**
  * The sequencer as a process of its own, for a deployment whose services run none
  * (AUDIT_SEQUENCER_ENABLED=false): its login and the signing key are then in no process that
  * serves requests. Runs until `stop`, then integrates what is left and signs a last checkpoint.
  * With AUDIT_MIGRATIONS=check it first checks its login as a service does (a member of the
  * sequencer's role, and no owner or superuser). A failed round is reported and retried.
  */
-/**
- * Refuses to read the event store as a login that could alter the log (a superuser, the audit
- * tables' owner or a member of it, a member of the sequencer's role) unless that login owns the
- * event store's tables itself. A table's owner decides what reading it runs (a row-level
- * security policy's function, an immutable function the planner folds from an index or a
- * statistics expression), and that code runs with the reader's rights: read as the audit owner,
- * the service's login could make its code do what the owner may. Reading as the event store's
- * owner runs only that owner's own code. No event store here: nothing to refuse.
- */
-async function checkEventStoreReader(db: Pick<pg.Pool, 'query'>, which: string): Promise<void> {
-  const r = await db.query<{ login: string; owner: string | null; privileged: string | null }>(
-    `SELECT current_user AS login,
-            (SELECT string_agg(DISTINCT pg_get_userbyid(c.relowner), ', ') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'events' AND c.relname IN ('events', 'archived_events') AND pg_get_userbyid(c.relowner) <> current_user) AS owner,
-            CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN 'a superuser'
-                 WHEN EXISTS (SELECT 1 FROM pg_tables t WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) THEN 'the audit tables'' owner or a member of it'
-                 WHEN EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolname = $1 AND pg_has_role(current_user, s.oid, 'MEMBER')) THEN 'a member of ${AUDIT_SEQUENCER_ROLE}'
-            END AS privileged`,
-    [AUDIT_SEQUENCER_ROLE],
-  );
-  const me = r.rows[0];
-  if (me === undefined || me.owner === null || me.privileged === null) return;
-  throw new UsageError(
-    `${which} names ${me.login}, ${me.privileged}, but the event store belongs to ${me.owner}: code that owner attached to its tables would run as ${me.login} when they are read. ` +
-      'Read the event store as its owner (the service\'s login) or as a login that may only read (docs/audit.md, "Roles")',
-  );
-}
-
 async function sequence(
   urls: { databaseUrl: string; eventsUrl: string },
   a: {
@@ -540,7 +558,7 @@ async function sequence(
       }
       tailEvents = present;
     }
-    if (tailEvents) await checkEventStoreReader(eventsPool ?? pool, eventsPool === null ? 'the sequencer\'s login' : '--events-database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
+    if (tailEvents) await checkEventStoreReader(eventsUrl, eventsPool === null ? 'the sequencer\'s login' : '--events-database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
     const sequencer = new AuditSequencer({
       pool,
       ...(eventsPool === null ? {} : { eventsPool }),

@@ -25,6 +25,8 @@ const TAG = randomBytes(4).toString('hex');
 const OWNER = `ll_audit_owner_${TAG}`;
 const LOGIN = `ll_ledger_login_${TAG}`;
 const SEQUENCER = `ll_audit_seq_${TAG}`;
+/** A role that may only read, which the owner may set itself to. */
+const READER = `ll_audit_reader_${TAG}`;
 /**
  * How long a test waits for the sequencer to integrate what it wrote: the service's worker
  * thread (at a lower priority) must start, take the events once they are below the read
@@ -68,6 +70,8 @@ before(async () => {
     await c.query(`CREATE ROLE ${OWNER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB`);
     await c.query(`CREATE ROLE ${LOGIN} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB IN ROLE ${AUDIT_WRITER_ROLE}`);
     await c.query(`CREATE ROLE ${SEQUENCER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB IN ROLE ${AUDIT_SEQUENCER_ROLE}`);
+    await c.query(`CREATE ROLE ${READER} NOLOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB`);
+    await c.query(`GRANT ${READER} TO ${OWNER}`);
     // Each creates its own schemas: the owner `audit`, the login the ledger's, the runtime's and the event store's.
     await c.query(`GRANT CREATE ON DATABASE ${db.name} TO ${OWNER}, ${LOGIN}`);
   });
@@ -83,6 +87,7 @@ after(async () => {
       await c.query(`DROP ROLE IF EXISTS ${LOGIN}`);
       await c.query(`DROP ROLE IF EXISTS ${SEQUENCER}`);
       await c.query(`DROP ROLE IF EXISTS ${OWNER}`);
+      await c.query(`DROP ROLE IF EXISTS ${READER}`);
     });
   }
 });
@@ -560,14 +565,26 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       // The CLI reads the event store (verify, search, prove) only as a login that either owns
       // it or could not alter the log: as the owner, even one the login let read its tables, it
       // refuses before reading; as the login, whose own traps then run as itself, it verifies.
+      // The question itself runs nothing of the login's: not an aggregate planted, to be found
+      // first, in a schema named after the owner (the owner's default search path names it).
+      // And the owner set to a read-only role on connecting is the owner still (planted code may
+      // SET ROLE back to the login).
       await withClient(asIn(LOGIN), async (c) => {
         await c.query(`GRANT USAGE ON SCHEMA events TO ${OWNER}`);
         await c.query(`GRANT SELECT ON events.events, events.archived_events TO ${OWNER}`);
+        await c.query(`CREATE SCHEMA ${OWNER}`);
+        await c.query(`GRANT USAGE ON SCHEMA ${OWNER} TO PUBLIC`);
+        await c.query(`CREATE FUNCTION ${OWNER}.agg_step(acc text, v name, sep text) RETURNS text LANGUAGE plpgsql AS $$
+          BEGIN PERFORM events.trap('aggregate'); RETURN coalesce(acc, '') || v; END $$`);
+        await c.query(`CREATE AGGREGATE ${OWNER}.string_agg(name, text) (SFUNC = ${OWNER}.agg_step, STYPE = text)`);
+        await c.query(`GRANT SELECT ON events.events, events.archived_events TO ${READER}`);
+        await c.query(`GRANT USAGE ON SCHEMA events TO ${READER}`);
       });
-      for (const args of [['verify'], ['search', '--as', 'user:auditor']]) {
+      const asReader = `${asIn(OWNER)}?options=${encodeURIComponent(`-c role=${READER}`)}`;
+      for (const [args, url] of [[['verify'], asIn(OWNER)], [['search', '--as', 'user:auditor'], asIn(OWNER)], [['prove', '--seq', '0', '--as', 'user:auditor'], asIn(OWNER)], [['verify'], asReader]] as const) {
         const said: string[] = [];
-        assert.equal(await runCli([...args, '--database-url', asIn(OWNER)], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, args[0]);
-        assert.match(said.join('\n'), new RegExp(`names ${OWNER}, the audit tables' owner or a member of it, but the event store belongs to ${LOGIN}`), args[0]);
+        assert.equal(await runCli([...args, '--database-url', url], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, args[0]);
+        assert.match(said.join('\n'), new RegExp(`logs in as ${OWNER}, the audit tables' owner or a member of it, but the event store belongs to ${LOGIN}`), args[0]);
       }
       const verified: string[] = [];
       assert.equal(await runCli(['verify', '--database-url', asIn(LOGIN)], { stdout: (l) => verified.push(l), stderr: (l) => verified.push(l), env: {} }), 0, verified.join('\n'));
