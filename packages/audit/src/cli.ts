@@ -442,6 +442,8 @@ function untilSignalled(): Promise<void> {
  */
 async function checkEventStoreReader(databaseUrl: string, which: string): Promise<void> {
   const client = new pg.Client({ connectionString: databaseUrl });
+  // A connection lost meanwhile fails the query below; without a listener it would end the process.
+  client.on('error', () => {});
   await client.connect();
   try {
     await client.query(`SET search_path = ${PINNED_SEARCH_PATH}`);
