@@ -37,7 +37,7 @@ import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { checkFields, InvalidAuditEntryError } from './record.ts';
-import { AUDIT_SEQUENCER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit, PINNED_SEARCH_PATH } from './migrate.ts';
+import { AUDIT_SEQUENCER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit, pinnedClient } from './migrate.ts';
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
@@ -436,17 +436,13 @@ function untilSignalled(): Promise<void> {
  * may. Reading as the event store's owner runs only that owner's own code. Judged by the login
  * (`session_user`), not the role in effect: planted code may SET ROLE back to the login, so a
  * privileged login set to a read-only role (`options=-c role=...`) is refused too. Asked on a
- * connection of its own with the search path pinned (PINNED_SEARCH_PATH), so that nothing the
- * question calls can be shadowed by a function or aggregate someone planted in a schema the
- * login's default path names. No event store here: nothing to refuse.
+ * connection of its own with the search path pinned (pinnedClient, as the start-up check is),
+ * so that nothing the question calls can be shadowed by a function or aggregate someone
+ * planted in a schema the login's default path names. No event store here: nothing to refuse.
  */
 async function checkEventStoreReader(databaseUrl: string, which: string): Promise<void> {
-  const client = new pg.Client({ connectionString: databaseUrl });
-  // A connection lost meanwhile fails the query below; without a listener it would end the process.
-  client.on('error', () => {});
-  await client.connect();
+  const client = await pinnedClient(databaseUrl);
   try {
-    await client.query(`SET search_path = ${PINNED_SEARCH_PATH}`);
     const r = await client.query<{ login: string; owner: string | null; privileged: string | null }>(
       `SELECT me.rolname::text AS login,
               (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(c.relowner)::text, ', ')

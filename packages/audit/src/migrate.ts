@@ -52,8 +52,10 @@ export async function migrateAudit(databaseUrl: string): Promise<void> {
 export const PINNED_SEARCH_PATH = 'pg_catalog, pg_temp';
 
 /** A client of `databaseUrl` with the search path pinned (PINNED_SEARCH_PATH): for checks of a login's rights. */
-async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
+export async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
   const client = new pg.Client({ connectionString: databaseUrl });
+  // A connection lost while in use fails the query on it; without a listener it would end the process.
+  client.on('error', () => {});
   await client.connect();
   try {
     await client.query(`SET search_path = ${PINNED_SEARCH_PATH}`);
