@@ -37,7 +37,7 @@ import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
 import { checkFields, InvalidAuditEntryError } from './record.ts';
-import { AUDIT_SEQUENCER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, migrateAudit, pinnedClient } from './migrate.ts';
+import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditSchemaCheckError, auditMigrationNames, checkAuditMigrations, logAlteringPowerSql, migrateAudit, pinnedClient } from './migrate.ts';
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
@@ -427,9 +427,11 @@ function untilSignalled(): Promise<void> {
 }
 
 /**
- * Refuses to read the event store as a login that could alter the log (a superuser, a role that
- * may create roles, the audit tables' owner or a member of it, a member of the sequencer's
- * role) unless that login owns the event store's tables itself. A table's owner decides what
+ * Refuses to read the event store as a login that could alter the log (a member of the
+ * sequencer's role, or what `logAlteringPowerSql` counts beyond the writer's role: a superuser,
+ * a role that may create roles, the audit tables' owner or a member of it, a login that may write
+ * audit tables beyond the writer, pg_write_all_data among them) unless that login owns the event
+ * store's tables itself. A table's owner decides what
  * reading it runs (a row-level security policy's function, an immutable function the planner
  * folds from an index or a statistics expression), and that code runs with the reader's
  * rights: read as the audit owner, the service's login could make its code do what the owner
@@ -448,16 +450,12 @@ async function checkEventStoreReader(databaseUrl: string, which: string): Promis
               (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(c.relowner)::text, ', ')
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                 WHERE n.nspname = 'events' AND c.relname IN ('events', 'archived_events') AND c.relowner <> me.oid) AS owner,
-              CASE WHEN me.rolsuper THEN 'a superuser'
-                   WHEN me.rolcreaterole THEN 'a role that may create roles (and so grant itself the log''s)'
-                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
-                                 WHERE n.nspname = 'audit' AND t.relkind = 'r' AND pg_catalog.pg_has_role(me.oid, t.relowner, 'MEMBER'))
-                        THEN 'the audit tables'' owner or a member of it'
-                   WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles s WHERE s.rolname = $1 AND pg_catalog.pg_has_role(me.oid, s.oid, 'MEMBER'))
-                        THEN 'a member of ${AUDIT_SEQUENCER_ROLE}'
+              CASE WHEN NOT me.rolsuper AND EXISTS (SELECT 1 FROM pg_catalog.pg_roles s WHERE s.rolname = $1 AND pg_catalog.pg_has_role(me.oid, s.oid, 'MEMBER'))
+                   THEN 'a member of ${AUDIT_SEQUENCER_ROLE}'
+                   ELSE ${logAlteringPowerSql('me', 'ARRAY[$2::text]')}
               END AS privileged
          FROM pg_catalog.pg_roles me WHERE me.rolname = session_user`,
-      [AUDIT_SEQUENCER_ROLE],
+      [AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE],
     );
     const me = r.rows[0];
     if (me === undefined || me.owner === null || me.privileged === null) return;

@@ -66,6 +66,62 @@ export async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
   return client;
 }
 
+/**
+ * Why a login could alter the log beyond what its job needs, as one SQL expression over `me`
+ * (an alias of a `pg_catalog.pg_roles` row): a phrase naming the power, or NULL when it has
+ * none. `baseline` is a SQL expression (text[]) naming the roles the login's job needs
+ * (AUDIT_WRITER_ROLE for a service, or for a reader of the event store; AUDIT_SEQUENCER_ROLE,
+ * and the writer's, for the sequencer): what any of them may do is not counted. Counted, in
+ * this order:
+ *
+ * - a superuser;
+ * - a role that may create roles (PostgreSQL 15 lets it grant itself any role but a superuser);
+ * - the owner of an audit table, or of the audit schema (which may drop what is in it), or a
+ *   member of either (it may become them);
+ * - any write on an audit table the baseline role may not make: INSERT or UPDATE of a column,
+ *   DELETE, TRUNCATE, or TRIGGER (a trigger's function runs as whoever fires it, the
+ *   sequencer), whether granted directly, to a role it is in, or through pg_write_all_data.
+ *   A table-wide INSERT on the queue counts: it names who queued a row (`queued_by`), which the
+ *   sequencer trusts for governance records;
+ * - CREATE on the audit schema beyond the baseline: a function created there can shadow a
+ *   built-in that an audit function calls, and would run as that function's owner.
+ *
+ * Every name is schema-qualified, but run it on a pinned connection (pinnedClient) anyway.
+ */
+export function logAlteringPowerSql(me: string, baseline: string): string {
+  const withinBaseline = (check: (role: string) => string): string =>
+    `EXISTS (SELECT 1 FROM pg_catalog.pg_roles b WHERE b.rolname = ANY (${baseline}) AND ${check('b.oid')})`;
+  return `CASE
+    WHEN ${me}.rolsuper THEN 'a superuser'
+    WHEN ${me}.rolcreaterole THEN 'a role that may create roles (and so grant itself the log''s)'
+    ELSE (SELECT CASE
+      WHEN owned.owners IS NOT NULL THEN 'the audit tables'' owner or a member of it (' || owned.owners || ')'
+      WHEN written.tables IS NOT NULL
+        THEN 'allowed to write ' || written.tables || ' beyond what ' || pg_catalog.array_to_string(${baseline}, ' or ') || ' may (a direct grant, or pg_write_all_data)'
+      WHEN pg_catalog.has_schema_privilege(${me}.oid, s.oid, 'CREATE') AND NOT ${withinBaseline((b) => `pg_catalog.has_schema_privilege(${b}, s.oid, 'CREATE')`)}
+        THEN 'allowed to create objects in the audit schema'
+    END
+    FROM pg_catalog.pg_namespace s
+    CROSS JOIN LATERAL (
+      SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(o.owner)::text, ', ') AS owners
+        FROM (SELECT s.nspowner AS owner
+              UNION SELECT t.relowner FROM pg_catalog.pg_class t WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p')) o
+       WHERE pg_catalog.pg_has_role(${me}.oid, o.owner, 'MEMBER')) owned
+    CROSS JOIN LATERAL (
+      SELECT pg_catalog.string_agg('audit.' || t.relname::text, ', ' ORDER BY t.relname) AS tables
+        FROM pg_catalog.pg_class t
+       WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p')
+         AND (EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER']) p (privilege)
+                       WHERE pg_catalog.has_table_privilege(${me}.oid, t.oid, p.privilege)
+                         AND NOT ${withinBaseline((b) => `pg_catalog.has_table_privilege(${b}, t.oid, p.privilege)`)})
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN pg_catalog.unnest(ARRAY['INSERT', 'UPDATE']) p (privilege)
+                       WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+                         AND pg_catalog.has_column_privilege(${me}.oid, t.oid, a.attnum, p.privilege)
+                         AND NOT ${withinBaseline((b) => `pg_catalog.has_column_privilege(${b}, t.oid, a.attnum, p.privilege)`)}))) written
+   WHERE s.nspname = 'audit')
+  END`;
+}
+
 /** The audit migrations this code expects, by name (the file name without `.sql`), in order. */
 export function auditMigrationNames(): string[] {
   return readdirSync(MIGRATIONS_DIR)
@@ -109,8 +165,10 @@ export type AuditLogin = 'service' | 'sequencer';
  * service only checks, before it starts, that every migration its code expects is applied.
  * Throws AuditSchemaBehindError, naming what is missing, otherwise. Needs no more than the
  * writer role's privileges. It also refuses a login that could alter the log anyway
- * (AuditLoginPrivilegedError): a superuser, or the owner of an audit table or a member of it,
- * as after a deployment that ran in `apply` mode with this login.
+ * (AuditLoginPrivilegedError; `logAlteringPowerSql` says what counts): a superuser, a role that
+ * may create roles, the owner of an audit table or a member of it (as after a deployment that
+ * ran in `apply` mode with this login), or one that may write audit tables beyond its role
+ * (a direct grant, pg_write_all_data).
  *
  * `login` says whose login this is. A service's (the default) may not be a member of
  * AUDIT_SEQUENCER_ROLE either: it could then delete queued entries, move the event cursor and
@@ -122,29 +180,31 @@ export async function checkAuditMigrations(databaseUrl: string, login: AuditLogi
   const client = await pinnedClient(databaseUrl);
   let applied: Set<string>;
   try {
-    const power = await client.query<{ login: string; superuser: boolean; owners: string | null; sequencer: boolean }>(
-      `SELECT current_user AS login, r.rolsuper AS superuser,
-              (SELECT string_agg(DISTINCT t.tableowner, ', ' ORDER BY t.tableowner) FROM pg_tables t
-                WHERE t.schemaname = 'audit' AND pg_has_role(current_user, t.tableowner, 'MEMBER')) AS owners,
-              EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolname = $1 AND pg_has_role(current_user, s.oid, $2)) AS sequencer
-         FROM pg_roles r WHERE r.rolname = current_user`,
+    const own = login === 'service' ? AUDIT_WRITER_ROLE : AUDIT_SEQUENCER_ROLE;
+    const power = await client.query<{ login: string; superuser: boolean; power: string | null; sequencer: boolean }>(
+      `SELECT me.rolname::text AS login, me.rolsuper AS superuser, ${logAlteringPowerSql('me', '$3::text[]')} AS power,
+              EXISTS (SELECT 1 FROM pg_catalog.pg_roles s WHERE s.rolname = $1 AND pg_catalog.pg_has_role(me.oid, s.oid, $2)) AS sequencer
+         FROM pg_catalog.pg_roles me WHERE me.rolname = current_user`,
       // A service's login may not even be able to become the sequencer's role (MEMBER); the
       // sequencer's must hold its rights without SET ROLE (USAGE: an INHERIT member), since a
-      // round reads the queue and the tree before it switches.
-      [AUDIT_SEQUENCER_ROLE, login === 'service' ? 'MEMBER' : 'USAGE'],
+      // round reads the queue and the tree before it switches. What each login's own role may
+      // write is not counted against it ($3; a sequencer's login that could also queue entries
+      // could do no more than it may anyway).
+      [AUDIT_SEQUENCER_ROLE, login === 'service' ? 'MEMBER' : 'USAGE', login === 'service' ? [AUDIT_WRITER_ROLE] : [AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE]],
     );
     const me = power.rows[0];
-    const own = login === 'service' ? AUDIT_WRITER_ROLE : AUDIT_SEQUENCER_ROLE;
-    if (me !== undefined && (me.superuser || me.owners !== null)) {
-      throw new AuditLoginPrivilegedError(
-        `audit: AUDIT_MIGRATIONS=check, but the ${login === 'service' ? '' : 'sequencer\'s '}login ${me.login} could alter the log (${me.superuser ? 'a superuser' : `the audit tables belong to ${me.owners}, which it is or may become`}); ` +
-          `log ${login === 'service' ? 'the service' : 'the sequencer'} in as a role that is only a member of ${own} (docs/audit.md, "Roles"), or use AUDIT_MIGRATIONS=apply and rely on verification`,
-      );
-    }
-    if (me !== undefined && login === 'service' && me.sequencer) {
+    // A service's login in the sequencer's role is named as that first (its writes beyond the
+    // writer's are the sequencer's), unless it is a superuser, which is a member of every role.
+    if (me !== undefined && login === 'service' && me.sequencer && !me.superuser) {
       throw new AuditLoginPrivilegedError(
         `audit: AUDIT_MIGRATIONS=check, but the service's login ${me.login} is a member of ${AUDIT_SEQUENCER_ROLE}, so it could delete queued entries, move the event cursor and append at the log's end; ` +
           `give the sequencer a login of its own (AUDIT_SEQUENCER_DATABASE_URL, docs/audit.md, "Roles")`,
+      );
+    }
+    if (me !== undefined && me.power !== null) {
+      throw new AuditLoginPrivilegedError(
+        `audit: AUDIT_MIGRATIONS=check, but the ${login === 'service' ? '' : 'sequencer\'s '}login ${me.login} could alter the log (${me.power}); ` +
+          `log ${login === 'service' ? 'the service' : 'the sequencer'} in as a role that is only a member of ${own} (docs/audit.md, "Roles"), or use AUDIT_MIGRATIONS=apply and rely on verification`,
       );
     }
     if (me !== undefined && login === 'sequencer' && !me.sequencer) {

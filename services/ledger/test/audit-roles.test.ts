@@ -299,7 +299,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     // (The services catch AuditSchemaCheckError, of which this is one, and exit 2 with its message, as above.)
     await assert.rejects(checkAuditMigrations(ownerUrl), (error: unknown) => {
       assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
-      assert.match(error.message, new RegExp(`the login ${OWNER} could alter the log \\(the audit tables belong to ${OWNER}, which it is or may become\\)`));
+      assert.match(error.message, new RegExp(`the login ${OWNER} could alter the log \\(the audit tables' owner or a member of it \\(${OWNER}\\)\\)`));
       return true;
     });
     await assert.rejects(checkAuditMigrations(db.url), (error: unknown) => {
@@ -319,6 +319,40 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     }
     // And the login that is only a writer passes.
     await checkAuditMigrations(loginUrl);
+
+    // A writer that may write the log beyond the writer's role is refused, however it came by
+    // the right: a table-wide INSERT on the queue (which names who queued a row, and so which
+    // governance records the sequencer takes as the database's), INSERT on the records, a
+    // TRIGGER (its function would run as the sequencer), pg_write_all_data, CREATE in the audit
+    // schema, or the right to create roles. Each is granted to a writer login of its own, which
+    // passes before it.
+    const powers: [grant: (role: string) => string, said: RegExp][] = [
+      [(r) => `GRANT INSERT ON audit.queue TO ${r}`, /could alter the log \(allowed to write audit\.queue beyond what ledgerline_audit_writer may \(a direct grant, or pg_write_all_data\)\)/],
+      [(r) => `GRANT INSERT (seq) ON audit.records TO ${r}`, /\(allowed to write audit\.records beyond what ledgerline_audit_writer may/],
+      [(r) => `GRANT TRIGGER ON audit.checkpoints TO ${r}`, /\(allowed to write audit\.checkpoints beyond what ledgerline_audit_writer may/],
+      [(r) => `GRANT pg_write_all_data TO ${r}`, /\(allowed to write audit\.checkpoints, audit\.erased_subjects, .*audit\.tree_nodes beyond what ledgerline_audit_writer may/],
+      [(r) => `GRANT CREATE ON SCHEMA audit TO ${r}`, /\(allowed to create objects in the audit schema\)/],
+      [(r) => `ALTER ROLE ${r} CREATEROLE`, /\(a role that may create roles \(and so grant itself the log's\)\)/],
+    ];
+    for (const [i, [grant, said]] of powers.entries()) {
+      const writer = `ll_writer_power_${i}_${TAG}`;
+      await connected((c) => c.query(`CREATE ROLE ${writer} LOGIN IN ROLE ${AUDIT_WRITER_ROLE}`));
+      try {
+        await checkAuditMigrations(as(writer));
+        await connected((c) => c.query(grant(writer)), db.url);
+        await assert.rejects(checkAuditMigrations(as(writer)), (error: unknown) => {
+          assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
+          assert.match(error.message, new RegExp(`the login ${writer} could alter the log`));
+          assert.match(error.message, said);
+          return true;
+        }, grant(writer));
+      } finally {
+        await connected(async (c) => {
+          await c.query(`DROP OWNED BY ${writer}`);
+          await c.query(`DROP ROLE ${writer}`);
+        }, db.url);
+      }
+    }
 
     // A service login that is also the sequencer's could delete queued entries and move the cursor: refused.
     const both = `ll_writer_sequencer_${TAG}`;
@@ -584,7 +618,18 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       for (const [args, url] of [[['verify'], asIn(OWNER)], [['search', '--as', 'user:auditor'], asIn(OWNER)], [['prove', '--seq', '0', '--as', 'user:auditor'], asIn(OWNER)], [['verify'], asReader]] as const) {
         const said: string[] = [];
         assert.equal(await runCli([...args, '--database-url', url], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, args[0]);
-        assert.match(said.join('\n'), new RegExp(`logs in as ${OWNER}, the audit tables' owner or a member of it, but the event store belongs to ${LOGIN}`), args[0]);
+        assert.match(said.join('\n'), new RegExp(`logs in as ${OWNER}, the audit tables' owner or a member of it \\(${OWNER}\\), but the event store belongs to ${LOGIN}`), args[0]);
+      }
+      // A login that may write every table (pg_write_all_data) could forge the log's rows, so its
+      // reads are refused as well.
+      const bulk = `ll_bulk_writer_${TAG}`;
+      await connected((c) => c.query(`CREATE ROLE ${bulk} LOGIN IN ROLE pg_write_all_data, pg_read_all_data`));
+      try {
+        const said: string[] = [];
+        assert.equal(await runCli(['verify', '--database-url', asIn(bulk)], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, said.join('\n'));
+        assert.match(said.join('\n'), new RegExp(`logs in as ${bulk}, allowed to write audit\\.checkpoints, .*audit\\.tree_nodes beyond what ${AUDIT_WRITER_ROLE} may \\(a direct grant, or pg_write_all_data\\), but the event store belongs to ${LOGIN}`));
+      } finally {
+        await connected((c) => c.query(`DROP ROLE ${bulk}`));
       }
       const verified: string[] = [];
       assert.equal(await runCli(['verify', '--database-url', asIn(LOGIN)], { stdout: (l) => verified.push(l), stderr: (l) => verified.push(l), env: {} }), 0, verified.join('\n'));
