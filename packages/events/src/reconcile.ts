@@ -64,7 +64,11 @@ export interface ReconcileOptions {
   /** The JetStream stream the relay publishes to, and its subject prefix. */
   streamName: string;
   subjectPrefix: string;
-  /** The range, by recorded time: from inclusive, to exclusive. */
+  /**
+   * The range, by recorded time: from inclusive, to exclusive. A `to` the database's clock has
+   * not reached is brought back to that clock (`ReconcileReport.range.requestedTo`): until then
+   * a transaction that begins can still record events inside the range.
+   */
   from: Date;
   to: Date;
   /** The consumers to hold to account; every registered consumer by default. */
@@ -172,7 +176,12 @@ export interface ReconcileReport {
    * once they have ended.
    */
   openTransactions: number;
-  range: { from: string; to: string };
+  /**
+   * What was reconciled. `to` is the range's end as asked, or the database's clock when the run
+   * began if that was earlier (an event's recorded time is its transaction's start, so a range
+   * that has not ended can still gain events): then `requestedTo` is the end asked for, else null.
+   */
+  range: { from: string; to: string; requestedTo: string | null };
   startedAt: string;
   finishedAt: string;
   /** Events recorded in the range. */
@@ -415,7 +424,8 @@ export class ReconcileSessionError extends Error {
  * before `to` holds the range open, and a caller that reconciles while it holds a transaction
  * of its own on another connection waits for itself. Background processes (autovacuum,
  * replication) append no events and do not count. New transactions do not count: they begin
- * after `to` when `to` is in the past; a range that ends in the future can always gain events.
+ * after `to` when `to` is in the past; a range that ends in the future can always gain events
+ * (`reconcile` brings such an end back to the database's clock first).
  */
 export async function settleTransactionsBefore(pool: pg.Pool, to: Date, timeoutMs: number): Promise<number> {
   const startedAt = new Date();
@@ -448,8 +458,19 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     issuesMax: options.issuesMax ?? DEFAULTS.issuesMax,
     republishedSampleMax: options.republishedSampleMax ?? DEFAULTS.republishedSampleMax,
   };
-  const { pool, nats, streamName, subjectPrefix, from, to } = o;
-  if (!(from.getTime() < to.getTime())) throw new RangeError('reconcile needs from < to');
+  const { pool, nats, streamName, subjectPrefix, from } = o;
+  if (!(from.getTime() < o.to.getTime())) throw new RangeError('reconcile needs from < to');
+  // The range ends no later than the database's clock now. A transaction that begins after this
+  // records its events at its start, past that clock; one that began before it is waited for
+  // below. Later than that, a transaction could begin after the wait and still record events
+  // in the range, which would then be reported clean unchecked. Floored to the millisecond a
+  // Date holds, so the end is never past the clock.
+  const clock = await pool.query<{ ms: string }>('SELECT floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint::text AS ms');
+  const databaseNow = new Date(Number(clock.rows[0]?.ms));
+  const to = o.to.getTime() > databaseNow.getTime() ? databaseNow : o.to;
+  if (!(from.getTime() < to.getTime())) {
+    throw new RangeError(`reconcile: the range starts at ${from.toISOString()}, which the database's clock (${databaseNow.toISOString()}) has not reached: nothing in it has ended`);
+  }
   if (!Number.isInteger(o.pageSize) || o.pageSize < 1 || o.pageSize > 100_000) throw new RangeError('pageSize must be 1..100000');
   const progress = o.onProgress ?? ((): void => {});
   const startedAt = new Date();
@@ -914,7 +935,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
     return {
       ok: issueTotal === 0 && scanComplete && openTransactions === 0,
       openTransactions,
-      range: { from: from.toISOString(), to: to.toISOString() },
+      range: { from: from.toISOString(), to: to.toISOString(), requestedTo: to === o.to ? null : o.to.toISOString() },
       startedAt: startedAt.toISOString(),
       finishedAt: new Date().toISOString(),
       // Counted as paged: a transaction that committed since the first count may have added to the range.
@@ -973,6 +994,9 @@ export function formatReconcileReport(report: ReconcileReport): string {
     `Reconciliation of [${report.range.from}, ${report.range.to}): ` +
       (report.ok ? 'OK' : issueTotal === 0 && report.broker.complete && unsettled ? 'INCOMPLETE' : 'GAPS FOUND'),
   );
+  if (report.range.requestedTo !== null) {
+    lines.push(`  the range asked for ends at ${report.range.requestedTo}, which the database's clock had not reached: it is reconciled up to that clock`);
+  }
   if (unsettled) {
     lines.push(
       `  ${report.openTransactions} transactions that began before the range's end were still open after the wait: ` +

@@ -220,6 +220,29 @@ describe('reconciliation', () => {
     }
   });
 
+  test('a range that has not ended is reconciled only up to the database\'s clock, and says so; one that has not begun is refused', async () => {
+    const clock = async (): Promise<Date> => (await env.pool.query<{ now: Date }>('SELECT statement_timestamp() AS now')).rows[0]?.now as Date;
+    const from = await clock();
+    const asked = new Date(from.getTime() + 3_600_000);
+    const options = { pool: env.pool, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, from, to: asked, effectCounts: (c: string) => effectCounts(c) };
+    const first = await reconcile(options);
+    assert.equal(first.ok, true, JSON.stringify(first.issues));
+    assert.equal(first.range.requestedTo, asked.toISOString());
+    const end = new Date(first.range.to);
+    assert.ok(end.getTime() < asked.getTime() && end.getTime() <= (await clock()).getTime(), first.range.to);
+    assert.match(formatReconcileReport(first), /the range asked for ends at .*, which the database's clock had not reached: it is reconciled up to that clock/);
+    // An event recorded after the run lies past the end it vouched for, not inside it unchecked.
+    const ids = await appendScenario('not-ended', 1, 1);
+    const recorded = (await env.pool.query<{ at: Date }>('SELECT recorded_at AS at FROM events.events WHERE event_id = $1', [ids[0]])).rows[0]?.at as Date;
+    assert.ok(recorded.getTime() >= end.getTime(), `${recorded.toISOString()} < ${first.range.to}`);
+    const vouched = await reconcile({ ...options, to: end });
+    assert.deepEqual([vouched.ok, vouched.range.requestedTo, vouched.events], [true, null, 0]);
+    // Asked again, the range reaches the event, which was never published.
+    const again = await reconcile(options);
+    assert.deepEqual([again.ok, again.issueCounts.unpublished], [false, 1]);
+    await assert.rejects(reconcile({ ...options, from: asked, to: new Date(asked.getTime() + 1000) }), /the range starts at .*, which the database's clock \(.*\) has not reached/);
+  });
+
   test('a transaction that began before the range ends and is still open: the run waits for it, and reports the range incomplete if it does not end', async () => {
     const ids = await publishedScenario('inflight-before', 1, 2);
     const { from } = await rangeOf('inflight-before');
