@@ -566,7 +566,8 @@ export class LedgerEngine {
       ids.add(t.id);
       if (usable(t.debitAccountId)) accountIds.add(t.debitAccountId);
       if (usable(t.creditAccountId)) accountIds.add(t.creditAccountId);
-      if (usable(t.pendingId) && t.flags !== undefined && (t.flags.postPendingTransfer || t.flags.voidPendingTransfer)) {
+      // A flag counts only when it is true, as the decision reads it (rows.ts flagsToMask).
+      if (usable(t.pendingId) && (t.flags?.postPendingTransfer === true || t.flags?.voidPendingTransfer === true)) {
         pendingIds.add(t.pendingId);
       }
     }
