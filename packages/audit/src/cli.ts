@@ -32,7 +32,7 @@ import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import pg from 'pg';
 import { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from '@ledgerline/events';
-import { checkpointFromJson, keyTransitionJson, verifyBundle, type ProofBundle } from './bundle.ts';
+import { checkpointFromJson, keyTransitionJson, verifyBundle, type InclusionBundle, type ProofBundle } from './bundle.ts';
 import { DEFAULT_LOG_ORIGIN, LOG_ORIGIN_PATTERN } from './config.ts';
 import { KeyEncryptionKeyError, loadSigningKey, parseKeyEncryptionKey, parsePublicKey, publicKeyPem, SigningKeyError, signKeyTransition, type Checkpoint, type CheckpointSigner, type KeyEncryptionKey } from './keys.ts';
 import { ProofError } from './merkle.ts';
@@ -41,7 +41,7 @@ import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditSchemaCheckError, auditMi
 import { keyEncryptionKeyFromConfig, signerFromConfig } from './startup.ts';
 import { AuditSequencer, BATCH_RECORDS_MAX_DEFAULT, CHECKPOINT_INTERVAL_MS_DEFAULT, INTERVAL_MS_DEFAULT } from './sequencer.ts';
 import { namedConnection, SEQUENCER_APPLICATION_NAME } from './sequencer-worker.ts';
-import { AuditStore, AuditUnrecordedError, LegalHoldError, type Requester } from './store.ts';
+import { AuditStore, AuditUnrecordedError, EventStoreUnreadError, LegalHoldError, type Requester } from './store.ts';
 import { verifyLog } from './verify.ts';
 import { PostgresAuditSink } from './writer.ts';
 
@@ -273,9 +273,13 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
       if (!(error instanceof KeyEncryptionKeyError)) throw error;
       throw new UsageError(`AUDIT_KEY_ENCRYPTION_KEY ${error.message}`);
     }
-    const store = new AuditStore({ pool, sink, service: 'audit-cli', ...(keyEncryptionKey === undefined ? {} : { keyEncryptionKey }) });
     // These read the event store (events are leaves), as whoever runs the command.
-    if (command === 'verify' || command === 'search' || command === 'prove') await checkEventStoreReader(databaseUrl, '--database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
+    const readEventStore =
+      command === 'verify' || command === 'search' || command === 'prove' ? await checkEventStoreReader(databaseUrl, '--database-url (else DATABASE_SESSION_URL or DATABASE_URL)') : true;
+    if (!readEventStore) {
+      err(`[${command}] the event store is not read: there is none, and this login could alter the log (one created meanwhile would run its owner's code with this login's rights); events are neither checked, searched nor proved`);
+    }
+    const store = new AuditStore({ pool, sink, service: 'audit-cli', readEventStore, ...(keyEncryptionKey === undefined ? {} : { keyEncryptionKey }) });
     const by = (): Requester => ({ actor: { type: 'user', id: recordable('as', 'actor.id', a.as) }, origin: { service: 'audit-cli' } });
 
     switch (command) {
@@ -312,6 +316,7 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
           publicKey: publicKey(),
           trustedCheckpoints: (a.checkpoint ?? []).map(checkpointFile),
           onProgress: (n) => err(`[verify] ${n} records`),
+          readEventStore,
         });
         if (a.json) out(JSON.stringify(report));
         else {
@@ -352,9 +357,17 @@ async function runCommand(argv: readonly string[], io: AuditCliIo, closing: { re
       case 'prove': {
         const seq = intOption('seq', a.seq);
         const [from, to] = [intOption('from', a.from), intOption('to', a.to)];
+        const inclusion = async (n: number): Promise<InclusionBundle | null> => {
+          try {
+            return await store.inclusionBundle(n, intOption('tree-size', a['tree-size']), by());
+          } catch (error) {
+            if (error instanceof EventStoreUnreadError) throw new UsageError(`${error.message}: prove it as the event store's owner, or as a login that may only read`);
+            throw error;
+          }
+        };
         const bundle =
           seq !== undefined
-            ? await store.inclusionBundle(seq, intOption('tree-size', a['tree-size']), by())
+            ? await inclusion(seq)
             : from !== undefined && to !== undefined
               ? await store.consistencyBundle(from, to)
               : undefined;
@@ -440,13 +453,18 @@ function untilSignalled(): Promise<void> {
  * privileged login set to a read-only role (`options=-c role=...`) is refused too. Asked on a
  * connection of its own with the search path pinned (pinnedClient, as the start-up check is),
  * so that nothing the question calls can be shadowed by a function or aggregate someone
- * planted in a schema the login's default path names. No event store here: nothing to refuse.
+ * planted in a schema the login's default path names. True: read the event store. False: a
+ * privileged login, and no event store yet; the login (CREATE on the database, as a service's
+ * has) could create one with code on its tables after this check, so the command reads nothing
+ * of it (VerifyOptions.readEventStore, AuditStore's `readEventStore`) and says so.
  */
-async function checkEventStoreReader(databaseUrl: string, which: string): Promise<void> {
+async function checkEventStoreReader(databaseUrl: string, which: string): Promise<boolean> {
   const client = await pinnedClient(databaseUrl);
   try {
-    const r = await client.query<{ login: string; owner: string | null; privileged: string | null }>(
+    const r = await client.query<{ login: string; present: boolean; owner: string | null; privileged: string | null }>(
       `SELECT me.rolname::text AS login,
+              (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'events' AND c.relname IN ('events', 'archived_events')) OPERATOR(pg_catalog.=) 2 AS present,
               (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(c.relowner)::text, ', ')
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                 WHERE n.nspname = 'events' AND c.relname IN ('events', 'archived_events') AND c.relowner <> me.oid) AS owner,
@@ -458,7 +476,11 @@ async function checkEventStoreReader(databaseUrl: string, which: string): Promis
       [AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE],
     );
     const me = r.rows[0];
-    if (me === undefined || me.owner === null || me.privileged === null) return;
+    if (me === undefined || me.privileged === null) return true;
+    // Privileged, and no event store yet: the login's database rights may let it create one
+    // (with code on its tables) after this check and before the reads, so nothing of it is read.
+    if (!me.present && me.owner === null) return false;
+    if (me.owner === null) return true;
     throw new UsageError(
       `${which} logs in as ${me.login}, ${me.privileged}, but the event store belongs to ${me.owner}: code that owner attached to its tables would run with ${me.login}'s rights when they are read. ` +
         'Read the event store as its owner (the service\'s login) or as a login that may only read (docs/audit.md, "Roles")',

@@ -344,6 +344,20 @@ export async function checkTile(db: Queryable, firstSeq: number, expectedSeq: nu
 }
 
 /**
+ * The leaves of the tile at `firstSeq` as stored (positions and leaf hashes), reading nothing
+ * of the event store: what verification stands on when it may not read the events.
+ */
+export async function storedTileLeaves(db: Queryable, firstSeq: number): Promise<{ seq: number; position: bigint; stored: Buffer }[]> {
+  const r = await db.query<{ i: string; position: string; stored: Buffer }>(
+    `SELECT u.i::text, u.position::text, substring(t.leaf_hashes FROM (u.i::integer - 1) * 32 + 1 FOR 32) AS stored
+       FROM audit.event_leaves t CROSS JOIN LATERAL unnest(t.positions) WITH ORDINALITY AS u(position, i)
+      WHERE t.first_seq = $1 ORDER BY u.i`,
+    [firstSeq],
+  );
+  return r.rows.map((row) => ({ seq: firstSeq + Number(row.i) - 1, position: BigInt(row.position), stored: row.stored }));
+}
+
+/**
  * What is wrong with a tile's search summary, held to its leaves' events; null when nothing is.
  * With every event still kept, the summary must be exactly theirs. Once retention has let some
  * go, it must still cover those left: it may name more, never fewer, or search would pass over

@@ -40,6 +40,7 @@ export { eventEntry, eventLeafData, eventRecordId, EVENT_LEAF_VERSION } from './
 export {
   AuditStore,
   AuditUnrecordedError,
+  EventStoreUnreadError,
   EXPIRE_BATCH_DEFAULT,
   EXPIRE_BATCH_MAX,
   LegalHoldError,

@@ -109,18 +109,31 @@ function governanceRequester(by: Requester): string {
   return JSON.stringify({ actor: by.actor, origin: by.origin });
 }
 
+/** A proof of an event leaf asked of a store that does not read the event store (`readEventStore: false`). */
+export class EventStoreUnreadError extends Error {
+  override readonly name = 'EventStoreUnreadError';
+}
+
 export class AuditStore {
   readonly #pool: pg.Pool;
   readonly #sink: AuditSink;
   readonly #service: string;
   readonly #kek: KeyEncryptionKey | null;
+  readonly #readEventStore: boolean;
 
-  /** `keyEncryptionKey` opens the subject keys wrapped at rest (keys.ts); without it, a wrapped key makes a read fail (KeyEncryptionKeyError). */
-  constructor(options: { pool: pg.Pool; sink: AuditSink; service: string; keyEncryptionKey?: KeyEncryptionKey }) {
+  /**
+   * `keyEncryptionKey` opens the subject keys wrapped at rest (keys.ts); without it, a wrapped
+   * key makes a read fail (KeyEncryptionKeyError). `readEventStore` false (default true): the
+   * store reads nothing of the event store, whose events are leaves: a search returns records
+   * only, and a proof of an event leaf throws EventStoreUnreadError (the audit CLI's choice for a
+   * login that could alter the log, on a database that had no event store when it began).
+   */
+  constructor(options: { pool: pg.Pool; sink: AuditSink; service: string; keyEncryptionKey?: KeyEncryptionKey; readEventStore?: boolean }) {
     this.#pool = options.pool;
     this.#sink = options.sink;
     this.#service = options.service;
     this.#kek = options.keyEncryptionKey ?? null;
+    this.#readEventStore = options.readEventStore !== false;
   }
 
   /** Reads (searches, proofs) are class `access`; holds, erasures and expiries class `governance` (no retention policy: kept). */
@@ -170,7 +183,7 @@ export class AuditStore {
         [filter.actorId ?? null, filter.resourceType ?? null, filter.resourceId === undefined ? null : resourceIdForms(filter.resourceId), filter.action ?? null, filter.outcome ?? null, filter.subject ?? null, filter.from ?? null, filter.to ?? null, page.after ?? null, limit, filter.recordClass ?? null],
       );
       // Event leaves are financial records with no subject: a search for a subject or another class finds none.
-      const withEvents = filter.subject === undefined && (filter.recordClass === undefined || filter.recordClass === 'financial');
+      const withEvents = this.#readEventStore && filter.subject === undefined && (filter.recordClass === undefined || filter.recordClass === 'financial');
       const events = withEvents ? await searchEventLeaves(this.#pool, filter, { desc, after: page.after ?? null, limit }) : [];
       const records = [...(await this.#views(r.rows)), ...events.map((e) => this.#eventView(e.seq, e.event))]
         .sort((a, b) => (desc ? b.seq - a.seq : a.seq - b.seq))
@@ -281,6 +294,9 @@ export class AuditStore {
         ? null
         : await this.#pool.query<RecordRow>(`SELECT ${RECORD_COLUMNS} FROM audit.records r LEFT JOIN audit.payloads p ON p.seq = r.seq WHERE r.seq = $1 AND NOT ${recordInTile('r')}`, [seq]);
     const row = r?.rows[0];
+    if (r !== null && row === undefined && !this.#readEventStore) {
+      throw new EventStoreUnreadError(`seq ${seq} is not a record row but an event leaf (or nothing), and this store does not read the event store`);
+    }
     // Not a record row: an event leaf, whose bytes PostgreSQL renders from the event itself.
     const data = cp === null || r === null ? null : row === undefined ? await eventLeafDataAt(this.#pool, seq) : leafData(fieldsOf(row));
     // In range with no data: an event leaf whose event the event store no longer holds.

@@ -41,7 +41,7 @@ import { canonicalResourceId, leafData, sha256, type AuditRecordFields } from '.
 import { CHECKPOINT_COLUMNS, checkpointOf, fieldsOf, RECORD_COLUMNS, type CheckpointRow, type RecordRow } from './rows.ts';
 import { STORED_LEVEL_MIN, type Queryable } from './tree.ts';
 import { changesOf, financialRetentionChanges, recordedHolds, RETAIN_DAYS_ORIGINAL, retentionChanges, retentionRunsOut, type RecordedHold, type RetentionChange, type RetentionChanges, type RetentionRunOut } from './retention-in-force.ts';
-import { archiveExemptThrough, checkTile, compareOrder, ORDER_ORIGIN, recordedTimesMismatch, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
+import { archiveExemptThrough, checkTile, compareOrder, ORDER_ORIGIN, recordedTimesMismatch, storedTileLeaves, stretchDetail, stretchEnd, stretchRows, summaryMismatch, tileStarts, type EventLeafCheck, type TileStart } from './event-leaves.ts';
 
 export const VERIFY_PAGE_RECORDS = 5000;
 export const VERIFY_ISSUES_MAX_DEFAULT = 100;
@@ -64,7 +64,8 @@ export type VerifyIssueKind =
   | 'search_summary_altered'
   | 'record_in_tile'
   | 'tree_node_altered'
-  | 'tree_node_missing';
+  | 'tree_node_missing'
+  | 'events_unread';
 
 export interface VerifyIssue {
   kind: VerifyIssueKind;
@@ -103,6 +104,14 @@ export interface VerifyOptions {
   /** The clock retention is judged by (a missing event is expired, not deleted, once its class's retention has run out). */
   now?: () => Date;
   onProgress?: (records: number) => void;
+  /**
+   * Whether to read the event store, whose events are the tiles' leaves (default true). False:
+   * nothing of it is read; the tiles' stored leaf hashes stand in for their events, unchecked,
+   * and `events_unread` says so (the report is not `ok`). The audit CLI passes false to a login
+   * that could alter the log on a database that had no event store when the run began: one
+   * created meanwhile would run its owner's code with that login's rights when read.
+   */
+  readEventStore?: boolean;
 }
 
 /** The stored signing-key transitions (keys.ts `KeyTransition`), oldest first. */
@@ -341,6 +350,19 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     }
   };
 
+  const readEvents = options.readEventStore !== false;
+  let unreadReported = false;
+  /** Once: what of the trail stands unchecked because the event store is not read. */
+  const eventsUnread = (seq: number | null, what: string): void => {
+    if (unreadReported) return;
+    unreadReported = true;
+    report({
+      kind: 'events_unread',
+      seq,
+      treeSize: null,
+      detail: `${what}, and this run does not read the event store (readEventStore: false): their stored leaf hashes stand in for them, unchecked. Verify as the event store's owner, or as a login that may only read`,
+    });
+  };
   let tiles: TileStart[] = [];
   let tilesWalked = 0;
   let exemptThrough: EventCheckpoint | undefined;
@@ -374,7 +396,15 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     tiles.shift();
     await reach(tile.firstSeq, true);
     // At its own place: a tile moved elsewhere no longer matches.
-    const leaves = await checkTile(db, tile.firstSeq, tile.firstSeq);
+    const leaves = readEvents ? await checkTile(db, tile.firstSeq, tile.firstSeq) : [];
+    if (!readEvents) {
+      eventsUnread(tile.firstSeq, `leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1} and every later tile's are events`);
+      for (const leaf of await storedTileLeaves(db, tile.firstSeq)) {
+        await reach(leaf.seq);
+        frontier.append(leaf.stored);
+        appendStored(leaf.stored);
+      }
+    }
     for (const leaf of leaves) {
       await reach(leaf.seq);
       if (leaf.recomputed === null) {
@@ -391,8 +421,10 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     await checkNodes();
     // Complete as well as unaltered: every event the sequencer passed is a leaf, in its place.
     // The first tile's stretch begins at the start of the global order.
-    exemptThrough ??= await archiveExemptThrough(db);
-    await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, exemptThrough, issuesMax, report, (issue) => unplaced.push(issue));
+    if (readEvents) {
+      exemptThrough ??= await archiveExemptThrough(db);
+      await checkCompleteness(db, tile, leaves, tilesWalked === 0 ? ORDER_ORIGIN : tile.start, exemptThrough, issuesMax, report, (issue) => unplaced.push(issue));
+    }
     tilesWalked += 1;
     // A tile's leaves are its events: a record row in its range is a forgery (the sequencer
     // gives records and tiles disjoint ranges, and the database refuses such rows since
@@ -405,8 +437,8 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
       report({ kind: 'record_in_tile', seq: Number(row.seq), treeSize: null, detail: `a record row at seq ${row.seq}, inside the tile of event leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: no record belongs there (forged), and it is not in the tree` });
     }
     // Not evidence (nothing is signed over it), but search trusts it to skip tiles.
-    const mismatch = tile.summary === null ? null : summaryMismatch(tile.summary, leaves);
-    const times = recordedTimesMismatch(leaves);
+    const mismatch = tile.summary === null || !readEvents ? null : summaryMismatch(tile.summary, leaves);
+    const times = readEvents ? recordedTimesMismatch(leaves) : null;
     for (const wrong of [mismatch, times]) {
       if (wrong !== null) report({ kind: 'search_summary_altered', seq: tile.firstSeq, treeSize: null, detail: `the tile of leaves ${tile.firstSeq}..${tile.firstSeq + tile.count - 1}: ${wrong}` });
     }
@@ -414,7 +446,10 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     options.onProgress?.(frontier.size);
   }
   // With no tile at all, no event may lie at or before the sequencer's cursor.
-  if (tilesWalked === 0) await checkCompleteness(db, null, [], ORDER_ORIGIN, ORDER_ORIGIN, issuesMax, report, report);
+  if (tilesWalked === 0 && readEvents) await checkCompleteness(db, null, [], ORDER_ORIGIN, ORDER_ORIGIN, issuesMax, report, report);
+  if (tilesWalked === 0 && !readEvents && compareOrder(await stretchEnd(db, -1), FIRST_PLACE) !== 0) {
+    eventsUnread(null, 'the sequencer\'s cursor has passed events of the event store, though no tile holds them');
+  }
   while (next !== null) {
     checkCheckpoint(next, true);
     next = await nextCheckpoint();
@@ -441,6 +476,9 @@ export async function verifyLog(db: Queryable, options: VerifyOptions): Promise<
     issuesTruncated,
   };
 }
+
+/** Where a stretch of the global order ends when the sequencer's cursor never moved (stretchEnd). */
+const FIRST_PLACE: EventCheckpoint = { ...ORDER_ORIGIN, position: ORDER_ORIGIN.position + 1n };
 
 /**
  * Completeness over `tile`'s stretch of the global order, [from, the next tile's first event
@@ -471,7 +509,7 @@ async function checkCompleteness(
 ): Promise<void> {
   const to = await stretchEnd(db, tile?.firstSeq ?? -1);
   // A sequencer that never moved (or a log without an event store) leaves nothing behind it.
-  if (tile === null && compareOrder(to, { ...ORDER_ORIGIN, position: ORDER_ORIGIN.position + 1n }) === 0) return;
+  if (tile === null && compareOrder(to, FIRST_PLACE) === 0) return;
   let placed = 0;
   for (const leaf of leaves) {
     if (leaf.transactionId === null) continue;
