@@ -469,7 +469,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
   const databaseNow = new Date(Number(clock.rows[0]?.ms));
   const to = o.to.getTime() > databaseNow.getTime() ? databaseNow : o.to;
   if (!(from.getTime() < to.getTime())) {
-    throw new RangeError(`reconcile: the range starts at ${from.toISOString()}, which the database's clock (${databaseNow.toISOString()}) has not reached: nothing in it has ended`);
+    throw new RangeError(`reconcile: the range starts at ${from.toISOString()}, which the database's clock (${databaseNow.toISOString()}) has not passed: no part of it has ended`);
   }
   if (!Number.isInteger(o.pageSize) || o.pageSize < 1 || o.pageSize > 100_000) throw new RangeError('pageSize must be 1..100000');
   const progress = o.onProgress ?? ((): void => {});
