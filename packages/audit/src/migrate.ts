@@ -68,56 +68,78 @@ export async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
 
 /**
  * Why a login could alter the log beyond what its job needs, as one SQL expression over `me`
- * (an alias of a `pg_catalog.pg_roles` row): a phrase naming the power, or NULL when it has
- * none. `baseline` is a SQL expression (text[]) naming the roles the login's job needs
+ * (an alias of a `pg_catalog.pg_roles` row, the login): a phrase naming the power, or NULL when
+ * it has none. `baseline` is a SQL expression (text[]) naming the roles the login's job needs
  * (AUDIT_WRITER_ROLE for a service, or for a reader of the event store; AUDIT_SEQUENCER_ROLE,
- * and the writer's, for the sequencer): what any of them may do is not counted. Counted, in
- * this order:
+ * and the writer's, for the sequencer): what any of them may do is not counted.
  *
- * - a superuser;
- * - a role that may create roles (PostgreSQL 15 lets it grant itself any role but a superuser);
- * - the owner of an audit table, or of the audit schema (which may drop what is in it), or a
- *   member of either (it may become them);
- * - any write on an audit table the baseline role may not make: INSERT or UPDATE of a column,
+ * Judged over every role the login may become, not only over what it inherits: `SET ROLE`
+ * reaches a role it is a member of through roles it does not inherit from, and a role's
+ * attributes (SUPERUSER, CREATEROLE) are never inherited. Counted, in this order:
+ *
+ * - a superuser, or a member of one;
+ * - a role that may create roles, or a member of one (PostgreSQL 15 lets it grant itself any
+ *   role but a superuser);
+ * - the owner of the audit schema or of anything in it (a table, a function such as the
+ *   append-only trigger's, a type, a sequence), or a member of such an owner: it may drop or
+ *   replace it;
+ * - any write on an audit table the baseline roles may not make: INSERT or UPDATE of a column,
  *   DELETE, TRUNCATE, or TRIGGER (a trigger's function runs as whoever fires it, the
- *   sequencer), whether granted directly, to a role it is in, or through pg_write_all_data.
- *   A table-wide INSERT on the queue counts: it names who queued a row (`queued_by`), which the
- *   sequencer trusts for governance records;
+ *   sequencer), directly granted, inherited, reachable by SET ROLE, or through
+ *   pg_write_all_data. A table-wide INSERT on the queue counts: it names who queued a row
+ *   (`queued_by`), which the sequencer trusts for governance records;
+ * - EXECUTE on an audit function that runs as its owner (SECURITY DEFINER) the baseline roles
+ *   may not run: an erasure without its record, say;
  * - CREATE on the audit schema beyond the baseline: a function created there can shadow a
  *   built-in that an audit function calls, and would run as that function's owner.
  *
  * Every name is schema-qualified, but run it on a pinned connection (pinnedClient) anyway.
  */
 export function logAlteringPowerSql(me: string, baseline: string): string {
+  /** Some role in the baseline may do what `check` asks of the role whose oid it is given. */
   const withinBaseline = (check: (role: string) => string): string =>
     `EXISTS (SELECT 1 FROM pg_catalog.pg_roles b WHERE b.rolname = ANY (${baseline}) AND ${check('b.oid')})`;
+  /** Some role the login may become may do what `check` asks, and no baseline role may. */
+  const beyondBaseline = (check: (role: string) => string): string =>
+    `(EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER') AND ${check('r.oid')}) AND NOT ${withinBaseline(check)})`;
+  const reachableWith = (attribute: string): string =>
+    `(SELECT pg_catalog.string_agg(r.rolname::text, ', ' ORDER BY r.rolname) FROM pg_catalog.pg_roles r
+       WHERE r.${attribute} AND r.oid <> ${me}.oid AND pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER'))`;
   return `CASE
     WHEN ${me}.rolsuper THEN 'a superuser'
+    WHEN ${reachableWith('rolsuper')} IS NOT NULL THEN 'a member of a superuser (' || ${reachableWith('rolsuper')} || ')'
     WHEN ${me}.rolcreaterole THEN 'a role that may create roles (and so grant itself the log''s)'
+    WHEN ${reachableWith('rolcreaterole')} IS NOT NULL THEN 'a member of a role that may create roles (' || ${reachableWith('rolcreaterole')} || ')'
     ELSE (SELECT CASE
-      WHEN owned.owners IS NOT NULL THEN 'the audit tables'' owner or a member of it (' || owned.owners || ')'
+      WHEN owned.owners IS NOT NULL THEN 'an owner of the audit schema or of objects in it, or a member of one (' || owned.owners || ')'
       WHEN written.tables IS NOT NULL
-        THEN 'allowed to write ' || written.tables || ' beyond what ' || pg_catalog.array_to_string(${baseline}, ' or ') || ' may (a direct grant, or pg_write_all_data)'
-      WHEN pg_catalog.has_schema_privilege(${me}.oid, s.oid, 'CREATE') AND NOT ${withinBaseline((b) => `pg_catalog.has_schema_privilege(${b}, s.oid, 'CREATE')`)}
-        THEN 'allowed to create objects in the audit schema'
+        THEN 'allowed to write ' || written.tables || ' beyond what ' || pg_catalog.array_to_string(${baseline}, ' or ') || ' may (a grant, a role it may become, or pg_write_all_data)'
+      WHEN defined.functions IS NOT NULL
+        THEN 'allowed to run ' || defined.functions || ', which run as their owner, beyond what ' || pg_catalog.array_to_string(${baseline}, ' or ') || ' may'
+      WHEN ${beyondBaseline((r) => `pg_catalog.has_schema_privilege(${r}, s.oid, 'CREATE')`)} THEN 'allowed to create objects in the audit schema'
     END
     FROM pg_catalog.pg_namespace s
     CROSS JOIN LATERAL (
       SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_get_userbyid(o.owner)::text, ', ') AS owners
         FROM (SELECT s.nspowner AS owner
-              UNION SELECT t.relowner FROM pg_catalog.pg_class t WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p')) o
+              UNION SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.relnamespace = s.oid
+              UNION SELECT f.proowner FROM pg_catalog.pg_proc f WHERE f.pronamespace = s.oid
+              UNION SELECT y.typowner FROM pg_catalog.pg_type y WHERE y.typnamespace = s.oid) o
        WHERE pg_catalog.pg_has_role(${me}.oid, o.owner, 'MEMBER')) owned
     CROSS JOIN LATERAL (
       SELECT pg_catalog.string_agg('audit.' || t.relname::text, ', ' ORDER BY t.relname) AS tables
         FROM pg_catalog.pg_class t
        WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p')
          AND (EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER']) p (privilege)
-                       WHERE pg_catalog.has_table_privilege(${me}.oid, t.oid, p.privilege)
-                         AND NOT ${withinBaseline((b) => `pg_catalog.has_table_privilege(${b}, t.oid, p.privilege)`)})
+                       WHERE ${beyondBaseline((r) => `pg_catalog.has_table_privilege(${r}, t.oid, p.privilege)`)})
            OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN pg_catalog.unnest(ARRAY['INSERT', 'UPDATE']) p (privilege)
                        WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
-                         AND pg_catalog.has_column_privilege(${me}.oid, t.oid, a.attnum, p.privilege)
-                         AND NOT ${withinBaseline((b) => `pg_catalog.has_column_privilege(${b}, t.oid, a.attnum, p.privilege)`)}))) written
+                         AND ${beyondBaseline((r) => `pg_catalog.has_column_privilege(${r}, t.oid, a.attnum, p.privilege)`)}))) written
+    CROSS JOIN LATERAL (
+      SELECT pg_catalog.string_agg(DISTINCT 'audit.' || f.proname::text || '(' || pg_catalog.pg_get_function_identity_arguments(f.oid) || ')', ', ') AS functions
+        FROM pg_catalog.pg_proc f
+       WHERE f.pronamespace = s.oid AND f.prosecdef
+         AND ${beyondBaseline((r) => `pg_catalog.has_function_privilege(${r}, f.oid, 'EXECUTE')`)}) defined
    WHERE s.nspname = 'audit')
   END`;
 }
@@ -184,7 +206,9 @@ export async function checkAuditMigrations(databaseUrl: string, login: AuditLogi
     const power = await client.query<{ login: string; superuser: boolean; power: string | null; sequencer: boolean }>(
       `SELECT me.rolname::text AS login, me.rolsuper AS superuser, ${logAlteringPowerSql('me', '$3::text[]')} AS power,
               EXISTS (SELECT 1 FROM pg_catalog.pg_roles s WHERE s.rolname = $1 AND pg_catalog.pg_has_role(me.oid, s.oid, $2)) AS sequencer
-         FROM pg_catalog.pg_roles me WHERE me.rolname = current_user`,
+         FROM pg_catalog.pg_roles me WHERE me.rolname = session_user`,
+      // Judged by the login (session_user), not the role in effect: a login connected with a
+      // role set (`options=-c role=...`, or ALTER ROLE ... SET role) may SET ROLE back to itself.
       // A service's login may not even be able to become the sequencer's role (MEMBER); the
       // sequencer's must hold its rights without SET ROLE (USAGE: an INHERIT member), since a
       // round reads the queue and the tree before it switches. What each login's own role may

@@ -299,7 +299,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     // (The services catch AuditSchemaCheckError, of which this is one, and exit 2 with its message, as above.)
     await assert.rejects(checkAuditMigrations(ownerUrl), (error: unknown) => {
       assert.ok(error instanceof AuditLoginPrivilegedError, String(error));
-      assert.match(error.message, new RegExp(`the login ${OWNER} could alter the log \\(the audit tables' owner or a member of it \\(${OWNER}\\)\\)`));
+      assert.match(error.message, new RegExp(`the login ${OWNER} could alter the log \\(an owner of the audit schema or of objects in it, or a member of one \\(${OWNER}\\)\\)`));
       return true;
     });
     await assert.rejects(checkAuditMigrations(db.url), (error: unknown) => {
@@ -327,12 +327,21 @@ describe('the audit schema owned by a deploy role, the service on a writer login
     // schema, or the right to create roles. Each is granted to a writer login of its own, which
     // passes before it.
     const powers: [grant: (role: string) => string, said: RegExp][] = [
-      [(r) => `GRANT INSERT ON audit.queue TO ${r}`, /could alter the log \(allowed to write audit\.queue beyond what ledgerline_audit_writer may \(a direct grant, or pg_write_all_data\)\)/],
+      [(r) => `GRANT INSERT ON audit.queue TO ${r}`, /could alter the log \(allowed to write audit\.queue beyond what ledgerline_audit_writer may \(a grant, a role it may become, or pg_write_all_data\)\)/],
       [(r) => `GRANT INSERT (seq) ON audit.records TO ${r}`, /\(allowed to write audit\.records beyond what ledgerline_audit_writer may/],
       [(r) => `GRANT TRIGGER ON audit.checkpoints TO ${r}`, /\(allowed to write audit\.checkpoints beyond what ledgerline_audit_writer may/],
       [(r) => `GRANT pg_write_all_data TO ${r}`, /\(allowed to write audit\.checkpoints, audit\.erased_subjects, .*audit\.tree_nodes beyond what ledgerline_audit_writer may/],
       [(r) => `GRANT CREATE ON SCHEMA audit TO ${r}`, /\(allowed to create objects in the audit schema\)/],
       [(r) => `ALTER ROLE ${r} CREATEROLE`, /\(a role that may create roles \(and so grant itself the log's\)\)/],
+      // Reached by SET ROLE only: through a role it does not inherit from, or an attribute no
+      // membership passes on.
+      [(r) => `CREATE ROLE ${r}_bulk NOLOGIN NOINHERIT IN ROLE pg_write_all_data; GRANT ${r}_bulk TO ${r}`, /\(allowed to write audit\.checkpoints, .*audit\.tree_nodes beyond what ledgerline_audit_writer may/],
+      [(r) => `CREATE ROLE ${r}_su NOLOGIN SUPERUSER; GRANT ${r}_su TO ${r}`, new RegExp('\\(a member of a superuser \\(ll_writer_power_\\d+_[0-9a-f]+_su\\)\\)')],
+      [(r) => `CREATE ROLE ${r}_cr NOLOGIN CREATEROLE; GRANT ${r}_cr TO ${r}`, new RegExp('\\(a member of a role that may create roles \\(ll_writer_power_\\d+_[0-9a-f]+_cr\\)\\)')],
+      // The owner of the append-only trigger's function could drop it, and every trigger with it.
+      [(r) => `ALTER FUNCTION audit.reject_change() OWNER TO ${r}`, /\(an owner of the audit schema or of objects in it, or a member of one \(ll_writer_power_/],
+      // The erasure the owner alone may run, which queues no record.
+      [(r) => `GRANT EXECUTE ON FUNCTION audit.erase_subject(text) TO ${r}`, /\(allowed to run audit\.erase_subject\(p_subject text\), which run as their owner, beyond what ledgerline_audit_writer may\)/],
     ];
     for (const [i, [grant, said]] of powers.entries()) {
       const writer = `ll_writer_power_${i}_${TAG}`;
@@ -348,11 +357,23 @@ describe('the audit schema owned by a deploy role, the service on a writer login
         }, grant(writer));
       } finally {
         await connected(async (c) => {
+          if (grant(writer).includes('audit.reject_change')) await c.query(`ALTER FUNCTION audit.reject_change() OWNER TO ${OWNER}`);
           await c.query(`DROP OWNED BY ${writer}`);
           await c.query(`DROP ROLE ${writer}`);
+          for (const suffix of ['_bulk', '_su', '_cr']) await c.query(`DROP ROLE IF EXISTS ${writer}${suffix}`);
         }, db.url);
       }
     }
+    // Judged by the login, not a role set on connecting: the owner's member connected as the
+    // writer may SET ROLE back to itself.
+    const asWriter = (url: string): string => `${url}?options=${encodeURIComponent(`-c role=${AUDIT_WRITER_ROLE}`)}`;
+    await connected((c) => c.query(`GRANT ${AUDIT_WRITER_ROLE} TO ${OWNER}`));
+    try {
+      await assert.rejects(checkAuditMigrations(asWriter(ownerUrl)), new RegExp(`the login ${OWNER} could alter the log \\(an owner of the audit schema`));
+    } finally {
+      await connected((c) => c.query(`REVOKE ${AUDIT_WRITER_ROLE} FROM ${OWNER}`));
+    }
+    await assert.rejects(checkAuditMigrations(`${db.url}?options=${encodeURIComponent(`-c role=${AUDIT_SEQUENCER_ROLE}`)}`, 'sequencer'), /the sequencer's login postgres could alter the log \(a superuser\)/);
 
     // A service login that is also the sequencer's could delete queued entries and move the cursor: refused.
     const both = `ll_writer_sequencer_${TAG}`;
@@ -618,7 +639,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       for (const [args, url] of [[['verify'], asIn(OWNER)], [['search', '--as', 'user:auditor'], asIn(OWNER)], [['prove', '--seq', '0', '--as', 'user:auditor'], asIn(OWNER)], [['verify'], asReader]] as const) {
         const said: string[] = [];
         assert.equal(await runCli([...args, '--database-url', url], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, args[0]);
-        assert.match(said.join('\n'), new RegExp(`logs in as ${OWNER}, the audit tables' owner or a member of it \\(${OWNER}\\), but the event store belongs to ${LOGIN}`), args[0]);
+        assert.match(said.join('\n'), new RegExp(`logs in as ${OWNER}, an owner of the audit schema or of objects in it, or a member of one \\(${OWNER}\\), but the event store belongs to ${LOGIN}`), args[0]);
       }
       // A login that may write every table (pg_write_all_data) could forge the log's rows, so its
       // reads are refused as well.
@@ -627,7 +648,7 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       try {
         const said: string[] = [];
         assert.equal(await runCli(['verify', '--database-url', asIn(bulk)], { stdout: (l) => said.push(l), stderr: (l) => said.push(l), env: {} }), 2, said.join('\n'));
-        assert.match(said.join('\n'), new RegExp(`logs in as ${bulk}, allowed to write audit\\.checkpoints, .*audit\\.tree_nodes beyond what ${AUDIT_WRITER_ROLE} may \\(a direct grant, or pg_write_all_data\\), but the event store belongs to ${LOGIN}`));
+        assert.match(said.join('\n'), new RegExp(`logs in as ${bulk}, allowed to write audit\\.checkpoints, .*audit\\.tree_nodes beyond what ${AUDIT_WRITER_ROLE} may \\(a grant, a role it may become, or pg_write_all_data\\), but the event store belongs to ${LOGIN}`));
       } finally {
         await connected((c) => c.query(`DROP ROLE ${bulk}`));
       }
