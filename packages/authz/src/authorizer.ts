@@ -118,6 +118,7 @@ export function decisionEntry(decision: Decision, principal: Principal | null, r
       roles: principal === null ? [] : [...principal.roles],
       ...(resource.amount === undefined ? {} : { amount: resource.amount.toString() }),
       ...(resource.ledger === undefined ? {} : { ledger: resource.ledger }),
+      ...(resource.grants === undefined ? {} : { grants: [...resource.grants] }),
     },
   };
 }

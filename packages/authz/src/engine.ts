@@ -130,6 +130,10 @@ function compileConditions(rule: Rule): Check {
     const allowed = new Set(when.flagsIn);
     checks.push((_p, r) => (r.flags !== undefined && r.flags.every((f) => allowed.has(f)) ? null : 'flags not allowed'));
   }
+  if (when.grantsIn !== undefined) {
+    const grantable = new Set(when.grantsIn);
+    checks.push((_p, r) => (r.grants !== undefined && r.grants.every((g) => grantable.has(g)) ? null : 'role not grantable'));
+  }
   if (when.businessHours !== undefined) {
     const inHours = compileBusinessHours(rule.id, when.businessHours);
     checks.push((_p, _r, nowMs) => (inHours(nowMs) ? null : 'outside business hours'));

@@ -4,6 +4,7 @@ export type { CompiledPolicy, Decision } from './engine.ts';
 export { Authorizer, DECISION_ACTION, decisionEntry, DecisionUnrecordedError, THROTTLED_ACTION } from './authorizer.ts';
 export type { AuthorizerOptions } from './authorizer.ts';
 export {
+  ADMIN_GRANTABLE_ROLES,
   ALL_ROLES,
   CUSTOMER_TRANSFER_FLAGS,
   CUSTOMER_TRANSFER_MAX_MINOR,

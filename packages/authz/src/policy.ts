@@ -39,6 +39,8 @@ export interface ResourceAttributes {
   creditOwners?: readonly string[];
   /** The flags a transfer to create sets (`pending`, `closing_credit`, ...); empty for none. */
   flags?: readonly string[];
+  /** The roles the request gives someone (a user to create); empty for none. */
+  grants?: readonly string[];
   tenant?: string;
 }
 
@@ -66,6 +68,8 @@ export interface Conditions {
   ownCreditAccount?: true;
   /** The flags are present and each one is in this set (none set passes). */
   flagsIn?: readonly string[];
+  /** The roles granted are present and each one is in this set (none granted passes). */
+  grantsIn?: readonly string[];
   /** The decision's clock reads inside these hours. */
   businessHours?: BusinessHours;
   /** The principal and the resource carry the same tenant. */

@@ -73,8 +73,17 @@ const S = SERVICE_ROLES;
  */
 export const CUSTOMER_TRANSFER_FLAGS: readonly string[] = ['linked', 'pending', 'balancing_debit', 'closing_debit'];
 
+/**
+ * The roles an admin may give a user over HTTP: a customer's only. A role that could create a
+ * teller, a compliance officer, an auditor or another admin could move money, or read the audit
+ * trail, through the account it made, and the reference system has no second person to approve
+ * such a grant; staff accounts come from an operator with the deployment's credentials
+ * (`npm run identity -- create-user`, recorded) or the bootstrap.
+ */
+export const ADMIN_GRANTABLE_ROLES: readonly string[] = [ROLES.customer];
+
 export const REFERENCE_POLICY: Policy = {
-  version: '2026-12-06.1',
+  version: '2026-12-07.1',
   // Every rule names the kind of principal it is for: a service role in a user's token (or a
   // person's role in a client's) grants nothing.
   rules: [
@@ -106,7 +115,8 @@ export const REFERENCE_POLICY: Policy = {
     },
     { id: 'oversight-reads-audit', kind: 'user', roles: [R.complianceOfficer, R.auditor], permissions: [P.auditRead] },
     { id: 'people-manage-own-credentials', kind: 'user', roles: [R.customer, R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.selfManage], when: { ownAccount: true } },
-    { id: 'admin-manages-identity', kind: 'user', roles: [R.admin], permissions: [P.userCreate, P.keyRotate] },
+    { id: 'admin-creates-customers', kind: 'user', roles: [R.admin], permissions: [P.userCreate], when: { grantsIn: ADMIN_GRANTABLE_ROLES } },
+    { id: 'admin-rotates-keys', kind: 'user', roles: [R.admin], permissions: [P.keyRotate] },
     { id: 'services-move-money', kind: 'service', roles: [S.payments, S.settlement], permissions: [P.transferCreate, P.transferRead, P.accountRead] },
     { id: 'services-read-money', kind: 'service', roles: [S.reporting, S.risk], permissions: [P.accountRead, P.transferRead] },
     { id: 'audit-service-reads-audit', kind: 'service', roles: [S.audit], permissions: [P.auditRead] },

@@ -107,6 +107,16 @@ describe('compilePolicy: decisions', () => {
     assert.equal(creditOnly.needsOwners(['customer'], 'transfer:create'), true);
   });
 
+  test('grantable roles: each role granted must be in the set; none granted passes; no grants attribute fails', () => {
+    const p = compilePolicy(policyOf({ id: 'g', roles: ['admin'], permissions: ['user:create'], when: { grantsIn: ['customer'] } }));
+    const admin = { id: 'ada', kind: 'user' as const, roles: ['admin'] };
+    const decide = (extra: object) => p.decide(admin, 'user:create', { type: 'user', id: 'u', ...extra }, 0);
+    assert.equal(decide({ grants: ['customer'] }).rule, 'g');
+    assert.equal(decide({ grants: [] }).rule, 'g');
+    assert.deepEqual([decide({ grants: ['customer', 'teller'] }).allowed, decide({ grants: ['teller'] }).reason], [false, 'role not grantable']);
+    assert.equal(decide({}).allowed, false);
+  });
+
   test('a rule bound to a kind of principal never applies to the other kind', () => {
     const p = compilePolicy(
       policyOf(

@@ -9,7 +9,7 @@ import type pg from 'pg';
 import { createLocalJWKSet, type JWTVerifyGetKey } from 'jose';
 import { writeRateLimitedSummaries, type AuditActor, type RateLimitedSummarySettings, type AuditEntry, type AuditResource, type AuditSink } from '@ledgerline/audit';
 import { bulkhead } from 'cockatiel';
-import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
+import { Authorizer, installHttpAuth, PERMISSIONS, REFERENCE_POLICY, SERVICE_ROLE_PREFIX, type HttpAuthOptions, type Policy, type Principal } from '@ledgerline/authz';
 import { assertionClientId, CLIENT_ASSERTION_TYPE, createTokenVerifier, IdentityError, LOGIN_REFUSED, type Identity, type IdentityErrorCode, type RevokeOutcome, type TokenResponse } from '@ledgerline/identity';
 import {
   addressKey,
@@ -830,8 +830,10 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     '/v1/users',
     { config: { permission: PERMISSIONS.userCreate }, schema: { summary: 'Create a user', tags: ['users'], body: NewUserBody, response: { 201: UserOut, ...bodyProblems, ...guarded, 409: ProblemResponse } } },
     async (request, reply) => {
-      auth.authorize(request, { type: 'user', id: request.body.username });
       const roles = request.body.roles;
+      // The roles the user would hold are the decision's to make (ADMIN_GRANTABLE_ROLES); service
+      // roles no user may hold are refused by the identity store itself (400, recorded).
+      auth.authorize(request, { type: 'user', id: request.body.username, grants: roles.filter((role) => !role.startsWith(SERVICE_ROLE_PREFIX)) });
       const { id } = await changed(request, reply, AUDIT_ACTIONS.userCreate, { type: 'user', id: request.body.username }, () => identity.createUser(request.body), (user) => ({ user_id: user.id, roles }), { roles });
       return reply.code(201).send({ id, username: request.body.username });
     },

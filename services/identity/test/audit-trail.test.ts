@@ -251,14 +251,14 @@ describe('changes to credentials', () => {
     const admin = await login('root');
     const adminId = await identity.userIdByUsername('root');
     const from = audit.entries.length;
-    const payload = { username: 'nora-audit', password: PASSWORD, roles: [ROLES.teller] };
+    const payload = { username: 'nora-audit', password: PASSWORD, roles: [ROLES.customer] };
     const created = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload });
     assert.equal(created.statusCode, 201, created.body);
     assert.equal((await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload })).statusCode, 409);
     const users = await records(from, 'identity.user.create', 2);
     assert.deepEqual(users.map(brief), [['user', adminId, 'success', null], ['user', adminId, 'failure', 'conflict']]);
     assert.deepEqual(users[0]?.resource, { type: 'user', id: 'nora-audit' });
-    assert.deepEqual(users[0]?.payload, { user_id: created.json<{ id: string }>().id, roles: [ROLES.teller] });
+    assert.deepEqual(users[0]?.payload, { user_id: created.json<{ id: string }>().id, roles: [ROLES.customer] });
 
     const nora = await login('nora-audit');
     const noraId = created.json<{ id: string }>().id;

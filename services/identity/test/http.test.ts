@@ -231,7 +231,7 @@ describe('the token endpoint', () => {
 
 describe('administrative routes and two-factor enrolment', () => {
   test('creating users needs an admin token for this service: 401 without or with the wrong audience, 403 for others, all audited', async () => {
-    const payload = { username: uniqueUsername('created'), password: PASSWORD, roles: [ROLES.teller] };
+    const payload = { username: uniqueUsername('created'), password: PASSWORD, roles: [ROLES.customer] };
     const none = await app.inject({ method: 'POST', url: '/v1/users', payload });
     assert.equal(none.statusCode, 401);
     assert.equal(audit.entries.at(-1)?.outcome, 'failure');
@@ -245,6 +245,26 @@ describe('administrative routes and two-factor enrolment', () => {
     assert.equal((await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload })).statusCode, 201);
     assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload }), 409, 'conflict');
     assert.equal((await app.inject({ method: 'POST', url: '/v1/keys/rotate', headers: bearer(customer.access_token) })).statusCode, 403);
+  });
+
+  test('an admin gives a user a customer\'s role only: a staff, oversight or admin role is 403, recorded, and no user is made', async () => {
+    // A role that could make a teller could move money through the account it made; one that
+    // could make an auditor could read the trail through it (docs/security.md, "Who grants roles").
+    const admin = await login('root');
+    for (const roles of [[ROLES.teller], [ROLES.customer, ROLES.teller], [ROLES.auditor], [ROLES.complianceOfficer], [ROLES.admin]]) {
+      const username = uniqueUsername('proxy');
+      const rows = await identityRows();
+      const response = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username, password: PASSWORD, roles } });
+      assert.equal(response.statusCode, 403, response.body);
+      assert.equal(await identityRows(), rows, `no user made for ${roles.join(', ')}`);
+      const decision = audit.entries.at(-1);
+      assert.deepEqual([decision?.action, decision?.outcome, decision?.reason, decision?.payload?.permission, decision?.payload?.rule, decision?.payload?.grants], ['authz.decision', 'failure', 'role not grantable', 'user:create', 'admin-creates-customers', roles]);
+    }
+    // A customer, or a user with no role, it may.
+    for (const roles of [[ROLES.customer], []]) {
+      const response = await app.inject({ method: 'POST', url: '/v1/users', headers: bearer(admin.access_token), payload: { username: uniqueUsername('plain'), password: PASSWORD, roles } });
+      assert.equal(response.statusCode, 201, response.body);
+    }
   });
 
   test('TOTP enrolment over HTTP, then the password alone is not enough', async () => {
