@@ -329,13 +329,24 @@ export class Identity {
     return { secret, uri: totpUri(secret, issuerName, username) };
   }
 
-  /** Turns TOTP on once the user shows a valid code, and returns fresh recovery codes (shown once). */
-  async confirmTotp(userId: string, code: string): Promise<{ recoveryCodes: string[] }> {
+  /**
+   * Turns TOTP on once the user shows a valid code and their password, and returns fresh
+   * recovery codes (shown once). The password too: two-factor cannot be turned off or reset, so
+   * whoever holds only a user's access token (five minutes of a stolen one) must not be able to
+   * bind a secret of their own to the account and lock its owner out. A wrong password counts
+   * as a failed login (and the lockout applies), as at login.
+   */
+  async confirmTotp(userId: string, code: string, password: string): Promise<{ recoveryCodes: string[] }> {
     const nowMs = this.#clock();
     return this.#transaction(async (client) => {
       const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE id = $1 FOR UPDATE', [userId]);
       const user = r.rows[0];
       if (user === undefined || user.totp_secret === null || user.totp_confirmed) throw new IdentityError('conflict', 'no two-factor enrolment is pending');
+      const counters: LoginCounters = { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
+      if (isLocked(counters, nowMs)) throw new IdentityError('account_locked', 'too many failed attempts; try again later', { account: user.username });
+      if (!(await verifyPassword(user.password_hash, password))) {
+        return this.#fail(client, user, counters, nowMs, new IdentityError('invalid_grant', 'the password is not valid', { account: user.username, auditReason: 'password_refused' }));
+      }
       const step = verifyTotp(user.totp_secret, code, nowMs, null);
       if (step === null) throw new IdentityError('invalid_grant', 'the code is not valid');
       await client.query('UPDATE identity.users SET totp_confirmed = true, totp_last_step = $2 WHERE id = $1', [userId, step.toString()]);

@@ -241,10 +241,13 @@ describe('TOTP two-factor', () => {
     assert.match(uri, /^otpauth:\/\/totp\/Ledgerline:carol\?/);
     // Not on until confirmed: a password alone still works.
     assert.ok((await identity.login({ username: 'carol', password: PASSWORD, audience: 'ledger' })).access_token);
-    await refusedWith(identity.confirmTotp(id, totpCode(secret, now - 120_000)), 'invalid_grant');
-    const { recoveryCodes } = await identity.confirmTotp(id, totpCode(secret, now));
+    await refusedWith(identity.confirmTotp(id, totpCode(secret, now - 120_000), PASSWORD), 'invalid_grant');
+    // A token alone does not bind a second factor: the password too, a wrong one counted as a failed login.
+    await refusedWith(identity.confirmTotp(id, totpCode(secret, now), 'not the password at all'), 'invalid_grant');
+    assert.equal((await pool.query<{ n: number }>('SELECT failed_logins AS n FROM identity.users WHERE id = $1', [id])).rows[0]?.n, 1);
+    const { recoveryCodes } = await identity.confirmTotp(id, totpCode(secret, now), PASSWORD);
     assert.equal(recoveryCodes.length, 10);
-    await refusedWith(identity.confirmTotp(id, totpCode(secret, now)), 'conflict');
+    await refusedWith(identity.confirmTotp(id, totpCode(secret, now), PASSWORD), 'conflict');
     await refusedWith(identity.enrolTotp(id, 'Ledgerline'), 'conflict');
 
     const login = (extra: { totpCode?: string; recoveryCode?: string }) => identity.login({ username: 'carol', password: PASSWORD, audience: 'ledger', ...extra });

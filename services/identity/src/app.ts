@@ -856,7 +856,7 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     async (request, reply) => {
       const me = auth.authorize(request, { type: 'user', id: auth.principal(request).id, owners: [auth.principal(request).id] });
       reply.headers(noStore);
-      const { recoveryCodes } = await changed(request, reply, AUDIT_ACTIONS.totpConfirm, { type: 'user', id: me.id }, () => identity.confirmTotp(me.id, request.body.code), (r) => ({ recovery_codes_issued: r.recoveryCodes.length }));
+      const { recoveryCodes } = await changed(request, reply, AUDIT_ACTIONS.totpConfirm, { type: 'user', id: me.id }, () => identity.confirmTotp(me.id, request.body.code, request.body.password), (r) => ({ recovery_codes_issued: r.recoveryCodes.length }));
       return { recovery_codes: recoveryCodes };
     },
   );

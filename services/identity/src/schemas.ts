@@ -64,6 +64,7 @@ export type NewUserBody = Static<typeof NewUserBody>;
 export const UserOut = Type.Object({ id: Type.String({ format: 'uuid' }), username: Type.String() });
 
 export const TotpEnrolOut = Type.Object({ secret: Type.String(), uri: Type.String() });
-export const TotpConfirmBody = Type.Object({ code: Type.String({ pattern: '^[0-9]{6}$' }) }, { additionalProperties: false });
+/** A code from the new secret, and the user's password (a bearer token alone must not bind a second factor: docs/security.md). */
+export const TotpConfirmBody = Type.Object({ code: Type.String({ pattern: '^[0-9]{6}$' }), password: Text(256) }, { additionalProperties: false });
 export const TotpConfirmOut = Type.Object({ recovery_codes: Type.Array(Type.String()) });
 export const KeyOut = Type.Object({ kid: Type.String(), active_from: Type.String({ format: 'date-time' }) });

@@ -265,8 +265,8 @@ describe('changes to credentials', () => {
     const enrol = await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(nora.access_token) });
     assert.equal(enrol.statusCode, 200, enrol.body);
     const { secret, uri } = enrol.json<{ secret: string; uri: string }>();
-    assert.equal((await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(nora.access_token), payload: { code: totpCode(secret, now + 120_000) } })).statusCode, 400);
-    const confirmed = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(nora.access_token), payload: { code: totpCode(secret, now) } });
+    assert.equal((await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(nora.access_token), payload: { code: totpCode(secret, now + 120_000), password: PASSWORD } })).statusCode, 400);
+    const confirmed = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(nora.access_token), payload: { code: totpCode(secret, now), password: PASSWORD } });
     assert.equal(confirmed.statusCode, 200, confirmed.body);
     assert.equal((await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(nora.access_token) })).statusCode, 409);
     assert.deepEqual((await records(from, 'identity.totp.enrol', 2)).map(brief), [['user', noraId, 'success', null], ['user', noraId, 'failure', 'conflict']]);

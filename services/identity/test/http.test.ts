@@ -273,8 +273,15 @@ describe('administrative routes and two-factor enrolment', () => {
     const enrol = await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) });
     assert.equal(enrol.statusCode, 200, enrol.body);
     const { secret } = enrol.json<{ secret: string }>();
-    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now + 120_000) } }), 400, 'invalid_grant');
-    const confirmed = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now) } });
+    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now + 120_000), password: PASSWORD } }), 400, 'invalid_grant');
+    // The bearer token alone does not bind a second factor: without the password the schema
+    // refuses it, and a wrong one is refused (and counted) with the enrolment left pending.
+    const noPassword = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now) } });
+    assert.equal(noPassword.statusCode, 400, noPassword.body);
+    assert.ok(noPassword.json<{ errors: Array<{ path: string; message: string }> }>().errors.some((e) => /password/.test(`${e.path} ${e.message}`)), noPassword.body);
+    assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now), password: 'someone else\'s guess' } }), 400, 'invalid_grant');
+    assert.ok((await token({ grant_type: 'password', username, password: PASSWORD, audience: 'ledger' })).statusCode === 200, 'two-factor still off');
+    const confirmed = await app.inject({ method: 'POST', url: '/v1/me/totp/confirm', headers: bearer(frank.access_token), payload: { code: totpCode(secret, now), password: PASSWORD } });
     assert.equal(confirmed.statusCode, 200, confirmed.body);
     assert.equal(confirmed.json<{ recovery_codes: string[] }>().recovery_codes.length, 10);
     assertOAuthProblem(await app.inject({ method: 'POST', url: '/v1/me/totp', headers: bearer(frank.access_token) }), 409, 'conflict');

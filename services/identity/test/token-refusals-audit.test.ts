@@ -429,7 +429,7 @@ describe('a second factor refused', () => {
     const username = 'sofia-2fa';
     const { id: userId } = await identity.createUser({ username, password: PASSWORD, roles: [ROLES.customer] });
     const { secret } = await identity.enrolTotp(userId, 'Ledgerline');
-    const { recoveryCodes } = await identity.confirmTotp(userId, totpCode(secret, NOW));
+    const { recoveryCodes } = await identity.confirmTotp(userId, totpCode(secret, NOW), PASSWORD);
     const [recoveryCode] = recoveryCodes;
     assert.ok(recoveryCode !== undefined);
     const wrongCode = `${recoveryCode.slice(0, -1)}${recoveryCode.endsWith('a') ? 'b' : 'a'}`;
