@@ -288,8 +288,10 @@ export class Identity {
       // COMMIT. A wrong password commits its count (a WAL flush); an unknown username rolled
       // back and answered about 1.7 ms sooner (of 12), a locked account too, which told anyone
       // timing the answers which usernames exist.
+      // An unknown username updates a decoy row as a wrong password updates the user's (migration
+      // 1770400000000; until 2026-12-07 it only took a transaction id, about 0.5 ms quicker).
       if (user === undefined) {
-        await client.query('SELECT pg_current_xact_id()');
+        await client.query('UPDATE identity.login_decoys SET refusals = refusals + 1 WHERE slot = $1', [decoySlot(request.username)]);
         throw new FailedAttempt(new IdentityError('invalid_grant', LOGIN_REFUSED));
       }
       const counters: LoginCounters = { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
@@ -752,6 +754,11 @@ export function assertionClientId(assertion: string): string | null {
   } catch {
     return null;
   }
+}
+
+/** The decoy row a refused login of an unknown `username` updates: one of 64, the same for the same name. */
+function decoySlot(username: string): number {
+  return createHash('sha256').update(username.toLowerCase()).digest().readUInt8(0) % 64;
 }
 
 function checkRoles(roles: readonly string[], holder: 'user' | 'client'): void {
