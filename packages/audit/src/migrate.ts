@@ -80,6 +80,17 @@ export async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
  * - a superuser, or a member of one;
  * - a role that may create roles, or a member of one (PostgreSQL 15 lets it grant itself any
  *   role but a superuser);
+ * - a way to a superuser's rights: membership in pg_execute_server_program,
+ *   pg_write_server_files or pg_read_server_files, EXECUTE on the server-file functions
+ *   (lo_import, lo_export, pg_read_file, pg_read_binary_file, adminpack's pg_file_*), or
+ *   ALTER SYSTEM on any parameter;
+ * - SET on session_replication_role (in `replica` mode no trigger fires, the log's guards
+ *   included);
+ * - the database's owner, or a member of it (it may drop the database, the log with it);
+ * - baseline roles that hold more than the migrations grant them: a superuser, a role that may
+ *   create roles, or a member of any role (pg_write_all_data, say). A privilege granted to a
+ *   baseline role directly, by the schema's owner or a superuser, is taken as the deployment's
+ *   definition of that role and excused;
  * - the owner of the audit schema or of anything in it (a table, a function such as the
  *   append-only trigger's, a type, a sequence), or a member of such an owner: it may drop or
  *   replace it;
@@ -102,14 +113,36 @@ export function logAlteringPowerSql(me: string, baseline: string): string {
   /** Some role the login may become may do what `check` asks, and no baseline role may. */
   const beyondBaseline = (check: (role: string) => string): string =>
     `(EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER') AND ${check('r.oid')}) AND NOT ${withinBaseline(check)})`;
-  const reachableWith = (attribute: string): string =>
+  const reachableWhere = (condition: string): string =>
     `(SELECT pg_catalog.string_agg(r.rolname::text, ', ' ORDER BY r.rolname) FROM pg_catalog.pg_roles r
-       WHERE r.${attribute} AND r.oid <> ${me}.oid AND pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER'))`;
+       WHERE ${condition} AND r.oid <> ${me}.oid AND pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER'))`;
+  const superuserOf = reachableWhere('r.rolsuper');
+  const createRoleOf = reachableWhere('r.rolcreaterole');
+  const serverOf = reachableWhere(`r.rolname IN ('pg_execute_server_program', 'pg_write_server_files', 'pg_read_server_files')`);
+  /** Some role the login may become may do what `check` asks of the role whose oid it is given. */
+  const reachable = (check: (role: string) => string): string =>
+    `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER') AND ${check('r.oid')})`;
+  const serverFunctions = `(SELECT pg_catalog.string_agg(DISTINCT f.proname::text, ', ') FROM pg_catalog.pg_proc f
+       WHERE f.proname IN ('lo_import', 'lo_export', 'pg_read_file', 'pg_read_binary_file', 'pg_file_write', 'pg_file_rename', 'pg_file_unlink', 'pg_file_sync')
+         AND ${reachable((r) => `pg_catalog.has_function_privilege(${r}, f.oid, 'EXECUTE')`)})`;
+  const databaseOwner = `(SELECT pg_catalog.pg_get_userbyid(d.datdba)::text FROM pg_catalog.pg_database d
+       WHERE d.datname = pg_catalog.current_database() AND pg_catalog.pg_has_role(${me}.oid, d.datdba, 'MEMBER'))`;
+  const baselineBeyond = `(SELECT pg_catalog.string_agg(b.rolname::text || CASE WHEN b.rolsuper OR b.rolcreaterole THEN ' (a superuser, or may create roles)' ELSE ' (a member of ' || (SELECT pg_catalog.string_agg(g.rolname::text, ', ' ORDER BY g.rolname) FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid WHERE m.member = b.oid) || ')' END, '; ' ORDER BY b.rolname)
+       FROM pg_catalog.pg_roles b
+      WHERE b.rolname = ANY (${baseline}) AND (b.rolsuper OR b.rolcreaterole OR EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m WHERE m.member = b.oid)))`;
   return `CASE
     WHEN ${me}.rolsuper THEN 'a superuser'
-    WHEN ${reachableWith('rolsuper')} IS NOT NULL THEN 'a member of a superuser (' || ${reachableWith('rolsuper')} || ')'
+    WHEN ${superuserOf} IS NOT NULL THEN 'a member of a superuser (' || ${superuserOf} || ')'
     WHEN ${me}.rolcreaterole THEN 'a role that may create roles (and so grant itself the log''s)'
-    WHEN ${reachableWith('rolcreaterole')} IS NOT NULL THEN 'a member of a role that may create roles (' || ${reachableWith('rolcreaterole')} || ')'
+    WHEN ${createRoleOf} IS NOT NULL THEN 'a member of a role that may create roles (' || ${createRoleOf} || ')'
+    WHEN ${serverOf} IS NOT NULL THEN 'a member of ' || ${serverOf} || ' (the server''s programs or files: a way to a superuser''s rights)'
+    WHEN ${serverFunctions} IS NOT NULL THEN 'allowed to run ' || ${serverFunctions} || ' (the server''s files: a way to a superuser''s rights)'
+    WHEN ${reachable((r) => `pg_catalog.has_parameter_privilege(${r}, 'session_replication_role', 'SET')`)}
+      THEN 'allowed to set session_replication_role (replica: no trigger fires, the log''s guards included)'
+    WHEN ${reachable((r) => `EXISTS (SELECT 1 FROM pg_catalog.pg_parameter_acl a WHERE pg_catalog.has_parameter_privilege(${r}, a.parname::text, 'ALTER SYSTEM'))`)}
+      THEN 'allowed to ALTER SYSTEM (the server''s configuration: a way to a superuser''s rights)'
+    WHEN ${databaseOwner} IS NOT NULL THEN 'the database''s owner or a member of it (' || ${databaseOwner} || '; it may drop the database, the log with it)'
+    WHEN ${baselineBeyond} IS NOT NULL THEN 'checked against roles that hold more than the migrations grant them: ' || ${baselineBeyond}
     ELSE (SELECT CASE
       WHEN owned.owners IS NOT NULL THEN 'an owner of the audit schema or of objects in it, or a member of one (' || owned.owners || ')'
       WHEN written.tables IS NOT NULL
@@ -129,12 +162,12 @@ export function logAlteringPowerSql(me: string, baseline: string): string {
     CROSS JOIN LATERAL (
       SELECT pg_catalog.string_agg('audit.' || t.relname::text, ', ' ORDER BY t.relname) AS tables
         FROM pg_catalog.pg_class t
-       WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p')
-         AND (EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER']) p (privilege)
+       WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p', 'S')
+         AND CASE WHEN t.relkind = 'S' THEN ${beyondBaseline((r) => `pg_catalog.has_sequence_privilege(${r}, t.oid, 'UPDATE')`)} ELSE (EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER']) p (privilege)
                        WHERE ${beyondBaseline((r) => `pg_catalog.has_table_privilege(${r}, t.oid, p.privilege)`)})
            OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN pg_catalog.unnest(ARRAY['INSERT', 'UPDATE']) p (privilege)
                        WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
-                         AND ${beyondBaseline((r) => `pg_catalog.has_column_privilege(${r}, t.oid, a.attnum, p.privilege)`)}))) written
+                         AND ${beyondBaseline((r) => `pg_catalog.has_column_privilege(${r}, t.oid, a.attnum, p.privilege)`)})) END) written
     CROSS JOIN LATERAL (
       SELECT pg_catalog.string_agg(DISTINCT 'audit.' || f.proname::text || '(' || pg_catalog.pg_get_function_identity_arguments(f.oid) || ')', ', ') AS functions
         FROM pg_catalog.pg_proc f

@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { AUDIT_SEQUENCER_ROLE, AUDIT_WRITER_ROLE, AuditLoginPrivilegedError, auditMigrationNames, AuditSchemaCheckError, checkAuditMigrations, prepareAuditSchema } from '@ledgerline/audit';
+import { logAlteringPowerSql } from '../../../packages/audit/src/migrate.ts';
 import { runCli } from '../../../packages/audit/src/cli.ts';
 import { newId } from '@ledgerline/ledger';
 import { migrateEvents } from '@ledgerline/events';
@@ -342,6 +343,16 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       [(r) => `ALTER FUNCTION audit.reject_change() OWNER TO ${r}`, /\(an owner of the audit schema or of objects in it, or a member of one \(ll_writer_power_/],
       // The erasure the owner alone may run, which queues no record.
       [(r) => `GRANT EXECUTE ON FUNCTION audit.erase_subject(text) TO ${r}`, /\(allowed to run audit\.erase_subject\(p_subject text\), which run as their owner, beyond what ledgerline_audit_writer may\)/],
+      // The server's programs and files are a way to a superuser's rights.
+      [(r) => `GRANT pg_execute_server_program TO ${r}`, /\(a member of pg_execute_server_program \(the server's programs or files/],
+      [(r) => `GRANT EXECUTE ON FUNCTION pg_catalog.lo_export(oid, text) TO ${r}`, /\(allowed to run lo_export \(the server's files/],
+      // Replica mode fires no trigger, the guards' included; ALTER SYSTEM configures the server.
+      [(r) => `GRANT SET ON PARAMETER session_replication_role TO ${r}`, /\(allowed to set session_replication_role/],
+      [(r) => `GRANT ALTER SYSTEM ON PARAMETER work_mem TO ${r}`, /\(allowed to ALTER SYSTEM/],
+      // The database's owner may drop it, and the log with it.
+      [(r) => `ALTER DATABASE ${db.name} OWNER TO ${r}`, /\(the database's owner or a member of it \(ll_writer_power_/],
+      // setval on the queue's sequence reorders what is queued, or stops every write.
+      [(r) => `GRANT UPDATE ON SEQUENCE audit.queue_id_seq TO ${r}`, /\(allowed to write audit\.queue_id_seq beyond what ledgerline_audit_writer may/],
     ];
     for (const [i, [grant, said]] of powers.entries()) {
       const writer = `ll_writer_power_${i}_${TAG}`;
@@ -358,11 +369,31 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       } finally {
         await connected(async (c) => {
           if (grant(writer).includes('audit.reject_change')) await c.query(`ALTER FUNCTION audit.reject_change() OWNER TO ${OWNER}`);
+          if (grant(writer).startsWith('ALTER DATABASE')) await c.query(`ALTER DATABASE ${db.name} OWNER TO postgres`);
+          if (grant(writer).includes('ON PARAMETER')) await c.query(`REVOKE ALL ON PARAMETER session_replication_role, work_mem FROM ${writer}`);
           await c.query(`DROP OWNED BY ${writer}`);
           await c.query(`DROP ROLE ${writer}`);
           for (const suffix of ['_bulk', '_su', '_cr']) await c.query(`DROP ROLE IF EXISTS ${writer}${suffix}`);
         }, db.url);
       }
+    }
+    // The roles a login is checked against are held to what the migrations grant them: one that
+    // is itself in pg_write_all_data (here a stand-in for the writer's role, a role of this test's
+    // own, so that no other test's writer is touched) excuses nothing.
+    const standIn = `ll_writer_stand_in_${TAG}`;
+    const plain = `ll_writer_plain_${TAG}`;
+    await connected(async (c) => {
+      await c.query(`CREATE ROLE ${standIn} NOLOGIN IN ROLE pg_write_all_data`);
+      await c.query(`CREATE ROLE ${plain} LOGIN IN ROLE ${standIn}`);
+    });
+    try {
+      const power = await connected(async (c) => (await c.query<{ power: string | null }>(`SELECT ${logAlteringPowerSql('me', '$1::text[]')} AS power FROM pg_catalog.pg_roles me WHERE me.rolname = $2`, [[standIn], plain])).rows[0]?.power, db.url);
+      assert.equal(power, `checked against roles that hold more than the migrations grant them: ${standIn} (a member of pg_write_all_data)`);
+    } finally {
+      await connected(async (c) => {
+        await c.query(`DROP ROLE ${plain}`);
+        await c.query(`DROP ROLE ${standIn}`);
+      });
     }
     // Judged by the login, not a role set on connecting: the owner's member connected as the
     // writer may SET ROLE back to itself.
