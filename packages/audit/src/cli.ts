@@ -576,7 +576,15 @@ async function sequence(
       }
       tailEvents = present;
     }
-    if (tailEvents) await checkEventStoreReader(eventsUrl, eventsPool === null ? 'the sequencer\'s login' : '--events-database-url (else DATABASE_SESSION_URL or DATABASE_URL)');
+    // False: a login that could alter the log, and the event store gone since it was found above
+    // (one made again meanwhile could carry its maker's code): then it is not tailed.
+    if (tailEvents && !(await checkEventStoreReader(eventsUrl, eventsPool === null ? 'the sequencer\'s login' : '--events-database-url (else DATABASE_SESSION_URL or DATABASE_URL)'))) {
+      if (a.events === true) {
+        err('--events: the event store is gone, and this login could alter the log: it is not read');
+        return 2;
+      }
+      tailEvents = false;
+    }
     const sequencer = new AuditSequencer({
       pool,
       ...(eventsPool === null ? {} : { eventsPool }),

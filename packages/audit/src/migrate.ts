@@ -96,7 +96,8 @@ export async function pinnedClient(databaseUrl: string): Promise<pg.Client> {
  *   replace it;
  * - any write on an audit table the baseline roles may not make: INSERT or UPDATE of a column,
  *   DELETE, TRUNCATE, or TRIGGER (a trigger's function runs as whoever fires it, the
- *   sequencer), directly granted, inherited, reachable by SET ROLE, or through
+ *   sequencer), and REFERENCES (a foreign key to an audit table is checked as the table's
+ *   owner, through an implicit cast the login may write), directly granted, inherited, reachable by SET ROLE, or through
  *   pg_write_all_data. A table-wide INSERT on the queue counts: it names who queued a row
  *   (`queued_by`), which the sequencer trusts for governance records;
  * - EXECUTE on an audit function that runs as its owner (SECURITY DEFINER) the baseline roles
@@ -124,6 +125,10 @@ export function logAlteringPowerSql(me: string, baseline: string): string {
     `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE pg_catalog.pg_has_role(${me}.oid, r.oid, 'MEMBER') AND ${check('r.oid')})`;
   const serverFunctions = `(SELECT pg_catalog.string_agg(DISTINCT f.proname::text, ', ') FROM pg_catalog.pg_proc f
        WHERE f.proname IN ('lo_import', 'lo_export', 'pg_read_file', 'pg_read_binary_file', 'pg_file_write', 'pg_file_rename', 'pg_file_unlink', 'pg_file_sync')
+         -- The server's own, or adminpack's: a namesake anyone may create elsewhere is nothing.
+         AND (f.pronamespace = 'pg_catalog'::regnamespace
+              OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension x ON x.oid = d.refobjid
+                          WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = f.oid AND d.deptype = 'e' AND x.extname = 'adminpack'))
          AND ${reachable((r) => `pg_catalog.has_function_privilege(${r}, f.oid, 'EXECUTE')`)})`;
   const databaseOwner = `(SELECT pg_catalog.pg_get_userbyid(d.datdba)::text FROM pg_catalog.pg_database d
        WHERE d.datname = pg_catalog.current_database() AND pg_catalog.pg_has_role(${me}.oid, d.datdba, 'MEMBER'))`;
@@ -165,7 +170,7 @@ export function logAlteringPowerSql(me: string, baseline: string): string {
        WHERE t.relnamespace = s.oid AND t.relkind IN ('r', 'p', 'S')
          AND CASE WHEN t.relkind = 'S' THEN ${beyondBaseline((r) => `pg_catalog.has_sequence_privilege(${r}, t.oid, 'UPDATE')`)} ELSE (EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER']) p (privilege)
                        WHERE ${beyondBaseline((r) => `pg_catalog.has_table_privilege(${r}, t.oid, p.privilege)`)})
-           OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN pg_catalog.unnest(ARRAY['INSERT', 'UPDATE']) p (privilege)
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN pg_catalog.unnest(ARRAY['INSERT', 'UPDATE', 'REFERENCES']) p (privilege)
                        WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
                          AND ${beyondBaseline((r) => `pg_catalog.has_column_privilege(${r}, t.oid, a.attnum, p.privilege)`)})) END) written
     CROSS JOIN LATERAL (

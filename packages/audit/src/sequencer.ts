@@ -25,8 +25,6 @@ import type { QueuedEntry } from './writer.ts';
 import type { KeyObject } from 'node:crypto';
 import type pg from 'pg';
 
-/** The advisory lock key that makes one sequencer per database (hashtextextended of this text). */
-const SEQUENCER_LOCK = 'ledgerline.audit.sequencer';
 /**
  * A round's size and the pause between rounds. A round has a fixed cost (about a dozen
  * statements, a commit and a checkpoint: some 3 ms), and the ledger pays for every round in
@@ -229,8 +227,13 @@ export class AuditSequencer {
     try {
       // The search path pinned for the round (PINNED_SEARCH_PATH in migrate.ts), whatever the connection's.
       await client.query(`BEGIN; SET LOCAL search_path = ${PINNED_SEARCH_PATH}`);
-      const locked = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS ok', [SEQUENCER_LOCK]);
-      if (locked.rows[0]?.ok !== true) {
+      // One sequencer per database: the round's transaction holds the cursor's row. Taking it needs
+      // the right to update that row (the sequencer's role, the owner), so no other login can
+      // hold it to stop the log; until 2026-12-07 it was an advisory lock on a public key, which
+      // any login could take and keep, and every round then found nothing to do (a review's
+      // finding). Another sequencer's round holding it: this one skips, as before.
+      const locked = await client.query('SELECT 1 FROM audit.sequencer_state FOR UPDATE SKIP LOCKED');
+      if (locked.rowCount !== 1) {
         await client.query('ROLLBACK');
         return { records: 0, checkpoint: null };
       }

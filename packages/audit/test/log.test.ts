@@ -7,6 +7,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import {
+  AUDIT_WRITER_ROLE,
   AuditBufferFullError,
   AuditSequencer,
   checkpointSignatureValid,
@@ -198,7 +199,7 @@ test('the sink checks entries at the call site, bounds its buffer, and a second 
   const holder = await t.pool.connect();
   try {
     await holder.query('BEGIN');
-    await holder.query("SELECT pg_advisory_xact_lock(hashtextextended('ledgerline.audit.sequencer', 0))");
+    await holder.query('SELECT 1 FROM audit.sequencer_state FOR UPDATE');
     assert.deepEqual(await other.round(), { records: 0, checkpoint: null });
     await holder.query('COMMIT');
   } finally {
@@ -213,6 +214,22 @@ test('the sink checks entries at the call site, bounds its buffer, and a second 
   // The first sequencer's frontier is stale now; its next round must notice.
   t.sink.record(entry(99));
   assert.equal(await t.settle(), 1);
+  // The lock is the cursor's row, which only a role that may update it can hold: the writer's
+  // role (any service's login) cannot, and the advisory lock that was the lock once stops nothing.
+  const intruder = await t.pool.connect();
+  try {
+    await intruder.query(`BEGIN; SET LOCAL ROLE ${AUDIT_WRITER_ROLE}`);
+    await assert.rejects(intruder.query('SELECT 1 FROM audit.sequencer_state FOR UPDATE'), /permission denied/);
+    await intruder.query('ROLLBACK');
+    await intruder.query('BEGIN');
+    await intruder.query("SELECT pg_advisory_xact_lock(hashtextextended('ledgerline.audit.sequencer', 0))");
+    t.sink.record(entry(98));
+    await t.sink.flush();
+    assert.equal((await t.sequencer.round()).records, 1, 'the round ran beside the advisory lock');
+    await intruder.query('COMMIT');
+  } finally {
+    intruder.release();
+  }
   other.start();
   await other.close();
 

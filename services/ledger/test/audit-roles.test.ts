@@ -351,6 +351,8 @@ describe('the audit schema owned by a deploy role, the service on a writer login
       [(r) => `GRANT ALTER SYSTEM ON PARAMETER work_mem TO ${r}`, /\(allowed to ALTER SYSTEM/],
       // The database's owner may drop it, and the log with it.
       [(r) => `ALTER DATABASE ${db.name} OWNER TO ${r}`, /\(the database's owner or a member of it \(ll_writer_power_/],
+      // A foreign key to an audit table is checked as its owner, through a cast the login may write.
+      [(r) => `GRANT REFERENCES (id) ON audit.queue TO ${r}`, /\(allowed to write audit\.queue beyond what ledgerline_audit_writer may/],
       // setval on the queue's sequence reorders what is queued, or stops every write.
       [(r) => `GRANT UPDATE ON SEQUENCE audit.queue_id_seq TO ${r}`, /\(allowed to write audit\.queue_id_seq beyond what ledgerline_audit_writer may/],
     ];
@@ -376,6 +378,18 @@ describe('the audit schema owned by a deploy role, the service on a writer login
           for (const suffix of ['_bulk', '_su', '_cr']) await c.query(`DROP ROLE IF EXISTS ${writer}${suffix}`);
         }, db.url);
       }
+    }
+    // A namesake of a server-file function, which any login with CREATE may make, is not one.
+    await connected(async (c) => {
+      await c.query(`CREATE SCHEMA ll_namesake_${TAG} AUTHORIZATION ${LOGIN}`);
+      await c.query(`CREATE FUNCTION ll_namesake_${TAG}.pg_read_file(text) RETURNS text LANGUAGE sql AS $$ SELECT $1 $$`);
+      await c.query(`ALTER FUNCTION ll_namesake_${TAG}.pg_read_file(text) OWNER TO ${LOGIN}`);
+    }, db.url);
+    try {
+      await checkAuditMigrations(loginUrl);
+      await checkAuditMigrations(sequencerUrl, 'sequencer');
+    } finally {
+      await connected((c) => c.query(`DROP SCHEMA ll_namesake_${TAG} CASCADE`), db.url);
     }
     // The roles a login is checked against are held to what the migrations grant them: one that
     // is itself in pg_write_all_data (here a stand-in for the writer's role, a role of this test's
