@@ -126,6 +126,9 @@ function compileConditions(rule: Rule): Check {
   if (when.ownCreditAccount === true) {
     checks.push((p, r) => (r.creditOwners !== undefined && r.creditOwners.includes(p.id) ? null : 'not own credit account'));
   }
+  if (when.noOwner === true) {
+    checks.push((_p, r) => (r.owners !== undefined && r.owners.length === 0 ? null : 'has an owner'));
+  }
   if (when.flagsIn !== undefined) {
     const allowed = new Set(when.flagsIn);
     checks.push((_p, r) => (r.flags !== undefined && r.flags.every((f) => allowed.has(f)) ? null : 'flags not allowed'));

@@ -66,6 +66,8 @@ export interface Conditions {
   ownAccount?: true;
   /** The principal's id is among the owners of the transfer's credit account. */
   ownCreditAccount?: true;
+  /** The owners are present and there are none (an account opened for nobody). */
+  noOwner?: true;
   /** The flags are present and each one is in this set (none set passes). */
   flagsIn?: readonly string[];
   /** The roles granted are present and each one is in this set (none granted passes). */

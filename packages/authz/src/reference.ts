@@ -81,6 +81,8 @@ export const CUSTOMER_TRANSFER_FLAGS: readonly string[] = ['linked', 'pending', 
  * (`npm run identity -- create-user`, recorded) or the bootstrap.
  */
 export const ADMIN_GRANTABLE_ROLES: readonly string[] = [ROLES.customer];
+// (And an admin opens accounts with no owner only, rule admin-opens-house-accounts: one that
+// made a customer could otherwise open an account owned by it and move money as it.)
 
 export const REFERENCE_POLICY: Policy = {
   version: '2026-12-07.1',
@@ -105,7 +107,10 @@ export const REFERENCE_POLICY: Policy = {
       when: { ownAccount: true, ownCreditAccount: true, amountMax: CUSTOMER_TRANSFER_MAX_MINOR, ledgerIn: PERSONAL_LEDGERS },
     },
     { id: 'staff-reads-accounts', kind: 'user', roles: [R.teller, R.complianceOfficer, R.auditor, R.admin], permissions: [P.accountRead, P.transferRead] },
-    { id: 'account-opening', kind: 'user', roles: [R.teller, R.admin], permissions: [P.accountCreate] },
+    { id: 'account-opening', kind: 'user', roles: [R.teller], permissions: [P.accountCreate] },
+    // An admin opens the house's accounts, never a person's: one that could open an account for a
+    // customer it made (with a password it chose) could move money through it.
+    { id: 'admin-opens-house-accounts', kind: 'user', roles: [R.admin], permissions: [P.accountCreate], when: { noOwner: true } },
     {
       id: 'teller-transfers-in-hours',
       kind: 'user',

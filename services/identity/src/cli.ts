@@ -53,7 +53,7 @@ export async function runIdentityCli(argv: readonly string[], io: CliIo = {}): P
     const operator = a.as;
     if (operator === undefined || !ACTOR_PATTERN.test(operator)) throw new UsageError('--as is required: who runs the command (1..200 printable characters), as its record names them');
     if (a.roles === undefined) throw new UsageError('--roles is required (comma-separated; "" for none)');
-    const roles = a.roles === '' ? [] : a.roles.split(',').map((r) => r.trim());
+    const roles = a.roles === '' ? [] : [...new Set(a.roles.split(',').map((r) => r.trim()))];
     const password = env.IDENTITY_USER_PASSWORD;
     if (password === undefined || password === '') throw new UsageError('IDENTITY_USER_PASSWORD is required: the new user\'s password, never on the command line');
     const databaseUrl = env.DATABASE_SESSION_URL || env.DATABASE_URL;
@@ -61,6 +61,15 @@ export async function runIdentityCli(argv: readonly string[], io: CliIo = {}): P
 
     pool = new pg.Pool({ connectionString: databaseUrl, max: 2 });
     pool.on('error', () => {});
+    // The trail must be able to take the record before anything is created: an account made and
+    // then unrecorded (the audit schema missing, this login not a writer) stays live unrecorded.
+    const writable = await pool.query<{ ok: boolean }>(
+      "SELECT CASE WHEN to_regclass('audit.queue') IS NULL THEN false ELSE has_column_privilege(to_regclass('audit.queue'), 'entry', 'INSERT') END AS ok",
+    );
+    if (writable.rows[0]?.ok !== true) {
+      err('identity: the audit trail cannot take the record of this creation (no audit.queue, or this login may not insert into it): nothing was created');
+      return 1;
+    }
     sink = new PostgresAuditSink({ pool });
     const identity = new Identity({ pool, issuer: env.IDENTITY_ISSUER ?? 'http://127.0.0.1:3001', userAudiences: [] });
     const entry: Omit<AuditEntry, 'outcome'> = {

@@ -58,6 +58,19 @@ test('an operator creates a teller: the user logs in with the teller role, and t
   assert.deepEqual(JSON.parse(record?.payloadJson ?? 'null'), { user_id: id, roles: [ROLES.teller] });
 });
 
+test('where the trail cannot take the record (no audit schema), nothing is created', async () => {
+  const bare = await identityDatabase('ll_identity_cli_bare', {});
+  try {
+    const r = await cli(['create-user', '--username', 'ghost', '--roles', ROLES.teller, '--as', 'ops:olu'], { DATABASE_URL: bare.db.url, IDENTITY_USER_PASSWORD: PASSWORD });
+    assert.equal(r.code, 1, r.err);
+    assert.match(r.err, /the audit trail cannot take the record of this creation .*: nothing was created/);
+    assert.equal((await bare.pool.query('SELECT 1 FROM identity.users WHERE username = $1', ['ghost'])).rowCount, 0);
+  } finally {
+    await bare.pool.end();
+    await bare.db.drop();
+  }
+});
+
 test('a refusal (the user exists, a service role) exits 1 and is recorded; usage errors exit 2 and record nothing', async () => {
   const before = (await creations()).length;
   const again = await cli(['create-user', '--username', 'tess', '--roles', ROLES.auditor, '--as', 'ops:olu']);

@@ -3,8 +3,8 @@
  * the authorization engine (`@ledgerline/authz`) before the handler touches money.
  *
  * Ownership: an account belongs to the principal whose id (the token's `sub`) is stored in the
- * account's `metadata.owner` when the account is opened (by a teller or an admin; customers
- * cannot open accounts). Account metadata is immutable in the engine (a retry with different
+ * account's `metadata.owner` when the account is opened (by a teller; an admin opens only
+ * accounts with no owner, and customers none). Account metadata is immutable in the engine (a retry with different
  * metadata is `exists_with_different_metadata`), so ownership cannot be changed after the fact.
  * An account without an owner belongs to nobody, so "own account" rules never match it.
  * "Own account" is checked on every read of an account or a transfer (a transfer is the
@@ -109,7 +109,8 @@ export function createLedgerGuard(app: Service, engine: LedgerEngine, options: L
       auth.authorize(request, resource);
     },
     accounts: (request, accounts) => {
-      for (const a of accounts) auth.authorize(request, { type: 'account', id: a.id, ledger: a.ledger });
+      // Its owner-to-be, as `owners`: who may open an account for someone is a rule's to say.
+      for (const a of accounts) auth.authorize(request, { type: 'account', id: a.id, ledger: a.ledger, owners: owners(a.metadata?.[OWNER_METADATA_KEY]) });
     },
     account: async (request, accountId) => {
       const found = auth.needsOwners(request) ? { owners: owners(await ownerOf(accountId)) } : {};

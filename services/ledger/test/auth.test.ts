@@ -285,6 +285,22 @@ describe('attacks', () => {
     assertProblem(await call({ method: 'GET', url: '/v1/ledgers', headers: { authorization: `Basic ${good}` } }), 401, 'unauthenticated');
   });
 
+  test('an admin opens accounts for nobody: one owned by a person (a customer it may have made, with a password it chose) is 403 and not opened; a teller may', async () => {
+    const admin = await sign(principalOf(ROLES.admin));
+    const teller = await sign(principalOf(ROLES.teller));
+    const counts = await rowCounts();
+    for (const [url, payload] of [
+      ['/v1/accounts', { id: newId(), ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } }],
+      ['/v1/accounts/batch', { accounts: [{ id: newId(), ledger: 'USD', code: 1 }, { id: newId(), ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } }] }],
+    ] as const) {
+      assertProblem(await call({ method: 'POST', url, payload }, admin), 403, 'forbidden');
+      assert.deepEqual([lastDecision().payload?.rule, lastDecision().reason], ['admin-opens-house-accounts', 'has an owner']);
+    }
+    assert.deepEqual(await rowCounts(), counts, 'nothing opened');
+    assert.equal((await call({ method: 'POST', url: '/v1/accounts', payload: { id: newId(), ledger: 'USD', code: 1 } }, admin)).statusCode, 201);
+    assert.equal((await call({ method: 'POST', url: '/v1/accounts', payload: { id: newId(), ledger: 'USD', code: 1, metadata: { [OWNER_METADATA_KEY]: CUSTOMER } } }, teller)).statusCode, 201);
+  });
+
   test('IDOR: a customer cannot read or debit another customer\'s account, an unowned one, or one that does not exist', async () => {
     const token = await sign(customer);
     const counts = await rowCounts();
