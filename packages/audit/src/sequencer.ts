@@ -6,8 +6,9 @@
  * cursor, deletes the queue rows it integrated and (when due) signs a checkpoint. Everything
  * commits together or not at all, so each queued entry and each event is recorded exactly once.
  *
- * One sequencer per log at a time: a transaction-scoped advisory lock. A second instance's
- * round finds the lock taken and does nothing, so instances may all run one.
+ * One sequencer per log at a time: each round's transaction locks the cursor's row
+ * (audit.sequencer_state), which only a role that may update it can. A second instance's round
+ * finds the row locked and does nothing, so instances may all run one.
  */
 import { readHorizon, sqlArrayLiteral, storablePrefix, type Checkpoint as EventCheckpoint } from '@ledgerline/events';
 import { v5 as uuidv5 } from 'uuid';
@@ -339,7 +340,7 @@ export class AuditSequencer {
    * (SequencerOptions.eventsPool), and held to what the tile query promises before anything is
    * written: after the cursor, below the read horizon (taken here, on the sequencer's own
    * connection), in order, at most `limit`, their count in every column. The cursor is this
-   * round's (the advisory lock keeps it ours); the events below the horizon are committed, the
+   * round's (the cursor's row lock keeps it ours); the events below the horizon are committed, the
    * same whichever connection reads them. A separate event store that cannot be read (down, or
    * its owner's table refusing) leaves the round to the queue, reported, so that commands,
    * reads and governance still get their place in the log.

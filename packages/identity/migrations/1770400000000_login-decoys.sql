@@ -4,11 +4,11 @@
 -- refused login of a real user does. A wrong password updates the user's row (its failure
 -- count) and commits; an unknown username took only a transaction id and committed, and was
 -- answered about half a millisecond sooner (of about nine): enough, over many tries, to tell
--- which usernames exist. It now updates one of these rows, chosen by the typed username, before
--- the password hash, so that it holds that row through the hash as a real user's lookup holds
--- the user's row: tries of one unknown name queue one behind another as a real user's do (of
--- different names that share a slot, too). The counts mean nothing; no column is indexed, so the
--- update is a heap-only one like the user's.
+-- which usernames exist. It now updates one of these rows, chosen by the typed username, after
+-- the password hash, as a wrong password updates the user's row after it. (Not before: held
+-- through the hash, a row shared by unknown names anyone can pick would make them wait on each
+-- other where real users never do.) The counts mean nothing; no column is indexed, so the update
+-- is a heap-only one like the user's.
 CREATE TABLE identity.login_decoys (
   slot     smallint PRIMARY KEY CHECK (slot BETWEEN 0 AND 63),
   refusals bigint NOT NULL DEFAULT 0

@@ -281,11 +281,6 @@ export class Identity {
     return this.#transaction(async (client) => {
       const r = await client.query<UserRow>('SELECT * FROM identity.users WHERE username = $1 FOR UPDATE', [request.username.toLowerCase()]);
       const user = r.rows[0];
-      // An unknown username updates a decoy row where a wrong password updates the user's, and
-      // first, so that it holds that row through the hash as a real user's lookup holds the
-      // user's: tries of one name queue one behind another either way (migration 1770400000000;
-      // until 2026-12-07 it only took a transaction id, about 0.5 ms quicker of 9).
-      if (user === undefined) await client.query('UPDATE identity.login_decoys SET refusals = refusals + 1 WHERE slot = $1', [decoySlot(request.username)]);
       // The password is hashed in every case, locked or unknown user included, so that how long
       // a refusal takes says nothing about which refusal it is.
       const passwordOk = await verifyPassword(user?.password_hash ?? null, request.password);
@@ -293,7 +288,13 @@ export class Identity {
       // COMMIT. A wrong password commits its count (a WAL flush); an unknown username rolled
       // back and answered about 1.7 ms sooner (of 12), a locked account too, which told anyone
       // timing the answers which usernames exist.
+      // An unknown username updates a decoy row as a wrong password updates the user's (migration
+      // 1770400000000; until 2026-12-07 it only took a transaction id, about 0.5 ms quicker of 9).
+      // After the hash, so the row is held for a moment only: held through the hash, unknown
+      // names that share a row (64 of them, chosen by a hash anyone can compute) would queue on
+      // each other where real users never do, a far plainer signal (a review's finding).
       if (user === undefined) {
+        await client.query('UPDATE identity.login_decoys SET refusals = refusals + 1 WHERE slot = $1', [decoySlot(request.username)]);
         throw new FailedAttempt(new IdentityError('invalid_grant', LOGIN_REFUSED));
       }
       const counters: LoginCounters = { failedLogins: user.failed_logins, lockedUntil: user.locked_until };
