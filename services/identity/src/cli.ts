@@ -63,14 +63,21 @@ export async function runIdentityCli(argv: readonly string[], io: CliIo = {}): P
     pool.on('error', () => {});
     // The trail must be able to take the record before anything is created: an account made and
     // then unrecorded (the audit schema missing, this login not a writer) stays live unrecorded.
-    // An insert into the queue needs the schema, the entry column and the id's sequence.
-    const writable = await pool.query<{ ok: boolean }>(
-      `SELECT CASE WHEN NOT has_schema_privilege(n.oid, 'USAGE') OR to_regclass('audit.queue') IS NULL THEN false
-                   ELSE has_column_privilege(to_regclass('audit.queue'), 'entry', 'INSERT')
-                        AND coalesce(has_sequence_privilege(pg_get_serial_sequence('audit.queue', 'id'), 'USAGE'), true) END AS ok
-         FROM pg_namespace n WHERE n.nspname = 'audit'`,
-    );
-    if (writable.rows[0]?.ok !== true) {
+    // The insert the sink will make, tried and rolled back: whatever it needs (the schema, the
+    // column, a trigger's rights) is needed here.
+    const trial = await pool.connect();
+    let writable = false;
+    try {
+      await trial.query('BEGIN');
+      await trial.query("INSERT INTO audit.queue (entry) VALUES ('{}')");
+      writable = true;
+    } catch {
+      writable = false;
+    } finally {
+      await trial.query('ROLLBACK').catch(() => {});
+      trial.release();
+    }
+    if (!writable) {
       err('identity: the audit trail cannot take the record of this creation (no audit.queue, or this login may not insert into it): nothing was created');
       return 1;
     }

@@ -5,7 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { migrateAudit } from '@ledgerline/audit';
+import { randomBytes } from 'node:crypto';
+import { AUDIT_WRITER_ROLE, migrateAudit } from '@ledgerline/audit';
 import type { Identity } from '@ledgerline/identity';
 import { ROLES } from '@ledgerline/authz';
 import { runIdentityCli } from '../src/cli.ts';
@@ -35,7 +36,7 @@ interface QueuedCreation {
   origin: { service: string };
   outcome: string;
   reason?: string;
-  resource: { id: string };
+  resource: { type: string; id: string };
   payloadJson: string;
 }
 
@@ -56,6 +57,21 @@ test('an operator creates a teller: the user logs in with the teller role, and t
   const [record] = await creations();
   assert.deepEqual([record?.actor.id, record?.origin.service, record?.outcome, record?.resource.id], ['ops:olu', 'identity-cli', 'success', 'tess']);
   assert.deepEqual(JSON.parse(record?.payloadJson ?? 'null'), { user_id: id, roles: [ROLES.teller] });
+});
+
+test('a login that is only a writer of the trail (and may write the identity tables) creates and records: the trail check refuses no one the insert would take', async () => {
+  const role = `ll_cli_writer_${randomBytes(4).toString('hex')}`;
+  await t.pool.query(`CREATE ROLE ${role} LOGIN IN ROLE ${AUDIT_WRITER_ROLE}`);
+  await t.pool.query(`GRANT USAGE ON SCHEMA identity TO ${role}; GRANT ALL ON ALL TABLES IN SCHEMA identity TO ${role}`);
+  try {
+    const url = new URL(t.db.url);
+    url.username = role;
+    const made = await cli(['create-user', '--username', 'wren', '--roles', ROLES.auditor, '--as', 'ops:olu'], { DATABASE_URL: url.toString(), IDENTITY_USER_PASSWORD: PASSWORD });
+    assert.equal(made.code, 0, made.err);
+    assert.deepEqual((await creations()).at(-1)?.resource, { type: 'user', id: 'wren' });
+  } finally {
+    await t.pool.query(`DROP OWNED BY ${role}; DROP ROLE ${role}`);
+  }
 });
 
 test('where the trail cannot take the record (no audit schema), nothing is created', async () => {
