@@ -90,10 +90,16 @@ function storedClientId(clientId: unknown): string {
  */
 const REPLAYED_HEADERS = ['content-type', 'location'] as const;
 /**
- * 4xx answers about the circumstances rather than the request: refused credentials, a timeout,
- * too early, too many requests. Nothing ran, so they are released like 5xx, not stored.
+ * 4xx answers after which nothing ran, released like 5xx rather than stored: a malformed
+ * request (400: a handler's own checks of what the schema cannot say, as the ledger's fields
+ * required unless a pending transfer is posted or voided, refuse it before it does anything,
+ * as the schema's refusals do before the key is claimed), and answers about the circumstances
+ * rather than the request (refused credentials, a timeout, too early, too many requests). A
+ * handler must answer 400 only before it has done anything. Until 2026-12-07 a handler's 400
+ * was stored: the corrected request under the same key got 422 idempotency-key-mismatch,
+ * where the same mistake caught by the schema left the key free (a review found it).
  */
-const NOT_STORED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 425, 429]);
+const NOT_STORED_4XX: ReadonlySet<number> = new Set([400, 401, 403, 408, 425, 429]);
 /** How long the withdrawal of a failed claim statement may take (WITHDRAW_CLAIMS_SQL). */
 const WITHDRAW_CLAIMS_TIMEOUT_MS = 30_000;
 /** A claim races at most a prune or an expiry between its two statements; more is a bug. */

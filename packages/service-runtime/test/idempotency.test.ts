@@ -28,6 +28,7 @@ import {
   ProblemResponse,
   pruneIdempotencyKeys,
   startIdempotencyPruner,
+  validationProblem,
   type IdempotencyOptions,
   type Service,
 } from '../src/index.ts';
@@ -153,6 +154,12 @@ async function buildApp(options: Partial<IdempotencyOptions> = {}): Promise<Test
     ran('unavailable');
     reply.header('retry-after', '1');
     throw problem(503, { title: 'Unavailable', detail: 'Try again.' });
+  });
+  // A handler's own check of what the schema cannot say, before it does anything.
+  app.post('/v1/checked', { schema: { body: ThingBody, response: { 201: Thing, ...problems } } }, (request, reply) => {
+    if (request.body.amount === undefined) throw validationProblem('body', '/amount', 'is required here');
+    reply.code(201);
+    return { n: ran('checked'), name: request.body.name };
   });
   app.post('/v1/limited', { schema: { body: ThingBody, response: problems } }, () => {
     ran('limited');
@@ -469,6 +476,20 @@ describe('what is not stored', () => {
     assert.equal(replay.headers['idempotent-replayed'], 'true');
     assert.equal(replay.body, retried.body);
     assert.equal(runs.flaky, 2);
+    await app.close();
+  });
+
+  test('a handler\'s 400 releases the key, as the schema\'s never takes it: the corrected request runs under it', async () => {
+    const { app, runs } = await buildApp();
+    const refused = await post(app, '/v1/checked', { name: 'a' }, { 'idempotency-key': 'k-400' });
+    assertProblem(refused, 400, 'validation-error');
+    assert.equal(await keyRow('k-400'), undefined);
+    const corrected = await post(app, '/v1/checked', { name: 'a', amount: 5 }, { 'idempotency-key': 'k-400' });
+    assert.equal(corrected.statusCode, 201, corrected.body);
+    assert.equal(corrected.headers['idempotent-replayed'], undefined);
+    const replay = await post(app, '/v1/checked', { name: 'a', amount: 5 }, { 'idempotency-key': 'k-400' });
+    assert.equal(replay.headers['idempotent-replayed'], 'true');
+    assert.equal(runs.checked, 1);
     await app.close();
   });
 

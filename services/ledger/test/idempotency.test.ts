@@ -113,6 +113,22 @@ describe('POST /v1/transfers with Idempotency-Key', () => {
     assert.deepEqual(await balances(a), { debits_posted: '0', credits_posted: '0' });
   });
 
+  test('a malformed transfer (fields missing) does not take its key: the corrected one runs under it, and the money moves once', async () => {
+    const [a, b] = [await account(), await account()];
+    const transfer = { id: newId(), debit_account_id: a, credit_account_id: b, amount: '7', ledger: 'USD', code: 1 };
+    const key = newId();
+    const { amount: _amount, ...missing } = transfer;
+    const refused = await post('/v1/transfers', missing, key);
+    assert.equal(refused.statusCode, 400, refused.body);
+    assert.deepEqual(refused.json<{ errors: unknown[] }>().errors, [{ in: 'body', path: '/amount', message: 'is required' }]);
+    // Until 2026-12-07 that 400 was stored, and this got 422 idempotency-key-mismatch.
+    const corrected = await post('/v1/transfers', transfer, key);
+    assert.equal(corrected.statusCode, 201, corrected.body);
+    assert.equal(corrected.headers['idempotent-replayed'], undefined);
+    assertReplay(await post('/v1/transfers', transfer, key), corrected);
+    assert.deepEqual(await balances(a), { debits_posted: '7', credits_posted: '0' });
+  });
+
   test('a key left in progress by a crashed instance: after the lock timeout the retry re-runs, and the engine reports exists', async () => {
     const [a, b] = [await account(), await account()];
     const transfer = { id: newId(), debit_account_id: a, credit_account_id: b, amount: '700', ledger: 'USD', code: 1 };
