@@ -19,6 +19,8 @@ export {
   StreamCorruptError,
   StreamOrderConflictError,
   streamOrderConflict,
+  STREAM_VERSION_CONFLICT_SQLSTATE,
+  streamVersionConflict,
   StreamRegionMismatchError,
   migrateEvents,
   partitionByResidency,

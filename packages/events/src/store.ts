@@ -322,8 +322,9 @@ function fnv1a(text: string): number {
  * constants: ROWS FROM zips the arrays, in order.
  */
 function appendSql(v: string[]): string {
-  // v[9] and v[10]: the continuing streams' types and ids, when there are any (see #appendColumns).
-  const order = v.length > 9 ? `\n        WHERE events.assert_stream_order(${v[9]}::json, ${v[10]}::json)` : '';
+  // v[9], v[10] and v[11]: the continuing streams' types, ids and first versions here, when
+  // there are any (see #appendColumns).
+  const order = v.length > 9 ? `\n        WHERE events.assert_stream_order(${v[9]}::json, ${v[10]}::json, ${v[11]}::json)` : '';
   return `INSERT INTO events.events (partition, event_id, stream_type, stream_id, version, type, schema_version, data, metadata)
        SELECT u.partition, u.event_id::uuid, u.stream_type, u.stream_id, u.version, u.type, u.schema_version, u.data, u.metadata
          FROM ROWS FROM (unnest(${v[0]}::smallint[], ${v[4]}::int[], ${v[6]}::smallint[]),
@@ -399,6 +400,31 @@ export function streamOrderConflict(error: unknown): StreamOrderConflictError | 
   }
   const text = (v: unknown): string => (typeof v === 'string' ? v : '?');
   return new StreamOrderConflictError(text(stream.streamType), text(stream.streamId), 'any', typeof stream.version === 'number' ? stream.version : 0, { cause: error });
+}
+
+/**
+ * The SQLSTATE of an append whose first version of a stream does not continue it (migration
+ * 1770500000000): the stream's latest version is not the one before.
+ */
+export const STREAM_VERSION_CONFLICT_SQLSTATE = 'LL412';
+
+/**
+ * The ConcurrencyError that a database error stands for, or null: an append that gives a
+ * stream's versions (`appendMany`, `appendStatement`) expects the stream at the version before
+ * its first, and the statement refuses it (SQLSTATE LL412, the stream in DETAIL) when the
+ * stream is elsewhere: a writer that read it before another appended, or a version skipped.
+ */
+export function streamVersionConflict(error: unknown): ConcurrencyError | null {
+  if ((error as { code?: unknown } | null)?.code !== STREAM_VERSION_CONFLICT_SQLSTATE) return null;
+  let stream: { streamType?: unknown; streamId?: unknown; expected?: unknown; actual?: unknown } = {};
+  try {
+    stream = JSON.parse(String((error as { detail?: unknown }).detail)) as typeof stream;
+  } catch {
+    // The message (the cause) still says which stream; the fields stay unknown.
+  }
+  const text = (v: unknown): string => (typeof v === 'string' ? v : '?');
+  const version = (v: unknown): number => (typeof v === 'number' ? v : 0);
+  return new ConcurrencyError(text(stream.streamType), text(stream.streamId), version(stream.expected), version(stream.actual), { cause: error });
 }
 
 /** Most events in one append statement: bounds the statement and its parameter arrays. */
@@ -670,7 +696,7 @@ export class EventStore {
       const r = await db.query<{ position: string }>(`${appendSql(columns.map((_, i) => `$${i + 1}`))} RETURNING position::text`, columns);
       return r.rows.map((x) => BigInt(x.position));
     } catch (error) {
-      throw streamOrderConflict(error) ?? error;
+      throw streamOrderConflict(error) ?? streamVersionConflict(error) ?? error;
     }
   }
 
@@ -706,10 +732,34 @@ export class EventStore {
     // stream instead cost a heap fetch per event of its history: about 5 µs per appended event
     // in bench:events, a fifth of the append. As a query of its own before the append, the
     // check cost a statement, and the ledger a round trip; see the migration.)
+    //
+    // A stream's versions must also follow on: positions are taken in the array's order, and
+    // readers (the relay, and so every consumer) follow positions, so versions given out of
+    // order, or a version that skips one a later append then fills, would reach them out of
+    // order. Within the append, each stream's versions rise by one in the order given (checked
+    // here); its first continues the stream (checked in the statement, with the order: the
+    // stream's latest version, live or archived, must be the one before, else SQLSTATE LL412,
+    // which `streamVersionConflict` turns into ConcurrencyError). Until 2026-12-07 `appendMany`
+    // took both (a review found them). A stream's first event (version 1) is guarded by the
+    // unique (stream, version) key alone, as before.
     const continuing = new Map<string, StreamEvent>();
-    for (const e of entries) if (e.version > 1) continuing.set(`${e.streamType}/${e.streamId}`, e);
+    const lastVersion = new Map<string, number>();
+    for (const e of entries) {
+      // Unambiguous: a stream type has no '/'.
+      const key = `${e.streamType}/${e.streamId}`;
+      const last = lastVersion.get(key);
+      if (last === undefined) {
+        if (e.version > 1) continuing.set(key, e);
+      } else if (e.version !== last + 1) {
+        throw new RangeError(`stream ${key}: version ${e.version} follows version ${last} in one append; a stream's versions must rise by one in the order given`);
+      }
+      lastVersion.set(key, e.version);
+    }
     const streams = [...continuing.values()];
-    const order = streams.length === 0 ? [] : [JSON.stringify(streams.map((e) => e.streamType)), JSON.stringify(streams.map((e) => e.streamId))];
+    const order =
+      streams.length === 0
+        ? []
+        : [JSON.stringify(streams.map((e) => e.streamType)), JSON.stringify(streams.map((e) => e.streamId)), JSON.stringify(streams.map((e) => e.version))];
     // Integers travel as array literals, text and documents as one JSON array each: one
     // JSON.stringify per column instead of pg's escaping of every element (measured: +7%
     // ledger throughput for the documents alone).

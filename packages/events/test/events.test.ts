@@ -21,8 +21,11 @@ import {
   STREAM_ORDER_CONFLICT_SQLSTATE,
   StreamOrderConflictError,
   streamOrderConflict,
+  STREAM_VERSION_CONFLICT_SQLSTATE,
+  streamVersionConflict,
   TransactionRolledBackError,
   type StoredEvent,
+  type StreamEvent,
 } from '../src/index.ts';
 import { suiteWithEffects, waitFor, NATS_URL, type EventsTestEnv } from './support.ts';
 
@@ -181,6 +184,37 @@ describe('the event store', () => {
     // Not every error is one: anything else passes through as it is.
     assert.equal(streamOrderConflict(new Error('other')), null);
     assert.equal(streamOrderConflict(Object.assign(new Error('unique'), { code: '23505' })), null);
+  });
+
+  test('versions an append gives must follow on: out of order in one call, a skipped version, or a stale one are refused, and readers see each stream in order', async () => {
+    const at = (id: string, version: number, type = `V${version}`): StreamEvent => ({ streamType: 'vers', streamId: id, version, event: { type, data: {} } });
+    await inTx((c) => env.store.appendMany(c, [at('a', 1), at('b', 1)]));
+    // In one call, a stream's versions rise by one in the order given (positions follow it).
+    await assert.rejects(inTx((c) => env.store.appendMany(c, [at('a', 3), at('a', 2)])), /vers\/a: version 2 follows version 3 in one append/);
+    await assert.rejects(inTx((c) => env.store.appendMany(c, [at('a', 2), at('a', 4)])), /version 4 follows version 2/);
+    // A first version that skips one is refused in the statement (LL412, ConcurrencyError),
+    // and so is a stale one (the stream moved on), before the unique key would: nothing is inserted.
+    const skipped = await inTx((c) => env.store.appendMany(c, [at('b', 2), at('a', 3)])).then(() => null, (error: unknown) => error);
+    assert.ok(skipped instanceof ConcurrencyError, String(skipped));
+    assert.deepEqual([skipped.streamType, skipped.streamId, skipped.expected, skipped.actual], ['vers', 'a', 2, 1]);
+    assert.equal(((skipped as Error).cause as { code?: string }).code, STREAM_VERSION_CONFLICT_SQLSTATE);
+    await inTx((c) => env.store.appendMany(c, [at('a', 2), at('a', 3), at('b', 2)]));
+    const stale = await inTx((c) => env.store.appendMany(c, [at('a', 3, 'Again')])).then(() => null, (error: unknown) => error);
+    assert.ok(stale instanceof ConcurrencyError && stale.expected === 2 && stale.actual === 3, String(stale));
+    // appendStatement, the ledger's, carries the same check; the server's error maps the same way.
+    const text = await env.store.appendStatement(env.pool, [at('b', 4)]);
+    const refused = await env.pool.query(text!).then(() => null, (error: unknown) => error);
+    assert.deepEqual([streamVersionConflict(refused)?.expected, streamVersionConflict(refused)?.actual], [3, 2]);
+    assert.equal(streamVersionConflict(new Error('other')), null);
+    // A stream whose events were all archived continues after its archived versions.
+    const moved = await env.pool.query("WITH moved AS (DELETE FROM events.events WHERE stream_type = 'vers' AND stream_id = 'b' RETURNING *) INSERT INTO events.archived_events SELECT *, now() FROM moved");
+    assert.equal(moved.rowCount, 2);
+    await assert.rejects(inTx((c) => env.store.appendMany(c, [at('b', 2)])), ConcurrencyError);
+    await inTx((c) => env.store.appendMany(c, [at('b', 3)]));
+    for (const id of ['a', 'b']) {
+      const all = (await env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 10_000 })).filter((e) => e.streamType === 'vers' && e.streamId === id);
+      assert.deepEqual(all.map((e) => e.version), [1, 2, 3]);
+    }
   });
 
   test('the global order never skips a transaction that commits late', async () => {
