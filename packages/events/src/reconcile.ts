@@ -871,15 +871,17 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
       );
       // One pass over the inbox (it has no index on handled_at), and per row one probe of the hot
       // table by event id and, when that misses, one of the archive by position (its key): an
-      // event whose stream retention archived is still the store's. A row that matches neither
-      // is stray.
+      // event whose stream retention archived is still the store's; then one of the events
+      // retention deleted (events.deleted_events, by position): the store had it, lawfully
+      // gone since. A row that matches none is stray.
       await session.query(
         `INSERT INTO ${STRAY_TABLE} (consumer, event_id, position, handled_at, event_position)
          SELECT i.consumer, i.event_id, i.position, i.handled_at, h.position
            FROM events.inbox i
            LEFT JOIN LATERAL (SELECT x.position FROM events.events x WHERE x.event_id = i.event_id LIMIT 1) h ON true
           WHERE i.consumer = ANY($1::text[]) AND i.handled_at >= $2 AND h.position IS DISTINCT FROM i.position
-            AND NOT EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = i.position AND a.event_id = i.event_id)`,
+            AND NOT EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = i.position AND a.event_id = i.event_id)
+            AND NOT EXISTS (SELECT 1 FROM events.deleted_events d WHERE d.position = i.position AND d.event_id = i.event_id)`,
         [consumers, from],
       );
       const unplaced = await session.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${STRAY_TABLE} WHERE event_position IS NULL`);
