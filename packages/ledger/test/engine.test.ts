@@ -442,6 +442,18 @@ describe('linked chains', () => {
     assert.deepEqual(await balances(a), [0n, 9n, 0n, 0n]);
   });
 
+  test('a member that exists already counts as applied: a chain sent again moves nothing, a new chain naming it applies its other members', async () => {
+    const [a, b] = (await accounts(undefined, undefined)) as [string, string];
+    const x = transfer(a, b, 3n, { flags: { linked: true } });
+    const y = transfer(a, b, 4n);
+    assert.deepEqual(await results([x, y]), ['ok', 'ok']);
+    assert.deepEqual(await results([x, y]), ['exists', 'exists']);
+    assert.deepEqual(await balances(a), [0n, 7n, 0n, 0n]);
+    const z = transfer(a, b, 5n);
+    assert.deepEqual(await results([x, z]), ['exists', 'ok']);
+    assert.deepEqual(await balances(a), [0n, 12n, 0n, 0n]);
+  });
+
   test('a member that reuses the id of an earlier member of its failed chain reports no timestamp: that member was never stored', async () => {
     const [a, b] = (await accounts(undefined, undefined)) as [string, string];
     const stored = transfer(a, b, 1n);
