@@ -11,7 +11,9 @@
  * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
  * --nats-url, --stream and --subject-prefix. Reconciliation keeps a temporary table in its
  * session, so it needs a direct or session-pooled connection, never one through a pooler that
- * pools transactions: that is what DATABASE_SESSION_URL is. Exit codes: 0 clean, 1 gaps found
+ * pools transactions: that is what DATABASE_SESSION_URL is. `dlq replay` applies the relay's
+ * residency settings (EVENTS_RESIDENCY_POLICY, EVENTS_BROKER_LOCATION) as the relay does: an
+ * event they keep from the broker is withheld. Exit codes: 0 clean, 1 gaps found
  * (reconcile) or an event not replayed (dlq replay), 2 a usage error or a failure. A usage
  * error (an option's value the command cannot use: a date PostgreSQL cannot hold, a stream the
  * broker does not have) prints its message and the usage; a failure of the database or the
@@ -22,6 +24,8 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import pg from 'pg';
 import { listDeadLetters, listUndecodableMessages, replayDeadLetters, type ReplayOutcome } from './dlq.ts';
 import { assertEventsSchema, formatReconcileReport, reconcile, ReconcileSessionError } from './reconcile.ts';
+import type { RelayResidency } from './relay.ts';
+import { relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
 import { EventStore } from './store.ts';
 import { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
 
@@ -33,7 +37,8 @@ const USAGE = `usage:
   events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
   events dlq undecodable [--consumer NAME]... [--limit N] [--json]
 connections: DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
-  (or --database-url, --nats-url, --stream, --subject-prefix)
+  (or --database-url, --nats-url, --stream, --subject-prefix); dlq replay: the relay's
+  EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION (an event they keep from the broker is withheld)
 reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
 
 const OPTIONS = {
@@ -147,6 +152,17 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
     if (command === 'dlq replay' && (consumer === undefined || (a.consumer?.length ?? 0) > 1)) {
       throw new UsageError('dlq replay needs exactly one --consumer');
     }
+    // A replay publishes to the broker as the relay does, so under the relay's residency settings
+    // (EVENTS_RESIDENCY_POLICY, EVENTS_BROKER_LOCATION): one it would withhold now is withheld.
+    let residency: RelayResidency | null = null;
+    if (command === 'dlq replay') {
+      try {
+        residency = relayResidencyFromEnv(env);
+      } catch (error) {
+        if (error instanceof ResidencyConfigError) throw new UsageError(error.message);
+        throw error;
+      }
+    }
     // The dates before any connection: a usage error need not wait for the broker.
     const to = dateOption('to', a.to) ?? new Date();
     const from = dateOption('from', a.from) ?? new Date(to.getTime() - 24 * 3600_000);
@@ -164,13 +180,15 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
         consumer,
         eventIds: a.event,
         limit: intOption('limit', a.limit),
+        // The relay's policy: an event it would withhold from the broker now is not replayed to it.
+        ...(residency === null ? {} : { residency }),
       });
       if (a.json) out(JSON.stringify(outcomes));
       else {
         out(`${outcomes.length} dead letter(s) of ${consumer}`);
-        for (const o of outcomes) out(`  ${o.eventId}: ${o.status}${o.msgId === null ? '' : ` (${o.msgId}, seq ${o.seq})`}`);
+        for (const o of outcomes) out(`  ${o.eventId}: ${o.status}${o.msgId === null ? '' : ` (${o.msgId}, seq ${o.seq})`}${o.reason === undefined ? '' : `: ${o.reason}`}`);
       }
-      const bad: ReplayOutcome['status'][] = ['event_missing', 'not_dead_lettered'];
+      const bad: ReplayOutcome['status'][] = ['event_missing', 'not_dead_lettered', 'withheld'];
       return outcomes.some((o) => bad.includes(o.status)) ? 1 : 0;
     }
     // reconcile

@@ -15,6 +15,12 @@
  * marked `replayed_at`) therefore publishes the same id, and the broker drops the copy within
  * its duplicate window; a later dead letter of the same event gets a new id.
  *
+ * Residency: with the relay's policy and the broker's location (`residency`, as the relay's
+ * EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION), an event whose data region may not be at
+ * the broker now is not published (`withheld`, the dead letter stays pending): the policy may
+ * have changed since the relay published it. Until 2026-12-07 a replay published whatever the
+ * policy said (a review found it).
+ *
  * Order: a replayed event arrives after events of its stream that were handled meanwhile. A
  * handler that depends on per-stream order must tolerate that, or the operator replays only
  * once the cause is fixed and before more events of that stream matter.
@@ -22,7 +28,8 @@
 import { jetstream } from '@nats-io/jetstream';
 import { headers, type NatsConnection } from '@nats-io/transport-node';
 import type pg from 'pg';
-import type { EventMetadata, EventStore, StoredEvent } from './store.ts';
+import type { RelayResidency } from './relay.ts';
+import { partitionByResidency, type EventMetadata, type EventStore, type StoredEvent } from './store.ts';
 import { encodeBatch } from './wire.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -168,6 +175,8 @@ export interface ReplayDeadLettersOptions {
   eventIds?: readonly string[];
   limit?: number;
   publishTimeoutMs?: number;
+  /** The relay's residency settings: an event its policy forbids at the broker is withheld, not published. */
+  residency?: RelayResidency;
 }
 
 export type ReplayStatus =
@@ -180,7 +189,9 @@ export type ReplayStatus =
   /** The store does not have the event: nothing published, not marked. */
   | 'event_missing'
   /** Named in `eventIds` but not a pending dead letter of the consumer. */
-  | 'not_dead_lettered';
+  | 'not_dead_lettered'
+  /** The residency policy forbids its data at the broker's location: nothing published, not marked (`reason` says why). */
+  | 'withheld';
 
 export interface ReplayOutcome {
   eventId: string;
@@ -188,6 +199,8 @@ export interface ReplayOutcome {
   msgId: string | null;
   /** The stream sequence the broker stored it at. */
   seq: number | null;
+  /** Why it was withheld. */
+  reason?: string;
 }
 
 interface PendingRow {
@@ -270,6 +283,14 @@ export async function replayDeadLetters(options: ReplayDeadLettersOptions): Prom
     const expected = store.partitionOf(event.streamType, event.streamId);
     if (expected !== event.partition) {
       throw new Error(`event ${event.id} is stored in partition ${event.partition}, but its stream maps to ${expected}`);
+    }
+    if (options.residency !== undefined) {
+      const { withheld } = await partitionByResidency(pool, options.residency.policy, [event], options.residency.location, 'replicate');
+      const refusal = withheld[0];
+      if (refusal !== undefined) {
+        outcomes.push({ eventId: event.id, status: 'withheld', msgId: null, seq: null, reason: refusal.error.message });
+        continue;
+      }
     }
     const msgId = `replay:${consumer}:${event.id}:${row.dead_at_us}`;
     const h = headers();

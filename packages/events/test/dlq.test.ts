@@ -17,7 +17,8 @@ import {
   replayDeadLetters,
   type StoredEvent,
 } from '../src/index.ts';
-import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type CliRun, type EventsTestEnv } from './support.ts';
+import { runCli } from '../src/cli.ts';
+import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, NATS_URL, type CliRun, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -217,6 +218,43 @@ describe('dead letters', () => {
       poisoned = poisonedBefore;
     }
     assert.equal((await effectCounts('other')).get(id), 1, 'the other consumer applied it once, the copy dropped by its inbox');
+  });
+
+  test('a replay applies the relay\'s residency policy: an event it keeps from the broker now is withheld, and stays pending', async () => {
+    const poisonedBefore = poisoned;
+    poisoned = true;
+    const c = await env.pool.connect();
+    try {
+      await c.query('BEGIN');
+      await env.store.append(c, { type: 'order', id: 'o-eu' }, [{ type: 'Paid', data: { poison: true } }], { expectedVersion: 'no_stream', region: 'eu' });
+      await c.query('COMMIT');
+    } finally {
+      c.release();
+    }
+    const id = (await env.pool.query<{ id: string }>("SELECT event_id::text AS id FROM events.events WHERE stream_id = 'o-eu'")).rows[0]?.id as string;
+    await waitFor('the target to dead-letter it', async () => (await listDeadLetters(env.pool, { consumer: 'target', pendingOnly: true })).some((d) => d.eventId === id));
+    poisoned = false;
+    try {
+      // The policy now keeps eu data in eu-west-1, and the broker is elsewhere.
+      const policy = { allowed: { eu: ['eu-west-1'] } };
+      const opts = { pool: env.pool, nats: env.nats, store: env.store, streamName: env.streamName, subjectPrefix: env.subjectPrefix, consumer: 'target', eventIds: [id] };
+      const [withheld] = await replayDeadLetters({ ...opts, residency: { policy, location: 'us-east-1' } });
+      assert.deepEqual([withheld?.status, withheld?.msgId], ['withheld', null]);
+      assert.match(withheld?.reason ?? '', /eu/);
+      const cliEnv = { DATABASE_URL: env.db.url, NATS_URL, EVENTS_STREAM: env.streamName, EVENTS_SUBJECT_PREFIX: env.subjectPrefix, EVENTS_RESIDENCY_POLICY: JSON.stringify({ eu: ['eu-west-1'] }) };
+      let out = '';
+      assert.equal(await runCli(['dlq', 'replay', '--consumer', 'target', '--event', id], { env: { ...cliEnv, EVENTS_BROKER_LOCATION: 'us-east-1' }, stdout: (t) => (out += t), stderr: () => {} }), 1);
+      assert.match(out, new RegExp(`${id}: withheld`));
+      assert.equal(await runCli(['dlq', 'replay', '--consumer', 'target'], { env: cliEnv, stdout: () => {}, stderr: () => {} }), 2, 'a policy without the broker\'s location is a usage error');
+      // Still pending, never published: nothing reached the target.
+      assert.ok((await listDeadLetters(env.pool, { consumer: 'target', pendingOnly: true })).some((d) => d.eventId === id));
+      assert.equal((await effectCounts('target')).get(id), undefined);
+      // Where the policy allows it, it is replayed and applied once.
+      assert.equal(await runCli(['dlq', 'replay', '--consumer', 'target', '--event', id], { env: { ...cliEnv, EVENTS_BROKER_LOCATION: 'eu-west-1' }, stdout: () => {}, stderr: () => {} }), 0);
+      await waitFor('the replay to be applied', async () => (await effectCounts('target')).get(id) === 1);
+    } finally {
+      poisoned = poisonedBefore;
+    }
   });
 
   test('undecodable messages are listed by the CLI, with what they start with', async () => {
