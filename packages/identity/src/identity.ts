@@ -33,6 +33,8 @@ export type IdentityErrorCode =
   | 'account_locked'
   | 'conflict'
   | 'not_found'
+  /** RFC 7009 §2.2.1: a revocation of a token this server does not revoke (an access token). */
+  | 'unsupported_token_type'
   /** The database did not answer in time (a lock or a statement timeout): retry. RFC 6749 §4.1.2.1's name. */
   | 'temporarily_unavailable';
 

@@ -120,6 +120,7 @@ const STATUS: Record<IdentityErrorCode, number> = {
   account_locked: 423,
   conflict: 409,
   not_found: 404,
+  unsupported_token_type: 400,
   temporarily_unavailable: 503,
 };
 
@@ -184,6 +185,9 @@ function refreshActor(token: string | undefined): AuditActor {
   const tokenId = (token ?? '').split('.')[0] ?? '';
   return { type: 'user', id: REFRESH_TOKEN_ID.test(tokenId) ? `refresh:${tokenId}` : 'refresh:malformed' };
 }
+
+/** A compact JWS, as this server's access tokens are: three base64url parts. */
+const ACCESS_TOKEN_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 
 /** The grant types the token endpoint serves, as TokenBody lists them. */
 const GRANT_TYPES: ReadonlySet<unknown> = new Set(TokenBody.properties.grant_type.enum);
@@ -783,6 +787,16 @@ export async function buildIdentityService(options: IdentityServiceOptions): Pro
     // malformed or wrong token is answered 200 (RFC 7009) and recorded as a failure.
     recordedAlready.add(request);
     const entry = { recordClass: 'access', action: AUDIT_ACTIONS.revoke, actor: refreshActor(request.body.token), origin: originOf(request) };
+    // An access token (a compact JWS; a refresh token is `<id>.<secret>`) cannot be revoked
+    // here: it stays valid until it expires. RFC 7009 §2.2.1's answer says so, where a 200 would
+    // tell the client it was revoked. Until 2026-12-07 the schema cut the token at 128
+    // characters, and an access token got 400 invalid_request (a review found it).
+    if (ACCESS_TOKEN_SHAPE.test(request.body.token)) {
+      recordOrLog(request, () => options.audit.record({ ...entry, resource: { type: 'session', id: 'unknown' }, outcome: 'failure', reason: 'unsupported_token_type' }));
+      throw identityProblem(
+        new IdentityError('unsupported_token_type', `this server revokes refresh tokens only: an access token stays valid until it expires; revoke the session's refresh token to end the session`),
+      );
+    }
     let outcome: RevokeOutcome;
     try {
       outcome = await identity.revoke(request.body.token);

@@ -34,7 +34,9 @@ export const TokenOut = Type.Object({
   refresh_token: Type.Optional(Type.String()),
 });
 
-export const RevokeBody = Type.Object({ token: Text(128), token_type_hint: Type.Optional(Text(32)) }, { additionalProperties: false });
+// Long enough for an access token, which is refused as unsupported_token_type (RFC 7009 §2.2.1),
+// not cut off as a malformed request.
+export const RevokeBody = Type.Object({ token: Text(4096), token_type_hint: Type.Optional(Text(32)) }, { additionalProperties: false });
 
 export const JwksOut = Type.Object({
   keys: Type.Array(

@@ -45,6 +45,7 @@ interface Problem {
   type: string;
   status: number;
   error?: string;
+  detail?: string;
 }
 
 const form = (fields: Record<string, string>): InjectOptions => ({
@@ -203,6 +204,18 @@ describe('the token endpoint', () => {
     const revoked = await app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: `token=${third.refresh_token}` });
     assert.equal(revoked.statusCode, 200);
     assertOAuthProblem(await token({ grant_type: 'refresh_token', refresh_token: third.refresh_token }), 400, 'invalid_grant');
+    // An access token is not revocable here (it lives until it expires): RFC 7009's
+    // unsupported_token_type, never a 200 that would say it was revoked; the session goes on.
+    const fourth = await login('root', 'ledger');
+    assert.ok(fourth.access_token.length > 128);
+    const access = await app.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': 'application/x-www-form-urlencoded' }, payload: `token=${fourth.access_token}&token_type_hint=access_token` });
+    assertOAuthProblem(access, 400, 'unsupported_token_type');
+    assert.match(access.json<Problem>().detail ?? '', /refresh tokens only/);
+    assert.deepEqual(
+      audit.entries.filter((e) => e.action === 'identity.revoke').slice(-1).map((e) => [e.outcome, e.reason, e.actor.id]),
+      [['failure', 'unsupported_token_type', 'refresh:malformed']],
+    );
+    assert.equal((await token({ grant_type: 'refresh_token', refresh_token: fourth.refresh_token })).statusCode, 200);
   });
 
   test('client credentials with a secret and with a signed assertion; a wrong secret is 401', async () => {

@@ -336,11 +336,13 @@ describe('POST /oauth/token refused before its handler is audited', () => {
 describe('POST /oauth/revoke refused before its handler is audited', () => {
   test('a body the schema or the parser refuses, one that is not a form or JSON (415), one over the limit (413): named as the handler names a token, by its id', async () => {
     const small = await serve({ bodyLimitBytes: 1024 });
+    const roomy = await serve();
     const from = audit.entries.length;
-    const raw = (payload: string, contentType = 'application/x-www-form-urlencoded') => small.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': contentType }, payload });
+    const raw = (payload: string, contentType = 'application/x-www-form-urlencoded', service = small) => service.inject({ method: 'POST', url: '/oauth/revoke', headers: { 'content-type': contentType }, payload });
     const answers = {
-      // Over 128 characters: the id before the dot still names the session, as the handler would.
-      long: await raw(`token=${REFRESH_TOKEN}${'R'.repeat(100)}`),
+      // Over 4096 characters (room for an access token): the id before the dot still names the
+      // session, as the handler would.
+      long: await raw(`token=${REFRESH_TOKEN}${'R'.repeat(4100)}`, undefined, roomy),
       // A parameter RFC 7009 does not have, whose name is what was typed (`token=…&Tr0ub4dor%263-staple`).
       extra: await raw(`token=${REFRESH_TOKEN}&${encodeURIComponent(TYPED)}`),
       // No token at all, and a token that is not text.
@@ -361,7 +363,7 @@ describe('POST /oauth/revoke refused before its handler is audited', () => {
     assert.deepEqual(brief(long), ['user', `refresh:${SESSION_ID}`, 'failure', 'invalid_request']);
     assert.deepEqual([long.recordClass, long.resource], ['access', { type: 'session', id: 'unknown' }]);
     assert.deepEqual(long.origin, { service: 'identity', ip: '127.0.0.1', requestId: String(answers.long.headers['x-request-id']) });
-    assert.deepEqual(long.payload, { status: 400, problem: 'validation-error', errors: [{ in: 'body', path: '/token', message: 'must not have more than 128 characters' }] });
+    assert.deepEqual(long.payload, { status: 400, problem: 'validation-error', errors: [{ in: 'body', path: '/token', message: 'must not have more than 4096 characters' }] });
     const extra = await recordOf(from, answers.extra, AUDIT_ACTIONS.revoke);
     assert.deepEqual(brief(extra), ['user', `refresh:${SESSION_ID}`, 'failure', 'invalid_request']);
     assert.deepEqual((extra.payload?.errors as Array<{ path: string }>).map((e) => e.path), ['(another parameter)']);
