@@ -12,7 +12,7 @@
  * than served.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { addressKey, BEARER_SECURITY_SCHEME, documentRoute, flushEveryInterval, OVERLOAD_PROBLEM_TYPES, problem, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
+import { addressKey, BEARER_SECURITY_SCHEME, DEPENDENCY_RETRY_AFTER_SECONDS, documentRoute, flushEveryInterval, OVERLOAD_PROBLEM_TYPES, problem, PROBLEM_TYPES, ProblemResponse, problemType, type HttpProblem, type ServiceMetrics } from '@ledgerline/service-runtime';
 import { auditedInSummary, type AuditOrigin } from '@ledgerline/audit';
 import { AUTH_FAILURE_LIMIT_DEFAULT, AuthFailureThrottle, type AuthFailureLimit } from './failure-throttle.ts';
 import { DecisionUnrecordedError, type Authorizer } from './authorizer.ts';
@@ -24,6 +24,15 @@ declare module 'fastify' {
     permission?: Permission;
   }
 }
+
+/**
+ * The `code` of an error `verify` throws when it cannot check a token now (its issuer's keys
+ * could not be fetched: `@ledgerline/identity`'s TokenKeysUnavailableError, kept equal). Such a
+ * request is answered 503 dependency-unavailable with Retry-After, its decision recorded as a
+ * deny with the reason, and is not counted as an authentication failure: nothing is known
+ * against the token, and its client should retry it, not throw it away.
+ */
+export const VERIFIER_UNAVAILABLE_CODE = 'ERR_VERIFIER_UNAVAILABLE';
 
 export const AUTH_PROBLEM_TYPES = {
   unauthenticated: problemType('unauthenticated'),
@@ -182,6 +191,16 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     try {
       principals.set(request, await verify(token));
     } catch (error) {
+      if ((error as { code?: unknown } | null)?.code === VERIFIER_UNAVAILABLE_CODE) {
+        const why = `the token could not be checked: ${error instanceof Error ? error.message : 'its verifier is unavailable'}`;
+        decide(request, null, permission, resource, origin(request), why);
+        reply.header('retry-after', String(DEPENDENCY_RETRY_AFTER_SECONDS));
+        throw problem(503, {
+          type: PROBLEM_TYPES.dependencyUnavailable,
+          title: 'Token issuer unavailable',
+          detail: 'The bearer token could not be checked: the token issuer\'s signing keys could not be fetched. Nothing was run; retry with the same token after the Retry-After delay.',
+        });
+      }
       throw refuse(request, reply, permission, resource, error instanceof Error ? error.message : 'invalid token', true);
     }
   });

@@ -12,6 +12,7 @@ export {
   CLOCK_TOLERANCE_SECONDS,
   createTokenVerifier,
   InvalidTokenError,
+  TokenKeysUnavailableError,
   JWKS_CACHE_MAX_AGE_MS,
   localKeys,
   newSigningKey,

@@ -5,7 +5,7 @@
  * before any claim is read.
  */
 import { randomUUID } from 'node:crypto';
-import { calculateJwkThumbprint, createLocalJWKSet, createRemoteJWKSet, exportJWK, generateKeyPair, jwtVerify, SignJWT } from 'jose';
+import { calculateJwkThumbprint, createLocalJWKSet, createRemoteJWKSet, errors as joseErrors, exportJWK, generateKeyPair, jwtVerify, SignJWT } from 'jose';
 import type { CryptoKey, JSONWebKeySet, JWK, JWTPayload, JWTVerifyGetKey } from 'jose';
 
 export const TOKEN_ALGORITHM = 'EdDSA';
@@ -76,6 +76,24 @@ export class InvalidTokenError extends Error {
   }
 }
 
+/**
+ * The token could not be checked now: the issuer's signing keys could not be fetched (it is
+ * down, hangs past the fetch's timeout, or answers other than 200 with a key set). Nothing is
+ * known of the token, so it is not refused as invalid: `@ledgerline/authz`'s HTTP plugin answers
+ * 503 with Retry-After on this `code` (its VERIFIER_UNAVAILABLE_CODE, kept equal), not 401, and
+ * does not count it as an authentication failure. Until 2026-12-07 such a token was answered
+ * 401 invalid_token, so the identity service down for a minute (the key set's cache) made the
+ * ledger refuse every valid token it had not seen, and count each against the client's address
+ * (a review found it).
+ */
+export class TokenKeysUnavailableError extends Error {
+  readonly code = 'ERR_VERIFIER_UNAVAILABLE';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'TokenKeysUnavailableError';
+  }
+}
+
 export interface TokenVerifierOptions {
   /** Where the keys come from: `remoteKeys(url)` for the issuer's JWKS, or `localKeys(jwks)`. */
   keys: JWTVerifyGetKey;
@@ -141,6 +159,7 @@ export function createTokenVerifier(options: TokenVerifierOptions): TokenVerifie
         requiredClaims: ['sub', 'exp', 'iat', 'jti', 'nbf'],
       }));
     } catch (error) {
+      if (keysUnavailable(error)) throw new TokenKeysUnavailableError(`the issuer's signing keys could not be fetched (${describe(error)})`, { cause: error });
       throw new InvalidTokenError(describe(error), { cause: error });
     }
     const verified = toVerified(payload, options.audience);
@@ -153,6 +172,18 @@ export function createTokenVerifier(options: TokenVerifierOptions): TokenVerifie
     cache.set(token, verified);
     return verified;
   };
+}
+
+/**
+ * Whether verification failed for want of the keys, not for anything in the token: the remote
+ * key set's fetch timed out (JWKSTimeout), was answered other than 200 (jose's generic error,
+ * its only use in the fetch), or failed outright (fetch's own error, not jose's: the connection
+ * refused or reset, the name not resolved). Everything about the token itself, an unknown `kid`
+ * included, is a jose error of its own kind.
+ */
+function keysUnavailable(error: unknown): boolean {
+  if (!(error instanceof joseErrors.JOSEError)) return true;
+  return error instanceof joseErrors.JWKSTimeout || error instanceof joseErrors.JWKSInvalid || (error.code === joseErrors.JOSEError.code && /JSON Web Key Set HTTP response/.test(error.message));
 }
 
 /** jose's error codes, without echoing anything from the token back to the caller. */
