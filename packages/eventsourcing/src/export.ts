@@ -16,6 +16,7 @@ import {
   type ResidencyPolicy,
 } from '@ledgerline/events';
 import { checkpointLess } from './projection.ts';
+import { settledThrough } from './settled.ts';
 
 export interface ExportOptions {
   policy: ResidencyPolicy;
@@ -24,9 +25,14 @@ export interface ExportOptions {
   /** The file to write (NDJSON, one event per line). */
   out: string;
   after?: Checkpoint;
-  /** Last event to include (inclusive); default: everything readable now. */
+  /**
+   * Last event to include (inclusive); default: everything readable now. The export first waits
+   * (at most `settleWaitMs`) until every event up to it is readable (`settledThrough`), so that
+   * it never ends short of it; RangeNotSettledError when it cannot.
+   */
   until?: Checkpoint;
   pageSize?: number;
+  settleWaitMs?: number;
 }
 
 export interface ExportReport {
@@ -37,6 +43,7 @@ export interface ExportReport {
 
 export async function exportEvents(pool: pg.Pool, store: EventStore, options: ExportOptions): Promise<ExportReport> {
   const pageSize = options.pageSize ?? 10_000;
+  if (options.until !== undefined) await settledThrough(pool, options.until, options.settleWaitMs);
   const partial = `${options.out}.partial`;
   const file = createWriteStream(partial, { flags: 'w' });
   let events = 0;

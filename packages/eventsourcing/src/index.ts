@@ -57,6 +57,7 @@ export {
   type LedgerReconcileReport,
 } from './reconcile-ledger.ts';
 export { exportEvents, type ExportOptions, type ExportReport } from './export.ts';
+export { RANGE_SETTLE_WAIT_MS_DEFAULT, RangeNotSettledError, settledAsOfTime, settledThrough } from './settled.ts';
 export { applyRetention, NO_LEGAL_HOLDS, type LegalHolds, type RetentionReport, type RetentionRule, type StreamRef } from './retention.ts';
 export {
   decidePayment,

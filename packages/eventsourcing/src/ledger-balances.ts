@@ -18,6 +18,7 @@ import { AccountFlag, ACCOUNT_STREAM, LedgerEventType, TransferFlag, TRANSFER_ST
 import { StreamCorruptError, type AsOf, type StoredEvent } from '@ledgerline/events';
 import { ALL_EVENTS, COPIED } from './global-order.ts';
 import { mergeLedgerPage, type LedgerPageSummary } from './ledger-replay.ts';
+import { settledAsOfTime, settledThrough } from './settled.ts';
 import type { Projection, TableNames } from './projection.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -488,9 +489,15 @@ export async function readProjectedBalances(db: Queryable): Promise<Map<string, 
  * ledger's events, a cost an audit pays and the money path never does. An archived copy of a
  * hot event is refused (`StreamCorruptError`), not folded twice.
  */
-export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: AsOf): Promise<AccountBalances | null> {
+export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: AsOf, options: { settleWaitMs?: number } = {}): Promise<AccountBalances | null> {
   const cp = 'checkpoint' in asOf ? asOf.checkpoint : null;
-  const time = 'time' in asOf ? asOf.time : null;
+  // The answer must be the one the history gives for good: first wait until no transaction that
+  // could still add an event before the checkpoint (or recorded by the time) is open
+  // (settled.ts); a time not yet past is answered as of the database's clock. Until 2026-12-07
+  // the query ran at once, and a transaction in flight left its event out of one answer and in
+  // the next.
+  if (cp !== null) await settledThrough(db, cp, options.settleWaitMs);
+  const time = 'time' in asOf ? await settledAsOfTime(db, asOf.time, options.settleWaitMs) : null;
   // As of a time: recorded_at is each transaction's start, which need not follow the global
   // order (a transaction that began earlier can commit later), so a filter on it is not a
   // prefix of the ledger's history. Cut the ledger's events in the global order at the first

@@ -19,6 +19,7 @@
 import type pg from 'pg';
 import { CHECKPOINT_START, inTransaction, readHorizon, StreamCorruptError, type Checkpoint, type EventStore, type StoredEvent } from '@ledgerline/events';
 import { ALL_EVENTS, FIRST_COPY_SQL } from './global-order.ts';
+import { settledThrough } from './settled.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -240,7 +241,13 @@ export interface ReplayReport {
 export interface ReplayOptions {
   /** Events per read (and, without `Projection.replay`, per transaction). */
   batchSize: number;
+  /**
+   * The last event to replay (inclusive). The replay first waits (at most `settleWaitMs`) until
+   * every event up to it is readable (`settledThrough`), so that it never ends short of it;
+   * RangeNotSettledError when it cannot.
+   */
   until?: Checkpoint;
+  settleWaitMs?: number;
   /** With `Projection.replay`: events folded in memory between two flushes (commits). */
   flushEvery?: number;
   /** With a replay that supports it: decode pages in this many worker threads, each with its own connection. */
@@ -279,6 +286,7 @@ export async function replayInto(pool: pg.Pool, store: EventStore, p: Projection
     throw new ResidencyReplayError(`replay of ${p.name} with worker threads: the workers read events without the store's residency check; ` +
       'replay without workers with this store (its reads are checked), or with a store without a policy where all data may be read');
   }
+  if (options.until !== undefined) await settledThrough(pool, options.until, options.settleWaitMs);
   const setBased = !checked && p.replaySql !== undefined && options.setBased !== false && options.until === undefined
     ? await replaySetBased(pool, p, p.replaySql, generation)
     : 0;
@@ -303,7 +311,11 @@ async function replaySetBased(pool: pg.Pool, p: Projection, replaySql: NonNullab
     );
     const row = r.rows[0];
     if (row === undefined) throw new Error(`generation ${generation} of ${p.name} does not exist`);
-    if (row.p !== '0') return 0;
+    // Only from the very start: a generation created just before a later event (`replay
+    // --from-position`, at that event's transaction and position - 1) is not at it, even at
+    // position 0 (until 2026-12-07 it was taken to be, and events of older transactions that
+    // sort before the range's first were folded in: a review found it).
+    if (row.p !== '0' || row.t !== '0') return 0;
     // Everything below the horizon is committed, and whatever commits later sorts after it.
     const horizon = await readHorizon(c);
     const last = await c.query<{ t: string; p: string }>(
