@@ -41,6 +41,29 @@ export interface ExportReport {
   last: Checkpoint | null;
 }
 
+/**
+ * `read` in one read-only REPEATABLE READ transaction: a page's events and their streams'
+ * region tags are read in one snapshot. Read in two, a stream that retention deleted in
+ * between (its events and its tag go in one transaction) was judged untagged, and its events,
+ * already read, went out wherever the export went (until 2026-12-07; a review forced it).
+ */
+async function inOneSnapshot<T>(pool: pg.Pool, read: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+  const client = await pool.connect();
+  let failed = false;
+  try {
+    await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+    const result = await read(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (error) {
+    failed = true;
+    await client.query('ROLLBACK').catch(() => {});
+    throw error;
+  } finally {
+    client.release(failed ? true : undefined);
+  }
+}
+
 export async function exportEvents(pool: pg.Pool, store: EventStore, options: ExportOptions): Promise<ExportReport> {
   const pageSize = options.pageSize ?? 10_000;
   if (options.until !== undefined) await settledThrough(pool, options.until, options.settleWaitMs);
@@ -51,12 +74,15 @@ export async function exportEvents(pool: pg.Pool, store: EventStore, options: Ex
   let after = options.after ?? CHECKPOINT_START;
   try {
     for (;;) {
-      const read = await store.readAll(pool, { after, limit: pageSize });
       const { until } = options;
-      const page = until === undefined ? read : read.filter((e) => !checkpointLess(until, e));
-      const { withheld } = await partitionByResidency(pool, options.policy, page, options.targetLocation, 'export');
-      const refused = withheld[0];
-      if (refused !== undefined) throw refused.error;
+      const page = await inOneSnapshot(pool, async (c) => {
+        const read = await store.readAll(c, { after, limit: pageSize });
+        const inRange = until === undefined ? read : read.filter((e) => !checkpointLess(until, e));
+        const { withheld } = await partitionByResidency(c, options.policy, inRange, options.targetLocation, 'export');
+        const refused = withheld[0];
+        if (refused !== undefined) throw refused.error;
+        return inRange;
+      });
       for (const e of page) {
         const line = JSON.stringify({ ...e, position: e.position.toString(), transactionId: e.transactionId.toString() });
         if (!file.write(`${line}\n`)) await once(file, 'drain');

@@ -166,6 +166,42 @@ describe('residency', () => {
     assert.equal(ranged.events, 1);
   });
 
+  test('export: a stream deleted by retention between a page\'s read and its region check is still judged by its tag (one snapshot)', async () => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'race', id: 'eu-race' }, [{ type: 'note.Written', data: { secret: 'eu only' } }], { expectedVersion: 'no_stream', region: 'eu' }));
+    const position = (await env.pool.query<{ p: string }>("SELECT position::text AS p FROM events.events WHERE stream_id = 'eu-race'")).rows[0]!.p;
+    const at = (await env.store.checkpointAt(env.pool, BigInt(position)))!;
+    const range = { after: { transactionId: at.transactionId, position: at.position - 1n }, until: at };
+    await passReaders(env.pool);
+    // Retention deletes the stream (its events and its tag, one transaction) just before the
+    // export asks for the page's region tags, as another process would.
+    let deleted = 0;
+    const racing = new Proxy(env.pool, {
+      get(target, prop, receiver) {
+        if (prop !== 'connect') return Reflect.get(target, prop, receiver) as unknown;
+        // pool.query connects with a callback: that path is left as it is.
+        return async (...callback: unknown[]) => {
+          if (callback.length > 0) return (target.connect as (...a: unknown[]) => unknown).apply(target, callback);
+          const client = await target.connect();
+          return new Proxy(client, {
+            get(c, p, r) {
+              if (p !== 'query') return Reflect.get(c, p, r) as unknown;
+              return async (text: unknown, values?: unknown) => {
+                if (deleted === 0 && typeof text === 'string' && text.includes('events.stream_regions')) {
+                  deleted = (await applyRetention(env.pool, { rules: [{ streamType: 'race', deleteAfterDays: 1 }], holds: NO_LEGAL_HOLDS, now: new Date(Date.now() + 30 * 86_400_000) })).eventsDeleted;
+                }
+                return (c.query as (t: unknown, v?: unknown) => Promise<unknown>).call(c, text, values);
+              };
+            },
+          });
+        };
+      },
+    });
+    const out = join(dir, 'race.ndjson');
+    await assert.rejects(exportEvents(racing, env.store, { policy, targetLocation: 'us-east-1', out, ...range }), violation('export', 'race/eu-race', 'us-east-1'));
+    assert.equal(deleted, 1, 'retention deleted the stream mid-export');
+    assert.deepEqual([existsSync(out), existsSync(`${out}.partial`)], [false, false]);
+  });
+
   test('export through the CLI: refused with exit 1 and the reason; usage errors exit 2', async () => {
     const out: string[] = [];
     const err: string[] = [];
