@@ -261,7 +261,14 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       runner.start();
       await (io.stopSignal ?? stopOnSignals());
       await runner.stop();
-      out(json(runner.stats()));
+      const stats = runner.stats();
+      out(json(stats));
+      // Stopped while its batches fail (until 2026-12-07 this exited 0 even when every batch had
+      // failed; a review found it): a supervisor must see that the projection was not moving.
+      if (stats.failing) {
+        err(`[projections] stopped while failing: the last batch did not commit (${stats.errors} failed in all); the projection is behind`);
+        return 1;
+      }
       return 0;
     }
     if (command === 'replay') {

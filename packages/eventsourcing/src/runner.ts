@@ -56,6 +56,8 @@ export interface ProjectionRunnerStats {
   batches: number;
   events: number;
   errors: number;
+  /** Whether the last batch tried failed (nothing of it committed): the projection is not moving. */
+  failing: boolean;
 }
 
 /** Backoff after a failed batch (nothing of it was committed), doubling up to the maximum. */
@@ -63,7 +65,7 @@ const ERROR_BACKOFF_MS_MAX = 5000;
 
 export class ProjectionRunner {
   readonly #o: Required<Omit<ProjectionRunnerOptions, 'metrics' | 'beforeCommit'>> & Pick<ProjectionRunnerOptions, 'metrics' | 'beforeCommit'>;
-  readonly #stats: ProjectionRunnerStats = { batches: 0, events: 0, errors: 0 };
+  readonly #stats: ProjectionRunnerStats = { batches: 0, events: 0, errors: 0, failing: false };
   #running: Promise<void> | null = null;
   #stopping = false;
   #wake: (() => void) | null = null;
@@ -118,6 +120,7 @@ export class ProjectionRunner {
           ...(this.#o.beforeCommit === undefined ? {} : { beforeCommit: this.#o.beforeCommit }),
         });
         backoffMs = 50;
+        this.#stats.failing = false;
         if (r.applied > 0) {
           this.#stats.batches += 1;
           this.#stats.events += r.applied;
@@ -132,6 +135,7 @@ export class ProjectionRunner {
         if (!r.more) await this.#sleep(idleMs);
       } catch (error) {
         this.#stats.errors += 1;
+        this.#stats.failing = true;
         this.#o.onError(error);
         await this.#sleep(backoffMs);
         backoffMs = Math.min(backoffMs * 2, ERROR_BACKOFF_MS_MAX);

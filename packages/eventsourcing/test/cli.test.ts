@@ -3,6 +3,8 @@
  * and a failed replay or rebuild does not leave its generation behind unreported.
  */
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
@@ -176,4 +178,26 @@ describe('bad input and archived events', () => {
     assert.equal((JSON.parse(r.lines.join('')) as { events: number }).events, 3);
   });
 
+});
+
+test('run stopped while every batch fails exits 1 and says so (it exited 0)', async () => {
+  const env = await esTestEnv();
+  try {
+    // A transfer between accounts no event opened: the fold refuses it, batch after batch.
+    const orphan = { type: 'ledger.TransferPosted', data: { id: randomUUID(), debitAccountId: randomUUID(), creditAccountId: randomUUID(), amount: '1' } };
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'ledger.transfer', id: randomUUID() }, [orphan], { expectedVersion: 'no_stream' }));
+    const out: string[] = [];
+    const err: string[] = [];
+    const io = { env: { DATABASE_URL: env.db.url }, stdout: (t: string) => out.push(t), stderr: (t: string) => err.push(t) };
+    const failedTwice = (async () => {
+      while (err.filter((line) => line.startsWith('[projections] ')).length < 2) await sleep(20);
+    })();
+    assert.equal(await runCli(['run', '--batch', '10'], { ...io, stopSignal: failedTwice }), 1);
+    const stats = JSON.parse(out.at(-1)!) as { batches: number; errors: number; failing: boolean };
+    assert.deepEqual([stats.batches, stats.failing], [0, true]);
+    assert.ok(stats.errors >= 2);
+    assert.match(err.at(-1)!, /stopped while failing: the last batch did not commit/);
+  } finally {
+    await env.close();
+  }
 });
