@@ -6,7 +6,11 @@
 -- (EventStore.appendMany, appendStatement) was held to nothing but the unique (stream, version)
 -- key, so a version that skipped one (3 while the stream is at 1) went in, and a later append
 -- of the skipped one took a later position: readers, who follow positions, and the relay, and
--- so every consumer, then saw 1, 3, 2. A mismatch raises SQLSTATE LL412 with the stream, the
+-- so every consumer, then saw 1, 3, 2. A stream with no event at all, live or archived, may be
+-- continued at any version: its history was deleted by retention, or never recorded (the
+-- ledger's pending transfer made without an event store), and the ledger still appends its
+-- expiry or its posting as version 2 (a review found the first form of this check refusing
+-- exactly that, which stalled every expiry sweep behind it). A mismatch raises SQLSTATE LL412 with the stream, the
 -- version the append expected and the stream's in DETAIL (streamVersionConflict turns it into
 -- ConcurrencyError); the order conflict keeps LL409 and comes first. The probe of the latest
 -- live event is the one the order check made already; the archive is probed only for a stream
@@ -33,7 +37,7 @@ BEGIN
         LEFT JOIN LATERAL (SELECT e.version, e.transaction_id FROM events.events e
                             WHERE e.stream_type = s.stream_type AND e.stream_id = s.stream_id
                             ORDER BY e.version DESC LIMIT 1) live ON true) l
-   WHERE l.newer OR l.latest <> s.first_version::int - 1
+   WHERE l.newer OR (l.latest <> 0 AND l.latest <> s.first_version::int - 1)
    ORDER BY l.newer DESC
    LIMIT 1;
   IF NOT FOUND THEN

@@ -739,9 +739,11 @@ export class EventStore {
     // order. Within the append, each stream's versions rise by one in the order given (checked
     // here); its first continues the stream (checked in the statement, with the order: the
     // stream's latest version, live or archived, must be the one before, else SQLSTATE LL412,
-    // which `streamVersionConflict` turns into ConcurrencyError). Until 2026-12-07 `appendMany`
-    // took both (a review found them). A stream's first event (version 1) is guarded by the
-    // unique (stream, version) key alone, as before.
+    // which `streamVersionConflict` turns into ConcurrencyError; a stream with no event at all,
+    // its history deleted or never recorded, may be continued at any version, as the ledger
+    // continues a pending transfer's). Until 2026-12-07 `appendMany` took both (a review found
+    // them). A stream's first event (version 1) is guarded by the unique (stream, version) key
+    // alone, as before.
     const continuing = new Map<string, StreamEvent>();
     const lastVersion = new Map<string, number>();
     for (const e of entries) {
