@@ -14,7 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, test } from 'node:test';
-import type pg from 'pg';
+import pg from 'pg';
+import { createTestDatabase } from '@ledgerline/testing';
 import { runCli } from '../src/cli.ts';
 import {
   createGeneration,
@@ -92,6 +93,27 @@ test('an export and a kept replay up to a position wait for the transaction in f
   const kept = await env.pool.query<{ generation: number }>('SELECT generation FROM events.projections WHERE name = $1 AND NOT active ORDER BY generation DESC LIMIT 1', [ledgerBalancesProjection.name]);
   const balance = await env.pool.query<{ d: string }>(`SELECT debits_posted::text AS d FROM projections.ledger_balances_g${kept.rows[0]!.generation} WHERE account_id = $1`, [a]);
   assert.equal(balance.rows[0]?.d, '65');
+});
+
+test('an export up to a position is whole while another database of the server has a transaction open', async () => {
+  const neighbour = await createTestDatabase('ll_es_neighbour');
+  const other = new pg.Client({ connectionString: neighbour.url });
+  try {
+    await other.connect();
+    await other.query('BEGIN');
+    await other.query('SELECT pg_current_xact_id()');
+    const first = (await env.pool.query<{ p: string }>('SELECT coalesce(max(position), 0)::text AS p FROM events.events')).rows[0]!.p;
+    for (let i = 0; i < 5; i++) await inTx(env.pool, (c) => env.store.append(c, { type: 'order', id: randomUUID() }, [{ type: 'Placed', data: { i } }], { expectedVersion: 'no_stream' }));
+    const until = (await env.store.checkpointAt(env.pool, BigInt(first) + 5n))!;
+    const after = (await env.store.checkpointAt(env.pool, BigInt(first) + 1n))!;
+    const out = join(dir, 'neighbour.ndjson');
+    const report = await exportEvents(env.pool, env.store, { policy: { allowed: {} }, targetLocation: 'eu-west-1', out, after: { transactionId: after.transactionId, position: after.position - 1n }, until, settleWaitMs: 2000 });
+    assert.equal(report.events, 5);
+  } finally {
+    await other.query('ROLLBACK').catch(() => {});
+    await other.end();
+    await neighbour.drop();
+  }
 });
 
 test('a balance as of a position or a time waits for a transaction in flight that may still add to it', async () => {
