@@ -28,9 +28,10 @@ declare module 'fastify' {
 /**
  * The `code` of an error `verify` throws when it cannot check a token now (its issuer's keys
  * could not be fetched: `@ledgerline/identity`'s TokenKeysUnavailableError, kept equal). Such a
- * request is answered 503 dependency-unavailable with Retry-After, its decision recorded as a
- * deny with the reason, and is not counted as an authentication failure: nothing is known
- * against the token, and its client should retry it, not throw it away.
+ * request is answered 503 dependency-unavailable with Retry-After, never 401 or 429: nothing is
+ * known against the token, and its client should retry it, not throw it away. Its decision is
+ * recorded as a deny with the reason while its address is within the failure limit, and counted
+ * in the address's summary record past it, as a refused token is.
  */
 export const VERIFIER_UNAVAILABLE_CODE = 'ERR_VERIFIER_UNAVAILABLE';
 
@@ -193,7 +194,13 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     } catch (error) {
       if ((error as { code?: unknown } | null)?.code === VERIFIER_UNAVAILABLE_CODE) {
         const why = `the token could not be checked: ${error instanceof Error ? error.message : 'its verifier is unavailable'}`;
-        decide(request, null, permission, resource, origin(request), why);
+        // Recorded one by one within the address's failure limit, and past it counted in the
+        // address's summary record, as a refused token is: any bytes make such a request, and
+        // one record each would let an address flood the trail while the keys are away (the
+        // final review did it: 20 junk tokens, 20 records). The answer is 503 either way.
+        const address = addressKey(request.ip);
+        if (throttle === null || throttle.admit(address)) decide(request, null, permission, resource, origin(request), why);
+        else auditedInSummary(request);
         reply.header('retry-after', String(DEPENDENCY_RETRY_AFTER_SECONDS));
         throw problem(503, {
           type: PROBLEM_TYPES.dependencyUnavailable,
