@@ -497,7 +497,21 @@ export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: As
   // the query ran at once, and a transaction in flight left its event out of one answer and in
   // the next.
   if (cp !== null) await settledThrough(db, cp, options.settleWaitMs);
-  const time = 'time' in asOf ? await settledAsOfTime(db, asOf.time, options.settleWaitMs) : null;
+  let time: Date | null = null;
+  if ('time' in asOf) {
+    time = await settledAsOfTime(db, asOf.time, options.settleWaitMs);
+    // The cut below is the first event recorded after the time in the global order. A
+    // transaction that began after the time but took its id before an event already read would,
+    // committing, put its event before that one and move the cut earlier. Every transaction
+    // that began by then has ended (above), so its events are all at or before the present
+    // head: once no transaction older than the head is open, nothing can come before it any
+    // more, and the cut is final (the final review moved it: 10, then 0).
+    const head = await db.query<{ t: string; p: string }>(
+      `SELECT e.transaction_id::text AS t, e.position::text AS p FROM ${ALL_EVENTS} e ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1`,
+    );
+    const last = head.rows[0];
+    if (last !== undefined) await settledThrough(db, { transactionId: BigInt(last.t), position: BigInt(last.p) }, options.settleWaitMs);
+  }
   // As of a time: recorded_at is each transaction's start, which need not follow the global
   // order (a transaction that began earlier can commit later), so a filter on it is not a
   // prefix of the ledger's history. Cut the ledger's events in the global order at the first

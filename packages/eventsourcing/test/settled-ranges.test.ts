@@ -129,6 +129,40 @@ test('a balance as of a position or a time waits for a transaction in flight tha
   assert.equal((await ledgerBalanceAt(env.pool, a, { time: now }))?.debitsPosted, 65n);
 });
 
+test('a balance as of a time does not change once answered: a transaction that began after the time but holds an older id is waited for', async () => {
+  const [a, b] = [randomUUID(), randomUUID()];
+  await inTx(env.pool, async (c) => {
+    await env.store.append(c, { type: 'ledger.account', id: a }, [opened(a)], { expectedVersion: 'no_stream' });
+    await env.store.append(c, { type: 'ledger.account', id: b }, [opened(b)], { expectedVersion: 'no_stream' });
+  });
+  const early = await env.pool.connect();
+  const late = await env.pool.connect();
+  try {
+    await early.query('BEGIN');
+    await early.query('SELECT now()'); // begins before the time, no id yet
+    await sleep(50);
+    const asOf = (await env.pool.query<{ t: Date }>('SELECT clock_timestamp() AS t')).rows[0]!.t;
+    await sleep(50);
+    await late.query('BEGIN'); // begins after the time, and takes the older id
+    await env.store.append(late, { type: 'ledger.transfer', id: randomUUID() }, [posted(a, b, '7')], { expectedVersion: 'no_stream' });
+    await env.store.append(early, { type: 'ledger.transfer', id: randomUUID() }, [posted(a, b, '10')], { expectedVersion: 'no_stream' });
+    await early.query('COMMIT');
+    // The late transaction sorts before the early one and is recorded after the time: while it
+    // is open the answer cannot be given for good.
+    await assert.rejects(ledgerBalanceAt(env.pool, a, { time: asOf }, { settleWaitMs: 100 }), RangeNotSettledError);
+    const [first] = await Promise.all([ledgerBalanceAt(env.pool, a, { time: asOf }), (async () => {
+      await sleep(300);
+      await late.query('COMMIT');
+    })()]);
+    // The cut is the late transfer (recorded after the time, first in the global order): the early one, after it, is out.
+    assert.equal(first?.debitsPosted, 0n);
+    assert.equal((await ledgerBalanceAt(env.pool, a, { time: asOf }))?.debitsPosted, 0n);
+  } finally {
+    early.release();
+    late.release();
+  }
+});
+
 test('a replay from position 1 folds nothing that sorts before it, set-based or not', async () => {
   // A store of its own: the range must start at position 1, whose generation starts at
   // (its transaction, 0), which the set-based fill took for the very start.
