@@ -28,12 +28,15 @@ declare module 'fastify' {
 /**
  * The `code` of an error `verify` throws when it cannot check a token now (its issuer's keys
  * could not be fetched: `@ledgerline/identity`'s TokenKeysUnavailableError, kept equal). Such a
- * request is answered 503 dependency-unavailable with Retry-After, never 401 or 429: nothing is
- * known against the token, and its client should retry it, not throw it away. Its decision is
- * recorded as a deny with the reason while its address is within the failure limit, and counted
- * in the address's summary record past it, as a refused token is.
+ * request is answered 503 dependency-unavailable with Retry-After, never 401 or 429, and is not
+ * counted against its address's authentication failures: nothing is known against the token,
+ * and its client should retry it, not throw it away. Its decision is recorded as a deny with the
+ * reason, up to UNVERIFIABLE_RECORDS_PER_SECOND a second; past that, counted and logged.
  */
 export const VERIFIER_UNAVAILABLE_CODE = 'ERR_VERIFIER_UNAVAILABLE';
+
+/** Decisions about requests whose token could not be checked recorded one by one each second, across all addresses; the rest are counted. */
+export const UNVERIFIABLE_RECORDS_PER_SECOND = 100;
 
 export const AUTH_PROBLEM_TYPES = {
   unauthenticated: problemType('unauthenticated'),
@@ -60,6 +63,8 @@ export interface HttpAuthOptions {
   failureTotalLimit?: AuthFailureLimit;
   /** How often the refusals over the limit are recorded, one record per address. Default 10 s. */
   failureSummaryIntervalMs?: number;
+  /** Requests whose token could not be checked recorded one by one each second; UNVERIFIABLE_RECORDS_PER_SECOND unless given. */
+  unverifiableRecordsPerSecond?: number;
   /** The throttle's clock (tests). */
   clock?: () => number;
 }
@@ -114,6 +119,18 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     'audit_decisions_unrecorded_total',
     'Authorization decisions (and summaries of throttled requests) whose audit record the trail could not take, each logged at error level; an allow among them was refused 503.',
     () => unrecorded,
+  );
+  /** Requests whose token could not be checked (issuer keys unavailable), per second recorded; the rest counted. */
+  const unverifiablePerSecond = options.unverifiableRecordsPerSecond ?? UNVERIFIABLE_RECORDS_PER_SECOND;
+  if (!(Number.isInteger(unverifiablePerSecond) && unverifiablePerSecond >= 1)) throw new RangeError(`unverifiableRecordsPerSecond must be a positive integer, not ${unverifiablePerSecond}`);
+  let unverifiableWindowStartMs = -Infinity;
+  let unverifiableRecordedInWindow = 0;
+  let unverifiableSkippedInWindow = 0;
+  let unverifiableUnrecorded = 0;
+  (app as { metrics?: ServiceMetrics }).metrics?.registerCounterFromTotal(
+    'auth_unverifiable_unrecorded_total',
+    'Requests answered 503 because their token could not be checked (the issuer\'s keys unavailable) past the per-second record limit: counted here and logged, not recorded one by one.',
+    () => unverifiableUnrecorded,
   );
   if (throttle !== null) {
     // On the service's /metrics when it has one: the 429s are recorded in summaries only.
@@ -194,13 +211,27 @@ export function installHttpAuth(app: FastifyInstance, options: HttpAuthOptions):
     } catch (error) {
       if ((error as { code?: unknown } | null)?.code === VERIFIER_UNAVAILABLE_CODE) {
         const why = `the token could not be checked: ${error instanceof Error ? error.message : 'its verifier is unavailable'}`;
-        // Recorded one by one within the address's failure limit, and past it counted in the
-        // address's summary record, as a refused token is: any bytes make such a request, and
-        // one record each would let an address flood the trail while the keys are away (the
-        // final review did it: 20 junk tokens, 20 records). The answer is 503 either way.
-        const address = addressKey(request.ip);
-        if (throttle === null || throttle.admit(address)) decide(request, null, permission, resource, origin(request), why);
-        else auditedInSummary(request);
+        // Recorded one by one, at most UNVERIFIABLE_RECORDS_PER_SECOND a second across all
+        // addresses; past that, counted (`auth_unverifiable_unrecorded_total`) and logged once a
+        // second. Any bytes make such a request, and a record each would let a client flood the
+        // trail while the keys are away (the final review: 20 junk tokens, 20 records). Not
+        // through the failure throttle: its summary record says 429, and these are 503s, many
+        // with good tokens, which must not use up their address's allowance either.
+        const nowMs = (options.clock ?? Date.now)();
+        if (nowMs - unverifiableWindowStartMs >= 1000) {
+          if (unverifiableSkippedInWindow > 0) app.log.warn({ unrecorded: unverifiableSkippedInWindow, audit: true }, 'auth: requests whose token could not be checked (issuer keys unavailable) past the per-second record limit were counted, not recorded');
+          unverifiableWindowStartMs = nowMs;
+          unverifiableRecordedInWindow = 0;
+          unverifiableSkippedInWindow = 0;
+        }
+        if (unverifiableRecordedInWindow < unverifiablePerSecond) {
+          unverifiableRecordedInWindow += 1;
+          decide(request, null, permission, resource, origin(request), why);
+        } else {
+          unverifiableSkippedInWindow += 1;
+          unverifiableUnrecorded += 1;
+          auditedInSummary(request);
+        }
         reply.header('retry-after', String(DEPENDENCY_RETRY_AFTER_SECONDS));
         throw problem(503, {
           type: PROBLEM_TYPES.dependencyUnavailable,

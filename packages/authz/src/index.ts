@@ -16,7 +16,7 @@ export {
   SERVICE_ROLES,
   TELLER_TRANSFER_MAX_MINOR,
 } from './reference.ts';
-export { AUTH_PROBLEM_TYPES, FAILURE_SUMMARY_INTERVAL_MS_DEFAULT, installHttpAuth, VERIFIER_UNAVAILABLE_CODE } from './http.ts';
+export { AUTH_PROBLEM_TYPES, FAILURE_SUMMARY_INTERVAL_MS_DEFAULT, installHttpAuth, UNVERIFIABLE_RECORDS_PER_SECOND, VERIFIER_UNAVAILABLE_CODE } from './http.ts';
 export { ADDRESSES_MAX, AUTH_FAILURE_LIMIT_DEFAULT, AUTH_FAILURE_TOTAL_LIMIT_DEFAULT, authFailureConfigSchema, authFailureOptionsFromConfig, AuthFailureThrottle, OTHER_ADDRESSES, SUMMARY_ADDRESSES_MAX, type AuthFailureLimit, type ThrottleSummary } from './failure-throttle.ts';
 export type { HttpAuth, HttpAuthOptions } from './http.ts';
 export { LogAuditSink } from './log-sink.ts';

@@ -35,7 +35,7 @@ export interface LedgerAuthOptions {
   verify: (token: string) => Promise<Principal>;
   authorizer: Authorizer;
   /** Authentication failures allowed per client address and in all before 429s recorded together (`installHttpAuth`'s options; its defaults unless given). */
-  failures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit'>;
+  failures?: Pick<HttpAuthOptions, 'failureLimit' | 'failureTotalLimit' | 'unverifiableRecordsPerSecond'>;
 }
 
 /** Authorization calls for the ledger's routes; each throws a 403 problem on deny. */
