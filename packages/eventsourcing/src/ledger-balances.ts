@@ -18,7 +18,7 @@ import { AccountFlag, ACCOUNT_STREAM, LedgerEventType, TransferFlag, TRANSFER_ST
 import { StreamCorruptError, type AsOf, type StoredEvent } from '@ledgerline/events';
 import { ALL_EVENTS, COPIED } from './global-order.ts';
 import { mergeLedgerPage, type LedgerPageSummary } from './ledger-replay.ts';
-import { settledAsOfTime, settledThrough } from './settled.ts';
+import { RANGE_SETTLE_WAIT_MS_DEFAULT, settledAsOfTime, settledThrough } from './settled.ts';
 import type { Projection, TableNames } from './projection.ts';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
@@ -499,23 +499,32 @@ export async function ledgerBalanceAt(db: Queryable, accountId: string, asOf: As
   if (cp !== null) await settledThrough(db, cp, options.settleWaitMs);
   let time: Date | null = null;
   if ('time' in asOf) {
+    // One deadline for both waits.
+    const deadline = Date.now() + (options.settleWaitMs ?? RANGE_SETTLE_WAIT_MS_DEFAULT);
     time = await settledAsOfTime(db, asOf.time, options.settleWaitMs);
-    // The cut below is the first event recorded after the time in the global order. A
-    // transaction that began after the time but took its id before an event already read would,
-    // committing, put its event before that one and move the cut earlier. Every transaction
-    // that began by then has ended (above), so its events are all at or before the present
-    // head: once no transaction older than the head is open, nothing can come before it any
-    // more, and the cut is final (the final review moved it: 10, then 0).
-    const head = await db.query<{ t: string; p: string }>(
-      `SELECT e.transaction_id::text AS t, e.position::text AS p FROM ${ALL_EVENTS} e ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1`,
+    // The cut below is the first ledger event recorded after the time in the global order. A
+    // transaction that began after the time but took an older id than the cut's would, when it
+    // commits, put its event before the cut and move it earlier (the final review moved it: 10,
+    // then 0). Every transaction that began by the time has ended (above), so waiting until
+    // none older than the cut is open makes the cut final; with no cut yet, until none older
+    // than the last ledger event is: a later one then sorts after everything read.
+    const cutOrHead = await db.query<{ t: string; p: string }>(
+      `SELECT t, p FROM (
+         (SELECT 0 AS k, c.transaction_id::text AS t, c.position::text AS p FROM ${ALL_EVENTS} c
+           WHERE c.stream_type = ANY($1::text[]) AND c.recorded_at > $2::timestamptz
+           ORDER BY c.transaction_id, c.position LIMIT 1)
+         UNION ALL
+         (SELECT 1, h.transaction_id::text, h.position::text FROM ${ALL_EVENTS} h
+           WHERE h.stream_type = ANY($1::text[])
+           ORDER BY h.transaction_id DESC, h.position DESC LIMIT 1)) x
+       ORDER BY k LIMIT 1`,
+      [LEDGER_STREAM_TYPES, time],
     );
-    const last = head.rows[0];
-    if (last !== undefined) await settledThrough(db, { transactionId: BigInt(last.t), position: BigInt(last.p) }, options.settleWaitMs);
+    const bound = cutOrHead.rows[0];
+    if (bound !== undefined) {
+      await settledThrough(db, { transactionId: BigInt(bound.t), position: BigInt(bound.p) }, Math.max(1, deadline - Date.now()));
+    }
   }
-  // As of a time: recorded_at is each transaction's start, which need not follow the global
-  // order (a transaction that began earlier can commit later), so a filter on it is not a
-  // prefix of the ledger's history. Cut the ledger's events in the global order at the first
-  // one recorded after `time` instead: a prefix, as the fold needs.
   const r = await db.query<{ type: string; data: Record<string, unknown>; position: string; stream_type: string; stream_id: string; version: number; copied: boolean }>(
     `WITH cut AS (
        SELECT c.transaction_id, c.position FROM ${ALL_EVENTS} c

@@ -156,7 +156,11 @@ test('a balance as of a time does not change once answered: a transaction that b
     })()]);
     // The cut is the late transfer (recorded after the time, first in the global order): the early one, after it, is out.
     assert.equal(first?.debitsPosted, 0n);
-    assert.equal((await ledgerBalanceAt(env.pool, a, { time: asOf }))?.debitsPosted, 0n);
+    // A write transaction younger than the cut cannot move it: it is not waited for.
+    await early.query('BEGIN');
+    await early.query('SELECT pg_current_xact_id()');
+    assert.equal((await ledgerBalanceAt(env.pool, a, { time: asOf }, { settleWaitMs: 300 }))?.debitsPosted, 0n);
+    await early.query('ROLLBACK');
   } finally {
     early.release();
     late.release();
