@@ -427,7 +427,7 @@ export class ReconcileSessionError extends Error {
  * after `to` when `to` is in the past; a range that ends in the future can always gain events
  * (`reconcile` brings such an end back to the database's clock first).
  */
-export async function settleTransactionsBefore(pool: pg.Pool, to: Date, timeoutMs: number): Promise<number> {
+export async function settleTransactionsBefore(pool: Queryable, to: Date, timeoutMs: number): Promise<number> {
   const startedAt = new Date();
   const open = (): Promise<pg.QueryResult<{ n: number }>> =>
     pool.query<{ n: number }>(

@@ -10,7 +10,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
-import { readHorizon, type Checkpoint } from '@ledgerline/events';
+import { readHorizon, settleTransactionsBefore, type Checkpoint } from '@ledgerline/events';
 
 type Queryable = Pick<pg.ClientBase, 'query'>;
 
@@ -54,20 +54,11 @@ export async function settledAsOfTime(db: Queryable, time: Date, waitMs = RANGE_
   const clock = await db.query<{ ms: string }>('SELECT floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint::text AS ms');
   const databaseNow = Number(clock.rows[0]?.ms);
   const asOf = time.getTime() > databaseNow ? new Date(databaseNow) : time;
-  const deadline = Date.now() + waitMs;
-  for (let pauseMs = 5; ; pauseMs = Math.min(pauseMs * 2, 250)) {
-    const r = await db.query<{ open: number }>(
-      `SELECT ((SELECT count(*) FROM pg_stat_activity a
-                 WHERE a.datname = current_database() AND a.backend_type = 'client backend'
-                   AND a.pid <> pg_backend_pid() AND a.xact_start <= $1::timestamptz)
-             + (SELECT count(*) FROM pg_prepared_xacts p WHERE p.database = current_database()))::int AS open`,
-      [asOf],
-    );
-    const open = r.rows[0]?.open ?? 0;
-    if (open === 0) return asOf;
-    if (Date.now() >= deadline) {
-      throw new RangeNotSettledError(`${open} transactions that began by ${asOf.toISOString()} were still open after ${waitMs} ms: they may still record events by then; try again once they end`);
-    }
-    await sleep(Math.min(pauseMs, Math.max(1, deadline - Date.now())));
+  // Reconciliation's wait, up to the millisecond after: a transaction that began within it, at
+  // or before `asOf` to the microsecond, counts (one a little after is waited for too).
+  const open = await settleTransactionsBefore(db, new Date(asOf.getTime() + 1), waitMs);
+  if (open > 0) {
+    throw new RangeNotSettledError(`${open} transactions that began by ${asOf.toISOString()} were still open after ${waitMs} ms: they may still record events by then; try again once they end`);
   }
+  return asOf;
 }
