@@ -74,5 +74,5 @@ export {
   withSpan,
 } from './tracing.ts';
 export type { HeaderMap, Tracing, TracingOptions } from './tracing.ts';
-export { resilienceConfigSchema, resilienceFromConfig } from './resilience-config.ts';
+export { rateLimitRedisOptions, rateLimitRedisRetryDelayMs, resilienceConfigSchema, resilienceFromConfig } from './resilience-config.ts';
 export type { ResilienceConfig, ResilienceFromConfig } from './resilience-config.ts';

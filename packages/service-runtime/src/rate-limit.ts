@@ -12,6 +12,12 @@
  * store failed would turn a Redis outage into a full outage. A circuit breaker around Redis
  * keeps a dead Redis from adding its timeout to every request; failures are counted in
  * `rate_limit_errors_total` and logged.
+ *
+ * "Not connected yet" is not a failure: while the client is making a connection (at start-up,
+ * or after one dropped) a take waits for it, within the same timeout as a command, rather than
+ * send a command the client would refuse at once (no offline queue). Counted, five of those
+ * would open the breaker on a healthy Redis and turn limiting off for its open wait (5 s).
+ * A connection refused, closed or not ready in time still fails the take and counts.
  */
 import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
@@ -44,6 +50,12 @@ const REFILL_SECONDS_MAX = 1e10;
 /** The wait for Redis when neither the bucket nor its client names one. */
 export const RATE_LIMIT_REDIS_TIMEOUT_MS_DEFAULT = 250;
 const REDIS_TIMEOUT_MS_MAX = 10_000;
+/**
+ * ioredis statuses in which a connection is being made or soon will be ('wait': a lazyConnect
+ * client's first command starts it; 'reconnecting': the retry timer is running). A take waits
+ * for the attempt in these (see `#runOnceConnected`) instead of being refused by the client.
+ */
+const CONNECTING_STATUSES: ReadonlySet<string> = new Set(['wait', 'connecting', 'connect', 'reconnecting']);
 
 /**
  * KEYS[1] the bucket; ARGV rate per second, burst, cost. Returns {allowed, retry_after_ms, remaining}.
@@ -80,7 +92,10 @@ return { allowed, retry_ms, math.floor(tokens) }
 const TOKEN_BUCKET_SHA = createHash('sha1').update(TOKEN_BUCKET_LUA).digest('hex');
 
 export interface RedisTokenBucketOptions {
-  /** The caller owns the client; give it a short `commandTimeout` and `enableOfflineQueue: false`. */
+  /**
+   * The caller owns the client; give it a short `commandTimeout`, `enableOfflineQueue: false`
+   * and a reconnect that starts at once: `rateLimitRedisOptions` (resilience-config.ts).
+   */
   redis: Redis;
   /** Every key starts with this, e.g. `ll:rl:ledger:`. */
   keyPrefix: string;
@@ -107,6 +122,8 @@ export class RedisTokenBucket {
   readonly #prefix: string;
   /** Undefined: the client's commandTimeout bounds every command already. */
   readonly #timeoutMs: number | undefined;
+  /** The connection attempt takes are waiting for, if any (see `#connected`). */
+  #connecting: Promise<void> | undefined;
 
   constructor(options: RedisTokenBucketOptions) {
     this.#redis = options.redis;
@@ -132,9 +149,10 @@ export class RedisTokenBucket {
   }
 
   /**
-   * Takes `cost` tokens from the bucket `key`. Resolves undefined when the limiter could not
-   * decide (Redis failed or its breaker is open): the caller lets the request through.
-   * Rejects only on a key or limit that is a programming error.
+   * Takes `cost` tokens from the bucket `key`. When the limiter cannot decide the caller lets
+   * the request through: it resolves undefined when the breaker is open, and rejects with
+   * `RateLimitUnavailableError` when Redis failed (or its connection could not be made in
+   * time). Any other rejection is a key or limit that is a programming error.
    */
   async take(key: string, limit: RateLimit, cost = 1): Promise<TokenBucketResult | undefined> {
     const fullKey = `${this.#prefix}${key}`;
@@ -147,7 +165,7 @@ export class RedisTokenBucket {
     if (permit === NOT_PERMITTED) return undefined;
     const startMs = performance.now();
     try {
-      const reply = await this.#bounded(this.#run(fullKey, limit, cost));
+      const reply = this.#redis.status === 'ready' ? await this.#bounded(this.#run(fullKey, limit, cost), this.#timeoutMs) : await this.#runOnceConnected(fullKey, limit, cost);
       this.breaker.record(permit, false, performance.now() - startMs);
       const [allowed, retryAfterMs, remaining] = reply;
       return { allowed: allowed === 1, retryAfterMs, remaining };
@@ -157,9 +175,59 @@ export class RedisTokenBucket {
     }
   }
 
-  /** `work`, or a rejection once the wait for Redis has passed `timeoutMs`. */
-  #bounded<T>(work: Promise<T>): Promise<T> {
-    const timeoutMs = this.#timeoutMs;
+  /**
+   * The take when the client is not ready. With `enableOfflineQueue: false` a command sent
+   * now would be refused by the client itself, without reaching Redis: at start-up, and for
+   * the moment a dropped connection takes to come back, a healthy Redis would count as failing
+   * and five such refusals would open the breaker (no limiting for `openWaitMs`). So when a
+   * connection is being made, the take waits for its outcome, within the same `timeoutMs` as a
+   * command: ready, it is sent; refused, closed or not ready in time, it fails like any Redis
+   * failure, so a Redis that is down still opens the breaker (a refused connection at once).
+   */
+  async #runOnceConnected(key: string, limit: RateLimit, cost: number): Promise<[number, number, number]> {
+    const status = this.#redis.status;
+    // 'end' (closed for good) and the like: the client answers for itself, as before.
+    if (!CONNECTING_STATUSES.has(status)) return this.#bounded(this.#run(key, limit, cost), this.#timeoutMs);
+    const budgetMs = this.#timeoutMs ?? this.#redis.options.commandTimeout ?? RATE_LIMIT_REDIS_TIMEOUT_MS_DEFAULT;
+    const startMs = performance.now();
+    // Nothing is sent unless the connection is ready within the budget: a take that has
+    // already failed open must not also take a token later.
+    await this.#bounded(this.#connected(), budgetMs);
+    return this.#bounded(this.#run(key, limit, cost), Math.max(1, Math.ceil(budgetMs - (performance.now() - startMs))));
+  }
+
+  /**
+   * Settles with the connection attempt under way: resolves when the client is ready, rejects
+   * when the attempt ends without it ('close', which every failed attempt emits). One promise
+   * per attempt, shared by every waiting take, so a rush at start-up adds two listeners, not
+   * two per request; each take bounds its own wait.
+   */
+  #connected(): Promise<void> {
+    if (this.#connecting !== undefined) return this.#connecting;
+    const redis = this.#redis;
+    const attempt = new Promise<void>((resolve, reject) => {
+      const settle = (error?: Error): void => {
+        redis.off('ready', onReady);
+        redis.off('close', onClose);
+        this.#connecting = undefined;
+        if (error === undefined) resolve();
+        else reject(error);
+      };
+      const onReady = (): void => { settle(); };
+      const onClose = (): void => { settle(new Error('the connection to Redis could not be made')); };
+      redis.on('ready', onReady);
+      redis.on('close', onClose);
+    });
+    this.#connecting = attempt;
+    // A lazyConnect client that has not connected yet: the command would have started it.
+    if (redis.status === 'wait') redis.connect().catch(() => {});
+    // Nobody may be waiting any more when it rejects (every take gave up); that is fine.
+    attempt.catch(() => {});
+    return attempt;
+  }
+
+  /** `work`, or a rejection once the wait for Redis has passed `timeoutMs` (none: `work` as is). */
+  #bounded<T>(work: Promise<T>, timeoutMs: number | undefined): Promise<T> {
     if (timeoutMs === undefined) return work;
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => { reject(new Error(`Redis did not answer within ${timeoutMs} ms`)); }, timeoutMs);

@@ -3,7 +3,7 @@
  * into their configuration schema, and the function that turns them into `createService`
  * options. Every bound is explicit and checked at start-up.
  */
-import { Redis } from 'ioredis';
+import { Redis, type RedisOptions } from 'ioredis';
 import { Type, type Static } from 'typebox';
 import type { ResilienceOptions } from './observability.ts';
 import { QUEUE_TIMEOUT_MS_DEFAULT } from './priority.ts';
@@ -41,6 +41,41 @@ export interface ResilienceFromConfig {
   close: () => Promise<void>;
 }
 
+/** The longest wait between two reconnect attempts of the rate limiter's Redis client. */
+const RECONNECT_DELAY_MS_MAX = 1000;
+
+/**
+ * How long the rate limiter's Redis client waits before reconnect attempt `times` (1-based).
+ * The first attempt is at once: a connection dropped by a healthy Redis (an idle timeout, a
+ * proxy, CLIENT KILL) is back within the take's wait (see `RedisTokenBucket`), so limiting
+ * carries on. ioredis's default waits 50 to 250 ms first, longer than a take waits, and every
+ * take in between fails and counts against the breaker. Then 50 ms doubling up to 1 s, plus up
+ * to a fifth of that at random so that instances do not reconnect in step: a Redis that is back
+ * is used again within about a second (ioredis's default grows to 5 s, and a breaker trial
+ * that finds the client still waiting reopens the breaker).
+ */
+export function rateLimitRedisRetryDelayMs(times: number): number {
+  if (times <= 1) return 0;
+  const delayMs = Math.min(50 * 2 ** (times - 2), RECONNECT_DELAY_MS_MAX);
+  return delayMs + Math.floor(Math.random() * (delayMs / 5));
+}
+
+/** The rate limiter's Redis client options, explicit where ioredis's defaults would matter. */
+export function rateLimitRedisOptions(commandTimeoutMs: number): RedisOptions {
+  return {
+    commandTimeout: commandTimeoutMs,
+    // No offline queue and no per-request retries: when Redis is away the limiter must answer
+    // "unknown" at once (and let the request through), never hold it. A take waits for a
+    // connection under way itself, within the same timeout (RedisTokenBucket).
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    // A take sent just before the connection dropped has failed (and let its request through)
+    // by the time the connection is back: sent again, it would only take a token for nothing.
+    autoResendUnfulfilledCommands: false,
+    retryStrategy: rateLimitRedisRetryDelayMs,
+  };
+}
+
 /** `createService` options from the variables above; `serviceName` prefixes the rate-limit keys. */
 export function resilienceFromConfig(config: ResilienceConfig, serviceName: string): ResilienceFromConfig {
   let redis: Redis | undefined;
@@ -63,9 +98,7 @@ export function resilienceFromConfig(config: ResilienceConfig, serviceName: stri
     rateLimit: false,
   };
   if (config.RATE_LIMIT_ENABLED) {
-    // No offline queue and no per-request retries: when Redis is away the limiter must answer
-    // "unknown" at once (and let the request through), never hold it.
-    redis = new Redis(config.REDIS_URL, { commandTimeout: config.RATE_LIMIT_REDIS_TIMEOUT_MS, enableOfflineQueue: false, maxRetriesPerRequest: 0 });
+    redis = new Redis(config.REDIS_URL, rateLimitRedisOptions(config.RATE_LIMIT_REDIS_TIMEOUT_MS));
     redis.on('error', () => {});
     options.rateLimit = {
       bucket: new RedisTokenBucket({ redis, keyPrefix: `${config.RATE_LIMIT_KEY_PREFIX}${serviceName}:` }),
