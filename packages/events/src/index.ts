@@ -24,6 +24,7 @@ export {
   StreamRegionMismatchError,
   migrateEvents,
   partitionByResidency,
+  presentEventsAllowed,
   streamRegions,
   toEvent,
   type EventRecord,

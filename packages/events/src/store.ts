@@ -232,6 +232,48 @@ export async function partitionByResidency<E extends { streamType: string; strea
   return { allowed, withheld };
 }
 
+/**
+ * Of events already read, those still in the store (hot or archived, by position), each checked
+ * against the policy for `location`: one READ COMMITTED statement, after the events were read,
+ * reads each event's presence together with its stream's region tag, so the two agree. Retention
+ * deletes a stream's events and its tag in one transaction: a stream it deleted after the read is
+ * gone from both, and its events are left out, as deleted data. Reading the tags alone (as
+ * `streamRegions` does) would find no tag and judge such a stream untagged, and its events,
+ * already read, would go wherever the caller was: exports did that until 2026-12-07 (a review
+ * forced it), `EventStore.readAll` until 2026-12-08. Presence is by position, not by stream: a
+ * deleted stream continued later under a new tag (`tagStream` takes a stream with no events)
+ * must not lend its new region to its old events. (One REPEATABLE READ snapshot for the read
+ * and the check, tried first for exports, made the read horizon the cluster's oldest
+ * transaction (`readHorizon`), and exports ended short while any database of the server had
+ * one open.) Throws the first refusal; returns the rest in their order.
+ */
+export async function presentEventsAllowed<E extends { position: bigint; streamType: string; streamId: string }>(
+  db: Queryable,
+  policy: ResidencyPolicy,
+  events: readonly E[],
+  operation: ResidencyOperation,
+  location: string,
+): Promise<E[]> {
+  if (events.length === 0) return [];
+  const r = await db.query<{ present: boolean; region: string | null }>(
+    `SELECT (EXISTS (SELECT 1 FROM events.events h WHERE h.position = u.position)
+             OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = u.position)) AS present, r.region
+       FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS u(position, stream_type, stream_id, n)
+       LEFT JOIN events.stream_regions r ON r.stream_type = u.stream_type AND r.stream_id = u.stream_id
+      ORDER BY u.n`,
+    [events.map((e) => e.position.toString()), events.map((e) => e.streamType), events.map((e) => e.streamId)],
+  );
+  if (r.rows.length !== events.length) throw new Error(`invariant: ${events.length} events but ${r.rows.length} residency rows`);
+  const allowed: E[] = [];
+  events.forEach((e, i) => {
+    const row = r.rows[i] as { present: boolean; region: string | null };
+    if (!row.present) return;
+    assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: row.region }, operation, location);
+    allowed.push(e);
+  });
+  return allowed;
+}
+
 /** Where this store runs and the policy it enforces on every append and read. */
 export interface StoreResidency {
   policy: ResidencyPolicy;
@@ -533,6 +575,14 @@ interface AppendDocuments {
   data: string;
   metadata: string;
 }
+
+/**
+ * Most reads one `readAll` makes in a row when each loses events to retention between its read
+ * and its residency check (see readAll). A read loses them only to a deletion that committed in
+ * that moment; this many in a row means retention is deleting what the reader is reading, page
+ * after page.
+ */
+const READ_ROUNDS_MAX = 16;
 
 export class EventStore {
   readonly partitions: number;
@@ -947,12 +997,54 @@ export class EventStore {
    * Decoding whole rows costs the
    * reader several times what PostgreSQL spends finding them; a projection that needs five
    * fields reads three to four times faster this way.
+   *
+   * Residency (a store with a policy; `location` is where the reader is, default this store's
+   * own): a page with an event of a stream whose region may not be at `location` is refused
+   * (ResidencyViolationError), and nothing is returned. The check follows the read, in a
+   * statement of its own (`presentEventsAllowed`), which reads each event's presence with its
+   * stream's tag: events that retention deleted in between (their stream's tag went with them)
+   * are left out, as deleted data, rather than judged untagged, or refused. They are left out
+   * rather than refused because the reader would only find them gone when it read again, and a
+   * refusal would fail a long replay or export for a stream that no longer exists. Its
+   * callers take a page shorter than `limit` for the end of what is readable (runBatch's
+   * `more`, a replay's last page, swapGeneration's closed gap) and go on from its last event,
+   * so a page with events left out is read on, after the last event read, until it is full
+   * again or a read comes back short: the page returned is then what a read of `limit` events
+   * would return now. Each further read is paid for by an event deleted meanwhile; after
+   * READ_ROUNDS_MAX reads in a row lost events this way, the read is refused (plain Error,
+   * nothing returned: read again). Without a policy none of this runs: one read, no check.
    */
   async readAll(
     db: Queryable,
     options: { after: Checkpoint; limit: number; partition?: number; location?: string; fields?: readonly string[] },
   ): Promise<StoredEvent[]> {
-    const { after, limit, partition, fields } = options;
+    let read = await this.#readPage(db, options.after, options.limit, options);
+    if (this.residency === null) return read;
+    const { policy } = this.residency;
+    const where = options.location ?? this.residency.location;
+    const page: StoredEvent[] = [];
+    for (let round = 1; ; round += 1) {
+      const asked = options.limit - page.length;
+      const kept = await presentEventsAllowed(db, policy, read, 'read', where);
+      page.push(...kept);
+      const last = read.at(-1);
+      // Nothing left out, or the end of what is readable: the page is complete.
+      if (kept.length === read.length || read.length < asked || last === undefined) return page;
+      if (round === READ_ROUNDS_MAX) {
+        throw new Error(`readAll: ${READ_ROUNDS_MAX} reads in a row lost events to retention between their read and their residency check; nothing was returned, read again`);
+      }
+      read = await this.#readPage(db, checkpointOf(last), options.limit - page.length, options);
+    }
+  }
+
+  /** One read of `readAll`, without its residency check. */
+  async #readPage(
+    db: Queryable,
+    after: Checkpoint,
+    limit: number,
+    options: { partition?: number; fields?: readonly string[] },
+  ): Promise<StoredEvent[]> {
+    const { partition, fields } = options;
     const columns = fields === undefined ? EVENT_COLUMNS : leanColumns(fields);
     type Row = EventRecord & Record<string, unknown>;
     // One partition: the read that does not depend on the planner's statistics (readPartition).
@@ -984,9 +1076,7 @@ export class EventStore {
     } else {
       rows = await readPartition<Row>(db, columns, partition, after, limit);
     }
-    const events = fields === undefined ? rows.map(toEvent) : rows.map((row) => toLeanEvent(row, fields));
-    await this.#checkResidency(db, events, 'read', options.location);
-    return events;
+    return fields === undefined ? rows.map(toEvent) : rows.map((row) => toLeanEvent(row, fields));
   }
 }
 

@@ -7,6 +7,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import type pg from 'pg';
 import {
   assertResidency,
   CHECKPOINT_START,
@@ -65,6 +66,28 @@ function violation(operation: string, stream: string, location: string): (e: unk
     assert.equal(e.location, location);
     return true;
   };
+}
+
+/**
+ * `pool` with `before` run ahead of every query it is given (with the query's text): the seam
+ * for another process's work between two statements of a read, with no timing to win.
+ */
+function beforeEachQuery(pool: pg.Pool, before: (text: string) => Promise<void> | void): pg.Pool {
+  return new Proxy(pool, {
+    get(target, prop, receiver) {
+      if (prop !== 'query') return Reflect.get(target, prop, receiver) as unknown;
+      return async (text: unknown, values?: unknown) => {
+        await before(typeof text === 'string' ? text : '');
+        return (target.query as (t: unknown, v?: unknown) => Promise<unknown>).call(target, text, values);
+      };
+    },
+  });
+}
+
+/** Retention deletes every stream of `streamType` (its events and its tag, one transaction a stream), as another process would. */
+async function retentionDeletes(streamType: string): Promise<number> {
+  const report = await applyRetention(env.pool, { rules: [{ streamType, deleteAfterDays: 1 }], holds: NO_LEGAL_HOLDS, now: new Date(Date.now() + 30 * 86_400_000) });
+  return report.eventsDeleted;
 }
 
 describe('residency', () => {
@@ -175,23 +198,57 @@ describe('residency', () => {
     // Retention deletes the stream (its events and its tag, one transaction) just before the
     // export asks for the page's region tags, as another process would.
     let deleted = 0;
-    const racing = new Proxy(env.pool, {
-      get(target, prop, receiver) {
-        if (prop !== 'query') return Reflect.get(target, prop, receiver) as unknown;
-        return async (text: unknown, values?: unknown) => {
-          if (deleted === 0 && typeof text === 'string' && text.includes('events.stream_regions')) {
-            deleted = (await applyRetention(env.pool, { rules: [{ streamType: 'race', deleteAfterDays: 1 }], holds: NO_LEGAL_HOLDS, now: new Date(Date.now() + 30 * 86_400_000) })).eventsDeleted;
-          }
-          return (target.query as (t: unknown, v?: unknown) => Promise<unknown>).call(target, text, values);
-        };
-      },
+    const racing = beforeEachQuery(env.pool, async (text) => {
+      if (deleted === 0 && text.includes('events.stream_regions')) deleted = await retentionDeletes('race');
     });
     const out = join(dir, 'race.ndjson');
-    const report = await exportEvents(racing, env.store, { policy, targetLocation: 'us-east-1', out, ...range });
+    // A store without a policy of its own: its readAll checks nothing, so the region check that
+    // meets the deletion is the export's (readAll's own is the test below).
+    const open = await EventStore.open(env.pool);
+    const report = await exportEvents(racing, open, { policy, targetLocation: 'us-east-1', out, ...range });
     assert.equal(deleted, 1, 'retention deleted the stream mid-export');
     // Until 2026-12-07 the eu-only event went to us-east-1: the tag was read after it was gone.
     assert.equal(report.events, 0);
     assert.equal(readFileSync(out, 'utf8'), '');
+  });
+
+  test('readAll: a stream deleted by retention between a page\'s read and its region check is left out, never judged untagged, and the page is filled on', async () => {
+    // An eu-only event, then two events of an untagged stream, each in a transaction of its own.
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'raceread', id: 'eu-read' }, [{ type: 'note.Written', data: { secret: 'eu only' } }], { expectedVersion: 'no_stream', region: 'eu' }));
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'racefree', id: 'free-read' }, [event], { expectedVersion: 'no_stream' }));
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'racefree', id: 'free-read' }, [event], { expectedVersion: 1 }));
+    const [eu] = await env.store.readStream(env.pool, 'raceread', 'eu-read');
+    const after = { transactionId: eu!.transactionId, position: eu!.position - 1n };
+    await waitFor('the horizon', async () => (await env.store.readAll(env.pool, { after, limit: 100 })).length === 3);
+    // Before retention: a reader in us-east-1 is refused the page.
+    await assert.rejects(env.store.readAll(env.pool, { after, limit: 2, location: 'us-east-1' }), violation('read', 'raceread/eu-read', 'us-east-1'));
+    await passReaders(env.pool);
+    // Retention deletes the stream (its events and its tag, one transaction) just after the
+    // page was read and before its region is checked, as another process would.
+    let deleted = 0;
+    const queries: string[] = [];
+    const racing = beforeEachQuery(env.pool, async (text) => {
+      queries.push(text);
+      if (deleted === 0 && text.includes('events.stream_regions')) deleted = await retentionDeletes('raceread');
+    });
+    const page = await env.store.readAll(racing, { after, limit: 2, location: 'us-east-1' });
+    assert.equal(deleted, 1, 'retention deleted the stream mid-read');
+    // Until 2026-12-08 the eu-only event went to the us-east-1 reader: the tag was read after
+    // it was gone. It is left out, and the page read on, so that it is still full: a caller
+    // that takes a short page for the end (runBatch, replay, swapGeneration) does not stop here.
+    assert.deepEqual(page.map((e) => `${e.streamType}/${e.streamId} v${e.version}`), ['racefree/free-read v1', 'racefree/free-read v2']);
+    assert.equal(queries.filter((q) => q.includes('events.stream_regions')).length, 2, 'the page as read, then the one event read on');
+  });
+
+  test('readAll without a residency policy reads with no residency query', async () => {
+    const open = await EventStore.open(env.pool);
+    const queries: string[] = [];
+    const counting = beforeEachQuery(env.pool, (text) => {
+      queries.push(text);
+    });
+    await open.readAll(counting, { after: CHECKPOINT_START, limit: 1000 });
+    assert.equal(queries.length, 2, 'the read horizon and the read');
+    assert.ok(queries.every((q) => !q.includes('stream_regions')));
   });
 
   test('export through the CLI: refused with exit 1 and the reason; usage errors exit 2', async () => {
