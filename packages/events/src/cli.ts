@@ -6,6 +6,7 @@
  *   node packages/events/src/cli.ts dlq list [--consumer NAME]... [--pending] [--limit N] [--json]
  *   node packages/events/src/cli.ts dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
  *   node packages/events/src/cli.ts dlq undecodable [--consumer NAME]... [--limit N] [--json]
+ *   node packages/events/src/cli.ts inbox prune --consumer NAME [--before ISO] [--page-size N] [--limit N] [--json]
  *
  * Connections come from DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM and
  * EVENTS_SUBJECT_PREFIX (the ledger service's variables and defaults), or from --database-url,
@@ -14,7 +15,8 @@
  * pools transactions: that is what DATABASE_SESSION_URL is. `dlq replay` applies the relay's
  * residency settings (EVENTS_RESIDENCY_POLICY, EVENTS_BROKER_LOCATION) as the relay does: an
  * event they keep from the broker is withheld. Exit codes: 0 clean, 1 gaps found
- * (reconcile) or an event not replayed (dlq replay), 2 a usage error or a failure. A usage
+ * (reconcile) or an event not replayed (dlq replay) or a prune stopped at an event the consumer
+ * owes (inbox prune), 2 a usage error or a failure. A usage
  * error (an option's value the command cannot use: a date PostgreSQL cannot hold, a stream the
  * broker does not have) prints its message and the usage; a failure of the database or the
  * broker its message; only a bug a stack trace.
@@ -26,6 +28,8 @@ import { listDeadLetters, listUndecodableMessages, replayDeadLetters, type Repla
 import { assertEventsSchema, formatReconcileReport, reconcile, ReconcileSessionError } from './reconcile.ts';
 import type { RelayResidency } from './relay.ts';
 import { relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
+import { pruneInbox, type PruneInboxReport } from './inbox-prune.ts';
+import type { Checkpoint } from './store.ts';
 import { EventStore } from './store.ts';
 import { cliStreams, dateOption, describeFailure, intOption, operatorDatabaseUrl, parseCommandLine, UsageError, type CliIo } from './cli-kit.ts';
 
@@ -36,14 +40,17 @@ const USAGE = `usage:
   events dlq list [--consumer NAME]... [--pending] [--limit N] [--json]
   events dlq replay --consumer NAME [--event ID]... [--limit N] [--json]
   events dlq undecodable [--consumer NAME]... [--limit N] [--json]
+  events inbox prune --consumer NAME [--before ISO] [--page-size N] [--limit N] [--json]
 connections: DATABASE_SESSION_URL (else DATABASE_URL), NATS_URL, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX
   (or --database-url, --nats-url, --stream, --subject-prefix); dlq replay: the relay's
   EVENTS_RESIDENCY_POLICY and EVENTS_BROKER_LOCATION (an event they keep from the broker is withheld)
-reconcile defaults to the last 24 hours; exit 0 clean, 1 gaps, 2 usage or failure`;
+reconcile defaults to the last 24 hours; inbox prune to events recorded before 7 days ago
+  (--limit: at most N events passed); exit 0 clean, 1 gaps, 2 usage or failure`;
 
 const OPTIONS = {
   from: { type: 'string' },
   to: { type: 'string' },
+  before: { type: 'string' },
   consumer: { type: 'string', multiple: true },
   event: { type: 'string', multiple: true },
   json: { type: 'boolean', default: false },
@@ -80,6 +87,28 @@ async function checkStream(nats: NatsConnection, natsUrl: string, streamName: st
   }
 }
 
+/** How old an event must be, by default, for `inbox prune` to pass it. */
+const INBOX_PRUNE_AGE_DEFAULT_MS = 7 * 24 * 3600_000;
+
+function formatPruneReport(r: PruneInboxReport): string {
+  const at = (c: Checkpoint | null): string => (c === null ? 'none' : `(${c.transactionId}, ${c.position})`);
+  const lines = [
+    `inbox of ${r.consumer}: horizon ${at(r.from)} -> ${at(r.through)}; ${r.eventsPassed} events passed, ` +
+      `${r.inboxRowsRemoved} inbox rows removed, ${r.opened} dead-lettered left open for a replay, ${r.withheld} withheld`,
+  ];
+  const stop = r.stop;
+  if (stop.reason === 'unhandled') {
+    lines.push(
+      `  stopped at event ${stop.event.eventId} (position ${stop.event.position}, recorded ${stop.event.recordedAt.toISOString()}): ` +
+        'the consumer has neither handled nor dead-lettered it (behind, or it skipped it: see `events reconcile`)',
+    );
+  } else {
+    const why = { before: `reached the events recorded from ${r.before} on`, read_horizon: 'reached the read horizon', max_events: 'reached --limit' };
+    lines.push(`  stopped: ${why[stop.reason]}`);
+  }
+  return lines.join('\n');
+}
+
 /** Runs one command; returns the exit code. */
 export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<number> {
   const { env, out, err } = cliStreams(io);
@@ -87,7 +116,7 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
   if (parsed === null) return 2;
   const { values: a, positionals } = parsed;
   const command = positionals.join(' ');
-  if (a.help || !['reconcile', 'dlq list', 'dlq replay', 'dlq undecodable'].includes(command)) {
+  if (a.help || !['reconcile', 'dlq list', 'dlq replay', 'dlq undecodable', 'inbox prune'].includes(command)) {
     (a.help ? out : err)(USAGE);
     return a.help ? 0 : 2;
   }
@@ -149,8 +178,23 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       return 0;
     }
     const consumer = a.consumer?.[0];
-    if (command === 'dlq replay' && (consumer === undefined || (a.consumer?.length ?? 0) > 1)) {
-      throw new UsageError('dlq replay needs exactly one --consumer');
+    if ((command === 'dlq replay' || command === 'inbox prune') && (consumer === undefined || (a.consumer?.length ?? 0) > 1)) {
+      throw new UsageError(`${command} needs exactly one --consumer`);
+    }
+    if (command === 'inbox prune' && consumer !== undefined) {
+      // The database alone: the horizon stands on the inbox and the store, not on the broker.
+      const before = dateOption('before', a.before) ?? new Date(Date.now() - INBOX_PRUNE_AGE_DEFAULT_MS);
+      const report = await pruneInbox({
+        pool,
+        consumer,
+        before,
+        pageSize: intOption('page-size', a['page-size']),
+        maxEvents: intOption('limit', a.limit),
+        onProgress: (m) => err(`[inbox prune] ${m}`),
+      });
+      if (a.json) out(JSON.stringify(report, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)));
+      else out(formatPruneReport(report));
+      return report.stop.reason === 'unhandled' ? 1 : 0;
     }
     // A replay publishes to the broker as the relay does, so under the relay's residency settings
     // (EVENTS_RESIDENCY_POLICY, EVENTS_BROKER_LOCATION): one it would withhold now is withheld.

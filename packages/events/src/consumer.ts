@@ -42,9 +42,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
-import type { StoredEvent } from './store.ts';
+import type { Checkpoint, StoredEvent } from './store.ts';
 import { commit, databaseCannotNow, databaseSessionEnded, transientDatabaseError } from './transaction.ts';
-import { storablePrefix } from './sql.ts';
+import { sqlLiteral, storablePrefix } from './sql.ts';
 import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -168,6 +168,11 @@ export async function ensureDeadLetterStream(nats: NatsConnection, streamName: s
   }
 }
 
+/** Whether `e` comes after `c` in the global order (transaction id, then position). */
+function checkpointAfter(e: Checkpoint, c: Checkpoint): boolean {
+  return e.transactionId > c.transactionId || (e.transactionId === c.transactionId && e.position > c.position);
+}
+
 export async function registerConsumer(db: Pick<pg.ClientBase, 'query'>, name: string): Promise<void> {
   await db.query('INSERT INTO events.consumers (name) VALUES ($1) ON CONFLICT DO NOTHING', [name]);
 }
@@ -249,6 +254,8 @@ export class EventConsumer {
     Pick<ConsumerOptions, 'afterCommit' | 'onError'> & { maxAckPending: number };
   readonly #handleBatch: BatchEventHandler;
   readonly #slots: Slots;
+  /** Opens a claim transaction and reads the inbox horizon (#apply). */
+  readonly #beginSql: string;
   readonly #lanes = new Map<string, Lane>();
   readonly #running = new Set<Promise<void>>();
   /** Messages not handled because of stop(), in each lane's order; nak'ed once the pull is closed. */
@@ -280,6 +287,7 @@ export class EventConsumer {
       if (!Number.isInteger(this.#o[key]) || this.#o[key] < min) throw new RangeError(`${key} must be an integer >= ${min}`);
     }
     this.#slots = new Slots(this.#o.partitionConcurrency);
+    this.#beginSql = `BEGIN; SELECT horizon_transaction_id::text AS transaction_id, horizon_position::text AS position FROM events.inbox_claim_horizon(${sqlLiteral(this.#o.name)})`;
     this.#handleBatch =
       handleBatch ??
       (async (events, tx) => {
@@ -587,8 +595,12 @@ export class EventConsumer {
     const client = await this.#o.pool.connect();
     let failed = false;
     try {
-      await client.query('BEGIN');
-      const fresh = await this.#claim(client, events);
+      // BEGIN and the consumer's inbox horizon, under the shared lock that a prune takes
+      // exclusively (migration 1770600000000): one round trip, two statements.
+      const began = (await client.query(this.#beginSql)) as unknown as Array<pg.QueryResult<{ transaction_id: string; position: string }>>;
+      const h = began.at(-1)?.rows[0];
+      const horizon = h === undefined ? null : { transactionId: BigInt(h.transaction_id), position: BigInt(h.position) };
+      const fresh = await this.#claim(client, events, horizon);
       // The claimed ones, each once: a message may carry an event twice (the relay never writes
       // one, but any publisher on the subject could), and the inbox takes it once.
       const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.delete(e.id));
@@ -612,14 +624,31 @@ export class EventConsumer {
     }
   }
 
-  async #claim(client: pg.PoolClient, events: StoredEvent[]): Promise<Set<string>> {
+  /**
+   * The events of `events` this transaction takes: those with no inbox row yet. An event at or
+   * before the consumer's inbox horizon (`pruneInbox`) was handled already, its row pruned,
+   * unless the prune listed it open (it was dead-lettered): an open one is taken, and its open
+   * row removed with the claim.
+   */
+  async #claim(client: pg.PoolClient, events: StoredEvent[], horizon: Checkpoint | null): Promise<Set<string>> {
+    let candidates = events;
+    if (horizon !== null && events.some((e) => !checkpointAfter(e, horizon))) {
+      const below = events.filter((e) => !checkpointAfter(e, horizon));
+      const reopened = await client.query<{ event_id: string }>(
+        "DELETE FROM events.inbox_open WHERE consumer = $1 AND event_id = ANY(string_to_array($2, ',')::uuid[]) RETURNING event_id::text",
+        [this.#o.name, below.map((e) => e.id).join(',')],
+      );
+      const open = new Set(reopened.rows.map((x) => x.event_id));
+      candidates = events.filter((e) => checkpointAfter(e, horizon) || open.has(e.id));
+      if (candidates.length === 0) return new Set();
+    }
     // Ids and positions travel as comma-separated text: node-pg would quote and escape every
     // element of an array parameter, which cost several times the join here.
     const r = await client.query<{ event_id: string }>(
       `INSERT INTO events.inbox (consumer, event_id, position)
        SELECT $1, * FROM unnest(string_to_array($2, ',')::uuid[], string_to_array($3, ',')::bigint[])
        ON CONFLICT DO NOTHING RETURNING event_id::text`,
-      [this.#o.name, events.map((e) => e.id).join(','), events.map((e) => e.position.toString()).join(',')],
+      [this.#o.name, candidates.map((e) => e.id).join(','), candidates.map((e) => e.position.toString()).join(',')],
     );
     return new Set(r.rows.map((x) => x.event_id));
   }

@@ -230,7 +230,7 @@ export async function replayDeadLetters(options: ReplayDeadLettersOptions): Prom
   const r = await pool.query<PendingRow>(
     `SELECT d.event_id::text, d.dead_at::text AS dead_at_text,
             (extract(epoch FROM d.dead_at) * 1000000)::bigint::text AS dead_at_us,
-            EXISTS (SELECT 1 FROM events.inbox i WHERE i.consumer = d.consumer AND i.event_id = d.event_id) AS handled,
+            coalesce(events.inbox_handled(d.consumer, d.event_id, e.transaction_id, e.position), false) AS handled,
             e.position::text, e.transaction_id::text, e.partition, e.stream_type, e.stream_id, e.version, e.type,
             e.schema_version, e.data, e.metadata, e.recorded_at
        FROM events.dead_letters d LEFT JOIN LATERAL ${STORED_EVENT('d')} e ON true

@@ -64,6 +64,15 @@ export { decodeBatch, encodeBatch, MalformedBatchError } from './wire.ts';
 export { parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } from './residency-config.ts';
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
+  inboxHorizon,
+  INBOX_LOCK_CLASS,
+  pruneInbox,
+  type PruneInboxOptions,
+  type PruneInboxReport,
+  type PruneStop,
+  type UnhandledEvent,
+} from './inbox-prune.ts';
+export {
   formatReconcileReport,
   settleTransactionsBefore,
   ISSUE_KINDS,

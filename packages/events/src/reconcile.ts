@@ -152,8 +152,12 @@ export interface ReconcileIssue {
 
 export interface ConsumerReconciliation {
   name: string;
-  /** Events of the range with an inbox row. */
+  /**
+   * Events of the range the consumer handled: with an inbox row, or at or before its inbox
+   * horizon (`pruneInbox`: its row pruned; counted apart in `consumedBeforeInboxHorizon`).
+   */
   consumed: number;
+  consumedBeforeInboxHorizon: number;
   /** not_consumed issues, split into pending (beyond the ack floor) and the rest. */
   notConsumed: number;
   pending: number;
@@ -388,6 +392,8 @@ interface GapRow {
   error: string | null;
   dead_at: Date | null;
   replayed_at: Date | null;
+  /** No inbox row, but at or before the consumer's inbox horizon and not open: handled, its row pruned. */
+  by_horizon: boolean;
 }
 
 /** The SQLSTATE of a missing table, and the temporary table reconciliation keeps in its session. */
@@ -645,6 +651,7 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
         {
           name,
           consumed: 0,
+          consumedBeforeInboxHorizon: 0,
           notConsumed: 0,
           pending: 0,
           deadLettered: 0,
@@ -728,16 +735,21 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
             : (
                 await session.query<GapRow>(
                   // LATERAL ... LIMIT 1: one primary-key probe per (event, consumer). A plain
-                  // NOT EXISTS lets the planner hash the whole inbox for every page.
-                  `SELECT c.name AS consumer, x.event_id::text, d.attempts, d.error, d.dead_at, d.replayed_at
-                     FROM unnest($1::uuid[]) AS x(event_id)
+                  // NOT EXISTS lets the planner hash the whole inbox for every page. An event
+                  // with no inbox row at or before the consumer's inbox horizon, and not open,
+                  // was handled and its row pruned (events.inbox_handled says the same).
+                  `SELECT c.name AS consumer, x.event_id::text, d.attempts, d.error, d.dead_at, d.replayed_at,
+                          (z.consumer IS NOT NULL AND (x.transaction_id, x.position) <= (z.transaction_id, z.position)
+                           AND NOT EXISTS (SELECT 1 FROM events.inbox_open o WHERE o.consumer = c.name AND o.event_id = x.event_id)) AS by_horizon
+                     FROM unnest($1::uuid[], $3::text[]::xid8[], $4::bigint[]) AS x(event_id, transaction_id, position)
                     CROSS JOIN unnest($2::text[]) AS c(name)
+                     LEFT JOIN events.inbox_horizons z ON z.consumer = c.name
                      LEFT JOIN LATERAL (SELECT true AS handled FROM events.inbox i
                                          WHERE i.consumer = c.name AND i.event_id = x.event_id LIMIT 1) h ON true
                      LEFT JOIN LATERAL (SELECT dl.attempts, dl.error, dl.dead_at, dl.replayed_at FROM events.dead_letters dl
                                          WHERE dl.consumer = c.name AND dl.event_id = x.event_id LIMIT 1) d ON true
                     WHERE h.handled IS NULL`,
-                  [rows.map((r) => r.event_id), consumers],
+                  [rows.map((r) => r.event_id), consumers, rows.map((r) => r.transaction_id), rows.map((r) => r.position)],
                 )
               ).rows;
         const gapsByEvent = new Map<string, GapRow[]>();
@@ -760,8 +772,10 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
           const checkpointed = isCheckpointed(r.partition, at);
           const eventGaps = gapsByEvent.get(r.event_id) ?? [];
           if (!checkpointed) beyondCheckpoint += 1;
-          // Delivered to some consumer: handled (an inbox row) or given up on (a dead letter).
-          const delivered = eventGaps.length < consumers.length || eventGaps.some((g) => g.dead_at !== null);
+          // Delivered to some consumer: handled (an inbox row, or its row pruned) or given up on
+          // (a dead letter).
+          const owed = eventGaps.filter((g) => !g.by_horizon);
+          const delivered = owed.length < consumers.length || owed.some((g) => g.dead_at !== null);
           if (r.withheld_at !== null) {
             withheld += 1;
             const why = `the relay withheld it at ${r.withheld_at.toISOString()} (${r.withheld_reason})`;
@@ -817,8 +831,12 @@ export async function reconcile(options: ReconcileOptions): Promise<ReconcileRep
           const firstSeq = r.first_seq === null ? null : Number(r.first_seq);
           const missing = new Set<string>();
           for (const g of eventGaps) {
-            missing.add(g.consumer);
             const stats = perConsumer.get(g.consumer) as ConsumerReconciliation;
+            if (g.by_horizon) {
+              stats.consumedBeforeInboxHorizon += 1;
+              continue;
+            }
+            missing.add(g.consumer);
             const applied = effects.get(g.consumer)?.get(r.event_id) ?? 0;
             if (g.dead_at !== null) {
               stats.deadLettered += 1;
@@ -1022,7 +1040,9 @@ export function formatReconcileReport(report: ReconcileReport): string {
   for (const c of report.consumers) {
     const d = c.durable === null ? 'no durable on the broker' : `ack floor ${c.durable.ackFloorSeq}, ${c.durable.numPending} pending`;
     lines.push(
-      `  consumer ${c.name}: ${c.consumed} consumed, ${c.notConsumed} not consumed (${c.pending} pending), ` +
+      `  consumer ${c.name}: ${c.consumed} consumed` +
+        (c.consumedBeforeInboxHorizon > 0 ? ` (${c.consumedBeforeInboxHorizon} of them with their inbox rows pruned)` : '') +
+        `, ${c.notConsumed} not consumed (${c.pending} pending), ` +
         `${c.deadLettered} dead-lettered, ${c.effectsCounted ? `${c.duplicateEffects} duplicate effects` : 'effects not counted'}; ${d}`,
     );
   }
