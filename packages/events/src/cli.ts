@@ -98,9 +98,16 @@ function formatPruneReport(r: PruneInboxReport): string {
   ];
   const stop = r.stop;
   if (stop.reason === 'unhandled') {
+    const e = stop.event;
+    const when = e.recordedAt === null ? 'deleted by retention' : `recorded ${e.recordedAt.toISOString()}${e.deleted ? ', deleted by retention' : ''}`;
     lines.push(
-      `  stopped at event ${stop.event.eventId} (position ${stop.event.position}, recorded ${stop.event.recordedAt.toISOString()}): ` +
+      `  stopped at event ${e.eventId} (position ${e.position}, ${when}): ` +
         'the consumer has neither handled nor dead-lettered it (behind, or it skipped it: see `events reconcile`)',
+    );
+  } else if (stop.reason === 'snapshots') {
+    lines.push(
+      `  stopped: ${stop.backends} session(s) kept a snapshot older than the new horizon past the wait; ` +
+        'the last page\'s rows stay until the next prune removes them',
     );
   } else {
     const why = { before: `reached the events recorded from ${r.before} on`, read_horizon: 'reached the read horizon', max_events: 'reached --limit' };
@@ -194,7 +201,8 @@ export async function runCli(argv: readonly string[], io: CliIo = {}): Promise<n
       });
       if (a.json) out(JSON.stringify(report, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)));
       else out(formatPruneReport(report));
-      return report.stop.reason === 'unhandled' ? 1 : 0;
+      // 1: a gap to look at, or rows left for the next run.
+      return report.stop.reason === 'unhandled' || report.stop.reason === 'snapshots' ? 1 : 0;
     }
     // A replay publishes to the broker as the relay does, so under the relay's residency settings
     // (EVENTS_RESIDENCY_POLICY, EVENTS_BROKER_LOCATION): one it would withhold now is withheld.

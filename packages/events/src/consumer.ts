@@ -42,9 +42,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { headers, type NatsConnection } from '@nats-io/transport-node';
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMessages, type JsMsg } from '@nats-io/jetstream';
 import type pg from 'pg';
-import type { Checkpoint, StoredEvent } from './store.ts';
+import type { StoredEvent } from './store.ts';
 import { commit, databaseCannotNow, databaseSessionEnded, transientDatabaseError } from './transaction.ts';
-import { sqlLiteral, storablePrefix } from './sql.ts';
+import { storablePrefix } from './sql.ts';
 import { decodeBatch } from './wire.ts';
 
 export type EventHandler = (event: StoredEvent, tx: pg.PoolClient) => Promise<void>;
@@ -168,9 +168,38 @@ export async function ensureDeadLetterStream(nats: NatsConnection, streamName: s
   }
 }
 
-/** Whether `e` comes after `c` in the global order (transaction id, then position). */
-function checkpointAfter(e: Checkpoint, c: Checkpoint): boolean {
-  return e.transactionId > c.transactionId || (e.transactionId === c.transactionId && e.position > c.position);
+/**
+ * Records `events` in `consumer`'s inbox inside the caller's transaction (EventConsumer's claim)
+ * and returns the ids it took: those with no inbox row yet and not at or before the consumer's
+ * inbox horizon (`pruneInbox`: handled, their rows pruned), except the ones the prune listed open (dead-lettered, or withheld by the relay), whose open rows go
+ * with the claim. One statement, so one snapshot for the horizon and the rows: a prune
+ * removes the rows its horizon covers only once every snapshot older than the horizon is
+ * gone, so this statement sees either the rows or the horizon that replaced them, in any
+ * isolation level.
+ */
+export async function claimEvents(db: Pick<pg.ClientBase, 'query'>, consumer: string, events: readonly StoredEvent[]): Promise<Set<string>> {
+  // Ids and positions travel as comma-separated text: node-pg would quote and escape every
+  // element of an array parameter, which cost several times the join here.
+  const r = await db.query<{ event_id: string }>(
+    `WITH h AS (SELECT transaction_id, position FROM events.inbox_horizons WHERE consumer = $1),
+          u AS (SELECT * FROM unnest(string_to_array($2, ',')::uuid[], string_to_array($3, ',')::bigint[], string_to_array($4, ',')::xid8[])
+                  AS u(event_id, position, transaction_id)),
+          reopened AS (DELETE FROM events.inbox_open o USING u, h
+                        WHERE o.consumer = $1 AND o.event_id = u.event_id AND (u.transaction_id, u.position) <= (h.transaction_id, h.position)
+                        RETURNING o.event_id)
+     INSERT INTO events.inbox (consumer, event_id, position)
+     SELECT $1, u.event_id, u.position FROM u
+      WHERE NOT EXISTS (SELECT 1 FROM h WHERE (u.transaction_id, u.position) <= (h.transaction_id, h.position))
+         OR u.event_id IN (SELECT event_id FROM reopened)
+     ON CONFLICT DO NOTHING RETURNING event_id::text`,
+    [
+      consumer,
+      events.map((e) => e.id).join(','),
+      events.map((e) => e.position.toString()).join(','),
+      events.map((e) => e.transactionId.toString()).join(','),
+    ],
+  );
+  return new Set(r.rows.map((x) => x.event_id));
 }
 
 export async function registerConsumer(db: Pick<pg.ClientBase, 'query'>, name: string): Promise<void> {
@@ -254,8 +283,6 @@ export class EventConsumer {
     Pick<ConsumerOptions, 'afterCommit' | 'onError'> & { maxAckPending: number };
   readonly #handleBatch: BatchEventHandler;
   readonly #slots: Slots;
-  /** Opens a claim transaction and reads the inbox horizon (#apply). */
-  readonly #beginSql: string;
   readonly #lanes = new Map<string, Lane>();
   readonly #running = new Set<Promise<void>>();
   /** Messages not handled because of stop(), in each lane's order; nak'ed once the pull is closed. */
@@ -287,7 +314,6 @@ export class EventConsumer {
       if (!Number.isInteger(this.#o[key]) || this.#o[key] < min) throw new RangeError(`${key} must be an integer >= ${min}`);
     }
     this.#slots = new Slots(this.#o.partitionConcurrency);
-    this.#beginSql = `BEGIN; SELECT horizon_transaction_id::text AS transaction_id, horizon_position::text AS position FROM events.inbox_claim_horizon(${sqlLiteral(this.#o.name)})`;
     this.#handleBatch =
       handleBatch ??
       (async (events, tx) => {
@@ -300,6 +326,12 @@ export class EventConsumer {
   }
 
   async start(): Promise<void> {
+    // Every claim reads the inbox horizon: against a schema without it (a consumer upgraded
+    // before the migration ran), each claim would fail on the events and dead-letter them all.
+    const schema = await this.#o.pool.query<{ ok: boolean }>("SELECT to_regclass('events.inbox_horizons') IS NOT NULL AS ok");
+    if (schema.rows[0]?.ok !== true) {
+      throw new Error('the events schema has no events.inbox_horizons (migration 1770600000000): run migrateEvents before starting a consumer');
+    }
     await registerConsumer(this.#o.pool, this.#o.name);
     const jsm = await jetstreamManager(this.#o.nats);
     const config = {
@@ -506,12 +538,19 @@ export class EventConsumer {
     for (;;) {
       try {
         const r = await this.#o.pool.query<{ event_id: string; handled: boolean; tried_at: number | null }>(
-          `SELECT e.id::text AS event_id, i.event_id IS NOT NULL AS handled,
+          // Handled: an inbox row, or at or before the inbox horizon and not open.
+          `SELECT e.id::text AS event_id, events.inbox_handled($1, e.id, e.transaction_id, e.position) AS handled,
                   CASE WHEN d.error LIKE $3 || '%' THEN d.attempts END AS tried_at
-             FROM unnest(string_to_array($2, ',')::uuid[]) AS e(id)
-             LEFT JOIN events.inbox i ON i.consumer = $1 AND i.event_id = e.id
+             FROM unnest(string_to_array($2, ',')::uuid[], string_to_array($4, ',')::xid8[], string_to_array($5, ',')::bigint[])
+                    AS e(id, transaction_id, position)
              LEFT JOIN events.dead_letters d ON d.consumer = $1 AND d.event_id = e.id`,
-          [this.#o.name, events.map((e) => e.id).join(','), LAST_TRY],
+          [
+            this.#o.name,
+            events.map((e) => e.id).join(','),
+            LAST_TRY,
+            events.map((e) => e.transactionId.toString()).join(','),
+            events.map((e) => e.position.toString()).join(','),
+          ],
         );
         const state = new Map(r.rows.map((x) => [x.event_id, x]));
         for (const e of events) {
@@ -595,12 +634,8 @@ export class EventConsumer {
     const client = await this.#o.pool.connect();
     let failed = false;
     try {
-      // BEGIN and the consumer's inbox horizon, under the shared lock that a prune takes
-      // exclusively (migration 1770600000000): one round trip, two statements.
-      const began = (await client.query(this.#beginSql)) as unknown as Array<pg.QueryResult<{ transaction_id: string; position: string }>>;
-      const h = began.at(-1)?.rows[0];
-      const horizon = h === undefined ? null : { transactionId: BigInt(h.transaction_id), position: BigInt(h.position) };
-      const fresh = await this.#claim(client, events, horizon);
+      await client.query('BEGIN');
+      const fresh = await this.#claim(client, events);
       // The claimed ones, each once: a message may carry an event twice (the relay never writes
       // one, but any publisher on the subject could), and the inbox takes it once.
       const claimed = fresh.size === events.length ? events : events.filter((e) => fresh.delete(e.id));
@@ -624,33 +659,8 @@ export class EventConsumer {
     }
   }
 
-  /**
-   * The events of `events` this transaction takes: those with no inbox row yet. An event at or
-   * before the consumer's inbox horizon (`pruneInbox`) was handled already, its row pruned,
-   * unless the prune listed it open (it was dead-lettered): an open one is taken, and its open
-   * row removed with the claim.
-   */
-  async #claim(client: pg.PoolClient, events: StoredEvent[], horizon: Checkpoint | null): Promise<Set<string>> {
-    let candidates = events;
-    if (horizon !== null && events.some((e) => !checkpointAfter(e, horizon))) {
-      const below = events.filter((e) => !checkpointAfter(e, horizon));
-      const reopened = await client.query<{ event_id: string }>(
-        "DELETE FROM events.inbox_open WHERE consumer = $1 AND event_id = ANY(string_to_array($2, ',')::uuid[]) RETURNING event_id::text",
-        [this.#o.name, below.map((e) => e.id).join(',')],
-      );
-      const open = new Set(reopened.rows.map((x) => x.event_id));
-      candidates = events.filter((e) => checkpointAfter(e, horizon) || open.has(e.id));
-      if (candidates.length === 0) return new Set();
-    }
-    // Ids and positions travel as comma-separated text: node-pg would quote and escape every
-    // element of an array parameter, which cost several times the join here.
-    const r = await client.query<{ event_id: string }>(
-      `INSERT INTO events.inbox (consumer, event_id, position)
-       SELECT $1, * FROM unnest(string_to_array($2, ',')::uuid[], string_to_array($3, ',')::bigint[])
-       ON CONFLICT DO NOTHING RETURNING event_id::text`,
-      [this.#o.name, candidates.map((e) => e.id).join(','), candidates.map((e) => e.position.toString()).join(',')],
-    );
-    return new Set(r.rows.map((x) => x.event_id));
+  #claim(client: pg.PoolClient, events: StoredEvent[]): Promise<Set<string>> {
+    return claimEvents(client, this.#o.name, events);
   }
 
   /** A transient database failure ends the pass (the caller retries it), dead-lettering nothing. */

@@ -52,6 +52,7 @@ export {
   type RelayStats,
 } from './relay.ts';
 export {
+  claimEvents,
   ensureDeadLetterStream,
   EventConsumer,
   registerConsumer,
@@ -65,7 +66,8 @@ export { parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } fro
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
   inboxHorizon,
-  INBOX_LOCK_CLASS,
+  INBOX_PRUNE_LOCK_CLASS,
+  InboxPruneBusyError,
   pruneInbox,
   type PruneInboxOptions,
   type PruneInboxReport,

@@ -8,13 +8,16 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
-import { jetstream } from '@nats-io/jetstream';
+import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
   CHECKPOINT_START,
   encodeBatch,
   EventConsumer,
-  INBOX_LOCK_CLASS,
+  claimEvents,
+  INBOX_PRUNE_LOCK_CLASS,
   inboxHorizon,
+  InboxPruneBusyError,
+  inTransaction,
   OutboxRelay,
   pruneInbox,
   reconcile,
@@ -22,7 +25,7 @@ import {
   replayDeadLetters,
   type StoredEvent,
 } from '../src/index.ts';
-import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type EventsTestEnv } from './support.ts';
+import { effectCounts as effectCountsOn, eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -69,6 +72,17 @@ async function publishCopies(events: readonly StoredEvent[], tag: string): Promi
 async function inboxIds(consumer: string): Promise<Set<string>> {
   const r = await env.pool.query<{ id: string }>('SELECT event_id::text AS id FROM events.inbox WHERE consumer = $1', [consumer]);
   return new Set(r.rows.map((x) => x.id));
+}
+
+/** Inbox rows for `consumer` for every event of the store, deleted ones too, but `except`. */
+async function handledAll(consumer: string, except: readonly string[] = []): Promise<void> {
+  await env.pool.query(
+    `INSERT INTO events.inbox (consumer, event_id, position)
+     SELECT $1, event_id, position FROM (SELECT event_id, position FROM events.events UNION ALL SELECT event_id, position FROM events.deleted_events) e
+      WHERE NOT (event_id = ANY($2::uuid[]))
+     ON CONFLICT DO NOTHING`,
+    [consumer, except],
+  );
 }
 
 async function dbNow(): Promise<Date> {
@@ -227,117 +241,200 @@ describe('inbox pruning', () => {
     assert.match(unknown.err, /consumer nobody is not registered/);
   });
 
-  test('a claim reads the horizon after the lock: one that waits for a prune sees the horizon the prune set', async () => {
-    await registerConsumer(env.pool, 'locked');
-    const pruner = await env.pool.connect();
-    const claimer = await env.pool.connect();
+  test('a snapshot older than the horizon keeps the rows: a claim under it still finds them, in REPEATABLE READ', async () => {
+    await registerConsumer(env.pool, 'snap');
+    const ids = await appendStream('snap', 's-1', [{ n: 1 }, { n: 2 }]);
+    const [e1] = await storedEvents(ids);
+    await handledAll('snap');
+    const rows = (await inboxIds('snap')).size;
+    const old = await env.pool.connect();
     try {
-      await pruner.query('BEGIN');
-      await pruner.query('SELECT pg_advisory_xact_lock($1, hashtext($2))', [INBOX_LOCK_CLASS, 'locked']);
-      await pruner.query("INSERT INTO events.inbox_horizons (consumer, transaction_id, position) VALUES ('locked', '12345'::xid8, 678)");
-      await claimer.query('BEGIN');
-      const pending = claimer.query<{ transaction_id: string; position: string }>(
-        "SELECT horizon_transaction_id::text AS transaction_id, horizon_position::text AS position FROM events.inbox_claim_horizon('locked')",
-      );
-      await waitFor('the claim to wait on the prune', async () => (
-        await env.pool.query("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = $1::bigint::oid", [INBOX_LOCK_CLASS])
-      ).rowCount === 1);
-      await pruner.query('COMMIT');
-      const seen = await pending;
-      assert.deepEqual(seen.rows, [{ transaction_id: '12345', position: '678' }], 'the horizon committed while the claim waited');
-      await claimer.query('COMMIT');
+      // A claim transaction whose snapshot predates the prune (REPEATABLE READ keeps it to the end).
+      await old.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await old.query('SELECT count(*) FROM events.inbox');
+      const report = await pruneInbox({ pool: env.pool, consumer: 'snap', before: await dbNow(), snapshotWaitMs: 300 });
+      assert.equal(report.stop.reason, 'snapshots');
+      assert.equal(report.eventsPassed, rows);
+      assert.equal(report.inboxRowsRemoved, 0);
+      assert.ok((await inboxHorizon(env.pool, 'snap')) !== null, 'the horizon moved');
+      assert.equal((await inboxIds('snap')).size, rows, 'the rows stay while the old snapshot lives');
+      // Under the old snapshot the horizon is not seen, but the row is: the copy is not taken.
+      assert.deepEqual([...(await claimEvents(old, 'snap', [e1 as StoredEvent]))], []);
+      await old.query('ROLLBACK');
 
-      // And a prune waits for a claim in flight before it removes anything.
-      await registerConsumer(env.pool, 'inflight');
-      await env.pool.query("INSERT INTO events.inbox (consumer, event_id, position) SELECT 'inflight', event_id, position FROM events.events");
-      const rows = (await inboxIds('inflight')).size;
-      assert.ok(rows > 0);
-      await claimer.query('BEGIN');
-      await claimer.query("SELECT * FROM events.inbox_claim_horizon('inflight')");
-      let done = false;
-      const prune = pruneInbox({ pool: env.pool, consumer: 'inflight', before: await dbNow() }).then((r) => {
-        done = true;
-        return r;
-      });
-      await waitFor('the prune to wait on the claim', async () => (
-        await env.pool.query("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock' AND classid = $1::bigint::oid", [INBOX_LOCK_CLASS])
-      ).rowCount === 1);
-      assert.equal(done, false);
-      assert.equal((await inboxIds('inflight')).size, rows, 'nothing removed while the claim is in flight');
-      await claimer.query('COMMIT');
-      const r = await prune;
-      assert.equal(r.inboxRowsRemoved, rows);
+      const cli = await runCliOn(env, ['inbox', 'prune', '--consumer', 'snap', '--before', (await dbNow()).toISOString()]);
+      assert.equal(cli.code, 0, cli.err);
+      assert.match(cli.out, new RegExp(`${rows} inbox rows removed`));
+      assert.equal((await inboxIds('snap')).size, 0);
+      // Now the horizon alone drops the copy.
+      const again = await env.pool.connect();
+      try {
+        await again.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+        assert.deepEqual([...(await claimEvents(again, 'snap', [e1 as StoredEvent]))], []);
+        await again.query('ROLLBACK');
+      } finally {
+        again.release();
+      }
     } finally {
-      await pruner.query('ROLLBACK').catch(() => {});
-      await claimer.query('ROLLBACK').catch(() => {});
-      pruner.release();
-      claimer.release();
+      await old.query('ROLLBACK').catch(() => {});
+      old.release();
     }
   });
 
-  test('a prune whose page another prune overtook reads again from the newer horizon', async () => {
-    await registerConsumer(env.pool, 'overtaken');
-    const ids = await appendStream('overtaken', 'v-1', Array.from({ length: 9 }, (_, n) => ({ n })));
-    const events = await storedEvents(ids);
-    // Handled: every event of the store up to these, and these.
+  test('holds a consumer to an event retention deleted before it handled it', async () => {
+    await registerConsumer(env.pool, 'ret');
+    const ids = await appendStream('ret', 'r-1', [{ n: 1 }, { n: 2 }]);
+    const [d1, d2] = await storedEvents(ids);
     await env.pool.query(
-      `INSERT INTO events.inbox (consumer, event_id, position) SELECT 'overtaken', event_id, position FROM events.events
-        WHERE position <= $1`,
-      [(events.at(-1) as StoredEvent).position.toString()],
+      "INSERT INTO events.inbox (consumer, event_id, position) SELECT 'ret', event_id, position FROM events.events WHERE event_id <> $1",
+      [(d2 as StoredEvent).id],
     );
-    const other = await env.pool.connect();
-    try {
-      // The other prune holds the lock while this one reads its first page (from no horizon)...
-      await other.query('BEGIN');
-      await other.query('SELECT pg_advisory_xact_lock($1, hashtext($2))', [INBOX_LOCK_CLASS, 'overtaken']);
-      const cut = await dbNow();
-      const prune = pruneInbox({ pool: env.pool, consumer: 'overtaken', before: cut, pageSize: 2 });
-      await waitFor('the prune to wait for the lock', async () => (
-        await env.pool.query("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND mode = 'ExclusiveLock' AND classid = $1::bigint::oid", [INBOX_LOCK_CLASS])
-      ).rowCount === 1);
-      // ...and moves the horizon past that page (to the sixth of these events), removing the rows.
-      const sixth = events[5] as StoredEvent;
-      await other.query(
-        `DELETE FROM events.inbox WHERE consumer = 'overtaken' AND event_id IN
-           (SELECT event_id FROM events.events WHERE (transaction_id, position) <= ($1::text::xid8, $2::bigint))`,
-        [sixth.transactionId.toString(), sixth.position.toString()],
-      );
-      await other.query("INSERT INTO events.inbox_horizons (consumer, transaction_id, position) VALUES ('overtaken', $1::text::xid8, $2)", [
-        sixth.transactionId.toString(),
-        sixth.position.toString(),
-      ]);
-      await other.query('COMMIT');
-      const report = await prune;
-      // Had it applied its stale page, the horizon would have gone back to before the sixth, and
-      // the next page would have met events with neither row nor horizon: a false gap.
-      assert.equal(report.stop.reason, 'read_horizon', JSON.stringify(report.stop, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v)));
-      const last = events.at(-1) as StoredEvent;
-      assert.deepEqual(await inboxHorizon(env.pool, 'overtaken'), { transactionId: last.transactionId, position: last.position });
-      assert.equal((await inboxIds('overtaken')).size, 0);
-    } finally {
-      await other.query('ROLLBACK').catch(() => {});
-      other.release();
-    }
+    // Retention deletes the stream, as applyRetention does: its events go, their places stay.
+    await env.pool.query(
+      `WITH gone AS (DELETE FROM events.events WHERE stream_type = 'ret' RETURNING position, event_id, transaction_id)
+       INSERT INTO events.deleted_events (position, event_id, transaction_id) SELECT position, event_id, transaction_id FROM gone`,
+    );
+    const report = await pruneInbox({ pool: env.pool, consumer: 'ret', before: await dbNow() });
+    assert.equal(report.stop.reason, 'unhandled');
+    assert.ok(report.stop.reason === 'unhandled' && report.stop.event.eventId === (d2 as StoredEvent).id && report.stop.event.deleted);
+    assert.deepEqual(report.through, { transactionId: (d1 as StoredEvent).transactionId, position: (d1 as StoredEvent).position });
+    // A copy of it still on the broker is taken.
+    assert.deepEqual([...(await inTx((c) => claimEvents(c, 'ret', [d2 as StoredEvent])))], [(d2 as StoredEvent).id]);
+
+    // A deletion recorded before its place was kept, owed by the consumer: nothing passes.
+    await registerConsumer(env.pool, 'ret-old');
+    await env.pool.query("INSERT INTO events.inbox (consumer, event_id, position) SELECT 'ret-old', event_id, position FROM events.events");
+    await env.pool.query('UPDATE events.deleted_events SET transaction_id = NULL WHERE event_id = $1', [(d2 as StoredEvent).id]);
+    const refused = await pruneInbox({ pool: env.pool, consumer: 'ret-old', before: await dbNow() });
+    assert.equal(refused.stop.reason, 'unhandled');
+    assert.ok(refused.stop.reason === 'unhandled' && refused.stop.event.transactionId === null && refused.stop.event.eventId === (d2 as StoredEvent).id);
+    assert.equal(refused.eventsPassed, 0);
+    await env.pool.query('UPDATE events.deleted_events SET transaction_id = $2::text::xid8 WHERE event_id = $1', [
+      (d2 as StoredEvent).id,
+      (d2 as StoredEvent).transactionId.toString(),
+    ]);
   });
 
-  test('two prunes at once remove each row once and leave one horizon', async () => {
+  test('an event the relay recorded withheld is listed open: a copy that reached the broker after all takes effect once', async () => {
+    await registerConsumer(env.pool, 'wh');
+    const ids = await appendStream('wh', 'w-1', [{ n: 1 }]);
+    const [w] = await storedEvents(ids);
+    const e = w as StoredEvent;
+    await handledAll('wh', [e.id]);
+    await env.pool.query(
+      `INSERT INTO events.relay_withheld (event_id, partition, position, transaction_id, stream_type, stream_id, region, location, reason)
+       VALUES ($1, $2, $3, $4::text::xid8, 'wh', 'w-1', 'eu', 'us-east-1', 'test')`,
+      [e.id, e.partition, e.position.toString(), e.transactionId.toString()],
+    );
+    const report = await pruneInbox({ pool: env.pool, consumer: 'wh', before: await dbNow() });
+    assert.equal(report.opened, 1);
+    assert.equal(report.withheld, 1);
+    assert.notEqual(report.stop.reason, 'unhandled');
+    assert.deepEqual([...(await inTx((c) => claimEvents(c, 'wh', [e])))], [e.id]);
+    assert.deepEqual([...(await inTx((c) => claimEvents(c, 'wh', [e])))], [], 'once');
+    assert.equal((await env.pool.query("SELECT 1 FROM events.inbox_open WHERE consumer = 'wh'")).rowCount, 0);
+    await env.pool.query('DELETE FROM events.relay_withheld WHERE event_id = $1', [e.id]);
+  });
+
+  test('one prune per consumer at a time: a second is refused while the first holds the consumer', async () => {
+    await registerConsumer(env.pool, 'busy');
+    const holder = await env.pool.connect();
+    try {
+      await holder.query('SELECT pg_advisory_lock($1, hashtext($2))', [INBOX_PRUNE_LOCK_CLASS, 'busy']);
+      await assert.rejects(pruneInbox({ pool: env.pool, consumer: 'busy', before: await dbNow() }), InboxPruneBusyError);
+      const cli = await runCliOn(env, ['inbox', 'prune', '--consumer', 'busy']);
+      assert.equal(cli.code, 2);
+      assert.match(cli.err, /another prune of busy's inbox is running/);
+    } finally {
+      await holder.query('SELECT pg_advisory_unlock_all()');
+      holder.release();
+    }
+    const ok = await pruneInbox({ pool: env.pool, consumer: 'busy', before: new Date(0) });
+    assert.equal(ok.stop.reason, 'before');
+  });
+
+  test('two prunes at once: one runs, the other is refused or finds nothing left; each row is removed once', async () => {
     await registerConsumer(env.pool, 'twin');
     const ids = await appendStream('twin', 't-1', Array.from({ length: 12 }, (_, n) => ({ n })));
-    await env.pool.query(
-      `INSERT INTO events.inbox (consumer, event_id, position) SELECT 'twin', event_id, position FROM events.events ON CONFLICT DO NOTHING`,
-    );
+    await handledAll('twin');
     const total = Number((await env.pool.query<{ n: string }>("SELECT count(*) AS n FROM events.inbox WHERE consumer = 'twin'")).rows[0]?.n);
     const cut = await dbNow();
-    const [a, b] = await Promise.all([
+    const runs = await Promise.allSettled([
       pruneInbox({ pool: env.pool, consumer: 'twin', before: cut, pageSize: 1 }),
       pruneInbox({ pool: env.pool, consumer: 'twin', before: cut, pageSize: 1 }),
     ]);
-    assert.equal(a.inboxRowsRemoved + b.inboxRowsRemoved, total);
+    for (const r of runs) if (r.status === 'rejected') assert.ok(r.reason instanceof InboxPruneBusyError, String(r.reason));
+    const done = runs.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    assert.ok(done.length >= 1);
+    assert.equal(done.reduce((n, r) => n + r.inboxRowsRemoved, 0), total);
     assert.equal((await inboxIds('twin')).size, 0);
     const last = (await storedEvents(ids)).at(-1) as StoredEvent;
     const h = await inboxHorizon(env.pool, 'twin');
     assert.ok(h !== null && (h.transactionId > last.transactionId || (h.transactionId === last.transactionId && h.position >= last.position)));
     const recorded = await env.pool.query<{ pruned: string }>("SELECT pruned::text FROM events.inbox_horizons WHERE consumer = 'twin'");
     assert.equal(Number(recorded.rows[0]?.pruned), total);
+  });
+});
+
+describe('inbox pruning and the consumer', () => {
+  test('a message delivered again after a prune: the repeated-delivery path sees the pruned event handled and leaves its dead-letter record alone', async () => {
+    const own = await eventsTestEnvWithEffects();
+    let first = true;
+    let pruned: Awaited<ReturnType<typeof pruneInbox>> | null = null;
+    const c = new EventConsumer({
+      pool: own.pool, nats: own.nats, name: 'again', streamName: own.streamName, filterSubject: `${own.subjectPrefix}.>`,
+      dlqSubjectPrefix: own.dlqSubjectPrefix, maxDeliver: 1, backoffMs: [20],
+      handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+        await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, 'again']);
+      },
+      afterCommit: async (events) => {
+        if (!first) return;
+        first = false;
+        const e = events[0] as StoredEvent;
+        // Dead-lettered once and replayed, as its record says; now handled, and its row pruned.
+        await own.pool.query(
+          "INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error, replayed_at) VALUES ('again', $1, $2, 3, 'earlier failure', now())",
+          [e.id, e.position.toString()],
+        );
+        pruned = await pruneInbox({ pool: own.pool, consumer: 'again', before: new Date(Date.now() + 60_000) });
+        throw new Error('the ack is lost: the message comes again');
+      },
+    });
+    const ownRelay = new OutboxRelay({ pool: own.pool, store: own.store, nats: own.nats, streamName: own.streamName, subjectPrefix: own.subjectPrefix });
+    try {
+      await c.start();
+      ownRelay.start();
+      await inTransaction(own.pool, (x) => own.store.append(x, { type: 'acct', id: 'a-1' }, [{ type: 'Opened', data: {} }], { expectedVersion: 'no_stream' }));
+      await waitFor('the message delivered again', () => Promise.resolve(c.stats().messages >= 2));
+      const jsm = await jetstreamManager(own.nats);
+      await waitFor('the message acked', async () => (await jsm.consumers.info(own.streamName, 'again')).ack_floor.stream_seq >= 1);
+      assert.equal((pruned as { inboxRowsRemoved: number } | null)?.inboxRowsRemoved, 1);
+      const id = (await own.pool.query<{ id: string }>('SELECT event_id::text AS id FROM events.events')).rows[0]?.id as string;
+      assert.equal((await effectCountsOn(own.pool, 'again')).get(id), 1);
+      const dl = await own.pool.query<{ attempts: number; error: string; replayed: boolean }>(
+        "SELECT attempts, error, replayed_at IS NOT NULL AS replayed FROM events.dead_letters WHERE consumer = 'again'",
+      );
+      assert.deepEqual(dl.rows, [{ attempts: 3, error: 'earlier failure', replayed: true }]);
+      assert.equal(c.stats().deadLettered, 0);
+    } finally {
+      await ownRelay.stop();
+      await c.stop().catch(() => {});
+      await own.close();
+    }
+  });
+
+  test('a consumer refuses to start on a schema without the inbox horizons, rather than dead-letter every event', async () => {
+    const own = await eventsTestEnvWithEffects();
+    try {
+      await own.pool.query('ALTER TABLE events.inbox_horizons RENAME TO inbox_horizons_gone');
+      const c = new EventConsumer({
+        pool: own.pool, nats: own.nats, name: 'early', streamName: own.streamName, filterSubject: `${own.subjectPrefix}.>`,
+        handler: async () => {},
+      });
+      await assert.rejects(c.start(), /no events\.inbox_horizons \(migration 1770600000000\): run migrateEvents/);
+      await c.stop().catch(() => {});
+    } finally {
+      await own.close();
+    }
   });
 });
