@@ -233,9 +233,10 @@ export async function partitionByResidency<E extends { streamType: string; strea
 }
 
 /**
- * Of events already read, those still in the store (hot or archived, by position), each checked
- * against the policy for `location`: one READ COMMITTED statement, after the events were read,
- * reads each event's presence together with its stream's region tag, so the two agree. Retention
+ * Of events already read, those still in the store (not deleted by retention, by position), each
+ * checked against the policy for `location`: one READ COMMITTED statement, after the events were
+ * read, reads whether each stream's events are gone together with its region tag, so the two
+ * agree. Retention
  * deletes a stream's events and its tag in one transaction: a stream it deleted after the read is
  * gone from both, and its events are left out, as deleted data. Reading the tags alone (as
  * `streamRegions` does) would find no tag and judge such a stream untagged, and its events,
@@ -255,22 +256,38 @@ export async function presentEventsAllowed<E extends { position: bigint; streamT
   location: string,
 ): Promise<E[]> {
   if (events.length === 0) return [];
-  const r = await db.query<{ present: boolean; region: string | null }>(
-    `SELECT (EXISTS (SELECT 1 FROM events.events h WHERE h.position = u.position)
-             OR EXISTS (SELECT 1 FROM events.archived_events a WHERE a.position = u.position)) AS present, r.region
+  // Per stream of the page, probed at the position of its first event here: retention deletes
+  // a stream's events in one statement, so a page read in one snapshot holds all of a stream's
+  // events or none that are gone, and it is the only deleter, recording each deleted event's
+  // position in events.deleted_events in that statement. So an event is gone exactly when its
+  // position is there. The statement returns only the streams that are tagged or gone: the tag
+  // join is the one `streamRegions` makes, and the deleted positions are looked up once, by key,
+  // for the whole page. (Per-event presence probes of the events tables, as first written,
+  // made the planner hash the whole events table for every page: ten times the read's cost,
+  // a review measured, over 200,000 events.)
+  const first = new Map<string, E>();
+  for (const e of events) {
+    const key = `${e.streamType}/${e.streamId}`;
+    if (!first.has(key)) first.set(key, e);
+  }
+  const streams = [...first.values()];
+  const r = await db.query<{ n: string; region: string | null; gone: boolean }>(
+    `WITH gone AS MATERIALIZED (SELECT x.position FROM events.deleted_events x WHERE x.position = ANY($1::bigint[]))
+     SELECT u.n::text, t.region, u.position IN (SELECT position FROM gone) AS gone
        FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS u(position, stream_type, stream_id, n)
-       LEFT JOIN events.stream_regions r ON r.stream_type = u.stream_type AND r.stream_id = u.stream_id
-      ORDER BY u.n`,
-    [events.map((e) => e.position.toString()), events.map((e) => e.streamType), events.map((e) => e.streamId)],
+       LEFT JOIN events.stream_regions t ON t.stream_type = u.stream_type AND t.stream_id = u.stream_id
+      WHERE t.region IS NOT NULL OR u.position IN (SELECT position FROM gone)`,
+    [streams.map((e) => e.position.toString()), streams.map((e) => e.streamType), streams.map((e) => e.streamId)],
   );
-  if (r.rows.length !== events.length) throw new Error(`invariant: ${events.length} events but ${r.rows.length} residency rows`);
-  const allowed: E[] = [];
-  events.forEach((e, i) => {
-    const row = r.rows[i] as { present: boolean; region: string | null };
-    if (!row.present) return;
-    assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: row.region }, operation, location);
-    allowed.push(e);
+  const marked = new Map(r.rows.map((x) => [Number(x.n) - 1, x]));
+  const verdicts = new Map<string, boolean>();
+  streams.forEach((e, i) => {
+    const row = marked.get(i);
+    const present = row?.gone !== true;
+    if (present) assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: row?.region ?? null }, operation, location);
+    verdicts.set(`${e.streamType}/${e.streamId}`, present);
   });
+  const allowed = events.filter((e) => verdicts.get(`${e.streamType}/${e.streamId}`) === true);
   return allowed;
 }
 
