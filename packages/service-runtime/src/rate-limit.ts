@@ -124,6 +124,7 @@ export class RedisTokenBucket {
   readonly #timeoutMs: number | undefined;
   /** The connection attempt takes are waiting for, if any (see `#connected`). */
   #connecting: Promise<void> | undefined;
+  #closed = false;
 
   constructor(options: RedisTokenBucketOptions) {
     this.#redis = options.redis;
@@ -161,6 +162,8 @@ export class RedisTokenBucket {
     // failure would count against the breaker, which is shared by every route.
     checkRateLimit(limit, 'rate limit');
     if (!(Number.isInteger(cost) && cost >= 1)) throw new RangeError('rate limit: cost must be a positive integer');
+    // Closed (the service is stopping): no decision, and no wait for a client that is gone.
+    if (this.#closed) return undefined;
     const permit = this.breaker.tryAcquire();
     if (permit === NOT_PERMITTED) return undefined;
     const startMs = performance.now();
@@ -193,7 +196,21 @@ export class RedisTokenBucket {
     // Nothing is sent unless the connection is ready within the budget: a take that has
     // already failed open must not also take a token later.
     await this.#bounded(this.#connected(), budgetMs);
-    return this.#bounded(this.#run(key, limit, cost), Math.max(1, Math.ceil(budgetMs - (performance.now() - startMs))));
+    // Too little of the budget left for a round trip: the command would time out here and still
+    // take its token in Redis, for a request already let through.
+    const leftMs = budgetMs - (performance.now() - startMs);
+    if (leftMs < budgetMs / 4) throw new Error(`the connection to Redis took ${Math.round(budgetMs - leftMs)} ms of the ${budgetMs} ms wait`);
+    return this.#bounded(this.#run(key, limit, cost), Math.ceil(leftMs));
+  }
+
+  /**
+   * Stops deciding: every take after this resolves undefined at once (the caller lets the request
+   * through). For shutdown, before the client is closed: a client closed while it was
+   * reconnecting stays 'reconnecting' in ioredis, and a take would wait its whole budget for a
+   * connection that never comes.
+   */
+  close(): void {
+    this.#closed = true;
   }
 
   /**

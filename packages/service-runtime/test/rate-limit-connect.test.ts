@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { connect, createServer } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { describe, it } from 'node:test';
 import { Redis } from 'ioredis';
 import { loadConfig, RateLimitUnavailableError, RedisTokenBucket, resilienceConfigSchema, resilienceFromConfig, type ResilienceFromConfig } from '../src/index.ts';
@@ -176,5 +176,49 @@ describe('the rate limiter while its Redis client connects', () => {
       await resilience.close();
       await stopRedis(server);
     }
+  });
+
+  it('a Redis a few milliseconds away limits from the first request: the connection is ready in one round trip', { timeout: 30_000 }, async () => {
+    // A proxy that delays every chunk 5 ms each way: a 10 ms round trip to the shared Redis.
+    const sockets = new Set<Socket>();
+    const proxy = createServer((client) => {
+      sockets.add(client);
+      const upstream = connect(6379, '127.0.0.1');
+      sockets.add(upstream);
+      for (const [from, to] of [[client, upstream], [upstream, client]] as const) {
+        from.on('data', (d) => { setTimeout(() => { if (!to.destroyed) to.write(d); }, 5); });
+        from.on('close', () => { setTimeout(() => { to.destroy(); }, 5); });
+        from.on('error', () => {});
+      }
+    });
+    await new Promise<void>((resolve) => { proxy.listen(0, '127.0.0.1', () => { resolve(); }); });
+    const port = (proxy.address() as { port: number }).port;
+    const prefix = `ll:test:rlnear:${randomBytes(4).toString('hex')}:`;
+    const { resilience, bucket } = limiterFromConfig(`redis://127.0.0.1:${port}`, prefix);
+    try {
+      const seen: string[] = [];
+      for (let i = 0; i < 40; i += 1) {
+        seen.push(await outcome(bucket, 'near'));
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      assert.equal(seen.includes('unknown'), false, `never failed open on an open breaker: ${seen.join(' ')}`);
+      assert.ok(seen.filter((o) => o === 'failed').length <= 2, seen.join(' '));
+      assert.equal(seen.at(-1), 'refused', seen.join(' '));
+      assert.equal(bucket.breaker.state, 'closed');
+    } finally {
+      await resilience.close();
+      proxy.close();
+      for (const s of sockets) s.destroy();
+      await deleteKeys(REDIS_URL, `${prefix}*`);
+    }
+  });
+
+  it('closed, it decides nothing and waits for nothing, even with its client reconnecting for good', async () => {
+    const port = await sparePort();
+    const { resilience, bucket } = limiterFromConfig(`redis://127.0.0.1:${port}`, 'll:test:rlclosed:');
+    await resilience.close();
+    const startMs = performance.now();
+    assert.equal(await bucket.take('any', LIMIT), undefined);
+    assert.ok(performance.now() - startMs < 20, `took ${performance.now() - startMs} ms`);
   });
 });
