@@ -25,8 +25,9 @@
  *
  * Each page takes two steps. First, in one transaction, the horizon moves past the page (and
  * `pending_*` records where the page began) and the page's open events are listed. Then, once no
- * client backend of the database holds a snapshot taken before that commit (each one's xmin is
- * past its transaction id), the inbox rows of the page's events are removed and `pending_*` is
+ * session of the database holds a snapshot taken before that commit (each one's xmin is past its
+ * transaction id), the inbox rows of the page's events are removed, but for those of open events
+ * (one handled meanwhile keeps its row, which then skips its next copy), and `pending_*` is
  * cleared. A claim's statement runs under one snapshot: taken before the move, it finds the rows
  * (still there); taken after, it finds the horizon. So this holds in any isolation level, and a
  * claim never waits for a prune: the prune waits for snapshots instead, up to
@@ -196,6 +197,8 @@ export async function pruneInbox(options: PruneInboxOptions): Promise<PruneInbox
   if (!(maxEvents >= 1)) throw new RangeError('maxEvents must be >= 1');
   if (!(snapshotWaitMs >= 0)) throw new RangeError('snapshotWaitMs must be >= 0');
   if (Number.isNaN(before.getTime())) throw new RangeError('before is not a valid date');
+  // One connection holds the prune's lock while the others work.
+  if ((pool.options.max ?? 10) < 2) throw new RangeError('pruneInbox needs a pool of at least 2 connections');
   const registered = await pool.query('SELECT 1 FROM events.consumers WHERE name = $1', [consumer]);
   if (registered.rowCount === 0) throw new RangeError(`consumer ${consumer} is not registered in events.consumers`);
 
@@ -389,10 +392,14 @@ async function removeCoveredRows(
   const movedBy = horizon.movedBy ?? BigInt((await pool.query<{ x: string }>('SELECT pg_current_xact_id()::text AS x')).rows[0]?.x ?? '0');
   const waited = await waitForSnapshotsAfter(pool, movedBy, snapshotWaitMs);
   if (waited > 0) return { reason: 'snapshots', backends: waited };
+  // Not the rows of open events: one listed open and handled meanwhile (a replay claimed it
+  // after the page was read, or its claim committed during the wait) keeps its row, which is
+  // then what skips its next copy. Without the row, the open entry would let that copy in again.
   const removed = await pool.query(
     `DELETE FROM events.inbox i USING (${EVENTS_AFTER}) e
       WHERE i.consumer = $1 AND i.event_id = e.event_id
-        AND (e.transaction_id, e.position) > ($2::text::xid8, $3::bigint) AND (e.transaction_id, e.position) <= ($4::text::xid8, $5::bigint)`,
+        AND (e.transaction_id, e.position) > ($2::text::xid8, $3::bigint) AND (e.transaction_id, e.position) <= ($4::text::xid8, $5::bigint)
+        AND NOT EXISTS (SELECT 1 FROM events.inbox_open o WHERE o.consumer = i.consumer AND o.event_id = i.event_id)`,
     [consumer, pending.transactionId.toString(), pending.position.toString(), horizon.at.transactionId.toString(), horizon.at.position.toString()],
   );
   const count = removed.rowCount ?? 0;
@@ -405,16 +412,20 @@ async function removeCoveredRows(
 }
 
 /**
- * Waits until no other client backend of this database holds a snapshot whose xmin is at or
- * before transaction `xid` (a snapshot that may not see it), up to `timeoutMs`. Returns how many
- * still did when it gave up (0: none left). A backend's xmin is a 32-bit id; `age()` compares it
- * with `xid`'s low 32 bits, valid within 2^31 transactions.
+ * Waits until no other session of this database holds a snapshot whose xmin is at or before
+ * transaction `xid` (a snapshot that may not see it), up to `timeoutMs`. Returns how many still
+ * did when it gave up (0: none left). A backend's xmin is a 32-bit id; `age()` compares it with
+ * `xid`'s low 32 bits, valid within 2^31 transactions. Every session of the database counts,
+ * whatever its `backend_type`: that column is null for another role's sessions unless this role
+ * may read all statistics, while `backend_xmin` is shown to every role (a prune run as an
+ * operator's role, filtering on `backend_type`, saw none of the consumer's snapshots and removed
+ * rows a claim under one of them still needed: a review proved the double effect).
  */
 async function waitForSnapshotsAfter(pool: pg.Pool, xid: bigint, timeoutMs: number): Promise<number> {
   const xid32 = (xid & 0xffffffffn).toString();
   const sql = `SELECT pg_stat_clear_snapshot();
     SELECT count(*)::int AS n FROM pg_stat_activity
-     WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+     WHERE datname = current_database() AND pid <> pg_backend_pid()
        AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age('${xid32}'::xid)`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {

@@ -5,9 +5,10 @@
  * range, and the lock between claims and prunes holds.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type pg from 'pg';
+import pg from 'pg';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import {
   CHECKPOINT_START,
@@ -334,6 +335,77 @@ describe('inbox pruning', () => {
     assert.deepEqual([...(await inTx((c) => claimEvents(c, 'wh', [e])))], [], 'once');
     assert.equal((await env.pool.query("SELECT 1 FROM events.inbox_open WHERE consumer = 'wh'")).rowCount, 0);
     await env.pool.query('DELETE FROM events.relay_withheld WHERE event_id = $1', [e.id]);
+  });
+
+  test('an open event handled while the prune runs keeps its inbox row, so its next copy is still skipped', async () => {
+    for (const moment of ['before the move', 'during the wait'] as const) {
+      const consumer = moment === 'before the move' ? 'openrace-a' : 'openrace-b';
+      await registerConsumer(env.pool, consumer);
+      const ids = await appendStream('openrace', `${consumer}-1`, [{ n: 1 }]);
+      const e = (await storedEvents(ids))[0] as StoredEvent;
+      await handledAll(consumer, [e.id]);
+      // Dead-lettered: a dead letter, no inbox row.
+      await env.pool.query('INSERT INTO events.dead_letters (consumer, event_id, position, attempts, error) VALUES ($1, $2, $3, 3, $4)', [
+        consumer, e.id, e.position.toString(), 'boom',
+      ]);
+      // The replayed copy is claimed and committed by the consumer at that moment of the prune.
+      let claimed: string[] | null = null;
+      const trigger = moment === 'before the move' ? 'INSERT INTO events.inbox_open' : 'SELECT count(*)::int AS n FROM pg_stat_activity';
+      const watch = async (sql: unknown): Promise<void> => {
+        if (claimed === null && typeof sql === 'string' && sql.includes(trigger)) {
+          claimed = [];
+          claimed = [...(await inTx((c) => claimEvents(c, consumer, [e])))];
+        }
+      };
+      const watched = <T extends object>(target: T): T =>
+        new Proxy(target, {
+          get(t, p, r) {
+            if (p === 'query') return async (...a: unknown[]) => { await watch(a[0]); return (t as { query: (...x: unknown[]) => unknown }).query(...a); };
+            if (p === 'connect') return async () => watched(await (t as unknown as pg.Pool).connect());
+            const v: unknown = Reflect.get(t, p, r);
+            return typeof v === 'function' ? (v as (...x: unknown[]) => unknown).bind(t) : v;
+          },
+        });
+      const report = await pruneInbox({ pool: watched(env.pool), consumer, before: await dbNow() });
+      assert.deepEqual(claimed, [e.id], `${moment}: the replayed copy took effect`);
+      assert.equal(report.opened, 1, moment);
+      const handled = await env.pool.query<{ h: boolean }>('SELECT events.inbox_handled($1, $2, $3::text::xid8, $4) AS h', [
+        consumer, e.id, e.transactionId.toString(), e.position.toString(),
+      ]);
+      assert.equal(handled.rows[0]?.h, true, `${moment}: handled, as the inbox and its horizon say`);
+      assert.deepEqual([...(await inTx((c) => claimEvents(c, consumer, [e])))], [], `${moment}: the next copy is skipped`);
+    }
+  });
+
+  test('a prune run by another role, which cannot see the sessions\' types, still waits for their snapshots', async () => {
+    await registerConsumer(env.pool, 'roles');
+    await handledAll('roles');
+    const role = `ll_inbox_${randomBytes(4).toString('hex')}`;
+    await env.pool.query(`CREATE ROLE ${role} LOGIN`);
+    await env.pool.query(`GRANT USAGE ON SCHEMA events TO ${role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA events TO ${role}`);
+    const url = new URL(env.db.url);
+    url.username = role;
+    const opsPool = new pg.Pool({ connectionString: url.toString(), max: 3 });
+    opsPool.on('error', () => {});
+    const old = await env.pool.connect();
+    try {
+      // A claim transaction of the service's role, holding a snapshot from before the prune.
+      await old.query('BEGIN ISOLATION LEVEL REPEATABLE READ');
+      await old.query('SELECT count(*) FROM events.inbox');
+      const seen = await opsPool.query<{ backend_type: string | null }>(
+        'SELECT backend_type FROM pg_stat_activity WHERE datname = current_database() AND backend_xmin IS NOT NULL AND pid <> pg_backend_pid()',
+      );
+      assert.ok(seen.rows.some((r) => r.backend_type === null), 'the operator role does not see the session\'s type');
+      const report = await pruneInbox({ pool: opsPool, consumer: 'roles', before: await dbNow(), snapshotWaitMs: 300 });
+      assert.equal(report.stop.reason, 'snapshots');
+      assert.equal(report.inboxRowsRemoved, 0);
+      assert.equal((await inboxIds('roles')).size > 0, true, 'the rows stay');
+    } finally {
+      await old.query('ROLLBACK').catch(() => {});
+      old.release();
+      await opsPool.end();
+      await env.pool.query(`DROP OWNED BY ${role}; DROP ROLE ${role}`);
+    }
   });
 
   test('one prune per consumer at a time: a second is refused while the first holds the consumer', async () => {
