@@ -966,7 +966,12 @@ export class EventStore {
       const version = (r.rows[i] as EventRecord).version;
       if (version === (r.rows[i - 1] as EventRecord).version) throw new StreamCorruptError(streamType, streamId, version);
     }
-    return r.rows.map(toEvent);
+    const events = r.rows.map(toEvent);
+    // And after: the check above ran before the read, and a stream first appended (with its tag,
+    // in one transaction) in between would be read unchecked; the events read, their tag is
+    // committed too. Deleted meanwhile, they are left out (presentEventsAllowed).
+    if (this.residency === null || events.length === 0) return events;
+    return presentEventsAllowed(db, this.residency.policy, events, 'read', options.location ?? this.residency.location);
   }
 
   /** The events at these positions, in global order: what an inline projection just appended. */

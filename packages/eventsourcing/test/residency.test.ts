@@ -240,6 +240,21 @@ describe('residency', () => {
     assert.equal(queries.filter((q) => q.includes('events.stream_regions')).length, 2, 'the page as read, then the one event read on');
   });
 
+  test('readStream: a stream first appended with its tag between the check and the read is refused, not read unchecked', async () => {
+    let appended = false;
+    const racing = beforeEachQuery(env.pool, async (text) => {
+      if (!appended && text.includes('version >= $3')) {
+        appended = true;
+        await inTx(env.pool, (c) => env.store.append(c, { type: 'late', id: 'l-1' }, [event], { expectedVersion: 'no_stream', region: 'eu' }));
+      }
+    });
+    // Until 2026-12-08 the check ran only before the read: it found no stream, and the eu-only
+    // event went to the us-east-1 reader.
+    await assert.rejects(env.store.readStream(racing, 'late', 'l-1', 1, { location: 'us-east-1' }), violation('read', 'late/l-1', 'us-east-1'));
+    assert.equal(appended, true, 'the stream was appended between the check and the read');
+    assert.equal((await env.store.readStream(env.pool, 'late', 'l-1')).length, 1, 'read here, where eu data may be');
+  });
+
   test('readAll without a residency policy reads with no residency query', async () => {
     const open = await EventStore.open(env.pool);
     const queries: string[] = [];
