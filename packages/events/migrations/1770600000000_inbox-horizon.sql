@@ -11,7 +11,7 @@
 -- statement that inserts its inbox rows, so under one snapshot with them.
 --
 -- A prune moves the horizon first, then removes the rows it covers only once no snapshot taken
--- before that move is left (every client backend's xmin is past the move's transaction): a
+-- before that move is left (every session's xmin is past the move's transaction): a
 -- claim whose snapshot predates the move still finds the rows, and one taken after it finds the
 -- horizon. `pending_*` is where the rows still to remove begin (exclusive; they end at the
 -- horizon), null once they are gone; a prune that stopped between the two steps leaves it set,
@@ -52,10 +52,21 @@ $$;
 
 -- Retention's deleted events keep their place in the global order from now on, so that the
 -- prune can hold a consumer to one it had not handled when retention deleted it (its copy may
--- still be on the broker). Rows from before have none: the prune refuses to pass anything while
--- a consumer owes one of those.
+-- still be on the broker), and whether the relay had withheld it (retention deletes the relay's
+-- record with the stream; such an event is owed to nobody). Rows from before have no place: the
+-- prune refuses to pass anything while a consumer owes one of those. NOT VALID: those rows stay,
+-- while a retention of the release before, still running, fails instead of writing a row the
+-- prune could not place (a review proved it could delete an owed event in the middle of a prune,
+-- which then passed it).
 ALTER TABLE events.deleted_events ADD COLUMN transaction_id xid8;
+ALTER TABLE events.deleted_events ADD COLUMN withheld boolean NOT NULL DEFAULT false;
+ALTER TABLE events.deleted_events ADD CONSTRAINT deleted_events_placed CHECK (transaction_id IS NOT NULL) NOT VALID;
 CREATE INDEX deleted_events_global_order_idx ON events.deleted_events (transaction_id, position) WHERE transaction_id IS NOT NULL;
+
+-- When a consumer of this release (whose claim reads the horizon) last started. A prune refuses
+-- a consumer none of whose instances ever recorded it: an instance of the release before claims
+-- without the horizon, and would take the copy of a pruned event again.
+ALTER TABLE events.consumers ADD COLUMN horizon_claims_since timestamptz;
 
 -- Down Migration
 DO $$
@@ -65,7 +76,10 @@ BEGIN
     RAISE EXCEPTION 'events.inbox_horizons holds pruned inboxes: without it, a copy of an event whose inbox row was pruned would take effect again';
   END IF;
 END $$;
+ALTER TABLE events.consumers DROP COLUMN horizon_claims_since;
 DROP INDEX events.deleted_events_global_order_idx;
+ALTER TABLE events.deleted_events DROP CONSTRAINT deleted_events_placed;
+ALTER TABLE events.deleted_events DROP COLUMN withheld;
 ALTER TABLE events.deleted_events DROP COLUMN transaction_id;
 DROP FUNCTION events.inbox_handled(text, uuid, xid8, bigint);
 DROP TABLE events.inbox_open;

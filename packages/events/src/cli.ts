@@ -94,7 +94,7 @@ function formatPruneReport(r: PruneInboxReport): string {
   const at = (c: Checkpoint | null): string => (c === null ? 'none' : `(${c.transactionId}, ${c.position})`);
   const lines = [
     `inbox of ${r.consumer}: horizon ${at(r.from)} -> ${at(r.through)}; ${r.eventsPassed} events passed, ` +
-      `${r.inboxRowsRemoved} inbox rows removed, ${r.opened} dead-lettered left open for a replay, ${r.withheld} withheld`,
+      `${r.inboxRowsRemoved} inbox rows removed, ${r.opened - r.withheld} dead-lettered and ${r.withheld} withheld by the relay left open`,
   ];
   const stop = r.stop;
   if (stop.reason === 'unhandled') {

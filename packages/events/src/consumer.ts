@@ -202,8 +202,17 @@ export async function claimEvents(db: Pick<pg.ClientBase, 'query'>, consumer: st
   return new Set(r.rows.map((x) => x.event_id));
 }
 
+/**
+ * Registers a consumer, and records that an instance of this release (whose claim reads the
+ * inbox horizon) has: `pruneInbox` refuses a consumer without that record.
+ */
 export async function registerConsumer(db: Pick<pg.ClientBase, 'query'>, name: string): Promise<void> {
-  await db.query('INSERT INTO events.consumers (name) VALUES ($1) ON CONFLICT DO NOTHING', [name]);
+  await db.query(
+    `INSERT INTO events.consumers (name, horizon_claims_since) VALUES ($1, now())
+     ON CONFLICT (name) DO UPDATE SET horizon_claims_since = coalesce(events.consumers.horizon_claims_since, EXCLUDED.horizon_claims_since)
+     WHERE events.consumers.horizon_claims_since IS NULL`,
+    [name],
+  );
 }
 
 /**

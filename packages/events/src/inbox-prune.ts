@@ -36,9 +36,13 @@
  * snapshot taken after the move whose xmin is older still (a transaction that began before it is
  * running) is waited for too.
  *
- * One prune at a time per consumer: a run holds a session-scoped advisory lock (class
- * 0x4c4c4942) on its own connection, and a second run is refused (InboxPruneBusyError).
- * Claims take no lock.
+ * One prune at a time per consumer: a run holds a session-scoped advisory lock
+ * (`inboxPruneLockKey`) on its own connection, and a second run is refused
+ * (InboxPruneBusyError). Claims take no lock.
+ *
+ * Not while the release before runs: its claim does not read the horizon. A prune refuses a
+ * consumer that no instance of this release has registered (events.consumers
+ * .horizon_claims_since); that every instance runs this release is the operator's to ensure.
  *
  * Assumed, as reconciliation assumes: the consumer receives every event (its filter subject is
  * not recorded). Not removed: the rows of open events handled after the prune that listed them
@@ -49,8 +53,14 @@ import { readHorizon } from './horizon.ts';
 import type { Checkpoint } from './store.ts';
 import { commit } from './transaction.ts';
 
-/** The advisory lock class of inbox prunes (one run per consumer at a time). */
-export const INBOX_PRUNE_LOCK_CLASS = 0x4c4c4942; // "LLIB"
+/**
+ * The session advisory lock key of a consumer's prunes (one run at a time), as SQL over `$n`, the
+ * consumer's name: 64 bits, so that two names do not share a lock (a review found two names whose
+ * 32-bit `hashtext` collide), prefixed as the other locks of the framework are.
+ */
+export function inboxPruneLockKey(param: string): string {
+  return `hashtextextended('inbox-prune:' || ${param}, 0)`;
+}
 
 export interface PruneInboxOptions {
   pool: pg.Pool;
@@ -126,15 +136,15 @@ interface PageRow {
 }
 
 /** The global order's events after a checkpoint: hot, archived, and deleted with their place kept. */
-const EVENTS_AFTER = `SELECT event_id, transaction_id, position, recorded_at, false AS deleted FROM events.events
-        UNION ALL SELECT event_id, transaction_id, position, recorded_at, false FROM events.archived_events
-        UNION ALL SELECT event_id, transaction_id, position, NULL, true FROM events.deleted_events WHERE transaction_id IS NOT NULL`;
+const EVENTS_AFTER = `SELECT event_id, transaction_id, position, recorded_at, false AS deleted, false AS withheld FROM events.events
+        UNION ALL SELECT event_id, transaction_id, position, recorded_at, false, false FROM events.archived_events
+        UNION ALL SELECT event_id, transaction_id, position, NULL, true, withheld FROM events.deleted_events WHERE transaction_id IS NOT NULL`;
 
 const PAGE_SQL = `SELECT e.event_id::text, e.transaction_id::text, e.position::text, e.recorded_at, e.deleted,
        (e.deleted OR e.recorded_at < $4) AS old,
        EXISTS (SELECT 1 FROM events.inbox i WHERE i.consumer = $5 AND i.event_id = e.event_id) AS handled,
        EXISTS (SELECT 1 FROM events.dead_letters d WHERE d.consumer = $5 AND d.event_id = e.event_id) AS dead,
-       EXISTS (SELECT 1 FROM events.relay_withheld w WHERE w.event_id = e.event_id) AS withheld
+       (e.withheld OR EXISTS (SELECT 1 FROM events.relay_withheld w WHERE w.event_id = e.event_id)) AS withheld
   FROM (${EVENTS_AFTER}) e
  WHERE (e.transaction_id, e.position) > ($1::text::xid8, $2::bigint) AND e.transaction_id < $3::text::xid8
  ORDER BY e.transaction_id, e.position
@@ -199,14 +209,21 @@ export async function pruneInbox(options: PruneInboxOptions): Promise<PruneInbox
   if (Number.isNaN(before.getTime())) throw new RangeError('before is not a valid date');
   // One connection holds the prune's lock while the others work.
   if ((pool.options.max ?? 10) < 2) throw new RangeError('pruneInbox needs a pool of at least 2 connections');
-  const registered = await pool.query('SELECT 1 FROM events.consumers WHERE name = $1', [consumer]);
-  if (registered.rowCount === 0) throw new RangeError(`consumer ${consumer} is not registered in events.consumers`);
+  const registered = await pool.query<{ horizon_claims_since: Date | null }>('SELECT horizon_claims_since FROM events.consumers WHERE name = $1', [consumer]);
+  const row = registered.rows[0];
+  if (row === undefined) throw new RangeError(`consumer ${consumer} is not registered in events.consumers`);
+  if (row.horizon_claims_since === null) {
+    throw new RangeError(
+      `consumer ${consumer} has not been started on a release whose claim reads the inbox horizon (events.consumers.horizon_claims_since is empty): ` +
+        'an instance of the release before would apply the copy of a pruned event again; start every instance on this release first',
+    );
+  }
 
   // The lock's connection stays idle (no snapshot) while the run works on others.
   const lock = await pool.connect();
   let released = false;
   try {
-    const got = await lock.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1, hashtext($2)) AS ok', [INBOX_PRUNE_LOCK_CLASS, consumer]);
+    const got = await lock.query<{ ok: boolean }>(`SELECT pg_try_advisory_lock(${inboxPruneLockKey('$1')}) AS ok`, [consumer]);
     if (got.rows[0]?.ok !== true) {
       released = true;
       throw new InboxPruneBusyError(`another prune of ${consumer}'s inbox is running`);
@@ -214,7 +231,9 @@ export async function pruneInbox(options: PruneInboxOptions): Promise<PruneInbox
     try {
       return await pruneLocked(pool, consumer, before, pageSize, maxEvents, snapshotWaitMs, options.onProgress);
     } finally {
-      released = await lock.query('SELECT pg_advisory_unlock($1, hashtext($2))', [INBOX_PRUNE_LOCK_CLASS, consumer]).then(() => true, () => false);
+      released = await lock
+        .query<{ ok: boolean }>(`SELECT pg_advisory_unlock(${inboxPruneLockKey('$1')}) AS ok`, [consumer])
+        .then((r) => r.rows[0]?.ok === true, () => false);
     }
   } finally {
     // A connection whose unlock failed is closed, and its session lock goes with it.
@@ -376,7 +395,7 @@ async function moveHorizon(
 }
 
 /**
- * The second step: once no client backend of this database holds a snapshot from before the
+ * The second step: once no session of this database holds a snapshot from before the
  * horizon moved, removes the inbox rows of the events from `pending` (exclusive) to the horizon
  * (inclusive) and clears `pending`. Returns the rows removed, or the stop when the wait ran out.
  */
@@ -403,10 +422,12 @@ async function removeCoveredRows(
     [consumer, pending.transactionId.toString(), pending.position.toString(), horizon.at.transactionId.toString(), horizon.at.position.toString()],
   );
   const count = removed.rowCount ?? 0;
+  // Only the record this step read: behind a pooler that pools transactions (where the prune's
+  // session lock does not hold) another run's newer record stays.
   await pool.query(
     `UPDATE events.inbox_horizons SET pending_transaction_id = NULL, pending_position = NULL, pruned = pruned + $2
-      WHERE consumer = $1`,
-    [consumer, count],
+      WHERE consumer = $1 AND pending_transaction_id = $3::text::xid8 AND pending_position = $4`,
+    [consumer, count, pending.transactionId.toString(), pending.position.toString()],
   );
   return count;
 }
@@ -415,9 +436,10 @@ async function removeCoveredRows(
  * Waits until no other session of this database holds a snapshot whose xmin is at or before
  * transaction `xid` (a snapshot that may not see it), up to `timeoutMs`. Returns how many still
  * did when it gave up (0: none left). A backend's xmin is a 32-bit id; `age()` compares it with
- * `xid`'s low 32 bits, valid within 2^31 transactions. Every session of the database counts,
- * whatever its `backend_type`: that column is null for another role's sessions unless this role
- * may read all statistics, while `backend_xmin` is shown to every role (a prune run as an
+ * `xid`'s low 32 bits, valid within 2^31 transactions. Every session of the database counts
+ * but autovacuum workers (they never claim): `backend_type` is null for another role's sessions
+ * unless this role may read all statistics, and null counts, while `backend_xmin` is shown to
+ * every role (a prune run as an
  * operator's role, filtering on `backend_type`, saw none of the consumer's snapshots and removed
  * rows a claim under one of them still needed: a review proved the double effect).
  */
@@ -425,7 +447,7 @@ async function waitForSnapshotsAfter(pool: pg.Pool, xid: bigint, timeoutMs: numb
   const xid32 = (xid & 0xffffffffn).toString();
   const sql = `SELECT pg_stat_clear_snapshot();
     SELECT count(*)::int AS n FROM pg_stat_activity
-     WHERE datname = current_database() AND pid <> pg_backend_pid()
+     WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type IS DISTINCT FROM 'autovacuum worker'
        AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age('${xid32}'::xid)`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {

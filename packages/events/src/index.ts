@@ -66,8 +66,8 @@ export { parseResidencyPolicy, relayResidencyFromEnv, ResidencyConfigError } fro
 export { runRelay, type RunningRelay, type RunRelayOptions } from './run-relay.ts';
 export {
   inboxHorizon,
-  INBOX_PRUNE_LOCK_CLASS,
   InboxPruneBusyError,
+  inboxPruneLockKey,
   pruneInbox,
   type PruneInboxOptions,
   type PruneInboxReport,

@@ -15,9 +15,9 @@ import {
   encodeBatch,
   EventConsumer,
   claimEvents,
-  INBOX_PRUNE_LOCK_CLASS,
   inboxHorizon,
   InboxPruneBusyError,
+  inboxPruneLockKey,
   inTransaction,
   OutboxRelay,
   pruneInbox,
@@ -302,10 +302,18 @@ describe('inbox pruning', () => {
     // A copy of it still on the broker is taken.
     assert.deepEqual([...(await inTx((c) => claimEvents(c, 'ret', [d2 as StoredEvent])))], [(d2 as StoredEvent).id]);
 
-    // A deletion recorded before its place was kept, owed by the consumer: nothing passes.
+    // Retention of the release before, still running, writes no place: refused by the table.
+    await assert.rejects(
+      env.pool.query('INSERT INTO events.deleted_events (position, event_id) VALUES (0, gen_random_uuid())'),
+      /deleted_events_placed/,
+    );
+    // A deletion recorded before its place was kept (the constraint spares such rows), owed by
+    // the consumer: nothing passes.
     await registerConsumer(env.pool, 'ret-old');
     await env.pool.query("INSERT INTO events.inbox (consumer, event_id, position) SELECT 'ret-old', event_id, position FROM events.events");
+    await env.pool.query('ALTER TABLE events.deleted_events DROP CONSTRAINT deleted_events_placed');
     await env.pool.query('UPDATE events.deleted_events SET transaction_id = NULL WHERE event_id = $1', [(d2 as StoredEvent).id]);
+    await env.pool.query('ALTER TABLE events.deleted_events ADD CONSTRAINT deleted_events_placed CHECK (transaction_id IS NOT NULL) NOT VALID');
     const refused = await pruneInbox({ pool: env.pool, consumer: 'ret-old', before: await dbNow() });
     assert.equal(refused.stop.reason, 'unhandled');
     assert.ok(refused.stop.reason === 'unhandled' && refused.stop.event.transactionId === null && refused.stop.event.eventId === (d2 as StoredEvent).id);
@@ -314,6 +322,30 @@ describe('inbox pruning', () => {
       (d2 as StoredEvent).id,
       (d2 as StoredEvent).transactionId.toString(),
     ]);
+  });
+
+  test('an event the relay withheld and retention then deleted is owed to nobody: it is passed, listed open', async () => {
+    await registerConsumer(env.pool, 'whdel');
+    const ids = await appendStream('whdel', 'wd-1', [{ n: 1 }]);
+    const e = (await storedEvents(ids))[0] as StoredEvent;
+    await handledAll('whdel', [e.id]);
+    // Retention deletes the stream and the relay's record of it; the deletion keeps the fact.
+    await env.pool.query(
+      `WITH gone AS (DELETE FROM events.events WHERE stream_type = 'whdel' RETURNING position, event_id, transaction_id)
+       INSERT INTO events.deleted_events (position, event_id, transaction_id, withheld) SELECT position, event_id, transaction_id, true FROM gone`,
+    );
+    const report = await pruneInbox({ pool: env.pool, consumer: 'whdel', before: await dbNow() });
+    assert.notEqual(report.stop.reason, 'unhandled', JSON.stringify(report.stop, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v)));
+    assert.equal(report.withheld, 1);
+    assert.equal((await env.pool.query("SELECT 1 FROM events.inbox_open WHERE consumer = 'whdel' AND event_id = $1", [e.id])).rowCount, 1);
+  });
+
+  test('a prune refuses a consumer that no instance of this release registered: the release before claims without the horizon', async () => {
+    await env.pool.query("INSERT INTO events.consumers (name) VALUES ('oldclaims')");
+    await assert.rejects(pruneInbox({ pool: env.pool, consumer: 'oldclaims', before: await dbNow() }), /has not been started on a release whose claim reads the inbox horizon/);
+    await registerConsumer(env.pool, 'oldclaims');
+    const r = await pruneInbox({ pool: env.pool, consumer: 'oldclaims', before: new Date(0) });
+    assert.equal(r.stop.reason, 'before');
   });
 
   test('an event the relay recorded withheld is listed open: a copy that reached the broker after all takes effect once', async () => {
@@ -412,7 +444,7 @@ describe('inbox pruning', () => {
     await registerConsumer(env.pool, 'busy');
     const holder = await env.pool.connect();
     try {
-      await holder.query('SELECT pg_advisory_lock($1, hashtext($2))', [INBOX_PRUNE_LOCK_CLASS, 'busy']);
+      await holder.query(`SELECT pg_advisory_lock(${inboxPruneLockKey('$1')})`, ['busy']);
       await assert.rejects(pruneInbox({ pool: env.pool, consumer: 'busy', before: await dbNow() }), InboxPruneBusyError);
       const cli = await runCliOn(env, ['inbox', 'prune', '--consumer', 'busy']);
       assert.equal(cli.code, 2);
@@ -423,6 +455,21 @@ describe('inbox pruning', () => {
     }
     const ok = await pruneInbox({ pool: env.pool, consumer: 'busy', before: new Date(0) });
     assert.equal(ok.stop.reason, 'before');
+    // Two names whose 32-bit hashtext collide do not share the lock.
+    const [a, b] = ['consumer-102', 'consumer-94717'];
+    const same = await env.pool.query<{ same: boolean }>('SELECT hashtext($1) = hashtext($2) AS same', [a, b]);
+    assert.equal(same.rows[0]?.same, true);
+    await registerConsumer(env.pool, a);
+    await registerConsumer(env.pool, b);
+    const other = await env.pool.connect();
+    try {
+      await other.query(`SELECT pg_advisory_lock(${inboxPruneLockKey('$1')})`, [a]);
+      const r = await pruneInbox({ pool: env.pool, consumer: b, before: new Date(0) });
+      assert.equal(r.stop.reason, 'before');
+    } finally {
+      await other.query('SELECT pg_advisory_unlock_all()');
+      other.release();
+    }
   });
 
   test('two prunes at once: one runs, the other is refused or finds nothing left; each row is removed once', async () => {

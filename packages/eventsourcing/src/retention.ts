@@ -253,12 +253,15 @@ async function removeStream(
     } else {
       const r = await c.query<{ due: boolean; n: number }>(
         // Each deleted event's position, id and transaction id stay behind (events.deleted_events),
-        // so that the inbox rows that name it still reconcile and an inbox prune still holds a
-        // consumer to it; a copy in both tables is one event.
+        // with whether the relay withheld it (its record goes below), so that the inbox rows that
+        // name it still reconcile and an inbox prune still holds a consumer to it, or knows it
+        // was owed to none; a copy in both tables is one event.
         `${due}, hot AS (DELETE FROM events.events WHERE stream_type = $1 AND stream_id = $2 AND (SELECT due FROM due) RETURNING position, event_id, transaction_id),
               cold AS (DELETE FROM events.archived_events WHERE stream_type = $1 AND stream_id = $2 AND (SELECT due FROM due) RETURNING position, event_id, transaction_id),
-              gone AS (INSERT INTO events.deleted_events (position, event_id, transaction_id)
-                       SELECT position, event_id, transaction_id FROM hot UNION SELECT position, event_id, transaction_id FROM cold
+              gone AS (INSERT INTO events.deleted_events (position, event_id, transaction_id, withheld)
+                       SELECT g.position, g.event_id, g.transaction_id,
+                              EXISTS (SELECT 1 FROM events.relay_withheld w WHERE w.event_id = g.event_id)
+                         FROM (SELECT position, event_id, transaction_id FROM hot UNION SELECT position, event_id, transaction_id FROM cold) g
                        ON CONFLICT (position) DO NOTHING)
          SELECT (SELECT due FROM due) AS due, ((SELECT count(*) FROM hot) + (SELECT count(*) FROM cold))::int AS n`,
         args,

@@ -45,7 +45,22 @@ test('a deleted stream\'s inbox rows stay, and the range they were handled in st
     await consumer.stop();
     await relay.stop();
   }
+  // Where the doomed events stand in the global order, and one of them recorded as withheld by
+  // the relay (retention deletes that record with the stream; the deletion keeps the fact).
+  const doomed = await env.pool.query<{ position: string; transaction_id: string; event_id: string }>(
+    "SELECT position::text, transaction_id::text, event_id::text FROM events.events WHERE stream_type = 'session' ORDER BY position",
+  );
+  const first = doomed.rows[0]!;
+  await env.pool.query(
+    `INSERT INTO events.relay_withheld (event_id, partition, position, transaction_id, stream_type, stream_id, region, location, reason)
+     SELECT event_id, partition, position, transaction_id, stream_type, stream_id, 'eu', 'us-east-1', 'test' FROM events.events WHERE event_id = $1`,
+    [first.event_id],
+  );
   const report = await applyRetention(env.pool, { rules: [{ streamType: 'session', deleteAfterDays: 1 }], holds: NO_LEGAL_HOLDS, now: new Date(Date.now() + 2 * DAY_MS) });
+  const placed = await env.pool.query<{ position: string; transaction_id: string; withheld: boolean }>(
+    'SELECT position::text, transaction_id::text, withheld FROM events.deleted_events ORDER BY position',
+  );
+  assert.deepEqual(placed.rows, doomed.rows.map((r, i) => ({ position: r.position, transaction_id: r.transaction_id, withheld: i === 0 })));
   assert.equal(report.eventsDeleted, 2);
   // The inbox keeps its rows; the store keeps where the deleted events stood, and nothing of them else.
   assert.equal((await env.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM events.inbox')).rows[0]!.n, 3);
