@@ -51,7 +51,7 @@
 import type pg from 'pg';
 import { readHorizon } from './horizon.ts';
 import type { Checkpoint } from './store.ts';
-import { commit } from './transaction.ts';
+import { inTransaction } from './transaction.ts';
 
 /**
  * The session advisory lock key of a consumer's prunes (one run at a time), as SQL over `$n`, the
@@ -361,10 +361,7 @@ async function moveHorizon(
   to: Checkpoint,
   open: readonly string[],
 ): Promise<Horizon & { movedBy: bigint }> {
-  const client = await pool.connect();
-  let failed = false;
-  try {
-    await client.query('BEGIN');
+  return inTransaction(pool, async (client) => {
     if (open.length > 0) {
       await client.query(
         "INSERT INTO events.inbox_open (consumer, event_id) SELECT $1, unnest(string_to_array($2, ',')::uuid[]) ON CONFLICT DO NOTHING",
@@ -372,7 +369,7 @@ async function moveHorizon(
       );
     }
     // The runs of one consumer are serialised (the prune lock), so the horizon is still `from`;
-    // checked all the same, since rows would be removed on the strength of it.
+    // checked all the same, since rows will be removed on the strength of it.
     const r = await client.query<{ moved_by: string }>(
       `UPDATE events.inbox_horizons
           SET transaction_id = $4::text::xid8, position = $5, updated_at = now(),
@@ -383,15 +380,8 @@ async function moveHorizon(
     );
     const movedBy = r.rows[0]?.moved_by;
     if (movedBy === undefined) throw new Error(`invariant: ${consumer}'s inbox horizon is no longer the one this prune read`);
-    await commit(client);
     return { at: to, pending: from, movedBy: BigInt(movedBy) };
-  } catch (error) {
-    failed = true;
-    await client.query('ROLLBACK').catch(() => {});
-    throw error;
-  } finally {
-    client.release(failed ? true : undefined);
-  }
+  });
 }
 
 /**
