@@ -63,7 +63,8 @@ ALTER TABLE events.deleted_events ADD COLUMN withheld boolean NOT NULL DEFAULT f
 ALTER TABLE events.deleted_events ADD CONSTRAINT deleted_events_placed CHECK (transaction_id IS NOT NULL) NOT VALID;
 CREATE INDEX deleted_events_global_order_idx ON events.deleted_events (transaction_id, position) WHERE transaction_id IS NOT NULL;
 
--- When a consumer of this release (whose claim reads the horizon) last started. A prune refuses
+-- When an instance of this release (whose claim reads the horizon) first registered the
+-- consumer (registerConsumer sets it once). A prune refuses
 -- a consumer none of whose instances ever recorded it: an instance of the release before claims
 -- without the horizon, and would take the copy of a pruned event again.
 ALTER TABLE events.consumers ADD COLUMN horizon_claims_since timestamptz;

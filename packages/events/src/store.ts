@@ -235,7 +235,7 @@ export async function partitionByResidency<E extends { streamType: string; strea
 /**
  * Of events already read, those still in the store (not deleted by retention, by position), each
  * checked against the policy for `location`: one READ COMMITTED statement, after the events were
- * read, reads whether each stream's events are gone together with its region tag, so the two
+ * read, reads which of them are gone together with their streams' region tags, so the two
  * agree. Retention
  * deletes a stream's events and its tag in one transaction: a stream it deleted after the read is
  * gone from both, and its events are left out, as deleted data. Reading the tags alone (as
@@ -256,38 +256,43 @@ export async function presentEventsAllowed<E extends { position: bigint; streamT
   location: string,
 ): Promise<E[]> {
   if (events.length === 0) return [];
-  // Per stream of the page, probed at the position of its first event here: retention deletes
-  // a stream's events in one statement, so a page read in one snapshot holds all of a stream's
-  // events or none that are gone, and it is the only deleter, recording each deleted event's
-  // position in events.deleted_events in that statement. So an event is gone exactly when its
-  // position is there. The statement returns only the streams that are tagged or gone: the tag
-  // join is the one `streamRegions` makes, and the deleted positions are looked up once, by key,
-  // for the whole page. (Per-event presence probes of the events tables, as first written,
-  // made the planner hash the whole events table for every page: ten times the read's cost,
-  // a review measured, over 200,000 events.)
+  // Gone: retention is the only deleter of events, and records each deleted event's position in
+  // events.deleted_events in the statement that deletes it, so an event is gone exactly when its
+  // position is there. Judged per event, with one lookup by key of all the page's positions: a
+  // stream's events can be gone in part (an append that does not take the stream's lock, as
+  // appendMany does not, can commit an event retention's delete did not see; judging a stream
+  // by its first event dropped that live event, a review proved). Tags per stream, the join
+  // `streamRegions` makes. The statement returns only the tagged streams and the gone events.
+  // (Presence probes of the events tables per event, as first written, made the planner hash
+  // the whole events table for every page: ten times the read's cost, a review measured.)
   const first = new Map<string, E>();
   for (const e of events) {
     const key = `${e.streamType}/${e.streamId}`;
     if (!first.has(key)) first.set(key, e);
   }
   const streams = [...first.values()];
-  const r = await db.query<{ n: string; region: string | null; gone: boolean }>(
-    `WITH gone AS MATERIALIZED (SELECT x.position FROM events.deleted_events x WHERE x.position = ANY($1::bigint[]))
-     SELECT u.n::text, t.region, u.position IN (SELECT position FROM gone) AS gone
-       FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY AS u(position, stream_type, stream_id, n)
-       LEFT JOIN events.stream_regions t ON t.stream_type = u.stream_type AND t.stream_id = u.stream_id
-      WHERE t.region IS NOT NULL OR u.position IN (SELECT position FROM gone)`,
-    [streams.map((e) => e.position.toString()), streams.map((e) => e.streamType), streams.map((e) => e.streamId)],
+  const r = await db.query<{ n: string | null; region: string | null; gone: string | null }>(
+    `SELECT u.n::text, t.region, NULL::text AS gone
+       FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(stream_type, stream_id, n)
+       JOIN events.stream_regions t ON t.stream_type = u.stream_type AND t.stream_id = u.stream_id
+     UNION ALL
+     SELECT NULL, NULL, x.position::text FROM events.deleted_events x WHERE x.position = ANY($3::bigint[])`,
+    [streams.map((e) => e.streamType), streams.map((e) => e.streamId), events.map((e) => e.position.toString())],
   );
-  const marked = new Map(r.rows.map((x) => [Number(x.n) - 1, x]));
-  const verdicts = new Map<string, boolean>();
+  const regions = new Map<number, string>();
+  const gone = new Set<string>();
+  for (const x of r.rows) {
+    if (x.gone !== null) gone.add(x.gone);
+    else if (x.n !== null && x.region !== null) regions.set(Number(x.n) - 1, x.region);
+  }
+  const present = gone.size === 0 ? [...events] : events.filter((e) => !gone.has(e.position.toString()));
+  const live = new Set(present.map((e) => `${e.streamType}/${e.streamId}`));
+  // Each stream with an event still here, in the page's order; a stream wholly gone is not judged.
   streams.forEach((e, i) => {
-    const row = marked.get(i);
-    const present = row?.gone !== true;
-    if (present) assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: row?.region ?? null }, operation, location);
-    verdicts.set(`${e.streamType}/${e.streamId}`, present);
+    if (!live.has(`${e.streamType}/${e.streamId}`)) return;
+    assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: regions.get(i) ?? null }, operation, location);
   });
-  const allowed = events.filter((e) => verdicts.get(`${e.streamType}/${e.streamId}`) === true);
+  const allowed = present;
   return allowed;
 }
 

@@ -255,6 +255,29 @@ describe('residency', () => {
     assert.equal((await env.store.readStream(env.pool, 'late', 'l-1')).length, 1, 'read here, where eu data may be');
   });
 
+  test('an event retention deleted is left out, and only it: a stream gone in part keeps its live events', async () => {
+    await inTx(env.pool, (c) => env.store.append(c, { type: 'part', id: 'p-1' }, [event, event], { expectedVersion: 'no_stream' }));
+    const [e1, e2] = await env.store.readStream(env.pool, 'part', 'p-1');
+    assert.ok(e1 !== undefined && e2 !== undefined);
+    // Retention's delete saw only the first (an append it could not see committed the second),
+    // and commits between the read and the check.
+    let deleted = false;
+    const racing = beforeEachQuery(env.pool, async (text) => {
+      if (!deleted && text.includes('events.deleted_events')) {
+        deleted = true;
+        await env.pool.query(
+          `WITH gone AS (DELETE FROM events.events WHERE position = $1 RETURNING position, event_id, transaction_id)
+           INSERT INTO events.deleted_events (position, event_id, transaction_id) SELECT position, event_id, transaction_id FROM gone`,
+          [e1.position.toString()],
+        );
+      }
+    });
+    const read = await env.store.readStream(racing, 'part', 'p-1');
+    assert.equal(deleted, true);
+    // Until the fix, the stream was judged by its first event and both were dropped.
+    assert.deepEqual(read.map((e) => e.version), [2]);
+  });
+
   test('readAll without a residency policy reads with no residency query', async () => {
     const open = await EventStore.open(env.pool);
     const queries: string[] = [];
