@@ -1,0 +1,139 @@
+/**
+ * Inbox pruning under load, on real PostgreSQL and NATS JetStream: writers append, the relay
+ * publishes, the consumer handles four partitions at once, a pruner prunes the consumer's inbox
+ * over and over up to the present, and a second publisher sends copies of events already
+ * appended (random ones, from a seeded generator: `INBOX_STRESS_SEED` replays a run). However
+ * those interleave, every event takes effect exactly once, and the inbox ends pruned.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type pg from 'pg';
+import { jetstream, jetstreamManager } from '@nats-io/jetstream';
+import { CHECKPOINT_START, encodeBatch, EventConsumer, inTransaction, OutboxRelay, pruneInbox, type PruneInboxReport, type StoredEvent } from '../src/index.ts';
+import { effectCounts, eventsTestEnvWithEffects, waitFor, type EventsTestEnv } from './support.ts';
+
+const SEED = Number(process.env.INBOX_STRESS_SEED ?? Date.now() % 2 ** 31);
+const TRANSACTIONS = 150;
+const EVENTS_PER_TRANSACTION = 20;
+const STREAMS = 40;
+
+/** mulberry32: a small seeded generator, so that a failing run's choices can be replayed. */
+function generator(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+let env: EventsTestEnv;
+let relay: OutboxRelay;
+let consumer: EventConsumer;
+
+before(async () => {
+  env = await eventsTestEnvWithEffects();
+  consumer = new EventConsumer({
+    pool: env.pool, nats: env.nats, name: 'stress', streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+    dlqSubjectPrefix: env.dlqSubjectPrefix, partitionConcurrency: 4, backoffMs: [20],
+    handleBatch: async (events: StoredEvent[], tx: pg.PoolClient) => {
+      await tx.query("INSERT INTO effects (event_id, consumer) SELECT unnest($1::uuid[]), 'stress'", [events.map((e) => e.id)]);
+    },
+  });
+  await consumer.start();
+  relay = new OutboxRelay({ pool: env.pool, store: env.store, nats: env.nats, streamName: env.streamName, subjectPrefix: env.subjectPrefix, eventsPerMessageMax: 25 });
+  relay.start();
+});
+
+after(async () => {
+  await relay.stop();
+  await consumer.stop();
+  await env.close();
+});
+
+test(`appends, copies and prunes interleaved: every event once, the inbox pruned (seed ${SEED})`, { timeout: 120_000 }, async () => {
+  console.log(`inbox stress seed ${SEED} (INBOX_STRESS_SEED=${SEED} replays its choices)`);
+  const random = generator(SEED);
+  const versions = new Map<string, number>();
+  let writing = true;
+  let copies = 0;
+  const prunes: PruneInboxReport[] = [];
+
+  const writer = (async () => {
+    for (let t = 0; t < TRANSACTIONS; t += 1) {
+      await inTransaction(env.pool, async (c) => {
+        const entries = [];
+        for (let i = 0; i < EVENTS_PER_TRANSACTION; i += 1) {
+          const streamId = `s-${Math.floor(random() * STREAMS)}`;
+          const version = (versions.get(streamId) ?? 0) + 1;
+          versions.set(streamId, version);
+          entries.push({ streamType: 'stress', streamId, version, event: { type: 'Happened', data: { t, i } } });
+        }
+        // appendMany wants each stream's versions together and rising: sort by stream, then version.
+        entries.sort((a, b) => (a.streamId === b.streamId ? a.version - b.version : a.streamId < b.streamId ? -1 : 1));
+        await env.store.appendMany(c, entries);
+      });
+      await sleep(Math.floor(random() * 15));
+    }
+    writing = false;
+  })();
+
+  const js = jetstream(env.nats);
+  const copier = (async () => {
+    while (writing) {
+      const appended = await env.store.readAll(env.pool, { after: CHECKPOINT_START, limit: 100_000 });
+      if (appended.length > 0) {
+        const picked: StoredEvent[] = [];
+        for (let i = 0; i < 15; i += 1) picked.push(appended[Math.floor(random() * appended.length)] as StoredEvent);
+        const byPartition = new Map<number, StoredEvent[]>();
+        for (const e of picked) byPartition.set(e.partition, [...(byPartition.get(e.partition) ?? []), e]);
+        for (const [p, list] of byPartition) {
+          await js.publish(`${env.subjectPrefix}.p${p}`, encodeBatch(list), { msgID: `stress-copy-${copies}` });
+          copies += 1;
+        }
+      }
+      await sleep(20 + Math.floor(random() * 20));
+    }
+  })();
+
+  const pruner = (async () => {
+    while (writing) {
+      const now = (await env.pool.query<{ t: Date }>('SELECT clock_timestamp() AS t')).rows[0]?.t as Date;
+      prunes.push(await pruneInbox({ pool: env.pool, consumer: 'stress', before: now, pageSize: 40, snapshotWaitMs: 5000 }));
+      await sleep(25 + Math.floor(random() * 25));
+    }
+  })();
+
+  await Promise.all([writer, copier, pruner]);
+  const total = TRANSACTIONS * EVENTS_PER_TRANSACTION;
+  // Everything handled, and every copy taken off the broker (acked), before counting.
+  await waitFor('every event handled', async () => (await effectCounts(env.pool, 'stress')).size === total, 60_000);
+  const jsm = await jetstreamManager(env.nats);
+  await waitFor('every message acked', async () => {
+    const info = await jsm.consumers.info(env.streamName, 'stress');
+    return info.num_pending === 0 && info.num_ack_pending === 0;
+  }, 60_000);
+
+  const effects = await effectCounts(env.pool, 'stress');
+  const twice = [...effects].filter(([, n]) => n !== 1);
+  assert.deepEqual(twice, [], `every event took effect once (seed ${SEED})`);
+  assert.equal(effects.size, total);
+  const passed = prunes.reduce((n, r) => n + r.eventsPassed, 0);
+  assert.ok(prunes.length >= 3 && passed > 0, `the pruner ran (${prunes.length} runs, ${passed} events passed)`);
+  assert.ok(copies > 0 && consumer.stats().duplicatesSkipped > 0, `copies were sent (${copies}) and skipped (${consumer.stats().duplicatesSkipped})`);
+
+  // A last prune passes everything, and the inbox holds no row its horizon covers.
+  const now = (await env.pool.query<{ t: Date }>('SELECT clock_timestamp() AS t')).rows[0]?.t as Date;
+  const last = await pruneInbox({ pool: env.pool, consumer: 'stress', before: now, snapshotWaitMs: 5000 });
+  assert.equal(last.stop.reason, 'read_horizon', JSON.stringify(last.stop));
+  const covered = await env.pool.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM events.inbox i JOIN events.events e ON e.event_id = i.event_id
+       JOIN events.inbox_horizons h ON h.consumer = i.consumer
+      WHERE i.consumer = 'stress' AND (e.transaction_id, e.position) <= (h.transaction_id, h.position)`,
+  );
+  assert.equal(covered.rows[0]?.n, 0);
+  console.log(`inbox stress: ${total} events, ${copies} copy messages, ${prunes.length} prunes passing ${passed} events, ${consumer.stats().duplicatesSkipped} copies skipped`);
+});
