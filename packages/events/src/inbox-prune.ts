@@ -15,10 +15,12 @@
  * before `before` (a deleted event's time is gone; retention deletes only what is years old)
  * and is one of:
  * - handled (an inbox row): the row is removed;
- * - dead-lettered, or withheld by the relay, and not handled: listed open, so that a replay
- *   (or a copy that reached the broker after all) still takes effect once.
+ * - dead-lettered, or withheld by the relay (kept by retention's record when it deleted the
+ *   event), and not handled: listed open, so that a replay (or a copy that reached the broker
+ *   after all) still takes effect once.
  * It stops at the first event that is none of these, one the consumer still owes (it is behind,
- * or skipped it), and names it: the horizon never passes such an event. It reads only below the
+ * or skipped it, or retention deleted it before the consumer handled it), and names it: the
+ * horizon never passes such an event. It reads only below the
  * read horizon (`readHorizon`), so no transaction still running can add an event at or before
  * the horizon it sets. Retention's deletions from before that migration have no place in the
  * global order: while the consumer owes one of them, nothing is passed.
