@@ -143,9 +143,15 @@ describe('rate limits per authenticated principal', () => {
     try {
       await twelveReads(own);
       // Written by the 100 ms timer, while the service runs (the default waits 10 s or the close).
+      // The twelve reads may straddle a tick on a loaded machine: then the ten refusals come in
+      // two summaries (6 and 4 were seen), each naming the principal.
+      const refusedSoFar = (): number => trail.entries.slice(2).reduce((n, e) => n + ((e.payload as { refused?: number } | undefined)?.refused ?? 0), 0);
       const deadline = Date.now() + 5000;
-      while (trail.entries.length < 3 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
-      assert.deepEqual(trail.entries.slice(2).map(summaryOf), [carolsSummary]);
+      while (refusedSoFar() < 10 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+      const summaries = trail.entries.slice(2).map(summaryOf);
+      assert.ok(summaries.length >= 1 && summaries.length <= 2, `one summary, or two across a tick: ${JSON.stringify(summaries)}`);
+      for (const summary of summaries) assert.deepEqual(summary.slice(0, 5), carolsSummary.slice(0, 5));
+      assert.equal(refusedSoFar(), 10, 'every refusal counted once, before the close');
     } finally {
       await own.close();
     }
