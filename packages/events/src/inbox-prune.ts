@@ -50,6 +50,7 @@
  * not recorded). Not removed: the rows of open events handled after the prune that listed them
  * (the horizon covers them too; they are merely kept).
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import type pg from 'pg';
 import { readHorizon } from './horizon.ts';
 import type { Checkpoint } from './store.ts';
@@ -446,6 +447,6 @@ async function waitForSnapshotsAfter(pool: pg.Pool, xid: bigint, timeoutMs: numb
     const results = (await pool.query(sql)) as unknown as Array<pg.QueryResult<{ n: number }>>;
     const n = results.at(-1)?.rows[0]?.n ?? 0;
     if (n === 0 || Date.now() >= deadline) return n;
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await sleep(20);
   }
 }

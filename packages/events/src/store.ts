@@ -292,8 +292,7 @@ export async function presentEventsAllowed<E extends { position: bigint; streamT
     if (!live.has(`${e.streamType}/${e.streamId}`)) return;
     assertResidency(policy, { streamType: e.streamType, streamId: e.streamId, region: regions.get(i) ?? null }, operation, location);
   });
-  const allowed = present;
-  return allowed;
+  return present;
 }
 
 /** Where this store runs and the policy it enforces on every append and read. */
@@ -1028,8 +1027,8 @@ export class EventStore {
    * Residency (a store with a policy; `location` is where the reader is, default this store's
    * own): a page with an event of a stream whose region may not be at `location` is refused
    * (ResidencyViolationError), and nothing is returned. The check follows the read, in a
-   * statement of its own (`presentEventsAllowed`), which reads each event's presence with its
-   * stream's tag: events that retention deleted in between (their stream's tag went with them)
+   * statement of its own (`presentEventsAllowed`), which reads which events are gone with their
+   * streams' tags: events that retention deleted in between (their stream's tag went with them)
    * are left out, as deleted data, rather than judged untagged, or refused. They are left out
    * rather than refused because the reader would only find them gone when it read again, and a
    * refusal would fail a long replay or export for a stream that no longer exists. Its

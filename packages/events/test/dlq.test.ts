@@ -6,19 +6,17 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
-import type pg from 'pg';
 import {
-  EventConsumer,
   listDeadLetters,
   listUndecodableMessages,
   OutboxRelay,
   reconcile,
   registerConsumer,
   replayDeadLetters,
-  type StoredEvent,
+  type EventConsumer,
 } from '../src/index.ts';
 import { runCli } from '../src/cli.ts';
-import { eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, NATS_URL, type CliRun, type EventsTestEnv } from './support.ts';
+import { effectsConsumer, eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, NATS_URL, type CliRun, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -33,14 +31,7 @@ const { effectCounts } = poolHelpers(() => env.pool);
 const cli = (args: string[]): Promise<CliRun> => runCliOn(env, args);
 
 function consumerOf(name: string): EventConsumer {
-  return new EventConsumer({
-    pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
-    dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [20],
-    handler: async (e: StoredEvent, tx: pg.PoolClient) => {
-      if (name === 'target' && poisoned && e.data.poison === true) throw new Error('target: poisoned event');
-      await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
-    },
-  });
+  return effectsConsumer(env, name, (e) => name === 'target' && poisoned && e.data.poison === true);
 }
 
 before(async () => {

@@ -24,24 +24,13 @@ import {
   type PruneInboxReport,
   type StoredEvent,
 } from '../src/index.ts';
+import { seededRandom } from '@ledgerline/resilience';
 import { effectCounts, eventsTestEnvWithEffects, waitFor, type EventsTestEnv } from './support.ts';
 
 const SEED = Number(process.env.INBOX_STRESS_SEED ?? Date.now() % 2 ** 31);
 const TRANSACTIONS = 150;
 const EVENTS_PER_TRANSACTION = 20;
 const STREAMS = 40;
-
-/** mulberry32: a small seeded generator, so that a failing run's choices can be replayed. */
-function generator(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -72,7 +61,7 @@ after(async () => {
 
 test(`appends, copies and prunes interleaved: every event once, the inbox pruned (seed ${SEED})`, { timeout: 120_000 }, async () => {
   console.log(`inbox stress seed ${SEED} (INBOX_STRESS_SEED=${SEED} replays its choices)`);
-  const random = generator(SEED);
+  const random = seededRandom(SEED);
   const versions = new Map<string, number>();
   /** The pruner and the copier run until the dead letters are replayed. */
   let running = true;

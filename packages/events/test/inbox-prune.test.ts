@@ -26,7 +26,7 @@ import {
   replayDeadLetters,
   type StoredEvent,
 } from '../src/index.ts';
-import { effectCounts as effectCountsOn, eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type EventsTestEnv } from './support.ts';
+import { effectCounts as effectCountsOn, effectsConsumer, eventsTestEnvWithEffects, poolHelpers, runCliOn, waitFor, type EventsTestEnv } from './support.ts';
 
 let env: EventsTestEnv;
 let relay: OutboxRelay;
@@ -38,14 +38,7 @@ let poisoned = true;
 const { inTx, effectCounts } = poolHelpers(() => env.pool);
 
 function consumerOf(name: string): EventConsumer {
-  return new EventConsumer({
-    pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
-    dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [20],
-    handler: async (e: StoredEvent, tx: pg.PoolClient) => {
-      if (name === 'target' && poisoned && e.data.poison === true) throw new Error('target: poisoned event');
-      await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
-    },
-  });
+  return effectsConsumer(env, name, (e) => name === 'target' && poisoned && e.data.poison === true);
 }
 
 /** Appends one stream of `data.length` events of type `tag`; returns their ids in order. */

@@ -7,7 +7,7 @@ import pg from 'pg';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { createTestDatabase, type TestDatabase } from '@ledgerline/testing';
-import { ensureDeadLetterStream, ensureEventStream, EventStore, inTransaction, migrateEvents } from '../src/index.ts';
+import { ensureDeadLetterStream, ensureEventStream, EventConsumer, EventStore, inTransaction, migrateEvents, type StoredEvent } from '../src/index.ts';
 import { runCli } from '../src/cli.ts';
 
 export const NATS_URL = process.env.NATS_URL ?? 'nats://127.0.0.1:4222';
@@ -132,4 +132,20 @@ export async function effectCounts(pool: pg.Pool, consumer: string): Promise<Map
     [consumer],
   );
   return new Map(r.rows.map((x) => [x.id, x.n]));
+}
+
+/**
+ * A consumer of `env`'s stream that records an effect row per event it handles, and whose handler
+ * refuses the events `refuses` picks (a poisoned event, until the cause is fixed): two deliveries,
+ * 20 ms apart, then a dead letter.
+ */
+export function effectsConsumer(env: EventsTestEnv, name: string, refuses: (e: StoredEvent) => boolean = () => false): EventConsumer {
+  return new EventConsumer({
+    pool: env.pool, nats: env.nats, name, streamName: env.streamName, filterSubject: `${env.subjectPrefix}.>`,
+    dlqSubjectPrefix: env.dlqSubjectPrefix, maxDeliver: 2, backoffMs: [20],
+    handler: async (e: StoredEvent, tx: pg.PoolClient) => {
+      if (refuses(e)) throw new Error(`${name}: poisoned event`);
+      await tx.query('INSERT INTO effects (event_id, consumer) VALUES ($1, $2)', [e.id, name]);
+    },
+  });
 }
